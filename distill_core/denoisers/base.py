@@ -1,0 +1,49 @@
+"""The one denoiser convention of the engine.
+
+A denoiser D maps a noisy sample ``x = x0 + sigma * n`` (variance-exploding convention of
+Karras et al. 2022, "Elucidating the Design Space", and k-diffusion) to an estimate of x0.
+It knows the sigma range it was trained on. Prediction types (eps, v, x0, flow) and
+conditioning formats live inside adapters; solvers, the teacher and methods never see them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Union, runtime_checkable
+
+import torch
+
+#: A batch-first condition: class labels, text embeddings, a dict of such tensors, or None.
+Cond = Union[torch.Tensor, dict, None]
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """``D(x, sigma, cond) -> x0``; ``sigma`` is a scalar or a tensor of shape ``[B]``."""
+
+    sigma_min: float
+    sigma_max: float
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor: ...
+
+
+def expand_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Return sigma as a float tensor of shape ``[B]`` on x's device."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    if sigma.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a scalar or have shape [{x.shape[0]}], got {tuple(sigma.shape)}")
+    return sigma
+
+
+def cat_conds(a: Cond, b: Cond) -> Cond:
+    """Concatenate two batch-first conditions along the batch (for one batched CFG forward)."""
+    if a is None and b is None:
+        return None
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.cat([a, b])
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            raise ValueError(f"conditions have different keys: {sorted(a)} vs {sorted(b)}")
+        return {k: cat_conds(a[k], b[k]) for k in a}
+    raise TypeError(f"cannot batch conditions of types {type(a).__name__} and {type(b).__name__}")

@@ -1,0 +1,37 @@
+"""EDM preconditioning (Karras et al. 2022, Table 1) around a raw network F:
+
+    D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))
+    c_skip = sigma_data^2 / (sigma^2 + sigma_data^2),   c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)
+    c_in   = 1 / sqrt(sigma^2 + sigma_data^2),           c_noise = ln(sigma) / 4
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distill_core.denoisers.base import Cond, expand_sigma
+
+
+class EDMDenoiser(nn.Module):
+    """A denoiser over a network ``net(x, c_noise, cond, extra_emb=None)``; cond is class labels or None."""
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__()
+        self.net = net
+        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+
+    def preconditioning(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(c_skip, c_out, c_in, c_noise) for sigma of shape [B]."""
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma**2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
+        c_in = 1.0 / (sigma**2 + sd2).sqrt()
+        return c_skip, c_out, c_in, sigma.log() / 4
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None, **net_kwargs) -> torch.Tensor:
+        sigma = expand_sigma(sigma, x)
+        c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
+        view = (-1,) + (1,) * (x.ndim - 1)
+        f = self.net((c_in.view(view) * x).to(x.dtype), c_noise, cond, **net_kwargs)
+        return c_skip.view(view) * x + c_out.view(view) * f.to(torch.float32)

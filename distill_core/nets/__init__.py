@@ -1,0 +1,1 @@
+"""The built-in networks: the reference UNet family and the metric classifier."""

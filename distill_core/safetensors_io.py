@@ -1,0 +1,60 @@
+"""safetensors I/O with JSON metadata, atomic writes, and clear errors. Nothing else is ever loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+#: Metadata key under which the engine stores its JSON card in every file it writes.
+CARD_KEY = "distill_core"
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path, card: dict) -> Path:
+    """Write ``tensors`` and ``card`` (JSON-serialisable) to ``path`` via a temporary file and rename,
+    so an interrupted or failed write (full disk) never leaves a half-written file in its place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={CARD_KEY: json.dumps(card)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_card(path: str | Path) -> dict:
+    """The engine's JSON card of a safetensors file; a clear error for a file that has none."""
+    path = _existing(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if CARD_KEY not in meta:
+        raise ValueError(f"{path} has no comfyui-distill metadata: it was not written by this engine")
+    return json.loads(meta[CARD_KEY])
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and card of a file written by ``save_atomic``."""
+    path = _existing(path)
+    card = read_card(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, card
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (nothing is downloaded: check the path)")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors files are loaded (pickled checkpoints are refused)")
+    return path

@@ -1,0 +1,54 @@
+"""The CFG-aware teacher: the one place where classifier-free guidance is computed.
+
+Ho & Salimans (2022), in the x0 parameterisation:  x0 = x0_u + w (x0_c - x0_u),
+with x0_c = D(x, sigma, c) and x0_u = D(x, sigma, c_u) (unconditional or negative condition)
+evaluated in one batched forward. w = 1 is the conditional model alone and skips the
+unconditional pass. An optional guidance interval (Kynkaanniemi et al. 2024) applies w only for
+sigma in [lo, hi]; outside it the teacher is the conditional model (one forward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distill_core.denoisers.base import Cond, Denoiser, cat_conds, expand_sigma
+
+
+class CFGTeacher:
+    """A denoiser that wraps another with guidance scale ``w``; methods call only this."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        w: float = 1.0,
+        uncond: Cond = None,
+        interval: tuple[float, float] | None = None,
+    ):
+        self.denoiser, self.w, self.uncond, self.interval = denoiser, float(w), uncond, interval
+        self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
+
+    def guided(self, sigma: torch.Tensor | float) -> bool:
+        """Whether guidance applies at this noise level (a scalar sigma, or the first of a batch)."""
+        if self.w == 1.0:
+            return False
+        if self.interval is None:
+            return True
+        s = float(torch.as_tensor(sigma).flatten()[0])
+        return self.interval[0] <= s <= self.interval[1]
+
+    def uncond_like(self, cond: Cond, batch: int) -> Cond:
+        """The unconditional condition for a batch: the stored one, broadcast to ``batch`` rows."""
+        u = self.uncond
+        if isinstance(u, torch.Tensor) and u.shape[0] != batch:
+            u = u.expand(batch, *u.shape[1:]) if u.shape[0] == 1 else u
+        if isinstance(u, dict):
+            u = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in u.items()}
+        return u
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
+        sigma = expand_sigma(sigma, x)
+        if not self.guided(sigma):
+            return self.denoiser(x, sigma, cond)
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(cond, self.uncond_like(cond, x.shape[0])))
+        x0_c, x0_u = both.chunk(2)
+        return x0_u + self.w * (x0_c - x0_u)
