@@ -109,3 +109,24 @@ def train_classifier(out: str | Path = builtin.CLASSIFIER_PATH, epochs: int = 3,
     card = {"kind": "classifier", "epochs": epochs, "batch": batch, "seed": seed, "test_accuracy": round(acc, 4),
             "data": "MNIST train split at 16x16 (see the teacher card)"}
     return safetensors_io.save_atomic(net.state_dict(), out, card)
+
+
+def add_arguments_train_teacher(p) -> None:
+    p.add_argument("--out", default=str(builtin.TEACHER_PATH), help="where to write the teacher (safetensors)")
+    p.add_argument("--steps", type=int, default=4000, help="optimizer steps (about 35 min on 2 CPU cores)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_train_teacher(args) -> None:
+    print(train_teacher(args.out, steps=args.steps, batch=args.batch, seed=args.seed))
+
+
+def add_arguments_train_classifier(p) -> None:
+    p.add_argument("--out", default=str(builtin.CLASSIFIER_PATH), help="where to write the classifier")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_train_classifier(args) -> None:
+    print(train_classifier(args.out, epochs=args.epochs, seed=args.seed))

@@ -1,0 +1,30 @@
+"""Command line: ``python -m distill_core <command>`` (also the ``distill-core`` console script).
+
+Each command lives in the module that owns it; this file only wires subcommands to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+#: subcommand -> (module with ``add_arguments(parser)`` and ``run(args)``, help text)
+COMMANDS = {
+    "distill": ("distill_core.main_job", "distil a teacher into a few-step student (the main job)"),
+    "train-teacher": ("distill_core.train_builtin", "re-train the built-in reference teacher"),
+    "train-classifier": ("distill_core.train_builtin", "re-train the built-in metric classifier"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distill_core", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        adder = getattr(mod, "add_arguments_" + name.replace("-", "_"), None) or mod.add_arguments
+        runner = getattr(mod, "run_" + name.replace("-", "_"), None) or mod.run
+        adder(p)
+        p.set_defaults(_run=runner)
+    args = parser.parse_args(argv)
+    return int(args._run(args) or 0)
