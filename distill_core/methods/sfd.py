@@ -1,0 +1,154 @@
+"""SFD: Simple and Fast Distillation (Zhou et al., NeurIPS 2024), and its step-conditioned SFD-v.
+
+Student schedule t_0 > ... > t_n: the polynomial rho grid from sigma_max to sigma_min (n intervals,
+n - 1 evaluations with the analytic first step, AFS). Every iteration, data-free:
+
+    x_0 = sigma_max z,  z ~ N(0, I);  conditions drawn from the teacher source
+    teacher (no grad): DPM-Solver++(3M) from x_0 over the nested grid with K steps per student
+        interval; its states y_i at the student's points t_i (the grids nest exactly)
+    student, for i = 0 .. n-1, from its own previous output, detached (no backprop through time):
+        x_{i+1} = x_i + (t_{i+1} - t_i) (x_i - D_theta(x_i, t_i)) / t_i     (Euler; AFS at i = 0)
+        L_i = d(x_{i+1}, y_{i+1});  backward;  one optimizer step  (none for the analytic step)
+
+d is L1 (default, per element: sum over pixels, mean over the batch), L2, or the pseudo-Huber
+sum_j sqrt(delta_j^2 + c^2) - c. The teacher is the CFG-aware teacher: at w with guidance mode
+"distilled", at w = 1 with mode "cfg" (CFG is then applied to the student when sampling).
+
+SFD-v: the student also sees the step count (``students.StepEmbedding``); every iteration draws
+NFE uniformly from the trained range and uses that NFE's schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+
+from distill_core.builtin import fingerprint
+from distill_core.config import DistillConfig
+from distill_core.denoisers.base import Cond
+from distill_core.methods.base import StepLoss, TeacherSource, move_cond
+from distill_core.sampling import euler_step, few_step, intervals_for
+from distill_core.schedules import karras, nest
+from distill_core.solvers import SOLVERS
+from distill_core.students import AtSteps, StudentNet, student_card
+from distill_core.teacher import CFGTeacher
+
+
+def distance(x: torch.Tensor, y: torch.Tensor, kind: str = "l1", huber_c: float = 0.03) -> torch.Tensor:
+    """Per-element distance summed over each sample, averaged over the batch."""
+    delta = (x - y).float().flatten(1)
+    if kind == "l1":
+        per = delta.abs()
+    elif kind == "l2":
+        per = delta.square()
+    elif kind == "huber":
+        per = (delta.square() + huber_c**2).sqrt() - huber_c
+    else:
+        raise ValueError(f"unknown loss {kind!r}: choose l1, l2 or huber")
+    return per.sum(1).mean()
+
+
+def teacher_states(
+    teacher, x: torch.Tensor, sigmas: torch.Tensor, cond: Cond, substeps: int, solver: str = "dpmpp_3m"
+) -> list[torch.Tensor]:
+    """The teacher's solution from ``x`` at sigmas[0] at every student point sigmas[1:], solved with
+    ``substeps`` steps of ``solver`` per student interval on the nested grid (one multistep run)."""
+    grid = nest(sigmas, substeps)
+    states: dict[int, torch.Tensor] = {}
+
+    def keep(info: dict) -> None:
+        i = int(info["i"])
+        if i > 0 and i % substeps == 0:
+            states[i // substeps] = info["x"]
+
+    final = SOLVERS[solver](teacher, x, grid.to(x.device), cond, callback=keep)
+    states[len(sigmas) - 1] = final
+    return [states[i] for i in range(1, len(sigmas))]
+
+
+class SFD:
+    """SFD (``method="sfd"``: one student per NFE) and SFD-v (``"sfd-v"``: one student for an NFE range)."""
+
+    def __init__(self, source: TeacherSource, cfg: DistillConfig):
+        self.source, self.cfg = source, cfg
+        self.name = cfg.method
+        self.step_conditioned = cfg.method == "sfd-v"
+        w = source.guidance if cfg.guidance is None else cfg.guidance
+        self.w = float(w)
+        self.teacher = CFGTeacher(
+            source.denoiser, self.w if cfg.guidance_mode == "distilled" else 1.0, source.uncond
+        )
+        self.sigma_min = cfg.sigma_min
+        self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
+        self.nfes = (
+            list(range(cfg.nfe_range[0], cfg.nfe_range[1] + 1)) if self.step_conditioned else [cfg.steps]
+        )
+        self.sigmas = {
+            n: karras(intervals_for(n, cfg.afs), self.sigma_min, self.sigma_max, cfg.rho) for n in self.nfes
+        }
+        self.teacher_fingerprint = fingerprint(source.denoiser)
+        with torch.random.fork_rng(devices=[]):  # new layers (SFD-v) are initialised from the config's seed
+            torch.manual_seed(cfg.seed)
+            student = StudentNet(copy.deepcopy(source.denoiser), step_conditioned=self.step_conditioned)
+        self.student = student.train().requires_grad_(True)
+        self.teacher_evaluations = 0
+
+    def to(self, device: torch.device) -> SFD:
+        self.source.denoiser.to(device)
+        return self
+
+    def plan(self, generator: torch.Generator) -> dict:
+        return {"nfe": self.nfes[int(torch.randint(len(self.nfes), (1,), generator=generator))]}
+
+    def losses(self, plan: dict, batch: int, generator: torch.Generator) -> Iterator[StepLoss]:
+        nfe, device = plan["nfe"], next(self.student.parameters()).device
+        t = self.sigmas[nfe].to(device)
+        x = (torch.randn((batch, *self.source.shape), generator=generator) * self.sigma_max).to(device)
+        cond = move_cond(self.source.draw_cond(batch, generator), device)
+        with torch.no_grad():
+            targets = teacher_states(
+                self.teacher, x, t, cond, self.cfg.teacher_substeps, self.cfg.teacher_solver
+            )
+        self.teacher_evaluations += (
+            (len(t) - 1) * self.cfg.teacher_substeps * batch * (2 if self.teacher.w != 1 else 1)
+        )
+        student = AtSteps(self.student, nfe)
+        for i in range(len(t) - 1):
+            if self.cfg.afs and i == 0:
+                x = euler_step(None, x, t[0], t[1], analytic=True)
+                continue
+            out = euler_step(student, x, t[i], t[i + 1], cond)
+            yield StepLoss(i, distance(out, targets[i], self.cfg.loss, self.cfg.huber_c))
+            x = out.detach()
+
+    @torch.no_grad()
+    def preview(self, noise: torch.Tensor, cond: Cond, nfe: int | None = None) -> torch.Tensor:
+        nfe = self.nfes[-1] if nfe is None else nfe
+        student = AtSteps(self.student, nfe)
+        if self.cfg.guidance_mode == "cfg":
+            student = CFGTeacher(student, self.w, self.source.uncond)
+        return few_step(student, noise, self.sigmas[nfe], cond, self.cfg.afs)
+
+    def card(self) -> dict:
+        cfg = self.cfg
+        return student_card(
+            self.name,
+            self.nfes,
+            self.sigmas,
+            {"name": "karras", "rho": cfg.rho, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max},
+            cfg.afs,
+            cfg.guidance_mode,
+            self.w,
+            self.teacher_fingerprint,
+            teacher=self.source.name,
+            training={
+                "teacher_solver": cfg.teacher_solver,
+                "teacher_substeps": cfg.teacher_substeps,
+                "loss": cfg.loss,
+                "lr": cfg.lr,
+                "iters": cfg.iters,
+                "batch": cfg.batch,
+            },
+        )

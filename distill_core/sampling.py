@@ -1,0 +1,73 @@
+"""Few-step sampling with a distilled student: one Euler step per interval of its stored schedule.
+
+Euler (Karras et al. 2022, Alg. 1 without the Heun correction), with d = (x - D(x, sigma)) / sigma:
+    x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i
+The analytic first step (AFS, Zhou et al. 2024, SFD sec. 4) replaces the first network call by
+d_0 = x_0 / sqrt(1 + sigma_0^2): at sigma_max the sample is nearly pure noise and the direction is
+almost x / sigma, so with AFS a schedule of n intervals costs n - 1 evaluations. The last point of
+the schedule is sigma_min (no final step to 0): the student's output there is the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from distill_core.denoisers.base import Cond
+from distill_core.students import Student
+
+
+def intervals_for(nfe: int, afs: bool) -> int:
+    """Intervals of the student schedule for a budget of ``nfe`` evaluations (AFS saves one)."""
+    return nfe + 1 if afs else nfe
+
+
+def afs_direction(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """SFD's analytic first direction d = x / sqrt(1 + sigma^2)."""
+    return x / (1 + torch.as_tensor(sigma, dtype=x.dtype, device=x.device) ** 2).sqrt()
+
+
+def euler_step(
+    denoiser,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    cond: Cond = None,
+    analytic: bool = False,
+) -> torch.Tensor:
+    """One Euler step from sigma to sigma_next; ``analytic`` uses the AFS direction (no evaluation)."""
+    d = afs_direction(x, sigma) if analytic else (x - denoiser(x, sigma, cond)) / sigma
+    return x + (sigma_next - sigma) * d
+
+
+def few_step(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    cond: Cond = None,
+    afs: bool = True,
+    callback: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
+    """Euler over ``sigmas`` from ``x`` at sigmas[0]; the first step analytic when ``afs``."""
+    sigmas = sigmas.to(x.device)
+    for i in range(len(sigmas) - 1):
+        x = euler_step(denoiser, x, sigmas[i], sigmas[i + 1], cond, analytic=afs and i == 0)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigmas[i + 1]})
+    return x
+
+
+@torch.no_grad()
+def sample(
+    student: Student,
+    noise: torch.Tensor,
+    cond: Cond = None,
+    steps: int | None = None,
+    w: float | None = None,
+    callback: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
+    """Images from ``noise`` = x_N = sigma_max z with ``steps`` evaluations on the student's stored
+    schedule. ``w`` is the guidance scale for students distilled with guidance mode "cfg"."""
+    sigmas = student.sigmas(steps)
+    return few_step(student.denoiser(steps, w), noise, sigmas, cond, student.afs, callback)

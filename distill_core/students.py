@@ -1,0 +1,228 @@
+"""Student networks and student files.
+
+A student is a trainable copy of its teacher's denoiser (SFD: all weights trained). A
+step-conditioned student (SFD-v) adds an embedding of the step count (NFE): a sinusoidal
+embedding through its own two-layer MLP whose last layer starts at zero, so the new student
+starts as the teacher. The embedding is added next to the time embedding, so every block sees it:
+
+* the built-in UNet (``distill_core.nets.unet``): through its ``extra_emb`` argument;
+* networks we do not own: through a forward hook on their time-embedding module, found by name
+  (``time_embedding`` in diffusers' ``UNet2DModel`` / ``UNet2DConditionModel``, ``time_embed`` in the
+  openaimodel UNets of ComfyUI / LDM). Other architectures are refused with a clear error.
+
+A student file is safetensors with the engine's JSON card: method, NFE (or NFE range), schedule and
+its sigmas, AFS, guidance mode and w, the teacher's fingerprint and the engine version.
+``load_student`` checks the fingerprint against the teacher it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import distill_core
+from distill_core import safetensors_io
+from distill_core.builtin import fingerprint
+from distill_core.denoisers.base import Cond
+from distill_core.nets.unet import sinusoidal_embedding
+from distill_core.teacher import CFGTeacher
+
+STEP_EMBEDDING_DIM = 64
+TIME_EMBEDDING_NAMES = ("time_embedding", "time_embed")
+
+
+class StepEmbedding(nn.Module):
+    """e(N) = W2 SiLU(W1 sin/cos(N)) with W2 = 0 at initialisation (the student starts as the teacher)."""
+
+    def __init__(self, out_dim: int, dim: int = STEP_EMBEDDING_DIM):
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, nfe: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal_embedding(nfe.float(), self.dim, max_period=100.0))
+
+
+class StudentNet(nn.Module):
+    """The trainable student: ``forward(x, sigma, cond, nfe=None) -> x0``, a denoiser like its teacher."""
+
+    def __init__(self, denoiser: nn.Module, step_conditioned: bool = False):
+        super().__init__()
+        if not isinstance(denoiser, nn.Module):
+            raise TypeError(
+                "a student is a trainable copy of its teacher: the denoiser must be a torch.nn.Module"
+            )
+        self.denoiser = denoiser
+        self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
+        self.injection = None
+        self.step_embed = None
+        if step_conditioned:
+            self.injection, out_dim = _injection_point(denoiser)
+            self.step_embed = StepEmbedding(out_dim)
+            if self.injection != "extra_emb":
+                self._pending: torch.Tensor | None = None
+                denoiser.get_submodule(self.injection).register_forward_hook(self._add_step_embedding)
+
+    def _add_step_embedding(self, module, args, output):
+        return output if self._pending is None else output + self._pending.to(output.dtype)
+
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None, nfe: int | None = None
+    ):
+        if self.step_embed is None:
+            return self.denoiser(x, sigma, cond)
+        if nfe is None:
+            raise ValueError("a step-conditioned (SFD-v) student needs the step count nfe")
+        emb = self.step_embed(torch.full((x.shape[0],), float(nfe), device=x.device))
+        if self.injection == "extra_emb":
+            return self.denoiser(x, sigma, cond, extra_emb=emb)
+        self._pending = emb
+        try:
+            return self.denoiser(x, sigma, cond)
+        finally:
+            self._pending = None
+
+
+def _injection_point(denoiser: nn.Module) -> tuple[str, int]:
+    """Where a step embedding enters: ("extra_emb", dim) for the built-in UNet, else the name of a
+    time-embedding module (and its output width) to hook."""
+    net = getattr(denoiser, "net", None)
+    if (
+        net is not None
+        and "extra_emb" in inspect.signature(net.forward).parameters
+        and hasattr(net, "emb_dim")
+    ):
+        return "extra_emb", net.emb_dim
+    for name, module in denoiser.named_modules():
+        if name.split(".")[-1] in TIME_EMBEDDING_NAMES:
+            linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+            if linears:
+                return name, linears[-1].out_features
+    raise ValueError(
+        f"cannot condition a {type(denoiser).__name__} on the step count: supported are the built-in UNet "
+        f"(extra_emb) and networks with a time-embedding module named one of {TIME_EMBEDDING_NAMES}"
+    )
+
+
+class AtSteps:
+    """A student seen as a plain denoiser ``(x, sigma, cond) -> x0`` at a fixed step count (``nfe`` is
+    ignored by students that are not step-conditioned). ``net`` may be wrapped (DDP) around a StudentNet."""
+
+    def __init__(self, net: nn.Module, nfe: int | None):
+        inner = getattr(net, "module", net)
+        self.net, self.nfe = net, nfe if inner.step_embed is not None else None
+        self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
+        return self.net(x, sigma, cond, nfe=self.nfe)
+
+
+@dataclass
+class Student:
+    """A loaded student, ready to sample (see ``distill_core.sampling.sample``)."""
+
+    net: StudentNet
+    card: dict
+    uncond: Cond = None
+
+    @property
+    def nfe_choices(self) -> list[int]:
+        return sorted(int(n) for n in self.card["sigmas"])
+
+    @property
+    def afs(self) -> bool:
+        return bool(self.card["afs"])
+
+    def sigmas(self, steps: int | None = None) -> torch.Tensor:
+        """The stored schedule for ``steps`` evaluations (default: the student's own, or its range's top)."""
+        choices = self.nfe_choices
+        steps = choices[-1] if steps is None else int(steps)
+        if steps not in choices:
+            kind = "SFD-v student trained" if len(choices) > 1 else "student distilled"
+            raise ValueError(
+                f"this {kind} for NFE {_span(choices)} cannot sample with {steps} steps; "
+                f"choose one of {choices} (or distil a student for {steps} steps)"
+            )
+        return torch.tensor(self.card["sigmas"][str(steps)], dtype=torch.float32)
+
+    def denoiser(self, steps: int | None = None, w: float | None = None):
+        """The student as a denoiser at ``steps``; with guidance mode "cfg", wrapped in CFG at ``w``
+        (default: the w stored in the card). A distilled-guidance student takes no w."""
+        steps = self.nfe_choices[-1] if steps is None else steps
+        d = AtSteps(self.net, steps)
+        guidance = self.card["guidance"]
+        if guidance["mode"] == "cfg":
+            return CFGTeacher(d, guidance["w"] if w is None else w, self.uncond)
+        if w is not None and w != guidance["w"]:
+            raise ValueError(
+                f"guidance w={guidance['w']:g} is distilled into this student; it cannot sample at "
+                f"w={w:g} (distil with guidance_mode 'cfg' to choose w when sampling)"
+            )
+        return d
+
+
+def _span(choices: list[int]) -> str:
+    return str(choices[0]) if len(choices) == 1 else f"{choices[0]}..{choices[-1]}"
+
+
+def student_card(
+    method: str,
+    nfes: list[int],
+    sigmas: dict[int, torch.Tensor],
+    schedule: dict,
+    afs: bool,
+    guidance_mode: str,
+    w: float,
+    teacher_fingerprint: str,
+    **extra,
+) -> dict:
+    """The metadata every student file carries."""
+    return {
+        "kind": "student",
+        "method": method,
+        **({"nfe": nfes[0]} if len(nfes) == 1 else {"nfe_range": [min(nfes), max(nfes)]}),
+        "schedule": schedule,
+        "sigmas": {str(n): [float(s) for s in sigmas[n]] for n in nfes},
+        "afs": bool(afs),
+        "guidance": {"mode": guidance_mode, "w": float(w)},
+        "teacher_fingerprint": teacher_fingerprint,
+        "engine_version": distill_core.__version__,
+        **extra,
+    }
+
+
+def save_student(path: str | Path, net: StudentNet, card: dict) -> Path:
+    card = {
+        **card,
+        "step_embedding": None
+        if net.step_embed is None
+        else {"injection": net.injection, "dim": net.step_embed.dim},
+    }
+    return safetensors_io.save_atomic(net.state_dict(), path, card)
+
+
+def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond = None) -> Student:
+    """Load a student file for ``teacher`` (a CFGTeacher, or its denoiser with ``uncond`` for CFG)."""
+    card = safetensors_io.read_card(path)
+    if card.get("kind") != "student":
+        raise ValueError(f"{path} is not a student file (its card says kind={card.get('kind')!r})")
+    denoiser = teacher.denoiser if isinstance(teacher, CFGTeacher) else teacher
+    if uncond is None and isinstance(teacher, CFGTeacher):
+        uncond = teacher.uncond
+    theirs, ours = card["teacher_fingerprint"], fingerprint(denoiser)
+    if theirs != ours:
+        raise ValueError(
+            f"{path} was distilled from a different teacher (fingerprint {theirs}); the teacher "
+            f"given has fingerprint {ours}. Load it with the teacher it was distilled from."
+        )
+    tensors, _ = safetensors_io.load(path)
+    net = StudentNet(copy.deepcopy(denoiser), step_conditioned=card.get("step_embedding") is not None)
+    net.load_state_dict(tensors)
+    return Student(net.eval().requires_grad_(False), card, uncond)

@@ -1,0 +1,59 @@
+"""Progress callbacks: how the trainer reports to whoever runs it (tqdm on the command line;
+ComfyUI's progress bar and the panel plug in the same way). A callback can ask the trainer to stop
+after the current iteration with ``trainer.request_stop()``; the trainer then checkpoints and returns.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distill_core.train.trainer import Trainer, TrainResult
+
+
+class Callback:
+    """Hooks called by the trainer on the main process; override the ones you need."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_iteration(self, trainer: Trainer, record: dict) -> None:
+        """After every iteration; ``record`` is the line written to metrics.jsonl."""
+
+    def on_end(self, trainer: Trainer, result: TrainResult) -> None:
+        pass
+
+
+class TqdmProgress(Callback):
+    """A tqdm bar over iterations with the last student step's loss."""
+
+    def __init__(self, desc: str = "distill"):
+        self.desc, self.bar = desc, None
+
+    def on_start(self, trainer: Trainer) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=trainer.cfg.iters, initial=trainer.iteration, desc=self.desc, unit="it", dynamic_ncols=True
+        )
+
+    def on_iteration(self, trainer: Trainer, record: dict) -> None:
+        losses = record["loss"]
+        if losses:
+            self.bar.set_postfix(loss=f"{losses[max(losses, key=int)]:.4g}", nfe=record.get("nfe"))
+        self.bar.update(1)
+
+    def on_end(self, trainer: Trainer, result: TrainResult) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StopAt(Callback):
+    """Stop (checkpoint and return) once ``iteration`` iterations are done, as Ctrl-C would."""
+
+    def __init__(self, iteration: int):
+        self.at = iteration
+
+    def on_iteration(self, trainer: Trainer, record: dict) -> None:
+        if trainer.iteration >= self.at:
+            trainer.request_stop()

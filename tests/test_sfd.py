@@ -1,0 +1,160 @@
+"""SFD and SFD-v: the loss, the analytic first step, teacher targets on the nested grid, the
+student's detached steps, guidance modes, the step embedding, and that training moves the student
+towards the teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distill_core.config import DistillConfig
+from distill_core.methods import build_method
+from distill_core.methods.base import TeacherSource
+from distill_core.methods.sfd import distance, teacher_states
+from distill_core.sampling import afs_direction, few_step, intervals_for
+from distill_core.schedules import karras, nest
+from distill_core.solvers import SOLVERS
+from distill_core.students import StudentNet
+from distill_core.teacher import CFGTeacher
+
+
+def tiny_source(denoiser, w: float = 2.0) -> TeacherSource:
+    return TeacherSource(
+        "tiny", denoiser, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g), torch.tensor([10]), w
+    )
+
+
+def test_distances_are_per_element_sums_averaged_over_the_batch():
+    x, y = torch.zeros(2, 1, 2, 2), torch.tensor([1.0, -2.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0]).view(2, 1, 2, 2)
+    assert distance(x, y, "l1").item() == pytest.approx((3 + 3) / 2)
+    assert distance(x, y, "l2").item() == pytest.approx((5 + 9) / 2)
+    c = 0.5
+    huber = sum((d**2 + c**2) ** 0.5 - c for d in (1.0, 2.0, 3.0)) / 2
+    assert distance(x, y, "huber", c).item() == pytest.approx(huber)
+    with pytest.raises(ValueError, match="unknown loss"):
+        distance(x, y, "l3")
+
+
+def test_analytic_first_step_saves_one_evaluation():
+    calls = []
+
+    def denoiser(x, sigma, cond=None):
+        calls.append(float(sigma))
+        return torch.zeros_like(x)
+
+    sigmas = karras(intervals_for(4, afs=True), 0.006, 80.0)
+    x = torch.randn(3, 1, 4, 4) * 80
+    few_step(denoiser, x, sigmas, afs=True)
+    assert len(sigmas) - 1 == 5 and len(calls) == 4 and calls[0] == pytest.approx(float(sigmas[1]))
+    assert intervals_for(4, afs=False) == 4
+    # the AFS direction x / sqrt(1 + sigma^2) is the Euler direction of the zero denoiser up to O(1/sigma^2)
+    d = afs_direction(x, 80.0)
+    assert torch.allclose(d, x / 80.0, rtol=1e-4)
+
+
+def test_teacher_states_land_on_the_student_points(tiny_edm):
+    teacher = CFGTeacher(tiny_edm, 2.0, torch.tensor([10]))
+    t = karras(3, 0.006, 80.0)
+    x, y = torch.randn(2, 1, 8, 8) * 80, torch.tensor([1, 2])
+    with torch.no_grad():
+        states = teacher_states(teacher, x, t, y, substeps=4, solver="euler")
+        grid = nest(t, 4)
+        assert len(grid) == 13 and torch.allclose(grid[::4], t)
+        for i, state in enumerate(states, start=1):
+            expected = SOLVERS["euler"](teacher, x, grid[: 4 * i + 1], y)
+            assert torch.allclose(state, expected, atol=1e-5)
+        # the default DPM-Solver++(3M) run: its last state is the solver's own answer on the nested grid
+        states = teacher_states(teacher, x, t, y, substeps=4)
+        assert torch.allclose(states[-1], SOLVERS["dpmpp_3m"](teacher, x, grid, y), atol=1e-5)
+
+
+def _method(tiny_edm, **kw):
+    cfg = DistillConfig(**{"iters": 4, "batch": 4, "steps": 3, **kw})
+    return build_method(tiny_source(tiny_edm), cfg)
+
+
+def test_student_steps_from_its_own_detached_output(tiny_edm):
+    m = _method(tiny_edm)
+    assert torch.equal(m.sigmas[3], karras(4, 0.006, 80.0))
+    inputs_need_grad = []
+    m.student.register_forward_pre_hook(lambda mod, args: inputs_need_grad.append(args[0].requires_grad))
+    steps = list(m.losses(m.plan(torch.Generator()), 4, torch.Generator().manual_seed(0)))
+    # AFS: 4 intervals, the first analytic -> 3 losses, one per evaluation, at indices 1..3
+    assert [s.index for s in steps] == [1, 2, 3]
+    assert inputs_need_grad == [False, False, False]
+    assert all(s.loss.requires_grad and s.loss.ndim == 0 for s in steps)
+
+    no_afs = _method(tiny_edm, afs=False)
+    steps = list(no_afs.losses(no_afs.plan(torch.Generator()), 4, torch.Generator()))
+    assert [s.index for s in steps] == [0, 1, 2]
+
+
+def test_guidance_modes_choose_the_teacher_scale(tiny_edm):
+    assert _method(tiny_edm).teacher.w == 2.0
+    assert _method(tiny_edm, guidance=3.0).teacher.w == 3.0
+    m = _method(tiny_edm, guidance_mode="cfg")
+    assert m.teacher.w == 1.0 and m.card()["guidance"] == {"mode": "cfg", "w": 2.0}
+
+
+def test_sfd_v_student_starts_as_the_teacher_and_draws_every_step_count(tiny_edm):
+    m = _method(tiny_edm, method="sfd-v", nfe_range=(2, 4))
+    x, sigma, y = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0]), torch.tensor([3, 4])
+    with torch.no_grad():
+        for n in (2, 3, 4):
+            assert torch.allclose(m.student(x, sigma, y, nfe=n), tiny_edm(x, sigma, y), atol=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    assert {m.plan(gen)["nfe"] for _ in range(40)} == {2, 3, 4}
+    assert set(m.card()["sigmas"]) == {"2", "3", "4"} and m.card()["nfe_range"] == [2, 4]
+
+
+class _HookedNet(nn.Module):
+    """A denoiser we do not own: its time embedding is a submodule named ``time_embedding``."""
+
+    sigma_min, sigma_max = 0.002, 80.0
+
+    def __init__(self):
+        super().__init__()
+        self.time_embedding = nn.Sequential(nn.Linear(1, 16), nn.SiLU(), nn.Linear(16, 16))
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x, sigma, cond=None):
+        emb = self.time_embedding(torch.as_tensor(sigma).float().expand(x.shape[0]).log()[:, None])
+        return x + self.out(emb).view_as(x)
+
+
+def test_step_embedding_through_a_time_embedding_hook():
+    net = StudentNet(_HookedNet(), step_conditioned=True)
+    assert net.injection == "time_embedding"
+    x = torch.randn(2, 1, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(net(x, 1.0, nfe=2), net(x, 1.0, nfe=5))
+        nn.init.normal_(net.step_embed.mlp[-1].weight)
+        assert not torch.allclose(net(x, 1.0, nfe=2), net(x, 1.0, nfe=5))
+        assert torch.equal(
+            net.denoiser(x, 1.0), net.denoiser(x, 1.0)
+        )  # the hook is inert outside a step call
+    with pytest.raises(ValueError, match="needs the step count"):
+        net(x, 1.0)
+    bare = nn.Linear(2, 2)
+    bare.sigma_min, bare.sigma_max = 0.002, 80.0
+    with pytest.raises(ValueError, match="cannot condition"):
+        StudentNet(bare, step_conditioned=True)
+
+
+def test_training_moves_the_student_towards_the_teacher(tiny_edm, tmp_path):
+    from distill_core.train.trainer import Trainer
+
+    m = _method(tiny_edm, iters=12, batch=8, lr=2e-3, out=str(tmp_path), checkpoint_every=0)
+    gen = torch.Generator().manual_seed(123)
+    x, y = torch.randn(16, 1, 8, 8, generator=gen) * 80, torch.randint(10, (16,), generator=gen)
+    with torch.no_grad():
+        target = teacher_states(m.teacher, x, m.sigmas[3], y, 4)[-1]
+
+    def err() -> float:
+        return (m.preview(x, y) - target).square().mean().item()
+
+    before = err()
+    result = Trainer(m, m.cfg).fit()
+    after = err()
+    assert result.iteration == 12 and after < 0.7 * before, (before, after)

@@ -1,0 +1,154 @@
+"""The shared trainer: exact resume after Ctrl-C, NaN losses, non-finite gradients, EMA,
+checkpoint encoding, metrics and sample grids."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from distill_core.config import DistillConfig
+from distill_core.methods import build_method
+from distill_core.methods.base import StepLoss, TeacherSource
+from distill_core.train.callbacks import Callback, StopAt
+from distill_core.train.checkpoint import flatten, load_checkpoint, unflatten
+from distill_core.train.trainer import Trainer, TrainingDiverged
+
+
+def _sfd(tiny_edm, out, **kw):
+    source = TeacherSource(
+        "tiny",
+        tiny_edm,
+        (1, 8, 8),
+        lambda b, g: torch.randint(10, (b,), generator=g),
+        torch.tensor([10]),
+        2.0,
+    )
+    cfg = DistillConfig(
+        **{
+            "iters": 6,
+            "batch": 4,
+            "steps": 2,
+            "teacher_substeps": 2,
+            "lr": 1e-3,
+            "checkpoint_every": 2,
+            "out": str(out),
+            **kw,
+        }
+    )
+    return build_method(source, cfg)
+
+
+def test_checkpoint_structure_round_trips():
+    state = {"a": {0: torch.arange(3), 5: (1.5, None, [True, "x"])}, "b": torch.ones(2, 2)}
+    tensors: dict = {}
+    desc = flatten(state, tensors)
+    json.dumps(desc)
+    back = unflatten(desc, tensors)
+    assert set(back["a"]) == {0, 5} and back["a"][5] == (1.5, None, [True, "x"])
+    assert torch.equal(back["a"][0], torch.arange(3)) and torch.equal(back["b"], torch.ones(2, 2))
+    with pytest.raises(TypeError):
+        flatten({"f": object()}, {})
+
+
+class _SigintAt(Callback):
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_iteration(self, trainer, record):
+        if trainer.iteration == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_resume_after_ctrl_c_continues_exactly(tiny_edm, tmp_path):
+    m = _sfd(tiny_edm, tmp_path / "a", method="sfd-v", nfe_range=(1, 3))
+    straight = Trainer(m, m.cfg).fit()
+
+    m1 = _sfd(tiny_edm, tmp_path / "b", method="sfd-v", nfe_range=(1, 3))
+    first = Trainer(m1, m1.cfg, callbacks=[_SigintAt(3)]).fit()
+    assert first.status == "interrupted" and first.iteration == 3
+    assert load_checkpoint(tmp_path / "b" / "checkpoints")[1]["iteration"] == 3
+    m2 = _sfd(tiny_edm, tmp_path / "b", method="sfd-v", nfe_range=(1, 3))
+    resumed = Trainer(m2, m2.cfg).fit(resume=True)
+    assert resumed.status == "done" and resumed.iteration == 6
+
+    a, b = straight.student.state_dict(), resumed.student.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lines_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines_b] == list(range(1, 7))
+    assert [r["loss"] for r in lines_a] == [r["loss"] for r in lines_b]
+    assert lines_a[2]["lr"] == 1e-3 and lines_a[3]["lr"] == pytest.approx(1e-4)  # lr / 10 at half time
+
+
+def test_resume_refuses_a_different_configuration(tiny_edm, tmp_path):
+    m = _sfd(tiny_edm, tmp_path, iters=2)
+    Trainer(m, m.cfg).fit()
+    m = _sfd(tiny_edm, tmp_path, iters=4, steps=3)
+    with pytest.raises(ValueError, match="steps: 2 -> 3"):
+        Trainer(m, m.cfg).fit(resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_edm, tmp_path):
+    m = _sfd(tiny_edm, tmp_path, checkpoint_every=1)
+    good = m.losses
+    calls = {"n": 0}
+
+    def poisoned(plan, batch, gen):
+        calls["n"] += 1
+        for step in good(plan, batch, gen):
+            yield StepLoss(step.index, step.loss * float("nan")) if calls["n"] == 3 else step
+
+    m.losses = poisoned
+    trainer = Trainer(m, m.cfg)
+    with pytest.raises(TrainingDiverged, match="loss became nan at iteration 3.*last good checkpoint"):
+        trainer.fit()
+    state, info = load_checkpoint(tmp_path / "checkpoints")
+    assert info["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["student"].values())
+
+
+class _BadGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g.view(-1)[0] = float("inf")
+        return g
+
+
+def test_nonfinite_gradients_are_zeroed_and_counted(tiny_edm, tmp_path):
+    m = _sfd(tiny_edm, tmp_path, iters=2, checkpoint_every=0)
+    good = m.losses
+
+    def bad_grads(plan, batch, gen):
+        for step in good(plan, batch, gen):
+            weight = next(m.student.parameters())
+            yield StepLoss(step.index, step.loss + _BadGrad.apply(weight).sum())
+
+    m.losses = bad_grads
+    result = Trainer(m, m.cfg).fit()
+    assert result.nonfinite_grads == 2 * 2  # 2 updates per iteration (NFE 2 with AFS), 2 iterations
+    assert all(torch.isfinite(p).all() for p in result.student.parameters())
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["nonfinite_grads"] == 2 and set(record["loss"]) == {"1", "2"}
+
+
+def test_ema_grid_accumulation_and_stop(tiny_edm, tmp_path):
+    m = _sfd(tiny_edm, tmp_path, iters=4, batch=4, grad_accum=2, ema=0.5, sample_every=2)
+    trainer = Trainer(m, m.cfg, callbacks=[StopAt(2)])
+    result = trainer.fit()
+    assert result.status == "interrupted" and result.iteration == 2
+    live = trainer.unwrapped().state_dict()
+    ema = result.student.state_dict()
+    assert any(not torch.equal(live[k], ema[k]) for k in live)
+    png = (tmp_path / "samples" / "iter_000002.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (3 * (16 * 9 + 1), 3 * 10)
