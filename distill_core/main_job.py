@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from distill_core.config import QUALITY, DistillConfig
 from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
+from distill_core.teacher import CFGTeacher
 from distill_core.train.callbacks import TqdmProgress
 from distill_core.train.trainer import Trainer, TrainingDiverged
 
@@ -124,27 +126,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict | None:
-    """Train, save the student, evaluate it against the training-free solvers, write the report.
-    Returns the report (``None`` when training was interrupted: resume with ``resume=True``)."""
+@dataclass
+class StudentRun:
+    """A trained student file and what it cost."""
+
+    path: Path
+    train_seconds: float
+    teacher_evaluations: int
+
+
+def train_student(
+    cfg: DistillConfig, source: TeacherSource, resume: bool = False, progress: bool = True
+) -> StudentRun | None:
+    """Train ``cfg.method`` on ``source`` into ``cfg.out`` and save ``student.safetensors`` there
+    (``None`` when training was interrupted: continue with ``resume=True``)."""
     from distill_core.students import save_student
 
-    start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out / "config.yaml")
-    source = teacher_source(cfg.teacher)
     method = build_method(source, cfg)
-    trainer = Trainer(
-        method, cfg, out, [TqdmProgress(f"{cfg.method} to {cfg.steps} steps")] if progress else []
-    )
+    callbacks = [TqdmProgress(f"{cfg.method} to {cfg.steps} steps")] if progress else []
+    trainer = Trainer(method, cfg, out, callbacks)
     result = trainer.fit(resume=resume)
     if result.status != "done":
-        print(
-            f"stopped at iteration {result.iteration}/{cfg.iters}; the checkpoint is in {trainer.ckpt_dir}: "
-            f"continue with --resume --out {out}"
-        )
+        print(f"stopped at iteration {result.iteration}/{cfg.iters}; the checkpoint is in {trainer.ckpt_dir}")
         return None
     card = method.card()
     card["training"].update(
@@ -153,90 +159,94 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
         nonfinite_grads=result.nonfinite_grads,
         teacher_evaluations=method.teacher_evaluations,
     )
-    student_path = save_student(out / "student.safetensors", result.student, card)
-    report = evaluate_student(student_path, source, cfg, result.seconds, method.teacher_evaluations, out)
-    report["total_seconds"] = round(time.perf_counter() - start, 1)
-    from distill_core.report import write_report
-
-    write_report(out, report, report.pop("grid_rows"))
-    return report
+    path = save_student(out / "student.safetensors", result.student, card)
+    return StudentRun(path, result.seconds, method.teacher_evaluations)
 
 
-def evaluate_student(
-    student_path: Path,
-    source: TeacherSource,
-    cfg: DistillConfig,
-    train_seconds: float,
-    teacher_evaluations: int,
-    out: Path,
-) -> dict:
-    """Benchmark rows for the student and the training-free solvers at the student's NFE (and at twice
-    it), and the grid."""
-    from distill_core.eval.benchmark import eval_set, evaluate, sample_in_batches, solver_row, solver_sigmas
-    from distill_core.report import save_grid
+def student_rows(run: StudentRun, teacher: CFGTeacher, ev) -> list[dict]:
+    """Benchmark rows of a student file, one per NFE it serves (``nfe`` counts CFG's two evaluations)."""
+    from distill_core.eval.benchmark import evaluate, sample_in_batches
+    from distill_core.sampling import sample
+    from distill_core.students import load_student
+
+    student = load_student(run.path, teacher)
+    per_step = 2 if student.card["guidance"]["mode"] == "cfg" and teacher.w != 1 else 1
+    rows = []
+    for n in student.nfe_choices:
+        images, seconds = sample_in_batches(lambda x, y, n=n: sample(student, x, y, steps=n), ev)
+        extra = {"steps": n, "train_seconds": round(run.train_seconds, 1)}
+        extra["teacher_evaluations"] = run.teacher_evaluations
+        rows.append(evaluate(student.card["method"], n * per_step, images, ev, seconds, **extra))
+    return rows
+
+
+def solver_rows(teacher: CFGTeacher, ev, nfe: int) -> list[dict]:
+    """Every training-free solver at ``nfe``, best PSNR first."""
+    from distill_core.eval.benchmark import solver_row
+    from distill_core.solvers import SOLVERS
+
+    return sorted((solver_row(name, nfe, teacher, ev) for name in SOLVERS), key=lambda r: -r["psnr_db"])
+
+
+def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict | None:
+    """Train, save the student, evaluate it against the training-free solvers, write the report.
+    Returns the report (``None`` when training was interrupted: resume with ``resume=True``)."""
+    from distill_core.eval.benchmark import eval_set, solver_sigmas
+    from distill_core.report import save_grid, write_report
     from distill_core.sampling import sample
     from distill_core.solvers import SOLVERS
     from distill_core.students import load_student
-    from distill_core.teacher import CFGTeacher
+
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    source = teacher_source(cfg.teacher)
+    run = train_student(cfg, source, resume, progress)
+    if run is None:
+        print(f"continue with: python -m distill_core distill --resume --out {out}")
+        return None
 
     w = source.guidance if cfg.guidance is None else cfg.guidance
     teacher = CFGTeacher(source.denoiser.cpu(), w, source.uncond)
-    student = load_student(student_path, teacher)
     ev = eval_set(teacher, cfg.eval_samples, seed=cfg.seed + 1, cache_dir=out / "cache")
-    per_eval = 2 if student.card["guidance"]["mode"] == "cfg" and w != 1 else 1
-    rows, student_rows = [], []
-    for n in student.nfe_choices:
-        images, seconds = sample_in_batches(lambda x, y, n=n: sample(student, x, y, steps=n), ev)
-        student_rows.append(
-            evaluate(
-                cfg.method,
-                n * per_eval,
-                images,
-                ev,
-                seconds,
-                steps=n,
-                train_seconds=round(train_seconds, 1),
-                teacher_evaluations=teacher_evaluations,
-            )
-        )
-        solvers = [solver_row(name, n * per_eval, teacher, ev) for name in SOLVERS]
-        rows += sorted(solvers, key=lambda r: -r["psnr_db"]) + [student_rows[-1]]
-    nfe = student.nfe_choices[-1] * per_eval
-    best = max((r for r in rows if r["method"] in SOLVERS and r["nfe"] == nfe), key=lambda r: r["psnr_db"])
-    rows += sorted((solver_row(name, 2 * nfe, teacher, ev) for name in SOLVERS), key=lambda r: -r["psnr_db"])
+    ours = student_rows(run, teacher, ev)
+    rows = []
+    for row in ours:
+        rows += solver_rows(teacher, ev, row["nfe"]) + [row]
+    top = ours[-1]
+    nfe = top["nfe"]
+    best = next(r for r in rows if r["nfe"] == nfe and r["method"] in SOLVERS)
+    at_twice = solver_rows(teacher, ev, 2 * nfe)
+    rows += at_twice
 
     k = min(10, cfg.eval_samples)
     noise, labels = ev.noise[:k], ev.labels[:k]
+    sigmas = solver_sigmas(best["method"], nfe, teacher.sigma_min, teacher.sigma_max)
     with torch.no_grad():
-        solver_images = SOLVERS[best["method"]](
-            teacher, noise, solver_sigmas(best["method"], nfe, teacher.sigma_min, teacher.sigma_max), labels
-        )
-        student_images = sample(student, noise, labels)
+        solver_images = SOLVERS[best["method"]](teacher, noise, sigmas, labels)
+        student_images = sample(load_student(run.path, teacher), noise, labels)
     save_grid([ev.reference[:k], solver_images, student_images], out / "grid.png")
-
-    best_8 = max(
-        (r for r in rows if r["method"] in SOLVERS and r["nfe"] == 2 * nfe), key=lambda r: r["psnr_db"]
-    )
-    top = student_rows[-1]
-    return {
+    grid_rows = [
+        "teacher reference solve (Heun, 128 steps)",
+        f"{best['method']}, the best training-free solver at {nfe} NFE",
+        f"{cfg.method} student at {nfe} NFE",
+    ]
+    report = {
         "method": cfg.method,
-        "steps": student.nfe_choices[-1],
+        "steps": top["steps"],
         "teacher": cfg.teacher,
         "guidance": w,
         "guidance_mode": cfg.guidance_mode,
-        "train_seconds": round(train_seconds, 1),
         "iterations": cfg.iters,
-        "teacher_evaluations": teacher_evaluations,
+        "train_seconds": round(run.train_seconds, 1),
+        "teacher_evaluations": run.teacher_evaluations,
         "eval_samples": cfg.eval_samples,
         "student_psnr_db": top["psnr_db"],
         "best_solver": f"{best['method']} ({best['psnr_db']} dB at {nfe} NFE)",
         "gain_over_best_solver_db": round(top["psnr_db"] - best["psnr_db"], 3),
-        "best_solver_at_2x_nfe": f"{best_8['method']} ({best_8['psnr_db']} dB at {2 * nfe} NFE)",
+        "best_solver_at_2x_nfe": f"{at_twice[0]['method']} ({at_twice[0]['psnr_db']} dB at {2 * nfe} NFE)",
+        "total_seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
-        "grid_rows": [
-            "teacher reference solve (Heun, 128 steps)",
-            f"{best['method']} at {nfe} NFE",
-            f"{cfg.method} student at {nfe} NFE",
-        ],
         "config": cfg.to_dict(),
     }
+    write_report(out, report, grid_rows)
+    return report

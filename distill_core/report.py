@@ -61,11 +61,7 @@ def write_report(out: str | Path, report: dict, row_labels: list[str] | None = N
     json_path = out / "report.json"
     json_path.write_text(json.dumps(report, indent=1))
     lines = [f"# Distillation report: {report['method']} to {report['steps']} steps", ""]
-    lines += [
-        f"- {k}: {v}"
-        for k, v in report.items()
-        if k not in ("rows", "config", "method", "steps", "grid_rows")
-    ]
+    lines += [f"- {k}: {v}" for k, v in report.items() if k not in ("rows", "config", "method", "steps")]
     lines += [
         "",
         "## Against the teacher's reference solve",

@@ -175,7 +175,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if resume and has_checkpoint(self.ckpt_dir):
             self.load_checkpoint()
-        elif not resume:
+        else:
             torch.manual_seed(self.cfg.seed)
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
         status = "done"

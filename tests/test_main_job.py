@@ -1,0 +1,73 @@
+"""The main job end to end on the built-in teacher (a tiny run), and its configuration."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from distill_core import cli
+from distill_core.config import QUALITY, DistillConfig
+from distill_core.main_job import add_arguments, builtin_source, config_from_args
+
+
+def test_config_yaml_round_trip_and_flag_overrides(tmp_path):
+    cfg = DistillConfig(method="sfd-v", nfe_range=(2, 4), lr=1e-4)
+    assert DistillConfig.from_yaml(cfg.to_yaml(tmp_path / "c.yaml")) == cfg
+    (tmp_path / "bad.yaml").write_text("stpes: 4\n")
+    with pytest.raises(ValueError, match=r"unknown config keys \['stpes'\]"):
+        DistillConfig.from_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        DistillConfig(loss="l5")
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--config", str(tmp_path / "c.yaml"), "--steps", "3", "--quality"])
+    got = config_from_args(args)
+    assert (got.method, got.steps, got.lr, got.iters, got.nfe_range) == (
+        "sfd-v",
+        3,
+        1e-4,
+        QUALITY["iters"],
+        (2, 4),
+    )
+
+
+def test_main_job_writes_student_grid_and_report(tmp_path):
+    from distill_core.sampling import sample
+    from distill_core.students import load_student
+
+    (tmp_path / "run.yaml").write_text(
+        "iters: 2\nbatch: 4\nsteps: 2\neval_samples: 10\ncheckpoint_every: 0\n"
+    )
+    out = tmp_path / "run"
+    assert (
+        cli.main(["distill", "--config", str(tmp_path / "run.yaml"), "--out", str(out), "--no-progress"]) == 0
+    )
+
+    report = json.loads((out / "report.json").read_text())
+    rows = report["rows"]
+    ours = [r for r in rows if r["method"] == "sfd"]
+    assert len(ours) == 1 and ours[0]["nfe"] == 2 and ours[0]["teacher_evaluations"] == 2 * 3 * 4 * 4 * 2
+    assert {r["nfe"] for r in rows} == {2, 4} and {"dpmpp_3m", "euler"} <= {r["method"] for r in rows}
+    for key in ("psnr_db", "fd", "class_acc", "images_per_s", "train_seconds"):
+        assert isinstance(ours[0][key], float)
+    md = (out / "report.md").read_text()
+    assert "gain_over_best_solver_db" in md and "\nsfd " in md
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+    png = (out / "grid.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (3 * (10 * 17 + 1), 3 * (3 * 17 + 1))  # 3 rows of 10 16x16 images, scale 3
+
+    source = builtin_source()
+    student = load_student(out / "student.safetensors", source.denoiser, source.uncond)
+    assert student.card["nfe"] == 2 and student.card["guidance"] == {
+        "mode": "distilled",
+        "w": source.guidance,
+    }
+    images = sample(student, torch.randn(2, 1, 16, 16) * 80, torch.tensor([3, 7]))
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
