@@ -51,7 +51,7 @@ def test_main_job_writes_student_grid_and_report(tmp_path):
     rows = report["rows"]
     ours = [r for r in rows if r["method"] == "sfd"]
     assert len(ours) == 1 and ours[0]["nfe"] == 2 and ours[0]["teacher_evaluations"] == 2 * 3 * 4 * 4 * 2
-    assert {r["nfe"] for r in rows} == {2, 4} and {"dpmpp_3m", "euler"} <= {r["method"] for r in rows}
+    assert {2, 4} <= {r["nfe"] for r in rows} and {"dpmpp_3m", "euler"} <= {r["method"] for r in rows}
     for key in ("psnr_db", "fd", "class_acc", "images_per_s", "train_seconds"):
         assert isinstance(ours[0][key], float)
     md = (out / "report.md").read_text()
