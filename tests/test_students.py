@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import randomise
 from safetensors.torch import save_file
 
 import distill_core
@@ -16,8 +17,6 @@ from distill_core.methods.base import TeacherSource
 from distill_core.sampling import few_step, sample
 from distill_core.students import load_student, save_student
 from distill_core.teacher import CFGTeacher
-
-from conftest import randomise
 
 
 def _method(denoiser, **kw):
