@@ -27,8 +27,8 @@ class Denoiser(Protocol):
 
 
 def expand_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """Return sigma as a float tensor of shape ``[B]`` on x's device."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    """Return sigma as a tensor of shape ``[B]`` on x's device, in float32 (float64 for float64 x)."""
+    sigma = torch.as_tensor(sigma, device=x.device).to(torch.promote_types(x.dtype, torch.float32))
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     if sigma.shape != (x.shape[0],):

@@ -34,4 +34,4 @@ class EDMDenoiser(nn.Module):
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
         view = (-1,) + (1,) * (x.ndim - 1)
         f = self.net((c_in.view(view) * x).to(x.dtype), c_noise, cond, **net_kwargs)
-        return c_skip.view(view) * x + c_out.view(view) * f.to(torch.float32)
+        return c_skip.view(view) * x + c_out.view(view) * f.to(c_out.dtype)

@@ -54,8 +54,9 @@ def _norm(channels: int) -> nn.GroupNorm:
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """[cos(t w_i), sin(t w_i)] with w_i = max_period^(-i / (dim/2)), as in DDPM's timestep embedding."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
@@ -148,7 +149,8 @@ class UNet(nn.Module):
 
     def embedding(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         """Time embedding (of EDM's c_noise, scaled to a useful frequency range) plus class embedding."""
-        emb = self.time_mlp(sinusoidal_embedding(c_noise * 250.0, self.cfg.model_channels))
+        dtype = self.class_emb.weight.dtype
+        emb = self.time_mlp(sinusoidal_embedding(c_noise * 250.0, self.cfg.model_channels).to(dtype))
         if class_labels is None:
             class_labels = torch.full((c_noise.shape[0],), self.cfg.num_classes, device=c_noise.device)
         return emb + self.class_emb(class_labels)

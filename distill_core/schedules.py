@@ -1,0 +1,84 @@
+"""Noise schedules: descending sigmas in the variance-exploding convention (x = x0 + sigma n).
+
+Every continuous schedule takes ``n`` intervals and returns n + 1 points from sigma_max down to
+sigma_min; ``append_zero`` adds the final step to sigma = 0 that samplers take at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022 (EDM, eq. 5): sigma_i = (s_max^(1/rho) + i/n (s_min^(1/rho) - s_max^(1/rho)))^rho."""
+    ramp = torch.linspace(0, 1, n + 1, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return ((hi + ramp * (lo - hi)) ** rho).float()
+
+
+def log_snr_uniform(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Uniform in the half log-SNR lambda = -log sigma (DPM-Solver's "logSNR" spacing)."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), n + 1, dtype=torch.float64).exp().float()
+
+
+def vp_time_uniform(n: int, sigma_min: float, sigma_max: float, beta_d: float = 19.9,
+                    beta_min: float = 0.1) -> torch.Tensor:
+    """Uniform in the time t of the VP SDE (Song et al. 2021), where
+    sigma(t) = sqrt(exp(beta_min t + beta_d t^2 / 2) - 1); t runs from t(sigma_max) to t(sigma_min)."""
+
+    def t_of(sigma: float) -> float:  # root of beta_d/2 t^2 + beta_min t - log(1 + sigma^2) = 0
+        c = math.log1p(sigma**2)
+        return (math.sqrt(beta_min**2 + 2 * beta_d * c) - beta_min) / beta_d
+
+    t = torch.linspace(t_of(sigma_max), t_of(sigma_min), n + 1, dtype=torch.float64)
+    return torch.expm1(beta_min * t + 0.5 * beta_d * t**2).sqrt().float()
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The VE sigma of every step of a discrete DDPM schedule: sigma_t = sqrt((1 - abar_t) / abar_t)."""
+    abar = alphas_cumprod.double()
+    return ((1 - abar) / abar).sqrt()
+
+
+def discrete_timesteps(n: int, num_train_steps: int = 1000, spacing: str = "leading",
+                       steps_offset: int = 0) -> torch.Tensor:
+    """The n training timesteps a diffusers scheduler visits, descending, for its ``timestep_spacing``:
+    "leading" (Stable Diffusion, with ``steps_offset`` 1), "trailing" or "linspace"."""
+    if spacing == "leading":
+        t = torch.arange(n, dtype=torch.float64) * (num_train_steps // n) + steps_offset
+    elif spacing == "trailing":
+        t = torch.arange(num_train_steps, 0, -num_train_steps / n, dtype=torch.float64).round().flip(0) - 1
+    elif spacing == "linspace":
+        t = torch.linspace(0, num_train_steps - 1, n, dtype=torch.float64).round()
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}: choose leading, trailing or linspace")
+    return t.long().flip(0)
+
+
+def discrete(n: int, alphas_cumprod: torch.Tensor, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
+    """The n sigmas a DDPM-trained model (e.g. Stable Diffusion) is sampled at with n steps: a
+    subsequence of its training grid, descending. Close it with ``append_zero``."""
+    t = discrete_timesteps(n, len(alphas_cumprod), spacing, steps_offset)
+    return sigmas_from_alphas_cumprod(alphas_cumprod)[t].float()
+
+
+def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    """Add the final sigma = 0 (the clean sample) to a schedule."""
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def nest(sigmas: torch.Tensor, substeps: int, rho: float = 7.0) -> torch.Tensor:
+    """Put ``substeps`` points inside every interval of ``sigmas`` (uniform in sigma^(1/rho)), so that
+    every point of ``sigmas`` is exactly a point of the result: point i of the coarse grid is point
+    i * substeps of the fine one. A Karras grid of n intervals nests into the Karras grid of n K.
+    A final sigma = 0 is kept as is (its interval is split uniformly in sigma^(1/rho) too)."""
+    if substeps < 1:
+        raise ValueError(f"substeps must be >= 1, got {substeps}")
+    root = sigmas.double() ** (1 / rho)
+    frac = torch.arange(substeps, dtype=torch.float64) / substeps
+    inner = (root[:-1, None] + frac * (root[1:, None] - root[:-1, None])) ** rho
+    fine = torch.cat([inner.flatten(), sigmas[-1:].double()]).to(sigmas.dtype)
+    fine[::substeps] = sigmas  # the coarse points are reproduced bit for bit
+    return fine
