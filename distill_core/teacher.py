@@ -49,6 +49,7 @@ class CFGTeacher:
         sigma = expand_sigma(sigma, x)
         if not self.guided(sigma):
             return self.denoiser(x, sigma, cond)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(cond, self.uncond_like(cond, x.shape[0])))
+        uncond = self.uncond_like(cond, x.shape[0])
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(cond, uncond))
         x0_c, x0_u = both.chunk(2)
         return x0_u + self.w * (x0_c - x0_u)

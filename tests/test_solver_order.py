@@ -30,9 +30,9 @@ STEPS = {1: (24, 48), 2: (24, 48), 3: (24, 48), 4: (24, 48)}
 
 @pytest.fixture(scope="module")
 def problem():
-    from tests.conftest import TINY_UNET, randomise
     from distill_core.denoisers.edm import EDMDenoiser
     from distill_core.nets.unet import UNet
+    from tests.conftest import TINY_UNET, randomise
 
     torch.set_num_threads(1)
     denoiser = EDMDenoiser(randomise(UNet(TINY_UNET), scale=0.15)).double().eval().requires_grad_(False)

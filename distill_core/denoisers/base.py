@@ -8,12 +8,12 @@ conditioning formats live inside adapters; solvers, the teacher and methods neve
 
 from __future__ import annotations
 
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
 #: A batch-first condition: class labels, text embeddings, a dict of such tensors, or None.
-Cond = Union[torch.Tensor, dict, None]
+Cond = torch.Tensor | dict | None
 
 
 @runtime_checkable

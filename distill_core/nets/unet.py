@@ -141,7 +141,8 @@ class UNet(nn.Module):
                 self.up.append(Level(cur + skips.pop(), width, emb_dim, res in cfg.attn_resolutions, cfg))
                 cur = width
             if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)))
+                upsample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1))
+                self.up.append(upsample)
                 res *= 2
         self.out = nn.Sequential(_norm(cur), nn.SiLU(), nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
