@@ -44,6 +44,9 @@ class DistillConfig:
     afs: bool = True  # analytic first step: saves one evaluation
     teacher_solver: str = "dpmpp_3m"
     teacher_substeps: int = 4  # K teacher steps per student interval
+    # 0: fresh teacher trajectories every iteration (as in SFD); N > 0: solve N trajectories per NFE
+    # once and draw every batch from them (the teacher, most of an iteration's cost, runs once)
+    teacher_pool: int = 0
     # guidance: "distilled" = teacher at w, student sampled without CFG (1 evaluation per step);
     # "cfg" = distilled at w = 1, CFG with w applied when sampling (2 evaluations per step)
     guidance: float | None = None

@@ -158,3 +158,19 @@ def test_training_moves_the_student_towards_the_teacher(tiny_edm, tmp_path):
     result = Trainer(m, m.cfg).fit()
     after = err()
     assert result.iteration == 12 and after < 0.7 * before, (before, after)
+
+
+def test_teacher_pool_replays_trajectories_solved_once(tiny_edm):
+    cfg = DistillConfig(steps=2, batch=4, teacher_substeps=2, teacher_pool=6)
+    sfd = build_method(tiny_source(tiny_edm), cfg)
+    gen = torch.Generator().manual_seed(0)
+    x, y, targets = sfd.pooled(2, 5, gen, torch.device("cpu"))
+    spent = sfd.teacher_evaluations
+    assert spent == 6 * (len(sfd.sigmas[2]) - 1) * 2 * 2  # 6 trajectories, K = 2, CFG doubles
+    sfd.pooled(2, 5, gen, torch.device("cpu"))
+    assert sfd.teacher_evaluations == spent  # the teacher ran once
+    pool_x = sfd._pools[2][0]
+    assert all(any(torch.equal(row, p) for p in pool_x) for row in x)
+    with torch.no_grad():
+        fresh = teacher_states(sfd.teacher, x, sfd.sigmas[2], y, 2)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fresh, targets))

@@ -47,3 +47,20 @@ def cat_conds(a: Cond, b: Cond) -> Cond:
             raise ValueError(f"conditions have different keys: {sorted(a)} vs {sorted(b)}")
         return {k: cat_conds(a[k], b[k]) for k in a}
     raise TypeError(f"cannot batch conditions of types {type(a).__name__} and {type(b).__name__}")
+
+
+def cat_all(conds: list[Cond]) -> Cond:
+    """Concatenate several batch-first conditions along the batch."""
+    out = conds[0]
+    for c in conds[1:]:
+        out = cat_conds(out, c)
+    return out
+
+
+def index_cond(cond: Cond, idx: torch.Tensor) -> Cond:
+    """Rows ``idx`` of a batch-first condition."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: index_cond(v, idx) for k, v in cond.items()}
+    return cond[idx.to(cond.device)]

@@ -27,7 +27,7 @@ import torch
 
 from distill_core.builtin import fingerprint
 from distill_core.config import DistillConfig
-from distill_core.denoisers.base import Cond
+from distill_core.denoisers.base import Cond, cat_all, index_cond
 from distill_core.methods.base import StepLoss, TeacherSource, move_cond
 from distill_core.sampling import euler_step, few_step, intervals_for
 from distill_core.schedules import karras, nest
@@ -94,6 +94,7 @@ class SFD:
             student = StudentNet(copy.deepcopy(source.denoiser), step_conditioned=self.step_conditioned)
         self.student = student.train().requires_grad_(True)
         self.teacher_evaluations = 0
+        self._pools: dict[int, tuple[torch.Tensor, Cond, list[torch.Tensor]]] = {}
 
     def to(self, device: torch.device) -> SFD:
         self.source.denoiser.to(device)
@@ -102,18 +103,39 @@ class SFD:
     def plan(self, generator: torch.Generator) -> dict:
         return {"nfe": self.nfes[int(torch.randint(len(self.nfes), (1,), generator=generator))]}
 
-    def losses(self, plan: dict, batch: int, generator: torch.Generator) -> Iterator[StepLoss]:
-        nfe, device = plan["nfe"], next(self.student.parameters()).device
+    def trajectories(self, nfe: int, batch: int, generator: torch.Generator,
+                     device: torch.device) -> tuple[torch.Tensor, Cond, list[torch.Tensor]]:
+        """Fresh starts x_N = sigma_max z, conditions, and the teacher's states at the student's points."""
         t = self.sigmas[nfe].to(device)
         x = (torch.randn((batch, *self.source.shape), generator=generator) * self.sigma_max).to(device)
         cond = move_cond(self.source.draw_cond(batch, generator), device)
         with torch.no_grad():
-            targets = teacher_states(
-                self.teacher, x, t, cond, self.cfg.teacher_substeps, self.cfg.teacher_solver
+            targets = teacher_states(self.teacher, x, t, cond, self.cfg.teacher_substeps, self.cfg.teacher_solver)
+        self.teacher_evaluations += (len(t) - 1) * self.cfg.teacher_substeps * batch * (2 if self.teacher.w != 1 else 1)
+        return x, cond, targets
+
+    def pooled(self, nfe: int, batch: int, generator: torch.Generator,
+               device: torch.device) -> tuple[torch.Tensor, Cond, list[torch.Tensor]]:
+        """A batch drawn from ``teacher_pool`` trajectories solved once per NFE (from a generator seeded
+        by the config alone, so a resumed run rebuilds the same pool)."""
+        if nfe not in self._pools:
+            pool_gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + nfe)
+            chunks = [self.trajectories(nfe, min(self.cfg.batch, self.cfg.teacher_pool - start), pool_gen, device)
+                      for start in range(0, self.cfg.teacher_pool, self.cfg.batch)]
+            self._pools[nfe] = (
+                torch.cat([c[0] for c in chunks]),
+                cat_all([c[1] for c in chunks]),
+                [torch.cat(states) for states in zip(*(c[2] for c in chunks))],
             )
-        self.teacher_evaluations += (
-            (len(t) - 1) * self.cfg.teacher_substeps * batch * (2 if self.teacher.w != 1 else 1)
-        )
+        x, cond, targets = self._pools[nfe]
+        idx = torch.randint(x.shape[0], (batch,), generator=generator).to(device)
+        return x[idx], index_cond(cond, idx), [y[idx] for y in targets]
+
+    def losses(self, plan: dict, batch: int, generator: torch.Generator) -> Iterator[StepLoss]:
+        nfe, device = plan["nfe"], next(self.student.parameters()).device
+        t = self.sigmas[nfe].to(device)
+        draw = self.pooled if self.cfg.teacher_pool else self.trajectories
+        x, cond, targets = draw(nfe, batch, generator, device)
         student = AtSteps(self.student, nfe)
         for i in range(len(t) - 1):
             if self.cfg.afs and i == 0:
@@ -146,6 +168,7 @@ class SFD:
             training={
                 "teacher_solver": cfg.teacher_solver,
                 "teacher_substeps": cfg.teacher_substeps,
+                "teacher_pool": cfg.teacher_pool,
                 "loss": cfg.loss,
                 "lr": cfg.lr,
                 "iters": cfg.iters,
