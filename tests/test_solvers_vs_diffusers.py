@@ -1,12 +1,12 @@
 """Our solvers against diffusers' schedulers, an implementation we did not write: the same tiny
 DDPM-schedule UNet, the same start noise and exactly the sigmas the scheduler uses; diffusers runs its
 own pipeline loop (``scale_model_input``, the UNet at ``scheduler.timesteps``, ``step``), we run a
-solver on ``DiffusersDenoiser``. The results must agree to 1e-4 relative (measured: ~1e-7, diffusers'
-float32 upcasting inside ``step``); two mutation tests show that a wrong coefficient or timestep
-breaks that tolerance.
+solver on ``DiffusersDenoiser``. The results must agree to 1e-4 relative (measured: 1e-9 to 3e-7, from
+diffusers' float32 arithmetic inside ``step``; up to 8e-6 for UniPC-3); mutation tests show that a wrong
+coefficient, timestep or order breaks that tolerance.
 
 Sample variables: Euler and Heun step the variance-exploding x = x0 + sigma n, as we do; DDIM and
-DPM-Solver step the variance-preserving x_vp = x / sqrt(1 + sigma^2), so their start noise is scaled
+DPM-Solver and UniPC step the variance-preserving x_vp = x / sqrt(1 + sigma^2), so their start noise is scaled
 by 1 / sqrt(1 + sigma_max^2) (their result at sigma = 0 needs no conversion).
 """
 
@@ -23,6 +23,7 @@ diffusers = pytest.importorskip("diffusers")
 from distill_core.denoisers import DiffusersDenoiser  # noqa: E402
 from distill_core.schedules import append_zero, sigmas_from_alphas_cumprod  # noqa: E402
 from distill_core.solvers import SOLVERS, dpmpp_multistep  # noqa: E402
+from distill_core.unipc import unipc  # noqa: E402
 from tests.test_diffusers_adapter import TRAIN_SCHEDULE, rel_err, tiny_unet  # noqa: E402
 
 TOL = 1e-4
@@ -95,8 +96,23 @@ def dpm_case(order: int, prediction_type: str):
     return sched, SOLVERS[f"dpmpp_{order}m"], sched.sigmas.double(), True
 
 
+def unipc_case(order: int, prediction_type: str):
+    """UniPC-bh2 in data prediction. Ending at sigma = 0 diffusers must lower the order of its last step
+    (lower_order_final): at order >= 2 its predictor divides by r = (lambda_j - lambda_i) / h = 0 there and
+    returns inf. So order <= 2 ends at 0 with lower_order_final (the last step alone drops to order 1, as
+    in ours), and order 3, where lower_order_final would also lower the step before, ends at the grid's
+    sigma_min without it. diffusers' float32 coefficients cost ~1e-6 at order 3 (1e-9 in float64)."""
+    final = "zero" if order <= 2 else "sigma_min"
+    sched = diffusers.UniPCMultistepScheduler(**TRAIN_SCHEDULE, prediction_type=prediction_type, predict_x0=True,
+                                              solver_type="bh2", solver_order=order, lower_order_final=order <= 2,
+                                              final_sigmas_type=final, timestep_spacing="trailing")
+    sched.set_timesteps(STEPS)
+    return sched, partial(unipc, order=order), sched.sigmas.double(), True
+
+
 CASES = {"euler": euler_case, "ddim": ddim_case, "heun": heun_case,
-         "dpmpp_2m": partial(dpm_case, 2), "dpmpp_3m": partial(dpm_case, 3)}
+         "dpmpp_2m": partial(dpm_case, 2), "dpmpp_3m": partial(dpm_case, 3),
+         "unipc_1": partial(unipc_case, 1), "unipc_2": partial(unipc_case, 2), "unipc_3": partial(unipc_case, 3)}
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -126,8 +142,21 @@ def test_dpm_solver_with_karras_sigmas_rounds_the_timestep(unet, order: int):
 
 def test_mutations_break_the_tolerance(unet):
     """The comparisons bite: DPM-Solver++(3M) with the order-3 correction of its D2 term (d2_scale = 2,
-    see ``dpmpp_multistep``) and Euler fed rounded timesteps both leave the 1e-4 tolerance."""
+    see ``dpmpp_multistep``), Euler fed rounded timesteps and UniPC-2 against diffusers' UniPC-3 all leave
+    the 1e-4 tolerance."""
     sched, _, sigmas, vp = dpm_case(3, "epsilon")
     assert solver_error(sched, unet, partial(dpmpp_multistep, order=3, d2_scale=2.0), sigmas, vp) > 2 * TOL
     sched, solver, sigmas, vp = euler_case("epsilon")
     assert solver_error(sched, unet, solver, sigmas, vp, RoundingDenoiser) > 2 * TOL
+    sched, _, sigmas, vp = unipc_case(3, "epsilon")
+    assert solver_error(sched, unet, partial(unipc, order=2), sigmas, vp) > 2 * TOL
+
+
+def test_unipc_takes_a_first_order_step_to_zero(unet):
+    """UniPC-3 on a grid ending at sigma = 0 returns the last D (no division by r = 0)."""
+    sched, _, sigmas, _ = dpm_case(3, "epsilon")
+    denoiser = DiffusersDenoiser.from_scheduler(unet, sched)
+    seen = []
+    x = sigmas[0] * torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = unipc(denoiser, x, sigmas, LABELS, callback=seen.append, order=3)
+    assert sigmas[-1] == 0 and torch.isfinite(out).all() and torch.equal(out, seen[-1]["denoised"])
