@@ -4,14 +4,13 @@ UNet2DModel (class labels), UNet2DConditionModel (text) and an SDXL-like one (ad
 
 from __future__ import annotations
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-
-from distill_core.denoisers import Denoiser, DiffusersDenoiser  # noqa: E402
-from tests.conftest import randomise  # noqa: E402
+from distill_core.denoisers import Denoiser, DiffusersDenoiser
+from tests.conftest import randomise
 
 #: Stable Diffusion's training schedule.
 TRAIN_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,

@@ -15,16 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import diffusers
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-
-from distill_core.denoisers import DiffusersDenoiser  # noqa: E402
-from distill_core.schedules import append_zero, sigmas_from_alphas_cumprod  # noqa: E402
-from distill_core.solvers import SOLVERS, dpmpp_multistep  # noqa: E402
-from distill_core.unipc import unipc  # noqa: E402
-from tests.test_diffusers_adapter import TRAIN_SCHEDULE, rel_err, tiny_unet  # noqa: E402
+from distill_core.denoisers import DiffusersDenoiser
+from distill_core.schedules import append_zero, sigmas_from_alphas_cumprod
+from distill_core.solvers import SOLVERS, dpmpp_multistep, unipc
+from tests.test_diffusers_adapter import TRAIN_SCHEDULE, rel_err, tiny_unet
 
 TOL = 1e-4
 STEPS = 10
