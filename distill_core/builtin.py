@@ -14,6 +14,8 @@ from distill_core.nets.unet import UNet, UNetConfig
 ASSETS = Path(__file__).parent / "assets"
 TEACHER_PATH = ASSETS / "teacher.safetensors"
 CLASSIFIER_PATH = ASSETS / "classifier.safetensors"
+#: Mean and covariance of the classifier's features over the MNIST test split (Frechet distance reference).
+REFERENCE_STATS_PATH = ASSETS / "reference_stats.safetensors"
 
 #: Teacher network configuration (about 1.2M parameters).
 TEACHER_CONFIG = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=(4,))

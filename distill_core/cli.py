@@ -13,6 +13,7 @@ COMMANDS = {
     "distill": ("distill_core.main_job", "distil a teacher into a few-step student (the main job)"),
     "train-teacher": ("distill_core.train_builtin", "re-train the built-in reference teacher"),
     "train-classifier": ("distill_core.train_builtin", "re-train the built-in metric classifier"),
+    "reference-stats": ("distill_core.eval.frechet", "recompute the classifier-feature statistics of the test digits"),
 }
 
 

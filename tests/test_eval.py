@@ -1,0 +1,144 @@
+"""Evaluation: PSNR / RMSE, the Frechet distance against scipy's matrix square root, the shipped
+classifier and reference statistics, NFE counting, and the errors for missing or stale assets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import sqrtm
+
+from distill_core import builtin, safetensors_io
+from distill_core.data import load_mnist
+from distill_core.eval import frechet
+from distill_core.eval.fidelity import psnr, reference_solve, rmse
+from distill_core.eval.speed import CountingDenoiser
+from distill_core.schedules import append_zero, karras
+from distill_core.solvers import heun
+from distill_core.teacher import CFGTeacher
+
+
+@pytest.fixture(scope="module")
+def test_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = load_mnist("test")
+    return images[:500], labels[:500]
+
+
+def test_psnr_and_rmse_known_values():
+    x, ref = torch.zeros(4, 1, 8, 8), torch.full((4, 1, 8, 8), 0.5)
+    assert rmse(x, ref) == pytest.approx(0.5)
+    assert psnr(x, ref) == pytest.approx(10 * math.log10(4 / 0.25))  # 12.04 dB
+    half = ref.clone()
+    half[:2] = 0.0  # the mean is over the whole batch: MSE = 0.125
+    assert psnr(half, ref) == pytest.approx(10 * math.log10(32))
+    assert psnr(ref, ref) == math.inf and rmse(ref, ref) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        psnr(x, ref[:2])
+
+
+def _scipy_fd(mu1, s1, mu2, s2) -> float:
+    covmean = sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.mark.parametrize("dim", [4, 32, 128])
+def test_frechet_distance_matches_scipy_sqrtm(dim):
+    gen = np.random.default_rng(dim)
+    a, b = gen.normal(size=(dim, dim)), gen.normal(size=(dim, 2 * dim))
+    s1, s2 = a @ a.T / dim, b @ b.T / (2 * dim) + 0.1 * np.eye(dim)
+    mu1, mu2 = gen.normal(size=dim), gen.normal(size=dim)
+    ours = frechet.frechet_distance(*(torch.from_numpy(t) for t in (mu1, s1, mu2, s2)))
+    assert ours == pytest.approx(_scipy_fd(mu1, s1, mu2, s2), rel=1e-4)
+
+
+def test_frechet_distance_of_a_set_to_itself_is_zero():
+    feats = torch.randn(300, 64, generator=torch.Generator().manual_seed(0)) @ torch.randn(64, 64)
+    mu, sigma = frechet.gaussian_fit(feats)
+    assert torch.allclose(sigma, torch.from_numpy(np.cov(feats.double().numpy(), rowvar=False)))
+    assert abs(frechet.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * sigma.trace().item()
+
+
+def test_classifier_accuracy_on_test_digits(test_digits):
+    assert frechet.class_accuracy(*test_digits) >= 0.97
+    assert frechet.features(test_digits[0]).shape == (500, 128)
+
+
+def test_fd_separates_digits_from_noise_and_real_digits_match_the_reference(test_digits):
+    noise = torch.randn(500, 1, 16, 16, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    real_vs_noise = frechet.frechet_distance(*frechet.gaussian_fit(frechet.features(test_digits[0])),
+                                             *frechet.gaussian_fit(frechet.features(noise)))
+    train = load_mnist("train")[0][:2000]
+    real = frechet.fd_to_reference(train)
+    assert real < 0.5  # 0.13 for these 2000 training digits
+    assert real_vs_noise > 100 * real
+    assert frechet.fd_to_reference(noise) > 100 * real
+
+
+def test_reference_stats_card_and_reproduction(tmp_path):
+    shipped, card = safetensors_io.load(builtin.REFERENCE_STATS_PATH)
+    assert card["n"] == 10000 and card["split"] == "test"
+    assert card["classifier"] == builtin.fingerprint(frechet.classifier())
+    remade, _ = safetensors_io.load(frechet.compute_reference_stats(tmp_path / "stats.safetensors"))
+    assert torch.allclose(remade["mu"], shipped["mu"], atol=1e-5)
+    assert torch.allclose(remade["sigma"], shipped["sigma"], atol=1e-5)
+
+
+def test_missing_assets_name_the_command_that_rebuilds_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(builtin, "REFERENCE_STATS_PATH", tmp_path / "stats.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"stats\.safetensors.*python -m distill_core reference-stats"):
+        frechet.fd_to_reference(torch.zeros(4, 1, 16, 16))
+    monkeypatch.setattr(builtin, "CLASSIFIER_PATH", tmp_path / "classifier.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"classifier\.safetensors.*python -m distill_core train-classifier"):
+        frechet.features(torch.zeros(4, 1, 16, 16))
+
+
+def test_stale_reference_stats_are_refused(tmp_path, monkeypatch):
+    stale = safetensors_io.save_atomic({"mu": torch.zeros(128), "sigma": torch.eye(128)},
+                                       tmp_path / "stale.safetensors", {"classifier": "0123456789abcdef"})
+    monkeypatch.setattr(builtin, "REFERENCE_STATS_PATH", stale)
+    with pytest.raises(ValueError, match="0123456789abcdef.*reference-stats"):
+        frechet.reference_stats()
+
+
+class Shrink:
+    """x0 = x / (1 + sigma^2): the exact denoiser of N(0, I) data."""
+
+    sigma_min, sigma_max = 0.002, 80.0
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, x, sigma, cond=None):
+        self.batches.append(x.shape[0])
+        return x / (1 + torch.as_tensor(sigma).view(-1, 1, 1, 1) ** 2)
+
+
+def test_counting_denoiser_counts_evaluations_per_image():
+    inner = Shrink()
+    counter = CountingDenoiser(inner)
+    assert (counter.sigma_min, counter.sigma_max, counter.nfe) == (0.002, 80.0, 0)
+    sigmas = append_zero(karras(4, 0.002, 80.0))  # 5 Heun steps ending at 0: 9 evaluations
+    x = torch.randn(6, 1, 4, 4)
+    assert torch.equal(heun(counter, x, sigmas), heun(Shrink(), x, sigmas))
+    assert counter.nfe == 9
+    heun(counter, x[:2], sigmas)  # a second, smaller batch of new images
+    heun(counter, x[:2], sigmas)
+    assert (counter.nfe, counter.calls, counter.images) == (9, 27, 10)
+
+
+def test_a_cfg_call_counts_once():
+    inner = Shrink()
+    counter = CountingDenoiser(CFGTeacher(inner, w=2.0, uncond=torch.tensor([10])))
+    heun(counter, torch.randn(3, 1, 4, 4), append_zero(karras(2, 0.002, 80.0)), torch.tensor([0, 1, 2]))
+    assert counter.nfe == 5 and inner.batches == [6] * 5  # one batched forward of 2B rows per evaluation
+
+
+def test_reference_solve_is_heun_with_steps_steps():
+    counter = CountingDenoiser(Shrink())
+    x = torch.randn(2, 1, 4, 4) * 80.0
+    out = reference_solve(counter, x, None, steps=64)
+    assert counter.nfe == 2 * 64 - 1
+    # exact flow of N(0, I) data: x(sigma) = x(sigma_max) sqrt(1 + sigma^2) / sqrt(1 + sigma_max^2)
+    assert torch.allclose(out, x / math.sqrt(1 + 80.0**2), rtol=5e-3)
