@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ev = eval_set(teacher, n, seed=1, cache_dir=RESULTS / "cache")
     rows: list[dict] = []
     for nfe in args.nfe:
-        rows += solver_rows(teacher, ev, nfe)[:3]
+        rows += solver_rows(teacher, ev, nfe, base.sigma_min)[:3]
     work = Path(args.work)
     for nfe in args.nfe:
         run = train_student(base.replace(steps=nfe, out=str(work / f"sfd-{nfe}")), source, progress=False)

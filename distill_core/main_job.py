@@ -180,12 +180,13 @@ def student_rows(run: StudentRun, teacher: CFGTeacher, ev) -> list[dict]:
     return rows
 
 
-def solver_rows(teacher: CFGTeacher, ev, nfe: int) -> list[dict]:
-    """Every training-free solver at ``nfe``, best PSNR first."""
+def solver_rows(teacher: CFGTeacher, ev, nfe: int, sigma_min: float) -> list[dict]:
+    """Every training-free solver at ``nfe`` on the Karras grid to ``sigma_min``, best PSNR first."""
     from distill_core.eval.benchmark import solver_row
     from distill_core.solvers import SOLVERS
 
-    return sorted((solver_row(name, nfe, teacher, ev) for name in SOLVERS), key=lambda r: -r["psnr_db"])
+    rows = (solver_row(name, nfe, teacher, ev, sigma_min) for name in SOLVERS)
+    return sorted(rows, key=lambda r: -r["psnr_db"])
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> dict | None:
@@ -211,16 +212,16 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     ours = student_rows(run, teacher, ev)
     rows = []
     for row in ours:
-        rows += solver_rows(teacher, ev, row["nfe"]) + [row]
+        rows += solver_rows(teacher, ev, row["nfe"], cfg.sigma_min) + [row]
     top = ours[-1]
     nfe = top["nfe"]
     best = next(r for r in rows if r["nfe"] == nfe and r["method"] in SOLVERS)
-    at_twice = solver_rows(teacher, ev, 2 * nfe)
+    at_twice = solver_rows(teacher, ev, 2 * nfe, cfg.sigma_min)
     rows += at_twice
 
     k = min(10, cfg.eval_samples)
     noise, labels = ev.noise[:k], ev.labels[:k]
-    sigmas = solver_sigmas(best["method"], nfe, teacher.sigma_min, teacher.sigma_max)
+    sigmas = solver_sigmas(best["method"], nfe, cfg.sigma_min, teacher.sigma_max)
     with torch.no_grad():
         solver_images = SOLVERS[best["method"]](teacher, noise, sigmas, labels)
         student_images = sample(load_student(run.path, teacher), noise, labels)

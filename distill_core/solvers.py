@@ -229,13 +229,15 @@ ORDER: dict[str, int] = {"euler": 1, "ddim": 1, "heun": 2, "dpmpp_2m": 2, "dpmpp
                          "dpmpp_3m_corrected": 3, "ipndm": 4, "unipc": 3, "unipc_3": 4}
 
 
-def nfe_of(name: str, steps: int) -> int:
-    """Network evaluations of ``steps`` steps of a solver on a grid that ends at sigma = 0."""
-    return 2 * steps - 1 if name == "heun" else steps
+def nfe_of(name: str, steps: int, ends_at_zero: bool = True) -> int:
+    """Network evaluations of ``steps`` steps of a solver (Heun's step to sigma = 0 costs one)."""
+    return 2 * steps - (1 if ends_at_zero else 0) if name == "heun" else steps
 
 
-def steps_for_nfe(name: str, nfe: int) -> int:
-    """The most steps of a solver that fit a budget of ``nfe`` evaluations (grid ending at 0)."""
+def steps_for_nfe(name: str, nfe: int, ends_at_zero: bool = True) -> int:
+    """The most steps of a solver that fit a budget of ``nfe`` evaluations."""
     if name not in SOLVERS:
         raise KeyError(f"unknown solver {name!r}: choose one of {', '.join(SOLVERS)}")
-    return (nfe + 1) // 2 if name == "heun" else nfe
+    if name == "heun":
+        return (nfe + 1) // 2 if ends_at_zero else nfe // 2
+    return nfe
