@@ -1,0 +1,122 @@
+"""Shared benchmark plumbing: a fixed evaluation set (noise, classes, the teacher's reference solve),
+one row format for every benchmark and report, and a table printer.
+
+A row is ``{method, nfe, psnr_db, rmse, fd, class_acc, images_per_s, ...}``: PSNR / RMSE against the
+teacher's reference solve from the same noise, Frechet distance to the data's reference statistics
+in the metric classifier's feature space, the classifier's accuracy on the requested classes, and
+throughput of the sampling call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill_core import safetensors_io
+from distill_core.builtin import SHAPE, fingerprint
+from distill_core.config import EDM_SIGMA_MIN
+from distill_core.eval.fidelity import psnr, reference_solve, rmse
+from distill_core.eval.frechet import class_accuracy, fd_to_reference
+from distill_core.eval.speed import CountingDenoiser
+from distill_core.schedules import karras
+from distill_core.solvers import SOLVERS, steps_for_nfe
+from distill_core.teacher import CFGTeacher
+
+
+@dataclass
+class EvalSet:
+    """Initial noise x_N = sigma_max z, class labels (balanced), and the teacher's reference solve."""
+
+    noise: torch.Tensor
+    labels: torch.Tensor
+    reference: torch.Tensor
+
+
+def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache_dir: str | Path | None = None,
+             batch: int = 250) -> EvalSet:
+    """Build (or read from ``cache_dir``) the evaluation set for ``teacher`` at its guidance scale."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, *SHAPE), generator=gen) * teacher.sigma_max
+    labels = torch.arange(n) % 10
+    key = f"ref-{fingerprint(teacher.denoiser)}-w{teacher.w:g}-n{n}-s{seed}-heun{steps}.safetensors"
+    cached = Path(cache_dir) / key if cache_dir else None
+    if cached is not None and cached.is_file():
+        return EvalSet(noise, labels, safetensors_io.load(cached)[0]["reference"])
+    with torch.no_grad():
+        reference = torch.cat([
+            reference_solve(teacher, x, y, steps=steps) for x, y in zip(noise.split(batch), labels.split(batch))
+        ])
+    if cached is not None:
+        safetensors_io.save_atomic({"reference": reference}, cached, {"kind": "reference", "steps": steps})
+    return EvalSet(noise, labels, reference)
+
+
+def solver_sigmas(name: str, nfe: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """The Karras rho grid for a training-free solver at a budget of ``nfe`` evaluations: every
+    evaluation is a real step from sigma_max to sigma_min (the sample there is the image; a final step
+    sigma_min -> 0 would spend an evaluation on a change of order sigma_min). Students end at the same
+    sigma_min, so solvers and students are compared on one grid family."""
+    return karras(steps_for_nfe(name, nfe, ends_at_zero=False), sigma_min, sigma_max, rho)
+
+
+def sample_in_batches(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ev: EvalSet,
+                      batch: int = 250) -> tuple[torch.Tensor, float]:
+    """Run ``fn(noise, labels) -> images`` over the evaluation set; returns images and seconds."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        images = torch.cat([fn(x, y) for x, y in zip(ev.noise.split(batch), ev.labels.split(batch))])
+    return images, time.perf_counter() - start
+
+
+def solver_row(name: str, nfe: int, teacher: CFGTeacher, ev: EvalSet, sigma_min: float = EDM_SIGMA_MIN) -> dict:
+    """Evaluate a training-free solver at a budget of ``nfe`` network evaluations per image."""
+    counter = CountingDenoiser(teacher)
+    sigmas = solver_sigmas(name, nfe, sigma_min, teacher.sigma_max)
+    images, seconds = sample_in_batches(lambda x, y: SOLVERS[name](counter, x, sigmas, y), ev)
+    return evaluate(name, counter.nfe, images, ev, seconds)
+
+
+def evaluate(method: str, nfe: int, images: torch.Tensor, ev: EvalSet, seconds: float, **extra) -> dict:
+    """One benchmark row for ``images`` sampled from ``ev.noise`` in ``seconds``."""
+    images = images.clamp(-1, 1)
+    return {
+        "method": method,
+        "nfe": int(nfe),
+        "psnr_db": round(psnr(images, ev.reference.clamp(-1, 1)), 3),
+        "rmse": round(rmse(images, ev.reference.clamp(-1, 1)), 5),
+        "fd": round(fd_to_reference(images), 4),
+        "class_acc": round(class_accuracy(images, ev.labels), 4),
+        "images_per_s": round(images.shape[0] / max(seconds, 1e-9), 2),
+        **extra,
+    }
+
+
+TABLE_KEYS = ("method", "nfe", "psnr_db", "fd", "class_acc", "images_per_s")
+
+
+def format_table(rows: list[dict], keys: tuple[str, ...] = TABLE_KEYS) -> str:
+    """A fixed-width text table of ``rows`` (missing keys shown as '-'); other scalar keys follow."""
+    keys = tuple(keys) + tuple(
+        k for r in rows for k in r if k not in keys and k != "rmse" and not isinstance(r[k], (dict, list))
+    )
+    keys = tuple(dict.fromkeys(keys))
+    cells = [[str(k) for k in keys]] + [[_fmt(r.get(k, "-")) for k in keys] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(keys))]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def write_rows(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
+    return path
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
