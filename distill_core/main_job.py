@@ -164,7 +164,7 @@ def train_student(
 
 
 def student_rows(run: StudentRun, teacher: CFGTeacher, ev) -> list[dict]:
-    """Benchmark rows of a student file, one per NFE it serves (``nfe`` counts CFG's two evaluations)."""
+    """Benchmark rows of a student file, one per NFE it serves (``network_evals`` counts CFG's two)."""
     from distill_core.eval.benchmark import evaluate, sample_in_batches
     from distill_core.sampling import sample
     from distill_core.students import load_student
@@ -174,9 +174,9 @@ def student_rows(run: StudentRun, teacher: CFGTeacher, ev) -> list[dict]:
     rows = []
     for n in student.nfe_choices:
         images, seconds = sample_in_batches(lambda x, y, n=n: sample(student, x, y, steps=n), ev)
-        extra = {"steps": n, "train_seconds": round(run.train_seconds, 1)}
+        extra = {"network_evals": n * per_step, "train_seconds": round(run.train_seconds, 1)}
         extra["teacher_evaluations"] = run.teacher_evaluations
-        rows.append(evaluate(student.card["method"], n * per_step, images, ev, seconds, **extra))
+        rows.append(evaluate(student.card["method"], n, images, ev, seconds, **extra))
     return rows
 
 
@@ -233,7 +233,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> 
     ]
     report = {
         "method": cfg.method,
-        "steps": top["steps"],
+        "steps": top["nfe"],
         "teacher": cfg.teacher,
         "guidance": w,
         "guidance_mode": cfg.guidance_mode,

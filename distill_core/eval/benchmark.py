@@ -1,7 +1,9 @@
 """Shared benchmark plumbing: a fixed evaluation set (noise, classes, the teacher's reference solve),
 one row format for every benchmark and report, and a table printer.
 
-A row is ``{method, nfe, psnr_db, rmse, fd, class_acc, images_per_s, ...}``: PSNR / RMSE against the
+A row is ``{method, nfe, psnr_db, rmse, fd, class_acc, images_per_s, network_evals, ...}``: ``nfe``
+counts denoiser calls per image (sampling steps), ``network_evals`` the network evaluations behind
+them (a CFG call is two: conditional and unconditional, batched); PSNR / RMSE against the
 teacher's reference solve from the same noise, Frechet distance to the data's reference statistics
 in the metric classifier's feature space, the classifier's accuracy on the requested classes, and
 throughput of the sampling call.
@@ -78,7 +80,12 @@ def solver_row(name: str, nfe: int, teacher: CFGTeacher, ev: EvalSet, sigma_min:
     counter = CountingDenoiser(teacher)
     sigmas = solver_sigmas(name, nfe, sigma_min, teacher.sigma_max)
     images, seconds = sample_in_batches(lambda x, y: SOLVERS[name](counter, x, sigmas, y), ev)
-    return evaluate(name, counter.nfe, images, ev, seconds)
+    return evaluate(name, counter.nfe, images, ev, seconds, network_evals=counter.nfe * network_evals_per_call(teacher))
+
+
+def network_evals_per_call(teacher: CFGTeacher) -> int:
+    """A guided call evaluates the network on the conditional and the unconditional batch."""
+    return 2 if teacher.w != 1 else 1
 
 
 def evaluate(method: str, nfe: int, images: torch.Tensor, ev: EvalSet, seconds: float, **extra) -> dict:
@@ -96,7 +103,7 @@ def evaluate(method: str, nfe: int, images: torch.Tensor, ev: EvalSet, seconds: 
     }
 
 
-TABLE_KEYS = ("method", "nfe", "psnr_db", "fd", "class_acc", "images_per_s")
+TABLE_KEYS = ("method", "nfe", "network_evals", "psnr_db", "fd", "class_acc", "images_per_s")
 
 
 def format_table(rows: list[dict], keys: tuple[str, ...] = TABLE_KEYS) -> str:
