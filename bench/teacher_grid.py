@@ -15,27 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core import builtin  # noqa: E402
 from distill_core.data import load_mnist  # noqa: E402
-from distill_core.eval.fidelity import reference_solve  # noqa: E402
+from distill_core.eval.benchmark import builtin_samples  # noqa: E402
 from distill_core.eval.frechet import class_accuracy, fd_to_reference  # noqa: E402
 from distill_core.report import save_grid  # noqa: E402
-from distill_core.teacher import CFGTeacher  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-
-
-def teacher_samples(w: float, per_class: int = 10, steps: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``per_class`` Heun samples of every class from the built-in teacher at guidance ``w``, class-major."""
-    teacher = CFGTeacher(builtin.load_builtin_teacher(), w=w, uncond=torch.tensor([builtin.NUM_CLASSES]))
-    labels = torch.arange(builtin.NUM_CLASSES).repeat_interleave(per_class)
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((labels.shape[0], *builtin.SHAPE), generator=gen) * teacher.sigma_max
-    return reference_solve(teacher, noise, labels, steps=steps).clamp(-1, 1), labels
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -48,7 +36,7 @@ def main(argv: list[str] | None = None) -> float:
     args = p.parse_args(argv)
 
     start = time.perf_counter()
-    images, labels = teacher_samples(args.guidance, args.per_class, args.steps, args.seed)
+    images, labels = builtin_samples(args.guidance, args.per_class, args.steps, args.seed)
     seconds = time.perf_counter() - start
     acc = class_accuracy(images, labels)
     real = load_mnist("train")[0][: images.shape[0]]

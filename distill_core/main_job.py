@@ -165,12 +165,12 @@ def train_student(
 
 def student_rows(run: StudentRun, teacher: CFGTeacher, ev) -> list[dict]:
     """Benchmark rows of a student file, one per NFE it serves (``network_evals`` counts CFG's two)."""
-    from distill_core.eval.benchmark import evaluate, sample_in_batches
+    from distill_core.eval.benchmark import evaluate, network_evals_per_call, sample_in_batches
     from distill_core.sampling import sample
     from distill_core.students import load_student
 
     student = load_student(run.path, teacher)
-    per_step = 2 if student.card["guidance"]["mode"] == "cfg" and teacher.w != 1 else 1
+    per_step = network_evals_per_call(teacher) if student.card["guidance"]["mode"] == "cfg" else 1
     rows = []
     for n in student.nfe_choices:
         images, seconds = sample_in_batches(lambda x, y, n=n: sample(student, x, y, steps=n), ev)

@@ -4,19 +4,11 @@ classified as the requested digit at least 90 % of the time by the shipped metri
 
 from __future__ import annotations
 
-import torch
-
 from distill_core import builtin
-from distill_core.eval.fidelity import reference_solve
+from distill_core.eval.benchmark import builtin_samples
 from distill_core.eval.frechet import class_accuracy
-from distill_core.teacher import CFGTeacher
 
 
 def test_teacher_heun64_samples_are_the_requested_digits():
-    labels = torch.arange(builtin.NUM_CLASSES).repeat_interleave(10)
-    teacher = CFGTeacher(builtin.load_builtin_teacher(), w=builtin.DEFAULT_GUIDANCE,
-                         uncond=torch.full((labels.shape[0],), builtin.NUM_CLASSES))
-    noise = torch.randn((labels.shape[0], *builtin.SHAPE), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        images = reference_solve(teacher, noise * teacher.sigma_max, labels, steps=64)
+    images, labels = builtin_samples(builtin.DEFAULT_GUIDANCE, per_class=10, steps=64, seed=0)
     assert class_accuracy(images, labels) >= 0.9

@@ -68,5 +68,12 @@ def test_discrete_grid_is_what_diffusers_visits(spacing, offset):
     assert torch.equal(discrete_timesteps(10, 1000, spacing, offset), sched.timesteps.long())
     ours = discrete(10, sched.alphas_cumprod, spacing, offset)
     assert torch.allclose(ours, sched.sigmas[:-1].float(), rtol=1e-5)
-    assert torch.allclose(sigmas_from_alphas_cumprod(sched.alphas_cumprod).float()[0],
-                          torch.tensor(((1 - sched.alphas_cumprod[0]) / sched.alphas_cumprod[0]).sqrt().item()))
+
+
+def test_training_grid_sigmas_are_diffusers():
+    from diffusers import EulerDiscreteScheduler
+
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    # before set_timesteps the scheduler holds the whole training grid, descending, closed by 0
+    ours = sigmas_from_alphas_cumprod(sched.alphas_cumprod).float()
+    assert torch.allclose(ours.flip(0), sched.sigmas[:-1].float(), rtol=1e-5)

@@ -58,6 +58,17 @@ def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache
     return EvalSet(noise, labels, reference)
 
 
+def builtin_samples(w: float, per_class: int = 10, steps: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` reference-solve samples (``steps`` Heun steps) of every class of the built-in
+    teacher at guidance ``w``, class-major, in [-1, 1]; and their labels."""
+    from distill_core.builtin import NUM_CLASSES, load_builtin_teacher
+
+    teacher = CFGTeacher(load_builtin_teacher(), w=w, uncond=torch.tensor([NUM_CLASSES]))
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+    noise = torch.randn((labels.shape[0], *SHAPE), generator=torch.Generator().manual_seed(seed))
+    return reference_solve(teacher, noise * teacher.sigma_max, labels, steps=steps).clamp(-1, 1), labels
+
+
 def solver_sigmas(name: str, nfe: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """The Karras rho grid for a training-free solver at a budget of ``nfe`` evaluations: every
     evaluation is a real step from sigma_max to sigma_min (the sample there is the image; a final step
