@@ -27,6 +27,7 @@ METHODS = ("sfd", "sfd-v")
 LOSSES = ("l1", "l2", "huber")
 GUIDANCE_MODES = ("distilled", "cfg")
 PRECISIONS = ("no", "bf16")
+STUDENT_KINDS = ("full", "lora")
 
 
 @dataclass
@@ -48,6 +49,11 @@ class DistillConfig:
     # 0: fresh teacher trajectories every iteration (as in SFD); N > 0: solve N trajectories per NFE
     # once and draw every batch from them (the teacher, most of an iteration's cost, runs once)
     teacher_pool: int = 0
+    # the student: "full" (every weight trained, as in SFD) or "lora" (low-rank adapters on the frozen
+    # teacher, which is the same network with the adapters off: one copy of the base weights)
+    student: str = "full"
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # None: alpha = rank (update scale 1)
     # guidance: "distilled" = teacher at w, student sampled without CFG (1 evaluation per step);
     # "cfg" = distilled at w = 1, CFG with w applied when sampling (2 evaluations per step)
     guidance: float | None = None
@@ -77,6 +83,7 @@ class DistillConfig:
         _check(self.loss, LOSSES, "loss")
         _check(self.guidance_mode, GUIDANCE_MODES, "guidance_mode")
         _check(self.mixed_precision, PRECISIONS, "mixed_precision")
+        _check(self.student, STUDENT_KINDS, "student")
         if self.steps < 1 or self.iters < 1 or self.batch < 1 or self.grad_accum < 1:
             raise ValueError("steps, iters, batch and grad_accum must be at least 1")
         if self.batch % self.grad_accum:

@@ -148,7 +148,10 @@ def train_student(
     method = build_method(source, cfg)
     callbacks = [TqdmProgress(f"{cfg.method} to {cfg.steps} steps")] if progress else []
     trainer = Trainer(method, cfg, out, callbacks)
-    result = trainer.fit(resume=resume)
+    try:
+        result = trainer.fit(resume=resume)
+    finally:
+        release_teacher(trainer.unwrapped())
     if result.status != "done":
         print(f"stopped at iteration {result.iteration}/{cfg.iters}; the checkpoint is in {trainer.ckpt_dir}")
         return None
@@ -161,6 +164,13 @@ def train_student(
     )
     path = save_student(out / "student.safetensors", result.student, card)
     return StudentRun(path, result.seconds, method.teacher_evaluations)
+
+
+def release_teacher(student: torch.nn.Module) -> None:
+    """Detach a LoRA student's adapters from the teacher network they were hooked into."""
+    adapters = getattr(student, "lora", None)
+    if adapters is not None:
+        adapters.detach()
 
 
 def student_rows(run: StudentRun, teacher: CFGTeacher, ev) -> list[dict]:

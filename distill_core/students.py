@@ -1,7 +1,14 @@
 """Student networks and student files.
 
-A student is a trainable copy of its teacher's denoiser (SFD: all weights trained). A
-step-conditioned student (SFD-v) adds an embedding of the step count (NFE): a sinusoidal
+A student is its teacher's denoiser made trainable, in one of two kinds:
+
+* ``full``: a copy of the teacher with every weight trained (as in SFD);
+* ``lora``: low-rank adapters (``distill_core.lora``) hooked into the teacher's own network, whose
+  weights stay frozen; the teacher is the same network with the adapters switched off
+  (``AdaptersOff``), so only one copy of the base weights is in memory. Its file holds only the
+  adapters, in the key format of ComfyUI's stock LoRA loader.
+
+A step-conditioned student (SFD-v) adds an embedding of the step count (NFE): a sinusoidal
 embedding through its own two-layer MLP whose last layer starts at zero, so the new student
 starts as the teacher. The embedding is added next to the time embedding, so every block sees it:
 
@@ -28,12 +35,21 @@ from torch import nn
 import distill_core
 from distill_core import safetensors_io
 from distill_core.builtin import fingerprint
+from distill_core.config import STUDENT_KINDS
 from distill_core.denoisers.base import Cond
+from distill_core.lora import LoRAAdapters, target_layers
 from distill_core.nets.unet import sinusoidal_embedding
 from distill_core.teacher import CFGTeacher
 
 STEP_EMBEDDING_DIM = 64
 TIME_EMBEDDING_NAMES = ("time_embedding", "time_embed")
+
+
+def lora_target(denoiser: nn.Module) -> tuple[nn.Module, str]:
+    """(root, submodule) of a denoiser's network for LoRA: file keys are paths relative to root.
+    Adapters declare ``lora_target`` (a ComfyUI model: its BaseModel and "diffusion_model");
+    otherwise the denoiser itself and its whole network."""
+    return getattr(denoiser, "lora_target", (denoiser, ""))
 
 
 class StepEmbedding(nn.Module):
@@ -53,7 +69,7 @@ class StepEmbedding(nn.Module):
 class StudentNet(nn.Module):
     """The trainable student: ``forward(x, sigma, cond, nfe=None) -> x0``, a denoiser like its teacher."""
 
-    def __init__(self, denoiser: nn.Module, step_conditioned: bool = False):
+    def __init__(self, denoiser: nn.Module, step_conditioned: bool = False, lora: dict | None = None):
         super().__init__()
         if not isinstance(denoiser, nn.Module):
             raise TypeError(
@@ -61,6 +77,11 @@ class StudentNet(nn.Module):
             )
         self.denoiser = denoiser
         self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
+        self.lora = None
+        if lora is not None:
+            denoiser.requires_grad_(False)
+            root, under = lora_target(denoiser)
+            self.lora = LoRAAdapters(root, target_layers(root, under), lora["rank"], lora.get("alpha"))
         self.injection = None
         self.step_embed = None
         if step_conditioned:
@@ -69,6 +90,17 @@ class StudentNet(nn.Module):
             if self.injection != "extra_emb":
                 self._pending: torch.Tensor | None = None
                 denoiser.get_submodule(self.injection).register_forward_hook(self._add_step_embedding)
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: every weight of a full student; adapters and step embedding of a
+        LoRA student (the frozen base is the teacher's)."""
+        state = self.state_dict()
+        if self.lora is None:
+            return state
+        return {k: v for k, v in state.items() if k.startswith(("lora.", "step_embed."))}
+
+    def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state, strict=self.lora is None)
 
     def _add_step_embedding(self, module, args, output):
         return output if self._pending is None else output + self._pending.to(output.dtype)
@@ -109,6 +141,32 @@ def _injection_point(denoiser: nn.Module) -> tuple[str, int]:
         f"cannot condition a {type(denoiser).__name__} on the step count: supported are the built-in UNet "
         f"(extra_emb) and networks with a time-embedding module named one of {TIME_EMBEDDING_NAMES}"
     )
+
+
+class AdaptersOff:
+    """The teacher of a LoRA student: the shared network with the adapters switched off."""
+
+    def __init__(self, denoiser: nn.Module, adapters: LoRAAdapters):
+        self.denoiser, self.adapters = denoiser, adapters
+        self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
+        with self.adapters.disabled():
+            return self.denoiser(x, sigma, cond)
+
+
+def make_student(
+    denoiser: nn.Module, step_conditioned: bool = False, kind: str = "full", rank: int = 16,
+    alpha: float | None = None,
+) -> tuple[StudentNet, nn.Module | AdaptersOff]:
+    """A trainable student of ``denoiser`` and the teacher denoiser to use next to it (the original
+    for a full student, the adapters-off view of the shared network for a LoRA student)."""
+    if kind not in STUDENT_KINDS:
+        raise ValueError(f"student kind must be one of {list(STUDENT_KINDS)}, got {kind!r}")
+    if kind == "full":
+        return StudentNet(copy.deepcopy(denoiser).requires_grad_(True), step_conditioned), denoiser
+    net = StudentNet(denoiser, step_conditioned, lora={"rank": rank, "alpha": alpha})
+    return net, AdaptersOff(denoiser, net.lora)
 
 
 class AtSteps:
@@ -199,13 +257,21 @@ def student_card(
 
 
 def save_student(path: str | Path, net: StudentNet, card: dict) -> Path:
+    """A full student's weights, or a LoRA student's adapters in the stock loader's key format (plus
+    the step embedding of an SFD-v student), with the card as metadata."""
     card = {
         **card,
         "step_embedding": None
         if net.step_embed is None
         else {"injection": net.injection, "dim": net.step_embed.dim},
+        "student": {"kind": "full"}
+        if net.lora is None
+        else {"kind": "lora", "rank": net.lora.rank, "alpha": net.lora.alpha, "layers": len(net.lora.paths)},
     }
-    return safetensors_io.save_atomic(net.state_dict(), path, card)
+    if net.lora is None:
+        return safetensors_io.save_atomic(net.state_dict(), path, card)
+    extra = {k: v for k, v in net.state_dict().items() if k.startswith("step_embed.")}
+    return safetensors_io.save_atomic({**net.lora.file_tensors(), **extra}, path, card)
 
 
 def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond = None) -> Student:
@@ -223,6 +289,14 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
             f"given has fingerprint {ours}. Load it with the teacher it was distilled from."
         )
     tensors, _ = safetensors_io.load(path)
-    net = StudentNet(copy.deepcopy(denoiser), step_conditioned=card.get("step_embedding") is not None)
-    net.load_state_dict(tensors)
+    kind = card.get("student", {"kind": "full"})
+    lora = None if kind["kind"] == "full" else {"rank": kind["rank"], "alpha": kind["alpha"]}
+    net = StudentNet(copy.deepcopy(denoiser), card.get("step_embedding") is not None, lora)
+    if lora is None:
+        net.load_state_dict(tensors)
+    else:
+        net.lora.load_file_tensors(tensors)
+        if net.step_embed is not None:
+            net.step_embed.load_state_dict({k[len("step_embed."):]: v for k, v in tensors.items()
+                                            if k.startswith("step_embed.")})
     return Student(net.eval().requires_grad_(False), card, uncond)

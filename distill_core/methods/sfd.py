@@ -20,7 +20,6 @@ NFE uniformly from the trained range and uses that NFE's schedule.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 
 import torch
@@ -32,7 +31,7 @@ from distill_core.methods.base import StepLoss, TeacherSource, move_cond
 from distill_core.sampling import euler_step, few_step, intervals_for
 from distill_core.schedules import karras, nest
 from distill_core.solvers import SOLVERS
-from distill_core.students import AtSteps, StudentNet, student_card
+from distill_core.students import AtSteps, make_student, student_card
 from distill_core.teacher import CFGTeacher
 
 
@@ -77,8 +76,15 @@ class SFD:
         self.step_conditioned = cfg.method == "sfd-v"
         w = source.guidance if cfg.guidance is None else cfg.guidance
         self.w = float(w)
+        self.teacher_fingerprint = fingerprint(source.denoiser)
+        with torch.random.fork_rng(devices=[]):  # new layers (SFD-v, LoRA) are initialised from the config's seed
+            torch.manual_seed(cfg.seed)
+            student, teacher_denoiser = make_student(
+                source.denoiser, self.step_conditioned, cfg.student, cfg.lora_rank, cfg.lora_alpha
+            )
+        self.student = student.train()
         self.teacher = CFGTeacher(
-            source.denoiser, self.w if cfg.guidance_mode == "distilled" else 1.0, source.uncond
+            teacher_denoiser, self.w if cfg.guidance_mode == "distilled" else 1.0, source.uncond
         )
         self.sigma_min = cfg.sigma_min
         self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
@@ -88,11 +94,6 @@ class SFD:
         self.sigmas = {
             n: karras(intervals_for(n, cfg.afs), self.sigma_min, self.sigma_max, cfg.rho) for n in self.nfes
         }
-        self.teacher_fingerprint = fingerprint(source.denoiser)
-        with torch.random.fork_rng(devices=[]):  # new layers (SFD-v) are initialised from the config's seed
-            torch.manual_seed(cfg.seed)
-            student = StudentNet(copy.deepcopy(source.denoiser), step_conditioned=self.step_conditioned)
-        self.student = student.train().requires_grad_(True)
         self.teacher_evaluations = 0
         self._pools: dict[int, tuple[torch.Tensor, Cond, list[torch.Tensor]]] = {}
 

@@ -75,7 +75,8 @@ class Trainer:
         method.to(self.acc.device)
         student = method.student
         self.ema = copy.deepcopy(student).requires_grad_(False) if cfg.ema else None
-        optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        trainable = [p for p in student.parameters() if p.requires_grad]  # a LoRA student's base is frozen
+        optimizer = torch.optim.Adam(trainable, lr=cfg.lr, betas=(0.9, 0.999))
         decay_at = math.ceil(cfg.lr_decay_at * cfg.iters)
         # stepped once per iteration: lr for the next iteration
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -106,7 +107,7 @@ class Trainer:
     # ----------------------------------------------------------------- state
     def state(self) -> dict:
         state = {
-            "student": self.unwrapped().state_dict(),
+            "student": _saved_state(self.unwrapped()),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": {
@@ -118,7 +119,7 @@ class Trainer:
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
+            state["ema"] = _saved_state(self.ema)
         return state
 
     def save_checkpoint(self) -> None:
@@ -146,11 +147,12 @@ class Trainer:
                 f"cannot resume {self.ckpt_dir}: the run was configured differently "
                 f"({', '.join(f'{k}: {saved.get(k)!r} -> {getattr(self.cfg, k)!r}' for k in changed)})"
             )
-        self.unwrapped().load_state_dict(state["student"])
+        student = self.unwrapped()
+        getattr(student, "load_saved_state", student.load_state_dict)(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
+            getattr(self.ema, "load_saved_state", self.ema.load_state_dict)(state["ema"])
         torch.set_rng_state(state["rng"]["torch"])
         self.plan_gen.set_state(state["rng"]["plan"])
         self.data_gen.set_state(state["rng"]["data"])
@@ -198,8 +200,14 @@ class Trainer:
                 if self.cfg.sample_every and self.iteration % self.cfg.sample_every == 0:
                     self._sample_grid()
                 if self.acc.is_main_process:
-                    for cb in self.callbacks:
-                        cb.on_iteration(self, record)
+                    try:
+                        for cb in self.callbacks:
+                            cb.on_iteration(self, record)
+                    except BaseException:  # a cancel raised by a host (ComfyUI's interrupt): keep the work
+                        every = self.cfg.checkpoint_every
+                        if not (every and self.iteration % every == 0):
+                            self.save_checkpoint()
+                        raise
             if self.cfg.checkpoint_every == 0 or self.iteration % self.cfg.checkpoint_every:
                 self.save_checkpoint()
             result = TrainResult(
@@ -302,6 +310,11 @@ class Trainer:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+def _saved_state(student: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable part of a student (all of it, unless it declares ``saved_state``: LoRA)."""
+    return getattr(student, "saved_state", student.state_dict)()
 
 
 def _zero_nonfinite(params: list[torch.Tensor]) -> bool:
