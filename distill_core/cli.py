@@ -14,6 +14,7 @@ COMMANDS = {
     "train-teacher": ("distill_core.train_builtin", "re-train the built-in reference teacher"),
     "train-classifier": ("distill_core.train_builtin", "re-train the built-in metric classifier"),
     "reference-stats": ("distill_core.eval.frechet", "recompute the classifier-feature statistics of the test digits"),
+    "panel": ("distill_core.panel.launch", "serve the monitoring panel over a runs root (Gradio, 127.0.0.1)"),
 }
 
 

@@ -152,4 +152,4 @@ def test_ema_grid_accumulation_and_stop(tiny_edm, tmp_path):
     png = (tmp_path / "samples" / "iter_000002.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-    assert (width, height) == (3 * (16 * 9 + 1), 3 * 10)
+    assert (width, height) == (3 * (16 * 9 + 1), 3 * (3 * 9 + 1))  # rows: teacher reference, solver, student

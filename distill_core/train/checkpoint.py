@@ -62,7 +62,7 @@ def save_checkpoint(directory: str | Path, state: dict, info: dict) -> Path:
     structure = flatten(state, tensors)
     card = {"kind": "checkpoint", "structure": structure, **info}
     path = safetensors_io.save_atomic(tensors, directory / CHECKPOINT, card)
-    _write_json_atomic(
+    write_json_atomic(
         directory / SIDECAR, {**info, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "file": CHECKPOINT}
     )
     return path
@@ -81,7 +81,8 @@ def has_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / CHECKPOINT).is_file()
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (a temporary file in the same folder, then a rename)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

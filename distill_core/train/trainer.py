@@ -11,6 +11,9 @@ Every ``checkpoint_every`` iterations (and at the end, and on Ctrl-C) the full s
 atomically: student, optimizer, scheduler, EMA, iteration, RNG states; ``resume`` continues exactly.
 ``metrics.jsonl`` gets a line per iteration (loss and gradient norm per student step index, lr,
 time). A non-finite loss stops the run with ``TrainingDiverged``; the last checkpoint stays intact.
+``status.json`` says whether the run is running, finished, interrupted or failed (``train.status``);
+every ``sample_every`` iterations ``samples/iter_NNNNNN.png`` shows the teacher's reference, a
+training-free solver and the student on the same noise (``train.previews``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from distill_core.config import DistillConfig
 from distill_core.methods.base import Method, move_cond
 from distill_core.train.callbacks import Callback
 from distill_core.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from distill_core.train.status import write_status
 
 #: Config fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = {"out", "iters", "checkpoint_every", "sample_every", "eval_samples", "extra"}
@@ -87,6 +91,8 @@ class Trainer:
         self.plan_gen = torch.Generator().manual_seed(cfg.seed)  # identical on every process
         self.data_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 1 + self.acc.process_index)
         self.preview_inputs = None
+        self.preview_rows: list[torch.Tensor] = []  # the grids' fixed rows: teacher reference, solver
+        self.started = time.time()  # of this process's part of the run (status.json)
 
     # ----------------------------------------------------------------- control
     def request_stop(self) -> None:
@@ -173,7 +179,25 @@ class Trainer:
 
     # ----------------------------------------------------------------- training
     def fit(self, resume: bool = False) -> TrainResult:
-        """Train to ``cfg.iters`` iterations (continuing from the checkpoint when ``resume``)."""
+        """Train to ``cfg.iters`` iterations (continuing from the checkpoint when ``resume``), recording
+        the run's state in ``status.json``. A second Ctrl-C (an abort) is recorded as interrupted."""
+        self._write_status("running")
+        try:
+            result = self._fit(resume)
+        except BaseException as e:
+            state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            self._write_status(state, error=f"{type(e).__name__}: {e}")
+            raise
+        self._write_status("finished" if result.status == "done" else "interrupted")
+        return result
+
+    def _write_status(self, state: str, **fields) -> None:
+        if self.acc.is_main_process:
+            write_status(
+                self.out, state, iteration=self.iteration, iters=self.cfg.iters, started=self.started, **fields
+            )
+
+    def _fit(self, resume: bool) -> TrainResult:
         self.out.mkdir(parents=True, exist_ok=True)
         if resume and has_checkpoint(self.ckpt_dir):
             self.load_checkpoint()
@@ -273,6 +297,7 @@ class Trainer:
 
     def _sample_grid(self) -> None:
         from distill_core.report import save_grid
+        from distill_core.train.previews import fixed_rows
 
         if not self.acc.is_main_process:
             return
@@ -284,8 +309,9 @@ class Trainer:
                 noise.to(self.acc.device),
                 move_cond(source.draw_cond(16, gen), self.acc.device),
             )
+            self.preview_rows = fixed_rows(self.method, self.cfg, *self.preview_inputs)
         images = self.method.preview(*self.preview_inputs)
-        save_grid([images.cpu()], self.out / "samples" / f"iter_{self.iteration:06d}.png")
+        save_grid([*self.preview_rows, images.cpu()], self.out / "samples" / f"iter_{self.iteration:06d}.png")
 
     @contextlib.contextmanager
     def _sigint_stops(self):

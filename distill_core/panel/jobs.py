@@ -1,0 +1,90 @@
+"""Distillations started from the panel: each is ``python -m distill_core distill`` in its own process,
+writing a new run directory under the runs root (so the panel reads it like any other run).
+
+Stopping sends SIGINT, which the trainer treats as Ctrl-C: it finishes the iteration, writes a
+checkpoint and exits; ``python -m distill_core distill --resume --config RUN/config.yaml`` continues.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import distill_core
+from distill_core.config import DistillConfig
+
+#: A run name: a single path component, no leading dot.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+LOG = "log.txt"
+
+
+class Jobs:
+    """The distillation processes this panel started, by run name."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+
+    def start(self, name: str, teacher: str, method: str, steps: int, iters: int, batch: int) -> Path:
+        """Start distilling ``teacher`` with ``method`` to ``steps`` evaluations (SFD-v: the range
+        2..steps) for ``iters`` iterations of ``batch`` into ``root/name``; sample grids every tenth
+        of the run. Raises ``ValueError`` for a bad or taken name or settings."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ValueError(f"refused: a run name is letters, digits, '.', '_' or '-' (got {name!r})")
+        try:
+            steps, iters, batch = int(steps), int(iters), int(batch)
+        except (TypeError, ValueError):
+            raise ValueError("refused: steps, iterations and batch are whole numbers") from None
+        out = self.root / name
+        cfg = DistillConfig(
+            teacher=teacher,
+            method=method,
+            steps=steps,
+            nfe_range=(min(2, steps), steps),
+            iters=iters,
+            batch=batch,
+            sample_every=max(1, iters // 10),
+            out=str(out),
+        )
+        with self.lock:
+            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                out.mkdir()
+            except FileExistsError:
+                raise ValueError(f"refused: a run named {name!r} exists already") from None
+            config = cfg.to_yaml(out / "config.yaml")
+            env = dict(os.environ)
+            # the child imports this very package, wherever it was loaded from (a ComfyUI custom node)
+            package_parent = str(Path(distill_core.__file__).resolve().parents[1])
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+            with open(out / LOG, "wb") as log:
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "distill_core", "distill", "--config", str(config), "--no-progress"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+        return out
+
+    def alive(self, name: str) -> bool:
+        """Whether the process this panel started for ``name`` is still running (reaps it if not)."""
+        proc = self.procs.get(name)
+        return proc is not None and proc.poll() is None
+
+    def stop(self, name: str) -> str:
+        """Ask the run's process to stop (SIGINT: checkpoint, then exit); a message for the user."""
+        if not self.alive(name):
+            return f"{name!r} is not a run this panel started, or it has ended"
+        self.procs[name].send_signal(signal.SIGINT)
+        return f"stopping {name!r}: it saves a checkpoint after this iteration (resume with --resume)"
+
+    def exit_code(self, name: str) -> int | None:
+        """The exit status of a finished process this panel started (``None`` while running or unknown)."""
+        proc = self.procs.get(name)
+        return None if proc is None else proc.poll()

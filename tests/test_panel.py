@@ -1,0 +1,212 @@
+"""The monitoring panel: reading run directories (malformed and half-written ones included), confinement
+to the runs root, the API of a launched panel over a finished run and a run being written
+(``gradio_client``), and starting and stopping a real distillation from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from panel_fixtures import dead_pid, fake_run, metrics_line
+
+from distill_core.panel import runs
+
+# ----------------------------------------------------------------- reading run directories
+
+
+def test_summaries_of_finished_running_and_stale_runs(tmp_path):
+    fake_run(tmp_path, "done", 20, state="finished", report=True)
+    fake_run(tmp_path, "live", 8, pid=os.getpid())
+    fake_run(tmp_path, "gone", 8, pid=dead_pid())
+    (tmp_path / "not-a-run").mkdir()
+    assert runs.list_runs(tmp_path) == ["done", "gone", "live"]
+
+    done = runs.summarize(tmp_path / "done")
+    assert (done.state, done.method, done.steps, done.iteration, done.total) == ("finished", "sfd", "3", 20, 20)
+    assert done.wall_s == 10.0 and done.eta_s is None and done.problems == []
+    live = runs.summarize(tmp_path / "live")
+    assert live.state == "running" and live.iteration == 8
+    assert live.eta_s == pytest.approx((20 - 8) * 0.5)  # 0.5 s per iteration so far
+    assert runs.summarize(tmp_path / "gone").state == "stale"  # "running", but its process is gone
+    assert [it for it, _ in runs.grids(tmp_path / "done")] == [5, 10, 15, 20]
+
+
+def test_malformed_and_half_written_files_are_reported_not_raised(tmp_path):
+    run = fake_run(tmp_path, "bad", 4)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("{not json\n")
+        f.write('["a list"]\n')
+        f.write('{"iter": "five"}\n')
+        f.write(metrics_line(5))
+        f.write(metrics_line(6)[:25])  # the writer is mid-line
+    metrics, problem = runs.read_metrics(run)
+    assert [r["iter"] for r in metrics.records] == [1, 2, 3, 4, 5]
+    assert metrics.malformed == [5, 6, 7] and metrics.partial
+    assert problem == "metrics.jsonl: 3 malformed line(s) (5, 6, 7) skipped"
+
+    (run / "status.json").write_text('{"state": "runn')
+    (run / "config.yaml").write_text("iters: [unclosed\n")
+    s = runs.summarize(run)
+    assert s.state == "unknown" and s.iteration == 5 and s.method is None
+    assert "status.json: malformed (JSONDecodeError)" in s.problems
+    assert "config.yaml: malformed (ParserError)" in s.problems
+    assert any(p.startswith("metrics.jsonl: 3 malformed") for p in s.problems)
+    (run / "report.json").write_text("[1, 2]")
+    assert runs.read_json(run, "report.json") == (None, "report.json: malformed (not a JSON object)")
+
+
+def test_names_and_files_outside_the_root_are_refused(tmp_path):
+    root = tmp_path / "runs"
+    fake_run(root, "ok", 2)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "metrics.jsonl").write_text(metrics_line(1))
+    (root / "link-out").symlink_to(secret)
+    for name in ["../secret", "..", ".", "", str(secret), "ok/../../secret", "ok/samples", "link-out", None, 3]:
+        with pytest.raises(runs.OutsideRoot):
+            runs.run_dir(root, name)
+    assert runs.list_runs(root) == ["ok"]
+    (root / "ok" / "metrics.jsonl").unlink()
+    (root / "ok" / "metrics.jsonl").symlink_to(secret / "metrics.jsonl")  # a file linked out of the run
+    metrics, problem = runs.read_metrics(root / "ok")
+    assert metrics.records == [] and problem.startswith("refused")
+
+
+def test_smoothing():
+    assert runs.smooth([1.0, 2.0, 3.0], 0.0) == [1.0, 2.0, 3.0]
+    assert runs.smooth([4.0, 4.0, 4.0], 0.9) == pytest.approx([4.0, 4.0, 4.0])  # bias-corrected
+    assert runs.smooth([0.0, 10.0], 0.5) == pytest.approx([0.0, 10 * 0.5 / 0.75])
+
+
+# ----------------------------------------------------------------- a launched panel
+
+
+@pytest.fixture(scope="module")
+def panel(tmp_path_factory):
+    """A panel over a finished run and a run being written, served on 127.0.0.1; its client."""
+    from gradio_client import Client
+
+    from distill_core.panel.app import build
+
+    root = tmp_path_factory.mktemp("runs")
+    fake_run(root, "done", 20, state="finished", report=True)
+    fake_run(root, "live", 6, pid=os.getpid())
+    app = build(root)
+    _, url, _ = app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    assert url.startswith("http://127.0.0.1:")
+    yield root, Client(url, verbose=False)
+    app.close()
+
+
+def test_api_runs_table(panel):
+    _, client = panel
+    table = {row["run"]: row for row in client.predict(api_name="/runs")}
+    assert table["done"]["status"] == "finished" and table["done"]["step / total"] == "20 / 20"
+    assert table["live"]["status"] == "running" and table["live"]["step / total"] == "6 / 20"
+    assert table["live"]["ETA"] == "0:00:07" and table["done"]["method"] == "sfd"
+
+
+def test_api_finished_run_curves_report_and_grids(panel):
+    _, client = panel
+    note, loss, lr, grad, report, config = client.predict("done", 0.0, api_name="/run")
+    assert note.startswith("**done**: finished at 20 / 20")
+    points = {(it, step): v for it, v, step in loss["data"]}
+    assert len(points) == 40 and points[(4, "step 1")] == 2.5 and points[(4, "step 2")] == 1.25
+    assert len(lr["data"]) == 20 and len(grad["data"]) == 40
+    assert report["headers"] == ["method", "nfe", "psnr_db", "fd"] and report["data"][1][:3] == ["sfd", 3, 25.1]
+    assert config["iters"] == 20 and config["sample_every"] == 5
+    smoothed = client.predict("done", 0.9, api_name="/run")[1]
+    assert {(it, step): v for it, v, step in smoothed["data"]}[(4, "step 1")] > 2.5  # lags the falling loss
+
+    from PIL import Image
+
+    slider, image, caption = client.predict("done", 1, api_name="/grid")
+    assert slider["value"] == 1 and slider["maximum"] == 3 and caption.startswith("iteration 10 (grid 2 of 4)")
+    assert Image.open(image).size == (3 * (8 * 17 + 1), 3 * (3 * 17 + 1))  # 8 columns, 3 rows of 16x16
+
+
+def test_api_sees_a_run_being_written(panel):
+    root, client = panel
+    before = client.predict("live", 0.0, api_name="/run")[1]["data"]
+    assert max(it for it, _, _ in before) == 6
+    with open(root / "live" / "metrics.jsonl", "a") as f:
+        f.write(metrics_line(7) + metrics_line(8)[:30])  # iteration 8 is half-written
+    note, loss, *_ = client.predict("live", 0.0, api_name="/run")
+    assert max(it for it, _, _ in loss["data"]) == 7 and "still being written" in note
+    with open(root / "live" / "metrics.jsonl", "a") as f:
+        f.write(metrics_line(8)[30:] + "garbage\n")
+    note, loss, *_ = client.predict("live", 0.0, api_name="/run")
+    assert max(it for it, _, _ in loss["data"]) == 8
+    assert "malformed: metrics.jsonl: 1 malformed line(s) (9) skipped" in note
+    live = {row["run"]: row for row in client.predict(api_name="/runs")}["live"]
+    assert live["step / total"] == "8 / 20" and "malformed" in live["note"]
+
+
+@pytest.mark.parametrize("name", ["../..", "/etc", "live/../..", "..", "live/samples"])
+def test_api_refuses_paths_outside_the_root(panel, name):
+    _, client = panel
+    note, loss, lr, grad, report, config = client.predict(name, 0.0, api_name="/run")
+    assert note.startswith("refused") and loss["data"] == [] and config in ({}, None)
+    slider, image, caption = client.predict(name, 0, api_name="/grid")
+    assert image is None and caption.startswith("refused")
+    assert "not a run this panel started" in client.predict(name, api_name="/stop")
+    assert client.predict(name, "builtin", "sfd", 2, 2, 2, api_name="/start").startswith("refused")
+
+
+def test_start_and_stop_leave_a_resumable_checkpoint(panel):
+    """A real distillation process started through the API, stopped with SIGINT, resumed here."""
+    from distill_core.config import DistillConfig
+    from distill_core.main_job import builtin_source
+    from distill_core.methods import build_method
+    from distill_core.train.trainer import Trainer
+
+    root, client = panel
+    assert client.predict("tiny", "builtin", "sfd", 2, 1000, 2, api_name="/start").startswith("started")
+    assert client.predict("tiny", "builtin", "sfd", 2, 1000, 2, api_name="/start").startswith("refused")
+    run = root / "tiny"
+    deadline = time.time() + 120
+    while len(runs.read_metrics(run)[0].records) < 2:
+        assert time.time() < deadline, (run / "log.txt").read_text()
+        time.sleep(0.2)
+    assert {row["run"]: row for row in client.predict(api_name="/runs")}["tiny"]["status"] == "running"
+    assert client.predict("tiny", api_name="/stop").startswith("stopping")
+    while runs.summarize(run).state == "running":
+        assert time.time() < deadline, (run / "log.txt").read_text()
+        time.sleep(0.2)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["iteration"] >= 2
+
+    cfg = DistillConfig.from_yaml(run / "config.yaml")
+    trainer = Trainer(build_method(builtin_source(), cfg), cfg.replace(iters=status["iteration"] + 1), run)
+    result = trainer.fit(resume=True)
+    assert result.status == "done" and result.iteration == status["iteration"] + 1
+    assert [r["iter"] for r in runs.read_metrics(run)[0].records] == list(range(1, result.iteration + 1))
+
+
+def test_the_panel_command_serves_on_localhost(tmp_path):
+    """The README's ``python -m distill_core panel --runs DIR`` (with a port), stopped with Ctrl-C."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from gradio_client import Client
+
+    fake_run(tmp_path, "done", 20, state="finished", report=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "distill_core", "panel", "--runs", str(tmp_path),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line, deadline = "", time.time() + 120
+        while "Running on local URL" not in line:
+            assert time.time() < deadline and proc.poll() is None, line
+            line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in line
+        assert [row["run"] for row in Client(line.split()[-1], verbose=False).predict(api_name="/runs")] == ["done"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
