@@ -23,11 +23,16 @@ EDM_SIGMA_MIN = 0.006
 #: sigma_min for Stable-Diffusion-style latent teachers (the official SFD code's choice).
 SD_SIGMA_MIN = 0.1
 
-METHODS = ("sfd", "sfd-v")
+METHODS = ("sfd", "sfd-v", "phased")
 LOSSES = ("l1", "l2", "huber")
 GUIDANCE_MODES = ("distilled", "cfg")
 PRECISIONS = ("no", "bf16")
 STUDENT_KINDS = ("full", "lora")
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("step", "cosine", "constant")
+PARTITIONS = ("uniform", "adaptive")
+PHASE_WEIGHTS = ("dt", "variance")
+PHASE_INPUTS = ("data", "trajectories")
 
 
 @dataclass
@@ -69,7 +74,26 @@ class DistillConfig:
     clip_grad: float | None = None
     ema: float | None = None  # EMA decay of the student's weights (None: no EMA, as in SFD)
     mixed_precision: str = "no"  # "bf16" for CUDA (autocast forward passes); "no" on CPU
+    # None: the method's own choice (SFD: Adam, no weight decay, lr / 10 at lr_decay_at; phased: AdamW,
+    # weight decay 0.01, cosine); "step" is lr / 10 at lr_decay_at, "cosine" decays to 0 over the run
+    optimizer: str | None = None
+    weight_decay: float | None = None
+    lr_schedule: str | None = None
     seed: int = 0
+    # phased score distillation (method "phased", methods/phased.py); ``steps`` is its sampling steps S
+    phases: int = 8  # K
+    partition: str = "adaptive"
+    phase_weights: str = "dt"  # alpha_k proportional to the phase length, or to the teacher-score variance
+    phase_inputs: str = "data"  # forward-noised data, or states on cached teacher trajectories
+    target_ema: float = 0.0  # > 0: teacher targets smoothed by an EMA over a pool slot's visits
+    student_width: float = 0.5  # the lighter student: channel and block multipliers of the teacher's UNet
+    student_depth: float = 1.0
+    student_init: str = "teacher"  # weight selection from the teacher, or "scratch"
+    spectral_norm: float | None = None  # clip every layer's spectral norm to this bound
+    grad_checkpointing: bool = False
+    phased_solver: str = "dpmpp_2m"  # the student's sampler on the phase-aware schedule
+    probe_batch: int = 64  # teacher trajectories that estimate drift and variance
+    probe_steps: int = 64
     # bookkeeping
     out: str = "runs/main"
     checkpoint_every: int = 30
@@ -84,6 +108,13 @@ class DistillConfig:
         _check(self.guidance_mode, GUIDANCE_MODES, "guidance_mode")
         _check(self.mixed_precision, PRECISIONS, "mixed_precision")
         _check(self.student, STUDENT_KINDS, "student")
+        _check(self.optimizer or "adam", OPTIMIZERS, "optimizer")
+        _check(self.lr_schedule or "step", LR_SCHEDULES, "lr_schedule")
+        _check(self.partition, PARTITIONS, "partition")
+        _check(self.phase_weights, PHASE_WEIGHTS, "phase_weights")
+        _check(self.phase_inputs, PHASE_INPUTS, "phase_inputs")
+        if self.phases < 1 or not 0 <= self.target_ema < 1:
+            raise ValueError("phases must be at least 1 and target_ema in [0, 1)")
         if self.steps < 1 or self.iters < 1 or self.batch < 1 or self.grad_accum < 1:
             raise ValueError("steps, iters, batch and grad_accum must be at least 1")
         if self.batch % self.grad_accum:

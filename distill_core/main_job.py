@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from distill_core.config import QUALITY, DistillConfig
+from distill_core.config import METHODS, QUALITY, DistillConfig
 from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
 from distill_core.teacher import CFGTeacher
@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with DistillConfig fields (flags override it)")
     p.add_argument("--teacher", choices=TEACHERS, help="teacher to distil (default: builtin)")
     p.add_argument(
-        "--method", choices=("sfd", "sfd-v"), help="sfd: one student per NFE; sfd-v: one for a range"
+        "--method", choices=METHODS,
+        help="sfd: one student per NFE; sfd-v: one for a range; phased: a lighter score student (docs in README)",
     )
     p.add_argument("--steps", type=int, help="network evaluations per sample of the student (default 4)")
     p.add_argument(

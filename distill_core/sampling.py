@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from distill_core.denoisers.base import Cond
+from distill_core.solvers import SOLVERS
 from distill_core.students import Student
 
 
@@ -70,4 +71,7 @@ def sample(
     """Images from ``noise`` = x_N = sigma_max z with ``steps`` evaluations on the student's stored
     schedule. ``w`` is the guidance scale for students distilled with guidance mode "cfg"."""
     sigmas = student.sigmas(steps)
+    solver = student.card.get("solver")
+    if solver:  # a score student (phased) is sampled by a training-free solver on its stored grid
+        return SOLVERS[solver](student.denoiser(steps, w), noise, sigmas.to(noise.device), cond, callback)
     return few_step(student.denoiser(steps, w), noise, sigmas, cond, student.afs, callback)

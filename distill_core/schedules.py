@@ -82,3 +82,17 @@ def nest(sigmas: torch.Tensor, substeps: int, rho: float = 7.0) -> torch.Tensor:
     fine = torch.cat([inner.flatten(), sigmas[-1:].double()]).to(sigmas.dtype)
     fine[::substeps] = sigmas  # the coarse points are reproduced bit for bit
     return fine
+
+
+def phased(n: int, refinement: list[float] | torch.Tensor) -> torch.Tensor:
+    """The phase-aware schedule of phased score distillation: ``n`` intervals whose points are the
+    boundaries of the n-phase partition, descending.
+
+    ``refinement`` is a partition's refinement sequence (``methods.phases.Partition.refinement``):
+    sigma_max, sigma_min, then every split point in the order the partition inserted it. The partition
+    into n phases keeps the first n + 1 of them, so any solver sampled on ``phased(n, ...)`` steps
+    exactly from one phase boundary to the next."""
+    points = [float(s) for s in refinement]
+    if not 1 <= n <= len(points) - 1:
+        raise ValueError(f"a refinement of {len(points) - 1} phases gives 1..{len(points) - 1} intervals, not {n}")
+    return torch.tensor(sorted(points[: n + 1], reverse=True), dtype=torch.float32)

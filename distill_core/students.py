@@ -37,8 +37,9 @@ from distill_core import safetensors_io
 from distill_core.builtin import fingerprint
 from distill_core.config import STUDENT_KINDS
 from distill_core.denoisers.base import Cond
+from distill_core.denoisers.edm import EDMDenoiser
 from distill_core.lora import LoRAAdapters, target_layers
-from distill_core.nets.unet import sinusoidal_embedding
+from distill_core.nets.unet import UNet, UNetConfig, sinusoidal_embedding
 from distill_core.teacher import CFGTeacher
 
 STEP_EMBEDDING_DIM = 64
@@ -256,6 +257,21 @@ def student_card(
     }
 
 
+def architecture(denoiser: nn.Module) -> dict | None:
+    """A card entry that rebuilds a built-in-family student of its own size (phased distillation's
+    lighter students); ``None`` for other networks (a student file then has its teacher's architecture)."""
+    if not (isinstance(denoiser, EDMDenoiser) and isinstance(denoiser.net, UNet)):
+        return None
+    return {"unet": denoiser.net.cfg.to_dict(), "sigma_data": denoiser.sigma_data,
+            "sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max}
+
+
+def from_architecture(arch: dict) -> EDMDenoiser:
+    """The (untrained) network an ``architecture`` card entry describes."""
+    return EDMDenoiser(UNet(UNetConfig.from_dict(arch["unet"])), arch["sigma_data"], arch["sigma_min"],
+                       arch["sigma_max"])
+
+
 def save_student(path: str | Path, net: StudentNet, card: dict) -> Path:
     """A full student's weights, or a LoRA student's adapters in the stock loader's key format (plus
     the step embedding of an SFD-v student), with the card as metadata."""
@@ -291,7 +307,9 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
     tensors, _ = safetensors_io.load(path)
     kind = card.get("student", {"kind": "full"})
     lora = None if kind["kind"] == "full" else {"rank": kind["rank"], "alpha": kind["alpha"]}
-    net = StudentNet(copy.deepcopy(denoiser), card.get("step_embedding") is not None, lora)
+    # a student of its own size (phased distillation), or a copy of its teacher's architecture
+    base = from_architecture(card["architecture"]) if card.get("architecture") else copy.deepcopy(denoiser)
+    net = StudentNet(base, card.get("step_embedding") is not None, lora)
     if lora is None:
         net.load_state_dict(tensors)
     else:

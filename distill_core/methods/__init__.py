@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from distill_core.config import DistillConfig
 from distill_core.methods.base import Method, StepLoss, TeacherSource
+from distill_core.methods.phased import Phased
 from distill_core.methods.sfd import SFD
 
 #: method name -> class constructed as ``cls(source: TeacherSource, cfg: DistillConfig)``
-REGISTRY: dict[str, type] = {"sfd": SFD, "sfd-v": SFD}
+REGISTRY: dict[str, type] = {"sfd": SFD, "sfd-v": SFD, "phased": Phased}
 
 
 def build_method(source: TeacherSource, cfg: DistillConfig) -> Method:

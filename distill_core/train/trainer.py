@@ -4,8 +4,9 @@ config, several GPUs with ``accelerate launch`` and no code change.
 An iteration: ``method.plan`` (shared draws), then ``grad_accum`` micro-batches in lockstep; for each
 loss the method yields (one per update: SFD yields one per student step) every micro-batch's loss
 is back-propagated (divided by ``grad_accum``), non-finite gradient entries are zeroed and counted
-(as in SFD's code), gradients are optionally clipped, and the optimizer steps. Adam; the learning
-rate drops by 10x at ``lr_decay_at`` of the run. Optional EMA of the student's weights.
+(as in SFD's code), gradients are optionally clipped, and the optimizer steps. Adam or AdamW with
+optional weight decay; the learning rate drops by 10x at ``lr_decay_at`` of the run, or follows a
+cosine. Optional EMA of the student's weights.
 
 Every ``checkpoint_every`` iterations (and at the end, and on Ctrl-C) the full state is written
 atomically: student, optimizer, scheduler, EMA, iteration, RNG states; ``resume`` continues exactly.
@@ -80,11 +81,16 @@ class Trainer:
         student = method.student
         self.ema = copy.deepcopy(student).requires_grad_(False) if cfg.ema else None
         trainable = [p for p in student.parameters() if p.requires_grad]  # a LoRA student's base is frozen
-        optimizer = torch.optim.Adam(trainable, lr=cfg.lr, betas=(0.9, 0.999))
-        decay_at = math.ceil(cfg.lr_decay_at * cfg.iters)
+        # config fields left at None take the method's own choice (SFD's: Adam, no decay, step schedule)
+        adamw = (cfg.optimizer or getattr(method, "optimizer", "adam")) == "adamw"
+        decay = cfg.weight_decay if cfg.weight_decay is not None else getattr(method, "weight_decay", 0.0)
+        optimizer = (torch.optim.AdamW if adamw else torch.optim.Adam)(
+            trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=decay
+        )
+        schedule = cfg.lr_schedule or getattr(method, "lr_schedule", "step")
         # stepped once per iteration: lr for the next iteration
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda it: 1.0 if it < decay_at else 0.1
+            optimizer, lambda it: lr_factor(schedule, it, cfg.iters, cfg.lr_decay_at)
         )
         self.student, self.optimizer = self.acc.prepare(student, optimizer)
         method.student = self.student
@@ -336,6 +342,16 @@ class Trainer:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+def lr_factor(schedule: str, it: int, iters: int, decay_at: float) -> float:
+    """The learning-rate multiplier of iteration ``it``: "step" is 1, then 0.1 from ``decay_at`` of the
+    run; "cosine" is (1 + cos(pi it / iters)) / 2; "constant" is 1."""
+    if schedule == "step":
+        return 1.0 if it < math.ceil(decay_at * iters) else 0.1
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(it, iters) / iters))
+    return 1.0
 
 
 def _saved_state(student: nn.Module) -> dict[str, torch.Tensor]:
