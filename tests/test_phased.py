@@ -87,14 +87,15 @@ def test_partitions_cover_the_horizon_monotonically(K):
     assert (b < 1.0).sum() > (b > 1.0).sum()  # the drifting end gets most of the phases
 
 
-def test_adaptive_bisects_the_phase_of_highest_drift():
+def test_adaptive_bisects_the_phase_of_highest_drift_bound():
     lo, hi = math.log(0.006), math.log(80.0)
     mid = (lo + hi) / 2
     probe = _probe_with_drift_below(mid)  # all drift in the lower half, growing towards sigma_min
-    seq = phases.refine(probe.drift, 0.006, 80.0, 4)
+    seq = phases.partition("adaptive", 4, 0.006, 80.0, probe).refinement
     quarter = (mid + lo) / 2
-    # the only phase; then the lower half (all the drift); then its lower quarter (3x the upper one's drift)
-    assert np.allclose(np.log(seq[2:]), [mid, quarter, (quarter + lo) / 2])
+    # the only phase; then the lower half (all the drift); then its lower quarter (3x the upper one's drift,
+    # same length)
+    assert np.allclose(np.log(seq[2:5]), [mid, quarter, (quarter + lo) / 2])
     assert probe.drift(hi, mid) == pytest.approx(0.0)
     assert probe.drift(mid, lo) == pytest.approx((mid - lo) ** 2 / 2, rel=2e-2)
 
