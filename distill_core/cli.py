@@ -13,6 +13,8 @@ COMMANDS = {
     "distill": ("distill_core.main_job", "distil a teacher into a few-step student (the main job)"),
     "train-teacher": ("distill_core.train_builtin", "re-train the built-in reference teacher"),
     "train-classifier": ("distill_core.train_builtin", "re-train the built-in metric classifier"),
+    "run-workflow": ("distill_core.workflow", "run an API-format workflow of this pack's nodes without ComfyUI"),
+    "ui-workflow": ("distill_core.workflow", "write the UI-format twin of an API-format workflow"),
     "reference-stats": ("distill_core.eval.frechet", "recompute the classifier-feature statistics of the test digits"),
     "panel": ("distill_core.panel.launch", "serve the monitoring panel over a runs root (Gradio, 127.0.0.1)"),
 }

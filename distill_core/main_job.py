@@ -23,37 +23,10 @@ import torch
 from distill_core.config import METHODS, QUALITY, DistillConfig
 from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
+from distill_core.sources import TEACHERS, builtin_source, teacher_source  # noqa: F401 (builtin_source: re-exported)
 from distill_core.teacher import CFGTeacher
-from distill_core.train.callbacks import TqdmProgress
+from distill_core.train.callbacks import Callback, TqdmProgress
 from distill_core.train.trainer import Trainer, TrainingDiverged
-
-TEACHERS = ("builtin",)
-
-
-def builtin_source() -> TeacherSource:
-    """The shipped 16x16 MNIST teacher: classes 0-9 drawn uniformly, class 10 is the null class."""
-    from distill_core import builtin
-
-    def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(builtin.NUM_CLASSES, (batch,), generator=generator)
-
-    return TeacherSource(
-        "builtin",
-        builtin.load_builtin_teacher(),
-        builtin.SHAPE,
-        draw_cond,
-        torch.tensor([builtin.NUM_CLASSES]),
-        builtin.DEFAULT_GUIDANCE,
-    )
-
-
-def teacher_source(name: str) -> TeacherSource:
-    if name == "builtin":
-        return builtin_source()
-    raise ValueError(
-        f"unknown teacher {name!r}; available here: {list(TEACHERS)} "
-        "(diffusers and ComfyUI teachers come through the nodes)"
-    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -137,18 +110,20 @@ class StudentRun:
 
 
 def train_student(
-    cfg: DistillConfig, source: TeacherSource, resume: bool = False, progress: bool = True
+    cfg: DistillConfig, source: TeacherSource, resume: bool = False, progress: bool = True,
+    callbacks: tuple[Callback, ...] = (),
 ) -> StudentRun | None:
     """Train ``cfg.method`` on ``source`` into ``cfg.out`` and save ``student.safetensors`` there
-    (``None`` when training was interrupted: continue with ``resume=True``)."""
+    (``None`` when training was interrupted: continue with ``resume=True``). ``callbacks`` see every
+    iteration (progress bars of a host; one that raises stops the run after a checkpoint)."""
     from distill_core.students import save_student
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out / "config.yaml")
     method = build_method(source, cfg)
-    callbacks = [TqdmProgress(f"{cfg.method} to {cfg.steps} steps")] if progress else []
-    trainer = Trainer(method, cfg, out, callbacks)
+    bar = [TqdmProgress(f"{cfg.method} to {cfg.steps} steps")] if progress else []
+    trainer = Trainer(method, cfg, out, [*bar, *callbacks])
     try:
         result = trainer.fit(resume=resume)
     finally:

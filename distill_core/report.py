@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -77,3 +78,63 @@ def write_report(out: str | Path, report: dict, row_labels: list[str] | None = N
     md_path = out / "report.md"
     md_path.write_text("\n".join(lines))
     return json_path, md_path
+
+
+#: line colours of the loss curve, one per student step index
+CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+
+
+def loss_curve(metrics: list[dict], width: int = 512, height: int = 256, pad: int = 8) -> torch.Tensor:
+    """A plot of ``metrics.jsonl`` records as ``[H, W, 3]`` uint8: log10 loss against iteration, one
+    line per student step index (SFD: one per step), on a white canvas with a light frame."""
+    canvas = torch.full((height, width, 3), 255, dtype=torch.uint8)
+    canvas[pad, pad:-pad] = canvas[-pad - 1, pad:-pad] = 200
+    canvas[pad:-pad, pad] = canvas[pad:-pad, -pad - 1] = 200
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in metrics:
+        for index, value in r.get("loss", {}).items():
+            if value > 0:
+                series.setdefault(index, []).append((r["iter"], math.log10(value)))
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return canvas
+    it_lo, it_hi = min(p[0] for p in points), max(p[0] for p in points)
+    lo, hi = min(p[1] for p in points), max(p[1] for p in points)
+    span_it, span = max(it_hi - it_lo, 1), max(hi - lo, 1e-6)
+
+    def xy(it: float, v: float) -> tuple[float, float]:
+        return (pad + 1 + (it - it_lo) / span_it * (width - 2 * pad - 3),
+                height - pad - 2 - (v - lo) / span * (height - 2 * pad - 3))
+
+    for k, (_, s) in enumerate(sorted(series.items(), key=lambda kv: int(kv[0]))):
+        colour = torch.tensor(CURVE_COLOURS[k % len(CURVE_COLOURS)], dtype=torch.uint8)
+        for (a, va), (b, vb) in zip(s, s[1:] or s):
+            (x0, y0), (x1, y1) = xy(a, va), xy(b, vb)
+            n = int(max(abs(x1 - x0), abs(y1 - y0))) + 2
+            t = torch.linspace(0, 1, n)
+            xs, ys = (x0 + (x1 - x0) * t).round().long(), (y0 + (y1 - y0) * t).round().long()
+            canvas[ys.clamp(0, height - 1), xs.clamp(0, width - 1)] = colour
+    return canvas
+
+
+def latent_rgb(latents: torch.Tensor, factors: list[list[float]], bias: list[float] | None = None) -> torch.Tensor:
+    """A cheap preview of latents ``[N, C, H, W]`` as images ``[N, 3, H, W]`` in about [-1, 1]: a
+    per-pixel linear map with the model family's RGB factors (ComfyUI's ``latent_rgb_factors``)."""
+    weight = torch.tensor(factors, dtype=torch.float32, device=latents.device)  # [C, 3]
+    rgb = torch.einsum("nchw,cr->nrhw", latents.float(), weight)
+    if bias is not None:
+        rgb = rgb + torch.tensor(bias, device=latents.device)[None, :, None, None]
+    return rgb
+
+
+def preview_pixels(images: torch.Tensor, latent_format=None, columns: int = 8) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 of a batch in model space: pixels in [-1, 1] as they are, latents through
+    ``latent_format``'s RGB factors (or their first three channels); at most ``columns`` images."""
+    images = images[:columns].detach().cpu().float()
+    factors = getattr(latent_format, "latent_rgb_factors", None)
+    if factors is not None and images.shape[1] == len(factors):
+        images = latent_rgb(images, factors, getattr(latent_format, "latent_rgb_factors_bias", None))
+    elif images.shape[1] not in (1, 3):
+        images = images[:, :3]
+    grid = to_uint8_grid([images])
+    return grid.expand(-1, -1, 3).contiguous() if grid.shape[-1] == 1 else grid

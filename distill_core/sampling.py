@@ -75,3 +75,24 @@ def sample(
     if solver:  # a score student (phased) is sampled by a training-free solver on its stored grid
         return SOLVERS[solver](student.denoiser(steps, w), noise, sigmas.to(noise.device), cond, callback)
     return few_step(student.denoiser(steps, w), noise, sigmas, cond, student.afs, callback)
+
+
+def k_sampler(afs: bool = True):
+    """The few-step Euler sampler (AFS first step when ``afs``) as a k-diffusion-style function
+    ``f(model, x, sigmas, extra_args=None, callback=None, disable=None)``, where ``model(x, sigma_batch,
+    **extra_args)`` returns x0: what ComfyUI's KSAMPLER wraps into a SAMPLER for SamplerCustom."""
+
+    def sample_student(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        ones = x.new_ones(x.shape[0])
+
+        def denoiser(x, sigma, cond=None):
+            return model(x, sigma * ones, **extra_args)
+
+        def report(info: dict) -> None:
+            if callback is not None:
+                callback({**info, "sigma_hat": info["sigma"], "denoised": info["x"]})
+
+        return few_step(denoiser, x, sigmas, None, afs, report)
+
+    return sample_student

@@ -272,9 +272,16 @@ def from_architecture(arch: dict) -> EDMDenoiser:
                        arch["sigma_max"])
 
 
+def network_module(denoiser: nn.Module) -> nn.Module:
+    """The module whose own keys a full student file uses: the network a stock loader reads (a ComfyUI
+    model's ``diffusion_model``), or the denoiser itself."""
+    root, under = lora_target(denoiser)
+    return root.get_submodule(under) if under else root
+
+
 def save_student(path: str | Path, net: StudentNet, card: dict) -> Path:
-    """A full student's weights, or a LoRA student's adapters in the stock loader's key format (plus
-    the step embedding of an SFD-v student), with the card as metadata."""
+    """A full student's network weights, or a LoRA student's adapters in the stock loader's key format,
+    plus the step embedding of an SFD-v student (``step_embed.*``), with the card as metadata."""
     card = {
         **card,
         "step_embedding": None
@@ -284,14 +291,16 @@ def save_student(path: str | Path, net: StudentNet, card: dict) -> Path:
         if net.lora is None
         else {"kind": "lora", "rank": net.lora.rank, "alpha": net.lora.alpha, "layers": len(net.lora.paths)},
     }
-    if net.lora is None:
-        return safetensors_io.save_atomic(net.state_dict(), path, card)
-    extra = {k: v for k, v in net.state_dict().items() if k.startswith("step_embed.")}
-    return safetensors_io.save_atomic({**net.lora.file_tensors(), **extra}, path, card)
+    weights = network_module(net.denoiser).state_dict() if net.lora is None else net.lora.file_tensors()
+    step = {} if net.step_embed is None else {f"step_embed.{k}": v for k, v in net.step_embed.state_dict().items()}
+    return safetensors_io.save_atomic({**weights, **step}, path, card)
 
 
-def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond = None) -> Student:
-    """Load a student file for ``teacher`` (a CFGTeacher, or its denoiser with ``uncond`` for CFG)."""
+def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond = None, share: bool = False
+                 ) -> Student:
+    """Load a student file for ``teacher`` (a CFGTeacher, or its denoiser with ``uncond`` for CFG).
+    ``share``: a LoRA student hooks its adapters into the teacher's own network instead of a copy (no
+    second copy of the weights; call ``student.net.lora.detach()`` when done)."""
     card = safetensors_io.read_card(path)
     if card.get("kind") != "student":
         raise ValueError(f"{path} is not a student file (its card says kind={card.get('kind')!r})")
@@ -307,14 +316,17 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
     tensors, _ = safetensors_io.load(path)
     kind = card.get("student", {"kind": "full"})
     lora = None if kind["kind"] == "full" else {"rank": kind["rank"], "alpha": kind["alpha"]}
-    # a student of its own size (phased distillation), or a copy of its teacher's architecture
-    base = from_architecture(card["architecture"]) if card.get("architecture") else copy.deepcopy(denoiser)
+    if card.get("architecture"):  # a student of its own size (phased distillation)
+        base = from_architecture(card["architecture"])
+    else:
+        base = denoiser if share and lora is not None else copy.deepcopy(denoiser)
     net = StudentNet(base, card.get("step_embedding") is not None, lora)
+    step = {k[len("step_embed."):]: v for k, v in tensors.items() if k.startswith("step_embed.")}
     if lora is None:
-        net.load_state_dict(tensors)
+        weights = {k: v for k, v in tensors.items() if not k.startswith("step_embed.")}
+        network_module(net.denoiser).load_state_dict(weights)
     else:
         net.lora.load_file_tensors(tensors)
-        if net.step_embed is not None:
-            net.step_embed.load_state_dict({k[len("step_embed."):]: v for k, v in tensors.items()
-                                            if k.startswith("step_embed.")})
+    if net.step_embed is not None:
+        net.step_embed.load_state_dict(step)
     return Student(net.eval().requires_grad_(False), card, uncond)

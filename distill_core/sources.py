@@ -1,0 +1,61 @@
+"""Teacher sources: a teacher's denoiser with what distillation needs around it (sample shape,
+a sampler of training conditions, the unconditional condition, the default guidance scale).
+
+* ``builtin``: the shipped 16x16 MNIST teacher, class-conditional;
+* ``comfy_source``: any ComfyUI MODEL with prompt conditions (the nodes build it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distill_core.denoisers.base import index_cond
+from distill_core.methods.base import TeacherSource
+
+TEACHERS = ("builtin",)
+
+
+def builtin_source() -> TeacherSource:
+    """The shipped 16x16 MNIST teacher: classes 0-9 drawn uniformly, class 10 is the null class."""
+    from distill_core import builtin
+
+    def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(builtin.NUM_CLASSES, (batch,), generator=generator)
+
+    return TeacherSource(
+        "builtin",
+        builtin.load_builtin_teacher(),
+        builtin.SHAPE,
+        draw_cond,
+        torch.tensor([builtin.NUM_CLASSES]),
+        builtin.DEFAULT_GUIDANCE,
+    )
+
+
+def teacher_source(name: str) -> TeacherSource:
+    if name == "builtin":
+        return builtin_source()
+    raise ValueError(
+        f"unknown teacher {name!r}; available here: {list(TEACHERS)} "
+        "(diffusers and ComfyUI teachers come through the nodes)"
+    )
+
+
+def comfy_source(base_model, positive: list, negative: list, width: int, height: int, guidance: float,
+                 name: str = "comfyui") -> TeacherSource:
+    """A ComfyUI model (``MODEL.model``, its BaseModel) with prompt conditions: every training
+    trajectory draws one of the ``positive`` entries uniformly; the first ``negative`` entry is the
+    unconditional side of CFG."""
+    from distill_core.denoisers.comfy import ComfyDenoiser, encode_conditioning, latent_shape
+
+    denoiser = ComfyDenoiser(base_model)
+    shape = latent_shape(base_model, width, height)
+    both = encode_conditioning(base_model, list(positive) + list(negative[:1]), shape)
+    n = len(positive)
+    prompts = index_cond(both, torch.arange(n))
+    uncond = index_cond(both, torch.tensor([n]))
+
+    def draw_cond(batch: int, generator: torch.Generator) -> dict:
+        return index_cond(prompts, torch.randint(n, (batch,), generator=generator))
+
+    return TeacherSource(name, denoiser, shape, draw_cond, uncond, guidance)

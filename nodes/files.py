@@ -1,0 +1,52 @@
+"""Save / Load student nodes. LoRA students go to ``loras/`` (the stock LoraLoader applies them), full
+students to ``diffusion_models/``; names are sanitised and confined to their folder."""
+
+from __future__ import annotations
+
+import shutil
+
+from distill_core.builtin import fingerprint
+
+from . import host
+from .distill import student_model
+from .handles import StudentHandle, TeacherHandle
+from .sampling import resolve_student_file, student_files
+from .spec import In, Out, node
+
+
+@node("DistillSaveStudent", "Save student", "files",
+      "Saves a student under a new name: LoRAs in loras/, full students in diffusion_models/, with the sampling "
+      "recipe (schedule, AFS, guidance) in the file's metadata.",
+      inputs=[In("student", "DISTILL_STUDENT", "the student to save"),
+              In("save_name", "STRING", "file name (no folders; '.safetensors' is added)", "my_student")],
+      outputs=[Out("STRING", "path", "where the file was written")],
+      output_node=True)
+class SaveStudent:
+    def run(self, student: StudentHandle, save_name: str, unique_id=None):
+        kind = student.card["student"]["kind"]
+        target = host.confined(host.model_folder(host.FOLDERS[kind]), save_name, ".safetensors")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.resolve() != student.path.resolve():
+            shutil.copyfile(student.path, target)
+        return {"ui": {"text": [str(target)]}, "result": (str(target),)}
+
+
+@node("DistillLoadStudent", "Load student", "files",
+      "Loads a student file for its teacher and checks that it belongs to it (weights fingerprint).",
+      inputs=[In("teacher", "DISTILL_TEACHER", "the teacher the student was distilled from"),
+              In("student_file", student_files, "the student's file (loras/ or diffusion_models/)",
+                 options={"file_list": True})],
+      outputs=[Out("MODEL", "model", "the student as a MODEL (ComfyUI teachers; None for the built-in teacher)"),
+               Out("DISTILL_STUDENT", "student", "the student, for sampling and comparing")])
+class LoadStudent:
+    def run(self, teacher: TeacherHandle, student_file: str, unique_id=None):
+        path, card = resolve_student_file(student_file)
+        if teacher.model is not None:
+            host.load_models([teacher.model])
+        ours = fingerprint(teacher.source().denoiser)
+        if card["teacher_fingerprint"] != ours:
+            raise ValueError(f"{student_file} was distilled from another model (fingerprint "
+                             f"{card['teacher_fingerprint']}, this teacher: {ours}); connect the teacher it came from")
+        handle = StudentHandle(path, teacher)
+        handle.model = student_model(handle)
+        return handle.model, handle

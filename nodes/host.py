@@ -1,0 +1,187 @@
+"""The one module that talks to ComfyUI (folders, progress bar, interrupts, events, model loading,
+samplers, LoRA patches). Every ComfyUI import is inside a function, so the pack imports and its
+nodes run without ComfyUI (CI, the headless runner): folders then come from the environment
+(``DISTILL_MODELS_DIR``, default ``./models``; ``DISTILL_OUTPUT_DIR``, default ``./output``) and
+progress goes nowhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from distill_core.train.callbacks import Callback
+
+#: where each kind of file goes (ComfyUI's folder names: stock loaders list these)
+FOLDERS = {"lora": "loras", "full": "diffusion_models"}
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,127}$")
+
+
+def in_comfyui() -> bool:
+    return importlib.util.find_spec("folder_paths") is not None and importlib.util.find_spec("comfy") is not None
+
+
+def model_folder(kind: str) -> Path:
+    """The first folder ComfyUI searches for ``kind`` (e.g. "loras"), or ``$DISTILL_MODELS_DIR/<kind>``."""
+    if in_comfyui():
+        import folder_paths
+
+        return Path(folder_paths.get_folder_paths(kind)[0])
+    return Path(os.environ.get("DISTILL_MODELS_DIR", "models")) / kind
+
+
+def output_folder() -> Path:
+    if in_comfyui():
+        import folder_paths
+
+        return Path(folder_paths.get_output_directory())
+    return Path(os.environ.get("DISTILL_OUTPUT_DIR", "output"))
+
+
+def runs_folder() -> Path:
+    """Where training runs (checkpoints, metrics, sample grids) live: ``<output>/distill_runs``."""
+    return output_folder() / "distill_runs"
+
+
+def confined(folder: Path, name: str, suffix: str = "") -> Path:
+    """``folder / (name + suffix)``, refusing names that could leave the folder (``../x``, ``/etc``,
+    separators) or that are empty or odd; the error says what is allowed."""
+    name = name.strip()
+    if suffix and name.endswith(suffix):
+        name = name[: -len(suffix)]
+    if not SAFE_NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"name {name!r} is not allowed: use letters, digits, spaces, '_', '-' and '.', no path "
+            f"separators and no '..' (files are written only inside {folder})"
+        )
+    path = (folder / f"{name}{suffix}").resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise ValueError(f"name {name!r} would leave {folder}")
+    return path
+
+
+def list_files(kind: str) -> list[str]:
+    """The ``.safetensors`` files of a model folder kind, as ComfyUI lists them."""
+    if in_comfyui():
+        import folder_paths
+
+        return [f for f in folder_paths.get_filename_list(kind) if f.endswith(".safetensors")]
+    folder = model_folder(kind)
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors")) if folder.is_dir() else []
+
+
+def find_file(kind: str, name: str) -> Path:
+    """The full path of a listed file (only names from the folder's own listing are accepted)."""
+    if name not in list_files(kind):
+        raise FileNotFoundError(f"{name!r} is not in the {kind} folder ({model_folder(kind)})")
+    if in_comfyui():
+        import folder_paths
+
+        return Path(folder_paths.get_full_path(kind, name))
+    return model_folder(kind) / name
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception when the user pressed Cancel (nothing outside ComfyUI)."""
+    if in_comfyui():
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def send_event(event: str, data: dict) -> None:
+    """A custom event to the browser (``web/distill.js`` listens); nothing outside a ComfyUI server."""
+    if not in_comfyui():
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    if getattr(PromptServer, "instance", None) is not None:
+        PromptServer.instance.send_sync(event, data)
+
+
+class NodeProgress(Callback):
+    """Progress of a training node: ComfyUI's progress bar with a preview image every ``preview_every``
+    iterations (each update is also ComfyUI's interrupt check: Cancel raises, and the trainer saves a
+    checkpoint before the exception leaves), and a ``distill.progress`` event with the loss for the
+    web extension's sparkline and ETA."""
+
+    def __init__(self, node_id: str | None, preview: callable | None = None, preview_every: int = 0):
+        self.node_id, self.preview, self.preview_every = node_id, preview, preview_every
+        self.bar = None
+
+    def on_start(self, trainer) -> None:
+        self.start, self.first = time.perf_counter(), trainer.iteration
+        if in_comfyui():
+            import comfy.utils
+
+            self.bar = comfy.utils.ProgressBar(trainer.cfg.iters)
+            self.bar.update_absolute(trainer.iteration, trainer.cfg.iters)
+
+    def on_iteration(self, trainer, record: dict) -> None:
+        done, total = trainer.iteration, trainer.cfg.iters
+        rate = (time.perf_counter() - self.start) / max(done - self.first, 1)
+        losses = record.get("loss", {})
+        send_event("distill.progress", {
+            "node": self.node_id, "iteration": done, "total": total,
+            "loss": sum(losses.values()) / max(len(losses), 1), "eta_s": round(rate * (total - done), 1),
+            "run": str(trainer.out),
+        })
+        image = None
+        if self.preview is not None and self.preview_every and done % self.preview_every == 0:
+            image = self.preview(trainer)
+        if self.bar is not None:
+            self.bar.update_absolute(done, total, None if image is None else ("JPEG", image, 512))
+        check_interrupt()
+
+
+def to_pil(pixels: torch.Tensor):
+    """``[H, W, 3]`` uint8 as a PIL image (ComfyUI ships Pillow; previews exist only there)."""
+    from PIL import Image
+
+    return Image.fromarray(pixels.numpy())
+
+
+def load_models(models: list) -> None:
+    """Have ComfyUI load (and patch) these MODELs before their weights are used directly."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu(models)
+
+
+def trainable_weights(module: torch.nn.Module) -> None:
+    """Replace inference-mode tensors (ComfyUI loads weights under ``torch.inference_mode()``) by
+    normal copies of the same values, so autograd can save them for backward. Call inside
+    ``torch.inference_mode(False)``."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_inference():
+            tensor.data = tensor.data.clone()
+
+
+def with_lora(model, tensors: dict[str, torch.Tensor], strength: float = 1.0):
+    """A clone of MODEL with a LoRA state dict applied the way the stock LoraLoader applies it."""
+    import comfy.sd
+
+    return comfy.sd.load_lora_for_models(model, None, tensors, strength, 0)[0]
+
+
+def new_model(base_model, like):
+    """A MODEL (ModelPatcher) around a new BaseModel, on the devices of MODEL ``like``."""
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(
+        base_model, load_device=like.load_device, offload_device=like.offload_device
+    )
+
+
+def ksampler(function, **options):
+    """A SAMPLER for SamplerCustom / SamplerCustomAdvanced from a k-diffusion-style function."""
+    import comfy.samplers
+
+    return comfy.samplers.KSAMPLER(function, extra_options=options)

@@ -1,0 +1,104 @@
+"""Few-step sampling nodes: the student's own SIGMAS and SAMPLER for the stock SamplerCustom, and a
+one-node sampler. The schedule travels in the student file, so picking the file gives the right
+sigmas (a shared LoRA carries its own sampling recipe)."""
+
+from __future__ import annotations
+
+import torch
+
+from distill_core import safetensors_io
+from distill_core.report import preview_pixels
+from distill_core.sampling import k_sampler, sample
+
+from . import host
+from .handles import StudentHandle
+from .spec import In, Out, node, seed
+
+STUDENT_FOLDERS = ("loras", "diffusion_models")
+
+
+def student_files() -> list[str]:
+    """"<folder>/<file>" for every safetensors file in the folders students are saved to."""
+    return ["(connected student)"] + [f"{kind}/{name}" for kind in STUDENT_FOLDERS for name in host.list_files(kind)]
+
+
+def resolve_student_file(choice: str) -> tuple:
+    """(path, card) of a "<folder>/<file>" choice; a clear error for files without a student card."""
+    kind, _, name = choice.partition("/")
+    if kind not in STUDENT_FOLDERS:
+        raise ValueError(f"pick a student file from {STUDENT_FOLDERS} or connect a student, got {choice!r}")
+    path = host.find_file(kind, name)
+    card = safetensors_io.read_card(path)
+    if card.get("kind") != "student":
+        raise ValueError(f"{choice} is not a student made by Distill to N steps (no student metadata)")
+    return path, card
+
+
+STEPS = In("steps", "INT", "evaluations per image; 0: the student's own (an SFD-v student accepts its range)", 0,
+           options={"min": 0, "max": 64})
+
+
+@node("DistillStudentSchedule", "Student sigmas + sampler", "sample",
+      "The student's sampling recipe from its file: SIGMAS and a SAMPLER (Euler with SFD's analytic first step) "
+      "for the stock SamplerCustom / SamplerCustomAdvanced, and the cfg to use (1 for distilled guidance).",
+      inputs=[In("student_file", student_files, "a student LoRA / model file (its metadata holds the schedule), or "
+                 "'(connected student)' to use the student input", options={"file_list": True}),
+              STEPS,
+              In("student", "DISTILL_STUDENT", "a student straight from Distill to N steps (overrides the file)",
+                 optional=True)],
+      outputs=[Out("SIGMAS", "sigmas", "the student's noise levels, from sigma_max to its sigma_min"),
+               Out("SAMPLER", "sampler", "Euler with the analytic first step, as the student was trained"),
+               Out("FLOAT", "cfg", "the CFG scale to sample with: 1 for distilled guidance, else the trained w")])
+class StudentSchedule:
+    def run(self, student_file: str, steps: int, student: StudentHandle | None = None, unique_id=None):
+        card = student.card if student is not None else resolve_student_file(student_file)[1]
+        sigmas, cfg = recipe(card, steps)
+        return sigmas, host.ksampler(k_sampler(card["afs"])), cfg
+
+
+def recipe(card: dict, steps: int = 0) -> tuple[torch.Tensor, float]:
+    """(sigmas, cfg) of a student card at ``steps`` (0: its own)."""
+    choices = sorted(int(n) for n in card["sigmas"])
+    n = choices[-1] if steps == 0 else steps
+    if n not in choices:
+        raise ValueError(f"this student samples with {choices} steps, not {n}")
+    guidance = card["guidance"]
+    return torch.tensor(card["sigmas"][str(n)]), (1.0 if guidance["mode"] == "distilled" else guidance["w"])
+
+
+@node("DistillSample", "Few-step sample", "sample",
+      "Samples the student in its few steps from a seed: digits for the built-in teacher, latents (and images "
+      "with a VAE) for ComfyUI models, with its training prompts.",
+      inputs=[In("student", "DISTILL_STUDENT", "the student to sample"),
+              seed("noise seed"),
+              In("count", "INT", "number of images", 10, options={"min": 1, "max": 64}),
+              STEPS,
+              In("vae", "VAE", "decodes latents of ComfyUI models to images (else a quick preview)", optional=True)],
+      outputs=[Out("IMAGE", "images", "the samples as images"),
+               Out("LATENT", "latent", "the samples as latents (ComfyUI models; the images' latents otherwise)")],
+      output_node=True)
+class FewStepSample:
+    def run(self, student: StudentHandle, seed: int, count: int, steps: int, vae=None, unique_id=None):
+        source = student.teacher.source()
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn((count, *source.shape), generator=gen) * source.denoiser.sigma_max
+        cond = source.draw_cond(count, gen)
+        if student.teacher.model is not None:
+            host.load_models([student.teacher.model])
+        with student.loaded() as s:
+            x = sample(s, noise, cond, steps=steps or None)
+        images, latent = to_images(x, student.teacher.model, vae)
+        return {"ui": {"text": [f"{count} samples in {steps or student.card.get('nfe', '?')} steps"]},
+                "result": (images, latent)}
+
+
+def to_images(x: torch.Tensor, model=None, vae=None) -> tuple[torch.Tensor, dict]:
+    """ComfyUI IMAGE ``[B, H, W, 3]`` in [0, 1] and LATENT of model-space samples ``x``."""
+    if model is None:  # built-in pixels in [-1, 1], shown 4x larger
+        pixels = ((x.clamp(-1, 1) + 1) / 2).repeat_interleave(4, -1).repeat_interleave(4, -2)
+        return pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous(), {"samples": x}
+    latent = {"samples": model.model.process_latent_out(x)}
+    if vae is not None:
+        return vae.decode(latent["samples"]), latent
+    frames = [preview_pixels(xi[None], model.model.latent_format, 1) for xi in x]
+    return torch.stack(frames).float().div(255), latent

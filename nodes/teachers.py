@@ -1,0 +1,100 @@
+"""Teacher nodes: the built-in teacher, any ComfyUI MODEL with prompt conditions, and the prompt list."""
+
+from __future__ import annotations
+
+from distill_core.builtin import DEFAULT_GUIDANCE
+from distill_core.config import EDM_SIGMA_MIN, SD_SIGMA_MIN
+from distill_core.sources import builtin_source, comfy_source
+
+from .handles import TeacherHandle
+from .spec import In, Out, node
+
+TEACHER = Out("DISTILL_TEACHER", "teacher", "the teacher to distil, for Distill to N steps and Compare")
+
+#: A varied default prompt list for prompt-conditioned teachers (subjects, styles, lighting, framing).
+DEFAULT_PROMPTS = "\n".join([
+    "a red fox curled up asleep in fresh snow, soft morning light",
+    "portrait of an elderly fisherman with a weathered face, overcast day, 85mm photo",
+    "a cosy reading nook with a window seat and rain outside, warm lamp light",
+    "isometric illustration of a tiny floating island with a lighthouse",
+    "a bowl of ramen with a soft-boiled egg, steam rising, top-down food photo",
+    "watercolor painting of a mountain lake at dusk with pine trees",
+    "a vintage red bicycle leaning against a blue door in a narrow street",
+    "futuristic city skyline at night with neon signs reflected in wet streets",
+    "macro photo of a dragonfly on a reed, shallow depth of field",
+    "an astronaut tending a vegetable garden inside a glass dome on mars",
+    "oil painting of a stormy sea with a small sailing boat",
+    "a golden retriever puppy running through autumn leaves",
+    "minimalist product photo of a ceramic coffee mug on linen",
+    "ancient library with towering bookshelves and floating candles",
+    "pixel art of a knight standing at the gate of a castle",
+    "a desert canyon with layered red rock under a starry sky",
+])
+DEFAULT_NEGATIVE = "blurry, low quality, distorted, watermark, text"
+
+
+@node("DistillBuiltinTeacher", "Built-in teacher (digits)", "teachers",
+      "The shipped 16x16 class-conditional digits teacher: distils anywhere in minutes, no checkpoint needed.",
+      inputs=[In("guidance", "FLOAT", "classifier-free guidance scale w the teacher samples with", DEFAULT_GUIDANCE,
+                 options={"min": 1.0, "max": 10.0, "step": 0.1})],
+      outputs=[TEACHER])
+class BuiltinTeacher:
+    def run(self, guidance: float, unique_id=None):
+        def build():
+            source = builtin_source()
+            source.guidance = guidance
+            return source
+
+        return (TeacherHandle("builtin", build, EDM_SIGMA_MIN, guidance),)
+
+
+@node("DistillTeacherFromModel", "Teacher from MODEL", "teachers",
+      "Any eps- or v-prediction ComfyUI model (SD1.x, SD2.x, SDXL from Load Checkpoint) with its prompts. "
+      "Each training trajectory uses one positive entry at random; the negative is CFG's other side. "
+      "Flow models (SD3, Flux) are refused with a message.",
+      inputs=[
+          In("model", "MODEL", "the teacher model, e.g. from Load Checkpoint"),
+          In("positive", "CONDITIONING", "training prompts: each entry is one prompt (Distill prompt list, "
+             "or CLIP Text Encode outputs combined with Conditioning (Combine))"),
+          In("negative", "CONDITIONING", "the negative prompt (its first entry) for classifier-free guidance"),
+          In("width", "INT", "training image width in pixels (latents are width / 8)", 512,
+             options={"min": 64, "max": 2048, "step": 8}),
+          In("height", "INT", "training image height in pixels", 512, options={"min": 64, "max": 2048, "step": 8}),
+          In("guidance", "FLOAT", "CFG scale w the teacher uses", 5.0, options={"min": 1.0, "max": 20.0, "step": 0.1}),
+      ],
+      outputs=[TEACHER])
+class TeacherFromModel:
+    def run(self, model, positive, negative, width: int, height: int, guidance: float, unique_id=None):
+        from distill_core.denoisers.comfy import refuse_unsupported
+
+        refuse_unsupported(model.model)
+
+        def build():
+            return comfy_source(model.model, positive, negative, width, height, guidance)
+
+        return (TeacherHandle("comfyui", build, SD_SIGMA_MIN, guidance, model=model),)
+
+
+@node("DistillPromptList", "Distill prompt list", "teachers",
+      "Encodes one prompt per line (and a negative prompt) with the model's CLIP into training conditions.",
+      inputs=[
+          In("clip", "CLIP", "the text encoder, e.g. from Load Checkpoint"),
+          In("prompts", "STRING", "training prompts, one per line; a varied list ships as the default",
+             DEFAULT_PROMPTS, options={"multiline": True}),
+          In("negative", "STRING", "negative prompt used for classifier-free guidance", DEFAULT_NEGATIVE,
+             options={"multiline": True}),
+      ],
+      outputs=[Out("CONDITIONING", "positive", "one entry per prompt line"),
+               Out("CONDITIONING", "negative", "the encoded negative prompt")])
+class PromptList:
+    def run(self, clip, prompts: str, negative: str, unique_id=None):
+        lines = [p.strip() for p in prompts.splitlines() if p.strip()]
+        if not lines:
+            raise ValueError("the prompt list is empty: write at least one prompt (one per line)")
+        return [encode(clip, p) for p in lines], [encode(clip, negative)]
+
+
+def encode(clip, text: str) -> list:
+    """One CONDITIONING entry for ``text``, as CLIP Text Encode builds it."""
+    tokens = clip.tokenize(text)
+    return clip.encode_from_tokens_scheduled(tokens)[0]
