@@ -85,13 +85,15 @@ def k_sampler(afs: bool = True):
     def sample_student(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
         ones = x.new_ones(x.shape[0])
+        last = {}  # the latest x0 prediction: ComfyUI's previews show "denoised"
 
         def denoiser(x, sigma, cond=None):
-            return model(x, sigma * ones, **extra_args)
+            last["x0"] = model(x, sigma * ones, **extra_args)
+            return last["x0"]
 
         def report(info: dict) -> None:
             if callback is not None:
-                callback({**info, "sigma_hat": info["sigma"], "denoised": info["x"]})
+                callback({**info, "sigma_hat": info["sigma"], "denoised": last.get("x0", info["x"])})
 
         return few_step(denoiser, x, sigmas, None, afs, report)
 

@@ -232,5 +232,5 @@ def run(args: argparse.Namespace) -> int:
         for value, kind in zip(results[nid], cls.RETURN_TYPES):
             if kind == "IMAGE" and cls.OUTPUT_NODE:
                 pixels = (torch.cat(list(value), dim=1) * 255).round().clamp(0, 255).byte()
-                print(f"wrote {write_png(pixels, out_dir / f'workflow_{nid}.png')}")
+                print(f"wrote {write_png(pixels, out_dir / f'{Path(args.workflow).stem}_{nid}.png')}")
     return 0

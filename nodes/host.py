@@ -119,7 +119,10 @@ class NodeProgress(Callback):
     def on_start(self, trainer) -> None:
         self.start, self.first = time.perf_counter(), trainer.iteration
         if in_comfyui():
+            import comfy.model_management
             import comfy.utils
+
+            self.cancels = (comfy.model_management.InterruptProcessingException,)
 
             self.bar = comfy.utils.ProgressBar(trainer.cfg.iters)
             self.bar.update_absolute(trainer.iteration, trainer.cfg.iters)

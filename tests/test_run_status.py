@@ -13,6 +13,7 @@ from distill_core.config import DistillConfig
 from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
 from distill_core.train.callbacks import Callback, StopAt
+from distill_core.train.checkpoint import load_checkpoint
 from distill_core.train.trainer import Trainer
 
 
@@ -64,6 +65,27 @@ def test_status_interrupted_and_failed(tiny_edm, tmp_path):
         Trainer(m, m.cfg, callbacks=[Boom()]).fit()
     failed = _status(tmp_path / "fail")
     assert failed["state"] == "failed" and failed["error"] == "RuntimeError: disk on fire"
+
+
+def test_a_host_cancel_is_interrupted_with_a_checkpoint(tiny_edm, tmp_path):
+    """A host's cancel exception (ComfyUI's interrupt) raised from a callback that declares it."""
+
+    class Cancelled(Exception):
+        pass
+
+    class Cancel(Callback):
+        cancels = (Cancelled,)
+
+        def on_iteration(self, trainer, record):
+            if trainer.iteration == 3:
+                raise Cancelled("Cancel pressed")
+
+    m = _method(tiny_edm, tmp_path)
+    with pytest.raises(Cancelled):
+        Trainer(m, m.cfg, callbacks=[Cancel()]).fit()
+    status = _status(tmp_path)
+    assert status["state"] == "interrupted" and status["iteration"] == 3
+    assert load_checkpoint(tmp_path / "checkpoints")[1]["iteration"] == 3
 
 
 def _rows(png_path) -> list[bytes]:

@@ -12,7 +12,11 @@ if TYPE_CHECKING:
 
 
 class Callback:
-    """Hooks called by the trainer on the main process; override the ones you need."""
+    """Hooks called by the trainer on the main process; override the ones you need. A callback may
+    raise its host's cancel exception (ComfyUI's interrupt); the trainer checkpoints first, and records
+    the run as interrupted when the exception's type is one of ``cancels`` (else as failed)."""
+
+    cancels: tuple[type[BaseException], ...] = ()
 
     def on_start(self, trainer: Trainer) -> None:
         pass

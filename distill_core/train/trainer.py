@@ -191,7 +191,8 @@ class Trainer:
         try:
             result = self._fit(resume)
         except BaseException as e:
-            state = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            cancels = (KeyboardInterrupt, *(t for cb in self.callbacks for t in cb.cancels))
+            state = "interrupted" if isinstance(e, cancels) else "failed"
             self._write_status(state, error=f"{type(e).__name__}: {e}")
             raise
         self._write_status("finished" if result.status == "done" else "interrupted")

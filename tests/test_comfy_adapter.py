@@ -1,0 +1,149 @@
+"""The ComfyUI MODEL adapter without ComfyUI: a stand-in BaseModel with ComfyUI's interface
+(``apply_model(x, sigma, c_crossattn=, y=)`` returning x0, ``extra_conds``, ``model_sampling``,
+``diffusion_model``). The real thing runs in ``test_real_comfyui.py`` where a checkout exists."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from distill_core.config import DistillConfig
+from distill_core.denoisers.comfy import ComfyDenoiser, encode_conditioning, latent_shape, refuse_unsupported
+from distill_core.lora import merge
+from distill_core.main_job import train_student
+from distill_core.safetensors_io import load
+from distill_core.sources import comfy_source
+from distill_core.students import load_student
+from distill_core.teacher import CFGTeacher
+
+
+class EPS:
+    """Named like ComfyUI's eps-prediction ``model_sampling`` class."""
+
+    sigma_min, sigma_max = 0.03, 14.6
+
+
+class CONST(EPS):
+    """Named like ComfyUI's flow-matching ``model_sampling`` class."""
+
+
+class Cond:
+    def __init__(self, cond: torch.Tensor):
+        self.cond = cond
+
+
+class TinyUNet(nn.Module):
+    def __init__(self, context: int = 6, pooled: int = 5):
+        super().__init__()
+        self.conv_in, self.conv_out = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.context, self.label = nn.Linear(context, 8), nn.Linear(pooled, 8)
+
+    def forward(self, x, sigma, context, y):
+        # mean over tokens: a tiled context (every token repeated k times) gives the same output
+        h = self.conv_in(x / (1 + sigma**2).sqrt()) + (self.context(context).mean(1) + self.label(y))[..., None, None]
+        return self.conv_out(torch.nn.functional.silu(h))
+
+
+class FakeBaseModel(nn.Module):
+    """ComfyUI's BaseModel interface: eps prediction turned into x0, conditions built by extra_conds."""
+
+    def __init__(self, sampling=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.diffusion_model = TinyUNet()
+        self.model_sampling = sampling or EPS()
+        self.calls: list[dict] = []
+
+    def extra_conds(self, cross_attn, device, noise, **options):
+        self.calls.append(options)
+        return {"c_crossattn": Cond(cross_attn), "y": Cond(options["pooled_output"])}
+
+    def apply_model(self, x, sigma, c_crossattn=None, y=None):
+        s = sigma.view(-1, 1, 1, 1)
+        return x - s * self.diffusion_model(x, s, c_crossattn, y)
+
+
+def _entry(tokens: int, seed: int) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, tokens, 6, generator=gen), {"pooled_output": torch.randn(1, 5, generator=gen)}]
+
+
+def test_the_adapter_is_apply_model_with_sigma_and_conditions():
+    base = FakeBaseModel()
+    d = ComfyDenoiser(base)
+    assert (d.sigma_min, d.sigma_max) == (0.03, 14.6)
+    x = torch.randn(2, 4, 8, 8)
+    cond = {"c_crossattn": torch.randn(2, 3, 6), "y": torch.randn(2, 5)}
+    expected = base.apply_model(x, torch.full((2,), 1.5), **cond)
+    torch.testing.assert_close(d(x, 1.5, cond), expected)
+    with pytest.raises(TypeError, match="dict of model inputs"):
+        d(x, 1.5, torch.tensor([1, 2]))
+
+
+def test_flow_models_and_other_objects_are_refused():
+    with pytest.raises(ValueError, match="flow-matching"):
+        refuse_unsupported(FakeBaseModel(CONST()))
+    with pytest.raises(TypeError, match="Load Checkpoint"):
+        refuse_unsupported(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        latent_shape(FakeBaseModel(), 500, 512)
+    assert latent_shape(FakeBaseModel(), 512, 768) == (4, 96, 64)
+
+
+def test_conditioning_entries_with_different_token_counts_are_tiled_without_changing_the_output():
+    base = FakeBaseModel()
+    short, long = _entry(3, 1), _entry(6, 2)
+    cond = encode_conditioning(base, [short, long], (4, 8, 8))
+    assert cond["c_crossattn"].shape == (2, 6, 6) and cond["y"].shape == (2, 5)
+    assert base.calls[0]["width"] == 64 and base.calls[0]["height"] == 64  # sizes for SDXL's y, from the latent
+    x = torch.randn(1, 4, 8, 8)
+    alone = base.apply_model(x, torch.tensor([2.0]), c_crossattn=short[0], y=short[1]["pooled_output"])
+    tiled = base.apply_model(x, torch.tensor([2.0]), c_crossattn=cond["c_crossattn"][:1], y=cond["y"][:1])
+    torch.testing.assert_close(tiled, alone)
+    with pytest.raises(ValueError, match="one prompt"):
+        encode_conditioning(base, [[torch.randn(2, 3, 6), {"pooled_output": torch.randn(2, 5)}]], (4, 8, 8))
+    with pytest.raises(ValueError, match="non-empty list"):
+        encode_conditioning(base, [], (4, 8, 8))
+
+
+def test_comfy_source_draws_positive_prompts_and_uses_the_negative_as_uncond():
+    base = FakeBaseModel()
+    positive, negative = [_entry(3, 1), _entry(3, 2)], [_entry(3, 3)]
+    source = comfy_source(base, positive, negative, 64, 64, 5.0)
+    assert source.shape == (4, 8, 8) and source.guidance == 5.0
+    torch.testing.assert_close(source.uncond["c_crossattn"], negative[0][0])
+    drawn = source.draw_cond(8, torch.Generator().manual_seed(0))
+    assert drawn["c_crossattn"].shape == (8, 3, 6)
+    for row in drawn["c_crossattn"]:
+        assert any(torch.equal(row, p[0][0]) for p in positive)
+
+
+def test_a_lora_student_of_a_comfy_model_merges_into_diffusion_model_keys(tmp_path):
+    """The file's keys are ``diffusion_model.<layer>`` (ComfyUI's LoRA key map for UNets), and merging
+    them into the teacher's weights reproduces the student's denoiser."""
+    base = FakeBaseModel()
+    source = comfy_source(base, [_entry(3, 1), _entry(3, 2)], [_entry(3, 3)], 64, 64, 1.0)
+    cfg = DistillConfig(teacher="fake", steps=2, iters=3, batch=2, teacher_substeps=2, lr=1e-2, sigma_min=0.1,
+                        guidance_mode="cfg", guidance=1.0, student="lora", lora_rank=2, out=str(tmp_path))
+    run = train_student(cfg, source, progress=False)
+    tensors, card = load(run.path)
+    assert card["student"]["kind"] == "lora" and card["sigmas"]["2"][-1] == pytest.approx(0.1)
+    assert tensors and all(k.startswith("diffusion_model.") for k in tensors)
+    assert {k.rsplit(".", 2)[-2] if k.endswith("weight") else "alpha" for k in tensors} == {
+        "lora_up", "lora_down", "alpha"}
+    assert any(v.abs().max() > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))  # it trained
+
+    merged = copy.deepcopy(base)  # training gave the teacher network back without hooks
+    student = load_student(run.path, CFGTeacher(source.denoiser, 1.0, source.uncond), share=True)
+    assert merge(merged, tensors) == len([k for k in tensors if k.endswith("lora_down.weight")])
+    x, cond = torch.randn(2, 4, 8, 8), source.draw_cond(2, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(student.denoiser()(x, torch.tensor(3.0), cond),
+                                   ComfyDenoiser(merged)(x, torch.tensor(3.0), cond), atol=1e-5, rtol=1e-5)
+    student.net.lora.detach()
+    with torch.no_grad():  # detached: the shared teacher network is the teacher again
+        torch.testing.assert_close(source.denoiser(x, torch.tensor(3.0), cond),
+                                   ComfyDenoiser(FakeBaseModel())(x, torch.tensor(3.0), cond))
