@@ -69,35 +69,43 @@ class DistillToSteps:
         if method == "sfd-v" and teacher.model is not None:
             raise ValueError("SFD-v students of ComfyUI models need a step embedding that stock samplers cannot "
                              "feed; choose method sfd (one student per step count)")
-        folder = host.model_folder(host.FOLDERS[student])
-        target = host.confined(folder, save_name, ".safetensors")
-        run_dir = host.confined(host.runs_folder(), save_name)
         if guidance_mode == "auto":
             guidance_mode = "distilled" if teacher.model is None else "cfg"
         cfg = DistillConfig(
             teacher=teacher.name, method=method, steps=steps, nfe_range=(min(2, steps), steps),
             sigma_min=teacher.sigma_min, guidance=teacher.guidance, guidance_mode=guidance_mode,
             student=student, lora_rank=lora_rank, lr=learning_rate, iters=iterations, batch=batch, seed=seed,
-            out=str(run_dir), checkpoint_every=checkpoint_every,
+            checkpoint_every=checkpoint_every,
         )
-        with torch.inference_mode(False), torch.enable_grad():
-            if teacher.model is not None:
-                host.load_models([teacher.model])
-                host.trainable_weights(teacher.model.model)
-            source = teacher.source()
-            latent_format = getattr(getattr(teacher.model, "model", None), "latent_format", None)
-            preview = _previewer(latent_format)
-            progress = host.NodeProgress(unique_id, preview, preview_every)
-            run = train_student(cfg, source, resume=resume, progress=False, callbacks=[progress])
-        if run is None:
-            raise RuntimeError(f"training stopped early; queue again with resume on to continue {run_dir}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run.path, target)
-        handle = StudentHandle(target, teacher, run_dir)
+        handle, curve = train_to_file(teacher, cfg, host.FOLDERS[student], save_name, resume, preview_every,
+                                      unique_id)
         handle.model = student_model(handle)
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        curve = loss_curve(metrics).float().div(255).unsqueeze(0)
-        return {"ui": {"text": [f"saved {target}"]}, "result": (handle.model, handle, curve)}
+        return {"ui": {"text": [f"saved {handle.path}"]}, "result": (handle.model, handle, curve)}
+
+
+def train_to_file(teacher: TeacherHandle, cfg: DistillConfig, folder: str, save_name: str, resume: bool,
+                  preview_every: int, unique_id=None) -> tuple[StudentHandle, torch.Tensor]:
+    """What every training node does: train ``cfg`` on the teacher inside the node run (progress, previews
+    and Cancel on the node), the run under ``<output>/distill_runs/<save_name>``, then copy the student to
+    ``<folder>/<save_name>.safetensors``. Returns its handle and the loss curve as a ComfyUI IMAGE."""
+    target = host.confined(host.model_folder(folder), save_name, ".safetensors")
+    run_dir = host.confined(host.runs_folder(), save_name)
+    cfg = cfg.replace(out=str(run_dir))
+    with torch.inference_mode(False), torch.enable_grad():
+        if teacher.model is not None:
+            host.load_models([teacher.model])
+            host.trainable_weights(teacher.model.model)
+        source = teacher.source()
+        latent_format = getattr(getattr(teacher.model, "model", None), "latent_format", None)
+        preview = _previewer(latent_format)
+        progress = host.NodeProgress(unique_id, preview, preview_every)
+        run = train_student(cfg, source, resume=resume, progress=False, callbacks=[progress])
+    if run is None:
+        raise RuntimeError(f"training stopped early; queue again with resume on to continue {run_dir}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run.path, target)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return StudentHandle(target, teacher, run_dir), loss_curve(metrics).float().div(255).unsqueeze(0)
 
 
 def _previewer(latent_format):
