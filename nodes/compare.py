@@ -35,4 +35,5 @@ class Compare:
             result = compare(student.teacher.source(), s, steps or None, count, seed, reference_steps)
         rows = [to_images(x, model, vae)[0] for x in (result.reference, result.solver, result.student)]
         grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0).unsqueeze(0)
-        return {"ui": {"text": [result.summary()]}, "result": (grid, result.summary())}
+        return {"ui": {"text": [result.summary()], "images": host.preview_images(grid)},
+                "result": (grid, result.summary())}

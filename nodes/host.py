@@ -27,11 +27,14 @@ def in_comfyui() -> bool:
 
 
 def model_folder(kind: str) -> Path:
-    """The first folder ComfyUI searches for ``kind`` (e.g. "loras"), or ``$DISTILL_MODELS_DIR/<kind>``."""
+    """Where ComfyUI keeps ``kind`` (e.g. "loras"): its first search folder of that name (ComfyUI lists
+    legacy names first for some kinds, e.g. ``models/unet`` before ``models/diffusion_models``), else
+    its first search folder; outside ComfyUI ``$DISTILL_MODELS_DIR/<kind>``."""
     if in_comfyui():
         import folder_paths
 
-        return Path(folder_paths.get_folder_paths(kind)[0])
+        folders = [Path(p) for p in folder_paths.get_folder_paths(kind)]
+        return next((p for p in folders if p.name == kind), folders[0])
     return Path(os.environ.get("DISTILL_MODELS_DIR", "models")) / kind
 
 
@@ -151,6 +154,25 @@ def to_pil(pixels: torch.Tensor):
     return Image.fromarray(pixels.numpy())
 
 
+def preview_images(images: torch.Tensor, prefix: str = "distill") -> list[dict]:
+    """Save IMAGE ``[B, H, W, 3]`` in [0, 1] as PNGs in ComfyUI's temp folder, as PreviewImage does, and
+    return the node UI's image entries; nothing outside ComfyUI (the headless runner writes its own)."""
+    if not in_comfyui():
+        return []
+    import uuid
+
+    import folder_paths
+
+    folder = Path(folder_paths.get_temp_directory())
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for k, image in enumerate(images):
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}_{k:03d}.png"
+        to_pil((image * 255).round().clamp(0, 255).byte().cpu()).save(folder / name)
+        entries.append({"filename": name, "subfolder": "", "type": "temp"})
+    return entries
+
+
 def load_models(models: list) -> None:
     """Have ComfyUI load (and patch) these MODELs before their weights are used directly."""
     import comfy.model_management
@@ -160,11 +182,16 @@ def load_models(models: list) -> None:
 
 def trainable_weights(module: torch.nn.Module) -> None:
     """Replace inference-mode tensors (ComfyUI loads weights under ``torch.inference_mode()``) by
-    normal copies of the same values, so autograd can save them for backward. Call inside
-    ``torch.inference_mode(False)``."""
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.is_inference():
-            tensor.data = tensor.data.clone()
+    normal copies of the same values, so autograd can save them for backward (an inference tensor stays
+    one whatever its ``.data``: the parameter and buffer objects are replaced). Values are unchanged, so
+    the shared MODEL computes exactly as before. Call inside ``torch.inference_mode(False)``."""
+    for owner in module.modules():
+        for name, p in list(owner._parameters.items()):
+            if p is not None and p.is_inference():
+                owner._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+        for name, b in list(owner._buffers.items()):
+            if b is not None and b.is_inference():
+                owner._buffers[name] = b.clone()
 
 
 def with_lora(model, tensors: dict[str, torch.Tensor], strength: float = 1.0):

@@ -88,7 +88,8 @@ class FewStepSample:
         with student.loaded() as s:
             x = sample(s, noise, cond, steps=steps or None)
         images, latent = to_images(x, student.teacher.model, vae)
-        return {"ui": {"text": [f"{count} samples in {steps or student.card.get('nfe', '?')} steps"]},
+        return {"ui": {"text": [f"{count} samples in {steps or student.card.get('nfe', '?')} steps"],
+                       "images": host.preview_images(images)},
                 "result": (images, latent)}
 
 

@@ -1,0 +1,170 @@
+"""Runs under a real ComfyUI's Python (``COMFYUI_PATH``), in its own process (ComfyUI's top-level
+``nodes`` module and this pack's ``nodes`` package must not meet in one interpreter):
+
+    python tests/comfyui_harness.py checkpoint OUT.safetensors
+        a tiny single-file SD1.5 checkpoint from ComfyUI's own classes, random weights: a one-level
+        320-channel UNet with one transformer block (context 768: detected as SD1.5), CLIP-L-sized
+        text encoder, TAESD as the VAE; fp16.
+    python tests/comfyui_harness.py lora-probe CHECKPOINT WORKDIR
+        in-process: Load Checkpoint -> Distill prompt list -> Teacher from MODEL -> Distill to 4 steps
+        (LoRA) -> the stock LoraLoader applies the saved file to the teacher -> ComfyUI's sampler with
+        the student's sigmas and SAMPLER; prints JSON comparing it with the engine's own sampling of
+        the student from the same initial latent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _comfyui():
+    """Put ComfyUI on the path, on CPU (its model management reads ``args`` at import)."""
+    root = os.environ["COMFYUI_PATH"]
+    sys.path.insert(0, root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.disable_xformers = True
+
+
+def _init(module, seed: int = 0) -> None:
+    """Every parameter explicitly (ComfyUI's layers skip initialisation): norms 1 / 0, the rest small."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def build_checkpoint(path: Path) -> None:
+    _comfyui()
+    import comfy.ops
+    import comfy.sd1_clip
+    import comfy.taesd.taesd
+    import torch
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from safetensors.torch import save_file
+
+    unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
+                     channel_mult=(1,), num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
+                     context_dim=768, transformer_depth_middle=1, transformer_depth_output=[1, 1],
+                     operations=comfy.ops.disable_weight_init)
+    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    vae = comfy.taesd.taesd.TAESD(latent_channels=4)
+    for k, m in enumerate((unet, clip, vae)):
+        _init(m, k)
+    parts = {"model.diffusion_model.": unet, "cond_stage_model.": clip, "first_stage_model.": vae}
+    tensors = {prefix + k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
+               for prefix, m in parts.items() for k, v in m.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+
+
+def load_pack():
+    """This pack as ComfyUI loads a custom node: its ``__init__.py`` as a package of its own name."""
+    spec = importlib.util.spec_from_file_location(
+        "comfyui_distill", PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def lora_probe(checkpoint: Path, work: Path) -> dict:
+    _comfyui()
+    import folder_paths
+
+    for kind in ("checkpoints", "loras", "diffusion_models"):
+        (work / kind).mkdir(parents=True, exist_ok=True)
+        folder_paths.add_model_folder_path(kind, str(work / kind), is_default=True)
+    folder_paths.set_output_directory(str(work / "output"))
+    os.symlink(checkpoint, work / "checkpoints" / checkpoint.name)
+
+    import comfy.model_management
+    import comfy.sample
+    import torch
+
+    from distill_core.denoisers.comfy import encode_conditioning
+    from distill_core.sampling import sample
+
+    stock = importlib.import_module("nodes")  # ComfyUI's own nodes.py (LoraLoader, CheckpointLoaderSimple)
+    torch.manual_seed(0)
+    pack = load_pack().NODE_CLASS_MAPPINGS
+    with torch.inference_mode():  # how ComfyUI runs every node
+        model, clip, _ = stock.CheckpointLoaderSimple().load_checkpoint(checkpoint.name)
+        positive, negative = pack["DistillPromptList"]().run(clip, "a red fox in snow\na lighthouse at dusk", "blurry")
+        (teacher,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 5.0)
+        out = pack["DistillToSteps"]().run(
+            teacher, steps=4, method="sfd", iterations=4, learning_rate=1e-3, batch=2, seed=0,
+            guidance_mode="auto", student="lora", lora_rank=4, save_name="probe_lora", resume=False,
+            preview_every=2, checkpoint_every=2, unique_id="4")
+        student_model, handle, curve = out["result"]
+        sigmas, sampler, cfg = pack["DistillStudentSchedule"]().run("(connected student)", 0, handle)
+
+        (lora_model, _) = stock.LoraLoader().load_lora(model, clip, "probe_lora.safetensors", 1.0, 0.0)
+        seen = {}
+        inner = sampler.sampler_function
+
+        def recording(model_k, x, sigmas, **kw):
+            seen["x_init"] = x.clone()
+            seen["x_out"] = inner(model_k, x, sigmas, **kw)
+            return seen["x_out"]
+
+        sampler.sampler_function = recording
+        latent = torch.zeros(1, 4, 8, 8)
+        noise = comfy.sample.prepare_noise(latent, 7)
+        for name, m in (("teacher", model), ("lora", lora_model)):  # the same noise, without and with the LoRA
+            comfy.sample.sample_custom(m, noise, cfg, sampler, sigmas, positive[:1], negative, latent,
+                                       disable_pbar=True, seed=7)
+            seen[name] = seen["x_out"]
+
+    comfy.model_management.load_models_gpu([model])  # the teacher again: ComfyUI unpatches the LoRA (as nodes do)
+    with torch.inference_mode(False), handle.loaded() as student:  # the engine, LoRA hooked into the teacher
+        base = teacher.model.model
+        cond = encode_conditioning(base, positive[:1], (4, 8, 8))  # the negative is the student's uncond
+        ours = sample(student, seen["x_init"].clone(), cond)
+    card = handle.card
+    lora_keys = sorted(_safetensors_keys(handle.path))
+    return {
+        "max_abs_diff": float((ours - seen["lora"]).abs().max()),
+        "lora_effect": float((seen["teacher"] - seen["lora"]).abs().max()),
+        "output_scale": float(ours.abs().max()),
+        "steps": len(sigmas) - 1,
+        "cfg": cfg,
+        "sigmas": [round(float(s), 4) for s in sigmas],
+        "card": {k: card[k] for k in ("method", "nfe", "afs", "guidance")},
+        "student_kind": card["student"]["kind"],
+        "lora_keys": len(lora_keys),
+        "lora_key_example": lora_keys[0],
+        "student_model_is_stock_patched": type(student_model).__name__,
+        "loss_curve_shape": list(curve.shape),
+        "lora_file": str(handle.path),
+    }
+
+
+def _safetensors_keys(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+if __name__ == "__main__":
+    command = sys.argv[1]
+    if command == "checkpoint":
+        build_checkpoint(Path(sys.argv[2]))
+    elif command == "lora-probe":
+        print("RESULT " + json.dumps(lora_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
+    else:
+        raise SystemExit(f"unknown command {command!r}")

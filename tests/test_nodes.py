@@ -1,0 +1,258 @@
+"""The node pack without ComfyUI: declarations (ids, categories, tooltips), name confinement, the
+shipped workflows (valid against the nodes' signatures and ComfyUI's stock nodes, UI twins in
+sync), the headless runner, and the nodes themselves on the built-in teacher (train, cancel and
+resume, sample, save / load, compare)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import distill_core.workflow as wf
+from distill_core.report import loss_curve, preview_pixels
+from distill_core.safetensors_io import read_card
+from distill_core.sampling import few_step, k_sampler
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = ROOT / "workflows"
+nodes = wf.node_pack()
+from nodes import host  # noqa: E402  (the pack is importable once node_pack() put it on the path)
+from nodes.sampling import recipe  # noqa: E402
+
+
+def _info() -> dict:
+    stock = json.loads((ROOT / "tests" / "data" / "stock_nodes.json").read_text())["nodes"]
+    return {**stock, **wf.pack_info()}
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
+    return tmp_path
+
+
+# ------------------------------------------------------------------ declarations
+def test_every_node_is_prefixed_categorised_and_documented():
+    assert len(nodes.NODE_CLASS_MAPPINGS) >= 8
+    for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        assert node_id.startswith("Distill") and nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        assert cls.CATEGORY.startswith("distill/") and cls.DESCRIPTION
+        declared = cls.INPUT_TYPES()
+        for group in ("required", "optional"):
+            for name, decl in declared.get(group, {}).items():
+                assert len(decl) == 2 and decl[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
+        assert all(cls.OUTPUT_TOOLTIPS), f"{node_id} has an output without a tooltip"
+
+
+def test_the_pack_root_exports_the_mappings_and_the_web_directory():
+    source = (ROOT / "__init__.py").read_text()
+    assert "NODE_CLASS_MAPPINGS" in source and "NODE_DISPLAY_NAME_MAPPINGS" in source
+    assert 'WEB_DIRECTORY = "./web"' in source and (ROOT / "web" / "distill.js").is_file()
+
+
+@pytest.mark.parametrize("name", ["../../x", "/etc/passwd", "a/b", "..", "", "x\\y", ".hidden", "a" * 200])
+def test_names_that_could_leave_their_folder_are_refused(tmp_path, name):
+    with pytest.raises(ValueError, match="not allowed|would leave"):
+        host.confined(tmp_path, name, ".safetensors")
+
+
+def test_a_plain_name_stays_in_its_folder(tmp_path):
+    assert host.confined(tmp_path, "my student_4 v1.2", ".safetensors") == (
+        tmp_path / "my student_4 v1.2.safetensors").resolve()
+    assert host.confined(tmp_path, "x.safetensors", ".safetensors").name == "x.safetensors"
+
+
+# ------------------------------------------------------------------ workflows
+@pytest.mark.parametrize("api_file", sorted(WORKFLOWS.glob("*_api.json")), ids=lambda p: p.name)
+def test_shipped_workflows_are_valid_and_their_ui_twins_match(api_file):
+    info = _info()
+    graph = json.loads(api_file.read_text())
+    assert wf.validate_api(graph, info) == []
+    twin = api_file.with_name(api_file.name.replace("_api.json", ".json"))
+    ui = json.loads(twin.read_text())
+    assert ui == wf.api_to_ui(graph, info, {str(n["id"]): n["pos"] for n in ui["nodes"]})
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        src_node = next(n for n in ui["nodes"] if n["id"] == src)
+        dst_node = next(n for n in ui["nodes"] if n["id"] == dst)
+        assert src_node["outputs"][src_slot]["type"] == kind and link_id in src_node["outputs"][src_slot]["links"]
+        assert dst_node["inputs"][dst_slot]["link"] == link_id
+
+
+def test_every_ui_workflow_has_an_api_twin():
+    ui_files = {p.name for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json")}
+    assert ui_files and all((WORKFLOWS / n.replace(".json", "_api.json")).is_file() for n in ui_files)
+
+
+def test_validation_names_each_problem():
+    info = _info()
+    graph = {
+        "1": {"class_type": "DistillBuiltinTeacher", "inputs": {"guidance": 50.0}},
+        "2": {"class_type": "DistillToSteps", "inputs": {"teacher": ["1", 0], "method": "magic"}},
+        "3": {"class_type": "DistillSample", "inputs": {"student": ["1", 0], "seed": 0, "count": 2, "steps": 0,
+                                                        "colour": 1}},
+        "4": {"class_type": "NotANode", "inputs": {}},
+    }
+    text = "\n".join(wf.validate_api(graph, info))
+    assert "guidance=50.0 is outside" in text and "'magic' is not one of" in text
+    assert "required input 'iterations' is missing" in text and "wants DISTILL_STUDENT, gets DISTILL_TEACHER" in text
+    assert "no input named 'colour'" in text and "unknown node type 'NotANode'" in text
+
+
+def test_the_runner_names_unknown_node_types_and_cycles():
+    graph = json.loads((WORKFLOWS / "sd15_lora_4_steps_api.json").read_text())
+    with pytest.raises(ValueError, match="CheckpointLoaderSimple"):
+        wf.run_graph(graph)
+    cycle = {"1": {"class_type": "A", "inputs": {"x": ["2", 0]}}, "2": {"class_type": "B", "inputs": {"x": ["1", 0]}}}
+    with pytest.raises(ValueError, match="cycle"):
+        wf.topological_order(cycle)
+
+
+def test_workflows_a_and_c_run_headlessly(folders, capsys):
+    """The README's node-pack workflow: built-in teacher -> Distill to 4 steps -> sample -> save; then
+    the compare workflow loads the saved student."""
+    for name in ("builtin_distill_4_steps_api.json", "compare_builtin_student_api.json"):
+        wf.run(argparse.Namespace(workflow=str(WORKFLOWS / name), models=None, output=None))
+    printed = capsys.readouterr().out
+    student = folders / "models" / "diffusion_models" / "digits_4step.safetensors"
+    card = read_card(student)
+    assert card["kind"] == "student" and card["nfe"] == 4 and card["student"]["kind"] == "full"
+    assert (folders / "models" / "diffusion_models" / "digits_4step_shared.safetensors").is_file()
+    assert (folders / "output" / "builtin_distill_4_steps_api_3.png").stat().st_size > 1000
+    assert (folders / "output" / "compare_builtin_student_api_3.png").is_file()
+    assert "dB against the teacher's reference solve" in printed
+    assert json.loads((folders / "output" / "distill_runs" / "digits_4step" / "status.json").read_text())[
+        "state"] == "finished"
+
+
+# ------------------------------------------------------------------ nodes
+def _distill(teacher, **kw):
+    args = dict(steps=2, method="sfd", iterations=6, learning_rate=2e-4, batch=4, seed=0, guidance_mode="auto",
+                student="full", lora_rank=4, save_name="tiny", resume=False, preview_every=2, checkpoint_every=2)
+    return nodes.NODE_CLASS_MAPPINGS["DistillToSteps"]().run(teacher, **{**args, **kw})
+
+
+def test_cancel_keeps_a_checkpoint_and_queueing_again_with_resume_continues(folders, monkeypatch):
+    (teacher,) = nodes.NODE_CLASS_MAPPINGS["DistillBuiltinTeacher"]().run(guidance=2.0)
+    calls = {"n": 0}
+
+    class Interrupted(Exception):
+        pass
+
+    def cancel_at_the_fourth_iteration():
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Interrupted("Cancel pressed")
+
+    monkeypatch.setattr(host, "check_interrupt", cancel_at_the_fourth_iteration)
+    monkeypatch.setattr(host.NodeProgress, "cancels", (Interrupted,))
+    with pytest.raises(Interrupted):
+        _distill(teacher)
+    run_dir = folders / "output" / "distill_runs" / "tiny"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    assert json.loads((run_dir / "checkpoints" / "checkpoint.json").read_text())["iteration"] == 4
+    assert not (folders / "models" / "diffusion_models" / "tiny.safetensors").exists()
+
+    model, student, curve = _distill(teacher, resume=True)["result"]
+    lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines] == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing repeated
+    assert model is None and student.path == (folders / "models" / "diffusion_models" / "tiny.safetensors").resolve()
+    assert curve.shape == (1, 256, 512, 3) and 0 <= curve.min() and curve.max() <= 1
+
+    images, latent = nodes.NODE_CLASS_MAPPINGS["DistillSample"]().run(student, seed=3, count=5, steps=0)["result"]
+    assert images.shape == (5, 64, 64, 3) and torch.isfinite(images).all() and latent["samples"].shape == (5, 1, 16, 16)
+    with pytest.raises(ValueError, match="cannot sample with 3 steps"):
+        nodes.NODE_CLASS_MAPPINGS["DistillSample"]().run(student, seed=3, count=1, steps=3)
+
+
+def test_save_and_load_student_nodes_confine_and_check_the_teacher(folders):
+    (teacher,) = nodes.NODE_CLASS_MAPPINGS["DistillBuiltinTeacher"]().run(guidance=2.0)
+    _, student, _ = _distill(teacher, iterations=2)["result"]
+    save = nodes.NODE_CLASS_MAPPINGS["DistillSaveStudent"]()
+    with pytest.raises(ValueError, match="not allowed"):
+        save.run(student, "../../escape")
+    (path,) = save.run(student, "kept")["result"]
+    assert Path(path) == (folders / "models" / "diffusion_models" / "kept.safetensors").resolve()
+
+    load = nodes.NODE_CLASS_MAPPINGS["DistillLoadStudent"]()
+    assert "diffusion_models/kept.safetensors" in nodes.NODE_CLASS_MAPPINGS["DistillLoadStudent"].INPUT_TYPES()[
+        "required"]["student_file"][0]
+    _, loaded = load.run(teacher, "diffusion_models/kept.safetensors")
+    assert loaded.card["nfe"] == 2
+    with pytest.raises(FileNotFoundError, match="not in the diffusion_models folder"):
+        load.run(teacher, "diffusion_models/../../../etc/passwd")
+    (folders / "models" / "loras").mkdir(parents=True)
+    from distill_core.safetensors_io import save_atomic
+
+    save_atomic({"w": torch.zeros(1)}, folders / "models" / "loras" / "plain.safetensors", {"kind": "other"})
+    with pytest.raises(ValueError, match="no student metadata"):
+        load.run(teacher, "loras/plain.safetensors")
+
+
+def test_the_student_recipe_travels_in_the_file():
+    card = {"sigmas": {"2": [80.0, 1.0, 0.006], "3": [80.0, 5.0, 1.0, 0.006]},
+            "guidance": {"mode": "cfg", "w": 4.5}}
+    sigmas, cfg = recipe(card)
+    assert sigmas.tolist() == pytest.approx([80.0, 5.0, 1.0, 0.006]) and cfg == 4.5
+    assert recipe({**card, "guidance": {"mode": "distilled", "w": 2.0}}, 2)[1] == 1.0
+    with pytest.raises(ValueError, match=r"samples with \[2, 3\] steps, not 5"):
+        recipe(card, 5)
+
+
+def test_the_comfyui_sampler_function_is_the_engines_few_step_sampler(tiny_edm):
+    x = torch.randn(3, 1, 8, 8) * 80
+    sigmas = torch.tensor([80.0, 10.0, 1.0, 0.006])
+    labels = torch.tensor([1, 2, 3])
+    seen = []
+    got = k_sampler(afs=True)(lambda x, s, cond: tiny_edm(x, s, cond), x, sigmas, {"cond": labels},
+                              callback=seen.append)
+    torch.testing.assert_close(got, few_step(tiny_edm, x, sigmas, labels, afs=True))
+    assert [s["i"] for s in seen] == [0, 1, 2] and seen[-1]["denoised"].shape == x.shape
+
+
+def test_loss_curve_and_latent_previews_are_images():
+    metrics = [{"iter": i, "loss": {"0": 1.0 / i, "1": 2.0 / i}} for i in range(1, 20)]
+    curve = loss_curve(metrics, width=200, height=100)
+    assert curve.shape == (100, 200, 3) and curve.dtype == torch.uint8 and (curve != 255).any()
+
+    class SD15Format:
+        latent_rgb_factors = [[0.3, 0.2, 0.2], [0.2, 0.3, 0.2], [-0.1, 0.1, 0.3], [-0.2, -0.2, -0.3]]
+
+    grid = preview_pixels(torch.randn(3, 4, 8, 8), SD15Format())
+    assert grid.shape[-1] == 3 and grid.dtype == torch.uint8 and grid.shape[0] >= 8
+
+
+# ------------------------------------------------------------------ web extension and monitor
+def test_the_web_extension_listens_to_what_the_server_sends():
+    js = (ROOT / "web" / "distill.js").read_text()
+    assert '"distill.progress"' in js and '"/distill/monitor"' in js
+    sent = (ROOT / "nodes" / "host.py").read_text()
+    assert 'send_event("distill.progress"' in sent
+    assert '"/distill/monitor"' in (ROOT / "nodes" / "monitor.py").read_text()
+    names = re.search(r"TRAINING_NODES = new Set\(\[(.*?)\]\)", js).group(1)
+    assert {n.strip(' "') for n in names.split(",")} <= set(nodes.NODE_CLASS_MAPPINGS)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node (CI installs nodejs)")
+def test_the_web_extension_is_valid_javascript(tmp_path):
+    module = tmp_path / "distill.mjs"  # an ES module, as the front end loads it
+    module.write_text((ROOT / "web" / "distill.js").read_text())
+    check = subprocess.run(["node", "--check", str(module)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_the_monitor_node_serves_the_panel_on_loopback(folders):
+    (url,) = nodes.NODE_CLASS_MAPPINGS["DistillMonitor"]().run(port=0)["result"]
+    assert url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.status == 200
+    assert nodes.NODE_CLASS_MAPPINGS["DistillMonitor"]().run(port=0)["result"] == (url,)  # started once

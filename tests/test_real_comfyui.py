@@ -1,0 +1,221 @@
+"""The pack inside a real ComfyUI (gated on ``COMFYUI_PATH``: a Comfy-Org/ComfyUI checkout whose
+requirements are installed in the Python running these tests, with this package importable).
+
+* The stock LoraLoader applies a LoRA saved by Distill to N steps to the teacher and reproduces the
+  student's 4-step samples (in-process, ``tests/comfyui_harness.py``).
+* A headless server (``main.py --cpu``) with this pack in its ``custom_nodes``: workflows (a) and
+  (b) POSTed to ``/prompt`` in API format finish with their outputs on disk; Cancel (``/interrupt``)
+  during training leaves a checkpoint, and queueing again with resume on finishes the run without
+  losing or repeating an iteration; the web extension and the monitor route are served.
+
+Run: ``COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest -m comfyui``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from distill_core.safetensors_io import read_card
+
+COMFYUI = os.environ.get("COMFYUI_PATH", "")
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = ROOT / "tests" / "comfyui_harness.py"
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not (COMFYUI and Path(COMFYUI, "main.py").is_file()),
+                       reason="needs a ComfyUI checkout in COMFYUI_PATH"),
+]
+
+
+def _harness(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(HARNESS), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COMFYUI_PATH": COMFYUI})
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_sd15.safetensors"
+    _harness("checkpoint", str(path))
+    return path
+
+
+def test_the_stock_lora_loader_reproduces_the_students_samples(checkpoint, tmp_path):
+    out = _harness("lora-probe", str(checkpoint), str(tmp_path)).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(result, indent=1))
+    assert result["student_kind"] == "lora" and result["lora_key_example"].startswith("diffusion_model.")
+    assert result["card"]["guidance"] == {"mode": "cfg", "w": 5.0} and result["cfg"] == 5.0
+    assert result["steps"] == 5 and result["sigmas"][-1] == pytest.approx(0.1)  # AFS + 4 evaluations, SD sigma_min
+    assert result["lora_effect"] > 1e-2  # the LoRA trained and changes the samples ...
+    assert result["max_abs_diff"] <= 1e-3  # ... exactly as the engine's student does
+
+
+# ------------------------------------------------------------------ a real server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: Path):
+        self.base, self.port = base, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (base / "custom_nodes").mkdir(parents=True)
+        (base / "custom_nodes" / "comfyui-distill").symlink_to(ROOT)
+        self.log = open(base / "server.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--disable-auto-launch", "--base-directory", str(base)],
+            cwd=COMFYUI, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.tail()
+            try:
+                self.get("/object_info/DistillToSteps")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(1)
+        raise TimeoutError("ComfyUI did not start:\n" + self.tail())
+
+    def tail(self) -> str:
+        self.log.flush()
+        return (self.base / "server.log").read_text()[-6000:]
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict | None = None):
+        request = urllib.request.Request(self.url + path, data=json.dumps(body or {}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                text = r.read()
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"{path}: {e.code} {e.read().decode()[:3000]}") from e
+        return json.loads(text) if text else {}
+
+    def queue(self, graph: dict) -> str:
+        return self.post("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"]["status_str"] != "error" or entry["status"]["messages"]:
+                    return entry
+            time.sleep(1)
+        raise TimeoutError(f"prompt {prompt_id} did not finish:\n" + self.tail())
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, checkpoint):
+    base = tmp_path_factory.mktemp("comfy")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
+    s = Server(base)
+    yield s
+    s.stop()
+
+
+def _workflow(name: str) -> dict:
+    return json.loads((ROOT / "workflows" / name).read_text())
+
+
+def _sd15_workflow(**distill) -> dict:
+    """Workflow (b) on the tiny checkpoint: 64x64 images, a short run."""
+    graph = _workflow("sd15_lora_4_steps_api.json")
+    graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    graph["3"]["inputs"].update(width=64, height=64)
+    graph["8"]["inputs"].update(width=64, height=64)
+    graph["4"]["inputs"].update({"iterations": 4, "batch": 2, "preview_every": 2, "checkpoint_every": 2, **distill})
+    return graph
+
+
+def _images(entry: dict, base: Path) -> list[Path]:
+    return [base / i["type"] / i["subfolder"] / i["filename"]
+            for out in entry["outputs"].values() for i in out.get("images", [])]
+
+
+def test_the_server_lists_the_nodes_and_serves_the_web_extension(server):
+    info = server.get("/object_info")
+    ours = {k for k in info if k.startswith("Distill")}
+    assert {"DistillToSteps", "DistillTeacherFromModel", "DistillStudentSchedule", "DistillMonitor"} <= ours
+    assert all(info[k]["category"].startswith("distill/") for k in ours)
+    assert any(e.endswith("/distill.js") for e in server.get("/extensions"))
+
+
+def test_workflow_b_sd15_lora_with_stock_nodes(server):
+    """Load Checkpoint -> Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas -> Save Image."""
+    entry = server.wait(server.queue(_sd15_workflow()))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    images = _images(entry, server.base)
+    assert len(images) == 1 and images[0].stat().st_size > 0
+    lora = server.base / "models" / "loras" / "sd15_sfd_4step_lora.safetensors"
+    card = read_card(lora)
+    assert card["student"]["kind"] == "lora" and card["nfe"] == 4 and card["guidance"]["mode"] == "cfg"
+    with safe_open(str(lora), "pt") as f:
+        assert all(k.startswith("diffusion_model.") for k in f.keys())
+
+
+def test_workflow_a_builtin_teacher(server):
+    entry = server.wait(server.queue(_workflow("builtin_distill_4_steps_api.json")))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert (server.base / "models" / "diffusion_models" / "digits_4step.safetensors").is_file()
+    images = _images(entry, server.base)  # Few-step sample's previews
+    assert len(images) == 10 and all(p.parent.name == "temp" and p.stat().st_size > 0 for p in images)
+
+
+def test_cancel_keeps_a_checkpoint_and_requeueing_with_resume_finishes(server):
+    run = server.base / "output" / "distill_runs" / "cancel_me"
+    graph = _sd15_workflow(iterations=12, save_name="cancel_me")
+    prompt_id = server.queue(graph)
+    checkpoint_info = run / "checkpoints" / "checkpoint.json"
+    deadline = time.time() + 300
+    while not checkpoint_info.is_file():
+        assert time.time() < deadline, server.tail()
+        time.sleep(0.5)
+    server.post("/interrupt")
+    entry = server.wait(prompt_id)
+    assert entry["status"]["status_str"] == "error"  # ComfyUI's "interrupted"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+    saved = json.loads(checkpoint_info.read_text())["iteration"]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "interrupted" and 2 <= saved < 12
+
+    graph["4"]["inputs"]["resume"] = True
+    entry = server.wait(server.queue(graph))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    iterations = [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert iterations == list(range(1, 13))
+
+
+def test_the_monitor_route_starts_the_panel_in_the_comfyui_process(server):
+    url = server.get("/distill/monitor")["url"]
+    assert url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(url, timeout=60) as r:
+        assert r.status == 200
+    assert server.get("/distill/monitor")["url"] == url
