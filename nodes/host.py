@@ -174,7 +174,10 @@ def preview_images(images: torch.Tensor, prefix: str = "distill") -> list[dict]:
 
 
 def load_models(models: list) -> None:
-    """Have ComfyUI load (and patch) these MODELs before their weights are used directly."""
+    """Have ComfyUI load (and patch) these MODELs before their weights are used directly (nothing to
+    do outside ComfyUI, where a model's weights are where they are)."""
+    if not in_comfyui():
+        return
     import comfy.model_management
 
     comfy.model_management.load_models_gpu(models)

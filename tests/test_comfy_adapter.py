@@ -147,3 +147,74 @@ def test_a_lora_student_of_a_comfy_model_merges_into_diffusion_model_keys(tmp_pa
     with torch.no_grad():  # detached: the shared teacher network is the teacher again
         torch.testing.assert_close(source.denoiser(x, torch.tensor(3.0), cond),
                                    ComfyDenoiser(FakeBaseModel())(x, torch.tensor(3.0), cond))
+
+
+# ------------------------------------------------------------------ the nodes on a stand-in MODEL
+class FakePatcher:
+    """A ComfyUI MODEL (ModelPatcher): the BaseModel is ``.model``."""
+
+    def __init__(self, base):
+        self.model = base
+
+
+class FakeClip:
+    """CLIP's node-facing interface: one [1, 3, 6] entry per text, a function of the text."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens):
+        gen = torch.Generator().manual_seed(sum(map(ord, tokens)))
+        return [[torch.randn(1, 3, 6, generator=gen), {"pooled_output": torch.randn(1, 5, generator=gen)}]]
+
+
+class LatentFormat:
+    latent_rgb_factors = [[0.3, 0.2, 0.2], [0.2, 0.3, 0.2], [-0.1, 0.1, 0.3], [-0.2, -0.2, -0.3]]
+
+
+def test_the_nodes_distil_a_comfy_model_into_a_lora_for_the_stock_loader(tmp_path, monkeypatch):
+    from distill_core.workflow import node_pack
+
+    pack = node_pack()
+    from nodes import host
+
+    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
+    applied = {}
+    monkeypatch.setattr(host, "with_lora", lambda model, tensors: applied.update(model=model, tensors=tensors) or "M")
+    monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
+    nodes = pack.NODE_CLASS_MAPPINGS
+
+    positive, negative = nodes["DistillPromptList"]().run(FakeClip(), "a fox\n\n  a boat \n", "blurry")
+    assert len(positive) == 2 and len(negative) == 1
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        nodes["DistillPromptList"]().run(FakeClip(), " \n", "blurry")
+    with pytest.raises(ValueError, match="flow-matching"):
+        nodes["DistillTeacherFromModel"]().run(FakePatcher(FakeBaseModel(CONST())), positive, negative, 64, 64, 5.0)
+
+    base = FakeBaseModel()
+    base.latent_format = LatentFormat()
+    base.process_latent_out = lambda x: x / 0.18215
+    model = FakePatcher(base)
+    (teacher,) = nodes["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 5.0)
+    probe = (torch.randn(1, 4, 8, 8), torch.tensor([2.0]), positive[0][0], positive[0][1]["pooled_output"])
+    before = base.apply_model(*probe)
+    args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-3, batch=2, seed=0, guidance_mode="auto",
+                student="lora", lora_rank=2, save_name="fox", resume=False, preview_every=1, checkpoint_every=1)
+    with pytest.raises(ValueError, match="SFD-v"):
+        nodes["DistillToSteps"]().run(teacher, **{**args, "method": "sfd-v"})
+    student_model, student, curve = nodes["DistillToSteps"]().run(teacher, **args)["result"]
+
+    path = tmp_path / "models" / "loras" / "fox.safetensors"
+    assert student.path == path.resolve() and student_model == "M" and applied["model"] is model
+    assert set(applied["tensors"]) == set(load(path)[0]) and all(k.startswith("diffusion_model.") for k in
+                                                                  applied["tensors"])
+    card = student.card
+    assert card["guidance"] == {"mode": "cfg", "w": 5.0} and card["student"]["kind"] == "lora"
+
+    sigmas, sampler, cfg = nodes["DistillStudentSchedule"]().run("(connected student)", 0, student)
+    assert cfg == 5.0 and sigmas[-1] == pytest.approx(0.1) and len(sigmas) == 4 and callable(sampler)
+    images, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
+    assert latent["samples"].shape == (2, 4, 8, 8) and images.shape[-1] == 3 and torch.isfinite(images).all()
+    # the MODEL the user connected computes as before (training and sampling left no adapter behind)
+    torch.testing.assert_close(base.apply_model(*probe), before, rtol=0, atol=0)
