@@ -1,7 +1,7 @@
 """ComfyUI workflows without ComfyUI: validate them, convert the API format into the UI format, and
 run API-format graphs built from this pack's nodes.
 
-    python -m distill_core run-workflow workflows/builtin_distill_4_steps_api.json [--models DIR] [--output DIR]
+    python -m distill_core run-workflow workflows/api/builtin_distill_4_steps.json [--models DIR] [--output DIR]
 
 The API format is ``{"<id>": {"class_type": T, "inputs": {name: value | [src_id, output_index]}}}``;
 the UI format (v0.4: ``nodes``, ``links``, positional ``widgets_values``) is what users load and
@@ -190,7 +190,7 @@ def api_to_ui(graph: dict, info: dict[str, dict], positions: dict[str, list[int]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("workflow", help="an API-format workflow JSON (the *_api.json twin of a shipped workflow)")
+    p.add_argument("workflow", help="an API-format workflow JSON (the workflows/api/ twin of a shipped workflow)")
     p.add_argument("--models", help="models folder (loras/, diffusion_models/; default ./models)")
     p.add_argument("--output", help="output folder (runs and images; default ./output)")
 
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
 
     graph = json.loads(Path(args.workflow).read_text())
     if "nodes" in graph and "links" in graph:
-        raise SystemExit(f"{args.workflow} is a UI-format workflow: run its API-format twin (*_api.json)")
+        raise SystemExit(f"{args.workflow} is a UI-format workflow: run its API-format twin (workflows/api/)")
     if args.models:
         os.environ["DISTILL_MODELS_DIR"] = args.models
     if args.output:

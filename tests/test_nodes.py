@@ -73,12 +73,12 @@ def test_a_plain_name_stays_in_its_folder(tmp_path):
 
 
 # ------------------------------------------------------------------ workflows
-@pytest.mark.parametrize("api_file", sorted(WORKFLOWS.glob("*_api.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("api_file", sorted((WORKFLOWS / "api").glob("*.json")), ids=lambda p: p.name)
 def test_shipped_workflows_are_valid_and_their_ui_twins_match(api_file):
     info = _info()
     graph = json.loads(api_file.read_text())
     assert wf.validate_api(graph, info) == []
-    twin = api_file.with_name(api_file.name.replace("_api.json", ".json"))
+    twin = WORKFLOWS / api_file.name
     ui = json.loads(twin.read_text())
     assert ui == wf.api_to_ui(graph, info, {str(n["id"]): n["pos"] for n in ui["nodes"]})
     for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
@@ -89,8 +89,10 @@ def test_shipped_workflows_are_valid_and_their_ui_twins_match(api_file):
 
 
 def test_every_ui_workflow_has_an_api_twin():
-    ui_files = {p.name for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json")}
-    assert ui_files and all((WORKFLOWS / n.replace(".json", "_api.json")).is_file() for n in ui_files)
+    """ComfyUI lists every JSON directly in workflows/ as a template: only UI-format files go there."""
+    ui_files = {p.name for p in WORKFLOWS.glob("*.json")}
+    assert ui_files and ui_files == {p.name for p in (WORKFLOWS / "api").glob("*.json")}
+    assert all("nodes" in json.loads((WORKFLOWS / n).read_text()) for n in ui_files)
 
 
 def test_validation_names_each_problem():
@@ -109,7 +111,7 @@ def test_validation_names_each_problem():
 
 
 def test_the_runner_names_unknown_node_types_and_cycles():
-    graph = json.loads((WORKFLOWS / "sd15_lora_4_steps_api.json").read_text())
+    graph = json.loads((WORKFLOWS / "api" / "sd15_lora_4_steps.json").read_text())
     with pytest.raises(ValueError, match="CheckpointLoaderSimple"):
         wf.run_graph(graph)
     cycle = {"1": {"class_type": "A", "inputs": {"x": ["2", 0]}}, "2": {"class_type": "B", "inputs": {"x": ["1", 0]}}}
@@ -120,15 +122,15 @@ def test_the_runner_names_unknown_node_types_and_cycles():
 def test_workflows_a_and_c_run_headlessly(folders, capsys):
     """The README's node-pack workflow: built-in teacher -> Distill to 4 steps -> sample -> save; then
     the compare workflow loads the saved student."""
-    for name in ("builtin_distill_4_steps_api.json", "compare_builtin_student_api.json"):
-        wf.run(argparse.Namespace(workflow=str(WORKFLOWS / name), models=None, output=None))
+    for name in ("builtin_distill_4_steps.json", "compare_builtin_student.json"):
+        wf.run(argparse.Namespace(workflow=str(WORKFLOWS / "api" / name), models=None, output=None))
     printed = capsys.readouterr().out
     student = folders / "models" / "diffusion_models" / "digits_4step.safetensors"
     card = read_card(student)
     assert card["kind"] == "student" and card["nfe"] == 4 and card["student"]["kind"] == "full"
     assert (folders / "models" / "diffusion_models" / "digits_4step_shared.safetensors").is_file()
-    assert (folders / "output" / "builtin_distill_4_steps_api_3.png").stat().st_size > 1000
-    assert (folders / "output" / "compare_builtin_student_api_3.png").is_file()
+    assert (folders / "output" / "builtin_distill_4_steps_3.png").stat().st_size > 1000
+    assert (folders / "output" / "compare_builtin_student_3.png").is_file()
     assert "dB against the teacher's reference solve" in printed
     assert json.loads((folders / "output" / "distill_runs" / "digits_4step" / "status.json").read_text())[
         "state"] == "finished"

@@ -20,7 +20,7 @@ from distill_core.teacher import CFGTeacher
 nodes = wf.node_pack()
 from nodes.handles import TeacherHandle  # noqa: E402  (the pack is importable once node_pack() put it on the path)
 
-WORKFLOW = wf.PACK_ROOT / "workflows" / "phased_builtin_8_steps_api.json"
+WORKFLOW = wf.PACK_ROOT / "workflows" / "api" / "phased_builtin_8_steps.json"
 
 
 @pytest.fixture
@@ -101,5 +101,5 @@ def test_the_shipped_phased_workflow_runs_headlessly(folders, capsys):
     assert card["method"] == "phased" and card["nfe"] == 8 and card["phases"]["K"] == 8
     assert card["phases"]["kind"] == "adaptive" and len(card["sigmas"]["8"]) == 9
     assert "10 samples in 8 steps" in printed
-    with Image.open(folders / "output" / "phased_builtin_8_steps_api_3.png") as grid:
+    with Image.open(folders / "output" / "phased_builtin_8_steps_3.png") as grid:
         assert grid.size == (640, 64)  # ten 16x16 digits shown 4x larger, side by side

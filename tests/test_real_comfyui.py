@@ -147,7 +147,7 @@ def _workflow(name: str) -> dict:
 
 def _sd15_workflow(**distill) -> dict:
     """Workflow (b) on the tiny checkpoint: 64x64 images, a short run."""
-    graph = _workflow("sd15_lora_4_steps_api.json")
+    graph = _workflow("api/sd15_lora_4_steps.json")
     graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
     graph["3"]["inputs"].update(width=64, height=64)
     graph["8"]["inputs"].update(width=64, height=64)
@@ -166,6 +166,8 @@ def test_the_server_lists_the_nodes_and_serves_the_web_extension(server):
     assert {"DistillToSteps", "DistillTeacherFromModel", "DistillStudentSchedule", "DistillMonitor"} <= ours
     assert all(info[k]["category"].startswith("distill/") for k in ours)
     assert any(e.endswith("/distill.js") for e in server.get("/extensions"))
+    templates = server.get("/workflow_templates")["comfyui-distill"]  # the UI workflows, not their API twins
+    assert sorted(templates) == sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
 
 
 def test_workflow_b_sd15_lora_with_stock_nodes(server):
@@ -182,7 +184,7 @@ def test_workflow_b_sd15_lora_with_stock_nodes(server):
 
 
 def test_workflow_a_builtin_teacher(server):
-    entry = server.wait(server.queue(_workflow("builtin_distill_4_steps_api.json")))
+    entry = server.wait(server.queue(_workflow("api/builtin_distill_4_steps.json")))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     assert (server.base / "models" / "diffusion_models" / "digits_4step.safetensors").is_file()
     images = _images(entry, server.base)  # Few-step sample's previews
