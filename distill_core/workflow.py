@@ -154,7 +154,8 @@ def run_graph(graph: dict, on_output: Callable[[str, str, dict], None] | None = 
 
 def api_to_ui(graph: dict, info: dict[str, dict], positions: dict[str, list[int]] | None = None) -> dict:
     """The UI-format (v0.4) twin of an API graph: nodes with socket inputs / outputs and positional
-    widget values (an INT seed with ``control_after_generate`` is followed by "fixed"), and links."""
+    widget values (an INT seed with ``control_after_generate`` is followed by "fixed"; a widget fed by
+    a link keeps its default, as ComfyUI's front end saves it), and links."""
     order = topological_order(graph)
     links, ui_nodes = [], {}
     for k, nid in enumerate(order):
@@ -168,6 +169,10 @@ def api_to_ui(graph: dict, info: dict[str, dict], positions: dict[str, list[int]
                     if len(decl) > 1 and decl[1].get("control_after_generate"):
                         widgets.append("fixed")
                 continue
+            if is_widget(decl):  # a widget turned into a linked input keeps its (unused) value in the UI
+                widgets.append(decl[1].get("default") if len(decl) > 1 else None)
+                if len(decl) > 1 and decl[1].get("control_after_generate"):
+                    widgets.append("fixed")
             link = None
             if _is_link(value):
                 link = len(links) + 1

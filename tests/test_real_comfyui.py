@@ -221,3 +221,66 @@ def test_the_monitor_route_starts_the_panel_in_the_comfyui_process(server):
     with urllib.request.urlopen(url, timeout=60) as r:
         assert r.status == 200
     assert server.get("/distill/monitor")["url"] == url
+
+
+# ------------------------------------------------------------------ the front end in a real browser
+CHROMIUM = Path("/usr/bin/chromium")
+SPARKLINE = (79, 195, 247)  # web/distill.js's line colour #4fc3f7
+
+
+def _sparkline_pixels(png: bytes) -> int:
+    import io
+
+    from PIL import Image
+
+    pixels = Image.open(io.BytesIO(png)).convert("RGB").getdata()
+    return sum(all(abs(a - b) <= 40 for a, b in zip(p, SPARKLINE)) for p in pixels)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium")
+def test_the_front_end_loads_the_workflows_and_draws_live_progress(server, tmp_path):
+    """ComfyUI's own front end in headless chromium: the extension is registered, every shipped UI
+    workflow loads with its widget values intact, progress events draw the loss sparkline on the
+    Distill node, and its "open monitor" button opens the panel."""
+    from playwright.sync_api import sync_playwright
+
+    args = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(server.url, wait_until="networkidle")
+        page.wait_for_function("() => window.app && window.app.graph", timeout=90_000)
+        assert "comfyui-distill.progress" in page.evaluate("() => window.app.extensions.map(e => e.name)")
+        page.wait_for_timeout(1000)
+        page.keyboard.press("Escape")  # the first-run template browser of a fresh user folder
+
+        for path in sorted((ROOT / "workflows").glob("*.json")):
+            ui = json.loads(path.read_text())
+            page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", ui)
+            loaded = page.evaluate(
+                "() => window.app.graph.serialize().nodes.map(n => [n.id, n.type, n.widgets_values])")
+            assert {n: (t, w) for n, t, w in loaded} == {
+                n["id"]: (n["type"], n["widgets_values"]) for n in ui["nodes"]}, path.name
+
+        page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }",
+                      json.loads((ROOT / "workflows" / "builtin_distill_4_steps.json").read_text()))
+        page.evaluate("() => { window.app.canvas.centerOnNode(window.app.graph.getNodeById(2));"
+                      " window.app.canvas.setDirty(true, true); }")
+        page.wait_for_timeout(500)
+        before = _sparkline_pixels(page.screenshot())
+        for i in range(1, 31):
+            page.evaluate("(d) => window.comfyAPI.api.api.dispatchCustomEvent('distill.progress', d)",
+                          {"node": "2", "iteration": i, "total": 40, "loss": 0.5 * 0.9**i * (1 + 0.2 * (i % 3)),
+                           "eta_s": 1.3 * (40 - i), "run": "r"})
+        page.evaluate("() => window.app.canvas.setDirty(true, true)")
+        page.wait_for_timeout(500)
+        shot = page.screenshot()
+        (tmp_path / "node_progress.png").write_bytes(shot)
+        assert _sparkline_pixels(shot) > before + 100  # the loss line (anti-aliased, 1.5 px wide)
+
+        with page.expect_popup(timeout=90_000) as popup:
+            page.evaluate("() => window.app.graph.getNodeById(2).widgets.find(w => w.name === 'open monitor')"
+                          ".callback()")
+        assert popup.value.url.startswith("http://127.0.0.1:")
+        browser.close()

@@ -80,7 +80,8 @@ app.registerExtension({
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
-      this.addWidget("button", "open monitor", null, openMonitor, { serialize: false });
+      const button = this.addWidget("button", "open monitor", null, openMonitor, { serialize: false });
+      button.serialize = false; // not a value: saved workflows keep the widgets_values of the Python inputs
       this.size[1] += STRIP;
       return result;
     };
