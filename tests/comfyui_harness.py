@@ -10,6 +10,8 @@
         (LoRA) -> the stock LoraLoader applies the saved file to the teacher -> ComfyUI's sampler with
         the student's sigmas and SAMPLER; prints JSON comparing it with the engine's own sampling of
         the student from the same initial latent.
+    python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
+        the same on a tiny model of that family built in memory with ComfyUI's model classes.
 """
 
 from __future__ import annotations
@@ -81,16 +83,101 @@ def load_pack():
     return module
 
 
-def lora_probe(checkpoint: Path, work: Path) -> dict:
-    _comfyui()
+def _folders(work: Path) -> None:
     import folder_paths
 
     for kind in ("checkpoints", "loras", "diffusion_models"):
         (work / kind).mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path(kind, str(work / kind), is_default=True)
     folder_paths.set_output_directory(str(work / "output"))
-    os.symlink(checkpoint, work / "checkpoints" / checkpoint.name)
 
+
+def lora_probe(checkpoint: Path, work: Path) -> dict:
+    """Load Checkpoint -> Distill prompt list (CLIP) -> distil and compare, with the stock LoraLoader."""
+    _comfyui()
+    _folders(work)
+    os.symlink(checkpoint, work / "checkpoints" / checkpoint.name)
+    import torch
+
+    stock = importlib.import_module("nodes")  # ComfyUI's own nodes.py (LoraLoader, CheckpointLoaderSimple)
+    pack = load_pack().NODE_CLASS_MAPPINGS
+    with torch.inference_mode():  # how ComfyUI runs every node
+        model, clip, _ = stock.CheckpointLoaderSimple().load_checkpoint(checkpoint.name)
+        positive, negative = pack["DistillPromptList"]().run(clip, "a red fox in snow\na lighthouse at dusk", "blurry")
+    return distil_and_compare(pack, model, positive, negative,
+                              lambda name: stock.LoraLoader().load_lora(model, clip, name, 1.0, 0.0)[0])
+
+
+#: tiny UNets of each family (ComfyUI's classes, random weights) and their condition sizes
+FAMILIES = {
+    "sd15-v": dict(config="SD15", context=768, pooled=None, sampling="v_prediction", state={}),
+    "sdxl-eps": dict(config="SDXL", context=2048, pooled=1280, sampling=None, state={}),
+    "sdxl-v": dict(config="SDXL", context=2048, pooled=1280, sampling=None, state={"v_pred": True}),
+    "sd15-flow": dict(config="SD15", context=768, pooled=None, sampling="flow", state={}),
+}
+
+
+def family_probe(family: str, work: Path) -> dict:
+    """A tiny model of ``family`` built with ComfyUI's own model classes (SDXL with its ADM ``y`` from
+    the pooled output and sizes; v-prediction from the checkpoint's marker or the stock
+    ModelSamplingDiscrete node), conditions as CLIP Text Encode would shape them; distil and compare
+    with the stock LoraLoaderModelOnly."""
+    _comfyui()
+    _folders(work)
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, ModelSamplingSD3
+
+    spec = FAMILIES[family]
+    unet = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+                channel_mult=[1], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
+                transformer_depth=[1], transformer_depth_middle=1, transformer_depth_output=[1, 1],
+                context_dim=spec["context"], use_linear_in_transformer=spec["config"] == "SDXL",
+                adm_in_channels=2816 if spec["config"] == "SDXL" else None, use_temporal_attention=False,
+                use_temporal_resblock=False, legacy=False)
+    if spec["config"] == "SDXL":
+        unet["num_classes"] = "sequential"
+    config = getattr(comfy.supported_models, spec["config"])(unet)
+    config.set_inference_dtype(torch.float32, None)
+    state = {k: torch.ones(1) for k in spec["state"]}
+    base = config.get_model(state)
+    _init(base.diffusion_model, 3)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                             offload_device=mm.unet_offload_device())
+    if spec["sampling"] == "flow":  # an SD3-style rectified-flow sampling patched on by the stock node
+        (model,) = ModelSamplingSD3().patch(model, 3.0)
+        mm.load_models_gpu([model])
+        try:
+            load_pack().NODE_CLASS_MAPPINGS["DistillTeacherFromModel"]().run(model, [], [], 64, 64, 5.0)
+        except ValueError as e:
+            return {"family": family, "refused": str(e)}
+        return {"family": family, "refused": None}
+    if spec["sampling"]:
+        (model,) = ModelSamplingDiscrete().patch(model, spec["sampling"], False)
+
+    def entry(seed: int) -> list:
+        gen = torch.Generator().manual_seed(seed)
+        options = {} if spec["pooled"] is None else {"pooled_output": torch.randn(1, spec["pooled"], generator=gen)}
+        return [torch.randn(1, 77, spec["context"], generator=gen), options]
+
+    stock = importlib.import_module("nodes")
+    pack = load_pack().NODE_CLASS_MAPPINGS
+    result = distil_and_compare(pack, model, [entry(1), entry(2)], [entry(3)],
+                                lambda name: stock.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0])
+    mm.load_models_gpu([model])
+    kinds = [c.__name__ for c in type(model.model.model_sampling).__mro__]
+    return {**result, "family": family, "prediction": next(k for k in kinds if k in ("EPS", "V_PREDICTION")),
+            "has_adm": "y" in model.model.extra_conds(cross_attn=torch.zeros(1, 77, spec["context"]),
+                                                       **({} if spec["pooled"] is None else
+                                                          {"pooled_output": torch.zeros(1, spec["pooled"])}))}
+
+
+def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_lora) -> dict:
+    """Teacher from MODEL -> Distill to 4 steps (LoRA) -> Student sigmas + sampler; then ComfyUI's
+    sampler on the teacher with the LoRA applied by ``apply_lora(file name)`` (a stock loader) against
+    the engine's own sampling of the student from the same initial latent."""
     import comfy.model_management
     import comfy.sample
     import torch
@@ -98,12 +185,8 @@ def lora_probe(checkpoint: Path, work: Path) -> dict:
     from distill_core.denoisers.comfy import encode_conditioning
     from distill_core.sampling import sample
 
-    stock = importlib.import_module("nodes")  # ComfyUI's own nodes.py (LoraLoader, CheckpointLoaderSimple)
     torch.manual_seed(0)
-    pack = load_pack().NODE_CLASS_MAPPINGS
     with torch.inference_mode():  # how ComfyUI runs every node
-        model, clip, _ = stock.CheckpointLoaderSimple().load_checkpoint(checkpoint.name)
-        positive, negative = pack["DistillPromptList"]().run(clip, "a red fox in snow\na lighthouse at dusk", "blurry")
         (teacher,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 5.0)
         out = pack["DistillToSteps"]().run(
             teacher, steps=4, method="sfd", iterations=4, learning_rate=1e-3, batch=2, seed=0,
@@ -112,7 +195,7 @@ def lora_probe(checkpoint: Path, work: Path) -> dict:
         student_model, handle, curve = out["result"]
         sigmas, sampler, cfg = pack["DistillStudentSchedule"]().run("(connected student)", 0, handle)
 
-        (lora_model, _) = stock.LoraLoader().load_lora(model, clip, "probe_lora.safetensors", 1.0, 0.0)
+        lora_model = apply_lora("probe_lora.safetensors")
         seen = {}
         inner = sampler.sampler_function
 
@@ -147,7 +230,7 @@ def lora_probe(checkpoint: Path, work: Path) -> dict:
         "student_kind": card["student"]["kind"],
         "lora_keys": len(lora_keys),
         "lora_key_example": lora_keys[0],
-        "student_model_is_stock_patched": type(student_model).__name__,
+        "student_model": type(student_model).__name__,
         "loss_curve_shape": list(curve.shape),
         "lora_file": str(handle.path),
     }
@@ -166,5 +249,7 @@ if __name__ == "__main__":
         build_checkpoint(Path(sys.argv[2]))
     elif command == "lora-probe":
         print("RESULT " + json.dumps(lora_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
+    elif command == "family-probe":
+        print("RESULT " + json.dumps(family_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
     else:
         raise SystemExit(f"unknown command {command!r}")

@@ -65,6 +65,24 @@ def test_the_stock_lora_loader_reproduces_the_students_samples(checkpoint, tmp_p
     assert result["max_abs_diff"] <= 1e-3  # ... exactly as the engine's student does
 
 
+@pytest.mark.parametrize(("family", "prediction"), [("sd15-v", "V_PREDICTION"), ("sdxl-eps", "EPS"),
+                                                    ("sdxl-v", "V_PREDICTION")])
+def test_sdxl_and_v_prediction_models_distil_into_loras_the_stock_loader_reproduces(family, prediction, tmp_path):
+    """SDXL (its ADM input y built by ComfyUI from the pooled output and sizes), v-prediction from the
+    checkpoint's marker (SDXL) or the stock ModelSamplingDiscrete node (SD1.5)."""
+    out = _harness("family-probe", family, str(tmp_path)).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(result, indent=1))
+    assert result["prediction"] == prediction and result["has_adm"] == family.startswith("sdxl")
+    assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
+
+
+def test_flow_matching_models_are_refused_with_a_message(tmp_path):
+    out = _harness("family-probe", "sd15-flow", str(tmp_path)).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    assert result["refused"] and "flow-matching" in result["refused"]
+
+
 # ------------------------------------------------------------------ a real server
 def _free_port() -> int:
     with socket.socket() as s:
