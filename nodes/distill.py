@@ -24,6 +24,19 @@ from . import host
 from .handles import StudentHandle, TeacherHandle
 from .spec import In, Out, node, seed
 
+
+def run_inputs(save_name: str, preview_every: int, checkpoint_every: int) -> list[In]:
+    """The inputs every training node ends with: where the run goes, resume, previews, checkpoints."""
+    return [
+        In("save_name", "STRING", "file name of the student (no folders); also the run folder's name", save_name),
+        In("resume", "BOOLEAN", "continue the run saved under save_name (after Cancel or a crash)", False),
+        In("preview_every", "INT", "show a preview of the student on the node every this many iterations "
+           "(0: none)", preview_every, options={"min": 0, "max": 10000}),
+        In("checkpoint_every", "INT", "write a resumable checkpoint every this many iterations", checkpoint_every,
+           options={"min": 1, "max": 10000}),
+    ]
+
+
 STUDENT = Out("DISTILL_STUDENT", "student", "the trained student and its run (for sampling, saving, comparing)")
 
 
@@ -50,13 +63,7 @@ STUDENT = Out("DISTILL_STUDENT", "student", "the trained student and its run (fo
           In("student", ("lora", "full"), "lora: small adapters on the frozen model (what artists share); full: "
              "every weight trained (a copy of the model in memory)", "lora"),
           In("lora_rank", "INT", "LoRA rank r (adapter size)", 16, options={"min": 1, "max": 256}),
-          In("save_name", "STRING", "file name of the student (no folders); also the run folder's name",
-             "distilled_4step"),
-          In("resume", "BOOLEAN", "continue the run saved under save_name (after Cancel or a crash)", False),
-          In("preview_every", "INT", "show a preview of the student on the node every this many iterations "
-             "(0: none)", 10, options={"min": 0, "max": 10000}),
-          In("checkpoint_every", "INT", "write a resumable checkpoint every this many iterations", 25,
-             options={"min": 1, "max": 10000}),
+          *run_inputs("distilled_4step", preview_every=10, checkpoint_every=25),
       ],
       outputs=[Out("MODEL", "model", "the student as a MODEL for KSampler / SamplerCustom (ComfyUI teachers; "
                    "None for the built-in teacher)"),

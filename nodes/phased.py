@@ -11,7 +11,7 @@ from __future__ import annotations
 from distill_core.config import PARTITIONS, PHASE_INPUTS, PHASE_WEIGHTS, DistillConfig
 
 from . import host
-from .distill import STUDENT, train_to_file
+from .distill import STUDENT, run_inputs, train_to_file
 from .handles import TeacherHandle
 from .spec import In, Out, node, seed
 
@@ -51,13 +51,7 @@ _DEFAULTS = DistillConfig(method="phased")
           In("smoothing", "FLOAT", "teacher-target smoothing: EMA decay over a pool of fixed inputs (0: off, "
              "fresh teacher targets every iteration)", _DEFAULTS.target_ema,
              options={"min": 0.0, "max": 0.99, "step": 0.01}),
-          In("save_name", "STRING", "file name of the student (no folders); also the run folder's name",
-             "phased_8step"),
-          In("resume", "BOOLEAN", "continue the run saved under save_name (after Cancel or a crash)", False),
-          In("preview_every", "INT", "show a preview of the student on the node every this many iterations "
-             "(0: none)", 50, options={"min": 0, "max": 10000}),
-          In("checkpoint_every", "INT", "write a resumable checkpoint every this many iterations", 100,
-             options={"min": 1, "max": 10000}),
+          *run_inputs("phased_8step", preview_every=50, checkpoint_every=100),
       ],
       outputs=[STUDENT, Out("IMAGE", "loss_curve", "log loss against iteration")])
 class PhasedScoreDistill:
