@@ -206,7 +206,9 @@ def test_the_panel_command_serves_on_localhost(tmp_path):
             assert time.time() < deadline and proc.poll() is None, line
             line = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}" in line
-        assert [row["run"] for row in Client(line.split()[-1], verbose=False).predict(api_name="/runs")] == ["done"]
+        client = Client(line.split()[-1], verbose=False)
+        assert [row["run"] for row in client.predict(api_name="/runs")] == ["done"]
+        client.close()  # its open heartbeat stream would hold the server's graceful shutdown
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
