@@ -10,9 +10,15 @@ import torch.nn.functional as F
 
 @functools.cache
 def _xformers_ops():
+    """``xformers.ops`` when it imports and its kernel runs on this CUDA device, else None (SDPA). A
+    wheel built for another torch imports with a warning and then has no operator to dispatch to
+    (seen with xformers 0.0.35, built for torch 2.10, under torch 2.11), so one tiny call decides."""
     try:
         import xformers.ops as xops  # noqa: PLC0415 - optional, CUDA-only dependency
-    except Exception:  # xformers missing, or built for another torch: fall back to SDPA
+
+        probe = torch.zeros(1, 1, 1, 8, device="cuda")
+        xops.memory_efficient_attention(probe, probe, probe)
+    except Exception:  # xformers missing, built for another torch, or without this GPU's kernels
         return None
     return xops
 

@@ -115,19 +115,22 @@ def train_student(
 ) -> StudentRun | None:
     """Train ``cfg.method`` on ``source`` into ``cfg.out`` and save ``student.safetensors`` there
     (``None`` when training was interrupted: continue with ``resume=True``). ``callbacks`` see every
-    iteration (progress bars of a host; one that raises stops the run after a checkpoint)."""
+    iteration (progress bars of a host; one that raises stops the run after a checkpoint). The trainer
+    moves the teacher to its device (CUDA when there is one); it is moved back where it was."""
     from distill_core.students import save_student
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out / "config.yaml")
     method = build_method(source, cfg)
+    home = next(source.denoiser.parameters()).device
     bar = [TqdmProgress(f"{cfg.method} to {cfg.steps} steps")] if progress else []
     trainer = Trainer(method, cfg, out, [*bar, *callbacks])
     try:
         result = trainer.fit(resume=resume)
     finally:
         release_teacher(trainer.unwrapped())
+        method.to(home)
     if result.status != "done":
         print(f"stopped at iteration {result.iteration}/{cfg.iters}; the checkpoint is in {trainer.ckpt_dir}")
         return None

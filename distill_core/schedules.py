@@ -77,7 +77,7 @@ def nest(sigmas: torch.Tensor, substeps: int, rho: float = 7.0) -> torch.Tensor:
     if substeps < 1:
         raise ValueError(f"substeps must be >= 1, got {substeps}")
     root = sigmas.double() ** (1 / rho)
-    frac = torch.arange(substeps, dtype=torch.float64) / substeps
+    frac = torch.arange(substeps, dtype=torch.float64, device=sigmas.device) / substeps
     inner = (root[:-1, None] + frac * (root[1:, None] - root[:-1, None])) ** rho
     fine = torch.cat([inner.flatten(), sigmas[-1:].double()]).to(sigmas.dtype)
     fine[::substeps] = sigmas  # the coarse points are reproduced bit for bit

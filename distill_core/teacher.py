@@ -36,20 +36,23 @@ class CFGTeacher:
         s = float(torch.as_tensor(sigma).flatten()[0])
         return self.interval[0] <= s <= self.interval[1]
 
-    def uncond_like(self, cond: Cond, batch: int) -> Cond:
-        """The unconditional condition for a batch: the stored one, broadcast to ``batch`` rows."""
-        u = self.uncond
-        if isinstance(u, torch.Tensor) and u.shape[0] != batch:
-            u = u.expand(batch, *u.shape[1:]) if u.shape[0] == 1 else u
-        if isinstance(u, dict):
-            u = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in u.items()}
-        return u
+    def uncond_like(self, cond: Cond, batch: int, device: torch.device | None = None) -> Cond:
+        """The unconditional condition for a batch: the stored one, broadcast to ``batch`` rows, on
+        ``device`` (the batch's: the stored one may stay on the CPU while the network runs on CUDA)."""
+
+        def fit(u: torch.Tensor) -> torch.Tensor:
+            u = u if device is None else u.to(device)
+            return u.expand(batch, *u.shape[1:]) if u.shape[0] == 1 else u
+
+        if isinstance(self.uncond, dict):
+            return {k: fit(v) for k, v in self.uncond.items()}
+        return fit(self.uncond) if isinstance(self.uncond, torch.Tensor) else self.uncond
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
         sigma = expand_sigma(sigma, x)
         if not self.guided(sigma):
             return self.denoiser(x, sigma, cond)
-        uncond = self.uncond_like(cond, x.shape[0])
+        uncond = self.uncond_like(cond, x.shape[0], x.device)
         both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(cond, uncond))
         x0_c, x0_u = both.chunk(2)
         return x0_u + self.w * (x0_c - x0_u)

@@ -151,8 +151,9 @@ def test_training_moves_the_student_towards_the_teacher(tiny_edm, tmp_path):
     with torch.no_grad():
         target = teacher_states(m.teacher, x, m.sigmas[3], y, 4)[-1]
 
-    def err() -> float:
-        return (m.preview(x, y) - target).square().mean().item()
+    def err() -> float:  # the trainer may have moved the student to CUDA
+        device = next(m.student.parameters()).device
+        return (m.preview(x.to(device), y.to(device)).cpu() - target).square().mean().item()
 
     before = err()
     result = Trainer(m, m.cfg).fit()

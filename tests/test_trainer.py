@@ -4,6 +4,7 @@ checkpoint encoding, metrics and sample grids."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
@@ -153,3 +154,15 @@ def test_ema_grid_accumulation_and_stop(tiny_edm, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert (width, height) == (3 * (16 * 9 + 1), 3 * (3 * 9 + 1))  # rows: teacher reference, solver, student
+
+
+def test_runs_in_one_process_may_change_mixed_precision(tiny_edm, tmp_path):
+    # accelerate's process-wide state refuses a second Accelerator with another precision; a ComfyUI
+    # session or a benchmark trains several runs in one process
+    for i, precision in enumerate(("no", "bf16", "no")):
+        m = _sfd(tiny_edm, tmp_path / str(i), iters=1, mixed_precision=precision, checkpoint_every=0)
+        trainer = Trainer(m, m.cfg)
+        assert trainer.acc.mixed_precision == precision
+        assert trainer.fit().iteration == 1
+        losses = json.loads((tmp_path / str(i) / "metrics.jsonl").read_text())["loss"]
+        assert set(losses) == {"1", "2"} and all(math.isfinite(v) for v in losses.values())

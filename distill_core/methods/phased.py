@@ -144,6 +144,10 @@ def clip_spectral_norms(module: nn.Module, bound: float, vectors: dict[str, torc
                 m.weight.mul_(bound / s)
 
 
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 # ---------------------------------------------------------------------------------------- inputs x ~ p_t
 class DataInputs:
     """Forward-noised MNIST: a draw is (x0, n) with x0's class; x(sigma) = x0 + sigma n."""
@@ -171,12 +175,13 @@ class TrajectoryInputs:
     def __init__(self, teacher, source: TeacherSource, n: int, sigma_min: float, sigma_max: float, steps: int,
                  generator: torch.Generator, chunk: int = 64):
         self.grid = log_snr_uniform(steps, sigma_min, sigma_max)
+        device = _device(source.denoiser)
         xs, ds, conds = [], [], []
         for start in range(0, n, chunk):
             b = min(chunk, n - start)
             noise = torch.randn((b, *source.shape), generator=generator) * sigma_max
             cond = source.draw_cond(b, generator)
-            x, d = phases.trajectory(teacher, noise, self.grid, cond)
+            x, d = phases.trajectory(teacher, noise.to(device), self.grid, move_cond(cond, device))
             xs.append(x)
             ds.append(d)
             conds.append(cond)
@@ -188,11 +193,15 @@ class TrajectoryInputs:
         idx = torch.randint(self.xs.shape[0], (n,), generator=generator)
         return (idx,), index_cond(self.conds, idx)
 
+    def to(self, device: torch.device) -> None:
+        self.xs, self.ds = self.xs.to(device), self.ds.to(device)
+
     def at(self, base: tuple[torch.Tensor, ...], sigma: torch.Tensor) -> torch.Tensor:
         (idx,) = base
-        i = ((self.grid[None] >= sigma[:, None] * (1 - 1e-6)).sum(1) - 1).clamp(0, len(self.grid) - 1)
+        grid = self.grid.to(sigma.device)
+        i = ((grid[None] >= sigma[:, None] * (1 - 1e-6)).sum(1) - 1).clamp(0, len(grid) - 1)
         x, d = self.xs[idx, i], self.ds[idx, i]
-        return d + (sigma / self.grid[i]).view(-1, 1, 1, 1) * (x - d)
+        return d + (sigma / grid[i]).view(-1, 1, 1, 1) * (x - d)
 
 
 # ---------------------------------------------------------------------------------------- the method
@@ -209,8 +218,9 @@ def teacher_probe(teacher: CFGTeacher, source: TeacherSource, cfg: DistillConfig
     if key not in _PROBES:
         gen = torch.Generator().manual_seed(cfg.seed + 4242)
         noise = torch.randn((cfg.probe_batch, *source.shape), generator=gen) * sigma_max
-        _PROBES[key] = phases.probe(teacher, noise, source.draw_cond(cfg.probe_batch, gen), cfg.sigma_min,
-                                    sigma_max, cfg.probe_steps)
+        cond, device = source.draw_cond(cfg.probe_batch, gen), _device(source.denoiser)
+        _PROBES[key] = phases.probe(teacher, noise.to(device), move_cond(cond, device), cfg.sigma_min, sigma_max,
+                                    cfg.probe_steps)
     return _PROBES[key]
 
 
@@ -249,7 +259,15 @@ class Phased:
         self._sn_vectors: dict[str, torch.Tensor] = {}
 
     def to(self, device: torch.device) -> Phased:
+        """The teacher, and the teacher's work kept so far (trajectory inputs, target pool), to ``device``."""
         self.source.denoiser.to(device)
+        if isinstance(self._inputs, TrajectoryInputs):
+            self._inputs.to(device)
+        if self._pool is not None:
+            self._pool = {
+                k: tuple(move_cond(b, device) for b in v) if isinstance(v, tuple) else move_cond(v, device)
+                for k, v in self._pool.items()
+            }
         return self
 
     def inputs(self):
@@ -260,12 +278,11 @@ class Phased:
                 self._inputs = DataInputs(self.source.shape)
             else:
                 n = cfg.teacher_pool or TRAJECTORIES
-                device = next(self.student.parameters()).device
                 gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17)
                 self._inputs = TrajectoryInputs(self.teacher, self.source, n, self.sigma_min, self.sigma_max,
                                                 cfg.probe_steps, gen)
                 self.teacher_evaluations += self._inputs.evaluations * self._per_call()
-                self._inputs.xs, self._inputs.ds = self._inputs.xs.to(device), self._inputs.ds.to(device)
+                self._inputs.to(next(self.student.parameters()).device)
         return self._inputs
 
     def _per_call(self) -> int:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 
 from distill_core.config import DistillConfig
@@ -69,9 +70,7 @@ class Trainer:
         self.out = Path(out or cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.callbacks = list(callbacks)
-        self.acc = accelerator or Accelerator(
-            mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available()
-        )
+        self.acc = accelerator or new_accelerator(cfg.mixed_precision)
         self.iteration = 0
         self.seconds = 0.0
         self.nonfinite_grads = 0
@@ -79,7 +78,8 @@ class Trainer:
 
         method.to(self.acc.device)
         student = method.student
-        self.ema = copy.deepcopy(student).requires_grad_(False) if cfg.ema else None
+        # on the training device: the EMA update reads the live weights every iteration
+        self.ema = copy.deepcopy(student).requires_grad_(False).to(self.acc.device) if cfg.ema else None
         trainable = [p for p in student.parameters() if p.requires_grad]  # a LoRA student's base is frozen
         # config fields left at None take the method's own choice (SFD's: Adam, no decay, step schedule)
         adamw = (cfg.optimizer or getattr(method, "optimizer", "adam")) == "adamw"
@@ -343,6 +343,17 @@ class Trainer:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+def new_accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator on CUDA when there is one. accelerate keeps one state per process whose mixed
+    precision cannot change; a later run in the same process (a ComfyUI session, a benchmark, the
+    tests) that asks for another precision resets that state first. The process group (accelerate's
+    ``PartialState``) is kept, so runs under ``accelerate launch`` are unaffected."""
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def lr_factor(schedule: str, it: int, iters: int, decay_at: float) -> float:

@@ -1,0 +1,142 @@
+"""CUDA correctness: the built-in teacher computes on CUDA what it computes on the CPU, the attention
+backend chosen for CUDA tensors computes softmax(q k^T / sqrt(d)) v, and SFD trains in bf16 on CUDA
+through the real trainer into a student file that loads and samples on the CPU.
+
+Gated on a CUDA device (``-m cuda`` selects them). Tolerances are set from float32 rounding, with TF32
+switched off for the float32 comparisons (cuDNN allows TF32 convolutions by default, 10 mantissa bits):
+a wrong layout, a missing scale or a stale device would miss them by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from distill_core import attention
+from distill_core.builtin import NUM_CLASSES, SHAPE, load_builtin_teacher
+from distill_core.config import DistillConfig
+from distill_core.eval.fidelity import psnr
+from distill_core.main_job import builtin_source, train_student
+from distill_core.methods.sfd import teacher_states
+from distill_core.sampling import few_step, sample
+from distill_core.schedules import karras
+from distill_core.solvers import SOLVERS
+from distill_core.students import load_student
+from distill_core.teacher import CFGTeacher
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture
+def fp32():
+    """Full float32 on CUDA: no TF32 in cuDNN convolutions or cuBLAS matmuls, restored afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _teacher_inputs(n: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noisy inputs x = x0 + sigma n over the whole horizon (sigma 0.006 .. 80), every class and the null class."""
+    gen = torch.Generator().manual_seed(0)
+    sigma = torch.logspace(math.log10(0.006), math.log10(80.0), n)
+    x0 = torch.rand((n, *SHAPE), generator=gen) * 2 - 1
+    x = x0 + sigma.view(-1, 1, 1, 1) * torch.randn((n, *SHAPE), generator=gen)
+    return x, sigma, torch.arange(n) % (NUM_CLASSES + 1)
+
+
+def test_builtin_teacher_on_cuda_matches_the_cpu(fp32):
+    x, sigma, labels = _teacher_inputs()
+    cpu, gpu = load_builtin_teacher(), load_builtin_teacher(device="cuda")
+    with torch.no_grad():
+        exact = load_builtin_teacher().double()(x.double(), sigma.double(), labels)
+        on_cpu = cpu(x, sigma, labels)
+        on_gpu = gpu(x.cuda(), sigma.cuda(), labels.cuda()).cpu()
+    assert on_gpu.dtype == torch.float32 and on_gpu.shape == x.shape
+    # float32 rounding of either device against float64: of order 1e-6 for outputs of order 1
+    cpu_err = (on_cpu.double() - exact).abs().max().item()
+    gpu_err = (on_gpu.double() - exact).abs().max().item()
+    assert cpu_err < 1e-4 and gpu_err < 1e-4, (cpu_err, gpu_err)
+
+
+def test_guided_solve_on_cuda_matches_the_cpu(fp32):
+    # 16 DPM-Solver++(2M) steps with CFG (w = 2): per-call differences must not grow along a trajectory
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn((40, *SHAPE), generator=gen) * 80.0
+    labels = torch.arange(40) % NUM_CLASSES
+    sigmas = karras(16, 0.006, 80.0)
+    uncond = torch.tensor([NUM_CLASSES])
+    with torch.no_grad():
+        on_cpu = SOLVERS["dpmpp_2m"](CFGTeacher(load_builtin_teacher(), 2.0, uncond), noise, sigmas, labels)
+        on_gpu = SOLVERS["dpmpp_2m"](
+            CFGTeacher(load_builtin_teacher(device="cuda"), 2.0, uncond.cuda()), noise.cuda(), sigmas.cuda(),
+            labels.cuda(),
+        ).cpu()
+    assert psnr(on_gpu.clamp(-1, 1), on_cpu.clamp(-1, 1)) > 80.0
+
+
+def _attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v in float64 on the CPU, from the inputs as given (already rounded)."""
+    q, k, v = (t.double().cpu() for t in (q, k, v))
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
+
+
+@pytest.mark.parametrize(
+    "dtype, tol",
+    [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],  # bf16: 8 mantissa bits in the output and the softmax
+)
+@pytest.mark.parametrize("shape", [(2, 1, 16, 64), (3, 4, 256, 32)])  # the teacher's block; a longer sequence
+def test_attention_on_cuda_matches_the_softmax_formula(fp32, dtype, tol, shape):
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(shape, generator=gen).to("cuda", dtype) for _ in range(3))
+    out = attention.attention(q, k, v)
+    assert out.shape == shape and out.dtype == dtype and out.device.type == "cuda"
+    err = (out.double().cpu() - _attention_math(q, k, v)).abs().max().item()
+    assert err < tol, (attention.backend_for(q.device), err)
+
+
+def test_attention_backend_on_cuda():
+    backend = attention.backend_for(torch.device("cuda"))
+    if importlib.util.find_spec("xformers") is None:
+        assert backend == "sdpa"
+    assert backend in ("xformers", "sdpa")
+    assert attention.backend_for(torch.device("cpu")) == "sdpa"
+
+
+def test_sfd_in_bf16_on_cuda_trains_a_student_that_samples_on_the_cpu(tmp_path):
+    source = builtin_source()
+    cfg = DistillConfig(steps=4, iters=30, batch=32, mixed_precision="bf16", checkpoint_every=10,
+                        out=str(tmp_path / "run"))
+    run = train_student(cfg, source, progress=False)
+    assert next(source.denoiser.parameters()).device.type == "cpu"  # the teacher is back where it was
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 30 and sum(r["nonfinite_grads"] for r in records) == 0
+    for r in records:  # four student steps per iteration (NFE 4, the first step analytic)
+        assert set(r["loss"]) == {"1", "2", "3", "4"}
+        assert all(math.isfinite(v) and v > 0 for v in (*r["loss"].values(), *r["grad_norm"].values()))
+    last_step = [r["loss"]["4"] for r in records]
+    assert sum(last_step[-5:]) / 5 < 0.8 * last_step[0], last_step
+
+    # on the CPU, in float32: the student lands closer to the teacher's solution than the untrained
+    # student does (the teacher itself taking the same 4 Euler steps)
+    teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
+    student = load_student(run.path, teacher)
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn((64, *SHAPE), generator=gen) * 80.0
+    labels = torch.arange(64) % NUM_CLASSES
+    sigmas = student.sigmas()
+    with torch.no_grad():
+        target = teacher_states(teacher, noise, sigmas, labels, cfg.teacher_substeps)[-1].clamp(-1, 1)
+        images = sample(student, noise, labels)
+        untrained = few_step(teacher, noise, sigmas, labels, afs=True)
+    assert images.shape == noise.shape and images.dtype == torch.float32 and torch.isfinite(images).all()
+    before, after = psnr(untrained.clamp(-1, 1), target), psnr(images.clamp(-1, 1), target)
+    assert after > before + 1.0, (before, after)
