@@ -1,0 +1,122 @@
+"""SFD training recipes for the 4-step student of the built-in teacher, at a fixed teacher budget.
+
+    python bench/sfd_recipes.py [--set KEY=V1,V2 ...] [--trajectories T] [--n 100] [--shard I N] [--out FILE.json]
+    python bench/sfd_recipes.py --merge FILE.json ... [--out FILE.json]
+
+Every combination of the ``--set`` values (any ``DistillConfig`` field: lr, batch, loss, teacher_substeps,
+teacher_pool, lr_decay_at, ema, ...) trains one SFD student for ``--steps`` NFE; without ``--set``, one
+student of the main job's default config. ``--trajectories T``
+keeps the teacher's work fixed: iters = T / batch (the main job's default is 90 x 64 = 5760, ``--quality``
+600 x 64). Each row is the student evaluated on the main job's evaluation set (seed 1, ``--n`` samples,
+PSNR against the teacher's 128-step Heun solve), with ``gain_db`` over the best training-free solver at
+the same NFE and the config values that vary. Reference rows: the three best training-free solvers at that
+NFE and the teacher's 64-step Heun solve (``teacher-heun-64``, the Frechet distance the students aim at).
+
+``cpu_units`` estimates a recipe's cost on the CPU in network forward passes per image: the teacher's
+(n + AFS) K DPM-Solver++(3M) steps, each a CFG pair (2 forwards) per trajectory (once per pool entry
+with ``teacher_pool``), plus the student's n - 1 + 1 Euler steps per trajectory at about 3 forwards each
+(forward and backward). The main job's default: 40 + 12 = 52 units x 5760 = 299520.
+
+``--shard I N`` trains every N-th combination from the I-th (parallel workers on one GPU); shard 0 adds
+the reference rows. ``--merge`` prints the rows of several shards as one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill_core.config import DistillConfig  # noqa: E402
+from distill_core.eval.benchmark import eval_set, format_table, solver_row, write_rows  # noqa: E402
+from distill_core.main_job import builtin_source, solver_rows, student_rows, train_student  # noqa: E402
+from distill_core.sampling import intervals_for  # noqa: E402
+from distill_core.teacher import CFGTeacher  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KEYS = ("method", "nfe", "psnr_db", "gain_db", "fd", "class_acc", "train_seconds", "cpu_units")
+
+
+def parse_sets(items: list[str]) -> dict[str, list]:
+    """``["lr=2e-4,5e-4", "loss=l1"]`` -> {"lr": [0.0002, 0.0005], "loss": ["l1"]}, typed by DistillConfig."""
+    types = {f.name: f.type for f in fields(DistillConfig)}
+    grid = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        if key not in types:
+            raise SystemExit(f"unknown config field {key!r}")
+        kind = types[key]
+        cast = float if "float" in kind else int if kind.startswith("int") else _bool if kind == "bool" else str
+        grid[key] = [None if v == "none" else cast(v) for v in values.split(",")]
+    return grid
+
+
+def _bool(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes", "on")
+
+
+def cpu_units(cfg: DistillConfig) -> int:
+    """Forward passes per run (see the module docstring): teacher trajectories + student steps."""
+    intervals = intervals_for(cfg.steps, cfg.afs)
+    trajectories = cfg.teacher_pool or cfg.iters * cfg.batch
+    return trajectories * intervals * cfg.teacher_substeps * 2 + cfg.iters * cfg.batch * cfg.steps * 3
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=V1,V2", help="config values to combine")
+    p.add_argument("--trajectories", type=int, help="teacher trajectories per run: iters = T / batch")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--n", type=int, default=100, help="evaluation samples (the main job's default: 100)")
+    p.add_argument("--shard", type=int, nargs=2, default=(0, 1), metavar=("I", "N"))
+    p.add_argument("--merge", nargs="+", help="print the rows of these result files as one table")
+    p.add_argument("--work", default=str(RESULTS / "sfd_recipe_runs"))
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+
+    if args.merge:
+        rows = [r for f in args.merge for r in json.loads(Path(f).read_text())]
+    else:
+        rows = run_grid(args)
+    rows.sort(key=lambda r: (r["method"] == "sfd", r.get("psnr_db", 0)))
+    print(format_table(rows, KEYS))
+    if args.out:
+        write_rows(rows, args.out)
+    return rows
+
+
+def run_grid(args: argparse.Namespace) -> list[dict]:
+    grid = parse_sets(args.set)
+    source = builtin_source()
+    teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
+    base = DistillConfig(steps=args.steps, checkpoint_every=0, eval_samples=args.n)
+    ev = eval_set(teacher, args.n, seed=base.seed + 1, cache_dir=RESULTS / "cache")
+    solvers = solver_rows(teacher, ev, args.steps, base.sigma_min)
+    best = solvers[0]["psnr_db"]
+    index, count = args.shard
+    rows = []
+    if index == 0:
+        rows += solvers[:3] + [solver_row("heun", 128, teacher, ev) | {"method": "teacher-heun-64"}]
+    combos = list(itertools.product(*grid.values()))
+    for combo in combos[index::count]:
+        values = dict(zip(grid, combo))
+        cfg = base.replace(**values)
+        if args.trajectories:
+            cfg = cfg.replace(iters=max(1, args.trajectories // cfg.batch))
+        name = "-".join(f"{k}{v}" for k, v in values.items()) or "default"
+        run = train_student(cfg.replace(out=str(Path(args.work) / name)), source, progress=False)
+        for row in student_rows(run, teacher, ev):
+            row.update(values, iters=cfg.iters, batch=cfg.batch, gain_db=round(row["psnr_db"] - best, 3),
+                       cpu_units=cpu_units(cfg))
+            rows.append(row)
+            print(format_table([row], KEYS), file=sys.stderr, flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
