@@ -15,7 +15,7 @@ import torch
 from distill_core.config import EDM_SIGMA_MIN
 from distill_core.eval.benchmark import solver_sigmas
 from distill_core.eval.fidelity import psnr, reference_solve
-from distill_core.methods.base import TeacherSource
+from distill_core.methods.base import TeacherSource, move_cond
 from distill_core.sampling import sample
 from distill_core.solvers import SOLVERS, nfe_of, steps_for_nfe
 from distill_core.students import Student
@@ -43,11 +43,13 @@ class Comparison:
 @torch.no_grad()
 def compare(source: TeacherSource, student: Student, steps: int | None = None, count: int = 8, seed: int = 0,
             reference_steps: int = 64, w: float | None = None) -> Comparison:
-    """Sample ``count`` images three ways from one noise draw (see the module docstring)."""
+    """Sample ``count`` images three ways from one noise draw (see the module docstring), on the
+    teacher's device."""
     steps = student.nfe_choices[-1] if steps is None else steps
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((count, *source.shape), generator=gen) * source.denoiser.sigma_max
-    cond = source.draw_cond(count, gen)
+    device = next(source.denoiser.parameters()).device
+    noise = (torch.randn((count, *source.shape), generator=gen) * source.denoiser.sigma_max).to(device)
+    cond = move_cond(source.draw_cond(count, gen), device)
     w = student.card["guidance"]["w"] if w is None else w
     teacher = CFGTeacher(source.denoiser, w, source.uncond)
     reference = reference_solve(teacher, noise, cond, steps=reference_steps)

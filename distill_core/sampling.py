@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from distill_core.denoisers.base import Cond
+from distill_core.methods.base import move_cond
 from distill_core.solvers import SOLVERS
 from distill_core.students import Student
 
@@ -69,7 +70,10 @@ def sample(
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
     """Images from ``noise`` = x_N = sigma_max z with ``steps`` evaluations on the student's stored
-    schedule. ``w`` is the guidance scale for students distilled with guidance mode "cfg"."""
+    schedule. ``w`` is the guidance scale for students distilled with guidance mode "cfg". Runs on the
+    student's device (noise and conditions are moved there; so is the result)."""
+    device = next(student.net.parameters()).device
+    noise, cond = noise.to(device), move_cond(cond, device)
     sigmas = student.sigmas(steps)
     solver = student.card.get("solver")
     if solver:  # a score student (phased) is sampled by a training-free solver on its stored grid

@@ -18,6 +18,7 @@ import torch
 from distill_core import safetensors_io
 from distill_core.config import DistillConfig
 from distill_core.main_job import train_student
+from distill_core.methods.base import move_cond
 from distill_core.report import loss_curve, preview_pixels
 
 from . import host
@@ -121,7 +122,8 @@ def _previewer(latent_format):
             gen = torch.Generator().manual_seed(trainer.cfg.seed + 777)
             source = trainer.method.source
             noise = torch.randn((4, *source.shape), generator=gen) * trainer.method.sigma_max
-            trainer.preview_inputs = (noise, source.draw_cond(4, gen))
+            device = trainer.acc.device  # where the student trains (CUDA when there is one)
+            trainer.preview_inputs = (noise.to(device), move_cond(source.draw_cond(4, gen), device))
         with torch.no_grad():
             images = trainer.method.preview(*trainer.preview_inputs)
         return host.to_pil(preview_pixels(images, latent_format))

@@ -95,6 +95,7 @@ class FewStepSample:
 
 def to_images(x: torch.Tensor, model=None, vae=None) -> tuple[torch.Tensor, dict]:
     """ComfyUI IMAGE ``[B, H, W, 3]`` in [0, 1] and LATENT of model-space samples ``x``."""
+    x = x.cpu()  # ComfyUI's IMAGE and LATENT live on its intermediate device, the CPU
     if model is None:  # built-in pixels in [-1, 1], shown 4x larger
         pixels = ((x.clamp(-1, 1) + 1) / 2).repeat_interleave(4, -1).repeat_interleave(4, -2)
         return pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous(), {"samples": x}
