@@ -53,7 +53,7 @@ STUDENT = Out("DISTILL_STUDENT", "student", "the trained student and its run (fo
              "sfd"),
           In("iterations", "INT", "training iterations (each solves the teacher for one batch of trajectories)",
              200, options={"min": 1, "max": 100000}),
-          In("learning_rate", "FLOAT", "Adam learning rate (divided by 10 at 3/4 of the iterations)", 2e-4,
+          In("learning_rate", "FLOAT", "Adam learning rate (divided by 10 at half time)", 2e-4,
              options={"min": 1e-6, "max": 1e-2, "step": 1e-5, "round": False}),
           In("batch", "INT", "trajectories per iteration", 8, options={"min": 1, "max": 512}),
           seed("seed of noise, prompt draws and new layers"),
