@@ -1,6 +1,7 @@
 """SFD training recipes for the 4-step student of the built-in teacher, at a fixed teacher budget.
 
-    python bench/sfd_recipes.py [--set KEY=V1,V2 ...] [--trajectories T] [--n 100] [--shard I N] [--out FILE.json]
+    python bench/sfd_recipes.py [--set KEY=V1,V2 ...] [--seeds S] [--trajectories T] [--n 100] [--shard I N]
+                                [--out FILE.json]
     python bench/sfd_recipes.py --merge FILE.json ... [--out FILE.json]
 
 Every combination of the ``--set`` values (any ``DistillConfig`` field: lr, batch, loss, teacher_substeps,
@@ -16,6 +17,11 @@ NFE and the teacher's 64-step Heun solve (``teacher-heun-64``, the Frechet dista
 (n + AFS) K DPM-Solver++(3M) steps, each a CFG pair (2 forwards) per trajectory (once per pool entry
 with ``teacher_pool``), plus the student's n - 1 + 1 Euler steps per trajectory at about 3 forwards each
 (forward and backward). The main job's default: 40 + 12 = 52 units x 5760 = 299520.
+
+``--seeds S`` trains every recipe with the training seeds 0 .. S - 1 (the evaluation set stays the same).
+Whenever a recipe has rows for more than one seed (also across ``--merge``d files), a second table gives
+its mean PSNR, the spread between its seeds (min and max), the mean gain and the mean FD: single-seed
+differences smaller than that spread say nothing.
 
 ``--shard I N`` trains every N-th combination from the I-th (parallel workers on one GPU); shard 0 adds
 the reference rows. ``--merge`` prints the rows of several shards as one table.
@@ -40,6 +46,7 @@ from distill_core.teacher import CFGTeacher  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("method", "nfe", "psnr_db", "gain_db", "fd", "class_acc", "train_seconds", "cpu_units")
+SUMMARY_KEYS = ("recipe", "seeds", "psnr_mean", "psnr_min", "psnr_max", "gain_mean", "fd_mean")
 
 
 def parse_sets(items: list[str]) -> dict[str, list]:
@@ -70,6 +77,7 @@ def cpu_units(cfg: DistillConfig) -> int:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=V1,V2", help="config values to combine")
+    p.add_argument("--seeds", type=int, default=1, help="train every recipe with seeds 0 .. S - 1")
     p.add_argument("--trajectories", type=int, help="teacher trajectories per run: iters = T / batch")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--n", type=int, default=100, help="evaluation samples (the main job's default: 100)")
@@ -85,13 +93,49 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = run_grid(args)
     rows.sort(key=lambda r: (r["method"] == "sfd", r.get("psnr_db", 0)))
     print(format_table(rows, KEYS))
+    summary = seed_summary(rows)
+    if summary:
+        print("\nper recipe over training seeds:")
+        print(format_table(summary, SUMMARY_KEYS))
     if args.out:
         write_rows(rows, args.out)
     return rows
 
 
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """One row per student recipe trained with more than one seed: mean, min and max PSNR, mean gain
+    and FD. A recipe is a row's config values other than the seed (missing ones at their defaults);
+    it is named by the values that differ from the defaults."""
+    defaults = DistillConfig().to_dict()
+    students = [r for r in rows if r["method"] in ("sfd", "sfd-v")]
+    keys = sorted({k for r in students for k in r if k in defaults and k != "seed"})
+    groups: dict[tuple, list[dict]] = {}
+    for r in students:
+        recipe = (r["nfe"], *((k, r.get(k, defaults[k])) for k in keys))
+        groups.setdefault(recipe, []).append(r)
+    summary = []
+    for (nfe, *recipe), group in groups.items():
+        if len({r.get("seed", defaults["seed"]) for r in group}) < 2:
+            continue
+        psnr = [r["psnr_db"] for r in group]
+        differs = [f"{k}={v}" for k, v in recipe if v != defaults[k]]
+        summary.append({
+            "recipe": " ".join(differs) or "default",
+            "nfe": nfe,
+            "seeds": len(group),
+            "psnr_mean": round(sum(psnr) / len(psnr), 3),
+            "psnr_min": min(psnr),
+            "psnr_max": max(psnr),
+            "gain_mean": round(sum(r["gain_db"] for r in group) / len(group), 3),
+            "fd_mean": round(sum(r["fd"] for r in group) / len(group), 4),
+        })
+    return sorted(summary, key=lambda r: -r["psnr_mean"])
+
+
 def run_grid(args: argparse.Namespace) -> list[dict]:
     grid = parse_sets(args.set)
+    if args.seeds > 1:
+        grid["seed"] = list(range(args.seeds))
     source = builtin_source()
     teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
     base = DistillConfig(steps=args.steps, checkpoint_every=0, eval_samples=args.n)

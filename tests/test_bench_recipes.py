@@ -1,0 +1,42 @@
+"""The recipe benchmark's per-seed summary (``bench/sfd_recipes.py``): rows of one recipe trained with
+several seeds are grouped into mean and spread; single-seed recipes and solver rows are left out."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "sfd_recipes.py"
+
+
+@pytest.fixture(scope="module")
+def recipes():
+    spec = importlib.util.spec_from_file_location("sfd_recipes", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def student(psnr, fd, **values):
+    return {"method": "sfd", "nfe": 4, "psnr_db": psnr, "gain_db": round(psnr - 24.0, 3), "fd": fd, **values}
+
+
+def test_seed_summary_groups_a_recipe_over_its_seeds(recipes):
+    rows = [
+        {"method": "unipc", "nfe": 4, "psnr_db": 24.0, "fd": 1.1},
+        student(29.0, 0.90),  # the default recipe, seed 0 (no seed key: the default seed)
+        student(30.0, 1.00, seed=1, lr_decay_at=0.5),  # the same recipe, its values spelled out
+        student(31.0, 0.95, seed=1, lr_decay_at=0.75),  # another recipe, one seed only
+        student(28.0, 0.80, seed=2),
+    ]
+    summary = recipes.seed_summary(rows)
+    assert summary == [{
+        "recipe": "default", "nfe": 4, "seeds": 3, "psnr_mean": 29.0, "psnr_min": 28.0, "psnr_max": 30.0,
+        "gain_mean": 5.0, "fd_mean": 0.9,
+    }]
+
+
+def test_seed_summary_names_a_recipe_by_what_differs_from_the_defaults(recipes):
+    rows = [student(29.5, 0.9, seed=s, lr_schedule="cosine", lr=2e-4) for s in (0, 1)]
+    (row,) = recipes.seed_summary(rows)
+    assert row["recipe"] == "lr_schedule=cosine" and row["seeds"] == 2
