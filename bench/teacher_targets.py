@@ -1,0 +1,83 @@
+"""How accurate SFD's teacher targets are: the teacher's states at the student's points, per solver and K.
+
+    python bench/teacher_targets.py [--quick] [--steps 4] [--solvers dpmpp_3m unipc dpmpp_2m] [--K 1 2 3 4]
+                                    [--n 100] [--out FILE.json]
+
+SFD trains the student's step i to land on the teacher's state y_i at the student's point t_i, solved
+from the same x_N with K steps of a multistep solver per student interval (``methods.sfd.teacher_states``
+on the nested grid). A target is only useful while it is much closer to the true ODE solution than the
+student gets (about 31 dB per step at the main job's budget, ``docs/sfd_recipes.md``). For every solver
+and K this prints the PSNR of y_i against the same solve with ``--fine`` steps per interval
+(DPM-Solver++(3M), K = 16) at each student point, the final state's PSNR against the evaluation set's
+128-step Heun reference, and the teacher's network evaluations per trajectory (a CFG call is two). The
+student schedule is the main job's: the Karras rho = 7 grid of ``--steps`` NFE with the analytic first
+step, sigma 80 -> 0.006; the evaluation set is the main job's (seed 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill_core.config import DistillConfig  # noqa: E402
+from distill_core.eval.benchmark import eval_set, format_table, network_evals_per_call, write_rows  # noqa: E402
+from distill_core.eval.fidelity import psnr  # noqa: E402
+from distill_core.main_job import builtin_source  # noqa: E402
+from distill_core.methods.sfd import teacher_states  # noqa: E402
+from distill_core.sampling import intervals_for  # noqa: E402
+from distill_core.schedules import karras  # noqa: E402
+from distill_core.teacher import CFGTeacher  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="20 samples, K 2 and 4 (well under a minute)")
+    p.add_argument("--steps", type=int, default=4, help="the student's NFE")
+    p.add_argument("--solvers", nargs="+", default=["dpmpp_3m", "unipc", "dpmpp_2m"])
+    p.add_argument("--K", type=int, nargs="+", help="teacher steps per student interval (default 1 2 3 4)")
+    p.add_argument("--fine", type=int, default=16, help="steps per interval of the comparison solve")
+    p.add_argument("--n", type=int, help="evaluation samples (default 100, quick 20)")
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    n = args.n or (20 if args.quick else 100)
+    ks = args.K or ([2, 4] if args.quick else [1, 2, 3, 4])
+
+    cfg = DistillConfig(steps=args.steps)
+    source = builtin_source()
+    teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
+    ev = eval_set(teacher, n, seed=cfg.seed + 1, cache_dir=RESULTS / "cache")
+    sigmas = karras(intervals_for(cfg.steps, cfg.afs), cfg.sigma_min, teacher.sigma_max, cfg.rho)
+    with torch.no_grad():
+        fine = teacher_states(teacher, ev.noise, sigmas, ev.labels, args.fine, "dpmpp_3m")
+        rows = []
+        for solver in args.solvers:
+            for k in ks:
+                states = teacher_states(teacher, ev.noise, sigmas, ev.labels, k, solver)
+                rows.append({
+                    "method": solver,
+                    "nfe": cfg.steps,
+                    "substeps": k,
+                    "teacher_network_evals": k * (len(sigmas) - 1) * network_evals_per_call(teacher),
+                    "psnr_db": round(psnr(states[-1], ev.reference), 2),
+                    "worst_point_db": round(min(psnr(y, f) for y, f in zip(states, fine)), 2),
+                    "psnr_at_points_db": [round(psnr(y, f), 1) for y, f in zip(states, fine)],
+                })
+    points = ", ".join(f"{float(s):.3g}" for s in sigmas[1:])
+    print(f"student points (sigma): {points}; PSNR at each point against DPM-Solver++(3M) with K = {args.fine}")
+    print(format_table(rows, ("method", "substeps", "teacher_network_evals", "psnr_db", "worst_point_db")))
+    for r in rows:
+        print(f"{r['method']:>9} K={r['substeps']}: " + "  ".join(f"{v:5.1f}" for v in r["psnr_at_points_db"]))
+    if args.out:
+        write_rows(rows, args.out)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
