@@ -115,14 +115,15 @@ def seed_summary(rows: list[dict]) -> list[dict]:
         groups.setdefault(recipe, []).append(r)
     summary = []
     for (nfe, *recipe), group in groups.items():
-        if len({r.get("seed", defaults["seed"]) for r in group}) < 2:
+        seeds = {r.get("seed", defaults["seed"]) for r in group}
+        if len(seeds) < 2:
             continue
         psnr = [r["psnr_db"] for r in group]
         differs = [f"{k}={v}" for k, v in recipe if v != defaults[k]]
         summary.append({
             "recipe": " ".join(differs) or "default",
             "nfe": nfe,
-            "seeds": len(group),
+            "seeds": len(seeds),
             "psnr_mean": round(sum(psnr) / len(psnr), 3),
             "psnr_min": min(psnr),
             "psnr_max": max(psnr),
