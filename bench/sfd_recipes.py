@@ -41,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.eval.benchmark import eval_set, format_table, solver_row, write_rows  # noqa: E402
 from distill_core.main_job import builtin_source, solver_rows, student_rows, train_student  # noqa: E402
+from distill_core.methods.sfd import teacher_steps  # noqa: E402
 from distill_core.sampling import intervals_for  # noqa: E402
+from distill_core.schedules import karras  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,7 +73,9 @@ def cpu_units(cfg: DistillConfig) -> int:
     """Forward passes per run (see the module docstring): teacher trajectories + student steps."""
     intervals = intervals_for(cfg.steps, cfg.afs)
     trajectories = cfg.teacher_pool or cfg.iters * cfg.batch
-    return trajectories * intervals * cfg.teacher_substeps * 2 + cfg.iters * cfg.batch * cfg.steps * 3
+    sigmas = karras(intervals, cfg.sigma_min, 80.0, cfg.rho)  # the built-in teacher's sigma_max
+    teacher = sum(teacher_steps(sigmas, cfg.teacher_substeps, cfg.teacher_one_step_above))
+    return trajectories * teacher * 2 + cfg.iters * cfg.batch * cfg.steps * 3
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

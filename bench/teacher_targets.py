@@ -30,10 +30,16 @@ from distill_core.eval.fidelity import psnr  # noqa: E402
 from distill_core.main_job import builtin_source  # noqa: E402
 from distill_core.methods.sfd import teacher_states  # noqa: E402
 from distill_core.sampling import intervals_for  # noqa: E402
-from distill_core.schedules import karras  # noqa: E402
+from distill_core.schedules import karras, substeps_per_interval  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_substeps(text: str) -> int | tuple[int, ...]:
+    """``"4"`` -> 4 (every interval); ``"2,2,4,3,2"`` -> one K per student interval."""
+    ks = tuple(int(k) for k in text.split(","))
+    return ks[0] if len(ks) == 1 else ks
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -41,7 +47,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="20 samples, K 2 and 4 (well under a minute)")
     p.add_argument("--steps", type=int, default=4, help="the student's NFE")
     p.add_argument("--solvers", nargs="+", default=["dpmpp_3m", "unipc", "dpmpp_2m"])
-    p.add_argument("--K", type=int, nargs="+", help="teacher steps per student interval (default 1 2 3 4)")
+    p.add_argument(
+        "--K", type=parse_substeps, nargs="+",
+        help="teacher steps per student interval (default 1 2 3 4); 2,2,4,3,2 gives each interval its own",
+    )
     p.add_argument("--fine", type=int, default=16, help="steps per interval of the comparison solve")
     p.add_argument("--n", type=int, help="evaluation samples (default 100, quick 20)")
     p.add_argument("--out", help="write the rows as JSON here")
@@ -63,8 +72,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append({
                     "method": solver,
                     "nfe": cfg.steps,
-                    "substeps": k,
-                    "teacher_network_evals": k * (len(sigmas) - 1) * network_evals_per_call(teacher),
+                    "substeps": _label(k),
+                    "teacher_network_evals": sum(substeps_per_interval(k, len(sigmas) - 1))
+                    * network_evals_per_call(teacher),
                     "psnr_db": round(psnr(states[-1], ev.reference), 2),
                     "worst_point_db": round(min(psnr(y, f) for y, f in zip(states, fine)), 2),
                     "psnr_at_points_db": [round(psnr(y, f), 1) for y, f in zip(states, fine)],
@@ -77,6 +87,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.out:
         write_rows(rows, args.out)
     return rows
+
+
+def _label(k: int | tuple[int, ...]) -> str | int:
+    return k if isinstance(k, int) else ",".join(map(str, k))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ sigma_min; ``append_zero`` adds the final step to sigma = 0 that samplers take a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -69,19 +70,36 @@ def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def nest(sigmas: torch.Tensor, substeps: int, rho: float = 7.0) -> torch.Tensor:
+def nest(sigmas: torch.Tensor, substeps: int | Sequence[int], rho: float = 7.0) -> torch.Tensor:
     """Put ``substeps`` points inside every interval of ``sigmas`` (uniform in sigma^(1/rho)), so that
-    every point of ``sigmas`` is exactly a point of the result: point i of the coarse grid is point
-    i * substeps of the fine one. A Karras grid of n intervals nests into the Karras grid of n K.
+    every point of ``sigmas`` is exactly a point of the result: with an int K, point i of the coarse
+    grid is point i * K of the fine one (a Karras grid of n intervals nests into the Karras grid of n K);
+    a sequence gives each interval its own K_i, and point i lands at ``nested_index(substeps, i)``.
     A final sigma = 0 is kept as is (its interval is split uniformly in sigma^(1/rho) too)."""
-    if substeps < 1:
-        raise ValueError(f"substeps must be >= 1, got {substeps}")
+    per_interval = substeps_per_interval(substeps, len(sigmas) - 1)
     root = sigmas.double() ** (1 / rho)
-    frac = torch.arange(substeps, dtype=torch.float64, device=sigmas.device) / substeps
-    inner = (root[:-1, None] + frac * (root[1:, None] - root[:-1, None])) ** rho
-    fine = torch.cat([inner.flatten(), sigmas[-1:].double()]).to(sigmas.dtype)
-    fine[::substeps] = sigmas  # the coarse points are reproduced bit for bit
+    inner = [
+        (root[i] + torch.arange(k, dtype=torch.float64, device=sigmas.device) / k * (root[i + 1] - root[i])) ** rho
+        for i, k in enumerate(per_interval)
+    ]
+    fine = torch.cat([*inner, sigmas[-1:].double()]).to(sigmas.dtype)
+    fine[[nested_index(per_interval, i) for i in range(len(sigmas))]] = sigmas  # coarse points bit for bit
     return fine
+
+
+def substeps_per_interval(substeps: int | Sequence[int], intervals: int) -> list[int]:
+    """K for every interval: an int is the same K everywhere; a sequence must name one per interval."""
+    per_interval = [int(substeps)] * intervals if isinstance(substeps, int) else [int(k) for k in substeps]
+    if len(per_interval) != intervals:
+        raise ValueError(f"substeps {list(substeps)} name {len(per_interval)} intervals; the grid has {intervals}")
+    if min(per_interval) < 1:
+        raise ValueError(f"substeps must be >= 1, got {substeps}")
+    return per_interval
+
+
+def nested_index(per_interval: Sequence[int], i: int) -> int:
+    """The index in the nested grid of the coarse grid's point i."""
+    return sum(per_interval[:i])
 
 
 def phased(n: int, refinement: list[float] | torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,16 @@ def test_nest_keeps_every_coarse_point_and_refines_karras_into_karras(substeps):
     assert torch.allclose(fine, karras(5 * substeps, 0.006, 80.0), rtol=1e-5)
 
 
+def test_nest_gives_each_interval_its_own_substeps():
+    coarse = karras(3, 0.006, 80.0)
+    fine = nest(coarse, [1, 3, 2])
+    assert fine.shape == (1 + 3 + 2 + 1,) and (fine[1:] < fine[:-1]).all()
+    assert torch.equal(fine[[0, 1, 4, 6]], coarse)
+    assert torch.allclose(fine[1:5], nest(coarse[1:3], 3), rtol=1e-6)  # each interval refined on its own
+    with pytest.raises(ValueError, match="name 2 intervals; the grid has 3"):
+        nest(coarse, [1, 3])
+
+
 def test_nest_handles_a_final_zero():
     fine = nest(append_zero(karras(3, 0.1, 10.0)), 2)
     assert fine[-1] == 0 and (fine[1:] < fine[:-1]).all()

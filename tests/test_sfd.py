@@ -11,7 +11,7 @@ from torch import nn
 from distill_core.config import DistillConfig
 from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
-from distill_core.methods.sfd import distance, teacher_states
+from distill_core.methods.sfd import distance, teacher_states, teacher_steps
 from distill_core.sampling import afs_direction, few_step, intervals_for
 from distill_core.schedules import karras, nest
 from distill_core.solvers import SOLVERS
@@ -67,6 +67,23 @@ def test_teacher_states_land_on_the_student_points(tiny_edm):
         # the default DPM-Solver++(3M) run: its last state is the solver's own answer on the nested grid
         states = teacher_states(teacher, x, t, y, substeps=4)
         assert torch.allclose(states[-1], SOLVERS["dpmpp_3m"](teacher, x, grid, y), atol=1e-5)
+
+
+def test_the_teacher_takes_one_step_on_intervals_above_the_threshold(tiny_edm):
+    teacher = CFGTeacher(tiny_edm, 2.0, torch.tensor([10]))
+    t = karras(5, 0.006, 80.0)  # 80, 26, 6.8, 1.3, 0.15, 0.006: the main job's schedule
+    assert teacher_steps(t, 3, 20.0) == [1, 1, 3, 3, 3]
+    assert teacher_steps(t, 3, None) == [3] * 5
+    x, y = torch.randn(2, 1, 8, 8) * 80, torch.tensor([1, 2])
+    with torch.no_grad():
+        grid = nest(t, [1, 1, 3, 3, 3])
+        states = teacher_states(teacher, x, t, y, [1, 1, 3, 3, 3], solver="unipc")
+        assert torch.allclose(states[-1], SOLVERS["unipc"](teacher, x, grid, y), atol=1e-5)
+        states = teacher_states(teacher, x, t, y, [1, 1, 3, 3, 3], solver="dpmpp_3m")
+        assert torch.allclose(states[2], SOLVERS["dpmpp_3m"](teacher, x, grid[:6], y), atol=1e-5)  # at t_3
+    m = _method(tiny_edm, steps=4, teacher_substeps=3)
+    assert m.teacher_steps[4] == [1, 1, 3, 3, 3]
+    assert m.card()["training"]["teacher_one_step_above"] == 20.0
 
 
 def _method(tiny_edm, **kw):
@@ -167,11 +184,12 @@ def test_teacher_pool_replays_trajectories_solved_once(tiny_edm):
     gen = torch.Generator().manual_seed(0)
     x, y, targets = sfd.pooled(2, 5, gen, torch.device("cpu"))
     spent = sfd.teacher_evaluations
-    assert spent == 6 * (len(sfd.sigmas[2]) - 1) * 2 * 2  # 6 trajectories, K = 2, CFG doubles
+    # 6 trajectories x (1 step from sigma 80, K = 2 on the two intervals below sigma 20) x a CFG pair
+    assert spent == 6 * (1 + 2 + 2) * 2
     sfd.pooled(2, 5, gen, torch.device("cpu"))
     assert sfd.teacher_evaluations == spent  # the teacher ran once
     pool_x = sfd._pools[2][0]
     assert all(any(torch.equal(row, p) for p in pool_x) for row in x)
     with torch.no_grad():
-        fresh = teacher_states(sfd.teacher, x, sfd.sigmas[2], y, 2)
+        fresh = teacher_states(sfd.teacher, x, sfd.sigmas[2], y, sfd.teacher_steps[2], cfg.teacher_solver)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fresh, targets))

@@ -83,7 +83,9 @@ def test_resume_after_ctrl_c_continues_exactly(tiny_edm, tmp_path, pool):
     lines_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in lines_b] == list(range(1, 7))
     assert [r["loss"] for r in lines_a] == [r["loss"] for r in lines_b]
-    assert lines_a[2]["lr"] == 1e-3 and lines_a[3]["lr"] == pytest.approx(1e-4)  # lr / 10 at half time
+    # SFD's cosine schedule continues across the resume: lr_k = lr (1 + cos(pi k / iters)) / 2
+    assert [r["lr"] for r in lines_a] == [r["lr"] for r in lines_b]
+    assert lines_a[2]["lr"] == pytest.approx(7.5e-4) and lines_a[3]["lr"] == pytest.approx(5e-4)
 
 
 def test_resume_refuses_a_different_configuration(tiny_edm, tmp_path):
