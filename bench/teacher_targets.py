@@ -3,6 +3,9 @@
     python bench/teacher_targets.py [--quick] [--steps 4] [--solvers dpmpp_3m unipc dpmpp_2m] [--K 1 2 3 4]
                                     [--n 100] [--out FILE.json]
 
+``--K 1,1,3,3,3`` gives each student interval its own K (the main job's default: one step on the two
+intervals above sigma 20, ``methods.sfd.teacher_steps``).
+
 SFD trains the student's step i to land on the teacher's state y_i at the student's point t_i, solved
 from the same x_N with K steps of a multistep solver per student interval (``methods.sfd.teacher_states``
 on the nested grid). A target is only useful while it is much closer to the true ODE solution than the
