@@ -76,7 +76,7 @@ class DistillConfig:
     huber_c: float = 0.03
     lr: float = 2e-4  # SFD's 5e-5 suits long runs; on the built-in teacher's short run 2e-4 gains 0.65 dB
     lr_decay_at: float = 0.5  # lr / 10 from this fraction of the iterations on
-    iters: int = 160  # NFE 4, batch 64: about 2.3 to 2.6 s per iteration on 2 CPU cores (6 to 7 minutes)
+    iters: int = 160  # NFE 4, batch 64: 2.3 to 2.7 s per iteration on 2 CPU cores (368 to 428 s measured)
     batch: int = 64
     grad_accum: int = 1
     clip_grad: float | None = None
