@@ -15,7 +15,7 @@ NFE and the teacher's 64-step Heun solve (``teacher-heun-64``, the Frechet dista
 
 ``cpu_units`` estimates a recipe's cost on the CPU in network forward passes per image: the teacher's
 steps over the n + AFS intervals (K each, one on intervals above ``teacher_one_step_above``), each a CFG
-pair (2 forwards) per trajectory (once per pool entry with ``teacher_pool``), plus the student's
+pair (2 forwards) per trajectory (once per pool entry with ``teacher_pool`` or ``teacher_reuse``), plus the student's
 n - 1 + 1 Euler steps per trajectory at about 3 forwards each (forward and backward). The main job's
 default: 2 (1 + 1 + 3 + 3 + 3) + 12 = 34 units x 160 x 64 = 348160 (SFD's recipe: 40 + 12 = 52 units x
 90 x 64 = 299520). The units do not see the per-forward cost: channels_last (stop 14) made the
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -76,7 +77,11 @@ def cpu_units(cfg: DistillConfig, sigma_max: float) -> int:
     """Forward passes per run (see the module docstring): teacher trajectories + student steps, on the
     student schedule that ends at the teacher's ``sigma_max`` (unless the config sets its own)."""
     intervals = intervals_for(cfg.steps, cfg.afs)
-    trajectories = cfg.teacher_pool or cfg.iters * cfg.batch
+    pool = cfg.teacher_pool or cfg.batch
+    if cfg.teacher_pool or cfg.teacher_reuse > 1:  # pools of `pool`, each serving r x pool / batch iterations
+        trajectories = math.ceil(cfg.iters / max(1, round(cfg.teacher_reuse * pool / cfg.batch))) * pool
+    else:
+        trajectories = cfg.iters * cfg.batch
     sigmas = karras(intervals, cfg.sigma_min, cfg.sigma_max or sigma_max, cfg.rho)
     teacher = sum(teacher_steps(sigmas, cfg.teacher_substeps, cfg.teacher_one_step_above))
     return trajectories * teacher * 2 + cfg.iters * cfg.batch * cfg.steps * 3

@@ -59,8 +59,10 @@ class DistillConfig:
     # intervals that start above this sigma take one teacher step, not K: at high noise the ODE is
     # nearly straight (AFS's premise); None: K everywhere (an SD-style teacher's sigma_max is below 20)
     teacher_one_step_above: float | None = 20.0
-    # 0: fresh teacher trajectories every iteration (as in SFD); N > 0: solve N trajectories per NFE
-    # once and draw every batch from them (the teacher, most of an iteration's cost, runs once)
+    # each teacher trajectory trains the student this many times (1: fresh trajectories every iteration,
+    # as in SFD). The teacher is most of an iteration's cost, so reuse buys iterations
+    teacher_reuse: float = 1.0
+    # trajectories solved at once (0: one batch); a pool serves teacher_reuse x pool / batch iterations
     teacher_pool: int = 0
     # the student: "full" (every weight trained, as in SFD) or "lora" (low-rank adapters on the frozen
     # teacher, which is the same network with the adapters off: one copy of the base weights)

@@ -12,7 +12,7 @@ from scipy.linalg import sqrtm
 
 from distill_core import builtin, safetensors_io
 from distill_core.data import load_mnist
-from distill_core.eval import frechet
+from distill_core.eval import benchmark, frechet
 from distill_core.eval.fidelity import psnr, reference_solve, rmse
 from distill_core.eval.speed import CountingDenoiser
 from distill_core.schedules import append_zero, karras
@@ -142,3 +142,17 @@ def test_reference_solve_is_heun_with_steps_steps():
     assert counter.nfe == 2 * 64 - 1
     # exact flow of N(0, I) data: x(sigma) = x(sigma_max) sqrt(1 + sigma^2) / sqrt(1 + sigma_max^2)
     assert torch.allclose(out, x / math.sqrt(1 + 80.0**2), rtol=5e-3)
+
+
+@pytest.mark.parametrize("n", [100])
+def test_shipped_references_are_the_teachers_reference_solve(n, monkeypatch):
+    """The main job's evaluation sets ship their reference (the built-in teacher, seed 1, w = 2): read,
+    never solved, and equal to the solve itself (checked on the first samples)."""
+    teacher = CFGTeacher(builtin.load_builtin_teacher(), builtin.DEFAULT_GUIDANCE, torch.tensor([10]))
+    with monkeypatch.context() as m:
+        m.setattr(benchmark, "reference_solve", lambda *a, **k: pytest.fail("the shipped reference was not used"))
+        ev = benchmark.eval_set(teacher, n, seed=1)
+    assert ev.reference.shape == (n, *builtin.SHAPE)
+    with torch.no_grad():
+        solved = reference_solve(teacher, ev.noise[:4], ev.labels[:4], steps=128)
+    assert torch.allclose(ev.reference[:4], solved, atol=1e-4)

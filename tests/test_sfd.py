@@ -179,7 +179,8 @@ def test_training_moves_the_student_towards_the_teacher(tiny_edm, tmp_path):
 
 
 def test_teacher_pool_replays_trajectories_solved_once(tiny_edm):
-    cfg = DistillConfig(steps=2, batch=4, teacher_substeps=2, teacher_pool=6)
+    # a pool of 6 that serves 40 x 6 / 5 = 48 draws of 5: solved once for this test
+    cfg = DistillConfig(steps=2, batch=5, teacher_substeps=2, teacher_pool=6, teacher_reuse=40)
     sfd = build_method(tiny_source(tiny_edm), cfg)
     gen = torch.Generator().manual_seed(0)
     x, y, targets = sfd.pooled(2, 5, gen, torch.device("cpu"))
@@ -190,6 +191,22 @@ def test_teacher_pool_replays_trajectories_solved_once(tiny_edm):
     assert sfd.teacher_evaluations == spent  # the teacher ran once
     pool_x = sfd._pools[2][0]
     assert all(any(torch.equal(row, p) for p in pool_x) for row in x)
+    assert len({tuple(row.flatten().tolist()) for row in x}) == 5  # drawn without replacement
     with torch.no_grad():
         fresh = teacher_states(sfd.teacher, x, sfd.sigmas[2], y, sfd.teacher_steps[2], cfg.teacher_solver)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fresh, targets))
+
+
+def test_teacher_reuse_trains_on_every_trajectory_that_many_times(tiny_edm):
+    cfg = DistillConfig(steps=2, batch=4, teacher_substeps=2, teacher_reuse=2)
+    sfd = build_method(tiny_source(tiny_edm), cfg)
+    gen = torch.Generator().manual_seed(0)
+    draws = [sfd.pooled(2, 4, gen, torch.device("cpu"))[0] for _ in range(4)]
+    rows = [{tuple(r.flatten().tolist()) for r in x} for x in draws]
+    # the pool is one batch: iterations 1 and 2 train on it, 3 and 4 on a fresh one
+    assert rows[0] == rows[1] and rows[2] == rows[3] and not rows[0] & rows[2]
+    assert sfd.teacher_evaluations == 2 * 4 * (1 + 2 + 2) * 2
+    with pytest.raises(ValueError, match="teacher_reuse must be at least 1"):
+        build_method(tiny_source(tiny_edm), cfg.replace(teacher_reuse=0.5))
+    with pytest.raises(ValueError, match="teacher_pool 0 or at least the batch"):
+        build_method(tiny_source(tiny_edm), cfg.replace(teacher_pool=3))

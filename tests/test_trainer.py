@@ -64,16 +64,17 @@ class _SigintAt(Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-@pytest.mark.parametrize("pool", [0, 6])
+@pytest.mark.parametrize("pool", [{}, {"teacher_pool": 6, "teacher_reuse": 3}, {"teacher_reuse": 2}])
 def test_resume_after_ctrl_c_continues_exactly(tiny_edm, tmp_path, pool):
-    m = _sfd(tiny_edm, tmp_path / "a", method="sfd-v", nfe_range=(1, 3), teacher_pool=pool)
+    # with teacher pools the resume falls inside a pool: the resumed run must solve the same one again
+    m = _sfd(tiny_edm, tmp_path / "a", method="sfd-v", nfe_range=(1, 3), **pool)
     straight = Trainer(m, m.cfg).fit()
 
-    m1 = _sfd(tiny_edm, tmp_path / "b", method="sfd-v", nfe_range=(1, 3), teacher_pool=pool)
+    m1 = _sfd(tiny_edm, tmp_path / "b", method="sfd-v", nfe_range=(1, 3), **pool)
     first = Trainer(m1, m1.cfg, callbacks=[_SigintAt(3)]).fit()
     assert first.status == "interrupted" and first.iteration == 3
     assert load_checkpoint(tmp_path / "b" / "checkpoints")[1]["iteration"] == 3
-    m2 = _sfd(tiny_edm, tmp_path / "b", method="sfd-v", nfe_range=(1, 3), teacher_pool=pool)
+    m2 = _sfd(tiny_edm, tmp_path / "b", method="sfd-v", nfe_range=(1, 3), **pool)
     resumed = Trainer(m2, m2.cfg).fit(resume=True)
     assert resumed.status == "done" and resumed.iteration == 6
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from distill_core import safetensors_io
-from distill_core.builtin import SHAPE, fingerprint
+from distill_core.builtin import ASSETS, SHAPE, fingerprint
 from distill_core.config import EDM_SIGMA_MIN
 from distill_core.eval.fidelity import psnr, reference_solve, rmse
 from distill_core.eval.frechet import class_accuracy, fd_to_reference
@@ -28,6 +28,12 @@ from distill_core.eval.speed import CountingDenoiser
 from distill_core.schedules import karras
 from distill_core.solvers import SOLVERS, steps_for_nfe
 from distill_core.teacher import CFGTeacher
+
+#: Reference solves that ship with the engine, read like a cache: the built-in teacher's, on the main job's
+#: evaluation set (seed 1, w = 2, 100 samples; ``--quality``'s 500 are solved). They are what ``eval_set``
+#: computes (written by ``eval_set(teacher, n, seed=1, cache_dir=SHIPPED_REFERENCES)``), shipped so that
+#: the main job spends its minutes on training, not on 255 network evaluations per reference sample.
+SHIPPED_REFERENCES = ASSETS / "references"
 
 
 @dataclass
@@ -41,14 +47,16 @@ class EvalSet:
 
 def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache_dir: str | Path | None = None,
              batch: int = 250) -> EvalSet:
-    """Build (or read from ``cache_dir``) the evaluation set for ``teacher`` at its guidance scale."""
+    """Build (or read from the shipped references or ``cache_dir``) the evaluation set for ``teacher`` at
+    its guidance scale. The file name holds the teacher's fingerprint, w, n, the seed and the solve."""
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *SHAPE), generator=gen) * teacher.sigma_max
     labels = torch.arange(n) % 10
     key = f"ref-{fingerprint(teacher.denoiser)}-w{teacher.w:g}-n{n}-s{seed}-heun{steps}.safetensors"
     cached = Path(cache_dir) / key if cache_dir else None
-    if cached is not None and cached.is_file():
-        return EvalSet(noise, labels, safetensors_io.load(cached)[0]["reference"])
+    for stored in (SHIPPED_REFERENCES / key, cached):
+        if stored is not None and stored.is_file():
+            return EvalSet(noise, labels, safetensors_io.load(stored)[0]["reference"])
     with torch.no_grad():
         reference = torch.cat([
             reference_solve(teacher, x, y, steps=steps) for x, y in zip(noise.split(batch), labels.split(batch))

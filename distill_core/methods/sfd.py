@@ -94,6 +94,11 @@ class SFD:
         self.source, self.cfg = source, cfg
         self.name = cfg.method
         self.step_conditioned = cfg.method == "sfd-v"
+        if cfg.teacher_reuse < 1 or 0 < cfg.teacher_pool < cfg.batch:
+            raise ValueError(
+                f"teacher_reuse must be at least 1 (got {cfg.teacher_reuse}) and teacher_pool 0 or at least "
+                f"the batch {cfg.batch} (got {cfg.teacher_pool})"
+            )
         w = source.guidance if cfg.guidance is None else cfg.guidance
         self.w = float(w)
         self.teacher_fingerprint = fingerprint(source.denoiser)
@@ -118,6 +123,7 @@ class SFD:
                               for n, s in self.sigmas.items()}
         self.teacher_evaluations = 0
         self._pools: dict[int, tuple[torch.Tensor, Cond, list[torch.Tensor]]] = {}
+        self._pool_state: dict[int, tuple[int, int]] = {}  # per NFE: iterations its pool served, its seed
 
     def to(self, device: torch.device) -> SFD:
         self.source.denoiser.to(device)
@@ -139,25 +145,43 @@ class SFD:
 
     def pooled(self, nfe: int, batch: int, generator: torch.Generator,
                device: torch.device) -> tuple[torch.Tensor, Cond, list[torch.Tensor]]:
-        """A batch drawn from ``teacher_pool`` trajectories solved once per NFE (from a generator seeded
-        by the config alone, so a resumed run rebuilds the same pool)."""
+        """A batch from the current pool of this NFE: ``teacher_pool`` trajectories (one batch when 0)
+        solved at once, drawn without replacement by every iteration, and replaced by a fresh pool after
+        serving ``teacher_reuse`` x pool / batch iterations, so each trajectory trains the student about
+        ``teacher_reuse`` times. A pool is solved from its own seed, drawn from ``generator`` and kept
+        in ``state_dict``, so a resumed run solves the pool it stopped in again."""
+        size = self.cfg.teacher_pool or batch
+        serves = max(1, round(self.cfg.teacher_reuse * size / batch))
+        uses, seed = self._pool_state.get(nfe, (0, None))
+        if uses % serves == 0:
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            self._pools.pop(nfe, None)
         if nfe not in self._pools:
-            pool_gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + nfe)
-            chunks = [self.trajectories(nfe, min(self.cfg.batch, self.cfg.teacher_pool - start), pool_gen, device)
-                      for start in range(0, self.cfg.teacher_pool, self.cfg.batch)]
+            pool_gen = torch.Generator().manual_seed(seed)
+            chunks = [self.trajectories(nfe, min(self.cfg.batch, size - start), pool_gen, device)
+                      for start in range(0, size, self.cfg.batch)]
             self._pools[nfe] = (
                 torch.cat([c[0] for c in chunks]),
                 cat_all([c[1] for c in chunks]),
                 [torch.cat(states) for states in zip(*(c[2] for c in chunks))],
             )
+        self._pool_state[nfe] = (uses + 1, seed)
         x, cond, targets = self._pools[nfe]
-        idx = torch.randint(x.shape[0], (batch,), generator=generator).to(device)
+        idx = torch.randperm(size, generator=generator)[:batch].to(device)
         return x[idx], index_cond(cond, idx), [y[idx] for y in targets]
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the student: per NFE, the uses of its pool and the pool's seed."""
+        return {str(nfe): list(state) for nfe, state in self._pool_state.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pool_state = {int(nfe): tuple(v) for nfe, v in state.items()}
+        self._pools.clear()
 
     def losses(self, plan: dict, batch: int, generator: torch.Generator) -> Iterator[StepLoss]:
         nfe, device = plan["nfe"], next(self.student.parameters()).device
         t = self.sigmas[nfe].to(device)
-        draw = self.pooled if self.cfg.teacher_pool else self.trajectories
+        draw = self.pooled if self.cfg.teacher_pool or self.cfg.teacher_reuse > 1 else self.trajectories
         x, cond, targets = draw(nfe, batch, generator, device)
         student = AtSteps(self.student, nfe)
         for i in range(len(t) - 1):
@@ -193,6 +217,7 @@ class SFD:
                 "teacher_substeps": cfg.teacher_substeps,
                 "teacher_one_step_above": cfg.teacher_one_step_above,
                 "teacher_pool": cfg.teacher_pool,
+                "teacher_reuse": cfg.teacher_reuse,
                 "loss": cfg.loss,
                 "lr": cfg.lr,
                 "iters": cfg.iters,

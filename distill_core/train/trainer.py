@@ -132,6 +132,8 @@ class Trainer:
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         if self.ema is not None:
             state["ema"] = _saved_state(self.ema)
+        if hasattr(self.method, "state_dict"):  # a method's own progress (SFD: its teacher pools)
+            state["method"] = self.method.state_dict()
         return state
 
     def save_checkpoint(self) -> None:
@@ -151,8 +153,10 @@ class Trainer:
     def load_checkpoint(self) -> None:
         state, info = load_checkpoint(self.ckpt_dir)
         saved = info["config"]
+        defaults = DistillConfig().to_dict()  # keys a checkpoint predates took their default values
         changed = sorted(
-            k for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v
+            k for k, v in self.cfg.to_dict().items()
+            if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v
         )
         if changed:
             raise ValueError(
@@ -165,6 +169,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             getattr(self.ema, "load_saved_state", self.ema.load_state_dict)(state["ema"])
+        if hasattr(self.method, "load_state_dict"):
+            self.method.load_state_dict(state.get("method", {}))
         torch.set_rng_state(state["rng"]["torch"])
         self.plan_gen.set_state(state["rng"]["plan"])
         self.data_gen.set_state(state["rng"]["data"])
