@@ -50,9 +50,9 @@ def test_main_job_writes_student_grid_and_report(tmp_path):
     report = json.loads((out / "report.json").read_text())
     rows = report["rows"]
     ours = [r for r in rows if r["method"] == "sfd"]
-    # 2 iterations x 4 trajectories x teacher steps (1 on the interval from sigma 80, K = 3 on the two
-    # below sigma 20) x 2 (a CFG pair)
-    assert len(ours) == 1 and ours[0]["nfe"] == 2 and ours[0]["teacher_evaluations"] == 2 * 4 * (1 + 3 + 3) * 2
+    # 2 iterations on one batch of 4 trajectories (teacher_reuse 2) x teacher steps (1 on the interval
+    # from sigma 80, K = 3 on the two below sigma 20) x 2 (a CFG pair)
+    assert len(ours) == 1 and ours[0]["nfe"] == 2 and ours[0]["teacher_evaluations"] == 4 * (1 + 3 + 3) * 2
     assert {2, 4} <= {r["nfe"] for r in rows} and {"dpmpp_3m", "euler"} <= {r["method"] for r in rows}
     for key in ("psnr_db", "fd", "class_acc", "images_per_s", "train_seconds"):
         assert isinstance(ours[0][key], float)

@@ -3,7 +3,8 @@
 Student schedule t_0 > ... > t_n: the polynomial rho grid from sigma_max to sigma_min (n intervals,
 n - 1 evaluations with the analytic first step, AFS). Every iteration, data-free:
 
-    x_0 = sigma_max z,  z ~ N(0, I);  conditions drawn from the teacher source
+    x_0 = sigma_max z,  z ~ N(0, I);  conditions drawn from the teacher source (each batch, with its
+        teacher states, serves ``teacher_reuse`` iterations: ``pooled``)
     teacher (no grad): a multistep solver from x_0 over the nested grid with K steps per student
         interval (one step on intervals starting above ``teacher_one_step_above``); its states y_i at
         the student's points t_i (the grids nest exactly)
@@ -19,8 +20,9 @@ The paper's teacher is DPM-Solver++(3M) with K = 4 on every interval, and its lr
 half time (``teacher_solver: dpmpp_3m``, ``teacher_substeps: 4``, ``teacher_one_step_above: null``,
 ``lr_schedule: step``). Our defaults spend the same time better on the CPU (docs/sfd_recipes.md): UniPC
 at K = 3 (targets 43 dB or better on the built-in teacher, against 44 for the paper's), a single teacher
-step on intervals that start above sigma 20 (57 and 50 dB there), the saving spent on more
-iterations, and a cosine lr schedule.
+step on intervals that start above sigma 20 (57 and 50 dB there), every teacher batch trained on
+twice (``teacher_reuse: 2``; the paper: ``1``), the saving spent on more iterations, and a cosine lr
+schedule.
 
 SFD-v: the student also sees the step count (``students.StepEmbedding``); every iteration draws
 NFE uniformly from the trained range and uses that NFE's schedule.
