@@ -26,11 +26,12 @@ def test_config_yaml_round_trip_and_flag_overrides(tmp_path):
     add_arguments(p)
     args = p.parse_args(["--config", str(tmp_path / "c.yaml"), "--steps", "3", "--quality"])
     got = config_from_args(args)
-    assert (got.method, got.steps, got.lr, got.iters, got.nfe_range) == (
+    assert (got.method, got.steps, got.lr, got.iters, got.teacher_reuse, got.nfe_range) == (
         "sfd-v",
         3,
         1e-4,
         QUALITY["iters"],
+        1.0,
         (2, 4),
     )
 
