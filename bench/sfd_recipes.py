@@ -7,7 +7,7 @@
 Every combination of the ``--set`` values (any ``DistillConfig`` field: lr, batch, loss, teacher_substeps,
 teacher_pool, lr_decay_at, ema, ...) trains one SFD student for ``--steps`` NFE; without ``--set``, one
 student of the main job's default config. ``--trajectories T``
-keeps the teacher's work fixed: iters = T / batch (the main job's default is 90 x 64 = 5760, ``--quality``
+keeps the student's work fixed: iters = T / batch (the main job's default is 220 x 64, ``--quality``
 600 x 64). Each row is the student evaluated on the main job's evaluation set (seed 1, ``--n`` samples,
 PSNR against the teacher's 128-step Heun solve), with ``gain_db`` over the best training-free solver at
 the same NFE and the config values that vary. Reference rows: the three best training-free solvers at that
@@ -15,11 +15,12 @@ NFE and the teacher's 64-step Heun solve (``teacher-heun-64``, the Frechet dista
 
 ``cpu_units`` estimates a recipe's cost on the CPU in network forward passes per image: the teacher's
 steps over the n + AFS intervals (K each, one on intervals above ``teacher_one_step_above``), each a CFG
-pair (2 forwards) per trajectory (once per pool entry with ``teacher_pool`` or ``teacher_reuse``), plus the student's
-n - 1 + 1 Euler steps per trajectory at about 3 forwards each (forward and backward). The main job's
-default: 2 (1 + 1 + 3 + 3 + 3) + 12 = 34 units x 160 x 64 = 348160 (SFD's recipe: 40 + 12 = 52 units x
-90 x 64 = 299520). The units do not see the per-forward cost: channels_last (stop 14) made the
-teacher's forwards about 17 % cheaper on the clock.
+pair (2 forwards) per solved trajectory (``teacher_reuse`` and ``teacher_pool`` solve fewer than the
+student trains on), plus the student's n - 1 + 1 Euler steps per trajectory at about 3 forwards each
+(forward and backward). The main job's default, every teacher batch serving 2 iterations:
+(2 (1 + 1 + 3 + 3 + 3) / 2 + 12) x 220 x 64 = 323840 (stop 14's, fresh trajectories: 34 x 160 x 64 =
+348160; SFD's recipe: 52 x 90 x 64 = 299520). The units do not see the per-forward cost: channels_last
+(stop 14) made the teacher's forwards about 17 % cheaper on the clock.
 
 ``--seeds S`` trains every recipe with the training seeds 0 .. S - 1 (the evaluation set stays the same).
 Whenever a recipe has rows for more than one seed (also across ``--merge``d files), a second table gives
