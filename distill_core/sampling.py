@@ -14,8 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from distill_core.denoisers.base import Cond
-from distill_core.methods.base import move_cond
+from distill_core.denoisers.base import Cond, move_cond
 from distill_core.solvers import SOLVERS
 from distill_core.students import Student
 

@@ -17,8 +17,8 @@ import torch
 
 from distill_core import safetensors_io
 from distill_core.config import DistillConfig
+from distill_core.denoisers.base import move_cond
 from distill_core.main_job import train_student
-from distill_core.methods.base import move_cond
 from distill_core.report import loss_curve, preview_pixels
 
 from . import host
@@ -51,9 +51,9 @@ STUDENT = Out("DISTILL_STUDENT", "student", "the trained student and its run (fo
              options={"min": 1, "max": 16}),
           In("method", ("sfd", "sfd-v"), "sfd: one student for exactly N steps; sfd-v: one student for 2..N steps",
              "sfd"),
-          In("iterations", "INT", "training iterations (each solves the teacher for one batch of trajectories)",
+          In("iterations", "INT", "training iterations (every batch of teacher trajectories serves two of them)",
              200, options={"min": 1, "max": 100000}),
-          In("learning_rate", "FLOAT", "Adam learning rate (divided by 10 at half time)", 2e-4,
+          In("learning_rate", "FLOAT", "Adam learning rate (decays to 0 on a cosine)", 2e-4,
              options={"min": 1e-6, "max": 1e-2, "step": 1e-5, "round": False}),
           In("batch", "INT", "trajectories per iteration", 8, options={"min": 1, "max": 512}),
           seed("seed of noise, prompt draws and new layers"),

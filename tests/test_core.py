@@ -1,6 +1,7 @@
 """The ground floor: package import, data, the built-in UNet, EDM preconditioning, attention, file I/O."""
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +29,30 @@ def test_pack_imports_without_comfyui():
         del sys.modules["comfyui_distill"]
     assert isinstance(pack.NODE_CLASS_MAPPINGS, dict)
     assert pack.WEB_DIRECTORY == "./web"
+
+
+def test_every_engine_module_imports_first():
+    """A user's first import may be any module (``from distill_core.sampling import sample``): none may
+    depend on another being imported before it (an import cycle fails only in some orders)."""
+    modules = sorted(
+        ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for f in (ROOT / "distill_core").rglob("*.py") if f.name != "__main__.py"  # that one runs the CLI
+    )
+    script = (
+        "import importlib, sys\n"
+        "failed = []\n"
+        f"for name in {modules!r}:\n"
+        "    for loaded in [m for m in sys.modules if m == 'distill_core' or m.startswith('distill_core.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as e:\n"
+        "        failed.append(f'{name}: {e}')\n"
+        "print('\\n'.join(failed))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(modules) > 30 and done.stdout.strip() == "", done.stdout
 
 
 def test_mnist_is_16x16_in_range():

@@ -26,6 +26,15 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor: ...
 
 
+def move_cond(cond: Cond, device: torch.device) -> Cond:
+    """A condition (tensor, dict of tensors or None) on ``device``."""
+    if isinstance(cond, torch.Tensor):
+        return cond.to(device)
+    if isinstance(cond, dict):
+        return {k: move_cond(v, device) for k, v in cond.items()}
+    return cond
+
+
 def expand_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """Return sigma as a tensor of shape ``[B]`` on x's device, in float32 (float64 for float64 x)."""
     sigma = torch.as_tensor(sigma, device=x.device).to(torch.promote_types(x.dtype, torch.float32))

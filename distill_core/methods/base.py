@@ -43,15 +43,6 @@ class StepLoss(NamedTuple):
     loss: torch.Tensor
 
 
-def move_cond(cond: Cond, device: torch.device) -> Cond:
-    """A condition (tensor, dict of tensors or None) on ``device``."""
-    if isinstance(cond, torch.Tensor):
-        return cond.to(device)
-    if isinstance(cond, dict):
-        return {k: move_cond(v, device) for k, v in cond.items()}
-    return cond
-
-
 @runtime_checkable
 class Method(Protocol):
     name: str

@@ -51,10 +51,10 @@ from torch import nn
 from distill_core.builtin import fingerprint
 from distill_core.config import DistillConfig
 from distill_core.data import load_mnist
-from distill_core.denoisers.base import Cond, index_cond
+from distill_core.denoisers.base import Cond, index_cond, move_cond
 from distill_core.denoisers.edm import EDMDenoiser
 from distill_core.methods import phases
-from distill_core.methods.base import StepLoss, TeacherSource, move_cond
+from distill_core.methods.base import StepLoss, TeacherSource
 from distill_core.nets.unet import Level, UNet
 from distill_core.schedules import log_snr_uniform, phased
 from distill_core.solvers import SOLVERS

@@ -36,8 +36,8 @@ import torch
 
 from distill_core.builtin import fingerprint
 from distill_core.config import DistillConfig
-from distill_core.denoisers.base import Cond, cat_all, index_cond
-from distill_core.methods.base import StepLoss, TeacherSource, move_cond
+from distill_core.denoisers.base import Cond, cat_all, index_cond, move_cond
+from distill_core.methods.base import StepLoss, TeacherSource
 from distill_core.sampling import euler_step, few_step, intervals_for
 from distill_core.schedules import karras, nest, nested_index, substeps_per_interval
 from distill_core.solvers import SOLVERS

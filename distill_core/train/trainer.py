@@ -35,7 +35,8 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from distill_core.config import DistillConfig
-from distill_core.methods.base import Method, move_cond
+from distill_core.denoisers.base import move_cond
+from distill_core.methods.base import Method
 from distill_core.train.callbacks import Callback
 from distill_core.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from distill_core.train.status import write_status
