@@ -80,7 +80,7 @@ class DistillConfig:
     huber_c: float = 0.03
     lr: float = 2e-4  # SFD's 5e-5 suits long runs; on the built-in teacher's short run 2e-4 gains 0.65 dB
     lr_decay_at: float = 0.5  # lr / 10 from this fraction of the iterations on
-    iters: int = 220  # NFE 4, batch 64, teacher_reuse 2: about 2.2 s per iteration on 2 CPU cores
+    iters: int = 220  # NFE 4, batch 64, teacher_reuse 2: 2.2 to 3.0 s per iteration measured on 2 CPU cores
     batch: int = 64
     grad_accum: int = 1
     clip_grad: float | None = None
