@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.eval.benchmark import eval_set, format_table, solver_row, write_rows  # noqa: E402
 from distill_core.main_job import builtin_source, solver_rows, student_rows, train_student  # noqa: E402
-from distill_core.methods.sfd import teacher_steps  # noqa: E402
+from distill_core.methods.sfd import pool_serves, teacher_steps  # noqa: E402
 from distill_core.sampling import intervals_for  # noqa: E402
 from distill_core.schedules import karras  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
@@ -78,9 +78,9 @@ def cpu_units(cfg: DistillConfig, sigma_max: float) -> int:
     """Forward passes per run (see the module docstring): teacher trajectories + student steps, on the
     student schedule that ends at the teacher's ``sigma_max`` (unless the config sets its own)."""
     intervals = intervals_for(cfg.steps, cfg.afs)
-    pool = cfg.teacher_pool or cfg.batch
-    if cfg.teacher_pool or cfg.teacher_reuse > 1:  # pools of `pool`, each serving r x pool / batch iterations
-        trajectories = math.ceil(cfg.iters / max(1, round(cfg.teacher_reuse * pool / cfg.batch))) * pool
+    if cfg.teacher_pool or cfg.teacher_reuse > 1:  # pools, each serving r x pool / batch iterations
+        pool, serves = pool_serves(cfg, cfg.batch)
+        trajectories = math.ceil(cfg.iters / serves) * pool
     else:
         trajectories = cfg.iters * cfg.batch
     sigmas = karras(intervals, cfg.sigma_min, cfg.sigma_max or sigma_max, cfg.rho)

@@ -15,7 +15,7 @@ from distill_core.config import DistillConfig
 from distill_core.methods import build_method
 from distill_core.methods.base import StepLoss, TeacherSource
 from distill_core.train.callbacks import Callback, StopAt
-from distill_core.train.checkpoint import flatten, load_checkpoint, unflatten
+from distill_core.train.checkpoint import flatten, load_checkpoint, save_checkpoint, unflatten
 from distill_core.train.trainer import Trainer, TrainingDiverged
 
 
@@ -95,6 +95,19 @@ def test_resume_refuses_a_different_configuration(tiny_edm, tmp_path):
     m = _sfd(tiny_edm, tmp_path, iters=4, steps=3)
     with pytest.raises(ValueError, match="steps: 2 -> 3"):
         Trainer(m, m.cfg).fit(resume=True)
+
+
+def test_a_checkpoint_from_before_teacher_reuse_resumes_only_with_fresh_trajectories(tiny_edm, tmp_path):
+    m = _sfd(tiny_edm, tmp_path, iters=2, teacher_reuse=1.0)
+    Trainer(m, m.cfg).fit()
+    state, info = load_checkpoint(tmp_path / "checkpoints")
+    del info["config"]["teacher_reuse"]  # as written before the key existed: every batch fresh
+    save_checkpoint(tmp_path / "checkpoints", state, info)
+    m = _sfd(tiny_edm, tmp_path, iters=3)  # today's default, teacher_reuse 2
+    with pytest.raises(ValueError, match="teacher_reuse: 1.0 -> 2.0"):
+        Trainer(m, m.cfg).fit(resume=True)
+    m = _sfd(tiny_edm, tmp_path, iters=3, teacher_reuse=1.0)
+    assert Trainer(m, m.cfg).fit(resume=True).iteration == 3
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_edm, tmp_path):

@@ -87,6 +87,13 @@ def teacher_steps(sigmas: torch.Tensor, substeps: int, one_step_above: float | N
     return [1 if one_step_above is not None and float(s) > one_step_above else substeps for s in sigmas[:-1]]
 
 
+def pool_serves(cfg: DistillConfig, batch: int) -> tuple[int, int]:
+    """A teacher pool's size (``teacher_pool``, or one batch when 0) and the iterations it serves before a
+    fresh one replaces it: ``teacher_reuse`` x size / batch, at least one."""
+    size = cfg.teacher_pool or batch
+    return size, max(1, round(cfg.teacher_reuse * size / batch))
+
+
 class SFD:
     """SFD (``method="sfd"``: one student per NFE) and SFD-v (``"sfd-v"``: one student for an NFE range)."""
 
@@ -152,8 +159,7 @@ class SFD:
         serving ``teacher_reuse`` x pool / batch iterations, so each trajectory trains the student about
         ``teacher_reuse`` times. A pool is solved from its own seed, drawn from ``generator`` and kept
         in ``state_dict``, so a resumed run solves the pool it stopped in again."""
-        size = self.cfg.teacher_pool or batch
-        serves = max(1, round(self.cfg.teacher_reuse * size / batch))
+        size, serves = pool_serves(self.cfg, batch)
         uses, seed = self._pool_state.get(nfe, (0, None))
         if uses % serves == 0:
             seed = int(torch.randint(2**62, (1,), generator=generator))

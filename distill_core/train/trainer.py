@@ -43,6 +43,9 @@ from distill_core.train.status import write_status
 
 #: Config fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = {"out", "iters", "checkpoint_every", "sample_every", "eval_samples", "extra"}
+#: Config fields added after checkpoints were first written, with the value that describes what a run
+#: from before the field existed did (not the field's default today).
+BEFORE_THE_KEY = {"teacher_one_step_above": None, "teacher_reuse": 1.0}
 
 
 class TrainingDiverged(RuntimeError):
@@ -153,11 +156,9 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         state, info = load_checkpoint(self.ckpt_dir)
-        saved = info["config"]
-        defaults = DistillConfig().to_dict()  # keys a checkpoint predates took their default values
+        saved = {**BEFORE_THE_KEY, **info["config"]}
         changed = sorted(
-            k for k, v in self.cfg.to_dict().items()
-            if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v
+            k for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v
         )
         if changed:
             raise ValueError(
