@@ -189,6 +189,8 @@ class SFD:
     def losses(self, plan: dict, batch: int, generator: torch.Generator) -> Iterator[StepLoss]:
         nfe, device = plan["nfe"], next(self.student.parameters()).device
         t = self.sigmas[nfe].to(device)
+        # fresh trajectories (reuse 1, no pool) are a pool that serves one iteration; drawn directly, they
+        # keep SFD's random stream, so runs of the paper's recipe reproduce the rows measured before pools
         draw = self.pooled if self.cfg.teacher_pool or self.cfg.teacher_reuse > 1 else self.trajectories
         x, cond, targets = draw(nfe, batch, generator, device)
         student = AtSteps(self.student, nfe)
