@@ -18,7 +18,8 @@ steps over the n + AFS intervals (K each, one on intervals above ``teacher_one_s
 pair (2 forwards) per solved trajectory (``teacher_reuse`` and ``teacher_pool`` solve fewer than the
 student trains on), plus the student's n - 1 + 1 Euler steps per trajectory at about 3 forwards each
 (forward and backward). The main job's default, every teacher batch serving 2 iterations:
-(2 (1 + 1 + 3 + 3 + 3) / 2 + 12) x 220 x 64 = 323840 (stop 14's, fresh trajectories: 34 x 160 x 64 =
+(2 (1 + 1 + 3 + 3 + 3) / 2 + 12) x 220 x 64 = 323840, plus 11 x 100 for the first step's class-mean table
+since stop 17 (stop 14's, fresh trajectories: 34 x 160 x 64 =
 348160; SFD's recipe: 52 x 90 x 64 = 299520). The units do not see the per-forward cost: channels_last
 (stop 14) made the teacher's forwards about 17 % cheaper on the clock.
 
@@ -43,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distill_core.afs import CLASS_MEAN_SAMPLES, resolve_center  # noqa: E402
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.eval.benchmark import eval_set, format_table, solver_row, write_rows  # noqa: E402
 from distill_core.main_job import builtin_source, solver_rows, student_rows, train_student  # noqa: E402
@@ -74,9 +76,10 @@ def _bool(value: str) -> bool:
     return value.lower() in ("1", "true", "yes", "on")
 
 
-def cpu_units(cfg: DistillConfig, sigma_max: float) -> int:
+def cpu_units(cfg: DistillConfig, sigma_max: float, classes: int = 0) -> int:
     """Forward passes per run (see the module docstring): teacher trajectories + student steps, on the
-    student schedule that ends at the teacher's ``sigma_max`` (unless the config sets its own)."""
+    student schedule that ends at the teacher's ``sigma_max`` (unless the config sets its own), plus
+    the class-mean table of the first step's centre for a teacher of ``classes`` class labels."""
     intervals = intervals_for(cfg.steps, cfg.afs)
     if cfg.teacher_pool or cfg.teacher_reuse > 1:  # pools, each serving r x pool / batch iterations
         pool, serves = pool_serves(cfg, cfg.batch)
@@ -85,7 +88,9 @@ def cpu_units(cfg: DistillConfig, sigma_max: float) -> int:
         trajectories = cfg.iters * cfg.batch
     sigmas = karras(intervals, cfg.sigma_min, cfg.sigma_max or sigma_max, cfg.rho)
     teacher = sum(teacher_steps(sigmas, cfg.teacher_substeps, cfg.teacher_one_step_above))
-    return trajectories * teacher * 2 + cfg.iters * cfg.batch * cfg.steps * 3
+    centred = cfg.afs and resolve_center(cfg.afs_center, classes) == "class_mean"
+    table = (classes + 1) * CLASS_MEAN_SAMPLES if centred else 0
+    return trajectories * teacher * 2 + cfg.iters * cfg.batch * cfg.steps * 3 + table
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -171,7 +176,7 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
         run = train_student(cfg.replace(out=str(Path(args.work) / name)), source, progress=False)
         for row in student_rows(run, teacher, ev):
             row.update(values, iters=cfg.iters, batch=cfg.batch, gain_db=round(row["psnr_db"] - best, 3),
-                       cpu_units=cpu_units(cfg, teacher.sigma_max))
+                       cpu_units=cpu_units(cfg, teacher.sigma_max, source.classes))
             rows.append(row)
             print(format_table([row], KEYS), file=sys.stderr, flush=True)
     return rows

@@ -141,7 +141,7 @@ def train_student(
         nonfinite_grads=result.nonfinite_grads,
         teacher_evaluations=method.teacher_evaluations,
     )
-    path = save_student(out / "student.safetensors", result.student, card)
+    path = save_student(out / "student.safetensors", result.student, card, method.file_tensors())
     return StudentRun(path, result.seconds, method.teacher_evaluations)
 
 

@@ -2,9 +2,10 @@
 
 Euler (Karras et al. 2022, Alg. 1 without the Heun correction), with d = (x - D(x, sigma)) / sigma:
     x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i
-The analytic first step (AFS, Zhou et al. 2024, SFD sec. 4) replaces the first network call by
-d_0 = x_0 / sqrt(1 + sigma_0^2): at sigma_max the sample is nearly pure noise and the direction is
-almost x / sigma, so with AFS a schedule of n intervals costs n - 1 evaluations. The last point of
+The analytic first step (AFS, Zhou et al. 2024, SFD sec. 4; ``distill_core.afs``) replaces the first
+network call by d_0 = (x_0 - mu) / sqrt(1 + sigma_0^2): at sigma_max the sample is nearly pure noise and
+the direction is almost (x - mu) / sigma, so with AFS a schedule of n intervals costs n - 1 evaluations.
+mu is SFD's 0, or the teacher's class mean that the student file carries. The last point of
 the schedule is sigma_min (no final step to 0): the student's output there is the image.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from distill_core.afs import afs_direction, guided_centers
 from distill_core.denoisers.base import Cond, move_cond
 from distill_core.solvers import SOLVERS
 from distill_core.students import Student
@@ -24,11 +26,6 @@ def intervals_for(nfe: int, afs: bool) -> int:
     return nfe + 1 if afs else nfe
 
 
-def afs_direction(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-    """SFD's analytic first direction d = x / sqrt(1 + sigma^2)."""
-    return x / (1 + torch.as_tensor(sigma, dtype=x.dtype, device=x.device) ** 2).sqrt()
-
-
 def euler_step(
     denoiser,
     x: torch.Tensor,
@@ -36,9 +33,11 @@ def euler_step(
     sigma_next: torch.Tensor,
     cond: Cond = None,
     analytic: bool = False,
+    center: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One Euler step from sigma to sigma_next; ``analytic`` uses the AFS direction (no evaluation)."""
-    d = afs_direction(x, sigma) if analytic else (x - denoiser(x, sigma, cond)) / sigma
+    """One Euler step from sigma to sigma_next; ``analytic`` uses the AFS direction about ``center`` (no
+    evaluation)."""
+    d = afs_direction(x, sigma, center) if analytic else (x - denoiser(x, sigma, cond)) / sigma
     return x + (sigma_next - sigma) * d
 
 
@@ -49,11 +48,12 @@ def few_step(
     cond: Cond = None,
     afs: bool = True,
     callback: Callable[[dict], None] | None = None,
+    center: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Euler over ``sigmas`` from ``x`` at sigmas[0]; the first step analytic when ``afs``."""
+    """Euler over ``sigmas`` from ``x`` at sigmas[0]; the first step analytic (about ``center``) when ``afs``."""
     sigmas = sigmas.to(x.device)
     for i in range(len(sigmas) - 1):
-        x = euler_step(denoiser, x, sigmas[i], sigmas[i + 1], cond, analytic=afs and i == 0)
+        x = euler_step(denoiser, x, sigmas[i], sigmas[i + 1], cond, analytic=afs and i == 0, center=center)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigmas[i + 1]})
     return x
@@ -77,7 +77,8 @@ def sample(
     solver = student.card.get("solver")
     if solver:  # a score student (phased) is sampled by a training-free solver on its stored grid
         return SOLVERS[solver](student.denoiser(steps, w), noise, sigmas.to(noise.device), cond, callback)
-    return few_step(student.denoiser(steps, w), noise, sigmas, cond, student.afs, callback)
+    center = guided_centers(student.afs_means, cond, student.guidance_w(w))
+    return few_step(student.denoiser(steps, w), noise, sigmas, cond, student.afs, callback, center)
 
 
 def k_sampler(afs: bool = True):

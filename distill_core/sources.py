@@ -29,6 +29,7 @@ def builtin_source() -> TeacherSource:
         draw_cond,
         torch.tensor([builtin.NUM_CLASSES]),
         builtin.DEFAULT_GUIDANCE,
+        builtin.NUM_CLASSES,
     )
 
 

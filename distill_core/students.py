@@ -18,7 +18,9 @@ starts as the teacher. The embedding is added next to the time embedding, so eve
   openaimodel UNets of ComfyUI / LDM). Other architectures are refused with a clear error.
 
 A student file is safetensors with the engine's JSON card: method, NFE (or NFE range), schedule and
-its sigmas, AFS, guidance mode and w, the teacher's fingerprint and the engine version.
+its sigmas, AFS and its centre, guidance mode and w, the teacher's fingerprint and the engine version.
+A student whose analytic first step is centred on its teacher's class means (``distill_core.afs``)
+carries their table as the tensor ``afs.class_means``.
 ``load_student`` checks the fingerprint against the teacher it is given.
 """
 
@@ -43,6 +45,7 @@ from distill_core.nets.unet import UNet, UNetConfig, sinusoidal_embedding
 from distill_core.teacher import CFGTeacher
 
 STEP_EMBEDDING_DIM = 64
+AFS_MEANS_KEY = "afs.class_means"
 TIME_EMBEDDING_NAMES = ("time_embedding", "time_embed")
 
 
@@ -190,6 +193,7 @@ class Student:
     net: StudentNet
     card: dict
     uncond: Cond = None
+    afs_means: torch.Tensor | None = None  # the first step's class-mean table (None: SFD's centre 0)
 
     @property
     def nfe_choices(self) -> list[int]:
@@ -210,6 +214,12 @@ class Student:
                 f"choose one of {choices} (or distil a student for {steps} steps)"
             )
         return torch.tensor(self.card["sigmas"][str(steps)], dtype=torch.float32)
+
+    def guidance_w(self, w: float | None = None) -> float:
+        """The guidance scale the student samples at: ``w`` for a "cfg" student (default: the card's),
+        the distilled w otherwise."""
+        guidance = self.card["guidance"]
+        return float(guidance["w"] if w is None or guidance["mode"] == "distilled" else w)
 
     def denoiser(self, steps: int | None = None, w: float | None = None):
         """The student as a denoiser at ``steps``; with guidance mode "cfg", wrapped in CFG at ``w``
@@ -240,9 +250,10 @@ def student_card(
     guidance_mode: str,
     w: float,
     teacher_fingerprint: str,
+    afs_center: str = "zero",
     **extra,
 ) -> dict:
-    """The metadata every student file carries."""
+    """The metadata every student file carries (``afs_center``: "zero", SFD's, or "class_mean")."""
     return {
         "kind": "student",
         "method": method,
@@ -250,6 +261,7 @@ def student_card(
         "schedule": schedule,
         "sigmas": {str(n): [float(s) for s in sigmas[n]] for n in nfes},
         "afs": bool(afs),
+        "afs_center": afs_center if afs else "zero",
         "guidance": {"mode": guidance_mode, "w": float(w)},
         "teacher_fingerprint": teacher_fingerprint,
         "engine_version": distill_core.__version__,
@@ -279,9 +291,11 @@ def network_module(denoiser: nn.Module) -> nn.Module:
     return root.get_submodule(under) if under else root
 
 
-def save_student(path: str | Path, net: StudentNet, card: dict) -> Path:
+def save_student(path: str | Path, net: StudentNet, card: dict, extra: dict[str, torch.Tensor] | None = None
+                 ) -> Path:
     """A full student's network weights, or a LoRA student's adapters in the stock loader's key format,
-    plus the step embedding of an SFD-v student (``step_embed.*``), with the card as metadata."""
+    plus the step embedding of an SFD-v student (``step_embed.*``) and the method's ``extra`` tensors
+    (``afs.class_means``), with the card as metadata."""
     card = {
         **card,
         "step_embedding": None
@@ -293,7 +307,7 @@ def save_student(path: str | Path, net: StudentNet, card: dict) -> Path:
     }
     weights = network_module(net.denoiser).state_dict() if net.lora is None else net.lora.file_tensors()
     step = {} if net.step_embed is None else {f"step_embed.{k}": v for k, v in net.step_embed.state_dict().items()}
-    return safetensors_io.save_atomic({**weights, **step}, path, card)
+    return safetensors_io.save_atomic({**weights, **step, **(extra or {})}, path, card)
 
 
 def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond = None, share: bool = False
@@ -323,10 +337,12 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
     net = StudentNet(base, card.get("step_embedding") is not None, lora)
     step = {k[len("step_embed."):]: v for k, v in tensors.items() if k.startswith("step_embed.")}
     if lora is None:
-        weights = {k: v for k, v in tensors.items() if not k.startswith("step_embed.")}
+        weights = {k: v for k, v in tensors.items() if not k.startswith(("step_embed.", "afs."))}
         network_module(net.denoiser).load_state_dict(weights)
     else:
         net.lora.load_file_tensors(tensors)
     if net.step_embed is not None:
         net.step_embed.load_state_dict(step)
-    return Student(net.eval().requires_grad_(False), card, uncond)
+    if card.get("afs_center", "zero") == "class_mean" and AFS_MEANS_KEY not in tensors:
+        raise ValueError(f"{path} says its first step is centred on class means but holds no {AFS_MEANS_KEY}")
+    return Student(net.eval().requires_grad_(False), card, uncond, tensors.get(AFS_MEANS_KEY))

@@ -57,7 +57,12 @@ class StudentSchedule:
 
 
 def recipe(card: dict, steps: int = 0) -> tuple[torch.Tensor, float]:
-    """(sigmas, cfg) of a student card at ``steps`` (0: its own)."""
+    """(sigmas, cfg) of a student card at ``steps`` (0: its own) for the stock samplers."""
+    if card.get("afs_center", "zero") == "class_mean":
+        raise ValueError(
+            "this student's first step is centred on its teacher's class means, which SamplerCustom cannot "
+            "see: sample it with the Few-step sample node"
+        )
     choices = sorted(int(n) for n in card["sigmas"])
     n = choices[-1] if steps == 0 else steps
     if n not in choices:

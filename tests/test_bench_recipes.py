@@ -54,3 +54,6 @@ def test_cpu_units_count_teacher_pairs_once_per_solved_trajectory(recipes):
     assert recipes.cpu_units(paper, 80.0) == (2 * 20 + 12) * 90 * 64
     # one pool of 7680 trajectories serving the whole 240 iterations
     assert recipes.cpu_units(cfg.replace(teacher_pool=7680, iters=240), 80.0) == 7680 * 22 + 240 * 64 * 12
+    # the built-in teacher's 10 classes: the first step's class-mean table (11 rows x 100 noises) once
+    assert recipes.cpu_units(cfg, 80.0, classes=10) == 323840 + 1100
+    assert recipes.cpu_units(cfg.replace(afs_center="zero"), 80.0, classes=10) == 323840

@@ -52,8 +52,10 @@ def test_main_job_writes_student_grid_and_report(tmp_path):
     rows = report["rows"]
     ours = [r for r in rows if r["method"] == "sfd"]
     # 2 iterations on one batch of 4 trajectories (teacher_reuse 2) x teacher steps (1 on the interval
-    # from sigma 80, K = 3 on the two below sigma 20) x 2 (a CFG pair)
-    assert len(ours) == 1 and ours[0]["nfe"] == 2 and ours[0]["teacher_evaluations"] == 4 * (1 + 3 + 3) * 2
+    # from sigma 80, K = 3 on the two below sigma 20) x 2 (a CFG pair), and the first step's class-mean
+    # table (10 classes and the null class x 100 noises)
+    assert len(ours) == 1 and ours[0]["nfe"] == 2
+    assert ours[0]["teacher_evaluations"] == 4 * (1 + 3 + 3) * 2 + 11 * 100
     assert {2, 4} <= {r["nfe"] for r in rows} and {"dpmpp_3m", "euler"} <= {r["method"] for r in rows}
     for key in ("psnr_db", "fd", "class_acc", "images_per_s", "train_seconds"):
         assert isinstance(ours[0][key], float)
@@ -72,5 +74,7 @@ def test_main_job_writes_student_grid_and_report(tmp_path):
         "mode": "distilled",
         "w": source.guidance,
     }
+    # the built-in teacher's conditions are class labels: the first step is centred on its class means
+    assert student.card["afs_center"] == "class_mean" and student.afs_means.shape == (11, 1, 16, 16)
     images = sample(student, torch.randn(2, 1, 16, 16) * 80, torch.tensor([3, 7]))
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()

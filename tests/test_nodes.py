@@ -208,6 +208,8 @@ def test_the_student_recipe_travels_in_the_file():
     assert recipe({**card, "guidance": {"mode": "distilled", "w": 2.0}}, 2)[1] == 1.0
     with pytest.raises(ValueError, match=r"samples with \[2, 3\] steps, not 5"):
         recipe(card, 5)
+    with pytest.raises(ValueError, match="class means, which SamplerCustom cannot see"):
+        recipe({**card, "afs_center": "class_mean"})
 
 
 def test_the_comfyui_sampler_function_is_the_engines_few_step_sampler(tiny_edm):

@@ -19,7 +19,9 @@ from distill_core.students import load_student, save_student
 from distill_core.teacher import CFGTeacher
 
 
-def _method(denoiser, **kw):
+def _method(denoiser, classes: int = 0, **kw):
+    """An SFD method of a tiny teacher; ``classes`` = 10 declares its conditions class labels (then the
+    analytic first step is centred on the class means by default)."""
     source = TeacherSource(
         "tiny",
         denoiser,
@@ -27,6 +29,7 @@ def _method(denoiser, **kw):
         lambda b, g: torch.randint(10, (b,), generator=g),
         torch.tensor([10]),
         2.0,
+        classes,
     )
     return build_method(source, DistillConfig(**{"iters": 1, "batch": 2, **kw}))
 
@@ -39,11 +42,12 @@ def _trained_a_little(m):
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, {"method": "sfd-v", "nfe_range": (2, 3)}, {"guidance_mode": "cfg", "afs": False}]
+    "kw", [{}, {"method": "sfd-v", "nfe_range": (2, 3)}, {"guidance_mode": "cfg", "afs": False},
+           {"classes": 10}, {"classes": 10, "guidance_mode": "cfg"}]
 )
 def test_round_trip_samples_like_the_trained_student(tiny_edm, tmp_path, kw):
     m = _trained_a_little(_method(tiny_edm, **kw))
-    path = save_student(tmp_path / "s.safetensors", m.student, m.card())
+    path = save_student(tmp_path / "s.safetensors", m.student, m.card(), m.file_tensors())
     student = load_student(path, CFGTeacher(tiny_edm, 2.0, torch.tensor([10])))
     card = student.card
     assert card["method"] == m.name and card["engine_version"] == distill_core.__version__
@@ -51,6 +55,11 @@ def test_round_trip_samples_like_the_trained_student(tiny_edm, tmp_path, kw):
     assert card["schedule"] == {"name": "karras", "rho": 7.0, "sigma_min": 0.006, "sigma_max": 80.0}
     assert card["guidance"] == {"mode": kw.get("guidance_mode", "distilled"), "w": 2.0}
     assert ("nfe_range" in card) == (m.name == "sfd-v")
+    class_mean = kw.get("classes", 0) > 0
+    assert card["afs_center"] == ("class_mean" if class_mean else "zero")
+    assert (student.afs_means is not None) == class_mean
+    if class_mean:
+        assert torch.equal(student.afs_means, m.afs_means) and student.afs_means.shape == (11, 1, 8, 8)
 
     x, y = torch.randn(3, 1, 8, 8) * 80, torch.tensor([0, 5, 9])
     for n in student.nfe_choices:
@@ -89,3 +98,17 @@ def test_clear_errors(tiny_edm, tmp_path):
     safetensors_io.save_atomic({"w": torch.zeros(1)}, tmp_path / "t.safetensors", {"kind": "teacher"})
     with pytest.raises(ValueError, match="not a student file"):
         load_student(tmp_path / "t.safetensors", tiny_edm)
+
+
+def test_a_class_mean_student_needs_its_table_and_class_labels(tiny_edm, tmp_path):
+    m = _method(tiny_edm, classes=10, steps=2)
+    student = load_student(save_student(tmp_path / "s.safetensors", m.student, m.card(), m.file_tensors()),
+                           tiny_edm)
+    x = torch.randn(2, 1, 8, 8) * 80
+    with pytest.raises(ValueError, match="sample it with class labels"):
+        sample(student, x, None)
+    with pytest.raises(ValueError, match=r"class labels must lie in 0\.\.10"):
+        sample(student, x, torch.tensor([3, 11]))
+    without_table = save_student(tmp_path / "broken.safetensors", m.student, m.card())
+    with pytest.raises(ValueError, match="holds no afs.class_means"):
+        load_student(without_table, tiny_edm)

@@ -26,7 +26,9 @@ from distill_core.denoisers.base import Cond
 @dataclass
 class TeacherSource:
     """A teacher ready for distillation: its denoiser (frozen), the sample shape, a sampler of
-    training conditions, the unconditional condition for CFG and the default guidance scale."""
+    training conditions, the unconditional condition for CFG, the default guidance scale, and
+    ``classes``: how many class labels its conditions are drawn from (labels 0 .. classes - 1, the null
+    condition is label ``classes``), or 0 when they are not class labels (prompts)."""
 
     name: str
     denoiser: nn.Module
@@ -34,6 +36,7 @@ class TeacherSource:
     draw_cond: Callable[[int, torch.Generator], Cond]
     uncond: Cond
     guidance: float
+    classes: int = 0
 
 
 class StepLoss(NamedTuple):
@@ -68,4 +71,8 @@ class Method(Protocol):
 
     def card(self) -> dict:
         """The metadata of the student file this method produces."""
+        ...
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors the student file carries besides the network (SFD's class-mean table)."""
         ...

@@ -358,6 +358,9 @@ class Phased:
         sigmas = self.sigmas[self.cfg.steps].to(noise.device)
         return SOLVERS[self.cfg.phased_solver](AtSteps(self.student, None), noise, sigmas, cond)
 
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
     def card(self) -> dict:
         cfg = self.cfg
         return student_card(

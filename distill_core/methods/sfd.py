@@ -9,7 +9,8 @@ n - 1 evaluations with the analytic first step, AFS). Every iteration, data-free
         interval (one step on intervals starting above ``teacher_one_step_above``); its states y_i at
         the student's points t_i (the grids nest exactly)
     student, for i = 0 .. n-1, from its own previous output, detached (no backprop through time):
-        x_{i+1} = x_i + (t_{i+1} - t_i) (x_i - D_theta(x_i, t_i)) / t_i     (Euler; AFS at i = 0)
+        x_{i+1} = x_i + (t_{i+1} - t_i) (x_i - D_theta(x_i, t_i)) / t_i     (Euler; AFS at i = 0:
+        D replaced by the centre mu, SFD's 0 or the teacher's class mean, ``distill_core.afs``)
         L_i = d(x_{i+1}, y_{i+1});  backward;  one optimizer step  (none for the analytic step)
 
 d is L1 (default, per element: sum over pixels, mean over the batch), L2, or the pseudo-Huber
@@ -34,6 +35,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from distill_core.afs import CLASS_MEAN_SAMPLES, class_means, guided_centers, resolve_center
 from distill_core.builtin import fingerprint
 from distill_core.config import DistillConfig
 from distill_core.denoisers.base import Cond, cat_all, index_cond, move_cond
@@ -41,7 +43,7 @@ from distill_core.methods.base import StepLoss, TeacherSource
 from distill_core.sampling import euler_step, few_step, intervals_for
 from distill_core.schedules import karras, nest, nested_index, substeps_per_interval
 from distill_core.solvers import SOLVERS
-from distill_core.students import AtSteps, make_student, student_card
+from distill_core.students import AFS_MEANS_KEY, AtSteps, make_student, student_card
 from distill_core.teacher import CFGTeacher
 
 
@@ -130,7 +132,15 @@ class SFD:
         }
         self.teacher_steps = {n: teacher_steps(s, cfg.teacher_substeps, cfg.teacher_one_step_above)
                               for n, s in self.sigmas.items()}
+        self.afs_center = resolve_center(cfg.afs_center, source.classes) if cfg.afs else "zero"
+        self.afs_means = None
         self.teacher_evaluations = 0
+        if self.afs_center == "class_mean":  # computed once: (classes + 1) x CLASS_MEAN_SAMPLES evaluations
+            self.afs_means = class_means(
+                teacher_denoiser, source.classes, source.uncond, source.shape, self.sigma_max, seed=cfg.seed,
+                device=next(source.denoiser.parameters()).device,
+            )
+            self.teacher_evaluations = (source.classes + 1) * CLASS_MEAN_SAMPLES
         self._pools: dict[int, tuple[torch.Tensor, Cond, list[torch.Tensor]]] = {}
         self._pool_state: dict[int, tuple[int, int]] = {}  # per NFE: iterations its pool served, its seed
 
@@ -196,7 +206,8 @@ class SFD:
         student = AtSteps(self.student, nfe)
         for i in range(len(t) - 1):
             if self.cfg.afs and i == 0:
-                x = euler_step(None, x, t[0], t[1], analytic=True)
+                center = guided_centers(self.afs_means, cond, self.teacher.w)  # at the teacher's scale
+                x = euler_step(None, x, t[0], t[1], analytic=True, center=center)
                 continue
             out = euler_step(student, x, t[i], t[i + 1], cond)
             yield StepLoss(i, distance(out, targets[i], self.cfg.loss, self.cfg.huber_c))
@@ -208,7 +219,11 @@ class SFD:
         student = AtSteps(self.student, nfe)
         if self.cfg.guidance_mode == "cfg":
             student = CFGTeacher(student, self.w, self.source.uncond)
-        return few_step(student, noise, self.sigmas[nfe], cond, self.cfg.afs)
+        center = guided_centers(self.afs_means, cond, self.w)
+        return few_step(student, noise, self.sigmas[nfe], cond, self.cfg.afs, center=center)
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.afs_means is None else {AFS_MEANS_KEY: self.afs_means}
 
     def card(self) -> dict:
         cfg = self.cfg
@@ -221,6 +236,7 @@ class SFD:
             cfg.guidance_mode,
             self.w,
             self.teacher_fingerprint,
+            self.afs_center,
             teacher=self.source.name,
             training={
                 "teacher_solver": cfg.teacher_solver,
