@@ -10,8 +10,9 @@ from distill_core.afs import afs_direction, class_means, guided_centers, resolve
 from distill_core.config import DistillConfig
 from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
-from distill_core.sampling import euler_step
+from distill_core.sampling import euler_step, sample
 from distill_core.sources import builtin_source
+from distill_core.students import load_student, save_student
 from distill_core.teacher import CFGTeacher
 
 NULL = torch.tensor([10])
@@ -95,3 +96,17 @@ def test_on_the_builtin_teacher_the_class_mean_step_lands_near_the_teachers_own_
     rms_zero = (about_zero - teacher_step).square().mean().sqrt()
     rms_means = (about_means - teacher_step).square().mean().sqrt()
     assert rms_zero > 0.4 and rms_means < 0.3 * rms_zero
+
+
+def test_a_cfg_student_samples_its_first_step_about_the_centre_at_the_chosen_scale(tiny_edm, tmp_path):
+    m = _sfd(tiny_edm, guidance_mode="cfg")
+    path = save_student(tmp_path / "s.safetensors", m.student, m.card(), m.file_tensors())
+    student = load_student(path, CFGTeacher(tiny_edm, 2.0, NULL))
+    seen = []
+    student.net.register_forward_pre_hook(lambda mod, args: seen.append(args[0][:2].clone()))
+    x, y, t = torch.randn(2, 1, 8, 8) * 80, torch.tensor([1, 6]), student.sigmas()
+    for w in (3.0, 1.5):
+        seen.clear()
+        sample(student, x, y, w=w)
+        expected = euler_step(None, x, t[0], t[1], analytic=True, center=guided_centers(student.afs_means, y, w))
+        assert torch.allclose(seen[0], expected, atol=1e-5)
