@@ -56,7 +56,7 @@ class DistillConfig:
     sigma_max: float | None = None
     afs: bool = True  # analytic first step: saves one evaluation
     # the first step's centre mu (distill_core.afs): "zero" is SFD's; "class_mean" the teacher's mean
-    # D at sigma_max per class (+0.11 dB on eight paired seeds of the built-in teacher); "auto": class means
+    # D at sigma_max per class (+0.10 dB on five paired seeds of the built-in teacher); "auto": class means
     # where the conditions are class labels, else zero
     afs_center: str = "auto"
     # the teacher's targets: K steps of this solver per student interval (SFD's paper: DPM-Solver++(3M),
