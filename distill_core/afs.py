@@ -26,6 +26,7 @@ import torch
 
 from distill_core.config import AFS_CENTERS
 from distill_core.denoisers.base import Cond
+from distill_core.teacher import guide
 
 #: noises per class that estimate mu_c (as in the stop-16 probe, docs/sfd_recipes.md)
 CLASS_MEAN_SAMPLES = 100
@@ -89,5 +90,4 @@ def guided_centers(table: torch.Tensor | None, labels: Cond, w: float) -> torch.
     if labels.min() < 0 or labels.max() >= len(table):
         raise ValueError(f"class labels must lie in 0..{len(table) - 1} (the last: unconditional) for this "
                          "student's class means")
-    null = table[-1]
-    return null + w * (table[labels] - null)
+    return guide(table[labels], table[-1], w)

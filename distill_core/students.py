@@ -261,7 +261,7 @@ def student_card(
         "schedule": schedule,
         "sigmas": {str(n): [float(s) for s in sigmas[n]] for n in nfes},
         "afs": bool(afs),
-        "afs_center": afs_center if afs else "zero",
+        "afs_center": afs_center,
         "guidance": {"mode": guidance_mode, "w": float(w)},
         "teacher_fingerprint": teacher_fingerprint,
         "engine_version": distill_core.__version__,

@@ -14,6 +14,11 @@ import torch
 from distill_core.denoisers.base import Cond, Denoiser, cat_conds, expand_sigma
 
 
+def guide(x0_c: torch.Tensor, x0_u: torch.Tensor, w: float) -> torch.Tensor:
+    """x0 = x0_u + w (x0_c - x0_u): the guided prediction (also of means, since it is linear)."""
+    return x0_u + w * (x0_c - x0_u)
+
+
 class CFGTeacher:
     """A denoiser that wraps another with guidance scale ``w``; methods call only this."""
 
@@ -55,4 +60,4 @@ class CFGTeacher:
         uncond = self.uncond_like(cond, x.shape[0], x.device)
         both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(cond, uncond))
         x0_c, x0_u = both.chunk(2)
-        return x0_u + self.w * (x0_c - x0_u)
+        return guide(x0_c, x0_u, self.w)
