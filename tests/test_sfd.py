@@ -36,6 +36,18 @@ def test_distances_are_per_element_sums_averaged_over_the_batch():
         distance(x, y, "l3")
 
 
+def test_default_distance_quiets_elements_already_near_their_target():
+    """The default pseudo-Huber is L1 on errors well above c, but an element within c of its target
+    pulls with |delta| / c of L1's unit gradient (the noise that L1 adds once most elements are right)."""
+    cfg = DistillConfig()
+    assert cfg.loss == "huber"
+    delta = torch.tensor([cfg.huber_c / 10, 50 * cfg.huber_c]).requires_grad_(True)
+    distance(delta.view(1, 2), torch.zeros(1, 2), cfg.loss, cfg.huber_c).backward()
+    small, large = delta.grad.tolist()
+    assert small == pytest.approx(0.1, rel=0.01)
+    assert large == pytest.approx(1.0, abs=0.001)
+
+
 def test_analytic_first_step_saves_one_evaluation():
     calls = []
 

@@ -13,9 +13,10 @@ n - 1 evaluations with the analytic first step, AFS). Every iteration, data-free
         D replaced by the centre mu, SFD's 0 or the teacher's class mean, ``distill_core.afs``)
         L_i = d(x_{i+1}, y_{i+1});  backward;  one optimizer step  (none for the analytic step)
 
-d is L1 (default, per element: sum over pixels, mean over the batch), L2, or the pseudo-Huber
-sum_j sqrt(delta_j^2 + c^2) - c. The teacher is the CFG-aware teacher: at w with guidance mode
-"distilled", at w = 1 with mode "cfg" (CFG is then applied to the student when sampling).
+d is summed over the elements j of delta = x_{i+1} - y_{i+1} and averaged over the batch: L1 (SFD's),
+L2, or the pseudo-Huber sum_j sqrt(delta_j^2 + c^2) - c (the default, c = 0.01). The teacher is the
+CFG-aware teacher: at w with guidance mode "distilled", at w = 1 with mode "cfg" (CFG is then applied to
+the student when sampling).
 
 The paper's teacher is DPM-Solver++(3M) with K = 4 on every interval, and its lr is divided by 10 at
 half time (``teacher_solver: dpmpp_3m``, ``teacher_substeps: 4``, ``teacher_one_step_above: null``,
@@ -47,7 +48,7 @@ from distill_core.students import AFS_MEANS_KEY, AtSteps, make_student, student_
 from distill_core.teacher import CFGTeacher
 
 
-def distance(x: torch.Tensor, y: torch.Tensor, kind: str = "l1", huber_c: float = 0.03) -> torch.Tensor:
+def distance(x: torch.Tensor, y: torch.Tensor, kind: str, huber_c: float = DistillConfig.huber_c) -> torch.Tensor:
     """Per-element distance summed over each sample, averaged over the batch."""
     delta = (x - y).float().flatten(1)
     if kind == "l1":
