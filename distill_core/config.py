@@ -85,7 +85,7 @@ class DistillConfig:
     # optimisation
     # the distance d: "huber" (sqrt(delta^2 + c^2) - c per element) is L1 on errors above c, and quiets
     # the +-1 gradients L1 gives elements already within c of their target; c = 0.01 (images in [-1, 1])
-    # gains +0.2 dB over SFD's L1 on three paired seeds of the built-in teacher (docs/sfd_recipes.md)
+    # gains +0.15 dB over SFD's L1 on five paired seeds of the built-in teacher (docs/sfd_recipes.md)
     loss: str = "huber"
     huber_c: float = 0.01
     lr: float = 2e-4  # SFD's 5e-5 suits long runs; on the built-in teacher's short run 2e-4 gains 0.65 dB
