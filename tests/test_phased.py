@@ -227,6 +227,7 @@ def test_training_lowers_the_phased_loss(teacher16, tmp_path, ema):
     before = loss()
     trainer = Trainer(m, m.cfg)
     assert type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)) is torch.optim.AdamW
+    assert trainer.lr == pytest.approx(2e-3)  # no warmup: SFD's lr_warmup is SFD's own
     trainer.fit()
     after = loss()
     assert after < 0.7 * before, (before, after)

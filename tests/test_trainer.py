@@ -16,7 +16,7 @@ from distill_core.methods import build_method
 from distill_core.methods.base import StepLoss, TeacherSource
 from distill_core.train.callbacks import Callback, StopAt
 from distill_core.train.checkpoint import flatten, load_checkpoint, save_checkpoint, unflatten
-from distill_core.train.trainer import Trainer, TrainingDiverged
+from distill_core.train.trainer import Trainer, TrainingDiverged, lr_factor
 
 
 def _sfd(tiny_edm, out, **kw):
@@ -67,14 +67,15 @@ class _SigintAt(Callback):
 @pytest.mark.parametrize("pool", [{}, {"teacher_pool": 6, "teacher_reuse": 3}, {"teacher_reuse": 2}])
 def test_resume_after_ctrl_c_continues_exactly(tiny_edm, tmp_path, pool):
     # with teacher pools the resume falls inside a pool: the resumed run must solve the same one again
-    m = _sfd(tiny_edm, tmp_path / "a", method="sfd-v", nfe_range=(1, 3), **pool)
+    # the resume at iteration 3 falls inside a 4-iteration lr warmup
+    m = _sfd(tiny_edm, tmp_path / "a", method="sfd-v", nfe_range=(1, 3), lr_warmup=4, **pool)
     straight = Trainer(m, m.cfg).fit()
 
-    m1 = _sfd(tiny_edm, tmp_path / "b", method="sfd-v", nfe_range=(1, 3), **pool)
+    m1 = _sfd(tiny_edm, tmp_path / "b", method="sfd-v", nfe_range=(1, 3), lr_warmup=4, **pool)
     first = Trainer(m1, m1.cfg, callbacks=[_SigintAt(3)]).fit()
     assert first.status == "interrupted" and first.iteration == 3
     assert load_checkpoint(tmp_path / "b" / "checkpoints")[1]["iteration"] == 3
-    m2 = _sfd(tiny_edm, tmp_path / "b", method="sfd-v", nfe_range=(1, 3), **pool)
+    m2 = _sfd(tiny_edm, tmp_path / "b", method="sfd-v", nfe_range=(1, 3), lr_warmup=4, **pool)
     resumed = Trainer(m2, m2.cfg).fit(resume=True)
     assert resumed.status == "done" and resumed.iteration == 6
 
@@ -84,9 +85,10 @@ def test_resume_after_ctrl_c_continues_exactly(tiny_edm, tmp_path, pool):
     lines_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in lines_b] == list(range(1, 7))
     assert [r["loss"] for r in lines_a] == [r["loss"] for r in lines_b]
-    # SFD's cosine schedule continues across the resume: lr_k = lr (1 + cos(pi k / iters)) / 2
+    # warmup and SFD's cosine continue across the resume: lr_k = lr min(1, (k + 1) / 4) (1 + cos(pi k / 6)) / 2
     assert [r["lr"] for r in lines_a] == [r["lr"] for r in lines_b]
-    assert lines_a[2]["lr"] == pytest.approx(7.5e-4) and lines_a[3]["lr"] == pytest.approx(5e-4)
+    expected = [2.5e-4, 0.5 * 0.5 * (1 + 3**0.5 / 2) * 1e-3, 5.625e-4, 5e-4]
+    assert [r["lr"] for r in lines_a[:4]] == pytest.approx(expected)
 
 
 def test_resume_refuses_a_different_configuration(tiny_edm, tmp_path):
@@ -97,16 +99,36 @@ def test_resume_refuses_a_different_configuration(tiny_edm, tmp_path):
         Trainer(m, m.cfg).fit(resume=True)
 
 
-def test_a_checkpoint_from_before_teacher_reuse_resumes_only_with_fresh_trajectories(tiny_edm, tmp_path):
-    m = _sfd(tiny_edm, tmp_path, iters=2, teacher_reuse=1.0)
+def test_the_lr_warms_up_over_the_methods_iterations_unless_configured(tiny_edm, tmp_path):
+    # SFD's own warmup is 10 iterations: iteration k runs at lr (k + 1) / 10 times the cosine factor
+    assert [lr_factor("cosine", k, 220, 0.5, 10) for k in (0, 4, 9, 10)] == pytest.approx(
+        [0.1, 0.5 * 0.5 * (1 + math.cos(math.pi * 4 / 220)), 0.5 * (1 + math.cos(math.pi * 9 / 220)),
+         0.5 * (1 + math.cos(math.pi * 10 / 220))]
+    )
+    assert [lr_factor("step", k, 4, 0.5, 2) for k in (0, 1, 2)] == [0.5, 1.0, 0.1]
+    m = _sfd(tiny_edm, tmp_path / "a", iters=20)
+    assert Trainer(m, m.cfg).lr == pytest.approx(1e-4)  # 1e-3 / 10 at the first iteration
+    m = _sfd(tiny_edm, tmp_path / "b", iters=20, lr_warmup=0)
+    assert Trainer(m, m.cfg).lr == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="lr_warmup"):
+        DistillConfig(lr_warmup=-1)
+
+
+@pytest.mark.parametrize(
+    "key, old, message",
+    [("teacher_reuse", 1.0, "teacher_reuse: 1.0 -> 2.0"), ("lr_warmup", 0, "lr_warmup: 0 -> None")],
+)
+def test_a_checkpoint_from_before_a_key_resumes_only_with_what_it_did(tiny_edm, tmp_path, key, old, message):
+    # teacher_reuse: every batch was fresh; lr_warmup: no warmup
+    m = _sfd(tiny_edm, tmp_path, iters=2, **{key: old})
     Trainer(m, m.cfg).fit()
     state, info = load_checkpoint(tmp_path / "checkpoints")
-    del info["config"]["teacher_reuse"]  # as written before the key existed: every batch fresh
+    del info["config"][key]  # as written before the key existed
     save_checkpoint(tmp_path / "checkpoints", state, info)
-    m = _sfd(tiny_edm, tmp_path, iters=3)  # today's default, teacher_reuse 2
-    with pytest.raises(ValueError, match="teacher_reuse: 1.0 -> 2.0"):
+    m = _sfd(tiny_edm, tmp_path, iters=3)  # today's defaults
+    with pytest.raises(ValueError, match=message):
         Trainer(m, m.cfg).fit(resume=True)
-    m = _sfd(tiny_edm, tmp_path, iters=3, teacher_reuse=1.0)
+    m = _sfd(tiny_edm, tmp_path, iters=3, **{key: old})
     assert Trainer(m, m.cfg).fit(resume=True).iteration == 3
 
 
@@ -156,6 +178,7 @@ def test_nonfinite_gradients_are_zeroed_and_counted(tiny_edm, tmp_path):
     assert all(torch.isfinite(p).all() for p in result.student.parameters())
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert record["nonfinite_grads"] == 2 and set(record["loss"]) == {"1", "2"}
+    assert all(math.isfinite(v) for v in record["grad_norm"].values())  # the norm of the zeroed gradients
 
 
 def test_ema_grid_accumulation_and_stop(tiny_edm, tmp_path):

@@ -6,7 +6,8 @@ loss the method yields (one per update: SFD yields one per student step) every m
 is back-propagated (divided by ``grad_accum``), non-finite gradient entries are zeroed and counted
 (as in SFD's code), gradients are optionally clipped, and the optimizer steps. Adam or AdamW with
 optional weight decay; the learning rate drops by 10x at ``lr_decay_at`` of the run, or follows a
-cosine. Optional EMA of the student's weights.
+cosine, after an optional linear warmup over the first ``lr_warmup`` iterations. Optional EMA of the
+student's weights.
 
 Every ``checkpoint_every`` iterations (and at the end, and on Ctrl-C) the full state is written
 atomically: student, optimizer, scheduler, EMA, iteration, RNG states; ``resume`` continues exactly.
@@ -45,7 +46,7 @@ from distill_core.train.status import write_status
 RESUMABLE_CHANGES = {"out", "iters", "checkpoint_every", "sample_every", "eval_samples", "extra"}
 #: Config fields added after checkpoints were first written, with the value that describes what a run
 #: from before the field existed did (not the field's default today).
-BEFORE_THE_KEY = {"teacher_one_step_above": None, "teacher_reuse": 1.0}
+BEFORE_THE_KEY = {"teacher_one_step_above": None, "teacher_reuse": 1.0, "lr_warmup": 0}
 
 
 class TrainingDiverged(RuntimeError):
@@ -92,9 +93,10 @@ class Trainer:
             trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=decay
         )
         schedule = cfg.lr_schedule or getattr(method, "lr_schedule", "step")
+        warmup = cfg.lr_warmup if cfg.lr_warmup is not None else getattr(method, "lr_warmup", 0)
         # stepped once per iteration: lr for the next iteration
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda it: lr_factor(schedule, it, cfg.iters, cfg.lr_decay_at)
+            optimizer, lambda it: lr_factor(schedule, it, cfg.iters, cfg.lr_decay_at, warmup)
         )
         self.student, self.optimizer = self.acc.prepare(student, optimizer)
         method.student = self.student
@@ -286,15 +288,13 @@ class Trainer:
                     total, index = total + value.item() / accum, step.index
             if index is None:
                 break
-            if _zero_nonfinite(params):
+            norm = grad_norm(params)
+            if not torch.isfinite(norm) and _zero_nonfinite(params):  # the scan only when the norm says so
                 record["nonfinite_grads"] += 1
                 self.nonfinite_grads += 1
+                norm = grad_norm(params)
             if cfg.clip_grad:
                 norm = acc.clip_grad_norm_(params, cfg.clip_grad)
-            else:
-                norm = torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in params if p.grad is not None])
-                )
             self.optimizer.step()
             record["loss"][str(index)] = round(total, 6)
             record["grad_norm"][str(index)] = round(float(norm), 6)
@@ -364,19 +364,27 @@ def new_accelerator(mixed_precision: str) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def lr_factor(schedule: str, it: int, iters: int, decay_at: float) -> float:
-    """The learning-rate multiplier of iteration ``it``: "step" is 1, then 0.1 from ``decay_at`` of the
-    run; "cosine" is (1 + cos(pi it / iters)) / 2; "constant" is 1."""
+def lr_factor(schedule: str, it: int, iters: int, decay_at: float, warmup: int = 0) -> float:
+    """The learning-rate multiplier of iteration ``it`` (from 0): "step" is 1, then 0.1 from ``decay_at``
+    of the run; "cosine" is (1 + cos(pi it / iters)) / 2; "constant" is 1; times min(1, (it + 1) /
+    ``warmup``) over the first ``warmup`` iterations."""
+    ramp = min(1.0, (it + 1) / warmup) if warmup else 1.0
     if schedule == "step":
-        return 1.0 if it < math.ceil(decay_at * iters) else 0.1
+        return ramp * (1.0 if it < math.ceil(decay_at * iters) else 0.1)
     if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(it, iters) / iters))
-    return 1.0
+        return ramp * 0.5 * (1 + math.cos(math.pi * min(it, iters) / iters))
+    return ramp
 
 
 def _saved_state(student: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable part of a student (all of it, unless it declares ``saved_state``: LoRA)."""
     return getattr(student, "saved_state", student.state_dict)()
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all gradients together (non-finite when any entry is)."""
+    norms = [p.grad.norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 def _zero_nonfinite(params: list[torch.Tensor]) -> bool:
