@@ -9,9 +9,9 @@ paper's choice costs more for the same result on the CPU, the default departs fr
 value is one key away (``methods/sfd.py``; measured in docs/sfd_recipes.md): the teacher's targets
 come from UniPC at K = 3 (the paper: DPM-Solver++(3M), K = 4) with one step on intervals starting
 above sigma 20, every teacher batch trains the student twice (the paper: fresh trajectories every
-iteration), the lr decays on a cosine (the paper: / 10 at half time), for a class-conditional
-teacher the analytic first step is taken about the teacher's class mean (the paper: about 0), and the
-distance is a pseudo-Huber with c = 0.01 per element (the paper: L1).
+iteration), the lr rises over 10 iterations and then decays on a cosine (the paper: no warmup, / 10 at
+half time), for a class-conditional teacher the analytic first step is taken about the teacher's class
+mean (the paper: about 0), and the distance is a pseudo-Huber with c = 0.01 per element (the paper: L1).
 The iteration count and batch of the default run are chosen so that distilling the built-in teacher
 finishes within 10 minutes on 2 CPU cores; ``QUALITY`` is the longer preset.
 """
