@@ -91,8 +91,8 @@ class DistillConfig:
     lr: float = 2e-4  # SFD's 5e-5 suits long runs; on the built-in teacher's short run 2e-4 gains 0.65 dB
     lr_decay_at: float = 0.5  # lr / 10 from this fraction of the iterations on
     # the lr rises linearly over the first N iterations (factor (k + 1) / N at iteration k), then follows
-    # lr_schedule; None: the method's own choice (SFD: 10, +0.05 dB on five paired seeds of the built-in
-    # teacher, docs/sfd_recipes.md; phased: 0)
+    # lr_schedule; None: the method's own choice, at most a tenth of the run (SFD: 10, +0.05 dB on five
+    # paired seeds of the built-in teacher, docs/sfd_recipes.md; phased: 0)
     lr_warmup: int | None = None
     iters: int = 220  # NFE 4, batch 64, teacher_reuse 2: 2.2 to 3.0 s per iteration measured on 2 CPU cores
     batch: int = 64

@@ -54,7 +54,8 @@ STUDENT = Out("DISTILL_STUDENT", "student", "the trained student and its run (fo
           In("iterations", "INT", "training iterations (every batch of teacher trajectories serves two of them)",
              200, options={"min": 1, "max": 100000}),
           In("learning_rate", "FLOAT",
-             "Adam learning rate (reached after a 10-iteration warmup, then decays to 0 on a cosine)", 2e-4,
+             "Adam learning rate (reached after a warmup of 10 iterations, or a tenth of the run if shorter, "
+             "then decays to 0 on a cosine)", 2e-4,
              options={"min": 1e-6, "max": 1e-2, "step": 1e-5, "round": False}),
           In("batch", "INT", "trajectories per iteration", 8, options={"min": 1, "max": 512}),
           seed("seed of noise, prompt draws and new layers"),

@@ -106,10 +106,17 @@ def test_the_lr_warms_up_over_the_methods_iterations_unless_configured(tiny_edm,
          0.5 * (1 + math.cos(math.pi * 10 / 220))]
     )
     assert [lr_factor("step", k, 4, 0.5, 2) for k in (0, 1, 2)] == [0.5, 1.0, 0.1]
-    m = _sfd(tiny_edm, tmp_path / "a", iters=20)
+    m = _sfd(tiny_edm, tmp_path / "a", iters=100)
     assert Trainer(m, m.cfg).lr == pytest.approx(1e-4)  # 1e-3 / 10 at the first iteration
-    m = _sfd(tiny_edm, tmp_path / "b", iters=20, lr_warmup=0)
+    m = _sfd(tiny_edm, tmp_path / "b", iters=100, lr_warmup=0)
     assert Trainer(m, m.cfg).lr == pytest.approx(1e-3)
+    # the method's own warmup is at most a tenth of the run; a configured one is kept as it is
+    m = _sfd(tiny_edm, tmp_path / "c", iters=20)
+    assert Trainer(m, m.cfg).lr == pytest.approx(5e-4)  # 2 iterations of warmup
+    m = _sfd(tiny_edm, tmp_path / "d", iters=4)
+    assert Trainer(m, m.cfg).lr == pytest.approx(1e-3)  # none: a 4-iteration run trains at its lr
+    m = _sfd(tiny_edm, tmp_path / "e", iters=4, lr_warmup=10)
+    assert Trainer(m, m.cfg).lr == pytest.approx(1e-4)
     with pytest.raises(ValueError, match="lr_warmup"):
         DistillConfig(lr_warmup=-1)
 

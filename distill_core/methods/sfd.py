@@ -24,9 +24,10 @@ half time (``teacher_solver: dpmpp_3m``, ``teacher_substeps: 4``, ``teacher_one_
 at K = 3 (targets 43 dB or better on the built-in teacher, against 44 for the paper's), a single teacher
 step on intervals that start above sigma 20 (57 and 50 dB there), every teacher batch trained on
 twice (``teacher_reuse: 2``; the paper: ``1``), the saving spent on more iterations, and a cosine lr
-schedule after a linear warmup over the first 10 iterations (``lr_warmup``; the paper: ``0``): the first
-gradients are the run's largest (norms of several hundred against tens at the end), and Adam's first
-updates, normalised by a second moment estimated from a handful of them, are full lr steps.
+schedule after a linear warmup over the first 10 iterations (at most a tenth of the run;
+``lr_warmup``; the paper: ``0``): the first gradients are the run's largest (norms of several hundred
+against tens at the end), and Adam's first updates, normalised by a second moment estimated from a
+handful of them, are full lr steps.
 
 SFD-v: the student also sees the step count (``students.StepEmbedding``); every iteration draws
 NFE uniformly from the trained range and uses that NFE's schedule.
