@@ -91,6 +91,20 @@ def test_resume_after_ctrl_c_continues_exactly(tiny_edm, tmp_path, pool):
     assert [r["lr"] for r in lines_a[:4]] == pytest.approx(expected)
 
 
+def test_a_resumed_run_keeps_the_warmup_it_started_with(tiny_edm, tmp_path):
+    # 20 iterations cap SFD's own warmup at 2; resumed inside it with iters 200 (a cap of 10), the run
+    # keeps 2: iteration 3 (k = 2) runs at the full cosine factor, not at 3 / 10 of it
+    m = _sfd(tiny_edm, tmp_path, iters=20, checkpoint_every=1)
+    first = Trainer(m, m.cfg, callbacks=[_SigintAt(1)]).fit()
+    assert first.status == "interrupted" and load_checkpoint(tmp_path / "checkpoints")[1]["lr_warmup"] == 2
+    m = _sfd(tiny_edm, tmp_path, iters=200, checkpoint_every=1)
+    resumed = Trainer(m, m.cfg, callbacks=[_SigintAt(3)])
+    assert resumed.fit(resume=True).iteration == 3 and resumed.warmup == 2
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines] == [1, 2, 3]
+    assert lines[2]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 200)))
+
+
 def test_resume_refuses_a_different_configuration(tiny_edm, tmp_path):
     m = _sfd(tiny_edm, tmp_path, iters=2)
     Trainer(m, m.cfg).fit()

@@ -93,10 +93,12 @@ class Trainer:
             trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=decay
         )
         schedule = cfg.lr_schedule or getattr(method, "lr_schedule", "step")
-        warmup = resolve_warmup(cfg.lr_warmup, getattr(method, "lr_warmup", 0), cfg.iters)
+        # resolved once for the run: a resumed run keeps the warmup it started with (load_checkpoint), even
+        # where a changed ``iters`` would cap the method's own warmup differently
+        self.warmup = resolve_warmup(cfg.lr_warmup, getattr(method, "lr_warmup", 0), cfg.iters)
         # stepped once per iteration: lr for the next iteration
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda it: lr_factor(schedule, it, cfg.iters, cfg.lr_decay_at, warmup)
+            optimizer, lambda it: lr_factor(schedule, it, cfg.iters, cfg.lr_decay_at, self.warmup)
         )
         self.student, self.optimizer = self.acc.prepare(student, optimizer)
         method.student = self.student
@@ -152,6 +154,7 @@ class Trainer:
                     "iteration": self.iteration,
                     "seconds": round(self.seconds, 3),
                     "nonfinite_grads": self.nonfinite_grads,
+                    "lr_warmup": self.warmup,
                     "config": self.cfg.to_dict(),
                 },
             )
@@ -182,6 +185,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
         self.iteration, self.seconds = info["iteration"], info["seconds"]
         self.nonfinite_grads = info["nonfinite_grads"]
+        self.warmup = info.get("lr_warmup", self.warmup)  # checkpoints from before stop 22: today's resolution
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
