@@ -185,7 +185,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
         self.iteration, self.seconds = info["iteration"], info["seconds"]
         self.nonfinite_grads = info["nonfinite_grads"]
-        self.warmup = info.get("lr_warmup", self.warmup)  # checkpoints from before stop 22: today's resolution
+        self.warmup = info.get("lr_warmup", self.warmup)  # older checkpoints lack it: resolved anew
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
