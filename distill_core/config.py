@@ -94,7 +94,8 @@ class DistillConfig:
     # lr_schedule; None: the method's own choice, at most a tenth of the run (SFD: 10, +0.05 dB on five
     # paired seeds of the built-in teacher, docs/sfd_recipes.md; phased: 0)
     lr_warmup: int | None = None
-    iters: int = 220  # NFE 4, batch 64, teacher_reuse 2: 2.2 to 3.0 s per iteration measured on 2 CPU cores
+    # NFE 4, batch 64, teacher_reuse 2: 0.9 to 3.0 s per iteration on 2 CPU cores, by host (stops 15 to 22)
+    iters: int = 220
     batch: int = 64
     grad_accum: int = 1
     clip_grad: float | None = None
