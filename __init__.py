@@ -11,7 +11,7 @@ import sys
 if importlib.util.find_spec("distill_core") is None:
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from .distill_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 WEB_DIRECTORY = "./web"
 

@@ -1,9 +1,10 @@
 """Distillation on the built-in teacher against the training-free solvers, at NFE 2, 3, 4, 5.
 
-    python bench/distill.py [--quick] [--out FILE.json]
+    python bench/distill.py [--quick] [--methods sfd sfd-v ...] [--out FILE.json]
 
-For every NFE: every training-free solver, one SFD student trained for that NFE, and one SFD-v
-student trained once for the whole range. Each row: PSNR against the teacher's reference solve
+For every NFE: the three best training-free solvers, and the students of every chosen method (any
+registered method; each says which students it trains for the NFEs, ``Method.bench_runs``: SFD one per
+NFE, SFD-v one for the whole range at twice the iterations). Each row: PSNR against the teacher's reference solve
 from the same noise, Frechet distance, class accuracy, images/s, and for students the distillation
 wall time (``train_seconds``) and the teacher evaluations spent (per image). All rows come from one
 evaluation set, so solvers and students compare directly. ``--quick`` is a smoke run (about 10
@@ -19,9 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.config import DistillConfig  # noqa: E402
-from distill_core.eval.benchmark import eval_set, format_table, write_rows  # noqa: E402
-from distill_core.main_job import builtin_source, solver_rows, student_rows, train_student  # noqa: E402
+from distill_core.eval.benchmark import eval_set, format_table, solver_rows, student_rows, write_rows  # noqa: E402  # noqa: E402
+from distill_core.methods.registry import method_class, methods  # noqa: E402
+from distill_core.sources import builtin_source  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
+from distill_core.train.run import train_student  # noqa: E402
 
 NFES = (2, 3, 4, 5)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     p.add_argument("--n", type=int, help="evaluation samples (default 500, quick 50)")
     p.add_argument("--iters", type=int, help="iterations per SFD student (default: the main job's)")
-    p.add_argument("--sfd-v-iters", type=int, help="iterations of the SFD-v student (default 2x --iters)")
+    p.add_argument("--methods", nargs="+", default=["sfd", "sfd-v"], choices=list(methods()),
+                   help="the methods to train (default: sfd sfd-v)")
     p.add_argument("--batch", type=int)
     p.add_argument("--guidance-mode", choices=("distilled", "cfg"), default="distilled")
     p.add_argument("--work", default=str(RESULTS / "distill_runs"), help="where the students are trained")
@@ -45,7 +49,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base = base.replace(iters=12, batch=16, checkpoint_every=0)
     base = base.replace(iters=args.iters, batch=args.batch)
     n = args.n or (50 if args.quick else 500)
-    sfd_v_iters = args.sfd_v_iters or 2 * base.iters
 
     source = builtin_source()
     teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
@@ -54,15 +57,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for nfe in args.nfe:
         rows += solver_rows(teacher, ev, nfe, base.sigma_min)[:3]
     work = Path(args.work)
-    for nfe in args.nfe:
-        run = train_student(base.replace(steps=nfe, out=str(work / f"sfd-{nfe}")), source, progress=False)
-        rows += student_rows(run, teacher, ev)
-    cfg_v = base.replace(method="sfd-v", nfe_range=(min(args.nfe), max(args.nfe)), iters=sfd_v_iters)
-    rows += student_rows(
-        train_student(cfg_v.replace(out=str(work / "sfd-v")), source, progress=False), teacher, ev
-    )
+    for method in args.methods:
+        for name, settings in method_class(method).bench_runs(list(args.nfe), base.iters):
+            cfg = base.replace(method=method, out=str(work / name), **settings)
+            rows += student_rows(train_student(cfg, source, progress=False), teacher, ev)
 
-    rows.sort(key=lambda r: (r["nfe"], r["method"] not in ("sfd", "sfd-v"), -r["psnr_db"]))
+    rows.sort(key=lambda r: (r["nfe"], r["method"] not in args.methods, -r["psnr_db"]))
     print(format_table(rows))
     if args.out:
         write_rows(rows, args.out)

@@ -29,23 +29,26 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.config import DistillConfig  # noqa: E402
-from distill_core.eval.benchmark import (  # noqa: E402
+from distill_core.eval.benchmark import (  # noqa: E402  # noqa: E402
     EvalSet,
     eval_set,
     evaluate,
     format_table,
     sample_in_batches,
     solver_row,
+    solver_rows,
+    student_rows,
     write_rows,
 )
-from distill_core.main_job import builtin_source, solver_rows, student_rows, train_student  # noqa: E402
 from distill_core.methods.base import TeacherSource  # noqa: E402
 from distill_core.methods.phased import teacher_probe  # noqa: E402
 from distill_core.methods.phases import partition  # noqa: E402
 from distill_core.schedules import phased  # noqa: E402
 from distill_core.solvers import SOLVERS  # noqa: E402
+from distill_core.sources import builtin_source  # noqa: E402
 from distill_core.students import Student, load_student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
+from distill_core.train.run import train_student  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEDULE_SOLVERS = ("dpmpp_2m", "unipc", "ipndm")

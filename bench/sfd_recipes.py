@@ -19,9 +19,9 @@ pair (2 forwards) per solved trajectory (``teacher_reuse`` and ``teacher_pool`` 
 student trains on), plus the student's n - 1 + 1 Euler steps per trajectory at about 3 forwards each
 (forward and backward). The main job's default, every teacher batch serving 2 iterations:
 (2 (1 + 1 + 3 + 3 + 3) / 2 + 12) x 220 x 64 = 323840, plus 11 x 100 for the first step's class-mean table
-since stop 17 (stop 14's, fresh trajectories: 34 x 160 x 64 =
-348160; SFD's recipe: 52 x 90 x 64 = 299520). The units do not see the per-forward cost: channels_last
-(stop 14) made the teacher's forwards about 17 % cheaper on the clock.
+(fresh trajectories at 160 iterations: 34 x 160 x 64 = 348160; SFD's recipe: 52 x 90 x 64 = 299520). The
+units do not see the per-forward cost: channels_last makes the teacher's forwards about 17 % cheaper on
+the clock.
 
 ``--seeds S`` trains every recipe with the training seeds 0 .. S - 1 (the evaluation set stays the same).
 Whenever a recipe has rows for more than one seed (also across ``--merge``d files), a second table gives
@@ -39,19 +39,27 @@ import itertools
 import json
 import math
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.afs import CLASS_MEAN_SAMPLES, resolve_center  # noqa: E402
 from distill_core.config import DistillConfig  # noqa: E402
-from distill_core.eval.benchmark import eval_set, format_table, solver_row, write_rows  # noqa: E402
-from distill_core.main_job import builtin_source, solver_rows, student_rows, train_student  # noqa: E402
-from distill_core.methods.sfd import pool_serves, teacher_steps  # noqa: E402
+from distill_core.eval.benchmark import (  # noqa: E402
+    eval_set,
+    format_table,
+    solver_row,
+    solver_rows,
+    student_rows,
+    write_rows,
+)
+from distill_core.methods.sfd import SFDConfig, pool_serves, teacher_steps  # noqa: E402
+from distill_core.options import settings  # noqa: E402
 from distill_core.sampling import intervals_for  # noqa: E402
 from distill_core.schedules import karras  # noqa: E402
+from distill_core.sources import BUILTIN_TUNED, builtin_source  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
+from distill_core.train.run import train_student  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("method", "nfe", "psnr_db", "gain_db", "fd", "class_acc", "train_seconds", "cpu_units")
@@ -60,14 +68,14 @@ SUMMARY_KEYS = ("recipe", "seeds", "psnr_mean", "psnr_min", "psnr_max", "gain_me
 
 def parse_sets(items: list[str]) -> dict[str, list]:
     """``["lr=2e-4,5e-4", "loss=l1"]`` -> {"lr": [0.0002, 0.0005], "loss": ["l1"]}, typed by DistillConfig."""
-    types = {f.name: f.type for f in fields(DistillConfig)}
+    types = {s.name: s.kind for s in [*settings(DistillConfig), *settings(SFDConfig)]}
     grid = {}
     for item in items:
         key, _, values = item.partition("=")
         if key not in types:
             raise SystemExit(f"unknown config field {key!r}")
         kind = types[key]
-        cast = float if "float" in kind else int if kind.startswith("int") else _bool if kind == "bool" else str
+        cast = _bool if kind is bool else kind if kind in (int, float) else str
         grid[key] = [None if v == "none" else cast(v) for v in values.split(",")]
     return grid
 
@@ -82,12 +90,15 @@ def cpu_units(cfg: DistillConfig, sigma_max: float, classes: int = 0) -> int:
     the class-mean table of the first step's centre for a teacher of ``classes`` class labels."""
     intervals = intervals_for(cfg.steps, cfg.afs)
     if cfg.teacher_pool or cfg.teacher_reuse > 1:  # pools, each serving r x pool / batch iterations
-        pool, serves = pool_serves(cfg, cfg.batch)
+        pool, serves = pool_serves(cfg.options, cfg.batch)
         trajectories = math.ceil(cfg.iters / serves) * pool
     else:
         trajectories = cfg.iters * cfg.batch
     sigmas = karras(intervals, cfg.sigma_min, cfg.sigma_max or sigma_max, cfg.rho)
-    teacher = sum(teacher_steps(sigmas, cfg.teacher_substeps, cfg.teacher_one_step_above))
+    one_step_above = cfg.teacher_one_step_above
+    if one_step_above is None:  # the built-in teacher's own setting
+        one_step_above = BUILTIN_TUNED["teacher_one_step_above"]
+    teacher = sum(teacher_steps(sigmas, cfg.teacher_substeps, one_step_above))
     centred = cfg.afs and resolve_center(cfg.afs_center, classes) == "class_mean"
     table = (classes + 1) * CLASS_MEAN_SAMPLES if centred else 0
     return trajectories * teacher * 2 + cfg.iters * cfg.batch * cfg.steps * 3 + table

@@ -28,12 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.config import DistillConfig  # noqa: E402
-from distill_core.eval.benchmark import eval_set, format_table, network_evals_per_call, write_rows  # noqa: E402
+from distill_core.eval.benchmark import eval_set, format_table, write_rows  # noqa: E402
 from distill_core.eval.fidelity import psnr  # noqa: E402
-from distill_core.main_job import builtin_source  # noqa: E402
 from distill_core.methods.sfd import teacher_states  # noqa: E402
 from distill_core.sampling import intervals_for  # noqa: E402
 from distill_core.schedules import karras, substeps_per_interval  # noqa: E402
+from distill_core.sources import builtin_source  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "nfe": cfg.steps,
                     "substeps": _label(k),
                     "teacher_network_evals": sum(substeps_per_interval(k, len(sigmas) - 1))
-                    * network_evals_per_call(teacher),
+                    * teacher.evaluations(),
                     "psnr_db": round(psnr(states[-1], ev.reference), 2),
                     "worst_point_db": round(min(psnr(y, f) for y, f in zip(states, fine)), 2),
                     "psnr_at_points_db": [round(psnr(y, f), 1) for y, f in zip(states, fine)],

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from distill_core.config import AFS_CENTERS
 from distill_core.denoisers.base import Cond
 from distill_core.teacher import guide
 
-#: noises per class that estimate mu_c (as in the stop-16 probe, docs/sfd_recipes.md)
+#: noises per class that estimate mu_c
 CLASS_MEAN_SAMPLES = 100
+#: the first step's centre: SFD's zero, the teacher's class means, or class means where conditions are labels
+AFS_CENTERS = ("auto", "zero", "class_mean")
 
 
 def afs_direction(x: torch.Tensor, sigma: torch.Tensor | float, center: torch.Tensor | None = None) -> torch.Tensor:

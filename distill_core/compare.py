@@ -14,11 +14,10 @@ import torch
 
 from distill_core.config import EDM_SIGMA_MIN
 from distill_core.denoisers.base import move_cond
-from distill_core.eval.benchmark import solver_sigmas
 from distill_core.eval.fidelity import psnr, reference_solve
 from distill_core.methods.base import TeacherSource
 from distill_core.sampling import sample
-from distill_core.solvers import SOLVERS, nfe_of, steps_for_nfe
+from distill_core.solvers import SOLVERS, nfe_of, solver_sigmas, steps_for_nfe
 from distill_core.students import Student
 from distill_core.teacher import CFGTeacher
 

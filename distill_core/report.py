@@ -84,6 +84,13 @@ def write_report(out: str | Path, report: dict, row_labels: list[str] | None = N
 CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
 
 
+def update_order(key: str) -> tuple:
+    """Sort key of a metrics loss key: the exported network's updates ("0", "1", ...) first, then other
+    groups' ("critic:0") by group and index."""
+    group, _, index = key.rpartition(":")
+    return (group, int(index))
+
+
 def loss_curve(metrics: list[dict], width: int = 512, height: int = 256, pad: int = 8) -> torch.Tensor:
     """A plot of ``metrics.jsonl`` records as ``[H, W, 3]`` uint8: log10 loss against iteration, one
     line per student step index (SFD: one per step), on a white canvas with a light frame."""
@@ -106,7 +113,7 @@ def loss_curve(metrics: list[dict], width: int = 512, height: int = 256, pad: in
         return (pad + 1 + (it - it_lo) / span_it * (width - 2 * pad - 3),
                 height - pad - 2 - (v - lo) / span * (height - 2 * pad - 3))
 
-    for k, (_, s) in enumerate(sorted(series.items(), key=lambda kv: int(kv[0]))):
+    for k, (_, s) in enumerate(sorted(series.items(), key=lambda kv: update_order(kv[0]))):
         colour = torch.tensor(CURVE_COLOURS[k % len(CURVE_COLOURS)], dtype=torch.uint8)
         for (a, va), (b, vb) in zip(s, s[1:] or s):
             (x0, y0), (x1, y1) = xy(a, va), xy(b, vb)

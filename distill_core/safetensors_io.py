@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from distill_core.atomic import atomic_path
 
 #: Metadata key under which the engine stores its JSON card in every file it writes.
 CARD_KEY = "distill_core"
@@ -18,18 +18,10 @@ CARD_KEY = "distill_core"
 def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path, card: dict) -> Path:
     """Write ``tensors`` and ``card`` (JSON-serialisable) to ``path`` via a temporary file and rename,
     so an interrupted or failed write (full disk) never leaves a half-written file in its place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={CARD_KEY: json.dumps(card)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={CARD_KEY: json.dumps(card)})
+    return Path(path)
 
 
 def read_card(path: str | Path) -> dict:

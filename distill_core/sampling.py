@@ -1,4 +1,11 @@
-"""Few-step sampling with a distilled student: one Euler step per interval of its stored schedule.
+"""Sampling a distilled student: one table, ``SAMPLERS``, from the sampler key a student file carries to
+the solver that samples it, read by engine sampling (``sample``), the ComfyUI SAMPLER node
+(``k_sampler``) and the panel alike.
+
+* ``euler_afs``: few-step Euler on the stored schedule, the first step analytic when the card says so;
+* ``solver``: the training-free solver the card names (``card["solver"]``) on the stored schedule.
+
+Few-step Euler, one step per interval of the stored schedule:
 
 Euler (Karras et al. 2022, Alg. 1 without the Heun correction), with d = (x - D(x, sigma)) / sigma:
     x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i
@@ -59,6 +66,43 @@ def few_step(
     return x
 
 
+#: solver signature of every sampler: f(denoiser, x, sigmas, cond=None, callback=None, center=None)
+Solve = Callable[..., torch.Tensor]
+
+
+def _euler_afs(card: dict) -> Solve:
+    afs = bool(card.get("afs", False))
+
+    def solve(denoiser, x, sigmas, cond=None, callback=None, center=None):
+        return few_step(denoiser, x, sigmas, cond, afs, callback, center)
+
+    return solve
+
+
+def _named_solver(card: dict) -> Solve:
+    name = card.get("solver")
+    if name not in SOLVERS:
+        raise ValueError(f"the student file names solver {name!r}; known solvers: {sorted(SOLVERS)}")
+
+    def solve(denoiser, x, sigmas, cond=None, callback=None, center=None):
+        return SOLVERS[name](denoiser, x, sigmas.to(x.device), cond, callback)
+
+    return solve
+
+
+#: sampler key (a method's ``sampler``, stored in its student files) -> the solver for a card
+SAMPLERS: dict[str, Callable[[dict], Solve]] = {"euler_afs": _euler_afs, "solver": _named_solver}
+
+
+def sampler_for(card: dict) -> Solve:
+    """The solver of a student card (files written before the key say it by ``solver`` or ``afs``)."""
+    key = card.get("sampler") or ("solver" if card.get("solver") else "euler_afs")
+    if key not in SAMPLERS:
+        raise ValueError(f"the student file needs sampler {key!r}, which this engine does not have "
+                         f"(known: {sorted(SAMPLERS)}); update comfyui-distill")
+    return SAMPLERS[key](card)
+
+
 @torch.no_grad()
 def sample(
     student: Student,
@@ -74,17 +118,15 @@ def sample(
     device = next(student.net.parameters()).device
     noise, cond = noise.to(device), move_cond(cond, device)
     sigmas = student.sigmas(steps)
-    solver = student.card.get("solver")
-    if solver:  # a score student (phased) is sampled by a training-free solver on its stored grid
-        return SOLVERS[solver](student.denoiser(steps, w), noise, sigmas.to(noise.device), cond, callback)
     center = guided_centers(student.afs_means, cond, student.guidance_w(w))
-    return few_step(student.denoiser(steps, w), noise, sigmas, cond, student.afs, callback, center)
+    return sampler_for(student.card)(student.denoiser(steps, w), noise, sigmas, cond, callback, center)
 
 
-def k_sampler(afs: bool = True):
-    """The few-step Euler sampler (AFS first step when ``afs``) as a k-diffusion-style function
-    ``f(model, x, sigmas, extra_args=None, callback=None, disable=None)``, where ``model(x, sigma_batch,
-    **extra_args)`` returns x0: what ComfyUI's KSAMPLER wraps into a SAMPLER for SamplerCustom."""
+def k_sampler(card: dict):
+    """The sampler of a student card as a k-diffusion-style function ``f(model, x, sigmas, extra_args=None,
+    callback=None, disable=None)``, where ``model(x, sigma_batch, **extra_args)`` returns x0: what ComfyUI's
+    KSAMPLER wraps into a SAMPLER for SamplerCustom."""
+    solve = sampler_for(card)
 
     def sample_student(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
@@ -99,6 +141,6 @@ def k_sampler(afs: bool = True):
             if callback is not None:
                 callback({**info, "sigma_hat": info["sigma"], "denoised": last.get("x0", info["x"])})
 
-        return few_step(denoiser, x, sigmas, None, afs, report)
+        return solve(denoiser, x, sigmas, None, report)
 
     return sample_student

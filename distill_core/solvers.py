@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from distill_core.denoisers.base import Cond, Denoiser
+from distill_core.schedules import karras
 
 Callback = Callable[[dict], None]
 
@@ -241,3 +242,11 @@ def steps_for_nfe(name: str, nfe: int, ends_at_zero: bool = True) -> int:
     if name == "heun":
         return (nfe + 1) // 2 if ends_at_zero else nfe // 2
     return nfe
+
+
+def solver_sigmas(name: str, nfe: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """The Karras rho grid for a training-free solver at a budget of ``nfe`` evaluations: every
+    evaluation is a real step from sigma_max to sigma_min (the sample there is the image; a final step
+    sigma_min -> 0 would spend an evaluation on a change of order sigma_min). Students end at the same
+    sigma_min, so solvers and students are compared on one grid family."""
+    return karras(steps_for_nfe(name, nfe, ends_at_zero=False), sigma_min, sigma_max, rho)

@@ -201,7 +201,7 @@ class Student:
 
     @property
     def afs(self) -> bool:
-        return bool(self.card["afs"])
+        return bool(self.card.get("afs", False))
 
     def sigmas(self, steps: int | None = None) -> torch.Tensor:
         """The stored schedule for ``steps`` evaluations (default: the student's own, or its range's top)."""
@@ -243,25 +243,25 @@ def _span(choices: list[int]) -> str:
 
 def student_card(
     method: str,
+    sampler: str,
     nfes: list[int],
     sigmas: dict[int, torch.Tensor],
     schedule: dict,
-    afs: bool,
     guidance_mode: str,
     w: float,
     teacher_fingerprint: str,
-    afs_center: str = "zero",
     **extra,
 ) -> dict:
-    """The metadata every student file carries (``afs_center``: "zero", SFD's, or "class_mean")."""
+    """The metadata every student file carries: the method, the sampler it is sampled with (a key of
+    ``sampling.SAMPLERS``), its step counts and their schedules, guidance, and the teacher's fingerprint;
+    ``extra``: the method's own entries (SFD: ``afs`` and ``afs_center``)."""
     return {
         "kind": "student",
         "method": method,
+        "sampler": sampler,
         **({"nfe": nfes[0]} if len(nfes) == 1 else {"nfe_range": [min(nfes), max(nfes)]}),
         "schedule": schedule,
         "sigmas": {str(n): [float(s) for s in sigmas[n]] for n in nfes},
-        "afs": bool(afs),
-        "afs_center": afs_center,
         "guidance": {"mode": guidance_mode, "w": float(w)},
         "teacher_fingerprint": teacher_fingerprint,
         "engine_version": distill_core.__version__,

@@ -41,6 +41,13 @@ class CFGTeacher:
         s = float(torch.as_tensor(sigma).flatten()[0])
         return self.interval[0] <= s <= self.interval[1]
 
+    def evaluations(self, sigma: torch.Tensor | float | None = None) -> int:
+        """Network evaluations of one call at ``sigma``: two where guidance applies (conditional and
+        unconditional, batched), else one; ``None``: at a noise level inside the guidance interval."""
+        if self.w == 1.0:
+            return 1
+        return 2 if sigma is None or self.guided(sigma) else 1
+
     def uncond_like(self, cond: Cond, batch: int, device: torch.device | None = None) -> Cond:
         """The unconditional condition for a batch: the stored one, broadcast to ``batch`` rows, on
         ``device`` (the batch's: the stored one may stay on the CPU while the network runs on CUDA)."""

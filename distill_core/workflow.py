@@ -25,15 +25,15 @@ PACK_ROOT = Path(__file__).resolve().parent.parent
 
 
 def node_pack():
-    """This pack's ``nodes`` package (the checkout's, next to ``distill_core``)."""
-    if not (PACK_ROOT / "nodes" / "spec.py").is_file():
+    """This pack's node package ``distill_nodes`` (the checkout's, next to ``distill_core``)."""
+    if not (PACK_ROOT / "distill_nodes" / "spec.py").is_file():
         raise FileNotFoundError(
-            f"the node pack is not next to distill_core ({PACK_ROOT / 'nodes'}): run workflows from a clone "
+            f"the node pack is not next to distill_core ({PACK_ROOT / 'distill_nodes'}): run workflows from a clone "
             "of comfyui-distill (pip install -e .)"
         )
     if str(PACK_ROOT) not in sys.path:
         sys.path.insert(0, str(PACK_ROOT))
-    return importlib.import_module("nodes")
+    return importlib.import_module("distill_nodes")
 
 
 def pack_info() -> dict[str, dict]:

@@ -1,5 +1,5 @@
-"""Runs under a real ComfyUI's Python (``COMFYUI_PATH``), in its own process (ComfyUI's top-level
-``nodes`` module and this pack's ``nodes`` package must not meet in one interpreter):
+"""Runs under a real ComfyUI's Python (``COMFYUI_PATH``), in its own process (ComfyUI's modules are imported
+as ComfyUI imports them, with its command-line arguments set for the CPU):
 
     python tests/comfyui_harness.py checkpoint OUT.safetensors
         a tiny single-file SD1.5 checkpoint from ComfyUI's own classes, random weights: a one-level

@@ -9,7 +9,7 @@ import torch
 from distill_core.afs import afs_direction, class_means, guided_centers, resolve_center
 from distill_core.config import DistillConfig
 from distill_core.methods import build_method
-from distill_core.methods.base import TeacherSource
+from distill_core.methods.base import MicroBatch, TeacherSource
 from distill_core.sampling import euler_step, sample
 from distill_core.sources import builtin_source
 from distill_core.students import load_student, save_student
@@ -69,7 +69,7 @@ def test_training_takes_the_first_step_about_the_class_mean_at_the_teachers_scal
     trajectories = m.trajectories
     m.trajectories = lambda *a: drawn.append(trajectories(*a)) or drawn[-1]
     m.student.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
-    next(iter(m.losses(m.plan(torch.Generator()), 4, torch.Generator().manual_seed(0))))
+    next(iter(m.losses(m.plan(torch.Generator()), MicroBatch(0, 1, 4), torch.Generator().manual_seed(0))))
     (x, cond, _), t = drawn[0], m.sigmas[3]
     w = 2.0 if mode == "distilled" else 1.0  # the teacher's scale in training
     expected = euler_step(None, x, t[0], t[1], analytic=True, center=guided_centers(m.afs_means, cond, w))

@@ -49,8 +49,7 @@ def test_cpu_units_count_teacher_pairs_once_per_solved_trajectory(recipes):
     assert recipes.cpu_units(cfg, 80.0) == (22 * 110 + 12 * 220) * 64 == 323840
     assert recipes.cpu_units(cfg.replace(teacher_reuse=1.0, iters=160), 80.0) == 34 * 160 * 64
     # SFD's recipe: DPM-Solver++(3M), K = 4 on all 5 intervals (a CFG pair each), fresh trajectories
-    paper = cfg.replace(teacher_substeps=4, teacher_reuse=1.0, iters=90)
-    paper.teacher_one_step_above = None
+    paper = cfg.replace(teacher_substeps=4, teacher_reuse=1.0, iters=90, teacher_one_step_above=float("inf"))
     assert recipes.cpu_units(paper, 80.0) == (2 * 20 + 12) * 90 * 64
     # one pool of 7680 trajectories serving the whole 240 iterations
     assert recipes.cpu_units(cfg.replace(teacher_pool=7680, iters=240), 80.0) == 7680 * 22 + 240 * 64 * 12

@@ -13,11 +13,11 @@ from torch import nn
 from distill_core.config import DistillConfig
 from distill_core.denoisers.comfy import ComfyDenoiser, encode_conditioning, latent_shape, refuse_unsupported
 from distill_core.lora import merge
-from distill_core.main_job import train_student
 from distill_core.safetensors_io import load
 from distill_core.sources import comfy_source
 from distill_core.students import load_student
 from distill_core.teacher import CFGTeacher
+from distill_core.train.run import train_student
 
 
 class EPS:
@@ -176,7 +176,7 @@ def test_the_nodes_distil_a_comfy_model_into_a_lora_for_the_stock_loader(tmp_pat
     from distill_core.workflow import node_pack
 
     pack = node_pack()
-    from nodes import host
+    from distill_nodes import host
 
     monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))

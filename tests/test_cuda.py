@@ -20,13 +20,14 @@ from distill_core import attention
 from distill_core.builtin import NUM_CLASSES, SHAPE, load_builtin_teacher
 from distill_core.config import DistillConfig
 from distill_core.eval.fidelity import psnr
-from distill_core.main_job import builtin_source, train_student
 from distill_core.methods.sfd import teacher_states
 from distill_core.sampling import few_step, sample
 from distill_core.schedules import karras
 from distill_core.solvers import SOLVERS
+from distill_core.sources import builtin_source
 from distill_core.students import load_student
 from distill_core.teacher import CFGTeacher
+from distill_core.train.run import train_student
 
 pytestmark = [
     pytest.mark.cuda,

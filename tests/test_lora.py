@@ -13,7 +13,6 @@ from torch import nn
 
 from distill_core.config import DistillConfig
 from distill_core.lora import LoRAAdapters, merge, target_layers
-from distill_core.main_job import release_teacher
 from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
 from distill_core.safetensors_io import load
@@ -22,6 +21,7 @@ from distill_core.students import AdaptersOff, load_student, make_student, save_
 from distill_core.teacher import CFGTeacher
 from distill_core.train.callbacks import Callback
 from distill_core.train.checkpoint import load_checkpoint
+from distill_core.train.run import release_teacher
 from distill_core.train.trainer import Trainer
 
 
@@ -128,7 +128,7 @@ def test_lora_checkpoints_hold_only_adapters_and_resume_exactly(tiny_edm, tmp_pa
     assert Trainer(m1, m1.cfg, callbacks=[_SigintAt(3)]).fit().status == "interrupted"
     state, meta = load_checkpoint(tmp_path / "b" / "checkpoints")
     assert meta["iteration"] == 3
-    assert state["student"] and all(k.startswith("lora.") for k in state["student"])
+    assert state["nets"]["student"] and all(k.startswith("lora.") for k in state["nets"]["student"])
     m2 = _lora_sfd(tiny_edm, tmp_path / "b", iters=5)
     resumed = Trainer(m2, m2.cfg).fit(resume=True)
     a, b = straight.student.lora.file_tensors(), resumed.student.lora.file_tensors()

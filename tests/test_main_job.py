@@ -10,7 +10,8 @@ import torch
 
 from distill_core import cli
 from distill_core.config import QUALITY, DistillConfig
-from distill_core.main_job import add_arguments, builtin_source, config_from_args
+from distill_core.main_job import add_arguments, config_from_args
+from distill_core.sources import builtin_source
 
 
 def test_config_yaml_round_trip_and_flag_overrides(tmp_path):

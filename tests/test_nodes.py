@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import urllib.request
@@ -24,8 +23,8 @@ from distill_core.sampling import few_step, k_sampler
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"
 nodes = wf.node_pack()
-from nodes import host  # noqa: E402  (the pack is importable once node_pack() put it on the path)
-from nodes.sampling import recipe  # noqa: E402
+from distill_nodes import host  # noqa: E402  (the pack is importable once node_pack() put it on the path)
+from distill_nodes.sampling import recipe  # noqa: E402
 
 
 def _info() -> dict:
@@ -217,7 +216,7 @@ def test_the_comfyui_sampler_function_is_the_engines_few_step_sampler(tiny_edm):
     sigmas = torch.tensor([80.0, 10.0, 1.0, 0.006])
     labels = torch.tensor([1, 2, 3])
     seen = []
-    got = k_sampler(afs=True)(lambda x, s, cond: tiny_edm(x, s, cond), x, sigmas, {"cond": labels},
+    got = k_sampler({"sampler": "euler_afs", "afs": True})(lambda x, s, cond: tiny_edm(x, s, cond), x, sigmas, {"cond": labels},
                               callback=seen.append)
     torch.testing.assert_close(got, few_step(tiny_edm, x, sigmas, labels, afs=True))
     assert [s["i"] for s in seen] == [0, 1, 2] and seen[-1]["denoised"].shape == x.shape
@@ -239,11 +238,12 @@ def test_loss_curve_and_latent_previews_are_images():
 def test_the_web_extension_listens_to_what_the_server_sends():
     js = (ROOT / "web" / "distill.js").read_text()
     assert '"distill.progress"' in js and '"/distill/monitor"' in js
-    sent = (ROOT / "nodes" / "host.py").read_text()
+    sent = (ROOT / "distill_nodes" / "host.py").read_text()
     assert 'send_event("distill.progress"' in sent
-    assert '"/distill/monitor"' in (ROOT / "nodes" / "monitor.py").read_text()
-    names = re.search(r"TRAINING_NODES = new Set\(\[(.*?)\]\)", js).group(1)
-    assert {n.strip(' "') for n in names.split(",")} <= set(nodes.NODE_CLASS_MAPPINGS)
+    assert '"/distill/monitor"' in (ROOT / "distill_nodes" / "monitor.py").read_text()
+    assert '"/distill/training_nodes"' in js and '"/distill/training_nodes"' in (
+        ROOT / "distill_nodes" / "monitor.py").read_text()
+    assert set(nodes.TRAINING_NODES) == {"DistillToSteps", "DistillPhasedScoreDistill"}
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs node (CI installs nodejs)")

@@ -158,8 +158,8 @@ def test_api_refuses_paths_outside_the_root(panel, name):
 def test_start_and_stop_leave_a_resumable_checkpoint(panel):
     """A real distillation process started through the API, stopped with SIGINT, resumed here."""
     from distill_core.config import DistillConfig
-    from distill_core.main_job import builtin_source
     from distill_core.methods import build_method
+    from distill_core.sources import builtin_source
     from distill_core.train.trainer import Trainer
 
     root, client = panel

@@ -16,14 +16,9 @@ from torch import nn
 from distill_core.config import DistillConfig
 from distill_core.denoisers.edm import EDMDenoiser
 from distill_core.methods import build_method, phases
-from distill_core.methods.base import TeacherSource
-from distill_core.methods.phased import (
-    clip_spectral_norms,
-    enable_checkpointing,
-    lighter_student,
-    phased_loss,
-    select_weights,
-)
+from distill_core.methods.base import MicroBatch, TeacherSource
+from distill_core.methods.phased import phased_loss
+from distill_core.nets.surgery import clip_spectral_norms, enable_checkpointing, lighter_student, select_weights
 from distill_core.nets.unet import UNet
 from distill_core.schedules import phased
 from distill_core.train.trainer import Trainer, lr_factor
@@ -174,9 +169,9 @@ def test_spectral_clipping_and_checkpointing(teacher16):
 
 
 def test_student_file_round_trip_with_phases(teacher16, tmp_path):
-    from distill_core.main_job import train_student
     from distill_core.sampling import sample
     from distill_core.students import load_student
+    from distill_core.train.run import train_student
 
     cfg = _phased(teacher16, tmp_path).cfg
     run = train_student(cfg, tiny_source(teacher16), progress=False)
@@ -222,11 +217,11 @@ def test_training_lowers_the_phased_loss(teacher16, tmp_path, ema):
         m._pool = None  # rebuilt from the config's seed: the same inputs and first-visit targets
         gen = torch.Generator().manual_seed(11)
         with torch.no_grad():
-            return sum(s.loss.item() for _ in range(4) for s in m.losses({}, 8, gen))
+            return sum(s.loss.item() for _ in range(4) for s in m.losses({}, MicroBatch(0, 1, 8), gen))
 
     before = loss()
     trainer = Trainer(m, m.cfg)
-    assert type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)) is torch.optim.AdamW
+    assert type(getattr(trainer.optimizers["student"], "optimizer", trainer.optimizers["student"])) is torch.optim.AdamW
     assert trainer.lr == pytest.approx(2e-3)  # no warmup: SFD's lr_warmup is SFD's own
     trainer.fit()
     after = loss()

@@ -18,7 +18,7 @@ from distill_core.students import load_student
 from distill_core.teacher import CFGTeacher
 
 nodes = wf.node_pack()
-from nodes.handles import TeacherHandle  # noqa: E402  (the pack is importable once node_pack() put it on the path)
+from distill_nodes.handles import TeacherHandle  # noqa: E402  (the pack is importable once node_pack() put it on the path)
 
 WORKFLOW = wf.PACK_ROOT / "workflows" / "api" / "phased_builtin_8_steps.json"
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from distill_core.config import DistillConfig
 from distill_core.methods import build_method
-from distill_core.methods.base import TeacherSource
+from distill_core.methods.base import MicroBatch, TeacherSource
 from distill_core.methods.sfd import distance, teacher_states, teacher_steps
 from distill_core.sampling import afs_direction, few_step, intervals_for
 from distill_core.schedules import karras, nest
@@ -19,9 +19,10 @@ from distill_core.students import StudentNet
 from distill_core.teacher import CFGTeacher
 
 
-def tiny_source(denoiser, w: float = 2.0) -> TeacherSource:
+def tiny_source(denoiser, w: float = 2.0, **tuned) -> TeacherSource:
     return TeacherSource(
-        "tiny", denoiser, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g), torch.tensor([10]), w
+        "tiny", denoiser, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g), torch.tensor([10]), w,
+        tuned=tuned,
     )
 
 
@@ -93,9 +94,24 @@ def test_the_teacher_takes_one_step_on_intervals_above_the_threshold(tiny_edm):
         assert torch.allclose(states[-1], SOLVERS["unipc"](teacher, x, grid, y), atol=1e-5)
         states = teacher_states(teacher, x, t, y, [1, 1, 3, 3, 3], solver="dpmpp_3m")
         assert torch.allclose(states[2], SOLVERS["dpmpp_3m"](teacher, x, grid[:6], y), atol=1e-5)  # at t_3
-    m = _method(tiny_edm, steps=4, teacher_substeps=3)
+    m = _method(tiny_edm, steps=4, teacher_substeps=3, teacher_one_step_above=20.0)
     assert m.teacher_steps[4] == [1, 1, 3, 3, 3]
     assert m.card()["training"]["teacher_one_step_above"] == 20.0
+
+
+def test_one_teacher_step_at_high_noise_is_a_setting_of_the_teacher_that_was_measured(tiny_edm):
+    """A teacher with sigma_max 80 gets K steps everywhere unless it says its ODE is straight up there (the
+    built-in teacher's ``tuned`` setting) or the run asks for one step; the run's value wins."""
+    cfg = DistillConfig(iters=4, batch=4, steps=4, teacher_substeps=3)
+    assert build_method(tiny_source(tiny_edm), cfg).teacher_steps[4] == [3] * 5
+    tuned = build_method(tiny_source(tiny_edm, teacher_one_step_above=20.0), cfg)
+    assert tuned.teacher_steps[4] == [1, 1, 3, 3, 3]
+    everywhere = build_method(tiny_source(tiny_edm, teacher_one_step_above=20.0),
+                              cfg.replace(teacher_one_step_above=float("inf")))
+    assert everywhere.teacher_steps[4] == [3] * 5
+    from distill_core.sources import builtin_source
+
+    assert builtin_source().tuned == {"teacher_one_step_above": 20.0}
 
 
 def _method(tiny_edm, **kw):
@@ -108,14 +124,14 @@ def test_student_steps_from_its_own_detached_output(tiny_edm):
     assert torch.equal(m.sigmas[3], karras(4, 0.006, 80.0))
     inputs_need_grad = []
     m.student.register_forward_pre_hook(lambda mod, args: inputs_need_grad.append(args[0].requires_grad))
-    steps = list(m.losses(m.plan(torch.Generator()), 4, torch.Generator().manual_seed(0)))
+    steps = list(m.losses(m.plan(torch.Generator()), MicroBatch(0, 1, 4), torch.Generator().manual_seed(0)))
     # AFS: 4 intervals, the first analytic -> 3 losses, one per evaluation, at indices 1..3
     assert [s.index for s in steps] == [1, 2, 3]
     assert inputs_need_grad == [False, False, False]
     assert all(s.loss.requires_grad and s.loss.ndim == 0 for s in steps)
 
     no_afs = _method(tiny_edm, afs=False)
-    steps = list(no_afs.losses(no_afs.plan(torch.Generator()), 4, torch.Generator()))
+    steps = list(no_afs.losses(no_afs.plan(torch.Generator()), MicroBatch(0, 1, 4), torch.Generator()))
     assert [s.index for s in steps] == [0, 1, 2]
 
 
@@ -192,14 +208,15 @@ def test_training_moves_the_student_towards_the_teacher(tiny_edm, tmp_path):
 
 def test_teacher_pool_replays_trajectories_solved_once(tiny_edm):
     # a pool of 6 that serves 40 x 6 / 5 = 48 draws of 5: solved once for this test
-    cfg = DistillConfig(steps=2, batch=5, teacher_substeps=2, teacher_pool=6, teacher_reuse=40)
+    cfg = DistillConfig(steps=2, batch=5, teacher_substeps=2, teacher_pool=6, teacher_reuse=40,
+                        teacher_one_step_above=20.0)
     sfd = build_method(tiny_source(tiny_edm), cfg)
     gen = torch.Generator().manual_seed(0)
-    x, y, targets = sfd.pooled(2, 5, gen, torch.device("cpu"))
+    x, y, targets = sfd.pooled(2, MicroBatch(0, 1, 5), gen, torch.device("cpu"))
     spent = sfd.teacher_evaluations
     # 6 trajectories x (1 step from sigma 80, K = 2 on the two intervals below sigma 20) x a CFG pair
     assert spent == 6 * (1 + 2 + 2) * 2
-    sfd.pooled(2, 5, gen, torch.device("cpu"))
+    sfd.pooled(2, MicroBatch(0, 1, 5), gen, torch.device("cpu"))
     assert sfd.teacher_evaluations == spent  # the teacher ran once
     pool_x = sfd._pools[2][0]
     assert all(any(torch.equal(row, p) for p in pool_x) for row in x)
@@ -210,15 +227,35 @@ def test_teacher_pool_replays_trajectories_solved_once(tiny_edm):
 
 
 def test_teacher_reuse_trains_on_every_trajectory_that_many_times(tiny_edm):
-    cfg = DistillConfig(steps=2, batch=4, teacher_substeps=2, teacher_reuse=2)
+    cfg = DistillConfig(steps=2, batch=4, teacher_substeps=2, teacher_reuse=2, teacher_one_step_above=20.0)
     sfd = build_method(tiny_source(tiny_edm), cfg)
     gen = torch.Generator().manual_seed(0)
-    draws = [sfd.pooled(2, 4, gen, torch.device("cpu"))[0] for _ in range(4)]
+    draws = [sfd.pooled(2, MicroBatch(0, 1, 4), gen, torch.device("cpu"))[0] for _ in range(4)]
     rows = [{tuple(r.flatten().tolist()) for r in x} for x in draws]
     # the pool is one batch: iterations 1 and 2 train on it, 3 and 4 on a fresh one
     assert rows[0] == rows[1] and rows[2] == rows[3] and not rows[0] & rows[2]
     assert sfd.teacher_evaluations == 2 * 4 * (1 + 2 + 2) * 2
-    with pytest.raises(ValueError, match="teacher_reuse must be at least 1"):
+    with pytest.raises(ValueError, match=r"teacher_reuse must lie in \[1, "):
         build_method(tiny_source(tiny_edm), cfg.replace(teacher_reuse=0.5))
-    with pytest.raises(ValueError, match="teacher_pool 0 or at least the batch"):
+    with pytest.raises(ValueError, match="teacher_pool must be 0 or at least the batch"):
         build_method(tiny_source(tiny_edm), cfg.replace(teacher_pool=3))
+
+
+def test_micro_batches_of_one_iteration_train_on_different_trajectories(tiny_edm):
+    """With gradient accumulation and reuse, an iteration's batch is drawn from the pool once and split:
+    its micro-batches are disjoint, and together they are the batch a run without accumulation draws."""
+    cfg = DistillConfig(steps=2, batch=4, grad_accum=2, teacher_substeps=2, teacher_reuse=2)
+    sfd = build_method(tiny_source(tiny_edm), cfg)
+    gen = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    iterations = []
+    for _ in range(2):  # two iterations on one pool
+        halves = [sfd.pooled(2, MicroBatch(k, 2, 2), gen, cpu)[0] for k in range(2)]
+        rows = [{tuple(r.flatten().tolist()) for r in x} for x in halves]
+        assert len(rows[0]) == len(rows[1]) == 2 and not rows[0] & rows[1]
+        iterations.append(rows[0] | rows[1])
+    assert iterations[0] == iterations[1]  # the pool of one batch serves two iterations
+    assert sfd.teacher_evaluations == 4 * 6 * 2  # one pool of 4 trajectories (K = 2 on 3 intervals, CFG pairs)
+    whole = build_method(tiny_source(tiny_edm), cfg.replace(grad_accum=1))
+    x = whole.pooled(2, MicroBatch(0, 1, 4), torch.Generator().manual_seed(0), cpu)[0]
+    assert {tuple(r.flatten().tolist()) for r in x} == iterations[0]

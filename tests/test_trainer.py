@@ -13,7 +13,7 @@ import torch
 
 from distill_core.config import DistillConfig
 from distill_core.methods import build_method
-from distill_core.methods.base import StepLoss, TeacherSource
+from distill_core.methods.base import TeacherSource
 from distill_core.train.callbacks import Callback, StopAt
 from distill_core.train.checkpoint import flatten, load_checkpoint, save_checkpoint, unflatten
 from distill_core.train.trainer import Trainer, TrainingDiverged, lr_factor
@@ -96,10 +96,10 @@ def test_a_resumed_run_keeps_the_warmup_it_started_with(tiny_edm, tmp_path):
     # keeps 2: iteration 3 (k = 2) runs at the full cosine factor, not at 3 / 10 of it
     m = _sfd(tiny_edm, tmp_path, iters=20, checkpoint_every=1)
     first = Trainer(m, m.cfg, callbacks=[_SigintAt(1)]).fit()
-    assert first.status == "interrupted" and load_checkpoint(tmp_path / "checkpoints")[1]["lr_warmup"] == 2
+    assert first.status == "interrupted" and load_checkpoint(tmp_path / "checkpoints")[1]["lr_warmup"] == {"student": 2}
     m = _sfd(tiny_edm, tmp_path, iters=200, checkpoint_every=1)
     resumed = Trainer(m, m.cfg, callbacks=[_SigintAt(3)])
-    assert resumed.fit(resume=True).iteration == 3 and resumed.warmup == 2
+    assert resumed.fit(resume=True).iteration == 3 and resumed.warmup == {"student": 2}
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in lines] == [1, 2, 3]
     assert lines[2]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 200)))
@@ -161,7 +161,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_edm, tmp_path):
     def poisoned(plan, batch, gen):
         calls["n"] += 1
         for step in good(plan, batch, gen):
-            yield StepLoss(step.index, step.loss * float("nan")) if calls["n"] == 3 else step
+            yield step._replace(loss=step.loss * float("nan")) if calls["n"] == 3 else step
 
     m.losses = poisoned
     trainer = Trainer(m, m.cfg)
@@ -169,7 +169,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_edm, tmp_path):
         trainer.fit()
     state, info = load_checkpoint(tmp_path / "checkpoints")
     assert info["iteration"] == 2
-    assert all(torch.isfinite(v).all() for v in state["student"].values())
+    assert all(torch.isfinite(v).all() for v in state["nets"]["student"].values())
 
 
 class _BadGrad(torch.autograd.Function):
@@ -191,7 +191,7 @@ def test_nonfinite_gradients_are_zeroed_and_counted(tiny_edm, tmp_path):
     def bad_grads(plan, batch, gen):
         for step in good(plan, batch, gen):
             weight = next(m.student.parameters())
-            yield StepLoss(step.index, step.loss + _BadGrad.apply(weight).sum())
+            yield step._replace(loss=step.loss + _BadGrad.apply(weight).sum())
 
     m.losses = bad_grads
     result = Trainer(m, m.cfg).fit()

@@ -4,12 +4,15 @@
 //   "distill.progress" events (nodes/host.py NodeProgress: {node, iteration, total, loss, eta_s, run}).
 // * An "open monitor" button on the training nodes: GET /distill/monitor starts the Distill panel in
 //   this ComfyUI process (once) and answers its URL, which opens in a new tab.
+// * Which nodes train is the server's answer to GET /distill/training_nodes (one node per registered
+//   method layout, distill_nodes/training.py), asked once before the node definitions register.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const TRAINING_NODES = new Set(["DistillToSteps", "DistillPhasedScoreDistill"]);
 const PROGRESS_EVENT = "distill.progress";
 const MONITOR_ROUTE = "/distill/monitor";
+const TRAINING_NODES_ROUTE = "/distill/training_nodes";
+let trainingNodes = new Set();
 const KEEP = 300; // loss points kept per node
 const STRIP = 64; // height of the sparkline strip under the widgets, in canvas units
 
@@ -72,11 +75,19 @@ async function openMonitor() {
 
 app.registerExtension({
   name: "comfyui-distill.progress",
+  async init() {
+    try {
+      const response = await api.fetchApi(TRAINING_NODES_ROUTE);
+      if (response.ok) trainingNodes = new Set(await response.json());
+    } catch (error) {
+      console.warn("comfyui-distill: could not ask which nodes train", error);
+    }
+  },
   setup() {
     api.addEventListener(PROGRESS_EVENT, onProgress);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!TRAINING_NODES.has(nodeData.name)) return;
+    if (!trainingNodes.has(nodeData.name)) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);

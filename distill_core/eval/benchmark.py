@@ -25,8 +25,7 @@ from distill_core.config import EDM_SIGMA_MIN
 from distill_core.eval.fidelity import psnr, reference_solve, rmse
 from distill_core.eval.frechet import class_accuracy, fd_to_reference
 from distill_core.eval.speed import CountingDenoiser
-from distill_core.schedules import karras
-from distill_core.solvers import SOLVERS, steps_for_nfe
+from distill_core.solvers import SOLVERS, solver_sigmas
 from distill_core.teacher import CFGTeacher
 
 #: Reference solves that ship with the engine, read like a cache: the built-in teacher's, on the main job's
@@ -77,14 +76,6 @@ def builtin_samples(w: float, per_class: int = 10, steps: int = 64, seed: int = 
     return reference_solve(teacher, noise * teacher.sigma_max, labels, steps=steps).clamp(-1, 1), labels
 
 
-def solver_sigmas(name: str, nfe: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """The Karras rho grid for a training-free solver at a budget of ``nfe`` evaluations: every
-    evaluation is a real step from sigma_max to sigma_min (the sample there is the image; a final step
-    sigma_min -> 0 would spend an evaluation on a change of order sigma_min). Students end at the same
-    sigma_min, so solvers and students are compared on one grid family."""
-    return karras(steps_for_nfe(name, nfe, ends_at_zero=False), sigma_min, sigma_max, rho)
-
-
 def sample_in_batches(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ev: EvalSet,
                       batch: int = 250) -> tuple[torch.Tensor, float]:
     """Run ``fn(noise, labels) -> images`` over the evaluation set; returns images and seconds."""
@@ -99,12 +90,31 @@ def solver_row(name: str, nfe: int, teacher: CFGTeacher, ev: EvalSet, sigma_min:
     counter = CountingDenoiser(teacher)
     sigmas = solver_sigmas(name, nfe, sigma_min, teacher.sigma_max)
     images, seconds = sample_in_batches(lambda x, y: SOLVERS[name](counter, x, sigmas, y), ev)
-    return evaluate(name, counter.nfe, images, ev, seconds, network_evals=counter.nfe * network_evals_per_call(teacher))
+    return evaluate(name, counter.nfe, images, ev, seconds, network_evals=counter.nfe * teacher.evaluations())
 
 
-def network_evals_per_call(teacher: CFGTeacher) -> int:
-    """A guided call evaluates the network on the conditional and the unconditional batch."""
-    return 2 if teacher.w != 1 else 1
+def student_rows(run, teacher: CFGTeacher, ev: EvalSet) -> list[dict]:
+    """Benchmark rows of a trained student (``train.run.StudentRun``), one per NFE it serves
+    (``network_evals`` counts CFG's two)."""
+    from distill_core.sampling import sample
+    from distill_core.students import load_student
+
+    student = load_student(run.path, teacher)
+    per_step = teacher.evaluations() if student.card["guidance"]["mode"] == "cfg" else 1
+    rows = []
+    for n in student.nfe_choices:
+        images, seconds = sample_in_batches(lambda x, y, n=n: sample(student, x, y, steps=n), ev)
+        extra = {"network_evals": n * per_step, "train_seconds": round(run.train_seconds, 1)}
+        extra["teacher_evaluations"] = run.teacher_evaluations
+        rows.append(evaluate(student.card["method"], n, images, ev, seconds, **extra))
+    return rows
+
+
+def solver_rows(teacher: CFGTeacher, ev: EvalSet, nfe: int, sigma_min: float) -> list[dict]:
+    """Every training-free solver at ``nfe`` on the Karras grid to ``sigma_min``, best PSNR first (the first
+    row is the best solver at ``nfe``)."""
+    rows = (solver_row(name, nfe, teacher, ev, sigma_min) for name in SOLVERS)
+    return sorted(rows, key=lambda r: -r["psnr_db"])
 
 
 def evaluate(method: str, nfe: int, images: torch.Tensor, ev: EvalSet, seconds: float, **extra) -> dict:

@@ -1,26 +1,39 @@
-"""What a distillation method is, for the trainer, the student files, the CLI and the nodes.
+"""What a distillation method is, for the trainer, the student files, the command line, the nodes, the
+panel and the benchmarks. A method is one module: a subclass of ``Method`` registered by name
+(``methods.registry.register``), with
 
-A method owns its student (an ``nn.Module``; the trainer prepares, optimises and checkpoints it)
-and describes one training iteration as a stream of losses: the trainer back-propagates each one
-and takes an optimizer step after it. SFD, for example, yields one loss per student step and
-needs an update after each; a method with one update per iteration yields once.
-
-An iteration has two parts so that gradient accumulation and multi-process training stay in
-lockstep: ``plan(generator)`` draws what every micro-batch and every process must share (SFD-v's
-step count; the trainer seeds this generator identically on every process), and
-``losses(plan, batch, generator)`` draws one micro-batch (noise, conditions) and yields its losses.
+* ``Config``: its own settings dataclass (fields declared with ``options.option``: default, range, help),
+  which generates its command-line flags, node widgets and panel form; a run's ``cfg.options``;
+* ``nets``: its trainable networks by group name (SFD: ``{"student": ...}``; a distribution-matching
+  method: ``{"generator": ..., "fake_score": ...}``), each with an ``OptimSpec`` from ``optim_groups``;
+  ``exported`` names the group saved as the student file;
+* ``plan(generator)`` / ``losses(plan, micro, generator)``: one iteration as a stream of ``StepLoss``,
+  each naming the group it updates; the trainer back-propagates it and steps that group's optimizer
+  (SFD yields ``student`` after every student step; a two-network method alternates its groups at its
+  own ratio). ``plan`` draws what every micro-batch and every process must share (the trainer seeds its
+  generator identically on every process); ``losses`` draws micro-batch ``micro.index`` of
+  ``micro.count`` (``micro.size`` samples) and yields its losses. Every micro-batch of an iteration
+  yields the same sequence of groups;
+* ``state_dict`` / ``load_state_dict``: its own progress (pools, rounds) for checkpoints;
+  ``teacher_evaluations``: the teacher's network evaluations spent so far (the trainer keeps it across
+  resumes);
+* ``sampler``: a key into ``sampling.SAMPLERS``, written into the student file, from which engine
+  sampling, the ComfyUI SAMPLER node and the panel sample it; ``card`` / ``file_tensors``: the rest of
+  the student file;
+* ``node``: optionally, the ComfyUI training node that exposes it (``NodeLayout``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
 from distill_core.denoisers.base import Cond
+from distill_core.teacher import CFGTeacher
 
 
 @dataclass
@@ -28,7 +41,10 @@ class TeacherSource:
     """A teacher ready for distillation: its denoiser (frozen), the sample shape, a sampler of
     training conditions, the unconditional condition for CFG, the default guidance scale, and
     ``classes``: how many class labels its conditions are drawn from (labels 0 .. classes - 1, the null
-    condition is label ``classes``), or 0 when they are not class labels (prompts)."""
+    condition is label ``classes``), or 0 when they are not class labels (prompts). ``tuned``: method
+    settings measured on this teacher, used where the run leaves them at ``None``; ``stock_sampling``: its
+    students are sampled by a host's stock samplers (ComfyUI), which feed a network nothing but x, sigma
+    and the condition."""
 
     name: str
     denoiser: nn.Module
@@ -37,42 +53,143 @@ class TeacherSource:
     uncond: Cond
     guidance: float
     classes: int = 0
+    tuned: dict = field(default_factory=dict)
+    stock_sampling: bool = False
 
 
 class StepLoss(NamedTuple):
-    """The loss of one update; ``index`` says which step of the iteration it belongs to (for metrics)."""
+    """The loss of one update of network group ``group``; ``index`` names the update in the iteration's
+    metrics (SFD: the student step)."""
 
+    group: str
     index: int
     loss: torch.Tensor
 
 
-@runtime_checkable
-class Method(Protocol):
+class MicroBatch(NamedTuple):
+    """Micro-batch ``index`` of ``count`` in one iteration, of ``size`` samples."""
+
+    index: int
+    count: int
+    size: int
+
+
+@dataclass
+class OptimSpec:
+    """How one group of networks is optimised. ``lr`` None: the run's ``lr``; ``optimizer``,
+    ``weight_decay``, ``schedule`` are the method's defaults, which the run's config overrides where set;
+    ``warmup``: linear lr warmup in iterations (capped at a tenth of the run unless the run sets it);
+    ``ema``: an EMA decay of the group's weights (None: none, unless the run's ``ema`` asks for one on
+    the exported group)."""
+
+    optimizer: str = "adam"
+    lr: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: int = 0
+    ema: float | None = None
+
+
+@dataclass(frozen=True)
+class Widget:
+    """A node widget bound to a config field: ``name`` on the node (stable: saved workflows store it),
+    ``field`` in the config (default: the same name); help, default and range come from the field unless
+    given here; ``choices`` replaces the field's (a node may offer a subset, or strings for numbers)."""
+
     name: str
-    student: nn.Module
+    field: str | None = None
+    help: str | None = None
+    default: object = None
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """The ComfyUI training node of a method: id (stable), menu name, description, widgets in order
+    (between the teacher socket and the run inputs every training node shares), settings fixed by the
+    node, the defaults of its run inputs, and whether its first output is the student as a MODEL.
+    Methods that give the same id share one node, chosen by its ``method`` widget."""
+
+    id: str
+    display: str
+    description: str
+    widgets: tuple[Widget, ...]
+    fixed: dict = field(default_factory=dict)
+    save_name: str = "distilled"
+    preview_every: int = 10
+    checkpoint_every: int = 25
+    model_output: bool = True
+    refuses_comfy_models: str | None = None  # why the node takes only the built-in teacher (None: it takes any)
+
+
+class Method:
+    """The base every method derives from (see the module's docstring for the protocol)."""
+
+    name: ClassVar[str] = ""  # set by ``registry.register``
+    Config: ClassVar[type]
+    sampler: ClassVar[str]
+    exported: ClassVar[str] = "student"
+    node: ClassVar[NodeLayout | None] = None
+    #: one line for menus and ``--help``
+    summary: ClassVar[str] = ""
+
     source: TeacherSource
+    teacher: CFGTeacher  # the teacher it distils (a LoRA student's: the shared network with adapters off)
+    nets: dict[str, nn.Module]
     sigma_max: float  # the noise level x_N = sigma_max z starts from
+    teacher_evaluations: int = 0
+
+    def optim_groups(self) -> dict[str, OptimSpec]:
+        raise NotImplementedError
 
     def to(self, device: torch.device) -> Method:
-        """Move the frozen parts (teacher) to ``device``; the trainer places the student."""
-        ...
+        """Move the frozen parts (teacher, cached teacher work) to ``device``; the trainer places ``nets``."""
+        self.source.denoiser.to(device)
+        return self
 
     def plan(self, generator: torch.Generator) -> dict:
-        """Choices shared by every micro-batch and process of one iteration."""
-        ...
+        return {}
 
-    def losses(self, plan: dict, batch: int, generator: torch.Generator) -> Iterator[StepLoss]:
-        """Draw a micro-batch and yield one loss per optimizer update."""
-        ...
+    def losses(self, plan: dict, micro: MicroBatch, generator: torch.Generator) -> Iterator[StepLoss]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def preview_steps(self) -> int:
+        """The step count previews and grids show."""
+        raise NotImplementedError
 
     def preview(self, noise: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """Sample images with the current student (for grids during training)."""
-        ...
+        """Images from the current exported network, sampled as its file will be."""
+        raise NotImplementedError
 
     def card(self) -> dict:
-        """The metadata of the student file this method produces."""
-        ...
+        raise NotImplementedError
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors the student file carries besides the network (SFD's class-mean table)."""
-        ...
+        return {}
+
+    @classmethod
+    def settings_for_steps(cls, steps: int) -> dict:
+        """Settings that follow from a step count where a form asks only for one (SFD-v: its range)."""
+        return {}
+
+    @classmethod
+    def bench_runs(cls, nfes: list[int], iters: int) -> list[tuple[str, dict]]:
+        """The students a benchmark over ``nfes`` trains, each a run name and its settings (by default one
+        student per NFE at ``iters`` iterations)."""
+        return [(f"{cls.name}-{n}", {"steps": n, **cls.settings_for_steps(n)}) for n in nfes]
+
+    @classmethod
+    def steps_label(cls, config: dict) -> str | None:
+        """The student's step count as a run's table shows it, from the run's config mapping."""
+        steps = config.get("steps")
+        return str(steps) if isinstance(steps, int) and not isinstance(steps, bool) else None

@@ -35,10 +35,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill_core.config import PARTITIONS, PHASE_WEIGHTS
 from distill_core.denoisers.base import Cond
 from distill_core.schedules import log_snr_uniform
 from distill_core.solvers import SOLVERS
+
+PARTITIONS = ("uniform", "adaptive")
+PHASE_WEIGHTS = ("dt", "variance")
 
 
 @dataclass

@@ -19,15 +19,15 @@ CFG-aware teacher: at w with guidance mode "distilled", at w = 1 with mode "cfg"
 the student when sampling).
 
 The paper's teacher is DPM-Solver++(3M) with K = 4 on every interval, and its lr is divided by 10 at
-half time (``teacher_solver: dpmpp_3m``, ``teacher_substeps: 4``, ``teacher_one_step_above: null``,
-``lr_schedule: step``). Our defaults spend the same time better on the CPU (docs/sfd_recipes.md): UniPC
-at K = 3 (targets 43 dB or better on the built-in teacher, against 44 for the paper's), a single teacher
-step on intervals that start above sigma 20 (57 and 50 dB there), every teacher batch trained on
-twice (``teacher_reuse: 2``; the paper: ``1``), the saving spent on more iterations, and a cosine lr
-schedule after a linear warmup over the first 10 iterations (at most a tenth of the run;
-``lr_warmup``; the paper: ``0``): the first gradients are the run's largest (norms of several hundred
-against tens at the end), and Adam's first updates, normalised by a second moment estimated from a
-handful of them, are full lr steps.
+half time (``teacher_solver: dpmpp_3m``, ``teacher_substeps: 4``, ``teacher_one_step_above: .inf``,
+``lr_schedule: step``). The defaults spend the same time better on the CPU (docs/methods/sfd.md): UniPC
+at K = 3, every teacher batch trained on twice (``teacher_reuse: 2``; the paper: ``1``), the saving spent
+on more iterations, and a cosine lr schedule after a linear warmup over the first 10 iterations (at
+most a tenth of the run; ``lr_warmup``; the paper: ``0``): the first gradients are the run's largest,
+and Adam's first updates, normalised by a second moment estimated from a handful of them, are full lr
+steps. A teacher may say that its ODE is straight enough at high noise for one teacher step on the
+intervals that start above some sigma (``TeacherSource.tuned``: the built-in teacher, above sigma 20);
+``teacher_one_step_above`` overrides it.
 
 SFD-v: the student also sees the step count (``students.StepEmbedding``); every iteration draws
 NFE uniformly from the trained range and uses that NFE's schedule.
@@ -36,22 +36,55 @@ NFE uniformly from the trained range and uses that NFE's schedule.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from distill_core.afs import CLASS_MEAN_SAMPLES, class_means, guided_centers, resolve_center
+from distill_core.afs import AFS_CENTERS, CLASS_MEAN_SAMPLES, class_means, guided_centers, resolve_center
 from distill_core.builtin import fingerprint
-from distill_core.config import DistillConfig
 from distill_core.denoisers.base import Cond, cat_all, index_cond, move_cond
-from distill_core.methods.base import StepLoss, TeacherSource
+from distill_core.methods.base import Method, MicroBatch, NodeLayout, OptimSpec, StepLoss, TeacherSource, Widget
+from distill_core.methods.registry import register
+from distill_core.options import option
 from distill_core.sampling import euler_step, few_step, intervals_for
 from distill_core.schedules import karras, nest, nested_index, substeps_per_interval
 from distill_core.solvers import SOLVERS
 from distill_core.students import AFS_MEANS_KEY, AtSteps, make_student, student_card
 from distill_core.teacher import CFGTeacher
 
+LOSSES = ("l1", "l2", "huber")
 
-def distance(x: torch.Tensor, y: torch.Tensor, kind: str, huber_c: float = DistillConfig.huber_c) -> torch.Tensor:
+
+@dataclass
+class SFDConfig:
+    """SFD's own settings."""
+
+    nfe_range: tuple[int, int] = option((2, 5), "SFD-v: the step counts (lo, hi) one student serves", min=1,
+                                        max=1000)
+    rho: float = option(7.0, "the student schedule's polynomial rho (Karras grid)", min=0.1)
+    afs: bool = option(True, "analytic first step: the first step without a network evaluation")
+    afs_center: str = option("auto", "the first step's centre: zero (SFD), the teacher's class means, or auto "
+                             "(class means where conditions are class labels)", choices=AFS_CENTERS)
+    teacher_solver: str = option("unipc", "the solver of the teacher's targets", choices=tuple(SOLVERS))
+    teacher_substeps: int = option(3, "K: teacher steps per student interval", min=1, max=1000)
+    teacher_one_step_above: float | None = option(
+        None, "one teacher step on intervals starting above this sigma (None: the teacher's tuned value, else "
+        "K everywhere; .inf: K everywhere)", min=0)
+    teacher_reuse: float = option(2.0, "iterations each teacher trajectory trains the student (1: fresh "
+                                  "trajectories every iteration, as in SFD)", min=1)
+    teacher_pool: int = option(0, "teacher trajectories solved at once (0: one batch)", min=0)
+    loss: str = option("huber", "the distance d: l1 (SFD), l2, or the pseudo-Huber sqrt(delta^2 + c^2) - c",
+                       choices=LOSSES)
+    huber_c: float = option(0.01, "the pseudo-Huber c (images in [-1, 1])", min=0)
+
+    def __post_init__(self):
+        self.nfe_range = tuple(int(n) for n in self.nfe_range)
+        lo, hi = self.nfe_range
+        if lo > hi:
+            raise ValueError(f"nfe_range must be (lo, hi) with lo <= hi, got {self.nfe_range}")
+
+
+def distance(x: torch.Tensor, y: torch.Tensor, kind: str, huber_c: float = SFDConfig.huber_c) -> torch.Tensor:
     """Per-element distance summed over each sample, averaged over the batch."""
     delta = (x - y).float().flatten(1)
     if kind == "l1":
@@ -93,28 +126,52 @@ def teacher_steps(sigmas: torch.Tensor, substeps: int, one_step_above: float | N
     return [1 if one_step_above is not None and float(s) > one_step_above else substeps for s in sigmas[:-1]]
 
 
-def pool_serves(cfg: DistillConfig, batch: int) -> tuple[int, int]:
-    """A teacher pool's size (``teacher_pool``, or one batch when 0) and the iterations it serves before a
-    fresh one replaces it: ``teacher_reuse`` x size / batch, at least one."""
-    size = cfg.teacher_pool or batch
-    return size, max(1, round(cfg.teacher_reuse * size / batch))
+def pool_serves(opts: SFDConfig, batch: int) -> tuple[int, int]:
+    """A teacher pool's size (``teacher_pool``, or one iteration's batch when 0) and the iterations it
+    serves before a fresh one replaces it: ``teacher_reuse`` x size / batch, at least one."""
+    size = opts.teacher_pool or batch
+    return size, max(1, round(opts.teacher_reuse * size / batch))
 
 
-class SFD:
-    """SFD (``method="sfd"``: one student per NFE) and SFD-v (``"sfd-v"``: one student for an NFE range)."""
+@register("sfd")
+class SFD(Method):
+    """SFD: one student for exactly ``steps`` network evaluations."""
 
-    lr_schedule = "cosine"  # the trainer's defaults for this method (the paper: "step", no warmup)
-    lr_warmup = 10
+    Config = SFDConfig
+    sampler = "euler_afs"
+    summary = "SFD: a student for exactly N steps, trained on the teacher's trajectories (Zhou et al. 2024)"
+    step_conditioned = False
+    node = NodeLayout(
+        "DistillToSteps", "Distill to N steps",
+        "Distils the teacher into a student that samples in N steps (SFD, Zhou et al. 2024). Saves the student "
+        "under loras/ (LoRA) or diffusion_models/ (full) with its sampling recipe in the file, and a resumable run "
+        "under output/distill_runs/<save_name>.",
+        widgets=(
+            Widget("steps", help="network evaluations per image of the student (SFD-v: the top of its range)",
+                   default=4, max=16),
+            Widget("method", help="sfd: one student for exactly N steps; sfd-v: one student for 2..N steps"),
+            Widget("iterations", "iters", "training iterations (every batch of teacher trajectories serves two of "
+                   "them)", 200, max=100000),
+            Widget("learning_rate", "lr", "Adam learning rate (reached after a warmup of 10 iterations, or a tenth "
+                   "of the run if shorter, then decays to 0 on a cosine)", 2e-4, min=1e-6, max=1e-2, step=1e-5),
+            Widget("batch", help="trajectories per iteration", default=8, max=512),
+            Widget("seed", help="seed of noise, prompt draws and new layers"),
+            Widget("guidance_mode", help="distilled: w baked in, sample with cfg 1 (one evaluation per step); cfg: "
+                   "distil at w = 1 and use CFG when sampling (two per step, w free); auto: distilled for the "
+                   "built-in teacher, cfg for ComfyUI models (as SFD does for Stable Diffusion)",
+                   default="auto", choices=("auto", "distilled", "cfg")),
+            Widget("student", help="lora: small adapters on the frozen model (what artists share); full: every "
+                   "weight trained (a copy of the model in memory)", default="lora", choices=("lora", "full")),
+            Widget("lora_rank", help="LoRA rank r (adapter size)", max=256),
+        ),
+        save_name="distilled_4step",
+    )
 
-    def __init__(self, source: TeacherSource, cfg: DistillConfig):
-        self.source, self.cfg = source, cfg
-        self.name = cfg.method
-        self.step_conditioned = cfg.method == "sfd-v"
-        if cfg.teacher_reuse < 1 or 0 < cfg.teacher_pool < cfg.batch:
-            raise ValueError(
-                f"teacher_reuse must be at least 1 (got {cfg.teacher_reuse}) and teacher_pool 0 or at least "
-                f"the batch {cfg.batch} (got {cfg.teacher_pool})"
-            )
+    def __init__(self, source: TeacherSource, cfg):
+        opts = cfg.options
+        self.source, self.cfg, self.opts = source, cfg, opts
+        if 0 < opts.teacher_pool < cfg.batch:
+            raise ValueError(f"teacher_pool must be 0 or at least the batch {cfg.batch} (got {opts.teacher_pool})")
         w = source.guidance if cfg.guidance is None else cfg.guidance
         self.w = float(w)
         self.teacher_fingerprint = fingerprint(source.denoiser)
@@ -123,21 +180,23 @@ class SFD:
             student, teacher_denoiser = make_student(
                 source.denoiser, self.step_conditioned, cfg.student, cfg.lora_rank, cfg.lora_alpha
             )
-        self.student = student.train()
+        self.nets = {"student": student.train()}
         self.teacher = CFGTeacher(
             teacher_denoiser, self.w if cfg.guidance_mode == "distilled" else 1.0, source.uncond
         )
         self.sigma_min = cfg.sigma_min
         self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
-        self.nfes = (
-            list(range(cfg.nfe_range[0], cfg.nfe_range[1] + 1)) if self.step_conditioned else [cfg.steps]
-        )
+        self.nfes = list(range(opts.nfe_range[0], opts.nfe_range[1] + 1)) if self.step_conditioned else [cfg.steps]
         self.sigmas = {
-            n: karras(intervals_for(n, cfg.afs), self.sigma_min, self.sigma_max, cfg.rho) for n in self.nfes
+            n: karras(intervals_for(n, opts.afs), self.sigma_min, self.sigma_max, opts.rho) for n in self.nfes
         }
-        self.teacher_steps = {n: teacher_steps(s, cfg.teacher_substeps, cfg.teacher_one_step_above)
+        one_step_above = opts.teacher_one_step_above
+        if one_step_above is None:
+            one_step_above = source.tuned.get("teacher_one_step_above")
+        self.one_step_above = one_step_above
+        self.teacher_steps = {n: teacher_steps(s, opts.teacher_substeps, one_step_above)
                               for n, s in self.sigmas.items()}
-        self.afs_center = resolve_center(cfg.afs_center, source.classes) if cfg.afs else "zero"
+        self.afs_center = resolve_center(opts.afs_center, source.classes) if opts.afs else "zero"
         self.afs_means = None
         self.teacher_evaluations = 0
         if self.afs_center == "class_mean":  # computed once: (classes + 1) x CLASS_MEAN_SAMPLES evaluations
@@ -148,10 +207,14 @@ class SFD:
             self.teacher_evaluations = (source.classes + 1) * CLASS_MEAN_SAMPLES
         self._pools: dict[int, tuple[torch.Tensor, Cond, list[torch.Tensor]]] = {}
         self._pool_state: dict[int, tuple[int, int]] = {}  # per NFE: iterations its pool served, its seed
+        self._served: torch.Tensor | None = None  # the current iteration's draw from its pool
 
-    def to(self, device: torch.device) -> SFD:
-        self.source.denoiser.to(device)
-        return self
+    @property
+    def student(self):
+        return self.nets["student"]
+
+    def optim_groups(self) -> dict[str, OptimSpec]:
+        return {"student": OptimSpec("adam", schedule="cosine", warmup=10)}
 
     def plan(self, generator: torch.Generator) -> dict:
         return {"nfe": self.nfes[int(torch.randint(len(self.nfes), (1,), generator=generator))]}
@@ -163,24 +226,28 @@ class SFD:
         x = (torch.randn((batch, *self.source.shape), generator=generator) * self.sigma_max).to(device)
         cond = move_cond(self.source.draw_cond(batch, generator), device)
         with torch.no_grad():
-            targets = teacher_states(self.teacher, x, t, cond, self.teacher_steps[nfe], self.cfg.teacher_solver)
-        self.teacher_evaluations += sum(self.teacher_steps[nfe]) * batch * (2 if self.teacher.w != 1 else 1)
+            targets = teacher_states(self.teacher, x, t, cond, self.teacher_steps[nfe], self.opts.teacher_solver)
+        self.teacher_evaluations += sum(self.teacher_steps[nfe]) * batch * self.teacher.evaluations()
         return x, cond, targets
 
-    def pooled(self, nfe: int, batch: int, generator: torch.Generator,
+    def pooled(self, nfe: int, micro: MicroBatch, generator: torch.Generator,
                device: torch.device) -> tuple[torch.Tensor, Cond, list[torch.Tensor]]:
-        """A batch from the current pool of this NFE: ``teacher_pool`` trajectories (one batch when 0)
-        solved at once, drawn without replacement by every iteration, and replaced by a fresh pool after
-        serving ``teacher_reuse`` x pool / batch iterations, so each trajectory trains the student about
-        ``teacher_reuse`` times. A pool is solved from its own seed, drawn from ``generator`` and kept
-        in ``state_dict``, so a resumed run solves the pool it stopped in again."""
-        size, serves = pool_serves(self.cfg, batch)
-        uses, seed = self._pool_state.get(nfe, (0, None))
-        if uses % serves == 0:
-            seed = int(torch.randint(2**62, (1,), generator=generator))
-            self._pools.pop(nfe, None)
+        """Micro-batch ``micro`` of this iteration's batch from the current pool of this NFE: ``teacher_pool``
+        trajectories (one iteration's batch when 0) solved at once. Every iteration draws its batch from
+        the pool without replacement (its micro-batches are disjoint slices of that draw), and a fresh pool
+        replaces it after serving ``teacher_reuse`` x pool / batch iterations, so each trajectory trains the
+        student about ``teacher_reuse`` times. A pool is solved from its own seed, drawn from ``generator``
+        and kept in ``state_dict``, so a resumed run solves the pool it stopped in again."""
+        batch = micro.size * micro.count
+        size, serves = pool_serves(self.opts, batch)
+        if micro.index == 0:
+            uses, seed = self._pool_state.get(nfe, (0, None))
+            if uses % serves == 0:
+                seed = int(torch.randint(2**62, (1,), generator=generator))
+                self._pools.pop(nfe, None)
+            self._pool_state[nfe] = (uses + 1, seed)
         if nfe not in self._pools:
-            pool_gen = torch.Generator().manual_seed(seed)
+            pool_gen = torch.Generator().manual_seed(self._pool_state[nfe][1])
             chunks = [self.trajectories(nfe, min(self.cfg.batch, size - start), pool_gen, device)
                       for start in range(0, size, self.cfg.batch)]
             self._pools[nfe] = (
@@ -188,9 +255,10 @@ class SFD:
                 cat_all([c[1] for c in chunks]),
                 [torch.cat(states) for states in zip(*(c[2] for c in chunks))],
             )
-        self._pool_state[nfe] = (uses + 1, seed)
+        if micro.index == 0:
+            self._served = torch.randperm(size, generator=generator)[:batch]
         x, cond, targets = self._pools[nfe]
-        idx = torch.randperm(size, generator=generator)[:batch].to(device)
+        idx = self._served[micro.index * micro.size:(micro.index + 1) * micro.size].to(device)
         return x[idx], index_cond(cond, idx), [y[idx] for y in targets]
 
     def state_dict(self) -> dict:
@@ -201,22 +269,26 @@ class SFD:
         self._pool_state = {int(nfe): tuple(v) for nfe, v in state.items()}
         self._pools.clear()
 
-    def losses(self, plan: dict, batch: int, generator: torch.Generator) -> Iterator[StepLoss]:
+    def losses(self, plan: dict, micro: MicroBatch, generator: torch.Generator) -> Iterator[StepLoss]:
         nfe, device = plan["nfe"], next(self.student.parameters()).device
         t = self.sigmas[nfe].to(device)
-        # fresh trajectories (reuse 1, no pool) are a pool that serves one iteration; drawn directly, they
-        # keep SFD's random stream, so runs of the paper's recipe reproduce the rows measured before pools
-        draw = self.pooled if self.cfg.teacher_pool or self.cfg.teacher_reuse > 1 else self.trajectories
-        x, cond, targets = draw(nfe, batch, generator, device)
+        opts = self.opts
+        if opts.teacher_pool or opts.teacher_reuse > 1:
+            x, cond, targets = self.pooled(nfe, micro, generator, device)
+        else:  # fresh trajectories: a pool that serves one iteration, drawn directly (SFD's random stream)
+            x, cond, targets = self.trajectories(nfe, micro.size, generator, device)
         student = AtSteps(self.student, nfe)
         for i in range(len(t) - 1):
-            if self.cfg.afs and i == 0:
+            if opts.afs and i == 0:
                 center = guided_centers(self.afs_means, cond, self.teacher.w)  # at the teacher's scale
                 x = euler_step(None, x, t[0], t[1], analytic=True, center=center)
                 continue
             out = euler_step(student, x, t[i], t[i + 1], cond)
-            yield StepLoss(i, distance(out, targets[i], self.cfg.loss, self.cfg.huber_c))
+            yield StepLoss("student", i, distance(out, targets[i], opts.loss, opts.huber_c))
             x = out.detach()
+
+    def preview_steps(self) -> int:
+        return self.nfes[-1]
 
     @torch.no_grad()
     def preview(self, noise: torch.Tensor, cond: Cond, nfe: int | None = None) -> torch.Tensor:
@@ -225,33 +297,63 @@ class SFD:
         if self.cfg.guidance_mode == "cfg":
             student = CFGTeacher(student, self.w, self.source.uncond)
         center = guided_centers(self.afs_means, cond, self.w)
-        return few_step(student, noise, self.sigmas[nfe], cond, self.cfg.afs, center=center)
+        return few_step(student, noise, self.sigmas[nfe], cond, self.opts.afs, center=center)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {} if self.afs_means is None else {AFS_MEANS_KEY: self.afs_means}
 
     def card(self) -> dict:
-        cfg = self.cfg
+        cfg, opts = self.cfg, self.opts
         return student_card(
             self.name,
+            self.sampler,
             self.nfes,
             self.sigmas,
-            {"name": "karras", "rho": cfg.rho, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max},
-            cfg.afs,
+            {"name": "karras", "rho": opts.rho, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max},
             cfg.guidance_mode,
             self.w,
             self.teacher_fingerprint,
-            self.afs_center,
+            afs=opts.afs,
+            afs_center=self.afs_center,
             teacher=self.source.name,
             training={
-                "teacher_solver": cfg.teacher_solver,
-                "teacher_substeps": cfg.teacher_substeps,
-                "teacher_one_step_above": cfg.teacher_one_step_above,
-                "teacher_pool": cfg.teacher_pool,
-                "teacher_reuse": cfg.teacher_reuse,
-                "loss": cfg.loss,
+                "teacher_solver": opts.teacher_solver,
+                "teacher_substeps": opts.teacher_substeps,
+                "teacher_one_step_above": self.one_step_above,
+                "teacher_pool": opts.teacher_pool,
+                "teacher_reuse": opts.teacher_reuse,
+                "loss": opts.loss,
                 "lr": cfg.lr,
                 "iters": cfg.iters,
                 "batch": cfg.batch,
             },
         )
+
+
+@register("sfd-v")
+class SFDv(SFD):
+    """SFD-v: one step-conditioned student for every NFE in ``nfe_range``."""
+
+    summary = "SFD-v: one student for a range of step counts (the step count is an input of the network)"
+    step_conditioned = True
+    node = SFD.node  # one node offers both, by its method widget
+
+    def __init__(self, source: TeacherSource, cfg):
+        if source.stock_sampling:
+            raise ValueError("SFD-v students of ComfyUI models need a step embedding that stock samplers cannot "
+                             "feed; choose method sfd (one student per step count)")
+        super().__init__(source, cfg)
+
+    @classmethod
+    def settings_for_steps(cls, steps: int) -> dict:
+        return {"nfe_range": (min(2, steps), steps)}
+
+    @classmethod
+    def bench_runs(cls, nfes: list[int], iters: int) -> list[tuple[str, dict]]:
+        """One student for the whole range, trained twice as long as a student for one NFE."""
+        return [(cls.name, {"steps": max(nfes), "nfe_range": (min(nfes), max(nfes)), "iters": 2 * iters})]
+
+    @classmethod
+    def steps_label(cls, config: dict) -> str | None:
+        lo_hi = config.get("nfe_range")
+        return f"{lo_hi[0]}-{lo_hi[1]}" if isinstance(lo_hi, list) and len(lo_hi) == 2 else None

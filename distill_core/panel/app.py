@@ -18,9 +18,9 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from distill_core.config import METHODS  # noqa: E402
+from distill_core.methods.registry import methods  # noqa: E402
 from distill_core.panel import runs  # noqa: E402
-from distill_core.panel.jobs import LOG, Jobs  # noqa: E402
+from distill_core.panel.jobs import LOG, Jobs, method_options  # noqa: E402
 from distill_core.train.previews import ROW_LABELS  # noqa: E402
 
 TABLE_COLUMNS = ["run", "status", "method", "steps", "step / total", "ETA", "wall time", "note"]
@@ -171,10 +171,12 @@ def build(root: str | Path) -> gr.Blocks:
     """The panel over the runs in ``root`` (created if missing)."""
     root = Path(root).resolve()
     jobs = Jobs(root)
+    names = list(methods())
+    summaries = "; ".join(f"{n}: {cls.summary}" for n, cls in methods().items())
 
-    def start(name, teacher, method, steps, iters, batch):
+    def start(name, teacher, method, steps, iters, batch, options=""):
         try:
-            jobs.start(name, teacher, method, steps, iters, batch)
+            jobs.start(name, teacher, method, steps, iters, batch, options)
         except ValueError as e:
             return str(e)
         return f"started {name!r}; it appears in the runs table"
@@ -224,10 +226,12 @@ def build(root: str | Path) -> gr.Blocks:
             with gr.Row():
                 new_name = gr.Textbox(label="run name", value="panel-run")
                 teacher = gr.Dropdown(list(TEACHERS), value=TEACHERS[0], label="teacher")
-                method = gr.Dropdown(list(METHODS), value=METHODS[0], label="method")
+                method = gr.Dropdown(list(names), value=names[0], label="method", info=summaries)
                 steps = gr.Number(4, precision=0, minimum=1, maximum=16, label="steps (SFD-v: top of 2..steps)")
                 iters = gr.Number(90, precision=0, minimum=1, label="iterations")
                 batch = gr.Number(64, precision=0, minimum=1, label="batch")
+            options = gr.Code(method_options(names[0]), language="yaml", label="the method's settings (YAML)",
+                              elem_id="method-options")
             with gr.Row():
                 start_button = gr.Button("start", variant="primary")
                 stop_button = gr.Button("stop the selected run (checkpoint, resumable)", variant="stop")
@@ -245,7 +249,9 @@ def build(root: str | Path) -> gr.Blocks:
         smoothing.release(lambda n, s: run_view(root, jobs, n, s), [run, smoothing], views,
                           api_visibility="private")
         grid_slider.release(lambda n, i: grid_view(root, n, i, False), [run, grid_slider], grids, api_name="grid")
-        start_button.click(start, [new_name, teacher, method, steps, iters, batch], message, api_name="start")
+        method.change(method_options, method, options, api_visibility="private")
+        start_button.click(start, [new_name, teacher, method, steps, iters, batch, options], message,
+                           api_name="start")
         stop_button.click(jobs.stop, run, message, api_name="stop")
         gr.api(runs_api, api_name="runs")
     return app

@@ -15,8 +15,11 @@ import sys
 import threading
 from pathlib import Path
 
+import yaml
+
 import distill_core
 from distill_core.config import DistillConfig
+from distill_core.methods.registry import method_class
 
 #: A run name: a single path component, no leading dot.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -31,27 +34,39 @@ class Jobs:
         self.procs: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
 
-    def start(self, name: str, teacher: str, method: str, steps: int, iters: int, batch: int) -> Path:
-        """Start distilling ``teacher`` with ``method`` to ``steps`` evaluations (SFD-v: the range
-        2..steps) for ``iters`` iterations of ``batch`` into ``root/name``; sample grids every tenth
-        of the run. Raises ``ValueError`` for a bad or taken name or settings."""
+    def start(self, name: str, teacher: str, method: str, steps: int, iters: int, batch: int,
+              options: str = "") -> Path:
+        """Start distilling ``teacher`` with ``method`` to ``steps`` evaluations (and what follows from
+        them: SFD-v's range 2..steps) for ``iters`` iterations of ``batch`` into ``root/name``, with the
+        method's settings in ``options`` (YAML; ``method_options`` gives the defaults); sample grids every
+        tenth of the run. Raises ``ValueError`` for a bad or taken name or settings."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ValueError(f"refused: a run name is letters, digits, '.', '_' or '-' (got {name!r})")
         try:
             steps, iters, batch = int(steps), int(iters), int(batch)
         except (TypeError, ValueError):
             raise ValueError("refused: steps, iterations and batch are whole numbers") from None
+        try:
+            settings = yaml.safe_load(options or "") or {}
+            cls = method_class(method)
+        except (yaml.YAMLError, ValueError) as e:
+            raise ValueError(f"refused: {e}") from None
+        if not isinstance(settings, dict):
+            raise ValueError("refused: the method's options are a YAML mapping of settings to values")
         out = self.root / name
-        cfg = DistillConfig(
-            teacher=teacher,
-            method=method,
-            steps=steps,
-            nfe_range=(min(2, steps), steps),
-            iters=iters,
-            batch=batch,
-            sample_every=max(1, iters // 10),
-            out=str(out),
-        )
+        try:
+            cfg = DistillConfig(
+                **{**settings, **cls.settings_for_steps(steps)},
+                teacher=teacher,
+                method=method,
+                steps=steps,
+                iters=iters,
+                batch=batch,
+                sample_every=max(1, iters // 10),
+                out=str(out),
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"refused: {e}") from None
         with self.lock:
             self.root.mkdir(parents=True, exist_ok=True)
             try:
@@ -88,3 +103,12 @@ class Jobs:
         """The exit status of a finished process this panel started (``None`` while running or unknown)."""
         proc = self.procs.get(name)
         return None if proc is None else proc.poll()
+
+
+def method_options(method: str) -> str:
+    """The settings of ``method`` with their defaults, as the YAML the start form shows."""
+    from dataclasses import asdict
+
+    cls = method_class(method)
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cls.Config()).items()}
+    return yaml.safe_dump(values, sort_keys=False)

@@ -249,12 +249,13 @@ def summarize(run: Path, metrics: Metrics | None = None) -> RunSummary:
 
 
 def _steps(config: dict) -> str | None:
-    if config.get("method") == "sfd-v":
-        lo_hi = config.get("nfe_range")
-        if isinstance(lo_hi, list) and len(lo_hi) == 2:
-            return f"{lo_hi[0]}-{lo_hi[1]}"
-        return None
-    return str(config["steps"]) if _is_number(config.get("steps")) else None
+    """The student's step count as its method states it (SFD-v: its range)."""
+    from distill_core.methods.registry import methods
+
+    cls = methods().get(config.get("method")) if isinstance(config.get("method"), str) else None
+    if cls is None:
+        return str(config["steps"]) if _is_number(config.get("steps")) else None
+    return cls.steps_label(config)
 
 
 def age(run: Path) -> float:

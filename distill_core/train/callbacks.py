@@ -1,6 +1,7 @@
 """Progress callbacks: how the trainer reports to whoever runs it (tqdm on the command line;
-ComfyUI's progress bar and the panel plug in the same way). A callback can ask the trainer to stop
-after the current iteration with ``trainer.request_stop()``; the trainer then checkpoints and returns.
+ComfyUI's progress bar and the panel plug in the same way). A callback sees the run through a narrow
+``RunView`` (iteration, total, output folder, ``preview(count)``) and can ask it to stop after the current
+iteration with ``run.request_stop()``; the trainer then checkpoints and returns.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from distill_core.train.trainer import Trainer, TrainResult
+    from distill_core.train.trainer import RunView, TrainResult
 
 
 class Callback:
@@ -18,36 +19,34 @@ class Callback:
 
     cancels: tuple[type[BaseException], ...] = ()
 
-    def on_start(self, trainer: Trainer) -> None:
+    def on_start(self, run: RunView) -> None:
         pass
 
-    def on_iteration(self, trainer: Trainer, record: dict) -> None:
+    def on_iteration(self, run: RunView, record: dict) -> None:
         """After every iteration; ``record`` is the line written to metrics.jsonl."""
 
-    def on_end(self, trainer: Trainer, result: TrainResult) -> None:
+    def on_end(self, run: RunView, result: TrainResult) -> None:
         pass
 
 
 class TqdmProgress(Callback):
-    """A tqdm bar over iterations with the last student step's loss."""
+    """A tqdm bar over iterations with the iteration's last loss."""
 
     def __init__(self, desc: str = "distill"):
         self.desc, self.bar = desc, None
 
-    def on_start(self, trainer: Trainer) -> None:
+    def on_start(self, run: RunView) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(
-            total=trainer.cfg.iters, initial=trainer.iteration, desc=self.desc, unit="it", dynamic_ncols=True
-        )
+        self.bar = tqdm(total=run.total, initial=run.iteration, desc=self.desc, unit="it", dynamic_ncols=True)
 
-    def on_iteration(self, trainer: Trainer, record: dict) -> None:
+    def on_iteration(self, run: RunView, record: dict) -> None:
         losses = record["loss"]
         if losses:
-            self.bar.set_postfix(loss=f"{losses[max(losses, key=int)]:.4g}", nfe=record.get("nfe"))
+            self.bar.set_postfix(loss=f"{list(losses.values())[-1]:.4g}", nfe=record.get("nfe"))
         self.bar.update(1)
 
-    def on_end(self, trainer: Trainer, result: TrainResult) -> None:
+    def on_end(self, run: RunView, result: TrainResult) -> None:
         if self.bar is not None:
             self.bar.close()
 
@@ -58,6 +57,6 @@ class StopAt(Callback):
     def __init__(self, iteration: int):
         self.at = iteration
 
-    def on_iteration(self, trainer: Trainer, record: dict) -> None:
-        if trainer.iteration >= self.at:
-            trainer.request_stop()
+    def on_iteration(self, run: RunView, record: dict) -> None:
+        if run.iteration >= self.at:
+            run.request_stop()

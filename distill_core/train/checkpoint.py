@@ -7,15 +7,13 @@ then rename), the safetensors file first, so an interrupted save leaves the prev
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from distill_core import safetensors_io
+from distill_core.atomic import write_json
 
 CHECKPOINT = "checkpoint.safetensors"
 SIDECAR = "checkpoint.json"
@@ -62,7 +60,7 @@ def save_checkpoint(directory: str | Path, state: dict, info: dict) -> Path:
     structure = flatten(state, tensors)
     card = {"kind": "checkpoint", "structure": structure, **info}
     path = safetensors_io.save_atomic(tensors, directory / CHECKPOINT, card)
-    write_json_atomic(
+    write_json(
         directory / SIDECAR, {**info, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "file": CHECKPOINT}
     )
     return path
@@ -79,15 +77,3 @@ def load_checkpoint(directory: str | Path) -> tuple[dict, dict]:
 
 def has_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / CHECKPOINT).is_file()
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (a temporary file in the same folder, then a rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -25,26 +25,20 @@ ROW_LABELS = (
 )
 
 
-def preview_nfe(cfg: DistillConfig) -> int:
-    """The step count the grids show: the student's, or the top of SFD-v's range."""
-    return cfg.nfe_range[1] if cfg.method == "sfd-v" else cfg.steps
-
-
 @torch.no_grad()
 def fixed_rows(method: Method, cfg: DistillConfig, noise: torch.Tensor, cond: Cond) -> list[torch.Tensor]:
     """The teacher's reference solve and the training-free solver from ``noise`` (x at sigma_max)
     under ``cond``, at the run's guidance scale; on the CPU."""
-    from distill_core.eval.benchmark import solver_sigmas
     from distill_core.eval.fidelity import reference_solve
-    from distill_core.solvers import SOLVERS
+    from distill_core.solvers import SOLVERS, solver_sigmas
     from distill_core.teacher import CFGTeacher
 
     source = method.source
     # a LoRA student shares the source's network: the method's teacher is its adapters-off view
-    denoiser = getattr(method, "teacher", source).denoiser
+    denoiser = method.teacher.denoiser
     w = source.guidance if cfg.guidance is None else cfg.guidance
     teacher = CFGTeacher(denoiser, w, source.uncond)
-    sigmas = solver_sigmas(SOLVER, preview_nfe(cfg), cfg.sigma_min, method.sigma_max).to(noise.device)
+    sigmas = solver_sigmas(SOLVER, method.preview_steps(), cfg.sigma_min, method.sigma_max).to(noise.device)
     reference = reference_solve(teacher, noise, cond, steps=REFERENCE_STEPS)
     solver = SOLVERS[SOLVER](teacher, noise, sigmas, cond)
     return [reference.cpu(), solver.cpu()]

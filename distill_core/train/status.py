@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from distill_core.train.checkpoint import write_json_atomic
+from distill_core.atomic import write_json
 
 STATUS = "status.json"
 STATES = ("running", "finished", "interrupted", "failed")
@@ -24,5 +24,5 @@ def write_status(out: str | Path, state: str, **fields) -> Path:
         raise ValueError(f"unknown run state {state!r}; one of {list(STATES)}")
     path = Path(out) / STATUS
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"state": state, "pid": os.getpid(), "updated": time.time(), **fields})
+    write_json(path, {"state": state, "pid": os.getpid(), "updated": time.time(), **fields})
     return path

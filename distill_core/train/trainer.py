@@ -1,21 +1,26 @@
 """The trainer every method shares, on accelerate: one process on CPU, bf16 autocast on CUDA by
 config, several GPUs with ``accelerate launch`` and no code change.
 
+A method trains one or more named groups of networks (``method.nets``; SFD: ``student``; a
+distribution-matching method: ``generator`` and ``fake_score``). Each group has its own optimizer (Adam or
+AdamW), learning-rate schedule (lr / 10 at ``lr_decay_at`` of the run, or a cosine, after an optional
+linear warmup) and optional EMA of its weights, from the method's ``OptimSpec`` with the run's config
+overriding where it is set; every group is accelerate-prepared, so DDP covers every trained network, and
+its trainable parameters are kept in float32 whatever the frozen base's precision.
+
 An iteration: ``method.plan`` (shared draws), then ``grad_accum`` micro-batches in lockstep; for each
-loss the method yields (one per update: SFD yields one per student step) every micro-batch's loss
-is back-propagated (divided by ``grad_accum``), non-finite gradient entries are zeroed and counted
-(as in SFD's code), gradients are optionally clipped, and the optimizer steps. Adam or AdamW with
-optional weight decay; the learning rate drops by 10x at ``lr_decay_at`` of the run, or follows a
-cosine, after an optional linear warmup over the first ``lr_warmup`` iterations. Optional EMA of the
-student's weights.
+loss the method yields (each names its group) every micro-batch's loss is back-propagated (divided by
+``grad_accum``), non-finite gradient entries are zeroed and counted (as in SFD's code), the group's
+gradients are optionally clipped, and the group's optimizer steps.
 
 Every ``checkpoint_every`` iterations (and at the end, and on Ctrl-C) the full state is written
-atomically: student, optimizer, scheduler, EMA, iteration, RNG states; ``resume`` continues exactly.
-``metrics.jsonl`` gets a line per iteration (loss and gradient norm per student step index, lr,
-time). A non-finite loss stops the run with ``TrainingDiverged``; the last checkpoint stays intact.
-``status.json`` says whether the run is running, finished, interrupted or failed (``train.status``);
-every ``sample_every`` iterations ``samples/iter_NNNNNN.png`` shows the teacher's reference, a
-training-free solver and the student on the same noise (``train.previews``).
+atomically: every group's networks, optimizer, scheduler and EMA, the method's own state, its teacher
+evaluations, the iteration and RNG states; ``resume`` continues exactly. ``metrics.jsonl`` gets a line
+per iteration (loss and gradient norm per update, lr, time). A non-finite loss stops the run with
+``TrainingDiverged``; the last checkpoint stays intact. ``status.json`` says whether the run is running,
+finished, interrupted or failed (``train.status``); every ``sample_every`` iterations
+``samples/iter_NNNNNN.png`` shows the teacher's reference, a training-free solver and the student on the
+same noise (``train.previews``). Callbacks see the run through a ``RunView``.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import nn
 
+from distill_core.atomic import write_text
 from distill_core.config import DistillConfig
 from distill_core.denoisers.base import move_cond
-from distill_core.methods.base import Method
+from distill_core.methods.base import Method, MicroBatch, OptimSpec
+from distill_core.students import StudentNet
 from distill_core.train.callbacks import Callback
 from distill_core.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from distill_core.train.status import write_status
@@ -46,7 +53,7 @@ from distill_core.train.status import write_status
 RESUMABLE_CHANGES = {"out", "iters", "checkpoint_every", "sample_every", "eval_samples", "extra"}
 #: Config fields added after checkpoints were first written, with the value that describes what a run
 #: from before the field existed did (not the field's default today).
-BEFORE_THE_KEY = {"teacher_one_step_above": None, "teacher_reuse": 1.0, "lr_warmup": 0}
+BEFORE_THE_KEY = {"teacher_one_step_above": float("inf"), "teacher_reuse": 1.0, "lr_warmup": 0}
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,6 +66,7 @@ class TrainResult:
     iteration: int
     seconds: float  # training wall time, summed over resumed runs
     nonfinite_grads: int  # updates in which non-finite gradient entries were zeroed
+    teacher_evaluations: int  # the teacher's network evaluations of the whole run
     student: nn.Module  # the trained student (EMA weights when EMA is on), unwrapped, on CPU
 
 
@@ -80,31 +88,47 @@ class Trainer:
         self.seconds = 0.0
         self.nonfinite_grads = 0
         self._stop = False
+        self.view = RunView(self)
 
         method.to(self.acc.device)
-        student = method.student
-        # on the training device: the EMA update reads the live weights every iteration
-        self.ema = copy.deepcopy(student).requires_grad_(False).to(self.acc.device) if cfg.ema else None
-        trainable = [p for p in student.parameters() if p.requires_grad]  # a LoRA student's base is frozen
-        # config fields left at None take the method's own choice (SFD's: Adam, no decay, step schedule)
-        adamw = (cfg.optimizer or getattr(method, "optimizer", "adam")) == "adamw"
-        decay = cfg.weight_decay if cfg.weight_decay is not None else getattr(method, "weight_decay", 0.0)
-        optimizer = (torch.optim.AdamW if adamw else torch.optim.Adam)(
-            trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=decay
-        )
-        schedule = cfg.lr_schedule or getattr(method, "lr_schedule", "step")
+        specs = method.optim_groups()
+        if set(specs) != set(method.nets):
+            raise ValueError(f"method {method.name!r} declares networks {sorted(method.nets)} but optimizer "
+                             f"groups {sorted(specs)}")
+        self.groups = {name: resolve_group(specs[name], cfg, name == method.exported) for name in method.nets}
         # resolved once for the run: a resumed run keeps the warmup it started with (load_checkpoint), even
         # where a changed ``iters`` would cap the method's own warmup differently
-        self.warmup = resolve_warmup(cfg.lr_warmup, getattr(method, "lr_warmup", 0), cfg.iters)
+        self.warmup = {name: g.warmup for name, g in self.groups.items()}
+        self.ema: dict[str, nn.Module] = {}
+        nets, optimizers = [], []
+        for name, net in method.nets.items():
+            keep_trainables_float32(net)
+            g = self.groups[name]
+            if g.ema is not None:  # on the training device: the EMA update reads the live weights every iteration
+                self.ema[name] = copy.deepcopy(net).requires_grad_(False).to(self.acc.device)
+            trainable = [p for p in net.parameters() if p.requires_grad]  # a LoRA student's base is frozen
+            optim = torch.optim.AdamW if g.optimizer == "adamw" else torch.optim.Adam
+            nets.append(net)
+            optimizers.append(optim(trainable, lr=g.lr, betas=g.betas, weight_decay=g.weight_decay))
+        prepared = self.acc.prepare(*nets, *optimizers)
+        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+        names = list(method.nets)
+        self.nets = dict(zip(names, prepared[: len(names)]))
+        self.optimizers = dict(zip(names, prepared[len(names):]))
+        method.nets.update(self.nets)
         # stepped once per iteration: lr for the next iteration
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda it: lr_factor(schedule, it, cfg.iters, cfg.lr_decay_at, self.warmup)
-        )
-        self.student, self.optimizer = self.acc.prepare(student, optimizer)
-        method.student = self.student
+        self.schedulers = {
+            name: torch.optim.lr_scheduler.LambdaLR(
+                self.optimizers[name],
+                lambda it, name=name: lr_factor(self.groups[name].schedule, it, cfg.iters, cfg.lr_decay_at,
+                                                self.warmup[name]),
+            )
+            for name in names
+        }
+        self.params = {name: [p for p in net.parameters() if p.requires_grad] for name, net in self.nets.items()}
         self.plan_gen = torch.Generator().manual_seed(cfg.seed)  # identical on every process
         self.data_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 1 + self.acc.process_index)
-        self.preview_inputs = None
+        self.preview_inputs: dict[int, tuple] = {}  # fixed noise and conditions of previews, by count
         self.preview_rows: list[torch.Tensor] = []  # the grids' fixed rows: teacher reference, solver
         self.started = time.time()  # of this process's part of the run (status.json)
 
@@ -115,21 +139,43 @@ class Trainer:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return self.optimizers[self.method.exported].param_groups[0]["lr"]
 
-    def unwrapped(self) -> nn.Module:
-        return self.acc.unwrap_model(self.student)
+    def unwrapped(self, group: str | None = None) -> nn.Module:
+        return self.acc.unwrap_model(self.nets[group or self.method.exported])
 
     def export_student(self) -> nn.Module:
-        """The student to save: EMA weights when EMA is on; unwrapped; a CPU copy in eval mode."""
-        return copy.deepcopy(self.ema if self.ema is not None else self.unwrapped()).cpu().eval()
+        """The network to save: the exported group's (its EMA weights when EMA is on); unwrapped; a CPU copy
+        in eval mode."""
+        name = self.method.exported
+        net = self.ema[name] if name in self.ema else self.unwrapped(name)
+        return copy.deepcopy(net).cpu().eval()
+
+    def teacher_evaluations(self) -> int:
+        """The teacher's network evaluations of the whole run: every process's, summed, over every resume."""
+        count = torch.tensor(self.method.teacher_evaluations, device=self.acc.device)
+        return int(self.acc.reduce(count, reduction="sum").item())
+
+    @torch.no_grad()
+    def preview(self, count: int = 16) -> torch.Tensor:
+        """``count`` images from the current student on fixed noise and conditions (the same every call)."""
+        if count not in self.preview_inputs:
+            gen = torch.Generator().manual_seed(self.cfg.seed + 777)
+            source = self.method.source
+            noise = torch.randn((count, *source.shape), generator=gen) * self.method.sigma_max
+            self.preview_inputs[count] = (
+                noise.to(self.acc.device), move_cond(source.draw_cond(count, gen), self.acc.device)
+            )
+        return self.method.preview(*self.preview_inputs[count])
 
     # ----------------------------------------------------------------- state
     def state(self) -> dict:
         state = {
-            "student": _saved_state(self.unwrapped()),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "nets": {name: _saved_state(self.unwrapped(name)) for name in self.nets},
+            "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
+            "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
+            "ema": {name: _saved_state(e) for name, e in self.ema.items()},
+            "method": self.method.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "plan": self.plan_gen.get_state(),
@@ -138,14 +184,11 @@ class Trainer:
         }
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        if self.ema is not None:
-            state["ema"] = _saved_state(self.ema)
-        if hasattr(self.method, "state_dict"):  # a method's own progress (SFD: its teacher pools)
-            state["method"] = self.method.state_dict()
         return state
 
     def save_checkpoint(self) -> None:
         self.acc.wait_for_everyone()
+        evaluations = self.teacher_evaluations()  # every process solves its own trajectories
         if self.acc.is_main_process:
             save_checkpoint(
                 self.ckpt_dir,
@@ -154,6 +197,7 @@ class Trainer:
                     "iteration": self.iteration,
                     "seconds": round(self.seconds, 3),
                     "nonfinite_grads": self.nonfinite_grads,
+                    "teacher_evaluations": evaluations,
                     "lr_warmup": self.warmup,
                     "config": self.cfg.to_dict(),
                 },
@@ -161,6 +205,7 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         state, info = load_checkpoint(self.ckpt_dir)
+        state, info = _upgrade(state, info, self.method.exported)
         saved = {**BEFORE_THE_KEY, **info["config"]}
         changed = sorted(
             k for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v
@@ -170,14 +215,13 @@ class Trainer:
                 f"cannot resume {self.ckpt_dir}: the run was configured differently "
                 f"({', '.join(f'{k}: {saved.get(k)!r} -> {getattr(self.cfg, k)!r}' for k in changed)})"
             )
-        student = self.unwrapped()
-        getattr(student, "load_saved_state", student.load_state_dict)(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None:
-            getattr(self.ema, "load_saved_state", self.ema.load_state_dict)(state["ema"])
-        if hasattr(self.method, "load_state_dict"):
-            self.method.load_state_dict(state.get("method", {}))
+        for name in self.nets:
+            _load_saved_state(self.unwrapped(name), state["nets"][name])
+            self.optimizers[name].load_state_dict(state["optimizers"][name])
+            self.schedulers[name].load_state_dict(state["schedulers"][name])
+        for name, ema in self.ema.items():
+            _load_saved_state(ema, state["ema"][name])
+        self.method.load_state_dict(state.get("method", {}))
         torch.set_rng_state(state["rng"]["torch"])
         self.plan_gen.set_state(state["rng"]["plan"])
         self.data_gen.set_state(state["rng"]["data"])
@@ -185,7 +229,9 @@ class Trainer:
             torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
         self.iteration, self.seconds = info["iteration"], info["seconds"]
         self.nonfinite_grads = info["nonfinite_grads"]
-        self.warmup = info.get("lr_warmup", self.warmup)  # older checkpoints lack it: resolved anew
+        # the run's teacher work so far is the main process's to count from now on
+        self.method.teacher_evaluations = info["teacher_evaluations"] if self.acc.is_main_process else 0
+        self.warmup.update(info.get("lr_warmup", {}))  # older checkpoints lack it: resolved anew
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
@@ -195,7 +241,7 @@ class Trainer:
             keep = [
                 line for line in path.read_text().splitlines() if json.loads(line)["iter"] <= self.iteration
             ]
-            path.write_text("".join(line + "\n" for line in keep))
+            write_text(path, "".join(line + "\n" for line in keep))
 
     # ----------------------------------------------------------------- training
     def fit(self, resume: bool = False) -> TrainResult:
@@ -229,7 +275,7 @@ class Trainer:
         with self._sigint_stops():
             if self.acc.is_main_process:
                 for cb in self.callbacks:
-                    cb.on_start(self)
+                    cb.on_start(self.view)
             while self.iteration < self.cfg.iters:
                 if self._stop:
                     status = "interrupted"
@@ -247,7 +293,7 @@ class Trainer:
                 if self.acc.is_main_process:
                     try:
                         for cb in self.callbacks:
-                            cb.on_iteration(self, record)
+                            cb.on_iteration(self.view, record)
                     except BaseException:  # a cancel raised by a host (ComfyUI's interrupt): keep the work
                         every = self.cfg.checkpoint_every
                         if not (every and self.iteration % every == 0):
@@ -255,43 +301,51 @@ class Trainer:
                         raise
             if self.cfg.checkpoint_every == 0 or self.iteration % self.cfg.checkpoint_every:
                 self.save_checkpoint()
-            result = TrainResult(
-                status, self.iteration, self.seconds, self.nonfinite_grads, self.export_student()
-            )
+            result = TrainResult(status, self.iteration, self.seconds, self.nonfinite_grads,
+                                 self.teacher_evaluations(), self.export_student())
             if self.acc.is_main_process:
                 for cb in self.callbacks:
-                    cb.on_end(self, result)
+                    cb.on_end(self.view, result)
         return result
 
     def _iteration(self) -> dict:
         cfg, acc = self.cfg, self.acc
         accum = cfg.grad_accum
         plan = self.method.plan(self.plan_gen)
-        streams = [self.method.losses(plan, cfg.batch // accum, self.data_gen) for _ in range(accum)]
+        streams = [self.method.losses(plan, MicroBatch(k, accum, cfg.batch // accum), self.data_gen)
+                   for k in range(accum)]
         record = {"nfe": plan.get("nfe"), "lr": self.lr, "loss": {}, "grad_norm": {}, "nonfinite_grads": 0}
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        exported = self.method.exported
         while True:
-            self.optimizer.zero_grad(set_to_none=True)
-            total, index = 0.0, None
+            total, step = 0.0, None
             for k, stream in enumerate(streams):
-                sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(self.student)
+                with acc.autocast():
+                    loss = next(stream, None)
+                if loss is None:
+                    if k:
+                        raise RuntimeError(f"method {self.method.name!r}: micro-batch {k} yielded fewer losses")
+                    break
+                if k == 0:
+                    step = loss
+                    self.optimizers[step.group].zero_grad(set_to_none=True)
+                elif loss.group != step.group:
+                    raise RuntimeError(f"method {self.method.name!r}: micro-batches of one iteration yielded "
+                                       f"groups {step.group!r} and {loss.group!r} for the same update")
+                value = loss.loss.detach().float()
+                if not torch.isfinite(value):
+                    raise TrainingDiverged(
+                        f"the loss became {value.item()} at iteration {self.iteration + 1}, {loss.group} update "
+                        f"{loss.index}; training stopped. The last good checkpoint in {self.ckpt_dir} is "
+                        "intact: resume from it with a lower lr, gradient clipping (clip_grad) or "
+                        "mixed_precision 'no'."
+                    )
+                sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(self.nets[loss.group])
                 with sync:
-                    with acc.autocast():
-                        step = next(stream, None)
-                    if step is None:
-                        break
-                    value = step.loss.detach().float()
-                    if not torch.isfinite(value):
-                        raise TrainingDiverged(
-                            f"the loss became {value.item()} at iteration {self.iteration + 1}, student step "
-                            f"{step.index}; training stopped. The last good checkpoint in {self.ckpt_dir} is "
-                            "intact: resume from it with a lower lr, gradient clipping (clip_grad) or "
-                            "mixed_precision 'no'."
-                        )
-                    acc.backward(step.loss / accum)
-                    total, index = total + value.item() / accum, step.index
-            if index is None:
+                    acc.backward(loss.loss / accum)
+                total += value.item() / accum
+            if step is None:
                 break
+            params = self.params[step.group]
             norm = grad_norm(params)
             if not torch.isfinite(norm) and _zero_nonfinite(params):  # the scan only when the norm says so
                 record["nonfinite_grads"] += 1
@@ -299,14 +353,17 @@ class Trainer:
                 norm = grad_norm(params)
             if cfg.clip_grad:
                 norm = acc.clip_grad_norm_(params, cfg.clip_grad)
-            self.optimizer.step()
-            record["loss"][str(index)] = round(total, 6)
-            record["grad_norm"][str(index)] = round(float(norm), 6)
-        self.scheduler.step()
-        if self.ema is not None:
-            with torch.no_grad():
-                for e, p in zip(self.ema.parameters(), self.unwrapped().parameters(), strict=True):
-                    e.lerp_(p, 1 - cfg.ema)
+            self.optimizers[step.group].step()
+            key = str(step.index) if step.group == exported else f"{step.group}:{step.index}"
+            record["loss"][key] = round(total, 6)
+            record["grad_norm"][key] = round(float(norm), 6)
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        with torch.no_grad():
+            for name, ema in self.ema.items():
+                decay = self.groups[name].ema
+                for e, p in zip(ema.parameters(), self.unwrapped(name).parameters(), strict=True):
+                    e.lerp_(p, 1 - decay)
         return record
 
     def _log(self, record: dict) -> None:
@@ -320,16 +377,9 @@ class Trainer:
 
         if not self.acc.is_main_process:
             return
-        if self.preview_inputs is None:
-            gen = torch.Generator().manual_seed(self.cfg.seed + 777)
-            source = self.method.source
-            noise = torch.randn((16, *source.shape), generator=gen) * self.method.sigma_max
-            self.preview_inputs = (
-                noise.to(self.acc.device),
-                move_cond(source.draw_cond(16, gen), self.acc.device),
-            )
-            self.preview_rows = fixed_rows(self.method, self.cfg, *self.preview_inputs)
-        images = self.method.preview(*self.preview_inputs)
+        images = self.preview(16)
+        if not self.preview_rows:
+            self.preview_rows = fixed_rows(self.method, self.cfg, *self.preview_inputs[16])
         save_grid([*self.preview_rows, images.cpu()], self.out / "samples" / f"iter_{self.iteration:06d}.png")
 
     @contextlib.contextmanager
@@ -355,6 +405,85 @@ class Trainer:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+class RunView:
+    """What callbacks see of a run: its iteration and total, its folder, a preview of the student, and a
+    way to ask it to stop after the current iteration (checkpointing first)."""
+
+    def __init__(self, trainer: Trainer):
+        self._trainer = trainer
+
+    @property
+    def iteration(self) -> int:
+        return self._trainer.iteration
+
+    @property
+    def total(self) -> int:
+        return self._trainer.cfg.iters
+
+    @property
+    def out(self) -> Path:
+        return self._trainer.out
+
+    def preview(self, count: int = 4) -> torch.Tensor:
+        """``count`` samples of the current student from fixed noise (model space: latents or pixels)."""
+        return self._trainer.preview(count)
+
+    def request_stop(self) -> None:
+        self._trainer.request_stop()
+
+
+@dataclass
+class Group:
+    """One group's optimisation, resolved from the method's ``OptimSpec`` and the run's config."""
+
+    optimizer: str
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    schedule: str
+    warmup: int
+    ema: float | None
+
+
+def resolve_group(spec: OptimSpec, cfg: DistillConfig, exported: bool) -> Group:
+    """The run's config overrides the method's choices where it sets them (``None``: the method's); the run's
+    ``ema`` applies to the exported group."""
+    return Group(
+        optimizer=cfg.optimizer or spec.optimizer,
+        lr=cfg.lr if spec.lr is None else spec.lr,
+        betas=tuple(spec.betas),
+        weight_decay=spec.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
+        schedule=cfg.lr_schedule or spec.schedule,
+        warmup=resolve_warmup(cfg.lr_warmup, spec.warmup, cfg.iters),
+        ema=cfg.ema if exported and cfg.ema is not None else spec.ema,
+    )
+
+
+def keep_trainables_float32(net: nn.Module) -> None:
+    """Trainable parameters in float32 (Adam on fp16 / bf16 weights loses small updates); frozen weights keep
+    their precision."""
+    for p in net.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def _upgrade(state: dict, info: dict, exported: str) -> tuple[dict, dict]:
+    """A checkpoint of the one-network layout (``student``, ``optimizer``, ...) in the layout of groups."""
+    if "nets" not in state:
+        state = {
+            "nets": {exported: state["student"]},
+            "optimizers": {exported: state["optimizer"]},
+            "schedulers": {exported: state["scheduler"]},
+            "ema": {exported: state["ema"]} if "ema" in state else {},
+            "method": state.get("method", {}),
+            "rng": state["rng"],
+        }
+    if isinstance(info.get("lr_warmup"), int):
+        info = {**info, "lr_warmup": {exported: info["lr_warmup"]}}
+    info.setdefault("teacher_evaluations", 0)
+    return state, info
 
 
 def new_accelerator(mixed_precision: str) -> Accelerator:
@@ -386,9 +515,17 @@ def lr_factor(schedule: str, it: int, iters: int, decay_at: float, warmup: int =
     return ramp
 
 
-def _saved_state(student: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable part of a student (all of it, unless it declares ``saved_state``: LoRA)."""
-    return getattr(student, "saved_state", student.state_dict)()
+def _saved_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of a network: a ``StudentNet`` says (a LoRA student: its adapters); any other
+    network: its whole state."""
+    return net.saved_state() if isinstance(net, StudentNet) else net.state_dict()
+
+
+def _load_saved_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    if isinstance(net, StudentNet):
+        net.load_saved_state(state)
+    else:
+        net.load_state_dict(state)
 
 
 def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:

@@ -39,7 +39,8 @@ STEPS = In("steps", "INT", "evaluations per image; 0: the student's own (an SFD-
 
 
 @node("DistillStudentSchedule", "Student sigmas + sampler", "sample",
-      "The student's sampling recipe from its file: SIGMAS and a SAMPLER (Euler with SFD's analytic first step) "
+      "The student's sampling recipe from its file: SIGMAS and the SAMPLER it was trained for (SFD: Euler with "
+      "the analytic first step) "
       "for the stock SamplerCustom / SamplerCustomAdvanced, and the cfg to use (1 for distilled guidance).",
       inputs=[In("student_file", student_files, "a student LoRA / model file (its metadata holds the schedule), or "
                  "'(connected student)' to use the student input", options={"file_list": True}),
@@ -47,13 +48,13 @@ STEPS = In("steps", "INT", "evaluations per image; 0: the student's own (an SFD-
               In("student", "DISTILL_STUDENT", "a student straight from Distill to N steps (overrides the file)",
                  optional=True)],
       outputs=[Out("SIGMAS", "sigmas", "the student's noise levels, from sigma_max to its sigma_min"),
-               Out("SAMPLER", "sampler", "Euler with the analytic first step, as the student was trained"),
+               Out("SAMPLER", "sampler", "the sampler the student file names, as the student was trained"),
                Out("FLOAT", "cfg", "the CFG scale to sample with: 1 for distilled guidance, else the trained w")])
 class StudentSchedule:
     def run(self, student_file: str, steps: int, student: StudentHandle | None = None, unique_id=None):
         card = student.card if student is not None else resolve_student_file(student_file)[1]
         sigmas, cfg = recipe(card, steps)
-        return sigmas, host.ksampler(k_sampler(card["afs"])), cfg
+        return sigmas, host.ksampler(k_sampler(card)), cfg
 
 
 def recipe(card: dict, steps: int = 0) -> tuple[torch.Tensor, float]:

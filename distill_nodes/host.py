@@ -119,29 +119,29 @@ class NodeProgress(Callback):
         self.node_id, self.preview, self.preview_every = node_id, preview, preview_every
         self.bar = None
 
-    def on_start(self, trainer) -> None:
-        self.start, self.first = time.perf_counter(), trainer.iteration
+    def on_start(self, run) -> None:
+        self.start, self.first = time.perf_counter(), run.iteration
         if in_comfyui():
             import comfy.model_management
             import comfy.utils
 
             self.cancels = (comfy.model_management.InterruptProcessingException,)
 
-            self.bar = comfy.utils.ProgressBar(trainer.cfg.iters)
-            self.bar.update_absolute(trainer.iteration, trainer.cfg.iters)
+            self.bar = comfy.utils.ProgressBar(run.total)
+            self.bar.update_absolute(run.iteration, run.total)
 
-    def on_iteration(self, trainer, record: dict) -> None:
-        done, total = trainer.iteration, trainer.cfg.iters
+    def on_iteration(self, run, record: dict) -> None:
+        done, total = run.iteration, run.total
         rate = (time.perf_counter() - self.start) / max(done - self.first, 1)
         losses = record.get("loss", {})
         send_event("distill.progress", {
             "node": self.node_id, "iteration": done, "total": total,
             "loss": sum(losses.values()) / max(len(losses), 1), "eta_s": round(rate * (total - done), 1),
-            "run": str(trainer.out),
+            "run": str(run.out),
         })
         image = None
         if self.preview is not None and self.preview_every and done % self.preview_every == 0:
-            image = self.preview(trainer)
+            image = self.preview(run)
         if self.bar is not None:
             self.bar.update_absolute(done, total, None if image is None else ("JPEG", image, 512))
         check_interrupt()

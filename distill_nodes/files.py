@@ -8,10 +8,10 @@ import shutil
 from distill_core.builtin import fingerprint
 
 from . import host
-from .distill import student_model
 from .handles import StudentHandle, TeacherHandle
 from .sampling import resolve_student_file, student_files
 from .spec import In, Out, node
+from .training import student_model
 
 
 @node("DistillSaveStudent", "Save student", "files",

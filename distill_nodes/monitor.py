@@ -1,6 +1,7 @@
 """**Distill monitor**: the Gradio panel (``distill_core.panel``) over this ComfyUI's training runs
-(``output/distill_runs``), started once inside the ComfyUI process; and the ``/distill/monitor`` route
-the web extension's "open monitor" button calls to start it and learn its URL."""
+(``output/distill_runs``), started once inside the ComfyUI process; the ``/distill/monitor`` route the web
+extension's "open monitor" button calls to start it and learn its URL, and the ``/distill/training_nodes``
+route that tells the web extension which nodes train."""
 
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ class Monitor:
         return {"ui": {"text": [url]}, "result": (url,)}
 
 
-def register_route() -> None:
-    """``GET /distill/monitor`` -> ``{"url": ...}`` on ComfyUI's server (nothing outside ComfyUI)."""
+def register_routes(training_nodes: list[str]) -> None:
+    """On ComfyUI's server (nothing outside ComfyUI): ``GET /distill/monitor`` -> ``{"url": ...}``, and
+    ``GET /distill/training_nodes`` -> the ids of the nodes that train (the web extension draws progress
+    on them)."""
     if not host.in_comfyui():
         return
     try:
@@ -41,6 +44,10 @@ def register_route() -> None:
         return
     if getattr(PromptServer, "instance", None) is None:
         return
+
+    @PromptServer.instance.routes.get("/distill/training_nodes")
+    async def training(request):
+        return web.json_response(training_nodes)
 
     @PromptServer.instance.routes.get("/distill/monitor")
     async def open_monitor(request):

@@ -1,0 +1,83 @@
+"""Network surgery shared by methods that train a network other than a plain copy of the teacher: a
+lighter student of the built-in UNet family initialised by weight selection (Xu et al. 2024, "Initializing
+models with larger ones"), gradient checkpointing, and spectral-norm clipping."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from distill_core.denoisers.edm import EDMDenoiser
+from distill_core.nets.unet import Level, UNet
+
+
+def select_weights(student: nn.Module, teacher: nn.Module) -> int:
+    """Weight selection: copy the leading slice of every same-named teacher tensor that is at least as
+    large in every dimension; returns how many tensors were copied."""
+    theirs, copied = teacher.state_dict(), 0
+    with torch.no_grad():
+        for name, t in student.state_dict().items():
+            src = theirs.get(name)
+            if src is not None and src.ndim == t.ndim and all(a >= b for a, b in zip(src.shape, t.shape)):
+                t.copy_(src[tuple(slice(0, n) for n in t.shape)])
+                copied += 1
+    return copied
+
+
+class _CheckpointedLevel(Level):
+    """A UNet level whose activations are recomputed in the backward pass instead of stored."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(super().forward, x, emb, use_reentrant=False)
+
+
+def enable_checkpointing(denoiser: nn.Module) -> None:
+    """Gradient checkpointing: per level for the built-in UNet, diffusers' own switch otherwise."""
+    levels = [m for m in denoiser.modules() if type(m) is Level]
+    for m in levels:
+        m.__class__ = _CheckpointedLevel
+    if not levels:
+        switch = next((m.enable_gradient_checkpointing for m in denoiser.modules()
+                       if hasattr(m, "enable_gradient_checkpointing")), None)
+        if switch is None:
+            raise ValueError(f"no gradient checkpointing for a {type(denoiser).__name__}")
+        switch()
+
+
+def lighter_student(denoiser: nn.Module, width: float = 1.0, depth: float = 1.0, init: str = "teacher") -> nn.Module:
+    """The student network: the built-in UNet family scaled by ``width`` / ``depth`` (weight selection
+    from the teacher, or ``init="scratch"``); any other teacher is copied whole (same architecture)."""
+    if init not in ("teacher", "scratch"):
+        raise ValueError(f"student_init must be 'teacher' or 'scratch', got {init!r}")
+    net = getattr(denoiser, "net", None)
+    if not (isinstance(denoiser, EDMDenoiser) and isinstance(net, UNet)):
+        if (width, depth) != (1.0, 1.0):
+            raise ValueError("width / depth multipliers apply to the built-in UNet family only")
+        return copy.deepcopy(denoiser).requires_grad_(True)
+    student = EDMDenoiser(UNet(net.cfg.scaled(width, depth)), denoiser.sigma_data, denoiser.sigma_min,
+                          denoiser.sigma_max)
+    if init == "teacher":
+        select_weights(student, denoiser)
+    return student.requires_grad_(True)
+
+
+@torch.no_grad()
+def clip_spectral_norms(module: nn.Module, bound: float, vectors: dict[str, torch.Tensor]) -> None:
+    """W <- W / max(1, sigma_1(W) / bound) for every conv / linear weight (as a matrix out x rest), sigma_1
+    by one power iteration per call with the vector kept in ``vectors`` (Miyato et al. 2018's estimate;
+    applied as a projection, Gouk et al. 2021, so the file format does not change)."""
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            w = m.weight.flatten(1)
+            u = vectors.get(name)
+            if u is None:
+                u = torch.nn.functional.normalize(torch.ones(w.shape[0], device=w.device, dtype=w.dtype), dim=0)
+            v = torch.nn.functional.normalize(w.T @ u, dim=0)
+            u = torch.nn.functional.normalize(w @ v, dim=0)
+            vectors[name] = u
+            s = float(u @ w @ v)
+            if s > bound:
+                m.weight.mul_(bound / s)

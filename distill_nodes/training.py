@@ -1,0 +1,167 @@
+"""The training nodes, one per node layout that a registered method declares (``Method.node``): its widgets
+come from the method's settings (help, default, range), followed by the run inputs every training node
+shares. Training runs inside the node run under ``torch.inference_mode(False)`` (ComfyUI runs nodes in
+inference mode) with the teacher's weights made trainable-safe; a LoRA student trains adapters hooked
+into the teacher's own network (one copy of the weights; the shared MODEL is never changed), a full
+student trains a copy. Progress shows on the node with previews; Cancel saves a checkpoint first, and
+queueing the node again with ``resume`` on continues from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import torch
+
+from distill_core import safetensors_io
+from distill_core.config import DistillConfig
+from distill_core.methods.base import NodeLayout, Widget
+from distill_core.methods.registry import methods
+from distill_core.options import Setting, settings
+from distill_core.report import loss_curve, preview_pixels
+from distill_core.train.run import train_student
+
+from . import host
+from .handles import StudentHandle, TeacherHandle
+from .spec import NODE_CLASS_MAPPINGS, In, Out, node, seed
+
+STUDENT = Out("DISTILL_STUDENT", "student", "the trained student and its run (for sampling, saving, comparing)")
+MODEL = Out("MODEL", "model", "the student as a MODEL for KSampler / SamplerCustom (ComfyUI teachers; None for the "
+            "built-in teacher)")
+CURVE = Out("IMAGE", "loss_curve", "log loss per update against iteration")
+SOCKETS = {int: "INT", float: "FLOAT", bool: "BOOLEAN", str: "STRING"}
+
+
+def run_inputs(layout: NodeLayout) -> list[In]:
+    """The inputs every training node ends with: where the run goes, resume, previews, checkpoints."""
+    return [
+        In("save_name", "STRING", "file name of the student (no folders); also the run folder's name",
+           layout.save_name),
+        In("resume", "BOOLEAN", "continue the run saved under save_name (after Cancel or a crash)", False),
+        In("preview_every", "INT", "show a preview of the student on the node every this many iterations "
+           "(0: none)", layout.preview_every, options={"min": 0, "max": 10000}),
+        In("checkpoint_every", "INT", "write a resumable checkpoint every this many iterations",
+           layout.checkpoint_every, options={"min": 1, "max": 10000}),
+    ]
+
+
+def widget_input(widget: Widget, setting: Setting | None, method_names: list[str]) -> In:
+    """A node input for a widget, its help, default and range from the config field behind it."""
+    if widget.name == "method":
+        return In("method", tuple(method_names), widget.help or "the distillation method", method_names[0])
+    if widget.name == "seed":
+        return seed(widget.help or setting.help)
+    help_text = widget.help or setting.help
+    default = setting.default if widget.default is None else widget.default
+    choices = widget.choices or setting.choices
+    if choices is not None:
+        default = str(default) if all(isinstance(c, str) for c in choices) else default
+        return In(widget.name, tuple(choices), help_text, default)
+    options = {k: v for k, v in (("min", widget.min if widget.min is not None else setting.min),
+                                 ("max", widget.max if widget.max is not None else setting.max),
+                                 ("step", widget.step)) if v is not None}
+    if setting.kind is int:
+        options = {**options, "min": max(1, int(options.get("min", 1)))}
+    if setting.kind is float:
+        options["round"] = False
+    return In(widget.name, SOCKETS[setting.kind], help_text, default, options=options)
+
+
+def field_settings(method_cls) -> dict[str, Setting]:
+    return {s.name: s for s in [*settings(DistillConfig), *settings(method_cls.Config)]}
+
+
+def build_training_node(layout: NodeLayout, classes: list[type]) -> type:
+    """The node class of ``layout`` for the methods ``classes`` that declare it."""
+    names = [cls.name for cls in classes]
+    known = field_settings(classes[0])
+    bound = {w.name: (w.field or w.name) for w in layout.widgets if w.name not in ("method",)}
+    inputs = [In("teacher", "DISTILL_TEACHER", "the teacher (Built-in teacher, or Teacher from MODEL)")]
+    inputs += [widget_input(w, known.get(bound.get(w.name)), names) for w in layout.widgets]
+    inputs += run_inputs(layout)
+    outputs = [MODEL, STUDENT, CURVE] if layout.model_output else [STUDENT, CURVE]
+
+    class TrainingNode:
+        def run(self, teacher: TeacherHandle, save_name: str, resume: bool, preview_every: int,
+                checkpoint_every: int, unique_id=None, **widgets):
+            if teacher.model is not None and layout.refuses_comfy_models:
+                raise ValueError(layout.refuses_comfy_models)
+            method = widgets.pop("method", names[0])
+            cls = classes[names.index(method)]
+            values = {bound[k]: _typed(known[bound[k]], v) for k, v in widgets.items()}
+            if values.get("guidance_mode") == "auto":
+                values["guidance_mode"] = "distilled" if teacher.model is None else "cfg"
+            values = {**values, **layout.fixed}
+            values.update(cls.settings_for_steps(values.get("steps", DistillConfig.steps)))
+            cfg = DistillConfig(teacher=teacher.name, method=method, sigma_min=teacher.sigma_min,
+                                guidance=teacher.guidance, checkpoint_every=checkpoint_every, **values)
+            handle, curve = train_to_file(teacher, cfg, host.FOLDERS[cfg.student], save_name, resume, preview_every,
+                                          unique_id)
+            handle.model = student_model(handle)
+            result = (handle.model, handle, curve) if layout.model_output else (handle, curve)
+            return {"ui": {"text": [f"saved {handle.path}"]}, "result": result}
+
+    TrainingNode.__name__ = TrainingNode.__qualname__ = layout.id
+    return node(layout.id, layout.display, "train", layout.description, inputs, outputs)(TrainingNode)
+
+
+def _typed(setting: Setting, value):
+    """A widget's value as the config field's type (a combo of "4", "8", ... for an int field)."""
+    return setting.kind(value) if setting.kind in (int, float) and isinstance(value, str) else value
+
+
+def register_training_nodes() -> list[str]:
+    """Declare one node per node layout among the registered methods (those not declared yet: a method
+    registered later gets its node by calling this again); the ids of all of them (the web extension asks)."""
+    layouts: dict[str, tuple[NodeLayout, list[type]]] = {}
+    for cls in methods().values():
+        if cls.node is not None:
+            layouts.setdefault(cls.node.id, (cls.node, []))[1].append(cls)
+    for node_id, (layout, classes) in layouts.items():
+        if node_id not in NODE_CLASS_MAPPINGS:
+            build_training_node(layout, classes)
+    return list(layouts)
+
+
+def train_to_file(teacher: TeacherHandle, cfg: DistillConfig, folder: str, save_name: str, resume: bool,
+                  preview_every: int, unique_id=None) -> tuple[StudentHandle, torch.Tensor]:
+    """What every training node does: train ``cfg`` on the teacher inside the node run (progress, previews
+    and Cancel on the node), the run under ``<output>/distill_runs/<save_name>``, then copy the student to
+    ``<folder>/<save_name>.safetensors``. Returns its handle and the loss curve as a ComfyUI IMAGE."""
+    target = host.confined(host.model_folder(folder), save_name, ".safetensors")
+    run_dir = host.confined(host.runs_folder(), save_name)
+    cfg = cfg.replace(out=str(run_dir))
+    with torch.inference_mode(False), torch.enable_grad():
+        if teacher.model is not None:
+            host.load_models([teacher.model])
+            host.trainable_weights(teacher.model.model)
+        source = teacher.source()
+        latent_format = getattr(getattr(teacher.model, "model", None), "latent_format", None)
+
+        def preview(run):
+            return host.to_pil(preview_pixels(run.preview(4), latent_format))
+
+        progress = host.NodeProgress(unique_id, preview, preview_every)
+        run = train_student(cfg, source, resume=resume, progress=False, callbacks=[progress])
+    if run is None:
+        raise RuntimeError(f"training stopped early; queue again with resume on to continue {run_dir}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run.path, target)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return StudentHandle(target, teacher, run_dir), loss_curve(metrics).float().div(255).unsqueeze(0)
+
+
+def student_model(handle: StudentHandle):
+    """The student as a ComfyUI MODEL: the teacher MODEL with the LoRA applied the stock way, or a new
+    MODEL around a copy of its network with the full student's weights. None for the built-in teacher."""
+    teacher = handle.teacher.model
+    if teacher is None:
+        return None
+    tensors, card = safetensors_io.load(handle.path)
+    if card["student"]["kind"] == "lora":
+        return host.with_lora(teacher, tensors)
+    base = copy.deepcopy(teacher.model)
+    base.diffusion_model.load_state_dict(tensors)
+    return host.new_model(base, like=teacher)
