@@ -216,8 +216,8 @@ def test_the_comfyui_sampler_function_is_the_engines_few_step_sampler(tiny_edm):
     sigmas = torch.tensor([80.0, 10.0, 1.0, 0.006])
     labels = torch.tensor([1, 2, 3])
     seen = []
-    got = k_sampler({"sampler": "euler_afs", "afs": True})(lambda x, s, cond: tiny_edm(x, s, cond), x, sigmas, {"cond": labels},
-                              callback=seen.append)
+    solve = k_sampler({"sampler": "euler_afs", "afs": True})
+    got = solve(lambda x, s, cond: tiny_edm(x, s, cond), x, sigmas, {"cond": labels}, callback=seen.append)
     torch.testing.assert_close(got, few_step(tiny_edm, x, sigmas, labels, afs=True))
     assert [s["i"] for s in seen] == [0, 1, 2] and seen[-1]["denoised"].shape == x.shape
 

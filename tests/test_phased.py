@@ -226,3 +226,19 @@ def test_training_lowers_the_phased_loss(teacher16, tmp_path, ema):
     trainer.fit()
     after = loss()
     assert after < 0.7 * before, (before, after)
+
+
+def test_smoothed_targets_average_the_teacher_at_one_noise_level_per_slot(teacher16, tmp_path):
+    """With target_ema every pool slot keeps its sigma: the EMA averages the teacher's predictions at one noise
+    level, never predictions taken at different sigmas."""
+    m = _phased(teacher16, tmp_path, teacher_pool=4, target_ema=0.5)
+    gen = torch.Generator().manual_seed(0)
+    seen = {}
+    for _ in range(6):
+        x, sigma, k, cond, target = m.draw(16, gen, torch.device("cpu"))
+        for s, phase in zip(sigma.tolist(), k.tolist()):
+            seen.setdefault(s, set()).add(phase)
+    assert len(seen) <= 4 and all(len(p) == 1 for p in seen.values())
+    assert set(seen) == set(m._pool["sigma"].tolist())
+    assert bool(m._pool["seen"].all())
+

@@ -12,6 +12,7 @@ from distill_core.config import DistillConfig
 from distill_core.methods import build_method
 from distill_core.methods.base import MicroBatch, TeacherSource
 from distill_core.methods.sfd import distance, teacher_states, teacher_steps
+from distill_core.safetensors_io import read_card
 from distill_core.sampling import afs_direction, few_step, intervals_for
 from distill_core.schedules import karras, nest
 from distill_core.solvers import SOLVERS
@@ -259,3 +260,18 @@ def test_micro_batches_of_one_iteration_train_on_different_trajectories(tiny_edm
     whole = build_method(tiny_source(tiny_edm), cfg.replace(grad_accum=1))
     x = whole.pooled(2, MicroBatch(0, 1, 4), torch.Generator().manual_seed(0), cpu)[0]
     assert {tuple(r.flatten().tolist()) for r in x} == iterations[0]
+
+
+def test_a_resumed_run_counts_the_teacher_work_of_the_whole_run(tiny_edm, tmp_path):
+    from distill_core.train.callbacks import StopAt
+    from distill_core.train.run import train_student
+
+    cfg = DistillConfig(steps=2, iters=4, batch=4, teacher_substeps=2, teacher_reuse=1.0, checkpoint_every=1,
+                        out=str(tmp_path / "whole"))
+    whole = train_student(cfg, tiny_source(tiny_edm), progress=False)
+    split = cfg.replace(out=str(tmp_path / "split"))
+    assert train_student(split, tiny_source(tiny_edm), progress=False, callbacks=[StopAt(2)]) is None
+    resumed = train_student(split, tiny_source(tiny_edm), resume=True, progress=False)
+    assert whole.teacher_evaluations == 4 * 4 * 6 * 2  # 4 iterations x 4 trajectories x (K 2 on 3 intervals) x CFG
+    assert resumed.teacher_evaluations == whole.teacher_evaluations
+    assert read_card(resumed.path)["training"]["teacher_evaluations"] == whole.teacher_evaluations
