@@ -8,8 +8,8 @@ the student's Euler sampler by the direction of a denoiser that returns the data
 A teacher whose data is not centred at 0 does not return 0 at sigma_max: the built-in teacher's
 D(x, 80) is close to the mean image of the class it is asked for (pixel mean -0.79: the digits'
 background is -1). With mu = mu_c, the mean of the teacher's D(sigma_max z, sigma_max, c) over z,
-the analytic state at the next point is 6x closer to the teacher's own (docs/sfd_recipes.md, stop
-16): ``class_means`` estimates one mu_c per class label and one for the null condition, once per
+the analytic state at the next point is 6x closer to the teacher's own (docs/sfd_recipes.md):
+``class_means`` estimates one mu_c per class label and one for the null condition, once per
 distillation, and the table travels in the student file, so the first step still costs no
 evaluation. With classifier-free guidance at w the centre is
 

@@ -43,8 +43,9 @@ class LoRA(nn.Module):
             self.lora_up = nn.Conv2d(rank, layer.out_channels, 1, bias=False)
         else:
             raise TypeError(f"LoRA adapts Linear and Conv2d layers, not {type(layer).__name__}")
-        weight = layer.weight
-        self.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else torch.float32)
+        # trained in float32 whatever the frozen base's precision (fp16, bf16, fp8): Adam on half-precision
+        # weights loses the small updates; the input is cast up and the update back to the layer's dtype
+        self.to(device=layer.weight.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=5**0.5)
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.tensor(float(alpha)))

@@ -91,19 +91,18 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     source = source or teacher_source(cfg.teacher)
     run = train_student(cfg, source, resume, progress)
     if run is None:
-        print(f"continue with: python -m distill_core distill --resume --out {out}")
+        print(f"continue with: python -m distill_core distill --resume --config {out / 'config.yaml'}")
         return None
 
-    w = source.guidance if cfg.guidance is None else cfg.guidance
+    w = source.scale(cfg.guidance)
     teacher = CFGTeacher(source.denoiser.cpu(), w, source.uncond)
     ev = eval_set(teacher, cfg.eval_samples, seed=cfg.seed + 1, cache_dir=out / "cache")
     ours = student_rows(run, teacher, ev)
-    rows = []
-    for row in ours:
-        rows += solver_rows(teacher, ev, row["nfe"], cfg.sigma_min) + [row]
+    solvers_at = {row["nfe"]: solver_rows(teacher, ev, row["nfe"], cfg.sigma_min) for row in ours}
+    rows = [r for row in ours for r in (*solvers_at[row["nfe"]], row)]
     top = ours[-1]
     nfe = top["nfe"]
-    best = next(r for r in rows if r["nfe"] == nfe and r["method"] in SOLVERS)
+    best = solvers_at[nfe][0]
     at_twice = solver_rows(teacher, ev, 2 * nfe, cfg.sigma_min)
     rows += at_twice
 

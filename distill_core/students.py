@@ -95,6 +95,17 @@ class StudentNet(nn.Module):
                 self._pending: torch.Tensor | None = None
                 denoiser.get_submodule(self.injection).register_forward_hook(self._add_step_embedding)
 
+    def train(self, mode: bool = True) -> StudentNet:
+        """Train or eval mode for what is trained; a LoRA student's frozen base is the teacher's own network
+        and stays in eval mode (its dropout or norm statistics would otherwise change the teacher's targets)."""
+        if self.lora is None:
+            return super().train(mode)
+        self.training = mode
+        for module in (self.lora, self.step_embed):
+            if module is not None:
+                module.train(mode)
+        return self
+
     def saved_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds: every weight of a full student; adapters and step embedding of a
         LoRA student (the frozen base is the teacher's)."""

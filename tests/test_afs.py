@@ -81,7 +81,7 @@ def test_training_takes_the_first_step_about_the_class_mean_at_the_teachers_scal
 
 def test_on_the_builtin_teacher_the_class_mean_step_lands_near_the_teachers_own_step():
     """SFD's step about 0 lands about 0.63 rms from the teacher's Euler step at sigma 26; about the class
-    means, about 0.1 (docs/sfd_recipes.md, stop 16)."""
+    means, about 0.1 (docs/sfd_recipes.md)."""
     source = builtin_source()
     table = class_means(source.denoiser, source.classes, source.uncond, source.shape, 80.0)
     teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)

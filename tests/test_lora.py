@@ -153,3 +153,43 @@ def test_a_cancel_raised_by_a_callback_saves_a_checkpoint_first(tiny_edm, tmp_pa
 def test_student_kind_is_checked():
     with pytest.raises(ValueError, match="student must be one of"):
         DistillConfig(student="qlora")
+
+
+class _HalfPrecision(nn.Module):
+    """A denoiser whose network computes in bf16 from float32 inputs (as a ComfyUI model casts for itself)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.sigma_min, self.sigma_max = inner, inner.sigma_min, inner.sigma_max
+
+    def forward(self, x, sigma, cond=None):
+        return self.inner(x.to(torch.bfloat16), torch.as_tensor(sigma).to(torch.bfloat16), cond).float()
+
+
+def test_adapters_on_a_half_precision_base_train_in_float32_and_the_base_stays_in_eval_mode(tiny_edm, tmp_path):
+    """The frozen base of a LoRA student is the teacher's own network: it keeps its precision (fp16 here, as a
+    CUDA ComfyUI loads it) and its eval mode; the adapters, the only trained weights, are float32."""
+    base = _HalfPrecision(copy.deepcopy(tiny_edm).to(torch.bfloat16))
+    base.inner.net.dropout = nn.Dropout(0.5)  # a module whose train mode would change the teacher's outputs
+    base.eval()
+    cfg = DistillConfig(iters=2, batch=4, steps=2, teacher_substeps=2, student="lora", lora_rank=2,
+                        checkpoint_every=0, out=str(tmp_path))
+    m = build_method(_source(base), cfg)
+    trainer = Trainer(m, cfg)
+    assert m.student.training and not base.training and not base.inner.net.dropout.training
+    trained = [p for p in m.student.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert all(p.dtype == torch.bfloat16 for p in base.parameters() if not p.requires_grad)
+    assert all(p.dtype == torch.float32 for g in trainer.optimizers["student"].param_groups for p in g["params"])
+    trainer.fit()
+    assert not base.training and all(p.dtype == torch.float32 for p in trained)
+    release_teacher(m.student)
+
+
+def test_the_trainer_keeps_trainable_parameters_in_float32():
+    from distill_core.train.trainer import keep_trainables_float32
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)).half()
+    net[0].requires_grad_(False)
+    keep_trainables_float32(net)
+    assert net[0].weight.dtype == torch.float16 and net[1].weight.dtype == torch.float32

@@ -62,7 +62,7 @@ class Pair(Method):
 
     def __init__(self, source: TeacherSource, cfg: DistillConfig):
         self.source, self.cfg, self.opts = source, cfg, cfg.options
-        self.w = float(source.guidance if cfg.guidance is None else cfg.guidance)
+        self.w = source.scale(cfg.guidance)
         self.teacher = CFGTeacher(source.denoiser, self.w, source.uncond)
         self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
         self.sigmas = {cfg.steps: karras(cfg.steps, cfg.sigma_min, self.sigma_max)}

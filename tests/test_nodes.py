@@ -119,7 +119,7 @@ def test_the_runner_names_unknown_node_types_and_cycles():
 
 
 def test_workflows_a_and_c_run_headlessly(folders, capsys):
-    """The README's node-pack workflow: built-in teacher -> Distill to 4 steps -> sample -> save; then
+    """The node-pack workflow of docs/comfyui.md: built-in teacher -> Distill to 4 steps -> sample -> save; then
     the compare workflow loads the saved student."""
     for name in ("builtin_distill_4_steps.json", "compare_builtin_student.json"):
         wf.run(argparse.Namespace(workflow=str(WORKFLOWS / "api" / name), models=None, output=None))

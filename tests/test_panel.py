@@ -186,7 +186,7 @@ def test_start_and_stop_leave_a_resumable_checkpoint(panel):
 
 
 def test_the_panel_command_serves_on_localhost(tmp_path):
-    """The README's ``python -m distill_core panel --runs DIR`` (with a port), stopped with Ctrl-C."""
+    """docs/panel.md's ``python -m distill_core panel --runs DIR`` (with a port), stopped with Ctrl-C."""
     import signal
     import socket
     import subprocess

@@ -56,6 +56,10 @@ class TeacherSource:
     tuned: dict = field(default_factory=dict)
     stock_sampling: bool = False
 
+    def scale(self, w: float | None) -> float:
+        """The guidance scale of a run: ``w`` as configured, else the teacher's own."""
+        return float(self.guidance if w is None else w)
+
 
 class StepLoss(NamedTuple):
     """The loss of one update of network group ``group``; ``index`` names the update in the iteration's

@@ -168,7 +168,7 @@ class Phased(Method):
         if cfg.guidance_mode != "distilled":
             raise ValueError("phased distillation distils guidance into the student (guidance_mode 'distilled')")
         self.source, self.cfg, self.opts = source, cfg, cfg.options
-        self.w = float(source.guidance if cfg.guidance is None else cfg.guidance)
+        self.w = source.scale(cfg.guidance)
         self.teacher = CFGTeacher(source.denoiser, self.w, source.uncond)
         self.teacher_fingerprint = fingerprint(source.denoiser)
         self.sigma_min = cfg.sigma_min

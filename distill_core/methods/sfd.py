@@ -172,8 +172,7 @@ class SFD(Method):
         self.source, self.cfg, self.opts = source, cfg, opts
         if 0 < opts.teacher_pool < cfg.batch:
             raise ValueError(f"teacher_pool must be 0 or at least the batch {cfg.batch} (got {opts.teacher_pool})")
-        w = source.guidance if cfg.guidance is None else cfg.guidance
-        self.w = float(w)
+        self.w = source.scale(cfg.guidance)
         self.teacher_fingerprint = fingerprint(source.denoiser)
         with torch.random.fork_rng(devices=[]):  # new layers (SFD-v, LoRA) are initialised from the config's seed
             torch.manual_seed(cfg.seed)

@@ -16,7 +16,7 @@ from distill_core.methods.base import Method
 
 #: Heun steps of the preview's reference solve (63 evaluations; the report's reference uses 128).
 REFERENCE_STEPS = 32
-#: The training-free solver shown next to the student (among the best at 2-8 evaluations, README).
+#: The training-free solver shown next to the student (among the best at 2-8 evaluations, docs/results.md).
 SOLVER = "dpmpp_2m"
 ROW_LABELS = (
     f"teacher reference solve (Heun, {REFERENCE_STEPS} steps)",
@@ -36,7 +36,7 @@ def fixed_rows(method: Method, cfg: DistillConfig, noise: torch.Tensor, cond: Co
     source = method.source
     # a LoRA student shares the source's network: the method's teacher is its adapters-off view
     denoiser = method.teacher.denoiser
-    w = source.guidance if cfg.guidance is None else cfg.guidance
+    w = source.scale(cfg.guidance)
     teacher = CFGTeacher(denoiser, w, source.uncond)
     sigmas = solver_sigmas(SOLVER, method.preview_steps(), cfg.sigma_min, method.sigma_max).to(noise.device)
     reference = reference_solve(teacher, noise, cond, steps=REFERENCE_STEPS)
