@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,3 +42,10 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, data, indent: int | None = 1) -> Path:
     return write_text(path, json.dumps(data, indent=indent))
+
+
+def copy_file(source: str | Path, target: str | Path) -> Path:
+    """Copy ``source`` over ``target`` atomically: a failed copy (a full disk) leaves ``target`` as it was."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+    return Path(target)

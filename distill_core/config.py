@@ -103,6 +103,10 @@ class DistillConfig:
         check(self.options)
         if self.batch % self.grad_accum:
             raise ValueError(f"batch {self.batch} is not divisible by grad_accum {self.grad_accum}")
+        if self.sigma_max is not None and not self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min {self.sigma_min} must lie below sigma_max {self.sigma_max}")
+        if self.sigma_min <= 0:
+            raise ValueError(f"sigma_min must be above 0, got {self.sigma_min}")
 
     def __getattr__(self, name: str):
         """The method's settings read like the run's own (``cfg.teacher_substeps``)."""
@@ -138,10 +142,18 @@ class DistillConfig:
 
     @staticmethod
     def from_yaml(path: str | Path) -> DistillConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            raise ValueError(f"{path}: not valid YAML{line} ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config is a YAML mapping of keys to values")
-        return DistillConfig.from_dict(data)
+        try:
+            return DistillConfig.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_yaml(self, path: str | Path) -> Path:
         path = Path(path)

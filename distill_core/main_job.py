@@ -13,7 +13,6 @@ the teacher's reference solve, the best training-free solver at the student's NF
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from distill_core.options import add_flags, flag_values, settings
 from distill_core.sources import teacher_source
 from distill_core.teacher import CFGTeacher
 from distill_core.train.run import train_student
-from distill_core.train.trainer import TrainingDiverged
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the longer preset: " + ", ".join(f"{k}={v}" for k, v in QUALITY.items()),
     )
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out (with the run's own config.yaml unless --config "
+                   "is given)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     run = p.add_argument_group("the run")
     add_flags(run, DistillConfig, skip={"method"})
@@ -51,22 +51,27 @@ RUN_FIELDS = {s.name for s in settings(DistillConfig)}
 
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
-    cfg = DistillConfig.from_yaml(args.config) if args.config else DistillConfig()
+    path = args.config
+    if path is None and args.resume:  # the run's own settings: what it was started with
+        path = Path(args.out or DistillConfig.out) / "config.yaml"
+        if not path.is_file():
+            raise ValueError(f"nothing to resume in {path.parent}: it has no config.yaml (is --out right?)")
+    cfg = DistillConfig.from_yaml(path) if path else DistillConfig()
     if args.quality:
         cfg = cfg.replace(**{k: v for k, v in QUALITY.items() if k in RUN_FIELDS or k in cfg.to_dict()})
     names = set(RUN_FIELDS) | {s.name for cls in methods().values() for s in settings(cls.Config)}
     return cfg.replace(**flag_values(args, names))
 
 
+#: the exit status of a run that stopped early (Ctrl-C, a stop request) and can be resumed
+INTERRUPTED = 130
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    try:
-        report = distill(cfg, resume=args.resume, progress=not args.no_progress)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    report = distill(cfg, resume=args.resume, progress=not args.no_progress)
     if report is None:
-        return 0
+        return INTERRUPTED
     from distill_core.eval.benchmark import format_table
 
     print(format_table(report["rows"]))

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 import zlib
 from pathlib import Path
 
 import torch
+
+from distill_core.atomic import atomic_path, write_json, write_text
+from distill_core.train.metrics import is_number
 
 
 def to_uint8_grid(rows: list[torch.Tensor], pad: int = 1) -> torch.Tensor:
@@ -43,10 +45,9 @@ def write_png(pixels: torch.Tensor, path: str | Path, scale: int = 1) -> Path:
 
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
+    return Path(path)
 
 
 def save_grid(rows: list[torch.Tensor], path: str | Path, scale: int = 3) -> Path:
@@ -59,8 +60,7 @@ def write_report(out: str | Path, report: dict, row_labels: list[str] | None = N
     from distill_core.eval.benchmark import format_table
 
     out = Path(out)
-    json_path = out / "report.json"
-    json_path.write_text(json.dumps(report, indent=1))
+    json_path = write_json(out / "report.json", report)
     lines = [f"# Distillation report: {report['method']} to {report['steps']} steps", ""]
     lines += [f"- {k}: {v}" for k, v in report.items() if k not in ("rows", "config", "method", "steps")]
     lines += [
@@ -75,9 +75,7 @@ def write_report(out: str | Path, report: dict, row_labels: list[str] | None = N
     if row_labels:
         lines += ["## grid.png", "", "Rows, top to bottom: " + "; ".join(row_labels) + ".", ""]
     lines += ["## Settings", "", "```yaml", *(f"{k}: {v}" for k, v in report["config"].items()), "```", ""]
-    md_path = out / "report.md"
-    md_path.write_text("\n".join(lines))
-    return json_path, md_path
+    return json_path, write_text(out / "report.md", "\n".join(lines))
 
 
 #: line colours of the loss curve, one per student step index
@@ -100,7 +98,7 @@ def loss_curve(metrics: list[dict], width: int = 512, height: int = 256, pad: in
     series: dict[str, list[tuple[int, float]]] = {}
     for r in metrics:
         for index, value in r.get("loss", {}).items():
-            if value > 0:
+            if is_number(value) and value > 0:
                 series.setdefault(index, []).append((r["iter"], math.log10(value)))
     points = [p for s in series.values() for p in s]
     if not points:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from distill_core.atomic import atomic_path
@@ -25,21 +25,34 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path, card: dict) 
 
 
 def read_card(path: str | Path) -> dict:
-    """The engine's JSON card of a safetensors file; a clear error for a file that has none."""
+    """The engine's JSON card of a safetensors file; an error naming the file when it is not a readable
+    safetensors file (truncated, another format) or has no card, or one that is not a JSON object."""
     path = _existing(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); was it cut short?") from None
     if CARD_KEY not in meta:
         raise ValueError(f"{path} has no comfyui-distill metadata: it was not written by this engine")
-    return json.loads(meta[CARD_KEY])
+    try:
+        card = json.loads(meta[CARD_KEY])
+    except ValueError:
+        raise ValueError(f"{path}: its comfyui-distill metadata is not JSON (the file was altered)") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"{path}: its comfyui-distill metadata is not a JSON object (the file was altered)")
+    return card
 
 
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and card of a file written by ``save_atomic``."""
     path = _existing(path)
     card = read_card(path)
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is damaged: its tensors cannot be read ({e})") from None
     return tensors, card
 
 

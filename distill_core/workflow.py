@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from distill_core.atomic import write_text
+
 #: socket types that are widgets in the UI (their values sit in ``widgets_values``)
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 PACK_ROOT = Path(__file__).resolve().parent.parent
@@ -214,7 +216,7 @@ def run_ui_workflow(args: argparse.Namespace) -> int:
     problems = validate_api(graph, info)
     if problems:
         raise SystemExit("invalid workflow:\n  " + "\n  ".join(problems))
-    Path(args.out).write_text(json.dumps(api_to_ui(graph, info), indent=1) + "\n")
+    write_text(args.out, json.dumps(api_to_ui(graph, info), indent=1) + "\n")
     return 0
 
 

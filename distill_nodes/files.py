@@ -3,8 +3,7 @@ students to ``diffusion_models/``; names are sanitised and confined to their fol
 
 from __future__ import annotations
 
-import shutil
-
+from distill_core.atomic import copy_file
 from distill_core.builtin import fingerprint
 
 from . import host
@@ -27,7 +26,7 @@ class SaveStudent:
         target = host.confined(host.model_folder(host.FOLDERS[kind]), save_name, ".safetensors")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.resolve() != student.path.resolve():
-            shutil.copyfile(student.path, target)
+            copy_file(student.path, target)
         return {"ui": {"text": [str(target)]}, "result": (str(target),)}
 
 

@@ -10,17 +10,17 @@ queueing the node again with ``resume`` on continues from it.
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 
 import torch
 
 from distill_core import safetensors_io
+from distill_core.atomic import copy_file
 from distill_core.config import DistillConfig
 from distill_core.methods.base import NodeLayout, Widget
 from distill_core.methods.registry import methods
 from distill_core.options import Setting, settings
 from distill_core.report import loss_curve, preview_pixels
+from distill_core.train.metrics import METRICS, read_metrics
 from distill_core.train.run import train_student
 
 from . import host
@@ -78,7 +78,9 @@ def build_training_node(layout: NodeLayout, classes: list[type]) -> type:
     names = [cls.name for cls in classes]
     known = field_settings(classes[0])
     bound = {w.name: (w.field or w.name) for w in layout.widgets if w.name not in ("method",)}
-    inputs = [In("teacher", "DISTILL_TEACHER", "the teacher (Built-in teacher, or Teacher from MODEL)")]
+    teacher_help = ("the teacher: Built-in teacher (ComfyUI models keep their own architecture and are refused here)"
+                    if layout.refuses_comfy_models else "the teacher (Built-in teacher, or Teacher from MODEL)")
+    inputs = [In("teacher", "DISTILL_TEACHER", teacher_help)]
     inputs += [widget_input(w, known.get(bound.get(w.name)), names) for w in layout.widgets]
     inputs += run_inputs(layout)
     outputs = [MODEL, STUDENT, CURVE] if layout.model_output else [STUDENT, CURVE]
@@ -148,8 +150,8 @@ def train_to_file(teacher: TeacherHandle, cfg: DistillConfig, folder: str, save_
     if run is None:
         raise RuntimeError(f"training stopped early; queue again with resume on to continue {run_dir}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run.path, target)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    copy_file(run.path, target)
+    metrics = read_metrics(run_dir / METRICS).records
     return StudentHandle(target, teacher, run_dir), loss_curve(metrics).float().div(255).unsqueeze(0)
 
 

@@ -11,7 +11,6 @@ throughput of the sampling call.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from distill_core import safetensors_io
+from distill_core.atomic import write_json
 from distill_core.builtin import ASSETS, SHAPE, fingerprint
 from distill_core.config import EDM_SIGMA_MIN
 from distill_core.eval.fidelity import psnr, reference_solve, rmse
@@ -148,10 +148,8 @@ def format_table(rows: list[dict], keys: tuple[str, ...] = TABLE_KEYS) -> str:
 
 
 def write_rows(rows: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=1))
-    return path
+    """The rows as a JSON list at ``path``, written atomically."""
+    return write_json(path, rows)
 
 
 def _fmt(v) -> str:

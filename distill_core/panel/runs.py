@@ -14,13 +14,15 @@ directory; anything else raises ``OutsideRoot``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from distill_core.train.metrics import Metrics, is_number, parse_metrics
+from distill_core.train.runlock import pid_alive
 
 #: Files whose presence makes a directory a run.
 RUN_MARKERS = ("status.json", "metrics.jsonl", "config.yaml", "checkpoints", "report.json")
@@ -100,16 +102,6 @@ def read_config(run: Path) -> tuple[dict | None, str | None]:
     return data, None
 
 
-@dataclass
-class Metrics:
-    """The parsed lines of ``metrics.jsonl``; ``malformed``: 1-based numbers of lines that are not
-    metric records; ``partial``: the last line is still being written."""
-
-    records: list[dict] = field(default_factory=list)
-    malformed: list[int] = field(default_factory=list)
-    partial: bool = False
-
-
 def read_metrics(run: Path) -> tuple[Metrics, str | None]:
     """Every well-formed record of ``metrics.jsonl`` (``iter``, ``time``, ``lr``, and ``loss`` /
     ``grad_norm`` as {student step index: value}) and a problem note, if any."""
@@ -118,20 +110,12 @@ def read_metrics(run: Path) -> tuple[Metrics, str | None]:
         path = run_file(run, "metrics.jsonl")
         if not path.is_file():
             return metrics, None
-        text = path.read_bytes().decode("utf-8", errors="replace")
+        parsed = parse_metrics(path.read_bytes().decode("utf-8", errors="replace"))
     except OutsideRoot as e:
         return metrics, str(e)
     except OSError as e:
         return metrics, f"metrics.jsonl: unreadable ({type(e).__name__})"
-    lines = text.split("\n")
-    if lines[-1]:  # no newline yet: the writer is mid-line
-        metrics.partial = True
-    for number, line in enumerate(lines[:-1], start=1):
-        record = _record(line)
-        if record is None:
-            metrics.malformed.append(number)
-        else:
-            metrics.records.append(record)
+    metrics = Metrics([_record(r) for r in parsed.records], parsed.malformed, parsed.partial)
     problem = None
     if metrics.malformed:
         shown = ", ".join(str(n) for n in metrics.malformed[:5]) + (", ..." if len(metrics.malformed) > 5 else "")
@@ -139,31 +123,24 @@ def read_metrics(run: Path) -> tuple[Metrics, str | None]:
     return metrics, problem
 
 
-def _record(line: str) -> dict | None:
-    """A metrics line as ``{iter, time, lr, loss, grad_norm}`` with numbers only, or ``None``."""
-    try:
-        raw = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(raw, dict) or not _is_number(raw.get("iter")):
-        return None
+def _record(raw: dict) -> dict:
+    """A metrics record as ``{iter, time, lr, loss, grad_norm}`` with finite numbers only."""
     return {
         "iter": int(raw["iter"]),
-        "time": float(raw["time"]) if _is_number(raw.get("time")) else None,
-        "lr": float(raw["lr"]) if _is_number(raw.get("lr")) else None,
+        "time": float(raw["time"]) if is_number(raw.get("time")) else None,
+        "lr": float(raw["lr"]) if is_number(raw.get("lr")) else None,
         "loss": _per_step(raw.get("loss")),
         "grad_norm": _per_step(raw.get("grad_norm")),
     }
 
 
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
 
 
 def _per_step(values: object) -> dict[str, float]:
     if not isinstance(values, dict):
         return {}
-    return {str(k): float(v) for k, v in values.items() if _is_number(v)}
+    return {str(k): float(v) for k, v in values.items() if is_number(v)}
 
 
 def grids(run: Path) -> list[tuple[int, Path]]:
@@ -200,19 +177,6 @@ class RunSummary:
     problems: list[str] = field(default_factory=list)
 
 
-def pid_alive(pid: object) -> bool:
-    """Whether a process with this id exists on this machine."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def summarize(run: Path, metrics: Metrics | None = None) -> RunSummary:
     """Status, method, steps, progress, ETA and wall time of the run in ``run``."""
     problems: list[str] = []
@@ -236,9 +200,9 @@ def summarize(run: Path, metrics: Metrics | None = None) -> RunSummary:
 
     method = config.get("method") if isinstance(config.get("method"), str) else None
     steps = _steps(config)
-    total = next((v for v in (config.get("iters"), status.get("iters")) if _is_number(v)), None)
+    total = next((v for v in (config.get("iters"), status.get("iters")) if is_number(v)), None)
     last = metrics.records[-1] if metrics.records else None
-    iteration = last["iter"] if last else int(status["iteration"]) if _is_number(status.get("iteration")) else 0
+    iteration = last["iter"] if last else int(status["iteration"]) if is_number(status.get("iteration")) else 0
     wall = last["time"] if last else None
     eta = None
     if state == "running" and total and wall and iteration:
@@ -254,7 +218,7 @@ def _steps(config: dict) -> str | None:
 
     cls = methods().get(config.get("method")) if isinstance(config.get("method"), str) else None
     if cls is None:
-        return str(config["steps"]) if _is_number(config.get("steps")) else None
+        return str(config["steps"]) if is_number(config.get("steps")) else None
     return cls.steps_label(config)
 
 

@@ -13,7 +13,9 @@ from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import build_method
 from distill_core.students import save_student
 from distill_core.train.callbacks import Callback, TqdmProgress
-from distill_core.train.trainer import Trainer
+from distill_core.train.checkpoint import checkpoint_info
+from distill_core.train.runlock import run_lock
+from distill_core.train.trainer import Trainer, resume_changes
 
 
 @dataclass
@@ -32,10 +34,19 @@ def train_student(
     """Train ``cfg.method`` on ``source`` into ``cfg.out`` and save ``student.safetensors`` there
     (``None`` when training was interrupted: continue with ``resume=True``). ``callbacks`` see every
     iteration (progress bars of a host; one that raises stops the run after a checkpoint). The trainer
-    moves the teacher to its device (CUDA when there is one); it is moved back where it was."""
+    moves the teacher to its device (CUDA when there is one); it is moved back where it was. The run folder
+    is locked for the run (``runlock``); a resume is checked against the checkpoint before anything in the
+    folder is written."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.to_yaml(out / "config.yaml")
+    with run_lock(out):
+        if resume:
+            resume_changes(checkpoint_info(out / "checkpoints")["config"], cfg, out / "checkpoints")
+        cfg.to_yaml(out / "config.yaml")
+        return _train(cfg, source, out, resume, progress, callbacks)
+
+
+def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, progress: bool,
+           callbacks) -> StudentRun | None:
     method = build_method(source, cfg)
     home = next(source.denoiser.parameters()).device
     bar = [TqdmProgress(f"{cfg.method} to {method.preview_steps()} steps")] if progress else []

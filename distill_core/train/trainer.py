@@ -43,14 +43,18 @@ from torch import nn
 from distill_core.atomic import write_text
 from distill_core.config import DistillConfig
 from distill_core.denoisers.base import move_cond
-from distill_core.methods.base import Method, MicroBatch, OptimSpec
+from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss
 from distill_core.students import StudentNet
 from distill_core.train.callbacks import Callback
-from distill_core.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from distill_core.train.checkpoint import checkpoint_info, has_checkpoint, load_checkpoint, save_checkpoint
+from distill_core.train.metrics import METRICS, read_metrics
+from distill_core.train.runlock import run_lock
 from distill_core.train.status import write_status
 
-#: Config fields that may change between a run and its resumption.
+#: Config fields that may change between a run and its resumption: bookkeeping, and what a run that
+#: diverged needs (a lower lr, gradient clipping, another precision; each change is noted in the metrics).
 RESUMABLE_CHANGES = {"out", "iters", "checkpoint_every", "sample_every", "eval_samples", "extra"}
+RECOVERY_CHANGES = {"lr", "clip_grad", "mixed_precision"}
 #: Config fields added after checkpoints were first written, with the value that describes what a run
 #: from before the field existed did (not the field's default today).
 BEFORE_THE_KEY = {"teacher_one_step_above": float("inf"), "teacher_reuse": 1.0, "lr_warmup": 0}
@@ -206,15 +210,7 @@ class Trainer:
     def load_checkpoint(self) -> None:
         state, info = load_checkpoint(self.ckpt_dir)
         state, info = _upgrade(state, info, self.method.exported)
-        saved = {**BEFORE_THE_KEY, **info["config"]}
-        changed = sorted(
-            k for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v
-        )
-        if changed:
-            raise ValueError(
-                f"cannot resume {self.ckpt_dir}: the run was configured differently "
-                f"({', '.join(f'{k}: {saved.get(k)!r} -> {getattr(self.cfg, k)!r}' for k in changed)})"
-            )
+        recovery = resume_changes(info["config"], self.cfg, self.ckpt_dir)
         for name in self.nets:
             _load_saved_state(self.unwrapped(name), state["nets"][name])
             self.optimizers[name].load_state_dict(state["optimizers"][name])
@@ -232,30 +228,42 @@ class Trainer:
         # the run's teacher work so far is the main process's to count from now on
         self.method.teacher_evaluations = info["teacher_evaluations"] if self.acc.is_main_process else 0
         self.warmup.update(info.get("lr_warmup", {}))  # older checkpoints lack it: resolved anew
+        if "lr" in recovery:  # the groups that train at the run's lr continue at the new one
+            for name, group in self.groups.items():
+                if group.lr == recovery["lr"][0]:
+                    group.lr = self.cfg.lr
+                    self.schedulers[name].base_lrs = [self.cfg.lr for _ in self.schedulers[name].base_lrs]
+                    for pg in self.optimizers[name].param_groups:
+                        pg["initial_lr"] = self.cfg.lr
+                        pg["lr"] = self.cfg.lr * self.schedulers[name].lr_lambdas[0](self.iteration)
         self._truncate_metrics()
+        if recovery:
+            note = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in recovery.items())
+            self._log({"iter": self.iteration, "time": round(self.seconds, 3), "note": f"resumed with {note}"})
 
     def _truncate_metrics(self) -> None:
-        """Drop metric lines written after the checkpoint (by an interrupted run)."""
-        path = self.out / "metrics.jsonl"
-        if path.is_file():
-            keep = [
-                line for line in path.read_text().splitlines() if json.loads(line)["iter"] <= self.iteration
-            ]
-            write_text(path, "".join(line + "\n" for line in keep))
+        """Keep the metric records up to the checkpoint's iteration (an interrupted run may have written
+        more, and a kill may have cut its last line short)."""
+        path = self.out / METRICS
+        if path.is_file() and self.acc.is_main_process:
+            keep = [r for r in read_metrics(path).records if r["iter"] <= self.iteration]
+            write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
     # ----------------------------------------------------------------- training
     def fit(self, resume: bool = False) -> TrainResult:
-        """Train to ``cfg.iters`` iterations (continuing from the checkpoint when ``resume``), recording
-        the run's state in ``status.json``. A second Ctrl-C (an abort) is recorded as interrupted."""
-        self._write_status("running")
-        try:
-            result = self._fit(resume)
-        except BaseException as e:
-            cancels = (KeyboardInterrupt, *(t for cb in self.callbacks for t in cb.cancels))
-            state = "interrupted" if isinstance(e, cancels) else "failed"
-            self._write_status(state, error=f"{type(e).__name__}: {e}")
-            raise
-        self._write_status("finished" if result.status == "done" else "interrupted")
+        """Train to ``cfg.iters`` iterations (continuing from the checkpoint when ``resume``; refused when
+        there is none), holding the run folder's lock and recording the run's state in ``status.json``.
+        A second Ctrl-C (an abort) is recorded as interrupted."""
+        with run_lock(self.out):
+            self._write_status("running")
+            try:
+                result = self._fit(resume)
+            except BaseException as e:
+                cancels = (KeyboardInterrupt, *(t for cb in self.callbacks for t in cb.cancels))
+                state = "interrupted" if isinstance(e, cancels) else "failed"
+                self._write_status(state, error=f"{type(e).__name__}: {e}")
+                raise
+            self._write_status("finished" if result.status == "done" else "interrupted")
         return result
 
     def _write_status(self, state: str, **fields) -> None:
@@ -266,11 +274,11 @@ class Trainer:
 
     def _fit(self, resume: bool) -> TrainResult:
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume and has_checkpoint(self.ckpt_dir):
+        if resume:
             self.load_checkpoint()
         else:
             torch.manual_seed(self.cfg.seed)
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            (self.out / METRICS).unlink(missing_ok=True)
         status = "done"
         with self._sigint_stops():
             if self.acc.is_main_process:
@@ -333,12 +341,7 @@ class Trainer:
                                        f"groups {step.group!r} and {loss.group!r} for the same update")
                 value = loss.loss.detach().float()
                 if not torch.isfinite(value):
-                    raise TrainingDiverged(
-                        f"the loss became {value.item()} at iteration {self.iteration + 1}, {loss.group} update "
-                        f"{loss.index}; training stopped. The last good checkpoint in {self.ckpt_dir} is "
-                        "intact: resume from it with a lower lr, gradient clipping (clip_grad) or "
-                        "mixed_precision 'no'."
-                    )
+                    raise TrainingDiverged(self._diverged(value.item(), loss))
                 sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(self.nets[loss.group])
                 with sync:
                     acc.backward(loss.loss / accum)
@@ -366,9 +369,21 @@ class Trainer:
                     e.lerp_(p, 1 - decay)
         return record
 
+    def _diverged(self, value: float, loss: StepLoss) -> str:
+        """What to tell the user when the loss is no longer finite: what is kept and what to run."""
+        where = f"the loss became {value} at iteration {self.iteration + 1}, {loss.group} update {loss.index}"
+        if not has_checkpoint(self.ckpt_dir):
+            return (f"{where}; training stopped before any checkpoint was written. Start the run again with a "
+                    "lower lr or gradient clipping (--lr, --clip-grad)")
+        config = self.out / "config.yaml"
+        kept = checkpoint_info(self.ckpt_dir)["iteration"]
+        return (f"{where}; training stopped. The last good checkpoint (iteration {kept}) in {self.ckpt_dir} is "
+                "intact: continue from it with a lower lr or gradient clipping, e.g. python -m distill_core "
+                f"distill --resume --config {config} --lr {self.cfg.lr / 4:g} --clip-grad 1")
+
     def _log(self, record: dict) -> None:
         if self.acc.is_main_process:
-            with open(self.out / "metrics.jsonl", "a") as f:
+            with open(self.out / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def _sample_grid(self) -> None:
@@ -467,6 +482,23 @@ def keep_trainables_float32(net: nn.Module) -> None:
     for p in net.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
             p.data = p.data.float()
+
+
+def resume_changes(saved: dict, cfg: DistillConfig, where: Path) -> dict[str, tuple]:
+    """The changes between a checkpoint's config ``saved`` and ``cfg`` that a resume allows and notes
+    (``RECOVERY_CHANGES``: name -> (old, new)); a ``ValueError`` naming the others."""
+    saved = {**BEFORE_THE_KEY, **saved}
+    now = cfg.to_dict()
+    changed = sorted(k for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+    refused = [k for k in changed if k not in RECOVERY_CHANGES]
+    if refused:
+        raise ValueError(
+            f"cannot resume {where}: the run was configured differently "
+            f"({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in refused)}); resume with the run's own "
+            f"config (--config {where.parent / 'config.yaml'}), changing only "
+            f"{', '.join(sorted(RESUMABLE_CHANGES | RECOVERY_CHANGES))}"
+        )
+    return {k: (saved.get(k), now[k]) for k in changed}
 
 
 def _upgrade(state: dict, info: dict, exported: str) -> tuple[dict, dict]:

@@ -1,0 +1,83 @@
+"""One run per folder: ``run.lock`` holds the process id of the run writing there. A second run on the
+same folder is refused while that process lives; a lock left by a process that died (a kill, a crash)
+is taken over with a message, and the temporary files its interrupted writes left are removed. Under
+``accelerate launch`` only the main process (rank 0) locks: the others write nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+LOCK = "run.lock"
+#: folders of a run where interrupted atomic writes may leave ``.<name>.<random>.tmp`` files
+WRITTEN = (".", "checkpoints", "samples", "cache")
+
+
+class RunBusy(RuntimeError):
+    """Another live process is writing to the run's folder."""
+
+
+def pid_alive(pid: object) -> bool:
+    """Whether a process with this id exists on this machine."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _holder(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path, report: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold ``out``'s lock for the block (re-entrant within one process)."""
+    out = Path(out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(path)
+            if holder == os.getpid():  # this process holds it already (a run inside the main job)
+                yield
+                return
+            if pid_alive(holder):
+                raise RunBusy(f"{out} is in use by another run (process {holder}): wait for it to end, or "
+                              "choose another output folder") from None
+            report(f"taking over {out}: the run that held it (process {holder}) ended without releasing it")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        remove_leftovers(out)
+        yield
+    finally:
+        if _holder(path) == os.getpid():
+            path.unlink(missing_ok=True)
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes left in the run's folders."""
+    removed = []
+    for folder in WRITTEN:
+        for tmp in (out / folder).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
