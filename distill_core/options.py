@@ -89,11 +89,12 @@ def check(obj) -> None:
         items = value if isinstance(value, tuple) else (value,) if s.kind in (int, float) else ()
         for v in items:
             if (s.min is not None and v < s.min) or (s.max is not None and v > s.max):
-                raise ValueError(f"{s.name} must lie in [{_bound(s.min)}, {_bound(s.max)}], got {value!r}")
+                raise ValueError(f"{s.name} must lie in [{_bound(s.min, '-inf')}, {_bound(s.max, 'inf')}], got "
+                                 f"{value!r}")
 
 
-def _bound(b: float | None) -> str:
-    return "-inf" if b is None else f"{b:g}"
+def _bound(b: float | None, unbounded: str) -> str:
+    return unbounded if b is None else f"{b:g}"
 
 
 def coerce(setting: Setting, value):
@@ -134,7 +135,7 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, sk
 
 def _flag_help(s: Setting) -> str:
     default = "the method's or teacher's own" if s.default is None else repr(s.default)
-    bounds = f"; {_bound(s.min)}..{_bound(s.max)}" if s.min is not None or s.max is not None else ""
+    bounds = f"; {_bound(s.min, '-inf')}..{_bound(s.max, 'inf')}" if s.min is not None or s.max is not None else ""
     return f"{s.help} (default {default}{bounds})".replace("%", "%%")
 
 

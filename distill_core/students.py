@@ -321,14 +321,61 @@ def save_student(path: str | Path, net: StudentNet, card: dict, extra: dict[str,
     return safetensors_io.save_atomic({**weights, **step, **(extra or {})}, path, card)
 
 
+#: what every student card holds, and the type of each entry
+CARD_KEYS = {"kind": str, "method": str, "sigmas": dict, "guidance": dict, "teacher_fingerprint": str}
+
+
+def check_card(path: str | Path, card: dict) -> dict:
+    """``card`` if it is a student card with every entry sampling needs; else an error naming the file and
+    what is wrong."""
+    if card.get("kind") != "student":
+        raise ValueError(f"{path} is not a student file (its card says kind={card.get('kind')!r})")
+    wrong = [k for k, kind in CARD_KEYS.items() if not isinstance(card.get(k), kind)]
+    guidance = card.get("guidance") if isinstance(card.get("guidance"), dict) else {}
+    if guidance.get("mode") not in ("distilled", "cfg") or not isinstance(guidance.get("w"), (int, float)):
+        wrong.append("guidance (mode, w)")
+    sigmas = card.get("sigmas") if isinstance(card.get("sigmas"), dict) else {}
+    if not sigmas or not all(k.isdigit() and isinstance(v, list) and len(v) > 1 and
+                             all(isinstance(x, (int, float)) for x in v) for k, v in sigmas.items()):
+        wrong.append("sigmas (a schedule per step count)")
+    if wrong:
+        raise ValueError(f"{path}: its student card lacks or garbles {', '.join(sorted(set(wrong)))} (the file was "
+                         "altered or cut short; save the student again)")
+    return card
+
+
+def check_fits(path: str | Path, denoiser: nn.Module) -> None:
+    """An error naming the file when the student file's weights do not fit ``denoiser``'s network (another
+    architecture, a file cut short), checked on shapes alone: nothing is built or copied."""
+    card = check_card(path, safetensors_io.read_card(path))
+    tensors, _ = safetensors_io.load(path)
+    if card.get("architecture"):  # a student of its own size: rebuilt from the card, not from the teacher
+        return
+    root, under = lora_target(denoiser)
+    if card.get("student", {}).get("kind") == "lora":
+        expected = {}
+        for name, layer in root.named_modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                expected[f"{name}.lora_down.weight"] = layer.weight.shape[1]
+                expected[f"{name}.lora_up.weight"] = layer.weight.shape[0]
+        bad = [k for k, v in tensors.items() if k.endswith(("lora_down.weight", "lora_up.weight"))
+               and expected.get(k) != v.shape[1 if k.endswith("down.weight") else 0]]
+    else:
+        theirs = network_module(denoiser).state_dict()
+        weights = {k: v for k, v in tensors.items() if not k.startswith(("step_embed.", "afs."))}
+        bad = sorted(set(theirs) ^ set(weights)) + [k for k in weights if k in theirs and
+                                                       weights[k].shape != theirs[k].shape]
+    if bad:
+        raise ValueError(f"{path}: its weights do not fit this teacher's network ({len(bad)} tensors, e.g. "
+                         f"{bad[:3]}); load it with the model it was distilled from")
+
+
 def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond = None, share: bool = False
                  ) -> Student:
     """Load a student file for ``teacher`` (a CFGTeacher, or its denoiser with ``uncond`` for CFG).
     ``share``: a LoRA student hooks its adapters into the teacher's own network instead of a copy (no
     second copy of the weights; call ``student.net.lora.detach()`` when done)."""
-    card = safetensors_io.read_card(path)
-    if card.get("kind") != "student":
-        raise ValueError(f"{path} is not a student file (its card says kind={card.get('kind')!r})")
+    card = check_card(path, safetensors_io.read_card(path))
     denoiser = teacher.denoiser if isinstance(teacher, CFGTeacher) else teacher
     if uncond is None and isinstance(teacher, CFGTeacher):
         uncond = teacher.uncond
@@ -347,13 +394,17 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
         base = denoiser if share and lora is not None else copy.deepcopy(denoiser)
     net = StudentNet(base, card.get("step_embedding") is not None, lora)
     step = {k[len("step_embed."):]: v for k, v in tensors.items() if k.startswith("step_embed.")}
-    if lora is None:
-        weights = {k: v for k, v in tensors.items() if not k.startswith(("step_embed.", "afs."))}
-        network_module(net.denoiser).load_state_dict(weights)
-    else:
-        net.lora.load_file_tensors(tensors)
-    if net.step_embed is not None:
-        net.step_embed.load_state_dict(step)
+    try:
+        if lora is None:
+            weights = {k: v for k, v in tensors.items() if not k.startswith(("step_embed.", "afs."))}
+            network_module(net.denoiser).load_state_dict(weights)
+        else:
+            net.lora.load_file_tensors(tensors)
+        if net.step_embed is not None:
+            net.step_embed.load_state_dict(step)
+    except (RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:300]
+        raise ValueError(f"{path}: its weights do not fit the teacher's network ({first})") from None
     if card.get("afs_center", "zero") == "class_mean" and AFS_MEANS_KEY not in tensors:
         raise ValueError(f"{path} says its first step is centred on class means but holds no {AFS_MEANS_KEY}")
     return Student(net.eval().requires_grad_(False), card, uncond, tensors.get(AFS_MEANS_KEY))

@@ -62,10 +62,16 @@ def _is_link(value) -> bool:
 
 
 def validate_api(graph: dict, info: dict[str, dict]) -> list[str]:
-    """Problems of an API-format graph: unknown node types, missing required inputs, unknown inputs,
-    dangling links, type mismatches along links, widget values out of their choices or range."""
+    """Problems of an API-format graph: a graph or node of the wrong shape, unknown node types, missing
+    required inputs, unknown inputs, dangling links, type mismatches along links, widget values out of
+    their choices or range."""
+    if not isinstance(graph, dict):
+        return [f"an API-format workflow is a JSON object of nodes by id, not a {type(graph).__name__}"]
     problems = []
     for nid, node in graph.items():
+        if not isinstance(node, dict) or not isinstance(node.get("inputs"), dict) or "class_type" not in node:
+            problems.append(f"node {nid}: a node is an object with 'class_type' and 'inputs'")
+            continue
         kind = node.get("class_type")
         if kind not in info:
             problems.append(f"node {nid}: unknown node type {kind!r}")
@@ -133,11 +139,12 @@ def run_graph(graph: dict, on_output: Callable[[str, str, dict], None] | None = 
     """Execute an API-format graph of this pack's nodes in topological order; returns each node's
     outputs. ``on_output(node_id, class_type, ui)`` receives what output nodes show."""
     mappings = node_pack().NODE_CLASS_MAPPINGS
-    unknown = sorted({n["class_type"] for n in graph.values()} - set(mappings))
-    if unknown:
-        raise ValueError(f"the headless runner executes this pack's nodes only; unknown node types: {unknown} "
-                         "(run this workflow in ComfyUI)")
     problems = validate_api(graph, pack_info())
+    if isinstance(graph, dict) and not any("a node is an object" in p for p in problems):
+        unknown = sorted({str(n["class_type"]) for n in graph.values()} - set(mappings))
+        if unknown:
+            raise ValueError(f"the headless runner executes this pack's nodes only; unknown node types: "
+                             f"{unknown} (run this workflow in ComfyUI)")
     if problems:
         raise ValueError("invalid workflow:\n  " + "\n  ".join(problems))
     results: dict[str, tuple] = {}
@@ -225,9 +232,12 @@ def run(args: argparse.Namespace) -> int:
 
     from distill_core.report import write_png
 
-    graph = json.loads(Path(args.workflow).read_text())
-    if "nodes" in graph and "links" in graph:
-        raise SystemExit(f"{args.workflow} is a UI-format workflow: run its API-format twin (workflows/api/)")
+    try:
+        graph = json.loads(Path(args.workflow).read_text())
+    except ValueError as e:
+        raise ValueError(f"{args.workflow} is not JSON ({e})") from None
+    if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
+        raise ValueError(f"{args.workflow} is a UI-format workflow: run its API-format twin (workflows/api/)")
     if args.models:
         os.environ["DISTILL_MODELS_DIR"] = args.models
     if args.output:

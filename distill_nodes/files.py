@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from distill_core.atomic import copy_file
 from distill_core.builtin import fingerprint
+from distill_core.students import check_fits
 
 from . import host
 from .handles import StudentHandle, TeacherHandle
@@ -46,6 +47,7 @@ class LoadStudent:
         if card["teacher_fingerprint"] != ours:
             raise ValueError(f"{student_file} was distilled from another model (fingerprint "
                              f"{card['teacher_fingerprint']}, this teacher: {ours}); connect the teacher it came from")
+        check_fits(path, teacher.source().denoiser)  # here, not later in another node
         handle = StudentHandle(path, teacher)
         handle.model = student_model(handle)
         return handle.model, handle

@@ -9,6 +9,7 @@ import torch
 from distill_core import safetensors_io
 from distill_core.report import preview_pixels
 from distill_core.sampling import k_sampler, sample
+from distill_core.students import check_card
 
 from . import host
 from .handles import StudentHandle
@@ -31,7 +32,7 @@ def resolve_student_file(choice: str) -> tuple:
     card = safetensors_io.read_card(path)
     if card.get("kind") != "student":
         raise ValueError(f"{choice} is not a student made by Distill to N steps (no student metadata)")
-    return path, card
+    return path, check_card(path, card)
 
 
 STEPS = In("steps", "INT", "evaluations per image; 0: the student's own (an SFD-v student accepts its range)", 0,

@@ -229,9 +229,8 @@ class Trainer:
         self.method.teacher_evaluations = info["teacher_evaluations"] if self.acc.is_main_process else 0
         self.warmup.update(info.get("lr_warmup", {}))  # older checkpoints lack it: resolved anew
         if "lr" in recovery:  # the groups that train at the run's lr continue at the new one
-            for name, group in self.groups.items():
-                if group.lr == recovery["lr"][0]:
-                    group.lr = self.cfg.lr
+            for name, spec in self.method.optim_groups().items():
+                if spec.lr is None:
                     self.schedulers[name].base_lrs = [self.cfg.lr for _ in self.schedulers[name].base_lrs]
                     for pg in self.optimizers[name].param_groups:
                         pg["initial_lr"] = self.cfg.lr
