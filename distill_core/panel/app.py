@@ -66,6 +66,9 @@ def runs_rows(root: Path, jobs: Jobs) -> list[list[str]]:
             s = summary(root, jobs, name)
         except runs.OutsideRoot:  # removed or replaced between listing and reading
             continue
+        except Exception as e:  # one unreadable run never hides the others
+            rows.append([name, "unreadable", "", "", "", "", "", f"{type(e).__name__}: {e}"])
+            continue
         note = "; ".join(filter(None, [s.error, *s.problems]))
         progress = f"{s.iteration} / {s.total}" if s.total else str(s.iteration)
         rows.append([name, s.state, s.method or "", s.steps or "", progress, _duration(s.eta_s),
@@ -133,11 +136,7 @@ def grid_view(root: Path, name: str, index: float | None, follow: bool) -> tuple
     last = len(found) - 1
     index = last if follow else min(max(int(index or 0), 0), last)
     iteration, path = found[index]
-    try:
-        with Image.open(path) as img:
-            image = img.convert("RGB")
-    except OSError:  # half-written or not a PNG
-        image = None
+    image = open_image(path)
     caption = f"iteration {iteration} (grid {index + 1} of {len(found)}). Rows: " + "; ".join(ROW_LABELS) + "."
     if image is None:
         caption = f"iteration {iteration}: the grid file is malformed or still being written"
@@ -148,9 +147,24 @@ def report_grid(root: Path, name: str) -> Image.Image | None:
     """The main job's final ``grid.png`` of a run, if it has one."""
     try:
         path = runs.run_file(runs.run_dir(root, name), "grid.png")
+    except runs.OutsideRoot:
+        return None
+    return open_image(path)
+
+
+#: the largest image the panel decodes (a sample grid is well under a megapixel)
+MAX_PIXELS = 16_000_000
+
+
+def open_image(path: Path) -> Image.Image | None:
+    """The PNG at ``path`` as RGB, or ``None`` when it is missing, half-written, not an image, or declares a
+    size beyond ``MAX_PIXELS`` (read from its header before anything is decoded)."""
+    try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                return None
             return img.convert("RGB")
-    except (OSError, runs.OutsideRoot):
+    except (OSError, ValueError, Image.DecompressionBombError):
         return None
 
 

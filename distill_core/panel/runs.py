@@ -99,6 +99,10 @@ def read_config(run: Path) -> tuple[dict | None, str | None]:
         return None, f"config.yaml: malformed ({type(e).__name__})"
     if not isinstance(data, dict):
         return None, "config.yaml: malformed (not a mapping)"
+    try:
+        json.dumps(data, allow_nan=False)  # what the panel shows it as: no cycles (recursive aliases), no NaN
+    except (ValueError, TypeError):
+        return None, "config.yaml: malformed (recursive aliases or values that are not plain data)"
     return data, None
 
 

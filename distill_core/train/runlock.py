@@ -25,7 +25,7 @@ def pid_alive(pid: object) -> bool:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # none, or not a process id at all
         return False
     except OSError:  # exists, owned by someone else
         return True

@@ -249,10 +249,10 @@ def test_the_resume_hint_works_and_an_interrupted_run_exits_130(tmp_path):
     """Ctrl-C on the command line: exit status 130 and a hint; following the hint resumes with the run's
     own settings (not the defaults) and finishes."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "distill_core", "distill", "--steps", "2", "--iters", "8",
-                             "--batch", "4", "--afs-center", "zero", "--eval-samples", "4", "--checkpoint-every",
-                             "1", "--out", str(out), "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    args = ["distill", "--steps", "2", "--iters", "8", "--batch", "4", "--afs-center", "zero", "--eval-samples", "4",
+            "--checkpoint-every", "1", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "distill_core", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoints" / ckpt.CHECKPOINT).is_file():
         time.sleep(0.05)
