@@ -89,12 +89,13 @@ def panel(tmp_path_factory):
     from gradio_client import Client
 
     from distill_core.panel.app import build
+    from distill_core.panel.launch import serve_options
 
     root = tmp_path_factory.mktemp("runs")
     fake_run(root, "done", 20, state="finished", report=True)
     fake_run(root, "live", 6, pid=os.getpid())
     app = build(root)
-    _, url, _ = app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    _, url, _ = app.launch(prevent_thread_lock=True, quiet=True, **serve_options())
     assert url.startswith("http://127.0.0.1:")
     yield root, Client(url, verbose=False)
     app.close()
@@ -153,6 +154,24 @@ def test_api_refuses_paths_outside_the_root(panel, name):
     assert image is None and caption.startswith("refused")
     assert "not a run this panel started" in client.predict(name, api_name="/stop")
     assert client.predict(name, "builtin", "sfd", 2, 2, 2, api_name="/start").startswith("refused")
+
+
+def test_a_foreign_host_header_is_refused(panel):
+    """DNS rebinding: a page elsewhere reaching the panel under its own name gets nothing and starts nothing."""
+    import urllib.error
+    import urllib.request
+
+    root, client = panel
+    for path, data in (("/gradio_api/info", None), ("/gradio_api/call/runs", b'{"data": []}'),
+                       ("/gradio_api/call/start", b'{"data": ["evil", "builtin", "sfd", 2, 2, 2, ""]}')):
+        request = urllib.request.Request(client.src.rstrip("/") + path, data=data,
+                                         headers={"Host": "attacker.example", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=10)
+        assert err.value.code == 400
+    assert not (root / "evil").exists()
+    ok = urllib.request.Request(client.src.rstrip("/") + "/gradio_api/info", headers={"Host": "localhost"})
+    assert urllib.request.urlopen(ok, timeout=10).status == 200
 
 
 def test_start_and_stop_leave_a_resumable_checkpoint(panel):

@@ -2,7 +2,10 @@
 process such as ComfyUI (a background server, started once per process).
 
 The server binds to 127.0.0.1 unless told otherwise; it makes no request to the network (analytics
-off, system fonts instead of web fonts, no server-side rendering).
+off, system fonts instead of web fonts, no server-side rendering). It answers only requests whose Host
+header names this machine (``localhost``, ``127.0.0.1``, ``::1``) or a name given with ``--allow-host``:
+a web page elsewhere cannot reach it through a DNS name that resolves here (DNS rebinding). ``--auth
+USER:PASSWORD`` adds a login; uploads are capped at 1 MB (the panel takes none).
 """
 
 from __future__ import annotations
@@ -13,23 +16,39 @@ from pathlib import Path
 
 DEFAULT_ROOT = "runs"
 DEFAULT_HOST = "127.0.0.1"
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 _lock = threading.Lock()
 _url: str | None = None
 
 
-def _launch(runs_root: str | Path, host: str, port: int | None, block: bool) -> str:
-    from distill_core.panel.app import build, offline_theme
+def serve_options(host: str = DEFAULT_HOST, allowed_hosts: tuple[str, ...] = (),
+                  auth: tuple[str, str] | None = None) -> dict:
+    """``Blocks.launch`` settings of the panel: bound to ``host``, answering only the Host names of this
+    machine, ``host`` itself and ``allowed_hosts``, with an optional login and no uploads to speak of."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    _, url, _ = build(runs_root).launch(
-        server_name=host,
-        server_port=port,
-        prevent_thread_lock=not block,
-        quiet=not block,
-        show_error=True,
-        ssr_mode=False,
-        theme=offline_theme(),
-    )
+    from distill_core.panel.app import offline_theme
+
+    names = [*LOCAL_NAMES, *allowed_hosts, *([] if host in ("0.0.0.0", "::") else [host])]
+    return {
+        "server_name": host,
+        "app_kwargs": {"middleware": [Middleware(TrustedHostMiddleware, allowed_hosts=names)]},
+        "auth": auth,
+        "max_file_size": "1mb",
+        "show_error": True,
+        "ssr_mode": False,
+        "theme": offline_theme(),
+    }
+
+
+def _launch(runs_root: str | Path, host: str, port: int | None, block: bool, allowed_hosts: tuple[str, ...] = (),
+            auth: tuple[str, str] | None = None) -> str:
+    from distill_core.panel.app import build
+
+    _, url, _ = build(runs_root).launch(server_port=port, prevent_thread_lock=not block, quiet=not block,
+                                        **serve_options(host, allowed_hosts, auth))
     return url
 
 
@@ -48,9 +67,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", default=DEFAULT_ROOT, help=f"the runs root: one run per folder (default {DEFAULT_ROOT})")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests for this Host name (the machine's name on your network)")
+    p.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this login")
 
 
 def run(args: argparse.Namespace) -> int:
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not (sep and user and password):
+            raise ValueError("--auth takes USER:PASSWORD")
+        auth = (user, password)
     Path(args.runs).mkdir(parents=True, exist_ok=True)
-    _launch(args.runs, args.host, args.port, block=True)
+    _launch(args.runs, args.host, args.port, True, tuple(args.allow_host), auth)
     return 0
