@@ -119,6 +119,10 @@ class NodeProgress(Callback):
         self.node_id, self.preview, self.preview_every = node_id, preview, preview_every
         self.bar = None
 
+    def poll(self) -> None:
+        """Cancel is answered within one network evaluation (at 512 px an iteration takes minutes)."""
+        check_interrupt()
+
     def on_start(self, run) -> None:
         self.start, self.first = time.perf_counter(), run.iteration
         if in_comfyui():

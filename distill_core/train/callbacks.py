@@ -19,6 +19,10 @@ class Callback:
 
     cancels: tuple[type[BaseException], ...] = ()
 
+    def poll(self) -> None:
+        """Before every network evaluation of the run; raise a cancel exception here to stop within one
+        evaluation (the trainer keeps the run resumable, ``Trainer._cancellable_iteration``)."""
+
     def on_start(self, run: RunView) -> None:
         pass
 

@@ -279,7 +279,7 @@ class Trainer:
             torch.manual_seed(self.cfg.seed)
             (self.out / METRICS).unlink(missing_ok=True)
         status = "done"
-        with self._sigint_stops():
+        with self._sigint_stops(), self._polled():
             if self.acc.is_main_process:
                 for cb in self.callbacks:
                     cb.on_start(self.view)
@@ -288,7 +288,7 @@ class Trainer:
                     status = "interrupted"
                     break
                 start = time.perf_counter()
-                record = self._iteration()
+                record = self._cancellable_iteration()
                 self.seconds += time.perf_counter() - start
                 self.iteration += 1
                 record.update(iter=self.iteration, time=round(self.seconds, 3))
@@ -314,6 +314,47 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_end(self.view, result)
         return result
+
+    @contextlib.contextmanager
+    def _polled(self):
+        """Every forward pass of the teacher and of the trained networks first asks the callbacks'
+        ``poll`` (a host's cancel check), so a cancel is answered within one network evaluation."""
+        polls = [cb.poll for cb in self.callbacks if type(cb).poll is not Callback.poll]
+        if not polls or not self.acc.is_main_process:
+            yield
+            return
+
+        def poll(module, args):
+            for p in polls:
+                p()
+
+        modules = [self.method.source.denoiser, *self.nets.values()]
+        handles = [m.register_forward_pre_hook(poll) for m in modules if isinstance(m, nn.Module)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _cancellable_iteration(self) -> dict:
+        """An iteration that a cancel (a callback's poll raising) may stop part way. When no optimizer has
+        stepped yet (the teacher's solve, the long part), the draws and the method's state are put back as
+        they were and a checkpoint is written: a resume repeats the iteration exactly. Otherwise the last
+        checkpoint stands."""
+        before = (torch.get_rng_state(), self.plan_gen.get_state(), self.data_gen.get_state(),
+                  copy.deepcopy(self.method.state_dict()), self.method.teacher_evaluations)
+        self._stepped = False
+        try:
+            return self._iteration()
+        except BaseException:
+            if not self._stepped:
+                torch.set_rng_state(before[0])
+                self.plan_gen.set_state(before[1])
+                self.data_gen.set_state(before[2])
+                self.method.load_state_dict(before[3])
+                self.method.teacher_evaluations = before[4]
+                self.save_checkpoint()
+            raise
 
     def _iteration(self) -> dict:
         cfg, acc = self.cfg, self.acc
@@ -356,6 +397,7 @@ class Trainer:
             if cfg.clip_grad:
                 norm = acc.clip_grad_norm_(params, cfg.clip_grad)
             self.optimizers[step.group].step()
+            self._stepped = True
             key = str(step.index) if step.group == exported else f"{step.group}:{step.index}"
             record["loss"][key] = round(total, 6)
             record["grad_norm"][key] = round(float(norm), 6)

@@ -25,7 +25,7 @@ from distill_core.config import DistillConfig
 from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
 from distill_core.train import checkpoint as ckpt
-from distill_core.train.callbacks import StopAt
+from distill_core.train.callbacks import Callback, StopAt
 from distill_core.train.run import train_student
 from distill_core.train.runlock import LOCK, RunBusy
 from distill_core.train.trainer import Trainer, TrainingDiverged
@@ -296,3 +296,41 @@ def test_debug_shows_the_traceback(tmp_path):
     path.write_text("steps: 0\n")
     done = _cli("--debug", "distill", "--config", str(path))
     assert done.returncode != 0 and "Traceback" in done.stderr and "steps must lie in [1, 1000]" in done.stderr
+
+
+class _Cancel(Exception):
+    pass
+
+
+class _CancelAt(Callback):
+    """A host's cancel, raised by its poll at the ``n``-th network evaluation of the run."""
+
+    cancels = (_Cancel,)
+
+    def __init__(self, n: int):
+        self.n, self.polls = n, 0
+
+    def poll(self):
+        self.polls += 1
+        if self.polls == self.n:
+            raise _Cancel
+
+
+def test_a_cancel_is_answered_within_one_network_evaluation_and_resumes_exactly(tiny_edm, tmp_path):
+    straight = train_student(_cfg(tmp_path / "a", teacher_reuse=1.0), _source(tiny_edm), progress=False)
+    probe = _CancelAt(10**9)
+    train_student(_cfg(tmp_path / "probe", iters=1, teacher_reuse=1.0), _source(tiny_edm), progress=False,
+                  callbacks=[probe])
+    per_iteration = probe.polls  # the teacher's solve, then the student's steps
+    cancel = _CancelAt(3 * per_iteration + 2)  # inside the fourth iteration's teacher solve
+    with pytest.raises(_Cancel):
+        train_student(_cfg(tmp_path / "b", teacher_reuse=1.0), _source(tiny_edm), progress=False, callbacks=[cancel])
+    assert cancel.polls == 3 * per_iteration + 2
+    assert ckpt.checkpoint_info(tmp_path / "b" / "checkpoints")["iteration"] == 3
+    assert json.loads((tmp_path / "b" / "status.json").read_text())["state"] == "interrupted"
+    resumed = train_student(_cfg(tmp_path / "b", teacher_reuse=1.0), _source(tiny_edm), resume=True,
+                            progress=False)
+    from distill_core.safetensors_io import load
+
+    a, b = load(straight.path)[0], load(resumed.path)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
