@@ -98,15 +98,17 @@ def check_interrupt() -> None:
 
 
 def send_event(event: str, data: dict) -> None:
-    """A custom event to the browser (``web/distill.js`` listens); nothing outside a ComfyUI server."""
+    """A custom event to the browser tab that queued the running prompt (``web/distill.js`` listens), as
+    ComfyUI sends its own progress; nothing outside a ComfyUI server."""
     if not in_comfyui():
         return
     try:
         from server import PromptServer
     except ImportError:
         return
-    if getattr(PromptServer, "instance", None) is not None:
-        PromptServer.instance.send_sync(event, data)
+    server = getattr(PromptServer, "instance", None)
+    if server is not None:
+        server.send_sync(event, data, getattr(server, "client_id", None))
 
 
 class NodeProgress(Callback):

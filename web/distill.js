@@ -26,9 +26,17 @@ function formatDuration(seconds) {
   return h ? `${h}h${String(m).padStart(2, "0")}m` : m ? `${m}m${String(r).padStart(2, "0")}s` : `${r}s`;
 }
 
+/** Whether a progress event belongs to this node: same id, and the run folder is the node's save_name
+ * (another open workflow may have a node with the same id). */
+function isRunOf(node, detail) {
+  const saveName = node.widgets?.find((w) => w.name === "save_name")?.value;
+  const run = String(detail.run ?? "");
+  return !saveName || run.endsWith(`/${saveName}`) || run.endsWith(`\\${saveName}`);
+}
+
 function onProgress({ detail }) {
   const node = app.graph?.getNodeById(Number(detail.node)) ?? app.graph?.getNodeById(detail.node);
-  if (!node) return;
+  if (!node || !isRunOf(node, detail)) return;
   const entry = progress.get(node.id) ?? { losses: [] };
   if (detail.iteration <= (entry.iteration ?? 0)) entry.losses = []; // a new (or resumed) run
   if (detail.loss > 0) entry.losses.push(Math.log10(detail.loss));
