@@ -226,3 +226,18 @@ def test_the_benchmark_trains_and_scores_it(pair, tmp_path):
     ours = [r for r in rows if r["method"] == NAME]
     assert len(ours) == 1 and ours[0]["nfe"] == 2 and ours[0]["teacher_evaluations"] == 2 * 16 * 2
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
+
+
+def test_ema_and_gradient_accumulation_work_per_group(pair, tmp_path):
+    """The run's ``ema`` averages the exported group only; with two micro-batches every update of either
+    group accumulates both halves of the batch before its optimizer steps."""
+    trainer = _trainer(tmp_path / "ema", ema=0.5, grad_accum=2)
+    assert set(trainer.ema) == {"generator"}
+    start = {k: v.clone() for k, v in trainer.ema["generator"].state_dict().items()}
+    result = trainer.fit()
+    live, ema = trainer.unwrapped("generator").state_dict(), trainer.ema["generator"].state_dict()
+    moved = [k for k in live if live[k].is_floating_point() and not torch.equal(live[k], start[k])]
+    assert moved and all(not torch.equal(ema[k], live[k]) for k in moved)
+    assert all(torch.equal(v, ema[k]) for k, v in result.student.state_dict().items())
+    lines = [json.loads(line) for line in (tmp_path / "ema" / "metrics.jsonl").read_text().splitlines()]
+    assert all(list(r["loss"]) == ["critic:0", "critic:1", "critic:2", "0"] for r in lines)
