@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.config import DistillConfig  # noqa: E402
-from distill_core.eval.benchmark import (  # noqa: E402  # noqa: E402
+from distill_core.eval.benchmark import (  # noqa: E402
     EvalSet,
     eval_set,
     evaluate,
