@@ -334,3 +334,14 @@ def test_a_cancel_is_answered_within_one_network_evaluation_and_resumes_exactly(
 
     a, b = load(straight.path)[0], load(resumed.path)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_written_files_are_readable_by_a_comfyui_running_as_another_user(tiny_edm, tmp_path):
+    old = os.umask(0o022)
+    try:
+        run = train_student(_cfg(tmp_path), _source(tiny_edm), progress=False)
+    finally:
+        os.umask(old)
+    for path in (run.path, tmp_path / "config.yaml", tmp_path / "status.json",
+                 tmp_path / "checkpoints" / ckpt.CHECKPOINT, tmp_path / "checkpoints" / ckpt.SIDECAR):
+        assert path.stat().st_mode & 0o777 == 0o644, path
