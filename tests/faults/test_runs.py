@@ -345,3 +345,38 @@ def test_written_files_are_readable_by_a_comfyui_running_as_another_user(tiny_ed
     for path in (run.path, tmp_path / "config.yaml", tmp_path / "status.json",
                  tmp_path / "checkpoints" / ckpt.CHECKPOINT, tmp_path / "checkpoints" / ckpt.SIDECAR):
         assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+@pytest.mark.parametrize("site", ["config", "report", "grid", "rows", "student", "status", "sidecar"])
+def test_a_full_disk_at_any_write_site_leaves_the_previous_file(tmp_path, monkeypatch, site):
+    """Every write goes through ``atomic.atomic_path``: a disk that fills up before the data reaches it
+    (here: the flush to disk fails) leaves the file that was there, and no temporary file."""
+    from distill_core import atomic
+    from distill_core.eval.benchmark import write_rows
+    from distill_core.report import save_grid, write_report
+    from distill_core.safetensors_io import save_atomic
+    from distill_core.train.status import write_status
+
+    writes = {
+        "config": (tmp_path / "config.yaml", lambda: DistillConfig().to_yaml(tmp_path / "config.yaml")),
+        "report": (tmp_path / "report.json",
+                   lambda: write_report(tmp_path, {"method": "sfd", "steps": 2, "rows": [], "config": {}})),
+        "grid": (tmp_path / "grid.png", lambda: save_grid([torch.zeros(2, 1, 4, 4)], tmp_path / "grid.png")),
+        "rows": (tmp_path / "rows.json", lambda: write_rows([{"method": "sfd"}], tmp_path / "rows.json")),
+        "student": (tmp_path / "s.safetensors",
+                    lambda: save_atomic({"w": torch.zeros(3)}, tmp_path / "s.safetensors", {"kind": "student"})),
+        "status": (tmp_path / "status.json", lambda: write_status(tmp_path, "running")),
+        "sidecar": (tmp_path / "checkpoint.json",
+                    lambda: ckpt.write_json(tmp_path / "checkpoint.json", {"iteration": 9})),
+    }
+    path, write = writes[site]
+    path.write_bytes(b"what the user had")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        write()
+    assert path.read_bytes() == b"what the user had"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
