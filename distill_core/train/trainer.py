@@ -337,16 +337,17 @@ class Trainer:
                 h.remove()
 
     def _cancellable_iteration(self) -> dict:
-        """An iteration that a cancel (a callback's poll raising) may stop part way. When no optimizer has
-        stepped yet (the teacher's solve, the long part), the draws and the method's state are put back as
-        they were and a checkpoint is written: a resume repeats the iteration exactly. Otherwise the last
-        checkpoint stands."""
+        """An iteration that a cancel (a callback's poll raising one of its ``cancels``, or Ctrl-C twice) may
+        stop part way. When no optimizer has stepped yet (the teacher's solve, the long part), the draws and
+        the method's state are put back as they were and a checkpoint is written: a resume repeats the
+        iteration exactly. Otherwise the last checkpoint stands."""
         before = (torch.get_rng_state(), self.plan_gen.get_state(), self.data_gen.get_state(),
                   copy.deepcopy(self.method.state_dict()), self.method.teacher_evaluations)
         self._stepped = False
+        cancels = (KeyboardInterrupt, *(t for cb in self.callbacks for t in cb.cancels))
         try:
             return self._iteration()
-        except BaseException:
+        except cancels:
             if not self._stepped:
                 torch.set_rng_state(before[0])
                 self.plan_gen.set_state(before[1])
