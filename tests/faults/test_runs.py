@@ -129,9 +129,10 @@ def test_leftover_temporary_files_of_a_kill_are_removed(tiny_edm, tmp_path):
     assert not any(p.exists() for p in leftovers)
 
 
-def test_a_killed_run_resumes_bit_exactly(tiny_edm, tmp_path):
-    """SIGKILL in the middle of a real run (a child process), then resume: the student equals the one of a
-    run that was never interrupted."""
+@pytest.mark.parametrize("delay", [0.0, 0.13, 0.41])
+def test_a_killed_run_resumes_bit_exactly(tiny_edm, tmp_path, delay):
+    """SIGKILL at points in the middle of a real run that checkpoints every iteration (a child process), then
+    resume: the student equals the one of a run that was never interrupted."""
     script = tmp_path / "run.py"
     script.write_text(f"""
 import sys, time, torch
@@ -145,28 +146,29 @@ from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
 from distill_core.train.run import train_student
 from distill_core.train.callbacks import Callback
-class Slow(Callback):
+class Slow(Callback):  # room to be killed in: the run being killed waits after each iteration
     def on_iteration(self, run, record):
-        time.sleep(0.3)
+        time.sleep(0.2)
 torch.set_num_threads(1)
 teacher = EDMDenoiser(randomise(UNet(TINY_UNET))).eval().requires_grad_(False)
 source = TeacherSource("tiny", teacher, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g),
                        torch.tensor([10]), 2.0)
 cfg = DistillConfig(steps=2, iters=12, batch=4, teacher_substeps=2, checkpoint_every=1, out=sys.argv[1])
-train_student(cfg, source, resume=sys.argv[2] == "resume", progress=False, callbacks=[Slow()])
+slow = [Slow()] if sys.argv[2] == "start" else []
+train_student(cfg, source, resume=sys.argv[2] == "resume", progress=False, callbacks=slow)
 """)
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(script), str(killed), "start"])
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "checkpoints" / ckpt.PREVIOUS).is_file():
         time.sleep(0.05)
-    time.sleep(0.4)
+    time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (killed / LOCK).is_file() and not (killed / "student.safetensors").exists()
     subprocess.run([sys.executable, str(script), str(killed), "resume"], check=True)
     straight = tmp_path / "straight"
-    subprocess.run([sys.executable, str(script), str(straight), "start"], check=True)
+    subprocess.run([sys.executable, str(script), str(straight), "straight"], check=True)
     from distill_core.safetensors_io import load
 
     a, b = load(killed / "student.safetensors")[0], load(straight / "student.safetensors")[0]
