@@ -287,12 +287,20 @@ def test_the_front_end_loads_the_workflows_and_draws_live_progress(server, tmp_p
                       " window.app.canvas.setDirty(true, true); }")
         page.wait_for_timeout(500)
         before = _sparkline_pixels(page.screenshot())
-        for i in range(1, 31):
-            page.evaluate("(d) => window.comfyAPI.api.api.dispatchCustomEvent('distill.progress', d)",
-                          {"node": "2", "iteration": i, "total": 40, "loss": 0.5 * 0.9**i * (1 + 0.2 * (i % 3)),
-                           "eta_s": 1.3 * (40 - i), "run": "r"})
-        page.evaluate("() => window.app.canvas.setDirty(true, true)")
-        page.wait_for_timeout(500)
+        save_name = json.loads((ROOT / "workflows" / "api" / "builtin_distill_4_steps.json").read_text())[
+            "2"]["inputs"]["save_name"]
+
+        def progress(run: str) -> None:
+            for i in range(1, 31):
+                page.evaluate("(d) => window.comfyAPI.api.api.dispatchCustomEvent('distill.progress', d)",
+                              {"node": "2", "iteration": i, "total": 40, "loss": 0.5 * 0.9**i * (1 + 0.2 * (i % 3)),
+                               "eta_s": 1.3 * (40 - i), "run": run})
+            page.evaluate("() => window.app.canvas.setDirty(true, true)")
+            page.wait_for_timeout(500)
+
+        progress("output/distill_runs/another_graphs_run")  # a node with the same id in another workflow
+        assert _sparkline_pixels(page.screenshot()) == before
+        progress(f"output/distill_runs/{save_name}")
         shot = page.screenshot()
         (tmp_path / "node_progress.png").write_bytes(shot)
         assert _sparkline_pixels(shot) > before + 100  # the loss line (anti-aliased, 1.5 px wide)
