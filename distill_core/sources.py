@@ -47,13 +47,13 @@ def teacher_source(name: str) -> TeacherSource:
 
 
 def comfy_source(base_model, positive: list, negative: list, width: int, height: int, guidance: float,
-                 name: str = "comfyui") -> TeacherSource:
+                 name: str = "comfyui", sampling=None) -> TeacherSource:
     """A ComfyUI model (``MODEL.model``, its BaseModel) with prompt conditions: every training
     trajectory draws one of the ``positive`` entries uniformly; the first ``negative`` entry is the
     unconditional side of CFG."""
     from distill_core.denoisers.comfy import ComfyDenoiser, encode_conditioning, latent_shape
 
-    denoiser = ComfyDenoiser(base_model)
+    denoiser = ComfyDenoiser(base_model, sampling)
     shape = latent_shape(base_model, width, height)
     both = encode_conditioning(base_model, list(positive) + list(negative[:1]), shape)
     n = len(positive)

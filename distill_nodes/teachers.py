@@ -65,12 +65,13 @@ class BuiltinTeacher:
       outputs=[TEACHER])
 class TeacherFromModel:
     def run(self, model, positive, negative, width: int, height: int, guidance: float, unique_id=None):
-        from distill_core.denoisers.comfy import refuse_unsupported
+        from distill_core.denoisers.comfy import model_sampling, refuse_unsupported
 
-        refuse_unsupported(model.model)
+        refuse_unsupported(model)  # this MODEL's own sampling, not the one its checkpoint's clones share
+        sampling = model_sampling(model)
 
         def build():
-            return comfy_source(model.model, positive, negative, width, height, guidance)
+            return comfy_source(model.model, positive, negative, width, height, guidance, sampling=sampling)
 
         return (TeacherHandle("comfyui", build, SD_SIGMA_MIN, guidance, model=model),)
 

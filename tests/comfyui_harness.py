@@ -11,7 +11,8 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         the student's sigmas and SAMPLER; prints JSON comparing it with the engine's own sampling of
         the student from the same initial latent.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
-        the same on a tiny model of that family built in memory with ComfyUI's model classes.
+        the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
+        a flow-patched clone is refused, then the plain model of the same checkpoint is distilled).
 """
 
 from __future__ import annotations
@@ -146,15 +147,16 @@ def family_probe(family: str, work: Path) -> dict:
     _init(base.diffusion_model, 3)
     model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                              offload_device=mm.unet_offload_device())
+    refused = None
     if spec["sampling"] == "flow":  # an SD3-style rectified-flow sampling patched on by the stock node
-        (model,) = ModelSamplingSD3().patch(model, 3.0)
-        mm.load_models_gpu([model])
+        (flow,) = ModelSamplingSD3().patch(model, 3.0)
+        mm.load_models_gpu([flow])  # the shared BaseModel now holds the flow clone's sampling
         try:
-            load_pack().NODE_CLASS_MAPPINGS["DistillTeacherFromModel"]().run(model, [], [], 64, 64, 5.0)
+            load_pack().NODE_CLASS_MAPPINGS["DistillTeacherFromModel"]().run(flow, [], [], 64, 64, 5.0)
         except ValueError as e:
-            return {"family": family, "refused": str(e)}
-        return {"family": family, "refused": None}
-    if spec["sampling"]:
+            refused = str(e)
+        # the plain MODEL of the same checkpoint, after its flow clone ran: accepted, and distilled below
+    elif spec["sampling"]:
         (model,) = ModelSamplingDiscrete().patch(model, spec["sampling"], False)
 
     def entry(seed: int) -> list:
@@ -168,7 +170,8 @@ def family_probe(family: str, work: Path) -> dict:
                                 lambda name: stock.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0])
     mm.load_models_gpu([model])
     kinds = [c.__name__ for c in type(model.model.model_sampling).__mro__]
-    return {**result, "family": family, "prediction": next(k for k in kinds if k in ("EPS", "V_PREDICTION")),
+    return {**result, "family": family, "refused": refused,
+            "prediction": next(k for k in kinds if k in ("EPS", "V_PREDICTION")),
             "has_adm": "y" in model.model.extra_conds(cross_attn=torch.zeros(1, 77, spec["context"]),
                                                        **({} if spec["pooled"] is None else
                                                           {"pooled_output": torch.zeros(1, spec["pooled"])}))}

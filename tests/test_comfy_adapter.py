@@ -93,6 +93,20 @@ def test_flow_models_and_other_objects_are_refused():
     assert latent_shape(FakeBaseModel(), 512, 768) == (4, 96, 64)
 
 
+def test_a_plain_model_is_judged_by_its_own_sampling_not_a_flow_clones():
+    """After a flow-patched clone of a checkpoint ran, the shared BaseModel holds the clone's flow sampling:
+    the plain MODEL is still accepted, with its own sigma range, and the flow clone is still refused."""
+    base = FakeBaseModel(EPS())
+    plain = FakePatcher(base, EPS())
+    flow = FakePatcher(base, CONST())
+    base.model_sampling = flow.sampling  # the flow clone was loaded last
+    refuse_unsupported(plain)
+    with pytest.raises(ValueError, match="flow-matching"):
+        refuse_unsupported(flow)
+    d = ComfyDenoiser(plain.model, plain.get_model_object("model_sampling"))
+    assert (d.sigma_min, d.sigma_max) == (float(EPS().sigma_min), float(EPS().sigma_max))
+
+
 def test_conditioning_entries_with_different_token_counts_are_tiled_without_changing_the_output():
     base = FakeBaseModel()
     short, long = _entry(3, 1), _entry(6, 2)
@@ -151,10 +165,15 @@ def test_a_lora_student_of_a_comfy_model_merges_into_diffusion_model_keys(tmp_pa
 
 # ------------------------------------------------------------------ the nodes on a stand-in MODEL
 class FakePatcher:
-    """A ComfyUI MODEL (ModelPatcher): the BaseModel is ``.model``."""
+    """A ComfyUI MODEL (ModelPatcher): the BaseModel is ``.model``; an object patch of ``model_sampling``
+    is this clone's own, installed on the shared BaseModel only when the clone is loaded."""
 
-    def __init__(self, base):
-        self.model = base
+    def __init__(self, base, sampling=None):
+        self.model, self.sampling = base, sampling
+
+    def get_model_object(self, name: str):
+        assert name == "model_sampling"
+        return self.sampling if self.sampling is not None else self.model.model_sampling
 
 
 class FakeClip:

@@ -77,10 +77,14 @@ def test_sdxl_and_v_prediction_models_distil_into_loras_the_stock_loader_reprodu
     assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
 
 
-def test_flow_matching_models_are_refused_with_a_message(tmp_path):
+def test_flow_matching_models_are_refused_and_a_plain_clone_still_distils(tmp_path):
+    """A flow-patched clone (ModelSamplingSD3) is refused at the teacher node; after it ran, the plain MODEL
+    of the same checkpoint (whose shared BaseModel then held the flow sampling) is accepted and its LoRA
+    student samples in ComfyUI as in the engine."""
     out = _harness("family-probe", "sd15-flow", str(tmp_path)).stdout
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
     assert result["refused"] and "flow-matching" in result["refused"]
+    assert result["prediction"] == "EPS" and result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
 
 
 # ------------------------------------------------------------------ a real server

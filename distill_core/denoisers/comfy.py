@@ -5,7 +5,9 @@ c_crossattn=..., y=...)`` already takes sigma (not a timestep) and returns the x
 every prediction type (eps, v, EDM), through its ``model_sampling``: exactly the engine's
 ``D(x, sigma, cond)``. So the adapter only moves conditions into its keyword arguments. Flow-matching
 models (SD3, Flux, ...: ``model_sampling`` of the CONST family, x = (1 - sigma) x0 + sigma n) live in a
-different noise convention and are refused with a clear message.
+different noise convention and are refused with a clear message. A MODEL's model sampling is read
+through its patcher (``model_sampling``): clones of one checkpoint share the BaseModel, whose attribute
+holds the sampling of whichever clone was loaded last.
 
 Nothing here imports ComfyUI: the adapter uses the model object it is given, so CI tests it with a
 stand-in, and a real ComfyUI checkout runs the gated tests.
@@ -21,9 +23,20 @@ from torch import nn
 from distill_core.denoisers.base import Cond, expand_sigma
 
 
-def refuse_unsupported(base_model: nn.Module) -> None:
-    """A clear error for models whose noise convention the engine does not speak."""
-    sampling = getattr(base_model, "model_sampling", None)
+def model_sampling(model):
+    """The noise convention of a ComfyUI MODEL (a ModelPatcher) or BaseModel. A patcher's own, through
+    ``get_model_object`` (what its object patches, e.g. ModelSamplingSD3, install when it is loaded): the
+    BaseModel's attribute is shared by every clone of a checkpoint and holds whichever clone ran last."""
+    if hasattr(model, "get_model_object"):
+        return model.get_model_object("model_sampling")
+    return getattr(model, "model_sampling", None)
+
+
+def refuse_unsupported(model, sampling=None) -> None:
+    """A clear error for models whose noise convention the engine does not speak; ``model`` is a MODEL (a
+    ModelPatcher) or its BaseModel, ``sampling`` its model sampling (default: ``model_sampling(model)``)."""
+    base_model = model.model if hasattr(model, "get_model_object") else model
+    sampling = sampling if sampling is not None else model_sampling(model)
     if sampling is None or not hasattr(base_model, "apply_model"):
         raise TypeError(
             f"expected a ComfyUI model (MODEL from Load Checkpoint: a ModelPatcher whose .model has "
@@ -39,13 +52,14 @@ def refuse_unsupported(base_model: nn.Module) -> None:
 
 class ComfyDenoiser(nn.Module):
     """``D(x, sigma, cond) = base_model.apply_model(x, sigma, **cond)``, cond a dict such as
-    ``{"c_crossattn": [B, T, C], "y": [B, adm]}`` (see ``encode_conditioning``)."""
+    ``{"c_crossattn": [B, T, C], "y": [B, adm]}`` (see ``encode_conditioning``). ``sampling``: the MODEL's
+    own model sampling (``model_sampling(patcher)``), which is the BaseModel's once the MODEL is loaded."""
 
-    def __init__(self, base_model: nn.Module):
+    def __init__(self, base_model: nn.Module, sampling=None):
         super().__init__()
-        refuse_unsupported(base_model)
+        sampling = sampling if sampling is not None else base_model.model_sampling
+        refuse_unsupported(base_model, sampling)
         self.base = base_model
-        sampling = base_model.model_sampling
         self.sigma_min, self.sigma_max = float(sampling.sigma_min), float(sampling.sigma_max)
 
     @property
