@@ -11,7 +11,7 @@ import torch
 from distill_core.config import DistillConfig
 from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import build_method
-from distill_core.students import save_student
+from distill_core.students import StudentNet, save_student
 from distill_core.train.callbacks import Callback, TqdmProgress
 from distill_core.train.checkpoint import checkpoint_info
 from distill_core.train.runlock import run_lock
@@ -73,6 +73,5 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
 
 def release_teacher(net: torch.nn.Module) -> None:
     """Detach a LoRA student's adapters from the teacher network they were hooked into."""
-    adapters = getattr(net, "lora", None)
-    if adapters is not None:
-        adapters.detach()
+    if isinstance(net, StudentNet) and net.lora is not None:
+        net.lora.detach()
