@@ -80,6 +80,12 @@ def test_smoothing():
     assert runs.smooth([0.0, 10.0], 0.5) == pytest.approx([0.0, 10 * 0.5 / 0.75])
 
 
+def test_curves_are_labelled_by_student_step_or_network_group():
+    from distill_core.panel.app import update_label
+
+    assert update_label("2") == "step 2" and update_label("critic:0") == "critic 0"
+
+
 # ----------------------------------------------------------------- a launched panel
 
 
@@ -172,6 +178,25 @@ def test_a_foreign_host_header_is_refused(panel):
     assert not (root / "evil").exists()
     ok = urllib.request.Request(client.src.rstrip("/") + "/gradio_api/info", headers={"Host": "localhost"})
     assert urllib.request.urlopen(ok, timeout=10).status == 200
+
+
+def test_auth_keeps_the_api_behind_a_login(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from distill_core.panel.app import build
+    from distill_core.panel.launch import serve_options
+
+    fake_run(tmp_path, "done", 20, state="finished", report=True)
+    app = build(tmp_path)
+    _, url, _ = app.launch(prevent_thread_lock=True, quiet=True, **serve_options(auth=("ann", "secret")))
+    try:
+        for path in ("/gradio_api/info", "/config"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(url.rstrip("/") + path, timeout=10)
+            assert err.value.code == 401
+    finally:
+        app.close()
 
 
 def test_start_and_stop_leave_a_resumable_checkpoint(panel):

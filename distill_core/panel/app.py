@@ -76,6 +76,13 @@ def runs_rows(root: Path, jobs: Jobs) -> list[list[str]]:
     return rows
 
 
+def update_label(index: str) -> str:
+    """The legend of one update's curve: "step 2" for the exported network's student steps, "critic 0" for
+    another network group's updates."""
+    group, _, number = index.rpartition(":")
+    return f"{group} {number}" if group else f"step {index}"
+
+
 def _curves(records: list[dict], key: str, smoothing: float) -> pd.DataFrame:
     """Long-format frame (iter, value, series) of ``key`` per student step index, smoothed."""
     per_step: dict[str, list[tuple[int, float]]] = {}
@@ -86,7 +93,7 @@ def _curves(records: list[dict], key: str, smoothing: float) -> pd.DataFrame:
     for index in sorted(per_step, key=lambda k: (len(k), k)):
         iters, values = zip(*per_step[index])
         frames.append(pd.DataFrame(
-            {"iter": iters, key: runs.smooth(list(values), smoothing), "student step": f"step {index}"}
+            {"iter": iters, key: runs.smooth(list(values), smoothing), "student step": update_label(index)}
         ))
     return pd.concat(frames) if frames else pd.DataFrame({"iter": [], key: [], "student step": []})
 
