@@ -109,15 +109,15 @@ POOL = 1024
 
 
 def teacher_probe(teacher: CFGTeacher, source: TeacherSource, cfg, sigma_max: float) -> phases.Probe:
-    """The probe of ``phases.probe`` on ``cfg.probe_batch`` trajectories (cached per teacher and settings)."""
-    key = (fingerprint(source.denoiser), teacher.w, cfg.sigma_min, sigma_max, cfg.probe_batch, cfg.probe_steps,
-           cfg.seed)
+    """The probe of ``phases.probe`` on ``probe_batch`` trajectories (cached per teacher and settings)."""
+    batch, steps = cfg.options.probe_batch, cfg.options.probe_steps
+    key = (fingerprint(source.denoiser), teacher.w, cfg.sigma_min, sigma_max, batch, steps, cfg.seed)
     if key not in _PROBES:
         gen = torch.Generator().manual_seed(cfg.seed + 4242)
-        noise = torch.randn((cfg.probe_batch, *source.shape), generator=gen) * sigma_max
-        cond, device = source.draw_cond(cfg.probe_batch, gen), next(source.denoiser.parameters()).device
+        noise = torch.randn((batch, *source.shape), generator=gen) * sigma_max
+        cond, device = source.draw_cond(batch, gen), next(source.denoiser.parameters()).device
         _PROBES[key] = phases.probe(teacher, noise.to(device), move_cond(cond, device), cfg.sigma_min, sigma_max,
-                                    cfg.probe_steps)
+                                    steps)
     return _PROBES[key]
 
 
@@ -168,6 +168,7 @@ class Phased(Method):
         if cfg.guidance_mode != "distilled":
             raise ValueError("phased distillation distils guidance into the student (guidance_mode 'distilled')")
         self.source, self.cfg, self.opts = source, cfg, cfg.options
+        opts = self.opts
         self.w = source.scale(cfg.guidance)
         self.teacher = CFGTeacher(source.denoiser, self.w, source.uncond)
         self.teacher_fingerprint = fingerprint(source.denoiser)
@@ -175,17 +176,17 @@ class Phased(Method):
         self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            denoiser = lighter_student(source.denoiser, cfg.student_width, cfg.student_depth, cfg.student_init)
-        if cfg.grad_checkpointing:
+            denoiser = lighter_student(source.denoiser, opts.student_width, opts.student_depth, opts.student_init)
+        if opts.grad_checkpointing:
             enable_checkpointing(denoiser)
         self.nets = {"student": StudentNet(denoiser).train()}
         self.architecture = architecture(denoiser)
-        needs_probe = cfg.partition == "adaptive" or cfg.phase_weights == "variance"
+        needs_probe = opts.partition == "adaptive" or opts.phase_weights == "variance"
         self.probe = teacher_probe(self.teacher, source, cfg, self.sigma_max) if needs_probe else None
-        self.partition = phases.partition(cfg.partition, cfg.phases, self.sigma_min, self.sigma_max, self.probe)
-        self.alpha = phases.phase_weights(self.partition, cfg.phase_weights, self.probe)
+        self.partition = phases.partition(opts.partition, opts.phases, self.sigma_min, self.sigma_max, self.probe)
+        self.alpha = phases.phase_weights(self.partition, opts.phase_weights, self.probe)
         self.sigmas = {cfg.steps: phased(cfg.steps, self.partition.refinement)}
-        probed = 0 if self.probe is None else cfg.probe_batch * (cfg.probe_steps + 1)
+        probed = 0 if self.probe is None else opts.probe_batch * (opts.probe_steps + 1)
         self.teacher_evaluations = probed * self.teacher.evaluations()
         self._inputs = None
         self._pool: dict | None = None
@@ -214,13 +215,13 @@ class Phased(Method):
         """The source of x ~ p_t (built on first use: MNIST is read, or teacher trajectories solved)."""
         if self._inputs is None:
             cfg = self.cfg
-            if cfg.phase_inputs == "data":
+            if cfg.options.phase_inputs == "data":
                 self._inputs = DataInputs(self.source.shape)
             else:
-                n = cfg.teacher_pool or TRAJECTORIES
+                n = cfg.options.teacher_pool or TRAJECTORIES
                 gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17)
                 self._inputs = TrajectoryInputs(self.teacher, self.source, n, self.sigma_min, self.sigma_max,
-                                                cfg.probe_steps, gen)
+                                                cfg.options.probe_steps, gen)
                 self.teacher_evaluations += self._inputs.evaluations * self.teacher.evaluations()
                 self._inputs.to(next(self.student.parameters()).device)
         return self._inputs
@@ -232,7 +233,7 @@ class Phased(Method):
 
     def draw(self, batch: int, generator: torch.Generator, device: torch.device):
         """(x, sigma, phase, cond, teacher target) for one micro-batch."""
-        if self.cfg.teacher_pool or self.cfg.target_ema:
+        if self.cfg.options.teacher_pool or self.cfg.options.target_ema:
             return self._from_pool(batch, generator, device)
         base, cond = self.inputs().draw(batch, generator)
         k = phases.draw_phases(self.partition.K, batch, generator)
@@ -250,13 +251,13 @@ class Phased(Method):
         cfg = self.cfg
         if self._pool is None:
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + 29)
-            n = cfg.teacher_pool or POOL
+            n = cfg.options.teacher_pool or POOL
             base, cond = self.inputs().draw(n, gen)
             k = phases.draw_phases(self.partition.K, n, gen)
             sigma = phases.draw_sigmas(self.partition, k, gen).to(device)
             base, cond = tuple(b.to(device) for b in base), move_cond(cond, device)
             pool = {"base": base, "cond": cond, "k": k.to(device), "sigma": sigma}
-            if not cfg.target_ema:
+            if not cfg.options.target_ema:
                 x = self.inputs().at(base, sigma)
                 chunks = torch.arange(n, device=device).split(cfg.batch)
                 targets = [self._teacher(x[ix], sigma[ix], index_cond(cond, ix)) for ix in chunks]
@@ -268,19 +269,20 @@ class Phased(Method):
         pool = self._pool
         idx = torch.randint(pool["k"].shape[0], (batch,), generator=generator).to(device)
         k, sigma, cond = pool["k"][idx], pool["sigma"][idx], index_cond(pool["cond"], idx)
-        if not cfg.target_ema:
+        if not cfg.options.target_ema:
             return pool["x"][idx], sigma, k, cond, pool["target"][idx]
         x = self.inputs().at(self.inputs().redraw(tuple(b[idx] for b in pool["base"]), generator), sigma)
         fresh = self._teacher(x, sigma, cond)
         seen = pool["seen"][idx].view(-1, *([1] * (x.ndim - 1)))
-        target = torch.where(seen, cfg.target_ema * pool["target"][idx] + (1 - cfg.target_ema) * fresh, fresh)
+        beta = cfg.options.target_ema
+        target = torch.where(seen, beta * pool["target"][idx] + (1 - beta) * fresh, fresh)
         pool["target"][idx], pool["seen"][idx] = target, True
         return x, sigma, k, cond, target
 
     def losses(self, plan: dict, micro: MicroBatch, generator: torch.Generator) -> Iterator[StepLoss]:
         device, batch = next(self.student.parameters()).device, micro.size
-        if self.cfg.spectral_norm:
-            clip_spectral_norms(getattr(self.student, "module", self.student), self.cfg.spectral_norm,
+        if self.cfg.options.spectral_norm:
+            clip_spectral_norms(getattr(self.student, "module", self.student), self.cfg.options.spectral_norm,
                                 self._sn_vectors)
         x, sigma, k, cond, target = self.draw(batch, generator, device)
         weights = phases.sample_weights(self.alpha.to(device), k)
@@ -294,7 +296,7 @@ class Phased(Method):
     @torch.no_grad()
     def preview(self, noise: torch.Tensor, cond: Cond) -> torch.Tensor:
         sigmas = self.sigmas[self.cfg.steps].to(noise.device)
-        return SOLVERS[self.cfg.phased_solver](AtSteps(self.student, None), noise, sigmas, cond)
+        return SOLVERS[self.cfg.options.phased_solver](AtSteps(self.student, None), noise, sigmas, cond)
 
     def card(self) -> dict:
         cfg = self.cfg
@@ -303,21 +305,21 @@ class Phased(Method):
             self.sampler,
             [cfg.steps],
             self.sigmas,
-            {"name": "phased", "partition": cfg.partition, "refinement": self.partition.refinement},
+            {"name": "phased", "partition": cfg.options.partition, "refinement": self.partition.refinement},
             "distilled",
             self.w,
             self.teacher_fingerprint,
             teacher=self.source.name,
-            solver=cfg.phased_solver,
+            solver=cfg.options.phased_solver,
             architecture=self.architecture,
-            phases={**self.partition.to_dict(), "alpha": cfg.phase_weights, "weights": self.alpha.tolist()},
+            phases={**self.partition.to_dict(), "alpha": cfg.options.phase_weights, "weights": self.alpha.tolist()},
             training={
-                "phase_inputs": cfg.phase_inputs,
-                "target_ema": cfg.target_ema,
-                "teacher_pool": cfg.teacher_pool,
-                "student_width": cfg.student_width,
-                "student_depth": cfg.student_depth,
-                "student_init": cfg.student_init,
+                "phase_inputs": cfg.options.phase_inputs,
+                "target_ema": cfg.options.target_ema,
+                "teacher_pool": cfg.options.teacher_pool,
+                "student_width": cfg.options.student_width,
+                "student_depth": cfg.options.student_depth,
+                "student_init": cfg.options.student_init,
                 "lr": cfg.lr,
                 "iters": cfg.iters,
                 "batch": cfg.batch,
