@@ -62,8 +62,7 @@ def widget_input(widget: Widget, setting: Setting | None, method_names: list[str
     options = {k: v for k, v in (("min", widget.min if widget.min is not None else setting.min),
                                  ("max", widget.max if widget.max is not None else setting.max),
                                  ("step", widget.step)) if v is not None}
-    if setting.kind is int:
-        options = {**options, "min": max(1, int(options.get("min", 1)))}
+    options = {k: setting.kind(v) if k in ("min", "max") else v for k, v in options.items()}
     if setting.kind is float:
         options["round"] = False
     return In(widget.name, SOCKETS[setting.kind], help_text, default, options=options)
