@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.config import DistillConfig  # noqa: E402
-from distill_core.eval.benchmark import eval_set, format_table, solver_rows, student_rows, write_rows  # noqa: E402  # noqa: E402
+from distill_core.eval.benchmark import eval_set, format_table, solver_rows, student_rows, write_rows  # noqa: E402
 from distill_core.methods.registry import method_class, methods  # noqa: E402
 from distill_core.sources import builtin_source  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
