@@ -3,7 +3,9 @@ the solver that samples it, read by engine sampling (``sample``), the ComfyUI SA
 (``k_sampler``) and the panel alike.
 
 * ``euler_afs``: few-step Euler on the stored schedule, the first step analytic when the card says so;
-* ``solver``: the training-free solver the card names (``card["solver"]``) on the stored schedule.
+* ``solver``: the training-free solver the card names (``card["solver"]``) on the stored schedule;
+* ``renoise``: the multistep sampler of consistency and distribution-matching students (the stock
+  ``lcm`` sampler of ComfyUI): denoise, then noise afresh to the next level (``renoise``).
 
 Few-step Euler, one step per interval of the stored schedule:
 
@@ -18,6 +20,7 @@ the schedule is sigma_min (no final step to 0): the student's output there is th
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -90,8 +93,41 @@ def _named_solver(card: dict) -> Solve:
     return solve
 
 
+def renoise(denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: Cond = None,
+            callback: Callable[[dict], None] | None = None, center=None) -> torch.Tensor:
+    """Multistep sampling of a student that maps any noise level to an image (Song et al. 2023, Alg. 1;
+    DMD2's multistep generator):
+
+        x0_i = G(x_i, sigma_i),   x_{i+1} = x0_i + sigma_{i+1} n_i,   n_i ~ N(0, I) drawn afresh,
+
+    ending with the image x0 where the schedule reaches 0. The fresh noise of each sample is drawn from a
+    generator seeded by that sample's starting noise (``renoise_noise``): the same noise gives the same
+    image, in any batch."""
+    sigmas = sigmas.to(x.device)
+    fresh = renoise_noise(x, len(sigmas) - 1)
+    for i in range(len(sigmas) - 1):
+        x = denoiser(x, sigmas[i], cond)
+        if sigmas[i + 1] > 0:
+            x = x + sigmas[i + 1] * fresh[i]
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigmas[i + 1]})
+    return x
+
+
+def renoise_noise(x: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """``steps`` standard normal draws shaped like ``x``, each sample's from a generator seeded by the CRC of
+    its own values in ``x``."""
+    draws = []
+    for sample in x.detach().float().cpu():
+        gen = torch.Generator().manual_seed(zlib.crc32(sample.numpy().tobytes()))
+        draws.append(torch.randn((steps, *sample.shape), generator=gen))
+    return list(torch.stack(draws, 1).to(x.device, x.dtype))
+
+
 #: sampler key (a method's ``sampler``, stored in its student files) -> the solver for a card
-SAMPLERS: dict[str, Callable[[dict], Solve]] = {"euler_afs": _euler_afs, "solver": _named_solver}
+SAMPLERS: dict[str, Callable[[dict], Solve]] = {
+    "euler_afs": _euler_afs, "solver": _named_solver, "renoise": lambda card: renoise,
+}
 
 
 def sampler_for(card: dict) -> Solve:

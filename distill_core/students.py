@@ -8,6 +8,10 @@ A student is its teacher's denoiser made trainable, in one of two kinds:
   (``AdaptersOff``), so only one copy of the base weights is in memory. Its file holds only the
   adapters, in the key format of ComfyUI's stock LoRA loader.
 
+A method that trains several networks of the teacher's architecture (DMD2: a generator and a fake
+score) gets them from ``make_networks``: full copies, or one set of adapters each on the one shared
+base ("shared base"), where each network's forward pass switches its siblings' adapters off.
+
 A step-conditioned student (SFD-v) adds an embedding of the step count (NFE): a sinusoidal
 embedding through its own two-layer MLP whose last layer starts at zero, so the new student
 starts as the teacher. The embedding is added next to the time embedding, so every block sees it:
@@ -26,8 +30,10 @@ carries their table as the tensor ``afs.class_means``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +88,8 @@ class StudentNet(nn.Module):
         self.denoiser = denoiser
         self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
         self.lora = None
+        #: adapters of other networks on the same base (``make_networks``), off during this one's forward
+        self.siblings: list[LoRAAdapters] = []
         if lora is not None:
             denoiser.requires_grad_(False)
             root, under = lora_target(denoiser)
@@ -123,6 +131,10 @@ class StudentNet(nn.Module):
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None, nfe: int | None = None
     ):
+        with disabled(self.siblings):
+            return self._forward(x, sigma, cond, nfe)
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond, nfe: int | None):
         if self.step_embed is None:
             return self.denoiser(x, sigma, cond)
         if nfe is None:
@@ -159,29 +171,53 @@ def _injection_point(denoiser: nn.Module) -> tuple[str, int]:
 
 
 class AdaptersOff:
-    """The teacher of a LoRA student: the shared network with the adapters switched off."""
+    """The teacher of LoRA students: the shared network with every set of adapters switched off."""
 
-    def __init__(self, denoiser: nn.Module, adapters: LoRAAdapters):
-        self.denoiser, self.adapters = denoiser, adapters
+    def __init__(self, denoiser: nn.Module, adapters: list[LoRAAdapters]):
+        self.denoiser, self.adapters = denoiser, list(adapters)
         self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
-        with self.adapters.disabled():
+        with disabled(self.adapters):
             return self.denoiser(x, sigma, cond)
+
+
+@contextlib.contextmanager
+def disabled(adapter_sets: list[LoRAAdapters]) -> Iterator[None]:
+    """Every set of ``adapter_sets`` switched off inside the block."""
+    with contextlib.ExitStack() as stack:
+        for adapters in adapter_sets:
+            stack.enter_context(adapters.disabled())
+        yield
+
+
+def make_networks(
+    denoiser: nn.Module, names: tuple[str, ...], kind: str = "full", rank: int = 16, alpha: float | None = None,
+    step_conditioned: bool = False,
+) -> tuple[dict[str, StudentNet], nn.Module | AdaptersOff]:
+    """Trainable networks ``names``, each starting as ``denoiser``, and the teacher denoiser to use next to
+    them: for ``full``, a copy of ``denoiser`` each and the original as the teacher; for ``lora``, one set of
+    adapters each on ``denoiser`` itself (one copy of the base weights however many networks), each network's
+    forward with its siblings' adapters off, and the base with every adapter off as the teacher."""
+    if kind not in STUDENT_KINDS:
+        raise ValueError(f"student kind must be one of {list(STUDENT_KINDS)}, got {kind!r}")
+    if kind == "full":
+        nets = {n: StudentNet(copy.deepcopy(denoiser).requires_grad_(True), step_conditioned) for n in names}
+        return nets, denoiser
+    nets = {n: StudentNet(denoiser, step_conditioned, lora={"rank": rank, "alpha": alpha}) for n in names}
+    for name, net in nets.items():
+        net.siblings = [other.lora for other_name, other in nets.items() if other_name != name]
+    return nets, AdaptersOff(denoiser, [net.lora for net in nets.values()])
 
 
 def make_student(
     denoiser: nn.Module, step_conditioned: bool = False, kind: str = "full", rank: int = 16,
     alpha: float | None = None,
 ) -> tuple[StudentNet, nn.Module | AdaptersOff]:
-    """A trainable student of ``denoiser`` and the teacher denoiser to use next to it (the original
-    for a full student, the adapters-off view of the shared network for a LoRA student)."""
-    if kind not in STUDENT_KINDS:
-        raise ValueError(f"student kind must be one of {list(STUDENT_KINDS)}, got {kind!r}")
-    if kind == "full":
-        return StudentNet(copy.deepcopy(denoiser).requires_grad_(True), step_conditioned), denoiser
-    net = StudentNet(denoiser, step_conditioned, lora={"rank": rank, "alpha": alpha})
-    return net, AdaptersOff(denoiser, net.lora)
+    """A trainable student of ``denoiser`` and the teacher denoiser to use next to it (``make_networks``
+    of one network)."""
+    nets, teacher = make_networks(denoiser, ("student",), kind, rank, alpha, step_conditioned)
+    return nets["student"], teacher
 
 
 class AtSteps:

@@ -1,0 +1,192 @@
+"""Distribution matching (DMD2 and the loop it shares): the generator schedule and its renoise sampler,
+backward simulation, the DMD gradient, the shared base (two LoRAs on one copy of the weights), the
+student file, and bit-exact resumes."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from distill_core.config import DistillConfig
+from distill_core.methods import build_method
+from distill_core.methods.base import MicroBatch, TeacherSource
+from distill_core.methods.distribution import generator_schedule, karras_at
+from distill_core.methods.dmd2 import dmd_gradient
+from distill_core.safetensors_io import read_card
+from distill_core.sampling import renoise, sample
+from distill_core.students import load_student
+from distill_core.train.callbacks import StopAt
+from distill_core.train.run import train_student
+from distill_core.train.trainer import Trainer
+
+
+def tiny_source(denoiser, w: float = 2.0) -> TeacherSource:
+    return TeacherSource("tiny", denoiser, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g),
+                         torch.tensor([10]), w, classes=10)
+
+
+def dmd2(tiny_edm, out=None, **kw):
+    settings = {"method": "dmd2", "steps": 2, "batch": 4, "iters": 4, "critic_updates": 2, "student": "lora",
+                "lora_rank": 2, "seed": 1, "out": str(out or "unused"), "checkpoint_every": 2, **kw}
+    return build_method(tiny_source(tiny_edm), DistillConfig(**settings))
+
+
+def storage(method) -> int:
+    """Bytes of distinct parameter storage held by the method's networks and its teacher."""
+    seen, total = set(), 0
+    modules = [*method.nets.values(), method.source.denoiser]
+    for p in (p for m in modules for p in m.parameters()):
+        ptr = p.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += p.untyped_storage().nbytes()
+    return total
+
+
+def test_generator_schedule_ends_at_zero_after_k_karras_points():
+    assert generator_schedule(1, 0.006, 80.0, 7.0).tolist() == [80.0, 0.0]
+    s = generator_schedule(4, 0.006, 80.0, 7.0)
+    assert len(s) == 5 and s[0] == 80.0 and s[-1] == 0 and bool((s[:-1].diff() < 0).all())
+    u = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(karras_at(u, 0.006, 80.0, 7.0), torch.tensor([80.0, 0.006], dtype=torch.float64))
+
+
+def test_renoise_denoises_then_noises_afresh_the_same_way_in_any_batch():
+    seen = []
+
+    def denoiser(x, sigma, cond=None):
+        seen.append(float(sigma))
+        return torch.full_like(x, 0.5)
+
+    sigmas = torch.tensor([80.0, 2.0, 0.0])
+    x = torch.randn(6, 1, 4, 4) * 80
+    out = renoise(denoiser, x, sigmas)
+    assert seen == [80.0, 2.0] and torch.equal(out, torch.full_like(x, 0.5))  # the last step's image
+
+    def noisy(x, sigma, cond=None):
+        return x / (1 + sigma)
+
+    whole = renoise(noisy, x, sigmas)
+    halves = torch.cat([renoise(noisy, x[:3], sigmas), renoise(noisy, x[3:], sigmas)])
+    assert torch.equal(whole, halves)
+    first = renoise(noisy, x, torch.tensor([80.0, 2.0, 0.5]))
+    assert not torch.allclose(first, whole)
+
+
+def test_dmd_gradient_points_from_the_fake_score_to_the_real_one():
+    x0 = torch.randn(3, 1, 4, 4)
+    real = torch.randn(3, 1, 4, 4)
+    assert torch.equal(dmd_gradient(x0, real, real), torch.zeros_like(x0))
+    g = dmd_gradient(x0, real, fake=x0)  # p_fake = 0: g = p_real / mean |p_real|
+    assert torch.allclose(g.abs().flatten(1).mean(1), torch.ones(3))
+    assert torch.allclose(g, (x0 - real) / (x0 - real).abs().flatten(1).mean(1).view(-1, 1, 1, 1))
+
+
+def test_generator_loss_has_the_dmd_gradient(tiny_edm):
+    m = dmd2(tiny_edm)
+    x0 = torch.randn(4, 1, 8, 8, requires_grad=True)
+    cond = torch.tensor([1, 2, 3, 4])
+    gen = torch.Generator().manual_seed(0)
+    m.generator_loss(x0, cond, MicroBatch(0, 1, 4), gen).backward()
+    gen = torch.Generator().manual_seed(0)
+    sigma = m.draw_noise_levels(4, gen, x0.device)
+    x_t = x0.detach() + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen)
+    with torch.no_grad():
+        g = dmd_gradient(x0.detach(), m.teacher(x_t, sigma, cond), m.nets["fake_score"](x_t, sigma, cond))
+    assert torch.allclose(x0.grad, g / x0.numel(), atol=1e-7)
+
+
+def test_at_guidance_one_the_fresh_fake_score_is_the_real_score(tiny_edm):
+    """Both start as the teacher: without guidance the score gap, hence the generator's gradient, is zero."""
+    m = dmd2(tiny_edm, guidance=1.0)
+    x0 = torch.randn(4, 1, 8, 8, requires_grad=True)
+    m.generator_loss(x0, torch.arange(4), MicroBatch(0, 1, 4), torch.Generator().manual_seed(0)).backward()
+    assert x0.grad.abs().max() < 1e-6
+    m = dmd2(tiny_edm, guidance=3.0)
+    x0 = torch.randn(4, 1, 8, 8, requires_grad=True)
+    m.generator_loss(x0, torch.arange(4), MicroBatch(0, 1, 4), torch.Generator().manual_seed(0)).backward()
+    assert x0.grad.abs().max() > 1e-4
+
+
+def test_shared_base_holds_one_copy_of_the_weights(tiny_edm):
+    base = sum(p.numel() * p.element_size() for p in tiny_edm.parameters())
+    lora = dmd2(copy.deepcopy(tiny_edm))
+    full = dmd2(copy.deepcopy(tiny_edm), student="full")
+    adapters = sum(p.numel() * p.element_size() for net in lora.nets.values() for p in net.lora.parameters())
+    assert storage(lora) <= base + adapters + 1024  # one base (+ the adapters' small buffers)
+    assert storage(full) >= 3 * base  # teacher, generator and fake score
+    assert [p for p in lora.source.denoiser.parameters() if p.requires_grad] == []
+
+
+def test_each_network_of_the_shared_base_sees_only_its_own_adapters(tiny_edm):
+    m = dmd2(copy.deepcopy(tiny_edm))
+    x, sigma, cond = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 3.0]), torch.tensor([1, 2])
+    with torch.no_grad():
+        teacher, generator = tiny_edm(x, sigma, cond), m.generator(x, sigma, cond)
+        for p in m.nets["fake_score"].lora.parameters():
+            p.add_(0.5)
+        assert torch.equal(m.generator(x, sigma, cond), generator)  # the fake score's adapters are off
+        assert torch.equal(m.teacher.denoiser(x, sigma, cond), teacher)  # every adapter is off
+        assert not torch.allclose(m.nets["fake_score"](x, sigma, cond), teacher)
+
+
+def test_backward_simulation_feeds_each_step_the_generators_own_earlier_steps(tiny_edm):
+    m = dmd2(tiny_edm, steps=3)
+    gen = torch.Generator().manual_seed(5)
+    x, sigma, cond = m.images(2, 2, gen, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(5)
+    x0, cond0 = m.starts(2, gen, torch.device("cpu"))
+    s = m.sigmas
+    with torch.no_grad():
+        for k in range(2):
+            x0 = m.generator(x0, s[k], cond0) + s[k + 1] * torch.randn(x0.shape, generator=gen)
+    assert torch.equal(x, x0) and torch.equal(cond, cond0) and float(sigma) == float(s[2])
+
+
+def test_an_iteration_updates_the_critic_then_the_generator(tiny_edm, tmp_path):
+    m = dmd2(tiny_edm, out=tmp_path, critic_updates=3)
+    plan = m.plan(torch.Generator().manual_seed(0))
+    groups = [(s.group, s.index) for s in m.losses(plan, MicroBatch(0, 1, 4), torch.Generator().manual_seed(0))]
+    assert groups == [("fake_score", 0), ("fake_score", 1), ("fake_score", 2), ("generator", plan["step"])]
+    assert m.teacher_evaluations == 4 * 2  # the guided teacher: one CFG evaluation per generator image
+
+
+@pytest.mark.parametrize("student", ["lora", "full"])
+def test_dmd2_resumes_bit_exactly(tiny_edm, tmp_path, student):
+    def trainer(out):
+        m = dmd2(copy.deepcopy(tiny_edm), out=out, student=student)
+        return Trainer(m, m.cfg)
+
+    whole = trainer(tmp_path / "whole")
+    done = whole.fit()
+    first = trainer(tmp_path / "split")
+    first.callbacks.append(StopAt(2))
+    assert first.fit().status == "interrupted"
+    again = trainer(tmp_path / "split")
+    assert again.fit(resume=True).iteration == done.iteration == 4
+    for name in ("generator", "fake_score"):
+        a, b = whole.unwrapped(name).saved_state(), again.unwrapped(name).saved_state()
+        assert a and all(torch.equal(a[k], b[k]) for k in a), name
+    lines = [json.loads(x)["loss"] for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    split = [json.loads(x)["loss"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == split and [list(r)[:2] for r in lines] == [["fake_score:0", "fake_score:1"]] * 4
+    assert all(len(r) == 3 for r in lines)
+
+
+def test_the_student_file_samples_as_the_previews_did(tiny_edm, tmp_path):
+    cfg = DistillConfig(method="dmd2", steps=2, batch=4, iters=2, critic_updates=1, student="lora", lora_rank=2,
+                        seed=1, out=str(tmp_path), checkpoint_every=0, eval_samples=4)
+    source = tiny_source(copy.deepcopy(tiny_edm))
+    run = train_student(cfg, source, progress=False)
+    card = read_card(run.path)
+    assert card["sampler"] == "renoise" and card["comfyui_sampler"] == "lcm"
+    assert card["sigmas"]["2"][-1] == 0 and card["student"]["kind"] == "lora"
+    student = load_student(run.path, tiny_edm, torch.tensor([10]))
+    noise, cond = torch.randn(3, 1, 8, 8) * 80, torch.tensor([1, 2, 3])
+    m = build_method(tiny_source(copy.deepcopy(tiny_edm)), cfg)
+    m.generator.lora.load_file_tensors(student.net.lora.file_tensors())
+    assert torch.allclose(sample(student, noise, cond), m.preview(noise, cond), atol=1e-5)
+    assert not any(fn for layer in source.denoiser.modules() for fn in layer._forward_hooks.values())
