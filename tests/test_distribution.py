@@ -90,7 +90,7 @@ def test_generator_loss_has_the_dmd_gradient(tiny_edm):
     x0 = torch.randn(4, 1, 8, 8, requires_grad=True)
     cond = torch.tensor([1, 2, 3, 4])
     gen = torch.Generator().manual_seed(0)
-    m.generator_loss(x0, cond, MicroBatch(0, 1, 4), gen).backward()
+    m.generator_loss(x0, cond, 0, gen).backward()
     gen = torch.Generator().manual_seed(0)
     sigma = m.draw_noise_levels(4, gen, x0.device)
     x_t = x0.detach() + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen)
@@ -103,11 +103,11 @@ def test_at_guidance_one_the_fresh_fake_score_is_the_real_score(tiny_edm):
     """Both start as the teacher: without guidance the score gap, hence the generator's gradient, is zero."""
     m = dmd2(tiny_edm, guidance=1.0)
     x0 = torch.randn(4, 1, 8, 8, requires_grad=True)
-    m.generator_loss(x0, torch.arange(4), MicroBatch(0, 1, 4), torch.Generator().manual_seed(0)).backward()
+    m.generator_loss(x0, torch.arange(4), 0, torch.Generator().manual_seed(0)).backward()
     assert x0.grad.abs().max() < 1e-6
     m = dmd2(tiny_edm, guidance=3.0)
     x0 = torch.randn(4, 1, 8, 8, requires_grad=True)
-    m.generator_loss(x0, torch.arange(4), MicroBatch(0, 1, 4), torch.Generator().manual_seed(0)).backward()
+    m.generator_loss(x0, torch.arange(4), 0, torch.Generator().manual_seed(0)).backward()
     assert x0.grad.abs().max() > 1e-4
 
 
@@ -190,3 +190,69 @@ def test_the_student_file_samples_as_the_previews_did(tiny_edm, tmp_path):
     m.generator.lora.load_file_tensors(student.net.lora.file_tensors())
     assert torch.allclose(sample(student, noise, cond), m.preview(noise, cond), atol=1e-5)
     assert not any(fn for layer in source.denoiser.modules() for fn in layer._forward_hooks.values())
+
+
+# ---------------------------------------------------------------------------------------- moment matching
+def moments(tiny_edm, out=None, **kw):
+    return dmd2(tiny_edm, out, method="moments", **kw)
+
+
+def test_moment_matching_levels_lie_within_the_trained_step(tiny_edm):
+    m = moments(tiny_edm, steps=4, critic_updates=1)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        s = m.step_levels(256, step, gen, torch.device("cpu")).double()
+        hi = karras_at(torch.tensor(max(0.02, step / 4), dtype=torch.float64), m.sigma_min, m.sigma_max, 7.0)
+        lo = karras_at(torch.tensor(min(0.98, (step + 1) / 4), dtype=torch.float64), m.sigma_min, m.sigma_max, 7.0)
+        assert bool((s <= hi * (1 + 1e-5)).all() and (s >= lo * (1 - 1e-5)).all())
+
+
+def test_alternating_moment_matching_moves_images_from_the_auxiliary_to_the_teacher(tiny_edm):
+    m = moments(tiny_edm, critic_updates=1)
+    x0 = torch.randn(4, 1, 8, 8, requires_grad=True)
+    cond = torch.tensor([1, 2, 3, 4])
+    with torch.no_grad():
+        for p in m.nets["auxiliary"].lora.parameters():
+            p.add_(0.1)
+    m.generator_loss(x0, cond, 1, torch.Generator().manual_seed(0)).backward()
+    gen = torch.Generator().manual_seed(0)
+    sigma = m.step_levels(4, 1, gen, x0.device)
+    z = x0.detach() + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen)
+    with torch.no_grad():
+        mismatch = m.nets["auxiliary"](z, sigma, cond) - m.teacher(z, sigma, cond)
+    weight = (sigma.pow(-2) + 4).view(-1, 1, 1, 1)
+    assert mismatch.abs().max() > 1e-4
+    assert torch.allclose(x0.grad, weight * mismatch / x0.numel(), rtol=1e-4, atol=1e-9)
+
+
+def test_instant_moment_matching_trains_the_generator_alone_without_touching_the_teacher(tiny_edm, tmp_path):
+    m = moments(tiny_edm, version="instant")
+    assert list(m.nets) == ["generator"] and list(m.optim_groups()) == ["generator"]
+    plan = m.plan(torch.Generator().manual_seed(0))
+    (step,) = list(m.losses(plan, MicroBatch(0, 1, 4), torch.Generator().manual_seed(0)))
+    step.loss.backward()
+    assert step.group == "generator" and m.preconditioned == 1
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.generator.lora.parameters())
+    assert all(p.grad is None for p in tiny_edm.parameters())
+    with pytest.raises(ValueError, match="multiple of 2"):
+        moments(tiny_edm, version="instant", batch=3)
+
+
+@pytest.mark.parametrize("version", ["alternating", "instant"])
+def test_moment_matching_resumes_bit_exactly(tiny_edm, tmp_path, version):
+    def trainer(out):
+        m = moments(copy.deepcopy(tiny_edm), out=out, version=version, critic_updates=1, iters=3)
+        return Trainer(m, m.cfg)
+
+    whole = trainer(tmp_path / "whole")
+    whole.fit()
+    first = trainer(tmp_path / "split")
+    first.callbacks.append(StopAt(2))
+    first.fit()
+    again = trainer(tmp_path / "split")
+    again.fit(resume=True)
+    a, b = whole.unwrapped("generator").saved_state(), again.unwrapped("generator").saved_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if version == "instant":
+        assert again.method.preconditioned == whole.method.preconditioned == 3
+        assert all(torch.equal(u, v) for u, v in zip(whole.method.second_moment, again.method.second_moment))

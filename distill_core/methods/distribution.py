@@ -23,7 +23,7 @@ with ``critic_updates`` critic updates per generator update (DMD2's two time-sca
 fresh generator images. Noise levels are drawn as DMD2 draws timesteps, at a uniform position
 u ~ U[u_lo, u_hi] on the Karras grid from sigma_min to sigma_max (DMD2: 2 % to 98 %).
 
-A method of the family gives ``generator_loss(x0, cond, micro, generator)``: the loss whose gradient
+A method of the family gives ``generator_loss(x0, cond, step, generator)``: the loss whose gradient
 moves the generator's images x0 (with gradient) toward the teacher's distribution.
 
 Networks: ``student: full`` trains a full copy of the teacher for each network (three copies of the
@@ -167,8 +167,8 @@ class DistributionMatching(Method):
         weight = critic_weight(sigma, self.sigma_data)
         return (per_sample(weight) * (denoised.float() - x0.float()).square()).mean()
 
-    def generator_loss(self, x0: torch.Tensor, cond: Cond, micro: MicroBatch, generator: torch.Generator
-                       ) -> torch.Tensor:
+    def generator_loss(self, x0: torch.Tensor, cond: Cond, step: int, generator: torch.Generator) -> torch.Tensor:
+        """The loss of the generator's images ``x0`` (with gradient) of step ``step``."""
         raise NotImplementedError
 
     def losses(self, plan: dict, micro: MicroBatch, generator: torch.Generator) -> Iterator[StepLoss]:
@@ -181,7 +181,7 @@ class DistributionMatching(Method):
                 yield StepLoss(self.critic, update, self.critic_loss(x0, cond, generator))
         x, sigma, cond = self.images(micro.size, step, generator, device)
         x0 = self.generator(x, sigma, cond)
-        yield StepLoss("generator", step, self.generator_loss(x0, cond, micro, generator))
+        yield StepLoss("generator", step, self.generator_loss(x0, cond, step, generator))
 
     # ------------------------------------------------------------------ previews and the student file
     def preview_steps(self) -> int:

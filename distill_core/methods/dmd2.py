@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from distill_core.denoisers.base import Cond
-from distill_core.methods.base import MicroBatch, NodeLayout, Widget
+from distill_core.methods.base import NodeLayout, Widget
 from distill_core.methods.distribution import DistributionConfig, DistributionMatching, per_sample
 from distill_core.methods.registry import register
 
@@ -75,8 +75,7 @@ class DMD2(DistributionMatching):
     node = DISTRIBUTION_NODE
     critic = "fake_score"
 
-    def generator_loss(self, x0: torch.Tensor, cond: Cond, micro: MicroBatch, generator: torch.Generator
-                       ) -> torch.Tensor:
+    def generator_loss(self, x0: torch.Tensor, cond: Cond, step: int, generator: torch.Generator) -> torch.Tensor:
         sigma = self.draw_noise_levels(x0.shape[0], generator, x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         x_t = x0.detach() + per_sample(sigma) * noise
