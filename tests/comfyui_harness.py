@@ -177,10 +177,83 @@ def family_probe(family: str, work: Path) -> dict:
                                                           {"pooled_output": torch.zeros(1, spec["pooled"])}))}
 
 
-def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_lora) -> dict:
-    """Teacher from MODEL -> Distill to 4 steps (LoRA) -> Student sigmas + sampler; then ComfyUI's
-    sampler on the teacher with the LoRA applied by ``apply_lora(file name)`` (a stock loader) against
-    the engine's own sampling of the student from the same initial latent."""
+def dmd2_probe(checkpoint: Path, work: Path) -> dict:
+    """Load Checkpoint -> Distill to 1-4 steps (DMD2, two LoRAs on the shared base) -> the stock LoraLoader
+    (no key left unloaded) -> the student's sampler against the engine; and the stock ``lcm`` sampler on the
+    file's sigmas."""
+    _comfyui()
+    _folders(work)
+    os.symlink(checkpoint, work / "checkpoints" / checkpoint.name)
+    import logging
+
+    import comfy.sample
+    import comfy.samplers
+    import torch
+
+    unloaded = []
+
+    class Unloaded(logging.Handler):
+        def emit(self, record):
+            if "lora key not loaded" in record.getMessage():
+                unloaded.append(record.getMessage())
+
+    logging.getLogger().addHandler(Unloaded())
+    stock = importlib.import_module("nodes")
+    pack = load_pack().NODE_CLASS_MAPPINGS
+    with torch.inference_mode():
+        model, clip, _ = stock.CheckpointLoaderSimple().load_checkpoint(checkpoint.name)
+        positive, negative = pack["DistillPromptList"]().run(clip, "a red fox in snow\na lighthouse at dusk", "blurry")
+    storage = {}
+
+    def train(teacher):
+        from distill_core.config import DistillConfig
+        from distill_core.methods import build_method
+        from distill_core.train.run import release_teacher
+
+        with torch.inference_mode(False):  # the distinct parameter storage DMD2 holds, teacher included
+            source = teacher.source()
+            method = build_method(source, DistillConfig(method="dmd2", steps=2, student="lora", lora_rank=4))
+            held = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                    for m in [*method.nets.values(), source.denoiser] for p in m.parameters()}
+            base = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in source.denoiser.parameters()}
+            adapters = sum(p.numel() * p.element_size() for n in method.nets.values() for p in n.lora.parameters())
+            storage.update(held=sum(held.values()), base=sum(base.values()), adapters=adapters)
+            for net in method.nets.values():
+                release_teacher(net)
+        return pack["DistillDistributionMatching"]().run(
+            teacher, steps=2, method="dmd2", iterations=3, learning_rate=1e-3, batch=2, critic_updates=2, seed=0,
+            student="lora", lora_rank=4, save_name="probe_lora", resume=False, preview_every=2,
+            checkpoint_every=2, unique_id="5")
+
+    result = distil_and_compare(pack, model, positive, negative,
+                                lambda name: stock.LoraLoader().load_lora(model, clip, name, 1.0, 0.0)[0], train)
+    with torch.inference_mode():  # the stock lcm sampler on the file's sigmas, through the stock loader's MODEL
+        lora_model = stock.LoraLoader().load_lora(model, clip, "probe_lora.safetensors", 1.0, 0.0)[0]
+        sigmas = torch.tensor(result["sigmas"])
+        latent = torch.zeros(1, 4, 8, 8)
+        noise = comfy.sample.prepare_noise(latent, 7)
+        lcm = comfy.samplers.sampler_object("lcm")
+        image = comfy.sample.sample_custom(lora_model, noise, 1.0, lcm, sigmas, positive[:1], negative, latent,
+                                           disable_pbar=True, seed=7)
+    return {**result, "unloaded_lora_keys": len(unloaded), "lcm_finite": bool(torch.isfinite(image).all()),
+            "lcm_scale": float(image.abs().max()), **storage}
+
+
+def sfd_node(pack: dict):
+    def train(teacher):
+        return pack["DistillToSteps"]().run(
+            teacher, steps=4, method="sfd", iterations=4, learning_rate=1e-3, batch=2, seed=0,
+            guidance_mode="auto", student="lora", lora_rank=4, save_name="probe_lora", resume=False,
+            preview_every=2, checkpoint_every=2, unique_id="4")
+
+    return train
+
+
+def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_lora, train=None) -> dict:
+    """Teacher from MODEL -> a training node (``train(teacher)``; default Distill to 4 steps, LoRA) ->
+    Student sigmas + sampler; then ComfyUI's sampler on the teacher with the LoRA applied by
+    ``apply_lora(file name)`` (a stock loader) against the engine's own sampling of the student from the
+    same initial latent."""
     import comfy.model_management
     import comfy.sample
     import torch
@@ -191,10 +264,7 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
     torch.manual_seed(0)
     with torch.inference_mode():  # how ComfyUI runs every node
         (teacher,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 5.0)
-        out = pack["DistillToSteps"]().run(
-            teacher, steps=4, method="sfd", iterations=4, learning_rate=1e-3, batch=2, seed=0,
-            guidance_mode="auto", student="lora", lora_rank=4, save_name="probe_lora", resume=False,
-            preview_every=2, checkpoint_every=2, unique_id="4")
+        out = (train or sfd_node(pack))(teacher)
         student_model, handle, curve = out["result"]
         sigmas, sampler, cfg = pack["DistillStudentSchedule"]().run("(connected student)", 0, handle)
 
@@ -229,7 +299,7 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
         "steps": len(sigmas) - 1,
         "cfg": cfg,
         "sigmas": [round(float(s), 4) for s in sigmas],
-        "card": {k: card[k] for k in ("method", "nfe", "afs", "guidance")},
+        "card": {k: card.get(k) for k in ("method", "nfe", "afs", "guidance", "sampler")},
         "student_kind": card["student"]["kind"],
         "lora_keys": len(lora_keys),
         "lora_key_example": lora_keys[0],
@@ -252,6 +322,8 @@ if __name__ == "__main__":
         build_checkpoint(Path(sys.argv[2]))
     elif command == "lora-probe":
         print("RESULT " + json.dumps(lora_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
+    elif command == "dmd2-probe":
+        print("RESULT " + json.dumps(dmd2_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
     elif command == "family-probe":
         print("RESULT " + json.dumps(family_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
     else:

@@ -65,6 +65,21 @@ def test_the_stock_lora_loader_reproduces_the_students_samples(checkpoint, tmp_p
     assert result["max_abs_diff"] <= 1e-3  # ... exactly as the engine's student does
 
 
+def test_dmd2_on_a_shared_base_trains_a_lora_the_stock_loader_applies(checkpoint, tmp_path):
+    """DMD2 with the generator and the fake score as two LoRAs on the one frozen model: one copy of the base
+    weights; the stock LoraLoader loads every key of the generator's file, the student's sampler on the
+    loaded MODEL reproduces the engine's samples, and the stock lcm sampler samples it on the file's sigmas."""
+    out = _harness("dmd2-probe", str(checkpoint), str(tmp_path)).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(result, indent=1))
+    assert result["card"]["method"] == "dmd2" and result["card"]["sampler"] == "renoise"
+    assert result["held"] <= result["base"] + result["adapters"] + 4096  # one copy of the base weights
+    assert result["unloaded_lora_keys"] == 0 and result["student_kind"] == "lora"
+    assert result["cfg"] == 1.0 and result["steps"] == 2 and result["sigmas"][-1] == 0
+    assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
+    assert result["lcm_finite"] and result["lcm_scale"] > 0
+
+
 @pytest.mark.parametrize(("family", "prediction"), [("sd15-v", "V_PREDICTION"), ("sdxl-eps", "EPS"),
                                                     ("sdxl-v", "V_PREDICTION")])
 def test_sdxl_and_v_prediction_models_distil_into_loras_the_stock_loader_reproduces(family, prediction, tmp_path):
