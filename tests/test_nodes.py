@@ -247,7 +247,7 @@ def test_the_web_extension_listens_to_what_the_server_sends():
     assert '"/distill/monitor"' in (ROOT / "distill_nodes" / "monitor.py").read_text()
     assert '"/distill/training_nodes"' in js and '"/distill/training_nodes"' in (
         ROOT / "distill_nodes" / "monitor.py").read_text()
-    assert set(nodes.TRAINING_NODES) == {"DistillToSteps", "DistillPhasedScoreDistill"}
+    assert set(nodes.TRAINING_NODES) == {"DistillToSteps", "DistillPhasedScoreDistill", "DistillDistributionMatching"}
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs node (CI installs nodejs)")
