@@ -10,7 +10,9 @@ A student is its teacher's denoiser made trainable, in one of two kinds:
 
 A method that trains several networks of the teacher's architecture (DMD2: a generator and a fake
 score) gets them from ``make_networks``: full copies, or one set of adapters each on the one shared
-base ("shared base"), where each network's forward pass switches its siblings' adapters off.
+base ("shared base"), where each network's forward pass switches its siblings' adapters off. A student
+of experts (``Experts``, Phased DMD) is several such networks, one per phase of the noise range, chosen
+by sigma; its file holds each expert's tensors under ``expert.{k}.`` and its card the phase boundaries.
 
 A step-conditioned student (SFD-v) adds an embedding of the step count (NFE): a sinusoidal
 embedding through its own two-layer MLP whose last layer starts at zero, so the new student
@@ -44,7 +46,7 @@ import distill_core
 from distill_core import safetensors_io
 from distill_core.builtin import fingerprint
 from distill_core.config import STUDENT_KINDS
-from distill_core.denoisers.base import Cond
+from distill_core.denoisers.base import Cond, index_cond
 from distill_core.denoisers.edm import EDMDenoiser
 from distill_core.lora import LoRAAdapters, target_layers
 from distill_core.nets.unet import UNet, UNetConfig, sinusoidal_embedding
@@ -52,6 +54,7 @@ from distill_core.teacher import CFGTeacher
 
 STEP_EMBEDDING_DIM = 64
 AFS_MEANS_KEY = "afs.class_means"
+EXPERT_PREFIX = "expert.{}."  # an Experts student's tensors of expert k, in its file
 TIME_EMBEDDING_NAMES = ("time_embedding", "time_embed")
 
 
@@ -220,6 +223,47 @@ def make_student(
     return nets["student"], teacher
 
 
+class Experts(nn.Module):
+    """A student made of one network per phase of the noise range, a mixture of experts over noise levels
+    (Phased DMD): for boundaries s_0 > s_1 > ... > s_K = 0, expert k denoises sigma in (s_{k+1}, s_k]
+    (expert 0 also above s_0). ``forward(x, sigma, cond)`` is a denoiser like each expert; a batch of
+    several noise levels goes to each sample's own expert."""
+
+    step_embed = None  # the experts are not step-conditioned (``AtSteps`` asks)
+
+    def __init__(self, experts: list[StudentNet], boundaries: list[float]):
+        super().__init__()
+        if len(boundaries) != len(experts) + 1 or boundaries[-1] != 0:
+            raise ValueError(f"{len(experts)} experts need {len(experts) + 1} boundaries ending at 0, got "
+                             f"{list(boundaries)}")
+        self.experts = nn.ModuleList(experts)
+        self.boundaries = [float(b) for b in boundaries]
+        self.sigma_min, self.sigma_max = experts[0].sigma_min, experts[0].sigma_max
+
+    def expert_of(self, sigma: torch.Tensor) -> torch.Tensor:
+        """k with s_{k+1} < sigma <= s_k, per element of ``sigma``: how many inner boundaries lie at or above it."""
+        inner = torch.tensor(self.boundaries[1:-1], dtype=torch.float64)
+        return (sigma.detach().reshape(-1, 1).double().cpu() <= inner).sum(1)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None, nfe: int | None = None):
+        sigma = torch.as_tensor(sigma, device=x.device)
+        index = self.expert_of(sigma)
+        if bool((index == index[0]).all()):
+            return self.experts[int(index[0])](x, sigma, cond)
+        sigma = sigma.expand(x.shape[0])
+        rows = {k: torch.nonzero(index == k).squeeze(1).to(x.device) for k in index.unique().tolist()}
+        out = torch.cat([self.experts[k](x[r], sigma[r], index_cond(cond, r)) for k, r in rows.items()])
+        return out[torch.argsort(torch.cat(list(rows.values())))]
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """Every expert's ``saved_state`` under ``{k}.``."""
+        return {f"{k}.{name}": v for k, e in enumerate(self.experts) for name, v in e.saved_state().items()}
+
+    def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
+        for k, e in enumerate(self.experts):
+            e.load_saved_state({name[len(f"{k}."):]: v for name, v in state.items() if name.startswith(f"{k}.")})
+
+
 class AtSteps:
     """A student seen as a plain denoiser ``(x, sigma, cond) -> x0`` at a fixed step count (``nfe`` is
     ignored by students that are not step-conditioned). ``net`` may be wrapped (DDP) around a StudentNet."""
@@ -237,7 +281,7 @@ class AtSteps:
 class Student:
     """A loaded student, ready to sample (see ``distill_core.sampling.sample``)."""
 
-    net: StudentNet
+    net: StudentNet | Experts
     card: dict
     uncond: Cond = None
     afs_means: torch.Tensor | None = None  # the first step's class-mean table (None: SFD's centre 0)
@@ -338,23 +382,45 @@ def network_module(denoiser: nn.Module) -> nn.Module:
     return root.get_submodule(under) if under else root
 
 
-def save_student(path: str | Path, net: StudentNet, card: dict, extra: dict[str, torch.Tensor] | None = None
-                 ) -> Path:
+def save_student(path: str | Path, net: StudentNet | Experts, card: dict,
+                 extra: dict[str, torch.Tensor] | None = None) -> Path:
     """A full student's network weights, or a LoRA student's adapters in the stock loader's key format,
     plus the step embedding of an SFD-v student (``step_embed.*``) and the method's ``extra`` tensors
-    (``afs.class_means``), with the card as metadata."""
+    (``afs.class_means``), with the card as metadata. An ``Experts`` student: each expert's tensors under
+    ``expert.{k}.``, and its boundaries in the card (``experts``)."""
+    first = net.experts[0] if isinstance(net, Experts) else net
     card = {
         **card,
         "step_embedding": None
-        if net.step_embed is None
-        else {"injection": net.injection, "dim": net.step_embed.dim},
+        if first.step_embed is None
+        else {"injection": first.injection, "dim": first.step_embed.dim},
         "student": {"kind": "full"}
-        if net.lora is None
-        else {"kind": "lora", "rank": net.lora.rank, "alpha": net.lora.alpha, "layers": len(net.lora.paths)},
+        if first.lora is None
+        else {"kind": "lora", "rank": first.lora.rank, "alpha": first.lora.alpha, "layers": len(first.lora.paths)},
     }
+    if isinstance(net, Experts):
+        card["experts"] = {"count": len(net.experts), "boundaries": net.boundaries}
+        tensors = {f"{EXPERT_PREFIX.format(k)}{name}": v for k, e in enumerate(net.experts)
+                   for name, v in _net_tensors(e).items()}
+    else:
+        tensors = _net_tensors(net)
+    return safetensors_io.save_atomic({**tensors, **(extra or {})}, path, card)
+
+
+def _net_tensors(net: StudentNet) -> dict[str, torch.Tensor]:
     weights = network_module(net.denoiser).state_dict() if net.lora is None else net.lora.file_tensors()
     step = {} if net.step_embed is None else {f"step_embed.{k}": v for k, v in net.step_embed.state_dict().items()}
-    return safetensors_io.save_atomic({**weights, **step, **(extra or {})}, path, card)
+    return {**weights, **step}
+
+
+def expert_tensors(tensors: dict[str, torch.Tensor], card: dict) -> list[dict[str, torch.Tensor]]:
+    """The tensors of each network of a student file: per expert of an ``Experts`` student (its prefix
+    ``expert.{k}.`` removed), else the file's own."""
+    count = card.get("experts", {}).get("count", 0)
+    if not count:
+        return [tensors]
+    prefixes = [EXPERT_PREFIX.format(k) for k in range(count)]
+    return [{name[len(p):]: v for name, v in tensors.items() if name.startswith(p)} for p in prefixes]
 
 
 #: what every student card holds, and the type of each entry
@@ -388,19 +454,22 @@ def check_fits(path: str | Path, denoiser: nn.Module) -> None:
     if card.get("architecture"):  # a student of its own size: rebuilt from the card, not from the teacher
         return
     root, under = lora_target(denoiser)
+    parts = expert_tensors(tensors, card)
     if card.get("student", {}).get("kind") == "lora":
         expected = {}
         for name, layer in root.named_modules():
             if isinstance(layer, (nn.Linear, nn.Conv2d)):
                 expected[f"{name}.lora_down.weight"] = layer.weight.shape[1]
                 expected[f"{name}.lora_up.weight"] = layer.weight.shape[0]
-        bad = [k for k, v in tensors.items() if k.endswith(("lora_down.weight", "lora_up.weight"))
+        bad = [k for part in parts for k, v in part.items() if k.endswith(("lora_down.weight", "lora_up.weight"))
                and expected.get(k) != v.shape[1 if k.endswith("down.weight") else 0]]
     else:
         theirs = network_module(denoiser).state_dict()
-        weights = {k: v for k, v in tensors.items() if not k.startswith(("step_embed.", "afs."))}
-        bad = sorted(set(theirs) ^ set(weights)) + [k for k in weights if k in theirs and
-                                                       weights[k].shape != theirs[k].shape]
+        bad = []
+        for part in parts:
+            weights = {k: v for k, v in part.items() if not k.startswith(("step_embed.", "afs."))}
+            bad += sorted(set(theirs) ^ set(weights)) + [k for k in weights if k in theirs and
+                                                            weights[k].shape != theirs[k].shape]
     if bad:
         raise ValueError(f"{path}: its weights do not fit this teacher's network ({len(bad)} tensors, e.g. "
                          f"{bad[:3]}); load it with the model it was distilled from")
@@ -410,7 +479,8 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
                  ) -> Student:
     """Load a student file for ``teacher`` (a CFGTeacher, or its denoiser with ``uncond`` for CFG).
     ``share``: a LoRA student hooks its adapters into the teacher's own network instead of a copy (no
-    second copy of the weights; call ``student.net.lora.detach()`` when done)."""
+    second copy of the weights; detach them when done, ``train.run.release_teacher``). A file of experts
+    (``experts`` in its card) loads as ``Experts``."""
     card = check_card(path, safetensors_io.read_card(path))
     denoiser = teacher.denoiser if isinstance(teacher, CFGTeacher) else teacher
     if uncond is None and isinstance(teacher, CFGTeacher):
@@ -424,14 +494,30 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
     tensors, _ = safetensors_io.load(path)
     kind = card.get("student", {"kind": "full"})
     lora = None if kind["kind"] == "full" else {"rank": kind["rank"], "alpha": kind["alpha"]}
-    if card.get("architecture"):  # a student of its own size (phased distillation)
-        base = from_architecture(card["architecture"])
+    if card.get("experts"):  # one network per phase, built as ``make_networks`` builds them (full: a copy each)
+        parts = expert_tensors(tensors, card)
+        nets, _ = make_networks(denoiser if share or lora is None else copy.deepcopy(denoiser),
+                                tuple(f"expert.{k}" for k in range(len(parts))), kind["kind"], **(lora or {}))
+        for expert, part in zip(nets.values(), parts):
+            _load_weights(path, expert, part)
+        net = Experts(list(nets.values()), card["experts"]["boundaries"])
     else:
-        base = denoiser if share and lora is not None else copy.deepcopy(denoiser)
-    net = StudentNet(base, card.get("step_embedding") is not None, lora)
+        if card.get("architecture"):  # a student of its own size (phased distillation)
+            base = from_architecture(card["architecture"])
+        else:
+            base = denoiser if share and lora is not None else copy.deepcopy(denoiser)
+        net = StudentNet(base, card.get("step_embedding") is not None, lora)
+        _load_weights(path, net, tensors)
+    if card.get("afs_center", "zero") == "class_mean" and AFS_MEANS_KEY not in tensors:
+        raise ValueError(f"{path} says its first step is centred on class means but holds no {AFS_MEANS_KEY}")
+    return Student(net.eval().requires_grad_(False), card, uncond, tensors.get(AFS_MEANS_KEY))
+
+
+def _load_weights(path: str | Path, net: StudentNet, tensors: dict[str, torch.Tensor]) -> None:
+    """A student file's ``tensors`` into ``net``: its network's weights or its adapters, and its step embedding."""
     step = {k[len("step_embed."):]: v for k, v in tensors.items() if k.startswith("step_embed.")}
     try:
-        if lora is None:
+        if net.lora is None:
             weights = {k: v for k, v in tensors.items() if not k.startswith(("step_embed.", "afs."))}
             network_module(net.denoiser).load_state_dict(weights)
         else:
@@ -441,6 +527,3 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
     except (RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0][:300]
         raise ValueError(f"{path}: its weights do not fit the teacher's network ({first})") from None
-    if card.get("afs_center", "zero") == "class_mean" and AFS_MEANS_KEY not in tensors:
-        raise ValueError(f"{path} says its first step is centred on class means but holds no {AFS_MEANS_KEY}")
-    return Student(net.eval().requires_grad_(False), card, uncond, tensors.get(AFS_MEANS_KEY))

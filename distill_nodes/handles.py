@@ -14,6 +14,7 @@ from distill_core import safetensors_io
 from distill_core.methods.base import TeacherSource
 from distill_core.students import Student, load_student
 from distill_core.teacher import CFGTeacher
+from distill_core.train.run import release_teacher
 
 
 @dataclass
@@ -58,5 +59,4 @@ class StudentHandle:
         try:
             yield student
         finally:
-            if student.net.lora is not None:
-                student.net.lora.detach()
+            release_teacher(student.net)

@@ -156,11 +156,15 @@ def train_to_file(teacher: TeacherHandle, cfg: DistillConfig, folder: str, save_
 
 def student_model(handle: StudentHandle):
     """The student as a ComfyUI MODEL: the teacher MODEL with the LoRA applied the stock way, or a new
-    MODEL around a copy of its network with the full student's weights. None for the built-in teacher."""
+    MODEL around a copy of its network with the full student's weights. None for the built-in teacher, and
+    for a student of experts (one network per phase, switched by sigma: no stock MODEL holds it; Few-step
+    sample samples it)."""
     teacher = handle.teacher.model
     if teacher is None:
         return None
     tensors, card = safetensors_io.load(handle.path)
+    if card.get("experts"):
+        return None
     if card["student"]["kind"] == "lora":
         return host.with_lora(teacher, tensors)
     base = copy.deepcopy(teacher.model)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from distill_core.builtin import fingerprint
 from distill_core.denoisers.base import Cond, move_cond
@@ -103,18 +104,27 @@ class DistributionMatching(Method):
         self.source, self.cfg, self.opts = source, cfg, cfg.options
         self.w = source.scale(cfg.guidance)
         self.teacher_fingerprint = fingerprint(source.denoiser)
-        names = ("generator",) if self.critic is None else ("generator", self.critic)
-        with torch.random.fork_rng(devices=[]):  # adapters are initialised from the config's seed
-            torch.manual_seed(cfg.seed)
-            nets, teacher_denoiser = make_networks(source.denoiser, names, cfg.student, cfg.lora_rank,
-                                                   cfg.lora_alpha)
-        self.nets = {name: net.train() for name, net in nets.items()}
-        self.teacher = CFGTeacher(teacher_denoiser, self.w, source.uncond)
         self.sigma_min = cfg.sigma_min
         self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
         self.sigma_data = float(getattr(source.denoiser, "sigma_data", 0.5))
-        self.sigmas = generator_schedule(cfg.steps, self.sigma_min, self.sigma_max, self.opts.rho)
         self.teacher_evaluations = 0
+        self.sigmas = self.schedule()
+        with torch.random.fork_rng(devices=[]):  # adapters are initialised from the config's seed
+            torch.manual_seed(cfg.seed)
+            nets, teacher_denoiser = self.networks(source.denoiser)
+        self.nets = {name: net.train() for name, net in nets.items()}
+        self.teacher = CFGTeacher(teacher_denoiser, self.w, source.uncond)
+
+    def schedule(self) -> torch.Tensor:
+        """s_0 .. s_K, the generator's schedule (``generator_schedule``)."""
+        return generator_schedule(self.cfg.steps, self.sigma_min, self.sigma_max, self.opts.rho)
+
+    def networks(self, denoiser: nn.Module) -> tuple[dict[str, nn.Module], nn.Module]:
+        """The trained networks by group, each starting as the teacher ``denoiser``, and the teacher's denoiser
+        next to them (``students.make_networks``)."""
+        names = ("generator",) if self.critic is None else ("generator", self.critic)
+        cfg = self.cfg
+        return make_networks(denoiser, names, cfg.student, cfg.lora_rank, cfg.lora_alpha)
 
     @property
     def generator(self):
@@ -159,8 +169,8 @@ class DistributionMatching(Method):
         return karras_at(u, self.sigma_min, self.sigma_max, self.opts.rho).float().to(device)
 
     # ------------------------------------------------------------------ losses
-    def critic_loss(self, x0: torch.Tensor, cond: Cond, generator: torch.Generator) -> torch.Tensor:
-        """Denoising score matching of the critic on the detached generator images ``x0``."""
+    def critic_loss(self, x0: torch.Tensor, cond: Cond, step: int, generator: torch.Generator) -> torch.Tensor:
+        """Denoising score matching of the critic on the detached generator images ``x0`` (of any step)."""
         sigma = self.draw_noise_levels(x0.shape[0], generator, x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         denoised = self.nets[self.critic](x0 + per_sample(sigma) * noise, sigma, cond)
@@ -178,7 +188,7 @@ class DistributionMatching(Method):
                 x, sigma, cond = self.images(micro.size, step, generator, device)
                 with torch.no_grad():
                     x0 = self.generator(x, sigma, cond)
-                yield StepLoss(self.critic, update, self.critic_loss(x0, cond, generator))
+                yield StepLoss(self.critic, update, self.critic_loss(x0, cond, step, generator))
         x, sigma, cond = self.images(micro.size, step, generator, device)
         x0 = self.generator(x, sigma, cond)
         yield StepLoss("generator", step, self.generator_loss(x0, cond, step, generator))

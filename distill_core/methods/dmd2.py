@@ -45,11 +45,13 @@ DISTRIBUTION_NODE = NodeLayout(
     "distribution of images (DMD2, Yin et al. 2024; moment matching, Salimans et al. 2024), not its trajectories: "
     "the student's image from a given noise differs from the teacher's. Watch the previews, not the loss. Saves "
     "the generator under loras/ (LoRA) or diffusion_models/ (full); sample it with the stock lcm sampler on the "
-    "file's sigmas.",
+    "file's sigmas (phased-dmd's experts: with Few-step sample).",
     widgets=(
         Widget("steps", help="network evaluations per image of the generator", default=1, max=8),
         Widget("method", help="dmd2: a fake score tracks the student's distribution; moments: moment matching "
-               "with an auxiliary denoiser"),
+               "with an auxiliary denoiser; phased-dmd: one expert network per step, each trained by DMD inside "
+               "its phase of the noise range, phase after phase (sample it with Few-step sample: a stock loader "
+               "cannot switch experts)"),
         Widget("iterations", "iters", "generator updates (each with several critic updates)", 300, max=100000),
         Widget("learning_rate", "lr", "AdamW learning rate of the generator and the critic", 1e-4, min=1e-7,
                max=1e-2, step=1e-6),
@@ -78,10 +80,14 @@ class DMD2(DistributionMatching):
     def generator_loss(self, x0: torch.Tensor, cond: Cond, step: int, generator: torch.Generator) -> torch.Tensor:
         sigma = self.draw_noise_levels(x0.shape[0], generator, x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        x_t = x0.detach() + per_sample(sigma) * noise
+        return self.dmd_loss(x0, x0.detach() + per_sample(sigma) * noise, sigma, cond)
+
+    def dmd_loss(self, x: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """L_G = 1/2 || x - sg(x - g) ||^2 for images ``x`` (with gradient) noised to ``x_t`` at ``sigma``, g from
+        the guided teacher's and the fake score's x0 predictions at x_t."""
         with torch.no_grad():
             real = self.teacher(x_t, sigma, cond)
             fake = self.nets["fake_score"](x_t, sigma, cond)
-        self.teacher_evaluations += x0.shape[0] * self.teacher.evaluations()
-        g = dmd_gradient(x0.detach().float(), real.float(), fake.float())
-        return 0.5 * F.mse_loss(x0.float(), (x0.detach().float() - g))
+        self.teacher_evaluations += x.shape[0] * self.teacher.evaluations()
+        g = dmd_gradient(x.detach().float(), real.float(), fake.float())
+        return 0.5 * F.mse_loss(x.float(), (x.detach().float() - g))

@@ -72,6 +72,8 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
 
 
 def release_teacher(net: torch.nn.Module) -> None:
-    """Detach a LoRA student's adapters from the teacher network they were hooked into."""
-    if isinstance(net, StudentNet) and net.lora is not None:
-        net.lora.detach()
+    """Detach a LoRA student's adapters (every expert's, of ``Experts``) from the teacher network they were
+    hooked into."""
+    for module in net.modules():
+        if isinstance(module, StudentNet) and module.lora is not None:
+            module.lora.detach()
