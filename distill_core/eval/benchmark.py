@@ -6,7 +6,9 @@ counts denoiser calls per image (sampling steps), ``network_evals`` the network 
 them (a CFG call is two: conditional and unconditional, batched); PSNR / RMSE against the
 teacher's reference solve from the same noise, Frechet distance to the data's reference statistics
 in the metric classifier's feature space, the classifier's accuracy on the requested classes, and
-throughput of the sampling call.
+throughput of the sampling call. An evaluation set with a ``target`` (``teacher_target``: the teacher's
+own many-step samples from other noise) adds ``fd_teacher``, the Frechet distance to the target's
+features, and ``precision`` / ``recall`` against them (``coverage``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from distill_core import safetensors_io
 from distill_core.atomic import write_json
 from distill_core.builtin import ASSETS, SHAPE, fingerprint
 from distill_core.config import EDM_SIGMA_MIN
+from distill_core.eval.coverage import precision_recall
 from distill_core.eval.fidelity import psnr, reference_solve, rmse
-from distill_core.eval.frechet import class_accuracy, fd_to_reference
+from distill_core.eval.frechet import class_accuracy, features, frechet_distance, gaussian_fit, reference_stats
 from distill_core.eval.speed import CountingDenoiser
-from distill_core.solvers import SOLVERS, solver_sigmas
+from distill_core.solvers import SOLVERS, nfe_of, solver_sigmas, steps_for_nfe
 from distill_core.teacher import CFGTeacher
 
 #: Reference solves that ship with the engine, read like a cache: the built-in teacher's, on the main job's
@@ -37,11 +40,14 @@ SHIPPED_REFERENCES = ASSETS / "references"
 
 @dataclass
 class EvalSet:
-    """Initial noise x_N = sigma_max z, class labels (balanced), and the teacher's reference solve."""
+    """Initial noise x_N = sigma_max z, class labels (balanced), the teacher's reference solve (``steps`` Heun
+    steps), and optionally ``target``: metric-classifier features of the distribution rows are compared to."""
 
     noise: torch.Tensor
     labels: torch.Tensor
     reference: torch.Tensor
+    steps: int = 128
+    target: torch.Tensor | None = None
 
 
 def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache_dir: str | Path | None = None,
@@ -55,14 +61,23 @@ def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache
     cached = Path(cache_dir) / key if cache_dir else None
     for stored in (SHIPPED_REFERENCES / key, cached):
         if stored is not None and stored.is_file():
-            return EvalSet(noise, labels, safetensors_io.load(stored)[0]["reference"])
+            return EvalSet(noise, labels, safetensors_io.load(stored)[0]["reference"], steps)
     with torch.no_grad():
         reference = torch.cat([
             reference_solve(teacher, x, y, steps=steps) for x, y in zip(noise.split(batch), labels.split(batch))
         ])
     if cached is not None:
         safetensors_io.save_atomic({"reference": reference}, cached, {"kind": "reference", "steps": steps})
-    return EvalSet(noise, labels, reference)
+    return EvalSet(noise, labels, reference, steps)
+
+
+def teacher_target(teacher: CFGTeacher, n: int, seed: int = 2, steps: int = 128,
+                   cache_dir: str | Path | None = None) -> torch.Tensor:
+    """Metric-classifier features ``[n, D]`` of the distillation target: ``n`` samples of the teacher at its
+    guidance scale, each its reference solve (``steps`` Heun steps) from noise of ``seed`` -- another seed
+    than the evaluation set's, so that the target is independent of the noise the rows are sampled from.
+    The samples are ``eval_set``'s reference for that seed, and cached as it is."""
+    return features(eval_set(teacher, n, seed, steps, cache_dir).reference.clamp(-1, 1))
 
 
 def builtin_samples(w: float, per_class: int = 10, steps: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,28 +108,38 @@ def solver_row(name: str, nfe: int, teacher: CFGTeacher, ev: EvalSet, sigma_min:
     return evaluate(name, counter.nfe, images, ev, seconds, network_evals=counter.nfe * teacher.evaluations())
 
 
-def student_rows(run, teacher: CFGTeacher, ev: EvalSet) -> list[dict]:
-    """Benchmark rows of a trained student (``train.run.StudentRun``), one per NFE it serves
-    (``network_evals`` counts CFG's two)."""
+def student_rows(run, teacher: CFGTeacher, ev: EvalSet, nfes: list[int] | None = None, **extra) -> list[dict]:
+    """Benchmark rows of a trained student (``train.run.StudentRun``), one per NFE it serves (those of
+    ``nfes`` only, when given; ``network_evals`` counts CFG's two); ``extra`` goes into every row."""
     from distill_core.sampling import sample
     from distill_core.students import load_student
 
     student = load_student(run.path, teacher)
     per_step = teacher.evaluations() if student.card["guidance"]["mode"] == "cfg" else 1
+    cost = {"train_seconds": round(run.train_seconds, 1), "teacher_evaluations": run.teacher_evaluations,
+            "trained_params": run.trained_params, **extra}
     rows = []
     for n in student.nfe_choices:
+        if nfes is not None and n not in nfes:
+            continue
         images, seconds = sample_in_batches(lambda x, y, n=n: sample(student, x, y, steps=n), ev)
-        extra = {"network_evals": n * per_step, "train_seconds": round(run.train_seconds, 1)}
-        extra["teacher_evaluations"] = run.teacher_evaluations
-        rows.append(evaluate(student.card["method"], n, images, ev, seconds, **extra))
+        rows.append(evaluate(student.card["method"], n, images, ev, seconds, network_evals=n * per_step, **cost))
     return rows
 
 
 def solver_rows(teacher: CFGTeacher, ev: EvalSet, nfe: int, sigma_min: float) -> list[dict]:
-    """Every training-free solver at ``nfe`` on the Karras grid to ``sigma_min``, best PSNR first (the first
-    row is the best solver at ``nfe``)."""
-    rows = (solver_row(name, nfe, teacher, ev, sigma_min) for name in SOLVERS)
-    return sorted(rows, key=lambda r: -r["psnr_db"])
+    """Every training-free solver that can take a step within ``nfe`` evaluations (Heun needs two), on the
+    Karras grid to ``sigma_min``, best PSNR first (the first row is the best solver at ``nfe``)."""
+    names = [name for name in SOLVERS if steps_for_nfe(name, nfe, ends_at_zero=False) >= 1]
+    return sorted((solver_row(name, nfe, teacher, ev, sigma_min) for name in names), key=lambda r: -r["psnr_db"])
+
+
+def teacher_row(teacher: CFGTeacher, ev: EvalSet) -> dict:
+    """The teacher's reference solve itself as a row (no PSNR against itself, no timing: it may come from a
+    cache): its distribution metrics are the baseline the few-step rows approach."""
+    nfe = nfe_of("heun", ev.steps)
+    return {"method": "teacher", "nfe": nfe, "network_evals": nfe * teacher.evaluations(),
+            **sample_metrics(ev.reference, ev)}
 
 
 def evaluate(method: str, nfe: int, images: torch.Tensor, ev: EvalSet, seconds: float, **extra) -> dict:
@@ -125,11 +150,25 @@ def evaluate(method: str, nfe: int, images: torch.Tensor, ev: EvalSet, seconds: 
         "nfe": int(nfe),
         "psnr_db": round(psnr(images, ev.reference.clamp(-1, 1)), 3),
         "rmse": round(rmse(images, ev.reference.clamp(-1, 1)), 5),
-        "fd": round(fd_to_reference(images), 4),
-        "class_acc": round(class_accuracy(images, ev.labels), 4),
+        **sample_metrics(images, ev),
         "images_per_s": round(images.shape[0] / max(seconds, 1e-9), 2),
         **extra,
     }
+
+
+def sample_metrics(images: torch.Tensor, ev: EvalSet, k: int = 3) -> dict:
+    """The metrics of ``images`` as a set of samples of ``ev.labels``: ``fd`` to the data's statistics and
+    ``class_acc``; with ``ev.target``, ``fd_teacher`` to the target's Gaussian fit and ``precision`` /
+    ``recall`` against the target's k-NN balls (``coverage.precision_recall``)."""
+    feats = features(images)
+    fit = gaussian_fit(feats)
+    metrics = {"fd": round(frechet_distance(*fit, *reference_stats()), 4)}
+    if ev.target is not None:
+        precision, recall = precision_recall(feats, ev.target, k)
+        metrics.update(fd_teacher=round(frechet_distance(*fit, *gaussian_fit(ev.target)), 4),
+                       precision=round(precision, 4), recall=round(recall, 4))
+    metrics["class_acc"] = round(class_accuracy(images, ev.labels), 4)
+    return metrics
 
 
 TABLE_KEYS = ("method", "nfe", "network_evals", "psnr_db", "fd", "class_acc", "images_per_s")

@@ -20,11 +20,13 @@ from distill_core.train.trainer import Trainer, resume_changes
 
 @dataclass
 class StudentRun:
-    """A trained student file and what it cost."""
+    """A trained student file and what it cost; ``trained_params``: the trainable parameters of every network
+    the method trained (a LoRA student's adapters, a two-network method's both)."""
 
     path: Path
     train_seconds: float
     teacher_evaluations: int
+    trained_params: int
 
 
 def train_student(
@@ -68,7 +70,8 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
         teacher_evaluations=result.teacher_evaluations,
     )
     path = save_student(out / "student.safetensors", result.student, card, method.file_tensors())
-    return StudentRun(path, result.seconds, result.teacher_evaluations)
+    trained = sum(p.numel() for params in trainer.params.values() for p in params)
+    return StudentRun(path, result.seconds, result.teacher_evaluations, trained)
 
 
 def release_teacher(net: torch.nn.Module) -> None:

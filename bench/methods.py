@@ -1,0 +1,116 @@
+"""Every distillation method against every training-free solver on the built-in teacher, at NFE 1, 2, 4, 8.
+
+    python bench/methods.py [--quick] [--methods sfd phased ...] [--nfe 1 2 4 8] [--n N] [--out FILE.json]
+
+One evaluation set (noise of seed 1, balanced classes) serves every row, so rows compare directly. Rows:
+every training-free solver at every NFE it can take a step in (Heun needs two), the students of every
+registered method (each method says which students it trains for the NFEs, ``Method.bench_runs``), and
+``teacher``: the teacher's reference solve (128 Heun steps, 255 evaluations) of the evaluation noise, the
+baseline of the distribution metrics. Each row (``eval.benchmark``'s format):
+
+* ``psnr_db``: PSNR against the teacher's reference solve from the same noise. It judges trajectory
+  methods (SFD, SFD-v, phased score matching, any student that learns the teacher's noise-to-image map):
+  a distribution-matching student (DMD-style) draws a different good sample from the same noise, so a low
+  PSNR says nothing against it;
+* ``fd_teacher``, ``precision``, ``recall``: the distribution of the samples against the distillation
+  target, the teacher's own many-step samples at the same guidance from independent noise (seed 2, as
+  many as the evaluation set, cached in bench/results/cache), in the metric classifier's feature space:
+  the Frechet distance, and improved precision and recall (``eval.coverage``, k = 3): precision the
+  fraction of samples that land on the teacher's sample manifold (fidelity), recall the fraction of the
+  teacher's samples that the student's manifold covers (diversity; a collapsed student loses it). They
+  judge every family, distribution-matching methods above all; the ``teacher`` row shows what two
+  independent teacher sets of this size score (their noise floor);
+* ``fd``: Frechet distance to the data's (MNIST test) statistics, ``class_acc``: the classifier's accuracy
+  on the requested classes (guidance), ``images_per_s``: sampling throughput;
+* students only: ``train_seconds``, ``teacher_evaluations`` (the teacher's network evaluations of the
+  training run), ``trained_params`` (trainable parameters of every network it trains) and
+  ``peak_memory_mb`` (``eval.memory``: CUDA allocator peak, or the process's peak RSS on CPU).
+
+``--quick`` is a smoke run (8 iterations of batch 16 per student, 100 samples: 12 minutes on 2 CPU cores
+for five methods); the default trains every student for the main job's iterations and evaluates 2,000
+samples (the first run solves the 2 x 2,000 reference samples, about 25 minutes on 2 CPU cores, then reads
+them from the cache). The table is sorted by NFE, then by ``fd_teacher``; the run prints its wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill_core.config import DistillConfig  # noqa: E402
+from distill_core.eval.benchmark import (  # noqa: E402
+    eval_set,
+    format_table,
+    solver_rows,
+    student_rows,
+    teacher_row,
+    teacher_target,
+    write_rows,
+)
+from distill_core.eval.memory import with_peak_memory  # noqa: E402
+from distill_core.methods.registry import method_class, methods  # noqa: E402
+from distill_core.sources import builtin_source  # noqa: E402
+from distill_core.teacher import CFGTeacher  # noqa: E402
+from distill_core.train.run import train_student  # noqa: E402
+
+NFES = (1, 2, 4, 8)
+RESULTS = Path(__file__).resolve().parent / "results"
+KEYS = ("method", "nfe", "network_evals", "psnr_db", "fd", "fd_teacher", "precision", "recall", "class_acc",
+        "images_per_s", "train_seconds", "teacher_evaluations", "trained_params", "peak_memory_mb")
+QUICK = {"iters": 8, "batch": 16}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short training, 100 samples (a smoke run)")
+    p.add_argument("--methods", nargs="+", choices=list(methods()), help="the methods to train (default: all)")
+    p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
+    p.add_argument("--n", type=int, help="evaluation samples, and teacher samples of the target (default 2000, "
+                   "quick 100)")
+    p.add_argument("--iters", type=int, help="iterations per student (default: the main job's; quick 8)")
+    p.add_argument("--batch", type=int, help="samples per iteration (default: the main job's; quick 16)")
+    p.add_argument("--steps", type=int, default=128, help="Heun steps of the teacher's reference solves")
+    p.add_argument("--cache", default=str(RESULTS / "cache"), help="where reference solves are cached")
+    p.add_argument("--work", default=str(RESULTS / "methods_runs"), help="where the students are trained")
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+
+    start = time.time()
+    base = DistillConfig(checkpoint_every=0)
+    if args.quick:
+        base = base.replace(**QUICK)
+    base = base.replace(iters=args.iters, batch=args.batch)
+    n = args.n or (100 if args.quick else 2000)
+    chosen = args.methods or list(methods())
+
+    source = builtin_source()
+    teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
+    ev = eval_set(teacher, n, seed=1, steps=args.steps, cache_dir=args.cache)
+    ev = dataclasses.replace(ev, target=teacher_target(teacher, n, seed=2, steps=args.steps, cache_dir=args.cache))
+    rows = [teacher_row(teacher, ev)]
+    for nfe in args.nfe:
+        rows += solver_rows(teacher, ev, nfe, base.sigma_min)
+    for method in chosen:
+        for name, settings in method_class(method).bench_runs(list(args.nfe), base.iters):
+            cfg = base.replace(method=method, out=str(Path(args.work) / name), **settings)
+            run, peak = with_peak_memory(lambda cfg=cfg: train_student(cfg, source, progress=False))
+            memory = {} if peak is None else {"peak_memory_mb": round(peak, 1)}
+            rows += student_rows(run, teacher, ev, args.nfe, **memory)
+
+    rows.sort(key=lambda r: (r["nfe"], r["fd_teacher"]))
+    print(f"built-in teacher, w = {teacher.w:g}, {n} samples; {base.iters} iterations x batch {base.batch} "
+          f"per student")
+    print(format_table(rows, KEYS))
+    print(f"({time.time() - start:.0f} s)")
+    if args.out:
+        write_rows(rows, args.out)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The methods benchmark (``bench/methods.py``): improved precision and recall on features whose answer is
+known, the teacher-target set read back from its cache, peak memory, and one small end-to-end run."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_core.builtin import load_builtin_teacher
+from distill_core.eval import benchmark
+from distill_core.eval.coverage import knn_radii, precision_recall
+from distill_core.eval.memory import with_peak_memory
+from distill_core.teacher import CFGTeacher
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "methods.py"
+ROW_KEYS = {"method", "nfe", "network_evals", "psnr_db", "fd", "fd_teacher", "precision", "recall", "class_acc",
+            "images_per_s", "train_seconds", "teacher_evaluations", "trained_params", "peak_memory_mb"}
+
+
+def gaussian(n: int, dim: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_knn_radii_are_the_distance_to_the_kth_other_point():
+    points = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    assert knn_radii(points, k=1).tolist() == [1.0, 1.0, 2.0, 4.0]
+    assert knn_radii(points, k=3).tolist() == [7.0, 6.0, 4.0, 7.0]
+    with pytest.raises(ValueError, match="k = 4"):
+        knn_radii(points, k=4)
+
+
+def test_identical_sets_have_full_precision_and_recall():
+    feats = gaussian(300)
+    assert precision_recall(feats, feats.clone()) == (1.0, 1.0)
+
+
+def test_far_disjoint_sets_have_no_precision_and_no_recall():
+    assert precision_recall(gaussian(300, seed=1) + 100.0, gaussian(300)) == (0.0, 0.0)
+
+
+def test_a_collapsed_generator_keeps_precision_and_loses_recall():
+    reference = gaussian(300)
+    collapsed = reference[0] + 1e-3 * gaussian(300, seed=2)  # every sample near one reference point
+    precision, recall = precision_recall(collapsed, reference)
+    assert precision == 1.0
+    assert recall <= 2 / 300  # the point it collapsed onto (and at most a neighbour inside the tiny balls)
+    # an independent draw of the same distribution scores high on both
+    fresh_p, fresh_r = precision_recall(gaussian(300, seed=3), reference)
+    assert fresh_p > 0.5 and fresh_r > 0.5
+
+
+def test_teacher_target_is_solved_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    teacher = CFGTeacher(load_builtin_teacher(), 2.0, torch.tensor([10]))
+    evaluation = benchmark.eval_set(teacher, 6, seed=1, steps=3)
+    first = benchmark.teacher_target(teacher, 6, seed=2, steps=3, cache_dir=tmp_path)
+    (cached,) = tmp_path.iterdir()
+    assert cached.name.endswith("-w2-n6-s2-heun3.safetensors") and first.shape == (6, 128)
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("the cached target was solved again")
+
+    monkeypatch.setattr(benchmark, "reference_solve", no_solve)
+    assert torch.equal(benchmark.teacher_target(teacher, 6, seed=2, steps=3, cache_dir=tmp_path), first)
+    # the target's noise is not the evaluation set's (seed 1)
+    target = benchmark.eval_set(teacher, 6, seed=2, steps=3, cache_dir=tmp_path)
+    assert torch.equal(benchmark.features(target.reference.clamp(-1, 1)), first)
+    assert not torch.equal(target.noise, evaluation.noise)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the peak is measured
+
+    def allocate():
+        block = torch.ones(64 * 2**20 // 4, device=device)  # 64 MiB of float32, touched
+        return float(block[-1])
+
+    result, peak = with_peak_memory(allocate)
+    assert result == 1.0
+    _, idle = with_peak_memory(lambda: None)
+    assert peak - idle >= 60  # MiB
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_methods", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_end_to_end_rows_of_one_method_at_two_nfes(bench, tmp_path):
+    out = tmp_path / "rows.json"
+    argv = ["--methods", "sfd", "--nfe", "1", "2", "--n", "20", "--steps", "4", "--iters", "2", "--batch", "4",
+            "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "runs"), "--out", str(out)]
+    rows = bench.main(argv)
+    assert json.loads(out.read_text()) == rows
+    students = [r for r in rows if r["method"] == "sfd"]
+    assert [r["nfe"] for r in students] == [1, 2]
+    for row in students:
+        assert set(row) >= ROW_KEYS
+        assert row["trained_params"] > 0 and row["teacher_evaluations"] > 0 and row["peak_memory_mb"] > 0
+        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+    # every solver at NFE 2, all but Heun (two evaluations a step) at NFE 1
+    solvers = {r["method"] for r in rows if r["nfe"] == 1} - {"sfd"}
+    assert "heun" not in solvers and "euler" in solvers
+    assert "heun" in {r["method"] for r in rows if r["nfe"] == 2}
+    (teacher,) = [r for r in rows if r["method"] == "teacher"]
+    assert teacher["nfe"] == 7 and teacher["network_evals"] == 14  # 4 Heun steps to sigma = 0, with CFG
+    assert "psnr_db" not in teacher and teacher["fd_teacher"] >= 0
+    assert [(r["nfe"], r["fd_teacher"]) for r in rows] == sorted((r["nfe"], r["fd_teacher"]) for r in rows)
