@@ -1,6 +1,7 @@
 """Every distillation method against every training-free solver on the built-in teacher, at NFE 1, 2, 4, 8.
 
-    python bench/methods.py [--quick] [--methods sfd phased ...] [--nfe 1 2 4 8] [--n N] [--out FILE.json]
+    python bench/methods.py [--quick] [--methods sfd phased ...] [--nfe 1 2 4 8] [--student-nfe 1 2 4] [--n N]
+                            [--steps 128] [--out FILE.json]
 
 One evaluation set (noise of seed 1, balanced classes) serves every row, so rows compare directly. Rows:
 every training-free solver at every NFE it can take a step in (Heun needs two), the students of every
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="short training, 100 samples (a smoke run)")
     p.add_argument("--methods", nargs="+", choices=list(methods()), help="the methods to train (default: all)")
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
+    p.add_argument("--student-nfe", type=int, nargs="+", help="the NFEs students are trained for (default: --nfe; "
+                   "solvers run at every --nfe)")
     p.add_argument("--n", type=int, help="evaluation samples, and teacher samples of the target (default 2000, "
                    "quick 100)")
     p.add_argument("--iters", type=int, help="iterations per student (default: the main job's; quick 8)")
@@ -96,11 +99,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for nfe in args.nfe:
         rows += solver_rows(teacher, ev, nfe, base.sigma_min)
     for method in chosen:
-        for name, settings in method_class(method).bench_runs(list(args.nfe), base.iters):
+        for name, settings in method_class(method).bench_runs(list(args.student_nfe or args.nfe), base.iters):
             cfg = base.replace(method=method, out=str(Path(args.work) / name), **settings)
             run, peak = with_peak_memory(lambda cfg=cfg: train_student(cfg, source, progress=False))
             memory = {} if peak is None else {"peak_memory_mb": round(peak, 1)}
-            rows += student_rows(run, teacher, ev, args.nfe, **memory)
+            rows += student_rows(run, teacher, ev, args.student_nfe or args.nfe, **memory)
 
     rows.sort(key=lambda r: (r["nfe"], r["fd_teacher"]))
     print(f"built-in teacher, w = {teacher.w:g}, {n} samples; {base.iters} iterations x batch {base.batch} "

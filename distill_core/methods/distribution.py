@@ -126,6 +126,12 @@ class DistributionMatching(Method):
         cfg = self.cfg
         return make_networks(denoiser, names, cfg.student, cfg.lora_rank, cfg.lora_alpha)
 
+    @classmethod
+    def bench_runs(cls, nfes: list[int], iters: int) -> list[tuple[str, dict]]:
+        """One generator per NFE at batch 16 and lr 1e-4, for twice a trajectory student's iterations: an update
+        of this family is ``critic_updates`` + 1 passes through the trained networks."""
+        return [(f"{cls.name}-{n}", {"steps": n, "batch": 16, "lr": 1e-4, "iters": 2 * iters}) for n in nfes]
+
     @property
     def generator(self):
         return self.nets["generator"]
