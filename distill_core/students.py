@@ -79,7 +79,18 @@ class StepEmbedding(nn.Module):
         return self.mlp(sinusoidal_embedding(nfe.float(), self.dim, max_period=100.0))
 
 
-class StudentNet(nn.Module):
+class PartlySaved(nn.Module):
+    """A trained network whose checkpoints hold only what it trains (``saved_state``: a LoRA student's
+    adapters, not the frozen base it shares with the teacher)."""
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+class StudentNet(PartlySaved):
     """The trainable student: ``forward(x, sigma, cond, nfe=None) -> x0``, a denoiser like its teacher."""
 
     def __init__(self, denoiser: nn.Module, step_conditioned: bool = False, lora: dict | None = None):
@@ -223,7 +234,7 @@ def make_student(
     return nets["student"], teacher
 
 
-class Experts(nn.Module):
+class Experts(PartlySaved):
     """A student made of one network per phase of the noise range, a mixture of experts over noise levels
     (Phased DMD): for boundaries s_0 > s_1 > ... > s_K = 0, expert k denoises sigma in (s_{k+1}, s_k]
     (expert 0 also above s_0). ``forward(x, sigma, cond)`` is a denoiser like each expert; a batch of

@@ -256,3 +256,80 @@ def test_moment_matching_resumes_bit_exactly(tiny_edm, tmp_path, version):
     if version == "instant":
         assert again.method.preconditioned == whole.method.preconditioned == 3
         assert all(torch.equal(u, v) for u, v in zip(whole.method.second_moment, again.method.second_moment))
+
+
+# ---------------------------------------------------------------------------------------- DMD2's GAN head
+def with_data(source: TeacherSource) -> TeacherSource:
+    """``source`` with real images: bright squares, labelled 0..9."""
+
+    def draw_data(batch, generator):
+        images = -torch.ones(batch, 1, 8, 8)
+        images[:, :, 2:6, 2:6] = 1
+        return images, torch.randint(10, (batch,), generator=generator)
+
+    source.draw_data = draw_data
+    return source
+
+
+def gan_dmd2(tiny_edm, out=None, **kw):
+    settings = {"method": "dmd2", "steps": 1, "batch": 4, "iters": 4, "critic_updates": 2, "student": "lora",
+                "lora_rank": 2, "seed": 1, "out": str(out or "unused"), "checkpoint_every": 2, "gan_weight": 0.5,
+                **kw}
+    return build_method(with_data(tiny_source(tiny_edm)), DistillConfig(**settings))
+
+
+def test_the_gan_head_needs_real_images(tiny_edm):
+    with pytest.raises(ValueError, match="needs real images.*gan_weight 0"):
+        dmd2(tiny_edm, gan_weight=0.01)
+
+
+def test_the_gan_head_trains_with_the_fake_score_and_steers_the_generator(tiny_edm):
+    from distill_core.nets.gan_head import ScoreWithHead
+
+    m = gan_dmd2(copy.deepcopy(tiny_edm))
+    fake = m.nets["fake_score"]
+    assert isinstance(fake, ScoreWithHead) and m.optim_groups()["fake_score"]
+    x0 = torch.randn(4, 1, 8, 8)
+    m.critic_loss(x0, torch.arange(4), 0, torch.Generator().manual_seed(0)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fake.head.parameters())
+    assert not any(fn for layer in m.source.denoiser.modules() for fn in layer._forward_hooks.values()
+                   if getattr(fn, "__name__", "") == "catch")  # the feature hook lives for one pass only
+
+    def generator_gradient(method):
+        x = x0.clone().requires_grad_(True)
+        method.generator_loss(x, torch.arange(4), 0, torch.Generator().manual_seed(0)).backward()
+        return x.grad
+
+    plain = generator_gradient(dmd2(copy.deepcopy(tiny_edm), steps=1))
+    assert not torch.allclose(plain, generator_gradient(gan_dmd2(copy.deepcopy(tiny_edm))))  # the GAN term adds
+
+
+def test_the_gan_head_keeps_one_copy_of_the_base_and_resumes_bit_exactly(tiny_edm, tmp_path):
+    m = gan_dmd2(copy.deepcopy(tiny_edm))
+    base = sum(p.numel() * p.element_size() for p in tiny_edm.parameters())
+    trained = sum(p.numel() * p.element_size() for net in m.nets.values() for p in net.parameters()
+                  if p.requires_grad)
+    assert storage(m) <= base + trained + 1024
+
+    def trainer(out):
+        method = gan_dmd2(copy.deepcopy(tiny_edm), out=out)
+        return Trainer(method, method.cfg)
+
+    whole = trainer(tmp_path / "whole")
+    whole.fit()
+    first = trainer(tmp_path / "split")
+    first.callbacks.append(StopAt(2))
+    first.fit()
+    again = trainer(tmp_path / "split")
+    again.fit(resume=True)
+    for name in ("generator", "fake_score"):
+        a, b = whole.unwrapped(name).saved_state(), again.unwrapped(name).saved_state()
+        assert any(k.startswith("head.") for k in a) or name == "generator"
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_gan_head_refuses_a_network_without_a_bottleneck():
+    from distill_core.nets.gan_head import bottleneck
+
+    with pytest.raises(ValueError, match="bottleneck"):
+        bottleneck(torch.nn.Sequential(torch.nn.Linear(2, 2)))

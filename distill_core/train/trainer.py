@@ -44,7 +44,7 @@ from distill_core.atomic import write_text
 from distill_core.config import DistillConfig
 from distill_core.denoisers.base import move_cond
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss
-from distill_core.students import Experts, StudentNet
+from distill_core.students import PartlySaved
 from distill_core.train.callbacks import Callback
 from distill_core.train.checkpoint import checkpoint_info, has_checkpoint, load_checkpoint, save_checkpoint
 from distill_core.train.metrics import METRICS, read_metrics
@@ -590,13 +590,13 @@ def lr_factor(schedule: str, it: int, iters: int, decay_at: float, warmup: int =
 
 
 def _saved_state(net: nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds of a network: a ``StudentNet`` or ``Experts`` says (a LoRA student: its
-    adapters); any other network: its whole state."""
-    return net.saved_state() if isinstance(net, (StudentNet, Experts)) else net.state_dict()
+    """What a checkpoint holds of a network: a ``PartlySaved`` network says (a LoRA student: its adapters);
+    any other network: its whole state."""
+    return net.saved_state() if isinstance(net, PartlySaved) else net.state_dict()
 
 
 def _load_saved_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    if isinstance(net, (StudentNet, Experts)):
+    if isinstance(net, PartlySaved):
         net.load_saved_state(state)
     else:
         net.load_state_dict(state)
