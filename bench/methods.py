@@ -1,7 +1,7 @@
 """Every distillation method against every training-free solver on the built-in teacher, at NFE 1, 2, 4, 8.
 
     python bench/methods.py [--quick] [--methods sfd phased ...] [--nfe 1 2 4 8] [--student-nfe 1 2 4] [--n N]
-                            [--steps 128] [--out FILE.json]
+                            [--steps 128] [--set KEY=VALUE ...] [--out FILE.json]
 
 One evaluation set (noise of seed 1, balanced classes) serves every row, so rows compare directly. Rows:
 every training-free solver at every NFE it can take a step in (Heun needs two), the students of every
@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.config import DistillConfig  # noqa: E402
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "quick 100)")
     p.add_argument("--iters", type=int, help="iterations per student (default: the main job's; quick 8)")
     p.add_argument("--batch", type=int, help="samples per iteration (default: the main job's; quick 16)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config settings for every student (YAML values, e.g. gan_weight=0.003)")
     p.add_argument("--steps", type=int, default=128, help="Heun steps of the teacher's reference solves")
     p.add_argument("--cache", default=str(RESULTS / "cache"), help="where reference solves are cached")
     p.add_argument("--work", default=str(RESULTS / "methods_runs"), help="where the students are trained")
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         base = base.replace(**QUICK)
     base = base.replace(iters=args.iters, batch=args.batch)
+    overrides = dict(setting(item) for item in args.set)
     n = args.n or (100 if args.quick else 2000)
     chosen = args.methods or list(methods())
 
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += solver_rows(teacher, ev, nfe, base.sigma_min)
     for method in chosen:
         for name, settings in method_class(method).bench_runs(list(args.student_nfe or args.nfe), base.iters):
-            cfg = base.replace(method=method, out=str(Path(args.work) / name), **settings)
+            cfg = base.replace(method=method, out=str(Path(args.work) / name), **{**settings, **overrides})
             run, peak = with_peak_memory(lambda cfg=cfg: train_student(cfg, source, progress=False))
             memory = {} if peak is None else {"peak_memory_mb": round(peak, 1)}
             rows += student_rows(run, teacher, ev, args.student_nfe or args.nfe, **memory)
@@ -113,6 +118,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.out:
         write_rows(rows, args.out)
     return rows
+
+
+def setting(item: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as YAML (numbers, booleans, lists)."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+    return key.replace("-", "_"), yaml.safe_load(value)
 
 
 if __name__ == "__main__":

@@ -93,9 +93,11 @@ def bench():
 def test_end_to_end_rows_of_one_method_at_two_nfes(bench, tmp_path):
     out = tmp_path / "rows.json"
     argv = ["--methods", "sfd", "--nfe", "1", "2", "--n", "20", "--steps", "4", "--iters", "2", "--batch", "4",
-            "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "runs"), "--out", str(out)]
+            "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "runs"), "--out", str(out),
+            "--set", "loss=l1"]
     rows = bench.main(argv)
     assert json.loads(out.read_text()) == rows
+    assert "loss: l1" in (tmp_path / "runs" / "sfd-1" / "config.yaml").read_text()  # --set reaches every student
     students = [r for r in rows if r["method"] == "sfd"]
     assert [r["nfe"] for r in students] == [1, 2]
     for row in students:
@@ -110,3 +112,10 @@ def test_end_to_end_rows_of_one_method_at_two_nfes(bench, tmp_path):
     assert teacher["nfe"] == 7 and teacher["network_evals"] == 14  # 4 Heun steps to sigma = 0, with CFG
     assert "psnr_db" not in teacher and teacher["fd_teacher"] >= 0
     assert [(r["nfe"], r["fd_teacher"]) for r in rows] == sorted((r["nfe"], r["fd_teacher"]) for r in rows)
+
+
+def test_settings_are_read_as_yaml_values(bench):
+    assert bench.setting("gan-weight=0.003") == ("gan_weight", 0.003)
+    assert bench.setting("u_range=[0.1, 0.9]") == ("u_range", [0.1, 0.9])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        bench.setting("gan_weight")
