@@ -46,6 +46,23 @@ def storage(method) -> int:
     return total
 
 
+def whole_and_resumed(make, tmp_path, stop: int = 2) -> tuple[Trainer, Trainer]:
+    """A run trained in one go, and the same run stopped after ``stop`` iterations and resumed."""
+    whole = make(tmp_path / "whole")
+    whole.fit()
+    first = make(tmp_path / "split")
+    first.callbacks.append(StopAt(stop))
+    assert first.fit().status == "interrupted"
+    again = make(tmp_path / "split")
+    again.fit(resume=True)
+    return whole, again
+
+
+def same_saved_state(a: Trainer, b: Trainer, name: str) -> bool:
+    x, y = a.unwrapped(name).saved_state(), b.unwrapped(name).saved_state()
+    return bool(x) and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 def test_generator_schedule_ends_at_zero_after_k_karras_points():
     assert generator_schedule(1, 0.006, 80.0, 7.0).tolist() == [80.0, 0.0]
     s = generator_schedule(4, 0.006, 80.0, 7.0)
@@ -160,16 +177,9 @@ def test_dmd2_resumes_bit_exactly(tiny_edm, tmp_path, student):
         m = dmd2(copy.deepcopy(tiny_edm), out=out, student=student)
         return Trainer(m, m.cfg)
 
-    whole = trainer(tmp_path / "whole")
-    done = whole.fit()
-    first = trainer(tmp_path / "split")
-    first.callbacks.append(StopAt(2))
-    assert first.fit().status == "interrupted"
-    again = trainer(tmp_path / "split")
-    assert again.fit(resume=True).iteration == done.iteration == 4
-    for name in ("generator", "fake_score"):
-        a, b = whole.unwrapped(name).saved_state(), again.unwrapped(name).saved_state()
-        assert a and all(torch.equal(a[k], b[k]) for k in a), name
+    whole, again = whole_and_resumed(trainer, tmp_path)
+    assert again.iteration == whole.iteration == 4
+    assert same_saved_state(whole, again, "generator") and same_saved_state(whole, again, "fake_score")
     lines = [json.loads(x)["loss"] for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     split = [json.loads(x)["loss"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert lines == split and [list(r)[:2] for r in lines] == [["fake_score:0", "fake_score:1"]] * 4
@@ -244,15 +254,8 @@ def test_moment_matching_resumes_bit_exactly(tiny_edm, tmp_path, version):
         m = moments(copy.deepcopy(tiny_edm), out=out, version=version, critic_updates=1, iters=3)
         return Trainer(m, m.cfg)
 
-    whole = trainer(tmp_path / "whole")
-    whole.fit()
-    first = trainer(tmp_path / "split")
-    first.callbacks.append(StopAt(2))
-    first.fit()
-    again = trainer(tmp_path / "split")
-    again.fit(resume=True)
-    a, b = whole.unwrapped("generator").saved_state(), again.unwrapped("generator").saved_state()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    whole, again = whole_and_resumed(trainer, tmp_path)
+    assert same_saved_state(whole, again, "generator")
     if version == "instant":
         assert again.method.preconditioned == whole.method.preconditioned == 3
         assert all(torch.equal(u, v) for u, v in zip(whole.method.second_moment, again.method.second_moment))
@@ -315,17 +318,9 @@ def test_the_gan_head_keeps_one_copy_of_the_base_and_resumes_bit_exactly(tiny_ed
         method = gan_dmd2(copy.deepcopy(tiny_edm), out=out)
         return Trainer(method, method.cfg)
 
-    whole = trainer(tmp_path / "whole")
-    whole.fit()
-    first = trainer(tmp_path / "split")
-    first.callbacks.append(StopAt(2))
-    first.fit()
-    again = trainer(tmp_path / "split")
-    again.fit(resume=True)
-    for name in ("generator", "fake_score"):
-        a, b = whole.unwrapped(name).saved_state(), again.unwrapped(name).saved_state()
-        assert any(k.startswith("head.") for k in a) or name == "generator"
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    whole, again = whole_and_resumed(trainer, tmp_path)
+    assert any(k.startswith("head.") for k in whole.unwrapped("fake_score").saved_state())
+    assert same_saved_state(whole, again, "generator") and same_saved_state(whole, again, "fake_score")
 
 
 def test_the_gan_head_refuses_a_network_without_a_bottleneck():
