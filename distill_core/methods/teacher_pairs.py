@@ -1,0 +1,96 @@
+"""The teacher's noise-to-image pairs: the fixed data set of knowledge distillation (Luhman & Luhman 2021)
+and rectified flow (Liu et al. 2022), and the data-free images of methods that noise images (consistency
+distillation without a data set).
+
+A pool of ``size`` pairs (z_i, c_i, x0_i): noise z ~ N(0, I), a condition c drawn from the teacher source,
+and the guided teacher's ODE solution from x_N = sigma_max z,
+
+    x0_i = Phi(sigma_max z_i; c_i),   ``solver`` with ``steps`` steps on the Karras grid from sigma_max
+                                      to sigma_min (the solution at sigma_min is the image),
+
+solved on first use in chunks, each chunk from its own generator seeded by (seed, chunk index), so the
+pool is a function of the run's seed: a resumed run solves the same pool again (nothing to store in the
+checkpoint). Draws are uniform with replacement, from the caller's generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distill_core.denoisers.base import Cond, cat_all, index_cond, move_cond
+from distill_core.methods.base import TeacherSource
+from distill_core.options import option
+from distill_core.schedules import karras
+from distill_core.solvers import SOLVERS
+from distill_core.teacher import CFGTeacher
+
+#: pairs solved at once (bounds the memory of a solve)
+CHUNK = 64
+
+
+@dataclass
+class PairsConfig:
+    """The settings of a method that trains on the teacher's pairs."""
+
+    pairs: int = option(1024, "teacher pairs (noise, the teacher's image from it) in the pool, solved once at the "
+                        "start of the run", min=1, max=10_000_000)
+    pair_solver: str = option("heun", "the solver of the teacher's images", choices=tuple(SOLVERS))
+    pair_steps: int = option(16, "steps of that solver per teacher image", min=1, max=1000)
+
+
+class TeacherPairs:
+    """The pool of pairs (z, c, x0) of ``teacher`` on ``source``'s conditions (see the module docstring)."""
+
+    def __init__(self, teacher: CFGTeacher, source: TeacherSource, opts: PairsConfig, sigma_min: float,
+                 sigma_max: float, seed: int):
+        self.teacher, self.source, self.opts, self.seed = teacher, source, opts, seed
+        self.sigmas = karras(opts.pair_steps, sigma_min, sigma_max)
+        self.sigma_max = sigma_max
+        self.solver = SOLVERS[opts.pair_solver]
+        self._pool: tuple[torch.Tensor, Cond, torch.Tensor] | None = None
+        self.evaluations = 0  # the teacher's network evaluations spent on the pool
+
+    @property
+    def size(self) -> int:
+        return self.opts.pairs
+
+    @torch.no_grad()
+    def solve_chunk(self, index: int, n: int, device: torch.device) -> tuple[torch.Tensor, Cond, torch.Tensor]:
+        """Pairs ``index * CHUNK`` .. + n: their noise, conditions and the teacher's images."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        z = torch.randn((n, *self.source.shape), generator=gen)
+        cond = self.source.draw_cond(n, gen)
+        counted = _Counted(self.teacher)
+        x0 = self.solver(counted, (z * self.sigma_max).to(device), self.sigmas.to(device), move_cond(cond, device))
+        self.evaluations += counted.calls
+        return z, cond, x0.float().cpu()
+
+    def pool(self, device: torch.device) -> tuple[torch.Tensor, Cond, torch.Tensor]:
+        """Every pair (solved on first use)."""
+        if self._pool is None:
+            chunks = [self.solve_chunk(i, min(CHUNK, self.size - start), device)
+                      for i, start in enumerate(range(0, self.size, CHUNK))]
+            self._pool = (torch.cat([c[0] for c in chunks]), cat_all([c[1] for c in chunks]),
+                          torch.cat([c[2] for c in chunks]))
+        return self._pool
+
+    def draw(self, n: int, generator: torch.Generator, device: torch.device
+             ) -> tuple[torch.Tensor, Cond, torch.Tensor]:
+        """``n`` pairs drawn uniformly with replacement: noise z, conditions c, the teacher's images x0, on
+        ``device``."""
+        z, cond, x0 = self.pool(device)
+        idx = torch.randint(self.size, (n,), generator=generator)
+        return z[idx].to(device), move_cond(index_cond(cond, idx), device), x0[idx].to(device)
+
+
+class _Counted:
+    """A teacher that counts its network evaluations (per sample, with CFG's two passes)."""
+
+    def __init__(self, teacher: CFGTeacher):
+        self.teacher, self.calls = teacher, 0
+
+    def __call__(self, x: torch.Tensor, sigma, cond: Cond = None) -> torch.Tensor:
+        self.calls += x.shape[0] * self.teacher.evaluations(sigma)
+        return self.teacher(x, sigma, cond)
