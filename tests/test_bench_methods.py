@@ -119,3 +119,11 @@ def test_settings_are_read_as_yaml_values(bench):
     assert bench.setting("u_range=[0.1, 0.9]") == ("u_range", [0.1, 0.9])
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         bench.setting("gan_weight")
+
+
+def test_a_one_step_solver_row_counts_one_evaluation_however_many_batches_it_takes():
+    teacher = CFGTeacher(load_builtin_teacher(), 2.0, torch.tensor([10]))
+    ev = benchmark.eval_set(teacher, 260, seed=1, steps=1)  # two batches of at most 250
+    for name, nfe in (("euler", 1), ("heun", 2), ("euler", 3)):
+        row = benchmark.solver_row(name, nfe, teacher, ev)
+        assert (row["nfe"], row["network_evals"]) == (nfe, 2 * nfe)

@@ -102,10 +102,16 @@ def sample_in_batches(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
 
 def solver_row(name: str, nfe: int, teacher: CFGTeacher, ev: EvalSet, sigma_min: float = EDM_SIGMA_MIN) -> dict:
     """Evaluate a training-free solver at a budget of ``nfe`` network evaluations per image."""
-    counter = CountingDenoiser(teacher)
     sigmas = solver_sigmas(name, nfe, sigma_min, teacher.sigma_max)
-    images, seconds = sample_in_batches(lambda x, y: SOLVERS[name](counter, x, sigmas, y), ev)
-    return evaluate(name, counter.nfe, images, ev, seconds, network_evals=counter.nfe * teacher.evaluations())
+    counters = []  # one per batch: a one-step solver's batches all start at one sigma, which one counter merges
+
+    def solve(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        counters.append(CountingDenoiser(teacher))
+        return SOLVERS[name](counters[-1], x, sigmas, y)
+
+    images, seconds = sample_in_batches(solve, ev)
+    used = counters[0].nfe
+    return evaluate(name, used, images, ev, seconds, network_evals=used * teacher.evaluations())
 
 
 def student_rows(run, teacher: CFGTeacher, ev: EvalSet, nfes: list[int] | None = None, **extra) -> list[dict]:

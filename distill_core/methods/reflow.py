@@ -1,0 +1,180 @@
+"""Rectified flow by reflow (Liu et al., ICLR 2023, "Flow Straight and Fast"), on the teacher's pairs.
+
+The teacher's ODE couples each noise z with an image x0 = Phi(sigma_max z) (``methods.teacher_pairs``).
+Reflow trains a student whose ODE moves every pair along the straight segment between them. In flow time
+t in [0, 1] the segment is x_t = (1 - t) x0 + t x_1 with x_1 = sigma_max z; in the engine's convention
+(x = x0 + sigma n, sigma = t sigma_max) it reads
+
+    x_sigma = (1 - sigma / sigma_max) x0 + sigma z,     dx/dsigma = z - x0 / sigma_max  (constant),
+
+and the VE ODE dx/dsigma = (x - D(x, sigma)) / sigma follows that constant direction exactly when
+D(x_sigma, sigma) = x0. So the student regresses the pair's image from any point of its segment,
+
+    L = E_{sigma, pair} [ lambda(sigma) || D_theta(x_sigma, sigma, c) - x0 ||^2 ],
+    lambda(sigma) = 1 / sigma^2 + 1 / sigma_data^2                      (the EDM weight),
+
+with sigma drawn at a uniform position u ~ U[0, 1] of the Karras grid from sigma_max to sigma_min (the
+noise levels the few-step sampler visits; Liu et al. draw t ~ U[0, 1]). Where every segment is straight,
+Euler is exact at any step count; the student is sampled by Euler on the first ``steps`` points of the
+Karras grid, then a last step to sigma = 0, whose result is D at the last point (sampler ``euler_afs``
+without AFS; ComfyUI's stock ``euler``).
+
+``straightness`` measures how far a denoiser's ODE paths are from straight lines.
+
+A method whose pairs' segments are cut to their starting point is knowledge distillation
+(``methods.kd``): this module's ``PairRegression`` holds what both share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from distill_core.builtin import fingerprint
+from distill_core.denoisers.base import Cond
+from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
+from distill_core.methods.distribution import critic_weight, generator_schedule, karras_at, per_sample
+from distill_core.methods.registry import register
+from distill_core.methods.sfd import SFD
+from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs
+from distill_core.options import option
+from distill_core.sampling import few_step
+from distill_core.schedules import karras
+from distill_core.students import make_student, student_card
+from distill_core.teacher import CFGTeacher
+
+
+@dataclass
+class ReflowConfig(PairsConfig):
+    """Reflow's own settings."""
+
+    rho: float = option(7.0, "rho of the Karras grid that the sampling steps and the training noise levels use",
+                        min=0.1)
+
+
+class PairRegression(Method):
+    """A student trained to map points built from the teacher's pairs (z, c, x0) to x0: the shared part of
+    reflow and knowledge distillation. Subclasses give ``inputs`` (the point and its noise level) and
+    ``loss``."""
+
+    sampler = "euler_afs"
+
+    def __init__(self, source: TeacherSource, cfg):
+        if cfg.guidance_mode != "distilled":
+            raise ValueError(f"{self.name} learns the guided teacher's images (guidance_mode 'distilled')")
+        self.source, self.cfg, self.opts = source, cfg, cfg.options
+        self.w = source.scale(cfg.guidance)
+        self.teacher_fingerprint = fingerprint(source.denoiser)
+        self.sigma_min = cfg.sigma_min
+        self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
+        with torch.random.fork_rng(devices=[]):  # adapters are initialised from the config's seed
+            torch.manual_seed(cfg.seed)
+            student, teacher_denoiser = make_student(source.denoiser, False, cfg.student, cfg.lora_rank,
+                                                     cfg.lora_alpha)
+        self.nets = {"student": student.train()}
+        self.teacher = CFGTeacher(teacher_denoiser, self.w, source.uncond)
+        self.pairs = TeacherPairs(self.teacher, source, self.opts, self.sigma_min, self.sigma_max, cfg.seed)
+        self.sigmas = self.schedule()
+
+    @property
+    def student(self):
+        return self.nets["student"]
+
+    def schedule(self) -> torch.Tensor:
+        """The sampling schedule: the first ``steps`` points of the Karras grid, then 0."""
+        return generator_schedule(self.cfg.steps, self.sigma_min, self.sigma_max, self.opts.rho)
+
+    def schedule_info(self) -> dict:
+        return {"name": "karras_then_zero", "rho": self.opts.rho, "sigma_min": self.sigma_min,
+                "sigma_max": self.sigma_max}
+
+    @property
+    def teacher_evaluations(self) -> int:
+        return self.pairs.evaluations
+
+    @teacher_evaluations.setter
+    def teacher_evaluations(self, value: int) -> None:  # the trainer restores the count of a resumed run
+        self.pairs.evaluations = value
+
+    def optim_groups(self) -> dict[str, OptimSpec]:
+        return {"student": OptimSpec("adam", schedule="cosine", warmup=10)}
+
+    def inputs(self, z: torch.Tensor, x0: torch.Tensor, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's input built from the pairs (z, x0), and its noise levels (one per sample)."""
+        raise NotImplementedError
+
+    def loss(self, denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def losses(self, plan: dict, micro: MicroBatch, generator: torch.Generator) -> Iterator[StepLoss]:
+        device = next(self.student.parameters()).device
+        z, cond, x0 = self.pairs.draw(micro.size, generator, device)
+        x, sigma = self.inputs(z, x0, generator)
+        yield StepLoss("student", 0, self.loss(self.student(x, sigma, cond), x0, sigma))
+
+    def preview_steps(self) -> int:
+        return self.cfg.steps
+
+    @torch.no_grad()
+    def preview(self, noise: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return few_step(self.student, noise, self.sigmas, cond, afs=False)
+
+    def card(self) -> dict:
+        cfg, opts = self.cfg, self.opts
+        return student_card(
+            self.name, self.sampler, [cfg.steps], {cfg.steps: self.sigmas},
+            self.schedule_info(), "distilled", self.w, self.teacher_fingerprint,
+            afs=False,
+            teacher=self.source.name,
+            comfyui_sampler="euler",
+            training={**vars(opts), "lr": cfg.lr, "iters": cfg.iters, "batch": cfg.batch, "student": cfg.student},
+        )
+
+
+@register("reflow")
+class Reflow(PairRegression):
+    """Reflow: the student's ODE straightened onto the teacher's noise-to-image pairs."""
+
+    Config = ReflowConfig
+    summary = "reflow: straightens the teacher's ODE on its noise-to-image pairs (Liu et al. 2023), Euler sampling"
+    node = SFD.node
+
+    def inputs(self, z: torch.Tensor, x0: torch.Tensor, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_sigma = (1 - sigma / sigma_max) x0 + sigma z at sigma(u), u ~ U[0, 1] on the Karras grid."""
+        u = torch.rand(z.shape[0], generator=generator, dtype=torch.float64)
+        sigma = karras_at(u, self.sigma_min, self.sigma_max, self.opts.rho).float().to(z.device)
+        s = per_sample(sigma)
+        return (1 - s / self.sigma_max) * x0 + s * z, sigma
+
+    def loss(self, denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma_data = float(getattr(self.source.denoiser, "sigma_data", 0.5))
+        weight = per_sample(critic_weight(sigma, sigma_data))
+        return (weight * (denoised.float() - x0.float()).square()).mean()
+
+
+@torch.no_grad()
+def straightness(denoiser, noise: torch.Tensor, cond: Cond, sigma_min: float, sigma_max: float,
+                 steps: int = 32) -> float:
+    """S = E[ int || d(x_sigma, sigma) - (x_N - x_end) / (sigma_max - sigma_min) ||^2 dsigma ]
+           / E[ (sigma_max - sigma_min) || (x_N - x_end) / (sigma_max - sigma_min) ||^2 ]
+
+    for the ODE paths of ``denoiser`` from x_N = sigma_max ``noise``, solved by Euler on the Karras grid of
+    ``steps`` steps (d = (x - D(x, sigma)) / sigma, the integral by the same rectangle rule): Liu et al.'s
+    straightness normalised by the squared length of the chord, 0 for straight paths; the teacher's
+    curvature shows how far it is from one-step sampling."""
+    sigmas = karras(steps, sigma_min, sigma_max).to(noise.device)
+    x = noise * sigma_max
+    start, directions = x, []
+    for i in range(steps):
+        d = (x - denoiser(x, sigmas[i], cond)) / sigmas[i]
+        directions.append(d)
+        x = x + (sigmas[i + 1] - sigmas[i]) * d
+    chord = (start - x) / (sigmas[0] - sigmas[-1])
+    deviation = sum((sigmas[i] - sigmas[i + 1]) * (d - chord).square().flatten(1).sum(1)
+                    for i, d in enumerate(directions))
+    length = (sigmas[0] - sigmas[-1]) * chord.square().flatten(1).sum(1)
+    return float(deviation.mean() / length.mean())
