@@ -23,6 +23,10 @@ baseline of the distribution metrics. Each row (``eval.benchmark``'s format):
   independent teacher sets of this size score (their noise floor);
 * ``fd``: Frechet distance to the data's (MNIST test) statistics, ``class_acc``: the classifier's accuracy
   on the requested classes (guidance), ``images_per_s``: sampling throughput;
+* ``straightness`` (the teacher, and students of methods that straighten the ODE: reflow): how far the
+  ODE paths of 256 evaluation noises, solved by 32 Euler steps, stray from straight lines: the mean
+  squared gap between the x0 predictions along a path and its image, over the images' variance
+  (``reflow.straightness``; 0: straight, one Euler step is exact);
 * students only: ``train_seconds``, ``teacher_evaluations`` (the teacher's network evaluations of the
   training run), ``trained_params`` (trainable parameters of every network it trains) and
   ``peak_memory_mb`` (``eval.memory``: CUDA allocator peak, or the process's peak RSS on CPU).
@@ -56,15 +60,19 @@ from distill_core.eval.benchmark import (  # noqa: E402
     write_rows,
 )
 from distill_core.eval.memory import with_peak_memory  # noqa: E402
+from distill_core.methods.reflow import straightness  # noqa: E402
 from distill_core.methods.registry import method_class, methods  # noqa: E402
 from distill_core.sources import builtin_source  # noqa: E402
+from distill_core.students import load_student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 from distill_core.train.run import train_student  # noqa: E402
 
 NFES = (1, 2, 4, 8)
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("method", "nfe", "network_evals", "psnr_db", "fd", "fd_teacher", "precision", "recall", "class_acc",
-        "images_per_s", "train_seconds", "teacher_evaluations", "trained_params", "peak_memory_mb")
+        "images_per_s", "train_seconds", "teacher_evaluations", "trained_params", "peak_memory_mb", "straightness")
+#: evaluation samples whose ODE paths the straightness column measures
+STRAIGHTNESS_SAMPLES = 256
 QUICK = {"iters": 8, "batch": 16}
 
 
@@ -100,7 +108,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
     ev = eval_set(teacher, n, seed=1, steps=args.steps, cache_dir=args.cache)
     ev = dataclasses.replace(ev, target=teacher_target(teacher, n, seed=2, steps=args.steps, cache_dir=args.cache))
-    rows = [teacher_row(teacher, ev)]
+    curvature = path_straightness(teacher, ev, base.sigma_min, teacher.sigma_max)
+    rows = [{**teacher_row(teacher, ev), "straightness": curvature}]
     for nfe in args.nfe:
         rows += solver_rows(teacher, ev, nfe, base.sigma_min)
     for method in chosen:
@@ -108,6 +117,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cfg = base.replace(method=method, out=str(Path(args.work) / name), **{**settings, **overrides})
             run, peak = with_peak_memory(lambda cfg=cfg: train_student(cfg, source, progress=False))
             memory = {} if peak is None else {"peak_memory_mb": round(peak, 1)}
+            if method_class(method).straightens:
+                student = load_student(run.path, teacher).denoiser()
+                memory["straightness"] = path_straightness(student, ev, base.sigma_min, teacher.sigma_max)
             rows += student_rows(run, teacher, ev, args.student_nfe or args.nfe, **memory)
 
     rows.sort(key=lambda r: (r["nfe"], r["fd_teacher"]))
@@ -118,6 +130,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.out:
         write_rows(rows, args.out)
     return rows
+
+
+def path_straightness(denoiser, ev, sigma_min: float, sigma_max: float) -> float:
+    """``reflow.straightness`` of ``denoiser``'s ODE paths from the first evaluation noises."""
+    noise = ev.noise[:STRAIGHTNESS_SAMPLES] / sigma_max
+    return round(straightness(denoiser, noise, ev.labels[:STRAIGHTNESS_SAMPLES], sigma_min, sigma_max), 4)
 
 
 def setting(item: str) -> tuple[str, object]:

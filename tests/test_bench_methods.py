@@ -127,3 +127,13 @@ def test_a_one_step_solver_row_counts_one_evaluation_however_many_batches_it_tak
     for name, nfe in (("euler", 1), ("heun", 2), ("euler", 3)):
         row = benchmark.solver_row(name, nfe, teacher, ev)
         assert (row["nfe"], row["network_evals"]) == (nfe, 2 * nfe)
+
+
+def test_the_teacher_and_reflow_students_report_how_straight_their_paths_are(bench, tmp_path):
+    argv = ["--methods", "reflow", "--nfe", "2", "--n", "20", "--steps", "4", "--iters", "2", "--batch", "4",
+            "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "runs"), "--set", "pairs=8", "pair_steps=2"]
+    rows = bench.main(argv)
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["teacher"]["straightness"] > 0.05  # the teacher's ODE paths curve
+    assert 0 < by_method["reflow"]["straightness"] < 2
+    assert "straightness" not in by_method["euler"]

@@ -65,9 +65,9 @@ def test_on_a_straight_segment_euler_lands_on_the_pairs_image_at_any_step_count(
     for steps in (1, 2, 4, 7):
         grid = torch.cat([karras(steps, 0.006, 80.0)[:-1], torch.zeros(1)])
         assert torch.allclose(few_step(oracle, z * 80.0, grid, afs=False), x0, atol=1e-4)
-    assert straightness(oracle, z, None, 0.006, 80.0) < 1e-10
+    assert straightness(oracle, z, None, 0.006, 80.0) < 1e-3  # the path ends at sigma_min, a hair from x0
     teacher = CFGTeacher(tiny_edm, 2.0, torch.tensor([10]))
-    assert straightness(teacher, z, torch.tensor([1, 2, 3]), 0.006, 80.0) > 1e-3  # a curved ODE
+    assert straightness(teacher, z, torch.tensor([1, 2, 3]), 0.006, 80.0) > 0.05  # a curved ODE
 
 
 def test_reflow_weights_its_regression_by_the_edm_weight(tiny_edm):

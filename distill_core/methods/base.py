@@ -142,6 +142,8 @@ class Method:
     node: ClassVar[NodeLayout | None] = None
     #: one line for menus and ``--help``
     summary: ClassVar[str] = ""
+    #: its students' ODE paths are meant to be straight (benchmarks measure ``reflow.straightness``)
+    straightens: ClassVar[bool] = False
 
     source: TeacherSource
     teacher: CFGTeacher  # the teacher it distils (a LoRA student's: the shared network with adapters off)

@@ -143,13 +143,18 @@ class SFD(Method):
     step_conditioned = False
     node = NodeLayout(
         "DistillToSteps", "Distill to N steps",
-        "Distils the teacher into a student that samples in N steps (SFD, Zhou et al. 2024). Saves the student "
-        "under loras/ (LoRA) or diffusion_models/ (full) with its sampling recipe in the file, and a resumable run "
-        "under output/distill_runs/<save_name>.",
+        "Distils the teacher into a student that samples in N steps (by default SFD, Zhou et al. 2024; the method "
+        "menu offers the other trajectory and consistency methods). Saves the student under loras/ (LoRA) or "
+        "diffusion_models/ (full) with its sampling recipe in the file, and a resumable run under "
+        "output/distill_runs/<save_name>.",
         widgets=(
             Widget("steps", help="network evaluations per image of the student (SFD-v: the top of its range)",
                    default=4, max=16),
-            Widget("method", help="sfd: one student for exactly N steps; sfd-v: one student for 2..N steps"),
+            Widget("method", help="sfd: one student for exactly N steps; sfd-v: one student for 2..N steps; "
+                   "lcm-lora: a consistency LoRA for the stock lcm sampler (lcm: with a guidance input, engine "
+                   "only); progressive: rounds that halve the steps; reflow: straightened ODE, Euler sampling; "
+                   "kd: a 1-step student (steps 1); sfddm: one fold from the teacher's steps (needs a data set: "
+                   "the built-in teacher)"),
             Widget("iterations", "iters", "training iterations (every batch of teacher trajectories serves two of "
                    "them)", 200, max=100000),
             Widget("learning_rate", "lr", "Adam learning rate (reached after a warmup of 10 iterations, or a tenth "
