@@ -87,7 +87,7 @@ def test_reflow_fits_the_regression_onto_the_pairs(tiny_edm, tmp_path):
 
     def loss(m) -> float:  # the same 64 draws from the pool for both
         (step,) = m.losses({}, MicroBatch(0, 1, 64), torch.Generator().manual_seed(7))
-        return float(step.loss)
+        return float(step.loss.detach())
 
     assert loss(trainer.method) < 0.6 * loss(untrained)
 
