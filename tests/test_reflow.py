@@ -142,3 +142,27 @@ def test_a_resumed_run_solves_the_same_pool_and_ends_bit_exactly(tiny_edm, tmp_p
     assert all(torch.equal(a, b) for a, b in zip(whole.unwrapped("student").state_dict().values(),
                                                  again.unwrapped("student").state_dict().values(), strict=True))
     assert not same_saved_state(whole, trainer(tmp_path / "fresh"), "student")  # training moved the weights
+
+
+def test_reflow_then_sfd_trains_the_student_on_the_reflowed_copys_trajectories(tiny_edm, tmp_path):
+    m = method(tiny_edm, sfd_fraction=0.5)  # 4 iterations: 2 of reflow, then 2 of SFD
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        m.plan(gen)
+        assert [s.index for s in m.losses({}, MicroBatch(0, 1, 4), gen)] == [0] and m.reflowed is None
+    before = m.teacher_evaluations
+    m.plan(gen)
+    steps = list(m.losses({}, MicroBatch(0, 1, 4), gen))
+    assert [s.index for s in steps] == [0, 1, 2, 3]  # one loss per Euler step of the 4-step student
+    assert all(not p.requires_grad for p in m.reflowed.parameters())
+    assert m.teacher_evaluations > before  # the reflowed copy's solves are counted
+
+    def trainer(out):
+        fresh = method(copy.deepcopy(tiny_edm), out=out, sfd_fraction=0.5, checkpoint_every=3)
+        return Trainer(fresh, fresh.cfg)
+
+    whole, again = whole_and_resumed(trainer, tmp_path, stop=3)  # resumed after the switch
+    kept, restored = whole.method.reflowed.saved_state(), again.method.reflowed.saved_state()
+    assert kept.keys() == restored.keys() and all(torch.equal(kept[k], restored[k]) for k in kept)
+    assert all(torch.equal(a, b) for a, b in zip(whole.unwrapped("student").state_dict().values(),
+                                                 again.unwrapped("student").state_dict().values(), strict=True))

@@ -19,6 +19,11 @@ Euler is exact at any step count; the student is sampled by Euler on the first `
 Karras grid, then a last step to sigma = 0, whose result is D at the last point (sampler ``euler_afs``
 without AFS; ComfyUI's stock ``euler``).
 
+**Then SFD** (``sfd_fraction`` > 0): the last share of the iterations trains the same student by SFD
+(``methods.sfd``, its default distance and teacher solver) against a frozen copy of the student as reflow
+left it: the reflowed ODE is nearly straight, so its few-step targets are nearly exact, and SFD makes the
+student land on them at exactly its ``steps``.
+
 ``straightness`` measures how far a denoiser's ODE paths are from straight lines.
 
 A method whose pairs' segments are cut to their starting point is knowledge distillation
@@ -27,20 +32,21 @@ A method whose pairs' segments are cut to their starting point is knowledge dist
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from distill_core.builtin import fingerprint
-from distill_core.denoisers.base import Cond
+from distill_core.denoisers.base import Cond, move_cond
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
 from distill_core.methods.distribution import critic_weight, generator_schedule, karras_at, per_sample
 from distill_core.methods.registry import register
-from distill_core.methods.sfd import SFD
+from distill_core.methods.sfd import SFD, SFDConfig, distance, teacher_states
 from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs
 from distill_core.options import option
-from distill_core.sampling import few_step
+from distill_core.sampling import euler_step, few_step
 from distill_core.schedules import karras
 from distill_core.students import make_student, student_card
 from distill_core.teacher import CFGTeacher
@@ -52,6 +58,8 @@ class ReflowConfig(PairsConfig):
 
     rho: float = option(7.0, "rho of the Karras grid that the sampling steps and the training noise levels use",
                         min=0.1)
+    sfd_fraction: float = option(0.0, "the share of the iterations spent, after reflow, on SFD against the reflowed "
+                                 "student (0: reflow only)", min=0, max=0.9)
 
 
 class PairRegression(Method):
@@ -77,6 +85,7 @@ class PairRegression(Method):
         self.teacher = CFGTeacher(teacher_denoiser, self.w, source.uncond)
         self.pairs = TeacherPairs(self.teacher, source, self.opts, self.sigma_min, self.sigma_max, cfg.seed)
         self.sigmas = self.schedule()
+        self.spent = 0
 
     @property
     def student(self):
@@ -92,11 +101,12 @@ class PairRegression(Method):
 
     @property
     def teacher_evaluations(self) -> int:
-        return self.pairs.evaluations
+        """The pool's evaluations, and any the method spends besides (``spent``)."""
+        return self.pairs.evaluations + self.spent
 
     @teacher_evaluations.setter
     def teacher_evaluations(self, value: int) -> None:  # the trainer restores the count of a resumed run
-        self.pairs.evaluations = value
+        self.spent = value - self.pairs.evaluations
 
     def optim_groups(self) -> dict[str, OptimSpec]:
         return {"student": OptimSpec("adam", schedule="cosine", warmup=10)}
@@ -151,10 +161,56 @@ class Reflow(PairRegression):
         s = per_sample(sigma)
         return (1 - s / self.sigma_max) * x0 + s * z, sigma
 
+    def __init__(self, source: TeacherSource, cfg):
+        super().__init__(source, cfg)
+        self.iteration = 0
+        self.sfd_from = cfg.iters - round(self.opts.sfd_fraction * cfg.iters)  # the first SFD iteration
+        self.reflowed = None  # the frozen student as reflow left it, the SFD teacher
+
     def loss(self, denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma_data = float(getattr(self.source.denoiser, "sigma_data", 0.5))
         weight = per_sample(critic_weight(sigma, sigma_data))
         return (weight * (denoised.float() - x0.float()).square()).mean()
+
+    def plan(self, generator: torch.Generator) -> dict:
+        self.iteration += 1
+        if self.iteration > self.sfd_from and self.reflowed is None:
+            self.reflowed = copy.deepcopy(self.student).requires_grad_(False).eval()
+        return {}
+
+    def losses(self, plan: dict, micro: MicroBatch, generator: torch.Generator) -> Iterator[StepLoss]:
+        if self.reflowed is None:
+            yield from super().losses(plan, micro, generator)
+            return
+        device = next(self.student.parameters()).device
+        sfd = SFDConfig()
+        x = (torch.randn((micro.size, *self.source.shape), generator=generator) * self.sigma_max).to(device)
+        cond = move_cond(self.source.draw_cond(micro.size, generator), device)
+        t = self.sigmas.to(device)
+
+        def reflowed(x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+            self.spent += x.shape[0]  # the SFD teacher's evaluations count as the teacher's
+            return self.reflowed(x, sigma, cond)
+
+        with torch.no_grad():
+            targets = teacher_states(reflowed, x, t, cond, sfd.teacher_substeps, sfd.teacher_solver)
+        for i in range(len(t) - 1):
+            out = euler_step(self.student, x, t[i], t[i + 1], cond)
+            yield StepLoss("student", i, distance(out, targets[i], sfd.loss, sfd.huber_c))
+            x = out.detach()
+
+    def state_dict(self) -> dict:
+        """The iteration, and past the switch to SFD, the reflowed student's saved weights."""
+        state = {"iteration": self.iteration}
+        if self.reflowed is not None:
+            state["reflowed"] = self.reflowed.saved_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = int(state.get("iteration", 0))
+        if "reflowed" in state:
+            self.reflowed = copy.deepcopy(self.student).requires_grad_(False).eval()
+            self.reflowed.load_saved_state(state["reflowed"])
 
 
 @torch.no_grad()
