@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--methods", nargs="+", choices=list(methods()), help="the methods to train (default: all)")
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     p.add_argument("--student-nfe", type=int, nargs="+", help="the NFEs students are trained for (default: --nfe; "
-                   "solvers run at every --nfe)")
+                   "a method may add its natural step counts, e.g. kd's 1); every student and solver is "
+                   "evaluated at each --nfe it serves")
     p.add_argument("--n", type=int, help="evaluation samples, and teacher samples of the target (default 2000, "
                    "quick 100)")
     p.add_argument("--iters", type=int, help="iterations per student (default: the main job's; quick 8)")
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if method_class(method).straightens:
                 student = load_student(run.path, teacher).denoiser()
                 memory["straightness"] = path_straightness(student, ev, base.sigma_min, teacher.sigma_max)
-            rows += student_rows(run, teacher, ev, args.student_nfe or args.nfe, **memory)
+            rows += student_rows(run, teacher, ev, args.nfe, **memory)
 
     rows.sort(key=lambda r: (r["nfe"], r["fd_teacher"]))
     print(f"built-in teacher, w = {teacher.w:g}, {n} samples; {base.iters} iterations x batch {base.batch} "
