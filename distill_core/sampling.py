@@ -149,8 +149,10 @@ def sample(
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
     """Images from ``noise`` = x_N = sigma_max z with ``steps`` evaluations on the student's stored
-    schedule. ``w`` is the guidance scale for students distilled with guidance mode "cfg". Runs on the
-    student's device (noise and conditions are moved there; so is the result)."""
+    schedule. ``w`` is the guidance scale for students distilled with guidance mode "cfg" and for
+    guidance-conditioned students (LCM: w is an input of the network, within the range it was trained on);
+    by default the card's. Runs on the student's device (noise and conditions are moved there; so is the
+    result)."""
     device = next(student.net.parameters()).device
     noise, cond = noise.to(device), move_cond(cond, device)
     sigmas = student.sigmas(steps)

@@ -14,9 +14,11 @@ base ("shared base"), where each network's forward pass switches its siblings' a
 of experts (``Experts``, Phased DMD) is several such networks, one per phase of the noise range, chosen
 by sigma; its file holds each expert's tensors under ``expert.{k}.`` and its card the phase boundaries.
 
-A step-conditioned student (SFD-v) adds an embedding of the step count (NFE): a sinusoidal
-embedding through its own two-layer MLP whose last layer starts at zero, so the new student
-starts as the teacher. The embedding is added next to the time embedding, so every block sees it:
+A conditioned student sees a scalar input besides (x, sigma, c): the step count N (SFD-v, a
+step-conditioned student) or the guidance scale w (LCM, a guidance-conditioned student), or both. Each
+goes through its own ``ScalarEmbedding``, a sinusoidal embedding through a two-layer MLP whose last
+layer starts at zero, so the new student starts as the teacher. The embeddings are summed and added
+next to the time embedding, so every block sees them:
 
 * the built-in UNet (``distill_core.nets.unet``): through its ``extra_emb`` argument;
 * networks we do not own: through a forward hook on their time-embedding module, found by name
@@ -24,7 +26,10 @@ starts as the teacher. The embedding is added next to the time embedding, so eve
   openaimodel UNets of ComfyUI / LDM). Other architectures are refused with a clear error.
 
 A student file is safetensors with the engine's JSON card: method, NFE (or NFE range), schedule and
-its sigmas, AFS and its centre, guidance mode and w, the teacher's fingerprint and the engine version.
+its sigmas, AFS and its centre, guidance mode and w (and the trained range of w, for a
+guidance-conditioned student), the teacher's fingerprint and the engine version. The embeddings'
+weights are stored under ``step_embed.`` and ``w_embed.``, and the card says where they enter
+(``step_embedding``, ``w_embedding``).
 A student whose analytic first step is centred on its teacher's class means (``distill_core.afs``)
 carries their table as the tensor ``afs.class_means``.
 ``load_student`` checks the fingerprint against the teacher it is given.
@@ -38,6 +43,7 @@ import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -53,6 +59,25 @@ from distill_core.nets.unet import UNet, UNetConfig, sinusoidal_embedding
 from distill_core.teacher import CFGTeacher
 
 STEP_EMBEDDING_DIM = 64
+
+
+class ScalarInput(NamedTuple):
+    """A scalar input a student may be conditioned on: the ``StudentNet`` attribute holding its embedding (also
+    the prefix of its tensors in files and checkpoints), the card entry that says where it enters, and what a
+    student conditioned on it asks for when it is missing."""
+
+    attr: str
+    card: str
+    missing: str
+
+
+#: the scalar inputs, by their keyword in ``StudentNet.forward``
+SCALAR_INPUTS = {
+    "nfe": ScalarInput("step_embed", "step_embedding", "a step-conditioned (SFD-v) student needs the step count nfe"),
+    "w": ScalarInput("w_embed", "w_embedding", "a guidance-conditioned (LCM) student needs the guidance scale w"),
+}
+#: prefixes of a full student file's tensors that are not its network's weights
+NOT_NETWORK = (*(f"{i.attr}." for i in SCALAR_INPUTS.values()), "afs.")
 AFS_MEANS_KEY = "afs.class_means"
 EXPERT_PREFIX = "expert.{}."  # an Experts student's tensors of expert k, in its file
 TIME_EMBEDDING_NAMES = ("time_embedding", "time_embed")
@@ -65,8 +90,9 @@ def lora_target(denoiser: nn.Module) -> tuple[nn.Module, str]:
     return getattr(denoiser, "lora_target", (denoiser, ""))
 
 
-class StepEmbedding(nn.Module):
-    """e(N) = W2 SiLU(W1 sin/cos(N)) with W2 = 0 at initialisation (the student starts as the teacher)."""
+class ScalarEmbedding(nn.Module):
+    """e(v) = W2 SiLU(W1 sin/cos(v)) of a scalar input v (the step count N, the guidance scale w), with
+    W2 = 0 at initialisation (the student starts as the teacher)."""
 
     def __init__(self, out_dim: int, dim: int = STEP_EMBEDDING_DIM):
         super().__init__()
@@ -75,8 +101,8 @@ class StepEmbedding(nn.Module):
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, nfe: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(nfe.float(), self.dim, max_period=100.0))
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal_embedding(value.float(), self.dim, max_period=100.0))
 
 
 class PartlySaved(nn.Module):
@@ -91,9 +117,12 @@ class PartlySaved(nn.Module):
 
 
 class StudentNet(PartlySaved):
-    """The trainable student: ``forward(x, sigma, cond, nfe=None) -> x0``, a denoiser like its teacher."""
+    """The trainable student: ``forward(x, sigma, cond, nfe=None, w=None) -> x0``, a denoiser like its teacher
+    (``nfe``: the step count of a step-conditioned student; ``w``: the guidance scale of a guidance-conditioned
+    one, a number or one per sample)."""
 
-    def __init__(self, denoiser: nn.Module, step_conditioned: bool = False, lora: dict | None = None):
+    def __init__(self, denoiser: nn.Module, step_conditioned: bool = False, lora: dict | None = None,
+                 w_conditioned: bool = False):
         super().__init__()
         if not isinstance(denoiser, nn.Module):
             raise TypeError(
@@ -109,13 +138,14 @@ class StudentNet(PartlySaved):
             root, under = lora_target(denoiser)
             self.lora = LoRAAdapters(root, target_layers(root, under), lora["rank"], lora.get("alpha"))
         self.injection = None
-        self.step_embed = None
-        if step_conditioned:
+        self.step_embed = self.w_embed = None
+        if step_conditioned or w_conditioned:
             self.injection, out_dim = _injection_point(denoiser)
-            self.step_embed = StepEmbedding(out_dim)
+            self.step_embed = ScalarEmbedding(out_dim) if step_conditioned else None
+            self.w_embed = ScalarEmbedding(out_dim) if w_conditioned else None
             if self.injection != "extra_emb":
                 self._pending: torch.Tensor | None = None
-                denoiser.get_submodule(self.injection).register_forward_hook(self._add_step_embedding)
+                denoiser.get_submodule(self.injection).register_forward_hook(self._add_embedding)
 
     def train(self, mode: bool = True) -> StudentNet:
         """Train or eval mode for what is trained; a LoRA student's frozen base is the teacher's own network
@@ -123,37 +153,53 @@ class StudentNet(PartlySaved):
         if self.lora is None:
             return super().train(mode)
         self.training = mode
-        for module in (self.lora, self.step_embed):
+        for module in (self.lora, self.step_embed, self.w_embed):
             if module is not None:
                 module.train(mode)
         return self
 
     def saved_state(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint holds: every weight of a full student; adapters and step embedding of a
-        LoRA student (the frozen base is the teacher's)."""
+        """What a checkpoint holds: every weight of a full student; adapters and embeddings of a LoRA
+        student (the frozen base is the teacher's)."""
         state = self.state_dict()
         if self.lora is None:
             return state
-        return {k: v for k, v in state.items() if k.startswith(("lora.", "step_embed."))}
+        prefixes = ("lora.", *(f"{i.attr}." for i in SCALAR_INPUTS.values()))
+        return {k: v for k, v in state.items() if k.startswith(prefixes)}
 
     def load_saved_state(self, state: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(state, strict=self.lora is None)
 
-    def _add_step_embedding(self, module, args, output):
+    def _add_embedding(self, module, args, output):
         return output if self._pending is None else output + self._pending.to(output.dtype)
 
     def forward(
-        self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None, nfe: int | None = None
+        self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None, nfe: int | None = None,
+        w: torch.Tensor | float | None = None,
     ):
         with disabled(self.siblings):
-            return self._forward(x, sigma, cond, nfe)
+            return self._forward(x, sigma, cond, nfe, w)
 
-    def _forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond, nfe: int | None):
-        if self.step_embed is None:
+    def embedding(self, batch: int, device: torch.device, nfe: int | None = None,
+                  w: torch.Tensor | float | None = None) -> torch.Tensor | None:
+        """The sum of the embeddings of the scalar inputs this student is conditioned on, one per sample (None:
+        it is conditioned on none)."""
+        total = None
+        for scalar, value in zip(SCALAR_INPUTS.values(), (nfe, w), strict=True):
+            embed = getattr(self, scalar.attr)
+            if embed is None:
+                continue
+            if value is None:
+                raise ValueError(scalar.missing)
+            e = embed(torch.as_tensor(value, dtype=torch.float32, device=device).expand(batch))
+            total = e if total is None else total + e
+        return total
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond, nfe: int | None,
+                 w: torch.Tensor | float | None):
+        emb = self.embedding(x.shape[0], x.device, nfe, w)
+        if emb is None:
             return self.denoiser(x, sigma, cond)
-        if nfe is None:
-            raise ValueError("a step-conditioned (SFD-v) student needs the step count nfe")
-        emb = self.step_embed(torch.full((x.shape[0],), float(nfe), device=x.device))
         if self.injection == "extra_emb":
             return self.denoiser(x, sigma, cond, extra_emb=emb)
         self._pending = emb
@@ -164,7 +210,7 @@ class StudentNet(PartlySaved):
 
 
 def _injection_point(denoiser: nn.Module) -> tuple[str, int]:
-    """Where a step embedding enters: ("extra_emb", dim) for the built-in UNet, else the name of a
+    """Where the embeddings of scalar inputs enter: ("extra_emb", dim) for the built-in UNet, else the name of a
     time-embedding module (and its output width) to hook."""
     net = getattr(denoiser, "net", None)
     if (
@@ -179,8 +225,8 @@ def _injection_point(denoiser: nn.Module) -> tuple[str, int]:
             if linears:
                 return name, linears[-1].out_features
     raise ValueError(
-        f"cannot condition a {type(denoiser).__name__} on the step count: supported are the built-in UNet "
-        f"(extra_emb) and networks with a time-embedding module named one of {TIME_EMBEDDING_NAMES}"
+        f"cannot condition a {type(denoiser).__name__} on a step count or a guidance scale: supported are the "
+        f"built-in UNet (extra_emb) and networks with a time-embedding module named one of {TIME_EMBEDDING_NAMES}"
     )
 
 
@@ -207,7 +253,7 @@ def disabled(adapter_sets: list[LoRAAdapters]) -> Iterator[None]:
 
 def make_networks(
     denoiser: nn.Module, names: tuple[str, ...], kind: str = "full", rank: int = 16, alpha: float | None = None,
-    step_conditioned: bool = False,
+    step_conditioned: bool = False, w_conditioned: bool = False,
 ) -> tuple[dict[str, StudentNet], nn.Module | AdaptersOff]:
     """Trainable networks ``names``, each starting as ``denoiser``, and the teacher denoiser to use next to
     them: for ``full``, a copy of ``denoiser`` each and the original as the teacher; for ``lora``, one set of
@@ -216,9 +262,11 @@ def make_networks(
     if kind not in STUDENT_KINDS:
         raise ValueError(f"student kind must be one of {list(STUDENT_KINDS)}, got {kind!r}")
     if kind == "full":
-        nets = {n: StudentNet(copy.deepcopy(denoiser).requires_grad_(True), step_conditioned) for n in names}
+        nets = {n: StudentNet(copy.deepcopy(denoiser).requires_grad_(True), step_conditioned,
+                              w_conditioned=w_conditioned) for n in names}
         return nets, denoiser
-    nets = {n: StudentNet(denoiser, step_conditioned, lora={"rank": rank, "alpha": alpha}) for n in names}
+    nets = {n: StudentNet(denoiser, step_conditioned, {"rank": rank, "alpha": alpha}, w_conditioned)
+            for n in names}
     for name, net in nets.items():
         net.siblings = [other.lora for other_name, other in nets.items() if other_name != name]
     return nets, AdaptersOff(denoiser, [net.lora for net in nets.values()])
@@ -226,11 +274,11 @@ def make_networks(
 
 def make_student(
     denoiser: nn.Module, step_conditioned: bool = False, kind: str = "full", rank: int = 16,
-    alpha: float | None = None,
+    alpha: float | None = None, w_conditioned: bool = False,
 ) -> tuple[StudentNet, nn.Module | AdaptersOff]:
     """A trainable student of ``denoiser`` and the teacher denoiser to use next to it (``make_networks``
     of one network)."""
-    nets, teacher = make_networks(denoiser, ("student",), kind, rank, alpha, step_conditioned)
+    nets, teacher = make_networks(denoiser, ("student",), kind, rank, alpha, step_conditioned, w_conditioned)
     return nets["student"], teacher
 
 
@@ -240,7 +288,7 @@ class Experts(PartlySaved):
     (expert 0 also above s_0). ``forward(x, sigma, cond)`` is a denoiser like each expert; a batch of
     several noise levels goes to each sample's own expert."""
 
-    step_embed = None  # the experts are not step-conditioned (``AtSteps`` asks)
+    step_embed = w_embed = None  # the experts are not conditioned on scalar inputs (``AtSteps`` asks)
 
     def __init__(self, experts: list[StudentNet], boundaries: list[float]):
         super().__init__()
@@ -256,7 +304,8 @@ class Experts(PartlySaved):
         inner = torch.tensor(self.boundaries[1:-1], dtype=torch.float64)
         return (sigma.detach().reshape(-1, 1).double().cpu() <= inner).sum(1)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None, nfe: int | None = None):
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None, nfe: int | None = None,
+                w: float | None = None):
         sigma = torch.as_tensor(sigma, device=x.device)
         index = self.expert_of(sigma)
         if bool((index == index[0]).all()):
@@ -276,16 +325,18 @@ class Experts(PartlySaved):
 
 
 class AtSteps:
-    """A student seen as a plain denoiser ``(x, sigma, cond) -> x0`` at a fixed step count (``nfe`` is
-    ignored by students that are not step-conditioned). ``net`` may be wrapped (DDP) around a StudentNet."""
+    """A student seen as a plain denoiser ``(x, sigma, cond) -> x0`` at a fixed step count and guidance scale
+    (``nfe`` is ignored by students that are not step-conditioned, ``w`` by those that are not
+    guidance-conditioned). ``net`` may be wrapped (DDP) around a StudentNet."""
 
-    def __init__(self, net: nn.Module, nfe: int | None):
+    def __init__(self, net: nn.Module, nfe: int | None, w: torch.Tensor | float | None = None):
         inner = getattr(net, "module", net)
         self.net, self.nfe = net, nfe if inner.step_embed is not None else None
+        self.w = w if inner.w_embed is not None else None
         self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
-        return self.net(x, sigma, cond, nfe=self.nfe)
+        return self.net(x, sigma, cond, nfe=self.nfe, w=self.w)
 
 
 @dataclass
@@ -317,16 +368,31 @@ class Student:
             )
         return torch.tensor(self.card["sigmas"][str(steps)], dtype=torch.float32)
 
+    @property
+    def w_conditioned(self) -> bool:
+        """Whether w is an input of the network (LCM): it samples at any w of its trained range."""
+        return self.card.get(SCALAR_INPUTS["w"].card) is not None
+
     def guidance_w(self, w: float | None = None) -> float:
-        """The guidance scale the student samples at: ``w`` for a "cfg" student (default: the card's),
-        the distilled w otherwise."""
+        """The guidance scale the student samples at: ``w`` for a "cfg" student or a guidance-conditioned one
+        (default: the card's; the latter refuses a w outside the range it was trained on), the distilled w
+        otherwise."""
         guidance = self.card["guidance"]
+        if w is not None and self.w_conditioned:
+            lo, hi = guidance["w_range"]
+            if not lo <= w <= hi:
+                raise ValueError(f"this student was trained for guidance w in [{lo:g}, {hi:g}]; it cannot sample "
+                                 f"at w={w:g}")
+            return float(w)
         return float(guidance["w"] if w is None or guidance["mode"] == "distilled" else w)
 
     def denoiser(self, steps: int | None = None, w: float | None = None):
         """The student as a denoiser at ``steps``; with guidance mode "cfg", wrapped in CFG at ``w``
-        (default: the w stored in the card). A distilled-guidance student takes no w."""
+        (default: the w stored in the card); a guidance-conditioned student gets ``w`` as its input (default:
+        the card's). Any other distilled-guidance student takes no w."""
         steps = self.nfe_choices[-1] if steps is None else steps
+        if self.w_conditioned:
+            return AtSteps(self.net, steps, self.guidance_w(w))
         d = AtSteps(self.net, steps)
         guidance = self.card["guidance"]
         if guidance["mode"] == "cfg":
@@ -396,15 +462,16 @@ def network_module(denoiser: nn.Module) -> nn.Module:
 def save_student(path: str | Path, net: StudentNet | Experts, card: dict,
                  extra: dict[str, torch.Tensor] | None = None) -> Path:
     """A full student's network weights, or a LoRA student's adapters in the stock loader's key format,
-    plus the step embedding of an SFD-v student (``step_embed.*``) and the method's ``extra`` tensors
-    (``afs.class_means``), with the card as metadata. An ``Experts`` student: each expert's tensors under
-    ``expert.{k}.``, and its boundaries in the card (``experts``)."""
+    plus the embeddings of its scalar inputs (``step_embed.*``: SFD-v's step count; ``w_embed.*``: LCM's
+    guidance scale) and the method's ``extra`` tensors (``afs.class_means``), with the card as metadata. An
+    ``Experts`` student: each expert's tensors under ``expert.{k}.``, and its boundaries in the card
+    (``experts``)."""
     first = net.experts[0] if isinstance(net, Experts) else net
+    embeddings = {i.card: None if getattr(first, i.attr) is None else
+                  {"injection": first.injection, "dim": getattr(first, i.attr).dim} for i in SCALAR_INPUTS.values()}
     card = {
         **card,
-        "step_embedding": None
-        if first.step_embed is None
-        else {"injection": first.injection, "dim": first.step_embed.dim},
+        **embeddings,
         "student": {"kind": "full"}
         if first.lora is None
         else {"kind": "lora", "rank": first.lora.rank, "alpha": first.lora.alpha, "layers": len(first.lora.paths)},
@@ -420,8 +487,9 @@ def save_student(path: str | Path, net: StudentNet | Experts, card: dict,
 
 def _net_tensors(net: StudentNet) -> dict[str, torch.Tensor]:
     weights = network_module(net.denoiser).state_dict() if net.lora is None else net.lora.file_tensors()
-    step = {} if net.step_embed is None else {f"step_embed.{k}": v for k, v in net.step_embed.state_dict().items()}
-    return {**weights, **step}
+    embeds = {f"{i.attr}.{k}": v for i in SCALAR_INPUTS.values() if getattr(net, i.attr) is not None
+              for k, v in getattr(net, i.attr).state_dict().items()}
+    return {**weights, **embeds}
 
 
 def expert_tensors(tensors: dict[str, torch.Tensor], card: dict) -> list[dict[str, torch.Tensor]]:
@@ -478,7 +546,7 @@ def check_fits(path: str | Path, denoiser: nn.Module) -> None:
         theirs = network_module(denoiser).state_dict()
         bad = []
         for part in parts:
-            weights = {k: v for k, v in part.items() if not k.startswith(("step_embed.", "afs."))}
+            weights = {k: v for k, v in part.items() if not k.startswith(NOT_NETWORK)}
             bad += sorted(set(theirs) ^ set(weights)) + [k for k in weights if k in theirs and
                                                             weights[k].shape != theirs[k].shape]
     if bad:
@@ -517,7 +585,8 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
             base = from_architecture(card["architecture"])
         else:
             base = denoiser if share and lora is not None else copy.deepcopy(denoiser)
-        net = StudentNet(base, card.get("step_embedding") is not None, lora)
+        net = StudentNet(base, card.get(SCALAR_INPUTS["nfe"].card) is not None, lora,
+                         card.get(SCALAR_INPUTS["w"].card) is not None)
         _load_weights(path, net, tensors)
     if card.get("afs_center", "zero") == "class_mean" and AFS_MEANS_KEY not in tensors:
         raise ValueError(f"{path} says its first step is centred on class means but holds no {AFS_MEANS_KEY}")
@@ -525,16 +594,18 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
 
 
 def _load_weights(path: str | Path, net: StudentNet, tensors: dict[str, torch.Tensor]) -> None:
-    """A student file's ``tensors`` into ``net``: its network's weights or its adapters, and its step embedding."""
-    step = {k[len("step_embed."):]: v for k, v in tensors.items() if k.startswith("step_embed.")}
+    """A student file's ``tensors`` into ``net``: its network's weights or its adapters, and the embeddings of
+    its scalar inputs."""
     try:
         if net.lora is None:
-            weights = {k: v for k, v in tensors.items() if not k.startswith(("step_embed.", "afs."))}
+            weights = {k: v for k, v in tensors.items() if not k.startswith(NOT_NETWORK)}
             network_module(net.denoiser).load_state_dict(weights)
         else:
             net.lora.load_file_tensors(tensors)
-        if net.step_embed is not None:
-            net.step_embed.load_state_dict(step)
+        for i in SCALAR_INPUTS.values():
+            if getattr(net, i.attr) is not None:
+                getattr(net, i.attr).load_state_dict({k[len(i.attr) + 1:]: v for k, v in tensors.items()
+                                                      if k.startswith(f"{i.attr}.")})
     except (RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0][:300]
         raise ValueError(f"{path}: its weights do not fit the teacher's network ({first})") from None

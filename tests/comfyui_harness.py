@@ -10,6 +10,9 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         (LoRA) -> the stock LoraLoader applies the saved file to the teacher -> ComfyUI's sampler with
         the student's sigmas and SAMPLER; prints JSON comparing it with the engine's own sampling of
         the student from the same initial latent.
+    python tests/comfyui_harness.py lcm-lora-probe CHECKPOINT WORKDIR
+        in-process: an LCM-LoRA trained by Distill to N steps, loaded by the stock LoraLoader and sampled by
+        the stock KSampler with sampler lcm (one step against the engine, four steps finite).
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is refused, then the plain model of the same checkpoint is distilled).
@@ -177,17 +180,15 @@ def family_probe(family: str, work: Path) -> dict:
                                                           {"pooled_output": torch.zeros(1, spec["pooled"])}))}
 
 
-def dmd2_probe(checkpoint: Path, work: Path) -> dict:
-    """Load Checkpoint -> Distill to 1-4 steps (DMD2, two LoRAs on the shared base) -> the stock LoraLoader
-    (no key left unloaded) -> the student's sampler against the engine; and the stock ``lcm`` sampler on the
-    file's sigmas."""
+def stock_nodes_on_checkpoint(checkpoint: Path, work: Path):
+    """ComfyUI's stock nodes and this pack's, the tiny checkpoint through Load Checkpoint and two prompts through
+    Distill prompt list; and a list that collects what the stock LoRA loaders log about keys they leave
+    unloaded. Returns (stock nodes module, pack node classes, model, clip, positive, negative, unloaded)."""
     _comfyui()
     _folders(work)
     os.symlink(checkpoint, work / "checkpoints" / checkpoint.name)
     import logging
 
-    import comfy.sample
-    import comfy.samplers
     import torch
 
     unloaded = []
@@ -203,6 +204,18 @@ def dmd2_probe(checkpoint: Path, work: Path) -> dict:
     with torch.inference_mode():
         model, clip, _ = stock.CheckpointLoaderSimple().load_checkpoint(checkpoint.name)
         positive, negative = pack["DistillPromptList"]().run(clip, "a red fox in snow\na lighthouse at dusk", "blurry")
+    return stock, pack, model, clip, positive, negative, unloaded
+
+
+def dmd2_probe(checkpoint: Path, work: Path) -> dict:
+    """Load Checkpoint -> Distill to 1-4 steps (DMD2, two LoRAs on the shared base) -> the stock LoraLoader
+    (no key left unloaded) -> the student's sampler against the engine; and the stock ``lcm`` sampler on the
+    file's sigmas."""
+    stock, pack, model, clip, positive, negative, unloaded = stock_nodes_on_checkpoint(checkpoint, work)
+    import comfy.sample
+    import comfy.samplers
+    import torch
+
     storage = {}
 
     def train(teacher):
@@ -237,6 +250,58 @@ def dmd2_probe(checkpoint: Path, work: Path) -> dict:
                                            disable_pbar=True, seed=7)
     return {**result, "unloaded_lora_keys": len(unloaded), "lcm_finite": bool(torch.isfinite(image).all()),
             "lcm_scale": float(image.abs().max()), **storage}
+
+
+def lcm_lora_probe(checkpoint: Path, work: Path) -> dict:
+    """Load Checkpoint -> Distill to N steps (method lcm-lora, 4 steps, guidance distilled) -> the stock LoraLoader
+    (no key left unloaded) -> the student's sampler against the engine; then the stock KSampler with sampler
+    ``lcm`` on the LoRA'd MODEL: its one step (scheduler karras: sigma_max, then 0) is D at sigma_max of the
+    initial latent, which the engine's one-step sample from that latent must equal; its four steps
+    (sgm_uniform) must be finite."""
+    stock, pack, model, clip, positive, negative, unloaded = stock_nodes_on_checkpoint(checkpoint, work)
+    import math
+
+    import comfy.model_management
+    import comfy.sample
+    import torch
+
+    from distill_core.denoisers.comfy import encode_conditioning
+    from distill_core.sampling import sample
+
+    trained = {}
+
+    def train(teacher):
+        trained["out"] = pack["DistillToSteps"]().run(
+            teacher, steps=4, method="lcm-lora", iterations=3, learning_rate=1e-3, batch=2, seed=0,
+            guidance_mode="distilled", student="lora", lora_rank=4, save_name="probe_lora", resume=False,
+            preview_every=2, checkpoint_every=2, unique_id="6")
+        return trained["out"]
+
+    def apply_lora(name: str):
+        return stock.LoraLoader().load_lora(model, clip, name, 1.0, 0.0)[0]
+
+    result = distil_and_compare(pack, model, positive, negative, apply_lora, train)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with torch.inference_mode():
+        lora_model = apply_lora("probe_lora.safetensors")
+
+        def ksampler(steps: int, scheduler: str) -> torch.Tensor:
+            return stock.KSampler().sample(lora_model, 7, steps, 1.0, "lcm", scheduler, positive[:1], negative,
+                                           latent)[0]["samples"]
+
+        one = lora_model.model.process_latent_in(ksampler(1, "karras"))  # KSampler's output: the VAE's latents
+        four = ksampler(4, "sgm_uniform")
+        sigma_max = float(lora_model.get_model_object("model_sampling").sigma_max)
+        x_init = comfy.sample.prepare_noise(latent["samples"], 7) * math.sqrt(1 + sigma_max**2)  # at sigma_max
+    comfy.model_management.load_models_gpu([model])
+    handle = trained["out"]["result"][1]
+    with torch.inference_mode(False), handle.loaded() as student:
+        cond = encode_conditioning(model.model, positive[:1], (4, 8, 8))
+        ours = sample(student, x_init, cond, steps=1)
+    return {**result, "unloaded_lora_keys": len(unloaded), "one_step_diff": float((ours - one).abs().max()),
+            "one_step_scale": float(one.abs().max()), "card_sigma_max": handle.card["sigmas"]["1"][0],
+            "sigma_max": sigma_max, "four_steps_finite": bool(torch.isfinite(four).all()),
+            "four_steps_scale": float(four.abs().max()), "nfe_range": handle.card.get("nfe_range")}
 
 
 def sfd_node(pack: dict):
@@ -322,6 +387,8 @@ if __name__ == "__main__":
         build_checkpoint(Path(sys.argv[2]))
     elif command == "lora-probe":
         print("RESULT " + json.dumps(lora_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
+    elif command == "lcm-lora-probe":
+        print("RESULT " + json.dumps(lcm_lora_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
     elif command == "dmd2-probe":
         print("RESULT " + json.dumps(dmd2_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
     elif command == "family-probe":

@@ -80,6 +80,22 @@ def test_dmd2_on_a_shared_base_trains_a_lora_the_stock_loader_applies(checkpoint
     assert result["lcm_finite"] and result["lcm_scale"] > 0
 
 
+def test_lcm_lora_trains_through_the_node_into_a_lora_the_stock_ksampler_samples(checkpoint, tmp_path):
+    """LCM-LoRA through Distill to N steps: the stock LoraLoader loads every key of its file, the student's sampler
+    on the loaded MODEL reproduces the engine's samples, and the stock KSampler with sampler lcm samples it: one
+    step (D at sigma_max, deterministic) equals the engine's one-step sample of the same latent, four are finite."""
+    out = _harness("lcm-lora-probe", str(checkpoint), str(tmp_path)).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(result, indent=1))
+    assert result["card"]["method"] == "lcm-lora" and result["card"]["sampler"] == "renoise"
+    assert result["unloaded_lora_keys"] == 0 and result["student_kind"] == "lora"
+    assert result["cfg"] == 1.0 and result["steps"] == 4 and result["sigmas"][-1] == 0
+    assert result["nfe_range"] == [1, 4] and result["card_sigma_max"] == pytest.approx(result["sigma_max"], rel=1e-6)
+    assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
+    assert result["one_step_scale"] > 0 and result["one_step_diff"] <= 1e-3
+    assert result["four_steps_finite"] and result["four_steps_scale"] > 0
+
+
 @pytest.mark.parametrize(("family", "prediction"), [("sd15-v", "V_PREDICTION"), ("sdxl-eps", "EPS"),
                                                     ("sdxl-v", "V_PREDICTION")])
 def test_sdxl_and_v_prediction_models_distil_into_loras_the_stock_loader_reproduces(family, prediction, tmp_path):

@@ -12,9 +12,9 @@ from importlib.metadata import entry_points
 ENTRY_POINT_GROUP = "distill_core.methods"
 #: the modules of the methods this package ships
 BUILT_IN = ("distill_core.methods.sfd", "distill_core.methods.phased", "distill_core.methods.dmd2",
-            "distill_core.methods.moments", "distill_core.methods.phased_dmd",
+            "distill_core.methods.moments", "distill_core.methods.phased_dmd", "distill_core.methods.lcm",
             "distill_core.methods.reflow", "distill_core.methods.kd",
-            "distill_core.methods.progressive")
+            "distill_core.methods.progressive", "distill_core.methods.sfddm")
 
 _REGISTRY: dict[str, type] = {}
 _loaded = False

@@ -29,7 +29,7 @@ steps. A teacher may say that its ODE is straight enough at high noise for one t
 intervals that start above some sigma (``TeacherSource.tuned``: the built-in teacher, above sigma 20);
 ``teacher_one_step_above`` overrides it.
 
-SFD-v: the student also sees the step count (``students.StepEmbedding``); every iteration draws
+SFD-v: the student also sees the step count (``students.ScalarEmbedding``); every iteration draws
 NFE uniformly from the trained range and uses that NFE's schedule.
 """
 
