@@ -194,3 +194,9 @@ def test_a_one_step_student_goes_from_sigma_max_to_sigma_min(tiny_edm):
     with torch.no_grad():
         expected = noise + (0.006 - 80.0) * (noise - m.student(noise, 80.0, torch.tensor([3, 4]))) / 80.0
     assert calls[0] == pytest.approx(80.0) and torch.allclose(image, expected, atol=1e-4)
+
+
+def test_the_benchmark_trains_the_folds_of_the_teachers_steps_beside_the_asked_ones():
+    runs = SFDDM.bench_runs([1, 4], 200)
+    assert [name for name, _ in runs] == ["sfddm-1", "sfddm-4", "sfddm-8", "sfddm-16"]
+    assert [settings["steps"] for _, settings in runs] == [1, 4, 8, 16]

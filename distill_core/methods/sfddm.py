@@ -202,6 +202,13 @@ class SFDDM(Method):
         self.heads = (head_of(student.denoiser), head_of(source.denoiser)) if features else (None, None)
         self.teacher_evaluations = 0
 
+    @classmethod
+    def bench_runs(cls, nfes: list[int], iters: int) -> list[tuple[str, dict]]:
+        """One student per NFE, and the folds c = 4 and c = 2 of the teacher's T steps (T' = T / 4, T / 2: 8
+        and 16 on the default T = 32), the step counts a single-fold student is made for."""
+        T = cls.Config().teacher_steps
+        return super().bench_runs(sorted({*nfes, T // 4, T // 2}), iters)
+
     @property
     def student(self):
         return self.nets["student"]
