@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 import struct
 import zlib
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from distill_core.atomic import atomic_path, write_json, write_text
+from distill_core.plot import line_plot
 from distill_core.train.metrics import is_number
 
 
@@ -78,10 +78,6 @@ def write_report(out: str | Path, report: dict, row_labels: list[str] | None = N
     return json_path, write_text(out / "report.md", "\n".join(lines))
 
 
-#: line colours of the loss curve, one per student step index
-CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
-
-
 def update_order(key: str) -> tuple:
     """Sort key of a metrics loss key: the exported network's updates ("0", "1", ...) first, then other
     groups' ("critic:0") by group and index."""
@@ -89,37 +85,32 @@ def update_order(key: str) -> tuple:
     return (group, int(index))
 
 
-def loss_curve(metrics: list[dict], width: int = 512, height: int = 256, pad: int = 8) -> torch.Tensor:
-    """A plot of ``metrics.jsonl`` records as ``[H, W, 3]`` uint8: log10 loss against iteration, one
-    line per student step index (SFD: one per step), on a white canvas with a light frame."""
-    canvas = torch.full((height, width, 3), 255, dtype=torch.uint8)
-    canvas[pad, pad:-pad] = canvas[-pad - 1, pad:-pad] = 200
-    canvas[pad:-pad, pad] = canvas[pad:-pad, -pad - 1] = 200
-    series: dict[str, list[tuple[int, float]]] = {}
+def update_names(keys: list[str]) -> dict[str, str]:
+    """Legend names of metrics loss keys: the exported network's "student" (one update) or "step k" (one
+    per student step, counted from 1), another network's by its group ("fake_score", or "fake_score 2")."""
+    groups = [key.rpartition(":")[0] for key in keys]
+    names = {}
+    for key, group in zip(keys, groups):
+        index = int(key.rpartition(":")[2])
+        if groups.count(group) == 1:
+            names[key] = group or "student"
+        else:
+            names[key] = f"{group} {index + 1}" if group else f"step {index + 1}"
+    return names
+
+
+def loss_curve(metrics: list[dict], width: int = 640, height: int = 320) -> torch.Tensor:
+    """A plot of ``metrics.jsonl`` records as ``[H, W, 3]`` uint8: loss on a log axis against iteration,
+    one line per update (per student step, and per other trained network), with axes and a legend."""
+    series: dict[str, list[tuple[float, float]]] = {}
     for r in metrics:
-        for index, value in r.get("loss", {}).items():
-            if is_number(value) and value > 0:
-                series.setdefault(index, []).append((r["iter"], math.log10(value)))
-    points = [p for s in series.values() for p in s]
-    if not points:
-        return canvas
-    it_lo, it_hi = min(p[0] for p in points), max(p[0] for p in points)
-    lo, hi = min(p[1] for p in points), max(p[1] for p in points)
-    span_it, span = max(it_hi - it_lo, 1), max(hi - lo, 1e-6)
-
-    def xy(it: float, v: float) -> tuple[float, float]:
-        return (pad + 1 + (it - it_lo) / span_it * (width - 2 * pad - 3),
-                height - pad - 2 - (v - lo) / span * (height - 2 * pad - 3))
-
-    for k, (_, s) in enumerate(sorted(series.items(), key=lambda kv: update_order(kv[0]))):
-        colour = torch.tensor(CURVE_COLOURS[k % len(CURVE_COLOURS)], dtype=torch.uint8)
-        for (a, va), (b, vb) in zip(s, s[1:] or s):
-            (x0, y0), (x1, y1) = xy(a, va), xy(b, vb)
-            n = int(max(abs(x1 - x0), abs(y1 - y0))) + 2
-            t = torch.linspace(0, 1, n)
-            xs, ys = (x0 + (x1 - x0) * t).round().long(), (y0 + (y1 - y0) * t).round().long()
-            canvas[ys.clamp(0, height - 1), xs.clamp(0, width - 1)] = colour
-    return canvas
+        for key, value in r.get("loss", {}).items():
+            if is_number(value):
+                series.setdefault(key, []).append((r["iter"], value))
+    keys = sorted(series, key=update_order)
+    names = update_names(keys)
+    return line_plot({names[k]: series[k] for k in keys}, "training loss", "iteration", "loss (log scale)",
+                     log_y=True, width=width, height=height)
 
 
 def latent_rgb(latents: torch.Tensor, factors: list[list[float]], bias: list[float] | None = None) -> torch.Tensor:

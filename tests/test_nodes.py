@@ -171,7 +171,7 @@ def test_cancel_keeps_a_checkpoint_and_queueing_again_with_resume_continues(fold
     lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in lines] == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing repeated
     assert model is None and student.path == (folders / "models" / "diffusion_models" / "tiny.safetensors").resolve()
-    assert curve.shape == (1, 256, 512, 3) and 0 <= curve.min() and curve.max() <= 1
+    assert curve.shape == (1, 320, 640, 3) and 0 <= curve.min() and curve.max() <= 1
 
     images, latent = nodes.NODE_CLASS_MAPPINGS["DistillSample"]().run(student, seed=3, count=5, steps=0)["result"]
     assert images.shape == (5, 64, 64, 3) and torch.isfinite(images).all() and latent["samples"].shape == (5, 1, 16, 16)
