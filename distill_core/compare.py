@@ -1,17 +1,27 @@
-"""Teacher vs training-free solver vs student, from the same noise and conditions.
+"""Students of any methods and step counts side by side with their teacher, from the same noise and conditions.
 
-For a student at N evaluations: the teacher's reference solve (Heun on the Karras grid, as in
-``eval.fidelity.reference_solve``), every training-free solver at N evaluations (the best by PSNR
-against the reference is kept) and the student at N, with PSNR of each against the reference.
-What the Compare node and the main job's grid show.
+    python -m distill_core compare STUDENT.safetensors ... [--count 8] [--seed 0] [--out DIR]
+
+Rows, top to bottom: the teacher's reference solve (Heun on the Karras grid, as in
+``eval.fidelity.reference_solve``); then for each step count N that a student is sampled at (ascending), the
+best training-free solver at N evaluations (by PSNR against the reference) and every student at N. Each row
+has its PSNR against the reference: it judges trajectory students (SFD, progressive, reflow, ...); a
+consistency or distribution student draws a different good image from the same noise, so its PSNR is low by
+construction (judge those by their images, or by ``bench/methods.py``'s ``fd_teacher``). What the Compare
+node shows, and the CLI writes as ``compare.png``, ``compare_table.png`` and ``compare.json``.
 """
 
 from __future__ import annotations
 
+import argparse
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
+from distill_core.atomic import write_json
 from distill_core.config import EDM_SIGMA_MIN
 from distill_core.denoisers.base import move_cond
 from distill_core.eval.fidelity import psnr, reference_solve
@@ -21,47 +31,180 @@ from distill_core.solvers import SOLVERS, nfe_of, solver_sigmas, steps_for_nfe
 from distill_core.students import Student
 from distill_core.teacher import CFGTeacher
 
+#: the columns of a comparison's table
+COLUMNS = ("row", "kind", "NFE", "PSNR dB")
+
+
+@dataclass
+class Row:
+    """One row of images: who drew them, at how many network evaluations, and their PSNR against the
+    reference (``None`` for the reference itself)."""
+
+    label: str
+    kind: str  # "teacher", "solver" or "student"
+    nfe: int
+    images: torch.Tensor
+    psnr_db: float | None = None
+
+    def record(self) -> dict:
+        """The row without its images, for JSON."""
+        return {"label": self.label, "kind": self.kind, "nfe": self.nfe, "psnr_db": self.psnr_db}
+
+    def cells(self) -> list[str]:
+        return [self.label, self.kind, str(self.nfe), "-" if self.psnr_db is None else f"{self.psnr_db:.2f}"]
+
 
 @dataclass
 class Comparison:
-    reference: torch.Tensor
-    solver: torch.Tensor
-    student: torch.Tensor
-    solver_name: str
-    solver_psnr_db: float
-    student_psnr_db: float
-    nfe: int
+    rows: list[Row]
+
+    def table(self) -> list[list[str]]:
+        """The header and one line of cells per row."""
+        return [list(COLUMNS), *(row.cells() for row in self.rows)]
 
     def summary(self) -> str:
-        return (
-            f"student at {self.nfe} NFE: {self.student_psnr_db:.2f} dB against the teacher's reference solve; "
-            f"best training-free solver at {self.nfe} NFE ({self.solver_name}): {self.solver_psnr_db:.2f} dB "
-            f"({self.student_psnr_db - self.solver_psnr_db:+.2f} dB)"
-        )
+        """The table as text, and for each student its PSNR against the teacher's reference solve beside the
+        best solver's at its step count."""
+        cells = self.table()
+        widths = [max(len(line[k]) for line in cells) for k in range(len(COLUMNS))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+        solver = {}
+        for row in self.rows:
+            if row.kind == "solver":
+                solver[row.nfe] = row
+            elif row.kind == "student":
+                best = solver[row.nfe]
+                lines.append(f"{row.label}: {row.psnr_db:.2f} dB against the teacher's reference solve; best "
+                             f"training-free solver ({best.label}): {best.psnr_db:.2f} dB "
+                             f"({row.psnr_db - best.psnr_db:+.2f} dB)")
+        return "\n".join(lines)
+
+
+def student_label(name: str, steps: int) -> str:
+    """"sfd, 4 steps": the student's name (by default its method) and the step count it is sampled at."""
+    return f"{name}, {steps} step{'s' if steps != 1 else ''}"
+
+
+class StudentFile(Protocol):
+    """A student to compare: its card, and a context in which it is loaded (a LoRA student of a shared
+    network is loaded only while it samples, so several never stack their adapters)."""
+
+    card: dict
+
+    def loaded(self) -> AbstractContextManager[Student]: ...
+
+
+@dataclass
+class InMemory:
+    """A student already loaded (with its own copy of what it needs)."""
+
+    student: Student
+
+    @property
+    def card(self) -> dict:
+        return self.student.card
+
+    def loaded(self) -> AbstractContextManager[Student]:
+        return nullcontext(self.student)
+
+
+def one_teacher(students: list[StudentFile]) -> float:
+    """The guidance scale w every student was distilled at; refuses students of different teachers or w."""
+    if not students:
+        raise ValueError("compare needs at least one student")
+    prints = {s.card["teacher_fingerprint"] for s in students}
+    if len(prints) > 1:
+        raise ValueError("these students were distilled from different teachers (fingerprints "
+                         f"{sorted(prints)}): compare students of one teacher")
+    ws = {float(s.card["guidance"]["w"]) for s in students}
+    if len(ws) > 1:
+        raise ValueError(f"these students were distilled at different guidance scales {sorted(ws)}: their "
+                         "teacher references differ; compare students of one guidance scale")
+    return ws.pop()
+
+
+def best_solver(teacher: CFGTeacher, noise: torch.Tensor, cond, reference: torch.Tensor, nfe: int,
+                sigma_min: float) -> Row:
+    """The training-free solver with the highest PSNR against ``reference`` at exactly ``nfe`` evaluations."""
+    best = None
+    for name in SOLVERS:
+        if nfe_of(name, steps_for_nfe(name, nfe, ends_at_zero=False), ends_at_zero=False) != nfe:
+            continue  # Heun cannot spend an odd budget exactly
+        images = SOLVERS[name](teacher, noise, solver_sigmas(name, nfe, sigma_min, teacher.sigma_max), cond)
+        row = Row(f"{name}, {nfe} NFE", "solver", nfe, images, psnr(images, reference))
+        if best is None or row.psnr_db > best.psnr_db:
+            best = row
+    return best
 
 
 @torch.no_grad()
-def compare(source: TeacherSource, student: Student, steps: int | None = None, count: int = 8, seed: int = 0,
-            reference_steps: int = 64, w: float | None = None) -> Comparison:
-    """Sample ``count`` images three ways from one noise draw (see the module docstring), on the
-    teacher's device."""
-    steps = student.nfe_choices[-1] if steps is None else steps
+def compare(source: TeacherSource, students: list[StudentFile], steps: list[int | None] | None = None,
+            count: int = 8, seed: int = 0, reference_steps: int = 64, names: list[str] | None = None
+            ) -> Comparison:
+    """Sample ``count`` images from one noise draw by the teacher, the best solvers and ``students`` (each at
+    its ``steps`` entry, ``None``: its most steps; named by ``names``, by default their methods), on the
+    teacher's device (see the module docstring)."""
+    w = one_teacher(students)
+    names = [s.card["method"] for s in students] if names is None else names
+    steps = [None] * len(students) if steps is None else steps
+    steps = [max(int(k) for k in s.card["sigmas"]) if n is None else n for s, n in zip(students, steps)]
     gen = torch.Generator().manual_seed(seed)
     device = next(source.denoiser.parameters()).device
     noise = (torch.randn((count, *source.shape), generator=gen) * source.denoiser.sigma_max).to(device)
     cond = move_cond(source.draw_cond(count, gen), device)
-    w = student.card["guidance"]["w"] if w is None else w
     teacher = CFGTeacher(source.denoiser, w, source.uncond)
     reference = reference_solve(teacher, noise, cond, steps=reference_steps)
-    sigma_min = student.card["schedule"].get("sigma_min", EDM_SIGMA_MIN)
-    best = None
-    for name in SOLVERS:
-        if nfe_of(name, steps_for_nfe(name, steps, ends_at_zero=False), ends_at_zero=False) != steps:
-            continue  # Heun cannot spend an odd budget exactly
-        images = SOLVERS[name](teacher, noise, solver_sigmas(name, steps, sigma_min, teacher.sigma_max), cond)
-        score = psnr(images, reference)
-        if best is None or score > best[2]:
-            best = (name, images, score)
-    mode_w = None if student.card["guidance"]["mode"] == "distilled" else w
-    ours = sample(student, noise, cond, steps=steps, w=mode_w)
-    return Comparison(reference, best[1], ours, best[0], best[2], psnr(ours, reference), steps)
+    rows = [Row(f"teacher, Heun {reference_steps} steps", "teacher", 2 * reference_steps - 1, reference)]
+    for nfe in sorted(set(steps)):
+        sigma_min = min(s.card["schedule"].get("sigma_min", EDM_SIGMA_MIN) for s, n in zip(students, steps)
+                        if n == nfe)
+        rows.append(best_solver(teacher, noise, cond, reference, nfe, sigma_min))
+        for student, name, n in zip(students, names, steps):
+            if n == nfe:
+                mode_w = None if student.card["guidance"]["mode"] == "distilled" else w
+                with student.loaded() as loaded:
+                    images = sample(loaded, noise, cond, steps=n, w=mode_w)
+                rows.append(Row(student_label(name, n), "student", n, images, psnr(images, reference)))
+    return Comparison(rows)
+
+
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    """Model-space images ``[N, C, H, W]`` in [-1, 1] as uint8 ``[N, H, W, 3]``."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return x.expand(-1, -1, -1, 3).contiguous() if x.shape[-1] == 1 else x[..., :3].contiguous()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("students", nargs="+", metavar="STUDENT", help="student files of the built-in teacher")
+    p.add_argument("--steps", type=int, nargs="+", help="the step count of each student (default: its most)")
+    p.add_argument("--count", type=int, default=8, help="images per row")
+    p.add_argument("--seed", type=int, default=0, help="noise and class seed")
+    p.add_argument("--reference-steps", type=int, default=32, help="Heun steps of the teacher's reference solve")
+    p.add_argument("--out", default="compare", help="where compare.png, compare_table.png and compare.json go")
+
+
+def run(args: argparse.Namespace) -> int:
+    from distill_core.plot import labelled_grid, table_image
+    from distill_core.report import write_png
+    from distill_core.sources import builtin_source
+    from distill_core.students import load_student
+
+    if args.steps is not None and len(args.steps) != len(args.students):
+        raise ValueError(f"--steps takes one step count per student ({len(args.students)}), got {args.steps}")
+    source = builtin_source()
+    for path in args.students:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no student file {path}: give the .safetensors files that distill writes")
+    students = [InMemory(load_student(path, source.denoiser, source.uncond)) for path in args.students]
+    stems = [Path(p).stem for p in args.students]
+    names = [f"{stem} ({s.card['method']})" for stem, s in zip(stems, students)]
+    result = compare(source, students, args.steps, args.count, args.seed, args.reference_steps, names)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_png(labelled_grid([(r.label, pixels(r.images)) for r in result.rows]), out / "compare.png")
+    write_png(table_image(result.table()), out / "compare_table.png")
+    write_json(out / "compare.json", {"rows": [row.record() for row in result.rows],
+                                     "students": [str(Path(p)) for p in args.students], "seed": args.seed})
+    print(result.summary())
+    print(f"wrote {out / 'compare.png'}, {out / 'compare_table.png'} and {out / 'compare.json'}")
+    return 0

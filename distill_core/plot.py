@@ -1,5 +1,6 @@
-"""Line plots as images (``[H, W, 3]`` uint8, the layout of a ComfyUI IMAGE before batching): a title, axes
-with round tick values, axis labels and a legend, drawn with Pillow (no plotting library)."""
+"""Figures as images (``[H, W, 3]`` uint8, the layout of a ComfyUI IMAGE before batching), drawn with Pillow
+(no plotting library): line plots with a title, axes with round tick values, axis labels and a legend;
+image grids with a name beside each row; tables."""
 
 from __future__ import annotations
 
@@ -113,4 +114,48 @@ def line_plot(series: dict[str, list[tuple[float, float]]], title: str, x_label:
         y = y0 + 4 + k * (size + 4) + size // 2
         draw.line((x0 + 4, y, x0 + 4 + size, y), fill=COLOURS[k % len(COLOURS)], width=3)
         draw.text((x0 + 8 + size, y), name, fill=TEXT, font=face, anchor="lm")
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
+
+
+def labelled_grid(rows: list[tuple[str, torch.Tensor]], pad: int = 2, min_row_height: int = 48) -> torch.Tensor:
+    """One row per (name, images) entry, images uint8 ``[N, h, w, 3]`` of one size, tiled left to right after
+    a column with the row's name; images lower than ``min_row_height`` are enlarged by a whole factor
+    (nearest neighbour)."""
+    h, w = rows[0][1].shape[1:3]
+    scale = max(1, -(-min_row_height // h))
+    h, w = h * scale, w * scale
+    size = max(9, min(14, h // 3))
+    face = font(size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(int(measure.textlength(name, font=face)) for name, _ in rows) + 2 * size // 2 + pad
+    n = max(images.shape[0] for _, images in rows)
+    image = Image.new("RGB", (label_w + n * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(image)
+    for i, (name, images) in enumerate(rows):
+        y = pad + i * (h + pad)
+        draw.text((size // 2, y + h // 2), name, fill=TEXT, font=face, anchor="lm")
+        big = images.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        for j, picture in enumerate(big):
+            image.paste(Image.fromarray(picture.numpy()), (label_w + pad + j * (w + pad), y))
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
+
+
+def table_image(cells: list[list[str]], size: int = 14) -> torch.Tensor:
+    """``cells`` (a header line, then one line per row) as a table: left-aligned columns, the header
+    underlined, light rules between rows."""
+    face = font(size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [max(int(measure.textlength(line[k], font=face)) for line in cells) + 2 * size
+              for k in range(len(cells[0]))]
+    line_h = size + size // 2 + 2
+    image = Image.new("RGB", (sum(widths) + size, len(cells) * line_h + size), "white")
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(cells):
+        y = size // 2 + i * line_h
+        x = size // 2
+        for text, width in zip(line, widths):
+            draw.text((x, y + line_h // 2), text, fill=TEXT, font=face, anchor="lm")
+            x += width
+        rule = AXIS if i == 0 else GRID
+        draw.line((size // 2, y + line_h, image.width - size // 2, y + line_h), fill=rule)
     return torch.from_numpy(np.array(image, dtype=np.uint8))

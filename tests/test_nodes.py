@@ -264,3 +264,20 @@ def test_the_monitor_node_serves_the_panel_on_loopback(folders):
     with urllib.request.urlopen(url, timeout=30) as response:
         assert response.status == 200
     assert nodes.NODE_CLASS_MAPPINGS["DistillMonitor"]().run(port=0)["result"] == (url,)  # started once
+
+
+def test_compare_takes_several_lora_students_of_one_teacher_without_stacking_their_adapters(folders):
+    (teacher,) = nodes.NODE_CLASS_MAPPINGS["DistillBuiltinTeacher"]().run(guidance=2.0)
+    _, two, _ = _distill(teacher, student="lora", save_name="two", steps=2, iterations=2)["result"]
+    _, three, _ = _distill(teacher, student="lora", save_name="three", steps=3, iterations=2)["result"]
+    node = nodes.NODE_CLASS_MAPPINGS["DistillCompare"]()
+    args = dict(seed=0, count=3, steps=0, reference_steps=8)
+    grid, metrics, table = node.run(two, student_2=three, **args)["result"]
+    alone = {}
+    for handle in (two, three):
+        alone.update({line.split(":")[0]: line for line in node.run(handle, **args)["result"][1].splitlines()
+                      if "dB against" in line})
+    together = [line for line in metrics.splitlines() if "dB against" in line]
+    assert together == [alone["sfd, 2 steps"], alone["sfd, 3 steps"]]  # each student as when it is alone
+    assert grid.shape[0] == 1 and grid.shape[-1] == 3 and table.shape[0] == 1 and table.shape[-1] == 3
+    assert grid.shape[1] >= 5 * 48  # five named rows: teacher, solver and student at 2, solver and student at 3

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distill_core.plot import COLOURS, line_plot, log_ticks, nice_ticks, tick_label
+from distill_core.plot import COLOURS, labelled_grid, line_plot, log_ticks, nice_ticks, table_image, tick_label
 from distill_core.report import loss_curve, update_names
 
 
@@ -52,3 +52,17 @@ def test_the_loss_curve_names_each_update_in_its_legend():
     metrics = [{"iter": i, "loss": {"0": 1.0 / i, "1": 2.0 / i, "fake_score:0": 0.5}} for i in range(1, 40)]
     curve = loss_curve(metrics)
     assert curve.shape == (320, 640, 3) and all(colour_pixels(curve, COLOURS[k]) > 10 for k in range(3))
+
+
+def test_a_labelled_grid_names_each_row_and_enlarges_small_images():
+    rows = [(name, torch.full((3, 16, 16, 3), 200, dtype=torch.uint8)) for name in ("teacher", "a student")]
+    grid = labelled_grid(rows, pad=2, min_row_height=48)
+    assert grid.shape[0] == 2 * (48 + 2) + 2 and grid.shape[-1] == 3
+    label_w = grid.shape[1] - 3 * (48 + 2) - 2
+    assert (grid[:, :label_w] < 128).any()  # the names
+    assert (grid[2:50, label_w + 2:label_w + 50] == 200).all()  # the first image, 3x larger
+
+
+def test_a_table_image_draws_its_text():
+    image = table_image([["row", "PSNR dB"], ["sfd, 4 steps", "30.95"]])
+    assert image.dtype == torch.uint8 and image.shape[1] > image.shape[0] and (image < 128).any()

@@ -1,0 +1,76 @@
+"""Students of several methods side by side with their teacher: the comparison, its CLI, its refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distill_core import cli
+from distill_core.compare import InMemory, compare, one_teacher
+from distill_core.config import DistillConfig
+from distill_core.eval.fidelity import psnr
+from distill_core.sources import builtin_source
+from distill_core.students import load_student
+from distill_core.train.run import train_student
+
+
+@pytest.fixture(scope="module")
+def student_files(tmp_path_factory):
+    """Two tiny students of the built-in teacher: SFD at 2 steps, progressive at 4."""
+    root = tmp_path_factory.mktemp("students")
+    source = builtin_source()
+    runs = [DistillConfig(method="sfd", steps=2, iters=2, batch=4, checkpoint_every=0, out=str(root / "sfd2")),
+            DistillConfig(method="progressive", steps=4, iters=4, batch=4, checkpoint_every=0,
+                          out=str(root / "progressive4"))]
+    return [train_student(cfg, source, progress=False).path for cfg in runs]
+
+
+def test_rows_go_by_step_count_with_the_best_solver_before_its_students(student_files):
+    source = builtin_source()
+    students = [InMemory(load_student(p, source.denoiser, source.uncond)) for p in student_files]
+    result = compare(source, students[::-1], count=3, seed=1, reference_steps=8)
+    kinds = [(row.kind, row.nfe) for row in result.rows]
+    assert kinds == [("teacher", 15), ("solver", 2), ("student", 2), ("solver", 4), ("student", 4)]
+    assert [row.label for row in result.rows if row.kind == "student"] == ["sfd, 2 steps", "progressive, 4 steps"]
+    reference = result.rows[0].images
+    for row in result.rows[1:]:
+        assert row.images.shape == reference.shape == (3, 1, 16, 16)
+        assert row.psnr_db == pytest.approx(psnr(row.images, reference))
+    again = compare(source, students[:1], count=3, seed=1, reference_steps=8)
+    torch.testing.assert_close(again.rows[2].images, result.rows[2].images)  # same noise whoever is compared
+    summary = result.summary()
+    assert summary.splitlines()[0].split() == ["row", "kind", "NFE", "PSNR", "dB"]
+    assert "progressive, 4 steps: " in summary and "dB against the teacher's reference solve" in summary
+
+
+def test_students_of_another_teacher_or_guidance_are_refused(student_files):
+    source = builtin_source()
+    student = InMemory(load_student(student_files[0], source.denoiser, source.uncond))
+    other = InMemory(load_student(student_files[0], source.denoiser, source.uncond))
+    other.student.card = {**other.card, "guidance": {**other.card["guidance"], "w": 5.0}}
+    with pytest.raises(ValueError, match="different guidance scales"):
+        one_teacher([student, other])
+    other.student.card = {**student.card, "teacher_fingerprint": "0" * 16}
+    with pytest.raises(ValueError, match="different teachers"):
+        one_teacher([student, other])
+    with pytest.raises(ValueError, match="at least one student"):
+        one_teacher([])
+
+
+def test_the_cli_writes_a_labelled_grid_a_table_and_json(student_files, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", *map(str, student_files), "--count", "2", "--reference-steps", "8",
+                     "--out", str(out)]) == 0
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["label"] for r in rows if r["kind"] == "student"] == ["student (sfd), 2 steps",
+                                                                     "student (progressive), 4 steps"]
+    for name in ("compare.png", "compare_table.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "dB against the teacher's reference solve" in capsys.readouterr().out
+
+    assert cli.main(["compare", str(tmp_path / "missing.safetensors"), "--out", str(out)]) == 1
+    assert "no student file" in capsys.readouterr().err
+    assert cli.main(["compare", *map(str, student_files), "--steps", "2", "--out", str(out)]) == 1
+    assert "one step count per student" in capsys.readouterr().err
