@@ -48,6 +48,15 @@ def mnist_file() -> Path:
     return path
 
 
+def mnist_available() -> bool:
+    """Whether the built-in data set is installed."""
+    try:
+        mnist_file()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def to_model_space(images: torch.Tensor) -> torch.Tensor:
     """28x28 images in [0, 1) -> 16x16 in [-1, 1]: pad to 32, average 2x2 blocks."""
     x = F.pad(images.reshape(-1, 1, 28, 28), (2, 2, 2, 2))

@@ -246,8 +246,12 @@ def run(args: argparse.Namespace) -> int:
     results = run_graph(graph, lambda nid, kind, ui: print(f"[{nid} {kind}] " + " ".join(ui.get("text", []))))
     for nid, node in graph.items():
         cls = node_pack().NODE_CLASS_MAPPINGS[node["class_type"]]
-        for value, kind in zip(results[nid], cls.RETURN_TYPES):
-            if kind == "IMAGE" and cls.OUTPUT_NODE:
-                pixels = (torch.cat(list(value), dim=1) * 255).round().clamp(0, 255).byte()
-                print(f"wrote {write_png(pixels, out_dir / f'{Path(args.workflow).stem}_{nid}.png')}")
+        if not cls.OUTPUT_NODE:
+            continue
+        images = [(value, name) for value, kind, name in zip(results[nid], cls.RETURN_TYPES, cls.RETURN_NAMES)
+                  if kind == "IMAGE"]
+        for k, (value, name) in enumerate(images):  # the first as <workflow>_<node>.png, others by output name
+            pixels = (torch.cat(list(value), dim=1) * 255).round().clamp(0, 255).byte()
+            file = f"{Path(args.workflow).stem}_{nid}{'_' + name if k else ''}.png"
+            print(f"wrote {write_png(pixels, out_dir / file)}")
     return 0

@@ -16,6 +16,8 @@ import torch
 from distill_core import safetensors_io
 from distill_core.atomic import copy_file
 from distill_core.config import DistillConfig
+from distill_core.data import mnist_available
+from distill_core.methods import auto
 from distill_core.methods.base import NodeLayout, Widget
 from distill_core.methods.registry import methods
 from distill_core.options import Setting, settings
@@ -81,7 +83,8 @@ def build_training_node(layout: NodeLayout, classes: list[type]) -> type:
     teacher_help = ("the teacher: Built-in teacher (ComfyUI models keep their own architecture and are refused here)"
                     if layout.refuses_comfy_models else "the teacher (Built-in teacher, or Teacher from MODEL)")
     inputs = [In("teacher", "DISTILL_TEACHER", teacher_help)]
-    inputs += [widget_input(w, known.get(bound.get(w.name)), names) for w in layout.widgets]
+    menu = ["auto", *names] if layout.auto else names
+    inputs += [widget_input(w, known.get(bound.get(w.name)), menu) for w in layout.widgets]
     inputs += run_inputs(layout)
     outputs = [MODEL, STUDENT, CURVE] if layout.model_output else [STUDENT, CURVE]
 
@@ -91,8 +94,14 @@ def build_training_node(layout: NodeLayout, classes: list[type]) -> type:
             if teacher.model is not None and layout.refuses_comfy_models:
                 raise ValueError(layout.refuses_comfy_models)
             method = widgets.pop("method", names[0])
-            cls = classes[names.index(method)]
             values = {bound[k]: _typed(known[bound[k]], v) for k, v in widgets.items()}
+            chose = None
+            if method == "auto":
+                has_data = teacher.name == "builtin" and mnist_available()
+                preset = auto.choose(values.get("steps", DistillConfig.steps), teacher.name, has_data)
+                method, chose = preset.method, preset.describe()
+                values.update(preset.settings)
+            cls = classes[names.index(method)]
             if values.get("guidance_mode") == "auto":
                 values["guidance_mode"] = "distilled" if teacher.model is None else "cfg"
             values = {**values, **layout.fixed}
@@ -103,7 +112,7 @@ def build_training_node(layout: NodeLayout, classes: list[type]) -> type:
                                           unique_id)
             handle.model = student_model(handle)
             result = (handle.model, handle, curve) if layout.model_output else (handle, curve)
-            return {"ui": {"text": [f"saved {handle.path}"]}, "result": result}
+            return {"ui": {"text": [*([chose] if chose else []), f"saved {handle.path}"]}, "result": result}
 
     TrainingNode.__name__ = TrainingNode.__qualname__ = layout.id
     return node(layout.id, layout.display, "train", layout.description, inputs, outputs)(TrainingNode)

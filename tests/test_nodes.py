@@ -130,9 +130,24 @@ def test_workflows_a_and_c_run_headlessly(folders, capsys):
     assert (folders / "models" / "diffusion_models" / "digits_4step_shared.safetensors").is_file()
     assert (folders / "output" / "builtin_distill_4_steps_3.png").stat().st_size > 1000
     assert (folders / "output" / "compare_builtin_student_3.png").is_file()
+    assert (folders / "output" / "compare_builtin_student_3_table.png").is_file()  # a second IMAGE output
     assert "dB against the teacher's reference solve" in printed
     assert json.loads((folders / "output" / "distill_runs" / "digits_4step" / "status.json").read_text())[
         "state"] == "finished"
+
+
+def test_the_three_methods_workflow_distils_and_compares_in_one_graph(folders, capsys):
+    """Built-in teacher -> SFD, reflow and DMD2 students -> one Compare node: a named row per student."""
+    wf.run(argparse.Namespace(workflow=str(WORKFLOWS / "api" / "compare_three_methods.json"), models=None,
+                              output=None))
+    printed = capsys.readouterr().out
+    for name, method, nfe in (("digits_sfd_4step", "sfd", 4), ("digits_reflow_4step", "reflow", 4),
+                              ("digits_dmd2_2step", "dmd2", 2)):
+        card = read_card(folders / "models" / "diffusion_models" / f"{name}.safetensors")
+        assert card["method"] == method and max(int(k) for k in card["sigmas"]) == nfe
+        assert f"{method}, {nfe} steps: " in printed
+    grid = folders / "output" / "compare_three_methods_5.png"
+    assert grid.stat().st_size > 1000 and (folders / "output" / "compare_three_methods_5_table.png").is_file()
 
 
 # ------------------------------------------------------------------ nodes
@@ -281,3 +296,19 @@ def test_compare_takes_several_lora_students_of_one_teacher_without_stacking_the
     assert together == [alone["sfd, 2 steps"], alone["sfd, 3 steps"]]  # each student as when it is alone
     assert grid.shape[0] == 1 and grid.shape[-1] == 3 and table.shape[0] == 1 and table.shape[-1] == 3
     assert grid.shape[1] >= 5 * 48  # five named rows: teacher, solver and student at 2, solver and student at 3
+
+
+def test_method_auto_is_the_default_and_trains_the_preset_it_names(folders, monkeypatch):
+    from distill_core.methods import auto
+
+    declared = nodes.NODE_CLASS_MAPPINGS["DistillToSteps"].INPUT_TYPES()["required"]["method"]
+    assert declared[0][0] == "auto" and declared[1]["default"] == "auto"
+    monkeypatch.setitem(auto.BENCH_BUDGET, "iters", 2)  # the presets' budget, shortened for the test
+    monkeypatch.setitem(auto.BENCH_BUDGET, "batch", 4)
+    (teacher,) = nodes.NODE_CLASS_MAPPINGS["DistillBuiltinTeacher"]().run(guidance=2.0)
+    out = _distill(teacher, method="auto", steps=2, iterations=6, save_name="auto2")
+    _, student, _ = out["result"]
+    assert student.card["method"] == "sfd" and student.card["nfe"] == 2
+    assert out["ui"]["text"][0] == auto.choose(2, "builtin", True).describe()
+    lines = (folders / "output" / "distill_runs" / "auto2" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # the preset's iterations, not the widget's 6

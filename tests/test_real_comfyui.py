@@ -244,6 +244,15 @@ def test_workflow_a_builtin_teacher(server):
     assert len(images) == 10 and all(p.parent.name == "temp" and p.stat().st_size > 0 for p in images)
 
 
+def test_the_three_methods_workflow_compares_its_students_in_one_grid(server):
+    entry = server.wait(server.queue(_workflow("api/compare_three_methods.json")))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    for name in ("digits_sfd_4step", "digits_reflow_4step", "digits_dmd2_2step"):
+        assert (server.base / "models" / "diffusion_models" / f"{name}.safetensors").is_file()
+    output = entry["outputs"]["5"]
+    assert "dmd2, 2 steps: " in " ".join(output["text"]) and len(output["images"]) == 1
+
+
 def test_cancel_keeps_a_checkpoint_and_requeueing_with_resume_finishes(server):
     run = server.base / "output" / "distill_runs" / "cancel_me"
     graph = _sd15_workflow(iterations=12, save_name="cancel_me")

@@ -130,6 +130,7 @@ class NodeLayout:
     checkpoint_every: int = 25
     model_output: bool = True
     refuses_comfy_models: str | None = None  # why the node takes only the built-in teacher (None: it takes any)
+    auto: bool = False  # the method menu starts with "auto" (``methods.auto``: the method chosen from benchmarks)
 
 
 class Method:

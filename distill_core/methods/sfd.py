@@ -150,7 +150,9 @@ class SFD(Method):
         widgets=(
             Widget("steps", help="network evaluations per image of the student (SFD-v: the top of its range)",
                    default=4, max=16),
-            Widget("method", help="sfd: one student for exactly N steps; sfd-v: one student for 2..N steps; "
+            Widget("method", help="auto: the method, settings and training length that won at N steps in the "
+                   "benchmark on the built-in teacher (its iterations and batch replace the widgets'; SFD for "
+                   "ComfyUI models); sfd: one student for exactly N steps; sfd-v: one student for 2..N steps; "
                    "lcm-lora: a consistency LoRA for the stock lcm sampler (lcm: with a guidance input, engine "
                    "only); progressive: rounds that halve the steps; reflow: straightened ODE, Euler sampling; "
                    "kd: a 1-step student (steps 1); sfddm: one fold from the teacher's steps (needs a data set: "
@@ -170,6 +172,7 @@ class SFD(Method):
             Widget("lora_rank", help="LoRA rank r (adapter size)", max=256),
         ),
         save_name="distilled_4step",
+        auto=True,
     )
 
     def __init__(self, source: TeacherSource, cfg):
