@@ -31,8 +31,8 @@ baseline of the distribution metrics. Each row (``eval.benchmark``'s format):
   training run), ``trained_params`` (trainable parameters of every network it trains) and
   ``peak_memory_mb`` (``eval.memory``: CUDA allocator peak, or the process's peak RSS on CPU).
 
-``--quick`` is a smoke run (8 iterations of batch 16 per student, 100 samples: 12 minutes on 2 CPU cores
-for five methods); the default trains every student for the main job's iterations and evaluates 2,000
+``--quick`` is a smoke run (8 iterations of batch 16 per student, 100 samples: under 6 minutes on 2 CPU
+cores for every registered method); the default trains every student for the main job's iterations and evaluates 2,000
 samples (the first run solves the 2 x 2,000 reference samples, about 25 minutes on 2 CPU cores, then reads
 them from the cache). The table is sorted by NFE, then by ``fd_teacher``; the run prints its wall time.
 """
