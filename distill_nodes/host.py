@@ -111,6 +111,17 @@ def send_event(event: str, data: dict) -> None:
         server.send_sync(event, data, getattr(server, "client_id", None))
 
 
+#: a run projected to need more than this many seconds gets a warning on the node, after WARN_AFTER iterations
+LONG_RUN_S, WARN_AFTER = 3600, 2
+
+
+def long_run_warning(seconds_per_iteration: float, remaining: int) -> str:
+    """What the node says of a run that will take hours on this machine."""
+    hours = seconds_per_iteration * remaining / 3600
+    return (f"about {hours:.1f} h to go on this machine ({seconds_per_iteration:.1f} s per iteration, {remaining} "
+            "iterations left): lower iterations or batch, or use a GPU; Cancel keeps a checkpoint to resume from")
+
+
 class NodeProgress(Callback):
     """Progress of a training node: ComfyUI's progress bar with a preview image every ``preview_every``
     iterations (each update is also ComfyUI's interrupt check: Cancel raises, and the trainer saves a
@@ -120,6 +131,7 @@ class NodeProgress(Callback):
     def __init__(self, node_id: str | None, preview: callable | None = None, preview_every: int = 0):
         self.node_id, self.preview, self.preview_every = node_id, preview, preview_every
         self.bar = None
+        self.warning: str | None = None  # set once the run is seen to need more than LONG_RUN_S
 
     def poll(self) -> None:
         """Cancel is answered within one network evaluation (at 512 px an iteration takes minutes)."""
@@ -139,11 +151,15 @@ class NodeProgress(Callback):
     def on_iteration(self, run, record: dict) -> None:
         done, total = run.iteration, run.total
         rate = (time.perf_counter() - self.start) / max(done - self.first, 1)
+        eta_s = rate * (total - done)
         losses = record.get("loss", {})
+        if self.warning is None and done - self.first >= WARN_AFTER and eta_s > LONG_RUN_S:
+            self.warning = long_run_warning(rate, total - done)
+            print(f"[comfyui-distill] {Path(run.out).name}: {self.warning}")
         send_event("distill.progress", {
             "node": self.node_id, "iteration": done, "total": total,
-            "loss": sum(losses.values()) / max(len(losses), 1), "eta_s": round(rate * (total - done), 1),
-            "run": str(run.out),
+            "loss": sum(losses.values()) / max(len(losses), 1), "eta_s": round(eta_s, 1),
+            "run": str(run.out), **({"warning": self.warning} if self.warning else {}),
         })
         image = None
         if self.preview is not None and self.preview_every and done % self.preview_every == 0:

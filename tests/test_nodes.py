@@ -312,3 +312,24 @@ def test_method_auto_is_the_default_and_trains_the_preset_it_names(folders, monk
     assert out["ui"]["text"][0] == auto.choose(2, "builtin", True).describe()
     lines = (folders / "output" / "distill_runs" / "auto2" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # the preset's iterations, not the widget's 6
+
+
+@pytest.mark.parametrize("seconds_per_iteration, warned", [(20.0, True), (5.0, False)])
+def test_a_run_that_will_take_hours_says_so_on_the_node(monkeypatch, capsys, seconds_per_iteration, warned):
+    from types import SimpleNamespace
+
+    clock, events = {"t": 0.0}, []
+    monkeypatch.setattr(host.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(host, "send_event", lambda name, data: events.append(data))
+    run = SimpleNamespace(iteration=0, total=400, out=Path("runs") / "slow")
+    progress = host.NodeProgress("7")
+    progress.on_start(run)
+    for k in range(1, 4):
+        clock["t"] += seconds_per_iteration
+        run.iteration = k
+        progress.on_iteration(run, {"loss": {"0": 0.1}})
+    assert "warning" not in events[0]  # one iteration is not a measurement
+    assert ("warning" in events[-1]) == warned  # 397 x 20 s is 2.2 h; 397 x 5 s is 33 min
+    if warned:
+        assert events[-1]["warning"].startswith("about 2.2 h to go on this machine (20.0 s per iteration")
+        assert capsys.readouterr().out.count("slow: about 2.2 h") == 1  # printed once, not every iteration
