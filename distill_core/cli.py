@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "distill": ("distill_core.main_job", "distil a teacher into a few-step student (the main job)"),
     "train-teacher": ("distill_core.train_builtin", "re-train the built-in reference teacher"),
+    "finetune-teacher": ("distill_core.finetune_builtin", "fine-tune the built-in teacher to bold digits (a LoRA)"),
     "train-classifier": ("distill_core.train_builtin", "re-train the built-in metric classifier"),
     "compare": ("distill_core.compare", "students of any methods side by side with their teacher and the best "
                 "solvers: a labelled grid and a table"),

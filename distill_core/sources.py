@@ -12,7 +12,7 @@ import torch
 from distill_core.denoisers.base import index_cond
 from distill_core.methods.base import TeacherSource
 
-TEACHERS = ("builtin",)
+TEACHERS = ("builtin", "builtin-bold")
 #: SFD settings measured on the built-in teacher: above sigma 20 its ODE is straight enough that one teacher
 #: step gives targets within 50 dB of K steps (docs/sfd_recipes.md#cheaper-teacher-targets)
 BUILTIN_TUNED = {"teacher_one_step_above": 20.0}
@@ -49,9 +49,26 @@ def builtin_source() -> TeacherSource:
     )
 
 
+def finetuned_source() -> TeacherSource:
+    """The built-in teacher fine-tuned to bold digits (``finetune_builtin``); its data: the bold digits."""
+    import dataclasses
+
+    from distill_core.finetune_builtin import bold, load_finetuned_teacher
+
+    base = builtin_source()
+
+    def draw_data(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = base.draw_data(batch, generator)
+        return bold(images), labels
+
+    return dataclasses.replace(base, name="builtin-bold", denoiser=load_finetuned_teacher(), draw_data=draw_data)
+
+
 def teacher_source(name: str) -> TeacherSource:
     if name == "builtin":
         return builtin_source()
+    if name == "builtin-bold":
+        return finetuned_source()
     raise ValueError(
         f"unknown teacher {name!r}; available here: {list(TEACHERS)} "
         "(diffusers and ComfyUI teachers come through the nodes)"

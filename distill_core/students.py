@@ -554,18 +554,19 @@ def check_fits(path: str | Path, denoiser: nn.Module) -> None:
                          f"{bad[:3]}); load it with the model it was distilled from")
 
 
-def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond = None, share: bool = False
-                 ) -> Student:
+def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond = None, share: bool = False,
+                 any_teacher: bool = False) -> Student:
     """Load a student file for ``teacher`` (a CFGTeacher, or its denoiser with ``uncond`` for CFG).
     ``share``: a LoRA student hooks its adapters into the teacher's own network instead of a copy (no
     second copy of the weights; detach them when done, ``train.run.release_teacher``). A file of experts
-    (``experts`` in its card) loads as ``Experts``."""
+    (``experts`` in its card) loads as ``Experts``. ``any_teacher``: put the student on a network of the
+    same architecture that it was not distilled from (a generic few-step LoRA on a fine-tune)."""
     card = check_card(path, safetensors_io.read_card(path))
     denoiser = teacher.denoiser if isinstance(teacher, CFGTeacher) else teacher
     if uncond is None and isinstance(teacher, CFGTeacher):
         uncond = teacher.uncond
     theirs, ours = card["teacher_fingerprint"], fingerprint(denoiser)
-    if theirs != ours:
+    if theirs != ours and not any_teacher:
         raise ValueError(
             f"{path} was distilled from a different teacher (fingerprint {theirs}); the teacher "
             f"given has fingerprint {ours}. Load it with the teacher it was distilled from."

@@ -245,7 +245,7 @@ def test_workflow_a_builtin_teacher(server):
 
 
 def test_the_three_methods_workflow_compares_its_students_in_one_grid(server):
-    entry = server.wait(server.queue(_workflow("api/compare_three_methods.json")))
+    entry = server.wait(server.queue(_workflow("api/compare_three_methods.json")), timeout=1200)  # three trainings
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     for name in ("digits_sfd_4step", "digits_reflow_4step", "digits_dmd2_2step"):
         assert (server.base / "models" / "diffusion_models" / f"{name}.safetensors").is_file()

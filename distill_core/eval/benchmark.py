@@ -114,13 +114,15 @@ def solver_row(name: str, nfe: int, teacher: CFGTeacher, ev: EvalSet, sigma_min:
     return evaluate(name, used, images, ev, seconds, network_evals=used * teacher.evaluations())
 
 
-def student_rows(run, teacher: CFGTeacher, ev: EvalSet, nfes: list[int] | None = None, **extra) -> list[dict]:
+def student_rows(run, teacher: CFGTeacher, ev: EvalSet, nfes: list[int] | None = None, any_teacher: bool = False,
+                 **extra) -> list[dict]:
     """Benchmark rows of a trained student (``train.run.StudentRun``), one per NFE it serves (those of
-    ``nfes`` only, when given; ``network_evals`` counts CFG's two); ``extra`` goes into every row."""
+    ``nfes`` only, when given; ``network_evals`` counts CFG's two); ``extra`` goes into every row.
+    ``any_teacher``: the student on ``teacher`` although it was distilled from another (``load_student``)."""
     from distill_core.sampling import sample
     from distill_core.students import load_student
 
-    student = load_student(run.path, teacher)
+    student = load_student(run.path, teacher, any_teacher=any_teacher)
     per_step = teacher.evaluations() if student.card["guidance"]["mode"] == "cfg" else 1
     cost = {"train_seconds": round(run.train_seconds, 1), "teacher_evaluations": run.teacher_evaluations,
             "trained_params": run.trained_params, **extra}

@@ -1,0 +1,108 @@
+"""A generic few-step student on a fine-tune, against a student distilled from the fine-tune itself.
+
+    python bench/finetune.py [--quick] [--steps 4] [--n 2000] [--ref-steps 32] [--out FILE.json] [--picture FILE.png]
+
+The fine-tune is the built-in teacher's bold-digits LoRA (``distill_core.finetune_builtin``). Two SFD LoRA
+students at ``--steps`` and the same budget (the main job's iterations and batch):
+
+* ``generic``: distilled from the base teacher and applied to the fine-tune, as a downloaded few-step LoRA
+  is applied to an artist's own checkpoint;
+* ``own``: distilled from the fine-tune itself.
+
+Every row is measured on the fine-tune's evaluation set: PSNR against its reference solve from the same
+noise and classes, ``fd_teacher`` / precision / recall against its own many-step samples (independent
+noise), and ``ink``, the fraction of pixels above mid-grey, the style the fine-tune doubles (the rows
+``base teacher`` and ``fine-tune`` give the two styles' ink from the same noise). The training-free
+solvers at ``--steps`` on the fine-tune are the baseline. The picture holds the same noise through the
+base teacher, the fine-tune, the generic and the own student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill_core.compare import pixels  # noqa: E402
+from distill_core.config import DistillConfig  # noqa: E402
+from distill_core.eval.benchmark import (  # noqa: E402
+    eval_set,
+    evaluate,
+    format_table,
+    sample_in_batches,
+    solver_rows,
+    teacher_row,
+    teacher_target,
+    write_rows,
+)
+from distill_core.finetune_builtin import ink  # noqa: E402
+from distill_core.plot import labelled_grid  # noqa: E402
+from distill_core.report import write_png  # noqa: E402
+from distill_core.sampling import sample  # noqa: E402
+from distill_core.sources import builtin_source, finetuned_source  # noqa: E402
+from distill_core.students import load_student  # noqa: E402
+from distill_core.teacher import CFGTeacher  # noqa: E402
+from distill_core.train.run import train_student  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KEYS = ("method", "nfe", "psnr_db", "fd_teacher", "precision", "recall", "ink", "train_seconds")
+QUICK = {"iters": 8, "batch": 16}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short training, 100 samples (a smoke run)")
+    p.add_argument("--steps", type=int, default=4, help="the students' step count")
+    p.add_argument("--n", type=int, help="evaluation samples (default 2000, quick 100)")
+    p.add_argument("--ref-steps", type=int, default=32, help="Heun steps of the reference solves")
+    p.add_argument("--cache", default=str(RESULTS / "cache"), help="where reference solves are cached")
+    p.add_argument("--work", default=str(RESULTS / "finetune_runs"), help="where the students are trained")
+    p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--picture", help="write the same-noise picture here (PNG)")
+    args = p.parse_args(argv)
+    start = time.time()
+    n = args.n or (100 if args.quick else 2000)
+    cfg = DistillConfig(method="sfd", steps=args.steps, student="lora", checkpoint_every=0)
+    if args.quick:
+        cfg = cfg.replace(**QUICK)
+
+    base, tuned = builtin_source(), finetuned_source()
+    base_teacher = CFGTeacher(base.denoiser, base.guidance, base.uncond)
+    teacher = CFGTeacher(tuned.denoiser, tuned.guidance, tuned.uncond)
+    ev = eval_set(teacher, n, seed=1, steps=args.ref_steps, cache_dir=args.cache)
+    ev = dataclasses.replace(ev, target=teacher_target(teacher, n, seed=2, steps=args.ref_steps,
+                                                       cache_dir=args.cache))
+    base_reference = eval_set(base_teacher, n, seed=1, steps=args.ref_steps, cache_dir=args.cache).reference
+    rows = [{**teacher_row(teacher, ev), "method": "fine-tune", "ink": round(ink(ev.reference), 4)},
+            {"method": "base teacher", "nfe": ev.steps * 2 - 1, "ink": round(ink(base_reference), 4)}]
+    rows += solver_rows(teacher, ev, args.steps, cfg.sigma_min)
+
+    images = {}
+    for name, source in (("generic", base), ("own", tuned)):
+        run = train_student(cfg.replace(out=str(Path(args.work) / name), teacher=source.name), source,
+                            progress=False)
+        student = load_student(run.path, teacher, any_teacher=True)
+        images[name], seconds = sample_in_batches(lambda x, y, s=student: sample(s, x, y, steps=args.steps), ev)
+        rows.append(evaluate(name, args.steps, images[name], ev, seconds, network_evals=args.steps,
+                             ink=round(ink(images[name]), 4), train_seconds=round(run.train_seconds, 1),
+                             teacher_evaluations=run.teacher_evaluations))
+
+    print(f"fine-tune: {tuned.name}; SFD LoRA students at {args.steps} steps, {cfg.iters} iterations x batch "
+          f"{cfg.batch}; {n} samples")
+    print(format_table(rows, KEYS))
+    print(f"({time.time() - start:.0f} s)")
+    if args.out:
+        write_rows(rows, args.out)
+    if args.picture:
+        shown = [("base teacher", base_reference), ("fine-tune", ev.reference), (f"generic, {args.steps} steps",
+                 images["generic"]), (f"own, {args.steps} steps", images["own"])]
+        write_png(labelled_grid([(label, pixels(x[:10])) for label, x in shown]), args.picture)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
