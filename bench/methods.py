@@ -5,7 +5,8 @@
 
 One evaluation set (noise of seed 1, balanced classes) serves every row, so rows compare directly. Rows:
 every training-free solver at every NFE it can take a step in (Heun needs two), the students of every
-registered method (each method says which students it trains for the NFEs, ``Method.bench_runs``), and
+registered method (each method says which students it trains for the NFEs, ``Method.bench_runs``; with
+``--methods auto``, also the student the *Distill to N steps* node's ``auto`` would train at each NFE), and
 ``teacher``: the teacher's reference solve (128 Heun steps, 255 evaluations) of the evaluation noise, the
 baseline of the distribution metrics. Each row (``eval.benchmark``'s format):
 
@@ -50,6 +51,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.config import DistillConfig  # noqa: E402
+from distill_core.data import mnist_available  # noqa: E402
 from distill_core.eval.benchmark import (  # noqa: E402
     eval_set,
     format_table,
@@ -60,6 +62,7 @@ from distill_core.eval.benchmark import (  # noqa: E402
     write_rows,
 )
 from distill_core.eval.memory import with_peak_memory  # noqa: E402
+from distill_core.methods import auto  # noqa: E402
 from distill_core.methods.reflow import straightness  # noqa: E402
 from distill_core.methods.registry import method_class, methods  # noqa: E402
 from distill_core.sources import builtin_source  # noqa: E402
@@ -79,7 +82,9 @@ QUICK = {"iters": 8, "batch": 16}
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short training, 100 samples (a smoke run)")
-    p.add_argument("--methods", nargs="+", choices=list(methods()), help="the methods to train (default: all)")
+    p.add_argument("--methods", nargs="+", choices=[*methods(), "auto"],
+                   help="the methods to train (default: all registered; auto: the Distill to N steps node's "
+                   "choice at each student NFE, rows named auto with the method in auto_method)")
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     p.add_argument("--student-nfe", type=int, nargs="+", help="the NFEs students are trained for (default: --nfe; "
                    "a method may add its natural step counts, e.g. kd's 1); every student and solver is "
@@ -113,15 +118,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [{**teacher_row(teacher, ev), "straightness": curvature}]
     for nfe in args.nfe:
         rows += solver_rows(teacher, ev, nfe, base.sigma_min)
-    for method in chosen:
-        for name, settings in method_class(method).bench_runs(list(args.student_nfe or args.nfe), base.iters):
+    for chosen_method in chosen:
+        for name, method, settings, label in bench_runs(chosen_method, list(args.student_nfe or args.nfe),
+                                                        base.iters):
             cfg = base.replace(method=method, out=str(Path(args.work) / name), **{**settings, **overrides})
             run, peak = with_peak_memory(lambda cfg=cfg: train_student(cfg, source, progress=False))
             memory = {} if peak is None else {"peak_memory_mb": round(peak, 1)}
             if method_class(method).straightens:
                 student = load_student(run.path, teacher).denoiser()
                 memory["straightness"] = path_straightness(student, ev, base.sigma_min, teacher.sigma_max)
-            rows += student_rows(run, teacher, ev, args.nfe, **memory)
+            rows += [{**row, **label} for row in student_rows(run, teacher, ev, args.nfe, **memory)]
 
     rows.sort(key=lambda r: (r["nfe"], r["fd_teacher"]))
     print(f"built-in teacher, w = {teacher.w:g}, {n} samples; {base.iters} iterations x batch {base.batch} "
@@ -131,6 +137,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.out:
         write_rows(rows, args.out)
     return rows
+
+
+def bench_runs(method: str, nfes: list[int], iters: int) -> list[tuple[str, str, dict, dict]]:
+    """(run name, registered method, settings, what its rows are labelled with) of each student ``method``
+    trains for ``nfes``; ``auto`` trains the preset the node would choose at each NFE, at the bench's own
+    budget (the presets' budget is the bench's default)."""
+    if method != "auto":
+        return [(name, method, settings, {}) for name, settings in method_class(method).bench_runs(nfes, iters)]
+    runs = []
+    for n in nfes:
+        preset = auto.choose(n, "builtin", mnist_available())
+        settings = {k: v for k, v in preset.settings.items() if k not in ("iters", "batch")}
+        runs.append((f"auto-{n}", preset.method, {"steps": n, **method_class(preset.method).settings_for_steps(n),
+                                                   **settings}, {"method": "auto", "auto_method": preset.method}))
+    return runs
 
 
 def path_straightness(denoiser, ev, sigma_min: float, sigma_max: float) -> float:

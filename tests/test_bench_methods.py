@@ -137,3 +137,13 @@ def test_the_teacher_and_reflow_students_report_how_straight_their_paths_are(ben
     assert by_method["teacher"]["straightness"] > 0.05  # the teacher's ODE paths curve
     assert 0 < by_method["reflow"]["straightness"] < 2
     assert "straightness" not in by_method["euler"]
+
+
+def test_auto_trains_the_nodes_choice_at_each_nfe_and_names_it(bench, tmp_path):
+    argv = ["--methods", "auto", "--nfe", "2", "--n", "20", "--steps", "4", "--iters", "2", "--batch", "4",
+            "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "runs")]
+    rows = bench.main(argv)
+    (row,) = [r for r in rows if r["method"] == "auto"]
+    assert row["auto_method"] == "sfd" and row["nfe"] == 2 and row["trained_params"] > 0
+    assert "steps: 2" in (tmp_path / "runs" / "auto-2" / "config.yaml").read_text()
+    assert "iters: 2" in (tmp_path / "runs" / "auto-2" / "config.yaml").read_text()  # the bench's budget
