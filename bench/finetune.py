@@ -20,7 +20,6 @@ base teacher, the fine-tune, the generic and the own student.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -30,14 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill_core.compare import pixels  # noqa: E402
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.eval.benchmark import (  # noqa: E402
+    benchmark_set,
     eval_set,
     evaluate,
-    format_table,
+    report_rows,
     sample_in_batches,
     solver_rows,
     teacher_row,
-    teacher_target,
-    write_rows,
 )
 from distill_core.finetune_builtin import ink  # noqa: E402
 from distill_core.plot import labelled_grid  # noqa: E402
@@ -73,9 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base, tuned = builtin_source(), finetuned_source()
     base_teacher = CFGTeacher(base.denoiser, base.guidance, base.uncond)
     teacher = CFGTeacher(tuned.denoiser, tuned.guidance, tuned.uncond)
-    ev = eval_set(teacher, n, seed=1, steps=args.ref_steps, cache_dir=args.cache)
-    ev = dataclasses.replace(ev, target=teacher_target(teacher, n, seed=2, steps=args.ref_steps,
-                                                       cache_dir=args.cache))
+    ev = benchmark_set(teacher, n, args.ref_steps, args.cache)
     base_reference = eval_set(base_teacher, n, seed=1, steps=args.ref_steps, cache_dir=args.cache).reference
     rows = [{**teacher_row(teacher, ev), "method": "fine-tune", "ink": round(ink(ev.reference), 4)},
             {"method": "base teacher", "nfe": ev.steps * 2 - 1, "ink": round(ink(base_reference), 4)}]
@@ -91,12 +87,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              ink=round(ink(images[name]), 4), train_seconds=round(run.train_seconds, 1),
                              teacher_evaluations=run.teacher_evaluations))
 
-    print(f"fine-tune: {tuned.name}; SFD LoRA students at {args.steps} steps, {cfg.iters} iterations x batch "
-          f"{cfg.batch}; {n} samples")
-    print(format_table(rows, KEYS))
-    print(f"({time.time() - start:.0f} s)")
-    if args.out:
-        write_rows(rows, args.out)
+    report_rows(rows, KEYS, f"fine-tune: {tuned.name}; SFD LoRA students at {args.steps} steps, {cfg.iters} "
+                f"iterations x batch {cfg.batch}; {n} samples", start, args.out)
     if args.picture:
         shown = [("base teacher", base_reference), ("fine-tune", ev.reference), (f"generic, {args.steps} steps",
                  images["generic"]), (f"own, {args.steps} steps", images["own"])]

@@ -41,7 +41,6 @@ them from the cache). The table is sorted by NFE, then by ``fd_teacher``; the ru
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -53,13 +52,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.data import mnist_available  # noqa: E402
 from distill_core.eval.benchmark import (  # noqa: E402
-    eval_set,
-    format_table,
+    benchmark_set,
+    report_rows,
     solver_rows,
     student_rows,
     teacher_row,
-    teacher_target,
-    write_rows,
 )
 from distill_core.eval.memory import with_peak_memory  # noqa: E402
 from distill_core.methods import auto  # noqa: E402
@@ -112,8 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     source = builtin_source()
     teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
-    ev = eval_set(teacher, n, seed=1, steps=args.steps, cache_dir=args.cache)
-    ev = dataclasses.replace(ev, target=teacher_target(teacher, n, seed=2, steps=args.steps, cache_dir=args.cache))
+    ev = benchmark_set(teacher, n, args.steps, args.cache)
     curvature = path_straightness(teacher, ev, base.sigma_min, teacher.sigma_max)
     rows = [{**teacher_row(teacher, ev), "straightness": curvature}]
     for nfe in args.nfe:
@@ -130,12 +126,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += [{**row, **label} for row in student_rows(run, teacher, ev, args.nfe, **memory)]
 
     rows.sort(key=lambda r: (r["nfe"], r["fd_teacher"]))
-    print(f"built-in teacher, w = {teacher.w:g}, {n} samples; {base.iters} iterations x batch {base.batch} "
-          f"per student")
-    print(format_table(rows, KEYS))
-    print(f"({time.time() - start:.0f} s)")
-    if args.out:
-        write_rows(rows, args.out)
+    report_rows(rows, KEYS, f"built-in teacher, w = {teacher.w:g}, {n} samples; {base.iters} iterations x batch "
+                f"{base.batch} per student", start, args.out)
     return rows
 
 

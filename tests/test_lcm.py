@@ -14,6 +14,7 @@ from distill_core.config import DistillConfig
 from distill_core.methods.base import MicroBatch, TeacherSource
 from distill_core.methods.lcm import LCM, LCMLoRA, boundary_scalings, karras_position, sampling_sigmas
 from distill_core.methods.sfd import distance
+from distill_core.methods.teacher_pairs import training_images
 from distill_core.safetensors_io import load
 from distill_core.sampling import sample
 from distill_core.schedules import karras
@@ -171,12 +172,18 @@ def test_lcm_refuses_stock_sampling_sources_and_naming_lcm_lora(tiny_edm):
 def test_without_a_data_set_x0_are_the_teachers_own_images(tiny_edm):
     m = lcm(copy.deepcopy(tiny_edm), data=False, iters=3, batch=2, pairs=100)
     assert m.pairs is not None and m.pairs.size == 3 * 2  # never more pairs than the run draws
-    x0, cond = m.images(4, torch.Generator().manual_seed(0), CPU)
+    x0, cond, spent = training_images(m.source, m.pairs, 4, torch.Generator().manual_seed(0), CPU)
     pool_x0 = m.pairs.pool(CPU)[2]
     assert all(any(torch.equal(row, p) for p in pool_x0) for row in x0)
-    assert m.teacher_evaluations == m.pairs.evaluations > 0
+    assert spent == m.pairs.evaluations > 0  # the pool, solved on the first draw
+    list(m.losses({}, MicroBatch(0, 1, 2), torch.Generator().manual_seed(1)))
+    assert m.teacher_evaluations == 2 * 2  # one guided step per image: the pool was paid for above
+    fresh = lcm(copy.deepcopy(tiny_edm), data=False, iters=3, batch=2, pairs=100)
+    list(fresh.losses({}, MicroBatch(0, 1, 2), torch.Generator().manual_seed(1)))
+    assert fresh.teacher_evaluations == fresh.pairs.evaluations + 2 * 2  # the run counts the pool it solved
     with_images = lcm(copy.deepcopy(tiny_edm))
-    x0, _ = with_images.images(4, torch.Generator().manual_seed(0), CPU)
+    x0, _, spent = training_images(with_images.source, with_images.pairs, 4, torch.Generator().manual_seed(0), CPU)
+    assert spent == 0
     assert with_images.pairs is None and torch.equal(x0[:, :, 3, 3], torch.ones(4, 1))  # the data's squares
 
 

@@ -20,6 +20,7 @@ from distill_core.methods.progressive import (
     truncated_snr_loss,
     two_step_target,
 )
+from distill_core.methods.teacher_pairs import training_images
 from distill_core.safetensors_io import read_card
 from distill_core.sampling import few_step, sample
 from distill_core.schedules import karras
@@ -126,14 +127,15 @@ def test_iterations_split_evenly_over_the_rounds_and_each_round_freezes_its_teac
 def test_inputs_noise_the_data_set_or_the_teachers_own_images(tiny_edm):
     m = progressive(tiny_edm)
     assert m.inputs == "data" and m.pairs is None
-    x0, _ = m.images(3, torch.Generator().manual_seed(0), torch.device("cpu"))
+    x0, _, _ = training_images(m.source, m.pairs, 3, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert torch.equal(x0, with_data(tiny_source(tiny_edm)).draw_data(3, torch.Generator())[0])  # the squares
     free = progressive(tiny_edm, data=False)
     assert free.inputs == "pairs" and free.source.draw_data is None
-    x0, cond = free.images(3, torch.Generator().manual_seed(0), torch.device("cpu"))
+    x0, cond, spent = training_images(free.source, free.pairs, 3, torch.Generator().manual_seed(0),
+                                      torch.device("cpu"))
     z, pool_cond, pool_x0 = free.pairs.pool(torch.device("cpu"))
     assert x0.shape == (3, 1, 8, 8) and any(torch.equal(x0[0], y) for y in pool_x0)
-    assert free.teacher_evaluations == free.pairs.evaluations > 0  # the pool, solved on the first draw
+    assert spent == free.pairs.evaluations > 0  # the pool, solved on the first draw
     (step,) = free.losses(free.plan(torch.Generator()), MicroBatch(0, 1, 4), torch.Generator().manual_seed(1))
     assert torch.isfinite(step.loss)
     replaced = dataclasses.replace(tiny_source(tiny_edm), draw_data=None)

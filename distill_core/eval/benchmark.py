@@ -13,6 +13,7 @@ features, and ``precision`` / ``recall`` against them (``coverage``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -197,6 +198,23 @@ def format_table(rows: list[dict], keys: tuple[str, ...] = TABLE_KEYS) -> str:
 def write_rows(rows: list[dict], path: str | Path) -> Path:
     """The rows as a JSON list at ``path``, written atomically."""
     return write_json(path, rows)
+
+
+def benchmark_set(teacher: CFGTeacher, n: int, steps: int, cache_dir: str | Path | None = None) -> EvalSet:
+    """A benchmark's evaluation set: noise and classes of seed 1 with their reference solve, and as the
+    distribution target the teacher's own samples from the independent seed 2 (``teacher_target``)."""
+    ev = eval_set(teacher, n, seed=1, steps=steps, cache_dir=cache_dir)
+    return dataclasses.replace(ev, target=teacher_target(teacher, n, seed=2, steps=steps, cache_dir=cache_dir))
+
+
+def report_rows(rows: list[dict], keys: tuple[str, ...], heading: str, started: float, out: str | Path | None
+                ) -> None:
+    """Print a benchmark's heading, its table and its wall time since ``started``; write the rows to ``out``."""
+    print(heading)
+    print(format_table(rows, keys))
+    print(f"({time.time() - started:.0f} s)")
+    if out:
+        write_rows(rows, out)
 
 
 def _fmt(v) -> str:

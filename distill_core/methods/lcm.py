@@ -59,12 +59,12 @@ import torch
 from torch.func import functional_call
 
 from distill_core.builtin import fingerprint
-from distill_core.denoisers.base import Cond, cat_conds, expand_sigma, move_cond
+from distill_core.denoisers.base import Cond, cat_conds, expand_sigma
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
 from distill_core.methods.distribution import per_sample
 from distill_core.methods.registry import register
 from distill_core.methods.sfd import SFD, distance
-from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs
+from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs, training_images
 from distill_core.options import option
 from distill_core.sampling import renoise
 from distill_core.schedules import karras
@@ -234,16 +234,6 @@ class LCM(Method):
         """AdamW with weight decay 0.01 at a constant lr after a warmup, as LCM's training scripts."""
         return {"student": OptimSpec("adamw", weight_decay=0.01, schedule="constant", warmup=10)}
 
-    def images(self, batch: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, Cond]:
-        """x0 and its conditions: the teacher's data where it is at hand, else its own images."""
-        if self.pairs is None:
-            x0, cond = self.source.draw_data(batch, generator)
-            return x0.to(device), move_cond(cond, device)
-        spent = self.pairs.evaluations
-        _, cond, x0 = self.pairs.draw(batch, generator, device)
-        self.teacher_evaluations += self.pairs.evaluations - spent
-        return x0, cond
-
     def draw_w(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """w ~ U[w_lo, w_hi] per image."""
         lo, hi = self.w_range
@@ -262,7 +252,8 @@ class LCM(Method):
     def losses(self, plan: dict, micro: MicroBatch, generator: torch.Generator) -> Iterator[StepLoss]:
         device = next(self.student.parameters()).device
         b = micro.size
-        x0, cond = self.images(b, generator, device)
+        x0, cond, spent = training_images(self.source, self.pairs, b, generator, device)
+        self.teacher_evaluations += spent
         n = torch.randint(self.opts.skeleton, (b,), generator=generator)
         w = self.draw_w(b, generator).to(device)
         eps = torch.randn(x0.shape, generator=generator).to(device)

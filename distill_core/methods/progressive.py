@@ -58,12 +58,12 @@ import torch
 from torch.func import functional_call
 
 from distill_core.builtin import fingerprint
-from distill_core.denoisers.base import Cond, move_cond
+from distill_core.denoisers.base import Cond
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
 from distill_core.methods.distribution import per_sample
 from distill_core.methods.registry import register
 from distill_core.methods.sfd import SFD
-from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs
+from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs, training_images
 from distill_core.options import option
 from distill_core.sampling import few_step
 from distill_core.schedules import karras
@@ -242,20 +242,11 @@ class Progressive(Method):
         iterations (as SFD)."""
         return {"student": OptimSpec("adam", schedule="cosine", warmup=10)}
 
-    def images(self, batch: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, Cond]:
-        """x0 and its conditions: the teacher's data, or its own images (``inputs``)."""
-        if self.pairs is None:
-            x0, cond = self.source.draw_data(batch, generator)
-            return x0.to(device), move_cond(cond, device)
-        spent = self.pairs.evaluations
-        _, cond, x0 = self.pairs.draw(batch, generator, device)
-        self.teacher_evaluations += self.pairs.evaluations - spent
-        return x0, cond
-
     def losses(self, plan: dict, micro: MicroBatch, generator: torch.Generator) -> Iterator[StepLoss]:
         r, device = plan["round"], next(self.student.parameters()).device
         grid = self.teacher_grid(r).to(device)
-        x0, cond = self.images(micro.size, generator, device)
+        x0, cond, spent = training_images(self.source, self.pairs, micro.size, generator, device)
+        self.teacher_evaluations += spent
         i = torch.randint((len(grid) - 1) // 2, (micro.size,), generator=generator).to(device)
         s, s_mid, s_next = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
         x_t = x0 + per_sample(s) * torch.randn(x0.shape, generator=generator).to(device)

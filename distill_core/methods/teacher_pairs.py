@@ -85,6 +85,19 @@ class TeacherPairs:
         return z[idx].to(device), move_cond(index_cond(cond, idx), device), x0[idx].to(device)
 
 
+def training_images(source: TeacherSource, pairs: TeacherPairs | None, batch: int, generator: torch.Generator,
+                    device: torch.device) -> tuple[torch.Tensor, Cond, int]:
+    """x0 and its conditions for methods that train on images: the teacher's data where ``pairs`` is None,
+    else the teacher's own images from the pool; and the teacher evaluations the draw spent (the pool is
+    solved on its first use)."""
+    if pairs is None:
+        x0, cond = source.draw_data(batch, generator)
+        return x0.to(device), move_cond(cond, device), 0
+    spent = pairs.evaluations
+    _, cond, x0 = pairs.draw(batch, generator, device)
+    return x0, cond, pairs.evaluations - spent
+
+
 class _Counted:
     """A teacher that counts its network evaluations (per sample, with CFG's two passes)."""
 
