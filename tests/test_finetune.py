@@ -81,3 +81,15 @@ def test_the_finetune_bench_runs_end_to_end(tmp_path):
     assert rows["generic"]["nfe"] == rows["own"]["nfe"] == 2 and "fd_teacher" in rows["own"]
     assert rows["fine-tune"]["ink"] > rows["base teacher"]["ink"]
     assert (tmp_path / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_main_job_distils_the_fine_tune_by_name(tmp_path):
+    from distill_core import cli
+
+    (tmp_path / "run.yaml").write_text("teacher: builtin-bold\niters: 2\nbatch: 4\nsteps: 2\neval_samples: 10\n"
+                                       "checkpoint_every: 0\n")
+    out = tmp_path / "run"
+    assert cli.main(["distill", "--config", str(tmp_path / "run.yaml"), "--out", str(out), "--no-progress"]) == 0
+    card = safetensors_io.read_card(out / "student.safetensors")
+    assert card["teacher_fingerprint"] == builtin.fingerprint(finetuned_source().denoiser)
+    assert "teacher: builtin-bold" in (out / "config.yaml").read_text()

@@ -21,12 +21,12 @@ from PIL import Image  # noqa: E402
 from distill_core.methods.registry import methods  # noqa: E402
 from distill_core.panel import runs  # noqa: E402
 from distill_core.panel.jobs import LOG, Jobs, method_options  # noqa: E402
+from distill_core.sources import TEACHERS  # noqa: E402
 from distill_core.train.previews import ROW_LABELS  # noqa: E402
 
 TABLE_COLUMNS = ["run", "status", "method", "steps", "step / total", "ETA", "wall time", "note"]
 REFRESH_S = 2.0
 PLOT_HEIGHT = 320  # room for the legend under the plot
-TEACHERS = ("builtin",)  # teachers a standalone run can use (others come through ComfyUI's nodes)
 
 
 def _duration(seconds: float | None) -> str:
@@ -246,7 +246,8 @@ def build(root: str | Path) -> gr.Blocks:
         with gr.Accordion("start a distillation", open=False):
             with gr.Row():
                 new_name = gr.Textbox(label="run name", value="panel-run")
-                teacher = gr.Dropdown(list(TEACHERS), value=TEACHERS[0], label="teacher")
+                teacher = gr.Dropdown(list(TEACHERS), value=TEACHERS[0], label="teacher",
+                                      info="builtin-bold: the built-in teacher fine-tuned to bold digits")
                 method = gr.Dropdown(list(names), value=names[0], label="method", info=summaries)
                 steps = gr.Number(4, precision=0, minimum=1, maximum=16, label="steps (SFD-v: top of 2..steps)")
                 iters = gr.Number(90, precision=0, minimum=1, label="iterations")
