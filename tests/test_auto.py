@@ -15,7 +15,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 
 @pytest.mark.parametrize("steps, has_data, method", [
     (1, True, "kd"), (2, True, "sfd"), (3, True, "sfd"), (4, True, "sfd"), (6, True, "sfd"),
-    (7, True, "sfddm"), (8, True, "sfddm"), (8, False, "sfd"), (12, True, "sfddm"), (16, False, "sfd"),
+    (7, True, "sfd"), (8, True, "sfd"), (12, True, "sfd"), (13, True, "sfddm"), (16, True, "sfddm"),
+    (16, False, "sfd"),
 ])
 def test_the_builtin_teacher_gets_the_benchmarks_winner_at_the_nearest_step_count(steps, has_data, method):
     preset = auto.choose(steps, "builtin", has_data)
