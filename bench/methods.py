@@ -6,7 +6,9 @@
 One evaluation set (noise of seed 1, balanced classes) serves every row, so rows compare directly. Rows:
 every training-free solver at every NFE it can take a step in (Heun needs two), the students of every
 registered method (each method says which students it trains for the NFEs, ``Method.bench_runs``; with
-``--methods auto``, also the student the *Distill to N steps* node's ``auto`` would train at each NFE), and
+``--methods auto``, also the student the *Distill to N steps* node's ``auto`` would train at each NFE: a
+student of the same method and settings as one already in the run is trained once, and its rows appear under
+both names), and
 ``teacher``: the teacher's reference solve (128 Heun steps, 255 evaluations) of the evaluation noise, the
 baseline of the distribution metrics. Each row (``eval.benchmark``'s format):
 
@@ -114,16 +116,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [{**teacher_row(teacher, ev), "straightness": curvature}]
     for nfe in args.nfe:
         rows += solver_rows(teacher, ev, nfe, base.sigma_min)
+    evaluated: dict[str, list[dict]] = {}  # a student's rows by its method and settings: each is trained once
     for chosen_method in chosen:
         for name, method, settings, label in bench_runs(chosen_method, list(args.student_nfe or args.nfe),
                                                         base.iters):
             cfg = base.replace(method=method, out=str(Path(args.work) / name), **{**settings, **overrides})
-            run, peak = with_peak_memory(lambda cfg=cfg: train_student(cfg, source, progress=False))
-            memory = {} if peak is None else {"peak_memory_mb": round(peak, 1)}
-            if method_class(method).straightens:
-                student = load_student(run.path, teacher).denoiser()
-                memory["straightness"] = path_straightness(student, ev, base.sigma_min, teacher.sigma_max)
-            rows += [{**row, **label} for row in student_rows(run, teacher, ev, args.nfe, **memory)]
+            key = f"{method} {sorted(settings.items())} {sorted(overrides.items())}"
+            if key not in evaluated:
+                evaluated[key] = evaluate_student(cfg, source, teacher, ev, args.nfe)
+            rows += [{**row, **label} for row in evaluated[key]]
 
     rows.sort(key=lambda r: (r["nfe"], r["fd_teacher"]))
     report_rows(rows, KEYS, f"built-in teacher, w = {teacher.w:g}, {n} samples; {base.iters} iterations x batch "
@@ -144,6 +145,16 @@ def bench_runs(method: str, nfes: list[int], iters: int) -> list[tuple[str, str,
         runs.append((f"auto-{n}", preset.method, {"steps": n, **method_class(preset.method).settings_for_steps(n),
                                                    **settings}, {"method": "auto", "auto_method": preset.method}))
     return runs
+
+
+def evaluate_student(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: list[int]) -> list[dict]:
+    """Train ``cfg``'s student and return its rows at every NFE of ``nfes`` it serves."""
+    run, peak = with_peak_memory(lambda: train_student(cfg, source, progress=False))
+    memory = {} if peak is None else {"peak_memory_mb": round(peak, 1)}
+    if method_class(cfg.method).straightens:
+        student = load_student(run.path, teacher).denoiser()
+        memory["straightness"] = path_straightness(student, ev, cfg.sigma_min, teacher.sigma_max)
+    return student_rows(run, teacher, ev, nfes, **memory)
 
 
 def path_straightness(denoiser, ev, sigma_min: float, sigma_max: float) -> float:
