@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from distill_core import safetensors_io
 from distill_core.denoisers.edm import EDMDenoiser
+from distill_core.denoisers.flow import FlowDenoiser
 from distill_core.nets.unet import UNet, UNetConfig
 
 ASSETS = Path(__file__).parent / "assets"
 TEACHER_PATH = ASSETS / "teacher.safetensors"
+#: the same network trained as a rectified flow on the same data (``--teacher builtin-flow``)
+FLOW_TEACHER_PATH = ASSETS / "teacher_flow.safetensors"
 CLASSIFIER_PATH = ASSETS / "classifier.safetensors"
 #: Mean and covariance of the classifier's features over the MNIST test split (Frechet distance reference).
 REFERENCE_STATS_PATH = ASSETS / "reference_stats.safetensors"
@@ -25,21 +30,41 @@ SHAPE = (1, 16, 16)
 NUM_CLASSES = 10
 
 
-def build_denoiser(cfg: UNetConfig = TEACHER_CONFIG, sigma_min: float = 0.002, sigma_max: float = 80.0) -> EDMDenoiser:
-    return EDMDenoiser(UNet(cfg), sigma_data=0.5, sigma_min=sigma_min, sigma_max=sigma_max)
+def build_denoiser(cfg: UNetConfig = TEACHER_CONFIG, preconditioning: str = "edm", **settings) -> nn.Module:
+    """The built-in UNet inside its parametrisation: ``edm`` (sigma_data, sigma_min, sigma_max) or ``flow``
+    (a rectified flow's velocity; sigma_min, sigma_max, time_scale)."""
+    if preconditioning == "edm":
+        return EDMDenoiser(UNet(cfg), **{"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0, **settings})
+    if preconditioning == "flow":
+        return FlowDenoiser(UNet(cfg), **settings)
+    raise ValueError(f"unknown preconditioning {preconditioning!r}: edm or flow")
 
 
-def load_builtin_teacher(path: str | Path = TEACHER_PATH, device: str | torch.device = "cpu") -> EDMDenoiser:
-    """The shipped teacher denoiser (weights frozen, eval mode)."""
+def from_settings(cfg: UNetConfig, settings: dict) -> nn.Module:
+    """``build_denoiser`` from a card's ``preconditioning`` entry and its settings (``settings()`` of a denoiser)."""
+    settings = dict(settings)
+    return build_denoiser(cfg, settings.pop("preconditioning", "edm"), **settings)
+
+
+def load_builtin_teacher(path: str | Path = TEACHER_PATH, device: str | torch.device = "cpu") -> nn.Module:
+    """A shipped teacher denoiser (weights frozen, eval mode): the EDM one, or the flow one at FLOW_TEACHER_PATH."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall the package, or train it with "
+                                "python -m distill_core train-teacher (--flow for the flow teacher)")
     tensors, card = safetensors_io.load(path)
-    denoiser = build_denoiser(UNetConfig.from_dict(card["config"]), card["sigma_min"], card["sigma_max"])
+    keys = ("preconditioning", "sigma_data", "sigma_min", "sigma_max", "time_scale")
+    denoiser = from_settings(UNetConfig.from_dict(card["config"]), {k: card[k] for k in keys if k in card})
     denoiser.net.load_state_dict(tensors)
     return denoiser.eval().requires_grad_(False).to(device)
 
 
 def fingerprint(module: torch.nn.Module) -> str:
-    """A short hash of a network's weights: ties a student to the teacher it was distilled from."""
+    """A short hash of a network's weights and, for a denoiser, of its parametrisation (``settings()``:
+    prediction type and noise range): ties a student to the teacher it was distilled from, so that the same
+    weights read as another prediction type are another teacher."""
     h = hashlib.sha256()
+    if hasattr(module, "settings"):
+        h.update(json.dumps(module.settings(), sort_keys=True).encode())
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().float().numpy().tobytes())

@@ -88,7 +88,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     from distill_core.eval.benchmark import eval_set, solver_rows, student_rows
     from distill_core.report import save_grid, write_report
     from distill_core.sampling import sample
-    from distill_core.solvers import SOLVERS, solver_sigmas
+    from distill_core.solvers import SOLVERS, parse_solver_label, solver_sigmas
     from distill_core.students import load_student
 
     start = time.perf_counter()
@@ -115,7 +115,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     noise, labels = ev.noise[:k], ev.labels[:k]
     sigmas = solver_sigmas(best["method"], nfe, cfg.sigma_min, teacher.sigma_max)
     with torch.no_grad():
-        solver_images = SOLVERS[best["method"]](teacher, noise, sigmas, labels)
+        solver_images = SOLVERS[parse_solver_label(best["method"])[0]](teacher, noise, sigmas, labels)
         student_images = sample(load_student(run.path, teacher), noise, labels)
     save_grid([ev.reference[:k], solver_images, student_images], out / "grid.png")
     grid_rows = [

@@ -37,6 +37,32 @@ def vp_time_uniform(n: int, sigma_min: float, sigma_max: float, beta_d: float = 
     return torch.expm1(beta_min * t + 0.5 * beta_d * t**2).sqrt().float()
 
 
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The time shift of flow models (SD3, Esser et al. 2024, eq. 23; Wan, Qwen-Image, Flux with its own shift):
+    t' = s t / (1 + (s - 1) t); s > 1 spends more of a uniform grid at high noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_time(n: int, sigma_min: float, sigma_max: float, shift: float = 1.0) -> torch.Tensor:
+    """The grid flow models are sampled on, in our sigma: uniform in the unshifted time u, then t = shift_time(u, s),
+    sigma = t / (1 - t). The ends are exactly sigma_max and sigma_min (u runs between their unshifted times)."""
+    def unshift(t: float) -> float:
+        return t / (shift - (shift - 1) * t)
+
+    t_hi, t_lo = sigma_max / (1 + sigma_max), sigma_min / (1 + sigma_min)
+    t = shift_time(torch.linspace(unshift(t_hi), unshift(t_lo), n + 1, dtype=torch.float64), shift)
+    sigmas = t / (1 - t)
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min
+    return sigmas.float()
+
+
+def flux_shift(image_tokens: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Flux's resolution-dependent shift s = exp(mu), mu linear in the image's token count from ``base_shift``
+    at 256 tokens to ``max_shift`` at 4096 (a 1024 x 1024 image: 64 x 64 latent patches of 2 x 2 -> 4096)."""
+    mu = base_shift + (max_shift - base_shift) * (image_tokens - 256) / (4096 - 256)
+    return math.exp(mu)
+
+
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The VE sigma of every step of a discrete DDPM schedule: sigma_t = sqrt((1 - abar_t) / abar_t)."""
     abar = alphas_cumprod.double()

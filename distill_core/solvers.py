@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from distill_core.denoisers.base import Cond, Denoiser
-from distill_core.schedules import karras
+from distill_core.schedules import flow_time, karras
 
 Callback = Callable[[dict], None]
 
@@ -244,9 +244,33 @@ def steps_for_nfe(name: str, nfe: int, ends_at_zero: bool = True) -> int:
     return nfe
 
 
-def solver_sigmas(name: str, nfe: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """The Karras rho grid for a training-free solver at a budget of ``nfe`` evaluations: every
+def solver_grids(denoiser) -> tuple[str, ...]:
+    """The grids training-free solvers are compared on for a teacher: Karras's rho grid for every teacher,
+    and the time grid flow models are sampled on (``schedules.flow_time``, shift 1) for a flow teacher."""
+    return ("karras", "flow") if getattr(denoiser, "prediction", None) == "flow" else ("karras",)
+
+
+def solver_label(name: str, grid: str = "karras") -> str:
+    """A solver row's name: the solver, with ``/flow`` when it runs on the flow time grid."""
+    return name if grid == "karras" else f"{name}/{grid}"
+
+
+def parse_solver_label(label: str) -> tuple[str, str]:
+    """(solver, grid) of a ``solver_label``."""
+    name, _, grid = label.partition("/")
+    return name, grid or "karras"
+
+
+def solver_sigmas(label: str, nfe: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """The grid for a training-free solver (a ``solver_label``) at a budget of ``nfe`` evaluations: every
     evaluation is a real step from sigma_max to sigma_min (the sample there is the image; a final step
     sigma_min -> 0 would spend an evaluation on a change of order sigma_min). Students end at the same
-    sigma_min, so solvers and students are compared on one grid family."""
-    return karras(steps_for_nfe(name, nfe, ends_at_zero=False), sigma_min, sigma_max, rho)
+    sigma_min, so solvers and students are compared on one grid family. The grid is Karras's rho grid, or
+    for ``name/flow`` the flow models' uniform time grid."""
+    name, grid = parse_solver_label(label)
+    steps = steps_for_nfe(name, nfe, ends_at_zero=False)
+    if grid == "flow":
+        return flow_time(steps, sigma_min, sigma_max)
+    if grid != "karras":
+        raise ValueError(f"unknown solver grid {grid!r} in {label!r}: karras or flow")
+    return karras(steps, sigma_min, sigma_max, rho)

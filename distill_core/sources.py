@@ -1,7 +1,8 @@
 """Teacher sources: a teacher's denoiser with what distillation needs around it (sample shape,
 a sampler of training conditions, the unconditional condition, the default guidance scale).
 
-* ``builtin``: the shipped 16x16 MNIST teacher, class-conditional;
+* ``builtin``: the shipped 16x16 MNIST teacher, class-conditional; ``builtin-flow``: the same network
+  trained as a rectified flow on the same data; ``builtin-bold``: the built-in teacher fine-tuned to bold digits;
 * ``comfy_source``: any ComfyUI MODEL with prompt conditions (the nodes build it).
 """
 
@@ -12,7 +13,7 @@ import torch
 from distill_core.denoisers.base import index_cond
 from distill_core.methods.base import TeacherSource
 
-TEACHERS = ("builtin", "builtin-bold")
+TEACHERS = ("builtin", "builtin-flow", "builtin-bold")
 #: SFD settings measured on the built-in teacher: above sigma 20 its ODE is straight enough that one teacher
 #: step gives targets within 50 dB of K steps (docs/sfd_recipes.md#cheaper-teacher-targets)
 BUILTIN_TUNED = {"teacher_one_step_above": 20.0}
@@ -49,6 +50,17 @@ def builtin_source() -> TeacherSource:
     )
 
 
+def flow_source() -> TeacherSource:
+    """The shipped rectified-flow teacher (``builtin.FLOW_TEACHER_PATH``): the built-in teacher's network,
+    data, classes and guidance, trained to predict the velocity of x_t = (1 - t) x0 + t n."""
+    import dataclasses
+
+    from distill_core import builtin
+
+    return dataclasses.replace(builtin_source(), name="builtin-flow",
+                               denoiser=builtin.load_builtin_teacher(builtin.FLOW_TEACHER_PATH), tuned={})
+
+
 def finetuned_source() -> TeacherSource:
     """The built-in teacher fine-tuned to bold digits (``finetune_builtin``); its data: the bold digits."""
     import dataclasses
@@ -69,6 +81,8 @@ def teacher_source(name: str) -> TeacherSource:
         return builtin_source()
     if name == "builtin-bold":
         return finetuned_source()
+    if name == "builtin-flow":
+        return flow_source()
     raise ValueError(
         f"unknown teacher {name!r}; available here: {list(TEACHERS)} "
         "(diffusers and ComfyUI teachers come through the nodes)"

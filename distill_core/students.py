@@ -50,10 +50,9 @@ from torch import nn
 
 import distill_core
 from distill_core import safetensors_io
-from distill_core.builtin import fingerprint
+from distill_core.builtin import fingerprint, from_settings
 from distill_core.config import STUDENT_KINDS
 from distill_core.denoisers.base import Cond, index_cond
-from distill_core.denoisers.edm import EDMDenoiser
 from distill_core.lora import LoRAAdapters, target_layers
 from distill_core.nets.unet import UNet, UNetConfig, sinusoidal_embedding
 from distill_core.teacher import CFGTeacher
@@ -439,17 +438,17 @@ def student_card(
 
 def architecture(denoiser: nn.Module) -> dict | None:
     """A card entry that rebuilds a built-in-family student of its own size (phased distillation's
-    lighter students); ``None`` for other networks (a student file then has its teacher's architecture)."""
-    if not (isinstance(denoiser, EDMDenoiser) and isinstance(denoiser.net, UNet)):
+    lighter students): its UNet and its parametrisation (EDM or flow); ``None`` for other networks (a student
+    file then has its teacher's architecture)."""
+    if not (hasattr(denoiser, "settings") and isinstance(getattr(denoiser, "net", None), UNet)):
         return None
-    return {"unet": denoiser.net.cfg.to_dict(), "sigma_data": denoiser.sigma_data,
-            "sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max}
+    return {"unet": denoiser.net.cfg.to_dict(), **denoiser.settings()}
 
 
-def from_architecture(arch: dict) -> EDMDenoiser:
+def from_architecture(arch: dict) -> nn.Module:
     """The (untrained) network an ``architecture`` card entry describes."""
-    return EDMDenoiser(UNet(UNetConfig.from_dict(arch["unet"])), arch["sigma_data"], arch["sigma_min"],
-                       arch["sigma_max"])
+    arch = dict(arch)
+    return from_settings(UNetConfig.from_dict(arch.pop("unet")), arch)
 
 
 def network_module(denoiser: nn.Module) -> nn.Module:

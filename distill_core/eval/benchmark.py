@@ -29,7 +29,15 @@ from distill_core.eval.coverage import precision_recall
 from distill_core.eval.fidelity import psnr, reference_solve, rmse
 from distill_core.eval.frechet import class_accuracy, features, frechet_distance, gaussian_fit, reference_stats
 from distill_core.eval.speed import CountingDenoiser
-from distill_core.solvers import SOLVERS, nfe_of, solver_sigmas, steps_for_nfe
+from distill_core.solvers import (
+    SOLVERS,
+    nfe_of,
+    parse_solver_label,
+    solver_grids,
+    solver_label,
+    solver_sigmas,
+    steps_for_nfe,
+)
 from distill_core.teacher import CFGTeacher
 
 #: Reference solves that ship with the engine, read like a cache: the built-in teacher's, on the main job's
@@ -81,12 +89,13 @@ def teacher_target(teacher: CFGTeacher, n: int, seed: int = 2, steps: int = 128,
     return features(eval_set(teacher, n, seed, steps, cache_dir).reference.clamp(-1, 1))
 
 
-def builtin_samples(w: float, per_class: int = 10, steps: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``per_class`` reference-solve samples (``steps`` Heun steps) of every class of the built-in
-    teacher at guidance ``w``, class-major, in [-1, 1]; and their labels."""
-    from distill_core.builtin import NUM_CLASSES, load_builtin_teacher
+def builtin_samples(w: float, per_class: int = 10, steps: int = 64, seed: int = 0,
+                    path: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` reference-solve samples (``steps`` Heun steps) of every class of a built-in teacher (the
+    EDM one, or the one at ``path``) at guidance ``w``, class-major, in [-1, 1]; and their labels."""
+    from distill_core.builtin import NUM_CLASSES, TEACHER_PATH, load_builtin_teacher
 
-    teacher = CFGTeacher(load_builtin_teacher(), w=w, uncond=torch.tensor([NUM_CLASSES]))
+    teacher = CFGTeacher(load_builtin_teacher(path or TEACHER_PATH), w=w, uncond=torch.tensor([NUM_CLASSES]))
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
     noise = torch.randn((labels.shape[0], *SHAPE), generator=torch.Generator().manual_seed(seed))
     return reference_solve(teacher, noise * teacher.sigma_max, labels, steps=steps).clamp(-1, 1), labels
@@ -101,18 +110,20 @@ def sample_in_batches(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
     return images, time.perf_counter() - start
 
 
-def solver_row(name: str, nfe: int, teacher: CFGTeacher, ev: EvalSet, sigma_min: float = EDM_SIGMA_MIN) -> dict:
-    """Evaluate a training-free solver at a budget of ``nfe`` network evaluations per image."""
-    sigmas = solver_sigmas(name, nfe, sigma_min, teacher.sigma_max)
+def solver_row(label: str, nfe: int, teacher: CFGTeacher, ev: EvalSet, sigma_min: float = EDM_SIGMA_MIN) -> dict:
+    """Evaluate a training-free solver (a ``solvers.solver_label``: ``name`` or ``name/flow``) at a budget of
+    ``nfe`` network evaluations per image."""
+    sigmas = solver_sigmas(label, nfe, sigma_min, teacher.sigma_max)
+    solver = SOLVERS[parse_solver_label(label)[0]]
     counters = []  # one per batch: a one-step solver's batches all start at one sigma, which one counter merges
 
     def solve(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         counters.append(CountingDenoiser(teacher))
-        return SOLVERS[name](counters[-1], x, sigmas, y)
+        return solver(counters[-1], x, sigmas, y)
 
     images, seconds = sample_in_batches(solve, ev)
     used = counters[0].nfe
-    return evaluate(name, used, images, ev, seconds, network_evals=used * teacher.evaluations())
+    return evaluate(label, used, images, ev, seconds, network_evals=used * teacher.evaluations())
 
 
 def student_rows(run, teacher: CFGTeacher, ev: EvalSet, nfes: list[int] | None = None, any_teacher: bool = False,
@@ -137,10 +148,12 @@ def student_rows(run, teacher: CFGTeacher, ev: EvalSet, nfes: list[int] | None =
 
 
 def solver_rows(teacher: CFGTeacher, ev: EvalSet, nfe: int, sigma_min: float) -> list[dict]:
-    """Every training-free solver that can take a step within ``nfe`` evaluations (Heun needs two), on the
-    Karras grid to ``sigma_min``, best PSNR first (the first row is the best solver at ``nfe``)."""
+    """Every training-free solver that can take a step within ``nfe`` evaluations (Heun needs two), on every
+    grid the teacher is sampled on (``solvers.solver_grids``: Karras's to ``sigma_min``; for a flow teacher
+    also the flow time grid), best PSNR first (the first row is the best solver at ``nfe``)."""
     names = [name for name in SOLVERS if steps_for_nfe(name, nfe, ends_at_zero=False) >= 1]
-    return sorted((solver_row(name, nfe, teacher, ev, sigma_min) for name in names), key=lambda r: -r["psnr_db"])
+    labels = [solver_label(name, grid) for grid in solver_grids(teacher.denoiser) for name in names]
+    return sorted((solver_row(label, nfe, teacher, ev, sigma_min) for label in labels), key=lambda r: -r["psnr_db"])
 
 
 def teacher_row(teacher: CFGTeacher, ev: EvalSet) -> dict:

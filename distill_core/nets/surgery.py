@@ -10,7 +10,6 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from distill_core.denoisers.edm import EDMDenoiser
 from distill_core.nets.unet import Level, UNet
 
 
@@ -53,12 +52,11 @@ def lighter_student(denoiser: nn.Module, width: float = 1.0, depth: float = 1.0,
     if init not in ("teacher", "scratch"):
         raise ValueError(f"student_init must be 'teacher' or 'scratch', got {init!r}")
     net = getattr(denoiser, "net", None)
-    if not (isinstance(denoiser, EDMDenoiser) and isinstance(net, UNet)):
+    if not (hasattr(denoiser, "like") and isinstance(net, UNet)):
         if (width, depth) != (1.0, 1.0):
             raise ValueError("width / depth multipliers apply to the built-in UNet family only")
         return copy.deepcopy(denoiser).requires_grad_(True)
-    student = EDMDenoiser(UNet(net.cfg.scaled(width, depth)), denoiser.sigma_data, denoiser.sigma_min,
-                          denoiser.sigma_max)
+    student = denoiser.like(UNet(net.cfg.scaled(width, depth)))
     if init == "teacher":
         select_weights(student, denoiser)
     return student.requires_grad_(True)
