@@ -161,10 +161,12 @@ def run_graph(graph: dict, on_output: Callable[[str, str, dict], None] | None = 
     return results
 
 
-def api_to_ui(graph: dict, info: dict[str, dict], positions: dict[str, list[int]] | None = None) -> dict:
+def api_to_ui(graph: dict, info: dict[str, dict], positions: dict[str, list[int]] | None = None,
+              note: str | None = None) -> dict:
     """The UI-format (v0.4) twin of an API graph: nodes with socket inputs / outputs and positional
     widget values (an INT seed with ``control_after_generate`` is followed by "fixed"; a widget fed by
-    a link keeps its default, as ComfyUI's front end saves it), and links."""
+    a link keeps its default, as ComfyUI's front end saves it), and links. ``note``: the text of a stock
+    Note node above the graph (what the workflow does and how long it takes); API graphs hold no notes."""
     order = topological_order(graph)
     links, ui_nodes = [], {}
     for k, nid in enumerate(order):
@@ -198,9 +200,21 @@ def api_to_ui(graph: dict, info: dict[str, dict], positions: dict[str, list[int]
                          "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets}
     for link in links:
         ui_nodes[str(link[1])]["outputs"][link[2]]["links"].append(link[0])
-    return {"last_node_id": max(int(n) for n in graph), "last_link_id": len(links),
-            "nodes": [ui_nodes[n] for n in sorted(graph, key=_id_key)], "links": links, "groups": [],
-            "config": {}, "extra": {}, "version": 0.4}
+    nodes = [ui_nodes[n] for n in sorted(graph, key=_id_key)]
+    if note is not None:
+        nid = str(max(int(n) for n in graph) + 1)
+        nodes.append({"id": int(nid), "type": "Note", "pos": (positions or {}).get(nid, [40, -200]),
+                      "size": [640, 160], "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                      "properties": {"text": ""}, "widgets_values": [note]})
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes,
+            "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def workflow_notes(folder: Path = PACK_ROOT / "workflows") -> dict[str, str]:
+    """The Note of every shipped workflow (``workflows/notes.yaml``: name -> text), by workflow name."""
+    import yaml
+
+    return yaml.safe_load((folder / "notes.yaml").read_text())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -212,6 +226,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments_ui_workflow(p: argparse.ArgumentParser) -> None:
     p.add_argument("workflow", help="an API-format workflow JSON")
     p.add_argument("out", help="where to write its UI-format twin")
+    p.add_argument("--note", help="the text of a Note node above the graph (default: the workflow's entry in "
+                   "workflows/notes.yaml, if it has one)")
 
 
 def run_ui_workflow(args: argparse.Namespace) -> int:
@@ -223,7 +239,8 @@ def run_ui_workflow(args: argparse.Namespace) -> int:
     problems = validate_api(graph, info)
     if problems:
         raise SystemExit("invalid workflow:\n  " + "\n  ".join(problems))
-    write_text(args.out, json.dumps(api_to_ui(graph, info), indent=1) + "\n")
+    note = args.note if args.note is not None else workflow_notes().get(Path(args.workflow).stem)
+    write_text(args.out, json.dumps(api_to_ui(graph, info, note=note), indent=1) + "\n")
     return 0
 
 

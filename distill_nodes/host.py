@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from distill_core.denoisers.base import move_cond
+from distill_core.teacher import CFGTeacher
 from distill_core.train.callbacks import Callback
 
 #: where each kind of file goes (ComfyUI's folder names: stock loaders list these)
@@ -122,6 +124,30 @@ def long_run_warning(seconds_per_iteration: float, remaining: int) -> str:
             "iterations left): lower iterations or batch, or use a GPU; Cancel keeps a checkpoint to resume from")
 
 
+def run_seconds_at_least(source, iterations: int, batch: int, steps: int) -> float:
+    """A lower bound of a training run's time on this machine, before it starts: one timed teacher evaluation
+    of a single sample (its guidance's evaluations included, after one warm-up call), times the passes each
+    training sample needs at the least: the teacher once per student step, and a forward and a backward pass
+    of the student (about three passes)."""
+    device = next(source.denoiser.parameters(), torch.zeros(0)).device
+    x = torch.randn((1, *source.shape), device=device) * source.denoiser.sigma_max
+    cond = move_cond(source.draw_cond(1, torch.Generator().manual_seed(0)), device)
+    teacher = CFGTeacher(source.denoiser, source.guidance, move_cond(source.uncond, device))
+    seconds = []
+    with torch.no_grad():
+        for _ in range(2):
+            start = time.perf_counter()
+            teacher(x, source.denoiser.sigma_max, cond)
+            seconds.append(time.perf_counter() - start)
+    return iterations * batch * (steps + 3) * seconds[-1]
+
+
+def long_run_notice(seconds: float) -> str:
+    """What the node says before a run that will take hours on this machine."""
+    return (f"at least {seconds / 3600:.1f} h on this machine (timed from one teacher evaluation before the run): "
+            "lower iterations or batch, or use a GPU; Cancel keeps a checkpoint to resume from")
+
+
 class NodeProgress(Callback):
     """Progress of a training node: ComfyUI's progress bar with a preview image every ``preview_every``
     iterations (each update is also ComfyUI's interrupt check: Cancel raises, and the trainer saves a
@@ -136,6 +162,17 @@ class NodeProgress(Callback):
     def poll(self) -> None:
         """Cancel is answered within one network evaluation (at 512 px an iteration takes minutes)."""
         check_interrupt()
+
+    def warn(self, text: str, run_name: str) -> None:
+        """Print a warning once; the progress events carry it to the node (the web extension draws it)."""
+        self.warning = text
+        print(f"[comfyui-distill] {run_name}: {text}")
+
+    def warn_before(self, seconds: float, run_dir: Path, total: int) -> None:
+        """Say before the run starts that it will take hours (``run_seconds_at_least``)."""
+        self.warn(long_run_notice(seconds), run_dir.name)
+        send_event("distill.progress", {"node": self.node_id, "iteration": 0, "total": total, "run": str(run_dir),
+                                        "warning": self.warning})
 
     def on_start(self, run) -> None:
         self.start, self.first = time.perf_counter(), run.iteration
@@ -154,8 +191,7 @@ class NodeProgress(Callback):
         eta_s = rate * (total - done)
         losses = record.get("loss", {})
         if self.warning is None and done - self.first >= WARN_AFTER and eta_s > LONG_RUN_S:
-            self.warning = long_run_warning(rate, total - done)
-            print(f"[comfyui-distill] {Path(run.out).name}: {self.warning}")
+            self.warn(long_run_warning(rate, total - done), Path(run.out).name)
         send_event("distill.progress", {
             "node": self.node_id, "iteration": done, "total": total,
             "loss": sum(losses.values()) / max(len(losses), 1), "eta_s": round(eta_s, 1),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import urllib.request
@@ -79,12 +80,23 @@ def test_shipped_workflows_are_valid_and_their_ui_twins_match(api_file):
     assert wf.validate_api(graph, info) == []
     twin = WORKFLOWS / api_file.name
     ui = json.loads(twin.read_text())
-    assert ui == wf.api_to_ui(graph, info, {str(n["id"]): n["pos"] for n in ui["nodes"]})
+    note = wf.workflow_notes()[api_file.stem]
+    assert ui == wf.api_to_ui(graph, info, {str(n["id"]): n["pos"] for n in ui["nodes"]}, note)
     for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
         src_node = next(n for n in ui["nodes"] if n["id"] == src)
         dst_node = next(n for n in ui["nodes"] if n["id"] == dst)
         assert src_node["outputs"][src_slot]["type"] == kind and link_id in src_node["outputs"][src_slot]["links"]
         assert dst_node["inputs"][dst_slot]["link"] == link_id
+
+
+def test_every_shipped_workflow_says_what_it_does_and_its_time_on_a_cpu_and_a_gpu():
+    notes = wf.workflow_notes()
+    assert set(notes) == {p.stem for p in WORKFLOWS.glob("*.json")}
+    for name, text in notes.items():
+        assert re.search(r"\d.* on (2 CPU cores|a CPU)", text), name
+        assert re.search(r"on (a|one) (24 GB consumer )?GPU", text), name
+        ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+        assert [n["widgets_values"] for n in ui["nodes"] if n["type"] == "Note"] == [[text]]
 
 
 def test_every_ui_workflow_has_an_api_twin():
@@ -312,6 +324,27 @@ def test_method_auto_is_the_default_and_trains_the_preset_it_names(folders, monk
     assert out["ui"]["text"][0] == auto.choose(2, "builtin", True).describe()
     lines = (folders / "output" / "distill_runs" / "auto2" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # the preset's iterations, not the widget's 6
+
+
+def test_the_lower_bound_of_a_run_is_timed_from_one_teacher_evaluation(monkeypatch):
+    from distill_core.sources import builtin_source
+
+    ticks = iter([0.0, 0.5, 1.0, 3.0])  # a warm-up call of 0.5 s, then the timed one: 2 s
+    monkeypatch.setattr(host.time, "perf_counter", lambda: next(ticks))
+    assert host.run_seconds_at_least(builtin_source(), iterations=100, batch=8, steps=4) == 100 * 8 * (4 + 3) * 2.0
+
+
+def test_a_run_that_will_take_hours_is_announced_before_it_starts(folders, monkeypatch, capsys):
+    (teacher,) = nodes.NODE_CLASS_MAPPINGS["DistillBuiltinTeacher"]().run(guidance=2.0)
+    events = []
+    monkeypatch.setattr(host, "run_seconds_at_least", lambda source, iterations, batch, steps: 2.5 * 3600)
+    monkeypatch.setattr(host, "send_event", lambda name, data: events.append(data))
+    _distill(teacher, iterations=2, save_name="slow")
+    first = events[0]
+    assert first["iteration"] == 0 and first["run"].endswith("slow")
+    assert first["warning"].startswith("at least 2.5 h on this machine (timed from one teacher evaluation")
+    assert all(e.get("warning") == first["warning"] for e in events)  # it stays on the node during the run
+    assert capsys.readouterr().out.count("slow: at least 2.5 h") == 1
 
 
 @pytest.mark.parametrize("seconds_per_iteration, warned", [(20.0, True), (5.0, False)])
