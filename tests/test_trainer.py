@@ -226,3 +226,19 @@ def test_runs_in_one_process_may_change_mixed_precision(tiny_edm, tmp_path):
         assert trainer.fit().iteration == 1
         losses = json.loads((tmp_path / str(i) / "metrics.jsonl").read_text())["loss"]
         assert set(losses) == {"1", "2"} and all(math.isfinite(v) for v in losses.values())
+
+
+def test_a_schedule_below_the_teachers_trained_range_ends_at_its_lowest_sigma(tiny_edm, tmp_path, capsys):
+    from distill_core.safetensors_io import read_card
+    from distill_core.train.run import train_student
+
+    tiny_edm.sigma_min = 0.03  # as a DDPM model whose first training step is sigma 0.03
+    source = TeacherSource("tiny", tiny_edm, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g),
+                           torch.tensor([10]), 2.0)
+    cfg = DistillConfig(iters=2, batch=2, steps=2, teacher_substeps=1, sigma_min=0.006, checkpoint_every=0,
+                        out=str(tmp_path / "run"))
+    run = train_student(cfg, source, progress=False)
+    assert "sigma_min 0.006 is below the teacher's trained range (its lowest sigma is 0.03)" in capsys.readouterr().out
+    assert DistillConfig.from_yaml(tmp_path / "run" / "config.yaml").sigma_min == 0.03
+    card = read_card(run.path)
+    assert min(min(s for s in sigmas if s > 0) for sigmas in card["sigmas"].values()) == pytest.approx(0.03)

@@ -40,11 +40,24 @@ def train_student(
     is locked for the run (``runlock``); a resume is checked against the checkpoint before anything in the
     folder is written."""
     out = Path(cfg.out)
+    cfg = within_trained_range(cfg, source.denoiser)
     with run_lock(out):
         if resume:
             resume_changes(checkpoint_info(out / "checkpoints")["config"], cfg, out / "checkpoints")
         cfg.to_yaml(out / "config.yaml")
         return _train(cfg, source, out, resume, progress, callbacks)
+
+
+def within_trained_range(cfg: DistillConfig, denoiser) -> DistillConfig:
+    """``cfg`` with the student's schedule ending inside the teacher's trained noise range: a ``sigma_min``
+    below the teacher's lowest trained sigma (a DDPM model's first step, e.g. 0.029 for Stable Diffusion) is
+    raised to it, with one line that says so (the network has never seen noise that low)."""
+    floor = float(getattr(denoiser, "sigma_min", 0.0))
+    if cfg.sigma_min >= floor:
+        return cfg
+    print(f"sigma_min {cfg.sigma_min:g} is below the teacher's trained range (its lowest sigma is {floor:.4g}): "
+          f"the student's schedule ends at {floor:.4g}; set sigma_min to {floor:.4g} or higher to silence this")
+    return cfg.replace(sigma_min=floor)
 
 
 def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, progress: bool,
