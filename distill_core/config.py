@@ -39,7 +39,11 @@ class DistillConfig:
     Built from flat keyword arguments: the run's fields below, the rest go to the method's ``Config``."""
 
     # what to distil
-    teacher: str = option("builtin", "the teacher to distil")
+    teacher: str = option("builtin", "the teacher to distil: builtin, builtin-flow, builtin-bold, or a diffusers "
+                          "model directory (a local folder; nothing is downloaded)")
+    classes: int = option(0, "a teacher from a directory: train on class labels 0 .. N-1 (0: unconditional)", min=0)
+    null_class: int | None = option(None, "a teacher from a directory: its unconditional class label, for "
+                                    "classifier-free guidance (None: no guidance)", min=0)
     method: str = option("sfd", "the distillation method (python -m distill_core distill --help lists them)")
     steps: int = option(4, "network evaluations (NFE) per sample of the student", min=1, max=1000)
     sigma_min: float = option(EDM_SIGMA_MIN, "the lowest noise level of the student's schedule", min=0)

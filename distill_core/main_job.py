@@ -13,6 +13,7 @@ the teacher's reference solve, the best training-free solver at the student's NF
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from distill_core.config import QUALITY, DistillConfig
 from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import methods
 from distill_core.options import add_flags, flag_values, settings
-from distill_core.sources import teacher_source
+from distill_core.sources import TEACHERS, teacher_source
 from distill_core.teacher import CFGTeacher
 from distill_core.train.run import train_student
 
@@ -85,7 +86,15 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     """Train on ``source`` (default: the teacher ``cfg.teacher`` names), save the student, evaluate it
     against the training-free solvers, write the report. Returns the report (``None`` when training was
     interrupted: resume with ``resume=True``)."""
-    from distill_core.eval.benchmark import eval_set, solver_rows, student_rows
+    from distill_core.eval.benchmark import (
+        DIGITS,
+        METRIC_SPACES,
+        PIXELS,
+        eval_set,
+        solver_rows,
+        student_rows,
+        teacher_target,
+    )
     from distill_core.report import save_grid, write_report
     from distill_core.sampling import sample
     from distill_core.solvers import SOLVERS, parse_solver_label, solver_sigmas
@@ -93,7 +102,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
 
     start = time.perf_counter()
     out = Path(cfg.out)
-    source = source or teacher_source(cfg.teacher)
+    source = source or teacher_source(cfg.teacher, cfg.classes, cfg.null_class)
     run = train_student(cfg, source, resume, progress)
     if run is None:
         print(f"continue with: python -m distill_core distill --resume --config {out / 'config.yaml'}")
@@ -101,7 +110,12 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
 
     w = source.scale(cfg.guidance)
     teacher = CFGTeacher(source.denoiser.cpu(), w, source.uncond)
-    ev = eval_set(teacher, cfg.eval_samples, seed=cfg.seed + 1, cache_dir=out / "cache")
+    space = DIGITS if source.name in TEACHERS else PIXELS
+    kw = {"shape": source.shape, "classes": source.classes, "space": space}
+    ev = eval_set(teacher, cfg.eval_samples, seed=cfg.seed + 1, cache_dir=out / "cache", **kw)
+    if space == PIXELS:  # no classifier fits this data: compare with the teacher's own samples from other noise
+        target = teacher_target(teacher, cfg.eval_samples, seed=cfg.seed + 2, cache_dir=out / "cache", **kw)
+        ev = dataclasses.replace(ev, target=target)
     ours = student_rows(run, teacher, ev)
     solvers_at = {row["nfe"]: solver_rows(teacher, ev, row["nfe"], cfg.sigma_min) for row in ours}
     rows = [r for row in ours for r in (*solvers_at[row["nfe"]], row)]
@@ -112,7 +126,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     rows += at_twice
 
     k = min(10, cfg.eval_samples)
-    noise, labels = ev.noise[:k], ev.labels[:k]
+    noise, labels = ev.noise[:k], None if ev.labels is None else ev.labels[:k]
     sigmas = solver_sigmas(best["method"], nfe, cfg.sigma_min, teacher.sigma_max)
     with torch.no_grad():
         solver_images = SOLVERS[parse_solver_label(best["method"])[0]](teacher, noise, sigmas, labels)
@@ -133,6 +147,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
         "train_seconds": round(run.train_seconds, 1),
         "teacher_evaluations": run.teacher_evaluations,
         "eval_samples": cfg.eval_samples,
+        "metric_space": METRIC_SPACES[space],
         "student_psnr_db": top["psnr_db"],
         "best_solver": f"{best['method']} ({best['psnr_db']} dB at {nfe} NFE)",
         "gain_over_best_solver_db": round(top["psnr_db"] - best["psnr_db"], 3),

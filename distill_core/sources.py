@@ -3,10 +3,13 @@ a sampler of training conditions, the unconditional condition, the default guida
 
 * ``builtin``: the shipped 16x16 MNIST teacher, class-conditional; ``builtin-flow``: the same network
   trained as a rectified flow on the same data; ``builtin-bold``: the built-in teacher fine-tuned to bold digits;
+* a diffusers model directory (``diffusers_source``);
 * ``comfy_source``: any ComfyUI MODEL with prompt conditions (the nodes build it).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -76,16 +79,22 @@ def finetuned_source() -> TeacherSource:
     return dataclasses.replace(base, name="builtin-bold", denoiser=load_finetuned_teacher(), draw_data=draw_data)
 
 
-def teacher_source(name: str) -> TeacherSource:
+def teacher_source(name: str, classes: int = 0, null_class: int | None = None) -> TeacherSource:
+    """The teacher a run names: a built-in one, or a local diffusers model directory (``diffusers_source``,
+    with ``classes`` and ``null_class``)."""
     if name == "builtin":
         return builtin_source()
     if name == "builtin-bold":
         return finetuned_source()
     if name == "builtin-flow":
         return flow_source()
+    if "/" in name or "\\" in name or name.startswith(".") or Path(name).exists():
+        from distill_core.diffusers_source import diffusers_source
+
+        return diffusers_source(name, classes, null_class)
     raise ValueError(
-        f"unknown teacher {name!r}; available here: {list(TEACHERS)} "
-        "(diffusers and ComfyUI teachers come through the nodes)"
+        f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, or the path of a local diffusers model "
+        "directory (ComfyUI checkpoints come through the nodes)"
     )
 
 

@@ -61,6 +61,11 @@ class DiffusersDenoiser(nn.Module):
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
         self._takes_text = "encoder_hidden_states" in inspect.signature(unet.forward).parameters
 
+    def settings(self) -> dict:
+        """The parametrisation (the teacher's fingerprint covers it): prediction type and trained sigma range."""
+        return {"preconditioning": "ddpm", "prediction_type": self.prediction_type, "sigma_min": self.sigma_min,
+                "sigma_max": self.sigma_max, "train_steps": len(self.sigmas)}
+
     @classmethod
     def from_scheduler(cls, unet: nn.Module, scheduler: Any) -> DiffusersDenoiser:
         """Read ``alphas_cumprod`` and ``prediction_type`` from a diffusers DDPM-family scheduler

@@ -47,46 +47,77 @@ from distill_core.teacher import CFGTeacher
 SHIPPED_REFERENCES = ASSETS / "references"
 
 
+#: the spaces the distribution metrics are computed in: the metric classifier's features (the built-in
+#: teachers' digits, with ``fd`` to the data and ``class_acc``), or pixels average-pooled to 4 x 4 per channel
+#: (any other data, with ``fd_teacher`` / ``precision`` / ``recall`` against the teacher's own samples only)
+DIGITS, PIXELS = "digits", "pixels"
+#: how a report states its metric space
+METRIC_SPACES = {
+    DIGITS: "the metric classifier's features: fd to the MNIST test digits and class accuracy",
+    PIXELS: "pixels average-pooled to 4 x 4 per channel: fd_teacher, precision and recall against the teacher's "
+            "own samples from other noise (no classifier fits this data)",
+}
+
+
 @dataclass
 class EvalSet:
-    """Initial noise x_N = sigma_max z, class labels (balanced), the teacher's reference solve (``steps`` Heun
-    steps), and optionally ``target``: metric-classifier features of the distribution rows are compared to."""
+    """Initial noise x_N = sigma_max z, class labels (balanced; None for an unconditional teacher), the
+    teacher's reference solve (``steps`` Heun steps), optionally ``target``: features of the teacher's own
+    samples that the distribution rows are compared to, and ``space``: the features' space (DIGITS, PIXELS)."""
 
     noise: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None
     reference: torch.Tensor
     steps: int = 128
     target: torch.Tensor | None = None
+    space: str = DIGITS
+
+
+def metric_features(images: torch.Tensor, space: str) -> torch.Tensor:
+    """``[N, D]`` features of images in [-1, 1]: the metric classifier's (DIGITS), or the pixels average-pooled
+    to 4 x 4 per channel (PIXELS)."""
+    if space == DIGITS:
+        return features(images)
+    if space == PIXELS:
+        return torch.nn.functional.adaptive_avg_pool2d(images.float().clamp(-1, 1), 4).flatten(1)
+    raise ValueError(f"unknown metric space {space!r}: {DIGITS} or {PIXELS}")
+
+
+def batches(ev: EvalSet, batch: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The evaluation set's noise and labels in chunks of ``batch``."""
+    noise = ev.noise.split(batch)
+    return list(zip(noise, [None] * len(noise) if ev.labels is None else ev.labels.split(batch)))
 
 
 def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache_dir: str | Path | None = None,
-             batch: int = 250) -> EvalSet:
+             batch: int = 250, shape: tuple[int, ...] = SHAPE, classes: int = 10, space: str = DIGITS) -> EvalSet:
     """Build (or read from the shipped references or ``cache_dir``) the evaluation set for ``teacher`` at
-    its guidance scale. The file name holds the teacher's fingerprint, w, n, the seed and the solve."""
+    its guidance scale: noise of ``shape``, labels 0 .. ``classes`` - 1 in turn (none when ``classes`` is 0).
+    The file name holds the teacher's fingerprint, w, n, the seed and the solve."""
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, *SHAPE), generator=gen) * teacher.sigma_max
-    labels = torch.arange(n) % 10
+    noise = torch.randn((n, *shape), generator=gen) * teacher.sigma_max
+    labels = torch.arange(n) % classes if classes else None
     key = f"ref-{fingerprint(teacher.denoiser)}-w{teacher.w:g}-n{n}-s{seed}-heun{steps}.safetensors"
     cached = Path(cache_dir) / key if cache_dir else None
+    ev = EvalSet(noise, labels, torch.empty(0), steps, space=space)
     for stored in (SHIPPED_REFERENCES / key, cached):
         if stored is not None and stored.is_file():
-            return EvalSet(noise, labels, safetensors_io.load(stored)[0]["reference"], steps)
+            return dataclasses.replace(ev, reference=safetensors_io.load(stored)[0]["reference"])
     with torch.no_grad():
-        reference = torch.cat([
-            reference_solve(teacher, x, y, steps=steps) for x, y in zip(noise.split(batch), labels.split(batch))
-        ])
+        reference = torch.cat([reference_solve(teacher, x, y, steps=steps) for x, y in batches(ev, batch)])
     if cached is not None:
         safetensors_io.save_atomic({"reference": reference}, cached, {"kind": "reference", "steps": steps})
-    return EvalSet(noise, labels, reference, steps)
+    return dataclasses.replace(ev, reference=reference)
 
 
 def teacher_target(teacher: CFGTeacher, n: int, seed: int = 2, steps: int = 128,
-                   cache_dir: str | Path | None = None) -> torch.Tensor:
-    """Metric-classifier features ``[n, D]`` of the distillation target: ``n`` samples of the teacher at its
-    guidance scale, each its reference solve (``steps`` Heun steps) from noise of ``seed`` -- another seed
-    than the evaluation set's, so that the target is independent of the noise the rows are sampled from.
-    The samples are ``eval_set``'s reference for that seed, and cached as it is."""
-    return features(eval_set(teacher, n, seed, steps, cache_dir).reference.clamp(-1, 1))
+                   cache_dir: str | Path | None = None, **eval_kw) -> torch.Tensor:
+    """Features ``[n, D]`` (``metric_features`` in ``eval_kw``'s space) of the distillation target: ``n`` samples
+    of the teacher at its guidance scale, each its reference solve (``steps`` Heun steps) from noise of
+    ``seed`` -- another seed than the evaluation set's, so that the target is independent of the noise the rows
+    are sampled from. The samples are ``eval_set``'s reference for that seed, and cached as it is."""
+    ev = eval_set(teacher, n, seed, steps, cache_dir, **eval_kw)
+    return metric_features(ev.reference.clamp(-1, 1), ev.space)
 
 
 def builtin_samples(w: float, per_class: int = 10, steps: int = 64, seed: int = 0,
@@ -106,7 +137,7 @@ def sample_in_batches(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
     """Run ``fn(noise, labels) -> images`` over the evaluation set; returns images and seconds."""
     start = time.perf_counter()
     with torch.no_grad():
-        images = torch.cat([fn(x, y) for x, y in zip(ev.noise.split(batch), ev.labels.split(batch))])
+        images = torch.cat([fn(x, y) for x, y in batches(ev, batch)])
     return images, time.perf_counter() - start
 
 
@@ -182,14 +213,15 @@ def sample_metrics(images: torch.Tensor, ev: EvalSet, k: int = 3) -> dict:
     """The metrics of ``images`` as a set of samples of ``ev.labels``: ``fd`` to the data's statistics and
     ``class_acc``; with ``ev.target``, ``fd_teacher`` to the target's Gaussian fit and ``precision`` /
     ``recall`` against the target's k-NN balls (``coverage.precision_recall``)."""
-    feats = features(images)
+    feats = metric_features(images, ev.space)
     fit = gaussian_fit(feats)
-    metrics = {"fd": round(frechet_distance(*fit, *reference_stats()), 4)}
+    metrics = {"fd": round(frechet_distance(*fit, *reference_stats()), 4)} if ev.space == DIGITS else {}
     if ev.target is not None:
         precision, recall = precision_recall(feats, ev.target, k)
         metrics.update(fd_teacher=round(frechet_distance(*fit, *gaussian_fit(ev.target)), 4),
                        precision=round(precision, 4), recall=round(recall, 4))
-    metrics["class_acc"] = round(class_accuracy(images, ev.labels), 4)
+    if ev.space == DIGITS and ev.labels is not None:
+        metrics["class_acc"] = round(class_accuracy(images, ev.labels), 4)
     return metrics
 
 

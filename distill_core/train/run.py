@@ -40,6 +40,9 @@ def train_student(
     is locked for the run (``runlock``); a resume is checked against the checkpoint before anything in the
     folder is written."""
     out = Path(cfg.out)
+    if source.uncond is None and source.scale(cfg.guidance) != 1:
+        raise ValueError(f"guidance {source.scale(cfg.guidance):g} needs the teacher's unconditional condition, "
+                         f"and {source.name} has none: give its null class (--null-class K), or guidance 1")
     cfg = within_trained_range(cfg, source.denoiser)
     with run_lock(out):
         if resume:

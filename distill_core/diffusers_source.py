@@ -1,0 +1,118 @@
+"""Teachers from diffusers model directories on disk (``--teacher DIR``), offline and safetensors only.
+
+A directory is a diffusers ``UNet2DModel`` (its ``config.json`` and ``diffusion_pytorch_model.safetensors``)
+with its scheduler's ``scheduler_config.json`` beside it or in ``../scheduler/`` (a pipeline's layout), or a
+pipeline directory whose ``unet/`` and ``scheduler/`` hold them. The scheduler says how the network was
+trained:
+
+* a DDPM-family scheduler (DDPM, DDIM, Euler, DPM-Solver, ...): ``alphas_cumprod`` and the prediction type
+  (epsilon, v, sample) -> ``DiffusersDenoiser``;
+* ``FlowMatchEulerDiscreteScheduler``: a rectified flow whose network takes t * ``num_train_timesteps`` ->
+  ``FlowDenoiser`` over the velocity, from t = 1 / ``num_train_timesteps`` (its lowest trained time) to
+  sigma_max = 80 (t = 0.988).
+
+Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
+``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill_core.denoisers.flow import FlowDenoiser, t_to_sigma
+from distill_core.methods.base import TeacherSource
+
+#: the noise level a flow teacher's solves start from (t = 80 / 81; x / 81 differs from pure noise by x0 / 81)
+FLOW_SIGMA_MAX = 80.0
+MODELS = ("UNet2DModel",)
+
+
+class UNetVelocity(nn.Module):
+    """A diffusers UNet as the network ``net(x_t, time, cond)`` of a ``FlowDenoiser`` (cond: class labels)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.unet(x, time, class_labels=cond, return_dict=False)[0]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+
+
+def model_and_scheduler_dirs(root: Path) -> tuple[Path, Path]:
+    """(the model's folder, the folder with scheduler_config.json) of a model or pipeline directory."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"teacher {root} is not a directory: give builtin, builtin-flow, builtin-bold or a "
+                                "local diffusers model directory")
+    model = root / "unet" if (root / "model_index.json").is_file() else root
+    for sched in (root / "scheduler", model, model.parent / "scheduler"):
+        if (sched / "scheduler_config.json").is_file():
+            return model, sched
+    raise FileNotFoundError(f"{root}: no scheduler_config.json beside the model or in a scheduler/ folder; the "
+                            "scheduler says how the model was trained (its noise schedule and prediction type)")
+
+
+def load_unet(folder: Path) -> nn.Module:
+    import diffusers
+
+    name = read_json(folder / "config.json").get("_class_name") if (folder / "config.json").is_file() else None
+    if name not in MODELS:
+        raise ValueError(f"{folder}: a {name or 'folder without config.json'} is not a model this command "
+                         f"distils; it takes {', '.join(MODELS)} (text-to-image models: through ComfyUI)")
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"{folder}: no .safetensors weights (only safetensors are loaded; convert a .bin "
+                                "checkpoint with diffusers' save_pretrained(safe_serialization=True))")
+    unet = getattr(diffusers, name).from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    return unet.eval().requires_grad_(False)
+
+
+def denoiser_for(unet: nn.Module, scheduler_dir: Path) -> nn.Module:
+    """The teacher's denoiser: a DDPM adapter or a flow adapter, as the scheduler says."""
+    import diffusers
+
+    from distill_core.denoisers.diffusers import DiffusersDenoiser
+
+    config = read_json(scheduler_dir / "scheduler_config.json")
+    name = config.get("_class_name", "")
+    if name.startswith("FlowMatch"):
+        steps = int(config.get("num_train_timesteps", 1000))
+        return FlowDenoiser(UNetVelocity(unet), float(t_to_sigma(1 / steps)), FLOW_SIGMA_MAX, time_scale=steps)
+    scheduler_class = getattr(diffusers, name, None)
+    if scheduler_class is None:
+        raise ValueError(f"{scheduler_dir}: unknown scheduler {name!r}")
+    return DiffusersDenoiser.from_scheduler(unet, scheduler_class.from_config(config))
+
+
+def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None = None) -> TeacherSource:
+    """A diffusers model directory as a teacher (see the module docstring)."""
+    root = Path(path)
+    model_dir, scheduler_dir = model_and_scheduler_dirs(root)
+    unet = load_unet(model_dir)
+    embeds = getattr(unet.config, "num_class_embeds", None)
+    if classes and not embeds:
+        raise ValueError(f"{root}: --classes {classes} given, but the model has no class embeddings")
+    if embeds and not classes:
+        raise ValueError(f"{root}: the model takes class labels ({embeds} embeddings): give --classes N (and "
+                         "--null-class K if one of them is the unconditional class)")
+    for label in (classes - 1, null_class):
+        if label is not None and embeds and not 0 <= label < embeds:
+            raise ValueError(f"{root}: class label {label} is outside the model's {embeds} class embeddings")
+
+    def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor | None:
+        return torch.randint(classes, (batch,), generator=generator) if classes else None
+
+    shape = (unet.config.in_channels, *(2 * (unet.config.sample_size,) if isinstance(unet.config.sample_size, int)
+                                        else unet.config.sample_size))
+    uncond = torch.tensor([null_class]) if null_class is not None else None
+    return TeacherSource(str(root), denoiser_for(unet, scheduler_dir), tuple(shape), draw_cond, uncond, 1.0,
+                         classes)

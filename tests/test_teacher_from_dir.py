@@ -1,0 +1,93 @@
+"""``--teacher DIR``: diffusers model directories distilled end to end by the main job (a DDPM model and a
+flow-matching model, small ones built here), with clear refusals of what cannot be a teacher."""
+
+from __future__ import annotations
+
+import json
+
+import diffusers
+import pytest
+import torch
+from conftest import randomise
+
+from distill_core.cli import main
+from distill_core.config import DistillConfig
+from distill_core.denoisers.diffusers import DiffusersDenoiser
+from distill_core.denoisers.flow import FlowDenoiser
+from distill_core.diffusers_source import diffusers_source
+from distill_core.safetensors_io import read_card
+
+TINY = {"sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_channels": (8, 16), "layers_per_block": 1,
+        "norm_num_groups": 4, "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"), "attention_head_dim": 8}
+SCHEDULERS = {
+    "ddpm": lambda: diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                            prediction_type="epsilon"),
+    "flow": lambda: diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000),
+}
+
+
+def model_dir(root, kind: str, classes: int = 0, pipeline: bool = True):
+    """A diffusers pipeline folder (unet/, scheduler/, model_index.json) or a bare model folder with its
+    scheduler config beside it, holding a small random-weight UNet2DModel."""
+    unet = diffusers.UNet2DModel(**TINY, **({"num_class_embeds": classes + 1} if classes else {}))
+    randomise(unet, seed=0, scale=0.05)
+    model = root / "unet" if pipeline else root
+    unet.save_pretrained(model, safe_serialization=True)
+    SCHEDULERS[kind]().save_pretrained(root / "scheduler" if pipeline else root)
+    if pipeline:
+        (root / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    return root
+
+
+@pytest.mark.parametrize("kind, adapter", [("ddpm", DiffusersDenoiser), ("flow", FlowDenoiser)])
+def test_the_main_job_distils_a_diffusers_directory_with_the_full_report(tmp_path, capsys, kind, adapter):
+    teacher = model_dir(tmp_path / kind, kind)
+    assert isinstance(diffusers_source(teacher).denoiser, adapter)
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--steps", "2", "--iters", "2", "--batch", "2",
+                 "--eval-samples", "8", "--out", str(out), "--no-progress"]) == 0
+    for name in ("student.safetensors", "grid.png", "report.json", "report.md", "config.yaml", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["teacher"] == str(teacher) and report["metric_space"].startswith("pixels average-pooled")
+    student = next(r for r in report["rows"] if r["method"] == "sfd")
+    assert student["nfe"] == 2 and {"psnr_db", "fd_teacher", "precision", "recall"} <= set(student)
+    assert "class_acc" not in student and "fd" not in student  # no classifier fits this data
+    assert "teacher: " + str(teacher) in (out / "config.yaml").read_text()
+    lowest = min(s for s in read_card(out / "student.safetensors")["sigmas"]["2"] if s > 0)
+    floor = diffusers_source(teacher).denoiser.sigma_min  # DDPM: 0.01 (its first step), flow: 0.001
+    assert lowest == pytest.approx(max(DistillConfig.sigma_min, floor), rel=1e-6)  # never below its trained range
+
+
+def test_a_class_conditional_model_distils_with_guidance_on_its_null_class(tmp_path):
+    teacher = model_dir(tmp_path / "classes", "ddpm", classes=3, pipeline=False)
+    source = diffusers_source(teacher, classes=3, null_class=3)
+    assert source.classes == 3 and source.uncond.tolist() == [3]
+    assert source.draw_cond(64, torch.Generator().manual_seed(0)).max() <= 2
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--classes", "3", "--null-class", "3", "--guidance", "2",
+                 "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "6", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads((out / "report.json").read_text())["guidance"] == 2.0
+
+
+def test_what_cannot_be_a_teacher_is_refused_in_one_line(tmp_path, capsys):
+    cases = []
+    plain = model_dir(tmp_path / "plain", "ddpm")
+    cases.append((["--teacher", str(plain), "--guidance", "3"], "give its null class (--null-class K)"))
+    labelled = model_dir(tmp_path / "labelled", "ddpm", classes=3)
+    cases.append((["--teacher", str(labelled)], "the model takes class labels (4 embeddings): give --classes N"))
+    no_scheduler = model_dir(tmp_path / "nosched", "ddpm", pipeline=False)
+    (no_scheduler / "scheduler_config.json").unlink()
+    cases.append((["--teacher", str(no_scheduler)], "no scheduler_config.json"))
+    pickled = model_dir(tmp_path / "pickled", "ddpm")
+    for f in (pickled / "unet").glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    cases.append((["--teacher", str(pickled)], "no .safetensors weights (only safetensors are loaded"))
+    cases.append((["--teacher", str(tmp_path / "missing")], "is not a directory"))
+    cases.append((["--teacher", "nonesuch"], "unknown teacher 'nonesuch'"))
+    for flags, message in cases:
+        assert main(["distill", *flags, "--iters", "1", "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (flags, err)
