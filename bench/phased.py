@@ -115,7 +115,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine schedule)")
-    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the student's weights")
+    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the student's weights (0: none)")
+    p.add_argument("--targets", default="data", choices=["data", "trajectories"],
+                   help="the student's inputs: forward-noised digits, or the teacher's own trajectories (data-free, "
+                   "as the shipped workflow)")
     p.add_argument("--n", type=int, default=100, help="evaluation samples")
     p.add_argument("--sfd-iters", type=int, default=0, help="> 0: SFD to 4 steps on the best student at S = 8")
     p.add_argument("--no-reference", action="store_true", help="skip the teacher and schedule rows")
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
     ev = eval_set(teacher, args.n, seed=1, cache_dir=RESULTS / "cache")
     base = DistillConfig(method="phased", iters=args.iters, batch=args.batch, student_width=args.width, lr=args.lr,
-                         ema=args.ema, checkpoint_every=0)
+                         ema=args.ema or None, phase_inputs=args.targets, checkpoint_every=0)
     rows = [] if args.no_reference else [solver_row("heun", 128, teacher, ev) | {"method": "teacher-heun-64"}]
     rows += [] if args.no_reference else schedule_rows(teacher, source, ev, base, 8)
     teacher_flops = flops(source.denoiser, source.shape)
