@@ -1,7 +1,8 @@
-"""Every distillation method against every training-free solver on the built-in teacher, at NFE 1, 2, 4, 8.
+"""Every distillation method against every training-free solver on a built-in teacher, at NFE 1, 2, 4, 8.
 
-    python bench/methods.py [--quick] [--methods sfd phased ...] [--nfe 1 2 4 8] [--student-nfe 1 2 4] [--n N]
-                            [--steps 128] [--set KEY=VALUE ...] [--out FILE.json]
+    python bench/methods.py [--quick] [--teacher builtin|builtin-flow] [--methods sfd phased ...]
+                            [--nfe 1 2 4 8] [--student-nfe 1 2 4] [--n N] [--steps 128] [--set KEY=VALUE ...]
+                            [--out FILE.json]
 
 One evaluation set (noise of seed 1, balanced classes) serves every row, so rows compare directly. Rows:
 every training-free solver at every NFE it can take a step in (Heun needs two), the students of every
@@ -64,7 +65,7 @@ from distill_core.eval.memory import with_peak_memory  # noqa: E402
 from distill_core.methods import auto  # noqa: E402
 from distill_core.methods.reflow import straightness  # noqa: E402
 from distill_core.methods.registry import method_class, methods  # noqa: E402
-from distill_core.sources import builtin_source  # noqa: E402
+from distill_core.sources import TEACHERS, teacher_source  # noqa: E402
 from distill_core.students import load_student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 from distill_core.train.run import train_student  # noqa: E402
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--methods", nargs="+", choices=[*methods(), "auto"],
                    help="the methods to train (default: all registered; auto: the Distill to N steps node's "
                    "choice at each student NFE, rows named auto with the method in auto_method)")
+    p.add_argument("--teacher", default="builtin", choices=list(TEACHERS),
+                   help="the built-in teacher: EDM (builtin), its rectified-flow twin (builtin-flow), or its fine-tune")
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     p.add_argument("--student-nfe", type=int, nargs="+", help="the NFEs students are trained for (default: --nfe; "
                    "a method may add its natural step counts, e.g. kd's 1); every student and solver is "
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     n = args.n or (100 if args.quick else 2000)
     chosen = args.methods or list(methods())
 
-    source = builtin_source()
+    source = teacher_source(args.teacher)
     teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
     ev = benchmark_set(teacher, n, args.steps, args.cache)
     curvature = path_straightness(teacher, ev, base.sigma_min, teacher.sigma_max)
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     evaluated: dict[str, list[dict]] = {}  # a student's rows by its method and settings: each is trained once
     for chosen_method in chosen:
         for name, method, settings, label in bench_runs(chosen_method, list(args.student_nfe or args.nfe),
-                                                        base.iters):
+                                                        base.iters, source.name):
             cfg = base.replace(method=method, out=str(Path(args.work) / name), **{**settings, **overrides})
             key = f"{method} {sorted(settings.items())} {sorted(overrides.items())}"
             if key not in evaluated:
@@ -127,12 +130,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += [{**row, **label} for row in evaluated[key]]
 
     rows.sort(key=lambda r: (r["nfe"], r["fd_teacher"]))
-    report_rows(rows, KEYS, f"built-in teacher, w = {teacher.w:g}, {n} samples; {base.iters} iterations x batch "
+    report_rows(rows, KEYS, f"teacher {source.name}, w = {teacher.w:g}, {n} samples; {base.iters} iterations x batch "
                 f"{base.batch} per student", start, args.out)
     return rows
 
 
-def bench_runs(method: str, nfes: list[int], iters: int) -> list[tuple[str, str, dict, dict]]:
+def bench_runs(method: str, nfes: list[int], iters: int, teacher: str = "builtin") -> list[tuple[str, str, dict, dict]]:
     """(run name, registered method, settings, what its rows are labelled with) of each student ``method``
     trains for ``nfes``; ``auto`` trains the preset the node would choose at each NFE, at the bench's own
     budget (the presets' budget is the bench's default)."""
@@ -140,7 +143,7 @@ def bench_runs(method: str, nfes: list[int], iters: int) -> list[tuple[str, str,
         return [(name, method, settings, {}) for name, settings in method_class(method).bench_runs(nfes, iters)]
     runs = []
     for n in nfes:
-        preset = auto.choose(n, "builtin", mnist_available())
+        preset = auto.choose(n, teacher, mnist_available())
         settings = {k: v for k, v in preset.settings.items() if k not in ("iters", "batch")}
         runs.append((f"auto-{n}", preset.method, {"steps": n, **method_class(preset.method).settings_for_steps(n),
                                                    **settings}, {"method": "auto", "auto_method": preset.method}))
