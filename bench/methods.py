@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += [{**row, **label} for row in evaluated[key]]
 
     rows.sort(key=lambda r: (r["nfe"], r["fd_teacher"]))
+    if "auto" in chosen:
+        print("\n".join(auto_against_methods(rows)))
     report_rows(rows, KEYS, f"teacher {source.name}, w = {teacher.w:g}, {n} samples; {base.iters} iterations x batch "
                 f"{base.batch} per student", start, args.out)
     return rows
@@ -158,6 +160,22 @@ def evaluate_student(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: 
         student = load_student(run.path, teacher).denoiser()
         memory["straightness"] = path_straightness(student, ev, cfg.sigma_min, teacher.sigma_max)
     return student_rows(run, teacher, ev, nfes, **memory)
+
+
+def auto_against_methods(rows: list[dict]) -> list[str]:
+    """One line per NFE with an auto row: auto's fd_teacher against the best single method's at that NFE."""
+    solvers_and_teacher = {r["method"] for r in rows if "train_seconds" not in r}
+    lines = []
+    for nfe in sorted({r["nfe"] for r in rows if r["method"] == "auto"}):
+        auto_row = next(r for r in rows if r["method"] == "auto" and r["nfe"] == nfe)
+        others = [r for r in rows if r["nfe"] == nfe and r["method"] not in solvers_and_teacher | {"auto"}]
+        best = min(others, key=lambda r: r["fd_teacher"], default=None)
+        if best is None:
+            continue
+        verdict = "at least as good" if auto_row["fd_teacher"] <= best["fd_teacher"] else "WORSE"
+        lines.append(f"NFE {nfe}: auto ({auto_row['auto_method']}) fd_teacher {auto_row['fd_teacher']:g}, best single "
+                     f"method {best['method']} {best['fd_teacher']:g}: {verdict}")
+    return lines
 
 
 def path_straightness(denoiser, ev, sigma_min: float, sigma_max: float) -> float:

@@ -147,3 +147,16 @@ def test_auto_trains_the_nodes_choice_at_each_nfe_and_names_it(bench, tmp_path):
     assert row["auto_method"] == "sfd" and row["nfe"] == 2 and row["trained_params"] > 0
     assert "steps: 2" in (tmp_path / "runs" / "auto-2" / "config.yaml").read_text()
     assert "iters: 2" in (tmp_path / "runs" / "auto-2" / "config.yaml").read_text()  # the bench's budget
+
+
+def test_auto_is_judged_against_the_best_single_method_at_each_nfe(bench):
+    def row(method, nfe, fd, trained=True, **kw):
+        return {"method": method, "nfe": nfe, "fd_teacher": fd, **({"train_seconds": 1.0} if trained else {}), **kw}
+
+    rows = [row("teacher", 63, 0.03, False), row("dpmpp_2m", 1, 0.01, False),  # solvers are not methods
+            row("auto", 1, 0.08, auto_method="kd"), row("kd", 1, 0.08), row("sfd", 1, 0.10),
+            row("auto", 2, 0.05, auto_method="sfd"), row("sfd", 2, 0.05), row("sfd-v", 2, 0.04)]
+    assert bench.auto_against_methods(rows) == [
+        "NFE 1: auto (kd) fd_teacher 0.08, best single method kd 0.08: at least as good",
+        "NFE 2: auto (sfd) fd_teacher 0.05, best single method sfd-v 0.04: WORSE",
+    ]
