@@ -275,3 +275,14 @@ def test_a_resumed_run_counts_the_teacher_work_of_the_whole_run(tiny_edm, tmp_pa
     assert whole.teacher_evaluations == 4 * 4 * 6 * 2  # 4 iterations x 4 trajectories x (K 2 on 3 intervals) x CFG
     assert resumed.teacher_evaluations == whole.teacher_evaluations
     assert read_card(resumed.path)["training"]["teacher_evaluations"] == whole.teacher_evaluations
+
+
+def test_the_flow_grid_puts_the_student_on_the_flow_time_grid_and_says_so_in_its_card(tiny_edm):
+    from distill_core.schedules import flow_time
+
+    method = _method(tiny_edm, schedule="flow")
+    sigmas = method.sigmas[method.nfes[0]]
+    assert torch.allclose(sigmas, flow_time(len(sigmas) - 1, method.sigma_min, method.sigma_max))
+    assert not torch.allclose(sigmas, _method(tiny_edm).sigmas[method.nfes[0]])
+    card = method.card()
+    assert card["schedule"]["name"] == "flow" and "rho" not in card["schedule"]

@@ -47,12 +47,13 @@ from distill_core.methods.base import Method, MicroBatch, NodeLayout, OptimSpec,
 from distill_core.methods.registry import register
 from distill_core.options import option
 from distill_core.sampling import euler_step, few_step, intervals_for
-from distill_core.schedules import karras, nest, nested_index, substeps_per_interval
+from distill_core.schedules import flow_time, karras, nest, nested_index, substeps_per_interval
 from distill_core.solvers import SOLVERS
 from distill_core.students import AFS_MEANS_KEY, AtSteps, make_student, student_card
 from distill_core.teacher import CFGTeacher
 
 LOSSES = ("l1", "l2", "huber")
+GRIDS = ("karras", "flow")
 
 
 @dataclass
@@ -61,6 +62,8 @@ class SFDConfig:
 
     nfe_range: tuple[int, int] = option((2, 5), "SFD-v: the step counts (lo, hi) one student serves", min=1,
                                         max=1000)
+    schedule: str = option("karras", "the student's grid: karras (polynomial rho), or flow (uniform in the flow "
+                           "time t = sigma / (1 + sigma), as flow-matching models are sampled)", choices=GRIDS)
     rho: float = option(7.0, "the student schedule's polynomial rho (Karras grid)", min=0.1)
     afs: bool = option(True, "analytic first step: the first step without a network evaluation")
     afs_center: str = option("auto", "the first step's centre: zero (SFD), the teacher's class means, or auto "
@@ -82,6 +85,13 @@ class SFDConfig:
         lo, hi = self.nfe_range
         if lo > hi:
             raise ValueError(f"nfe_range must be (lo, hi) with lo <= hi, got {self.nfe_range}")
+
+
+def student_grid(intervals: int, sigma_min: float, sigma_max: float, opts: SFDConfig) -> torch.Tensor:
+    """The student's ``intervals`` + 1 sigmas: Karras's rho grid, or the flow time grid (``schedules.flow_time``)."""
+    if opts.schedule == "flow":
+        return flow_time(intervals, sigma_min, sigma_max)
+    return karras(intervals, sigma_min, sigma_max, opts.rho)
 
 
 def distance(x: torch.Tensor, y: torch.Tensor, kind: str, huber_c: float = SFDConfig.huber_c) -> torch.Tensor:
@@ -194,9 +204,8 @@ class SFD(Method):
         self.sigma_min = cfg.sigma_min
         self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
         self.nfes = list(range(opts.nfe_range[0], opts.nfe_range[1] + 1)) if self.step_conditioned else [cfg.steps]
-        self.sigmas = {
-            n: karras(intervals_for(n, opts.afs), self.sigma_min, self.sigma_max, opts.rho) for n in self.nfes
-        }
+        self.sigmas = {n: student_grid(intervals_for(n, opts.afs), self.sigma_min, self.sigma_max, opts)
+                       for n in self.nfes}
         one_step_above = opts.teacher_one_step_above
         if one_step_above is None:
             one_step_above = source.tuned.get("teacher_one_step_above")
@@ -316,7 +325,8 @@ class SFD(Method):
             self.sampler,
             self.nfes,
             self.sigmas,
-            {"name": "karras", "rho": opts.rho, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max},
+            {"name": opts.schedule, **({"rho": opts.rho} if opts.schedule == "karras" else {}),
+             "sigma_min": self.sigma_min, "sigma_max": self.sigma_max},
             cfg.guidance_mode,
             self.w,
             self.teacher_fingerprint,
