@@ -286,3 +286,15 @@ def test_the_flow_grid_puts_the_student_on_the_flow_time_grid_and_says_so_in_its
     assert not torch.allclose(sigmas, _method(tiny_edm).sigmas[method.nfes[0]])
     card = method.card()
     assert card["schedule"]["name"] == "flow" and "rho" not in card["schedule"]
+    assert _method(tiny_edm).card()["schedule"]["name"] == "karras"  # auto: Karras for an EDM teacher
+
+
+def test_a_flow_teacher_gets_the_flow_grid_by_default():
+    from conftest import TINY_UNET, randomise
+
+    from distill_core.denoisers.flow import FlowDenoiser
+    from distill_core.nets.unet import UNet
+
+    flow = FlowDenoiser(randomise(UNet(TINY_UNET)), sigma_max=80.0).eval().requires_grad_(False)
+    method = build_method(tiny_source(flow), DistillConfig(iters=4, batch=4, steps=3))
+    assert method.grid == "flow" and method.card()["schedule"]["name"] == "flow"

@@ -53,7 +53,7 @@ from distill_core.students import AFS_MEANS_KEY, AtSteps, make_student, student_
 from distill_core.teacher import CFGTeacher
 
 LOSSES = ("l1", "l2", "huber")
-GRIDS = ("karras", "flow")
+GRIDS = ("auto", "karras", "flow")
 
 
 @dataclass
@@ -62,8 +62,9 @@ class SFDConfig:
 
     nfe_range: tuple[int, int] = option((2, 5), "SFD-v: the step counts (lo, hi) one student serves", min=1,
                                         max=1000)
-    schedule: str = option("karras", "the student's grid: karras (polynomial rho), or flow (uniform in the flow "
-                           "time t = sigma / (1 + sigma), as flow-matching models are sampled)", choices=GRIDS)
+    schedule: str = option("auto", "the student's grid: karras (polynomial rho), flow (uniform in the flow time "
+                           "t = sigma / (1 + sigma), as flow-matching models are sampled), or auto: flow for a "
+                           "flow-matching teacher, else karras", choices=GRIDS)
     rho: float = option(7.0, "the student schedule's polynomial rho (Karras grid)", min=0.1)
     afs: bool = option(True, "analytic first step: the first step without a network evaluation")
     afs_center: str = option("auto", "the first step's centre: zero (SFD), the teacher's class means, or auto "
@@ -87,11 +88,11 @@ class SFDConfig:
             raise ValueError(f"nfe_range must be (lo, hi) with lo <= hi, got {self.nfe_range}")
 
 
-def student_grid(intervals: int, sigma_min: float, sigma_max: float, opts: SFDConfig) -> torch.Tensor:
+def student_grid(grid: str, intervals: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
     """The student's ``intervals`` + 1 sigmas: Karras's rho grid, or the flow time grid (``schedules.flow_time``)."""
-    if opts.schedule == "flow":
+    if grid == "flow":
         return flow_time(intervals, sigma_min, sigma_max)
-    return karras(intervals, sigma_min, sigma_max, opts.rho)
+    return karras(intervals, sigma_min, sigma_max, rho)
 
 
 def distance(x: torch.Tensor, y: torch.Tensor, kind: str, huber_c: float = SFDConfig.huber_c) -> torch.Tensor:
@@ -204,7 +205,9 @@ class SFD(Method):
         self.sigma_min = cfg.sigma_min
         self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
         self.nfes = list(range(opts.nfe_range[0], opts.nfe_range[1] + 1)) if self.step_conditioned else [cfg.steps]
-        self.sigmas = {n: student_grid(intervals_for(n, opts.afs), self.sigma_min, self.sigma_max, opts)
+        self.grid = opts.schedule if opts.schedule != "auto" else (
+            "flow" if getattr(source.denoiser, "prediction", None) == "flow" else "karras")
+        self.sigmas = {n: student_grid(self.grid, intervals_for(n, opts.afs), self.sigma_min, self.sigma_max, opts.rho)
                        for n in self.nfes}
         one_step_above = opts.teacher_one_step_above
         if one_step_above is None:
@@ -325,7 +328,7 @@ class SFD(Method):
             self.sampler,
             self.nfes,
             self.sigmas,
-            {"name": opts.schedule, **({"rho": opts.rho} if opts.schedule == "karras" else {}),
+            {"name": self.grid, **({"rho": opts.rho} if self.grid == "karras" else {}),
              "sigma_min": self.sigma_min, "sigma_max": self.sigma_max},
             cfg.guidance_mode,
             self.w,
