@@ -138,6 +138,8 @@ def run_seconds_at_least(source, iterations: int, batch: int, steps: int) -> flo
         for _ in range(2):
             start = time.perf_counter()
             teacher(x, source.denoiser.sigma_max, cond)
+            if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+                torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - start)
     return iterations * batch * (steps + 3) * seconds[-1]
 
