@@ -144,10 +144,14 @@ def run_seconds_at_least(source, iterations: int, batch: int, steps: int) -> flo
     return iterations * batch * (steps + 3) * seconds[-1]
 
 
-def long_run_notice(seconds: float) -> str:
-    """What the node says before a run that will take hours on this machine."""
-    return (f"at least {seconds / 3600:.1f} h on this machine (timed from one teacher evaluation before the run): "
-            "lower iterations or batch, or use a GPU; Cancel keeps a checkpoint to resume from")
+def run_time_notice(seconds: float) -> str:
+    """What the node says of a run's time before it starts (``run_seconds_at_least``), with advice when it
+    will take hours on this machine."""
+    span = f"{seconds / 3600:.1f} h" if seconds > LONG_RUN_S else f"{max(seconds / 60, 0.1):.1f} min"
+    text = f"at least {span} on this machine (timed from one teacher evaluation before the run)"
+    if seconds > LONG_RUN_S:
+        text += ": lower iterations or batch, or use a GPU; Cancel keeps a checkpoint to resume from"
+    return text
 
 
 class NodeProgress(Callback):
@@ -172,7 +176,7 @@ class NodeProgress(Callback):
 
     def warn_before(self, seconds: float, run_dir: Path, total: int) -> None:
         """Say before the run starts that it will take hours (``run_seconds_at_least``)."""
-        self.warn(long_run_notice(seconds), run_dir.name)
+        self.warn(run_time_notice(seconds), run_dir.name)
         send_event("distill.progress", {"node": self.node_id, "iteration": 0, "total": total, "run": str(run_dir),
                                         "warning": self.warning})
 

@@ -158,6 +158,8 @@ def train_to_file(teacher: TeacherHandle, cfg: DistillConfig, folder: str, save_
         at_least = host.run_seconds_at_least(source, cfg.iters, cfg.batch, cfg.steps)
         if at_least > host.LONG_RUN_S:
             progress.warn_before(at_least, run_dir, cfg.iters)
+        else:
+            print(f"[comfyui-distill] {run_dir.name}: {host.run_time_notice(at_least)}")
         run = train_student(cfg, source, resume=resume, progress=False, callbacks=[progress])
     if run is None:
         raise RuntimeError(f"training stopped early; queue again with resume on to continue {run_dir}")

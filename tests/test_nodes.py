@@ -347,6 +347,17 @@ def test_a_run_that_will_take_hours_is_announced_before_it_starts(folders, monke
     assert capsys.readouterr().out.count("slow: at least 2.5 h") == 1
 
 
+def test_every_run_states_its_time_before_it_starts(folders, monkeypatch, capsys):
+    (teacher,) = nodes.NODE_CLASS_MAPPINGS["DistillBuiltinTeacher"]().run(guidance=2.0)
+    events = []
+    monkeypatch.setattr(host, "run_seconds_at_least", lambda source, iterations, batch, steps: 150.0)
+    monkeypatch.setattr(host, "send_event", lambda name, data: events.append(data))
+    _distill(teacher, iterations=2, save_name="quick")
+    printed = capsys.readouterr().out
+    assert "quick: at least 2.5 min on this machine (timed from one teacher evaluation before the run)\n" in printed
+    assert not any("warning" in e for e in events)  # minutes are no warning
+
+
 @pytest.mark.parametrize("seconds_per_iteration, warned", [(20.0, True), (5.0, False)])
 def test_a_run_that_will_take_hours_says_so_on_the_node(monkeypatch, capsys, seconds_per_iteration, warned):
     from types import SimpleNamespace
