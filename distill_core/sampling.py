@@ -27,6 +27,7 @@ import torch
 
 from distill_core.afs import afs_direction, guided_centers
 from distill_core.denoisers.base import Cond, move_cond
+from distill_core.denoisers.flow import sigma_to_t, t_to_sigma
 from distill_core.solvers import SOLVERS
 from distill_core.students import Student
 
@@ -160,18 +161,35 @@ def sample(
     return sampler_for(student.card)(student.denoiser(steps, w), noise, sigmas, cond, callback, center)
 
 
+def comfy_sigmas(card: dict, sigmas: torch.Tensor) -> torch.Tensor:
+    """A student's schedule as ComfyUI's samplers give it to the model: sigma itself, or for a flow model
+    (``comfy_noise: flow`` in its card) the time t = sigma / (1 + sigma)."""
+    return sigma_to_t(sigmas) if card.get("comfy_noise") == "flow" else sigmas
+
+
 def k_sampler(card: dict):
     """The sampler of a student card as a k-diffusion-style function ``f(model, x, sigmas, extra_args=None,
     callback=None, disable=None)``, where ``model(x, sigma_batch, **extra_args)`` returns x0: what ComfyUI's
-    KSAMPLER wraps into a SAMPLER for SamplerCustom."""
+    KSAMPLER wraps into a SAMPLER for SamplerCustom. For a flow model ComfyUI's ``sigmas`` are times t and
+    its ``x`` is x_t = x / (1 + sigma) (``denoisers.flow``): the sampler solves in sigma and x, and
+    gives back x_t at the last time (ComfyUI then divides by 1 - t, which is x again)."""
     solve = sampler_for(card)
+    flow = card.get("comfy_noise") == "flow"
 
     def sample_student(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
         ones = x.new_ones(x.shape[0])
         last = {}  # the latest x0 prediction: ComfyUI's previews show "denoised"
+        if flow:
+            if float(sigmas[0]) >= 1:
+                raise ValueError("a flow model's few-step student starts below t = 1: use the sigmas of the "
+                                 "Student sigmas + sampler node")
+            sigmas = t_to_sigma(sigmas)
+            x = x * (1 + sigmas[0])
 
         def denoiser(x, sigma, cond=None):
+            if flow:
+                x, sigma = x / (1 + sigma), sigma_to_t(sigma)
             last["x0"] = model(x, sigma * ones, **extra_args)
             return last["x0"]
 
@@ -179,6 +197,7 @@ def k_sampler(card: dict):
             if callback is not None:
                 callback({**info, "sigma_hat": info["sigma"], "denoised": last.get("x0", info["x"])})
 
-        return solve(denoiser, x, sigmas, None, report)
+        out = solve(denoiser, x, sigmas, None, report)
+        return out / (1 + sigmas[-1]) if flow else out
 
     return sample_student

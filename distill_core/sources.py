@@ -102,11 +102,19 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
                  name: str = "comfyui", sampling=None) -> TeacherSource:
     """A ComfyUI model (``MODEL.model``, its BaseModel) with prompt conditions: every training
     trajectory draws one of the ``positive`` entries uniformly; the first ``negative`` entry is the
-    unconditional side of CFG."""
-    from distill_core.denoisers.comfy import ComfyDenoiser, encode_conditioning, latent_shape
+    unconditional side of CFG at scale ``guidance``. A guidance-distilled model (Flux dev) takes
+    ``guidance`` as its input instead and samples without CFG (w = 1); its students carry the value
+    (``embedded_guidance``). Students of flow models say so (``comfy_noise: flow``): ComfyUI's samplers
+    give such a model the time t = sigma / (1 + sigma) as its sigma."""
+    from distill_core.denoisers.comfy import (ComfyDenoiser, embeds_guidance, encode_conditioning, latent_shape,
+                                              with_guidance)
 
     denoiser = ComfyDenoiser(base_model, sampling)
     shape = latent_shape(base_model, width, height)
+    card = {"comfy_noise": "flow"} if denoiser.flow else {}
+    if embeds_guidance(base_model):
+        positive, negative = with_guidance(positive, guidance), with_guidance(negative, guidance)
+        card["embedded_guidance"], guidance = float(guidance), 1.0
     both = encode_conditioning(base_model, list(positive) + list(negative[:1]), shape)
     n = len(positive)
     prompts = index_cond(both, torch.arange(n))
@@ -115,4 +123,4 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     def draw_cond(batch: int, generator: torch.Generator) -> dict:
         return index_cond(prompts, torch.randint(n, (batch,), generator=generator))
 
-    return TeacherSource(name, denoiser, shape, draw_cond, uncond, guidance, stock_sampling=True)
+    return TeacherSource(name, denoiser, shape, draw_cond, uncond, guidance, stock_sampling=True, card=card)

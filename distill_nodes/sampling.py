@@ -8,7 +8,7 @@ import torch
 
 from distill_core import safetensors_io
 from distill_core.report import preview_pixels
-from distill_core.sampling import k_sampler, sample
+from distill_core.sampling import comfy_sigmas, k_sampler, sample
 from distill_core.students import check_card
 
 from . import host
@@ -42,7 +42,9 @@ STEPS = In("steps", "INT", "evaluations per image; 0: the student's own (an SFD-
 @node("DistillStudentSchedule", "Student sigmas + sampler", "sample",
       "The student's sampling recipe from its file: SIGMAS and the SAMPLER it was trained for (SFD: Euler with "
       "the analytic first step) "
-      "for the stock SamplerCustom / SamplerCustomAdvanced, and the cfg to use (1 for distilled guidance).",
+      "for the stock SamplerCustom / SamplerCustomAdvanced, and the cfg to use (1 for distilled guidance). A "
+      "student of Flux dev samples with FluxGuidance at the guidance it was distilled at (its file's "
+      "embedded_guidance).",
       inputs=[In("student_file", student_files, "a student LoRA / model file (its metadata holds the schedule), or "
                  "'(connected student)' to use the student input", options={"file_list": True}),
               STEPS,
@@ -70,7 +72,8 @@ def recipe(card: dict, steps: int = 0) -> tuple[torch.Tensor, float]:
     if n not in choices:
         raise ValueError(f"this student samples with {choices} steps, not {n}")
     guidance = card["guidance"]
-    return torch.tensor(card["sigmas"][str(n)]), (1.0 if guidance["mode"] == "distilled" else guidance["w"])
+    sigmas = comfy_sigmas(card, torch.tensor(card["sigmas"][str(n)]))
+    return sigmas, (1.0 if guidance["mode"] == "distilled" else guidance["w"])
 
 
 @node("DistillSample", "Few-step sample", "sample",

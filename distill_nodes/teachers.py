@@ -49,31 +49,41 @@ class BuiltinTeacher:
 
 
 @node("DistillTeacherFromModel", "Teacher from MODEL", "teachers",
-      "Any eps- or v-prediction ComfyUI model (SD1.x, SD2.x, SDXL from Load Checkpoint) with its prompts. "
-      "Each training trajectory uses one positive entry at random; the negative is CFG's other side. "
-      "Flow models (SD3, Flux) are refused with a message.",
+      "Any ComfyUI image model from Load Checkpoint or Load Diffusion Model with its prompts: SD1.x, SD2.x and "
+      "SDXL (eps, v), and flow models (SD3 / 3.5, Flux, AuraFlow, Lumina 2, HiDream, Qwen-Image). Each training "
+      "trajectory uses one positive entry at random; the negative is CFG's other side. Flux dev takes guidance "
+      "as an input: the guidance value is its FluxGuidance, and CFG stays 1.",
       inputs=[
-          In("model", "MODEL", "the teacher model, e.g. from Load Checkpoint"),
+          In("model", "MODEL", "the teacher model, e.g. from Load Checkpoint (a ModelSampling node before it is "
+             "respected: its shift sets the student's flow grid)"),
           In("positive", "CONDITIONING", "training prompts: each entry is one prompt (Distill prompt list, "
              "or CLIP Text Encode outputs combined with Conditioning (Combine))"),
           In("negative", "CONDITIONING", "the negative prompt (its first entry) for classifier-free guidance"),
           In("width", "INT", "training image width in pixels (latents are width / 8)", 512,
              options={"min": 64, "max": 2048, "step": 8}),
           In("height", "INT", "training image height in pixels", 512, options={"min": 64, "max": 2048, "step": 8}),
-          In("guidance", "FLOAT", "CFG scale w the teacher uses", 5.0, options={"min": 1.0, "max": 20.0, "step": 0.1}),
+          In("guidance", "FLOAT", "CFG scale w the teacher uses; for guidance-distilled models (Flux dev) the "
+             "guidance they take as input (as FluxGuidance: 3.5 is Flux dev's default), with CFG 1", 5.0,
+             options={"min": 1.0, "max": 20.0, "step": 0.1}),
       ],
       outputs=[TEACHER])
 class TeacherFromModel:
     def run(self, model, positive, negative, width: int, height: int, guidance: float, unique_id=None):
-        from distill_core.denoisers.comfy import model_sampling, refuse_unsupported
+        from distill_core.denoisers.comfy import embeds_guidance, latent_shape, model_sampling, refuse_unsupported
 
         refuse_unsupported(model)  # this MODEL's own sampling, not the one its checkpoint's clones share
         sampling = model_sampling(model)
+        latent_shape(model.model, width, height)  # a bad size or a video model is refused here, not in training
+        for name, conditioning in (("positive", positive), ("negative", negative)):
+            if not isinstance(conditioning, list) or not conditioning:
+                raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode or Distill "
+                                 f"prompt list)")
+        cfg = 1.0 if embeds_guidance(model.model) else guidance
 
         def build():
             return comfy_source(model.model, positive, negative, width, height, guidance, sampling=sampling)
 
-        return (TeacherHandle("comfyui", build, SD_SIGMA_MIN, guidance, model=model),)
+        return (TeacherHandle("comfyui", build, SD_SIGMA_MIN, cfg, model=model),)
 
 
 @node("DistillPromptList", "Distill prompt list", "teachers",

@@ -13,9 +13,14 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py lcm-lora-probe CHECKPOINT WORKDIR
         in-process: an LCM-LoRA trained by Distill to N steps, loaded by the stock LoraLoader and sampled by
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
+    python tests/comfyui_harness.py flow-probe {sd3,flux} WORKDIR
+        a tiny flow model (SD3 from a single file through the stock UNETLoader; Flux, with its guidance input,
+        built in memory) distilled to a LoRA, loaded by the stock loader and sampled by SamplerCustom with the
+        student's sigmas, against the engine.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
-        a flow-patched clone is refused, then the plain model of the same checkpoint is distilled).
+        a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
+        distilled as the eps model it is).
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ def _comfyui():
 
 
 def _init(module, seed: int = 0) -> None:
-    """Every parameter explicitly (ComfyUI's layers skip initialisation): norms 1 / 0, the rest small."""
+    """Every parameter explicitly (ComfyUI's layers skip initialisation): norms 1 / 0, the rest small; and
+    position tables kept as buffers."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -50,6 +56,9 @@ def _init(module, seed: int = 0) -> None:
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        for name, b in module.named_buffers():  # MMDiT's position table is a buffer made with torch.empty
+            if name.endswith("pos_embed"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
 
 
 def build_checkpoint(path: Path) -> None:
@@ -150,22 +159,23 @@ def family_probe(family: str, work: Path) -> dict:
     _init(base.diffusion_model, 3)
     model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                              offload_device=mm.unet_offload_device())
-    refused = None
-    if spec["sampling"] == "flow":  # an SD3-style rectified-flow sampling patched on by the stock node
-        (flow,) = ModelSamplingSD3().patch(model, 3.0)
-        mm.load_models_gpu([flow])  # the shared BaseModel now holds the flow clone's sampling
-        try:
-            load_pack().NODE_CLASS_MAPPINGS["DistillTeacherFromModel"]().run(flow, [], [], 64, 64, 5.0)
-        except ValueError as e:
-            refused = str(e)
-        # the plain MODEL of the same checkpoint, after its flow clone ran: accepted, and distilled below
-    elif spec["sampling"]:
-        (model,) = ModelSamplingDiscrete().patch(model, spec["sampling"], False)
-
     def entry(seed: int) -> list:
         gen = torch.Generator().manual_seed(seed)
         options = {} if spec["pooled"] is None else {"pooled_output": torch.randn(1, spec["pooled"], generator=gen)}
         return [torch.randn(1, 77, spec["context"], generator=gen), options]
+
+    flow_clone = None
+    if spec["sampling"] == "flow":  # an SD3-style rectified-flow sampling patched on by the stock node
+        (flow,) = ModelSamplingSD3().patch(model, 3.0)
+        mm.load_models_gpu([flow])  # the shared BaseModel now holds the flow clone's sampling
+        (handle,) = load_pack().NODE_CLASS_MAPPINGS["DistillTeacherFromModel"]().run(
+            flow, [entry(1)], [entry(3)], 64, 64, 5.0)
+        with torch.inference_mode(False):
+            denoiser = handle.source().denoiser
+        flow_clone = {"prediction": denoiser.prediction, "shift": denoiser.shift}
+        # the plain MODEL of the same checkpoint, after its flow clone ran: its own eps sampling, distilled below
+    elif spec["sampling"]:
+        (model,) = ModelSamplingDiscrete().patch(model, spec["sampling"], False)
 
     stock = importlib.import_module("nodes")
     pack = load_pack().NODE_CLASS_MAPPINGS
@@ -173,11 +183,90 @@ def family_probe(family: str, work: Path) -> dict:
                                 lambda name: stock.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0])
     mm.load_models_gpu([model])
     kinds = [c.__name__ for c in type(model.model.model_sampling).__mro__]
-    return {**result, "family": family, "refused": refused,
+    return {**result, "family": family, "flow_clone": flow_clone,
             "prediction": next(k for k in kinds if k in ("EPS", "V_PREDICTION")),
             "has_adm": "y" in model.model.extra_conds(cross_attn=torch.zeros(1, 77, spec["context"]),
                                                        **({} if spec["pooled"] is None else
                                                           {"pooled_output": torch.zeros(1, spec["pooled"])}))}
+
+
+#: tiny flow models: SD3's MMDiT (2 blocks of width 128, detected from its file) and Flux (one double and one
+#: single block of width 64 with its guidance embedding; ComfyUI detects Flux only at full size, so it is built
+#: in memory with ComfyUI's own Flux classes)
+SD3_CONFIG = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+              "adm_in_channels": 32, "num_patches": 64, "pos_embed_max_size": 8, "pos_embed_scaling_factor": None,
+              "x_block_self_attn_layers": [],
+              "context_embedder_config": {"target": "torch.nn.Linear",
+                                          "params": {"in_features": 64, "out_features": 128}}}
+FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 32,
+               "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+               "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
+               "guidance_embed": True}
+
+
+def flow_model(family: str, work: Path):
+    """(MODEL, context width, pooled width) of a tiny random-weight flow model: SD3 saved as a single file and
+    loaded by the stock Load Diffusion Model (UNETLoader), Flux built in memory."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+    from safetensors.torch import save_file
+
+    config = getattr(comfy.supported_models, "SD3" if family == "sd3" else "Flux")(
+        dict(SD3_CONFIG if family == "sd3" else FLUX_CONFIG))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({})
+    _init(base.diffusion_model, 5)
+    if family == "flux":
+        return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                                offload_device=mm.unet_offload_device()), 64, 32
+    name = "tiny_sd3.safetensors"
+    save_file({k: v.contiguous() for k, v in base.diffusion_model.state_dict().items()},
+              str(work / "diffusion_models" / name))
+    (model,) = importlib.import_module("nodes").UNETLoader().load_unet(name, "default")
+    return model, 64, 32
+
+
+def flow_probe(family: str, work: Path) -> dict:
+    """A tiny flow model (sd3 or flux) -> Teacher from MODEL -> Distill to 4 steps (LoRA) -> the stock
+    LoraLoaderModelOnly (no key left unloaded) -> SamplerCustom with the student's sigmas (times t) and
+    SAMPLER against the engine. Flux distils at guidance 3.5 as its input; ComfyUI samples it with the stock
+    FluxGuidance at that value and CFG 1. Also: a plain SD1.5-style MODEL is accepted after a
+    ModelSamplingSD3 clone of it ran (the shared BaseModel then held flow sampling)."""
+    _comfyui()
+    _folders(work)
+    import logging
+
+    import torch
+    from comfy_extras.nodes_flux import FluxGuidance
+
+    unloaded = []
+
+    class Unloaded(logging.Handler):
+        def emit(self, record):
+            if "lora key not loaded" in record.getMessage():
+                unloaded.append(record.getMessage())
+
+    logging.getLogger().addHandler(Unloaded())
+    model, context, pooled = flow_model(family, work)
+
+    def entry(seed: int) -> list:
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randn(1, 12, context, generator=gen), {"pooled_output": torch.randn(1, pooled, generator=gen)}]
+
+    stock = importlib.import_module("nodes")
+    pack = load_pack().NODE_CLASS_MAPPINGS
+    positive, negative = [entry(1), entry(2)], [entry(3)]
+    guidance = 3.5 if family == "flux" else 4.0
+    sampled = FluxGuidance.execute(positive[:1], guidance)[0] if family == "flux" else None
+    result = distil_and_compare(pack, model, positive, negative,
+                                lambda name: stock.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0],
+                                guidance=guidance, sample_positive=sampled)
+    sampling = model.get_model_object("model_sampling")
+    return {**result, "family": family, "unloaded_lora_keys": len(unloaded),
+            "sampling": [c.__name__ for c in type(sampling).__mro__][:3],
+            "model_class": type(model.model).__name__}
 
 
 def stock_nodes_on_checkpoint(checkpoint: Path, work: Path):
@@ -314,7 +403,8 @@ def sfd_node(pack: dict):
     return train
 
 
-def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_lora, train=None) -> dict:
+def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_lora, train=None,
+                       guidance: float = 5.0, sample_positive: list | None = None) -> dict:
     """Teacher from MODEL -> a training node (``train(teacher)``; default Distill to 4 steps, LoRA) ->
     Student sigmas + sampler; then ComfyUI's sampler on the teacher with the LoRA applied by
     ``apply_lora(file name)`` (a stock loader) against the engine's own sampling of the student from the
@@ -327,8 +417,9 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
     from distill_core.sampling import sample
 
     torch.manual_seed(0)
+    channels = getattr(model.model.latent_format, "latent_channels", 4)
     with torch.inference_mode():  # how ComfyUI runs every node
-        (teacher,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 5.0)
+        (teacher,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, guidance)
         out = (train or sfd_node(pack))(teacher)
         student_model, handle, curve = out["result"]
         sigmas, sampler, cfg = pack["DistillStudentSchedule"]().run("(connected student)", 0, handle)
@@ -343,19 +434,24 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
             return seen["x_out"]
 
         sampler.sampler_function = recording
-        latent = torch.zeros(1, 4, 8, 8)
+        latent = torch.zeros(1, channels, 8, 8)
         noise = comfy.sample.prepare_noise(latent, 7)
+        sampled = sample_positive or positive[:1]
         for name, m in (("teacher", model), ("lora", lora_model)):  # the same noise, without and with the LoRA
-            comfy.sample.sample_custom(m, noise, cfg, sampler, sigmas, positive[:1], negative, latent,
+            comfy.sample.sample_custom(m, noise, cfg, sampler, sigmas, sampled, negative, latent,
                                        disable_pbar=True, seed=7)
             seen[name] = seen["x_out"]
 
+    card = handle.card
+    # ComfyUI gives a flow model x_t = x / (1 + sigma) at t = sigma / (1 + sigma), and divides its sampler's
+    # result by 1 - t_last: the engine's x at both ends
+    first, last = (1 - float(sigmas[0]), 1 - float(sigmas[-1])) if card.get("comfy_noise") == "flow" else (1, 1)
     comfy.model_management.load_models_gpu([model])  # the teacher again: ComfyUI unpatches the LoRA (as nodes do)
     with torch.inference_mode(False), handle.loaded() as student:  # the engine, LoRA hooked into the teacher
         base = teacher.model.model
-        cond = encode_conditioning(base, positive[:1], (4, 8, 8))  # the negative is the student's uncond
-        ours = sample(student, seen["x_init"].clone(), cond)
-    card = handle.card
+        cond = encode_conditioning(base, sampled, (channels, 8, 8))  # the negative is the student's uncond
+        ours = sample(student, seen["x_init"].clone() / first, cond)
+    seen["lora"], seen["teacher"] = seen["lora"] / last, seen["teacher"] / last
     lora_keys = sorted(_safetensors_keys(handle.path))
     return {
         "max_abs_diff": float((ours - seen["lora"]).abs().max()),
@@ -364,7 +460,8 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
         "steps": len(sigmas) - 1,
         "cfg": cfg,
         "sigmas": [round(float(s), 4) for s in sigmas],
-        "card": {k: card.get(k) for k in ("method", "nfe", "afs", "guidance", "sampler")},
+        "card": {k: card.get(k) for k in ("method", "nfe", "afs", "guidance", "sampler", "comfy_noise",
+                                          "embedded_guidance", "schedule")},
         "student_kind": card["student"]["kind"],
         "lora_keys": len(lora_keys),
         "lora_key_example": lora_keys[0],
@@ -391,6 +488,8 @@ if __name__ == "__main__":
         print("RESULT " + json.dumps(lcm_lora_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
     elif command == "dmd2-probe":
         print("RESULT " + json.dumps(dmd2_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
+    elif command == "flow-probe":
+        print("RESULT " + json.dumps(flow_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
     elif command == "family-probe":
         print("RESULT " + json.dumps(family_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
     else:

@@ -5,15 +5,19 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from distill_core.config import DistillConfig
-from distill_core.denoisers.comfy import ComfyDenoiser, encode_conditioning, latent_shape, refuse_unsupported
+from distill_core.builtin import fingerprint
+from distill_core.denoisers.comfy import (FLOW_SIGMA_MAX, ComfyDenoiser, encode_conditioning, latent_shape,
+                                          refuse_unsupported)
 from distill_core.lora import merge
 from distill_core.safetensors_io import load
+from distill_core.sampling import comfy_sigmas, k_sampler, sampler_for
 from distill_core.sources import comfy_source
 from distill_core.students import load_student
 from distill_core.teacher import CFGTeacher
@@ -26,8 +30,30 @@ class EPS:
     sigma_min, sigma_max = 0.03, 14.6
 
 
-class CONST(EPS):
-    """Named like ComfyUI's flow-matching ``model_sampling`` class."""
+class CONST:
+    """Named like ComfyUI's flow-matching ``model_sampling`` class (SD3's: time t in [0.001 shifted, 1])."""
+
+    sigma_min, sigma_max, shift = 0.003, 1.0, 3.0
+
+
+class ModelSamplingFlux:
+    """Flux's schedule: its ``shift`` is mu of e^mu / (e^mu + 1 / t - 1)."""
+
+    sigma_min, sigma_max, shift = 0.0003, 1.0, 1.15
+
+
+class FluxSampling(ModelSamplingFlux, CONST):
+    """ComfyUI combines a schedule and a prediction class into one sampling class."""
+
+
+class COSMOS_RFLOW:
+    """Cosmos' rectified flow, which ComfyUI already feeds the variance-exploding sigma."""
+
+    sigma_min, sigma_max = 0.002, 80.0
+
+
+class LatentVideo:
+    latent_channels, latent_dimensions = 16, 3
 
 
 class Cond:
@@ -83,28 +109,67 @@ def test_the_adapter_is_apply_model_with_sigma_and_conditions():
         d(x, 1.5, torch.tensor([1, 2]))
 
 
-def test_flow_models_and_other_objects_are_refused():
-    with pytest.raises(ValueError, match="flow-matching"):
-        refuse_unsupported(FakeBaseModel(CONST()))
+def test_flow_models_are_the_ve_denoiser_of_x_over_1_plus_sigma_at_time_sigma_over_1_plus_sigma():
+    """ComfyUI's CONST models take x_t = x / (1 + sigma) at t = sigma / (1 + sigma) (the flow notes' change of
+    variables); the range is converted and capped, the shift read (Flux's as e^mu); Cosmos' rectified flow
+    already takes sigma."""
+    base = FakeBaseModel(CONST())
+    d = ComfyDenoiser(base)
+    assert d.flow and d.prediction == "flow" and d.shift == 3.0
+    assert d.sigma_min == pytest.approx(0.003 / 0.997) and d.sigma_max == FLOW_SIGMA_MAX
+    x = torch.randn(2, 4, 8, 8)
+    cond = {"c_crossattn": torch.randn(2, 3, 6), "y": torch.randn(2, 5)}
+    sigma = torch.tensor([0.5, 3.0])
+    expected = base.apply_model(x / (1 + sigma.view(-1, 1, 1, 1)), sigma / (1 + sigma), **cond)
+    torch.testing.assert_close(d(x, sigma, cond), expected)
+    assert ComfyDenoiser(FakeBaseModel(FluxSampling())).shift == pytest.approx(math.exp(1.15))
+    cosmos = ComfyDenoiser(FakeBaseModel(COSMOS_RFLOW()))
+    assert not cosmos.flow and (cosmos.sigma_min, cosmos.sigma_max) == (0.002, 80.0)
+    assert d.settings()["prediction"] == "CONST" and ComfyDenoiser(FakeBaseModel()).settings()["prediction"] == "EPS"
+
+
+def test_other_objects_bad_sizes_and_video_models_are_refused():
     with pytest.raises(TypeError, match="Load Checkpoint"):
         refuse_unsupported(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="multiples of 8"):
         latent_shape(FakeBaseModel(), 500, 512)
     assert latent_shape(FakeBaseModel(), 512, 768) == (4, 96, 64)
+    video = FakeBaseModel(CONST())
+    video.latent_format = LatentVideo()
+    with pytest.raises(ValueError, match="video model"):
+        latent_shape(video, 512, 512)
 
 
 def test_a_plain_model_is_judged_by_its_own_sampling_not_a_flow_clones():
     """After a flow-patched clone of a checkpoint ran, the shared BaseModel holds the clone's flow sampling:
-    the plain MODEL is still accepted, with its own sigma range, and the flow clone is still refused."""
+    the plain MODEL still gets its own eps convention and sigma range, the flow clone its own."""
     base = FakeBaseModel(EPS())
     plain = FakePatcher(base, EPS())
     flow = FakePatcher(base, CONST())
     base.model_sampling = flow.sampling  # the flow clone was loaded last
-    refuse_unsupported(plain)
-    with pytest.raises(ValueError, match="flow-matching"):
-        refuse_unsupported(flow)
     d = ComfyDenoiser(plain.model, plain.get_model_object("model_sampling"))
-    assert (d.sigma_min, d.sigma_max) == (float(EPS().sigma_min), float(EPS().sigma_max))
+    assert not d.flow and (d.sigma_min, d.sigma_max) == (float(EPS().sigma_min), float(EPS().sigma_max))
+    assert ComfyDenoiser(flow.model, flow.get_model_object("model_sampling")).flow
+    assert fingerprint(d) != fingerprint(ComfyDenoiser(flow.model, flow.get_model_object("model_sampling")))
+
+
+def test_the_comfy_sampler_of_a_flow_student_solves_in_sigma_and_gives_back_x_t():
+    """ComfyUI hands a flow model's SAMPLER times t and x_t = t0 n; the sampler's result, divided by
+    1 - t_last as ComfyUI does, is the engine's own sample from x = sigma_max n."""
+    base = FakeBaseModel(CONST())
+    d = ComfyDenoiser(base)
+    cond = {"c_crossattn": torch.randn(2, 3, 6), "y": torch.randn(2, 5)}
+    card = {"sampler": "euler_afs", "afs": True, "comfy_noise": "flow"}
+    sigmas = torch.tensor([80.0, 3.0, 0.8, 0.1])
+    times = comfy_sigmas(card, sigmas)
+    torch.testing.assert_close(times, sigmas / (1 + sigmas))
+    n = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        ours = sampler_for(card)(d, 80.0 * n, sigmas, cond)
+        theirs = k_sampler(card)(lambda x, t: base.apply_model(x, t, **cond), times[0] * n, times)
+    torch.testing.assert_close(theirs / (1 - times[-1]), ours, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="below t = 1"):
+        k_sampler(card)(lambda x, t: x, n, torch.tensor([1.0, 0.5]))
 
 
 def test_conditioning_entries_with_different_token_counts_are_tiled_without_changing_the_output():
@@ -208,8 +273,10 @@ def test_the_nodes_distil_a_comfy_model_into_a_lora_for_the_stock_loader(tmp_pat
     assert len(positive) == 2 and len(negative) == 1
     with pytest.raises(ValueError, match="prompt list is empty"):
         nodes["DistillPromptList"]().run(FakeClip(), " \n", "blurry")
-    with pytest.raises(ValueError, match="flow-matching"):
-        nodes["DistillTeacherFromModel"]().run(FakePatcher(FakeBaseModel(CONST())), positive, negative, 64, 64, 5.0)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        nodes["DistillTeacherFromModel"]().run(FakePatcher(FakeBaseModel()), positive, negative, 60, 64, 5.0)
+    with pytest.raises(ValueError, match="negative must be a non-empty"):
+        nodes["DistillTeacherFromModel"]().run(FakePatcher(FakeBaseModel()), positive, [], 64, 64, 5.0)
 
     base = FakeBaseModel()
     base.latent_format = LatentFormat()
@@ -237,3 +304,37 @@ def test_the_nodes_distil_a_comfy_model_into_a_lora_for_the_stock_loader(tmp_pat
     assert latent["samples"].shape == (2, 4, 8, 8) and images.shape[-1] == 3 and torch.isfinite(images).all()
     # the MODEL the user connected computes as before (training and sampling left no adapter behind)
     torch.testing.assert_close(base.apply_model(*probe), before, rtol=0, atol=0)
+
+
+def test_a_guidance_distilled_flow_model_distils_at_its_guidance_input_into_a_student_sampled_in_time(
+        tmp_path, monkeypatch):
+    """Flux dev's shape: a flow model that takes guidance as input. The node trains without CFG (w = 1) with the
+    guidance written into every condition, the file says so (embedded_guidance, comfy_noise), and the Student
+    sigmas node gives ComfyUI times t = sigma / (1 + sigma) on the flow grid of the model's shift."""
+    from types import SimpleNamespace
+
+    from distill_core.workflow import node_pack
+    from distill_nodes import host
+
+    nodes = node_pack().NODE_CLASS_MAPPINGS
+    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
+    monkeypatch.setattr(host, "with_lora", lambda model, tensors: "M")
+    monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
+    base = FakeBaseModel(FluxSampling())
+    base.model_config = SimpleNamespace(unet_config={"image_model": "flux", "guidance_embed": True})
+    base.latent_format = LatentFormat()
+    base.process_latent_out = lambda x: x
+    positive, negative = nodes["DistillPromptList"]().run(FakeClip(), "a fox\na boat", "blurry")
+    (teacher,) = nodes["DistillTeacherFromModel"]().run(FakePatcher(base), positive, negative, 64, 64, 3.5)
+    assert teacher.guidance == 1.0
+    args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-3, batch=2, seed=0, guidance_mode="auto",
+                student="lora", lora_rank=2, save_name="flux_fox", resume=False, preview_every=1, checkpoint_every=1)
+    _, student, _ = nodes["DistillToSteps"]().run(teacher, **args)["result"]
+    assert base.calls and all(options["guidance"] == 3.5 for options in base.calls)
+    card = student.card
+    assert card["comfy_noise"] == "flow" and card["embedded_guidance"] == 3.5 and card["guidance"]["w"] == 1.0
+    assert card["schedule"]["name"] == "flow" and card["schedule"]["shift"] == pytest.approx(math.exp(1.15))
+    sigmas, _, cfg = nodes["DistillStudentSchedule"]().run("(connected student)", 0, student)
+    assert cfg == 1.0 and float(sigmas[0]) == pytest.approx(FLOW_SIGMA_MAX / (1 + FLOW_SIGMA_MAX))
+    torch.testing.assert_close(sigmas, torch.tensor(card["sigmas"]["2"]) / (1 + torch.tensor(card["sigmas"]["2"])))

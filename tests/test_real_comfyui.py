@@ -108,14 +108,37 @@ def test_sdxl_and_v_prediction_models_distil_into_loras_the_stock_loader_reprodu
     assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
 
 
-def test_flow_matching_models_are_refused_and_a_plain_clone_still_distils(tmp_path):
-    """A flow-patched clone (ModelSamplingSD3) is refused at the teacher node; after it ran, the plain MODEL
-    of the same checkpoint (whose shared BaseModel then held the flow sampling) is accepted and its LoRA
-    student samples in ComfyUI as in the engine."""
+def test_a_plain_model_keeps_its_own_sampling_after_a_flow_patched_clone_of_it_ran(tmp_path):
+    """A flow-patched clone (ModelSamplingSD3, shift 3) is read at the teacher node as a flow teacher; after it
+    ran, the plain MODEL of the same checkpoint (whose shared BaseModel then held the flow sampling) is its eps
+    self, and its LoRA student samples in ComfyUI as in the engine."""
     out = _harness("family-probe", "sd15-flow", str(tmp_path)).stdout
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    assert result["refused"] and "flow-matching" in result["refused"]
-    assert result["prediction"] == "EPS" and result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
+    assert result["flow_clone"] == {"prediction": "flow", "shift": 3.0}
+    assert result["prediction"] == "EPS" and result["card"].get("comfy_noise") is None
+    assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_models_distil_into_loras_the_stock_loader_applies_and_samplercustom_reproduces(family, tmp_path):
+    """SD3 (a single file through the stock Load Diffusion Model) and Flux dev (its guidance as an input, sampled
+    with the stock FluxGuidance and CFG 1): the LoRA loads with no key left unloaded, and SamplerCustom with
+    the student's sigmas (flow times t, on the flow grid of the model's shift) and SAMPLER reproduces the
+    engine's student from the same noise."""
+    out = _harness("flow-probe", family, str(tmp_path)).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(result, indent=1))
+    card = result["card"]
+    assert result["model_class"] == {"sd3": "SD3", "flux": "Flux"}[family]
+    assert card["comfy_noise"] == "flow" and card["schedule"]["name"] == "flow"
+    assert card["schedule"]["shift"] == pytest.approx({"sd3": 3.0, "flux": 3.1582}[family], rel=1e-4)
+    assert result["sigmas"][0] == pytest.approx(80 / 81, abs=1e-4) and result["sigmas"][-1] < 1
+    if family == "flux":
+        assert card["embedded_guidance"] == 3.5 and result["cfg"] == 1.0
+    else:
+        assert card["embedded_guidance"] is None and result["cfg"] == 4.0
+    assert result["unloaded_lora_keys"] == 0 and result["lora_key_example"].startswith("diffusion_model.")
+    assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
 
 
 # ------------------------------------------------------------------ a real server

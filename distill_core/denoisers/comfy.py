@@ -1,13 +1,19 @@
 """ComfyUI's models as engine denoisers, and ComfyUI ``CONDITIONING`` as engine conditions.
 
 A ComfyUI ``MODEL`` is a ModelPatcher around a ``BaseModel``; ``BaseModel.apply_model(x, sigma,
-c_crossattn=..., y=...)`` already takes sigma (not a timestep) and returns the x0 prediction for
-every prediction type (eps, v, EDM), through its ``model_sampling``: exactly the engine's
-``D(x, sigma, cond)``. So the adapter only moves conditions into its keyword arguments. Flow-matching
-models (SD3, Flux, ...: ``model_sampling`` of the CONST family, x = (1 - sigma) x0 + sigma n) live in a
-different noise convention and are refused with a clear message. A MODEL's model sampling is read
-through its patcher (``model_sampling``): clones of one checkpoint share the BaseModel, whose attribute
-holds the sampling of whichever clone was loaded last.
+c_crossattn=..., y=...)`` takes the model's own noise level and returns the x0 prediction for every
+prediction type, through its ``model_sampling``. Two conventions:
+
+* variance exploding (EPS, V_PREDICTION, EDM, X0 and Cosmos' COSMOS_RFLOW, which divides by 1 + sigma
+  inside): x = x0 + sigma n, exactly the engine's ``D(x, sigma, cond)``;
+* flow (the CONST family: SD3 / 3.5, Flux, Wan, Qwen-Image, HiDream, Lumina 2, AuraFlow, Chroma):
+  x_t = (1 - t) x0 + t n, where ComfyUI's "sigma" is the time t. With sigma = t / (1 - t) (see
+  ``denoisers.flow``), x_t = x / (1 + sigma), so ``D(x, sigma) = apply_model(x / (1 + sigma), sigma / (1 + sigma))``.
+  t = 1 is sigma = inf: the adapter stops at ``FLOW_SIGMA_MAX``.
+
+So the adapter only moves conditions into keyword arguments and, for flow models, changes variables. A
+MODEL's model sampling is read through its patcher (``model_sampling``): clones of one checkpoint share the
+BaseModel, whose attribute holds the sampling of whichever clone was loaded last.
 
 Nothing here imports ComfyUI: the adapter uses the model object it is given, so CI tests it with a
 stand-in, and a real ComfyUI checkout runs the gated tests.
@@ -21,6 +27,12 @@ import torch
 from torch import nn
 
 from distill_core.denoisers.base import Cond, expand_sigma
+from distill_core.denoisers.flow import sigma_to_t, t_to_sigma
+
+#: the highest noise level of a flow model's schedule (t = 80 / 81, where x_t differs from pure noise by x0 / 81)
+FLOW_SIGMA_MAX = 80.0
+#: ComfyUI's prediction classes (``comfy.model_sampling``), the most derived first in a sampling's MRO
+PREDICTIONS = ("EDM", "V_PREDICTION", "EPS", "X0", "IMG_TO_IMG", "CONST", "COSMOS_RFLOW")
 
 
 def model_sampling(model):
@@ -32,9 +44,23 @@ def model_sampling(model):
     return getattr(model, "model_sampling", None)
 
 
+def prediction(sampling) -> str:
+    """The prediction class of a model sampling ("EPS", "V_PREDICTION", "EDM", "CONST", ...), or its class name."""
+    names = [cls.__name__ for cls in type(sampling).__mro__]
+    return next((n for n in names if n in PREDICTIONS), names[0])
+
+
+def flow_shift(sampling) -> float:
+    """The static time shift s of a flow model's sampling, t' = s t / (1 + (s - 1) t): SD3's ``shift`` as is;
+    Flux's ``shift`` is mu of e^mu / (e^mu + 1 / t - 1), which is that shift with s = e^mu."""
+    shift = float(getattr(sampling, "shift", 1.0))
+    flux = any(cls.__name__ == "ModelSamplingFlux" for cls in type(sampling).__mro__)
+    return math.exp(shift) if flux else shift
+
+
 def refuse_unsupported(model, sampling=None) -> None:
-    """A clear error for models whose noise convention the engine does not speak; ``model`` is a MODEL (a
-    ModelPatcher) or its BaseModel, ``sampling`` its model sampling (default: ``model_sampling(model)``)."""
+    """A clear error for objects that are not ComfyUI models; ``model`` is a MODEL (a ModelPatcher) or its
+    BaseModel, ``sampling`` its model sampling (default: ``model_sampling(model)``)."""
     base_model = model.model if hasattr(model, "get_model_object") else model
     sampling = sampling if sampling is not None else model_sampling(model)
     if sampling is None or not hasattr(base_model, "apply_model"):
@@ -42,25 +68,36 @@ def refuse_unsupported(model, sampling=None) -> None:
             f"expected a ComfyUI model (MODEL from Load Checkpoint: a ModelPatcher whose .model has "
             f"apply_model and model_sampling), got {type(base_model).__name__}"
         )
-    kinds = {cls.__name__ for cls in type(sampling).__mro__}
-    if "CONST" in kinds or any("Flow" in k for k in kinds):
-        raise ValueError(
-            "this is a flow-matching model (SD3, Flux, AuraFlow, ...): distillation supports "
-            "eps-, v- and EDM-prediction models (SD1.x, SD2.x, SDXL) for now"
-        )
 
 
 class ComfyDenoiser(nn.Module):
-    """``D(x, sigma, cond) = base_model.apply_model(x, sigma, **cond)``, cond a dict such as
+    """``D(x, sigma, cond) = base_model.apply_model(x, sigma, **cond)`` for variance-exploding models, and
+    ``apply_model(x / (1 + sigma), sigma / (1 + sigma), **cond)`` for flow models; cond a dict such as
     ``{"c_crossattn": [B, T, C], "y": [B, adm]}`` (see ``encode_conditioning``). ``sampling``: the MODEL's
-    own model sampling (``model_sampling(patcher)``), which is the BaseModel's once the MODEL is loaded."""
+    own model sampling (``model_sampling(patcher)``), which is the BaseModel's once the MODEL is loaded.
+
+    ``prediction``: "flow" for flow models (the engine then offers the flow time grid, with the model's own
+    ``shift``), else ComfyUI's prediction class in lower case."""
 
     def __init__(self, base_model: nn.Module, sampling=None):
         super().__init__()
         sampling = sampling if sampling is not None else base_model.model_sampling
         refuse_unsupported(base_model, sampling)
         self.base = base_model
-        self.sigma_min, self.sigma_max = float(sampling.sigma_min), float(sampling.sigma_max)
+        self.kind = prediction(sampling)
+        self.flow = self.kind == "CONST"
+        self.prediction = "flow" if self.flow else self.kind.lower()
+        low, high = float(sampling.sigma_min), float(sampling.sigma_max)
+        if self.flow:
+            self.shift = flow_shift(sampling)
+            low, high = t_to_sigma(low), (t_to_sigma(high) if high < 1 else math.inf)
+            high = min(high, FLOW_SIGMA_MAX)
+        self.sigma_min, self.sigma_max = low, high
+
+    def settings(self) -> dict:
+        """What ties a student to this teacher beside its weights: the prediction type and the noise range."""
+        return {"preconditioning": "comfyui", "prediction": self.kind, "sigma_min": self.sigma_min,
+                "sigma_max": self.sigma_max, **({"shift": self.shift} if self.flow else {})}
 
     @property
     def lora_target(self) -> tuple[nn.Module, str]:
@@ -71,12 +108,34 @@ class ComfyDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
         if cond is not None and not isinstance(cond, dict):
             raise TypeError("a ComfyUI model's condition is a dict of model inputs (c_crossattn, y, ...)")
-        return self.base.apply_model(x, expand_sigma(sigma, x), **(cond or {}))
+        sigma = expand_sigma(sigma, x)
+        if self.flow:
+            x = x / (1 + sigma.view((-1,) + (1,) * (x.ndim - 1)))
+            sigma = sigma_to_t(sigma)
+        if not torch.is_grad_enabled():
+            return self.base.apply_model(x, sigma, **(cond or {}))
+        with torch.autograd.graph.saved_tensors_hooks(_keep_a_copy, _as_kept):
+            return self.base.apply_model(x, sigma, **(cond or {}))
+
+
+def _keep_a_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """What backward keeps of a tensor ComfyUI's forward saves: a copy, since its DiT blocks add into their
+    inputs in place (Flux: ``x += ...``), which would change the tensor autograd saved. Frozen weights
+    (parameters, never changed in place) are kept as they are."""
+    return tensor if isinstance(tensor, nn.Parameter) else tensor.clone()
+
+
+def _as_kept(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def latent_shape(base_model: nn.Module, width: int, height: int) -> tuple[int, int, int]:
     """(channels, height / 8, width / 8) of the model's latent for an image of width x height."""
-    channels = getattr(getattr(base_model, "latent_format", None), "latent_channels", 4)
+    latent_format = getattr(base_model, "latent_format", None)
+    if getattr(latent_format, "latent_dimensions", 2) != 2:
+        raise ValueError(f"{type(base_model).__name__} is a video model (its latents have frames): distillation "
+                         f"supports image models (SD1.x, SD2.x, SDXL, SD3, Flux, ...)")
+    channels = getattr(latent_format, "latent_channels", 4)
     if width % 8 or height % 8:
         raise ValueError(f"width and height must be multiples of 8, got {width}x{height}")
     return channels, height // 8, width // 8
@@ -113,3 +172,16 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
             parts = [p.repeat(1, length // p.shape[1], 1) for p in parts]
         cond[k] = torch.cat(parts)
     return cond
+
+
+def embeds_guidance(base_model: nn.Module) -> bool:
+    """Whether the model is guidance-distilled (Flux dev): it takes the guidance scale as an input (the
+    ``guidance`` of its conditioning, which ComfyUI's FluxGuidance node writes) instead of sampling with CFG."""
+    config = getattr(getattr(base_model, "model_config", None), "unet_config", None) or {}
+    return bool(config.get("guidance_embed", False))
+
+
+def with_guidance(conditioning: list, guidance: float) -> list:
+    """CONDITIONING entries with the guidance input of a guidance-distilled model set to ``guidance``, as
+    FluxGuidance sets it."""
+    return [[entry[0], {**entry[1], "guidance": float(guidance)}] for entry in conditioning]

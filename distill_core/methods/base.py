@@ -45,7 +45,8 @@ class TeacherSource:
     settings measured on this teacher, used where the run leaves them at ``None``; ``stock_sampling``: its
     students are sampled by a host's stock samplers (ComfyUI), which feed a network nothing but x, sigma
     and the condition; ``draw_data``: real images and their conditions, ``draw_data(batch, generator)``,
-    where the teacher's data set is at hand (None: distillation is data-free)."""
+    where the teacher's data set is at hand (None: distillation is data-free); ``card``: entries every student
+    file of this teacher carries (how a host samples it)."""
 
     name: str
     denoiser: nn.Module
@@ -57,6 +58,7 @@ class TeacherSource:
     tuned: dict = field(default_factory=dict)
     stock_sampling: bool = False
     draw_data: Callable[[int, torch.Generator], tuple[torch.Tensor, Cond]] | None = None
+    card: dict = field(default_factory=dict)
 
     def scale(self, w: float | None) -> float:
         """The guidance scale of a run: ``w`` as configured, else the teacher's own."""

@@ -88,10 +88,12 @@ class SFDConfig:
             raise ValueError(f"nfe_range must be (lo, hi) with lo <= hi, got {self.nfe_range}")
 
 
-def student_grid(grid: str, intervals: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
-    """The student's ``intervals`` + 1 sigmas: Karras's rho grid, or the flow time grid (``schedules.flow_time``)."""
+def student_grid(grid: str, intervals: int, sigma_min: float, sigma_max: float, rho: float,
+                 shift: float = 1.0) -> torch.Tensor:
+    """The student's ``intervals`` + 1 sigmas: Karras's rho grid, or the flow time grid (``schedules.flow_time``)
+    with the teacher's time ``shift``."""
     if grid == "flow":
-        return flow_time(intervals, sigma_min, sigma_max)
+        return flow_time(intervals, sigma_min, sigma_max, shift)
     return karras(intervals, sigma_min, sigma_max, rho)
 
 
@@ -207,8 +209,9 @@ class SFD(Method):
         self.nfes = list(range(opts.nfe_range[0], opts.nfe_range[1] + 1)) if self.step_conditioned else [cfg.steps]
         self.grid = opts.schedule if opts.schedule != "auto" else (
             "flow" if getattr(source.denoiser, "prediction", None) == "flow" else "karras")
-        self.sigmas = {n: student_grid(self.grid, intervals_for(n, opts.afs), self.sigma_min, self.sigma_max, opts.rho)
-                       for n in self.nfes}
+        self.shift = getattr(source.denoiser, "shift", 1.0)
+        self.sigmas = {n: student_grid(self.grid, intervals_for(n, opts.afs), self.sigma_min, self.sigma_max, opts.rho,
+                                       self.shift) for n in self.nfes}
         one_step_above = opts.teacher_one_step_above
         if one_step_above is None:
             one_step_above = source.tuned.get("teacher_one_step_above")
@@ -328,7 +331,7 @@ class SFD(Method):
             self.sampler,
             self.nfes,
             self.sigmas,
-            {"name": self.grid, **({"rho": opts.rho} if self.grid == "karras" else {}),
+            {"name": self.grid, **({"rho": opts.rho} if self.grid == "karras" else {"shift": self.shift}),
              "sigma_min": self.sigma_min, "sigma_max": self.sigma_max},
             cfg.guidance_mode,
             self.w,

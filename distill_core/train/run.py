@@ -78,7 +78,7 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
     if result.status != "done":
         print(f"stopped at iteration {result.iteration}/{cfg.iters}; the checkpoint is in {trainer.ckpt_dir}")
         return None
-    card = method.card()
+    card = {**method.card(), **source.card}
     card["training"].update(
         seconds=round(result.seconds, 1),
         iterations=result.iteration,
