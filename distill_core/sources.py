@@ -106,8 +106,13 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     ``guidance`` as its input instead and samples without CFG (w = 1); its students carry the value
     (``embedded_guidance``). Students of flow models say so (``comfy_noise: flow``): ComfyUI's samplers
     give such a model the time t = sigma / (1 + sigma) as its sigma."""
-    from distill_core.denoisers.comfy import (ComfyDenoiser, embeds_guidance, encode_conditioning, latent_shape,
-                                              with_guidance)
+    from distill_core.denoisers.comfy import (
+        ComfyDenoiser,
+        embeds_guidance,
+        encode_conditioning,
+        latent_shape,
+        with_guidance,
+    )
 
     denoiser = ComfyDenoiser(base_model, sampling)
     shape = latent_shape(base_model, width, height)

@@ -11,10 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from distill_core.config import DistillConfig
 from distill_core.builtin import fingerprint
-from distill_core.denoisers.comfy import (FLOW_SIGMA_MAX, ComfyDenoiser, encode_conditioning, latent_shape,
-                                          refuse_unsupported)
+from distill_core.config import DistillConfig
+from distill_core.denoisers.comfy import (
+    FLOW_SIGMA_MAX,
+    ComfyDenoiser,
+    encode_conditioning,
+    latent_shape,
+    refuse_unsupported,
+)
 from distill_core.lora import merge
 from distill_core.safetensors_io import load
 from distill_core.sampling import comfy_sigmas, k_sampler, sampler_for
