@@ -26,6 +26,10 @@ EDM_SIGMA_MIN = 0.006
 #: sigma_min for Stable-Diffusion-style latent teachers (the official SFD code's choice).
 SD_SIGMA_MIN = 0.1
 
+#: training's random generators take seeds from here up; evaluation sets take seeds below, so a student never
+#: trains on the noise it is evaluated on
+TRAINING_SEED_BASE = 1 << 32
+
 GUIDANCE_MODES = ("distilled", "cfg")
 PRECISIONS = ("no", "bf16")
 STUDENT_KINDS = ("full", "lora")

@@ -343,3 +343,31 @@ def test_a_guidance_distilled_flow_model_distils_at_its_guidance_input_into_a_st
     sigmas, _, cfg = nodes["DistillStudentSchedule"]().run("(connected student)", 0, student)
     assert cfg == 1.0 and float(sigmas[0]) == pytest.approx(FLOW_SIGMA_MAX / (1 + FLOW_SIGMA_MAX))
     torch.testing.assert_close(sigmas, torch.tensor(card["sigmas"]["2"]) / (1 + torch.tensor(card["sigmas"]["2"])))
+
+
+class InPlaceBaseModel(FakeBaseModel):
+    """A DiT block's habit (Flux's ``x += ...``): it adds into a tensor that an earlier op saved for backward."""
+
+    in_place = True
+
+    def apply_model(self, x, sigma, c_crossattn=None, y=None):
+        net, s = self.diffusion_model, sigma.view(-1, 1, 1, 1)
+        h = net.conv_in(x / (1 + s**2).sqrt())
+        update = torch.nn.functional.layer_norm(h, h.shape[1:])  # saves h
+        if self.in_place:
+            h += update
+        else:
+            h = h + update
+        return x - s * net.conv_out(torch.nn.functional.silu(h))
+
+
+def test_backward_through_a_model_that_adds_in_place_gives_the_out_of_place_gradient():
+    base = InPlaceBaseModel()
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inplace"):  # what autograd says without the adapter's copies
+        base.apply_model(x, torch.tensor([1.0, 2.0])).square().sum().backward()
+    ComfyDenoiser(base)(x, torch.tensor([1.0, 2.0])).square().sum().backward()
+    ours, x.grad = x.grad, None
+    base.in_place = False
+    ComfyDenoiser(base)(x, torch.tensor([1.0, 2.0])).square().sum().backward()
+    torch.testing.assert_close(ours, x.grad)

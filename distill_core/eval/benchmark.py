@@ -24,7 +24,7 @@ import torch
 from distill_core import safetensors_io
 from distill_core.atomic import write_json
 from distill_core.builtin import ASSETS, SHAPE, fingerprint
-from distill_core.config import EDM_SIGMA_MIN
+from distill_core.config import EDM_SIGMA_MIN, TRAINING_SEED_BASE
 from distill_core.eval.coverage import precision_recall
 from distill_core.eval.fidelity import psnr, reference_solve, rmse
 from distill_core.eval.frechet import class_accuracy, features, frechet_distance, gaussian_fit, reference_stats
@@ -93,7 +93,11 @@ def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache
              batch: int = 250, shape: tuple[int, ...] = SHAPE, classes: int = 10, space: str = DIGITS) -> EvalSet:
     """Build (or read from the shipped references or ``cache_dir``) the evaluation set for ``teacher`` at
     its guidance scale: noise of ``shape``, labels 0 .. ``classes`` - 1 in turn (none when ``classes`` is 0).
-    The file name holds the teacher's fingerprint, w, n, the seed and the solve."""
+    The file name holds the teacher's fingerprint, w, n, the seed and the solve. ``seed`` lies below
+    ``TRAINING_SEED_BASE``: no training run draws this noise."""
+    if not 0 <= seed < TRAINING_SEED_BASE:
+        raise ValueError(f"an evaluation seed lies in [0, {TRAINING_SEED_BASE}) (training's seeds start there), "
+                         f"got {seed}")
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *shape), generator=gen) * teacher.sigma_max
     labels = torch.arange(n) % classes if classes else None
