@@ -48,6 +48,8 @@ class DistillConfig:
     classes: int = option(0, "a teacher from a directory: train on class labels 0 .. N-1 (0: unconditional)", min=0)
     null_class: int | None = option(None, "a teacher from a directory: its unconditional class label, for "
                                     "classifier-free guidance (None: no guidance)", min=0)
+    prompts: str | None = option(None, "a text-to-image pipeline directory: a text file of training prompts, one "
+                                 "per line (None: the shipped list)")
     method: str = option("sfd", "the distillation method (python -m distill_core distill --help lists them)")
     steps: int = option(4, "network evaluations (NFE) per sample of the student", min=1, max=1000)
     sigma_min: float = option(EDM_SIGMA_MIN, "the lowest noise level of the student's schedule", min=0)

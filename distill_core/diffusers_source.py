@@ -12,7 +12,9 @@ trained:
   sigma_max = 80 (t = 0.988).
 
 Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
-``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model.
+``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
+pipeline (a ``UNet2DConditionModel`` with its tokenizer and text encoder) trains on ``prompts`` instead
+(``text_pipeline``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from distill_core.methods.base import TeacherSource
 
 #: the noise level a flow teacher's solves start from (t = 80 / 81; x / 81 differs from pure noise by x0 / 81)
 FLOW_SIGMA_MAX = 80.0
-MODELS = ("UNet2DModel",)
+MODELS = ("UNet2DModel", "UNet2DConditionModel")
+#: the CFG scale a text-to-image pipeline is distilled at unless the run says another
+TEXT_GUIDANCE = 5.0
 
 
 class UNetVelocity(nn.Module):
@@ -68,7 +72,8 @@ def load_unet(folder: Path) -> nn.Module:
     name = read_json(folder / "config.json").get("_class_name") if (folder / "config.json").is_file() else None
     if name not in MODELS:
         raise ValueError(f"{folder}: a {name or 'folder without config.json'} is not a model this command "
-                         f"distils; it takes {', '.join(MODELS)} (text-to-image models: through ComfyUI)")
+                         f"distils; it takes {', '.join(MODELS)} (DiT models such as SD3 and Flux: through "
+                         f"ComfyUI)")
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"{folder}: no .safetensors weights (only safetensors are loaded; convert a .bin "
                                 "checkpoint with diffusers' save_pretrained(safe_serialization=True))")
@@ -93,10 +98,15 @@ def denoiser_for(unet: nn.Module, scheduler_dir: Path) -> nn.Module:
     return DiffusersDenoiser.from_scheduler(unet, scheduler_class.from_config(config))
 
 
-def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None = None) -> TeacherSource:
-    """A diffusers model directory as a teacher (see the module docstring)."""
+def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None = None,
+                     prompts: list[str] | None = None) -> TeacherSource:
+    """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
+    pipeline's training prompts (default: the shipped list)."""
     root = Path(path)
     model_dir, scheduler_dir = model_and_scheduler_dirs(root)
+    index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    if "text_encoder" in index:
+        return text_source(root, index, model_dir, scheduler_dir, classes, prompts)
     unet = load_unet(model_dir)
     embeds = getattr(unet.config, "num_class_embeds", None)
     if classes and not embeds:
@@ -111,8 +121,32 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor | None:
         return torch.randint(classes, (batch,), generator=generator) if classes else None
 
-    shape = (unet.config.in_channels, *(2 * (unet.config.sample_size,) if isinstance(unet.config.sample_size, int)
-                                        else unet.config.sample_size))
     uncond = torch.tensor([null_class]) if null_class is not None else None
-    return TeacherSource(str(root), denoiser_for(unet, scheduler_dir), tuple(shape), draw_cond, uncond, 1.0,
+    return TeacherSource(str(root), denoiser_for(unet, scheduler_dir), sample_shape(unet), draw_cond, uncond, 1.0,
                          classes)
+
+
+def sample_shape(unet: nn.Module) -> tuple[int, ...]:
+    size = unet.config.sample_size
+    return (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+
+
+def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
+                prompts: list[str] | None) -> TeacherSource:
+    """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the empty prompt
+    (condition P) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``."""
+    from distill_core.prompts import read_prompts
+    from distill_core.text_pipeline import PromptConditioned, encode_prompts, vae_decoder
+
+    if classes:
+        raise ValueError(f"{root}: a text-to-image pipeline trains on prompts (--prompts FILE), not --classes")
+    prompts = prompts or read_prompts(None)
+    unet = load_unet(model_dir)
+    denoiser = PromptConditioned(denoiser_for(unet, scheduler_dir), encode_prompts(root, index, prompts))
+    n = len(prompts)
+
+    def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(n, (batch,), generator=generator)
+
+    return TeacherSource(str(root), denoiser, sample_shape(unet), draw_cond, torch.tensor([n]), TEXT_GUIDANCE, n,
+                         decode=vae_decoder(root))

@@ -102,7 +102,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
 
     start = time.perf_counter()
     out = Path(cfg.out)
-    source = source or teacher_source(cfg.teacher, cfg.classes, cfg.null_class)
+    source = source or teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts)
     run = train_student(cfg, source, resume, progress)
     if run is None:
         print(f"continue with: python -m distill_core distill --resume --config {out / 'config.yaml'}")
@@ -131,7 +131,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     with torch.no_grad():
         solver_images = SOLVERS[parse_solver_label(best["method"])[0]](teacher, noise, sigmas, labels)
         student_images = sample(load_student(run.path, teacher), noise, labels)
-    save_grid([ev.reference[:k], solver_images, student_images], out / "grid.png")
+    save_grid([source.decode(r) if source.decode else r for r in (ev.reference[:k], solver_images, student_images)],
+              out / "grid.png")
     grid_rows = [
         "teacher reference solve (Heun, 128 steps)",
         f"{best['method']}, the best training-free solver at {nfe} NFE",

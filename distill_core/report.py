@@ -15,7 +15,9 @@ from distill_core.train.metrics import is_number
 
 
 def to_uint8_grid(rows: list[torch.Tensor], pad: int = 1) -> torch.Tensor:
-    """Tile image batches ``[N, C, H, W]`` in [-1, 1], one batch per row, into ``[H', W', C]`` uint8."""
+    """Tile image batches ``[N, C, H, W]`` in [-1, 1], one batch per row, into ``[H', W', C]`` uint8. Images
+    of other than 1 or 3 channels (latents without a decoder) show their first three (or first) channels."""
+    rows = [r[:, :3] if r.shape[1] >= 3 else r[:, :1] for r in rows]
     n = max(r.shape[0] for r in rows)
     c, h, w = rows[0].shape[1:]
     grid = torch.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, dtype=torch.uint8)

@@ -79,9 +79,10 @@ def finetuned_source() -> TeacherSource:
     return dataclasses.replace(base, name="builtin-bold", denoiser=load_finetuned_teacher(), draw_data=draw_data)
 
 
-def teacher_source(name: str, classes: int = 0, null_class: int | None = None) -> TeacherSource:
+def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
+                   prompts: str | None = None) -> TeacherSource:
     """The teacher a run names: a built-in one, or a local diffusers model directory (``diffusers_source``,
-    with ``classes`` and ``null_class``)."""
+    with ``classes`` and ``null_class``, or for a text-to-image pipeline the prompt file ``prompts``)."""
     if name == "builtin":
         return builtin_source()
     if name == "builtin-bold":
@@ -90,8 +91,9 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None) -
         return flow_source()
     if "/" in name or "\\" in name or name.startswith(".") or Path(name).exists():
         from distill_core.diffusers_source import diffusers_source
+        from distill_core.prompts import read_prompts
 
-        return diffusers_source(name, classes, null_class)
+        return diffusers_source(name, classes, null_class, read_prompts(prompts) if prompts else None)
     raise ValueError(
         f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, or the path of a local diffusers model "
         "directory (ComfyUI checkpoints come through the nodes)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from distill_core.builtin import DEFAULT_GUIDANCE
 from distill_core.config import EDM_SIGMA_MIN, SD_SIGMA_MIN
+from distill_core.prompts import DEFAULT_NEGATIVE, DEFAULT_PROMPTS
 from distill_core.sources import builtin_source, comfy_source
 
 from .handles import TeacherHandle
@@ -11,26 +12,6 @@ from .spec import In, Out, node
 
 TEACHER = Out("DISTILL_TEACHER", "teacher", "the teacher to distil, for Distill to N steps and Compare")
 
-#: A varied default prompt list for prompt-conditioned teachers (subjects, styles, lighting, framing).
-DEFAULT_PROMPTS = "\n".join([
-    "a red fox curled up asleep in fresh snow, soft morning light",
-    "portrait of an elderly fisherman with a weathered face, overcast day, 85mm photo",
-    "a cosy reading nook with a window seat and rain outside, warm lamp light",
-    "isometric illustration of a tiny floating island with a lighthouse",
-    "a bowl of ramen with a soft-boiled egg, steam rising, top-down food photo",
-    "watercolor painting of a mountain lake at dusk with pine trees",
-    "a vintage red bicycle leaning against a blue door in a narrow street",
-    "futuristic city skyline at night with neon signs reflected in wet streets",
-    "macro photo of a dragonfly on a reed, shallow depth of field",
-    "an astronaut tending a vegetable garden inside a glass dome on mars",
-    "oil painting of a stormy sea with a small sailing boat",
-    "a golden retriever puppy running through autumn leaves",
-    "minimalist product photo of a ceramic coffee mug on linen",
-    "ancient library with towering bookshelves and floating candles",
-    "pixel art of a knight standing at the gate of a castle",
-    "a desert canyon with layered red rock under a starry sky",
-])
-DEFAULT_NEGATIVE = "blurry, low quality, distorted, watermark, text"
 
 
 @node("DistillBuiltinTeacher", "Built-in teacher (digits)", "teachers",

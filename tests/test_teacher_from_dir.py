@@ -91,3 +91,75 @@ def test_what_cannot_be_a_teacher_is_refused_in_one_line(tmp_path, capsys):
         assert main(["distill", *flags, "--iters", "1", "--out", str(tmp_path / "r"), "--no-progress"]) == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (flags, err)
+
+
+def text_pipeline_dir(root):
+    """A tiny text-to-image pipeline as diffusers saves one: a UNet2DConditionModel on 4-channel latents, a DDIM
+    scheduler, a CLIP tokenizer (a character vocabulary) and text encoder, and an AutoencoderKL."""
+    import string
+
+    import transformers
+
+    chars = string.ascii_lowercase + string.digits + ",.'-"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "src" / "merges.txt").write_text("#version: 0.2\n")
+    transformers.CLIPTokenizer(str(root / "src" / "vocab.json"), str(root / "src" / "merges.txt"),
+                               model_max_length=12).save_pretrained(root / "tokenizer")
+    encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=12, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    randomise(unet, seed=0, scale=0.05)
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                            layers_per_block=1, norm_num_groups=4, sample_size=8).save_pretrained(
+        root / "vae", safe_serialization=True)
+    diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear").save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    return root
+
+
+def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_empty_prompt(tmp_path, capsys):
+    """Prompts from --prompts, encoded by the pipeline's own CLIP, become the teacher's conditions (the empty
+    prompt is CFG's unconditional side); the run writes the full report and a grid decoded by its VAE."""
+    teacher = text_pipeline_dir(tmp_path / "sd")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n\n a lighthouse at dusk \nan owl\n")
+    source = diffusers_source(teacher, prompts=["a red fox", "a lighthouse at dusk", "an owl"])
+    assert source.classes == 3 and source.uncond.tolist() == [3] and source.shape == (4, 8, 8)
+    table = source.denoiser.embeddings
+    assert table.shape == (4, 12, 16) and not torch.equal(table[0], table[1])
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():  # the condition is the prompt's text embedding
+        torch.testing.assert_close(source.denoiser(x, 2.0, torch.tensor([1, 3])),
+                                   source.denoiser.inner(x, 2.0, table[[1, 3]]))
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--steps", "2", "--iters", "2",
+                 "--batch", "2", "--eval-samples", "6", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["guidance"] == 5.0 and any(r["method"] == "sfd" for r in report["rows"])
+    assert f"prompts: {prompts}" in (out / "config.yaml").read_text()
+    png = (out / "grid.png").read_bytes()  # IHDR: width, height (big-endian), bit depth, colour type
+    width, height, colour = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big"), png[25]
+    assert (width, height, colour) == (3 * (6 * 9 + 1), 3 * (3 * 9 + 1), 2)  # 6 RGB 8 x 8 images in 3 rows
+    refusals = [(["--classes", "3"], "trains on prompts (--prompts FILE), not --classes"),
+                (["--prompts", str(tmp_path / "none.txt")], "cannot read it")]
+    for flags, message in refusals:
+        assert main(["distill", "--teacher", str(teacher), *flags, "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (flags, err)
+    index = json.loads((teacher / "model_index.json").read_text())
+    (teacher / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": index["text_encoder"]}))
+    assert main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+    assert "several text encoders (SDXL, SD3) is distilled through ComfyUI" in capsys.readouterr().err

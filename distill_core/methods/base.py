@@ -46,7 +46,8 @@ class TeacherSource:
     students are sampled by a host's stock samplers (ComfyUI), which feed a network nothing but x, sigma
     and the condition; ``draw_data``: real images and their conditions, ``draw_data(batch, generator)``,
     where the teacher's data set is at hand (None: distillation is data-free); ``card``: entries every student
-    file of this teacher carries (how a host samples it)."""
+    file of this teacher carries (how a host samples it); ``decode``: its samples (latents) as images in
+    [-1, 1] for the report's grid, where the teacher has a decoder."""
 
     name: str
     denoiser: nn.Module
@@ -59,6 +60,7 @@ class TeacherSource:
     stock_sampling: bool = False
     draw_data: Callable[[int, torch.Generator], tuple[torch.Tensor, Cond]] | None = None
     card: dict = field(default_factory=dict)
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def scale(self, w: float | None) -> float:
         """The guidance scale of a run: ``w`` as configured, else the teacher's own."""

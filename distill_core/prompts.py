@@ -1,0 +1,41 @@
+"""Training prompts of text-to-image teachers: the shipped default list and prompt files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: A varied default prompt list for prompt-conditioned teachers (subjects, styles, lighting, framing).
+DEFAULT_PROMPTS = "\n".join([
+    "a red fox curled up asleep in fresh snow, soft morning light",
+    "portrait of an elderly fisherman with a weathered face, overcast day, 85mm photo",
+    "a cosy reading nook with a window seat and rain outside, warm lamp light",
+    "isometric illustration of a tiny floating island with a lighthouse",
+    "a bowl of ramen with a soft-boiled egg, steam rising, top-down food photo",
+    "watercolor painting of a mountain lake at dusk with pine trees",
+    "a vintage red bicycle leaning against a blue door in a narrow street",
+    "futuristic city skyline at night with neon signs reflected in wet streets",
+    "macro photo of a dragonfly on a reed, shallow depth of field",
+    "an astronaut tending a vegetable garden inside a glass dome on mars",
+    "oil painting of a stormy sea with a small sailing boat",
+    "a golden retriever puppy running through autumn leaves",
+    "minimalist product photo of a ceramic coffee mug on linen",
+    "ancient library with towering bookshelves and floating candles",
+    "pixel art of a knight standing at the gate of a castle",
+    "a desert canyon with layered red rock under a starry sky",
+])
+DEFAULT_NEGATIVE = "blurry, low quality, distorted, watermark, text"
+
+
+def read_prompts(path: str | Path | None) -> list[str]:
+    """The prompts of a text file, one per non-empty line; the shipped list without a file."""
+    if not path:
+        return DEFAULT_PROMPTS.splitlines()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise FileNotFoundError(f"--prompts {path}: cannot read it ({e.strerror}); give a text file with one "
+                                "prompt per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompt: write one prompt per line")
+    return prompts
