@@ -31,7 +31,7 @@ class BuiltinTeacher:
 
 @node("DistillTeacherFromModel", "Teacher from MODEL", "teachers",
       "Any ComfyUI image model from Load Checkpoint or Load Diffusion Model with its prompts: SD1.x, SD2.x and "
-      "SDXL (eps, v), and flow models (SD3 / 3.5, Flux, AuraFlow, Lumina 2, HiDream, Qwen-Image). Each training "
+      "SDXL (eps, v), and flow models (SD3 / 3.5, Flux, AuraFlow, Lumina 2, HiDream, Chroma). Each training "
       "trajectory uses one positive entry at random; the negative is CFG's other side. Flux dev takes guidance "
       "as an input: the guidance value is its FluxGuidance, and CFG stays 1.",
       inputs=[

@@ -141,7 +141,7 @@ def test_other_objects_bad_sizes_and_video_models_are_refused():
     assert latent_shape(FakeBaseModel(), 512, 768) == (4, 96, 64)
     video = FakeBaseModel(CONST())
     video.latent_format = LatentVideo()
-    with pytest.raises(ValueError, match="video model"):
+    with pytest.raises(ValueError, match="video latents"):
         latent_shape(video, 512, 512)
 
 

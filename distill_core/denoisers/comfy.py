@@ -133,8 +133,8 @@ def latent_shape(base_model: nn.Module, width: int, height: int) -> tuple[int, i
     """(channels, height / 8, width / 8) of the model's latent for an image of width x height."""
     latent_format = getattr(base_model, "latent_format", None)
     if getattr(latent_format, "latent_dimensions", 2) != 2:
-        raise ValueError(f"{type(base_model).__name__} is a video model (its latents have frames): distillation "
-                         f"supports image models (SD1.x, SD2.x, SDXL, SD3, Flux, ...)")
+        raise ValueError(f"{type(base_model).__name__} has video latents (a frame axis, as Wan and Qwen-Image): "
+                         f"distillation supports models with image latents (SD1.x, SD2.x, SDXL, SD3, Flux, ...)")
     channels = getattr(latent_format, "latent_channels", 4)
     if width % 8 or height % 8:
         raise ValueError(f"width and height must be multiples of 8, got {width}x{height}")
