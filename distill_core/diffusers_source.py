@@ -25,11 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill_core.denoisers.flow import FlowDenoiser, t_to_sigma
+from distill_core.denoisers.flow import FLOW_SIGMA_MAX, FlowDenoiser, t_to_sigma
 from distill_core.methods.base import TeacherSource
 
-#: the noise level a flow teacher's solves start from (t = 80 / 81; x / 81 differs from pure noise by x0 / 81)
-FLOW_SIGMA_MAX = 80.0
 MODELS = ("UNet2DModel", "UNet2DConditionModel")
 #: the CFG scale a text-to-image pipeline is distilled at unless the run says another
 TEXT_GUIDANCE = 5.0

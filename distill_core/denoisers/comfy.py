@@ -27,10 +27,8 @@ import torch
 from torch import nn
 
 from distill_core.denoisers.base import Cond, expand_sigma
-from distill_core.denoisers.flow import sigma_to_t, t_to_sigma
+from distill_core.denoisers.flow import FLOW_SIGMA_MAX, sigma_to_t, t_to_sigma
 
-#: the highest noise level of a flow model's schedule (t = 80 / 81, where x_t differs from pure noise by x0 / 81)
-FLOW_SIGMA_MAX = 80.0
 #: ComfyUI's prediction classes (``comfy.model_sampling``), the most derived first in a sampling's MRO
 PREDICTIONS = ("EDM", "V_PREDICTION", "EPS", "X0", "IMG_TO_IMG", "CONST", "COSMOS_RFLOW")
 

@@ -26,6 +26,10 @@ from torch import nn
 
 from distill_core.denoisers.base import Cond, expand_sigma
 
+#: where solves of a flow model start when its time reaches 1 (sigma = inf): t = 80 / 81, where
+#: x / (1 + sigma) differs from pure noise by x0 / 81
+FLOW_SIGMA_MAX = 80.0
+
 
 def sigma_to_t(sigma: torch.Tensor | float) -> torch.Tensor | float:
     """t = sigma / (1 + sigma)."""
