@@ -26,9 +26,15 @@ EDM_SIGMA_MIN = 0.006
 #: sigma_min for Stable-Diffusion-style latent teachers (the official SFD code's choice).
 SD_SIGMA_MIN = 0.1
 
-#: training's random generators take seeds from here up; evaluation sets take seeds below, so a student never
-#: trains on the noise it is evaluated on
-TRAINING_SEED_BASE = 1 << 32
+#: training's random generators take seeds in [TRAINING_SEED_BASE, 2^32) (``training_seed``), evaluation sets
+#: seeds below it, so a student never trains on the noise it is evaluated on (torch's CPU generator keeps
+#: only the low 32 bits of a seed: a larger base would alias)
+TRAINING_SEED_BASE = 1 << 31
+
+
+def training_seed(value: int) -> int:
+    """The generator seed of a training stream: ``value`` folded into [TRAINING_SEED_BASE, 2^32)."""
+    return TRAINING_SEED_BASE + value % TRAINING_SEED_BASE
 
 GUIDANCE_MODES = ("distilled", "cfg")
 PRECISIONS = ("no", "bf16")

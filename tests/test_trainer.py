@@ -245,17 +245,19 @@ def test_a_schedule_below_the_teachers_trained_range_ends_at_its_lowest_sigma(ti
 
 
 def test_training_seeds_its_generators_above_every_evaluation_seed(tiny_edm, tmp_path):
-    """Training's noise and plans come from generators seeded at or above TRAINING_SEED_BASE, and evaluation
-    sets refuse seeds there: a student is never trained on the noise it is evaluated on (the main job's
-    evaluation set uses seed + 1, whose generator the training data once shared)."""
+    """Training's noise and plans come from generators seeded in [TRAINING_SEED_BASE, 2^32), evaluation sets
+    refuse seeds there: a student is never trained on the noise it is evaluated on. The main job evaluates on
+    seed + 1, whose stream the training data shared when its generator was seeded seed * 1000003 + 1."""
     from distill_core.config import TRAINING_SEED_BASE
     from distill_core.eval.benchmark import eval_set
     from distill_core.teacher import CFGTeacher
 
-    m = _sfd(tiny_edm, tmp_path, seed=3)
+    m = _sfd(tiny_edm, tmp_path, seed=0)
     trainer = Trainer(m, m.cfg)
-    assert min(trainer.data_gen.initial_seed(), trainer.plan_gen.initial_seed()) >= TRAINING_SEED_BASE
+    for gen in (trainer.data_gen, trainer.plan_gen):
+        assert TRAINING_SEED_BASE <= gen.initial_seed() < 1 << 32  # torch keeps a seed's low 32 bits
     first = torch.randn((4, 1, 8, 8), generator=trainer.data_gen)
-    assert not torch.equal(first, torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(4)))
+    evaluation = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(m.cfg.seed + 1))
+    assert not torch.equal(first, evaluation)
     with pytest.raises(ValueError, match="evaluation seed"):
         eval_set(CFGTeacher(tiny_edm, 1.0, torch.tensor([10])), 4, seed=TRAINING_SEED_BASE, shape=(1, 8, 8))

@@ -41,7 +41,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from distill_core.atomic import write_text
-from distill_core.config import TRAINING_SEED_BASE, DistillConfig
+from distill_core.config import DistillConfig, training_seed
 from distill_core.denoisers.base import move_cond
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss
 from distill_core.students import PartlySaved
@@ -131,9 +131,8 @@ class Trainer:
         }
         self.params = {name: [p for p in net.parameters() if p.requires_grad] for name, net in self.nets.items()}
         # seeds above every evaluation set's (TRAINING_SEED_BASE): training never draws the evaluation noise
-        self.plan_gen = torch.Generator().manual_seed(TRAINING_SEED_BASE + cfg.seed)  # identical on every process
-        self.data_gen = torch.Generator().manual_seed(
-            TRAINING_SEED_BASE + cfg.seed * 1_000_003 + 1 + self.acc.process_index)
+        self.plan_gen = torch.Generator().manual_seed(training_seed(cfg.seed))  # identical on every process
+        self.data_gen = torch.Generator().manual_seed(training_seed(cfg.seed * 1_000_003 + 1 + self.acc.process_index))
         self.preview_inputs: dict[int, tuple] = {}  # fixed noise and conditions of previews, by count
         self.preview_rows: list[torch.Tensor] = []  # the grids' fixed rows: teacher reference, solver
         self.started = time.time()  # of this process's part of the run (status.json)
