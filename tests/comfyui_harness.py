@@ -96,6 +96,21 @@ def load_pack():
     return module
 
 
+def unloaded_lora_keys() -> list[str]:
+    """A list that collects what the stock LoRA loaders log about keys they leave unloaded."""
+    import logging
+
+    unloaded = []
+
+    class Unloaded(logging.Handler):
+        def emit(self, record):
+            if "lora key not loaded" in record.getMessage():
+                unloaded.append(record.getMessage())
+
+    logging.getLogger().addHandler(Unloaded())
+    return unloaded
+
+
 def _folders(work: Path) -> None:
     import folder_paths
 
@@ -236,19 +251,10 @@ def flow_probe(family: str, work: Path) -> dict:
     ModelSamplingSD3 clone of it ran (the shared BaseModel then held flow sampling)."""
     _comfyui()
     _folders(work)
-    import logging
-
     import torch
     from comfy_extras.nodes_flux import FluxGuidance
 
-    unloaded = []
-
-    class Unloaded(logging.Handler):
-        def emit(self, record):
-            if "lora key not loaded" in record.getMessage():
-                unloaded.append(record.getMessage())
-
-    logging.getLogger().addHandler(Unloaded())
+    unloaded = unloaded_lora_keys()
     model, context, pooled = flow_model(family, work)
 
     def entry(seed: int) -> list:
@@ -276,18 +282,9 @@ def stock_nodes_on_checkpoint(checkpoint: Path, work: Path):
     _comfyui()
     _folders(work)
     os.symlink(checkpoint, work / "checkpoints" / checkpoint.name)
-    import logging
-
     import torch
 
-    unloaded = []
-
-    class Unloaded(logging.Handler):
-        def emit(self, record):
-            if "lora key not loaded" in record.getMessage():
-                unloaded.append(record.getMessage())
-
-    logging.getLogger().addHandler(Unloaded())
+    unloaded = unloaded_lora_keys()
     stock = importlib.import_module("nodes")
     pack = load_pack().NODE_CLASS_MAPPINGS
     with torch.inference_mode():
