@@ -97,14 +97,17 @@ def denoiser_for(unet: nn.Module, scheduler_dir: Path) -> nn.Module:
 
 
 def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None = None,
-                     prompts: list[str] | None = None) -> TeacherSource:
+                     prompts: str | Path | None = None) -> TeacherSource:
     """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
-    pipeline's training prompts (default: the shipped list)."""
+    pipeline's file of training prompts (default: the shipped list)."""
     root = Path(path)
     model_dir, scheduler_dir = model_and_scheduler_dirs(root)
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
     if "text_encoder" in index:
         return text_source(root, index, model_dir, scheduler_dir, classes, prompts)
+    if prompts:
+        raise ValueError(f"{root}: --prompts is for text-to-image pipelines (a model_index.json naming a "
+                         "text_encoder); this model is conditioned on class labels or nothing")
     unet = load_unet(model_dir)
     embeds = getattr(unet.config, "num_class_embeds", None)
     if classes and not embeds:
@@ -130,7 +133,7 @@ def sample_shape(unet: nn.Module) -> tuple[int, ...]:
 
 
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
-                prompts: list[str] | None) -> TeacherSource:
+                prompts: str | Path | None) -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the empty prompt
     (condition P) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``."""
     from distill_core.prompts import read_prompts
@@ -138,7 +141,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
 
     if classes:
         raise ValueError(f"{root}: a text-to-image pipeline trains on prompts (--prompts FILE), not --classes")
-    prompts = prompts or read_prompts(None)
+    prompts = read_prompts(prompts)
     unet = load_unet(model_dir)
     denoiser = PromptConditioned(denoiser_for(unet, scheduler_dir), encode_prompts(root, index, prompts))
     n = len(prompts)

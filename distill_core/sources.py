@@ -83,6 +83,9 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
                    prompts: str | None = None) -> TeacherSource:
     """The teacher a run names: a built-in one, or a local diffusers model directory (``diffusers_source``,
     with ``classes`` and ``null_class``, or for a text-to-image pipeline the prompt file ``prompts``)."""
+    if prompts and name in TEACHERS:
+        raise ValueError(f"--prompts is for text-to-image pipeline directories; the {name} teacher is conditioned "
+                         "on classes")
     if name == "builtin":
         return builtin_source()
     if name == "builtin-bold":
@@ -91,9 +94,8 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
         return flow_source()
     if "/" in name or "\\" in name or name.startswith(".") or Path(name).exists():
         from distill_core.diffusers_source import diffusers_source
-        from distill_core.prompts import read_prompts
 
-        return diffusers_source(name, classes, null_class, read_prompts(prompts) if prompts else None)
+        return diffusers_source(name, classes, null_class, prompts)
     raise ValueError(
         f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, or the path of a local diffusers model "
         "directory (ComfyUI checkpoints come through the nodes)"

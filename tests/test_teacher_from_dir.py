@@ -136,7 +136,7 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
     teacher = text_pipeline_dir(tmp_path / "sd")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\n\n a lighthouse at dusk \nan owl\n")
-    source = diffusers_source(teacher, prompts=["a red fox", "a lighthouse at dusk", "an owl"])
+    source = diffusers_source(teacher, prompts=prompts)  # blank lines and surrounding spaces are dropped
     assert source.classes == 3 and source.uncond.tolist() == [3] and source.shape == (4, 8, 8)
     table = source.denoiser.embeddings
     assert table.shape == (4, 12, 16) and not torch.equal(table[0], table[1])
@@ -154,6 +154,9 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
     width, height, colour = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big"), png[25]
     assert (width, height, colour) == (3 * (6 * 9 + 1), 3 * (3 * 9 + 1), 2)  # 6 RGB 8 x 8 images in 3 rows
     refusals = [(["--classes", "3"], "trains on prompts (--prompts FILE), not --classes"),
+                (["--teacher", "builtin", "--prompts", str(prompts)], "--prompts is for text-to-image pipeline"),
+                (["--teacher", str(model_dir(tmp_path / "plain", "ddpm")), "--prompts", str(prompts)],
+                 "--prompts is for text-to-image pipelines"),
                 (["--prompts", str(tmp_path / "none.txt")], "cannot read it")]
     for flags, message in refusals:
         assert main(["distill", "--teacher", str(teacher), *flags, "--out", str(tmp_path / "r"), "--no-progress"]) == 1
