@@ -38,6 +38,7 @@ def training_seed(value: int) -> int:
 
 GUIDANCE_MODES = ("distilled", "cfg")
 PRECISIONS = ("no", "bf16")
+FROZEN_PRECISIONS = ("as-loaded", "bf16")
 STUDENT_KINDS = ("full", "lora")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("step", "cosine", "constant")
@@ -83,6 +84,11 @@ class DistillConfig:
     clip_grad: float | None = option(None, "clip the gradient norm to this value", min=0)
     ema: float | None = option(None, "EMA decay of the student's weights", min=0, max=0.999999)
     mixed_precision: str = option("no", "bf16 autocast on CUDA", choices=PRECISIONS)
+    # memory levers (``memory_plan`` estimates what they save before a run starts)
+    frozen_precision: str = option("as-loaded", "the frozen teacher's weights: as loaded, or cast to bf16 (half the "
+                                   "memory of float32; trained weights stay float32)", choices=FROZEN_PRECISIONS)
+    grad_checkpointing: bool = option(False, "recompute the trained networks' activations in the backward pass: "
+                                      "far less memory, about a third more time per iteration")
     optimizer: str | None = option(None, "adam or adamw (None: the method's own)", choices=OPTIMIZERS)
     weight_decay: float | None = option(None, "weight decay (None: the method's own)", min=0)
     lr_schedule: str | None = option(None, "step, cosine or constant after the warmup (None: the method's own)",

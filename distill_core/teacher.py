@@ -52,13 +52,15 @@ class CFGTeacher:
         """The unconditional condition for a batch: the stored one, broadcast to ``batch`` rows, on
         ``device`` (the batch's: the stored one may stay on the CPU while the network runs on CUDA)."""
 
-        def fit(u: torch.Tensor) -> torch.Tensor:
+        def fit(u: Cond) -> Cond:
+            if isinstance(u, dict):  # nested: SDXL's added_cond_kwargs
+                return {k: fit(v) for k, v in u.items()}
+            if not isinstance(u, torch.Tensor):
+                return u
             u = u if device is None else u.to(device)
             return u.expand(batch, *u.shape[1:]) if u.shape[0] == 1 else u
 
-        if isinstance(self.uncond, dict):
-            return {k: fit(v) for k, v in self.uncond.items()}
-        return fit(self.uncond) if isinstance(self.uncond, torch.Tensor) else self.uncond
+        return fit(self.uncond)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
         sigma = expand_sigma(sigma, x)

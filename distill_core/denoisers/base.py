@@ -35,6 +35,22 @@ def move_cond(cond: Cond, device: torch.device) -> Cond:
     return cond
 
 
+def network_dtype(net: torch.nn.Module, default: torch.dtype) -> torch.dtype:
+    """The precision a network computes in: its first floating-point parameter's (``default``, the input's,
+    without one). An adapter feeds its network inputs of this dtype, so a teacher whose weights were cast to
+    bf16 runs without autocast too (trained LoRA adapters, float32, cast their own inputs)."""
+    return next((p.dtype for p in net.parameters() if p.is_floating_point()), default)
+
+
+def cast_cond(cond: Cond, dtype: torch.dtype) -> Cond:
+    """A condition with its floating-point tensors (text embeddings) in ``dtype``; labels keep theirs."""
+    if isinstance(cond, torch.Tensor):
+        return cond.to(dtype) if cond.is_floating_point() else cond
+    if isinstance(cond, dict):
+        return {k: cast_cond(v, dtype) for k, v in cond.items()}
+    return cond
+
+
 def expand_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """Return sigma as a tensor of shape ``[B]`` on x's device, in float32 (float64 for float64 x)."""
     sigma = torch.as_tensor(sigma, device=x.device).to(torch.promote_types(x.dtype, torch.float32))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond, expand_sigma
+from distill_core.denoisers.base import Cond, cast_cond, expand_sigma, network_dtype
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -116,7 +116,9 @@ class DiffusersDenoiser(nn.Module):
         s = sigma.view((-1,) + (1,) * (x.ndim - 1))
         alpha = (1 + s**2).rsqrt()
         t = self.sigma_to_t(sigma).to(sigma.dtype)
-        out = self.unet((alpha * x).to(x.dtype), t, **self.unet_kwargs(cond), return_dict=False)[0].to(s.dtype)
+        dtype = network_dtype(self.unet, x.dtype)
+        out = self.unet((alpha * x).to(dtype), t, **self.unet_kwargs(cast_cond(cond, dtype)), return_dict=False)[0]
+        out = out.to(s.dtype)
         if self.prediction_type == "epsilon":
             return x - s * out
         if self.prediction_type == "v_prediction":

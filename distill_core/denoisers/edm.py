@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond, expand_sigma
+from distill_core.denoisers.base import Cond, cast_cond, expand_sigma, network_dtype
 
 
 class EDMDenoiser(nn.Module):
@@ -42,5 +42,6 @@ class EDMDenoiser(nn.Module):
         sigma = expand_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
         view = (-1,) + (1,) * (x.ndim - 1)
-        f = self.net((c_in.view(view) * x).to(x.dtype), c_noise, cond, **net_kwargs)
+        dtype = network_dtype(self.net, x.dtype)
+        f = self.net((c_in.view(view) * x).to(dtype), c_noise.to(dtype), cast_cond(cond, dtype), **net_kwargs)
         return c_skip.view(view) * x + c_out.view(view) * f.to(c_out.dtype)

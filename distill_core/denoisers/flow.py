@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond, expand_sigma
+from distill_core.denoisers.base import Cond, cast_cond, expand_sigma, network_dtype
 
 #: where solves of a flow model start when its time reaches 1 (sigma = inf): t = 80 / 81, where
 #: x / (1 + sigma) differs from pure noise by x0 / 81
@@ -67,7 +67,8 @@ class FlowDenoiser(nn.Module):
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None, **net_kwargs) -> torch.Tensor:
         """v(x_t, t) for t of shape [B]."""
-        return self.net(x_t, t * self.time_scale, cond, **net_kwargs)
+        dtype = network_dtype(self.net, x_t.dtype)
+        return self.net(x_t.to(dtype), (t * self.time_scale).to(dtype), cast_cond(cond, dtype), **net_kwargs)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None, **net_kwargs) -> torch.Tensor:
         sigma = expand_sigma(sigma, x)

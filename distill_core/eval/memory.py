@@ -1,4 +1,5 @@
-"""Peak memory of a piece of work, in MiB (2^20 bytes).
+"""Peak memory of a piece of work, in MiB (2^20 bytes): of the process (``with_peak_memory``, for benchmarks),
+and of the tensors the work allocates (``with_tensor_peak``, for the memory plan's checks).
 
 On CUDA it is the allocator's peak, ``torch.cuda.max_memory_allocated`` with the peak reset before the
 work: the tensors of the work and of anything else the process keeps on the GPU meanwhile. Without CUDA
@@ -33,6 +34,30 @@ def with_peak_memory(work: Callable[[], T]) -> tuple[T, float | None]:
         return work(), None
     result = work()
     return result, _rss_peak_kib() * 1024 / MIB
+
+
+def with_tensor_peak(work: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """``work()``'s result and the peak of the tensor memory it allocates on ``device`` above what was allocated
+    when it started, in MiB. On CUDA, from the allocator's statistics; on the CPU, from torch's profiler: each
+    operator's own allocations net of its frees, and every free outside an operator, summed in time order
+    (a transient inside one operator is not seen; slow, for short pieces of work)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = work()
+        torch.cuda.synchronize(device)
+        return result, (torch.cuda.max_memory_allocated(device) - start) / MIB
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = work()
+    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return result, peak / MIB
 
 
 def _reset_rss_peak() -> bool:

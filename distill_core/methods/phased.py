@@ -53,7 +53,7 @@ from distill_core.methods.base import Method, MicroBatch, NodeLayout, OptimSpec,
 from distill_core.methods.phase_inputs import DataInputs, TrajectoryInputs
 from distill_core.methods.phases import PARTITIONS, PHASE_WEIGHTS
 from distill_core.methods.registry import register
-from distill_core.nets.surgery import clip_spectral_norms, enable_checkpointing, lighter_student
+from distill_core.nets.surgery import clip_spectral_norms, lighter_student
 from distill_core.options import option
 from distill_core.schedules import phased
 from distill_core.solvers import SOLVERS
@@ -82,7 +82,6 @@ class PhasedConfig:
     student_init: str = option("teacher", "weight selection from the teacher, or scratch",
                                choices=("teacher", "scratch"))
     spectral_norm: float | None = option(None, "clip every layer's spectral norm to this bound", min=0)
-    grad_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
     phased_solver: str = option("dpmpp_2m", "the student's sampler on the phase-aware schedule",
                                 choices=tuple(SOLVERS))
     probe_batch: int = option(64, "teacher trajectories that estimate drift and variance", min=1)
@@ -177,8 +176,6 @@ class Phased(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             denoiser = lighter_student(source.denoiser, opts.student_width, opts.student_depth, opts.student_init)
-        if opts.grad_checkpointing:
-            enable_checkpointing(denoiser)
         self.nets = {"student": StudentNet(denoiser).train()}
         self.architecture = architecture(denoiser)
         needs_probe = opts.partition == "adaptive" or opts.phase_weights == "variance"

@@ -4,12 +4,14 @@ models with larger ones"), gradient checkpointing, and spectral-norm clipping.""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from distill_core.lora import LoRA
 from distill_core.nets.unet import Level, UNet
 
 
@@ -26,15 +28,41 @@ def select_weights(student: nn.Module, teacher: nn.Module) -> int:
     return copied
 
 
+def checkpoint_call(owner: nn.Module, fn, *args):
+    """``fn(*args)`` (the forward of ``owner``) under torch's non-reentrant gradient checkpointing, recomputed
+    in the backward pass with the LoRA adapters hooked inside ``owner`` switched as they were in the forward
+    pass: a method that trains several adapter sets on one base switches the others off for each network's
+    forward, and the backward pass runs after that switch is undone."""
+    adapters = [hook.__self__ for m in owner.modules() for hook in m._forward_hooks.values()
+                if isinstance(getattr(hook, "__self__", None), LoRA)]
+    state = [a.enabled for a in adapters]
+
+    @contextlib.contextmanager
+    def as_in_forward():
+        previous = [a.enabled for a in adapters]
+        for a, enabled in zip(adapters, state):
+            a.enabled = enabled
+        try:
+            yield
+        finally:
+            for a, enabled in zip(adapters, previous):
+                a.enabled = enabled
+
+    return torch.utils.checkpoint.checkpoint(
+        fn, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), as_in_forward())
+    )
+
+
 class _CheckpointedLevel(Level):
     """A UNet level whose activations are recomputed in the backward pass instead of stored."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return torch.utils.checkpoint.checkpoint(super().forward, x, emb, use_reentrant=False)
+        return checkpoint_call(self, super().forward, x, emb)
 
 
 def enable_checkpointing(denoiser: nn.Module) -> None:
-    """Gradient checkpointing: per level for the built-in UNet, diffusers' own switch otherwise."""
+    """Gradient checkpointing: per level for the built-in UNet, per block through diffusers' own switch
+    otherwise (``checkpoint_call`` either way)."""
     levels = [m for m in denoiser.modules() if type(m) is Level]
     for m in levels:
         m.__class__ = _CheckpointedLevel
@@ -43,7 +71,7 @@ def enable_checkpointing(denoiser: nn.Module) -> None:
                        if hasattr(m, "enable_gradient_checkpointing")), None)
         if switch is None:
             raise ValueError(f"no gradient checkpointing for a {type(denoiser).__name__}")
-        switch()
+        switch(lambda module, *args: checkpoint_call(module, module.__call__, *args))
 
 
 def lighter_student(denoiser: nn.Module, width: float = 1.0, depth: float = 1.0, init: str = "teacher") -> nn.Module:

@@ -65,6 +65,8 @@ def within_trained_range(cfg: DistillConfig, denoiser) -> DistillConfig:
 
 def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, progress: bool,
            callbacks) -> StudentRun | None:
+    if cfg.frozen_precision == "bf16":
+        cast_frozen_teacher(source, torch.bfloat16)
     method = build_method(source, cfg)
     home = next(source.denoiser.parameters()).device
     bar = [TqdmProgress(f"{cfg.method} to {method.preview_steps()} steps")] if progress else []
@@ -88,6 +90,16 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
     path = save_student(out / "student.safetensors", result.student, card, method.file_tensors())
     trained = sum(p.numel() for params in trainer.params.values() for p in params)
     return StudentRun(path, result.seconds, result.teacher_evaluations, trained)
+
+
+def cast_frozen_teacher(source: TeacherSource, dtype: torch.dtype) -> None:
+    """The teacher's weights in ``dtype``, in place (``frozen_precision``); trained networks copied from it or
+    adapters on it are kept in float32 by the trainer. A host's model (ComfyUI's) is refused: the host owns
+    its precision (ComfyUI's loaders choose it)."""
+    if source.stock_sampling:
+        raise ValueError("frozen_precision applies to teachers the engine loads; a ComfyUI model keeps the precision "
+                         "its loader gave it (choose weight_dtype in the loader)")
+    source.denoiser.to(dtype)
 
 
 def release_teacher(net: torch.nn.Module) -> None:

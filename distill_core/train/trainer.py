@@ -6,7 +6,8 @@ distribution-matching method: ``generator`` and ``fake_score``). Each group has 
 AdamW), learning-rate schedule (lr / 10 at ``lr_decay_at`` of the run, or a cosine, after an optional
 linear warmup) and optional EMA of its weights, from the method's ``OptimSpec`` with the run's config
 overriding where it is set; every group is accelerate-prepared, so DDP covers every trained network, and
-its trainable parameters are kept in float32 whatever the frozen base's precision.
+its trainable parameters are kept in float32 whatever the frozen base's precision. With
+``grad_checkpointing`` the trained networks recompute their activations in the backward pass.
 
 An iteration: ``method.plan`` (shared draws), then ``grad_accum`` micro-batches in lockstep; for each
 loss the method yields (each names its group) every micro-batch's loss is back-propagated (divided by
@@ -43,7 +44,9 @@ from torch import nn
 from distill_core.atomic import write_text
 from distill_core.config import DistillConfig, training_seed
 from distill_core.denoisers.base import move_cond
+from distill_core.memory_plan import MemoryPlan, check_fits, plan_run
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss
+from distill_core.nets.surgery import enable_checkpointing
 from distill_core.students import PartlySaved
 from distill_core.train.callbacks import Callback
 from distill_core.train.checkpoint import checkpoint_info, has_checkpoint, load_checkpoint, save_checkpoint
@@ -105,8 +108,13 @@ class Trainer:
         self.warmup = {name: g.warmup for name, g in self.groups.items()}
         self.ema: dict[str, nn.Module] = {}
         nets, optimizers = [], []
-        for name, net in method.nets.items():
+        for net in method.nets.values():
             keep_trainables_float32(net)
+            net.to(self.acc.device)
+        self.memory_plan = self._plan_memory()
+        for name, net in method.nets.items():
+            if cfg.grad_checkpointing:
+                enable_checkpointing(net)
             g = self.groups[name]
             if g.ema is not None:  # on the training device: the EMA update reads the live weights every iteration
                 self.ema[name] = copy.deepcopy(net).requires_grad_(False).to(self.acc.device)
@@ -136,6 +144,20 @@ class Trainer:
         self.preview_inputs: dict[int, tuple] = {}  # fixed noise and conditions of previews, by count
         self.preview_rows: list[torch.Tensor] = []  # the grids' fixed rows: teacher reference, solver
         self.started = time.time()  # of this process's part of the run (status.json)
+
+    def _plan_memory(self) -> MemoryPlan:
+        """The run's memory plan (``memory_plan``); on CUDA, refused with a way to fit when the device's free
+        memory is short of it."""
+        cfg = self.cfg
+        ema = {name for name, g in self.groups.items() if g.ema is not None}
+        autocast = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+        plan = plan_run(self.method, cfg.batch // cfg.grad_accum, ema, autocast, cfg.grad_checkpointing)
+        if self.acc.device.type != "cuda":
+            return plan
+        free, _ = torch.cuda.mem_get_info(self.acc.device)
+        check_fits(plan, free + plan.resident, cfg.batch, cfg.grad_accum, cfg.grad_checkpointing,
+                   cfg.student == "lora")
+        return plan
 
     # ----------------------------------------------------------------- control
     def request_stop(self) -> None:
@@ -172,6 +194,12 @@ class Trainer:
                 noise.to(self.acc.device), move_cond(source.draw_cond(count, gen), self.acc.device)
             )
         return self.method.preview(*self.preview_inputs[count])
+
+    def step(self) -> dict:
+        """One training iteration outside ``fit`` (what a benchmark times); returns its metrics record."""
+        record = self._iteration()
+        self.iteration += 1
+        return record
 
     # ----------------------------------------------------------------- state
     def state(self) -> dict:

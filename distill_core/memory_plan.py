@@ -1,0 +1,212 @@
+"""The memory a training run will take, estimated before it starts, so a run that cannot fit is refused with a
+concrete way to make it fit instead of failing part way.
+
+    peak = W_frozen + W_trained + m * a * f
+
+* W_frozen: the bytes of every frozen parameter and buffer (the teacher; a LoRA student's base is the same
+  tensors, counted once), in the precision they are held.
+* W_trained: per trainable parameter, float32 weight + gradient + Adam's two moments (16 bytes), plus an
+  EMA copy (4 bytes) for a group that keeps one.
+* a: the activation bytes one sample's training forward keeps for the backward pass, counted on the run's own
+  network at the run's sample shape (``activation_bytes``: every tensor autograd saves, each storage once,
+  the weights excepted), under the run's autocast; m: the micro-batch (``batch / grad_accum``). A method
+  back-propagates one network's graph at a time, so the largest network's ``a`` counts.
+* f: what the backward pass and the allocator add to the saved activations, and what gradient checkpointing
+  takes off them: measured per architecture family and precision (``FACTORS``) by ``bench/gpu_scale.py`` on
+  CUDA and ``tests/test_memory_plan.py`` on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MIB = 2**20
+GIB = 2**30
+#: float32 weight + gradient + Adam's first and second moments, per trainable parameter
+TRAINED_BYTES = 16
+EMA_BYTES = 4
+#: f of ``peak``, by (architecture family, CUDA, gradient checkpointing); ``DEFAULT_FACTOR`` where unmeasured
+FACTORS: dict[tuple[str, bool, bool], float] = {
+    ("builtin", False, False): 0.95,  # measured: SFD, full student, batch 32
+    ("builtin", False, True): 0.38,  # measured: SFD, full student, batch 64, checkpointing
+}
+DEFAULT_FACTOR = 1.2
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """An estimate of a run's peak memory, in bytes, and the parts it is made of."""
+
+    frozen: int
+    trained_params: int
+    ema_params: int
+    activations_per_sample: int
+    micro_batch: int
+    factor: float
+    family: str
+
+    @property
+    def activations(self) -> int:
+        return int(self.micro_batch * self.activations_per_sample * self.factor)
+
+    @property
+    def trained(self) -> int:
+        return self.trained_params * TRAINED_BYTES + self.ema_params * EMA_BYTES
+
+    @property
+    def resident(self) -> int:
+        """What is on the device before training starts: the frozen and the trained weights."""
+        return self.frozen + self.trained_params * 4
+
+    @property
+    def peak(self) -> int:
+        return self.frozen + self.trained + self.activations
+
+    def describe(self) -> str:
+        return (f"about {self.peak / GIB:.1f} GiB: frozen weights {self.frozen / GIB:.2f}, trained weights with "
+                f"gradients and optimizer state {self.trained / GIB:.2f}, activations {self.activations / GIB:.2f} "
+                f"({self.micro_batch} per micro-batch)")
+
+
+class DoesNotFit(RuntimeError):
+    """The plan's peak exceeds the device's memory; the message says what to change."""
+
+
+def activation_bytes(net: nn.Module, x: torch.Tensor, sigma: float, cond, autocast: torch.dtype | None,
+                     **inputs) -> int:
+    """Bytes autograd saves for the backward pass in one training forward ``net(x, sigma, cond, **inputs)``:
+    each saved tensor's storage once, leaving out parameters and buffers (counted as weights)."""
+    static = {t.untyped_storage().data_ptr() for t in (*net.parameters(), *net.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in static and t.device.type != "meta":
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    context = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else torch.autocast(
+        x.device.type, enabled=False)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
+        net(x, sigma, cond, **inputs)
+    return sum(saved.values())
+
+
+def scalar_inputs(net: nn.Module) -> dict:
+    """The step count and guidance scale a student conditioned on them needs for a forward pass."""
+    return {**({"nfe": 1} if getattr(net, "step_embed", None) is not None else {}),
+            **({"w": 1.0} if getattr(net, "w_embed", None) is not None else {})}
+
+
+def weight_counts(nets: list[nn.Module], ema_groups: set[int]) -> tuple[int, int, int]:
+    """(W_frozen in bytes, trainable parameters, parameters with an EMA copy) of the networks; ``ema_groups``:
+    indices into ``nets`` of those that keep an EMA. A tensor shared by several networks counts once."""
+    seen: set[int] = set()
+    frozen = trained = ema = 0
+    for i, net in enumerate(nets):
+        for t in (*net.parameters(), *net.buffers()):
+            key = t.untyped_storage().data_ptr()
+            if key in seen:
+                continue
+            seen.add(key)
+            if isinstance(t, nn.Parameter) and t.requires_grad:
+                trained += t.numel()
+                ema += t.numel() if i in ema_groups else 0
+            else:
+                frozen += t.untyped_storage().nbytes()
+    return frozen, trained, ema
+
+
+def family(net: nn.Module) -> str:
+    """The architecture family of a network, for ``FACTORS``: the built-in UNet, Stable Diffusion 1.x/2.x and
+    XL UNets, Flux-style and SD3-style transformers, or the network's class name."""
+    from distill_core.nets.unet import UNet
+
+    for m in net.modules():
+        if isinstance(m, UNet):
+            return "builtin"
+        name = type(m).__name__
+        config = getattr(m, "config", None)
+        if name == "UNet2DConditionModel":
+            return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+        if name in ("FluxTransformer2DModel", "Flux"):
+            return "flux"
+        if name in ("SD3Transformer2DModel", "MMDiT"):
+            return "sd3"
+    return type(net).__name__
+
+
+def plan_run(method, micro_batch: int, ema: set[str], autocast: torch.dtype | None,
+             checkpointing: bool) -> MemoryPlan:
+    """The plan of a run of ``method`` (its networks built and on their device, gradient checkpointing not yet
+    switched on) at ``micro_batch`` samples per micro-batch; ``ema``: the groups that keep an EMA of their
+    weights. The activations are probed on the exported network (the others a method trains are the same
+    architecture)."""
+    names = list(method.nets)
+    nets = [method.nets[n] for n in names]
+    frozen, trained, with_ema = weight_counts([*nets, method.source.denoiser],
+                                              {i for i, n in enumerate(names) if n in ema})
+    per_sample = sample_activation_bytes(method.nets[method.exported], method.source, autocast)
+    arch = family(method.source.denoiser)
+    device = next(method.nets[method.exported].parameters()).device
+    factor = FACTORS.get((arch, device.type == "cuda", checkpointing), DEFAULT_FACTOR)
+    return MemoryPlan(frozen, trained, with_ema, per_sample, micro_batch, factor, arch)
+
+
+def sample_activation_bytes(net: nn.Module, source, autocast: torch.dtype | None) -> int:
+    """``a``: one sample's activation bytes at the source's sample shape. A large sample is probed at a half
+    and a quarter of its side and extrapolated linearly in the pixel count (exact where activations grow
+    linearly with the pixels, as in convolutions, and attention through fused kernels, plus a constant part,
+    such as text tokens), so the probe itself stays small on a small GPU."""
+    device = next(net.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    cond = _on(source.draw_cond(1, gen), device)
+    channels, *side = source.shape
+
+    def probe(scale: int) -> tuple[int, int]:
+        size = [n // scale for n in side]
+        x = torch.randn((1, channels, *size), generator=gen).to(device)
+        pixels = 1
+        for n in size:
+            pixels *= n
+        return pixels, activation_bytes(net, x, 1.0, cond, autocast, **scalar_inputs(net))
+
+    if len(side) != 2 or min(side) < 64 or any(n % 32 for n in side):
+        return probe(1)[1]
+    (p2, a2), (p4, a4) = probe(2), probe(4)
+    full = side[0] * side[1]
+    return int(a2 + (a2 - a4) * (full - p2) / (p2 - p4))
+
+
+def _on(cond, device: torch.device):
+    from distill_core.denoisers.base import move_cond
+
+    return move_cond(cond, device)
+
+
+def check_fits(plan: MemoryPlan, available: int, batch: int, grad_accum: int, checkpointing: bool,
+               lora: bool) -> None:
+    """Refuse (``DoesNotFit``) a plan whose peak exceeds ``available`` bytes, naming changes that fit."""
+    if plan.peak <= available:
+        return
+    room = available - plan.frozen - plan.trained
+    fixes = []
+    per_sample = plan.activations_per_sample * plan.factor
+    if room > per_sample:
+        fitting = max(1, int(room // per_sample))
+        accum = next((k for k in range(grad_accum, batch + 1) if batch % k == 0 and batch // k <= fitting), None)
+        if accum is not None:
+            fixes.append(f"grad_accum {accum} (micro-batches of {batch // accum})")
+        fixes.append(f"batch {fitting}")
+    if not checkpointing:
+        fixes.append("grad_checkpointing on")
+    if not lora:
+        fixes.append("student lora")
+    if plan.frozen > room and plan.frozen > plan.trained:
+        fixes.append("frozen_precision bf16")
+    fixes.append("a lower resolution")
+    raise DoesNotFit(f"this run needs {plan.describe()}, and the device has {available / GIB:.1f} GiB free; "
+                     f"try {', or '.join(fixes)}")

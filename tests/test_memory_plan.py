@@ -1,0 +1,184 @@
+"""The memory plan (its parts counted exactly, its activations probed and extrapolated, its peak against the
+measured one), the refusal it gives, and the memory levers: gradient checkpointing with several adapter sets
+on one base, float32 adapters over a half-precision base, a bf16 frozen teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill_core.config import DistillConfig
+from distill_core.denoisers.diffusers import DiffusersDenoiser
+from distill_core.eval.memory import MIB, with_tensor_peak
+from distill_core.memory_plan import (
+    DEFAULT_FACTOR,
+    FACTORS,
+    TRAINED_BYTES,
+    DoesNotFit,
+    MemoryPlan,
+    activation_bytes,
+    check_fits,
+    family,
+    sample_activation_bytes,
+)
+from distill_core.methods.base import TeacherSource
+from distill_core.methods.registry import build_method
+from distill_core.nets.surgery import enable_checkpointing
+from distill_core.sources import builtin_source
+from distill_core.students import make_networks
+from distill_core.train.run import train_student
+from distill_core.train.trainer import Trainer
+
+
+def tiny_unet(dtype: torch.dtype = torch.float32) -> DiffusersDenoiser:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+    )
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return DiffusersDenoiser(unet.to(dtype).eval().requires_grad_(False), torch.cumprod(1 - betas, 0))
+
+
+def text_source(denoiser, side: int = 64) -> TeacherSource:
+    def draw(n, gen):
+        return {"encoder_hidden_states": torch.randn((n, 8, 16), generator=gen)}
+
+    return TeacherSource("tiny-sd", denoiser, (4, side, side), draw, draw(1, torch.Generator().manual_seed(9)), 1.0)
+
+
+def run(tmp_path, **settings) -> Trainer:
+    cfg = DistillConfig(**{"iters": 2, "batch": 16, "checkpoint_every": 0, "out": str(tmp_path / "run"),
+                           **settings})
+    return Trainer(build_method(builtin_source(), cfg), cfg)
+
+
+@pytest.mark.parametrize("student", ["full", "lora"])
+def test_the_plan_counts_weights_and_optimizer_state_once(tmp_path, student):
+    trainer = run(tmp_path, student=student)
+    plan = trainer.memory_plan
+    teacher = trainer.method.source.denoiser
+    teacher_bytes = sum(t.numel() * t.element_size() for t in (*teacher.parameters(), *teacher.buffers()))
+    trainable = sum(p.numel() for ps in trainer.params.values() for p in ps)
+    assert plan.trained_params == trainable and plan.trained == trainable * TRAINED_BYTES
+    # a LoRA student's base is the teacher, counted once; the student adds only its own frozen buffers (a full
+    # copy's, the adapters' alpha)
+    shared = {t.untyped_storage().data_ptr() for t in (*teacher.parameters(), *teacher.buffers())}
+    copies = [b for b in trainer.unwrapped().buffers() if b.untyped_storage().data_ptr() not in shared]
+    assert plan.frozen == teacher_bytes + sum(b.numel() * b.element_size() for b in copies)
+    assert plan.family == "builtin" and plan.micro_batch == 16
+
+
+def test_the_activation_probe_extrapolates_from_a_half_and_a_quarter_side():
+    # a 64 x 64 latent is probed at 32 and 16 and extrapolated linearly in the pixels; the direct count at
+    # 64 x 64 is what it stands for (convolutions and fused attention grow linearly, text tokens are constant)
+    source = text_source(tiny_unet())
+    net = source.denoiser.requires_grad_(True)
+    extrapolated = sample_activation_bytes(net, source, None)
+    x = torch.randn(1, 4, 64, 64)
+    direct = activation_bytes(net, x, 1.0, source.draw_cond(1, torch.Generator().manual_seed(0)), None)
+    assert direct > 1e6
+    assert abs(extrapolated - direct) / direct < 0.05, (extrapolated, direct)
+
+
+#: the configurations the CPU factor is measured on (first) and checked on (the rest)
+CPU_RUNS = [dict(student="full", batch=32), dict(student="lora", batch=64), dict(student="full", batch=64),
+            dict(student="lora", batch=32, grad_checkpointing=True)]
+
+
+def measured_peak(tmp_path, settings: dict) -> tuple[MemoryPlan, float]:
+    """The plan of a run, and the tensor memory its first two iterations allocate above the weights (Adam's
+    state and gradients appear in the first, the activations in each), in MiB."""
+    trainer = run(tmp_path, **settings)
+    _, peak = with_tensor_peak(lambda: [trainer.step() for _ in range(2)], torch.device("cpu"))
+    return trainer.memory_plan, peak
+
+
+@pytest.mark.parametrize("settings", CPU_RUNS, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+def test_the_plan_is_within_15_percent_of_the_measured_peak_on_the_cpu(tmp_path, settings):
+    plan, peak = measured_peak(tmp_path, settings)
+    predicted = (plan.peak - plan.resident) / MIB  # the weights were allocated before the measurement
+    assert plan.factor == FACTORS[("builtin", False, plan_checkpointing(settings))]
+    assert abs(predicted - peak) / peak < 0.15, (predicted, peak)
+
+
+def plan_checkpointing(settings: dict) -> bool:
+    return bool(settings.get("grad_checkpointing", False))
+
+
+def test_a_plan_that_does_not_fit_is_refused_with_changes_that_would():
+    plan = MemoryPlan(frozen=4 * 2**30, trained_params=2**26, ema_params=0, activations_per_sample=2**30,
+                      micro_batch=8, factor=1.0, family="sd")
+    check_fits(plan, plan.peak, 8, 1, False, True)  # exactly enough: no refusal
+    with pytest.raises(DoesNotFit) as refused:
+        check_fits(plan, 8 * 2**30, batch=8, grad_accum=1, checkpointing=False, lora=False)
+    message = str(refused.value)
+    # 8 GiB - 4 GiB frozen - 1 GiB trained leaves room for 3 samples: micro-batches of 2 or a batch of 3
+    assert "13.0 GiB" in message and "8.0 GiB free" in message
+    assert "grad_accum 4 (micro-batches of 2)" in message and "batch 3" in message
+    assert "grad_checkpointing on" in message and "student lora" in message
+
+
+def test_unmeasured_families_get_the_default_factor():
+    assert family(tiny_unet()) == "sd" and ("sd", False, False) not in FACTORS
+    assert DEFAULT_FACTOR > 1
+
+
+def grads_of_two_adapter_sets(denoiser, checkpointing: bool) -> list[torch.Tensor]:
+    nets, _ = make_networks(denoiser, ("generator", "critic"), "lora", rank=4)
+    for net in nets.values():  # the up-projections start at zero; make every adapter act
+        for p in net.lora.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+    if checkpointing:
+        enable_checkpointing(nets["generator"])
+    x = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(1))
+    cond = {"encoder_hidden_states": torch.randn((2, 8, 16), generator=torch.Generator().manual_seed(2))}
+    nets["generator"].train()
+    loss = nets["generator"](x, 2.0, cond).square().mean()  # the critic's adapters are off in this forward
+    loss.backward()  # ... and back on when the backward pass recomputes the checkpointed blocks
+    grads = [p.grad.clone() for p in nets["generator"].lora.parameters()]
+    for net in nets.values():
+        net.lora.detach()
+    return grads
+
+
+def test_checkpointing_recomputes_with_the_adapters_switched_as_in_the_forward_pass():
+    plain = grads_of_two_adapter_sets(tiny_unet(), checkpointing=False)
+    checkpointed = grads_of_two_adapter_sets(tiny_unet(), checkpointing=True)
+    assert len(plain) == len(checkpointed) > 0
+    for a, b in zip(plain, checkpointed):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+
+
+def test_lora_adapters_train_in_float32_over_a_half_precision_base(tmp_path):
+    denoiser = tiny_unet(torch.float16)
+    before = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    cfg = DistillConfig(iters=2, batch=2, steps=2, student="lora", lora_rank=4, checkpoint_every=0, guidance=1.0,
+                        sigma_min=0.1, teacher_substeps=1, out=str(tmp_path / "run"))
+    source = text_source(denoiser, side=16)
+    trainer = Trainer(build_method(source, cfg), cfg)
+    adapters = list(trainer.params["student"])
+    assert adapters and all(p.dtype == torch.float32 for p in adapters)
+    start = [p.detach().clone() for p in adapters]
+    trainer.step()
+    trainer.step()
+    assert all(p.dtype == torch.float32 for p in adapters)
+    assert any(not torch.equal(a, b) for a, b in zip(start, adapters))  # they learned
+    after = denoiser.state_dict()
+    assert all(after[k].dtype == torch.float16 and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_bf16_frozen_teacher_trains_a_float32_student(tmp_path):
+    source = builtin_source()
+    cfg = DistillConfig(iters=2, batch=8, frozen_precision="bf16", checkpoint_every=0, eval_samples=8,
+                        out=str(tmp_path / "run"))
+    run_ = train_student(cfg, source, progress=False)
+    assert {p.dtype for p in source.denoiser.parameters()} == {torch.bfloat16}
+    from safetensors import safe_open
+
+    with safe_open(str(run_.path), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert torch.float32 in dtypes and torch.bfloat16 not in dtypes
