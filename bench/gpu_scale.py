@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,7 +92,6 @@ TEXT = {"sd15": (77, 768, 0), "sdxl": (77, 2048, 1280), "flux": (512, 4096, 768)
 TINY_TEXT = {"sd15": (8, 32, 0), "sdxl": (8, 32, 64), "flux": (8, 32, 16)}
 #: the teacher's own sampling: steps, CFG scale (1: none, Flux's guidance is embedded)
 TEACHER_SAMPLING = {"sd15": (25, 7.5), "sdxl": (30, 7.0), "flux": (28, 1.0)}
-PARAMS_NAME = {"sd15": "SD 1.5 UNet", "sdxl": "SDXL UNet", "flux": "Flux-dev transformer"}
 
 
 @dataclass(frozen=True)
@@ -115,16 +114,16 @@ class Row:
 #: in order: the issue's targets first, then the rows that calibrate the plan and show the levers
 ROWS = (
     Row("sd15", "sfd", "lora", 512, 4, False),
+    Row("sdxl", "sfd", "lora", 1024, 1, True),
+    Row("flux", "sfd", "lora", 1024, 1, True),
     Row("sd15", "dmd2", "lora", 512, 4, False),
+    Row("sdxl", "dmd2", "lora", 1024, 1, True),
+    Row("flux", "dmd2", "lora", 1024, 1, True),
     Row("sd15", "sfd", "full", 512, 4, False),
     Row("sd15", "sfd", "lora", 256, 2, False),
-    Row("sdxl", "sfd", "lora", 1024, 1, True),
-    Row("sdxl", "dmd2", "lora", 1024, 1, True),
     Row("sdxl", "sfd", "lora", 512, 1, True),
-    Row("sdxl", "sfd", "lora", 1024, 1, False),
-    Row("flux", "sfd", "lora", 1024, 1, True),
-    Row("flux", "dmd2", "lora", 1024, 1, True),
     Row("flux", "sfd", "lora", 512, 1, True),
+    Row("sdxl", "sfd", "lora", 1024, 1, False),
     Row("sd15", "sfd", "lora", 512, 4, True),
 )
 TINY_ROWS = (
@@ -291,39 +290,54 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def measure_in_process(row: Row, args: argparse.Namespace) -> dict:
+    """``row`` measured in the running process: its network built, trained and released."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    network = build_network(row.model, args.tiny, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        return measure(row, network, args.tiny, 1 if args.quick else args.iters)
+    except torch.OutOfMemoryError as e:
+        return {"name": row.name, "model": row.model, "error": f"out of memory: {str(e)[:200]}"}
+
+
+def measure_in_subprocess(row: Row, args: argparse.Namespace) -> dict:
+    """``row`` measured by a fresh process of this script: every row starts from an empty GPU, so one row's
+    peak never includes what another left behind."""
+    command = [sys.executable, __file__, "--row", row.name, "--iters", str(args.iters),
+               *(["--quick"] if args.quick else []), *(["--tiny"] if args.tiny else [])]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        return {"name": row.name, "model": row.model, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(lines[-1])
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one timed iteration per row")
     p.add_argument("--tiny", action="store_true", help="toy widths on the CPU (the test of this script)")
     p.add_argument("--models", nargs="+", default=list(TEACHER_SAMPLING), choices=list(TEACHER_SAMPLING))
+    p.add_argument("--rows", nargs="+", help="only these rows, by name (default: every row of the models)")
+    p.add_argument("--row", help=argparse.SUPPRESS)  # one row in this process (what each subprocess runs)
     p.add_argument("--iters", type=int, default=3, help="timed iterations per row (after one warm-up)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     if not (args.tiny or torch.cuda.is_available()):
         p.error("this benchmark measures a CUDA GPU: run it on one, or give --tiny for the toy-width check on CPU")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    iters = 1 if args.quick else args.iters
+    table = TINY_ROWS if args.tiny else ROWS
+    if args.row:
+        row = next((r for r in table if r.name == args.row), None)
+        if row is None:
+            p.error(f"no row {args.row!r}")
+        print(json.dumps(measure_in_process(row, args)), flush=True)
+        return []
+    chosen = [r for r in table if r.model in args.models and (not args.rows or r.name in args.rows)]
     rows, started = [], time.perf_counter()
-    for model in args.models:
-        network = build_network(model, args.tiny, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        print(f"{PARAMS_NAME[model]}: {sum(p.numel() for p in network.parameters()) / 1e9:.2f} B parameters",
-              flush=True)
-        for row in (r for r in (TINY_ROWS if args.tiny else ROWS) if r.model == model):
-            try:
-                result = measure(row, network, args.tiny, iters)
-            except torch.OutOfMemoryError as e:
-                result = {"name": row.name, "model": row.model, "error": f"out of memory: {str(e)[:200]}"}
-            rows.append(result)
-            print(json.dumps(result), flush=True)
-            if args.out:
-                Path(args.out).write_text(json.dumps(rows, indent=1))
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        del network
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for row in chosen:
+        rows.append(measure_in_subprocess(row, args))
+        print(json.dumps(rows[-1]), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
     print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s")
     return rows
 

@@ -28,12 +28,16 @@ GIB = 2**30
 #: float32 weight + gradient + Adam's first and second moments, per trainable parameter
 TRAINED_BYTES = 16
 EMA_BYTES = 4
-#: f of ``peak``, by (architecture family, CUDA, gradient checkpointing); ``DEFAULT_FACTOR`` where unmeasured
+#: f of ``peak``, by (architecture family, on CUDA, gradient checkpointing), each measured on one configuration
+#: (``bench/gpu_scale.py`` rows on an H200, bf16 autocast; ``tests/test_memory_plan.py`` on the CPU); where a
+#: family is unmeasured, ``DEFAULT_FACTORS`` by gradient checkpointing (the largest measured, rounded up)
 FACTORS: dict[tuple[str, bool, bool], float] = {
-    ("builtin", False, False): 0.95,  # measured: SFD, full student, batch 32
-    ("builtin", False, True): 0.38,  # measured: SFD, full student, batch 64, checkpointing
+    ("builtin", False, False): 0.95,  # SFD, full student, batch 32
+    ("builtin", False, True): 0.38,  # SFD, full student, batch 64
+    ("sd", True, False): 1.10,  # SD 1.5, SFD-LoRA, 512 px, batch 4
+    ("sdxl", True, True): 0.53,  # SDXL, SFD-LoRA, 1024 px, batch 1
 }
-DEFAULT_FACTOR = 1.2
+DEFAULT_FACTORS = {False: 1.2, True: 0.6}
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ def plan_run(method, micro_batch: int, ema: set[str], autocast: torch.dtype | No
     per_sample = sample_activation_bytes(method.nets[method.exported], method.source, autocast)
     arch = family(method.source.denoiser)
     device = next(method.nets[method.exported].parameters()).device
-    factor = FACTORS.get((arch, device.type == "cuda", checkpointing), DEFAULT_FACTOR)
+    factor = FACTORS.get((arch, device.type == "cuda", checkpointing), DEFAULT_FACTORS[checkpointing])
     return MemoryPlan(frozen, trained, with_ema, per_sample, micro_batch, factor, arch)
 
 

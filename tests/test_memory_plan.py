@@ -11,7 +11,7 @@ from distill_core.config import DistillConfig
 from distill_core.denoisers.diffusers import DiffusersDenoiser
 from distill_core.eval.memory import MIB, with_tensor_peak
 from distill_core.memory_plan import (
-    DEFAULT_FACTOR,
+    DEFAULT_FACTORS,
     FACTORS,
     TRAINED_BYTES,
     DoesNotFit,
@@ -84,8 +84,9 @@ def test_the_activation_probe_extrapolates_from_a_half_and_a_quarter_side():
     assert abs(extrapolated - direct) / direct < 0.05, (extrapolated, direct)
 
 
-#: the configurations the CPU factor is measured on (first) and checked on (the rest)
-CPU_RUNS = [dict(student="full", batch=32), dict(student="lora", batch=64), dict(student="full", batch=64),
+#: the configurations of the CPU factors: measured on the full students (``FACTORS``), checked on the others
+CPU_RUNS = [dict(student="full", batch=32), dict(student="full", batch=64, grad_checkpointing=True),
+            dict(student="lora", batch=64), dict(student="full", batch=16),
             dict(student="lora", batch=32, grad_checkpointing=True)]
 
 
@@ -97,6 +98,8 @@ def measured_peak(tmp_path, settings: dict) -> tuple[MemoryPlan, float]:
     return trainer.memory_plan, peak
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's factors: the trainer would run on CUDA here "
+                    "(bench/gpu_scale.py checks the plan on CUDA)")
 @pytest.mark.parametrize("settings", CPU_RUNS, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
 def test_the_plan_is_within_15_percent_of_the_measured_peak_on_the_cpu(tmp_path, settings):
     plan, peak = measured_peak(tmp_path, settings)
@@ -124,7 +127,8 @@ def test_a_plan_that_does_not_fit_is_refused_with_changes_that_would():
 
 def test_unmeasured_families_get_the_default_factor():
     assert family(tiny_unet()) == "sd" and ("sd", False, False) not in FACTORS
-    assert DEFAULT_FACTOR > 1
+    measured = {ck: [f for (_, _, c), f in FACTORS.items() if c == ck] for ck in (False, True)}
+    assert all(DEFAULT_FACTORS[ck] >= max(fs) for ck, fs in measured.items())
 
 
 def grads_of_two_adapter_sets(denoiser, checkpointing: bool) -> list[torch.Tensor]:
@@ -168,7 +172,7 @@ def test_lora_adapters_train_in_float32_over_a_half_precision_base(tmp_path):
     assert all(p.dtype == torch.float32 for p in adapters)
     assert any(not torch.equal(a, b) for a, b in zip(start, adapters))  # they learned
     after = denoiser.state_dict()
-    assert all(after[k].dtype == torch.float16 and torch.equal(after[k], v) for k, v in before.items())
+    assert all(after[k].dtype == torch.float16 and torch.equal(after[k].cpu(), v) for k, v in before.items())
 
 
 def test_a_bf16_frozen_teacher_trains_a_float32_student(tmp_path):

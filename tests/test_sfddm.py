@@ -134,6 +134,7 @@ def test_training_lowers_the_loss_on_held_out_draws(tiny_edm, tmp_path):
               feature_weight=SFDDMConfig.feature_weight)  # the default: the noise match alone
 
     def held_out() -> float:  # the same draw of images, steps and noise, from a seed training never uses
+        m.to(CPU)  # the trainer leaves the teacher and the student on its device
         m.student.to(CPU)
         with torch.no_grad():
             return one_loss(m, batch=32, seed=123).item()

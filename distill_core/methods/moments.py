@@ -143,6 +143,8 @@ class Moments(DistributionMatching):
         squares = [((a.detach() ** 2 + b.detach() ** 2) / 2) for a, b in zip(*grads)]
         if self.second_moment is None:
             self.second_moment = [torch.zeros(s.shape, device=s.device) for s in squares]  # contiguous, as resumed
+        elif self.second_moment[0].device != squares[0].device:  # resumed from a checkpoint, read onto the CPU
+            self.second_moment = [v.to(s.device) for v, s in zip(self.second_moment, squares)]
         for v, s in zip(self.second_moment, squares):
             v.mul_(decay).add_(s, alpha=1 - decay)
         self.preconditioned += 1
