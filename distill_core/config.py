@@ -80,7 +80,8 @@ class DistillConfig:
                                    "tenth of the run)", min=0)
     iters: int = option(220, "training iterations", min=1)
     batch: int = option(64, "samples per iteration", min=1)
-    grad_accum: int = option(1, "micro-batches per iteration (the batch is split)", min=1)
+    grad_accum: int = option(1, "micro-batches per iteration (the batch is split); 0: as few as fit the GPU's free "
+                             "memory by the memory plan (1 on the CPU)", min=0)
     clip_grad: float | None = option(None, "clip the gradient norm to this value", min=0)
     ema: float | None = option(None, "EMA decay of the student's weights", min=0, max=0.999999)
     mixed_precision: str = option("no", "bf16 autocast on CUDA", choices=PRECISIONS)
@@ -123,7 +124,7 @@ class DistillConfig:
         self.options = options or Config(**{k: coerce(theirs[k], v) for k, v in values.items()})
         check(self)
         check(self.options)
-        if self.batch % self.grad_accum:
+        if self.grad_accum and self.batch % self.grad_accum:
             raise ValueError(f"batch {self.batch} is not divisible by grad_accum {self.grad_accum}")
         if self.sigma_max is not None and not self.sigma_min < self.sigma_max:
             raise ValueError(f"sigma_min {self.sigma_min} must lie below sigma_max {self.sigma_max}")

@@ -18,6 +18,7 @@ concrete way to make it fit instead of failing part way.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +127,8 @@ def weight_counts(nets: list[nn.Module], ema_groups: set[int]) -> tuple[int, int
 
 def family(net: nn.Module) -> str:
     """The architecture family of a network, for ``FACTORS``: the built-in UNet, Stable Diffusion 1.x/2.x and
-    XL UNets, Flux-style and SD3-style transformers, or the network's class name."""
+    XL UNets (diffusers' or ComfyUI's, whose XL UNet takes the pooled embedding through ``label_emb``),
+    Flux-style and SD3-style transformers, or the network's class name."""
     from distill_core.nets.unet import UNet
 
     for m in net.modules():
@@ -136,6 +138,8 @@ def family(net: nn.Module) -> str:
         config = getattr(m, "config", None)
         if name == "UNet2DConditionModel":
             return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+        if name == "UNetModel":  # ComfyUI's
+            return "sdxl" if getattr(m, "label_emb", None) is not None else "sd"
         if name in ("FluxTransformer2DModel", "Flux"):
             return "flux"
         if name in ("SD3Transformer2DModel", "MMDiT"):
@@ -189,6 +193,13 @@ def _on(cond, device: torch.device):
     from distill_core.denoisers.base import move_cond
 
     return move_cond(cond, device)
+
+
+def fitting_micro_batches(plan: MemoryPlan, available: int, batch: int) -> int:
+    """The fewest micro-batches (a divisor of ``batch``) whose plan fits in ``available`` bytes; ``batch`` when
+    none does (``check_fits`` then refuses with what to change)."""
+    return next((k for k in range(1, batch + 1) if batch % k == 0 and
+                 dataclasses.replace(plan, micro_batch=batch // k).peak <= available), batch)
 
 
 def check_fits(plan: MemoryPlan, available: int, batch: int, grad_accum: int, checkpointing: bool,

@@ -158,12 +158,13 @@ class NodeProgress(Callback):
     """Progress of a training node: ComfyUI's progress bar with a preview image every ``preview_every``
     iterations (each update is also ComfyUI's interrupt check: Cancel raises, and the trainer saves a
     checkpoint before the exception leaves), and a ``distill.progress`` event with the loss for the
-    web extension's sparkline and ETA."""
+    web extension's sparkline and ETA, and the run's planned memory."""
 
     def __init__(self, node_id: str | None, preview: callable | None = None, preview_every: int = 0):
         self.node_id, self.preview, self.preview_every = node_id, preview, preview_every
         self.bar = None
         self.warning: str | None = None  # set once the run is seen to need more than LONG_RUN_S
+        self.memory: str | None = None  # the memory plan's peak, from the run's start
 
     def poll(self) -> None:
         """Cancel is answered within one network evaluation (at 512 px an iteration takes minutes)."""
@@ -182,6 +183,8 @@ class NodeProgress(Callback):
 
     def on_start(self, run) -> None:
         self.start, self.first = time.perf_counter(), run.iteration
+        self.memory = f"{run.memory_plan.peak / 2**30:.1f} GiB"
+        print(f"[comfyui-distill] {Path(run.out).name}: memory plan {run.memory_plan.describe()}")
         if in_comfyui():
             import comfy.model_management
             import comfy.utils
@@ -201,7 +204,7 @@ class NodeProgress(Callback):
         send_event("distill.progress", {
             "node": self.node_id, "iteration": done, "total": total,
             "loss": sum(losses.values()) / max(len(losses), 1), "eta_s": round(eta_s, 1),
-            "run": str(run.out), **({"warning": self.warning} if self.warning else {}),
+            "run": str(run.out), "memory": self.memory, **({"warning": self.warning} if self.warning else {}),
         })
         image = None
         if self.preview is not None and self.preview_every and done % self.preview_every == 0:

@@ -47,6 +47,9 @@ def run_inputs(layout: NodeLayout) -> list[In]:
            "(0: none)", layout.preview_every, options={"min": 0, "max": 10000}),
         In("checkpoint_every", "INT", "write a resumable checkpoint every this many iterations",
            layout.checkpoint_every, options={"min": 1, "max": 10000}),
+        In("grad_checkpointing", "BOOLEAN", "recompute the activations in the backward pass: a fraction of their "
+           "memory for about a third more time per iteration; turn it on when a run is refused for memory (the "
+           "node checks the memory plan against the GPU's free memory before training)", False, optional=True),
     ]
 
 
@@ -90,7 +93,7 @@ def build_training_node(layout: NodeLayout, classes: list[type]) -> type:
 
     class TrainingNode:
         def run(self, teacher: TeacherHandle, save_name: str, resume: bool, preview_every: int,
-                checkpoint_every: int, unique_id=None, **widgets):
+                checkpoint_every: int, unique_id=None, grad_checkpointing: bool = False, **widgets):
             if teacher.model is not None and layout.refuses_comfy_models:
                 raise ValueError(layout.refuses_comfy_models)
             method = widgets.pop("method", names[0])
@@ -107,7 +110,8 @@ def build_training_node(layout: NodeLayout, classes: list[type]) -> type:
             values = {**values, **layout.fixed}
             values.update(cls.settings_for_steps(values.get("steps", DistillConfig.steps)))
             cfg = DistillConfig(teacher=teacher.name, method=method, sigma_min=teacher.sigma_min,
-                                guidance=teacher.guidance, checkpoint_every=checkpoint_every, **values)
+                                guidance=teacher.guidance, checkpoint_every=checkpoint_every,
+                                grad_checkpointing=grad_checkpointing, **values)
             handle, curve = train_to_file(teacher, cfg, host.FOLDERS[cfg.student], save_name, resume, preview_every,
                                           unique_id)
             handle.model = student_model(handle)

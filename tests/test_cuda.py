@@ -166,3 +166,18 @@ def test_builtin_teacher_under_bf16_autocast_stays_close_to_float32(fp32):
     # bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.002 per operation): tens of dB, not the 80+ of
     # float32 against float32 above; a wrong cast (fp16 overflow, a lost scale) falls far below
     assert solve_psnr > 30.0 and call_err < 0.1, (solve_psnr, call_err)
+
+
+def test_a_run_that_cannot_fit_the_gpu_is_refused_before_training_and_auto_micro_batches_fit(tmp_path):
+    from distill_core.memory_plan import DoesNotFit
+    from distill_core.methods.registry import build_method
+    from distill_core.train.trainer import Trainer
+
+    free = torch.cuda.mem_get_info()[0]
+    batch = 2**int(math.log2(free / 2e6) + 3)  # about 2 MB of activations per sample: 8 x the free memory
+    cfg = DistillConfig(iters=1, batch=batch, checkpoint_every=0, out=str(tmp_path / "big"))
+    with pytest.raises(DoesNotFit, match=r"GiB free; try grad_accum \d+ \(micro-batches of \d+\)"):
+        Trainer(build_method(builtin_source(), cfg), cfg)
+    auto = cfg.replace(grad_accum=0)
+    trainer = Trainer(build_method(builtin_source(), auto), auto)
+    assert trainer.grad_accum >= 8 and trainer.memory_plan.peak <= free + trainer.memory_plan.resident

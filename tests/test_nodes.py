@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import distill_core.workflow as wf
+from distill_core.memory_plan import MemoryPlan
 from distill_core.report import loss_curve, preview_pixels
 from distill_core.safetensors_io import read_card
 from distill_core.sampling import few_step, k_sampler
@@ -352,10 +353,14 @@ def test_every_run_states_its_time_before_it_starts(folders, monkeypatch, capsys
     events = []
     monkeypatch.setattr(host, "run_seconds_at_least", lambda source, iterations, batch, steps: 150.0)
     monkeypatch.setattr(host, "send_event", lambda name, data: events.append(data))
-    _distill(teacher, iterations=2, save_name="quick")
+    _distill(teacher, iterations=2, save_name="quick", grad_checkpointing=True)
     printed = capsys.readouterr().out
     assert "quick: at least 2.5 min on this machine (timed from one teacher evaluation before the run)\n" in printed
     assert not any("warning" in e for e in events)  # minutes are no warning
+    # the memory plan, on the node and in the console; the optional memory lever reached the run's config
+    assert re.search(r"quick: memory plan about \d+\.\d GiB: frozen weights", printed)
+    assert all(re.fullmatch(r"\d+\.\d GiB", e["memory"]) for e in events)
+    assert "grad_checkpointing: true" in (host.runs_folder() / "quick" / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("seconds_per_iteration, warned", [(20.0, True), (5.0, False)])
@@ -365,7 +370,9 @@ def test_a_run_that_will_take_hours_says_so_on_the_node(monkeypatch, capsys, sec
     clock, events = {"t": 0.0}, []
     monkeypatch.setattr(host.time, "perf_counter", lambda: clock["t"])
     monkeypatch.setattr(host, "send_event", lambda name, data: events.append(data))
-    run = SimpleNamespace(iteration=0, total=400, out=Path("runs") / "slow")
+    plan = MemoryPlan(frozen=2**30, trained_params=2**24, ema_params=0, activations_per_sample=2**28,
+                      micro_batch=4, factor=1.0, family="sd")
+    run = SimpleNamespace(iteration=0, total=400, out=Path("runs") / "slow", memory_plan=plan)
     progress = host.NodeProgress("7")
     progress.on_start(run)
     for k in range(1, 4):
@@ -374,6 +381,7 @@ def test_a_run_that_will_take_hours_says_so_on_the_node(monkeypatch, capsys, sec
         progress.on_iteration(run, {"loss": {"0": 0.1}})
     assert "warning" not in events[0]  # one iteration is not a measurement
     assert ("warning" in events[-1]) == warned  # 397 x 20 s is 2.2 h; 397 x 5 s is 33 min
+    assert all(e["memory"] == "2.2 GiB" for e in events)  # 1 GiB + 0.25 GiB trained + 4 x 0.25 GiB activations
     if warned:
         assert events[-1]["warning"].startswith("about 2.2 h to go on this machine (20.0 s per iteration")
         assert capsys.readouterr().out.count("slow: about 2.2 h") == 1  # printed once, not every iteration

@@ -1,7 +1,8 @@
 // comfyui-distill front-end extension.
 //
 // * A live loss sparkline, progress and ETA drawn on the training nodes, from the server's
-//   "distill.progress" events (nodes/host.py NodeProgress: {node, iteration, total, loss, eta_s, run, warning?}).
+//   "distill.progress" events (nodes/host.py NodeProgress: {node, iteration, total, loss, eta_s, run, memory,
+//   warning?}).
 // * An "open monitor" button on the training nodes: GET /distill/monitor starts the Distill panel in
 //   this ComfyUI process (once) and answers its URL, which opens in a new tab.
 // * Which nodes train is the server's answer to GET /distill/training_nodes (one node per registered
@@ -42,7 +43,7 @@ function onProgress({ detail }) {
   if (detail.loss > 0) entry.losses.push(Math.log10(detail.loss));
   if (entry.losses.length > KEEP) entry.losses.splice(0, entry.losses.length - KEEP);
   Object.assign(entry, { iteration: detail.iteration, total: detail.total, etaS: detail.eta_s,
-                         warning: detail.warning });
+                         memory: detail.memory, warning: detail.warning });
   progress.set(node.id, entry);
   node.setDirtyCanvas(true, false);
 }
@@ -69,7 +70,8 @@ function drawSparkline(ctx, node, entry) {
   ctx.fillStyle = "#ddd";
   ctx.font = "11px sans-serif";
   ctx.fillText(
-    `loss ${last}   ${entry.iteration}/${entry.total}   ETA ${formatDuration(entry.etaS)}`,
+    `loss ${last}   ${entry.iteration}/${entry.total}   ETA ${formatDuration(entry.etaS)}` +
+      (entry.memory ? `   memory ${entry.memory}` : ""),
     pad, top + height + 14,
   );
   if (entry.warning) { // a run that will take hours on this machine (nodes/host.py long_run_warning)

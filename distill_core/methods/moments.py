@@ -94,9 +94,9 @@ class Moments(DistributionMatching):
 
     def __init__(self, source, cfg):
         self.critic = "auxiliary" if cfg.options.version == "alternating" else None
-        if self.critic is None and cfg.batch % (2 * cfg.grad_accum):
+        if self.critic is None and cfg.batch % (2 * max(cfg.grad_accum, 1)):
             raise ValueError(f"instant moment matching splits every micro-batch in two halves: batch {cfg.batch} "
-                             f"must be a multiple of 2 x grad_accum ({2 * cfg.grad_accum})")
+                             f"must be a multiple of 2 x grad_accum ({2 * max(cfg.grad_accum, 1)})")
         super().__init__(source, cfg)
         self.second_moment: list[torch.Tensor] | None = None  # v of the instant version
         self.preconditioned = 0  # updates of v

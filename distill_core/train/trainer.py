@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import signal
@@ -44,7 +45,7 @@ from torch import nn
 from distill_core.atomic import write_text
 from distill_core.config import DistillConfig, training_seed
 from distill_core.denoisers.base import move_cond
-from distill_core.memory_plan import MemoryPlan, check_fits, plan_run
+from distill_core.memory_plan import MemoryPlan, check_fits, fitting_micro_batches, plan_run
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss
 from distill_core.nets.surgery import enable_checkpointing
 from distill_core.students import PartlySaved
@@ -146,17 +147,21 @@ class Trainer:
         self.started = time.time()  # of this process's part of the run (status.json)
 
     def _plan_memory(self) -> MemoryPlan:
-        """The run's memory plan (``memory_plan``); on CUDA, refused with a way to fit when the device's free
-        memory is short of it."""
+        """The run's memory plan (``memory_plan``), and its micro-batches per iteration (``grad_accum``, resolved
+        from the plan when 0); on CUDA, refused with a way to fit when the device's free memory is short of
+        it."""
         cfg = self.cfg
         ema = {name for name, g in self.groups.items() if g.ema is not None}
         autocast = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
-        plan = plan_run(self.method, cfg.batch // cfg.grad_accum, ema, autocast, cfg.grad_checkpointing)
-        if self.acc.device.type != "cuda":
-            return plan
-        free, _ = torch.cuda.mem_get_info(self.acc.device)
-        check_fits(plan, free + plan.resident, cfg.batch, cfg.grad_accum, cfg.grad_checkpointing,
-                   cfg.student == "lora")
+        plan = plan_run(self.method, cfg.batch // max(cfg.grad_accum, 1), ema, autocast, cfg.grad_checkpointing)
+        cuda = self.acc.device.type == "cuda"
+        available = torch.cuda.mem_get_info(self.acc.device)[0] + plan.resident if cuda else None
+        self.grad_accum = cfg.grad_accum
+        if cfg.grad_accum == 0:  # auto: as few micro-batches as fit (the config keeps 0: a resume decides anew)
+            self.grad_accum = fitting_micro_batches(plan, available, cfg.batch) if cuda else 1
+            plan = dataclasses.replace(plan, micro_batch=cfg.batch // self.grad_accum)
+        if cuda:
+            check_fits(plan, available, cfg.batch, self.grad_accum, cfg.grad_checkpointing, cfg.student == "lora")
         return plan
 
     # ----------------------------------------------------------------- control
@@ -388,7 +393,7 @@ class Trainer:
 
     def _iteration(self) -> dict:
         cfg, acc = self.cfg, self.acc
-        accum = cfg.grad_accum
+        accum = self.grad_accum
         plan = self.method.plan(self.plan_gen)
         streams = [self.method.losses(plan, MicroBatch(k, accum, cfg.batch // accum), self.data_gen)
                    for k in range(accum)]
@@ -494,8 +499,8 @@ class Trainer:
 
 
 class RunView:
-    """What callbacks see of a run: its iteration and total, its folder, a preview of the student, and a
-    way to ask it to stop after the current iteration (checkpointing first)."""
+    """What callbacks see of a run: its iteration and total, its folder, its memory plan, a preview of the
+    student, and a way to ask it to stop after the current iteration (checkpointing first)."""
 
     def __init__(self, trainer: Trainer):
         self._trainer = trainer
@@ -511,6 +516,11 @@ class RunView:
     @property
     def out(self) -> Path:
         return self._trainer.out
+
+    @property
+    def memory_plan(self) -> MemoryPlan:
+        """The run's memory plan (``memory_plan``), made before its first iteration."""
+        return self._trainer.memory_plan
 
     def preview(self, count: int = 4) -> torch.Tensor:
         """``count`` samples of the current student from fixed noise (model space: latents or pixels)."""
