@@ -307,8 +307,9 @@ def measure_in_subprocess(row: Row, args: argparse.Namespace) -> dict:
                *(["--quick"] if args.quick else []), *(["--tiny"] if args.tiny else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode or not lines:
-        return {"name": row.name, "model": row.model, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+    if done.returncode or not lines:  # the exception's own line, not CUDA's advice after it
+        errors = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
+        return {"name": row.name, "model": row.model, "error": (errors or done.stderr.splitlines() or ["?"])[-1]}
     return json.loads(lines[-1])
 
 

@@ -10,6 +10,7 @@ queueing the node again with ``resume`` on continues from it.
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 
@@ -145,6 +146,9 @@ def train_to_file(teacher: TeacherHandle, cfg: DistillConfig, folder: str, save_
     """What every training node does: train ``cfg`` on the teacher inside the node run (progress, previews
     and Cancel on the node), the run under ``<output>/distill_runs/<save_name>``, then copy the student to
     ``<folder>/<save_name>.safetensors``. Returns its handle and the loss curve as a ComfyUI IMAGE."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("training nodes train in ComfyUI's one process; for several GPUs use the command line: "
+                           "accelerate launch --num_processes N -m distill_core distill ... (docs/memory.md)")
     target = host.confined(host.model_folder(folder), save_name, ".safetensors")
     run_dir = host.confined(host.runs_folder(), save_name)
     cfg = cfg.replace(out=str(run_dir))

@@ -385,3 +385,11 @@ def test_a_run_that_will_take_hours_says_so_on_the_node(monkeypatch, capsys, sec
     if warned:
         assert events[-1]["warning"].startswith("about 2.2 h to go on this machine (20.0 s per iteration")
         assert capsys.readouterr().out.count("slow: about 2.2 h") == 1  # printed once, not every iteration
+
+
+def test_a_training_node_under_a_multi_process_launcher_points_to_the_command_line(folders, monkeypatch):
+    (teacher,) = nodes.NODE_CLASS_MAPPINGS["DistillBuiltinTeacher"]().run(guidance=2.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="for several GPUs use the command line: accelerate launch"):
+        _distill(teacher, iterations=2, save_name="two_processes")
+    assert not (host.runs_folder() / "two_processes").exists()  # refused before anything was written
