@@ -47,3 +47,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Leave a multi-process launch's process group (``accelerate launch``): a process that exits inside one
+    is aborted by the collective library."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     report = distill(cfg, resume=args.resume, progress=not args.no_progress)
     if report is None:
-        return INTERRUPTED
+        from accelerate import PartialState
+
+        return 0 if not PartialState().is_main_process else INTERRUPTED  # under a launcher, one process reports
     from distill_core.eval.benchmark import format_table
 
     print(format_table(report["rows"]))
@@ -85,7 +87,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
             source: TeacherSource | None = None) -> dict | None:
     """Train on ``source`` (default: the teacher ``cfg.teacher`` names), save the student, evaluate it
     against the training-free solvers, write the report. Returns the report (``None`` when training was
-    interrupted: resume with ``resume=True``)."""
+    interrupted: resume with ``resume=True``; and in every process but the main one of a multi-process
+    launch, which evaluates and reports)."""
     from distill_core.eval.benchmark import (
         DIGITS,
         METRIC_SPACES,
@@ -106,6 +109,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     run = train_student(cfg, source, resume, progress)
     if run is None:
         print(f"continue with: python -m distill_core distill --resume --config {out / 'config.yaml'}")
+        return None
+    if not run.main_process:  # a multi-process launch: the main process evaluates and reports
         return None
 
     w = source.scale(cfg.guidance)

@@ -213,11 +213,11 @@ def test_teacher_pool_replays_trajectories_solved_once(tiny_edm):
                         teacher_one_step_above=20.0)
     sfd = build_method(tiny_source(tiny_edm), cfg)
     gen = torch.Generator().manual_seed(0)
-    x, y, targets = sfd.pooled(2, MicroBatch(0, 1, 5), gen, torch.device("cpu"))
+    x, y, targets = sfd.pooled(2, MicroBatch(0, 1, 5), sfd.serve(2, gen), torch.device("cpu"))
     spent = sfd.teacher_evaluations
     # 6 trajectories x (1 step from sigma 80, K = 2 on the two intervals below sigma 20) x a CFG pair
     assert spent == 6 * (1 + 2 + 2) * 2
-    sfd.pooled(2, MicroBatch(0, 1, 5), gen, torch.device("cpu"))
+    sfd.pooled(2, MicroBatch(0, 1, 5), sfd.serve(2, gen), torch.device("cpu"))
     assert sfd.teacher_evaluations == spent  # the teacher ran once
     pool_x = sfd._pools[2][0]
     assert all(any(torch.equal(row, p) for p in pool_x) for row in x)
@@ -231,7 +231,7 @@ def test_teacher_reuse_trains_on_every_trajectory_that_many_times(tiny_edm):
     cfg = DistillConfig(steps=2, batch=4, teacher_substeps=2, teacher_reuse=2, teacher_one_step_above=20.0)
     sfd = build_method(tiny_source(tiny_edm), cfg)
     gen = torch.Generator().manual_seed(0)
-    draws = [sfd.pooled(2, MicroBatch(0, 1, 4), gen, torch.device("cpu"))[0] for _ in range(4)]
+    draws = [sfd.pooled(2, MicroBatch(0, 1, 4), sfd.serve(2, gen), torch.device("cpu"))[0] for _ in range(4)]
     rows = [{tuple(r.flatten().tolist()) for r in x} for x in draws]
     # the pool is one batch: iterations 1 and 2 train on it, 3 and 4 on a fresh one
     assert rows[0] == rows[1] and rows[2] == rows[3] and not rows[0] & rows[2]
@@ -251,14 +251,16 @@ def test_micro_batches_of_one_iteration_train_on_different_trajectories(tiny_edm
     cpu = torch.device("cpu")
     iterations = []
     for _ in range(2):  # two iterations on one pool
-        halves = [sfd.pooled(2, MicroBatch(k, 2, 2), gen, cpu)[0] for k in range(2)]
+        served = sfd.serve(2, gen)  # drawn once per iteration (in ``plan``)
+        halves = [sfd.pooled(2, MicroBatch(k, 2, 2), served, cpu)[0] for k in range(2)]
         rows = [{tuple(r.flatten().tolist()) for r in x} for x in halves]
         assert len(rows[0]) == len(rows[1]) == 2 and not rows[0] & rows[1]
         iterations.append(rows[0] | rows[1])
     assert iterations[0] == iterations[1]  # the pool of one batch serves two iterations
     assert sfd.teacher_evaluations == 4 * 6 * 2  # one pool of 4 trajectories (K = 2 on 3 intervals, CFG pairs)
     whole = build_method(tiny_source(tiny_edm), cfg.replace(grad_accum=1))
-    x = whole.pooled(2, MicroBatch(0, 1, 4), torch.Generator().manual_seed(0), cpu)[0]
+    gen = torch.Generator().manual_seed(0)
+    x = whole.pooled(2, MicroBatch(0, 1, 4), whole.serve(2, gen), cpu)[0]
     assert {tuple(r.flatten().tolist()) for r in x} == iterations[0]
 
 

@@ -16,7 +16,7 @@ from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
 from distill_core.train.callbacks import Callback, StopAt
 from distill_core.train.checkpoint import flatten, load_checkpoint, save_checkpoint, unflatten
-from distill_core.train.trainer import Trainer, TrainingDiverged, lr_factor
+from distill_core.train.trainer import Trainer, TrainingDiverged, lr_factor, micro_generator
 
 
 def _sfd(tiny_edm, out, **kw):
@@ -254,9 +254,10 @@ def test_training_seeds_its_generators_above_every_evaluation_seed(tiny_edm, tmp
 
     m = _sfd(tiny_edm, tmp_path, seed=0)
     trainer = Trainer(m, m.cfg)
-    for gen in (trainer.data_gen, trainer.plan_gen):
+    data = micro_generator(m.cfg.seed, 0, 0)  # the first micro-batch of the first iteration
+    for gen in (data, trainer.plan_gen, micro_generator(2**40, 10**6, 63)):
         assert TRAINING_SEED_BASE <= gen.initial_seed() < 1 << 32  # torch keeps a seed's low 32 bits
-    first = torch.randn((4, 1, 8, 8), generator=trainer.data_gen)
+    first = torch.randn((4, 1, 8, 8), generator=data)
     evaluation = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(m.cfg.seed + 1))
     assert not torch.equal(first, evaluation)
     with pytest.raises(ValueError, match="evaluation seed"):

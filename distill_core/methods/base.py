@@ -12,7 +12,9 @@ panel and the benchmarks. A method is one module: a subclass of ``Method`` regis
   (SFD yields ``student`` after every student step; a two-network method alternates its groups at its
   own ratio). ``plan`` draws what every micro-batch and every process must share (the trainer seeds its
   generator identically on every process); ``losses`` draws micro-batch ``micro.index`` of
-  ``micro.count`` (``micro.size`` samples) and yields its losses. Every micro-batch of an iteration
+  ``micro.count`` (``micro.size`` samples) from its own generator and yields its losses. A micro-batch's
+  generator depends on the run's seed, the iteration and ``micro.index`` alone, so N processes with the
+  same global batch train what one process does. Every micro-batch of an iteration
   yields the same sequence of groups;
 * ``state_dict`` / ``load_state_dict``: its own progress (pools, rounds) for checkpoints;
   ``teacher_evaluations``: the teacher's network evaluations spent so far (the trainer keeps it across
@@ -77,11 +79,13 @@ class StepLoss(NamedTuple):
 
 
 class MicroBatch(NamedTuple):
-    """Micro-batch ``index`` of ``count`` in one iteration, of ``size`` samples."""
+    """Micro-batch ``index`` of ``count`` in one iteration's global batch (over every process), of ``size``
+    samples; ``local``: its index among the micro-batches this process trains (0: its first)."""
 
     index: int
     count: int
     size: int
+    local: int = 0
 
 
 @dataclass

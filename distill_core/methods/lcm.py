@@ -265,7 +265,7 @@ class LCM(Method):
             target = self.consistency(self.target(w), x_hat, s_n, cond)
         out = self.consistency(AtSteps(self.student, None, w), x_next, s_next, cond)
         yield StepLoss("student", 0, distance(out, target, "huber", self.opts.huber_c))
-        if micro.index == 0:  # resumed after the optimizer's step
+        if micro.local == 0:  # resumed after the optimizer's step; once per iteration on every process
             self.update_target()
 
     # ------------------------------------------------------------------ previews and the student file

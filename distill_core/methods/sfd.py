@@ -229,7 +229,6 @@ class SFD(Method):
             self.teacher_evaluations = (source.classes + 1) * CLASS_MEAN_SAMPLES
         self._pools: dict[int, tuple[torch.Tensor, Cond, list[torch.Tensor]]] = {}
         self._pool_state: dict[int, tuple[int, int]] = {}  # per NFE: iterations its pool served, its seed
-        self._served: torch.Tensor | None = None  # the current iteration's draw from its pool
 
     @property
     def student(self):
@@ -239,7 +238,23 @@ class SFD(Method):
         return {"student": OptimSpec("adam", schedule="cosine", warmup=10)}
 
     def plan(self, generator: torch.Generator) -> dict:
-        return {"nfe": self.nfes[int(torch.randint(len(self.nfes), (1,), generator=generator))]}
+        nfe = self.nfes[int(torch.randint(len(self.nfes), (1,), generator=generator))]
+        if self.opts.teacher_pool or self.opts.teacher_reuse > 1:
+            return {"nfe": nfe, "served": self.serve(nfe, generator)}
+        return {"nfe": nfe}
+
+    def serve(self, nfe: int, generator: torch.Generator) -> torch.Tensor:
+        """This iteration's batch from the teacher pool of ``nfe``: pool indices drawn without replacement
+        (its micro-batches are disjoint slices of them), and a fresh pool, from a seed drawn here, after the
+        pool served ``teacher_reuse`` x pool / batch iterations, so each trajectory trains the student about
+        ``teacher_reuse`` times. Drawn in ``plan``: every micro-batch and every process shares it."""
+        size, serves = pool_serves(self.opts, self.cfg.batch)
+        uses, seed = self._pool_state.get(nfe, (0, None))
+        if uses % serves == 0:
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            self._pools.pop(nfe, None)
+        self._pool_state[nfe] = (uses + 1, seed)
+        return torch.randperm(size, generator=generator)[: self.cfg.batch]
 
     def trajectories(self, nfe: int, batch: int, generator: torch.Generator,
                      device: torch.device) -> tuple[torch.Tensor, Cond, list[torch.Tensor]]:
@@ -252,22 +267,13 @@ class SFD(Method):
         self.teacher_evaluations += sum(self.teacher_steps[nfe]) * batch * self.teacher.evaluations()
         return x, cond, targets
 
-    def pooled(self, nfe: int, micro: MicroBatch, generator: torch.Generator,
+    def pooled(self, nfe: int, micro: MicroBatch, served: torch.Tensor,
                device: torch.device) -> tuple[torch.Tensor, Cond, list[torch.Tensor]]:
-        """Micro-batch ``micro`` of this iteration's batch from the current pool of this NFE: ``teacher_pool``
-        trajectories (one iteration's batch when 0) solved at once. Every iteration draws its batch from
-        the pool without replacement (its micro-batches are disjoint slices of that draw), and a fresh pool
-        replaces it after serving ``teacher_reuse`` x pool / batch iterations, so each trajectory trains the
-        student about ``teacher_reuse`` times. A pool is solved from its own seed, drawn from ``generator``
-        and kept in ``state_dict``, so a resumed run solves the pool it stopped in again."""
-        batch = micro.size * micro.count
-        size, serves = pool_serves(self.opts, batch)
-        if micro.index == 0:
-            uses, seed = self._pool_state.get(nfe, (0, None))
-            if uses % serves == 0:
-                seed = int(torch.randint(2**62, (1,), generator=generator))
-                self._pools.pop(nfe, None)
-            self._pool_state[nfe] = (uses + 1, seed)
+        """Micro-batch ``micro`` of this iteration's batch ``served`` (``serve``) from the current pool of this
+        NFE: ``teacher_pool`` trajectories (one iteration's batch when 0) solved at once from the pool's own
+        seed, kept in ``state_dict``, so a resumed run solves the pool it stopped in again (with several
+        processes, each solves the whole pool)."""
+        size, _ = pool_serves(self.opts, self.cfg.batch)
         if nfe not in self._pools:
             pool_gen = torch.Generator().manual_seed(self._pool_state[nfe][1])
             chunks = [self.trajectories(nfe, min(self.cfg.batch, size - start), pool_gen, device)
@@ -277,10 +283,8 @@ class SFD(Method):
                 cat_all([c[1] for c in chunks]),
                 [torch.cat(states) for states in zip(*(c[2] for c in chunks))],
             )
-        if micro.index == 0:
-            self._served = torch.randperm(size, generator=generator)[:batch]
         x, cond, targets = self._pools[nfe]
-        idx = self._served[micro.index * micro.size:(micro.index + 1) * micro.size].to(device)
+        idx = served[micro.index * micro.size:(micro.index + 1) * micro.size].to(device)
         return x[idx], index_cond(cond, idx), [y[idx] for y in targets]
 
     def state_dict(self) -> dict:
@@ -296,7 +300,7 @@ class SFD(Method):
         t = self.sigmas[nfe].to(device)
         opts = self.opts
         if opts.teacher_pool or opts.teacher_reuse > 1:
-            x, cond, targets = self.pooled(nfe, micro, generator, device)
+            x, cond, targets = self.pooled(nfe, micro, plan["served"], device)
         else:  # fresh trajectories: a pool that serves one iteration, drawn directly (SFD's random stream)
             x, cond, targets = self.trajectories(nfe, micro.size, generator, device)
         student = AtSteps(self.student, nfe)

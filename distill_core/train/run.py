@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from distill_core.config import DistillConfig
+from distill_core.memory_plan import MemoryPlan
 from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import build_method
 from distill_core.students import StudentNet, save_student
@@ -21,12 +22,16 @@ from distill_core.train.trainer import Trainer, resume_changes
 @dataclass
 class StudentRun:
     """A trained student file and what it cost; ``trained_params``: the trainable parameters of every network
-    the method trained (a LoRA student's adapters, a two-network method's both)."""
+    the method trained (a LoRA student's adapters, a two-network method's both); ``memory_plan``: the plan
+    the run started with; ``main_process``: whether this process is the one that reports (under a
+    multi-process launch, one of them)."""
 
     path: Path
     train_seconds: float
     teacher_evaluations: int
     trained_params: int
+    memory_plan: MemoryPlan
+    main_process: bool = True
 
 
 def train_student(
@@ -87,9 +92,13 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
         nonfinite_grads=result.nonfinite_grads,
         teacher_evaluations=result.teacher_evaluations,
     )
-    path = save_student(out / "student.safetensors", result.student, card, method.file_tensors())
+    path = out / "student.safetensors"
+    if trainer.acc.is_main_process:  # every process holds the same student; one writes it
+        save_student(path, result.student, card, method.file_tensors())
+    trainer.acc.wait_for_everyone()
     trained = sum(p.numel() for params in trainer.params.values() for p in params)
-    return StudentRun(path, result.seconds, result.teacher_evaluations, trained)
+    return StudentRun(path, result.seconds, result.teacher_evaluations, trained, trainer.memory_plan,
+                      trainer.acc.is_main_process)
 
 
 def cast_frozen_teacher(source: TeacherSource, dtype: torch.dtype) -> None:

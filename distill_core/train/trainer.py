@@ -1,5 +1,6 @@
 """The trainer every method shares, on accelerate: one process on CPU, bf16 autocast on CUDA by
-config, several GPUs with ``accelerate launch`` and no code change.
+config, several processes (GPUs, or CPU processes over gloo) with ``accelerate launch --multi_gpu
+--num_processes N`` and no code change.
 
 A method trains one or more named groups of networks (``method.nets``; SFD: ``student``; a
 distribution-matching method: ``generator`` and ``fake_score``). Each group has its own optimizer (Adam or
@@ -9,10 +10,14 @@ overriding where it is set; every group is accelerate-prepared, so DDP covers ev
 its trainable parameters are kept in float32 whatever the frozen base's precision. With
 ``grad_checkpointing`` the trained networks recompute their activations in the backward pass.
 
-An iteration: ``method.plan`` (shared draws), then ``grad_accum`` micro-batches in lockstep; for each
-loss the method yields (each names its group) every micro-batch's loss is back-propagated (divided by
-``grad_accum``), non-finite gradient entries are zeroed and counted (as in SFD's code), the group's
-gradients are optionally clipped, and the group's optimizer steps.
+An iteration: ``method.plan`` (shared draws, identical on every process), then ``grad_accum``
+micro-batches per process in lockstep. ``batch`` is the global batch: N processes with ``grad_accum`` k
+train N k micro-batches of batch / (N k) samples, micro-batch j drawing from its own generator
+(``micro_generator``: the seed, the iteration and j), so they train what one process with N k
+micro-batches trains. For each loss the method yields (each names its group) every micro-batch's loss is
+back-propagated (divided by ``grad_accum``; DDP averages over the processes), non-finite gradient entries
+are zeroed and counted (as in SFD's code), the group's gradients are optionally clipped, and the group's
+optimizer steps. ``grad_accum`` 0 takes as few micro-batches as the memory plan fits.
 
 Every ``checkpoint_every`` iterations (and at the end, and on Ctrl-C) the full state is written
 atomically: every group's networks, optimizer, scheduler and EMA, the method's own state, its teacher
@@ -141,7 +146,6 @@ class Trainer:
         self.params = {name: [p for p in net.parameters() if p.requires_grad] for name, net in self.nets.items()}
         # seeds above every evaluation set's (TRAINING_SEED_BASE): training never draws the evaluation noise
         self.plan_gen = torch.Generator().manual_seed(training_seed(cfg.seed))  # identical on every process
-        self.data_gen = torch.Generator().manual_seed(training_seed(cfg.seed * 1_000_003 + 1 + self.acc.process_index))
         self.preview_inputs: dict[int, tuple] = {}  # fixed noise and conditions of previews, by count
         self.preview_rows: list[torch.Tensor] = []  # the grids' fixed rows: teacher reference, solver
         self.started = time.time()  # of this process's part of the run (status.json)
@@ -153,15 +157,23 @@ class Trainer:
         cfg = self.cfg
         ema = {name for name, g in self.groups.items() if g.ema is not None}
         autocast = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
-        plan = plan_run(self.method, cfg.batch // max(cfg.grad_accum, 1), ema, autocast, cfg.grad_checkpointing)
+        processes = self.acc.num_processes
+        if cfg.batch % processes:
+            raise ValueError(f"batch {cfg.batch} is the global batch of {processes} processes: make it a multiple of "
+                             f"{processes}")
+        batch = cfg.batch // processes  # this process's share
+        plan = plan_run(self.method, batch // max(cfg.grad_accum, 1), ema, autocast, cfg.grad_checkpointing)
         cuda = self.acc.device.type == "cuda"
         available = torch.cuda.mem_get_info(self.acc.device)[0] + plan.resident if cuda else None
         self.grad_accum = cfg.grad_accum
         if cfg.grad_accum == 0:  # auto: as few micro-batches as fit (the config keeps 0: a resume decides anew)
-            self.grad_accum = fitting_micro_batches(plan, available, cfg.batch) if cuda else 1
-            plan = dataclasses.replace(plan, micro_batch=cfg.batch // self.grad_accum)
+            self.grad_accum = fitting_micro_batches(plan, available, batch) if cuda else 1
+            plan = dataclasses.replace(plan, micro_batch=batch // self.grad_accum)
+        if batch % self.grad_accum:
+            raise ValueError(f"batch {cfg.batch} over {processes} processes leaves {batch} each, which "
+                             f"{self.grad_accum} micro-batches do not divide: choose a batch that divides")
         if cuda:
-            check_fits(plan, available, cfg.batch, self.grad_accum, cfg.grad_checkpointing, cfg.student == "lora")
+            check_fits(plan, available, batch, self.grad_accum, cfg.grad_checkpointing, cfg.student == "lora")
         return plan
 
     # ----------------------------------------------------------------- control
@@ -217,7 +229,6 @@ class Trainer:
             "rng": {
                 "torch": torch.get_rng_state(),
                 "plan": self.plan_gen.get_state(),
-                "data": self.data_gen.get_state(),
             },
         }
         if torch.cuda.is_available():
@@ -254,7 +265,6 @@ class Trainer:
         self.method.load_state_dict(state.get("method", {}))
         torch.set_rng_state(state["rng"]["torch"])
         self.plan_gen.set_state(state["rng"]["plan"])
-        self.data_gen.set_state(state["rng"]["data"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(state["rng"]["cuda"]))
         self.iteration, self.seconds = info["iteration"], info["seconds"]
@@ -375,7 +385,7 @@ class Trainer:
         stop part way. When no optimizer has stepped yet (the teacher's solve, the long part), the draws and
         the method's state are put back as they were and a checkpoint is written: a resume repeats the
         iteration exactly. Otherwise the last checkpoint stands."""
-        before = (torch.get_rng_state(), self.plan_gen.get_state(), self.data_gen.get_state(),
+        before = (torch.get_rng_state(), self.plan_gen.get_state(),
                   copy.deepcopy(self.method.state_dict()), self.method.teacher_evaluations)
         self._stepped = False
         cancels = (KeyboardInterrupt, *(t for cb in self.callbacks for t in cb.cancels))
@@ -385,18 +395,21 @@ class Trainer:
             if not self._stepped:
                 torch.set_rng_state(before[0])
                 self.plan_gen.set_state(before[1])
-                self.data_gen.set_state(before[2])
-                self.method.load_state_dict(before[3])
-                self.method.teacher_evaluations = before[4]
+                self.method.load_state_dict(before[2])
+                self.method.teacher_evaluations = before[3]
                 self.save_checkpoint()
             raise
 
     def _iteration(self) -> dict:
         cfg, acc = self.cfg, self.acc
         accum = self.grad_accum
+        count = acc.num_processes * accum  # micro-batches of the global batch; this process trains ``accum``
         plan = self.method.plan(self.plan_gen)
-        streams = [self.method.losses(plan, MicroBatch(k, accum, cfg.batch // accum), self.data_gen)
-                   for k in range(accum)]
+        streams = []
+        for k in range(accum):
+            index = acc.process_index * accum + k
+            micro = MicroBatch(index, count, cfg.batch // count, k)
+            streams.append(self.method.losses(plan, micro, micro_generator(cfg.seed, self.iteration, index)))
         record = {"nfe": plan.get("nfe"), "lr": self.lr, "loss": {}, "grad_norm": {}, "nonfinite_grads": 0}
         exported = self.method.exported
         while True:
@@ -423,6 +436,8 @@ class Trainer:
                 total += value.item() / accum
             if step is None:
                 break
+            if acc.num_processes > 1:  # the metrics record the loss of the whole global batch
+                total = acc.reduce(torch.tensor(total, device=acc.device), reduction="mean").item()
             params = self.params[step.group]
             norm = grad_norm(params)
             if not torch.isfinite(norm) and _zero_nonfinite(params):  # the scan only when the norm says so
@@ -555,6 +570,12 @@ def resolve_group(spec: OptimSpec, cfg: DistillConfig, exported: bool) -> Group:
         warmup=resolve_warmup(cfg.lr_warmup, spec.warmup, cfg.iters),
         ema=cfg.ema if exported and cfg.ema is not None else spec.ema,
     )
+
+
+def micro_generator(seed: int, iteration: int, index: int) -> torch.Generator:
+    """The generator of micro-batch ``index`` of the global batch at ``iteration`` (from 0): its draws depend
+    on nothing else, so the process that trains it, the number of processes and a resume change nothing."""
+    return torch.Generator().manual_seed(training_seed((seed * 1_000_003 + iteration) * 8_191 + index + 1))
 
 
 def keep_trainables_float32(net: nn.Module) -> None:
