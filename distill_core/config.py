@@ -40,7 +40,7 @@ GUIDANCE_MODES = ("distilled", "cfg")
 PRECISIONS = ("no", "bf16")
 FROZEN_PRECISIONS = ("as-loaded", "bf16")
 STUDENT_KINDS = ("full", "lora")
-OPTIMIZERS = ("adam", "adamw")
+OPTIMIZERS = ("adam", "adamw", "adam8bit")
 LR_SCHEDULES = ("step", "cosine", "constant")
 
 
@@ -90,7 +90,9 @@ class DistillConfig:
                                    "memory of float32; trained weights stay float32)", choices=FROZEN_PRECISIONS)
     grad_checkpointing: bool = option(False, "recompute the trained networks' activations in the backward pass: "
                                       "far less memory, about a third more time per iteration")
-    optimizer: str | None = option(None, "adam or adamw (None: the method's own)", choices=OPTIMIZERS)
+    optimizer: str | None = option(None, "adam, adamw, or adam8bit (Adam's states in 8 bits, from bitsandbytes on "
+                                   "CUDA: a quarter of their memory, for full-weight students) (None: the method's "
+                                   "own)", choices=OPTIMIZERS)
     weight_decay: float | None = option(None, "weight decay (None: the method's own)", min=0)
     lr_schedule: str | None = option(None, "step, cosine or constant after the warmup (None: the method's own)",
                                      choices=LR_SCHEDULES)

@@ -5,8 +5,8 @@ concrete way to make it fit instead of failing part way.
 
 * W_frozen: the bytes of every frozen parameter and buffer (the teacher; a LoRA student's base is the same
   tensors, counted once), in the precision they are held.
-* W_trained: per trainable parameter, float32 weight + gradient + Adam's two moments (16 bytes), plus an
-  EMA copy (4 bytes) for a group that keeps one.
+* W_trained: per trainable parameter, float32 weight + gradient (8 bytes) and the optimizer's state (Adam's two
+  moments: 8 bytes in float32, 2 in 8-bit Adam), plus an EMA copy (4 bytes) for a group that keeps one.
 * a: the activation bytes one sample's training forward keeps for the backward pass, counted on the run's own
   network at the run's sample shape (``activation_bytes``: every tensor autograd saves, each storage once,
   the weights excepted), under the run's autocast; m: the micro-batch (``batch / grad_accum``). A method
@@ -26,8 +26,10 @@ from torch import nn
 
 MIB = 2**20
 GIB = 2**30
-#: float32 weight + gradient + Adam's first and second moments, per trainable parameter
-TRAINED_BYTES = 16
+#: float32 weight + gradient, per trainable parameter
+TRAINED_BYTES = 8
+#: the optimizer's state per trainable parameter: Adam's two moments in float32, or in 8 bits
+OPTIMIZER_STATE_BYTES = {"adam": 8, "adamw": 8, "adam8bit": 2}
 EMA_BYTES = 4
 #: f of ``peak``, by (architecture family, on CUDA, gradient checkpointing), each measured on one configuration
 #: (``bench/gpu_scale.py`` rows on an H200, bf16 autocast; ``tests/test_memory_plan.py`` on the CPU); where a
@@ -52,6 +54,7 @@ class MemoryPlan:
     micro_batch: int
     factor: float
     family: str
+    state_bytes: int = OPTIMIZER_STATE_BYTES["adam"]  # per trainable parameter
 
     @property
     def activations(self) -> int:
@@ -59,7 +62,7 @@ class MemoryPlan:
 
     @property
     def trained(self) -> int:
-        return self.trained_params * TRAINED_BYTES + self.ema_params * EMA_BYTES
+        return self.trained_params * (TRAINED_BYTES + self.state_bytes) + self.ema_params * EMA_BYTES
 
     @property
     def resident(self) -> int:
@@ -148,11 +151,11 @@ def family(net: nn.Module) -> str:
 
 
 def plan_run(method, micro_batch: int, ema: set[str], autocast: torch.dtype | None,
-             checkpointing: bool) -> MemoryPlan:
+             checkpointing: bool, optimizer: str = "adam") -> MemoryPlan:
     """The plan of a run of ``method`` (its networks built and on their device, gradient checkpointing not yet
     switched on) at ``micro_batch`` samples per micro-batch; ``ema``: the groups that keep an EMA of their
-    weights. The activations are probed on the exported network (the others a method trains are the same
-    architecture)."""
+    weights; ``optimizer``: the optimizer of the trained networks. The activations are probed on the exported
+    network (the others a method trains are the same architecture)."""
     names = list(method.nets)
     nets = [method.nets[n] for n in names]
     frozen, trained, with_ema = weight_counts([*nets, method.source.denoiser],
@@ -161,7 +164,8 @@ def plan_run(method, micro_batch: int, ema: set[str], autocast: torch.dtype | No
     arch = family(method.source.denoiser)
     device = next(method.nets[method.exported].parameters()).device
     factor = FACTORS.get((arch, device.type == "cuda", checkpointing), DEFAULT_FACTORS[checkpointing])
-    return MemoryPlan(frozen, trained, with_ema, per_sample, micro_batch, factor, arch)
+    return MemoryPlan(frozen, trained, with_ema, per_sample, micro_batch, factor, arch,
+                      OPTIMIZER_STATE_BYTES[optimizer])
 
 
 def sample_activation_bytes(net: nn.Module, source, autocast: torch.dtype | None) -> int:
@@ -220,6 +224,8 @@ def check_fits(plan: MemoryPlan, available: int, batch: int, grad_accum: int, ch
         fixes.append("grad_checkpointing on")
     if not lora:
         fixes.append("student lora")
+        if plan.state_bytes > OPTIMIZER_STATE_BYTES["adam8bit"]:
+            fixes.append("optimizer adam8bit")
     if plan.frozen > room and plan.frozen > plan.trained:
         fixes.append("frozen_precision bf16")
     fixes.append("a lower resolution")

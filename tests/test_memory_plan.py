@@ -4,6 +4,8 @@ on one base, float32 adapters over a half-precision base, a bf16 frozen teacher.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -63,7 +65,8 @@ def test_the_plan_counts_weights_and_optimizer_state_once(tmp_path, student):
     teacher = trainer.method.source.denoiser
     teacher_bytes = sum(t.numel() * t.element_size() for t in (*teacher.parameters(), *teacher.buffers()))
     trainable = sum(p.numel() for ps in trainer.params.values() for p in ps)
-    assert plan.trained_params == trainable and plan.trained == trainable * TRAINED_BYTES
+    # float32 weight and gradient (8 bytes) and Adam's two float32 moments (8)
+    assert plan.trained_params == trainable and plan.trained == trainable * 16 and TRAINED_BYTES == 8
     # a LoRA student's base is the teacher, counted once; the student adds only its own frozen buffers (a full
     # copy's, the adapters' alpha)
     shared = {t.untyped_storage().data_ptr() for t in (*teacher.parameters(), *teacher.buffers())}
@@ -186,3 +189,16 @@ def test_a_bf16_frozen_teacher_trains_a_float32_student(tmp_path):
     with safe_open(str(run_.path), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert torch.float32 in dtypes and torch.bfloat16 not in dtypes
+
+
+def test_8bit_adam_is_planned_at_a_quarter_of_the_state_and_refused_without_cuda(tmp_path):
+    full = run(tmp_path / "adam", student="full").memory_plan
+    cfg = DistillConfig(iters=2, batch=16, optimizer="adam8bit", checkpoint_every=0, out=str(tmp_path / "run"))
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None:
+        plan = Trainer(build_method(builtin_source(), cfg), cfg).memory_plan
+        assert plan.trained == full.trained_params * (8 + 2)
+        return
+    with pytest.raises(ValueError, match=r"optimizer adam8bit keeps Adam's states in 8 bits with bitsandbytes on "
+                       r"CUDA: install it \(pip install bitsandbytes\) on a CUDA machine, or choose adam"):
+        Trainer(build_method(builtin_source(), cfg), cfg)
+    assert full.state_bytes == 8

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import signal
@@ -125,9 +126,8 @@ class Trainer:
             if g.ema is not None:  # on the training device: the EMA update reads the live weights every iteration
                 self.ema[name] = copy.deepcopy(net).requires_grad_(False).to(self.acc.device)
             trainable = [p for p in net.parameters() if p.requires_grad]  # a LoRA student's base is frozen
-            optim = torch.optim.AdamW if g.optimizer == "adamw" else torch.optim.Adam
             nets.append(net)
-            optimizers.append(optim(trainable, lr=g.lr, betas=g.betas, weight_decay=g.weight_decay))
+            optimizers.append(make_optimizer(g, trainable, self.acc.device))
         prepared = self.acc.prepare(*nets, *optimizers)
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
         names = list(method.nets)
@@ -162,7 +162,8 @@ class Trainer:
             raise ValueError(f"batch {cfg.batch} is the global batch of {processes} processes: make it a multiple of "
                              f"{processes}")
         batch = cfg.batch // processes  # this process's share
-        plan = plan_run(self.method, batch // max(cfg.grad_accum, 1), ema, autocast, cfg.grad_checkpointing)
+        plan = plan_run(self.method, batch // max(cfg.grad_accum, 1), ema, autocast, cfg.grad_checkpointing,
+                        self.groups[self.method.exported].optimizer)
         cuda = self.acc.device.type == "cuda"
         available = torch.cuda.mem_get_info(self.acc.device)[0] + plan.resident if cuda else None
         self.grad_accum = cfg.grad_accum
@@ -570,6 +571,20 @@ def resolve_group(spec: OptimSpec, cfg: DistillConfig, exported: bool) -> Group:
         warmup=resolve_warmup(cfg.lr_warmup, spec.warmup, cfg.iters),
         ema=cfg.ema if exported and cfg.ema is not None else spec.ema,
     )
+
+
+def make_optimizer(group: Group, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """The group's optimizer: Adam, AdamW, or bitsandbytes' 8-bit Adam (its two moments block-wise quantised
+    to 8 bits, Dettmers et al. 2022), which needs CUDA and the optional ``bitsandbytes`` package."""
+    if group.optimizer == "adam8bit":
+        if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("optimizer adam8bit keeps Adam's states in 8 bits with bitsandbytes on CUDA: install it "
+                             "(pip install bitsandbytes) on a CUDA machine, or choose adam")
+        import bitsandbytes  # noqa: PLC0415 - optional, CUDA-only dependency
+
+        return bitsandbytes.optim.Adam8bit(params, lr=group.lr, betas=group.betas, weight_decay=group.weight_decay)
+    optim = torch.optim.AdamW if group.optimizer == "adamw" else torch.optim.Adam
+    return optim(params, lr=group.lr, betas=group.betas, weight_decay=group.weight_decay)
 
 
 def micro_generator(seed: int, iteration: int, index: int) -> torch.Generator:
