@@ -89,8 +89,7 @@ def test_the_activation_probe_extrapolates_from_a_half_and_a_quarter_side():
 
 #: the configurations of the CPU factors: measured on the full students (``FACTORS``), checked on the others
 CPU_RUNS = [dict(student="full", batch=32), dict(student="full", batch=64, grad_checkpointing=True),
-            dict(student="lora", batch=64), dict(student="full", batch=16),
-            dict(student="lora", batch=32, grad_checkpointing=True)]
+            dict(student="lora", batch=64), dict(student="lora", batch=32, grad_checkpointing=True)]
 
 
 def measured_peak(tmp_path, settings: dict) -> tuple[MemoryPlan, float]:
@@ -180,8 +179,8 @@ def test_lora_adapters_train_in_float32_over_a_half_precision_base(tmp_path):
 
 def test_a_bf16_frozen_teacher_trains_a_float32_student(tmp_path):
     source = builtin_source()
-    cfg = DistillConfig(iters=2, batch=8, frozen_precision="bf16", checkpoint_every=0, eval_samples=8,
-                        out=str(tmp_path / "run"))
+    cfg = DistillConfig(iters=1, batch=4, steps=2, frozen_precision="bf16", checkpoint_every=0, afs_center="zero",
+                        out=str(tmp_path / "run"))  # zero: no class means to solve (bf16 is slow on a CPU)
     run_ = train_student(cfg, source, progress=False)
     assert {p.dtype for p in source.denoiser.parameters()} == {torch.bfloat16}
     from safetensors import safe_open
