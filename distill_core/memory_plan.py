@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from distill_core.denoisers.base import move_cond
+from distill_core.nets.unet import UNet
+
 MIB = 2**20
 GIB = 2**30
 #: float32 weight + gradient, per trainable parameter
@@ -92,7 +95,7 @@ def activation_bytes(net: nn.Module, x: torch.Tensor, sigma: float, cond, autoca
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in static and t.device.type != "meta":
+        if storage.data_ptr() not in static:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
@@ -132,8 +135,6 @@ def family(net: nn.Module) -> str:
     """The architecture family of a network, for ``FACTORS``: the built-in UNet, Stable Diffusion 1.x/2.x and
     XL UNets (diffusers' or ComfyUI's, whose XL UNet takes the pooled embedding through ``label_emb``),
     Flux-style and SD3-style transformers, or the network's class name."""
-    from distill_core.nets.unet import UNet
-
     for m in net.modules():
         if isinstance(m, UNet):
             return "builtin"
@@ -175,7 +176,7 @@ def sample_activation_bytes(net: nn.Module, source, autocast: torch.dtype | None
     such as text tokens), so the probe itself stays small on a small GPU."""
     device = next(net.parameters()).device
     gen = torch.Generator().manual_seed(0)
-    cond = _on(source.draw_cond(1, gen), device)
+    cond = move_cond(source.draw_cond(1, gen), device)
     channels, *side = source.shape
 
     def probe(scale: int) -> tuple[int, int]:
@@ -191,12 +192,6 @@ def sample_activation_bytes(net: nn.Module, source, autocast: torch.dtype | None
     (p2, a2), (p4, a4) = probe(2), probe(4)
     full = side[0] * side[1]
     return int(a2 + (a2 - a4) * (full - p2) / (p2 - p4))
-
-
-def _on(cond, device: torch.device):
-    from distill_core.denoisers.base import move_cond
-
-    return move_cond(cond, device)
 
 
 def fitting_micro_batches(plan: MemoryPlan, available: int, batch: int) -> int:
