@@ -173,11 +173,13 @@ def build_network(model: str, tiny: bool, device: torch.device, dtype: torch.dty
     return net.eval().requires_grad_(False)
 
 
-def sd_alphas_cumprod() -> torch.Tensor:
-    """Stable Diffusion's "scaled_linear" DDPM schedule: betas from 0.00085 to 0.012 (linear in sqrt), 1000
-    steps."""
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0)
+def sd_denoiser(network: nn.Module) -> DiffusersDenoiser:
+    """A Stable Diffusion UNet on its training schedule (DDPM "scaled_linear", betas 0.00085 to 0.012, epsilon
+    prediction), read from diffusers' own scheduler."""
+    import diffusers
+
+    scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return DiffusersDenoiser.from_scheduler(network, scheduler)
 
 
 def teacher_source(model: str, network: nn.Module, resolution: int, tiny: bool, guidance: float) -> TeacherSource:
@@ -200,7 +202,7 @@ def teacher_source(model: str, network: nn.Module, resolution: int, tiny: bool, 
     if model == "flux":
         denoiser = FlowDenoiser(FluxVelocity(network), sigma_min=0.002, sigma_max=FLOW_SIGMA_MAX)
     else:
-        denoiser = DiffusersDenoiser(network, sd_alphas_cumprod())
+        denoiser = sd_denoiser(network)
     return TeacherSource(name=model, denoiser=denoiser, shape=shape, draw_cond=condition,
                          uncond=None if model == "flux" else condition(1, None, 0.0), guidance=guidance)
 

@@ -33,7 +33,7 @@ from distill_core.train.trainer import Trainer
 
 
 def tiny_unet(dtype: torch.dtype = torch.float32) -> DiffusersDenoiser:
-    from diffusers import UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -41,8 +41,8 @@ def tiny_unet(dtype: torch.dtype = torch.float32) -> DiffusersDenoiser:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
     )
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    return DiffusersDenoiser(unet.to(dtype).eval().requires_grad_(False), torch.cumprod(1 - betas, 0))
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return DiffusersDenoiser.from_scheduler(unet.to(dtype).eval().requires_grad_(False), scheduler)
 
 
 def text_source(denoiser, side: int = 64) -> TeacherSource:
