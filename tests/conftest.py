@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -31,3 +34,24 @@ def _threads():
 def tiny_edm() -> EDMDenoiser:
     """A tiny class-conditional EDM denoiser on 1x8x8 images with random weights, in eval mode."""
     return EDMDenoiser(randomise(UNet(TINY_UNET))).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def short_workflow(tmp_path):
+    """``make(path, iterations)``: a copy of a shipped API workflow (same file name, so the same output names)
+    with every training node's ``iterations`` cut to ``iterations``: the graph, its wiring, widgets and
+    outputs as shipped, at a budget the CPU suite affords (the shipped budgets are measured in
+    docs/results.md)."""
+
+    def make(path: Path, iterations: int) -> Path:
+        graph = json.loads(Path(path).read_text())
+        cut = [node for node in graph.values() if "iterations" in node["inputs"]]
+        assert cut, f"{path} has no training node"
+        for node in cut:
+            node["inputs"]["iterations"] = iterations
+        copy = tmp_path / "workflows" / Path(path).name
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_text(json.dumps(graph))
+        return copy
+
+    return make

