@@ -12,6 +12,8 @@ import sys
 #: subcommand -> (module with ``add_arguments(parser)`` and ``run(args)``, help text)
 COMMANDS = {
     "distill": ("distill_core.main_job", "distil a teacher into a few-step student (the main job)"),
+    "precompute": ("distill_core.main_job", "solve a run's teacher targets into --teacher-cache ahead of training "
+                   "(the distill command's flags)"),
     "train-teacher": ("distill_core.train_builtin", "re-train the built-in reference teacher"),
     "finetune-teacher": ("distill_core.finetune_builtin", "fine-tune the built-in teacher to bold digits (a LoRA)"),
     "train-classifier": ("distill_core.train_builtin", "re-train the built-in metric classifier"),

@@ -90,6 +90,10 @@ class DistillConfig:
                                    "memory of float32; trained weights stay float32)", choices=FROZEN_PRECISIONS)
     grad_checkpointing: bool = option(False, "recompute the trained networks' activations in the backward pass: "
                                       "far less memory, about a third more time per iteration")
+    teacher_cache: str | None = option(None, "a folder of teacher targets shared between runs: a solve found there "
+                                       "is read instead of computed, the rest are written there (SFD's "
+                                       "trajectories, teacher pairs; python -m distill_core precompute fills it "
+                                       "ahead) (None: off)")
     optimizer: str | None = option(None, "adam, adamw, or adam8bit (Adam's states in 8 bits, from bitsandbytes on "
                                    "CUDA: a quarter of their memory, for full-weight students) (None: the method's "
                                    "own)", choices=OPTIMIZERS)

@@ -83,6 +83,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_precompute(args: argparse.Namespace) -> int:
+    """Solve a run's teacher targets into ``--teacher-cache`` (the run's own flags pick which)."""
+    from distill_core.train.run import precompute_targets
+
+    cfg = config_from_args(args)
+    written, seconds = precompute_targets(cfg, teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts))
+    print(f"wrote {written} teacher solves to {cfg.teacher_cache} in {seconds:.0f} s; the distill command with the "
+          "same flags reads them instead of solving")
+    return 0
+
+
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
             source: TeacherSource | None = None) -> dict | None:
     """Train on ``source`` (default: the teacher ``cfg.teacher`` names), save the student, evaluate it

@@ -13,10 +13,10 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py lcm-lora-probe CHECKPOINT WORKDIR
         in-process: an LCM-LoRA trained by Distill to N steps, loaded by the stock LoraLoader and sampled by
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
-    python tests/comfyui_harness.py flow-probe {sd3,flux} WORKDIR
-        a tiny flow model (SD3 from a single file through the stock UNETLoader; Flux, with its guidance input,
-        built in memory) distilled to a LoRA, loaded by the stock loader and sampled by SamplerCustom with the
-        student's sigmas, against the engine.
+    python tests/comfyui_harness.py flow-probe {sd3,sd3-fp8,flux} WORKDIR
+        a tiny flow model (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its weight_dtype
+        fp8_e4m3fn; Flux, with its guidance input, built in memory) distilled to a LoRA, loaded by the stock
+        loader and sampled by SamplerCustom with the student's sigmas, against the engine.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -221,15 +221,16 @@ FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "pa
 
 def flow_model(family: str, work: Path):
     """(MODEL, context width, pooled width) of a tiny random-weight flow model: SD3 saved as a single file and
-    loaded by the stock Load Diffusion Model (UNETLoader), Flux built in memory."""
+    loaded by the stock Load Diffusion Model (UNETLoader; sd3-fp8: its weights kept in fp8_e4m3fn, which
+    ComfyUI casts to its compute precision layer by layer), Flux built in memory."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
     import torch
     from safetensors.torch import save_file
 
-    config = getattr(comfy.supported_models, "SD3" if family == "sd3" else "Flux")(
-        dict(SD3_CONFIG if family == "sd3" else FLUX_CONFIG))
+    sd3 = family.startswith("sd3")
+    config = getattr(comfy.supported_models, "SD3" if sd3 else "Flux")(dict(SD3_CONFIG if sd3 else FLUX_CONFIG))
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({})
     _init(base.diffusion_model, 5)
@@ -239,7 +240,8 @@ def flow_model(family: str, work: Path):
     name = "tiny_sd3.safetensors"
     save_file({k: v.contiguous() for k, v in base.diffusion_model.state_dict().items()},
               str(work / "diffusion_models" / name))
-    (model,) = importlib.import_module("nodes").UNETLoader().load_unet(name, "default")
+    weight_dtype = "fp8_e4m3fn" if family.endswith("fp8") else "default"
+    (model,) = importlib.import_module("nodes").UNETLoader().load_unet(name, weight_dtype)
     return model, 64, 32
 
 
@@ -270,7 +272,10 @@ def flow_probe(family: str, work: Path) -> dict:
                                 lambda name: stock.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0],
                                 guidance=guidance, sample_positive=sampled)
     sampling = model.get_model_object("model_sampling")
+    linear = [m.weight for m in model.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
     return {**result, "family": family, "unloaded_lora_keys": len(unloaded),
+            "base_weight_dtypes": sorted({str(w.dtype) for w in linear}),
+            "lora_dtypes": sorted({str(t.dtype) for t in _safetensors_tensors(result["lora_file"]).values()}),
             "sampling": [c.__name__ for c in type(sampling).__mro__][:3],
             "model_class": type(model.model).__name__}
 
@@ -469,10 +474,13 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
 
 
 def _safetensors_keys(path: Path):
-    from safetensors import safe_open
+    return list(_safetensors_tensors(path))
 
-    with safe_open(str(path), "pt") as f:
-        return list(f.keys())
+
+def _safetensors_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ panel and the benchmarks. A method is one module: a subclass of ``Method`` regis
   generator depends on the run's seed, the iteration and ``micro.index`` alone, so N processes with the
   same global batch train what one process does. Every micro-batch of an iteration
   yields the same sequence of groups;
+* ``precompute(draws)``: optionally, the teacher targets of a whole run solved into the run's
+  ``teacher_cache`` without training (``distill_core.teacher_cache``);
 * ``state_dict`` / ``load_state_dict``: its own progress (pools, rounds) for checkpoints;
   ``teacher_evaluations``: the teacher's network evaluations spent so far (the trainer keeps it across
   resumes);
@@ -173,6 +175,17 @@ class Method:
 
     def losses(self, plan: dict, micro: MicroBatch, generator: torch.Generator) -> Iterator[StepLoss]:
         raise NotImplementedError
+
+    def precompute(self, draws: Iterator[tuple[dict, MicroBatch, torch.Generator]]) -> None:
+        """Solve, into the run's ``teacher_cache``, the teacher targets the run will train on, without training
+        (``python -m distill_core precompute``). ``draws`` yields every micro-batch of the run in order, with
+        its iteration's plan and its generator (pulling one draws the plan). A method that trains on the
+        teacher's pairs solves its pool; one whose targets depend on the student has none to solve ahead."""
+        pairs = getattr(self, "pairs", None)
+        if pairs is None:
+            raise ValueError(f"method {self.name!r} has no teacher targets to solve ahead: its teacher sees the "
+                             "student's samples or the data set's images")
+        pairs.pool(next(self.source.denoiser.parameters()).device)
 
     def state_dict(self) -> dict:
         return {}

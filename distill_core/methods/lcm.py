@@ -173,7 +173,8 @@ class LCM(Method):
                                   source.uncond)
         pool = dataclasses.replace(opts, pairs=min(opts.pairs, cfg.iters * cfg.batch))
         self.pairs = None if source.draw_data is not None else TeacherPairs(
-            self.teacher, source, pool, self.sigma_min, self.sigma_max, cfg.seed)
+            self.teacher, source, pool, self.sigma_min, self.sigma_max, cfg.seed,
+            cfg.teacher_cache, cfg.mixed_precision)
         self.target_params = self.initial_target()
         self.teacher_evaluations = 0
 

@@ -161,7 +161,8 @@ class Progressive(Method):
         self.inputs = self.resolve_inputs(source, opts.inputs)
         pool = dataclasses.replace(opts, pairs=min(opts.pairs, cfg.iters * cfg.batch))
         self.pairs = None if self.inputs == "data" else TeacherPairs(
-            self.teacher, source, pool, self.sigma_min, self.sigma_max, cfg.seed)
+            self.teacher, source, pool, self.sigma_min, self.sigma_max, cfg.seed,
+            cfg.teacher_cache, cfg.mixed_precision)
         self.iteration, self.round = 0, 0
         self.frozen: dict[str, torch.Tensor] | None = None  # the round's teacher's parameters (round > 0)
         self.teacher_evaluations = 0

@@ -83,7 +83,8 @@ class PairRegression(Method):
                                                      cfg.lora_alpha)
         self.nets = {"student": student.train()}
         self.teacher = CFGTeacher(teacher_denoiser, self.w, source.uncond)
-        self.pairs = TeacherPairs(self.teacher, source, self.opts, self.sigma_min, self.sigma_max, cfg.seed)
+        self.pairs = TeacherPairs(self.teacher, source, self.opts, self.sigma_min, self.sigma_max, cfg.seed,
+                                  cfg.teacher_cache, cfg.mixed_precision)
         self.sigmas = self.schedule()
         self.spent = 0
 

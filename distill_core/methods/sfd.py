@@ -51,6 +51,7 @@ from distill_core.schedules import flow_time, karras, nest, nested_index, subste
 from distill_core.solvers import SOLVERS
 from distill_core.students import AFS_MEANS_KEY, AtSteps, make_student, student_card
 from distill_core.teacher import CFGTeacher
+from distill_core.teacher_cache import TeacherCache, source_fingerprint
 
 LOSSES = ("l1", "l2", "huber")
 GRIDS = ("auto", "karras", "flow")
@@ -227,6 +228,10 @@ class SFD(Method):
                 device=next(source.denoiser.parameters()).device,
             )
             self.teacher_evaluations = (source.classes + 1) * CLASS_MEAN_SAMPLES
+        self.cache = TeacherCache(cfg.teacher_cache, lambda: {
+            "solve": "sfd trajectories", "teacher": source_fingerprint(source), "w": self.teacher.w,
+            "sigmas": {n: s.tolist() for n, s in self.sigmas.items()}, "teacher_steps": self.teacher_steps,
+            "solver": opts.teacher_solver, "precision": cfg.mixed_precision})
         self._pools: dict[int, tuple[torch.Tensor, Cond, list[torch.Tensor]]] = {}
         self._pool_state: dict[int, tuple[int, int]] = {}  # per NFE: iterations its pool served, its seed
 
@@ -258,14 +263,33 @@ class SFD(Method):
 
     def trajectories(self, nfe: int, batch: int, generator: torch.Generator,
                      device: torch.device) -> tuple[torch.Tensor, Cond, list[torch.Tensor]]:
-        """Fresh starts x_N = sigma_max z, conditions, and the teacher's states at the student's points."""
-        t = self.sigmas[nfe].to(device)
-        x = (torch.randn((batch, *self.source.shape), generator=generator) * self.sigma_max).to(device)
-        cond = move_cond(self.source.draw_cond(batch, generator), device)
-        with torch.no_grad():
-            targets = teacher_states(self.teacher, x, t, cond, self.teacher_steps[nfe], self.opts.teacher_solver)
-        self.teacher_evaluations += sum(self.teacher_steps[nfe]) * batch * self.teacher.evaluations()
+        """Fresh starts x_N = sigma_max z, conditions, and the teacher's states at the student's points (read
+        from the run's ``teacher_cache`` where it holds them)."""
+
+        def solve() -> tuple[tuple, int]:
+            t = self.sigmas[nfe].to(device)
+            x = (torch.randn((batch, *self.source.shape), generator=generator) * self.sigma_max).to(device)
+            cond = move_cond(self.source.draw_cond(batch, generator), device)
+            with torch.no_grad():
+                targets = teacher_states(self.teacher, x, t, cond, self.teacher_steps[nfe], self.opts.teacher_solver)
+            return (x, cond, targets), sum(self.teacher_steps[nfe]) * batch * self.teacher.evaluations()
+
+        (x, cond, targets), spent = self.cache.solve(generator, solve, device, nfe=nfe, batch=batch)
+        self.teacher_evaluations += spent
         return x, cond, targets
+
+    def precompute(self, draws: Iterator[tuple[dict, MicroBatch, torch.Generator]]) -> None:
+        device = next(self.student.parameters()).device
+        for plan, micro, generator in draws:
+            self.targets(plan, micro, generator, device)
+
+    def targets(self, plan: dict, micro: MicroBatch, generator: torch.Generator,
+                device: torch.device) -> tuple[torch.Tensor, Cond, list[torch.Tensor]]:
+        """Micro-batch ``micro``'s starts, conditions and teacher states: from the pool (``pooled``), or fresh
+        trajectories drawn from its generator (SFD's random stream)."""
+        if self.opts.teacher_pool or self.opts.teacher_reuse > 1:
+            return self.pooled(plan["nfe"], micro, plan["served"], device)
+        return self.trajectories(plan["nfe"], micro.size, generator, device)
 
     def pooled(self, nfe: int, micro: MicroBatch, served: torch.Tensor,
                device: torch.device) -> tuple[torch.Tensor, Cond, list[torch.Tensor]]:
@@ -299,10 +323,7 @@ class SFD(Method):
         nfe, device = plan["nfe"], next(self.student.parameters()).device
         t = self.sigmas[nfe].to(device)
         opts = self.opts
-        if opts.teacher_pool or opts.teacher_reuse > 1:
-            x, cond, targets = self.pooled(nfe, micro, plan["served"], device)
-        else:  # fresh trajectories: a pool that serves one iteration, drawn directly (SFD's random stream)
-            x, cond, targets = self.trajectories(nfe, micro.size, generator, device)
+        x, cond, targets = self.targets(plan, micro, generator, device)
         student = AtSteps(self.student, nfe)
         for i in range(len(t) - 1):
             if opts.afs and i == 0:

@@ -10,7 +10,8 @@ and the guided teacher's ODE solution from x_N = sigma_max z,
 
 solved on first use in chunks, each chunk from its own generator seeded by (seed, chunk index), so the
 pool is a function of the run's seed: a resumed run solves the same pool again (nothing to store in the
-checkpoint). Draws are uniform with replacement, from the caller's generator.
+checkpoint), and a run with a ``teacher_cache`` reads the chunks it holds. Draws are uniform with
+replacement, from the caller's generator.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from distill_core.options import option
 from distill_core.schedules import karras
 from distill_core.solvers import SOLVERS
 from distill_core.teacher import CFGTeacher
+from distill_core.teacher_cache import TeacherCache, source_fingerprint
 
 #: pairs solved at once (bounds the memory of a solve)
 CHUNK = 64
@@ -44,11 +46,14 @@ class TeacherPairs:
     """The pool of pairs (z, c, x0) of ``teacher`` on ``source``'s conditions (see the module docstring)."""
 
     def __init__(self, teacher: CFGTeacher, source: TeacherSource, opts: PairsConfig, sigma_min: float,
-                 sigma_max: float, seed: int):
+                 sigma_max: float, seed: int, cache: str | None = None, precision: str = "no"):
         self.teacher, self.source, self.opts, self.seed = teacher, source, opts, seed
         self.sigmas = karras(opts.pair_steps, sigma_min, sigma_max)
         self.sigma_max = sigma_max
         self.solver = SOLVERS[opts.pair_solver]
+        self.cache = TeacherCache(cache, lambda: {  # ``cache``: the run's teacher_cache folder
+            "solve": "teacher pairs", "teacher": source_fingerprint(source), "w": teacher.w,
+            "sigmas": self.sigmas.tolist(), "solver": opts.pair_solver, "precision": precision})
         self._pool: tuple[torch.Tensor, Cond, torch.Tensor] | None = None
         self.evaluations = 0  # the teacher's network evaluations spent on the pool
 
@@ -60,12 +65,17 @@ class TeacherPairs:
     def solve_chunk(self, index: int, n: int, device: torch.device) -> tuple[torch.Tensor, Cond, torch.Tensor]:
         """Pairs ``index * CHUNK`` .. + n: their noise, conditions and the teacher's images."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        z = torch.randn((n, *self.source.shape), generator=gen)
-        cond = self.source.draw_cond(n, gen)
-        counted = _Counted(self.teacher)
-        x0 = self.solver(counted, (z * self.sigma_max).to(device), self.sigmas.to(device), move_cond(cond, device))
-        self.evaluations += counted.calls
-        return z, cond, x0.float().cpu()
+
+        def solve() -> tuple[tuple, int]:
+            z = torch.randn((n, *self.source.shape), generator=gen)
+            cond = self.source.draw_cond(n, gen)
+            counted = _Counted(self.teacher)
+            x0 = self.solver(counted, (z * self.sigma_max).to(device), self.sigmas.to(device), move_cond(cond, device))
+            return (z, cond, x0.float().cpu()), counted.calls
+
+        pairs, spent = self.cache.solve(gen, solve, torch.device("cpu"), n=n)
+        self.evaluations += spent
+        return pairs
 
     def pool(self, device: torch.device) -> tuple[torch.Tensor, Cond, torch.Tensor]:
         """Every pair (solved on first use)."""

@@ -3,6 +3,7 @@ the benchmarks all call."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,29 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
     trained = sum(p.numel() for params in trainer.params.values() for p in params)
     return StudentRun(path, result.seconds, result.teacher_evaluations, trained, trainer.memory_plan,
                       trainer.acc.is_main_process)
+
+
+def precompute_targets(cfg: DistillConfig, source: TeacherSource) -> tuple[int, float]:
+    """Solve every teacher target of the run ``cfg`` describes into ``cfg.teacher_cache`` without training
+    (the run then reads them instead of solving); returns the entries written and the seconds it took."""
+    if cfg.teacher_cache is None:
+        raise ValueError("precompute writes the run's teacher targets into a folder: give --teacher-cache DIR")
+    cfg = within_trained_range(cfg, source.denoiser)
+    if cfg.frozen_precision == "bf16":
+        cast_frozen_teacher(source, torch.bfloat16)
+    folder = Path(cfg.teacher_cache)
+    before = set(folder.glob("*.safetensors"))
+    start = time.perf_counter()
+    method = build_method(source, cfg)
+    home = next(source.denoiser.parameters()).device
+    trainer = Trainer(method, cfg)
+    try:
+        trainer.precompute()
+    finally:
+        for name in method.nets:
+            release_teacher(trainer.unwrapped(name))
+        method.to(home)
+    return len(set(folder.glob("*.safetensors")) - before), time.perf_counter() - start
 
 
 def cast_frozen_teacher(source: TeacherSource, dtype: torch.dtype) -> None:

@@ -63,7 +63,7 @@ from distill_core.train.status import write_status
 
 #: Config fields that may change between a run and its resumption: bookkeeping, and what a run that
 #: diverged needs (a lower lr, gradient clipping, another precision; each change is noted in the metrics).
-RESUMABLE_CHANGES = {"out", "iters", "checkpoint_every", "sample_every", "eval_samples", "extra"}
+RESUMABLE_CHANGES = {"out", "iters", "checkpoint_every", "sample_every", "eval_samples", "extra", "teacher_cache"}
 RECOVERY_CHANGES = {"lr", "clip_grad", "mixed_precision"}
 #: Config fields added after checkpoints were first written, with the value that describes what a run
 #: from before the field existed did (not the field's default today).
@@ -401,16 +401,35 @@ class Trainer:
                 self.save_checkpoint()
             raise
 
+    def micro_batches(self, iteration: int) -> list[tuple[MicroBatch, torch.Generator]]:
+        """The micro-batches this process trains at ``iteration`` and their generators: ``grad_accum`` of the
+        ``num_processes`` x ``grad_accum`` in the global batch."""
+        accum, acc = self.grad_accum, self.acc
+        count = acc.num_processes * accum
+        return [(MicroBatch(index, count, self.cfg.batch // count, k), micro_generator(self.cfg.seed, iteration, index))
+                for k, index in enumerate(range(acc.process_index * accum, (acc.process_index + 1) * accum))]
+
+    def precompute(self) -> None:
+        """Solve the teacher targets of the whole run into ``teacher_cache`` without training
+        (``Method.precompute``), drawing plans and micro-batches as the run will, from a fresh plan stream."""
+        if self.cfg.teacher_cache is None:
+            raise ValueError("precompute writes the run's teacher targets into a folder: give --teacher-cache DIR")
+        plan_gen = torch.Generator().manual_seed(training_seed(self.cfg.seed))
+
+        def draws():
+            for iteration in range(self.cfg.iters):
+                plan = self.method.plan(plan_gen)
+                for micro, generator in self.micro_batches(iteration):
+                    yield plan, micro, generator
+
+        with torch.no_grad(), self.acc.autocast():
+            self.method.precompute(draws())
+
     def _iteration(self) -> dict:
         cfg, acc = self.cfg, self.acc
         accum = self.grad_accum
-        count = acc.num_processes * accum  # micro-batches of the global batch; this process trains ``accum``
         plan = self.method.plan(self.plan_gen)
-        streams = []
-        for k in range(accum):
-            index = acc.process_index * accum + k
-            micro = MicroBatch(index, count, cfg.batch // count, k)
-            streams.append(self.method.losses(plan, micro, micro_generator(cfg.seed, self.iteration, index)))
+        streams = [self.method.losses(plan, micro, gen) for micro, gen in self.micro_batches(self.iteration)]
         record = {"nfe": plan.get("nfe"), "lr": self.lr, "loss": {}, "grad_norm": {}, "nonfinite_grads": 0}
         exported = self.method.exported
         while True:

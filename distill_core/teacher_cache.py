@@ -1,0 +1,125 @@
+"""Teacher targets kept on disk and shared between runs (``teacher_cache``: a folder).
+
+A method's teacher solve that does not depend on the student (SFD's trajectories, the noise-to-image pairs of
+knowledge distillation, rectified flow and data-free consistency training) is a function of the teacher, the
+solve's settings and the random draws it starts from. A draw is identified by its generator's state before
+the solve, so an entry is keyed by
+
+    key = sha256(signature, generator state before the solve)
+
+where the signature names the teacher (``source_fingerprint``: weights, parametrisation and condition
+distribution) and every setting of the solve. An entry holds the solve's tensors, the generator's state after
+it (set on a hit, so every later draw of the run is what it would have been) and the teacher evaluations it
+cost (counted on a hit too: a student's card says what its targets cost, wherever they were solved). A run
+with a warm cache therefore trains bit for bit the student it would have trained without one.
+
+Runs that share a seed share their draws: a learning curve (the same run at three budgets) solves the
+longest run's targets once, and ``python -m distill_core precompute`` solves a run's targets ahead without
+training. Entries are written atomically; the folder only ever grows (delete it to free the space).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from distill_core.builtin import fingerprint
+from distill_core.safetensors_io import CARD_KEY, save_atomic
+
+#: conditions drawn to fingerprint a teacher source's condition distribution
+COND_PROBE = 8
+
+
+def source_fingerprint(source) -> str:
+    """A short hash of a ``TeacherSource`` as a teacher of targets: its denoiser (``fingerprint``), the sample
+    shape, the unconditional condition and a probe of its condition draws (so another prompt list or text
+    encoder is another teacher)."""
+    h = hashlib.sha256(fingerprint(source.denoiser).encode())
+    h.update(json.dumps(list(source.shape)).encode())
+    tensors, layout = flatten((source.draw_cond(COND_PROBE, torch.Generator().manual_seed(0)), source.uncond))
+    h.update(json.dumps(layout, sort_keys=True).encode())
+    for name in sorted(tensors):
+        h.update(tensors[name].float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class TeacherCache:
+    """The cache of one kind of solve in one run: ``folder`` (None: off, every solve computed) and a function
+    giving the signature (JSON-serialisable) of the solve's settings, called once, on the first lookup (a
+    teacher's fingerprint reads all its weights); ``hits`` and ``solves`` count the lookups."""
+
+    def __init__(self, folder: str | Path | None, signature: Callable[[], dict]):
+        self.folder = None if folder is None else Path(folder)
+        self._signature, self.signature = signature, ""
+        self.hits = self.solves = 0
+
+    def solve(self, generator: torch.Generator, compute: Callable[[], tuple[Any, int]], device: torch.device,
+              **detail) -> tuple[Any, int]:
+        """``compute()`` -> (result, teacher evaluations), drawing from ``generator``; or, when the cache holds
+        this solve (the same signature, ``detail`` and generator state), the stored result on ``device`` and
+        its evaluations, with ``generator`` advanced past it."""
+        if self.folder is None:
+            return compute()
+        self.signature = self.signature or json.dumps(self._signature(), sort_keys=True)
+        path = self.folder / f"{self._key(generator, detail)}.safetensors"
+        if path.is_file():
+            self.hits += 1
+            return self._read(path, generator, device)
+        result, evaluations = compute()
+        self.solves += 1
+        tensors, layout = flatten(result)
+        tensors["generator_state"] = generator.get_state()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_atomic(tensors, path, {"layout": layout, "evaluations": evaluations, "signature": self.signature})
+        return result, evaluations
+
+    def _key(self, generator: torch.Generator, detail: dict) -> str:
+        h = hashlib.sha256(self.signature.encode())
+        h.update(json.dumps(detail, sort_keys=True).encode())
+        h.update(generator.get_state().numpy().tobytes())
+        return h.hexdigest()[:32]
+
+    @staticmethod
+    def _read(path: Path, generator: torch.Generator, device: torch.device) -> tuple[Any, int]:
+        with safe_open(str(path), framework="pt") as f:
+            card = json.loads(f.metadata()[CARD_KEY])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        generator.set_state(tensors.pop("generator_state"))
+        return unflatten({k: v.to(device) for k, v in tensors.items()}, card["layout"]), card["evaluations"]
+
+
+def flatten(obj: Any, name: str = "r") -> tuple[dict[str, torch.Tensor], Any]:
+    """Tensors of a nest of tuples, lists, dicts, tensors and None, named by their path, and the nest's
+    layout (JSON) that ``unflatten`` rebuilds it from."""
+    if obj is None:
+        return {}, None
+    if isinstance(obj, torch.Tensor):
+        return {name: obj}, name
+    if isinstance(obj, dict):
+        parts = {k: flatten(v, f"{name}.{k}") for k, v in obj.items()}
+        return {k: t for tensors, _ in parts.values() for k, t in tensors.items()}, \
+            {"dict": {k: layout for k, (_, layout) in parts.items()}}
+    if isinstance(obj, tuple | list):
+        parts = [flatten(v, f"{name}.{i}") for i, v in enumerate(obj)]
+        return {k: t for tensors, _ in parts for k, t in tensors.items()}, \
+            {type(obj).__name__: [layout for _, layout in parts]}
+    raise TypeError(f"a teacher target holds tensors, not {type(obj).__name__}")
+
+
+def unflatten(tensors: dict[str, torch.Tensor], layout: Any) -> Any:
+    """The nest ``flatten`` described by ``layout``."""
+    if layout is None:
+        return None
+    if isinstance(layout, str):
+        return tensors[layout]
+    (kind, inner), = layout.items()
+    if kind == "dict":
+        return {k: unflatten(tensors, v) for k, v in inner.items()}
+    items = [unflatten(tensors, v) for v in inner]
+    return tuple(items) if kind == "tuple" else items
