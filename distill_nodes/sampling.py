@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from distill_core import safetensors_io
+from distill_core.denoisers.comfy import has_frame_axis
 from distill_core.report import preview_pixels
 from distill_core.sampling import comfy_sigmas, k_sampler, sample
 from distill_core.students import check_card
@@ -109,8 +110,10 @@ def to_images(x: torch.Tensor, model=None, vae=None) -> tuple[torch.Tensor, dict
     if model is None:  # built-in pixels in [-1, 1], shown 4x larger
         pixels = ((x.clamp(-1, 1) + 1) / 2).repeat_interleave(4, -1).repeat_interleave(4, -2)
         return pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous(), {"samples": x}
-    latent = {"samples": model.model.process_latent_out(x)}
+    framed = x.unsqueeze(2) if has_frame_axis(model.model) else x  # a video model's LATENT: one frame
+    latent = {"samples": model.model.process_latent_out(framed)}
     if vae is not None:
-        return vae.decode(latent["samples"]), latent
+        images = vae.decode(latent["samples"])  # [B, T, H, W, 3] from a video VAE, as the stock VAE Decode flattens
+        return images.reshape(-1, *images.shape[-3:]), latent
     frames = [preview_pixels(xi[None], model.model.latent_format, 1) for xi in x]
     return torch.stack(frames).float().div(255), latent

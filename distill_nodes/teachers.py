@@ -54,7 +54,7 @@ class TeacherFromModel:
 
         refuse_unsupported(model)  # this MODEL's own sampling, not the one its checkpoint's clones share
         sampling = model_sampling(model)
-        latent_shape(model.model, width, height)  # a bad size or a video model is refused here, not in training
+        latent_shape(model.model, width, height)  # a bad size or latent is refused here, not in training
         for name, conditioning in (("positive", positive), ("negative", negative)):
             if not isinstance(conditioning, list) or not conditioning:
                 raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode or Distill "

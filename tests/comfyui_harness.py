@@ -13,10 +13,11 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py lcm-lora-probe CHECKPOINT WORKDIR
         in-process: an LCM-LoRA trained by Distill to N steps, loaded by the stock LoraLoader and sampled by
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
-    python tests/comfyui_harness.py flow-probe {sd3,sd3-fp8,flux} WORKDIR
+    python tests/comfyui_harness.py flow-probe {sd3,sd3-fp8,flux,wan,qwen-image} WORKDIR
         a tiny flow model (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its weight_dtype
-        fp8_e4m3fn; Flux, with its guidance input, built in memory) distilled to a LoRA, loaded by the stock
-        loader and sampled by SamplerCustom with the student's sigmas, against the engine.
+        fp8_e4m3fn; Flux, with its guidance input, Wan 2.1 and Qwen-Image, with one-frame video latents, built
+        in memory) distilled to a LoRA, loaded by the stock loader and sampled by SamplerCustom with the
+        student's sigmas, against the engine.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -217,24 +218,32 @@ FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "pa
                "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
                "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
                "guidance_embed": True}
+#: tiny models whose latents have a frame axis (Wan 2.1's 16-channel video latent, one frame for an image):
+#: Wan 2.1 text-to-video and Qwen-Image, one block of width 64, built in memory with ComfyUI's classes
+WAN_CONFIG = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "ffn_dim": 128, "freq_dim": 32,
+              "text_dim": 64, "num_heads": 2, "num_layers": 1, "in_dim": 16, "out_dim": 16}
+QWEN_CONFIG = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1,
+               "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
+               "axes_dims_rope": (8, 12, 12)}
+IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "qwen-image": ("QwenImage", QWEN_CONFIG)}
 
 
 def flow_model(family: str, work: Path):
     """(MODEL, context width, pooled width) of a tiny random-weight flow model: SD3 saved as a single file and
     loaded by the stock Load Diffusion Model (UNETLoader; sd3-fp8: its weights kept in fp8_e4m3fn, which
-    ComfyUI casts to its compute precision layer by layer), Flux built in memory."""
+    ComfyUI casts to its compute precision layer by layer); Flux, Wan and Qwen-Image built in memory."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
     import torch
     from safetensors.torch import save_file
 
-    sd3 = family.startswith("sd3")
-    config = getattr(comfy.supported_models, "SD3" if sd3 else "Flux")(dict(SD3_CONFIG if sd3 else FLUX_CONFIG))
+    name, unet_config = IN_MEMORY.get(family, ("SD3", SD3_CONFIG))
+    config = getattr(comfy.supported_models, name)(dict(unet_config))
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({})
     _init(base.diffusion_model, 5)
-    if family == "flux":
+    if family in IN_MEMORY:
         return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                                 offload_device=mm.unet_offload_device()), 64, 32
     name = "tiny_sd3.safetensors"
@@ -420,6 +429,7 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
 
     torch.manual_seed(0)
     channels = getattr(model.model.latent_format, "latent_channels", 4)
+    frames = (1,) * (getattr(model.model.latent_format, "latent_dimensions", 2) - 2)  # one frame of a video latent
     with torch.inference_mode():  # how ComfyUI runs every node
         (teacher,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, guidance)
         out = (train or sfd_node(pack))(teacher)
@@ -436,7 +446,7 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
             return seen["x_out"]
 
         sampler.sampler_function = recording
-        latent = torch.zeros(1, channels, 8, 8)
+        latent = torch.zeros(1, channels, *frames, 8, 8)
         noise = comfy.sample.prepare_noise(latent, 7)
         sampled = sample_positive or positive[:1]
         for name, m in (("teacher", model), ("lora", lora_model)):  # the same noise, without and with the LoRA

@@ -57,8 +57,18 @@ class COSMOS_RFLOW:
     sigma_min, sigma_max = 0.002, 80.0
 
 
-class LatentVideo:
+class Wan21:
+    """Named like ComfyUI's latent format of Wan 2.1 and Qwen-Image: video latents [B, C, T, H, W]."""
+
     latent_channels, latent_dimensions = 16, 3
+
+
+class Wan22(Wan21):
+    latent_channels = 48
+
+
+class Audio:
+    latent_channels, latent_dimensions = 64, 1
 
 
 class Cond:
@@ -133,16 +143,48 @@ def test_flow_models_are_the_ve_denoiser_of_x_over_1_plus_sigma_at_time_sigma_ov
     assert d.settings()["prediction"] == "CONST" and ComfyDenoiser(FakeBaseModel()).settings()["prediction"] == "EPS"
 
 
-def test_other_objects_bad_sizes_and_video_models_are_refused():
+def test_other_objects_bad_sizes_and_other_latents_are_refused():
     with pytest.raises(TypeError, match="Load Checkpoint"):
         refuse_unsupported(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="multiples of 8"):
         latent_shape(FakeBaseModel(), 500, 512)
     assert latent_shape(FakeBaseModel(), 512, 768) == (4, 96, 64)
-    video = FakeBaseModel(CONST())
-    video.latent_format = LatentVideo()
-    with pytest.raises(ValueError, match="video latents"):
-        latent_shape(video, 512, 512)
+    for latent_format, refusal in ((Wan22(), "48-channel latent"), (Audio(), "1-dimensional latents")):
+        model = FakeBaseModel(CONST())
+        model.latent_format = latent_format
+        with pytest.raises(ValueError, match=refusal):
+            latent_shape(model, 512, 512)
+
+
+class VideoBaseModel(FakeBaseModel):
+    """A flow model with video latents (Wan, Qwen-Image): ``apply_model`` takes [B, C, T, H, W] only."""
+
+    latent_format = Wan21()
+
+    def extra_conds(self, cross_attn, device, noise, **options):
+        self.noise_shape = tuple(noise.shape)
+        return super().extra_conds(cross_attn, device, noise, **options)
+
+    def apply_model(self, x, sigma, c_crossattn=None, y=None):
+        assert x.ndim == 5, "a video model gets a frame axis"
+        image_model = super().apply_model
+        return torch.stack([image_model(x[:, :, k], sigma, c_crossattn, y) for k in range(x.shape[2])], 2)
+
+
+def test_a_video_model_distils_images_as_one_frame():
+    """The engine holds an image of a video model as [B, C, H, W]; the adapter hands the model one frame,
+    [B, C, 1, H, W], and the result is the image model's on that frame (and a 5-D input passes as it is)."""
+    video, image = VideoBaseModel(CONST()), FakeBaseModel(CONST())
+    image.load_state_dict(video.state_dict())
+    assert latent_shape(video, 512, 256) == (16, 32, 64)
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 3.0])
+    cond = {"c_crossattn": torch.randn(2, 3, 6), "y": torch.randn(2, 5)}
+    out = ComfyDenoiser(video)(x, sigma, cond)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, ComfyDenoiser(image)(x, sigma, cond))
+    torch.testing.assert_close(ComfyDenoiser(video)(x.unsqueeze(2), sigma, cond), out.unsqueeze(2))
+    encode_conditioning(video, [_entry(3, 1)], (4, 8, 8))
+    assert video.noise_shape == (1, 4, 1, 8, 8)  # the model builds its inputs for one frame
 
 
 def test_a_plain_model_is_judged_by_its_own_sampling_not_a_flow_clones():

@@ -11,6 +11,9 @@ prediction type, through its ``model_sampling``. Two conventions:
   ``denoisers.flow``), x_t = x / (1 + sigma), so ``D(x, sigma) = apply_model(x / (1 + sigma), sigma / (1 + sigma))``.
   t = 1 is sigma = inf: the adapter stops at ``FLOW_SIGMA_MAX``.
 
+Models with video latents (Wan, Qwen-Image: [B, C, T, H, W]) distil as image models: the engine holds one
+frame as [B, C, H, W] and the adapter adds the frame axis of length 1 around ``apply_model``.
+
 So the adapter only moves conditions into keyword arguments and, for flow models, changes variables. A
 MODEL's model sampling is read through its patcher (``model_sampling``): clones of one checkpoint share the
 BaseModel, whose attribute holds the sampling of whichever clone was loaded last.
@@ -85,6 +88,7 @@ class ComfyDenoiser(nn.Module):
         self.kind = prediction(sampling)
         self.flow = self.kind == "CONST"
         self.prediction = "flow" if self.flow else self.kind.lower()
+        self.frames = has_frame_axis(base_model)
         low, high = float(sampling.sigma_min), float(sampling.sigma_max)
         if self.flow:
             self.shift = flow_shift(sampling)
@@ -107,13 +111,18 @@ class ComfyDenoiser(nn.Module):
         if cond is not None and not isinstance(cond, dict):
             raise TypeError("a ComfyUI model's condition is a dict of model inputs (c_crossattn, y, ...)")
         sigma = expand_sigma(sigma, x)
+        framed = self.frames and x.ndim == 4  # an image to a video model: one frame
+        if framed:
+            x = x.unsqueeze(2)
         if self.flow:
             x = x / (1 + sigma.view((-1,) + (1,) * (x.ndim - 1)))
             sigma = sigma_to_t(sigma)
         if not torch.is_grad_enabled():
-            return self.base.apply_model(x, sigma, **(cond or {}))
-        with torch.autograd.graph.saved_tensors_hooks(_keep_a_copy, _as_kept):
-            return self.base.apply_model(x, sigma, **(cond or {}))
+            out = self.base.apply_model(x, sigma, **(cond or {}))
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(_keep_a_copy, _as_kept):
+                out = self.base.apply_model(x, sigma, **(cond or {}))
+        return out.squeeze(2) if framed else out
 
 
 def _keep_a_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -128,15 +137,28 @@ def _as_kept(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def latent_shape(base_model: nn.Module, width: int, height: int) -> tuple[int, int, int]:
-    """(channels, height / 8, width / 8) of the model's latent for an image of width x height."""
+    """(channels, height / 8, width / 8) of the model's latent of one width x height image. A latent with a
+    frame axis (the video VAE of Wan 2.1 / 2.2 14B and Qwen-Image) is one frame, held without the axis
+    (``has_frame_axis``)."""
     latent_format = getattr(base_model, "latent_format", None)
-    if getattr(latent_format, "latent_dimensions", 2) != 2:
-        raise ValueError(f"{type(base_model).__name__} has video latents (a frame axis, as Wan and Qwen-Image): "
-                         f"distillation supports models with image latents (SD1.x, SD2.x, SDXL, SD3, Flux, ...)")
+    dims = getattr(latent_format, "latent_dimensions", 2)
+    name = type(base_model).__name__
+    if dims not in (2, 3):
+        raise ValueError(f"{name} has {dims}-dimensional latents: distillation supports image models and models "
+                         "with video latents (SD1.x, SD2.x, SDXL, SD3, Flux, Wan 2.1, Qwen-Image, ...)")
+    if type(latent_format).__name__ == "Wan22":
+        raise ValueError(f"{name} uses Wan 2.2's 48-channel latent (the 5B model), which is not supported: Wan 2.1, "
+                         "Wan 2.2 14B (16-channel latents) and Qwen-Image are")
     channels = getattr(latent_format, "latent_channels", 4)
     if width % 8 or height % 8:
         raise ValueError(f"width and height must be multiples of 8, got {width}x{height}")
     return channels, height // 8, width // 8
+
+
+def has_frame_axis(base_model: nn.Module) -> bool:
+    """Whether the model's latents are video latents [B, C, T, H, W] (Wan, Qwen-Image). The engine holds an
+    image as [B, C, H, W]; ``ComfyDenoiser`` hands such a model one frame, [B, C, 1, H, W]."""
+    return getattr(getattr(base_model, "latent_format", None), "latent_dimensions", 2) == 3
 
 
 def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[int, ...]) -> dict:
@@ -154,7 +176,8 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
             raise ValueError(f"each CONDITIONING entry must hold one prompt, got a batch of {cross_attn.shape[0]}")
         options.setdefault("width", shape[-1] * 8)
         options.setdefault("height", shape[-2] * 8)
-        noise = torch.zeros((1, *shape), device=cross_attn.device)
+        framed = (*shape[:-2], 1, *shape[-2:]) if has_frame_axis(base_model) and len(shape) == 3 else shape
+        noise = torch.zeros((1, *framed), device=cross_attn.device)
         out = base_model.extra_conds(cross_attn=cross_attn.clone(), device=cross_attn.device, noise=noise, **options)
         rows.append({k: v.cond.clone() for k, v in out.items()})
     keys = rows[0].keys()
