@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from distill_core.builtin import fingerprint
-from distill_core.safetensors_io import CARD_KEY, save_atomic
+from distill_core.safetensors_io import load, save_atomic
 
 #: conditions drawn to fingerprint a teacher source's condition distribution
 COND_PROBE = 8
@@ -87,9 +86,7 @@ class TeacherCache:
 
     @staticmethod
     def _read(path: Path, generator: torch.Generator, device: torch.device) -> tuple[Any, int]:
-        with safe_open(str(path), framework="pt") as f:
-            card = json.loads(f.metadata()[CARD_KEY])
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tensors, card = load(path)
         generator.set_state(tensors.pop("generator_state"))
         return unflatten({k: v.to(device) for k, v in tensors.items()}, card["layout"]), card["evaluations"]
 
