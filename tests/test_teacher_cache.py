@@ -101,3 +101,14 @@ def test_precompute_refuses_methods_whose_targets_follow_the_student(tiny_edm, t
         precompute_targets(cfg, tiny_source(tiny_edm))
     with pytest.raises(ValueError, match="give --teacher-cache DIR"):
         precompute_targets(DistillConfig(teacher="tiny", out=str(tmp_path / "run")), tiny_source(tiny_edm))
+
+
+def test_the_precompute_command_fills_the_cache_and_refuses_in_one_line(tmp_path, capsys):
+    from distill_core.cli import main
+
+    flags = ["--teacher-cache", str(tmp_path / "cache"), "--iters", "2", "--batch", "8", "--out", str(tmp_path / "r")]
+    assert main(["precompute", *flags]) == 0
+    assert "wrote 1 teacher solves" in capsys.readouterr().out  # one pool of one batch serves both iterations
+    assert main(["precompute", "--method", "dmd2", *flags]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no teacher targets to solve ahead" in err[0]
