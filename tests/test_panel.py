@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 from panel_fixtures import dead_pid, fake_run, metrics_line
@@ -72,6 +73,16 @@ def test_names_and_files_outside_the_root_are_refused(tmp_path):
     (root / "ok" / "metrics.jsonl").symlink_to(secret / "metrics.jsonl")  # a file linked out of the run
     metrics, problem = runs.read_metrics(root / "ok")
     assert metrics.records == [] and problem.startswith("refused")
+
+
+def test_the_options_of_a_run_the_panel_starts_cannot_name_files_or_folders(tmp_path):
+    from distill_core.panel.jobs import Jobs
+
+    jobs = Jobs(tmp_path / "runs")
+    for options in ("teacher_cache: /tmp/elsewhere", "prompts: /etc/hostname", "lr: 1e-4\nout: /tmp/x"):
+        with pytest.raises(ValueError, match=r"refused: the options cannot name files or folders \("):
+            jobs.start("r", "builtin", "sfd", 2, 2, 2, options)
+    assert not (tmp_path / "runs" / "r").exists() and not Path("/tmp/elsewhere").exists()
 
 
 def test_smoothing():

@@ -23,6 +23,8 @@ from distill_core.methods.registry import method_class
 
 #: A run name: a single path component, no leading dot.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: run settings that are paths: the panel's options may not set them (its runs stay inside the runs root)
+PATH_SETTINGS = {"out", "teacher", "prompts", "teacher_cache"}
 LOG = "log.txt"
 
 
@@ -53,6 +55,10 @@ class Jobs:
             raise ValueError(f"refused: {e}") from None
         if not isinstance(settings, dict):
             raise ValueError("refused: the method's options are a YAML mapping of settings to values")
+        named = sorted(PATH_SETTINGS & set(settings))
+        if named:
+            raise ValueError(f"refused: the options cannot name files or folders ({', '.join(named)}): a run the "
+                             "panel starts reads and writes only its own folder under the runs root")
         out = self.root / name
         try:
             cfg = DistillConfig(
