@@ -75,13 +75,15 @@ def test_names_and_files_outside_the_root_are_refused(tmp_path):
     assert metrics.records == [] and problem.startswith("refused")
 
 
-def test_the_options_of_a_run_the_panel_starts_cannot_name_files_or_folders(tmp_path):
+def test_a_run_the_panel_starts_cannot_name_files_or_folders(tmp_path):
     from distill_core.panel.jobs import Jobs
 
     jobs = Jobs(tmp_path / "runs")
     for options in ("teacher_cache: /tmp/elsewhere", "prompts: /etc/hostname", "lr: 1e-4\nout: /tmp/x"):
         with pytest.raises(ValueError, match=r"refused: the options cannot name files or folders \("):
             jobs.start("r", "builtin", "sfd", 2, 2, 2, options)
+    with pytest.raises(ValueError, match="refused: the panel distils the built-in teachers"):
+        jobs.start("r", str(tmp_path), "sfd", 2, 2, 2)
     assert not (tmp_path / "runs" / "r").exists() and not Path("/tmp/elsewhere").exists()
 
 

@@ -20,6 +20,7 @@ import yaml
 import distill_core
 from distill_core.config import DistillConfig
 from distill_core.methods.registry import method_class
+from distill_core.sources import TEACHERS
 
 #: A run name: a single path component, no leading dot.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -44,6 +45,9 @@ class Jobs:
         tenth of the run. Raises ``ValueError`` for a bad or taken name or settings."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ValueError(f"refused: a run name is letters, digits, '.', '_' or '-' (got {name!r})")
+        if teacher not in TEACHERS:
+            raise ValueError(f"refused: the panel distils the built-in teachers {', '.join(TEACHERS)} (got "
+                             f"{teacher!r}); a teacher from a folder runs from the command line")
         try:
             steps, iters, batch = int(steps), int(iters), int(batch)
         except (TypeError, ValueError):
