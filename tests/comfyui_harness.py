@@ -225,7 +225,11 @@ WAN_CONFIG = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "ffn_dim"
 QWEN_CONFIG = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1,
                "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
                "axes_dims_rope": (8, 12, 12)}
-IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "qwen-image": ("QwenImage", QWEN_CONFIG)}
+LUMINA2_CONFIG = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 1,
+                  "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16, "cap_feat_dim": 64,
+                  "axes_dims": [8, 12, 12], "axes_lens": [64, 64, 64], "qk_norm": True}
+IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "qwen-image": ("QwenImage", QWEN_CONFIG),
+             "lumina2": ("Lumina2", LUMINA2_CONFIG)}
 
 
 def flow_model(family: str, work: Path):
@@ -270,7 +274,10 @@ def flow_probe(family: str, work: Path) -> dict:
 
     def entry(seed: int) -> list:
         gen = torch.Generator().manual_seed(seed)
-        return [torch.randn(1, 12, context, generator=gen), {"pooled_output": torch.randn(1, pooled, generator=gen)}]
+        tokens = 12 if family != "lumina2" else 8 + 4 * seed  # Lumina 2: prompts of different token counts
+        options = {"pooled_output": torch.randn(1, pooled, generator=gen),
+                   "attention_mask": torch.ones(1, tokens, dtype=torch.long)}
+        return [torch.randn(1, tokens, context, generator=gen), options]
 
     stock = importlib.import_module("nodes")
     pack = load_pack().NODE_CLASS_MAPPINGS

@@ -13,6 +13,7 @@ from torch import nn
 
 from distill_core.builtin import fingerprint
 from distill_core.config import DistillConfig
+from distill_core.denoisers.base import index_cond
 from distill_core.denoisers.comfy import (
     FLOW_SIGMA_MAX,
     ComfyDenoiser,
@@ -185,6 +186,43 @@ def test_a_video_model_distils_images_as_one_frame():
     torch.testing.assert_close(ComfyDenoiser(video)(x.unsqueeze(2), sigma, cond), out.unsqueeze(2))
     encode_conditioning(video, [_entry(3, 1)], (4, 8, 8))
     assert video.noise_shape == (1, 4, 1, 8, 8)  # the model builds its inputs for one frame
+
+
+class Constant(Cond):
+    """Named like ComfyUI's ``CONDConstant``: a number, not a batch."""
+
+
+class CountingBaseModel(FakeBaseModel):
+    """A model that reads its text through a scalar input (Lumina 2's ``num_tokens``) and attends over every
+    token it is given (tiled copies would change its output)."""
+
+    def extra_conds(self, cross_attn, device, noise, **options):
+        return {"c_crossattn": Cond(cross_attn), "y": Cond(options["pooled_output"]),
+                "num_tokens": Constant(cross_attn.shape[1])}
+
+    def apply_model(self, x, sigma, c_crossattn=None, y=None, num_tokens=None):
+        assert isinstance(num_tokens, int) and c_crossattn.shape[1] == num_tokens
+        s = sigma.view(-1, 1, 1, 1)
+        return x - s * self.diffusion_model(x, s, c_crossattn.cumsum(1) / num_tokens, y)
+
+
+def test_scalar_model_inputs_run_each_group_of_rows_on_its_own_untiled_tokens():
+    base = CountingBaseModel()
+    entries = [_entry(3, 1), _entry(5, 2), _entry(3, 3)]
+    cond = encode_conditioning(base, entries, (4, 8, 8))
+    assert cond["c_crossattn"].shape == (3, 15, 6)  # tiled to a common length for batching
+    assert cond["constants"]["num_tokens"].tolist() == [3, 5, 3]
+    x, sigma = torch.randn(3, 4, 8, 8), torch.tensor([0.5, 1.0, 2.0])
+    out = ComfyDenoiser(base)(x, sigma, cond)
+    for i, (text, options) in enumerate(entries):
+        alone = base.apply_model(x[i:i + 1], sigma[i:i + 1], text, options["pooled_output"], text.shape[1])
+        torch.testing.assert_close(out[i:i + 1], alone)
+    negative = _entry(4, 4)
+    guided = CFGTeacher(ComfyDenoiser(base), 3.0, encode_conditioning(base, [negative], (4, 8, 8)))(
+        x[1:2], sigma[1:2], index_cond(cond, torch.tensor([1])))  # 5 and 4 tokens in one CFG batch
+    c = base.apply_model(x[1:2], sigma[1:2], entries[1][0], entries[1][1]["pooled_output"], 5)
+    u = base.apply_model(x[1:2], sigma[1:2], negative[0], negative[1]["pooled_output"], 4)
+    torch.testing.assert_close(guided, u + 3.0 * (c - u))
 
 
 def test_a_plain_model_is_judged_by_its_own_sampling_not_a_flow_clones():

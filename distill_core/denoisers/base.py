@@ -8,6 +8,7 @@ conditioning formats live inside adapters; solvers, the teacher and methods neve
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -61,11 +62,23 @@ def expand_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return sigma
 
 
+def tile_tokens(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Token sequences [B, T_i, C] tiled to a common length, the least common multiple of the T_i (ComfyUI's
+    rule for batching text embeddings): cross-attention over keys repeated k times gives every copy 1/k of
+    the weight, so a cross-attention's output is unchanged; a model that reads a row's first T_i tokens
+    (Lumina 2's ``num_tokens``) reads the row itself."""
+    length = math.lcm(*(p.shape[1] for p in parts))
+    return [p.repeat(1, length // p.shape[1], 1) for p in parts]
+
+
 def cat_conds(a: Cond, b: Cond) -> Cond:
-    """Concatenate two batch-first conditions along the batch (for one batched CFG forward)."""
+    """Concatenate two batch-first conditions along the batch (for one batched CFG forward); text embeddings
+    of different token counts are tiled to a common length (``tile_tokens``)."""
     if a is None and b is None:
         return None
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.ndim == b.ndim == 3 and a.shape[1] != b.shape[1] and a.shape[2] == b.shape[2]:
+            a, b = tile_tokens([a, b])
         return torch.cat([a, b])
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():

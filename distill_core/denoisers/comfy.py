@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond, expand_sigma
+from distill_core.denoisers.base import Cond, expand_sigma, index_cond, tile_tokens
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, sigma_to_t, t_to_sigma
 
 #: ComfyUI's prediction classes (``comfy.model_sampling``), the most derived first in a sampling's MRO
@@ -111,6 +111,8 @@ class ComfyDenoiser(nn.Module):
         if cond is not None and not isinstance(cond, dict):
             raise TypeError("a ComfyUI model's condition is a dict of model inputs (c_crossattn, y, ...)")
         sigma = expand_sigma(sigma, x)
+        if cond and CONSTANTS in cond:
+            return self._by_constants(x, sigma, cond)
         framed = self.frames and x.ndim == 4  # an image to a video model: one frame
         if framed:
             x = x.unsqueeze(2)
@@ -123,6 +125,26 @@ class ComfyDenoiser(nn.Module):
             with torch.autograd.graph.saved_tensors_hooks(_keep_a_copy, _as_kept):
                 out = self.base.apply_model(x, sigma, **(cond or {}))
         return out.squeeze(2) if framed else out
+
+    def _by_constants(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The rows of a batch grouped by their scalar model inputs (``CONSTANTS``) and their own token count,
+        one ``apply_model`` per group with those inputs as numbers and the text embedding untiled, as ComfyUI
+        runs conditions whose constants differ apart (a model with scalar inputs, such as Lumina 2, reads its
+        tokens through them: a tiled copy would reach its text refiner)."""
+        constants = dict(cond[CONSTANTS])
+        tokens = constants.pop(TOKENS)
+        rest = {k: v for k, v in cond.items() if k != CONSTANTS}
+        names = list(constants)
+        values = torch.stack([tokens.to(x.device, torch.float64)] +
+                             [constants[k].to(x.device, torch.float64) for k in names], 1)
+        out = torch.empty_like(x)
+        for group in values.unique(dim=0):
+            idx = (values == group).all(1).nonzero().squeeze(1)
+            inputs = {**index_cond(rest, idx), **{k: constants[k][int(idx[0])].item() for k in names}}
+            if "c_crossattn" in inputs:
+                inputs["c_crossattn"] = inputs["c_crossattn"][:, :int(group[0])]
+            out[idx] = self(x[idx], sigma[idx], inputs).to(out.dtype)
+        return out
 
 
 def _keep_a_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -161,12 +183,18 @@ def has_frame_axis(base_model: nn.Module) -> bool:
     return getattr(getattr(base_model, "latent_format", None), "latent_dimensions", 2) == 3
 
 
+#: the key of a condition's scalar model inputs (``CONDConstant``), one value per row, with ``TOKENS``: each
+#: row's own token count before tiling
+CONSTANTS, TOKENS = "constants", "tokens"
+
+
 def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[int, ...]) -> dict:
     """ComfyUI ``CONDITIONING`` (a list of ``[cross_attn [1, T, C], {"pooled_output": ...}]``) as one
     batch-first condition, one row per entry. The model's own ``extra_conds`` builds its inputs
     (SDXL's ``y`` from the pooled output and sizes), as ComfyUI's samplers do. Entries whose token
-    counts differ are tiled to a common length: cross-attention over keys repeated k times gives
-    every copy 1/k of the weight, so the output is unchanged."""
+    counts differ are tiled to a common length (``tile_tokens``), as ComfyUI batches them. Scalar
+    inputs (``CONDConstant``, as Lumina 2's token count) are kept per row under ``CONSTANTS``; the
+    adapter calls the model once per group of rows that agree on them."""
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError("CONDITIONING must be a non-empty list of [tensor, dict] entries (from CLIP Text Encode)")
     rows = []
@@ -179,20 +207,34 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         framed = (*shape[:-2], 1, *shape[-2:]) if has_frame_axis(base_model) and len(shape) == 3 else shape
         noise = torch.zeros((1, *framed), device=cross_attn.device)
         out = base_model.extra_conds(cross_attn=cross_attn.clone(), device=cross_attn.device, noise=noise, **options)
-        rows.append({k: v.cond.clone() for k, v in out.items()})
+        rows.append({k: _row_input(k, v.cond) for k, v in out.items()})
     keys = rows[0].keys()
     if any(r.keys() != keys for r in rows):
         raise ValueError("the CONDITIONING entries give different model inputs; encode them with one CLIP")
     if "c_concat" in keys:
         raise ValueError("inpainting / image-conditioned models (c_concat) are not supported for distillation")
-    cond = {}
+    cond, constants = {}, {}
     for k in keys:
         parts = [r[k] for r in rows]
-        if k == "c_crossattn":
-            length = math.lcm(*(p.shape[1] for p in parts))
-            parts = [p.repeat(1, length // p.shape[1], 1) for p in parts]
-        cond[k] = torch.cat(parts)
-    return cond
+        if parts[0].ndim == 0:  # a scalar input, one per row
+            constants[k] = torch.stack(parts)
+            continue
+        cond[k] = torch.cat(tile_tokens(parts) if k == "c_crossattn" else parts)
+    if not constants:
+        return cond
+    constants[TOKENS] = torch.tensor([entry[0].shape[1] for entry in conditioning])
+    return {**cond, CONSTANTS: constants}
+
+
+def _row_input(name: str, value) -> torch.Tensor:
+    """One entry's model input: a tensor, or a number (``CONDConstant``: Lumina 2's ``num_tokens``) as a
+    0-d tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, bool | int | float):
+        return torch.tensor(value)
+    raise ValueError(f"the model input {name!r} of this conditioning is a {type(value).__name__}, which "
+                     "distillation cannot batch; it supports tensor and number inputs")
 
 
 def embeds_guidance(base_model: nn.Module) -> bool:
