@@ -165,8 +165,9 @@ def api_to_ui(graph: dict, info: dict[str, dict], positions: dict[str, list[int]
               note: str | None = None) -> dict:
     """The UI-format (v0.4) twin of an API graph: nodes with socket inputs / outputs and positional
     widget values (an INT seed with ``control_after_generate`` is followed by "fixed"; a widget fed by
-    a link keeps its default, as ComfyUI's front end saves it), and links. ``note``: the text of a stock
-    Note node above the graph (what the workflow does and how long it takes); API graphs hold no notes."""
+    a link or left out of the graph has its default, as ComfyUI's front end saves it), and links.
+    ``note``: the text of a stock Note node above the graph (what the workflow does and how long it takes);
+    API graphs hold no notes."""
     order = topological_order(graph)
     links, ui_nodes = [], {}
     for k, nid in enumerate(order):
@@ -175,6 +176,8 @@ def api_to_ui(graph: dict, info: dict[str, dict], positions: dict[str, list[int]
         for name, decl in _inputs(sig).items():
             value = node["inputs"].get(name)
             if is_widget(decl) and not _is_link(value):
+                if value is None:  # an optional widget the graph leaves out: its default, as the front end shows it
+                    value = decl[1].get("default") if len(decl) > 1 else None
                 if value is not None:
                     widgets.append(value)
                     if len(decl) > 1 and decl[1].get("control_after_generate"):

@@ -274,9 +274,11 @@ def flow_probe(family: str, work: Path) -> dict:
 
     def entry(seed: int) -> list:
         gen = torch.Generator().manual_seed(seed)
-        tokens = 12 if family != "lumina2" else 8 + 4 * seed  # Lumina 2: prompts of different token counts
-        options = {"pooled_output": torch.randn(1, pooled, generator=gen),
-                   "attention_mask": torch.ones(1, tokens, dtype=torch.long)}
+        options = {"pooled_output": torch.randn(1, pooled, generator=gen)}
+        tokens = 12
+        if family == "lumina2":  # its text encoder's mask gives the token count; prompts of different lengths
+            tokens = 8 + 4 * seed
+            options["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
         return [torch.randn(1, tokens, context, generator=gen), options]
 
     stock = importlib.import_module("nodes")

@@ -107,6 +107,15 @@ def test_every_ui_workflow_has_an_api_twin():
     assert all("nodes" in json.loads((WORKFLOWS / n).read_text()) for n in ui_files)
 
 
+def test_every_ui_workflow_is_what_the_generator_writes_from_its_api_twin(tmp_path, capsys):
+    """The UI twins cannot go stale against the nodes' inputs: each is regenerated from its API twin (with
+    every optional widget at its default, as ComfyUI's front end saves a loaded graph) and compared."""
+    for api in sorted((WORKFLOWS / "api").glob("*.json")):
+        wf.run_ui_workflow(argparse.Namespace(workflow=str(api), out=str(tmp_path / api.name), note=None))
+        assert json.loads((tmp_path / api.name).read_text()) == json.loads((WORKFLOWS / api.name).read_text()), \
+            api.name
+
+
 def test_validation_names_each_problem():
     info = _info()
     graph = {
