@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 from panel_fixtures import dead_pid, fake_run, metrics_line
@@ -79,12 +78,13 @@ def test_a_run_the_panel_starts_cannot_name_files_or_folders(tmp_path):
     from distill_core.panel.jobs import Jobs
 
     jobs = Jobs(tmp_path / "runs")
-    for options in ("teacher_cache: /tmp/elsewhere", "prompts: /etc/hostname", "lr: 1e-4\nout: /tmp/x"):
+    outside = tmp_path / "elsewhere"
+    for options in (f"teacher_cache: {outside}", f"prompts: {outside / 'prompts.txt'}", f"lr: 1e-4\nout: {outside}"):
         with pytest.raises(ValueError, match=r"refused: the options cannot name files or folders \("):
             jobs.start("r", "builtin", "sfd", 2, 2, 2, options)
     with pytest.raises(ValueError, match="refused: the panel distils the built-in teachers"):
         jobs.start("r", str(tmp_path), "sfd", 2, 2, 2)
-    assert not (tmp_path / "runs" / "r").exists() and not Path("/tmp/elsewhere").exists()
+    assert not (tmp_path / "runs" / "r").exists() and not outside.exists()
 
 
 def test_smoothing():
