@@ -13,7 +13,7 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py lcm-lora-probe CHECKPOINT WORKDIR
         in-process: an LCM-LoRA trained by Distill to N steps, loaded by the stock LoraLoader and sampled by
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
-    python tests/comfyui_harness.py flow-probe {sd3,sd3-fp8,flux,wan,qwen-image} WORKDIR
+    python tests/comfyui_harness.py flow-probe {sd3,sd3-fp8,flux,wan,qwen-image,lumina2,auraflow,hidream,chroma} WORKDIR
         a tiny flow model (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its weight_dtype
         fp8_e4m3fn; Flux, with its guidance input, Wan 2.1 and Qwen-Image, with one-frame video latents, built
         in memory) distilled to a LoRA, loaded by the stock loader and sampled by SamplerCustom with the
@@ -228,8 +228,23 @@ QWEN_CONFIG = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, 
 LUMINA2_CONFIG = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "n_layers": 1,
                   "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "multiple_of": 16, "cap_feat_dim": 64,
                   "axes_dims": [8, 12, 12], "axes_lens": [64, 64, 64], "qk_norm": True}
+#: AuraFlow (its MMDiT on a 4-channel SDXL latent), HiDream (a mixture-of-experts DiT reading T5 tokens and a
+#: stack of Llama hidden states, ``conditioning_llama3`` [B, layers, tokens, width]) and Chroma (Flux blocks
+#: modulated by a distilled approximator; real CFG, its guidance input left at ComfyUI's default 0)
+AURAFLOW_CONFIG = {"in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 2,
+                   "n_double_layers": 1, "n_heads": 2, "global_conddim": 64, "cond_seq_dim": 64, "max_seq": 64}
+HIDREAM_CONFIG = {"image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1,
+                  "num_single_layers": 1, "attention_head_dim": 32, "num_attention_heads": 2,
+                  "caption_channels": [64, 64], "text_emb_dim": 32, "num_routed_experts": 2,
+                  "num_activated_experts": 1, "axes_dims_rope": [8, 12, 12], "max_resolution": [16, 16],
+                  "llama_layers": [0, 1]}
+CHROMA_CONFIG = {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "patch_size": 2,
+                 "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+                 "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
+                 "in_dim": 64, "out_dim": 64, "hidden_dim": 64, "n_layers": 1}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "qwen-image": ("QwenImage", QWEN_CONFIG),
-             "lumina2": ("Lumina2", LUMINA2_CONFIG)}
+             "lumina2": ("Lumina2", LUMINA2_CONFIG), "auraflow": ("AuraFlow", AURAFLOW_CONFIG),
+             "hidream": ("HiDream", HIDREAM_CONFIG), "chroma": ("Chroma", CHROMA_CONFIG)}
 
 
 def flow_model(family: str, work: Path):
@@ -279,6 +294,8 @@ def flow_probe(family: str, work: Path) -> dict:
         if family == "lumina2":  # its text encoder's mask gives the token count; prompts of different lengths
             tokens = 8 + 4 * seed
             options["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
+        if family == "hidream":  # two Llama layers' hidden states beside the T5 tokens, of three lengths
+            options["conditioning_llama3"] = torch.randn(1, 2, 8 + 4 * seed, context, generator=gen)
         return [torch.randn(1, tokens, context, generator=gen), options]
 
     stock = importlib.import_module("nodes")

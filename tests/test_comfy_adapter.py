@@ -225,6 +225,58 @@ def test_scalar_model_inputs_run_each_group_of_rows_on_its_own_untiled_tokens():
     torch.testing.assert_close(guided, u + 3.0 * (c - u))
 
 
+class JoiningBaseModel(FakeBaseModel):
+    """A model with a second token input, a stack of hidden states [B, layers, T, C] (HiDream's Llama
+    states), joined with the text embedding into one sequence that every token attends over (tiled copies of
+    either stream would change its output)."""
+
+    def extra_conds(self, cross_attn, device, noise, **options):
+        return {"c_crossattn": Cond(cross_attn), "y": Cond(options["pooled_output"]),
+                "hidden_states": Cond(options["hidden_states"])}
+
+    def apply_model(self, x, sigma, c_crossattn=None, y=None, hidden_states=None):
+        joined = torch.cat([c_crossattn, hidden_states.mean(1)], 1)
+        s = sigma.view(-1, 1, 1, 1)
+        return x - s * self.diffusion_model(x, s, joined.softmax(1).cumsum(1), y)
+
+
+def _joined_entry(tokens: int, states: int, seed: int) -> list:
+    text, options = _entry(tokens, seed)
+    states = torch.randn(1, 2, states, 6, generator=torch.Generator().manual_seed(seed))
+    return [text, {**options, "hidden_states": states}]
+
+
+def test_several_token_inputs_run_each_group_of_rows_on_its_own_untiled_tokens():
+    """Rows whose second token input differs in length (prompts of different lengths on HiDream) are batched
+    tiled and run in groups cut back to their own tokens: each row's result is the model's on that row
+    alone, and a CFG batch of a prompt and a negative of other lengths is u + w (c - u)."""
+    base = JoiningBaseModel()
+    entries = [_joined_entry(3, 4, 1), _joined_entry(3, 6, 2), _joined_entry(3, 4, 3)]
+    cond = encode_conditioning(base, entries, (4, 8, 8))
+    assert cond["hidden_states"].shape == (3, 2, 12, 6)
+    assert cond["lengths"]["hidden_states"].tolist() == [4, 6, 4] and cond["lengths"]["c_crossattn"].tolist() == [3] * 3
+    x, sigma = torch.randn(3, 4, 8, 8), torch.tensor([0.5, 1.0, 2.0])
+    out = ComfyDenoiser(base)(x, sigma, cond)
+
+    def alone(i, entry):
+        text, options = entry
+        return base.apply_model(x[i:i + 1], sigma[i:i + 1], text, options["pooled_output"], options["hidden_states"])
+
+    for i, entry in enumerate(entries):
+        torch.testing.assert_close(out[i:i + 1], alone(i, entry))
+    assert not torch.allclose(out[1:2], base.apply_model(x[1:2], sigma[1:2], cond["c_crossattn"][1:2], cond["y"][1:2],
+                                                         torch.cat([cond["hidden_states"][1:2]] * 2, 2)))
+    negative = _joined_entry(5, 3, 4)
+    guided = CFGTeacher(ComfyDenoiser(base), 3.0, encode_conditioning(base, [negative], (4, 8, 8)))(
+        x[1:2], sigma[1:2], index_cond(cond, torch.tensor([1])))
+    c, u = alone(1, entries[1]), alone(1, negative)
+    torch.testing.assert_close(guided, u + 3.0 * (c - u))
+    mismatched = _joined_entry(3, 4, 5)
+    mismatched[1]["hidden_states"] = torch.randn(1, 3, 4, 6)
+    with pytest.raises(ValueError, match="differ in more than their token count"):
+        encode_conditioning(base, [entries[0], mismatched], (4, 8, 8))
+
+
 def test_a_plain_model_is_judged_by_its_own_sampling_not_a_flow_clones():
     """After a flow-patched clone of a checkpoint ran, the shared BaseModel holds the clone's flow sampling:
     the plain MODEL still gets its own eps convention and sigma range, the flow clone its own."""

@@ -63,21 +63,25 @@ def expand_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 
 
 def tile_tokens(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Token sequences [B, T_i, C] tiled to a common length, the least common multiple of the T_i (ComfyUI's
-    rule for batching text embeddings): cross-attention over keys repeated k times gives every copy 1/k of
-    the weight, so a cross-attention's output is unchanged; a model that reads a row's first T_i tokens
-    (Lumina 2's ``num_tokens``) reads the row itself."""
-    length = math.lcm(*(p.shape[1] for p in parts))
-    return [p.repeat(1, length // p.shape[1], 1) for p in parts]
+    """Token sequences [B, ..., T_i, C] (tokens on the second-to-last axis: a text embedding [B, T, C], a stack
+    of hidden states [B, L, T, C]) tiled to a common length, the least common multiple of the T_i
+    (ComfyUI's rule for batching text embeddings): cross-attention over keys repeated k times gives every
+    copy 1/k of the weight, so a cross-attention's output is unchanged; a model that reads a row's first T_i
+    tokens (``ComfyDenoiser`` with row lengths) reads the row itself."""
+    if len({(p.shape[1:-2], p.shape[-1]) for p in parts}) > 1:
+        raise ValueError("token inputs differ in more than their token count: "
+                         f"{sorted({tuple(p.shape[1:]) for p in parts})}")
+    length = math.lcm(*(p.shape[-2] for p in parts))
+    return [p.repeat(*(1,) * (p.ndim - 2), length // p.shape[-2], 1) for p in parts]
 
 
 def cat_conds(a: Cond, b: Cond) -> Cond:
-    """Concatenate two batch-first conditions along the batch (for one batched CFG forward); text embeddings
+    """Concatenate two batch-first conditions along the batch (for one batched CFG forward); token inputs
     of different token counts are tiled to a common length (``tile_tokens``)."""
     if a is None and b is None:
         return None
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        if a.ndim == b.ndim == 3 and a.shape[1] != b.shape[1] and a.shape[2] == b.shape[2]:
+        if a.ndim == b.ndim >= 3 and a.shape[-2] != b.shape[-2]:
             a, b = tile_tokens([a, b])
         return torch.cat([a, b])
     if isinstance(a, dict) and isinstance(b, dict):

@@ -111,8 +111,8 @@ class ComfyDenoiser(nn.Module):
         if cond is not None and not isinstance(cond, dict):
             raise TypeError("a ComfyUI model's condition is a dict of model inputs (c_crossattn, y, ...)")
         sigma = expand_sigma(sigma, x)
-        if cond and CONSTANTS in cond:
-            return self._by_constants(x, sigma, cond)
+        if cond and LENGTHS in cond:
+            return self._by_rows(x, sigma, cond)
         framed = self.frames and x.ndim == 4  # an image to a video model: one frame
         if framed:
             x = x.unsqueeze(2)
@@ -126,23 +126,22 @@ class ComfyDenoiser(nn.Module):
                 out = self.base.apply_model(x, sigma, **(cond or {}))
         return out.squeeze(2) if framed else out
 
-    def _by_constants(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        """The rows of a batch grouped by their scalar model inputs (``CONSTANTS``) and their own token count,
-        one ``apply_model`` per group with those inputs as numbers and the text embedding untiled, as ComfyUI
-        runs conditions whose constants differ apart (a model with scalar inputs, such as Lumina 2, reads its
-        tokens through them: a tiled copy would reach its text refiner)."""
-        constants = dict(cond[CONSTANTS])
-        tokens = constants.pop(TOKENS)
-        rest = {k: v for k, v in cond.items() if k != CONSTANTS}
-        names = list(constants)
-        values = torch.stack([tokens.to(x.device, torch.float64)] +
-                             [constants[k].to(x.device, torch.float64) for k in names], 1)
+    def _by_rows(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The rows of a batch grouped by their own token counts (``LENGTHS``) and scalar model inputs
+        (``CONSTANTS``), one ``apply_model`` per group with its token inputs cut back to their own length
+        and the scalars as numbers, as ComfyUI runs conditions it cannot concatenate apart. A model that
+        reads its token count (Lumina 2) or joins several token streams into one attention (HiDream) would
+        see tiled copies."""
+        lengths, constants = cond[LENGTHS], cond.get(CONSTANTS, {})
+        rest = {k: v for k, v in cond.items() if k not in (LENGTHS, CONSTANTS)}
+        values = torch.stack([v.to(x.device, torch.float64) for v in (*lengths.values(), *constants.values())], 1)
         out = torch.empty_like(x)
         for group in values.unique(dim=0):
             idx = (values == group).all(1).nonzero().squeeze(1)
-            inputs = {**index_cond(rest, idx), **{k: constants[k][int(idx[0])].item() for k in names}}
-            if "c_crossattn" in inputs:
-                inputs["c_crossattn"] = inputs["c_crossattn"][:, :int(group[0])]
+            inputs = index_cond(rest, idx)
+            for k, n in zip(lengths, group.tolist()[:len(lengths)], strict=True):
+                inputs[k] = inputs[k][..., :int(n), :]
+            inputs.update({k: v[int(idx[0])].item() for k, v in constants.items()})
             out[idx] = self(x[idx], sigma[idx], inputs).to(out.dtype)
         return out
 
@@ -183,18 +182,20 @@ def has_frame_axis(base_model: nn.Module) -> bool:
     return getattr(getattr(base_model, "latent_format", None), "latent_dimensions", 2) == 3
 
 
-#: the key of a condition's scalar model inputs (``CONDConstant``), one value per row, with ``TOKENS``: each
-#: row's own token count before tiling
-CONSTANTS, TOKENS = "constants", "tokens"
+#: the keys of a condition's scalar model inputs (``CONDConstant``, one value per row) and of each row's own
+#: token count (before tiling) in every token input
+CONSTANTS, LENGTHS = "constants", "lengths"
 
 
 def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[int, ...]) -> dict:
     """ComfyUI ``CONDITIONING`` (a list of ``[cross_attn [1, T, C], {"pooled_output": ...}]``) as one
     batch-first condition, one row per entry. The model's own ``extra_conds`` builds its inputs
     (SDXL's ``y`` from the pooled output and sizes), as ComfyUI's samplers do. Entries whose token
-    counts differ are tiled to a common length (``tile_tokens``), as ComfyUI batches them. Scalar
-    inputs (``CONDConstant``, as Lumina 2's token count) are kept per row under ``CONSTANTS``; the
-    adapter calls the model once per group of rows that agree on them."""
+    counts differ are tiled to a common length (``tile_tokens``), as ComfyUI batches text embeddings.
+    Scalar inputs (``CONDConstant``, as Lumina 2's token count) are kept per row under ``CONSTANTS``; for
+    such models, and for models with several token inputs (HiDream's T5 tokens and Llama hidden states),
+    each row's own token counts are kept under ``LENGTHS`` and the adapter calls the model once per group of
+    rows that agree on them (``ComfyDenoiser._by_rows``)."""
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError("CONDITIONING must be a non-empty list of [tensor, dict] entries (from CLIP Text Encode)")
     rows = []
@@ -213,17 +214,21 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         raise ValueError("the CONDITIONING entries give different model inputs; encode them with one CLIP")
     if "c_concat" in keys:
         raise ValueError("inpainting / image-conditioned models (c_concat) are not supported for distillation")
-    cond, constants = {}, {}
+    cond, constants, lengths = {}, {}, {}
     for k in keys:
         parts = [r[k] for r in rows]
         if parts[0].ndim == 0:  # a scalar input, one per row
             constants[k] = torch.stack(parts)
             continue
-        cond[k] = torch.cat(tile_tokens(parts) if k == "c_crossattn" else parts)
-    if not constants:
-        return cond
-    constants[TOKENS] = torch.tensor([entry[0].shape[1] for entry in conditioning])
-    return {**cond, CONSTANTS: constants}
+        if parts[0].ndim >= 3:  # tokens on the second-to-last axis
+            lengths[k] = torch.tensor([p.shape[-2] for p in parts])
+            parts = tile_tokens(parts)
+        cond[k] = torch.cat(parts)
+    if constants:
+        cond[CONSTANTS] = constants
+    if constants or len(lengths) > 1:
+        cond[LENGTHS] = lengths
+    return cond
 
 
 def _row_input(name: str, value) -> torch.Tensor:
