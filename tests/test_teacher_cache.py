@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distill_core.afs import class_means
 from distill_core.config import DistillConfig
 from distill_core.methods.base import TeacherSource
 from distill_core.safetensors_io import load
@@ -14,9 +15,9 @@ from distill_core.teacher_cache import flatten, unflatten
 from distill_core.train.run import precompute_targets, train_student
 
 
-def tiny_source(denoiser) -> TeacherSource:
+def tiny_source(denoiser, classes: int = 0) -> TeacherSource:
     return TeacherSource("tiny", denoiser, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g),
-                         torch.tensor([10]), 2.0)
+                         torch.tensor([10]), 2.0, classes=classes)
 
 
 @pytest.fixture
@@ -70,6 +71,26 @@ def test_a_warm_cache_trains_the_same_student_without_calling_the_teacher(tiny_e
     assert plain_card["teacher_evaluations"] > 0
 
 
+def test_a_warm_cache_holds_the_afs_class_means_too(tiny_edm, tmp_path, teacher_calls, monkeypatch):
+    """On a class-conditional teacher SFD's first step aims at the class means, (classes + 1) x 100 teacher
+    evaluations at the start of a run: a warm run reads them too, and calls the teacher for nothing."""
+    from distill_core.methods import sfd
+
+    means = []
+    monkeypatch.setattr(sfd, "class_means", lambda *a, **k: means.append(1) or class_means(*a, **k))
+    cfg = {"teacher": "tiny", "steps": 2, "iters": 2, "batch": 4, "checkpoint_every": 0,
+           "teacher_cache": str(tmp_path / "cache")}
+    cold = train_student(DistillConfig(out=str(tmp_path / "cold"), **cfg), tiny_source(tiny_edm, 10), progress=False)
+    assert means == [1] and teacher_calls
+    teacher_calls.clear()
+    warm = train_student(DistillConfig(out=str(tmp_path / "warm"), **cfg), tiny_source(tiny_edm, 10), progress=False)
+    assert means == [1] and not teacher_calls, "the warm run called the teacher"
+    (cold_tensors, cold_card), (warm_tensors, warm_card) = load(cold.path), load(warm.path)
+    assert cold_card["afs_center"] == "class_mean" and cold_tensors.keys() == warm_tensors.keys()
+    assert all(torch.equal(warm_tensors[k], cold_tensors[k]) for k in cold_tensors)
+    assert warm_card["training"]["teacher_evaluations"] == cold_card["training"]["teacher_evaluations"]
+
+
 def test_precompute_fills_the_cache_the_run_then_reads(tiny_edm, tmp_path, teacher_calls):
     cfg = DistillConfig(teacher="tiny", steps=2, iters=4, batch=4, checkpoint_every=0, out=str(tmp_path / "run"),
                         teacher_cache=str(tmp_path / "cache"))
@@ -108,7 +129,8 @@ def test_the_precompute_command_fills_the_cache_and_refuses_in_one_line(tmp_path
 
     flags = ["--teacher-cache", str(tmp_path / "cache"), "--iters", "2", "--batch", "8", "--out", str(tmp_path / "r")]
     assert main(["precompute", *flags]) == 0
-    assert "wrote 1 teacher solves" in capsys.readouterr().out  # one pool of one batch serves both iterations
+    # the AFS class means and one pool of one batch (it serves both iterations)
+    assert "wrote 2 teacher solves" in capsys.readouterr().out
     assert main(["precompute", "--method", "dmd2", *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no teacher targets to solve ahead" in err[0]

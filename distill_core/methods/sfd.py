@@ -223,11 +223,15 @@ class SFD(Method):
         self.afs_means = None
         self.teacher_evaluations = 0
         if self.afs_center == "class_mean":  # computed once: (classes + 1) x CLASS_MEAN_SAMPLES evaluations
-            self.afs_means = class_means(
-                teacher_denoiser, source.classes, source.uncond, source.shape, self.sigma_max, seed=cfg.seed,
-                device=next(source.denoiser.parameters()).device,
-            )
-            self.teacher_evaluations = (source.classes + 1) * CLASS_MEAN_SAMPLES
+            means = TeacherCache(cfg.teacher_cache, lambda: {
+                "solve": "afs class means", "teacher": source_fingerprint(source), "sigma_max": self.sigma_max,
+                "samples": CLASS_MEAN_SAMPLES, "precision": cfg.mixed_precision})
+            self.afs_means, self.teacher_evaluations = means.solve(
+                torch.Generator().manual_seed(cfg.seed),  # class_means draws its noises from this seed
+                lambda: (class_means(teacher_denoiser, source.classes, source.uncond, source.shape, self.sigma_max,
+                                     seed=cfg.seed, device=next(source.denoiser.parameters()).device),
+                         (source.classes + 1) * CLASS_MEAN_SAMPLES),
+                torch.device("cpu"))
         self.cache = TeacherCache(cfg.teacher_cache, lambda: {
             "solve": "sfd trajectories", "teacher": source_fingerprint(source), "w": self.teacher.w,
             "sigmas": {n: s.tolist() for n, s in self.sigmas.items()}, "teacher_steps": self.teacher_steps,
