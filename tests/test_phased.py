@@ -242,3 +242,18 @@ def test_smoothed_targets_average_the_teacher_at_one_noise_level_per_slot(teache
     assert set(seen) == set(m._pool["sigma"].tolist())
     assert bool(m._pool["seen"].all())
 
+
+
+def test_the_teacher_probe_is_kept_per_condition_distribution_not_per_weights_alone(teacher16):
+    """Two sources on the same weights with other conditions (another prompt list on one model) probe apart;
+    the same source again reads the kept probe."""
+    from distill_core.methods.phased import teacher_probe
+    from distill_core.teacher import CFGTeacher
+
+    cfg = DistillConfig(method="phased", probe_batch=4, probe_steps=8, seed=123)
+    digits, sevens = tiny_source(teacher16), tiny_source(teacher16)
+    sevens.draw_cond = lambda b, g: torch.full((b,), 7)
+    probe = teacher_probe(CFGTeacher(teacher16, 2.0, digits.uncond), digits, cfg, 80.0)
+    assert teacher_probe(CFGTeacher(teacher16, 2.0, digits.uncond), digits, cfg, 80.0) is probe
+    other = teacher_probe(CFGTeacher(teacher16, 2.0, sevens.uncond), sevens, cfg, 80.0)
+    assert other is not probe and not np.allclose(other.cumulative_drift, probe.cumulative_drift)

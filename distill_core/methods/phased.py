@@ -59,6 +59,7 @@ from distill_core.schedules import phased
 from distill_core.solvers import SOLVERS
 from distill_core.students import AtSteps, StudentNet, architecture, student_card
 from distill_core.teacher import CFGTeacher
+from distill_core.teacher_cache import source_fingerprint
 
 PHASE_INPUTS = ("data", "trajectories")
 
@@ -108,9 +109,10 @@ POOL = 1024
 
 
 def teacher_probe(teacher: CFGTeacher, source: TeacherSource, cfg, sigma_max: float) -> phases.Probe:
-    """The probe of ``phases.probe`` on ``probe_batch`` trajectories (cached per teacher and settings)."""
+    """The probe of ``phases.probe`` on ``probe_batch`` trajectories (cached per teacher source, its weights and
+    its condition distribution, and settings)."""
     batch, steps = cfg.options.probe_batch, cfg.options.probe_steps
-    key = (fingerprint(source.denoiser), teacher.w, cfg.sigma_min, sigma_max, batch, steps, cfg.seed)
+    key = (source_fingerprint(source), teacher.w, cfg.sigma_min, sigma_max, batch, steps, cfg.seed)
     if key not in _PROBES:
         gen = torch.Generator().manual_seed(cfg.seed + 4242)
         noise = torch.randn((batch, *source.shape), generator=gen) * sigma_max
