@@ -226,55 +226,67 @@ def test_scalar_model_inputs_run_each_group_of_rows_on_its_own_untiled_tokens():
 
 
 class JoiningBaseModel(FakeBaseModel):
-    """A model with a second token input, a stack of hidden states [B, layers, T, C] (HiDream's Llama
-    states), joined with the text embedding into one sequence that every token attends over (tiled copies of
-    either stream would change its output)."""
+    """A DiT-like model that joins its text tokens, and a second token input where it has one (HiDream's Llama
+    hidden states [B, layers, T, C]), into one sequence every token attends over: tiled copies of either
+    would change its output."""
 
     def extra_conds(self, cross_attn, device, noise, **options):
-        return {"c_crossattn": Cond(cross_attn), "y": Cond(options["pooled_output"]),
-                "hidden_states": Cond(options["hidden_states"])}
+        inputs = {"c_crossattn": Cond(cross_attn), "y": Cond(options["pooled_output"])}
+        if "hidden_states" in options:
+            inputs["hidden_states"] = Cond(options["hidden_states"])
+        return inputs
 
     def apply_model(self, x, sigma, c_crossattn=None, y=None, hidden_states=None):
-        joined = torch.cat([c_crossattn, hidden_states.mean(1)], 1)
+        joined = c_crossattn if hidden_states is None else torch.cat([c_crossattn, hidden_states.mean(1)], 1)
         s = sigma.view(-1, 1, 1, 1)
         return x - s * self.diffusion_model(x, s, joined.softmax(1).cumsum(1), y)
 
 
-def _joined_entry(tokens: int, states: int, seed: int) -> list:
+def _joined_entry(tokens: int, states: int | None, seed: int) -> list:
     text, options = _entry(tokens, seed)
-    states = torch.randn(1, 2, states, 6, generator=torch.Generator().manual_seed(seed))
-    return [text, {**options, "hidden_states": states}]
+    if states is not None:
+        options["hidden_states"] = torch.randn(1, 2, states, 6, generator=torch.Generator().manual_seed(seed))
+    return [text, options]
 
 
-def test_several_token_inputs_run_each_group_of_rows_on_its_own_untiled_tokens():
-    """Rows whose second token input differs in length (prompts of different lengths on HiDream) are batched
-    tiled and run in groups cut back to their own tokens: each row's result is the model's on that row
-    alone, and a CFG batch of a prompt and a negative of other lengths is u + w (c - u)."""
+@pytest.mark.parametrize("states", [None, (4, 6, 4, 3)], ids=["text-tokens", "text-and-hidden-states"])
+def test_rows_of_other_token_counts_run_in_groups_each_on_its_own_tokens(states):
+    """Prompts of different lengths (Chroma, Qwen-Image: unpadded text; HiDream: Llama hidden states beside
+    T5) are stored tiled and run in groups cut back to their own tokens: each row's result is the model's on
+    that row alone, and a CFG batch of a prompt and a negative of other lengths is u + w (c - u)."""
     base = JoiningBaseModel()
-    entries = [_joined_entry(3, 4, 1), _joined_entry(3, 6, 2), _joined_entry(3, 4, 3)]
+    text = (3, 5, 3, 4) if states is None else (3, 3, 3, 5)
+    states = states or (None,) * 4
+    entries = [_joined_entry(text[i], states[i], i + 1) for i in range(3)]
     cond = encode_conditioning(base, entries, (4, 8, 8))
-    assert cond["hidden_states"].shape == (3, 2, 12, 6)
-    assert cond["lengths"]["hidden_states"].tolist() == [4, 6, 4] and cond["lengths"]["c_crossattn"].tolist() == [3] * 3
+    assert cond["lengths"]["c_crossattn"].tolist() == list(text[:3])
+    if states[0] is not None:
+        assert cond["hidden_states"].shape == (3, 2, 12, 6) and cond["lengths"]["hidden_states"].tolist() == [4, 6, 4]
     x, sigma = torch.randn(3, 4, 8, 8), torch.tensor([0.5, 1.0, 2.0])
     out = ComfyDenoiser(base)(x, sigma, cond)
 
     def alone(i, entry):
-        text, options = entry
-        return base.apply_model(x[i:i + 1], sigma[i:i + 1], text, options["pooled_output"], options["hidden_states"])
+        tokens, options = entry
+        return base.apply_model(x[i:i + 1], sigma[i:i + 1], tokens, options["pooled_output"],
+                                options.get("hidden_states"))
 
     for i, entry in enumerate(entries):
         torch.testing.assert_close(out[i:i + 1], alone(i, entry))
-    assert not torch.allclose(out[1:2], base.apply_model(x[1:2], sigma[1:2], cond["c_crossattn"][1:2], cond["y"][1:2],
-                                                         torch.cat([cond["hidden_states"][1:2]] * 2, 2)))
-    negative = _joined_entry(5, 3, 4)
+    tiled = {k: v[1:2] for k, v in cond.items() if k != "lengths"}
+    assert not torch.allclose(out[1:2], base.apply_model(x[1:2], sigma[1:2], **tiled))  # tiling would change it
+    negative = _joined_entry(text[3], states[3], 4)
     guided = CFGTeacher(ComfyDenoiser(base), 3.0, encode_conditioning(base, [negative], (4, 8, 8)))(
         x[1:2], sigma[1:2], index_cond(cond, torch.tensor([1])))
     c, u = alone(1, entries[1]), alone(1, negative)
     torch.testing.assert_close(guided, u + 3.0 * (c - u))
+
+
+def test_token_inputs_that_differ_in_more_than_their_length_are_refused():
+    base = JoiningBaseModel()
     mismatched = _joined_entry(3, 4, 5)
     mismatched[1]["hidden_states"] = torch.randn(1, 3, 4, 6)
     with pytest.raises(ValueError, match="differ in more than their token count"):
-        encode_conditioning(base, [entries[0], mismatched], (4, 8, 8))
+        encode_conditioning(base, [_joined_entry(3, 4, 1), mismatched], (4, 8, 8))
 
 
 def test_a_plain_model_is_judged_by_its_own_sampling_not_a_flow_clones():

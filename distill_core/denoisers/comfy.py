@@ -129,9 +129,8 @@ class ComfyDenoiser(nn.Module):
     def _by_rows(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
         """The rows of a batch grouped by their own token counts (``LENGTHS``) and scalar model inputs
         (``CONSTANTS``), one ``apply_model`` per group with its token inputs cut back to their own length
-        and the scalars as numbers, as ComfyUI runs conditions it cannot concatenate apart. A model that
-        reads its token count (Lumina 2) or joins several token streams into one attention (HiDream) would
-        see tiled copies."""
+        and the scalars as numbers: each row is what the model computes for it alone. (A model that joins
+        text and image tokens in one attention, or reads its token count, would see tiled copies.)"""
         lengths, constants = cond[LENGTHS], cond.get(CONSTANTS, {})
         rest = {k: v for k, v in cond.items() if k not in (LENGTHS, CONSTANTS)}
         values = torch.stack([v.to(x.device, torch.float64) for v in (*lengths.values(), *constants.values())], 1)
@@ -191,11 +190,12 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
     """ComfyUI ``CONDITIONING`` (a list of ``[cross_attn [1, T, C], {"pooled_output": ...}]``) as one
     batch-first condition, one row per entry. The model's own ``extra_conds`` builds its inputs
     (SDXL's ``y`` from the pooled output and sizes), as ComfyUI's samplers do. Entries whose token
-    counts differ are tiled to a common length (``tile_tokens``), as ComfyUI batches text embeddings.
-    Scalar inputs (``CONDConstant``, as Lumina 2's token count) are kept per row under ``CONSTANTS``; for
-    such models, and for models with several token inputs (HiDream's T5 tokens and Llama hidden states),
-    each row's own token counts are kept under ``LENGTHS`` and the adapter calls the model once per group of
-    rows that agree on them (``ComfyDenoiser._by_rows``)."""
+    counts differ are stored tiled to a common length (``tile_tokens``), with each row's own token count
+    in every token input under ``LENGTHS``; scalar inputs (``CONDConstant``, as Lumina 2's token count) are
+    kept per row under ``CONSTANTS``. The adapter calls the model once per group of rows that agree on
+    both, each on its own tokens (``ComfyDenoiser._by_rows``): tiling is exact for cross-attention (SD1.x,
+    SDXL, Wan) but not for the DiTs that join text and image tokens in one attention (SD3, Flux, Chroma,
+    Qwen-Image, HiDream, Lumina 2), where repeated text keys would take k times their weight."""
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError("CONDITIONING must be a non-empty list of [tensor, dict] entries (from CLIP Text Encode)")
     rows = []
@@ -226,7 +226,7 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         cond[k] = torch.cat(parts)
     if constants:
         cond[CONSTANTS] = constants
-    if constants or len(lengths) > 1:
+    if lengths:
         cond[LENGTHS] = lengths
     return cond
 
