@@ -90,6 +90,9 @@ class DistillConfig:
                                    "memory of float32; trained weights stay float32)", choices=FROZEN_PRECISIONS)
     grad_checkpointing: bool = option(False, "recompute the trained networks' activations in the backward pass: "
                                       "far less memory, about a third more time per iteration")
+    shard_teacher: bool = option(False, "split the frozen teacher's weights over the processes of a multi-process "
+                                 "run (accelerate launch --multi_gpu --num_processes N), each holding 1/N: for "
+                                 "teachers that do not fit one GPU")
     teacher_cache: str | None = option(None, "a folder of teacher targets shared between runs: a solve found there "
                                        "is read instead of computed, the rest are written there (SFD's "
                                        "trajectories, teacher pairs; python -m distill_core precompute fills it "

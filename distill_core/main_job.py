@@ -88,10 +88,15 @@ def run_precompute(args: argparse.Namespace) -> int:
     from distill_core.train.run import precompute_targets
 
     cfg = config_from_args(args)
-    written, seconds = precompute_targets(cfg, teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts))
+    written, seconds = precompute_targets(cfg, source_of(cfg))
     print(f"wrote {written} teacher solves to {cfg.teacher_cache} in {seconds:.0f} s; the distill command with the "
           "same flags reads them instead of solving")
     return 0
+
+
+def source_of(cfg: DistillConfig) -> TeacherSource:
+    """The teacher a run's config names, loaded."""
+    return teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts)
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
@@ -116,13 +121,18 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
 
     start = time.perf_counter()
     out = Path(cfg.out)
-    source = source or teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts)
+    if cfg.shard_teacher and source is not None:
+        raise ValueError("shard_teacher splits a teacher the run loads itself (--teacher) and loads it again, whole, "
+                         "for the report")
+    source = source or source_of(cfg)
     run = train_student(cfg, source, resume, progress)
     if run is None:
         print(f"continue with: python -m distill_core distill --resume --config {out / 'config.yaml'}")
         return None
     if not run.main_process:  # a multi-process launch: the main process evaluates and reports
         return None
+    if cfg.shard_teacher:  # the trained one is in shards over processes that have finished
+        source = source_of(cfg)
 
     w = source.scale(cfg.guidance)
     teacher = CFGTeacher(source.denoiser.cpu(), w, source.uncond)

@@ -4,7 +4,8 @@ concrete way to make it fit instead of failing part way.
     peak = W_frozen + W_trained + m * a * f
 
 * W_frozen: the bytes of every frozen parameter and buffer (the teacher; a LoRA student's base is the same
-  tensors, counted once), in the precision they are held.
+  tensors, counted once), in the precision they are held; of a sharded teacher (``shard_teacher``), this
+  process's shards (the one block whose weights are gathered while it runs is left out).
 * W_trained: per trainable parameter, float32 weight + gradient (8 bytes) and the optimizer's state (Adam's two
   moments: 8 bytes in float32, 2 in 8-bit Adam), plus an EMA copy (4 bytes) for a group that keeps one.
 * a: the activation bytes one sample's training forward keeps for the backward pass, counted on the run's own
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from distill_core.denoisers.base import move_cond
 from distill_core.nets.unet import UNet
@@ -89,8 +91,15 @@ class DoesNotFit(RuntimeError):
 def activation_bytes(net: nn.Module, x: torch.Tensor, sigma: float, cond, autocast: torch.dtype | None,
                      **inputs) -> int:
     """Bytes autograd saves for the backward pass in one training forward ``net(x, sigma, cond, **inputs)``:
-    each saved tensor's storage once, leaving out parameters and buffers (counted as weights)."""
-    static = {t.untyped_storage().data_ptr() for t in (*net.parameters(), *net.buffers())}
+    each saved tensor's storage once, leaving out parameters and buffers (counted as weights), as each module
+    holds them when it runs (a sharded teacher's, gathered for its forward, included)."""
+    def storages(tensors) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in tensors if not isinstance(t, DTensor)}
+
+    static = storages((*net.parameters(), *net.buffers()))
+    hooks = [m.register_forward_pre_hook(lambda m, args: static.update(storages((*m.parameters(False),
+                                                                                  *m.buffers(False)))))
+             for m in net.modules()]
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -101,8 +110,12 @@ def activation_bytes(net: nn.Module, x: torch.Tensor, sigma: float, cond, autoca
 
     context = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else torch.autocast(
         x.device.type, enabled=False)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
-        net(x, sigma, cond, **inputs)
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
+            net(x, sigma, cond, **inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return sum(saved.values())
 
 
@@ -114,11 +127,13 @@ def scalar_inputs(net: nn.Module) -> dict:
 
 def weight_counts(nets: list[nn.Module], ema_groups: set[int]) -> tuple[int, int, int]:
     """(W_frozen in bytes, trainable parameters, parameters with an EMA copy) of the networks; ``ema_groups``:
-    indices into ``nets`` of those that keep an EMA. A tensor shared by several networks counts once."""
+    indices into ``nets`` of those that keep an EMA. A tensor shared by several networks counts once; a sharded
+    one (``shard_teacher``) counts its local shard, what this process holds."""
     seen: set[int] = set()
     frozen = trained = ema = 0
     for i, net in enumerate(nets):
         for t in (*net.parameters(), *net.buffers()):
+            t = t.to_local() if isinstance(t, DTensor) else t
             key = t.untyped_storage().data_ptr()
             if key in seen:
                 continue

@@ -82,7 +82,8 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
     finally:
         for name in method.nets:
             release_teacher(trainer.unwrapped(name))
-        method.to(home)
+        if not trainer.sharded:  # a sharded teacher stays in its shards: the caller loads it again to use it
+            method.to(home)
     if result.status != "done":
         print(f"stopped at iteration {result.iteration}/{cfg.iters}; the checkpoint is in {trainer.ckpt_dir}")
         return None

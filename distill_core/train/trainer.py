@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from torch import nn
 
 from distill_core.atomic import write_text
@@ -59,11 +60,13 @@ from distill_core.train.callbacks import Callback
 from distill_core.train.checkpoint import checkpoint_info, has_checkpoint, load_checkpoint, save_checkpoint
 from distill_core.train.metrics import METRICS, read_metrics
 from distill_core.train.runlock import run_lock
+from distill_core.train.sharding import is_sharded, leave_shards_to_fsdp, refuse_with_shards, shard_teacher
 from distill_core.train.status import write_status
 
 #: Config fields that may change between a run and its resumption: bookkeeping, and what a run that
 #: diverged needs (a lower lr, gradient clipping, another precision; each change is noted in the metrics).
-RESUMABLE_CHANGES = {"out", "iters", "checkpoint_every", "sample_every", "eval_samples", "extra", "teacher_cache"}
+RESUMABLE_CHANGES = {"out", "iters", "checkpoint_every", "sample_every", "eval_samples", "extra", "teacher_cache",
+                     "shard_teacher"}
 RECOVERY_CHANGES = {"lr", "clip_grad", "mixed_precision"}
 #: Config fields added after checkpoints were first written, with the value that describes what a run
 #: from before the field existed did (not the field's default today).
@@ -98,12 +101,19 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.callbacks = list(callbacks)
         self.acc = accelerator or new_accelerator(cfg.mixed_precision)
+        if self.acc.distributed_type == DistributedType.FSDP:
+            raise ValueError("this trainer shards the teacher itself and keeps the trained networks whole: launch with "
+                             "--multi_gpu (not accelerate's FSDP mode) and give --shard-teacher")
         self.iteration = 0
         self.seconds = 0.0
         self.nonfinite_grads = 0
         self._stop = False
         self.view = RunView(self)
 
+        self.sharded = cfg.shard_teacher
+        if self.sharded:  # before anything moves the whole teacher onto the device
+            refuse_with_shards(cfg)
+            shard_teacher(method.source.denoiser, self.acc.device)
         method.to(self.acc.device)
         specs = method.optim_groups()
         if set(specs) != set(method.nets):
@@ -126,6 +136,8 @@ class Trainer:
             if g.ema is not None:  # on the training device: the EMA update reads the live weights every iteration
                 self.ema[name] = copy.deepcopy(net).requires_grad_(False).to(self.acc.device)
             trainable = [p for p in net.parameters() if p.requires_grad]  # a LoRA student's base is frozen
+            if self.sharded:
+                leave_shards_to_fsdp(net, method.source.denoiser)
             nets.append(net)
             optimizers.append(make_optimizer(g, trainable, self.acc.device))
         prepared = self.acc.prepare(*nets, *optimizers)
@@ -191,9 +203,12 @@ class Trainer:
 
     def export_student(self) -> nn.Module:
         """The network to save: the exported group's (its EMA weights when EMA is on); unwrapped; a CPU copy
-        in eval mode."""
+        in eval mode. A student on a sharded teacher (a LoRA student of ``shard_teacher``) is the trained
+        network itself, in eval mode: its base stays sharded (the student file holds its adapters)."""
         name = self.method.exported
         net = self.ema[name] if name in self.ema else self.unwrapped(name)
+        if is_sharded(net):
+            return net.eval()
         return copy.deepcopy(net).cpu().eval()
 
     def teacher_evaluations(self) -> int:
@@ -501,12 +516,13 @@ class Trainer:
         from distill_core.report import save_grid
         from distill_core.train.previews import fixed_rows
 
-        if not self.acc.is_main_process:
+        if not (self.acc.is_main_process or self.sharded):  # a sharded teacher runs on every process together
             return
         images = self.preview(16)
         if not self.preview_rows:
             self.preview_rows = fixed_rows(self.method, self.cfg, *self.preview_inputs[16])
-        save_grid([*self.preview_rows, images.cpu()], self.out / "samples" / f"iter_{self.iteration:06d}.png")
+        if self.acc.is_main_process:
+            save_grid([*self.preview_rows, images.cpu()], self.out / "samples" / f"iter_{self.iteration:06d}.png")
 
     @contextlib.contextmanager
     def _sigint_stops(self):
