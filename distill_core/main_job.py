@@ -173,6 +173,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
         "iterations": cfg.iters,
         "train_seconds": round(run.train_seconds, 1),
         "teacher_evaluations": run.teacher_evaluations,
+        "memory_plan": run.memory_plan.summary(),  # the main process's, made before training
         "eval_samples": cfg.eval_samples,
         "metric_space": METRIC_SPACES[space],
         "student_psnr_db": top["psnr_db"],

@@ -78,6 +78,11 @@ class MemoryPlan:
     def peak(self) -> int:
         return self.frozen + self.trained + self.activations
 
+    def summary(self) -> dict[str, int]:
+        """The plan's parts in bytes, for a report."""
+        return {"peak_bytes": self.peak, "frozen_bytes": self.frozen, "trained_bytes": self.trained,
+                "activation_bytes": self.activations, "micro_batch": self.micro_batch}
+
     def describe(self) -> str:
         return (f"about {self.peak / GIB:.1f} GiB: frozen weights {self.frozen / GIB:.2f}, trained weights with "
                 f"gradients and optimizer state {self.trained / GIB:.2f}, activations {self.activations / GIB:.2f} "

@@ -140,11 +140,12 @@ def test_the_runner_names_unknown_node_types_and_cycles():
         wf.topological_order(cycle)
 
 
-def test_workflows_a_and_c_run_headlessly(folders, capsys):
+def test_workflows_a_and_c_run_headlessly(folders, capsys, short_workflow):
     """The node-pack workflow of docs/comfyui.md: built-in teacher -> Distill to 4 steps -> sample -> save; then
     the compare workflow loads the saved student."""
-    for name in ("builtin_distill_4_steps.json", "compare_builtin_student.json"):
-        wf.run(argparse.Namespace(workflow=str(WORKFLOWS / "api" / name), models=None, output=None))
+    for path in (short_workflow(WORKFLOWS / "api" / "builtin_distill_4_steps.json", iterations=10),
+                 WORKFLOWS / "api" / "compare_builtin_student.json"):
+        wf.run(argparse.Namespace(workflow=str(path), models=None, output=None))
     printed = capsys.readouterr().out
     student = folders / "models" / "diffusion_models" / "digits_4step.safetensors"
     card = read_card(student)

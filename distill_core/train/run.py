@@ -16,7 +16,7 @@ from distill_core.methods.registry import build_method
 from distill_core.students import StudentNet, save_student
 from distill_core.train.callbacks import Callback, TqdmProgress
 from distill_core.train.checkpoint import checkpoint_info
-from distill_core.train.runlock import run_lock
+from distill_core.train.runlock import main_process, run_lock
 from distill_core.train.trainer import Trainer, resume_changes
 
 
@@ -53,7 +53,8 @@ def train_student(
     with run_lock(out):
         if resume:
             resume_changes(checkpoint_info(out / "checkpoints")["config"], cfg, out / "checkpoints")
-        cfg.to_yaml(out / "config.yaml")
+        if main_process():  # one writer: another process's write could meet the folder not made yet
+            cfg.to_yaml(out / "config.yaml")
         return _train(cfg, source, out, resume, progress, callbacks)
 
 

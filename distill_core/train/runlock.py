@@ -39,11 +39,16 @@ def _holder(path: Path) -> int | None:
         return None
 
 
+def main_process() -> bool:
+    """Whether this process writes the run's files: the only one, or rank 0 under a multi-process launcher."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextlib.contextmanager
 def run_lock(out: str | Path, report: Callable[[str], None] = print) -> Iterator[None]:
     """Hold ``out``'s lock for the block (re-entrant within one process)."""
     out = Path(out)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not main_process():
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
