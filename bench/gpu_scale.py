@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -304,15 +306,29 @@ def measure_in_process(row: Row, args: argparse.Namespace) -> dict:
 
 def measure_in_subprocess(row: Row, args: argparse.Namespace) -> dict:
     """``row`` measured by a fresh process of this script: every row starts from an empty GPU, so one row's
-    peak never includes what another left behind."""
+    peak never includes what another left behind. A row that fails with a CUDA error (reported by a later
+    call than the kernel that failed) is run once more with ``CUDA_LAUNCH_BLOCKING=1``, so that its traceback
+    points at the failing call."""
     command = [sys.executable, __file__, "--row", row.name, "--iters", str(args.iters),
                *(["--quick"] if args.quick else []), *(["--tiny"] if args.tiny else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode or not lines:  # the exception's own line, not CUDA's advice after it
-        errors = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
-        return {"name": row.name, "model": row.model, "error": (errors or done.stderr.splitlines() or ["?"])[-1]}
-    return json.loads(lines[-1])
+    if not done.returncode and lines:
+        return json.loads(lines[-1])
+    failed = {"name": row.name, "model": row.model, **failure(done.stderr)}
+    if "CUDA error" in done.stderr and os.environ.get("CUDA_LAUNCH_BLOCKING") != "1":
+        again = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "CUDA_LAUNCH_BLOCKING": "1"})
+        failed["with_launch_blocking"] = failure(again.stderr)
+    return failed
+
+
+def failure(stderr: str) -> dict:
+    """What a failed row's stderr says: the exception's own line (not CUDA's advice after it) and the
+    traceback's last frames, innermost last."""
+    lines = stderr.splitlines()
+    errors = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", line)]
+    frames = [line.strip() for line in lines if line.lstrip().startswith('File "')]
+    return {"error": (errors or lines or ["?"])[-1], "where": frames[-6:]}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

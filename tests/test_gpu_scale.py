@@ -35,3 +35,21 @@ def test_it_refuses_to_run_without_cuda_unless_asked_for_toy_widths(capsys, monk
     with pytest.raises(SystemExit):
         gpu_scale.main(["--quick"])
     assert "give --tiny" in capsys.readouterr().err
+
+
+def test_a_failed_row_reports_its_error_line_and_where_it_was_raised():
+    """A CUDA error is raised by a later call than the kernel that failed, and CUDA's advice follows it: the
+    row keeps the exception's own line and the innermost frames (the benchmark reruns such a row with
+    CUDA_LAUNCH_BLOCKING=1, whose frames point at the failing call)."""
+    stderr = """Traceback (most recent call last):
+  File "bench/gpu_scale.py", line 360, in <module>
+    main()
+  File "distill_core/denoisers/flow.py", line 80, in forward
+    v = self.net(x_t, t, cond)
+torch.AcceleratorError: CUDA error: device-side assert triggered
+Search for `cudaErrorAssert' in https://docs.nvidia.com/cuda/cuda-runtime-api/group__CUDART__TYPES.html
+Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.
+"""
+    failed = gpu_scale.failure(stderr)
+    assert failed["error"] == "torch.AcceleratorError: CUDA error: device-side assert triggered"
+    assert failed["where"][-1] == 'File "distill_core/denoisers/flow.py", line 80, in forward'
