@@ -232,3 +232,14 @@ def test_the_student_file_holds_every_expert_and_samples_as_the_previews_did(tin
     assert torch.allclose(sample(shared, noise, cond), images, atol=1e-5)
     release_teacher(shared.net)
     assert hooks(tiny_edm) == 0
+
+
+def test_ddp_is_told_that_an_update_trains_one_expert(tiny_edm, tmp_path):
+    """Each update trains the phase's expert only: under several processes DDP must look for the unused
+    weights (it refuses the next iteration otherwise), which the trainer's accelerator asks for."""
+    method = phased_dmd(tiny_edm, tmp_path)
+    assert method.partial_updates
+    assert Trainer(method, method.cfg, tmp_path).acc.ddp_handler.find_unused_parameters
+    sfd = build_method(tiny_source(tiny_edm), DistillConfig(teacher="tiny", steps=2, out=str(tmp_path / "sfd")))
+    handler = Trainer(sfd, sfd.cfg, tmp_path / "sfd").acc.ddp_handler
+    assert handler is None or not handler.find_unused_parameters

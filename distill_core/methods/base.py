@@ -155,6 +155,9 @@ class Method:
     summary: ClassVar[str] = ""
     #: its students' ODE paths are meant to be straight (benchmarks measure ``reflow.straightness``)
     straightens: ClassVar[bool] = False
+    #: an update may leave some of a network's trained weights out of its loss (one expert per phase): under
+    #: several processes DDP then looks for them in every backward pass
+    partial_updates: ClassVar[bool] = False
 
     source: TeacherSource
     teacher: CFGTeacher  # the teacher it distils (a LoRA student's: the shared network with adapters off)

@@ -120,6 +120,7 @@ class PhasedDMD(DMD2):
     Config = PhasedDMDConfig
     summary = "Phased DMD: one expert per step, each matched to the teacher inside its phase of the noise " \
               "range, phase after phase (Fan et al. 2025)"
+    partial_updates = True  # only the phase's expert trains
 
     def __init__(self, source, cfg):
         self.phase, self.phase_iterations = 0, 0  # the phase being trained, and its iterations so far

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from torch import nn
 
 from distill_core.atomic import write_text
@@ -100,7 +100,7 @@ class Trainer:
         self.out = Path(out or cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.callbacks = list(callbacks)
-        self.acc = accelerator or new_accelerator(cfg.mixed_precision)
+        self.acc = accelerator or new_accelerator(cfg.mixed_precision, method.partial_updates)
         if self.acc.distributed_type == DistributedType.FSDP:
             raise ValueError("this trainer shards the teacher itself and keeps the trained networks whole: launch with "
                              "--multi_gpu (not accelerate's FSDP mode) and give --shard-teacher")
@@ -670,15 +670,18 @@ def _upgrade(state: dict, info: dict, exported: str) -> tuple[dict, dict]:
     return state, info
 
 
-def new_accelerator(mixed_precision: str) -> Accelerator:
+def new_accelerator(mixed_precision: str, partial_updates: bool = False) -> Accelerator:
     """An Accelerator on CUDA when there is one. accelerate keeps one state per process whose mixed
     precision cannot change; a later run in the same process (a ComfyUI session, a benchmark, the
     tests) that asks for another precision resets that state first. The process group (accelerate's
-    ``PartialState``) is kept, so runs under ``accelerate launch`` are unaffected."""
+    ``PartialState``) is kept, so runs under ``accelerate launch`` are unaffected. ``partial_updates``:
+    the method's updates may leave trained weights unused (``Method.partial_updates``), which DDP must
+    be told."""
     state = AcceleratorState._shared_state
     if state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if partial_updates else []
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
 
 
 def resolve_warmup(configured: int | None, method_default: int, iters: int) -> int:
