@@ -216,6 +216,24 @@ def test_ema_grid_accumulation_and_stop(tiny_edm, tmp_path):
     assert (width, height) == (3 * (16 * 9 + 1), 3 * (3 * 9 + 1))  # rows: teacher reference, solver, student
 
 
+def test_a_lora_students_ema_keeps_its_adapters_not_a_second_base(tiny_edm, tmp_path):
+    """The EMA copy shares the frozen base (the teacher) and copies what trains; its adapters follow the live
+    ones at the decay, the base stays the teacher's, and the exported EMA student differs from the live one."""
+    m = _sfd(tiny_edm, tmp_path, iters=2, batch=4, ema=0.5, student="lora", lora_rank=2, checkpoint_every=0)
+    trainer = Trainer(m, m.cfg)
+    live, ema = trainer.unwrapped(), trainer.ema["student"]
+    pairs = list(zip(live.parameters(), ema.parameters(), strict=True))
+    assert all(e is p for p, e in pairs if not p.requires_grad) and any(not p.requires_grad for p, _ in pairs)
+    assert all(e is not p and e.data_ptr() != p.data_ptr() for p, e in pairs if p.requires_grad)
+    start = {n: t.clone() for n, t in ema.saved_state().items()}
+    result = trainer.fit()
+    moved = [n for n, t in result.student.saved_state().items() if not torch.equal(t.cpu(), start[n].cpu())]
+    assert moved and all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(result.student.denoiser.parameters(),
+                                                                         tiny_edm.parameters(), strict=True))
+    live_state = live.saved_state()
+    assert any(not torch.equal(live_state[n].cpu(), t) for n, t in result.student.saved_state().items())
+
+
 def test_runs_in_one_process_may_change_mixed_precision(tiny_edm, tmp_path):
     # accelerate's process-wide state refuses a second Accelerator with another precision; a ComfyUI
     # session or a benchmark trains several runs in one process

@@ -42,12 +42,12 @@ def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
 
 
 def refuse_with_shards(cfg) -> None:
-    """What a sharded teacher cannot be combined with, refused in one line each: an EMA copy of a student
-    (it would copy the sharded base) and a teacher cache (a process that reads a solve another is still
-    writing would skip the teacher's forward passes the others run)."""
+    """What a sharded teacher cannot be combined with, refused in one line each: an EMA of the student (kept in
+    a copy of its network, and sharded modules cannot be copied) and a teacher cache (a process that reads a
+    solve another is still writing would skip the teacher's forward passes the others run)."""
     if cfg.ema is not None:
-        raise ValueError("shard_teacher keeps one copy of the teacher in shards, and ema would copy the student with "
-                         "its base: train without ema, or without shard_teacher")
+        raise ValueError("ema keeps the student's average in a copy of its network, which cannot be made of a "
+                         "sharded teacher's modules: train without ema, or without shard_teacher")
     if cfg.teacher_cache is not None:
         raise ValueError("shard_teacher runs every teacher forward pass on all processes together, which a teacher "
                          "cache would skip on some: run python -m distill_core precompute first, unsharded, or "

@@ -134,7 +134,7 @@ class Trainer:
                 enable_checkpointing(net)
             g = self.groups[name]
             if g.ema is not None:  # on the training device: the EMA update reads the live weights every iteration
-                self.ema[name] = copy.deepcopy(net).requires_grad_(False).to(self.acc.device)
+                self.ema[name] = ema_copy(net).to(self.acc.device)
             trainable = [p for p in net.parameters() if p.requires_grad]  # a LoRA student's base is frozen
             if self.sharded:
                 leave_shards_to_fsdp(net, method.source.denoiser)
@@ -492,7 +492,8 @@ class Trainer:
             for name, ema in self.ema.items():
                 decay = self.groups[name].ema
                 for e, p in zip(ema.parameters(), self.unwrapped(name).parameters(), strict=True):
-                    e.lerp_(p, 1 - decay)
+                    if p.requires_grad:  # a frozen weight is the live one itself (``ema_copy``)
+                        e.lerp_(p, 1 - decay)
         return record
 
     def _diverged(self, value: float, loss: StepLoss) -> str:
@@ -626,6 +627,14 @@ def micro_generator(seed: int, iteration: int, index: int) -> torch.Generator:
     """The generator of micro-batch ``index`` of the global batch at ``iteration`` (from 0): its draws depend
     on nothing else, so the process that trains it, the number of processes and a resume change nothing."""
     return torch.Generator().manual_seed(training_seed((seed * 1_000_003 + iteration) * 8_191 + index + 1))
+
+
+def ema_copy(net: nn.Module) -> nn.Module:
+    """The network an EMA of ``net``'s trained weights is kept in: a copy of its trainable parameters and
+    buffers that shares its frozen parameters (a LoRA student's base, the teacher, is not copied: the EMA
+    costs 4 bytes per trained parameter, as the memory plan counts)."""
+    frozen = {id(p): p for p in net.parameters() if not p.requires_grad}
+    return copy.deepcopy(net, memo=frozen).requires_grad_(False)
 
 
 def keep_trainables_float32(net: nn.Module) -> None:
