@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from distill_core.denoisers.edm import EDMDenoiser
+from distill_core.methods.base import TeacherSource
 from distill_core.nets.unet import UNet, UNetConfig
 
 TINY_UNET = UNetConfig(in_channels=1, resolution=8, model_channels=8, channel_mult=(1, 2), num_blocks=1,
@@ -34,6 +35,13 @@ def _threads():
 def tiny_edm() -> EDMDenoiser:
     """A tiny class-conditional EDM denoiser on 1x8x8 images with random weights, in eval mode."""
     return EDMDenoiser(randomise(UNet(TINY_UNET))).eval().requires_grad_(False)
+
+
+def tiny_source(denoiser, classes: int = 0, w: float = 2.0) -> TeacherSource:
+    """A teacher source of 1x8x8 samples with conditions drawn from 10 labels (the null class is 10), at
+    guidance ``w``; ``classes``: as ``TeacherSource`` counts them (0: the labels are not used as classes)."""
+    return TeacherSource("tiny", denoiser, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g),
+                         torch.tensor([10]), w, classes=classes)
 
 
 @pytest.fixture

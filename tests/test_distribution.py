@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 
+import conftest
 import pytest
 import torch
 
@@ -24,8 +25,7 @@ from distill_core.train.trainer import Trainer
 
 
 def tiny_source(denoiser, w: float = 2.0) -> TeacherSource:
-    return TeacherSource("tiny", denoiser, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g),
-                         torch.tensor([10]), w, classes=10)
+    return conftest.tiny_source(denoiser, classes=10, w=w)
 
 
 def dmd2(tiny_edm, out=None, **kw):

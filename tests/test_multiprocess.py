@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_source
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -92,11 +93,9 @@ def test_a_teacher_sharded_over_two_processes_trains_the_lora_student_of_one_pro
 
 def test_a_sharded_teacher_is_refused_in_one_process_and_beside_ema(tmp_path, tiny_edm):
     from distill_core.config import DistillConfig
-    from distill_core.methods.base import TeacherSource
     from distill_core.train.run import train_student
 
-    source = TeacherSource("tiny", tiny_edm, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g),
-                           torch.tensor([10]), 2.0)
+    source = tiny_source(tiny_edm)
     for settings, refusal in (({}, "this run has one process"), ({"ema": 0.99}, "train without ema"),
                               ({"teacher_cache": str(tmp_path / "c")}, "train without teacher_cache")):
         cfg = DistillConfig(teacher="tiny", student="lora", steps=2, iters=1, batch=4, shard_teacher=True,
@@ -113,12 +112,10 @@ def test_accelerates_own_fsdp_mode_is_refused_with_the_way_to_shard(tmp_path, ti
     from accelerate.utils import DistributedType
 
     from distill_core.config import DistillConfig
-    from distill_core.methods.base import TeacherSource
     from distill_core.methods.registry import build_method
     from distill_core.train.trainer import Trainer
 
-    source = TeacherSource("tiny", tiny_edm, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g),
-                           torch.tensor([10]), 2.0)
+    source = tiny_source(tiny_edm)
     cfg = DistillConfig(teacher="tiny", steps=2, iters=1, batch=4, out=str(tmp_path))
     with pytest.raises(ValueError, match="give --shard-teacher"):
         Trainer(build_method(source, cfg), cfg, accelerator=SimpleNamespace(distributed_type=DistributedType.FSDP))

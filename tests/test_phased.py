@@ -10,13 +10,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_UNET, randomise
+from conftest import TINY_UNET, randomise, tiny_source
 from torch import nn
 
 from distill_core.config import DistillConfig
 from distill_core.denoisers.edm import EDMDenoiser
 from distill_core.methods import build_method, phases
-from distill_core.methods.base import MicroBatch, TeacherSource
+from distill_core.methods.base import MicroBatch
 from distill_core.methods.phased import phased_loss
 from distill_core.nets.surgery import clip_spectral_norms, enable_checkpointing, lighter_student, select_weights
 from distill_core.nets.unet import UNet
@@ -30,12 +30,6 @@ WIDE = replace(TINY_UNET, model_channels=16)
 def teacher16() -> EDMDenoiser:
     """A tiny random teacher twice as wide as the smallest UNet, so that width 0.5 is a real compression."""
     return EDMDenoiser(randomise(UNet(WIDE))).eval().requires_grad_(False)
-
-
-def tiny_source(denoiser) -> TeacherSource:
-    return TeacherSource(
-        "tiny", denoiser, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g), torch.tensor([10]), 2.0
-    )
 
 
 def _phased(denoiser, tmp_path, **kw):

@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_source
 
 from distill_core.afs import class_means
 from distill_core.config import DistillConfig
-from distill_core.methods.base import TeacherSource
 from distill_core.safetensors_io import load
 from distill_core.teacher import CFGTeacher
 from distill_core.teacher_cache import flatten, unflatten
 from distill_core.train.run import precompute_targets, train_student
-
-
-def tiny_source(denoiser, classes: int = 0) -> TeacherSource:
-    return TeacherSource("tiny", denoiser, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g),
-                         torch.tensor([10]), 2.0, classes=classes)
 
 
 @pytest.fixture
