@@ -135,9 +135,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
         source = source_of(cfg)
 
     w = source.scale(cfg.guidance)
-    teacher = CFGTeacher(source.denoiser.cpu(), w, source.uncond)
+    teacher = CFGTeacher(source.denoiser.to(run.device), w, source.uncond)  # evaluated where it trained
     space = DIGITS if source.name in TEACHERS else PIXELS
-    kw = {"shape": source.shape, "classes": source.classes, "space": space}
+    kw = {"shape": source.shape, "classes": source.classes, "space": space, "device": run.device}
     ev = eval_set(teacher, cfg.eval_samples, seed=cfg.seed + 1, cache_dir=out / "cache", **kw)
     if space == PIXELS:  # no classifier fits this data: compare with the teacher's own samples from other noise
         target = teacher_target(teacher, cfg.eval_samples, seed=cfg.seed + 2, cache_dir=out / "cache", **kw)
@@ -152,11 +152,11 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     rows += at_twice
 
     k = min(10, cfg.eval_samples)
-    noise, labels = ev.noise[:k], None if ev.labels is None else ev.labels[:k]
-    sigmas = solver_sigmas(best["method"], nfe, cfg.sigma_min, teacher.sigma_max)
+    noise, labels = ev.noise[:k].to(run.device), None if ev.labels is None else ev.labels[:k].to(run.device)
+    sigmas = solver_sigmas(best["method"], nfe, cfg.sigma_min, teacher.sigma_max).to(run.device)
     with torch.no_grad():
-        solver_images = SOLVERS[parse_solver_label(best["method"])[0]](teacher, noise, sigmas, labels)
-        student_images = sample(load_student(run.path, teacher), noise, labels)
+        solver_images = SOLVERS[parse_solver_label(best["method"])[0]](teacher, noise, sigmas, labels).cpu()
+        student_images = sample(load_student(run.path, teacher), noise, labels).cpu()
     save_grid([source.decode(r) if source.decode else r for r in (ev.reference[:k], solver_images, student_images)],
               out / "grid.png")
     grid_rows = [

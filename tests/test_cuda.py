@@ -181,3 +181,32 @@ def test_a_run_that_cannot_fit_the_gpu_is_refused_before_training_and_auto_micro
     auto = cfg.replace(grad_accum=0)
     trainer = Trainer(build_method(builtin_source(), auto), auto)
     assert trainer.grad_accum >= 8 and trainer.memory_plan.peak <= free + trainer.memory_plan.resident
+
+
+def test_the_main_job_evaluates_on_the_gpu_it_trained_on(tmp_path, monkeypatch, fp32):
+    from distill_core import main_job
+    from distill_core.eval import benchmark
+
+    sampled_on = []
+    real = benchmark.sample_in_batches
+
+    def spy(fn, ev, batch=250):
+        sampled_on.append(ev.device.type)
+        images, seconds = real(fn, ev, batch)
+        assert images.device.type == "cpu"  # the rows' metrics read CPU tensors
+        return images, seconds
+
+    monkeypatch.setattr(benchmark, "sample_in_batches", spy)
+    cfg = DistillConfig(iters=2, batch=4, steps=2, eval_samples=10, checkpoint_every=0, out=str(tmp_path / "run"))
+    report = main_job.distill(cfg, progress=False)
+    assert sampled_on and set(sampled_on) == {"cuda"}, sampled_on
+    assert (tmp_path / "run" / "grid.png").is_file()
+
+    # the same student evaluated on the CPU scores what the GPU evaluation reported
+    source = builtin_source()
+    teacher = CFGTeacher(source.denoiser, source.scale(cfg.guidance), source.uncond)
+    ev = benchmark.eval_set(teacher, cfg.eval_samples, seed=cfg.seed + 1)
+    with torch.no_grad():
+        images = sample(load_student(tmp_path / "run" / "student.safetensors", teacher), ev.noise, ev.labels)
+    cpu_psnr = psnr(images.clamp(-1, 1), ev.reference.clamp(-1, 1))
+    assert abs(cpu_psnr - report["student_psnr_db"]) < 0.05, (cpu_psnr, report["student_psnr_db"])

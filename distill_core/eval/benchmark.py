@@ -63,7 +63,9 @@ METRIC_SPACES = {
 class EvalSet:
     """Initial noise x_N = sigma_max z, class labels (balanced; None for an unconditional teacher), the
     teacher's reference solve (``steps`` Heun steps), optionally ``target``: features of the teacher's own
-    samples that the distribution rows are compared to, and ``space``: the features' space (DIGITS, PIXELS)."""
+    samples that the distribution rows are compared to, ``space``: the features' space (DIGITS, PIXELS), and
+    ``device``: where its batches are sampled (the networks' device; the tensors here and every row's images
+    stay on the CPU)."""
 
     noise: torch.Tensor
     labels: torch.Tensor | None
@@ -71,6 +73,7 @@ class EvalSet:
     steps: int = 128
     target: torch.Tensor | None = None
     space: str = DIGITS
+    device: torch.device = torch.device("cpu")
 
 
 def metric_features(images: torch.Tensor, space: str) -> torch.Tensor:
@@ -84,15 +87,18 @@ def metric_features(images: torch.Tensor, space: str) -> torch.Tensor:
 
 
 def batches(ev: EvalSet, batch: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """The evaluation set's noise and labels in chunks of ``batch``."""
-    noise = ev.noise.split(batch)
-    return list(zip(noise, [None] * len(noise) if ev.labels is None else ev.labels.split(batch)))
+    """The evaluation set's noise and labels in chunks of ``batch``, on its device."""
+    noise = [x.to(ev.device) for x in ev.noise.split(batch)]
+    labels = [None] * len(noise) if ev.labels is None else [y.to(ev.device) for y in ev.labels.split(batch)]
+    return list(zip(noise, labels))
 
 
 def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache_dir: str | Path | None = None,
-             batch: int = 250, shape: tuple[int, ...] = SHAPE, classes: int = 10, space: str = DIGITS) -> EvalSet:
+             batch: int = 250, shape: tuple[int, ...] = SHAPE, classes: int = 10, space: str = DIGITS,
+             device: torch.device | str = "cpu") -> EvalSet:
     """Build (or read from the shipped references or ``cache_dir``) the evaluation set for ``teacher`` at
-    its guidance scale: noise of ``shape``, labels 0 .. ``classes`` - 1 in turn (none when ``classes`` is 0).
+    its guidance scale: noise of ``shape``, labels 0 .. ``classes`` - 1 in turn (none when ``classes`` is 0),
+    sampled on ``device`` (the teacher's).
     The file name holds the teacher's fingerprint, w, n, the seed and the solve. ``seed`` lies below
     ``TRAINING_SEED_BASE``: no training run draws this noise."""
     if not 0 <= seed < TRAINING_SEED_BASE:
@@ -103,12 +109,12 @@ def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache
     labels = torch.arange(n) % classes if classes else None
     key = f"ref-{fingerprint(teacher.denoiser)}-w{teacher.w:g}-n{n}-s{seed}-heun{steps}.safetensors"
     cached = Path(cache_dir) / key if cache_dir else None
-    ev = EvalSet(noise, labels, torch.empty(0), steps, space=space)
+    ev = EvalSet(noise, labels, torch.empty(0), steps, space=space, device=torch.device(device))
     for stored in (SHIPPED_REFERENCES / key, cached):
         if stored is not None and stored.is_file():
             return dataclasses.replace(ev, reference=safetensors_io.load(stored)[0]["reference"])
     with torch.no_grad():
-        reference = torch.cat([reference_solve(teacher, x, y, steps=steps) for x, y in batches(ev, batch)])
+        reference = torch.cat([reference_solve(teacher, x, y, steps=steps).cpu() for x, y in batches(ev, batch)])
     if cached is not None:
         safetensors_io.save_atomic({"reference": reference}, cached, {"kind": "reference", "steps": steps})
     return dataclasses.replace(ev, reference=reference)
@@ -138,10 +144,11 @@ def builtin_samples(w: float, per_class: int = 10, steps: int = 64, seed: int = 
 
 def sample_in_batches(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ev: EvalSet,
                       batch: int = 250) -> tuple[torch.Tensor, float]:
-    """Run ``fn(noise, labels) -> images`` over the evaluation set; returns images and seconds."""
+    """Run ``fn(noise, labels) -> images`` over the evaluation set on its device; returns the images (on the
+    CPU) and seconds."""
     start = time.perf_counter()
     with torch.no_grad():
-        images = torch.cat([fn(x, y) for x, y in batches(ev, batch)])
+        images = torch.cat([fn(x, y).cpu() for x, y in batches(ev, batch)])
     return images, time.perf_counter() - start
 
 
@@ -154,7 +161,7 @@ def solver_row(label: str, nfe: int, teacher: CFGTeacher, ev: EvalSet, sigma_min
 
     def solve(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         counters.append(CountingDenoiser(teacher))
-        return solver(counters[-1], x, sigmas, y)
+        return solver(counters[-1], x, sigmas.to(x.device), y)
 
     images, seconds = sample_in_batches(solve, ev)
     used = counters[0].nfe

@@ -25,7 +25,7 @@ class StudentRun:
     """A trained student file and what it cost; ``trained_params``: the trainable parameters of every network
     the method trained (a LoRA student's adapters, a two-network method's both); ``memory_plan``: the plan
     the run started with; ``main_process``: whether this process is the one that reports (under a
-    multi-process launch, one of them)."""
+    multi-process launch, one of them); ``device``: where it trained (its evaluation runs there too)."""
 
     path: Path
     train_seconds: float
@@ -33,6 +33,7 @@ class StudentRun:
     trained_params: int
     memory_plan: MemoryPlan
     main_process: bool = True
+    device: torch.device = torch.device("cpu")
 
 
 def train_student(
@@ -101,7 +102,7 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
     trainer.acc.wait_for_everyone()
     trained = sum(p.numel() for params in trainer.params.values() for p in params)
     return StudentRun(path, result.seconds, result.teacher_evaluations, trained, trainer.memory_plan,
-                      trainer.acc.is_main_process)
+                      trainer.acc.is_main_process, trainer.acc.device)
 
 
 def precompute_targets(cfg: DistillConfig, source: TeacherSource) -> tuple[int, float]:
