@@ -20,7 +20,7 @@ suite=$!
 timeout "${GPU_SCALE_SECONDS:-330}" python3 bench/gpu_scale.py --out "$out/gpu_scale.json" 2>&1 \
     | grep -v "should be kept in float32" | tee "$out/gpu_scale.log"
 
-timeout 90 python3 -m pytest -q -s -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$out/cuda_tests.log" \
+timeout 150 python3 -m pytest -q -s -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$out/cuda_tests.log" \
     | tail -12
 
 timeout 30 python3 - <<'PY' 2>&1 | tee "$out/xformers.log" | tail -4
