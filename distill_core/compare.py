@@ -1,6 +1,6 @@
 """Students of any methods and step counts side by side with their teacher, from the same noise and conditions.
 
-    python -m distill_core compare STUDENT.safetensors ... [--count 8] [--seed 0] [--out DIR]
+    python -m distill_core compare STUDENT.safetensors ... [--teacher NAME|DIR] [--count 8] [--seed 0] [--out DIR]
 
 Rows, top to bottom: the teacher's reference solve (Heun on the Karras grid, as in
 ``eval.fidelity.reference_solve``); then for each step count N that a student is sampled at (ascending), the
@@ -9,6 +9,11 @@ has its PSNR against the reference: it judges trajectory students (SFD, progress
 consistency or distribution student draws a different good image from the same noise, so its PSNR is low by
 construction (judge those by their images, or by ``bench/methods.py``'s ``fd_teacher``). What the Compare
 node shows, and the CLI writes as ``compare.png``, ``compare_table.png`` and ``compare.json``.
+
+Everything is sampled on the teacher's device (the CLI puts it on CUDA where there is one). The CLI's teacher
+is the one the student files name; ``--teacher`` gives it as distill takes it (a built-in name, or a local
+diffusers directory with its ``--classes`` / ``--null-class`` or ``--prompts``). A latent teacher's rows are
+decoded by its pipeline's VAE.
 """
 
 from __future__ import annotations
@@ -175,7 +180,12 @@ def pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("students", nargs="+", metavar="STUDENT", help="student files of the built-in teacher")
+    p.add_argument("students", nargs="+", metavar="STUDENT", help="student files of one teacher")
+    p.add_argument("--teacher", help="the students' teacher: a built-in name or a local diffusers directory, as "
+                   "distill takes it (default: the one their files name)")
+    p.add_argument("--classes", type=int, default=0, help="a diffusers teacher's classes, as given to distill")
+    p.add_argument("--null-class", type=int, help="a diffusers teacher's unconditional class, as given to distill")
+    p.add_argument("--prompts", help="a text-to-image teacher's prompt file, as given to distill")
     p.add_argument("--steps", type=int, nargs="+", help="the step count of each student (default: its most)")
     p.add_argument("--count", type=int, default=8, help="images per row")
     p.add_argument("--seed", type=int, default=0, help="noise and class seed")
@@ -183,25 +193,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="compare", help="where compare.png, compare_table.png and compare.json go")
 
 
+def named_teacher(paths: list[str]) -> str:
+    """The teacher the student files name (``teacher`` in their cards); refuses files that name several or none."""
+    from distill_core.safetensors_io import read_card
+
+    names = {read_card(path).get("teacher") for path in paths}
+    if None in names or len(names) > 1:
+        raise ValueError(f"the student files name {'different teachers' if len(names) > 1 else 'no teacher'} "
+                         f"({', '.join(sorted(str(n) for n in names))}): give it with --teacher")
+    return names.pop()
+
+
 def run(args: argparse.Namespace) -> int:
     from distill_core.plot import labelled_grid, table_image
     from distill_core.report import write_png
-    from distill_core.sources import builtin_source
+    from distill_core.sources import teacher_source
     from distill_core.students import load_student
 
     if args.steps is not None and len(args.steps) != len(args.students):
         raise ValueError(f"--steps takes one step count per student ({len(args.students)}), got {args.steps}")
-    source = builtin_source()
     for path in args.students:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no student file {path}: give the .safetensors files that distill writes")
+    source = teacher_source(args.teacher or named_teacher(args.students), args.classes, args.null_class,
+                            args.prompts)
+    source.denoiser.to("cuda" if torch.cuda.is_available() else "cpu")
     students = [InMemory(load_student(path, source.denoiser, source.uncond)) for path in args.students]
     stems = [Path(p).stem for p in args.students]
     names = [f"{stem} ({s.card['method']})" for stem, s in zip(stems, students)]
     result = compare(source, students, args.steps, args.count, args.seed, args.reference_steps, names)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_png(labelled_grid([(r.label, pixels(r.images)) for r in result.rows]), out / "compare.png")
+    decode = source.decode or (lambda images: images)
+    write_png(labelled_grid([(r.label, pixels(decode(r.images.cpu()))) for r in result.rows]), out / "compare.png")
     write_png(table_image(result.table()), out / "compare_table.png")
     write_json(out / "compare.json", {"rows": [row.record() for row in result.rows],
                                      "students": [str(Path(p)) for p in args.students], "seed": args.seed})

@@ -74,3 +74,24 @@ def test_the_cli_writes_a_labelled_grid_a_table_and_json(student_files, tmp_path
     assert "no student file" in capsys.readouterr().err
     assert cli.main(["compare", *map(str, student_files), "--steps", "2", "--out", str(out)]) == 1
     assert "one step count per student" in capsys.readouterr().err
+
+
+def test_the_cli_takes_the_teacher_the_files_name(tmp_path, capsys):
+    """A student of the built-in flow teacher compares without flags; files naming no teacher ask for it."""
+    from distill_core import safetensors_io
+    from distill_core.sources import flow_source
+
+    run = train_student(DistillConfig(steps=2, iters=1, batch=2, checkpoint_every=0, out=str(tmp_path / "flow")),
+                        flow_source(), progress=False)
+    assert cli.main(["compare", str(run.path), "--count", "2", "--reference-steps", "4",
+                     "--out", str(tmp_path / "cmp")]) == 0
+    assert "dB against the teacher's reference solve" in capsys.readouterr().out
+
+    tensors, card = safetensors_io.load(run.path)
+    card.pop("teacher")
+    unnamed = tmp_path / "unnamed.safetensors"
+    safetensors_io.save_atomic(tensors, unnamed, card)
+    assert cli.main(["compare", str(unnamed), "--out", str(tmp_path / "cmp")]) == 1
+    assert "name no teacher" in capsys.readouterr().err
+    assert cli.main(["compare", str(unnamed), "--teacher", "builtin-flow", "--count", "2", "--reference-steps", "4",
+                     "--out", str(tmp_path / "cmp")]) == 0

@@ -71,6 +71,13 @@ def test_a_class_conditional_model_distils_with_guidance_on_its_null_class(tmp_p
                  "--no-progress"]) == 0
     assert json.loads((out / "report.json").read_text())["guidance"] == 2.0
 
+    # compare finds the teacher the file names; the classes are given as distill took them
+    cmp = tmp_path / "cmp"
+    assert main(["compare", str(out / "student.safetensors"), "--classes", "3", "--null-class", "3",
+                 "--count", "3", "--reference-steps", "4", "--out", str(cmp)]) == 0
+    rows = json.loads((cmp / "compare.json").read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["teacher", "solver", "student"] and rows[2]["nfe"] == 2
+
 
 def test_what_cannot_be_a_teacher_is_refused_in_one_line(tmp_path, capsys):
     cases = []
@@ -153,6 +160,11 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
     png = (out / "grid.png").read_bytes()  # IHDR: width, height (big-endian), bit depth, colour type
     width, height, colour = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big"), png[25]
     assert (width, height, colour) == (3 * (6 * 9 + 1), 3 * (3 * 9 + 1), 2)  # 6 RGB 8 x 8 images in 3 rows
+    cmp = tmp_path / "cmp"
+    assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--count", "2",
+                 "--reference-steps", "4", "--out", str(cmp)]) == 0
+    assert len(json.loads((cmp / "compare.json").read_text())["rows"]) == 3
+    assert (cmp / "compare.png").read_bytes()[25] == 2  # RGB: the rows are decoded by the pipeline's VAE
     refusals = [(["--classes", "3"], "trains on prompts (--prompts FILE), not --classes"),
                 (["--teacher", "builtin", "--prompts", str(prompts)], "--prompts is for text-to-image pipeline"),
                 (["--teacher", str(model_dir(tmp_path / "plain", "ddpm")), "--prompts", str(prompts)],
