@@ -156,3 +156,39 @@ def test_shipped_reference_is_the_teachers_reference_solve(monkeypatch):
     with torch.no_grad():
         solved = reference_solve(teacher, ev.noise[:4], ev.labels[:4], steps=128)
     assert torch.allclose(ev.reference[:4], solved, atol=1e-4)
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_and_the_rows_stay_the_same():
+    """The evaluation runs on at half the batch where a chunk runs out of accelerator memory (simulated: a
+    network that refuses more than 3 samples), with the same images, and the solver row counts its
+    evaluations from a chunk that ran to the end."""
+    teacher = CFGTeacher(builtin.load_builtin_teacher(), w=2.0, uncond=torch.tensor([builtin.NUM_CLASSES]))
+    noise = torch.randn((10, *builtin.SHAPE), generator=torch.Generator().manual_seed(0)) * teacher.sigma_max
+    ev = benchmark.EvalSet(noise, torch.arange(10) % 10, torch.zeros_like(noise))
+    chunks = []
+
+    class Small(torch.nn.Module):  # the teacher on a device that holds 3 samples at a time
+        sigma_min, sigma_max = teacher.sigma_min, teacher.sigma_max
+
+        def __init__(self):
+            super().__init__()
+            self.inner = teacher
+
+        def forward(self, x, sigma, cond=None):
+            if x.shape[0] > 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.inner(x, sigma, cond)
+
+    def solve(denoiser, x, y):
+        chunks.append(x.shape[0])
+        return heun(denoiser, x, append_zero(karras(3, 0.006, 80.0)), y)
+
+    whole, _ = benchmark.sample_in_batches(lambda x, y: solve(teacher, x, y), ev, batch=8)
+    split, _ = benchmark.sample_in_batches(lambda x, y: solve(Small(), x, y), ev, batch=8)
+    assert chunks == [8, 2, 8, 4, 2, 2, 2, 2, 2]  # whole: 8, 2; split: 8 and 4 fail, then 2 at a time
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+
+    row = benchmark.solver_row("euler", 4, CFGTeacher(Small(), w=1.0), ev)
+    assert row["nfe"] == 4 and row["network_evals"] == 4
+    with pytest.raises(torch.OutOfMemoryError):
+        benchmark.in_batches(lambda x, y: (_ for _ in ()).throw(torch.OutOfMemoryError("no room")), ev, 4)

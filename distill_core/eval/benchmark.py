@@ -86,11 +86,27 @@ def metric_features(images: torch.Tensor, space: str) -> torch.Tensor:
     raise ValueError(f"unknown metric space {space!r}: {DIGITS} or {PIXELS}")
 
 
-def batches(ev: EvalSet, batch: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """The evaluation set's noise and labels in chunks of ``batch``, on its device."""
-    noise = [x.to(ev.device) for x in ev.noise.split(batch)]
-    labels = [None] * len(noise) if ev.labels is None else [y.to(ev.device) for y in ev.labels.split(batch)]
-    return list(zip(noise, labels))
+def in_batches(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], ev: EvalSet,
+               batch: int) -> torch.Tensor:
+    """``fn(noise, labels)`` over the evaluation set in chunks of at most ``batch`` on its device, the results
+    concatenated on the CPU. A chunk that runs out of accelerator memory is tried again at half the size (and
+    the rest of the set goes at that size): the default batch suits small teachers, and a large one finds
+    the batch it fits."""
+    out, done, n = [], 0, ev.noise.shape[0]
+    while done < n:
+        x = ev.noise[done:done + batch].to(ev.device)
+        y = None if ev.labels is None else ev.labels[done:done + batch].to(ev.device)
+        try:
+            out.append(fn(x, y).cpu())
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        done += x.shape[0]
+    return torch.cat(out)
 
 
 def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache_dir: str | Path | None = None,
@@ -114,7 +130,7 @@ def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache
         if stored is not None and stored.is_file():
             return dataclasses.replace(ev, reference=safetensors_io.load(stored)[0]["reference"])
     with torch.no_grad():
-        reference = torch.cat([reference_solve(teacher, x, y, steps=steps).cpu() for x, y in batches(ev, batch)])
+        reference = in_batches(lambda x, y: reference_solve(teacher, x, y, steps=steps), ev, batch)
     if cached is not None:
         safetensors_io.save_atomic({"reference": reference}, cached, {"kind": "reference", "steps": steps})
     return dataclasses.replace(ev, reference=reference)
@@ -144,11 +160,11 @@ def builtin_samples(w: float, per_class: int = 10, steps: int = 64, seed: int = 
 
 def sample_in_batches(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ev: EvalSet,
                       batch: int = 250) -> tuple[torch.Tensor, float]:
-    """Run ``fn(noise, labels) -> images`` over the evaluation set on its device; returns the images (on the
-    CPU) and seconds."""
+    """Run ``fn(noise, labels) -> images`` over the evaluation set on its device (``in_batches``); returns the
+    images (on the CPU) and seconds."""
     start = time.perf_counter()
     with torch.no_grad():
-        images = torch.cat([fn(x, y).cpu() for x, y in batches(ev, batch)])
+        images = in_batches(fn, ev, batch)
     return images, time.perf_counter() - start
 
 
@@ -164,7 +180,7 @@ def solver_row(label: str, nfe: int, teacher: CFGTeacher, ev: EvalSet, sigma_min
         return solver(counters[-1], x, sigmas.to(x.device), y)
 
     images, seconds = sample_in_batches(solve, ev)
-    used = counters[0].nfe
+    used = counters[-1].nfe  # a batch that ran to the end (one that ran out of memory may have stopped short)
     return evaluate(label, used, images, ev, seconds, network_evals=used * teacher.evaluations())
 
 
