@@ -171,6 +171,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
         "guidance": w,
         "guidance_mode": cfg.guidance_mode,
         "iterations": cfg.iters,
+        "device": str(run.device),  # where it trained and was evaluated
         "train_seconds": round(run.train_seconds, 1),
         "teacher_evaluations": run.teacher_evaluations,
         "memory_plan": run.memory_plan.summary(),  # the main process's, made before training

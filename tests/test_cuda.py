@@ -200,6 +200,7 @@ def test_the_main_job_evaluates_on_the_gpu_it_trained_on(tmp_path, monkeypatch, 
     cfg = DistillConfig(iters=2, batch=4, steps=2, eval_samples=10, checkpoint_every=0, out=str(tmp_path / "run"))
     report = main_job.distill(cfg, progress=False)
     assert sampled_on and set(sampled_on) == {"cuda"}, sampled_on
+    assert report["device"].startswith("cuda")
     assert (tmp_path / "run" / "grid.png").is_file()
 
     # the same student evaluated on the CPU scores what the GPU evaluation reported

@@ -60,6 +60,7 @@ def test_main_job_writes_student_grid_and_report(tmp_path):
     assert {2, 4} <= {r["nfe"] for r in rows} and {"dpmpp_3m", "euler"} <= {r["method"] for r in rows}
     for key in ("psnr_db", "fd", "class_acc", "images_per_s", "train_seconds"):
         assert isinstance(ours[0][key], float)
+    assert report["device"] == "cpu"  # where it trained and was evaluated
     md = (out / "report.md").read_text()
     assert "gain_over_best_solver_db" in md and "\nsfd " in md
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
