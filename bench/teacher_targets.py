@@ -1,7 +1,7 @@
 """How accurate SFD's teacher targets are: the teacher's states at the student's points, per solver and K.
 
-    python bench/teacher_targets.py [--quick] [--steps 4] [--solvers dpmpp_3m unipc dpmpp_2m] [--K 1 2 3 4]
-                                    [--n 100] [--out FILE.json]
+    python bench/teacher_targets.py [--quick] [--teacher builtin|builtin-flow] [--steps 4]
+                                    [--solvers dpmpp_3m unipc dpmpp_2m] [--K 1 2 3 4] [--n 100] [--out FILE.json]
 
 ``--K 1,1,3,3,3`` gives each student interval its own K (the main job's default: one step on the two
 intervals above sigma 20, ``methods.sfd.teacher_steps``).
@@ -13,7 +13,8 @@ student gets (about 31 dB per step at the main job's budget, ``docs/sfd_recipes.
 and K this prints the PSNR of y_i against the same solve with ``--fine`` steps per interval
 (DPM-Solver++(3M), K = 16) at each student point, the final state's PSNR against the evaluation set's
 128-step Heun reference, and the teacher's network evaluations per trajectory (a CFG call is two). The
-student schedule is the main job's: the Karras rho = 7 grid of ``--steps`` NFE with the analytic first
+student schedule is the main job's SFD grid for the teacher (``methods.sfd.student_grid``: Karras's rho = 7
+grid for the EDM teacher, the flow time grid for the flow one) of ``--steps`` NFE with the analytic first
 step, sigma 80 -> 0.006; the evaluation set is the main job's (seed 1).
 """
 
@@ -30,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.eval.benchmark import eval_set, format_table, write_rows  # noqa: E402
 from distill_core.eval.fidelity import psnr  # noqa: E402
-from distill_core.methods.sfd import teacher_states  # noqa: E402
+from distill_core.methods.sfd import auto_grid, student_grid, teacher_states  # noqa: E402
 from distill_core.sampling import intervals_for  # noqa: E402
-from distill_core.schedules import karras, substeps_per_interval  # noqa: E402
-from distill_core.sources import builtin_source  # noqa: E402
+from distill_core.schedules import substeps_per_interval  # noqa: E402
+from distill_core.sources import teacher_source  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,6 +49,8 @@ def parse_substeps(text: str) -> int | tuple[int, ...]:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="20 samples, K 2 and 4 (well under a minute)")
+    p.add_argument("--teacher", default="builtin", choices=("builtin", "builtin-flow"),
+                   help="the built-in EDM teacher or its rectified-flow twin")
     p.add_argument("--steps", type=int, default=4, help="the student's NFE")
     p.add_argument("--solvers", nargs="+", default=["dpmpp_3m", "unipc", "dpmpp_2m"])
     p.add_argument(
@@ -62,10 +65,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ks = args.K or ([2, 4] if args.quick else [1, 2, 3, 4])
 
     cfg = DistillConfig(steps=args.steps)
-    source = builtin_source()
+    source = teacher_source(args.teacher)
     teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
     ev = eval_set(teacher, n, seed=cfg.seed + 1, cache_dir=RESULTS / "cache")
-    sigmas = karras(intervals_for(cfg.steps, cfg.afs), cfg.sigma_min, teacher.sigma_max, cfg.rho)
+    sigmas = student_grid(auto_grid(source.denoiser), intervals_for(cfg.steps, cfg.afs), cfg.sigma_min,
+                          teacher.sigma_max, cfg.rho, getattr(source.denoiser, "shift", 1.0))
     with torch.no_grad():
         fine = teacher_states(teacher, ev.noise, sigmas, ev.labels, args.fine, "dpmpp_3m")
         rows = []

@@ -123,3 +123,21 @@ def test_the_shipped_flow_teacher_samples_the_requested_digits():
     images, labels = builtin_samples(builtin.DEFAULT_GUIDANCE, per_class=10, steps=32, seed=0,
                                      path=builtin.FLOW_TEACHER_PATH)
     assert class_accuracy(images, labels) >= 0.9
+
+
+def test_the_target_benchmark_runs_on_the_flow_teacher_on_its_own_student_grid(tmp_path):
+    """``bench/teacher_targets.py --teacher builtin-flow``: the targets on the flow time grid SFD trains on, and
+    more teacher steps per interval land closer to the reference solve."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "teacher_targets", Path(__file__).resolve().parents[1] / "bench" / "teacher_targets.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--teacher", "builtin-flow", "--solvers", "unipc", "--K", "1", "3", "--n", "8"])
+    one, three = rows
+    assert (one["substeps"], three["substeps"]) == (1, 3)
+    assert three["teacher_network_evals"] == 3 * one["teacher_network_evals"] == 30  # 5 intervals, CFG
+    assert three["psnr_db"] > one["psnr_db"] + 5, (one, three)
+    assert len(three["psnr_at_points_db"]) == 5

@@ -98,6 +98,11 @@ def student_grid(grid: str, intervals: int, sigma_min: float, sigma_max: float, 
     return karras(intervals, sigma_min, sigma_max, rho)
 
 
+def auto_grid(denoiser) -> str:
+    """The student grid ``schedule: auto`` picks: the flow time grid for a flow-matching teacher, else Karras's."""
+    return "flow" if getattr(denoiser, "prediction", None) == "flow" else "karras"
+
+
 def distance(x: torch.Tensor, y: torch.Tensor, kind: str, huber_c: float = SFDConfig.huber_c) -> torch.Tensor:
     """Per-element distance summed over each sample, averaged over the batch."""
     delta = (x - y).float().flatten(1)
@@ -208,8 +213,7 @@ class SFD(Method):
         self.sigma_min = cfg.sigma_min
         self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
         self.nfes = list(range(opts.nfe_range[0], opts.nfe_range[1] + 1)) if self.step_conditioned else [cfg.steps]
-        self.grid = opts.schedule if opts.schedule != "auto" else (
-            "flow" if getattr(source.denoiser, "prediction", None) == "flow" else "karras")
+        self.grid = opts.schedule if opts.schedule != "auto" else auto_grid(source.denoiser)
         self.shift = getattr(source.denoiser, "shift", 1.0)
         self.sigmas = {n: student_grid(self.grid, intervals_for(n, opts.afs), self.sigma_min, self.sigma_max, opts.rho,
                                        self.shift) for n in self.nfes}
