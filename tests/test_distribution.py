@@ -328,3 +328,29 @@ def test_the_gan_head_refuses_a_network_without_a_bottleneck():
 
     with pytest.raises(ValueError, match="bottleneck"):
         bottleneck(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_the_regression_term_pulls_the_one_step_image_to_the_teachers_and_resumes_bit_exactly(tiny_edm, tmp_path):
+    """DMD's regression term: its gradient is the pseudo-Huber pull of G(sigma_max z) onto the teacher's image
+    from z (a pool of pairs solved once and counted), only for one-step generators; resumes bit-exactly."""
+    reg = {"steps": 1, "regression_weight": 0.25, "pairs": 8, "pair_steps": 3}
+    with pytest.raises(ValueError, match="one-step generators.*regression_weight 0 for 2 steps"):
+        dmd2(tiny_edm, **{**reg, "steps": 2})
+    m = dmd2(copy.deepcopy(tiny_edm), **reg)
+    assert m.teacher_evaluations == 0  # the pool is solved on first use
+    loss = m.regression_loss(4, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert m.teacher_evaluations == 8 * 3 * 2 * 2  # 8 pairs x 3 Heun steps (to sigma_min: 2 each) x CFG's 2
+    z, cond, target = m.pairs.draw(4, torch.Generator().manual_seed(0), torch.device("cpu"))
+    image = m.generator(z * m.sigmas[0], m.sigmas[0].expand(4), cond)
+    delta = (image - target).flatten(1)
+    expected = ((delta.square() + 0.01 ** 2).sqrt() - 0.01).mean(1).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.generator.parameters())
+
+    def trainer(out):
+        method = dmd2(copy.deepcopy(tiny_edm), out=out, **reg)
+        return Trainer(method, method.cfg)
+
+    whole, again = whole_and_resumed(trainer, tmp_path)
+    assert same_saved_state(whole, again, "generator") and same_saved_state(whole, again, "fake_score")

