@@ -47,7 +47,7 @@ from distill_core.methods.base import NodeLayout, Widget
 from distill_core.methods.distribution import DistributionConfig, DistributionMatching, per_sample
 from distill_core.methods.registry import register
 from distill_core.methods.sfd import distance
-from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs
+from distill_core.methods.teacher_pairs import PairsConfig, PoolCounted, TeacherPairs
 from distill_core.nets.gan_head import ScoreWithHead
 from distill_core.options import option
 
@@ -102,7 +102,7 @@ DISTRIBUTION_NODE = NodeLayout(
 
 
 @register("dmd2")
-class DMD2(DistributionMatching):
+class DMD2(PoolCounted, DistributionMatching):
     """DMD2: a generator and a fake score, two time-scale updates."""
 
     Config = DMD2Config
@@ -118,7 +118,6 @@ class DMD2(DistributionMatching):
             raise ValueError(f"the regression term (regression_weight {cfg.options.regression_weight:g}) is for "
                              f"one-step generators, as DMD's: set steps 1, or regression_weight 0 for {cfg.steps} "
                              "steps")
-        self.pairs, self.spent = None, 0
         if self.gan:
             if source.draw_data is None:
                 raise ValueError(f"the GAN head (gan_weight {cfg.options.gan_weight:g}) needs real images, and the "
@@ -128,15 +127,6 @@ class DMD2(DistributionMatching):
         if regression:
             self.pairs = TeacherPairs(self.teacher, source, self.opts, self.sigma_min, self.sigma_max, cfg.seed,
                                       cfg.teacher_cache, cfg.mixed_precision)
-
-    @property
-    def teacher_evaluations(self) -> int:
-        """The evaluations the updates spend, and the regression pool's."""
-        return self.spent + (0 if self.pairs is None else self.pairs.evaluations)
-
-    @teacher_evaluations.setter
-    def teacher_evaluations(self, value: int) -> None:  # the trainer restores the count of a resumed run
-        self.spent = value - (0 if self.pairs is None else self.pairs.evaluations)
 
     def networks(self, denoiser: nn.Module) -> tuple[dict[str, nn.Module], nn.Module]:
         """The family's networks; with the GAN head on, the fake score carries it (``ScoreWithHead``)."""

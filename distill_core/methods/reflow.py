@@ -44,7 +44,7 @@ from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, T
 from distill_core.methods.distribution import critic_weight, generator_schedule, karras_at, per_sample
 from distill_core.methods.registry import register
 from distill_core.methods.sfd import SFD, SFDConfig, distance, teacher_states
-from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs
+from distill_core.methods.teacher_pairs import PairsConfig, PoolCounted, TeacherPairs
 from distill_core.options import option
 from distill_core.sampling import euler_step, few_step
 from distill_core.schedules import karras
@@ -62,7 +62,7 @@ class ReflowConfig(PairsConfig):
                                  "student (0: reflow only)", min=0, max=0.9)
 
 
-class PairRegression(Method):
+class PairRegression(PoolCounted, Method):
     """A student trained to map points built from the teacher's pairs (z, c, x0) to x0: the shared part of
     reflow and knowledge distillation. Subclasses give ``inputs`` (the point and its noise level) and
     ``loss``."""
@@ -86,7 +86,6 @@ class PairRegression(Method):
         self.pairs = TeacherPairs(self.teacher, source, self.opts, self.sigma_min, self.sigma_max, cfg.seed,
                                   cfg.teacher_cache, cfg.mixed_precision)
         self.sigmas = self.schedule()
-        self.spent = 0
 
     @property
     def student(self):
@@ -99,15 +98,6 @@ class PairRegression(Method):
     def schedule_info(self) -> dict:
         return {"name": "karras_then_zero", "rho": self.opts.rho, "sigma_min": self.sigma_min,
                 "sigma_max": self.sigma_max}
-
-    @property
-    def teacher_evaluations(self) -> int:
-        """The pool's evaluations, and any the method spends besides (``spent``)."""
-        return self.pairs.evaluations + self.spent
-
-    @teacher_evaluations.setter
-    def teacher_evaluations(self, value: int) -> None:  # the trainer restores the count of a resumed run
-        self.spent = value - self.pairs.evaluations
 
     def optim_groups(self) -> dict[str, OptimSpec]:
         return {"student": OptimSpec("adam", schedule="cosine", warmup=10)}

@@ -95,6 +95,22 @@ class TeacherPairs:
         return z[idx].to(device), move_cond(index_cond(cond, idx), device), x0[idx].to(device)
 
 
+class PoolCounted:
+    """A method's teacher evaluations when it may hold a pool of pairs (``pairs``; None without one): the
+    pool's, and those its updates spend besides (``spent``). The trainer sets the count of a resumed run."""
+
+    pairs: TeacherPairs | None = None
+    spent: int = 0
+
+    @property
+    def teacher_evaluations(self) -> int:
+        return self.spent + (0 if self.pairs is None else self.pairs.evaluations)
+
+    @teacher_evaluations.setter
+    def teacher_evaluations(self, value: int) -> None:
+        self.spent = value - (0 if self.pairs is None else self.pairs.evaluations)
+
+
 def training_images(source: TeacherSource, pairs: TeacherPairs | None, batch: int, generator: torch.Generator,
                     device: torch.device) -> tuple[torch.Tensor, Cond, int]:
     """x0 and its conditions for methods that train on images: the teacher's data where ``pairs`` is None,
