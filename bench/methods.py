@@ -1,10 +1,11 @@
 """Every distillation method against every training-free solver on a built-in teacher, at NFE 1, 2, 4, 8.
 
     python bench/methods.py [--quick] [--teacher builtin|builtin-flow] [--methods sfd phased ...]
-                            [--nfe 1 2 4 8] [--student-nfe 1 2 4] [--n N] [--steps 128] [--set KEY=VALUE ...]
-                            [--out FILE.json]
+                            [--nfe 1 2 4 8] [--student-nfe 1 2 4] [--n N] [--steps 128]
+                            [--set KEY=V1,V2 ...] [--out FILE.json]
 
-One evaluation set (noise of seed 1, balanced classes) serves every row, so rows compare directly. Rows:
+One evaluation set (noise of seed 1, balanced classes) serves every row, so rows compare directly. Students
+train, and every row is sampled, on CUDA where there is one (the metrics run on the CPU). Rows:
 every training-free solver at every NFE it can take a step in (Heun needs two), the students of every
 registered method (each method says which students it trains for the NFEs, ``Method.bench_runs``; with
 ``--methods auto``, also the student the *Distill to N steps* node's ``auto`` would train at each NFE: a
@@ -35,6 +36,10 @@ baseline of the distribution metrics. Each row (``eval.benchmark``'s format):
   training run), ``trained_params`` (trainable parameters of every network it trains) and
   ``peak_memory_mb`` (``eval.memory``: CUDA allocator peak, or the process's peak RSS on CPU).
 
+``--set`` overrides config fields of every student (``KEY=VALUE``, the value read as YAML); a key given several
+values (``seed=0,1,2``) trains every student once per combination of the values given, and each student row
+carries the ``--set`` values it was trained with.
+
 ``--quick`` is a smoke run (8 iterations of batch 16 per student, 100 samples: under 6 minutes on 2 CPU
 cores for every registered method); the default trains every student for the main job's iterations and evaluates 2,000
 samples (the first run solves the 2 x 2,000 reference samples, about 25 minutes on 2 CPU cores, then reads
@@ -44,10 +49,12 @@ them from the cache). The table is sorted by NFE, then by ``fd_teacher``; the ru
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "quick 100)")
     p.add_argument("--iters", type=int, help="iterations per student (default: the main job's; quick 8)")
     p.add_argument("--batch", type=int, help="samples per iteration (default: the main job's; quick 16)")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=V1,V2",
                    help="config settings for every student (YAML values, e.g. gan_weight=0.003)")
     p.add_argument("--steps", type=int, default=128, help="Heun steps of the teacher's reference solves")
     p.add_argument("--cache", default=str(RESULTS / "cache"), help="where reference solves are cached")
@@ -108,26 +115,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         base = base.replace(**QUICK)
     base = base.replace(iters=args.iters, batch=args.batch)
-    overrides = dict(setting(item) for item in args.set)
+    grid = dict(setting(item) for item in args.set)
     n = args.n or (100 if args.quick else 2000)
     chosen = args.methods or list(methods())
 
     source = teacher_source(args.teacher)
-    teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
-    ev = benchmark_set(teacher, n, args.steps, args.cache)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the students train
+    teacher = CFGTeacher(source.denoiser.to(device), source.guidance, source.uncond)
+    ev = benchmark_set(teacher, n, args.steps, args.cache, device=device)
     curvature = path_straightness(teacher, ev, base.sigma_min, teacher.sigma_max)
     rows = [{**teacher_row(teacher, ev), "straightness": curvature}]
     for nfe in args.nfe:
         rows += solver_rows(teacher, ev, nfe, base.sigma_min)
     evaluated: dict[str, list[dict]] = {}  # a student's rows by its method and settings: each is trained once
+    swept = [key for key, values in grid.items() if len(values) > 1]
     for chosen_method in chosen:
         for name, method, settings, label in bench_runs(chosen_method, list(args.student_nfe or args.nfe),
                                                         base.iters, source.name):
-            cfg = base.replace(method=method, out=str(Path(args.work) / name), **{**settings, **overrides})
-            key = f"{method} {sorted(settings.items())} {sorted(overrides.items())}"
-            if key not in evaluated:
-                evaluated[key] = evaluate_student(cfg, source, teacher, ev, args.nfe)
-            rows += [{**row, **label} for row in evaluated[key]]
+            for combo in itertools.product(*grid.values()):
+                overrides = dict(zip(grid, combo))
+                run = name + "".join(f"-{key}{overrides[key]}" for key in swept)
+                cfg = base.replace(method=method, out=str(Path(args.work) / run), **{**settings, **overrides})
+                student = f"{method} {sorted(settings.items())} {sorted(overrides.items())}"
+                if student not in evaluated:
+                    evaluated[student] = evaluate_student(cfg, source, teacher, ev, args.nfe)
+                rows += [{**row, **overrides, **label} for row in evaluated[student]]
 
     rows.sort(key=lambda r: (r["nfe"], r["fd_teacher"]))
     if "auto" in chosen:
@@ -180,16 +192,29 @@ def auto_against_methods(rows: list[dict]) -> list[str]:
 
 def path_straightness(denoiser, ev, sigma_min: float, sigma_max: float) -> float:
     """``reflow.straightness`` of ``denoiser``'s ODE paths from the first evaluation noises."""
-    noise = ev.noise[:STRAIGHTNESS_SAMPLES] / sigma_max
-    return round(straightness(denoiser, noise, ev.labels[:STRAIGHTNESS_SAMPLES], sigma_min, sigma_max), 4)
+    noise = (ev.noise[:STRAIGHTNESS_SAMPLES] / sigma_max).to(ev.device)
+    labels = None if ev.labels is None else ev.labels[:STRAIGHTNESS_SAMPLES].to(ev.device)
+    return round(straightness(denoiser, noise, labels, sigma_min, sigma_max), 4)
 
 
-def setting(item: str) -> tuple[str, object]:
-    """KEY=VALUE with VALUE read as YAML (numbers, booleans, lists)."""
+def setting(item: str) -> tuple[str, list]:
+    """KEY=V1,V2,... -> (KEY, [V1, V2, ...]), each value a number or read as YAML (booleans, null); a value in
+    brackets is one list (``u_range=[0.1, 0.9]``)."""
     key, sep, value = item.partition("=")
     if not sep:
-        raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
-    return key.replace("-", "_"), yaml.safe_load(value)
+        raise SystemExit(f"--set takes KEY=VALUE or KEY=V1,V2, got {item!r}")
+    values = [value] if value.lstrip().startswith("[") else value.split(",")
+    return key.replace("-", "_"), [_value(v) for v in values]
+
+
+def _value(text: str):
+    """A number where ``text`` is one (YAML reads ``2e-4`` as a string), else ``text`` read as YAML."""
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
 
 
 if __name__ == "__main__":

@@ -90,16 +90,19 @@ def bench():
     return module
 
 
-def test_end_to_end_rows_of_one_method_at_two_nfes(bench, tmp_path):
+def test_end_to_end_rows_of_one_method_at_two_nfes_and_a_swept_setting(bench, tmp_path):
     out = tmp_path / "rows.json"
     argv = ["--methods", "sfd", "--nfe", "1", "2", "--n", "20", "--steps", "4", "--iters", "2", "--batch", "4",
             "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "runs"), "--out", str(out),
-            "--set", "loss=l1"]
+            "--set", "loss=l1,l2", "lr=2e-4"]
     rows = bench.main(argv)
     assert json.loads(out.read_text()) == rows
-    assert "loss: l1" in (tmp_path / "runs" / "sfd-1" / "config.yaml").read_text()  # --set reaches every student
+    for loss in ("l1", "l2"):  # --set reaches every student, once per value of a swept key
+        config = (tmp_path / "runs" / f"sfd-1-loss{loss}" / "config.yaml").read_text()
+        assert f"loss: {loss}" in config and "lr: 0.0002" in config
     students = [r for r in rows if r["method"] == "sfd"]
-    assert [r["nfe"] for r in students] == [1, 2]
+    assert sorted((r["nfe"], r["loss"], r["lr"]) for r in students) == [
+        (1, "l1", 2e-4), (1, "l2", 2e-4), (2, "l1", 2e-4), (2, "l2", 2e-4)]
     for row in students:
         assert set(row) >= ROW_KEYS
         assert row["trained_params"] > 0 and row["teacher_evaluations"] > 0 and row["peak_memory_mb"] > 0
@@ -114,9 +117,12 @@ def test_end_to_end_rows_of_one_method_at_two_nfes(bench, tmp_path):
     assert [(r["nfe"], r["fd_teacher"]) for r in rows] == sorted((r["nfe"], r["fd_teacher"]) for r in rows)
 
 
-def test_settings_are_read_as_yaml_values(bench):
-    assert bench.setting("gan-weight=0.003") == ("gan_weight", 0.003)
-    assert bench.setting("u_range=[0.1, 0.9]") == ("u_range", [0.1, 0.9])
+def test_settings_are_read_as_yaml_values_and_a_comma_sweeps(bench):
+    assert bench.setting("gan-weight=0.003") == ("gan_weight", [0.003])
+    assert bench.setting("seed=0,1,2") == ("seed", [0, 1, 2])
+    assert bench.setting("lr=2e-4,1e-3") == ("lr", [2e-4, 1e-3])  # YAML alone reads 2e-4 as a string
+    assert bench.setting("u_range=[0.1, 0.9]") == ("u_range", [[0.1, 0.9]])  # a list is one value
+    assert bench.setting("critic_lr=null") == ("critic_lr", [None])
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         bench.setting("gan_weight")
 

@@ -272,11 +272,14 @@ def write_rows(rows: list[dict], path: str | Path) -> Path:
     return write_json(path, rows)
 
 
-def benchmark_set(teacher: CFGTeacher, n: int, steps: int, cache_dir: str | Path | None = None) -> EvalSet:
+def benchmark_set(teacher: CFGTeacher, n: int, steps: int, cache_dir: str | Path | None = None,
+                  device: torch.device | str = "cpu") -> EvalSet:
     """A benchmark's evaluation set: noise and classes of seed 1 with their reference solve, and as the
-    distribution target the teacher's own samples from the independent seed 2 (``teacher_target``)."""
-    ev = eval_set(teacher, n, seed=1, steps=steps, cache_dir=cache_dir)
-    return dataclasses.replace(ev, target=teacher_target(teacher, n, seed=2, steps=steps, cache_dir=cache_dir))
+    distribution target the teacher's own samples from the independent seed 2 (``teacher_target``); both
+    solved on ``device`` (the teacher's), where the rows are sampled too."""
+    ev = eval_set(teacher, n, seed=1, steps=steps, cache_dir=cache_dir, device=device)
+    target = teacher_target(teacher, n, seed=2, steps=steps, cache_dir=cache_dir, device=device)
+    return dataclasses.replace(ev, target=target)
 
 
 def report_rows(rows: list[dict], keys: tuple[str, ...], heading: str, started: float, out: str | Path | None
