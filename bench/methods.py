@@ -32,11 +32,12 @@ baseline of the distribution metrics. Each row (``eval.benchmark``'s format):
   ODE paths of 256 evaluation noises, solved by 32 Euler steps, stray from straight lines: the mean
   squared gap between the x0 predictions along a path and its image, over the images' variance
   (``reflow.straightness``; 0: straight, one Euler step is exact);
-* students only: ``train_seconds``, ``teacher_evaluations`` (the teacher's network evaluations of the
-  training run), ``trained_params`` (trainable parameters of every network it trains) and
-  ``peak_memory_mb`` (``eval.memory``: CUDA allocator peak, or the process's peak RSS on CPU).
+* students only: ``train_seconds``, ``iters`` and ``batch`` (the training budget), ``teacher_evaluations``
+  (the teacher's network evaluations of the training run), ``trained_params`` (trainable parameters of
+  every network it trains) and ``peak_memory_mb`` (``eval.memory``: CUDA allocator peak, or the process's
+  peak RSS on CPU).
 
-``--set`` overrides config fields of every student (``KEY=VALUE``, the value read as YAML); a key given several
+``--set`` overrides config fields of every student (``KEY=VALUE``, a number or YAML); a key given several
 values (``seed=0,1,2``) trains every student once per combination of the values given, and each student row
 carries the ``--set`` values it was trained with.
 
@@ -80,7 +81,8 @@ from distill_core.train.run import train_student  # noqa: E402
 NFES = (1, 2, 4, 8)
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("method", "nfe", "network_evals", "psnr_db", "fd", "fd_teacher", "precision", "recall", "class_acc",
-        "images_per_s", "train_seconds", "teacher_evaluations", "trained_params", "peak_memory_mb", "straightness")
+        "images_per_s", "train_seconds", "iters", "batch", "teacher_evaluations", "trained_params", "peak_memory_mb",
+        "straightness")
 #: evaluation samples whose ODE paths the straightness column measures
 STRAIGHTNESS_SAMPLES = 256
 QUICK = {"iters": 8, "batch": 16}
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "auto" in chosen:
         print("\n".join(auto_against_methods(rows)))
     report_rows(rows, KEYS, f"teacher {source.name}, w = {teacher.w:g}, {n} samples; {base.iters} iterations x batch "
-                f"{base.batch} per student", start, args.out)
+                f"{base.batch} per trajectory student (each student's own: its iters and batch)", start, args.out)
     return rows
 
 
@@ -165,13 +167,16 @@ def bench_runs(method: str, nfes: list[int], iters: int, teacher: str = "builtin
 
 
 def evaluate_student(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: list[int]) -> list[dict]:
-    """Train ``cfg``'s student and return its rows at every NFE of ``nfes`` it serves."""
+    """Train ``cfg``'s student and return its rows at every NFE of ``nfes`` it serves, with its training budget
+    (``iters`` x ``batch``)."""
     run, peak = with_peak_memory(lambda: train_student(cfg, source, progress=False))
-    memory = {} if peak is None else {"peak_memory_mb": round(peak, 1)}
+    extra = {"iters": cfg.iters, "batch": cfg.batch}
+    if peak is not None:
+        extra["peak_memory_mb"] = round(peak, 1)
     if method_class(cfg.method).straightens:
         student = load_student(run.path, teacher).denoiser()
-        memory["straightness"] = path_straightness(student, ev, cfg.sigma_min, teacher.sigma_max)
-    return student_rows(run, teacher, ev, nfes, **memory)
+        extra["straightness"] = path_straightness(student, ev, cfg.sigma_min, teacher.sigma_max)
+    return student_rows(run, teacher, ev, nfes, **extra)
 
 
 def auto_against_methods(rows: list[dict]) -> list[str]:

@@ -16,7 +16,8 @@ from distill_core.teacher import CFGTeacher
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "methods.py"
 ROW_KEYS = {"method", "nfe", "network_evals", "psnr_db", "fd", "fd_teacher", "precision", "recall", "class_acc",
-            "images_per_s", "train_seconds", "teacher_evaluations", "trained_params", "peak_memory_mb"}
+            "images_per_s", "train_seconds", "iters", "batch", "teacher_evaluations", "trained_params",
+            "peak_memory_mb"}
 
 
 def gaussian(n: int, dim: int = 16, seed: int = 0) -> torch.Tensor:
@@ -106,6 +107,7 @@ def test_end_to_end_rows_of_one_method_at_two_nfes_and_a_swept_setting(bench, tm
     for row in students:
         assert set(row) >= ROW_KEYS
         assert row["trained_params"] > 0 and row["teacher_evaluations"] > 0 and row["peak_memory_mb"] > 0
+        assert (row["iters"], row["batch"]) == (2, 4)
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
     # every solver at NFE 2, all but Heun (two evaluations a step) at NFE 1
     solvers = {r["method"] for r in rows if r["nfe"] == 1} - {"sfd"}
