@@ -56,7 +56,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -73,6 +72,7 @@ from distill_core.eval.memory import with_peak_memory  # noqa: E402
 from distill_core.methods import auto  # noqa: E402
 from distill_core.methods.reflow import straightness  # noqa: E402
 from distill_core.methods.registry import method_class, methods  # noqa: E402
+from distill_core.options import sweep  # noqa: E402
 from distill_core.sources import TEACHERS, teacher_source  # noqa: E402
 from distill_core.students import load_student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--iters", type=int, help="iterations per student (default: the main job's; quick 8)")
     p.add_argument("--batch", type=int, help="samples per iteration (default: the main job's; quick 16)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=V1,V2",
-                   help="config settings for every student (YAML values, e.g. gan_weight=0.003)")
+                   help="config settings for every student (gan_weight=0.003); several values train a student "
+                   "for each (seed=0,1,2)")
     p.add_argument("--steps", type=int, default=128, help="Heun steps of the teacher's reference solves")
     p.add_argument("--cache", default=str(RESULTS / "cache"), help="where reference solves are cached")
     p.add_argument("--work", default=str(RESULTS / "methods_runs"), help="where the students are trained")
@@ -117,7 +118,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         base = base.replace(**QUICK)
     base = base.replace(iters=args.iters, batch=args.batch)
-    grid = dict(setting(item) for item in args.set)
+    try:
+        grid = sweep(args.set)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     n = args.n or (100 if args.quick else 2000)
     chosen = args.methods or list(methods())
 
@@ -200,26 +204,6 @@ def path_straightness(denoiser, ev, sigma_min: float, sigma_max: float) -> float
     noise = (ev.noise[:STRAIGHTNESS_SAMPLES] / sigma_max).to(ev.device)
     labels = None if ev.labels is None else ev.labels[:STRAIGHTNESS_SAMPLES].to(ev.device)
     return round(straightness(denoiser, noise, labels, sigma_min, sigma_max), 4)
-
-
-def setting(item: str) -> tuple[str, list]:
-    """KEY=V1,V2,... -> (KEY, [V1, V2, ...]), each value a number or read as YAML (booleans, null); a value in
-    brackets is one list (``u_range=[0.1, 0.9]``)."""
-    key, sep, value = item.partition("=")
-    if not sep:
-        raise SystemExit(f"--set takes KEY=VALUE or KEY=V1,V2, got {item!r}")
-    values = [value] if value.lstrip().startswith("[") else value.split(",")
-    return key.replace("-", "_"), [_value(v) for v in values]
-
-
-def _value(text: str):
-    """A number where ``text`` is one (YAML reads ``2e-4`` as a string), else ``text`` read as YAML."""
-    for number in (int, float):
-        try:
-            return number(text)
-        except ValueError:
-            pass
-    return yaml.safe_load(text)
 
 
 if __name__ == "__main__":

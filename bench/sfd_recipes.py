@@ -54,7 +54,7 @@ from distill_core.eval.benchmark import (  # noqa: E402
     write_rows,
 )
 from distill_core.methods.sfd import SFDConfig, pool_serves, teacher_steps  # noqa: E402
-from distill_core.options import settings  # noqa: E402
+from distill_core.options import settings, sweep  # noqa: E402
 from distill_core.sampling import intervals_for  # noqa: E402
 from distill_core.schedules import karras  # noqa: E402
 from distill_core.sources import BUILTIN_TUNED, builtin_source  # noqa: E402
@@ -67,21 +67,17 @@ SUMMARY_KEYS = ("recipe", "seeds", "psnr_mean", "psnr_min", "psnr_max", "gain_me
 
 
 def parse_sets(items: list[str]) -> dict[str, list]:
-    """``["lr=2e-4,5e-4", "loss=l1"]`` -> {"lr": [0.0002, 0.0005], "loss": ["l1"]}, typed by DistillConfig."""
-    types = {s.name: s.kind for s in [*settings(DistillConfig), *settings(SFDConfig)]}
-    grid = {}
-    for item in items:
-        key, _, values = item.partition("=")
-        if key not in types:
+    """``["lr=2e-4,5e-4", "loss=l1"]`` -> {"lr": [0.0002, 0.0005], "loss": ["l1"]} (``options.sweep``), each key
+    a field of DistillConfig or SFDConfig."""
+    known = {s.name for s in [*settings(DistillConfig), *settings(SFDConfig)]}
+    try:
+        grid = sweep(items)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    for key in grid:
+        if key not in known:
             raise SystemExit(f"unknown config field {key!r}")
-        kind = types[key]
-        cast = _bool if kind is bool else kind if kind in (int, float) else str
-        grid[key] = [None if v == "none" else cast(v) for v in values.split(",")]
     return grid
-
-
-def _bool(value: str) -> bool:
-    return value.lower() in ("1", "true", "yes", "on")
 
 
 def cpu_units(cfg: DistillConfig, sigma_max: float, classes: int = 0) -> int:

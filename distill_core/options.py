@@ -14,6 +14,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+import yaml
+
 
 def option(default, help: str, *, min: float | None = None, max: float | None = None,
            choices: tuple | None = None, factory=None):
@@ -106,6 +108,30 @@ def coerce(setting: Setting, value):
     if setting.kind is tuple and isinstance(value, list):
         return tuple(value)
     return value
+
+
+def sweep(items: list[str]) -> dict[str, list]:
+    """Settings to combine, from ``KEY=V1,V2`` items: ``["lr=2e-4,1e-3", "loss=l1"]`` -> {"lr": [0.0002, 0.001],
+    "loss": ["l1"]}. Each value is a number where it reads as one (YAML would read ``2e-4`` as a string), else
+    YAML (booleans, null, words); a value in brackets is one list (``u_range=[0.1, 0.9]``); dashes in a key
+    become underscores."""
+    grid = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"a setting is KEY=VALUE or KEY=V1,V2, got {item!r}")
+        values = [value] if value.lstrip().startswith("[") else value.split(",")
+        grid[key.replace("-", "_")] = [_read_value(v) for v in values]
+    return grid
+
+
+def _read_value(text: str):
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
 
 
 def flag(name: str) -> str:

@@ -12,6 +12,7 @@ from distill_core.builtin import load_builtin_teacher
 from distill_core.eval import benchmark
 from distill_core.eval.coverage import knn_radii, precision_recall
 from distill_core.eval.memory import with_peak_memory
+from distill_core.options import sweep
 from distill_core.teacher import CFGTeacher
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "methods.py"
@@ -119,14 +120,14 @@ def test_end_to_end_rows_of_one_method_at_two_nfes_and_a_swept_setting(bench, tm
     assert [(r["nfe"], r["fd_teacher"]) for r in rows] == sorted((r["nfe"], r["fd_teacher"]) for r in rows)
 
 
-def test_settings_are_read_as_yaml_values_and_a_comma_sweeps(bench):
-    assert bench.setting("gan-weight=0.003") == ("gan_weight", [0.003])
-    assert bench.setting("seed=0,1,2") == ("seed", [0, 1, 2])
-    assert bench.setting("lr=2e-4,1e-3") == ("lr", [2e-4, 1e-3])  # YAML alone reads 2e-4 as a string
-    assert bench.setting("u_range=[0.1, 0.9]") == ("u_range", [[0.1, 0.9]])  # a list is one value
-    assert bench.setting("critic_lr=null") == ("critic_lr", [None])
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        bench.setting("gan_weight")
+def test_settings_are_numbers_or_yaml_and_a_comma_sweeps():
+    assert sweep(["gan-weight=0.003", "seed=0,1,2", "afs=false,true", "loss=l1"]) == {
+        "gan_weight": [0.003], "seed": [0, 1, 2], "afs": [False, True], "loss": ["l1"]}
+    assert sweep(["lr=2e-4,1e-3"]) == {"lr": [2e-4, 1e-3]}  # YAML alone reads 2e-4 as a string
+    assert sweep(["u_range=[0.1, 0.9]"]) == {"u_range": [[0.1, 0.9]]}  # a list is one value
+    assert sweep(["critic_lr=null"]) == {"critic_lr": [None]}
+    with pytest.raises(ValueError, match="KEY=VALUE or KEY=V1,V2, got 'gan_weight'"):
+        sweep(["gan_weight"])
 
 
 def test_a_one_step_solver_row_counts_one_evaluation_however_many_batches_it_takes():
