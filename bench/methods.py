@@ -41,6 +41,10 @@ baseline of the distribution metrics. Each row (``eval.benchmark``'s format):
 values (``seed=0,1,2``) trains every student once per combination of the values given, and each student row
 carries the ``--set`` values it was trained with.
 
+Every student's rows are kept in its run folder under ``--work`` with its settings: the same command run
+again (after a stop, or with more methods or values) reads the students it has already evaluated and trains
+only the others.
+
 ``--quick`` is a smoke run (8 iterations of batch 16 per student, 100 samples: under 6 minutes on 2 CPU
 cores for every registered method); the default trains every student for the main job's iterations and evaluates 2,000
 samples (the first run solves the 2 x 2,000 reference samples, about 25 minutes on 2 CPU cores, then reads
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -59,6 +64,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distill_core.atomic import write_json  # noqa: E402
+from distill_core.builtin import fingerprint  # noqa: E402
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.data import mnist_available  # noqa: E402
 from distill_core.eval.benchmark import (  # noqa: E402
@@ -86,6 +93,8 @@ KEYS = ("method", "nfe", "network_evals", "psnr_db", "fd", "fd_teacher", "precis
 #: evaluation samples whose ODE paths the straightness column measures
 STRAIGHTNESS_SAMPLES = 256
 QUICK = {"iters": 8, "batch": 16}
+#: a student's rows in its run folder, with the settings and the evaluation they belong to
+ROWS = "bench_rows.json"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -144,7 +153,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 cfg = base.replace(method=method, out=str(Path(args.work) / run), **{**settings, **overrides})
                 student = f"{method} {sorted(settings.items())} {sorted(overrides.items())}"
                 if student not in evaluated:
-                    evaluated[student] = evaluate_student(cfg, source, teacher, ev, args.nfe)
+                    evaluation = {"teacher": fingerprint(source.denoiser), "n": n, "steps": args.steps,
+                                  "nfes": list(args.nfe)}
+                    evaluated[student] = evaluate_student(cfg, source, teacher, ev, args.nfe, evaluation)
                 rows += [{**row, **overrides, **label} for row in evaluated[student]]
 
     rows.sort(key=lambda r: (r["nfe"], r["fd_teacher"]))
@@ -170,9 +181,26 @@ def bench_runs(method: str, nfes: list[int], iters: int, teacher: str = "builtin
     return runs
 
 
-def evaluate_student(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: list[int]) -> list[dict]:
+def evaluate_student(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: list[int], evaluation: dict
+                     ) -> list[dict]:
     """Train ``cfg``'s student and return its rows at every NFE of ``nfes`` it serves, with its training budget
-    (``iters`` x ``batch``)."""
+    (``iters`` x ``batch``). The rows are kept in the run folder (``ROWS``) with the student's settings and
+    ``evaluation`` (what they were measured on); a later run of the benchmark with the same of both reads them
+    instead of training again, so a benchmark stopped part way goes on at its first unevaluated student."""
+    key = json.loads(json.dumps({"config": cfg.to_dict(), "evaluation": evaluation}, default=str))
+    kept = Path(cfg.out) / ROWS
+    if kept.is_file():
+        saved = json.loads(kept.read_text())
+        if saved.get("key") == key:
+            print(f"{cfg.out}: trained and evaluated with the same settings before; its rows are read from {ROWS}")
+            return saved["rows"]
+    rows = trained_rows(cfg, source, teacher, ev, nfes)
+    write_json(kept, {"key": key, "rows": rows})
+    return rows
+
+
+def trained_rows(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: list[int]) -> list[dict]:
+    """Train ``cfg``'s student; its rows at every NFE of ``nfes`` it serves, with its training budget."""
     run, peak = with_peak_memory(lambda: train_student(cfg, source, progress=False))
     extra = {"iters": cfg.iters, "batch": cfg.batch}
     if peak is not None:

@@ -92,7 +92,7 @@ def bench():
     return module
 
 
-def test_end_to_end_rows_of_one_method_at_two_nfes_and_a_swept_setting(bench, tmp_path):
+def test_end_to_end_rows_of_one_method_at_two_nfes_and_a_swept_setting(bench, tmp_path, monkeypatch):
     out = tmp_path / "rows.json"
     argv = ["--methods", "sfd", "--nfe", "1", "2", "--n", "20", "--steps", "4", "--iters", "2", "--batch", "4",
             "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "runs"), "--out", str(out),
@@ -118,6 +118,16 @@ def test_end_to_end_rows_of_one_method_at_two_nfes_and_a_swept_setting(bench, tm
     assert teacher["nfe"] == 7 and teacher["network_evals"] == 14  # 4 Heun steps to sigma = 0, with CFG
     assert "psnr_db" not in teacher and teacher["fd_teacher"] >= 0
     assert [(r["nfe"], r["fd_teacher"]) for r in rows] == sorted((r["nfe"], r["fd_teacher"]) for r in rows)
+
+    # run again, the students are read from their folders, not trained; other settings train anew
+    def no_training(cfg, *args):
+        raise AssertionError(f"{cfg.out} was trained again")
+
+    monkeypatch.setattr(bench, "trained_rows", no_training)
+    again = bench.main(argv)
+    assert [r for r in again if r["method"] == "sfd"] == students
+    with pytest.raises(AssertionError, match="sfd-1-lossl1 was trained again"):
+        bench.main(argv[:-1] + ["lr=1e-3"])
 
 
 def test_settings_are_numbers_or_yaml_and_a_comma_sweeps():
