@@ -15,7 +15,8 @@ from distill_core.config import DistillConfig
 from distill_core.methods import build_method
 from distill_core.methods.base import MicroBatch, TeacherSource
 from distill_core.methods.distribution import generator_schedule, karras_at
-from distill_core.methods.dmd2 import dmd_gradient
+from distill_core.methods.dmd2 import DMD2Config, dmd_gradient
+from distill_core.methods.moments import MomentsConfig
 from distill_core.safetensors_io import read_card
 from distill_core.sampling import renoise, sample
 from distill_core.students import load_student
@@ -217,8 +218,9 @@ def test_moment_matching_levels_lie_within_the_trained_step(tiny_edm):
         assert bool((s <= hi * (1 + 1e-5)).all() and (s >= lo * (1 - 1e-5)).all())
 
 
-def test_alternating_moment_matching_moves_images_from_the_auxiliary_to_the_teacher(tiny_edm):
-    m = moments(tiny_edm, critic_updates=1)
+@pytest.mark.parametrize("weighting", ["edm", "normalised"])
+def test_alternating_moment_matching_moves_images_from_the_auxiliary_to_the_teacher(tiny_edm, weighting):
+    m = moments(tiny_edm, critic_updates=1, weighting=weighting)
     x0 = torch.randn(4, 1, 8, 8, requires_grad=True)
     cond = torch.tensor([1, 2, 3, 4])
     with torch.no_grad():
@@ -229,10 +231,33 @@ def test_alternating_moment_matching_moves_images_from_the_auxiliary_to_the_teac
     sigma = m.step_levels(4, 1, gen, x0.device)
     z = x0.detach() + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen)
     with torch.no_grad():
-        mismatch = m.nets["auxiliary"](z, sigma, cond) - m.teacher(z, sigma, cond)
-    weight = (sigma.pow(-2) + 4).view(-1, 1, 1, 1)
+        teacher = m.teacher(z, sigma, cond)
+        mismatch = m.nets["auxiliary"](z, sigma, cond) - teacher
+    if weighting == "edm":  # lambda(s), sigma_data 0.5
+        weight = (sigma.pow(-2) + 4).view(-1, 1, 1, 1)
+    else:  # 1 / mean |x~ - x^_theta(z_s)| per sample
+        weight = 1 / (x0.detach() - teacher).abs().mean((1, 2, 3), keepdim=True)
     assert mismatch.abs().max() > 1e-4
     assert torch.allclose(x0.grad, weight * mismatch / x0.numel(), rtol=1e-4, atol=1e-9)
+
+
+def test_one_step_alternating_moment_matching_with_its_default_weighting_is_dmd2(tiny_edm):
+    m, d = moments(tiny_edm, steps=1), dmd2(copy.deepcopy(tiny_edm), steps=1)
+    defaults = MomentsConfig()
+    assert (defaults.critic_updates, defaults.weighting) == (DMD2Config().critic_updates, "normalised")
+    for critic in (m.nets["auxiliary"], d.nets["fake_score"]):
+        with torch.no_grad():
+            for p in critic.lora.parameters():
+                p.add_(0.1)
+    images = torch.randn(4, 1, 8, 8)
+    cond = torch.tensor([1, 2, 3, 4])
+    grads = []
+    for method in (m, d):
+        x0 = images.clone().requires_grad_(True)
+        method.generator_loss(x0, cond, 0, torch.Generator().manual_seed(0)).backward()
+        grads.append(x0.grad)
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-8)  # x0 - real - (x0 - fake): rounding only
 
 
 def test_instant_moment_matching_trains_the_generator_alone_without_touching_the_teacher(tiny_edm, tmp_path):

@@ -9,9 +9,15 @@ z_s = x~ + s n. Two ways to push it there:
   (``distribution.DistributionMatching.critic_loss``: it estimates E[x~ | z_s]), and the generator takes
   the gradient of
 
-      L(eta) = E[ w(s) x~^T sg( g_phi(z_s) - x^_theta(z_s) ) ],   w(s) = lambda(s),
+      L(eta) = E[ w(s) x~^T sg( g_phi(z_s) - x^_theta(z_s) ) ],
 
-  which moves each image toward the teacher's moment and away from the generator's own;
+  which moves each image toward the teacher's moment and away from the generator's own. The weight is
+  ``weighting``: ``normalised`` (the default), DMD's per-sample w = 1 / mean_j |x~ - x^_theta(z_s)|_j, about
+  1/s at low noise; or ``edm``, lambda(s) = 1/s^2 + 1/sigma_data^2, the teacher's own loss weight, under
+  which the lowest noise levels, where g_phi - x^_theta is mostly the auxiliary's fitting error, dominate
+  the gradient. The auxiliary takes ``critic_updates`` updates per generator update (default 5, DMD2's
+  two time-scale rule; the paper alternates 1:1 at batch 2048). With both, at one step, the loss is
+  DMD2's without its GAN and regression terms;
 * **instant**: no auxiliary network. The moment mismatch is read from the teacher's own loss on the
   generator's images, L_theta(x~) = E[ w(s) || x^_theta(z_s) - x~ ||^2 ], whose parameter gradient is
   zero in expectation when the moments match. The generator minimises its preconditioned squared norm,
@@ -52,16 +58,22 @@ from distill_core.students import AdaptersOff, disabled
 from distill_core.teacher import CFGTeacher
 
 VERSIONS = ("alternating", "instant")
+WEIGHTINGS = ("normalised", "edm")
 
 
 @dataclass
 class MomentsConfig(DistributionConfig):
     """Moment matching's own settings."""
 
-    critic_updates: int = option(1, "alternating: auxiliary-denoiser updates per generator update", min=1, max=100)
+    critic_updates: int = option(5, "alternating: auxiliary-denoiser updates per generator update (the paper "
+                                 "alternates 1:1 at batch 2048; at small batches one update lets the generator "
+                                 "collapse)", min=1, max=100)
     version: str = option("alternating", "alternating: an auxiliary denoiser fit to the generator's images; "
                           "instant: no auxiliary network, the teacher's loss gradients on two half-batches",
                           choices=VERSIONS)
+    weighting: str = option("normalised", "alternating: the generator loss's weight w(s): normalised, DMD's "
+                            "per-sample 1 / mean|x~ - x^_theta(z_s)|; edm, lambda(s) = 1/s^2 + 1/sigma_data^2",
+                            choices=WEIGHTINGS)
     precondition_decay: float = option(0.99, "instant: EMA decay of the squared teacher gradients (Lambda)",
                                        min=0, max=0.9999)
 
@@ -115,10 +127,14 @@ class Moments(DistributionMatching):
         sigma = self.step_levels(x0.shape[0], step, generator, x0.device)
         z_s = x0.detach() + per_sample(sigma) * torch.randn(x0.shape, generator=generator).to(x0.device)
         with torch.no_grad():
-            mismatch = self.nets["auxiliary"](z_s, sigma, cond).float() - self.teacher(z_s, sigma, cond).float()
+            teacher = self.teacher(z_s, sigma, cond).float()
+            mismatch = self.nets["auxiliary"](z_s, sigma, cond).float() - teacher
         self.teacher_evaluations += x0.shape[0] * self.teacher.evaluations()
-        weight = per_sample(critic_weight(sigma, self.sigma_data))
-        return (weight * x0.float() * mismatch).flatten(1).mean(1).mean()
+        if self.opts.weighting == "edm":
+            weight = critic_weight(sigma, self.sigma_data)
+        else:
+            weight = 1 / (x0.detach().float() - teacher).abs().flatten(1).mean(1).clamp_min(1e-8)
+        return (per_sample(weight) * x0.float() * mismatch).flatten(1).mean(1).mean()
 
     def instant_loss(self, x0: torch.Tensor, cond: Cond, step: int, generator: torch.Generator) -> torch.Tensor:
         """g_A^T Lambda g_B from the halves A, B of the micro-batch, g_h = grad_theta L_theta(x~_h)."""
