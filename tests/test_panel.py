@@ -268,4 +268,7 @@ def test_the_panel_command_serves_on_localhost(tmp_path):
         client.close()  # its open heartbeat stream would hold the server's graceful shutdown
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        finally:
+            proc.kill()  # never left running, whatever failed (a no-op once it has exited)
