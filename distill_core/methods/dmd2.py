@@ -65,11 +65,15 @@ class DMD2Config(DistributionConfig, PairsConfig):
                                       "teacher pairs", min=0)
 
 
+def dmd_scale(x0: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """DMD's per-sample normaliser mean_j |p_real|_j, p_real = x0 - D_real (at least 1e-8)."""
+    return (x0 - real).abs().flatten(1).mean(1).clamp_min(1e-8)
+
+
 def dmd_gradient(x0: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """g = (p_real - p_fake) / mean |p_real| per sample, with p = x0 - denoised; non-finite entries zeroed."""
     p_real, p_fake = x0 - real, x0 - fake
-    scale = p_real.abs().flatten(1).mean(1).clamp_min(1e-8)
-    return torch.nan_to_num((p_real - p_fake) / per_sample(scale))
+    return torch.nan_to_num((p_real - p_fake) / per_sample(dmd_scale(x0, real)))
 
 
 DISTRIBUTION_NODE = NodeLayout(

@@ -51,7 +51,7 @@ from distill_core.methods.distribution import (
     karras_at,
     per_sample,
 )
-from distill_core.methods.dmd2 import DISTRIBUTION_NODE
+from distill_core.methods.dmd2 import DISTRIBUTION_NODE, dmd_scale
 from distill_core.methods.registry import register
 from distill_core.options import option
 from distill_core.students import AdaptersOff, disabled
@@ -133,7 +133,7 @@ class Moments(DistributionMatching):
         if self.opts.weighting == "edm":
             weight = critic_weight(sigma, self.sigma_data)
         else:
-            weight = 1 / (x0.detach().float() - teacher).abs().flatten(1).mean(1).clamp_min(1e-8)
+            weight = 1 / dmd_scale(x0.detach().float(), teacher)
         return (per_sample(weight) * x0.float() * mismatch).flatten(1).mean(1).mean()
 
     def instant_loss(self, x0: torch.Tensor, cond: Cond, step: int, generator: torch.Generator) -> torch.Tensor:
