@@ -117,10 +117,10 @@ def test_a_lighter_student_of_a_flow_teacher_is_a_flow_model_and_its_card_rebuil
 
 
 def test_the_shipped_flow_teacher_samples_the_requested_digits():
-    """Its 32-step Heun samples at the default guidance are the requested digit at least 90 % of the time."""
+    """Its 16-step Heun samples at the default guidance are the requested digit at least 90 % of the time."""
     source = teacher_source("builtin-flow")
     assert isinstance(source.denoiser, FlowDenoiser) and source.name == "builtin-flow"
-    images, labels = builtin_samples(builtin.DEFAULT_GUIDANCE, per_class=10, steps=32, seed=0,
+    images, labels = builtin_samples(builtin.DEFAULT_GUIDANCE, per_class=10, steps=16, seed=0,
                                      path=builtin.FLOW_TEACHER_PATH)
     assert class_accuracy(images, labels) >= 0.9
 
