@@ -243,7 +243,8 @@ def test_start_and_stop_leave_a_resumable_checkpoint(panel):
 
 
 def test_the_panel_command_serves_on_localhost(tmp_path):
-    """docs/panel.md's ``python -m distill_core panel --runs DIR`` (with a port), stopped with Ctrl-C."""
+    """docs/panel.md's ``python -m distill_core panel --runs DIR`` (with a port), stopped with Ctrl-C (SIGINT),
+    also when started as a background job that inherits SIGINT ignored (``nohup ... &``)."""
     import signal
     import socket
     import subprocess
@@ -256,7 +257,8 @@ def test_the_panel_command_serves_on_localhost(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "distill_core", "panel", "--runs", str(tmp_path),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line, deadline = "", time.time() + 120
         while "Running on local URL" not in line:

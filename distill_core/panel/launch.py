@@ -11,6 +11,7 @@ USER:PASSWORD`` adds a login; uploads are capped at 1 MB (the panel takes none).
 from __future__ import annotations
 
 import argparse
+import signal
 import threading
 from pathlib import Path
 
@@ -80,5 +81,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--auth takes USER:PASSWORD")
         auth = (user, password)
     Path(args.runs).mkdir(parents=True, exist_ok=True)
+    # Ctrl-C stops the server even where the shell started it with SIGINT ignored (``nohup ... &``)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _launch(args.runs, args.host, args.port, True, tuple(args.allow_host), auth)
     return 0
