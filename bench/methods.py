@@ -43,7 +43,9 @@ carries the ``--set`` values it was trained with.
 
 Every student's rows are kept in its run folder under ``--work`` with its settings: the same command run
 again (after a stop, or with more methods or values) reads the students it has already evaluated and trains
-only the others.
+only the others. A student stopped part way (Ctrl-C, a killed job) goes on from its last checkpoint
+(``--checkpoint-every``), as long as it was started with the same settings: its rows are those of a student
+trained in one go.
 
 ``--quick`` is a smoke run (8 iterations of batch 16 per student, 100 samples: under 6 minutes on 2 CPU
 cores for every registered method); the default trains every student for the main job's iterations and evaluates 2,000
@@ -83,7 +85,9 @@ from distill_core.options import sweep  # noqa: E402
 from distill_core.sources import TEACHERS, teacher_source  # noqa: E402
 from distill_core.students import load_student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
+from distill_core.train.checkpoint import checkpoint_info, has_checkpoint  # noqa: E402
 from distill_core.train.run import train_student  # noqa: E402
+from distill_core.train.trainer import resume_changes  # noqa: E402
 
 NFES = (1, 2, 4, 8)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,6 +99,8 @@ STRAIGHTNESS_SAMPLES = 256
 QUICK = {"iters": 8, "batch": 16}
 #: a student's rows in its run folder, with the settings and the evaluation they belong to
 ROWS = "bench_rows.json"
+#: config fields that leave a student as it is: its rows are kept, and its checkpoint resumed, across them
+BOOKKEEPING = ("out", "checkpoint_every", "sample_every")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -119,11 +125,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=128, help="Heun steps of the teacher's reference solves")
     p.add_argument("--cache", default=str(RESULTS / "cache"), help="where reference solves are cached")
     p.add_argument("--work", default=str(RESULTS / "methods_runs"), help="where the students are trained")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="checkpoint each student every N iterations: a stopped run goes on from there (default 50)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
 
     start = time.time()
-    base = DistillConfig(checkpoint_every=0)
+    base = DistillConfig(checkpoint_every=args.checkpoint_every)
     if args.quick:
         base = base.replace(**QUICK)
     base = base.replace(iters=args.iters, batch=args.batch)
@@ -187,7 +195,8 @@ def evaluate_student(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: 
     (``iters`` x ``batch``). The rows are kept in the run folder (``ROWS``) with the student's settings and
     ``evaluation`` (what they were measured on); a later run of the benchmark with the same of both reads them
     instead of training again, so a benchmark stopped part way goes on at its first unevaluated student."""
-    key = json.loads(json.dumps({"config": cfg.to_dict(), "evaluation": evaluation}, default=str))
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in BOOKKEEPING}
+    key = json.loads(json.dumps({"config": settings, "evaluation": evaluation}, default=str))
     kept = Path(cfg.out) / ROWS
     if kept.is_file():
         saved = json.loads(kept.read_text())
@@ -200,8 +209,12 @@ def evaluate_student(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: 
 
 
 def trained_rows(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: list[int]) -> list[dict]:
-    """Train ``cfg``'s student; its rows at every NFE of ``nfes`` it serves, with its training budget."""
-    run, peak = with_peak_memory(lambda: train_student(cfg, source, progress=False))
+    """Train ``cfg``'s student (from its checkpoint where one of the same settings is in its folder); its rows at
+    every NFE of ``nfes`` it serves, with its training budget."""
+    resume = resumable(cfg)
+    run, peak = with_peak_memory(lambda: train_student(cfg, source, resume=resume, progress=False))
+    if run is None:
+        raise SystemExit(f"{cfg.out}: stopped at a checkpoint; the same command goes on from it")
     extra = {"iters": cfg.iters, "batch": cfg.batch}
     if peak is not None:
         extra["peak_memory_mb"] = round(peak, 1)
@@ -209,6 +222,22 @@ def trained_rows(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: list
         student = load_student(run.path, teacher).denoiser()
         extra["straightness"] = path_straightness(student, ev, cfg.sigma_min, teacher.sigma_max)
     return student_rows(run, teacher, ev, nfes, **extra)
+
+
+def resumable(cfg: DistillConfig) -> bool:
+    """Whether ``cfg.out`` holds a checkpoint of a run with ``cfg``'s settings (up to ``BOOKKEEPING``); says so."""
+    folder = Path(cfg.out) / "checkpoints"
+    if not has_checkpoint(folder):
+        return False
+    try:
+        info = checkpoint_info(folder)
+        changed = resume_changes(info["config"], cfg, folder)
+    except ValueError:  # an unreadable checkpoint, or one of other settings: the student trains anew
+        return False
+    if set(changed) - set(BOOKKEEPING):
+        return False
+    print(f"{cfg.out}: going on from its checkpoint at iteration {info['iteration']}/{cfg.iters}")
+    return True
 
 
 def auto_against_methods(rows: list[dict]) -> list[str]:

@@ -130,6 +130,49 @@ def test_end_to_end_rows_of_one_method_at_two_nfes_and_a_swept_setting(bench, tm
         bench.main(argv[:-1] + ["lr=1e-3"])
 
 
+def test_a_student_stopped_part_way_goes_on_from_its_checkpoint_to_the_rows_of_one_go(bench, tmp_path, monkeypatch):
+    from distill_core.train.callbacks import Callback
+
+    def argv(work):
+        return ["--methods", "sfd", "--nfe", "1", "--n", "20", "--steps", "4", "--iters", "4", "--batch", "4",
+                "--checkpoint-every", "2", "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / work)]
+
+    def students(rows):
+        timing = ("train_seconds", "images_per_s", "peak_memory_mb")
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows if r["method"] == "sfd"]
+
+    in_one_go = students(bench.main(argv("one")))
+
+    class Trained(Callback):  # stops the run after iteration 3 as a host's cancel does; counts iterations
+        def __init__(self, stop_at):
+            self.stop_at, self.iterations = stop_at, []
+
+        def on_iteration(self, run, record):
+            self.iterations.append(record["iter"])
+            if record["iter"] == self.stop_at:
+                raise KeyboardInterrupt
+
+    real = bench.train_student
+
+    def watched(watch):
+        monkeypatch.setattr(bench, "train_student", lambda cfg, source, **kw: real(cfg, source, callbacks=[watch],
+                                                                                    **kw))
+        return watch
+
+    stopped = watched(Trained(stop_at=3))
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv("stopped"))
+    assert stopped.iterations == [1, 2, 3]
+    going_on = watched(Trained(stop_at=None))
+    again = bench.main(argv("stopped"))
+    assert going_on.iterations == [4]  # on from the checkpoint the stop wrote
+    # the same student; the resumed run solved its teacher pool again (pools are not checkpointed), and says so
+    resumed = students(again)
+    spent = [r.pop("teacher_evaluations") for r in resumed]
+    assert spent[0] > in_one_go[0].pop("teacher_evaluations")
+    assert resumed == in_one_go
+
+
 def test_settings_are_numbers_or_yaml_and_a_comma_sweeps():
     assert sweep(["gan-weight=0.003", "seed=0,1,2", "afs=false,true", "loss=l1"]) == {
         "gan_weight": [0.003], "seed": [0, 1, 2], "afs": [False, True], "loss": ["l1"]}
