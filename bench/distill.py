@@ -8,7 +8,9 @@ NFE, SFD-v one for the whole range at twice the iterations). Each row: PSNR agai
 from the same noise, Frechet distance, class accuracy, images/s, and for students the distillation
 wall time (``train_seconds``) and the teacher evaluations spent (per image). All rows come from one
 evaluation set, so solvers and students compare directly. ``--quick`` is a smoke run (about 10
-minutes on 2 CPU cores); the default trains each student as the main job does.
+minutes on 2 CPU cores); the default trains each student as the main job does. Every student's rows are kept
+in its run folder (``eval.kept``): the same command run again trains only the students it lacks, and one
+stopped part way goes on from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distill_core.builtin import fingerprint  # noqa: E402
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.eval.benchmark import eval_set, format_table, solver_rows, student_rows, write_rows  # noqa: E402
+from distill_core.eval.kept import CHECKPOINT_EVERY, finished, kept_rows  # noqa: E402
 from distill_core.methods.registry import method_class, methods  # noqa: E402
 from distill_core.sources import builtin_source  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
@@ -44,9 +48,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
 
-    base = DistillConfig(guidance_mode=args.guidance_mode)
+    base = DistillConfig(guidance_mode=args.guidance_mode, checkpoint_every=CHECKPOINT_EVERY)
     if args.quick:
-        base = base.replace(iters=12, batch=16, checkpoint_every=0)
+        base = base.replace(iters=12, batch=16)
     base = base.replace(iters=args.iters, batch=args.batch)
     n = args.n or (50 if args.quick else 500)
 
@@ -56,11 +60,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     for nfe in args.nfe:
         rows += solver_rows(teacher, ev, nfe, base.sigma_min)[:3]
-    work = Path(args.work)
+    work, evaluation = Path(args.work), {"teacher": fingerprint(source.denoiser), "n": n, "seed": 1}
     for method in args.methods:
         for name, settings in method_class(method).bench_runs(list(args.nfe), base.iters):
             cfg = base.replace(method=method, out=str(work / name), **settings)
-            rows += student_rows(train_student(cfg, source, progress=False), teacher, ev)
+            rows += kept_rows(cfg, evaluation, lambda resume, cfg=cfg: student_rows(
+                finished(train_student(cfg, source, resume=resume, progress=False), cfg), teacher, ev))
 
     rows.sort(key=lambda r: (r["nfe"], r["method"] not in args.methods, -r["psnr_db"]))
     print(format_table(rows))

@@ -41,11 +41,10 @@ baseline of the distribution metrics. Each row (``eval.benchmark``'s format):
 values (``seed=0,1,2``) trains every student once per combination of the values given, and each student row
 carries the ``--set`` values it was trained with.
 
-Every student's rows are kept in its run folder under ``--work`` with its settings: the same command run
-again (after a stop, or with more methods or values) reads the students it has already evaluated and trains
-only the others. A student stopped part way (Ctrl-C, a killed job) goes on from its last checkpoint
-(``--checkpoint-every``), as long as it was started with the same settings: its rows are those of a student
-trained in one go.
+Every student's rows are kept in its run folder under ``--work`` with its settings (``eval.kept``): the same
+command run again (after a stop, or with more methods or values) reads the students it has already evaluated
+and trains only the others; a student stopped part way goes on from its last checkpoint
+(``--checkpoint-every``) to the rows of a student trained in one go.
 
 ``--quick`` is a smoke run (8 iterations of batch 16 per student, 100 samples: under 6 minutes on 2 CPU
 cores for every registered method); the default trains every student for the main job's iterations and evaluates 2,000
@@ -57,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -66,7 +64,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill_core.atomic import write_json  # noqa: E402
 from distill_core.builtin import fingerprint  # noqa: E402
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.data import mnist_available  # noqa: E402
@@ -77,6 +74,7 @@ from distill_core.eval.benchmark import (  # noqa: E402
     student_rows,
     teacher_row,
 )
+from distill_core.eval.kept import CHECKPOINT_EVERY, finished, kept_rows  # noqa: E402
 from distill_core.eval.memory import with_peak_memory  # noqa: E402
 from distill_core.methods import auto  # noqa: E402
 from distill_core.methods.reflow import straightness  # noqa: E402
@@ -85,9 +83,7 @@ from distill_core.options import sweep  # noqa: E402
 from distill_core.sources import TEACHERS, teacher_source  # noqa: E402
 from distill_core.students import load_student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
-from distill_core.train.checkpoint import checkpoint_info, has_checkpoint  # noqa: E402
 from distill_core.train.run import train_student  # noqa: E402
-from distill_core.train.trainer import resume_changes  # noqa: E402
 
 NFES = (1, 2, 4, 8)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,10 +93,6 @@ KEYS = ("method", "nfe", "network_evals", "psnr_db", "fd", "fd_teacher", "precis
 #: evaluation samples whose ODE paths the straightness column measures
 STRAIGHTNESS_SAMPLES = 256
 QUICK = {"iters": 8, "batch": 16}
-#: a student's rows in its run folder, with the settings and the evaluation they belong to
-ROWS = "bench_rows.json"
-#: config fields that leave a student as it is: its rows are kept, and its checkpoint resumed, across them
-BOOKKEEPING = ("out", "checkpoint_every", "sample_every")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -125,8 +117,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=128, help="Heun steps of the teacher's reference solves")
     p.add_argument("--cache", default=str(RESULTS / "cache"), help="where reference solves are cached")
     p.add_argument("--work", default=str(RESULTS / "methods_runs"), help="where the students are trained")
-    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
-                   help="checkpoint each student every N iterations: a stopped run goes on from there (default 50)")
+    p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
+                   help="checkpoint each student every N iterations: a stopped run goes on from there (default "
+                   f"{CHECKPOINT_EVERY})")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
 
@@ -163,7 +156,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if student not in evaluated:
                     evaluation = {"teacher": fingerprint(source.denoiser), "n": n, "steps": args.steps,
                                   "nfes": list(args.nfe)}
-                    evaluated[student] = evaluate_student(cfg, source, teacher, ev, args.nfe, evaluation)
+                    evaluated[student] = kept_rows(cfg, evaluation, lambda resume, cfg=cfg: trained_rows(
+                        cfg, source, teacher, ev, args.nfe, resume))
                 rows += [{**row, **overrides, **label} for row in evaluated[student]]
 
     rows.sort(key=lambda r: (r["nfe"], r["fd_teacher"]))
@@ -189,32 +183,12 @@ def bench_runs(method: str, nfes: list[int], iters: int, teacher: str = "builtin
     return runs
 
 
-def evaluate_student(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: list[int], evaluation: dict
-                     ) -> list[dict]:
-    """Train ``cfg``'s student and return its rows at every NFE of ``nfes`` it serves, with its training budget
-    (``iters`` x ``batch``). The rows are kept in the run folder (``ROWS``) with the student's settings and
-    ``evaluation`` (what they were measured on); a later run of the benchmark with the same of both reads them
-    instead of training again, so a benchmark stopped part way goes on at its first unevaluated student."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in BOOKKEEPING}
-    key = json.loads(json.dumps({"config": settings, "evaluation": evaluation}, default=str))
-    kept = Path(cfg.out) / ROWS
-    if kept.is_file():
-        saved = json.loads(kept.read_text())
-        if saved.get("key") == key:
-            print(f"{cfg.out}: trained and evaluated with the same settings before; its rows are read from {ROWS}")
-            return saved["rows"]
-    rows = trained_rows(cfg, source, teacher, ev, nfes)
-    write_json(kept, {"key": key, "rows": rows})
-    return rows
-
-
-def trained_rows(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: list[int]) -> list[dict]:
-    """Train ``cfg``'s student (from its checkpoint where one of the same settings is in its folder); its rows at
-    every NFE of ``nfes`` it serves, with its training budget."""
-    resume = resumable(cfg)
+def trained_rows(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: list[int], resume: bool = False
+                 ) -> list[dict]:
+    """Train ``cfg``'s student (from its checkpoint when ``resume``); its rows at every NFE of ``nfes`` it serves,
+    with its training budget."""
     run, peak = with_peak_memory(lambda: train_student(cfg, source, resume=resume, progress=False))
-    if run is None:
-        raise SystemExit(f"{cfg.out}: stopped at a checkpoint; the same command goes on from it")
+    finished(run, cfg)
     extra = {"iters": cfg.iters, "batch": cfg.batch}
     if peak is not None:
         extra["peak_memory_mb"] = round(peak, 1)
@@ -222,22 +196,6 @@ def trained_rows(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: list
         student = load_student(run.path, teacher).denoiser()
         extra["straightness"] = path_straightness(student, ev, cfg.sigma_min, teacher.sigma_max)
     return student_rows(run, teacher, ev, nfes, **extra)
-
-
-def resumable(cfg: DistillConfig) -> bool:
-    """Whether ``cfg.out`` holds a checkpoint of a run with ``cfg``'s settings (up to ``BOOKKEEPING``); says so."""
-    folder = Path(cfg.out) / "checkpoints"
-    if not has_checkpoint(folder):
-        return False
-    try:
-        info = checkpoint_info(folder)
-        changed = resume_changes(info["config"], cfg, folder)
-    except ValueError:  # an unreadable checkpoint, or one of other settings: the student trains anew
-        return False
-    if set(changed) - set(BOOKKEEPING):
-        return False
-    print(f"{cfg.out}: going on from its checkpoint at iteration {info['iteration']}/{cfg.iters}")
-    return True
 
 
 def auto_against_methods(rows: list[dict]) -> list[str]:

@@ -30,6 +30,9 @@ differences smaller than that spread say nothing.
 
 ``--shard I N`` trains every N-th combination from the I-th (parallel workers on one GPU); shard 0 adds
 the reference rows. ``--merge`` prints the rows of several shards as one table.
+
+Every student's rows are kept in its run folder (``eval.kept``): the same command run again trains only the
+recipes it lacks, and a student stopped part way goes on from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.afs import CLASS_MEAN_SAMPLES, resolve_center  # noqa: E402
+from distill_core.builtin import fingerprint  # noqa: E402
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.eval.benchmark import (  # noqa: E402
     eval_set,
@@ -53,6 +57,7 @@ from distill_core.eval.benchmark import (  # noqa: E402
     student_rows,
     write_rows,
 )
+from distill_core.eval.kept import CHECKPOINT_EVERY, finished, kept_rows  # noqa: E402
 from distill_core.methods.sfd import SFDConfig, pool_serves, teacher_steps  # noqa: E402
 from distill_core.options import settings, sweep  # noqa: E402
 from distill_core.sampling import intervals_for  # noqa: E402
@@ -165,8 +170,9 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
         grid["seed"] = list(range(args.seeds))
     source = builtin_source()
     teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
-    base = DistillConfig(steps=args.steps, checkpoint_every=0, eval_samples=args.n)
+    base = DistillConfig(steps=args.steps, checkpoint_every=CHECKPOINT_EVERY, eval_samples=args.n)
     ev = eval_set(teacher, args.n, seed=base.seed + 1, cache_dir=RESULTS / "cache")
+    evaluation = {"teacher": fingerprint(source.denoiser), "n": args.n, "seed": base.seed + 1}
     solvers = solver_rows(teacher, ev, args.steps, base.sigma_min)
     best = solvers[0]["psnr_db"]
     index, count = args.shard
@@ -180,8 +186,10 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
         if args.trajectories:
             cfg = cfg.replace(iters=max(1, args.trajectories // cfg.batch))
         name = "-".join(f"{k}{v}" for k, v in values.items()) or "default"
-        run = train_student(cfg.replace(out=str(Path(args.work) / name)), source, progress=False)
-        for row in student_rows(run, teacher, ev):
+        cfg = cfg.replace(out=str(Path(args.work) / name))
+        found = kept_rows(cfg, evaluation, lambda resume, cfg=cfg: student_rows(
+            finished(train_student(cfg, source, resume=resume, progress=False), cfg), teacher, ev))
+        for row in found:
             row.update(values, iters=cfg.iters, batch=cfg.batch, gain_db=round(row["psnr_db"] - best, 3),
                        cpu_units=cpu_units(cfg, teacher.sigma_max, source.classes))
             rows.append(row)

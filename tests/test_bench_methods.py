@@ -131,6 +131,8 @@ def test_end_to_end_rows_of_one_method_at_two_nfes_and_a_swept_setting(bench, tm
 
 
 def test_a_student_stopped_part_way_goes_on_from_its_checkpoint_to_the_rows_of_one_go(bench, tmp_path, monkeypatch):
+    from distill_core.config import DistillConfig
+    from distill_core.eval.kept import resumable
     from distill_core.train.callbacks import Callback
 
     def argv(work):
@@ -163,6 +165,8 @@ def test_a_student_stopped_part_way_goes_on_from_its_checkpoint_to_the_rows_of_o
     with pytest.raises(KeyboardInterrupt):
         bench.main(argv("stopped"))
     assert stopped.iterations == [1, 2, 3]
+    config = DistillConfig.from_yaml(tmp_path / "stopped" / "sfd-1" / "config.yaml")
+    assert resumable(config.replace(checkpoint_every=10)) and not resumable(config.replace(lr=1e-3))
     going_on = watched(Trained(stop_at=None))
     again = bench.main(argv("stopped"))
     assert going_on.iterations == [4]  # on from the checkpoint the stop wrote

@@ -1,0 +1,71 @@
+"""A benchmark's students, kept: a sweep that runs for hours loses nothing when it stops.
+
+Each student's rows go to its run folder (``ROWS``, written atomically) with its settings and what they were
+measured on (``evaluation``: the teacher's fingerprint, the sample count, ...). A later run of the benchmark
+that asks for the same student on the same evaluation reads its rows instead of training it again, so a
+sweep stopped part way, or widened (more methods, more values), trains only the students it lacks. A student
+stopped part way (Ctrl-C, a killed job) goes on from its last checkpoint when the checkpoint's run has the
+same settings; a resumed run is bit-exact, so its rows are those of a student trained in one go (its teacher
+evaluations count the pools it solves again).
+
+Settings are the run's config up to ``BOOKKEEPING``, the fields that leave the student as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from distill_core.atomic import write_json
+from distill_core.config import DistillConfig
+
+#: a student's rows in its run folder, with the settings and the evaluation they belong to
+ROWS = "bench_rows.json"
+#: config fields that leave a student as it is: its rows are kept, and its checkpoint resumed, across them
+BOOKKEEPING = ("out", "checkpoint_every", "sample_every")
+#: the checkpoint interval of benchmark students (iterations)
+CHECKPOINT_EVERY = 50
+
+
+def kept_rows(cfg: DistillConfig, evaluation: dict, rows_of: Callable[[bool], list[dict]]) -> list[dict]:
+    """The rows of ``cfg``'s student on ``evaluation``: read from its run folder where they are kept with the
+    same settings and evaluation, else ``rows_of(resume)`` (train, from the checkpoint when ``resume``, and
+    evaluate), kept for the next run."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in BOOKKEEPING}
+    key = json.loads(json.dumps({"config": settings, "evaluation": evaluation}, default=str))
+    kept = Path(cfg.out) / ROWS
+    if kept.is_file():
+        saved = json.loads(kept.read_text())
+        if saved.get("key") == key:
+            print(f"{cfg.out}: trained and evaluated with the same settings before; its rows are read from {ROWS}")
+            return saved["rows"]
+    rows = rows_of(resumable(cfg))
+    write_json(kept, {"key": key, "rows": rows})
+    return rows
+
+
+def resumable(cfg: DistillConfig) -> bool:
+    """Whether ``cfg.out`` holds a checkpoint of a run with ``cfg``'s settings (up to ``BOOKKEEPING``); says so."""
+    from distill_core.train.checkpoint import checkpoint_info, has_checkpoint
+    from distill_core.train.trainer import resume_changes
+
+    folder = Path(cfg.out) / "checkpoints"
+    if not has_checkpoint(folder):
+        return False
+    try:
+        info = checkpoint_info(folder)
+        changed = resume_changes(info["config"], cfg, folder)
+    except ValueError:  # an unreadable checkpoint, or one of other settings: the student trains anew
+        return False
+    if set(changed) - set(BOOKKEEPING):
+        return False
+    print(f"{cfg.out}: going on from its checkpoint at iteration {info['iteration']}/{cfg.iters}")
+    return True
+
+
+def finished(run, cfg: DistillConfig):
+    """``train_student``'s run, or an exit that says how to go on when it stopped at a checkpoint (``None``)."""
+    if run is None:
+        raise SystemExit(f"{cfg.out}: stopped at a checkpoint; the same command goes on from it")
+    return run
