@@ -30,15 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.eval.benchmark import (  # noqa: E402
+    TABLE_KEYS,
     EvalSet,
     eval_set,
     evaluate,
     format_table,
+    report_rows,
     sample_in_batches,
     solver_row,
     solver_rows,
     student_rows,
-    write_rows,
 )
 from distill_core.methods.base import TeacherSource  # noqa: E402
 from distill_core.methods.phased import teacher_probe  # noqa: E402
@@ -157,12 +158,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.sfd_iters and trained:
         rows += sfd_on_student(min(trained)[1], source, teacher, ev, args.sfd_iters, args.batch, work)
 
-    print(f"built-in teacher, w = {teacher.w:g}, {args.n} samples; {args.iters} iterations x batch {args.batch} "
-          f"per student, width {args.width:g}, lr {args.lr:g}, EMA {args.ema:g}")
-    print(format_table(rows))
-    print(f"({time.time() - start:.0f} s)")
-    if args.out:
-        write_rows(rows, args.out)
+    report_rows(rows, TABLE_KEYS, f"built-in teacher, w = {teacher.w:g}, {args.n} samples; {args.iters} iterations x "
+                f"batch {args.batch} per student, width {args.width:g}, lr {args.lr:g}, EMA {args.ema:g}", start,
+                args.out)
     return rows
 
 

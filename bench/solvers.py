@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.builtin import DEFAULT_GUIDANCE, load_builtin_teacher  # noqa: E402
 from distill_core.config import EDM_SIGMA_MIN  # noqa: E402
-from distill_core.eval.benchmark import eval_set, format_table, solver_row, write_rows  # noqa: E402
+from distill_core.eval.benchmark import TABLE_KEYS, eval_set, report_rows, solver_row  # noqa: E402
 from distill_core.solvers import SOLVERS, nfe_of, steps_for_nfe  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 
@@ -50,12 +50,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue  # Heun spends two evaluations per step: odd budgets are not reachable
             rows.append(solver_row(name, nfe, teacher, ev))
             print(f"  {name} nfe {nfe}: psnr {rows[-1]['psnr_db']:.2f} dB", file=sys.stderr, flush=True)
-    print(f"built-in teacher, guidance w = {args.guidance:g}, {n} samples; Karras grids 80 -> {EDM_SIGMA_MIN}; "
-          "reference: Heun, 128 steps to 0")
-    print(format_table(rows))
-    print(f"({time.time() - start:.0f} s)")
-    if args.out:
-        write_rows(rows, args.out)
+    report_rows(rows, TABLE_KEYS, f"built-in teacher, guidance w = {args.guidance:g}, {n} samples; Karras grids 80 -> "
+                f"{EDM_SIGMA_MIN}; reference: Heun, 128 steps to 0", start, args.out)
     return rows
 
 
