@@ -16,9 +16,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distill_core.atomic import write_json
 from distill_core.config import DistillConfig
+
+if TYPE_CHECKING:
+    from distill_core.train.run import StudentRun
 
 #: a student's rows in its run folder, with the settings and the evaluation they belong to
 ROWS = "bench_rows.json"
@@ -64,7 +68,7 @@ def resumable(cfg: DistillConfig) -> bool:
     return True
 
 
-def finished(run, cfg: DistillConfig):
+def finished(run: StudentRun | None, cfg: DistillConfig) -> StudentRun:
     """``train_student``'s run, or an exit that says how to go on when it stopped at a checkpoint (``None``)."""
     if run is None:
         raise SystemExit(f"{cfg.out}: stopped at a checkpoint; the same command goes on from it")
