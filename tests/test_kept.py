@@ -1,8 +1,11 @@
 """A benchmark's students, kept (``eval.kept``): rows read back across bookkeeping changes, trained anew for
-other settings or another evaluation, and a checkpoint in the folder resumed only when it is of the same run."""
+other settings or another evaluation, a checkpoint in the folder resumed only when it is of the same run, and a
+stopped student's benchmark ends saying how to go on."""
+
+import pytest
 
 from distill_core.config import DistillConfig
-from distill_core.eval.kept import kept_rows, resumable
+from distill_core.eval.kept import finished, kept_rows, resumable
 from distill_core.train.checkpoint import CHECKPOINT
 
 
@@ -27,3 +30,9 @@ def test_an_unreadable_checkpoint_is_not_resumed(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / CHECKPOINT).write_bytes(b"not a checkpoint")
     assert not resumable(cfg)
+
+
+def test_a_student_stopped_at_a_checkpoint_ends_the_benchmark_with_how_to_go_on(tmp_path):
+    cfg = DistillConfig(out=str(tmp_path / "run"))
+    with pytest.raises(SystemExit, match="run: stopped at a checkpoint; the same command goes on from it"):
+        finished(None, cfg)
