@@ -31,13 +31,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
 from distill_core.denoisers.base import Cond
 from distill_core.teacher import CFGTeacher
+
+if TYPE_CHECKING:
+    from distill_core.config import DistillConfig
 
 
 @dataclass
@@ -160,6 +163,7 @@ class Method:
     partial_updates: ClassVar[bool] = False
 
     source: TeacherSource
+    cfg: DistillConfig  # the run's settings (``cfg.options``: the method's own)
     teacher: CFGTeacher  # the teacher it distils (a LoRA student's: the shared network with adapters off)
     nets: dict[str, nn.Module]
     sigma_max: float  # the noise level x_N = sigma_max z starts from
@@ -197,8 +201,8 @@ class Method:
         pass
 
     def preview_steps(self) -> int:
-        """The step count previews and grids show."""
-        raise NotImplementedError
+        """The step count previews and grids show: the run's ``steps``."""
+        return self.cfg.steps
 
     def preview(self, noise: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Images from the current exported network, sampled as its file will be."""

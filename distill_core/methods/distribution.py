@@ -200,9 +200,6 @@ class DistributionMatching(Method):
         yield StepLoss("generator", step, self.generator_loss(x0, cond, step, generator))
 
     # ------------------------------------------------------------------ previews and the student file
-    def preview_steps(self) -> int:
-        return self.cfg.steps
-
     @torch.no_grad()
     def preview(self, noise: torch.Tensor, cond: Cond) -> torch.Tensor:
         return renoise(self.generator, noise, self.sigmas, cond)

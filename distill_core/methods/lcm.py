@@ -270,9 +270,6 @@ class LCM(Method):
             self.update_target()
 
     # ------------------------------------------------------------------ previews and the student file
-    def preview_steps(self) -> int:
-        return self.cfg.steps
-
     def sampling_denoiser(self):
         """The student as its file samples it: at the run's w (an input of the network, or CFG when sampling)."""
         student = AtSteps(self.student, None, self.w)

@@ -289,9 +289,6 @@ class Phased(Method):
         sigma_data = getattr(self.source.denoiser, "sigma_data", 0.5)
         yield StepLoss("student", 0, phased_loss(d, target, sigma, weights, sigma_data))
 
-    def preview_steps(self) -> int:
-        return self.cfg.steps
-
     @torch.no_grad()
     def preview(self, noise: torch.Tensor, cond: Cond) -> torch.Tensor:
         sigmas = self.sigmas[self.cfg.steps].to(noise.device)

@@ -259,9 +259,6 @@ class Progressive(Method):
         yield StepLoss("student", r, truncated_snr_loss(self.student(x_t, s, cond), target, s))
 
     # ------------------------------------------------------------------ previews and the student file
-    def preview_steps(self) -> int:
-        return self.cfg.steps
-
     @torch.no_grad()
     def preview(self, noise: torch.Tensor, cond: Cond) -> torch.Tensor:
         return few_step(self.student, noise, self.sigmas, cond, afs=False)

@@ -116,9 +116,6 @@ class PairRegression(PoolCounted, Method):
         x, sigma = self.inputs(z, x0, generator)
         yield StepLoss("student", 0, self.loss(self.student(x, sigma, cond), x0, sigma))
 
-    def preview_steps(self) -> int:
-        return self.cfg.steps
-
     @torch.no_grad()
     def preview(self, noise: torch.Tensor, cond: Cond) -> torch.Tensor:
         return few_step(self.student, noise, self.sigmas, cond, afs=False)

@@ -251,9 +251,6 @@ class SFDDM(Method):
         h_c, h_u = h.float().chunk(2)
         return guide(h_c, h_u, self.teacher.w)
 
-    def preview_steps(self) -> int:
-        return self.cfg.steps
-
     @torch.no_grad()
     def preview(self, noise: torch.Tensor, cond: Cond) -> torch.Tensor:
         student = self.student
