@@ -6,7 +6,7 @@ that asks for the same student on the same evaluation reads its rows instead of 
 sweep stopped part way, or widened (more methods, more values), trains only the students it lacks. A student
 stopped part way (Ctrl-C, a killed job) goes on from its last checkpoint when the checkpoint's run has the
 same settings; a resumed run is bit-exact, so its rows are those of a student trained in one go (its teacher
-evaluations count the pools it solves again).
+evaluations count the pools it solves again, and its peak memory is that of the part it ran).
 
 Settings are the run's config up to ``BOOKKEEPING``, the fields that leave the student as it is.
 """
