@@ -145,7 +145,7 @@ def test_a_student_stopped_part_way_goes_on_from_its_checkpoint_to_the_rows_of_o
 
     in_one_go = students(bench.main(argv("one")))
 
-    class Trained(Callback):  # stops the run after iteration 3 as a host's cancel does; counts iterations
+    class Watch(Callback):  # counts the iterations it sees; stops the run after ``stop_at`` as a host's cancel does
         def __init__(self, stop_at):
             self.stop_at, self.iterations = stop_at, []
 
@@ -161,13 +161,13 @@ def test_a_student_stopped_part_way_goes_on_from_its_checkpoint_to_the_rows_of_o
                                                                                     **kw))
         return watch
 
-    stopped = watched(Trained(stop_at=3))
+    stopped = watched(Watch(stop_at=3))
     with pytest.raises(KeyboardInterrupt):
         bench.main(argv("stopped"))
     assert stopped.iterations == [1, 2, 3]
     config = DistillConfig.from_yaml(tmp_path / "stopped" / "sfd-1" / "config.yaml")
     assert resumable(config.replace(checkpoint_every=10)) and not resumable(config.replace(lr=1e-3))
-    going_on = watched(Trained(stop_at=None))
+    going_on = watched(Watch(stop_at=None))
     again = bench.main(argv("stopped"))
     assert going_on.iterations == [4]  # on from the checkpoint the stop wrote
     # the same student; the resumed run solved its teacher pool again (pools are not checkpointed), and says so
