@@ -36,8 +36,7 @@ def kept_rows(cfg: DistillConfig, evaluation: dict, rows_of: Callable[[bool], li
     """The rows of ``cfg``'s student on ``evaluation``: read from its run folder where they are kept with the
     same settings and evaluation, else ``rows_of(resume)`` (train, from the checkpoint when ``resume``, and
     evaluate), kept for the next run."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in BOOKKEEPING}
-    key = json.loads(json.dumps({"config": settings, "evaluation": evaluation}, default=str))
+    key = {"config": settings(cfg.to_dict()), "evaluation": json.loads(json.dumps(evaluation, default=str))}
     kept = Path(cfg.out) / ROWS
     if kept.is_file():
         saved = json.loads(kept.read_text())
@@ -50,22 +49,28 @@ def kept_rows(cfg: DistillConfig, evaluation: dict, rows_of: Callable[[bool], li
 
 
 def resumable(cfg: DistillConfig) -> bool:
-    """Whether ``cfg.out`` holds a checkpoint of a run with ``cfg``'s settings (up to ``BOOKKEEPING``); says so."""
+    """Whether ``cfg.out`` holds a checkpoint of a run with ``cfg``'s settings (up to ``BOOKKEEPING``); says so.
+    Settings the trainer would let a resume change (more iterations, another lr) are other settings here: the
+    student would not be the one a run in one go trains."""
     from distill_core.train.checkpoint import checkpoint_info, has_checkpoint
-    from distill_core.train.trainer import resume_changes
+    from distill_core.train.trainer import BEFORE_THE_KEY
 
     folder = Path(cfg.out) / "checkpoints"
     if not has_checkpoint(folder):
         return False
     try:
         info = checkpoint_info(folder)
-        changed = resume_changes(info["config"], cfg, folder)
-    except ValueError:  # an unreadable checkpoint, or one of other settings: the student trains anew
+    except ValueError:  # an unreadable checkpoint: the student trains anew
         return False
-    if set(changed) - set(BOOKKEEPING):
+    if settings({**BEFORE_THE_KEY, **info["config"]}) != settings(cfg.to_dict()):
         return False
     print(f"{cfg.out}: going on from its checkpoint at iteration {info['iteration']}/{cfg.iters}")
     return True
+
+
+def settings(config: dict) -> dict:
+    """A run's config up to ``BOOKKEEPING``, as JSON reads it back (tuples as lists)."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in BOOKKEEPING}, default=str))
 
 
 def finished(run: StudentRun | None, cfg: DistillConfig) -> StudentRun:
