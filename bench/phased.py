@@ -2,7 +2,8 @@
 schedule against Karras on the teacher itself, and SFD on top of a phased student.
 
     python bench/phased.py [--quick] [--K 4 8 16 32] [--partitions uniform adaptive] [--alphas dt variance]
-                           [--smoothing 0 0.9] [--S 8 16] [--iters N] [--out FILE.json] [--sfd-iters N]
+                           [--smoothing 0 0.9] [--S 8 16] [--iters N] [--n 100] [--ref-steps 128] [--out FILE.json]
+                           [--sfd-iters N]
 
 Every (K, partition, alpha, smoothing) trains one half-width student (a quarter of the teacher's FLOPs);
 a score student samples at any step count, so each is evaluated at every S of ``--S`` with its solver on
@@ -13,6 +14,11 @@ over teacher), ``params`` and ``train_seconds``. Reference rows: the teacher's 6
 ``--sfd-iters N`` distils the best student at S = 8 further with SFD to 4 steps and reports its gain over
 the best 4-step solver on that student (PSNR against the teacher's and against the student's own
 reference solve). ``--quick`` is a smoke run (a few minutes on 2 CPU cores).
+
+Every student's rows are kept in its run folder under ``--work`` with its settings (``eval.kept``): the same
+command run again trains only the students it lacks, and a student stopped part way goes on from its
+checkpoint. The SFD student notes in its config the phased student it distils (``extra``), so that another
+best student trains anew.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distill_core.builtin import fingerprint  # noqa: E402
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.eval.benchmark import (  # noqa: E402
     TABLE_KEYS,
@@ -41,6 +48,7 @@ from distill_core.eval.benchmark import (  # noqa: E402
     solver_rows,
     student_rows,
 )
+from distill_core.eval.kept import CHECKPOINT_EVERY, finished, kept_rows  # noqa: E402
 from distill_core.methods.base import TeacherSource  # noqa: E402
 from distill_core.methods.phased import teacher_probe  # noqa: E402
 from distill_core.methods.phases import partition  # noqa: E402
@@ -49,7 +57,7 @@ from distill_core.solvers import SOLVERS  # noqa: E402
 from distill_core.sources import builtin_source  # noqa: E402
 from distill_core.students import Student, load_student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
-from distill_core.train.run import train_student  # noqa: E402
+from distill_core.train.run import STUDENT_FILE, train_student  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEDULE_SOLVERS = ("dpmpp_2m", "unipc", "ipndm")
@@ -85,23 +93,39 @@ def schedule_rows(teacher: CFGTeacher, source: TeacherSource, ev: EvalSet, base:
     return rows
 
 
+def trained_rows(cfg: DistillConfig, source: TeacherSource, teacher: CFGTeacher, ev: EvalSet, steps: list[int],
+                 teacher_flops: int, resume: bool, **labels) -> list[dict]:
+    """Train ``cfg``'s phased student (from its checkpoint when ``resume``); its rows at every S of ``steps``
+    with ``labels``, its FLOPs over the teacher's, its parameters and its training seconds."""
+    run = finished(train_student(cfg, source, resume=resume, progress=False), cfg)
+    student = load_student(run.path, teacher)
+    net = student.net.denoiser
+    return phased_rows(student, ev, steps, **labels, flops_ratio=round(flops(net, source.shape) / teacher_flops, 4),
+                       params=sum(q.numel() for q in net.parameters()), train_seconds=round(run.train_seconds, 1))
+
+
 def sfd_on_student(path: Path, source: TeacherSource, teacher: CFGTeacher, ev: EvalSet, iters: int, batch: int,
-                   work: Path) -> list[dict]:
+                   work: Path, cache: Path) -> list[dict]:
     """SFD to 4 steps with the phased student as its teacher (guidance already distilled: w = 1); rows of
     the SFD student and the best 4-step solvers on the phased student, against the teacher's reference
-    and against the phased student's own 128-step reference solve (``reference``)."""
-    student = load_student(path, teacher)
-    inner = student.net.denoiser
+    and against the phased student's own reference solve (``reference``; as many Heun steps as the teacher's)."""
+    inner = load_student(path, teacher).net.denoiser
     src = TeacherSource("phased-student", inner, source.shape, source.draw_cond, source.uncond, 1.0)
-    cfg = DistillConfig(steps=4, iters=iters, batch=batch, guidance=1.0, checkpoint_every=0, out=str(work / "sfd"))
-    run = train_student(cfg, src, progress=False)
+    cfg = DistillConfig(steps=4, iters=iters, batch=batch, guidance=1.0, checkpoint_every=CHECKPOINT_EVERY,
+                        out=str(work / "sfd"), extra={"teacher_student": fingerprint(inner)})
     as_teacher = CFGTeacher(inner, 1.0, source.uncond)
-    own = eval_set(as_teacher, ev.noise.shape[0], seed=1, cache_dir=RESULTS / "cache")
-    rows = []
-    for ref, label in ((ev, "teacher"), (own, "phased student")):
-        found = student_rows(run, as_teacher, ref) + solver_rows(as_teacher, ref, 4, cfg.sigma_min)[:2]
-        rows += [r | {"base": "phased student", "reference": label} for r in found]
-    return rows
+
+    def rows_of(resume: bool) -> list[dict]:
+        run = finished(train_student(cfg, src, resume=resume, progress=False), cfg)
+        own = eval_set(as_teacher, ev.noise.shape[0], seed=1, steps=ev.steps, cache_dir=cache)
+        rows = []
+        for ref, label in ((ev, "teacher"), (own, "phased student")):
+            found = student_rows(run, as_teacher, ref) + solver_rows(as_teacher, ref, 4, cfg.sigma_min)[:2]
+            rows += [r | {"base": "phased student", "reference": label} for r in found]
+        return rows
+
+    evaluation = {"teacher": fingerprint(teacher.denoiser), "n": ev.noise.shape[0], "steps": ev.steps}
+    return kept_rows(cfg, evaluation, rows_of)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -121,9 +145,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="the student's inputs: forward-noised digits, or the teacher's own trajectories (data-free, "
                    "as the shipped workflow)")
     p.add_argument("--n", type=int, default=100, help="evaluation samples")
+    p.add_argument("--ref-steps", type=int, default=128, help="Heun steps of the reference solves")
     p.add_argument("--sfd-iters", type=int, default=0, help="> 0: SFD to 4 steps on the best student at S = 8")
     p.add_argument("--no-reference", action="store_true", help="skip the teacher and schedule rows")
-    p.add_argument("--work", default=str(RESULTS / "phased_runs"))
+    p.add_argument("--cache", default=str(RESULTS / "cache"), help="where reference solves are cached")
+    p.add_argument("--work", default=str(RESULTS / "phased_runs"), help="where the students are trained")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     if args.quick:
@@ -132,31 +158,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.time()
     source = builtin_source()
     teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
-    ev = eval_set(teacher, args.n, seed=1, cache_dir=RESULTS / "cache")
+    ev = eval_set(teacher, args.n, seed=1, steps=args.ref_steps, cache_dir=args.cache)
     base = DistillConfig(method="phased", iters=args.iters, batch=args.batch, student_width=args.width, lr=args.lr,
-                         ema=args.ema or None, phase_inputs=args.targets, checkpoint_every=0)
+                         ema=args.ema or None, phase_inputs=args.targets,
+                         checkpoint_every=CHECKPOINT_EVERY)
     rows = [] if args.no_reference else [solver_row("heun", 128, teacher, ev) | {"method": "teacher-heun-64"}]
     rows += [] if args.no_reference else schedule_rows(teacher, source, ev, base, 8)
     teacher_flops = flops(source.denoiser, source.shape)
     work, trained = Path(args.work), []
+    evaluation = {"teacher": fingerprint(source.denoiser), "n": args.n, "steps": args.ref_steps, "S": args.S}
     for k, part, alpha, ema in itertools.product(args.K, args.partitions, args.alphas, args.smoothing):
         name = f"K{k}-{part}-{alpha}-ema{ema:g}"
         cfg = base.replace(phases=k, partition=part, phase_weights=alpha, target_ema=ema, steps=min(args.S),
                            out=str(work / name))
-        run = train_student(cfg, source, progress=False)
-        student = load_student(run.path, teacher)
-        net = student.net.denoiser
-        extra = {
-            "K": k, "partition": part, "alpha": alpha, "smoothing": "ema" if ema else "none",
-            "flops_ratio": round(flops(net, source.shape) / teacher_flops, 4),
-            "params": sum(q.numel() for q in net.parameters()), "train_seconds": round(run.train_seconds, 1),
-        }
-        found = phased_rows(student, ev, args.S, **extra)
-        trained.append((found[0]["fd"], run.path))
+        labels = {"K": k, "partition": part, "alpha": alpha, "smoothing": "ema" if ema else "none"}
+        found = kept_rows(cfg, evaluation, lambda resume, cfg=cfg, labels=labels: trained_rows(
+            cfg, source, teacher, ev, args.S, teacher_flops, resume, **labels))
+        trained.append((found[0]["fd"], Path(cfg.out) / STUDENT_FILE))
         rows += found
         print(format_table(found), file=sys.stderr, flush=True)
     if args.sfd_iters and trained:
-        rows += sfd_on_student(min(trained)[1], source, teacher, ev, args.sfd_iters, args.batch, work)
+        rows += sfd_on_student(min(trained)[1], source, teacher, ev, args.sfd_iters, args.batch, work,
+                               Path(args.cache))
 
     report_rows(rows, TABLE_KEYS, f"built-in teacher, w = {teacher.w:g}, {args.n} samples; {args.iters} iterations x "
                 f"batch {args.batch} per student, width {args.width:g}, lr {args.lr:g}, EMA {args.ema:g}", start,

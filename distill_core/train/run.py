@@ -19,6 +19,9 @@ from distill_core.train.checkpoint import checkpoint_info
 from distill_core.train.runlock import main_process, run_lock
 from distill_core.train.trainer import Trainer, resume_changes
 
+#: the student file a run writes into its folder
+STUDENT_FILE = "student.safetensors"
+
 
 @dataclass
 class StudentRun:
@@ -96,7 +99,7 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
         nonfinite_grads=result.nonfinite_grads,
         teacher_evaluations=result.teacher_evaluations,
     )
-    path = out / "student.safetensors"
+    path = out / STUDENT_FILE
     if trainer.acc.is_main_process:  # every process holds the same student; one writes it
         save_student(path, result.student, card, method.file_tensors())
     trainer.acc.wait_for_everyone()
