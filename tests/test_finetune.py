@@ -69,18 +69,27 @@ def test_a_student_goes_on_another_teacher_only_when_asked(tmp_path):
     assert student.card["method"] == "sfd"
 
 
-def test_the_finetune_bench_runs_end_to_end(tmp_path):
+def test_the_finetune_bench_runs_end_to_end_and_keeps_its_students(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_finetune", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = tmp_path / "rows.json"
-    bench.main(["--quick", "--n", "12", "--ref-steps", "4", "--steps", "2", "--cache", str(tmp_path / "cache"),
-                "--work", str(tmp_path / "runs"), "--out", str(out), "--picture", str(tmp_path / "drift.png")])
+    out, picture = tmp_path / "rows.json", tmp_path / "drift.png"
+    argv = ["--quick", "--n", "12", "--ref-steps", "4", "--steps", "2", "--cache", str(tmp_path / "cache"),
+            "--work", str(tmp_path / "runs"), "--out", str(out), "--picture", str(picture)]
+    first = bench.main(argv)
     rows = {r["method"]: r for r in json.loads(out.read_text())}
     assert {"fine-tune", "base teacher", "generic", "own", "euler"} <= set(rows)
     assert rows["generic"]["nfe"] == rows["own"]["nfe"] == 2 and "fd_teacher" in rows["own"]
     assert rows["fine-tune"]["ink"] > rows["base teacher"]["ink"]
-    assert (tmp_path / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = picture.read_bytes()
+    assert drawn[:8] == b"\x89PNG\r\n\x1a\n"
+
+    capsys.readouterr()
+    picture.unlink()
+    students = [r for r in bench.main(argv) if r["method"] in ("generic", "own")]
+    assert students == [r for r in first if r["method"] in ("generic", "own")]  # training seconds too: read back
+    assert capsys.readouterr().out.count("its rows are read from") == 2
+    assert picture.read_bytes() == drawn  # the same students drawn again
 
 
 def test_the_main_job_distils_the_fine_tune_by_name(tmp_path):
