@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -11,6 +14,9 @@ import torch
 from distill_core.denoisers.edm import EDMDenoiser
 from distill_core.methods.base import TeacherSource
 from distill_core.nets.unet import UNet, UNetConfig
+
+#: the benchmark scripts' folder
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 TINY_UNET = UNetConfig(in_channels=1, resolution=8, model_channels=8, channel_mult=(1, 2), num_blocks=1,
                        attn_resolutions=(4,), num_classes=10)
@@ -23,6 +29,15 @@ def randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> tor
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return module
+
+
+def bench_script(name: str) -> ModuleType:
+    """``bench/<name>.py`` imported as the module ``bench_<name>`` (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass in the script looks its module up by name
+    spec.loader.exec_module(module)
     return module
 
 

@@ -1,12 +1,11 @@
 """The methods benchmark (``bench/methods.py``): improved precision and recall on features whose answer is
 known, the teacher-target set read back from its cache, peak memory, and one small end-to-end run."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_script
 
 from distill_core.builtin import load_builtin_teacher
 from distill_core.eval import benchmark
@@ -15,7 +14,6 @@ from distill_core.eval.memory import with_peak_memory
 from distill_core.options import sweep
 from distill_core.teacher import CFGTeacher
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "methods.py"
 ROW_KEYS = {"method", "nfe", "network_evals", "psnr_db", "fd", "fd_teacher", "precision", "recall", "class_acc",
             "images_per_s", "train_seconds", "iters", "batch", "teacher_evaluations", "trained_params",
             "peak_memory_mb"}
@@ -86,10 +84,7 @@ def test_peak_memory_sees_a_large_allocation():
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_methods", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("methods")
 
 
 def test_end_to_end_rows_of_one_method_at_two_nfes_and_a_swept_setting(bench, tmp_path, monkeypatch):

@@ -1,21 +1,16 @@
 """bench/phased.py end to end: a phased student and the SFD student on it are each trained once; the same
 command again reads their rows back, and SFD on another phased student trains anew."""
 
-import importlib.util
-from pathlib import Path
+from conftest import bench_script
 
 from distill_core.builtin import fingerprint
 from distill_core.config import DistillConfig
 from distill_core.students import load_student
 from distill_core.train.run import STUDENT_FILE
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "phased.py"
-
 
 def test_the_phased_bench_keeps_its_students_and_sfd_follows_the_best_one(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_phased", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("phased")
 
     def argv(k):
         return ["--K", str(k), "--partitions", "uniform", "--alphas", "dt", "--smoothing", "0", "--S", "2",

@@ -1,20 +1,13 @@
 """The recipe benchmark's per-seed summary (``bench/sfd_recipes.py``): rows of one recipe trained with
 several seeds are grouped into mean and spread; single-seed recipes and solver rows are left out."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "sfd_recipes.py"
+from conftest import bench_script
 
 
 @pytest.fixture(scope="module")
 def recipes():
-    spec = importlib.util.spec_from_file_location("sfd_recipes", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("sfd_recipes")
 
 
 def student(psnr, fd, **values):

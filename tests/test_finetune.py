@@ -3,12 +3,11 @@ bench/finetune.py end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_script
 
 from distill_core import builtin, safetensors_io
 from distill_core.config import DistillConfig
@@ -18,8 +17,6 @@ from distill_core.sources import builtin_source, finetuned_source, teacher_sourc
 from distill_core.students import load_student
 from distill_core.teacher import CFGTeacher
 from distill_core.train.run import train_student
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "finetune.py"
 
 
 def test_bold_dilates_every_stroke_by_one_pixel():
@@ -70,9 +67,7 @@ def test_a_student_goes_on_another_teacher_only_when_asked(tmp_path):
 
 
 def test_the_finetune_bench_runs_end_to_end_and_keeps_its_students(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_finetune", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("finetune")
     out, picture = tmp_path / "rows.json", tmp_path / "drift.png"
     argv = ["--quick", "--n", "12", "--ref-steps", "4", "--steps", "2", "--cache", str(tmp_path / "cache"),
             "--work", str(tmp_path / "runs"), "--out", str(out), "--picture", str(picture)]

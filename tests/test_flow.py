@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_UNET, randomise
+from conftest import TINY_UNET, bench_script, randomise
 
 from distill_core import builtin
 from distill_core.denoisers.edm import EDMDenoiser
@@ -128,13 +128,7 @@ def test_the_shipped_flow_teacher_samples_the_requested_digits():
 def test_the_target_benchmark_runs_on_the_flow_teacher_on_its_own_student_grid(tmp_path):
     """``bench/teacher_targets.py --teacher builtin-flow``: the targets on the flow time grid SFD trains on, and
     more teacher steps per interval land closer to the reference solve."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "teacher_targets", Path(__file__).resolve().parents[1] / "bench" / "teacher_targets.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("teacher_targets")
     rows = bench.main(["--teacher", "builtin-flow", "--solvers", "unipc", "--K", "1", "3", "--n", "8"])
     one, three = rows
     assert (one["substeps"], three["substeps"]) == (1, 3)

@@ -7,9 +7,7 @@ its generated training node, the panel's start form (a child process that finds 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_script
 from torch import nn
 
 import distill_core.workflow as wf
@@ -217,10 +216,7 @@ def test_the_panel_starts_it_in_a_process_that_finds_it_by_entry_point(pair, tmp
 
 
 def test_the_benchmark_trains_and_scores_it(pair, tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_distill", ROOT / "bench" / "distill.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_distill"] = bench
-    spec.loader.exec_module(bench)
+    bench = bench_script("distill")
     rows = bench.main(["--quick", "--methods", NAME, "--nfe", "2", "--n", "10", "--iters", "2",
                        "--work", str(tmp_path / "bench"), "--out", str(tmp_path / "rows.json")])
     ours = [r for r in rows if r["method"] == NAME]
