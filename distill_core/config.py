@@ -175,7 +175,12 @@ class DistillConfig:
     @staticmethod
     def from_yaml(path: str | Path) -> DistillConfig:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read it ({e.strerror or e}); give a YAML file of settings, such as "
+                             "a run's config.yaml") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             line = f" at line {where.line + 1}" if where is not None else ""

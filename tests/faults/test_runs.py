@@ -293,6 +293,15 @@ def test_bad_config_values_are_one_line_naming_the_file_and_field(tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["missing.yaml", "."])
+def test_a_config_that_cannot_be_read_is_one_line_naming_it(tmp_path, capsys, where):
+    path = tmp_path / where
+    assert cli_main(["distill", "--config", str(path), "--out", str(tmp_path / "out")]) == 1
+    said = capsys.readouterr().err
+    assert said.startswith(f"error: {path}: cannot read it (") and len(said.strip().splitlines()) == 1
+    assert "such as a run's config.yaml" in said and not (tmp_path / "out").exists()
+
+
 def test_debug_shows_the_traceback(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("steps: 0\n")
