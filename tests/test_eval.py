@@ -158,6 +158,22 @@ def test_shipped_reference_is_the_teachers_reference_solve(monkeypatch):
     assert torch.allclose(ev.reference[:4], solved, atol=1e-4)
 
 
+def test_a_smaller_set_of_the_shipped_seed_is_its_first_samples_read_not_solved(monkeypatch):
+    teacher = CFGTeacher(builtin.load_builtin_teacher(), builtin.DEFAULT_GUIDANCE, torch.tensor([10]))
+    shipped = benchmark.eval_set(teacher, 100, seed=1)
+    with monkeypatch.context() as m:
+        m.setattr(benchmark, "reference_solve", lambda *a, **k: pytest.fail("the shipped reference was not used"))
+        small = benchmark.eval_set(teacher, 12, seed=1)
+    assert torch.equal(small.reference, shipped.reference[:12]) and torch.equal(small.labels, shipped.labels[:12])
+    drawn_alone = torch.randn((12, *builtin.SHAPE), generator=torch.Generator().manual_seed(1)) * teacher.sigma_max
+    assert torch.equal(small.noise, shipped.noise[:12]) and torch.equal(small.noise, drawn_alone)
+    with monkeypatch.context() as m:  # another seed, or more samples than shipped: solved
+        m.setattr(benchmark, "reference_solve", lambda *a, **k: pytest.fail("solved"))
+        for n, seed in ((12, 3), (101, 1)):
+            with pytest.raises(pytest.fail.Exception, match="solved"):
+                benchmark.eval_set(teacher, n, seed=seed)
+
+
 def test_a_batch_that_runs_out_of_memory_is_split_and_the_rows_stay_the_same():
     """The evaluation runs on at half the batch where a chunk runs out of accelerator memory (simulated: a
     network that refuses more than 3 samples), with the same images, and the solver row counts its

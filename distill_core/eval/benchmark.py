@@ -43,7 +43,8 @@ from distill_core.teacher import CFGTeacher
 #: Reference solves that ship with the engine, read like a cache: the built-in teacher's, on the main job's
 #: evaluation set (seed 1, w = 2, 100 samples; ``--quality``'s 500 are solved). They are what ``eval_set``
 #: computes (written by ``eval_set(teacher, n, seed=1, cache_dir=SHIPPED_REFERENCES)``), shipped so that
-#: the main job spends its minutes on training, not on 255 network evaluations per reference sample.
+#: the main job spends its minutes on training, not on 255 network evaluations per reference sample. A
+#: smaller set of the same seed is read as their first samples.
 SHIPPED_REFERENCES = ASSETS / "references"
 
 
@@ -112,28 +113,40 @@ def in_batches(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], 
 def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache_dir: str | Path | None = None,
              batch: int = 250, shape: tuple[int, ...] = SHAPE, classes: int = 10, space: str = DIGITS,
              device: torch.device | str = "cpu") -> EvalSet:
-    """Build (or read from the shipped references or ``cache_dir``) the evaluation set for ``teacher`` at
-    its guidance scale: noise of ``shape``, labels 0 .. ``classes`` - 1 in turn (none when ``classes`` is 0),
+    """Build (or read from the shipped references, a smaller set as a shipped set's first samples, or from
+    ``cache_dir``) the evaluation set for ``teacher`` at its guidance scale: noise of ``shape``, labels 0 .. ``classes`` - 1 in turn (none when ``classes`` is 0),
     sampled on ``device`` (the teacher's).
     The file name holds the teacher's fingerprint, w, n, the seed and the solve. ``seed`` lies below
     ``TRAINING_SEED_BASE``: no training run draws this noise."""
     if not 0 <= seed < TRAINING_SEED_BASE:
         raise ValueError(f"an evaluation seed lies in [0, {TRAINING_SEED_BASE}) (training's seeds start there), "
                          f"got {seed}")
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, *shape), generator=gen) * teacher.sigma_max
+    tag = f"ref-{fingerprint(teacher.denoiser)}-w{teacher.w:g}-n{{}}-s{seed}-heun{steps}.safetensors"  # {}: n
+    cached = Path(cache_dir) / tag.format(n) if cache_dir else None
+    stored = next((p for p in (SHIPPED_REFERENCES / tag.format(n), cached) if p is not None and p.is_file()),
+                  None) or shipped_superset(tag, n)
+    reference = None if stored is None else safetensors_io.load(stored)[0]["reference"]
+    drawn = n if reference is None else reference.shape[0]  # a larger set's noise, cut to its first n
+    noise = torch.randn((drawn, *shape), generator=torch.Generator().manual_seed(seed))[:n] * teacher.sigma_max
     labels = torch.arange(n) % classes if classes else None
-    key = f"ref-{fingerprint(teacher.denoiser)}-w{teacher.w:g}-n{n}-s{seed}-heun{steps}.safetensors"
-    cached = Path(cache_dir) / key if cache_dir else None
     ev = EvalSet(noise, labels, torch.empty(0), steps, space=space, device=torch.device(device))
-    for stored in (SHIPPED_REFERENCES / key, cached):
-        if stored is not None and stored.is_file():
-            return dataclasses.replace(ev, reference=safetensors_io.load(stored)[0]["reference"])
+    if reference is not None:
+        return dataclasses.replace(ev, reference=reference[:n])
     with torch.no_grad():
         reference = in_batches(lambda x, y: reference_solve(teacher, x, y, steps=steps), ev, batch)
     if cached is not None:
         safetensors_io.save_atomic({"reference": reference}, cached, {"kind": "reference", "steps": steps})
     return dataclasses.replace(ev, reference=reference)
+
+
+def shipped_superset(tag: str, n: int) -> Path | None:
+    """The smallest shipped reference set of more than ``n`` samples named as ``tag`` names a set (its sample
+    count left as ``{}``): the first ``n`` samples of a set are the set of ``n`` (the same noise and labels,
+    each sample solved on its own)."""
+    head, tail = tag.split("{}")
+    larger = [(int(count), path) for path in SHIPPED_REFERENCES.glob(tag.format("*"))
+              if (count := path.name[len(head):-len(tail)]).isdigit() and int(count) > n]
+    return min(larger)[1] if larger else None
 
 
 def teacher_target(teacher: CFGTeacher, n: int, seed: int = 2, steps: int = 128,
