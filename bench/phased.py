@@ -160,8 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
     ev = eval_set(teacher, args.n, seed=1, steps=args.ref_steps, cache_dir=args.cache)
     base = DistillConfig(method="phased", iters=args.iters, batch=args.batch, student_width=args.width, lr=args.lr,
-                         ema=args.ema or None, phase_inputs=args.targets,
-                         checkpoint_every=CHECKPOINT_EVERY)
+                         ema=args.ema or None, phase_inputs=args.targets, checkpoint_every=CHECKPOINT_EVERY)
     rows = [] if args.no_reference else [solver_row("heun", 128, teacher, ev) | {"method": "teacher-heun-64"}]
     rows += [] if args.no_reference else schedule_rows(teacher, source, ev, base, 8)
     teacher_flops = flops(source.denoiser, source.shape)
