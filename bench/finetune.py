@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         student_cfg = cfg.replace(out=str(Path(args.work) / name), teacher=source.name)
         rows += kept_rows(student_cfg, evaluation, lambda resume, name=name, c=student_cfg, s=source: trained_row(
             name, c, s, teacher, ev, resume))
-        student = load_student(Path(student_cfg.out) / STUDENT_FILE, teacher, any_teacher=True)
-        with torch.no_grad():
-            pictured[name] = sample(student, ev.noise[:PICTURED], ev.labels[:PICTURED], steps=args.steps)
+        if args.picture:
+            student = load_student(Path(student_cfg.out) / STUDENT_FILE, teacher, any_teacher=True)
+            with torch.no_grad():
+                pictured[name] = sample(student, ev.noise[:PICTURED], ev.labels[:PICTURED], steps=args.steps)
 
     report_rows(rows, KEYS, f"fine-tune: {tuned.name}; SFD LoRA students at {args.steps} steps, {cfg.iters} "
                 f"iterations x batch {cfg.batch}; {n} samples", start, args.out)

@@ -114,8 +114,8 @@ def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache
              batch: int = 250, shape: tuple[int, ...] = SHAPE, classes: int = 10, space: str = DIGITS,
              device: torch.device | str = "cpu") -> EvalSet:
     """Build (or read from the shipped references, a smaller set as a shipped set's first samples, or from
-    ``cache_dir``) the evaluation set for ``teacher`` at its guidance scale: noise of ``shape``, labels 0 .. ``classes`` - 1 in turn (none when ``classes`` is 0),
-    sampled on ``device`` (the teacher's).
+    ``cache_dir``) the evaluation set for ``teacher`` at its guidance scale: noise of ``shape``, labels 0 ..
+    ``classes`` - 1 in turn (none when ``classes`` is 0), sampled on ``device`` (the teacher's).
     The file name holds the teacher's fingerprint, w, n, the seed and the solve. ``seed`` lies below
     ``TRAINING_SEED_BASE``: no training run draws this noise."""
     if not 0 <= seed < TRAINING_SEED_BASE:
