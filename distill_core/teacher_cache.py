@@ -16,12 +16,16 @@ with a warm cache therefore trains bit for bit the student it would have trained
 Runs that share a seed share their draws: a learning curve (the same run at three budgets) solves the
 longest run's targets once, and ``python -m distill_core precompute`` solves a run's targets ahead without
 training. Entries are written atomically; the folder only ever grows (delete it to free the space).
+
+A small solve that every run repeats (SFD's class means) is also kept in memory when a run has no folder:
+the process's later runs on the same teacher, settings and draws read it there (the last ``MEMORY_ENTRIES``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,9 @@ from distill_core.safetensors_io import load, save_atomic
 
 #: conditions drawn to fingerprint a teacher source's condition distribution
 COND_PROBE = 8
+#: solves kept in memory for the process (``in_memory`` caches without a folder), the least recently used dropped
+MEMORY_ENTRIES = 4
+_memory: OrderedDict[str, tuple[dict[str, torch.Tensor], dict]] = OrderedDict()
 
 
 def source_fingerprint(source) -> str:
@@ -49,12 +56,14 @@ def source_fingerprint(source) -> str:
 
 
 class TeacherCache:
-    """The cache of one kind of solve in one run: ``folder`` (None: off, every solve computed) and a function
-    giving the signature (JSON-serialisable) of the solve's settings, called once, on the first lookup (a
-    teacher's fingerprint reads all its weights); ``hits`` and ``solves`` count the lookups."""
+    """The cache of one kind of solve in one run: ``folder`` (None: none on disk) and a function giving the
+    signature (JSON-serialisable) of the solve's settings, called once, on the first lookup (a teacher's
+    fingerprint reads all its weights); ``in_memory``: without a folder, keep the solve for the process's later
+    runs (for small solves only); ``hits`` and ``solves`` count the lookups."""
 
-    def __init__(self, folder: str | Path | None, signature: Callable[[], dict]):
+    def __init__(self, folder: str | Path | None, signature: Callable[[], dict], in_memory: bool = False):
         self.folder = None if folder is None else Path(folder)
+        self.in_memory = in_memory
         self._signature, self.signature = signature, ""
         self.hits = self.solves = 0
 
@@ -63,32 +72,46 @@ class TeacherCache:
         """``compute()`` -> (result, teacher evaluations), drawing from ``generator``; or, when the cache holds
         this solve (the same signature, ``detail`` and generator state), the stored result on ``device`` and
         its evaluations, with ``generator`` advanced past it."""
-        if self.folder is None:
+        if self.folder is None and not self.in_memory:
             return compute()
         self.signature = self.signature or json.dumps(self._signature(), sort_keys=True)
-        path = self.folder / f"{self._key(generator, detail)}.safetensors"
-        if path.is_file():
+        key = self._key(generator, detail)
+        stored = self._stored(key)
+        if stored is not None:
             self.hits += 1
-            return self._read(path, generator, device)
+            tensors, card = stored
+            generator.set_state(tensors.pop("generator_state"))
+            return unflatten({k: v.to(device) for k, v in tensors.items()}, card["layout"]), card["evaluations"]
         result, evaluations = compute()
         self.solves += 1
         tensors, layout = flatten(result)
         tensors["generator_state"] = generator.get_state()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        save_atomic(tensors, path, {"layout": layout, "evaluations": evaluations, "signature": self.signature})
+        card = {"layout": layout, "evaluations": evaluations, "signature": self.signature}
+        if self.folder is None:
+            _memory[key] = ({k: v.detach().cpu().clone() for k, v in tensors.items()}, card)
+            while len(_memory) > MEMORY_ENTRIES:
+                _memory.popitem(last=False)
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_atomic(tensors, self.folder / f"{key}.safetensors", card)
         return result, evaluations
+
+    def _stored(self, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The entry ``key`` (its tensors, the caller's to change, and its card), or None."""
+        if self.folder is None:
+            if key not in _memory:
+                return None
+            _memory.move_to_end(key)
+            tensors, card = _memory[key]
+            return {k: v.clone() for k, v in tensors.items()}, card
+        path = self.folder / f"{key}.safetensors"
+        return load(path) if path.is_file() else None
 
     def _key(self, generator: torch.Generator, detail: dict) -> str:
         h = hashlib.sha256(self.signature.encode())
         h.update(json.dumps(detail, sort_keys=True).encode())
         h.update(generator.get_state().numpy().tobytes())
         return h.hexdigest()[:32]
-
-    @staticmethod
-    def _read(path: Path, generator: torch.Generator, device: torch.device) -> tuple[Any, int]:
-        tensors, card = load(path)
-        generator.set_state(tensors.pop("generator_state"))
-        return unflatten({k: v.to(device) for k, v in tensors.items()}, card["layout"]), card["evaluations"]
 
 
 def flatten(obj: Any, name: str = "r") -> tuple[dict[str, torch.Tensor], Any]:

@@ -86,6 +86,34 @@ def test_a_warm_cache_holds_the_afs_class_means_too(tiny_edm, tmp_path, teacher_
     assert warm_card["training"]["teacher_evaluations"] == cold_card["training"]["teacher_evaluations"]
 
 
+def test_without_a_folder_the_class_means_are_solved_once_per_process(tiny_edm, tmp_path, monkeypatch):
+    """A run without a cache folder keeps the class means in memory: the process's next run on the same teacher
+    and seed reads them and trains the same student with the same evaluation count; another seed solves its
+    own; only the last ``MEMORY_ENTRIES`` solves stay."""
+    from collections import OrderedDict
+
+    from distill_core import teacher_cache
+    from distill_core.methods import sfd
+
+    monkeypatch.setattr(teacher_cache, "_memory", OrderedDict())
+    monkeypatch.setattr(teacher_cache, "MEMORY_ENTRIES", 1)
+    means = []
+    monkeypatch.setattr(sfd, "class_means", lambda *a, **k: means.append(k["seed"]) or class_means(*a, **k))
+
+    def student(name: str, seed: int = 0):
+        cfg = DistillConfig(teacher="tiny", steps=2, iters=2, batch=4, checkpoint_every=0, seed=seed,
+                            out=str(tmp_path / name))
+        return load(train_student(cfg, tiny_source(tiny_edm, 10), progress=False).path)
+
+    (first, first_card), (again, again_card) = student("first"), student("again")
+    assert means == [0] and list(teacher_cache._memory)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert first_card["training"]["teacher_evaluations"] == again_card["training"]["teacher_evaluations"]
+    student("other", seed=1)
+    student("first-again")
+    assert means == [0, 1, 0] and len(teacher_cache._memory) == 1  # seed 1's solve pushed seed 0's out
+
+
 def test_precompute_fills_the_cache_the_run_then_reads(tiny_edm, tmp_path, teacher_calls):
     cfg = DistillConfig(teacher="tiny", steps=2, iters=4, batch=4, checkpoint_every=0, out=str(tmp_path / "run"),
                         teacher_cache=str(tmp_path / "cache"))

@@ -229,7 +229,7 @@ class SFD(Method):
         if self.afs_center == "class_mean":  # computed once: (classes + 1) x CLASS_MEAN_SAMPLES evaluations
             means = TeacherCache(cfg.teacher_cache, lambda: {
                 "solve": "afs class means", "teacher": source_fingerprint(source), "sigma_max": self.sigma_max,
-                "samples": CLASS_MEAN_SAMPLES, "precision": cfg.mixed_precision})
+                "samples": CLASS_MEAN_SAMPLES, "precision": cfg.mixed_precision}, in_memory=True)
             self.afs_means, self.teacher_evaluations = means.solve(
                 torch.Generator().manual_seed(cfg.seed),  # class_means draws its noises from this seed
                 lambda: (class_means(teacher_denoiser, source.classes, source.uncond, source.shape, self.sigma_max,
