@@ -73,7 +73,7 @@ class DistillConfig:
     lora_rank: int = option(16, "LoRA rank r", min=1, max=1024)
     lora_alpha: float | None = option(None, "LoRA alpha (None: the rank, update scale 1)", min=0)
     # optimisation
-    lr: float = option(2e-4, "learning rate of the student", min=0, max=1)
+    lr: float = option(2e-4, "learning rate of the student", min=1e-9, max=1)
     lr_decay_at: float = option(0.5, "the 'step' schedule divides the lr by 10 from this fraction of the run",
                                 min=0, max=1)
     lr_warmup: int | None = option(None, "linear lr warmup in iterations (None: the method's own, at most a "

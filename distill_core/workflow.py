@@ -233,12 +233,28 @@ def add_arguments_ui_workflow(p: argparse.ArgumentParser) -> None:
                    "workflows/notes.yaml, if it has one)")
 
 
+def read_api_workflow(path: str | Path) -> dict:
+    """An API-format workflow read from ``path``, with one clear error for a missing file, a file that is not
+    JSON, and a UI-format workflow given in its place."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no workflow file {path}: give an API-format workflow JSON, such as a "
+                                "shipped one in workflows/api/")
+    try:
+        graph = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
+        raise ValueError(f"{path} is a UI-format workflow: give its API-format twin (workflows/api/)")
+    return graph
+
+
 def run_ui_workflow(args: argparse.Namespace) -> int:
     info = pack_info()
     stock = PACK_ROOT / "tests" / "data" / "stock_nodes.json"
     if stock.is_file():
         info = {**json.loads(stock.read_text())["nodes"], **info}
-    graph = json.loads(Path(args.workflow).read_text())
+    graph = read_api_workflow(args.workflow)
     problems = validate_api(graph, info)
     if problems:
         raise SystemExit("invalid workflow:\n  " + "\n  ".join(problems))
@@ -252,12 +268,7 @@ def run(args: argparse.Namespace) -> int:
 
     from distill_core.report import write_png
 
-    try:
-        graph = json.loads(Path(args.workflow).read_text())
-    except ValueError as e:
-        raise ValueError(f"{args.workflow} is not JSON ({e})") from None
-    if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
-        raise ValueError(f"{args.workflow} is a UI-format workflow: run its API-format twin (workflows/api/)")
+    graph = read_api_workflow(args.workflow)
     if args.models:
         os.environ["DISTILL_MODELS_DIR"] = args.models
     if args.output:

@@ -57,7 +57,7 @@ class DistributionConfig:
     rho: float = option(7.0, "the generator schedule's polynomial rho (Karras grid)", min=0.1)
     critic_updates: int = option(5, "critic (fake score / auxiliary denoiser) updates per generator update",
                                  min=1, max=100)
-    critic_lr: float | None = option(None, "the critic's learning rate (None: the run's lr)", min=0, max=1)
+    critic_lr: float | None = option(None, "the critic's learning rate (None: the run's lr)", min=1e-9, max=1)
     u_range: tuple[float, float] = option((0.02, 0.98), "noise levels of the matching losses: positions (lo, hi) "
                                           "on the Karras grid from sigma_max (0) to sigma_min (1)", min=0, max=1)
 

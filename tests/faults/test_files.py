@@ -132,3 +132,21 @@ def test_the_workflow_command_prints_one_line(tmp_path, capsys):
     assert main(["run-workflow", str(path)]) == 1
     said = capsys.readouterr().err
     assert said.startswith(f"error: {path} is not JSON") and len(said.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["run-workflow", "ui-workflow"])
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "no workflow file {path}: give an API-format workflow JSON"),
+    ('{"nodes": [], "links": []}', "{path} is a UI-format workflow: give its API-format twin"),
+])
+def test_the_workflow_commands_refuse_a_missing_or_ui_format_file(tmp_path, capsys, command, content, message):
+    from distill_core.cli import main
+
+    path = tmp_path / "graph.json"
+    if content is not None:
+        path.write_text(content)
+    extra = [str(tmp_path / "ui.json")] if command == "ui-workflow" else []
+    assert main([command, str(path), *extra]) == 1
+    said = capsys.readouterr().err
+    assert said.startswith("error: " + message.format(path=path)), said
+    assert len(said.strip().splitlines()) == 1 and not (tmp_path / "ui.json").exists()
