@@ -187,7 +187,7 @@ def test_adapters_on_a_half_precision_base_train_in_float32_and_the_base_stays_i
 
 
 def test_the_trainer_keeps_trainable_parameters_in_float32():
-    from distill_core.train.trainer import keep_trainables_float32
+    from distill_core.train.optim import keep_trainables_float32
 
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)).half()
     net[0].requires_grad_(False)

@@ -21,7 +21,8 @@ from distill_core.methods.phased import phased_loss
 from distill_core.nets.surgery import clip_spectral_norms, enable_checkpointing, lighter_student, select_weights
 from distill_core.nets.unet import UNet
 from distill_core.schedules import phased
-from distill_core.train.trainer import Trainer, lr_factor
+from distill_core.train.optim import lr_factor
+from distill_core.train.trainer import Trainer
 
 WIDE = replace(TINY_UNET, model_channels=16)
 

@@ -16,7 +16,8 @@ from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
 from distill_core.train.callbacks import Callback, StopAt
 from distill_core.train.checkpoint import flatten, load_checkpoint, save_checkpoint, unflatten
-from distill_core.train.trainer import Trainer, TrainingDiverged, lr_factor, micro_generator
+from distill_core.train.optim import lr_factor
+from distill_core.train.trainer import Trainer, TrainingDiverged, micro_generator
 
 
 def _sfd(tiny_edm, out, **kw):

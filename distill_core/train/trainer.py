@@ -34,9 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import importlib.util
 import json
-import math
 import signal
 import threading
 import time
@@ -53,12 +51,21 @@ from distill_core.atomic import write_text
 from distill_core.config import DistillConfig, training_seed
 from distill_core.denoisers.base import move_cond
 from distill_core.memory_plan import MemoryPlan, check_fits, fitting_micro_batches, plan_run
-from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss
+from distill_core.methods.base import Method, MicroBatch, StepLoss
 from distill_core.nets.surgery import enable_checkpointing
 from distill_core.students import PartlySaved
 from distill_core.train.callbacks import Callback
 from distill_core.train.checkpoint import checkpoint_info, has_checkpoint, load_checkpoint, save_checkpoint
 from distill_core.train.metrics import METRICS, read_metrics
+from distill_core.train.optim import (
+    ema_copy,
+    grad_norm,
+    keep_trainables_float32,
+    lr_factor,
+    make_optimizer,
+    resolve_group,
+    zero_nonfinite,
+)
 from distill_core.train.runlock import run_lock
 from distill_core.train.sharding import is_sharded, leave_shards_to_fsdp, refuse_with_shards, shard_teacher
 from distill_core.train.status import write_status
@@ -475,7 +482,7 @@ class Trainer:
                 total = acc.reduce(torch.tensor(total, device=acc.device), reduction="mean").item()
             params = self.params[step.group]
             norm = grad_norm(params)
-            if not torch.isfinite(norm) and _zero_nonfinite(params):  # the scan only when the norm says so
+            if not torch.isfinite(norm) and zero_nonfinite(params):  # the scan only when the norm says so
                 record["nonfinite_grads"] += 1
                 self.nonfinite_grads += 1
                 norm = grad_norm(params)
@@ -582,67 +589,10 @@ class RunView:
         self._trainer.request_stop()
 
 
-@dataclass
-class Group:
-    """One group's optimisation, resolved from the method's ``OptimSpec`` and the run's config."""
-
-    optimizer: str
-    lr: float
-    betas: tuple[float, float]
-    weight_decay: float
-    schedule: str
-    warmup: int
-    ema: float | None
-
-
-def resolve_group(spec: OptimSpec, cfg: DistillConfig, exported: bool) -> Group:
-    """The run's config overrides the method's choices where it sets them (``None``: the method's); the run's
-    ``ema`` applies to the exported group."""
-    return Group(
-        optimizer=cfg.optimizer or spec.optimizer,
-        lr=cfg.lr if spec.lr is None else spec.lr,
-        betas=tuple(spec.betas),
-        weight_decay=spec.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
-        schedule=cfg.lr_schedule or spec.schedule,
-        warmup=resolve_warmup(cfg.lr_warmup, spec.warmup, cfg.iters),
-        ema=cfg.ema if exported and cfg.ema is not None else spec.ema,
-    )
-
-
-def make_optimizer(group: Group, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """The group's optimizer: Adam, AdamW, or bitsandbytes' 8-bit Adam (its two moments block-wise quantised
-    to 8 bits, Dettmers et al. 2022), which needs CUDA and the optional ``bitsandbytes`` package."""
-    if group.optimizer == "adam8bit":
-        if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError("optimizer adam8bit keeps Adam's states in 8 bits with bitsandbytes on CUDA: install it "
-                             "(pip install bitsandbytes) on a CUDA machine, or choose adam")
-        import bitsandbytes  # noqa: PLC0415 - optional, CUDA-only dependency
-
-        return bitsandbytes.optim.Adam8bit(params, lr=group.lr, betas=group.betas, weight_decay=group.weight_decay)
-    optim = torch.optim.AdamW if group.optimizer == "adamw" else torch.optim.Adam
-    return optim(params, lr=group.lr, betas=group.betas, weight_decay=group.weight_decay)
-
-
 def micro_generator(seed: int, iteration: int, index: int) -> torch.Generator:
     """The generator of micro-batch ``index`` of the global batch at ``iteration`` (from 0): its draws depend
     on nothing else, so the process that trains it, the number of processes and a resume change nothing."""
     return torch.Generator().manual_seed(training_seed((seed * 1_000_003 + iteration) * 8_191 + index + 1))
-
-
-def ema_copy(net: nn.Module) -> nn.Module:
-    """The network an EMA of ``net``'s trained weights is kept in: a copy of its trainable parameters and
-    buffers that shares its frozen parameters (a LoRA student's base, the teacher, is not copied: the EMA
-    costs 4 bytes per trained parameter, as the memory plan counts)."""
-    frozen = {id(p): p for p in net.parameters() if not p.requires_grad}
-    return copy.deepcopy(net, memo=frozen).requires_grad_(False)
-
-
-def keep_trainables_float32(net: nn.Module) -> None:
-    """Trainable parameters in float32 (Adam on fp16 / bf16 weights loses small updates); frozen weights keep
-    their precision."""
-    for p in net.parameters():
-        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.float()
 
 
 def resume_changes(saved: dict, cfg: DistillConfig, where: Path) -> dict[str, tuple]:
@@ -693,24 +643,6 @@ def new_accelerator(mixed_precision: str, partial_updates: bool = False) -> Acce
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
 
 
-def resolve_warmup(configured: int | None, method_default: int, iters: int) -> int:
-    """The warmup iterations: ``lr_warmup`` as configured, else the method's own, capped at a tenth of
-    the run (a 4-iteration node run of SFD, whose own warmup is 10, would never reach its lr)."""
-    return configured if configured is not None else min(method_default, iters // 10)
-
-
-def lr_factor(schedule: str, it: int, iters: int, decay_at: float, warmup: int = 0) -> float:
-    """The learning-rate multiplier of iteration ``it`` (from 0): "step" is 1, then 0.1 from ``decay_at``
-    of the run; "cosine" is (1 + cos(pi it / iters)) / 2; "constant" is 1; times min(1, (it + 1) /
-    ``warmup``) over the first ``warmup`` iterations."""
-    ramp = min(1.0, (it + 1) / warmup) if warmup else 1.0
-    if schedule == "step":
-        return ramp * (1.0 if it < math.ceil(decay_at * iters) else 0.1)
-    if schedule == "cosine":
-        return ramp * 0.5 * (1 + math.cos(math.pi * min(it, iters) / iters))
-    return ramp
-
-
 def _saved_state(net: nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint holds of a network: a ``PartlySaved`` network says (a LoRA student: its adapters);
     any other network: its whole state."""
@@ -722,21 +654,3 @@ def _load_saved_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
         net.load_saved_state(state)
     else:
         net.load_state_dict(state)
-
-
-def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all gradients together (non-finite when any entry is)."""
-    norms = [p.grad.norm() for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-
-
-def _zero_nonfinite(params: list[torch.Tensor]) -> bool:
-    """Zero NaN / inf gradient entries in place; whether there were any."""
-    found = False
-    for p in params:
-        if p.grad is not None:
-            bad = ~torch.isfinite(p.grad)
-            if bad.any():
-                p.grad[bad] = 0
-                found = True
-    return found
