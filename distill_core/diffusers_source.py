@@ -2,19 +2,19 @@
 
 A directory is a diffusers ``UNet2DModel`` (its ``config.json`` and ``diffusion_pytorch_model.safetensors``)
 with its scheduler's ``scheduler_config.json`` beside it or in ``../scheduler/`` (a pipeline's layout), or a
-pipeline directory whose ``unet/`` and ``scheduler/`` hold them. The scheduler says how the network was
-trained:
+pipeline directory whose ``unet/`` or ``transformer/`` and ``scheduler/`` hold them. The scheduler says how
+the network was trained:
 
 * a DDPM-family scheduler (DDPM, DDIM, Euler, DPM-Solver, ...): ``alphas_cumprod`` and the prediction type
   (epsilon, v, sample) -> ``DiffusersDenoiser``;
-* ``FlowMatchEulerDiscreteScheduler``: a rectified flow whose network takes t * ``num_train_timesteps`` ->
-  ``FlowDenoiser`` over the velocity, from t = 1 / ``num_train_timesteps`` (its lowest trained time) to
-  sigma_max = 80 (t = 0.988).
+* ``FlowMatchEulerDiscreteScheduler``: a rectified flow -> ``FlowDenoiser`` over the velocity
+  (``denoisers.diffusers_flow``), from t = 1 / ``num_train_timesteps`` (its lowest trained time) to
+  sigma_max = 80 (t = 0.988), with the scheduler's time shift for the students' grid.
 
 Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
 ``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
-pipeline (a ``UNet2DConditionModel`` with its tokenizer and text encoder) trains on ``prompts`` instead
-(``text_pipeline``).
+pipeline (SD1.x and SD2.x: a ``UNet2DConditionModel``; SD3 and Flux: their transformers, with all their text
+encoders) trains on ``prompts`` instead (``text_pipeline``).
 """
 
 from __future__ import annotations
@@ -25,24 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill_core.denoisers.flow import FLOW_SIGMA_MAX, FlowDenoiser, t_to_sigma
 from distill_core.methods.base import TeacherSource
 
-MODELS = ("UNet2DModel", "UNet2DConditionModel")
+UNETS = ("UNet2DModel", "UNet2DConditionModel")
+#: diffusion transformers, which take text embeddings and come in their pipeline's directory
+TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 #: the CFG scale a text-to-image pipeline is distilled at unless the run says another
 TEXT_GUIDANCE = 5.0
-
-
-class UNetVelocity(nn.Module):
-    """A diffusers UNet as the network ``net(x_t, time, cond)`` of a ``FlowDenoiser`` (cond: class labels)."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x: torch.Tensor, time: torch.Tensor, cond=None) -> torch.Tensor:
-        return self.unet(x, time, class_labels=cond, return_dict=False)[0]
-
 
 def read_json(path: Path) -> dict:
     try:
@@ -56,7 +45,8 @@ def model_and_scheduler_dirs(root: Path) -> tuple[Path, Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"teacher {root} is not a directory: give builtin, builtin-flow, builtin-bold or a "
                                 "local diffusers model directory")
-    model = root / "unet" if (root / "model_index.json").is_file() else root
+    index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    model = root / ("transformer" if "transformer" in index else "unet") if index else root
     for sched in (root / "scheduler", model, model.parent / "scheduler"):
         if (sched / "scheduler_config.json").is_file():
             return model, sched
@@ -64,36 +54,41 @@ def model_and_scheduler_dirs(root: Path) -> tuple[Path, Path]:
                             "scheduler says how the model was trained (its noise schedule and prediction type)")
 
 
-def load_unet(folder: Path) -> nn.Module:
+def load_model(folder: Path, pipeline: bool) -> nn.Module:
+    """The diffusers network in ``folder`` (a UNet, or in a pipeline directory a diffusion transformer)."""
     import diffusers
 
     name = read_json(folder / "config.json").get("_class_name") if (folder / "config.json").is_file() else None
-    if name not in MODELS:
+    if name in TRANSFORMERS and not pipeline:
+        raise ValueError(f"{folder}: a {name} takes the text embeddings of its pipeline's encoders: give the "
+                         "pipeline's directory (the one with model_index.json)")
+    if name not in UNETS + TRANSFORMERS:
         raise ValueError(f"{folder}: a {name or 'folder without config.json'} is not a model this command "
-                         f"distils; it takes {', '.join(MODELS)} (DiT models such as SD3 and Flux: through "
-                         f"ComfyUI)")
+                         f"distils; it takes {', '.join(UNETS + TRANSFORMERS)}")
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"{folder}: no .safetensors weights (only safetensors are loaded; convert a .bin "
                                 "checkpoint with diffusers' save_pretrained(safe_serialization=True))")
-    unet = getattr(diffusers, name).from_pretrained(folder, use_safetensors=True, local_files_only=True)
-    return unet.eval().requires_grad_(False)
+    model = getattr(diffusers, name).from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    return model.eval().requires_grad_(False)
 
 
-def denoiser_for(unet: nn.Module, scheduler_dir: Path) -> nn.Module:
+def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...]) -> nn.Module:
     """The teacher's denoiser: a DDPM adapter or a flow adapter, as the scheduler says."""
     import diffusers
 
     from distill_core.denoisers.diffusers import DiffusersDenoiser
+    from distill_core.denoisers.diffusers_flow import flow_denoiser
 
     config = read_json(scheduler_dir / "scheduler_config.json")
     name = config.get("_class_name", "")
     if name.startswith("FlowMatch"):
-        steps = int(config.get("num_train_timesteps", 1000))
-        return FlowDenoiser(UNetVelocity(unet), float(t_to_sigma(1 / steps)), FLOW_SIGMA_MAX, time_scale=steps)
+        return flow_denoiser(model, config, shape)
+    if type(model).__name__ in TRANSFORMERS:
+        raise ValueError(f"{scheduler_dir}: a {type(model).__name__} samples with a FlowMatch scheduler, not {name}")
     scheduler_class = getattr(diffusers, name, None)
     if scheduler_class is None:
         raise ValueError(f"{scheduler_dir}: unknown scheduler {name!r}")
-    return DiffusersDenoiser.from_scheduler(unet, scheduler_class.from_config(config))
+    return DiffusersDenoiser.from_scheduler(model, scheduler_class.from_config(config))
 
 
 def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None = None,
@@ -108,7 +103,7 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     if prompts:
         raise ValueError(f"{root}: --prompts is for text-to-image pipelines (a model_index.json naming a "
                          "text_encoder); this model is conditioned on class labels or nothing")
-    unet = load_unet(model_dir)
+    unet = load_model(model_dir, pipeline=False)
     embeds = getattr(unet.config, "num_class_embeds", None)
     if classes and not embeds:
         raise ValueError(f"{root}: --classes {classes} given, but the model has no class embeddings")
@@ -123,31 +118,45 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
         return torch.randint(classes, (batch,), generator=generator) if classes else None
 
     uncond = torch.tensor([null_class]) if null_class is not None else None
-    return TeacherSource(str(root), denoiser_for(unet, scheduler_dir), sample_shape(unet), draw_cond, uncond, 1.0,
+    shape = sample_shape(unet, root)
+    return TeacherSource(str(root), denoiser_for(unet, scheduler_dir, shape), shape, draw_cond, uncond, 1.0,
                          classes)
 
 
-def sample_shape(unet: nn.Module) -> tuple[int, ...]:
-    size = unet.config.sample_size
-    return (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+def sample_shape(model: nn.Module, root: Path) -> tuple[int, ...]:
+    """(C, H, W) of the model's samples: its configured size; Flux, which has none and takes 2 x 2 patches of
+    its latent as 4 C channels, the size its pipeline's VAE makes of the VAE's own image size."""
+    config = model.config
+    if type(model).__name__ == "FluxTransformer2DModel":
+        vae = read_json(root / "vae" / "config.json")
+        size = vae["sample_size"] // 2 ** (len(vae["block_out_channels"]) - 1)
+        return (config.in_channels // 4, size, size)
+    size = config.sample_size
+    return (config.in_channels, *((size, size) if isinstance(size, int) else size))
 
 
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
                 prompts: str | Path | None) -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the empty prompt
-    (condition P) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``."""
+    (condition P) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``. Flux samples without CFG
+    (w = 1, as its pipeline does); Flux dev at its embedded guidance ``FLUX_GUIDANCE``, which its students' files
+    name (``embedded_guidance``)."""
+    from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
     from distill_core.prompts import read_prompts
     from distill_core.text_pipeline import PromptConditioned, encode_prompts, vae_decoder
 
     if classes:
         raise ValueError(f"{root}: a text-to-image pipeline trains on prompts (--prompts FILE), not --classes")
     prompts = read_prompts(prompts)
-    unet = load_unet(model_dir)
-    denoiser = PromptConditioned(denoiser_for(unet, scheduler_dir), encode_prompts(root, index, prompts))
+    model = load_model(model_dir, pipeline=True)
+    shape = sample_shape(model, root)
+    denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape), encode_prompts(root, index, prompts))
     n = len(prompts)
 
     def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(n, (batch,), generator=generator)
 
-    return TeacherSource(str(root), denoiser, sample_shape(unet), draw_cond, torch.tensor([n]), TEXT_GUIDANCE, n,
-                         decode=vae_decoder(root))
+    flux = type(model).__name__ == "FluxTransformer2DModel"
+    card = {"embedded_guidance": FLUX_GUIDANCE} if flux and model.config.guidance_embeds else {}
+    return TeacherSource(str(root), denoiser, shape, draw_cond, torch.tensor([n]), 1.0 if flux else TEXT_GUIDANCE,
+                         n, card=card, decode=vae_decoder(root))

@@ -170,6 +170,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
         "teacher": cfg.teacher,
         "guidance": w,
         "guidance_mode": cfg.guidance_mode,
+        **({"embedded_guidance": source.card["embedded_guidance"]} if "embedded_guidance" in source.card else {}),
         "iterations": cfg.iters,
         "device": str(run.device),  # where it trained and was evaluated
         "train_seconds": round(run.train_seconds, 1),

@@ -56,10 +56,12 @@ def flow_time(n: int, sigma_min: float, sigma_max: float, shift: float = 1.0) ->
     return sigmas.float()
 
 
-def flux_shift(image_tokens: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+def flux_shift(image_tokens: int, base_shift: float = 0.5, max_shift: float = 1.15, base_tokens: int = 256,
+               max_tokens: int = 4096) -> float:
     """Flux's resolution-dependent shift s = exp(mu), mu linear in the image's token count from ``base_shift``
-    at 256 tokens to ``max_shift`` at 4096 (a 1024 x 1024 image: 64 x 64 latent patches of 2 x 2 -> 4096)."""
-    mu = base_shift + (max_shift - base_shift) * (image_tokens - 256) / (4096 - 256)
+    at ``base_tokens`` to ``max_shift`` at ``max_tokens`` (a 1024 x 1024 image: 64 x 64 latent patches of
+    2 x 2 -> 4096)."""
+    mu = base_shift + (max_shift - base_shift) * (image_tokens - base_tokens) / (max_tokens - base_tokens)
     return math.exp(mu)
 
 

@@ -4,6 +4,7 @@ flow-matching model, small ones built here), with clear refusals of what cannot 
 from __future__ import annotations
 
 import json
+import string
 
 import diffusers
 import pytest
@@ -100,25 +101,40 @@ def test_what_cannot_be_a_teacher_is_refused_in_one_line(tmp_path, capsys):
         assert message in err and "Traceback" not in err, (flags, err)
 
 
+CHARS = string.ascii_lowercase + string.digits + ",.'-"
+
+
+def clip_tokenizer(root, length: int = 12):
+    """A CLIP tokenizer over a character vocabulary, saved in ``root / "tokenizer"``, and its vocabulary size."""
+    import transformers
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in CHARS:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (root / "src").mkdir(parents=True, exist_ok=True)
+    (root / "src" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "src" / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(root / "src" / "vocab.json"), str(root / "src" / "merges.txt"),
+                                           model_max_length=length)
+    return tokenizer, len(vocab)
+
+
+def clip_config(vocab: int, **extra):
+    import transformers
+
+    return transformers.CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, max_position_embeddings=12, bos_token_id=0,
+                                       eos_token_id=1, pad_token_id=1, **extra)
+
+
 def text_pipeline_dir(root):
     """A tiny text-to-image pipeline as diffusers saves one: a UNet2DConditionModel on 4-channel latents, a DDIM
     scheduler, a CLIP tokenizer (a character vocabulary) and text encoder, and an AutoencoderKL."""
-    import string
-
     import transformers
 
-    chars = string.ascii_lowercase + string.digits + ",.'-"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    (root / "src").mkdir(parents=True)
-    (root / "src" / "vocab.json").write_text(json.dumps(vocab))
-    (root / "src" / "merges.txt").write_text("#version: 0.2\n")
-    transformers.CLIPTokenizer(str(root / "src" / "vocab.json"), str(root / "src" / "merges.txt"),
-                               model_max_length=12).save_pretrained(root / "tokenizer")
-    encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=12, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    tokenizer, vocab = clip_tokenizer(root)
+    tokenizer.save_pretrained(root / "tokenizer")
+    encoder = transformers.CLIPTextModel(clip_config(vocab))
     encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
@@ -177,4 +193,101 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
     index = json.loads((teacher / "model_index.json").read_text())
     (teacher / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": index["text_encoder"]}))
     assert main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "r"), "--no-progress"]) == 1
-    assert "several text encoders (SDXL, SD3) is distilled through ComfyUI" in capsys.readouterr().err
+    assert "a UNet pipeline with several text encoders (SDXL) is distilled through ComfyUI" in capsys.readouterr().err
+
+
+def dit_pipeline_dir(root, kind: str):
+    """A tiny SD3 or Flux pipeline as diffusers saves one, 16-channel 8 x 8 latents: SD3 with its two CLIPs and
+    T5 and a shifted (3) FlowMatch scheduler; Flux dev (guidance embedded) with its CLIP and T5 and Flux's
+    resolution-dependent shift; both with an AutoencoderKL whose latents are scaled and shifted."""
+    import transformers
+
+    clip, vocab = clip_tokenizer(root)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in CHARS] + [("\u2581" + c, -2.5) for c in CHARS]
+    t5_tokenizer = transformers.T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=16)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(pieces), d_model=32, d_kv=8, d_ff=32,
+                                                           num_layers=1, num_heads=2))
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8),
+                                  layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=1.5,
+                                  shift_factor=0.1, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2)
+    if kind == "sd3":
+        transformer = diffusers.SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+            pos_embed_max_size=16)
+        encoders = {"text_encoder": transformers.CLIPTextModelWithProjection(clip_config(vocab, projection_dim=16)),
+                    "tokenizer": clip, "tokenizer_2": clip, "text_encoder_3": t5, "tokenizer_3": t5_tokenizer,
+                    "text_encoder_2": transformers.CLIPTextModelWithProjection(clip_config(vocab, projection_dim=16))}
+        pipeline = diffusers.StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+            **encoders)
+    else:
+        transformer = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4))
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
+                                                              max_shift=1.15)
+        pipeline = diffusers.FluxPipeline(
+            transformer=transformer, scheduler=scheduler, vae=vae, tokenizer=clip, tokenizer_2=t5_tokenizer,
+            text_encoder=transformers.CLIPTextModel(clip_config(vocab)), text_encoder_2=t5)
+    randomise(transformer, seed=0, scale=0.05)
+    pipeline.save_pretrained(root / "pipeline", safe_serialization=True)
+    return root / "pipeline"
+
+
+def pipeline_euler(teacher, prompt: str, x: torch.Tensor, times: list[float]) -> tuple[torch.Tensor, list[float]]:
+    """The pipeline's own sampler (Euler in its time t, with its guidance defaults: none for SD3 here, the
+    embedded 3.5 for Flux dev) from x at the first of ``times`` (before the scheduler's shift): the latents it
+    ends at, as [B, C, H, W], and the shifted times it stepped through (ending at 0)."""
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    b, c, h, w = x.shape
+    flux = isinstance(pipe, diffusers.FluxPipeline)
+    latents = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, 4 * c) if flux else x
+    out = pipe(prompt=prompt, latents=latents, sigmas=times, num_inference_steps=len(times), height=2 * h,
+               width=2 * w, guidance_scale=3.5 if flux else 1.0, output_type="latent").images
+    if flux:
+        out = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+    return out, pipe.scheduler.sigmas.double().tolist()
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_sd3_and_flux_pipelines_sample_as_their_own_pipeline_and_distil_end_to_end(tmp_path, capsys, kind):
+    """An SD3 or Flux pipeline directory is a teacher over prompts: Euler through its denoiser on the pipeline's
+    own (shifted) times reproduces the pipeline's sampler, so the text encoders, the packing of Flux's latents,
+    the time scales and Flux's embedded guidance are the pipeline's; the main job distils it with the full report,
+    its student on the scheduler's shifted flow grid, a Flux dev student naming its embedded guidance."""
+    from distill_core.schedules import flux_shift
+    from distill_core.solvers import euler
+
+    teacher = dit_pipeline_dir(tmp_path / kind, kind)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\nan owl\n")
+    source = diffusers_source(teacher, prompts=prompts)
+    shift = 3.0 if kind == "sd3" else flux_shift(16)  # Flux: 4 x 4 tokens of 2 x 2 latent patches
+    assert source.shape == (16, 8, 8) and source.denoiser.shift == pytest.approx(shift)
+    assert (source.guidance, source.card) == ((5.0, {}) if kind == "sd3" else (1.0, {"embedded_guidance": 3.5}))
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected, times = pipeline_euler(teacher, "a red fox", x, [0.9, 0.6, 0.3])
+    sigmas = torch.tensor([t / (1 - t) for t in times[:-1]] + [0.0])
+    with torch.no_grad():
+        ours = euler(source.denoiser, x * (1 + sigmas[0]), sigmas, torch.tensor([0]))  # x_VE = x_t / (1 - t)
+    assert expected.abs().max() > 1
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--steps", "2", "--iters", "2",
+                 "--batch", "2", "--eval-samples", "4", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report.get("embedded_guidance") == (None if kind == "sd3" else 3.5)
+    assert any(r["method"] == "sfd" and r["nfe"] == 2 for r in report["rows"])
+    card = read_card(out / "student.safetensors")
+    assert card["schedule"] == {**card["schedule"], "name": "flow", "shift": pytest.approx(shift)}
+    assert card.get("embedded_guidance") == report.get("embedded_guidance")
+    assert (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by the pipeline's VAE
+
+    assert main(["distill", "--teacher", str(teacher / "transformer"), "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 1
+    assert "takes the text embeddings of its pipeline's encoders" in capsys.readouterr().err

@@ -44,26 +44,29 @@ def t_to_sigma(t: torch.Tensor | float) -> torch.Tensor | float:
 class FlowDenoiser(nn.Module):
     """A denoiser over a velocity network ``net(x_t, t * time_scale, cond, **kwargs)`` of a rectified flow.
 
-    ``time_scale``: what the network takes as its time input per unit of t (1 for the built-in UNet;
-    diffusers' SD3 and Flux transformers take t * 1000)."""
+    ``time_scale``: what the network takes as its time input per unit of t (1 for the built-in UNet and
+    diffusers' Flux transformer; diffusers' flow UNets and SD3 transformer take t * 1000). ``shift``: the time
+    shift s its makers sample it with (``schedules.shift_time``; SD3: 3, Flux: by resolution), which sets the
+    students' flow grid; it changes no value of D."""
 
     prediction = "flow"
 
-    def __init__(self, net: nn.Module, sigma_min: float = 0.002, sigma_max: float = 200.0, time_scale: float = 1.0):
+    def __init__(self, net: nn.Module, sigma_min: float = 0.002, sigma_max: float = 200.0, time_scale: float = 1.0,
+                 shift: float = 1.0):
         super().__init__()
         if not 0 < sigma_min < sigma_max < float("inf"):
             raise ValueError(f"a flow model needs 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
         self.net = net
-        self.sigma_min, self.sigma_max, self.time_scale = sigma_min, sigma_max, time_scale
+        self.sigma_min, self.sigma_max, self.time_scale, self.shift = sigma_min, sigma_max, time_scale, shift
 
     def like(self, net: nn.Module) -> FlowDenoiser:
         """The same parametrisation around another network."""
-        return FlowDenoiser(net, self.sigma_min, self.sigma_max, self.time_scale)
+        return FlowDenoiser(net, self.sigma_min, self.sigma_max, self.time_scale, self.shift)
 
     def settings(self) -> dict:
-        """What a card stores to rebuild this parametrisation."""
+        """What a card stores to rebuild this parametrisation (the shift where it is not 1)."""
         return {"preconditioning": "flow", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
-                "time_scale": self.time_scale}
+                "time_scale": self.time_scale, **({"shift": self.shift} if self.shift != 1 else {})}
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None, **net_kwargs) -> torch.Tensor:
         """v(x_t, t) for t of shape [B]."""

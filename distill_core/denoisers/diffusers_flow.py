@@ -1,0 +1,93 @@
+"""diffusers' flow-matching networks as the velocity network ``net(x_t, time, cond)`` of a ``FlowDenoiser``.
+
+Every diffusers flow model (``FlowMatchEulerDiscreteScheduler``) trains on x_t = (1 - t) x0 + t n and predicts
+v = n - x0, the convention of ``denoisers.flow``; they differ in what they take besides x_t:
+
+* a ``UNet2DModel``: the time t * T (T = ``num_train_timesteps``) and optional class labels;
+* SD3's ``SD3Transformer2DModel``: t * T, the text encoders' token embeddings c (``encoder_hidden_states``) and
+  their pooled embedding p (``pooled_projections``);
+* Flux's ``FluxTransformer2DModel``: t itself, c and p as SD3, the latent cut into 2 x 2 patches, each patch a
+  token of 4 C channels with its position (0, row, column) (``img_ids``; text tokens at 0, ``txt_ids``), and, in
+  a guidance-distilled model (Flux dev), the guidance scale g as an input: v(x_t, t, c, p, g).
+
+The time shift s that a model's scheduler samples with (t' = s t / (1 + (s - 1) t); Flux: s = e^mu, mu linear in
+the image's token count) does not change the denoiser; it sets the students' flow grid (``FlowDenoiser.shift``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distill_core.denoisers.flow import FLOW_SIGMA_MAX, FlowDenoiser, t_to_sigma
+from distill_core.schedules import flux_shift
+
+#: the embedded guidance a guidance-distilled Flux model is distilled at (FluxPipeline's default)
+FLUX_GUIDANCE = 3.5
+
+
+class UNetVelocity(nn.Module):
+    """A diffusers UNet as v(x_t, t T, labels)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.unet(x, time, class_labels=cond, return_dict=False)[0]
+
+
+class SD3Velocity(nn.Module):
+    """SD3's transformer as v(x_t, t T, {"context": c, "pooled": p})."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        return self.transformer(hidden_states=x, timestep=time, encoder_hidden_states=cond["context"],
+                                pooled_projections=cond["pooled"], return_dict=False)[0]
+
+
+class FluxVelocity(nn.Module):
+    """Flux's transformer as v(x_t, t, {"context": c, "pooled": p}) on [B, C, H, W] latents: packed into
+    (H / 2)(W / 2) tokens of 4 C channels on the way in, unpacked on the way out; ``guidance``: the embedded
+    guidance g of a guidance-distilled model (None for one without, as Flux schnell)."""
+
+    def __init__(self, transformer: nn.Module, guidance: float | None):
+        super().__init__()
+        self.transformer, self.guidance = transformer, guidance
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, 4 * c)
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+        img_ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
+        context = cond["context"]
+        guidance = None if self.guidance is None else torch.full((b,), self.guidance, device=x.device)
+        v = self.transformer(hidden_states=tokens, timestep=time, guidance=guidance,
+                             pooled_projections=cond["pooled"], encoder_hidden_states=context,
+                             txt_ids=context.new_zeros(context.shape[1], 3), img_ids=img_ids.view(-1, 3),
+                             return_dict=False)[0]
+        return v.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...]) -> FlowDenoiser:
+    """The ``FlowDenoiser`` of a diffusers flow model with its scheduler's config, for samples of ``shape``
+    (C, H, W): from its lowest trained time t = 1 / T to sigma_max = 80, shifted as its scheduler samples."""
+    steps = int(scheduler.get("num_train_timesteps", 1000))
+    name = type(model).__name__
+    if name == "FluxTransformer2DModel":
+        guidance = FLUX_GUIDANCE if model.config.guidance_embeds else None
+        net, time_scale = FluxVelocity(model, guidance), 1.0
+    elif name == "SD3Transformer2DModel":
+        net, time_scale = SD3Velocity(model), float(steps)
+    else:
+        net, time_scale = UNetVelocity(model), float(steps)
+    if scheduler.get("use_dynamic_shifting"):
+        shift = flux_shift(shape[1] * shape[2] // 4, scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15),
+                           scheduler.get("base_image_seq_len", 256), scheduler.get("max_image_seq_len", 4096))
+    else:
+        shift = float(scheduler.get("shift", 1.0))
+    return FlowDenoiser(net, float(t_to_sigma(1 / steps)), FLOW_SIGMA_MAX, time_scale=time_scale, shift=shift)
