@@ -207,6 +207,7 @@ def named_teacher(paths: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     from distill_core.plot import labelled_grid, table_image
     from distill_core.report import write_png
+    from distill_core.safetensors_io import read_card
     from distill_core.sources import teacher_source
     from distill_core.students import load_student
 
@@ -215,8 +216,9 @@ def run(args: argparse.Namespace) -> int:
     for path in args.students:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no student file {path}: give the .safetensors files that distill writes")
+    embedded = read_card(args.students[0]).get("embedded_guidance")  # a guidance-distilled teacher's input
     source = teacher_source(args.teacher or named_teacher(args.students), args.classes, args.null_class,
-                            args.prompts)
+                            args.prompts, embedded)
     source.denoiser.to("cuda" if torch.cuda.is_available() else "cpu")
     students = [InMemory(load_student(path, source.denoiser, source.uncond)) for path in args.students]
     stems = [Path(p).stem for p in args.students]

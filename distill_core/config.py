@@ -63,7 +63,8 @@ class DistillConfig:
     sigma_max: float | None = option(None, "the highest noise level (None: the teacher's)", min=0)
     # guidance: "distilled" = teacher at w, student sampled without CFG (1 evaluation per step);
     # "cfg" = distilled at w = 1, CFG with w applied when sampling (2 evaluations per step)
-    guidance: float | None = option(None, "CFG scale w (None: the teacher's)", min=0)
+    guidance: float | None = option(None, "CFG scale w (None: the teacher's); a guidance-distilled teacher (Flux dev) "
+                                    "takes it as its guidance input and samples without CFG", min=0)
     guidance_mode: str = option("distilled", "distil w into the student, or apply CFG when sampling",
                                 choices=GUIDANCE_MODES)
     # the student: "full" (every weight trained) or "lora" (low-rank adapters on the frozen teacher, which

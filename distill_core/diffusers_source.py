@@ -72,8 +72,10 @@ def load_model(folder: Path, pipeline: bool) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...]) -> nn.Module:
-    """The teacher's denoiser: a DDPM adapter or a flow adapter, as the scheduler says."""
+def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...],
+                 embedded_guidance: float | None = None) -> nn.Module:
+    """The teacher's denoiser: a DDPM adapter or a flow adapter, as the scheduler says (a guidance-distilled
+    flow model at ``embedded_guidance``)."""
     import diffusers
 
     from distill_core.denoisers.diffusers import DiffusersDenoiser
@@ -82,7 +84,7 @@ def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...]) 
     config = read_json(scheduler_dir / "scheduler_config.json")
     name = config.get("_class_name", "")
     if name.startswith("FlowMatch"):
-        return flow_denoiser(model, config, shape)
+        return flow_denoiser(model, config, shape, embedded_guidance)
     if type(model).__name__ in TRANSFORMERS:
         raise ValueError(f"{scheduler_dir}: a {type(model).__name__} samples with a FlowMatch scheduler, not {name}")
     scheduler_class = getattr(diffusers, name, None)
@@ -92,14 +94,15 @@ def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...]) 
 
 
 def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None = None,
-                     prompts: str | Path | None = None) -> TeacherSource:
+                     prompts: str | Path | None = None, guidance: float | None = None) -> TeacherSource:
     """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
-    pipeline's file of training prompts (default: the shipped list)."""
+    pipeline's file of training prompts (default: the shipped list); ``guidance``: the run's guidance, which a
+    guidance-distilled pipeline (Flux dev) takes as its input."""
     root = Path(path)
     model_dir, scheduler_dir = model_and_scheduler_dirs(root)
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
     if "text_encoder" in index:
-        return text_source(root, index, model_dir, scheduler_dir, classes, prompts)
+        return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance)
     if prompts:
         raise ValueError(f"{root}: --prompts is for text-to-image pipelines (a model_index.json naming a "
                          "text_encoder); this model is conditioned on class labels or nothing")
@@ -136,11 +139,11 @@ def sample_shape(model: nn.Module, root: Path) -> tuple[int, ...]:
 
 
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
-                prompts: str | Path | None) -> TeacherSource:
+                prompts: str | Path | None, guidance: float | None = None) -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the empty prompt
     (condition P) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``. Flux samples without CFG
-    (w = 1, as its pipeline does); Flux dev at its embedded guidance ``FLUX_GUIDANCE``, which its students' files
-    name (``embedded_guidance``)."""
+    (w = 1, as its pipeline does); Flux dev takes ``guidance`` (default ``FLUX_GUIDANCE``) as its input, and its
+    students' files name it (``embedded_guidance``)."""
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
     from distill_core.prompts import read_prompts
     from distill_core.text_pipeline import PromptConditioned, encode_prompts, vae_decoder
@@ -150,13 +153,17 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     prompts = read_prompts(prompts)
     model = load_model(model_dir, pipeline=True)
     shape = sample_shape(model, root)
-    denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape), encode_prompts(root, index, prompts))
+    flux = type(model).__name__ == "FluxTransformer2DModel"
+    embedded = None
+    if flux and model.config.guidance_embeds:
+        embedded = FLUX_GUIDANCE if guidance is None else float(guidance)
+    denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape, embedded),
+                                 encode_prompts(root, index, prompts))
     n = len(prompts)
 
     def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(n, (batch,), generator=generator)
 
-    flux = type(model).__name__ == "FluxTransformer2DModel"
-    card = {"embedded_guidance": FLUX_GUIDANCE} if flux and model.config.guidance_embeds else {}
+    card = {} if embedded is None else {"embedded_guidance": embedded}
     return TeacherSource(str(root), denoiser, shape, draw_cond, torch.tensor([n]), 1.0 if flux else TEXT_GUIDANCE,
                          n, card=card, decode=vae_decoder(root))

@@ -80,9 +80,10 @@ def finetuned_source() -> TeacherSource:
 
 
 def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
-                   prompts: str | None = None) -> TeacherSource:
+                   prompts: str | None = None, guidance: float | None = None) -> TeacherSource:
     """The teacher a run names: a built-in one, or a local diffusers model directory (``diffusers_source``,
-    with ``classes`` and ``null_class``, or for a text-to-image pipeline the prompt file ``prompts``)."""
+    with ``classes`` and ``null_class``, or for a text-to-image pipeline the prompt file ``prompts``, and the
+    run's ``guidance``, which a guidance-distilled pipeline takes as its input)."""
     if prompts and name in TEACHERS:
         raise ValueError(f"--prompts is for text-to-image pipeline directories; the {name} teacher is conditioned "
                          "on classes")
@@ -95,7 +96,7 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
     if "/" in name or "\\" in name or name.startswith(".") or Path(name).exists():
         from distill_core.diffusers_source import diffusers_source
 
-        return diffusers_source(name, classes, null_class, prompts)
+        return diffusers_source(name, classes, null_class, prompts, guidance)
     raise ValueError(
         f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, or the path of a local diffusers model "
         "directory (ComfyUI checkpoints come through the nodes)"

@@ -254,13 +254,16 @@ def pipeline_euler(teacher, prompt: str, x: torch.Tensor, times: list[float]) ->
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_sd3_and_flux_pipelines_sample_as_their_own_pipeline_and_distil_end_to_end(tmp_path, capsys, kind):
+def test_sd3_and_flux_pipelines_sample_as_their_own_pipeline_and_distil_end_to_end(tmp_path, capsys, monkeypatch,
+                                                                                     kind):
     """An SD3 or Flux pipeline directory is a teacher over prompts: Euler through its denoiser on the pipeline's
     own (shifted) times reproduces the pipeline's sampler, so the text encoders, the packing of Flux's latents,
     the time scales and Flux's embedded guidance are the pipeline's; the main job distils it with the full report,
-    its student on the scheduler's shifted flow grid, a Flux dev student naming its embedded guidance."""
+    its student on the scheduler's shifted flow grid; Flux dev takes the run's --guidance as its input (no CFG),
+    its student file names it, and compare rebuilds the teacher with it."""
     from distill_core.schedules import flux_shift
     from distill_core.solvers import euler
+    from distill_core.sources import teacher_source
 
     teacher = dit_pipeline_dir(tmp_path / kind, kind)
     prompts = tmp_path / "prompts.txt"
@@ -278,15 +281,24 @@ def test_sd3_and_flux_pipelines_sample_as_their_own_pipeline_and_distil_end_to_e
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
     out = tmp_path / "run"
+    guidance = [] if kind == "sd3" else ["--guidance", "2.5"]  # Flux dev: its guidance input, and no CFG
     assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--steps", "2", "--iters", "2",
-                 "--batch", "2", "--eval-samples", "4", "--out", str(out), "--no-progress"]) == 0
+                 "--batch", "2", "--eval-samples", "4", "--out", str(out), "--no-progress", *guidance]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report.get("embedded_guidance") == (None if kind == "sd3" else 3.5)
+    assert (report["guidance"], report.get("embedded_guidance")) == ((5.0, None) if kind == "sd3" else (1.0, 2.5))
     assert any(r["method"] == "sfd" and r["nfe"] == 2 for r in report["rows"])
     card = read_card(out / "student.safetensors")
     assert card["schedule"] == {**card["schedule"], "name": "flow", "shift": pytest.approx(shift)}
     assert card.get("embedded_guidance") == report.get("embedded_guidance")
     assert (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by the pipeline's VAE
+    if kind == "flux":  # compare rebuilds the teacher at the guidance input its students name
+        import distill_core.sources as sources
+
+        built = []
+        monkeypatch.setattr(sources, "teacher_source", lambda *a: built.append(a) or teacher_source(*a))
+        assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--count", "2",
+                     "--reference-steps", "4", "--out", str(tmp_path / "cmp")]) == 0
+        assert built[0][-1] == 2.5 and built[0][0] == str(teacher)
 
     assert main(["distill", "--teacher", str(teacher / "transformer"), "--out", str(tmp_path / "r"),
                  "--no-progress"]) == 1

@@ -22,7 +22,8 @@ from torch import nn
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, FlowDenoiser, t_to_sigma
 from distill_core.schedules import flux_shift
 
-#: the embedded guidance a guidance-distilled Flux model is distilled at (FluxPipeline's default)
+#: the embedded guidance a guidance-distilled Flux model is distilled at unless the run says another
+#: (FluxPipeline's default)
 FLUX_GUIDANCE = 3.5
 
 
@@ -73,13 +74,16 @@ class FluxVelocity(nn.Module):
         return v.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...]) -> FlowDenoiser:
+def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
+                  embedded_guidance: float | None = None) -> FlowDenoiser:
     """The ``FlowDenoiser`` of a diffusers flow model with its scheduler's config, for samples of ``shape``
-    (C, H, W): from its lowest trained time t = 1 / T to sigma_max = 80, shifted as its scheduler samples."""
+    (C, H, W): from its lowest trained time t = 1 / T to sigma_max = 80, shifted as its scheduler samples; a
+    guidance-distilled Flux model at ``embedded_guidance`` (default ``FLUX_GUIDANCE``)."""
     steps = int(scheduler.get("num_train_timesteps", 1000))
     name = type(model).__name__
     if name == "FluxTransformer2DModel":
-        guidance = FLUX_GUIDANCE if model.config.guidance_embeds else None
+        embedded = FLUX_GUIDANCE if embedded_guidance is None else embedded_guidance
+        guidance = embedded if model.config.guidance_embeds else None
         net, time_scale = FluxVelocity(model, guidance), 1.0
     elif name == "SD3Transformer2DModel":
         net, time_scale = SD3Velocity(model), float(steps)

@@ -70,7 +70,10 @@ class TeacherSource:
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def scale(self, w: float | None) -> float:
-        """The guidance scale of a run: ``w`` as configured, else the teacher's own."""
+        """The guidance scale of a run: ``w`` as configured, else the teacher's own; 1 (no CFG) for a teacher
+        that takes its guidance as an input (``embedded_guidance``: the run's w went there)."""
+        if "embedded_guidance" in self.card:
+            return 1.0
         return float(self.guidance if w is None else w)
 
 
