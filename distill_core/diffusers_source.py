@@ -13,8 +13,8 @@ the network was trained:
 
 Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
 ``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
-pipeline (SD1.x and SD2.x: a ``UNet2DConditionModel``; SD3 and Flux: their transformers, with all their text
-encoders) trains on ``prompts`` instead (``text_pipeline``).
+pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3 and Flux: their transformers; with all their
+text encoders) trains on ``prompts`` instead (``text_pipeline``).
 """
 
 from __future__ import annotations
@@ -131,8 +131,9 @@ def sample_shape(model: nn.Module, root: Path) -> tuple[int, ...]:
     its latent as 4 C channels, the size its pipeline's VAE makes of the VAE's own image size."""
     config = model.config
     if type(model).__name__ == "FluxTransformer2DModel":
-        vae = read_json(root / "vae" / "config.json")
-        size = vae["sample_size"] // 2 ** (len(vae["block_out_channels"]) - 1)
+        from distill_core.text_pipeline import vae_scale
+
+        size = read_json(root / "vae" / "config.json")["sample_size"] // vae_scale(root)
         return (config.in_channels // 4, size, size)
     size = config.sample_size
     return (config.in_channels, *((size, size) if isinstance(size, int) else size))
@@ -158,7 +159,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     if flux and model.config.guidance_embeds:
         embedded = FLUX_GUIDANCE if guidance is None else float(guidance)
     denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape, embedded),
-                                 encode_prompts(root, index, prompts))
+                                 encode_prompts(root, index, prompts, shape))
     n = len(prompts)
 
     def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor:

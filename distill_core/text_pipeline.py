@@ -1,23 +1,26 @@
 """Text-to-image teachers from diffusers pipeline directories (``--teacher DIR --prompts FILE``), offline.
 
-A pipeline directory (``model_index.json``) with ``scheduler/``, optionally ``vae/`` (an ``AutoencoderKL``,
-which decodes the report's grid), and either
+A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or
+of SD3 or Flux (``transformer/``), with ``scheduler/``, its text encoders and tokenizers, and optionally ``vae/``
+(an ``AutoencoderKL``, which decodes the report's grid).
 
-* ``unet/`` (a ``UNet2DConditionModel``, as SD1.x and SD2.x) with one ``text_encoder/`` and ``tokenizer/`` (the
-  transformers classes that ``model_index.json`` names): a prompt's condition is the encoder's last hidden
-  states c; or
-* ``transformer/`` (SD3, Flux) with all of its text encoders: the pipeline's own ``encode_prompt`` gives the
-  token embeddings c and the pooled embedding p of each prompt.
-
-The prompts are encoded once, with the empty prompt as classifier-free guidance's unconditional side (the
-pipeline's own default negative). The teacher is then class-conditional over prompts: condition k < P is
-prompt k, condition P the empty prompt. So every part of the engine that takes class labels (training
-draws, CFG, evaluation sets that cycle through the conditions, reports) takes prompts unchanged.
+The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
+arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and
+T5's), and the pooled embedding p where the network takes one (SDXL: ``text_embeds``, with the image's size
+and crop as ``time_ids``; SD3 and Flux: ``pooled_projections``). Classifier-free guidance's unconditional
+side is the pipeline's own negative: the empty prompt encoded (SD1.x, SD2.x, SD3), or zeros (SDXL, which
+zeroes an empty negative); Flux samples without CFG. The teacher is then class-conditional over prompts:
+condition k < P is prompt k, condition P the negative. So every part of the engine that takes class labels
+(training draws, CFG, evaluation sets that cycle through the conditions, reports) takes prompts unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import inspect
+import json
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -25,19 +28,20 @@ from torch import nn
 
 #: attributes of the text denoiser that the engine reads from a teacher's denoiser
 DENOISER_ATTRIBUTES = ("sigma_min", "sigma_max", "prediction", "shift")
+#: the pipelines this command distils, by ``model_index.json``'s class name
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+#: the parts of a pipeline that encoding prompts does not load
+NOT_FOR_PROMPTS = ("unet", "transformer", "vae", "safety_checker", "feature_extractor", "image_encoder")
 
 
 class PromptConditioned(nn.Module):
-    """D(x, sigma, k) = D_text(x, sigma, e_k): a denoiser over text embeddings read through a table ``e`` of
-    encoded prompts ``[P + 1, T, C]`` (row P: the empty prompt), or through several tables by name (SD3 and
-    Flux: {"context": c, "pooled": p}). The tables are no part of the teacher's identity (its fingerprint): a
-    student distilled on some prompts samples any others."""
+    """D(x, sigma, k) = D_text(x, sigma, e_k): a denoiser over text conditions read through tables ``e`` of
+    encoded prompts by the network's keyword (``[P + 1, ...]`` each, row P the negative). The tables are no part
+    of the teacher's identity (its fingerprint): a student distilled on some prompts samples any others."""
 
-    def __init__(self, inner: nn.Module, embeddings: torch.Tensor | dict[str, torch.Tensor]):
+    def __init__(self, inner: nn.Module, tables: dict[str, torch.Tensor]):
         super().__init__()
-        self.inner = inner
-        self.names = list(embeddings) if isinstance(embeddings, dict) else None
-        tables = embeddings if isinstance(embeddings, dict) else {"embeddings": embeddings}
+        self.inner, self.names = inner, list(tables)
         for name, table in tables.items():
             self.register_buffer(name, table, persistent=False)
         for name in DENOISER_ATTRIBUTES:
@@ -51,8 +55,6 @@ class PromptConditioned(nn.Module):
         if cond is None:
             raise ValueError("a text-to-image teacher needs a prompt index per sample")
         rows = cond.to(x.device).long()
-        if self.names is None:
-            return self.inner(x, sigma, self.embeddings[rows])
         return self.inner(x, sigma, {name: getattr(self, name)[rows] for name in self.names})
 
 
@@ -65,66 +67,73 @@ def _transformers():
     return transformers
 
 
-def text_parts(root: Path, index: dict) -> tuple[str, str]:
-    """The transformers class names of a UNet pipeline's tokenizer and text encoder; a clear refusal for UNet
-    pipelines with more than one text encoder."""
-    if "text_encoder_2" in index or "text_encoder_3" in index:
-        raise ValueError(f"{root}: a UNet pipeline with several text encoders (SDXL) is distilled through ComfyUI "
-                         "(Teacher from MODEL); this command takes SD1.x, SD2.x, SD3 and Flux pipelines")
-    names = []
-    for part in ("tokenizer", "text_encoder"):
-        entry = index.get(part) or [None, None]
-        if entry[0] != "transformers" or not (root / part).is_dir():
-            raise ValueError(f"{root}: model_index.json names no transformers {part} in {root / part}")
-        names.append(entry[1])
-    return names[0], names[1]
+def vae_scale(root: Path) -> int:
+    """How many pixels a latent pixel of the pipeline's VAE spans per side (8 without a ``vae/``)."""
+    config = root / "vae" / "config.json"
+    if not config.is_file():
+        return 8
+    return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
+
+
+@contextlib.contextmanager
+def quiet(*libraries) -> Iterator[None]:
+    """diffusers' and transformers' notices about a pipeline's files (deprecated scheduler settings, a missing
+    safety checker, optional image processors) held back while its encoders load and run: they are the
+    pipeline's, not the run's."""
+    levels = [lib.utils.logging.get_verbosity() for lib in libraries]
+    for lib in libraries:
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lib, level in zip(libraries, levels):
+            lib.utils.logging.set_verbosity(level)
 
 
 @torch.no_grad()
-def encode_prompts(root: Path, index: dict, prompts: list[str]) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The conditions of every prompt and of the empty prompt, as the pipeline encodes them: a UNet pipeline's
-    ``[P + 1, T, C]`` last hidden states of its text encoder, padded to the tokenizer's length; a transformer
-    pipeline's token and pooled embeddings (``encode_with_pipeline``)."""
-    if "transformer" in index:
-        return encode_with_pipeline(root, [*prompts, ""])
-    transformers = _transformers()
-    transformers.utils.logging.disable_progress_bar()
-    tokenizer_name, encoder_name = text_parts(root, index)
-    tokenizer = getattr(transformers, tokenizer_name).from_pretrained(root / "tokenizer", local_files_only=True)
-    if not any((root / "text_encoder").glob("*.safetensors")):
-        raise FileNotFoundError(f"{root / 'text_encoder'}: no .safetensors weights (only safetensors are loaded)")
-    encoder = getattr(transformers, encoder_name).from_pretrained(
-        root / "text_encoder", local_files_only=True, use_safetensors=True).eval()
-    ids = tokenizer([*prompts, ""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return encoder(ids)[0].float()
-
-
-@torch.no_grad()
-def encode_with_pipeline(root: Path, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """{"context": [P, T, C], "pooled": [P, C']} from an SD3 or Flux pipeline's own ``encode_prompt`` (all its
-    text encoders: SD3's two CLIPs and T5, Flux's CLIP and T5), loaded without its transformer and VAE."""
-    transformers = _transformers()
+def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The network's text keyword arguments for every prompt and, in row P, for the negative, from the
+    pipeline's own ``encode_prompt`` (see the module docstring), loaded without its network and VAE; ``shape``:
+    the latent (C, H, W), whose image size SDXL takes as its ``time_ids``."""
     import diffusers
 
-    for log in (diffusers.utils.logging, transformers.utils.logging):
-        log.disable_progress_bar()
+    name = index.get("_class_name")
+    if name not in PIPELINES:
+        raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
+                         f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux)")
     for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        folder = root / part
-        if folder.is_dir() and not any(folder.glob("*.safetensors")):
-            raise FileNotFoundError(f"{folder}: no .safetensors weights (only safetensors are loaded)")
-    pipe = diffusers.DiffusionPipeline.from_pretrained(root, transformer=None, vae=None, use_safetensors=True,
-                                                       local_files_only=True)
-    name = type(pipe).__name__
-    if name == "StableDiffusion3Pipeline":
-        context, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device="cpu",
-                                                   do_classifier_free_guidance=False)
-    elif name == "FluxPipeline":
-        context, pooled, _ = pipe.encode_prompt(prompts, None, device="cpu")
-    else:
-        raise ValueError(f"{root}: a {name} is not a pipeline this command distils (it takes SD1.x, SD2.x, SD3 "
-                         "and Flux pipelines)")
-    return {"context": context.float(), "pooled": pooled.float()}
+        if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
+            raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
+    with quiet(diffusers, _transformers()):
+        return _encode(root, name, prompts, shape)
+
+
+def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    skipped = {part: None for part in NOT_FOR_PROMPTS if part in inspect.signature(cls.__init__).parameters}
+    pipe = cls.from_pretrained(root, **skipped, use_safetensors=True, local_files_only=True)
+    if name == "StableDiffusionPipeline":
+        context, negative = pipe.encode_prompt(prompts, "cpu", 1, True)
+        return {"encoder_hidden_states": torch.cat([context, negative[:1]]).float()}
+    if name == "FluxPipeline":
+        context, pooled, _ = pipe.encode_prompt([*prompts, ""], None, device="cpu")
+        return {"encoder_hidden_states": context.float(), "pooled_projections": pooled.float()}
+    if name == "StableDiffusionXLPipeline":
+        context, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, None, "cpu", 1, True)
+        height, width = (side * vae_scale(root) for side in shape[1:])
+        size = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)  # original, crop, target
+        return {"encoder_hidden_states": torch.cat([context, negative[:1]]).float(),
+                "text_embeds": torch.cat([pooled, negative_pooled[:1]]).float(),
+                "time_ids": size.expand(len(prompts) + 1, 6).clone()}
+    context, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, None, None, device="cpu",
+                                                                    do_classifier_free_guidance=True)
+    return {"encoder_hidden_states": torch.cat([context, negative[:1]]).float(),
+            "pooled_projections": torch.cat([pooled, negative_pooled[:1]]).float()}
 
 
 def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:

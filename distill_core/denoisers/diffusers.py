@@ -30,14 +30,17 @@ from torch import nn
 from distill_core.denoisers.base import Cond, cast_cond, expand_sigma, network_dtype
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: SDXL's added conditions (the pooled text embedding, the image's size and crop): ``added_cond_kwargs``
+ADDED_CONDITIONS = ("text_embeds", "time_ids")
 
 
 class DiffusersDenoiser(nn.Module):
     """``D(x, sigma, cond) -> x0`` over a diffusers ``UNet2DModel`` or ``UNet2DConditionModel``.
 
     ``cond`` is a dict of extra keyword arguments of the UNet (``encoder_hidden_states``,
-    ``added_cond_kwargs``, ``class_labels``, ...), a tensor (the ``encoder_hidden_states`` of a UNet
-    that takes them, else its ``class_labels``) or None. ``sigmas`` is the training grid, ascending in t.
+    ``added_cond_kwargs``, ``class_labels``, ...; SDXL's ``text_embeds`` and ``time_ids`` may come flat, beside
+    the others), a tensor (the ``encoder_hidden_states`` of a UNet that takes them, else its ``class_labels``)
+    or None. ``sigmas`` is the training grid, ascending in t.
     """
 
     def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
@@ -106,7 +109,11 @@ class DiffusersDenoiser(nn.Module):
         if cond is None:
             return {}
         if isinstance(cond, dict):
-            return dict(cond)
+            kwargs = dict(cond)
+            added = {k: kwargs.pop(k) for k in ADDED_CONDITIONS if k in kwargs}
+            if added:
+                kwargs["added_cond_kwargs"] = {**kwargs.get("added_cond_kwargs", {}), **added}
+            return kwargs
         if isinstance(cond, torch.Tensor):
             return {"encoder_hidden_states" if self._takes_text else "class_labels": cond}
         raise TypeError(f"cond must be a tensor, a dict of UNet keyword arguments or None, got {type(cond).__name__}")

@@ -5,7 +5,7 @@ v = n - x0, the convention of ``denoisers.flow``; they differ in what they take 
 
 * a ``UNet2DModel``: the time t * T (T = ``num_train_timesteps``) and optional class labels;
 * SD3's ``SD3Transformer2DModel``: t * T, the text encoders' token embeddings c (``encoder_hidden_states``) and
-  their pooled embedding p (``pooled_projections``);
+  their pooled embedding p (``pooled_projections``), given as a condition of those keywords;
 * Flux's ``FluxTransformer2DModel``: t itself, c and p as SD3, the latent cut into 2 x 2 patches, each patch a
   token of 4 C channels with its position (0, row, column) (``img_ids``; text tokens at 0, ``txt_ids``), and, in
   a guidance-distilled model (Flux dev), the guidance scale g as an input: v(x_t, t, c, p, g).
@@ -39,19 +39,19 @@ class UNetVelocity(nn.Module):
 
 
 class SD3Velocity(nn.Module):
-    """SD3's transformer as v(x_t, t T, {"context": c, "pooled": p})."""
+    """SD3's transformer as v(x_t, t T, {"encoder_hidden_states": c, "pooled_projections": p})."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
         self.transformer = transformer
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
-        return self.transformer(hidden_states=x, timestep=time, encoder_hidden_states=cond["context"],
-                                pooled_projections=cond["pooled"], return_dict=False)[0]
+        return self.transformer(hidden_states=x, timestep=time, **cond, return_dict=False)[0]
 
 
 class FluxVelocity(nn.Module):
-    """Flux's transformer as v(x_t, t, {"context": c, "pooled": p}) on [B, C, H, W] latents: packed into
+    """Flux's transformer as v(x_t, t, {"encoder_hidden_states": c, "pooled_projections": p}) on [B, C, H, W]
+    latents: packed into
     (H / 2)(W / 2) tokens of 4 C channels on the way in, unpacked on the way out; ``guidance``: the embedded
     guidance g of a guidance-distilled model (None for one without, as Flux schnell)."""
 
@@ -65,12 +65,10 @@ class FluxVelocity(nn.Module):
         img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
         img_ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
         img_ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
-        context = cond["context"]
+        text_tokens = cond["encoder_hidden_states"].shape[1]
         guidance = None if self.guidance is None else torch.full((b,), self.guidance, device=x.device)
-        v = self.transformer(hidden_states=tokens, timestep=time, guidance=guidance,
-                             pooled_projections=cond["pooled"], encoder_hidden_states=context,
-                             txt_ids=context.new_zeros(context.shape[1], 3), img_ids=img_ids.view(-1, 3),
-                             return_dict=False)[0]
+        v = self.transformer(hidden_states=tokens, timestep=time, guidance=guidance, **cond,
+                             txt_ids=x.new_zeros(text_tokens, 3), img_ids=img_ids.view(-1, 3), return_dict=False)[0]
         return v.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
