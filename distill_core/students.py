@@ -79,7 +79,7 @@ SCALAR_INPUTS = {
 NOT_NETWORK = (*(f"{i.attr}." for i in SCALAR_INPUTS.values()), "afs.")
 AFS_MEANS_KEY = "afs.class_means"
 EXPERT_PREFIX = "expert.{}."  # an Experts student's tensors of expert k, in its file
-TIME_EMBEDDING_NAMES = ("time_embedding", "time_embed")
+TIME_EMBEDDING_NAMES = ("time_embedding", "time_embed", "time_text_embed")  # UNets; SD3 and Flux
 
 
 def lora_target(denoiser: nn.Module) -> tuple[nn.Module, str]:

@@ -328,3 +328,13 @@ def test_multi_encoder_pipelines_sample_as_their_own_pipeline_and_distil_end_to_
         assert main(["distill", "--teacher", str(teacher / "transformer"), "--out", str(tmp_path / "r"),
                      "--no-progress"]) == 1
         assert "takes the text embeddings of its pipeline's encoders" in capsys.readouterr().err
+
+    # SFD-v and LCM condition a DiT through its timestep-and-text embedding, as a UNet through its time embedding
+    from distill_core.students import StudentNet
+
+    student = StudentNet(source.denoiser, step_conditioned=True)
+    assert student.injection.endswith("time_embedding" if kind == "sdxl" else "transformer.time_text_embed")
+    with torch.no_grad():
+        torch.nn.init.normal_(student.step_embed.mlp[-1].weight)
+        assert not torch.allclose(student(start, 2.0, torch.tensor([0]), nfe=2),
+                                  student(start, 2.0, torch.tensor([0]), nfe=5))
