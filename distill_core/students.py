@@ -80,6 +80,8 @@ NOT_NETWORK = (*(f"{i.attr}." for i in SCALAR_INPUTS.values()), "afs.")
 AFS_MEANS_KEY = "afs.class_means"
 EXPERT_PREFIX = "expert.{}."  # an Experts student's tensors of expert k, in its file
 TIME_EMBEDDING_NAMES = ("time_embedding", "time_embed", "time_text_embed")  # UNets; SD3 and Flux
+#: the attributes through which adapters hold the network they wrap
+WRAPPED = ("inner", "net", "unet", "transformer")
 
 
 def lora_target(denoiser: nn.Module) -> tuple[nn.Module, str]:
@@ -223,8 +225,11 @@ def _injection_point(denoiser: nn.Module) -> tuple[str, int]:
             linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
             if linears:
                 return name, linears[-1].out_features
+    inner = denoiser
+    while any(hasattr(inner, a) for a in WRAPPED):  # name the network, not the adapters around it
+        inner = next(getattr(inner, a) for a in WRAPPED if hasattr(inner, a))
     raise ValueError(
-        f"cannot condition a {type(denoiser).__name__} on a step count or a guidance scale: supported are the "
+        f"cannot condition a {type(inner).__name__} on a step count or a guidance scale: supported are the "
         f"built-in UNet (extra_emb) and networks with a time-embedding module named one of {TIME_EMBEDDING_NAMES}"
     )
 

@@ -186,6 +186,10 @@ def test_step_embedding_through_a_time_embedding_hook():
     bare.sigma_min, bare.sigma_max = 0.002, 80.0
     with pytest.raises(ValueError, match="cannot condition"):
         StudentNet(bare, step_conditioned=True)
+    from distill_core.text_pipeline import PromptConditioned
+
+    with pytest.raises(ValueError, match="cannot condition a Linear"):  # the network named, not its adapter
+        StudentNet(PromptConditioned(bare, {"encoder_hidden_states": torch.zeros(2, 3)}), step_conditioned=True)
 
 
 def test_training_moves_the_student_towards_the_teacher(tiny_edm, tmp_path):
