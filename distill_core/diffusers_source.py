@@ -54,11 +54,11 @@ def model_and_scheduler_dirs(root: Path) -> tuple[Path, Path]:
                             "scheduler says how the model was trained (its noise schedule and prediction type)")
 
 
-def load_model(folder: Path, pipeline: bool) -> nn.Module:
-    """The diffusers network in ``folder`` (a UNet, or in a pipeline directory a diffusion transformer)."""
-    import diffusers
-
-    name = read_json(folder / "config.json").get("_class_name") if (folder / "config.json").is_file() else None
+def model_config(folder: Path, pipeline: bool) -> dict:
+    """The ``config.json`` of the diffusers network in ``folder`` (a UNet, or in a pipeline directory a
+    diffusion transformer), with a clear refusal of what this command does not distil."""
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    name = config.get("_class_name")
     if name in TRANSFORMERS and not pipeline:
         raise ValueError(f"{folder}: a {name} takes the text embeddings of its pipeline's encoders: give the "
                          "pipeline's directory (the one with model_index.json)")
@@ -68,7 +68,15 @@ def load_model(folder: Path, pipeline: bool) -> nn.Module:
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"{folder}: no .safetensors weights (only safetensors are loaded; convert a .bin "
                                 "checkpoint with diffusers' save_pretrained(safe_serialization=True))")
-    model = getattr(diffusers, name).from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    return config
+
+
+def load_model(folder: Path, config: dict) -> nn.Module:
+    """The network ``model_config`` accepted, frozen."""
+    import diffusers
+
+    model = getattr(diffusers, config["_class_name"]).from_pretrained(folder, use_safetensors=True,
+                                                                      local_files_only=True)
     return model.eval().requires_grad_(False)
 
 
@@ -106,8 +114,9 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     if prompts:
         raise ValueError(f"{root}: --prompts is for text-to-image pipelines (a model_index.json naming a "
                          "text_encoder); this model is conditioned on class labels or nothing")
-    unet = load_model(model_dir, pipeline=False)
-    embeds = getattr(unet.config, "num_class_embeds", None)
+    config = model_config(model_dir, pipeline=False)
+    unet = load_model(model_dir, config)
+    embeds = config.get("num_class_embeds")
     if classes and not embeds:
         raise ValueError(f"{root}: --classes {classes} given, but the model has no class embeddings")
     if embeds and not classes:
@@ -121,22 +130,22 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
         return torch.randint(classes, (batch,), generator=generator) if classes else None
 
     uncond = torch.tensor([null_class]) if null_class is not None else None
-    shape = sample_shape(unet, root)
+    shape = sample_shape(config, root)
     return TeacherSource(str(root), denoiser_for(unet, scheduler_dir, shape), shape, draw_cond, uncond, 1.0,
                          classes)
 
 
-def sample_shape(model: nn.Module, root: Path) -> tuple[int, ...]:
-    """(C, H, W) of the model's samples: its configured size; Flux, which has none and takes 2 x 2 patches of
-    its latent as 4 C channels, the size its pipeline's VAE makes of the VAE's own image size."""
-    config = model.config
-    if type(model).__name__ == "FluxTransformer2DModel":
+def sample_shape(config: dict, root: Path) -> tuple[int, ...]:
+    """(C, H, W) of the samples of the model whose ``config.json`` is ``config``: its configured size; Flux, which
+    has none and takes 2 x 2 patches of its latent as 4 C channels, the size its pipeline's VAE makes of the
+    VAE's own image size."""
+    if config["_class_name"] == "FluxTransformer2DModel":
         from distill_core.text_pipeline import vae_scale
 
         size = read_json(root / "vae" / "config.json")["sample_size"] // vae_scale(root)
-        return (config.in_channels // 4, size, size)
-    size = config.sample_size
-    return (config.in_channels, *((size, size) if isinstance(size, int) else size))
+        return (config["in_channels"] // 4, size, size)
+    size = config["sample_size"]
+    return (config["in_channels"], *((size, size) if isinstance(size, int) else size))
 
 
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
@@ -152,14 +161,15 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     if classes:
         raise ValueError(f"{root}: a text-to-image pipeline trains on prompts (--prompts FILE), not --classes")
     prompts = read_prompts(prompts)
-    model = load_model(model_dir, pipeline=True)
-    shape = sample_shape(model, root)
+    config = model_config(model_dir, pipeline=True)
+    shape = sample_shape(config, root)
+    tables = encode_prompts(root, index, prompts, shape)  # the text encoders freed before the network loads
+    model = load_model(model_dir, config)
     flux = type(model).__name__ == "FluxTransformer2DModel"
     embedded = None
     if flux and model.config.guidance_embeds:
         embedded = FLUX_GUIDANCE if guidance is None else float(guidance)
-    denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape, embedded),
-                                 encode_prompts(root, index, prompts, shape))
+    denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape, embedded), tables)
     n = len(prompts)
 
     def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor:
