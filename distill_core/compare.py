@@ -216,9 +216,9 @@ def run(args: argparse.Namespace) -> int:
     for path in args.students:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no student file {path}: give the .safetensors files that distill writes")
-    embedded = read_card(args.students[0]).get("embedded_guidance")  # a guidance-distilled teacher's input
+    card = read_card(args.students[0])  # a guidance-distilled teacher's input, and the image side trained at
     source = teacher_source(args.teacher or named_teacher(args.students), args.classes, args.null_class,
-                            args.prompts, embedded)
+                            args.prompts, card.get("embedded_guidance"), card.get("resolution"))
     source.denoiser.to("cuda" if torch.cuda.is_available() else "cpu")
     students = [InMemory(load_student(path, source.denoiser, source.uncond)) for path in args.students]
     stems = [Path(p).stem for p in args.students]

@@ -57,6 +57,9 @@ class DistillConfig:
                                     "classifier-free guidance (None: no guidance)", min=0)
     prompts: str | None = option(None, "a text-to-image pipeline directory: a text file of training prompts, one "
                                  "per line (None: the shipped list)")
+    resolution: int | None = option(None, "a teacher from a directory: the side of its square images in pixels "
+                                    "(None: the model's own, e.g. 512 for SD 1.5, 1024 for SDXL, SD3 and Flux)",
+                                    min=8)
     method: str = option("sfd", "the distillation method (python -m distill_core distill --help lists them)")
     steps: int = option(4, "network evaluations (NFE) per sample of the student", min=1, max=1000)
     sigma_min: float = option(EDM_SIGMA_MIN, "the lowest noise level of the student's schedule", min=0)

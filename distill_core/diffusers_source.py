@@ -102,15 +102,17 @@ def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...],
 
 
 def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None = None,
-                     prompts: str | Path | None = None, guidance: float | None = None) -> TeacherSource:
+                     prompts: str | Path | None = None, guidance: float | None = None,
+                     resolution: int | None = None) -> TeacherSource:
     """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
     pipeline's file of training prompts (default: the shipped list); ``guidance``: the run's guidance, which a
-    guidance-distilled pipeline (Flux dev) takes as its input."""
+    guidance-distilled pipeline (Flux dev) takes as its input; ``resolution``: the side of its square images in
+    pixels (None: the model's own), which its students' files name."""
     root = Path(path)
     model_dir, scheduler_dir = model_and_scheduler_dirs(root)
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
     if "text_encoder" in index:
-        return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance)
+        return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution)
     if prompts:
         raise ValueError(f"{root}: --prompts is for text-to-image pipelines (a model_index.json naming a "
                          "text_encoder); this model is conditioned on class labels or nothing")
@@ -130,26 +132,36 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
         return torch.randint(classes, (batch,), generator=generator) if classes else None
 
     uncond = torch.tensor([null_class]) if null_class is not None else None
-    shape = sample_shape(config, root)
+    shape = sample_shape(config, root, resolution)
     return TeacherSource(str(root), denoiser_for(unet, scheduler_dir, shape), shape, draw_cond, uncond, 1.0,
-                         classes)
+                         classes, card={"resolution": resolution} if resolution else {})
 
 
-def sample_shape(config: dict, root: Path) -> tuple[int, ...]:
-    """(C, H, W) of the samples of the model whose ``config.json`` is ``config``: its configured size; Flux, which
-    has none and takes 2 x 2 patches of its latent as 4 C channels, the size its pipeline's VAE makes of the
-    VAE's own image size."""
-    if config["_class_name"] == "FluxTransformer2DModel":
-        from distill_core.text_pipeline import vae_scale
+def sample_shape(config: dict, root: Path, resolution: int | None = None) -> tuple[int, ...]:
+    """(C, H, W) of the samples of the model whose ``config.json`` is ``config``: ``resolution`` pixels a side
+    (in a pipeline with a VAE, its latent of ``resolution`` / the VAE's scale), else the configured size; Flux,
+    which has none and takes 2 x 2 patches of its latent as 4 C channels, the size its pipeline's VAE makes of
+    the VAE's own image size. A side the network cannot take (its UNet's downsamplings, its transformer's
+    patches) is refused with the nearest sizes that fit."""
+    from distill_core.text_pipeline import vae_scale
 
-        size = read_json(root / "vae" / "config.json")["sample_size"] // vae_scale(root)
-        return (config["in_channels"] // 4, size, size)
-    size = config["sample_size"]
-    return (config["in_channels"], *((size, size) if isinstance(size, int) else size))
+    flux = config["_class_name"] == "FluxTransformer2DModel"
+    channels = config["in_channels"] // 4 if flux else config["in_channels"]
+    scale = vae_scale(root) if (root / "vae").is_dir() else 1
+    if resolution is None:
+        size = read_json(root / "vae" / "config.json")["sample_size"] // scale if flux else config["sample_size"]
+        return (channels, *((size, size) if isinstance(size, int) else size))
+    step = scale * (2 if flux else config.get("patch_size") or 2 ** (len(config.get("block_out_channels", ())) - 1))
+    if resolution % step:
+        low, high = resolution // step * step, (resolution // step + 1) * step
+        raise ValueError(f"--resolution {resolution}: this model takes sides in multiples of {step} pixels; give "
+                         f"{low or step} or {high}")
+    return (channels, resolution // scale, resolution // scale)
 
 
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
-                prompts: str | Path | None, guidance: float | None = None) -> TeacherSource:
+                prompts: str | Path | None, guidance: float | None = None,
+                resolution: int | None = None) -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the empty prompt
     (condition P) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``. Flux samples without CFG
     (w = 1, as its pipeline does); Flux dev takes ``guidance`` (default ``FLUX_GUIDANCE``) as its input, and its
@@ -162,7 +174,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
         raise ValueError(f"{root}: a text-to-image pipeline trains on prompts (--prompts FILE), not --classes")
     prompts = read_prompts(prompts)
     config = model_config(model_dir, pipeline=True)
-    shape = sample_shape(config, root)
+    shape = sample_shape(config, root, resolution)
     tables = encode_prompts(root, index, prompts, shape)  # the text encoders freed before the network loads
     model = load_model(model_dir, config)
     flux = type(model).__name__ == "FluxTransformer2DModel"
@@ -175,6 +187,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(n, (batch,), generator=generator)
 
-    card = {} if embedded is None else {"embedded_guidance": embedded}
+    card = {**({} if embedded is None else {"embedded_guidance": embedded}),
+            **({"resolution": resolution} if resolution else {})}
     return TeacherSource(str(root), denoiser, shape, draw_cond, torch.tensor([n]), 1.0 if flux else TEXT_GUIDANCE,
                          n, card=card, decode=vae_decoder(root))

@@ -96,7 +96,7 @@ def run_precompute(args: argparse.Namespace) -> int:
 
 def source_of(cfg: DistillConfig) -> TeacherSource:
     """The teacher a run's config names, loaded."""
-    return teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts, cfg.guidance)
+    return teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts, cfg.guidance, cfg.resolution)
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,

@@ -80,13 +80,17 @@ def finetuned_source() -> TeacherSource:
 
 
 def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
-                   prompts: str | None = None, guidance: float | None = None) -> TeacherSource:
+                   prompts: str | None = None, guidance: float | None = None,
+                   resolution: int | None = None) -> TeacherSource:
     """The teacher a run names: a built-in one, or a local diffusers model directory (``diffusers_source``,
     with ``classes`` and ``null_class``, or for a text-to-image pipeline the prompt file ``prompts``, and the
-    run's ``guidance``, which a guidance-distilled pipeline takes as its input)."""
+    run's ``guidance``, which a guidance-distilled pipeline takes as its input; ``resolution``: its image side
+    in pixels, where not its own)."""
     if prompts and name in TEACHERS:
         raise ValueError(f"--prompts is for text-to-image pipeline directories; the {name} teacher is conditioned "
                          "on classes")
+    if resolution and name in TEACHERS:
+        raise ValueError(f"--resolution is for teachers from directories; the {name} teacher draws 16 x 16 digits")
     if name == "builtin":
         return builtin_source()
     if name == "builtin-bold":
@@ -96,7 +100,7 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
     if "/" in name or "\\" in name or name.startswith(".") or Path(name).exists():
         from distill_core.diffusers_source import diffusers_source
 
-        return diffusers_source(name, classes, null_class, prompts, guidance)
+        return diffusers_source(name, classes, null_class, prompts, guidance, resolution)
     raise ValueError(
         f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, or the path of a local diffusers model "
         "directory (ComfyUI checkpoints come through the nodes)"

@@ -338,3 +338,34 @@ def test_multi_encoder_pipelines_sample_as_their_own_pipeline_and_distil_end_to_
         torch.nn.init.normal_(student.step_embed.mlp[-1].weight)
         assert not torch.allclose(student(start, 2.0, torch.tensor([0]), nfe=2),
                                   student(start, 2.0, torch.tensor([0]), nfe=5))
+
+
+def test_a_pipeline_distils_at_another_resolution_that_its_students_name(tmp_path, capsys):
+    """--resolution sets the side of a directory teacher's images (its latent: the side over the VAE's scale;
+    Flux's shift follows the token count); a side its network cannot take is refused with the nearest that fit;
+    the student file names the resolution and compare rebuilds the teacher at it."""
+    from distill_core.schedules import flux_shift
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\nan owl\n")
+    flux = multi_encoder_pipeline_dir(tmp_path / "flux", "flux")
+    source = diffusers_source(flux, prompts=prompts, resolution=32)
+    assert source.shape == (16, 16, 16) and source.denoiser.shift == pytest.approx(flux_shift(64))
+    assert source.card == {"embedded_guidance": 3.5, "resolution": 32}
+
+    sd3 = multi_encoder_pipeline_dir(tmp_path / "sd3", "sd3")
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(sd3), "--prompts", str(prompts), "--resolution", "24", "--steps", "2",
+                 "--iters", "1", "--batch", "2", "--eval-samples", "4", "--out", str(out), "--no-progress"]) == 0
+    assert read_card(out / "student.safetensors")["resolution"] == 24
+    cmp = tmp_path / "cmp"
+    assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--count", "1",
+                 "--reference-steps", "2", "--out", str(cmp)]) == 0
+    png = (cmp / "compare.png").read_bytes()
+    assert int.from_bytes(png[20:24], "big") > 3 * 24  # three rows of 24-pixel images (and their labels)
+    for flags, message in [(["--teacher", str(sd3), "--prompts", str(prompts), "--resolution", "26"],
+                            "--resolution 26: this model takes sides in multiples of 4 pixels; give 24 or 28"),
+                           (["--resolution", "64"], "--resolution is for teachers from directories")]:
+        assert main(["distill", *flags, "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
