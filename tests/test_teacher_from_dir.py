@@ -323,7 +323,7 @@ def test_multi_encoder_pipelines_sample_as_their_own_pipeline_and_distil_end_to_
         monkeypatch.setattr(sources, "teacher_source", lambda *a: built.append(a) or teacher_source(*a))
         assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--count", "2",
                      "--reference-steps", "4", "--out", str(tmp_path / "cmp")]) == 0
-        assert built[0][-1] == 2.5 and built[0][0] == str(teacher)
+        assert built[0][0] == str(teacher) and built[0][4:] == (2.5, None)  # guidance input, own resolution
     if kind != "sdxl":
         assert main(["distill", "--teacher", str(teacher / "transformer"), "--out", str(tmp_path / "r"),
                      "--no-progress"]) == 1
