@@ -190,4 +190,4 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     card = {**({} if embedded is None else {"embedded_guidance": embedded}),
             **({"resolution": resolution} if resolution else {})}
     return TeacherSource(str(root), denoiser, shape, draw_cond, torch.tensor([n]), 1.0 if flux else TEXT_GUIDANCE,
-                         n, card=card, decode=vae_decoder(root))
+                         n, card=card, decode=vae_decoder(root), prompt_table=True)

@@ -11,7 +11,9 @@ and crop as ``time_ids``; SD3 and Flux: ``pooled_projections``). Classifier-free
 side is the pipeline's own negative: the empty prompt encoded (SD1.x, SD2.x, SD3), or zeros (SDXL, which
 zeroes an empty negative); Flux samples without CFG. The teacher is then class-conditional over prompts:
 condition k < P is prompt k, condition P the negative. So every part of the engine that takes class labels
-(training draws, CFG, evaluation sets that cycle through the conditions, reports) takes prompts unchanged.
+(training draws, CFG, evaluation sets that cycle through the conditions, reports) takes prompts unchanged;
+only what would be stored per condition is not (``TeacherSource.prompt_table``: SFD's first step keeps its
+zero centre), so a student samples any prompts.
 """
 
 from __future__ import annotations

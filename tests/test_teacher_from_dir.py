@@ -10,6 +10,7 @@ import diffusers
 import pytest
 import torch
 from conftest import randomise
+from safetensors import safe_open
 
 from distill_core.cli import main
 from distill_core.config import DistillConfig
@@ -173,6 +174,9 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
     report = json.loads((out / "report.json").read_text())
     assert report["guidance"] == 5.0 and any(r["method"] == "sfd" for r in report["rows"])
     assert f"prompts: {prompts}" in (out / "config.yaml").read_text()
+    assert read_card(out / "student.safetensors")["afs_center"] == "zero"  # no centre per prompt: any prompts
+    with safe_open(out / "student.safetensors", "pt") as f:
+        assert not any(k.startswith("afs.") for k in f.keys())
     png = (out / "grid.png").read_bytes()  # IHDR: width, height (big-endian), bit depth, colour type
     width, height, colour = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big"), png[25]
     assert (width, height, colour) == (3 * (6 * 9 + 1), 3 * (3 * 9 + 1), 2)  # 6 RGB 8 x 8 images in 3 rows

@@ -54,7 +54,9 @@ class TeacherSource:
     and the condition; ``draw_data``: real images and their conditions, ``draw_data(batch, generator)``,
     where the teacher's data set is at hand (None: distillation is data-free); ``card``: entries every student
     file of this teacher carries (how a host samples it); ``decode``: its samples (latents) as images in
-    [-1, 1] for the report's grid, where the teacher has a decoder."""
+    [-1, 1] for the report's grid, where the teacher has a decoder; ``prompt_table``: its conditions 0 ..
+    ``classes`` are rows of a table of encoded prompts, which its students may sample with another table, so
+    nothing per condition (AFS's class means) may travel in their files."""
 
     name: str
     denoiser: nn.Module
@@ -68,6 +70,7 @@ class TeacherSource:
     draw_data: Callable[[int, torch.Generator], tuple[torch.Tensor, Cond]] | None = None
     card: dict = field(default_factory=dict)
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prompt_table: bool = False
 
     def scale(self, w: float | None) -> float:
         """The guidance scale of a run: ``w`` as configured, else the teacher's own; 1 (no CFG) for a teacher

@@ -223,7 +223,8 @@ class SFD(Method):
         self.one_step_above = one_step_above
         self.teacher_steps = {n: teacher_steps(s, opts.teacher_substeps, one_step_above)
                               for n, s in self.sigmas.items()}
-        self.afs_center = resolve_center(opts.afs_center, source.classes) if opts.afs else "zero"
+        labels = 0 if source.prompt_table else source.classes  # prompts: no centre per condition
+        self.afs_center = resolve_center(opts.afs_center, labels) if opts.afs else "zero"
         self.afs_means = None
         self.teacher_evaluations = 0
         if self.afs_center == "class_mean":  # computed once: (classes + 1) x CLASS_MEAN_SAMPLES evaluations
