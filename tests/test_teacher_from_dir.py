@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import string
+from pathlib import Path
 
 import diffusers
 import pytest
@@ -186,6 +187,15 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
                  "--reference-steps", "4", "--out", str(cmp)]) == 0
     assert len(json.loads((cmp / "compare.json").read_text())["rows"]) == 3
     assert (cmp / "compare.png").read_bytes()[25] == 2  # RGB: the rows are decoded by the pipeline's VAE
+    readme = (Path(__file__).parents[1] / "README.md").read_text()  # the README's Python example, as written
+    example = readme.split("**From Python.**")[1].split("```python\n")[1].split("```")[0]
+    for placeholder, path in (("path/to/pipeline", teacher), ("runs/pipeline/student.safetensors",
+                                                               out / "student.safetensors"), ("prompts.txt", other)):
+        example = example.replace(f'"{placeholder}"', repr(str(path)))
+    scope = {}
+    exec(example, scope)
+    images = scope["images"]
+    assert images.shape == (2, 3, 8, 8) and images.abs().max() <= 1 and images.std() > 0
     refusals = [(["--classes", "3"], "trains on prompts (--prompts FILE), not --classes"),
                 (["--teacher", "builtin", "--prompts", str(prompts)], "--prompts is for text-to-image pipeline"),
                 (["--teacher", str(model_dir(tmp_path / "plain", "ddpm")), "--prompts", str(prompts)],
