@@ -51,9 +51,9 @@ class SD3Velocity(nn.Module):
 
 class FluxVelocity(nn.Module):
     """Flux's transformer as v(x_t, t, {"encoder_hidden_states": c, "pooled_projections": p}) on [B, C, H, W]
-    latents: packed into
-    (H / 2)(W / 2) tokens of 4 C channels on the way in, unpacked on the way out; ``guidance``: the embedded
-    guidance g of a guidance-distilled model (None for one without, as Flux schnell)."""
+    latents: packed into (H / 2)(W / 2) tokens of 4 C channels on the way in, unpacked on the way out;
+    ``guidance``: the embedded guidance g of a guidance-distilled model (None for one without, as Flux
+    schnell)."""
 
     def __init__(self, transformer: nn.Module, guidance: float | None):
         super().__init__()
