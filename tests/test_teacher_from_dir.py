@@ -384,3 +384,22 @@ def test_a_pipeline_distils_at_another_resolution_that_its_students_name(tmp_pat
         assert main(["distill", *flags, "--out", str(tmp_path / "r"), "--no-progress"]) == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_text_encoders_load_in_the_precision_their_files_hold(tmp_path):
+    """A text encoder saved in bf16 (as SD3's and Flux's T5 ship) encodes in bf16, half of float32's memory:
+    its tables are the float32 encoder's up to bf16 rounding, and not equal to them."""
+    import transformers
+
+    from distill_core.text_pipeline import encode_prompts, stored_dtypes
+
+    teacher = text_pipeline_dir(tmp_path / "sd")
+    index = json.loads((teacher / "model_index.json").read_text())
+    full = encode_prompts(teacher, index, ["a red fox"], (4, 8, 8))["encoder_hidden_states"]
+    assert stored_dtypes(teacher) == {"text_encoder": torch.float32}
+    encoder = transformers.CLIPTextModel.from_pretrained(teacher / "text_encoder")
+    encoder.to(torch.bfloat16).save_pretrained(teacher / "text_encoder", safe_serialization=True)
+    assert stored_dtypes(teacher) == {"text_encoder": torch.bfloat16}
+    half = encode_prompts(teacher, index, ["a red fox"], (4, 8, 8))["encoder_hidden_states"]
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    torch.testing.assert_close(half, full, atol=0.1, rtol=0.05)
