@@ -133,8 +133,8 @@ def stored_dtypes(root: Path) -> dict[str, torch.dtype]:
 
 
 def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """``encode_prompts`` with the pipeline's text encoders loaded in the precision their files hold (T5-XXL in
-    bf16: 9.5 GB, not float32's 19)."""
+    """``encode_prompts`` with the pipeline's text encoders loaded in the precision their files hold (T5-XXL from
+    16-bit files: 9.5 GB, not float32's 19)."""
     import diffusers
 
     cls = getattr(diffusers, name)
