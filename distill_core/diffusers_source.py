@@ -40,12 +40,9 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path}: not a readable JSON file ({e})") from None
 
 
-def model_and_scheduler_dirs(root: Path) -> tuple[Path, Path]:
-    """(the model's folder, the folder with scheduler_config.json) of a model or pipeline directory."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"teacher {root} is not a directory: give builtin, builtin-flow, builtin-bold or a "
-                                "local diffusers model directory")
-    index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+def model_and_scheduler_dirs(root: Path, index: dict) -> tuple[Path, Path]:
+    """(the model's folder, the folder with scheduler_config.json) of a model directory, or of a pipeline
+    directory with its ``model_index.json`` ``index``."""
     model = root / ("transformer" if "transformer" in index else "unet") if index else root
     for sched in (root / "scheduler", model, model.parent / "scheduler"):
         if (sched / "scheduler_config.json").is_file():
@@ -109,8 +106,11 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     guidance-distilled pipeline (Flux dev) takes as its input; ``resolution``: the side of its square images in
     pixels (None: the model's own), which its students' files name."""
     root = Path(path)
-    model_dir, scheduler_dir = model_and_scheduler_dirs(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"teacher {root} is not a directory: give builtin, builtin-flow, builtin-bold or a "
+                                "local diffusers model directory")
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    model_dir, scheduler_dir = model_and_scheduler_dirs(root, index)
     if "text_encoder" in index:
         return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution)
     if prompts:
@@ -147,7 +147,7 @@ def sample_shape(config: dict, root: Path, resolution: int | None = None) -> tup
 
     flux = config["_class_name"] == "FluxTransformer2DModel"
     channels = config["in_channels"] // 4 if flux else config["in_channels"]
-    scale = vae_scale(root) if (root / "vae").is_dir() else 1
+    scale = vae_scale(root)
     if resolution is None:
         size = read_json(root / "vae" / "config.json")["sample_size"] // scale if flux else config["sample_size"]
         return (channels, *((size, size) if isinstance(size, int) else size))

@@ -73,10 +73,11 @@ def _transformers():
 
 
 def vae_scale(root: Path) -> int:
-    """How many pixels a latent pixel of the pipeline's VAE spans per side (8 without a ``vae/``)."""
+    """How many pixels a latent pixel of the pipeline's VAE spans per side (1 without a ``vae/``: its samples
+    are images)."""
     config = root / "vae" / "config.json"
     if not config.is_file():
-        return 8
+        return 1
     return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
 
 
@@ -133,8 +134,8 @@ def stored_dtypes(root: Path) -> dict[str, torch.dtype]:
 
 
 def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """``encode_prompts`` with the pipeline's text encoders loaded in the precision their files hold (T5-XXL from
-    16-bit files: 9.5 GB, not float32's 19)."""
+    """``encode_prompts`` with the pipeline's text encoders loaded in the precision their files hold (from 16-bit
+    files, half of float32's memory)."""
     import diffusers
 
     cls = getattr(diffusers, name)
