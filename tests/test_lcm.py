@@ -5,6 +5,7 @@ base without EMA, the refusals, data-free inputs, bit-exact resumes and a fallin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -157,7 +158,7 @@ def test_lcm_lora_distils_the_base_with_adapters_off_without_ema(tiny_edm):
         lcm(tiny_edm, method="lcm-lora", student="full")
 
 
-def test_lcm_refuses_stock_sampling_sources_and_naming_lcm_lora(tiny_edm):
+def test_lcm_refuses_stock_sampling_and_guidance_input_sources_naming_lcm_lora(tiny_edm):
     source = TeacherSource("comfy", tiny_edm, (1, 8, 8), lambda b, g: torch.randint(10, (b,), generator=g),
                            torch.tensor([10]), 2.0, stock_sampling=True)
     with pytest.raises(ValueError, match="stock samplers cannot feed; choose method lcm-lora"):
@@ -167,6 +168,10 @@ def test_lcm_refuses_stock_sampling_sources_and_naming_lcm_lora(tiny_edm):
         lcm(tiny_edm, guidance_mode="cfg")
     with pytest.raises(ValueError, match="outside w_range"):
         lcm(tiny_edm, guidance=5.0)
+    embedded = dataclasses.replace(source, stock_sampling=False, guidance=1.0, card={"embedded_guidance": 3.5})
+    with pytest.raises(ValueError, match="takes its guidance as an input .* choose method lcm-lora"):
+        LCM(embedded, DistillConfig(method="lcm"))
+    assert LCMLoRA(embedded, DistillConfig(method="lcm-lora", student="lora", lora_rank=2, guidance=3.5)).teacher.w == 1.0
 
 
 def test_without_a_data_set_x0_are_the_teachers_own_images(tiny_edm):

@@ -214,8 +214,9 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
 def multi_encoder_pipeline_dir(root, kind: str):
     """A tiny SDXL, SD3 or Flux pipeline as diffusers saves one, 8 x 8 latents of 16 pixels: SDXL (4 channels,
     its two CLIPs, the image's size as an added condition, Euler); SD3 (16 channels, two CLIPs and T5, a shifted
-    (3) FlowMatch scheduler); Flux dev (16 channels, guidance embedded, CLIP and T5, Flux's resolution-dependent
-    shift); SD3's and Flux's VAEs scale and shift their latents."""
+    (3) FlowMatch scheduler); Flux dev (``flux``: 16 channels, guidance embedded, CLIP and T5, Flux's
+    resolution-dependent shift); Flux schnell (``flux-schnell``: as Flux dev without the guidance input, unshifted);
+    SD3's and Flux's VAEs scale and shift their latents."""
     import transformers
 
     clip, vocab = clip_tokenizer(root)
@@ -251,12 +252,13 @@ def multi_encoder_pipeline_dir(root, kind: str):
             text_encoder=transformers.CLIPTextModelWithProjection(clip_config(vocab, projection_dim=16)),
             tokenizer=clip, text_encoder_2=projected, tokenizer_2=clip, text_encoder_3=t5, tokenizer_3=t5_tokenizer)
     else:
+        dev = kind == "flux"
         network = diffusers.FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=dev,
             axes_dims_rope=(2, 2, 4))
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
-                                                              max_shift=1.15)
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+            **({"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15} if dev else {"shift": 1.0}))
         pipeline = diffusers.FluxPipeline(
             transformer=network, scheduler=scheduler, vae=vae, tokenizer=clip, tokenizer_2=t5_tokenizer,
             text_encoder=transformers.CLIPTextModel(clip_config(vocab)), text_encoder_2=t5)
@@ -353,6 +355,28 @@ def test_multi_encoder_pipelines_sample_as_their_own_pipeline_and_distil_end_to_
         torch.nn.init.normal_(student.step_embed.mlp[-1].weight)
         assert not torch.allclose(student(start, 2.0, torch.tensor([0]), nfe=2),
                                   student(start, 2.0, torch.tensor([0]), nfe=5))
+
+
+def test_flux_schnell_samples_as_its_pipeline_without_guidance_or_shift(tmp_path):
+    """Flux schnell has no guidance input and samples unshifted without CFG: its teacher takes no guidance, CFG
+    stays 1, the students' grid is the plain flow grid, their files name no embedded guidance, and Euler through
+    its denoiser reproduces its pipeline's sampler."""
+    from distill_core.solvers import euler
+    from distill_core.teacher import CFGTeacher
+
+    teacher = multi_encoder_pipeline_dir(tmp_path / "schnell", "flux-schnell")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\nan owl\n")
+    source = diffusers_source(teacher, prompts=prompts, guidance=2.5)
+    flow = source.denoiser.inner
+    assert (source.guidance, source.card, flow.shift, flow.net.guidance) == (1.0, {}, 1.0, None)
+    assert "shift" not in flow.settings()
+    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    expected, sigmas, start = pipeline_euler(teacher, "an owl", x, 0.0, [0.9, 0.6, 0.3])
+    with torch.no_grad():
+        ours = euler(CFGTeacher(source.denoiser, source.guidance, source.uncond), start, sigmas, torch.tensor([1]))
+    assert expected.abs().max() > 1
+    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
 
 
 def test_a_pipeline_distils_at_another_resolution_that_its_students_name(tmp_path, capsys):

@@ -187,6 +187,10 @@ class LCM(Method):
         if cfg.guidance_mode != "distilled":
             raise ValueError("lcm feeds the guidance scale to the student (guidance_mode 'distilled'); for CFG when "
                              "sampling choose lcm-lora with guidance_mode 'cfg'")
+        if self.w_conditioned and "embedded_guidance" in source.card:
+            raise ValueError("lcm trains its student over CFG scales, and this teacher takes its guidance as an input "
+                             "(Flux dev) and samples without CFG; choose method lcm-lora (the guidance input fixed at "
+                             "the run's)")
 
     @property
     def student(self):
