@@ -95,7 +95,7 @@ def test_reflow_fits_the_regression_onto_the_pairs(tiny_edm, tmp_path):
 @pytest.mark.parametrize("name", ["reflow", "kd"])
 def test_the_student_file_samples_as_the_previews_did(tiny_edm, tmp_path, name):
     steps = 3 if name == "reflow" else 1
-    cfg = DistillConfig(method=name, steps=steps, batch=4, iters=2, pairs=8, pair_steps=2, student="lora",
+    cfg = DistillConfig(method=name, steps=steps, batch=4, iters=2, pairs=100, pair_steps=2, student="lora",
                         lora_rank=2, seed=1, out=str(tmp_path), checkpoint_every=0, eval_samples=4)
     run = train_student(cfg, tiny_source(copy.deepcopy(tiny_edm)), progress=False)
     card = read_card(run.path)
@@ -107,7 +107,8 @@ def test_the_student_file_samples_as_the_previews_did(tiny_edm, tmp_path, name):
     m = build_method(tiny_source(copy.deepcopy(tiny_edm)), cfg)
     m.student.lora.load_file_tensors(student.net.lora.file_tensors())
     assert torch.allclose(sample(student, noise, cond), m.preview(noise, cond), atol=1e-5)
-    assert run.teacher_evaluations == 8 * 4 * 2  # the pool: 8 pairs x Heun's 4 evaluations x CFG's two
+    # the pool: the 8 pairs the run draws (of 100 asked) x Heun's 4 evaluations x CFG's two
+    assert run.teacher_evaluations == 8 * 4 * 2
 
 
 def test_knowledge_distillation_regresses_the_image_from_the_start_of_the_segment(tiny_edm):

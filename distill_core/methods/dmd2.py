@@ -130,7 +130,7 @@ class DMD2(PoolCounted, DistributionMatching):
         super().__init__(source, cfg)
         if regression:
             self.pairs = TeacherPairs(self.teacher, source, self.opts, self.sigma_min, self.sigma_max, cfg.seed,
-                                      cfg.teacher_cache, cfg.mixed_precision)
+                                      cfg.teacher_cache, cfg.mixed_precision, draws=cfg.iters * cfg.batch)
 
     def networks(self, denoiser: nn.Module) -> tuple[dict[str, nn.Module], nn.Module]:
         """The family's networks; with the GAN head on, the fake score carries it (``ScoreWithHead``)."""

@@ -171,10 +171,9 @@ class LCM(Method):
         self.nets = {"student": student.train()}
         self.teacher = CFGTeacher(teacher_denoiser, self.w if cfg.guidance_mode == "distilled" else 1.0,
                                   source.uncond)
-        pool = dataclasses.replace(opts, pairs=min(opts.pairs, cfg.iters * cfg.batch))
         self.pairs = None if source.draw_data is not None else TeacherPairs(
-            self.teacher, source, pool, self.sigma_min, self.sigma_max, cfg.seed,
-            cfg.teacher_cache, cfg.mixed_precision)
+            self.teacher, source, opts, self.sigma_min, self.sigma_max, cfg.seed,
+            cfg.teacher_cache, cfg.mixed_precision, draws=cfg.iters * cfg.batch)
         self.target_params = self.initial_target()
         self.teacher_evaluations = 0
 

@@ -50,7 +50,6 @@ of the data-free pool.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -159,10 +158,9 @@ class Progressive(Method):
         self.nets = {"student": student.train()}
         self.teacher = CFGTeacher(teacher_denoiser, self.w, source.uncond)
         self.inputs = self.resolve_inputs(source, opts.inputs)
-        pool = dataclasses.replace(opts, pairs=min(opts.pairs, cfg.iters * cfg.batch))
         self.pairs = None if self.inputs == "data" else TeacherPairs(
-            self.teacher, source, pool, self.sigma_min, self.sigma_max, cfg.seed,
-            cfg.teacher_cache, cfg.mixed_precision)
+            self.teacher, source, opts, self.sigma_min, self.sigma_max, cfg.seed,
+            cfg.teacher_cache, cfg.mixed_precision, draws=cfg.iters * cfg.batch)
         self.iteration, self.round = 0, 0
         self.frozen: dict[str, torch.Tensor] | None = None  # the round's teacher's parameters (round > 0)
         self.teacher_evaluations = 0

@@ -84,7 +84,7 @@ class PairRegression(PoolCounted, Method):
         self.nets = {"student": student.train()}
         self.teacher = CFGTeacher(teacher_denoiser, self.w, source.uncond)
         self.pairs = TeacherPairs(self.teacher, source, self.opts, self.sigma_min, self.sigma_max, cfg.seed,
-                                  cfg.teacher_cache, cfg.mixed_precision)
+                                  cfg.teacher_cache, cfg.mixed_precision, draws=cfg.iters * cfg.batch)
         self.sigmas = self.schedule()
 
     @property

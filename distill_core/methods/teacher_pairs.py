@@ -43,11 +43,14 @@ class PairsConfig:
 
 
 class TeacherPairs:
-    """The pool of pairs (z, c, x0) of ``teacher`` on ``source``'s conditions (see the module docstring)."""
+    """The pool of pairs (z, c, x0) of ``teacher`` on ``source``'s conditions (see the module docstring):
+    ``opts.pairs`` of them, or ``draws`` where a run draws fewer (no pair is solved that it cannot draw)."""
 
     def __init__(self, teacher: CFGTeacher, source: TeacherSource, opts: PairsConfig, sigma_min: float,
-                 sigma_max: float, seed: int, cache: str | None = None, precision: str = "no"):
+                 sigma_max: float, seed: int, cache: str | None = None, precision: str = "no",
+                 draws: int | None = None):
         self.teacher, self.source, self.opts, self.seed = teacher, source, opts, seed
+        self.size = opts.pairs if draws is None else min(opts.pairs, draws)
         self.sigmas = karras(opts.pair_steps, sigma_min, sigma_max)
         self.sigma_max = sigma_max
         self.solver = SOLVERS[opts.pair_solver]
@@ -56,10 +59,6 @@ class TeacherPairs:
             "sigmas": self.sigmas.tolist(), "solver": opts.pair_solver, "precision": precision})
         self._pool: tuple[torch.Tensor, Cond, torch.Tensor] | None = None
         self.evaluations = 0  # the teacher's network evaluations spent on the pool
-
-    @property
-    def size(self) -> int:
-        return self.opts.pairs
 
     @torch.no_grad()
     def solve_chunk(self, index: int, n: int, device: torch.device) -> tuple[torch.Tensor, Cond, torch.Tensor]:
