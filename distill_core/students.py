@@ -23,7 +23,8 @@ next to the time embedding, so every block sees them:
 * the built-in UNet (``distill_core.nets.unet``): through its ``extra_emb`` argument;
 * networks we do not own: through a forward hook on their time-embedding module, found by name
   (``time_embedding`` in diffusers' ``UNet2DModel`` / ``UNet2DConditionModel``, ``time_embed`` in the
-  openaimodel UNets of ComfyUI / LDM). Other architectures are refused with a clear error.
+  openaimodel UNets of ComfyUI / LDM, ``time_text_embed`` in diffusers' SD3 and Flux transformers, whose
+  timestep embedding carries the pooled text embedding). Other architectures are refused with a clear error.
 
 A student file is safetensors with the engine's JSON card: method, NFE (or NFE range), schedule and
 its sigmas, AFS and its centre, guidance mode and w (and the trained range of w, for a
