@@ -192,10 +192,13 @@ def test_a_one_step_solver_row_counts_one_evaluation_however_many_batches_it_tak
 
 
 def test_the_teacher_and_reflow_students_report_how_straight_their_paths_are(bench, tmp_path):
-    argv = ["--methods", "reflow", "--nfe", "2", "--n", "20", "--steps", "4", "--iters", "2", "--batch", "4",
-            "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "runs"), "--set", "pairs=8", "pair_steps=2"]
+    """On the built-in flow teacher, whose solvers also run on the flow time grid."""
+    argv = ["--teacher", "builtin-flow", "--methods", "reflow", "--nfe", "2", "--n", "20", "--steps", "4", "--iters",
+            "2", "--batch", "4", "--cache", str(tmp_path / "cache"), "--work", str(tmp_path / "runs"), "--set",
+            "pairs=8", "pair_steps=2"]
     rows = bench.main(argv)
     by_method = {r["method"]: r for r in rows}
+    assert {"unipc", "unipc/flow", "dpmpp_2m/flow"} <= set(by_method)
     assert by_method["teacher"]["straightness"] > 0.05  # the teacher's ODE paths curve
     assert 0 < by_method["reflow"]["straightness"] < 2
     assert "straightness" not in by_method["euler"]
