@@ -44,7 +44,8 @@ carries the ``--set`` values it was trained with.
 Every student's rows are kept in its run folder under ``--work`` with its settings (``eval.kept``): the same
 command run again (after a stop, or with more methods or values) reads the students it has already evaluated
 and trains only the others; a student stopped part way goes on from its last checkpoint
-(``--checkpoint-every``) to the rows of a student trained in one go.
+(``--checkpoint-every``) to the rows of a student trained in one go. The solver rows of each NFE are kept
+beside the reference solves in ``--cache``, keyed by the teacher and the evaluation.
 
 ``--quick`` is a smoke run (8 iterations of batch 16 per student, 100 samples: under 6 minutes on 2 CPU
 cores for every registered method); the default trains every student for the main job's iterations and evaluates 2,000
@@ -74,7 +75,7 @@ from distill_core.eval.benchmark import (  # noqa: E402
     student_rows,
     teacher_row,
 )
-from distill_core.eval.kept import CHECKPOINT_EVERY, finished, kept_rows  # noqa: E402
+from distill_core.eval.kept import CHECKPOINT_EVERY, finished, kept, kept_rows  # noqa: E402
 from distill_core.eval.memory import with_peak_memory  # noqa: E402
 from distill_core.methods import auto  # noqa: E402
 from distill_core.methods.reflow import straightness  # noqa: E402
@@ -141,8 +142,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ev = benchmark_set(teacher, n, args.steps, args.cache, device=device)
     curvature = path_straightness(teacher, ev, base.sigma_min, teacher.sigma_max)
     rows = [{**teacher_row(teacher, ev), "straightness": curvature}]
+    measured = {"teacher": fingerprint(source.denoiser), "n": n, "steps": args.steps}
     for nfe in args.nfe:
-        rows += solver_rows(teacher, ev, nfe, base.sigma_min)
+        solvers = {**measured, "nfe": nfe, "sigma_min": base.sigma_min}
+        rows += kept(Path(args.cache) / f"solvers-{measured['teacher']}-n{n}-s{args.steps}-nfe{nfe}.json", solvers,
+                     lambda nfe=nfe: solver_rows(teacher, ev, nfe, base.sigma_min))
     evaluated: dict[str, list[dict]] = {}  # a student's rows by its method and settings: each is trained once
     swept = [key for key, values in grid.items() if len(values) > 1]
     for chosen_method in chosen:
@@ -154,8 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 cfg = base.replace(method=method, out=str(Path(args.work) / run), **{**settings, **overrides})
                 student = f"{method} {sorted(settings.items())} {sorted(overrides.items())}"
                 if student not in evaluated:
-                    evaluation = {"teacher": fingerprint(source.denoiser), "n": n, "steps": args.steps,
-                                  "nfes": list(args.nfe)}
+                    evaluation = {**measured, "nfes": list(args.nfe)}
                     evaluated[student] = kept_rows(cfg, evaluation, lambda resume, cfg=cfg: trained_rows(
                         cfg, source, teacher, ev, args.nfe, resume))
                 rows += [{**row, **overrides, **label} for row in evaluated[student]]

@@ -9,6 +9,9 @@ same settings; a resumed run is bit-exact, so its rows are those of a student tr
 evaluations count the pools it solves again, and its peak memory is that of the part it ran).
 
 Settings are the run's config up to ``BOOKKEEPING``, the fields that leave the student as it is.
+
+A benchmark's solver rows are kept the same way (``kept``, in its reference cache): they depend only on the
+teacher and the evaluation, and a long sweep's solver rows take as long as a student.
 """
 
 from __future__ import annotations
@@ -36,15 +39,21 @@ def kept_rows(cfg: DistillConfig, evaluation: dict, rows_of: Callable[[bool], li
     """The rows of ``cfg``'s student on ``evaluation``: read from its run folder where they are kept with the
     same settings and evaluation, else ``rows_of(resume)`` (train, from the checkpoint when ``resume``, and
     evaluate), kept for the next run."""
-    key = {"config": settings(cfg.to_dict()), "evaluation": json.loads(json.dumps(evaluation, default=str))}
-    kept = Path(cfg.out) / ROWS
-    if kept.is_file():
-        saved = json.loads(kept.read_text())
+    key = {"config": settings(cfg.to_dict()), "evaluation": evaluation}
+    return kept(Path(cfg.out) / ROWS, key, lambda: rows_of(resumable(cfg)))
+
+
+def kept(path: Path, key: dict, rows_of: Callable[[], list[dict]]) -> list[dict]:
+    """The rows kept in ``path`` when they were measured for ``key``, else ``rows_of()``, kept there (atomically)
+    for the next run."""
+    key = json.loads(json.dumps(key, default=str))
+    if path.is_file():
+        saved = json.loads(path.read_text())
         if saved.get("key") == key:
-            print(f"{cfg.out}: trained and evaluated with the same settings before; its rows are read from {ROWS}")
+            print(f"{path}: measured with the same settings before; its rows are read back")
             return saved["rows"]
-    rows = rows_of(resumable(cfg))
-    write_json(kept, {"key": key, "rows": rows})
+    rows = rows_of()
+    write_json(path, {"key": key, "rows": rows})
     return rows
 
 
