@@ -52,7 +52,7 @@ from distill_core.plot import labelled_grid  # noqa: E402
 from distill_core.report import write_png  # noqa: E402
 from distill_core.sampling import sample  # noqa: E402
 from distill_core.sources import builtin_source, finetuned_source  # noqa: E402
-from distill_core.students import load_student  # noqa: E402
+from distill_core.student_files import load_student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 from distill_core.train.run import STUDENT_FILE, train_student  # noqa: E402
 

@@ -82,7 +82,7 @@ from distill_core.methods.reflow import straightness  # noqa: E402
 from distill_core.methods.registry import method_class, methods  # noqa: E402
 from distill_core.options import sweep  # noqa: E402
 from distill_core.sources import TEACHERS, teacher_source  # noqa: E402
-from distill_core.students import load_student  # noqa: E402
+from distill_core.student_files import load_student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 from distill_core.train.run import train_student  # noqa: E402
 

@@ -55,7 +55,8 @@ from distill_core.methods.phases import partition  # noqa: E402
 from distill_core.schedules import phased  # noqa: E402
 from distill_core.solvers import SOLVERS  # noqa: E402
 from distill_core.sources import builtin_source  # noqa: E402
-from distill_core.students import Student, load_student  # noqa: E402
+from distill_core.student_files import load_student  # noqa: E402
+from distill_core.students import Student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 from distill_core.train.run import STUDENT_FILE, train_student  # noqa: E402
 

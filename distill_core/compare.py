@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     from distill_core.report import write_png
     from distill_core.safetensors_io import read_card
     from distill_core.sources import teacher_source
-    from distill_core.students import load_student
+    from distill_core.student_files import load_student
 
     if args.steps is not None and len(args.steps) != len(args.students):
         raise ValueError(f"--steps takes one step count per student ({len(args.students)}), got {args.steps}")

@@ -117,7 +117,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     from distill_core.report import save_grid, write_report
     from distill_core.sampling import sample
     from distill_core.solvers import SOLVERS, parse_solver_label, solver_sigmas
-    from distill_core.students import load_student
+    from distill_core.student_files import load_student
 
     start = time.perf_counter()
     out = Path(cfg.out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from distill_core.atomic import copy_file
 from distill_core.builtin import fingerprint
-from distill_core.students import check_fits
+from distill_core.student_files import check_fits
 
 from . import host
 from .handles import StudentHandle, TeacherHandle

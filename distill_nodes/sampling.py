@@ -10,7 +10,7 @@ from distill_core import safetensors_io
 from distill_core.denoisers.comfy import has_frame_axis
 from distill_core.report import preview_pixels
 from distill_core.sampling import comfy_sigmas, k_sampler, sample
-from distill_core.students import check_card
+from distill_core.student_files import check_card
 
 from . import host
 from .handles import StudentHandle

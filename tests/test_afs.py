@@ -12,7 +12,7 @@ from distill_core.methods import build_method
 from distill_core.methods.base import MicroBatch, TeacherSource
 from distill_core.sampling import euler_step, sample
 from distill_core.sources import builtin_source
-from distill_core.students import load_student, save_student
+from distill_core.student_files import load_student, save_student
 from distill_core.teacher import CFGTeacher
 
 NULL = torch.tensor([10])

@@ -5,7 +5,7 @@ from conftest import bench_script
 
 from distill_core.builtin import fingerprint
 from distill_core.config import DistillConfig
-from distill_core.students import load_student
+from distill_core.student_files import load_student
 from distill_core.train.run import STUDENT_FILE
 
 

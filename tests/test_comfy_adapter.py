@@ -25,7 +25,7 @@ from distill_core.lora import merge
 from distill_core.safetensors_io import load
 from distill_core.sampling import comfy_sigmas, k_sampler, sampler_for
 from distill_core.sources import comfy_source
-from distill_core.students import load_student
+from distill_core.student_files import load_student
 from distill_core.teacher import CFGTeacher
 from distill_core.train.run import train_student
 

@@ -12,7 +12,7 @@ from distill_core.compare import InMemory, compare, one_teacher
 from distill_core.config import DistillConfig
 from distill_core.eval.fidelity import psnr
 from distill_core.sources import builtin_source
-from distill_core.students import load_student
+from distill_core.student_files import load_student
 from distill_core.train.run import train_student
 
 

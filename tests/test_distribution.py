@@ -19,7 +19,7 @@ from distill_core.methods.dmd2 import DMD2Config, dmd_gradient
 from distill_core.methods.moments import MomentsConfig
 from distill_core.safetensors_io import read_card
 from distill_core.sampling import renoise, sample
-from distill_core.students import load_student
+from distill_core.student_files import load_student
 from distill_core.train.callbacks import StopAt
 from distill_core.train.run import train_student
 from distill_core.train.trainer import Trainer

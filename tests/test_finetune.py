@@ -14,7 +14,7 @@ from distill_core.config import DistillConfig
 from distill_core.finetune_builtin import bold, finetune_teacher, ink, load_finetuned_teacher
 from distill_core.solvers import SOLVERS, solver_sigmas
 from distill_core.sources import builtin_source, finetuned_source, teacher_source
-from distill_core.students import load_student
+from distill_core.student_files import load_student
 from distill_core.teacher import CFGTeacher
 from distill_core.train.run import train_student
 

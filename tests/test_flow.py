@@ -18,7 +18,7 @@ from distill_core.nets.unet import UNet
 from distill_core.schedules import flow_time, flux_shift, shift_time
 from distill_core.solvers import SOLVERS, parse_solver_label, solver_grids, solver_label, solver_sigmas
 from distill_core.sources import teacher_source
-from distill_core.students import architecture, from_architecture
+from distill_core.student_files import architecture, from_architecture
 
 S = 0.7  # data x0 ~ N(0, S^2 I)
 

@@ -19,7 +19,8 @@ from distill_core.methods.teacher_pairs import training_images
 from distill_core.safetensors_io import load
 from distill_core.sampling import sample
 from distill_core.schedules import karras
-from distill_core.students import AdaptersOff, load_student
+from distill_core.student_files import load_student
+from distill_core.students import AdaptersOff
 from distill_core.teacher import CFGTeacher
 from distill_core.train.run import train_student
 from distill_core.train.trainer import Trainer

@@ -39,7 +39,7 @@ def test_config_yaml_round_trip_and_flag_overrides(tmp_path):
 
 def test_main_job_writes_student_grid_and_report(tmp_path):
     from distill_core.sampling import sample
-    from distill_core.students import load_student
+    from distill_core.student_files import load_student
 
     (tmp_path / "run.yaml").write_text(
         "iters: 2\nbatch: 4\nsteps: 2\neval_samples: 10\ncheckpoint_every: 0\n"

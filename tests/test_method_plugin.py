@@ -29,7 +29,8 @@ from distill_core.safetensors_io import read_card
 from distill_core.sampling import few_step
 from distill_core.schedules import karras
 from distill_core.sources import builtin_source
-from distill_core.students import StudentNet, student_card
+from distill_core.student_files import student_card
+from distill_core.students import StudentNet
 from distill_core.teacher import CFGTeacher
 from distill_core.train.callbacks import StopAt
 from distill_core.train.trainer import Trainer

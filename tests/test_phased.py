@@ -165,7 +165,7 @@ def test_spectral_clipping_and_checkpointing(teacher16):
 
 def test_student_file_round_trip_with_phases(teacher16, tmp_path):
     from distill_core.sampling import sample
-    from distill_core.students import load_student
+    from distill_core.student_files import load_student
     from distill_core.train.run import train_student
 
     cfg = _phased(teacher16, tmp_path).cfg

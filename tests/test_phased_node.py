@@ -14,7 +14,7 @@ import distill_core.workflow as wf
 from distill_core.safetensors_io import read_card
 from distill_core.schedules import phased
 from distill_core.solvers import SOLVERS
-from distill_core.students import load_student
+from distill_core.student_files import load_student
 from distill_core.teacher import CFGTeacher
 
 nodes = wf.node_pack()

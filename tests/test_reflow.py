@@ -17,7 +17,7 @@ from distill_core.safetensors_io import read_card
 from distill_core.sampling import few_step, sample
 from distill_core.schedules import karras
 from distill_core.solvers import SOLVERS
-from distill_core.students import load_student
+from distill_core.student_files import load_student
 from distill_core.teacher import CFGTeacher
 from distill_core.train.run import train_student
 from distill_core.train.trainer import Trainer

@@ -15,7 +15,7 @@ from distill_core.config import DistillConfig
 from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
 from distill_core.sampling import few_step, sample
-from distill_core.students import load_student, save_student
+from distill_core.student_files import load_student, save_student
 from distill_core.teacher import CFGTeacher
 
 

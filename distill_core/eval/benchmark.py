@@ -203,7 +203,7 @@ def student_rows(run, teacher: CFGTeacher, ev: EvalSet, nfes: list[int] | None =
     ``nfes`` only, when given; ``network_evals`` counts CFG's two); ``extra`` goes into every row.
     ``any_teacher``: the student on ``teacher`` although it was distilled from another (``load_student``)."""
     from distill_core.sampling import sample
-    from distill_core.students import load_student
+    from distill_core.student_files import load_student
 
     student = load_student(run.path, teacher, any_teacher=any_teacher)
     per_step = teacher.evaluations() if student.card["guidance"]["mode"] == "cfg" else 1

@@ -46,7 +46,8 @@ from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, T
 from distill_core.options import option
 from distill_core.sampling import renoise
 from distill_core.schedules import karras
-from distill_core.students import make_networks, student_card
+from distill_core.student_files import student_card
+from distill_core.students import make_networks
 from distill_core.teacher import CFGTeacher
 
 

@@ -68,7 +68,8 @@ from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs, traini
 from distill_core.options import option
 from distill_core.sampling import renoise
 from distill_core.schedules import karras
-from distill_core.students import AtSteps, make_student, student_card
+from distill_core.student_files import student_card
+from distill_core.students import AtSteps, make_student
 from distill_core.teacher import CFGTeacher, guide
 
 #: LCM's boundary scalings: sigma_data, and the factor on the timestep tau

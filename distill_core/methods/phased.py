@@ -57,7 +57,8 @@ from distill_core.nets.surgery import clip_spectral_norms, lighter_student
 from distill_core.options import option
 from distill_core.schedules import phased
 from distill_core.solvers import SOLVERS
-from distill_core.students import AtSteps, StudentNet, architecture, student_card
+from distill_core.student_files import architecture, student_card
+from distill_core.students import AtSteps, StudentNet
 from distill_core.teacher import CFGTeacher
 from distill_core.teacher_cache import source_fingerprint
 

@@ -53,7 +53,7 @@ The fake score is one network for every phase: phase k only ever evaluates it at
 
 Networks: ``student: lora`` trains one LoRA per expert and one for the fake score on the one frozen base
 (which is also the teacher); ``full``, a full copy each. The student file holds every expert (under
-``expert.{k}.``) and the boundaries (``students.save_student``).
+``expert.{k}.``) and the boundaries (``student_files.save_student``).
 """
 
 from __future__ import annotations

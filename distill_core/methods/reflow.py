@@ -48,7 +48,8 @@ from distill_core.methods.teacher_pairs import PairsConfig, PoolCounted, Teacher
 from distill_core.options import option
 from distill_core.sampling import euler_step, few_step
 from distill_core.schedules import karras
-from distill_core.students import make_student, student_card
+from distill_core.student_files import student_card
+from distill_core.students import make_student
 from distill_core.teacher import CFGTeacher
 
 

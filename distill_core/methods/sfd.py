@@ -49,7 +49,8 @@ from distill_core.options import option
 from distill_core.sampling import euler_step, few_step, intervals_for
 from distill_core.schedules import flow_time, karras, nest, nested_index, substeps_per_interval
 from distill_core.solvers import SOLVERS
-from distill_core.students import AFS_MEANS_KEY, AtSteps, make_student, student_card
+from distill_core.student_files import student_card
+from distill_core.students import AFS_MEANS_KEY, AtSteps, make_student
 from distill_core.teacher import CFGTeacher
 from distill_core.teacher_cache import TeacherCache, source_fingerprint
 

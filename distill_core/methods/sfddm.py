@@ -70,7 +70,8 @@ from distill_core.methods.sfd import SFD
 from distill_core.options import option
 from distill_core.sampling import few_step
 from distill_core.schedules import karras
-from distill_core.students import make_student, student_card
+from distill_core.student_files import student_card
+from distill_core.students import make_student
 from distill_core.teacher import CFGTeacher, guide
 
 #: names of the module whose input is a network's last feature map: its output head (the built-in UNet's

@@ -13,7 +13,8 @@ from distill_core.config import DistillConfig
 from distill_core.memory_plan import MemoryPlan
 from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import build_method
-from distill_core.students import StudentNet, save_student
+from distill_core.student_files import save_student
+from distill_core.students import StudentNet
 from distill_core.train.callbacks import Callback, TqdmProgress
 from distill_core.train.checkpoint import checkpoint_info
 from distill_core.train.runlock import main_process, run_lock

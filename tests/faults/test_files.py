@@ -19,7 +19,8 @@ import distill_core.workflow as wf
 from distill_core.builtin import fingerprint
 from distill_core.panel import runs
 from distill_core.safetensors_io import CARD_KEY, load, read_card
-from distill_core.students import StudentNet, check_fits, load_student, save_student, student_card
+from distill_core.student_files import check_fits, load_student, save_student, student_card
+from distill_core.students import StudentNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from panel_fixtures import fake_run  # noqa: E402
