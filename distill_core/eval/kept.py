@@ -50,7 +50,7 @@ def kept(path: Path, key: dict, rows_of: Callable[[], list[dict]]) -> list[dict]
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
-            print(f"{path}: measured with the same settings before; its rows are read back")
+            print(f"{path.parent}: measured with the same settings before; its rows are read from {path.name}")
             return saved["rows"]
     rows = rows_of()
     write_json(path, {"key": key, "rows": rows})
