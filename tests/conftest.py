@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -30,6 +31,11 @@ def randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> tor
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return module
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w -]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def bench_script(name: str) -> ModuleType:

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import slug
 
 from distill_core.methods import auto
 from distill_core.methods.registry import methods
@@ -29,10 +30,6 @@ def test_other_teachers_get_sfd_at_their_own_budget_and_zero_steps_is_refused():
     assert auto.OTHER.method == "sfd" and auto.OTHER.settings == {}
     with pytest.raises(ValueError, match="at least 1 step"):
         auto.choose(0, "builtin", True)
-
-
-def slug(heading: str) -> str:
-    return re.sub(r"[^a-z0-9 -]", "", heading.lower()).strip().replace(" ", "-")
 
 
 def sections() -> dict[str, str]:
