@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 out, accum, batch = sys.argv[1], int(sys.argv[2]), int((sys.argv[3:] or [8])[0])
 flags = set(sys.argv[4:])
 # SFD's default teacher reuse (a pool drawn in ``plan``) and a cosine lr: every shared draw is exercised
-cfg = DistillConfig(steps=4, iters=3, batch=batch, grad_accum=accum, checkpoint_every=2, out=out, seed=3,
+cfg = DistillConfig(steps=4, iters=3, batch=batch, grad_accum=accum, checkpoint_every=2, out=out, seed=0,
                     student="lora" if "lora" in flags else "full", shard_teacher="shard" in flags,
                     sample_every=2 if "samples" in flags else 0)
 source = builtin_source()
