@@ -76,6 +76,9 @@ class DistillConfig:
                           choices=STUDENT_KINDS)
     lora_rank: int = option(16, "LoRA rank r", min=1, max=1024)
     lora_alpha: float | None = option(None, "LoRA alpha (None: the rank, update scale 1)", min=0)
+    init_from: str | None = option(None, "a student file of this teacher whose weights the trained network starts "
+                                   "from instead of the teacher's: continue a student with another method (a "
+                                   "1-step regression student refined by DMD2) (None: the teacher)")
     # optimisation
     lr: float = option(2e-4, "learning rate of the student", min=1e-9, max=1)
     lr_decay_at: float = option(0.5, "the 'step' schedule divides the lr by 10 from this fraction of the run",

@@ -134,6 +134,8 @@ def expert_tensors(tensors: dict[str, torch.Tensor], card: dict) -> list[dict[st
     return [{name[len(p):]: v for name, v in tensors.items() if name.startswith(p)} for p in prefixes]
 
 
+#: the scalar inputs of ``SCALAR_INPUTS`` in words
+INPUT_WORDS = {"nfe": "step count", "w": "guidance scale"}
 #: what every student card holds, and the type of each entry
 CARD_KEYS = {"kind": str, "method": str, "sigmas": dict, "guidance": dict, "teacher_fingerprint": str}
 
@@ -224,6 +226,53 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
     if card.get("afs_center", "zero") == "class_mean" and AFS_MEANS_KEY not in tensors:
         raise ValueError(f"{path} says its first step is centred on class means but holds no {AFS_MEANS_KEY}")
     return Student(net.eval().requires_grad_(False), card, uncond, tensors.get(AFS_MEANS_KEY))
+
+
+def start_from(path: str | Path, net: StudentNet | Experts, teacher_fingerprint: str) -> None:
+    """Put the weights of the student file at ``path`` into ``net``, the network a run trains (``init_from``),
+    instead of the teacher's: a run that continues a student with another method (a 4-step SFD student
+    sharpened by DMD2, a one-step regression student refined by distribution matching; Hyper-SD's second
+    stage). The file must be a student of the same teacher (``teacher_fingerprint``) and of the run's kind: a
+    full network, or LoRA adapters of the same rank and alpha, with the same scalar inputs (step count,
+    guidance scale). A file of one network starts every expert of an ``Experts`` network; a file of experts,
+    the same number of experts one by one. Only the trained network's weights are taken: the file's
+    schedule, method and the other networks of the run (a fake score) start as the run's own."""
+    card = check_card(path, safetensors_io.read_card(path))
+    if card["teacher_fingerprint"] != teacher_fingerprint:
+        raise ValueError(f"init_from {path} is a student of another teacher (fingerprint "
+                         f"{card['teacher_fingerprint']}, this run's teacher {teacher_fingerprint}): start from a "
+                         "student of the teacher the run distils")
+    experts = net.experts if isinstance(net, Experts) else [net]
+    first = experts[0]
+    theirs = card.get("student", {"kind": "full"})
+    ours = {"kind": "full"} if first.lora is None else {"kind": "lora", "rank": first.lora.rank,
+                                                         "alpha": first.lora.alpha}
+    if (theirs["kind"], theirs.get("rank"), theirs.get("alpha")) != (ours["kind"], ours.get("rank"), ours.get("alpha")):
+        flags = ("--student full" if theirs["kind"] == "full" else
+                 f"--student lora --lora-rank {theirs['rank']} --lora-alpha {theirs['alpha']:g}")
+        raise ValueError(f"init_from {path} holds a {_kind_words(theirs)} and this run trains a {_kind_words(ours)}: "
+                         f"train the kind the file holds ({flags})")
+    for key, scalar in SCALAR_INPUTS.items():
+        takes = card.get(scalar.card) is not None
+        if takes != (getattr(first, scalar.attr) is not None):
+            raise ValueError(f"init_from {path}: its network {'takes' if takes else 'does not take'} the "
+                             f"{INPUT_WORDS[key]} as an input and this run's {'does not' if takes else 'does'}: start "
+                             "from a student whose network matches the method's")
+    tensors, _ = safetensors_io.load(path)
+    parts = expert_tensors(tensors, card)
+    if len(parts) == 1:
+        parts = parts * len(experts)
+    if len(parts) != len(experts):
+        raise ValueError(f"init_from {path} holds {len(parts)} experts and this run trains {len(experts)} network(s): "
+                         f"start from a student with one network or with {len(experts)} experts")
+    for expert, part in zip(experts, parts):
+        _load_weights(path, expert, part)
+
+
+def _kind_words(kind: dict) -> str:
+    if kind["kind"] == "full":
+        return "full-weight network"
+    return f"LoRA of rank {kind['rank']} and alpha {kind['alpha']:g}"
 
 
 def _load_weights(path: str | Path, net: StudentNet, tensors: dict[str, torch.Tensor]) -> None:

@@ -18,6 +18,7 @@ panel and the benchmarks. A method is one module: a subclass of ``Method`` regis
   yields the same sequence of groups;
 * ``precompute(draws)``: optionally, the teacher targets of a whole run solved into the run's
   ``teacher_cache`` without training (``distill_core.teacher_cache``);
+* ``start_from``: the exported network's weights from a student file (``init_from``);
 * ``state_dict`` / ``load_state_dict``: its own progress (pools, rounds) for checkpoints;
   ``teacher_evaluations``: the teacher's network evaluations spent so far (the trainer keeps it across
   resumes);
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from distill_core.denoisers.base import Cond
+from distill_core.student_files import start_from
 from distill_core.teacher import CFGTeacher
 
 if TYPE_CHECKING:
@@ -199,6 +201,12 @@ class Method:
             raise ValueError(f"method {self.name!r} has no teacher targets to solve ahead: its teacher sees the "
                              "student's samples or the data set's images")
         pairs.pool(next(self.source.denoiser.parameters()).device)
+
+    def start_from(self, path: str, teacher_fingerprint: str) -> None:
+        """The exported network's weights from the student file at ``path`` instead of the teacher's
+        (``init_from``; ``student_files.start_from``). A method that keeps something made from the starting
+        weights (LCM's target network theta-) makes it again here."""
+        start_from(path, self.nets[self.exported], teacher_fingerprint)
 
     def state_dict(self) -> dict:
         return {}

@@ -201,6 +201,11 @@ class LCM(Method):
         return getattr(self.student, "module", self.student)
 
     # ------------------------------------------------------------------ the target network theta-
+    def start_from(self, path: str, teacher_fingerprint: str) -> None:
+        """The student from a file, and theta- from it: the target starts where the student does."""
+        super().start_from(path, teacher_fingerprint)
+        self.target_params = self.initial_target()
+
     def initial_target(self) -> dict[str, torch.Tensor] | None:
         """theta- = theta at the start: a float32 copy of every trained parameter."""
         return {k: p.detach().float().clone() for k, p in self.module().named_parameters() if p.requires_grad}

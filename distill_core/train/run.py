@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from distill_core.builtin import fingerprint
 from distill_core.config import DistillConfig
 from distill_core.memory_plan import MemoryPlan
 from distill_core.methods.base import TeacherSource
@@ -17,6 +18,7 @@ from distill_core.student_files import save_student
 from distill_core.students import StudentNet
 from distill_core.train.callbacks import Callback, TqdmProgress
 from distill_core.train.checkpoint import checkpoint_info
+from distill_core.train.optim import keep_trainables_float32
 from distill_core.train.runlock import main_process, run_lock
 from distill_core.train.trainer import Trainer, resume_changes
 
@@ -80,6 +82,9 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
     if cfg.frozen_precision == "bf16":
         cast_frozen_teacher(source, torch.bfloat16)
     method = build_method(source, cfg)
+    if cfg.init_from and not resume:  # a resumed run's weights are its checkpoint's
+        keep_trainables_float32(method.nets[method.exported])  # the file's weights, not rounded to a bf16 copy's
+        method.start_from(cfg.init_from, fingerprint(source.denoiser))
     home = next(source.denoiser.parameters()).device
     bar = [TqdmProgress(f"{cfg.method} to {method.preview_steps()} steps")] if progress else []
     trainer = Trainer(method, cfg, out, [*bar, *callbacks])
@@ -100,6 +105,8 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
         nonfinite_grads=result.nonfinite_grads,
         teacher_evaluations=result.teacher_evaluations,
     )
+    if cfg.init_from:
+        card["training"]["init_from"] = Path(cfg.init_from).name
     path = out / STUDENT_FILE
     if trainer.acc.is_main_process:  # every process holds the same student; one writes it
         save_student(path, result.student, card, method.file_tensors())
