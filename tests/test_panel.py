@@ -79,7 +79,8 @@ def test_a_run_the_panel_starts_cannot_name_files_or_folders(tmp_path):
 
     jobs = Jobs(tmp_path / "runs")
     outside = tmp_path / "elsewhere"
-    for options in (f"teacher_cache: {outside}", f"prompts: {outside / 'prompts.txt'}", f"lr: 1e-4\nout: {outside}"):
+    for options in (f"teacher_cache: {outside}", f"prompts: {outside / 'prompts.txt'}", f"lr: 1e-4\nout: {outside}",
+                    f"init_from: {outside / 'student.safetensors'}"):
         with pytest.raises(ValueError, match=r"refused: the options cannot name files or folders \("):
             jobs.start("r", "builtin", "sfd", 2, 2, 2, options)
     with pytest.raises(ValueError, match="refused: the panel distils the built-in teachers"):

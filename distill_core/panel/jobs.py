@@ -25,7 +25,7 @@ from distill_core.sources import TEACHERS
 #: A run name: a single path component, no leading dot.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: run settings that are paths: the panel's options may not set them (its runs stay inside the runs root)
-PATH_SETTINGS = {"out", "teacher", "prompts", "teacher_cache"}
+PATH_SETTINGS = {"out", "teacher", "prompts", "teacher_cache", "init_from"}
 LOG = "log.txt"
 
 
