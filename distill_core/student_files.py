@@ -248,10 +248,10 @@ def start_from(path: str | Path, net: StudentNet | Experts, teacher_fingerprint:
     ours = {"kind": "full"} if first.lora is None else {"kind": "lora", "rank": first.lora.rank,
                                                          "alpha": first.lora.alpha}
     if (theirs["kind"], theirs.get("rank"), theirs.get("alpha")) != (ours["kind"], ours.get("rank"), ours.get("alpha")):
-        flags = ("--student full" if theirs["kind"] == "full" else
-                 f"--student lora --lora-rank {theirs['rank']} --lora-alpha {theirs['alpha']:g}")
+        fits = ("student: full" if theirs["kind"] == "full" else
+                f"student: lora, lora_rank: {theirs['rank']}, lora_alpha: {theirs['alpha']:g}")
         raise ValueError(f"init_from {path} holds a {_kind_words(theirs)} and this run trains a {_kind_words(ours)}: "
-                         f"train the kind the file holds ({flags})")
+                         f"train the kind the file holds ({fits})")
     for key, scalar in SCALAR_INPUTS.items():
         takes = card.get(scalar.card) is not None
         if takes != (getattr(first, scalar.attr) is not None):

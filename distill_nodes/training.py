@@ -51,6 +51,10 @@ def run_inputs(layout: NodeLayout) -> list[In]:
         In("grad_checkpointing", "BOOLEAN", "recompute the activations in the backward pass: a fraction of their "
            "memory for about a third more time per iteration; turn it on when a run is refused for memory (the "
            "node checks the memory plan against the GPU's free memory before training)", False, optional=True),
+        In("start_from", "DISTILL_STUDENT", "a student of this teacher to start from instead of the teacher (Load "
+           "student, or another training node's student): a 1-step kd student refined by distribution matching, "
+           "a 4-step LoRA trained further; it must be of this run's kind (LoRA of the same rank, or full)",
+           optional=True),
     ]
 
 
@@ -94,7 +98,8 @@ def build_training_node(layout: NodeLayout, classes: list[type]) -> type:
 
     class TrainingNode:
         def run(self, teacher: TeacherHandle, save_name: str, resume: bool, preview_every: int,
-                checkpoint_every: int, unique_id=None, grad_checkpointing: bool = False, **widgets):
+                checkpoint_every: int, unique_id=None, grad_checkpointing: bool = False,
+                start_from: StudentHandle | None = None, **widgets):
             if teacher.model is not None and layout.refuses_comfy_models:
                 raise ValueError(layout.refuses_comfy_models)
             method = widgets.pop("method", names[0])
@@ -112,7 +117,8 @@ def build_training_node(layout: NodeLayout, classes: list[type]) -> type:
             values.update(cls.settings_for_steps(values.get("steps", DistillConfig.steps)))
             cfg = DistillConfig(teacher=teacher.name, method=method, sigma_min=teacher.sigma_min,
                                 guidance=teacher.guidance, checkpoint_every=checkpoint_every,
-                                grad_checkpointing=grad_checkpointing, **values)
+                                grad_checkpointing=grad_checkpointing,
+                                init_from=None if start_from is None else str(start_from.path), **values)
             handle, curve = train_to_file(teacher, cfg, host.FOLDERS[cfg.student], save_name, resume, preview_every,
                                           unique_id)
             handle.model = student_model(handle)

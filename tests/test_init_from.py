@@ -100,10 +100,10 @@ def test_a_mismatched_file_is_refused_with_what_would_fit(tiny_edm, tmp_path):
     lcm = trained(tiny_edm, tmp_path / "lcm", data=True, method="lcm", steps=3, skeleton=10)
     ours = fingerprint(tiny_edm)
     with pytest.raises(ValueError, match=r"holds a LoRA of rank 2 and alpha 2 and this run trains a full-weight "
-                                         r"network: train the kind the file holds \(--student lora --lora-rank 2 "
-                                         r"--lora-alpha 2\)"):
+                                         r"network: train the kind the file holds \(student: lora, lora_rank: 2, "
+                                         r"lora_alpha: 2\)"):
         method(tiny_edm, method="dmd2", steps=1).start_from(str(lora), ours)
-    with pytest.raises(ValueError, match=r"LoRA of rank 4 and alpha 4: train the kind the file holds \(--student "
+    with pytest.raises(ValueError, match=r"LoRA of rank 4 and alpha 4: train the kind the file holds \(student: "
                                          r"full\)"):
         method(tiny_edm, method="dmd2", steps=1, student="lora", lora_rank=4).start_from(str(full), ours)
     with pytest.raises(ValueError, match="its network takes the guidance scale as an input and this run's does not"):

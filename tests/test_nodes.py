@@ -217,6 +217,20 @@ def test_cancel_keeps_a_checkpoint_and_queueing_again_with_resume_continues(fold
         nodes.NODE_CLASS_MAPPINGS["DistillSample"]().run(student, seed=3, count=1, steps=3)
 
 
+def test_a_training_node_starts_from_another_nodes_student(folders):
+    """A 1-step SFD LoRA refined by DMD2: the distribution node's ``start_from`` takes the student socket of
+    the first node, and a student of another kind is refused with the settings that would fit."""
+    (teacher,) = nodes.NODE_CLASS_MAPPINGS["DistillBuiltinTeacher"]().run(guidance=2.0)
+    _, first, _ = _distill(teacher, steps=1, iterations=2, student="lora", save_name="first")["result"]
+    node = nodes.NODE_CLASS_MAPPINGS["DistillDistributionMatching"]()
+    args = dict(steps=1, method="dmd2", iterations=1, learning_rate=1e-4, batch=2, critic_updates=1, seed=0,
+                student="lora", lora_rank=4, resume=False, preview_every=0, checkpoint_every=1)
+    student = node.run(teacher, **args, save_name="refined", start_from=first)["result"][1]
+    assert read_card(student.path)["training"]["init_from"] == "first.safetensors"
+    with pytest.raises(ValueError, match=r"\(student: lora, lora_rank: 4, lora_alpha: 4\)"):
+        node.run(teacher, **{**args, "lora_rank": 8}, save_name="other", start_from=first)
+
+
 def test_save_and_load_student_nodes_confine_and_check_the_teacher(folders):
     (teacher,) = nodes.NODE_CLASS_MAPPINGS["DistillBuiltinTeacher"]().run(guidance=2.0)
     _, student, _ = _distill(teacher, iterations=2)["result"]
