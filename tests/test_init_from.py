@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_UNET, randomise
+
 from distill_core.builtin import fingerprint
 from distill_core.cli import main as cli_main
 from distill_core.config import DistillConfig
 from distill_core.denoisers.edm import EDMDenoiser
 from distill_core.methods import build_method
 from distill_core.nets.unet import UNet
-from distill_core.safetensors_io import read_card
+from distill_core.safetensors_io import load
 from distill_core.student_files import load_student
 from distill_core.train.callbacks import StopAt
 from distill_core.train.run import train_student
@@ -113,16 +113,23 @@ def test_a_mismatched_file_is_refused_with_what_would_fit(tiny_edm, tmp_path):
         method(other, method="dmd2", steps=1).start_from(str(full), fingerprint(other))
 
 
-def test_the_run_names_its_start_and_resumes_without_the_file(tiny_edm, tmp_path):
+def test_the_run_starts_from_the_file_names_it_and_resumes_without_it(tiny_edm, tmp_path):
+    """At a learning rate too small to move a weight, the trained generator is the file's network."""
     start = trained(tiny_edm, tmp_path / "sfd")
     moved = tmp_path / "start.safetensors"
     start.rename(moved)
-    cfg = DistillConfig(method="dmd2", steps=1, batch=4, iters=3, critic_updates=1, seed=1, init_from=str(moved),
-                        out=str(tmp_path / "dmd2"), checkpoint_every=1)
+    started = load(moved)[0]
+    cfg = DistillConfig(method="dmd2", steps=1, batch=4, iters=3, critic_updates=1, lr=1e-9, seed=1,
+                        init_from=str(moved), out=str(tmp_path / "dmd2"), checkpoint_every=1)
     assert train_student(cfg, tiny_source(copy.deepcopy(tiny_edm)), progress=False, callbacks=[StopAt(1)]) is None
     moved.unlink()  # a resumed run's weights are its checkpoint's
     run = train_student(cfg, tiny_source(copy.deepcopy(tiny_edm)), resume=True, progress=False)
-    assert read_card(run.path)["training"]["init_from"] == "start.safetensors"
+    tensors, card = load(run.path)
+    assert card["training"]["init_from"] == "start.safetensors"
+    assert tensors.keys() == started.keys() - {"afs.class_means"}  # the SFD file's first step: not a weight
+    assert all(torch.allclose(v, started[k], atol=1e-6) for k, v in tensors.items())
+    teacher = tiny_edm.state_dict()
+    assert not all(torch.allclose(tensors[k], teacher[k], atol=1e-6) for k in teacher)
 
 
 def test_the_command_line_refuses_a_missing_file_in_one_line(tmp_path, capsys):
