@@ -104,9 +104,7 @@ def save_student(path: str | Path, net: StudentNet | Experts, card: dict,
     card = {
         **card,
         **embeddings,
-        "student": {"kind": "full"}
-        if first.lora is None
-        else {"kind": "lora", "rank": first.lora.rank, "alpha": first.lora.alpha, "layers": len(first.lora.paths)},
+        "student": student_kind(first),
     }
     if isinstance(net, Experts):
         card["experts"] = {"count": len(net.experts), "boundaries": net.boundaries}
@@ -115,6 +113,14 @@ def save_student(path: str | Path, net: StudentNet | Experts, card: dict,
     else:
         tensors = _net_tensors(net)
     return safetensors_io.save_atomic({**tensors, **(extra or {})}, path, card)
+
+
+def student_kind(net: StudentNet) -> dict:
+    """The card's ``student`` entry for ``net``: a full network, or LoRA adapters with their rank, alpha and
+    adapted layers."""
+    if net.lora is None:
+        return {"kind": "full"}
+    return {"kind": "lora", "rank": net.lora.rank, "alpha": net.lora.alpha, "layers": len(net.lora.paths)}
 
 
 def _net_tensors(net: StudentNet) -> dict[str, torch.Tensor]:
@@ -244,10 +250,8 @@ def start_from(path: str | Path, net: StudentNet | Experts, teacher_fingerprint:
                          "student of the teacher the run distils")
     experts = net.experts if isinstance(net, Experts) else [net]
     first = experts[0]
-    theirs = card.get("student", {"kind": "full"})
-    ours = {"kind": "full"} if first.lora is None else {"kind": "lora", "rank": first.lora.rank,
-                                                         "alpha": first.lora.alpha}
-    if (theirs["kind"], theirs.get("rank"), theirs.get("alpha")) != (ours["kind"], ours.get("rank"), ours.get("alpha")):
+    theirs, ours = card.get("student", {"kind": "full"}), student_kind(first)
+    if any(theirs.get(k) != ours.get(k) for k in ("kind", "rank", "alpha")):
         fits = ("student: full" if theirs["kind"] == "full" else
                 f"student: lora, lora_rank: {theirs['rank']}, lora_alpha: {theirs['alpha']:g}")
         raise ValueError(f"init_from {path} holds a {_kind_words(theirs)} and this run trains a {_kind_words(ours)}: "
