@@ -44,8 +44,8 @@ carries the ``--set`` values it was trained with.
 Every student's rows are kept in its run folder under ``--work`` with its settings (``eval.kept``): the same
 command run again (after a stop, or with more methods or values) reads the students it has already evaluated
 and trains only the others; a student stopped part way goes on from its last checkpoint
-(``--checkpoint-every``) to the rows of a student trained in one go. The solver rows of each NFE are kept
-beside the reference solves in ``--cache``, keyed by the teacher and the evaluation.
+(``--checkpoint-every``) to the rows of a student trained in one go. The teacher's row and the solver rows of
+each NFE are kept beside the reference solves in ``--cache``, keyed by the teacher and the evaluation.
 
 ``--quick`` is a smoke run (8 iterations of batch 16 per student, 100 samples: under 6 minutes on 2 CPU
 cores for every registered method); the default trains every student for the main job's iterations and evaluates 2,000
@@ -140,12 +140,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the students train
     teacher = CFGTeacher(source.denoiser.to(device), source.guidance, source.uncond)
     ev = benchmark_set(teacher, n, args.steps, args.cache, device=device)
-    curvature = path_straightness(teacher, ev, base.sigma_min, teacher.sigma_max)
-    rows = [{**teacher_row(teacher, ev), "straightness": curvature}]
     measured = {"teacher": fingerprint(source.denoiser), "n": n, "steps": args.steps}
+    stem = f"{measured['teacher']}-n{n}-s{args.steps}"
+    rows = kept(Path(args.cache) / f"teacher-{stem}.json", {**measured, "sigma_min": base.sigma_min}, lambda: [{
+        **teacher_row(teacher, ev), "straightness": path_straightness(teacher, ev, base.sigma_min, teacher.sigma_max)}])
     for nfe in args.nfe:
         solvers = {**measured, "nfe": nfe, "sigma_min": base.sigma_min}
-        rows += kept(Path(args.cache) / f"solvers-{measured['teacher']}-n{n}-s{args.steps}-nfe{nfe}.json", solvers,
+        rows += kept(Path(args.cache) / f"solvers-{stem}-nfe{nfe}.json", solvers,
                      lambda nfe=nfe: solver_rows(teacher, ev, nfe, base.sigma_min))
     evaluated: dict[str, list[dict]] = {}  # a student's rows by its method and settings: each is trained once
     swept = [key for key, values in grid.items() if len(values) > 1]

@@ -114,21 +114,25 @@ def test_end_to_end_rows_of_one_method_at_two_nfes_and_a_swept_setting(bench, tm
     assert "psnr_db" not in teacher and teacher["fd_teacher"] >= 0
     assert [(r["nfe"], r["fd_teacher"]) for r in rows] == sorted((r["nfe"], r["fd_teacher"]) for r in rows)
 
-    # run again, the students are read from their folders and the solver rows from the cache, neither measured
-    # again; other settings train anew
+    # run again, the students are read from their folders and the teacher's and solver rows from the cache, none
+    # measured again; other settings train anew
     def no_training(cfg, *args):
         raise AssertionError(f"{cfg.out} was trained again")
 
     def no_solving(teacher, ev, nfe, sigma_min):
         raise AssertionError(f"the solvers at NFE {nfe} were measured again")
 
+    straightened = []
     monkeypatch.setattr(bench, "trained_rows", no_training)
     monkeypatch.setattr(bench, "solver_rows", no_solving)
+    monkeypatch.setattr(bench, "path_straightness", lambda *args: straightened.append(args) or 0.0)
     again = bench.main(argv)
     assert [r for r in again if r["method"] == "sfd"] == students
     assert [r for r in again if r["method"] != "sfd"] == [r for r in rows if r["method"] != "sfd"]
+    assert straightened == []  # the teacher's row (its straightness) came from the cache
     with pytest.raises(AssertionError, match="the solvers at NFE 1 were measured again"):
         bench.main([*argv[:argv.index("--steps") + 1], "5", *argv[argv.index("--steps") + 2:]])
+    assert len(straightened) == 1  # another reference solve: the teacher's row is measured anew
     with pytest.raises(AssertionError, match="sfd-1-lossl1 was trained again"):
         bench.main(argv[:-1] + ["lr=1e-3"])
 
