@@ -129,20 +129,14 @@ def test_leftover_temporary_files_of_a_kill_are_removed(tiny_edm, tmp_path):
     assert not any(p.exists() for p in leftovers)
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.13, 0.41])
-def test_a_killed_run_resumes_bit_exactly(tiny_edm, tmp_path, delay):
-    """SIGKILL at points in the middle of a real run that checkpoints every iteration (a child process), then
-    resume: the student equals the one of a run that was never interrupted."""
-    script = tmp_path / "run.py"
-    script.write_text(f"""
+#: a real run that checkpoints every iteration, in a child process: ``run.py OUT start|resume|straight``
+KILLED_RUN = f"""
 import sys, time, torch
 sys.path.insert(0, {str(ROOT / 'tests')!r}); sys.path.insert(0, {str(ROOT)!r})
 from conftest import TINY_UNET, randomise
 from distill_core.denoisers.edm import EDMDenoiser
 from distill_core.nets.unet import UNet
-from distill_core.cli import main as cli_main
 from distill_core.config import DistillConfig
-from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
 from distill_core.train.run import train_student
 from distill_core.train.callbacks import Callback
@@ -156,7 +150,25 @@ source = TeacherSource("tiny", teacher, (1, 8, 8), lambda b, g: torch.randint(10
 cfg = DistillConfig(steps=2, iters=12, batch=4, teacher_substeps=2, checkpoint_every=1, out=sys.argv[1])
 slow = [Slow()] if sys.argv[2] == "start" else []
 train_student(cfg, source, resume=sys.argv[2] == "resume", progress=False, callbacks=slow)
-""")
+"""
+
+
+@pytest.fixture(scope="module")
+def killed_run_script(tmp_path_factory) -> tuple[Path, Path]:
+    """``KILLED_RUN`` as a file, and the folder of its run that was never interrupted (trained once for every
+    kill below)."""
+    folder = tmp_path_factory.mktemp("killed_run")
+    script = folder / "run.py"
+    script.write_text(KILLED_RUN)
+    subprocess.run([sys.executable, str(script), str(folder / "straight"), "straight"], check=True)
+    return script, folder / "straight"
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.13, 0.41])
+def test_a_killed_run_resumes_bit_exactly(killed_run_script, tmp_path, delay):
+    """SIGKILL at points in the middle of a real run that checkpoints every iteration (a child process), then
+    resume: the student equals the one of a run that was never interrupted."""
+    script, straight = killed_run_script
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(script), str(killed), "start"])
     deadline = time.time() + 120
@@ -167,8 +179,6 @@ train_student(cfg, source, resume=sys.argv[2] == "resume", progress=False, callb
     proc.wait()
     assert (killed / LOCK).is_file() and not (killed / "student.safetensors").exists()
     subprocess.run([sys.executable, str(script), str(killed), "resume"], check=True)
-    straight = tmp_path / "straight"
-    subprocess.run([sys.executable, str(script), str(straight), "straight"], check=True)
     from distill_core.safetensors_io import load
 
     a, b = load(killed / "student.safetensors")[0], load(straight / "student.safetensors")[0]
