@@ -141,12 +141,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     teacher = CFGTeacher(source.denoiser.to(device), source.guidance, source.uncond)
     ev = benchmark_set(teacher, n, args.steps, args.cache, device=device)
     measured = {"teacher": fingerprint(source.denoiser), "n": n, "steps": args.steps}
-    stem = f"{measured['teacher']}-n{n}-s{args.steps}"
-    rows = kept(Path(args.cache) / f"teacher-{stem}.json", {**measured, "sigma_min": base.sigma_min}, lambda: [{
+    stem = f"{measured['teacher']}-w{teacher.w:g}-n{n}-s{args.steps}"
+    solved = {**measured, "w": teacher.w, "sigma_min": base.sigma_min}  # what the teacher's and solver rows depend on
+    rows = kept(Path(args.cache) / f"teacher-{stem}.json", solved, lambda: [{
         **teacher_row(teacher, ev), "straightness": path_straightness(teacher, ev, base.sigma_min, teacher.sigma_max)}])
     for nfe in args.nfe:
-        solvers = {**measured, "nfe": nfe, "sigma_min": base.sigma_min}
-        rows += kept(Path(args.cache) / f"solvers-{stem}-nfe{nfe}.json", solvers,
+        rows += kept(Path(args.cache) / f"solvers-{stem}-nfe{nfe}.json", {**solved, "nfe": nfe},
                      lambda nfe=nfe: solver_rows(teacher, ev, nfe, base.sigma_min))
     evaluated: dict[str, list[dict]] = {}  # a student's rows by its method and settings: each is trained once
     swept = [key for key, values in grid.items() if len(values) > 1]

@@ -25,6 +25,24 @@ def test_rows_are_read_back_across_bookkeeping_and_trained_anew_for_other_settin
     assert calls == [False, False, False]  # no checkpoint in the folder: nothing to resume
 
 
+def test_a_student_file_trained_again_in_place_is_another_start(tmp_path):
+    calls = []
+
+    def rows_of(resume):
+        calls.append(resume)
+        return [{"method": "dmd2", "nfe": 1, "fd_teacher": float(len(calls))}]
+
+    start = tmp_path / "kd" / "student.safetensors"
+    start.parent.mkdir()
+    start.write_bytes(b"the first student")
+    cfg, evaluation = DistillConfig(out=str(tmp_path / "run"), init_from=str(start)), {"teacher": "abc", "n": 10}
+    assert kept_rows(cfg, evaluation, rows_of)[0]["fd_teacher"] == 1
+    assert kept_rows(cfg, evaluation, rows_of)[0]["fd_teacher"] == 1  # the same file: read back
+    start.write_bytes(b"the student trained again")
+    assert kept_rows(cfg, evaluation, rows_of)[0]["fd_teacher"] == 2
+    assert calls == [False, False]
+
+
 def test_an_unreadable_checkpoint_is_not_resumed(tmp_path):
     cfg = DistillConfig(out=str(tmp_path / "run"))
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)

@@ -8,7 +8,8 @@ stopped part way (Ctrl-C, a killed job) goes on from its last checkpoint when th
 same settings; a resumed run is bit-exact, so its rows are those of a student trained in one go (its teacher
 evaluations count the pools it solves again, and its peak memory is that of the part it ran).
 
-Settings are the run's config up to ``BOOKKEEPING``, the fields that leave the student as it is.
+Settings are the run's config up to ``BOOKKEEPING``, the fields that leave the student as it is; the student
+file a run starts from counts by its bytes.
 
 A benchmark's solver rows are kept the same way (``kept``, in its reference cache): they depend only on the
 teacher and the evaluation, and a long sweep's solver rows take as long as a student.
@@ -16,6 +17,7 @@ teacher and the evaluation, and a long sweep's solver rows take as long as a stu
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -78,8 +80,24 @@ def resumable(cfg: DistillConfig) -> bool:
 
 
 def settings(config: dict) -> dict:
-    """A run's config up to ``BOOKKEEPING``, as JSON reads it back (tuples as lists)."""
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in BOOKKEEPING}, default=str))
+    """A run's config up to ``BOOKKEEPING``, as JSON reads it back (tuples as lists); the student file a run
+    starts from (``init_from``) by its path and the hash of its bytes, so that a file trained again in place is
+    another start."""
+    kept = {k: v for k, v in config.items() if k not in BOOKKEEPING}
+    if kept.get("init_from"):
+        kept["init_from"] = {"path": str(kept["init_from"]), "sha256": file_hash(Path(kept["init_from"]))}
+    return json.loads(json.dumps(kept, default=str))
+
+
+def file_hash(path: Path) -> str | None:
+    """The sha256 of a file's bytes (None for a missing file: its run will say so when it starts)."""
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def finished(run: StudentRun | None, cfg: DistillConfig) -> StudentRun:
