@@ -48,9 +48,10 @@ and trains only the others; a student stopped part way goes on from its last che
 each NFE are kept beside the reference solves in ``--cache``, keyed by the teacher and the evaluation.
 
 ``--quick`` is a smoke run (8 iterations of batch 16 per student, 100 samples: every registered method and
-solver at NFE 1, 2, 4 and 8 in about 9 minutes on 2 CPU cores, the reference solves included); the default trains every student for the main job's iterations and evaluates 2,000
-samples (the first run solves the 2 x 2,000 reference samples, about 25 minutes on 2 CPU cores, then reads
-them from the cache). The table is sorted by NFE, then by ``fd_teacher``; the run prints its wall time.
+solver at NFE 1, 2, 4 and 8 in about 9 minutes on 2 CPU cores, the reference solves included); the default
+trains every student for the main job's iterations and evaluates 2,000 samples (the first run solves the
+2 x 2,000 reference samples, about 25 minutes on 2 CPU cores, then reads them from the cache). The table is
+sorted by NFE, then by ``fd_teacher``; the run prints its wall time.
 """
 
 from __future__ import annotations
