@@ -58,10 +58,18 @@ def load_builtin_teacher(path: str | Path = TEACHER_PATH, device: str | torch.de
     return denoiser.eval().requires_grad_(False).to(device)
 
 
+#: attribute of a network cast to another precision after loading (``cast_weights``): its fingerprint as loaded
+LOADED_FINGERPRINT = "loaded_fingerprint"
+
+
 def fingerprint(module: torch.nn.Module) -> str:
     """A short hash of a network's weights and, for a denoiser, of its parametrisation (``settings()``:
     prediction type and noise range): ties a student to the teacher it was distilled from, so that the same
-    weights read as another prediction type are another teacher."""
+    weights read as another prediction type are another teacher. A network cast after loading (``cast_weights``)
+    keeps the hash of its weights as loaded: its students belong to the teacher the user has."""
+    kept = getattr(module, LOADED_FINGERPRINT, None)
+    if kept is not None:
+        return kept
     h = hashlib.sha256()
     if hasattr(module, "settings"):
         h.update(json.dumps(module.settings(), sort_keys=True).encode())
@@ -69,3 +77,19 @@ def fingerprint(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``module``'s weights in ``dtype``, in place; its ``fingerprint`` stays the one of its weights as loaded."""
+    loaded = fingerprint(module)
+    module.to(dtype)
+    setattr(module, LOADED_FINGERPRINT, loaded)
+
+
+def solve_fingerprint(module: torch.nn.Module) -> str:
+    """The ``fingerprint`` of what a network computes, which keys its cached solves: a network cast after loading
+    computes in its new precision, so the cast's dtype joins the fingerprint."""
+    if getattr(module, LOADED_FINGERPRINT, None) is None:
+        return fingerprint(module)
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})
+    return f"{fingerprint(module)}-{'-'.join(dtypes)}"

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from distill_core.builtin import fingerprint
+from distill_core.builtin import solve_fingerprint
 from distill_core.safetensors_io import load, save_atomic
 
 #: conditions drawn to fingerprint a teacher source's condition distribution
@@ -43,10 +43,10 @@ _memory: OrderedDict[str, tuple[dict[str, torch.Tensor], dict]] = OrderedDict()
 
 
 def source_fingerprint(source) -> str:
-    """A short hash of a ``TeacherSource`` as a teacher of targets: its denoiser (``fingerprint``), the sample
+    """A short hash of a ``TeacherSource`` as a teacher of targets: its denoiser (``solve_fingerprint``), the sample
     shape, the unconditional condition and a probe of its condition draws (so another prompt list or text
     encoder is another teacher)."""
-    h = hashlib.sha256(fingerprint(source.denoiser).encode())
+    h = hashlib.sha256(solve_fingerprint(source.denoiser).encode())
     h.update(json.dumps(list(source.shape)).encode())
     tensors, layout = flatten((source.draw_cond(COND_PROBE, torch.Generator().manual_seed(0)), source.uncond))
     h.update(json.dumps(layout, sort_keys=True).encode())

@@ -132,6 +132,21 @@ def test_the_run_starts_from_the_file_names_it_and_resumes_without_it(tiny_edm, 
     assert not all(torch.allclose(tensors[k], teacher[k], atol=1e-6) for k in teacher)
 
 
+def test_over_a_bf16_frozen_teacher_the_run_starts_from_the_files_float32_weights(tiny_edm, tmp_path):
+    """The trained copy of a bf16 teacher is made float32 before the file is read: its weights are the file's,
+    not their bf16 rounding (at a learning rate too small to move a weight)."""
+    start = load(trained(tiny_edm, tmp_path / "sfd"))[0]
+    weights = {k: v for k, v in start.items() if k in tiny_edm.state_dict()}
+    assert any(not torch.allclose(v.bfloat16().float(), v, atol=1e-6) for v in weights.values())
+    cfg = DistillConfig(steps=2, batch=4, iters=1, lr=1e-9, seed=1, frozen_precision="bf16", checkpoint_every=0,
+                        init_from=str(tmp_path / "sfd" / "student.safetensors"), out=str(tmp_path / "bf16"))
+    source = tiny_source(copy.deepcopy(tiny_edm))
+    tensors = load(train_student(cfg, source, progress=False).path)[0]
+    assert {p.dtype for p in source.denoiser.parameters()} == {torch.bfloat16}
+    assert all(tensors[k].dtype == torch.float32 and torch.allclose(tensors[k], v, atol=1e-6)
+               for k, v in weights.items())
+
+
 def test_the_command_line_refuses_a_missing_file_in_one_line(tmp_path, capsys):
     gone = tmp_path / "gone.safetensors"
     assert cli_main(["distill", "--init-from", str(gone), "--iters", "1", "--batch", "4", "--no-progress",

@@ -9,6 +9,7 @@ import importlib.util
 import pytest
 import torch
 
+from distill_core.builtin import cast_weights, fingerprint, solve_fingerprint
 from distill_core.config import DistillConfig
 from distill_core.denoisers.diffusers import DiffusersDenoiser
 from distill_core.eval.memory import MIB, with_tensor_peak
@@ -27,7 +28,9 @@ from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import build_method
 from distill_core.nets.surgery import enable_checkpointing
 from distill_core.sources import builtin_source
+from distill_core.student_files import load_student
 from distill_core.students import make_networks
+from distill_core.teacher_cache import source_fingerprint
 from distill_core.train.run import train_student
 from distill_core.train.trainer import Trainer
 
@@ -188,6 +191,21 @@ def test_a_bf16_frozen_teacher_trains_a_float32_student(tmp_path):
     with safe_open(str(run_.path), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert torch.float32 in dtypes and torch.bfloat16 not in dtypes
+    # the student belongs to the teacher as the user has it, in float32
+    teacher = builtin_source()
+    assert load_student(run_.path, teacher.denoiser, teacher.uncond).card["teacher_fingerprint"] == fingerprint(
+        teacher.denoiser)
+
+
+def test_a_teacher_cast_after_loading_keeps_its_fingerprint_and_keys_its_solves_apart():
+    source = builtin_source()
+    loaded, targets = fingerprint(source.denoiser), source_fingerprint(source)
+    assert solve_fingerprint(source.denoiser) == loaded
+    cast_weights(source.denoiser, torch.bfloat16)
+    assert {p.dtype for p in source.denoiser.parameters()} == {torch.bfloat16}
+    assert fingerprint(source.denoiser) == loaded  # its students name the teacher as loaded
+    assert solve_fingerprint(source.denoiser) == f"{loaded}-bfloat16"  # what it computes is another solve
+    assert source_fingerprint(source) != targets  # a bf16 run never reads a float32 run's cached targets
 
 
 def test_8bit_adam_is_planned_at_a_quarter_of_the_state_and_refused_without_cuda(tmp_path):

@@ -23,7 +23,7 @@ import torch
 
 from distill_core import safetensors_io
 from distill_core.atomic import write_json
-from distill_core.builtin import ASSETS, SHAPE, fingerprint
+from distill_core.builtin import ASSETS, SHAPE, solve_fingerprint
 from distill_core.config import EDM_SIGMA_MIN, TRAINING_SEED_BASE
 from distill_core.eval.coverage import precision_recall
 from distill_core.eval.fidelity import psnr, reference_solve, rmse
@@ -121,7 +121,7 @@ def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache
     if not 0 <= seed < TRAINING_SEED_BASE:
         raise ValueError(f"an evaluation seed lies in [0, {TRAINING_SEED_BASE}) (training's seeds start there), "
                          f"got {seed}")
-    tag = f"ref-{fingerprint(teacher.denoiser)}-w{teacher.w:g}-n{{}}-s{seed}-heun{steps}.safetensors"  # {}: n
+    tag = f"ref-{solve_fingerprint(teacher.denoiser)}-w{teacher.w:g}-n{{}}-s{seed}-heun{steps}.safetensors"  # {}: n
     cached = Path(cache_dir) / tag.format(n) if cache_dir else None
     stored = next((p for p in (SHIPPED_REFERENCES / tag.format(n), cached) if p is not None and p.is_file()),
                   None) or shipped_superset(tag, n)

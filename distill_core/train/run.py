@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from distill_core.builtin import fingerprint
+from distill_core.builtin import cast_weights, fingerprint
 from distill_core.config import DistillConfig
 from distill_core.memory_plan import MemoryPlan
 from distill_core.methods.base import TeacherSource
@@ -146,7 +146,7 @@ def cast_frozen_teacher(source: TeacherSource, dtype: torch.dtype) -> None:
     if source.stock_sampling:
         raise ValueError("frozen_precision applies to teachers the engine loads; a ComfyUI model keeps the precision "
                          "its loader gave it (choose weight_dtype in the loader)")
-    source.denoiser.to(dtype)
+    cast_weights(source.denoiser, dtype)  # its students still name the teacher as loaded
 
 
 def release_teacher(net: torch.nn.Module) -> None:
