@@ -40,8 +40,8 @@ EMA_BYTES = 4
 #: (``bench/gpu_scale.py`` rows on an H200, bf16 autocast; ``tests/test_memory_plan.py`` on the CPU); where a
 #: family is unmeasured, ``DEFAULT_FACTORS`` by gradient checkpointing (the largest measured, rounded up)
 FACTORS: dict[tuple[str, bool, bool], float] = {
-    ("builtin", False, False): 1.03,  # SFD, full student, batch 32
-    ("builtin", False, True): 0.44,  # SFD, full student, batch 64
+    ("builtin", False, False): 0.95,  # SFD, full student, batch 32
+    ("builtin", False, True): 0.38,  # SFD, full student, batch 64
     ("sd", True, False): 1.10,  # SD 1.5, SFD-LoRA, 512 px, batch 4
     ("sdxl", True, True): 0.53,  # SDXL, SFD-LoRA, 1024 px, batch 1
 }

@@ -38,9 +38,9 @@ def with_peak_memory(work: Callable[[], T]) -> tuple[T, float | None]:
 
 def with_tensor_peak(work: Callable[[], T], device: torch.device) -> tuple[T, float]:
     """``work()``'s result and the peak of the tensor memory it allocates on ``device`` above what was allocated
-    when it started, in MiB. On CUDA, from the allocator's statistics; on the CPU, from torch's profiler: every
-    allocation and free it records (its ``[memory]`` events, transients inside an operator included), summed in
-    time order."""
+    when it started, in MiB. On CUDA, from the allocator's statistics; on the CPU, from torch's profiler: each
+    operator's own allocations net of its frees, and every free outside an operator, summed in time order
+    (a transient inside one operator is not seen; slow, for short pieces of work)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
@@ -48,15 +48,11 @@ def with_tensor_peak(work: Callable[[], T], device: torch.device) -> tuple[T, fl
         result = work()
         torch.cuda.synchronize(device)
         return result, (torch.cuda.max_memory_allocated(device) - start) / MIB
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = work()
-    # the raw events: building the profiler's event tree would take longer than the work
-    events = prof.profiler.kineto_results.events()
-    changes = sorted((e.start_ns(), e.nbytes()) for e in events
-                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     live = peak = 0
     for _, change in changes:
         live += change
