@@ -57,6 +57,8 @@ sorted by NFE, then by ``fd_teacher``; the run prints its wall time.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import itertools
 import sys
 import time
@@ -192,6 +194,8 @@ def trained_rows(cfg: DistillConfig, source, teacher: CFGTeacher, ev, nfes: list
                  ) -> list[dict]:
     """Train ``cfg``'s student (from its checkpoint when ``resume``); its rows at every NFE of ``nfes`` it serves,
     with its training budget."""
+    if cfg.frozen_precision != "as-loaded":  # a cast is in place: the students after this one keep the teacher
+        source = dataclasses.replace(source, denoiser=copy.deepcopy(source.denoiser))
     run, peak = with_peak_memory(lambda: train_student(cfg, source, resume=resume, progress=False))
     finished(run, cfg)
     extra = {"iters": cfg.iters, "batch": cfg.batch}

@@ -195,6 +195,9 @@ def test_a_bf16_frozen_teacher_trains_a_float32_student(tmp_path):
     teacher = builtin_source()
     assert load_student(run_.path, teacher.denoiser, teacher.uncond).card["teacher_fingerprint"] == fingerprint(
         teacher.denoiser)
+    # the cast teacher cannot serve a run in the precision it was loaded in
+    with pytest.raises(ValueError, match="cast to bf16 by an earlier run in this process .* load the teacher again"):
+        train_student(cfg.replace(frozen_precision="as-loaded"), source, progress=False)
 
 
 def test_a_teacher_cast_after_loading_keeps_its_fingerprint_and_keys_its_solves_apart():

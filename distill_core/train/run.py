@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from distill_core.builtin import cast_weights, fingerprint
+from distill_core.builtin import LOADED_FINGERPRINT, cast_weights, fingerprint
 from distill_core.config import DistillConfig
 from distill_core.memory_plan import MemoryPlan
 from distill_core.methods.base import TeacherSource
@@ -79,8 +79,7 @@ def within_trained_range(cfg: DistillConfig, denoiser) -> DistillConfig:
 
 def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, progress: bool,
            callbacks) -> StudentRun | None:
-    if cfg.frozen_precision == "bf16":
-        cast_frozen_teacher(source, torch.bfloat16)
+    frozen_precision(cfg, source)
     method = build_method(source, cfg)
     if cfg.init_from and not resume:  # a resumed run's weights are its checkpoint's
         keep_trainables_float32(method.nets[method.exported])  # the file's weights, not rounded to a bf16 copy's
@@ -122,8 +121,7 @@ def precompute_targets(cfg: DistillConfig, source: TeacherSource) -> tuple[int, 
     if cfg.teacher_cache is None:
         raise ValueError("precompute writes the run's teacher targets into a folder: give --teacher-cache DIR")
     cfg = within_trained_range(cfg, source.denoiser)
-    if cfg.frozen_precision == "bf16":
-        cast_frozen_teacher(source, torch.bfloat16)
+    frozen_precision(cfg, source)
     folder = Path(cfg.teacher_cache)
     before = set(folder.glob("*.safetensors"))
     start = time.perf_counter()
@@ -137,6 +135,17 @@ def precompute_targets(cfg: DistillConfig, source: TeacherSource) -> tuple[int, 
             release_teacher(trainer.unwrapped(name))
         method.to(home)
     return len(set(folder.glob("*.safetensors")) - before), time.perf_counter() - start
+
+
+def frozen_precision(cfg: DistillConfig, source: TeacherSource) -> None:
+    """The teacher in the precision the run's ``frozen_precision`` asks for: cast to bf16 in place, or as loaded,
+    which a teacher an earlier run of this process cast can no longer be (a cast is not undone): refused."""
+    if cfg.frozen_precision == "bf16":
+        cast_frozen_teacher(source, torch.bfloat16)
+    elif getattr(source.denoiser, LOADED_FINGERPRINT, None) is not None:
+        raise ValueError("this teacher's weights were cast to bf16 by an earlier run in this process "
+                         "(frozen_precision bf16), which cannot be undone: load the teacher again for a run in the "
+                         "precision it was loaded in, or give this run frozen_precision bf16 too")
 
 
 def cast_frozen_teacher(source: TeacherSource, dtype: torch.dtype) -> None:
