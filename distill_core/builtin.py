@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from pathlib import Path
 
 import torch
@@ -58,8 +59,9 @@ def load_builtin_teacher(path: str | Path = TEACHER_PATH, device: str | torch.de
     return denoiser.eval().requires_grad_(False).to(device)
 
 
-#: attribute of a network cast to another precision after loading (``cast_weights``): its fingerprint as loaded
-LOADED_FINGERPRINT = "loaded_fingerprint"
+#: networks cast to another precision after loading (``cast_weights``), with their fingerprint as loaded (a copy
+#: of one is another network: its own weights are its fingerprint)
+_LOADED: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 def fingerprint(module: torch.nn.Module) -> str:
@@ -67,9 +69,8 @@ def fingerprint(module: torch.nn.Module) -> str:
     prediction type and noise range): ties a student to the teacher it was distilled from, so that the same
     weights read as another prediction type are another teacher. A network cast after loading (``cast_weights``)
     keeps the hash of its weights as loaded: its students belong to the teacher the user has."""
-    kept = getattr(module, LOADED_FINGERPRINT, None)
-    if kept is not None:
-        return kept
+    if module in _LOADED:
+        return _LOADED[module]
     h = hashlib.sha256()
     if hasattr(module, "settings"):
         h.update(json.dumps(module.settings(), sort_keys=True).encode())
@@ -83,13 +84,18 @@ def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
     """``module``'s weights in ``dtype``, in place; its ``fingerprint`` stays the one of its weights as loaded."""
     loaded = fingerprint(module)
     module.to(dtype)
-    setattr(module, LOADED_FINGERPRINT, loaded)
+    _LOADED[module] = loaded
+
+
+def was_cast(module: torch.nn.Module) -> bool:
+    """Whether ``cast_weights`` cast this network after it was loaded."""
+    return module in _LOADED
 
 
 def solve_fingerprint(module: torch.nn.Module) -> str:
     """The ``fingerprint`` of what a network computes, which keys its cached solves: a network cast after loading
     computes in its new precision, so the cast's dtype joins the fingerprint."""
-    if getattr(module, LOADED_FINGERPRINT, None) is None:
+    if not was_cast(module):
         return fingerprint(module)
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})
     return f"{fingerprint(module)}-{'-'.join(dtypes)}"

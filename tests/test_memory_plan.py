@@ -4,6 +4,7 @@ on one base, float32 adapters over a half-precision base, a bf16 frozen teacher.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -209,6 +210,7 @@ def test_a_teacher_cast_after_loading_keeps_its_fingerprint_and_keys_its_solves_
     assert fingerprint(source.denoiser) == loaded  # its students name the teacher as loaded
     assert solve_fingerprint(source.denoiser) == f"{loaded}-bfloat16"  # what it computes is another solve
     assert source_fingerprint(source) != targets  # a bf16 run never reads a float32 run's cached targets
+    assert fingerprint(copy.deepcopy(source.denoiser)) != loaded  # a copy (a full student) is its own weights
 
 
 def test_8bit_adam_is_planned_at_a_quarter_of_the_state_and_refused_without_cuda(tmp_path):

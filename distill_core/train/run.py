@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from distill_core.builtin import LOADED_FINGERPRINT, cast_weights, fingerprint
+from distill_core.builtin import cast_weights, fingerprint, was_cast
 from distill_core.config import DistillConfig
 from distill_core.memory_plan import MemoryPlan
 from distill_core.methods.base import TeacherSource
@@ -142,7 +142,7 @@ def frozen_precision(cfg: DistillConfig, source: TeacherSource) -> None:
     which a teacher an earlier run of this process cast can no longer be (a cast is not undone): refused."""
     if cfg.frozen_precision == "bf16":
         cast_frozen_teacher(source, torch.bfloat16)
-    elif getattr(source.denoiser, LOADED_FINGERPRINT, None) is not None:
+    elif was_cast(source.denoiser):
         raise ValueError("this teacher's weights were cast to bf16 by an earlier run in this process "
                          "(frozen_precision bf16), which cannot be undone: load the teacher again for a run in the "
                          "precision it was loaded in, or give this run frozen_precision bf16 too")
