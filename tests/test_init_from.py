@@ -17,6 +17,7 @@ from distill_core.cli import main as cli_main
 from distill_core.config import DistillConfig
 from distill_core.denoisers.edm import EDMDenoiser
 from distill_core.methods import build_method
+from distill_core.methods.registry import methods
 from distill_core.nets.unet import UNet
 from distill_core.safetensors_io import load
 from distill_core.student_files import load_student
@@ -52,7 +53,7 @@ def test_a_full_student_starts_the_generator_and_the_fake_score_stays_the_teache
     student = load_student(path, tiny_edm, NULL)
     m = method(tiny_edm, method="dmd2", steps=1)
     assert not torch.allclose(out(m.generator), out(student.net), atol=1e-4)
-    m.start_from(str(path), fingerprint(tiny_edm))
+    m.start_from(str(path))
     assert torch.equal(out(m.generator), out(student.net))
     assert torch.equal(out(m.nets["fake_score"]), out(tiny_edm)) and torch.equal(out(m.teacher.denoiser), out(tiny_edm))
 
@@ -61,7 +62,7 @@ def test_a_lora_student_starts_the_generators_adapters_on_the_shared_base(tiny_e
     path = trained(tiny_edm, tmp_path / "sfd", student="lora", lora_rank=2)
     student = load_student(path, tiny_edm, NULL)
     m = method(tiny_edm, method="dmd2", steps=1, student="lora", lora_rank=2)
-    m.start_from(str(path), fingerprint(tiny_edm))
+    m.start_from(str(path))
     assert torch.allclose(out(m.generator), out(student.net), atol=1e-6)
     assert not torch.allclose(out(m.generator), out(tiny_edm), atol=1e-4)
     assert torch.equal(out(m.nets["fake_score"]), out(tiny_edm)) and torch.equal(out(m.teacher.denoiser), out(tiny_edm))
@@ -70,23 +71,23 @@ def test_a_lora_student_starts_the_generators_adapters_on_the_shared_base(tiny_e
 def test_one_network_starts_every_expert_and_experts_start_one_by_one(tiny_edm, tmp_path):
     single = load_student(trained(tiny_edm, tmp_path / "sfd"), tiny_edm, NULL)
     m = method(tiny_edm, method="phased-dmd", steps=2)
-    m.start_from(str(tmp_path / "sfd" / "student.safetensors"), fingerprint(tiny_edm))
+    m.start_from(str(tmp_path / "sfd" / "student.safetensors"))
     assert all(torch.equal(out(expert), out(single.net)) for expert in m.generator.experts)
 
     path = trained(tiny_edm, tmp_path / "phased", method="phased-dmd", iters=4)
     experts = load_student(path, tiny_edm, NULL).net.experts
     assert not torch.allclose(out(experts[0]), out(experts[1]), atol=1e-4)
     m = method(tiny_edm, method="phased-dmd", steps=2)
-    m.start_from(str(path), fingerprint(tiny_edm))
+    m.start_from(str(path))
     assert all(torch.equal(out(a), out(b)) for a, b in zip(m.generator.experts, experts, strict=True))
     with pytest.raises(ValueError, match="holds 2 experts and this run trains 3 network"):
-        method(tiny_edm, method="phased-dmd", steps=3).start_from(str(path), fingerprint(tiny_edm))
+        method(tiny_edm, method="phased-dmd", steps=3).start_from(str(path))
 
 
 def test_lcm_target_network_starts_where_its_student_does(tiny_edm, tmp_path):
     path = trained(tiny_edm, tmp_path / "lcm", data=True, method="lcm", steps=3, skeleton=10)
     m = method(tiny_edm, method="lcm", steps=3, skeleton=10)
-    m.start_from(str(path), fingerprint(tiny_edm))
+    m.start_from(str(path))
     started = {k: p for k, p in m.module().named_parameters() if p.requires_grad}
     assert m.target_params.keys() == started.keys()
     assert all(torch.equal(m.target_params[k], p) for k, p in started.items())
@@ -98,19 +99,18 @@ def test_a_mismatched_file_is_refused_with_what_would_fit(tiny_edm, tmp_path):
     full = trained(tiny_edm, tmp_path / "full")
     lora = trained(tiny_edm, tmp_path / "lora", student="lora", lora_rank=2)
     lcm = trained(tiny_edm, tmp_path / "lcm", data=True, method="lcm", steps=3, skeleton=10)
-    ours = fingerprint(tiny_edm)
     with pytest.raises(ValueError, match=r"holds a LoRA of rank 2 and alpha 2 and this run trains a full-weight "
                                          r"network: train the kind the file holds \(student: lora, lora_rank: 2, "
                                          r"lora_alpha: 2\)"):
-        method(tiny_edm, method="dmd2", steps=1).start_from(str(lora), ours)
+        method(tiny_edm, method="dmd2", steps=1).start_from(str(lora))
     with pytest.raises(ValueError, match=r"LoRA of rank 4 and alpha 4: train the kind the file holds \(student: "
                                          r"full\)"):
-        method(tiny_edm, method="dmd2", steps=1, student="lora", lora_rank=4).start_from(str(full), ours)
+        method(tiny_edm, method="dmd2", steps=1, student="lora", lora_rank=4).start_from(str(full))
     with pytest.raises(ValueError, match="its network takes the guidance scale as an input and this run's does not"):
-        method(tiny_edm, method="dmd2", steps=1).start_from(str(lcm), ours)
+        method(tiny_edm, method="dmd2", steps=1).start_from(str(lcm))
     other = EDMDenoiser(randomise(UNet(TINY_UNET), seed=9)).eval().requires_grad_(False)
     with pytest.raises(ValueError, match="is a student of another teacher"):
-        method(other, method="dmd2", steps=1).start_from(str(full), fingerprint(other))
+        method(other, method="dmd2", steps=1).start_from(str(full))
 
 
 def test_the_run_starts_from_the_file_names_it_and_resumes_without_it(tiny_edm, tmp_path):
@@ -154,3 +154,14 @@ def test_the_command_line_refuses_a_missing_file_in_one_line(tmp_path, capsys):
     said = capsys.readouterr()
     lines = [line for line in (said.out + said.err).splitlines() if str(gone) in line]
     assert len(lines) == 1 and "Traceback" not in said.err
+
+
+@pytest.mark.parametrize("name", sorted(methods()))
+def test_every_method_names_the_teacher_as_loaded_with_a_lora_on_it(tiny_edm, name):
+    """The fingerprint is the teacher's own, taken once when the method is built (``Method.__init__``), whatever
+    the method then hooks onto the shared network, and the student file's card carries it."""
+    steps = 1 if name == "kd" else 2
+    m = method(tiny_edm, method=name, steps=steps, student="lora", lora_rank=2)
+    assert m.teacher_fingerprint == fingerprint(tiny_edm)
+    assert m.card()["teacher_fingerprint"] == m.teacher_fingerprint
+    assert (m.sigma_min, m.sigma_max) == (DistillConfig.sigma_min, tiny_edm.sigma_max)

@@ -19,7 +19,6 @@ from conftest import bench_script
 from torch import nn
 
 import distill_core.workflow as wf
-from distill_core.builtin import fingerprint
 from distill_core.cli import main as cli_main
 from distill_core.config import DistillConfig
 from distill_core.methods import registry
@@ -61,17 +60,14 @@ class Pair(Method):
     )
 
     def __init__(self, source: TeacherSource, cfg: DistillConfig):
-        self.source, self.cfg, self.opts = source, cfg, cfg.options
-        self.w = source.scale(cfg.guidance)
+        super().__init__(source, cfg)
         self.teacher = CFGTeacher(source.denoiser, self.w, source.uncond)
-        self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
-        self.sigmas = {cfg.steps: karras(cfg.steps, cfg.sigma_min, self.sigma_max)}
+        self.sigmas = {cfg.steps: karras(cfg.steps, self.sigma_min, self.sigma_max)}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             critic = nn.Conv2d(source.shape[0], source.shape[0], 3, padding=1)
         self.nets = {"generator": StudentNet(copy.deepcopy(source.denoiser).requires_grad_(True)).train(),
                      "critic": critic}
-        self.teacher_evaluations = 0
         self.rounds = 0
 
     def optim_groups(self) -> dict[str, OptimSpec]:
@@ -114,7 +110,7 @@ class Pair(Method):
     def card(self) -> dict:
         cfg = self.cfg
         return student_card(self.name, self.sampler, [cfg.steps], self.sigmas, {"name": "karras"}, "distilled",
-                            self.w, fingerprint(self.source.denoiser), afs=False, teacher=self.source.name,
+                            self.w, self.teacher_fingerprint, afs=False, teacher=self.source.name,
                             training={"iters": cfg.iters, "critic_updates": self.opts.critic_updates})
 
 

@@ -2,6 +2,8 @@
 panel and the benchmarks. A method is one module: a subclass of ``Method`` registered by name
 (``methods.registry.register``), with
 
+* ``__init__(source, cfg)``: refusals of settings it cannot train, then ``Method.__init__`` (what every method
+  reads: teacher, settings, w, the teacher's fingerprint, the noise range), then its networks;
 * ``Config``: its own settings dataclass (fields declared with ``options.option``: default, range, help),
   which generates its command-line flags, node widgets and panel form; a run's ``cfg.options``;
 * ``nets``: its trainable networks by group name (SFD: ``{"student": ...}``; a distribution-matching
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from distill_core.builtin import fingerprint
 from distill_core.denoisers.base import Cond
 from distill_core.student_files import start_from
 from distill_core.teacher import CFGTeacher
@@ -174,8 +177,22 @@ class Method:
     cfg: DistillConfig  # the run's settings (``cfg.options``: the method's own)
     teacher: CFGTeacher  # the teacher it distils (a LoRA student's: the shared network with adapters off)
     nets: dict[str, nn.Module]
+    sigma_min: float  # the lowest noise level of the student's schedule
     sigma_max: float  # the noise level x_N = sigma_max z starts from
+    teacher_fingerprint: str  # the teacher's ``fingerprint`` as loaded, which the student file names
     teacher_evaluations: int = 0
+
+    def __init__(self, source: TeacherSource, cfg: DistillConfig):
+        """What every method reads: the teacher ``source``, the run's settings ``cfg`` and its own ``opts``, the
+        guidance scale w of the run, the noise range [sigma_min, sigma_max] (the teacher's sigma_max unless the run
+        sets one) and the teacher's fingerprint. The fingerprint is taken here, once, before the method adapts the
+        teacher's network (LoRA hooks) or the trainer shards it."""
+        self.source, self.cfg, self.opts = source, cfg, cfg.options
+        self.w = source.scale(cfg.guidance)
+        self.teacher_fingerprint = fingerprint(source.denoiser)
+        self.sigma_min = cfg.sigma_min
+        self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
+        self.teacher_evaluations = 0
 
     def optim_groups(self) -> dict[str, OptimSpec]:
         raise NotImplementedError
@@ -202,11 +219,11 @@ class Method:
                              "student's samples or the data set's images")
         pairs.pool(next(self.source.denoiser.parameters()).device)
 
-    def start_from(self, path: str, teacher_fingerprint: str) -> None:
+    def start_from(self, path: str) -> None:
         """The exported network's weights from the student file at ``path`` instead of the teacher's
-        (``init_from``; ``student_files.start_from``). A method that keeps something made from the starting
-        weights (LCM's target network theta-) makes it again here."""
-        start_from(path, self.nets[self.exported], teacher_fingerprint)
+        (``init_from``; ``student_files.start_from``: a student of this teacher). A method that keeps something
+        made from the starting weights (LCM's target network theta-) makes it again here."""
+        start_from(path, self.nets[self.exported], self.teacher_fingerprint)
 
     def state_dict(self) -> dict:
         return {}

@@ -40,7 +40,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from distill_core.builtin import fingerprint
 from distill_core.denoisers.base import Cond, move_cond
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
 from distill_core.options import option
@@ -102,13 +101,8 @@ class DistributionMatching(Method):
         if cfg.guidance_mode != "distilled":
             raise ValueError(f"{self.name} distils guidance into the generator (guidance_mode 'distilled'): its "
                              "real score is the guided teacher")
-        self.source, self.cfg, self.opts = source, cfg, cfg.options
-        self.w = source.scale(cfg.guidance)
-        self.teacher_fingerprint = fingerprint(source.denoiser)
-        self.sigma_min = cfg.sigma_min
-        self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
+        super().__init__(source, cfg)
         self.sigma_data = float(getattr(source.denoiser, "sigma_data", 0.5))
-        self.teacher_evaluations = 0
         self.sigmas = self.schedule()
         with torch.random.fork_rng(devices=[]):  # adapters are initialised from the config's seed
             torch.manual_seed(cfg.seed)

@@ -58,7 +58,6 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from distill_core.builtin import fingerprint
 from distill_core.denoisers.base import Cond, cat_conds, expand_sigma
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
 from distill_core.methods.distribution import per_sample
@@ -153,16 +152,12 @@ class LCM(Method):
 
     def __init__(self, source: TeacherSource, cfg):
         self.refuse(source, cfg)
-        opts = cfg.options
-        self.source, self.cfg, self.opts = source, cfg, opts
-        self.w = source.scale(cfg.guidance)
+        super().__init__(source, cfg)
+        opts = self.opts
         self.w_range = opts.w_range if self.w_conditioned else None
         if self.w_range is not None and not self.w_range[0] <= self.w <= self.w_range[1]:
             raise ValueError(f"the run's guidance w={self.w:g} lies outside w_range {list(self.w_range)}: the "
                              "student samples at it by default")
-        self.teacher_fingerprint = fingerprint(source.denoiser)
-        self.sigma_min = cfg.sigma_min
-        self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
         self.skeleton = karras(opts.skeleton, self.sigma_min, self.sigma_max, opts.rho).flip(0)  # s_0 .. s_N
         self.sigmas = {k: sampling_sigmas(self.skeleton, k) for k in range(1, cfg.steps + 1)}
         with torch.random.fork_rng(devices=[]):  # new layers (w embedding, LoRA) are initialised from the seed
@@ -176,7 +171,6 @@ class LCM(Method):
             self.teacher, source, opts, self.sigma_min, self.sigma_max, cfg.seed,
             cfg.teacher_cache, cfg.mixed_precision, draws=cfg.iters * cfg.batch)
         self.target_params = self.initial_target()
-        self.teacher_evaluations = 0
 
     def refuse(self, source: TeacherSource, cfg) -> None:
         """A clear error for runs LCM cannot serve."""
@@ -201,9 +195,9 @@ class LCM(Method):
         return getattr(self.student, "module", self.student)
 
     # ------------------------------------------------------------------ the target network theta-
-    def start_from(self, path: str, teacher_fingerprint: str) -> None:
+    def start_from(self, path: str) -> None:
         """The student from a file, and theta- from it: the target starts where the student does."""
-        super().start_from(path, teacher_fingerprint)
+        super().start_from(path)
         self.target_params = self.initial_target()
 
     def initial_target(self) -> dict[str, torch.Tensor] | None:

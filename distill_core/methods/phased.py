@@ -46,7 +46,6 @@ from dataclasses import dataclass
 
 import torch
 
-from distill_core.builtin import fingerprint
 from distill_core.denoisers.base import Cond, index_cond, move_cond
 from distill_core.methods import phases
 from distill_core.methods.base import Method, MicroBatch, NodeLayout, OptimSpec, StepLoss, TeacherSource, Widget
@@ -169,13 +168,9 @@ class Phased(Method):
     def __init__(self, source: TeacherSource, cfg):
         if cfg.guidance_mode != "distilled":
             raise ValueError("phased distillation distils guidance into the student (guidance_mode 'distilled')")
-        self.source, self.cfg, self.opts = source, cfg, cfg.options
+        super().__init__(source, cfg)
         opts = self.opts
-        self.w = source.scale(cfg.guidance)
         self.teacher = CFGTeacher(source.denoiser, self.w, source.uncond)
-        self.teacher_fingerprint = fingerprint(source.denoiser)
-        self.sigma_min = cfg.sigma_min
-        self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             denoiser = lighter_student(source.denoiser, opts.student_width, opts.student_depth, opts.student_init)

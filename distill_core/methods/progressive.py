@@ -56,7 +56,6 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from distill_core.builtin import fingerprint
 from distill_core.denoisers.base import Cond
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
 from distill_core.methods.distribution import per_sample
@@ -140,16 +139,12 @@ class Progressive(Method):
             raise ValueError("progressive distils guidance into the student (guidance_mode 'distilled'): its later "
                              "rounds' teachers are students at w = 1")
         opts = cfg.options
-        self.source, self.cfg, self.opts = source, cfg, opts
         self.start_steps = start_steps(cfg.steps, opts.start_steps)
         self.rounds = (self.start_steps // cfg.steps).bit_length()
         if cfg.iters < self.rounds:
             raise ValueError(f"{self.rounds} rounds ({self.start_steps} steps down to {cfg.steps}) need at least "
                              f"{self.rounds} iterations, got iters {cfg.iters}")
-        self.w = source.scale(cfg.guidance)
-        self.teacher_fingerprint = fingerprint(source.denoiser)
-        self.sigma_min = cfg.sigma_min
-        self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
+        super().__init__(source, cfg)
         self.finest = karras(2 * self.start_steps, self.sigma_min, self.sigma_max, opts.rho)
         self.sigmas = self.student_grid(self.rounds - 1)
         with torch.random.fork_rng(devices=[]):  # adapters are initialised from the config's seed
@@ -164,7 +159,6 @@ class Progressive(Method):
             cfg.teacher_cache, cfg.mixed_precision, draws=cfg.iters * cfg.batch)
         self.iteration, self.round = 0, 0
         self.frozen: dict[str, torch.Tensor] | None = None  # the round's teacher's parameters (round > 0)
-        self.teacher_evaluations = 0
 
     @staticmethod
     def resolve_inputs(source: TeacherSource, inputs: str) -> str:

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 
 import torch
 
-from distill_core.builtin import fingerprint
 from distill_core.denoisers.base import Cond, move_cond
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
 from distill_core.methods.distribution import critic_weight, generator_schedule, karras_at, per_sample
@@ -73,11 +72,7 @@ class PairRegression(PoolCounted, Method):
     def __init__(self, source: TeacherSource, cfg):
         if cfg.guidance_mode != "distilled":
             raise ValueError(f"{self.name} learns the guided teacher's images (guidance_mode 'distilled')")
-        self.source, self.cfg, self.opts = source, cfg, cfg.options
-        self.w = source.scale(cfg.guidance)
-        self.teacher_fingerprint = fingerprint(source.denoiser)
-        self.sigma_min = cfg.sigma_min
-        self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
+        super().__init__(source, cfg)
         with torch.random.fork_rng(devices=[]):  # adapters are initialised from the config's seed
             torch.manual_seed(cfg.seed)
             student, teacher_denoiser = make_student(source.denoiser, False, cfg.student, cfg.lora_rank,

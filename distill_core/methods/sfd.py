@@ -41,7 +41,6 @@ from dataclasses import dataclass
 import torch
 
 from distill_core.afs import AFS_CENTERS, CLASS_MEAN_SAMPLES, class_means, guided_centers, resolve_center
-from distill_core.builtin import fingerprint
 from distill_core.denoisers.base import Cond, cat_all, index_cond, move_cond
 from distill_core.methods.base import Method, MicroBatch, NodeLayout, OptimSpec, StepLoss, TeacherSource, Widget
 from distill_core.methods.registry import register
@@ -197,11 +196,9 @@ class SFD(Method):
 
     def __init__(self, source: TeacherSource, cfg):
         opts = cfg.options
-        self.source, self.cfg, self.opts = source, cfg, opts
         if 0 < opts.teacher_pool < cfg.batch:
             raise ValueError(f"teacher_pool must be 0 or at least the batch {cfg.batch} (got {opts.teacher_pool})")
-        self.w = source.scale(cfg.guidance)
-        self.teacher_fingerprint = fingerprint(source.denoiser)
+        super().__init__(source, cfg)
         with torch.random.fork_rng(devices=[]):  # new layers (SFD-v, LoRA) are initialised from the config's seed
             torch.manual_seed(cfg.seed)
             student, teacher_denoiser = make_student(
@@ -211,8 +208,6 @@ class SFD(Method):
         self.teacher = CFGTeacher(
             teacher_denoiser, self.w if cfg.guidance_mode == "distilled" else 1.0, source.uncond
         )
-        self.sigma_min = cfg.sigma_min
-        self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
         self.nfes = list(range(opts.nfe_range[0], opts.nfe_range[1] + 1)) if self.step_conditioned else [cfg.steps]
         self.grid = opts.schedule if opts.schedule != "auto" else auto_grid(source.denoiser)
         self.shift = getattr(source.denoiser, "shift", 1.0)
@@ -227,7 +222,6 @@ class SFD(Method):
         labels = 0 if source.prompt_table else source.classes  # prompts: no centre per condition
         self.afs_center = resolve_center(opts.afs_center, labels) if opts.afs else "zero"
         self.afs_means = None
-        self.teacher_evaluations = 0
         if self.afs_center == "class_mean":  # computed once: (classes + 1) x CLASS_MEAN_SAMPLES evaluations
             means = TeacherCache(cfg.teacher_cache, lambda: {
                 "solve": "afs class means", "teacher": source_fingerprint(source), "sigma_max": self.sigma_max,

@@ -61,7 +61,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill_core.builtin import fingerprint
 from distill_core.denoisers.base import Cond, index_cond, move_cond
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
 from distill_core.methods.distribution import per_sample
@@ -183,12 +182,8 @@ class SFDDM(Method):
             raise ValueError(f"sfddm trains on real images noised to the student's steps, and the teacher "
                              f"{source.name!r} comes without a data set: give it a data set of the model's images, "
                              "or choose method sfd (data-free)")
-        opts = cfg.options
-        self.source, self.cfg, self.opts = source, cfg, opts
-        self.w = source.scale(cfg.guidance)
-        self.teacher_fingerprint = fingerprint(source.denoiser)
-        self.sigma_min = cfg.sigma_min
-        self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
+        super().__init__(source, cfg)
+        opts = self.opts
         self.indices = student_indices(cfg.steps, opts.teacher_steps, opts.indices)
         self.grid = karras(opts.teacher_steps, self.sigma_min, self.sigma_max, opts.rho)
         self.sigmas = self.grid[self.indices]
@@ -201,7 +196,6 @@ class SFDDM(Method):
                                   source.uncond)
         features = opts.feature_weight > 0
         self.heads = (head_of(student.denoiser), head_of(source.denoiser)) if features else (None, None)
-        self.teacher_evaluations = 0
 
     @classmethod
     def bench_runs(cls, nfes: list[int], iters: int) -> list[tuple[str, dict]]:

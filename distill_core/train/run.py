@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from distill_core.builtin import cast_weights, fingerprint, was_cast
+from distill_core.builtin import cast_weights, was_cast
 from distill_core.config import DistillConfig
 from distill_core.memory_plan import MemoryPlan
 from distill_core.methods.base import TeacherSource
@@ -83,7 +83,7 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
     method = build_method(source, cfg)
     if cfg.init_from and not resume:  # a resumed run's weights are its checkpoint's
         keep_trainables_float32(method.nets[method.exported])  # the file's weights, not rounded to a bf16 copy's
-        method.start_from(cfg.init_from, fingerprint(source.denoiser))
+        method.start_from(cfg.init_from)
     home = next(source.denoiser.parameters()).device
     bar = [TqdmProgress(f"{cfg.method} to {method.preview_steps()} steps")] if progress else []
     trainer = Trainer(method, cfg, out, [*bar, *callbacks])
