@@ -19,6 +19,8 @@ COMMANDS = {
     "train-classifier": ("distill_core.train_builtin", "re-train the built-in metric classifier"),
     "compare": ("distill_core.compare", "students of any methods side by side with their teacher and the best "
                 "solvers: a labelled grid and a table"),
+    "sample": ("distill_core.sample_command", "images from a student file: a row per prompt or class, the same "
+               "noise in every row"),
     "run-workflow": ("distill_core.workflow", "run an API-format workflow of this pack's nodes without ComfyUI"),
     "ui-workflow": ("distill_core.workflow", "write the UI-format twin of an API-format workflow"),
     "reference-stats": ("distill_core.eval.frechet", "recompute the classifier-feature statistics of the test digits"),

@@ -26,10 +26,16 @@ DEFAULT_PROMPTS = "\n".join([
 DEFAULT_NEGATIVE = "blurry, low quality, distorted, watermark, text"
 
 
-def read_prompts(path: str | Path | None) -> list[str]:
-    """The prompts of a text file, one per non-empty line; the shipped list without a file."""
+def read_prompts(path: str | Path | list[str] | None) -> list[str]:
+    """The prompts of a text file, one per non-empty line (or of a list of prompts); the shipped list without
+    either."""
     if not path:
         return DEFAULT_PROMPTS.splitlines()
+    if isinstance(path, list):
+        prompts = [prompt.strip() for prompt in path]
+        if not all(prompts):
+            raise ValueError("an empty prompt: give each prompt some text (the empty prompt is CFG's other side)")
+        return prompts
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:

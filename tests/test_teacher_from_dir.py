@@ -187,6 +187,12 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
                  "--reference-steps", "4", "--out", str(cmp)]) == 0
     assert len(json.loads((cmp / "compare.json").read_text())["rows"]) == 3
     assert (cmp / "compare.png").read_bytes()[25] == 2  # RGB: the rows are decoded by the pipeline's VAE
+    drawn = tmp_path / "drawn"  # prompts on the command line, a row each
+    assert main(["sample", str(out / "student.safetensors"), "--prompt", "a cat", "--prompt", " a boat ", "--count",
+                 "2", "--out", str(drawn)]) == 0
+    images = json.loads((drawn / "samples.json").read_text())["images"]
+    assert [(i["condition"], i["noise"]) for i in images] == [("a cat", 0), ("a cat", 1), ("a boat", 0), ("a boat", 1)]
+    assert all((drawn / i["file"]).read_bytes()[16:26] == bytes([0, 0, 0, 8, 0, 0, 0, 8, 8, 2]) for i in images)
     readme = (Path(__file__).parents[1] / "README.md").read_text()  # the README's Python example, as written
     example = readme.split("**From Python.**")[1].split("```python\n")[1].split("```")[0]
     for placeholder, path in (("path/to/pipeline", teacher), ("runs/pipeline/student.safetensors",
