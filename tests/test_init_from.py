@@ -6,6 +6,7 @@ the file again."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -159,9 +160,16 @@ def test_the_command_line_refuses_a_missing_file_in_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("name", sorted(methods()))
 def test_every_method_names_the_teacher_as_loaded_with_a_lora_on_it(tiny_edm, name):
     """The fingerprint is the teacher's own, taken once when the method is built (``Method.__init__``), whatever
-    the method then hooks onto the shared network, and the student file's card carries it."""
+    the method then hooks onto the shared network, and every method's card (``Method.student_card``) carries it
+    beside the schedule's noise range and the run's settings, as JSON."""
     steps = 1 if name == "kd" else 2
     m = method(tiny_edm, method=name, steps=steps, student="lora", lora_rank=2)
     assert m.teacher_fingerprint == fingerprint(tiny_edm)
-    assert m.card()["teacher_fingerprint"] == m.teacher_fingerprint
     assert (m.sigma_min, m.sigma_max) == (DistillConfig.sigma_min, tiny_edm.sigma_max)
+    card = json.loads(json.dumps(m.card()))  # what the file's JSON header holds
+    assert (card["teacher_fingerprint"], card["method"], card["teacher"]) == (m.teacher_fingerprint, name,
+                                                                            m.source.name)
+    assert card["schedule"]["sigma_max"] == tiny_edm.sigma_max and card["schedule"]["name"]
+    assert {k: card["training"][k] for k in ("lr", "iters", "student")} == {"lr": DistillConfig.lr, "iters":
+                                                                           DistillConfig.iters, "student": "lora"}
+    assert str(steps) in card["sigmas"]

@@ -28,7 +28,6 @@ from distill_core.safetensors_io import read_card
 from distill_core.sampling import few_step
 from distill_core.schedules import karras
 from distill_core.sources import builtin_source
-from distill_core.student_files import student_card
 from distill_core.students import StudentNet
 from distill_core.teacher import CFGTeacher
 from distill_core.train.callbacks import StopAt
@@ -108,10 +107,7 @@ class Pair(Method):
         return few_step(self.nets["generator"], noise, self.sigmas[self.cfg.steps].to(noise.device), cond, afs=False)
 
     def card(self) -> dict:
-        cfg = self.cfg
-        return student_card(self.name, self.sampler, [cfg.steps], self.sigmas, {"name": "karras"}, "distilled",
-                            self.w, self.teacher_fingerprint, afs=False, teacher=self.source.name,
-                            training={"iters": cfg.iters, "critic_updates": self.opts.critic_updates})
+        return self.student_card(self.sigmas, {"name": "karras"}, afs=False)
 
 
 @pytest.fixture

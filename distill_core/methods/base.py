@@ -41,7 +41,7 @@ from torch import nn
 
 from distill_core.builtin import fingerprint
 from distill_core.denoisers.base import Cond
-from distill_core.student_files import start_from
+from distill_core.student_files import start_from, student_card
 from distill_core.teacher import CFGTeacher
 
 if TYPE_CHECKING:
@@ -240,7 +240,26 @@ class Method:
         raise NotImplementedError
 
     def card(self) -> dict:
+        """The student file's card (most methods: ``student_card`` with their schedule and own entries)."""
         raise NotImplementedError
+
+    def student_card(self, sigmas: dict[int, torch.Tensor], schedule: dict, training: dict | None = None,
+                     **extra) -> dict:
+        """A card with what every method writes into its student file (``student_files.student_card``): its name
+        and sampler, the step counts of ``sigmas`` and their schedules, ``schedule`` (a name and its parameters)
+        on [sigma_min, sigma_max], the run's guidance mode and w, the teacher's fingerprint and name, and under
+        ``training`` the method's settings (``opts``, with ``training``'s entries over them: values it resolved)
+        beside the run's lr, iterations, batch and student kind; ``extra``: the method's own entries."""
+        cfg = self.cfg
+        return student_card(
+            self.name, self.sampler, list(sigmas), sigmas,
+            {**schedule, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max},
+            cfg.guidance_mode, self.w, self.teacher_fingerprint,
+            teacher=self.source.name,
+            training={**vars(self.opts), **(training or {}), "lr": cfg.lr, "iters": cfg.iters, "batch": cfg.batch,
+                      "student": cfg.student},
+            **extra,
+        )
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {}

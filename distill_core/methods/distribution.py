@@ -45,7 +45,6 @@ from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, T
 from distill_core.options import option
 from distill_core.sampling import renoise
 from distill_core.schedules import karras
-from distill_core.student_files import student_card
 from distill_core.students import make_networks
 from distill_core.teacher import CFGTeacher
 
@@ -200,13 +199,5 @@ class DistributionMatching(Method):
         return renoise(self.generator, noise, self.sigmas, cond)
 
     def card(self) -> dict:
-        cfg, opts = self.cfg, self.opts
-        return student_card(
-            self.name, self.sampler, [cfg.steps], {cfg.steps: self.sigmas},
-            {"name": "karras_then_zero", "rho": opts.rho, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max},
-            "distilled", self.w, self.teacher_fingerprint,
-            teacher=self.source.name,
-            comfyui_sampler="lcm",
-            training={**vars(opts), "lr": cfg.lr, "iters": cfg.iters,
-                      "batch": cfg.batch, "student": cfg.student},
-        )
+        return self.student_card({self.cfg.steps: self.sigmas}, {"name": "karras_then_zero", "rho": self.opts.rho},
+                                 comfyui_sampler="lcm")

@@ -52,7 +52,7 @@ class KnowledgeDistillation(PairRegression):
         return torch.tensor([float(self.sigma_max), 0.0])
 
     def schedule_info(self) -> dict:
-        return {"name": "one_step", "sigma_max": self.sigma_max}
+        return {"name": "one_step"}
 
     def inputs(self, z: torch.Tensor, x0: torch.Tensor, generator: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,7 +51,6 @@ stop-gradient, f_sg(theta)(x^_n, s_n). Its file is what ComfyUI's stock LoraLoad
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -67,7 +66,6 @@ from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs, traini
 from distill_core.options import option
 from distill_core.sampling import renoise
 from distill_core.schedules import karras
-from distill_core.student_files import student_card
 from distill_core.students import AtSteps, make_student
 from distill_core.teacher import CFGTeacher, guide
 
@@ -283,16 +281,10 @@ class LCM(Method):
         return renoise(self.sampling_denoiser(), noise, self.sigmas[steps or self.cfg.steps], cond)
 
     def card(self) -> dict:
-        cfg, opts = self.cfg, self.opts
-        card = student_card(
-            self.name, self.sampler, list(self.sigmas), self.sigmas,
-            {"name": "lcm_skeleton", "skeleton": opts.skeleton, "rho": opts.rho, "sigma_min": self.sigma_min,
-             "sigma_max": self.sigma_max},
-            cfg.guidance_mode, self.w, self.teacher_fingerprint,
-            teacher=self.source.name,
-            comfyui_sampler="lcm",
-            training={**dataclasses.asdict(opts), "data": "teacher pairs" if self.pairs else "teacher data",
-                      "lr": cfg.lr, "iters": cfg.iters, "batch": cfg.batch, "student": cfg.student},
+        opts = self.opts
+        card = self.student_card(
+            self.sigmas, {"name": "lcm_skeleton", "skeleton": opts.skeleton, "rho": opts.rho},
+            {"data": "teacher pairs" if self.pairs else "teacher data"}, comfyui_sampler="lcm",
         )
         if self.w_range is not None:
             card["guidance"]["w_range"] = list(self.w_range)

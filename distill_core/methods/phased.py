@@ -56,7 +56,7 @@ from distill_core.nets.surgery import clip_spectral_norms, lighter_student
 from distill_core.options import option
 from distill_core.schedules import phased
 from distill_core.solvers import SOLVERS
-from distill_core.student_files import architecture, student_card
+from distill_core.student_files import architecture
 from distill_core.students import AtSteps, StudentNet
 from distill_core.teacher import CFGTeacher
 from distill_core.teacher_cache import source_fingerprint
@@ -291,29 +291,10 @@ class Phased(Method):
         return SOLVERS[self.cfg.options.phased_solver](AtSteps(self.student, None), noise, sigmas, cond)
 
     def card(self) -> dict:
-        cfg = self.cfg
-        return student_card(
-            self.name,
-            self.sampler,
-            [cfg.steps],
-            self.sigmas,
-            {"name": "phased", "partition": cfg.options.partition, "refinement": self.partition.refinement},
-            "distilled",
-            self.w,
-            self.teacher_fingerprint,
-            teacher=self.source.name,
-            solver=cfg.options.phased_solver,
+        opts = self.opts
+        return self.student_card(
+            self.sigmas, {"name": "phased", "partition": opts.partition, "refinement": self.partition.refinement},
+            solver=opts.phased_solver,
             architecture=self.architecture,
-            phases={**self.partition.to_dict(), "alpha": cfg.options.phase_weights, "weights": self.alpha.tolist()},
-            training={
-                "phase_inputs": cfg.options.phase_inputs,
-                "target_ema": cfg.options.target_ema,
-                "teacher_pool": cfg.options.teacher_pool,
-                "student_width": cfg.options.student_width,
-                "student_depth": cfg.options.student_depth,
-                "student_init": cfg.options.student_init,
-                "lr": cfg.lr,
-                "iters": cfg.iters,
-                "batch": cfg.batch,
-            },
+            phases={**self.partition.to_dict(), "alpha": opts.phase_weights, "weights": self.alpha.tolist()},
         )

@@ -65,7 +65,6 @@ from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs, traini
 from distill_core.options import option
 from distill_core.sampling import few_step
 from distill_core.schedules import karras
-from distill_core.student_files import student_card
 from distill_core.students import make_student
 from distill_core.teacher import CFGTeacher
 
@@ -257,16 +256,11 @@ class Progressive(Method):
         return few_step(self.student, noise, self.sigmas, cond, afs=False)
 
     def card(self) -> dict:
-        cfg, opts = self.cfg, self.opts
-        return student_card(
-            self.name, self.sampler, [cfg.steps], {cfg.steps: self.sigmas},
-            {"name": "karras", "rho": opts.rho, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max},
-            "distilled", self.w, self.teacher_fingerprint,
+        return self.student_card(
+            {self.cfg.steps: self.sigmas}, {"name": "karras", "rho": self.opts.rho},
+            {"inputs": self.inputs, "start_steps": self.start_steps},
             afs=False,
-            teacher=self.source.name,
             comfyui_sampler="euler",
             start_steps=self.start_steps,
             rounds=[self.start_steps // 2**r for r in range(self.rounds)],
-            training={**vars(opts), "inputs": self.inputs, "start_steps": self.start_steps, "lr": cfg.lr,
-                      "iters": cfg.iters, "batch": cfg.batch, "student": cfg.student},
         )

@@ -47,7 +47,6 @@ from distill_core.methods.teacher_pairs import PairsConfig, PoolCounted, Teacher
 from distill_core.options import option
 from distill_core.sampling import euler_step, few_step
 from distill_core.schedules import karras
-from distill_core.student_files import student_card
 from distill_core.students import make_student
 from distill_core.teacher import CFGTeacher
 
@@ -92,8 +91,8 @@ class PairRegression(PoolCounted, Method):
         return generator_schedule(self.cfg.steps, self.sigma_min, self.sigma_max, self.opts.rho)
 
     def schedule_info(self) -> dict:
-        return {"name": "karras_then_zero", "rho": self.opts.rho, "sigma_min": self.sigma_min,
-                "sigma_max": self.sigma_max}
+        """The schedule's name and parameters, for the student file."""
+        return {"name": "karras_then_zero", "rho": self.opts.rho}
 
     def optim_groups(self) -> dict[str, OptimSpec]:
         return {"student": OptimSpec("adam", schedule="cosine", warmup=10)}
@@ -117,15 +116,8 @@ class PairRegression(PoolCounted, Method):
         return few_step(self.student, noise, self.sigmas, cond, afs=False)
 
     def card(self) -> dict:
-        cfg, opts = self.cfg, self.opts
-        return student_card(
-            self.name, self.sampler, [cfg.steps], {cfg.steps: self.sigmas},
-            self.schedule_info(), "distilled", self.w, self.teacher_fingerprint,
-            afs=False,
-            teacher=self.source.name,
-            comfyui_sampler="euler",
-            training={**vars(opts), "lr": cfg.lr, "iters": cfg.iters, "batch": cfg.batch, "student": cfg.student},
-        )
+        return self.student_card({self.cfg.steps: self.sigmas}, self.schedule_info(), afs=False,
+                                 comfyui_sampler="euler")
 
 
 @register("reflow")

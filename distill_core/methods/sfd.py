@@ -48,7 +48,6 @@ from distill_core.options import option
 from distill_core.sampling import euler_step, few_step, intervals_for
 from distill_core.schedules import flow_time, karras, nest, nested_index, substeps_per_interval
 from distill_core.solvers import SOLVERS
-from distill_core.student_files import student_card
 from distill_core.students import AFS_MEANS_KEY, AtSteps, make_student
 from distill_core.teacher import CFGTeacher
 from distill_core.teacher_cache import TeacherCache, source_fingerprint
@@ -354,31 +353,10 @@ class SFD(Method):
         return {} if self.afs_means is None else {AFS_MEANS_KEY: self.afs_means}
 
     def card(self) -> dict:
-        cfg, opts = self.cfg, self.opts
-        return student_card(
-            self.name,
-            self.sampler,
-            self.nfes,
-            self.sigmas,
-            {"name": self.grid, **({"rho": opts.rho} if self.grid == "karras" else {"shift": self.shift}),
-             "sigma_min": self.sigma_min, "sigma_max": self.sigma_max},
-            cfg.guidance_mode,
-            self.w,
-            self.teacher_fingerprint,
-            afs=opts.afs,
-            afs_center=self.afs_center,
-            teacher=self.source.name,
-            training={
-                "teacher_solver": opts.teacher_solver,
-                "teacher_substeps": opts.teacher_substeps,
-                "teacher_one_step_above": self.one_step_above,
-                "teacher_pool": opts.teacher_pool,
-                "teacher_reuse": opts.teacher_reuse,
-                "loss": opts.loss,
-                "lr": cfg.lr,
-                "iters": cfg.iters,
-                "batch": cfg.batch,
-            },
+        opts = self.opts
+        return self.student_card(
+            self.sigmas, {"name": self.grid, **({"rho": opts.rho} if self.grid == "karras" else {"shift": self.shift})},
+            {"teacher_one_step_above": self.one_step_above}, afs=opts.afs, afs_center=self.afs_center,
         )
 
 

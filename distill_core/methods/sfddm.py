@@ -69,7 +69,6 @@ from distill_core.methods.sfd import SFD
 from distill_core.options import option
 from distill_core.sampling import few_step
 from distill_core.schedules import karras
-from distill_core.student_files import student_card
 from distill_core.students import make_student
 from distill_core.teacher import CFGTeacher, guide
 
@@ -254,17 +253,11 @@ class SFDDM(Method):
         return few_step(student, noise, self.sigmas, cond, afs=False)
 
     def card(self) -> dict:
-        cfg, opts = self.cfg, self.opts
+        opts = self.opts
         per_step = [b - a for a, b in zip(self.indices, self.indices[1:])]  # c_k
-        return student_card(
-            self.name, self.sampler, [cfg.steps], {cfg.steps: self.sigmas},
-            {"name": "teacher_subsequence", "rho": opts.rho, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
-             "teacher_steps": opts.teacher_steps, "indices": self.indices,
-             "c": per_step[0] if len(set(per_step)) == 1 else None},
-            cfg.guidance_mode, self.w, self.teacher_fingerprint,
+        return self.student_card(
+            {self.cfg.steps: self.sigmas},
+            {"name": "teacher_subsequence", "rho": opts.rho, "teacher_steps": opts.teacher_steps,
+             "indices": self.indices, "c": per_step[0] if len(set(per_step)) == 1 else None},
             afs=False,
-            teacher=self.source.name,
-            training={"teacher_steps": opts.teacher_steps, "indices": opts.indices,
-                      "feature_weight": opts.feature_weight, "lr": cfg.lr, "iters": cfg.iters, "batch": cfg.batch,
-                      "student": cfg.student},
         )

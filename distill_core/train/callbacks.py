@@ -1,15 +1,55 @@
 """Progress callbacks: how the trainer reports to whoever runs it (tqdm on the command line;
 ComfyUI's progress bar and the panel plug in the same way). A callback sees the run through a narrow
 ``RunView`` (iteration, total, output folder, ``preview(count)``) and can ask it to stop after the current
-iteration with ``run.request_stop()``; the trainer then checkpoints and returns.
+iteration with ``run.request_stop()``; the trainer then checkpoints and returns its ``TrainResult``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from distill_core.train.trainer import RunView, TrainResult
+    import torch
+    from torch import nn
+
+    from distill_core.memory_plan import MemoryPlan
+
+
+class RunView(Protocol):
+    """What callbacks see of a run: its iteration and total, its folder, its memory plan (made before its first
+    iteration), a preview of the student, and a way to ask it to stop after the current iteration
+    (checkpointing first)."""
+
+    @property
+    def iteration(self) -> int: ...
+
+    @property
+    def total(self) -> int: ...
+
+    @property
+    def out(self) -> Path: ...
+
+    @property
+    def memory_plan(self) -> MemoryPlan: ...
+
+    def preview(self, count: int = 4) -> torch.Tensor:
+        """``count`` samples of the current student from fixed noise (model space: latents or pixels)."""
+
+    def request_stop(self) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """How a run ended (``Trainer.fit``), as ``on_end`` sees it."""
+
+    status: str  # "done" or "interrupted"
+    iteration: int
+    seconds: float  # training wall time, summed over resumed runs
+    nonfinite_grads: int  # updates in which non-finite gradient entries were zeroed
+    teacher_evaluations: int  # the teacher's network evaluations of the whole run
+    student: nn.Module  # the trained student (EMA weights when EMA is on), unwrapped, on CPU
 
 
 class Callback:

@@ -38,7 +38,6 @@ import json
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,7 +53,7 @@ from distill_core.memory_plan import MemoryPlan, check_fits, fitting_micro_batch
 from distill_core.methods.base import Method, MicroBatch, StepLoss
 from distill_core.nets.surgery import enable_checkpointing
 from distill_core.students import PartlySaved
-from distill_core.train.callbacks import Callback
+from distill_core.train.callbacks import Callback, TrainResult
 from distill_core.train.checkpoint import checkpoint_info, has_checkpoint, load_checkpoint, save_checkpoint
 from distill_core.train.metrics import METRICS, read_metrics
 from distill_core.train.optim import (
@@ -84,16 +83,6 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stopped without overwriting the last checkpoint."""
 
 
-@dataclass
-class TrainResult:
-    status: str  # "done" or "interrupted"
-    iteration: int
-    seconds: float  # training wall time, summed over resumed runs
-    nonfinite_grads: int  # updates in which non-finite gradient entries were zeroed
-    teacher_evaluations: int  # the teacher's network evaluations of the whole run
-    student: nn.Module  # the trained student (EMA weights when EMA is on), unwrapped, on CPU
-
-
 class Trainer:
     def __init__(
         self,
@@ -115,7 +104,7 @@ class Trainer:
         self.seconds = 0.0
         self.nonfinite_grads = 0
         self._stop = False
-        self.view = RunView(self)
+        self.view = TrainerView(self)
 
         self.sharded = cfg.shard_teacher
         if self.sharded:  # before anything moves the whole teacher onto the device
@@ -557,9 +546,8 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
 
 
-class RunView:
-    """What callbacks see of a run: its iteration and total, its folder, its memory plan, a preview of the
-    student, and a way to ask it to stop after the current iteration (checkpointing first)."""
+class TrainerView:
+    """A trainer as its callbacks see it (``callbacks.RunView``)."""
 
     def __init__(self, trainer: Trainer):
         self._trainer = trainer
@@ -578,11 +566,9 @@ class RunView:
 
     @property
     def memory_plan(self) -> MemoryPlan:
-        """The run's memory plan (``memory_plan``), made before its first iteration."""
         return self._trainer.memory_plan
 
     def preview(self, count: int = 4) -> torch.Tensor:
-        """``count`` samples of the current student from fixed noise (model space: latents or pixels)."""
         return self._trainer.preview(count)
 
     def request_stop(self) -> None:
