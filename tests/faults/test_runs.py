@@ -402,3 +402,23 @@ def test_a_full_disk_at_any_write_site_leaves_the_previous_file(tmp_path, monkey
         write()
     assert path.read_bytes() == b"what the user had"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_folder_is_written_whole_in_place_of_the_previous_one_or_not_at_all(tmp_path):
+    """``atomic.atomic_dir`` (folders a library saves, such as a diffusers export's ``unet/``): a save that fails
+    leaves the previous folder as it was and nothing else; one that succeeds replaces it whole."""
+    from distill_core.atomic import atomic_dir
+
+    target = tmp_path / "unet"
+    target.mkdir()
+    (target / "old.safetensors").write_bytes(b"what the user had")
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_dir(target) as tmp:
+            (tmp / "half.safetensors").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert [p.name for p in tmp_path.iterdir()] == ["unet"]
+    assert [p.name for p in target.iterdir()] == ["old.safetensors"]
+    with atomic_dir(target) as tmp:
+        (tmp / "new.safetensors").write_bytes(b"new")
+    assert [p.name for p in tmp_path.iterdir()] == ["unet"]
+    assert [p.name for p in target.iterdir()] == ["new.safetensors"]
