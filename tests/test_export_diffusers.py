@@ -5,6 +5,7 @@ refused in one line."""
 from __future__ import annotations
 
 import json
+import math
 
 import diffusers
 import pytest
@@ -14,52 +15,73 @@ from distill_core.cli import main
 from distill_core.config import DistillConfig
 from distill_core.diffusers_source import diffusers_source
 from distill_core.export_diffusers import LORA_FILE, export, pipeline_start, refusal, usage
-from distill_core.sampling import sample
+from distill_core.sampling import few_step, sample
 from distill_core.student_files import load_student
 from distill_core.train.run import train_student
 from tests.test_teacher_from_dir import multi_encoder_pipeline_dir, text_pipeline_dir
 
 
 def pipeline_latents(teacher, out, settings: dict, z: torch.Tensor, student: bool = True) -> torch.Tensor:
-    """The pipeline's latents for prompt "an owl" from standard normal ``z``, with the exported student loaded
-    (``student``) or the teacher's own UNet, on the exported scheduler and sigmas."""
+    """The pipeline's latents [1, C, H, W] for prompt "an owl" from standard normal ``z``, with the exported
+    student loaded (``student``) or the teacher's own network, on the exported scheduler and sigmas."""
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    network = "unet" if hasattr(pipe, "unet") else "transformer"
+    scheduler = diffusers.EulerDiscreteScheduler if network == "unet" else diffusers.FlowMatchEulerDiscreteScheduler
+    pipe.scheduler = scheduler.from_pretrained(out, subfolder="scheduler")
     if student and settings["student"] == "lora":
         pipe.load_lora_weights(out)
     elif student:
-        pipe.unet = diffusers.UNet2DConditionModel.from_pretrained(out, subfolder="unet")
-    side = z.shape[-1] * pipe.vae_scale_factor
-    return pipe(prompt="an owl", latents=settings["noise_scale"] * z, sigmas=settings["sigmas"], height=side,
-                width=side, guidance_scale=settings["guidance_scale"], output_type="latent").images
+        setattr(pipe, network, type(getattr(pipe, network)).from_pretrained(out, subfolder=network))
+    b, c, h, w = z.shape
+    flux = isinstance(pipe, diffusers.FluxPipeline)
+    latents = settings["noise_scale"] * z
+    latents = pipe._pack_latents(latents, b, c, h, w) if flux else latents
+    images = pipe(prompt="an owl", latents=latents, sigmas=settings["sigmas"], height=settings["height"],
+                  width=settings["width"], guidance_scale=settings["guidance_scale"], output_type="latent").images
+    return pipe._unpack_latents(images, settings["height"], settings["width"], pipe.vae_scale_factor) if flux else \
+        images
 
 
-@pytest.mark.parametrize("pipeline, kind", [("sd", "lora"), ("sd", "full"), ("sdxl", "lora")])
+def pipeline_dir(root, pipeline: str):
+    return text_pipeline_dir(root) if pipeline == "sd" else multi_encoder_pipeline_dir(root, pipeline)
+
+
+@pytest.mark.parametrize("pipeline, kind", [("sd", "lora"), ("sd", "full"), ("sdxl", "lora"), ("sd3", "lora"),
+                                            ("flux", "lora"), ("flux", "full")])
 def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_path, pipeline, kind):
-    teacher = (text_pipeline_dir(tmp_path / "sd") if pipeline == "sd"
-               else multi_encoder_pipeline_dir(tmp_path / "sdxl", "sdxl"))
+    """The stock pipeline with the exported files takes the engine's Euler steps through the student: the same
+    latents from the same noise (a flow pipeline's last step ends at 0, the student's at sigma_min)."""
+    teacher = pipeline_dir(tmp_path / pipeline, pipeline)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\nan owl\n")
     source = diffusers_source(teacher, prompts=prompts)
     cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
-                        student=kind, lora_rank=4, lora_alpha=2)  # a LoRA scale alpha / r of 1/2
-    path = train_student(cfg, source, progress=False).path  # one large step: every trained weight moved
+                        student=kind, lora_rank=4, lora_alpha=2)  # one large step, at a LoRA scale alpha / r of 1/2
+    path = train_student(cfg, source, progress=False).path
     out = tmp_path / "export"
     settings = export(path, out)
     assert json.loads((out / "sampling.json").read_text()) == settings
-    assert (out / LORA_FILE).is_file() == (kind == "lora") and (out / "unet").is_dir() == (kind == "full")
-    assert settings["guidance_scale"] == 1.0 and settings["steps"] == 2 and len(settings["sigmas"]) == 3
+    network = "unet" if pipeline in ("sd", "sdxl") else "transformer"
+    assert (out / LORA_FILE).is_file() == (kind == "lora") and (out / network).is_dir() == (kind == "full")
+    assert settings["guidance_scale"] == (3.5 if pipeline == "flux" else 1.0) and settings["steps"] == 2
     student = load_student(path, source.denoiser, source.uncond)
     z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
-    ours = sample(student, student.sigmas()[0] * z, torch.tensor([1]))  # prompt 1: "an owl"
+    sigmas = student.sigmas()
+    flow = pipeline in ("sd3", "flux")
+    if flow:  # the pipeline's times end at 0
+        sigmas = torch.cat([sigmas[:-1], torch.zeros(1)])
+    with torch.no_grad():
+        ours = few_step(student.denoiser(), sigmas[0] * z, sigmas, torch.tensor([1]), afs=True)  # prompt 1: an owl
     theirs = pipeline_latents(teacher, out, settings, z)
-    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)  # at sigma = 0 x_t is x
+    if flow:  # within the student's last sigma_min of noise of its own images
+        assert (theirs - sample(student, student.sigmas()[0] * z, torch.tensor([1]))).abs().max() < 0.05
     teachers = pipeline_latents(teacher, out, settings, z, student=False)
     assert (teachers - ours).abs().max() > 50 * 1e-4  # the student's own images, not the teacher's
     if kind == "lora":  # the printed lines run as written
         scope = {}
         exec(usage(settings, out).replace("'a prompt'", "'an owl', output_type='latent'"), scope)
-        assert scope["image"].shape == source.shape
+        assert scope["image"].numel() == math.prod(source.shape)  # one image's latents (Flux's packed)
 
 
 def test_the_first_step_lands_where_the_pipelines_noise_starts():
@@ -93,10 +115,10 @@ def test_a_teacher_that_is_not_a_stable_diffusion_pipeline_is_refused_in_one_lin
     err = capsys.readouterr().err
     assert "the student's teacher builtin is not a pipeline directory (no model_index.json)" in err
     assert "Traceback" not in err and not (tmp_path / "x").exists()
-    sd3 = tmp_path / "sd3"
-    sd3.mkdir()
-    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    assert main(["export-diffusers", str(path), "--teacher", str(sd3), "--out", str(tmp_path / "x")]) == 1
+    other = tmp_path / "kandinsky"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    assert main(["export-diffusers", str(path), "--teacher", str(other), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
-    assert "the student's teacher is a StableDiffusion3Pipeline: export-diffusers writes files for" in err
+    assert "the student's teacher is a KandinskyPipeline: export-diffusers writes files for" in err
     assert "sample it with python -m distill_core sample" in err and not (tmp_path / "x").exists()
