@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -42,10 +42,13 @@ from torch import nn
 from distill_core.builtin import fingerprint
 from distill_core.denoisers.base import Cond
 from distill_core.student_files import start_from, student_card
+from distill_core.students import StudentNet, make_student
 from distill_core.teacher import CFGTeacher
 
 if TYPE_CHECKING:
     from distill_core.config import DistillConfig
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -193,6 +196,28 @@ class Method:
         self.sigma_min = cfg.sigma_min
         self.sigma_max = cfg.sigma_max or source.denoiser.sigma_max
         self.teacher_evaluations = 0
+
+    def seeded(self, build: Callable[[], T]) -> T:
+        """``build()`` under the torch random state of the run's seed, restored after: the layers it makes (LoRA
+        adapters, step or guidance embeddings, a smaller student) start the same whatever ran before."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            return build()
+
+    def add_student(self, step_conditioned: bool = False, w_conditioned: bool = False) -> StudentNet:
+        """The usual pair, set up and returned: ``nets["student"]``, the run's trainable student of the teacher's
+        network (``students.make_student``: a full copy or LoRA adapters, as ``cfg.student``, ``lora_rank`` and
+        ``lora_alpha`` say, with the step count or guidance scale as an input where asked; new layers
+        ``seeded``), and ``teacher``, the CFG-aware teacher beside it (a LoRA student's: the shared network with
+        the adapters off), guided at w where the run distils guidance, else at 1 (the student is guided when it
+        samples)."""
+        cfg = self.cfg
+        student, teacher_denoiser = self.seeded(lambda: make_student(
+            self.source.denoiser, step_conditioned, cfg.student, cfg.lora_rank, cfg.lora_alpha, w_conditioned))
+        self.nets = {"student": student.train()}
+        self.teacher = CFGTeacher(teacher_denoiser, self.w if cfg.guidance_mode == "distilled" else 1.0,
+                                  self.source.uncond)
+        return student
 
     def optim_groups(self) -> dict[str, OptimSpec]:
         raise NotImplementedError

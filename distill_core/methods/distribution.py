@@ -103,9 +103,7 @@ class DistributionMatching(Method):
         super().__init__(source, cfg)
         self.sigma_data = float(getattr(source.denoiser, "sigma_data", 0.5))
         self.sigmas = self.schedule()
-        with torch.random.fork_rng(devices=[]):  # adapters are initialised from the config's seed
-            torch.manual_seed(cfg.seed)
-            nets, teacher_denoiser = self.networks(source.denoiser)
+        nets, teacher_denoiser = self.seeded(lambda: self.networks(source.denoiser))
         self.nets = {name: net.train() for name, net in nets.items()}
         self.teacher = CFGTeacher(teacher_denoiser, self.w, source.uncond)
 

@@ -66,7 +66,7 @@ from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs, traini
 from distill_core.options import option
 from distill_core.sampling import renoise
 from distill_core.schedules import karras
-from distill_core.students import AtSteps, make_student
+from distill_core.students import AtSteps
 from distill_core.teacher import CFGTeacher, guide
 
 #: LCM's boundary scalings: sigma_data, and the factor on the timestep tau
@@ -158,13 +158,7 @@ class LCM(Method):
                              "student samples at it by default")
         self.skeleton = karras(opts.skeleton, self.sigma_min, self.sigma_max, opts.rho).flip(0)  # s_0 .. s_N
         self.sigmas = {k: sampling_sigmas(self.skeleton, k) for k in range(1, cfg.steps + 1)}
-        with torch.random.fork_rng(devices=[]):  # new layers (w embedding, LoRA) are initialised from the seed
-            torch.manual_seed(cfg.seed)
-            student, teacher_denoiser = make_student(source.denoiser, False, cfg.student, cfg.lora_rank,
-                                                     cfg.lora_alpha, w_conditioned=self.w_conditioned)
-        self.nets = {"student": student.train()}
-        self.teacher = CFGTeacher(teacher_denoiser, self.w if cfg.guidance_mode == "distilled" else 1.0,
-                                  source.uncond)
+        self.add_student(w_conditioned=self.w_conditioned)
         self.pairs = None if source.draw_data is not None else TeacherPairs(
             self.teacher, source, opts, self.sigma_min, self.sigma_max, cfg.seed,
             cfg.teacher_cache, cfg.mixed_precision, draws=cfg.iters * cfg.batch)

@@ -171,9 +171,8 @@ class Phased(Method):
         super().__init__(source, cfg)
         opts = self.opts
         self.teacher = CFGTeacher(source.denoiser, self.w, source.uncond)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            denoiser = lighter_student(source.denoiser, opts.student_width, opts.student_depth, opts.student_init)
+        denoiser = self.seeded(lambda: lighter_student(source.denoiser, opts.student_width, opts.student_depth,
+                                                       opts.student_init))
         self.nets = {"student": StudentNet(denoiser).train()}
         self.architecture = architecture(denoiser)
         needs_probe = opts.partition == "adaptive" or opts.phase_weights == "variance"

@@ -65,8 +65,6 @@ from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs, traini
 from distill_core.options import option
 from distill_core.sampling import few_step
 from distill_core.schedules import karras
-from distill_core.students import make_student
-from distill_core.teacher import CFGTeacher
 
 INPUTS = ("auto", "data", "pairs")
 #: the first round's student steps when ``start_steps`` is left at None: the largest steps x 2^k up to this
@@ -146,12 +144,7 @@ class Progressive(Method):
         super().__init__(source, cfg)
         self.finest = karras(2 * self.start_steps, self.sigma_min, self.sigma_max, opts.rho)
         self.sigmas = self.student_grid(self.rounds - 1)
-        with torch.random.fork_rng(devices=[]):  # adapters are initialised from the config's seed
-            torch.manual_seed(cfg.seed)
-            student, teacher_denoiser = make_student(source.denoiser, False, cfg.student, cfg.lora_rank,
-                                                     cfg.lora_alpha)
-        self.nets = {"student": student.train()}
-        self.teacher = CFGTeacher(teacher_denoiser, self.w, source.uncond)
+        self.add_student()
         self.inputs = self.resolve_inputs(source, opts.inputs)
         self.pairs = None if self.inputs == "data" else TeacherPairs(
             self.teacher, source, opts, self.sigma_min, self.sigma_max, cfg.seed,

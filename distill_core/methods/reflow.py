@@ -47,8 +47,6 @@ from distill_core.methods.teacher_pairs import PairsConfig, PoolCounted, Teacher
 from distill_core.options import option
 from distill_core.sampling import euler_step, few_step
 from distill_core.schedules import karras
-from distill_core.students import make_student
-from distill_core.teacher import CFGTeacher
 
 
 @dataclass
@@ -72,12 +70,7 @@ class PairRegression(PoolCounted, Method):
         if cfg.guidance_mode != "distilled":
             raise ValueError(f"{self.name} learns the guided teacher's images (guidance_mode 'distilled')")
         super().__init__(source, cfg)
-        with torch.random.fork_rng(devices=[]):  # adapters are initialised from the config's seed
-            torch.manual_seed(cfg.seed)
-            student, teacher_denoiser = make_student(source.denoiser, False, cfg.student, cfg.lora_rank,
-                                                     cfg.lora_alpha)
-        self.nets = {"student": student.train()}
-        self.teacher = CFGTeacher(teacher_denoiser, self.w, source.uncond)
+        self.add_student()
         self.pairs = TeacherPairs(self.teacher, source, self.opts, self.sigma_min, self.sigma_max, cfg.seed,
                                   cfg.teacher_cache, cfg.mixed_precision, draws=cfg.iters * cfg.batch)
         self.sigmas = self.schedule()

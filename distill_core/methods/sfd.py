@@ -48,7 +48,7 @@ from distill_core.options import option
 from distill_core.sampling import euler_step, few_step, intervals_for
 from distill_core.schedules import flow_time, karras, nest, nested_index, substeps_per_interval
 from distill_core.solvers import SOLVERS
-from distill_core.students import AFS_MEANS_KEY, AtSteps, make_student
+from distill_core.students import AFS_MEANS_KEY, AtSteps
 from distill_core.teacher import CFGTeacher
 from distill_core.teacher_cache import TeacherCache, source_fingerprint
 
@@ -198,15 +198,7 @@ class SFD(Method):
         if 0 < opts.teacher_pool < cfg.batch:
             raise ValueError(f"teacher_pool must be 0 or at least the batch {cfg.batch} (got {opts.teacher_pool})")
         super().__init__(source, cfg)
-        with torch.random.fork_rng(devices=[]):  # new layers (SFD-v, LoRA) are initialised from the config's seed
-            torch.manual_seed(cfg.seed)
-            student, teacher_denoiser = make_student(
-                source.denoiser, self.step_conditioned, cfg.student, cfg.lora_rank, cfg.lora_alpha
-            )
-        self.nets = {"student": student.train()}
-        self.teacher = CFGTeacher(
-            teacher_denoiser, self.w if cfg.guidance_mode == "distilled" else 1.0, source.uncond
-        )
+        self.add_student(self.step_conditioned)
         self.nfes = list(range(opts.nfe_range[0], opts.nfe_range[1] + 1)) if self.step_conditioned else [cfg.steps]
         self.grid = opts.schedule if opts.schedule != "auto" else auto_grid(source.denoiser)
         self.shift = getattr(source.denoiser, "shift", 1.0)
@@ -227,7 +219,7 @@ class SFD(Method):
                 "samples": CLASS_MEAN_SAMPLES, "precision": cfg.mixed_precision}, in_memory=True)
             self.afs_means, self.teacher_evaluations = means.solve(
                 torch.Generator().manual_seed(cfg.seed),  # class_means draws its noises from this seed
-                lambda: (class_means(teacher_denoiser, source.classes, source.uncond, source.shape, self.sigma_max,
+                lambda: (class_means(self.teacher.denoiser, source.classes, source.uncond, source.shape, self.sigma_max,
                                      seed=cfg.seed, device=next(source.denoiser.parameters()).device),
                          (source.classes + 1) * CLASS_MEAN_SAMPLES),
                 torch.device("cpu"))

@@ -69,7 +69,6 @@ from distill_core.methods.sfd import SFD
 from distill_core.options import option
 from distill_core.sampling import few_step
 from distill_core.schedules import karras
-from distill_core.students import make_student
 from distill_core.teacher import CFGTeacher, guide
 
 #: names of the module whose input is a network's last feature map: its output head (the built-in UNet's
@@ -186,13 +185,7 @@ class SFDDM(Method):
         self.indices = student_indices(cfg.steps, opts.teacher_steps, opts.indices)
         self.grid = karras(opts.teacher_steps, self.sigma_min, self.sigma_max, opts.rho)
         self.sigmas = self.grid[self.indices]
-        with torch.random.fork_rng(devices=[]):  # LoRA adapters are initialised from the config's seed
-            torch.manual_seed(cfg.seed)
-            student, teacher_denoiser = make_student(source.denoiser, False, cfg.student, cfg.lora_rank,
-                                                     cfg.lora_alpha)
-        self.nets = {"student": student.train()}
-        self.teacher = CFGTeacher(teacher_denoiser, self.w if cfg.guidance_mode == "distilled" else 1.0,
-                                  source.uncond)
+        student = self.add_student()
         features = opts.feature_weight > 0
         self.heads = (head_of(student.denoiser), head_of(source.denoiser)) if features else (None, None)
 
