@@ -3,7 +3,8 @@ panel and the benchmarks. A method is one module: a subclass of ``Method`` regis
 (``methods.registry.register``), with
 
 * ``__init__(source, cfg)``: refusals of settings it cannot train, then ``Method.__init__`` (what every method
-  reads: teacher, settings, w, the teacher's fingerprint, the noise range), then its networks;
+  reads: teacher, settings, w, the teacher's fingerprint, the noise range), then its networks (``add_student``:
+  a student of the teacher's network beside its CFG teacher; ``seeded``: new layers from the run's seed);
 * ``Config``: its own settings dataclass (fields declared with ``options.option``: default, range, help),
   which generates its command-line flags, node widgets and panel form; a run's ``cfg.options``;
 * ``nets``: its trainable networks by group name (SFD: ``{"student": ...}``; a distribution-matching
