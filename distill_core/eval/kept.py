@@ -64,7 +64,7 @@ def resumable(cfg: DistillConfig) -> bool:
     Settings the trainer would let a resume change (more iterations, another lr) are other settings here: the
     student would not be the one a run in one go trains."""
     from distill_core.train.checkpoint import checkpoint_info, has_checkpoint
-    from distill_core.train.trainer import BEFORE_THE_KEY
+    from distill_core.train.resume import BEFORE_THE_KEY
 
     folder = Path(cfg.out) / "checkpoints"
     if not has_checkpoint(folder):

@@ -19,8 +19,9 @@ from distill_core.students import StudentNet
 from distill_core.train.callbacks import Callback, TqdmProgress
 from distill_core.train.checkpoint import checkpoint_info
 from distill_core.train.optim import keep_trainables_float32
+from distill_core.train.resume import resume_changes
 from distill_core.train.runlock import main_process, run_lock
-from distill_core.train.trainer import Trainer, resume_changes
+from distill_core.train.trainer import Trainer
 
 #: the student file a run writes into its folder
 STUDENT_FILE = "student.safetensors"
