@@ -136,6 +136,17 @@ def peft_lora(tensors: dict[str, torch.Tensor], prefix: str, network: str) -> di
     return out
 
 
+def exportable(student_path: str | Path) -> bool:
+    """Whether the student file at ``student_path`` exports (a pipeline's student that a diffusers Euler
+    scheduler samples as the engine does), as far as its card and its teacher's ``model_index.json`` tell."""
+    from distill_core.safetensors_io import read_card
+
+    card = read_card(student_path)
+    index = Path(card.get("teacher", "")) / "model_index.json"
+    return (refusal(card) is None and index.is_file()
+            and json.loads(index.read_text()).get("_class_name") in PIPELINES)
+
+
 def export(student_path: str | Path, out: str | Path, teacher: str | Path | None = None) -> dict:
     """Write the diffusers files of the student at ``student_path`` into ``out`` (see the module docstring) and
     return what ``sampling.json`` holds."""

@@ -80,6 +80,12 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(report["rows"]))
     files = "student.safetensors, grid.png, report.json, report.md"
     print(f"wrote {files} to {cfg.out} in {report['total_seconds']:.0f} s")
+    from distill_core.export_diffusers import exportable
+
+    student = Path(cfg.out) / "student.safetensors"
+    if exportable(student):
+        print(f"to sample it in diffusers: python -m distill_core export-diffusers {student} --out "
+              f"{Path(cfg.out) / 'diffusers'}")
     return 0
 
 

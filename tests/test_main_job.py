@@ -37,7 +37,7 @@ def test_config_yaml_round_trip_and_flag_overrides(tmp_path):
     )
 
 
-def test_main_job_writes_student_grid_and_report(tmp_path):
+def test_main_job_writes_student_grid_and_report(tmp_path, capsys):
     from distill_core.sampling import sample
     from distill_core.student_files import load_student
 
@@ -49,6 +49,9 @@ def test_main_job_writes_student_grid_and_report(tmp_path):
         cli.main(["distill", "--config", str(tmp_path / "run.yaml"), "--out", str(out), "--no-progress"]) == 0
     )
 
+    printed = capsys.readouterr().out
+    assert f"wrote student.safetensors, grid.png, report.json, report.md to {out}" in printed
+    assert "export-diffusers" not in printed  # the built-in teacher is no diffusers pipeline
     report = json.loads((out / "report.json").read_text())
     rows = report["rows"]
     ours = [r for r in rows if r["method"] == "sfd"]

@@ -174,6 +174,8 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
                  "--batch", "2", "--eval-samples", "6", "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["guidance"] == 5.0 and any(r["method"] == "sfd" for r in report["rows"])
+    assert (f"to sample it in diffusers: python -m distill_core export-diffusers {out / 'student.safetensors'} "
+            f"--out {out / 'diffusers'}") in capsys.readouterr().out
     assert f"prompts: {prompts}" in (out / "config.yaml").read_text()
     assert read_card(out / "student.safetensors")["afs_center"] == "zero"  # no centre per prompt: any prompts
     with safe_open(out / "student.safetensors", "pt") as f:
