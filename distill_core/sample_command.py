@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     source.denoiser.to(device)
     student = load_student(args.student, source.denoiser, source.uncond)
     sigmas = student.sigmas(args.steps)  # refuses a step count the student was not trained for
-    steps = args.steps or int(max(int(k) for k in student.card["sigmas"]))
+    steps = args.steps or student.nfe_choices[-1]
     student.denoiser(steps, args.guidance)  # refuses a guidance scale it cannot sample at
     drawn = conditions(source, read_prompts(prompts), args.label, bool(prompts))
     z = torch.randn((args.count, *source.shape), generator=torch.Generator().manual_seed(args.seed))
