@@ -172,7 +172,9 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
         raise ValueError(f"the student's teacher is a {pipeline}: export-diffusers writes files for "
                          f"{', '.join(PIPELINES)}; sample it with python -m distill_core sample")
     target = PIPELINES[pipeline]
-    source = teacher_source(str(root), guidance=card.get("embedded_guidance"), resolution=card.get("resolution"))
+    # one prompt: the export needs the network, not a table of encoded prompts (which students do not depend on)
+    source = teacher_source(str(root), prompts=["a photo"], guidance=card.get("embedded_guidance"),
+                            resolution=card.get("resolution"))
     student = load_student(student_path, source.denoiser, source.uncond)  # refuses a student of another teacher
     prefix = network_path(source.denoiser)
     lora = card.get("student", {"kind": "full"})["kind"] == "lora"
