@@ -12,8 +12,8 @@ node shows, and the CLI writes as ``compare.png``, ``compare_table.png`` and ``c
 
 Everything is sampled on the teacher's device (the CLI puts it on CUDA where there is one). The CLI's teacher
 is the one the student files name; ``--teacher`` gives it as distill takes it (a built-in name, or a local
-diffusers directory with its ``--classes`` / ``--null-class`` or ``--prompts``). A latent teacher's rows are
-decoded by its pipeline's VAE.
+diffusers directory with its ``--classes`` / ``--null-class``, or ``--prompts`` / ``--prompt``). A latent
+teacher's rows are decoded by its pipeline's VAE.
 """
 
 from __future__ import annotations
@@ -186,6 +186,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, default=0, help="a diffusers teacher's classes, as given to distill")
     p.add_argument("--null-class", type=int, help="a diffusers teacher's unconditional class, as given to distill")
     p.add_argument("--prompts", help="a text-to-image teacher's prompt file, as given to distill")
+    p.add_argument("--prompt", action="append", help="a prompt to draw the rows' images from, instead of a file "
+                   "(repeat for more)")
     p.add_argument("--steps", type=int, nargs="+", help="the step count of each student (default: its most)")
     p.add_argument("--count", type=int, default=8, help="images per row")
     p.add_argument("--seed", type=int, default=0, help="noise and class seed")
@@ -216,9 +218,11 @@ def run(args: argparse.Namespace) -> int:
     for path in args.students:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no student file {path}: give the .safetensors files that distill writes")
+    if args.prompt and args.prompts:
+        raise ValueError("give prompts with --prompt or with --prompts FILE, not both")
     card = read_card(args.students[0])  # a guidance-distilled teacher's input, and the image side trained at
     source = teacher_source(args.teacher or named_teacher(args.students), args.classes, args.null_class,
-                            args.prompts, card.get("embedded_guidance"), card.get("resolution"))
+                            args.prompt or args.prompts, card.get("embedded_guidance"), card.get("resolution"))
     source.denoiser.to("cuda" if torch.cuda.is_available() else "cpu")
     students = [InMemory(load_student(path, source.denoiser, source.uncond)) for path in args.students]
     stems = [Path(p).stem for p in args.students]

@@ -185,8 +185,11 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
     assert (width, height, colour) == (3 * (6 * 9 + 1), 3 * (3 * 9 + 1), 2)  # 6 RGB 8 x 8 images in 3 rows
     cmp, other = tmp_path / "cmp", tmp_path / "other.txt"
     other.write_text("a cat\na dog\na boat\na tree\na house\n")  # prompts the student never saw
-    assert main(["compare", str(out / "student.safetensors"), "--prompts", str(other), "--count", "5",
-                 "--reference-steps", "4", "--out", str(cmp)]) == 0
+    assert main(["compare", str(out / "student.safetensors"), "--prompts", str(other), "--prompt", "a cat",
+                 "--out", str(cmp)]) == 1
+    assert "give prompts with --prompt or with --prompts FILE, not both" in capsys.readouterr().err
+    assert main(["compare", str(out / "student.safetensors"), *(f"--prompt={p}" for p in other.read_text().split(
+        "\n") if p), "--count", "5", "--reference-steps", "4", "--out", str(cmp)]) == 0
     assert len(json.loads((cmp / "compare.json").read_text())["rows"]) == 3
     assert (cmp / "compare.png").read_bytes()[25] == 2  # RGB: the rows are decoded by the pipeline's VAE
     drawn = tmp_path / "drawn"  # prompts on the command line, a row each
