@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +36,27 @@ SHARDED_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
 
 
-def run(command: list[str]) -> str:
-    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done.stdout
+def run(*commands: list[str]) -> list[str]:
+    """What each command printed; they run side by side (independent runs: a launch's processes wait on each
+    other's collectives, so a third process beside them costs less than running after them)."""
+    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]  # no pipe to fill
+    started = [subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=out, stderr=err, text=True)
+               for command, (out, err) in zip(commands, logs)]
+    printed = []
+    for process, (out, err) in zip(started, logs):
+        process.wait(timeout=600)
+        out.seek(0)
+        err.seek(0)
+        text = out.read()
+        assert process.returncode == 0, text[-2000:] + err.read()[-4000:]
+        printed.append(text)
+    return printed
 
 
 def test_two_processes_train_the_student_of_one_process_with_two_micro_batches(tmp_path):
-    printed = run([*LAUNCH, str(SCRIPT), str(tmp_path / "two"), "1"])
+    printed, _ = run([*LAUNCH, str(SCRIPT), str(tmp_path / "two"), "1"], [sys.executable, str(SCRIPT),
+                                                                           str(tmp_path / "one"), "2"])
     assert "process 0:" in printed and "process 1:" in printed  # two processes trained
-    run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "2"])
     two = load_file(tmp_path / "two" / "student.safetensors")
     one = load_file(tmp_path / "one" / "student.safetensors")
     assert two.keys() == one.keys()
@@ -73,10 +85,10 @@ def test_a_teacher_sharded_over_two_processes_trains_the_lora_student_of_one_pro
     other memory), which three steps of Adam, whose first updates normalise each gradient entry, grow to
     about 2e-4 of a weight: hence a looser tolerance than the unsharded test's."""
     sharded = tmp_path / "sharded"
-    run([*SHARDED_LAUNCH, "-m", "distill_core", "distill", "--shard-teacher", "--student", "lora", "--steps", "4",
-         "--iters", "3", "--batch", "8", "--checkpoint-every", "2", "--seed", "0", "--sample-every", "2",
-         "--eval-samples", "8", "--no-progress", "--out", str(sharded)])
-    alone = run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "2", "8", "lora", "samples"])
+    _, alone = run([*SHARDED_LAUNCH, "-m", "distill_core", "distill", "--shard-teacher", "--student", "lora",
+                    "--steps", "4", "--iters", "3", "--batch", "8", "--checkpoint-every", "2", "--seed", "0",
+                    "--sample-every", "2", "--eval-samples", "8", "--no-progress", "--out", str(sharded)],
+                   [sys.executable, str(SCRIPT), str(tmp_path / "one"), "2", "8", "lora", "samples"])
     whole, total, planned = map(int, re.search(r"held (\d+) of (\d+); memory plan frozen (\d+)", alone).groups())
     report = json.loads((sharded / "report.json").read_text())
     assert whole == total and report["iterations"] == 3 and report["student_psnr_db"] > 0
