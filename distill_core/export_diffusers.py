@@ -76,7 +76,9 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 def refusal(card: dict) -> str | None:
     """Why a diffusers Euler scheduler cannot sample the student of ``card`` as the engine does (None: it can)."""
-    sampler = card.get("sampler", "euler_afs")
+    from distill_core.sampling import sampler_key
+
+    sampler = sampler_key(card)
     if sampler != "euler_afs":
         return (f"this {card['method']} student samples with sampler {sampler!r}, which a diffusers Euler scheduler "
                 "does not reproduce; sample it with python -m distill_core sample")
@@ -96,11 +98,14 @@ def pipeline_start(card: dict, steps: int, flow: bool = False) -> tuple[list[flo
     student's first network step starts (see the module docstring): the student's points after its analytic
     first step, if it has one, with k / s_1 (else its whole schedule, with 1); for a flow pipeline their times
     t = sigma / (1 + sigma) but the last (the pipeline ends at 0 after them), with k / (1 + s_1)."""
+    from distill_core.sampling import euler_step
+
     sigmas = [float(s) for s in card["sigmas"][str(steps)]]
     k = sigmas[0]
-    if card.get("afs"):
-        s0, s1 = sigmas[0], sigmas[1]
-        k, sigmas = s0 * (1 + (s1 - s0) / (1 + s0**2) ** 0.5), sigmas[1:]
+    if card.get("afs"):  # the engine's analytic step from x_N = s_0 z, linear in z: k is where z = 1 lands
+        start = torch.tensor(sigmas[0], dtype=torch.float64)
+        k = float(euler_step(None, start, start, torch.tensor(sigmas[1], dtype=torch.float64), analytic=True))
+        sigmas = sigmas[1:]
     if flow:
         return [s / (1 + s) for s in sigmas[:-1]], k / (1 + sigmas[0])
     return sigmas, k / sigmas[0]
@@ -136,15 +141,19 @@ def peft_lora(tensors: dict[str, torch.Tensor], prefix: str, network: str) -> di
     return out
 
 
+def pipeline_class(root: Path) -> str | None:
+    """The pipeline class a directory's ``model_index.json`` names (None: no such file)."""
+    index = root / "model_index.json"
+    return json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+
+
 def exportable(student_path: str | Path) -> bool:
     """Whether the student file at ``student_path`` exports (a pipeline's student that a diffusers Euler
     scheduler samples as the engine does), as far as its card and its teacher's ``model_index.json`` tell."""
     from distill_core.safetensors_io import read_card
 
     card = read_card(student_path)
-    index = Path(card.get("teacher", "")) / "model_index.json"
-    return (refusal(card) is None and index.is_file()
-            and json.loads(index.read_text()).get("_class_name") in PIPELINES)
+    return refusal(card) is None and pipeline_class(Path(card.get("teacher", ""))) in PIPELINES
 
 
 def export(student_path: str | Path, out: str | Path, teacher: str | Path | None = None) -> dict:
@@ -152,8 +161,8 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     return what ``sampling.json`` holds."""
     import diffusers
 
-    from distill_core.atomic import atomic_dir, atomic_path, write_json
-    from distill_core.safetensors_io import load, read_card
+    from distill_core.atomic import atomic_dir, write_json
+    from distill_core.safetensors_io import load, read_card, save_atomic
     from distill_core.sources import teacher_source
     from distill_core.student_files import load_student
     from distill_core.text_pipeline import vae_scale
@@ -163,11 +172,10 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     if why:
         raise ValueError(why)
     root = Path(teacher or card.get("teacher", ""))
-    index = root / "model_index.json"
-    if not index.is_file():
+    pipeline = pipeline_class(root)
+    if pipeline is None:
         raise ValueError(f"the student's teacher {root} is not a pipeline directory (no model_index.json): give the "
                          "pipeline it was distilled from with --teacher")
-    pipeline = json.loads(index.read_text()).get("_class_name")
     if pipeline not in PIPELINES:
         raise ValueError(f"the student's teacher is a {pipeline}: export-diffusers writes files for "
                          f"{', '.join(PIPELINES)}; sample it with python -m distill_core sample")
@@ -180,11 +188,8 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     lora = card.get("student", {"kind": "full"})["kind"] == "lora"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if lora:
-        from safetensors.torch import save_file
-
-        with atomic_path(out / LORA_FILE) as tmp:
-            save_file(peft_lora(load(student_path)[0], prefix, target.network), str(tmp))
+    if lora:  # the student's card rides along in the file's metadata, which diffusers passes over
+        save_atomic(peft_lora(load(student_path)[0], prefix, target.network), out / LORA_FILE, card)
     else:
         with atomic_dir(out / target.network) as tmp:
             student.net.get_submodule(f"denoiser.{prefix}").save_pretrained(tmp, safe_serialization=True)

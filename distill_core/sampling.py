@@ -131,9 +131,14 @@ SAMPLERS: dict[str, Callable[[dict], Solve]] = {
 }
 
 
+def sampler_key(card: dict) -> str:
+    """The sampler a student card names (files written before the key say it by ``solver`` or ``afs``)."""
+    return card.get("sampler") or ("solver" if card.get("solver") else "euler_afs")
+
+
 def sampler_for(card: dict) -> Solve:
-    """The solver of a student card (files written before the key say it by ``solver`` or ``afs``)."""
-    key = card.get("sampler") or ("solver" if card.get("solver") else "euler_afs")
+    """The solver of a student card (``sampler_key``)."""
+    key = sampler_key(card)
     if key not in SAMPLERS:
         raise ValueError(f"the student file needs sampler {key!r}, which this engine does not have "
                          f"(known: {sorted(SAMPLERS)}); update comfyui-distill")
