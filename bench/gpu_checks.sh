@@ -13,14 +13,15 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
-xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${SUITE_WORKERS:-10}")
-timeout "${SUITE_SECONDS:-420}" python3 -m pytest -q -p no:cacheprovider $xdist "${@:2}" >"$out/suite.log" 2>&1 &
+# pytest-xdist's workers where it is installed, else one process (the project's "-n 2" dropped)
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${SUITE_WORKERS:-10}" || echo "-o addopts=")
+timeout "${SUITE_SECONDS:-420}" python3 -m pytest -q -p no:cacheprovider $workers "${@:2}" >"$out/suite.log" 2>&1 &
 suite=$!
 
 timeout "${GPU_SCALE_SECONDS:-330}" python3 bench/gpu_scale.py --out "$out/gpu_scale.json" 2>&1 \
     | grep -v "should be kept in float32" | tee "$out/gpu_scale.log"
 
-timeout 150 python3 -m pytest -q -s -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$out/cuda_tests.log" \
+timeout 150 python3 -m pytest -q -s -o addopts= -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$out/cuda_tests.log" \
     | tail -12
 
 timeout 30 python3 - <<'PY' 2>&1 | tee "$out/xformers.log" | tail -4
