@@ -13,8 +13,8 @@ the network was trained:
 
 Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
 ``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
-pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3 and Flux: their transformers; with all their
-text encoders) trains on ``prompts`` instead (``text_pipeline``).
+pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux and Qwen-Image: their transformers; with
+all their text encoders) trains on ``prompts`` instead (``text_pipeline``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,15 @@ from distill_core.methods.base import TeacherSource
 
 UNETS = ("UNet2DModel", "UNet2DConditionModel")
 #: diffusion transformers, which take text embeddings and come in their pipeline's directory
-TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
-#: the CFG scale a text-to-image pipeline is distilled at unless the run says another
+TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel")
+#: the transformers that take their latent as tokens of 2 x 2 patches of 4 C channels
+PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")
+#: the CFG scale a text-to-image pipeline is distilled at unless the run says another, by network (Flux: no CFG,
+#: as its pipeline; Qwen-Image: its pipeline's default ``true_cfg_scale``)
 TEXT_GUIDANCE = 5.0
+GUIDANCE_BY_NETWORK = {"FluxTransformer2DModel": 1.0, "QwenImageTransformer2DModel": 4.0}
+#: the image side a Qwen-Image pipeline draws unless told another (its ``default_sample_size`` latent pixels x 8)
+QWEN_IMAGE_SIDE = 1024
 
 def read_json(path: Path) -> dict:
     try:
@@ -139,19 +145,21 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
 
 def sample_shape(config: dict, root: Path, resolution: int | None = None) -> tuple[int, ...]:
     """(C, H, W) of the samples of the model whose ``config.json`` is ``config``: ``resolution`` pixels a side
-    (in a pipeline with a VAE, its latent of ``resolution`` / the VAE's scale), else the configured size; Flux,
-    which has none and takes 2 x 2 patches of its latent as 4 C channels, the size its pipeline's VAE makes of
-    the VAE's own image size. A side the network cannot take (its UNet's downsamplings, its transformer's
-    patches) is refused with the nearest sizes that fit."""
+    (in a pipeline with a VAE, its latent of ``resolution`` / the VAE's scale), else the configured size; Flux
+    and Qwen-Image, which have none and take 2 x 2 patches of their latent as 4 C channels: the size their
+    pipeline's VAE makes of the VAE's own image size (Qwen-Image's VAE names none: ``QWEN_IMAGE_SIDE``). A
+    side the network cannot take (its UNet's downsamplings, its transformer's patches) is refused with the
+    nearest sizes that fit."""
     from distill_core.text_pipeline import vae_scale
 
-    flux = config["_class_name"] == "FluxTransformer2DModel"
-    channels = config["in_channels"] // 4 if flux else config["in_channels"]
+    packed = config["_class_name"] in PACKED
+    channels = config["in_channels"] // 4 if packed else config["in_channels"]
     scale = vae_scale(root)
     if resolution is None:
-        size = read_json(root / "vae" / "config.json")["sample_size"] // scale if flux else config["sample_size"]
+        size = (read_json(root / "vae" / "config.json").get("sample_size", QWEN_IMAGE_SIDE) // scale if packed
+                else config["sample_size"])
         return (channels, *((size, size) if isinstance(size, int) else size))
-    step = scale * (2 if flux else config.get("patch_size") or 2 ** (len(config.get("block_out_channels", ())) - 1))
+    step = scale * (2 if packed else config.get("patch_size") or 2 ** (len(config.get("block_out_channels", ())) - 1))
     if resolution % step:
         low, high = resolution // step * step, (resolution // step + 1) * step
         raise ValueError(f"--resolution {resolution}: this model takes sides in multiples of {step} pixels; give "
@@ -162,10 +170,10 @@ def sample_shape(config: dict, root: Path, resolution: int | None = None) -> tup
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
                 prompts: str | Path | None, guidance: float | None = None,
                 resolution: int | None = None) -> TeacherSource:
-    """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the empty prompt
-    (condition P) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``. Flux samples without CFG
-    (w = 1, as its pipeline does); Flux dev takes ``guidance`` (default ``FLUX_GUIDANCE``) as its input, and its
-    students' files name it (``embedded_guidance``)."""
+    """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the pipeline's negative
+    (condition P) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE`` (Qwen-Image: 4). Flux samples
+    without CFG (w = 1, as its pipeline does); Flux dev takes ``guidance`` (default ``FLUX_GUIDANCE``) as its
+    input, and its students' files name it (``embedded_guidance``)."""
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
     from distill_core.prompts import read_prompts
     from distill_core.text_pipeline import PromptConditioned, encode_prompts, vae_decoder
@@ -177,10 +185,13 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     shape = sample_shape(config, root, resolution)
     tables = encode_prompts(root, index, prompts, shape)  # the text encoders freed before the network loads
     model = load_model(model_dir, config)
-    flux = type(model).__name__ == "FluxTransformer2DModel"
+    name = type(model).__name__
     embedded = None
-    if flux and model.config.guidance_embeds:
+    if name == "FluxTransformer2DModel" and model.config.guidance_embeds:
         embedded = FLUX_GUIDANCE if guidance is None else float(guidance)
+    elif model.config.get("guidance_embeds"):
+        raise ValueError(f"{model_dir}: a guidance-distilled {name} (guidance_embeds) is not a teacher this command "
+                         "distils; give the pipeline it was distilled from")
     denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape, embedded), tables)
     n = len(prompts)
 
@@ -189,5 +200,6 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
 
     card = {**({} if embedded is None else {"embedded_guidance": embedded}),
             **({"resolution": resolution} if resolution else {})}
-    return TeacherSource(str(root), denoiser, shape, draw_cond, torch.tensor([n]), 1.0 if flux else TEXT_GUIDANCE,
-                         n, card=card, decode=vae_decoder(root), prompt_table=True)
+    return TeacherSource(str(root), denoiser, shape, draw_cond, torch.tensor([n]),
+                         GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE), n, card=card, decode=vae_decoder(root),
+                         prompt_table=True)

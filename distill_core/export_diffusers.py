@@ -1,5 +1,5 @@
-"""A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux) as files
-diffusers loads:
+"""A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Qwen-Image) as
+files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
@@ -12,7 +12,8 @@ Why the pipeline then samples as the engine does. Both take Euler steps with the
 et al. 2021), a step x_{s'} = x0 + (s' / s)(x_s - x0) that is the same map whether the noisy sample is
 written x = x0 + sigma n (the engine's convention, a UNet's Euler scheduler) or x_t = (1 - t) x0 + t n with
 t = sigma / (1 + sigma) (a flow pipeline's); given custom sigmas, the exported schedulers step through exactly
-those (the flow scheduler with shift 1, so that it shifts nothing: the student's times are shifted already).
+those (the flow scheduler with shift 1 and no terminal stretch, so that it moves none of them: the student's
+times are shifted already).
 
 Where the pipeline starts. An SFD student's first step is analytic about the centre 0 (``afs_center: zero``, a
 text-to-image student's): from x_N = s_0 z, with the direction x / sqrt(1 + s_0^2), it lands on
@@ -28,7 +29,9 @@ becomes 0 there, so its images end the last step's remaining sigma_min of noise 
 
 Guidance distilled into the student: ``guidance_scale`` 1 (no CFG); a student of guidance mode "cfg": its w,
 with the pipeline's own negative as the other side, as in training (CFG in epsilon or velocity is CFG in x0:
-x0 is affine in either at fixed x and sigma); Flux dev: the guidance input its file names. A LoRA's update
+x0 is affine in either at fixed x and sigma); Flux dev: the guidance input its file names. Qwen-Image's
+pipeline rescales its guided velocities, which the engine's CFG does not: only its guidance-distilled
+students export. A LoRA's update
 (alpha / r) B A is written with alpha / r folded into B, so PEFT's default scale 1 applies it.
 
 Students whose sampling a diffusers scheduler does not reproduce are refused in one line (sample them with
@@ -51,13 +54,16 @@ from torch import nn
 @dataclass(frozen=True)
 class Target:
     """What an export writes for one pipeline class: its network's attribute and class, whether it samples a
-    flow (``FlowMatchEulerDiscreteScheduler`` over times t, else ``EulerDiscreteScheduler`` over sigmas), and
-    whether it takes its latents packed in 2 x 2 patches (Flux)."""
+    flow (``FlowMatchEulerDiscreteScheduler`` over times t, else ``EulerDiscreteScheduler`` over sigmas),
+    whether it takes its latents packed in 2 x 2 patches (Flux, Qwen-Image), the keyword of its guidance scale,
+    and whether its CFG is the engine's (Qwen-Image's rescales the guided velocity)."""
 
     network: str
     network_class: str
     flow: bool = False
     packed: bool = False
+    guidance_keyword: str = "guidance_scale"
+    engine_cfg: bool = True
 
     @property
     def scheduler_class(self) -> str:
@@ -69,13 +75,16 @@ PIPELINES = {
     "StableDiffusionXLPipeline": Target("unet", "UNet2DConditionModel"),
     "StableDiffusion3Pipeline": Target("transformer", "SD3Transformer2DModel", flow=True),
     "FluxPipeline": Target("transformer", "FluxTransformer2DModel", flow=True, packed=True),
+    "QwenImagePipeline": Target("transformer", "QwenImageTransformer2DModel", flow=True, packed=True,
+                                guidance_keyword="true_cfg_scale", engine_cfg=False),
 }
 #: the file name ``load_lora_weights`` reads from a directory
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def refusal(card: dict) -> str | None:
-    """Why a diffusers Euler scheduler cannot sample the student of ``card`` as the engine does (None: it can)."""
+def refusal(card: dict, pipeline: str | None = None) -> str | None:
+    """Why a diffusers Euler scheduler cannot sample the student of ``card`` as the engine does, in the pipeline
+    class ``pipeline`` where it is known (None: it can)."""
     from distill_core.sampling import sampler_key
 
     sampler = sampler_key(card)
@@ -90,6 +99,10 @@ def refusal(card: dict) -> str | None:
                 "not; distil with method sfd (one student per step count) to export it")
     if card.get("architecture") or card.get("experts"):
         return "this student is not the teacher's network (its own architecture or experts): it cannot replace it"
+    target = PIPELINES.get(pipeline)
+    if target and not target.engine_cfg and card.get("guidance", {}).get("mode") != "distilled":
+        return (f"this student samples with CFG, which {pipeline} rescales where the engine does not; distil the "
+                "guidance into the student (guidance mode distilled) to export it")
     return None
 
 
@@ -153,7 +166,8 @@ def exportable(student_path: str | Path) -> bool:
     from distill_core.safetensors_io import read_card
 
     card = read_card(student_path)
-    return refusal(card) is None and pipeline_class(Path(card.get("teacher", ""))) in PIPELINES
+    pipeline = pipeline_class(Path(card.get("teacher", "")))
+    return pipeline in PIPELINES and refusal(card, pipeline) is None
 
 
 def export(student_path: str | Path, out: str | Path, teacher: str | Path | None = None) -> dict:
@@ -168,11 +182,11 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     from distill_core.text_pipeline import vae_scale
 
     card = read_card(student_path)
-    why = refusal(card)
-    if why:
-        raise ValueError(why)
     root = Path(teacher or card.get("teacher", ""))
     pipeline = pipeline_class(root)
+    why = refusal(card, pipeline)
+    if why:
+        raise ValueError(why)
     if pipeline is None:
         raise ValueError(f"the student's teacher {root} is not a pipeline directory (no model_index.json): give the "
                          "pipeline it was distilled from with --teacher")
@@ -195,7 +209,8 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
             student.net.get_submodule(f"denoiser.{prefix}").save_pretrained(tmp, safe_serialization=True)
     scheduler = getattr(diffusers, target.scheduler_class)
     config = scheduler.load_config(root / "scheduler")  # the teacher's noise schedule and prediction type
-    fixed = ({"shift": 1.0, "use_dynamic_shifting": False} if target.flow else {"timestep_spacing": "linspace"})
+    fixed = ({"shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": None} if target.flow
+             else {"timestep_spacing": "linspace"})
     with atomic_dir(out / "scheduler") as tmp:
         scheduler.from_config(config, **fixed).save_pretrained(tmp)
     steps = student.nfe_choices[-1]
@@ -229,7 +244,7 @@ def usage(settings: dict, out: str | Path) -> str:
     if target.packed:
         lines.append(f"latents = pipe._pack_latents(latents, 1, {channels}, {height}, {width})")
     sigmas = "[" + ", ".join(f"{s!r}" for s in settings["sigmas"]) + "]"
-    lines.append(f"image = pipe('a prompt', latents=latents, sigmas={sigmas}, guidance_scale="
+    lines.append(f"image = pipe('a prompt', latents=latents, sigmas={sigmas}, {target.guidance_keyword}="
                  f"{settings['guidance_scale']:g}, height={settings['height']}, width={settings['width']}).images[0]")
     return "\n".join(lines)
 

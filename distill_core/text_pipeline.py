@@ -1,19 +1,24 @@
 """Text-to-image teachers from diffusers pipeline directories (``--teacher DIR --prompts FILE``), offline.
 
 A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or
-of SD3 or Flux (``transformer/``), with ``scheduler/``, its text encoders and tokenizers, and optionally ``vae/``
-(an ``AutoencoderKL``, which decodes the report's grid).
+of SD3, Flux or Qwen-Image (``transformer/``), with ``scheduler/``, its text encoders and tokenizers, and
+optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's ``AutoencoderKLQwenImage``, which decodes the report's
+grid).
 
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
 arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and
-T5's), and the pooled embedding p where the network takes one (SDXL: ``text_embeds``, with the image's size
-and crop as ``time_ids``; SD3 and Flux: ``pooled_projections``). Classifier-free guidance's unconditional
-side is the pipeline's own negative: the empty prompt encoded (SD1.x, SD2.x, SD3), or zeros (SDXL, which
-zeroes an empty negative); Flux samples without CFG. The teacher is then class-conditional over prompts:
-condition k < P is prompt k, condition P the negative. So every part of the engine that takes class labels
-(training draws, CFG, evaluation sets that cycle through the conditions, reports) takes prompts unchanged;
-only what would be stored per condition is not (``TeacherSource.prompt_table``: SFD's first step keeps its
-zero centre), so a student samples any prompts.
+T5's; Qwen-Image: its Qwen2.5-VL's last hidden states, with their padding mask m), and the pooled embedding p
+where the network takes one (SDXL: ``text_embeds``, with the image's size and crop as ``time_ids``; SD3 and
+Flux: ``pooled_projections``). Classifier-free guidance's unconditional side is the pipeline's own negative:
+the empty prompt encoded (SD1.x, SD2.x, SD3), zeros (SDXL, which zeroes an empty negative), or the single
+space Qwen-Image's documentation gives as its empty negative; Flux samples without CFG. Guidance is the
+engine's, x0 = x0_u + w (x0_c - x0_u), the pipeline's CFG for all but Qwen-Image, whose pipeline also rescales
+each guided velocity token to the norm of the conditional one: its students learn the unrescaled guidance.
+
+The teacher is then class-conditional over prompts: condition k < P is prompt k, condition P the negative. So
+every part of the engine that takes class labels (training draws, CFG, evaluation sets that cycle through the
+conditions, reports) takes prompts unchanged; only what would be stored per condition is not
+(``TeacherSource.prompt_table``: SFD's first step keeps its zero centre), so a student samples any prompts.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ from torch import nn
 #: attributes of the text denoiser that the engine reads from a teacher's denoiser
 DENOISER_ATTRIBUTES = ("sigma_min", "sigma_max", "prediction", "shift")
 #: the pipelines this command distils, by ``model_index.json``'s class name
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
+             "QwenImagePipeline")
+#: the unconditional prompt of a pipeline whose negative is not the empty prompt
+NEGATIVE_PROMPT = {"QwenImagePipeline": " "}
 #: the parts of a pipeline that encoding prompts does not load
 NOT_FOR_PROMPTS = ("unet", "transformer", "vae", "safety_checker", "feature_extractor", "image_encoder")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -74,11 +82,14 @@ def _transformers():
 
 def vae_scale(root: Path) -> int:
     """How many pixels a latent pixel of the pipeline's VAE spans per side (1 without a ``vae/``: its samples
-    are images)."""
-    config = root / "vae" / "config.json"
-    if not config.is_file():
+    are images): one halving per block but the last (Qwen-Image's: per entry of ``temperal_downsample``)."""
+    path = root / "vae" / "config.json"
+    if not path.is_file():
         return 1
-    return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
+    config = json.loads(path.read_text())
+    if "temperal_downsample" in config:
+        return 2 ** len(config["temperal_downsample"])
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 @contextlib.contextmanager
@@ -109,7 +120,7 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
-                         f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux)")
+                         f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Qwen-Image)")
     for part in TEXT_ENCODERS:
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
@@ -148,6 +159,9 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...]) -
     if name == "FluxPipeline":
         context, pooled, _ = pipe.encode_prompt([*prompts, ""], None, device="cpu")
         return {"encoder_hidden_states": context.float(), "pooled_projections": pooled.float()}
+    if name == "QwenImagePipeline":  # one call: every row padded to the longest prompt, the mask saying where
+        context, mask = pipe.encode_prompt([*prompts, NEGATIVE_PROMPT[name]], device="cpu")
+        return {"encoder_hidden_states": context.float(), "encoder_hidden_states_mask": mask}
     if name == "StableDiffusionXLPipeline":
         context, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, None, "cpu", 1, True)
         height, width = (side * vae_scale(root) for side in shape[1:])
@@ -162,17 +176,25 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...]) -
 
 
 def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Latents to images in [-1, 1] with the pipeline's ``vae/`` (None without one)."""
+    """Latents to images in [-1, 1] with the pipeline's ``vae/`` (None without one): z / scale + shift (SD3's and
+    Flux's latents are shifted, SD's not); Qwen-Image's video VAE: z std + mean per channel, decoded as one
+    frame."""
     folder = root / "vae"
     if not (folder / "config.json").is_file():
         return None
     import diffusers
 
-    vae = diffusers.AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
+    video = json.loads((folder / "config.json").read_text()).get("_class_name") == "AutoencoderKLQwenImage"
+    vae_class = diffusers.AutoencoderKLQwenImage if video else diffusers.AutoencoderKL
+    vae = vae_class.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        shift = vae.config.shift_factor or 0.0  # SD3's and Flux's latents are shifted, SD's not
-        return vae.decode(latents.float() / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
+        latents = latents.float()
+        if video:
+            channel = (1, -1, 1, 1)
+            mean, std = (torch.tensor(vae.config[k]).view(channel) for k in ("latents_mean", "latents_std"))
+            return vae.decode((latents * std + mean)[:, :, None]).sample[:, :, 0].clamp(-1, 1)
+        return vae.decode(latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample.clamp(-1, 1)
 
     return decode

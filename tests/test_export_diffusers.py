@@ -14,7 +14,7 @@ import torch
 from distill_core.cli import main
 from distill_core.config import DistillConfig
 from distill_core.diffusers_source import diffusers_source
-from distill_core.export_diffusers import LORA_FILE, export, pipeline_start, refusal, usage
+from distill_core.export_diffusers import LORA_FILE, PIPELINES, export, exportable, pipeline_start, refusal, usage
 from distill_core.sampling import few_step, sample
 from distill_core.student_files import load_student
 from distill_core.train.run import train_student
@@ -33,13 +33,15 @@ def pipeline_latents(teacher, out, settings: dict, z: torch.Tensor, student: boo
     elif student:
         setattr(pipe, network, type(getattr(pipe, network)).from_pretrained(out, subfolder=network))
     b, c, h, w = z.shape
-    flux = isinstance(pipe, diffusers.FluxPipeline)
+    target = PIPELINES[settings["pipeline"]]
     latents = settings["noise_scale"] * z
-    latents = pipe._pack_latents(latents, b, c, h, w) if flux else latents
+    latents = pipe._pack_latents(latents, b, c, h, w) if target.packed else latents
     images = pipe(prompt="an owl", latents=latents, sigmas=settings["sigmas"], height=settings["height"],
-                  width=settings["width"], guidance_scale=settings["guidance_scale"], output_type="latent").images
-    return pipe._unpack_latents(images, settings["height"], settings["width"], pipe.vae_scale_factor) if flux else \
-        images
+                  width=settings["width"], output_type="latent",
+                  **{target.guidance_keyword: settings["guidance_scale"]}).images
+    if not target.packed:
+        return images
+    return pipe._unpack_latents(images, settings["height"], settings["width"], pipe.vae_scale_factor).view(b, c, h, w)
 
 
 def pipeline_dir(root, pipeline: str):
@@ -47,14 +49,14 @@ def pipeline_dir(root, pipeline: str):
 
 
 @pytest.mark.parametrize("pipeline, kind", [("sd", "lora"), ("sd", "full"), ("sdxl", "lora"), ("sd3", "lora"),
-                                            ("flux", "lora"), ("flux", "full")])
+                                            ("flux", "lora"), ("flux", "full"), ("qwen", "lora")])
 def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_path, pipeline, kind):
     """The stock pipeline with the exported files takes the engine's Euler steps through the student: the same
     latents from the same noise (a flow pipeline's last step ends at 0, the student's at sigma_min)."""
     teacher = pipeline_dir(tmp_path / pipeline, pipeline)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\nan owl\n")
-    source = diffusers_source(teacher, prompts=prompts)
+    source = diffusers_source(teacher, prompts=prompts, resolution=16 if pipeline == "qwen" else None)
     cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
                         student=kind, lora_rank=4, lora_alpha=2)  # one large step, at a LoRA scale alpha / r of 1/2
     path = train_student(cfg, source, progress=False).path
@@ -67,7 +69,7 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_pa
     student = load_student(path, source.denoiser, source.uncond)
     z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
     sigmas = student.sigmas()
-    flow = pipeline in ("sd3", "flux")
+    flow = pipeline in ("sd3", "flux", "qwen")
     if flow:  # the pipeline's times end at 0
         sigmas = torch.cat([sigmas[:-1], torch.zeros(1)])
     with torch.no_grad():
@@ -122,3 +124,18 @@ def test_a_teacher_that_is_not_a_stable_diffusion_pipeline_is_refused_in_one_lin
     err = capsys.readouterr().err
     assert "the student's teacher is a KandinskyPipeline: export-diffusers writes files for" in err
     assert "sample it with python -m distill_core sample" in err and not (tmp_path / "x").exists()
+
+
+def test_a_qwen_image_student_that_samples_with_cfg_is_refused_in_one_line(tmp_path, capsys):
+    """Qwen-Image's pipeline rescales its guided velocities, which the engine's CFG does not: a student that
+    samples with CFG would draw other images there, and is refused; its guidance-distilled twin exports."""
+    teacher = pipeline_dir(tmp_path / "qwen", "qwen")
+    source = diffusers_source(teacher, prompts=["an owl"], resolution=16)
+    cfg = DistillConfig(steps=2, iters=1, batch=2, checkpoint_every=0, out=str(tmp_path / "run"), student="lora",
+                        guidance_mode="cfg")
+    path = train_student(cfg, source, progress=False).path
+    assert not exportable(path)  # the main job does not print the export command
+    assert main(["export-diffusers", str(path), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "this student samples with CFG, which QwenImagePipeline rescales where the engine does not" in err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()

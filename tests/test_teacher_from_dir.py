@@ -262,6 +262,8 @@ def multi_encoder_pipeline_dir(root, kind: str):
             transformer=network, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
             text_encoder=transformers.CLIPTextModelWithProjection(clip_config(vocab, projection_dim=16)),
             tokenizer=clip, text_encoder_2=projected, tokenizer_2=clip, text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    elif kind == "qwen":
+        return qwen_image_pipeline_dir(root)
     else:
         dev = kind == "flux"
         network = diffusers.FluxTransformer2DModel(
@@ -275,6 +277,40 @@ def multi_encoder_pipeline_dir(root, kind: str):
             text_encoder=transformers.CLIPTextModel(clip_config(vocab)), text_encoder_2=t5)
     randomise(network, seed=0)  # weights large enough that the text conditions move the output well above 1e-4
     pipeline.save_pretrained(root / "pipeline", safe_serialization=True)
+    return root / "pipeline"
+
+
+def qwen_image_pipeline_dir(root):
+    """A tiny Qwen-Image pipeline as diffusers saves one, 8 x 8 latents of 16 pixels: a Qwen2.5-VL text encoder of
+    one layer with a byte-level tokenizer without merges (its chat template's special tokens added), a transformer
+    of one block on 16 channels, a video VAE of one halving, and Qwen-Image's scheduler (the shift of the
+    image's token count on an exponential time shift, stretched to a terminal time)."""
+    import transformers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {piece: i for i, piece in enumerate(bytes_to_unicode().values())}
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab.update({token: len(vocab) + i for i, token in enumerate(special)})
+    tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None)
+    tokenizer.add_special_tokens({"additional_special_tokens": special[1:]})
+    text = {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "bos_token_id": vocab[special[0]],
+            "eos_token_id": vocab[special[2]], "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 32,
+              "fullatt_block_indexes": [0]}
+    encoder = transformers.Qwen2_5_VLForConditionalGeneration(
+        transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    network = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=1,
+                                                    attention_head_dim=8, num_attention_heads=2,
+                                                    joint_attention_dim=32, axes_dims_rope=(2, 2, 4))
+    vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 1], num_res_blocks=1,
+                                           temperal_downsample=[False])
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+        shift_terminal=0.02, time_shift_type="exponential")
+    randomise(network, seed=0)
+    diffusers.QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tokenizer,
+                                transformer=network).save_pretrained(root / "pipeline", safe_serialization=True)
     return root / "pipeline"
 
 
@@ -388,6 +424,70 @@ def test_flux_schnell_samples_as_its_pipeline_without_guidance_or_shift(tmp_path
         ours = euler(CFGTeacher(source.denoiser, source.guidance, source.uncond), start, sigmas, torch.tensor([1]))
     assert expected.abs().max() > 1
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_qwen_image_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_path):
+    """A Qwen-Image pipeline directory is a teacher over prompts: prompts of different lengths share one table,
+    padded, with the mask that says where; Euler through its denoiser on the pipeline's own sigmas reproduces
+    its sampler (its exponential time shift of the token count, stretched to its terminal time; without CFG,
+    which its pipeline rescales and the engine does not), CFG defaults to its pipeline's scale 4 against its
+    single-space negative, and the side to its pipeline's 1024 pixels. The main job distils it at
+    --resolution with the full report, a student on its shifted flow grid and a grid decoded by its video VAE;
+    SFD-v conditions its time embedding."""
+    from distill_core.diffusers_source import read_json, sample_shape
+    from distill_core.schedules import flux_shift
+    from distill_core.solvers import euler
+    from distill_core.students import StudentNet
+    from distill_core.teacher import CFGTeacher
+
+    teacher = qwen_image_pipeline_dir(tmp_path / "qwen")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\nan owl in the snow at night\n")
+    assert sample_shape(read_json(teacher / "transformer" / "config.json"), teacher) == (16, 512, 512)
+    source = diffusers_source(teacher, prompts=prompts, resolution=16)
+    assert (source.shape, source.guidance) == ((16, 8, 8), 4.0)
+    assert source.denoiser.shift == pytest.approx(flux_shift(16, 0.5, 0.9, 256, 8192))
+    mask = source.denoiser.encoder_hidden_states_mask
+    assert mask.shape[0] == 3 and mask[0].sum() < mask[1].sum() == mask.shape[1]  # the fox padded to the owl
+
+    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    latents = pipe(prompt="a red fox", latents=pipe._pack_latents(x, 1, 16, 8, 8), sigmas=[0.9, 0.6, 0.3],
+                   num_inference_steps=3, height=16, width=16, true_cfg_scale=1.0, output_type="latent").images
+    expected = pipe._unpack_latents(latents, 16, 16, pipe.vae_scale_factor).view(x.shape)
+    times = pipe.scheduler.sigmas.double()
+    assert float(times[-2]) == pytest.approx(0.02, abs=1e-6)  # stretched to the terminal time (float32)
+    with torch.no_grad():
+        ours = euler(CFGTeacher(source.denoiser, 1.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
+                     torch.tensor([0]))
+    assert expected.abs().max() > 1
+    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
+
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", "16", "--steps",
+                 "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["guidance"] == 4.0 and any(r["method"] == "sfd" and r["nfe"] == 2 for r in report["rows"])
+    card = read_card(out / "student.safetensors")
+    assert card["schedule"]["name"] == "flow" and card["schedule"]["shift"] == pytest.approx(source.denoiser.shift)
+    assert card["resolution"] == 16 and (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by its VAE
+    assert StudentNet(source.denoiser, step_conditioned=True).injection.endswith("transformer.time_text_embed")
+
+
+@pytest.mark.parametrize("time_shift", ["exponential", "linear"])
+def test_the_students_shift_is_the_time_shift_of_the_schedulers_token_count(time_shift):
+    """A scheduler with dynamic shifting moves each time t to s t / (1 + (s - 1) t), s = e^mu (exponential, as
+    Flux and Qwen-Image) or s = mu (linear), mu from the image's token count: the denoiser's shift is that s."""
+    import math
+
+    from distill_core.denoisers.diffusers_flow import flow_denoiser
+    from distill_core.schedules import flux_shift
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type=time_shift)
+    scheduler.set_timesteps(sigmas=[0.9, 0.5, 0.2], mu=math.log(flux_shift(16)))  # 8 x 8 latents: 16 tokens
+    s = flow_denoiser(torch.nn.Identity(), dict(scheduler.config), (16, 8, 8)).shift
+    t = torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64)
+    torch.testing.assert_close(scheduler.sigmas[:3].double(), s * t / (1 + (s - 1) * t), atol=1e-6, rtol=0)
 
 
 def test_a_pipeline_distils_at_another_resolution_that_its_students_name(tmp_path, capsys):

@@ -10,11 +10,14 @@ v = n - x0, the convention of ``denoisers.flow``; they differ in what they take 
   token of 4 C channels with its position (0, row, column) (``img_ids``; text tokens at 0, ``txt_ids``), and, in
   a guidance-distilled model (Flux dev), the guidance scale g as an input: v(x_t, t, c, p, g).
 
-The time shift s that a model's scheduler samples with (t' = s t / (1 + (s - 1) t); Flux: s = e^mu, mu linear in
-the image's token count) does not change the denoiser; it sets the students' flow grid (``FlowDenoiser.shift``).
+The time shift s that a model's scheduler samples with (t' = s t / (1 + (s - 1) t); Flux and Qwen-Image:
+s = e^mu, mu linear in the image's token count; a scheduler with the linear time shift: s = mu) does not
+change the denoiser; it sets the students' flow grid (``FlowDenoiser.shift``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -49,6 +52,18 @@ class SD3Velocity(nn.Module):
         return self.transformer(hidden_states=x, timestep=time, **cond, return_dict=False)[0]
 
 
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] latents as (H / 2)(W / 2) tokens of their 2 x 2 patches, 4 C channels each (Flux, Qwen-Image)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, 4 * c)
+
+
+def unpack(tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``pack``'s inverse: tokens back to latents of ``shape`` [B, C, H, W]."""
+    b, c, h, w = shape
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 class FluxVelocity(nn.Module):
     """Flux's transformer as v(x_t, t, {"encoder_hidden_states": c, "pooled_projections": p}) on [B, C, H, W]
     latents: packed into (H / 2)(W / 2) tokens of 4 C channels on the way in, unpacked on the way out;
@@ -61,15 +76,29 @@ class FluxVelocity(nn.Module):
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, 4 * c)
         img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
         img_ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
         img_ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
         text_tokens = cond["encoder_hidden_states"].shape[1]
         guidance = None if self.guidance is None else torch.full((b,), self.guidance, device=x.device)
-        v = self.transformer(hidden_states=tokens, timestep=time, guidance=guidance, **cond,
+        v = self.transformer(hidden_states=pack(x), timestep=time, guidance=guidance, **cond,
                              txt_ids=x.new_zeros(text_tokens, 3), img_ids=img_ids.view(-1, 3), return_dict=False)[0]
-        return v.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return unpack(v, x.shape)
+
+
+class QwenImageVelocity(nn.Module):
+    """Qwen-Image's transformer as v(x_t, t, {"encoder_hidden_states": c, "encoder_hidden_states_mask": m}) on
+    [B, C, H, W] latents, packed as Flux's, with their patch grid as ``img_shapes``."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        b, _, h, w = x.shape
+        v = self.transformer(hidden_states=pack(x), timestep=time, img_shapes=[[(1, h // 2, w // 2)]] * b, **cond,
+                             return_dict=False)[0]
+        return unpack(v, x.shape)
 
 
 def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
@@ -83,6 +112,8 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
         embedded = FLUX_GUIDANCE if embedded_guidance is None else embedded_guidance
         guidance = embedded if model.config.guidance_embeds else None
         net, time_scale = FluxVelocity(model, guidance), 1.0
+    elif name == "QwenImageTransformer2DModel":
+        net, time_scale = QwenImageVelocity(model), 1.0
     elif name == "SD3Transformer2DModel":
         net, time_scale = SD3Velocity(model), float(steps)
     else:
@@ -90,6 +121,8 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
     if scheduler.get("use_dynamic_shifting"):
         shift = flux_shift(shape[1] * shape[2] // 4, scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15),
                            scheduler.get("base_image_seq_len", 256), scheduler.get("max_image_seq_len", 4096))
+        if scheduler.get("time_shift_type") == "linear":  # t' = mu t / (1 + (mu - 1) t): the shift is mu itself
+            shift = math.log(shift)
     else:
         shift = float(scheduler.get("shift", 1.0))
     return FlowDenoiser(net, float(t_to_sigma(1 / steps)), FLOW_SIGMA_MAX, time_scale=time_scale, shift=shift)
