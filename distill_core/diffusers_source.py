@@ -7,14 +7,15 @@ the network was trained:
 
 * a DDPM-family scheduler (DDPM, DDIM, Euler, DPM-Solver, ...): ``alphas_cumprod`` and the prediction type
   (epsilon, v, sample) -> ``DiffusersDenoiser``;
-* ``FlowMatchEulerDiscreteScheduler``: a rectified flow -> ``FlowDenoiser`` over the velocity
+* ``FlowMatchEulerDiscreteScheduler`` (or a multistep solver's flow variant, ``use_flow_sigmas``, as Wan's
+  UniPC): a rectified flow -> ``FlowDenoiser`` over the velocity
   (``denoisers.diffusers_flow``), from t = 1 / ``num_train_timesteps`` (its lowest trained time) to
   sigma_max = 80 (t = 0.988), with the scheduler's time shift for the students' grid.
 
 Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
 ``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
-pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux and Qwen-Image: their transformers; with
-all their text encoders) trains on ``prompts`` instead (``text_pipeline``).
+pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image and Wan 2.1 as an image
+model: their transformers; with all their text encoders) trains on ``prompts`` instead (``text_pipeline``).
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ from distill_core.methods.base import TeacherSource
 
 UNETS = ("UNet2DModel", "UNet2DConditionModel")
 #: diffusion transformers, which take text embeddings and come in their pipeline's directory
-TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel")
+TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel",
+                "WanTransformer3DModel")
 #: the transformers that take their latent as tokens of 2 x 2 patches of 4 C channels
 PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")
 #: the CFG scale a text-to-image pipeline is distilled at unless the run says another, by network (Flux: no CFG,
 #: as its pipeline; Qwen-Image: its pipeline's default ``true_cfg_scale``)
 TEXT_GUIDANCE = 5.0
 GUIDANCE_BY_NETWORK = {"FluxTransformer2DModel": 1.0, "QwenImageTransformer2DModel": 4.0}
-#: the image side a Qwen-Image pipeline draws unless told another (its ``default_sample_size`` latent pixels x 8)
-QWEN_IMAGE_SIDE = 1024
+#: the image a pipeline draws unless told another size, (height, width) in pixels, for networks whose config
+#: names none: Qwen-Image's (``default_sample_size`` latent pixels x 8) and Wan's (its pipeline's 480p frame)
+DEFAULT_IMAGE = {"QwenImageTransformer2DModel": (1024, 1024), "WanTransformer3DModel": (480, 832)}
 
 def read_json(path: Path) -> dict:
     try:
@@ -94,7 +97,7 @@ def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...],
 
     config = read_json(scheduler_dir / "scheduler_config.json")
     name = config.get("_class_name", "")
-    if name.startswith("FlowMatch"):
+    if name.startswith("FlowMatch") or config.get("use_flow_sigmas"):
         return flow_denoiser(model, config, shape, embedded_guidance)
     if type(model).__name__ in TRANSFORMERS:
         raise ValueError(f"{scheduler_dir}: a {type(model).__name__} samples with a FlowMatch scheduler, not {name}")
@@ -145,21 +148,25 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
 
 def sample_shape(config: dict, root: Path, resolution: int | None = None) -> tuple[int, ...]:
     """(C, H, W) of the samples of the model whose ``config.json`` is ``config``: ``resolution`` pixels a side
-    (in a pipeline with a VAE, its latent of ``resolution`` / the VAE's scale), else the configured size; Flux
-    and Qwen-Image, which have none and take 2 x 2 patches of their latent as 4 C channels: the size their
-    pipeline's VAE makes of the VAE's own image size (Qwen-Image's VAE names none: ``QWEN_IMAGE_SIDE``). A
-    side the network cannot take (its UNet's downsamplings, its transformer's patches) is refused with the
-    nearest sizes that fit."""
+    (in a pipeline with a VAE, its latent of ``resolution`` / the VAE's scale), else the configured size; Flux,
+    which has none and takes 2 x 2 patches of its latent as 4 C channels: the size its pipeline's VAE makes of
+    the VAE's own image size; Qwen-Image (packed as Flux) and Wan, whose VAEs name none either: their
+    pipelines' default image (``DEFAULT_IMAGE``). A side the network cannot take (its UNet's downsamplings,
+    its transformer's patches) is refused with the nearest sizes that fit."""
     from distill_core.text_pipeline import vae_scale
 
-    packed = config["_class_name"] in PACKED
+    name = config["_class_name"]
+    packed = name in PACKED
     channels = config["in_channels"] // 4 if packed else config["in_channels"]
     scale = vae_scale(root)
     if resolution is None:
-        size = (read_json(root / "vae" / "config.json").get("sample_size", QWEN_IMAGE_SIDE) // scale if packed
-                else config["sample_size"])
+        if name in DEFAULT_IMAGE:
+            return (channels, *(side // scale for side in DEFAULT_IMAGE[name]))
+        size = read_json(root / "vae" / "config.json")["sample_size"] // scale if packed else config["sample_size"]
         return (channels, *((size, size) if isinstance(size, int) else size))
-    step = scale * (2 if packed else config.get("patch_size") or 2 ** (len(config.get("block_out_channels", ())) - 1))
+    patch = config.get("patch_size")
+    patch = patch[-1] if isinstance(patch, (list, tuple)) else patch  # Wan's: (frames, height, width)
+    step = scale * (2 if packed else patch or 2 ** (len(config.get("block_out_channels", ())) - 1))
     if resolution % step:
         low, high = resolution // step * step, (resolution // step + 1) * step
         raise ValueError(f"--resolution {resolution}: this model takes sides in multiples of {step} pixels; give "
@@ -180,6 +187,9 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
 
     if classes:
         raise ValueError(f"{root}: a text-to-image pipeline trains on prompts (--prompts FILE), not --classes")
+    if (index.get("transformer_2") or [None])[0] or index.get("expand_timesteps"):
+        raise ValueError(f"{root}: a Wan 2.2 pipeline (two experts over the noise levels, or a time per patch) is "
+                         "not a teacher this command distils; Wan 2.1's is")
     prompts = read_prompts(prompts)
     config = model_config(model_dir, pipeline=True)
     shape = sample_shape(config, root, resolution)

@@ -23,8 +23,9 @@ next to the time embedding, so every block sees them:
 * the built-in UNet (``distill_core.nets.unet``): through its ``extra_emb`` argument;
 * networks we do not own: through a forward hook on their time-embedding module, found by name
   (``time_embedding`` in diffusers' ``UNet2DModel`` / ``UNet2DConditionModel``, ``time_embed`` in the
-  openaimodel UNets of ComfyUI / LDM, ``time_text_embed`` in diffusers' SD3 and Flux transformers, whose
-  timestep embedding carries the pooled text embedding). Other architectures are refused with a clear error.
+  openaimodel UNets of ComfyUI / LDM, ``time_text_embed`` in diffusers' SD3, Flux and Qwen-Image transformers,
+  whose timestep embedding carries the pooled text embedding, ``time_embedder`` in diffusers' Wan
+  transformer). Other architectures are refused with a clear error.
 
 Student files (the card, saving and loading) are ``distill_core.student_files``.
 """
@@ -69,7 +70,7 @@ SCALAR_INPUTS = {
 NOT_NETWORK = (*(f"{i.attr}." for i in SCALAR_INPUTS.values()), "afs.")
 AFS_MEANS_KEY = "afs.class_means"
 EXPERT_PREFIX = "expert.{}."  # an Experts student's tensors of expert k, in its file
-TIME_EMBEDDING_NAMES = ("time_embedding", "time_embed", "time_text_embed")  # UNets; SD3 and Flux
+TIME_EMBEDDING_NAMES = ("time_embedding", "time_embed", "time_text_embed", "time_embedder")  # UNets; DiTs; Wan
 #: the attributes through which adapters hold the network they wrap
 WRAPPED = ("inner", "net", "unet", "transformer")
 

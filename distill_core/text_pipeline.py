@@ -1,16 +1,17 @@
 """Text-to-image teachers from diffusers pipeline directories (``--teacher DIR --prompts FILE``), offline.
 
 A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or
-of SD3, Flux or Qwen-Image (``transformer/``), with ``scheduler/``, its text encoders and tokenizers, and
-optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's ``AutoencoderKLQwenImage``, which decodes the report's
+of SD3, Flux, Qwen-Image or Wan 2.1 (``transformer/``), with ``scheduler/``, its text encoders and tokenizers,
+and optionally ``vae/`` (an ``AutoencoderKL``, or Qwen-Image's and Wan's video VAEs, which decode the report's
 grid).
 
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
 arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and
-T5's; Qwen-Image: its Qwen2.5-VL's last hidden states, with their padding mask m), and the pooled embedding p
+T5's; Qwen-Image: its Qwen2.5-VL's last hidden states, with their padding mask m; Wan: its UMT5's, zero-padded
+to the 512 tokens its pipeline pads to), and the pooled embedding p
 where the network takes one (SDXL: ``text_embeds``, with the image's size and crop as ``time_ids``; SD3 and
 Flux: ``pooled_projections``). Classifier-free guidance's unconditional side is the pipeline's own negative:
-the empty prompt encoded (SD1.x, SD2.x, SD3), zeros (SDXL, which zeroes an empty negative), or the single
+the empty prompt encoded (SD1.x, SD2.x, SD3, Wan), zeros (SDXL, which zeroes an empty negative), or the single
 space Qwen-Image's documentation gives as its empty negative; Flux samples without CFG. Guidance is the
 engine's, x0 = x0_u + w (x0_c - x0_u), the pipeline's CFG for all but Qwen-Image, whose pipeline also rescales
 each guided velocity token to the norm of the conditional one: its students learn the unrescaled guidance.
@@ -37,12 +38,17 @@ from torch import nn
 DENOISER_ATTRIBUTES = ("sigma_min", "sigma_max", "prediction", "shift")
 #: the pipelines this command distils, by ``model_index.json``'s class name
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
-             "QwenImagePipeline")
+             "QwenImagePipeline", "WanPipeline")
+#: the text tokens Wan's pipeline pads its prompts to (its call's ``max_sequence_length``)
+WAN_TEXT_TOKENS = 512
 #: the unconditional prompt of a pipeline whose negative is not the empty prompt
 NEGATIVE_PROMPT = {"QwenImagePipeline": " "}
 #: the parts of a pipeline that encoding prompts does not load
-NOT_FOR_PROMPTS = ("unet", "transformer", "vae", "safety_checker", "feature_extractor", "image_encoder")
+NOT_FOR_PROMPTS = ("unet", "transformer", "transformer_2", "vae", "safety_checker", "feature_extractor",
+                   "image_encoder")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+#: the VAEs of video latents [B, C, F, H, W], normalised per channel by their ``latents_mean`` and ``latents_std``
+VIDEO_VAES = ("AutoencoderKLQwenImage", "AutoencoderKLWan")
 #: safetensors' names of the floating-point precisions an encoder's files may hold
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -120,7 +126,7 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
-                         f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Qwen-Image)")
+                         f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Qwen-Image, Wan 2.1)")
     for part in TEXT_ENCODERS:
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
@@ -162,6 +168,9 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...]) -
     if name == "QwenImagePipeline":  # one call: every row padded to the longest prompt, the mask saying where
         context, mask = pipe.encode_prompt([*prompts, NEGATIVE_PROMPT[name]], device="cpu")
         return {"encoder_hidden_states": context.float(), "encoder_hidden_states_mask": mask}
+    if name == "WanPipeline":
+        context, negative = pipe.encode_prompt(prompts, "", True, max_sequence_length=WAN_TEXT_TOKENS, device="cpu")
+        return {"encoder_hidden_states": torch.cat([context, negative[:1]]).float()}
     if name == "StableDiffusionXLPipeline":
         context, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, None, "cpu", 1, True)
         height, width = (side * vae_scale(root) for side in shape[1:])
@@ -177,15 +186,16 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...]) -
 
 def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Latents to images in [-1, 1] with the pipeline's ``vae/`` (None without one): z / scale + shift (SD3's and
-    Flux's latents are shifted, SD's not); Qwen-Image's video VAE: z std + mean per channel, decoded as one
-    frame."""
+    Flux's latents are shifted, SD's not); Qwen-Image's and Wan's video VAEs: z std + mean per channel, decoded
+    as one frame."""
     folder = root / "vae"
     if not (folder / "config.json").is_file():
         return None
     import diffusers
 
-    video = json.loads((folder / "config.json").read_text()).get("_class_name") == "AutoencoderKLQwenImage"
-    vae_class = diffusers.AutoencoderKLQwenImage if video else diffusers.AutoencoderKL
+    name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    video = name in VIDEO_VAES
+    vae_class = getattr(diffusers, name) if video else diffusers.AutoencoderKL
     vae = vae_class.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
 
     @torch.no_grad()

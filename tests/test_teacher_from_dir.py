@@ -223,11 +223,12 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
 
 
 def multi_encoder_pipeline_dir(root, kind: str):
-    """A tiny SDXL, SD3 or Flux pipeline as diffusers saves one, 8 x 8 latents of 16 pixels: SDXL (4 channels,
-    its two CLIPs, the image's size as an added condition, Euler); SD3 (16 channels, two CLIPs and T5, a shifted
-    (3) FlowMatch scheduler); Flux dev (``flux``: 16 channels, guidance embedded, CLIP and T5, Flux's
-    resolution-dependent shift); Flux schnell (``flux-schnell``: as Flux dev without the guidance input, unshifted);
-    SD3's and Flux's VAEs scale and shift their latents."""
+    """A tiny SDXL, SD3, Flux, Qwen-Image or Wan pipeline as diffusers saves one, 8 x 8 latents of 16 pixels:
+    SDXL (4 channels, its two CLIPs, the image's size as an added condition, Euler); SD3 (16 channels, two CLIPs
+    and T5, a shifted (3) FlowMatch scheduler); Flux dev (``flux``: 16 channels, guidance embedded, CLIP and T5,
+    Flux's resolution-dependent shift); Flux schnell (``flux-schnell``: as Flux dev without the guidance input,
+    unshifted); Qwen-Image (``qwen_image_pipeline_dir``); Wan 2.1 (16-channel video latents, UMT5, a video VAE of
+    one halving, FlowMatch shifted by 3). SD3's and Flux's VAEs scale and shift their latents."""
     import transformers
 
     clip, vocab = clip_tokenizer(root)
@@ -264,6 +265,16 @@ def multi_encoder_pipeline_dir(root, kind: str):
             tokenizer=clip, text_encoder_2=projected, tokenizer_2=clip, text_encoder_3=t5, tokenizer_3=t5_tokenizer)
     elif kind == "qwen":
         return qwen_image_pipeline_dir(root)
+    elif kind == "wan":
+        network = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                                  in_channels=16, out_channels=16, text_dim=32, freq_dim=16,
+                                                  ffn_dim=32, num_layers=1)
+        vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1], num_res_blocks=1,
+                                         temperal_downsample=[False])
+        umt5 = transformers.UMT5EncoderModel(transformers.UMT5Config(vocab_size=len(pieces), d_model=32, d_kv=8,
+                                                                     d_ff=32, num_layers=1, num_heads=2))
+        pipeline = diffusers.WanPipeline(tokenizer=t5_tokenizer, text_encoder=umt5, vae=vae, transformer=network,
+                                         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
     else:
         dev = kind == "flux"
         network = diffusers.FluxTransformer2DModel(
@@ -472,6 +483,66 @@ def test_a_qwen_image_pipeline_samples_as_its_own_pipeline_and_distils_end_to_en
     assert card["schedule"]["name"] == "flow" and card["schedule"]["shift"] == pytest.approx(source.denoiser.shift)
     assert card["resolution"] == 16 and (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by its VAE
     assert StudentNet(source.denoiser, step_conditioned=True).injection.endswith("transformer.time_text_embed")
+
+
+def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
+    """A Wan 2.1 pipeline directory is a teacher of images, each a video of one frame: Euler with CFG through its
+    denoiser reproduces its pipeline's sampler on one frame; its default image is its pipeline's 480 x 832
+    frame, its UniPC scheduler's flow variant is a flow teacher with that scheduler's shift. The main job
+    distils it at --resolution with a grid decoded by its video VAE; SFD-v conditions its time embedder;
+    export-diffusers, whose pipeline takes no sigmas, refuses its students, and Wan 2.2's two experts are
+    refused in one line."""
+    from distill_core.denoisers.flow import FlowDenoiser
+    from distill_core.diffusers_source import denoiser_for, read_json, sample_shape
+    from distill_core.solvers import euler
+    from distill_core.students import StudentNet
+    from distill_core.teacher import CFGTeacher
+
+    teacher = multi_encoder_pipeline_dir(tmp_path / "wan", "wan")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\nan owl\n")
+    assert sample_shape(read_json(teacher / "transformer" / "config.json"), teacher) == (16, 240, 416)
+    source = diffusers_source(teacher, prompts=prompts, resolution=16)
+    assert (source.shape, source.guidance, source.denoiser.shift) == ((16, 8, 8), 5.0, 3.0)
+
+    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    set_timesteps = pipe.scheduler.set_timesteps  # its call takes no sigmas: given here, shifted by 3
+    pipe.scheduler.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=[0.9, 0.6, 0.3], device=device)
+    expected = pipe(prompt="a red fox", latents=x[:, :, None], num_inference_steps=3, height=16, width=16,
+                    num_frames=1, guidance_scale=2.0, output_type="latent").frames[:, :, 0]
+    times = pipe.scheduler.sigmas.double()
+    with torch.no_grad():
+        ours = euler(CFGTeacher(source.denoiser, 2.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
+                     torch.tensor([0]))
+    assert expected.abs().max() > 1
+    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
+    diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                      flow_shift=5.0).save_pretrained(tmp_path / "unipc")
+    unipc = denoiser_for(pipe.transformer, tmp_path / "unipc", (16, 8, 8))
+    assert isinstance(unipc, FlowDenoiser) and unipc.shift == 5.0
+
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", "16", "--steps",
+                 "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--out", str(out), "--no-progress"]) == 0
+    card = read_card(out / "student.safetensors")
+    assert card["schedule"]["name"] == "flow" and card["schedule"]["shift"] == 3.0
+    assert (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by its VAE
+    student = StudentNet(source.denoiser, step_conditioned=True)
+    assert student.injection.endswith("condition_embedder.time_embedder")
+    with torch.no_grad():
+        torch.nn.init.normal_(student.step_embed.mlp[-1].weight)
+        assert not torch.allclose(student(x, 2.0, torch.tensor([0]), nfe=2), student(x, 2.0, torch.tensor([0]), nfe=5))
+    assert main(["export-diffusers", str(out / "student.safetensors"), "--out", str(tmp_path / "x")]) == 1
+    assert "the student's teacher is a WanPipeline: export-diffusers writes files for" in capsys.readouterr().err
+
+    index = json.loads((teacher / "model_index.json").read_text())
+    (teacher / "model_index.json").write_text(json.dumps({**index, "transformer_2": ["diffusers",
+                                                                                      "WanTransformer3DModel"]}))
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "a Wan 2.2 pipeline (two experts over the noise levels" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("time_shift", ["exponential", "linear"])

@@ -1,14 +1,19 @@
 """diffusers' flow-matching networks as the velocity network ``net(x_t, time, cond)`` of a ``FlowDenoiser``.
 
-Every diffusers flow model (``FlowMatchEulerDiscreteScheduler``) trains on x_t = (1 - t) x0 + t n and predicts
-v = n - x0, the convention of ``denoisers.flow``; they differ in what they take besides x_t:
+Every diffusers flow model (``FlowMatchEulerDiscreteScheduler``, or a multistep solver with ``use_flow_sigmas``
+as Wan's UniPC) trains on x_t = (1 - t) x0 + t n and predicts v = n - x0, the convention of ``denoisers.flow``;
+they differ in what they take besides x_t:
 
 * a ``UNet2DModel``: the time t * T (T = ``num_train_timesteps``) and optional class labels;
 * SD3's ``SD3Transformer2DModel``: t * T, the text encoders' token embeddings c (``encoder_hidden_states``) and
   their pooled embedding p (``pooled_projections``), given as a condition of those keywords;
 * Flux's ``FluxTransformer2DModel``: t itself, c and p as SD3, the latent cut into 2 x 2 patches, each patch a
   token of 4 C channels with its position (0, row, column) (``img_ids``; text tokens at 0, ``txt_ids``), and, in
-  a guidance-distilled model (Flux dev), the guidance scale g as an input: v(x_t, t, c, p, g).
+  a guidance-distilled model (Flux dev), the guidance scale g as an input: v(x_t, t, c, p, g);
+* Qwen-Image's ``QwenImageTransformer2DModel``: t itself, the latent packed as Flux's, the text encoder's token
+  embeddings c with their padding mask m (``encoder_hidden_states_mask``: prompts of different lengths share one
+  padded table), and the latent's patch grid (1, H / 2, W / 2) for its rotary positions (``img_shapes``);
+* Wan's ``WanTransformer3DModel``: t * T and c, on video latents [B, C, F, H, W]: an image is one frame (F = 1).
 
 The time shift s that a model's scheduler samples with (t' = s t / (1 + (s - 1) t); Flux and Qwen-Image:
 s = e^mu, mu linear in the image's token count; a scheduler with the linear time shift: s = mu) does not
@@ -101,6 +106,18 @@ class QwenImageVelocity(nn.Module):
         return unpack(v, x.shape)
 
 
+class WanVelocity(nn.Module):
+    """Wan's video transformer as v(x_t, t T, {"encoder_hidden_states": c}) on images: [B, C, H, W] latents as
+    videos of one frame."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        return self.transformer(hidden_states=x[:, :, None], timestep=time, **cond, return_dict=False)[0][:, :, 0]
+
+
 def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
                   embedded_guidance: float | None = None) -> FlowDenoiser:
     """The ``FlowDenoiser`` of a diffusers flow model with its scheduler's config, for samples of ``shape``
@@ -116,6 +133,8 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
         net, time_scale = QwenImageVelocity(model), 1.0
     elif name == "SD3Transformer2DModel":
         net, time_scale = SD3Velocity(model), float(steps)
+    elif name == "WanTransformer3DModel":
+        net, time_scale = WanVelocity(model), float(steps)
     else:
         net, time_scale = UNetVelocity(model), float(steps)
     if scheduler.get("use_dynamic_shifting"):
@@ -123,6 +142,6 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
                            scheduler.get("base_image_seq_len", 256), scheduler.get("max_image_seq_len", 4096))
         if scheduler.get("time_shift_type") == "linear":  # t' = mu t / (1 + (mu - 1) t): the shift is mu itself
             shift = math.log(shift)
-    else:
-        shift = float(scheduler.get("shift", 1.0))
+    else:  # FlowMatch's "shift"; a multistep solver's flow variant (Wan's UniPC): "flow_shift"
+        shift = float(scheduler.get("shift", scheduler.get("flow_shift", 1.0)))
     return FlowDenoiser(net, float(t_to_sigma(1 / steps)), FLOW_SIGMA_MAX, time_scale=time_scale, shift=shift)
