@@ -14,7 +14,8 @@ Flux: ``pooled_projections``). Classifier-free guidance's unconditional side is 
 the empty prompt encoded (SD1.x, SD2.x, SD3, Wan), zeros (SDXL, which zeroes an empty negative), or the single
 space Qwen-Image's documentation gives as its empty negative; Flux samples without CFG. Guidance is the
 engine's, x0 = x0_u + w (x0_c - x0_u), the pipeline's CFG for all but Qwen-Image, whose pipeline also rescales
-each guided velocity token to the norm of the conditional one: its students learn the unrescaled guidance.
+each guided velocity token to the norm of the conditional one: its students learn the unrescaled guidance,
+which ComfyUI's samplers apply to Qwen-Image.
 
 The teacher is then class-conditional over prompts: condition k < P is prompt k, condition P the negative. So
 every part of the engine that takes class labels (training draws, CFG, evaluation sets that cycle through the
