@@ -57,6 +57,8 @@ class DistillConfig:
                                     "classifier-free guidance (None: no guidance)", min=0)
     prompts: str | None = option(None, "a text-to-image pipeline directory: a text file of training prompts, one "
                                  "per line (None: the shipped list)")
+    negative: str | None = option(None, "a text-to-image pipeline directory: the negative prompt, CFG's other side "
+                                  "(None: the pipeline's own, the empty prompt)")
     resolution: int | None = option(None, "a teacher from a directory: the side of its square images in pixels "
                                     "(None: the model's own, e.g. 512 for SD 1.5, 1024 for SDXL, SD3 and Flux)",
                                     min=8)

@@ -109,11 +109,12 @@ def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...],
 
 def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None = None,
                      prompts: str | Path | None = None, guidance: float | None = None,
-                     resolution: int | None = None) -> TeacherSource:
+                     resolution: int | None = None, negative: str | None = None) -> TeacherSource:
     """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
     pipeline's file of training prompts (default: the shipped list); ``guidance``: the run's guidance, which a
     guidance-distilled pipeline (Flux dev) takes as its input; ``resolution``: the side of its square images in
-    pixels (None: the model's own), which its students' files name."""
+    pixels (None: the model's own), which its students' files name; ``negative``: a text-to-image pipeline's
+    negative prompt (None: its own), which its students' files name."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"teacher {root} is not a directory: give builtin, builtin-flow, builtin-bold or a "
@@ -121,10 +122,11 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
     model_dir, scheduler_dir = model_and_scheduler_dirs(root, index)
     if "text_encoder" in index:
-        return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution)
-    if prompts:
-        raise ValueError(f"{root}: --prompts is for text-to-image pipelines (a model_index.json naming a "
-                         "text_encoder); this model is conditioned on class labels or nothing")
+        return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution, negative)
+    for flag, given in (("--prompts", prompts), ("--negative", negative is not None)):
+        if given:
+            raise ValueError(f"{root}: {flag} is for text-to-image pipelines (a model_index.json naming a "
+                             "text_encoder); this model is conditioned on class labels or nothing")
     config = model_config(model_dir, pipeline=False)
     unet = load_model(model_dir, config)
     embeds = config.get("num_class_embeds")
@@ -176,11 +178,11 @@ def sample_shape(config: dict, root: Path, resolution: int | None = None) -> tup
 
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
                 prompts: str | Path | None, guidance: float | None = None,
-                resolution: int | None = None) -> TeacherSource:
+                resolution: int | None = None, negative: str | None = None) -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the pipeline's negative
-    (condition P) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE`` (Qwen-Image: 4). Flux samples
-    without CFG (w = 1, as its pipeline does); Flux dev takes ``guidance`` (default ``FLUX_GUIDANCE``) as its
-    input, and its students' files name it (``embedded_guidance``)."""
+    (condition P; ``negative`` where given) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``
+    (Qwen-Image: 4). Flux samples without CFG (w = 1, as its pipeline does); Flux dev takes ``guidance``
+    (default ``FLUX_GUIDANCE``) as its input, and its students' files name it (``embedded_guidance``)."""
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
     from distill_core.prompts import read_prompts
     from distill_core.text_pipeline import PromptConditioned, encode_prompts, vae_decoder
@@ -193,7 +195,10 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     prompts = read_prompts(prompts)
     config = model_config(model_dir, pipeline=True)
     shape = sample_shape(config, root, resolution)
-    tables = encode_prompts(root, index, prompts, shape)  # the text encoders freed before the network loads
+    if negative is not None and config["_class_name"] == "FluxTransformer2DModel":
+        raise ValueError(f"{root}: Flux samples without CFG, so a negative prompt has nothing to steer away from; "
+                         "drop --negative")
+    tables = encode_prompts(root, index, prompts, shape, negative)  # the encoders freed before the network loads
     model = load_model(model_dir, config)
     name = type(model).__name__
     embedded = None
@@ -209,7 +214,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
         return torch.randint(n, (batch,), generator=generator)
 
     card = {**({} if embedded is None else {"embedded_guidance": embedded}),
-            **({"resolution": resolution} if resolution else {})}
+            **({"resolution": resolution} if resolution else {}),
+            **({} if negative is None else {"negative": negative})}
     return TeacherSource(str(root), denoiser, shape, draw_cond, torch.tensor([n]),
                          GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE), n, card=card, decode=vae_decoder(root),
                          prompt_table=True)

@@ -29,7 +29,8 @@ becomes 0 there, so its images end the last step's remaining sigma_min of noise 
 
 Guidance distilled into the student: ``guidance_scale`` 1 (no CFG); a student of guidance mode "cfg": its w,
 with the pipeline's own negative as the other side, as in training (CFG in epsilon or velocity is CFG in x0:
-x0 is affine in either at fixed x and sigma); Flux dev: the guidance input its file names. Qwen-Image's
+x0 is affine in either at fixed x and sigma), against the negative prompt it was distilled with where it
+names one (``negative_prompt``); Flux dev: the guidance input its file names. Qwen-Image's
 pipeline rescales its guided velocities, which the engine's CFG does not: only its guidance-distilled
 students export. A LoRA's update
 (alpha / r) B A is written with alpha / r folded into B, so PEFT's default scale 1 applies it.
@@ -177,7 +178,7 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
 
     from distill_core.atomic import atomic_dir, write_json
     from distill_core.safetensors_io import load, read_card, save_atomic
-    from distill_core.sources import teacher_source
+    from distill_core.sources import as_trained, teacher_source
     from distill_core.student_files import load_student
     from distill_core.text_pipeline import vae_scale
 
@@ -195,8 +196,7 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
                          f"{', '.join(PIPELINES)}; sample it with python -m distill_core sample")
     target = PIPELINES[pipeline]
     # one prompt: the export needs the network, not a table of encoded prompts (which students do not depend on)
-    source = teacher_source(str(root), prompts=["a photo"], guidance=card.get("embedded_guidance"),
-                            resolution=card.get("resolution"))
+    source = teacher_source(str(root), prompts=["a photo"], **as_trained(card))
     student = load_student(student_path, source.denoiser, source.uncond)  # refuses a student of another teacher
     prefix = network_path(source.denoiser)
     lora = card.get("student", {"kind": "full"})["kind"] == "lora"
@@ -221,7 +221,9 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
                 "noise_scale": noise_scale, "latent_shape": list(source.shape), "height": side, "width": side,
                 "guidance_scale": float(card.get("embedded_guidance", 1.0 if guidance["mode"] == "distilled"
                                                  else guidance["w"])),
-                "student": "lora" if lora else target.network}
+                "student": "lora" if lora else target.network,
+                **({"negative_prompt": card["negative"]} if "negative" in card and guidance["mode"] != "distilled"
+                   else {})}
     write_json(out / "sampling.json", settings)
     return settings
 
@@ -244,7 +246,8 @@ def usage(settings: dict, out: str | Path) -> str:
     if target.packed:
         lines.append(f"latents = pipe._pack_latents(latents, 1, {channels}, {height}, {width})")
     sigmas = "[" + ", ".join(f"{s!r}" for s in settings["sigmas"]) + "]"
-    lines.append(f"image = pipe('a prompt', latents=latents, sigmas={sigmas}, {target.guidance_keyword}="
+    negative = f", negative_prompt={settings['negative_prompt']!r}" if "negative_prompt" in settings else ""
+    lines.append(f"image = pipe('a prompt'{negative}, latents=latents, sigmas={sigmas}, {target.guidance_keyword}="
                  f"{settings['guidance_scale']:g}, height={settings['height']}, width={settings['width']}).images[0]")
     return "\n".join(lines)
 

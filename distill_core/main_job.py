@@ -102,7 +102,8 @@ def run_precompute(args: argparse.Namespace) -> int:
 
 def source_of(cfg: DistillConfig) -> TeacherSource:
     """The teacher a run's config names, loaded."""
-    return teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts, cfg.guidance, cfg.resolution)
+    return teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts, cfg.guidance, cfg.resolution,
+                          cfg.negative)
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
@@ -176,7 +177,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
         "teacher": cfg.teacher,
         "guidance": w,
         "guidance_mode": cfg.guidance_mode,
-        **({"embedded_guidance": source.card["embedded_guidance"]} if "embedded_guidance" in source.card else {}),
+        **{key: source.card[key] for key in ("embedded_guidance", "negative") if key in source.card},
         "iterations": cfg.iters,
         "device": str(run.device),  # where it trained and was evaluated
         "train_seconds": round(run.train_seconds, 1),

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from distill_core.report import write_png
     from distill_core.safetensors_io import read_card
     from distill_core.sampling import sample
-    from distill_core.sources import teacher_source
+    from distill_core.sources import as_trained, teacher_source
     from distill_core.student_files import load_student
 
     if not Path(args.student).is_file():
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     card = read_card(args.student)
     prompts = args.prompt or args.prompts
     source = teacher_source(args.teacher or named_teacher([args.student]), args.classes, args.null_class, prompts,
-                            card.get("embedded_guidance"), card.get("resolution"))
+                            **as_trained(card))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source.denoiser.to(device)
     student = load_student(args.student, source.denoiser, source.uncond)

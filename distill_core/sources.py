@@ -81,16 +81,19 @@ def finetuned_source() -> TeacherSource:
 
 def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
                    prompts: str | None = None, guidance: float | None = None,
-                   resolution: int | None = None) -> TeacherSource:
+                   resolution: int | None = None, negative: str | None = None) -> TeacherSource:
     """The teacher a run names: a built-in one, or a local diffusers model directory (``diffusers_source``,
     with ``classes`` and ``null_class``, or for a text-to-image pipeline the prompt file ``prompts``, and the
     run's ``guidance``, which a guidance-distilled pipeline takes as its input; ``resolution``: its image side
-    in pixels, where not its own)."""
+    in pixels, where not its own; ``negative``: a pipeline's negative prompt, where not its own)."""
     if prompts and name in TEACHERS:
         raise ValueError(f"--prompts is for text-to-image pipeline directories; the {name} teacher is conditioned "
                          "on classes")
     if resolution and name in TEACHERS:
         raise ValueError(f"--resolution is for teachers from directories; the {name} teacher draws 16 x 16 digits")
+    if negative is not None and name in TEACHERS:
+        raise ValueError(f"--negative is for text-to-image pipeline directories; the {name} teacher's other side "
+                         "of CFG is its null class")
     if name == "builtin":
         return builtin_source()
     if name == "builtin-bold":
@@ -100,11 +103,18 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
     if "/" in name or "\\" in name or name.startswith(".") or Path(name).exists():
         from distill_core.diffusers_source import diffusers_source
 
-        return diffusers_source(name, classes, null_class, prompts, guidance, resolution)
+        return diffusers_source(name, classes, null_class, prompts, guidance, resolution, negative)
     raise ValueError(
         f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, or the path of a local diffusers model "
         "directory (ComfyUI checkpoints come through the nodes)"
     )
+
+
+def as_trained(card: dict) -> dict:
+    """The keyword arguments of ``teacher_source`` that rebuild a student's teacher as it was trained, from the
+    student's card: a guidance-distilled teacher's guidance input, the image side, the negative prompt."""
+    return {"guidance": card.get("embedded_guidance"), "resolution": card.get("resolution"),
+            "negative": card.get("negative")}
 
 
 def comfy_source(base_model, positive: list, negative: list, width: int, height: int, guidance: float,

@@ -12,7 +12,8 @@ to the 512 tokens its pipeline pads to), and the pooled embedding p
 where the network takes one (SDXL: ``text_embeds``, with the image's size and crop as ``time_ids``; SD3 and
 Flux: ``pooled_projections``). Classifier-free guidance's unconditional side is the pipeline's own negative:
 the empty prompt encoded (SD1.x, SD2.x, SD3, Wan), zeros (SDXL, which zeroes an empty negative), or the single
-space Qwen-Image's documentation gives as its empty negative; Flux samples without CFG. Guidance is the
+space Qwen-Image's documentation gives as its empty negative; or the run's negative prompt, encoded as the
+pipeline encodes one; Flux samples without CFG. Guidance is the
 engine's, x0 = x0_u + w (x0_c - x0_u), the pipeline's CFG for all but Qwen-Image, whose pipeline also rescales
 each guided velocity token to the norm of the conditional one: its students learn the unrescaled guidance,
 which ComfyUI's samplers apply to Qwen-Image.
@@ -118,10 +119,11 @@ def quiet(*libraries) -> Iterator[None]:
 
 
 @torch.no_grad()
-def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """The network's text keyword arguments for every prompt and, in row P, for the negative, from the
-    pipeline's own ``encode_prompt`` (see the module docstring), loaded without its network and VAE; ``shape``:
-    the latent (C, H, W), whose image size SDXL takes as its ``time_ids``."""
+def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int, ...],
+                   negative: str | None = None) -> dict[str, torch.Tensor]:
+    """The network's text keyword arguments for every prompt and, in row P, for the negative (``negative``, else
+    the pipeline's own), from the pipeline's own ``encode_prompt`` (see the module docstring), loaded without
+    its network and VAE; ``shape``: the latent (C, H, W), whose image size SDXL takes as its ``time_ids``."""
     import diffusers
 
     name = index.get("_class_name")
@@ -132,7 +134,7 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
     with quiet(diffusers, _transformers()):
-        return _encode(root, name, prompts, shape)
+        return _encode(root, name, prompts, shape, negative)
 
 
 def stored_dtypes(root: Path) -> dict[str, torch.dtype]:
@@ -151,7 +153,8 @@ def stored_dtypes(root: Path) -> dict[str, torch.dtype]:
     return dtypes
 
 
-def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
+            negative: str | None) -> dict[str, torch.Tensor]:
     """``encode_prompts`` with the pipeline's text encoders loaded in the precision their files hold (from 16-bit
     files, half of float32's memory)."""
     import diffusers
@@ -161,28 +164,33 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...]) -
     pipe = cls.from_pretrained(root, **skipped, torch_dtype={**stored_dtypes(root), "default": torch.float32},
                                use_safetensors=True, local_files_only=True)
     if name == "StableDiffusionPipeline":
-        context, negative = pipe.encode_prompt(prompts, "cpu", 1, True)
-        return {"encoder_hidden_states": torch.cat([context, negative[:1]]).float()}
+        negatives = None if negative is None else [negative] * len(prompts)  # its negatives match its prompts' type
+        context, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=negatives)
+        return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float()}
     if name == "FluxPipeline":
         context, pooled, _ = pipe.encode_prompt([*prompts, ""], None, device="cpu")
         return {"encoder_hidden_states": context.float(), "pooled_projections": pooled.float()}
     if name == "QwenImagePipeline":  # one call: every row padded to the longest prompt, the mask saying where
-        context, mask = pipe.encode_prompt([*prompts, NEGATIVE_PROMPT[name]], device="cpu")
+        context, mask = pipe.encode_prompt([*prompts, NEGATIVE_PROMPT[name] if negative is None else negative],
+                                           device="cpu")
         return {"encoder_hidden_states": context.float(), "encoder_hidden_states_mask": mask}
     if name == "WanPipeline":
-        context, negative = pipe.encode_prompt(prompts, "", True, max_sequence_length=WAN_TEXT_TOKENS, device="cpu")
-        return {"encoder_hidden_states": torch.cat([context, negative[:1]]).float()}
+        context, uncond = pipe.encode_prompt(prompts, negative or "", True, max_sequence_length=WAN_TEXT_TOKENS,
+                                             device="cpu")
+        return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float()}
     if name == "StableDiffusionXLPipeline":
-        context, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, None, "cpu", 1, True)
+        context, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, None, "cpu", 1, True,
+                                                                    negative_prompt=negative)
         height, width = (side * vae_scale(root) for side in shape[1:])
         size = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)  # original, crop, target
-        return {"encoder_hidden_states": torch.cat([context, negative[:1]]).float(),
-                "text_embeds": torch.cat([pooled, negative_pooled[:1]]).float(),
+        return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
+                "text_embeds": torch.cat([pooled, uncond_pooled[:1]]).float(),
                 "time_ids": size.expand(len(prompts) + 1, 6).clone()}
-    context, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, None, None, device="cpu",
-                                                                    do_classifier_free_guidance=True)
-    return {"encoder_hidden_states": torch.cat([context, negative[:1]]).float(),
-            "pooled_projections": torch.cat([pooled, negative_pooled[:1]]).float()}
+    context, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, None, None, device="cpu",
+                                                                do_classifier_free_guidance=True,
+                                                                negative_prompt=negative)
+    return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
+            "pooled_projections": torch.cat([pooled, uncond_pooled[:1]]).float()}
 
 
 def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -36,8 +36,8 @@ def pipeline_latents(teacher, out, settings: dict, z: torch.Tensor, student: boo
     target = PIPELINES[settings["pipeline"]]
     latents = settings["noise_scale"] * z
     latents = pipe._pack_latents(latents, b, c, h, w) if target.packed else latents
-    images = pipe(prompt="an owl", latents=latents, sigmas=settings["sigmas"], height=settings["height"],
-                  width=settings["width"], output_type="latent",
+    images = pipe(prompt="an owl", negative_prompt=settings.get("negative_prompt"), latents=latents,
+                  sigmas=settings["sigmas"], height=settings["height"], width=settings["width"], output_type="latent",
                   **{target.guidance_keyword: settings["guidance_scale"]}).images
     if not target.packed:
         return images
@@ -49,23 +49,28 @@ def pipeline_dir(root, pipeline: str):
 
 
 @pytest.mark.parametrize("pipeline, kind", [("sd", "lora"), ("sd", "full"), ("sdxl", "lora"), ("sd3", "lora"),
-                                            ("flux", "lora"), ("flux", "full"), ("qwen", "lora")])
+                                            ("flux", "lora"), ("flux", "full"), ("qwen", "lora"), ("sd3", "lora-cfg")])
 def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_path, pipeline, kind):
     """The stock pipeline with the exported files takes the engine's Euler steps through the student: the same
-    latents from the same noise (a flow pipeline's last step ends at 0, the student's at sigma_min)."""
+    latents from the same noise (a flow pipeline's last step ends at 0, the student's at sigma_min); a student
+    that samples with CFG (``lora-cfg``), at its w against the negative prompt it was distilled with."""
     teacher = pipeline_dir(tmp_path / pipeline, pipeline)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\nan owl\n")
-    source = diffusers_source(teacher, prompts=prompts, resolution=16 if pipeline == "qwen" else None)
+    with_cfg = kind == "lora-cfg"
+    source = diffusers_source(teacher, prompts=prompts, resolution=16 if pipeline == "qwen" else None,
+                              negative="blurry" if with_cfg else None)
     cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
-                        student=kind, lora_rank=4, lora_alpha=2)  # one large step, at a LoRA scale alpha / r of 1/2
+                        student=kind.removesuffix("-cfg"), lora_rank=4, lora_alpha=2,  # one large step, at a
+                        guidance_mode="cfg" if with_cfg else "distilled")  # LoRA scale alpha / r of 1/2
     path = train_student(cfg, source, progress=False).path
     out = tmp_path / "export"
     settings = export(path, out)
     assert json.loads((out / "sampling.json").read_text()) == settings
     network = "unet" if pipeline in ("sd", "sdxl") else "transformer"
-    assert (out / LORA_FILE).is_file() == (kind == "lora") and (out / network).is_dir() == (kind == "full")
-    assert settings["guidance_scale"] == (3.5 if pipeline == "flux" else 1.0) and settings["steps"] == 2
+    assert (out / LORA_FILE).is_file() == (kind != "full") and (out / network).is_dir() == (kind == "full")
+    assert settings["guidance_scale"] == (3.5 if pipeline == "flux" else 5.0 if with_cfg else 1.0)
+    assert settings["steps"] == 2 and settings.get("negative_prompt") == ("blurry" if with_cfg else None)
     student = load_student(path, source.denoiser, source.uncond)
     z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
     sigmas = student.sigmas()

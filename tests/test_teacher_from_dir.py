@@ -222,6 +222,52 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
     assert "a KandinskyPipeline is not a pipeline this command distils" in capsys.readouterr().err
 
 
+def test_a_negative_prompt_is_cfgs_other_side_and_the_students_files_name_it(tmp_path, capsys, monkeypatch):
+    """--negative TEXT replaces a pipeline's own negative as CFG's other side, encoded as the pipeline encodes a
+    negative prompt; the report and the student file name it, and compare and sample rebuild the teacher with
+    it. Teachers without a text negative refuse it in one line: the built-in ones, class-conditional models,
+    and Flux, which samples without CFG."""
+    import distill_core.sources as sources
+    from distill_core.sources import teacher_source
+
+    teacher = text_pipeline_dir(tmp_path / "sd")
+    own = diffusers_source(teacher, prompts=["an owl"]).denoiser.encoder_hidden_states
+    table = diffusers_source(teacher, prompts=["an owl"], negative="blurry").denoiser.encoder_hidden_states
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    with torch.no_grad():
+        blurry = pipe.encode_prompt(["blurry"], "cpu", 1, False)[0][0]
+    torch.testing.assert_close(table[1], blurry)
+    assert torch.equal(table[0], own[0]) and not torch.allclose(table[1], own[1])
+
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(tmp_path / "p.txt"), "--negative", "blurry",
+                 "--steps", "2", "--iters", "1", "--batch", "2", "--eval-samples", "4", "--out", str(out),
+                 "--no-progress"]) == 1  # no such prompt file
+    (tmp_path / "p.txt").write_text("an owl\n")
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(tmp_path / "p.txt"), "--negative", "blurry",
+                 "--steps", "2", "--iters", "1", "--batch", "2", "--eval-samples", "4", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads((out / "report.json").read_text())["negative"] == "blurry"
+    assert read_card(out / "student.safetensors")["negative"] == "blurry"
+    built = []
+    monkeypatch.setattr(sources, "teacher_source", lambda *a, **k: built.append(k) or teacher_source(*a, **k))
+    assert main(["compare", str(out / "student.safetensors"), "--prompt", "a cat", "--count", "1",
+                 "--reference-steps", "2", "--out", str(tmp_path / "cmp")]) == 0
+    assert main(["sample", str(out / "student.safetensors"), "--prompt", "a cat", "--count", "1",
+                 "--out", str(tmp_path / "drawn")]) == 0
+    assert [k["negative"] for k in built] == ["blurry", "blurry"]
+
+    refusals = [("builtin", "--negative is for text-to-image pipeline directories"),
+                (str(model_dir(tmp_path / "plain", "ddpm")), "--negative is for text-to-image pipelines"),
+                (str(multi_encoder_pipeline_dir(tmp_path / "flux", "flux")), "Flux samples without CFG")]
+    for name, message in refusals:
+        assert main(["distill", "--teacher", name, "--negative", "blurry", "--out", str(tmp_path / "r"),
+                     "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (name, err)
+
+
 def multi_encoder_pipeline_dir(root, kind: str):
     """A tiny SDXL, SD3, Flux, Qwen-Image or Wan pipeline as diffusers saves one, 8 x 8 latents of 16 pixels:
     SDXL (4 channels, its two CLIPs, the image's size as an added condition, Euler); SD3 (16 channels, two CLIPs
@@ -395,10 +441,12 @@ def test_multi_encoder_pipelines_sample_as_their_own_pipeline_and_distil_end_to_
         import distill_core.sources as sources
 
         built = []
-        monkeypatch.setattr(sources, "teacher_source", lambda *a: built.append(a) or teacher_source(*a))
+        monkeypatch.setattr(sources, "teacher_source",
+                            lambda *a, **k: built.append((a, k)) or teacher_source(*a, **k))
         assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--count", "2",
                      "--reference-steps", "4", "--out", str(tmp_path / "cmp")]) == 0
-        assert built[0][0] == str(teacher) and built[0][4:] == (2.5, None)  # guidance input, own resolution
+        assert built[0][0][0] == str(teacher)  # at its guidance input, its own resolution and negative:
+        assert built[0][1] == {"guidance": 2.5, "resolution": None, "negative": None}
     if kind != "sdxl":
         assert main(["distill", "--teacher", str(teacher / "transformer"), "--out", str(tmp_path / "r"),
                      "--no-progress"]) == 1
