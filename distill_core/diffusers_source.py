@@ -14,8 +14,9 @@ the network was trained:
 
 Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
 ``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
-pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image and Wan 2.1 as an image
-model: their transformers; with all their text encoders) trains on ``prompts`` instead (``text_pipeline``).
+pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image and Wan 2.1 / 2.2 A14B as
+image models: their transformers; with all their text encoders) trains on ``prompts`` instead
+(``text_pipeline``).
 """
 
 from __future__ import annotations
@@ -189,9 +190,9 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
 
     if classes:
         raise ValueError(f"{root}: a text-to-image pipeline trains on prompts (--prompts FILE), not --classes")
-    if (index.get("transformer_2") or [None])[0] or index.get("expand_timesteps"):
-        raise ValueError(f"{root}: a Wan 2.2 pipeline (two experts over the noise levels, or a time per patch) is "
-                         "not a teacher this command distils; Wan 2.1's is")
+    if index.get("expand_timesteps"):
+        raise ValueError(f"{root}: a Wan 2.2 TI2V pipeline (a time per latent patch) is not a teacher this command "
+                         "distils; Wan 2.1's and Wan 2.2 A14B's are")
     prompts = read_prompts(prompts)
     config = model_config(model_dir, pipeline=True)
     shape = sample_shape(config, root, resolution)
@@ -201,10 +202,16 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     tables = encode_prompts(root, index, prompts, shape, negative)  # the encoders freed before the network loads
     model = load_model(model_dir, config)
     name = type(model).__name__
+    if (index.get("transformer_2") or [None])[0]:  # Wan 2.2 A14B: the low-noise expert beside the high-noise one
+        from distill_core.denoisers.diffusers_flow import WanExperts
+
+        low = load_model(root / "transformer_2", model_config(root / "transformer_2", pipeline=True))
+        steps = read_json(scheduler_dir / "scheduler_config.json").get("num_train_timesteps", 1000)
+        model = WanExperts(model, low, index["boundary_ratio"] * steps)
     embedded = None
     if name == "FluxTransformer2DModel" and model.config.guidance_embeds:
         embedded = FLUX_GUIDANCE if guidance is None else float(guidance)
-    elif model.config.get("guidance_embeds"):
+    elif config.get("guidance_embeds"):
         raise ValueError(f"{model_dir}: a guidance-distilled {name} (guidance_embeds) is not a teacher this command "
                          "distils; give the pipeline it was distilled from")
     denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape, embedded), tables)

@@ -211,11 +211,14 @@ def _injection_point(denoiser: nn.Module) -> tuple[str, int]:
         and hasattr(net, "emb_dim")
     ):
         return "extra_emb", net.emb_dim
-    for name, module in denoiser.named_modules():
-        if name.split(".")[-1] in TIME_EMBEDDING_NAMES:
-            linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-            if linears:
-                return name, linears[-1].out_features
+    found = {name: [m for m in module.modules() if isinstance(m, nn.Linear)]
+             for name, module in denoiser.named_modules() if name.split(".")[-1] in TIME_EMBEDDING_NAMES}
+    found = {name: linears for name, linears in found.items() if linears}
+    if len(found) > 1:  # experts (Wan 2.2 A14B), each with its own time embedding
+        raise ValueError(f"this teacher has {len(found)} networks with their own time embeddings (experts): a step "
+                         "count or guidance scale input would reach only one; distil with method sfd")
+    for name, linears in found.items():
+        return name, linears[-1].out_features
     inner = denoiser
     while any(hasattr(inner, a) for a in WRAPPED):  # name the network, not the adapters around it
         inner = next(getattr(inner, a) for a in WRAPPED if hasattr(inner, a))

@@ -1,9 +1,9 @@
 """Text-to-image teachers from diffusers pipeline directories (``--teacher DIR --prompts FILE``), offline.
 
 A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or
-of SD3, Flux, Qwen-Image or Wan 2.1 (``transformer/``), with ``scheduler/``, its text encoders and tokenizers,
-and optionally ``vae/`` (an ``AutoencoderKL``, or Qwen-Image's and Wan's video VAEs, which decode the report's
-grid).
+of SD3, Flux, Qwen-Image or Wan (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with ``scheduler/``,
+its text encoders and tokenizers, and optionally ``vae/`` (an ``AutoencoderKL``, or Qwen-Image's and Wan's video
+VAEs, which decode the report's grid).
 
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
 arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and
@@ -129,7 +129,7 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
-                         f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Qwen-Image, Wan 2.1)")
+                         f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Qwen-Image, Wan 2.1 and 2.2 A14B)")
     for part in TEXT_ENCODERS:
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")

@@ -538,7 +538,7 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
     denoiser reproduces its pipeline's sampler on one frame; its default image is its pipeline's 480 x 832
     frame, its UniPC scheduler's flow variant is a flow teacher with that scheduler's shift. The main job
     distils it at --resolution with a grid decoded by its video VAE; SFD-v conditions its time embedder;
-    export-diffusers, whose pipeline takes no sigmas, refuses its students, and Wan 2.2's two experts are
+    export-diffusers, whose pipeline takes no sigmas, refuses its students, and Wan 2.2 TI2V's time per patch is
     refused in one line."""
     from distill_core.denoisers.flow import FlowDenoiser
     from distill_core.diffusers_source import denoiser_for, read_json, sample_shape
@@ -585,12 +585,63 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
     assert "the student's teacher is a WanPipeline: export-diffusers writes files for" in capsys.readouterr().err
 
     index = json.loads((teacher / "model_index.json").read_text())
-    (teacher / "model_index.json").write_text(json.dumps({**index, "transformer_2": ["diffusers",
-                                                                                      "WanTransformer3DModel"]}))
+    (teacher / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
     assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--out", str(tmp_path / "r"),
                  "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "a Wan 2.2 pipeline (two experts over the noise levels" in err and "Traceback" not in err
+    assert "a Wan 2.2 TI2V pipeline (a time per latent patch) is not a teacher" in err and "Traceback" not in err
+
+
+def test_wan_22s_two_experts_are_one_teacher_that_switches_at_their_boundary(tmp_path, capsys):
+    """A Wan 2.2 A14B pipeline (a high-noise expert, ``transformer``, and a low-noise one, ``transformer_2``,
+    switched at boundary_ratio T) is one teacher: Euler with CFG through it reproduces its pipeline's sampler,
+    which takes both experts here (times 964 above the boundary 900, 818 and 562 below), sample by sample;
+    the main job distils it into a LoRA student of both experts, and a step-conditioned student, whose one
+    input would reach only one expert, is refused in one line."""
+    from distill_core.solvers import euler
+    from distill_core.teacher import CFGTeacher
+
+    root = multi_encoder_pipeline_dir(tmp_path / "wan", "wan")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(root, local_files_only=True)
+    low = randomise(diffusers.WanTransformer3DModel.from_config(pipe.transformer.config), seed=1)
+    diffusers.WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                          scheduler=pipe.scheduler, transformer=pipe.transformer, transformer_2=low,
+                          boundary_ratio=0.9).save_pretrained(tmp_path / "a14b", safe_serialization=True)
+    teacher = tmp_path / "a14b"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\nan owl\n")
+    source = diffusers_source(teacher, prompts=prompts, resolution=16)
+    experts = source.denoiser.inner.net.transformer
+    assert type(experts).__name__ == "WanExperts" and experts.boundary == pytest.approx(900)
+
+    x = torch.randn(2, *source.shape, generator=torch.Generator().manual_seed(0))
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    set_timesteps = pipe.scheduler.set_timesteps
+    pipe.scheduler.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=[0.9, 0.6, 0.3], device=device)
+    expected = pipe(prompt="a red fox", latents=x[:, :, None], num_inference_steps=3, height=16, width=16,
+                    num_frames=1, guidance_scale=2.0, output_type="latent").frames[:, :, 0]
+    times = pipe.scheduler.sigmas.double()
+    assert (times[:3] * 1000 >= 900).tolist() == [True, False, False]
+    with torch.no_grad():
+        ours = euler(CFGTeacher(source.denoiser, 2.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
+                     torch.tensor([0, 0]))
+        one = diffusers_source(tmp_path / "wan" / "pipeline", prompts=prompts, resolution=16)
+        high_only = euler(CFGTeacher(one.denoiser, 2.0, one.uncond), x / (1 - float(times[0])), times / (1 - times),
+                          torch.tensor([0, 0]))
+    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
+    assert (ours - high_only).abs().max() > 0.1  # the low-noise expert took the last two steps
+
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", "16", "--student",
+                 "lora", "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--out", str(out),
+                 "--no-progress"]) == 0
+    with safe_open(out / "student.safetensors", "pt") as f:
+        layers = {k.split(".lora_down")[0] for k in f.keys() if ".lora_down" in k}
+    assert any(".high." in k for k in layers) and any(".low." in k for k in layers)
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", "16", "--method",
+                 "sfd-v", "--out", str(tmp_path / "v"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "networks with their own time embeddings (experts)" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("time_shift", ["exponential", "linear"])

@@ -13,7 +13,8 @@ they differ in what they take besides x_t:
 * Qwen-Image's ``QwenImageTransformer2DModel``: t itself, the latent packed as Flux's, the text encoder's token
   embeddings c with their padding mask m (``encoder_hidden_states_mask``: prompts of different lengths share one
   padded table), and the latent's patch grid (1, H / 2, W / 2) for its rotary positions (``img_shapes``);
-* Wan's ``WanTransformer3DModel``: t * T and c, on video latents [B, C, F, H, W]: an image is one frame (F = 1).
+* Wan's ``WanTransformer3DModel``: t * T and c, on video latents [B, C, F, H, W]: an image is one frame (F = 1);
+  Wan 2.2 A14B's two of them, one expert for high noise and one for low (``WanExperts``).
 
 The time shift s that a model's scheduler samples with (t' = s t / (1 + (s - 1) t); Flux and Qwen-Image:
 s = e^mu, mu linear in the image's token count; a scheduler with the linear time shift: s = mu) does not
@@ -118,6 +119,30 @@ class WanVelocity(nn.Module):
         return self.transformer(hidden_states=x[:, :, None], timestep=time, **cond, return_dict=False)[0][:, :, 0]
 
 
+class WanExperts(nn.Module):
+    """Wan 2.2's two experts as one network: ``high`` (its pipeline's ``transformer``) at times t T at or above
+    the boundary (``boundary_ratio`` T), ``low`` (``transformer_2``) below it, as its pipeline switches them;
+    each sample of a batch by its own time. Guidance is one w for both (its pipeline's ``guidance_scale_2``
+    defaults to its ``guidance_scale``)."""
+
+    def __init__(self, high: nn.Module, low: nn.Module, boundary: float):
+        super().__init__()
+        self.high, self.low, self.boundary = high, low, boundary
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                return_dict: bool = False) -> tuple[torch.Tensor]:
+        timestep = timestep.expand(len(hidden_states))
+        above = timestep >= self.boundary
+        v = None
+        for expert, rows in ((self.high, above), (self.low, ~above)):
+            if rows.any():
+                out = expert(hidden_states=hidden_states[rows], timestep=timestep[rows],
+                             encoder_hidden_states=encoder_hidden_states[rows], return_dict=False)[0]
+                v = out.new_empty((len(hidden_states), *out.shape[1:])) if v is None else v
+                v[rows] = out
+        return (v,)
+
+
 def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
                   embedded_guidance: float | None = None) -> FlowDenoiser:
     """The ``FlowDenoiser`` of a diffusers flow model with its scheduler's config, for samples of ``shape``
@@ -133,7 +158,7 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
         net, time_scale = QwenImageVelocity(model), 1.0
     elif name == "SD3Transformer2DModel":
         net, time_scale = SD3Velocity(model), float(steps)
-    elif name == "WanTransformer3DModel":
+    elif name in ("WanTransformer3DModel", "WanExperts"):
         net, time_scale = WanVelocity(model), float(steps)
     else:
         net, time_scale = UNetVelocity(model), float(steps)
