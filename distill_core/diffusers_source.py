@@ -177,6 +177,19 @@ def sample_shape(config: dict, root: Path, resolution: int | None = None) -> tup
     return (channels, resolution // scale, resolution // scale)
 
 
+def pipeline_network(root: Path, index: dict, model_dir: Path, config: dict, scheduler_dir: Path) -> nn.Module:
+    """A pipeline's network, frozen; Wan 2.2 A14B's two, its high-noise ``transformer`` and low-noise
+    ``transformer_2``, as one network that switches at its ``boundary_ratio`` of the training times."""
+    model = load_model(model_dir, config)
+    if not (index.get("transformer_2") or [None])[0]:
+        return model
+    from distill_core.denoisers.diffusers_flow import WanExperts
+
+    low = load_model(root / "transformer_2", model_config(root / "transformer_2", pipeline=True))
+    steps = read_json(scheduler_dir / "scheduler_config.json").get("num_train_timesteps", 1000)
+    return WanExperts(model, low, index["boundary_ratio"] * steps)
+
+
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
                 prompts: str | Path | None, guidance: float | None = None,
                 resolution: int | None = None, negative: str | None = None) -> TeacherSource:
@@ -200,14 +213,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
         raise ValueError(f"{root}: Flux samples without CFG, so a negative prompt has nothing to steer away from; "
                          "drop --negative")
     tables = encode_prompts(root, index, prompts, shape, negative)  # the encoders freed before the network loads
-    model = load_model(model_dir, config)
-    name = type(model).__name__
-    if (index.get("transformer_2") or [None])[0]:  # Wan 2.2 A14B: the low-noise expert beside the high-noise one
-        from distill_core.denoisers.diffusers_flow import WanExperts
-
-        low = load_model(root / "transformer_2", model_config(root / "transformer_2", pipeline=True))
-        steps = read_json(scheduler_dir / "scheduler_config.json").get("num_train_timesteps", 1000)
-        model = WanExperts(model, low, index["boundary_ratio"] * steps)
+    model = pipeline_network(root, index, model_dir, config, scheduler_dir)
+    name = config["_class_name"]
     embedded = None
     if name == "FluxTransformer2DModel" and model.config.guidance_embeds:
         embedded = FLUX_GUIDANCE if guidance is None else float(guidance)

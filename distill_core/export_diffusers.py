@@ -28,11 +28,10 @@ k = s_0. A flow pipeline's last step goes to t = 0: the student's last point, si
 becomes 0 there, so its images end the last step's remaining sigma_min of noise early.
 
 Guidance distilled into the student: ``guidance_scale`` 1 (no CFG); a student of guidance mode "cfg": its w,
-with the pipeline's own negative as the other side, as in training (CFG in epsilon or velocity is CFG in x0:
-x0 is affine in either at fixed x and sigma), against the negative prompt it was distilled with where it
-names one (``negative_prompt``); Flux dev: the guidance input its file names. Qwen-Image's
-pipeline rescales its guided velocities, which the engine's CFG does not: only its guidance-distilled
-students export. A LoRA's update
+against the negative it was distilled with (the pipeline's own, or the prompt its file names, passed as
+``negative_prompt``), as in training (CFG in epsilon or velocity is CFG in x0: x0 is affine in either at fixed
+x and sigma); Flux dev: the guidance input its file names. Qwen-Image's pipeline rescales its guided
+velocities, which the engine's CFG does not: only its guidance-distilled students export. A LoRA's update
 (alpha / r) B A is written with alpha / r folded into B, so PEFT's default scale 1 applies it.
 
 Students whose sampling a diffusers scheduler does not reproduce are refused in one line (sample them with
