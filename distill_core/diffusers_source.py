@@ -185,6 +185,9 @@ def pipeline_network(root: Path, index: dict, model_dir: Path, config: dict, sch
         return model
     from distill_core.denoisers.diffusers_flow import WanExperts
 
+    if index.get("boundary_ratio") is None:
+        raise ValueError(f"{root}: its model_index.json names a transformer_2 but no boundary_ratio, the share of the "
+                         "training times from which its first transformer takes over; add it (Wan 2.2 T2V A14B: 0.875)")
     low = load_model(root / "transformer_2", model_config(root / "transformer_2", pipeline=True))
     steps = read_json(scheduler_dir / "scheduler_config.json").get("num_train_timesteps", 1000)
     return WanExperts(model, low, index["boundary_ratio"] * steps)

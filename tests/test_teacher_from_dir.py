@@ -642,6 +642,12 @@ def test_wan_22s_two_experts_are_one_teacher_that_switches_at_their_boundary(tmp
                  "sfd-v", "--out", str(tmp_path / "v"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "networks with their own time embeddings (experts)" in err and "Traceback" not in err
+    index = json.loads((teacher / "model_index.json").read_text())
+    (teacher / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": None}))
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "names a transformer_2 but no boundary_ratio" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("time_shift", ["exponential", "linear"])
