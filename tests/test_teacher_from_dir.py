@@ -584,12 +584,17 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
     assert main(["export-diffusers", str(out / "student.safetensors"), "--out", str(tmp_path / "x")]) == 1
     assert "the student's teacher is a WanPipeline: export-diffusers writes files for" in capsys.readouterr().err
 
+    assert_index_refused(teacher, {"expand_timesteps": True}, "a Wan 2.2 TI2V pipeline (a time per latent patch) "
+                         "is not a teacher", tmp_path, capsys)
+
+
+def assert_index_refused(teacher, changes: dict, message: str, tmp_path, capsys) -> None:
+    """The pipeline ``teacher`` with ``changes`` in its model_index.json is refused by distill in one line."""
     index = json.loads((teacher / "model_index.json").read_text())
-    (teacher / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
-    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--out", str(tmp_path / "r"),
-                 "--no-progress"]) == 1
+    (teacher / "model_index.json").write_text(json.dumps({**index, **changes}))
+    assert main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "refused"), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "a Wan 2.2 TI2V pipeline (a time per latent patch) is not a teacher" in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err, err
 
 
 def test_wan_22s_two_experts_are_one_teacher_that_switches_at_their_boundary(tmp_path, capsys):
@@ -642,12 +647,8 @@ def test_wan_22s_two_experts_are_one_teacher_that_switches_at_their_boundary(tmp
                  "sfd-v", "--out", str(tmp_path / "v"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "networks with their own time embeddings (experts)" in err and "Traceback" not in err
-    index = json.loads((teacher / "model_index.json").read_text())
-    (teacher / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": None}))
-    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--out", str(tmp_path / "r"),
-                 "--no-progress"]) == 1
-    err = capsys.readouterr().err
-    assert "names a transformer_2 but no boundary_ratio" in err and "Traceback" not in err
+    assert_index_refused(teacher, {"boundary_ratio": None}, "names a transformer_2 but no boundary_ratio", tmp_path,
+                         capsys)
 
 
 @pytest.mark.parametrize("time_shift", ["exponential", "linear"])
