@@ -58,7 +58,7 @@ class DistillConfig:
     prompts: str | None = option(None, "a text-to-image pipeline directory: a text file of training prompts, one "
                                  "per line (None: the shipped list)")
     negative: str | None = option(None, "a text-to-image pipeline directory: the negative prompt, CFG's other side "
-                                  "(None: the pipeline's own, the empty prompt)")
+                                  "(None: the pipeline's own: the empty prompt, SDXL's zeros)")
     resolution: int | None = option(None, "a teacher from a directory: the side of its square images in pixels "
                                     "(None: the model's own, e.g. 512 for SD 1.5, 1024 for SDXL, SD3 and Flux)",
                                     min=8)

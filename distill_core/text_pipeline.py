@@ -7,16 +7,15 @@ VAEs, which decode the report's grid).
 
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
 arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and
-T5's; Qwen-Image: its Qwen2.5-VL's last hidden states, with their padding mask m; Wan: its UMT5's, zero-padded
-to the 512 tokens its pipeline pads to), and the pooled embedding p
-where the network takes one (SDXL: ``text_embeds``, with the image's size and crop as ``time_ids``; SD3 and
-Flux: ``pooled_projections``). Classifier-free guidance's unconditional side is the pipeline's own negative:
-the empty prompt encoded (SD1.x, SD2.x, SD3, Wan), zeros (SDXL, which zeroes an empty negative), or the single
-space Qwen-Image's documentation gives as its empty negative; or the run's negative prompt, encoded as the
-pipeline encodes one; Flux samples without CFG. Guidance is the
-engine's, x0 = x0_u + w (x0_c - x0_u), the pipeline's CFG for all but Qwen-Image, whose pipeline also rescales
-each guided velocity token to the norm of the conditional one: its students learn the unrescaled guidance,
-which ComfyUI's samplers apply to Qwen-Image.
+T5's; Qwen-Image: its Qwen2.5-VL's last hidden states, with their padding mask m; Wan: its UMT5's, zero-padded to
+the 512 tokens its pipeline pads to), and the pooled embedding p where the network takes one (SDXL:
+``text_embeds``, with the image's size and crop as ``time_ids``; SD3 and Flux: ``pooled_projections``).
+Classifier-free guidance's unconditional side is the run's negative prompt, encoded as the pipeline encodes
+one, or else the pipeline's own negative: the empty prompt encoded (SD1.x, SD2.x, SD3, Wan), zeros (SDXL, which
+zeroes an empty negative), or the single space Qwen-Image's documentation gives as its empty negative; Flux
+samples without CFG. Guidance is the engine's, x0 = x0_u + w (x0_c - x0_u), the pipeline's CFG for all but
+Qwen-Image, whose pipeline also rescales each guided velocity token to the norm of the conditional one: its
+students learn the unrescaled guidance, which ComfyUI's samplers apply to Qwen-Image.
 
 The teacher is then class-conditional over prompts: condition k < P is prompt k, condition P the negative. So
 every part of the engine that takes class labels (training draws, CFG, evaluation sets that cycle through the
@@ -90,7 +89,8 @@ def _transformers():
 
 def vae_scale(root: Path) -> int:
     """How many pixels a latent pixel of the pipeline's VAE spans per side (1 without a ``vae/``: its samples
-    are images): one halving per block but the last (Qwen-Image's: per entry of ``temperal_downsample``)."""
+    are images): one halving per block but the last (Qwen-Image's and Wan's video VAEs: per entry of
+    ``temperal_downsample``)."""
     path = root / "vae" / "config.json"
     if not path.is_file():
         return 1
