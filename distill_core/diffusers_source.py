@@ -14,9 +14,9 @@ the network was trained:
 
 Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
 ``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
-pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image and Wan 2.1 / 2.2 A14B as
-image models: their transformers; with all their text encoders) trains on ``prompts`` instead
-(``text_pipeline``).
+pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image, Wan 2.1 / 2.2 A14B as
+image models, AuraFlow, Chroma, Lumina 2 and Z-Image: their transformers; with all their text encoders) trains
+on ``prompts`` instead (``text_pipeline``).
 """
 
 from __future__ import annotations
@@ -32,16 +32,22 @@ from distill_core.methods.base import TeacherSource
 UNETS = ("UNet2DModel", "UNet2DConditionModel")
 #: diffusion transformers, which take text embeddings and come in their pipeline's directory
 TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel",
-                "WanTransformer3DModel")
+                "WanTransformer3DModel", "AuraFlowTransformer2DModel", "ChromaTransformer2DModel",
+                "Lumina2Transformer2DModel", "ZImageTransformer2DModel")
 #: the transformers that take their latent as tokens of 2 x 2 patches of 4 C channels
-PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")
-#: the CFG scale a text-to-image pipeline is distilled at unless the run says another, by network (Flux: no CFG,
-#: as its pipeline; Qwen-Image: its pipeline's default ``true_cfg_scale``)
+PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel", "ChromaTransformer2DModel")
+#: the CFG scale w (x0 = x0_u + w (x0_c - x0_u)) a text-to-image pipeline is distilled at unless the run says
+#: another, by network: its pipeline's default (Flux: no CFG; Qwen-Image: its ``true_cfg_scale``; Z-Image: its
+#: ``guidance_scale`` g = 5, which its pipeline applies as x0_c + g (x0_c - x0_u), w = g + 1)
 TEXT_GUIDANCE = 5.0
-GUIDANCE_BY_NETWORK = {"FluxTransformer2DModel": 1.0, "QwenImageTransformer2DModel": 4.0}
+GUIDANCE_BY_NETWORK = {"FluxTransformer2DModel": 1.0, "QwenImageTransformer2DModel": 4.0,
+                       "AuraFlowTransformer2DModel": 3.5, "Lumina2Transformer2DModel": 4.0,
+                       "ZImageTransformer2DModel": 6.0}
 #: the image a pipeline draws unless told another size, (height, width) in pixels, for networks whose config
-#: names none: Qwen-Image's (``default_sample_size`` latent pixels x 8) and Wan's (its pipeline's 480p frame)
-DEFAULT_IMAGE = {"QwenImageTransformer2DModel": (1024, 1024), "WanTransformer3DModel": (480, 832)}
+#: names none or another: Qwen-Image's (``default_sample_size`` latent pixels x 8), Wan's (its pipeline's 480p
+#: frame), AuraFlow's and Z-Image's (their pipelines' 1024 pixels)
+DEFAULT_IMAGE = {"QwenImageTransformer2DModel": (1024, 1024), "WanTransformer3DModel": (480, 832),
+                 "AuraFlowTransformer2DModel": (1024, 1024), "ZImageTransformer2DModel": (1024, 1024)}
 
 def read_json(path: Path) -> dict:
     try:
@@ -167,7 +173,7 @@ def sample_shape(config: dict, root: Path, resolution: int | None = None) -> tup
             return (channels, *(side // scale for side in DEFAULT_IMAGE[name]))
         size = read_json(root / "vae" / "config.json")["sample_size"] // scale if packed else config["sample_size"]
         return (channels, *((size, size) if isinstance(size, int) else size))
-    patch = config.get("patch_size")
+    patch = config.get("patch_size", (config.get("all_patch_size") or [None])[0])  # Z-Image: all_patch_size
     patch = patch[-1] if isinstance(patch, (list, tuple)) else patch  # Wan's: (frames, height, width)
     step = scale * (2 if packed else patch or 2 ** (len(config.get("block_out_channels", ())) - 1))
     if resolution % step:

@@ -1,12 +1,13 @@
-"""A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Qwen-Image) as
-files diffusers loads:
+"""A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Qwen-Image,
+AuraFlow, Chroma, Lumina 2, Z-Image) as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
 writes into DIR a LoRA student as ``pytorch_lora_weights.safetensors`` (diffusers' PEFT layout, which
 ``pipe.load_lora_weights(DIR)`` reads) or a full student as ``unet/`` or ``transformer/`` (the network's
 ``from_pretrained``), beside ``scheduler/`` and ``sampling.json``: the sigmas, guidance scale, starting-noise
-scale and image size to pass to the pipeline, ``pipe(prompt, latents=..., sigmas=..., guidance_scale=...)``.
+scale, image size and any other keywords (``call``) to pass to the pipeline,
+``pipe(prompt, latents=..., sigmas=..., guidance_scale=..., **call)``.
 
 Why the pipeline then samples as the engine does. Both take Euler steps with the network's x0 (DDIM, Song
 et al. 2021), a step x_{s'} = x0 + (s' / s)(x_s - x0) that is the same map whether the noisy sample is
@@ -30,8 +31,10 @@ becomes 0 there, so its images end the last step's remaining sigma_min of noise 
 Guidance distilled into the student: ``guidance_scale`` 1 (no CFG); a student of guidance mode "cfg": its w,
 against the negative it was distilled with (the pipeline's own, or the prompt its file names, passed as
 ``negative_prompt``), as in training (CFG in epsilon or velocity is CFG in x0: x0 is affine in either at fixed
-x and sigma); Flux dev: the guidance input its file names. Qwen-Image's pipeline rescales its guided
-velocities, which the engine's CFG does not: only its guidance-distilled students export. A LoRA's update
+x and sigma); Flux dev: the guidance input its file names. Z-Image's pipeline takes g = w - 1 (it guides as
+x0_c + g (x0_c - x0_u)); Lumina 2's is told not to rescale its guided velocities (``cfg_normalization=False``),
+so that it guides as the engine does. Qwen-Image's pipeline always rescales them, which the engine's CFG does
+not: only its guidance-distilled students export. A LoRA's update
 (alpha / r) B A is written with alpha / r folded into B, so PEFT's default scale 1 applies it.
 
 Students whose sampling a diffusers scheduler does not reproduce are refused in one line (sample them with
@@ -55,15 +58,18 @@ from torch import nn
 class Target:
     """What an export writes for one pipeline class: its network's attribute and class, whether it samples a
     flow (``FlowMatchEulerDiscreteScheduler`` over times t, else ``EulerDiscreteScheduler`` over sigmas),
-    whether it takes its latents packed in 2 x 2 patches (Flux, Qwen-Image), the keyword of its guidance scale,
-    and whether its CFG is the engine's (Qwen-Image's rescales the guided velocity)."""
+    whether it takes its latents packed in 2 x 2 patches (Flux, Qwen-Image, Chroma), the keyword of its guidance
+    scale and how far that scale lies below the engine's w (Z-Image: 1), whether its CFG is the engine's
+    (Qwen-Image's rescales the guided velocity), and the call's keywords that make it so (``call``)."""
 
     network: str
     network_class: str
     flow: bool = False
     packed: bool = False
     guidance_keyword: str = "guidance_scale"
+    w_offset: float = 0.0
     engine_cfg: bool = True
+    call: tuple[tuple[str, object], ...] = ()
 
     @property
     def scheduler_class(self) -> str:
@@ -77,6 +83,11 @@ PIPELINES = {
     "FluxPipeline": Target("transformer", "FluxTransformer2DModel", flow=True, packed=True),
     "QwenImagePipeline": Target("transformer", "QwenImageTransformer2DModel", flow=True, packed=True,
                                 guidance_keyword="true_cfg_scale", engine_cfg=False),
+    "AuraFlowPipeline": Target("transformer", "AuraFlowTransformer2DModel", flow=True),
+    "ChromaPipeline": Target("transformer", "ChromaTransformer2DModel", flow=True, packed=True),
+    "Lumina2Pipeline": Target("transformer", "Lumina2Transformer2DModel", flow=True,
+                              call=(("cfg_normalization", False),)),
+    "ZImagePipeline": Target("transformer", "ZImageTransformer2DModel", flow=True, w_offset=1.0),
 }
 #: the file name ``load_lora_weights`` reads from a directory
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -216,11 +227,11 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     guidance = card["guidance"]
     sigmas, noise_scale = pipeline_start(card, steps, target.flow)
     side = source.shape[-1] * vae_scale(root)
+    w = 1.0 if guidance["mode"] == "distilled" else guidance["w"]
     settings = {"pipeline": pipeline, "teacher": str(root), "steps": steps, "sigmas": sigmas,
                 "noise_scale": noise_scale, "latent_shape": list(source.shape), "height": side, "width": side,
-                "guidance_scale": float(card.get("embedded_guidance", 1.0 if guidance["mode"] == "distilled"
-                                                 else guidance["w"])),
-                "student": "lora" if lora else target.network,
+                "guidance_scale": float(card.get("embedded_guidance", w - target.w_offset)),
+                "call": dict(target.call), "student": "lora" if lora else target.network,
                 **({"negative_prompt": card["negative"]} if "negative" in card and guidance["mode"] != "distilled"
                    else {})}
     write_json(out / "sampling.json", settings)
@@ -246,8 +257,10 @@ def usage(settings: dict, out: str | Path) -> str:
         lines.append(f"latents = pipe._pack_latents(latents, 1, {channels}, {height}, {width})")
     sigmas = "[" + ", ".join(f"{s!r}" for s in settings["sigmas"]) + "]"
     negative = f", negative_prompt={settings['negative_prompt']!r}" if "negative_prompt" in settings else ""
+    call = "".join(f", {key}={value!r}" for key, value in settings["call"].items())
     lines.append(f"image = pipe('a prompt'{negative}, latents=latents, sigmas={sigmas}, {target.guidance_keyword}="
-                 f"{settings['guidance_scale']:g}, height={settings['height']}, width={settings['width']}).images[0]")
+                 f"{settings['guidance_scale']:g}, height={settings['height']}, width={settings['width']}{call})"
+                 ".images[0]")
     return "\n".join(lines)
 
 

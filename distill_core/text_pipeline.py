@@ -1,21 +1,27 @@
 """Text-to-image teachers from diffusers pipeline directories (``--teacher DIR --prompts FILE``), offline.
 
 A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or
-of SD3, Flux, Qwen-Image or Wan (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with ``scheduler/``,
+of SD3, Flux, Qwen-Image, Wan, AuraFlow, Chroma, Lumina 2 or Z-Image (``transformer/``; Wan 2.2 A14B: and
+``transformer_2/``), with ``scheduler/``,
 its text encoders and tokenizers, and optionally ``vae/`` (an ``AutoencoderKL``, or Qwen-Image's and Wan's video
 VAEs, which decode the report's grid).
 
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
 arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and
 T5's; Qwen-Image: its Qwen2.5-VL's last hidden states, with their padding mask m; Wan: its UMT5's, zero-padded to
-the 512 tokens its pipeline pads to), and the pooled embedding p where the network takes one (SDXL:
-``text_embeds``, with the image's size and crop as ``time_ids``; SD3 and Flux: ``pooled_projections``).
+the 512 tokens its pipeline pads to; AuraFlow: UMT5's, zeroed past each prompt's end; Chroma: T5's, with the
+mask of each prompt's tokens and its first padding token; Lumina 2: Gemma 2's second-to-last hidden states of
+its system prompt and the prompt, with their mask; Z-Image: Qwen3's second-to-last hidden states of the prompt
+in its chat template, unpadded, kept as one padded table and its mask), and the pooled embedding p where the
+network takes one (SDXL: ``text_embeds``, with the image's size and crop as ``time_ids``; SD3 and Flux:
+``pooled_projections``).
 Classifier-free guidance's unconditional side is the run's negative prompt, encoded as the pipeline encodes
 one, or else the pipeline's own negative: the empty prompt encoded (SD1.x, SD2.x, SD3, Wan), zeros (SDXL, which
 zeroes an empty negative), or the single space Qwen-Image's documentation gives as its empty negative; Flux
 samples without CFG. Guidance is the engine's, x0 = x0_u + w (x0_c - x0_u), the pipeline's CFG for all but
-Qwen-Image, whose pipeline also rescales each guided velocity token to the norm of the conditional one: its
-students learn the unrescaled guidance, which ComfyUI's samplers apply to Qwen-Image.
+Z-Image, whose pipeline writes it x0_c + g (x0_c - x0_u) (g = w - 1), and Qwen-Image and Lumina 2, whose
+pipelines also rescale the guided velocity to the norm of the conditional one (Lumina 2's unless told
+``cfg_normalization=False``): their students learn the unrescaled guidance, which ComfyUI's samplers apply.
 
 The teacher is then class-conditional over prompts: condition k < P is prompt k, condition P the negative. So
 every part of the engine that takes class labels (training draws, CFG, evaluation sets that cycle through the
@@ -39,7 +45,8 @@ from torch import nn
 DENOISER_ATTRIBUTES = ("sigma_min", "sigma_max", "prediction", "shift")
 #: the pipelines this command distils, by ``model_index.json``'s class name
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
-             "QwenImagePipeline", "WanPipeline")
+             "QwenImagePipeline", "WanPipeline", "AuraFlowPipeline", "ChromaPipeline", "Lumina2Pipeline",
+             "ZImagePipeline")
 #: the text tokens Wan's pipeline pads its prompts to (its call's ``max_sequence_length``)
 WAN_TEXT_TOKENS = 512
 #: the unconditional prompt of a pipeline whose negative is not the empty prompt
@@ -129,7 +136,8 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
-                         f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Qwen-Image, Wan 2.1 and 2.2 A14B)")
+                         f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Qwen-Image, Wan 2.1 and 2.2 "
+                         "A14B, AuraFlow, Chroma, Lumina 2, Z-Image)")
     for part in TEXT_ENCODERS:
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
@@ -178,6 +186,26 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
         context, uncond = pipe.encode_prompt(prompts, negative or "", True, max_sequence_length=WAN_TEXT_TOKENS,
                                              device="cpu")
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float()}
+    if name == "AuraFlowPipeline":  # its token embeddings zeroed past each prompt's end
+        context, _, uncond, _ = pipe.encode_prompt(prompts, negative_prompt=negative or "", device="cpu")
+        return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float()}
+    if name == "ChromaPipeline":  # T5 over the prompt and its first padding token: the mask says which
+        context, _, mask, uncond, _, uncond_mask = pipe.encode_prompt(prompts, negative_prompt=negative or "",
+                                                                      device="cpu")
+        return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
+                "attention_mask": torch.cat([mask, uncond_mask[:1]])}
+    if name == "Lumina2Pipeline":  # its system prompt before each prompt, not before the negative
+        context, mask, uncond, uncond_mask = pipe.encode_prompt(prompts, negative_prompt=negative or "",
+                                                                device="cpu")
+        return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
+                "encoder_attention_mask": torch.cat([mask, uncond_mask[:1]])}
+    if name == "ZImagePipeline":  # each prompt's tokens unpadded: kept as one padded table and its mask
+        rows, _ = pipe.encode_prompt([*prompts, negative or ""], device="cpu", do_classifier_free_guidance=False)
+        mask = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.bool)
+        feats = torch.zeros(*mask.shape, rows[0].shape[-1])
+        for i, row in enumerate(rows):
+            mask[i, :len(row)], feats[i, :len(row)] = True, row.float()
+        return {"cap_feats": feats, "cap_mask": mask}
     if name == "StableDiffusionXLPipeline":
         context, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, None, "cpu", 1, True,
                                                                     negative_prompt=negative)

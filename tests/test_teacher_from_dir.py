@@ -121,6 +121,34 @@ def clip_tokenizer(root, length: int = 12):
     return tokenizer, len(vocab)
 
 
+def t5_tokenizer():
+    """A T5 tokenizer (SentencePiece unigram pieces: the characters, alone and after a word start) and its
+    vocabulary size."""
+    import transformers
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in CHARS] + [("\u2581" + c, -2.5) for c in CHARS]
+    return transformers.T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=16), len(pieces)
+
+
+def byte_vocab(special: list[str]) -> dict[str, int]:
+    """A byte-level BPE vocabulary without merges (every byte a token), then the ``special`` tokens."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {piece: i for i, piece in enumerate(bytes_to_unicode().values())}
+    vocab.update({token: len(vocab) + i for i, token in enumerate(special)})
+    return vocab
+
+
+def autoencoder(latent_channels: int, blocks: int = 2, **latent):
+    """An AutoencoderKL of ``blocks`` blocks (``blocks`` - 1 halvings) on ``latent_channels`` channels, its
+    latents scaled by 1.5 (and shifted where ``latent`` says)."""
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,) * blocks,
+                                   layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=1.5,
+                                   latent_channels=latent_channels, down_block_types=("DownEncoderBlock2D",) * blocks,
+                                   up_block_types=("UpDecoderBlock2D",) * blocks, **latent)
+
+
 def clip_config(vocab: int, **extra):
     import transformers
 
@@ -278,16 +306,10 @@ def multi_encoder_pipeline_dir(root, kind: str):
     import transformers
 
     clip, vocab = clip_tokenizer(root)
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [(c, -3.0) for c in CHARS] + [("\u2581" + c, -2.5) for c in CHARS]
-    t5_tokenizer = transformers.T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=16)
-    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(pieces), d_model=32, d_kv=8, d_ff=32,
+    t5_tokens, t5_vocab = t5_tokenizer()
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=t5_vocab, d_model=32, d_kv=8, d_ff=32,
                                                            num_layers=1, num_heads=2))
-    latent = {"latent_channels": 4} if kind == "sdxl" else {"latent_channels": 16, "shift_factor": 0.1}
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
-                                  norm_num_groups=4, sample_size=16, scaling_factor=1.5, **latent,
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2)
+    vae = autoencoder(4) if kind == "sdxl" else autoencoder(16, shift_factor=0.1)
     projected = transformers.CLIPTextModelWithProjection(clip_config(vocab, projection_dim=16))
     if kind == "sdxl":
         network = diffusers.UNet2DConditionModel(
@@ -308,7 +330,7 @@ def multi_encoder_pipeline_dir(root, kind: str):
         pipeline = diffusers.StableDiffusion3Pipeline(
             transformer=network, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
             text_encoder=transformers.CLIPTextModelWithProjection(clip_config(vocab, projection_dim=16)),
-            tokenizer=clip, text_encoder_2=projected, tokenizer_2=clip, text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+            tokenizer=clip, text_encoder_2=projected, tokenizer_2=clip, text_encoder_3=t5, tokenizer_3=t5_tokens)
     elif kind == "qwen":
         return qwen_image_pipeline_dir(root)
     elif kind == "wan":
@@ -317,9 +339,9 @@ def multi_encoder_pipeline_dir(root, kind: str):
                                                   ffn_dim=32, num_layers=1)
         vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1], num_res_blocks=1,
                                          temperal_downsample=[False])
-        umt5 = transformers.UMT5EncoderModel(transformers.UMT5Config(vocab_size=len(pieces), d_model=32, d_kv=8,
+        umt5 = transformers.UMT5EncoderModel(transformers.UMT5Config(vocab_size=t5_vocab, d_model=32, d_kv=8,
                                                                      d_ff=32, num_layers=1, num_heads=2))
-        pipeline = diffusers.WanPipeline(tokenizer=t5_tokenizer, text_encoder=umt5, vae=vae, transformer=network,
+        pipeline = diffusers.WanPipeline(tokenizer=t5_tokens, text_encoder=umt5, vae=vae, transformer=network,
                                          scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
     else:
         dev = kind == "flux"
@@ -330,7 +352,7 @@ def multi_encoder_pipeline_dir(root, kind: str):
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
             **({"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15} if dev else {"shift": 1.0}))
         pipeline = diffusers.FluxPipeline(
-            transformer=network, scheduler=scheduler, vae=vae, tokenizer=clip, tokenizer_2=t5_tokenizer,
+            transformer=network, scheduler=scheduler, vae=vae, tokenizer=clip, tokenizer_2=t5_tokens,
             text_encoder=transformers.CLIPTextModel(clip_config(vocab)), text_encoder_2=t5)
     randomise(network, seed=0)  # weights large enough that the text conditions move the output well above 1e-4
     pipeline.save_pretrained(root / "pipeline", safe_serialization=True)
@@ -343,11 +365,9 @@ def qwen_image_pipeline_dir(root):
     of one block on 16 channels, a video VAE of one halving, and Qwen-Image's scheduler (the shift of the
     image's token count on an exponential time shift, stretched to a terminal time)."""
     import transformers
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    vocab = {piece: i for i, piece in enumerate(bytes_to_unicode().values())}
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab.update({token: len(vocab) + i for i, token in enumerate(special)})
+    vocab = byte_vocab(special)
     tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None)
     tokenizer.add_special_tokens({"additional_special_tokens": special[1:]})
     text = {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1,

@@ -6,10 +6,17 @@ they differ in what they take besides x_t:
 
 * a ``UNet2DModel``: the time t * T (T = ``num_train_timesteps``) and optional class labels;
 * SD3's ``SD3Transformer2DModel``: t * T, the text encoders' token embeddings c (``encoder_hidden_states``) and
-  their pooled embedding p (``pooled_projections``), given as a condition of those keywords;
+  their pooled embedding p (``pooled_projections``), given as a condition of those keywords; AuraFlow's
+  ``AuraFlowTransformer2DModel``: t itself and c;
 * Flux's ``FluxTransformer2DModel``: t itself, c and p as SD3, the latent cut into 2 x 2 patches, each patch a
   token of 4 C channels with its position (0, row, column) (``img_ids``; text tokens at 0, ``txt_ids``), and, in
-  a guidance-distilled model (Flux dev), the guidance scale g as an input: v(x_t, t, c, p, g);
+  a guidance-distilled model (Flux dev), the guidance scale g as an input: v(x_t, t, c, p, g); Chroma's
+  ``ChromaTransformer2DModel``: as Flux without p and g, with its text tokens' mask (``attention_mask``), every
+  image token attended;
+* Lumina 2's ``Lumina2Transformer2DModel`` and Z-Image's ``ZImageTransformer2DModel`` run time the other way:
+  they take t' = 1 - t (0: pure noise) and predict the velocity of that time, dx/dt' = x0 - n = -v
+  (``ReversedTime``); Lumina 2 takes c with its padding mask (``encoder_attention_mask``), Z-Image each
+  sample as a list entry [C, 1, H, W] and each prompt's tokens unpadded (``cap_feats``, cut to its mask);
 * Qwen-Image's ``QwenImageTransformer2DModel``: t itself, the latent packed as Flux's, the text encoder's token
   embeddings c with their padding mask m (``encoder_hidden_states_mask``: prompts of different lengths share one
   padded table), and the latent's patch grid (1, H / 2, W / 2) for its rotary positions (``img_shapes``);
@@ -47,8 +54,10 @@ class UNetVelocity(nn.Module):
         return self.unet(x, time, class_labels=cond, return_dict=False)[0]
 
 
-class SD3Velocity(nn.Module):
-    """SD3's transformer as v(x_t, t T, {"encoder_hidden_states": c, "pooled_projections": p})."""
+class KeywordVelocity(nn.Module):
+    """A transformer that takes its condition as keywords beside ``hidden_states`` and ``timestep``: SD3's as
+    v(x_t, t T, {"encoder_hidden_states": c, "pooled_projections": p}), AuraFlow's as v(x_t, t, {"encoder_hidden_
+    states": c})."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -74,7 +83,8 @@ class FluxVelocity(nn.Module):
     """Flux's transformer as v(x_t, t, {"encoder_hidden_states": c, "pooled_projections": p}) on [B, C, H, W]
     latents: packed into (H / 2)(W / 2) tokens of 4 C channels on the way in, unpacked on the way out;
     ``guidance``: the embedded guidance g of a guidance-distilled model (None for one without, as Flux
-    schnell)."""
+    schnell, and Chroma, whose transformer takes no guidance input). Chroma's condition adds its text tokens'
+    mask m ({"attention_mask": m}), which every image token joins."""
 
     def __init__(self, transformer: nn.Module, guidance: float | None):
         super().__init__()
@@ -86,9 +96,14 @@ class FluxVelocity(nn.Module):
         img_ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
         img_ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
         text_tokens = cond["encoder_hidden_states"].shape[1]
-        guidance = None if self.guidance is None else torch.full((b,), self.guidance, device=x.device)
-        v = self.transformer(hidden_states=pack(x), timestep=time, guidance=guidance, **cond,
-                             txt_ids=x.new_zeros(text_tokens, 3), img_ids=img_ids.view(-1, 3), return_dict=False)[0]
+        if self.guidance is not None:
+            cond = {**cond, "guidance": torch.full((b,), self.guidance, device=x.device)}
+        if "attention_mask" in cond:
+            mask = cond["attention_mask"]
+            cond = {**cond, "attention_mask": torch.cat([mask, torch.ones(b, h * w // 4, dtype=torch.bool,
+                                                                          device=x.device)], dim=1)}
+        v = self.transformer(hidden_states=pack(x), timestep=time, **cond, txt_ids=x.new_zeros(text_tokens, 3),
+                             img_ids=img_ids.view(-1, 3), return_dict=False)[0]
         return unpack(v, x.shape)
 
 
@@ -105,6 +120,43 @@ class QwenImageVelocity(nn.Module):
         v = self.transformer(hidden_states=pack(x), timestep=time, img_shapes=[[(1, h // 2, w // 2)]] * b, **cond,
                              return_dict=False)[0]
         return unpack(v, x.shape)
+
+
+class ReversedTime(nn.Module):
+    """A network of reversed time (Lumina 2, Z-Image), ``net(x_t, 1 - t, cond)`` = dx/d(1 - t) = -v, as
+    v(x_t, t, cond)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        return -self.net(x, 1 - time, cond)
+
+
+class Lumina2Output(nn.Module):
+    """Lumina 2's transformer as ``net(x_t, 1 - t, {"encoder_hidden_states": c, "encoder_attention_mask": m})``."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        return self.transformer(hidden_states=x, timestep=time, **cond, return_dict=False)[0]
+
+
+class ZImageOutput(nn.Module):
+    """Z-Image's transformer as ``net(x_t, 1 - t, {"cap_feats": c, "cap_mask": m})`` on [B, C, H, W] latents:
+    each sample a list entry of one frame [C, 1, H, W], each prompt's tokens c cut to its mask m."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        tokens = [feats[mask] for feats, mask in zip(cond["cap_feats"], cond["cap_mask"])]
+        out = self.transformer(list(x[:, :, None].unbind(0)), time.expand(len(x)), tokens, return_dict=False)[0]
+        return torch.stack(out)[:, :, 0]
 
 
 class WanVelocity(nn.Module):
@@ -156,8 +208,16 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
         net, time_scale = FluxVelocity(model, guidance), 1.0
     elif name == "QwenImageTransformer2DModel":
         net, time_scale = QwenImageVelocity(model), 1.0
+    elif name == "ChromaTransformer2DModel":
+        net, time_scale = FluxVelocity(model, None), 1.0
     elif name == "SD3Transformer2DModel":
-        net, time_scale = SD3Velocity(model), float(steps)
+        net, time_scale = KeywordVelocity(model), float(steps)
+    elif name == "AuraFlowTransformer2DModel":
+        net, time_scale = KeywordVelocity(model), 1.0
+    elif name == "Lumina2Transformer2DModel":
+        net, time_scale = ReversedTime(Lumina2Output(model)), 1.0
+    elif name == "ZImageTransformer2DModel":
+        net, time_scale = ReversedTime(ZImageOutput(model)), 1.0
     elif name in ("WanTransformer3DModel", "WanExperts"):
         net, time_scale = WanVelocity(model), float(steps)
     else:

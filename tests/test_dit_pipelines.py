@@ -1,0 +1,174 @@
+"""Text-to-image pipelines of the flow transformers that followed SD3 and Flux, as ``--teacher DIR``: AuraFlow
+(UMT5), Chroma (T5 with its text mask, latents packed as Flux's), Lumina 2 (Gemma 2 behind its system prompt;
+time runs the other way) and Z-Image (Qwen3, each prompt's tokens unpadded; time the other way), each built
+tiny here as diffusers saves it."""
+
+from __future__ import annotations
+
+import json
+
+import diffusers
+import pytest
+import torch
+from conftest import randomise
+
+from distill_core.cli import main
+from distill_core.diffusers_source import diffusers_source
+from distill_core.safetensors_io import read_card
+from distill_core.text_pipeline import vae_scale
+from tests.test_teacher_from_dir import autoencoder, byte_vocab, t5_tokenizer
+
+KINDS = ("auraflow", "chroma", "lumina2", "zimage")
+#: the CFG scale w each is distilled at by default: its pipeline's (Z-Image's g = 5 is w = 6)
+DEFAULT_W = {"auraflow": 3.5, "chroma": 5.0, "lumina2": 4.0, "zimage": 6.0}
+#: the CFG scale each pipeline takes for the engine's w (Z-Image: g = w - 1) and the keywords that make its
+#: guidance the engine's (Lumina 2: no rescaling of the guided velocity)
+PIPELINE_SCALE = {"zimage": lambda w: w - 1}
+PIPELINE_CALL = {"lumina2": {"cfg_normalization": False}}
+#: each scheduler's time shift (Chroma's of the 16 tokens of its 8 x 8 latent's 2 x 2 patches)
+SHIFT = {"auraflow": 1.73, "chroma": "tokens", "lumina2": 6.0, "zimage": 3.0}
+
+
+def gemma(special: list[str]):
+    """A tiny Gemma 2 encoder of two layers and its byte-level tokenizer."""
+    import transformers
+
+    vocab = byte_vocab(special)
+    tokenizer = transformers.GemmaTokenizer(vocab=vocab, merges=[])
+    config = transformers.Gemma2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                       pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"],
+                                       eos_token_id=vocab["<eos>"])
+    return transformers.Gemma2Model(config), tokenizer
+
+
+def qwen3():
+    """A tiny Qwen3 encoder of two layers and its byte-level tokenizer with a chat template."""
+    import transformers
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = byte_vocab(special)
+    tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None)
+    tokenizer.add_special_tokens({"additional_special_tokens": special[1:]})
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    config = transformers.Qwen3Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    return transformers.Qwen3Model(config), tokenizer
+
+
+def dit_pipeline_dir(root, kind: str):
+    """A tiny AuraFlow, Chroma, Lumina 2 or Z-Image pipeline as diffusers saves one, on 8 x 8 latents: each
+    transformer of one block (and one refiner), its own text encoder of one or two layers, an AutoencoderKL (4
+    channels for AuraFlow, else 16, scaled and shifted; Lumina 2's pipeline takes its VAE as 8 pixels a latent
+    pixel, so its VAE makes them so), and its scheduler: FlowMatch shifted as each ships (AuraFlow 1.73,
+    Lumina 2 6, Z-Image 3; Chroma by its token count, as Flux dev)."""
+    import transformers
+
+    flow = diffusers.FlowMatchEulerDiscreteScheduler
+    if kind in ("auraflow", "chroma"):
+        tokenizer, vocab = t5_tokenizer()
+        t5 = {"vocab_size": vocab, "d_model": 32, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2}
+    if kind == "auraflow":
+        network = diffusers.AuraFlowTransformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+            pos_embed_max_size=64)
+        pipeline = diffusers.AuraFlowPipeline(
+            tokenizer=tokenizer, text_encoder=transformers.UMT5EncoderModel(transformers.UMT5Config(**t5)),
+            vae=autoencoder(4), transformer=network, scheduler=flow(shift=1.73))
+    elif kind == "chroma":
+        network = diffusers.ChromaTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+            approximator_hidden_dim=16, approximator_layers=1)
+        pipeline = diffusers.ChromaPipeline(
+            scheduler=flow(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
+            vae=autoencoder(16, shift_factor=0.1), tokenizer=tokenizer, transformer=network,
+            text_encoder=transformers.T5EncoderModel(transformers.T5Config(**t5)))
+    elif kind == "lumina2":
+        encoder, tokenizer = gemma(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])
+        network = diffusers.Lumina2Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, hidden_size=32, num_layers=1, num_refiner_layers=1,
+            num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(300, 16, 16),
+            cap_feat_dim=32)
+        pipeline = diffusers.Lumina2Pipeline(transformer=network, scheduler=flow(shift=6.0),
+                                             vae=autoencoder(16, blocks=4, shift_factor=0.1), text_encoder=encoder,
+                                             tokenizer=tokenizer)
+    else:
+        encoder, tokenizer = qwen3()
+        network = diffusers.ZImageTransformer2DModel(in_channels=16, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2,
+                                                     n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6],
+                                                     axes_lens=[256, 16, 16])
+        pipeline = diffusers.ZImagePipeline(scheduler=flow(shift=3.0), vae=autoencoder(16, shift_factor=0.1),
+                                            text_encoder=encoder, tokenizer=tokenizer, transformer=network)
+    randomise(network, seed=0)
+    pipeline.save_pretrained(root / "pipeline", safe_serialization=True)
+    return root / "pipeline"
+
+
+def pipeline_latents(pipe, prompt: str, x: torch.Tensor, w: float, sigmas: list[float], side: int,
+                     **call) -> torch.Tensor:
+    """The pipeline's own sampler (Euler on ``sigmas``, at the engine's CFG scale ``w``) from latents x
+    [B, C, H, W] of an image of ``side`` pixels, as latents of x's shape."""
+    kind = type(pipe).__name__
+    packed = kind == "ChromaPipeline"
+    b, c, h, width = x.shape
+    latents = pipe._pack_latents(x, b, c, h, width) if packed else x
+    scale = w - 1 if kind == "ZImagePipeline" else w
+    out = pipe(prompt=prompt, latents=latents, sigmas=sigmas, num_inference_steps=len(sigmas), height=side,
+               width=side, guidance_scale=scale, output_type="latent", **call).images
+    return pipe._unpack_latents(out, side, side, pipe.vae_scale_factor).view(x.shape) if packed else out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_path, kind):
+    """An AuraFlow, Chroma, Lumina 2 or Z-Image pipeline directory is a teacher over prompts: Euler with CFG
+    through its denoiser on the pipeline's own sigmas reproduces its sampler (its text encoder and negative, its
+    time convention and scale, Chroma's text mask and packing, Z-Image's unpadded prompts and its g = w - 1,
+    Lumina 2's system prompt); CFG defaults to its pipeline's scale, the student's flow grid to its scheduler's
+    shift. The main job distils it with the full report and a grid decoded by its VAE; SFD-v conditions
+    AuraFlow's and Z-Image's time embeddings and is refused for the others."""
+    from distill_core.schedules import flux_shift
+    from distill_core.solvers import euler
+    from distill_core.students import StudentNet
+    from distill_core.teacher import CFGTeacher
+
+    teacher = dit_pipeline_dir(tmp_path, kind)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\nan owl in the snow at night\n")
+    side = 8 * vae_scale(teacher)
+    source = diffusers_source(teacher, prompts=prompts, resolution=side)
+    assert (source.shape, source.guidance) == ((4 if kind == "auraflow" else 16, 8, 8), DEFAULT_W[kind])
+    assert source.denoiser.shift == pytest.approx(flux_shift(16) if SHIFT[kind] == "tokens" else SHIFT[kind])
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    expected = pipeline_latents(pipe, "an owl in the snow at night", x, 2.0, [0.9, 0.6, 0.3], side,
+                                **PIPELINE_CALL.get(kind, {}))
+    times = pipe.scheduler.sigmas.double()
+    with torch.no_grad():
+        ours = euler(CFGTeacher(source.denoiser, 2.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
+                     torch.tensor([1]))
+    scale = float(expected.abs().max())  # float32 rounding, relative to the latents' size
+    assert scale > 1
+    torch.testing.assert_close(ours.double() / scale, expected.double() / scale, atol=1e-5, rtol=0)
+
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", str(side),
+                 "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--out", str(out),
+                 "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["guidance"] == DEFAULT_W[kind] and any(r["method"] == "sfd" and r["nfe"] == 2 for r in report["rows"])
+    card = read_card(out / "student.safetensors")
+    assert card["schedule"]["name"] == "flow" and card["schedule"]["shift"] == pytest.approx(source.denoiser.shift)
+    assert (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by its VAE
+    if kind in ("auraflow", "zimage"):
+        student = StudentNet(source.denoiser, step_conditioned=True)
+        assert student.injection.endswith("time_step_proj" if kind == "auraflow" else "t_embedder")
+        with torch.no_grad():
+            torch.nn.init.normal_(student.step_embed.mlp[-1].weight)
+            assert not torch.allclose(student(x, 2.0, torch.tensor([0]), nfe=2),
+                                      student(x, 2.0, torch.tensor([0]), nfe=5))
+    else:  # Lumina 2's time embedding returns the caption's too; Chroma's has no layer of its own
+        with pytest.raises(ValueError, match=f"cannot condition a {type(pipe.transformer).__name__} on a step count"):
+            StudentNet(source.denoiser, step_conditioned=True)
