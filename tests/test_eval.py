@@ -202,7 +202,10 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_the_rows_stay_the_same():
     whole, _ = benchmark.sample_in_batches(lambda x, y: solve(teacher, x, y), ev, batch=8)
     split, _ = benchmark.sample_in_batches(lambda x, y: solve(Small(), x, y), ev, batch=8)
     assert chunks == [8, 2, 8, 4, 2, 2, 2, 2, 2]  # whole: 8, 2; split: 8 and 4 fail, then 2 at a time
-    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+    # the same images to float32 rounding: CPUs may take other kernels at other batch sizes (6e-5 seen with
+    # AVX-512), where a chunk given the wrong noise or labels would be off by the images' own size
+    torch.testing.assert_close(split, whole, rtol=0, atol=2e-4)
+    assert whole.abs().max() > 0.5
 
     row = benchmark.solver_row("euler", 4, CFGTeacher(Small(), w=1.0), ev)
     assert row["nfe"] == 4 and row["network_evals"] == 4
