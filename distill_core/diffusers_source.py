@@ -15,8 +15,8 @@ the network was trained:
 Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
 ``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
 pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image, Wan 2.1 / 2.2 A14B as
-image models, AuraFlow, Chroma, Lumina 2 and Z-Image: their transformers; with all their text encoders) trains
-on ``prompts`` instead (``text_pipeline``).
+image models, AuraFlow, Chroma, Lumina 2, Z-Image and Flux.2 klein: their transformers; with all their text
+encoders) trains on ``prompts`` instead (``text_pipeline``).
 """
 
 from __future__ import annotations
@@ -33,21 +33,26 @@ UNETS = ("UNet2DModel", "UNet2DConditionModel")
 #: diffusion transformers, which take text embeddings and come in their pipeline's directory
 TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel",
                 "WanTransformer3DModel", "AuraFlowTransformer2DModel", "ChromaTransformer2DModel",
-                "Lumina2Transformer2DModel", "ZImageTransformer2DModel")
+                "Lumina2Transformer2DModel", "ZImageTransformer2DModel", "Flux2Transformer2DModel")
 #: the transformers that take their latent as tokens of 2 x 2 patches of 4 C channels
 PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel", "ChromaTransformer2DModel")
+#: the transformers whose latents are their VAE's 2 x 2 patches already (Flux.2: 4 C channels on a grid of half
+#: the VAE's latent side)
+PATCHIFIED = ("Flux2Transformer2DModel",)
 #: the CFG scale w (x0 = x0_u + w (x0_c - x0_u)) a text-to-image pipeline is distilled at unless the run says
 #: another, by network: its pipeline's default (Flux: no CFG; Qwen-Image: its ``true_cfg_scale``; Z-Image: its
-#: ``guidance_scale`` g = 5, which its pipeline applies as x0_c + g (x0_c - x0_u), w = g + 1)
+#: ``guidance_scale`` g = 5, which its pipeline applies as x0_c + g (x0_c - x0_u), w = g + 1); a pipeline that
+#: names itself step-distilled (``is_distilled``: Flux.2 klein's 4-step models) samples without CFG
 TEXT_GUIDANCE = 5.0
 GUIDANCE_BY_NETWORK = {"FluxTransformer2DModel": 1.0, "QwenImageTransformer2DModel": 4.0,
                        "AuraFlowTransformer2DModel": 3.5, "Lumina2Transformer2DModel": 4.0,
-                       "ZImageTransformer2DModel": 6.0}
+                       "ZImageTransformer2DModel": 6.0, "Flux2Transformer2DModel": 4.0}
 #: the image a pipeline draws unless told another size, (height, width) in pixels, for networks whose config
 #: names none or another: Qwen-Image's (``default_sample_size`` latent pixels x 8), Wan's (its pipeline's 480p
-#: frame), AuraFlow's and Z-Image's (their pipelines' 1024 pixels)
+#: frame), AuraFlow's, Z-Image's and Flux.2's (their pipelines' 1024 pixels)
 DEFAULT_IMAGE = {"QwenImageTransformer2DModel": (1024, 1024), "WanTransformer3DModel": (480, 832),
-                 "AuraFlowTransformer2DModel": (1024, 1024), "ZImageTransformer2DModel": (1024, 1024)}
+                 "AuraFlowTransformer2DModel": (1024, 1024), "ZImageTransformer2DModel": (1024, 1024),
+                 "Flux2Transformer2DModel": (1024, 1024)}
 
 def read_json(path: Path) -> dict:
     try:
@@ -155,19 +160,25 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
                          classes, card={"resolution": resolution} if resolution else {})
 
 
-def sample_shape(config: dict, root: Path, resolution: int | None = None) -> tuple[int, ...]:
-    """(C, H, W) of the samples of the model whose ``config.json`` is ``config``: ``resolution`` pixels a side
-    (in a pipeline with a VAE, its latent of ``resolution`` / the VAE's scale), else the configured size; Flux,
-    which has none and takes 2 x 2 patches of its latent as 4 C channels: the size its pipeline's VAE makes of
-    the VAE's own image size; Qwen-Image (packed as Flux) and Wan, whose VAEs name none either: their
-    pipelines' default image (``DEFAULT_IMAGE``). A side the network cannot take (its UNet's downsamplings,
-    its transformer's patches) is refused with the nearest sizes that fit."""
+def latent_pixels(root: Path, network: str) -> int:
+    """How many image pixels a pixel of the samples of the pipeline at ``root`` spans per side, its network of
+    class ``network``: its VAE's scale (``text_pipeline.vae_scale``), twice that for Flux.2 (``PATCHIFIED``)."""
     from distill_core.text_pipeline import vae_scale
 
+    return vae_scale(root) * (2 if network in PATCHIFIED else 1)
+
+
+def sample_shape(config: dict, root: Path, resolution: int | None = None) -> tuple[int, ...]:
+    """(C, H, W) of the samples of the model whose ``config.json`` is ``config``: ``resolution`` pixels a side
+    (in a pipeline with a VAE, its latent of ``resolution`` / ``latent_pixels``), else the configured size;
+    Flux, which has none and takes 2 x 2 patches of its latent as 4 C channels: the size its pipeline's VAE
+    makes of the VAE's own image size; Qwen-Image (packed as Flux), Wan and the others whose configs name none
+    or another: their pipelines' default image (``DEFAULT_IMAGE``). A side the network cannot take (its UNet's
+    downsamplings, its transformer's patches) is refused with the nearest sizes that fit."""
     name = config["_class_name"]
     packed = name in PACKED
     channels = config["in_channels"] // 4 if packed else config["in_channels"]
-    scale = vae_scale(root)
+    scale = latent_pixels(root, name)
     if resolution is None:
         if name in DEFAULT_IMAGE:
             return (channels, *(side // scale for side in DEFAULT_IMAGE[name]))
@@ -239,6 +250,6 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     card = {**({} if embedded is None else {"embedded_guidance": embedded}),
             **({"resolution": resolution} if resolution else {}),
             **({} if negative is None else {"negative": negative})}
-    return TeacherSource(str(root), denoiser, shape, draw_cond, torch.tensor([n]),
-                         GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE), n, card=card, decode=vae_decoder(root),
-                         prompt_table=True)
+    w = 1.0 if index.get("is_distilled") else GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE)
+    return TeacherSource(str(root), denoiser, shape, draw_cond, torch.tensor([n]), w, n, card=card,
+                         decode=vae_decoder(root), prompt_table=True)

@@ -1,5 +1,5 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Qwen-Image,
-AuraFlow, Chroma, Lumina 2, Z-Image) as files diffusers loads:
+AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein) as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
@@ -34,7 +34,8 @@ against the negative it was distilled with (the pipeline's own, or the prompt it
 x and sigma); Flux dev: the guidance input its file names. Z-Image's pipeline takes g = w - 1 (it guides as
 x0_c + g (x0_c - x0_u)); Lumina 2's is told not to rescale its guided velocities (``cfg_normalization=False``),
 so that it guides as the engine does. Qwen-Image's pipeline always rescales them, which the engine's CFG does
-not: only its guidance-distilled students export. A LoRA's update
+not: only its guidance-distilled students export. Flux.2 klein's pipeline guides against the empty prompt
+only: a student guided against another negative does not export. A LoRA's update
 (alpha / r) B A is written with alpha / r folded into B, so PEFT's default scale 1 applies it.
 
 Students whose sampling a diffusers scheduler does not reproduce are refused in one line (sample them with
@@ -60,7 +61,8 @@ class Target:
     flow (``FlowMatchEulerDiscreteScheduler`` over times t, else ``EulerDiscreteScheduler`` over sigmas),
     whether it takes its latents packed in 2 x 2 patches (Flux, Qwen-Image, Chroma), the keyword of its guidance
     scale and how far that scale lies below the engine's w (Z-Image: 1), whether its CFG is the engine's
-    (Qwen-Image's rescales the guided velocity), and the call's keywords that make it so (``call``)."""
+    (Qwen-Image's rescales the guided velocity), the call's keywords that make it so (``call``), and whether
+    the call takes a negative prompt (Flux.2 klein's does not)."""
 
     network: str
     network_class: str
@@ -70,6 +72,7 @@ class Target:
     w_offset: float = 0.0
     engine_cfg: bool = True
     call: tuple[tuple[str, object], ...] = ()
+    takes_negative: bool = True
 
     @property
     def scheduler_class(self) -> str:
@@ -88,6 +91,7 @@ PIPELINES = {
     "Lumina2Pipeline": Target("transformer", "Lumina2Transformer2DModel", flow=True,
                               call=(("cfg_normalization", False),)),
     "ZImagePipeline": Target("transformer", "ZImageTransformer2DModel", flow=True, w_offset=1.0),
+    "Flux2KleinPipeline": Target("transformer", "Flux2Transformer2DModel", flow=True, takes_negative=False),
 }
 #: the file name ``load_lora_weights`` reads from a directory
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -111,9 +115,14 @@ def refusal(card: dict, pipeline: str | None = None) -> str | None:
     if card.get("architecture") or card.get("experts"):
         return "this student is not the teacher's network (its own architecture or experts): it cannot replace it"
     target = PIPELINES.get(pipeline)
-    if target and not target.engine_cfg and card.get("guidance", {}).get("mode") != "distilled":
+    with_cfg = card.get("guidance", {}).get("mode") != "distilled"
+    if target and not target.engine_cfg and with_cfg:
         return (f"this student samples with CFG, which {pipeline} rescales where the engine does not; distil the "
                 "guidance into the student (guidance mode distilled) to export it")
+    if target and not target.takes_negative and with_cfg and card.get("negative"):
+        return (f"this student samples with CFG against the negative {card['negative']!r}, and {pipeline} guides "
+                "against the empty prompt only; distil the guidance into the student (guidance mode distilled) "
+                "to export it")
     return None
 
 
@@ -187,10 +196,10 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     import diffusers
 
     from distill_core.atomic import atomic_dir, write_json
+    from distill_core.diffusers_source import latent_pixels
     from distill_core.safetensors_io import load, read_card, save_atomic
     from distill_core.sources import as_trained, teacher_source
     from distill_core.student_files import load_student
-    from distill_core.text_pipeline import vae_scale
 
     card = read_card(student_path)
     root = Path(teacher or card.get("teacher", ""))
@@ -226,7 +235,7 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     steps = student.nfe_choices[-1]
     guidance = card["guidance"]
     sigmas, noise_scale = pipeline_start(card, steps, target.flow)
-    side = source.shape[-1] * vae_scale(root)
+    side = source.shape[-1] * latent_pixels(root, target.network_class)
     w = 1.0 if guidance["mode"] == "distilled" else guidance["w"]
     settings = {"pipeline": pipeline, "teacher": str(root), "steps": steps, "sigmas": sigmas,
                 "noise_scale": noise_scale, "latent_shape": list(source.shape), "height": side, "width": side,
@@ -258,9 +267,9 @@ def usage(settings: dict, out: str | Path) -> str:
     sigmas = "[" + ", ".join(f"{s!r}" for s in settings["sigmas"]) + "]"
     negative = f", negative_prompt={settings['negative_prompt']!r}" if "negative_prompt" in settings else ""
     call = "".join(f", {key}={value!r}" for key, value in settings["call"].items())
-    lines.append(f"image = pipe('a prompt'{negative}, latents=latents, sigmas={sigmas}, {target.guidance_keyword}="
-                 f"{settings['guidance_scale']:g}, height={settings['height']}, width={settings['width']}{call})"
-                 ".images[0]")
+    lines.append(f"image = pipe(prompt='a prompt'{negative}, latents=latents, sigmas={sigmas}, "
+                 f"{target.guidance_keyword}={settings['guidance_scale']:g}, height={settings['height']}, "
+                 f"width={settings['width']}{call}).images[0]")
     return "\n".join(lines)
 
 

@@ -1,10 +1,9 @@
 """Text-to-image teachers from diffusers pipeline directories (``--teacher DIR --prompts FILE``), offline.
 
 A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or
-of SD3, Flux, Qwen-Image, Wan, AuraFlow, Chroma, Lumina 2 or Z-Image (``transformer/``; Wan 2.2 A14B: and
-``transformer_2/``), with ``scheduler/``,
-its text encoders and tokenizers, and optionally ``vae/`` (an ``AutoencoderKL``, or Qwen-Image's and Wan's video
-VAEs, which decode the report's grid).
+of SD3, Flux, Qwen-Image, Wan, AuraFlow, Chroma, Lumina 2, Z-Image or Flux.2 klein (``transformer/``; Wan 2.2
+A14B: and ``transformer_2/``), with ``scheduler/``, its text encoders and tokenizers, and optionally ``vae/``
+(an ``AutoencoderKL``, Qwen-Image's and Wan's video VAEs or Flux.2's, which decode the report's grid).
 
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
 arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and
@@ -12,7 +11,8 @@ T5's; Qwen-Image: its Qwen2.5-VL's last hidden states, with their padding mask m
 the 512 tokens its pipeline pads to; AuraFlow: UMT5's, zeroed past each prompt's end; Chroma: T5's, with the
 mask of each prompt's tokens and its first padding token; Lumina 2: Gemma 2's second-to-last hidden states of
 its system prompt and the prompt, with their mask; Z-Image: Qwen3's second-to-last hidden states of the prompt
-in its chat template, unpadded, kept as one padded table and its mask), and the pooled embedding p where the
+in its chat template, unpadded, kept as one padded table and its mask; Flux.2 klein: Qwen3's hidden states of
+three layers side by side), and the pooled embedding p where the
 network takes one (SDXL: ``text_embeds``, with the image's size and crop as ``time_ids``; SD3 and Flux:
 ``pooled_projections``).
 Classifier-free guidance's unconditional side is the run's negative prompt, encoded as the pipeline encodes
@@ -46,7 +46,7 @@ DENOISER_ATTRIBUTES = ("sigma_min", "sigma_max", "prediction", "shift")
 #: the pipelines this command distils, by ``model_index.json``'s class name
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
              "QwenImagePipeline", "WanPipeline", "AuraFlowPipeline", "ChromaPipeline", "Lumina2Pipeline",
-             "ZImagePipeline")
+             "ZImagePipeline", "Flux2KleinPipeline")
 #: the text tokens Wan's pipeline pads its prompts to (its call's ``max_sequence_length``)
 WAN_TEXT_TOKENS = 512
 #: the unconditional prompt of a pipeline whose negative is not the empty prompt
@@ -57,6 +57,8 @@ NOT_FOR_PROMPTS = ("unet", "transformer", "transformer_2", "vae", "safety_checke
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 #: the VAEs of video latents [B, C, F, H, W], normalised per channel by their ``latents_mean`` and ``latents_std``
 VIDEO_VAES = ("AutoencoderKLQwenImage", "AutoencoderKLWan")
+#: the VAEs whose latents are normalised 2 x 2 patches (Flux.2's: by the running statistics of its ``bn``)
+PATCH_VAES = ("AutoencoderKLFlux2",)
 #: safetensors' names of the floating-point precisions an encoder's files may hold
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -137,7 +139,7 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
     if name not in PIPELINES:
         raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
                          f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Qwen-Image, Wan 2.1 and 2.2 "
-                         "A14B, AuraFlow, Chroma, Lumina 2, Z-Image)")
+                         "A14B, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein)")
     for part in TEXT_ENCODERS:
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
@@ -206,6 +208,9 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
         for i, row in enumerate(rows):
             mask[i, :len(row)], feats[i, :len(row)] = True, row.float()
         return {"cap_feats": feats, "cap_mask": mask}
+    if name == "Flux2KleinPipeline":  # Qwen3's hidden states of three layers side by side
+        context, _ = pipe.encode_prompt([*prompts, negative or ""], device="cpu")
+        return {"encoder_hidden_states": context.float()}
     if name == "StableDiffusionXLPipeline":
         context, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, None, "cpu", 1, True,
                                                                     negative_prompt=negative)
@@ -224,24 +229,30 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
 def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Latents to images in [-1, 1] with the pipeline's ``vae/`` (None without one): z / scale + shift (SD3's and
     Flux's latents are shifted, SD's not); Qwen-Image's and Wan's video VAEs: z std + mean per channel, decoded
-    as one frame."""
+    as one frame; Flux.2's: z std + mean per channel, each channel group of four a 2 x 2 patch."""
     folder = root / "vae"
     if not (folder / "config.json").is_file():
         return None
     import diffusers
 
     name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    video = name in VIDEO_VAES
-    vae_class = getattr(diffusers, name) if video else diffusers.AutoencoderKL
+    video, patches = name in VIDEO_VAES, name in PATCH_VAES
+    vae_class = getattr(diffusers, name) if video or patches else diffusers.AutoencoderKL
     vae = vae_class.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
         latents = latents.float()
+        channel = (1, -1, 1, 1)
         if video:
-            channel = (1, -1, 1, 1)
             mean, std = (torch.tensor(vae.config[k]).view(channel) for k in ("latents_mean", "latents_std"))
             return vae.decode((latents * std + mean)[:, :, None]).sample[:, :, 0].clamp(-1, 1)
+        if patches:  # z std + mean per patch channel, then each 2 x 2 patch back in place
+            std = (vae.bn.running_var + vae.config.batch_norm_eps).sqrt().view(channel)
+            z = latents * std + vae.bn.running_mean.view(channel)
+            b, c, h, w = z.shape
+            z = z.view(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
+            return vae.decode(z).sample.clamp(-1, 1)
         return vae.decode(latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample.clamp(-1, 1)
 
     return decode

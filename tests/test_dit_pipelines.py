@@ -1,7 +1,8 @@
 """Text-to-image pipelines of the flow transformers that followed SD3 and Flux, as ``--teacher DIR``: AuraFlow
 (UMT5), Chroma (T5 with its text mask, latents packed as Flux's), Lumina 2 (Gemma 2 behind its system prompt;
-time runs the other way) and Z-Image (Qwen3, each prompt's tokens unpadded; time the other way), each built
-tiny here as diffusers saves it."""
+time runs the other way), Z-Image (Qwen3, each prompt's tokens unpadded; time the other way) and Flux.2 klein
+(Qwen3's hidden states of three layers; latents of normalised 2 x 2 VAE patches), each built tiny here as
+diffusers saves it."""
 
 from __future__ import annotations
 
@@ -18,15 +19,20 @@ from distill_core.safetensors_io import read_card
 from distill_core.text_pipeline import vae_scale
 from tests.test_teacher_from_dir import autoencoder, byte_vocab, t5_tokenizer
 
-KINDS = ("auraflow", "chroma", "lumina2", "zimage")
+KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein")
 #: the CFG scale w each is distilled at by default: its pipeline's (Z-Image's g = 5 is w = 6)
-DEFAULT_W = {"auraflow": 3.5, "chroma": 5.0, "lumina2": 4.0, "zimage": 6.0}
+DEFAULT_W = {"auraflow": 3.5, "chroma": 5.0, "lumina2": 4.0, "zimage": 6.0, "flux2-klein": 4.0}
+#: the channels of each one's latents (Flux.2's: 2 x 2 patches of 16) and the pixels a latent pixel spans
+LATENT = {"auraflow": (4, 2), "lumina2": (16, 8), "flux2-klein": (64, 4)}
 #: the CFG scale each pipeline takes for the engine's w (Z-Image: g = w - 1) and the keywords that make its
 #: guidance the engine's (Lumina 2: no rescaling of the guided velocity)
 PIPELINE_SCALE = {"zimage": lambda w: w - 1}
 PIPELINE_CALL = {"lumina2": {"cfg_normalization": False}}
-#: each scheduler's time shift (Chroma's of the 16 tokens of its 8 x 8 latent's 2 x 2 patches)
-SHIFT = {"auraflow": 1.73, "chroma": "tokens", "lumina2": 6.0, "zimage": 3.0}
+#: each scheduler's time shift (Chroma's of the 16 tokens of its 8 x 8 latent's 2 x 2 patches; Flux.2's of its
+#: 64 tokens at its pipeline's default 50 steps)
+SHIFT = {"auraflow": 1.73, "chroma": "tokens", "lumina2": 6.0, "zimage": 3.0, "flux2-klein": "flux2"}
+#: the time embeddings SFD-v conditions (Lumina 2's returns the caption's too; Chroma's has no layer of its own)
+INJECTION = {"auraflow": "time_step_proj", "zimage": "t_embedder", "flux2-klein": "time_guidance_embed"}
 
 
 def gemma(special: list[str]):
@@ -42,8 +48,9 @@ def gemma(special: list[str]):
     return transformers.Gemma2Model(config), tokenizer
 
 
-def qwen3():
-    """A tiny Qwen3 encoder of two layers and its byte-level tokenizer with a chat template."""
+def qwen3(layers: int = 2, causal: bool = False, width: int = 32):
+    """A tiny Qwen3 encoder (or language model, ``causal``) of ``layers`` layers and its byte-level tokenizer with
+    a chat template."""
     import transformers
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -52,17 +59,20 @@ def qwen3():
     tokenizer.add_special_tokens({"additional_special_tokens": special[1:]})
     tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    config = transformers.Qwen3Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    return transformers.Qwen3Model(config), tokenizer
+    config = transformers.Qwen3Config(vocab_size=len(vocab), hidden_size=width, intermediate_size=width,
+                                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                                      head_dim=width // 2)
+    return (transformers.Qwen3ForCausalLM if causal else transformers.Qwen3Model)(config), tokenizer
 
 
-def dit_pipeline_dir(root, kind: str):
+def dit_pipeline_dir(root, kind: str, distilled: bool = False):
     """A tiny AuraFlow, Chroma, Lumina 2 or Z-Image pipeline as diffusers saves one, on 8 x 8 latents: each
     transformer of one block (and one refiner), its own text encoder of one or two layers, an AutoencoderKL (4
     channels for AuraFlow, else 16, scaled and shifted; Lumina 2's pipeline takes its VAE as 8 pixels a latent
     pixel, so its VAE makes them so), and its scheduler: FlowMatch shifted as each ships (AuraFlow 1.73,
-    Lumina 2 6, Z-Image 3; Chroma by its token count, as Flux dev)."""
+    Lumina 2 6, Z-Image 3; Chroma by its token count, as Flux dev). Flux.2 klein: a Qwen3 language model of the 27
+    layers whose hidden states its pipeline reads, a Flux.2 VAE of one halving on 16 channels with random
+    running statistics, and its pipeline's ``is_distilled`` as ``distilled`` says."""
     import transformers
 
     flow = diffusers.FlowMatchEulerDiscreteScheduler
@@ -95,6 +105,20 @@ def dit_pipeline_dir(root, kind: str):
         pipeline = diffusers.Lumina2Pipeline(transformer=network, scheduler=flow(shift=6.0),
                                              vae=autoencoder(16, blocks=4, shift_factor=0.1), text_encoder=encoder,
                                              tokenizer=tokenizer)
+    elif kind == "flux2-klein":
+        encoder, tokenizer = qwen3(layers=27, causal=True, width=16)
+        network = diffusers.Flux2Transformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
+            guidance_embeds=False)
+        vae = diffusers.AutoencoderKLFlux2(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                                           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                                           latent_channels=16, norm_num_groups=4, sample_size=32)
+        vae.bn.running_mean.normal_(generator=torch.Generator().manual_seed(2))
+        vae.bn.running_var.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(3))
+        pipeline = diffusers.Flux2KleinPipeline(
+            scheduler=flow(use_dynamic_shifting=True, time_shift_type="exponential"), vae=vae, text_encoder=encoder,
+            tokenizer=tokenizer, transformer=network, is_distilled=distilled)
     else:
         encoder, tokenizer = qwen3()
         network = diffusers.ZImageTransformer2DModel(in_channels=16, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2,
@@ -116,9 +140,25 @@ def pipeline_latents(pipe, prompt: str, x: torch.Tensor, w: float, sigmas: list[
     b, c, h, width = x.shape
     latents = pipe._pack_latents(x, b, c, h, width) if packed else x
     scale = w - 1 if kind == "ZImagePipeline" else w
+    if kind == "Flux2KleinPipeline":  # its latent output leaves the latent space: its last step's tokens instead
+        return flux2_latents(pipe, x.shape, prompt=prompt, latents=latents, sigmas=sigmas,
+                             num_inference_steps=len(sigmas), height=side, width=side, guidance_scale=scale, **call)
     out = pipe(prompt=prompt, latents=latents, sigmas=sigmas, num_inference_steps=len(sigmas), height=side,
                width=side, guidance_scale=scale, output_type="latent", **call).images
     return pipe._unpack_latents(out, side, side, pipe.vae_scale_factor).view(x.shape) if packed else out
+
+
+def flux2_latents(pipe, shape: torch.Size, **call) -> torch.Tensor:
+    """A Flux.2 pipeline's latents [B, C, H, W] after its last step (its output un-normalises and unpatchifies
+    them): its tokens [B, H W, C] as its step callback sees them."""
+    last = {}
+
+    def keep(pipe, step, t, tensors):
+        last["latents"] = tensors["latents"]
+        return tensors
+
+    pipe(**call, output_type="latent", callback_on_step_end=keep)
+    return last["latents"].transpose(1, 2).reshape(shape)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -128,8 +168,8 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     time convention and scale, Chroma's text mask and packing, Z-Image's unpadded prompts and its g = w - 1,
     Lumina 2's system prompt); CFG defaults to its pipeline's scale, the student's flow grid to its scheduler's
     shift. The main job distils it with the full report and a grid decoded by its VAE; SFD-v conditions
-    AuraFlow's and Z-Image's time embeddings and is refused for the others."""
-    from distill_core.schedules import flux_shift
+    AuraFlow's, Z-Image's and Flux.2's time embeddings and is refused for the others."""
+    from distill_core.schedules import flux2_shift, flux_shift
     from distill_core.solvers import euler
     from distill_core.students import StudentNet
     from distill_core.teacher import CFGTeacher
@@ -137,10 +177,13 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     teacher = dit_pipeline_dir(tmp_path, kind)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\nan owl in the snow at night\n")
-    side = 8 * vae_scale(teacher)
+    channels, pixels = LATENT.get(kind, (16, 2))
+    side = 8 * pixels
+    assert pixels == vae_scale(teacher) * (2 if kind == "flux2-klein" else 1)
     source = diffusers_source(teacher, prompts=prompts, resolution=side)
-    assert (source.shape, source.guidance) == ((4 if kind == "auraflow" else 16, 8, 8), DEFAULT_W[kind])
-    assert source.denoiser.shift == pytest.approx(flux_shift(16) if SHIFT[kind] == "tokens" else SHIFT[kind])
+    assert (source.shape, source.guidance) == ((channels, 8, 8), DEFAULT_W[kind])
+    shift = {"tokens": flux_shift(16), "flux2": flux2_shift(64, 50)}.get(SHIFT[kind], SHIFT[kind])
+    assert source.denoiser.shift == pytest.approx(shift)
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
     x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
     expected = pipeline_latents(pipe, "an owl in the snow at night", x, 2.0, [0.9, 0.6, 0.3], side,
@@ -162,13 +205,34 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     card = read_card(out / "student.safetensors")
     assert card["schedule"]["name"] == "flow" and card["schedule"]["shift"] == pytest.approx(source.denoiser.shift)
     assert (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by its VAE
-    if kind in ("auraflow", "zimage"):
+    if kind in INJECTION:
         student = StudentNet(source.denoiser, step_conditioned=True)
-        assert student.injection.endswith("time_step_proj" if kind == "auraflow" else "t_embedder")
+        assert student.injection.endswith(INJECTION[kind])
         with torch.no_grad():
             torch.nn.init.normal_(student.step_embed.mlp[-1].weight)
             assert not torch.allclose(student(x, 2.0, torch.tensor([0]), nfe=2),
                                       student(x, 2.0, torch.tensor([0]), nfe=5))
-    else:  # Lumina 2's time embedding returns the caption's too; Chroma's has no layer of its own
+    else:
         with pytest.raises(ValueError, match=f"cannot condition a {type(pipe.transformer).__name__} on a step count"):
             StudentNet(source.denoiser, step_conditioned=True)
+
+
+def test_a_step_distilled_flux2_klein_samples_without_cfg_and_a_negative_it_cannot_take_is_not_exported(tmp_path,
+                                                                                                      capsys):
+    """A Flux.2 klein pipeline that names itself step-distilled (``is_distilled``) samples without CFG, as its
+    pipeline does; a student of the base model guided against a negative prompt, which its pipeline cannot
+    take, is refused export in one line."""
+    from distill_core.config import DistillConfig
+    from distill_core.train.run import train_student
+
+    teacher = dit_pipeline_dir(tmp_path / "distilled", "flux2-klein", distilled=True)
+    assert diffusers_source(teacher, prompts=["an owl"], resolution=32).guidance == 1.0
+    base = dit_pipeline_dir(tmp_path / "base", "flux2-klein")
+    source = diffusers_source(base, prompts=["an owl"], resolution=32, negative="blurry")
+    cfg = DistillConfig(steps=2, iters=1, batch=2, checkpoint_every=0, out=str(tmp_path / "run"), student="lora",
+                        guidance_mode="cfg")
+    path = train_student(cfg, source, progress=False).path
+    assert main(["export-diffusers", str(path), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "against the negative 'blurry', and Flux2KleinPipeline guides against the empty prompt only" in err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()

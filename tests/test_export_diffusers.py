@@ -17,10 +17,9 @@ from distill_core.diffusers_source import diffusers_source
 from distill_core.export_diffusers import LORA_FILE, PIPELINES, export, exportable, pipeline_start, refusal, usage
 from distill_core.sampling import few_step, sample
 from distill_core.student_files import load_student
-from distill_core.text_pipeline import vae_scale
 from distill_core.train.run import train_student
 from tests.test_dit_pipelines import KINDS as DIT_KINDS
-from tests.test_dit_pipelines import dit_pipeline_dir
+from tests.test_dit_pipelines import LATENT, dit_pipeline_dir, flux2_latents
 from tests.test_teacher_from_dir import multi_encoder_pipeline_dir, text_pipeline_dir
 
 
@@ -39,9 +38,13 @@ def pipeline_latents(teacher, out, settings: dict, z: torch.Tensor, student: boo
     target = PIPELINES[settings["pipeline"]]
     latents = settings["noise_scale"] * z
     latents = pipe._pack_latents(latents, b, c, h, w) if target.packed else latents
-    images = pipe(prompt="an owl", negative_prompt=settings.get("negative_prompt"), latents=latents,
-                  sigmas=settings["sigmas"], height=settings["height"], width=settings["width"], output_type="latent",
-                  **{target.guidance_keyword: settings["guidance_scale"]}, **settings["call"]).images
+    call = {"prompt": "an owl", "latents": latents, "sigmas": settings["sigmas"], "height": settings["height"],
+            "width": settings["width"], target.guidance_keyword: settings["guidance_scale"], **settings["call"]}
+    if target.takes_negative:
+        call["negative_prompt"] = settings.get("negative_prompt")
+    if settings["pipeline"] == "Flux2KleinPipeline":
+        return flux2_latents(pipe, z.shape, **call)
+    images = pipe(**call, output_type="latent").images
     if not target.packed:
         return images
     return pipe._unpack_latents(images, settings["height"], settings["width"], pipe.vae_scale_factor).view(b, c, h, w)
@@ -61,7 +64,7 @@ EXPORTED_SCALE = {"flux": (3.5, 3.5), "lumina2": (1.0, 4.0), "zimage": (0.0, 5.0
 @pytest.mark.parametrize("pipeline, kind", [("sd", "lora"), ("sd", "full"), ("sdxl", "lora"), ("sd3", "lora"),
                                             ("flux", "lora"), ("flux", "full"), ("qwen", "lora"), ("sd3", "lora-cfg"),
                                             ("auraflow", "lora"), ("chroma", "lora"), ("lumina2", "lora-cfg"),
-                                            ("zimage", "lora"), ("zimage", "lora-cfg")])
+                                            ("zimage", "lora"), ("zimage", "lora-cfg"), ("flux2-klein", "lora")])
 def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_path, pipeline, kind):
     """The stock pipeline with the exported files takes the engine's Euler steps through the student: the same
     latents from the same noise (a flow pipeline's last step ends at 0, the student's at sigma_min); a student
@@ -70,7 +73,7 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\nan owl\n")
     with_cfg = kind == "lora-cfg"
-    side = 16 if pipeline == "qwen" else 8 * vae_scale(teacher) if pipeline in DIT_KINDS else None
+    side = 16 if pipeline == "qwen" else 8 * LATENT.get(pipeline, (16, 2))[1] if pipeline in DIT_KINDS else None
     source = diffusers_source(teacher, prompts=prompts, resolution=side, negative="blurry" if with_cfg else None)
     cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
                         student=kind.removesuffix("-cfg"), lora_rank=4, lora_alpha=2,  # one large step, at a

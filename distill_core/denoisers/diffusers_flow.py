@@ -20,12 +20,16 @@ they differ in what they take besides x_t:
 * Qwen-Image's ``QwenImageTransformer2DModel``: t itself, the latent packed as Flux's, the text encoder's token
   embeddings c with their padding mask m (``encoder_hidden_states_mask``: prompts of different lengths share one
   padded table), and the latent's patch grid (1, H / 2, W / 2) for its rotary positions (``img_shapes``);
+* Flux.2's ``Flux2Transformer2DModel``: t itself and c, on latents whose channels are the VAE's 2 x 2 patches
+  already (Flux.2's VAE normalises them): each latent pixel a token at position (0, row, column, 0), text
+  token l at (0, 0, 0, l);
 * Wan's ``WanTransformer3DModel``: t * T and c, on video latents [B, C, F, H, W]: an image is one frame (F = 1);
   Wan 2.2 A14B's two of them, one expert for high noise and one for low (``WanExperts``).
 
 The time shift s that a model's scheduler samples with (t' = s t / (1 + (s - 1) t); Flux and Qwen-Image:
-s = e^mu, mu linear in the image's token count; a scheduler with the linear time shift: s = mu) does not
-change the denoiser; it sets the students' flow grid (``FlowDenoiser.shift``).
+s = e^mu, mu linear in the image's token count; a scheduler with the linear time shift: s = mu; Flux.2: its
+pipelines' fit in the token count and the step count, taken at their default ``FLUX2_STEPS``) does not change
+the denoiser; it sets the students' flow grid (``FlowDenoiser.shift``).
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ import torch
 from torch import nn
 
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, FlowDenoiser, t_to_sigma
-from distill_core.schedules import flux_shift
+from distill_core.schedules import flux2_shift, flux_shift
 
 #: the embedded guidance a guidance-distilled Flux model is distilled at unless the run says another
 #: (FluxPipeline's default)
 FLUX_GUIDANCE = 3.5
+#: the step count at which Flux.2's shift sets its students' grid (its pipelines' default)
+FLUX2_STEPS = 50
 
 
 class UNetVelocity(nn.Module):
@@ -105,6 +111,24 @@ class FluxVelocity(nn.Module):
         v = self.transformer(hidden_states=pack(x), timestep=time, **cond, txt_ids=x.new_zeros(text_tokens, 3),
                              img_ids=img_ids.view(-1, 3), return_dict=False)[0]
         return unpack(v, x.shape)
+
+
+class Flux2Velocity(nn.Module):
+    """Flux.2's transformer as v(x_t, t, {"encoder_hidden_states": c}) on [B, C, H, W] latents of 2 x 2 VAE
+    patches: every latent pixel a token at (0, row, column, 0), text token l at (0, 0, 0, l)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        b, _, h, w = x.shape
+        text_tokens = cond["encoder_hidden_states"].shape[1]
+        img_ids, txt_ids = (torch.cartesian_prod(*(torch.arange(n, device=x.device) for n in sizes)).expand(b, -1, -1)
+                            for sizes in ((1, h, w, 1), (1, 1, 1, text_tokens)))
+        v = self.transformer(hidden_states=x.flatten(2).transpose(1, 2), timestep=time, **cond, img_ids=img_ids,
+                             txt_ids=txt_ids, return_dict=False)[0]
+        return v.transpose(1, 2).reshape(x.shape)
 
 
 class QwenImageVelocity(nn.Module):
@@ -208,6 +232,8 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
         net, time_scale = FluxVelocity(model, guidance), 1.0
     elif name == "QwenImageTransformer2DModel":
         net, time_scale = QwenImageVelocity(model), 1.0
+    elif name == "Flux2Transformer2DModel":
+        net, time_scale = Flux2Velocity(model), 1.0
     elif name == "ChromaTransformer2DModel":
         net, time_scale = FluxVelocity(model, None), 1.0
     elif name == "SD3Transformer2DModel":
@@ -222,7 +248,9 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
         net, time_scale = WanVelocity(model), float(steps)
     else:
         net, time_scale = UNetVelocity(model), float(steps)
-    if scheduler.get("use_dynamic_shifting"):
+    if name == "Flux2Transformer2DModel":  # its pipelines' own fit, whatever its scheduler's config says
+        shift = flux2_shift(shape[1] * shape[2], FLUX2_STEPS)
+    elif scheduler.get("use_dynamic_shifting"):
         shift = flux_shift(shape[1] * shape[2] // 4, scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15),
                            scheduler.get("base_image_seq_len", 256), scheduler.get("max_image_seq_len", 4096))
         if scheduler.get("time_shift_type") == "linear":  # t' = mu t / (1 + (mu - 1) t): the shift is mu itself
