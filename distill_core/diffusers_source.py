@@ -15,8 +15,8 @@ the network was trained:
 Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
 ``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
 pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image, Wan 2.1 / 2.2 A14B as
-image models, AuraFlow, Chroma, Lumina 2, Z-Image and Flux.2 klein: their transformers; with all their text
-encoders) trains on ``prompts`` instead (``text_pipeline``).
+image models, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein and HiDream: their transformers; with all
+their text encoders) trains on ``prompts`` instead (``text_pipeline``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ UNETS = ("UNet2DModel", "UNet2DConditionModel")
 #: diffusion transformers, which take text embeddings and come in their pipeline's directory
 TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel",
                 "WanTransformer3DModel", "AuraFlowTransformer2DModel", "ChromaTransformer2DModel",
-                "Lumina2Transformer2DModel", "ZImageTransformer2DModel", "Flux2Transformer2DModel")
+                "Lumina2Transformer2DModel", "ZImageTransformer2DModel", "Flux2Transformer2DModel",
+                "HiDreamImageTransformer2DModel")
 #: the transformers that take their latent as tokens of 2 x 2 patches of 4 C channels
 PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel", "ChromaTransformer2DModel")
 #: the transformers whose latents are their VAE's 2 x 2 patches already (Flux.2: 4 C channels on a grid of half
@@ -49,10 +50,10 @@ GUIDANCE_BY_NETWORK = {"FluxTransformer2DModel": 1.0, "QwenImageTransformer2DMod
                        "ZImageTransformer2DModel": 6.0, "Flux2Transformer2DModel": 4.0}
 #: the image a pipeline draws unless told another size, (height, width) in pixels, for networks whose config
 #: names none or another: Qwen-Image's (``default_sample_size`` latent pixels x 8), Wan's (its pipeline's 480p
-#: frame), AuraFlow's, Z-Image's and Flux.2's (their pipelines' 1024 pixels)
+#: frame), AuraFlow's, Z-Image's, Flux.2's and HiDream's (their pipelines' 1024 pixels)
 DEFAULT_IMAGE = {"QwenImageTransformer2DModel": (1024, 1024), "WanTransformer3DModel": (480, 832),
                  "AuraFlowTransformer2DModel": (1024, 1024), "ZImageTransformer2DModel": (1024, 1024),
-                 "Flux2Transformer2DModel": (1024, 1024)}
+                 "Flux2Transformer2DModel": (1024, 1024), "HiDreamImageTransformer2DModel": (1024, 1024)}
 
 def read_json(path: Path) -> dict:
     try:

@@ -12,9 +12,10 @@ the 512 tokens its pipeline pads to; AuraFlow: UMT5's, zeroed past each prompt's
 mask of each prompt's tokens and its first padding token; Lumina 2: Gemma 2's second-to-last hidden states of
 its system prompt and the prompt, with their mask; Z-Image: Qwen3's second-to-last hidden states of the prompt
 in its chat template, unpadded, kept as one padded table and its mask; Flux.2 klein: Qwen3's hidden states of
-three layers side by side), and the pooled embedding p where the
+three layers side by side; HiDream: T5's, and Llama 3.1's hidden states of every layer), and the pooled
+embedding p where the
 network takes one (SDXL: ``text_embeds``, with the image's size and crop as ``time_ids``; SD3 and Flux:
-``pooled_projections``).
+``pooled_projections``; HiDream: both CLIPs' side by side, ``pooled_embeds``).
 Classifier-free guidance's unconditional side is the run's negative prompt, encoded as the pipeline encodes
 one, or else the pipeline's own negative: the empty prompt encoded (SD1.x, SD2.x, SD3, Wan), zeros (SDXL, which
 zeroes an empty negative), or the single space Qwen-Image's documentation gives as its empty negative; Flux
@@ -46,7 +47,7 @@ DENOISER_ATTRIBUTES = ("sigma_min", "sigma_max", "prediction", "shift")
 #: the pipelines this command distils, by ``model_index.json``'s class name
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
              "QwenImagePipeline", "WanPipeline", "AuraFlowPipeline", "ChromaPipeline", "Lumina2Pipeline",
-             "ZImagePipeline", "Flux2KleinPipeline")
+             "ZImagePipeline", "Flux2KleinPipeline", "HiDreamImagePipeline")
 #: the text tokens Wan's pipeline pads its prompts to (its call's ``max_sequence_length``)
 WAN_TEXT_TOKENS = 512
 #: the unconditional prompt of a pipeline whose negative is not the empty prompt
@@ -54,7 +55,7 @@ NEGATIVE_PROMPT = {"QwenImagePipeline": " "}
 #: the parts of a pipeline that encoding prompts does not load
 NOT_FOR_PROMPTS = ("unet", "transformer", "transformer_2", "vae", "safety_checker", "feature_extractor",
                    "image_encoder")
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
 #: the VAEs of video latents [B, C, F, H, W], normalised per channel by their ``latents_mean`` and ``latents_std``
 VIDEO_VAES = ("AutoencoderKLQwenImage", "AutoencoderKLWan")
 #: the VAEs whose latents are normalised 2 x 2 patches (Flux.2's: by the running statistics of its ``bn``)
@@ -139,7 +140,7 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
     if name not in PIPELINES:
         raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
                          f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Qwen-Image, Wan 2.1 and 2.2 "
-                         "A14B, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein)")
+                         "A14B, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream)")
     for part in TEXT_ENCODERS:
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
@@ -208,6 +209,11 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
         for i, row in enumerate(rows):
             mask[i, :len(row)], feats[i, :len(row)] = True, row.float()
         return {"cap_feats": feats, "cap_mask": mask}
+    if name == "HiDreamImagePipeline":  # Llama's layers first: the table takes each row's batch first
+        context, _, layers, _, pooled, _ = pipe.encode_prompt([*prompts, negative or ""], device="cpu",
+                                                              do_classifier_free_guidance=False)
+        return {"encoder_hidden_states_t5": context.float(),
+                "encoder_hidden_states_llama3": layers.transpose(0, 1).float(), "pooled_embeds": pooled.float()}
     if name == "Flux2KleinPipeline":  # Qwen3's hidden states of three layers side by side
         context, _ = pipe.encode_prompt([*prompts, negative or ""], device="cpu")
         return {"encoder_hidden_states": context.float()}

@@ -1,8 +1,8 @@
 """Text-to-image pipelines of the flow transformers that followed SD3 and Flux, as ``--teacher DIR``: AuraFlow
 (UMT5), Chroma (T5 with its text mask, latents packed as Flux's), Lumina 2 (Gemma 2 behind its system prompt;
 time runs the other way), Z-Image (Qwen3, each prompt's tokens unpadded; time the other way) and Flux.2 klein
-(Qwen3's hidden states of three layers; latents of normalised 2 x 2 VAE patches), each built tiny here as
-diffusers saves it."""
+(Qwen3's hidden states of three layers; latents of normalised 2 x 2 VAE patches) and HiDream (two CLIPs, T5 and
+every layer of Llama 3.1; a mixture of experts), each built tiny here as diffusers saves it."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from distill_core.cli import main
 from distill_core.diffusers_source import diffusers_source
 from distill_core.safetensors_io import read_card
 from distill_core.text_pipeline import vae_scale
-from tests.test_teacher_from_dir import autoencoder, byte_vocab, t5_tokenizer
+from tests.test_teacher_from_dir import autoencoder, byte_vocab, clip_config, clip_tokenizer, t5_tokenizer
 
-KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein")
+KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein", "hidream")
 #: the CFG scale w each is distilled at by default: its pipeline's (Z-Image's g = 5 is w = 6)
-DEFAULT_W = {"auraflow": 3.5, "chroma": 5.0, "lumina2": 4.0, "zimage": 6.0, "flux2-klein": 4.0}
+DEFAULT_W = {"auraflow": 3.5, "chroma": 5.0, "lumina2": 4.0, "zimage": 6.0, "flux2-klein": 4.0, "hidream": 5.0}
 #: the channels of each one's latents (Flux.2's: 2 x 2 patches of 16) and the pixels a latent pixel spans
 LATENT = {"auraflow": (4, 2), "lumina2": (16, 8), "flux2-klein": (64, 4)}
 #: the CFG scale each pipeline takes for the engine's w (Z-Image: g = w - 1) and the keywords that make its
@@ -30,9 +30,10 @@ PIPELINE_SCALE = {"zimage": lambda w: w - 1}
 PIPELINE_CALL = {"lumina2": {"cfg_normalization": False}}
 #: each scheduler's time shift (Chroma's of the 16 tokens of its 8 x 8 latent's 2 x 2 patches; Flux.2's of its
 #: 64 tokens at its pipeline's default 50 steps)
-SHIFT = {"auraflow": 1.73, "chroma": "tokens", "lumina2": 6.0, "zimage": 3.0, "flux2-klein": "flux2"}
+SHIFT = {"auraflow": 1.73, "chroma": "tokens", "lumina2": 6.0, "zimage": 3.0, "flux2-klein": "flux2", "hidream": 3.0}
 #: the time embeddings SFD-v conditions (Lumina 2's returns the caption's too; Chroma's has no layer of its own)
-INJECTION = {"auraflow": "time_step_proj", "zimage": "t_embedder", "flux2-klein": "time_guidance_embed"}
+INJECTION = {"auraflow": "time_step_proj", "zimage": "t_embedder", "flux2-klein": "time_guidance_embed",
+             "hidream": "t_embedder"}
 
 
 def gemma(special: list[str]):
@@ -65,6 +66,22 @@ def qwen3(layers: int = 2, causal: bool = False, width: int = 32):
     return (transformers.Qwen3ForCausalLM if causal else transformers.Qwen3Model)(config), tokenizer
 
 
+def llama(special: list[str]):
+    """A tiny Llama language model of two layers and its byte-level tokenizer (a fast tokenizer of its own)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = byte_vocab(special)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=special[0], eos_token=special[1],
+                                                     pad_token=special[1], model_max_length=16)
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                      bos_token_id=vocab[special[0]], eos_token_id=vocab[special[1]])
+    return transformers.LlamaForCausalLM(config), tokenizer
+
+
 def dit_pipeline_dir(root, kind: str, distilled: bool = False):
     """A tiny AuraFlow, Chroma, Lumina 2 or Z-Image pipeline as diffusers saves one, on 8 x 8 latents: each
     transformer of one block (and one refiner), its own text encoder of one or two layers, an AutoencoderKL (4
@@ -72,7 +89,9 @@ def dit_pipeline_dir(root, kind: str, distilled: bool = False):
     pixel, so its VAE makes them so), and its scheduler: FlowMatch shifted as each ships (AuraFlow 1.73,
     Lumina 2 6, Z-Image 3; Chroma by its token count, as Flux dev). Flux.2 klein: a Qwen3 language model of the 27
     layers whose hidden states its pipeline reads, a Flux.2 VAE of one halving on 16 channels with random
-    running statistics, and its pipeline's ``is_distilled`` as ``distilled`` says."""
+    running statistics, and its pipeline's ``is_distilled`` as ``distilled`` says. HiDream: CLIPs of 128
+    positions (its pipeline pads them so), T5, Llama of two layers, both of them read, and two routed experts
+    of which each token takes one."""
     import transformers
 
     flow = diffusers.FlowMatchEulerDiscreteScheduler
@@ -119,6 +138,23 @@ def dit_pipeline_dir(root, kind: str, distilled: bool = False):
         pipeline = diffusers.Flux2KleinPipeline(
             scheduler=flow(use_dynamic_shifting=True, time_shift_type="exponential"), vae=vae, text_encoder=encoder,
             tokenizer=tokenizer, transformer=network, is_distilled=distilled)
+    elif kind == "hidream":
+        clip, clip_vocab = clip_tokenizer(root)
+        t5_tokens, t5_vocab = t5_tokenizer()
+        t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=t5_vocab, d_model=32, d_kv=8, d_ff=32,
+                                                               num_layers=1, num_heads=2))
+        encoder, tokenizer = llama(["<|begin_of_text|>", "<|end_of_text|>"])
+        network = diffusers.HiDreamImageTransformer2DModel(
+            patch_size=2, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, caption_channels=[32, 16], text_emb_dim=32, num_routed_experts=2,
+            num_activated_experts=1,
+            axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=[0, 1])
+        clips = [transformers.CLIPTextModelWithProjection(clip_config(clip_vocab, 128, projection_dim=16))
+                 for _ in range(2)]
+        pipeline = diffusers.HiDreamImagePipeline(
+            scheduler=flow(shift=3.0), vae=autoencoder(16, shift_factor=0.1), text_encoder=clips[0], tokenizer=clip,
+            text_encoder_2=clips[1], tokenizer_2=clip, text_encoder_3=t5, tokenizer_3=t5_tokens,
+            text_encoder_4=encoder, tokenizer_4=tokenizer, transformer=network)
     else:
         encoder, tokenizer = qwen3()
         network = diffusers.ZImageTransformer2DModel(in_channels=16, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2,
@@ -185,6 +221,8 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     shift = {"tokens": flux_shift(16), "flux2": flux2_shift(64, 50)}.get(SHIFT[kind], SHIFT[kind])
     assert source.denoiser.shift == pytest.approx(shift)
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    if kind == "hidream":  # its pipeline scales every image to its default's area: that default, here
+        pipe.default_sample_size = side // vae_scale(teacher)
     x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
     expected = pipeline_latents(pipe, "an owl in the snow at night", x, 2.0, [0.9, 0.6, 0.3], side,
                                 **PIPELINE_CALL.get(kind, {}))

@@ -149,11 +149,11 @@ def autoencoder(latent_channels: int, blocks: int = 2, **latent):
                                    up_block_types=("UpDecoderBlock2D",) * blocks, **latent)
 
 
-def clip_config(vocab: int, **extra):
+def clip_config(vocab: int, positions: int = 12, **extra):
     import transformers
 
     return transformers.CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, max_position_embeddings=12, bos_token_id=0,
+                                       num_attention_heads=2, max_position_embeddings=positions, bos_token_id=0,
                                        eos_token_id=1, pad_token_id=1, **extra)
 
 

@@ -20,6 +20,9 @@ they differ in what they take besides x_t:
 * Qwen-Image's ``QwenImageTransformer2DModel``: t itself, the latent packed as Flux's, the text encoder's token
   embeddings c with their padding mask m (``encoder_hidden_states_mask``: prompts of different lengths share one
   padded table), and the latent's patch grid (1, H / 2, W / 2) for its rotary positions (``img_shapes``);
+* HiDream's ``HiDreamImageTransformer2DModel``: t * T, T5's token embeddings, Llama 3.1's hidden states of every
+  layer ([layers, B, L, D]: stored batch first, ``encoder_hidden_states_llama3``) and the two CLIPs' pooled
+  embeddings side by side; it predicts -v;
 * Flux.2's ``Flux2Transformer2DModel``: t itself and c, on latents whose channels are the VAE's 2 x 2 patches
   already (Flux.2's VAE normalises them): each latent pixel a token at position (0, row, column, 0), text
   token l at (0, 0, 0, l);
@@ -111,6 +114,26 @@ class FluxVelocity(nn.Module):
         v = self.transformer(hidden_states=pack(x), timestep=time, **cond, txt_ids=x.new_zeros(text_tokens, 3),
                              img_ids=img_ids.view(-1, 3), return_dict=False)[0]
         return unpack(v, x.shape)
+
+
+class HiDreamVelocity(nn.Module):
+    """HiDream's transformer, which predicts -v, as v(x_t, t T, {"encoder_hidden_states_t5": c_T5,
+    "encoder_hidden_states_llama3": c_Llama [B, layers, L, D], "pooled_embeds": p}). In training mode it routes
+    its mixture of experts with gradients (its inference routing has none) and returns its patches unplaced,
+    [B, C, (H / p)(W / p), p p]: put back in place here."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        cond = {**cond, "encoder_hidden_states_llama3": cond["encoder_hidden_states_llama3"].transpose(0, 1)}
+        out = self.transformer(hidden_states=x, timesteps=time, **cond, return_dict=False)[0]
+        if out.shape != x.shape:  # the training layout: patch (row, column) tokens of p x p pixels
+            b, c, h, w = x.shape
+            p = self.transformer.config.patch_size
+            out = out.view(b, c, h // p, w // p, p, p).permute(0, 1, 2, 4, 3, 5).reshape(x.shape)
+        return -out
 
 
 class Flux2Velocity(nn.Module):
@@ -238,6 +261,8 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
         net, time_scale = FluxVelocity(model, None), 1.0
     elif name == "SD3Transformer2DModel":
         net, time_scale = KeywordVelocity(model), float(steps)
+    elif name == "HiDreamImageTransformer2DModel":
+        net, time_scale = HiDreamVelocity(model), float(steps)
     elif name == "AuraFlowTransformer2DModel":
         net, time_scale = KeywordVelocity(model), 1.0
     elif name == "Lumina2Transformer2DModel":
