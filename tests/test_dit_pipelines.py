@@ -22,14 +22,14 @@ from tests.test_teacher_from_dir import autoencoder, byte_vocab, clip_config, cl
 KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein", "hidream")
 #: the CFG scale w each is distilled at by default: its pipeline's (Z-Image's g = 5 is w = 6)
 DEFAULT_W = {"auraflow": 3.5, "chroma": 5.0, "lumina2": 4.0, "zimage": 6.0, "flux2-klein": 4.0, "hidream": 5.0}
-#: the channels of each one's latents (Flux.2's: 2 x 2 patches of 16) and the pixels a latent pixel spans
-LATENT = {"auraflow": (4, 2), "lumina2": (16, 8), "flux2-klein": (64, 4)}
-#: the CFG scale each pipeline takes for the engine's w (Z-Image: g = w - 1) and the keywords that make its
-#: guidance the engine's (Lumina 2: no rescaling of the guided velocity)
-PIPELINE_SCALE = {"zimage": lambda w: w - 1}
+#: the channels of each one's latents (Flux.2's: 2 x 2 patches of 16), the pixels a latent pixel spans and the
+#: latent's side (others: 16 channels, 2 pixels, 8)
+LATENT = {"auraflow": (4, 2, 8), "lumina2": (16, 8, 8), "flux2-klein": (64, 4, 4)}
+#: the keywords of a pipeline's call that make its guidance the engine's (Lumina 2: no rescaling of the guided
+#: velocity)
 PIPELINE_CALL = {"lumina2": {"cfg_normalization": False}}
 #: each scheduler's time shift (Chroma's of the 16 tokens of its 8 x 8 latent's 2 x 2 patches; Flux.2's of its
-#: 64 tokens at its pipeline's default 50 steps)
+#: 16 tokens at its pipeline's default 50 steps)
 SHIFT = {"auraflow": 1.73, "chroma": "tokens", "lumina2": 6.0, "zimage": 3.0, "flux2-klein": "flux2", "hidream": 3.0}
 #: the time embeddings SFD-v conditions (Lumina 2's returns the caption's too; Chroma's has no layer of its own)
 INJECTION = {"auraflow": "time_step_proj", "zimage": "t_embedder", "flux2-klein": "time_guidance_embed",
@@ -213,12 +213,12 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     teacher = dit_pipeline_dir(tmp_path, kind)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\nan owl in the snow at night\n")
-    channels, pixels = LATENT.get(kind, (16, 2))
-    side = 8 * pixels
+    channels, pixels, grid = LATENT.get(kind, (16, 2, 8))
+    side = grid * pixels
     assert pixels == vae_scale(teacher) * (2 if kind == "flux2-klein" else 1)
     source = diffusers_source(teacher, prompts=prompts, resolution=side)
-    assert (source.shape, source.guidance) == ((channels, 8, 8), DEFAULT_W[kind])
-    shift = {"tokens": flux_shift(16), "flux2": flux2_shift(64, 50)}.get(SHIFT[kind], SHIFT[kind])
+    assert (source.shape, source.guidance) == ((channels, grid, grid), DEFAULT_W[kind])
+    shift = {"tokens": flux_shift(16), "flux2": flux2_shift(16, 50)}.get(SHIFT[kind], SHIFT[kind])
     assert source.denoiser.shift == pytest.approx(shift)
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
     if kind == "hidream":  # its pipeline scales every image to its default's area: that default, here
@@ -264,9 +264,9 @@ def test_a_step_distilled_flux2_klein_samples_without_cfg_and_a_negative_it_cann
     from distill_core.train.run import train_student
 
     teacher = dit_pipeline_dir(tmp_path / "distilled", "flux2-klein", distilled=True)
-    assert diffusers_source(teacher, prompts=["an owl"], resolution=32).guidance == 1.0
+    assert diffusers_source(teacher, prompts=["an owl"], resolution=16).guidance == 1.0
     base = dit_pipeline_dir(tmp_path / "base", "flux2-klein")
-    source = diffusers_source(base, prompts=["an owl"], resolution=32, negative="blurry")
+    source = diffusers_source(base, prompts=["an owl"], resolution=16, negative="blurry")
     cfg = DistillConfig(steps=2, iters=1, batch=2, checkpoint_every=0, out=str(tmp_path / "run"), student="lora",
                         guidance_mode="cfg")
     path = train_student(cfg, source, progress=False).path

@@ -73,7 +73,8 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\nan owl\n")
     with_cfg = kind == "lora-cfg"
-    side = 16 if pipeline == "qwen" else 8 * LATENT.get(pipeline, (16, 2))[1] if pipeline in DIT_KINDS else None
+    _, pixels, grid = LATENT.get(pipeline, (16, 2, 8))
+    side = 16 if pipeline == "qwen" else grid * pixels if pipeline in DIT_KINDS else None
     source = diffusers_source(teacher, prompts=prompts, resolution=side, negative="blurry" if with_cfg else None)
     cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
                         student=kind.removesuffix("-cfg"), lora_rank=4, lora_alpha=2,  # one large step, at a
