@@ -15,8 +15,8 @@ the network was trained:
 Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
 ``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
 pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image, Wan 2.1 / 2.2 A14B as
-image models, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein and HiDream: their transformers; with all
-their text encoders) trains on ``prompts`` instead (``text_pipeline``).
+image models, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream and SANA: their transformers; with
+all their text encoders) trains on ``prompts`` instead (``text_pipeline``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ UNETS = ("UNet2DModel", "UNet2DConditionModel")
 TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel",
                 "WanTransformer3DModel", "AuraFlowTransformer2DModel", "ChromaTransformer2DModel",
                 "Lumina2Transformer2DModel", "ZImageTransformer2DModel", "Flux2Transformer2DModel",
-                "HiDreamImageTransformer2DModel")
+                "HiDreamImageTransformer2DModel", "SanaTransformer2DModel")
 #: the transformers that take their latent as tokens of 2 x 2 patches of 4 C channels
 PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel", "ChromaTransformer2DModel")
 #: the transformers whose latents are their VAE's 2 x 2 patches already (Flux.2: 4 C channels on a grid of half
@@ -47,7 +47,7 @@ PATCHIFIED = ("Flux2Transformer2DModel",)
 TEXT_GUIDANCE = 5.0
 GUIDANCE_BY_NETWORK = {"FluxTransformer2DModel": 1.0, "QwenImageTransformer2DModel": 4.0,
                        "AuraFlowTransformer2DModel": 3.5, "Lumina2Transformer2DModel": 4.0,
-                       "ZImageTransformer2DModel": 6.0, "Flux2Transformer2DModel": 4.0}
+                       "ZImageTransformer2DModel": 6.0, "Flux2Transformer2DModel": 4.0, "SanaTransformer2DModel": 4.5}
 #: the image a pipeline draws unless told another size, (height, width) in pixels, for networks whose config
 #: names none or another: Qwen-Image's (``default_sample_size`` latent pixels x 8), Wan's (its pipeline's 480p
 #: frame), AuraFlow's, Z-Image's, Flux.2's and HiDream's (their pipelines' 1024 pixels)

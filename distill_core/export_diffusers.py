@@ -1,5 +1,5 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Qwen-Image,
-AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein) as files diffusers loads:
+AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA) as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
@@ -33,7 +33,9 @@ against the negative it was distilled with (the pipeline's own, or the prompt it
 ``negative_prompt``), as in training (CFG in epsilon or velocity is CFG in x0: x0 is affine in either at fixed
 x and sigma); Flux dev: the guidance input its file names. Z-Image's pipeline takes g = w - 1 (it guides as
 x0_c + g (x0_c - x0_u)); Lumina 2's is told not to rescale its guided velocities (``cfg_normalization=False``),
-so that it guides as the engine does. Qwen-Image's pipeline always rescales them, which the engine's CFG does
+so that it guides as the engine does; SANA's not to snap the image size to its bins of aspect ratios
+(``use_resolution_binning=False``), so that it samples at the student's size. Qwen-Image's pipeline always
+rescales them, which the engine's CFG does
 not: only its guidance-distilled students export. Flux.2 klein's pipeline guides against the empty prompt
 only: a student guided against another negative does not export. A LoRA's update
 (alpha / r) B A is written with alpha / r folded into B, so PEFT's default scale 1 applies it.
@@ -92,6 +94,8 @@ PIPELINES = {
                               call=(("cfg_normalization", False),)),
     "ZImagePipeline": Target("transformer", "ZImageTransformer2DModel", flow=True, w_offset=1.0),
     "Flux2KleinPipeline": Target("transformer", "Flux2Transformer2DModel", flow=True, takes_negative=False),
+    "SanaPipeline": Target("transformer", "SanaTransformer2DModel", flow=True,
+                           call=(("use_resolution_binning", False),)),
 }
 #: the file name ``load_lora_weights`` reads from a directory
 LORA_FILE = "pytorch_lora_weights.safetensors"

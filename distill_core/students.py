@@ -164,7 +164,14 @@ class StudentNet(PartlySaved):
         self.load_state_dict(state, strict=self.lora is None)
 
     def _add_embedding(self, module, args, output):
-        return output if self._pending is None else output + self._pending.to(output.dtype)
+        """The time embedding's output plus the pending step or guidance embedding; an embedding that returns
+        (modulation, embedding), as SANA's ``AdaLayerNormSingle``, gets it on the modulation, which its last
+        layer makes."""
+        if self._pending is None:
+            return output
+        if isinstance(output, tuple):
+            return (output[0] + self._pending.to(output[0].dtype), *output[1:])
+        return output + self._pending.to(output.dtype)
 
     def forward(
         self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None, nfe: int | None = None,

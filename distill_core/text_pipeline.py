@@ -12,8 +12,8 @@ the 512 tokens its pipeline pads to; AuraFlow: UMT5's, zeroed past each prompt's
 mask of each prompt's tokens and its first padding token; Lumina 2: Gemma 2's second-to-last hidden states of
 its system prompt and the prompt, with their mask; Z-Image: Qwen3's second-to-last hidden states of the prompt
 in its chat template, unpadded, kept as one padded table and its mask; Flux.2 klein: Qwen3's hidden states of
-three layers side by side; HiDream: T5's, and Llama 3.1's hidden states of every layer), and the pooled
-embedding p where the
+three layers side by side; HiDream: T5's, and Llama 3.1's hidden states of every layer; SANA: Gemma 2's last
+hidden states of its call's instruction and the prompt, with their mask), and the pooled embedding p where the
 network takes one (SDXL: ``text_embeds``, with the image's size and crop as ``time_ids``; SD3 and Flux:
 ``pooled_projections``; HiDream: both CLIPs' side by side, ``pooled_embeds``).
 Classifier-free guidance's unconditional side is the run's negative prompt, encoded as the pipeline encodes
@@ -47,7 +47,7 @@ DENOISER_ATTRIBUTES = ("sigma_min", "sigma_max", "prediction", "shift")
 #: the pipelines this command distils, by ``model_index.json``'s class name
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
              "QwenImagePipeline", "WanPipeline", "AuraFlowPipeline", "ChromaPipeline", "Lumina2Pipeline",
-             "ZImagePipeline", "Flux2KleinPipeline", "HiDreamImagePipeline")
+             "ZImagePipeline", "Flux2KleinPipeline", "HiDreamImagePipeline", "SanaPipeline")
 #: the text tokens Wan's pipeline pads its prompts to (its call's ``max_sequence_length``)
 WAN_TEXT_TOKENS = 512
 #: the unconditional prompt of a pipeline whose negative is not the empty prompt
@@ -60,6 +60,8 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encod
 VIDEO_VAES = ("AutoencoderKLQwenImage", "AutoencoderKLWan")
 #: the VAEs whose latents are normalised 2 x 2 patches (Flux.2's: by the running statistics of its ``bn``)
 PATCH_VAES = ("AutoencoderKLFlux2",)
+#: autoencoders other than ``AutoencoderKL`` whose latents are scaled as its are (SANA's deep-compression one)
+SCALED_VAES = ("AutoencoderDC",)
 #: safetensors' names of the floating-point precisions an encoder's files may hold
 STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -100,14 +102,14 @@ def _transformers():
 def vae_scale(root: Path) -> int:
     """How many pixels a latent pixel of the pipeline's VAE spans per side (1 without a ``vae/``: its samples
     are images): one halving per block but the last (Qwen-Image's and Wan's video VAEs: per entry of
-    ``temperal_downsample``)."""
+    ``temperal_downsample``; SANA's deep-compression autoencoder: per encoder block but the last)."""
     path = root / "vae" / "config.json"
     if not path.is_file():
         return 1
     config = json.loads(path.read_text())
     if "temperal_downsample" in config:
         return 2 ** len(config["temperal_downsample"])
-    return 2 ** (len(config["block_out_channels"]) - 1)
+    return 2 ** (len(config.get("block_out_channels", config.get("encoder_block_out_channels", ()))) - 1)
 
 
 @contextlib.contextmanager
@@ -140,7 +142,7 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
     if name not in PIPELINES:
         raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
                          f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Qwen-Image, Wan 2.1 and 2.2 "
-                         "A14B, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream)")
+                         "A14B, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream, SANA)")
     for part in TEXT_ENCODERS:
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
@@ -209,6 +211,12 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
         for i, row in enumerate(rows):
             mask[i, :len(row)], feats[i, :len(row)] = True, row.float()
         return {"cap_feats": feats, "cap_mask": mask}
+    if name == "SanaPipeline":  # its call's instruction before each prompt, not before the negative
+        instruction = inspect.signature(cls.__call__).parameters["complex_human_instruction"].default
+        context, mask, uncond, uncond_mask = pipe.encode_prompt(prompts, negative_prompt=negative or "",
+                                                                device="cpu", complex_human_instruction=instruction)
+        return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
+                "encoder_attention_mask": torch.cat([mask, uncond_mask[:1]])}
     if name == "HiDreamImagePipeline":  # Llama's layers first: the table takes each row's batch first
         context, _, layers, _, pooled, _ = pipe.encode_prompt([*prompts, negative or ""], device="cpu",
                                                               do_classifier_free_guidance=False)
@@ -243,7 +251,7 @@ def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
 
     name = json.loads((folder / "config.json").read_text()).get("_class_name")
     video, patches = name in VIDEO_VAES, name in PATCH_VAES
-    vae_class = getattr(diffusers, name) if video or patches else diffusers.AutoencoderKL
+    vae_class = getattr(diffusers, name) if video or patches or name in SCALED_VAES else diffusers.AutoencoderKL
     vae = vae_class.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
 
     @torch.no_grad()
@@ -259,6 +267,7 @@ def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
             b, c, h, w = z.shape
             z = z.view(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
             return vae.decode(z).sample.clamp(-1, 1)
-        return vae.decode(latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample.clamp(-1, 1)
+        shift = vae.config.get("shift_factor") or 0.0
+        return vae.decode(latents / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
 
     return decode

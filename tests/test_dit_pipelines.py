@@ -1,8 +1,9 @@
 """Text-to-image pipelines of the flow transformers that followed SD3 and Flux, as ``--teacher DIR``: AuraFlow
 (UMT5), Chroma (T5 with its text mask, latents packed as Flux's), Lumina 2 (Gemma 2 behind its system prompt;
 time runs the other way), Z-Image (Qwen3, each prompt's tokens unpadded; time the other way) and Flux.2 klein
-(Qwen3's hidden states of three layers; latents of normalised 2 x 2 VAE patches) and HiDream (two CLIPs, T5 and
-every layer of Llama 3.1; a mixture of experts), each built tiny here as diffusers saves it."""
+(Qwen3's hidden states of three layers; latents of normalised 2 x 2 VAE patches), HiDream (two CLIPs, T5 and
+every layer of Llama 3.1; a mixture of experts) and SANA (Gemma 2 behind its call's instruction; a
+deep-compression autoencoder), each built tiny here as diffusers saves it."""
 
 from __future__ import annotations
 
@@ -19,21 +20,23 @@ from distill_core.safetensors_io import read_card
 from distill_core.text_pipeline import vae_scale
 from tests.test_teacher_from_dir import autoencoder, byte_vocab, clip_config, clip_tokenizer, t5_tokenizer
 
-KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein", "hidream")
+KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein", "hidream", "sana")
 #: the CFG scale w each is distilled at by default: its pipeline's (Z-Image's g = 5 is w = 6)
-DEFAULT_W = {"auraflow": 3.5, "chroma": 5.0, "lumina2": 4.0, "zimage": 6.0, "flux2-klein": 4.0, "hidream": 5.0}
+DEFAULT_W = {"auraflow": 3.5, "chroma": 5.0, "lumina2": 4.0, "zimage": 6.0, "flux2-klein": 4.0, "hidream": 5.0,
+             "sana": 4.5}
 #: the channels of each one's latents (Flux.2's: 2 x 2 patches of 16), the pixels a latent pixel spans and the
 #: latent's side (others: 16 channels, 2 pixels, 8)
-LATENT = {"auraflow": (4, 2, 8), "lumina2": (16, 8, 8), "flux2-klein": (64, 4, 4)}
-#: the keywords of a pipeline's call that make its guidance the engine's (Lumina 2: no rescaling of the guided
-#: velocity)
-PIPELINE_CALL = {"lumina2": {"cfg_normalization": False}}
+LATENT = {"auraflow": (4, 2, 8), "lumina2": (16, 8, 8), "flux2-klein": (64, 4, 4), "sana": (8, 8, 8)}
+#: the keywords of a pipeline's call that make it sample as the engine does (Lumina 2: no rescaling of the
+#: guided velocity; SANA: the image size as given)
+PIPELINE_CALL = {"lumina2": {"cfg_normalization": False}, "sana": {"use_resolution_binning": False}}
 #: each scheduler's time shift (Chroma's of the 16 tokens of its 8 x 8 latent's 2 x 2 patches; Flux.2's of its
 #: 16 tokens at its pipeline's default 50 steps)
-SHIFT = {"auraflow": 1.73, "chroma": "tokens", "lumina2": 6.0, "zimage": 3.0, "flux2-klein": "flux2", "hidream": 3.0}
+SHIFT = {"auraflow": 1.73, "chroma": "tokens", "lumina2": 6.0, "zimage": 3.0, "flux2-klein": "flux2", "hidream": 3.0,
+         "sana": 3.0}
 #: the time embeddings SFD-v conditions (Lumina 2's returns the caption's too; Chroma's has no layer of its own)
 INJECTION = {"auraflow": "time_step_proj", "zimage": "t_embedder", "flux2-klein": "time_guidance_embed",
-             "hidream": "t_embedder"}
+             "hidream": "t_embedder", "sana": "time_embed"}
 
 
 def gemma(special: list[str]):
@@ -91,7 +94,8 @@ def dit_pipeline_dir(root, kind: str, distilled: bool = False):
     layers whose hidden states its pipeline reads, a Flux.2 VAE of one halving on 16 channels with random
     running statistics, and its pipeline's ``is_distilled`` as ``distilled`` says. HiDream: CLIPs of 128
     positions (its pipeline pads them so), T5, Llama of two layers, both of them read, and two routed experts
-    of which each token takes one."""
+    of which each token takes one. SANA: Gemma 2, a deep-compression autoencoder of three halvings on 8
+    channels and its DPM-Solver over flow times, shifted by 3."""
     import transformers
 
     flow = diffusers.FlowMatchEulerDiscreteScheduler
@@ -155,6 +159,21 @@ def dit_pipeline_dir(root, kind: str, distilled: bool = False):
             scheduler=flow(shift=3.0), vae=autoencoder(16, shift_factor=0.1), text_encoder=clips[0], tokenizer=clip,
             text_encoder_2=clips[1], tokenizer_2=clip, text_encoder_3=t5, tokenizer_3=t5_tokens,
             text_encoder_4=encoder, tokenizer_4=tokenizer, transformer=network)
+    elif kind == "sana":
+        encoder, tokenizer = gemma(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])
+        network = diffusers.SanaTransformer2DModel(
+            in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
+            sample_size=8, patch_size=1)
+        blocks = {"encoder_block_out_channels": (8,) * 4, "decoder_block_out_channels": (8,) * 4,
+                  "encoder_layers_per_block": (1,) * 4, "decoder_layers_per_block": (1,) * 4,
+                  "encoder_qkv_multiscales": ((),) * 4, "decoder_qkv_multiscales": ((),) * 4}
+        vae = diffusers.AutoencoderDC(in_channels=3, latent_channels=8, attention_head_dim=8, scaling_factor=0.4,
+                                      **blocks)
+        pipeline = diffusers.SanaPipeline(
+            tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=network,
+            scheduler=diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                            flow_shift=3.0))
     else:
         encoder, tokenizer = qwen3()
         network = diffusers.ZImageTransformer2DModel(in_channels=16, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2,
@@ -223,6 +242,8 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
     if kind == "hidream":  # its pipeline scales every image to its default's area: that default, here
         pipe.default_sample_size = side // vae_scale(teacher)
+    if kind == "sana":  # Euler steps in place of its DPM-Solver's, on the same flow times
+        pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.0)
     x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
     expected = pipeline_latents(pipe, "an owl in the snow at night", x, 2.0, [0.9, 0.6, 0.3], side,
                                 **PIPELINE_CALL.get(kind, {}))
@@ -274,3 +295,26 @@ def test_a_step_distilled_flux2_klein_samples_without_cfg_and_a_negative_it_cann
     err = capsys.readouterr().err
     assert "against the negative 'blurry', and Flux2KleinPipeline guides against the empty prompt only" in err
     assert "Traceback" not in err and not (tmp_path / "x").exists()
+
+
+def test_hidreams_experts_pass_gradients_and_train_mode_changes_nothing_it_computes(tmp_path):
+    """HiDream routes its tokens to its experts without gradients in eval mode: wherever gradients are wanted
+    (a LoRA student's frozen base is in eval mode) its experts take their training route, so their weights get
+    gradients; its outputs are the same in eval mode, with gradients and in training mode (whose output layout
+    the engine puts back in place)."""
+    teacher = dit_pipeline_dir(tmp_path, "hidream")
+    denoiser = diffusers_source(teacher, prompts=["a red fox", "an owl"], resolution=16).denoiser
+    expert = next(m for m in denoiser.modules() if hasattr(m, "moe_infer")).experts[0].w1.weight
+    expert.requires_grad_(True)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma, prompts = torch.tensor([2.0, 0.5]), torch.tensor([0, 1])
+    with torch.no_grad():
+        plain = denoiser(x, sigma, prompts)
+    with_grad = denoiser(x, sigma, prompts)
+    with_grad.square().sum().backward()
+    assert expert.grad is not None and expert.grad.abs().sum() > 0
+    with torch.no_grad():
+        trained = denoiser.train()(x, sigma, prompts)
+    torch.testing.assert_close(with_grad.detach(), plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(trained, plain, atol=1e-6, rtol=0)
+    assert plain.abs().max() > 0.5

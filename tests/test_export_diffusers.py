@@ -19,7 +19,7 @@ from distill_core.sampling import few_step, sample
 from distill_core.student_files import load_student
 from distill_core.train.run import train_student
 from tests.test_dit_pipelines import KINDS as DIT_KINDS
-from tests.test_dit_pipelines import LATENT, dit_pipeline_dir, flux2_latents
+from tests.test_dit_pipelines import LATENT, PIPELINE_CALL, dit_pipeline_dir, flux2_latents
 from tests.test_teacher_from_dir import multi_encoder_pipeline_dir, text_pipeline_dir
 
 
@@ -57,14 +57,16 @@ def pipeline_dir(root, pipeline: str):
 
 
 #: the guidance scale each pipeline is exported with for a student without CFG and for one with CFG at the
-#: pipeline's default w: Flux dev its guidance input; Lumina 2 w = 4; Z-Image g = w - 1 (0: no CFG, w = 6: 5)
-EXPORTED_SCALE = {"flux": (3.5, 3.5), "lumina2": (1.0, 4.0), "zimage": (0.0, 5.0)}
+#: pipeline's default w: Flux dev its guidance input; Lumina 2 w = 4; SANA 4.5; Z-Image g = w - 1 (0: no CFG,
+#: w = 6: 5)
+EXPORTED_SCALE = {"flux": (3.5, 3.5), "lumina2": (1.0, 4.0), "sana": (1.0, 4.5), "zimage": (0.0, 5.0)}
 
 
 @pytest.mark.parametrize("pipeline, kind", [("sd", "lora"), ("sd", "full"), ("sdxl", "lora"), ("sd3", "lora"),
                                             ("flux", "lora"), ("flux", "full"), ("qwen", "lora"), ("sd3", "lora-cfg"),
                                             ("auraflow", "lora"), ("chroma", "lora"), ("lumina2", "lora-cfg"),
-                                            ("zimage", "lora"), ("zimage", "lora-cfg"), ("flux2-klein", "lora")])
+                                            ("zimage", "lora"), ("zimage", "lora-cfg"), ("flux2-klein", "lora"),
+                                            ("sana", "lora-cfg")])
 def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_path, pipeline, kind):
     """The stock pipeline with the exported files takes the engine's Euler steps through the student: the same
     latents from the same noise (a flow pipeline's last step ends at 0, the student's at sigma_min); a student
@@ -86,7 +88,7 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_pa
     network = "unet" if pipeline in ("sd", "sdxl") else "transformer"
     assert (out / LORA_FILE).is_file() == (kind != "full") and (out / network).is_dir() == (kind == "full")
     assert settings["guidance_scale"] == EXPORTED_SCALE.get(pipeline, (1.0, 5.0))[with_cfg]
-    assert settings["call"] == ({"cfg_normalization": False} if pipeline == "lumina2" else {})
+    assert settings["call"] == PIPELINE_CALL.get(pipeline, {})
     assert settings["steps"] == 2 and settings.get("negative_prompt") == ("blurry" if with_cfg else None)
     student = load_student(path, source.denoiser, source.uncond)
     z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))

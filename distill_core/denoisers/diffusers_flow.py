@@ -20,6 +20,8 @@ they differ in what they take besides x_t:
 * Qwen-Image's ``QwenImageTransformer2DModel``: t itself, the latent packed as Flux's, the text encoder's token
   embeddings c with their padding mask m (``encoder_hidden_states_mask``: prompts of different lengths share one
   padded table), and the latent's patch grid (1, H / 2, W / 2) for its rotary positions (``img_shapes``);
+* SANA's ``SanaTransformer2DModel``: t * T times its ``timestep_scale``, c with its padding mask
+  (``encoder_attention_mask``), on the latents of its deep-compression autoencoder;
 * HiDream's ``HiDreamImageTransformer2DModel``: t * T, T5's token embeddings, Llama 3.1's hidden states of every
   layer ([layers, B, L, D]: stored batch first, ``encoder_hidden_states_llama3``) and the two CLIPs' pooled
   embeddings side by side; it predicts -v;
@@ -66,7 +68,7 @@ class UNetVelocity(nn.Module):
 class KeywordVelocity(nn.Module):
     """A transformer that takes its condition as keywords beside ``hidden_states`` and ``timestep``: SD3's as
     v(x_t, t T, {"encoder_hidden_states": c, "pooled_projections": p}), AuraFlow's as v(x_t, t, {"encoder_hidden_
-    states": c})."""
+    states": c}), SANA's as v(x_t, t T s, {"encoder_hidden_states": c, "encoder_attention_mask": m})."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -118,17 +120,27 @@ class FluxVelocity(nn.Module):
 
 class HiDreamVelocity(nn.Module):
     """HiDream's transformer, which predicts -v, as v(x_t, t T, {"encoder_hidden_states_t5": c_T5,
-    "encoder_hidden_states_llama3": c_Llama [B, layers, L, D], "pooled_embeds": p}). In training mode it routes
-    its mixture of experts with gradients (its inference routing has none) and returns its patches unplaced,
-    [B, C, (H / p)(W / p), p p]: put back in place here."""
+    "encoder_hidden_states_llama3": c_Llama [B, layers, L, D], "pooled_embeds": p}). Its mixtures of experts
+    route tokens without gradients in eval mode: wherever gradients are wanted (a student's forward, a LoRA
+    student's frozen base included) they take their training route, the same sum of the same experts. In
+    training mode the transformer returns its patches unplaced, [B, C, (H / p)(W / p), p p]: put back in place
+    here."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
         self.transformer = transformer
+        self.mixtures = [m for m in transformer.modules() if hasattr(m, "moe_infer")]
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
         cond = {**cond, "encoder_hidden_states_llama3": cond["encoder_hidden_states_llama3"].transpose(0, 1)}
-        out = self.transformer(hidden_states=x, timesteps=time, **cond, return_dict=False)[0]
+        modes = [m.training for m in self.mixtures]
+        for m in self.mixtures:
+            m.training = m.training or torch.is_grad_enabled()
+        try:
+            out = self.transformer(hidden_states=x, timesteps=time, **cond, return_dict=False)[0]
+        finally:
+            for m, mode in zip(self.mixtures, modes):
+                m.training = mode
         if out.shape != x.shape:  # the training layout: patch (row, column) tokens of p x p pixels
             b, c, h, w = x.shape
             p = self.transformer.config.patch_size
@@ -263,6 +275,8 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
         net, time_scale = KeywordVelocity(model), float(steps)
     elif name == "HiDreamImageTransformer2DModel":
         net, time_scale = HiDreamVelocity(model), float(steps)
+    elif name == "SanaTransformer2DModel":
+        net, time_scale = KeywordVelocity(model), steps * float(model.config.timestep_scale)
     elif name == "AuraFlowTransformer2DModel":
         net, time_scale = KeywordVelocity(model), 1.0
     elif name == "Lumina2Transformer2DModel":
