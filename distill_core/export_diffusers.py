@@ -35,10 +35,10 @@ x and sigma); Flux dev: the guidance input its file names. Z-Image's pipeline ta
 x0_c + g (x0_c - x0_u)); Lumina 2's is told not to rescale its guided velocities (``cfg_normalization=False``),
 so that it guides as the engine does; SANA's not to snap the image size to its bins of aspect ratios
 (``use_resolution_binning=False``), so that it samples at the student's size. Qwen-Image's pipeline always
-rescales them, which the engine's CFG does
-not: only its guidance-distilled students export. Flux.2 klein's pipeline guides against the empty prompt
-only: a student guided against another negative does not export. A LoRA's update
-(alpha / r) B A is written with alpha / r folded into B, so PEFT's default scale 1 applies it.
+rescales its guided velocities, which the engine's CFG does not: only its guidance-distilled students export.
+Flux.2 klein's pipeline guides against the empty prompt only: a student guided against another negative does
+not export. A LoRA's update (alpha / r) B A is written with alpha / r folded into B, so PEFT's default scale 1
+applies it.
 
 Students whose sampling a diffusers scheduler does not reproduce are refused in one line (sample them with
 ``python -m distill_core sample``): samplers that re-noise (DMD2, LCM) or run a named solver (phased), a

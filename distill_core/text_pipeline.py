@@ -1,9 +1,10 @@
 """Text-to-image teachers from diffusers pipeline directories (``--teacher DIR --prompts FILE``), offline.
 
 A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or
-of SD3, Flux, Qwen-Image, Wan, AuraFlow, Chroma, Lumina 2, Z-Image or Flux.2 klein (``transformer/``; Wan 2.2
-A14B: and ``transformer_2/``), with ``scheduler/``, its text encoders and tokenizers, and optionally ``vae/``
-(an ``AutoencoderKL``, Qwen-Image's and Wan's video VAEs or Flux.2's, which decode the report's grid).
+of SD3, Flux, Qwen-Image, Wan, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream or SANA
+(``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with ``scheduler/``, its text encoders and tokenizers,
+and optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's and Wan's video VAEs, Flux.2's or SANA's
+deep-compression autoencoder, which decode the report's grid).
 
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
 arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and
@@ -17,9 +18,9 @@ hidden states of its call's instruction and the prompt, with their mask), and th
 network takes one (SDXL: ``text_embeds``, with the image's size and crop as ``time_ids``; SD3 and Flux:
 ``pooled_projections``; HiDream: both CLIPs' side by side, ``pooled_embeds``).
 Classifier-free guidance's unconditional side is the run's negative prompt, encoded as the pipeline encodes
-one, or else the pipeline's own negative: the empty prompt encoded (SD1.x, SD2.x, SD3, Wan), zeros (SDXL, which
-zeroes an empty negative), or the single space Qwen-Image's documentation gives as its empty negative; Flux
-samples without CFG. Guidance is the engine's, x0 = x0_u + w (x0_c - x0_u), the pipeline's CFG for all but
+one, or else the pipeline's own negative: the empty prompt encoded (most), zeros (SDXL, which zeroes an empty
+negative), or the single space Qwen-Image's documentation gives as its empty negative; Flux samples without
+CFG. Guidance is the engine's, x0 = x0_u + w (x0_c - x0_u), the pipeline's CFG for all but
 Z-Image, whose pipeline writes it x0_c + g (x0_c - x0_u) (g = w - 1), and Qwen-Image and Lumina 2, whose
 pipelines also rescale the guided velocity to the norm of the conditional one (Lumina 2's unless told
 ``cfg_normalization=False``): their students learn the unrescaled guidance, which ComfyUI's samplers apply.
@@ -243,7 +244,8 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
 def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Latents to images in [-1, 1] with the pipeline's ``vae/`` (None without one): z / scale + shift (SD3's and
     Flux's latents are shifted, SD's not); Qwen-Image's and Wan's video VAEs: z std + mean per channel, decoded
-    as one frame; Flux.2's: z std + mean per channel, each channel group of four a 2 x 2 patch."""
+    as one frame; Flux.2's: z std + mean per channel, each channel group of four a 2 x 2 patch; SANA's
+    deep-compression autoencoder: z / scale."""
     folder = root / "vae"
     if not (folder / "config.json").is_file():
         return None
