@@ -18,7 +18,7 @@ from distill_core.cli import main
 from distill_core.diffusers_source import diffusers_source
 from distill_core.safetensors_io import read_card
 from distill_core.text_pipeline import vae_scale
-from tests.test_teacher_from_dir import autoencoder, byte_vocab, clip_config, clip_tokenizer, t5_tokenizer
+from tests.test_teacher_from_dir import autoencoder, byte_vocab, clip_config, clip_tokenizer, t5_encoder
 
 KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein", "hidream", "sana")
 #: the CFG scale w each is distilled at by default: its pipeline's (Z-Image's g = 5 is w = 6)
@@ -99,17 +99,16 @@ def dit_pipeline_dir(root, kind: str, distilled: bool = False):
     import transformers
 
     flow = diffusers.FlowMatchEulerDiscreteScheduler
-    if kind in ("auraflow", "chroma"):
-        tokenizer, vocab = t5_tokenizer()
-        t5 = {"vocab_size": vocab, "d_model": 32, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2}
+    if kind in ("auraflow", "chroma"):  # AuraFlow: UMT5; Chroma: T5
+        tokenizer, encoder = t5_encoder(umt5=kind == "auraflow")
     if kind == "auraflow":
         network = diffusers.AuraFlowTransformer2DModel(
             sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
             pos_embed_max_size=64)
         pipeline = diffusers.AuraFlowPipeline(
-            tokenizer=tokenizer, text_encoder=transformers.UMT5EncoderModel(transformers.UMT5Config(**t5)),
-            vae=autoencoder(4), transformer=network, scheduler=flow(shift=1.73))
+            tokenizer=tokenizer, text_encoder=encoder, vae=autoencoder(4), transformer=network,
+            scheduler=flow(shift=1.73))
     elif kind == "chroma":
         network = diffusers.ChromaTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
@@ -117,8 +116,7 @@ def dit_pipeline_dir(root, kind: str, distilled: bool = False):
             approximator_hidden_dim=16, approximator_layers=1)
         pipeline = diffusers.ChromaPipeline(
             scheduler=flow(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
-            vae=autoencoder(16, shift_factor=0.1), tokenizer=tokenizer, transformer=network,
-            text_encoder=transformers.T5EncoderModel(transformers.T5Config(**t5)))
+            vae=autoencoder(16, shift_factor=0.1), tokenizer=tokenizer, transformer=network, text_encoder=encoder)
     elif kind == "lumina2":
         encoder, tokenizer = gemma(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])
         network = diffusers.Lumina2Transformer2DModel(
@@ -144,9 +142,7 @@ def dit_pipeline_dir(root, kind: str, distilled: bool = False):
             tokenizer=tokenizer, transformer=network, is_distilled=distilled)
     elif kind == "hidream":
         clip, clip_vocab = clip_tokenizer(root)
-        t5_tokens, t5_vocab = t5_tokenizer()
-        t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=t5_vocab, d_model=32, d_kv=8, d_ff=32,
-                                                               num_layers=1, num_heads=2))
+        t5_tokens, t5 = t5_encoder()
         encoder, tokenizer = llama(["<|begin_of_text|>", "<|end_of_text|>"])
         network = diffusers.HiDreamImageTransformer2DModel(
             patch_size=2, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,

@@ -131,6 +131,17 @@ def t5_tokenizer():
     return transformers.T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=16), len(pieces)
 
 
+def t5_encoder(umt5: bool = False):
+    """A T5 tokenizer (``t5_tokenizer``) and a T5 (or UMT5) encoder of one layer over its vocabulary."""
+    import transformers
+
+    tokenizer, vocab = t5_tokenizer()
+    config = {"vocab_size": vocab, "d_model": 32, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2}
+    if umt5:
+        return tokenizer, transformers.UMT5EncoderModel(transformers.UMT5Config(**config))
+    return tokenizer, transformers.T5EncoderModel(transformers.T5Config(**config))
+
+
 def byte_vocab(special: list[str]) -> dict[str, int]:
     """A byte-level BPE vocabulary without merges (every byte a token), then the ``special`` tokens."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -306,9 +317,7 @@ def multi_encoder_pipeline_dir(root, kind: str):
     import transformers
 
     clip, vocab = clip_tokenizer(root)
-    t5_tokens, t5_vocab = t5_tokenizer()
-    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=t5_vocab, d_model=32, d_kv=8, d_ff=32,
-                                                           num_layers=1, num_heads=2))
+    t5_tokens, t5 = t5_encoder()
     vae = autoencoder(4) if kind == "sdxl" else autoencoder(16, shift_factor=0.1)
     projected = transformers.CLIPTextModelWithProjection(clip_config(vocab, projection_dim=16))
     if kind == "sdxl":
@@ -339,9 +348,8 @@ def multi_encoder_pipeline_dir(root, kind: str):
                                                   ffn_dim=32, num_layers=1)
         vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1], num_res_blocks=1,
                                          temperal_downsample=[False])
-        umt5 = transformers.UMT5EncoderModel(transformers.UMT5Config(vocab_size=t5_vocab, d_model=32, d_kv=8,
-                                                                     d_ff=32, num_layers=1, num_heads=2))
-        pipeline = diffusers.WanPipeline(tokenizer=t5_tokens, text_encoder=umt5, vae=vae, transformer=network,
+        pipeline = diffusers.WanPipeline(tokenizer=t5_tokens, text_encoder=t5_encoder(umt5=True)[1], vae=vae,
+                                         transformer=network,
                                          scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
     else:
         dev = kind == "flux"
