@@ -40,6 +40,7 @@ the denoiser; it sets the students' flow grid (``FlowDenoiser.shift``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -254,6 +255,23 @@ class WanExperts(nn.Module):
         return (v,)
 
 
+#: each diffusers flow network (but Flux's, whose guidance input ``flow_denoiser`` sets): its velocity wrapper,
+#: and whether it takes the time as t T (T = ``num_train_timesteps``) or as t; others: ``UNetVelocity``, t T
+VELOCITIES: dict[str, tuple[Callable[[nn.Module], nn.Module], bool]] = {
+    "SD3Transformer2DModel": (KeywordVelocity, True),
+    "SanaTransformer2DModel": (KeywordVelocity, True),
+    "AuraFlowTransformer2DModel": (KeywordVelocity, False),
+    "ChromaTransformer2DModel": (lambda model: FluxVelocity(model, None), False),
+    "QwenImageTransformer2DModel": (QwenImageVelocity, False),
+    "Flux2Transformer2DModel": (Flux2Velocity, False),
+    "HiDreamImageTransformer2DModel": (HiDreamVelocity, True),
+    "Lumina2Transformer2DModel": (lambda model: ReversedTime(Lumina2Output(model)), False),
+    "ZImageTransformer2DModel": (lambda model: ReversedTime(ZImageOutput(model)), False),
+    "WanTransformer3DModel": (WanVelocity, True),
+    "WanExperts": (WanVelocity, True),
+}
+
+
 def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
                   embedded_guidance: float | None = None) -> FlowDenoiser:
     """The ``FlowDenoiser`` of a diffusers flow model with its scheduler's config, for samples of ``shape``
@@ -261,32 +279,14 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
     guidance-distilled Flux model at ``embedded_guidance`` (default ``FLUX_GUIDANCE``)."""
     steps = int(scheduler.get("num_train_timesteps", 1000))
     name = type(model).__name__
-    if name == "FluxTransformer2DModel":
+    if name == "FluxTransformer2DModel":  # its embedded guidance, where it takes one
         embedded = FLUX_GUIDANCE if embedded_guidance is None else embedded_guidance
-        guidance = embedded if model.config.guidance_embeds else None
-        net, time_scale = FluxVelocity(model, guidance), 1.0
-    elif name == "QwenImageTransformer2DModel":
-        net, time_scale = QwenImageVelocity(model), 1.0
-    elif name == "Flux2Transformer2DModel":
-        net, time_scale = Flux2Velocity(model), 1.0
-    elif name == "ChromaTransformer2DModel":
-        net, time_scale = FluxVelocity(model, None), 1.0
-    elif name == "SD3Transformer2DModel":
-        net, time_scale = KeywordVelocity(model), float(steps)
-    elif name == "HiDreamImageTransformer2DModel":
-        net, time_scale = HiDreamVelocity(model), float(steps)
-    elif name == "SanaTransformer2DModel":
-        net, time_scale = KeywordVelocity(model), steps * float(model.config.timestep_scale)
-    elif name == "AuraFlowTransformer2DModel":
-        net, time_scale = KeywordVelocity(model), 1.0
-    elif name == "Lumina2Transformer2DModel":
-        net, time_scale = ReversedTime(Lumina2Output(model)), 1.0
-    elif name == "ZImageTransformer2DModel":
-        net, time_scale = ReversedTime(ZImageOutput(model)), 1.0
-    elif name in ("WanTransformer3DModel", "WanExperts"):
-        net, time_scale = WanVelocity(model), float(steps)
+        net, per_step = FluxVelocity(model, embedded if model.config.guidance_embeds else None), False
     else:
-        net, time_scale = UNetVelocity(model), float(steps)
+        wrap, per_step = VELOCITIES.get(name, (UNetVelocity, True))
+        net = wrap(model)
+    # the time input per unit of t: T or 1, times the network's own timestep_scale (SANA's) where it has one
+    time_scale = (float(steps) if per_step else 1.0) * float(getattr(model, "config", {}).get("timestep_scale", 1.0))
     if name == "Flux2Transformer2DModel":  # its pipelines' own fit, whatever its scheduler's config says
         shift = flux2_shift(shape[1] * shape[2], FLUX2_STEPS)
     elif scheduler.get("use_dynamic_shifting"):
