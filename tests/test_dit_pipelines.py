@@ -214,12 +214,13 @@ def flux2_latents(pipe, shape: torch.Size, **call) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_path, kind):
-    """An AuraFlow, Chroma, Lumina 2 or Z-Image pipeline directory is a teacher over prompts: Euler with CFG
-    through its denoiser on the pipeline's own sigmas reproduces its sampler (its text encoder and negative, its
-    time convention and scale, Chroma's text mask and packing, Z-Image's unpadded prompts and its g = w - 1,
-    Lumina 2's system prompt); CFG defaults to its pipeline's scale, the student's flow grid to its scheduler's
-    shift. The main job distils it with the full report and a grid decoded by its VAE; SFD-v conditions
-    AuraFlow's, Z-Image's and Flux.2's time embeddings and is refused for the others."""
+    """An AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream or SANA pipeline directory is a teacher over
+    prompts: Euler with CFG through its denoiser on the pipeline's own sigmas reproduces its sampler (its text
+    encoders and negative, its time convention and scale, Chroma's text mask and packing, Z-Image's unpadded
+    prompts and its g = w - 1, Lumina 2's system prompt, Flux.2's patch latents, SANA's instruction); CFG
+    defaults to its pipeline's scale, the student's flow grid to its scheduler's shift. The main job distils it
+    with the full report and a grid decoded by its VAE; SFD-v conditions the time embeddings of all but Chroma
+    and Lumina 2, which are refused."""
     from distill_core.schedules import flux2_shift, flux_shift
     from distill_core.solvers import euler
     from distill_core.students import StudentNet
@@ -238,7 +239,7 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
     if kind == "hidream":  # its pipeline scales every image to its default's area: that default, here
         pipe.default_sample_size = side // vae_scale(teacher)
-    if kind == "sana":  # Euler steps in place of its DPM-Solver's, on the same flow times
+    if kind == "sana":  # Euler steps in place of its DPM-Solver's, on flow times shifted as its own
         pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.0)
     x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
     expected = pipeline_latents(pipe, "an owl in the snow at night", x, 2.0, [0.9, 0.6, 0.3], side,
