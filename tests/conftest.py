@@ -47,6 +47,20 @@ def bench_script(name: str) -> ModuleType:
     return module
 
 
+def _library_logs_to_the_sessions_stderr() -> None:
+    """transformers' and diffusers' log handlers write to the ``sys.stderr`` of the moment the library first logs.
+    Made here, that is the session's stream; made inside a test, it would be that test's captured stream, which
+    closes with it, and every later warning would print a "Logging error" traceback into another test's stderr."""
+    for name in ("transformers", "diffusers"):
+        try:
+            importlib.import_module(name).utils.logging.get_logger(name)
+        except ImportError:  # not installed: nothing of it logs
+            continue
+
+
+_library_logs_to_the_sessions_stderr()
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)
