@@ -1,6 +1,6 @@
-"""Students of Stable Diffusion pipeline directories exported for diffusers: the pipeline, with the exported LoRA
-or UNet and scheduler, draws what the engine's student draws from the same noise; what it cannot reproduce is
-refused in one line."""
+"""Students of diffusers text-to-image pipeline directories exported for diffusers: the pipeline, with the exported
+LoRA or network and scheduler, draws what the engine's student draws from the same noise; what it cannot
+reproduce is refused in one line."""
 
 from __future__ import annotations
 
