@@ -47,10 +47,11 @@ def bench_script(name: str) -> ModuleType:
     return module
 
 
-def _library_logs_to_the_sessions_stderr() -> None:
+def _library_logs_to_the_runs_stderr() -> None:
     """transformers' and diffusers' log handlers write to the ``sys.stderr`` of the moment the library first logs.
-    Made here, that is the session's stream; made inside a test, it would be that test's captured stream, which
-    closes with it, and every later warning would print a "Logging error" traceback into another test's stderr."""
+    Made here, that is the whole test run's stream; made inside a test, it would be that test's captured stream,
+    which closes with it, and every later warning would print a "Logging error" traceback into another test's
+    stderr."""
     for name in ("transformers", "diffusers"):
         try:
             importlib.import_module(name).utils.logging.get_logger(name)
@@ -58,7 +59,7 @@ def _library_logs_to_the_sessions_stderr() -> None:
             continue
 
 
-_library_logs_to_the_sessions_stderr()
+_library_logs_to_the_runs_stderr()
 
 
 @pytest.fixture(autouse=True)
