@@ -60,6 +60,20 @@ def test_frechet_distance_of_a_set_to_itself_is_zero():
     assert abs(frechet.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * sigma.trace().item()
 
 
+@pytest.mark.parametrize("n1, n2", [(4, 300), (40, 20), (300, 200)])
+def test_the_distance_of_two_feature_sets_is_the_frechet_distance_of_their_fits(n1, n2):
+    """Fewer samples than feature dimensions take the cross-product form; it equals the covariance form (to
+    1e-6: a rank-deficient covariance's zero eigenvalues come out of its decomposition as round-off, whose
+    square roots add to the trace)."""
+    gen = torch.Generator().manual_seed(n1)
+    mix = torch.randn(64, 64, generator=gen)
+    a, b = torch.randn(n1, 64, generator=gen) @ mix, torch.randn(n2, 64, generator=gen) @ mix + 0.5
+    expected = frechet.frechet_distance(*frechet.gaussian_fit(a), *frechet.gaussian_fit(b))
+    assert expected > 1
+    assert frechet.feature_set_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert abs(frechet.feature_set_distance(a, a)) < 1e-9 * expected
+
+
 def test_classifier_accuracy_on_test_digits(test_digits):
     assert frechet.class_accuracy(*test_digits) >= 0.97
     assert frechet.features(test_digits[0]).shape == (500, 128)

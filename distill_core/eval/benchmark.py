@@ -27,7 +27,8 @@ from distill_core.builtin import ASSETS, SHAPE, solve_fingerprint
 from distill_core.config import EDM_SIGMA_MIN, TRAINING_SEED_BASE
 from distill_core.eval.coverage import precision_recall
 from distill_core.eval.fidelity import psnr, reference_solve, rmse
-from distill_core.eval.frechet import class_accuracy, features, frechet_distance, gaussian_fit, reference_stats
+from distill_core.eval.frechet import (class_accuracy, feature_set_distance, features, frechet_distance, gaussian_fit,
+                                       reference_stats)
 from distill_core.eval.speed import CountingDenoiser
 from distill_core.solvers import (
     SOLVERS,
@@ -254,11 +255,10 @@ def sample_metrics(images: torch.Tensor, ev: EvalSet, k: int = 3) -> dict:
     ``class_acc``; with ``ev.target``, ``fd_teacher`` to the target's Gaussian fit and ``precision`` /
     ``recall`` against the target's k-NN balls (``coverage.precision_recall``)."""
     feats = metric_features(images, ev.space)
-    fit = gaussian_fit(feats)
-    metrics = {"fd": round(frechet_distance(*fit, *reference_stats()), 4)} if ev.space == DIGITS else {}
+    metrics = {"fd": round(frechet_distance(*gaussian_fit(feats), *reference_stats()), 4)} if ev.space == DIGITS else {}
     if ev.target is not None:
         precision, recall = precision_recall(feats, ev.target, k)
-        metrics.update(fd_teacher=round(frechet_distance(*fit, *gaussian_fit(ev.target)), 4),
+        metrics.update(fd_teacher=round(feature_set_distance(feats, ev.target), 4),
                        precision=round(precision, 4), recall=round(recall, 4))
     if ev.space == DIGITS and ev.labels is not None:
         metrics["class_acc"] = round(class_accuracy(images, ev.labels), 4)

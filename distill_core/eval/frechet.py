@@ -9,6 +9,14 @@ The Frechet (2-Wasserstein) distance between Gaussian fits N(mu1, S1), N(mu2, S2
 (S1 S2 = S1^{1/2} A S1^{-1/2}), so Tr (S1 S2)^{1/2} = sum_i sqrt(lambda_i(A)): two symmetric
 eigen-decompositions in float64, no scipy, and no complex parts from a general matrix square root.
 
+Between two feature sets with centred rows X [n1, D], Y [n2, D] (S1 = X^T X / (n1 - 1), S2 = Y^T Y / (n2 - 1))
+the same trace needs no D x D matrix: A's nonzero eigenvalues are those of S2 S1, hence of
+X Y^T Y X^T / ((n1 - 1)(n2 - 1)), so
+
+    Tr (S1 S2)^{1/2} = ||X Y^T||_* / sqrt((n1 - 1)(n2 - 1))      (the nuclear norm: the singular values' sum),
+
+an n1 x n2 decomposition where the covariance form takes D x D ones: the cheaper of the two is taken.
+
 The classifier and the reference statistics (the test split's features) are loaded on first use and
 cached per path; a missing or stale file raises an error that names the command that rebuilds it.
 """
@@ -75,12 +83,19 @@ def class_accuracy(images: torch.Tensor, labels: torch.Tensor, batch: int = 1000
     return float((pred == labels.to(pred.device)).double().mean())
 
 
-def gaussian_fit(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased covariance (N - 1) of ``[N, D]`` features, in float64."""
+def centred(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and centred rows of ``[N, D]`` features (N >= 2), in float64 on the CPU."""
     if feats.shape[0] < 2:
         raise ValueError(f"a covariance needs at least 2 samples, got {feats.shape[0]}")
-    f = feats.double()
-    return f.mean(0), torch.cov(f.T)
+    f = feats.double().cpu()
+    mu = f.mean(0)
+    return mu, f - mu
+
+
+def gaussian_fit(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance (N - 1) of ``[N, D]`` features, in float64."""
+    mu, x = centred(feats)
+    return mu, x.T @ x / (x.shape[0] - 1)
 
 
 def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> float:
@@ -91,6 +106,18 @@ def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2:
     a = s1_half @ s2 @ s1_half
     tr_sqrt = torch.linalg.eigvalsh((a + a.T) / 2).clamp(min=0).sqrt().sum()
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
+
+
+def feature_set_distance(feats1: torch.Tensor, feats2: torch.Tensor) -> float:
+    """The Frechet distance between the Gaussian fits of feature sets ``[n1, D]`` and ``[n2, D]``, in float64:
+    from the n1 x n2 cross product of the centred sets where min(n1, n2) < D (module docstring), else from
+    their covariances (``frechet_distance``)."""
+    if min(feats1.shape[0], feats2.shape[0]) >= feats1.shape[1]:
+        return frechet_distance(*gaussian_fit(feats1), *gaussian_fit(feats2))
+    (mu1, x), (mu2, y) = centred(feats1), centred(feats2)
+    n1, n2 = x.shape[0] - 1, y.shape[0] - 1
+    tr_sqrt = torch.linalg.svdvals(x @ y.T).sum() / (n1 * n2) ** 0.5
+    return float((mu1 - mu2).square().sum() + x.square().sum() / n1 + y.square().sum() / n2 - 2 * tr_sqrt)
 
 
 def fd_to_reference(images: torch.Tensor) -> float:
