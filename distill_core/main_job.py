@@ -144,10 +144,11 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     w = source.scale(cfg.guidance)
     teacher = CFGTeacher(source.denoiser.to(run.device), w, source.uncond)  # evaluated where it trained
     space = DIGITS if source.name in TEACHERS else PIXELS
-    kw = {"shape": source.shape, "classes": source.classes, "space": space, "device": run.device}
-    ev = eval_set(teacher, cfg.eval_samples, seed=cfg.seed + 1, cache_dir=out / "cache", **kw)
+    kw = {"shape": source.shape, "classes": source.classes, "space": space, "device": run.device,
+          "steps": cfg.reference_steps, "cache_dir": out / "cache"}
+    ev = eval_set(teacher, cfg.eval_samples, seed=cfg.seed + 1, **kw)
     if space == PIXELS:  # no classifier fits this data: compare with the teacher's own samples from other noise
-        target = teacher_target(teacher, cfg.eval_samples, seed=cfg.seed + 2, cache_dir=out / "cache", **kw)
+        target = teacher_target(teacher, cfg.eval_samples, seed=cfg.seed + 2, **kw)
         ev = dataclasses.replace(ev, target=target)
     ours = student_rows(run, teacher, ev)
     solvers_at = {row["nfe"]: solver_rows(teacher, ev, row["nfe"], cfg.sigma_min) for row in ours}
@@ -167,7 +168,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     save_grid([source.decode(r) if source.decode else r for r in (ev.reference[:k], solver_images, student_images)],
               out / "grid.png")
     grid_rows = [
-        "teacher reference solve (Heun, 128 steps)",
+        f"teacher reference solve (Heun, {cfg.reference_steps} steps)",
         f"{best['method']}, the best training-free solver at {nfe} NFE",
         f"{cfg.method} student at {nfe} NFE",
     ]

@@ -254,8 +254,8 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
 
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", str(side),
-                 "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--reference-steps", "8",
+                 "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["guidance"] == DEFAULT_W[kind] and any(r["method"] == "sfd" and r["nfe"] == 2 for r in report["rows"])
     card = read_card(out / "student.safetensors")

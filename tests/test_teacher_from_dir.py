@@ -49,9 +49,11 @@ def test_the_main_job_distils_a_diffusers_directory_with_the_full_report(tmp_pat
     assert isinstance(diffusers_source(teacher).denoiser, adapter)
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(teacher), "--steps", "2", "--iters", "2", "--batch", "2",
-                 "--eval-samples", "8", "--out", str(out), "--no-progress"]) == 0
+                 "--eval-samples", "8", "--reference-steps", "8", "--out", str(out), "--no-progress"]) == 0
     for name in ("student.safetensors", "grid.png", "report.json", "report.md", "config.yaml", "metrics.jsonl"):
         assert (out / name).is_file(), name
+    assert "teacher reference solve (Heun, 8 steps)" in (out / "report.md").read_text()
+    assert len(list((out / "cache").glob("ref-*-n8-s*-heun8.safetensors"))) == 2  # the eval set and the target
     report = json.loads((out / "report.json").read_text())
     assert report["teacher"] == str(teacher) and report["metric_space"].startswith("pixels average-pooled")
     student = next(r for r in report["rows"] if r["method"] == "sfd")
@@ -70,8 +72,8 @@ def test_a_class_conditional_model_distils_with_guidance_on_its_null_class(tmp_p
     assert source.draw_cond(64, torch.Generator().manual_seed(0)).max() <= 2
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(teacher), "--classes", "3", "--null-class", "3", "--guidance", "2",
-                 "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "6", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "6", "--reference-steps", "8",
+                 "--out", str(out), "--no-progress"]) == 0
     assert json.loads((out / "report.json").read_text())["guidance"] == 2.0
 
     # compare finds the teacher the file names; the classes are given as distill took them
@@ -210,7 +212,8 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
                                    source.denoiser.inner(x, 2.0, table[[1, 3]]))
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--steps", "2", "--iters", "2",
-                 "--batch", "2", "--eval-samples", "6", "--out", str(out), "--no-progress"]) == 0
+                 "--batch", "2", "--eval-samples", "6", "--reference-steps", "8",
+                 "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["guidance"] == 5.0 and any(r["method"] == "sfd" for r in report["rows"])
     assert (f"to sample it in diffusers: python -m distill_core export-diffusers {out / 'student.safetensors'} "
@@ -280,13 +283,13 @@ def test_a_negative_prompt_is_cfgs_other_side_and_the_students_files_name_it(tmp
 
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(teacher), "--prompts", str(tmp_path / "p.txt"), "--negative", "blurry",
-                 "--steps", "2", "--iters", "1", "--batch", "2", "--eval-samples", "4", "--out", str(out),
-                 "--no-progress"]) == 1  # no such prompt file
+                 "--steps", "2", "--iters", "1", "--batch", "2", "--eval-samples", "4", "--reference-steps", "8",
+                 "--out", str(out), "--no-progress"]) == 1  # no such prompt file
     (tmp_path / "p.txt").write_text("an owl\n")
     capsys.readouterr()
     assert main(["distill", "--teacher", str(teacher), "--prompts", str(tmp_path / "p.txt"), "--negative", "blurry",
-                 "--steps", "2", "--iters", "1", "--batch", "2", "--eval-samples", "4", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--steps", "2", "--iters", "1", "--batch", "2", "--eval-samples", "4", "--reference-steps", "8",
+                 "--out", str(out), "--no-progress"]) == 0
     assert json.loads((out / "report.json").read_text())["negative"] == "blurry"
     assert read_card(out / "student.safetensors")["negative"] == "blurry"
     built = []
@@ -456,7 +459,8 @@ def test_multi_encoder_pipelines_sample_as_their_own_pipeline_and_distil_end_to_
     out = tmp_path / "run"
     flags = ["--guidance", "2.5"] if kind == "flux" else []  # Flux dev: its guidance input, and no CFG
     assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--steps", "2", "--iters", "2",
-                 "--batch", "2", "--eval-samples", "4", "--out", str(out), "--no-progress", *flags]) == 0
+                 "--batch", "2", "--eval-samples", "4", "--reference-steps", "8",
+                 "--out", str(out), "--no-progress", *flags]) == 0
     report = json.loads((out / "report.json").read_text())
     assert (report["guidance"], report.get("embedded_guidance")) == ((1.0, 2.5) if kind == "flux" else (5.0, None))
     assert any(r["method"] == "sfd" and r["nfe"] == 2 for r in report["rows"])
@@ -552,7 +556,8 @@ def test_a_qwen_image_pipeline_samples_as_its_own_pipeline_and_distils_end_to_en
 
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", "16", "--steps",
-                 "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--out", str(out), "--no-progress"]) == 0
+                 "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--reference-steps", "8",
+                 "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["guidance"] == 4.0 and any(r["method"] == "sfd" and r["nfe"] == 2 for r in report["rows"])
     card = read_card(out / "student.safetensors")
@@ -600,7 +605,8 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", "16", "--steps",
-                 "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--out", str(out), "--no-progress"]) == 0
+                 "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--reference-steps", "8",
+                 "--out", str(out), "--no-progress"]) == 0
     card = read_card(out / "student.safetensors")
     assert card["schedule"]["name"] == "flow" and card["schedule"]["shift"] == 3.0
     assert (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by its VAE
@@ -666,8 +672,8 @@ def test_wan_22s_two_experts_are_one_teacher_that_switches_at_their_boundary(tmp
 
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", "16", "--student",
-                 "lora", "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "lora", "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "4",
+                 "--reference-steps", "8", "--out", str(out), "--no-progress"]) == 0
     with safe_open(out / "student.safetensors", "pt") as f:
         layers = {k.split(".lora_down")[0] for k in f.keys() if ".lora_down" in k}
     assert any(".high." in k for k in layers) and any(".low." in k for k in layers)
@@ -711,7 +717,8 @@ def test_a_pipeline_distils_at_another_resolution_that_its_students_name(tmp_pat
     sd3 = multi_encoder_pipeline_dir(tmp_path / "sd3", "sd3")
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(sd3), "--prompts", str(prompts), "--resolution", "24", "--steps", "2",
-                 "--iters", "1", "--batch", "2", "--eval-samples", "4", "--out", str(out), "--no-progress"]) == 0
+                 "--iters", "1", "--batch", "2", "--eval-samples", "4", "--reference-steps", "8",
+                 "--out", str(out), "--no-progress"]) == 0
     assert read_card(out / "student.safetensors")["resolution"] == 24
     cmp = tmp_path / "cmp"
     assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--count", "1",

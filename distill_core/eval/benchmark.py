@@ -27,8 +27,14 @@ from distill_core.builtin import ASSETS, SHAPE, solve_fingerprint
 from distill_core.config import EDM_SIGMA_MIN, TRAINING_SEED_BASE
 from distill_core.eval.coverage import precision_recall
 from distill_core.eval.fidelity import psnr, reference_solve, rmse
-from distill_core.eval.frechet import (class_accuracy, feature_set_distance, features, frechet_distance, gaussian_fit,
-                                       reference_stats)
+from distill_core.eval.frechet import (
+    class_accuracy,
+    feature_set_distance,
+    features,
+    frechet_distance,
+    gaussian_fit,
+    reference_stats,
+)
 from distill_core.eval.speed import CountingDenoiser
 from distill_core.solvers import (
     SOLVERS,
