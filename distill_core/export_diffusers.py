@@ -40,9 +40,15 @@ Flux.2 klein's pipeline guides against the empty prompt only: a student guided a
 not export. A LoRA's update (alpha / r) B A is written with alpha / r folded into B, so PEFT's default scale 1
 applies it.
 
+Students that re-noise between their steps (DMD2, moment matching, LCM-LoRA: x_{i+1} = x0_i + s_{i+1} n_i,
+n_i drawn afresh) export to the flow pipelines: their scheduler, told ``stochastic_sampling``, steps to
+x_{t'} = (1 - t') x0 + t' n, which is that step divided by 1 + s' (t' = s' / (1 + s')). The schedule ends at
+0, so the pipeline's last step lands on the student's image exactly. A UNet pipeline's schedulers re-noise
+only on their own discrete timesteps, so its re-noising students are refused.
+
 Students whose sampling a diffusers scheduler does not reproduce are refused in one line (sample them with
-``python -m distill_core sample``): samplers that re-noise (DMD2, LCM) or run a named solver (phased), a
-first step about class means, step- or guidance-conditioned networks (SFD-v, LCM), and teachers other than
+``python -m distill_core sample``): samplers that run a named solver (phased), a first step about class
+means, step- or guidance-conditioned networks (SFD-v, LCM), experts (Phased DMD), and teachers other than
 these pipelines.
 """
 
@@ -106,8 +112,12 @@ def refusal(card: dict, pipeline: str | None = None) -> str | None:
     class ``pipeline`` where it is known (None: it can)."""
     from distill_core.sampling import sampler_key
 
-    sampler = sampler_key(card)
-    if sampler != "euler_afs":
+    sampler, target = sampler_key(card), PIPELINES.get(pipeline)
+    if sampler == "renoise" and not (target and target.flow):
+        return (f"this {card['method']} student re-noises between its steps, which only a flow-matching pipeline's "
+                "scheduler does on the student's sigmas; sample it with python -m distill_core sample, or in "
+                "ComfyUI with the lcm sampler")
+    if sampler not in ("euler_afs", "renoise"):
         return (f"this {card['method']} student samples with sampler {sampler!r}, which a diffusers Euler scheduler "
                 "does not reproduce; sample it with python -m distill_core sample")
     if card.get("afs") and card.get("afs_center", "zero") != "zero":
@@ -118,7 +128,6 @@ def refusal(card: dict, pipeline: str | None = None) -> str | None:
                 "not; distil with method sfd (one student per step count) to export it")
     if card.get("architecture") or card.get("experts"):
         return "this student is not the teacher's network (its own architecture or experts): it cannot replace it"
-    target = PIPELINES.get(pipeline)
     with_cfg = card.get("guidance", {}).get("mode") != "distilled"
     if target and not target.engine_cfg and with_cfg:
         return (f"this student samples with CFG, which {pipeline} rescales where the engine does not; distil the "
@@ -202,6 +211,7 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     from distill_core.atomic import atomic_dir, write_json
     from distill_core.diffusers_source import latent_pixels
     from distill_core.safetensors_io import load, read_card, save_atomic
+    from distill_core.sampling import sampler_key
     from distill_core.sources import as_trained, teacher_source
     from distill_core.student_files import load_student
 
@@ -232,7 +242,8 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
             student.net.get_submodule(f"denoiser.{prefix}").save_pretrained(tmp, safe_serialization=True)
     scheduler = getattr(diffusers, target.scheduler_class)
     config = scheduler.load_config(root / "scheduler")  # the teacher's noise schedule and prediction type
-    fixed = ({"shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": None} if target.flow
+    fixed = ({"shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": None,
+              "stochastic_sampling": sampler_key(card) == "renoise"} if target.flow
              else {"timestep_spacing": "linspace"})
     with atomic_dir(out / "scheduler") as tmp:
         scheduler.from_config(config, **fixed).save_pretrained(tmp)

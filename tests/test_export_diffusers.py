@@ -123,8 +123,57 @@ def test_the_first_step_lands_where_the_pipelines_noise_starts():
     assert pipeline_start({"afs": False, "sigmas": {"2": [14.6, 3.0, 0.03]}}, 2) == ([14.6, 3.0, 0.03], 1.0)
 
 
+@pytest.mark.parametrize("pipeline", ["sd3", "flux"])
+def test_a_flow_pipeline_re_noises_as_a_dmd2_student_does(tmp_path, monkeypatch, pipeline):
+    """A DMD2 student (re-noising between its steps) of a flow pipeline exports with its scheduler told to
+    re-noise: given the engine's fresh noise draws, the pipeline draws the engine's image exactly (packed
+    latents for Flux). A UNet pipeline's student of the same method is refused in one line."""
+    from diffusers.schedulers import scheduling_flow_match_euler_discrete as flow_scheduler
+
+    from distill_core.sampling import renoise_noise
+
+    teacher = pipeline_dir(tmp_path / pipeline, pipeline)
+    source = diffusers_source(teacher, prompts=["a red fox", "an owl"])
+    cfg = DistillConfig(method="dmd2", steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"),
+                        checkpoint_every=0, student="lora", lora_rank=4, lora_alpha=2)
+    path = train_student(cfg, source, progress=False).path
+    settings = export(path, tmp_path / "export")
+    scheduler = json.loads((tmp_path / "export" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["stochastic_sampling"] and settings["guidance_scale"] == (3.5 if pipeline == "flux" else 1.0)
+    student = load_student(path, source.denoiser, source.uncond)
+    z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    start = student.sigmas()[0] * z
+    with torch.no_grad():
+        ours = sample(student, start, torch.tensor([1]))  # prompt 1: an owl
+    b, c, h, w = z.shape
+    fresh = renoise_noise(start, 2)  # the engine's draws, handed to the scheduler in its layout
+    fresh, draws = [PIPELINE_LAYOUT[pipeline](n, b, c, h, w) for n in fresh], []
+    monkeypatch.setattr(flow_scheduler, "randn_tensor", lambda *args, **kw: draws.pop(0))
+    draws[:] = fresh
+    theirs = pipeline_latents(teacher, tmp_path / "export", settings, z)
+    assert not draws  # one draw a step, the last multiplied by t = 0
+    scale = float(ours.abs().max())
+    torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
+    draws[:] = fresh
+    teachers = pipeline_latents(teacher, tmp_path / "export", settings, z, student=False)
+    assert (teachers - ours).abs().max() > 50 * 1e-4  # the student's own images, not the teacher's
+
+    sd = pipeline_dir(tmp_path / "sd", "sd")
+    path = train_student(DistillConfig(**{**cfg.to_dict(), "out": str(tmp_path / "sd-run")}),
+                         diffusers_source(sd, prompts=["an owl"]), progress=False).path
+    assert not exportable(path)
+    with pytest.raises(ValueError, match="re-noises between its steps, which only a flow-matching pipeline's"):
+        export(path, tmp_path / "sd-export")
+
+
+#: a noise draw [B, C, H, W] in a pipeline's latent layout (Flux: its packed 2 x 2 patches)
+PIPELINE_LAYOUT = {"sd3": lambda n, *shape: n,
+                   "flux": lambda n, *shape: diffusers.FluxPipeline._pack_latents(n, *shape)}
+
+
 @pytest.mark.parametrize("card, message", [
-    ({"method": "dmd2", "sampler": "renoise"}, "samples with sampler 'renoise'"),
+    ({"method": "dmd2", "sampler": "renoise"}, "re-noises between its steps"),
+    ({"method": "phased", "sampler": "solver"}, "samples with sampler 'solver'"),
     ({"method": "sfd", "sampler": "euler_afs", "afs": True, "afs_center": "class_mean"}, "centred on class means"),
     ({"method": "sfd-v", "sampler": "euler_afs", "step_embedding": {"dim": 64}}, "takes its step count"),
     ({"method": "lcm", "sampler": "euler_afs", "w_embedding": {"dim": 64}}, "or guidance scale as an input"),
