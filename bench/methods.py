@@ -1,8 +1,15 @@
-"""Every distillation method against every training-free solver on a built-in teacher, at NFE 1, 2, 4, 8.
+"""Every distillation method against every training-free solver on one teacher, at NFE 1, 2, 4, 8.
 
-    python bench/methods.py [--quick] [--teacher builtin|builtin-flow] [--methods sfd phased ...]
+    python bench/methods.py [--quick] [--teacher builtin|builtin-flow|DIR] [--methods sfd phased ...]
                             [--nfe 1 2 4 8] [--student-nfe 1 2 4] [--n N] [--steps 128]
                             [--set KEY=V1,V2 ...] [--out FILE.json]
+
+The teacher is any the main job takes, with the same flags: a built-in one, or a local diffusers model or
+pipeline directory (``--classes``, ``--null-class``, ``--prompts``, ``--negative``, ``--resolution``,
+``--guidance``). A directory's samples are measured as the main job measures them: ``fd_teacher``,
+``precision`` and ``recall`` in pooled pixels (``eval.benchmark.PIXELS``), no ``fd`` or ``class_acc``; its
+cached solves go in a folder of ``--cache`` named by its conditions (shape, classes, prompts), as the
+network's fingerprint alone does not hold them.
 
 One evaluation set (noise of seed 1, balanced classes) serves every row, so rows compare directly. Students
 train, and every row is sampled, on CUDA where there is one (the metrics run on the CPU). Rows:
@@ -59,7 +66,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -72,6 +81,7 @@ from distill_core.builtin import fingerprint  # noqa: E402
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.data import mnist_available  # noqa: E402
 from distill_core.eval.benchmark import (  # noqa: E402
+    METRIC_SPACES,
     benchmark_set,
     report_rows,
     solver_rows,
@@ -80,11 +90,12 @@ from distill_core.eval.benchmark import (  # noqa: E402
 )
 from distill_core.eval.kept import CHECKPOINT_EVERY, finished, kept, kept_rows  # noqa: E402
 from distill_core.eval.memory import with_peak_memory  # noqa: E402
+from distill_core.main_job import RUN_FIELDS, eval_space, source_of  # noqa: E402
 from distill_core.methods import auto  # noqa: E402
 from distill_core.methods.reflow import straightness  # noqa: E402
 from distill_core.methods.registry import method_class, methods  # noqa: E402
-from distill_core.options import sweep  # noqa: E402
-from distill_core.sources import TEACHERS, teacher_source  # noqa: E402
+from distill_core.options import add_flags, flag_values, sweep  # noqa: E402
+from distill_core.sources import TEACHERS  # noqa: E402
 from distill_core.student_files import load_student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 from distill_core.train.run import train_student  # noqa: E402
@@ -97,6 +108,8 @@ KEYS = ("method", "nfe", "network_evals", "psnr_db", "fd", "fd_teacher", "precis
 #: evaluation samples whose ODE paths the straightness column measures
 STRAIGHTNESS_SAMPLES = 256
 QUICK = {"iters": 8, "batch": 16}
+#: the main job's flags that name and condition the teacher
+TEACHER_FLAGS = ("teacher", "classes", "null_class", "prompts", "negative", "resolution", "guidance")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -105,8 +118,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--methods", nargs="+", choices=[*methods(), "auto"],
                    help="the methods to train (default: all registered; auto: the Distill to N steps node's "
                    "choice at each student NFE, rows named auto with the method in auto_method)")
-    p.add_argument("--teacher", default="builtin", choices=list(TEACHERS),
-                   help="the built-in teacher: EDM (builtin), its rectified-flow twin (builtin-flow), or its fine-tune")
+    add_flags(p.add_argument_group("the teacher, as the main job takes it"), DistillConfig,
+              skip=RUN_FIELDS - set(TEACHER_FLAGS))
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     p.add_argument("--student-nfe", type=int, nargs="+", help="the NFEs students are trained for (default: --nfe; "
                    "a method may add its natural step counts, e.g. kd's 1); every student and solver is "
@@ -131,7 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base = DistillConfig(checkpoint_every=args.checkpoint_every)
     if args.quick:
         base = base.replace(**QUICK)
-    base = base.replace(iters=args.iters, batch=args.batch)
+    base = base.replace(iters=args.iters, batch=args.batch, **flag_values(args, TEACHER_FLAGS))
     try:
         grid = sweep(args.set)
     except ValueError as e:
@@ -139,17 +152,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     n = args.n or (100 if args.quick else 2000)
     chosen = args.methods or list(methods())
 
-    source = teacher_source(args.teacher)
+    try:
+        source = source_of(base)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(str(e)) from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the students train
-    teacher = CFGTeacher(source.denoiser.to(device), source.guidance, source.uncond)
-    ev = benchmark_set(teacher, n, args.steps, args.cache, device=device)
+    teacher = CFGTeacher(source.denoiser.to(device), source.scale(base.guidance), source.uncond)
+    space = eval_space(source)
+    cache = Path(args.cache) if source.name in TEACHERS else Path(args.cache) / conditions_key(source)
+    ev = benchmark_set(teacher, n, args.steps, cache, device=device, **space)
     measured = {"teacher": fingerprint(source.denoiser), "n": n, "steps": args.steps}
     stem = f"{measured['teacher']}-w{teacher.w:g}-n{n}-s{args.steps}"
     solved = {**measured, "w": teacher.w, "sigma_min": base.sigma_min}  # what the teacher's and solver rows depend on
-    rows = kept(Path(args.cache) / f"teacher-{stem}.json", solved, lambda: [{
+    rows = kept(cache / f"teacher-{stem}.json", solved, lambda: [{
         **teacher_row(teacher, ev), "straightness": path_straightness(teacher, ev, base.sigma_min, teacher.sigma_max)}])
     for nfe in args.nfe:
-        rows += kept(Path(args.cache) / f"solvers-{stem}-nfe{nfe}.json", {**solved, "nfe": nfe},
+        rows += kept(cache / f"solvers-{stem}-nfe{nfe}.json", {**solved, "nfe": nfe},
                      lambda nfe=nfe: solver_rows(teacher, ev, nfe, base.sigma_min))
     evaluated: dict[str, list[dict]] = {}  # a student's rows by its method and settings: each is trained once
     swept = [key for key, values in grid.items() if len(values) > 1]
@@ -170,9 +188,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows.sort(key=lambda r: (r["nfe"], r["fd_teacher"]))
     if "auto" in chosen:
         print("\n".join(auto_against_methods(rows)))
-    report_rows(rows, KEYS, f"teacher {source.name}, w = {teacher.w:g}, {n} samples; {base.iters} iterations x batch "
-                f"{base.batch} per trajectory student (each student's own: its iters and batch)", start, args.out)
+    report_rows(rows, KEYS, f"teacher {source.name}, w = {teacher.w:g}, {n} samples, metrics in "
+                f"{METRIC_SPACES[space['space']]}; {base.iters} iterations x batch {base.batch} per trajectory student "
+                "(each student's own: its iters and batch)", start, args.out)
     return rows
+
+
+def conditions_key(source) -> str:
+    """A short hash of what a directory teacher's solves depend on beyond its network: the sample shape, the
+    classes, the run's conditions (its card: size, negative, guidance input) and the encoded prompts."""
+    h = hashlib.sha256(json.dumps([source.shape, source.classes, source.card], sort_keys=True).encode())
+    for name, table in sorted(source.denoiser.named_buffers()):
+        h.update(name.encode())
+        h.update(table.detach().cpu().float().contiguous().numpy().tobytes())
+    return "conditions-" + h.hexdigest()[:12]
 
 
 def bench_runs(method: str, nfes: list[int], iters: int, teacher: str = "builtin") -> list[tuple[str, str, dict, dict]]:

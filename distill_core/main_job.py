@@ -100,6 +100,14 @@ def run_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_space(source: TeacherSource) -> dict:
+    """How a teacher's samples are evaluated (``eval_set``'s keywords): their shape and classes, and the metric
+    space, the classifier's features for the built-in teachers' digits, else pooled pixels."""
+    from distill_core.eval.benchmark import DIGITS, PIXELS
+
+    return {"shape": source.shape, "classes": source.classes, "space": DIGITS if source.name in TEACHERS else PIXELS}
+
+
 def source_of(cfg: DistillConfig) -> TeacherSource:
     """The teacher a run's config names, loaded."""
     return teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts, cfg.guidance, cfg.resolution,
@@ -113,7 +121,6 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     interrupted: resume with ``resume=True``; and in every process but the main one of a multi-process
     launch, which evaluates and reports)."""
     from distill_core.eval.benchmark import (
-        DIGITS,
         METRIC_SPACES,
         PIXELS,
         eval_set,
@@ -143,9 +150,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
 
     w = source.scale(cfg.guidance)
     teacher = CFGTeacher(source.denoiser.to(run.device), w, source.uncond)  # evaluated where it trained
-    space = DIGITS if source.name in TEACHERS else PIXELS
-    kw = {"shape": source.shape, "classes": source.classes, "space": space, "device": run.device,
-          "steps": cfg.reference_steps, "cache_dir": out / "cache"}
+    kw = {**eval_space(source), "device": run.device, "steps": cfg.reference_steps, "cache_dir": out / "cache"}
+    space = kw["space"]
     ev = eval_set(teacher, cfg.eval_samples, seed=cfg.seed + 1, **kw)
     if space == PIXELS:  # no classifier fits this data: compare with the teacher's own samples from other noise
         target = teacher_target(teacher, cfg.eval_samples, seed=cfg.seed + 2, **kw)

@@ -237,3 +237,24 @@ def test_auto_is_judged_against_the_best_single_method_at_each_nfe(bench):
         "NFE 1: auto (kd) fd_teacher 0.08, best single method kd 0.08: at least as good",
         "NFE 2: auto (sfd) fd_teacher 0.05, best single method sfd-v 0.04: WORSE",
     ]
+
+
+def test_a_pipeline_directory_is_benched_in_pooled_pixels_with_its_solves_kept_by_its_prompts(bench, tmp_path):
+    """Any teacher the main job takes, with its flags: a text-to-image pipeline's students and solvers are rows
+    with fd_teacher, precision and recall in pooled pixels (no classifier fits its latents); its cached solves
+    are kept by its prompts, so another prompt list is solved afresh, not read from the first list's cache."""
+    from tests.test_teacher_from_dir import text_pipeline_dir
+
+    teacher = text_pipeline_dir(tmp_path / "pipeline")
+    cache = tmp_path / "cache"
+    for i, prompts in enumerate(["a red fox\nan owl\n", "a lighthouse at dusk\n"]):
+        (tmp_path / f"p{i}.txt").write_text(prompts)
+        rows = bench.main(["--teacher", str(teacher), "--prompts", str(tmp_path / f"p{i}.txt"), "--guidance", "3",
+                           "--methods", "sfd", "dmd2", "--nfe", "2", "--n", "6", "--steps", "4", "--iters", "1",
+                           "--batch", "2", "--cache", str(cache), "--work", str(tmp_path / f"runs{i}")])
+        assert {r["method"] for r in rows} >= {"teacher", "euler", "sfd", "dmd2"}
+        for row in rows:
+            assert {"fd_teacher", "precision", "recall"} <= set(row) and not {"fd", "class_acc"} & set(row)
+        config = (tmp_path / f"runs{i}" / "sfd-2" / "config.yaml").read_text()
+        assert f"teacher: {teacher}" in config and f"p{i}.txt" in config and "guidance: 3" in config
+    assert len(list(cache.glob("conditions-*/teacher-*-w3-n6-s4.json"))) == 2

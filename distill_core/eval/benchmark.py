@@ -292,12 +292,13 @@ def write_rows(rows: list[dict], path: str | Path) -> Path:
 
 
 def benchmark_set(teacher: CFGTeacher, n: int, steps: int, cache_dir: str | Path | None = None,
-                  device: torch.device | str = "cpu") -> EvalSet:
+                  device: torch.device | str = "cpu", **space) -> EvalSet:
     """A benchmark's evaluation set: noise and classes of seed 1 with their reference solve, and as the
     distribution target the teacher's own samples from the independent seed 2 (``teacher_target``); both
-    solved on ``device`` (the teacher's), where the rows are sampled too."""
-    ev = eval_set(teacher, n, seed=1, steps=steps, cache_dir=cache_dir, device=device)
-    target = teacher_target(teacher, n, seed=2, steps=steps, cache_dir=cache_dir, device=device)
+    solved on ``device`` (the teacher's), where the rows are sampled too. ``space``: the samples' shape, classes
+    and metric space (``eval_set``'s keywords; default the built-in teachers')."""
+    ev = eval_set(teacher, n, seed=1, steps=steps, cache_dir=cache_dir, device=device, **space)
+    target = teacher_target(teacher, n, seed=2, steps=steps, cache_dir=cache_dir, device=device, **space)
     return dataclasses.replace(ev, target=target)
 
 
