@@ -69,8 +69,9 @@ STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.floa
 
 class PromptConditioned(nn.Module):
     """D(x, sigma, k) = D_text(x, sigma, e_k): a denoiser over text conditions read through tables ``e`` of
-    encoded prompts by the network's keyword (``[P + 1, ...]`` each, row P the negative). The tables are no part
-    of the teacher's identity (its fingerprint): a student distilled on some prompts samples any others."""
+    encoded prompts by the network's keyword (``[P + 1, ...]`` each, row P the negative; held in 16 bits where
+    that holds them exactly, read as float32). The tables are no part of the teacher's identity (its
+    fingerprint): a student distilled on some prompts samples any others."""
 
     def __init__(self, inner: nn.Module, tables: dict[str, torch.Tensor]):
         super().__init__()
@@ -88,7 +89,12 @@ class PromptConditioned(nn.Module):
         if cond is None:
             raise ValueError("a text-to-image teacher needs a prompt index per sample")
         rows = cond.to(x.device).long()
-        return self.inner(x, sigma, {name: getattr(self, name)[rows] for name in self.names})
+        return self.inner(x, sigma, {name: widened(getattr(self, name)[rows]) for name in self.names})
+
+
+def widened(rows: torch.Tensor) -> torch.Tensor:
+    """Table rows as the network takes them: floating point in float32 (a table may be held in 16 bits)."""
+    return rows.float() if rows.is_floating_point() else rows
 
 
 def _transformers():
@@ -148,7 +154,21 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
     with quiet(diffusers, _transformers()):
-        return _encode(root, name, prompts, shape, negative)
+        tables = _encode(root, name, prompts, shape, negative)
+    return {key: exact_narrowing(table, set(stored_dtypes(root).values())) for key, table in tables.items()}
+
+
+def exact_narrowing(table: torch.Tensor, dtypes: set[torch.dtype]) -> torch.Tensor:
+    """``table`` in the first 16-bit type among ``dtypes`` (its encoders' precision) that holds every one of its
+    values exactly: a 16-bit encoder's output kept at half of float32's memory, the same numbers
+    (``PromptConditioned`` reads them back as float32); a table with a value no such type holds stays as it is."""
+    if not table.is_floating_point():
+        return table
+    for dtype in sorted(dtypes & {torch.bfloat16, torch.float16}, key=str):
+        narrow = table.to(dtype)
+        if torch.equal(narrow.to(table.dtype), table):
+            return narrow
+    return table
 
 
 def stored_dtypes(root: Path) -> dict[str, torch.dtype]:

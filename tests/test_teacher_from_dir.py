@@ -735,18 +735,30 @@ def test_a_pipeline_distils_at_another_resolution_that_its_students_name(tmp_pat
 
 def test_text_encoders_load_in_the_precision_their_files_hold(tmp_path):
     """A text encoder saved in bf16 (as SD3's and Flux's T5 ship) encodes in bf16, half of float32's memory:
-    its tables are the float32 encoder's up to bf16 rounding, and not equal to them."""
+    its tables are the float32 encoder's up to bf16 rounding, and not equal to them. They are held in bf16, half
+    the bytes, and the teacher reads them as the float32 numbers they are (a table with a value bf16 does not
+    hold stays float32)."""
     import transformers
 
-    from distill_core.text_pipeline import encode_prompts, stored_dtypes
+    from distill_core.text_pipeline import encode_prompts, exact_narrowing, stored_dtypes
 
     teacher = text_pipeline_dir(tmp_path / "sd")
     index = json.loads((teacher / "model_index.json").read_text())
     full = encode_prompts(teacher, index, ["a red fox"], (4, 8, 8))["encoder_hidden_states"]
-    assert stored_dtypes(teacher) == {"text_encoder": torch.float32}
+    assert stored_dtypes(teacher) == {"text_encoder": torch.float32} and full.dtype == torch.float32
     encoder = transformers.CLIPTextModel.from_pretrained(teacher / "text_encoder")
     encoder.to(torch.bfloat16).save_pretrained(teacher / "text_encoder", safe_serialization=True)
     assert stored_dtypes(teacher) == {"text_encoder": torch.bfloat16}
     half = encode_prompts(teacher, index, ["a red fox"], (4, 8, 8))["encoder_hidden_states"]
-    assert half.dtype == torch.float32 and not torch.equal(half, full)
-    torch.testing.assert_close(half, full, atol=0.1, rtol=0.05)
+    assert half.dtype == torch.bfloat16 and not torch.equal(half.float(), full)
+    torch.testing.assert_close(half.float(), full, atol=0.1, rtol=0.05)
+    assert exact_narrowing(full, {torch.bfloat16}) is full  # float32 values bf16 cannot hold
+
+    source = diffusers_source(teacher, prompts=["a red fox", "an owl"])
+    table = source.denoiser.encoder_hidden_states
+    assert table.dtype == torch.bfloat16
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(source.denoiser(x, 2.0, torch.tensor([0, 2])),
+                                   source.denoiser.inner(x, 2.0, {"encoder_hidden_states": table[[0, 2]].float()}),
+                                   atol=0, rtol=0)
