@@ -237,9 +237,9 @@ def _workflow(name: str) -> dict:
     return json.loads((ROOT / "workflows" / name).read_text())
 
 
-def _sd15_workflow(**distill) -> dict:
-    """Workflow (b) on the tiny checkpoint: 64x64 images, a short run."""
-    graph = _workflow("api/sd15_lora_4_steps.json")
+def _sd15_workflow(name: str = "sd15_lora_4_steps", **distill) -> dict:
+    """An SD1.5 workflow (b, or its DMD2 twin) on the tiny checkpoint: 64x64 images, a short run."""
+    graph = _workflow(f"api/{name}.json")
     graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
     graph["3"]["inputs"].update(width=64, height=64)
     graph["8"]["inputs"].update(width=64, height=64)
@@ -273,6 +273,18 @@ def test_workflow_b_sd15_lora_with_stock_nodes(server):
     assert card["student"]["kind"] == "lora" and card["nfe"] == 4 and card["guidance"]["mode"] == "cfg"
     with safe_open(str(lora), "pt") as f:
         assert all(k.startswith("diffusion_model.") for k in f.keys())
+
+
+def test_the_sd15_dmd2_workflow_trains_a_2_step_lora_that_samplercustom_samples(server):
+    """Load Checkpoint -> Distill to 1-4 steps (DMD2, two LoRAs on the one model) -> SamplerCustom with the
+    student's sigmas, its re-noising sampler and cfg 1 -> Save Image."""
+    entry = server.wait(server.queue(_sd15_workflow("sd15_dmd2_lora_2_steps")))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    images = _images(entry, server.base)
+    assert len(images) == 1 and images[0].stat().st_size > 0
+    card = read_card(server.base / "models" / "loras" / "sd15_dmd2_2step_lora.safetensors")
+    assert (card["method"], card["sampler"], card["nfe"]) == ("dmd2", "renoise", 2)
+    assert card["student"]["kind"] == "lora" and card["guidance"] == {"mode": "distilled", "w": 5.0}
 
 
 def test_workflow_a_builtin_teacher(server):
