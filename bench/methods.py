@@ -98,7 +98,7 @@ from distill_core.options import add_flags, flag_values, sweep  # noqa: E402
 from distill_core.sources import TEACHERS  # noqa: E402
 from distill_core.student_files import load_student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
-from distill_core.train.run import train_student  # noqa: E402
+from distill_core.train.run import train_student, within_trained_range  # noqa: E402
 
 NFES = (1, 2, 4, 8)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         source = source_of(base)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(str(e)) from None
+    base = within_trained_range(base, source.denoiser)  # the students and the solvers end at one floor
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the students train
     teacher = CFGTeacher(source.denoiser.to(device), source.scale(base.guidance), source.uncond)
     space = eval_space(source)

@@ -25,7 +25,7 @@ from distill_core.methods.registry import methods
 from distill_core.options import add_flags, flag_values, settings
 from distill_core.sources import TEACHERS, teacher_source
 from distill_core.teacher import CFGTeacher
-from distill_core.train.run import train_student
+from distill_core.train.run import train_student, within_trained_range
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,6 +139,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
         raise ValueError("shard_teacher splits a teacher the run loads itself (--teacher) and loads it again, whole, "
                          "for the report")
     source = source or source_of(cfg)
+    cfg = within_trained_range(cfg, source.denoiser)  # the student's schedule and the solvers' end at one floor
     run = train_student(cfg, source, resume, progress)
     if run is None:
         print(f"continue with: python -m distill_core distill --resume --config {out / 'config.yaml'}")

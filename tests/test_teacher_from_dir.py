@@ -63,6 +63,8 @@ def test_the_main_job_distils_a_diffusers_directory_with_the_full_report(tmp_pat
     lowest = min(s for s in read_card(out / "student.safetensors")["sigmas"]["2"] if s > 0)
     floor = diffusers_source(teacher).denoiser.sigma_min  # DDPM: 0.01 (its first step), flow: 0.001
     assert lowest == pytest.approx(max(DistillConfig.sigma_min, floor), rel=1e-6)  # never below its trained range
+    assert report["config"]["sigma_min"] == pytest.approx(lowest, rel=1e-6)  # where the solvers' rows end too
+    assert capsys.readouterr().out.count("below the teacher's trained range") == (kind == "ddpm")  # said once
 
 
 def test_a_class_conditional_model_distils_with_guidance_on_its_null_class(tmp_path):
