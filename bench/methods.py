@@ -90,15 +90,15 @@ from distill_core.eval.benchmark import (  # noqa: E402
 )
 from distill_core.eval.kept import CHECKPOINT_EVERY, finished, kept, kept_rows  # noqa: E402
 from distill_core.eval.memory import with_peak_memory  # noqa: E402
-from distill_core.main_job import RUN_FIELDS, eval_space, source_of  # noqa: E402
+from distill_core.main_job import add_teacher_flags, eval_space, teacher_from_flags  # noqa: E402
 from distill_core.methods import auto  # noqa: E402
 from distill_core.methods.reflow import straightness  # noqa: E402
 from distill_core.methods.registry import method_class, methods  # noqa: E402
-from distill_core.options import add_flags, flag_values, sweep  # noqa: E402
+from distill_core.options import sweep  # noqa: E402
 from distill_core.sources import TEACHERS  # noqa: E402
 from distill_core.student_files import load_student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
-from distill_core.train.run import train_student, within_trained_range  # noqa: E402
+from distill_core.train.run import train_student  # noqa: E402
 
 NFES = (1, 2, 4, 8)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,8 +108,6 @@ KEYS = ("method", "nfe", "network_evals", "psnr_db", "fd", "fd_teacher", "precis
 #: evaluation samples whose ODE paths the straightness column measures
 STRAIGHTNESS_SAMPLES = 256
 QUICK = {"iters": 8, "batch": 16}
-#: the main job's flags that name and condition the teacher
-TEACHER_FLAGS = ("teacher", "classes", "null_class", "prompts", "negative", "resolution", "guidance")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -118,8 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--methods", nargs="+", choices=[*methods(), "auto"],
                    help="the methods to train (default: all registered; auto: the Distill to N steps node's "
                    "choice at each student NFE, rows named auto with the method in auto_method)")
-    add_flags(p.add_argument_group("the teacher, as the main job takes it"), DistillConfig,
-              skip=RUN_FIELDS - set(TEACHER_FLAGS))
+    add_teacher_flags(p)
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     p.add_argument("--student-nfe", type=int, nargs="+", help="the NFEs students are trained for (default: --nfe; "
                    "a method may add its natural step counts, e.g. kd's 1); every student and solver is "
@@ -144,7 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base = DistillConfig(checkpoint_every=args.checkpoint_every)
     if args.quick:
         base = base.replace(**QUICK)
-    base = base.replace(iters=args.iters, batch=args.batch, **flag_values(args, TEACHER_FLAGS))
+    base = base.replace(iters=args.iters, batch=args.batch)
     try:
         grid = sweep(args.set)
     except ValueError as e:
@@ -152,11 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     n = args.n or (100 if args.quick else 2000)
     chosen = args.methods or list(methods())
 
-    try:
-        source = source_of(base)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        raise SystemExit(str(e)) from None
-    base = within_trained_range(base, source.denoiser)  # the students and the solvers end at one floor
+    base, source = teacher_from_flags(args, base)  # the students and the solvers end at one floor
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the students train
     teacher = CFGTeacher(source.denoiser.to(device), source.scale(base.guidance), source.uncond)
     space = eval_space(source)

@@ -49,6 +49,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 #: the run's own config fields (a method's field of the same name would be shadowed)
 RUN_FIELDS = {s.name for s in settings(DistillConfig)}
+#: the fields that name the teacher and its conditions
+TEACHER_FIELDS = ("teacher", "classes", "null_class", "prompts", "negative", "resolution", "guidance")
+
+
+def add_teacher_flags(p: argparse.ArgumentParser) -> None:
+    """The main job's flags that name the teacher and its conditions (``TEACHER_FIELDS``), for a benchmark that
+    takes any teacher the main job takes."""
+    add_flags(p.add_argument_group("the teacher, as the main job takes it"), DistillConfig,
+              skip=RUN_FIELDS - set(TEACHER_FIELDS))
+
+
+def teacher_from_flags(args: argparse.Namespace, base: DistillConfig | None = None
+                       ) -> tuple[DistillConfig, TeacherSource]:
+    """``base`` (default: the defaults) with the teacher flags given, its sigma_min raised into the teacher's
+    trained range, and the teacher loaded; a bad teacher exits with its one line."""
+    cfg = (base or DistillConfig()).replace(**flag_values(args, TEACHER_FIELDS))
+    try:
+        source = source_of(cfg)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(str(e)) from None
+    return within_trained_range(cfg, source.denoiser), source
 
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
