@@ -44,11 +44,14 @@ Students that re-noise between their steps (DMD2, moment matching, LCM-LoRA: x_{
 n_i drawn afresh) export to the flow pipelines: their scheduler, told ``stochastic_sampling``, steps to
 x_{t'} = (1 - t') x0 + t' n, which is that step divided by 1 + s' (t' = s' / (1 + s')). The schedule ends at
 0, so the pipeline's last step lands on the student's image exactly. A UNet pipeline's schedulers re-noise
-only on their own discrete timesteps, so its re-noising students are refused.
+only on their own discrete timesteps, so its re-noising students are refused. A student of LoRA experts
+(Phased DMD: expert k for step k, on its phase (s_{k+1}, s_k]) exports one LoRA per expert,
+``expert_{k}.safetensors``, loaded as named adapters; a step-end callback makes the next step's expert the
+active one (``set_adapters``).
 
 Students whose sampling a diffusers scheduler does not reproduce are refused in one line (sample them with
 ``python -m distill_core sample``): samplers that run a named solver (phased), a first step about class
-means, step- or guidance-conditioned networks (SFD-v, LCM), experts (Phased DMD), and teachers other than
+means, step- or guidance-conditioned networks (SFD-v, LCM), full-weight experts, and teachers other than
 these pipelines.
 """
 
@@ -105,6 +108,8 @@ PIPELINES = {
 }
 #: the file name ``load_lora_weights`` reads from a directory
 LORA_FILE = "pytorch_lora_weights.safetensors"
+#: the LoRA file and adapter name of expert k of a student of experts
+EXPERT_FILE, EXPERT_ADAPTER = "expert_{}.safetensors", "expert_{}"
 
 
 def refusal(card: dict, pipeline: str | None = None) -> str | None:
@@ -126,8 +131,11 @@ def refusal(card: dict, pipeline: str | None = None) -> str | None:
     if card.get("step_embedding") or card.get("w_embedding"):
         return ("this student takes its step count or guidance scale as an input, which a pipeline's network does "
                 "not; distil with method sfd (one student per step count) to export it")
-    if card.get("architecture") or card.get("experts"):
-        return "this student is not the teacher's network (its own architecture or experts): it cannot replace it"
+    if card.get("architecture"):
+        return "this student is not the teacher's network (its own architecture): it cannot replace it"
+    if card.get("experts") and card.get("student", {}).get("kind") != "lora":
+        return ("this student's experts are full networks, one copy of the teacher's each; distil it with student "
+                "lora (one LoRA per expert) to export it")
     with_cfg = card.get("guidance", {}).get("mode") != "distilled"
     if target and not target.engine_cfg and with_cfg:
         return (f"this student samples with CFG, which {pipeline} rescales where the engine does not; distil the "
@@ -213,7 +221,7 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     from distill_core.safetensors_io import load, read_card, save_atomic
     from distill_core.sampling import sampler_key
     from distill_core.sources import as_trained, teacher_source
-    from distill_core.student_files import load_student
+    from distill_core.student_files import expert_tensors, load_student
 
     card = read_card(student_path)
     root = Path(teacher or card.get("teacher", ""))
@@ -235,9 +243,11 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     lora = card.get("student", {"kind": "full"})["kind"] == "lora"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if lora:  # the student's card rides along in the file's metadata, which diffusers passes over
-        save_atomic(peft_lora(load(student_path)[0], prefix, target.network), out / LORA_FILE, card)
-    else:
+    experts = expert_tensors(load(student_path)[0], card) if lora else []
+    files = [EXPERT_FILE.format(k) for k in range(len(experts))] if card.get("experts") else [LORA_FILE]
+    for tensors, name in zip(experts, files):  # the card rides along in each file's metadata (diffusers skips it)
+        save_atomic(peft_lora(tensors, prefix, target.network), out / name, card)
+    if not lora:
         with atomic_dir(out / target.network) as tmp:
             student.net.get_submodule(f"denoiser.{prefix}").save_pretrained(tmp, safe_serialization=True)
     scheduler = getattr(diffusers, target.scheduler_class)
@@ -256,6 +266,7 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
                 "noise_scale": noise_scale, "latent_shape": list(source.shape), "height": side, "width": side,
                 "guidance_scale": float(card.get("embedded_guidance", w - target.w_offset)),
                 "call": dict(target.call), "student": "lora" if lora else target.network,
+                **({"experts": files} if card.get("experts") else {}),
                 **({"negative_prompt": card["negative"]} if "negative" in card and guidance["mode"] != "distilled"
                    else {})}
     write_json(out / "sampling.json", settings)
@@ -266,8 +277,20 @@ def usage(settings: dict, out: str | Path) -> str:
     """The Python lines that sample the exported student with its pipeline."""
     target = PIPELINES[settings["pipeline"]]
     network = target.network
-    load = (f"pipe.load_lora_weights({str(out)!r})  # needs peft" if settings["student"] == "lora" else
-            f"pipe.{network} = {target.network_class}.from_pretrained({str(out)!r}, subfolder={network!r})")
+    experts = settings.get("experts", [])
+    if experts:  # one named adapter per expert, the next step's made active at the end of each step
+        adapters = [EXPERT_ADAPTER.format(k) for k in range(len(experts))]
+        load = "\n".join([
+            *(f"pipe.load_lora_weights({str(out)!r}, weight_name={name!r}, adapter_name={adapter!r})  # needs peft"
+              for name, adapter in zip(experts, adapters)),
+            f"pipe.set_adapters({adapters[0]!r})",
+            "def next_expert(pipe, step, t, tensors):  # expert k samples step k",
+            f"    pipe.set_adapters({adapters!r}[min(step + 1, {len(adapters) - 1})])",
+            "    return tensors"])
+    elif settings["student"] == "lora":
+        load = f"pipe.load_lora_weights({str(out)!r})  # needs peft"
+    else:
+        load = f"pipe.{network} = {target.network_class}.from_pretrained({str(out)!r}, subfolder={network!r})"
     channels, height, width = settings["latent_shape"]
     lines = [
         "import torch",
@@ -282,6 +305,8 @@ def usage(settings: dict, out: str | Path) -> str:
     sigmas = "[" + ", ".join(f"{s!r}" for s in settings["sigmas"]) + "]"
     negative = f", negative_prompt={settings['negative_prompt']!r}" if "negative_prompt" in settings else ""
     call = "".join(f", {key}={value!r}" for key, value in settings["call"].items())
+    if experts:
+        call += ", callback_on_step_end=next_expert"
     lines.append(f"image = pipe(prompt='a prompt'{negative}, latents=latents, sigmas={sigmas}, "
                  f"{target.guidance_keyword}={settings['guidance_scale']:g}, height={settings['height']}, "
                  f"width={settings['width']}{call}).images[0]")

@@ -14,7 +14,16 @@ import torch
 from distill_core.cli import main
 from distill_core.config import DistillConfig
 from distill_core.diffusers_source import diffusers_source
-from distill_core.export_diffusers import LORA_FILE, PIPELINES, export, exportable, pipeline_start, refusal, usage
+from distill_core.export_diffusers import (
+    EXPERT_ADAPTER,
+    LORA_FILE,
+    PIPELINES,
+    export,
+    exportable,
+    pipeline_start,
+    refusal,
+    usage,
+)
 from distill_core.sampling import few_step, sample
 from distill_core.student_files import load_student
 from distill_core.train.run import train_student
@@ -23,14 +32,26 @@ from tests.test_dit_pipelines import LATENT, PIPELINE_CALL, dit_pipeline_dir, fl
 from tests.test_teacher_from_dir import multi_encoder_pipeline_dir, text_pipeline_dir
 
 
-def pipeline_latents(teacher, out, settings: dict, z: torch.Tensor, student: bool = True) -> torch.Tensor:
+def pipeline_latents(teacher, out, settings: dict, z: torch.Tensor, student: bool = True,
+                     switch: bool = True) -> torch.Tensor:
     """The pipeline's latents [1, C, H, W] for prompt "an owl" from standard normal ``z``, with the exported
-    student loaded (``student``) or the teacher's own network, on the exported scheduler and sigmas."""
+    student loaded (``student``) or the teacher's own network, on the exported scheduler and sigmas. A student of
+    experts: each a named adapter, the next step's made active at each step's end (``switch``; else the first
+    expert samples every step)."""
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
     network = "unet" if hasattr(pipe, "unet") else "transformer"
     scheduler = diffusers.EulerDiscreteScheduler if network == "unet" else diffusers.FlowMatchEulerDiscreteScheduler
     pipe.scheduler = scheduler.from_pretrained(out, subfolder="scheduler")
-    if student and settings["student"] == "lora":
+    experts, step_end = settings.get("experts", []), {}
+    if student and experts:
+        adapters = [EXPERT_ADAPTER.format(k) for k in range(len(experts))]
+        for name, adapter in zip(experts, adapters):
+            pipe.load_lora_weights(out, weight_name=name, adapter_name=adapter)
+        pipe.set_adapters(adapters[0])
+        if switch:
+            step_end["callback_on_step_end"] = lambda pipe, step, t, tensors: (
+                pipe.set_adapters(adapters[min(step + 1, len(adapters) - 1)]), tensors)[1]
+    elif student and settings["student"] == "lora":
         pipe.load_lora_weights(out)
     elif student:
         setattr(pipe, network, type(getattr(pipe, network)).from_pretrained(out, subfolder=network))
@@ -39,7 +60,8 @@ def pipeline_latents(teacher, out, settings: dict, z: torch.Tensor, student: boo
     latents = settings["noise_scale"] * z
     latents = pipe._pack_latents(latents, b, c, h, w) if target.packed else latents
     call = {"prompt": "an owl", "latents": latents, "sigmas": settings["sigmas"], "height": settings["height"],
-            "width": settings["width"], target.guidance_keyword: settings["guidance_scale"], **settings["call"]}
+            "width": settings["width"], target.guidance_keyword: settings["guidance_scale"], **settings["call"],
+            **step_end}
     if target.takes_negative:
         call["negative_prompt"] = settings.get("negative_prompt")
     if settings["pipeline"] == "Flux2KleinPipeline":
@@ -164,6 +186,47 @@ def test_a_flow_pipeline_re_noises_as_a_dmd2_student_does(tmp_path, monkeypatch,
     assert not exportable(path)
     with pytest.raises(ValueError, match="re-noises between its steps, which only a flow-matching pipeline's"):
         export(path, tmp_path / "sd-export")
+
+
+def test_a_phased_dmd_student_exports_a_lora_per_expert_that_the_pipeline_switches_at_each_step(tmp_path,
+                                                                                              monkeypatch):
+    """Phased DMD's LoRA experts, one a step, export as named adapters: with a step-end callback that makes the
+    next step's expert active, the flow pipeline re-noising on the engine's draws draws the engine's image; the
+    first expert alone does not. The printed lines run as written. Full-weight experts are refused."""
+    from diffusers.schedulers import scheduling_flow_match_euler_discrete as flow_scheduler
+
+    from distill_core.sampling import renoise_noise
+
+    teacher = pipeline_dir(tmp_path / "sd3", "sd3")
+    source = diffusers_source(teacher, prompts=["a red fox", "an owl"])
+    cfg = DistillConfig(method="phased-dmd", steps=2, iters=2, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"),
+                        checkpoint_every=0, student="lora", lora_rank=4, lora_alpha=2)
+    path = train_student(cfg, source, progress=False).path
+    out = tmp_path / "export"
+    settings = export(path, out)
+    assert settings["experts"] == ["expert_0.safetensors", "expert_1.safetensors"] and not (out / LORA_FILE).exists()
+    student = load_student(path, source.denoiser, source.uncond)
+    z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    start = student.sigmas()[0] * z
+    with torch.no_grad():
+        ours = sample(student, start, torch.tensor([1]))
+    fresh, draws = renoise_noise(start, 2), []
+    monkeypatch.setattr(flow_scheduler, "randn_tensor", lambda *args, **kw: draws.pop(0))
+    draws[:] = fresh
+    theirs = pipeline_latents(teacher, out, settings, z)
+    scale = float(ours.abs().max())
+    torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
+    draws[:] = fresh
+    first_only = pipeline_latents(teacher, out, settings, z, switch=False)
+    assert (first_only - ours).abs().max() > 50 * 2e-5 * scale  # the second step is the second expert's
+    draws[:] = fresh
+    scope = {}
+    exec(usage(settings, out).replace("'a prompt'", "'an owl', output_type='latent'"), scope)
+    assert scope["image"].numel() == math.prod(source.shape)
+
+    full = DistillConfig(**{**cfg.to_dict(), "student": "full", "out": str(tmp_path / "full")})
+    with pytest.raises(ValueError, match="experts are full networks"):
+        export(train_student(full, source, progress=False).path, tmp_path / "full-export")
 
 
 #: a noise draw [B, C, H, W] in a pipeline's latent layout (Flux: its packed 2 x 2 patches)
