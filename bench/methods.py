@@ -1,7 +1,7 @@
 """Every distillation method against every training-free solver on one teacher, at NFE 1, 2, 4, 8.
 
     python bench/methods.py [--quick] [--teacher builtin|builtin-flow|DIR] [--methods sfd phased ...]
-                            [--nfe 1 2 4 8] [--student-nfe 1 2 4] [--n N] [--steps 128]
+                            [--nfe 1 2 4 8] [--student-nfe 1 2 4] [--n N] [--steps 128|32]
                             [--set KEY=V1,V2 ...] [--out FILE.json]
 
 The teacher is any the main job takes, with the same flags: a built-in one, or a local diffusers model or
@@ -9,7 +9,9 @@ pipeline directory (``--classes``, ``--null-class``, ``--prompts``, ``--negative
 ``--guidance``). A directory's samples are measured as the main job measures them: ``fd_teacher``,
 ``precision`` and ``recall`` in pooled pixels (``eval.benchmark.PIXELS``), no ``fd`` or ``class_acc``; its
 cached solves go in a folder of ``--cache`` named by its conditions (shape, classes, prompts), as the
-network's fingerprint alone does not hold them.
+network's fingerprint alone does not hold them. Its evaluation defaults to 200 samples and 32-step reference
+solves (54 dB from a 256-step solve on the built-in teachers, ``bench/reference_steps.py``), so that a large
+teacher's two reference sets cost 2 x 200 x 63 guided evaluations, not 2 x 2,000 x 255.
 
 One evaluation set (noise of seed 1, balanced classes) serves every row, so rows compare directly. Students
 train, and every row is sampled, on CUDA where there is one (the metrics run on the CPU). Rows:
@@ -121,14 +123,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--student-nfe", type=int, nargs="+", help="the NFEs students are trained for (default: --nfe; "
                    "a method may add its natural step counts, e.g. kd's 1); every student and solver is "
                    "evaluated at each --nfe it serves")
-    p.add_argument("--n", type=int, help="evaluation samples, and teacher samples of the target (default 2000, "
-                   "quick 100)")
+    p.add_argument("--n", type=int, help="evaluation samples, and teacher samples of the target (default 2000 on a "
+                   "built-in teacher, 200 on one from a directory; quick 100)")
     p.add_argument("--iters", type=int, help="iterations per student (default: the main job's; quick 8)")
     p.add_argument("--batch", type=int, help="samples per iteration (default: the main job's; quick 16)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=V1,V2",
                    help="config settings for every student (gan_weight=0.003); several values train a student "
                    "for each (seed=0,1,2)")
-    p.add_argument("--steps", type=int, default=128, help="Heun steps of the teacher's reference solves")
+    p.add_argument("--steps", type=int, help="Heun steps of the teacher's reference solves (default 128 on a built-in "
+                   "teacher, 32 on one from a directory: see bench/reference_steps.py)")
     p.add_argument("--cache", default=str(RESULTS / "cache"), help="where reference solves are cached")
     p.add_argument("--work", default=str(RESULTS / "methods_runs"), help="where the students are trained")
     p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
@@ -146,17 +149,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         grid = sweep(args.set)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    n = args.n or (100 if args.quick else 2000)
     chosen = args.methods or list(methods())
 
     base, source = teacher_from_flags(args, base)  # the students and the solvers end at one floor
+    builtin = source.name in TEACHERS
+    n = args.n or (100 if args.quick else 2000 if builtin else 200)
+    steps = args.steps or (128 if builtin else 32)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the students train
     teacher = CFGTeacher(source.denoiser.to(device), source.scale(base.guidance), source.uncond)
     space = eval_space(source)
-    cache = Path(args.cache) if source.name in TEACHERS else Path(args.cache) / conditions_key(source)
-    ev = benchmark_set(teacher, n, args.steps, cache, device=device, **space)
-    measured = {"teacher": fingerprint(source.denoiser), "n": n, "steps": args.steps}
-    stem = f"{measured['teacher']}-w{teacher.w:g}-n{n}-s{args.steps}"
+    cache = Path(args.cache) if builtin else Path(args.cache) / conditions_key(source)
+    ev = benchmark_set(teacher, n, steps, cache, device=device, **space)
+    measured = {"teacher": fingerprint(source.denoiser), "n": n, "steps": steps}
+    stem = f"{measured['teacher']}-w{teacher.w:g}-n{n}-s{steps}"
     solved = {**measured, "w": teacher.w, "sigma_min": base.sigma_min}  # what the teacher's and solver rows depend on
     rows = kept(cache / f"teacher-{stem}.json", solved, lambda: [{
         **teacher_row(teacher, ev), "straightness": path_straightness(teacher, ev, base.sigma_min, teacher.sigma_max)}])

@@ -239,7 +239,8 @@ def test_auto_is_judged_against_the_best_single_method_at_each_nfe(bench):
     ]
 
 
-def test_a_pipeline_directory_is_benched_in_pooled_pixels_with_its_solves_kept_by_its_prompts(bench, tmp_path):
+def test_a_pipeline_directory_is_benched_in_pooled_pixels_with_its_solves_kept_by_its_prompts(bench, tmp_path,
+                                                                                             monkeypatch):
     """Any teacher the main job takes, with its flags: a text-to-image pipeline's students and solvers are rows
     with fd_teacher, precision and recall in pooled pixels (no classifier fits its latents); its cached solves
     are kept by its prompts, so another prompt list is solved afresh, not read from the first list's cache."""
@@ -258,3 +259,14 @@ def test_a_pipeline_directory_is_benched_in_pooled_pixels_with_its_solves_kept_b
         config = (tmp_path / f"runs{i}" / "sfd-2" / "config.yaml").read_text()
         assert f"teacher: {teacher}" in config and f"p{i}.txt" in config and "guidance: 3" in config
     assert len(list(cache.glob("conditions-*/teacher-*-w3-n6-s4.json"))) == 2
+
+    class Measured(Exception):
+        pass
+
+    def measured(teacher, n, steps, *args, **kwargs):
+        raise Measured(n, steps)
+
+    monkeypatch.setattr(bench, "benchmark_set", measured)  # a directory's defaults: 200 samples, 32-step solves
+    with pytest.raises(Measured) as sizes:
+        bench.main(["--teacher", str(teacher), "--methods", "sfd", "--cache", str(cache)])
+    assert sizes.value.args == (200, 32)
