@@ -92,7 +92,7 @@ from distill_core.eval.benchmark import (  # noqa: E402
 )
 from distill_core.eval.kept import CHECKPOINT_EVERY, finished, kept, kept_rows  # noqa: E402
 from distill_core.eval.memory import with_peak_memory  # noqa: E402
-from distill_core.main_job import add_teacher_flags, eval_space, teacher_from_flags  # noqa: E402
+from distill_core.main_job import add_teacher_flags, eval_space, reference_steps, teacher_from_flags  # noqa: E402
 from distill_core.methods import auto  # noqa: E402
 from distill_core.methods.reflow import straightness  # noqa: E402
 from distill_core.methods.registry import method_class, methods  # noqa: E402
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base, source = teacher_from_flags(args, base)  # the students and the solvers end at one floor
     builtin = source.name in TEACHERS
     n = args.n or (100 if args.quick else 2000 if builtin else 200)
-    steps = args.steps or (128 if builtin else 32)
+    steps = reference_steps(source, args.steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the students train
     teacher = CFGTeacher(source.denoiser.to(device), source.scale(base.guidance), source.uncond)
     space = eval_space(source)

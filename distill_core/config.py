@@ -119,9 +119,9 @@ class DistillConfig:
                                    min=0)
     sample_every: int = option(0, "write a sample grid every this many iterations (0: none)", min=0)
     eval_samples: int = option(100, "samples for the report's metrics", min=1)
-    reference_steps: int = option(128, "Heun steps of the teacher's reference solve that the report measures "
-                                  "against (fewer for a costly teacher: each sample takes 2 x steps - 1 teacher "
-                                  "evaluations)", min=2)
+    reference_steps: int | None = option(None, "Heun steps of the teacher's reference solve that the report "
+                                         "measures against, 2 x steps - 1 teacher evaluations a sample (None: 128 "
+                                         "for the built-in teachers, 32 for a teacher from a directory)", min=2)
     extra: dict = option(None, "free-form notes kept with the run", factory=dict)
     options: object = None  # the method's own settings (an instance of its Config)
 

@@ -121,6 +121,13 @@ def run_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def reference_steps(source: TeacherSource, steps: int | None = None) -> int:
+    """Heun steps of a teacher's reference solves: ``steps`` where given, else 128 for the built-in teachers
+    (their 128-step solves ship) and 32 for a teacher from a directory (on the built-in teachers a 32-step solve
+    lands 54 dB from a 256-step one, where students land near 30 dB: ``bench/reference_steps.py``)."""
+    return steps or (128 if source.name in TEACHERS else 32)
+
+
 def eval_space(source: TeacherSource) -> dict:
     """How a teacher's samples are evaluated (``eval_set``'s keywords): their shape and classes, and the metric
     space, the classifier's features for the built-in teachers' digits, else pooled pixels."""
@@ -172,7 +179,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
 
     w = source.scale(cfg.guidance)
     teacher = CFGTeacher(source.denoiser.to(run.device), w, source.uncond)  # evaluated where it trained
-    kw = {**eval_space(source), "device": run.device, "steps": cfg.reference_steps, "cache_dir": out / "cache"}
+    steps = reference_steps(source, cfg.reference_steps)
+    kw = {**eval_space(source), "device": run.device, "steps": steps, "cache_dir": out / "cache"}
     space = kw["space"]
     ev = eval_set(teacher, cfg.eval_samples, seed=cfg.seed + 1, **kw)
     if space == PIXELS:  # no classifier fits this data: compare with the teacher's own samples from other noise
@@ -196,7 +204,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     save_grid([source.decode(r) if source.decode else r for r in (ev.reference[:k], solver_images, student_images)],
               out / "grid.png")
     grid_rows = [
-        f"teacher reference solve (Heun, {cfg.reference_steps} steps)",
+        f"teacher reference solve (Heun, {steps} steps)",
         f"{best['method']}, the best training-free solver at {nfe} NFE",
         f"{cfg.method} student at {nfe} NFE",
     ]

@@ -74,9 +74,10 @@ def test_a_class_conditional_model_distils_with_guidance_on_its_null_class(tmp_p
     assert source.draw_cond(64, torch.Generator().manual_seed(0)).max() <= 2
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(teacher), "--classes", "3", "--null-class", "3", "--guidance", "2",
-                 "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "6", "--reference-steps", "8",
-                 "--out", str(out), "--no-progress"]) == 0
+                 "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "6", "--out", str(out),
+                 "--no-progress"]) == 0
     assert json.loads((out / "report.json").read_text())["guidance"] == 2.0
+    assert len(list((out / "cache").glob("ref-*-heun32.safetensors"))) == 2  # a directory's reference: 32 steps
 
     # compare finds the teacher the file names; the classes are given as distill took them
     cmp = tmp_path / "cmp"
