@@ -150,10 +150,6 @@ def test_a_flow_pipeline_re_noises_as_a_dmd2_student_does(tmp_path, monkeypatch,
     """A DMD2 student (re-noising between its steps) of a flow pipeline exports with its scheduler told to
     re-noise: given the engine's fresh noise draws, the pipeline draws the engine's image exactly (packed
     latents for Flux). A UNet pipeline's student of the same method is refused in one line."""
-    from diffusers.schedulers import scheduling_flow_match_euler_discrete as flow_scheduler
-
-    from distill_core.sampling import renoise_noise
-
     teacher = pipeline_dir(tmp_path / pipeline, pipeline)
     source = diffusers_source(teacher, prompts=["a red fox", "an owl"])
     cfg = DistillConfig(method="dmd2", steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"),
@@ -167,10 +163,7 @@ def test_a_flow_pipeline_re_noises_as_a_dmd2_student_does(tmp_path, monkeypatch,
     start = student.sigmas()[0] * z
     with torch.no_grad():
         ours = sample(student, start, torch.tensor([1]))  # prompt 1: an owl
-    b, c, h, w = z.shape
-    fresh = renoise_noise(start, 2)  # the engine's draws, handed to the scheduler in its layout
-    fresh, draws = [PIPELINE_LAYOUT[pipeline](n, b, c, h, w) for n in fresh], []
-    monkeypatch.setattr(flow_scheduler, "randn_tensor", lambda *args, **kw: draws.pop(0))
+    fresh, draws = engine_draws(start, 2, PIPELINE_LAYOUT[pipeline]), scheduler_draws(monkeypatch)
     draws[:] = fresh
     theirs = pipeline_latents(teacher, tmp_path / "export", settings, z)
     assert not draws  # one draw a step, the last multiplied by t = 0
@@ -193,10 +186,6 @@ def test_a_phased_dmd_student_exports_a_lora_per_expert_that_the_pipeline_switch
     """Phased DMD's LoRA experts, one a step, export as named adapters: with a step-end callback that makes the
     next step's expert active, the flow pipeline re-noising on the engine's draws draws the engine's image; the
     first expert alone does not. The printed lines run as written. Full-weight experts are refused."""
-    from diffusers.schedulers import scheduling_flow_match_euler_discrete as flow_scheduler
-
-    from distill_core.sampling import renoise_noise
-
     teacher = pipeline_dir(tmp_path / "sd3", "sd3")
     source = diffusers_source(teacher, prompts=["a red fox", "an owl"])
     cfg = DistillConfig(method="phased-dmd", steps=2, iters=2, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"),
@@ -210,8 +199,7 @@ def test_a_phased_dmd_student_exports_a_lora_per_expert_that_the_pipeline_switch
     start = student.sigmas()[0] * z
     with torch.no_grad():
         ours = sample(student, start, torch.tensor([1]))
-    fresh, draws = renoise_noise(start, 2), []
-    monkeypatch.setattr(flow_scheduler, "randn_tensor", lambda *args, **kw: draws.pop(0))
+    fresh, draws = engine_draws(start, 2, PIPELINE_LAYOUT["sd3"]), scheduler_draws(monkeypatch)
     draws[:] = fresh
     theirs = pipeline_latents(teacher, out, settings, z)
     scale = float(ours.abs().max())
@@ -232,6 +220,23 @@ def test_a_phased_dmd_student_exports_a_lora_per_expert_that_the_pipeline_switch
 #: a noise draw [B, C, H, W] in a pipeline's latent layout (Flux: its packed 2 x 2 patches)
 PIPELINE_LAYOUT = {"sd3": lambda n, *shape: n,
                    "flux": lambda n, *shape: diffusers.FluxPipeline._pack_latents(n, *shape)}
+
+
+def engine_draws(start: torch.Tensor, steps: int, layout) -> list[torch.Tensor]:
+    """The engine's fresh noise of a re-noising student from ``start`` (``sampling.renoise_noise``), each draw in
+    a pipeline's latent ``layout``."""
+    from distill_core.sampling import renoise_noise
+
+    return [layout(n, *start.shape) for n in renoise_noise(start, steps)]
+
+
+def scheduler_draws(monkeypatch) -> list[torch.Tensor]:
+    """The list the flow scheduler's noise draws now come from, first to last (fill it before each call)."""
+    from diffusers.schedulers import scheduling_flow_match_euler_discrete as flow_scheduler
+
+    draws = []
+    monkeypatch.setattr(flow_scheduler, "randn_tensor", lambda *args, **kw: draws.pop(0))
+    return draws
 
 
 @pytest.mark.parametrize("card, message", [
