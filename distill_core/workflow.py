@@ -52,9 +52,17 @@ def _inputs(info: dict) -> dict[str, tuple]:
     return {**spec.get("required", {}), **spec.get("optional", {})}
 
 
-def is_widget(declaration) -> bool:
+def choices(declaration) -> list | None:
+    """The choices of a combo widget (``[[choices...], opts]``, or ``["COMBO", {"options": [...]}]`` as newer
+    nodes declare it; an empty list is a file list that depends on the machine), else None."""
     kind = declaration[0]
-    return isinstance(kind, list) or kind in WIDGET_TYPES
+    if kind == "COMBO":
+        return list(declaration[1].get("options", [])) if len(declaration) > 1 else []
+    return kind if isinstance(kind, list) else None
+
+
+def is_widget(declaration) -> bool:
+    return choices(declaration) is not None or declaration[0] in WIDGET_TYPES
 
 
 def _is_link(value) -> bool:
@@ -94,7 +102,7 @@ def validate_api(graph: dict, info: dict[str, dict]) -> list[str]:
                 if not 0 <= value[1] < len(outputs):
                     problems.append(f"node {nid} ({kind}): input {name!r} links to output {value[1]} of "
                                     f"{src['class_type']}, which has {len(outputs)}")
-                elif not isinstance(decl[0], list) and outputs[value[1]] != decl[0]:
+                elif choices(decl) is None and outputs[value[1]] != decl[0]:
                     problems.append(f"node {nid} ({kind}): input {name!r} wants {decl[0]}, gets "
                                     f"{outputs[value[1]]} from node {value[0]}")
             else:
@@ -103,10 +111,10 @@ def validate_api(graph: dict, info: dict[str, dict]) -> list[str]:
 
 
 def _widget_problems(name: str, decl, value) -> list[str]:
-    kind, opts = decl[0], (decl[1] if len(decl) > 1 else {})
-    if isinstance(kind, list):  # a file list depends on the machine: the file is checked when the node runs
-        ok = not kind or opts.get("file_list") or value in kind
-        return [] if ok else [f"{name}={value!r} is not one of {kind}"]
+    kind, opts, listed = decl[0], (decl[1] if len(decl) > 1 else {}), choices(decl)
+    if listed is not None:  # a file list depends on the machine: the file is checked when the node runs
+        ok = not listed or opts.get("file_list") or value in listed
+        return [] if ok else [f"{name}={value!r} is not one of {listed}"]
     if kind not in WIDGET_TYPES:
         return [f"{name} is a {kind} socket and must be linked, got the value {value!r}"]
     expected = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}[kind]

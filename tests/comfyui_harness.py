@@ -5,6 +5,8 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         a tiny single-file SD1.5 checkpoint from ComfyUI's own classes, random weights: a one-level
         320-channel UNet with one transformer block (context 768: detected as SD1.5), CLIP-L-sized
         text encoder, TAESD as the VAE; fp16.
+    python tests/comfyui_harness.py sd3-checkpoint OUT.safetensors TEXT_ENCODER.safetensors
+        a tiny single-file SD3 checkpoint (MMDiT and TAESD) and a CLIP-L text encoder file for it, fp16.
     python tests/comfyui_harness.py lora-probe CHECKPOINT WORKDIR
         in-process: Load Checkpoint -> Distill prompt list -> Teacher from MODEL -> Distill to 4 steps
         (LoRA) -> the stock LoraLoader applies the saved file to the teacher -> ComfyUI's sampler with
@@ -62,6 +64,16 @@ def _init(module, seed: int = 0) -> None:
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
 
 
+def _save_parts(parts: dict, path: Path) -> None:
+    """The state dicts of ``parts`` (key prefix -> module) in one fp16 safetensors file at ``path``."""
+    from safetensors.torch import save_file
+
+    tensors = {prefix + k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
+               for prefix, m in parts.items() for k, v in m.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+
+
 def build_checkpoint(path: Path) -> None:
     _comfyui()
     import comfy.ops
@@ -69,7 +81,6 @@ def build_checkpoint(path: Path) -> None:
     import comfy.taesd.taesd
     import torch
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from safetensors.torch import save_file
 
     unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
                      channel_mult=(1,), num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
@@ -79,11 +90,30 @@ def build_checkpoint(path: Path) -> None:
     vae = comfy.taesd.taesd.TAESD(latent_channels=4)
     for k, m in enumerate((unet, clip, vae)):
         _init(m, k)
-    parts = {"model.diffusion_model.": unet, "cond_stage_model.": clip, "first_stage_model.": vae}
-    tensors = {prefix + k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
-               for prefix, m in parts.items() for k, v in m.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
+    _save_parts({"model.diffusion_model.": unet, "cond_stage_model.": clip, "first_stage_model.": vae}, path)
+
+
+def build_sd3_checkpoint(checkpoint: Path, text_encoder: Path) -> None:
+    """A tiny single-file SD3 checkpoint (the MMDiT of ``SD3_CONFIG`` reading SD3's 4096-wide token table and
+    2048-wide pooled vector; TAESD on the 16-channel latent as its VAE; no text encoder) and a CLIP-L file that
+    the stock CLIPLoader loads as an SD3 text encoder (type sd3: the CLIP-G and T5 parts of its output are
+    zeros). Random weights, fp16."""
+    _comfyui()
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.taesd.taesd
+    import torch
+
+    config = comfy.supported_models.SD3(dict(SD3_CONFIG, adm_in_channels=2048, context_embedder_config={
+        "target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}}))
+    config.set_inference_dtype(torch.float32, None)
+    mmdit = config.get_model({}).diffusion_model
+    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    vae = comfy.taesd.taesd.TAESD(latent_channels=16)
+    for k, m in enumerate((mmdit, clip, vae)):
+        _init(m, k)
+    _save_parts({"model.diffusion_model.": mmdit, "first_stage_model.": vae}, checkpoint)
+    _save_parts({"": clip.transformer}, text_encoder)
 
 
 def load_pack():
@@ -523,6 +553,8 @@ if __name__ == "__main__":
     command = sys.argv[1]
     if command == "checkpoint":
         build_checkpoint(Path(sys.argv[2]))
+    elif command == "sd3-checkpoint":
+        build_sd3_checkpoint(Path(sys.argv[2]), Path(sys.argv[3]))
     elif command == "lora-probe":
         print("RESULT " + json.dumps(lora_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
     elif command == "lcm-lora-probe":

@@ -131,6 +131,19 @@ def test_validation_names_each_problem():
     assert "no input named 'colour'" in text and "unknown node type 'NotANode'" in text
 
 
+def test_combo_widgets_declared_as_newer_nodes_declare_them_are_checked_against_their_options():
+    """``["COMBO", {"options": [...]}]``: a value out of the options is named; an empty option list is a file
+    list, whose files depend on the machine."""
+    info = {"Pick": {"input": {"required": {"mode": ["COMBO", {"options": ["a", "b"]}],
+                                            "file": ["COMBO", {"options": []}]}},
+                     "output": ["X"], "output_name": ["X"]}}
+    assert wf.validate_api({"1": {"class_type": "Pick", "inputs": {"mode": "b", "file": "f.safetensors"}}}, info) == []
+    assert wf.validate_api({"1": {"class_type": "Pick", "inputs": {"mode": "c", "file": "x"}}}, info) == [
+        "node 1 (Pick): mode='c' is not one of ['a', 'b']"]
+    ui = wf.api_to_ui({"1": {"class_type": "Pick", "inputs": {"mode": "b", "file": "f"}}}, info)
+    assert ui["nodes"][0]["widgets_values"] == ["b", "f"] and ui["nodes"][0]["inputs"] == []
+
+
 def test_the_runner_names_unknown_node_types_and_cycles():
     graph = json.loads((WORKFLOWS / "api" / "sd15_lora_4_steps.json").read_text())
     with pytest.raises(ValueError, match="CheckpointLoaderSimple"):

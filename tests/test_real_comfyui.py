@@ -237,14 +237,23 @@ def _workflow(name: str) -> dict:
     return json.loads((ROOT / "workflows" / name).read_text())
 
 
-def _sd15_workflow(name: str = "sd15_lora_4_steps", **distill) -> dict:
-    """An SD1.5 workflow (b, or its DMD2 twin) on the tiny checkpoint: 64x64 images, a short run."""
+def _short_workflow(name: str, checkpoint: str, **distill) -> dict:
+    """A shipped checkpoint workflow on a tiny checkpoint: 64x64 images, a short run."""
     graph = _workflow(f"api/{name}.json")
-    graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
-    graph["3"]["inputs"].update(width=64, height=64)
-    graph["8"]["inputs"].update(width=64, height=64)
-    graph["4"]["inputs"].update({"iterations": 4, "batch": 2, "preview_every": 2, "checkpoint_every": 2, **distill})
+    for node in graph.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = checkpoint
+        elif kind in ("DistillTeacherFromModel", "EmptyLatentImage", "EmptySD3LatentImage"):
+            inputs.update(width=64, height=64)
+        elif kind in ("DistillToSteps", "DistillDistributionMatching"):
+            inputs.update({"iterations": 4, "batch": 2, "preview_every": 2, "checkpoint_every": 2, **distill})
     return graph
+
+
+def _sd15_workflow(name: str = "sd15_lora_4_steps", **distill) -> dict:
+    """An SD1.5 workflow (b, or its DMD2 twin) on the tiny checkpoint."""
+    return _short_workflow(name, "tiny_sd15.safetensors", **distill)
 
 
 def _images(entry: dict, base: Path) -> list[Path]:
@@ -285,6 +294,38 @@ def test_the_sd15_dmd2_workflow_trains_a_2_step_lora_that_samplercustom_samples(
     card = read_card(server.base / "models" / "loras" / "sd15_dmd2_2step_lora.safetensors")
     assert (card["method"], card["sampler"], card["nfe"]) == ("dmd2", "renoise", 2)
     assert card["student"]["kind"] == "lora" and card["guidance"] == {"mode": "distilled", "w": 5.0}
+
+
+@pytest.fixture(scope="module")
+def sd3_files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sd3")
+    _harness("sd3-checkpoint", str(folder / "tiny_sd35.safetensors"), str(folder / "tiny_clip_l.safetensors"))
+    return folder
+
+
+def test_the_sd35_workflow_trains_a_4_step_lora_that_samplercustom_samples(server, sd3_files):
+    """Load Checkpoint (SD3.5) and its text encoders -> Distill to 4 steps (LoRA) -> SamplerCustom with the
+    student's sigmas -> Save Image, on a tiny SD3 checkpoint. Its text encoder is one CLIP-L through the stock
+    CLIPLoader (type sd3), in place of TripleCLIPLoader's three full-size encoders (T5-XXL alone is 4.7B
+    parameters)."""
+    models = server.base / "models"
+    (models / "checkpoints" / "tiny_sd35.safetensors").symlink_to(sd3_files / "tiny_sd35.safetensors")
+    (models / "text_encoders").mkdir(exist_ok=True)
+    (models / "text_encoders" / "tiny_clip_l.safetensors").symlink_to(sd3_files / "tiny_clip_l.safetensors")
+    graph = _short_workflow("sd35_lora_4_steps", "tiny_sd35.safetensors")
+    loaders = [nid for nid, node in graph.items() if node["class_type"] == "TripleCLIPLoader"]
+    assert len(loaders) == 1
+    graph[loaders[0]] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "tiny_clip_l.safetensors", "type": "sd3"}}
+    entry = server.wait(server.queue(graph))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    images = _images(entry, server.base)
+    assert len(images) == 1 and images[0].stat().st_size > 0
+    lora = models / "loras" / "sd35_sfd_4step_lora.safetensors"
+    card = read_card(lora)
+    assert (card["method"], card["nfe"], card["comfy_noise"]) == ("sfd", 4, "flow")
+    assert card["student"]["kind"] == "lora" and card["guidance"] == {"mode": "cfg", "w": 4.5}
+    with safe_open(str(lora), "pt") as f:
+        assert any(k.startswith("diffusion_model.joint_blocks.") for k in f.keys())
 
 
 def test_workflow_a_builtin_teacher(server):
