@@ -90,12 +90,19 @@ def model_config(folder: Path, pipeline: bool) -> dict:
     return config
 
 
-def load_model(folder: Path, config: dict) -> nn.Module:
-    """The network ``model_config`` accepted, frozen."""
+def load_model(folder: Path, config: dict, frozen_precision: str = "as-loaded") -> nn.Module:
+    """The network ``model_config`` accepted, frozen. A run whose frozen teacher computes in bf16
+    (``frozen_precision``) loads it in the 16-bit precision its files hold, which holds them exactly: the run
+    casts it to bf16 next, and a float32 copy on the way would double the load's memory. Its fingerprint is
+    the one of a float32 load (``builtin.fingerprint`` hashes the values)."""
     import diffusers
 
+    from distill_core.safetensors_io import stored_dtype
+
+    stored = stored_dtype(folder)
+    dtype = stored if frozen_precision == "bf16" and stored != torch.float32 else None
     model = getattr(diffusers, config["_class_name"]).from_pretrained(folder, use_safetensors=True,
-                                                                      local_files_only=True)
+                                                                      local_files_only=True, torch_dtype=dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -122,12 +129,14 @@ def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...],
 
 def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None = None,
                      prompts: str | Path | None = None, guidance: float | None = None,
-                     resolution: int | None = None, negative: str | None = None) -> TeacherSource:
+                     resolution: int | None = None, negative: str | None = None,
+                     frozen_precision: str = "as-loaded") -> TeacherSource:
     """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
     pipeline's file of training prompts (default: the shipped list); ``guidance``: the run's guidance, which a
     guidance-distilled pipeline (Flux dev) takes as its input; ``resolution``: the side of its square images in
     pixels (None: the model's own), which its students' files name; ``negative``: a text-to-image pipeline's
-    negative prompt (None: its own), which its students' files name."""
+    negative prompt (None: its own), which its students' files name; ``frozen_precision``: the run's
+    (``load_model``)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"teacher {root} is not a directory: give builtin, builtin-flow, builtin-bold or a "
@@ -135,13 +144,14 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
     model_dir, scheduler_dir = model_and_scheduler_dirs(root, index)
     if "text_encoder" in index:
-        return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution, negative)
+        return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution, negative,
+                           frozen_precision)
     for flag, given in (("--prompts", prompts), ("--negative", negative is not None)):
         if given:
             raise ValueError(f"{root}: {flag} is for text-to-image pipelines (a model_index.json naming a "
                              "text_encoder); this model is conditioned on class labels or nothing")
     config = model_config(model_dir, pipeline=False)
-    unet = load_model(model_dir, config)
+    unet = load_model(model_dir, config, frozen_precision)
     embeds = config.get("num_class_embeds")
     if classes and not embeds:
         raise ValueError(f"{root}: --classes {classes} given, but the model has no class embeddings")
@@ -195,10 +205,11 @@ def sample_shape(config: dict, root: Path, resolution: int | None = None) -> tup
     return (channels, resolution // scale, resolution // scale)
 
 
-def pipeline_network(root: Path, index: dict, model_dir: Path, config: dict, scheduler_dir: Path) -> nn.Module:
-    """A pipeline's network, frozen; Wan 2.2 A14B's two, its high-noise ``transformer`` and low-noise
-    ``transformer_2``, as one network that switches at its ``boundary_ratio`` of the training times."""
-    model = load_model(model_dir, config)
+def pipeline_network(root: Path, index: dict, model_dir: Path, config: dict, scheduler_dir: Path,
+                     frozen_precision: str = "as-loaded") -> nn.Module:
+    """A pipeline's network, frozen (``load_model``); Wan 2.2 A14B's two, its high-noise ``transformer`` and
+    low-noise ``transformer_2``, as one network that switches at its ``boundary_ratio`` of the training times."""
+    model = load_model(model_dir, config, frozen_precision)
     if not (index.get("transformer_2") or [None])[0]:
         return model
     from distill_core.denoisers.diffusers_flow import WanExperts
@@ -206,14 +217,15 @@ def pipeline_network(root: Path, index: dict, model_dir: Path, config: dict, sch
     if index.get("boundary_ratio") is None:
         raise ValueError(f"{root}: its model_index.json names a transformer_2 but no boundary_ratio, the share of the "
                          "training times from which its first transformer takes over; add it (Wan 2.2 T2V A14B: 0.875)")
-    low = load_model(root / "transformer_2", model_config(root / "transformer_2", pipeline=True))
+    low = load_model(root / "transformer_2", model_config(root / "transformer_2", pipeline=True), frozen_precision)
     steps = read_json(scheduler_dir / "scheduler_config.json").get("num_train_timesteps", 1000)
     return WanExperts(model, low, index["boundary_ratio"] * steps)
 
 
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
                 prompts: str | Path | None, guidance: float | None = None,
-                resolution: int | None = None, negative: str | None = None) -> TeacherSource:
+                resolution: int | None = None, negative: str | None = None,
+                frozen_precision: str = "as-loaded") -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the pipeline's negative
     (condition P; ``negative`` where given) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``
     (Qwen-Image: 4). Flux samples without CFG (w = 1, as its pipeline does); Flux dev takes ``guidance``
@@ -234,7 +246,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
         raise ValueError(f"{root}: Flux samples without CFG, so a negative prompt has nothing to steer away from; "
                          "drop --negative")
     tables = encode_prompts(root, index, prompts, shape, negative)  # the encoders freed before the network loads
-    model = pipeline_network(root, index, model_dir, config, scheduler_dir)
+    model = pipeline_network(root, index, model_dir, config, scheduler_dir, frozen_precision)
     name = config["_class_name"]
     embedded = None
     if name == "FluxTransformer2DModel" and model.config.guidance_embeds:

@@ -139,7 +139,7 @@ def eval_space(source: TeacherSource) -> dict:
 def source_of(cfg: DistillConfig) -> TeacherSource:
     """The teacher a run's config names, loaded."""
     return teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts, cfg.guidance, cfg.resolution,
-                          cfg.negative)
+                          cfg.negative, cfg.frozen_precision)
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,

@@ -13,6 +13,8 @@ from distill_core.atomic import atomic_path
 
 #: Metadata key under which the engine stores its JSON card in every file it writes.
 CARD_KEY = "distill_core"
+#: safetensors' names of the floating-point precisions a model's files may hold
+STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path, card: dict) -> Path:
@@ -54,6 +56,18 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is damaged: its tensors cannot be read ({e})") from None
     return tensors, card
+
+
+def stored_dtype(folder: str | Path) -> torch.dtype:
+    """The floating-point precision a diffusers model's files in ``folder`` hold (read from the first tensor of
+    its first safetensors file; float32 where unknown)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return torch.float32
+    with safe_open(str(files[0]), "pt") as f:
+        first = next(iter(f.keys()), None)
+        stored = f.get_slice(first).get_dtype() if first else "F32"
+    return STORED_DTYPES.get(stored, torch.float32)
 
 
 def _existing(path: str | Path) -> Path:

@@ -63,8 +63,6 @@ VIDEO_VAES = ("AutoencoderKLQwenImage", "AutoencoderKLWan")
 PATCH_VAES = ("AutoencoderKLFlux2",)
 #: autoencoders other than ``AutoencoderKL`` whose latents are scaled as its are (SANA's deep-compression one)
 SCALED_VAES = ("AutoencoderDC",)
-#: safetensors' names of the floating-point precisions an encoder's files may hold
-STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class PromptConditioned(nn.Module):
@@ -172,19 +170,10 @@ def exact_narrowing(table: torch.Tensor, dtypes: set[torch.dtype]) -> torch.Tens
 
 
 def stored_dtypes(root: Path) -> dict[str, torch.dtype]:
-    """Each text encoder's floating-point precision as its files hold it (read from the first tensor of its
-    first safetensors file; float32 where unknown)."""
-    from safetensors import safe_open
+    """Each text encoder's floating-point precision as its files hold it."""
+    from distill_core.safetensors_io import stored_dtype
 
-    dtypes = {}
-    for part in TEXT_ENCODERS:
-        files = sorted((root / part).glob("*.safetensors"))
-        if files:
-            with safe_open(files[0], "pt") as f:
-                first = next(iter(f.keys()), None)
-                stored = f.get_slice(first).get_dtype() if first else "F32"
-            dtypes[part] = STORED_DTYPES.get(stored, torch.float32)
-    return dtypes
+    return {part: stored_dtype(root / part) for part in TEXT_ENCODERS if any((root / part).glob("*.safetensors"))}
 
 
 def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],

@@ -67,6 +67,31 @@ def test_the_main_job_distils_a_diffusers_directory_with_the_full_report(tmp_pat
     assert capsys.readouterr().out.count("below the teacher's trained range") == (kind == "ddpm")  # said once
 
 
+def test_a_bf16_run_loads_a_16_bit_model_without_a_float32_copy(tmp_path):
+    """A model whose files hold fp16, for a run whose frozen teacher computes in bf16 (--frozen-precision bf16):
+    it loads in fp16, which holds its weights exactly, in half of float32's memory (float32 would only be a copy
+    on the way to bf16). Its fingerprint is the float32 load's, so the float32 teacher takes the run's student."""
+    from distill_core.builtin import fingerprint
+    from distill_core.student_files import load_student
+
+    teacher = model_dir(tmp_path / "t", "ddpm")
+    diffusers.UNet2DModel.from_pretrained(teacher / "unet").half().save_pretrained(teacher / "unet",
+                                                                                    safe_serialization=True)
+    full, half = diffusers_source(teacher), diffusers_source(teacher, frozen_precision="bf16")
+    assert {p.dtype for p in full.denoiser.parameters()} == {torch.float32}
+    assert {p.dtype for p in half.denoiser.parameters()} == {torch.float16}
+    assert fingerprint(half.denoiser) == fingerprint(full.denoiser)
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--frozen-precision", "bf16", "--steps", "2", "--iters", "1",
+                 "--batch", "2", "--eval-samples", "8", "--reference-steps", "8", "--out", str(out),
+                 "--no-progress"]) == 0
+    student = load_student(out / "student.safetensors", full.denoiser, full.uncond)
+    assert student.card["teacher_fingerprint"] == fingerprint(full.denoiser)
+    model_dir(tmp_path / "t32", "ddpm")  # float32 files load as float32 for the run to cast
+    assert {p.dtype for p in diffusers_source(tmp_path / "t32", frozen_precision="bf16").denoiser.parameters()} == {
+        torch.float32}
+
+
 def test_a_class_conditional_model_distils_with_guidance_on_its_null_class(tmp_path):
     teacher = model_dir(tmp_path / "classes", "ddpm", classes=3, pipeline=False)
     source = diffusers_source(teacher, classes=3, null_class=3)
