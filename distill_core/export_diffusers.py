@@ -236,11 +236,13 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
         raise ValueError(f"the student's teacher is a {pipeline}: export-diffusers writes files for "
                          f"{', '.join(PIPELINES)}; sample it with python -m distill_core sample")
     target = PIPELINES[pipeline]
-    # one prompt: the export needs the network, not a table of encoded prompts (which students do not depend on)
-    source = teacher_source(str(root), prompts=["a photo"], **as_trained(card))
+    lora = card.get("student", {"kind": "full"})["kind"] == "lora"
+    # one prompt: the export needs the network, not a table of encoded prompts (which students do not depend on);
+    # a LoRA's teacher only checks that the student is its own, so 16-bit files load as they are (half the memory)
+    source = teacher_source(str(root), prompts=["a photo"], **as_trained(card),
+                            frozen_precision="bf16" if lora else "as-loaded")
     student = load_student(student_path, source.denoiser, source.uncond)  # refuses a student of another teacher
     prefix = network_path(source.denoiser)
-    lora = card.get("student", {"kind": "full"})["kind"] == "lora"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     experts = expert_tensors(load(student_path)[0], card) if lora else []

@@ -133,6 +133,27 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_pa
         assert scope["image"].numel() == math.prod(source.shape)  # one image's latents (Flux's packed)
 
 
+def test_a_lora_exports_from_a_16_bit_pipeline_without_a_float32_copy_of_its_network(tmp_path, monkeypatch):
+    """The export loads a LoRA student's teacher only to check that the student is its own: a network whose files
+    hold fp16 loads in fp16 (its fingerprint is the float32 load's)."""
+    import diffusers
+
+    import distill_core.diffusers_source as ds
+
+    teacher = pipeline_dir(tmp_path / "sd", "sd")
+    diffusers.UNet2DConditionModel.from_pretrained(teacher / "unet").half().save_pretrained(teacher / "unet",
+                                                                                             safe_serialization=True)
+    source = diffusers_source(teacher, prompts=["a red fox"])  # the run's teacher, loaded in float32
+    cfg = DistillConfig(steps=2, iters=1, batch=2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
+                        student="lora", lora_rank=4)
+    path = train_student(cfg, source, progress=False).path
+    loaded, load = [], ds.load_model
+    monkeypatch.setattr(ds, "load_model", lambda *a: loaded.append(load(*a)) or loaded[-1])
+    export(path, tmp_path / "export")
+    assert {p.dtype for p in loaded[-1].parameters()} == {torch.float16}
+    assert (tmp_path / "export" / LORA_FILE).is_file()
+
+
 def test_the_first_step_lands_where_the_pipelines_noise_starts():
     """After the analytic step x_1 = x_N + (s_1 - s_0) x_N / sqrt(1 + s_0^2) from x_N = s_0 z, the pipeline's
     latents noise_scale z times its first sigma s_1."""
