@@ -21,8 +21,9 @@ COMMANDS = {
                 "solvers: a labelled grid and a table"),
     "sample": ("distill_core.sample_command", "images from a student file: a row per prompt or class, the same "
                "noise in every row"),
-    "export-diffusers": ("distill_core.export_diffusers", "a Stable Diffusion pipeline's student as diffusers "
-                         "files: a LoRA or UNet, an Euler scheduler and the sigmas to sample it with"),
+    "export-diffusers": ("distill_core.export_diffusers", "a text-to-image pipeline's student (SD1.x to SDXL, SD3, "
+                         "Flux, Qwen-Image, ...) as diffusers files: a LoRA or the network, an Euler scheduler and "
+                         "the sigmas to sample it with"),
     "run-workflow": ("distill_core.workflow", "run an API-format workflow of this pack's nodes without ComfyUI"),
     "ui-workflow": ("distill_core.workflow", "write the UI-format twin of an API-format workflow"),
     "reference-stats": ("distill_core.eval.frechet", "recompute the classifier-feature statistics of the test digits"),

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-RESOLUTION = 16
 NUM_CLASSES = 10
 SPLITS = ("train", "valid", "test")
 _ALLOWED = {

@@ -65,11 +65,6 @@ class LoRA(nn.Module):
         x = x.to(self.lora_down.weight.dtype)
         return self.lora_up(self.lora_down(x)) * self.scale
 
-    def delta_weight(self) -> torch.Tensor:
-        """(alpha / r) B A as a weight of the adapted layer's shape (what a loader adds to W)."""
-        up, down = self.lora_up.weight, self.lora_down.weight
-        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:]) * self.scale
-
 
 def target_layers(root: nn.Module, under: str = "") -> list[str]:
     """Paths (relative to ``root``) of every Linear and Conv2d below the submodule ``under``."""
