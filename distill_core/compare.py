@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     from distill_core.plot import labelled_grid, table_image
     from distill_core.report import write_png
     from distill_core.safetensors_io import read_card
-    from distill_core.sources import as_trained, teacher_source
+    from distill_core.sources import trained_teacher
     from distill_core.student_files import load_student
 
     if args.steps is not None and len(args.steps) != len(args.students):
@@ -220,8 +220,8 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"no student file {path}: give the .safetensors files that distill writes")
     if args.prompt and args.prompts:
         raise ValueError("give prompts with --prompt or with --prompts FILE, not both")
-    source = teacher_source(args.teacher or named_teacher(args.students), args.classes, args.null_class,
-                            args.prompt or args.prompts, **as_trained(read_card(args.students[0])))
+    source = trained_teacher(args.teacher or named_teacher(args.students), [read_card(p) for p in args.students],
+                             args.classes, args.null_class, args.prompt or args.prompts)
     source.denoiser.to("cuda" if torch.cuda.is_available() else "cpu")
     students = [InMemory(load_student(path, source.denoiser, source.uncond)) for path in args.students]
     stems = [Path(p).stem for p in args.students]

@@ -239,8 +239,8 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     lora = card.get("student", {"kind": "full"})["kind"] == "lora"
     # one prompt: the export needs the network, not a table of encoded prompts (which students do not depend on);
     # a LoRA's teacher only checks that the student is its own, so 16-bit files load as they are (half the memory)
-    source = teacher_source(str(root), prompts=["a photo"], **as_trained(card),
-                            frozen_precision="bf16" if lora else "as-loaded")
+    source = teacher_source(str(root), prompts=["a photo"],
+                            **{**as_trained(card), "frozen_precision": "bf16" if lora else "as-loaded"})
     student = load_student(student_path, source.denoiser, source.uncond)  # refuses a student of another teacher
     prefix = network_path(source.denoiser)
     out = Path(out)

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from distill_core.report import write_png
     from distill_core.safetensors_io import read_card
     from distill_core.sampling import sample
-    from distill_core.sources import as_trained, teacher_source
+    from distill_core.sources import trained_teacher
     from distill_core.student_files import load_student
 
     if not Path(args.student).is_file():
@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give prompts with --prompt or with --prompts FILE, not both")
     card = read_card(args.student)
     prompts = args.prompt or args.prompts
-    source = teacher_source(args.teacher or named_teacher([args.student]), args.classes, args.null_class, prompts,
-                            **as_trained(card))
+    source = trained_teacher(args.teacher or named_teacher([args.student]), [card], args.classes, args.null_class,
+                             prompts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source.denoiser.to(device)
     student = load_student(args.student, source.denoiser, source.uncond)

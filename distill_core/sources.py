@@ -114,9 +114,29 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
 
 def as_trained(card: dict) -> dict:
     """The keyword arguments of ``teacher_source`` that rebuild a student's teacher as it was trained, from the
-    student's card: a guidance-distilled teacher's guidance input, the image side, the negative prompt."""
+    student's card: a guidance-distilled teacher's guidance input, the image side, the negative prompt, and for
+    a LoRA student of a run whose frozen base computed in bf16, that precision (the base its adapters sample on;
+    a full student's weights are all its own)."""
+    lora = card.get("student", {}).get("kind") == "lora"
     return {"guidance": card.get("embedded_guidance"), "resolution": card.get("resolution"),
-            "negative": card.get("negative")}
+            "negative": card.get("negative"),
+            "frozen_precision": card.get("frozen_precision", "as-loaded") if lora else "as-loaded"}
+
+
+def trained_teacher(name: str, cards: list[dict], classes: int = 0, null_class: int | None = None,
+                    prompts: str | list[str] | None = None) -> TeacherSource:
+    """The teacher of the students with ``cards`` as their runs had it: ``teacher_source`` with the first card's
+    settings (``as_trained``), its weights cast to bf16 where every student's run computed with them in bf16 (a
+    student of a float32 run keeps the float32 teacher; a full student copies the teacher, so it takes float32)."""
+    from distill_core.builtin import cast_weights
+
+    settings = as_trained(cards[0])
+    bf16 = all(as_trained(card)["frozen_precision"] == "bf16" for card in cards)
+    source = teacher_source(name, classes, null_class, prompts, **{**settings, "frozen_precision":
+                                                                   "bf16" if bf16 else "as-loaded"})
+    if bf16:
+        cast_weights(source.denoiser, torch.bfloat16)
+    return source
 
 
 def comfy_source(base_model, positive: list, negative: list, width: int, height: int, guidance: float,

@@ -72,3 +72,34 @@ def test_what_the_student_cannot_draw_is_refused_in_one_line(student_file, tmp_p
 def test_a_missing_file_is_named(tmp_path, capsys):
     assert cli.main(["sample", str(tmp_path / "none.safetensors")]) == 1
     assert "no student file" in capsys.readouterr().err
+
+
+def test_a_lora_of_a_bf16_run_samples_on_the_bf16_base_it_trained_on(tmp_path):
+    """A LoRA student of a run whose frozen teacher computed in bf16 names that precision; sample draws it on the
+    teacher cast to bf16 (a large teacher then fits where its run fitted), the images the student draws on the
+    run's own cast teacher. A full student of such a run, whose weights are all its own, keeps a float32 copy."""
+    from distill_core.safetensors_io import read_card
+    from distill_core.sources import trained_teacher
+
+    cfg = DistillConfig(method="sfd", steps=2, iters=1, batch=4, checkpoint_every=0, student="lora", lora_rank=4,
+                        frozen_precision="bf16", afs_center="zero", out=str(tmp_path / "lora"))
+    run_source = builtin_source()
+    path = train_student(cfg, run_source, progress=False).path
+    card = read_card(path)
+    assert card["frozen_precision"] == "bf16"
+    teacher = trained_teacher("builtin", [card])
+    assert {p.dtype for p in teacher.denoiser.parameters()} == {torch.bfloat16}
+    out = tmp_path / "samples"
+    assert cli.main(["sample", str(path), "--label", "4", "--count", "2", "--out", str(out)]) == 0
+    student = load_student(path, run_source.denoiser, run_source.uncond)
+    z = torch.randn((2, *run_source.shape), generator=torch.Generator().manual_seed(0))
+    expected = pixels(sample(student, student.sigmas()[0] * z, torch.tensor([4, 4])))
+    for j in range(2):
+        written = torch.from_numpy(np.array(Image.open(out / f"00_{j:02d}.png").convert("RGB")))
+        assert torch.equal(written, expected[j])
+    full = train_student(cfg.replace(student="full", out=str(tmp_path / "full")), builtin_source(), progress=False)
+    assert read_card(full.path)["frozen_precision"] == "bf16"
+    assert {p.dtype for p in trained_teacher("builtin", [read_card(full.path)]).denoiser.parameters()} == {
+        torch.float32}
+    assert {p.dtype for p in trained_teacher("builtin", [card, read_card(full.path)]).denoiser.parameters()} == {
+        torch.float32}

@@ -99,6 +99,8 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
         print(f"stopped at iteration {result.iteration}/{cfg.iters}; the checkpoint is in {trainer.ckpt_dir}")
         return None
     card = {**method.card(), **source.card}
+    if cfg.frozen_precision == "bf16":  # the precision the frozen base computed in, which a LoRA samples on
+        card["frozen_precision"] = "bf16"
     card["training"].update(
         seconds=round(result.seconds, 1),
         iterations=result.iteration,
