@@ -5,6 +5,8 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         a tiny single-file SD1.5 checkpoint from ComfyUI's own classes, random weights: a one-level
         320-channel UNet with one transformer block (context 768: detected as SD1.5), CLIP-L-sized
         text encoder, TAESD as the VAE; fp16.
+    python tests/comfyui_harness.py sdxl-checkpoint OUT.safetensors
+        the smallest single-file checkpoint ComfyUI reads as the SDXL family (0.5B UNet, both text encoders).
     python tests/comfyui_harness.py sd3-checkpoint OUT.safetensors TEXT_ENCODER.safetensors
         a tiny single-file SD3 checkpoint (MMDiT and TAESD) and a CLIP-L text encoder file for it, fp16.
     python tests/comfyui_harness.py lora-probe CHECKPOINT WORKDIR
@@ -64,14 +66,18 @@ def _init(module, seed: int = 0) -> None:
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
 
 
-def _save_parts(parts: dict, path: Path) -> None:
-    """The state dicts of ``parts`` (key prefix -> module) in one fp16 safetensors file at ``path``."""
+def _save_tensors(tensors: dict, path: Path) -> None:
+    """``tensors`` in one safetensors file at ``path``, floating-point ones in fp16."""
     from safetensors.torch import save_file
 
-    tensors = {prefix + k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
-               for prefix, m in parts.items() for k, v in m.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
+    save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in tensors.items()},
+              str(path))
+
+
+def _save_parts(parts: dict, path: Path) -> None:
+    """The state dicts of ``parts`` (key prefix -> module) in one fp16 safetensors file at ``path``."""
+    _save_tensors({prefix + k: v for prefix, m in parts.items() for k, v in m.state_dict().items()}, path)
 
 
 def build_checkpoint(path: Path) -> None:
@@ -91,6 +97,37 @@ def build_checkpoint(path: Path) -> None:
     for k, m in enumerate((unet, clip, vae)):
         _init(m, k)
     _save_parts({"model.diffusion_model.": unet, "cond_stage_model.": clip, "first_stage_model.": vae}, path)
+
+
+def build_sdxl_checkpoint(path: Path) -> None:
+    """The smallest single-file checkpoint that ComfyUI reads as the SDXL family: SDXL's UNet layout at Segmind
+    Vega's transformer depths (one and two blocks at the two inner levels, none on the way up; 0.6B parameters,
+    an SDXL-class model with its ADM input), SDXL's two text encoders at their own size (CLIP-L and OpenCLIP
+    bigG: the checkpoint loader builds them so), TAESD as the VAE; random weights, fp16, in ComfyUI's own
+    checkpoint layout."""
+    _comfyui()
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.taesd.taesd
+    import torch
+
+    unet = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+                channel_mult=[1, 2, 4], num_heads=-1, num_head_channels=64, use_spatial_transformer=True,
+                transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_middle=1,
+                transformer_depth_output=[0] * 9, context_dim=2048,
+                use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential",
+                use_temporal_attention=False, use_temporal_resblock=False, legacy=False)
+    config = comfy.supported_models.Segmind_Vega(unet)
+    config.set_inference_dtype(torch.float32, None)
+    network = config.get_model({}).diffusion_model
+    clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32)
+    vae = comfy.taesd.taesd.TAESD(latent_channels=4)
+    for k, m in enumerate((network, clip, vae)):
+        _init(m, k)
+    tensors = {**config.process_unet_state_dict_for_saving(network.state_dict()),
+               **config.process_clip_state_dict_for_saving(clip.state_dict()),
+               **config.process_vae_state_dict_for_saving(vae.state_dict())}
+    _save_tensors(tensors, path)
 
 
 def build_sd3_checkpoint(checkpoint: Path, text_encoder: Path) -> None:
@@ -553,6 +590,8 @@ if __name__ == "__main__":
     command = sys.argv[1]
     if command == "checkpoint":
         build_checkpoint(Path(sys.argv[2]))
+    elif command == "sdxl-checkpoint":
+        build_sdxl_checkpoint(Path(sys.argv[2]))
     elif command == "sd3-checkpoint":
         build_sd3_checkpoint(Path(sys.argv[2]), Path(sys.argv[3]))
     elif command == "lora-probe":

@@ -296,6 +296,27 @@ def test_the_sd15_dmd2_workflow_trains_a_2_step_lora_that_samplercustom_samples(
     assert card["student"]["kind"] == "lora" and card["guidance"] == {"mode": "distilled", "w": 5.0}
 
 
+def test_the_sdxl_workflow_trains_a_4_step_lora_that_samplercustom_samples(server, tmp_path_factory):
+    """Load Checkpoint (SDXL) -> Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas -> Save
+    Image, on the smallest checkpoint ComfyUI reads as SDXL (its two text encoders at full size; two prompts)."""
+    checkpoint = tmp_path_factory.mktemp("sdxl") / "tiny_sdxl.safetensors"
+    _harness("sdxl-checkpoint", str(checkpoint))
+    (server.base / "models" / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
+    graph = _short_workflow("sdxl_lora_4_steps", checkpoint.name)
+    prompts = next(node["inputs"] for node in graph.values() if node["class_type"] == "DistillPromptList")
+    prompts["prompts"] = "\n".join(prompts["prompts"].splitlines()[:2])
+    entry = server.wait(server.queue(graph))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    images = _images(entry, server.base)
+    assert len(images) == 1 and images[0].stat().st_size > 0
+    lora = server.base / "models" / "loras" / "sdxl_sfd_4step_lora.safetensors"
+    card = read_card(lora)
+    assert (card["method"], card["nfe"], card["student"]["kind"]) == ("sfd", 4, "lora")
+    assert card["guidance"]["mode"] == "cfg" and "comfy_noise" not in card  # an eps model, sampled in sigmas
+    with safe_open(str(lora), "pt") as f:
+        assert any(k.startswith("diffusion_model.middle_block.") for k in f.keys())
+
+
 @pytest.fixture(scope="module")
 def sd3_files(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sd3")
