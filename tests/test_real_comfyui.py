@@ -296,16 +296,28 @@ def test_the_sd15_dmd2_workflow_trains_a_2_step_lora_that_samplercustom_samples(
     assert card["student"]["kind"] == "lora" and card["guidance"] == {"mode": "distilled", "w": 5.0}
 
 
-def test_the_sdxl_workflow_trains_a_4_step_lora_that_samplercustom_samples(server, tmp_path_factory):
-    """Load Checkpoint (SDXL) -> Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas -> Save
-    Image, on the smallest checkpoint ComfyUI reads as SDXL (its two text encoders at full size; two prompts)."""
+@pytest.fixture(scope="module")
+def sdxl_checkpoint(server, tmp_path_factory) -> str:
+    """The smallest checkpoint ComfyUI reads as SDXL (its two text encoders at full size), in the server's
+    checkpoints folder."""
     checkpoint = tmp_path_factory.mktemp("sdxl") / "tiny_sdxl.safetensors"
     _harness("sdxl-checkpoint", str(checkpoint))
     (server.base / "models" / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
-    graph = _short_workflow("sdxl_lora_4_steps", checkpoint.name)
+    return checkpoint.name
+
+
+def _sdxl_workflow(name: str, checkpoint: str) -> dict:
+    """An SDXL workflow on the tiny checkpoint, on two of its prompts (each an OpenCLIP bigG pass on a CPU)."""
+    graph = _short_workflow(name, checkpoint)
     prompts = next(node["inputs"] for node in graph.values() if node["class_type"] == "DistillPromptList")
     prompts["prompts"] = "\n".join(prompts["prompts"].splitlines()[:2])
-    entry = server.wait(server.queue(graph))
+    return graph
+
+
+def test_the_sdxl_workflow_trains_a_4_step_lora_that_samplercustom_samples(server, sdxl_checkpoint):
+    """Load Checkpoint (SDXL) -> Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas -> Save
+    Image."""
+    entry = server.wait(server.queue(_sdxl_workflow("sdxl_lora_4_steps", sdxl_checkpoint)))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     images = _images(entry, server.base)
     assert len(images) == 1 and images[0].stat().st_size > 0
@@ -315,6 +327,19 @@ def test_the_sdxl_workflow_trains_a_4_step_lora_that_samplercustom_samples(serve
     assert card["guidance"]["mode"] == "cfg" and "comfy_noise" not in card  # an eps model, sampled in sigmas
     with safe_open(str(lora), "pt") as f:
         assert any(k.startswith("diffusion_model.middle_block.") for k in f.keys())
+
+
+def test_the_sdxl_dmd2_workflow_trains_a_4_step_lora_that_samplercustom_samples(server, sdxl_checkpoint):
+    """Load Checkpoint (SDXL) -> Distill to 1-4 steps (DMD2, two LoRAs on the one model) -> SamplerCustom with
+    the student's sigmas, its re-noising sampler and cfg 1 -> Save Image."""
+    entry = server.wait(server.queue(_sdxl_workflow("sdxl_dmd2_lora_4_steps", sdxl_checkpoint)))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    images = _images(entry, server.base)
+    assert len(images) == 1 and images[0].stat().st_size > 0
+    card = read_card(server.base / "models" / "loras" / "sdxl_dmd2_4step_lora.safetensors")
+    assert (card["method"], card["sampler"], card["nfe"]) == ("dmd2", "renoise", 4)
+    assert card["student"]["kind"] == "lora" and card["student"]["rank"] == 64
+    assert card["guidance"] == {"mode": "distilled", "w": 8.0}
 
 
 @pytest.fixture(scope="module")
