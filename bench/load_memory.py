@@ -1,0 +1,113 @@
+"""Host memory to load a teacher from a diffusers directory: as loaded (float32), and for a bf16 run
+(``--frozen-precision bf16``: 16-bit files loaded as they are, then cast), each in a fresh process.
+
+    python bench/load_memory.py [--teacher DIR] [--quick] [--out FILE.json]
+
+A network of P parameters stored in 16 bits takes 4 P bytes loaded as float32 and 2 P bytes loaded as stored;
+the float32 load is then cast to bf16, so its peak holds the float32 copy. Each row is the peak resident memory
+of one process (Linux's high-water mark, reset just before the load) while it loads the teacher as the main job
+does and casts it as the run would, beside its resident memory before the load (the interpreter, torch and
+diffusers). Without ``--teacher`` the bench writes an unconditional ``UNet2DModel`` with Stable Diffusion
+1.5's block widths and two layers per block (672 M parameters; ``--quick``: a quarter of the widths, 42 M) with
+random weights in bf16 into a temporary folder. A text-to-image pipeline loads its text encoders first (at their
+stored precision, freed before the network loads) on the shipped prompt list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRECISIONS = ("as-loaded", "bf16")
+KEYS = ("teacher", "parameters", "stored_dtype", "frozen_precision", "peak_mib", "before_mib", "seconds")
+#: the UNet the bench writes: SD1.5's block widths and two layers per block, in pixel space at 32 x 32
+WIDTHS = (320, 640, 1280, 1280)
+
+
+def write_unet(folder: Path, quick: bool) -> Path:
+    """A pipeline folder (unet/, scheduler/, model_index.json) with a random-weight ``UNet2DModel`` in bf16."""
+    import diffusers
+    import torch
+
+    widths = tuple(w // 4 for w in WIDTHS) if quick else WIDTHS
+    unet = diffusers.UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=widths,
+                                 layers_per_block=2, norm_num_groups=min(32, widths[0] // 4))
+    unet.to(torch.bfloat16).save_pretrained(folder / "unet", safe_serialization=True)
+    diffusers.DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    return folder
+
+
+def resident_kib(field: str) -> int:
+    """This process's resident memory in KiB from ``/proc/self/status``: ``VmRSS`` now, ``VmHWM`` its peak."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def measure(teacher: str, precision: str) -> dict:
+    """Load ``teacher`` in this process as a run with ``precision`` does, cast it as the run would, and return
+    the peak resident memory before and after."""
+    import diffusers  # noqa: F401 - imported before the measurement, which is of the load alone
+    import torch
+
+    from distill_core.builtin import cast_weights
+    from distill_core.diffusers_source import diffusers_source, model_and_scheduler_dirs, read_json
+    from distill_core.safetensors_io import stored_dtype
+
+    root = Path(teacher)
+    index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    stored = stored_dtype(model_and_scheduler_dirs(root, index)[0])
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from the current size
+    before = resident_kib("VmRSS")
+    start = time.time()
+    source = diffusers_source(teacher, frozen_precision=precision)
+    if precision == "bf16":
+        cast_weights(source.denoiser, torch.bfloat16)
+    peak = resident_kib("VmHWM")
+    return {"teacher": teacher, "parameters": sum(p.numel() for p in source.denoiser.parameters()),
+            "stored_dtype": str(stored).removeprefix("torch."), "frozen_precision": precision,
+            "peak_mib": round(peak / 1024, 1), "before_mib": round(before / 1024, 1),
+            "seconds": round(time.time() - start, 2)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", help="a local diffusers model or pipeline directory (default: a written UNet)")
+    p.add_argument("--quick", action="store_true", help="the written UNet at a quarter of the widths")
+    p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--measure", nargs=2, metavar=("DIR", "PRECISION"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.measure:  # the child process: one load, its row on stdout
+        print(json.dumps(measure(*args.measure)))
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = args.teacher or str(write_unet(Path(tmp) / "unet_teacher", args.quick))
+        rows = []
+        for precision in PRECISIONS:
+            done = subprocess.run([sys.executable, __file__, "--measure", teacher, precision], capture_output=True,
+                                  text=True, check=False)
+            if done.returncode:
+                raise SystemExit(f"loading {teacher} failed:\n{done.stderr[-3000:]}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    if not args.teacher:
+        for row in rows:
+            row["teacher"] = f"UNet2DModel, SD1.5 widths{' / 4' if args.quick else ''}"
+    print("  ".join(f"{k:>16}" for k in KEYS[1:]))
+    for row in rows:
+        print("  ".join(f"{row[k]!s:>16}" for k in KEYS[1:]))
+    if args.out:
+        from distill_core.atomic import write_json
+
+        write_json(args.out, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
