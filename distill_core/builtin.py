@@ -81,10 +81,27 @@ def fingerprint(module: torch.nn.Module) -> str:
 
 
 def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """``module``'s weights in ``dtype``, in place; its ``fingerprint`` stays the one of its weights as loaded."""
+    """``module``'s floating-point weights in ``dtype``, in place, but those its networks keep in float32 at any
+    precision (``kept_float32``); its ``fingerprint`` stays the one of its weights as loaded."""
     loaded = fingerprint(module)
-    module.to(dtype)
+    kept = kept_float32(module)
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.is_floating_point() and name not in kept:
+            t.data = t.data.to(dtype)
     _LOADED[module] = loaded
+
+
+def kept_float32(module: torch.nn.Module) -> set[str]:
+    """The names of the weights in ``module`` that its diffusers networks keep in float32 in every precision, as
+    diffusers loads them (each network's ``_keep_in_fp32_modules``, matched within a weight's name: Wan's time
+    embedder, modulation tables and norms)."""
+    kept = set()
+    for prefix, network in module.named_modules():
+        patterns = getattr(network, "_keep_in_fp32_modules", None) or ()
+        for name, _ in [*network.named_parameters(), *network.named_buffers()] if patterns else ():
+            if any(p in name for p in patterns):
+                kept.add(f"{prefix}.{name}" if prefix else name)
+    return kept
 
 
 def was_cast(module: torch.nn.Module) -> bool:

@@ -650,6 +650,27 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
                          "is not a teacher", tmp_path, capsys)
 
 
+def test_a_wan_teacher_cast_for_a_bf16_run_keeps_what_diffusers_keeps_in_float32(tmp_path):
+    """Cast to bf16 (frozen_precision bf16), a Wan teacher keeps in float32 what diffusers keeps so in every
+    precision (its time embedder, modulation tables and norms) and holds its other weights in bf16, in which it
+    computes; it denoises within bf16 rounding of its float32 self."""
+    from distill_core.builtin import cast_weights
+
+    source = diffusers_source(multi_encoder_pipeline_dir(tmp_path / "wan", "wan"), prompts=["a red fox"],
+                              resolution=16)
+    x = 2 * torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = source.denoiser(x, 2.0, torch.tensor([0]))
+    cast_weights(source.denoiser, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in source.denoiser.named_parameters()}
+    kept = {d for n, d in dtypes.items() if any(k in n for k in ("time_embedder", "scale_shift_table", "norm2"))}
+    assert kept == {torch.float32} and {d for n, d in dtypes.items() if "patch_embedding" in n} == {torch.bfloat16}
+    with torch.no_grad():
+        half = source.denoiser(x, 2.0, torch.tensor([0]))
+    rms = (half - full).pow(2).mean().sqrt() / full.pow(2).mean().sqrt()
+    assert half.dtype == torch.float32 and rms < 0.2  # measured 0.153 on this random network, as cast wholly to bf16
+
+
 def assert_index_refused(teacher, changes: dict, message: str, tmp_path, capsys) -> None:
     """The pipeline ``teacher`` with ``changes`` in its model_index.json is refused by distill in one line."""
     index = json.loads((teacher / "model_index.json").read_text())

@@ -37,10 +37,15 @@ def move_cond(cond: Cond, device: torch.device) -> Cond:
 
 
 def network_dtype(net: torch.nn.Module, default: torch.dtype) -> torch.dtype:
-    """The precision a network computes in: its first floating-point parameter's (``default``, the input's,
-    without one). An adapter feeds its network inputs of this dtype, so a teacher whose weights were cast to
-    bf16 runs without autocast too (trained LoRA adapters, float32, cast their own inputs)."""
-    return next((p.dtype for p in net.parameters() if p.is_floating_point()), default)
+    """The precision a network computes in: the one most of its floating-point weights hold (``default``, the
+    input's, without any; a bf16 network may keep a few in float32, as Wan's time embedder). An adapter feeds
+    its network inputs of this dtype, so a teacher whose weights were cast to bf16 runs without autocast too
+    (trained LoRA adapters, float32, cast their own inputs)."""
+    held: dict[torch.dtype, int] = {}
+    for p in net.parameters():
+        if p.is_floating_point():
+            held[p.dtype] = held.get(p.dtype, 0) + p.numel()
+    return max(held, key=held.get) if held else default
 
 
 def cast_cond(cond: Cond, dtype: torch.dtype) -> Cond:
