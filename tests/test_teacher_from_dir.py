@@ -505,8 +505,8 @@ def test_multi_encoder_pipelines_sample_as_their_own_pipeline_and_distil_end_to_
                             lambda *a, **k: built.append((a, k)) or teacher_source(*a, **k))
         assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--count", "2",
                      "--reference-steps", "4", "--out", str(tmp_path / "cmp")]) == 0
-        assert built[0][0][0] == str(teacher)  # at its guidance input, its own resolution and negative:
-        assert built[0][1] == {"guidance": 2.5, "resolution": None, "negative": None}
+        assert built[0][0][0] == str(teacher)  # at its guidance input, its own resolution, negative and precision:
+        assert built[0][1] == {"guidance": 2.5, "resolution": None, "negative": None, "frozen_precision": "as-loaded"}
     if kind != "sdxl":
         assert main(["distill", "--teacher", str(teacher / "transformer"), "--out", str(tmp_path / "r"),
                      "--no-progress"]) == 1
