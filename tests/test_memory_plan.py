@@ -163,6 +163,61 @@ def test_checkpointing_recomputes_with_the_adapters_switched_as_in_the_forward_p
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
 
 
+class HostBlock(torch.nn.Module):
+    """A block of a host's network, called with a keyword as ComfyUI's DiT blocks are."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x, *, scale):
+        return torch.tanh(self.linear(x)) * scale
+
+
+class HostNet(torch.nn.Module):
+    """A host's model as ComfyUI holds one: ``diffusion_model`` with a block list and a sequential block that it
+    runs layer by layer (a ComfyUI UNet's input, middle and output blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.diffusion_model = torch.nn.Module()
+        self.diffusion_model.blocks = torch.nn.ModuleList([HostBlock() for _ in range(3)])
+        self.diffusion_model.middle = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.SiLU())
+
+    def forward(self, x):
+        for block in self.diffusion_model.blocks:
+            x = block(x, scale=1.5)
+        for layer in self.diffusion_model.middle:
+            x = layer(x)
+        return x
+
+
+def test_a_hosts_network_checkpoints_its_blocks_while_training_and_gets_them_back(monkeypatch):
+    """A ComfyUI model has no checkpointing switch: its blocks (and the weighted layers of the blocks it runs
+    layer by layer) recompute in the backward pass, with the gradients of a plain backward; without gradients
+    (the host's own sampling) they run plainly, and ``disable_checkpointing`` gives them their classes back."""
+    from distill_core.nets.surgery import Checkpointed, disable_checkpointing
+
+    torch.manual_seed(0)
+    net, x = HostNet(), torch.randn(4, 8)
+    net(x).square().sum().backward()
+    plain = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    enable_checkpointing(net)
+    assert [isinstance(m, Checkpointed) for m in net.diffusion_model.modules()].count(True) == 4  # not the SiLU
+    with torch.no_grad():
+        net(x)
+    assert calls == []
+    net(x).square().sum().backward()
+    assert len(calls) == 4
+    for a, b in zip(plain, [p.grad for p in net.parameters()]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    disable_checkpointing(net)
+    assert type(net.diffusion_model.blocks[0]) is HostBlock and type(net.diffusion_model.middle[0]) is torch.nn.Linear
+
+
 def test_lora_adapters_train_in_float32_over_a_half_precision_base(tmp_path):
     denoiser = tiny_unet(torch.float16)
     before = {k: v.clone() for k, v in denoiser.state_dict().items()}

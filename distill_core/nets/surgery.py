@@ -28,11 +28,11 @@ def select_weights(student: nn.Module, teacher: nn.Module) -> int:
     return copied
 
 
-def checkpoint_call(owner: nn.Module, fn, *args):
-    """``fn(*args)`` (the forward of ``owner``) under torch's non-reentrant gradient checkpointing, recomputed
-    in the backward pass with the LoRA adapters hooked inside ``owner`` switched as they were in the forward
-    pass: a method that trains several adapter sets on one base switches the others off for each network's
-    forward, and the backward pass runs after that switch is undone."""
+def checkpoint_call(owner: nn.Module, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` (the forward of ``owner``) under torch's non-reentrant gradient checkpointing,
+    recomputed in the backward pass with the LoRA adapters hooked inside ``owner`` switched as they were in the
+    forward pass: a method that trains several adapter sets on one base switches the others off for each
+    network's forward, and the backward pass runs after that switch is undone."""
     adapters = [hook.__self__ for m in owner.modules() for hook in m._forward_hooks.values()
                 if isinstance(getattr(hook, "__self__", None), LoRA)]
     state = [a.enabled for a in adapters]
@@ -49,7 +49,7 @@ def checkpoint_call(owner: nn.Module, fn, *args):
                 a.enabled = enabled
 
     return torch.utils.checkpoint.checkpoint(
-        fn, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), as_in_forward())
+        fn, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), as_in_forward()), **kwargs
     )
 
 
@@ -60,18 +60,64 @@ class _CheckpointedLevel(Level):
         return checkpoint_call(self, super().forward, x, emb)
 
 
+class Checkpointed:
+    """Put before a host network's block class (``enable_checkpointing``): the block's forward recomputed in the
+    backward pass while gradients are on, and its plain forward otherwise (the host's own sampling of a network
+    a LoRA student shares)."""
+
+    def forward(self, *args, **kwargs):
+        forward = super().forward
+        return checkpoint_call(self, forward, *args, **kwargs) if torch.is_grad_enabled() else forward(*args, **kwargs)
+
+
+#: the checkpointed class made for each block class (one per class, so that instances of a class share it)
+_CHECKPOINTED: dict[type, type] = {}
+
+
 def enable_checkpointing(denoiser: nn.Module) -> None:
-    """Gradient checkpointing: per level for the built-in UNet, per block through diffusers' own switch
-    otherwise (``checkpoint_call`` either way)."""
+    """Gradient checkpointing (``checkpoint_call`` in every case): per level for the built-in UNet; per block
+    through diffusers' own switch; for a host's network (a ComfyUI model's ``diffusion_model``), per block
+    (``host_blocks``: a DiT's transformer blocks, a UNet's layers), whose classes gain ``Checkpointed`` until
+    ``disable_checkpointing``."""
     levels = [m for m in denoiser.modules() if type(m) is Level]
     for m in levels:
         m.__class__ = _CheckpointedLevel
-    if not levels:
-        switch = next((m.enable_gradient_checkpointing for m in denoiser.modules()
-                       if hasattr(m, "enable_gradient_checkpointing")), None)
-        if switch is None:
-            raise ValueError(f"no gradient checkpointing for a {type(denoiser).__name__}")
+    if levels:
+        return
+    switch = next((m.enable_gradient_checkpointing for m in denoiser.modules()
+                   if hasattr(m, "enable_gradient_checkpointing")), None)
+    if switch is not None:
         switch(lambda module, *args: checkpoint_call(module, module.__call__, *args))
+        return
+    blocks = [block for name, m in denoiser.named_modules() if name.split(".")[-1] == "diffusion_model"
+              for block in host_blocks(m)]
+    if not blocks:
+        raise ValueError(f"no gradient checkpointing for a {type(denoiser).__name__}")
+    for block in blocks:
+        cls = type(block)
+        if not issubclass(cls, Checkpointed):
+            block.__class__ = _CHECKPOINTED.setdefault(cls, type(f"Checkpointed{cls.__name__}", (Checkpointed, cls),
+                                                                  {}))
+
+
+def host_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of a host's network to checkpoint: the items of its block lists, and of a ComfyUI UNet's
+    sequential blocks (input, middle and output), which it runs layer by layer, the layers that hold weights."""
+    blocks = []
+    for child in model.children():
+        items = list(child) if isinstance(child, nn.ModuleList) else [child] if isinstance(child, nn.Sequential) \
+            else []
+        for item in items:
+            layers = list(item.children()) if isinstance(item, nn.Sequential) else [item]
+            blocks += [layer for layer in layers if any(True for _ in layer.parameters())]
+    return blocks
+
+
+def disable_checkpointing(net: nn.Module) -> None:
+    """Give the blocks of a host's network that ``enable_checkpointing`` checkpointed their own classes back."""
+    for m in net.modules():
+        if isinstance(m, Checkpointed):
+            m.__class__ = type(m).__bases__[1]
 
 
 def lighter_student(denoiser: nn.Module, width: float = 1.0, depth: float = 1.0, init: str = "teacher") -> nn.Module:

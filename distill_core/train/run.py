@@ -14,6 +14,7 @@ from distill_core.config import DistillConfig
 from distill_core.memory_plan import MemoryPlan
 from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import build_method
+from distill_core.nets.surgery import disable_checkpointing
 from distill_core.student_files import save_student
 from distill_core.students import StudentNet
 from distill_core.train.callbacks import Callback, TqdmProgress
@@ -163,7 +164,8 @@ def cast_frozen_teacher(source: TeacherSource, dtype: torch.dtype) -> None:
 
 def release_teacher(net: torch.nn.Module) -> None:
     """Detach a LoRA student's adapters (every expert's, of ``Experts``) from the teacher network they were
-    hooked into."""
+    hooked into, and give a host's blocks that training checkpointed their own classes back."""
+    disable_checkpointing(net)
     for module in net.modules():
         if isinstance(module, StudentNet) and module.lora is not None:
             module.lora.detach()
