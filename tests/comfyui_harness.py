@@ -14,6 +14,8 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         (LoRA) -> the stock LoraLoader applies the saved file to the teacher -> ComfyUI's sampler with
         the student's sigmas and SAMPLER; prints JSON comparing it with the engine's own sampling of
         the student from the same initial latent.
+    python tests/comfyui_harness.py checkpointing-probe CHECKPOINT WORKDIR
+        in-process: the same LoRA trained without and with grad_checkpointing on the checkpoint's UNet.
     python tests/comfyui_harness.py lcm-lora-probe CHECKPOINT WORKDIR
         in-process: an LCM-LoRA trained by Distill to N steps, loaded by the stock LoraLoader and sampled by
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
@@ -400,6 +402,41 @@ def stock_nodes_on_checkpoint(checkpoint: Path, work: Path):
     return stock, pack, model, clip, positive, negative, unloaded
 
 
+def checkpointing_probe(checkpoint: Path, work: Path) -> dict:
+    """Load Checkpoint -> Teacher from MODEL -> Distill to 4 steps (LoRA, two iterations) twice from one seed,
+    without and with grad_checkpointing: how far apart the two LoRAs are, how many of the model's layers were
+    checkpointed during the run, and how many are left so after it."""
+    _, pack, model, _, positive, negative, _ = stock_nodes_on_checkpoint(checkpoint, work)
+    import torch
+
+    from distill_core.nets.surgery import Checkpointed
+
+    checkpointed, enable = [], importlib.import_module("distill_core.nets.surgery").enable_checkpointing
+
+    def counting(net):
+        enable(net)
+        checkpointed.append(sum(isinstance(m, Checkpointed) for m in net.modules()))
+
+    importlib.import_module("distill_core.train.trainer").enable_checkpointing = counting
+    loras = []
+    with torch.inference_mode():
+        (teacher,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 5.0)
+        for on in (False, True):
+            name = f"probe_{'checkpointed' if on else 'plain'}"
+            pack["DistillToSteps"]().run(
+                teacher, steps=4, method="sfd", iterations=2, learning_rate=1e-3, batch=2, seed=0,
+                guidance_mode="auto", student="lora", lora_rank=4, save_name=name, resume=False,
+                preview_every=0, checkpoint_every=2, grad_checkpointing=on, unique_id="4")
+            loras.append(_safetensors_tensors(work / "loras" / f"{name}.safetensors"))
+    plain, ckpt = loras
+    weights = [k for k, t in plain.items() if t.ndim >= 2 and t.float().abs().max() > 0]  # not the alpha scalars
+    return {"keys": len(plain), "same_keys": sorted(plain) == sorted(ckpt), "weights": len(weights),
+            "max_relative_diff": max(float((plain[k].float() - ckpt[k].float()).abs().max()
+                                           / plain[k].float().abs().max()) for k in weights),
+            "checkpointed_during": checkpointed,
+            "checkpointed_after": sum(isinstance(m, Checkpointed) for m in model.model.diffusion_model.modules())}
+
+
 def dmd2_probe(checkpoint: Path, work: Path) -> dict:
     """Load Checkpoint -> Distill to 1-4 steps (DMD2, two LoRAs on the shared base) -> the stock LoraLoader
     (no key left unloaded) -> the student's sampler against the engine; and the stock ``lcm`` sampler on the
@@ -598,6 +635,8 @@ if __name__ == "__main__":
         print("RESULT " + json.dumps(lora_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
     elif command == "lcm-lora-probe":
         print("RESULT " + json.dumps(lcm_lora_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
+    elif command == "checkpointing-probe":
+        print("RESULT " + json.dumps(checkpointing_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
     elif command == "dmd2-probe":
         print("RESULT " + json.dumps(dmd2_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
     elif command == "flow-probe":

@@ -65,6 +65,16 @@ def test_the_stock_lora_loader_reproduces_the_students_samples(checkpoint, tmp_p
     assert result["max_abs_diff"] <= 1e-3  # ... exactly as the engine's student does
 
 
+def test_gradient_checkpointing_on_a_comfyui_unet_trains_the_same_lora_and_gives_the_model_back(checkpoint,
+                                                                                                 tmp_path):
+    out = _harness("checkpointing-probe", str(checkpoint), str(tmp_path)).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(result, indent=1))
+    assert result["checkpointed_during"][0] > 0 and result["checkpointed_after"] == 0
+    assert result["same_keys"] and result["weights"] > 0
+    assert result["max_relative_diff"] <= 1e-2  # the same updates, up to float rounding (fp16 files)
+
+
 def test_dmd2_on_a_shared_base_trains_a_lora_the_stock_loader_applies(checkpoint, tmp_path):
     """DMD2 with the generator and the fake score as two LoRAs on the one frozen model: one copy of the base
     weights; the stock LoraLoader loads every key of the generator's file, the student's sampler on the
