@@ -222,8 +222,10 @@ def fitting_micro_batches(plan: MemoryPlan, available: int, batch: int) -> int:
 
 
 def check_fits(plan: MemoryPlan, available: int, batch: int, grad_accum: int, checkpointing: bool,
-               lora: bool) -> None:
-    """Refuse (``DoesNotFit``) a plan whose peak exceeds ``available`` bytes, naming changes that fit."""
+               lora: bool, host: bool = False) -> None:
+    """Refuse (``DoesNotFit``) a plan whose peak exceeds ``available`` bytes, naming changes that fit; for a
+    host's model (``host``: a ComfyUI MODEL, whose loader chose its precision), the loader's lower precision in
+    place of the engine's cast of the frozen weights."""
     if plan.peak <= available:
         return
     room = available - plan.frozen - plan.trained
@@ -242,7 +244,7 @@ def check_fits(plan: MemoryPlan, available: int, batch: int, grad_accum: int, ch
         if plan.state_bytes > OPTIMIZER_STATE_BYTES["adam8bit"]:
             fixes.append("optimizer adam8bit")
     if plan.frozen > room and plan.frozen > plan.trained:
-        fixes.append("frozen_precision bf16")
+        fixes.append("the loader's weight_dtype fp8_e4m3fn" if host else "frozen_precision bf16")
     fixes.append("a lower resolution")
     raise DoesNotFit(f"this run needs {plan.describe()}, and the device has {available / GIB:.1f} GiB free; "
                      f"try {', or '.join(fixes)}")

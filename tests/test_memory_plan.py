@@ -5,6 +5,7 @@ on one base, float32 adapters over a half-precision base, a bf16 frozen teacher.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 
 import pytest
@@ -129,6 +130,10 @@ def test_a_plan_that_does_not_fit_is_refused_with_changes_that_would():
     assert "13.0 GiB" in message and "8.0 GiB free" in message
     assert "grad_accum 4 (micro-batches of 2)" in message and "batch 3" in message
     assert "grad_checkpointing on" in message and "student lora" in message
+    heavy = dataclasses.replace(plan, frozen=12 * 2**30)  # frozen weights past the room: lower their precision
+    for host, fix in ((False, "frozen_precision bf16"), (True, "the loader's weight_dtype fp8_e4m3fn")):
+        with pytest.raises(DoesNotFit, match=fix):  # a ComfyUI model's precision is its loader's choice
+            check_fits(heavy, 8 * 2**30, batch=8, grad_accum=1, checkpointing=True, lora=True, host=host)
 
 
 def test_unmeasured_families_get_the_default_factor():

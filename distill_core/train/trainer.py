@@ -174,7 +174,8 @@ class Trainer:
             raise ValueError(f"batch {cfg.batch} over {processes} processes leaves {batch} each, which "
                              f"{self.grad_accum} micro-batches do not divide: choose a batch that divides")
         if cuda:
-            check_fits(plan, available, batch, self.grad_accum, cfg.grad_checkpointing, cfg.student == "lora")
+            check_fits(plan, available, batch, self.grad_accum, cfg.grad_checkpointing, cfg.student == "lora",
+                       self.method.source.stock_sampling)
         return plan
 
     # ----------------------------------------------------------------- control
