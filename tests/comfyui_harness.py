@@ -101,6 +101,19 @@ def build_checkpoint(path: Path) -> None:
     _save_parts({"model.diffusion_model.": unet, "cond_stage_model.": clip, "first_stage_model.": vae}, path)
 
 
+def _random_parts(config, clip, latent_channels: int) -> tuple:
+    """(the diffusion network of the ComfyUI model ``config``, the text encoder ``clip``, TAESD on
+    ``latent_channels``), every weight random (``_init``)."""
+    import comfy.taesd.taesd
+    import torch
+
+    config.set_inference_dtype(torch.float32, None)
+    parts = (config.get_model({}).diffusion_model, clip, comfy.taesd.taesd.TAESD(latent_channels=latent_channels))
+    for k, m in enumerate(parts):
+        _init(m, k)
+    return parts
+
+
 def build_sdxl_checkpoint(path: Path) -> None:
     """The smallest single-file checkpoint that ComfyUI reads as the SDXL family: SDXL's UNet layout at Segmind
     Vega's transformer depths (one and two blocks at the two inner levels, none on the way up; 0.6B parameters,
@@ -110,7 +123,6 @@ def build_sdxl_checkpoint(path: Path) -> None:
     _comfyui()
     import comfy.sdxl_clip
     import comfy.supported_models
-    import comfy.taesd.taesd
     import torch
 
     unet = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
@@ -120,12 +132,7 @@ def build_sdxl_checkpoint(path: Path) -> None:
                 use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential",
                 use_temporal_attention=False, use_temporal_resblock=False, legacy=False)
     config = comfy.supported_models.Segmind_Vega(unet)
-    config.set_inference_dtype(torch.float32, None)
-    network = config.get_model({}).diffusion_model
-    clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32)
-    vae = comfy.taesd.taesd.TAESD(latent_channels=4)
-    for k, m in enumerate((network, clip, vae)):
-        _init(m, k)
+    network, clip, vae = _random_parts(config, comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32), 4)
     tensors = {**config.process_unet_state_dict_for_saving(network.state_dict()),
                **config.process_clip_state_dict_for_saving(clip.state_dict()),
                **config.process_vae_state_dict_for_saving(vae.state_dict())}
@@ -140,17 +147,11 @@ def build_sd3_checkpoint(checkpoint: Path, text_encoder: Path) -> None:
     _comfyui()
     import comfy.sd1_clip
     import comfy.supported_models
-    import comfy.taesd.taesd
     import torch
 
     config = comfy.supported_models.SD3(dict(SD3_CONFIG, adm_in_channels=2048, context_embedder_config={
         "target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}}))
-    config.set_inference_dtype(torch.float32, None)
-    mmdit = config.get_model({}).diffusion_model
-    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
-    vae = comfy.taesd.taesd.TAESD(latent_channels=16)
-    for k, m in enumerate((mmdit, clip, vae)):
-        _init(m, k)
+    mmdit, clip, vae = _random_parts(config, comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32), 16)
     _save_parts({"model.diffusion_model.": mmdit, "first_stage_model.": vae}, checkpoint)
     _save_parts({"": clip.transformer}, text_encoder)
 
