@@ -53,17 +53,10 @@ def checkpoint_call(owner: nn.Module, fn, *args, **kwargs):
     )
 
 
-class _CheckpointedLevel(Level):
-    """A UNet level whose activations are recomputed in the backward pass instead of stored."""
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return checkpoint_call(self, super().forward, x, emb)
-
-
 class Checkpointed:
-    """Put before a host network's block class (``enable_checkpointing``): the block's forward recomputed in the
-    backward pass while gradients are on, and its plain forward otherwise (the host's own sampling of a network
-    a LoRA student shares)."""
+    """Put before a block's class (``enable_checkpointing``): the block's forward recomputed in the backward pass
+    while gradients are on, and its plain forward otherwise (the teacher's targets and a host's own sampling of
+    a network a LoRA student shares)."""
 
     def forward(self, *args, **kwargs):
         forward = super().forward
@@ -77,20 +70,16 @@ _CHECKPOINTED: dict[type, type] = {}
 def enable_checkpointing(denoiser: nn.Module) -> None:
     """Gradient checkpointing (``checkpoint_call`` in every case): per level for the built-in UNet; per block
     through diffusers' own switch; for a host's network (a ComfyUI model's ``diffusion_model``), per block
-    (``host_blocks``: a DiT's transformer blocks, a UNet's layers), whose classes gain ``Checkpointed`` until
-    ``disable_checkpointing``."""
-    levels = [m for m in denoiser.modules() if type(m) is Level]
-    for m in levels:
-        m.__class__ = _CheckpointedLevel
-    if levels:
-        return
+    (``host_blocks``: a DiT's transformer blocks, a UNet's layers). A level or a host's block gains
+    ``Checkpointed`` before its class until ``disable_checkpointing``."""
+    blocks = [m for m in denoiser.modules() if type(m) is Level]
     switch = next((m.enable_gradient_checkpointing for m in denoiser.modules()
                    if hasattr(m, "enable_gradient_checkpointing")), None)
-    if switch is not None:
+    if not blocks and switch is not None:
         switch(lambda module, *args: checkpoint_call(module, module.__call__, *args))
         return
-    blocks = [block for name, m in denoiser.named_modules() if name.split(".")[-1] == "diffusion_model"
-              for block in host_blocks(m)]
+    blocks = blocks or [block for name, m in denoiser.named_modules() if name.split(".")[-1] == "diffusion_model"
+                        for block in host_blocks(m)]
     if not blocks:
         raise ValueError(f"no gradient checkpointing for a {type(denoiser).__name__}")
     for block in blocks:
@@ -114,7 +103,7 @@ def host_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def disable_checkpointing(net: nn.Module) -> None:
-    """Give the blocks of a host's network that ``enable_checkpointing`` checkpointed their own classes back."""
+    """Give the levels and a host's blocks that ``enable_checkpointing`` checkpointed their own classes back."""
     for m in net.modules():
         if isinstance(m, Checkpointed):
             m.__class__ = type(m).__bases__[1]
