@@ -81,7 +81,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.builtin import fingerprint  # noqa: E402
 from distill_core.config import DistillConfig  # noqa: E402
-from distill_core.data import mnist_available  # noqa: E402
 from distill_core.eval.benchmark import (  # noqa: E402
     METRIC_SPACES,
     benchmark_set,
@@ -211,10 +210,9 @@ def bench_runs(method: str, nfes: list[int], iters: int, teacher: str = "builtin
         return [(name, method, settings, {}) for name, settings in method_class(method).bench_runs(nfes, iters)]
     runs = []
     for n in nfes:
-        preset = auto.choose(n, teacher, mnist_available())
-        settings = {k: v for k, v in preset.settings.items() if k not in ("iters", "batch")}
-        runs.append((f"auto-{n}", preset.method, {"steps": n, **method_class(preset.method).settings_for_steps(n),
-                                                   **settings}, {"method": "auto", "auto_method": preset.method}))
+        chosen, settings, _ = auto.resolve("auto", n, teacher)
+        settings = {k: v for k, v in settings.items() if k not in ("iters", "batch")}
+        runs.append((f"auto-{n}", chosen, {"steps": n, **settings}, {"method": "auto", "auto_method": chosen}))
     return runs
 
 

@@ -1,6 +1,6 @@
 """The main job: distil a teacher into a few-step student and report how close it gets.
 
-    python -m distill_core distill [--config run.yaml] [--teacher builtin] [--method sfd|sfd-v]
+    python -m distill_core distill [--config run.yaml] [--teacher builtin] [--method sfd|sfd-v|auto|...]
                                    [--steps 4] [--iters N] [--out DIR] [--quality] [--resume]
 
 Writes to ``--out``: ``student.safetensors``; ``grid.png`` (same noise and classes in every row:
@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from distill_core.config import QUALITY, DistillConfig
+from distill_core.methods import auto
 from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import methods
 from distill_core.options import add_flags, flag_values, settings
@@ -41,8 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     run = p.add_argument_group("the run")
     add_flags(run, DistillConfig, skip={"method"})
-    run.add_argument("--method", choices=list(methods()), default=None,
-                     help="; ".join(f"{name}: {cls.summary}" for name, cls in methods().items()))
+    run.add_argument("--method", choices=["auto", *methods()], default=None,
+                     help="auto: the method, settings and training length that won at --steps in the benchmark on "
+                     "this teacher (SFD for a teacher without a benchmark); "
+                     + "; ".join(f"{name}: {cls.summary}" for name, cls in methods().items()))
     for name, cls in methods().items():
         add_flags(p.add_argument_group(f"{name} options"), cls.Config, skip=RUN_FIELDS)
 
@@ -72,17 +76,30 @@ def teacher_from_flags(args: argparse.Namespace, base: DistillConfig | None = No
     return within_trained_range(cfg, source.denoiser), source
 
 
-def config_from_args(args: argparse.Namespace) -> DistillConfig:
+def config_from_args(args: argparse.Namespace) -> tuple[DistillConfig, str | None]:
+    """The run's config: the defaults, ``--method auto``'s preset, the YAML file's settings, ``--quality``, then
+    the flags given, each over the ones before; and with ``--method auto``, the line that says what it chose
+    (else None)."""
     path = args.config
     if path is None and args.resume:  # the run's own settings: what it was started with
         path = Path(args.out or DistillConfig.out) / "config.yaml"
         if not path.is_file():
             raise ValueError(f"nothing to resume in {path.parent}: it has no config.yaml (is --out right?)")
     cfg = DistillConfig.from_yaml(path) if path else DistillConfig()
+    names = set(RUN_FIELDS) | {s.name for cls in methods().values() for s in settings(cls.Config)}
+    given = flag_values(args, names)
+    choice = None
+    if given.get("method") == "auto":
+        steps, teacher = given.get("steps", cfg.steps), given.get("teacher", cfg.teacher)
+        given["method"], preset, choice = auto.resolve("auto", steps, teacher)
+        in_file = set(yaml.safe_load(Path(path).read_text()) or {}) if path else set()
+        cfg = cfg.replace(method=given["method"], **{k: v for k, v in preset.items() if k not in in_file})
     if args.quality:
         cfg = cfg.replace(**{k: v for k, v in QUALITY.items() if k in RUN_FIELDS or k in cfg.to_dict()})
-    names = set(RUN_FIELDS) | {s.name for cls in methods().values() for s in settings(cls.Config)}
-    return cfg.replace(**flag_values(args, names))
+    cfg = cfg.replace(**given)
+    if choice and any(cfg.to_dict()[k] != v for k, v in preset.items()):
+        choice += f" (this run: {cfg.iters} iterations x batch {cfg.batch}, as given)"
+    return cfg, choice
 
 
 #: the exit status of a run that stopped early (Ctrl-C, a stop request) and can be resumed
@@ -90,8 +107,10 @@ INTERRUPTED = 130
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    report = distill(cfg, resume=args.resume, progress=not args.no_progress)
+    cfg, choice = config_from_args(args)
+    if choice:
+        print(choice)
+    report = distill(cfg, resume=args.resume, progress=not args.no_progress, method_choice=choice)
     if report is None:
         from accelerate import PartialState
 
@@ -114,7 +133,7 @@ def run_precompute(args: argparse.Namespace) -> int:
     """Solve a run's teacher targets into ``--teacher-cache`` (the run's own flags pick which)."""
     from distill_core.train.run import precompute_targets
 
-    cfg = config_from_args(args)
+    cfg, _ = config_from_args(args)
     written, seconds = precompute_targets(cfg, source_of(cfg))
     print(f"wrote {written} teacher solves to {cfg.teacher_cache} in {seconds:.0f} s; the distill command with the "
           "same flags reads them instead of solving")
@@ -143,11 +162,11 @@ def source_of(cfg: DistillConfig) -> TeacherSource:
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
-            source: TeacherSource | None = None) -> dict | None:
+            source: TeacherSource | None = None, method_choice: str | None = None) -> dict | None:
     """Train on ``source`` (default: the teacher ``cfg.teacher`` names), save the student, evaluate it
-    against the training-free solvers, write the report. Returns the report (``None`` when training was
-    interrupted: resume with ``resume=True``; and in every process but the main one of a multi-process
-    launch, which evaluates and reports)."""
+    against the training-free solvers, write the report (with ``method_choice``, method auto's line, where it
+    chose). Returns the report (``None`` when training was interrupted: resume with ``resume=True``; and in
+    every process but the main one of a multi-process launch, which evaluates and reports)."""
     from distill_core.eval.benchmark import (
         METRIC_SPACES,
         PIXELS,
@@ -210,6 +229,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     ]
     report = {
         "method": cfg.method,
+        **({"method_choice": method_choice} if method_choice else {}),
         "steps": top["nfe"],
         "teacher": cfg.teacher,
         "guidance": w,

@@ -17,7 +17,6 @@ import torch
 from distill_core import safetensors_io
 from distill_core.atomic import copy_file
 from distill_core.config import DistillConfig
-from distill_core.data import mnist_available
 from distill_core.methods import auto
 from distill_core.methods.base import NodeLayout, Widget
 from distill_core.methods.registry import methods
@@ -104,17 +103,11 @@ def build_training_node(layout: NodeLayout, classes: list[type]) -> type:
                 raise ValueError(layout.refuses_comfy_models)
             method = widgets.pop("method", names[0])
             values = {bound[k]: _typed(known[bound[k]], v) for k, v in widgets.items()}
-            chose = None
-            if method == "auto":
-                has_data = teacher.name == "builtin" and mnist_available()
-                preset = auto.choose(values.get("steps", DistillConfig.steps), teacher.name, has_data)
-                method, chose = preset.method, preset.describe()
-                values.update(preset.settings)
-            cls = classes[names.index(method)]
+            method, derived, chose = auto.resolve(method, values.get("steps", DistillConfig.steps), teacher.name)
+            values.update(derived)
             if values.get("guidance_mode") == "auto":
                 values["guidance_mode"] = "distilled" if teacher.model is None else "cfg"
             values = {**values, **layout.fixed}
-            values.update(cls.settings_for_steps(values.get("steps", DistillConfig.steps)))
             cfg = DistillConfig(teacher=teacher.name, method=method, sigma_min=teacher.sigma_min,
                                 guidance=teacher.guidance, checkpoint_every=checkpoint_every,
                                 grad_checkpointing=grad_checkpointing,

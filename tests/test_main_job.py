@@ -26,7 +26,7 @@ def test_config_yaml_round_trip_and_flag_overrides(tmp_path):
     p = argparse.ArgumentParser()
     add_arguments(p)
     args = p.parse_args(["--config", str(tmp_path / "c.yaml"), "--steps", "3", "--quality"])
-    got = config_from_args(args)
+    got, choice = config_from_args(args)
     assert (got.method, got.steps, got.lr, got.iters, got.teacher_reuse, got.nfe_range) == (
         "sfd-v",
         3,
@@ -35,6 +35,36 @@ def test_config_yaml_round_trip_and_flag_overrides(tmp_path):
         1.0,
         (2, 4),
     )
+    assert choice is None
+
+
+@pytest.mark.parametrize("flags, method, iters, batch", [
+    ([], "kd", 220, 64),  # the benchmark's winner at 1 step, at its budget
+    (["--iters", "30"], "kd", 30, 64),  # a flag given beats the preset
+    (["--quality"], "kd", QUALITY["iters"], 64),  # and so does the longer preset
+    (["--teacher", "builtin-flow"], "sfd", 220, 64),  # the flow teacher's own table
+    (["--teacher", "tests/data/none"], "sfd", 220, 64),  # no table: SFD at the run's own budget
+])
+def test_method_auto_on_the_command_line_takes_the_presets_the_node_takes(flags, method, iters, batch):
+    from distill_core.methods import auto
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg, choice = config_from_args(p.parse_args(["--method", "auto", "--steps", "1", *flags]))
+    assert (cfg.method, cfg.steps, cfg.iters, cfg.batch) == (method, 1, iters, batch)
+    assert choice.startswith(f"auto chose {method}")
+    assert ("as given" in choice) == bool(flags and flags[0] in ("--iters", "--quality"))
+    assert ("docs/results.md#" in choice) == (cfg.teacher in auto.TABLES)
+
+
+def test_a_setting_in_the_config_file_beats_method_autos_preset(tmp_path):
+    (tmp_path / "run.yaml").write_text("batch: 16\n")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg, choice = config_from_args(p.parse_args(["--method", "auto", "--steps", "1", "--config",
+                                                 str(tmp_path / "run.yaml")]))
+    assert (cfg.method, cfg.iters, cfg.batch) == ("kd", 220, 16) and choice.startswith("auto chose kd")
+    assert choice.endswith("(this run: 220 iterations x batch 16, as given)")
 
 
 def test_main_job_writes_student_grid_and_report(tmp_path, capsys):
@@ -46,13 +76,17 @@ def test_main_job_writes_student_grid_and_report(tmp_path, capsys):
     )
     out = tmp_path / "run"
     assert (
-        cli.main(["distill", "--config", str(tmp_path / "run.yaml"), "--out", str(out), "--no-progress"]) == 0
+        cli.main(["distill", "--config", str(tmp_path / "run.yaml"), "--out", str(out), "--no-progress",
+                  "--method", "auto"]) == 0  # SFD at 2 steps, at the file's budget
     )
 
     printed = capsys.readouterr().out
     assert f"wrote student.safetensors, grid.png, report.json, report.md to {out}" in printed
+    assert printed.startswith("auto chose sfd, 220 iterations x batch 64: docs/results.md#")
+    assert "(this run: 2 iterations x batch 4, as given)" in printed.splitlines()[0]
     assert "export-diffusers" not in printed  # the built-in teacher is no diffusers pipeline
     report = json.loads((out / "report.json").read_text())
+    assert printed.startswith(report["method_choice"]) and report["method"] == "sfd"
     rows = report["rows"]
     ours = [r for r in rows if r["method"] == "sfd"]
     # 2 iterations on one batch of 4 trajectories (teacher_reuse 2) x teacher steps (1 on the interval

@@ -190,7 +190,7 @@ def test_config_and_cli_accept_phased(tmp_path):
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    cfg = config_from_args(p.parse_args(["--method", "phased", "--steps", "8"]))
+    cfg, _ = config_from_args(p.parse_args(["--method", "phased", "--steps", "8"]))
     assert cfg.method == "phased" and cfg.steps == 8 and cfg.optimizer is None and cfg.lr_schedule is None
     path = tmp_path / "run.yaml"
     path.write_text("method: phased\nphases: 16\npartition: uniform\nphase_weights: variance\ntarget_ema: 0.9\n")
