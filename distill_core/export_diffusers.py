@@ -241,7 +241,8 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     # a LoRA's teacher only checks that the student is its own, so 16-bit files load as they are (half the memory)
     source = teacher_source(str(root), prompts=["a photo"],
                             **{**as_trained(card), "frozen_precision": "bf16" if lora else "as-loaded"})
-    student = load_student(student_path, source.denoiser, source.uncond)  # refuses a student of another teacher
+    # refuses a student of another teacher; a LoRA's adapters hook into the teacher's network (no copy of it)
+    student = load_student(student_path, source.denoiser, source.uncond, share=lora)
     prefix = network_path(source.denoiser)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                              prompts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source.denoiser.to(device)
-    student = load_student(args.student, source.denoiser, source.uncond)
+    student = load_student(args.student, source.denoiser, source.uncond, share=True)  # a LoRA: no copy of the base
     sigmas = student.sigmas(args.steps)  # refuses a step count the student was not trained for
     steps = args.steps or student.nfe_choices[-1]
     student.denoiser(steps, args.guidance)  # refuses a guidance scale it cannot sample at

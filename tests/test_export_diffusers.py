@@ -135,7 +135,8 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_pa
 
 def test_a_lora_exports_from_a_16_bit_pipeline_without_a_float32_copy_of_its_network(tmp_path, monkeypatch):
     """The export loads a LoRA student's teacher only to check that the student is its own: a network whose files
-    hold fp16 loads in fp16 (its fingerprint is the float32 load's)."""
+    hold fp16 loads in fp16 (its fingerprint is the float32 load's), and the adapters hook into that network
+    rather than into a second copy of it."""
     import diffusers
 
     import distill_core.diffusers_source as ds
@@ -151,6 +152,7 @@ def test_a_lora_exports_from_a_16_bit_pipeline_without_a_float32_copy_of_its_net
     monkeypatch.setattr(ds, "load_model", lambda *a: loaded.append(load(*a)) or loaded[-1])
     export(path, tmp_path / "export")
     assert {p.dtype for p in loaded[-1].parameters()} == {torch.float16}
+    assert sum(len(m._forward_hooks) for m in loaded[-1].modules()) > 0  # the student's adapters: no copy
     assert (tmp_path / "export" / LORA_FILE).is_file()
 
 

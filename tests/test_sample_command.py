@@ -74,7 +74,7 @@ def test_a_missing_file_is_named(tmp_path, capsys):
     assert "no student file" in capsys.readouterr().err
 
 
-def test_a_lora_of_a_bf16_run_samples_on_the_bf16_base_it_trained_on(tmp_path):
+def test_a_lora_of_a_bf16_run_samples_on_the_bf16_base_it_trained_on(tmp_path, monkeypatch):
     """A LoRA student of a run whose frozen teacher computed in bf16 names that precision; sample draws it on the
     teacher cast to bf16 (a large teacher then fits where its run fitted), the images the student draws on the
     run's own cast teacher. A full student of such a run, whose weights are all its own, keeps a float32 copy."""
@@ -90,7 +90,13 @@ def test_a_lora_of_a_bf16_run_samples_on_the_bf16_base_it_trained_on(tmp_path):
     teacher = trained_teacher("builtin", [card])
     assert {p.dtype for p in teacher.denoiser.parameters()} == {torch.bfloat16}
     out = tmp_path / "samples"
+    import distill_core.sources
+
+    loaded, load = [], distill_core.sources.trained_teacher
+    monkeypatch.setattr(distill_core.sources, "trained_teacher", lambda *a: loaded.append(load(*a)) or loaded[-1])
     assert cli.main(["sample", str(path), "--label", "4", "--count", "2", "--out", str(out)]) == 0
+    # the adapters hooked into the teacher sample loaded: no second copy of its weights
+    assert sum(len(m._forward_hooks) for m in loaded[0].denoiser.modules()) > 0
     student = load_student(path, run_source.denoiser, run_source.uncond)
     z = torch.randn((2, *run_source.shape), generator=torch.Generator().manual_seed(0))
     expected = pixels(sample(student, student.sigmas()[0] * z, torch.tensor([4, 4])))
