@@ -19,8 +19,8 @@ teacher's rows are decoded by its pipeline's VAE.
 from __future__ import annotations
 
 import argparse
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -31,10 +31,13 @@ from distill_core.config import EDM_SIGMA_MIN
 from distill_core.denoisers.base import move_cond
 from distill_core.eval.fidelity import psnr, reference_solve
 from distill_core.methods.base import TeacherSource
+from distill_core.safetensors_io import read_card
 from distill_core.sampling import sample
 from distill_core.solvers import SOLVERS, nfe_of, solver_sigmas, steps_for_nfe
+from distill_core.student_files import check_card, check_teacher
 from distill_core.students import Student
 from distill_core.teacher import CFGTeacher
+from distill_core.train.run import borrowing
 
 #: the columns of a comparison's table
 COLUMNS = ("row", "kind", "NFE", "PSNR dB")
@@ -100,17 +103,20 @@ class StudentFile(Protocol):
 
 
 @dataclass
-class InMemory:
-    """A student already loaded (with its own copy of what it needs)."""
+class OnTeacher:
+    """A student file of ``source``'s teacher (refused at once if it belongs to another), loaded only while it
+    samples (``borrowing``): LoRA students sample one after another on the teacher's one network."""
 
-    student: Student
+    path: Path
+    source: TeacherSource
+    card: dict = field(init=False)
 
-    @property
-    def card(self) -> dict:
-        return self.student.card
+    def __post_init__(self):
+        self.card = check_card(self.path, read_card(self.path))
+        check_teacher(self.path, self.card, self.source.denoiser)
 
     def loaded(self) -> AbstractContextManager[Student]:
-        return nullcontext(self.student)
+        return borrowing(self.path, self.source.denoiser, self.source.uncond)
 
 
 def one_teacher(students: list[StudentFile]) -> float:
@@ -197,8 +203,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def named_teacher(paths: list[str]) -> str:
     """The teacher the student files name (``teacher`` in their cards); refuses files that name several or none."""
-    from distill_core.safetensors_io import read_card
-
     names = {read_card(path).get("teacher") for path in paths}
     if None in names or len(names) > 1:
         raise ValueError(f"the student files name {'different teachers' if len(names) > 1 else 'no teacher'} "
@@ -211,8 +215,6 @@ def run(args: argparse.Namespace) -> int:
     from distill_core.report import write_png
     from distill_core.safetensors_io import read_card
     from distill_core.sources import trained_teacher
-    from distill_core.student_files import load_student
-
     if args.steps is not None and len(args.steps) != len(args.students):
         raise ValueError(f"--steps takes one step count per student ({len(args.students)}), got {args.steps}")
     for path in args.students:
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     source = trained_teacher(args.teacher or named_teacher(args.students), [read_card(p) for p in args.students],
                              args.classes, args.null_class, args.prompt or args.prompts)
     source.denoiser.to("cuda" if torch.cuda.is_available() else "cpu")
-    students = [InMemory(load_student(path, source.denoiser, source.uncond)) for path in args.students]
+    students = [OnTeacher(Path(path), source) for path in args.students]
     stems = [Path(p).stem for p in args.students]
     names = [f"{stem} ({s.card['method']})" for stem, s in zip(stems, students)]
     result = compare(source, students, args.steps, args.count, args.seed, args.reference_steps, names)

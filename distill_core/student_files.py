@@ -194,6 +194,16 @@ def check_fits(path: str | Path, denoiser: nn.Module) -> None:
                          f"{bad[:3]}); load it with the model it was distilled from")
 
 
+def check_teacher(path: str | Path, card: dict, denoiser: nn.Module) -> None:
+    """Refuse the student file at ``path`` (with ``card``) for a teacher ``denoiser`` it was not distilled from."""
+    theirs, ours = card["teacher_fingerprint"], fingerprint(denoiser)
+    if theirs != ours:
+        raise ValueError(
+            f"{path} was distilled from a different teacher (fingerprint {theirs}); the teacher "
+            f"given has fingerprint {ours}. Load it with the teacher it was distilled from."
+        )
+
+
 def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond = None, share: bool = False,
                  any_teacher: bool = False) -> Student:
     """Load a student file for ``teacher`` (a CFGTeacher, or its denoiser with ``uncond`` for CFG).
@@ -205,12 +215,8 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
     denoiser = teacher.denoiser if isinstance(teacher, CFGTeacher) else teacher
     if uncond is None and isinstance(teacher, CFGTeacher):
         uncond = teacher.uncond
-    theirs, ours = card["teacher_fingerprint"], fingerprint(denoiser)
-    if theirs != ours and not any_teacher:
-        raise ValueError(
-            f"{path} was distilled from a different teacher (fingerprint {theirs}); the teacher "
-            f"given has fingerprint {ours}. Load it with the teacher it was distilled from."
-        )
+    if not any_teacher:
+        check_teacher(path, card, denoiser)
     tensors, _ = safetensors_io.load(path)
     kind = card.get("student", {"kind": "full"})
     lora = None if kind["kind"] == "full" else {"rank": kind["rank"], "alpha": kind["alpha"]}

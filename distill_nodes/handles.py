@@ -4,7 +4,7 @@ and a trained student (``DISTILL_STUDENT``, also the run handle)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,10 +12,9 @@ import torch
 
 from distill_core import safetensors_io
 from distill_core.methods.base import TeacherSource
-from distill_core.student_files import load_student
 from distill_core.students import Student
 from distill_core.teacher import CFGTeacher
-from distill_core.train.run import release_teacher
+from distill_core.train.run import borrowing
 
 
 @dataclass
@@ -50,14 +49,8 @@ class StudentHandle:
     def card(self) -> dict:
         return safetensors_io.read_card(self.path)
 
-    @contextlib.contextmanager
-    def loaded(self) -> Iterator[Student]:
+    def loaded(self) -> contextlib.AbstractContextManager[Student]:
         """The student ready to sample with the engine; a LoRA student borrows the teacher's network
-        (no copy) and gives it back at the end of the block."""
+        (no copy) and gives it back at the end of the block (``borrowing``)."""
         source = self.teacher.source()
-        teacher = CFGTeacher(source.denoiser, self.card["guidance"]["w"], source.uncond)
-        student = load_student(self.path, teacher, share=True)
-        try:
-            yield student
-        finally:
-            release_teacher(student.net)
+        return borrowing(self.path, CFGTeacher(source.denoiser, self.card["guidance"]["w"], source.uncond))

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from distill_core import cli
-from distill_core.compare import InMemory, compare, one_teacher
+from distill_core.compare import OnTeacher, compare, one_teacher
 from distill_core.config import DistillConfig
 from distill_core.eval.fidelity import psnr
-from distill_core.sources import builtin_source
-from distill_core.student_files import load_student
+from distill_core.sources import builtin_source, flow_source
 from distill_core.train.run import train_student
 
 
@@ -29,7 +28,7 @@ def student_files(tmp_path_factory):
 
 def test_rows_go_by_step_count_with_the_best_solver_before_its_students(student_files):
     source = builtin_source()
-    students = [InMemory(load_student(p, source.denoiser, source.uncond)) for p in student_files]
+    students = [OnTeacher(p, source) for p in student_files]
     result = compare(source, students[::-1], count=3, seed=1, reference_steps=8)
     kinds = [(row.kind, row.nfe) for row in result.rows]
     assert kinds == [("teacher", 15), ("solver", 2), ("student", 2), ("solver", 4), ("student", 4)]
@@ -47,16 +46,38 @@ def test_rows_go_by_step_count_with_the_best_solver_before_its_students(student_
 
 def test_students_of_another_teacher_or_guidance_are_refused(student_files):
     source = builtin_source()
-    student = InMemory(load_student(student_files[0], source.denoiser, source.uncond))
-    other = InMemory(load_student(student_files[0], source.denoiser, source.uncond))
-    other.student.card = {**other.card, "guidance": {**other.card["guidance"], "w": 5.0}}
+    student, other = OnTeacher(student_files[0], source), OnTeacher(student_files[0], source)
+    other.card = {**other.card, "guidance": {**other.card["guidance"], "w": 5.0}}
     with pytest.raises(ValueError, match="different guidance scales"):
         one_teacher([student, other])
-    other.student.card = {**student.card, "teacher_fingerprint": "0" * 16}
+    other.card = {**student.card, "teacher_fingerprint": "0" * 16}
     with pytest.raises(ValueError, match="different teachers"):
         one_teacher([student, other])
     with pytest.raises(ValueError, match="at least one student"):
         one_teacher([])
+    with pytest.raises(ValueError, match="distilled from a different teacher"):  # before any sampling
+        OnTeacher(student_files[0], flow_source())
+
+
+def test_lora_students_sample_one_after_another_on_the_teachers_one_network(tmp_path):
+    """Compared LoRA students hook their adapters into the teacher's own network while each samples (no copy
+    of it), and leave it bare: the teacher's reference and solver rows, drawn before and between them, are the
+    bare teacher's."""
+    source = builtin_source()
+    paths = [train_student(DistillConfig(method="sfd", steps=2, iters=2, batch=4, seed=seed, checkpoint_every=0,
+                                         student="lora", lora_rank=2, out=str(tmp_path / f"lora{seed}")),
+                           source, progress=False).path for seed in (0, 1)]
+    students = [OnTeacher(p, source) for p in paths]
+    with students[0].loaded() as loaded:
+        assert loaded.net.denoiser is source.denoiser
+        assert sum(len(m._forward_hooks) for m in source.denoiser.modules()) > 0
+    assert sum(len(m._forward_hooks) for m in source.denoiser.modules()) == 0
+    result = compare(source, students, count=2, seed=0, reference_steps=4)
+    assert sum(len(m._forward_hooks) for m in source.denoiser.modules()) == 0
+    alone = compare(builtin_source(), students[1:], count=2, seed=0, reference_steps=4)
+    torch.testing.assert_close(result.rows[0].images, alone.rows[0].images)  # the bare teacher's reference
+    torch.testing.assert_close(result.rows[-1].images, alone.rows[-1].images)  # the second student alone
+    assert not torch.equal(result.rows[-2].images, result.rows[-1].images)  # two students, two sets of adapters
 
 
 def test_the_cli_writes_a_labelled_grid_a_table_and_json(student_files, tmp_path, capsys):
