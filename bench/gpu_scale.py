@@ -53,8 +53,8 @@ from distill_core.eval.memory import MIB, with_peak_memory  # noqa: E402
 from distill_core.memory_plan import MemoryPlan  # noqa: E402
 from distill_core.methods.base import TeacherSource  # noqa: E402
 from distill_core.methods.registry import build_method  # noqa: E402
+from distill_core.student_files import release_teacher  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
-from distill_core.train.run import release_teacher  # noqa: E402
 from distill_core.train.trainer import Trainer  # noqa: E402
 
 #: SFD's training length in trajectories (the projection's budget)

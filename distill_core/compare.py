@@ -34,10 +34,9 @@ from distill_core.methods.base import TeacherSource
 from distill_core.safetensors_io import read_card
 from distill_core.sampling import sample
 from distill_core.solvers import SOLVERS, nfe_of, solver_sigmas, steps_for_nfe
-from distill_core.student_files import check_card, check_teacher
+from distill_core.student_files import borrowing, check_card, check_teacher
 from distill_core.students import Student
 from distill_core.teacher import CFGTeacher
-from distill_core.train.run import borrowing
 
 #: the columns of a comparison's table
 COLUMNS = ("row", "kind", "NFE", "PSNR dB")

@@ -178,7 +178,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     from distill_core.report import save_grid, write_report
     from distill_core.sampling import sample
     from distill_core.solvers import SOLVERS, parse_solver_label, solver_sigmas
-    from distill_core.student_files import load_student
+    from distill_core.student_files import borrowing
 
     start = time.perf_counter()
     out = Path(cfg.out)
@@ -219,7 +219,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     sigmas = solver_sigmas(best["method"], nfe, cfg.sigma_min, teacher.sigma_max).to(run.device)
     with torch.no_grad():
         solver_images = SOLVERS[parse_solver_label(best["method"])[0]](teacher, noise, sigmas, labels).cpu()
-        student_images = sample(load_student(run.path, teacher), noise, labels).cpu()
+        with borrowing(run.path, teacher) as student:  # a LoRA's adapters on the teacher's network, no copy
+            student_images = sample(student, noise, labels).cpu()
     save_grid([source.decode(r) if source.decode else r for r in (ev.reference[:k], solver_images, student_images)],
               out / "grid.png")
     grid_rows = [

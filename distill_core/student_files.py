@@ -16,7 +16,9 @@ refuse an altered or foreign file with one line naming it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ import distill_core
 from distill_core import safetensors_io
 from distill_core.builtin import fingerprint, from_settings
 from distill_core.denoisers.base import Cond
+from distill_core.nets.surgery import disable_checkpointing
 from distill_core.nets.unet import UNet, UNetConfig
 from distill_core.students import (
     AFS_MEANS_KEY,
@@ -208,9 +211,9 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
                  any_teacher: bool = False) -> Student:
     """Load a student file for ``teacher`` (a CFGTeacher, or its denoiser with ``uncond`` for CFG).
     ``share``: a LoRA student hooks its adapters into the teacher's own network instead of a copy (no
-    second copy of the weights; detach them when done, ``train.run.release_teacher``). A file of experts
-    (``experts`` in its card) loads as ``Experts``. ``any_teacher``: put the student on a network of the
-    same architecture that it was not distilled from (a generic few-step LoRA on a fine-tune)."""
+    second copy of the weights; detach them when done, ``release_teacher``, or load it with ``borrowing``). A
+    file of experts (``experts`` in its card) loads as ``Experts``. ``any_teacher``: put the student on a
+    network of the same architecture that it was not distilled from (a generic few-step LoRA on a fine-tune)."""
     card = check_card(path, safetensors_io.read_card(path))
     denoiser = teacher.denoiser if isinstance(teacher, CFGTeacher) else teacher
     if uncond is None and isinstance(teacher, CFGTeacher):
@@ -301,3 +304,26 @@ def _load_weights(path: str | Path, net: StudentNet, tensors: dict[str, torch.Te
     except (RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0][:300]
         raise ValueError(f"{path}: its weights do not fit the teacher's network ({first})") from None
+
+
+@contextlib.contextmanager
+def borrowing(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond = None,
+              any_teacher: bool = False) -> Iterator[Student]:
+    """The student file at ``path`` loaded for the length of the block (``load_student``): a LoRA student's
+    adapters hooked into ``teacher``'s own network (no copy of its weights) and taken out again at the end
+    (``release_teacher``), so that the teacher samples bare before and after, and students of one teacher
+    sample one after another on one copy of it; a full student is its own copy."""
+    student = load_student(path, teacher, uncond, share=True, any_teacher=any_teacher)
+    try:
+        yield student
+    finally:
+        release_teacher(student.net)
+
+
+def release_teacher(net: torch.nn.Module) -> None:
+    """Detach a LoRA student's adapters (every expert's, of ``Experts``) from the teacher network they were
+    hooked into, and give a host's blocks that training checkpointed their own classes back."""
+    disable_checkpointing(net)
+    for module in net.modules():
+        if isinstance(module, StudentNet) and module.lora is not None:
+            module.lora.detach()

@@ -12,9 +12,9 @@ import torch
 
 from distill_core import safetensors_io
 from distill_core.methods.base import TeacherSource
+from distill_core.student_files import borrowing
 from distill_core.students import Student
 from distill_core.teacher import CFGTeacher
-from distill_core.train.run import borrowing
 
 
 @dataclass

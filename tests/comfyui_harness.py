@@ -452,7 +452,7 @@ def dmd2_probe(checkpoint: Path, work: Path) -> dict:
     def train(teacher):
         from distill_core.config import DistillConfig
         from distill_core.methods import build_method
-        from distill_core.train.run import release_teacher
+        from distill_core.student_files import release_teacher
 
         with torch.inference_mode(False):  # the distinct parameter storage DMD2 holds, teacher included
             source = teacher.source()

@@ -225,3 +225,36 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_the_rows_stay_the_same():
     assert row["nfe"] == 4 and row["network_evals"] == 4
     with pytest.raises(torch.OutOfMemoryError):
         benchmark.in_batches(lambda x, y: (_ for _ in ()).throw(torch.OutOfMemoryError("no room")), ev, 4)
+
+
+def test_a_lora_students_rows_are_drawn_on_the_teachers_own_network_and_leave_it_bare(tmp_path, monkeypatch):
+    """The report's student rows hook a LoRA student's adapters into the teacher's network (no second copy of
+    the base weights: the memory the run trained in) and take them out again, so the solver rows after them are
+    the bare teacher's; the images are those of the student loaded on a copy."""
+    import distill_core.sampling
+    from distill_core.config import DistillConfig
+    from distill_core.sources import builtin_source
+    from distill_core.student_files import load_student
+    from distill_core.train.run import train_student
+
+    source = builtin_source()
+    run = train_student(DistillConfig(steps=2, iters=1, batch=4, student="lora", lora_rank=2, checkpoint_every=0,
+                                      out=str(tmp_path / "lora")), source, progress=False)
+    teacher = CFGTeacher(source.denoiser, source.guidance, source.uncond)
+    ev = benchmark.eval_set(teacher, 4, seed=1, steps=2)
+    bare = benchmark.solver_rows(teacher, ev, 2, 0.006)
+    on, draw = [], distill_core.sampling.sample
+    monkeypatch.setattr(distill_core.sampling, "sample",
+                        lambda student, *a, **kw: on.append(student.net.denoiser is source.denoiser) or
+                        draw(student, *a, **kw))
+    (row,) = benchmark.student_rows(run, teacher, ev)
+    assert on == [True] and sum(len(m._forward_hooks) for m in source.denoiser.modules()) == 0
+
+    def untimed(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
+
+    assert untimed(benchmark.solver_rows(teacher, ev, 2, 0.006)) == untimed(bare)
+    copied = load_student(run.path, teacher)  # on a copy of the teacher's network
+    assert copied.net.denoiser is not source.denoiser
+    images = draw(copied, ev.noise, ev.labels, steps=2).clamp(-1, 1)
+    assert row["psnr_db"] == pytest.approx(psnr(images, ev.reference.clamp(-1, 1)), abs=1e-3)

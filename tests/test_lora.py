@@ -17,12 +17,11 @@ from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
 from distill_core.safetensors_io import load
 from distill_core.sampling import few_step, sample
-from distill_core.student_files import load_student, save_student
+from distill_core.student_files import load_student, release_teacher, save_student
 from distill_core.students import AdaptersOff, make_student
 from distill_core.teacher import CFGTeacher
 from distill_core.train.callbacks import Callback
 from distill_core.train.checkpoint import load_checkpoint
-from distill_core.train.run import release_teacher
 from distill_core.train.trainer import Trainer
 
 

@@ -19,10 +19,10 @@ from distill_core.methods.phased_dmd import karras_position, phase_boundaries, p
 from distill_core.methods.phases import partition
 from distill_core.safetensors_io import load, read_card
 from distill_core.sampling import renoise, sample
-from distill_core.student_files import check_fits, load_student
+from distill_core.student_files import check_fits, load_student, release_teacher
 from distill_core.students import Experts, StudentNet
 from distill_core.train.callbacks import StopAt
-from distill_core.train.run import release_teacher, train_student
+from distill_core.train.run import train_student
 from distill_core.train.trainer import Trainer
 from tests.test_distribution import storage, tiny_source
 

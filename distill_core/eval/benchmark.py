@@ -210,18 +210,19 @@ def student_rows(run, teacher: CFGTeacher, ev: EvalSet, nfes: list[int] | None =
     ``nfes`` only, when given; ``network_evals`` counts CFG's two); ``extra`` goes into every row.
     ``any_teacher``: the student on ``teacher`` although it was distilled from another (``load_student``)."""
     from distill_core.sampling import sample
-    from distill_core.student_files import load_student
+    from distill_core.student_files import borrowing
 
-    student = load_student(run.path, teacher, any_teacher=any_teacher)
-    per_step = teacher.evaluations() if student.card["guidance"]["mode"] == "cfg" else 1
     cost = {"train_seconds": round(run.train_seconds, 1), "teacher_evaluations": run.teacher_evaluations,
             "trained_params": run.trained_params, **extra}
     rows = []
-    for n in student.nfe_choices:
-        if nfes is not None and n not in nfes:
-            continue
-        images, seconds = sample_in_batches(lambda x, y, n=n: sample(student, x, y, steps=n), ev)
-        rows.append(evaluate(student.card["method"], n, images, ev, seconds, network_evals=n * per_step, **cost))
+    with borrowing(run.path, teacher, any_teacher=any_teacher) as student:  # a LoRA: on the teacher's network
+        per_step = teacher.evaluations() if student.card["guidance"]["mode"] == "cfg" else 1
+        for n in student.nfe_choices:
+            if nfes is not None and n not in nfes:
+                continue
+            images, seconds = sample_in_batches(lambda x, y, n=n: sample(student, x, y, steps=n), ev)
+            rows.append(evaluate(student.card["method"], n, images, ev, seconds, network_evals=n * per_step,
+                                 **cost))
     return rows
 
 

@@ -3,9 +3,7 @@ the benchmarks all call."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,14 +11,10 @@ import torch
 
 from distill_core.builtin import cast_weights, was_cast
 from distill_core.config import DistillConfig
-from distill_core.denoisers.base import Cond
 from distill_core.memory_plan import MemoryPlan
 from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import build_method
-from distill_core.nets.surgery import disable_checkpointing
-from distill_core.student_files import load_student, save_student
-from distill_core.students import Student, StudentNet
-from distill_core.teacher import CFGTeacher
+from distill_core.student_files import release_teacher, save_student
 from distill_core.train.callbacks import Callback, TqdmProgress
 from distill_core.train.checkpoint import checkpoint_info
 from distill_core.train.optim import keep_trainables_float32
@@ -164,24 +158,3 @@ def cast_frozen_teacher(source: TeacherSource, dtype: torch.dtype) -> None:
         raise ValueError("frozen_precision applies to teachers the engine loads; a ComfyUI model keeps the precision "
                          "its loader gave it (choose weight_dtype in the loader)")
     cast_weights(source.denoiser, dtype)  # its students still name the teacher as loaded
-
-
-@contextlib.contextmanager
-def borrowing(path: str | Path, teacher: CFGTeacher | torch.nn.Module, uncond: Cond = None) -> Iterator[Student]:
-    """The student file at ``path`` loaded for the length of the block: a LoRA student's adapters hooked into
-    ``teacher``'s own network (no copy of its weights) and taken out again at the end (``release_teacher``), so
-    that students of one teacher sample one after another on one copy of it; a full student is its own copy."""
-    student = load_student(path, teacher, uncond, share=True)
-    try:
-        yield student
-    finally:
-        release_teacher(student.net)
-
-
-def release_teacher(net: torch.nn.Module) -> None:
-    """Detach a LoRA student's adapters (every expert's, of ``Experts``) from the teacher network they were
-    hooked into, and give a host's blocks that training checkpointed their own classes back."""
-    disable_checkpointing(net)
-    for module in net.modules():
-        if isinstance(module, StudentNet) and module.lora is not None:
-            module.lora.detach()
