@@ -231,6 +231,11 @@ def test_a_lora_students_ema_keeps_its_adapters_not_a_second_base(tiny_edm, tmp_
     moved = [n for n, t in result.student.saved_state().items() if not torch.equal(t.cpu(), start[n].cpu())]
     assert moved and all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(result.student.denoiser.parameters(),
                                                                          tiny_edm.parameters(), strict=True))
+    # the exported student holds the teacher's own weights (no second copy of the base), and its own adapters
+    teacher = [*m.source.denoiser.parameters(), *m.source.denoiser.buffers()]
+    assert all(any(t is u for u in teacher) for t in (*result.student.denoiser.parameters(),
+                                                      *result.student.denoiser.buffers()))
+    assert not any(a is b for a, b in zip(result.student.lora.parameters(), ema.lora.parameters()))
     live_state = live.saved_state()
     assert any(not torch.equal(live_state[n].cpu(), t) for n, t in result.student.saved_state().items())
 

@@ -49,7 +49,7 @@ class TrainResult:
     seconds: float  # training wall time, summed over resumed runs
     nonfinite_grads: int  # updates in which non-finite gradient entries were zeroed
     teacher_evaluations: int  # the teacher's network evaluations of the whole run
-    student: nn.Module  # the trained student (EMA weights when EMA is on), unwrapped, on CPU
+    student: nn.Module  # the trained student (EMA weights when EMA is on), unwrapped (``Trainer.export_student``)
 
 
 class Callback:

@@ -191,14 +191,21 @@ class Trainer:
         return self.acc.unwrap_model(self.nets[group or self.method.exported])
 
     def export_student(self) -> nn.Module:
-        """The network to save: the exported group's (its EMA weights when EMA is on); unwrapped; a CPU copy
-        in eval mode. A student on a sharded teacher (a LoRA student of ``shard_teacher``) is the trained
-        network itself, in eval mode: its base stays sharded (the student file holds its adapters)."""
+        """The network to save: the exported group's (its EMA weights when EMA is on); unwrapped; a copy in
+        eval mode, on the CPU. A LoRA student's copy holds the teacher's own weights and buffers, where they
+        are, beside a copy of what trained: no second copy of the base (on a GPU, none beside the run's).
+        A student on a sharded teacher (a LoRA student of ``shard_teacher``) is the trained network itself,
+        in eval mode: its base stays sharded (the student file holds its adapters)."""
         name = self.method.exported
         net = self.ema[name] if name in self.ema else self.unwrapped(name)
         if is_sharded(net):
             return net.eval()
-        return copy.deepcopy(net).cpu().eval()
+        teacher = self.method.source.denoiser
+        shared = {id(t): t for t in (*teacher.parameters(), *teacher.buffers())}
+        copied = copy.deepcopy(net, memo=dict(shared)).eval()
+        if any(id(t) in shared for t in (*net.parameters(), *net.buffers())):
+            return copied  # moving it would move the teacher's weights with it
+        return copied.cpu()
 
     def teacher_evaluations(self) -> int:
         """The teacher's network evaluations of the whole run: every process's, summed, over every resume."""
