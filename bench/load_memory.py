@@ -1,6 +1,6 @@
 """Host memory to load a teacher from a diffusers directory: as loaded (float32), and for a bf16 run
-(``--frozen-precision bf16``: 16-bit files loaded as they are, then cast); and to sample a LoRA student of a bf16
-run with ``python -m distill_core sample``; each in a fresh process.
+(``--frozen-precision bf16``: 16-bit files loaded as they are, then cast); to train a LoRA student in a bf16 run;
+and to sample it with ``python -m distill_core sample``; each in a fresh process.
 
     python bench/load_memory.py [--teacher DIR] [--quick] [--out FILE.json]
 
@@ -11,10 +11,10 @@ does and casts it as the run would, beside its resident memory before the load (
 diffusers). Without ``--teacher`` the bench writes an unconditional ``UNet2DModel`` with Stable Diffusion
 1.5's block widths and two layers per block (672 M parameters; ``--quick``: a quarter of the widths, 42 M) with
 random weights in bf16 into a temporary folder. A text-to-image pipeline loads its text encoders first (at their
-stored precision, freed before the network loads) on the shipped prompt list. The LoRA student (rank 4, 2 steps)
-trains for one iteration in the bench's own process; the sample command then loads its teacher as the run
-computed it (bf16) and hooks the adapters into that network, so its row should lie near the bf16 load's, not a
-second copy of the network above it.
+stored precision, freed before the network loads) on the shipped prompt list. The LoRA student (rank 4, 2 steps,
+batch 1) trains for one iteration and is saved; the sample command then loads its teacher as the run computed it
+(bf16) and hooks the adapters into that network. Both rows should lie near the bf16 load's: the adapters and
+the activations above it, not a second copy of the network.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PRECISIONS = ("as-loaded", "bf16")
 KEYS = ("teacher", "stage", "parameters", "stored_dtype", "frozen_precision", "peak_mib", "before_mib", "seconds")
 #: what each row measures
-LOAD, SAMPLE = "load", "sample a LoRA student"
+LOAD, TRAIN, SAMPLE = "load", "train a LoRA student", "sample a LoRA student"
 #: the UNet the bench writes: SD1.5's block widths and two layers per block, in pixel space at 32 x 32
 WIDTHS = (320, 640, 1280, 1280)
 
@@ -83,9 +83,10 @@ def measure(teacher: str, precision: str) -> dict:
             "seconds": round(time.time() - start, 2)}
 
 
-def measure_sample(student: str) -> dict:
-    """Run ``python -m distill_core sample`` on the student file ``student`` (one image) in this process and
-    return its peak resident memory before and after (the modules it imports are imported before)."""
+def measure_stage(stage: str, teacher: str, student: str) -> dict:
+    """Train a LoRA student of ``teacher`` into the file ``student`` (``TRAIN``: a bf16 run of one iteration at
+    batch 1, rank 4, 2 steps), or run ``python -m distill_core sample`` on it (``SAMPLE``: one image), in this
+    process; return its peak resident memory before and after (the modules it imports are imported before)."""
     import diffusers  # noqa: F401 - imported before the measurement, as above
 
     import distill_core.plot  # noqa: F401
@@ -93,28 +94,25 @@ def measure_sample(student: str) -> dict:
     import distill_core.sample_command  # noqa: F401
     import distill_core.sampling  # noqa: F401
     from distill_core import cli
-
-    Path("/proc/self/clear_refs").write_text("5")
-    before = resident_kib("VmRSS")
-    start = time.time()
-    with tempfile.TemporaryDirectory() as out:
-        if cli.main(["sample", student, "--count", "1", "--out", out]):
-            raise SystemExit(f"sampling {student} failed")
-    peak = resident_kib("VmHWM")
-    return {"stage": SAMPLE, "frozen_precision": "bf16", "peak_mib": round(peak / 1024, 1),
-            "before_mib": round(before / 1024, 1), "seconds": round(time.time() - start, 2)}
-
-
-def lora_student(teacher: str, folder: Path) -> Path:
-    """A LoRA student (rank 4, 2 steps) of ``teacher`` from a bf16 run of one iteration, written into ``folder``."""
     from distill_core.config import DistillConfig
     from distill_core.sources import teacher_source
     from distill_core.train.run import train_student, within_trained_range
 
-    cfg = DistillConfig(steps=2, iters=1, batch=1, student="lora", lora_rank=4, frozen_precision="bf16",
-                        checkpoint_every=0, teacher=teacher, out=str(folder))
-    source = teacher_source(teacher, frozen_precision="bf16")
-    return train_student(within_trained_range(cfg, source.denoiser), source, progress=False).path
+    Path("/proc/self/clear_refs").write_text("5")
+    before = resident_kib("VmRSS")
+    start = time.time()
+    if stage == TRAIN:
+        cfg = DistillConfig(steps=2, iters=1, batch=1, student="lora", lora_rank=4, frozen_precision="bf16",
+                            checkpoint_every=0, teacher=teacher, out=str(Path(student).parent))
+        source = teacher_source(teacher, frozen_precision="bf16")
+        train_student(within_trained_range(cfg, source.denoiser), source, progress=False)
+    else:
+        with tempfile.TemporaryDirectory() as out:
+            if cli.main(["sample", student, "--count", "1", "--out", out]):
+                raise SystemExit(f"sampling {student} failed")
+    peak = resident_kib("VmHWM")
+    return {"stage": stage, "frozen_precision": "bf16", "peak_mib": round(peak / 1024, 1),
+            "before_mib": round(before / 1024, 1), "seconds": round(time.time() - start, 2)}
 
 
 def child(*args: str) -> dict:
@@ -131,16 +129,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="the written UNet at a quarter of the widths")
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--measure", nargs=2, metavar=("DIR", "PRECISION"), help=argparse.SUPPRESS)
-    p.add_argument("--measure-sample", metavar="STUDENT", help=argparse.SUPPRESS)
+    p.add_argument("--measure-stage", nargs=3, metavar=("STAGE", "DIR", "STUDENT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.measure or args.measure_sample:  # the child process: one measurement, its row on stdout
-        print(json.dumps(measure(*args.measure) if args.measure else measure_sample(args.measure_sample)))
+    if args.measure or args.measure_stage:  # the child process: one measurement, its row on stdout
+        print(json.dumps(measure(*args.measure) if args.measure else measure_stage(*args.measure_stage)))
         return []
     with tempfile.TemporaryDirectory() as tmp:
         teacher = args.teacher or str(write_unet(Path(tmp) / "unet_teacher", args.quick))
         rows = [child("--measure", teacher, precision) for precision in PRECISIONS]
-        student = lora_student(teacher, Path(tmp) / "lora_student")
-        rows.append({**rows[-1], **child("--measure-sample", str(student))})
+        from distill_core.train.run import STUDENT_FILE
+
+        student = str(Path(tmp) / "lora_student" / STUDENT_FILE)
+        rows += [{**rows[-1], **child("--measure-stage", stage, teacher, student)} for stage in (TRAIN, SAMPLE)]
     if not args.teacher:
         for row in rows:
             row["teacher"] = f"UNet2DModel, SD1.5 widths{' / 4' if args.quick else ''}"

@@ -130,13 +130,14 @@ def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...],
 def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None = None,
                      prompts: str | Path | None = None, guidance: float | None = None,
                      resolution: int | None = None, negative: str | None = None,
-                     frozen_precision: str = "as-loaded") -> TeacherSource:
+                     frozen_precision: str = "as-loaded", encode: bool = True) -> TeacherSource:
     """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
     pipeline's file of training prompts (default: the shipped list); ``guidance``: the run's guidance, which a
     guidance-distilled pipeline (Flux dev) takes as its input; ``resolution``: the side of its square images in
     pixels (None: the model's own), which its students' files name; ``negative``: a text-to-image pipeline's
     negative prompt (None: its own), which its students' files name; ``frozen_precision``: the run's
-    (``load_model``)."""
+    (``load_model``); ``encode``: False loads a text-to-image pipeline's network without encoding any prompt
+    (its text encoders are not loaded), for a command that reads the network only (export-diffusers)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"teacher {root} is not a directory: give builtin, builtin-flow, builtin-bold or a "
@@ -145,7 +146,7 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     model_dir, scheduler_dir = model_and_scheduler_dirs(root, index)
     if "text_encoder" in index:
         return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution, negative,
-                           frozen_precision)
+                           frozen_precision, encode)
     for flag, given in (("--prompts", prompts), ("--negative", negative is not None)):
         if given:
             raise ValueError(f"{root}: {flag} is for text-to-image pipelines (a model_index.json naming a "
@@ -225,11 +226,12 @@ def pipeline_network(root: Path, index: dict, model_dir: Path, config: dict, sch
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
                 prompts: str | Path | None, guidance: float | None = None,
                 resolution: int | None = None, negative: str | None = None,
-                frozen_precision: str = "as-loaded") -> TeacherSource:
+                frozen_precision: str = "as-loaded", encode: bool = True) -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the pipeline's negative
     (condition P; ``negative`` where given) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``
     (Qwen-Image: 4). Flux samples without CFG (w = 1, as its pipeline does); Flux dev takes ``guidance``
-    (default ``FLUX_GUIDANCE``) as its input, and its students' files name it (``embedded_guidance``)."""
+    (default ``FLUX_GUIDANCE``) as its input, and its students' files name it (``embedded_guidance``).
+    ``encode`` False: no prompt tables (the network alone; it refuses to run)."""
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
     from distill_core.prompts import read_prompts
     from distill_core.text_pipeline import PromptConditioned, encode_prompts, vae_decoder
@@ -245,7 +247,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     if negative is not None and config["_class_name"] == "FluxTransformer2DModel":
         raise ValueError(f"{root}: Flux samples without CFG, so a negative prompt has nothing to steer away from; "
                          "drop --negative")
-    tables = encode_prompts(root, index, prompts, shape, negative)  # the encoders freed before the network loads
+    # the encoders freed before the network loads
+    tables = encode_prompts(root, index, prompts, shape, negative) if encode else {}
     model = pipeline_network(root, index, model_dir, config, scheduler_dir, frozen_precision)
     name = config["_class_name"]
     embedded = None

@@ -237,9 +237,9 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
                          f"{', '.join(PIPELINES)}; sample it with python -m distill_core sample")
     target = PIPELINES[pipeline]
     lora = card.get("student", {"kind": "full"})["kind"] == "lora"
-    # one prompt: the export needs the network, not a table of encoded prompts (which students do not depend on);
-    # a LoRA's teacher only checks that the student is its own, so 16-bit files load as they are (half the memory)
-    source = teacher_source(str(root), prompts=["a photo"],
+    # the network alone: no text encoder loads (students do not depend on the prompt tables); a LoRA's teacher
+    # only checks that the student is its own, so 16-bit files load as they are (half the memory)
+    source = teacher_source(str(root), encode=False,
                             **{**as_trained(card), "frozen_precision": "bf16" if lora else "as-loaded"})
     # refuses a student of another teacher; a LoRA's adapters hook into the teacher's network (no copy of it)
     student = load_student(student_path, source.denoiser, source.uncond, share=lora)

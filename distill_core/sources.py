@@ -82,12 +82,13 @@ def finetuned_source() -> TeacherSource:
 def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
                    prompts: str | None = None, guidance: float | None = None,
                    resolution: int | None = None, negative: str | None = None,
-                   frozen_precision: str = "as-loaded") -> TeacherSource:
+                   frozen_precision: str = "as-loaded", encode: bool = True) -> TeacherSource:
     """The teacher a run names: a built-in one, or a local diffusers model directory (``diffusers_source``,
     with ``classes`` and ``null_class``, or for a text-to-image pipeline the prompt file ``prompts``, and the
     run's ``guidance``, which a guidance-distilled pipeline takes as its input; ``resolution``: its image side
     in pixels, where not its own; ``negative``: a pipeline's negative prompt, where not its own;
-    ``frozen_precision``: the run's, bf16 loading a directory's 16-bit weights without a float32 copy)."""
+    ``frozen_precision``: the run's, bf16 loading a directory's 16-bit weights without a float32 copy;
+    ``encode`` False: a pipeline's network without its text encoders, for a command that reads the network only)."""
     if prompts and name in TEACHERS:
         raise ValueError(f"--prompts is for text-to-image pipeline directories; the {name} teacher is conditioned "
                          "on classes")
@@ -105,7 +106,8 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
     if "/" in name or "\\" in name or name.startswith(".") or Path(name).exists():
         from distill_core.diffusers_source import diffusers_source
 
-        return diffusers_source(name, classes, null_class, prompts, guidance, resolution, negative, frozen_precision)
+        return diffusers_source(name, classes, null_class, prompts, guidance, resolution, negative, frozen_precision,
+                                encode)
     raise ValueError(
         f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, or the path of a local diffusers model "
         "directory (ComfyUI checkpoints come through the nodes)"

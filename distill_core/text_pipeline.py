@@ -86,6 +86,9 @@ class PromptConditioned(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         if cond is None:
             raise ValueError("a text-to-image teacher needs a prompt index per sample")
+        if not self.names:
+            raise ValueError("this teacher was loaded without its prompts (its network alone): load it with them "
+                             "to sample it")
         rows = cond.to(x.device).long()
         return self.inner(x, sigma, {name: widened(getattr(self, name)[rows]) for name in self.names})
 

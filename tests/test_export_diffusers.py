@@ -135,8 +135,8 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_pa
 
 def test_a_lora_exports_from_a_16_bit_pipeline_without_a_float32_copy_of_its_network(tmp_path, monkeypatch):
     """The export loads a LoRA student's teacher only to check that the student is its own: a network whose files
-    hold fp16 loads in fp16 (its fingerprint is the float32 load's), and the adapters hook into that network
-    rather than into a second copy of it."""
+    hold fp16 loads in fp16 (its fingerprint is the float32 load's), without its text encoders, and the adapters
+    hook into that network rather than into a second copy of it."""
     import diffusers
 
     import distill_core.diffusers_source as ds
@@ -150,9 +150,19 @@ def test_a_lora_exports_from_a_16_bit_pipeline_without_a_float32_copy_of_its_net
     path = train_student(cfg, source, progress=False).path
     loaded, load = [], ds.load_model
     monkeypatch.setattr(ds, "load_model", lambda *a: loaded.append(load(*a)) or loaded[-1])
+
+    def no_encoders(*args, **kwargs):
+        raise AssertionError("the export loaded the text encoders")
+
+    import distill_core.text_pipeline
+
+    monkeypatch.setattr(distill_core.text_pipeline, "encode_prompts", no_encoders)  # the network alone
     export(path, tmp_path / "export")
     assert {p.dtype for p in loaded[-1].parameters()} == {torch.float16}
     assert sum(len(m._forward_hooks) for m in loaded[-1].modules()) > 0  # the student's adapters: no copy
+    network_only = diffusers_source(teacher, encode=False)
+    with pytest.raises(ValueError, match="loaded without its prompts"):
+        network_only.denoiser(torch.zeros(1, *network_only.shape), 1.0, torch.tensor([0]))
     assert (tmp_path / "export" / LORA_FILE).is_file()
 
 
