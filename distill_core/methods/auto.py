@@ -66,8 +66,8 @@ BUILTIN_FLOW: dict[int, tuple[Preset, ...]] = {
 #: the teachers with a benchmark table
 TABLES = {"builtin": BUILTIN, "builtin-flow": BUILTIN_FLOW}
 #: every other teacher
-OTHER = Preset("sfd", "SFD: the method whose LoRA students the stock LoraLoader and samplers are tested with on "
-                      "ComfyUI checkpoints (no benchmark of the other methods on them yet)")
+OTHER = Preset("sfd", "SFD: the method whose LoRA students the stock loaders are tested with (ComfyUI's LoraLoader "
+                      "and samplers, diffusers' pipelines); no benchmark of the other methods on this teacher yet")
 
 
 def nearest(steps: int, table: dict[int, tuple[Preset, ...]]) -> int:
