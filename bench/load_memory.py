@@ -134,11 +134,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.measure or args.measure_stage:  # the child process: one measurement, its row on stdout
         print(json.dumps(measure(*args.measure) if args.measure else measure_stage(*args.measure_stage)))
         return []
+    from distill_core.train.run import STUDENT_FILE
+
     with tempfile.TemporaryDirectory() as tmp:
         teacher = args.teacher or str(write_unet(Path(tmp) / "unet_teacher", args.quick))
         rows = [child("--measure", teacher, precision) for precision in PRECISIONS]
-        from distill_core.train.run import STUDENT_FILE
-
         student = str(Path(tmp) / "lora_student" / STUDENT_FILE)
         rows += [{**rows[-1], **child("--measure-stage", stage, teacher, student)} for stage in (TRAIN, SAMPLE)]
     if not args.teacher:

@@ -212,8 +212,8 @@ def named_teacher(paths: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     from distill_core.plot import labelled_grid, table_image
     from distill_core.report import write_png
-    from distill_core.safetensors_io import read_card
     from distill_core.sources import trained_teacher
+
     if args.steps is not None and len(args.steps) != len(args.students):
         raise ValueError(f"--steps takes one step count per student ({len(args.students)}), got {args.steps}")
     for path in args.students:

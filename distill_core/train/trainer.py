@@ -192,10 +192,10 @@ class Trainer:
 
     def export_student(self) -> nn.Module:
         """The network to save: the exported group's (its EMA weights when EMA is on); unwrapped; a copy in
-        eval mode, on the CPU. A LoRA student's copy holds the teacher's own weights and buffers, where they
-        are, beside a copy of what trained: no second copy of the base (on a GPU, none beside the run's).
-        A student on a sharded teacher (a LoRA student of ``shard_teacher``) is the trained network itself,
-        in eval mode: its base stays sharded (the student file holds its adapters)."""
+        eval mode, on the CPU; but a LoRA student's copy holds the teacher's own weights and buffers, where they
+        are, beside a copy of its adapters: no second copy of the base (on a GPU, none beside the run's). A
+        student on a sharded teacher (a LoRA student of ``shard_teacher``) is the trained network itself, in
+        eval mode: its base stays sharded (the student file holds its adapters)."""
         name = self.method.exported
         net = self.ema[name] if name in self.ema else self.unwrapped(name)
         if is_sharded(net):
