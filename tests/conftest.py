@@ -33,6 +33,11 @@ def randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> tor
     return module
 
 
+def hooks(network: torch.nn.Module) -> int:
+    """How many forward hooks ``network``'s layers hold (a LoRA student hooked into it adds one per adapter)."""
+    return sum(len(layer._forward_hooks) for layer in network.modules())
+
+
 def slug(heading: str) -> str:
     """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
     return re.sub(r"[^\w -]", "", heading.strip().lower()).replace(" ", "-")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import hooks
 
 from distill_core import cli
 from distill_core.compare import OnTeacher, compare, one_teacher
@@ -70,10 +71,10 @@ def test_lora_students_sample_one_after_another_on_the_teachers_one_network(tmp_
     students = [OnTeacher(p, source) for p in paths]
     with students[0].loaded() as loaded:
         assert loaded.net.denoiser is source.denoiser
-        assert sum(len(m._forward_hooks) for m in source.denoiser.modules()) > 0
-    assert sum(len(m._forward_hooks) for m in source.denoiser.modules()) == 0
+        assert hooks(source.denoiser) > 0
+    assert hooks(source.denoiser) == 0
     result = compare(source, students, count=2, seed=0, reference_steps=4)
-    assert sum(len(m._forward_hooks) for m in source.denoiser.modules()) == 0
+    assert hooks(source.denoiser) == 0
     alone = compare(builtin_source(), students[1:], count=2, seed=0, reference_steps=4)
     torch.testing.assert_close(result.rows[0].images, alone.rows[0].images)  # the bare teacher's reference
     torch.testing.assert_close(result.rows[-1].images, alone.rows[-1].images)  # the second student alone

@@ -10,6 +10,7 @@ import json
 import conftest
 import pytest
 import torch
+from conftest import hooks
 
 from distill_core.config import DistillConfig
 from distill_core.methods import build_method
@@ -200,7 +201,7 @@ def test_the_student_file_samples_as_the_previews_did(tiny_edm, tmp_path):
     m = build_method(tiny_source(copy.deepcopy(tiny_edm)), cfg)
     m.generator.lora.load_file_tensors(student.net.lora.file_tensors())
     assert torch.allclose(sample(student, noise, cond), m.preview(noise, cond), atol=1e-5)
-    assert not any(fn for layer in source.denoiser.modules() for fn in layer._forward_hooks.values())
+    assert hooks(source.denoiser) == 0
 
 
 # ---------------------------------------------------------------------------------------- moment matching

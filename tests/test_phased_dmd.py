@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import hooks
 
 from distill_core.config import DistillConfig
 from distill_core.methods import build_method
@@ -31,10 +32,6 @@ def phased_dmd(tiny_edm, out=None, **kw):
     settings = {"method": "phased-dmd", "steps": 2, "batch": 4, "iters": 4, "critic_updates": 2, "student": "lora",
                 "lora_rank": 2, "seed": 1, "out": str(out or "unused"), "checkpoint_every": 2, **kw}
     return build_method(tiny_source(tiny_edm), DistillConfig(**settings))
-
-
-def hooks(denoiser) -> int:
-    return sum(len(layer._forward_hooks) for layer in denoiser.modules())
 
 
 def test_boundaries_are_the_partitions_ending_at_zero(tiny_edm):

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import hooks
 
 from distill_core.config import DistillConfig
 from distill_core.methods import build_method
@@ -177,4 +178,4 @@ def test_the_student_file_samples_as_the_previews_did(tiny_edm, tmp_path):
     m.student.lora.load_file_tensors(student.net.lora.file_tensors())
     assert any(p.abs().sum() > 0 for n, p in m.student.lora.named_parameters() if "lora_up" in n)  # it trained
     assert torch.allclose(sample(student, noise, cond), m.preview(noise, cond), atol=1e-5)
-    assert not any(fn for layer in source.denoiser.modules() for fn in layer._forward_hooks.values())
+    assert hooks(source.denoiser) == 0

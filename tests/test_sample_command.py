@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import hooks
 from PIL import Image
 
 from distill_core import cli
@@ -96,7 +97,7 @@ def test_a_lora_of_a_bf16_run_samples_on_the_bf16_base_it_trained_on(tmp_path, m
     monkeypatch.setattr(distill_core.sources, "trained_teacher", lambda *a: loaded.append(load(*a)) or loaded[-1])
     assert cli.main(["sample", str(path), "--label", "4", "--count", "2", "--out", str(out)]) == 0
     # the adapters hooked into the teacher sample loaded: no second copy of its weights
-    assert sum(len(m._forward_hooks) for m in loaded[0].denoiser.modules()) > 0
+    assert hooks(loaded[0].denoiser) > 0
     student = load_student(path, run_source.denoiser, run_source.uncond)
     z = torch.randn((2, *run_source.shape), generator=torch.Generator().manual_seed(0))
     expected = pixels(sample(student, student.sigmas()[0] * z, torch.tensor([4, 4])))
