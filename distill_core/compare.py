@@ -115,7 +115,7 @@ class OnTeacher:
         check_teacher(self.path, self.card, self.source.denoiser)
 
     def loaded(self) -> AbstractContextManager[Student]:
-        # its teacher was checked when the handle was made (hashing a large teacher's weights takes seconds)
+        # its teacher was checked when the handle was made (a hash of every one of the teacher's weights)
         return borrowing(self.path, self.source.denoiser, self.source.uncond, any_teacher=True)
 
 
