@@ -119,6 +119,10 @@ class DistillConfig:
                                    min=0)
     sample_every: int = option(0, "write a sample grid every this many iterations (0: none)", min=0)
     eval_samples: int = option(100, "samples for the report's metrics", min=1)
+    report_solvers: str | None = option(None, "the training-free solvers the report compares the student with, "
+                                        "comma-separated (unipc,dpmpp_2m), each on every grid the teacher is "
+                                        "sampled on; on a large teacher they are most of the report's time (None: "
+                                        "all nine)")
     reference_steps: int | None = option(None, "Heun steps of the teacher's reference solve that the report "
                                          "measures against, 2 x steps - 1 teacher evaluations a sample (None: 128 "
                                          "for the built-in teachers, 32 for a teacher from a directory)", min=2)
@@ -151,6 +155,10 @@ class DistillConfig:
             raise ValueError(f"sigma_min {self.sigma_min} must lie below sigma_max {self.sigma_max}")
         if self.sigma_min <= 0:
             raise ValueError(f"sigma_min must be above 0, got {self.sigma_min}")
+        if self.report_solvers is not None:
+            from distill_core.solvers import solver_names
+
+            solver_names(self.report_solvers)
 
     def __getattr__(self, name: str):
         """The method's settings read like the run's own (``cfg.teacher_substeps``)."""

@@ -177,7 +177,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     )
     from distill_core.report import save_grid, write_report
     from distill_core.sampling import sample
-    from distill_core.solvers import SOLVERS, parse_solver_label, solver_sigmas
+    from distill_core.solvers import SOLVERS, parse_solver_label, solver_names, solver_sigmas
     from distill_core.student_files import borrowing
 
     start = time.perf_counter()
@@ -206,12 +206,13 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
         target = teacher_target(teacher, cfg.eval_samples, seed=cfg.seed + 2, **kw)
         ev = dataclasses.replace(ev, target=target)
     ours = student_rows(run, teacher, ev)
-    solvers_at = {row["nfe"]: solver_rows(teacher, ev, row["nfe"], cfg.sigma_min) for row in ours}
+    solvers_at = {row["nfe"]: solver_rows(teacher, ev, row["nfe"], cfg.sigma_min, cfg.report_solvers) for row in ours}
     rows = [r for row in ours for r in (*solvers_at[row["nfe"]], row)]
     top = ours[-1]
     nfe = top["nfe"]
     best = solvers_at[nfe][0]
-    at_twice = solver_rows(teacher, ev, 2 * nfe, cfg.sigma_min)
+    at_twice = solver_rows(teacher, ev, 2 * nfe, cfg.sigma_min, cfg.report_solvers)
+    among = "" if cfg.report_solvers is None else f", the best of {', '.join(solver_names(cfg.report_solvers))}"
     rows += at_twice
 
     k = min(10, cfg.eval_samples)
@@ -225,7 +226,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
               out / "grid.png")
     grid_rows = [
         f"teacher reference solve (Heun, {steps} steps)",
-        f"{best['method']}, the best training-free solver at {nfe} NFE",
+        f"{best['method']}, the best training-free solver at {nfe} NFE{among}",
         f"{cfg.method} student at {nfe} NFE",
     ]
     report = {
@@ -244,7 +245,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
         "eval_samples": cfg.eval_samples,
         "metric_space": METRIC_SPACES[space],
         "student_psnr_db": top["psnr_db"],
-        "best_solver": f"{best['method']} ({best['psnr_db']} dB at {nfe} NFE)",
+        "best_solver": f"{best['method']} ({best['psnr_db']} dB at {nfe} NFE{among})",
         "gain_over_best_solver_db": round(top["psnr_db"] - best["psnr_db"], 3),
         "best_solver_at_2x_nfe": f"{at_twice[0]['method']} ({at_twice[0]['psnr_db']} dB at {2 * nfe} NFE)",
         "total_seconds": round(time.perf_counter() - start, 1),

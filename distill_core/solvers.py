@@ -244,6 +244,23 @@ def steps_for_nfe(name: str, nfe: int, ends_at_zero: bool = True) -> int:
     return nfe
 
 
+def solver_names(chosen: str | None) -> list[str]:
+    """The solvers named in a comma-separated list (``"unipc, dpmpp_2m"``; ``None``: every one), in
+    ``SOLVERS``'s order; a ``ValueError`` for an unknown name, or for Heun alone, which cannot spend one
+    evaluation."""
+    if chosen is None:
+        return list(SOLVERS)
+    names = {name.strip() for name in chosen.split(",") if name.strip()}
+    unknown = sorted(names - set(SOLVERS))
+    if unknown or not names:
+        raise ValueError(f"report_solvers: unknown solver {', '.join(unknown) or repr(chosen)}; name some of "
+                         f"{', '.join(SOLVERS)}, comma-separated")
+    if names == {"heun"}:
+        raise ValueError("report_solvers: Heun alone cannot sample a 1-evaluation budget (two evaluations a "
+                         "step); name another solver beside it")
+    return [name for name in SOLVERS if name in names]
+
+
 def solver_grids(denoiser) -> tuple[str, ...]:
     """The grids training-free solvers are compared on for a teacher: Karras's rho grid for every teacher,
     and the time grid flow models are sampled on (``schedules.flow_time``, shift 1) for a flow teacher."""

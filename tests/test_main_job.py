@@ -117,3 +117,26 @@ def test_main_job_writes_student_grid_and_report(tmp_path, capsys):
     assert student.card["afs_center"] == "class_mean" and student.afs_means.shape == (11, 1, 16, 16)
     images = sample(student, torch.randn(2, 1, 16, 16) * 80, torch.tensor([3, 7]))
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+
+
+def test_the_report_compares_only_the_solvers_named(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["distill", "--iters", "1", "--batch", "2", "--steps", "1", "--eval-samples", "4",
+                     "--checkpoint-every", "0", "--report-solvers", "unipc, heun", "--out", str(out),
+                     "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    solvers = {(r["method"], r["nfe"]) for r in report["rows"] if r["method"] != "sfd"}
+    assert solvers == {("unipc", 1), ("unipc", 2), ("heun", 2)}  # Heun takes no step within one evaluation
+    assert report["best_solver"].endswith("at 1 NFE, the best of heun, unipc)")
+    assert "the best of heun, unipc" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("chosen, problem", [
+    ("unipc,rk4", "unknown solver rk4; name some of euler, ddim,"),
+    (" , ", "unknown solver ' , '"),
+    ("heun", "Heun alone cannot sample a 1-evaluation budget"),
+])
+def test_an_unknown_report_solver_is_refused_in_one_line(chosen, problem, capsys):
+    assert cli.main(["distill", "--report-solvers", chosen, "--out", "unused", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert problem in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -42,6 +42,7 @@ from distill_core.solvers import (
     parse_solver_label,
     solver_grids,
     solver_label,
+    solver_names,
     solver_sigmas,
     steps_for_nfe,
 )
@@ -226,11 +227,13 @@ def student_rows(run, teacher: CFGTeacher, ev: EvalSet, nfes: list[int] | None =
     return rows
 
 
-def solver_rows(teacher: CFGTeacher, ev: EvalSet, nfe: int, sigma_min: float) -> list[dict]:
-    """Every training-free solver that can take a step within ``nfe`` evaluations (Heun needs two), on every
-    grid the teacher is sampled on (``solvers.solver_grids``: Karras's to ``sigma_min``; for a flow teacher
-    also the flow time grid), best PSNR first (the first row is the best solver at ``nfe``)."""
-    names = [name for name in SOLVERS if steps_for_nfe(name, nfe, ends_at_zero=False) >= 1]
+def solver_rows(teacher: CFGTeacher, ev: EvalSet, nfe: int, sigma_min: float, chosen: str | None = None
+                ) -> list[dict]:
+    """Every training-free solver (of those ``chosen``, ``solvers.solver_names``) that can take a step within
+    ``nfe`` evaluations (Heun needs two), on every grid the teacher is sampled on (``solvers.solver_grids``:
+    Karras's to ``sigma_min``; for a flow teacher also the flow time grid), best PSNR first (the first row is
+    the best solver at ``nfe``)."""
+    names = [name for name in solver_names(chosen) if steps_for_nfe(name, nfe, ends_at_zero=False) >= 1]
     labels = [solver_label(name, grid) for grid in solver_grids(teacher.denoiser) for name in names]
     return sorted((solver_row(label, nfe, teacher, ev, sigma_min) for label in labels), key=lambda r: -r["psnr_db"])
 

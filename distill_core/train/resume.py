@@ -9,8 +9,8 @@ from distill_core.config import DistillConfig
 
 #: Config fields that may change between a run and its resumption: bookkeeping, and what a run that
 #: diverged needs (a lower lr, gradient clipping, another precision; each change is noted in the metrics).
-RESUMABLE_CHANGES = {"out", "iters", "checkpoint_every", "sample_every", "eval_samples", "reference_steps", "extra",
-                     "teacher_cache", "shard_teacher"}
+RESUMABLE_CHANGES = {"out", "iters", "checkpoint_every", "sample_every", "eval_samples", "reference_steps",
+                     "report_solvers", "extra", "teacher_cache", "shard_teacher"}
 RECOVERY_CHANGES = {"lr", "clip_grad", "mixed_precision"}
 #: Config fields added after checkpoints were first written, with the value that describes what a run
 #: from before the field existed did (not the field's default today).
