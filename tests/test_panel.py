@@ -88,6 +88,39 @@ def test_a_run_the_panel_starts_cannot_name_files_or_folders(tmp_path):
     assert not (tmp_path / "runs" / "r").exists() and not outside.exists()
 
 
+def test_the_start_form_opens_on_autos_choice_and_follows_the_step_count(tmp_path, monkeypatch):
+    """The form shows what auto trains (its method's settings, its preset's budget, its line); a method picked
+    by name keeps what was typed for it; a run started on auto prints and reports the choice."""
+    import argparse
+
+    from distill_core import main_job
+    from distill_core.config import DistillConfig
+    from distill_core.panel import jobs as panel_jobs
+    from distill_core.panel.app import form_update
+
+    options, iters, batch, line = panel_jobs.start_form("auto", 1, "builtin")
+    assert line.startswith("auto chose kd, 220 iterations x batch 64: docs/results.md#")
+    assert (options, iters, batch) == (panel_jobs.method_options("kd"), 220, 64)
+    assert panel_jobs.start_form("auto", 4, "builtin")[3].startswith("auto chose sfd")
+    assert panel_jobs.start_form("auto", 4, "builtin-bold")[1:3] == (None, None)  # no benchmark: the form's budget
+    assert panel_jobs.start_form("lcm", 4, "builtin") == (panel_jobs.method_options("lcm"), None, None, "")
+    assert form_update("lcm", 2, "builtin", False) == ({"__type__": "update"},) * 4  # typed settings stay
+    assert form_update("auto", 1, "builtin", False) == (options, 220, 64, line)
+
+    launched = []
+    monkeypatch.setattr(panel_jobs.subprocess, "Popen", lambda args, **kw: launched.append(args))
+    out = panel_jobs.Jobs(tmp_path / "runs").start("a", "builtin", "auto", 1, 30, 8, "")
+    cfg = DistillConfig.from_yaml(out / "config.yaml")
+    assert (cfg.method, cfg.steps, cfg.iters, cfg.batch) == ("kd", 1, 30, 8)  # the form's budget stands
+    assert launched[0][-2:] == ["--method", "auto"]
+    parser = argparse.ArgumentParser()
+    main_job.add_arguments(parser)
+    child, choice = main_job.config_from_args(parser.parse_args(launched[0][4:]))  # as the run reads its command
+    assert child == cfg and choice == line + " (this run: 30 iterations x batch 8, as given)"
+    panel_jobs.Jobs(tmp_path / "runs").start("b", "builtin", "sfd", 2, 30, 8, "")
+    assert "auto" not in launched[1]
+
+
 def test_smoothing():
     assert runs.smooth([1.0, 2.0, 3.0], 0.0) == [1.0, 2.0, 3.0]
     assert runs.smooth([4.0, 4.0, 4.0], 0.9) == pytest.approx([4.0, 4.0, 4.0])  # bias-corrected

@@ -80,3 +80,27 @@ def test_panel_renders_and_follows_a_run_in_chromium(served, tmp_path):
             expect(page.locator(X_AXIS)).to_have_attribute("aria-label", re.compile("from 1 to 10$"), timeout=WAIT_MS)
         finally:
             browser.close()
+
+
+def test_the_start_form_follows_autos_choice_in_chromium(served):
+    """The form opens on auto's choice for 4 steps; at 1 step the line, the budget and the settings shown are
+    those of the method auto picks there."""
+    from playwright.sync_api import expect, sync_playwright
+
+    _, url = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_text("start a distillation").click()
+            choice = page.locator("#method-choice")
+            expect(choice).to_contain_text("auto chose sfd, 220 iterations x batch 64", timeout=WAIT_MS)
+            expect(page.get_by_label("iterations")).to_have_value("220")
+            steps = page.get_by_label("steps (SFD-v: top of 2..steps)")
+            steps.fill("1")
+            steps.press("Enter")
+            expect(choice).to_contain_text("auto chose kd", timeout=WAIT_MS)
+            expect(page.locator("#method-options")).to_contain_text("pair_solver", timeout=WAIT_MS)  # kd's own setting
+        finally:
+            browser.close()

@@ -20,13 +20,14 @@ from PIL import Image  # noqa: E402
 
 from distill_core.methods.registry import methods  # noqa: E402
 from distill_core.panel import runs  # noqa: E402
-from distill_core.panel.jobs import LOG, Jobs, method_options  # noqa: E402
+from distill_core.panel.jobs import LOG, Jobs, start_form  # noqa: E402
 from distill_core.sources import TEACHERS  # noqa: E402
 from distill_core.train.previews import ROW_LABELS  # noqa: E402
 
 TABLE_COLUMNS = ["run", "status", "method", "steps", "step / total", "ETA", "wall time", "note"]
 REFRESH_S = 2.0
 PLOT_HEIGHT = 320  # room for the legend under the plot
+AUTO_INFO = "auto: the method and budget the benchmark found best at this step count (the line below says which); "
 
 
 def _duration(seconds: float | None) -> str:
@@ -181,6 +182,15 @@ def default_run(root: Path) -> str | None:
     return min(names, key=lambda n: runs.age(root / n)) if names else None
 
 
+def form_update(method: str, steps, teacher: str, method_changed: bool) -> tuple:
+    """The start form after the method, step count or teacher changed (``jobs.start_form``): a method picked
+    by name keeps the settings and budget typed for it while the step count or teacher changes; auto's
+    choice follows them."""
+    if method != "auto" and not method_changed:
+        return gr.update(), gr.update(), gr.update(), gr.update()
+    return tuple(gr.update() if v is None else v for v in start_form(method, steps, teacher))
+
+
 def offline_theme() -> gr.themes.Base:
     """Gradio's default look with system fonts (the default theme fetches web fonts)."""
     return gr.themes.Default(
@@ -244,15 +254,17 @@ def build(root: str | Path) -> gr.Blocks:
             final_grid = gr.Image(type="pil", format="png", label="final grid (grid.png)", interactive=False)
             config = gr.JSON(label="config")
         with gr.Accordion("start a distillation", open=False):
+            first = start_form("auto", 4, TEACHERS[0])  # the form opens on auto's choice for 4 steps
             with gr.Row():
                 new_name = gr.Textbox(label="run name", value="panel-run")
                 teacher = gr.Dropdown(list(TEACHERS), value=TEACHERS[0], label="teacher",
                                       info="builtin-bold: the built-in teacher fine-tuned to bold digits")
-                method = gr.Dropdown(list(names), value=names[0], label="method", info=summaries)
+                method = gr.Dropdown(["auto", *names], value="auto", label="method", info=AUTO_INFO + summaries)
                 steps = gr.Number(4, precision=0, minimum=1, maximum=16, label="steps (SFD-v: top of 2..steps)")
-                iters = gr.Number(90, precision=0, minimum=1, label="iterations")
-                batch = gr.Number(64, precision=0, minimum=1, label="batch")
-            options = gr.Code(method_options(names[0]), language="yaml", label="the method's settings (YAML)",
+                iters = gr.Number(first[1], precision=0, minimum=1, label="iterations")
+                batch = gr.Number(first[2], precision=0, minimum=1, label="batch")
+            choice = gr.Markdown(first[3], elem_id="method-choice")
+            options = gr.Code(first[0], language="yaml", label="the method's settings (YAML)",
                               elem_id="method-options")
             with gr.Row():
                 start_button = gr.Button("start", variant="primary")
@@ -271,7 +283,12 @@ def build(root: str | Path) -> gr.Blocks:
         smoothing.release(lambda n, s: run_view(root, jobs, n, s), [run, smoothing], views,
                           api_visibility="private")
         grid_slider.release(lambda n, i: grid_view(root, n, i, False), [run, grid_slider], grids, api_name="grid")
-        method.change(method_options, method, options, api_visibility="private")
+        form = [options, iters, batch, choice]
+        method.change(lambda m, n, t: form_update(m, n, t, True), [method, steps, teacher], form,
+                      api_visibility="private")
+        for field in (steps, teacher):  # auto's choice follows the step count and the teacher
+            field.change(lambda m, n, t: form_update(m, n, t, False), [method, steps, teacher], form,
+                         api_visibility="private")
         start_button.click(start, [new_name, teacher, method, steps, iters, batch, options], message,
                            api_name="start")
         stop_button.click(jobs.stop, run, message, api_name="stop")

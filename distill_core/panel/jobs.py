@@ -19,6 +19,7 @@ import yaml
 
 import distill_core
 from distill_core.config import DistillConfig
+from distill_core.methods import auto
 from distill_core.methods.registry import method_class
 from distill_core.sources import TEACHERS
 
@@ -39,10 +40,11 @@ class Jobs:
 
     def start(self, name: str, teacher: str, method: str, steps: int, iters: int, batch: int,
               options: str = "") -> Path:
-        """Start distilling ``teacher`` with ``method`` to ``steps`` evaluations (and what follows from
-        them: SFD-v's range 2..steps) for ``iters`` iterations of ``batch`` into ``root/name``, with the
-        method's settings in ``options`` (YAML; ``method_options`` gives the defaults); sample grids every
-        tenth of the run. Raises ``ValueError`` for a bad or taken name or settings."""
+        """Start distilling ``teacher`` with ``method`` (a registered one, or "auto": the one ``auto.resolve``
+        chooses, whose line the run prints and reports) to ``steps`` evaluations (and what follows from them:
+        SFD-v's range 2..steps) for ``iters`` iterations of ``batch`` into ``root/name``, with the method's
+        settings in ``options`` (YAML; ``method_options`` gives the defaults); sample grids every tenth of the
+        run. Raises ``ValueError`` for a bad or taken name or settings."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ValueError(f"refused: a run name is letters, digits, '.', '_' or '-' (got {name!r})")
         if teacher not in TEACHERS:
@@ -54,7 +56,7 @@ class Jobs:
             raise ValueError("refused: steps, iterations and batch are whole numbers") from None
         try:
             settings = yaml.safe_load(options or "") or {}
-            cls = method_class(method)
+            chosen, derived, chose = auto.resolve(method, steps, teacher)
         except (yaml.YAMLError, ValueError) as e:
             raise ValueError(f"refused: {e}") from None
         if not isinstance(settings, dict):
@@ -65,16 +67,9 @@ class Jobs:
                              "panel starts reads and writes only its own folder under the runs root")
         out = self.root / name
         try:
-            cfg = DistillConfig(
-                **{**settings, **cls.settings_for_steps(steps)},
-                teacher=teacher,
-                method=method,
-                steps=steps,
-                iters=iters,
-                batch=batch,
-                sample_every=max(1, iters // 10),
-                out=str(out),
-            )
+            cfg = DistillConfig(**{**settings, **derived, "teacher": teacher, "method": chosen, "steps": steps,
+                                   "iters": iters, "batch": batch, "sample_every": max(1, iters // 10),
+                                   "out": str(out)})
         except (TypeError, ValueError) as e:
             raise ValueError(f"refused: {e}") from None
         with self.lock:
@@ -90,7 +85,8 @@ class Jobs:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
             with open(out / LOG, "wb") as log:
                 self.procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "distill_core", "distill", "--config", str(config), "--no-progress"],
+                    [sys.executable, "-m", "distill_core", "distill", "--config", str(config), "--no-progress",
+                     *(["--method", "auto"] if chose else [])],  # the run prints and reports auto's choice
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,
@@ -113,6 +109,17 @@ class Jobs:
         """The exit status of a finished process this panel started (``None`` while running or unknown)."""
         proc = self.procs.get(name)
         return None if proc is None else proc.poll()
+
+
+def start_form(method: str, steps: int, teacher: str) -> tuple[str | None, int | None, int | None, str]:
+    """What the start form shows for ``method`` at ``steps`` steps of ``teacher``: the settings of the method
+    it trains (``method_options``), the iterations and batch of auto's preset, and auto's line saying what it
+    chose and why ("" for a method picked by name). ``None``: what the form shows stands."""
+    try:
+        chosen, derived, chose = auto.resolve(method, int(steps), teacher)
+    except (TypeError, ValueError) as e:
+        return None, None, None, f"refused: {e}"
+    return method_options(chosen), derived.get("iters"), derived.get("batch"), chose or ""
 
 
 def method_options(method: str) -> str:
