@@ -241,8 +241,9 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     # only checks that the student is its own, so 16-bit files load as they are (half the memory)
     source = teacher_source(str(root), encode=False,
                             **{**as_trained(card), "frozen_precision": "bf16" if lora else "as-loaded"})
-    # refuses a student of another teacher; a LoRA's adapters hook into the teacher's network (no copy of it)
-    student = load_student(student_path, source.denoiser, source.uncond, share=lora)
+    # refuses a student of another teacher; no copy of the teacher's network: a LoRA's adapters hook into it, a
+    # full student's weights load into it
+    student = load_student(student_path, source.denoiser, source.uncond, consume=True)
     prefix = network_path(source.denoiser)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
                              prompts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source.denoiser.to(device)
-    student = load_student(args.student, source.denoiser, source.uncond, share=True)  # a LoRA: no copy of the base
+    # no copy of the teacher, which nothing samples here: a LoRA's adapters hook into it, a full student loads into it
+    student = load_student(args.student, source.denoiser, source.uncond, consume=True)
     sigmas = student.sigmas(args.steps)  # refuses a step count the student was not trained for
     steps = args.steps or student.nfe_choices[-1]
     student.denoiser(steps, args.guidance)  # refuses a guidance scale it cannot sample at

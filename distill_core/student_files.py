@@ -208,12 +208,14 @@ def check_teacher(path: str | Path, card: dict, denoiser: nn.Module) -> None:
 
 
 def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond = None, share: bool = False,
-                 any_teacher: bool = False) -> Student:
+                 any_teacher: bool = False, consume: bool = False) -> Student:
     """Load a student file for ``teacher`` (a CFGTeacher, or its denoiser with ``uncond`` for CFG).
     ``share``: a LoRA student hooks its adapters into the teacher's own network instead of a copy (no
-    second copy of the weights; detach them when done, ``release_teacher``, or load it with ``borrowing``). A
-    file of experts (``experts`` in its card) loads as ``Experts``. ``any_teacher``: put the student on a
-    network of the same architecture that it was not distilled from (a generic few-step LoRA on a fine-tune)."""
+    second copy of the weights; detach them when done, ``release_teacher``, or load it with ``borrowing``).
+    ``consume``: the teacher is not used again, so a full student's weights load into the teacher's own
+    network too (which then is the student's; a LoRA's adapters stay hooked in). A file of experts
+    (``experts`` in its card) loads as ``Experts``. ``any_teacher``: put the student on a network of the same
+    architecture that it was not distilled from (a generic few-step LoRA on a fine-tune)."""
     card = check_card(path, safetensors_io.read_card(path))
     denoiser = teacher.denoiser if isinstance(teacher, CFGTeacher) else teacher
     if uncond is None and isinstance(teacher, CFGTeacher):
@@ -225,7 +227,7 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
     lora = None if kind["kind"] == "full" else {"rank": kind["rank"], "alpha": kind["alpha"]}
     if card.get("experts"):  # one network per phase, built as ``make_networks`` builds them (full: a copy each)
         parts = expert_tensors(tensors, card)
-        nets, _ = make_networks(denoiser if share or lora is None else copy.deepcopy(denoiser),
+        nets, _ = make_networks(denoiser if share or consume or lora is None else copy.deepcopy(denoiser),
                                 tuple(f"expert.{k}" for k in range(len(parts))), kind["kind"], **(lora or {}))
         for expert, part in zip(nets.values(), parts):
             _load_weights(path, expert, part)
@@ -234,7 +236,7 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
         if card.get("architecture"):  # a student of its own size (phased distillation)
             base = from_architecture(card["architecture"])
         else:
-            base = denoiser if share and lora is not None else copy.deepcopy(denoiser)
+            base = denoiser if consume or (share and lora is not None) else copy.deepcopy(denoiser)
         net = StudentNet(base, card.get(SCALAR_INPUTS["nfe"].card) is not None, lora,
                          card.get(SCALAR_INPUTS["w"].card) is not None)
         _load_weights(path, net, tensors)

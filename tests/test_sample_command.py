@@ -28,7 +28,12 @@ def student_file(tmp_path_factory):
     return train_student(cfg, builtin_source(), progress=False).path
 
 
-def test_each_label_is_a_row_drawn_from_the_same_noise_as_the_student_samples_it(student_file, tmp_path, capsys):
+def test_each_label_is_a_row_drawn_from_the_same_noise_as_the_student_samples_it(student_file, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import distill_core.sources
+
+    loaded, load = [], distill_core.sources.trained_teacher
+    monkeypatch.setattr(distill_core.sources, "trained_teacher", lambda *a: loaded.append(load(*a)) or loaded[-1])
     out = tmp_path / "samples"
     assert cli.main(["sample", str(student_file), "--label", "3", "--label", "7", "--count", "3", "--seed", "5",
                      "--out", str(out)]) == 0
@@ -39,6 +44,11 @@ def test_each_label_is_a_row_drawn_from_the_same_noise_as_the_student_samples_it
         (f"{r:02d}_{j:02d}.png", f"class {label}", j) for r, label in enumerate((3, 7)) for j in range(3)]
     source = builtin_source()
     student = load_student(student_file, source.denoiser, source.uncond)
+    # the full student's weights went into the teacher's network that sample loaded: no copy of it
+    theirs = dict(loaded[0].denoiser.named_parameters())
+    ours = dict(student.net.denoiser.named_parameters())
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    assert not all(torch.equal(p, q) for p, q in zip(source.denoiser.parameters(), ours.values()))
     z = torch.randn((3, *source.shape), generator=torch.Generator().manual_seed(5))
     for r, label in enumerate((3, 7)):
         expected = pixels(sample(student, student.sigmas()[0] * z, torch.tensor([label] * 3)))
