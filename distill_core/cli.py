@@ -35,6 +35,15 @@ COMMANDS = {
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError)
 
 
+def os_problem(e: BaseException) -> str | None:
+    """The line for an error the system raised on a path (``[Errno 13] Permission denied: 'x'``): the path, the
+    system's words and the fix; ``None`` for the others, whose own message is the line."""
+    if not isinstance(e, OSError) or e.filename is None or len(e.args) != 2:
+        return None
+    return (f"{e.filename}: {e.strerror.lower()} (give a path whose folder exists and that this user may read and "
+            "write)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distill_core", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -52,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {os_problem(e) or e}", file=sys.stderr)
         return 1
     finally:
         end_process_group()

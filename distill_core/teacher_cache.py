@@ -63,6 +63,8 @@ class TeacherCache:
 
     def __init__(self, folder: str | Path | None, signature: Callable[[], dict], in_memory: bool = False):
         self.folder = None if folder is None else Path(folder)
+        if self.folder is not None:  # a folder that cannot be made fails the run now, not after its first solve
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.in_memory = in_memory
         self._signature, self.signature = signature, ""
         self.hits = self.solves = 0
@@ -92,7 +94,6 @@ class TeacherCache:
             while len(_memory) > MEMORY_ENTRIES:
                 _memory.popitem(last=False)
         else:
-            self.folder.mkdir(parents=True, exist_ok=True)
             save_atomic(tensors, self.folder / f"{key}.safetensors", card)
         return result, evaluations
 

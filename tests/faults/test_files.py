@@ -151,3 +151,19 @@ def test_the_workflow_commands_refuse_a_missing_or_ui_format_file(tmp_path, caps
     said = capsys.readouterr().err
     assert said.startswith("error: " + message.format(path=path)), said
     assert len(said.strip().splitlines()) == 1 and not (tmp_path / "ui.json").exists()
+
+
+def test_a_folder_that_cannot_be_made_is_named_in_one_line_before_the_run_trains(tmp_path, capsys):
+    """A teacher cache under a file: the system's error, as one line naming the path and the fix, before the
+    first iteration (no metrics written)."""
+    from distill_core.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher-cache", str(blocker / "cache"), "--iters", "1", "--batch", "2",
+                 "--out", str(out), "--no-progress"]) == 1
+    said = capsys.readouterr().err
+    assert said == (f"error: {blocker / 'cache'}: not a directory (give a path whose folder exists and that this "
+                    "user may read and write)\n")
+    assert not (out / "metrics.jsonl").exists()
