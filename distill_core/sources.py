@@ -92,6 +92,9 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
     if prompts and name in TEACHERS:
         raise ValueError(f"--prompts is for text-to-image pipeline directories; the {name} teacher is conditioned "
                          "on classes")
+    if (classes or null_class is not None) and name in TEACHERS:
+        raise ValueError(f"--classes and --null-class are for class-conditional models from directories; the {name} "
+                         "teacher has its own 10 classes and null class")
     if resolution and name in TEACHERS:
         raise ValueError(f"--resolution is for teachers from directories; the {name} teacher draws 16 x 16 digits")
     if negative is not None and name in TEACHERS:

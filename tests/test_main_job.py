@@ -131,12 +131,17 @@ def test_the_report_compares_only_the_solvers_named(tmp_path):
     assert "the best of heun, unipc" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("chosen, problem", [
-    ("unipc,rk4", "unknown solver rk4; name some of euler, ddim,"),
-    (" , ", "unknown solver ' , '"),
-    ("heun", "Heun alone cannot sample a 1-evaluation budget"),
+@pytest.mark.parametrize("flags, problem", [
+    (["--report-solvers", "unipc,rk4"], "unknown solver rk4; name some of euler, ddim,"),
+    (["--report-solvers", " , "], "unknown solver ' , '"),
+    (["--report-solvers", "heun"], "Heun alone cannot sample a 1-evaluation budget"),
+    (["--sigma-min", "100"], "sigma_min 100 lies at or above the schedule's top, sigma_max 80"),
+    (["--teacher", "builtin-flow", "--classes", "5"], "--classes and --null-class are for class-conditional models "
+                                                       "from directories; the builtin-flow teacher has its own"),
 ])
-def test_an_unknown_report_solver_is_refused_in_one_line(chosen, problem, capsys):
-    assert cli.main(["distill", "--report-solvers", chosen, "--out", "unused", "--no-progress"]) == 1
+def test_bad_run_settings_are_refused_in_one_line_before_the_run_starts(flags, problem, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["distill", *flags, "--out", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert problem in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

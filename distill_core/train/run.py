@@ -3,6 +3,7 @@ the benchmarks all call."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,12 @@ def train_student(
 def within_trained_range(cfg: DistillConfig, denoiser) -> DistillConfig:
     """``cfg`` with the student's schedule ending inside the teacher's trained noise range: a ``sigma_min``
     below the teacher's lowest trained sigma (a DDPM model's first step, e.g. 0.029 for Stable Diffusion) is
-    raised to it, with one line that says so (the network has never seen noise that low)."""
+    raised to it, with one line that says so (the network has never seen noise that low); one at or above the
+    schedule's top (``sigma_max``, by default the teacher's) is refused."""
+    top = cfg.sigma_max or float(getattr(denoiser, "sigma_max", math.inf))
+    if cfg.sigma_min >= top:
+        raise ValueError(f"sigma_min {cfg.sigma_min:g} lies at or above the schedule's top, sigma_max {top:g} (the "
+                         "teacher's noise level at the first step): give a sigma_min below it")
     floor = float(getattr(denoiser, "sigma_min", 0.0))
     if cfg.sigma_min >= floor:
         return cfg
