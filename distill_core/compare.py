@@ -226,6 +226,10 @@ def run(args: argparse.Namespace) -> int:
     from distill_core.report import write_png
     from distill_core.sources import trained_teacher
 
+    if args.count < 1:
+        raise ValueError(f"--count {args.count}: give 1 or more images per row")
+    if args.reference_steps < 2:
+        raise ValueError(f"--reference-steps {args.reference_steps}: the reference solve takes 2 or more Heun steps")
     if args.steps is not None and len(args.steps) != len(args.students):
         raise ValueError(f"--steps takes one step count per student ({len(args.students)}), got {args.steps}")
     for path in args.students:

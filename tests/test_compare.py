@@ -96,6 +96,10 @@ def test_the_cli_writes_a_labelled_grid_a_table_and_json(student_files, tmp_path
     assert "no student file" in capsys.readouterr().err
     assert cli.main(["compare", *map(str, student_files), "--steps", "2", "--out", str(out)]) == 1
     assert "one step count per student" in capsys.readouterr().err
+    for flags, problem in ((["--count", "0"], "--count 0: give 1 or more images per row"),
+                           (["--reference-steps", "1"], "--reference-steps 1: the reference solve takes 2 or more")):
+        assert cli.main(["compare", *map(str, student_files), *flags, "--out", str(out)]) == 1
+        assert capsys.readouterr().err.startswith("error: " + problem)
 
 
 def test_the_cli_takes_the_teacher_the_files_name(tmp_path, capsys):
