@@ -26,6 +26,7 @@ from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.eval.benchmark import eval_set, format_table, solver_rows, student_rows, write_rows  # noqa: E402
 from distill_core.eval.kept import CHECKPOINT_EVERY, finished, kept_rows  # noqa: E402
 from distill_core.methods.registry import method_class, methods  # noqa: E402
+from distill_core.options import positive  # noqa: E402
 from distill_core.sources import builtin_source  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 from distill_core.train.run import train_student  # noqa: E402
@@ -37,12 +38,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short training, few samples (a smoke run)")
-    p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
-    p.add_argument("--n", type=int, help="evaluation samples (default 500, quick 50)")
-    p.add_argument("--iters", type=int, help="iterations per SFD student (default: the main job's)")
+    p.add_argument("--nfe", type=positive, nargs="+", default=list(NFES))
+    p.add_argument("--n", type=positive, help="evaluation samples (default 500, quick 50)")
+    p.add_argument("--iters", type=positive, help="iterations per SFD student (default: the main job's)")
     p.add_argument("--methods", nargs="+", default=["sfd", "sfd-v"], choices=list(methods()),
                    help="the methods to train (default: sfd sfd-v)")
-    p.add_argument("--batch", type=int)
+    p.add_argument("--batch", type=positive)
     p.add_argument("--guidance-mode", choices=("distilled", "cfg"), default="distilled")
     p.add_argument("--work", default=str(RESULTS / "distill_runs"), help="where the students are trained")
     p.add_argument("--out", help="write the rows as JSON here")

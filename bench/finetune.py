@@ -48,6 +48,7 @@ from distill_core.eval.benchmark import (  # noqa: E402
 from distill_core.eval.kept import CHECKPOINT_EVERY, finished, kept_rows  # noqa: E402
 from distill_core.finetune_builtin import ink  # noqa: E402
 from distill_core.methods.base import TeacherSource  # noqa: E402
+from distill_core.options import positive  # noqa: E402
 from distill_core.plot import labelled_grid  # noqa: E402
 from distill_core.report import write_png  # noqa: E402
 from distill_core.sampling import sample  # noqa: E402
@@ -77,9 +78,9 @@ def trained_row(name: str, cfg: DistillConfig, source: TeacherSource, teacher: C
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short training, 100 samples (a smoke run)")
-    p.add_argument("--steps", type=int, default=4, help="the students' step count")
-    p.add_argument("--n", type=int, help="evaluation samples (default 2000, quick 100)")
-    p.add_argument("--ref-steps", type=int, default=32, help="Heun steps of the reference solves")
+    p.add_argument("--steps", type=positive, default=4, help="the students' step count")
+    p.add_argument("--n", type=positive, help="evaluation samples (default 2000, quick 100)")
+    p.add_argument("--ref-steps", type=positive, default=32, help="Heun steps of the reference solves")
     p.add_argument("--cache", default=str(RESULTS / "cache"), help="where reference solves are cached")
     p.add_argument("--work", default=str(RESULTS / "finetune_runs"), help="where the students are trained")
     p.add_argument("--out", help="write the rows as JSON here")

@@ -53,6 +53,7 @@ from distill_core.eval.memory import MIB, with_peak_memory  # noqa: E402
 from distill_core.memory_plan import MemoryPlan  # noqa: E402
 from distill_core.methods.base import TeacherSource  # noqa: E402
 from distill_core.methods.registry import build_method  # noqa: E402
+from distill_core.options import positive  # noqa: E402
 from distill_core.student_files import release_teacher  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 from distill_core.train.trainer import Trainer  # noqa: E402
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--models", nargs="+", default=list(TEACHER_SAMPLING), choices=list(TEACHER_SAMPLING))
     p.add_argument("--rows", nargs="+", help="only these rows, by name (default: every row of the models)")
     p.add_argument("--row", help=argparse.SUPPRESS)  # one row in this process (what each subprocess runs)
-    p.add_argument("--iters", type=int, default=3, help="timed iterations per row (after one warm-up)")
+    p.add_argument("--iters", type=positive, default=3, help="timed iterations per row (after one warm-up)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     if not (args.tiny or torch.cuda.is_available()):

@@ -95,7 +95,7 @@ from distill_core.main_job import add_teacher_flags, eval_space, reference_steps
 from distill_core.methods import auto  # noqa: E402
 from distill_core.methods.reflow import straightness  # noqa: E402
 from distill_core.methods.registry import method_class, methods  # noqa: E402
-from distill_core.options import sweep  # noqa: E402
+from distill_core.options import positive, sweep  # noqa: E402
 from distill_core.sources import TEACHERS  # noqa: E402
 from distill_core.student_files import load_student  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
@@ -118,19 +118,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="the methods to train (default: all registered; auto: the Distill to N steps node's "
                    "choice at each student NFE, rows named auto with the method in auto_method)")
     add_teacher_flags(p)
-    p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
-    p.add_argument("--student-nfe", type=int, nargs="+", help="the NFEs students are trained for (default: --nfe; "
+    p.add_argument("--nfe", type=positive, nargs="+", default=list(NFES))
+    p.add_argument("--student-nfe", type=positive, nargs="+", help="the NFEs students are trained for (default: --nfe; "
                    "a method may add its natural step counts, e.g. kd's 1); every student and solver is "
                    "evaluated at each --nfe it serves")
-    p.add_argument("--n", type=int, help="evaluation samples, and teacher samples of the target (default 2000 on a "
-                   "built-in teacher, 200 on one from a directory; quick 100)")
-    p.add_argument("--iters", type=int, help="iterations per student (default: the main job's; quick 8)")
-    p.add_argument("--batch", type=int, help="samples per iteration (default: the main job's; quick 16)")
+    p.add_argument("--n", type=positive, help="evaluation samples, and teacher samples of the target (default 2000 "
+                   "on a built-in teacher, 200 on one from a directory; quick 100)")
+    p.add_argument("--iters", type=positive, help="iterations per student (default: the main job's; quick 8)")
+    p.add_argument("--batch", type=positive, help="samples per iteration (default: the main job's; quick 16)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=V1,V2",
                    help="config settings for every student (gan_weight=0.003); several values train a student "
                    "for each (seed=0,1,2)")
-    p.add_argument("--steps", type=int, help="Heun steps of the teacher's reference solves (default 128 on a built-in "
-                   "teacher, 32 on one from a directory: see bench/reference_steps.py)")
+    p.add_argument("--steps", type=positive, help="Heun steps of the teacher's reference solves (default 128 on a "
+                   "built-in teacher, 32 on one from a directory: see bench/reference_steps.py)")
     p.add_argument("--cache", default=str(RESULTS / "cache"), help="where reference solves are cached")
     p.add_argument("--work", default=str(RESULTS / "methods_runs"), help="where the students are trained")
     p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",

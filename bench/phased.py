@@ -52,6 +52,7 @@ from distill_core.eval.kept import CHECKPOINT_EVERY, finished, kept_rows  # noqa
 from distill_core.methods.base import TeacherSource  # noqa: E402
 from distill_core.methods.phased import teacher_probe  # noqa: E402
 from distill_core.methods.phases import partition  # noqa: E402
+from distill_core.options import positive  # noqa: E402
 from distill_core.schedules import phased  # noqa: E402
 from distill_core.solvers import SOLVERS  # noqa: E402
 from distill_core.sources import builtin_source  # noqa: E402
@@ -132,21 +133,21 @@ def sfd_on_student(path: Path, source: TeacherSource, teacher: CFGTeacher, ev: E
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: K 8, both partitions, short training")
-    p.add_argument("--K", type=int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--K", type=positive, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--partitions", nargs="+", default=["uniform", "adaptive"], choices=["uniform", "adaptive"])
     p.add_argument("--alphas", nargs="+", default=["dt", "variance"], choices=["dt", "variance"])
     p.add_argument("--smoothing", type=float, nargs="+", default=[0.0, 0.9], help="target_ema values (0: none)")
-    p.add_argument("--S", type=int, nargs="+", default=[8, 16], help="sampling steps of every student")
-    p.add_argument("--iters", type=int, default=600)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--S", type=positive, nargs="+", default=[8, 16], help="sampling steps of every student")
+    p.add_argument("--iters", type=positive, default=600)
+    p.add_argument("--batch", type=positive, default=64)
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine schedule)")
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the student's weights (0: none)")
     p.add_argument("--targets", default="data", choices=["data", "trajectories"],
                    help="the student's inputs: forward-noised digits, or the teacher's own trajectories (data-free, "
                    "as the shipped workflow)")
-    p.add_argument("--n", type=int, default=100, help="evaluation samples")
-    p.add_argument("--ref-steps", type=int, default=128, help="Heun steps of the reference solves")
+    p.add_argument("--n", type=positive, default=100, help="evaluation samples")
+    p.add_argument("--ref-steps", type=positive, default=128, help="Heun steps of the reference solves")
     p.add_argument("--sfd-iters", type=int, default=0, help="> 0: SFD to 4 steps on the best student at S = 8")
     p.add_argument("--no-reference", action="store_true", help="skip the teacher and schedule rows")
     p.add_argument("--cache", default=str(RESULTS / "cache"), help="where reference solves are cached")

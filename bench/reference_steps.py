@@ -28,6 +28,7 @@ from distill_core.denoisers.base import move_cond  # noqa: E402
 from distill_core.eval.benchmark import report_rows  # noqa: E402
 from distill_core.eval.fidelity import psnr, reference_solve  # noqa: E402
 from distill_core.main_job import add_teacher_flags, teacher_from_flags  # noqa: E402
+from distill_core.options import positive  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 
 STEPS = (16, 32, 64, 128)
@@ -37,8 +38,8 @@ KEYS = ("teacher", "steps", "network_evals", "psnr_db", "against_steps", "second
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="20 samples")
-    p.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="Heun step counts to measure")
-    p.add_argument("--n", type=int, help="samples (default 100, quick 20)")
+    p.add_argument("--steps", type=positive, nargs="+", default=list(STEPS), help="Heun step counts to measure")
+    p.add_argument("--n", type=positive, help="samples (default 100, quick 20)")
     p.add_argument("--out", help="write the rows as JSON here")
     add_teacher_flags(p)
     args = p.parse_args(argv)

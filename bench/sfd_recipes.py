@@ -59,7 +59,7 @@ from distill_core.eval.benchmark import (  # noqa: E402
 )
 from distill_core.eval.kept import CHECKPOINT_EVERY, finished, kept_rows  # noqa: E402
 from distill_core.methods.sfd import SFDConfig, pool_serves, teacher_steps  # noqa: E402
-from distill_core.options import settings, sweep  # noqa: E402
+from distill_core.options import positive, settings, sweep  # noqa: E402
 from distill_core.sampling import intervals_for  # noqa: E402
 from distill_core.schedules import karras  # noqa: E402
 from distill_core.sources import BUILTIN_TUNED, builtin_source  # noqa: E402
@@ -108,10 +108,10 @@ def cpu_units(cfg: DistillConfig, sigma_max: float, classes: int = 0) -> int:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=V1,V2", help="config values to combine")
-    p.add_argument("--seeds", type=int, default=1, help="train every recipe with seeds 0 .. S - 1")
-    p.add_argument("--trajectories", type=int, help="teacher trajectories per run: iters = T / batch")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--n", type=int, default=100, help="evaluation samples (the main job's default: 100)")
+    p.add_argument("--seeds", type=positive, default=1, help="train every recipe with seeds 0 .. S - 1")
+    p.add_argument("--trajectories", type=positive, help="teacher trajectories per run: iters = T / batch")
+    p.add_argument("--steps", type=positive, default=4)
+    p.add_argument("--n", type=positive, default=100, help="evaluation samples (the main job's default: 100)")
     p.add_argument("--shard", type=int, nargs=2, default=(0, 1), metavar=("I", "N"))
     p.add_argument("--merge", nargs="+", help="print the rows of these result files as one table")
     p.add_argument("--work", default=str(RESULTS / "sfd_recipe_runs"))

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill_core.builtin import DEFAULT_GUIDANCE, load_builtin_teacher  # noqa: E402
 from distill_core.config import EDM_SIGMA_MIN  # noqa: E402
 from distill_core.eval.benchmark import TABLE_KEYS, eval_set, report_rows, solver_row  # noqa: E402
+from distill_core.options import positive  # noqa: E402
 from distill_core.solvers import SOLVERS, nfe_of, steps_for_nfe  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 
@@ -32,8 +33,8 @@ CACHE = Path(__file__).resolve().parent / "results" / "cache"
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer samples (about 3 minutes on 2 CPU cores)")
-    p.add_argument("--n", type=int, help="number of samples (default 1000, quick 100)")
-    p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
+    p.add_argument("--n", type=positive, help="number of samples (default 1000, quick 100)")
+    p.add_argument("--nfe", type=positive, nargs="+", default=list(NFES))
     p.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=list(SOLVERS))
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale w of the teacher")
     p.add_argument("--out", help="write the rows as JSON to this file")

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.eval.benchmark import format_table, write_rows  # noqa: E402
+from distill_core.options import positive  # noqa: E402
 from distill_core.safetensors_io import load  # noqa: E402
 from distill_core.sources import builtin_source  # noqa: E402
 from distill_core.train.run import train_student  # noqa: E402
@@ -32,8 +33,8 @@ from distill_core.train.run import train_student  # noqa: E402
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="24 iterations at batch 16")
-    p.add_argument("--iters", type=int, help="iterations of the full run (default: the main job's)")
-    p.add_argument("--batch", type=int, help="batch (default: the main job's)")
+    p.add_argument("--iters", type=positive, help="iterations of the full run (default: the main job's)")
+    p.add_argument("--batch", type=positive, help="batch (default: the main job's)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     base = DistillConfig(checkpoint_every=0)

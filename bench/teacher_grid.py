@@ -21,6 +21,7 @@ from distill_core import builtin  # noqa: E402
 from distill_core.data import load_mnist  # noqa: E402
 from distill_core.eval.benchmark import builtin_samples  # noqa: E402
 from distill_core.eval.frechet import class_accuracy, fd_to_reference  # noqa: E402
+from distill_core.options import positive  # noqa: E402
 from distill_core.report import save_grid  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -29,8 +30,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--guidance", type=float, default=builtin.DEFAULT_GUIDANCE, help="CFG scale w of the teacher")
-    p.add_argument("--steps", type=int, default=64, help="Heun steps (2 steps - 1 evaluations)")
-    p.add_argument("--per-class", type=int, default=10, help="samples of every digit (one grid column each)")
+    p.add_argument("--steps", type=positive, default=64, help="Heun steps (2 steps - 1 evaluations)")
+    p.add_argument("--per-class", type=positive, default=10, help="samples of every digit (one grid column each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DOCS / "teacher_heun64.png"), help="where to write the grid (PNG)")
     args = p.parse_args(argv)

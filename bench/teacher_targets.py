@@ -32,8 +32,10 @@ from distill_core.config import DistillConfig  # noqa: E402
 from distill_core.eval.benchmark import eval_set, format_table, write_rows  # noqa: E402
 from distill_core.eval.fidelity import psnr  # noqa: E402
 from distill_core.methods.sfd import auto_grid, student_grid, teacher_states  # noqa: E402
+from distill_core.options import positive  # noqa: E402
 from distill_core.sampling import intervals_for  # noqa: E402
 from distill_core.schedules import substeps_per_interval  # noqa: E402
+from distill_core.solvers import SOLVERS  # noqa: E402
 from distill_core.sources import teacher_source  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 
@@ -51,14 +53,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="20 samples, K 2 and 4 (well under a minute)")
     p.add_argument("--teacher", default="builtin", choices=("builtin", "builtin-flow"),
                    help="the built-in EDM teacher or its rectified-flow twin")
-    p.add_argument("--steps", type=int, default=4, help="the student's NFE")
-    p.add_argument("--solvers", nargs="+", default=["dpmpp_3m", "unipc", "dpmpp_2m"])
+    p.add_argument("--steps", type=positive, default=4, help="the student's NFE")
+    p.add_argument("--solvers", nargs="+", default=["dpmpp_3m", "unipc", "dpmpp_2m"], choices=list(SOLVERS))
     p.add_argument(
         "--K", type=parse_substeps, nargs="+",
         help="teacher steps per student interval (default 1 2 3 4); 2,2,4,3,2 gives each interval its own",
     )
-    p.add_argument("--fine", type=int, default=16, help="steps per interval of the comparison solve")
-    p.add_argument("--n", type=int, help="evaluation samples (default 100, quick 20)")
+    p.add_argument("--fine", type=positive, default=16, help="steps per interval of the comparison solve")
+    p.add_argument("--n", type=positive, help="evaluation samples (default 100, quick 20)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     n = args.n or (20 if args.quick else 100)

@@ -134,6 +134,17 @@ def _read_value(text: str):
     return yaml.safe_load(text)
 
 
+def positive(text: str) -> int:
+    """An argparse type for counts (samples, steps, iterations): a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

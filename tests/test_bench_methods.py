@@ -270,3 +270,14 @@ def test_a_pipeline_directory_is_benched_in_pooled_pixels_with_its_solves_kept_b
     with pytest.raises(Measured) as sizes:
         bench.main(["--teacher", str(teacher), "--methods", "sfd", "--cache", str(cache)])
     assert sizes.value.args == (200, 32)
+
+
+@pytest.mark.parametrize("script, flags, problem", [
+    ("methods", ["--nfe", "0"], "argument --nfe: 0: give 1 or more"),
+    ("solvers", ["--n", "ten"], "argument --n: 'ten' is not a whole number"),
+    ("teacher_targets", ["--solvers", "rk4"], "argument --solvers: invalid choice: 'rk4'"),
+])
+def test_a_benchmarks_bad_count_or_solver_is_refused_in_one_line(script, flags, problem, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench_script(script).main(flags)
+    assert stop.value.code == 2 and problem in capsys.readouterr().err
