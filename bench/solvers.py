@@ -23,7 +23,7 @@ from distill_core.builtin import DEFAULT_GUIDANCE, load_builtin_teacher  # noqa:
 from distill_core.config import EDM_SIGMA_MIN  # noqa: E402
 from distill_core.eval.benchmark import TABLE_KEYS, eval_set, report_rows, solver_row  # noqa: E402
 from distill_core.options import positive  # noqa: E402
-from distill_core.solvers import SOLVERS, nfe_of, steps_for_nfe  # noqa: E402
+from distill_core.solvers import SOLVERS, spends_exactly  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
 
 NFES = (2, 3, 4, 5, 6, 8, 16)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [solver_row("heun", 128, teacher, ev) | {"method": "teacher-heun-64"}]
     for name in args.solvers:
         for nfe in args.nfe:
-            if nfe_of(name, steps_for_nfe(name, nfe, ends_at_zero=False), ends_at_zero=False) != nfe:
+            if not spends_exactly(name, nfe):
                 continue  # Heun spends two evaluations per step: odd budgets are not reachable
             rows.append(solver_row(name, nfe, teacher, ev))
             print(f"  {name} nfe {nfe}: psnr {rows[-1]['psnr_db']:.2f} dB", file=sys.stderr, flush=True)

@@ -33,15 +33,7 @@ from distill_core.eval.fidelity import psnr, reference_solve
 from distill_core.methods.base import TeacherSource
 from distill_core.safetensors_io import read_card
 from distill_core.sampling import sample
-from distill_core.solvers import (
-    SOLVERS,
-    nfe_of,
-    parse_solver_label,
-    solver_grids,
-    solver_label,
-    solver_sigmas,
-    steps_for_nfe,
-)
+from distill_core.solvers import SOLVERS, parse_solver_label, solver_grids, solver_label, solver_sigmas, spends_exactly
 from distill_core.student_files import borrowing, check_card, check_teacher
 from distill_core.students import Student
 from distill_core.teacher import CFGTeacher
@@ -150,8 +142,8 @@ def best_solver(teacher: CFGTeacher, noise: torch.Tensor, cond, reference: torch
     best = None
     for label in (solver_label(name, grid) for grid in solver_grids(teacher.denoiser) for name in SOLVERS):
         name = parse_solver_label(label)[0]
-        if nfe_of(name, steps_for_nfe(name, nfe, ends_at_zero=False), ends_at_zero=False) != nfe:
-            continue  # Heun cannot spend an odd budget exactly
+        if not spends_exactly(name, nfe):
+            continue
         images = SOLVERS[name](teacher, noise, solver_sigmas(label, nfe, sigma_min, teacher.sigma_max), cond)
         row = Row(f"{label}, {nfe} NFE", "solver", nfe, images, psnr(images, reference))
         if best is None or row.psnr_db > best.psnr_db:

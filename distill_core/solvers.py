@@ -244,6 +244,12 @@ def steps_for_nfe(name: str, nfe: int, ends_at_zero: bool = True) -> int:
     return nfe
 
 
+def spends_exactly(name: str, nfe: int) -> bool:
+    """Whether a solver's steps, ending at sigma_min, cost exactly ``nfe`` evaluations (Heun's two a step cannot
+    spend an odd budget, nor one), so that its row at ``nfe`` is a row at that cost."""
+    return nfe_of(name, steps_for_nfe(name, nfe, ends_at_zero=False), ends_at_zero=False) == nfe
+
+
 def solver_names(chosen: str | None) -> list[str]:
     """The solvers named in a comma-separated list (``"unipc, dpmpp_2m"``; ``None``: every one), in
     ``SOLVERS``'s order; a ``ValueError`` for an unknown name, or for Heun alone, which cannot spend one

@@ -259,3 +259,18 @@ def test_a_lora_students_rows_are_drawn_on_the_teachers_own_network_and_leave_it
     assert copied.net.denoiser is not source.denoiser
     images = draw(copied, ev.noise, ev.labels, steps=2).clamp(-1, 1)
     assert row["psnr_db"] == pytest.approx(psnr(images, ev.reference.clamp(-1, 1)), abs=1e-3)
+
+
+def test_every_solver_row_costs_exactly_its_budget():
+    """The report's solver rows, compare's and the solver bench's take the solvers that spend exactly the budget:
+    Heun (two evaluations a step) has a row at even budgets only, every other solver at every budget."""
+    from distill_core.solvers import SOLVERS, spends_exactly
+
+    assert [n for n in range(1, 7) if spends_exactly("heun", n)] == [2, 4, 6]
+    assert all(spends_exactly(name, n) for name in SOLVERS if name != "heun" for n in range(1, 7))
+    teacher = CFGTeacher(builtin.load_builtin_teacher(), 2.0, torch.tensor([10]))
+    ev = benchmark.eval_set(teacher, 2, seed=1, steps=2)
+    for nfe in (3, 4):
+        rows = benchmark.solver_rows(teacher, ev, nfe, 0.006, "heun,euler")
+        assert {r["method"] for r in rows} == ({"euler", "heun"} if nfe == 4 else {"euler"})
+        assert all(r["network_evals"] == 2 * nfe for r in rows)  # CFG: two evaluations a step

@@ -44,7 +44,7 @@ from distill_core.solvers import (
     solver_label,
     solver_names,
     solver_sigmas,
-    steps_for_nfe,
+    spends_exactly,
 )
 from distill_core.teacher import CFGTeacher
 
@@ -229,11 +229,11 @@ def student_rows(run, teacher: CFGTeacher, ev: EvalSet, nfes: list[int] | None =
 
 def solver_rows(teacher: CFGTeacher, ev: EvalSet, nfe: int, sigma_min: float, chosen: str | None = None
                 ) -> list[dict]:
-    """Every training-free solver (of those ``chosen``, ``solvers.solver_names``) that can take a step within
-    ``nfe`` evaluations (Heun needs two), on every grid the teacher is sampled on (``solvers.solver_grids``:
-    Karras's to ``sigma_min``; for a flow teacher also the flow time grid), best PSNR first (the first row is
-    the best solver at ``nfe``)."""
-    names = [name for name in solver_names(chosen) if steps_for_nfe(name, nfe, ends_at_zero=False) >= 1]
+    """Every training-free solver (of those ``chosen``, ``solvers.solver_names``) that spends exactly ``nfe``
+    evaluations (``solvers.spends_exactly``: not Heun at an odd budget), on every grid the teacher is sampled on
+    (``solvers.solver_grids``: Karras's to ``sigma_min``; for a flow teacher also the flow time grid), best PSNR
+    first (the first row is the best solver at ``nfe``)."""
+    names = [name for name in solver_names(chosen) if spends_exactly(name, nfe)]
     labels = [solver_label(name, grid) for grid in solver_grids(teacher.denoiser) for name in names]
     return sorted((solver_row(label, nfe, teacher, ev, sigma_min) for label in labels), key=lambda r: -r["psnr_db"])
 
