@@ -33,7 +33,7 @@ from distill_core.eval.fidelity import psnr, reference_solve
 from distill_core.methods.base import TeacherSource
 from distill_core.safetensors_io import read_card
 from distill_core.sampling import sample
-from distill_core.solvers import SOLVERS, parse_solver_label, solver_grids, solver_label, solver_sigmas, spends_exactly
+from distill_core.solvers import SOLVERS, parse_solver_label, solver_labels, solver_sigmas
 from distill_core.student_files import borrowing, check_card, check_teacher
 from distill_core.students import Student
 from distill_core.teacher import CFGTeacher
@@ -136,15 +136,13 @@ def one_teacher(students: list[StudentFile]) -> float:
 
 def best_solver(teacher: CFGTeacher, noise: torch.Tensor, cond, reference: torch.Tensor, nfe: int,
                 sigma_min: float) -> Row:
-    """The training-free solver with the highest PSNR against ``reference`` at exactly ``nfe`` evaluations, on
-    every grid the teacher is sampled on (``solvers.solver_grids``: a flow teacher's solvers do best on its
+    """The training-free solver with the highest PSNR against ``reference`` among the report's at ``nfe``
+    evaluations (``solvers.solver_labels``: on every grid of the teacher; a flow teacher's solvers do best on its
     time grid)."""
     best = None
-    for label in (solver_label(name, grid) for grid in solver_grids(teacher.denoiser) for name in SOLVERS):
-        name = parse_solver_label(label)[0]
-        if not spends_exactly(name, nfe):
-            continue
-        images = SOLVERS[name](teacher, noise, solver_sigmas(label, nfe, sigma_min, teacher.sigma_max), cond)
+    for label in solver_labels(teacher.denoiser, nfe):
+        solver = SOLVERS[parse_solver_label(label)[0]]
+        images = solver(teacher, noise, solver_sigmas(label, nfe, sigma_min, teacher.sigma_max), cond)
         row = Row(f"{label}, {nfe} NFE", "solver", nfe, images, psnr(images, reference))
         if best is None or row.psnr_db > best.psnr_db:
             best = row

@@ -246,7 +246,7 @@ def steps_for_nfe(name: str, nfe: int, ends_at_zero: bool = True) -> int:
 
 def spends_exactly(name: str, nfe: int) -> bool:
     """Whether a solver's steps, ending at sigma_min, cost exactly ``nfe`` evaluations (Heun's two a step cannot
-    spend an odd budget, nor one), so that its row at ``nfe`` is a row at that cost."""
+    spend an odd budget), so that its row at ``nfe`` is a row at that cost."""
     return nfe_of(name, steps_for_nfe(name, nfe, ends_at_zero=False), ends_at_zero=False) == nfe
 
 
@@ -262,8 +262,8 @@ def solver_names(chosen: str | None) -> list[str]:
         raise ValueError(f"report_solvers: unknown solver {', '.join(unknown) or repr(chosen)}; name some of "
                          f"{', '.join(SOLVERS)}, comma-separated")
     if names == {"heun"}:
-        raise ValueError("report_solvers: Heun alone cannot sample a 1-evaluation budget (two evaluations a "
-                         "step); name another solver beside it")
+        raise ValueError("report_solvers: Heun alone has no row at an odd budget (two evaluations a step); name "
+                         "another solver beside it")
     return [name for name in SOLVERS if name in names]
 
 
@@ -276,6 +276,14 @@ def solver_grids(denoiser) -> tuple[str, ...]:
 def solver_label(name: str, grid: str = "karras") -> str:
     """A solver row's name: the solver, with ``/flow`` when it runs on the flow time grid."""
     return name if grid == "karras" else f"{name}/{grid}"
+
+
+def solver_labels(denoiser, nfe: int, chosen: str | None = None) -> list[str]:
+    """The solver rows a teacher is compared with at ``nfe`` evaluations: each solver of those ``chosen``
+    (``solver_names``) that spends exactly ``nfe`` (``spends_exactly``), on every grid of the teacher
+    (``solver_grids``)."""
+    names = [name for name in solver_names(chosen) if spends_exactly(name, nfe)]
+    return [solver_label(name, grid) for grid in solver_grids(denoiser) for name in names]
 
 
 def parse_solver_label(label: str) -> tuple[str, str]:

@@ -134,7 +134,7 @@ def test_the_report_compares_only_the_solvers_named(tmp_path):
 @pytest.mark.parametrize("flags, problem", [
     (["--report-solvers", "unipc,rk4"], "unknown solver rk4; name some of euler, ddim,"),
     (["--report-solvers", " , "], "unknown solver ' , '"),
-    (["--report-solvers", "heun"], "Heun alone cannot sample a 1-evaluation budget"),
+    (["--report-solvers", "heun"], "Heun alone has no row at an odd budget"),
     (["--sigma-min", "100"], "sigma_min 100 lies at or above the schedule's top, sigma_max 80"),
     (["--teacher", "builtin-flow", "--classes", "5"], "--classes and --null-class are for class-conditional models "
                                                        "from directories; the builtin-flow teacher has its own"),

@@ -36,16 +36,7 @@ from distill_core.eval.frechet import (
     reference_stats,
 )
 from distill_core.eval.speed import CountingDenoiser
-from distill_core.solvers import (
-    SOLVERS,
-    nfe_of,
-    parse_solver_label,
-    solver_grids,
-    solver_label,
-    solver_names,
-    solver_sigmas,
-    spends_exactly,
-)
+from distill_core.solvers import SOLVERS, nfe_of, parse_solver_label, solver_labels, solver_sigmas
 from distill_core.teacher import CFGTeacher
 
 #: Reference solves that ship with the engine, read like a cache: the built-in teacher's, on the main job's
@@ -229,12 +220,11 @@ def student_rows(run, teacher: CFGTeacher, ev: EvalSet, nfes: list[int] | None =
 
 def solver_rows(teacher: CFGTeacher, ev: EvalSet, nfe: int, sigma_min: float, chosen: str | None = None
                 ) -> list[dict]:
-    """Every training-free solver (of those ``chosen``, ``solvers.solver_names``) that spends exactly ``nfe``
-    evaluations (``solvers.spends_exactly``: not Heun at an odd budget), on every grid the teacher is sampled on
-    (``solvers.solver_grids``: Karras's to ``sigma_min``; for a flow teacher also the flow time grid), best PSNR
-    first (the first row is the best solver at ``nfe``)."""
-    names = [name for name in solver_names(chosen) if spends_exactly(name, nfe)]
-    labels = [solver_label(name, grid) for grid in solver_grids(teacher.denoiser) for name in names]
+    """A row for each training-free solver the teacher is compared with at ``nfe`` evaluations
+    (``solvers.solver_labels``: of those ``chosen``, spending exactly ``nfe``, on Karras's grid to ``sigma_min``
+    and for a flow teacher also on the flow time grid), best PSNR first (the first row is the best solver at
+    ``nfe``)."""
+    labels = solver_labels(teacher.denoiser, nfe, chosen)
     return sorted((solver_row(label, nfe, teacher, ev, sigma_min) for label in labels), key=lambda r: -r["psnr_db"])
 
 
