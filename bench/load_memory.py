@@ -1,6 +1,6 @@
 """Host memory to load a teacher from a diffusers directory: as loaded (float32), and for a bf16 run
-(``--frozen-precision bf16``: 16-bit files loaded as they are, then cast); to train a LoRA student in a bf16 run;
-and to sample it with ``python -m distill_core sample``; each in a fresh process.
+(``--frozen-precision bf16``: 16-bit files loaded as they are, then cast); to train a LoRA student in a bf16 run
+and a full student, and to sample each with ``python -m distill_core sample``; each in a fresh process.
 
     python bench/load_memory.py [--teacher DIR] [--quick] [--out FILE.json]
 
@@ -14,7 +14,9 @@ random weights in bf16 into a temporary folder. A text-to-image pipeline loads i
 stored precision, freed before the network loads) on the shipped prompt list. The LoRA student (rank 4, 2 steps,
 batch 1) trains for one iteration and is saved; the sample command then loads its teacher as the run computed it
 (bf16) and hooks the adapters into that network. Both rows should lie near the bf16 load's: the adapters and
-the activations above it, not a second copy of the network.
+the activations above it, not a second copy of the network. A full student (float32, as its run trains it)
+trains and samples the same way: the sample command loads its weights into the float32 teacher it loaded,
+straight from the memory-mapped file, so the peak holds the network and the file's pages, not a third copy.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PRECISIONS = ("as-loaded", "bf16")
 KEYS = ("teacher", "stage", "parameters", "stored_dtype", "frozen_precision", "peak_mib", "before_mib", "seconds")
-#: what each row measures
-LOAD, TRAIN, SAMPLE = "load", "train a LoRA student", "sample a LoRA student"
+#: what each row measures, of a student of each kind
+LOAD, TRAIN, SAMPLE = "load", "train a {} student", "sample a {} student"
+#: the students' kinds and the frozen precision each one's run takes
+STUDENTS = {"lora": "bf16", "full": "as-loaded"}
+KIND_WORDS = {"lora": "LoRA", "full": "full"}
 #: the UNet the bench writes: SD1.5's block widths and two layers per block, in pixel space at 32 x 32
 WIDTHS = (320, 640, 1280, 1280)
 
@@ -83,10 +88,11 @@ def measure(teacher: str, precision: str) -> dict:
             "seconds": round(time.time() - start, 2)}
 
 
-def measure_stage(stage: str, teacher: str, student: str) -> dict:
-    """Train a LoRA student of ``teacher`` into the file ``student`` (``TRAIN``: a bf16 run of one iteration at
-    batch 1, rank 4, 2 steps), or run ``python -m distill_core sample`` on it (``SAMPLE``: one image), in this
-    process; return its peak resident memory before and after (the modules it imports are imported before)."""
+def measure_stage(stage: str, teacher: str, student: str, kind: str) -> dict:
+    """Train a student of ``kind`` (lora, full) of ``teacher`` into the file ``student`` (``TRAIN``: a run of one
+    iteration at batch 1, 2 steps; a LoRA of rank 4 in a bf16 run), or run ``python -m distill_core sample`` on it
+    (``SAMPLE``: one image), in this process; return its peak resident memory before and after (the modules it
+    imports are imported before)."""
     import diffusers  # noqa: F401 - imported before the measurement, as above
 
     import distill_core.plot  # noqa: F401
@@ -101,17 +107,18 @@ def measure_stage(stage: str, teacher: str, student: str) -> dict:
     Path("/proc/self/clear_refs").write_text("5")
     before = resident_kib("VmRSS")
     start = time.time()
+    precision = STUDENTS[kind]
     if stage == TRAIN:
-        cfg = DistillConfig(steps=2, iters=1, batch=1, student="lora", lora_rank=4, frozen_precision="bf16",
+        cfg = DistillConfig(steps=2, iters=1, batch=1, student=kind, lora_rank=4, frozen_precision=precision,
                             checkpoint_every=0, teacher=teacher, out=str(Path(student).parent))
-        source = teacher_source(teacher, frozen_precision="bf16")
+        source = teacher_source(teacher, frozen_precision=precision)
         train_student(within_trained_range(cfg, source.denoiser), source, progress=False)
     else:
         with tempfile.TemporaryDirectory() as out:
             if cli.main(["sample", student, "--count", "1", "--out", out]):
                 raise SystemExit(f"sampling {student} failed")
     peak = resident_kib("VmHWM")
-    return {"stage": stage, "frozen_precision": "bf16", "peak_mib": round(peak / 1024, 1),
+    return {"stage": stage.format(KIND_WORDS[kind]), "frozen_precision": precision, "peak_mib": round(peak / 1024, 1),
             "before_mib": round(before / 1024, 1), "seconds": round(time.time() - start, 2)}
 
 
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="the written UNet at a quarter of the widths")
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--measure", nargs=2, metavar=("DIR", "PRECISION"), help=argparse.SUPPRESS)
-    p.add_argument("--measure-stage", nargs=3, metavar=("STAGE", "DIR", "STUDENT"), help=argparse.SUPPRESS)
+    p.add_argument("--measure-stage", nargs=4, metavar=("STAGE", "DIR", "STUDENT", "KIND"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure or args.measure_stage:  # the child process: one measurement, its row on stdout
         print(json.dumps(measure(*args.measure) if args.measure else measure_stage(*args.measure_stage)))
@@ -139,8 +146,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         teacher = args.teacher or str(write_unet(Path(tmp) / "unet_teacher", args.quick))
         rows = [child("--measure", teacher, precision) for precision in PRECISIONS]
-        student = str(Path(tmp) / "lora_student" / STUDENT_FILE)
-        rows += [{**rows[-1], **child("--measure-stage", stage, teacher, student)} for stage in (TRAIN, SAMPLE)]
+        loads = {row["frozen_precision"]: row for row in rows}
+        for kind, precision in STUDENTS.items():
+            student = str(Path(tmp) / f"{kind}_student" / STUDENT_FILE)
+            rows += [{**loads[precision], **child("--measure-stage", stage, teacher, student, kind)}
+                     for stage in (TRAIN, SAMPLE)]
     if not args.teacher:
         for row in rows:
             row["teacher"] = f"UNet2DModel, SD1.5 widths{' / 4' if args.quick else ''}"

@@ -46,13 +46,17 @@ def read_card(path: str | Path) -> dict:
     return card
 
 
-def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and card of a file written by ``save_atomic``."""
+def load(path: str | Path, mapped: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and card of a file written by ``save_atomic``: each tensor a copy in memory, or with ``mapped`` a
+    view of the memory-mapped file, read from disk only when touched (its shape costs nothing). ``mapped`` is
+    for tensors that are copied into a network at once and then dropped: loading a network of P bytes then
+    holds the network and the file's pages, which the system can take back, not a second P bytes of copies. A
+    view kept longer keeps the file open (on Windows the file cannot be replaced meanwhile): keep copies."""
     path = _existing(path)
     card = read_card(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+            tensors = {k: f.get_tensor(k) if mapped else f.get_tensor(k).clone() for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is damaged: its tensors cannot be read ({e})") from None
     return tensors, card

@@ -172,7 +172,7 @@ def check_fits(path: str | Path, denoiser: nn.Module) -> None:
     """An error naming the file when the student file's weights do not fit ``denoiser``'s network (another
     architecture, a file cut short), checked on shapes alone: nothing is built or copied."""
     card = check_card(path, safetensors_io.read_card(path))
-    tensors, _ = safetensors_io.load(path)
+    tensors, _ = safetensors_io.load(path, mapped=True)  # shapes only: no tensor is read
     if card.get("architecture"):  # a student of its own size: rebuilt from the card, not from the teacher
         return
     root, under = lora_target(denoiser)
@@ -222,7 +222,7 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
         uncond = teacher.uncond
     if not any_teacher:
         check_teacher(path, card, denoiser)
-    tensors, _ = safetensors_io.load(path)
+    tensors, _ = safetensors_io.load(path, mapped=True)  # copied into the network below, no second copy
     kind = card.get("student", {"kind": "full"})
     lora = None if kind["kind"] == "full" else {"rank": kind["rank"], "alpha": kind["alpha"]}
     if card.get("experts"):  # one network per phase, built as ``make_networks`` builds them (full: a copy each)
@@ -242,7 +242,8 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
         _load_weights(path, net, tensors)
     if card.get("afs_center", "zero") == "class_mean" and AFS_MEANS_KEY not in tensors:
         raise ValueError(f"{path} says its first step is centred on class means but holds no {AFS_MEANS_KEY}")
-    return Student(net.eval().requires_grad_(False), card, uncond, tensors.get(AFS_MEANS_KEY))
+    means = tensors.get(AFS_MEANS_KEY)
+    return Student(net.eval().requires_grad_(False), card, uncond, None if means is None else means.clone())
 
 
 def start_from(path: str | Path, net: StudentNet | Experts, teacher_fingerprint: str) -> None:
@@ -273,7 +274,7 @@ def start_from(path: str | Path, net: StudentNet | Experts, teacher_fingerprint:
             raise ValueError(f"init_from {path}: its network {'takes' if takes else 'does not take'} the "
                              f"{INPUT_WORDS[key]} as an input and this run's {'does not' if takes else 'does'}: start "
                              "from a student whose network matches the method's")
-    tensors, _ = safetensors_io.load(path)
+    tensors, _ = safetensors_io.load(path, mapped=True)
     parts = expert_tensors(tensors, card)
     if len(parts) == 1:
         parts = parts * len(experts)

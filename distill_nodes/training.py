@@ -184,11 +184,11 @@ def student_model(handle: StudentHandle):
     teacher = handle.teacher.model
     if teacher is None:
         return None
-    tensors, card = safetensors_io.load(handle.path)
+    tensors, card = safetensors_io.load(handle.path, mapped=True)  # a full student's are copied in below
     if card.get("experts"):
         return None
-    if card["student"]["kind"] == "lora":
-        return host.with_lora(teacher, tensors)
+    if card["student"]["kind"] == "lora":  # ComfyUI keeps the adapters as patches: copies, not views of the file
+        return host.with_lora(teacher, {k: v.clone() for k, v in tensors.items()})
     base = copy.deepcopy(teacher.model)
     base.diffusion_model.load_state_dict(tensors)
     return host.new_model(base, like=teacher)

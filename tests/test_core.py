@@ -134,6 +134,26 @@ def test_safetensors_io_roundtrip_and_refusals(tmp_path):
         safetensors_io.read_card(tmp_path / "foreign.safetensors")
 
 
+def test_safetensors_io_mapped_tensors_are_views_of_the_file(tmp_path):
+    """``mapped``: the same tensors, their data inside a mapping of the file (Linux's /proc/self/maps), not a
+    copy on the heap as the default load's."""
+    weights = torch.randn(64, 1024)
+    path = safetensors_io.save_atomic({"w": weights}, tmp_path / "m.safetensors", {"kind": "x"})
+
+    def in_file_mapping(t: torch.Tensor) -> bool:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            span, *_, name = line.split(maxsplit=5)
+            low, high = (int(a, 16) for a in span.split("-"))
+            if low <= t.data_ptr() < high:
+                return name.strip() == str(path.resolve())
+        return False
+
+    mapped, _ = safetensors_io.load(path, mapped=True)
+    copied, _ = safetensors_io.load(path)
+    assert torch.equal(mapped["w"], weights) and torch.equal(copied["w"], weights)
+    assert in_file_mapping(mapped["w"]) and not in_file_mapping(copied["w"])
+
+
 def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
     path = safetensors_io.save_atomic({"w": torch.ones(2)}, tmp_path / "s.safetensors", {"v": 1})
 
