@@ -6,6 +6,7 @@ Each command lives in the module that owns it; this file only wires subcommands 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -31,17 +32,24 @@ COMMANDS = {
 }
 
 
-#: what bad input raises: shown as one line (the traceback with --debug)
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError)
+#: what bad input and the system's refusals raise: shown as one line (the traceback with --debug)
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+#: the fix for what the system said, by errno; a path's other errors get PATH_FIX
+OS_FIXES = {
+    errno.EEXIST: "a file stands where a folder goes: give a folder's path",
+    errno.ENOSPC: "free some space and run it again: with --resume a run goes on from its last checkpoint",
+    errno.EDQUOT: "free some space and run it again: with --resume a run goes on from its last checkpoint",
+}
+PATH_FIX = "give a path whose folder exists and that this user may read and write"
 
 
 def os_problem(e: BaseException) -> str | None:
-    """The line for an error the system raised on a path (``[Errno 13] Permission denied: 'x'``): the path, the
-    system's words and the fix; ``None`` for the others, whose own message is the line."""
-    if not isinstance(e, OSError) or e.filename is None or len(e.args) != 2:
+    """The line for an error the system raised (``[Errno 13] Permission denied: 'x'``): the path where it names
+    one, the system's words and the fix; ``None`` for the others, whose own message is the line."""
+    if not isinstance(e, OSError) or len(e.args) != 2 or (e.filename is None and e.errno not in OS_FIXES):
         return None
-    return (f"{e.filename}: {e.strerror.lower()} (give a path whose folder exists and that this user may read and "
-            "write)")
+    where = "" if e.filename is None else f"{e.filename}: "
+    return f"{where}{e.strerror.lower()} ({OS_FIXES.get(e.errno, PATH_FIX)})"
 
 
 def main(argv: list[str] | None = None) -> int:

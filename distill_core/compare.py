@@ -31,10 +31,9 @@ from distill_core.config import EDM_SIGMA_MIN
 from distill_core.denoisers.base import move_cond
 from distill_core.eval.fidelity import psnr, reference_solve
 from distill_core.methods.base import TeacherSource
-from distill_core.safetensors_io import read_card
 from distill_core.sampling import sample
 from distill_core.solvers import SOLVERS, parse_solver_label, solver_labels, solver_sigmas
-from distill_core.student_files import borrowing, check_card, check_teacher
+from distill_core.student_files import borrowing, check_teacher, read_student_card
 from distill_core.students import Student
 from distill_core.teacher import CFGTeacher
 
@@ -111,7 +110,7 @@ class OnTeacher:
     card: dict = field(init=False)
 
     def __post_init__(self):
-        self.card = check_card(self.path, read_card(self.path))
+        self.card = read_student_card(self.path)
         check_teacher(self.path, self.card, self.source.denoiser)
 
     def loaded(self) -> AbstractContextManager[Student]:
@@ -204,7 +203,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def named_teacher(paths: list[str]) -> str:
     """The teacher the student files name (``teacher`` in their cards); refuses files that name several or none."""
-    names = {read_card(path).get("teacher") for path in paths}
+    names = {read_student_card(path).get("teacher") for path in paths}
     if None in names or len(names) > 1:
         raise ValueError(f"the student files name {'different teachers' if len(names) > 1 else 'no teacher'} "
                          f"({', '.join(sorted(str(n) for n in names))}): give it with --teacher")
@@ -227,8 +226,9 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"no student file {path}: give the .safetensors files that distill writes")
     if args.prompt and args.prompts:
         raise ValueError("give prompts with --prompt or with --prompts FILE, not both")
-    source = trained_teacher(args.teacher or named_teacher(args.students), [read_card(p) for p in args.students],
-                             args.classes, args.null_class, args.prompt or args.prompts)
+    cards = [read_student_card(p) for p in args.students]
+    source = trained_teacher(args.teacher or named_teacher(args.students), cards, args.classes, args.null_class,
+                             args.prompt or args.prompts)
     source.denoiser.to("cuda" if torch.cuda.is_available() else "cpu")
     students = [OnTeacher(Path(path), source) for path in args.students]
     stems = [Path(p).stem for p in args.students]

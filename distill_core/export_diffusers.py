@@ -204,9 +204,9 @@ def pipeline_class(root: Path) -> str | None:
 def exportable(student_path: str | Path) -> bool:
     """Whether the student file at ``student_path`` exports (a pipeline's student that a diffusers Euler
     scheduler samples as the engine does), as far as its card and its teacher's ``model_index.json`` tell."""
-    from distill_core.safetensors_io import read_card
+    from distill_core.student_files import read_student_card
 
-    card = read_card(student_path)
+    card = read_student_card(student_path)
     pipeline = pipeline_class(Path(card.get("teacher", "")))
     return pipeline in PIPELINES and refusal(card, pipeline) is None
 
@@ -218,12 +218,12 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
 
     from distill_core.atomic import atomic_dir, write_json
     from distill_core.diffusers_source import latent_pixels
-    from distill_core.safetensors_io import load, read_card, save_atomic
+    from distill_core.safetensors_io import load, save_atomic
     from distill_core.sampling import sampler_key
     from distill_core.sources import as_trained, teacher_source
-    from distill_core.student_files import expert_tensors, load_student
+    from distill_core.student_files import expert_tensors, load_student, read_student_card
 
-    card = read_card(student_path)
+    card = read_student_card(student_path)
     root = Path(teacher or card.get("teacher", ""))
     pipeline = pipeline_class(root)
     why = refusal(card, pipeline)

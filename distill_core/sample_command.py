@@ -80,10 +80,9 @@ def run(args: argparse.Namespace) -> int:
     from distill_core.plot import labelled_grid
     from distill_core.prompts import read_prompts
     from distill_core.report import write_png
-    from distill_core.safetensors_io import read_card
     from distill_core.sampling import sample
     from distill_core.sources import trained_teacher
-    from distill_core.student_files import load_student
+    from distill_core.student_files import load_student, read_student_card
 
     if not Path(args.student).is_file():
         raise FileNotFoundError(f"no student file {args.student}: give the .safetensors file that distill writes")
@@ -91,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--count {args.count}: give 1 or more images per condition")
     if args.prompt and args.prompts:
         raise ValueError("give prompts with --prompt or with --prompts FILE, not both")
-    card = read_card(args.student)
+    card = read_student_card(args.student)
     prompts = args.prompt or args.prompts
     source = trained_teacher(args.teacher or named_teacher([args.student]), [card], args.classes, args.null_class,
                              prompts)

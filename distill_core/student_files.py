@@ -168,10 +168,16 @@ def check_card(path: str | Path, card: dict) -> dict:
     return card
 
 
+def read_student_card(path: str | Path) -> dict:
+    """The card of the student file at ``path`` (``check_card``): an error naming the file when it is another
+    kind of file (a teacher, a checkpoint) or its card is garbled."""
+    return check_card(path, safetensors_io.read_card(path))
+
+
 def check_fits(path: str | Path, denoiser: nn.Module) -> None:
     """An error naming the file when the student file's weights do not fit ``denoiser``'s network (another
     architecture, a file cut short), checked on shapes alone: nothing is built or copied."""
-    card = check_card(path, safetensors_io.read_card(path))
+    card = read_student_card(path)
     tensors, _ = safetensors_io.load(path, mapped=True)  # shapes only: no tensor is read
     if card.get("architecture"):  # a student of its own size: rebuilt from the card, not from the teacher
         return
@@ -216,7 +222,7 @@ def load_student(path: str | Path, teacher: CFGTeacher | nn.Module, uncond: Cond
     network too (which then is the student's; a LoRA's adapters stay hooked in). A file of experts
     (``experts`` in its card) loads as ``Experts``. ``any_teacher``: put the student on a network of the same
     architecture that it was not distilled from (a generic few-step LoRA on a fine-tune)."""
-    card = check_card(path, safetensors_io.read_card(path))
+    card = read_student_card(path)
     denoiser = teacher.denoiser if isinstance(teacher, CFGTeacher) else teacher
     if uncond is None and isinstance(teacher, CFGTeacher):
         uncond = teacher.uncond
@@ -255,7 +261,7 @@ def start_from(path: str | Path, net: StudentNet | Experts, teacher_fingerprint:
     guidance scale). A file of one network starts every expert of an ``Experts`` network; a file of experts,
     the same number of experts one by one. Only the trained network's weights are taken: the file's
     schedule, method and the other networks of the run (a fake score) start as the run's own."""
-    card = check_card(path, safetensors_io.read_card(path))
+    card = read_student_card(path)
     if card["teacher_fingerprint"] != teacher_fingerprint:
         raise ValueError(f"init_from {path} is a student of another teacher (fingerprint "
                          f"{card['teacher_fingerprint']}, this run's teacher {teacher_fingerprint}): start from a "

@@ -167,3 +167,43 @@ def test_a_folder_that_cannot_be_made_is_named_in_one_line_before_the_run_trains
     assert said == (f"error: {blocker / 'cache'}: not a directory (give a path whose folder exists and that this "
                     "user may read and write)\n")
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_file_in_place_of_the_run_folder_is_named_in_one_line(tmp_path, capsys):
+    from distill_core.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("what the user had")
+    assert main(["distill", "--iters", "1", "--batch", "2", "--out", str(blocker), "--no-progress"]) == 1
+    assert capsys.readouterr().err == f"error: {blocker}: file exists (a file stands where a folder goes: give a " \
+                                      "folder's path)\n"
+    assert blocker.read_text() == "what the user had"
+
+
+def test_a_full_disk_is_one_line_that_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """The system's refusal to write (no space, no filename in the error) as one line with the fix, not a
+    traceback."""
+    import errno
+
+    from distill_core import atomic
+    from distill_core.cli import main
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    assert main(["distill", "--iters", "1", "--batch", "2", "--out", str(tmp_path / "run"), "--no-progress"]) == 1
+    assert capsys.readouterr().err == ("error: no space left on device (free some space and run it again: with "
+                                       "--resume a run goes on from its last checkpoint)\n")
+
+
+@pytest.mark.parametrize("command", [["sample"], ["compare"], ["export-diffusers", "--out", "{tmp}/export"]])
+def test_a_teacher_file_given_as_a_student_is_named_in_one_line(tmp_path, capsys, command):
+    """sample, compare and export-diffusers read the file's card as a student's before anything else."""
+    from distill_core.builtin import TEACHER_PATH
+    from distill_core.cli import main
+
+    args = [command[0], str(TEACHER_PATH), *(a.format(tmp=tmp_path) for a in command[1:])]
+    assert main(args) == 1
+    assert capsys.readouterr().err == f"error: {TEACHER_PATH} is not a student file (its card says kind='teacher')\n"
+    assert list(tmp_path.iterdir()) == []
