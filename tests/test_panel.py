@@ -308,3 +308,27 @@ def test_the_panel_command_serves_on_localhost(tmp_path):
             proc.wait(30)
         finally:
             proc.kill()  # never left running, whatever failed (a no-op once it has exited)
+
+
+
+def test_a_port_out_of_range_is_refused_by_the_parser(tmp_path, capsys):
+    from distill_core.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["panel", "--runs", str(tmp_path), "--port", "99999"])
+    assert "argument --port: 99999: give a port from 1 to 65535" in capsys.readouterr().err
+
+
+def test_a_port_another_server_holds_is_one_line_that_names_it(tmp_path, capsys):
+    import socket
+
+    from distill_core.cli import main
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["panel", "--runs", str(tmp_path), "--port", str(port)]) == 1
+    assert capsys.readouterr().err == (f"error: port {port} cannot be bound on 127.0.0.1 (another server holds it, or "
+                                       "the system reserves it): give another --port, or none for the first free one "
+                                       "from 7860\n")

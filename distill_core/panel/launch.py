@@ -48,8 +48,14 @@ def _launch(runs_root: str | Path, host: str, port: int | None, block: bool, all
             auth: tuple[str, str] | None = None) -> str:
     from distill_core.panel.app import build
 
-    _, url, _ = build(runs_root).launch(server_port=port, prevent_thread_lock=not block, quiet=not block,
-                                        **serve_options(host, allowed_hosts, auth))
+    try:
+        _, url, _ = build(runs_root).launch(server_port=port, prevent_thread_lock=not block, quiet=not block,
+                                            **serve_options(host, allowed_hosts, auth))
+    except OSError:
+        if port is None:
+            raise
+        raise ValueError(f"port {port} cannot be bound on {host} (another server holds it, or the system reserves "
+                         "it): give another --port, or none for the first free one from 7860") from None
     return url
 
 
@@ -64,10 +70,21 @@ def launch_once(runs_root: str | Path, host: str = DEFAULT_HOST, port: int | Non
         return _url
 
 
+def port_number(text: str) -> int:
+    """An argparse type for ``--port``: a whole number from 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value}: give a port from 1 to 65535 (or none: the first free from 7860)")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", default=DEFAULT_ROOT, help=f"the runs root: one run per folder (default {DEFAULT_ROOT})")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
-    p.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    p.add_argument("--port", type=port_number, help="port (default: the first free one from 7860)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests for this Host name (the machine's name on your network)")
     p.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this login")
