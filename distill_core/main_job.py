@@ -27,7 +27,7 @@ from distill_core.methods.registry import methods
 from distill_core.options import add_flags, flag_values, settings
 from distill_core.sources import TEACHERS, teacher_source
 from distill_core.teacher import CFGTeacher
-from distill_core.train.run import train_student, within_trained_range
+from distill_core.train.run import StudentRun, train_student, within_trained_range
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -165,8 +165,38 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
             source: TeacherSource | None = None, method_choice: str | None = None) -> dict | None:
     """Train on ``source`` (default: the teacher ``cfg.teacher`` names), save the student, evaluate it
     against the training-free solvers, write the report (with ``method_choice``, method auto's line, where it
-    chose). Returns the report (``None`` when training was interrupted: resume with ``resume=True``; and in
+    chose). Returns the report (``None`` when training or the report was interrupted: resume with
+    ``resume=True``, which goes on from the last checkpoint, or from the saved student to its report; and in
     every process but the main one of a multi-process launch, which evaluates and reports)."""
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    if cfg.shard_teacher and source is not None:
+        raise ValueError("shard_teacher splits a teacher the run loads itself (--teacher) and loads it again, whole, "
+                         "for the report")
+    source = source or source_of(cfg)
+    cfg = within_trained_range(cfg, source.denoiser)  # the student's schedule and the solvers' end at one floor
+    run = train_student(cfg, source, resume, progress)
+    hint = f"continue with: python -m distill_core distill --resume --config {out / 'config.yaml'}"
+    if run is None:
+        print(hint)
+        return None
+    if not run.main_process:  # a multi-process launch: the main process evaluates and reports
+        return None
+    if cfg.shard_teacher:  # the trained one is in shards over processes that have finished
+        source = source_of(cfg)
+    try:
+        return write_run_report(cfg, source, run, start, method_choice)
+    except KeyboardInterrupt:
+        print(f"\nCtrl-C: stopped writing the report; the student is saved in {run.path}", flush=True)
+        print(hint)
+        return None
+
+
+def write_run_report(cfg: DistillConfig, source: TeacherSource, run: StudentRun, start: float,
+                     method_choice: str | None = None) -> dict:
+    """Evaluate the trained student of ``run`` against the training-free solvers
+    on ``source``'s teacher and write ``grid.png``, ``report.json`` and ``report.md`` into ``cfg.out``; returns
+    the report (``total_seconds`` counted from ``start``)."""
     from distill_core.eval.benchmark import (
         METRIC_SPACES,
         PIXELS,
@@ -180,22 +210,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
     from distill_core.solvers import SOLVERS, parse_solver_label, solver_names, solver_sigmas
     from distill_core.student_files import borrowing
 
-    start = time.perf_counter()
     out = Path(cfg.out)
-    if cfg.shard_teacher and source is not None:
-        raise ValueError("shard_teacher splits a teacher the run loads itself (--teacher) and loads it again, whole, "
-                         "for the report")
-    source = source or source_of(cfg)
-    cfg = within_trained_range(cfg, source.denoiser)  # the student's schedule and the solvers' end at one floor
-    run = train_student(cfg, source, resume, progress)
-    if run is None:
-        print(f"continue with: python -m distill_core distill --resume --config {out / 'config.yaml'}")
-        return None
-    if not run.main_process:  # a multi-process launch: the main process evaluates and reports
-        return None
-    if cfg.shard_teacher:  # the trained one is in shards over processes that have finished
-        source = source_of(cfg)
-
     w = source.scale(cfg.guidance)
     teacher = CFGTeacher(source.denoiser.to(run.device), w, source.uncond)  # evaluated where it trained
     steps = reference_steps(source, cfg.reference_steps)

@@ -280,6 +280,33 @@ def test_the_resume_hint_works_and_an_interrupted_run_exits_130(tmp_path):
     assert json.loads((out / "report.json").read_text())["iterations"] == 8
 
 
+
+def test_ctrl_c_while_the_report_is_written_keeps_the_student_and_the_hint_finishes_the_report(
+        tmp_path, capsys, monkeypatch):
+    """Ctrl-C after training, while the report samples: exit status 130, the student saved and named, the
+    resume hint; following it writes the report without training again."""
+    from distill_core import main_job
+
+    out = tmp_path / "run"
+    args = ["distill", "--steps", "2", "--iters", "2", "--batch", "4", "--eval-samples", "4", "--out", str(out),
+            "--no-progress"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(main_job, "write_run_report", interrupted)
+        assert cli_main(args) == 130
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said[-2:] == [f"Ctrl-C: stopped writing the report; the student is saved in {out / 'student.safetensors'}",
+                         f"continue with: python -m distill_core distill --resume --config {out / 'config.yaml'}"]
+    student = (out / "student.safetensors").read_bytes()
+    assert not (out / "report.json").exists()
+    assert cli_main(["distill", "--resume", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "student.safetensors").read_bytes() == student  # not trained again
+    assert json.loads((out / "report.json").read_text())["iterations"] == 2
+
+
 # ------------------------------------------------------------------ bad input: one line, no traceback
 @pytest.mark.parametrize(("yaml_text", "message"), [
     ("steps: four\n", "steps must be a int, got 'four'"),
