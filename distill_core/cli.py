@@ -32,6 +32,9 @@ COMMANDS = {
 }
 
 
+#: the exit status of a command stopped early (Ctrl-C, a stop request), as a shell gives it; a run so stopped
+#: can be resumed
+INTERRUPTED = 130
 #: what bad input and the system's refusals raise: shown as one line (the traceback with --debug)
 USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 #: the fix for what the system said, by errno; a path's other errors get PATH_FIX
@@ -71,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {os_problem(e) or e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one while a command samples: files are written whole
+        if args.debug:
+            raise
+        print("\nstopped (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED
     finally:
         end_process_group()
 

@@ -102,10 +102,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[DistillConfig, str | Non
     return cfg, choice
 
 
-#: the exit status of a run that stopped early (Ctrl-C, a stop request) and can be resumed
-INTERRUPTED = 130
-
-
 def run(args: argparse.Namespace) -> int:
     cfg, choice = config_from_args(args)
     if choice:
@@ -113,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     report = distill(cfg, resume=args.resume, progress=not args.no_progress, method_choice=choice)
     if report is None:
         from accelerate import PartialState
+
+        from distill_core.cli import INTERRUPTED
 
         return 0 if not PartialState().is_main_process else INTERRUPTED  # under a launcher, one process reports
     from distill_core.eval.benchmark import format_table

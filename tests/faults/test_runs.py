@@ -307,6 +307,18 @@ def test_ctrl_c_while_the_report_is_written_keeps_the_student_and_the_hint_finis
     assert json.loads((out / "report.json").read_text())["iterations"] == 2
 
 
+
+def test_ctrl_c_in_any_command_is_one_line_and_status_130(capsys, monkeypatch):
+    from distill_core import sample_command
+
+    def sampling(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample_command, "run", sampling)
+    assert cli_main(["sample", "student.safetensors"]) == 130
+    assert capsys.readouterr().err == "\nstopped (Ctrl-C)\n"
+
+
 # ------------------------------------------------------------------ bad input: one line, no traceback
 @pytest.mark.parametrize(("yaml_text", "message"), [
     ("steps: four\n", "steps must be a int, got 'four'"),
