@@ -211,3 +211,23 @@ def test_the_main_job_evaluates_on_the_gpu_it_trained_on(tmp_path, monkeypatch, 
         images = sample(load_student(tmp_path / "run" / "student.safetensors", teacher), ev.noise, ev.labels)
     cpu_psnr = psnr(images.clamp(-1, 1), ev.reference.clamp(-1, 1))
     assert abs(cpu_psnr - report["student_psnr_db"]) < 0.05, (cpu_psnr, report["student_psnr_db"])
+
+
+def test_a_full_students_export_adds_no_gpu_memory(tmp_path):
+    """The end of a full-weight run on the GPU: the student to save is copied to the CPU weight by weight, so the
+    GPU's peak does not rise above what training held (a copy on the GPU first would add the network's size)."""
+    from distill_core.methods import build_method
+    from distill_core.train.trainer import Trainer
+
+    source = builtin_source()
+    cfg = DistillConfig(steps=2, iters=1, batch=4, student="full", checkpoint_every=0, out=str(tmp_path))
+    trainer = Trainer(build_method(source, cfg), cfg)
+    trainer.fit()
+    net = trainer.unwrapped()
+    assert next(net.parameters()).device.type == "cuda"
+    size = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    student = trainer.export_student()
+    assert all(t.device.type == "cpu" for t in student.parameters())
+    assert torch.cuda.max_memory_allocated() - before < size / 10

@@ -240,6 +240,24 @@ def test_a_lora_students_ema_keeps_its_adapters_not_a_second_base(tiny_edm, tmp_
     assert any(not torch.equal(live_state[n].cpu(), t) for n, t in result.student.saved_state().items())
 
 
+def test_a_full_students_export_is_a_copy_of_its_weights_made_on_the_cpu(tiny_edm, tmp_path):
+    """The exported full student: parameters (not plain tensors) on the CPU, equal to the trained ones but not
+    them, in eval mode; the trained network keeps its mode and weights."""
+    m = _sfd(tiny_edm, tmp_path, iters=2, batch=4, checkpoint_every=0)
+    trainer = Trainer(m, m.cfg)
+    result = trainer.fit()
+    live = trainer.unwrapped()
+    pairs = list(zip(live.parameters(), result.student.parameters(), strict=True))
+    assert pairs and all(isinstance(e, torch.nn.Parameter) and e.device.type == "cpu" for _, e in pairs)
+    assert all(torch.equal(p.detach().cpu(), e) and p.data_ptr() != e.data_ptr() for p, e in pairs)
+    assert all(torch.equal(a.cpu(), b) and a.data_ptr() != b.data_ptr()
+               for a, b in zip(live.buffers(), result.student.buffers(), strict=True))
+    assert not result.student.training and live.training
+    with torch.no_grad():
+        next(result.student.parameters()).add_(1.0)
+    assert not torch.equal(next(live.parameters()).cpu(), next(result.student.parameters()))
+
+
 def test_runs_in_one_process_may_change_mixed_precision(tiny_edm, tmp_path):
     # accelerate's process-wide state refuses a second Accelerator with another precision; a ComfyUI
     # session or a benchmark trains several runs in one process

@@ -192,8 +192,9 @@ class Trainer:
 
     def export_student(self) -> nn.Module:
         """The network to save: the exported group's (its EMA weights when EMA is on); unwrapped; a copy in
-        eval mode, on the CPU; but a LoRA student's copy holds the teacher's own weights and buffers, where they
-        are, beside a copy of its adapters: no second copy of the base (on a GPU, none beside the run's). A
+        eval mode, on the CPU, each weight copied straight there (no second copy on the device, where the run's
+        optimizer state still is); but a LoRA student's copy holds the teacher's own weights and buffers, where
+        they are, beside a copy of its adapters: no second copy of the base (on a GPU, none beside the run's). A
         student on a sharded teacher (a LoRA student of ``shard_teacher``) is the trained network itself, in
         eval mode: its base stays sharded (the student file holds its adapters)."""
         name = self.method.exported
@@ -202,10 +203,10 @@ class Trainer:
             return net.eval()
         teacher = self.method.source.denoiser
         shared = {id(t): t for t in (*teacher.parameters(), *teacher.buffers())}
-        copied = copy.deepcopy(net, memo=dict(shared)).eval()
         if any(id(t) in shared for t in (*net.parameters(), *net.buffers())):
-            return copied  # moving it would move the teacher's weights with it
-        return copied.cpu()
+            return copy.deepcopy(net, memo=shared).eval()  # moving it would move the teacher's weights with it
+        on_cpu = {id(t): on_the_cpu(t) for t in (*net.parameters(), *net.buffers())}
+        return copy.deepcopy(net, memo=on_cpu).eval()
 
     def teacher_evaluations(self) -> int:
         """The teacher's network evaluations of the whole run: every process's, summed, over every resume."""
@@ -593,6 +594,12 @@ def new_accelerator(mixed_precision: str, partial_updates: bool = False) -> Acce
         AcceleratorState._reset_state()
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if partial_updates else []
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
+
+
+def on_the_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` made on the CPU (a parameter's copy is a parameter)."""
+    copied = tensor.detach().to("cpu", copy=True)
+    return nn.Parameter(copied, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else copied
 
 
 def _saved_state(net: nn.Module) -> dict[str, torch.Tensor]:
