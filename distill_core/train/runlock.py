@@ -19,10 +19,20 @@ class RunBusy(RuntimeError):
     """Another live process is writing to the run's folder."""
 
 
+#: Windows' OpenProcess right to read a process's exit code, the error of a process owned by someone else, and
+#: the exit code of a process that has not exited
+QUERY_LIMITED_INFORMATION, ACCESS_DENIED, STILL_ACTIVE = 0x1000, 5, 259
+
+
 def pid_alive(pid: object) -> bool:
-    """Whether a process with this id exists on this machine."""
+    """Whether a process with this id runs on this machine. On Windows it is asked with OpenProcess and
+    GetExitCodeProcess: there ``os.kill(pid, 0)`` would send the process Ctrl-C (signal 0 is CTRL_C_EVENT)."""
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
+    if os.name == "nt":
+        import ctypes
+
+        return windows_pid_alive(pid, ctypes.WinDLL("kernel32", use_last_error=True), ctypes.get_last_error)
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError, ValueError):  # none, or not a process id at all
@@ -30,6 +40,20 @@ def pid_alive(pid: object) -> bool:
     except OSError:  # exists, owned by someone else
         return True
     return True
+
+
+def windows_pid_alive(pid: int, kernel32, last_error: Callable[[], int]) -> bool:
+    """``pid_alive`` through Windows' ``kernel32`` (``last_error``: the calling thread's last error code)."""
+    import ctypes
+
+    handle = kernel32.OpenProcess(QUERY_LIMITED_INFORMATION, False, pid)
+    if not handle:
+        return last_error() == ACCESS_DENIED  # exists, owned by someone else
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def _holder(path: Path) -> int | None:

@@ -211,6 +211,40 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tiny_edm, tmp_path, capsys)
     assert not (tmp_path / LOCK).exists()
 
 
+
+class FakeKernel32:
+    """Windows' kernel32 as ``windows_pid_alive`` calls it: a process handle (0: none), the exit code it reports."""
+
+    def __init__(self, handle: int, exit_code: int = 0):
+        self.handle, self.exit_code, self.opened, self.closed = handle, exit_code, [], []
+
+    def OpenProcess(self, access, inherit, pid):  # noqa: N802 - Windows' own name
+        self.opened.append((access, inherit, pid))
+        return self.handle
+
+    def GetExitCodeProcess(self, handle, code):  # noqa: N802
+        code._obj.value = self.exit_code
+        return 1
+
+    def CloseHandle(self, handle):  # noqa: N802
+        self.closed.append(handle)
+
+
+@pytest.mark.parametrize(("handle", "exit_code", "last_error", "alive"), [
+    (7, 259, 0, True),   # running: STILL_ACTIVE
+    (7, 0, 0, False),    # exited, its handle still held by someone
+    (0, 0, 87, False),   # no such process (invalid parameter)
+    (0, 0, 5, True),     # another user's: access denied
+])
+def test_on_windows_a_process_is_asked_whether_it_runs_not_sent_a_signal(handle, exit_code, last_error, alive):
+    from distill_core.train.runlock import QUERY_LIMITED_INFORMATION, windows_pid_alive
+
+    kernel32 = FakeKernel32(handle, exit_code)
+    assert windows_pid_alive(4242, kernel32, lambda: last_error) is alive
+    assert kernel32.opened == [(QUERY_LIMITED_INFORMATION, False, 4242)]
+    assert kernel32.closed == ([handle] if handle else [])
+
+
 # ------------------------------------------------------------------ resume that does what it says
 def test_resume_without_a_checkpoint_is_refused_and_deletes_nothing(tiny_edm, tmp_path):
     tmp_path.mkdir(exist_ok=True)
