@@ -37,13 +37,11 @@ COMMANDS = {
 INTERRUPTED = 130
 #: what bad input and the system's refusals raise: shown as one line (the traceback with --debug)
 USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
-#: the fix for what the system said, by errno; a path's other errors get PATH_FIX
-OS_FIXES = {
-    errno.EEXIST: "a file stands where a folder goes: give a folder's path",
-    errno.ENOSPC: "free some space and run it again: with --resume a run goes on from its last checkpoint",
-    errno.EDQUOT: "free some space and run it again: with --resume a run goes on from its last checkpoint",
-}
 PATH_FIX = "give a path whose folder exists and that this user may read and write"
+SPACE_FIX = "free some space and run it again: with --resume a run goes on from its last checkpoint"
+#: the fix for what the system said, by errno; a path's other errors get PATH_FIX
+OS_FIXES = {errno.EEXIST: "a file stands where a folder goes: give a folder's path", errno.ENOSPC: SPACE_FIX,
+            errno.EDQUOT: SPACE_FIX}
 
 
 def os_problem(e: BaseException) -> str | None:
