@@ -27,7 +27,7 @@ from distill_core.methods.registry import methods
 from distill_core.options import add_flags, flag_values, settings
 from distill_core.sources import TEACHERS, teacher_source
 from distill_core.teacher import CFGTeacher
-from distill_core.train.run import StudentRun, train_student, within_trained_range
+from distill_core.train.run import StudentRun, refuse_replacing, train_student, within_trained_range
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out (with the run's own config.yaml unless --config "
                    "is given)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the run anew in an --out that holds another run (its student and checkpoints are "
+                   "replaced); without it such a folder is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     run = p.add_argument_group("the run")
     add_flags(run, DistillConfig, skip={"method"})
@@ -104,6 +107,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[DistillConfig, str | Non
 
 def run(args: argparse.Namespace) -> int:
     cfg, choice = config_from_args(args)
+    if not (args.resume or args.overwrite):
+        refuse_replacing(cfg.out)
     if choice:
         print(choice)
     report = distill(cfg, resume=args.resume, progress=not args.no_progress, method_choice=choice)

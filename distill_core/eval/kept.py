@@ -63,10 +63,10 @@ def resumable(cfg: DistillConfig) -> bool:
     """Whether ``cfg.out`` holds a checkpoint of a run with ``cfg``'s settings (up to ``BOOKKEEPING``); says so.
     Settings the trainer would let a resume change (more iterations, another lr) are other settings here: the
     student would not be the one a run in one go trains."""
-    from distill_core.train.checkpoint import checkpoint_info, has_checkpoint
+    from distill_core.train.checkpoint import CHECKPOINTS, checkpoint_info, has_checkpoint
     from distill_core.train.resume import BEFORE_THE_KEY
 
-    folder = Path(cfg.out) / "checkpoints"
+    folder = Path(cfg.out) / CHECKPOINTS
     if not has_checkpoint(folder):
         return False
     try:

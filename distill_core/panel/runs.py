@@ -21,11 +21,12 @@ from pathlib import Path
 
 import yaml
 
+from distill_core.train.checkpoint import CHECKPOINTS
 from distill_core.train.metrics import Metrics, is_number, parse_metrics
 from distill_core.train.runlock import pid_alive
 
 #: Files whose presence makes a directory a run.
-RUN_MARKERS = ("status.json", "metrics.jsonl", "config.yaml", "checkpoints", "report.json")
+RUN_MARKERS = ("status.json", "metrics.jsonl", "config.yaml", CHECKPOINTS, "report.json")
 GRID_NAME = re.compile(r"iter_(\d+)\.png")
 
 

@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 from distill_core import safetensors_io
 from distill_core.atomic import atomic_path, write_json
 
+#: the folder of a run's checkpoints, in its output folder
+CHECKPOINTS = "checkpoints"
 CHECKPOINT = "checkpoint.safetensors"
 PREVIOUS = "checkpoint.prev.safetensors"
 SIDECAR = "checkpoint.json"

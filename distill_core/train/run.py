@@ -17,7 +17,7 @@ from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import build_method
 from distill_core.student_files import release_teacher, save_student
 from distill_core.train.callbacks import Callback, TqdmProgress
-from distill_core.train.checkpoint import checkpoint_info
+from distill_core.train.checkpoint import CHECKPOINTS, checkpoint_info, has_checkpoint
 from distill_core.train.optim import keep_trainables_float32
 from distill_core.train.resume import resume_changes
 from distill_core.train.runlock import main_process, run_lock
@@ -60,10 +60,21 @@ def train_student(
     cfg = within_trained_range(cfg, source.denoiser)
     with run_lock(out):
         if resume:
-            resume_changes(checkpoint_info(out / "checkpoints")["config"], cfg, out / "checkpoints")
+            resume_changes(checkpoint_info(out / CHECKPOINTS)["config"], cfg, out / CHECKPOINTS)
         if main_process():  # one writer: another process's write could meet the folder not made yet
             cfg.to_yaml(out / "config.yaml")
         return _train(cfg, source, out, resume, progress, callbacks)
+
+
+def refuse_replacing(out: str | Path) -> None:
+    """Refuse a new run in ``out`` while the folder holds another run's work (its student, its checkpoints),
+    which the new run would replace: say how to continue it, replace it, or keep it."""
+    out = Path(out)
+    held = [name for name, there in ((STUDENT_FILE, (out / STUDENT_FILE).is_file()),
+                                     (f"{CHECKPOINTS}/", has_checkpoint(out / CHECKPOINTS))) if there]
+    if held:
+        raise ValueError(f"{out} holds a run ({', '.join(held)}), which a new run would replace: continue it with "
+                         "--resume, replace it with --overwrite, or give another --out")
 
 
 def within_trained_range(cfg: DistillConfig, denoiser) -> DistillConfig:

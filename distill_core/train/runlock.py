@@ -10,9 +10,11 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from distill_core.train.checkpoint import CHECKPOINTS
+
 LOCK = "run.lock"
 #: folders of a run where interrupted atomic writes may leave ``.<name>.<random>.tmp`` files
-WRITTEN = (".", "checkpoints", "samples", "cache")
+WRITTEN = (".", CHECKPOINTS, "samples", "cache")
 
 
 class RunBusy(RuntimeError):

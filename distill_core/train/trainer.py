@@ -54,7 +54,13 @@ from distill_core.methods.base import Method, MicroBatch, StepLoss
 from distill_core.nets.surgery import enable_checkpointing
 from distill_core.students import PartlySaved
 from distill_core.train.callbacks import Callback, TrainResult
-from distill_core.train.checkpoint import checkpoint_info, has_checkpoint, load_checkpoint, save_checkpoint
+from distill_core.train.checkpoint import (
+    CHECKPOINTS,
+    checkpoint_info,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from distill_core.train.metrics import METRICS, read_metrics
 from distill_core.train.optim import (
     ema_copy,
@@ -86,7 +92,7 @@ class Trainer:
     ):
         self.method, self.cfg = method, cfg
         self.out = Path(out or cfg.out)
-        self.ckpt_dir = self.out / "checkpoints"
+        self.ckpt_dir = self.out / CHECKPOINTS
         self.callbacks = list(callbacks)
         self.acc = accelerator or new_accelerator(cfg.mixed_precision, method.partial_updates)
         if self.acc.distributed_type == DistributedType.FSDP:

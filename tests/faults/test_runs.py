@@ -245,6 +245,29 @@ def test_on_windows_a_process_is_asked_whether_it_runs_not_sent_a_signal(handle,
     assert kernel32.closed == ([handle] if handle else [])
 
 
+
+@pytest.mark.parametrize("work", ["student.safetensors", "checkpoints/checkpoint.safetensors"])
+def test_a_new_run_in_a_folder_holding_another_is_refused_unless_told_to_replace_it(tmp_path, capsys, monkeypatch,
+                                                                                    work):
+    """distill without --resume into a folder with a run's student or checkpoints: one line, nothing changed;
+    --overwrite starts the run."""
+    from distill_core import main_job
+
+    out = tmp_path / "run"
+    (out / work).parent.mkdir(parents=True, exist_ok=True)
+    (out / work).write_bytes(b"what the user trained")
+    before = _digest(out)
+    args = ["distill", "--iters", "1", "--out", str(out), "--no-progress"]
+    assert cli_main(args) == 1
+    held = "student.safetensors" if work == "student.safetensors" else "checkpoints/"
+    assert capsys.readouterr().err == (f"error: {out} holds a run ({held}), which a new run would replace: continue "
+                                       "it with --resume, replace it with --overwrite, or give another --out\n")
+    assert _digest(out) == before
+    started = []
+    monkeypatch.setattr(main_job, "distill", lambda cfg, **kw: started.append(cfg.out))
+    assert cli_main([*args, "--overwrite"]) == 130 and started == [str(out)]  # the run starts (here: a stand-in)
+
+
 # ------------------------------------------------------------------ resume that does what it says
 def test_resume_without_a_checkpoint_is_refused_and_deletes_nothing(tiny_edm, tmp_path):
     tmp_path.mkdir(exist_ok=True)
