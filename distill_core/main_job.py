@@ -197,9 +197,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
 
 def write_run_report(cfg: DistillConfig, source: TeacherSource, run: StudentRun, start: float,
                      method_choice: str | None = None) -> dict:
-    """Evaluate the trained student of ``run`` against the training-free solvers
-    on ``source``'s teacher and write ``grid.png``, ``report.json`` and ``report.md`` into ``cfg.out``; returns
-    the report (``total_seconds`` counted from ``start``)."""
+    """Evaluate the trained student of ``run`` against the training-free solvers on ``source``'s teacher and
+    write ``grid.png``, ``report.json`` and ``report.md`` into ``cfg.out``; returns the report (``total_seconds``
+    counted from ``start``)."""
     from distill_core.eval.benchmark import (
         METRIC_SPACES,
         PIXELS,
