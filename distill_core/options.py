@@ -134,15 +134,25 @@ def _read_value(text: str):
     return yaml.safe_load(text)
 
 
-def positive(text: str) -> int:
-    """An argparse type for counts (samples, steps, iterations): a whole number of 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
-    return value
+def whole_number(low: int, high: float = math.inf, wanted: str | None = None) -> typing.Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``, refused as "VALUE: give ``wanted``" (default:
+    the range in words)."""
+    wanted = wanted or (f"{low} or more" if high == math.inf else f"a number from {low} to {high}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value}: give {wanted}")
+        return value
+
+    return parse
+
+
+#: the argparse type for counts (samples, steps, iterations): a whole number of 1 or more
+positive = whole_number(1)
 
 
 def flag(name: str) -> str:

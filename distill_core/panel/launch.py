@@ -15,6 +15,8 @@ import signal
 import threading
 from pathlib import Path
 
+from distill_core.options import whole_number
+
 DEFAULT_ROOT = "runs"
 DEFAULT_HOST = "127.0.0.1"
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
@@ -70,21 +72,11 @@ def launch_once(runs_root: str | Path, host: str = DEFAULT_HOST, port: int | Non
         return _url
 
 
-def port_number(text: str) -> int:
-    """An argparse type for ``--port``: a whole number from 1 to 65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value}: give a port from 1 to 65535 (or none: the first free from 7860)")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", default=DEFAULT_ROOT, help=f"the runs root: one run per folder (default {DEFAULT_ROOT})")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
-    p.add_argument("--port", type=port_number, help="port (default: the first free one from 7860)")
+    p.add_argument("--port", type=whole_number(1, 65535, "a port from 1 to 65535 (or none: the first free from 7860)"),
+                   help="port (default: the first free one from 7860)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests for this Host name (the machine's name on your network)")
     p.add_argument("--auth", metavar="USER:PASSWORD", help="ask for this login")
