@@ -28,7 +28,8 @@ QUERY_LIMITED_INFORMATION, ACCESS_DENIED, STILL_ACTIVE = 0x1000, 5, 259
 
 def pid_alive(pid: object) -> bool:
     """Whether a process with this id runs on this machine. On Windows it is asked with OpenProcess and
-    GetExitCodeProcess: there ``os.kill(pid, 0)`` would send the process Ctrl-C (signal 0 is CTRL_C_EVENT)."""
+    GetExitCodeProcess: there ``os.kill(pid, 0)`` does not ask, it generates a Ctrl-C console event (signal 0 is
+    CTRL_C_EVENT)."""
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     if os.name == "nt":

@@ -211,7 +211,6 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tiny_edm, tmp_path, capsys)
     assert not (tmp_path / LOCK).exists()
 
 
-
 class FakeKernel32:
     """Windows' kernel32 as ``windows_pid_alive`` calls it: a process handle (0: none), the exit code it reports."""
 
@@ -243,7 +242,6 @@ def test_on_windows_a_process_is_asked_whether_it_runs_not_sent_a_signal(handle,
     assert windows_pid_alive(4242, kernel32, lambda: last_error) is alive
     assert kernel32.opened == [(QUERY_LIMITED_INFORMATION, False, 4242)]
     assert kernel32.closed == ([handle] if handle else [])
-
 
 
 @pytest.mark.parametrize("work", ["student.safetensors", "checkpoints/checkpoint.safetensors"])
@@ -337,7 +335,6 @@ def test_the_resume_hint_works_and_an_interrupted_run_exits_130(tmp_path):
     assert json.loads((out / "report.json").read_text())["iterations"] == 8
 
 
-
 def test_ctrl_c_while_the_report_is_written_keeps_the_student_and_the_hint_finishes_the_report(
         tmp_path, capsys, monkeypatch):
     """Ctrl-C after training, while the report samples: exit status 130, the student saved and named, the
@@ -360,9 +357,8 @@ def test_ctrl_c_while_the_report_is_written_keeps_the_student_and_the_hint_finis
     student = (out / "student.safetensors").read_bytes()
     assert not (out / "report.json").exists()
     assert cli_main(["distill", "--resume", "--out", str(out), "--no-progress"]) == 0
-    assert (out / "student.safetensors").read_bytes() == student  # not trained again
+    assert (out / "student.safetensors").read_bytes() == student  # the same student
     assert json.loads((out / "report.json").read_text())["iterations"] == 2
-
 
 
 def test_ctrl_c_in_any_command_is_one_line_and_status_130(capsys, monkeypatch):
