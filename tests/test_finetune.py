@@ -91,7 +91,7 @@ def test_the_main_job_distils_the_fine_tune_by_name(tmp_path):
     from distill_core import cli
 
     (tmp_path / "run.yaml").write_text("teacher: builtin-bold\niters: 2\nbatch: 4\nsteps: 2\neval_samples: 4\n"
-                                       "checkpoint_every: 0\n")
+                                       "report_solvers: euler\nreference_steps: 8\ncheckpoint_every: 0\n")
     out = tmp_path / "run"
     assert cli.main(["distill", "--config", str(tmp_path / "run.yaml"), "--out", str(out), "--no-progress"]) == 0
     card = safetensors_io.read_card(out / "student.safetensors")

@@ -87,7 +87,8 @@ def test_a_teacher_sharded_over_two_processes_trains_the_lora_student_of_one_pro
     sharded = tmp_path / "sharded"
     _, alone = run([*SHARDED_LAUNCH, "-m", "distill_core", "distill", "--shard-teacher", "--student", "lora",
                     "--steps", "4", "--iters", "3", "--batch", "8", "--checkpoint-every", "2", "--seed", "0",
-                    "--sample-every", "2", "--eval-samples", "8", "--no-progress", "--out", str(sharded)],
+                    "--sample-every", "2", "--eval-samples", "8", "--report-solvers", "euler", "--reference-steps", "8",
+                    "--no-progress", "--out", str(sharded)],
                    [sys.executable, str(SCRIPT), str(tmp_path / "one"), "2", "8", "lora", "samples"])
     whole, total, planned = map(int, re.search(r"held (\d+) of (\d+); memory plan frozen (\d+)", alone).groups())
     report = json.loads((sharded / "report.json").read_text())
