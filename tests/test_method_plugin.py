@@ -197,7 +197,8 @@ def test_the_panel_starts_it_in_a_process_that_finds_it_by_entry_point(pair, tmp
     monkeypatch.setenv("PYTHONPATH", f"{ROOT / 'tests'}:{site}")
     assert "critic_updates: 3" in method_options(NAME)
     jobs = Jobs(tmp_path / "runs")
-    run = jobs.start("pair-run", "builtin", NAME, 2, 2, 4, "critic_updates: 2\neval_samples: 10\nreport_solvers: euler\nreference_steps: 8\n")
+    run = jobs.start("pair-run", "builtin", NAME, 2, 2, 4,
+                     "critic_updates: 2\neval_samples: 10\nreport_solvers: euler\nreference_steps: 8\n")
     deadline = time.time() + 300
     while jobs.alive("pair-run") and time.time() < deadline:
         time.sleep(0.5)

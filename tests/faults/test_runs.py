@@ -317,7 +317,8 @@ def test_the_resume_hint_works_and_an_interrupted_run_exits_130(tmp_path):
     own settings (not the defaults) and finishes."""
     out = tmp_path / "run"
     args = ["distill", "--steps", "2", "--iters", "8", "--batch", "4", "--afs-center", "zero", "--eval-samples", "4",
-            "--report-solvers", "euler", "--reference-steps", "8", "--checkpoint-every", "1", "--out", str(out), "--no-progress"]
+            "--report-solvers", "euler", "--reference-steps", "8", "--checkpoint-every", "1", "--out", str(out),
+            "--no-progress"]
     proc = subprocess.Popen([sys.executable, "-m", "distill_core", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.time() + 120
@@ -342,8 +343,8 @@ def test_ctrl_c_while_the_report_is_written_keeps_the_student_and_the_hint_finis
     from distill_core import main_job
 
     out = tmp_path / "run"
-    args = ["distill", "--steps", "2", "--iters", "2", "--batch", "4", "--eval-samples", "4", "--report-solvers", "euler",
-            "--reference-steps", "8", "--out", str(out), "--no-progress"]
+    args = ["distill", "--steps", "2", "--iters", "2", "--batch", "4", "--eval-samples", "4", "--report-solvers",
+            "euler", "--reference-steps", "8", "--out", str(out), "--no-progress"]
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
