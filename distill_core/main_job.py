@@ -108,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[DistillConfig, str | Non
 def run(args: argparse.Namespace) -> int:
     cfg, choice = config_from_args(args)
     if not (args.resume or args.overwrite):
-        refuse_replacing(cfg.out)
+        refuse_replacing(cfg.out, "continue it with --resume, replace it with --overwrite, or give another --out")
     if choice:
         print(choice)
     report = distill(cfg, resume=args.resume, progress=not args.no_progress, method_choice=choice)

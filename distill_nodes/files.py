@@ -1,7 +1,12 @@
 """Save / Load student nodes. LoRA students go to ``loras/`` (the stock LoraLoader applies them), full
-students to ``diffusion_models/``; names are sanitised and confined to their folder."""
+students to ``diffusion_models/``; names are sanitised and confined to their folder, and Save never
+replaces a file."""
 
 from __future__ import annotations
+
+import filecmp
+import itertools
+from pathlib import Path
 
 from distill_core.atomic import copy_file
 from distill_core.builtin import fingerprint
@@ -16,7 +21,8 @@ from .training import student_model
 
 @node("DistillSaveStudent", "Save student", "files",
       "Saves a student under a new name: LoRAs in loras/, full students in diffusion_models/, with the sampling "
-      "recipe (schedule, AFS, guidance) in the file's metadata.",
+      "recipe (schedule, AFS, guidance) in the file's metadata. A file of that name holding something else is "
+      "kept: the student goes to name_2 (name_3, ...), and the node shows where.",
       inputs=[In("student", "DISTILL_STUDENT", "the student to save"),
               In("save_name", "STRING", "file name (no folders; '.safetensors' is added)", "my_student")],
       outputs=[Out("STRING", "path", "where the file was written")],
@@ -24,11 +30,21 @@ from .training import student_model
 class SaveStudent:
     def run(self, student: StudentHandle, save_name: str, unique_id=None):
         kind = student.card["student"]["kind"]
-        target = host.confined(host.model_folder(host.FOLDERS[kind]), save_name, ".safetensors")
+        target = free_path(host.confined(host.model_folder(host.FOLDERS[kind]), save_name, ".safetensors"),
+                           student.path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.resolve() != student.path.resolve():
+        if not target.exists():
             copy_file(student.path, target)
         return {"ui": {"text": [str(target)]}, "result": (str(target),)}
+
+
+def free_path(target: Path, source: Path) -> Path:
+    """Where ``source`` is saved as ``target`` without replacing another file: ``target`` itself when it is
+    free or already holds ``source``'s bytes, else the first of ``<name>_2``, ``<name>_3``, ... that is."""
+    for n in itertools.count(1):
+        path = target if n == 1 else target.with_name(f"{target.stem}_{n}{target.suffix}")
+        if not path.exists() or path.resolve() == source.resolve() or filecmp.cmp(path, source, shallow=False):
+            return path
 
 
 @node("DistillLoadStudent", "Load student", "files",

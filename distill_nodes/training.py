@@ -23,7 +23,7 @@ from distill_core.methods.registry import methods
 from distill_core.options import Setting, settings
 from distill_core.report import loss_curve, preview_pixels
 from distill_core.train.metrics import METRICS, read_metrics
-from distill_core.train.run import train_student
+from distill_core.train.run import refuse_replacing, train_student
 
 from . import host
 from .handles import StudentHandle, TeacherHandle
@@ -40,9 +40,11 @@ SOCKETS = {int: "INT", float: "FLOAT", bool: "BOOLEAN", str: "STRING"}
 def run_inputs(layout: NodeLayout) -> list[In]:
     """The inputs every training node ends with: where the run goes, resume, previews, checkpoints."""
     return [
-        In("save_name", "STRING", "file name of the student (no folders); also the run folder's name",
+        In("save_name", "STRING", "file name of the student (no folders); also the run folder's name. A new run "
+           "under a name that holds another run's student is refused: continue it with resume, or name a new one",
            layout.save_name),
-        In("resume", "BOOLEAN", "continue the run saved under save_name (after Cancel or a crash)", False),
+        In("resume", "BOOLEAN", "continue the run saved under save_name: after Cancel or a crash, or for more "
+           "iterations", False),
         In("preview_every", "INT", "show a preview of the student on the node every this many iterations "
            "(0: none)", layout.preview_every, options={"min": 0, "max": 10000}),
         In("checkpoint_every", "INT", "write a resumable checkpoint every this many iterations",
@@ -144,12 +146,20 @@ def train_to_file(teacher: TeacherHandle, cfg: DistillConfig, folder: str, save_
                   preview_every: int, unique_id=None) -> tuple[StudentHandle, torch.Tensor]:
     """What every training node does: train ``cfg`` on the teacher inside the node run (progress, previews
     and Cancel on the node), the run under ``<output>/distill_runs/<save_name>``, then copy the student to
-    ``<folder>/<save_name>.safetensors``. Returns its handle and the loss curve as a ComfyUI IMAGE."""
+    ``<folder>/<save_name>.safetensors``. Returns its handle and the loss curve as a ComfyUI IMAGE. Unless
+    ``resume`` is on, a run folder that holds another run's student or checkpoints, or a file already at the
+    student's path, is refused before anything is loaded: nothing is replaced."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError("training nodes train in ComfyUI's one process; for several GPUs use the command line: "
                            "accelerate launch --num_processes N -m distill_core distill ... (docs/memory.md)")
     target = host.confined(host.model_folder(folder), save_name, ".safetensors")
     run_dir = host.confined(host.runs_folder(), save_name)
+    if not resume:  # a new run replaces nothing the user has
+        refuse_replacing(run_dir, "queue again with resume on to continue it, give another save_name, or delete "
+                                  "that folder to start it again")
+        if target.exists():
+            raise ValueError(f"{target} exists already, which this run's student would replace: give another "
+                             "save_name, or move that file away")
     cfg = cfg.replace(out=str(run_dir))
     with torch.inference_mode(False), torch.enable_grad():
         if teacher.model is not None:

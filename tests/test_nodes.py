@@ -230,6 +230,32 @@ def test_cancel_keeps_a_checkpoint_and_queueing_again_with_resume_continues(fold
         nodes.NODE_CLASS_MAPPINGS["DistillSample"]().run(student, seed=3, count=1, steps=3)
 
 
+def test_a_new_run_replaces_no_student_and_resume_continues_a_finished_one(folders):
+    """Queueing a training node again without resume, under a name that holds a run: refused before anything
+    loads, with the choices, and the student file and the run folder unchanged; a file at the student's path
+    that no run made is refused too. Resume with more iterations continues the finished run."""
+    (teacher,) = nodes.NODE_CLASS_MAPPINGS["DistillBuiltinTeacher"]().run(guidance=2.0)
+    _distill(teacher, iterations=2)
+    target = folders / "models" / "diffusion_models" / "tiny.safetensors"
+    run_dir = folders / "output" / "distill_runs" / "tiny"
+    before = {p: p.read_bytes() for p in [target, *run_dir.rglob("*")] if p.is_file()}
+    with pytest.raises(ValueError, match=re.escape(
+            f"{run_dir} holds a run (student.safetensors, checkpoints/), which a new run would replace: queue "
+            "again with resume on to continue it, give another save_name, or delete that folder to start it again")):
+        _distill(teacher, iterations=2, seed=1)
+    shutil.rmtree(run_dir)
+    with pytest.raises(ValueError, match=re.escape(f"{target} exists already, which this run's student would "
+                                                   "replace: give another save_name, or move that file away")):
+        _distill(teacher, iterations=2, seed=1)
+    assert target.read_bytes() == before[target] and not run_dir.exists()
+
+    _distill(teacher, iterations=2, save_name="more")
+    _, student, _ = _distill(teacher, iterations=3, save_name="more", resume=True)["result"]
+    assert read_card(student.path)["training"]["iterations"] == 3
+    lines = (folders / "output" / "distill_runs" / "more" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iter"] for line in lines] == [1, 2, 3]
+
+
 def test_a_training_node_starts_from_another_nodes_student(folders):
     """A 1-step SFD LoRA refined by DMD2: the distribution node's ``start_from`` takes the student socket of
     the first node, and a student of another kind is refused with the settings that would fit."""
@@ -252,6 +278,11 @@ def test_save_and_load_student_nodes_confine_and_check_the_teacher(folders):
         save.run(student, "../../escape")
     (path,) = save.run(student, "kept")["result"]
     assert Path(path) == (folders / "models" / "diffusion_models" / "kept.safetensors").resolve()
+    assert save.run(student, "kept")["result"] == (path,)  # the same student: already saved there
+    _, other, _ = _distill(teacher, iterations=2, seed=1, save_name="other")["result"]
+    (moved,) = save.run(other, "kept")["result"]  # another student under a taken name: the first is kept
+    assert Path(moved).name == "kept_2.safetensors" and Path(moved).read_bytes() == other.path.read_bytes()
+    assert Path(path).read_bytes() == student.path.read_bytes()
 
     load = nodes.NODE_CLASS_MAPPINGS["DistillLoadStudent"]()
     assert "diffusion_models/kept.safetensors" in nodes.NODE_CLASS_MAPPINGS["DistillLoadStudent"].INPUT_TYPES()[

@@ -66,15 +66,15 @@ def train_student(
         return _train(cfg, source, out, resume, progress, callbacks)
 
 
-def refuse_replacing(out: str | Path) -> None:
+def refuse_replacing(out: str | Path, choices: str) -> None:
     """Refuse a new run in ``out`` while the folder holds another run's work (its student, its checkpoints),
-    which the new run would replace: say how to continue it, replace it, or keep it."""
+    which the new run would replace; ``choices`` says, in the caller's words, how to continue it, replace it
+    or keep it."""
     out = Path(out)
     held = [name for name, there in ((STUDENT_FILE, (out / STUDENT_FILE).is_file()),
                                      (f"{CHECKPOINTS}/", has_checkpoint(out / CHECKPOINTS))) if there]
     if held:
-        raise ValueError(f"{out} holds a run ({', '.join(held)}), which a new run would replace: continue it with "
-                         "--resume, replace it with --overwrite, or give another --out")
+        raise ValueError(f"{out} holds a run ({', '.join(held)}), which a new run would replace: {choices}")
 
 
 def within_trained_range(cfg: DistillConfig, denoiser) -> DistillConfig:
