@@ -70,6 +70,15 @@ def test_two_processes_train_the_student_of_one_process_with_two_micro_batches(t
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-4 * abs(a[k]) for k in a), (a, b)
 
 
+def test_a_stop_request_that_the_main_process_reads_stops_every_process_after_the_same_iteration(tmp_path):
+    """Only the main process reads the run's ``STOP`` file; the processes agree on it before each iteration, so
+    the other one stops too (without that it would wait in the next iteration's collectives for ever)."""
+    (printed,) = run([*LAUNCH, str(SCRIPT), str(tmp_path / "stop"), "1", "8", "stop"])
+    assert "process 0: stopped" in printed and "process 1: stopped" in printed
+    assert json.loads((tmp_path / "stop" / "checkpoints" / "checkpoint.json").read_text())["iteration"] == 1
+    assert not (tmp_path / "stop" / "STOP").exists()
+
+
 def test_a_global_batch_that_the_processes_do_not_divide_is_refused(tmp_path):
     done = subprocess.run([*LAUNCH, str(SCRIPT), str(tmp_path / "odd"), "2", "6"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=600)

@@ -267,13 +267,25 @@ def test_start_and_stop_leave_a_resumable_checkpoint(panel):
         assert time.time() < deadline, (run / "log.txt").read_text()
         time.sleep(0.2)
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "interrupted" and status["iteration"] >= 2
+    assert status["state"] == "interrupted" and status["iteration"] >= 2 and not (run / "STOP").exists()
 
     cfg = DistillConfig.from_yaml(run / "config.yaml")
     trainer = Trainer(build_method(builtin_source(), cfg), cfg.replace(iters=status["iteration"] + 1), run)
     result = trainer.fit(resume=True)
     assert result.status == "done" and result.iteration == status["iteration"] + 1
     assert [r["iter"] for r in runs.read_metrics(run)[0].records] == list(range(1, result.iteration + 1))
+
+
+def test_stop_ends_a_run_that_is_still_loading_its_teacher(tmp_path):
+    """Before its first iteration a run has nothing to checkpoint: Stop ends the process."""
+    from distill_core.panel.jobs import Jobs
+
+    jobs = Jobs(tmp_path)
+    jobs.start("early", "builtin", "sfd", 2, 1000, 2)
+    assert jobs.stop("early").startswith("stopped 'early': it was not training (loading the teacher")
+    jobs.procs["early"].wait(timeout=60)
+    assert not jobs.alive("early") and not (tmp_path / "early" / "checkpoints").exists()
+    assert jobs.stop("early") == "'early' is not a run this panel started, or it has ended"
 
 
 def test_the_panel_command_serves_on_localhost(tmp_path):

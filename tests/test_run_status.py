@@ -14,6 +14,7 @@ from distill_core.methods import build_method
 from distill_core.methods.base import TeacherSource
 from distill_core.train.callbacks import Callback, StopAt
 from distill_core.train.checkpoint import load_checkpoint
+from distill_core.train.status import STOP, request_stop
 from distill_core.train.trainer import Trainer
 
 
@@ -65,6 +66,28 @@ def test_status_interrupted_and_failed(tiny_edm, tmp_path):
         Trainer(m, m.cfg, callbacks=[Boom()]).fit()
     failed = _status(tmp_path / "fail")
     assert failed["state"] == "failed" and failed["error"] == "RuntimeError: disk on fire"
+
+
+def test_a_stop_file_stops_after_the_iteration_with_a_checkpoint_and_a_stale_one_is_ignored(tiny_edm, tmp_path):
+    """Another process writes ``STOP`` into the run folder during iteration 2: the run stops after it with a
+    checkpoint and removes the request, so the resume goes on to the end; a request left from an earlier
+    process (written before the run started) does not stop the next one."""
+
+    class StopFromOutside(Callback):
+        def on_iteration(self, run, record):
+            if run.iteration == 2:
+                request_stop(tmp_path / "run")
+
+    m = _method(tiny_edm, tmp_path / "run")
+    result = Trainer(m, m.cfg, callbacks=[StopFromOutside()]).fit()
+    assert result.status == "interrupted" and result.iteration == 2 and not (tmp_path / "run" / STOP).exists()
+    assert _status(tmp_path / "run")["state"] == "interrupted"
+    assert load_checkpoint(tmp_path / "run" / "checkpoints")[1]["iteration"] == 2
+
+    request_stop(tmp_path / "run")  # left by a process that died before it answered
+    m = _method(tiny_edm, tmp_path / "run")
+    result = Trainer(m, m.cfg).fit(resume=True)
+    assert result.status == "done" and result.iteration == 4 and not (tmp_path / "run" / STOP).exists()
 
 
 def test_a_host_cancel_is_interrupted_with_a_checkpoint(tiny_edm, tmp_path):

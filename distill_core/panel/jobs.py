@@ -1,15 +1,17 @@
 """Distillations started from the panel: each is ``python -m distill_core distill`` in its own process,
 writing a new run directory under the runs root (so the panel reads it like any other run).
 
-Stopping sends SIGINT, which the trainer treats as Ctrl-C: it finishes the iteration, writes a
-checkpoint and exits; ``python -m distill_core distill --resume --config RUN/config.yaml`` continues.
+Stopping a run that trains writes its stop request (``train.status.STOP``), which the trainer treats as
+Ctrl-C: it finishes the iteration, writes a checkpoint and exits; ``python -m distill_core distill
+--resume --config RUN/config.yaml`` continues. A file, not a signal, so Stop works on Windows too. A process
+that does not train (still loading the teacher, or writing the report of a saved student) has nothing to
+checkpoint and is ended.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +23,9 @@ import distill_core
 from distill_core.config import DistillConfig
 from distill_core.methods import auto
 from distill_core.methods.registry import method_class
+from distill_core.panel.runs import read_json
 from distill_core.sources import TEACHERS
+from distill_core.train.status import STATUS, request_stop
 
 #: A run name: a single path component, no leading dot.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -99,10 +103,16 @@ class Jobs:
         return proc is not None and proc.poll() is None
 
     def stop(self, name: str) -> str:
-        """Ask the run's process to stop (SIGINT: checkpoint, then exit); a message for the user."""
+        """Ask the run's process to stop (a stop request: checkpoint, then exit), or end it while it does not
+        train; a message for the user."""
         if not self.alive(name):
             return f"{name!r} is not a run this panel started, or it has ended"
-        self.procs[name].send_signal(signal.SIGINT)
+        status, _ = read_json(self.root / name, STATUS)
+        if (status or {}).get("state") != "running":
+            self.procs[name].terminate()
+            return (f"stopped {name!r}: it was not training (loading the teacher, or writing the report of its "
+                    "saved student)")
+        request_stop(self.root / name)
         return f"stopping {name!r}: it saves a checkpoint after this iteration (resume with --resume)"
 
     def exit_code(self, name: str) -> int | None:

@@ -24,9 +24,10 @@ atomically: every group's networks, optimizer, scheduler and EMA, the method's o
 evaluations, the iteration and RNG states; ``resume`` continues exactly. ``metrics.jsonl`` gets a line
 per iteration (loss and gradient norm per update, lr, time). A non-finite loss stops the run with
 ``TrainingDiverged``; the last checkpoint stays intact. ``status.json`` says whether the run is running,
-finished, interrupted or failed (``train.status``); every ``sample_every`` iterations
-``samples/iter_NNNNNN.png`` shows the teacher's reference, a training-free solver and the student on the
-same noise (``train.previews``). Callbacks see the run through a ``RunView``.
+finished, interrupted or failed, and a ``STOP`` file in the run folder stops it like Ctrl-C
+(``train.status``); every ``sample_every`` iterations ``samples/iter_NNNNNN.png`` shows the teacher's
+reference, a training-free solver and the student on the same noise (``train.previews``). Callbacks see
+the run through a ``RunView``.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ from distill_core.train.optim import (
 from distill_core.train.resume import groups_layout, resume_changes
 from distill_core.train.runlock import run_lock
 from distill_core.train.sharding import is_sharded, leave_shards_to_fsdp, refuse_with_shards, shard_teacher
-from distill_core.train.status import write_status
+from distill_core.train.status import STOP, write_status
 
 
 class TrainingDiverged(RuntimeError):
@@ -188,6 +189,17 @@ class Trainer:
     def request_stop(self) -> None:
         """Stop after the current iteration, checkpointing first (what Ctrl-C does)."""
         self._stop = True
+
+    def _stopping(self) -> bool:
+        """Whether to stop before the next iteration: Ctrl-C or a callback asked this process, or the run
+        folder holds a stop request (``train.status.STOP``), which is then removed. With several processes:
+        whether any was asked, so that all stop after the same iteration."""
+        asked = self._stop or (self.acc.is_main_process and (self.out / STOP).exists())
+        if self.acc.num_processes > 1:
+            asked = self.acc.reduce(torch.tensor([float(asked)], device=self.acc.device), "sum").item() > 0
+        if asked and self.acc.is_main_process:
+            (self.out / STOP).unlink(missing_ok=True)
+        return asked
 
     @property
     def lr(self) -> float:
@@ -317,6 +329,8 @@ class Trainer:
         there is none), holding the run folder's lock and recording the run's state in ``status.json``.
         A second Ctrl-C (an abort) is recorded as interrupted."""
         with run_lock(self.out):
+            if self.acc.is_main_process:  # a request that an earlier process of this run left unanswered
+                (self.out / STOP).unlink(missing_ok=True)
             self._write_status("running")
             try:
                 result = self._fit(resume)
@@ -347,7 +361,7 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_start(self.view)
             while self.iteration < self.cfg.iters:
-                if self._stop:
+                if self._stopping():
                     status = "interrupted"
                     break
                 start = time.perf_counter()
