@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from distill_core.methods.base import TeacherSource
+from distill_core.prompts import prompt_flag
 
 UNETS = ("UNet2DModel", "UNet2DConditionModel")
 #: diffusion transformers, which take text embeddings and come in their pipeline's directory
@@ -128,7 +129,7 @@ def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...],
 
 
 def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None = None,
-                     prompts: str | Path | None = None, guidance: float | None = None,
+                     prompts: str | Path | list[str] | None = None, guidance: float | None = None,
                      resolution: int | None = None, negative: str | None = None,
                      frozen_precision: str = "as-loaded", encode: bool = True) -> TeacherSource:
     """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
@@ -147,7 +148,7 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     if "text_encoder" in index:
         return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution, negative,
                            frozen_precision, encode)
-    for flag, given in (("--prompts", prompts), ("--negative", negative is not None)):
+    for flag, given in ((prompts and prompt_flag(prompts), prompts), ("--negative", negative is not None)):
         if given:
             raise ValueError(f"{root}: {flag} is for text-to-image pipelines (a model_index.json naming a "
                              "text_encoder); this model is conditioned on class labels or nothing")

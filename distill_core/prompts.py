@@ -26,6 +26,11 @@ DEFAULT_PROMPTS = "\n".join([
 DEFAULT_NEGATIVE = "blurry, low quality, distorted, watermark, text"
 
 
+def prompt_flag(prompts: str | Path | list[str]) -> str:
+    """The option that gave ``prompts``: the prompts themselves (``--prompt``, a list) or a file (``--prompts``)."""
+    return "--prompt" if isinstance(prompts, list) else "--prompts"
+
+
 def read_prompts(path: str | Path | list[str] | None) -> list[str]:
     """The prompts of a text file, one per non-empty line (or of a list of prompts); the shipped list without
     either."""

@@ -71,7 +71,7 @@ def test_without_labels_the_first_classes_are_drawn(student_file, tmp_path):
     (["--steps", "3"], "cannot sample with 3 steps; choose one of [2]"),
     (["--guidance", "5"], "guidance w=2 is distilled into this student; it cannot sample at w=5"),
     (["--count", "0"], "--count 0: give 1 or more images per condition"),
-    (["--prompt", "a cat"], "--prompts is for text-to-image pipeline directories"),
+    (["--prompt", "a cat"], "error: --prompt is for text-to-image pipeline directories"),
 ])
 def test_what_the_student_cannot_draw_is_refused_in_one_line(student_file, tmp_path, capsys, flags, message):
     assert cli.main(["sample", str(student_file), *flags, "--out", str(tmp_path / "s")]) == 1
