@@ -75,6 +75,8 @@ def validate_api(graph: dict, info: dict[str, dict]) -> list[str]:
     their choices or range."""
     if not isinstance(graph, dict):
         return [f"an API-format workflow is a JSON object of nodes by id, not a {type(graph).__name__}"]
+    if not graph:
+        return ["it has no nodes: an API-format workflow is a JSON object of nodes by id (ComfyUI's Export (API))"]
     problems = []
     for nid, node in graph.items():
         if not isinstance(node, dict) or not isinstance(node.get("inputs"), dict) or "class_type" not in node:
@@ -265,7 +267,7 @@ def run_ui_workflow(args: argparse.Namespace) -> int:
     graph = read_api_workflow(args.workflow)
     problems = validate_api(graph, info)
     if problems:
-        raise SystemExit("invalid workflow:\n  " + "\n  ".join(problems))
+        raise ValueError("invalid workflow:\n  " + "\n  ".join(problems))
     note = args.note if args.note is not None else workflow_notes().get(Path(args.workflow).stem)
     write_text(args.out, json.dumps(api_to_ui(graph, info, note=note), indent=1) + "\n")
     return 0

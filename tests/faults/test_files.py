@@ -139,6 +139,8 @@ def test_the_workflow_command_prints_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(("content", "message"), [
     (None, "no workflow file {path}: give an API-format workflow JSON"),
     ('{"nodes": [], "links": []}', "{path} is a UI-format workflow: give its API-format twin"),
+    ("{}", "invalid workflow:\n  it has no nodes: an API-format workflow is a JSON object of nodes by id"),
+    ("[]", "invalid workflow:\n  an API-format workflow is a JSON object of nodes by id, not a list"),
 ])
 def test_the_workflow_commands_refuse_a_missing_or_ui_format_file(tmp_path, capsys, command, content, message):
     from distill_core.cli import main
@@ -150,7 +152,7 @@ def test_the_workflow_commands_refuse_a_missing_or_ui_format_file(tmp_path, caps
     assert main([command, str(path), *extra]) == 1
     said = capsys.readouterr().err
     assert said.startswith("error: " + message.format(path=path)), said
-    assert len(said.strip().splitlines()) == 1 and not (tmp_path / "ui.json").exists()
+    assert len(said.strip().splitlines()) == message.count("\n") + 1 and not (tmp_path / "ui.json").exists()
 
 
 def test_a_folder_that_cannot_be_made_is_named_in_one_line_before_the_run_trains(tmp_path, capsys):
