@@ -5,6 +5,8 @@ route that tells the web extension which nodes train."""
 
 from __future__ import annotations
 
+import asyncio
+
 from distill_core.panel.launch import DEFAULT_HOST, launch_once
 
 from . import host
@@ -51,7 +53,8 @@ def register_routes(training_nodes: list[str]) -> None:
 
     @PromptServer.instance.routes.get("/distill/monitor")
     async def open_monitor(request):
-        try:
-            return web.json_response({"url": monitor_url()})
+        try:  # the first start takes seconds: off ComfyUI's event loop, which serves the progress of runs meanwhile
+            url = await asyncio.get_running_loop().run_in_executor(None, monitor_url)
+            return web.json_response({"url": url})
         except Exception as e:  # shown by the web extension next to the button
             return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=500)

@@ -290,7 +290,9 @@ def test_stop_ends_a_run_that_is_still_loading_its_teacher(tmp_path):
 
 def test_the_panel_command_serves_on_localhost(tmp_path):
     """docs/panel.md's ``python -m distill_core panel --runs DIR`` (with a port), stopped with Ctrl-C (SIGINT),
-    also when started as a background job that inherits SIGINT ignored (``nohup ... &``)."""
+    also when started as a background job that inherits SIGINT ignored (``nohup ... &``), and in an environment
+    that names a proxy (one that refuses every connection), which requests to this machine go past."""
+    import os
     import signal
     import socket
     import subprocess
@@ -304,7 +306,9 @@ def test_the_panel_command_serves_on_localhost(tmp_path):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "distill_core", "panel", "--runs", str(tmp_path),
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                            env={**os.environ, "HTTP_PROXY": "http://127.0.0.1:9", "ALL_PROXY": "http://127.0.0.1:9",
+                                 "NO_PROXY": "example.org"})
     try:
         line, deadline = "", time.time() + 120
         while "Running on local URL" not in line:
@@ -320,7 +324,6 @@ def test_the_panel_command_serves_on_localhost(tmp_path):
             proc.wait(30)
         finally:
             proc.kill()  # never left running, whatever failed (a no-op once it has exited)
-
 
 
 def test_a_port_out_of_range_is_refused_by_the_parser(tmp_path, capsys):

@@ -5,12 +5,15 @@ The server binds to 127.0.0.1 unless told otherwise; it makes no request to the 
 off, system fonts instead of web fonts, no server-side rendering). It answers only requests whose Host
 header names this machine (``localhost``, ``127.0.0.1``, ``::1``) or a name given with ``--allow-host``:
 a web page elsewhere cannot reach it through a DNS name that resolves here (DNS rebinding). ``--auth
-USER:PASSWORD`` adds a login; uploads are capped at 1 MB (the panel takes none).
+USER:PASSWORD`` adds a login; uploads are capped at 1 MB (the panel takes none). Requests to this machine
+go past any proxy the environment names.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
 import signal
 import threading
 from pathlib import Path
@@ -20,6 +23,8 @@ from distill_core.options import whole_number
 DEFAULT_ROOT = "runs"
 DEFAULT_HOST = "127.0.0.1"
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+#: this machine's names, as ``NO_PROXY`` lists hosts
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 _lock = threading.Lock()
 _url: str | None = None
@@ -46,13 +51,27 @@ def serve_options(host: str = DEFAULT_HOST, allowed_hosts: tuple[str, ...] = (),
     }
 
 
+def loopback_without_proxy() -> None:
+    """Send requests to this machine past any proxy the environment names (``HTTP_PROXY``, ``ALL_PROXY``):
+    Gradio's launch calls its own server over HTTP, which a proxy would receive and refuse. Adds the loopback
+    names to ``NO_PROXY`` (and ``no_proxy``), keeping what they held."""
+    for key in ("NO_PROXY", "no_proxy"):
+        held = [name.strip() for name in os.environ.get(key, "").split(",") if name.strip()]
+        os.environ[key] = ",".join([*held, *(name for name in LOOPBACK if name not in held)])
+
+
 def _launch(runs_root: str | Path, host: str, port: int | None, block: bool, allowed_hosts: tuple[str, ...] = (),
             auth: tuple[str, str] | None = None) -> str:
     from distill_core.panel.app import build
 
+    loopback_without_proxy()
+    demo = build(runs_root)
+    # Gradio's launch has called the server's startup route when it returns; its further check of the page gives
+    # up at the first request that takes 3 s (a busy machine: a training run beside it), so it is left out
+    quick = {"_frontend": False} if "_frontend" in inspect.signature(demo.launch).parameters else {}
     try:
-        _, url, _ = build(runs_root).launch(server_port=port, prevent_thread_lock=not block, quiet=not block,
-                                            **serve_options(host, allowed_hosts, auth))
+        _, url, _ = demo.launch(server_port=port, prevent_thread_lock=not block, quiet=not block,
+                                **quick, **serve_options(host, allowed_hosts, auth))
     except OSError:
         if port is None:
             raise
