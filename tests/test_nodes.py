@@ -233,15 +233,17 @@ def test_cancel_keeps_a_checkpoint_and_queueing_again_with_resume_continues(fold
 def test_a_new_run_replaces_no_student_and_resume_continues_a_finished_one(folders):
     """Queueing a training node again without resume, under a name that holds a run: refused before anything
     loads, with the choices, and the student file and the run folder unchanged; a file at the student's path
-    that no run made is refused too. Resume with more iterations continues the finished run."""
+    that no run made is refused too. Resume with the same iterations gives the finished run's student as it is,
+    with more it goes on training."""
     (teacher,) = nodes.NODE_CLASS_MAPPINGS["DistillBuiltinTeacher"]().run(guidance=2.0)
     _distill(teacher, iterations=2)
     target = folders / "models" / "diffusion_models" / "tiny.safetensors"
     run_dir = folders / "output" / "distill_runs" / "tiny"
     before = {p: p.read_bytes() for p in [target, *run_dir.rglob("*")] if p.is_file()}
     with pytest.raises(ValueError, match=re.escape(
-            f"{run_dir} holds a run (student.safetensors, checkpoints/), which a new run would replace: queue "
-            "again with resume on to continue it, give another save_name, or delete that folder to start it again")):
+            f"{run_dir} holds a run (student.safetensors, checkpoints/), which a new run would replace: turn "
+            "resume on to go on with it (a finished run with the same iterations is used as it is), give another "
+            "save_name, or delete that folder to start it again")):
         _distill(teacher, iterations=2, seed=1)
     shutil.rmtree(run_dir)
     with pytest.raises(ValueError, match=re.escape(f"{target} exists already, which this run's student would "
@@ -249,7 +251,10 @@ def test_a_new_run_replaces_no_student_and_resume_continues_a_finished_one(folde
         _distill(teacher, iterations=2, seed=1)
     assert target.read_bytes() == before[target] and not run_dir.exists()
 
-    _distill(teacher, iterations=2, save_name="more")
+    _, first, _ = _distill(teacher, iterations=2, save_name="more")["result"]
+    trained = first.path.read_bytes()
+    _, again, _ = _distill(teacher, iterations=2, save_name="more", resume=True)["result"]  # used as it is
+    assert again.path.read_bytes() == trained
     _, student, _ = _distill(teacher, iterations=3, save_name="more", resume=True)["result"]
     assert read_card(student.path)["training"]["iterations"] == 3
     lines = (folders / "output" / "distill_runs" / "more" / "metrics.jsonl").read_text().splitlines()
