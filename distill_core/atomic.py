@@ -9,8 +9,29 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+ON_WINDOWS = os.name == "nt"
+#: how long a rename waits out a reader holding its target open on Windows (the panel reads a run's files every
+#: 2 s, each in a moment)
+WINDOWS_RETRY_S = 2.0
+
+
+def replace(source: str | Path, target: str | Path) -> None:
+    """``os.replace``; on Windows retried for up to ``WINDOWS_RETRY_S``: there a file that another process holds
+    open (the panel reading ``status.json``) cannot be replaced until it is closed, and the rename fails with
+    ``PermissionError`` meanwhile."""
+    deadline = time.monotonic() + WINDOWS_RETRY_S
+    while True:
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if not ON_WINDOWS or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -28,7 +49,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -47,8 +68,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         old = path.with_name(f".{path.name}.old") if path.exists() else None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
+            replace(path, old)
+        replace(tmp, path)
         if old is not None:
             shutil.rmtree(old)
     except BaseException:

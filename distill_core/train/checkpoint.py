@@ -13,7 +13,6 @@ returns is copied out of the file (nothing stays memory-mapped, so the files can
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distill_core import safetensors_io
-from distill_core.atomic import atomic_path, write_json
+from distill_core.atomic import atomic_path, replace, write_json
 
 #: the folder of a run's checkpoints, in its output folder
 CHECKPOINTS = "checkpoints"
@@ -80,7 +79,7 @@ def save_checkpoint(directory: str | Path, state: dict, info: dict) -> Path:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={safetensors_io.CARD_KEY: json.dumps(card)})
         if (directory / CHECKPOINT).is_file():
-            os.replace(directory / CHECKPOINT, directory / PREVIOUS)
+            replace(directory / CHECKPOINT, directory / PREVIOUS)
     write_json(
         directory / SIDECAR, {**info, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "file": CHECKPOINT}
     )

@@ -515,3 +515,34 @@ def test_a_folder_is_written_whole_in_place_of_the_previous_one_or_not_at_all(tm
         (tmp / "new.safetensors").write_bytes(b"new")
     assert [p.name for p in tmp_path.iterdir()] == ["unet"]
     assert [p.name for p in target.iterdir()] == ["new.safetensors"]
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_a_rename_over_a_file_a_reader_holds_waits_for_it_on_windows_only(tmp_path, monkeypatch, windows):
+    """On Windows a file another process holds open (the panel reading ``status.json``) cannot be replaced for that
+    moment: the rename is retried until the reader lets go, or gives up after ``WINDOWS_RETRY_S`` with the previous
+    file whole. Elsewhere the error is the system's answer at once."""
+    from distill_core import atomic
+
+    path = tmp_path / "status.json"
+    path.write_text("before")
+    held = {"renames": 2}
+    rename = os.replace
+
+    def held_open(source, target):
+        if held["renames"] > 0:
+            held["renames"] -= 1
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        rename(source, target)
+
+    monkeypatch.setattr(atomic, "ON_WINDOWS", windows)
+    monkeypatch.setattr(atomic.os, "replace", held_open)
+    if windows:
+        atomic.write_text(path, "after")
+        assert path.read_text() == "after" and held["renames"] == 0
+        held["renames"] = 10**9  # a reader that never lets go
+        monkeypatch.setattr(atomic, "WINDOWS_RETRY_S", 0.2)
+    with pytest.raises(PermissionError):
+        atomic.write_text(path, "lost")
+    assert path.read_text() == ("after" if windows else "before")
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
