@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 from panel_fixtures import dead_pid, fake_run, metrics_line
@@ -286,6 +287,28 @@ def test_stop_ends_a_run_that_is_still_loading_its_teacher(tmp_path):
     jobs.procs["early"].wait(timeout=60)
     assert not jobs.alive("early") and not (tmp_path / "early" / "checkpoints").exists()
     assert jobs.stop("early") == "'early' is not a run this panel started, or it has ended"
+
+
+def test_a_run_process_imports_the_package_the_panel_runs_from_even_in_an_isolated_python(tmp_path, monkeypatch):
+    """The panel's child command names the package's folder itself: a Python that ignores PYTHONPATH and the
+    user's site (``-I``; ComfyUI's Windows portable build, through its ``._pth`` file) imports the package the
+    panel was loaded from (here a marked copy), not an installed one."""
+    import shutil
+    import subprocess
+
+    import distill_core
+    from distill_core.panel import jobs
+
+    copy = tmp_path / "custom_nodes" / "pack" / "distill_core"
+    shutil.copytree(Path(distill_core.__file__).parent, copy, ignore=shutil.ignore_patterns("assets", "__pycache__"))
+    cli = copy / "cli.py"
+    cli.write_text(cli.read_text().replace("Command line:", "Command line of the copy in custom_nodes:", 1))
+    monkeypatch.setattr(distill_core, "__file__", str(copy / "__init__.py"))
+    executable, *rest = jobs.command_line()
+    done = subprocess.run([executable, "-I", *rest, "--help"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "nothing")}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Command line of the copy in custom_nodes" in done.stdout
 
 
 def test_the_panel_command_serves_on_localhost(tmp_path):

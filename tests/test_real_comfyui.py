@@ -6,7 +6,8 @@ requirements are installed in the Python running these tests, with this package 
 * A headless server (``main.py --cpu``) with this pack in its ``custom_nodes``: workflows (a) and
   (b) POSTed to ``/prompt`` in API format finish with their outputs on disk; Cancel (``/interrupt``)
   during training leaves a checkpoint, and queueing again with resume on finishes the run without
-  losing or repeating an iteration; the web extension and the monitor route are served.
+  losing or repeating an iteration; the web extension and the monitor route are served, and the panel
+  behind the route starts a run in ComfyUI's Python.
 
 Run: ``COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest -m comfyui``.
 """
@@ -431,6 +432,25 @@ def test_the_monitor_route_starts_the_panel_in_the_comfyui_process(server):
     with urllib.request.urlopen(url, timeout=60) as r:
         assert r.status == 200
     assert server.get("/distill/monitor")["url"] == url
+
+
+def test_the_panel_in_comfyui_starts_a_run_that_trains_and_reports_in_comfyuis_python(server):
+    """The panel ComfyUI serves starts a distillation as a child of ComfyUI's Python, which imports the engine
+    from the pack's folder, into ComfyUI's runs folder, where the panel follows it to its report."""
+    from gradio_client import Client
+
+    client = Client(server.get("/distill/monitor")["url"], verbose=False)
+    options = "eval_samples: 4\nreport_solvers: euler\nreference_steps: 8\n"
+    said = client.predict("from_the_panel", "builtin", "sfd", 2, 2, 2, options, api_name="/start")
+    assert said.startswith("started"), said
+    run = server.base / "output" / "distill_runs" / "from_the_panel"
+    deadline = time.time() + 600
+    while not (run / "report.json").is_file():
+        assert time.time() < deadline and (run / "log.txt").is_file(), server.tail()
+        time.sleep(1)
+    assert json.loads((run / "report.json").read_text())["iterations"] == 2
+    assert {row["run"]: row for row in client.predict(api_name="/runs")}["from_the_panel"]["status"] == "finished"
+    client.close()
 
 
 # ------------------------------------------------------------------ the front end in a real browser

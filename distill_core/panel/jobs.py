@@ -10,7 +10,6 @@ checkpoint and is ended.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -83,17 +82,12 @@ class Jobs:
             except FileExistsError:
                 raise ValueError(f"refused: a run named {name!r} exists already") from None
             config = cfg.to_yaml(out / "config.yaml")
-            env = dict(os.environ)
-            # the child imports this very package, wherever it was loaded from (a ComfyUI custom node)
-            package_parent = str(Path(distill_core.__file__).resolve().parents[1])
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
             with open(out / LOG, "wb") as log:
                 self.procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "distill_core", "distill", "--config", str(config), "--no-progress",
+                    [*command_line(), "distill", "--config", str(config), "--no-progress",
                      *(["--method", "auto"] if chose else [])],  # the run prints and reports auto's choice
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=env,
                 )
         return out
 
@@ -119,6 +113,16 @@ class Jobs:
         """The exit status of a finished process this panel started (``None`` while running or unknown)."""
         proc = self.procs.get(name)
         return None if proc is None else proc.poll()
+
+
+def command_line() -> list[str]:
+    """``python -m distill_core`` for a child process, importing this very package wherever it was loaded from
+    (a ComfyUI custom node): its folder goes first on the child's ``sys.path`` from the command line, not from
+    ``PYTHONPATH``, which an isolated Python ignores (ComfyUI's Windows portable build, with its ``._pth``
+    file)."""
+    package_parent = str(Path(distill_core.__file__).resolve().parents[1])
+    boot = "import sys; sys.path.insert(0, sys.argv.pop(1)); from distill_core.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", boot, package_parent]
 
 
 def start_form(method: str, steps: int, teacher: str) -> tuple[str | None, int | None, int | None, str]:
