@@ -116,7 +116,8 @@ def test_the_start_form_opens_on_autos_choice_and_follows_the_step_count(tmp_pat
     assert launched[0][-2:] == ["--method", "auto"]
     parser = argparse.ArgumentParser()
     main_job.add_arguments(parser)
-    child, choice = main_job.config_from_args(parser.parse_args(launched[0][4:]))  # as the run reads its command
+    command = launched[0][launched[0].index("distill") + 1:]
+    child, choice = main_job.config_from_args(parser.parse_args(command))  # as the run reads its command
     assert child == cfg and choice == line + " (this run: 30 iterations x batch 8, as given)"
     panel_jobs.Jobs(tmp_path / "runs").start("b", "builtin", "sfd", 2, 30, 8, "")
     assert "auto" not in launched[1]
@@ -206,7 +207,7 @@ def test_api_refuses_paths_outside_the_root(panel, name):
     assert note.startswith("refused") and loss["data"] == [] and config in ({}, None)
     slider, image, caption = client.predict(name, 0, api_name="/grid")
     assert image is None and caption.startswith("refused")
-    assert "not a run this panel started" in client.predict(name, api_name="/stop")
+    assert client.predict(name, api_name="/stop").startswith("refused")
     assert client.predict(name, "builtin", "sfd", 2, 2, 2, api_name="/start").startswith("refused")
 
 
@@ -286,7 +287,25 @@ def test_stop_ends_a_run_that_is_still_loading_its_teacher(tmp_path):
     assert jobs.stop("early").startswith("stopped 'early': it was not training (loading the teacher")
     jobs.procs["early"].wait(timeout=60)
     assert not jobs.alive("early") and not (tmp_path / "early" / "checkpoints").exists()
-    assert jobs.stop("early") == "'early' is not a run this panel started, or it has ended"
+    assert jobs.stop("early") == "'early' is not training"
+
+
+def test_stop_asks_any_run_that_trains_under_the_root_and_no_other(tmp_path):
+    """Stop is a file in the run folder, so it reaches a run whichever process trains it (another terminal's,
+    a ComfyUI node's): one that trains gets the request; a finished run, one whose process is gone and a
+    name outside the root get none."""
+    from distill_core.panel.jobs import Jobs
+
+    jobs = Jobs(tmp_path)
+    elsewhere = fake_run(tmp_path, "elsewhere", 6)  # trained by another live process (here: this one)
+    assert jobs.stop("elsewhere") == "stopping 'elsewhere': it saves a checkpoint after this iteration (resume " \
+                                     "with --resume)"
+    assert (elsewhere / "STOP").is_file()
+    for name, settings in (("stale", {"pid": dead_pid()}), ("done", {"state": "finished", "report": True})):
+        fake_run(tmp_path, name, 6, **settings)
+        assert jobs.stop(name) == f"{name!r} is not training" and not (tmp_path / name / "STOP").exists()
+    assert jobs.stop("nothing") == "'nothing' is not training"
+    assert jobs.stop("../elsewhere").startswith("refused") and jobs.stop(None) == "choose the run to stop"
 
 
 def test_a_run_process_imports_the_package_the_panel_runs_from_even_in_an_isolated_python(tmp_path, monkeypatch):

@@ -3,9 +3,9 @@ writing a new run directory under the runs root (so the panel reads it like any 
 
 Stopping a run that trains writes its stop request (``train.status.STOP``), which the trainer treats as
 Ctrl-C: it finishes the iteration, writes a checkpoint and exits; ``python -m distill_core distill
---resume --config RUN/config.yaml`` continues. A file, not a signal, so Stop works on Windows too. A process
-that does not train (still loading the teacher, or writing the report of a saved student) has nothing to
-checkpoint and is ended.
+--resume --config RUN/config.yaml`` continues. A file, not a signal: Stop works on Windows too, and on any
+run under the root that trains, whoever started it. A process this panel started that does not train (still
+loading the teacher, or writing the report of a saved student) has nothing to checkpoint and is ended.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import distill_core
 from distill_core.config import DistillConfig
 from distill_core.methods import auto
 from distill_core.methods.registry import method_class
-from distill_core.panel.runs import read_json
+from distill_core.panel.runs import summarize
 from distill_core.sources import TEACHERS
-from distill_core.train.status import STATUS, request_stop
+from distill_core.train.status import request_stop
 
 #: A run name: a single path component, no leading dot.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -97,16 +97,22 @@ class Jobs:
         return proc is not None and proc.poll() is None
 
     def stop(self, name: str) -> str:
-        """Ask the run's process to stop (a stop request: checkpoint, then exit), or end it while it does not
-        train; a message for the user."""
-        if not self.alive(name):
-            return f"{name!r} is not a run this panel started, or it has ended"
-        status, _ = read_json(self.root / name, STATUS)
-        if (status or {}).get("state") != "running":
+        """Ask the run ``name`` to stop (a stop request: checkpoint, then exit), whichever process trains it (this
+        panel's, a command line's, a ComfyUI node's); end a process this panel started while it does not train.
+        A message for the user."""
+        if not name:
+            return "choose the run to stop"
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            return f"refused: {name!r} is not a run name"
+        run = self.root / name
+        state = summarize(run).state if run.is_dir() else None
+        if self.alive(name) and state != "running":
             self.procs[name].terminate()
             return (f"stopped {name!r}: it was not training (loading the teacher, or writing the report of its "
                     "saved student)")
-        request_stop(self.root / name)
+        if state != "running":
+            return f"{name!r} is not training"
+        request_stop(run)
         return f"stopping {name!r}: it saves a checkpoint after this iteration (resume with --resume)"
 
     def exit_code(self, name: str) -> int | None:
