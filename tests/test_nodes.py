@@ -230,6 +230,23 @@ def test_cancel_keeps_a_checkpoint_and_queueing_again_with_resume_continues(fold
         nodes.NODE_CLASS_MAPPINGS["DistillSample"]().run(student, seed=3, count=1, steps=3)
 
 
+def test_a_stop_request_from_the_panel_stops_a_node_run_that_resume_finishes(folders, monkeypatch):
+    """The panel's Stop on a run a node trains (its ``STOP`` file): the node stops after the iteration with a
+    checkpoint and says how to go on; queueing again with resume on finishes the run."""
+    from distill_core.train.status import request_stop
+
+    (teacher,) = nodes.NODE_CLASS_MAPPINGS["DistillBuiltinTeacher"]().run(guidance=2.0)
+    run_dir = folders / "output" / "distill_runs" / "tiny"
+    with monkeypatch.context() as patch, pytest.raises(
+            RuntimeError, match="training stopped early; queue again with resume on to continue"):
+        patch.setattr(host, "check_interrupt", lambda: request_stop(run_dir))
+        _distill(teacher, iterations=4, checkpoint_every=4)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    assert json.loads((run_dir / "checkpoints" / "checkpoint.json").read_text())["iteration"] == 1
+    _, student, _ = _distill(teacher, iterations=4, checkpoint_every=4, resume=True)["result"]
+    assert read_card(student.path)["training"]["iterations"] == 4
+
+
 def test_a_new_run_replaces_no_student_and_resume_continues_a_finished_one(folders):
     """Queueing a training node again without resume, under a name that holds a run: refused before anything
     loads, with the choices, and the student file and the run folder unchanged; a file at the student's path
