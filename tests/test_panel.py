@@ -265,7 +265,7 @@ def test_start_and_stop_leave_a_resumable_checkpoint(panel):
         time.sleep(0.2)
     assert {row["run"]: row for row in client.predict(api_name="/runs")}["tiny"]["status"] == "running"
     assert client.predict("tiny", api_name="/stop").startswith("stopping")
-    while runs.summarize(run).state == "running":
+    while runs.summarize(run).state == "stopping":  # until the iteration ends
         assert time.time() < deadline, (run / "log.txt").read_text()
         time.sleep(0.2)
     status = json.loads((run / "status.json").read_text())
@@ -300,7 +300,8 @@ def test_stop_asks_any_run_that_trains_under_the_root_and_no_other(tmp_path):
     elsewhere = fake_run(tmp_path, "elsewhere", 6)  # trained by another live process (here: this one)
     assert jobs.stop("elsewhere") == "stopping 'elsewhere': it saves a checkpoint after this iteration (resume " \
                                      "with --resume)"
-    assert (elsewhere / "STOP").is_file()
+    assert (elsewhere / "STOP").is_file() and runs.summarize(elsewhere).state == "stopping"
+    assert jobs.stop("elsewhere") == "'elsewhere' is stopping: it saves a checkpoint after this iteration"
     for name, settings in (("stale", {"pid": dead_pid()}), ("done", {"state": "finished", "report": True})):
         fake_run(tmp_path, name, 6, **settings)
         assert jobs.stop(name) == f"{name!r} is not training" and not (tmp_path / name / "STOP").exists()

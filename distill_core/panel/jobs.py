@@ -106,6 +106,8 @@ class Jobs:
             return f"refused: {name!r} is not a run name"
         run = self.root / name
         state = summarize(run).state if run.is_dir() else None
+        if state == "stopping":
+            return f"{name!r} is stopping: it saves a checkpoint after this iteration"
         if self.alive(name) and state != "running":
             self.procs[name].terminate()
             return (f"stopped {name!r}: it was not training (loading the teacher, or writing the report of its "

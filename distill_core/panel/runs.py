@@ -24,6 +24,7 @@ import yaml
 from distill_core.train.checkpoint import CHECKPOINTS
 from distill_core.train.metrics import Metrics, is_number, parse_metrics
 from distill_core.train.runlock import pid_alive
+from distill_core.train.status import STOP
 
 #: Files whose presence makes a directory a run.
 RUN_MARKERS = ("status.json", "metrics.jsonl", "config.yaml", CHECKPOINTS, "report.json")
@@ -167,8 +168,9 @@ def grids(run: Path) -> list[tuple[int, Path]]:
 # ----------------------------------------------------------------- a run's summary
 @dataclass
 class RunSummary:
-    """One row of the runs table. ``state``: running, finished, interrupted, failed, stale (status
-    says running but its process is gone: interrupted without a clean stop), or unknown (no status)."""
+    """One row of the runs table. ``state``: running, stopping (running with a stop request pending),
+    finished, interrupted, failed, stale (status says running but its process is gone: interrupted without a
+    clean stop), or unknown (no status)."""
 
     name: str
     state: str
@@ -198,6 +200,8 @@ def summarize(run: Path, metrics: Metrics | None = None) -> RunSummary:
     state = status.get("state") if isinstance(status.get("state"), str) else None
     if state == "running" and not pid_alive(status.get("pid")):
         state = "stale"
+    if state == "running" and (run / STOP).is_file():
+        state = "stopping"  # asked to stop: it ends after this iteration
     if state is None:
         report, _ = read_json(run, "report.json")
         state = "finished" if report is not None else "unknown"

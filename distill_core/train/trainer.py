@@ -192,13 +192,11 @@ class Trainer:
 
     def _stopping(self) -> bool:
         """Whether to stop before the next iteration: Ctrl-C or a callback asked this process, or the run
-        folder holds a stop request (``train.status.STOP``), which is then removed. With several processes:
-        whether any was asked, so that all stop after the same iteration."""
+        folder holds a stop request (``train.status.STOP``, removed when the run has ended). With several
+        processes: whether any was asked, so that all stop after the same iteration."""
         asked = self._stop or (self.acc.is_main_process and (self.out / STOP).exists())
         if self.acc.num_processes > 1:
             asked = self.acc.reduce(torch.tensor([float(asked)], device=self.acc.device), "sum").item() > 0
-        if asked and self.acc.is_main_process:
-            (self.out / STOP).unlink(missing_ok=True)
         return asked
 
     @property
@@ -328,9 +326,7 @@ class Trainer:
         """Train to ``cfg.iters`` iterations (continuing from the checkpoint when ``resume``; refused when
         there is none), holding the run folder's lock and recording the run's state in ``status.json``.
         A second Ctrl-C (an abort) is recorded as interrupted."""
-        with run_lock(self.out):
-            if self.acc.is_main_process:  # a request that an earlier process of this run left unanswered
-                (self.out / STOP).unlink(missing_ok=True)
+        with run_lock(self.out), self._stop_requests_answered():
             self._write_status("running")
             try:
                 result = self._fit(resume)
@@ -341,6 +337,19 @@ class Trainer:
                 raise
             self._write_status("finished" if result.status == "done" else "interrupted")
         return result
+
+    @contextlib.contextmanager
+    def _stop_requests_answered(self):
+        """Remove the run folder's stop request (``STOP``) before the run (one an earlier process left
+        unanswered) and after it, once ``status.json`` says how it ended: until then a reader sees the run
+        as stopping."""
+        if self.acc.is_main_process:
+            (self.out / STOP).unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            if self.acc.is_main_process:
+                (self.out / STOP).unlink(missing_ok=True)
 
     def _write_status(self, state: str, **fields) -> None:
         if self.acc.is_main_process:
