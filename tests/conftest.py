@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -15,6 +16,10 @@ import torch
 from distill_core.denoisers.edm import EDMDenoiser
 from distill_core.methods.base import TeacherSource
 from distill_core.nets.unet import UNet, UNetConfig
+
+# The processes the tests start (commands, launched runs, benchmark children) compute on one thread each, as the
+# test workers do (``_threads``): beside another worker, a second thread only contends for the other's core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 #: the benchmark scripts' folder
 BENCH = Path(__file__).resolve().parents[1] / "bench"
