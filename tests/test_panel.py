@@ -75,7 +75,7 @@ def test_names_and_files_outside_the_root_are_refused(tmp_path):
     assert metrics.records == [] and problem.startswith("refused")
 
 
-def test_a_run_the_panel_starts_cannot_name_files_or_folders(tmp_path):
+def test_a_run_the_panel_starts_cannot_name_files_or_folders_or_what_the_forms_fields_set(tmp_path):
     from distill_core.panel.jobs import Jobs
 
     jobs = Jobs(tmp_path / "runs")
@@ -86,6 +86,8 @@ def test_a_run_the_panel_starts_cannot_name_files_or_folders(tmp_path):
             jobs.start("r", "builtin", "sfd", 2, 2, 2, options)
     with pytest.raises(ValueError, match="refused: the panel distils the built-in teachers"):
         jobs.start("r", str(tmp_path), "sfd", 2, 2, 2)
+    with pytest.raises(ValueError, match="refused: the form's own fields set iters, steps; the options hold"):
+        jobs.start("r", "builtin", "sfd", 2, 2, 2, "steps: 4\niters: 100\n")  # which the fields would override
     assert not (tmp_path / "runs" / "r").exists() and not outside.exists()
 
 
@@ -113,6 +115,9 @@ def test_the_start_form_opens_on_autos_choice_and_follows_the_step_count(tmp_pat
     out = panel_jobs.Jobs(tmp_path / "runs").start("a", "builtin", "auto", 1, 30, 8, "")
     cfg = DistillConfig.from_yaml(out / "config.yaml")
     assert (cfg.method, cfg.steps, cfg.iters, cfg.batch) == ("kd", 1, 30, 8)  # the form's budget stands
+    assert cfg.sample_every == 3  # a grid every tenth of the run, unless the options say otherwise:
+    own = panel_jobs.Jobs(tmp_path / "runs").start("own", "builtin", "sfd", 2, 30, 8, "sample_every: 1\n")
+    assert DistillConfig.from_yaml(own / "config.yaml").sample_every == 1
     assert launched[0][-2:] == ["--method", "auto"]
     parser = argparse.ArgumentParser()
     main_job.add_arguments(parser)
@@ -120,7 +125,7 @@ def test_the_start_form_opens_on_autos_choice_and_follows_the_step_count(tmp_pat
     child, choice = main_job.config_from_args(parser.parse_args(command))  # as the run reads its command
     assert child == cfg and choice == line + " (this run: 30 iterations x batch 8, as given)"
     panel_jobs.Jobs(tmp_path / "runs").start("b", "builtin", "sfd", 2, 30, 8, "")
-    assert "auto" not in launched[1]
+    assert "auto" not in launched[2]
 
 
 def test_smoothing():

@@ -30,6 +30,8 @@ from distill_core.train.status import request_stop
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: run settings that are paths: the panel's options may not set them (its runs stay inside the runs root)
 PATH_SETTINGS = {"out", "teacher", "prompts", "teacher_cache", "init_from"}
+#: run settings that the start form's own fields set
+FORM_SETTINGS = {"method", "steps", "iters", "batch"}
 LOG = "log.txt"
 
 
@@ -46,8 +48,9 @@ class Jobs:
         """Start distilling ``teacher`` with ``method`` (a registered one, or "auto": the one ``auto.resolve``
         chooses, whose line the run prints and reports) to ``steps`` evaluations (and what follows from them:
         SFD-v's range 2..steps) for ``iters`` iterations of ``batch`` into ``root/name``, with the method's
-        settings in ``options`` (YAML; ``method_options`` gives the defaults); sample grids every tenth of the
-        run. Raises ``ValueError`` for a bad or taken name or settings."""
+        settings in ``options`` (YAML; ``method_options`` gives the defaults; not the form's own fields, nor
+        files or folders); sample grids every tenth of the run unless the options say otherwise. Raises
+        ``ValueError`` for a bad or taken name or settings."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ValueError(f"refused: a run name is letters, digits, '.', '_' or '-' (got {name!r})")
         if teacher not in TEACHERS:
@@ -68,10 +71,14 @@ class Jobs:
         if named:
             raise ValueError(f"refused: the options cannot name files or folders ({', '.join(named)}): a run the "
                              "panel starts reads and writes only its own folder under the runs root")
+        named = sorted(FORM_SETTINGS & set(settings))
+        if named:
+            raise ValueError(f"refused: the form's own fields set {', '.join(named)}; the options hold the method's "
+                             "other settings")
         out = self.root / name
         try:
-            cfg = DistillConfig(**{**settings, **derived, "teacher": teacher, "method": chosen, "steps": steps,
-                                   "iters": iters, "batch": batch, "sample_every": max(1, iters // 10),
+            cfg = DistillConfig(**{"sample_every": max(1, iters // 10), **settings, **derived, "teacher": teacher,
+                                   "method": chosen, "steps": steps, "iters": iters, "batch": batch,
                                    "out": str(out)})
         except (TypeError, ValueError) as e:
             raise ValueError(f"refused: {e}") from None
