@@ -155,8 +155,10 @@ def train_to_file(teacher: TeacherHandle, cfg: DistillConfig, folder: str, save_
     target = host.confined(host.model_folder(folder), save_name, ".safetensors")
     run_dir = host.confined(host.runs_folder(), save_name)
     if not resume:  # a new run replaces nothing the user has
+        student = f" and {target}" if target.exists() else ""
         refuse_replacing(run_dir, "turn resume on to go on with it (a finished run with the same iterations is "
-                                  "used as it is), give another save_name, or delete that folder to start it again")
+                                  f"used as it is), give another save_name, or delete that folder{student} to start "
+                                  "it again")
         if target.exists():
             raise ValueError(f"{target} exists already, which this run's student would replace: give another "
                              "save_name, or move that file away")

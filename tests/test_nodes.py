@@ -260,7 +260,7 @@ def test_a_new_run_replaces_no_student_and_resume_continues_a_finished_one(folde
     with pytest.raises(ValueError, match=re.escape(
             f"{run_dir} holds a run (student.safetensors, checkpoints/), which a new run would replace: turn "
             "resume on to go on with it (a finished run with the same iterations is used as it is), give another "
-            "save_name, or delete that folder to start it again")):
+            f"save_name, or delete that folder and {target} to start it again")):
         _distill(teacher, iterations=2, seed=1)
     shutil.rmtree(run_dir)
     with pytest.raises(ValueError, match=re.escape(f"{target} exists already, which this run's student would "
