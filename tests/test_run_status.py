@@ -69,7 +69,7 @@ def test_status_interrupted_and_failed(tiny_edm, tmp_path):
 
 
 def test_a_stop_file_stops_after_the_iteration_with_a_checkpoint_and_a_stale_one_is_ignored(tiny_edm, tmp_path):
-    """Another process writes ``STOP`` into the run folder during iteration 2: the run stops after it with a
+    """Another process writes ``STOP`` into the run folder after iteration 2: the run stops there with a
     checkpoint and removes the request, so the resume goes on to the end; a request left from an earlier
     process (written before the run started) does not stop the next one."""
 
