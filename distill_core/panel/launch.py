@@ -23,8 +23,8 @@ from distill_core.options import whole_number
 DEFAULT_ROOT = "runs"
 DEFAULT_HOST = "127.0.0.1"
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
-#: this machine's names, as ``NO_PROXY`` lists hosts
-LOOPBACK = ("localhost", "127.0.0.1", "::1")
+#: this machine's names as ``NO_PROXY`` lists hosts (no brackets around an IPv6 address)
+LOOPBACK = tuple(name for name in LOCAL_NAMES if not name.startswith("["))
 
 _lock = threading.Lock()
 _url: str | None = None
