@@ -116,3 +116,16 @@ def solve_fingerprint(module: torch.nn.Module) -> str:
         return fingerprint(module)
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})
     return f"{fingerprint(module)}-{'-'.join(dtypes)}"
+
+
+def refuse_replacing_asset(out: str | Path, replace: bool, what: str) -> None:
+    """Refuse, before any training, to write over an existing file at ``out`` unless ``replace``: a shipped
+    asset written over changes the fingerprint that every student of it is checked against (``what`` says
+    what the file is and what depends on it)."""
+    if Path(out).exists() and not replace:
+        raise ValueError(f"{out} exists ({what}): give --out with a new file's path, or --replace to write over it")
+
+
+def add_replace_argument(p) -> None:
+    p.add_argument("--replace", action="store_true", help="write over the file at --out where one exists (for the "
+                   "shipped one: what was made with the old one no longer matches it)")

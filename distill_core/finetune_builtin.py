@@ -84,7 +84,10 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=str(FINETUNE_PATH), help="where to write the fine-tune's LoRA")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps (a few minutes on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0)
+    builtin.add_replace_argument(p)
 
 
 def run(args) -> None:
+    builtin.refuse_replacing_asset(args.out, args.replace, "a fine-tune; students of builtin-bold are refused once it "
+                           "changes")
     print(finetune_teacher(args.out, steps=args.steps, seed=args.seed))

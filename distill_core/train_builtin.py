@@ -145,11 +145,13 @@ def add_arguments_train_teacher(p) -> None:
     p.add_argument("--steps", type=int, default=4000, help="optimizer steps (about 35 min on 2 CPU cores)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    builtin.add_replace_argument(p)
 
 
 def run_train_teacher(args) -> None:
     kind = "flow" if args.flow else "edm"
     out = args.out or (builtin.FLOW_TEACHER_PATH if args.flow else builtin.TEACHER_PATH)
+    builtin.refuse_replacing_asset(out, args.replace, "a teacher; students of it are refused once its weights change")
     print(train_teacher(out, steps=args.steps, batch=args.batch, seed=args.seed, preconditioning=kind))
 
 
@@ -157,9 +159,12 @@ def add_arguments_train_classifier(p) -> None:
     p.add_argument("--out", default=str(builtin.CLASSIFIER_PATH), help="where to write the classifier")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training split (about 2 min on one core)")
     p.add_argument("--seed", type=int, default=0)
+    builtin.add_replace_argument(p)
 
 
 def run_train_classifier(args) -> None:
+    builtin.refuse_replacing_asset(args.out, args.replace, "a classifier; the Frechet reference statistics and every "
+                           "Frechet distance measured so far belong to it")
     print(train_classifier(args.out, epochs=args.epochs, seed=args.seed))
     print("The Frechet reference statistics belong to one classifier: rebuild them with "
           "python -m distill_core reference-stats")

@@ -209,3 +209,38 @@ def test_a_teacher_file_given_as_a_student_is_named_in_one_line(tmp_path, capsys
     assert main(args) == 1
     assert capsys.readouterr().err == f"error: {TEACHER_PATH} is not a student file (its card says kind='teacher')\n"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, shipped", [(["train-teacher"], "TEACHER_PATH"),
+                                              (["train-teacher", "--flow"], "FLOW_TEACHER_PATH"),
+                                              (["train-classifier"], "CLASSIFIER_PATH"),
+                                              (["finetune-teacher"], None)])
+def test_the_asset_commands_refuse_to_write_over_a_file_before_training(capsys, command, shipped):
+    """train-teacher, train-classifier and finetune-teacher write the shipped assets by default: written over,
+    they would change what every student of them is checked against, so an existing file is refused in one
+    line (before the first step) unless --replace says so."""
+    from distill_core import builtin
+    from distill_core.cli import main
+    from distill_core.finetune_builtin import FINETUNE_PATH
+
+    path = getattr(builtin, shipped) if shipped else FINETUNE_PATH
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} exists (")
+    assert err.endswith("give --out with a new file's path, or --replace to write over it\n")
+    assert err.count("\n") == 1
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_replace_lets_finetune_teacher_write_over_its_out_file(tmp_path):
+    """With --replace the command trains and writes over the file at --out."""
+    from distill_core.cli import main
+    from distill_core.safetensors_io import read_card
+
+    out = tmp_path / "bold.safetensors"
+    out.write_bytes(b"an earlier file")
+    assert main(["finetune-teacher", "--out", str(out), "--steps", "1"]) == 1
+    assert out.read_bytes() == b"an earlier file"
+    assert main(["finetune-teacher", "--out", str(out), "--steps", "1", "--replace"]) == 0
+    assert read_card(out)["steps"] == 1
