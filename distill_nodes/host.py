@@ -113,6 +113,24 @@ def send_event(event: str, data: dict) -> None:
         server.send_sync(event, data, getattr(server, "client_id", None))
 
 
+def forget_cached_outputs() -> None:
+    """Have ComfyUI drop its cached node outputs and node objects when the running prompt ends, as its menu's
+    "Free model and node cache" does, but keeping the loaded models: a stock loader that read a file this node
+    has since replaced would otherwise hand on the old file's weights until one of its inputs changes (its
+    outputs are cached by input, and *LoraLoader* keeps the last file it read by path). Nothing outside a
+    ComfyUI server."""
+    if not in_comfyui():
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    queue = getattr(getattr(PromptServer, "instance", None), "prompt_queue", None)
+    if queue is not None:
+        queue.set_flag("unload_models", False)
+        queue.set_flag("free_memory", True)
+
+
 #: a run projected to need more than this many seconds gets a warning on the node, after WARN_AFTER iterations
 LONG_RUN_S, WARN_AFTER = 3600, 2
 

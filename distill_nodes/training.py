@@ -10,6 +10,7 @@ queueing the node again with ``resume`` on continues from it.
 from __future__ import annotations
 
 import copy
+import filecmp
 import os
 
 import torch
@@ -183,7 +184,10 @@ def train_to_file(teacher: TeacherHandle, cfg: DistillConfig, folder: str, save_
     if run is None:
         raise RuntimeError(f"training stopped early; queue again with resume on to continue {run_dir}")
     target.parent.mkdir(parents=True, exist_ok=True)
+    replacing = target.exists() and not filecmp.cmp(target, run.path, shallow=False)
     copy_file(run.path, target)
+    if replacing:  # a run resumed with more iterations: loaders that read the old file must read it again
+        host.forget_cached_outputs()
     metrics = read_metrics(run_dir / METRICS).records
     return StudentHandle(target, teacher, run_dir), loss_curve(metrics).float().div(255).unsqueeze(0)
 

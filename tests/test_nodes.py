@@ -247,11 +247,13 @@ def test_a_stop_request_from_the_panel_stops_a_node_run_that_resume_finishes(fol
     assert read_card(student.path)["training"]["iterations"] == 4
 
 
-def test_a_new_run_replaces_no_student_and_resume_continues_a_finished_one(folders):
+def test_a_new_run_replaces_no_student_and_resume_continues_a_finished_one(folders, monkeypatch):
     """Queueing a training node again without resume, under a name that holds a run: refused before anything
     loads, with the choices, and the student file and the run folder unchanged; a file at the student's path
     that no run made is refused too. Resume with the same iterations gives the finished run's student as it is,
-    with more it goes on training."""
+    with more it goes on training and, as it replaces the file, has ComfyUI forget what loaders read from it."""
+    forgets = []
+    monkeypatch.setattr(host, "forget_cached_outputs", lambda: forgets.append(1))
     (teacher,) = nodes.NODE_CLASS_MAPPINGS["DistillBuiltinTeacher"]().run(guidance=2.0)
     _distill(teacher, iterations=2)
     target = folders / "models" / "diffusion_models" / "tiny.safetensors"
@@ -271,11 +273,29 @@ def test_a_new_run_replaces_no_student_and_resume_continues_a_finished_one(folde
     _, first, _ = _distill(teacher, iterations=2, save_name="more")["result"]
     trained = first.path.read_bytes()
     _, again, _ = _distill(teacher, iterations=2, save_name="more", resume=True)["result"]  # used as it is
-    assert again.path.read_bytes() == trained
+    assert again.path.read_bytes() == trained and forgets == []
     _, student, _ = _distill(teacher, iterations=3, save_name="more", resume=True)["result"]
-    assert read_card(student.path)["training"]["iterations"] == 3
+    assert read_card(student.path)["training"]["iterations"] == 3 and forgets == [1]
     lines = (folders / "output" / "distill_runs" / "more" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iter"] for line in lines] == [1, 2, 3]
+
+
+def test_forgetting_cached_outputs_asks_comfyui_for_a_cache_reset_that_keeps_the_models(monkeypatch):
+    """The flags ComfyUI's menu item "Free model and node cache" sets, less the unloading of models: read by
+    ComfyUI's prompt worker when the running prompt ends."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    flags = {}
+    server = ModuleType("server")
+    server.PromptServer = SimpleNamespace(instance=SimpleNamespace(prompt_queue=SimpleNamespace(
+        set_flag=flags.__setitem__)))
+    monkeypatch.setitem(sys.modules, "server", server)
+    host.forget_cached_outputs()
+    assert flags == {}  # outside ComfyUI: nothing
+    monkeypatch.setattr(host, "in_comfyui", lambda: True)
+    host.forget_cached_outputs()
+    assert flags == {"unload_models": False, "free_memory": True}
 
 
 def test_a_training_node_starts_from_another_nodes_student(folders):
