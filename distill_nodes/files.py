@@ -14,7 +14,7 @@ from distill_core.student_files import check_fits
 
 from . import host
 from .handles import StudentHandle, TeacherHandle
-from .sampling import resolve_student_file, student_files
+from .sampling import ReadsStudentFile, resolve_student_file, student_files
 from .spec import In, Out, node
 from .training import student_model
 
@@ -54,7 +54,7 @@ def free_path(target: Path, source: Path) -> Path:
                  options={"file_list": True})],
       outputs=[Out("MODEL", "model", "the student as a MODEL (ComfyUI teachers; None for the built-in teacher)"),
                Out("DISTILL_STUDENT", "student", "the student, for sampling and comparing")])
-class LoadStudent:
+class LoadStudent(ReadsStudentFile):
     def run(self, teacher: TeacherHandle, student_file: str, unique_id=None):
         path, card = resolve_student_file(student_file)
         if teacher.model is not None:

@@ -36,6 +36,20 @@ def resolve_student_file(choice: str) -> tuple:
     return path, check_card(path, card)
 
 
+class ReadsStudentFile:
+    """A node that reads the student file its ``student_file`` widget names. ComfyUI reuses a node's outputs
+    while its inputs stay the same; ``IS_CHANGED`` adds the file's size and modification time to them, so the
+    node reads the file again once a run (the command line, the panel, a resumed node) has replaced it."""
+
+    @classmethod
+    def IS_CHANGED(cls, student_file: str, **_) -> str:  # noqa: N802 - ComfyUI's name
+        kind, _, name = student_file.partition("/")
+        if kind not in STUDENT_FOLDERS or name not in host.list_files(kind):
+            return student_file  # the connected student, or a name the node itself refuses
+        state = host.find_file(kind, name).stat()
+        return f"{student_file}:{state.st_size}:{state.st_mtime_ns}"
+
+
 STEPS = In("steps", "INT", "evaluations per image; 0: the student's own (an SFD-v student accepts its range)", 0,
            options={"min": 0, "max": 64})
 
@@ -54,7 +68,7 @@ STEPS = In("steps", "INT", "evaluations per image; 0: the student's own (an SFD-
       outputs=[Out("SIGMAS", "sigmas", "the student's noise levels, from sigma_max to its sigma_min"),
                Out("SAMPLER", "sampler", "the sampler the student file names, as the student was trained"),
                Out("FLOAT", "cfg", "the CFG scale to sample with: 1 for distilled guidance, else the trained w")])
-class StudentSchedule:
+class StudentSchedule(ReadsStudentFile):
     def run(self, student_file: str, steps: int, student: StudentHandle | None = None, unique_id=None):
         card = student.card if student is not None else resolve_student_file(student_file)[1]
         sigmas, cfg = recipe(card, steps)

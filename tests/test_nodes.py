@@ -272,10 +272,16 @@ def test_a_new_run_replaces_no_student_and_resume_continues_a_finished_one(folde
 
     _, first, _ = _distill(teacher, iterations=2, save_name="more")["result"]
     trained = first.path.read_bytes()
+    loaders = [nodes.NODE_CLASS_MAPPINGS[n] for n in ("DistillLoadStudent", "DistillStudentSchedule")]
+    states = [loader.IS_CHANGED(student_file="diffusion_models/more.safetensors") for loader in loaders]
     _, again, _ = _distill(teacher, iterations=2, save_name="more", resume=True)["result"]  # used as it is
     assert again.path.read_bytes() == trained and forgets == []
+    assert [loader.IS_CHANGED(student_file="diffusion_models/more.safetensors") for loader in loaders] == states
     _, student, _ = _distill(teacher, iterations=3, save_name="more", resume=True)["result"]
     assert read_card(student.path)["training"]["iterations"] == 3 and forgets == [1]
+    for loader, state in zip(loaders, states):  # the nodes that read the file by name read it again
+        assert loader.IS_CHANGED(student_file="diffusion_models/more.safetensors", steps=0) != state
+        assert loader.IS_CHANGED(student_file="(connected student)") == "(connected student)"
     lines = (folders / "output" / "distill_runs" / "more" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iter"] for line in lines] == [1, 2, 3]
 

@@ -427,40 +427,50 @@ def test_cancel_keeps_a_checkpoint_and_requeueing_with_resume_finishes(server):
 
 
 def _lora_loader_workflow(lora_name: str) -> dict:
-    """Load Checkpoint -> the stock LoraLoader -> KSampler (2 steps, a fixed seed) -> Save Latent."""
+    """Load Checkpoint -> the stock LoraLoader -> SamplerCustom with the sigmas, sampler and cfg of Student sigmas
+    + sampler reading the same file -> Save Latent."""
     text = {"clip": ["2", 1], "text": "a lighthouse"}
     return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
             "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
                                                           "strength_model": 1.0, "strength_clip": 1.0}},
             "3": {"class_type": "CLIPTextEncode", "inputs": text},
             "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "5": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "seed": 0, "steps": 2, "cfg": 1.0,
-                                                        "sampler_name": "euler", "scheduler": "normal",
-                                                        "positive": ["3", 0], "negative": ["3", 0],
-                                                        "latent_image": ["4", 0], "denoise": 1.0}},
-            "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "latents/grows"}}}
+            "5": {"class_type": "SamplerCustom", "inputs": {
+                "model": ["2", 0], "add_noise": True, "noise_seed": 0, "cfg": ["7", 2], "positive": ["3", 0],
+                "negative": ["3", 0], "sampler": ["7", 1], "sigmas": ["7", 0], "latent_image": ["4", 0]}},
+            "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "latents/grows"}},
+            "7": {"class_type": "DistillStudentSchedule", "inputs": {"student_file": f"loras/{lora_name}",
+                                                                      "steps": 0}}}
 
 
-def test_a_lora_loader_reads_the_file_again_after_a_resumed_run_replaced_it(server):
+def test_loaders_read_a_student_file_again_once_it_is_replaced(server):
     """A LoRA trained for 2 iterations and sampled through the stock LoraLoader; the run resumed to 4
     iterations replaces the file, and the same loader graph queued again reads the new file: its nodes run
-    again (ComfyUI caches node outputs by input, and LoraLoader the last file by path) and its latent changes."""
+    again (ComfyUI caches node outputs by input, and LoraLoader the last file by path) and its latent changes.
+    A file replaced outside ComfyUI (here: touched) is read again by the pack's own loaders."""
     import torch
     from safetensors.torch import load_file
 
+    lora = server.base / "models" / "loras" / "grows.safetensors"
     train = _sd15_workflow(iterations=2, save_name="grows")
+
+    def cached_nodes(graph: dict) -> list[str]:
+        entry = server.wait(server.queue(graph))
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+        return next(m[1]["nodes"] for m in entry["status"]["messages"] if m[0] == "execution_cached")
+
     for iterations, resume in ((2, False), (4, True)):
         train["4"]["inputs"].update(iterations=iterations, resume=resume)
-        entry = server.wait(server.queue(train))
-        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-        assert read_card(server.base / "models" / "loras" / "grows.safetensors")["training"]["iterations"] == iterations
-        entry = server.wait(server.queue(_lora_loader_workflow("grows.safetensors")))
-        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-        cached = [m[1]["nodes"] for m in entry["status"]["messages"] if m[0] == "execution_cached"]
-        assert cached and "2" not in cached[0] and "5" not in cached[0]
+        cached_nodes(train)
+        assert read_card(lora)["training"]["iterations"] == iterations
+        assert not {"2", "5", "7"} & set(cached_nodes(_lora_loader_workflow("grows.safetensors")))
     first, second = (load_file(str(p))["latent_tensor"]
                      for p in sorted((server.base / "output" / "latents").glob("grows_*.latent")))
     assert not torch.equal(first, second)
+
+    assert {"2", "5", "7"} <= set(cached_nodes(_lora_loader_workflow("grows.safetensors")))  # nothing changed
+    os.utime(lora, ns=(lora.stat().st_atime_ns, lora.stat().st_mtime_ns + 10**9))
+    assert "7" not in cached_nodes(_lora_loader_workflow("grows.safetensors"))
 
 
 def test_the_monitor_route_starts_the_panel_in_the_comfyui_process(server):
