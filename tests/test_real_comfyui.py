@@ -6,7 +6,8 @@ requirements are installed in the Python running these tests, with this package 
 * A headless server (``main.py --cpu``) with this pack in its ``custom_nodes``: workflows (a) and
   (b) POSTed to ``/prompt`` in API format finish with their outputs on disk; Cancel (``/interrupt``)
   during training leaves a checkpoint, and queueing again with resume on finishes the run without
-  losing or repeating an iteration; the web extension and the monitor route are served, and the panel
+  losing or repeating an iteration, and loaders of the student file read it again once a resumed run has
+  replaced it; the web extension and the monitor route are served, and the panel
   behind the route starts a run in ComfyUI's Python.
 
 Run: ``COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest -m comfyui``.
@@ -426,51 +427,59 @@ def test_cancel_keeps_a_checkpoint_and_requeueing_with_resume_finishes(server):
     assert iterations == list(range(1, 13))
 
 
-def _lora_loader_workflow(lora_name: str) -> dict:
-    """Load Checkpoint -> the stock LoraLoader -> SamplerCustom with the sigmas, sampler and cfg of Student sigmas
-    + sampler reading the same file -> Save Latent."""
-    text = {"clip": ["2", 1], "text": "a lighthouse"}
-    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
-            "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
-                                                          "strength_model": 1.0, "strength_clip": 1.0}},
-            "3": {"class_type": "CLIPTextEncode", "inputs": text},
-            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "5": {"class_type": "SamplerCustom", "inputs": {
-                "model": ["2", 0], "add_noise": True, "noise_seed": 0, "cfg": ["7", 2], "positive": ["3", 0],
-                "negative": ["3", 0], "sampler": ["7", 1], "sigmas": ["7", 0], "latent_image": ["4", 0]}},
-            "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "latents/grows"}},
-            "7": {"class_type": "DistillStudentSchedule", "inputs": {"student_file": f"loras/{lora_name}",
-                                                                      "steps": 0}}}
+def _with_lora_loader(graph: dict, lora_name: str) -> dict:
+    """``graph`` (a workflow with Load Checkpoint as node 1) and beside it: the stock LoraLoader of ``lora_name``
+    -> SamplerCustom with the sigmas, sampler and cfg of Student sigmas + sampler reading the same file -> Save
+    Latent (nodes 21 to 27)."""
+    text = {"clip": ["22", 1], "text": "a lighthouse"}
+    return {**graph,
+            "22": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
+                                                           "strength_model": 1.0, "strength_clip": 1.0}},
+            "23": {"class_type": "CLIPTextEncode", "inputs": text},
+            "24": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "25": {"class_type": "SamplerCustom", "inputs": {
+                "model": ["22", 0], "add_noise": True, "noise_seed": 0, "cfg": ["27", 2], "positive": ["23", 0],
+                "negative": ["23", 0], "sampler": ["27", 1], "sigmas": ["27", 0], "latent_image": ["24", 0]}},
+            "26": {"class_type": "SaveLatent", "inputs": {"samples": ["25", 0], "filename_prefix": "latents/grows"}},
+            "27": {"class_type": "DistillStudentSchedule", "inputs": {"student_file": f"loras/{lora_name}",
+                                                                       "steps": 0}}}
 
 
 def test_loaders_read_a_student_file_again_once_it_is_replaced(server):
-    """A LoRA trained for 2 iterations and sampled through the stock LoraLoader; the run resumed to 4
-    iterations replaces the file, and the same loader graph queued again reads the new file: its nodes run
-    again (ComfyUI caches node outputs by input, and LoraLoader the last file by path) and its latent changes.
-    A file replaced outside ComfyUI (here: touched) is read again by the pack's own loaders."""
+    """A workflow that trains a LoRA and also samples its file through the stock LoraLoader. Resumed to more
+    iterations, the run replaces the file; that prompt still shows the old file's sample (ComfyUI reuses the
+    outputs of nodes whose inputs are unchanged), and the next queue of the same workflow reads the new file
+    (the training node has ComfyUI forget its cached outputs). A file replaced outside ComfyUI (here: touched)
+    is read again by the pack's own loader on the next queue."""
     import torch
     from safetensors.torch import load_file
 
     lora = server.base / "models" / "loras" / "grows.safetensors"
     train = _sd15_workflow(iterations=2, save_name="grows")
+    loaders = {"22", "25", "27"}
 
-    def cached_nodes(graph: dict) -> list[str]:
+    def cached_nodes(graph: dict) -> set[str]:
         entry = server.wait(server.queue(graph))
         assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-        return next(m[1]["nodes"] for m in entry["status"]["messages"] if m[0] == "execution_cached")
+        return set(next(m[1]["nodes"] for m in entry["status"]["messages"] if m[0] == "execution_cached"))
 
-    for iterations, resume in ((2, False), (4, True)):
-        train["4"]["inputs"].update(iterations=iterations, resume=resume)
-        cached_nodes(train)
-        assert read_card(lora)["training"]["iterations"] == iterations
-        assert not {"2", "5", "7"} & set(cached_nodes(_lora_loader_workflow("grows.safetensors")))
-    first, second = (load_file(str(p))["latent_tensor"]
-                     for p in sorted((server.base / "output" / "latents").glob("grows_*.latent")))
-    assert not torch.equal(first, second)
+    def latents() -> list:
+        files = sorted((server.base / "output" / "latents").glob("grows_*.latent"))
+        return [load_file(str(p))["latent_tensor"] for p in files]
 
-    assert {"2", "5", "7"} <= set(cached_nodes(_lora_loader_workflow("grows.safetensors")))  # nothing changed
+    cached_nodes(train)
+    train["4"]["inputs"]["resume"] = True
+    assert not loaders & cached_nodes(_with_lora_loader(train, "grows.safetensors"))
+    train["4"]["inputs"]["iterations"] = 4
+    assert loaders <= cached_nodes(_with_lora_loader(train, "grows.safetensors"))  # the prompt that replaces it
+    assert read_card(lora)["training"]["iterations"] == 4
+    assert not loaders & cached_nodes(_with_lora_loader(train, "grows.safetensors"))  # the next one
+    old, new = latents()
+    assert not torch.equal(old, new)
+
+    assert loaders <= cached_nodes(_with_lora_loader(train, "grows.safetensors"))  # nothing changed
     os.utime(lora, ns=(lora.stat().st_atime_ns, lora.stat().st_mtime_ns + 10**9))
-    assert "7" not in cached_nodes(_lora_loader_workflow("grows.safetensors"))
+    assert "27" not in cached_nodes(_with_lora_loader(train, "grows.safetensors"))
 
 
 def test_the_monitor_route_starts_the_panel_in_the_comfyui_process(server):
