@@ -42,7 +42,7 @@ class ReadsStudentFile:
     node reads the file again once a run (the command line, the panel, a resumed node) has replaced it."""
 
     @classmethod
-    def IS_CHANGED(cls, student_file: str, **_) -> str:  # noqa: N802 - ComfyUI's name
+    def IS_CHANGED(cls, student_file: str = "", **_) -> str:  # noqa: N802 - ComfyUI's; no student_file if linked
         kind, _, name = student_file.partition("/")
         if kind not in STUDENT_FOLDERS or name not in host.list_files(kind):
             return student_file  # the connected student, or a name the node itself refuses

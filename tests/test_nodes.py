@@ -282,6 +282,7 @@ def test_a_new_run_replaces_no_student_and_resume_continues_a_finished_one(folde
     for loader, state in zip(loaders, states):  # the nodes that read the file by name read it again
         assert loader.IS_CHANGED(student_file="diffusion_models/more.safetensors", steps=0) != state
         assert loader.IS_CHANGED(student_file="(connected student)") == "(connected student)"
+        assert loader.IS_CHANGED(steps=0) == ""  # the widget turned into a linked input
     lines = (folders / "output" / "distill_runs" / "more" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iter"] for line in lines] == [1, 2, 3]
 
