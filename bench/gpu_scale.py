@@ -45,6 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distill_core.atomic import write_json  # noqa: E402
 from distill_core.config import SD_SIGMA_MIN, DistillConfig  # noqa: E402
 from distill_core.denoisers.base import move_cond  # noqa: E402
 from distill_core.denoisers.diffusers import DiffusersDenoiser  # noqa: E402
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(measure_in_subprocess(row, args))
         print(json.dumps(rows[-1]), flush=True)
         if args.out:
-            Path(args.out).write_text(json.dumps(rows, indent=1))
+            write_json(args.out, rows)  # after every row: a stopped run keeps the rows it measured
     print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s")
     return rows
 
