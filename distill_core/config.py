@@ -50,8 +50,9 @@ class DistillConfig:
     Built from flat keyword arguments: the run's fields below, the rest go to the method's ``Config``."""
 
     # what to distil
-    teacher: str = option("builtin", "the teacher to distil: builtin, builtin-flow, builtin-bold, or a diffusers "
-                          "model directory (a local folder; nothing is downloaded)")
+    teacher: str = option("builtin", "the teacher to distil: builtin, builtin-flow, builtin-bold, a digits teacher "
+                          "file that train-teacher --out wrote, or a diffusers model directory (a local folder; "
+                          "nothing is downloaded)")
     classes: int = option(0, "a teacher from a directory: train on class labels 0 .. N-1 (0: unconditional)", min=0)
     null_class: int | None = option(None, "a teacher from a directory: its unconditional class label, for "
                                     "classifier-free guidance (None: no guidance)", min=0)

@@ -25,7 +25,7 @@ from distill_core.methods import auto
 from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import methods
 from distill_core.options import add_flags, flag_values, settings
-from distill_core.sources import TEACHERS, teacher_source
+from distill_core.sources import teacher_source
 from distill_core.teacher import CFGTeacher
 from distill_core.train.run import StudentRun, refuse_replacing, train_student, within_trained_range
 
@@ -144,18 +144,18 @@ def run_precompute(args: argparse.Namespace) -> int:
 
 
 def reference_steps(source: TeacherSource, steps: int | None = None) -> int:
-    """Heun steps of a teacher's reference solves: ``steps`` where given, else 128 for the built-in teachers
-    (their 128-step solves ship) and 32 for a teacher from a directory (on the built-in teachers a 32-step solve
-    lands 54 dB from a 256-step one, where students land near 30 dB: ``bench/reference_steps.py``)."""
-    return steps or (128 if source.name in TEACHERS else 32)
+    """Heun steps of a teacher's reference solves: ``steps`` where given, else 128 for the digits teachers (the
+    shipped ones' 128-step solves ship) and 32 for a teacher from a directory (on the built-in teachers a 32-step
+    solve lands 54 dB from a 256-step one, where students land near 30 dB: ``bench/reference_steps.py``)."""
+    return steps or (128 if source.digits else 32)
 
 
 def eval_space(source: TeacherSource) -> dict:
     """How a teacher's samples are evaluated (``eval_set``'s keywords): their shape and classes, and the metric
-    space, the classifier's features for the built-in teachers' digits, else pooled pixels."""
+    space, the classifier's features for the digits teachers, else pooled pixels."""
     from distill_core.eval.benchmark import DIGITS, PIXELS
 
-    return {"shape": source.shape, "classes": source.classes, "space": DIGITS if source.name in TEACHERS else PIXELS}
+    return {"shape": source.shape, "classes": source.classes, "space": DIGITS if source.digits else PIXELS}
 
 
 def source_of(cfg: DistillConfig) -> TeacherSource:

@@ -3,6 +3,7 @@ a sampler of training conditions, the unconditional condition, the default guida
 
 * ``builtin``: the shipped 16x16 MNIST teacher, class-conditional; ``builtin-flow``: the same network
   trained as a rectified flow on the same data; ``builtin-bold``: the built-in teacher fine-tuned to bold digits;
+* a digits teacher that ``train-teacher --out FILE`` wrote (``trained_file_source``);
 * a diffusers model directory (``diffusers_source``);
 * ``comfy_source``: any ComfyUI MODEL with prompt conditions (the nodes build it).
 """
@@ -50,6 +51,7 @@ def builtin_source() -> TeacherSource:
         builtin.NUM_CLASSES,
         tuned=BUILTIN_TUNED,
         draw_data=draw_data,
+        digits=True,
     )
 
 
@@ -79,6 +81,22 @@ def finetuned_source() -> TeacherSource:
     return dataclasses.replace(base, name="builtin-bold", denoiser=load_finetuned_teacher(), draw_data=draw_data)
 
 
+def trained_file_source(path: str) -> TeacherSource:
+    """A digits teacher from a file that ``train-teacher --out`` wrote: the built-in teacher's data, classes and
+    guidance around that file's network, EDM or rectified flow as its card says; nothing measured on the shipped
+    teacher (``BUILTIN_TUNED``) is assumed of it."""
+    import dataclasses
+
+    from distill_core import builtin
+    from distill_core.safetensors_io import read_card
+
+    kind = read_card(path).get("kind")
+    if kind != "teacher":
+        raise ValueError(f"{path} is not a teacher file (its card says kind={kind!r}): give a file that "
+                         "python -m distill_core train-teacher --out wrote, or a diffusers model directory")
+    return dataclasses.replace(builtin_source(), name=path, denoiser=builtin.load_builtin_teacher(path), tuned={})
+
+
 def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
                    prompts: str | list[str] | None = None, guidance: float | None = None,
                    resolution: int | None = None, negative: str | None = None,
@@ -90,17 +108,18 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
     prompt, where not its own; ``frozen_precision``: the run's, bf16 loading a directory's 16-bit weights
     without a float32 copy; ``encode`` False: a pipeline's network without its text encoders, for a command
     that reads the network only)."""
-    if prompts and name in TEACHERS:
+    digits = name in TEACHERS or name.endswith(".safetensors")
+    if prompts and digits:
         from distill_core.prompts import prompt_flag
 
         raise ValueError(f"{prompt_flag(prompts)} is for text-to-image pipeline directories; the {name} teacher is "
                          "conditioned on classes")
-    if (classes or null_class is not None) and name in TEACHERS:
+    if (classes or null_class is not None) and digits:
         raise ValueError(f"--classes and --null-class are for class-conditional models from directories; the {name} "
                          "teacher has its own 10 classes and null class")
-    if resolution and name in TEACHERS:
+    if resolution and digits:
         raise ValueError(f"--resolution is for teachers from directories; the {name} teacher draws 16 x 16 digits")
-    if negative is not None and name in TEACHERS:
+    if negative is not None and digits:
         raise ValueError(f"--negative is for text-to-image pipeline directories; the {name} teacher's other side "
                          "of CFG is its null class")
     if name == "builtin":
@@ -109,14 +128,16 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
         return finetuned_source()
     if name == "builtin-flow":
         return flow_source()
+    if name.endswith(".safetensors"):
+        return trained_file_source(name)
     if "/" in name or "\\" in name or name.startswith(".") or Path(name).exists():
         from distill_core.diffusers_source import diffusers_source
 
         return diffusers_source(name, classes, null_class, prompts, guidance, resolution, negative, frozen_precision,
                                 encode)
     raise ValueError(
-        f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, or the path of a local diffusers model "
-        "directory (ComfyUI checkpoints come through the nodes)"
+        f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, a digits teacher file that train-teacher "
+        "wrote, or the path of a local diffusers model directory (ComfyUI checkpoints come through the nodes)"
     )
 
 

@@ -65,7 +65,8 @@ class TeacherSource:
     file of this teacher carries (how a host samples it); ``decode``: its samples (latents) as images in
     [-1, 1] for the report's grid, where the teacher has a decoder; ``prompt_table``: its conditions 0 ..
     ``classes`` are rows of a table of encoded prompts, which its students may sample with another table, so
-    nothing per condition (AFS's class means) may travel in their files."""
+    nothing per condition (AFS's class means) may travel in their files; ``digits``: its samples are the
+    built-in data set's 16x16 digits, measured in the metric classifier's features."""
 
     name: str
     denoiser: nn.Module
@@ -80,6 +81,7 @@ class TeacherSource:
     card: dict = field(default_factory=dict)
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     prompt_table: bool = False
+    digits: bool = False
 
     def scale(self, w: float | None) -> float:
         """The guidance scale of a run: ``w`` as configured, else the teacher's own; 1 (no CFG) for a teacher
