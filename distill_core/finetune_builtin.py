@@ -88,6 +88,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> None:
-    builtin.refuse_replacing_asset(args.out, args.replace, "a fine-tune; students of builtin-bold are refused once it "
-                           "changes")
+    builtin.refuse_replacing_asset(args.out, args.replace,
+                                   "a fine-tune; students of builtin-bold are refused once it changes")
     print(finetune_teacher(args.out, steps=args.steps, seed=args.seed))

@@ -101,13 +101,13 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
                    prompts: str | list[str] | None = None, guidance: float | None = None,
                    resolution: int | None = None, negative: str | None = None,
                    frozen_precision: str = "as-loaded", encode: bool = True) -> TeacherSource:
-    """The teacher a run names: a built-in one, or a local diffusers model directory (``diffusers_source``,
-    with ``classes`` and ``null_class``, or for a text-to-image pipeline the prompt file ``prompts`` (or the
-    prompts themselves, a list), and the run's ``guidance``, which a guidance-distilled pipeline takes as its
-    input; ``resolution``: its image side in pixels, where not its own; ``negative``: a pipeline's negative
-    prompt, where not its own; ``frozen_precision``: the run's, bf16 loading a directory's 16-bit weights
-    without a float32 copy; ``encode`` False: a pipeline's network without its text encoders, for a command
-    that reads the network only)."""
+    """The teacher a run names: a built-in one, a digits teacher file (``trained_file_source``), or a local
+    diffusers model directory (``diffusers_source``, with ``classes`` and ``null_class``, or for a text-to-image
+    pipeline the prompt file ``prompts`` (or the prompts themselves, a list), and the run's ``guidance``, which
+    a guidance-distilled pipeline takes as its input; ``resolution``: its image side in pixels, where not its
+    own; ``negative``: a pipeline's negative prompt, where not its own; ``frozen_precision``: the run's, bf16
+    loading a directory's 16-bit weights without a float32 copy; ``encode`` False: a pipeline's network without
+    its text encoders, for a command that reads the network only)."""
     digits = name in TEACHERS or name.endswith(".safetensors")
     if prompts and digits:
         from distill_core.prompts import prompt_flag

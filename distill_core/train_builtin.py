@@ -163,8 +163,8 @@ def add_arguments_train_classifier(p) -> None:
 
 
 def run_train_classifier(args) -> None:
-    builtin.refuse_replacing_asset(args.out, args.replace, "a classifier; the Frechet reference statistics and every "
-                           "Frechet distance measured so far belong to it")
+    builtin.refuse_replacing_asset(args.out, args.replace, "a classifier; the Frechet reference statistics and "
+                                   "every Frechet distance measured so far belong to it")
     print(train_classifier(args.out, epochs=args.epochs, seed=args.seed))
     print("The Frechet reference statistics belong to one classifier: rebuild them with "
           "python -m distill_core reference-stats")

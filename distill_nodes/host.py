@@ -99,16 +99,21 @@ def check_interrupt() -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
 
 
-def send_event(event: str, data: dict) -> None:
-    """A custom event to the browser tab that queued the running prompt (``web/distill.js`` listens), as
-    ComfyUI sends its own progress; nothing outside a ComfyUI server."""
+def prompt_server():
+    """ComfyUI's running server (``PromptServer.instance``); None outside one."""
     if not in_comfyui():
-        return
+        return None
     try:
         from server import PromptServer
     except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+def send_event(event: str, data: dict) -> None:
+    """A custom event to the browser tab that queued the running prompt (``web/distill.js`` listens), as
+    ComfyUI sends its own progress; nothing outside a ComfyUI server."""
+    server = prompt_server()
     if server is not None:
         server.send_sync(event, data, getattr(server, "client_id", None))
 
@@ -119,13 +124,7 @@ def forget_cached_outputs() -> None:
     has since replaced would otherwise hand on the old file's weights until one of its inputs changes (its
     outputs are cached by input, and *LoraLoader* keeps the last file it read by path). Nothing outside a
     ComfyUI server."""
-    if not in_comfyui():
-        return
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    queue = getattr(getattr(PromptServer, "instance", None), "prompt_queue", None)
+    queue = getattr(prompt_server(), "prompt_queue", None)
     if queue is not None:
         queue.set_flag("unload_models", False)
         queue.set_flag("free_memory", True)

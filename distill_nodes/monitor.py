@@ -37,21 +37,16 @@ def register_routes(training_nodes: list[str]) -> None:
     """On ComfyUI's server (nothing outside ComfyUI): ``GET /distill/monitor`` -> ``{"url": ...}``, and
     ``GET /distill/training_nodes`` -> the ids of the nodes that train (the web extension draws progress
     on them)."""
-    if not host.in_comfyui():
+    server = host.prompt_server()
+    if server is None:
         return
-    try:
-        from aiohttp import web
-        from server import PromptServer
-    except ImportError:
-        return
-    if getattr(PromptServer, "instance", None) is None:
-        return
+    from aiohttp import web  # ComfyUI's server is built on it
 
-    @PromptServer.instance.routes.get("/distill/training_nodes")
+    @server.routes.get("/distill/training_nodes")
     async def training(request):
         return web.json_response(training_nodes)
 
-    @PromptServer.instance.routes.get("/distill/monitor")
+    @server.routes.get("/distill/monitor")
     async def open_monitor(request):
         try:  # the first start takes seconds: off ComfyUI's event loop, which serves the progress of runs meanwhile
             url = await asyncio.get_running_loop().run_in_executor(None, monitor_url)
