@@ -44,9 +44,12 @@ class ReadsStudentFile:
     @classmethod
     def IS_CHANGED(cls, student_file: str = "", **_) -> str:  # noqa: N802 - ComfyUI's; no student_file if linked
         kind, _, name = student_file.partition("/")
-        if kind not in STUDENT_FOLDERS or name not in host.list_files(kind):
+        try:
+            state = host.find_file(kind, name).stat() if kind in STUDENT_FOLDERS else None
+        except FileNotFoundError:
+            state = None
+        if state is None:
             return student_file  # the connected student, or a name the node itself refuses
-        state = host.find_file(kind, name).stat()
         return f"{student_file}:{state.st_size}:{state.st_mtime_ns}"
 
 

@@ -184,7 +184,7 @@ def train_to_file(teacher: TeacherHandle, cfg: DistillConfig, folder: str, save_
     if run is None:
         raise RuntimeError(f"training stopped early; queue again with resume on to continue {run_dir}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    if not (target.exists() and filecmp.cmp(target, run.path, shallow=False)):  # a finished run's is kept as it is
+    if not (target.exists() and filecmp.cmp(target, run.path, shallow=False)):  # a finished run's file stays as it is
         replacing = target.exists()
         copy_file(run.path, target)
         if replacing:  # a run resumed with more iterations: loaders that read the old file must read it again

@@ -430,7 +430,7 @@ def test_cancel_keeps_a_checkpoint_and_requeueing_with_resume_finishes(server):
 def _with_lora_loader(graph: dict, lora_name: str) -> dict:
     """``graph`` (a workflow with Load Checkpoint as node 1) and beside it: the stock LoraLoader of ``lora_name``
     -> SamplerCustom with the sigmas, sampler and cfg of Student sigmas + sampler reading the same file -> Save
-    Latent (nodes 21 to 27)."""
+    Latent (nodes 22 to 27)."""
     text = {"clip": ["22", 1], "text": "a lighthouse"}
     return {**graph,
             "22": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
