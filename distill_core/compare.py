@@ -202,12 +202,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def named_teacher(paths: list[str]) -> str:
-    """The teacher the student files name (``teacher`` in their cards); refuses files that name several or none."""
+    """The teacher the student files name (``teacher`` in their cards); refuses files that name several or none,
+    and a file or folder that is not there from the working directory (a card keeps the path distill was
+    given, which a relative path reads from the folder it ran in)."""
+    from distill_core.sources import TEACHERS, names_a_path
+
     names = {read_student_card(path).get("teacher") for path in paths}
     if None in names or len(names) > 1:
         raise ValueError(f"the student files name {'different teachers' if len(names) > 1 else 'no teacher'} "
                          f"({', '.join(sorted(str(n) for n in names))}): give it with --teacher")
-    return names.pop()
+    name = names.pop()
+    if name not in TEACHERS and names_a_path(name) and not Path(name).exists():
+        raise FileNotFoundError(f"the student's teacher {name} (as its card names it) is not there from {Path.cwd()}: "
+                                "run from the folder distill ran in, or give the teacher with --teacher")
+    return name
 
 
 def run(args: argparse.Namespace) -> int:

@@ -130,7 +130,7 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
         return flow_source()
     if name.endswith(".safetensors"):
         return trained_file_source(name)
-    if "/" in name or "\\" in name or name.startswith(".") or Path(name).exists():
+    if names_a_path(name):
         from distill_core.diffusers_source import diffusers_source
 
         return diffusers_source(name, classes, null_class, prompts, guidance, resolution, negative, frozen_precision,
@@ -139,6 +139,11 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
         f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, a digits teacher file that train-teacher "
         "wrote, or the path of a local diffusers model directory (ComfyUI checkpoints come through the nodes)"
     )
+
+
+def names_a_path(name: str) -> bool:
+    """Whether a teacher name is a file or folder: a digits teacher file, or what has a path's form or exists."""
+    return name.endswith(".safetensors") or "/" in name or "\\" in name or name.startswith(".") or Path(name).exists()
 
 
 def as_trained(card: dict) -> dict:

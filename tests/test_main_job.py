@@ -120,28 +120,38 @@ def test_main_job_writes_student_grid_and_report(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flow", [False, True])
-def test_a_teacher_file_that_train_teacher_wrote_distils_as_a_digits_teacher(tmp_path, capsys, flow):
+def test_a_teacher_file_that_train_teacher_wrote_distils_as_a_digits_teacher(tmp_path, capsys, monkeypatch, flow):
     """``train-teacher --out FILE`` (a few steps here), then ``distill --teacher FILE``: the report measures it in
     the metric classifier's features, the student file names the file as its teacher, ``sample`` rebuilds it
-    from there, and a flow teacher's student takes the flow time grid."""
+    from there, and a flow teacher's student takes the flow time grid. The file given relative to the working
+    folder: from another folder ``sample`` refuses in one line, naming the flag that gives the teacher."""
     from distill_core.safetensors_io import read_card
 
-    teacher = tmp_path / "mine.safetensors"
-    assert cli.main(["train-teacher", "--out", str(teacher), "--steps", "2", *(["--flow"] if flow else [])]) == 0
+    monkeypatch.chdir(tmp_path)
+    teacher = "mine.safetensors"
+    assert cli.main(["train-teacher", "--out", teacher, "--steps", "2", *(["--flow"] if flow else [])]) == 0
     assert read_card(teacher)["preconditioning"] == ("flow" if flow else "edm")
     out = tmp_path / "run"
-    assert cli.main(["distill", "--teacher", str(teacher), "--iters", "1", "--batch", "2", "--eval-samples", "4",
+    assert cli.main(["distill", "--teacher", teacher, "--iters", "1", "--batch", "2", "--eval-samples", "4",
                      "--checkpoint-every", "0", "--report-solvers", "euler", "--reference-steps", "8", "--out",
                      str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["teacher"] == str(teacher) and report["metric_space"].startswith("the metric classifier's features")
+    assert report["teacher"] == teacher and report["metric_space"].startswith("the metric classifier's features")
     card = read_card(out / "student.safetensors")
-    assert card["teacher"] == str(teacher)
+    assert card["teacher"] == teacher
     second = card["sigmas"]["4"][1]  # the flow grid's first interval ends at t = 0.79: sigma 3.79
     assert (abs(second - 3.79) < 0.01) == flow
     capsys.readouterr()
     assert cli.main(["sample", str(out / "student.safetensors"), "--out", str(tmp_path / "samples")]) == 0
     assert "40 images of 10 conditions" in capsys.readouterr().out
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["sample", str(out / "student.safetensors"), "--out", "samples"]) == 1
+    assert capsys.readouterr().err == (f"error: the student's teacher {teacher} (as its card names it) is not there "
+                                       f"from {elsewhere}: run from the folder distill ran in, or give the teacher "
+                                       "with --teacher\n")
+    assert not (elsewhere / "samples").exists()
 
 
 def test_a_file_that_is_no_teacher_is_refused_as_the_teacher_in_one_line(tmp_path, capsys):
