@@ -91,6 +91,42 @@ def test_a_run_the_panel_starts_cannot_name_files_or_folders_or_what_the_forms_f
     assert not (tmp_path / "runs" / "r").exists() and not outside.exists()
 
 
+def test_the_start_form_offers_the_teacher_files_in_the_roots_teachers_folder(tmp_path, monkeypatch):
+    """``runs/teachers/*.safetensors`` whose cards say teacher are offered beside the built-in teachers; another
+    kind of file, an unreadable one and a link out of the folder are not, and a run cannot name them. The run's
+    config names the chosen file by its absolute path."""
+    import shutil
+
+    from distill_core.builtin import FLOW_TEACHER_PATH
+    from distill_core.config import DistillConfig
+    from distill_core.finetune_builtin import FINETUNE_PATH
+    from distill_core.panel import jobs as panel_jobs
+
+    root = tmp_path / "runs"
+    folder = root / "teachers"
+    folder.mkdir(parents=True)
+    shutil.copy(FLOW_TEACHER_PATH, folder / "mine.safetensors")
+    shutil.copy(FINETUNE_PATH, folder / "lora.safetensors")  # a teacher LoRA, not a teacher
+    (folder / "garbled.safetensors").write_bytes(b"not a safetensors file")
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(FLOW_TEACHER_PATH, outside)
+    (folder / "linked.safetensors").symlink_to(outside)
+    assert panel_jobs.teacher_choices(root) == ["builtin", "builtin-flow", "builtin-bold", "teachers/mine.safetensors"]
+
+    launched = []
+    monkeypatch.setattr(panel_jobs.subprocess, "Popen", lambda args, **kw: launched.append(args))
+    jobs = panel_jobs.Jobs(root)
+    for name in ("teachers/lora.safetensors", "teachers/linked.safetensors", "teachers/../teachers/mine.safetensors",
+                 str(folder / "mine.safetensors")):
+        with pytest.raises(ValueError, match="refused: the panel distils the built-in teachers .* and the teacher "
+                                             "files in teachers/ under the runs root"):
+            jobs.start("r", name, "sfd", 2, 2, 2)
+    assert not (root / "r").exists() and not launched
+    out = jobs.start("r", "teachers/mine.safetensors", "auto", 4, 2, 2)
+    assert DistillConfig.from_yaml(out / "config.yaml").teacher == str((folder / "mine.safetensors").resolve())
+    assert len(launched) == 1
+
+
 def test_the_start_form_opens_on_autos_choice_and_follows_the_step_count(tmp_path, monkeypatch):
     """The form shows what auto trains (its method's settings, its preset's budget, its line); a method picked
     by name keeps what was typed for it; a run started on auto prints and reports the choice."""

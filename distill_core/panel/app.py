@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 
 from distill_core.methods.registry import methods  # noqa: E402
 from distill_core.panel import runs  # noqa: E402
-from distill_core.panel.jobs import LOG, Jobs, start_form  # noqa: E402
+from distill_core.panel.jobs import LOG, TEACHER_FOLDER, Jobs, start_form, teacher_choices  # noqa: E402
 from distill_core.sources import TEACHERS  # noqa: E402
 from distill_core.train.previews import ROW_LABELS  # noqa: E402
 
@@ -257,8 +257,10 @@ def build(root: str | Path) -> gr.Blocks:
             first = start_form("auto", 4, TEACHERS[0])  # the form opens on auto's choice for 4 steps
             with gr.Row():
                 new_name = gr.Textbox(label="run name", value="panel-run")
-                teacher = gr.Dropdown(list(TEACHERS), value=TEACHERS[0], label="teacher",
-                                      info="builtin-bold: the built-in teacher fine-tuned to bold digits")
+                teacher = gr.Dropdown(teacher_choices(root), value=TEACHERS[0], label="teacher",
+                                      info="builtin-bold: the built-in teacher fine-tuned to bold digits; "
+                                      f"{TEACHER_FOLDER}/NAME: a teacher file, from python -m distill_core "
+                                      f"train-teacher --out {root / TEACHER_FOLDER}/NAME.safetensors")
                 method = gr.Dropdown(["auto", *names], value="auto", label="method", info=AUTO_INFO + summaries)
                 steps = gr.Number(4, precision=0, minimum=1, maximum=16, label="steps (SFD-v: top of 2..steps)")
                 iters = gr.Number(first[1], precision=0, minimum=1, label="iterations")
@@ -289,6 +291,7 @@ def build(root: str | Path) -> gr.Blocks:
         for field in (steps, teacher):  # auto's choice follows the step count and the teacher
             field.change(lambda m, n, t: form_update(m, n, t, False), [method, steps, teacher], form,
                          api_visibility="private")
+        teacher.focus(lambda: gr.Dropdown(choices=teacher_choices(root)), None, teacher, api_visibility="private")
         start_button.click(start, [new_name, teacher, method, steps, iters, batch, options], message,
                            api_name="start")
         stop_button.click(jobs.stop, run, message, api_name="stop")

@@ -33,6 +33,26 @@ PATH_SETTINGS = {"out", "teacher", "prompts", "teacher_cache", "init_from"}
 #: run settings that the start form's own fields set
 FORM_SETTINGS = {"method", "steps", "iters", "batch"}
 LOG = "log.txt"
+#: the folder under the runs root whose teacher files (``train-teacher --out``) the start form offers
+TEACHER_FOLDER = "teachers"
+
+
+def teacher_choices(root: str | Path) -> list[str]:
+    """The teachers a run the panel starts may distil: the built-in ones, then the digits teacher files directly
+    in ``root/teachers`` (their cards say ``kind: teacher``; a link out of the folder is left out), as
+    ``teachers/NAME.safetensors``."""
+    from distill_core.safetensors_io import read_card
+
+    folder = Path(root).resolve() / TEACHER_FOLDER
+    files = []
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            inside = path.is_file() and path.resolve().parent == folder
+            if inside and read_card(path).get("kind") == "teacher":
+                files.append(f"{TEACHER_FOLDER}/{path.name}")
+        except (OSError, ValueError):  # unreadable, or no engine card: not offered
+            continue
+    return [*TEACHERS, *files]
 
 
 class Jobs:
@@ -45,17 +65,19 @@ class Jobs:
 
     def start(self, name: str, teacher: str, method: str, steps: int, iters: int, batch: int,
               options: str = "") -> Path:
-        """Start distilling ``teacher`` with ``method`` (a registered one, or "auto": the one ``auto.resolve``
-        chooses, whose line the run prints and reports) to ``steps`` evaluations (and what follows from them:
-        SFD-v's range 2..steps) for ``iters`` iterations of ``batch`` into ``root/name``, with the method's
-        settings in ``options`` (YAML; ``method_options`` gives the defaults; not the form's own fields, nor
-        files or folders); sample grids every tenth of the run unless the options say otherwise. Raises
-        ``ValueError`` for a bad or taken name or settings."""
+        """Start distilling ``teacher`` (one of ``teacher_choices``) with ``method`` (a registered one, or "auto":
+        the one ``auto.resolve`` chooses, whose line the run prints and reports) to ``steps`` evaluations (and
+        what follows from them: SFD-v's range 2..steps) for ``iters`` iterations of ``batch`` into ``root/name``,
+        with the method's settings in ``options`` (YAML; ``method_options`` gives the defaults; not the form's
+        own fields, nor files or folders); sample grids every tenth of the run unless the options say otherwise.
+        A teacher file goes into the run's config as its absolute path, so its student's file names it from
+        anywhere. Raises ``ValueError`` for a bad or taken name or settings."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ValueError(f"refused: a run name is letters, digits, '.', '_' or '-' (got {name!r})")
-        if teacher not in TEACHERS:
-            raise ValueError(f"refused: the panel distils the built-in teachers {', '.join(TEACHERS)} (got "
-                             f"{teacher!r}); a teacher from a folder runs from the command line")
+        if teacher not in teacher_choices(self.root):
+            raise ValueError(f"refused: the panel distils the built-in teachers {', '.join(TEACHERS)} and the teacher "
+                             f"files in {TEACHER_FOLDER}/ under the runs root (got {teacher!r}); a teacher from a "
+                             "diffusers folder runs from the command line")
         try:
             steps, iters, batch = int(steps), int(iters), int(batch)
         except (TypeError, ValueError):
@@ -77,7 +99,8 @@ class Jobs:
                              "other settings")
         out = self.root / name
         try:
-            cfg = DistillConfig(**{"sample_every": max(1, iters // 10), **settings, **derived, "teacher": teacher,
+            cfg = DistillConfig(**{"sample_every": max(1, iters // 10), **settings, **derived,
+                                   "teacher": teacher if teacher in TEACHERS else str(self.root.resolve() / teacher),
                                    "method": chosen, "steps": steps, "iters": iters, "batch": batch,
                                    "out": str(out)})
         except (TypeError, ValueError) as e:
