@@ -19,9 +19,10 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py lcm-lora-probe CHECKPOINT WORKDIR
         in-process: an LCM-LoRA trained by Distill to N steps, loaded by the stock LoraLoader and sampled by
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
-    python tests/comfyui_harness.py flow-probe {sd3,sd3-fp8,flux,wan,qwen-image,lumina2,auraflow,hidream,chroma} WORKDIR
-        a tiny flow model (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its weight_dtype
-        fp8_e4m3fn; Flux, with its guidance input, Wan 2.1 and Qwen-Image, with one-frame video latents, built
+    python tests/comfyui_harness.py flow-probe FAMILY WORKDIR
+        FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream or chroma: a tiny flow
+        model (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn;
+        Flux, with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image, with one-frame video latents, built
         in memory) distilled to a LoRA, loaded by the stock loader and sampled by SamplerCustom with the
         student's sigmas, against the engine.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
@@ -292,6 +293,8 @@ FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "pa
 #: Wan 2.1 text-to-video and Qwen-Image, one block of width 64, built in memory with ComfyUI's classes
 WAN_CONFIG = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "ffn_dim": 128, "freq_dim": 32,
               "text_dim": 64, "num_heads": 2, "num_layers": 1, "in_dim": 16, "out_dim": 16}
+#: Wan 2.2 5B: the same blocks on its 48-channel latent, 16 image pixels a side per latent pixel
+WAN22_CONFIG = {**WAN_CONFIG, "in_dim": 48, "out_dim": 48}
 QWEN_CONFIG = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1,
                "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
                "axes_dims_rope": (8, 12, 12)}
@@ -312,7 +315,8 @@ CHROMA_CONFIG = {"image_model": "chroma", "in_channels": 64, "out_channels": 64,
                  "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
                  "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
                  "in_dim": 64, "out_dim": 64, "hidden_dim": 64, "n_layers": 1}
-IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "qwen-image": ("QwenImage", QWEN_CONFIG),
+IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "wan22-5b": ("WAN22_T2V", WAN22_CONFIG),
+             "qwen-image": ("QwenImage", QWEN_CONFIG),
              "lumina2": ("Lumina2", LUMINA2_CONFIG), "auraflow": ("AuraFlow", AURAFLOW_CONFIG),
              "hidream": ("HiDream", HIDREAM_CONFIG), "chroma": ("Chroma", CHROMA_CONFIG)}
 
@@ -611,6 +615,7 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
         "student_model": type(student_model).__name__,
         "loss_curve_shape": list(curve.shape),
         "lora_file": str(handle.path),
+        "train_latent": list(teacher.source().shape),  # of the teacher's 64 x 64 pixels
     }
 
 

@@ -18,6 +18,7 @@ from distill_core.denoisers.comfy import (
     FLOW_SIGMA_MAX,
     ComfyDenoiser,
     encode_conditioning,
+    latent_downscale,
     latent_shape,
     refuse_unsupported,
 )
@@ -65,7 +66,15 @@ class Wan21:
 
 
 class Wan22(Wan21):
+    """Wan 2.2 5B's latent: 48 channels, 16 image pixels per latent pixel (its format does not say so)."""
+
     latent_channels = 48
+
+
+class OwnRatio:
+    """A format that states its own downscale (``spacial_downscale_ratio``, as newer ComfyUI versions do)."""
+
+    latent_channels, spacial_downscale_ratio = 128, 16
 
 
 class Audio:
@@ -150,11 +159,29 @@ def test_other_objects_bad_sizes_and_other_latents_are_refused():
     with pytest.raises(ValueError, match="multiples of 8"):
         latent_shape(FakeBaseModel(), 500, 512)
     assert latent_shape(FakeBaseModel(), 512, 768) == (4, 96, 64)
-    for latent_format, refusal in ((Wan22(), "48-channel latent"), (Audio(), "1-dimensional latents")):
+    model = FakeBaseModel(CONST())
+    model.latent_format = Audio()
+    with pytest.raises(ValueError, match="1-dimensional latents"):
+        latent_shape(model, 512, 512)
+
+
+def test_a_latent_that_spans_16_pixels_takes_sizes_in_16s():
+    """Wan 2.2 5B's 48-channel latent (16 pixels a side, which its format does not state) and a format that
+    states its own ratio: the latent of a 512 x 768 image, a size off the ratio refused at the node, and the
+    pixel size the model's size conditions are given."""
+    for latent_format, channels in ((Wan22(), 48), (OwnRatio(), 128)):
         model = FakeBaseModel(CONST())
         model.latent_format = latent_format
-        with pytest.raises(ValueError, match=refusal):
-            latent_shape(model, 512, 512)
+        assert latent_downscale(model) == 16
+        assert latent_shape(model, 512, 768) == (channels, 48, 32)
+        with pytest.raises(ValueError, match=r"multiples of 16 for FakeBaseModel, whose latent pixel spans 16 .*"
+                                             r"got 520x512"):
+            latent_shape(model, 520, 512)
+    seen = {}
+    model.extra_conds = lambda **options: seen.update(options) or {"c_crossattn": Cond(options["cross_attn"])}
+    encode_conditioning(model, [[torch.zeros(1, 3, 6), {}]], (128, 48, 32))
+    assert (seen["width"], seen["height"]) == (512, 768)
+    assert latent_downscale(FakeBaseModel()) == 8
 
 
 class VideoBaseModel(FakeBaseModel):

@@ -156,23 +156,36 @@ def _as_kept(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+#: ComfyUI latent formats whose VAE shrinks an image by other than 8 per side (the versions of ComfyUI that
+#: predate ``spacial_downscale_ratio`` on the format do not say it): Wan 2.2 5B's 48-channel VAE, HunyuanImage
+#: 2.1's and Chroma Radiance's pixel space
+DOWNSCALE = {"Wan22": 16, "HunyuanImage21": 32, "ChromaRadiance": 1}
+
+
+def latent_downscale(base_model: nn.Module) -> int:
+    """How many image pixels one latent pixel spans per side: the format's own ``spacial_downscale_ratio``
+    where ComfyUI gives one, for the families in ``DOWNSCALE`` their VAE's, else 8 (SD, SDXL, SD3, Flux, Wan 2.1)."""
+    latent_format = getattr(base_model, "latent_format", None)
+    name = type(latent_format).__name__
+    return DOWNSCALE.get(name) or int(getattr(latent_format, "spacial_downscale_ratio", None) or 8)
+
+
 def latent_shape(base_model: nn.Module, width: int, height: int) -> tuple[int, int, int]:
-    """(channels, height / 8, width / 8) of the model's latent of one width x height image. A latent with a
-    frame axis (the video VAE of Wan 2.1 / 2.2 14B and Qwen-Image) is one frame, held without the axis
-    (``has_frame_axis``)."""
+    """(channels, height / f, width / f) of the model's latent of one width x height image, f its
+    ``latent_downscale`` (8 for most; Wan 2.2 5B: 16). A latent with a frame axis (the video VAEs of Wan and
+    Qwen-Image) is one frame, held without the axis (``has_frame_axis``)."""
     latent_format = getattr(base_model, "latent_format", None)
     dims = getattr(latent_format, "latent_dimensions", 2)
     name = type(base_model).__name__
     if dims not in (2, 3):
         raise ValueError(f"{name} has {dims}-dimensional latents: distillation supports image models and models "
-                         "with video latents (SD1.x, SD2.x, SDXL, SD3, Flux, Wan 2.1, Qwen-Image, ...)")
-    if type(latent_format).__name__ == "Wan22":
-        raise ValueError(f"{name} uses Wan 2.2's 48-channel latent (the 5B model), which is not supported: Wan 2.1, "
-                         "Wan 2.2 14B (16-channel latents) and Qwen-Image are")
+                         "with video latents (SD1.x, SD2.x, SDXL, SD3, Flux, Wan, Qwen-Image, ...)")
     channels = getattr(latent_format, "latent_channels", 4)
-    if width % 8 or height % 8:
-        raise ValueError(f"width and height must be multiples of 8, got {width}x{height}")
-    return channels, height // 8, width // 8
+    f = latent_downscale(base_model)
+    if width % f or height % f:
+        raise ValueError(f"width and height must be multiples of {f} for {name}, whose latent pixel spans {f} "
+                         f"image pixels; got {width}x{height}")
+    return channels, height // f, width // f
 
 
 def has_frame_axis(base_model: nn.Module) -> bool:
@@ -203,8 +216,8 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         cross_attn, options = entry[0], dict(entry[1])
         if cross_attn.shape[0] != 1:
             raise ValueError(f"each CONDITIONING entry must hold one prompt, got a batch of {cross_attn.shape[0]}")
-        options.setdefault("width", shape[-1] * 8)
-        options.setdefault("height", shape[-2] * 8)
+        options.setdefault("width", shape[-1] * latent_downscale(base_model))
+        options.setdefault("height", shape[-2] * latent_downscale(base_model))
         framed = (*shape[:-2], 1, *shape[-2:]) if has_frame_axis(base_model) and len(shape) == 3 else shape
         noise = torch.zeros((1, *framed), device=cross_attn.device)
         out = base_model.extra_conds(cross_attn=cross_attn.clone(), device=cross_attn.device, noise=noise, **options)
