@@ -20,11 +20,11 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         in-process: an LCM-LoRA trained by Distill to N steps, loaded by the stock LoraLoader and sampled by
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
     python tests/comfyui_harness.py flow-probe FAMILY WORKDIR
-        FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream or chroma: a tiny flow
-        model (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn;
-        Flux, with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image, with one-frame video latents, built
-        in memory) distilled to a LoRA, loaded by the stock loader and sampled by SamplerCustom with the
-        student's sigmas, against the engine.
+        FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma or
+        hunyuan-image: a tiny flow model (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its
+        weight_dtype fp8_e4m3fn; the others built in memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B
+        and Qwen-Image with one-frame video latents) distilled to a LoRA, loaded by the stock loader and
+        sampled by SamplerCustom with the student's sigmas, against the engine.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -315,10 +315,16 @@ CHROMA_CONFIG = {"image_model": "chroma", "in_channels": 64, "out_channels": 64,
                  "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
                  "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
                  "in_dim": 64, "out_dim": 64, "hidden_dim": 64, "n_layers": 1}
+#: HunyuanImage 2.1: HunyuanVideo's blocks on a 64-channel image latent of 32 pixels a side, patch 1 x 1
+HUNYUAN_IMAGE_CONFIG = {"image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64, "patch_size": [1, 1],
+                        "vec_in_dim": None, "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0,
+                        "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 16], "theta": 256,
+                        "qkv_bias": True, "guidance_embed": False, "byt5": False, "meanflow": False}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "wan22-5b": ("WAN22_T2V", WAN22_CONFIG),
              "qwen-image": ("QwenImage", QWEN_CONFIG),
              "lumina2": ("Lumina2", LUMINA2_CONFIG), "auraflow": ("AuraFlow", AURAFLOW_CONFIG),
-             "hidream": ("HiDream", HIDREAM_CONFIG), "chroma": ("Chroma", CHROMA_CONFIG)}
+             "hidream": ("HiDream", HIDREAM_CONFIG), "chroma": ("Chroma", CHROMA_CONFIG),
+             "hunyuan-image": ("HunyuanImage21", HUNYUAN_IMAGE_CONFIG)}
 
 
 def flow_model(family: str, work: Path):

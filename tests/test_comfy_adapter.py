@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -156,6 +157,10 @@ def test_flow_models_are_the_ve_denoiser_of_x_over_1_plus_sigma_at_time_sigma_ov
 def test_other_objects_bad_sizes_and_other_latents_are_refused():
     with pytest.raises(TypeError, match="Load Checkpoint"):
         refuse_unsupported(nn.Linear(2, 2))
+    meanflow = FakeBaseModel(CONST())
+    meanflow.model_config = SimpleNamespace(unet_config={"image_model": "hunyuan_video", "meanflow": True})
+    with pytest.raises(ValueError, match=r"FakeBaseModel is a MeanFlow few-step model .* distil the base model"):
+        refuse_unsupported(meanflow)
     with pytest.raises(ValueError, match="multiples of 8"):
         latent_shape(FakeBaseModel(), 500, 512)
     assert latent_shape(FakeBaseModel(), 512, 768) == (4, 96, 64)

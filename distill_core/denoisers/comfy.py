@@ -69,6 +69,15 @@ def refuse_unsupported(model, sampling=None) -> None:
             f"expected a ComfyUI model (MODEL from Load Checkpoint: a ModelPatcher whose .model has "
             f"apply_model and model_sampling), got {type(base_model).__name__}"
         )
+    if unet_config(base_model).get("meanflow"):
+        raise ValueError(f"{type(base_model).__name__} is a MeanFlow few-step model (HunyuanImage 2.1 distilled): its "
+                         "network reads the sampler's next sigma, which distillation does not feed; distil the base "
+                         "model it came from")
+
+
+def unet_config(base_model: nn.Module) -> dict:
+    """The network's configuration as ComfyUI detected it from the checkpoint (``model_config.unet_config``)."""
+    return getattr(getattr(base_model, "model_config", None), "unet_config", None) or {}
 
 
 class ComfyDenoiser(nn.Module):
@@ -258,8 +267,7 @@ def _row_input(name: str, value) -> torch.Tensor:
 def embeds_guidance(base_model: nn.Module) -> bool:
     """Whether the model is guidance-distilled (Flux dev): it takes the guidance scale as an input (the
     ``guidance`` of its conditioning, which ComfyUI's FluxGuidance node writes) instead of sampling with CFG."""
-    config = getattr(getattr(base_model, "model_config", None), "unet_config", None) or {}
-    return bool(config.get("guidance_embed", False))
+    return bool(unet_config(base_model).get("guidance_embed", False))
 
 
 def with_guidance(conditioning: list, guidance: float) -> list:
