@@ -166,9 +166,9 @@ def _as_kept(tensor: torch.Tensor) -> torch.Tensor:
 
 
 #: ComfyUI latent formats whose VAE shrinks an image by other than 8 per side (the versions of ComfyUI that
-#: predate ``spacial_downscale_ratio`` on the format do not say it): Wan 2.2 5B's 48-channel VAE, HunyuanImage
-#: 2.1's and Chroma Radiance's pixel space
-DOWNSCALE = {"Wan22": 16, "HunyuanImage21": 32, "ChromaRadiance": 1}
+#: predate ``spacial_downscale_ratio`` on the format do not say it), as their own empty-latent nodes make
+#: them: Wan 2.2 5B's 48-channel VAE, HunyuanImage 2.1's, LTX-Video's, and Chroma Radiance's pixel space
+DOWNSCALE = {"Wan22": 16, "HunyuanImage21": 32, "LTXV": 32, "ChromaRadiance": 1}
 
 
 def latent_downscale(base_model: nn.Module) -> int:
