@@ -20,11 +20,11 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         in-process: an LCM-LoRA trained by Distill to N steps, loaded by the stock LoraLoader and sampled by
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
     python tests/comfyui_harness.py flow-probe FAMILY WORKDIR
-        FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma or
-        hunyuan-image: a tiny flow model (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its
-        weight_dtype fp8_e4m3fn; the others built in memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B
-        and Qwen-Image with one-frame video latents) distilled to a LoRA, loaded by the stock loader and
-        sampled by SamplerCustom with the student's sigmas, against the engine.
+        FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma,
+        chroma-radiance or hunyuan-image: a tiny flow model (SD3 from a single file through the stock
+        UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the others built in memory: Flux with its
+        guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame video latents) distilled to a LoRA,
+        loaded by the stock loader and sampled by SamplerCustom with the student's sigmas, against the engine.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -53,15 +53,15 @@ def _comfyui():
 
 
 def _init(module, seed: int = 0) -> None:
-    """Every parameter explicitly (ComfyUI's layers skip initialisation): norms 1 / 0, the rest small; and
-    position tables kept as buffers."""
+    """Every parameter explicitly (ComfyUI's layers skip initialisation): norms' scales 1 and biases 0, the rest
+    small; and position tables kept as buffers."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if "norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
+                p.fill_(1.0 if name.endswith(("weight", "scale")) else 0.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         for name, b in module.named_buffers():  # MMDiT's position table is a buffer made with torch.empty
@@ -320,11 +320,17 @@ HUNYUAN_IMAGE_CONFIG = {"image_model": "hunyuan_video", "in_channels": 64, "out_
                         "vec_in_dim": None, "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0,
                         "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 16], "theta": 256,
                         "qkv_bias": True, "guidance_embed": False, "byt5": False, "meanflow": False}
+#: Chroma Radiance: Chroma's blocks on pixels (3 channels, patches of 16 decoded by its NeRF head)
+CHROMA_RADIANCE_CONFIG = {**CHROMA_CONFIG, "image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3,
+                          "patch_size": 16, "nerf_hidden_size": 32, "nerf_mlp_ratio": 2, "nerf_depth": 2,
+                          "nerf_max_freqs": 8, "nerf_tile_size": 0, "nerf_final_head_type": "conv",
+                          "nerf_embedder_dtype": None}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "wan22-5b": ("WAN22_T2V", WAN22_CONFIG),
              "qwen-image": ("QwenImage", QWEN_CONFIG),
              "lumina2": ("Lumina2", LUMINA2_CONFIG), "auraflow": ("AuraFlow", AURAFLOW_CONFIG),
              "hidream": ("HiDream", HIDREAM_CONFIG), "chroma": ("Chroma", CHROMA_CONFIG),
-             "hunyuan-image": ("HunyuanImage21", HUNYUAN_IMAGE_CONFIG)}
+             "hunyuan-image": ("HunyuanImage21", HUNYUAN_IMAGE_CONFIG),
+             "chroma-radiance": ("ChromaRadiance", CHROMA_RADIANCE_CONFIG)}
 
 
 def flow_model(family: str, work: Path):
@@ -587,7 +593,8 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
             return seen["x_out"]
 
         sampler.sampler_function = recording
-        latent = torch.zeros(1, channels, *frames, 8, 8)
+        side = teacher.source().shape[-2:]  # the latent of the teacher's 64 x 64 pixels
+        latent = torch.zeros(1, channels, *frames, *side)
         noise = comfy.sample.prepare_noise(latent, 7)
         sampled = sample_positive or positive[:1]
         for name, m in (("teacher", model), ("lora", lora_model)):  # the same noise, without and with the LoRA
@@ -602,7 +609,7 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
     comfy.model_management.load_models_gpu([model])  # the teacher again: ComfyUI unpatches the LoRA (as nodes do)
     with torch.inference_mode(False), handle.loaded() as student:  # the engine, LoRA hooked into the teacher
         base = teacher.model.model
-        cond = encode_conditioning(base, sampled, (channels, 8, 8))  # the negative is the student's uncond
+        cond = encode_conditioning(base, sampled, (channels, *side))  # the negative is the student's uncond
         ours = sample(student, seen["x_init"].clone() / first, cond)
     seen["lora"], seen["teacher"] = seen["lora"] / last, seen["teacher"] / last
     lora_keys = sorted(_safetensors_keys(handle.path))
@@ -621,7 +628,7 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
         "student_model": type(student_model).__name__,
         "loss_curve_shape": list(curve.shape),
         "lora_file": str(handle.path),
-        "train_latent": list(teacher.source().shape),  # of the teacher's 64 x 64 pixels
+        "train_latent": list(teacher.source().shape),
     }
 
 
