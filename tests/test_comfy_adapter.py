@@ -189,6 +189,17 @@ def test_a_latent_that_spans_16_pixels_takes_sizes_in_16s():
     assert latent_downscale(FakeBaseModel()) == 8
 
 
+def test_entries_that_give_different_model_inputs_are_refused_naming_the_inputs():
+    """An input that some entries give and others do not (HunyuanImage 2.1's glyph tokens, for prompts with
+    quoted text) is named in the refusal."""
+    model = FakeBaseModel()
+    conds = model.extra_conds
+    model.extra_conds = lambda **kw: {**conds(**kw), **({"txt_byt5": Cond(kw["glyphs"])} if "glyphs" in kw else {})}
+    quoted = [_entry(4, 1)[0], {**_entry(4, 1)[1], "glyphs": torch.zeros(1, 3, 8)}]
+    with pytest.raises(ValueError, match=r"different model inputs \(txt_byt5 in some entries, not in others\)"):
+        encode_conditioning(model, [_entry(4, 0), quoted], (4, 8, 8))
+
+
 class VideoBaseModel(FakeBaseModel):
     """A flow model with video latents (Wan, Qwen-Image): ``apply_model`` takes [B, C, T, H, W] only."""
 

@@ -233,7 +233,10 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         rows.append({k: _row_input(k, v.cond) for k, v in out.items()})
     keys = rows[0].keys()
     if any(r.keys() != keys for r in rows):
-        raise ValueError("the CONDITIONING entries give different model inputs; encode them with one CLIP")
+        some = sorted(set().union(*rows) - set.intersection(*(set(r) for r in rows)))
+        raise ValueError(f"the CONDITIONING entries give different model inputs ({', '.join(some)} in some entries, "
+                         "not in others): encode them all with one CLIP, and for HunyuanImage 2.1 either quote "
+                         "text in every prompt or in none (quoted text adds its glyph tokens)")
     if "c_concat" in keys:
         raise ValueError("inpainting / image-conditioned models (c_concat) are not supported for distillation")
     cond, constants, lengths = {}, {}, {}
