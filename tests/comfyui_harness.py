@@ -21,10 +21,11 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
     python tests/comfyui_harness.py flow-probe FAMILY WORKDIR
         FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma,
-        chroma-radiance or hunyuan-image: a tiny flow model (SD3 from a single file through the stock
-        UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the others built in memory: Flux with its
-        guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame video latents) distilled to a LoRA,
-        loaded by the stock loader and sampled by SamplerCustom with the student's sigmas, against the engine.
+        chroma-radiance, hunyuan-image, omnigen2 or cosmos-predict2: a tiny flow model (SD3 from a single file
+        through the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the others built in memory:
+        Flux with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame video latents)
+        distilled to a LoRA, loaded by the stock loader and sampled by SamplerCustom with the student's sigmas,
+        against the engine.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -325,12 +326,26 @@ CHROMA_RADIANCE_CONFIG = {**CHROMA_CONFIG, "image_model": "chroma_radiance", "in
                           "patch_size": 16, "nerf_hidden_size": 32, "nerf_mlp_ratio": 2, "nerf_depth": 2,
                           "nerf_max_freqs": 8, "nerf_tile_size": 0, "nerf_final_head_type": "conv",
                           "nerf_embedder_dtype": None}
+#: Cosmos Predict2 text-to-image (its DiT on Wan 2.1's latent, Cosmos's rectified flow) and OmniGen2 (a
+#: Lumina-style DiT reading Qwen2.5-VL tokens, its token count a scalar input)
+COSMOS_PREDICT2_CONFIG = {"image_model": "cosmos_predict2", "max_img_h": 16, "max_img_w": 16, "max_frames": 4,
+                          "in_channels": 16, "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1,
+                          "concat_padding_mask": True, "model_channels": 64, "num_blocks": 1, "num_heads": 2,
+                          "crossattn_emb_channels": 64, "pos_emb_cls": "rope3d", "pos_emb_learnable": True,
+                          "pos_emb_interpolation": "crop", "use_adaln_lora": True, "adaln_lora_dim": 16}
+OMNIGEN2_CONFIG = {"image_model": "omnigen2", "axes_dim_rope": [8, 12, 12], "axes_lens": [64, 64, 64],
+                   "ffn_dim_multiplier": None, "hidden_size": 64, "in_channels": 16, "multiple_of": 16,
+                   "norm_eps": 1e-5, "num_attention_heads": 2, "num_kv_heads": 2, "num_layers": 1,
+                   "num_refiner_layers": 1, "out_channels": None, "patch_size": 2, "text_feat_dim": 64,
+                   "timestep_scale": 1000.0}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "wan22-5b": ("WAN22_T2V", WAN22_CONFIG),
              "qwen-image": ("QwenImage", QWEN_CONFIG),
              "lumina2": ("Lumina2", LUMINA2_CONFIG), "auraflow": ("AuraFlow", AURAFLOW_CONFIG),
              "hidream": ("HiDream", HIDREAM_CONFIG), "chroma": ("Chroma", CHROMA_CONFIG),
              "hunyuan-image": ("HunyuanImage21", HUNYUAN_IMAGE_CONFIG),
-             "chroma-radiance": ("ChromaRadiance", CHROMA_RADIANCE_CONFIG)}
+             "chroma-radiance": ("ChromaRadiance", CHROMA_RADIANCE_CONFIG),
+             "cosmos-predict2": ("CosmosT2IPredict2", COSMOS_PREDICT2_CONFIG),
+             "omnigen2": ("Omnigen2", OMNIGEN2_CONFIG)}
 
 
 def flow_model(family: str, work: Path):
@@ -377,7 +392,7 @@ def flow_probe(family: str, work: Path) -> dict:
         gen = torch.Generator().manual_seed(seed)
         options = {"pooled_output": torch.randn(1, pooled, generator=gen)}
         tokens = 12
-        if family == "lumina2":  # its text encoder's mask gives the token count; prompts of different lengths
+        if family in ("lumina2", "omnigen2"):  # the text encoder's mask gives the token count; prompts of 3 lengths
             tokens = 8 + 4 * seed
             options["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
         if family == "hidream":  # two Llama layers' hidden states beside the T5 tokens, of three lengths

@@ -189,6 +189,15 @@ def test_a_latent_that_spans_16_pixels_takes_sizes_in_16s():
     assert latent_downscale(FakeBaseModel()) == 8
 
 
+def test_an_input_comfyui_leaves_none_is_left_out():
+    """Cosmos Predict2 gives ``fps`` as a constant None for an image: the model's own default, not an input."""
+    model = FakeBaseModel()
+    conds = model.extra_conds
+    model.extra_conds = lambda **kw: {**conds(**kw), "fps": Cond(None)}
+    cond = encode_conditioning(model, [_entry(4, 0), _entry(4, 1)], (4, 8, 8))
+    assert "fps" not in cond and {"c_crossattn", "y"} <= set(cond)
+
+
 def test_entries_that_give_different_model_inputs_are_refused_naming_the_inputs():
     """An input that some entries give and others do not (HunyuanImage 2.1's glyph tokens, for prompts with
     quoted text) is named in the refusal."""

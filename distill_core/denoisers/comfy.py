@@ -230,7 +230,8 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         framed = (*shape[:-2], 1, *shape[-2:]) if has_frame_axis(base_model) and len(shape) == 3 else shape
         noise = torch.zeros((1, *framed), device=cross_attn.device)
         out = base_model.extra_conds(cross_attn=cross_attn.clone(), device=cross_attn.device, noise=noise, **options)
-        rows.append({k: _row_input(k, v.cond) for k, v in out.items()})
+        # an input ComfyUI leaves None (Cosmos Predict2's fps for an image) is left out: the model's default
+        rows.append({k: _row_input(k, v.cond) for k, v in out.items() if v.cond is not None})
     keys = rows[0].keys()
     if any(r.keys() != keys for r in rows):
         some = sorted(set().union(*rows) - set.intersection(*(set(r) for r in rows)))
