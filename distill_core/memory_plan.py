@@ -193,7 +193,8 @@ def sample_activation_bytes(net: nn.Module, source, autocast: torch.dtype | None
     """``a``: one sample's activation bytes at the source's sample shape. A large sample is probed at a half
     and a quarter of its side and extrapolated linearly in the pixel count (exact where activations grow
     linearly with the pixels, as in convolutions, and attention through fused kernels, plus a constant part,
-    such as text tokens), so the probe itself stays small on a small GPU."""
+    such as text tokens), so the probe itself stays small on a small GPU; a network that refuses those sizes is
+    probed at its own."""
     device = next(net.parameters()).device
     gen = torch.Generator().manual_seed(0)
     cond = move_cond(source.draw_cond(1, gen), device)
@@ -209,7 +210,10 @@ def sample_activation_bytes(net: nn.Module, source, autocast: torch.dtype | None
 
     if len(side) != 2 or min(side) < 64 or any(n % 32 for n in side):
         return probe(1)[1]
-    (p2, a2), (p4, a4) = probe(2), probe(4)
+    try:
+        (p2, a2), (p4, a4) = probe(2), probe(4)
+    except Exception:  # noqa: BLE001 - a network that refuses smaller sizes (PixArt's position table): its own
+        return probe(1)[1]
     full = side[0] * side[1]
     return int(a2 + (a2 - a4) * (full - p2) / (p2 - p4))
 

@@ -21,11 +21,11 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
     python tests/comfyui_harness.py flow-probe FAMILY WORKDIR
         FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma,
-        chroma-radiance, hunyuan-image, omnigen2 or cosmos-predict2: a tiny flow model (SD3 from a single file
-        through the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the others built in memory:
-        Flux with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame video latents)
-        distilled to a LoRA, loaded by the stock loader and sampled by SamplerCustom with the student's sigmas,
-        against the engine.
+        chroma-radiance, hunyuan-image, omnigen2, cosmos-predict2 or pixart-sigma (an eps model): a tiny model
+        (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the
+        others built in memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame
+        video latents) distilled to a LoRA, loaded by the stock loader and sampled by SamplerCustom with the
+        student's sigmas, against the engine.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -338,6 +338,12 @@ OMNIGEN2_CONFIG = {"image_model": "omnigen2", "axes_dim_rope": [8, 12, 12], "axe
                    "norm_eps": 1e-5, "num_attention_heads": 2, "num_kv_heads": 2, "num_layers": 1,
                    "num_refiner_layers": 1, "out_channels": None, "patch_size": 2, "text_feat_dim": 64,
                    "timestep_scale": 1000.0}
+#: PixArt Sigma: an eps DiT reading T5 tokens on SDXL's latent
+PIXART_SIGMA_CONFIG = {"image_model": "pixart_sigma", "input_size": 8, "patch_size": 2, "in_channels": 4,
+                       "hidden_size": 64, "depth": 1, "num_heads": 2, "caption_channels": 64,
+                       "model_max_length": 12, "micro_condition": False, "pe_interpolation": 1}
+#: the teacher's image side where 64 pixels do not fit: PixArt's position table needs a latent side over 32
+SIDES = {"pixart-sigma": 512}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "wan22-5b": ("WAN22_T2V", WAN22_CONFIG),
              "qwen-image": ("QwenImage", QWEN_CONFIG),
              "lumina2": ("Lumina2", LUMINA2_CONFIG), "auraflow": ("AuraFlow", AURAFLOW_CONFIG),
@@ -345,7 +351,7 @@ IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "w
              "hunyuan-image": ("HunyuanImage21", HUNYUAN_IMAGE_CONFIG),
              "chroma-radiance": ("ChromaRadiance", CHROMA_RADIANCE_CONFIG),
              "cosmos-predict2": ("CosmosT2IPredict2", COSMOS_PREDICT2_CONFIG),
-             "omnigen2": ("Omnigen2", OMNIGEN2_CONFIG)}
+             "omnigen2": ("Omnigen2", OMNIGEN2_CONFIG), "pixart-sigma": ("PixArtSigma", PIXART_SIGMA_CONFIG)}
 
 
 def flow_model(family: str, work: Path):
@@ -406,7 +412,7 @@ def flow_probe(family: str, work: Path) -> dict:
     sampled = FluxGuidance.execute(positive[:1], guidance)[0] if family == "flux" else None
     result = distil_and_compare(pack, model, positive, negative,
                                 lambda name: stock.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0],
-                                guidance=guidance, sample_positive=sampled)
+                                guidance=guidance, sample_positive=sampled, side=SIDES.get(family, 64))
     sampling = model.get_model_object("model_sampling")
     linear = [m.weight for m in model.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
     return {**result, "family": family, "unloaded_lora_keys": len(unloaded),
@@ -577,8 +583,9 @@ def sfd_node(pack: dict):
 
 
 def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_lora, train=None,
-                       guidance: float = 5.0, sample_positive: list | None = None) -> dict:
-    """Teacher from MODEL -> a training node (``train(teacher)``; default Distill to 4 steps, LoRA) ->
+                       guidance: float = 5.0, sample_positive: list | None = None, side: int = 64) -> dict:
+    """Teacher from MODEL (``side`` x ``side`` pixels) -> a training node (``train(teacher)``; default Distill to 4
+    steps, LoRA) ->
     Student sigmas + sampler; then ComfyUI's sampler on the teacher with the LoRA applied by
     ``apply_lora(file name)`` (a stock loader) against the engine's own sampling of the student from the
     same initial latent."""
@@ -593,7 +600,7 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
     channels = getattr(model.model.latent_format, "latent_channels", 4)
     frames = (1,) * (getattr(model.model.latent_format, "latent_dimensions", 2) - 2)  # one frame of a video latent
     with torch.inference_mode():  # how ComfyUI runs every node
-        (teacher,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, guidance)
+        (teacher,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, side, side, guidance)
         out = (train or sfd_node(pack))(teacher)
         student_model, handle, curve = out["result"]
         sigmas, sampler, cfg = pack["DistillStudentSchedule"]().run("(connected student)", 0, handle)
@@ -608,8 +615,7 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
             return seen["x_out"]
 
         sampler.sampler_function = recording
-        side = teacher.source().shape[-2:]  # the latent of the teacher's 64 x 64 pixels
-        latent = torch.zeros(1, channels, *frames, *side)
+        latent = torch.zeros(1, channels, *frames, *teacher.source().shape[-2:])  # the teacher's latent
         noise = comfy.sample.prepare_noise(latent, 7)
         sampled = sample_positive or positive[:1]
         for name, m in (("teacher", model), ("lora", lora_model)):  # the same noise, without and with the LoRA
@@ -624,7 +630,7 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
     comfy.model_management.load_models_gpu([model])  # the teacher again: ComfyUI unpatches the LoRA (as nodes do)
     with torch.inference_mode(False), handle.loaded() as student:  # the engine, LoRA hooked into the teacher
         base = teacher.model.model
-        cond = encode_conditioning(base, sampled, (channels, *side))  # the negative is the student's uncond
+        cond = encode_conditioning(base, sampled, latent.shape[1:])  # the negative is the student's uncond
         ours = sample(student, seen["x_init"].clone() / first, cond)
     seen["lora"], seen["teacher"] = seen["lora"] / last, seen["teacher"] / last
     lora_keys = sorted(_safetensors_keys(handle.path))

@@ -10,6 +10,7 @@ import importlib.util
 
 import pytest
 import torch
+from torch import nn
 
 from distill_core.builtin import cast_weights, fingerprint, solve_fingerprint
 from distill_core.config import DistillConfig
@@ -90,6 +91,26 @@ def test_the_activation_probe_extrapolates_from_a_half_and_a_quarter_side():
     direct = activation_bytes(net, x, 1.0, source.draw_cond(1, torch.Generator().manual_seed(0)), None)
     assert direct > 1e6
     assert abs(extrapolated - direct) / direct < 0.05, (extrapolated, direct)
+
+
+def test_a_network_that_refuses_smaller_sizes_is_probed_at_its_own():
+    """PixArt's position table fails at a latent side of 32 or less: the probes at a half and a quarter of the
+    side give way to one at the sample's own size."""
+    source = text_source(tiny_unet())
+    net = source.denoiser.requires_grad_(True)
+
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, sigma, cond, **inputs):
+            if x.shape[-1] < 64:
+                raise ZeroDivisionError("division by zero")
+            return self.net(x, sigma, cond, **inputs)
+
+    direct = activation_bytes(net, torch.randn(1, 4, 64, 64), 1.0, source.draw_cond(1, torch.Generator()), None)
+    assert sample_activation_bytes(Picky(), source, None) == direct
 
 
 #: runs the CPU factors were not measured on (``FACTORS``: full students, batch 32, and batch 64 checkpointed)

@@ -183,6 +183,21 @@ def test_flow_models_distil_into_loras_the_stock_loader_applies_and_samplercusto
     assert result["lora_effect"] > floor and result["max_abs_diff"] <= tolerance
 
 
+def test_pixart_sigma_distils_into_a_lora_the_stock_loader_applies_and_samplercustom_reproduces(tmp_path):
+    """PixArt Sigma, an eps DiT reading T5 tokens, at 512 x 512 pixels: its position table needs a latent side
+    over 32, so the run's memory plan probes it at its own size rather than at a half and a quarter."""
+    out = _harness("flow-probe", "pixart-sigma", str(tmp_path)).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(result, indent=1))
+    card = result["card"]
+    assert result["model_class"] == "PixArt" and result["train_latent"] == [4, 64, 64]
+    assert card["comfy_noise"] is None and card["schedule"]["name"] == "karras"
+    assert result["sigmas"][0] == pytest.approx(card["schedule"]["sigma_max"], rel=1e-4)
+    assert result["sigmas"][0] > 100  # its sqrt-linear schedule's top sigma (157), not SD's 14.6
+    assert result["unloaded_lora_keys"] == 0 and result["cfg"] == 4.0
+    assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
+
+
 # ------------------------------------------------------------------ a real server
 def _free_port() -> int:
     with socket.socket() as s:
