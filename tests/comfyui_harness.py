@@ -585,10 +585,9 @@ def sfd_node(pack: dict):
 def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_lora, train=None,
                        guidance: float = 5.0, sample_positive: list | None = None, side: int = 64) -> dict:
     """Teacher from MODEL (``side`` x ``side`` pixels) -> a training node (``train(teacher)``; default Distill to 4
-    steps, LoRA) ->
-    Student sigmas + sampler; then ComfyUI's sampler on the teacher with the LoRA applied by
-    ``apply_lora(file name)`` (a stock loader) against the engine's own sampling of the student from the
-    same initial latent."""
+    steps, LoRA) -> Student sigmas + sampler; then ComfyUI's sampler on the teacher with the LoRA applied by
+    ``apply_lora(file name)`` (a stock loader) against the engine's own sampling of the student from the same
+    initial latent, of the teacher's size."""
     import comfy.model_management
     import comfy.sample
     import torch
