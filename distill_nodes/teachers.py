@@ -40,7 +40,8 @@ class BuiltinTeacher:
           In("positive", "CONDITIONING", "training prompts: each entry is one prompt (Distill prompt list, "
              "or CLIP Text Encode outputs combined with Conditioning (Combine))"),
           In("negative", "CONDITIONING", "the negative prompt (its first entry) for classifier-free guidance"),
-          In("width", "INT", "training image width in pixels (latents are width / 8; Wan 2.2 5B: / 16)", 512,
+          In("width", "INT", "training image width in pixels (latents are width / 8; Wan 2.2 5B: / 16, "
+             "HunyuanImage 2.1: / 32, Chroma Radiance: pixels; a size the latent does not divide is refused)", 512,
              options={"min": 64, "max": 2048, "step": 8}),
           In("height", "INT", "training image height in pixels", 512, options={"min": 64, "max": 2048, "step": 8}),
           In("guidance", "FLOAT", "CFG scale w the teacher uses; for guidance-distilled models (Flux dev) the "

@@ -172,8 +172,9 @@ DOWNSCALE = {"Wan22": 16, "HunyuanImage21": 32, "LTXV": 32, "ChromaRadiance": 1}
 
 
 def latent_downscale(base_model: nn.Module) -> int:
-    """How many image pixels one latent pixel spans per side: the format's own ``spacial_downscale_ratio``
-    where ComfyUI gives one, for the families in ``DOWNSCALE`` their VAE's, else 8 (SD, SDXL, SD3, Flux, Wan 2.1)."""
+    """How many image pixels one latent pixel spans per side: for the families in ``DOWNSCALE`` their VAE's
+    (whatever the format says: a version may inherit its base class's 8), else the format's own
+    ``spacial_downscale_ratio`` where ComfyUI gives one, else 8 (SD, SDXL, SD3, Flux, Wan 2.1)."""
     latent_format = getattr(base_model, "latent_format", None)
     name = type(latent_format).__name__
     return DOWNSCALE.get(name) or int(getattr(latent_format, "spacial_downscale_ratio", None) or 8)
