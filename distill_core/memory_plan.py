@@ -191,31 +191,27 @@ def plan_run(method, micro_batch: int, ema: set[str], autocast: torch.dtype | No
 
 def sample_activation_bytes(net: nn.Module, source, autocast: torch.dtype | None) -> int:
     """``a``: one sample's activation bytes at the source's sample shape. A large sample is probed at a half
-    and a quarter of its side and extrapolated linearly in the pixel count (exact where activations grow
-    linearly with the pixels, as in convolutions, and attention through fused kernels, plus a constant part,
-    such as text tokens), so the probe itself stays small on a small GPU; a network that refuses those sizes is
-    probed at its own."""
+    and a quarter of its side (a clip with all its frames) and extrapolated linearly in the pixel count (exact
+    where activations grow linearly with the pixels, as in convolutions, and attention through fused kernels,
+    plus a constant part, such as text tokens), so the probe itself stays small on a small GPU; a network that
+    refuses those sizes is probed at its own."""
     device = next(net.parameters()).device
     gen = torch.Generator().manual_seed(0)
     cond = move_cond(source.draw_cond(1, gen), device)
-    channels, *side = source.shape
+    channels, *frames, height, width = source.shape
 
     def probe(scale: int) -> tuple[int, int]:
-        size = [n // scale for n in side]
-        x = torch.randn((1, channels, *size), generator=gen).to(device)
-        pixels = 1
-        for n in size:
-            pixels *= n
+        x = torch.randn((1, channels, *frames, height // scale, width // scale), generator=gen).to(device)
+        pixels = (height // scale) * (width // scale)
         return pixels, activation_bytes(net, x, 1.0, cond, autocast, **scalar_inputs(net))
 
-    if len(side) != 2 or min(side) < 64 or any(n % 32 for n in side):
+    if min(height, width) < 64 or height % 32 or width % 32:
         return probe(1)[1]
     try:
         (p2, a2), (p4, a4) = probe(2), probe(4)
     except Exception:  # noqa: BLE001 - a network that refuses smaller sizes (PixArt's position table): its own
         return probe(1)[1]
-    full = side[0] * side[1]
-    return int(a2 + (a2 - a4) * (full - p2) / (p2 - p4))
+    return int(a2 + (a2 - a4) * (height * width - p2) / (p2 - p4))
 
 
 def fitting_micro_batches(plan: MemoryPlan, available: int, batch: int) -> int:

@@ -127,12 +127,22 @@ def latent_rgb(latents: torch.Tensor, factors: list[list[float]], bias: list[flo
 
 def preview_pixels(images: torch.Tensor, latent_format=None, columns: int = 8) -> torch.Tensor:
     """``[H, W, 3]`` uint8 of a batch in model space: pixels in [-1, 1] as they are, latents through
-    ``latent_format``'s RGB factors (or their first three channels); at most ``columns`` images."""
-    images = images[:columns].detach().cpu().float()
+    ``latent_format``'s RGB factors (or their first three channels); at most ``columns`` images in a row.
+    Clips ``[N, C, T, H, W]`` show one row each: ``columns`` frames evenly spaced from first to last."""
+    images = images.detach().cpu().float()
+    if images.ndim == 5:
+        frames = torch.linspace(0, images.shape[2] - 1, min(columns, images.shape[2])).round().long()
+        rows = [as_rgb(clip[:, frames].transpose(0, 1), latent_format) for clip in images[:columns]]
+    else:
+        rows = [as_rgb(images[:columns], latent_format)]
+    grid = to_uint8_grid(rows)
+    return grid.expand(-1, -1, 3).contiguous() if grid.shape[-1] == 1 else grid
+
+
+def as_rgb(images: torch.Tensor, latent_format=None) -> torch.Tensor:
+    """Images ``[N, C, H, W]`` in model space as ``[N, 3 or 1, H, W]`` in about [-1, 1]: latents through
+    ``latent_format``'s RGB factors, else their first three channels."""
     factors = getattr(latent_format, "latent_rgb_factors", None)
     if factors is not None and images.shape[1] == len(factors):
-        images = latent_rgb(images, factors, getattr(latent_format, "latent_rgb_factors_bias", None))
-    elif images.shape[1] not in (1, 3):
-        images = images[:, :3]
-    grid = to_uint8_grid([images])
-    return grid.expand(-1, -1, 3).contiguous() if grid.shape[-1] == 1 else grid
+        return latent_rgb(images, factors, getattr(latent_format, "latent_rgb_factors_bias", None))
+    return images if images.shape[1] in (1, 3) else images[:, :3]

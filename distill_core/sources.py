@@ -174,8 +174,9 @@ def trained_teacher(name: str, cards: list[dict], classes: int = 0, null_class: 
 
 
 def comfy_source(base_model, positive: list, negative: list, width: int, height: int, guidance: float,
-                 name: str = "comfyui", sampling=None) -> TeacherSource:
-    """A ComfyUI model (``MODEL.model``, its BaseModel) with prompt conditions: every training
+                 name: str = "comfyui", sampling=None, length: int = 1) -> TeacherSource:
+    """A ComfyUI model (``MODEL.model``, its BaseModel) with prompt conditions, on images of width x height
+    pixels, or on clips of ``length`` frames for a video model (``latent_shape``): every training
     trajectory draws one of the ``positive`` entries uniformly; the first ``negative`` entry is the
     unconditional side of CFG at scale ``guidance``. A guidance-distilled model (Flux dev) takes
     ``guidance`` as its input instead and samples without CFG (w = 1); its students carry the value
@@ -190,7 +191,7 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     )
 
     denoiser = ComfyDenoiser(base_model, sampling)
-    shape = latent_shape(base_model, width, height)
+    shape = latent_shape(base_model, width, height, length)
     card = {"comfy_noise": "flow"} if denoiser.flow else {}
     if embeds_guidance(base_model):
         positive, negative = with_guidance(positive, guidance), with_guidance(negative, guidance)

@@ -46,10 +46,16 @@ class Compare:
         names = [handle.card["method"] for handle in students]
         result = compare(student.teacher.source(), students, [steps or None] * len(students), count, seed,
                          reference_steps, names)
-        rows = [(row.label, to_images(row.images, model, vae)[0]) for row in result.rows]
+        rows = [(row.label, to_images(middle_frame(row.images), model, vae)[0]) for row in result.rows]
         grid = labelled_grid([(label, images.mul(255).round().clamp(0, 255).to(torch.uint8)) for label, images in rows])
         table = table_image(result.table())
         summary = result.summary()
         as_image = [x.float().div(255).unsqueeze(0) for x in (grid, table)]
         return {"ui": {"text": [summary], "images": host.preview_images(as_image[0])},
                 "result": (as_image[0], summary, as_image[1])}
+
+
+def middle_frame(images: torch.Tensor) -> torch.Tensor:
+    """Images as they are; of clips ``[N, C, T, H, W]``, each clip's middle frame (one image per clip in the
+    grid; PSNR is over whole clips)."""
+    return images[:, :, images.shape[2] // 2] if images.ndim == 5 else images

@@ -122,15 +122,18 @@ class FewStepSample:
 
 
 def to_images(x: torch.Tensor, model=None, vae=None) -> tuple[torch.Tensor, dict]:
-    """ComfyUI IMAGE ``[B, H, W, 3]`` in [0, 1] and LATENT of model-space samples ``x``."""
+    """ComfyUI IMAGE ``[B, H, W, 3]`` in [0, 1] and LATENT of model-space samples ``x``: images, or clips
+    ``[B, C, T, H, W]`` of a video model, whose IMAGE holds every frame, clip after clip (as VAE Decode gives
+    them)."""
     x = x.cpu()  # ComfyUI's IMAGE and LATENT live on its intermediate device, the CPU
     if model is None:  # built-in pixels in [-1, 1], shown 4x larger
         pixels = ((x.clamp(-1, 1) + 1) / 2).repeat_interleave(4, -1).repeat_interleave(4, -2)
         return pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous(), {"samples": x}
-    framed = x.unsqueeze(2) if has_frame_axis(model.model) else x  # a video model's LATENT: one frame
+    framed = x.unsqueeze(2) if has_frame_axis(model.model) and x.ndim == 4 else x  # a still: one frame
     latent = {"samples": model.model.process_latent_out(framed)}
     if vae is not None:
         images = vae.decode(latent["samples"])  # [B, T, H, W, 3] from a video VAE, as the stock VAE Decode flattens
         return images.reshape(-1, *images.shape[-3:]), latent
-    frames = [preview_pixels(xi[None], model.model.latent_format, 1) for xi in x]
+    stills = x.transpose(1, 2).flatten(0, 1) if x.ndim == 5 else x
+    frames = [preview_pixels(xi[None], model.model.latent_format, 1) for xi in stills]
     return torch.stack(frames).float().div(255), latent

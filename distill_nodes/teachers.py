@@ -30,10 +30,11 @@ class BuiltinTeacher:
 
 
 @node("DistillTeacherFromModel", "Teacher from MODEL", "teachers",
-      "Any ComfyUI image model from Load Checkpoint or Load Diffusion Model with its prompts: SD1.x, SD2.x and "
-      "SDXL (eps, v), and flow models (SD3 / 3.5, Flux, AuraFlow, Lumina 2, HiDream, Chroma). Each training "
-      "trajectory uses one positive entry at random; the negative is CFG's other side. Flux dev takes guidance "
-      "as an input: the guidance value is its FluxGuidance, and CFG stays 1.",
+      "Any ComfyUI image or text-to-video model from Load Checkpoint or Load Diffusion Model with its prompts: "
+      "SD1.x, SD2.x and SDXL (eps, v), and flow models (SD3 / 3.5, Flux, AuraFlow, Lumina 2, HiDream, Chroma, "
+      "Qwen-Image, Wan). Each training trajectory uses one positive entry at random; the negative is CFG's other "
+      "side. Flux dev takes guidance as an input: the guidance value is its FluxGuidance, and CFG stays 1. "
+      "Video models distil on stills (length 1) or on clips of the length you sample with.",
       inputs=[
           In("model", "MODEL", "the teacher model, e.g. from Load Checkpoint (a ModelSampling node before it is "
              "respected: its shift sets the student's flow grid)"),
@@ -47,15 +48,20 @@ class BuiltinTeacher:
           In("guidance", "FLOAT", "CFG scale w the teacher uses; for guidance-distilled models (Flux dev) the "
              "guidance they take as input (as FluxGuidance: 3.5 is Flux dev's default), with CFG 1", 5.0,
              options={"min": 1.0, "max": 20.0, "step": 0.1}),
+          In("length", "INT", "video frames of each training clip, for video models (Wan, HunyuanVideo, LTX-Video, "
+             "Mochi, Cosmos): the length you will sample with (Wan 2.1: 81); 1 distils on still images. Clips cost "
+             "memory and time in proportion to their latent frames, (length - 1) / 4 + 1 for Wan", 1,
+             optional=True, options={"min": 1, "max": 1024, "step": 4}),
       ],
       outputs=[TEACHER])
 class TeacherFromModel:
-    def run(self, model, positive, negative, width: int, height: int, guidance: float, unique_id=None):
+    def run(self, model, positive, negative, width: int, height: int, guidance: float, length: int = 1,
+            unique_id=None):
         from distill_core.denoisers.comfy import embeds_guidance, latent_shape, model_sampling, refuse_unsupported
 
         refuse_unsupported(model)  # this MODEL's own sampling, not the one its checkpoint's clones share
         sampling = model_sampling(model)
-        latent_shape(model.model, width, height)  # a bad size or latent is refused here, not in training
+        latent_shape(model.model, width, height, length)  # a bad size, length or latent is refused here
         for name, conditioning in (("positive", positive), ("negative", negative)):
             if not isinstance(conditioning, list) or not conditioning:
                 raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode or Distill "
@@ -63,7 +69,8 @@ class TeacherFromModel:
         cfg = 1.0 if embeds_guidance(model.model) else guidance
 
         def build():
-            return comfy_source(model.model, positive, negative, width, height, guidance, sampling=sampling)
+            return comfy_source(model.model, positive, negative, width, height, guidance, sampling=sampling,
+                                length=length)
 
         return (TeacherHandle("comfyui", build, SD_SIGMA_MIN, cfg, model=model),)
 

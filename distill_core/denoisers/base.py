@@ -67,6 +67,12 @@ def expand_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return sigma
 
 
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values`` [B], one per sample, viewed to scale ``like`` [B, ...] (an image [B, C, H, W] or a clip
+    [B, C, T, H, W]) sample by sample."""
+    return values.view(-1, *(1,) * (like.ndim - 1))
+
+
 def tile_tokens(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     """Token sequences [B, ..., T_i, C] (tokens on the second-to-last axis: a text embedding [B, T, C], a stack
     of hidden states [B, L, T, C]) tiled to a common length, the least common multiple of the T_i

@@ -11,8 +11,10 @@ prediction type, through its ``model_sampling``. Two conventions:
   ``denoisers.flow``), x_t = x / (1 + sigma), so ``D(x, sigma) = apply_model(x / (1 + sigma), sigma / (1 + sigma))``.
   t = 1 is sigma = inf: the adapter stops at ``FLOW_SIGMA_MAX``.
 
-Models with video latents (Wan, Qwen-Image: [B, C, T, H, W]) distil as image models: the engine holds one
-frame as [B, C, H, W] and the adapter adds the frame axis of length 1 around ``apply_model``.
+Models with video latents ([B, C, T, H, W]: Wan, HunyuanVideo, Qwen-Image, ...) distil on images by default:
+the engine holds one frame as [B, C, H, W] and the adapter adds the frame axis of length 1 around
+``apply_model``. Video models also distil on clips (``latent_shape``'s ``length``): the engine then holds
+[B, C, T, H, W] as it is, and every method treats a clip as one sample.
 
 So the adapter only moves conditions into keyword arguments and, for flow models, changes variables. A
 MODEL's model sampling is read through its patcher (``model_sampling``): clones of one checkpoint share the
@@ -29,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond, expand_sigma, index_cond, tile_tokens
+from distill_core.denoisers.base import Cond, expand_sigma, index_cond, per_sample, tile_tokens
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, sigma_to_t, t_to_sigma
 
 #: ComfyUI's prediction classes (``comfy.model_sampling``), the most derived first in a sampling's MRO
@@ -126,7 +128,7 @@ class ComfyDenoiser(nn.Module):
         if framed:
             x = x.unsqueeze(2)
         if self.flow:
-            x = x / (1 + sigma.view((-1,) + (1,) * (x.ndim - 1)))
+            x = x / (1 + per_sample(sigma, x))
             sigma = sigma_to_t(sigma)
         if not torch.is_grad_enabled():
             out = self.base.apply_model(x, sigma, **(cond or {}))
@@ -180,10 +182,23 @@ def latent_downscale(base_model: nn.Module) -> int:
     return DOWNSCALE.get(name) or int(getattr(latent_format, "spacial_downscale_ratio", None) or 8)
 
 
-def latent_shape(base_model: nn.Module, width: int, height: int) -> tuple[int, int, int]:
+#: ComfyUI's video models (BaseModel classes, subclasses included) and how many video frames one latent frame
+#: spans, as their own empty-latent nodes count: a clip of ``length`` frames is (length - 1) // k + 1 latent frames
+VIDEO_FRAMES = {"WAN21": 4, "HunyuanVideo": 4, "LTXV": 8, "GenmoMochi": 6, "CosmosVideo": 8}
+
+
+def frames_per_latent(base_model: nn.Module) -> int | None:
+    """k, the video frames per latent frame of a video model (``VIDEO_FRAMES``); None for an image model,
+    Qwen-Image and Cosmos Predict2 text-to-image among them (video latents, image networks)."""
+    return next((VIDEO_FRAMES[c.__name__] for c in type(base_model).__mro__ if c.__name__ in VIDEO_FRAMES), None)
+
+
+def latent_shape(base_model: nn.Module, width: int, height: int, length: int = 1) -> tuple[int, ...]:
     """(channels, height / f, width / f) of the model's latent of one width x height image, f its
     ``latent_downscale`` (8 for most; Wan 2.2 5B: 16). A latent with a frame axis (the video VAEs of Wan and
-    Qwen-Image) is one frame, held without the axis (``has_frame_axis``)."""
+    Qwen-Image) is one frame, held without the axis (``has_frame_axis``). A clip of a video model, ``length``
+    frames, is (channels, T, height / f, width / f) with T = (length - 1) // k + 1 latent frames
+    (``frames_per_latent``); a clip of one latent frame is an image."""
     latent_format = getattr(base_model, "latent_format", None)
     dims = getattr(latent_format, "latent_dimensions", 2)
     name = type(base_model).__name__
@@ -195,7 +210,14 @@ def latent_shape(base_model: nn.Module, width: int, height: int) -> tuple[int, i
     if width % f or height % f:
         raise ValueError(f"width and height must be multiples of {f} for {name}, whose latent pixel spans {f} "
                          f"image pixels; got {width}x{height}")
-    return channels, height // f, width // f
+    frames = 1
+    if length > 1:
+        k = frames_per_latent(base_model)
+        if k is None:
+            raise ValueError(f"{name} is an image model: set length to 1 (clips of several frames need a video model: "
+                             "Wan, HunyuanVideo, LTX-Video, Mochi, Cosmos)")
+        frames = (length - 1) // k + 1
+    return (channels, frames, height // f, width // f) if frames > 1 else (channels, height // f, width // f)
 
 
 def has_frame_axis(base_model: nn.Module) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond, cast_cond, expand_sigma, network_dtype
+from distill_core.denoisers.base import Cond, cast_cond, expand_sigma, network_dtype, per_sample
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 #: SDXL's added conditions (the pooled text embedding, the image's size and crop): ``added_cond_kwargs``
@@ -120,7 +120,7 @@ class DiffusersDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
         sigma = expand_sigma(sigma, x)
-        s = sigma.view((-1,) + (1,) * (x.ndim - 1))
+        s = per_sample(sigma, x)
         alpha = (1 + s**2).rsqrt()
         t = self.sigma_to_t(sigma).to(sigma.dtype)
         dtype = network_dtype(self.unet, x.dtype)

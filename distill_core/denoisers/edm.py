@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond, cast_cond, expand_sigma, network_dtype
+from distill_core.denoisers.base import Cond, cast_cond, expand_sigma, network_dtype, per_sample
 
 
 class EDMDenoiser(nn.Module):
@@ -41,7 +41,6 @@ class EDMDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None, **net_kwargs) -> torch.Tensor:
         sigma = expand_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
-        view = (-1,) + (1,) * (x.ndim - 1)
         dtype = network_dtype(self.net, x.dtype)
-        f = self.net((c_in.view(view) * x).to(dtype), c_noise.to(dtype), cast_cond(cond, dtype), **net_kwargs)
-        return c_skip.view(view) * x + c_out.view(view) * f.to(c_out.dtype)
+        f = self.net((per_sample(c_in, x) * x).to(dtype), c_noise.to(dtype), cast_cond(cond, dtype), **net_kwargs)
+        return per_sample(c_skip, x) * x + per_sample(c_out, x) * f.to(c_out.dtype)

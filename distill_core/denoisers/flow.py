@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond, cast_cond, expand_sigma, network_dtype
+from distill_core.denoisers.base import Cond, cast_cond, expand_sigma, network_dtype, per_sample
 
 #: where solves of a flow model start when its time reaches 1 (sigma = inf): t = 80 / 81, where
 #: x / (1 + sigma) differs from pure noise by x0 / 81
@@ -76,10 +76,9 @@ class FlowDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None, **net_kwargs) -> torch.Tensor:
         sigma = expand_sigma(sigma, x)
         t = sigma_to_t(sigma)
-        view = (-1,) + (1,) * (x.ndim - 1)
-        x_t = x / (1 + sigma.view(view))
+        x_t = x / (1 + per_sample(sigma, x))
         v = self.velocity(x_t.to(x.dtype), t, cond, **net_kwargs)
-        return x_t - t.view(view) * v.to(x_t.dtype)
+        return x_t - per_sample(t, x) * v.to(x_t.dtype)
 
 
 def flow_matching_loss(denoiser: FlowDenoiser, x0: torch.Tensor, labels, logit_mean: float = 0.0,
@@ -90,6 +89,6 @@ def flow_matching_loss(denoiser: FlowDenoiser, x0: torch.Tensor, labels, logit_m
     t = torch.sigmoid(torch.randn(x0.shape[0]) * logit_std + logit_mean)
     t = torch.where(torch.rand(x0.shape[0]) < uniform_fraction, torch.rand(x0.shape[0]), t)
     n = torch.randn_like(x0)
-    tv = t.view((-1,) + (1,) * (x0.ndim - 1))
+    tv = per_sample(t, x0)
     v = denoiser.velocity((1 - tv) * x0 + tv * n, t, labels)
     return ((v - (n - x0)) ** 2).mean()

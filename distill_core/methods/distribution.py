@@ -40,7 +40,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond, move_cond
+from distill_core.denoisers.base import Cond, move_cond, per_sample
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
 from distill_core.options import option
 from distill_core.sampling import renoise
@@ -81,10 +81,6 @@ def karras_at(u: torch.Tensor, sigma_min: float, sigma_max: float, rho: float) -
 def critic_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     """lambda(sigma) = 1 / sigma^2 + 1 / sigma_data^2."""
     return sigma.pow(-2) + sigma_data ** -2
-
-
-def per_sample(sigma: torch.Tensor) -> torch.Tensor:
-    return sigma.view(-1, 1, 1, 1)
 
 
 class DistributionMatching(Method):
@@ -171,9 +167,9 @@ class DistributionMatching(Method):
         """Denoising score matching of the critic on the detached generator images ``x0`` (of any step)."""
         sigma = self.draw_noise_levels(x0.shape[0], generator, x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        denoised = self.nets[self.critic](x0 + per_sample(sigma) * noise, sigma, cond)
+        denoised = self.nets[self.critic](x0 + per_sample(sigma, x0) * noise, sigma, cond)
         weight = critic_weight(sigma, self.sigma_data)
-        return (per_sample(weight) * (denoised.float() - x0.float()).square()).mean()
+        return (per_sample(weight, x0) * (denoised.float() - x0.float()).square()).mean()
 
     def generator_loss(self, x0: torch.Tensor, cond: Cond, step: int, generator: torch.Generator) -> torch.Tensor:
         """The loss of the generator's images ``x0`` (with gradient) of step ``step``."""

@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill_core.denoisers.base import Cond, move_cond
+from distill_core.denoisers.base import Cond, move_cond, per_sample
 from distill_core.methods.base import NodeLayout, Widget
-from distill_core.methods.distribution import DistributionConfig, DistributionMatching, per_sample
+from distill_core.methods.distribution import DistributionConfig, DistributionMatching
 from distill_core.methods.registry import register
 from distill_core.methods.sfd import distance
 from distill_core.methods.teacher_pairs import PairsConfig, PoolCounted, TeacherPairs
@@ -73,7 +73,7 @@ def dmd_scale(x0: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 def dmd_gradient(x0: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """g = (p_real - p_fake) / mean |p_real| per sample, with p = x0 - denoised; non-finite entries zeroed."""
     p_real, p_fake = x0 - real, x0 - fake
-    return torch.nan_to_num((p_real - p_fake) / per_sample(dmd_scale(x0, real)))
+    return torch.nan_to_num((p_real - p_fake) / per_sample(dmd_scale(x0, real), x0))
 
 
 DISTRIBUTION_NODE = NodeLayout(
@@ -155,7 +155,7 @@ class DMD2(PoolCounted, DistributionMatching):
     def generator_loss(self, x0: torch.Tensor, cond: Cond, step: int, generator: torch.Generator) -> torch.Tensor:
         sigma = self.draw_noise_levels(x0.shape[0], generator, x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        loss = self.dmd_loss(x0, x0.detach() + per_sample(sigma) * noise, sigma, cond)
+        loss = self.dmd_loss(x0, x0.detach() + per_sample(sigma, x0) * noise, sigma, cond)
         if self.pairs is not None:
             loss = loss + self.opts.regression_weight * self.regression_loss(x0.shape[0], generator, x0.device)
         if not self.gan:
@@ -173,7 +173,7 @@ class DMD2(PoolCounted, DistributionMatching):
         """h(x_t) of ``images`` noised at drawn levels (gradient to the images and to the fake score's side)."""
         sigma = self.draw_noise_levels(images.shape[0], generator, images.device)
         noise = torch.randn(images.shape, generator=generator).to(images.device)
-        return self.nets["fake_score"].classify(images + per_sample(sigma) * noise, sigma, cond)
+        return self.nets["fake_score"].classify(images + per_sample(sigma, images) * noise, sigma, cond)
 
     def dmd_loss(self, x: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """L_G = 1/2 || x - sg(x - g) ||^2 for images ``x`` (with gradient) noised to ``x_t`` at ``sigma``, g from

@@ -57,9 +57,8 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from distill_core.denoisers.base import Cond, cat_conds, expand_sigma
+from distill_core.denoisers.base import Cond, cat_conds, expand_sigma, per_sample
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
-from distill_core.methods.distribution import per_sample
 from distill_core.methods.registry import register
 from distill_core.methods.sfd import SFD, distance
 from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs, training_images
@@ -134,7 +133,7 @@ def guided(teacher: CFGTeacher, x: torch.Tensor, sigma: torch.Tensor, cond: Cond
     uncond = teacher.uncond_like(cond, x.shape[0], x.device)
     both = teacher.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(cond, uncond))
     x0_c, x0_u = both.chunk(2)
-    return guide(x0_c, x0_u, per_sample(w.to(x0_c.dtype)))
+    return guide(x0_c, x0_u, per_sample(w.to(x0_c.dtype), x0_c))
 
 
 @register("lcm")
@@ -243,7 +242,7 @@ class LCM(Method):
     def consistency(self, denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """f(x, s) = c_skip(s) x + c_out(s) D(x, s) (the boundary-condition parameterisation)."""
         c_skip, c_out = boundary_scalings(sigma, float(self.skeleton[0]), float(self.skeleton[-1]), self.opts.rho)
-        return per_sample(c_skip) * x + per_sample(c_out) * denoiser(x, sigma, cond)
+        return per_sample(c_skip, x) * x + per_sample(c_out, x) * denoiser(x, sigma, cond)
 
     def losses(self, plan: dict, micro: MicroBatch, generator: torch.Generator) -> Iterator[StepLoss]:
         device = next(self.student.parameters()).device
@@ -254,10 +253,10 @@ class LCM(Method):
         w = self.draw_w(b, generator).to(device)
         eps = torch.randn(x0.shape, generator=generator).to(device)
         s_n, s_next = self.skeleton[n].to(device), self.skeleton[n + 1].to(device)
-        x_next = x0 + per_sample(s_next) * eps
+        x_next = x0 + per_sample(s_next, x0) * eps
         with torch.no_grad():
             d = self.teacher_x0(x_next, s_next, cond, w)
-            x_hat = x_next + per_sample((s_n - s_next) / s_next) * (x_next - d)
+            x_hat = x_next + per_sample((s_n - s_next) / s_next, x_next) * (x_next - d)
             target = self.consistency(self.target(w), x_hat, s_n, cond)
         out = self.consistency(AtSteps(self.student, None, w), x_next, s_next, cond)
         yield StepLoss("student", 0, distance(out, target, "huber", self.opts.huber_c))

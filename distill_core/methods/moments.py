@@ -43,13 +43,12 @@ import torch
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from distill_core.denoisers.base import Cond, index_cond
+from distill_core.denoisers.base import Cond, index_cond, per_sample
 from distill_core.methods.distribution import (
     DistributionConfig,
     DistributionMatching,
     critic_weight,
     karras_at,
-    per_sample,
 )
 from distill_core.methods.dmd2 import DISTRIBUTION_NODE, dmd_scale
 from distill_core.methods.registry import register
@@ -125,7 +124,7 @@ class Moments(DistributionMatching):
         if self.critic is None:
             return self.instant_loss(x0, cond, step, generator)
         sigma = self.step_levels(x0.shape[0], step, generator, x0.device)
-        z_s = x0.detach() + per_sample(sigma) * torch.randn(x0.shape, generator=generator).to(x0.device)
+        z_s = x0.detach() + per_sample(sigma, x0) * torch.randn(x0.shape, generator=generator).to(x0.device)
         with torch.no_grad():
             teacher = self.teacher(z_s, sigma, cond).float()
             mismatch = self.nets["auxiliary"](z_s, sigma, cond).float() - teacher
@@ -134,7 +133,7 @@ class Moments(DistributionMatching):
             weight = critic_weight(sigma, self.sigma_data)
         else:
             weight = 1 / dmd_scale(x0.detach().float(), teacher)
-        return (per_sample(weight) * x0.float() * mismatch).flatten(1).mean(1).mean()
+        return (per_sample(weight, x0) * x0.float() * mismatch).flatten(1).mean(1).mean()
 
     def instant_loss(self, x0: torch.Tensor, cond: Cond, step: int, generator: torch.Generator) -> torch.Tensor:
         """g_A^T Lambda g_B from the halves A, B of the micro-batch, g_h = grad_theta L_theta(x~_h)."""
@@ -146,8 +145,8 @@ class Moments(DistributionMatching):
         for idx in (torch.arange(n), torch.arange(n, 2 * n)):
             half, c = x0[idx.to(x0.device)], index_cond(cond, idx.to(x0.device))
             sigma = self.step_levels(half.shape[0], step, generator, half.device)
-            z_s = half + per_sample(sigma) * torch.randn(half.shape, generator=generator).to(half.device)
-            weight = per_sample(critic_weight(sigma, self.sigma_data))
+            z_s = half + per_sample(sigma, half) * torch.randn(half.shape, generator=generator).to(half.device)
+            weight = per_sample(critic_weight(sigma, self.sigma_data), half)
             loss = (weight * (teacher(z_s, sigma, c).float() - half.float()).square()).mean()
             grads.append(torch.autograd.grad(loss, list(params.values()), create_graph=True))
         self.teacher_evaluations += x0.shape[0] * self.teacher.evaluations()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from distill_core.data import load_mnist
-from distill_core.denoisers.base import Cond, index_cond, move_cond
+from distill_core.denoisers.base import Cond, index_cond, move_cond, per_sample
 from distill_core.methods import phases
 from distill_core.methods.base import TeacherSource
 from distill_core.schedules import log_snr_uniform
@@ -32,7 +32,7 @@ class DataInputs:
 
     def at(self, base: tuple[torch.Tensor, ...], sigma: torch.Tensor) -> torch.Tensor:
         x0, noise = base
-        return x0 + sigma.view(-1, 1, 1, 1).to(x0) * noise
+        return x0 + per_sample(sigma.to(x0), x0) * noise
 
 
 class TrajectoryInputs:
@@ -73,4 +73,4 @@ class TrajectoryInputs:
         grid = self.grid.to(sigma.device)
         i = ((grid[None] >= sigma[:, None] * (1 - 1e-6)).sum(1) - 1).clamp(0, len(grid) - 1)
         x, d = self.xs[idx, i], self.ds[idx, i]
-        return d + (sigma / grid[i]).view(-1, 1, 1, 1) * (x - d)
+        return d + per_sample(sigma / grid[i], x) * (x - d)

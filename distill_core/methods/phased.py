@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill_core.denoisers.base import Cond, index_cond, move_cond
+from distill_core.denoisers.base import Cond, index_cond, move_cond, per_sample
 from distill_core.methods import phases
 from distill_core.methods.base import Method, MicroBatch, NodeLayout, OptimSpec, StepLoss, TeacherSource, Widget
 from distill_core.methods.phase_inputs import DataInputs, TrajectoryInputs
@@ -267,7 +267,7 @@ class Phased(Method):
             return pool["x"][idx], sigma, k, cond, pool["target"][idx]
         x = self.inputs().at(self.inputs().redraw(tuple(b[idx] for b in pool["base"]), generator), sigma)
         fresh = self._teacher(x, sigma, cond)
-        seen = pool["seen"][idx].view(-1, *([1] * (x.ndim - 1)))
+        seen = per_sample(pool["seen"][idx], x)
         beta = cfg.options.target_ema
         target = torch.where(seen, beta * pool["target"][idx] + (1 - beta) * fresh, fresh)
         pool["target"][idx], pool["seen"][idx] = target, True

@@ -63,9 +63,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond
+from distill_core.denoisers.base import Cond, per_sample
 from distill_core.methods import phases
-from distill_core.methods.distribution import DistributionConfig, critic_weight, karras_at, per_sample
+from distill_core.methods.distribution import DistributionConfig, critic_weight, karras_at
 from distill_core.methods.dmd2 import DMD2
 from distill_core.methods.phased import teacher_probe
 from distill_core.methods.phases import PARTITIONS
@@ -109,7 +109,7 @@ def karras_position(sigma: float, sigma_min: float, sigma_max: float, rho: float
 def subinterval_mean(x_t: torch.Tensor, denoised: torch.Tensor, t: torch.Tensor, s: float) -> torch.Tensor:
     """F = E[x_s | x_t] = x_t + (1 - s^2 / t^2) (D - x_t) of the x0-form denoiser D at noise t (one t per
     sample), for x_t = x_s + sqrt(t^2 - s^2) n: the inverse of D = x_t + t^2 / (t^2 - s^2) (F - x_t)."""
-    shrink = per_sample((1 - s**2 / t.double() ** 2).to(x_t))
+    shrink = per_sample((1 - s**2 / t.double() ** 2).to(x_t), x_t)
     return x_t + shrink * (denoised - x_t)
 
 
@@ -184,7 +184,7 @@ class PhasedDMD(DMD2):
         s = float(self.sigmas[step + 1])
         t = self.phase_levels(x0.shape[0], step, generator)
         x_s = x0 + s * torch.randn(x0.shape, generator=generator).to(x0.device)
-        spread = per_sample((t**2 - s**2).sqrt().float().to(x0.device))
+        spread = per_sample((t**2 - s**2).sqrt().float().to(x0.device), x0)
         return x_s, x_s.detach() + spread * torch.randn(x0.shape, generator=generator).to(x0.device), t, s
 
     # ------------------------------------------------------------------ losses
@@ -194,7 +194,7 @@ class PhasedDMD(DMD2):
         denoised = self.nets["fake_score"](x_t, t.float().to(x0.device), cond)
         mean = subinterval_mean(x_t.float(), denoised.float(), t, s)
         weight = critic_weight((t**2 - s**2).sqrt(), (self.sigma_data**2 + s**2) ** 0.5)
-        return (per_sample(weight.float().to(x0.device)) * (mean - x_s.float()).square()).mean()
+        return (per_sample(weight.float().to(x0.device), mean) * (mean - x_s.float()).square()).mean()
 
     def generator_loss(self, x0: torch.Tensor, cond: Cond, step: int, generator: torch.Generator) -> torch.Tensor:
         """DMD2's loss at x_s = x0 + s n, the scores compared at x_t inside the phase."""

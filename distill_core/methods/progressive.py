@@ -56,9 +56,8 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from distill_core.denoisers.base import Cond
+from distill_core.denoisers.base import Cond, per_sample
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
-from distill_core.methods.distribution import per_sample
 from distill_core.methods.registry import register
 from distill_core.methods.sfd import SFD
 from distill_core.methods.teacher_pairs import PairsConfig, TeacherPairs, training_images
@@ -106,18 +105,18 @@ def round_of(iteration: int, iters: int, rounds: int) -> int:
 
 def ddim(denoiser: Denoise, x: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor, cond: Cond) -> torch.Tensor:
     """x + (s_next - s) (x - D(x, s)) / s: one DDIM (Euler) step, one noise level per sample."""
-    return x + per_sample(s_next - s) * (x - denoiser(x, s, cond)) / per_sample(s)
+    return x + per_sample(s_next - s, x) * (x - denoiser(x, s, cond)) / per_sample(s, x)
 
 
 def two_step_target(x_t: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
     """x~ = (s'' x_t - s x'') / (s'' - s): the x0 prediction whose one step from x_t at s lands on x'' at s''."""
-    s, s_next = per_sample(s.double()), per_sample(s_next.double())
+    s, s_next = per_sample(s.double(), x_t), per_sample(s_next.double(), x_t)
     return ((s_next * x_t.double() - s * x_next.double()) / (s_next - s)).to(x_t.dtype)
 
 
 def truncated_snr_loss(denoised: torch.Tensor, target: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """E[ max(1 / s^2, 1) || D - x~ ||^2 ], the squared distance the mean over elements."""
-    weight = per_sample(s.float().pow(-2).clamp_min(1.0))
+    weight = per_sample(s.float().pow(-2).clamp_min(1.0), denoised)
     return (weight * (denoised.float() - target.float()).square()).mean()
 
 
@@ -235,7 +234,7 @@ class Progressive(Method):
         self.teacher_evaluations += spent
         i = torch.randint((len(grid) - 1) // 2, (micro.size,), generator=generator).to(device)
         s, s_mid, s_next = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
-        x_t = x0 + per_sample(s) * torch.randn(x0.shape, generator=generator).to(device)
+        x_t = x0 + per_sample(s, x0) * torch.randn(x0.shape, generator=generator).to(device)
         teacher, evaluations = self.round_teacher()
         with torch.no_grad():
             x_next = ddim(teacher, ddim(teacher, x_t, s, s_mid, cond), s_mid, s_next, cond)

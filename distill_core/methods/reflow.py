@@ -38,9 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from distill_core.denoisers.base import Cond, move_cond
+from distill_core.denoisers.base import Cond, move_cond, per_sample
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
-from distill_core.methods.distribution import critic_weight, generator_schedule, karras_at, per_sample
+from distill_core.methods.distribution import critic_weight, generator_schedule, karras_at
 from distill_core.methods.registry import register
 from distill_core.methods.sfd import SFD, SFDConfig, distance, teacher_states
 from distill_core.methods.teacher_pairs import PairsConfig, PoolCounted, TeacherPairs
@@ -127,7 +127,7 @@ class Reflow(PairRegression):
         """x_sigma = (1 - sigma / sigma_max) x0 + sigma z at sigma(u), u ~ U[0, 1] on the Karras grid."""
         u = torch.rand(z.shape[0], generator=generator, dtype=torch.float64)
         sigma = karras_at(u, self.sigma_min, self.sigma_max, self.opts.rho).float().to(z.device)
-        s = per_sample(sigma)
+        s = per_sample(sigma, z)
         return (1 - s / self.sigma_max) * x0 + s * z, sigma
 
     def __init__(self, source: TeacherSource, cfg):
@@ -138,7 +138,7 @@ class Reflow(PairRegression):
 
     def loss(self, denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma_data = float(getattr(self.source.denoiser, "sigma_data", 0.5))
-        weight = per_sample(critic_weight(sigma, sigma_data))
+        weight = per_sample(critic_weight(sigma, sigma_data), x0)
         return (weight * (denoised.float() - x0.float()).square()).mean()
 
     def plan(self, generator: torch.Generator) -> dict:

@@ -61,9 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill_core.denoisers.base import Cond, index_cond, move_cond
+from distill_core.denoisers.base import Cond, index_cond, move_cond, per_sample
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
-from distill_core.methods.distribution import per_sample
 from distill_core.methods.registry import register
 from distill_core.methods.sfd import SFD
 from distill_core.options import option
@@ -130,9 +129,9 @@ def single_fold_target(teacher, x: torch.Tensor, cond: Cond, grid: torch.Tensor,
         active = torch.nonzero(start + j < stop).squeeze(1)
         t, t_next = grid[start[active] + j], grid[start[active] + j + 1]
         x_j = landing[active]
-        eps = (x_j - teacher(x_j, t, index_cond(cond, active))) / per_sample(t)
-        landing[active] = x_j + per_sample(t_next - t) * eps
-        target[active] += per_sample((t_next - t) / span[active]) * eps
+        eps = (x_j - teacher(x_j, t, index_cond(cond, active))) / per_sample(t, x_j)
+        landing[active] = x_j + per_sample(t_next - t, x_j) * eps
+        target[active] += per_sample((t_next - t) / span[active], eps) * eps
     return target, landing
 
 
@@ -210,7 +209,7 @@ class SFDDM(Method):
         x0, cond = self.source.draw_data(batch, generator)
         k = torch.randint(self.cfg.steps, (batch,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
-        x = x0 + per_sample(self.sigmas[k]) * noise
+        x = x0 + per_sample(self.sigmas[k], x0) * noise
         return x.to(device), move_cond(cond, device), k.to(device)
 
     def losses(self, plan: dict, micro: MicroBatch, generator: torch.Generator) -> Iterator[StepLoss]:
@@ -224,7 +223,7 @@ class SFDDM(Method):
             target, _ = single_fold_target(self.teacher, x, cond, grid, start, stop)
         self.teacher_evaluations += int((stop - start).sum()) * self.teacher.evaluations()
         with first_input(student_head) as mine:
-            eps = (x - self.student(x, s, cond)) / per_sample(s)
+            eps = (x - self.student(x, s, cond)) / per_sample(s, x)
         loss = F.l1_loss(eps.float(), target.float())
         if student_head is not None:
             loss = loss + self.opts.feature_weight * F.l1_loss(mine[0].float(), self.teacher_features(caught[0], s))

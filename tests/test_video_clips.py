@@ -1,0 +1,177 @@
+"""Video models distilled on clips: ``latent_shape``'s length, every method on [B, C, T, H, W] samples, and the
+nodes' previews, samples and comparison of clips, on a stand-in ComfyUI video model whose frames see each other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_comfy_adapter import CONST, EPS, FakeBaseModel, FakePatcher, VideoBaseModel, _entry
+
+from distill_core.config import DistillConfig
+from distill_core.denoisers.base import per_sample
+from distill_core.denoisers.comfy import ComfyDenoiser, encode_conditioning, frames_per_latent, latent_shape
+from distill_core.memory_plan import activation_bytes, sample_activation_bytes
+from distill_core.methods.registry import method_class, methods
+from distill_core.options import settings
+from distill_core.report import preview_pixels
+from distill_core.safetensors_io import load
+from distill_core.sampling import sample
+from distill_core.sources import comfy_source
+from distill_core.student_files import load_student
+from distill_core.teacher import CFGTeacher
+from distill_core.train.callbacks import Callback
+from distill_core.train.run import train_student
+
+
+class VideoLatent:
+    """A video latent of the stand-in network's 4 channels."""
+
+    latent_channels, latent_dimensions, latent_rgb_factors = 4, 3, None
+
+
+class WAN21(VideoBaseModel):
+    """Named like ComfyUI's Wan 2.1 BaseModel: a text-to-video model, 4 video frames per latent frame. Each frame
+    also sees the clip's mean frame, so a clip is not a batch of independent images."""
+
+    latent_format = VideoLatent()
+
+    def apply_model(self, x, sigma, c_crossattn=None, y=None):
+        per_frame = super().apply_model(x, sigma, c_crossattn, y)
+        return per_frame + 0.1 * torch.tanh(x.mean(2, keepdim=True))
+
+
+class WAN22(WAN21):
+    """Wan 2.2 5B's BaseModel subclasses Wan 2.1's."""
+
+
+class QwenImage(VideoBaseModel):
+    """An image model on a video latent (Qwen-Image): clips are refused."""
+
+    latent_format = VideoLatent()
+
+
+def clip_source(length: int = 9, side: int = 64):
+    base = WAN21(CONST())
+    return base, comfy_source(base, [_entry(3, 1), _entry(3, 2)], [_entry(3, 3)], side, side, 2.0, length=length)
+
+
+def test_a_clip_of_a_video_model_is_its_latent_frames_as_comfyuis_empty_latent_counts_them():
+    """(length - 1) // k + 1 latent frames, k = 4 for Wan (and its subclasses); a clip of one latent frame is an
+    image; image models, and image networks on video latents, refuse clips in one line."""
+    model = WAN21(CONST())
+    assert frames_per_latent(model) == frames_per_latent(WAN22(CONST())) == 4
+    assert latent_shape(model, 64, 32) == (4, 4, 8)
+    assert latent_shape(model, 64, 32, length=81) == (4, 21, 4, 8)
+    assert latent_shape(model, 64, 32, length=4) == (4, 4, 8)  # one latent frame: an image
+    assert latent_shape(model, 64, 32, length=5) == (4, 2, 4, 8)
+    for image_model in (FakeBaseModel(EPS()), QwenImage(CONST())):
+        assert frames_per_latent(image_model) is None
+        with pytest.raises(ValueError, match="is an image model: set length to 1"):
+            latent_shape(image_model, 64, 64, length=5)
+
+
+def test_a_clip_reaches_the_model_whole_and_its_conditions_are_built_for_its_frames():
+    base = WAN21(CONST())
+    encode_conditioning(base, [_entry(3, 1), _entry(3, 2)], (4, 3, 8, 8))
+    assert base.noise_shape == (1, 4, 3, 8, 8)
+    x, sigma = torch.randn(2, 4, 3, 8, 8), torch.tensor([0.5, 3.0])
+    cond = {"c_crossattn": torch.randn(2, 3, 6), "y": torch.randn(2, 5)}
+    out = ComfyDenoiser(base)(x, sigma, cond)
+    torch.testing.assert_close(out, base.apply_model(x / (1 + per_sample(sigma, x)), sigma / (1 + sigma), **cond))
+    frames = torch.stack([ComfyDenoiser(base)(x[:, :, k], sigma, cond) for k in range(3)], 2)
+    assert not torch.allclose(out, frames)  # the frames of a clip see each other
+
+
+class Previews(Callback):
+    def __init__(self):
+        self.shown = []
+
+    def on_iteration(self, run, record):
+        self.shown.append(run.preview(2))
+
+
+#: settings that keep each method's teacher work small and suit a teacher without a data set or a built-in
+#: network (each method takes those it has)
+CLIP_SETTINGS = {"teacher_substeps": 2, "pairs": 4, "pair_steps": 2, "teacher_pool": 4, "probe_batch": 2,
+                 "probe_steps": 4, "start_steps": 4, "student_width": 1.0, "student_depth": 1.0,
+                 "phase_inputs": "trajectories"}
+
+
+#: methods that refuse ComfyUI teachers whatever their shape (tested with their methods): LCM and SFD-v need an
+#: input stock samplers cannot feed, SFDDM a data set
+REFUSE_COMFYUI = {"lcm", "sfd-v", "sfddm"}
+
+
+@pytest.mark.parametrize("name", sorted(set(methods()) - REFUSE_COMFYUI))
+def test_every_method_trains_a_student_on_clips(tmp_path, name):
+    """Each method's losses, noise draws and previews keep a clip's five axes (batch 3 against 4 channels and 3
+    frames: a view for four axes would fail or mix samples)."""
+    _, source = clip_source()
+    assert source.shape == (4, 3, 8, 8)
+    steps = 1 if name == "kd" else 2
+    own = {s.name for s in settings(method_class(name).Config)}
+    small = {k: v for k, v in CLIP_SETTINGS.items() if k in own}
+    cfg = DistillConfig(teacher="fake", method=name, steps=steps, iters=2, batch=3, lr=1e-3, sigma_min=0.1,
+                        guidance=2.0, student="lora", lora_rank=2, checkpoint_every=0, out=str(tmp_path), **small)
+    previews = Previews()
+    run = train_student(cfg, source, progress=False, callbacks=[previews])
+    tensors, card = load(run.path)
+    assert card["method"] == name and tensors
+    assert [p.shape for p in previews.shown] == [(2, 4, 3, 8, 8)] * 2
+    assert all(torch.isfinite(p).all() for p in previews.shown)
+    student = load_student(run.path, CFGTeacher(source.denoiser, 2.0, source.uncond))
+    noise = torch.randn(3, *source.shape) * source.denoiser.sigma_max
+    with torch.no_grad():
+        clips = sample(student, noise, source.draw_cond(3, torch.Generator().manual_seed(0)))
+    assert clips.shape == (3, 4, 3, 8, 8) and torch.isfinite(clips).all()
+
+
+def test_a_clip_preview_shows_one_row_of_evenly_spaced_frames_per_clip():
+    clips = torch.zeros(2, 3, 7, 4, 4)
+    clips[:, :, -1] = 1  # the last frame white
+    grid = preview_pixels(clips, VideoLatent(), columns=3)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)
+    assert (grid[1:5, 11:15] == 255).all() and (grid[1:5, 1:5] == 128).all()  # first frame grey, last white
+
+
+def test_the_nodes_distil_sample_and_compare_clips(tmp_path, monkeypatch):
+    """Teacher from MODEL with a length -> Distill to N steps -> Few-step sample gives the clips' LATENT
+    [B, C, T, H, W] and every frame as an IMAGE; Compare shows each clip's middle frame."""
+    from distill_core.workflow import node_pack
+    from distill_nodes import host
+
+    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
+    monkeypatch.setattr(host, "with_lora", lambda model, tensors: "M")
+    nodes = node_pack().NODE_CLASS_MAPPINGS
+    base = WAN21(CONST())
+    base.process_latent_out = lambda x: x * 2
+    positive, negative = [_entry(3, 1), _entry(3, 2)], [_entry(3, 3)]
+    with pytest.raises(ValueError, match="is an image model"):
+        nodes["DistillTeacherFromModel"]().run(FakePatcher(QwenImage(CONST())), positive, negative, 64, 64, 2.0,
+                                               length=9)
+    (teacher,) = nodes["DistillTeacherFromModel"]().run(FakePatcher(base), positive, negative, 64, 64, 2.0,
+                                                        length=9)
+    assert teacher.source().shape == (4, 3, 8, 8)
+    args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-3, batch=2, seed=0, guidance_mode="auto",
+                student="lora", lora_rank=2, save_name="clip", resume=False, preview_every=1, checkpoint_every=1)
+    _, student, _ = nodes["DistillToSteps"]().run(teacher, **args)["result"]
+    images, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
+    assert latent["samples"].shape == (2, 4, 3, 8, 8) and images.shape == (6, 10, 10, 3)
+    grid, summary, _ = nodes["DistillCompare"]().run(student, seed=0, count=2, steps=0, reference_steps=4)["result"]
+    assert grid.ndim == 4 and "sfd" in summary
+
+
+def test_the_memory_plan_probes_a_clip_at_a_half_and_a_quarter_side_with_all_its_frames():
+    """A 64 x 64 latent clip of 3 frames is probed at 32 and 16 pixels a side, 3 frames each, and extrapolated
+    in the pixels to what it costs at its own size."""
+    base, source = clip_source(length=9, side=512)
+    denoiser = source.denoiser.requires_grad_(True)
+    seen = []
+    apply_model = base.apply_model
+    base.apply_model = lambda x, *a, **kw: seen.append(tuple(x.shape)) or apply_model(x, *a, **kw)
+    extrapolated = sample_activation_bytes(denoiser, source, None)
+    assert seen == [(1, 4, 3, 32, 32), (1, 4, 3, 16, 16)]
+    cond = source.draw_cond(1, torch.Generator().manual_seed(0))
+    direct = activation_bytes(denoiser, torch.randn(1, *source.shape), 1.0, cond, None)
+    assert abs(extrapolated - direct) / direct < 0.05, (extrapolated, direct)
