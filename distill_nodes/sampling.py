@@ -99,10 +99,11 @@ def recipe(card: dict, steps: int = 0) -> tuple[torch.Tensor, float]:
       "with a VAE) for ComfyUI models, with its training prompts.",
       inputs=[In("student", "DISTILL_STUDENT", "the student to sample"),
               seed("noise seed"),
-              In("count", "INT", "number of images", 10, options={"min": 1, "max": 64}),
+              In("count", "INT", "number of images (of clips, for a teacher distilled on clips)", 10,
+                 options={"min": 1, "max": 64}),
               STEPS,
               In("vae", "VAE", "decodes latents of ComfyUI models to images (else a quick preview)", optional=True)],
-      outputs=[Out("IMAGE", "images", "the samples as images"),
+      outputs=[Out("IMAGE", "images", "the samples as images (of clips: every frame, clip after clip)"),
                Out("LATENT", "latent", "the samples as latents (ComfyUI models; the images' latents otherwise)")],
       output_node=True)
 class FewStepSample:

@@ -21,10 +21,11 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
     python tests/comfyui_harness.py flow-probe FAMILY WORKDIR
         FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma,
-        chroma-radiance, hunyuan-image, omnigen2, cosmos-predict2 or pixart-sigma (an eps model): a tiny model
-        (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the
-        others built in memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame
-        video latents) distilled to a LoRA, loaded by the stock loader and sampled by SamplerCustom with the
+        chroma-radiance, hunyuan-image, omnigen2, cosmos-predict2, pixart-sigma (an eps model), or on clips
+        wan-clip, hunyuan-video-clip, ltxv-clip: a tiny model (SD3 from a single file through the stock
+        UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the others built in memory: Flux with its guidance
+        input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame video latents, the clip families on clips of 3
+        latent frames) distilled to a LoRA, loaded by the stock loader and sampled by SamplerCustom with the
         student's sigmas, against the engine.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
@@ -321,6 +322,12 @@ HUNYUAN_IMAGE_CONFIG = {"image_model": "hunyuan_video", "in_channels": 64, "out_
                         "vec_in_dim": None, "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 4.0,
                         "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 16], "theta": 256,
                         "qkv_bias": True, "guidance_embed": False, "byt5": False, "meanflow": False}
+#: video models distilled on clips: HunyuanVideo (guidance-distilled: its guidance an input, as Flux's; patches of
+#: 1 x 2 x 2) and LTX-Video (a 128-channel latent of 32 pixels a side and 8 frames per latent frame)
+HUNYUAN_VIDEO_CONFIG = {**HUNYUAN_IMAGE_CONFIG, "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2],
+                        "vec_in_dim": 32, "axes_dim": [8, 12, 12], "guidance_embed": True}
+LTXV_CONFIG = {"image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
+               "num_attention_heads": 2, "caption_channels": 64, "num_layers": 1}
 #: Chroma Radiance: Chroma's blocks on pixels (3 channels, patches of 16 decoded by its NeRF head)
 CHROMA_RADIANCE_CONFIG = {**CHROMA_CONFIG, "image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3,
                           "patch_size": 16, "nerf_hidden_size": 32, "nerf_mlp_ratio": 2, "nerf_depth": 2,
@@ -344,7 +351,13 @@ PIXART_SIGMA_CONFIG = {"image_model": "pixart_sigma", "input_size": 8, "patch_si
                        "model_max_length": 12, "micro_condition": False, "pe_interpolation": 1}
 #: the teacher's image side where 64 pixels do not fit: PixArt's position table needs a latent side over 32
 SIDES = {"pixart-sigma": 512}
+#: guidance-distilled families: distilled at guidance 3.5 as their input, sampled with the stock FluxGuidance
+EMBEDDED_GUIDANCE = {"flux", "hunyuan-video-clip"}
+#: families distilled on clips, and the clip's length in video frames (Wan: 9 frames, 3 latent frames)
+LENGTHS = {"wan-clip": 9, "hunyuan-video-clip": 9, "ltxv-clip": 17}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "wan22-5b": ("WAN22_T2V", WAN22_CONFIG),
+             "wan-clip": ("WAN21_T2V", WAN_CONFIG), "hunyuan-video-clip": ("HunyuanVideo", HUNYUAN_VIDEO_CONFIG),
+             "ltxv-clip": ("LTXV", LTXV_CONFIG),
              "qwen-image": ("QwenImage", QWEN_CONFIG),
              "lumina2": ("Lumina2", LUMINA2_CONFIG), "auraflow": ("AuraFlow", AURAFLOW_CONFIG),
              "hidream": ("HiDream", HIDREAM_CONFIG), "chroma": ("Chroma", CHROMA_CONFIG),
@@ -401,6 +414,9 @@ def flow_probe(family: str, work: Path) -> dict:
         if family in ("lumina2", "omnigen2"):  # the text encoder's mask gives the token count; prompts of 3 lengths
             tokens = 8 + 4 * seed
             options["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
+        if family == "ltxv-clip":  # T5 prompts of 3 lengths padded to one (LTX-Video's tokenizer pads to 128)
+            tokens = 20
+            options["attention_mask"] = (torch.arange(tokens) < 8 + 4 * seed).long()[None]
         if family == "hidream":  # two Llama layers' hidden states beside the T5 tokens, of three lengths
             options["conditioning_llama3"] = torch.randn(1, 2, 8 + 4 * seed, context, generator=gen)
         return [torch.randn(1, tokens, context, generator=gen), options]
@@ -408,11 +424,13 @@ def flow_probe(family: str, work: Path) -> dict:
     stock = importlib.import_module("nodes")
     pack = load_pack().NODE_CLASS_MAPPINGS
     positive, negative = [entry(1), entry(2)], [entry(3)]
-    guidance = 3.5 if family == "flux" else 4.0
-    sampled = FluxGuidance.execute(positive[:1], guidance)[0] if family == "flux" else None
+    embedded = family in EMBEDDED_GUIDANCE
+    guidance = 3.5 if embedded else 4.0
+    sampled = FluxGuidance.execute(positive[:1], guidance)[0] if embedded else None
     result = distil_and_compare(pack, model, positive, negative,
                                 lambda name: stock.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0],
-                                guidance=guidance, sample_positive=sampled, side=SIDES.get(family, 64))
+                                guidance=guidance, sample_positive=sampled, side=SIDES.get(family, 64),
+                                length=LENGTHS.get(family, 1))
     sampling = model.get_model_object("model_sampling")
     linear = [m.weight for m in model.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
     return {**result, "family": family, "unloaded_lora_keys": len(unloaded),
@@ -583,11 +601,12 @@ def sfd_node(pack: dict):
 
 
 def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_lora, train=None,
-                       guidance: float = 5.0, sample_positive: list | None = None, side: int = 64) -> dict:
-    """Teacher from MODEL (``side`` x ``side`` pixels) -> a training node (``train(teacher)``; default Distill to 4
-    steps, LoRA) -> Student sigmas + sampler; then ComfyUI's sampler on the teacher with the LoRA applied by
-    ``apply_lora(file name)`` (a stock loader) against the engine's own sampling of the student from the same
-    initial latent, of the teacher's size."""
+                       guidance: float = 5.0, sample_positive: list | None = None, side: int = 64,
+                       length: int = 1) -> dict:
+    """Teacher from MODEL (``side`` x ``side`` pixels; a video model's clips of ``length`` frames) -> a training
+    node (``train(teacher)``; default Distill to 4 steps, LoRA) -> Student sigmas + sampler; then ComfyUI's
+    sampler on the teacher with the LoRA applied by ``apply_lora(file name)`` (a stock loader) against the
+    engine's own sampling of the student from the same initial latent, of the teacher's size and frames."""
     import comfy.model_management
     import comfy.sample
     import torch
@@ -596,10 +615,10 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
     from distill_core.sampling import sample
 
     torch.manual_seed(0)
-    channels = getattr(model.model.latent_format, "latent_channels", 4)
-    frames = (1,) * (getattr(model.model.latent_format, "latent_dimensions", 2) - 2)  # one frame of a video latent
+    video = getattr(model.model.latent_format, "latent_dimensions", 2) == 3
     with torch.inference_mode():  # how ComfyUI runs every node
-        (teacher,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, side, side, guidance)
+        (teacher,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, side, side, guidance,
+                                                            length=length)
         out = (train or sfd_node(pack))(teacher)
         student_model, handle, curve = out["result"]
         sigmas, sampler, cfg = pack["DistillStudentSchedule"]().run("(connected student)", 0, handle)
@@ -614,7 +633,8 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
             return seen["x_out"]
 
         sampler.sampler_function = recording
-        latent = torch.zeros(1, channels, *frames, *teacher.source().shape[-2:])  # the teacher's latent
+        channels, *frames, height, width = teacher.source().shape  # the teacher's latent; a still: one frame
+        latent = torch.zeros(1, channels, *(frames or [1] * video), height, width)
         noise = comfy.sample.prepare_noise(latent, 7)
         sampled = sample_positive or positive[:1]
         for name, m in (("teacher", model), ("lora", lora_model)):  # the same noise, without and with the LoRA

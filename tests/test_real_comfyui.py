@@ -183,6 +183,29 @@ def test_flow_models_distil_into_loras_the_stock_loader_applies_and_samplercusto
     assert result["lora_effect"] > floor and result["max_abs_diff"] <= tolerance
 
 
+@pytest.mark.parametrize(("family", "model_class", "latent", "shift"), [
+    ("wan-clip", "WAN21", [16, 3, 8, 8], 8.0),
+    ("hunyuan-video-clip", "HunyuanVideo", [16, 3, 8, 8], 7.0),
+    ("ltxv-clip", "LTXV", [128, 3, 2, 2], 10.6974)])
+def test_video_models_distil_on_clips_into_loras_that_samplercustom_reproduces_on_a_clip(family, model_class, latent,
+                                                                                        shift, tmp_path):
+    """Teacher from MODEL with a length: Wan 2.1 and HunyuanVideo (guidance-distilled: its guidance an input,
+    sampled with the stock FluxGuidance and CFG 1) train on clips of 9 frames, 3 latent frames of 4 frames each,
+    LTX-Video on 17 frames, 3 latent frames of 8 (its 128 channels 32 pixels a side; T5 prompts padded to one
+    length with their masks). The LoRA loads with no key left unloaded, and SamplerCustom with the student's
+    sigmas and SAMPLER on a latent of the same frames reproduces the engine's student clip from the same noise."""
+    out = _harness("flow-probe", family, str(tmp_path)).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(result, indent=1))
+    card = result["card"]
+    assert result["model_class"] == model_class and result["train_latent"] == latent
+    assert card["comfy_noise"] == "flow" and card["schedule"]["shift"] == pytest.approx(shift, rel=1e-4)
+    guided = family == "hunyuan-video-clip"
+    assert card["embedded_guidance"] == (3.5 if guided else None) and result["cfg"] == (1.0 if guided else 4.0)
+    assert result["unloaded_lora_keys"] == 0 and result["lora_key_example"].startswith("diffusion_model.")
+    assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
+
+
 def test_pixart_sigma_distils_into_a_lora_the_stock_loader_applies_and_samplercustom_reproduces(tmp_path):
     """PixArt Sigma, an eps DiT reading T5 tokens, at 512 x 512 pixels: its position table needs a latent side
     over 32, so the run's memory plan probes it at its own size rather than at a half and a quarter."""
