@@ -57,16 +57,26 @@ class BuiltinTeacher:
 class TeacherFromModel:
     def run(self, model, positive, negative, width: int, height: int, guidance: float, length: int = 1,
             unique_id=None):
-        from distill_core.denoisers.comfy import embeds_guidance, latent_shape, model_sampling, refuse_unsupported
+        from distill_core.denoisers.comfy import (
+            embeds_guidance,
+            encode_conditioning,
+            latent_shape,
+            model_sampling,
+            refuse_unsupported,
+            with_guidance,
+        )
 
         refuse_unsupported(model)  # this MODEL's own sampling, not the one its checkpoint's clones share
         sampling = model_sampling(model)
-        latent_shape(model.model, width, height, length)  # a bad size, length or latent is refused here
+        shape = latent_shape(model.model, width, height, length)  # a bad size, length or latent is refused here
         for name, conditioning in (("positive", positive), ("negative", negative)):
             if not isinstance(conditioning, list) or not conditioning:
                 raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode or Distill "
                                  f"prompt list)")
-        cfg = 1.0 if embeds_guidance(model.model) else guidance
+        prompts, guided = list(positive) + list(negative[:1]), embeds_guidance(model.model)
+        # prompts whose model inputs cannot be batched are refused here too
+        encode_conditioning(model.model, with_guidance(prompts, guidance) if guided else prompts, shape)
+        cfg = 1.0 if guided else guidance
 
         def build():
             return comfy_source(model.model, positive, negative, width, height, guidance, sampling=sampling,

@@ -21,7 +21,7 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
     python tests/comfyui_harness.py flow-probe FAMILY WORKDIR
         FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma,
-        chroma-radiance, hunyuan-image, omnigen2, cosmos-predict2, pixart-sigma (an eps model), or on clips
+        chroma-radiance, hunyuan-image, omnigen2, cosmos-predict2, pixart-sigma (eps), hunyuan-dit (v), or on clips
         wan-clip, hunyuan-video-clip, ltxv-clip: a tiny model (SD3 from a single file through the stock
         UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the others built in memory: Flux with its guidance
         input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame video latents, the clip families on clips of 3
@@ -349,6 +349,11 @@ OMNIGEN2_CONFIG = {"image_model": "omnigen2", "axes_dim_rope": [8, 12, 12], "axe
 PIXART_SIGMA_CONFIG = {"image_model": "pixart_sigma", "input_size": 8, "patch_size": 2, "in_channels": 4,
                        "hidden_size": 64, "depth": 1, "num_heads": 2, "caption_channels": 64,
                        "model_max_length": 12, "micro_condition": False, "pe_interpolation": 1}
+#: HunyuanDiT: a v-prediction DiT reading two text encoders' tokens (a BERT's and mT5's, each padded to one length
+#: with its mask, as ComfyUI's tokenizers pad them to 77 and 256)
+HUNYUAN_DIT_CONFIG = {"image_model": "hydit", "input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 64,
+                      "depth": 2, "num_heads": 2, "text_states_dim": 64, "text_states_dim_t5": 64, "text_len": 12,
+                      "text_len_t5": 16, "size_cond": False, "use_style_cond": False}
 #: the teacher's image side where 64 pixels do not fit: PixArt's position table needs a latent side over 32
 SIDES = {"pixart-sigma": 512}
 #: guidance-distilled families: distilled at guidance 3.5 as their input, sampled with the stock FluxGuidance
@@ -357,7 +362,7 @@ EMBEDDED_GUIDANCE = {"flux", "hunyuan-video-clip"}
 LENGTHS = {"wan-clip": 9, "hunyuan-video-clip": 9, "ltxv-clip": 17}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "wan22-5b": ("WAN22_T2V", WAN22_CONFIG),
              "wan-clip": ("WAN21_T2V", WAN_CONFIG), "hunyuan-video-clip": ("HunyuanVideo", HUNYUAN_VIDEO_CONFIG),
-             "ltxv-clip": ("LTXV", LTXV_CONFIG),
+             "ltxv-clip": ("LTXV", LTXV_CONFIG), "hunyuan-dit": ("HunyuanDiT", HUNYUAN_DIT_CONFIG),
              "qwen-image": ("QwenImage", QWEN_CONFIG),
              "lumina2": ("Lumina2", LUMINA2_CONFIG), "auraflow": ("AuraFlow", AURAFLOW_CONFIG),
              "hidream": ("HiDream", HIDREAM_CONFIG), "chroma": ("Chroma", CHROMA_CONFIG),
@@ -417,6 +422,10 @@ def flow_probe(family: str, work: Path) -> dict:
         if family == "ltxv-clip":  # T5 prompts of 3 lengths padded to one (LTX-Video's tokenizer pads to 128)
             tokens = 20
             options["attention_mask"] = (torch.arange(tokens) < 8 + 4 * seed).long()[None]
+        if family == "hunyuan-dit":  # BERT and mT5 prompts of 3 lengths, each padded to its encoder's length
+            options["attention_mask"] = (torch.arange(tokens) < 4 + 2 * seed).long()[None]
+            options["conditioning_mt5xl"] = torch.randn(1, 16, context, generator=gen)
+            options["attention_mask_mt5xl"] = (torch.arange(16) < 5 + 3 * seed).long()[None]
         if family == "hidream":  # two Llama layers' hidden states beside the T5 tokens, of three lengths
             options["conditioning_llama3"] = torch.randn(1, 2, 8 + 4 * seed, context, generator=gen)
         return [torch.randn(1, tokens, context, generator=gen), options]

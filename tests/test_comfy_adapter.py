@@ -209,6 +209,24 @@ def test_entries_that_give_different_model_inputs_are_refused_naming_the_inputs(
         encode_conditioning(model, [_entry(4, 0), quoted], (4, 8, 8))
 
 
+def test_token_masks_of_other_lengths_are_refused_naming_the_input():
+    """A 2-D token mask (HunyuanDiT's, LTX-Video's) has one length while prompts fit the encoder's padding; a
+    longer prompt's is refused by name, not failed in concatenation."""
+    model = FakeBaseModel()
+    conds = model.extra_conds
+    model.extra_conds = lambda **kw: {**conds(**kw), "text_embedding_mask": Cond(kw["attention_mask"])}
+    padded = [[e[0], {**e[1], "attention_mask": torch.ones(1, n)}] for e, n in ((_entry(4, 0), 8), (_entry(4, 1), 8))]
+    assert encode_conditioning(model, padded, (4, 8, 8))["text_embedding_mask"].shape == (2, 8)
+    longer = [padded[0], [padded[1][0], {**padded[1][1], "attention_mask": torch.ones(1, 12)}]]
+    with pytest.raises(ValueError, match=r"text_embedding_mask has other lengths for other prompts \(12, 8\)"):
+        encode_conditioning(model, longer, (4, 8, 8))
+    from distill_core.workflow import node_pack
+
+    teacher_node = node_pack().NODE_CLASS_MAPPINGS["DistillTeacherFromModel"]()
+    with pytest.raises(ValueError, match="text_embedding_mask has other lengths"):  # at the node, before training
+        teacher_node.run(FakePatcher(model), longer[:1], longer[1:], 64, 64, 5.0)
+
+
 class VideoBaseModel(FakeBaseModel):
     """A flow model with video latents (Wan, Qwen-Image): ``apply_model`` takes [B, C, T, H, W] only."""
 

@@ -631,3 +631,17 @@ def test_the_front_end_loads_the_workflows_and_draws_live_progress(server, tmp_p
                           ".callback()")
         assert popup.value.url.startswith("http://127.0.0.1:")
         browser.close()
+
+
+def test_hunyuan_dit_distils_into_a_lora_the_stock_loader_applies_and_samplercustom_reproduces(tmp_path):
+    """HunyuanDiT, a v-prediction DiT reading a BERT's and mT5's tokens, each with its mask (prompts of three
+    lengths, each padded to its encoder's length, as ComfyUI's tokenizers pad them to 77 and 256)."""
+    out = _harness("flow-probe", "hunyuan-dit", str(tmp_path)).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(result, indent=1))
+    card = result["card"]
+    assert result["model_class"] == "HunyuanDiT" and result["train_latent"] == [4, 8, 8]
+    assert card["comfy_noise"] is None and card["schedule"]["name"] == "karras"
+    assert result["sampling"][1] == "ModelSamplingDiscrete" and result["cfg"] == 4.0
+    assert result["unloaded_lora_keys"] == 0 and result["lora_key_example"].startswith("diffusion_model.")
+    assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3

@@ -272,6 +272,10 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         if parts[0].ndim >= 3:  # tokens on the second-to-last axis
             lengths[k] = torch.tensor([p.shape[-2] for p in parts])
             parts = tile_tokens(parts)
+        elif len({p.shape for p in parts}) > 1:  # a token mask [1, T] (HunyuanDiT, LTX-Video) of prompts past padding
+            sizes = ", ".join(sorted({str(p.shape[-1]) for p in parts}))
+            raise ValueError(f"the model input {k} has other lengths for other prompts ({sizes}): the text encoder "
+                             "pads prompts to one length, and only longer ones differ; shorten the longest prompts")
         cond[k] = torch.cat(parts)
     if constants:
         cond[CONSTANTS] = constants
