@@ -14,6 +14,8 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         (LoRA) -> the stock LoraLoader applies the saved file to the teacher -> ComfyUI's sampler with
         the student's sigmas and SAMPLER; prints JSON comparing it with the engine's own sampling of
         the student from the same initial latent.
+    python tests/comfyui_harness.py wan-files DIFFUSION_MODEL VAE
+        writes a tiny Wan 2.1 text-to-video model and a Wan 2.1 VAE (random weights) for the stock loaders.
     python tests/comfyui_harness.py checkpointing-probe CHECKPOINT WORKDIR
         in-process: the same LoRA trained without and with grad_checkpointing on the checkpoint's UNet.
     python tests/comfyui_harness.py lcm-lora-probe CHECKPOINT WORKDIR
@@ -157,6 +159,25 @@ def build_sd3_checkpoint(checkpoint: Path, text_encoder: Path) -> None:
     mmdit, clip, vae = _random_parts(config, comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32), 16)
     _save_parts({"model.diffusion_model.": mmdit, "first_stage_model.": vae}, checkpoint)
     _save_parts({"": clip.transformer}, text_encoder)
+
+
+def build_wan_files(diffusion_model: Path, vae: Path) -> None:
+    """A tiny Wan 2.1 text-to-video diffusion model file that the stock Load Diffusion Model detects (one block of
+    width 128, one head, on SD3's 4096-wide token table, so that a CLIP-L loaded as an SD3 text encoder feeds it)
+    and a Wan 2.1 VAE file that the stock VAELoader detects (its fixed size, 127M parameters). Random weights,
+    fp16."""
+    _comfyui()
+    import comfy.ldm.wan.vae
+    import comfy.supported_models
+
+    config = comfy.supported_models.WAN21_T2V({**WAN_CONFIG, "dim": 128, "ffn_dim": 256, "freq_dim": 256,
+                                               "text_dim": 4096, "num_heads": 1})
+    network = config.get_model({}).diffusion_model
+    _init(network, 5)
+    _save_parts({"": network}, diffusion_model)
+    decoder = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                       temperal_downsample=[False, True, True], dropout=0.0)
+    _save_parts({"": decoder}, vae)
 
 
 def load_pack():
@@ -699,6 +720,8 @@ if __name__ == "__main__":
         build_sdxl_checkpoint(Path(sys.argv[2]))
     elif command == "sd3-checkpoint":
         build_sd3_checkpoint(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif command == "wan-files":
+        build_wan_files(Path(sys.argv[2]), Path(sys.argv[3]))
     elif command == "lora-probe":
         print("RESULT " + json.dumps(lora_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
     elif command == "lcm-lora-probe":

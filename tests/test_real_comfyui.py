@@ -438,6 +438,48 @@ def test_the_sd35_workflow_trains_a_4_step_lora_that_samplercustom_samples(serve
         assert any(k.startswith("diffusion_model.joint_blocks.") for k in f.keys())
 
 
+@pytest.fixture(scope="module")
+def wan_files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wan")
+    _harness("wan-files", str(folder / "tiny_wan21.safetensors"), str(folder / "tiny_wan_vae.safetensors"))
+    return folder
+
+
+def test_the_wan21_workflow_trains_a_4_step_lora_on_clips_and_samples_a_clip(server, sd3_files, wan_files):
+    """Load Diffusion Model (Wan 2.1 text-to-video) -> ModelSamplingSD3 -> Teacher from MODEL on clips of 5
+    frames (2 latent frames) -> Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas on the stock
+    EmptyHunyuanLatentVideo of the same length -> VAE Decode (the stock Wan 2.1 VAE) -> an animated WEBP, on a
+    tiny Wan 2.1 model. Its text encoder is a CLIP-L through the stock CLIPLoader (type sd3, 4096-wide tokens,
+    as UMT5-XXL's), in place of UMT5-XXL (5.7B parameters)."""
+    models = server.base / "models"
+    for folder, name, source in (("diffusion_models", "tiny_wan21.safetensors", wan_files),
+                                 ("vae", "tiny_wan_vae.safetensors", wan_files),
+                                 ("text_encoders", "tiny_clip_l.safetensors", sd3_files)):
+        (models / folder).mkdir(exist_ok=True)
+        if not (models / folder / name).exists():
+            (models / folder / name).symlink_to(source / name)
+    graph = _workflow("api/wan21_lora_4_steps.json")
+    for node in graph.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            inputs["unet_name"] = "tiny_wan21.safetensors"
+        elif kind == "VAELoader":
+            inputs["vae_name"] = "tiny_wan_vae.safetensors"
+        elif kind == "CLIPLoader":
+            inputs.update(clip_name="tiny_clip_l.safetensors", type="sd3")
+        elif kind in ("DistillTeacherFromModel", "EmptyHunyuanLatentVideo"):
+            inputs.update(width=64, height=64, length=5)
+        elif kind == "DistillToSteps":
+            inputs.update(iterations=4, batch=2, preview_every=2, checkpoint_every=2)
+    entry = server.wait(server.queue(graph))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    clips = [image for image in _images(entry, server.base) if image.suffix == ".webp"]  # Save Animated WEBP's
+    assert len(clips) == 1 and clips[0].stat().st_size > 0
+    card = read_card(models / "loras" / "wan21_sfd_4step_lora.safetensors")
+    assert (card["method"], card["nfe"], card["comfy_noise"]) == ("sfd", 4, "flow")
+    assert card["schedule"]["shift"] == pytest.approx(8.0) and card["guidance"] == {"mode": "cfg", "w": 6.0}
+
+
 def test_workflow_a_builtin_teacher(server):
     entry = server.wait(server.queue(_workflow("api/builtin_distill_4_steps.json")))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
