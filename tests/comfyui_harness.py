@@ -23,12 +23,12 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
     python tests/comfyui_harness.py flow-probe FAMILY WORKDIR
         FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma,
-        chroma-radiance, hunyuan-image, omnigen2, cosmos-predict2, pixart-sigma (eps), hunyuan-dit (v), or on clips
-        wan-clip, hunyuan-video-clip, ltxv-clip: a tiny model (SD3 from a single file through the stock
-        UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the others built in memory: Flux with its guidance
-        input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame video latents, the clip families on clips of 3
-        latent frames) distilled to a LoRA, loaded by the stock loader and sampled by SamplerCustom with the
-        student's sigmas, against the engine.
+        chroma-radiance, hunyuan-image, omnigen2, cosmos-predict2, pixart-sigma (eps), hunyuan-dit (v), or on
+        clips wan-clip, hunyuan-video-clip, ltxv-clip, mochi-clip, cosmos-clip: a tiny model (SD3 from a single
+        file through the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the others built in
+        memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame video latents,
+        the clip families on clips of 3 latent frames) distilled to a LoRA, loaded by the stock loader and
+        sampled by SamplerCustom with the student's sigmas, against the engine.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -349,6 +349,23 @@ HUNYUAN_VIDEO_CONFIG = {**HUNYUAN_IMAGE_CONFIG, "in_channels": 16, "out_channels
                         "vec_in_dim": 32, "axes_dim": [8, 12, 12], "guidance_embed": True}
 LTXV_CONFIG = {"image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
                "num_attention_heads": 2, "caption_channels": 64, "num_layers": 1}
+#: Mochi: an asymmetric DiT on a 12-channel latent of 6 frames per latent frame (its block fixes the visual MLP at
+#: 12,288 wide, hence the ratio), reading T5 tokens padded to one length (its token count a scalar input)
+MOCHI_CONFIG = {"image_model": "mochi_preview", "depth": 1, "patch_size": 2, "num_heads": 2, "hidden_size_x": 64,
+                "hidden_size_y": 64, "mlp_ratio_x": 192.0, "mlp_ratio_y": 4.0, "learn_sigma": False, "in_channels": 12,
+                "qk_norm": True, "qkv_bias": False, "out_bias": True, "attn_drop": 0.0, "patch_embed_bias": True,
+                "posenc_preserve_area": True, "timestep_mlp_bias": True, "attend_to_padding": False,
+                "timestep_scale": 1000.0, "use_t5": True, "t5_feat_dim": 64, "t5_token_length": 20,
+                "rope_theta": 10000.0}
+#: Cosmos 1 text-to-world: an EDM video DiT on a 16-channel latent of 8 frames per latent frame
+COSMOS_VIDEO_CONFIG = {"image_model": "cosmos", "max_img_h": 16, "max_img_w": 16, "max_frames": 8, "in_channels": 16,
+                       "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "model_channels": 64,
+                       "block_config": "FA-CA-MLP", "concat_padding_mask": True, "pos_emb_cls": "rope3d",
+                       "pos_emb_learnable": False, "pos_emb_interpolation": "crop", "block_x_format": "THWBD",
+                       "affline_emb_norm": True, "use_adaln_lora": True, "adaln_lora_dim": 16, "num_blocks": 1,
+                       "num_heads": 2, "crossattn_emb_channels": 64, "extra_per_block_abs_pos_emb": True,
+                       "rope_h_extrapolation_ratio": 1.0, "rope_w_extrapolation_ratio": 1.0,
+                       "rope_t_extrapolation_ratio": 2.0, "extra_per_block_abs_pos_emb_type": "learnable"}
 #: Chroma Radiance: Chroma's blocks on pixels (3 channels, patches of 16 decoded by its NeRF head)
 CHROMA_RADIANCE_CONFIG = {**CHROMA_CONFIG, "image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3,
                           "patch_size": 16, "nerf_hidden_size": 32, "nerf_mlp_ratio": 2, "nerf_depth": 2,
@@ -380,10 +397,11 @@ SIDES = {"pixart-sigma": 512}
 #: guidance-distilled families: distilled at guidance 3.5 as their input, sampled with the stock FluxGuidance
 EMBEDDED_GUIDANCE = {"flux", "hunyuan-video-clip"}
 #: families distilled on clips, and the clip's length in video frames (Wan: 9 frames, 3 latent frames)
-LENGTHS = {"wan-clip": 9, "hunyuan-video-clip": 9, "ltxv-clip": 17}
+LENGTHS = {"wan-clip": 9, "hunyuan-video-clip": 9, "ltxv-clip": 17, "mochi-clip": 13, "cosmos-clip": 17}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "wan22-5b": ("WAN22_T2V", WAN22_CONFIG),
              "wan-clip": ("WAN21_T2V", WAN_CONFIG), "hunyuan-video-clip": ("HunyuanVideo", HUNYUAN_VIDEO_CONFIG),
-             "ltxv-clip": ("LTXV", LTXV_CONFIG), "hunyuan-dit": ("HunyuanDiT", HUNYUAN_DIT_CONFIG),
+             "ltxv-clip": ("LTXV", LTXV_CONFIG), "mochi-clip": ("GenmoMochi", MOCHI_CONFIG),
+             "cosmos-clip": ("CosmosT2V", COSMOS_VIDEO_CONFIG), "hunyuan-dit": ("HunyuanDiT", HUNYUAN_DIT_CONFIG),
              "qwen-image": ("QwenImage", QWEN_CONFIG),
              "lumina2": ("Lumina2", LUMINA2_CONFIG), "auraflow": ("AuraFlow", AURAFLOW_CONFIG),
              "hidream": ("HiDream", HIDREAM_CONFIG), "chroma": ("Chroma", CHROMA_CONFIG),
@@ -440,7 +458,7 @@ def flow_probe(family: str, work: Path) -> dict:
         if family in ("lumina2", "omnigen2"):  # the text encoder's mask gives the token count; prompts of 3 lengths
             tokens = 8 + 4 * seed
             options["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
-        if family == "ltxv-clip":  # T5 prompts of 3 lengths padded to one (LTX-Video's tokenizer pads to 128)
+        if family in ("ltxv-clip", "mochi-clip"):  # T5 prompts of 3 lengths padded to one (LTX-Video's to 128)
             tokens = 20
             options["attention_mask"] = (torch.arange(tokens) < 8 + 4 * seed).long()[None]
         if family == "hunyuan-dit":  # BERT and mT5 prompts of 3 lengths, each padded to its encoder's length
