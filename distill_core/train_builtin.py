@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from distill_core import builtin, safetensors_io
 from distill_core.data import load_mnist
+from distill_core.denoisers.base import per_sample
 from distill_core.denoisers.flow import flow_matching_loss
 from distill_core.nets.unet import UNetConfig
 
@@ -28,8 +29,8 @@ def edm_loss(denoiser, x0: torch.Tensor, labels: torch.Tensor, p_mean: float = -
     sigma = (torch.randn(x0.shape[0]) * p_std + p_mean).exp()
     sd = denoiser.sigma_data
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-    denoised = denoiser(x0 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x0), sigma, labels)
-    return (weight.view(-1, 1, 1, 1) * (denoised - x0) ** 2).mean()
+    denoised = denoiser(x0 + per_sample(sigma, x0) * torch.randn_like(x0), sigma, labels)
+    return (per_sample(weight, x0) * (denoised - x0) ** 2).mean()
 
 
 #: the parametrisations a built-in teacher trains in: (loss, denoiser settings, card text of the loss)
