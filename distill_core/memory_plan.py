@@ -222,10 +222,10 @@ def fitting_micro_batches(plan: MemoryPlan, available: int, batch: int) -> int:
 
 
 def check_fits(plan: MemoryPlan, available: int, batch: int, grad_accum: int, checkpointing: bool,
-               lora: bool, host: bool = False) -> None:
+               lora: bool, host: bool = False, clips: bool = False) -> None:
     """Refuse (``DoesNotFit``) a plan whose peak exceeds ``available`` bytes, naming changes that fit; for a
     host's model (``host``: a ComfyUI MODEL, whose loader chose its precision), the loader's lower precision in
-    place of the engine's cast of the frozen weights."""
+    place of the engine's cast of the frozen weights; for a run on video clips (``clips``), shorter ones."""
     if plan.peak <= available:
         return
     room = available - plan.frozen - plan.trained
@@ -245,6 +245,6 @@ def check_fits(plan: MemoryPlan, available: int, batch: int, grad_accum: int, ch
             fixes.append("optimizer adam8bit")
     if plan.frozen > room and plan.frozen > plan.trained:
         fixes.append("the loader's weight_dtype fp8_e4m3fn" if host else "frozen_precision bf16")
-    fixes.append("a lower resolution")
+    fixes.append("a lower resolution" + (" or a shorter length (fewer frames per clip)" if clips else ""))
     raise DoesNotFit(f"this run needs {plan.describe()}, and the device has {available / GIB:.1f} GiB free; "
                      f"try {', or '.join(fixes)}")

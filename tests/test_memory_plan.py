@@ -155,6 +155,9 @@ def test_a_plan_that_does_not_fit_is_refused_with_changes_that_would():
     for host, fix in ((False, "frozen_precision bf16"), (True, "the loader's weight_dtype fp8_e4m3fn")):
         with pytest.raises(DoesNotFit, match=fix):  # a ComfyUI model's precision is its loader's choice
             check_fits(heavy, 8 * 2**30, batch=8, grad_accum=1, checkpointing=True, lora=True, host=host)
+    assert "shorter length" not in message
+    with pytest.raises(DoesNotFit, match=r"a lower resolution or a shorter length \(fewer frames per clip\)"):
+        check_fits(plan, 8 * 2**30, batch=8, grad_accum=1, checkpointing=False, lora=False, clips=True)
 
 
 def test_unmeasured_families_get_the_default_factor():

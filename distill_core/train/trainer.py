@@ -182,7 +182,7 @@ class Trainer:
                              f"{self.grad_accum} micro-batches do not divide: choose a batch that divides")
         if cuda:
             check_fits(plan, available, batch, self.grad_accum, cfg.grad_checkpointing, cfg.student == "lora",
-                       self.method.source.stock_sampling)
+                       self.method.source.stock_sampling, clips=len(self.method.source.shape) == 4)
         return plan
 
     # ----------------------------------------------------------------- control
