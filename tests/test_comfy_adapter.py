@@ -170,6 +170,19 @@ def test_other_objects_bad_sizes_and_other_latents_are_refused():
         latent_shape(model, 512, 512)
 
 
+class PixArt(FakeBaseModel):
+    """Named like ComfyUI's PixArt BaseModel: unpadded patches of 2 x 2 latent pixels, and a position table that
+    fails on a mean latent side of 32 or less (as a real ComfyUI's does on latents of 40 x 24, not 36 x 30)."""
+
+
+def test_pixart_sizes_too_small_for_its_position_table_are_refused():
+    assert latent_shape(PixArt(), 272, 272) == (4, 34, 34) and latent_shape(PixArt(), 512, 16) == (4, 2, 64)
+    with pytest.raises(ValueError, match="PixArt needs width \\+ height of at least 528 pixels"):
+        latent_shape(PixArt(), 320, 192)
+    with pytest.raises(ValueError, match="multiples of 16 for PixArt, .* unpadded patches of 2 x 2 latent pixels"):
+        latent_shape(PixArt(), 264, 264)
+
+
 def test_a_latent_that_spans_16_pixels_takes_sizes_in_16s():
     """Wan 2.2 5B's 48-channel latent (16 pixels a side, which its format does not state) and a format that
     states its own ratio: the latent of a 512 x 768 image, a size off the ratio refused at the node, and the

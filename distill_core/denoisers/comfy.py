@@ -187,10 +187,21 @@ def latent_downscale(base_model: nn.Module) -> int:
 VIDEO_FRAMES = {"WAN21": 4, "HunyuanVideo": 4, "LTXV": 8, "GenmoMochi": 6, "CosmosVideo": 8}
 
 
+#: ComfyUI's models whose network refuses some latent sizes (BaseModel classes, subclasses included): PixArt cuts
+#: patches of 2 x 2 latent pixels without padding, so its sides are even, and its position table divides by
+#: round(side / 64) of the mean side (h + w) // 2, which must be over 32
+UNPADDED_PATCH, LEAST_MEAN_SIDE = {"PixArt": 2}, {"PixArt": 33}
+
+
+def _family_value(base_model: nn.Module, table: dict, default):
+    """The value ``table`` holds for the model's BaseModel class or the nearest base class it names."""
+    return next((table[c.__name__] for c in type(base_model).__mro__ if c.__name__ in table), default)
+
+
 def frames_per_latent(base_model: nn.Module) -> int | None:
     """k, the video frames per latent frame of a video model (``VIDEO_FRAMES``); None for an image model,
     Qwen-Image and Cosmos Predict2 text-to-image among them (video latents, image networks)."""
-    return next((VIDEO_FRAMES[c.__name__] for c in type(base_model).__mro__ if c.__name__ in VIDEO_FRAMES), None)
+    return _family_value(base_model, VIDEO_FRAMES, None)
 
 
 def latent_shape(base_model: nn.Module, width: int, height: int, length: int = 1) -> tuple[int, ...]:
@@ -198,7 +209,8 @@ def latent_shape(base_model: nn.Module, width: int, height: int, length: int = 1
     ``latent_downscale`` (8 for most; Wan 2.2 5B: 16). A latent with a frame axis (the video VAEs of Wan and
     Qwen-Image) is one frame, held without the axis (``has_frame_axis``). A clip of a video model, ``length``
     frames, is (channels, T, height / f, width / f) with T = (length - 1) // k + 1 latent frames
-    (``frames_per_latent``); a clip of one latent frame is an image."""
+    (``frames_per_latent``); a clip of one latent frame is an image. Sizes that a family's network refuses
+    (``UNPADDED_PATCH``, ``LEAST_MEAN_SIDE``) are refused here, before training."""
     latent_format = getattr(base_model, "latent_format", None)
     dims = getattr(latent_format, "latent_dimensions", 2)
     name = type(base_model).__name__
@@ -207,9 +219,15 @@ def latent_shape(base_model: nn.Module, width: int, height: int, length: int = 1
                          "with video latents (SD1.x, SD2.x, SDXL, SD3, Flux, Wan, Qwen-Image, ...)")
     channels = getattr(latent_format, "latent_channels", 4)
     f = latent_downscale(base_model)
-    if width % f or height % f:
-        raise ValueError(f"width and height must be multiples of {f} for {name}, whose latent pixel spans {f} "
-                         f"image pixels; got {width}x{height}")
+    patch = _family_value(base_model, UNPADDED_PATCH, 1)
+    if width % (f * patch) or height % (f * patch):
+        patches = f" and whose network takes unpadded patches of {patch} x {patch} latent pixels" if patch > 1 else ""
+        raise ValueError(f"width and height must be multiples of {f * patch} for {name}, whose latent pixel spans {f} "
+                         f"image pixels{patches}; got {width}x{height}")
+    least = _family_value(base_model, LEAST_MEAN_SIDE, 1)
+    if (height // f + width // f) // 2 < least:
+        raise ValueError(f"{name} needs width + height of at least {2 * least * f} pixels (its position table fails on "
+                         f"smaller latents); got {width}x{height}")
     frames = 1
     if length > 1:
         k = frames_per_latent(base_model)
