@@ -49,6 +49,14 @@ def _harness(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return done
 
 
+def _probe(*args: str) -> dict:
+    """A harness probe in its own ComfyUI process: the JSON of its RESULT line, printed for the test's log."""
+    out = _harness(*args).stdout
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    print(json.dumps(result, indent=1))
+    return result
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny_sd15.safetensors"
@@ -57,9 +65,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def test_the_stock_lora_loader_reproduces_the_students_samples(checkpoint, tmp_path):
-    out = _harness("lora-probe", str(checkpoint), str(tmp_path)).stdout
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(result, indent=1))
+    result = _probe("lora-probe", str(checkpoint), str(tmp_path))
     assert result["student_kind"] == "lora" and result["lora_key_example"].startswith("diffusion_model.")
     assert result["card"]["guidance"] == {"mode": "cfg", "w": 5.0} and result["cfg"] == 5.0
     assert result["steps"] == 5 and result["sigmas"][-1] == pytest.approx(0.1)  # AFS + 4 evaluations, SD sigma_min
@@ -69,9 +75,7 @@ def test_the_stock_lora_loader_reproduces_the_students_samples(checkpoint, tmp_p
 
 def test_gradient_checkpointing_on_a_comfyui_unet_trains_the_same_lora_and_gives_the_model_back(checkpoint,
                                                                                                  tmp_path):
-    out = _harness("checkpointing-probe", str(checkpoint), str(tmp_path)).stdout
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(result, indent=1))
+    result = _probe("checkpointing-probe", str(checkpoint), str(tmp_path))
     assert result["checkpointed_during"][0] > 0 and result["checkpointed_after"] == 0
     assert result["same_keys"] and result["weights"] > 0
     assert result["max_relative_diff"] <= 1e-2  # the same updates, up to float rounding (fp16 files)
@@ -81,9 +85,7 @@ def test_dmd2_on_a_shared_base_trains_a_lora_the_stock_loader_applies(checkpoint
     """DMD2 with the generator and the fake score as two LoRAs on the one frozen model: one copy of the base
     weights; the stock LoraLoader loads every key of the generator's file, the student's sampler on the
     loaded MODEL reproduces the engine's samples, and the stock lcm sampler samples it on the file's sigmas."""
-    out = _harness("dmd2-probe", str(checkpoint), str(tmp_path)).stdout
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(result, indent=1))
+    result = _probe("dmd2-probe", str(checkpoint), str(tmp_path))
     assert result["card"]["method"] == "dmd2" and result["card"]["sampler"] == "renoise"
     assert result["held"] <= result["base"] + result["adapters"] + 4096  # one copy of the base weights
     assert result["unloaded_lora_keys"] == 0 and result["student_kind"] == "lora"
@@ -96,9 +98,7 @@ def test_lcm_lora_trains_through_the_node_into_a_lora_the_stock_ksampler_samples
     """LCM-LoRA through Distill to N steps: the stock LoraLoader loads every key of its file, the student's sampler
     on the loaded MODEL reproduces the engine's samples, and the stock KSampler with sampler lcm samples it: one
     step (D at sigma_max, deterministic) equals the engine's one-step sample of the same latent, four are finite."""
-    out = _harness("lcm-lora-probe", str(checkpoint), str(tmp_path)).stdout
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(result, indent=1))
+    result = _probe("lcm-lora-probe", str(checkpoint), str(tmp_path))
     assert result["card"]["method"] == "lcm-lora" and result["card"]["sampler"] == "renoise"
     assert result["unloaded_lora_keys"] == 0 and result["student_kind"] == "lora"
     assert result["cfg"] == 1.0 and result["steps"] == 4 and result["sigmas"][-1] == 0
@@ -113,9 +113,7 @@ def test_lcm_lora_trains_through_the_node_into_a_lora_the_stock_ksampler_samples
 def test_sdxl_and_v_prediction_models_distil_into_loras_the_stock_loader_reproduces(family, prediction, tmp_path):
     """SDXL (its ADM input y built by ComfyUI from the pooled output and sizes), v-prediction from the
     checkpoint's marker (SDXL) or the stock ModelSamplingDiscrete node (SD1.5)."""
-    out = _harness("family-probe", family, str(tmp_path)).stdout
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(result, indent=1))
+    result = _probe("family-probe", family, str(tmp_path))
     assert result["prediction"] == prediction and result["has_adm"] == family.startswith("sdxl")
     assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
 
@@ -124,8 +122,7 @@ def test_a_plain_model_keeps_its_own_sampling_after_a_flow_patched_clone_of_it_r
     """A flow-patched clone (ModelSamplingSD3, shift 3) is read at the teacher node as a flow teacher; after it
     ran, the plain MODEL of the same checkpoint (whose shared BaseModel then held the flow sampling) is its eps
     self, and its LoRA student samples in ComfyUI as in the engine."""
-    out = _harness("family-probe", "sd15-flow", str(tmp_path)).stdout
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    result = _probe("family-probe", "sd15-flow", str(tmp_path))
     assert result["flow_clone"] == {"prediction": "flow", "shift": 3.0}
     assert result["prediction"] == "EPS" and result["card"].get("comfy_noise") is None
     assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
@@ -149,9 +146,7 @@ def test_flow_models_distil_into_loras_the_stock_loader_applies_and_samplercusto
     adapters train and save in float32; the stock loader then merges W + delta W back into fp8 (stochastic
     rounding, 3 mantissa bits), so ComfyUI's sample is the student's up to that rounding: nearer to it than
     the teacher's is, not within float tolerance."""
-    out = _harness("flow-probe", family, str(tmp_path)).stdout
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(result, indent=1))
+    result = _probe("flow-probe", family, str(tmp_path))
     card = result["card"]
     assert result["model_class"] == {"sd3": "SD3", "sd3-fp8": "SD3", "flux": "Flux", "wan": "WAN21",
                                      "wan22-5b": "WAN22", "qwen-image": "QwenImage", "lumina2": "Lumina2",
@@ -198,9 +193,7 @@ def test_video_models_distil_on_clips_into_loras_that_samplercustom_reproduces_o
     T5 prompts padded to one length with their masks. The LoRA loads with no key left unloaded, and
     SamplerCustom with the student's sigmas and SAMPLER on a latent of the same frames reproduces the engine's
     student clip from the same noise."""
-    out = _harness("flow-probe", family, str(tmp_path)).stdout
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(result, indent=1))
+    result = _probe("flow-probe", family, str(tmp_path))
     card = result["card"]
     assert result["model_class"] == model_class and result["train_latent"] == latent
     if shift is None:  # Cosmos 1: EDM
@@ -214,17 +207,27 @@ def test_video_models_distil_on_clips_into_loras_that_samplercustom_reproduces_o
 
 
 def test_pixart_sigma_distils_into_a_lora_the_stock_loader_applies_and_samplercustom_reproduces(tmp_path):
-    """PixArt Sigma, an eps DiT reading T5 tokens, at 512 x 512 pixels: its position table needs a latent side
-    over 32, so the run's memory plan probes it at its own size rather than at a half and a quarter."""
-    out = _harness("flow-probe", "pixart-sigma", str(tmp_path)).stdout
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(result, indent=1))
+    """PixArt Sigma, an eps DiT reading T5 tokens, at 512 x 512 pixels: its position table needs a mean latent
+    side over 32, so the run's memory plan probes it at its own size rather than at a half and a quarter."""
+    result = _probe("flow-probe", "pixart-sigma", str(tmp_path))
     card = result["card"]
     assert result["model_class"] == "PixArt" and result["train_latent"] == [4, 64, 64]
     assert card["comfy_noise"] is None and card["schedule"]["name"] == "karras"
     assert result["sigmas"][0] == pytest.approx(card["schedule"]["sigma_max"], rel=1e-4)
     assert result["sigmas"][0] > 100  # its sqrt-linear schedule's top sigma (157), not SD's 14.6
     assert result["unloaded_lora_keys"] == 0 and result["cfg"] == 4.0
+    assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
+
+
+def test_hunyuan_dit_distils_into_a_lora_the_stock_loader_applies_and_samplercustom_reproduces(tmp_path):
+    """HunyuanDiT, a v-prediction DiT reading a BERT's and mT5's tokens, each with its mask (prompts of three
+    lengths, each padded to its encoder's length, as ComfyUI's tokenizers pad them to 77 and 256)."""
+    result = _probe("flow-probe", "hunyuan-dit", str(tmp_path))
+    card = result["card"]
+    assert result["model_class"] == "HunyuanDiT" and result["train_latent"] == [4, 8, 8]
+    assert card["comfy_noise"] is None and card["schedule"]["name"] == "karras"
+    assert result["sampling"][1] == "ModelSamplingDiscrete" and result["cfg"] == 4.0
+    assert result["unloaded_lora_keys"] == 0 and result["lora_key_example"].startswith("diffusion_model.")
     assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
 
 
@@ -681,16 +684,3 @@ def test_the_front_end_loads_the_workflows_and_draws_live_progress(server, tmp_p
         assert popup.value.url.startswith("http://127.0.0.1:")
         browser.close()
 
-
-def test_hunyuan_dit_distils_into_a_lora_the_stock_loader_applies_and_samplercustom_reproduces(tmp_path):
-    """HunyuanDiT, a v-prediction DiT reading a BERT's and mT5's tokens, each with its mask (prompts of three
-    lengths, each padded to its encoder's length, as ComfyUI's tokenizers pad them to 77 and 256)."""
-    out = _harness("flow-probe", "hunyuan-dit", str(tmp_path)).stdout
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    print(json.dumps(result, indent=1))
-    card = result["card"]
-    assert result["model_class"] == "HunyuanDiT" and result["train_latent"] == [4, 8, 8]
-    assert card["comfy_noise"] is None and card["schedule"]["name"] == "karras"
-    assert result["sampling"][1] == "ModelSamplingDiscrete" and result["cfg"] == 4.0
-    assert result["unloaded_lora_keys"] == 0 and result["lora_key_example"].startswith("diffusion_model.")
-    assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
