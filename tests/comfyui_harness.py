@@ -24,11 +24,11 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py flow-probe FAMILY WORKDIR
         FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma,
         chroma-radiance, hunyuan-image, omnigen2, cosmos-predict2, pixart-sigma (eps), hunyuan-dit (v), or on
-        clips wan-clip, hunyuan-video-clip, ltxv-clip, mochi-clip, cosmos-clip: a tiny model (SD3 from a single
-        file through the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the others built in
-        memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame video latents,
-        the clip families on clips of 3 latent frames) distilled to a LoRA, loaded by the stock loader and
-        sampled by SamplerCustom with the student's sigmas, against the engine.
+        clips wan-clip, wan22-5b-clip, hunyuan-video-clip, ltxv-clip, mochi-clip, cosmos-clip: a tiny model
+        (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the
+        others built in memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame
+        video latents, the clip families on clips of 3 latent frames) distilled to a LoRA, loaded by the stock
+        loader and sampled by SamplerCustom with the student's sigmas, against the engine.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -397,18 +397,20 @@ SIDES = {"pixart-sigma": 512}
 #: guidance-distilled families: distilled at guidance 3.5 as their input, sampled with the stock FluxGuidance
 EMBEDDED_GUIDANCE = {"flux", "hunyuan-video-clip"}
 #: families distilled on clips, and the clip's length in video frames (Wan: 9 frames, 3 latent frames)
-LENGTHS = {"wan-clip": 9, "hunyuan-video-clip": 9, "ltxv-clip": 17, "mochi-clip": 13, "cosmos-clip": 17}
+LENGTHS = {"wan-clip": 9, "wan22-5b-clip": 9, "hunyuan-video-clip": 9, "ltxv-clip": 17, "mochi-clip": 13,
+           "cosmos-clip": 17}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "wan22-5b": ("WAN22_T2V", WAN22_CONFIG),
-             "wan-clip": ("WAN21_T2V", WAN_CONFIG), "hunyuan-video-clip": ("HunyuanVideo", HUNYUAN_VIDEO_CONFIG),
-             "ltxv-clip": ("LTXV", LTXV_CONFIG), "mochi-clip": ("GenmoMochi", MOCHI_CONFIG),
-             "cosmos-clip": ("CosmosT2V", COSMOS_VIDEO_CONFIG), "hunyuan-dit": ("HunyuanDiT", HUNYUAN_DIT_CONFIG),
              "qwen-image": ("QwenImage", QWEN_CONFIG),
              "lumina2": ("Lumina2", LUMINA2_CONFIG), "auraflow": ("AuraFlow", AURAFLOW_CONFIG),
              "hidream": ("HiDream", HIDREAM_CONFIG), "chroma": ("Chroma", CHROMA_CONFIG),
              "hunyuan-image": ("HunyuanImage21", HUNYUAN_IMAGE_CONFIG),
              "chroma-radiance": ("ChromaRadiance", CHROMA_RADIANCE_CONFIG),
              "cosmos-predict2": ("CosmosT2IPredict2", COSMOS_PREDICT2_CONFIG),
-             "omnigen2": ("Omnigen2", OMNIGEN2_CONFIG), "pixart-sigma": ("PixArtSigma", PIXART_SIGMA_CONFIG)}
+             "omnigen2": ("Omnigen2", OMNIGEN2_CONFIG), "pixart-sigma": ("PixArtSigma", PIXART_SIGMA_CONFIG),
+             "hunyuan-dit": ("HunyuanDiT", HUNYUAN_DIT_CONFIG),
+             "wan-clip": ("WAN21_T2V", WAN_CONFIG), "wan22-5b-clip": ("WAN22_T2V", WAN22_CONFIG),
+             "hunyuan-video-clip": ("HunyuanVideo", HUNYUAN_VIDEO_CONFIG), "ltxv-clip": ("LTXV", LTXV_CONFIG),
+             "mochi-clip": ("GenmoMochi", MOCHI_CONFIG), "cosmos-clip": ("CosmosT2V", COSMOS_VIDEO_CONFIG)}
 
 
 def flow_model(family: str, work: Path):
