@@ -61,6 +61,14 @@ def choices(declaration) -> list | None:
     return kind if isinstance(kind, list) else None
 
 
+def widget_default(declaration):
+    """The value ComfyUI's front end gives a widget the graph does not set: its declared default, else a combo's
+    first choice (CLIPLoader's optional *device*: "default"), else None."""
+    if len(declaration) > 1 and declaration[1].get("default") is not None:
+        return declaration[1]["default"]
+    return next(iter(choices(declaration) or []), None)
+
+
 def is_widget(declaration) -> bool:
     return choices(declaration) is not None or declaration[0] in WIDGET_TYPES
 
@@ -187,14 +195,14 @@ def api_to_ui(graph: dict, info: dict[str, dict], positions: dict[str, list[int]
             value = node["inputs"].get(name)
             if is_widget(decl) and not _is_link(value):
                 if value is None:  # an optional widget the graph leaves out: its default, as the front end shows it
-                    value = decl[1].get("default") if len(decl) > 1 else None
+                    value = widget_default(decl)
                 if value is not None:
                     widgets.append(value)
                     if len(decl) > 1 and decl[1].get("control_after_generate"):
                         widgets.append("fixed")
                 continue
             if is_widget(decl):  # a widget turned into a linked input keeps its (unused) value in the UI
-                widgets.append(decl[1].get("default") if len(decl) > 1 else None)
+                widgets.append(widget_default(decl))
                 if len(decl) > 1 and decl[1].get("control_after_generate"):
                     widgets.append("fixed")
             link = None

@@ -142,6 +142,10 @@ def test_combo_widgets_declared_as_newer_nodes_declare_them_are_checked_against_
         "node 1 (Pick): mode='c' is not one of ['a', 'b']"]
     ui = wf.api_to_ui({"1": {"class_type": "Pick", "inputs": {"mode": "b", "file": "f"}}}, info)
     assert ui["nodes"][0]["widgets_values"] == ["b", "f"] and ui["nodes"][0]["inputs"] == []
+    # an optional combo the graph leaves out: its first choice, as the front end fills it (CLIPLoader's device)
+    info["Pick"]["input"]["optional"] = {"device": [["default", "cpu"], {"advanced": True}]}
+    ui = wf.api_to_ui({"1": {"class_type": "Pick", "inputs": {"mode": "b", "file": "f"}}}, info)
+    assert ui["nodes"][0]["widgets_values"] == ["b", "f", "default"]
 
 
 def test_the_runner_names_unknown_node_types_and_cycles():
