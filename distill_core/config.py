@@ -63,6 +63,8 @@ class DistillConfig:
     resolution: int | None = option(None, "a teacher from a directory: the side of its square images in pixels "
                                     "(None: the model's own, e.g. 512 for SD 1.5, 1024 for SDXL, SD3 and Flux)",
                                     min=8)
+    frames: int = option(1, "a video pipeline from a directory (Wan): the video frames of each training clip, as "
+                         "many as the student will sample (Wan 2.1: 81); 1 distils on still images", min=1)
     method: str = option("sfd", "the distillation method (python -m distill_core distill --help lists them)")
     steps: int = option(4, "network evaluations (NFE) per sample of the student", min=1, max=1000)
     sigma_min: float = option(EDM_SIGMA_MIN, "the lowest noise level of the student's schedule", min=0)

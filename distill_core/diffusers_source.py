@@ -49,6 +49,8 @@ TEXT_GUIDANCE = 5.0
 GUIDANCE_BY_NETWORK = {"FluxTransformer2DModel": 1.0, "QwenImageTransformer2DModel": 4.0,
                        "AuraFlowTransformer2DModel": 3.5, "Lumina2Transformer2DModel": 4.0,
                        "ZImageTransformer2DModel": 6.0, "Flux2Transformer2DModel": 4.0, "SanaTransformer2DModel": 4.5}
+#: the video networks, whose samples may be clips (``sample_shape``'s frames)
+VIDEO_NETWORKS = ("WanTransformer3DModel",)
 #: the image a pipeline draws unless told another size, (height, width) in pixels, for networks whose config
 #: names none or another: Qwen-Image's (``default_sample_size`` latent pixels x 8), Wan's (its pipeline's 480p
 #: frame), AuraFlow's, Z-Image's, Flux.2's and HiDream's (their pipelines' 1024 pixels)
@@ -131,14 +133,16 @@ def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...],
 def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None = None,
                      prompts: str | Path | list[str] | None = None, guidance: float | None = None,
                      resolution: int | None = None, negative: str | None = None,
-                     frozen_precision: str = "as-loaded", encode: bool = True) -> TeacherSource:
+                     frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1) -> TeacherSource:
     """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
     pipeline's file of training prompts (default: the shipped list); ``guidance``: the run's guidance, which a
     guidance-distilled pipeline (Flux dev) takes as its input; ``resolution``: the side of its square images in
     pixels (None: the model's own), which its students' files name; ``negative``: a text-to-image pipeline's
     negative prompt (None: its own), which its students' files name; ``frozen_precision``: the run's
     (``load_model``); ``encode``: False loads a text-to-image pipeline's network without encoding any prompt
-    (its text encoders are not loaded), for a command that reads the network only (export-diffusers)."""
+    (its text encoders are not loaded), for a command that reads the network only (export-diffusers);
+    ``frames``: a video pipeline's clips of that many video frames (``sample_shape``), which its students' files
+    name."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"teacher {root} is not a directory: give builtin, builtin-flow, builtin-bold or a "
@@ -147,7 +151,7 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     model_dir, scheduler_dir = model_and_scheduler_dirs(root, index)
     if "text_encoder" in index:
         return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution, negative,
-                           frozen_precision, encode)
+                           frozen_precision, encode, frames)
     for flag, given in ((prompts and prompt_flag(prompts), prompts), ("--negative", negative is not None)):
         if given:
             raise ValueError(f"{root}: {flag} is for text-to-image pipelines (a model_index.json naming a "
@@ -168,7 +172,7 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
         return torch.randint(classes, (batch,), generator=generator) if classes else None
 
     uncond = torch.tensor([null_class]) if null_class is not None else None
-    shape = sample_shape(config, root, resolution)
+    shape = sample_shape(config, root, resolution, frames)
     return TeacherSource(str(root), denoiser_for(unet, scheduler_dir, shape), shape, draw_cond, uncond, 1.0,
                          classes, card={"resolution": resolution} if resolution else {})
 
@@ -181,13 +185,28 @@ def latent_pixels(root: Path, network: str) -> int:
     return vae_scale(root) * (2 if network in PATCHIFIED else 1)
 
 
-def sample_shape(config: dict, root: Path, resolution: int | None = None) -> tuple[int, ...]:
+def sample_shape(config: dict, root: Path, resolution: int | None = None, frames: int = 1) -> tuple[int, ...]:
     """(C, H, W) of the samples of the model whose ``config.json`` is ``config``: ``resolution`` pixels a side
     (in a pipeline with a VAE, its latent of ``resolution`` / ``latent_pixels``), else the configured size;
     Flux, which has none and takes 2 x 2 patches of its latent as 4 C channels: the size its pipeline's VAE
     makes of the VAE's own image size; Qwen-Image (packed as Flux), Wan and the others whose configs name none
     or another: their pipelines' default image (``DEFAULT_IMAGE``). A side the network cannot take (its UNet's
-    downsamplings, its transformer's patches) is refused with the nearest sizes that fit."""
+    downsamplings, its transformer's patches) is refused with the nearest sizes that fit. A video network's clip
+    of ``frames`` video frames is (C, T, H, W), T = (frames - 1) // k + 1 latent frames of k video frames (its
+    VAE's ``scale_factor_temporal``), as its pipeline counts them; a clip of one latent frame is an image."""
+    still = _still_shape(config, root, resolution)
+    if frames == 1:
+        return still
+    name = config["_class_name"]
+    if name not in VIDEO_NETWORKS:
+        raise ValueError(f"{root}: --frames is for video pipelines (Wan); its {name} draws still images")
+    vae = root / "vae" / "config.json"
+    k = (read_json(vae).get("scale_factor_temporal") if vae.is_file() else None) or 4
+    latent_frames = (frames - 1) // k + 1
+    return (still[0], latent_frames, *still[1:]) if latent_frames > 1 else still
+
+
+def _still_shape(config: dict, root: Path, resolution: int | None) -> tuple[int, ...]:
     name = config["_class_name"]
     packed = name in PACKED
     channels = config["in_channels"] // 4 if packed else config["in_channels"]
@@ -227,7 +246,7 @@ def pipeline_network(root: Path, index: dict, model_dir: Path, config: dict, sch
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
                 prompts: str | Path | None, guidance: float | None = None,
                 resolution: int | None = None, negative: str | None = None,
-                frozen_precision: str = "as-loaded", encode: bool = True) -> TeacherSource:
+                frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1) -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the pipeline's negative
     (condition P; ``negative`` where given) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``
     (Qwen-Image: 4). Flux samples without CFG (w = 1, as its pipeline does); Flux dev takes ``guidance``
@@ -244,7 +263,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
                          "distils; Wan 2.1's and Wan 2.2 A14B's are")
     prompts = read_prompts(prompts)
     config = model_config(model_dir, pipeline=True)
-    shape = sample_shape(config, root, resolution)
+    shape = sample_shape(config, root, resolution, frames)
     if negative is not None and config["_class_name"] == "FluxTransformer2DModel":
         raise ValueError(f"{root}: Flux samples without CFG, so a negative prompt has nothing to steer away from; "
                          "drop --negative")
@@ -265,7 +284,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
         return torch.randint(n, (batch,), generator=generator)
 
     card = {**({} if embedded is None else {"embedded_guidance": embedded}),
-            **({"resolution": resolution} if resolution else {}),
+            **({"resolution": resolution} if resolution else {}), **({"frames": frames} if frames > 1 else {}),
             **({} if negative is None else {"negative": negative})}
     w = 1.0 if index.get("is_distilled") else GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE)
     return TeacherSource(str(root), denoiser, shape, draw_cond, torch.tensor([n]), w, n, card=card,

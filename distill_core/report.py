@@ -125,13 +125,25 @@ def latent_rgb(latents: torch.Tensor, factors: list[list[float]], bias: list[flo
     return rgb
 
 
+def spaced_frames(count: int, most: int) -> torch.Tensor:
+    """The indices of at most ``most`` of ``count`` frames, evenly spaced from the first to the last."""
+    return torch.linspace(0, count - 1, min(most, count)).round().long()
+
+
+def frame_strip(clips: torch.Tensor, most: int = 4) -> torch.Tensor:
+    """Clips ``[N, C, F, H, W]`` as images ``[N, C, H, k W]``: k <= ``most`` frames evenly spaced from first to
+    last, side by side (how a grid of images shows a clip)."""
+    frames = clips[:, :, spaced_frames(clips.shape[2], most)]
+    return frames.permute(0, 1, 3, 2, 4).flatten(3)
+
+
 def preview_pixels(images: torch.Tensor, latent_format=None, columns: int = 8) -> torch.Tensor:
     """``[H, W, 3]`` uint8 of a batch in model space: pixels in [-1, 1] as they are, latents through
     ``latent_format``'s RGB factors (or their first three channels); at most ``columns`` images in a row.
     Clips ``[N, C, T, H, W]`` show one row each: ``columns`` frames evenly spaced from first to last."""
     images = images.detach().cpu().float()
     if images.ndim == 5:
-        frames = torch.linspace(0, images.shape[2] - 1, min(columns, images.shape[2])).round().long()
+        frames = spaced_frames(images.shape[2], columns)
         rows = [as_rgb(clip[:, frames].transpose(0, 1), latent_format) for clip in images[:columns]]
     else:
         rows = [as_rgb(images[:columns], latent_format)]

@@ -100,14 +100,14 @@ def trained_file_source(path: str) -> TeacherSource:
 def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
                    prompts: str | list[str] | None = None, guidance: float | None = None,
                    resolution: int | None = None, negative: str | None = None,
-                   frozen_precision: str = "as-loaded", encode: bool = True) -> TeacherSource:
+                   frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1) -> TeacherSource:
     """The teacher a run names: a built-in one, a digits teacher file (``trained_file_source``), or a local
     diffusers model directory (``diffusers_source``, with ``classes`` and ``null_class``, or for a text-to-image
     pipeline the prompt file ``prompts`` (or the prompts themselves, a list), and the run's ``guidance``, which
     a guidance-distilled pipeline takes as its input; ``resolution``: its image side in pixels, where not its
     own; ``negative``: a pipeline's negative prompt, where not its own; ``frozen_precision``: the run's, bf16
     loading a directory's 16-bit weights without a float32 copy; ``encode`` False: a pipeline's network without
-    its text encoders, for a command that reads the network only)."""
+    its text encoders, for a command that reads the network only; ``frames``: a video pipeline's clip length)."""
     digits = name in TEACHERS or name.endswith(".safetensors")
     if prompts and digits:
         from distill_core.prompts import prompt_flag
@@ -119,6 +119,8 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
                          "teacher has its own 10 classes and null class")
     if resolution and digits:
         raise ValueError(f"--resolution is for teachers from directories; the {name} teacher draws 16 x 16 digits")
+    if frames > 1 and digits:
+        raise ValueError(f"--frames is for video pipeline directories (Wan); the {name} teacher draws still digits")
     if negative is not None and digits:
         raise ValueError(f"--negative is for text-to-image pipeline directories; the {name} teacher's other side "
                          "of CFG is its null class")
@@ -134,7 +136,7 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
         from distill_core.diffusers_source import diffusers_source
 
         return diffusers_source(name, classes, null_class, prompts, guidance, resolution, negative, frozen_precision,
-                                encode)
+                                encode, frames)
     raise ValueError(
         f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, a digits teacher file that train-teacher "
         "wrote, or the path of a local diffusers model directory (ComfyUI checkpoints come through the nodes)"
@@ -153,7 +155,7 @@ def as_trained(card: dict) -> dict:
     a full student's weights are all its own)."""
     lora = card.get("student", {}).get("kind") == "lora"
     return {"guidance": card.get("embedded_guidance"), "resolution": card.get("resolution"),
-            "negative": card.get("negative"),
+            "frames": card.get("frames", 1), "negative": card.get("negative"),
             "frozen_precision": card.get("frozen_precision", "as-loaded") if lora else "as-loaded"}
 
 

@@ -43,6 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distill_core.report import frame_strip
+
 #: attributes of the text denoiser that the engine reads from a teacher's denoiser
 DENOISER_ATTRIBUTES = ("sigma_min", "sigma_max", "prediction", "shift")
 #: the pipelines this command distils, by ``model_index.json``'s class name
@@ -255,9 +257,10 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
 
 def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Latents to images in [-1, 1] with the pipeline's ``vae/`` (None without one): z / scale + shift (SD3's and
-    Flux's latents are shifted, SD's not); Qwen-Image's and Wan's video VAEs: z std + mean per channel, decoded
-    as one frame; Flux.2's: z std + mean per channel, each channel group of four a 2 x 2 patch; SANA's
-    deep-compression autoencoder: z / scale."""
+    Flux's latents are shifted, SD's not); Qwen-Image's and Wan's video VAEs: z std + mean per channel, an image
+    decoded as one frame, a clip [B, C, T, H, W] whole and shown as a strip of its frames (``frame_strip``);
+    Flux.2's: z std + mean per channel, each channel group of four a 2 x 2 patch; SANA's deep-compression
+    autoencoder: z / scale."""
     folder = root / "vae"
     if not (folder / "config.json").is_file():
         return None
@@ -273,8 +276,12 @@ def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
         latents = latents.float()
         channel = (1, -1, 1, 1)
         if video:
-            mean, std = (torch.tensor(vae.config[k]).view(channel) for k in ("latents_mean", "latents_std"))
-            return vae.decode((latents * std + mean)[:, :, None]).sample[:, :, 0].clamp(-1, 1)
+            still = latents.ndim == 4
+            view = (1, -1, 1, 1) if still else (1, -1, 1, 1, 1)
+            mean, std = (torch.tensor(vae.config[k]).view(view) for k in ("latents_mean", "latents_std"))
+            z = latents * std + mean
+            frames = vae.decode(z[:, :, None] if still else z).sample.clamp(-1, 1)
+            return frames[:, :, 0] if still else frame_strip(frames)
         if patches:  # z std + mean per patch channel, then each 2 x 2 patch back in place
             std = (vae.bn.running_var + vae.config.batch_norm_eps).sqrt().view(channel)
             z = latents * std + vae.bn.running_mean.view(channel)

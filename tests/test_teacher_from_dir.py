@@ -505,8 +505,9 @@ def test_multi_encoder_pipelines_sample_as_their_own_pipeline_and_distil_end_to_
                             lambda *a, **k: built.append((a, k)) or teacher_source(*a, **k))
         assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--count", "2",
                      "--reference-steps", "4", "--out", str(tmp_path / "cmp")]) == 0
-        assert built[0][0][0] == str(teacher)  # at its guidance input, its own resolution, negative and precision:
-        assert built[0][1] == {"guidance": 2.5, "resolution": None, "negative": None, "frozen_precision": "as-loaded"}
+        assert built[0][0][0] == str(teacher)  # at its guidance input, its own size, negative and precision:
+        assert built[0][1] == {"guidance": 2.5, "resolution": None, "frames": 1, "negative": None,
+                               "frozen_precision": "as-loaded"}
     if kind != "sdxl":
         assert main(["distill", "--teacher", str(teacher / "transformer"), "--out", str(tmp_path / "r"),
                      "--no-progress"]) == 1
@@ -648,6 +649,51 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
 
     assert_index_refused(teacher, {"expand_timesteps": True}, "a Wan 2.2 TI2V pipeline (a time per latent patch) "
                          "is not a teacher", tmp_path, capsys)
+
+
+def test_a_wan_pipeline_distils_on_clips_that_its_own_sampler_draws_and_its_student_files_name(tmp_path, capsys):
+    """--frames: a Wan pipeline's teacher on clips [C, T, H, W] of (frames - 1) // 4 + 1 latent frames, as its
+    pipeline counts them: Euler with CFG through its denoiser reproduces its pipeline's sampler on a clip; the
+    main job distils it with a grid of frame strips decoded by its video VAE; the student's file names the
+    frames, so sample rebuilds the clip teacher; an image network refuses --frames in one line."""
+    from distill_core.solvers import euler
+    from distill_core.teacher import CFGTeacher
+
+    teacher = multi_encoder_pipeline_dir(tmp_path / "wan", "wan")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\nan owl\n")
+    source = diffusers_source(teacher, prompts=prompts, resolution=16, frames=5)
+    assert source.shape == (16, 2, 8, 8) and source.card["frames"] == 5
+    assert diffusers_source(teacher, prompts=prompts, resolution=16, frames=4).shape == (16, 8, 8)  # one latent frame
+
+    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    set_timesteps = pipe.scheduler.set_timesteps
+    pipe.scheduler.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=[0.9, 0.6, 0.3], device=device)
+    expected = pipe(prompt="a red fox", latents=x, num_inference_steps=3, height=16, width=16, num_frames=5,
+                    guidance_scale=2.0, output_type="latent").frames
+    times = pipe.scheduler.sigmas.double()
+    with torch.no_grad():
+        ours = euler(CFGTeacher(source.denoiser, 2.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
+                     torch.tensor([0]))
+    assert expected.shape == x.shape and expected.abs().max() > 1
+    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
+    strip = source.decode(ours)  # the clip's frames side by side: 16 pixels high, a multiple of 16 wide
+    assert strip.shape[:3] == (1, 3, 16) and strip.shape[3] >= 32 and strip.shape[3] % 16 == 0
+
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", "16", "--frames",
+                 "5", "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--reference-steps",
+                 "8", "--out", str(out), "--no-progress"]) == 0
+    assert read_card(out / "student.safetensors")["frames"] == 5
+    assert (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by its VAE
+    assert main(["sample", str(out / "student.safetensors"), "--prompt", "an owl", "--count", "2",
+                 "--out", str(tmp_path / "owl.png")]) == 0
+
+    image_model = multi_encoder_pipeline_dir(tmp_path / "sd3", "sd3")
+    assert main(["distill", "--teacher", str(image_model), "--frames", "5", "--out", str(tmp_path / "no")]) != 0
+    assert "--frames is for video pipelines (Wan); its SD3Transformer2DModel draws still images" in \
+        capsys.readouterr().err
 
 
 def test_a_wan_teacher_cast_for_a_bf16_run_keeps_what_diffusers_keeps_in_float32(tmp_path):

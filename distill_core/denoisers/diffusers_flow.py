@@ -220,15 +220,17 @@ class ZImageOutput(nn.Module):
 
 
 class WanVelocity(nn.Module):
-    """Wan's video transformer as v(x_t, t T, {"encoder_hidden_states": c}) on images: [B, C, H, W] latents as
-    videos of one frame."""
+    """Wan's video transformer as v(x_t, t T, {"encoder_hidden_states": c}) on clips [B, C, F, H, W], and on
+    images: [B, C, H, W] latents as videos of one frame."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
         self.transformer = transformer
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
-        return self.transformer(hidden_states=x[:, :, None], timestep=time, **cond, return_dict=False)[0][:, :, 0]
+        still = x.ndim == 4
+        v = self.transformer(hidden_states=x[:, :, None] if still else x, timestep=time, **cond, return_dict=False)[0]
+        return v[:, :, 0] if still else v
 
 
 class WanExperts(nn.Module):

@@ -78,11 +78,12 @@ class EvalSet:
 
 def metric_features(images: torch.Tensor, space: str) -> torch.Tensor:
     """``[N, D]`` features of images in [-1, 1]: the metric classifier's (DIGITS), or the pixels average-pooled
-    to 4 x 4 per channel (PIXELS)."""
+    to 4 x 4 per channel (PIXELS; a clip [N, C, T, H, W]: per channel and frame)."""
     if space == DIGITS:
         return features(images)
     if space == PIXELS:
-        return torch.nn.functional.adaptive_avg_pool2d(images.float().clamp(-1, 1), 4).flatten(1)
+        planes = images.flatten(1, 2) if images.ndim == 5 else images
+        return torch.nn.functional.adaptive_avg_pool2d(planes.float().clamp(-1, 1), 4).flatten(1)
     raise ValueError(f"unknown metric space {space!r}: {DIGITS} or {PIXELS}")
 
 
