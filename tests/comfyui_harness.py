@@ -387,8 +387,8 @@ OMNIGEN2_CONFIG = {"image_model": "omnigen2", "axes_dim_rope": [8, 12, 12], "axe
 PIXART_SIGMA_CONFIG = {"image_model": "pixart_sigma", "input_size": 8, "patch_size": 2, "in_channels": 4,
                        "hidden_size": 64, "depth": 1, "num_heads": 2, "caption_channels": 64,
                        "model_max_length": 12, "micro_condition": False, "pe_interpolation": 1}
-#: HunyuanDiT: a v-prediction DiT reading two text encoders' tokens (a BERT's and mT5's, each padded to one length
-#: with its mask, as ComfyUI's tokenizers pad them to 77 and 256)
+#: HunyuanDiT: a v-prediction DiT reading two text encoders' tokens (a BERT's and mT5's, each with its mask, padded
+#: as ComfyUI's tokenizers pad them to 77 and 256 tokens, or longer)
 HUNYUAN_DIT_CONFIG = {"image_model": "hydit", "input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 64,
                       "depth": 2, "num_heads": 2, "text_states_dim": 64, "text_states_dim_t5": 64, "text_len": 12,
                       "text_len_t5": 16, "size_cond": False, "use_style_cond": False}
@@ -463,8 +463,9 @@ def flow_probe(family: str, work: Path) -> dict:
         if family in ("ltxv-clip", "mochi-clip"):  # T5 prompts of 3 lengths padded to one (LTX-Video's to 128)
             tokens = 20
             options["attention_mask"] = (torch.arange(tokens) < 8 + 4 * seed).long()[None]
-        if family == "hunyuan-dit":  # BERT and mT5 prompts of 3 lengths, each padded to its encoder's length
-            options["attention_mask"] = (torch.arange(tokens) < 4 + 2 * seed).long()[None]
+        if family == "hunyuan-dit":  # BERT and mT5 prompts of 3 lengths padded to their encoders' (BERT's 12), one
+            tokens = 12 if seed < 3 else 16  # longer: the negative's BERT tokens and mask run past the padding
+            options["attention_mask"] = (torch.arange(tokens) < 4 + 4 * seed).long()[None]
             options["conditioning_mt5xl"] = torch.randn(1, 16, context, generator=gen)
             options["attention_mask_mt5xl"] = (torch.arange(16) < 5 + 3 * seed).long()[None]
         if family == "hidream":  # two Llama layers' hidden states beside the T5 tokens, of three lengths

@@ -222,22 +222,55 @@ def test_entries_that_give_different_model_inputs_are_refused_naming_the_inputs(
         encode_conditioning(model, [_entry(4, 0), quoted], (4, 8, 8))
 
 
-def test_token_masks_of_other_lengths_are_refused_naming_the_input():
-    """A 2-D token mask (HunyuanDiT's, LTX-Video's) has one length while prompts fit the encoder's padding; a
-    longer prompt's is refused by name, not failed in concatenation."""
-    model = FakeBaseModel()
-    conds = model.extra_conds
-    model.extra_conds = lambda **kw: {**conds(**kw), "text_embedding_mask": Cond(kw["attention_mask"])}
-    padded = [[e[0], {**e[1], "attention_mask": torch.ones(1, n)}] for e, n in ((_entry(4, 0), 8), (_entry(4, 1), 8))]
-    assert encode_conditioning(model, padded, (4, 8, 8))["text_embedding_mask"].shape == (2, 8)
-    longer = [padded[0], [padded[1][0], {**padded[1][1], "attention_mask": torch.ones(1, 12)}]]
-    with pytest.raises(ValueError, match=r"text_embedding_mask has other lengths for other prompts \(12, 8\)"):
-        encode_conditioning(model, longer, (4, 8, 8))
+class MaskedBaseModel(FakeBaseModel):
+    """HunyuanDiT's habit: a token mask [B, T] beside its tokens [B, T, C] (from the encoder's attention mask),
+    the padded tokens left out of a masked mean: a tiled mask or tiled tokens would change nothing, a mask cut
+    to another length would."""
+
+    def extra_conds(self, cross_attn, device, noise, **options):
+        return {**super().extra_conds(cross_attn, device, noise, **options),
+                "text_embedding_mask": Cond(options["attention_mask"])}
+
+    def apply_model(self, x, sigma, c_crossattn=None, y=None, text_embedding_mask=None):
+        assert text_embedding_mask.shape == c_crossattn.shape[:2]
+        weights = text_embedding_mask[..., None] / text_embedding_mask.sum(1)[:, None, None]
+        return super().apply_model(x, sigma, (c_crossattn * weights).sum(1, keepdim=True), y)
+
+
+def test_token_masks_of_other_lengths_run_each_row_on_its_own_tokens_and_mask():
+    """Prompts past the text encoder's padding (HunyuanDiT's BERT pads to 77 tokens) give masks [1, T] of other
+    lengths: stored tiled with their tokens, each row runs on its own tokens and mask, at the node as in
+    training."""
+    model = MaskedBaseModel()
+
+    def entry(tokens: int, used: int, seed: int) -> list:
+        text, options = _entry(tokens, seed)
+        return [text, {**options, "attention_mask": (torch.arange(tokens) < used).float()[None]}]
+
+    entries = [entry(8, 5, 0), entry(12, 10, 1), entry(8, 3, 2)]
+    cond = encode_conditioning(model, entries, (4, 8, 8))
+    assert cond["text_embedding_mask"].shape == (3, 24)
+    assert cond["lengths"]["text_embedding_mask"].tolist() == [8, 12, 8]
+    x, sigma = torch.randn(3, 4, 8, 8), torch.tensor([0.5, 1.0, 2.0])
+    out = ComfyDenoiser(model)(x, sigma, cond)
+
+    def alone(i, entry):
+        tokens, options = entry
+        return model.apply_model(x[i:i + 1], sigma[i:i + 1], tokens, options["pooled_output"],
+                                 options["attention_mask"])
+
+    for i, row in enumerate(entries):
+        torch.testing.assert_close(out[i:i + 1], alone(i, row))
+    negative = entry(12, 7, 3)  # CFG's batch of a prompt and a negative encoded apart, masks of other lengths
+    guided = CFGTeacher(ComfyDenoiser(model), 3.0, encode_conditioning(model, [negative], (4, 8, 8)))(
+        x[:1], sigma[:1], encode_conditioning(model, entries[:1], (4, 8, 8)))
+    c, u = alone(0, entries[0]), alone(0, negative)
+    torch.testing.assert_close(guided, u + 3.0 * (c - u))
     from distill_core.workflow import node_pack
 
     teacher_node = node_pack().NODE_CLASS_MAPPINGS["DistillTeacherFromModel"]()
-    with pytest.raises(ValueError, match="text_embedding_mask has other lengths"):  # at the node, before training
-        teacher_node.run(FakePatcher(model), longer[:1], longer[1:], 64, 64, 5.0)
+    (teacher,) = teacher_node.run(FakePatcher(model), entries[:2], entries[2:], 64, 64, 5.0)
+    assert teacher.source().shape == (4, 8, 8)
 
 
 class VideoBaseModel(FakeBaseModel):

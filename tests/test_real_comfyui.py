@@ -221,8 +221,9 @@ def test_pixart_sigma_distils_into_a_lora_the_stock_loader_applies_and_samplercu
 
 
 def test_hunyuan_dit_distils_into_a_lora_the_stock_loader_applies_and_samplercustom_reproduces(tmp_path):
-    """HunyuanDiT, a v-prediction DiT reading a BERT's and mT5's tokens, each with its mask (prompts of three
-    lengths, each padded to its encoder's length, as ComfyUI's tokenizers pad them to 77 and 256)."""
+    """HunyuanDiT, a v-prediction DiT reading a BERT's and mT5's tokens, each with its mask: prompts of three
+    lengths padded to their encoders' lengths, as ComfyUI's tokenizers pad them to 77 and 256, and a negative
+    whose BERT tokens and mask run past the padding (each row runs on its own tokens and mask)."""
     result = _probe("flow-probe", "hunyuan-dit", str(tmp_path))
     card = result["card"]
     assert result["model_class"] == "HunyuanDiT" and result["train_latent"] == [4, 8, 8]

@@ -86,14 +86,22 @@ def tile_tokens(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.repeat(*(1,) * (p.ndim - 2), length // p.shape[-2], 1) for p in parts]
 
 
+def tile_masks(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Token masks [B, T_i] tiled along their tokens as ``tile_tokens`` tiles the tokens they mask."""
+    return [p[..., 0] for p in tile_tokens([p[..., None] for p in parts])]
+
+
 def cat_conds(a: Cond, b: Cond) -> Cond:
     """Concatenate two batch-first conditions along the batch (for one batched CFG forward); token inputs
-    of different token counts are tiled to a common length (``tile_tokens``)."""
+    of different token counts are tiled to a common length (``tile_tokens``), and so are token masks [B, T]
+    (``tile_masks``: the only 2-D inputs whose widths differ between conditions of one model)."""
     if a is None and b is None:
         return None
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         if a.ndim == b.ndim >= 3 and a.shape[-2] != b.shape[-2]:
             a, b = tile_tokens([a, b])
+        elif a.ndim == b.ndim == 2 and a.shape[-1] != b.shape[-1]:
+            a, b = tile_masks([a, b])
         return torch.cat([a, b])
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():

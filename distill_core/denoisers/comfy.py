@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond, expand_sigma, index_cond, per_sample, tile_tokens
+from distill_core.denoisers.base import Cond, expand_sigma, index_cond, per_sample, tile_masks, tile_tokens
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, sigma_to_t, t_to_sigma
 
 #: ComfyUI's prediction classes (``comfy.model_sampling``), the most derived first in a sampling's MRO
@@ -150,7 +150,7 @@ class ComfyDenoiser(nn.Module):
             idx = (values == group).all(1).nonzero().squeeze(1)
             inputs = index_cond(rest, idx)
             for k, n in zip(lengths, group.tolist()[:len(lengths)], strict=True):
-                inputs[k] = inputs[k][..., :int(n), :]
+                inputs[k] = inputs[k][..., :int(n), :] if inputs[k].ndim >= 3 else inputs[k][..., :int(n)]
             inputs.update({k: v[int(idx[0])].item() for k, v in constants.items()})
             out[idx] = self(x[idx], sigma[idx], inputs).to(out.dtype)
         return out
@@ -253,12 +253,13 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
     """ComfyUI ``CONDITIONING`` (a list of ``[cross_attn [1, T, C], {"pooled_output": ...}]``) as one
     batch-first condition, one row per entry. The model's own ``extra_conds`` builds its inputs
     (SDXL's ``y`` from the pooled output and sizes), as ComfyUI's samplers do. Entries whose token
-    counts differ are stored tiled to a common length (``tile_tokens``), with each row's own token count
-    in every token input under ``LENGTHS``; scalar inputs (``CONDConstant``, as Lumina 2's token count) are
-    kept per row under ``CONSTANTS``. The adapter calls the model once per group of rows that agree on
-    both, each on its own tokens (``ComfyDenoiser._by_rows``): tiling is exact for cross-attention (SD1.x,
-    SDXL, Wan) but not for the DiTs that join text and image tokens in one attention (SD3, Flux, Chroma,
-    Qwen-Image, HiDream, Lumina 2), where repeated text keys would take k times their weight."""
+    counts differ are stored tiled to a common length (``tile_tokens``; a token mask [1, T] the same way along
+    its tokens), with each row's own token count in every token input under ``LENGTHS``; scalar inputs
+    (``CONDConstant``, as Lumina 2's token count) are kept per row under ``CONSTANTS``. The adapter calls the
+    model once per group of rows that agree on both, each on its own tokens (``ComfyDenoiser._by_rows``):
+    tiling is exact for cross-attention (SD1.x, SDXL, Wan) but not for the DiTs that join text and image
+    tokens in one attention (SD3, Flux, Chroma, Qwen-Image, HiDream, Lumina 2), where repeated text keys would
+    take k times their weight."""
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError("CONDITIONING must be a non-empty list of [tensor, dict] entries (from CLIP Text Encode)")
     rows = []
@@ -290,10 +291,9 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         if parts[0].ndim >= 3:  # tokens on the second-to-last axis
             lengths[k] = torch.tensor([p.shape[-2] for p in parts])
             parts = tile_tokens(parts)
-        elif len({p.shape for p in parts}) > 1:  # a token mask [1, T] (HunyuanDiT, LTX-Video) of prompts past padding
-            sizes = ", ".join(sorted({str(p.shape[-1]) for p in parts}))
-            raise ValueError(f"the model input {k} has other lengths for other prompts ({sizes}): the text encoder "
-                             "pads prompts to one length, and only longer ones differ; shorten the longest prompts")
+        elif parts[0].ndim == 2 and "mask" in k:  # a token mask [1, T] (HunyuanDiT's, LTX-Video's)
+            lengths[k] = torch.tensor([p.shape[-1] for p in parts])
+            parts = tile_masks(parts)
         cond[k] = torch.cat(parts)
     if constants:
         cond[CONSTANTS] = constants
