@@ -207,6 +207,7 @@ def sample_shape(config: dict, root: Path, resolution: int | None = None, frames
 
 
 def _still_shape(config: dict, root: Path, resolution: int | None) -> tuple[int, ...]:
+    """``sample_shape`` of an image: (C, H, W)."""
     name = config["_class_name"]
     packed = name in PACKED
     channels = config["in_channels"] // 4 if packed else config["in_channels"]
