@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distill_core.denoisers.base import clip_shape
 from distill_core.methods.base import TeacherSource
 from distill_core.prompts import prompt_flag
 
@@ -202,8 +203,7 @@ def sample_shape(config: dict, root: Path, resolution: int | None = None, frames
         raise ValueError(f"{root}: --frames is for video pipelines (Wan); its {name} draws still images")
     vae = root / "vae" / "config.json"
     k = (read_json(vae).get("scale_factor_temporal") if vae.is_file() else None) or 4
-    latent_frames = (frames - 1) // k + 1
-    return (still[0], latent_frames, *still[1:]) if latent_frames > 1 else still
+    return clip_shape(still, frames, k)
 
 
 def _still_shape(config: dict, root: Path, resolution: int | None) -> tuple[int, ...]:

@@ -86,6 +86,14 @@ def tile_tokens(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.repeat(*(1,) * (p.ndim - 2), length // p.shape[-2], 1) for p in parts]
 
 
+def clip_shape(still: tuple[int, ...], frames: int, per_latent: int) -> tuple[int, ...]:
+    """The sample shape of a clip of ``frames`` video frames, ``still`` (C, H, W) a frame's: (C, T, H, W) with
+    T = (frames - 1) // k + 1 latent frames of k = ``per_latent`` video frames each (the first frame alone, as
+    video VAEs encode it, and as ComfyUI's and diffusers' video latents count); ``still`` for one latent frame."""
+    latent_frames = (frames - 1) // per_latent + 1
+    return (still[0], latent_frames, *still[1:]) if latent_frames > 1 else still
+
+
 def tile_masks(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     """Token masks [B, T_i] tiled along their tokens as ``tile_tokens`` tiles the tokens they mask."""
     return [p[..., 0] for p in tile_tokens([p[..., None] for p in parts])]

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond, expand_sigma, index_cond, per_sample, tile_masks, tile_tokens
+from distill_core.denoisers.base import Cond, clip_shape, expand_sigma, index_cond, per_sample, tile_masks, tile_tokens
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, sigma_to_t, t_to_sigma
 
 #: ComfyUI's prediction classes (``comfy.model_sampling``), the most derived first in a sampling's MRO
@@ -228,14 +228,14 @@ def latent_shape(base_model: nn.Module, width: int, height: int, length: int = 1
     if (height // f + width // f) // 2 < least:
         raise ValueError(f"{name} needs width + height of at least {2 * least * f} pixels (its position table fails on "
                          f"smaller latents); got {width}x{height}")
-    frames = 1
-    if length > 1:
-        k = frames_per_latent(base_model)
-        if k is None:
-            raise ValueError(f"{name} is an image model: set length to 1 (clips of several frames need a video model: "
-                             "Wan, HunyuanVideo, LTX-Video, Mochi, Cosmos)")
-        frames = (length - 1) // k + 1
-    return (channels, frames, height // f, width // f) if frames > 1 else (channels, height // f, width // f)
+    still = (channels, height // f, width // f)
+    if length == 1:
+        return still
+    k = frames_per_latent(base_model)
+    if k is None:
+        raise ValueError(f"{name} is an image model: set length to 1 (clips of several frames need a video model: "
+                         "Wan, HunyuanVideo, LTX-Video, Mochi, Cosmos)")
+    return clip_shape(still, length, k)
 
 
 def has_frame_axis(base_model: nn.Module) -> bool:
