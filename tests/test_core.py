@@ -1,5 +1,6 @@
 """The ground floor: package import, data, the built-in UNet, EDM preconditioning, attention, file I/O."""
 
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -83,6 +84,27 @@ def test_unet_shapes_and_multipliers():
     assert half.model_channels == 8 and half.num_blocks == 1
     assert sum(p.numel() for p in UNet(half).parameters()) < sum(p.numel() for p in net.parameters()) / 3
     assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_the_unet_computes_the_same_bits_with_contiguous_copies_of_its_channels_last_weights(channels):
+    """A sharded teacher gathers its weights contiguous; the built-in UNet keeps them channels-last. Output
+    and weight gradients agree bit for bit, so sharding changes no number a run computes."""
+    import copy
+
+    from conftest import TINY_UNET, randomise
+
+    net = randomise(UNet(dataclasses.replace(TINY_UNET, in_channels=channels))).to(memory_format=torch.channels_last)
+    gathered = copy.deepcopy(net)
+    for p in gathered.parameters():
+        p.data = p.data.contiguous()
+    assert any(not p.is_contiguous() for p in net.parameters())
+    x, c_noise, labels = torch.randn(3, channels, 8, 8), torch.rand(3), torch.tensor([0, 5, 10])
+    outs = [n(x, c_noise, labels) for n in (net, gathered)]
+    assert torch.equal(*outs)
+    for out in outs:
+        out.square().sum().backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(net.parameters(), gathered.parameters()))
 
 
 def test_edm_preconditioning_matches_karras_table_1(tiny_edm):

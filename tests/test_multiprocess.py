@@ -90,9 +90,10 @@ def test_a_teacher_sharded_over_two_processes_trains_the_lora_student_of_one_pro
     """``shard_teacher`` from the command line, launched with the config file the docs give: each process holds
     half the teacher's weights (the main process plans memory for its half), the two train, preview and save
     the LoRA student one unsharded process trains, and the main process reports on the teacher loaded again,
-    whole. Gathered weights give the teacher's outputs up to float rounding (1e-6 here: the kernels run on
-    other memory), which three steps of Adam, whose first updates normalise each gradient entry, grow to
-    about 2e-4 of a weight: hence a looser tolerance than the unsharded test's."""
+    whole. Gathered weights give the teacher's outputs bit for bit (the UNet lays out its convolutions' inputs
+    so that the kernels do not depend on the weights' layout); the sums over micro-batches and processes round
+    differently (about 1e-7), which three steps of Adam, whose first updates normalise each gradient entry,
+    grow to about 5e-7 here: the tolerance leaves room for an entry whose gradient is that small."""
     sharded = tmp_path / "sharded"
     _, alone = run([*SHARDED_LAUNCH, "-m", "distill_core", "distill", "--shard-teacher", "--student", "lora",
                     "--steps", "4", "--iters", "3", "--batch", "8", "--checkpoint-every", "2", "--seed", "0",

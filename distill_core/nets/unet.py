@@ -51,6 +51,18 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels)
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, C, H, W] laid out channels-last, stride for stride (a one-channel image is contiguous and
+    channels-last at once, and convolutions read its strides). A convolution picks its kernel from the layouts
+    of input and weights; with the input in this layout it runs the same kernel whatever its weights' layout,
+    so the net computes the same bits with the channels-last weights it keeps and with contiguous copies of
+    them (the weights a sharded teacher gathers)."""
+    b, c, h, w = x.shape
+    if x.stride() == (h * w * c, 1, w * c, c):
+        return x
+    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+
+
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """[cos(t w_i), sin(t w_i)] with w_i = max_period^(-i / (dim/2)), as in DDPM's timestep embedding."""
     half = dim // 2
@@ -96,7 +108,7 @@ class AttentionBlock(nn.Module):
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
         out = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        return x + self.proj(channels_last(out.transpose(-1, -2).reshape(b, c, h, w)))
 
 
 class Level(nn.Module):
@@ -170,7 +182,7 @@ class UNet(nn.Module):
         if extra_emb is not None:
             emb = emb + extra_emb
         emb = nn.functional.silu(emb)
-        h = self.conv_in(x)
+        h = self.conv_in(channels_last(x))
         hs = [h]
         for layer in self.down:
             h = layer(h, emb) if isinstance(layer, Level) else layer(h)
