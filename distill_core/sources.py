@@ -176,16 +176,20 @@ def trained_teacher(name: str, cards: list[dict], classes: int = 0, null_class: 
 
 
 def comfy_source(base_model, positive: list, negative: list, width: int, height: int, guidance: float,
-                 name: str = "comfyui", sampling=None, length: int = 1) -> TeacherSource:
+                 name: str = "comfyui", sampling=None, length: int = 1, experts: tuple | None = None) -> TeacherSource:
     """A ComfyUI model (``MODEL.model``, its BaseModel) with prompt conditions, on images of width x height
     pixels, or on clips of ``length`` frames for a video model (``latent_shape``): every training
     trajectory draws one of the ``positive`` entries uniformly; the first ``negative`` entry is the
     unconditional side of CFG at scale ``guidance``. A guidance-distilled model (Flux dev) takes
     ``guidance`` as its input instead and samples without CFG (w = 1); its students carry the value
     (``embedded_guidance``). Students of flow models say so (``comfy_noise: flow``): ComfyUI's samplers
-    give such a model the time t = sigma / (1 + sigma) as its sigma."""
+    give such a model the time t = sigma / (1 + sigma) as its sigma. ``experts``: (low-noise BaseModel, its
+    model sampling, boundary t) of a two-expert model (Wan 2.2 14B), ``base_model`` then being the high-noise
+    expert: one teacher that switches at the boundary (``ComfyExperts``), whose students' cards say where
+    (``comfy_experts``)."""
     from distill_core.denoisers.comfy import (
         ComfyDenoiser,
+        ComfyExperts,
         embeds_guidance,
         encode_conditioning,
         latent_shape,
@@ -195,6 +199,10 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     denoiser = ComfyDenoiser(base_model, sampling)
     shape = latent_shape(base_model, width, height, length)
     card = {"comfy_noise": "flow"} if denoiser.flow else {}
+    if experts is not None:
+        low_model, low_sampling, boundary = experts
+        denoiser = ComfyExperts(denoiser, ComfyDenoiser(low_model, low_sampling), boundary)
+        card["comfy_experts"] = {"boundary": denoiser.boundary}
     if embeds_guidance(base_model):
         positive, negative = with_guidance(positive, guidance), with_guidance(negative, guidance)
         card["embedded_guidance"], guidance = float(guidance), 1.0

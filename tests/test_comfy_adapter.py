@@ -18,7 +18,9 @@ from distill_core.denoisers.base import index_cond
 from distill_core.denoisers.comfy import (
     FLOW_SIGMA_MAX,
     ComfyDenoiser,
+    ComfyExperts,
     encode_conditioning,
+    expert_loras,
     latent_downscale,
     latent_shape,
     refuse_unsupported,
@@ -491,6 +493,67 @@ def test_a_lora_student_of_a_comfy_model_merges_into_diffusion_model_keys(tmp_pa
     with torch.no_grad():  # detached: the shared teacher network is the teacher again
         torch.testing.assert_close(source.denoiser(x, torch.tensor(3.0), cond),
                                    ComfyDenoiser(FakeBaseModel())(x, torch.tensor(3.0), cond))
+
+
+def _experts(boundary: float = 0.875) -> tuple[FakeBaseModel, FakeBaseModel, tuple]:
+    """A high- and a low-noise flow model of one family (as Wan 2.2 14B's), with other weights, and the
+    ``experts`` argument of ``comfy_source``."""
+    high, low = FakeBaseModel(CONST()), FakeBaseModel(CONST())
+    with torch.no_grad():
+        for p in low.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return high, low, (low, low.model_sampling, boundary)
+
+
+def test_two_experts_are_one_teacher_that_switches_sample_by_sample_at_the_boundary():
+    high, low, _ = _experts()
+    teacher = ComfyExperts(ComfyDenoiser(high), ComfyDenoiser(low), 0.875)
+    sigma = torch.tensor([20.0, 7.0, 6.0, 0.5])  # t = 0.952, 0.875 (the boundary: high), 0.857, 0.333
+    x, cond = torch.randn(4, 4, 8, 8), {"c_crossattn": torch.randn(4, 3, 6), "y": torch.randn(4, 5)}
+    with torch.no_grad():
+        out = teacher(x, sigma, cond)
+        alone = [ComfyDenoiser(m)(x, sigma, cond) for m in (high, low)]
+    for i, expert in enumerate((0, 0, 1, 1)):
+        torch.testing.assert_close(out[i], alone[expert][i])
+    assert not torch.allclose(alone[0], alone[1])
+    assert teacher.settings()["expert_boundary"] == 0.875 and teacher.flow and teacher.shift == 3.0
+
+    class Shifted(CONST):
+        shift = 5.0
+
+    refusals = [((FakeBaseModel(), low, 0.875), "flow models"), ((high, FakeBaseModel(Shifted()), 0.875), "shifts"),
+                ((high, low, 1.0), "between 0 and 1")]
+    for (h, lo, boundary), words in refusals:
+        with pytest.raises(ValueError, match=words):
+            ComfyExperts(ComfyDenoiser(h), ComfyDenoiser(lo), boundary)
+
+
+def test_a_lora_student_of_two_experts_is_one_stock_lora_per_expert(tmp_path):
+    """The student's two network evaluations lie on either side of the boundary (t = 0.85 and 0.61 after its
+    analytic first step), so both experts' adapters train; each expert's part of the file, its prefix cut off,
+    is a stock LoRA of that expert, and the two merged reproduce the student's denoiser."""
+    high, low, experts = _experts(0.8)
+    source = comfy_source(high, [_entry(3, 1), _entry(3, 2)], [_entry(3, 3)], 64, 64, 1.0, experts=experts)
+    cfg = DistillConfig(teacher="fake", steps=2, iters=3, batch=4, teacher_substeps=2, lr=1e-2, sigma_min=0.1,
+                        guidance_mode="cfg", guidance=1.0, student="lora", lora_rank=2, out=str(tmp_path))
+    run = train_student(cfg, source, progress=False)
+    tensors, card = load(run.path)
+    assert card["comfy_experts"] == {"boundary": 0.8} and card["comfy_noise"] == "flow"
+    parts = expert_loras(tensors)
+    assert sum(map(len, parts.values())) == len(tensors)
+    for part in parts.values():
+        assert part and all(k.startswith("diffusion_model.") for k in part)
+        assert any(v.abs().max() > 0 for k, v in part.items() if k.endswith("lora_up.weight"))  # it trained
+
+    merged = {name: copy.deepcopy(m) for name, m in (("high", high), ("low", low))}
+    for name, part in parts.items():
+        assert merge(merged[name], part) == len([k for k in part if k.endswith("lora_down.weight")])
+    student = load_student(run.path, CFGTeacher(source.denoiser, 1.0, source.uncond), share=True)
+    x, cond = torch.randn(4, 4, 8, 8), source.draw_cond(4, torch.Generator().manual_seed(1))
+    sigma = torch.tensor([20.0, 9.0, 2.0, 0.3])
+    expected = ComfyExperts(ComfyDenoiser(merged["high"]), ComfyDenoiser(merged["low"]), 0.8)
+    with torch.no_grad():
+        torch.testing.assert_close(student.denoiser()(x, sigma, cond), expected(x, sigma, cond), atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ the nodes on a stand-in MODEL

@@ -156,6 +156,67 @@ class ComfyDenoiser(nn.Module):
         return out
 
 
+class ComfyExperts(nn.Module):
+    """Two ComfyUI flow MODELs of one family as one teacher, as Wan 2.2 A14B ships its two experts: ``high``
+    denoises where the time t = sigma / (1 + sigma) is at or above ``boundary`` (ComfyUI's sigma of a flow
+    model is t: 0.875 for Wan 2.2's text-to-video experts, 0.9 for image-to-video), ``low`` below it, each
+    sample of a batch by its own sigma, as the two samplers of a Wan 2.2 workflow hand over. A LoRA student
+    adapts both networks; its file keys are ``high.diffusion_model.<layer>`` and ``low.diffusion_model.<layer>``
+    (``EXPERTS``), which ``expert_loras`` splits into one stock LoRA per expert."""
+
+    def __init__(self, high: ComfyDenoiser, low: ComfyDenoiser, boundary: float):
+        super().__init__()
+        if not (high.flow and low.flow):
+            raise ValueError("two experts switched at a time boundary are flow models (Wan 2.2 14B's high- and "
+                             "low-noise models); for another model leave low_noise_model unconnected")
+        if type(high.base) is not type(low.base) or high.frames != low.frames:
+            raise ValueError(f"the experts are two kinds of model ({type(high.base).__name__} and "
+                             f"{type(low.base).__name__}): connect the high- and low-noise models of one release")
+        if abs(high.shift - low.shift) > 1e-6:
+            raise ValueError(f"the experts sample with different shifts ({high.shift:g} and {low.shift:g}): give both "
+                             "the same ModelSamplingSD3 shift, as their sampler does")
+        if not 0 < boundary < 1:
+            raise ValueError(f"the experts' boundary is a time t between 0 and 1 (Wan 2.2 text-to-video: 0.875, "
+                             f"image-to-video: 0.9), got {boundary:g}")
+        self.high, self.low, self.boundary = high, low, float(boundary)
+        self.kind, self.flow, self.prediction, self.shift = high.kind, True, "flow", high.shift
+        self.frames = high.frames
+        self.sigma_min, self.sigma_max = low.sigma_min, high.sigma_max
+
+    def settings(self) -> dict:
+        return {**self.high.settings(), "sigma_min": self.sigma_min, "expert_boundary": self.boundary}
+
+    @property
+    def lora_target(self) -> tuple[nn.Module, str]:
+        """Each expert's network under its name, so that its keys read as the stock loader's own once the name
+        is cut off (``expert_loras``)."""
+        return nn.ModuleDict({name: nn.ModuleDict({"diffusion_model": getattr(self, name).base.diffusion_model})
+                              for name in EXPERTS}), ""
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
+        sigma = expand_sigma(sigma, x)
+        above = sigma_to_t(sigma) >= self.boundary
+        out = None
+        for expert, rows in ((self.high, above), (self.low, ~above)):
+            if rows.any():
+                idx = rows.nonzero().squeeze(1)
+                part = expert(x[idx], sigma[idx], index_cond(cond, idx))
+                out = part.new_empty((len(x), *part.shape[1:])) if out is None else out
+                out[idx] = part
+        return out
+
+
+#: the names of a two-expert teacher's networks (``ComfyExperts``), the prefixes of its LoRA students' keys
+EXPERTS = ("high", "low")
+
+
+def expert_loras(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A LoRA student of a two-expert teacher as one stock LoRA per expert: {"high": ..., "low": ...}, each
+    with the expert's keys (``diffusion_model.<layer>...``) and nothing else."""
+    return {name: {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
+            for name in EXPERTS}
+
+
 def _keep_a_copy(tensor: torch.Tensor) -> torch.Tensor:
     """What backward keeps of a tensor ComfyUI's forward saves: a copy, since its DiT blocks add into their
     inputs in place (Flux: ``x += ...``), which would change the tensor autograd saved. Frozen weights
