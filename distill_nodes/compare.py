@@ -41,8 +41,7 @@ class Compare:
             unique_id=None, **more: StudentHandle):
         students = [student, *(more[f"student_{k}"] for k in range(2, MAX_STUDENTS + 1) if more.get(f"student_{k}"))]
         model = student.teacher.model
-        if model is not None:
-            host.load_models([model])
+        host.load_models(student.teacher.models)
         names = [handle.card["method"] for handle in students]
         result = compare(student.teacher.source(), students, [steps or None] * len(students), count, seed,
                          reference_steps, names)

@@ -16,7 +16,7 @@ from . import host
 from .handles import StudentHandle, TeacherHandle
 from .sampling import ReadsStudentFile, resolve_student_file, student_files
 from .spec import In, Out, node
-from .training import student_model
+from .training import student_model, write_expert_loras
 
 
 @node("DistillSaveStudent", "Save student", "files",
@@ -35,7 +35,8 @@ class SaveStudent:
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
             copy_file(student.path, target)
-        return {"ui": {"text": [str(target)]}, "result": (str(target),)}
+        experts = write_expert_loras(target)  # a two-model student: its LoRA for each model beside it
+        return {"ui": {"text": [str(target), *map(str, experts.values())]}, "result": (str(target),)}
 
 
 def free_path(target: Path, source: Path) -> Path:
@@ -57,8 +58,7 @@ def free_path(target: Path, source: Path) -> Path:
 class LoadStudent(ReadsStudentFile):
     def run(self, teacher: TeacherHandle, student_file: str, unique_id=None):
         path, card = resolve_student_file(student_file)
-        if teacher.model is not None:
-            host.load_models([teacher.model])
+        host.load_models(teacher.models)
         ours = fingerprint(teacher.source().denoiser)
         if card["teacher_fingerprint"] != ours:
             raise ValueError(f"{student_file} was distilled from another model (fingerprint "

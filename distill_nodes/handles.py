@@ -27,7 +27,13 @@ class TeacherHandle:
     sigma_min: float  # the student schedule's end (EDM pixel models 0.006, SD latent models 0.1)
     guidance: float  # the CFG scale w the teacher samples with
     model: object = None  # the ComfyUI MODEL, None for the built-in teacher
+    low_model: object = None  # a two-expert model's low-noise MODEL (Wan 2.2 14B); ``model`` is its high-noise one
     _source: TeacherSource | None = field(default=None, repr=False)
+
+    @property
+    def models(self) -> list:
+        """The ComfyUI MODELs the teacher runs (none for the built-in teacher)."""
+        return [m for m in (self.model, self.low_model) if m is not None]
 
     def source(self) -> TeacherSource:
         if self._source is None:

@@ -259,8 +259,8 @@ def preview_images(images: torch.Tensor, prefix: str = "distill") -> list[dict]:
 
 def load_models(models: list) -> None:
     """Have ComfyUI load (and patch) these MODELs before their weights are used directly (nothing to
-    do outside ComfyUI, where a model's weights are where they are)."""
-    if not in_comfyui():
+    do outside ComfyUI, where a model's weights are where they are; nothing for none, the built-in teacher's)."""
+    if not models or not in_comfyui():
         return
     import comfy.model_management
 

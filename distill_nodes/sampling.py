@@ -9,7 +9,7 @@ import torch
 from distill_core import safetensors_io
 from distill_core.denoisers.comfy import has_frame_axis
 from distill_core.report import preview_pixels
-from distill_core.sampling import comfy_sigmas, k_sampler, sample
+from distill_core.sampling import comfy_sigmas, k_sampler, sample, sampler_key
 from distill_core.student_files import check_card
 
 from . import host
@@ -74,8 +74,48 @@ STEPS = In("steps", "INT", "evaluations per image; 0: the student's own (an SFD-
 class StudentSchedule(ReadsStudentFile):
     def run(self, student_file: str, steps: int, student: StudentHandle | None = None, unique_id=None):
         card = student.card if student is not None else resolve_student_file(student_file)[1]
+        if card.get("comfy_experts"):
+            raise ValueError("this student is of a teacher of two models (Wan 2.2 14B), which sample in turn: use "
+                             "Student sigmas for two models")
         sigmas, cfg = recipe(card, steps)
         return sigmas, host.ksampler(k_sampler(card)), cfg
+
+
+@node("DistillTwoModelSchedule", "Student sigmas for two models", "sample",
+      "The sampling recipe of a student of two models (Wan 2.2 14B's high- and low-noise models): the steps "
+      "from t at or above the boundary for the high-noise model with its LoRA (<name>_high_noise), the rest "
+      "for the low-noise model with its LoRA (<name>_low_noise), chained as a Wan 2.2 workflow chains its "
+      "two samplers: the first SamplerCustom adds the noise, the second takes its output without adding any.",
+      inputs=[In("student_file", student_files, "the student file (its metadata holds the schedule and the "
+                 "boundary), or '(connected student)' to use the student input", options={"file_list": True}),
+              STEPS,
+              In("student", "DISTILL_STUDENT", "a student straight from Distill to N steps (overrides the file)",
+                 optional=True)],
+      outputs=[Out("SIGMAS", "sigmas_high_noise", "the high-noise model's steps, from sigma_max"),
+               Out("SAMPLER", "sampler_high_noise", "the high-noise model's sampler (the student's first step)"),
+               Out("SIGMAS", "sigmas_low_noise", "the low-noise model's steps, to the student's sigma_min"),
+               Out("SAMPLER", "sampler_low_noise", "the low-noise model's sampler (Euler, going on from the "
+                   "high-noise model's output)"),
+               Out("FLOAT", "cfg", "the CFG scale to sample both with: 1 for distilled guidance, else the trained w")])
+class TwoModelSchedule(ReadsStudentFile):
+    def run(self, student_file: str, steps: int, student: StudentHandle | None = None, unique_id=None):
+        card = student.card if student is not None else resolve_student_file(student_file)[1]
+        if not card.get("comfy_experts"):
+            raise ValueError("this student is of a teacher of one model: use Student sigmas + sampler")
+        if sampler_key(card) != "euler_afs":
+            raise ValueError(f"this {card['method']} student samples with {sampler_key(card)!r}, which two chained "
+                             "samplers do not reproduce: sample it with Few-step sample")
+        sigmas, cfg = recipe(card, steps)
+        high = handover(sigmas, card["comfy_experts"]["boundary"])
+        return (sigmas[:high + 1], host.ksampler(k_sampler(card)), sigmas[high:],
+                host.ksampler(k_sampler({**card, "afs": False})), cfg)
+
+
+def handover(sigmas: torch.Tensor, boundary: float) -> int:
+    """The steps of a two-model student (its ComfyUI ``sigmas``, times t for a flow model) that the high-noise
+    model takes: those that start at t >= ``boundary``, as its teacher switched models (the first step at
+    least: a flow student starts at t = 0.988, above every boundary the teacher node takes)."""
+    return int((sigmas[:-1] >= boundary).sum())
 
 
 def recipe(card: dict, steps: int = 0) -> tuple[torch.Tensor, float]:
@@ -112,8 +152,7 @@ class FewStepSample:
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((count, *source.shape), generator=gen) * source.denoiser.sigma_max
         cond = source.draw_cond(count, gen)
-        if student.teacher.model is not None:
-            host.load_models([student.teacher.model])
+        host.load_models(student.teacher.models)
         with student.loaded() as s:
             x = sample(s, noise, cond, steps=steps or None)
         images, latent = to_images(x, student.teacher.model, vae)

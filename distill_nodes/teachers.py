@@ -34,7 +34,8 @@ class BuiltinTeacher:
       "SD1.x, SD2.x and SDXL (eps, v), and flow models (SD3 / 3.5, Flux, AuraFlow, Lumina 2, HiDream, Chroma, "
       "Qwen-Image, Wan). Each training trajectory uses one positive entry at random; the negative is CFG's other "
       "side. Flux dev takes guidance as an input: the guidance value is its FluxGuidance, and CFG stays 1. "
-      "Video models distil on stills (length 1) or on clips of the length you sample with.",
+      "Video models distil on stills (length 1) or on clips of the length you sample with. Wan 2.2 14B: its "
+      "high- and low-noise models together, as one teacher.",
       inputs=[
           In("model", "MODEL", "the teacher model, e.g. from Load Checkpoint (a ModelSampling node before it is "
              "respected: its shift sets the student's flow grid)"),
@@ -52,12 +53,20 @@ class BuiltinTeacher:
              "Mochi, Cosmos): the length you will sample with (Wan 2.1: 81); 1 distils on still images. Clips cost "
              "memory and time in proportion to their latent frames, (length - 1) / 4 + 1 for Wan", 1,
              optional=True, options={"min": 1, "max": 1024, "step": 4}),
+          In("low_noise_model", "MODEL", "Wan 2.2 14B: its low-noise model (model is then the high-noise one). The "
+             "two are one teacher, switched at boundary as their two samplers hand over; the student is one LoRA "
+             "per model, saved as <name>_high_noise and <name>_low_noise beside the student file", optional=True),
+          In("boundary", "FLOAT", "with a low-noise model: the time t (ComfyUI's sigma) from which the high-noise "
+             "model denoises: 0.875 for Wan 2.2 text-to-video, 0.9 for image-to-video", 0.875, optional=True,
+             options={"min": 0.01, "max": 0.95, "step": 0.005}),
       ],
       outputs=[TEACHER])
 class TeacherFromModel:
     def run(self, model, positive, negative, width: int, height: int, guidance: float, length: int = 1,
-            unique_id=None):
+            low_noise_model=None, boundary: float = 0.875, unique_id=None):
         from distill_core.denoisers.comfy import (
+            ComfyDenoiser,
+            ComfyExperts,
             embeds_guidance,
             encode_conditioning,
             latent_shape,
@@ -69,6 +78,11 @@ class TeacherFromModel:
         refuse_unsupported(model)  # this MODEL's own sampling, not the one its checkpoint's clones share
         sampling = model_sampling(model)
         shape = latent_shape(model.model, width, height, length)  # a bad size, length or latent is refused here
+        experts = None
+        if low_noise_model is not None:  # two experts of one release, refused here when they are not
+            refuse_unsupported(low_noise_model)
+            experts = (low_noise_model.model, model_sampling(low_noise_model), boundary)
+            ComfyExperts(ComfyDenoiser(model.model, sampling), ComfyDenoiser(*experts[:2]), boundary)
         for name, conditioning in (("positive", positive), ("negative", negative)):
             if not isinstance(conditioning, list) or not conditioning:
                 raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode or Distill "
@@ -80,9 +94,9 @@ class TeacherFromModel:
 
         def build():
             return comfy_source(model.model, positive, negative, width, height, guidance, sampling=sampling,
-                                length=length)
+                                length=length, experts=experts)
 
-        return (TeacherHandle("comfyui", build, SD_SIGMA_MIN, cfg, model=model),)
+        return (TeacherHandle("comfyui", build, SD_SIGMA_MIN, cfg, model=model, low_model=low_noise_model),)
 
 
 @node("DistillPromptList", "Distill prompt list", "teachers",

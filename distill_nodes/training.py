@@ -12,12 +12,14 @@ from __future__ import annotations
 import copy
 import filecmp
 import os
+from pathlib import Path
 
 import torch
 
 from distill_core import safetensors_io
 from distill_core.atomic import copy_file
 from distill_core.config import DistillConfig
+from distill_core.denoisers.comfy import EXPERTS, expert_loras
 from distill_core.methods import auto
 from distill_core.methods.base import NodeLayout, Widget
 from distill_core.methods.registry import methods
@@ -119,7 +121,10 @@ def build_training_node(layout: NodeLayout, classes: list[type]) -> type:
                                           unique_id)
             handle.model = student_model(handle)
             result = (handle.model, handle, curve) if layout.model_output else (handle, curve)
-            return {"ui": {"text": [*([chose] if chose else []), f"saved {handle.path}"]}, "result": result}
+            saved = [handle.path, *(p for p in expert_paths(handle.path).values() if teacher.low_model is not None
+                                    and p.is_file())]
+            return {"ui": {"text": [*([chose] if chose else []), f"saved {', '.join(map(str, saved))}"]},
+                    "result": result}
 
     TrainingNode.__name__ = TrainingNode.__qualname__ = layout.id
     return node(layout.id, layout.display, "train", layout.description, inputs, outputs)(TrainingNode)
@@ -153,6 +158,9 @@ def train_to_file(teacher: TeacherHandle, cfg: DistillConfig, folder: str, save_
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError("training nodes train in ComfyUI's one process; for several GPUs use the command line: "
                            "accelerate launch --num_processes N -m distill_core distill ... (docs/memory.md)")
+    if teacher.low_model is not None and cfg.student != "lora":
+        raise ValueError("a teacher of two models (Wan 2.2 14B's high- and low-noise models) distils into a LoRA "
+                         "student, one LoRA per model: set student to lora")
     target = host.confined(host.model_folder(folder), save_name, ".safetensors")
     run_dir = host.confined(host.runs_folder(), save_name)
     if not resume:  # a new run replaces nothing the user has
@@ -160,14 +168,16 @@ def train_to_file(teacher: TeacherHandle, cfg: DistillConfig, folder: str, save_
         refuse_replacing(run_dir, "turn resume on to go on with it (a finished run with the same iterations is "
                                   f"used as it is), give another save_name, or delete that folder{student} to start "
                                   "it again")
-        if target.exists():
-            raise ValueError(f"{target} exists already, which this run's student would replace: give another "
+        taken = [p for p in (target, *(expert_paths(target) if teacher.low_model is not None else {}).values())
+                 if p.exists()]
+        if taken:
+            raise ValueError(f"{taken[0]} exists already, which this run's student would replace: give another "
                              "save_name, or move that file away")
     cfg = cfg.replace(out=str(run_dir))
     with torch.inference_mode(False), torch.enable_grad():
-        if teacher.model is not None:
-            host.load_models([teacher.model])
-            host.trainable_weights(teacher.model.model)
+        host.load_models(teacher.models)
+        for model in teacher.models:
+            host.trainable_weights(model.model)
         source = teacher.source()
         latent_format = getattr(getattr(teacher.model, "model", None), "latent_format", None)
 
@@ -187,22 +197,43 @@ def train_to_file(teacher: TeacherHandle, cfg: DistillConfig, folder: str, save_
     if not (target.exists() and filecmp.cmp(target, run.path, shallow=False)):  # a finished run's file stays as it is
         replacing = target.exists()
         copy_file(run.path, target)
+        write_expert_loras(target)
         if replacing:  # a run resumed with more iterations: loaders that read the old file must read it again
             host.forget_cached_outputs()
     metrics = read_metrics(run_dir / METRICS).records
     return StudentHandle(target, teacher, run_dir), loss_curve(metrics).float().div(255).unsqueeze(0)
 
 
+def expert_paths(student: Path) -> dict[str, Path]:
+    """Where the stock LoRA of each model of a two-model teacher's student goes: beside the student file, as
+    ``<name>_high_noise.safetensors`` and ``<name>_low_noise.safetensors``."""
+    return {name: student.with_name(f"{student.stem}_{name}_noise{student.suffix}") for name in EXPERTS}
+
+
+def write_expert_loras(student: Path) -> dict[str, Path]:
+    """For a LoRA student of a two-model teacher (Wan 2.2 14B), one stock LoRA per model beside its file
+    (``expert_paths``), each with that model's keys only, which LoraLoaderModelOnly applies to that model; none
+    for other students. Their card names the student file and the model."""
+    tensors, card = safetensors_io.load(student, mapped=True)
+    if not card.get("comfy_experts") or card["student"]["kind"] != "lora" or card.get("experts"):
+        return {}
+    paths = expert_paths(student)
+    for name, part in expert_loras(tensors).items():
+        safetensors_io.save_atomic(part, paths[name], {"kind": "expert_lora", "expert": f"{name}-noise model",
+                                                       "student": student.name, **card["comfy_experts"]})
+    return paths
+
+
 def student_model(handle: StudentHandle):
     """The student as a ComfyUI MODEL: the teacher MODEL with the LoRA applied the stock way, or a new
-    MODEL around a copy of its network with the full student's weights. None for the built-in teacher, and
-    for a student of experts (one network per phase, switched by sigma: no stock MODEL holds it; Few-step
-    sample samples it)."""
+    MODEL around a copy of its network with the full student's weights. None for the built-in teacher, for
+    a student of experts (one network per phase, switched by sigma: no stock MODEL holds it; Few-step
+    sample samples it), and for a student of two models (its two LoRAs go on them: ``write_expert_loras``)."""
     teacher = handle.teacher.model
     if teacher is None:
         return None
     tensors, card = safetensors_io.load(handle.path, mapped=True)  # a full student's are copied in below
-    if card.get("experts"):
+    if card.get("experts") or card.get("comfy_experts"):
         return None
     if card["student"]["kind"] == "lora":  # ComfyUI keeps the adapters as patches: copies, not views of the file
         return host.with_lora(teacher, {k: v.clone() for k, v in tensors.items()})

@@ -29,6 +29,10 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         others built in memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame
         video latents, the clip families on clips of 3 latent frames) distilled to a LoRA, loaded by the stock
         loader and sampled by SamplerCustom with the student's sigmas, against the engine.
+    python tests/comfyui_harness.py two-model-probe WORKDIR
+        two tiny Wan models as Wan 2.2 14B's high- and low-noise models, one teacher distilled to a LoRA per
+        model, each loaded by the stock loader on its model and sampled by two chained samplers, against the
+        engine.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -491,6 +495,79 @@ def flow_probe(family: str, work: Path) -> dict:
             "model_class": type(model.model).__name__}
 
 
+def two_model_probe(work: Path) -> dict:
+    """Wan 2.2 14B's shape, tiny: two Wan models of other weights (its high- and low-noise models) -> Teacher from
+    MODEL with the low-noise one and boundary 0.875 -> Distill to 4 steps (LoRA) -> one LoRA per model -> the
+    stock LoraLoaderModelOnly on each (no key left unloaded) -> Student sigmas for two models -> two chained
+    ComfyUI samplers (the second adds no noise and goes on from the first's output), against the engine's
+    sampling of the student from the same initial latent."""
+    _comfyui()
+    _folders(work)
+    import comfy.model_management
+    import comfy.sample
+    import torch
+
+    unloaded = unloaded_lora_keys()
+    (high, context, pooled), (low, _, _) = flow_model("wan", work), flow_model("wan", work)
+    _init(low.model.diffusion_model, 6)
+
+    def entry(seed: int) -> list:
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randn(1, 12, context, generator=gen), {"pooled_output": torch.randn(1, pooled, generator=gen)}]
+
+    stock = importlib.import_module("nodes")
+    pack = load_pack().NODE_CLASS_MAPPINGS
+    from distill_core.denoisers.comfy import encode_conditioning
+    from distill_core.sampling import sample
+
+    positive, negative = [entry(1), entry(2)], [entry(3)]
+    torch.manual_seed(0)
+    seen = {}
+    with torch.inference_mode():  # how ComfyUI runs every node
+        (teacher,) = pack["DistillTeacherFromModel"]().run(high, positive, negative, 64, 64, 4.0,
+                                                            low_noise_model=low, boundary=0.875)
+        student_model, handle, _ = sfd_node(pack)(teacher)["result"]
+        sigmas_high, sampler_high, sigmas_low, sampler_low, cfg = pack["DistillTwoModelSchedule"]().run(
+            "(connected student)", 0, handle)
+        loras = {name: stock.LoraLoaderModelOnly().load_lora_model_only(m, f"probe_lora_{name}_noise.safetensors",
+                                                                         1.0)[0]
+                 for name, m in (("high", high), ("low", low))}
+        inner = sampler_high.sampler_function
+
+        def recording(model_k, x, sigmas, **kw):
+            seen["x_init"] = x.clone()
+            return inner(model_k, x, sigmas, **kw)
+
+        sampler_high.sampler_function = recording
+        latent = torch.zeros(1, *teacher.source().shape[:1], 1, *teacher.source().shape[1:])
+        noise = comfy.sample.prepare_noise(latent, 7)
+
+        def chained(high_model, low_model):
+            handed = comfy.sample.sample_custom(high_model, noise, cfg, sampler_high, sigmas_high, positive[:1],
+                                                negative, latent, disable_pbar=True, seed=7)
+            return comfy.sample.sample_custom(low_model, torch.zeros_like(noise), cfg, sampler_low, sigmas_low,
+                                              positive[:1], negative, handed, disable_pbar=True, seed=7)
+
+        bare, out = chained(high, low), chained(loras["high"], loras["low"])
+    comfy.model_management.load_models_gpu([high, low])  # the teachers again, without the stock loader's patches
+    with torch.inference_mode(False), handle.loaded() as student:  # the engine, the LoRAs hooked into both
+        cond = encode_conditioning(high.model, positive[:1], latent.shape[1:])
+        ours = sample(student, seen["x_init"].clone() / (1 - float(sigmas_high[0])), cond)
+    # a sampler's result leaves divided by 1 - t_last (x_t / (1 - t) is the engine's x) and in the latent format's
+    # scale, which the next sampler takes it back in from
+    theirs = low.model.process_latent_in(out)
+    keys = {name: sorted(_safetensors_keys(work / "loras" / f"probe_lora_{name}_noise.safetensors"))
+            for name in ("high", "low")}
+    return {"card": {k: handle.card.get(k) for k in ("comfy_experts", "comfy_noise", "nfe")},
+            "student_model": type(student_model).__name__, "unloaded_lora_keys": len(unloaded),
+            "keys": {name: len(k) for name, k in keys.items()}, "same_layers": keys["high"] == keys["low"],
+            "key_example": keys["high"][0], "sigmas_high": [round(float(s), 4) for s in sigmas_high],
+            "sigmas_low": [round(float(s), 4) for s in sigmas_low], "cfg": cfg,
+            "max_abs_diff": float((ours - theirs.reshape(ours.shape)).abs().max()),
+            "lora_effect": float((out - bare).abs().max()),
+            "output_scale": float(ours.abs().max())}
+
+
 def stock_nodes_on_checkpoint(checkpoint: Path, work: Path):
     """ComfyUI's stock nodes and this pack's, the tiny checkpoint through Load Checkpoint and two prompts through
     Distill prompt list; and a list that collects what the stock LoRA loaders log about keys they leave
@@ -753,6 +830,8 @@ if __name__ == "__main__":
         print("RESULT " + json.dumps(dmd2_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
     elif command == "flow-probe":
         print("RESULT " + json.dumps(flow_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
+    elif command == "two-model-probe":
+        print("RESULT " + json.dumps(two_model_probe(Path(sys.argv[2]).resolve())))
     elif command == "family-probe":
         print("RESULT " + json.dumps(family_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
     else:

@@ -694,3 +694,57 @@ def test_backward_through_a_model_that_adds_in_place_gives_the_out_of_place_grad
     base.in_place = False
     ComfyDenoiser(base)(x, torch.tensor([1.0, 2.0])).square().sum().backward()
     torch.testing.assert_close(ours, x.grad)
+
+
+def test_the_nodes_distil_two_models_into_a_lora_each_that_two_chained_samplers_apply(tmp_path, monkeypatch):
+    """Wan 2.2 14B's shape: a high- and a low-noise flow model as one teacher. The training node writes one
+    stock LoRA per model beside the student; the two-model schedule node splits the student's sigmas where
+    its teacher switched models; the high-noise model with its LoRA merged, then the low-noise one, each on
+    its part with its sampler (as two chained SamplerCustom nodes), give Few-step sample's latents."""
+    from distill_core.workflow import node_pack
+    from distill_nodes import host
+
+    nodes = node_pack().NODE_CLASS_MAPPINGS
+    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
+    monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
+    high, low, _ = _experts()
+    for base in (high, low):
+        base.latent_format, base.process_latent_out = LatentFormat(), lambda x: x
+    positive, negative = nodes["DistillPromptList"]().run(FakeClip(), "a fox\na boat", "blurry")
+    teacher_node = nodes["DistillTeacherFromModel"]()
+    with pytest.raises(ValueError, match="flow models"):
+        teacher_node.run(FakePatcher(high), positive, negative, 64, 64, 1.0, low_noise_model=FakePatcher(
+            FakeBaseModel()))
+    (teacher,) = teacher_node.run(FakePatcher(high), positive, negative, 64, 64, 1.0,
+                                  low_noise_model=FakePatcher(low), boundary=0.8)
+    args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-2, batch=4, seed=0, guidance_mode="auto",
+                student="lora", lora_rank=2, save_name="fox", resume=False, preview_every=0, checkpoint_every=1)
+    with pytest.raises(ValueError, match="set student to lora"):
+        nodes["DistillToSteps"]().run(teacher, **{**args, "student": "full"})
+    student_model, student, _ = nodes["DistillToSteps"]().run(teacher, **args)["result"]
+    assert student_model is None and student.card["comfy_experts"] == {"boundary": 0.8}
+    folder = tmp_path / "models" / "loras"
+    loras = {name: load(folder / f"fox_{name}_noise.safetensors") for name in ("high", "low")}
+    assert {name: card["kind"] for name, (_, card) in loras.items()} == {"high": "expert_lora", "low": "expert_lora"}
+    merged = {"high": copy.deepcopy(high), "low": copy.deepcopy(low)}
+    for name, (tensors, _) in loras.items():
+        assert tensors and all(k.startswith("diffusion_model.") for k in tensors)
+        assert merge(merged[name], tensors) == len([k for k in tensors if k.endswith("lora_down.weight")])
+
+    with pytest.raises(ValueError, match="Student sigmas for two models"):
+        nodes["DistillStudentSchedule"]().run("(connected student)", 0, student)
+    sigmas_high, sampler_high, sigmas_low, sampler_low, cfg = nodes["DistillTwoModelSchedule"]().run(
+        "(connected student)", 0, student)
+    full = comfy_sigmas(student.card, torch.tensor(student.card["sigmas"]["2"]))
+    torch.testing.assert_close(torch.cat([sigmas_high, sigmas_low[1:]]), full)
+    assert cfg == 1.0 and len(sigmas_high) == 3 and float(sigmas_high[-2]) >= 0.8 > float(sigmas_low[0])
+
+    _, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
+    gen = torch.Generator().manual_seed(1)  # Few-step sample's noise and prompts, as a seeded workflow's
+    z = torch.randn((2, 4, 8, 8), generator=gen)
+    cond = {k: v for k, v in student.teacher.source().draw_cond(2, gen).items() if k != "lengths"}  # one length
+    x = float(sigmas_high[0]) * z  # ComfyUI's flow latent x_t = t n at the first time
+    for sampler, sigmas, name in ((sampler_high, sigmas_high, "high"), (sampler_low, sigmas_low, "low")):
+        x = sampler(lambda x_t, t, base=merged[name]: base.apply_model(x_t, t, **cond), x, sigmas)
+    torch.testing.assert_close(x / (1 - float(sigmas_low[-1])), latent["samples"], atol=1e-5, rtol=1e-5)

@@ -276,7 +276,8 @@ def test_a_new_run_replaces_no_student_and_resume_continues_a_finished_one(folde
 
     _, first, _ = _distill(teacher, iterations=2, save_name="more")["result"]
     trained = first.path.read_bytes()
-    loaders = [nodes.NODE_CLASS_MAPPINGS[n] for n in ("DistillLoadStudent", "DistillStudentSchedule")]
+    loaders = [nodes.NODE_CLASS_MAPPINGS[n] for n in ("DistillLoadStudent", "DistillStudentSchedule",
+                                                   "DistillTwoModelSchedule")]
     states = [loader.IS_CHANGED(student_file="diffusion_models/more.safetensors") for loader in loaders]
     _, again, _ = _distill(teacher, iterations=2, save_name="more", resume=True)["result"]  # used as it is
     assert again.path.read_bytes() == trained and forgets == []

@@ -207,6 +207,20 @@ def test_video_models_distil_on_clips_into_loras_that_samplercustom_reproduces_o
     assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
 
 
+def test_two_models_distil_into_a_lora_each_that_two_chained_samplers_reproduce(tmp_path):
+    """Wan 2.2 14B's shape: two tiny Wan models of other weights as its high- and low-noise models, one teacher
+    switched at t = 0.875. Its 4-step student's evaluations lie on both sides (t = 0.956 and 0.907 high, 0.825
+    and 0.655 low); each model's LoRA loads on it with no key left unloaded, and the two SamplerCustom runs that
+    Student sigmas for two models splits the steps into (the second adds no noise) give the engine's sample."""
+    result = _probe("two-model-probe", str(tmp_path))
+    assert result["card"] == {"comfy_experts": {"boundary": 0.875}, "comfy_noise": "flow", "nfe": 4}
+    assert result["student_model"] == "NoneType" and result["unloaded_lora_keys"] == 0
+    assert result["same_layers"] and result["keys"]["high"] > 0 and result["key_example"].startswith("diffusion_model.")
+    assert result["sigmas_high"] == pytest.approx([0.9877, 0.9558, 0.9074, 0.8252], abs=1e-4)
+    assert result["sigmas_low"][0] == result["sigmas_high"][-1] and len(result["sigmas_low"]) == 3
+    assert result["lora_effect"] > 1e-3 and result["max_abs_diff"] <= 1e-4
+
+
 def test_pixart_sigma_distils_into_a_lora_the_stock_loader_applies_and_samplercustom_reproduces(tmp_path):
     """PixArt Sigma, an eps DiT reading T5 tokens, at 512 x 512 pixels: its position table needs a mean latent
     side over 32, so the run's memory plan probes it at its own size rather than at a half and a quarter."""
