@@ -15,6 +15,7 @@ from distill_core.student_files import check_card
 from . import host
 from .handles import StudentHandle
 from .spec import In, Out, node, seed
+from .training import expert_models
 
 STUDENT_FOLDERS = ("loras", "diffusion_models")
 
@@ -91,8 +92,12 @@ class StudentSchedule(ReadsStudentFile):
               STEPS,
               In("student", "DISTILL_STUDENT", "a student straight from Distill to N steps (overrides the file)",
                  optional=True)],
-      outputs=[Out("SIGMAS", "sigmas_high_noise", "the high-noise model's steps, from sigma_max"),
+      outputs=[Out("MODEL", "model_high_noise", "the connected student's high-noise model with its LoRA (None for a "
+                   "file: load <name>_high_noise on the high-noise model with LoraLoaderModelOnly)"),
+               Out("SIGMAS", "sigmas_high_noise", "the high-noise model's steps, from sigma_max"),
                Out("SAMPLER", "sampler_high_noise", "the high-noise model's sampler (the student's first step)"),
+               Out("MODEL", "model_low_noise", "the connected student's low-noise model with its LoRA (None for a "
+                   "file: load <name>_low_noise on the low-noise model with LoraLoaderModelOnly)"),
                Out("SIGMAS", "sigmas_low_noise", "the low-noise model's steps, to the student's sigma_min"),
                Out("SAMPLER", "sampler_low_noise", "the low-noise model's sampler (Euler, going on from the "
                    "high-noise model's output)"),
@@ -107,8 +112,9 @@ class TwoModelSchedule(ReadsStudentFile):
                              "samplers do not reproduce: sample it with Few-step sample")
         sigmas, cfg = recipe(card, steps)
         high = handover(sigmas, card["comfy_experts"]["boundary"])
-        return (sigmas[:high + 1], host.ksampler(k_sampler(card)), sigmas[high:],
-                host.ksampler(k_sampler({**card, "afs": False})), cfg)
+        models = expert_models(student) if student is not None else {"high": None, "low": None}
+        return (models["high"], sigmas[:high + 1], host.ksampler(k_sampler(card)),
+                models["low"], sigmas[high:], host.ksampler(k_sampler({**card, "afs": False})), cfg)
 
 
 def handover(sigmas: torch.Tensor, boundary: float) -> int:

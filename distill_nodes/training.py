@@ -224,6 +224,15 @@ def write_expert_loras(student: Path) -> dict[str, Path]:
     return paths
 
 
+def expert_models(handle: StudentHandle) -> dict:
+    """A student of two models as ComfyUI MODELs: {"high": ..., "low": ...}, each teacher MODEL with its LoRA
+    applied the stock way (``write_expert_loras`` writes the same LoRAs as files)."""
+    tensors = safetensors_io.load(handle.path, mapped=True)[0]
+    models = {"high": handle.teacher.model, "low": handle.teacher.low_model}
+    return {name: host.with_lora(models[name], {k: v.clone() for k, v in part.items()})
+            for name, part in expert_loras(tensors).items()}
+
+
 def student_model(handle: StudentHandle):
     """The student as a ComfyUI MODEL: the teacher MODEL with the LoRA applied the stock way, or a new
     MODEL around a copy of its network with the full student's weights. None for the built-in teacher, for

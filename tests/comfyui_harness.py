@@ -14,8 +14,9 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         (LoRA) -> the stock LoraLoader applies the saved file to the teacher -> ComfyUI's sampler with
         the student's sigmas and SAMPLER; prints JSON comparing it with the engine's own sampling of
         the student from the same initial latent.
-    python tests/comfyui_harness.py wan-files DIFFUSION_MODEL VAE
-        writes a tiny Wan 2.1 text-to-video model and a Wan 2.1 VAE (random weights) for the stock loaders.
+    python tests/comfyui_harness.py wan-files DIFFUSION_MODEL VAE [OTHER_DIFFUSION_MODEL]
+        writes a tiny Wan 2.1 text-to-video model and a Wan 2.1 VAE (random weights) for the stock loaders,
+        and a second model of other weights (a Wan 2.2 14B release's low-noise model).
     python tests/comfyui_harness.py checkpointing-probe CHECKPOINT WORKDIR
         in-process: the same LoRA trained without and with grad_checkpointing on the checkpoint's UNet.
     python tests/comfyui_harness.py lcm-lora-probe CHECKPOINT WORKDIR
@@ -165,11 +166,12 @@ def build_sd3_checkpoint(checkpoint: Path, text_encoder: Path) -> None:
     _save_parts({"": clip.transformer}, text_encoder)
 
 
-def build_wan_files(diffusion_model: Path, vae: Path) -> None:
+def build_wan_files(diffusion_model: Path, vae: Path, other: Path | None = None) -> None:
     """A tiny Wan 2.1 text-to-video diffusion model file that the stock Load Diffusion Model detects (one block of
     width 128, one head, on SD3's 4096-wide token table, so that a CLIP-L loaded as an SD3 text encoder feeds it)
-    and a Wan 2.1 VAE file that the stock VAELoader detects (its fixed size, 127M parameters). Random weights,
-    fp16."""
+    and a Wan 2.1 VAE file that the stock VAELoader detects (its fixed size, 127M parameters); ``other``: a
+    second such model of other weights (a Wan 2.2 14B release's low-noise model beside its high-noise one).
+    Random weights, fp16."""
     _comfyui()
     import comfy.ldm.wan.vae
     import comfy.supported_models
@@ -179,6 +181,9 @@ def build_wan_files(diffusion_model: Path, vae: Path) -> None:
     network = config.get_model({}).diffusion_model
     _init(network, 5)
     _save_parts({"": network}, diffusion_model)
+    if other is not None:
+        _init(network, 6)
+        _save_parts({"": network}, other)
     decoder = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                        temperal_downsample=[False, True, True], dropout=0.0)
     _save_parts({"": decoder}, vae)
@@ -527,8 +532,8 @@ def two_model_probe(work: Path) -> dict:
         (teacher,) = pack["DistillTeacherFromModel"]().run(high, positive, negative, 64, 64, 4.0,
                                                             low_noise_model=low, boundary=0.875)
         student_model, handle, _ = sfd_node(pack)(teacher)["result"]
-        sigmas_high, sampler_high, sigmas_low, sampler_low, cfg = pack["DistillTwoModelSchedule"]().run(
-            "(connected student)", 0, handle)
+        model_high, sigmas_high, sampler_high, model_low, sigmas_low, sampler_low, cfg = pack[
+            "DistillTwoModelSchedule"]().run("(connected student)", 0, handle)
         loras = {name: stock.LoraLoaderModelOnly().load_lora_model_only(m, f"probe_lora_{name}_noise.safetensors",
                                                                          1.0)[0]
                  for name, m in (("high", high), ("low", low))}
@@ -549,6 +554,7 @@ def two_model_probe(work: Path) -> dict:
                                               positive[:1], negative, handed, disable_pbar=True, seed=7)
 
         bare, out = chained(high, low), chained(loras["high"], loras["low"])
+        nodes_models = chained(model_high, model_low)  # the node's own MODELs, the LoRAs applied the same way
     comfy.model_management.load_models_gpu([high, low])  # the teachers again, without the stock loader's patches
     with torch.inference_mode(False), handle.loaded() as student:  # the engine, the LoRAs hooked into both
         cond = encode_conditioning(high.model, positive[:1], latent.shape[1:])
@@ -565,6 +571,7 @@ def two_model_probe(work: Path) -> dict:
             "sigmas_low": [round(float(s), 4) for s in sigmas_low], "cfg": cfg,
             "max_abs_diff": float((ours - theirs.reshape(ours.shape)).abs().max()),
             "lora_effect": float((out - bare).abs().max()),
+            "node_models_diff": float((nodes_models - out).abs().max()),
             "output_scale": float(ours.abs().max())}
 
 
@@ -819,7 +826,7 @@ if __name__ == "__main__":
     elif command == "sd3-checkpoint":
         build_sd3_checkpoint(Path(sys.argv[2]), Path(sys.argv[3]))
     elif command == "wan-files":
-        build_wan_files(Path(sys.argv[2]), Path(sys.argv[3]))
+        build_wan_files(*map(Path, sys.argv[2:5]))
     elif command == "lora-probe":
         print("RESULT " + json.dumps(lora_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
     elif command == "lcm-lora-probe":

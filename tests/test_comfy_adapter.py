@@ -708,6 +708,7 @@ def test_the_nodes_distil_two_models_into_a_lora_each_that_two_chained_samplers_
     monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
     monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
+    monkeypatch.setattr(host, "with_lora", lambda model, tensors: (model, tensors))
     high, low, _ = _experts()
     for base in (high, low):
         base.latent_format, base.process_latent_out = LatentFormat(), lambda x: x
@@ -734,8 +735,11 @@ def test_the_nodes_distil_two_models_into_a_lora_each_that_two_chained_samplers_
 
     with pytest.raises(ValueError, match="Student sigmas for two models"):
         nodes["DistillStudentSchedule"]().run("(connected student)", 0, student)
-    sigmas_high, sampler_high, sigmas_low, sampler_low, cfg = nodes["DistillTwoModelSchedule"]().run(
-        "(connected student)", 0, student)
+    model_high, sigmas_high, sampler_high, model_low, sigmas_low, sampler_low, cfg = nodes[
+        "DistillTwoModelSchedule"]().run("(connected student)", 0, student)
+    for (model, tensors), name in ((model_high, "high"), (model_low, "low")):  # each MODEL with its own LoRA
+        assert model.model is {"high": high, "low": low}[name] and tensors.keys() == loras[name][0].keys()
+    assert nodes["DistillTwoModelSchedule"]().run("loras/fox.safetensors", 0)[::3] == (None, None, cfg)
     full = comfy_sigmas(student.card, torch.tensor(student.card["sigmas"]["2"]))
     torch.testing.assert_close(torch.cat([sigmas_high, sigmas_low[1:]]), full)
     assert cfg == 1.0 and len(sigmas_high) == 3 and float(sigmas_high[-2]) >= 0.8 > float(sigmas_low[0])
@@ -748,3 +752,11 @@ def test_the_nodes_distil_two_models_into_a_lora_each_that_two_chained_samplers_
     for sampler, sigmas, name in ((sampler_high, sigmas_high, "high"), (sampler_low, sigmas_low, "low")):
         x = sampler(lambda x_t, t, base=merged[name]: base.apply_model(x_t, t, **cond), x, sigmas)
     torch.testing.assert_close(x / (1 - float(sigmas_low[-1])), latent["samples"], atol=1e-5, rtol=1e-5)
+
+    saved = nodes["DistillSaveStudent"]().run(student, "fox_again")["ui"]["text"]  # with its two LoRAs beside it
+    assert saved == [str(folder / f"fox_again{end}.safetensors") for end in ("", "_high_noise", "_low_noise")]
+    assert load(folder / "fox_again_low_noise.safetensors")[0].keys() == loras["low"][0].keys()
+    loaded_model, loaded = nodes["DistillLoadStudent"]().run(teacher, "loras/fox_again.safetensors")
+    assert loaded_model is None and loaded.card["comfy_experts"] == {"boundary": 0.8}
+    with pytest.raises(ValueError, match="not a student made by Distill"):  # a model's LoRA is for the stock loader
+        nodes["DistillLoadStudent"]().run(teacher, "loras/fox_high_noise.safetensors")

@@ -211,14 +211,15 @@ def test_two_models_distil_into_a_lora_each_that_two_chained_samplers_reproduce(
     """Wan 2.2 14B's shape: two tiny Wan models of other weights as its high- and low-noise models, one teacher
     switched at t = 0.875. Its 4-step student's evaluations lie on both sides (t = 0.956 and 0.907 high, 0.825
     and 0.655 low); each model's LoRA loads on it with no key left unloaded, and the two SamplerCustom runs that
-    Student sigmas for two models splits the steps into (the second adds no noise) give the engine's sample."""
+    Student sigmas for two models splits the steps into (the second adds no noise) give the engine's sample,
+    on the stock loader's MODELs and on the node's own."""
     result = _probe("two-model-probe", str(tmp_path))
     assert result["card"] == {"comfy_experts": {"boundary": 0.875}, "comfy_noise": "flow", "nfe": 4}
     assert result["student_model"] == "NoneType" and result["unloaded_lora_keys"] == 0
     assert result["same_layers"] and result["keys"]["high"] > 0 and result["key_example"].startswith("diffusion_model.")
     assert result["sigmas_high"] == pytest.approx([0.9877, 0.9558, 0.9074, 0.8252], abs=1e-4)
     assert result["sigmas_low"][0] == result["sigmas_high"][-1] and len(result["sigmas_low"]) == 3
-    assert result["lora_effect"] > 1e-3 and result["max_abs_diff"] <= 1e-4
+    assert result["lora_effect"] > 1e-3 and result["max_abs_diff"] <= 1e-4 and result["node_models_diff"] == 0
 
 
 def test_pixart_sigma_distils_into_a_lora_the_stock_loader_applies_and_samplercustom_reproduces(tmp_path):
@@ -357,6 +358,9 @@ def test_the_server_lists_the_nodes_and_serves_the_web_extension(server):
     assert {"DistillToSteps", "DistillTeacherFromModel", "DistillStudentSchedule", "DistillMonitor"} <= ours
     assert all(info[k]["category"].startswith("distill/") for k in ours)
     assert any(e.endswith("/distill.js") for e in server.get("/extensions"))
+    stock = json.loads((ROOT / "tests" / "data" / "stock_nodes.json").read_text())["nodes"]
+    for name, entry in stock.items():  # what the offline workflow tests validate against is this ComfyUI's
+        assert (info[name]["input_order"], info[name]["output"]) == (entry["input_order"], entry["output"]), name
     templates = server.get("/workflow_templates")["comfyui-distill"]  # the UI workflows, not their API twins
     assert sorted(templates) == sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
 
@@ -467,28 +471,29 @@ def test_the_sd35_workflow_trains_a_4_step_lora_that_samplercustom_samples(serve
 @pytest.fixture(scope="module")
 def wan_files(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("wan")
-    _harness("wan-files", str(folder / "tiny_wan21.safetensors"), str(folder / "tiny_wan_vae.safetensors"))
+    _harness("wan-files", str(folder / "tiny_wan21.safetensors"), str(folder / "tiny_wan_vae.safetensors"),
+             str(folder / "tiny_wan_low_noise.safetensors"))
     return folder
 
 
-def test_the_wan21_workflow_trains_a_4_step_lora_on_clips_and_samples_a_clip(server, sd3_files, wan_files):
-    """Load Diffusion Model (Wan 2.1 text-to-video) -> ModelSamplingSD3 -> Teacher from MODEL on clips of 5
-    frames (2 latent frames) -> Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas on the stock
-    EmptyHunyuanLatentVideo of the same length -> VAE Decode (the stock Wan 2.1 VAE) -> an animated WEBP, on a
-    tiny Wan 2.1 model. Its text encoder is a CLIP-L through the stock CLIPLoader (type sd3, 4096-wide tokens,
-    as UMT5-XXL's), in place of UMT5-XXL (5.7B parameters)."""
+def _wan_workflow(server, sd3_files: Path, wan_files: Path, name: str) -> dict:
+    """A shipped Wan workflow on the tiny Wan files (the high-noise model the Wan 2.1 one; the low-noise model
+    one of other weights), a CLIP-L through the stock CLIPLoader (type sd3, 4096-wide tokens, as UMT5-XXL's) in
+    place of UMT5-XXL (5.7B parameters), clips of 5 frames (2 latent frames) at 64 x 64 pixels, 4 iterations."""
     models = server.base / "models"
-    for folder, name, source in (("diffusion_models", "tiny_wan21.safetensors", wan_files),
+    for folder, file, source in (("diffusion_models", "tiny_wan21.safetensors", wan_files),
+                                 ("diffusion_models", "tiny_wan_low_noise.safetensors", wan_files),
                                  ("vae", "tiny_wan_vae.safetensors", wan_files),
                                  ("text_encoders", "tiny_clip_l.safetensors", sd3_files)):
         (models / folder).mkdir(exist_ok=True)
-        if not (models / folder / name).exists():
-            (models / folder / name).symlink_to(source / name)
-    graph = _workflow("api/wan21_lora_4_steps.json")
+        if not (models / folder / file).exists():
+            (models / folder / file).symlink_to(source / file)
+    graph = _workflow(f"api/{name}.json")
     for node in graph.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "UNETLoader":
-            inputs["unet_name"] = "tiny_wan21.safetensors"
+            inputs["unet_name"] = ("tiny_wan_low_noise.safetensors" if "low_noise" in inputs["unet_name"]
+                                   else "tiny_wan21.safetensors")
         elif kind == "VAELoader":
             inputs["vae_name"] = "tiny_wan_vae.safetensors"
         elif kind == "CLIPLoader":
@@ -497,13 +502,44 @@ def test_the_wan21_workflow_trains_a_4_step_lora_on_clips_and_samples_a_clip(ser
             inputs.update(width=64, height=64, length=5)
         elif kind == "DistillToSteps":
             inputs.update(iterations=4, batch=2, preview_every=2, checkpoint_every=2)
-    entry = server.wait(server.queue(graph))
+    return graph
+
+
+def test_the_wan21_workflow_trains_a_4_step_lora_on_clips_and_samples_a_clip(server, sd3_files, wan_files):
+    """Load Diffusion Model (Wan 2.1 text-to-video) -> ModelSamplingSD3 -> Teacher from MODEL on clips of 5
+    frames (2 latent frames) -> Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas on the stock
+    EmptyHunyuanLatentVideo of the same length -> VAE Decode (the stock Wan 2.1 VAE) -> an animated WEBP, on a
+    tiny Wan 2.1 model (``_wan_workflow``)."""
+    models = server.base / "models"
+    entry = server.wait(server.queue(_wan_workflow(server, sd3_files, wan_files, "wan21_lora_4_steps")))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     clips = [image for image in _images(entry, server.base) if image.suffix == ".webp"]  # Save Animated WEBP's
     assert len(clips) == 1 and clips[0].stat().st_size > 0
     card = read_card(models / "loras" / "wan21_sfd_4step_lora.safetensors")
     assert (card["method"], card["nfe"], card["comfy_noise"]) == ("sfd", 4, "flow")
     assert card["schedule"]["shift"] == pytest.approx(8.0) and card["guidance"] == {"mode": "cfg", "w": 6.0}
+
+
+def test_the_wan22_14b_workflow_trains_a_lora_per_model_and_samples_a_clip_with_two_samplers(server, sd3_files,
+                                                                                          wan_files):
+    """Two Load Diffusion Model nodes (the high- and low-noise models) -> ModelSamplingSD3 on each -> Teacher
+    from MODEL with both on clips -> Distill to 4 steps (LoRA) -> Student sigmas for two models -> two chained
+    SamplerCustom nodes on its MODELs -> VAE Decode -> an animated WEBP, on tiny Wan files; the two LoRAs are
+    written beside the student file, each with its model's keys."""
+    models = server.base / "models"
+    entry = server.wait(server.queue(_wan_workflow(server, sd3_files, wan_files, "wan22_14b_lora_4_steps")))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    clips = [image for image in _images(entry, server.base) if image.suffix == ".webp"]
+    assert len(clips) == 1 and clips[0].stat().st_size > 0
+    student = models / "loras" / "wan22_14b_sfd_4step_lora.safetensors"
+    card = read_card(student)
+    assert (card["method"], card["nfe"], card["comfy_experts"]) == ("sfd", 4, {"boundary": 0.875})
+    for name in ("high", "low"):
+        lora = student.with_name(f"{student.stem}_{name}_noise.safetensors")
+        assert read_card(lora)["student"] == student.name
+        with safe_open(str(lora), "pt") as f:
+            assert all(k.startswith("diffusion_model.") for k in f.keys())
+            assert any(k.startswith("diffusion_model.blocks.0.") for k in f.keys())
 
 
 def test_workflow_a_builtin_teacher(server):
