@@ -58,17 +58,23 @@ STEPS = In("steps", "INT", "evaluations per image; 0: the student's own (an SFD-
            options={"min": 0, "max": 64})
 
 
+def schedule_inputs(file_help: str) -> list[In]:
+    """The inputs of a node that reads a student's sampling recipe: its file (``file_help`` says what it holds) or a
+    connected student, and the step count."""
+    return [In("student_file", student_files, f"{file_help}, or '(connected student)' to use the student input",
+               options={"file_list": True}),
+            STEPS,
+            In("student", "DISTILL_STUDENT", "a student straight from Distill to N steps (overrides the file)",
+               optional=True)]
+
+
 @node("DistillStudentSchedule", "Student sigmas + sampler", "sample",
       "The student's sampling recipe from its file: SIGMAS and the SAMPLER it was trained for (SFD: Euler with "
       "the analytic first step) "
       "for the stock SamplerCustom / SamplerCustomAdvanced, and the cfg to use (1 for distilled guidance). A "
       "student of Flux dev samples with FluxGuidance at the guidance it was distilled at (its file's "
       "embedded_guidance).",
-      inputs=[In("student_file", student_files, "a student LoRA / model file (its metadata holds the schedule), or "
-                 "'(connected student)' to use the student input", options={"file_list": True}),
-              STEPS,
-              In("student", "DISTILL_STUDENT", "a student straight from Distill to N steps (overrides the file)",
-                 optional=True)],
+      inputs=schedule_inputs("a student LoRA / model file (its metadata holds the schedule)"),
       outputs=[Out("SIGMAS", "sigmas", "the student's noise levels, from sigma_max to its sigma_min"),
                Out("SAMPLER", "sampler", "the sampler the student file names, as the student was trained"),
                Out("FLOAT", "cfg", "the CFG scale to sample with: 1 for distilled guidance, else the trained w")])
@@ -87,11 +93,7 @@ class StudentSchedule(ReadsStudentFile):
       "from t at or above the boundary for the high-noise model with its LoRA (<name>_high_noise), the rest "
       "for the low-noise model with its LoRA (<name>_low_noise), chained as a Wan 2.2 workflow chains its "
       "two samplers: the first SamplerCustom adds the noise, the second takes its output without adding any.",
-      inputs=[In("student_file", student_files, "the student file (its metadata holds the schedule and the "
-                 "boundary), or '(connected student)' to use the student input", options={"file_list": True}),
-              STEPS,
-              In("student", "DISTILL_STUDENT", "a student straight from Distill to N steps (overrides the file)",
-                 optional=True)],
+      inputs=schedule_inputs("the student file (its metadata holds the schedule and the boundary)"),
       outputs=[Out("MODEL", "model_high_noise", "the connected student's high-noise model with its LoRA (None for a "
                    "file: load <name>_high_noise on the high-noise model with LoraLoaderModelOnly)"),
                Out("SIGMAS", "sigmas_high_noise", "the high-noise model's steps, from sigma_max"),
