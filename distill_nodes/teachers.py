@@ -57,7 +57,7 @@ class BuiltinTeacher:
              "two are one teacher, switched at boundary as their two samplers hand over; the student is one LoRA "
              "per model, saved as <name>_high_noise and <name>_low_noise beside the student file", optional=True),
           In("boundary", "FLOAT", "with a low-noise model: the time t (ComfyUI's sigma) from which the high-noise "
-             "model denoises: 0.875 for Wan 2.2 text-to-video, 0.9 for image-to-video", 0.875, optional=True,
+             "model denoises: 0.875 for Wan 2.2 text-to-video", 0.875, optional=True,
              options={"min": 0.01, "max": 0.95, "step": 0.005}),
       ],
       outputs=[TEACHER])

@@ -159,7 +159,7 @@ class ComfyDenoiser(nn.Module):
 class ComfyExperts(nn.Module):
     """Two ComfyUI flow MODELs of one family as one teacher, as Wan 2.2 A14B ships its two experts: ``high``
     denoises where the time t = sigma / (1 + sigma) is at or above ``boundary`` (ComfyUI's sigma of a flow
-    model is t: 0.875 for Wan 2.2's text-to-video experts, 0.9 for image-to-video), ``low`` below it, each
+    model is t: 0.875 for Wan 2.2's text-to-video experts), ``low`` below it, each
     sample of a batch by its own sigma, as the two samplers of a Wan 2.2 workflow hand over. A LoRA student
     adapts both networks; its file keys are ``high.diffusion_model.<layer>`` and ``low.diffusion_model.<layer>``
     (``EXPERTS``), which ``expert_loras`` splits into one stock LoRA per expert."""
@@ -176,8 +176,8 @@ class ComfyExperts(nn.Module):
             raise ValueError(f"the experts sample with different shifts ({high.shift:g} and {low.shift:g}): give both "
                              "the same ModelSamplingSD3 shift, as their sampler does")
         if not 0 < boundary < 1:
-            raise ValueError(f"the experts' boundary is a time t between 0 and 1 (Wan 2.2 text-to-video: 0.875, "
-                             f"image-to-video: 0.9), got {boundary:g}")
+            raise ValueError(f"the experts' boundary is a time t between 0 and 1 (Wan 2.2 text-to-video: 0.875), "
+                             f"got {boundary:g}")
         self.high, self.low, self.boundary = high, low, float(boundary)
         self.kind, self.flow, self.prediction, self.shift = high.kind, True, "flow", high.shift
         self.frames = high.frames
