@@ -16,7 +16,7 @@ from . import host
 from .handles import StudentHandle, TeacherHandle
 from .sampling import ReadsStudentFile, resolve_student_file, student_files
 from .spec import In, Out, node
-from .training import student_model, write_expert_loras
+from .training import refuse_other_files, student_model, write_expert_loras
 
 
 @node("DistillSaveStudent", "Save student", "files",
@@ -33,9 +33,11 @@ class SaveStudent:
         target = free_path(host.confined(host.model_folder(host.FOLDERS[kind]), save_name, ".safetensors"),
                            student.path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        if student.card.get("comfy_experts"):  # its LoRA for each model goes beside it: nothing there is replaced
+            refuse_other_files(target)
         if not target.exists():
             copy_file(student.path, target)
-        experts = write_expert_loras(target)  # a two-model student: its LoRA for each model beside it
+        experts = write_expert_loras(target)
         return {"ui": {"text": [str(target), *map(str, experts.values())]}, "result": (str(target),)}
 
 

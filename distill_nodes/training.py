@@ -210,13 +210,28 @@ def expert_paths(student: Path) -> dict[str, Path]:
     return {name: student.with_name(f"{student.stem}_{name}_noise{student.suffix}") for name in EXPERTS}
 
 
+def refuse_other_files(student: Path) -> None:
+    """An error naming the first file at ``expert_paths(student)`` that is not one of this student's LoRAs, which
+    writing them would replace."""
+    for path in expert_paths(student).values():
+        try:
+            ours = path.exists() and safetensors_io.read_card(path).get("student") == student.name
+        except ValueError:  # a file without this engine's card: not ours
+            ours = False
+        if path.exists() and not ours:
+            raise ValueError(f"{path} exists already, which this student's LoRA for that model would replace: give "
+                             "another name, or move that file away")
+
+
 def write_expert_loras(student: Path) -> dict[str, Path]:
     """For a LoRA student of a two-model teacher (Wan 2.2 14B), one stock LoRA per model beside its file
     (``expert_paths``), each with that model's keys only, which LoraLoaderModelOnly applies to that model; none
-    for other students. Their card names the student file and the model."""
+    for other students. Their card names the student file and the model. A file there that is not one of them
+    is refused, not replaced (``refuse_other_files``)."""
     tensors, card = safetensors_io.load(student, mapped=True)
     if not card.get("comfy_experts") or card["student"]["kind"] != "lora" or card.get("experts"):
         return {}
+    refuse_other_files(student)
     paths = expert_paths(student)
     for name, part in expert_loras(tensors).items():
         safetensors_io.save_atomic(part, paths[name], {"kind": "expert_lora", "expert": f"{name}-noise model",

@@ -753,6 +753,12 @@ def test_the_nodes_distil_two_models_into_a_lora_each_that_two_chained_samplers_
         x = sampler(lambda x_t, t, base=merged[name]: base.apply_model(x_t, t, **cond), x, sigmas)
     torch.testing.assert_close(x / (1 - float(sigmas_low[-1])), latent["samples"], atol=1e-5, rtol=1e-5)
 
+    other = folder / "fox_again_low_noise.safetensors"  # someone else's file where a LoRA of the save would go
+    other.write_bytes(b"not ours")
+    with pytest.raises(ValueError, match="fox_again_low_noise.safetensors exists already"):
+        nodes["DistillSaveStudent"]().run(student, "fox_again")
+    assert other.read_bytes() == b"not ours" and not (folder / "fox_again.safetensors").exists()
+    other.unlink()
     saved = nodes["DistillSaveStudent"]().run(student, "fox_again")["ui"]["text"]  # with its two LoRAs beside it
     assert saved == [str(folder / f"fox_again{end}.safetensors") for end in ("", "_high_noise", "_low_noise")]
     assert load(folder / "fox_again_low_noise.safetensors")[0].keys() == loras["low"][0].keys()
