@@ -214,13 +214,17 @@ def refuse_other_files(student: Path) -> None:
     """An error naming the first file at ``expert_paths(student)`` that is not one of this student's LoRAs, which
     writing them would replace."""
     for path in expert_paths(student).values():
-        try:
-            ours = path.exists() and safetensors_io.read_card(path).get("student") == student.name
-        except ValueError:  # a file without this engine's card: not ours
-            ours = False
-        if path.exists() and not ours:
+        if path.exists() and not _lora_of(path, student):
             raise ValueError(f"{path} exists already, which this student's LoRA for that model would replace: give "
                              "another name, or move that file away")
+
+
+def _lora_of(path: Path, student: Path) -> bool:
+    """Whether the file at ``path`` is a LoRA that ``write_expert_loras`` wrote for ``student``."""
+    try:
+        return safetensors_io.read_card(path).get("student") == student.name
+    except ValueError:  # a file without this engine's card
+        return False
 
 
 def write_expert_loras(student: Path) -> dict[str, Path]:
@@ -243,7 +247,7 @@ def expert_models(handle: StudentHandle) -> dict:
     """A student of two models as ComfyUI MODELs: {"high": ..., "low": ...}, each teacher MODEL with its LoRA
     applied the stock way (``write_expert_loras`` writes the same LoRAs as files)."""
     tensors = safetensors_io.load(handle.path, mapped=True)[0]
-    models = {"high": handle.teacher.model, "low": handle.teacher.low_model}
+    models = dict(zip(EXPERTS, (handle.teacher.model, handle.teacher.low_model)))
     return {name: host.with_lora(models[name], {k: v.clone() for k, v in part.items()})
             for name, part in expert_loras(tensors).items()}
 
