@@ -34,7 +34,8 @@ from .spec import NODE_CLASS_MAPPINGS, In, Out, node, seed
 
 STUDENT = Out("DISTILL_STUDENT", "student", "the trained student and its run (for sampling, saving, comparing)")
 MODEL = Out("MODEL", "model", "the student as a MODEL for KSampler / SamplerCustom (ComfyUI teachers; None for the "
-            "built-in teacher)")
+            "built-in teacher, for a student of experts, which Few-step sample samples, and for a student of two "
+            "models, whose MODELs Student sigmas for two models gives)")
 CURVE = Out("IMAGE", "loss_curve", "the training loss against iteration on a log axis, one line per student "
             "step or trained network, with a legend")
 SOCKETS = {int: "INT", float: "FLOAT", bool: "BOOLEAN", str: "STRING"}
