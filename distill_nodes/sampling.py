@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from distill_core import safetensors_io
-from distill_core.denoisers.comfy import has_frame_axis
+from distill_core.denoisers.comfy import has_frame_axis, high_noise_steps
 from distill_core.report import preview_pixels
 from distill_core.sampling import comfy_sigmas, k_sampler, sample, sampler_key
 from distill_core.student_files import check_card
@@ -113,17 +113,10 @@ class TwoModelSchedule(ReadsStudentFile):
             raise ValueError(f"this {card['method']} student samples with {sampler_key(card)!r}, which two chained "
                              "samplers do not reproduce: sample it with Few-step sample")
         sigmas, cfg = recipe(card, steps)
-        high = handover(sigmas, card["comfy_experts"]["boundary"])
+        high = high_noise_steps(sigmas, card["comfy_experts"]["boundary"])
         models = expert_models(student) if student is not None else {"high": None, "low": None}
         return (models["high"], sigmas[:high + 1], host.ksampler(k_sampler(card)),
                 models["low"], sigmas[high:], host.ksampler(k_sampler({**card, "afs": False})), cfg)
-
-
-def handover(sigmas: torch.Tensor, boundary: float) -> int:
-    """The steps of a two-model student (its ComfyUI ``sigmas``, times t for a flow model) that the high-noise
-    model takes: those that start at t >= ``boundary``, as its teacher switched models (the first step at
-    least: a flow student starts at t = 0.988, above every boundary the teacher node takes)."""
-    return int((sigmas[:-1] >= boundary).sum())
 
 
 def recipe(card: dict, steps: int = 0) -> tuple[torch.Tensor, float]:

@@ -9,6 +9,7 @@ conditioning formats live inside adapters; solvers, the teacher and methods neve
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -133,3 +134,18 @@ def index_cond(cond: Cond, idx: torch.Tensor) -> Cond:
     if isinstance(cond, dict):
         return {k: index_cond(v, idx) for k, v in cond.items()}
     return cond[idx.to(cond.device)]
+
+
+def switch_rows(first: torch.Tensor, run_first: Callable[[torch.Tensor], torch.Tensor],
+                run_rest: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One output row per row of a batch: ``run_first(idx)`` for the rows ``idx`` where the mask ``first`` [B]
+    holds, ``run_rest(idx)`` for the others, each called only when it has rows (a model of two experts, each
+    sample to the expert of its noise level)."""
+    out = None
+    for run, rows in ((run_first, first), (run_rest, ~first)):
+        if rows.any():
+            idx = rows.nonzero().squeeze(1)
+            part = run(idx)
+            out = part.new_empty((len(first), *part.shape[1:])) if out is None else out
+            out[idx] = part
+    return out

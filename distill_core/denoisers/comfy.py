@@ -31,7 +31,16 @@ import math
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond, clip_shape, expand_sigma, index_cond, per_sample, tile_masks, tile_tokens
+from distill_core.denoisers.base import (
+    Cond,
+    clip_shape,
+    expand_sigma,
+    index_cond,
+    per_sample,
+    switch_rows,
+    tile_masks,
+    tile_tokens,
+)
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, sigma_to_t, t_to_sigma
 
 #: ComfyUI's prediction classes (``comfy.model_sampling``), the most derived first in a sampling's MRO
@@ -195,15 +204,16 @@ class ComfyExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
         sigma = expand_sigma(sigma, x)
-        above = sigma_to_t(sigma) >= self.boundary
-        out = None
-        for expert, rows in ((self.high, above), (self.low, ~above)):
-            if rows.any():
-                idx = rows.nonzero().squeeze(1)
-                part = expert(x[idx], sigma[idx], index_cond(cond, idx))
-                out = part.new_empty((len(x), *part.shape[1:])) if out is None else out
-                out[idx] = part
-        return out
+        return switch_rows(sigma_to_t(sigma) >= self.boundary,
+                           lambda idx: self.high(x[idx], sigma[idx], index_cond(cond, idx)),
+                           lambda idx: self.low(x[idx], sigma[idx], index_cond(cond, idx)))
+
+
+def high_noise_steps(times: torch.Tensor, boundary: float) -> int:
+    """How many steps of a schedule of times t (a two-expert student's, as ComfyUI gives it) the high-noise
+    expert takes: those that start at t >= ``boundary``, where ``ComfyExperts`` hands a sample to it (the first
+    step at least: a flow student starts at t = 0.988, above every boundary the teacher node takes)."""
+    return int((times[:-1] >= boundary).sum())
 
 
 #: the names of a two-expert teacher's networks (``ComfyExperts``), the prefixes of its LoRA students' keys

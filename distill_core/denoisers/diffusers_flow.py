@@ -45,6 +45,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from distill_core.denoisers.base import switch_rows
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, FlowDenoiser, t_to_sigma
 from distill_core.schedules import flux2_shift, flux_shift
 
@@ -246,15 +247,12 @@ class WanExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 return_dict: bool = False) -> tuple[torch.Tensor]:
         timestep = timestep.expand(len(hidden_states))
-        above = timestep >= self.boundary
-        v = None
-        for expert, rows in ((self.high, above), (self.low, ~above)):
-            if rows.any():
-                out = expert(hidden_states=hidden_states[rows], timestep=timestep[rows],
-                             encoder_hidden_states=encoder_hidden_states[rows], return_dict=False)[0]
-                v = out.new_empty((len(hidden_states), *out.shape[1:])) if v is None else v
-                v[rows] = out
-        return (v,)
+
+        def run(expert: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda idx: expert(hidden_states=hidden_states[idx], timestep=timestep[idx],
+                                      encoder_hidden_states=encoder_hidden_states[idx], return_dict=False)[0]
+
+        return (switch_rows(timestep >= self.boundary, run(self.high), run(self.low)),)
 
 
 #: each diffusers flow network (but Flux's, whose guidance input ``flow_denoiser`` sets): its velocity wrapper,
