@@ -100,18 +100,19 @@ class StudentSchedule(ReadsStudentFile):
                Out("SAMPLER", "sampler_high_noise", "the high-noise model's sampler (the student's first step)"),
                Out("MODEL", "model_low_noise", "the connected student's low-noise model with its LoRA (None for a "
                    "file: load <name>_low_noise on the low-noise model with LoraLoaderModelOnly)"),
-               Out("SIGMAS", "sigmas_low_noise", "the low-noise model's steps, to the student's sigma_min"),
-               Out("SAMPLER", "sampler_low_noise", "the low-noise model's sampler (Euler, going on from the "
-                   "high-noise model's output)"),
+               Out("SIGMAS", "sigmas_low_noise", "the low-noise model's steps, to the student's last time"),
+               Out("SAMPLER", "sampler_low_noise", "the low-noise model's sampler, going on from the high-noise "
+                   "model's output: Euler, or for a DMD2 or moment-matching student its re-noising sampler, which "
+                   "draws the fresh noise of its own steps"),
                Out("FLOAT", "cfg", "the CFG scale to sample both with: 1 for distilled guidance, else the trained w")])
 class TwoModelSchedule(ReadsStudentFile):
     def run(self, student_file: str, steps: int, student: StudentHandle | None = None, unique_id=None):
         card = student.card if student is not None else resolve_student_file(student_file)[1]
         if not card.get("comfy_experts"):
             raise ValueError("this student is of a teacher of one model: use Student sigmas + sampler")
-        if sampler_key(card) != "euler_afs":
-            raise ValueError(f"this {card['method']} student samples with {sampler_key(card)!r}, which two chained "
-                             "samplers do not reproduce: sample it with Few-step sample")
+        if sampler_key(card) == "solver":
+            raise ValueError(f"this {card['method']} student samples with the multistep solver {card['solver']!r}, "
+                             "whose history two chained samplers would cut: sample it with Few-step sample")
         sigmas, cfg = recipe(card, steps)
         high = high_noise_steps(sigmas, card["comfy_experts"]["boundary"])
         models = expert_models(student) if student is not None else {"high": None, "low": None}

@@ -30,10 +30,10 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         others built in memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame
         video latents, the clip families on clips of 3 latent frames) distilled to a LoRA, loaded by the stock
         loader and sampled by SamplerCustom with the student's sigmas, against the engine.
-    python tests/comfyui_harness.py two-model-probe WORKDIR
-        two tiny Wan models as Wan 2.2 14B's high- and low-noise models, one teacher distilled to a LoRA per
-        model, each loaded by the stock loader on its model and sampled by two chained samplers, against the
-        engine.
+    python tests/comfyui_harness.py two-model-probe METHOD WORKDIR
+        two tiny Wan models as Wan 2.2 14B's high- and low-noise models, one teacher distilled (METHOD: sfd or
+        dmd2) to a LoRA per model, each loaded by the stock loader on its model and sampled by two chained
+        samplers, against the engine.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -500,12 +500,14 @@ def flow_probe(family: str, work: Path) -> dict:
             "model_class": type(model.model).__name__}
 
 
-def two_model_probe(work: Path) -> dict:
+def two_model_probe(method: str, work: Path) -> dict:
     """Wan 2.2 14B's shape, tiny: two Wan models of other weights (its high- and low-noise models) -> Teacher from
-    MODEL with the low-noise one and boundary 0.875 -> Distill to 4 steps (LoRA) -> one LoRA per model -> the
-    stock LoraLoaderModelOnly on each (no key left unloaded) -> Student sigmas for two models -> two chained
-    ComfyUI samplers (the second adds no noise and goes on from the first's output), against the engine's
-    sampling of the student from the same initial latent."""
+    MODEL with the low-noise one and boundary 0.875 -> Distill to 4 steps (``method`` sfd) or Distill to 1-4 steps
+    (dmd2), LoRA -> one LoRA per model -> the stock LoraLoaderModelOnly on each (no key left unloaded) -> Student
+    sigmas for two models -> two chained ComfyUI samplers (the second adds no noise and goes on from the first's
+    output), against the engine's sampling of the student from the same initial latent. A DMD2 student re-noises
+    between its steps: the comparison fixes its fresh noise (zero), and ``drawn_diff`` says how far the pair's
+    sample with drawn noise lies from it."""
     _comfyui()
     _folders(work)
     import comfy.model_management
@@ -522,6 +524,7 @@ def two_model_probe(work: Path) -> dict:
 
     stock = importlib.import_module("nodes")
     pack = load_pack().NODE_CLASS_MAPPINGS
+    from distill_core import sampling
     from distill_core.denoisers.comfy import encode_conditioning
     from distill_core.sampling import sample
 
@@ -531,7 +534,11 @@ def two_model_probe(work: Path) -> dict:
     with torch.inference_mode():  # how ComfyUI runs every node
         (teacher,) = pack["DistillTeacherFromModel"]().run(high, positive, negative, 64, 64, 4.0,
                                                             low_noise_model=low, boundary=0.875)
-        student_model, handle, _ = sfd_node(pack)(teacher)["result"]
+        train = sfd_node(pack) if method == "sfd" else lambda teacher: pack["DistillDistributionMatching"]().run(
+            teacher, steps=4, method="dmd2", iterations=3, learning_rate=1e-3, batch=2, critic_updates=2, seed=0,
+            student="lora", lora_rank=4, save_name="probe_lora", resume=False, preview_every=2,
+            checkpoint_every=2, unique_id="5")
+        student_model, handle, _ = train(teacher)["result"]
         model_high, sigmas_high, sampler_high, model_low, sigmas_low, sampler_low, cfg = pack[
             "DistillTwoModelSchedule"]().run("(connected student)", 0, handle)
         loras = {name: stock.LoraLoaderModelOnly().load_lora_model_only(m, f"probe_lora_{name}_noise.safetensors",
@@ -553,12 +560,15 @@ def two_model_probe(work: Path) -> dict:
             return comfy.sample.sample_custom(low_model, torch.zeros_like(noise), cfg, sampler_low, sigmas_low,
                                               positive[:1], negative, handed, disable_pbar=True, seed=7)
 
+        drawn = chained(loras["high"], loras["low"])
+        fresh_noise, sampling.renoise_noise = sampling.renoise_noise, lambda x, steps: [torch.zeros_like(x)] * steps
         bare, out = chained(high, low), chained(loras["high"], loras["low"])
         nodes_models = chained(model_high, model_low)  # the node's own MODELs, the LoRAs applied the same way
     comfy.model_management.load_models_gpu([high, low])  # the teachers again, without the stock loader's patches
     with torch.inference_mode(False), handle.loaded() as student:  # the engine, the LoRAs hooked into both
         cond = encode_conditioning(high.model, positive[:1], latent.shape[1:])
         ours = sample(student, seen["x_init"].clone() / (1 - float(sigmas_high[0])), cond)
+    sampling.renoise_noise = fresh_noise
     # a sampler's result leaves divided by 1 - t_last (x_t / (1 - t) is the engine's x) and in the latent format's
     # scale, which the next sampler takes it back in from
     theirs = low.model.process_latent_in(out)
@@ -572,6 +582,7 @@ def two_model_probe(work: Path) -> dict:
             "max_abs_diff": float((ours - theirs.reshape(ours.shape)).abs().max()),
             "lora_effect": float((out - bare).abs().max()),
             "node_models_diff": float((nodes_models - out).abs().max()),
+            "drawn_diff": float((drawn - out).abs().max()), "sampler": handle.card["sampler"],
             "output_scale": float(ours.abs().max())}
 
 
@@ -838,7 +849,7 @@ if __name__ == "__main__":
     elif command == "flow-probe":
         print("RESULT " + json.dumps(flow_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
     elif command == "two-model-probe":
-        print("RESULT " + json.dumps(two_model_probe(Path(sys.argv[2]).resolve())))
+        print("RESULT " + json.dumps(two_model_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
     elif command == "family-probe":
         print("RESULT " + json.dumps(family_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
     else:

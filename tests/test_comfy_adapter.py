@@ -766,3 +766,55 @@ def test_the_nodes_distil_two_models_into_a_lora_each_that_two_chained_samplers_
     assert loaded_model is None and loaded.card["comfy_experts"] == {"boundary": 0.8}
     with pytest.raises(ValueError, match="not a student made by Distill"):  # a model's LoRA is for the stock loader
         nodes["DistillLoadStudent"]().run(teacher, "loras/fox_high_noise.safetensors")
+
+
+def test_a_dmd2_student_of_two_models_samples_through_two_chained_samplers(tmp_path, monkeypatch):
+    """A student that re-noises between its steps (DMD2) on Wan 2.2 14B's shape: the distribution node writes a
+    LoRA per model, and the two-model schedule node hands both parts its re-noising sampler. The first part ends
+    by noising its image to the first time below the boundary; the second goes on from there. With the fresh
+    noise fixed (zero) the pair gives Few-step sample's latents; with it drawn, the second part draws its own."""
+    from distill_core import sampling
+    from distill_core.workflow import node_pack
+    from distill_nodes import host
+
+    nodes = node_pack().NODE_CLASS_MAPPINGS
+    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
+    monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
+    monkeypatch.setattr(host, "with_lora", lambda model, tensors: (model, tensors))
+    high, low, _ = _experts()
+    for base in (high, low):
+        base.latent_format, base.process_latent_out = LatentFormat(), lambda x: x
+    positive, negative = nodes["DistillPromptList"]().run(FakeClip(), "a fox\na boat", "blurry")
+    (teacher,) = nodes["DistillTeacherFromModel"]().run(FakePatcher(high), positive, negative, 64, 64, 1.0,
+                                                        low_noise_model=FakePatcher(low), boundary=0.9)
+    args = dict(steps=4, method="dmd2", iterations=2, learning_rate=1e-2, batch=4, critic_updates=1, seed=0,
+                student="lora", lora_rank=2, save_name="fox", resume=False, preview_every=0, checkpoint_every=1)
+    _, student, _ = nodes["DistillDistributionMatching"]().run(teacher, **args)["result"]
+    assert student.card["sampler"] == "renoise" and student.card["comfy_experts"] == {"boundary": 0.9}
+    folder = tmp_path / "models" / "loras"
+    merged = {"high": copy.deepcopy(high), "low": copy.deepcopy(low)}
+    for name in merged:
+        tensors, card = load(folder / f"fox_{name}_noise.safetensors")
+        assert card["kind"] == "expert_lora" and merge(merged[name], tensors) > 0
+
+    _, sigmas_high, sampler_high, _, sigmas_low, sampler_low, cfg = nodes["DistillTwoModelSchedule"]().run(
+        "(connected student)", 0, student)
+    assert cfg == 1.0 and float(sigmas_low[-1]) == 0 and len(sigmas_high) + len(sigmas_low) == 6
+    assert len(sigmas_high) == len(sigmas_low) == 3 and float(sigmas_high[-2]) >= 0.9 > float(sigmas_low[0])
+
+    gen = torch.Generator().manual_seed(1)  # Few-step sample's noise and prompts, as a seeded workflow's
+    z = torch.randn((2, 4, 8, 8), generator=gen)
+    cond = {k: v for k, v in student.teacher.source().draw_cond(2, gen).items() if k != "lengths"}
+
+    def chained() -> torch.Tensor:
+        x = float(sigmas_high[0]) * z  # ComfyUI's flow latent x_t = t n at the first time
+        for sampler, sigmas, name in ((sampler_high, sigmas_high, "high"), (sampler_low, sigmas_low, "low")):
+            x = sampler(lambda x_t, t, base=merged[name]: base.apply_model(x_t, t, **cond), x, sigmas)
+        return x
+
+    drawn = chained()
+    monkeypatch.setattr(sampling, "renoise_noise", lambda x, steps: [torch.zeros_like(x)] * steps)
+    _, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
+    torch.testing.assert_close(chained(), latent["samples"], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(drawn).all() and (drawn - latent["samples"]).abs().max() > 1e-2  # the noise was drawn

@@ -213,13 +213,28 @@ def test_two_models_distil_into_a_lora_each_that_two_chained_samplers_reproduce(
     and 0.655 low); each model's LoRA loads on it with no key left unloaded, and the two SamplerCustom runs that
     Student sigmas for two models splits the steps into (the second adds no noise) give the engine's sample,
     on the stock loader's MODELs and on the node's own."""
-    result = _probe("two-model-probe", str(tmp_path))
+    result = _probe("two-model-probe", "sfd", str(tmp_path))
     assert result["card"] == {"comfy_experts": {"boundary": 0.875}, "comfy_noise": "flow", "nfe": 4}
     assert result["student_model"] == "NoneType" and result["unloaded_lora_keys"] == 0
     assert result["same_layers"] and result["keys"]["high"] > 0 and result["key_example"].startswith("diffusion_model.")
     assert result["sigmas_high"] == pytest.approx([0.9877, 0.9558, 0.9074, 0.8252], abs=1e-4)
     assert result["sigmas_low"][0] == result["sigmas_high"][-1] and len(result["sigmas_low"]) == 3
     assert result["lora_effect"] > 1e-3 and result["max_abs_diff"] <= 1e-4 and result["node_models_diff"] == 0
+    assert result["drawn_diff"] == 0  # Euler draws no noise
+
+
+def test_a_dmd2_student_of_two_models_samples_through_two_chained_samplers(tmp_path):
+    """The same two tiny Wan models distilled by DMD2 to 4 steps, a re-noising student: the first SamplerCustom
+    ends by noising its image to the first time below the boundary, the second goes on from there. With the fresh
+    noise fixed (zero) the pair gives the engine's sample on the stock loader's MODELs and on the node's own;
+    with it drawn, the pair's sample differs from that."""
+    result = _probe("two-model-probe", "dmd2", str(tmp_path))
+    assert result["card"] == {"comfy_experts": {"boundary": 0.875}, "comfy_noise": "flow", "nfe": 4}
+    assert result["sampler"] == "renoise" and result["unloaded_lora_keys"] == 0 and result["same_layers"]
+    assert result["sigmas_low"][0] == result["sigmas_high"][-1] < 0.875 <= result["sigmas_high"][-2]
+    assert result["sigmas_low"][-1] == 0 and len(result["sigmas_high"]) + len(result["sigmas_low"]) == 6
+    assert result["lora_effect"] > 1e-3 and result["max_abs_diff"] <= 1e-4 and result["node_models_diff"] == 0
+    assert result["drawn_diff"] > 1e-3
 
 
 def test_pixart_sigma_distils_into_a_lora_the_stock_loader_applies_and_samplercustom_reproduces(tmp_path):
