@@ -1,5 +1,5 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Qwen-Image,
-AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA) as files diffusers loads:
+AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA, Wan 2.1 and Wan 2.2 A14B) as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
@@ -7,7 +7,11 @@ writes into DIR a LoRA student as ``pytorch_lora_weights.safetensors`` (diffuser
 ``pipe.load_lora_weights(DIR)`` reads) or a full student as ``unet/`` or ``transformer/`` (the network's
 ``from_pretrained``), beside ``scheduler/`` and ``sampling.json``: the sigmas, guidance scale, starting-noise
 scale, image size and any other keywords (``call``) to pass to the pipeline,
-``pipe(prompt, latents=..., sigmas=..., guidance_scale=..., **call)``.
+``pipe(prompt, latents=..., sigmas=..., guidance_scale=..., **call)``. Wan's pipeline call takes no sigmas: its
+scheduler's ``set_timesteps`` is given them (``functools.partial``), and the call the step count. Wan 2.2 A14B's
+two experts are two networks, ``transformer`` (high noise) and ``transformer_2`` (low noise), switched at the
+pipeline's ``boundary_ratio`` as the engine's teacher switched them: a LoRA student exports one file for each
+(``LORA_FILES``; the second loaded with ``load_into_transformer_2=True``), a full student both folders.
 
 Why the pipeline then samples as the engine does. Both take Euler steps with the network's x0 (DDIM, Song
 et al. 2021), a step x_{s'} = x0 + (s' / s)(x_s - x0) that is the same map whether the noisy sample is
@@ -72,8 +76,9 @@ class Target:
     flow (``FlowMatchEulerDiscreteScheduler`` over times t, else ``EulerDiscreteScheduler`` over sigmas),
     whether it takes its latents packed in 2 x 2 patches (Flux, Qwen-Image, Chroma), the keyword of its guidance
     scale and how far that scale lies below the engine's w (Z-Image: 1), whether its CFG is the engine's
-    (Qwen-Image's rescales the guided velocity), the call's keywords that make it so (``call``), and whether
-    the call takes a negative prompt (Flux.2 klein's does not)."""
+    (Qwen-Image's rescales the guided velocity), the call's keywords that make it so (``call``), whether
+    the call takes a negative prompt (Flux.2 klein's does not) and sigmas (Wan's does not), and whether it
+    draws videos (Wan: latents [B, C, T, H, W], ``num_frames``, ``.frames``)."""
 
     network: str
     network_class: str
@@ -84,6 +89,8 @@ class Target:
     engine_cfg: bool = True
     call: tuple[tuple[str, object], ...] = ()
     takes_negative: bool = True
+    takes_sigmas: bool = True
+    video: bool = False
 
     @property
     def scheduler_class(self) -> str:
@@ -105,9 +112,14 @@ PIPELINES = {
     "Flux2KleinPipeline": Target("transformer", "Flux2Transformer2DModel", flow=True, takes_negative=False),
     "SanaPipeline": Target("transformer", "SanaTransformer2DModel", flow=True,
                            call=(("use_resolution_binning", False),)),
+    "WanPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False, video=True),
 }
 #: the file name ``load_lora_weights`` reads from a directory
 LORA_FILE = "pytorch_lora_weights.safetensors"
+#: the LoRA file of each network of a pipeline: its own (``unet`` or ``transformer``), and Wan 2.2 A14B's low-noise
+#: ``transformer_2``
+LORA_FILES = {"unet": LORA_FILE, "transformer": LORA_FILE,
+              "transformer_2": "pytorch_lora_weights_transformer_2.safetensors"}
 #: the LoRA file and adapter name of expert k of a student of experts
 EXPERT_FILE, EXPERT_ADAPTER = "expert_{}.safetensors", "expert_{}"
 
@@ -165,13 +177,19 @@ def pipeline_start(card: dict, steps: int, flow: bool = False) -> tuple[list[flo
     return sigmas, k / sigmas[0]
 
 
-def network_path(denoiser: nn.Module) -> str:
-    """The path of the diffusers network (a UNet or transformer) inside an engine denoiser."""
+def network_paths(denoiser: nn.Module, network: str) -> dict[str, str]:
+    """The pipeline's networks and their paths inside an engine denoiser: ``{network: path}`` of its one diffusers
+    network (a UNet or transformer), or for Wan 2.2 A14B's two experts (``WanExperts``) the high-noise one as
+    ``transformer`` and the low-noise one as ``transformer_2``, as its pipeline names them."""
     from diffusers import ModelMixin
 
-    for name, module in denoiser.named_modules():
+    from distill_core.denoisers.diffusers_flow import WanExperts
+
+    for name, module in denoiser.named_modules():  # parents first: the experts before either network
+        if isinstance(module, WanExperts):
+            return {"transformer": f"{name}.high", "transformer_2": f"{name}.low"}
         if isinstance(module, ModelMixin):
-            return name
+            return {network: name}
     raise ValueError("the teacher holds no diffusers network to export")
 
 
@@ -244,16 +262,25 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     # refuses a student of another teacher; no copy of the teacher's network: a LoRA's adapters hook into it, a
     # full student's weights load into it
     student = load_student(student_path, source.denoiser, source.uncond, consume=True)
-    prefix = network_path(source.denoiser)
+    paths = network_paths(source.denoiser, target.network)
+    if card.get("experts") and len(paths) > 1:
+        raise ValueError("this student holds an expert per step on each of Wan 2.2's two networks, which the pipeline "
+                         "cannot switch between; sample it with python -m distill_core sample")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    experts = expert_tensors(load(student_path)[0], card) if lora else []
-    files = [EXPERT_FILE.format(k) for k in range(len(experts))] if card.get("experts") else [LORA_FILE]
-    for tensors, name in zip(experts, files):  # the card rides along in each file's metadata (diffusers skips it)
-        save_atomic(peft_lora(tensors, prefix, target.network), out / name, card)
-    if not lora:
-        with atomic_dir(out / target.network) as tmp:
-            student.net.get_submodule(f"denoiser.{prefix}").save_pretrained(tmp, safe_serialization=True)
+    tensors = load(student_path)[0] if lora else {}
+    if card.get("experts"):  # one LoRA per expert (the card rides along in each file's metadata; diffusers skips it)
+        files = [EXPERT_FILE.format(k) for k in range(card["experts"]["count"])]
+        for part, name in zip(expert_tensors(tensors, card), files):
+            save_atomic(peft_lora(part, paths[target.network], target.network), out / name, card)
+    elif lora:  # one LoRA per network, each keyed as the pipeline's loader reads it (``transformer.``)
+        for network, path in paths.items():
+            part = {k: v for k, v in tensors.items() if k.startswith(f"{path}.")}
+            save_atomic(peft_lora(part, path, target.network), out / LORA_FILES[network], card)
+    else:
+        for network, path in paths.items():
+            with atomic_dir(out / network) as tmp:
+                student.net.get_submodule(f"denoiser.{path}").save_pretrained(tmp, safe_serialization=True)
     scheduler = getattr(diffusers, target.scheduler_class)
     config = scheduler.load_config(root / "scheduler")  # the teacher's noise schedule and prediction type
     fixed = ({"shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": None,
@@ -264,12 +291,14 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     steps = student.nfe_choices[-1]
     guidance = card["guidance"]
     sigmas, noise_scale = pipeline_start(card, steps, target.flow)
-    side = source.shape[-1] * latent_pixels(root, target.network_class)
+    pixels = latent_pixels(root, target.network_class)
     w = 1.0 if guidance["mode"] == "distilled" else guidance["w"]
+    call = {**dict(target.call), **({"num_frames": as_trained(card)["frames"]} if target.video else {})}
     settings = {"pipeline": pipeline, "teacher": str(root), "steps": steps, "sigmas": sigmas,
-                "noise_scale": noise_scale, "latent_shape": list(source.shape), "height": side, "width": side,
+                "noise_scale": noise_scale, "latent_shape": list(source.shape), "height": source.shape[-2] * pixels,
+                "width": source.shape[-1] * pixels,
                 "guidance_scale": float(card.get("embedded_guidance", w - target.w_offset)),
-                "call": dict(target.call), "student": "lora" if lora else target.network,
+                "call": call, "student": "lora" if lora else target.network, "networks": list(paths),
                 **({"experts": files} if card.get("experts") else {}),
                 **({"negative_prompt": card["negative"]} if "negative" in card and guidance["mode"] != "distilled"
                    else {})}
@@ -280,7 +309,6 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
 def usage(settings: dict, out: str | Path) -> str:
     """The Python lines that sample the exported student with its pipeline."""
     target = PIPELINES[settings["pipeline"]]
-    network = target.network
     experts = settings.get("experts", [])
     if experts:  # one named adapter per expert, the next step's made active at the end of each step
         adapters = [EXPERT_ADAPTER.format(k) for k in range(len(experts))]
@@ -292,28 +320,39 @@ def usage(settings: dict, out: str | Path) -> str:
             f"    pipe.set_adapters({adapters!r}[min(step + 1, {len(adapters) - 1})])",
             "    return tensors"])
     elif settings["student"] == "lora":
-        load = f"pipe.load_lora_weights({str(out)!r})  # needs peft"
+        into = {"transformer_2": f", weight_name={LORA_FILES['transformer_2']!r}, load_into_transformer_2=True"}
+        load = "\n".join(f"pipe.load_lora_weights({str(out)!r}{into.get(name, '')})  # needs peft"
+                         for name in settings["networks"])
     else:
-        load = f"pipe.{network} = {target.network_class}.from_pretrained({str(out)!r}, subfolder={network!r})"
-    channels, height, width = settings["latent_shape"]
+        load = "\n".join(f"pipe.{name} = {target.network_class}.from_pretrained({str(out)!r}, subfolder={name!r})"
+                         for name in settings["networks"])
+    channels, *frames, height, width = settings["latent_shape"]
+    shape = [channels, *(frames or [1]), height, width] if target.video else settings["latent_shape"]
     lines = [
         "import torch",
         f"from diffusers import {settings['pipeline']}, {target.scheduler_class}, {target.network_class}",
         f"pipe = {settings['pipeline']}.from_pretrained({settings['teacher']!r})",
         f"pipe.scheduler = {target.scheduler_class}.from_pretrained({str(out)!r}, subfolder='scheduler')",
         load,
-        f"latents = {settings['noise_scale']!r} * torch.randn(1, {channels}, {height}, {width})",
+        f"latents = {settings['noise_scale']!r} * torch.randn(1, {', '.join(map(str, shape))})",
     ]
     if target.packed:
         lines.append(f"latents = pipe._pack_latents(latents, 1, {channels}, {height}, {width})")
     sigmas = "[" + ", ".join(f"{s!r}" for s in settings["sigmas"]) + "]"
+    if target.takes_sigmas:
+        steps = f"sigmas={sigmas}"
+    else:  # the call takes a step count only: the scheduler is given the sigmas
+        lines[:1] = ["import functools", "import torch"]
+        lines.append(f"pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps, sigmas={sigmas})")
+        steps = f"num_inference_steps={len(settings['sigmas'])}"
     negative = f", negative_prompt={settings['negative_prompt']!r}" if "negative_prompt" in settings else ""
     call = "".join(f", {key}={value!r}" for key, value in settings["call"].items())
     if experts:
         call += ", callback_on_step_end=next_expert"
-    lines.append(f"image = pipe(prompt='a prompt'{negative}, latents=latents, sigmas={sigmas}, "
+    output = "video = " if target.video else "image = "
+    lines.append(f"{output}pipe(prompt='a prompt'{negative}, latents=latents, {steps}, "
                  f"{target.guidance_keyword}={settings['guidance_scale']:g}, height={settings['height']}, "
-                 f"width={settings['width']}{call}).images[0]")
+                 f"width={settings['width']}{call}).{'frames' if target.video else 'images'}[0]")
     return "\n".join(lines)
 
 

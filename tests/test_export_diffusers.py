@@ -315,3 +315,68 @@ def test_a_qwen_image_student_that_samples_with_cfg_is_refused_in_one_line(tmp_p
     err = capsys.readouterr().err
     assert "this student samples with CFG, which QwenImagePipeline rescales where the engine does not" in err
     assert "Traceback" not in err and not (tmp_path / "x").exists()
+
+
+def wan_a14b_dir(root, boundary: float):
+    """A tiny Wan 2.2 A14B pipeline: the tiny Wan pipeline's transformer as its high-noise expert, one of other
+    weights as its low-noise ``transformer_2``, switched at ``boundary`` of the training times."""
+    from conftest import randomise
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(multi_encoder_pipeline_dir(root / "wan", "wan"),
+                                                       local_files_only=True)
+    low = randomise(diffusers.WanTransformer3DModel.from_config(pipe.transformer.config), seed=1)
+    diffusers.WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                          scheduler=pipe.scheduler, transformer=pipe.transformer, transformer_2=low,
+                          boundary_ratio=boundary).save_pretrained(root / "a14b", safe_serialization=True)
+    return root / "a14b"
+
+
+@pytest.mark.parametrize("teacher, frames", [("wan", 5), ("a14b", 1)])
+def test_wan_pipelines_given_the_students_sigmas_draw_its_clips(tmp_path, capsys, teacher, frames):
+    """Wan's pipeline call takes no sigmas: the printed lines hand them to its scheduler and run as written, and
+    the pipeline draws the student's latents from the same noise, a clip of 2 latent frames (5 video frames) of
+    Wan 2.1's student; Wan 2.2 A14B's student exports a LoRA per expert, the low-noise one loaded into
+    transformer_2, and its pipeline switches them where the teacher did (one step of each); a Phased DMD student of
+    it, an expert per step on each network, is refused in one line."""
+    root = (multi_encoder_pipeline_dir(tmp_path / "wan", "wan") if teacher == "wan"
+            else wan_a14b_dir(tmp_path, boundary=0.7))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\nan owl\n")
+    source = diffusers_source(root, prompts=prompts, resolution=16, frames=frames)
+    cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
+                        student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
+    path = train_student(cfg, source, progress=False).path
+    out = tmp_path / "export"
+    settings = export(path, out)
+    two = teacher == "a14b"
+    assert settings["networks"] == (["transformer", "transformer_2"] if two else ["transformer"])
+    assert (out / "pytorch_lora_weights_transformer_2.safetensors").is_file() == two
+    assert settings["call"] == {"num_frames": frames} and settings["guidance_scale"] == 1.0
+    if two:  # the pipeline's times on both sides of its boundary (0.7 T)
+        assert settings["sigmas"][0] >= 0.7 > settings["sigmas"][1]
+    lines = usage(settings, out)
+    assert "sigmas=" not in lines.splitlines()[-1] and "num_inference_steps=2" in lines
+
+    student = load_student(path, source.denoiser, source.uncond)
+    scope = {}
+    exec(lines.replace("'a prompt'", "'an owl', output_type='latent'"), scope)
+    z = scope["latents"] / settings["noise_scale"]  # the standard normal noise the printed lines drew
+    sigmas = torch.cat([student.sigmas()[:-1], torch.zeros(1)])  # the pipeline's times end at 0
+    with torch.no_grad():
+        ours = few_step(student.denoiser(), sigmas[0] * z.view(1, *source.shape), sigmas, torch.tensor([1]), afs=True)
+    theirs = scope["video"].view(1, *source.shape)
+    scale = float(ours.abs().max())
+    torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(root, local_files_only=True)  # the teacher, without the LoRA
+    set_timesteps = pipe.scheduler.set_timesteps
+    pipe.scheduler.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=settings["sigmas"], device=device)
+    teachers = pipe(prompt="an owl", latents=settings["noise_scale"] * z, num_inference_steps=2, height=16,
+                    width=16, num_frames=frames, guidance_scale=1.0, output_type="latent").frames[0]
+    assert (teachers.reshape(ours.shape) - ours).abs().max() > 50 * 1e-4  # the student's own latents
+    if two:  # a Phased DMD student: an expert per step on each network, which the pipeline does not switch
+        phased = train_student(DistillConfig(method="phased-dmd", steps=2, iters=1, batch=2, checkpoint_every=0,
+                                             out=str(tmp_path / "phased"), student="lora"), source,
+                               progress=False).path
+        assert main(["export-diffusers", str(phased), "--out", str(tmp_path / "x")]) == 1
+        err = capsys.readouterr().err
+        assert "an expert per step on each of Wan 2.2's two networks" in err and "Traceback" not in err
