@@ -25,7 +25,7 @@ from distill_core.export_diffusers import (
     refusal,
     usage,
 )
-from distill_core.sampling import few_step, sample
+from distill_core.sampling import few_step, renoise_noise, sample
 from distill_core.student_files import load_student
 from distill_core.train.run import train_student
 from tests.test_dit_pipelines import KINDS as DIT_KINDS
@@ -331,23 +331,27 @@ def wan_a14b_dir(root, boundary: float):
     return root / "a14b"
 
 
-@pytest.mark.parametrize("teacher, frames", [("wan", 5), ("a14b", 1)])
-def test_wan_pipelines_given_the_students_sigmas_draw_its_clips(tmp_path, capsys, teacher, frames):
+@pytest.mark.parametrize("teacher, frames, method", [("wan", 5, "sfd"), ("a14b", 1, "sfd"), ("wan", 1, "dmd2")])
+def test_wan_pipelines_given_the_students_sigmas_draw_its_clips(tmp_path, capsys, monkeypatch, teacher, frames,
+                                                                method):
     """Wan's pipeline call takes no sigmas: the printed lines hand them to its scheduler and run as written, and
     the pipeline draws the student's latents from the same noise, a clip of 2 latent frames (5 video frames) of
     Wan 2.1's student; Wan 2.2 A14B's student exports a LoRA per expert, the low-noise one loaded into
     transformer_2, and its pipeline switches them where the teacher did (one step of each); a Phased DMD student of
-    it, an expert per step on each network, is refused in one line."""
+    it, an expert per step on each network, is refused in one line. A DMD2 student's pipeline re-noises, and
+    given the engine's fresh noise draws the engine's image."""
     root = (multi_encoder_pipeline_dir(tmp_path / "wan", "wan") if teacher == "wan"
             else wan_a14b_dir(tmp_path, boundary=0.7))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\nan owl\n")
     source = diffusers_source(root, prompts=prompts, resolution=16, frames=frames)
-    cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
-                        student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
+    cfg = DistillConfig(method=method, steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"),
+                        checkpoint_every=0, student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
     path = train_student(cfg, source, progress=False).path
     out = tmp_path / "export"
     settings = export(path, out)
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["stochastic_sampling"] == (method == "dmd2")
     two = teacher == "a14b"
     assert settings["networks"] == (["transformer", "transformer_2"] if two else ["transformer"])
     assert (out / "pytorch_lora_weights_transformer_2.safetensors").is_file() == two
@@ -358,20 +362,35 @@ def test_wan_pipelines_given_the_students_sigmas_draw_its_clips(tmp_path, capsys
     assert "sigmas=" not in lines.splitlines()[-1] and "num_inference_steps=2" in lines
 
     student = load_student(path, source.denoiser, source.uncond)
-    scope = {}
+    scope, fresh = {}, []
+
+    def noise() -> torch.Tensor:  # the standard normal noise the printed lines drew
+        return scope["latents"].view(1, *source.shape) / settings["noise_scale"]
+
+    def fresh_noise(*args, **kw):  # the scheduler's re-noising draws: the engine's, from the printed lines' noise
+        if not fresh:
+            fresh.extend([n.view(scope["latents"].shape) for n in renoise_noise(student.sigmas()[0] * noise(), 2)])
+            fresh.append(None)
+        return fresh.pop(0)
+
+    from diffusers.schedulers import scheduling_flow_match_euler_discrete as flow_scheduler
+
+    monkeypatch.setattr(flow_scheduler, "randn_tensor", fresh_noise)
     exec(lines.replace("'a prompt'", "'an owl', output_type='latent'"), scope)
-    z = scope["latents"] / settings["noise_scale"]  # the standard normal noise the printed lines drew
+    assert fresh == ([None] if method == "dmd2" else [])  # one draw a step, the last multiplied by t = 0
+    z = noise()
     sigmas = torch.cat([student.sigmas()[:-1], torch.zeros(1)])  # the pipeline's times end at 0
     with torch.no_grad():
-        ours = few_step(student.denoiser(), sigmas[0] * z.view(1, *source.shape), sigmas, torch.tensor([1]), afs=True)
+        ours = (sample(student, student.sigmas()[0] * z, torch.tensor([1])) if method == "dmd2"
+                else few_step(student.denoiser(), sigmas[0] * z, sigmas, torch.tensor([1]), afs=True))
     theirs = scope["video"].view(1, *source.shape)
     scale = float(ours.abs().max())
     torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
     pipe = diffusers.DiffusionPipeline.from_pretrained(root, local_files_only=True)  # the teacher, without the LoRA
     set_timesteps = pipe.scheduler.set_timesteps
     pipe.scheduler.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=settings["sigmas"], device=device)
-    teachers = pipe(prompt="an owl", latents=settings["noise_scale"] * z, num_inference_steps=2, height=16,
-                    width=16, num_frames=frames, guidance_scale=1.0, output_type="latent").frames[0]
+    teachers = pipe(prompt="an owl", latents=scope["latents"], num_inference_steps=2, height=16, width=16,
+                    num_frames=frames, guidance_scale=1.0, output_type="latent").frames[0]
     assert (teachers.reshape(ours.shape) - ours).abs().max() > 50 * 1e-4  # the student's own latents
     if two:  # a Phased DMD student: an expert per step on each network, which the pipeline does not switch
         phased = train_student(DistillConfig(method="phased-dmd", steps=2, iters=1, batch=2, checkpoint_every=0,
