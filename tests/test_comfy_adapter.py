@@ -696,11 +696,10 @@ def test_backward_through_a_model_that_adds_in_place_gives_the_out_of_place_grad
     torch.testing.assert_close(ours, x.grad)
 
 
-def test_the_nodes_distil_two_models_into_a_lora_each_that_two_chained_samplers_apply(tmp_path, monkeypatch):
-    """Wan 2.2 14B's shape: a high- and a low-noise flow model as one teacher. The training node writes one
-    stock LoRA per model beside the student; the two-model schedule node splits the student's sigmas where
-    its teacher switched models; the high-noise model with its LoRA merged, then the low-noise one, each on
-    its part with its sampler (as two chained SamplerCustom nodes), give Few-step sample's latents."""
+def _two_model_nodes(tmp_path, monkeypatch) -> tuple:
+    """The node pack saving under ``tmp_path``, its SAMPLERs as their functions and its LoRA-applied MODELs as
+    (model, tensors); two flow models as Wan 2.2 14B's high- and low-noise models (``_experts``); two prompts and
+    a negative."""
     from distill_core.workflow import node_pack
     from distill_nodes import host
 
@@ -713,6 +712,28 @@ def test_the_nodes_distil_two_models_into_a_lora_each_that_two_chained_samplers_
     for base in (high, low):
         base.latent_format, base.process_latent_out = LatentFormat(), lambda x: x
     positive, negative = nodes["DistillPromptList"]().run(FakeClip(), "a fox\na boat", "blurry")
+    return nodes, high, low, positive, negative
+
+
+def _chained(student, models: dict, high: tuple, low: tuple) -> torch.Tensor:
+    """Two chained SamplerCustom runs from Few-step sample's noise and prompts at seed 1 (as a seeded workflow's):
+    the high-noise part (its SAMPLER and SIGMAS) on ``models["high"]``, then the low-noise part on
+    ``models["low"]`` from the first's output; ComfyUI's flow latent x_t at the last time."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn((2, 4, 8, 8), generator=gen)
+    cond = {k: v for k, v in student.teacher.source().draw_cond(2, gen).items() if k != "lengths"}  # one length
+    x = float(high[1][0]) * z  # ComfyUI's flow latent x_t = t n at the first time
+    for (sampler, sigmas), name in ((high, "high"), (low, "low")):
+        x = sampler(lambda x_t, t, base=models[name]: base.apply_model(x_t, t, **cond), x, sigmas)
+    return x
+
+
+def test_the_nodes_distil_two_models_into_a_lora_each_that_two_chained_samplers_apply(tmp_path, monkeypatch):
+    """Wan 2.2 14B's shape: a high- and a low-noise flow model as one teacher. The training node writes one
+    stock LoRA per model beside the student; the two-model schedule node splits the student's sigmas where
+    its teacher switched models; the high-noise model with its LoRA merged, then the low-noise one, each on
+    its part with its sampler (as two chained SamplerCustom nodes), give Few-step sample's latents."""
+    nodes, high, low, positive, negative = _two_model_nodes(tmp_path, monkeypatch)
     teacher_node = nodes["DistillTeacherFromModel"]()
     with pytest.raises(ValueError, match="flow models"):
         teacher_node.run(FakePatcher(high), positive, negative, 64, 64, 1.0, low_noise_model=FakePatcher(
@@ -745,12 +766,7 @@ def test_the_nodes_distil_two_models_into_a_lora_each_that_two_chained_samplers_
     assert cfg == 1.0 and len(sigmas_high) == 3 and float(sigmas_high[-2]) >= 0.8 > float(sigmas_low[0])
 
     _, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
-    gen = torch.Generator().manual_seed(1)  # Few-step sample's noise and prompts, as a seeded workflow's
-    z = torch.randn((2, 4, 8, 8), generator=gen)
-    cond = {k: v for k, v in student.teacher.source().draw_cond(2, gen).items() if k != "lengths"}  # one length
-    x = float(sigmas_high[0]) * z  # ComfyUI's flow latent x_t = t n at the first time
-    for sampler, sigmas, name in ((sampler_high, sigmas_high, "high"), (sampler_low, sigmas_low, "low")):
-        x = sampler(lambda x_t, t, base=merged[name]: base.apply_model(x_t, t, **cond), x, sigmas)
+    x = _chained(student, merged, (sampler_high, sigmas_high), (sampler_low, sigmas_low))
     torch.testing.assert_close(x / (1 - float(sigmas_low[-1])), latent["samples"], atol=1e-5, rtol=1e-5)
 
     other = folder / "fox_again_low_noise.safetensors"  # someone else's file where a LoRA of the save would go
@@ -774,18 +790,8 @@ def test_a_dmd2_student_of_two_models_samples_through_two_chained_samplers(tmp_p
     by noising its image to the first time below the boundary; the second goes on from there. With the fresh
     noise fixed (zero) the pair gives Few-step sample's latents; with it drawn, the second part draws its own."""
     from distill_core import sampling
-    from distill_core.workflow import node_pack
-    from distill_nodes import host
 
-    nodes = node_pack().NODE_CLASS_MAPPINGS
-    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
-    monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
-    monkeypatch.setattr(host, "with_lora", lambda model, tensors: (model, tensors))
-    high, low, _ = _experts()
-    for base in (high, low):
-        base.latent_format, base.process_latent_out = LatentFormat(), lambda x: x
-    positive, negative = nodes["DistillPromptList"]().run(FakeClip(), "a fox\na boat", "blurry")
+    nodes, high, low, positive, negative = _two_model_nodes(tmp_path, monkeypatch)
     (teacher,) = nodes["DistillTeacherFromModel"]().run(FakePatcher(high), positive, negative, 64, 64, 1.0,
                                                         low_noise_model=FakePatcher(low), boundary=0.9)
     args = dict(steps=4, method="dmd2", iterations=2, learning_rate=1e-2, batch=4, critic_updates=1, seed=0,
@@ -803,18 +809,9 @@ def test_a_dmd2_student_of_two_models_samples_through_two_chained_samplers(tmp_p
     assert cfg == 1.0 and float(sigmas_low[-1]) == 0 and len(sigmas_high) + len(sigmas_low) == 6
     assert len(sigmas_high) == len(sigmas_low) == 3 and float(sigmas_high[-2]) >= 0.9 > float(sigmas_low[0])
 
-    gen = torch.Generator().manual_seed(1)  # Few-step sample's noise and prompts, as a seeded workflow's
-    z = torch.randn((2, 4, 8, 8), generator=gen)
-    cond = {k: v for k, v in student.teacher.source().draw_cond(2, gen).items() if k != "lengths"}
-
-    def chained() -> torch.Tensor:
-        x = float(sigmas_high[0]) * z  # ComfyUI's flow latent x_t = t n at the first time
-        for sampler, sigmas, name in ((sampler_high, sigmas_high, "high"), (sampler_low, sigmas_low, "low")):
-            x = sampler(lambda x_t, t, base=merged[name]: base.apply_model(x_t, t, **cond), x, sigmas)
-        return x
-
-    drawn = chained()
+    parts = (sampler_high, sigmas_high), (sampler_low, sigmas_low)
+    drawn = _chained(student, merged, *parts)
     monkeypatch.setattr(sampling, "renoise_noise", lambda x, steps: [torch.zeros_like(x)] * steps)
     _, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
-    torch.testing.assert_close(chained(), latent["samples"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_chained(student, merged, *parts), latent["samples"], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(drawn).all() and (drawn - latent["samples"]).abs().max() > 1e-2  # the noise was drawn
