@@ -122,6 +122,9 @@ class TwoModelSchedule(ReadsStudentFile):
 
 def recipe(card: dict, steps: int = 0) -> tuple[torch.Tensor, float]:
     """(sigmas, cfg) of a student card at ``steps`` (0: its own) for the stock samplers."""
+    if card.get("experts"):
+        raise ValueError(f"this {card['method']} student is {card['experts']['count']} experts, a LoRA for each step, "
+                         "which no one MODEL holds: sample it with the Few-step sample node")
     if card.get("afs_center", "zero") == "class_mean":
         raise ValueError(
             "this student's first step is centred on its teacher's class means, which SamplerCustom cannot "

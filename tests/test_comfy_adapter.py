@@ -815,3 +815,22 @@ def test_a_dmd2_student_of_two_models_samples_through_two_chained_samplers(tmp_p
     _, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
     torch.testing.assert_close(_chained(student, merged, *parts), latent["samples"], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(drawn).all() and (drawn - latent["samples"]).abs().max() > 1e-2  # the noise was drawn
+
+
+def test_a_phased_dmd_student_of_comfyui_models_samples_with_few_step_sample(tmp_path, monkeypatch):
+    """Phased DMD's student is an expert (a LoRA) per step, which no one MODEL holds: both schedule nodes refuse
+    it in one line that names Few-step sample, which samples it; of one model and of Wan 2.2 14B's two."""
+    nodes, high, low, positive, negative = _two_model_nodes(tmp_path, monkeypatch)
+    args = dict(steps=2, method="phased-dmd", iterations=2, learning_rate=1e-2, batch=2, critic_updates=1, seed=0,
+                student="lora", lora_rank=2, resume=False, preview_every=0, checkpoint_every=1)
+    teacher_node = nodes["DistillTeacherFromModel"]()
+    for name, schedule, models in (("one", "DistillStudentSchedule", {}),
+                                   ("two", "DistillTwoModelSchedule", {"low_noise_model": FakePatcher(low)})):
+        (teacher,) = teacher_node.run(FakePatcher(high), positive, negative, 64, 64, 1.0, **models)
+        model, student, _ = nodes["DistillDistributionMatching"]().run(teacher, **args, save_name=name)["result"]
+        assert model is None and student.card["experts"]["count"] == 2
+        with pytest.raises(ValueError, match="is 2 experts, a LoRA for each step, which no one MODEL holds: sample "
+                                             "it with the Few-step sample node"):
+            nodes[schedule]().run("(connected student)", 0, student)
+        _, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
+        assert latent["samples"].shape == (2, 4, 8, 8) and torch.isfinite(latent["samples"]).all()
