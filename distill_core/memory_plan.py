@@ -60,6 +60,7 @@ class MemoryPlan:
     factor: float
     family: str
     state_bytes: int = OPTIMIZER_STATE_BYTES["adam"]  # per trainable parameter
+    frozen_values: int = 0  # the values of ``frozen`` (0: not counted)
 
     @property
     def activations(self) -> int:
@@ -130,12 +131,12 @@ def scalar_inputs(net: nn.Module) -> dict:
             **({"w": 1.0} if getattr(net, "w_embed", None) is not None else {})}
 
 
-def weight_counts(nets: list[nn.Module], ema_groups: set[int]) -> tuple[int, int, int]:
-    """(W_frozen in bytes, trainable parameters, parameters with an EMA copy) of the networks; ``ema_groups``:
-    indices into ``nets`` of those that keep an EMA. A tensor shared by several networks counts once; a sharded
-    one (``shard_teacher``) counts its local shard, what this process holds."""
+def weight_counts(nets: list[nn.Module], ema_groups: set[int]) -> tuple[int, int, int, int]:
+    """(W_frozen in bytes, its values, trainable parameters, parameters with an EMA copy) of the networks;
+    ``ema_groups``: indices into ``nets`` of those that keep an EMA. A tensor shared by several networks counts
+    once; a sharded one (``shard_teacher``) counts its local shard, what this process holds."""
     seen: set[int] = set()
-    frozen = trained = ema = 0
+    frozen = values = trained = ema = 0
     for i, net in enumerate(nets):
         for t in (*net.parameters(), *net.buffers()):
             t = t.to_local() if isinstance(t, DTensor) else t
@@ -148,7 +149,8 @@ def weight_counts(nets: list[nn.Module], ema_groups: set[int]) -> tuple[int, int
                 ema += t.numel() if i in ema_groups else 0
             else:
                 frozen += t.untyped_storage().nbytes()
-    return frozen, trained, ema
+                values += t.untyped_storage().nbytes() // t.element_size()
+    return frozen, values, trained, ema
 
 
 def family(net: nn.Module) -> str:
@@ -179,14 +181,14 @@ def plan_run(method, micro_batch: int, ema: set[str], autocast: torch.dtype | No
     network (the others a method trains are the same architecture)."""
     names = list(method.nets)
     nets = [method.nets[n] for n in names]
-    frozen, trained, with_ema = weight_counts([*nets, method.source.denoiser],
-                                              {i for i, n in enumerate(names) if n in ema})
+    frozen, values, trained, with_ema = weight_counts([*nets, method.source.denoiser],
+                                                      {i for i, n in enumerate(names) if n in ema})
     per_sample = sample_activation_bytes(method.nets[method.exported], method.source, autocast)
     arch = family(method.source.denoiser)
     device = next(method.nets[method.exported].parameters()).device
     factor = FACTORS.get((arch, device.type == "cuda", checkpointing), DEFAULT_FACTORS[checkpointing])
     return MemoryPlan(frozen, trained, with_ema, per_sample, micro_batch, factor, arch,
-                      OPTIMIZER_STATE_BYTES[optimizer])
+                      OPTIMIZER_STATE_BYTES[optimizer], values)
 
 
 def sample_activation_bytes(net: nn.Module, source, autocast: torch.dtype | None) -> int:
@@ -225,7 +227,9 @@ def check_fits(plan: MemoryPlan, available: int, batch: int, grad_accum: int, ch
                lora: bool, host: bool = False, clips: bool = False) -> None:
     """Refuse (``DoesNotFit``) a plan whose peak exceeds ``available`` bytes, naming changes that fit; for a
     host's model (``host``: a ComfyUI MODEL, whose loader chose its precision), the loader's lower precision in
-    place of the engine's cast of the frozen weights; for a run on video clips (``clips``), shorter ones."""
+    place of the engine's cast of the frozen weights; for a run on video clips (``clips``), shorter ones. Where
+    the weights alone exceed ``available``, only changes to the weights can help; where none is left, the
+    refusal says so."""
     if plan.peak <= available:
         return
     room = available - plan.frozen - plan.trained
@@ -237,14 +241,19 @@ def check_fits(plan: MemoryPlan, available: int, batch: int, grad_accum: int, ch
         if accum is not None:
             fixes.append(f"grad_accum {accum} (micro-batches of {batch // accum})")
         fixes.append(f"batch {fitting}")
-    if not checkpointing:
+    if not checkpointing and room > 0:
         fixes.append("grad_checkpointing on")
     if not lora:
         fixes.append("student lora")
         if plan.state_bytes > OPTIMIZER_STATE_BYTES["adam8bit"]:
             fixes.append("optimizer adam8bit")
-    if plan.frozen > room and plan.frozen > plan.trained:
+    narrow = 1 if host else 2  # bytes per value of fp8_e4m3fn and of bf16: offered where most values are wider
+    if plan.frozen > room and plan.frozen > plan.trained and plan.frozen > 1.5 * narrow * plan.frozen_values:
         fixes.append("the loader's weight_dtype fp8_e4m3fn" if host else "frozen_precision bf16")
-    fixes.append("a lower resolution" + (" or a shorter length (fewer frames per clip)" if clips else ""))
-    raise DoesNotFit(f"this run needs {plan.describe()}, and the device has {available / GIB:.1f} GiB free; "
-                     f"try {', or '.join(fixes)}")
+    if room > 0:
+        fixes.append("a lower resolution" + (" or a shorter length (fewer frames per clip)" if clips else ""))
+    need = f"this run needs {plan.describe()}, and the device has {available / GIB:.1f} GiB free"
+    if not fixes:
+        raise DoesNotFit(f"{need}: its weights alone take {(plan.frozen + plan.trained) / GIB:.1f} GiB, and no "
+                         "setting of the run makes them smaller; it needs a device with more memory")
+    raise DoesNotFit(f"{need}; try {', or '.join(fixes)}")

@@ -160,6 +160,24 @@ def test_a_plan_that_does_not_fit_is_refused_with_changes_that_would():
         check_fits(plan, 8 * 2**30, batch=8, grad_accum=1, checkpointing=False, lora=False, clips=True)
 
 
+def test_weights_past_the_device_leave_only_changes_to_the_weights_or_none():
+    """Wan 2.2 14B's shape on a 24 GiB GPU: two models' frozen weights, 26 GiB in fp8 (a byte a value), and a
+    LoRA. Fewer samples, checkpointing or a lower resolution shrink only the activations, so they are not
+    offered; loaded in bf16 (two bytes a value) the loader's fp8 is; in fp8 nothing is left, and the refusal
+    says the run needs more memory."""
+    fp8 = MemoryPlan(frozen=26 * 2**30, trained_params=2**24, ema_params=0, activations_per_sample=2**30,
+                     micro_batch=1, factor=0.6, family="WanModel", frozen_values=26 * 2**30)
+    with pytest.raises(DoesNotFit) as refused:
+        check_fits(fp8, 24 * 2**30, batch=1, grad_accum=1, checkpointing=False, lora=True, host=True, clips=True)
+    message = str(refused.value)
+    assert "24.0 GiB free: its weights alone take 26.2 GiB, and no setting of the run makes them smaller; it needs " \
+           "a device with more memory" in message
+    assert not any(fix in message for fix in ("try ", "batch 1", "grad_", "resolution", "fp8_e4m3fn"))
+    bf16 = dataclasses.replace(fp8, frozen=52 * 2**30)
+    with pytest.raises(DoesNotFit, match=r"GiB free; try the loader's weight_dtype fp8_e4m3fn$"):
+        check_fits(bf16, 24 * 2**30, batch=1, grad_accum=1, checkpointing=False, lora=True, host=True, clips=True)
+
+
 def test_unmeasured_families_get_the_default_factor():
     assert family(tiny_unet()) == "sd" and ("sd", False, False) not in FACTORS
     measured = {ck: [f for (_, _, c), f in FACTORS.items() if c == ck] for ck in (False, True)}
