@@ -188,6 +188,7 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     expert: one teacher that switches at the boundary (``ComfyExperts``), whose students' cards say where
     (``comfy_experts``)."""
     from distill_core.denoisers.comfy import (
+        IMAGE_INPUTS,
         ComfyDenoiser,
         ComfyExperts,
         embeds_guidance,
@@ -209,7 +210,8 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     both = encode_conditioning(base_model, list(positive) + list(negative[:1]), shape)
     n = len(positive)
     prompts = index_cond(both, torch.arange(n))
-    uncond = index_cond(both, torch.tensor([n]))
+    # the negative's image leaves: CFG's unconditional side takes each row's own (``CFGTeacher.uncond_like``)
+    uncond = {k: v for k, v in index_cond(both, torch.tensor([n])).items() if k not in IMAGE_INPUTS}
 
     def draw_cond(batch: int, generator: torch.Generator) -> dict:
         return index_cond(prompts, torch.randint(n, (batch,), generator=generator))

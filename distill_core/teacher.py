@@ -50,7 +50,9 @@ class CFGTeacher:
 
     def uncond_like(self, cond: Cond, batch: int, device: torch.device | None = None) -> Cond:
         """The unconditional condition for a batch: the stored one, broadcast to ``batch`` rows, on
-        ``device`` (the batch's: the stored one may stay on the CPU while the network runs on CUDA)."""
+        ``device`` (the batch's: the stored one may stay on the CPU while the network runs on CUDA). A model
+        input it lacks is each row's own from ``cond``: the image an image-to-video row starts from conditions
+        both sides of the guidance, as the negative of ComfyUI's WanImageToVideo carries the same image."""
 
         def fit(u: Cond) -> Cond:
             if isinstance(u, dict):  # nested: SDXL's added_cond_kwargs
@@ -60,7 +62,10 @@ class CFGTeacher:
             u = u if device is None else u.to(device)
             return u.expand(batch, *u.shape[1:]) if u.shape[0] == 1 else u
 
-        return fit(self.uncond)
+        uncond = fit(self.uncond)
+        if isinstance(uncond, dict) and isinstance(cond, dict):
+            uncond = {**{k: v for k, v in cond.items() if k not in uncond}, **uncond}
+        return uncond
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
         sigma = expand_sigma(sigma, x)

@@ -35,12 +35,15 @@ class BuiltinTeacher:
       "Qwen-Image, Wan). Each training trajectory uses one positive entry at random; the negative is CFG's other "
       "side. Flux dev takes guidance as an input: the guidance value is its FluxGuidance, and CFG stays 1. "
       "Video models distil on stills (length 1) or on clips of the length you sample with. Wan 2.2 14B: its "
-      "high- and low-noise models together, as one teacher.",
+      "high- and low-noise models together, as one teacher. Image-to-video (Wan) and inpainting models distil "
+      "on each prompt's image: give the prompts through the model's own node (WanImageToVideo, "
+      "InpaintModelConditioning) at this width, height and length.",
       inputs=[
           In("model", "MODEL", "the teacher model, e.g. from Load Checkpoint (a ModelSampling node before it is "
              "respected: its shift sets the student's flow grid)"),
           In("positive", "CONDITIONING", "training prompts: each entry is one prompt (Distill prompt list, "
-             "or CLIP Text Encode outputs combined with Conditioning (Combine))"),
+             "or CLIP Text Encode outputs combined with Conditioning (Combine)); for an image-to-video or "
+             "inpainting model each with its image (WanImageToVideo's positive, several combined)"),
           In("negative", "CONDITIONING", "the negative prompt (its first entry) for classifier-free guidance"),
           In("width", "INT", "training image width in pixels (latents are width / 8; Wan 2.2 5B: / 16, "
              "HunyuanImage 2.1: / 32, Chroma Radiance: pixels; a size the latent does not divide is refused)", 512,
@@ -57,7 +60,7 @@ class BuiltinTeacher:
              "two are one teacher, switched at boundary as their two samplers hand over; the student is one LoRA "
              "per model, saved as <name>_high_noise and <name>_low_noise beside the student file", optional=True),
           In("boundary", "FLOAT", "with a low-noise model: the time t (ComfyUI's sigma) from which the high-noise "
-             "model denoises: 0.875 for Wan 2.2 text-to-video", 0.875, optional=True,
+             "model denoises: 0.875 for Wan 2.2 text-to-video, 0.9 for image-to-video", 0.875, optional=True,
              options={"min": 0.01, "max": 0.95, "step": 0.005}),
       ],
       outputs=[TEACHER])

@@ -25,11 +25,12 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py flow-probe FAMILY WORKDIR
         FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma,
         chroma-radiance, hunyuan-image, omnigen2, cosmos-predict2, pixart-sigma (eps), hunyuan-dit (v), or on
-        clips wan-clip, wan22-5b-clip, hunyuan-video-clip, ltxv-clip, mochi-clip, cosmos-clip: a tiny model
-        (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the
-        others built in memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame
-        video latents, the clip families on clips of 3 latent frames) distilled to a LoRA, loaded by the stock
-        loader and sampled by SamplerCustom with the student's sigmas, against the engine.
+        clips wan-clip, wan-i2v-clip (image-to-video), wan22-5b-clip, hunyuan-video-clip, ltxv-clip, mochi-clip,
+        cosmos-clip: a tiny model (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its
+        weight_dtype fp8_e4m3fn; the others built in memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B
+        and Qwen-Image with one-frame video latents, the clip families on clips of 3 latent frames, the
+        image-to-video one with its start frame's latent and mask in every prompt) distilled to a LoRA, loaded
+        by the stock loader and sampled by SamplerCustom with the student's sigmas, against the engine.
     python tests/comfyui_harness.py two-model-probe METHOD WORKDIR
         two tiny Wan models as Wan 2.2 14B's high- and low-noise models, one teacher distilled (METHOD: sfd or
         dmd2) to a LoRA per model, each loaded by the stock loader on its model and sampled by two chained
@@ -325,6 +326,8 @@ FLUX_CONFIG = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "pa
 #: Wan 2.1 text-to-video and Qwen-Image, one block of width 64, built in memory with ComfyUI's classes
 WAN_CONFIG = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "ffn_dim": 128, "freq_dim": 32,
               "text_dim": 64, "num_heads": 2, "num_layers": 1, "in_dim": 16, "out_dim": 16}
+#: Wan 2.1 image-to-video: the same blocks, its input the latent beside the start image's latent and mask
+WAN_I2V_CONFIG = {**WAN_CONFIG, "model_type": "i2v", "in_dim": 36}
 #: Wan 2.2 5B: the same blocks on its 48-channel latent, 16 image pixels a side per latent pixel
 WAN22_CONFIG = {**WAN_CONFIG, "in_dim": 48, "out_dim": 48}
 QWEN_CONFIG = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1,
@@ -406,8 +409,8 @@ SIDES = {"pixart-sigma": 512}
 #: guidance-distilled families: distilled at guidance 3.5 as their input, sampled with the stock FluxGuidance
 EMBEDDED_GUIDANCE = {"flux", "hunyuan-video-clip"}
 #: families distilled on clips, and the clip's length in video frames (Wan: 9 frames, 3 latent frames)
-LENGTHS = {"wan-clip": 9, "wan22-5b-clip": 9, "hunyuan-video-clip": 9, "ltxv-clip": 17, "mochi-clip": 13,
-           "cosmos-clip": 17}
+LENGTHS = {"wan-clip": 9, "wan-i2v-clip": 9, "wan22-5b-clip": 9, "hunyuan-video-clip": 9, "ltxv-clip": 17,
+           "mochi-clip": 13, "cosmos-clip": 17}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "wan22-5b": ("WAN22_T2V", WAN22_CONFIG),
              "qwen-image": ("QwenImage", QWEN_CONFIG),
              "lumina2": ("Lumina2", LUMINA2_CONFIG), "auraflow": ("AuraFlow", AURAFLOW_CONFIG),
@@ -417,7 +420,8 @@ IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "w
              "cosmos-predict2": ("CosmosT2IPredict2", COSMOS_PREDICT2_CONFIG),
              "omnigen2": ("Omnigen2", OMNIGEN2_CONFIG), "pixart-sigma": ("PixArtSigma", PIXART_SIGMA_CONFIG),
              "hunyuan-dit": ("HunyuanDiT", HUNYUAN_DIT_CONFIG),
-             "wan-clip": ("WAN21_T2V", WAN_CONFIG), "wan22-5b-clip": ("WAN22_T2V", WAN22_CONFIG),
+             "wan-clip": ("WAN21_T2V", WAN_CONFIG), "wan-i2v-clip": ("WAN21_I2V", WAN_I2V_CONFIG),
+             "wan22-5b-clip": ("WAN22_T2V", WAN22_CONFIG),
              "hunyuan-video-clip": ("HunyuanVideo", HUNYUAN_VIDEO_CONFIG), "ltxv-clip": ("LTXV", LTXV_CONFIG),
              "mochi-clip": ("GenmoMochi", MOCHI_CONFIG), "cosmos-clip": ("CosmosT2V", COSMOS_VIDEO_CONFIG)}
 
@@ -479,6 +483,12 @@ def flow_probe(family: str, work: Path) -> dict:
             options["attention_mask_mt5xl"] = (torch.arange(16) < 5 + 3 * seed).long()[None]
         if family == "hidream":  # two Llama layers' hidden states beside the T5 tokens, of three lengths
             options["conditioning_llama3"] = torch.randn(1, 2, 8 + 4 * seed, context, generator=gen)
+        if family == "wan-i2v-clip":  # as WanImageToVideo writes them: the start frame's latent and its mask over
+            # 3 latent frames; the negative (seed 3) carries the first prompt's image, as the node gives both
+            image = torch.Generator().manual_seed(1 if seed == 3 else seed)
+            options["concat_latent_image"] = torch.randn(1, 16, 3, 8, 8, generator=image)
+            options["concat_mask"] = torch.ones(1, 1, 3, 8, 8)
+            options["concat_mask"][:, :, :1] = 0  # the first latent frame is the image's
         return [torch.randn(1, tokens, context, generator=gen), options]
 
     stock = importlib.import_module("nodes")

@@ -834,3 +834,91 @@ def test_a_phased_dmd_student_of_comfyui_models_samples_with_few_step_sample(tmp
             nodes[schedule]().run("(connected student)", 0, student)
         _, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
         assert latent["samples"].shape == (2, 4, 8, 8) and torch.isfinite(latent["samples"]).all()
+
+
+class FakeImageModel(FakeBaseModel):
+    """An image-conditioned flow model (Wan 2.1 image-to-video's shape): ``extra_conds`` turns an entry's
+    ``concat_latent_image`` and ``concat_mask`` into ``c_concat`` laid out as the sample (a blank one where the
+    entry has none, as ComfyUI's models do) and its CLIP vision tokens into ``clip_fea``; the network adds
+    projections of both to its input."""
+
+    def __init__(self):
+        super().__init__(CONST())
+        self.image_in, self.vision_in = nn.Conv2d(5, 4, 1), nn.Linear(6, 4)
+
+    def extra_conds(self, cross_attn, device, noise, **options):
+        out = super().extra_conds(cross_attn, device, noise, **options)
+        image = options.get("concat_latent_image", torch.zeros_like(noise))
+        mask = options.get("concat_mask", torch.ones_like(noise[:, :1]))
+        out["c_concat"] = Cond(torch.cat([1 - mask, image], dim=1))
+        out["clip_fea"] = Cond(options.get("clip_vision_output", torch.zeros(1, 2, 6)))
+        return out
+
+    def apply_model(self, x, sigma, c_crossattn=None, y=None, c_concat=None, clip_fea=None):
+        vision = self.vision_in(clip_fea).mean(1)[..., None, None]
+        return super().apply_model(x + self.image_in(c_concat) + vision, sigma, c_crossattn, y)
+
+
+def _with_image(entry: list, seed: int, side: int = 8) -> list:
+    """A CONDITIONING entry with a start image's latent, mask and CLIP vision tokens, as WanImageToVideo writes
+    them."""
+    gen = torch.Generator().manual_seed(seed)
+    image, vision = torch.randn(1, 4, side, side, generator=gen), torch.randn(1, 2, 6, generator=gen)
+    return [entry[0], {**entry[1], "concat_latent_image": image, "concat_mask": torch.zeros(1, 1, side, side),
+                       "clip_vision_output": vision}]
+
+
+def test_an_image_conditioned_model_distils_on_each_prompts_image(tmp_path, monkeypatch):
+    """Wan image-to-video's shape: each CONDITIONING entry carries its image, which the model takes as c_concat
+    laid out as the sample. Each row keeps its own image, and CFG's unconditional side takes the row's image too
+    (ComfyUI's negative from WanImageToVideo carries the same one), and its CLIP vision tokens. An entry without
+    an image, or with one of
+    another size, is refused at the teacher node; trained, the student's SIGMAS and SAMPLER on the LoRA-merged
+    model give Few-step sample's latents, and another image gives another sample."""
+    from distill_core.workflow import node_pack
+    from distill_nodes import host
+
+    nodes = node_pack().NODE_CLASS_MAPPINGS
+    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
+    monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
+    monkeypatch.setattr(host, "with_lora", lambda model, tensors: (model, tensors))
+    base = FakeImageModel()
+    base.latent_format, base.process_latent_out = LatentFormat(), lambda x: x
+    positive = [_with_image(_entry(3, 1), 10), _with_image(_entry(3, 2), 11)]
+    negative = [_with_image(_entry(3, 3), 10)]
+    source = comfy_source(base, positive, negative, 64, 64, 3.0)
+    rows = source.draw_cond(2, torch.Generator().manual_seed(0))
+    images = torch.stack([e[1]["concat_latent_image"][0] for e in positive])
+    assert not {"c_concat", "clip_fea"} & source.uncond.keys() and rows["c_concat"].shape == (2, 5, 8, 8)
+    for row in range(2):  # each row its own entry's image (the mask channel first)
+        assert any(torch.equal(rows["c_concat"][row, 1:], image) for image in images)
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([2.0, 2.0])
+    teacher = CFGTeacher(source.denoiser, 3.0, source.uncond)
+    with torch.no_grad():
+        x0_u = source.denoiser(x, sigma, {**index_cond(source.uncond, torch.zeros(2, dtype=torch.long)),
+                                          "c_concat": rows["c_concat"], "clip_fea": rows["clip_fea"]})
+        x0_c = source.denoiser(x, sigma, rows)
+        torch.testing.assert_close(teacher(x, sigma, rows), x0_u + 3.0 * (x0_c - x0_u))
+
+    teacher_node = nodes["DistillTeacherFromModel"]()
+    with pytest.raises(ValueError, match="CONDITIONING entry 1 has no image, and this model is conditioned on one"):
+        teacher_node.run(FakePatcher(base), [positive[0], _entry(3, 2)], negative, 64, 64, 1.0)
+    with pytest.raises(ValueError, match=r"makes a model input of \[4, 4\] latent pixels .* are \[8, 8\]"):
+        teacher_node.run(FakePatcher(base), [_with_image(_entry(3, 1), 10, side=4)], negative, 64, 64, 1.0)
+    (handle,) = teacher_node.run(FakePatcher(base), positive, negative, 64, 64, 1.0)
+    args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-2, batch=2, seed=0, guidance_mode="auto",
+                student="lora", lora_rank=2, save_name="fox", resume=False, preview_every=0, checkpoint_every=1)
+    _, student, _ = nodes["DistillToSteps"]().run(handle, **args)["result"]
+    merged = copy.deepcopy(base)
+    assert merge(merged, load(tmp_path / "models" / "loras" / "fox.safetensors")[0]) > 0
+    sigmas, sampler, cfg = nodes["DistillStudentSchedule"]().run("(connected student)", 0, student)
+    _, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
+    gen = torch.Generator().manual_seed(1)  # Few-step sample's noise and prompts, as a seeded workflow's
+    z = torch.randn((2, 4, 8, 8), generator=gen)
+    cond = {k: v for k, v in student.teacher.source().draw_cond(2, gen).items() if k != "lengths"}
+    out = sampler(lambda x_t, t: merged.apply_model(x_t, t, **cond), float(sigmas[0]) * z, sigmas)
+    torch.testing.assert_close(out / (1 - float(sigmas[-1])), latent["samples"], atol=1e-5, rtol=1e-5)
+    other = {**cond, "c_concat": cond["c_concat"].flip(0), "clip_fea": cond["clip_fea"].flip(0)}
+    swapped = sampler(lambda x_t, t: merged.apply_model(x_t, t, **other), float(sigmas[0]) * z, sigmas)
+    assert cfg == 1.0 and (swapped - out).abs().max() > 1e-2

@@ -180,6 +180,7 @@ def test_flow_models_distil_into_loras_the_stock_loader_applies_and_samplercusto
 
 @pytest.mark.parametrize(("family", "model_class", "latent", "shift"), [
     ("wan-clip", "WAN21", [16, 3, 8, 8], 8.0),
+    ("wan-i2v-clip", "WAN21", [16, 3, 8, 8], 8.0),
     ("wan22-5b-clip", "WAN22", [48, 3, 4, 4], 8.0),
     ("hunyuan-video-clip", "HunyuanVideo", [16, 3, 8, 8], 7.0),
     ("ltxv-clip", "LTXV", [128, 3, 2, 2], 10.6974),
@@ -187,7 +188,8 @@ def test_flow_models_distil_into_loras_the_stock_loader_applies_and_samplercusto
     ("cosmos-clip", "CosmosVideo", [16, 3, 8, 8], None)])
 def test_video_models_distil_on_clips_into_loras_that_samplercustom_reproduces_on_a_clip(family, model_class, latent,
                                                                                         shift, tmp_path):
-    """Teacher from MODEL with a length: Wan 2.1, Wan 2.2 5B (its 48-channel latent 16 pixels a side) and
+    """Teacher from MODEL with a length: Wan 2.1 (text- and image-to-video: every prompt with its start frame's
+    latent and mask, as WanImageToVideo writes them), Wan 2.2 5B (its 48-channel latent 16 pixels a side) and
     HunyuanVideo (guidance-distilled: its guidance an input, sampled with the stock FluxGuidance and CFG 1) train
     on clips of 9 frames, 3 latent frames of 4 frames each, LTX-Video on 17 frames, 3 latent frames of 8 (its
     128 channels 32 pixels a side), Mochi on 13, 3 latent frames of 6 (its token count a scalar input), and

@@ -318,6 +318,12 @@ def has_frame_axis(base_model: nn.Module) -> bool:
 #: the keys of a condition's scalar model inputs (``CONDConstant``, one value per row) and of each row's own
 #: token count (before tiling) in every token input
 CONSTANTS, LENGTHS = "constants", "lengths"
+#: the model input of an image-conditioned model (an image-to-video model's start frames, an inpainting model's
+#: masked image), laid out as the sample
+IMAGE_INPUT = "c_concat"
+#: the model inputs made from an entry's image (beside ``IMAGE_INPUT``, Wan 2.1 image-to-video's CLIP vision
+#: features), which the unconditional side of CFG takes from each row (``CFGTeacher.uncond_like``)
+IMAGE_INPUTS = (IMAGE_INPUT, "clip_fea")
 
 
 def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[int, ...]) -> dict:
@@ -330,7 +336,9 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
     model once per group of rows that agree on both, each on its own tokens (``ComfyDenoiser._by_rows``):
     tiling is exact for cross-attention (SD1.x, SDXL, Wan) but not for the DiTs that join text and image
     tokens in one attention (SD3, Flux, Chroma, Qwen-Image, HiDream, Lumina 2), where repeated text keys would
-    take k times their weight."""
+    take k times their weight. An image-conditioned model (Wan image-to-video, an inpainting model) takes each
+    entry's image (``concat_latent_image``, as WanImageToVideo or InpaintModelConditioning write it) as
+    ``IMAGE_INPUT``, one row per entry at the sample's size, which an entry without one is refused."""
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError("CONDITIONING must be a non-empty list of [tensor, dict] entries (from CLIP Text Encode)")
     rows = []
@@ -343,6 +351,8 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         framed = (*shape[:-2], 1, *shape[-2:]) if has_frame_axis(base_model) and len(shape) == 3 else shape
         noise = torch.zeros((1, *framed), device=cross_attn.device)
         out = base_model.extra_conds(cross_attn=cross_attn.clone(), device=cross_attn.device, noise=noise, **options)
+        if IMAGE_INPUT in out:
+            check_image_input(out[IMAGE_INPUT].cond, noise, options, len(rows))
         # an input ComfyUI leaves None (Cosmos Predict2's fps for an image) is left out: the model's default
         rows.append({k: _row_input(k, v.cond) for k, v in out.items() if v.cond is not None})
     keys = rows[0].keys()
@@ -351,11 +361,12 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         raise ValueError(f"the CONDITIONING entries give different model inputs ({', '.join(some)} in some entries, "
                          "not in others): encode them all with one CLIP, and for HunyuanImage 2.1 either quote "
                          "text in every prompt or in none (quoted text adds its glyph tokens)")
-    if "c_concat" in keys:
-        raise ValueError("inpainting / image-conditioned models (c_concat) are not supported for distillation")
     cond, constants, lengths = {}, {}, {}
     for k in keys:
         parts = [r[k] for r in rows]
+        if k == IMAGE_INPUT:  # laid out as the sample, one row per entry
+            cond[k] = torch.cat(parts)
+            continue
         if parts[0].ndim == 0:  # a scalar input, one per row
             constants[k] = torch.stack(parts)
             continue
@@ -371,6 +382,19 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
     if lengths:
         cond[LENGTHS] = lengths
     return cond
+
+
+def check_image_input(image: torch.Tensor, noise: torch.Tensor, options: dict, entry: int) -> None:
+    """Refuse a CONDITIONING entry of an image-conditioned model that carries no image (the model would see a
+    blank one) or whose image spans other latent frames than the teacher's samples."""
+    if "concat_latent_image" not in options:
+        raise ValueError(f"CONDITIONING entry {entry} has no image, and this model is conditioned on one (an "
+                         "image-to-video or inpainting model): give every prompt its image through the model's own "
+                         "conditioning node (WanImageToVideo, InpaintModelConditioning), at the teacher's size")
+    if image.shape[2:] != noise.shape[2:]:
+        raise ValueError(f"the image of CONDITIONING entry {entry} makes a model input of {list(image.shape[2:])} "
+                         f"latent pixels (frames first), and the teacher's samples are {list(noise.shape[2:])}: "
+                         "give the image's node the teacher's width, height and length")
 
 
 def _row_input(name: str, value) -> torch.Tensor:
