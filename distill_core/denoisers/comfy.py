@@ -338,7 +338,7 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
     tokens in one attention (SD3, Flux, Chroma, Qwen-Image, HiDream, Lumina 2), where repeated text keys would
     take k times their weight. An image-conditioned model (Wan image-to-video, an inpainting model) takes each
     entry's image (``concat_latent_image``, as WanImageToVideo or InpaintModelConditioning write it) as
-    ``IMAGE_INPUT``, one row per entry at the sample's size, which an entry without one is refused."""
+    ``IMAGE_INPUT``, one row per entry at the sample's size (``check_image_input``)."""
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError("CONDITIONING must be a non-empty list of [tensor, dict] entries (from CLIP Text Encode)")
     rows = []
