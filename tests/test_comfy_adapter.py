@@ -871,8 +871,8 @@ def _with_image(entry: list, seed: int, side: int = 8) -> list:
 def test_an_image_conditioned_model_distils_on_each_prompts_image(tmp_path, monkeypatch):
     """Wan image-to-video's shape: each CONDITIONING entry carries its image, which the model takes as c_concat
     laid out as the sample. Each row keeps its own image, and CFG's unconditional side takes the row's image too
-    (ComfyUI's negative from WanImageToVideo carries the same one), and its CLIP vision tokens. An entry without
-    an image, or with one of
+    (ComfyUI's negative from WanImageToVideo carries the same one), and its CLIP vision tokens; so do two such
+    models as one teacher (Wan 2.2 14B image-to-video). An entry without an image, or with one of
     another size, is refused at the teacher node; trained, the student's SIGMAS and SAMPLER on the LoRA-merged
     model give Few-step sample's latents, and another image gives another sample."""
     from distill_core.workflow import node_pack
@@ -900,6 +900,18 @@ def test_an_image_conditioned_model_distils_on_each_prompts_image(tmp_path, monk
                                           "c_concat": rows["c_concat"], "clip_fea": rows["clip_fea"]})
         x0_c = source.denoiser(x, sigma, rows)
         torch.testing.assert_close(teacher(x, sigma, rows), x0_u + 3.0 * (x0_c - x0_u))
+
+    low = FakeImageModel()  # Wan 2.2 14B image-to-video: two such models, each row to its noise level's model
+    with torch.no_grad():
+        for p in low.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    experts = comfy_source(base, positive, negative, 64, 64, 3.0, experts=(low, low.model_sampling, 0.9))
+    sigma = torch.tensor([20.0, 2.0])  # t = 0.95 (high), 0.67 (low)
+    with torch.no_grad():
+        both = CFGTeacher(experts.denoiser, 3.0, experts.uncond)(x, sigma, rows)
+        alone = [CFGTeacher(comfy_source(m, positive, negative, 64, 64, 3.0).denoiser, 3.0, source.uncond)(
+            x, sigma, rows) for m in (base, low)]
+    torch.testing.assert_close(both, torch.stack([alone[0][0], alone[1][1]]))
 
     teacher_node = nodes["DistillTeacherFromModel"]()
     with pytest.raises(ValueError, match="CONDITIONING entry 1 has no image, and this model is conditioned on one"):
