@@ -331,22 +331,23 @@ def wan_a14b_dir(root, boundary: float):
     return root / "a14b"
 
 
-@pytest.mark.parametrize("teacher, frames, method", [("wan", 5, "sfd"), ("a14b", 1, "sfd"), ("wan", 1, "dmd2")])
+@pytest.mark.parametrize("teacher, frames, method, kind", [("wan", 5, "sfd", "lora"), ("a14b", 1, "sfd", "lora"),
+                                                          ("a14b", 1, "sfd", "full"), ("wan", 1, "dmd2", "lora")])
 def test_wan_pipelines_given_the_students_sigmas_draw_its_clips(tmp_path, capsys, monkeypatch, teacher, frames,
-                                                                method):
+                                                                method, kind):
     """Wan's pipeline call takes no sigmas: the printed lines hand them to its scheduler and run as written, and
     the pipeline draws the student's latents from the same noise, a clip of 2 latent frames (5 video frames) of
     Wan 2.1's student; Wan 2.2 A14B's student exports a LoRA per expert, the low-noise one loaded into
-    transformer_2, and its pipeline switches them where the teacher did (one step of each); a Phased DMD student of
-    it, an expert per step on each network, is refused in one line. A DMD2 student's pipeline re-noises, and
-    given the engine's fresh noise draws the engine's image."""
+    transformer_2, and its pipeline switches them where the teacher did (one step of each), a full student both
+    networks' folders; a Phased DMD student of it, an expert per step on each network, is refused in one line.
+    A DMD2 student's pipeline re-noises, and given the engine's fresh noise draws the engine's image."""
     root = (multi_encoder_pipeline_dir(tmp_path / "wan", "wan") if teacher == "wan"
             else wan_a14b_dir(tmp_path, boundary=0.7))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\nan owl\n")
     source = diffusers_source(root, prompts=prompts, resolution=16, frames=frames)
     cfg = DistillConfig(method=method, steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"),
-                        checkpoint_every=0, student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
+                        checkpoint_every=0, student=kind, lora_rank=4, lora_alpha=2, guidance_mode="distilled")
     path = train_student(cfg, source, progress=False).path
     out = tmp_path / "export"
     settings = export(path, out)
@@ -354,7 +355,9 @@ def test_wan_pipelines_given_the_students_sigmas_draw_its_clips(tmp_path, capsys
     assert scheduler["stochastic_sampling"] == (method == "dmd2")
     two = teacher == "a14b"
     assert settings["networks"] == (["transformer", "transformer_2"] if two else ["transformer"])
-    assert (out / "pytorch_lora_weights_transformer_2.safetensors").is_file() == two
+    assert (out / "pytorch_lora_weights_transformer_2.safetensors").is_file() == (two and kind == "lora")
+    full = kind == "full"
+    assert [(out / name).is_dir() for name in ("transformer", "transformer_2")] == [full, two and full]
     assert settings["call"] == {"num_frames": frames} and settings["guidance_scale"] == 1.0
     if two:  # the pipeline's times on both sides of its boundary (0.7 T)
         assert settings["sigmas"][0] >= 0.7 > settings["sigmas"][1]
@@ -392,7 +395,7 @@ def test_wan_pipelines_given_the_students_sigmas_draw_its_clips(tmp_path, capsys
     teachers = pipe(prompt="an owl", latents=scope["latents"], num_inference_steps=2, height=16, width=16,
                     num_frames=frames, guidance_scale=1.0, output_type="latent").frames[0]
     assert (teachers.reshape(ours.shape) - ours).abs().max() > 50 * 1e-4  # the student's own latents
-    if two:  # a Phased DMD student: an expert per step on each network, which the pipeline does not switch
+    if two and not full:  # a Phased DMD student, an expert per step on each network, which the pipeline cannot switch
         phased = train_student(DistillConfig(method="phased-dmd", steps=2, iters=1, batch=2, checkpoint_every=0,
                                              out=str(tmp_path / "phased"), student="lora"), source,
                                progress=False).path
