@@ -35,7 +35,7 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         two tiny Wan models as Wan 2.2 14B's high- and low-noise models, one teacher distilled (METHOD: sfd or
         dmd2) to a LoRA per model, each loaded by the stock loader on its model and sampled by two chained
         samplers, against the engine.
-    python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow} WORKDIR
+    python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow,sd15-inpaint} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
         distilled as the eps model it is).
@@ -247,14 +247,16 @@ FAMILIES = {
     "sdxl-eps": dict(config="SDXL", context=2048, pooled=1280, sampling=None, state={}),
     "sdxl-v": dict(config="SDXL", context=2048, pooled=1280, sampling=None, state={"v_pred": True}),
     "sd15-flow": dict(config="SD15", context=768, pooled=None, sampling="flow", state={}),
+    "sd15-inpaint": dict(config="SD15", context=768, pooled=None, sampling=None, state={}, inpaint=True),
 }
 
 
 def family_probe(family: str, work: Path) -> dict:
     """A tiny model of ``family`` built with ComfyUI's own model classes (SDXL with its ADM ``y`` from
     the pooled output and sizes; v-prediction from the checkpoint's marker or the stock
-    ModelSamplingDiscrete node), conditions as CLIP Text Encode would shape them; distil and compare
-    with the stock LoraLoaderModelOnly."""
+    ModelSamplingDiscrete node; an inpainting UNet of 9 input channels, each prompt with its masked image's
+    latent and mask as InpaintModelConditioning writes them), conditions as CLIP Text Encode would shape them;
+    distil and compare with the stock LoraLoaderModelOnly."""
     _comfyui()
     _folders(work)
     import comfy.model_management as mm
@@ -264,7 +266,8 @@ def family_probe(family: str, work: Path) -> dict:
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, ModelSamplingSD3
 
     spec = FAMILIES[family]
-    unet = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+    unet = dict(image_size=32, in_channels=9 if spec.get("inpaint") else 4, out_channels=4, model_channels=320,
+                num_res_blocks=[1],
                 channel_mult=[1], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
                 transformer_depth=[1], transformer_depth_middle=1, transformer_depth_output=[1, 1],
                 context_dim=spec["context"], use_linear_in_transformer=spec["config"] == "SDXL",
@@ -282,6 +285,11 @@ def family_probe(family: str, work: Path) -> dict:
     def entry(seed: int) -> list:
         gen = torch.Generator().manual_seed(seed)
         options = {} if spec["pooled"] is None else {"pooled_output": torch.randn(1, spec["pooled"], generator=gen)}
+        if spec.get("inpaint"):  # the negative (seed 3) carries the first prompt's image, as the node gives both
+            image = torch.Generator().manual_seed(1 if seed == 3 else seed)
+            mask = torch.zeros(1, 64, 64)
+            mask[:, 16:48, 16:48] = 1  # the square to repaint, in pixels
+            options.update(concat_latent_image=torch.randn(1, 4, 8, 8, generator=image), concat_mask=mask)
         return [torch.randn(1, 77, spec["context"], generator=gen), options]
 
     flow_clone = None
@@ -303,11 +311,11 @@ def family_probe(family: str, work: Path) -> dict:
                                 lambda name: stock.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0])
     mm.load_models_gpu([model])
     kinds = [c.__name__ for c in type(model.model.model_sampling).__mro__]
+    inputs = model.model.extra_conds(cross_attn=torch.zeros(1, 77, spec["context"]), device=torch.device("cpu"),
+                                     noise=torch.zeros(1, 4, 8, 8), **entry(1)[1])
     return {**result, "family": family, "flow_clone": flow_clone,
-            "prediction": next(k for k in kinds if k in ("EPS", "V_PREDICTION")),
-            "has_adm": "y" in model.model.extra_conds(cross_attn=torch.zeros(1, 77, spec["context"]),
-                                                       **({} if spec["pooled"] is None else
-                                                          {"pooled_output": torch.zeros(1, spec["pooled"])}))}
+            "prediction": next(k for k in kinds if k in ("EPS", "V_PREDICTION")), "has_adm": "y" in inputs,
+            "image_input": list(inputs["c_concat"].cond.shape) if "c_concat" in inputs else None}
 
 
 #: tiny flow models: SD3's MMDiT (2 blocks of width 128, detected from its file) and Flux (one double and one

@@ -872,7 +872,8 @@ def test_an_image_conditioned_model_distils_on_each_prompts_image(tmp_path, monk
     """Wan image-to-video's shape: each CONDITIONING entry carries its image, which the model takes as c_concat
     laid out as the sample. Each row keeps its own image, and CFG's unconditional side takes the row's image too
     (ComfyUI's negative from WanImageToVideo carries the same one), and its CLIP vision tokens; so do two such
-    models as one teacher (Wan 2.2 14B image-to-video). An entry without an image, or with one of
+    models as one teacher (Wan 2.2 14B image-to-video). An entry without an image (for an inpainting model,
+    whose ComfyUI inputs would fail, before they are made), or with one of
     another size, is refused at the teacher node; trained, the student's SIGMAS and SAMPLER on the LoRA-merged
     model give Few-step sample's latents, and another image gives another sample."""
     from distill_core.workflow import node_pack
@@ -918,6 +919,11 @@ def test_an_image_conditioned_model_distils_on_each_prompts_image(tmp_path, monk
         teacher_node.run(FakePatcher(base), [positive[0], _entry(3, 2)], negative, 64, 64, 1.0)
     with pytest.raises(ValueError, match=r"makes a model input of \[4, 4\] latent pixels .* are \[8, 8\]"):
         teacher_node.run(FakePatcher(base), [_with_image(_entry(3, 1), 10, side=4)], negative, 64, 64, 1.0)
+    inpainting = FakeImageModel()  # an SD inpainting model's inputs need the entry's image: ComfyUI's fail without
+    inpainting.concat_keys = ("mask", "masked_image")
+    inpainting.extra_conds = lambda **kwargs: pytest.fail("extra_conds called for an entry without an image")
+    with pytest.raises(ValueError, match="CONDITIONING entry 0 has no image"):
+        teacher_node.run(FakePatcher(inpainting), [_entry(3, 2)], negative, 64, 64, 1.0)
     (handle,) = teacher_node.run(FakePatcher(base), positive, negative, 64, 64, 1.0)
     args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-2, batch=2, seed=0, guidance_mode="auto",
                 student="lora", lora_rank=2, save_name="fox", resume=False, preview_every=0, checkpoint_every=1)

@@ -118,6 +118,15 @@ def test_sdxl_and_v_prediction_models_distil_into_loras_the_stock_loader_reprodu
     assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
 
 
+def test_an_inpainting_model_distils_on_each_prompts_masked_image_and_samplercustom_reproduces(tmp_path):
+    """An SD1.5 inpainting UNet (9 input channels): every prompt with its masked image's latent and mask, as
+    InpaintModelConditioning writes them, which ComfyUI turns into the model's c_concat (mask and image, 5
+    channels); the LoRA loads, and SamplerCustom on the same conditioning reproduces the engine's student."""
+    result = _probe("family-probe", "sd15-inpaint", str(tmp_path))
+    assert result["image_input"] == [1, 5, 8, 8] and result["prediction"] == "EPS" and not result["has_adm"]
+    assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
+
+
 def test_a_plain_model_keeps_its_own_sampling_after_a_flow_patched_clone_of_it_ran(tmp_path):
     """A flow-patched clone (ModelSamplingSD3, shift 3) is read at the teacher node as a flow teacher; after it
     ran, the plain MODEL of the same checkpoint (whose shared BaseModel then held the flow sampling) is its eps

@@ -350,6 +350,8 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         options.setdefault("height", shape[-2] * latent_downscale(base_model))
         framed = (*shape[:-2], 1, *shape[-2:]) if has_frame_axis(base_model) and len(shape) == 3 else shape
         noise = torch.zeros((1, *framed), device=cross_attn.device)
+        if getattr(base_model, "concat_keys", ()):  # an inpainting model, whose inputs need the entry's image
+            check_image_input(None, noise, options, len(rows))
         out = base_model.extra_conds(cross_attn=cross_attn.clone(), device=cross_attn.device, noise=noise, **options)
         if IMAGE_INPUT in out:
             check_image_input(out[IMAGE_INPUT].cond, noise, options, len(rows))
@@ -384,14 +386,15 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
     return cond
 
 
-def check_image_input(image: torch.Tensor, noise: torch.Tensor, options: dict, entry: int) -> None:
+def check_image_input(image: torch.Tensor | None, noise: torch.Tensor, options: dict, entry: int) -> None:
     """Refuse a CONDITIONING entry of an image-conditioned model that carries no image (the model would see a
-    blank one) or whose image spans other latent frames than the teacher's samples."""
+    blank one, or fail) or whose image input (``image``, where made) spans other latent frames than the teacher's
+    samples."""
     if "concat_latent_image" not in options:
         raise ValueError(f"CONDITIONING entry {entry} has no image, and this model is conditioned on one (an "
                          "image-to-video or inpainting model): give every prompt its image through the model's own "
                          "conditioning node (WanImageToVideo, InpaintModelConditioning), at the teacher's size")
-    if image.shape[2:] != noise.shape[2:]:
+    if image is not None and image.shape[2:] != noise.shape[2:]:
         raise ValueError(f"the image of CONDITIONING entry {entry} makes a model input of {list(image.shape[2:])} "
                          f"latent pixels (frames first), and the teacher's samples are {list(noise.shape[2:])}: "
                          "give the image's node the teacher's width, height and length")
