@@ -244,6 +244,11 @@ def pipeline_network(root: Path, index: dict, model_dir: Path, config: dict, sch
     return WanExperts(model, low, index["boundary_ratio"] * steps)
 
 
+#: the words in the class names of pipelines whose network takes an image beside the noise (image-to-video,
+#: inpainting)
+IMAGE_CONDITIONED = ("ImageToVideo", "Inpaint")
+
+
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
                 prompts: str | Path | None, guidance: float | None = None,
                 resolution: int | None = None, negative: str | None = None,
@@ -262,6 +267,10 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     if index.get("expand_timesteps"):
         raise ValueError(f"{root}: a Wan 2.2 TI2V pipeline (a time per latent patch) is not a teacher this command "
                          "distils; Wan 2.1's and Wan 2.2 A14B's are")
+    if any(kind in index.get("_class_name", "") for kind in IMAGE_CONDITIONED):
+        raise ValueError(f"{root}: a {index['_class_name']}'s network takes an image beside the noise, which this "
+                         "command does not feed; distil it in ComfyUI, where each prompt carries its image "
+                         "(docs/comfyui.md), or distil the text-to-image or text-to-video pipeline")
     prompts = read_prompts(prompts)
     config = model_config(model_dir, pipeline=True)
     shape = sample_shape(config, root, resolution, frames)

@@ -600,7 +600,7 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
     denoiser reproduces its pipeline's sampler on one frame; its default image is its pipeline's 480 x 832
     frame, its UniPC scheduler's flow variant is a flow teacher with that scheduler's shift. The main job
     distils it at --resolution with a grid decoded by its video VAE; SFD-v conditions its time embedder; Wan 2.2
-    TI2V's time per patch is refused in one line."""
+    TI2V's time per patch and an image-to-video pipeline are refused in one line each."""
     from distill_core.denoisers.flow import FlowDenoiser
     from distill_core.diffusers_source import denoiser_for, read_json, sample_shape
     from distill_core.solvers import euler
@@ -644,6 +644,9 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
         torch.nn.init.normal_(student.step_embed.mlp[-1].weight)
         assert not torch.allclose(student(x, 2.0, torch.tensor([0]), nfe=2), student(x, 2.0, torch.tensor([0]), nfe=5))
 
+    assert_index_refused(teacher, {"_class_name": "WanImageToVideoPipeline"}, "a WanImageToVideoPipeline's network "
+                         "takes an image beside the noise, which this command does not feed; distil it in ComfyUI",
+                         tmp_path, capsys)
     assert_index_refused(teacher, {"expand_timesteps": True}, "a Wan 2.2 TI2V pipeline (a time per latent patch) "
                          "is not a teacher", tmp_path, capsys)
 
