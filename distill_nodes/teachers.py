@@ -11,6 +11,8 @@ from .handles import TeacherHandle
 from .spec import In, Out, node
 
 TEACHER = Out("DISTILL_TEACHER", "teacher", "the teacher to distil, for Distill to N steps and Compare")
+#: the time t from which Wan 2.2 14B's high-noise model denoises, in its text- and its image-to-video releases
+TEXT_TO_VIDEO_BOUNDARY, IMAGE_TO_VIDEO_BOUNDARY = 0.875, 0.9
 
 
 
@@ -60,14 +62,16 @@ class BuiltinTeacher:
              "two are one teacher, switched at boundary as their two samplers hand over; the student is one LoRA "
              "per model, saved as <name>_high_noise and <name>_low_noise beside the student file", optional=True),
           In("boundary", "FLOAT", "with a low-noise model: the time t (ComfyUI's sigma) from which the high-noise "
-             "model denoises: 0.875 for Wan 2.2 text-to-video, 0.9 for image-to-video", 0.875, optional=True,
+             f"model denoises: {TEXT_TO_VIDEO_BOUNDARY} for Wan 2.2 text-to-video, {IMAGE_TO_VIDEO_BOUNDARY} for "
+             "image-to-video", TEXT_TO_VIDEO_BOUNDARY, optional=True,
              options={"min": 0.01, "max": 0.95, "step": 0.005}),
       ],
       outputs=[TEACHER])
 class TeacherFromModel:
     def run(self, model, positive, negative, width: int, height: int, guidance: float, length: int = 1,
-            low_noise_model=None, boundary: float = 0.875, unique_id=None):
+            low_noise_model=None, boundary: float = TEXT_TO_VIDEO_BOUNDARY, unique_id=None):
         from distill_core.denoisers.comfy import (
+            IMAGE_INPUT,
             ComfyDenoiser,
             ComfyExperts,
             embeds_guidance,
@@ -92,7 +96,11 @@ class TeacherFromModel:
                                  f"prompt list)")
         prompts, guided = list(positive) + list(negative[:1]), embeds_guidance(model.model)
         # prompts whose model inputs cannot be batched are refused here too
-        encode_conditioning(model.model, with_guidance(prompts, guidance) if guided else prompts, shape)
+        inputs = encode_conditioning(model.model, with_guidance(prompts, guidance) if guided else prompts, shape)
+        if experts and IMAGE_INPUT in inputs and boundary == TEXT_TO_VIDEO_BOUNDARY:
+            print(f"[comfyui-distill] these two models take an image (image-to-video), whose release hands over at "
+                  f"t = {IMAGE_TO_VIDEO_BOUNDARY}, and boundary is text-to-video's {TEXT_TO_VIDEO_BOUNDARY}: set it "
+                  f"to {IMAGE_TO_VIDEO_BOUNDARY} unless you mean {TEXT_TO_VIDEO_BOUNDARY}")
         cfg = 1.0 if guided else guidance
 
         def build():

@@ -868,11 +868,12 @@ def _with_image(entry: list, seed: int, side: int = 8) -> list:
                        "clip_vision_output": vision}]
 
 
-def test_an_image_conditioned_model_distils_on_each_prompts_image(tmp_path, monkeypatch):
+def test_an_image_conditioned_model_distils_on_each_prompts_image(tmp_path, monkeypatch, capsys):
     """Wan image-to-video's shape: each CONDITIONING entry carries its image, which the model takes as c_concat
     laid out as the sample. Each row keeps its own image, and CFG's unconditional side takes the row's image too
     (ComfyUI's negative from WanImageToVideo carries the same one), and its CLIP vision tokens; so do two such
-    models as one teacher (Wan 2.2 14B image-to-video). An entry without an image (for an inpainting model,
+    models as one teacher (Wan 2.2 14B image-to-video), where the node points out boundary 0.9 when left at
+    text-to-video's 0.875. An entry without an image (for an inpainting model,
     whose ComfyUI inputs would fail, before they are made), or with one of
     another size, is refused at the teacher node; trained, the student's SIGMAS and SAMPLER on the LoRA-merged
     model give Few-step sample's latents, and another image gives another sample."""
@@ -924,6 +925,10 @@ def test_an_image_conditioned_model_distils_on_each_prompts_image(tmp_path, monk
     inpainting.extra_conds = lambda **kwargs: pytest.fail("extra_conds called for an entry without an image")
     with pytest.raises(ValueError, match="CONDITIONING entry 0 has no image"):
         teacher_node.run(FakePatcher(inpainting), [_entry(3, 2)], negative, 64, 64, 1.0)
+    for boundary, says in ((0.875, True), (0.9, False)):  # two such models: image-to-video's boundary, 0.9
+        teacher_node.run(FakePatcher(base), positive, negative, 64, 64, 1.0, low_noise_model=FakePatcher(low),
+                         boundary=boundary)
+        assert ("hands over at t = 0.9, and boundary is text-to-video's 0.875" in capsys.readouterr().out) == says
     (handle,) = teacher_node.run(FakePatcher(base), positive, negative, 64, 64, 1.0)
     args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-2, batch=2, seed=0, guidance_mode="auto",
                 student="lora", lora_rank=2, save_name="fox", resume=False, preview_every=0, checkpoint_every=1)
