@@ -788,7 +788,8 @@ def test_a_dmd2_student_of_two_models_samples_through_two_chained_samplers(tmp_p
     """A student that re-noises between its steps (DMD2) on Wan 2.2 14B's shape: the distribution node writes a
     LoRA per model, and the two-model schedule node hands both parts its re-noising sampler. The first part ends
     by noising its image to the first time below the boundary; the second goes on from there. With the fresh
-    noise fixed (zero) the pair gives Few-step sample's latents; with it drawn, the second part draws its own."""
+    noise fixed (zero) the pair gives Few-step sample's latents; with it drawn, the second part draws its own. A
+    student of a multistep solver, whose history a split would cut, is refused."""
     from distill_core import sampling
 
     nodes, high, low, positive, negative = _two_model_nodes(tmp_path, monkeypatch)
@@ -809,6 +810,9 @@ def test_a_dmd2_student_of_two_models_samples_through_two_chained_samplers(tmp_p
     assert cfg == 1.0 and float(sigmas_low[-1]) == 0 and len(sigmas_high) + len(sigmas_low) == 6
     assert len(sigmas_high) == len(sigmas_low) == 3 and float(sigmas_high[-2]) >= 0.9 > float(sigmas_low[0])
 
+    solver = SimpleNamespace(card={**student.card, "sampler": "solver", "solver": "dpmpp_2m"})
+    with pytest.raises(ValueError, match="multistep solver 'dpmpp_2m', whose history two chained samplers would cut"):
+        nodes["DistillTwoModelSchedule"]().run("(connected student)", 0, solver)
     parts = (sampler_high, sigmas_high), (sampler_low, sigmas_low)
     drawn = _chained(student, merged, *parts)
     monkeypatch.setattr(sampling, "renoise_noise", lambda x, steps: [torch.zeros_like(x)] * steps)
