@@ -176,7 +176,8 @@ def trained_teacher(name: str, cards: list[dict], classes: int = 0, null_class: 
 
 
 def comfy_source(base_model, positive: list, negative: list, width: int, height: int, guidance: float,
-                 name: str = "comfyui", sampling=None, length: int = 1, experts: tuple | None = None) -> TeacherSource:
+                 name: str = "comfyui", sampling=None, length: int = 1, experts: tuple | None = None,
+                 start: dict | None = None) -> TeacherSource:
     """A ComfyUI model (``MODEL.model``, its BaseModel) with prompt conditions, on images of width x height
     pixels, or on clips of ``length`` frames for a video model (``latent_shape``): every training
     trajectory draws one of the ``positive`` entries uniformly; the first ``negative`` entry is the
@@ -186,7 +187,8 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     give such a model the time t = sigma / (1 + sigma) as its sigma. ``experts``: (low-noise BaseModel, its
     model sampling, boundary t) of a two-expert model (Wan 2.2 14B), ``base_model`` then being the high-noise
     expert: one teacher that switches at the boundary (``ComfyExperts``), whose students' cards say where
-    (``comfy_experts``)."""
+    (``comfy_experts``). ``start``: a LATENT with start images (Wan 2.2 5B image-to-video: Wan22ImageToVideoLatent's),
+    one for all prompts or one per positive entry, from which each of its clips starts (``start_rows``)."""
     from distill_core.denoisers.comfy import (
         IMAGE_INPUTS,
         ComfyDenoiser,
@@ -194,6 +196,7 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
         embeds_guidance,
         encode_conditioning,
         latent_shape,
+        start_rows,
         with_guidance,
     )
 
@@ -207,10 +210,12 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     if embeds_guidance(base_model):
         positive, negative = with_guidance(positive, guidance), with_guidance(negative, guidance)
         card["embedded_guidance"], guidance = float(guidance), 1.0
-    both = encode_conditioning(base_model, list(positive) + list(negative[:1]), shape)
+    kept = start_rows(base_model, start, shape, len(positive)) if start is not None else None
+    both = encode_conditioning(base_model, list(positive) + list(negative[:1]), shape, kept)
     n = len(positive)
     prompts = index_cond(both, torch.arange(n))
-    # the negative's image leaves: CFG's unconditional side takes each row's own (``CFGTeacher.uncond_like``)
+    # the negative's image (or start latent) leaves: CFG's unconditional side takes each row's own
+    # (``CFGTeacher.uncond_like``)
     uncond = {k: v for k, v in index_cond(both, torch.tensor([n])).items() if k not in IMAGE_INPUTS}
 
     def draw_cond(batch: int, generator: torch.Generator) -> dict:

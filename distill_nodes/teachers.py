@@ -39,7 +39,7 @@ class BuiltinTeacher:
       "Video models distil on stills (length 1) or on clips of the length you sample with. Wan 2.2 14B: its "
       "high- and low-noise models together, as one teacher. Image-to-video (Wan) and inpainting models distil "
       "on each prompt's image: give the prompts through the model's own node (WanImageToVideo, "
-      "InpaintModelConditioning) at this width, height and length.",
+      "InpaintModelConditioning) at this width, height and length; Wan 2.2 5B's through start_latent.",
       inputs=[
           In("model", "MODEL", "the teacher model, e.g. from Load Checkpoint (a ModelSampling node before it is "
              "respected: its shift sets the student's flow grid)"),
@@ -65,11 +65,15 @@ class BuiltinTeacher:
              f"model denoises: {TEXT_TO_VIDEO_BOUNDARY} for Wan 2.2 text-to-video, {IMAGE_TO_VIDEO_BOUNDARY} for "
              "image-to-video", TEXT_TO_VIDEO_BOUNDARY, optional=True,
              options={"min": 0.01, "max": 0.95, "step": 0.005}),
+          In("start_latent", "LATENT", "Wan 2.2 5B image-to-video: the LATENT of Wan22ImageToVideoLatent with its "
+             "start_image, made at this width, height and length; every training clip starts from it, as the "
+             "sampler given that latent does. Several images: one Wan22ImageToVideoLatent each, joined by Latent "
+             "Batch, one per prompt in order (or one for all prompts)", optional=True),
       ],
       outputs=[TEACHER])
 class TeacherFromModel:
     def run(self, model, positive, negative, width: int, height: int, guidance: float, length: int = 1,
-            low_noise_model=None, boundary: float = TEXT_TO_VIDEO_BOUNDARY, unique_id=None):
+            low_noise_model=None, boundary: float = TEXT_TO_VIDEO_BOUNDARY, start_latent=None, unique_id=None):
         from distill_core.denoisers.comfy import (
             IMAGE_INPUT,
             ComfyDenoiser,
@@ -79,6 +83,7 @@ class TeacherFromModel:
             latent_shape,
             model_sampling,
             refuse_unsupported,
+            start_rows,
             with_guidance,
         )
 
@@ -96,7 +101,9 @@ class TeacherFromModel:
                                  f"prompt list)")
         prompts, guided = list(positive) + list(negative[:1]), embeds_guidance(model.model)
         # prompts whose model inputs cannot be batched are refused here too
-        inputs = encode_conditioning(model.model, with_guidance(prompts, guidance) if guided else prompts, shape)
+        start = start_rows(model.model, start_latent, shape, len(positive)) if start_latent is not None else None
+        inputs = encode_conditioning(model.model, with_guidance(prompts, guidance) if guided else prompts, shape,
+                                     start)
         if experts and IMAGE_INPUT in inputs and boundary == TEXT_TO_VIDEO_BOUNDARY:
             print(f"[comfyui-distill] these two models take an image (image-to-video), whose release hands over at "
                   f"t = {IMAGE_TO_VIDEO_BOUNDARY}, and boundary is text-to-video's {TEXT_TO_VIDEO_BOUNDARY}: set it "
@@ -105,7 +112,7 @@ class TeacherFromModel:
 
         def build():
             return comfy_source(model.model, positive, negative, width, height, guidance, sampling=sampling,
-                                length=length, experts=experts)
+                                length=length, experts=experts, start=start_latent)
 
         return (TeacherHandle("comfyui", build, SD_SIGMA_MIN, cfg, model=model, low_model=low_noise_model),)
 

@@ -25,11 +25,12 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py flow-probe FAMILY WORKDIR
         FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma,
         chroma-radiance, hunyuan-image, omnigen2, cosmos-predict2, pixart-sigma (eps), hunyuan-dit (v), or on
-        clips wan-clip, wan-i2v-clip (image-to-video), wan22-5b-clip, hunyuan-video-clip, ltxv-clip, mochi-clip,
-        cosmos-clip: a tiny model (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its
+        clips wan-clip, wan-i2v-clip (image-to-video), wan22-5b-clip, wan22-5b-i2v-clip (image-to-video),
+        hunyuan-video-clip, ltxv-clip, mochi-clip, cosmos-clip: a tiny model (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its
         weight_dtype fp8_e4m3fn; the others built in memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B
         and Qwen-Image with one-frame video latents, the clip families on clips of 3 latent frames, the
-        image-to-video one with its start frame's latent and mask in every prompt) distilled to a LoRA, loaded
+        image-to-video ones with their start frame's latent and mask in every prompt, or for Wan 2.2 5B in the
+        LATENT that Wan22ImageToVideoLatent makes) distilled to a LoRA, loaded
         by the stock loader and sampled by SamplerCustom with the student's sigmas, against the engine.
     python tests/comfyui_harness.py two-model-probe METHOD WORKDIR
         two tiny Wan models as Wan 2.2 14B's high- and low-noise models, one teacher distilled (METHOD: sfd or
@@ -417,7 +418,7 @@ SIDES = {"pixart-sigma": 512}
 #: guidance-distilled families: distilled at guidance 3.5 as their input, sampled with the stock FluxGuidance
 EMBEDDED_GUIDANCE = {"flux", "hunyuan-video-clip"}
 #: families distilled on clips, and the clip's length in video frames (Wan: 9 frames, 3 latent frames)
-LENGTHS = {"wan-clip": 9, "wan-i2v-clip": 9, "wan22-5b-clip": 9, "hunyuan-video-clip": 9, "ltxv-clip": 17,
+LENGTHS = {"wan-clip": 9, "wan-i2v-clip": 9, "wan22-5b-clip": 9, "wan22-5b-i2v-clip": 9, "hunyuan-video-clip": 9, "ltxv-clip": 17,
            "mochi-clip": 13, "cosmos-clip": 17}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "wan22-5b": ("WAN22_T2V", WAN22_CONFIG),
              "qwen-image": ("QwenImage", QWEN_CONFIG),
@@ -429,7 +430,7 @@ IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "w
              "omnigen2": ("Omnigen2", OMNIGEN2_CONFIG), "pixart-sigma": ("PixArtSigma", PIXART_SIGMA_CONFIG),
              "hunyuan-dit": ("HunyuanDiT", HUNYUAN_DIT_CONFIG),
              "wan-clip": ("WAN21_T2V", WAN_CONFIG), "wan-i2v-clip": ("WAN21_I2V", WAN_I2V_CONFIG),
-             "wan22-5b-clip": ("WAN22_T2V", WAN22_CONFIG),
+             "wan22-5b-clip": ("WAN22_T2V", WAN22_CONFIG), "wan22-5b-i2v-clip": ("WAN22_T2V", WAN22_CONFIG),
              "hunyuan-video-clip": ("HunyuanVideo", HUNYUAN_VIDEO_CONFIG), "ltxv-clip": ("LTXV", LTXV_CONFIG),
              "mochi-clip": ("GenmoMochi", MOCHI_CONFIG), "cosmos-clip": ("CosmosT2V", COSMOS_VIDEO_CONFIG)}
 
@@ -505,10 +506,11 @@ def flow_probe(family: str, work: Path) -> dict:
     embedded = family in EMBEDDED_GUIDANCE
     guidance = 3.5 if embedded else 4.0
     sampled = FluxGuidance.execute(positive[:1], guidance)[0] if embedded else None
+    start = start_latent(SIDES.get(family, 64), LENGTHS[family]) if family == "wan22-5b-i2v-clip" else None
     result = distil_and_compare(pack, model, positive, negative,
                                 lambda name: stock.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0],
                                 guidance=guidance, sample_positive=sampled, side=SIDES.get(family, 64),
-                                length=LENGTHS.get(family, 1))
+                                length=LENGTHS.get(family, 1), start=start)
     sampling = model.get_model_object("model_sampling")
     linear = [m.weight for m in model.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
     return {**result, "family": family, "unloaded_lora_keys": len(unloaded),
@@ -516,6 +518,20 @@ def flow_probe(family: str, work: Path) -> dict:
             "lora_dtypes": sorted({str(t.dtype) for t in _safetensors_tensors(result["lora_file"]).values()}),
             "sampling": [c.__name__ for c in type(sampling).__mro__][:3],
             "model_class": type(model.model).__name__}
+
+
+def start_latent(side: int, length: int) -> dict:
+    """The LATENT of ComfyUI's own Wan22ImageToVideoLatent with a start image, of ``side`` x ``side`` pixels and
+    ``length`` frames, for a VAE that encodes the image as a random latent frame of Wan 2.2's 48 channels."""
+    import torch
+    from comfy_extras.nodes_wan import Wan22ImageToVideoLatent
+
+    class RandomVAE:
+        def encode(self, image):
+            return torch.randn(1, 48, 1, side // 16, side // 16, generator=torch.Generator().manual_seed(4))
+
+    image = torch.rand(1, side, side, 3, generator=torch.Generator().manual_seed(5))
+    return Wan22ImageToVideoLatent.execute(RandomVAE(), side, side, length, 1, start_image=image)[0]
 
 
 def two_model_probe(method: str, work: Path) -> dict:
@@ -766,23 +782,24 @@ def sfd_node(pack: dict):
 
 def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_lora, train=None,
                        guidance: float = 5.0, sample_positive: list | None = None, side: int = 64,
-                       length: int = 1) -> dict:
-    """Teacher from MODEL (``side`` x ``side`` pixels; a video model's clips of ``length`` frames) -> a training
-    node (``train(teacher)``; default Distill to 4 steps, LoRA) -> Student sigmas + sampler; then ComfyUI's
-    sampler on the teacher with the LoRA applied by ``apply_lora(file name)`` (a stock loader) against the
-    engine's own sampling of the student from the same initial latent, of the teacher's size and frames."""
+                       length: int = 1, start: dict | None = None) -> dict:
+    """Teacher from MODEL (``side`` x ``side`` pixels; a video model's clips of ``length`` frames; ``start``: the
+    LATENT its clips start from) -> a training node (``train(teacher)``; default Distill to 4 steps, LoRA) ->
+    Student sigmas + sampler; then ComfyUI's sampler on the teacher with the LoRA applied by ``apply_lora(file
+    name)`` (a stock loader) against the engine's own sampling of the student from the same initial latent, of the
+    teacher's size and frames (with ``start``, that LATENT and its noise mask, as a workflow samples)."""
     import comfy.model_management
     import comfy.sample
     import torch
 
-    from distill_core.denoisers.comfy import encode_conditioning
+    from distill_core.denoisers.comfy import encode_conditioning, start_rows
     from distill_core.sampling import sample
 
     torch.manual_seed(0)
     video = getattr(model.model.latent_format, "latent_dimensions", 2) == 3
     with torch.inference_mode():  # how ComfyUI runs every node
         (teacher,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, side, side, guidance,
-                                                            length=length)
+                                                            length=length, start_latent=start)
         out = (train or sfd_node(pack))(teacher)
         student_model, handle, curve = out["result"]
         sigmas, sampler, cfg = pack["DistillStudentSchedule"]().run("(connected student)", 0, handle)
@@ -799,12 +816,19 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
         sampler.sampler_function = recording
         channels, *frames, height, width = teacher.source().shape  # the teacher's latent; a still: one frame
         latent = torch.zeros(1, channels, *(frames or [1] * video), height, width)
+        latent, mask = (latent, None) if start is None else (start["samples"], start["noise_mask"])
         noise = comfy.sample.prepare_noise(latent, 7)
         sampled = sample_positive or positive[:1]
         for name, m in (("teacher", model), ("lora", lora_model)):  # the same noise, without and with the LoRA
-            comfy.sample.sample_custom(m, noise, cfg, sampler, sigmas, sampled, negative, latent,
+            comfy.sample.sample_custom(m, noise, cfg, sampler, sigmas, sampled, negative, latent, noise_mask=mask,
                                        disable_pbar=True, seed=7)
             seen[name] = seen["x_out"]
+        if start is not None:  # the LoRA from another start image: the clip's other frames follow the image
+            other, x_init = torch.cat([-latent[:, :, :1], latent[:, :, 1:]], 2), seen["x_init"]
+            comfy.sample.sample_custom(lora_model, noise, cfg, sampler, sigmas, sampled, negative, other,
+                                       noise_mask=mask, disable_pbar=True, seed=7)
+            seen["start_effect"] = float((seen["x_out"] - seen["lora"])[:, :, 1:].abs().max())
+            seen["x_init"] = x_init
 
     card = handle.card
     # ComfyUI gives a flow model x_t = x / (1 + sigma) at t = sigma / (1 + sigma), and divides its sampler's
@@ -813,7 +837,8 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
     comfy.model_management.load_models_gpu([model])  # the teacher again: ComfyUI unpatches the LoRA (as nodes do)
     with torch.inference_mode(False), handle.loaded() as student:  # the engine, LoRA hooked into the teacher
         base = teacher.model.model
-        cond = encode_conditioning(base, sampled, latent.shape[1:])  # the negative is the student's uncond
+        kept = start_rows(base, start, latent.shape[1:], 1) if start is not None else None
+        cond = encode_conditioning(base, sampled, latent.shape[1:], kept)  # the negative is the student's uncond
         ours = sample(student, seen["x_init"].clone() / first, cond)
     seen["lora"], seen["teacher"] = seen["lora"] / last, seen["teacher"] / last
     lora_keys = sorted(_safetensors_keys(handle.path))
@@ -833,6 +858,7 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
         "loss_curve_shape": list(curve.shape),
         "lora_file": str(handle.path),
         "train_latent": list(teacher.source().shape),
+        "start_effect": seen.get("start_effect"),
     }
 
 

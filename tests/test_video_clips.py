@@ -3,13 +3,16 @@ nodes' previews, samples and comparison of clips, on a stand-in ComfyUI video mo
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from test_comfy_adapter import CONST, EPS, FakeBaseModel, FakePatcher, VideoBaseModel, _entry
+from test_comfy_adapter import CONST, EPS, Cond, FakeBaseModel, FakePatcher, VideoBaseModel, _entry
 
 from distill_core.config import DistillConfig
 from distill_core.denoisers.base import per_sample
 from distill_core.denoisers.comfy import ComfyDenoiser, encode_conditioning, frames_per_latent, latent_shape
+from distill_core.lora import merge
 from distill_core.memory_plan import activation_bytes, sample_activation_bytes
 from distill_core.methods.registry import method_class, methods
 from distill_core.options import settings
@@ -42,6 +45,41 @@ class WAN21(VideoBaseModel):
 
 class WAN22(WAN21):
     """Wan 2.2 5B's BaseModel subclasses Wan 2.1's."""
+
+
+class StartFrameWAN22(WAN22):
+    """Wan 2.2 5B image-to-video's shape: ``extra_conds`` passes a LATENT's mask on as the model input
+    ``denoise_mask``, and the network takes a time per latent frame, t times the mask's mean over that frame (0 on
+    the start frame), as ComfyUI's WAN22.process_timestep makes it. The model's scale is half the LATENT's."""
+
+    def process_latent_in(self, latent):
+        return latent / 2
+
+    def process_latent_out(self, latent):
+        return latent * 2
+
+    def extra_conds(self, cross_attn, device, noise, **options):
+        out = super().extra_conds(cross_attn, device, noise, **options)
+        if "denoise_mask" in options:
+            out["denoise_mask"] = Cond(options["denoise_mask"])
+        return out
+
+    def apply_model(self, x, sigma, c_crossattn=None, y=None, denoise_mask=None):
+        frames = x.shape[2]
+        times = sigma[:, None] * (denoise_mask.mean((1, 3, 4)) if denoise_mask is not None else torch.ones(frames))
+        image_model = FakeBaseModel.apply_model
+        per_frame = [image_model(self, x[:, :, k], times[:, k], c_crossattn, y) for k in range(frames)]
+        return torch.stack(per_frame, 2) + 0.1 * torch.tanh(x.mean(2, keepdim=True))
+
+
+def start_latent(images: int, side: int = 8, frames: int = 3) -> dict:
+    """A LATENT as Wan22ImageToVideoLatent writes it with a start image (here of one latent frame): the image's
+    latent on the first frame, and a noise mask that is 0 there and 1 on the frames to generate."""
+    samples = torch.zeros(images, 4, frames, side, side)
+    samples[:, :, :1] = torch.randn(images, 4, 1, side, side, generator=torch.Generator().manual_seed(images))
+    mask = torch.ones(1, 1, frames, side, side)
+    mask[:, :, :1] = 0
+    return {"samples": samples, "noise_mask": mask}
 
 
 class QwenImage(VideoBaseModel):
@@ -175,3 +213,90 @@ def test_the_memory_plan_probes_a_clip_at_a_half_and_a_quarter_side_with_all_its
     cond = source.draw_cond(1, torch.Generator().manual_seed(0))
     direct = activation_bytes(denoiser, torch.randn(1, *source.shape), 1.0, cond, None)
     assert abs(extrapolated - direct) / direct < 0.05, (extrapolated, direct)
+
+
+def test_wan22_image_to_video_clips_start_from_the_start_latent_as_comfyuis_sampler_keeps_it(tmp_path, monkeypatch):
+    """Wan 2.2 5B image-to-video: the start image lies in the LATENT (Wan22ImageToVideoLatent's, with a noise mask)
+    that the sampler is given. The teacher node takes it as start_latent; every row holds its image's latent (in the
+    model's scale) and mask, and the denoiser gives the model and takes from it the start frame clean, as ComfyUI's
+    sampler does (its input there is replaced, its output there is the latent), so nothing it is handed on that frame
+    matters. CFG's other side starts from the row's own image. Trained, Few-step sample's clips begin with the start
+    image, and ComfyUI's way (the student's SIGMAS and SAMPLER on a model whose input and output keep the start frame,
+    from the noise scaled onto the latent) gives the same clips. Refused at the node, each in one line: another
+    model, a LATENT without a start image, another size or length, a clip of one frame, and a count of images that
+    is neither 1 nor the prompts'."""
+    from distill_core.workflow import node_pack
+    from distill_nodes import host
+
+    nodes = node_pack().NODE_CLASS_MAPPINGS
+    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
+    monkeypatch.setattr(host, "with_lora", lambda model, tensors: "M")
+    monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
+    base = StartFrameWAN22(CONST())
+    positive, negative, latent = [_entry(3, 1), _entry(3, 2)], [_entry(3, 3)], start_latent(2)
+    source = comfy_source(base, positive, negative, 64, 64, 2.0, length=9, start=latent)
+    rows = source.draw_cond(4, torch.Generator().manual_seed(0))
+    assert not {"denoise_mask", "kept_latent"} & source.uncond.keys()
+    assert rows["kept_latent"].shape == (4, 4, 3, 8, 8) and rows["denoise_mask"].shape == (4, 1, 3, 8, 8)
+    starts = latent["samples"][:, :, :1] / 2  # each row starts from its own prompt's image, in the model's scale
+    assert all(any(torch.equal(row[:, :1], s) for s in starts) for row in rows["kept_latent"])
+    x, sigma = torch.randn(4, 4, 3, 8, 8), torch.tensor([0.5, 3.0, 9.0, 40.0])
+    with torch.no_grad():
+        x0 = source.denoiser(x, sigma, rows)
+        other_start = x.clone()
+        other_start[:, :, 0] += 5  # whatever the sample holds on the start frame, the model sees the image there
+        torch.testing.assert_close(source.denoiser(other_start, sigma, rows), x0)
+        torch.testing.assert_close(x0[:, :, :1], rows["kept_latent"][:, :, :1])
+        guided = CFGTeacher(source.denoiser, 2.0, source.uncond)(x, sigma, rows)
+    torch.testing.assert_close(guided[:, :, :1], rows["kept_latent"][:, :, :1])  # both sides keep the image
+
+    teacher_node = nodes["DistillTeacherFromModel"]()
+    refusals = [
+        (dict(model=FakePatcher(WAN21(CONST()))), "a start latent is for Wan 2.2 5B image-to-video"),
+        (dict(start_latent={"samples": latent["samples"]}), "holds no start image"),
+        (dict(width=128), r"start latent is \[4, 3, 8, 8\] .* teacher's clips are \[4, 3, 8, 16\]"),
+        (dict(length=1), "a clip of one frame would be the start image itself"),
+        (dict(start_latent=start_latent(3)), "holds 3 images for 2 prompts"),
+    ]
+    for change, says in refusals:
+        args = dict(model=FakePatcher(base), positive=positive, negative=negative, width=64, height=64,
+                    guidance=2.0, length=9, start_latent=latent)
+        with pytest.raises(ValueError, match=says):
+            teacher_node.run(**{**args, **change})
+    (teacher,) = teacher_node.run(FakePatcher(base), positive, negative, 64, 64, 2.0, length=9,
+                                  start_latent=start_latent(1))
+    args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-2, batch=2, seed=0, guidance_mode="auto",
+                student="lora", lora_rank=2, save_name="ti2v", resume=False, preview_every=1, checkpoint_every=1)
+    _, student, _ = nodes["DistillToSteps"]().run(teacher, **args)["result"]
+    sigmas, sampler, cfg = nodes["DistillStudentSchedule"]().run("(connected student)", 0, student)
+    gen = torch.Generator().manual_seed(1)  # Few-step sample's noise and prompts, as a seeded workflow's
+    z = torch.randn((2, 4, 3, 8, 8), generator=gen)
+    cond = student.teacher.source().draw_cond(2, gen)
+    kept, mask = cond["kept_latent"], cond["denoise_mask"]
+    network = copy.deepcopy(base)  # the student's weights, as the stock loader applies them
+    assert merge(network, load(tmp_path / "models" / "loras" / "ti2v.safetensors")[0]) > 0
+    model_inputs = {k: v for k, v in cond.items() if k not in ("kept_latent", "lengths")}  # one token count
+    uncond = {k: v.expand(2, *v.shape[1:]) for k, v in student.teacher.source().uncond.items() if k != "lengths"}
+
+    def comfy_model(x_t, t):  # ComfyUI's sampler: the start frame replaced in the input and the output
+        inputs = x_t * mask + kept * (1 - mask)
+        x0_c = network.apply_model(inputs, t, **model_inputs)
+        x0_u = network.apply_model(inputs, t, **uncond, denoise_mask=mask)
+        return (x0_u + cfg * (x0_c - x0_u)) * mask + kept * (1 - mask)
+
+    t0, t_last = float(sigmas[0]), float(sigmas[-1])
+    x_init = t0 * z + (1 - t0) * kept  # ComfyUI's noise scaled onto the latent at the first time
+    with torch.no_grad():
+        theirs = sampler(comfy_model, x_init, sigmas) / (1 - t_last)
+    with student.loaded() as s:
+        ours = sample(s, x_init / (1 - t0), cond)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert (theirs[:, :, 1:] - theirs.flip(0)[:, :, 1:]).abs().max() > 1e-2  # two noises, two clips
+    # Few-step sample starts the start frame from the noise alone (its latent is not added in), which leaves it
+    # sigma_last / sigma_max of the latent apart at the end, and the clips' other frames as they are
+    _, sampled = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
+    torch.testing.assert_close(sampled["samples"][:, :, 1:], base.process_latent_out(theirs[:, :, 1:]),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sampled["samples"][:, :, :1], base.process_latent_out(theirs[:, :, :1]),
+                               atol=0.01, rtol=0)

@@ -16,7 +16,8 @@ the engine holds one frame as [B, C, H, W] and the adapter adds the frame axis o
 ``apply_model``. Video models also distil on clips (``latent_shape``'s ``length``): the engine then holds
 [B, C, T, H, W] as it is, and every method treats a clip as one sample.
 
-So the adapter only moves conditions into keyword arguments and, for flow models, changes variables. A
+So the adapter only moves conditions into keyword arguments and, for flow models, changes variables (and, for a
+clip that starts from an image in its latent, keeps that image's frames). A
 MODEL's model sampling is read through its patcher (``model_sampling``): clones of one checkpoint share the
 BaseModel, whose attribute holds the sampling of whichever clone was loaded last.
 
@@ -98,7 +99,11 @@ class ComfyDenoiser(nn.Module):
     own model sampling (``model_sampling(patcher)``), which is the BaseModel's once the MODEL is loaded.
 
     ``prediction``: "flow" for flow models (the engine then offers the flow time grid, with the model's own
-    ``shift``), else ComfyUI's prediction class in lower case."""
+    ``shift``), else ComfyUI's prediction class in lower case.
+
+    A condition with a start latent (``KEPT_LATENT``, Wan 2.2 5B image-to-video) has the model's input and its
+    x0 hold that latent on the start frames (``keep_start``), as ComfyUI's sampler does: ``D(x, sigma)`` is then the
+    model's denoiser of the other frames given the clean start frames, whatever ``x`` holds there."""
 
     def __init__(self, base_model: nn.Module, sampling=None):
         super().__init__()
@@ -139,11 +144,17 @@ class ComfyDenoiser(nn.Module):
         if self.flow:
             x = x / (1 + per_sample(sigma, x))
             sigma = sigma_to_t(sigma)
+        inputs, kept = dict(cond or {}), (cond or {}).get(KEPT_LATENT)
+        if kept is not None:  # the start frames, as ComfyUI's sampler keeps a LATENT's masked part
+            del inputs[KEPT_LATENT]
+            x = keep_start(x, kept, inputs[KEEP_MASK])
         if not torch.is_grad_enabled():
-            out = self.base.apply_model(x, sigma, **(cond or {}))
+            out = self.base.apply_model(x, sigma, **inputs)
         else:
             with torch.autograd.graph.saved_tensors_hooks(_keep_a_copy, _as_kept):
-                out = self.base.apply_model(x, sigma, **(cond or {}))
+                out = self.base.apply_model(x, sigma, **inputs)
+        if kept is not None:
+            out = keep_start(out, kept, inputs[KEEP_MASK])
         return out.squeeze(2) if framed else out
 
     def _by_rows(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -321,12 +332,60 @@ CONSTANTS, LENGTHS = "constants", "lengths"
 #: the model input of an image-conditioned model (an image-to-video model's start frames, an inpainting model's
 #: masked image), laid out as the sample
 IMAGE_INPUT = "c_concat"
+#: a start latent's two parts in a condition (Wan 2.2 5B image-to-video, ``start_rows``): the model input that masks
+#: the start frames off (ComfyUI's ``denoise_mask``: 0 on them, 1 elsewhere) and the latent they hold, in the
+#: model's scale, which the adapter keeps in place of the sample there (``keep_start``)
+KEEP_MASK, KEPT_LATENT = "denoise_mask", "kept_latent"
 #: the model inputs made from an entry's image (beside ``IMAGE_INPUT``, Wan 2.1 image-to-video's CLIP vision
-#: features), which the unconditional side of CFG takes from each row (``CFGTeacher.uncond_like``)
-IMAGE_INPUTS = (IMAGE_INPUT, "clip_fea")
+#: features, and a start latent's), which the unconditional side of CFG takes from each row
+#: (``CFGTeacher.uncond_like``)
+IMAGE_INPUTS = (IMAGE_INPUT, "clip_fea", KEEP_MASK, KEPT_LATENT)
+#: ComfyUI's models (BaseModel classes, subclasses included) whose samplers keep a LATENT's masked part as it is at
+#: every step (``scale_latent_inpaint`` gives the latent back, not re-noised) and that read the mask as a time per
+#: latent frame, 0 on the start frames: Wan 2.2 5B, whose image-to-video mode starts from Wan22ImageToVideoLatent's
+KEEPS_START = ("WAN22",)
 
 
-def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[int, ...]) -> dict:
+def keep_start(x: torch.Tensor, kept: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x * m + kept * (1 - m)``: the sample (or the model's x0) with the start frames, where the mask m is 0,
+    replaced by the kept latent; ComfyUI's sampler does this to the model's input and to its output (the noise
+    level on those frames is 0: they are clean). ``mask`` [B, 1, T, H, W] broadcasts over the channels."""
+    return x * mask + kept.to(x.dtype) * (1 - mask)
+
+
+def start_rows(base_model: nn.Module, start: dict, shape: tuple[int, ...], prompts: int) -> tuple:
+    """(the start latents in the model's scale [N, C, T, H, W], their masks [N, 1, T, H, W]) of a LATENT with a start
+    image (Wan22ImageToVideoLatent's with its ``start_image``: ``samples`` and ``noise_mask``, 0 on the image's
+    latent frames), one row per start image (one for all ``prompts``, or one each, in order), checked against the
+    model and the teacher's clip ``shape`` (C, T, H, W)."""
+    name = type(base_model).__name__
+    if not any(cls.__name__ in KEEPS_START for cls in type(base_model).__mro__):
+        raise ValueError(f"a start latent is for Wan 2.2 5B image-to-video, and the model is {name}: for Wan 2.1 / "
+                         "2.2 14B image-to-video give each prompt its image through WanImageToVideo's positive, and "
+                         "leave start_latent unconnected")
+    if not isinstance(start, dict) or "noise_mask" not in start:
+        raise ValueError("the start latent holds no start image: connect an image to start_image of "
+                         "Wan22ImageToVideoLatent (without one, leave start_latent unconnected: text-to-video)")
+    samples, mask = start["samples"], start["noise_mask"]
+    if len(shape) != 4:
+        raise ValueError("with a start image the teacher distils clips: set length to the clip's frames (a clip of "
+                         "one frame would be the start image itself)")
+    if tuple(samples.shape[1:]) != tuple(shape):
+        raise ValueError(f"the start latent is {list(samples.shape[1:])} (channels, frames, height, width) and the "
+                         f"teacher's clips are {list(shape)}: give Wan22ImageToVideoLatent the teacher's width, "
+                         "height and length")
+    if len(samples) not in (1, prompts):
+        raise ValueError(f"the start latent holds {len(samples)} images for {prompts} prompts: give one image for "
+                         "all prompts, or one per prompt in order (Latent Batch joins them)")
+    if mask.ndim != 5 or tuple(mask.shape[2:]) != tuple(shape[1:]):
+        raise ValueError(f"the start latent's noise mask is {list(mask.shape)}, not one per latent pixel of its "
+                         "clip: make the latent with Wan22ImageToVideoLatent")
+    mask = mask[:, :1] if len(mask) == len(samples) else mask[:1, :1].expand(len(samples), -1, -1, -1, -1)
+    return base_model.process_latent_in(samples.float()), mask.float()
+
+
+def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[int, ...],
+                        start: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """ComfyUI ``CONDITIONING`` (a list of ``[cross_attn [1, T, C], {"pooled_output": ...}]``) as one
     batch-first condition, one row per entry. The model's own ``extra_conds`` builds its inputs
     (SDXL's ``y`` from the pooled output and sizes), as ComfyUI's samplers do. Entries whose token
@@ -338,11 +397,14 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
     tokens in one attention (SD3, Flux, Chroma, Qwen-Image, HiDream, Lumina 2), where repeated text keys would
     take k times their weight. An image-conditioned model (Wan image-to-video, an inpainting model) takes each
     entry's image (``concat_latent_image``, as WanImageToVideo or InpaintModelConditioning write it) as
-    ``IMAGE_INPUT``, one row per entry at the sample's size (``check_image_input``)."""
+    ``IMAGE_INPUT``, one row per entry at the sample's size (``check_image_input``). ``start``: start latents and their
+    masks (Wan 2.2 5B image-to-video, ``start_rows``), entry i starting from latent i modulo their count: its mask
+    as the model input ``KEEP_MASK`` (made by ``extra_conds``, as ComfyUI's samplers make it) and its latent under
+    ``KEPT_LATENT``."""
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError("CONDITIONING must be a non-empty list of [tensor, dict] entries (from CLIP Text Encode)")
     rows = []
-    for entry in conditioning:
+    for i, entry in enumerate(conditioning):
         cross_attn, options = entry[0], dict(entry[1])
         if cross_attn.shape[0] != 1:
             raise ValueError(f"each CONDITIONING entry must hold one prompt, got a batch of {cross_attn.shape[0]}")
@@ -352,11 +414,15 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         noise = torch.zeros((1, *framed), device=cross_attn.device)
         if getattr(base_model, "concat_keys", ()):  # an inpainting model, whose inputs need the entry's image
             check_image_input(None, noise, options, len(rows))
+        if start is not None:
+            options[KEEP_MASK] = start[1][i % len(start[1])][None]
         out = base_model.extra_conds(cross_attn=cross_attn.clone(), device=cross_attn.device, noise=noise, **options)
         if IMAGE_INPUT in out:
             check_image_input(out[IMAGE_INPUT].cond, noise, options, len(rows))
         # an input ComfyUI leaves None (Cosmos Predict2's fps for an image) is left out: the model's default
         rows.append({k: _row_input(k, v.cond) for k, v in out.items() if v.cond is not None})
+        if start is not None:
+            rows[-1][KEPT_LATENT] = start[0][i % len(start[0])][None].clone()
     keys = rows[0].keys()
     if any(r.keys() != keys for r in rows):
         some = sorted(set().union(*rows) - set.intersection(*(set(r) for r in rows)))
@@ -366,7 +432,7 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
     cond, constants, lengths = {}, {}, {}
     for k in keys:
         parts = [r[k] for r in rows]
-        if k == IMAGE_INPUT:  # laid out as the sample, one row per entry
+        if k in (IMAGE_INPUT, KEEP_MASK, KEPT_LATENT):  # laid out as the sample, one row per entry
             cond[k] = torch.cat(parts)
             continue
         if parts[0].ndim == 0:  # a scalar input, one per row
