@@ -264,9 +264,6 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
 
     if classes:
         raise ValueError(f"{root}: a text-to-image pipeline trains on prompts (--prompts FILE), not --classes")
-    if index.get("expand_timesteps"):
-        raise ValueError(f"{root}: a Wan 2.2 TI2V pipeline (a time per latent patch) is not a teacher this command "
-                         "distils; Wan 2.1's and Wan 2.2 A14B's are")
     if any(kind in index.get("_class_name", "") for kind in IMAGE_CONDITIONED):
         raise ValueError(f"{root}: a {index['_class_name']}'s network takes an image beside the noise, which this "
                          "command does not feed; distil it in ComfyUI, where each prompt carries its image "

@@ -112,13 +112,14 @@ def _transformers():
 def vae_scale(root: Path) -> int:
     """How many pixels a latent pixel of the pipeline's VAE spans per side (1 without a ``vae/``: its samples
     are images): one halving per block but the last (Qwen-Image's and Wan's video VAEs: per entry of
-    ``temperal_downsample``; SANA's deep-compression autoencoder: per encoder block but the last)."""
+    ``temperal_downsample``, times the side of the patches Wan 2.2's VAE folds into channels first; SANA's
+    deep-compression autoencoder: per encoder block but the last)."""
     path = root / "vae" / "config.json"
     if not path.is_file():
         return 1
     config = json.loads(path.read_text())
     if "temperal_downsample" in config:
-        return 2 ** len(config["temperal_downsample"])
+        return 2 ** len(config["temperal_downsample"]) * (config.get("patch_size") or 1)
     return 2 ** (len(config.get("block_out_channels", config.get("encoder_block_out_channels", ()))) - 1)
 
 

@@ -344,7 +344,9 @@ def multi_encoder_pipeline_dir(root, kind: str):
     and T5, a shifted (3) FlowMatch scheduler); Flux dev (``flux``: 16 channels, guidance embedded, CLIP and T5,
     Flux's resolution-dependent shift); Flux schnell (``flux-schnell``: as Flux dev without the guidance input,
     unshifted); Qwen-Image (``qwen_image_pipeline_dir``); Wan 2.1 (16-channel video latents, UMT5, a video VAE of
-    one halving, FlowMatch shifted by 3). SD3's and Flux's VAEs scale and shift their latents."""
+    one halving, FlowMatch shifted by 3); Wan 2.2 TI2V 5B (``wan22-5b``: as Wan 2.1 with 48-channel latents from a
+    VAE that also folds 2 x 2 patches into channels, and a time per latent patch in its pipeline). SD3's and Flux's
+    VAEs scale and shift their latents."""
     import transformers
 
     clip, vocab = clip_tokenizer(root)
@@ -373,14 +375,17 @@ def multi_encoder_pipeline_dir(root, kind: str):
             tokenizer=clip, text_encoder_2=projected, tokenizer_2=clip, text_encoder_3=t5, tokenizer_3=t5_tokens)
     elif kind == "qwen":
         return qwen_image_pipeline_dir(root)
-    elif kind == "wan":
+    elif kind in ("wan", "wan22-5b"):
+        channels, ti2v = (48, True) if kind == "wan22-5b" else (16, False)
         network = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
-                                                  in_channels=16, out_channels=16, text_dim=32, freq_dim=16,
-                                                  ffn_dim=32, num_layers=1)
-        vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1], num_res_blocks=1,
-                                         temperal_downsample=[False])
+                                                  in_channels=channels, out_channels=channels, text_dim=32,
+                                                  freq_dim=16, ffn_dim=32, num_layers=1)
+        patches = {"is_residual": True, "patch_size": 2, "in_channels": 12, "out_channels": 12,
+                   "scale_factor_spatial": 4, "latents_mean": [0.1] * 48, "latents_std": [2.0] * 48} if ti2v else {}
+        vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=channels, dim_mult=[1, 1], num_res_blocks=1,
+                                         temperal_downsample=[False], **patches)
         pipeline = diffusers.WanPipeline(tokenizer=t5_tokens, text_encoder=t5_encoder(umt5=True)[1], vae=vae,
-                                         transformer=network,
+                                         transformer=network, expand_timesteps=ti2v,
                                          scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
     else:
         dev = kind == "flux"
@@ -599,8 +604,8 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
     """A Wan 2.1 pipeline directory is a teacher of images, each a video of one frame: Euler with CFG through its
     denoiser reproduces its pipeline's sampler on one frame; its default image is its pipeline's 480 x 832
     frame, its UniPC scheduler's flow variant is a flow teacher with that scheduler's shift. The main job
-    distils it at --resolution with a grid decoded by its video VAE; SFD-v conditions its time embedder; Wan 2.2
-    TI2V's time per patch and an image-to-video pipeline are refused in one line each."""
+    distils it at --resolution with a grid decoded by its video VAE; SFD-v conditions its time embedder; an
+    image-to-video pipeline is refused in one line."""
     from distill_core.denoisers.flow import FlowDenoiser
     from distill_core.diffusers_source import denoiser_for, read_json, sample_shape
     from distill_core.solvers import euler
@@ -647,8 +652,6 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
     assert_index_refused(teacher, {"_class_name": "WanImageToVideoPipeline"}, "a WanImageToVideoPipeline's network "
                          "takes an image beside the noise, which this command does not feed; distil it in ComfyUI",
                          tmp_path, capsys)
-    assert_index_refused(teacher, {"expand_timesteps": True}, "a Wan 2.2 TI2V pipeline (a time per latent patch) "
-                         "is not a teacher", tmp_path, capsys)
 
 
 def test_a_wan_pipeline_distils_on_clips_that_its_own_sampler_draws_and_its_student_files_name(tmp_path, capsys):
@@ -694,6 +697,48 @@ def test_a_wan_pipeline_distils_on_clips_that_its_own_sampler_draws_and_its_stud
     assert main(["distill", "--teacher", str(image_model), "--frames", "5", "--out", str(tmp_path / "no")]) != 0
     assert "--frames is for video pipelines (Wan); its SD3Transformer2DModel draws still images" in \
         capsys.readouterr().err
+
+
+def test_a_wan_22_ti2v_5b_pipeline_distils_on_clips_as_its_pipeline_samples_them(tmp_path):
+    """Wan 2.2 TI2V 5B's text-to-video pipeline: its VAE spans 16 pixels a latent pixel here 4 (one halving, then 2 x
+    2 patches folded into its 48 channels), and the pipeline gives its network a time per latent patch, all equal
+    without a start image: Euler with CFG through the denoiser's one time per sample reproduces its sampler on a
+    clip, the main job distils it with a grid decoded by its VAE, and sample draws the student's clips."""
+    from distill_core.solvers import euler
+    from distill_core.teacher import CFGTeacher
+
+    teacher = multi_encoder_pipeline_dir(tmp_path / "wan22", "wan22-5b")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\nan owl\n")
+    source = diffusers_source(teacher, prompts=prompts, resolution=16, frames=5)
+    assert source.shape == (48, 2, 4, 4)
+    with pytest.raises(ValueError, match="multiples of 8 pixels; give 8 or 16"):
+        diffusers_source(teacher, prompts=prompts, resolution=12, frames=5)
+
+    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    assert pipe.config.expand_timesteps
+    set_timesteps = pipe.scheduler.set_timesteps
+    pipe.scheduler.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=[0.9, 0.6, 0.3], device=device)
+    expected = pipe(prompt="a red fox", latents=x, num_inference_steps=3, height=16, width=16, num_frames=5,
+                    guidance_scale=2.0, output_type="latent").frames
+    times = pipe.scheduler.sigmas.double()
+    with torch.no_grad():
+        ours = euler(CFGTeacher(source.denoiser, 2.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
+                     torch.tensor([0]))
+    assert expected.shape == x.shape and expected.abs().max() > 1
+    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
+    strip = source.decode(ours)  # the clip's two frames side by side, 16 pixels high
+    assert strip.shape[:3] == (1, 3, 16) and strip.shape[3] >= 32
+
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", "16", "--frames",
+                 "5", "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--reference-steps",
+                 "8", "--out", str(out), "--no-progress"]) == 0
+    assert read_card(out / "student.safetensors")["frames"] == 5
+    assert (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by its VAE
+    assert main(["sample", str(out / "student.safetensors"), "--prompt", "an owl", "--count", "2",
+                 "--out", str(tmp_path / "owl.png")]) == 0
 
 
 def test_a_wan_teacher_cast_for_a_bf16_run_keeps_what_diffusers_keeps_in_float32(tmp_path):
