@@ -26,11 +26,11 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma,
         chroma-radiance, hunyuan-image, omnigen2, cosmos-predict2, pixart-sigma (eps), hunyuan-dit (v), or on
         clips wan-clip, wan-i2v-clip (image-to-video), wan22-5b-clip, wan22-5b-i2v-clip (image-to-video),
-        hunyuan-video-clip, ltxv-clip, mochi-clip, cosmos-clip: a tiny model (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its
-        weight_dtype fp8_e4m3fn; the others built in memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B
-        and Qwen-Image with one-frame video latents, the clip families on clips of 3 latent frames, the
-        image-to-video ones with their start frame's latent and mask in every prompt, or for Wan 2.2 5B in the
-        LATENT that Wan22ImageToVideoLatent makes) distilled to a LoRA, loaded
+        hunyuan-video-clip, ltxv-clip, mochi-clip, cosmos-clip: a tiny model (SD3 from a single file through
+        the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the others built in memory: Flux with
+        its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame video latents, the clip families
+        on clips of 3 latent frames, the image-to-video ones with their start frame's latent and mask in every
+        prompt, or for Wan 2.2 5B in the LATENT that Wan22ImageToVideoLatent makes) distilled to a LoRA, loaded
         by the stock loader and sampled by SamplerCustom with the student's sigmas, against the engine.
     python tests/comfyui_harness.py two-model-probe METHOD WORKDIR
         two tiny Wan models as Wan 2.2 14B's high- and low-noise models, one teacher distilled (METHOD: sfd or
@@ -418,8 +418,8 @@ SIDES = {"pixart-sigma": 512}
 #: guidance-distilled families: distilled at guidance 3.5 as their input, sampled with the stock FluxGuidance
 EMBEDDED_GUIDANCE = {"flux", "hunyuan-video-clip"}
 #: families distilled on clips, and the clip's length in video frames (Wan: 9 frames, 3 latent frames)
-LENGTHS = {"wan-clip": 9, "wan-i2v-clip": 9, "wan22-5b-clip": 9, "wan22-5b-i2v-clip": 9, "hunyuan-video-clip": 9, "ltxv-clip": 17,
-           "mochi-clip": 13, "cosmos-clip": 17}
+LENGTHS = {"wan-clip": 9, "wan-i2v-clip": 9, "wan22-5b-clip": 9, "wan22-5b-i2v-clip": 9, "hunyuan-video-clip": 9,
+           "ltxv-clip": 17, "mochi-clip": 13, "cosmos-clip": 17}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "wan22-5b": ("WAN22_T2V", WAN22_CONFIG),
              "qwen-image": ("QwenImage", QWEN_CONFIG),
              "lumina2": ("Lumina2", LUMINA2_CONFIG), "auraflow": ("AuraFlow", AURAFLOW_CONFIG),

@@ -338,9 +338,10 @@ def test_wan_pipelines_given_the_students_sigmas_draw_its_clips(tmp_path, capsys
                                                                 method, kind):
     """Wan's pipeline call takes no sigmas: the printed lines hand them to its scheduler and run as written, and
     the pipeline draws the student's latents from the same noise, a clip of 2 latent frames (5 video frames) of
-    Wan 2.1's student and of Wan 2.2 TI2V 5B's (a time per latent patch in its pipeline, a VAE of 2 x 2 patches); Wan 2.2 A14B's student exports a LoRA per expert, the low-noise one loaded into
-    transformer_2, and its pipeline switches them where the teacher did (one step of each), a full student both
-    networks' folders; a Phased DMD student of it, an expert per step on each network, is refused in one line.
+    Wan 2.1's student and of Wan 2.2 TI2V 5B's (a time per latent patch in its pipeline, a VAE of 2 x 2
+    patches); Wan 2.2 A14B's student exports a LoRA per expert, the low-noise one loaded into transformer_2, and
+    its pipeline switches them where the teacher did (one step of each), a full student both networks' folders;
+    a Phased DMD student of it, an expert per step on each network, is refused in one line.
     A DMD2 student's pipeline re-noises, and given the engine's fresh noise draws the engine's image."""
     root = (multi_encoder_pipeline_dir(tmp_path / teacher, teacher) if teacher != "a14b"
             else wan_a14b_dir(tmp_path, boundary=0.7))
