@@ -203,9 +203,10 @@ def sample_activation_bytes(net: nn.Module, source, autocast: torch.dtype | None
     channels, *frames, height, width = source.shape
 
     def probe(scale: int) -> tuple[int, int]:
-        x = torch.randn((1, channels, *frames, height // scale, width // scale), generator=gen).to(device)
-        pixels = (height // scale) * (width // scale)
-        return pixels, activation_bytes(net, x, 1.0, cond, autocast, **scalar_inputs(net))
+        side = (height // scale, width // scale)
+        x = torch.randn((1, channels, *frames, *side), generator=gen).to(device)
+        inputs = laid_out_as(cond, (height, width), side)
+        return side[0] * side[1], activation_bytes(net, x, 1.0, inputs, autocast, **scalar_inputs(net))
 
     if min(height, width) < 64 or height % 32 or width % 32:
         return probe(1)[1]
@@ -214,6 +215,17 @@ def sample_activation_bytes(net: nn.Module, source, autocast: torch.dtype | None
     except Exception:  # noqa: BLE001 - a network that refuses smaller sizes (PixArt's position table): its own
         return probe(1)[1]
     return int(a2 + (a2 - a4) * (height * width - p2) / (p2 - p4))
+
+
+def laid_out_as(cond, sides: tuple[int, int], smaller: tuple[int, int]):
+    """``cond`` for a probe at ``smaller`` sides: the inputs laid out as the sample (an image-to-video model's start
+    frames, a start latent and its mask), whose last two axes are the sample's ``sides``, cut to ``smaller``; the
+    probe counts bytes, which do not depend on the values."""
+    if isinstance(cond, dict):
+        return {k: laid_out_as(v, sides, smaller) for k, v in cond.items()}
+    if isinstance(cond, torch.Tensor) and cond.ndim >= 4 and tuple(cond.shape[-2:]) == sides:
+        return cond[..., :smaller[0], :smaller[1]]
+    return cond
 
 
 def fitting_micro_batches(plan: MemoryPlan, available: int, batch: int) -> int:

@@ -200,10 +200,17 @@ def test_the_nodes_distil_sample_and_compare_clips(tmp_path, monkeypatch):
     assert grid.ndim == 4 and "sfd" in summary
 
 
-def test_the_memory_plan_probes_a_clip_at_a_half_and_a_quarter_side_with_all_its_frames():
+@pytest.mark.parametrize("start", [False, True])
+def test_the_memory_plan_probes_a_clip_at_a_half_and_a_quarter_side_with_all_its_frames(start):
     """A 64 x 64 latent clip of 3 frames is probed at 32 and 16 pixels a side, 3 frames each, and extrapolated
-    in the pixels to what it costs at its own size."""
-    base, source = clip_source(length=9, side=512)
+    in the pixels to what it costs at its own size; so is a clip that starts from an image, whose start latent
+    and mask (laid out as the sample) are cut to the probe's sides."""
+    if start:
+        base = StartFrameWAN22(CONST())
+        source = comfy_source(base, [_entry(3, 1)], [_entry(3, 3)], 512, 512, 2.0, length=9,
+                              start=start_latent(1, side=64))
+    else:
+        base, source = clip_source(length=9, side=512)
     denoiser = source.denoiser.requires_grad_(True)
     seen = []
     apply_model = base.apply_model
