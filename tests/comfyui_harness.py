@@ -17,6 +17,8 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py wan-files DIFFUSION_MODEL VAE [OTHER_DIFFUSION_MODEL]
         writes a tiny Wan 2.1 text-to-video model and a Wan 2.1 VAE (random weights) for the stock loaders,
         and a second model of other weights (a Wan 2.2 14B release's low-noise model).
+    python tests/comfyui_harness.py wan22-5b-files DIFFUSION_MODEL VAE
+        writes a tiny Wan 2.2 TI2V 5B model and a Wan 2.2 VAE (random weights) for the stock loaders.
     python tests/comfyui_harness.py checkpointing-probe CHECKPOINT WORKDIR
         in-process: the same LoRA trained without and with grad_checkpointing on the checkpoint's UNet.
     python tests/comfyui_harness.py lcm-lora-probe CHECKPOINT WORKDIR
@@ -178,9 +180,7 @@ def build_wan_files(diffusion_model: Path, vae: Path, other: Path | None = None)
     import comfy.ldm.wan.vae
     import comfy.supported_models
 
-    config = comfy.supported_models.WAN21_T2V({**WAN_CONFIG, "dim": 128, "ffn_dim": 256, "freq_dim": 256,
-                                               "text_dim": 4096, "num_heads": 1})
-    network = config.get_model({}).diffusion_model
+    network = comfy.supported_models.WAN21_T2V(dict(TINY_WAN)).get_model({}).diffusion_model
     _init(network, 5)
     _save_parts({"": network}, diffusion_model)
     if other is not None:
@@ -188,6 +188,23 @@ def build_wan_files(diffusion_model: Path, vae: Path, other: Path | None = None)
         _save_parts({"": network}, other)
     decoder = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                        temperal_downsample=[False, True, True], dropout=0.0)
+    _save_parts({"": decoder}, vae)
+
+
+def build_wan22_5b_files(diffusion_model: Path, vae: Path) -> None:
+    """A tiny Wan 2.2 TI2V 5B diffusion model file that the stock Load Diffusion Model detects (as the tiny Wan 2.1
+    one, on 48-channel latents) and a Wan 2.2 VAE file that the stock VAELoader detects (its fixed size, 705M
+    parameters, set explicitly: ComfyUI's layers leave theirs unset). Random weights, fp16."""
+    _comfyui()
+    import comfy.ldm.wan.vae2_2
+    import comfy.supported_models
+
+    network = comfy.supported_models.WAN22_T2V({**TINY_WAN, "in_dim": 48, "out_dim": 48}).get_model({})
+    _init(network.diffusion_model, 5)
+    _save_parts({"": network.diffusion_model}, diffusion_model)
+    decoder = comfy.ldm.wan.vae2_2.WanVAE(dim=160, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                          temperal_downsample=[False, True, True], dropout=0.0)
+    _init(decoder, 7)
     _save_parts({"": decoder}, vae)
 
 
@@ -339,6 +356,9 @@ WAN_CONFIG = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "ffn_dim"
 WAN_I2V_CONFIG = {**WAN_CONFIG, "model_type": "i2v", "in_dim": 36}
 #: Wan 2.2 5B: the same blocks on its 48-channel latent, 16 image pixels a side per latent pixel
 WAN22_CONFIG = {**WAN_CONFIG, "in_dim": 48, "out_dim": 48}
+#: the Wan networks of the workflow tests: one block of width 128, one head, on SD3's 4096-wide token table, so
+#: that a CLIP-L loaded as an SD3 text encoder feeds it
+TINY_WAN = {**WAN_CONFIG, "dim": 128, "ffn_dim": 256, "freq_dim": 256, "text_dim": 4096, "num_heads": 1}
 QWEN_CONFIG = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1,
                "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
                "axes_dims_rope": (8, 12, 12)}
@@ -882,6 +902,8 @@ if __name__ == "__main__":
         build_sd3_checkpoint(Path(sys.argv[2]), Path(sys.argv[3]))
     elif command == "wan-files":
         build_wan_files(*map(Path, sys.argv[2:5]))
+    elif command == "wan22-5b-files":
+        build_wan22_5b_files(*map(Path, sys.argv[2:4]))
     elif command == "lora-probe":
         print("RESULT " + json.dumps(lora_probe(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())))
     elif command == "lcm-lora-probe":

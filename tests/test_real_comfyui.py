@@ -509,29 +509,37 @@ def wan_files(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def wan22_5b_files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wan22_5b")
+    _harness("wan22-5b-files", str(folder / "tiny_wan22_5b.safetensors"), str(folder / "tiny_wan22_vae.safetensors"))
+    return folder
+
+
 def _wan_workflow(server, sd3_files: Path, wan_files: Path, name: str) -> dict:
-    """A shipped Wan workflow on the tiny Wan files (the high-noise model the Wan 2.1 one; the low-noise model
-    one of other weights), a CLIP-L through the stock CLIPLoader (type sd3, 4096-wide tokens, as UMT5-XXL's) in
-    place of UMT5-XXL (5.7B parameters), clips of 5 frames (2 latent frames) at 64 x 64 pixels, 4 iterations."""
+    """A shipped Wan workflow on the tiny Wan files in ``wan_files`` (``wan_files``: the Wan 2.1 model, its
+    VAE and a low-noise model of other weights, as Wan 2.2 14B's; ``wan22_5b_files``: a Wan 2.2 5B model and the
+    Wan 2.2 VAE), a CLIP-L through the stock CLIPLoader (type sd3, 4096-wide tokens, as UMT5-XXL's) in place of
+    UMT5-XXL (5.7B parameters), clips of 5 frames (2 latent frames) at 64 x 64 pixels, 4 iterations."""
     models = server.base / "models"
-    for folder, file, source in (("diffusion_models", "tiny_wan21.safetensors", wan_files),
-                                 ("diffusion_models", "tiny_wan_low_noise.safetensors", wan_files),
-                                 ("vae", "tiny_wan_vae.safetensors", wan_files),
-                                 ("text_encoders", "tiny_clip_l.safetensors", sd3_files)):
-        (models / folder).mkdir(exist_ok=True)
-        if not (models / folder / file).exists():
-            (models / folder / file).symlink_to(source / file)
+    files = {path.name: path for path in wan_files.glob("*.safetensors")}
+    files["tiny_clip_l.safetensors"] = sd3_files / "tiny_clip_l.safetensors"
+    for file, source in files.items():
+        folder = models / ("vae" if "vae" in file else "text_encoders" if "clip" in file else "diffusion_models")
+        folder.mkdir(exist_ok=True)
+        if not (folder / file).exists():
+            (folder / file).symlink_to(source)
+    high = next(f for f in files if f.startswith("tiny_wan2") and "vae" not in f)  # Wan 2.1 or Wan 2.2 5B
     graph = _workflow(f"api/{name}.json")
     for node in graph.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "UNETLoader":
-            inputs["unet_name"] = ("tiny_wan_low_noise.safetensors" if "low_noise" in inputs["unet_name"]
-                                   else "tiny_wan21.safetensors")
+            inputs["unet_name"] = "tiny_wan_low_noise.safetensors" if "low_noise" in inputs["unet_name"] else high
         elif kind == "VAELoader":
-            inputs["vae_name"] = "tiny_wan_vae.safetensors"
+            inputs["vae_name"] = next(file for file in files if "vae" in file)
         elif kind == "CLIPLoader":
             inputs.update(clip_name="tiny_clip_l.safetensors", type="sd3")
-        elif kind in ("DistillTeacherFromModel", "EmptyHunyuanLatentVideo"):
+        elif kind in ("DistillTeacherFromModel", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent"):
             inputs.update(width=64, height=64, length=5)
         elif kind == "DistillToSteps":
             inputs.update(iterations=4, batch=2, preview_every=2, checkpoint_every=2)
@@ -551,6 +559,21 @@ def test_the_wan21_workflow_trains_a_4_step_lora_on_clips_and_samples_a_clip(ser
     card = read_card(models / "loras" / "wan21_sfd_4step_lora.safetensors")
     assert (card["method"], card["nfe"], card["comfy_noise"]) == ("sfd", 4, "flow")
     assert card["schedule"]["shift"] == pytest.approx(8.0) and card["guidance"] == {"mode": "cfg", "w": 6.0}
+
+
+def test_the_wan22_5b_workflow_trains_a_4_step_lora_on_clips_and_samples_a_clip(server, sd3_files, wan22_5b_files):
+    """Load Diffusion Model (Wan 2.2 TI2V 5B) -> ModelSamplingSD3 -> Teacher from MODEL on clips of 5 frames (2
+    latent frames of 48 channels, 16 pixels a side) -> Distill to 4 steps (LoRA) -> SamplerCustom with the
+    student's sigmas on the stock Wan22ImageToVideoLatent of the same length -> VAE Decode (the stock Wan 2.2 VAE)
+    -> an animated WEBP, on a tiny Wan 2.2 5B model (``_wan_workflow``)."""
+    models = server.base / "models"
+    entry = server.wait(server.queue(_wan_workflow(server, sd3_files, wan22_5b_files, "wan22_5b_lora_4_steps")))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    clips = [image for image in _images(entry, server.base) if image.suffix == ".webp"]  # Save Animated WEBP's
+    assert len(clips) == 1 and clips[0].stat().st_size > 0
+    card = read_card(models / "loras" / "wan22_5b_sfd_4step_lora.safetensors")
+    assert (card["method"], card["nfe"], card["comfy_noise"]) == ("sfd", 4, "flow")
+    assert card["schedule"]["shift"] == 8.0
 
 
 def test_the_wan22_14b_workflow_trains_a_lora_per_model_and_samples_a_clip_with_two_samplers(server, sd3_files,
