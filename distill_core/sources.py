@@ -187,8 +187,9 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     give such a model the time t = sigma / (1 + sigma) as its sigma. ``experts``: (low-noise BaseModel, its
     model sampling, boundary t) of a two-expert model (Wan 2.2 14B), ``base_model`` then being the high-noise
     expert: one teacher that switches at the boundary (``ComfyExperts``), whose students' cards say where
-    (``comfy_experts``). ``start``: a LATENT with start images (Wan 2.2 5B image-to-video: Wan22ImageToVideoLatent's),
-    one for all prompts or one per positive entry, from which each of its clips starts (``start_rows``)."""
+    (``comfy_experts``). ``start``: a LATENT with start images (Wan 2.2 5B and LTX-Video image-to-video:
+    Wan22ImageToVideoLatent's, LTXVImgToVideo's), one for all prompts or one per positive entry, from which each of
+    its clips starts (``start_rows``)."""
     from distill_core.denoisers.comfy import (
         IMAGE_INPUTS,
         ComfyDenoiser,

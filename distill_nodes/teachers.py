@@ -39,7 +39,8 @@ class BuiltinTeacher:
       "Video models distil on stills (length 1) or on clips of the length you sample with. Wan 2.2 14B: its "
       "high- and low-noise models together, as one teacher. Image-to-video (Wan) and inpainting models distil "
       "on each prompt's image: give the prompts through the model's own node (WanImageToVideo, "
-      "InpaintModelConditioning) at this width, height and length; Wan 2.2 5B's through start_latent.",
+      "InpaintModelConditioning) at this width, height and length; Wan 2.2 5B and LTX-Video take theirs through "
+      "start_latent.",
       inputs=[
           In("model", "MODEL", "the teacher model, e.g. from Load Checkpoint (a ModelSampling node before it is "
              "respected: its shift sets the student's flow grid)"),
@@ -65,10 +66,11 @@ class BuiltinTeacher:
              f"model denoises: {TEXT_TO_VIDEO_BOUNDARY} for Wan 2.2 text-to-video, {IMAGE_TO_VIDEO_BOUNDARY} for "
              "image-to-video", TEXT_TO_VIDEO_BOUNDARY, optional=True,
              options={"min": 0.01, "max": 0.95, "step": 0.005}),
-          In("start_latent", "LATENT", "Wan 2.2 5B image-to-video: the LATENT of Wan22ImageToVideoLatent with its "
-             "start_image, made at this width, height and length; every training clip starts from it, as the "
-             "sampler given that latent does. Several images: one Wan22ImageToVideoLatent each, joined by Latent "
-             "Batch, one per prompt in order (or one for all prompts)", optional=True),
+          In("start_latent", "LATENT", "image-to-video on Wan 2.2 5B and LTX-Video: the LATENT with the start image "
+             "(Wan22ImageToVideoLatent's with its start_image, LTXVImgToVideo's), made at this width, height and "
+             "length; every training clip starts from it, as the sampler given that latent does. Several images: "
+             "one such node each, their latents joined by Latent Batch, one per prompt in order (or one for all "
+             "prompts)", optional=True),
       ],
       outputs=[TEACHER])
 class TeacherFromModel:

@@ -28,11 +28,12 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma,
         chroma-radiance, hunyuan-image, omnigen2, cosmos-predict2, pixart-sigma (eps), hunyuan-dit (v), or on
         clips wan-clip, wan-i2v-clip (image-to-video), wan22-5b-clip, wan22-5b-i2v-clip (image-to-video),
-        hunyuan-video-clip, ltxv-clip, mochi-clip, cosmos-clip: a tiny model (SD3 from a single file through
-        the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the others built in memory: Flux with
-        its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame video latents, the clip families
-        on clips of 3 latent frames, the image-to-video ones with their start frame's latent and mask in every
-        prompt, or for Wan 2.2 5B in the LATENT that Wan22ImageToVideoLatent makes) distilled to a LoRA, loaded
+        hunyuan-video-clip, ltxv-clip, ltxv-i2v-clip (image-to-video), mochi-clip, cosmos-clip: a tiny model
+        (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the others
+        built in memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame video
+        latents, the clip families on clips of 3 latent frames, the image-to-video ones with their start frame's
+        latent and mask in every prompt, or for Wan 2.2 5B and LTX-Video in the LATENT that their own nodes make)
+        distilled to a LoRA, loaded
         by the stock loader and sampled by SamplerCustom with the student's sigmas, against the engine.
     python tests/comfyui_harness.py two-model-probe METHOD WORKDIR
         two tiny Wan models as Wan 2.2 14B's high- and low-noise models, one teacher distilled (METHOD: sfd or
@@ -439,7 +440,7 @@ SIDES = {"pixart-sigma": 512}
 EMBEDDED_GUIDANCE = {"flux", "hunyuan-video-clip"}
 #: families distilled on clips, and the clip's length in video frames (Wan: 9 frames, 3 latent frames)
 LENGTHS = {"wan-clip": 9, "wan-i2v-clip": 9, "wan22-5b-clip": 9, "wan22-5b-i2v-clip": 9, "hunyuan-video-clip": 9,
-           "ltxv-clip": 17, "mochi-clip": 13, "cosmos-clip": 17}
+           "ltxv-clip": 17, "ltxv-i2v-clip": 17, "mochi-clip": 13, "cosmos-clip": 17}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "wan22-5b": ("WAN22_T2V", WAN22_CONFIG),
              "qwen-image": ("QwenImage", QWEN_CONFIG),
              "lumina2": ("Lumina2", LUMINA2_CONFIG), "auraflow": ("AuraFlow", AURAFLOW_CONFIG),
@@ -452,6 +453,7 @@ IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "wan": ("WAN21_T2V", WAN_CONFIG), "w
              "wan-clip": ("WAN21_T2V", WAN_CONFIG), "wan-i2v-clip": ("WAN21_I2V", WAN_I2V_CONFIG),
              "wan22-5b-clip": ("WAN22_T2V", WAN22_CONFIG), "wan22-5b-i2v-clip": ("WAN22_T2V", WAN22_CONFIG),
              "hunyuan-video-clip": ("HunyuanVideo", HUNYUAN_VIDEO_CONFIG), "ltxv-clip": ("LTXV", LTXV_CONFIG),
+             "ltxv-i2v-clip": ("LTXV", LTXV_CONFIG),
              "mochi-clip": ("GenmoMochi", MOCHI_CONFIG), "cosmos-clip": ("CosmosT2V", COSMOS_VIDEO_CONFIG)}
 
 
@@ -502,7 +504,8 @@ def flow_probe(family: str, work: Path) -> dict:
         if family in ("lumina2", "omnigen2"):  # the text encoder's mask gives the token count; prompts of 3 lengths
             tokens = 8 + 4 * seed
             options["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
-        if family in ("ltxv-clip", "mochi-clip"):  # T5 prompts of 3 lengths padded to one (LTX-Video's to 128)
+        if family in ("ltxv-clip", "ltxv-i2v-clip", "mochi-clip"):  # T5 prompts of 3 lengths padded to one
+            # (LTX-Video's to 128)
             tokens = 20
             options["attention_mask"] = (torch.arange(tokens) < 8 + 4 * seed).long()[None]
         if family == "hunyuan-dit":  # BERT and mT5 prompts of 3 lengths padded to their encoders' (BERT's 12), one
@@ -526,7 +529,7 @@ def flow_probe(family: str, work: Path) -> dict:
     embedded = family in EMBEDDED_GUIDANCE
     guidance = 3.5 if embedded else 4.0
     sampled = FluxGuidance.execute(positive[:1], guidance)[0] if embedded else None
-    start = start_latent(SIDES.get(family, 64), LENGTHS[family]) if family == "wan22-5b-i2v-clip" else None
+    start = start_latent(family, SIDES.get(family, 64), LENGTHS[family]) if family in START_LATENTS else None
     result = distil_and_compare(pack, model, positive, negative,
                                 lambda name: stock.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0],
                                 guidance=guidance, sample_positive=sampled, side=SIDES.get(family, 64),
@@ -540,17 +543,27 @@ def flow_probe(family: str, work: Path) -> dict:
             "model_class": type(model.model).__name__}
 
 
-def start_latent(side: int, length: int) -> dict:
-    """The LATENT of ComfyUI's own Wan22ImageToVideoLatent with a start image, of ``side`` x ``side`` pixels and
-    ``length`` frames, for a VAE that encodes the image as a random latent frame of Wan 2.2's 48 channels."""
+#: image-to-video families whose start image lies in the LATENT that the sampler is given: its channels and pixel span
+START_LATENTS = {"wan22-5b-i2v-clip": (48, 16), "ltxv-i2v-clip": (128, 32)}
+
+
+def start_latent(family: str, side: int, length: int) -> dict:
+    """The LATENT of ComfyUI's own image-to-video latent node with a start image, of ``side`` x ``side`` pixels and
+    ``length`` frames (Wan22ImageToVideoLatent; LTXVImgToVideo at strength 0.9, whose mask keeps 0.9 of the image),
+    for a VAE that encodes the image as a random latent frame of the family's channels."""
     import torch
+    from comfy_extras.nodes_lt import LTXVImgToVideo
     from comfy_extras.nodes_wan import Wan22ImageToVideoLatent
+
+    channels, span = START_LATENTS[family]
 
     class RandomVAE:
         def encode(self, image):
-            return torch.randn(1, 48, 1, side // 16, side // 16, generator=torch.Generator().manual_seed(4))
+            return torch.randn(1, channels, 1, side // span, side // span, generator=torch.Generator().manual_seed(4))
 
     image = torch.rand(1, side, side, 3, generator=torch.Generator().manual_seed(5))
+    if family == "ltxv-i2v-clip":
+        return LTXVImgToVideo.execute([], [], image, RandomVAE(), side, side, length, 1, 0.9)[2]
     return Wan22ImageToVideoLatent.execute(RandomVAE(), side, side, length, 1, start_image=image)[0]
 
 

@@ -11,7 +11,13 @@ from test_comfy_adapter import CONST, EPS, Cond, FakeBaseModel, FakePatcher, Vid
 
 from distill_core.config import DistillConfig
 from distill_core.denoisers.base import per_sample
-from distill_core.denoisers.comfy import ComfyDenoiser, encode_conditioning, frames_per_latent, latent_shape
+from distill_core.denoisers.comfy import (
+    ComfyDenoiser,
+    encode_conditioning,
+    frames_per_latent,
+    latent_shape,
+    start_rows,
+)
 from distill_core.lora import merge
 from distill_core.memory_plan import activation_bytes, sample_activation_bytes
 from distill_core.methods.registry import method_class, methods
@@ -260,17 +266,23 @@ def test_wan22_image_to_video_clips_start_from_the_start_latent_as_comfyuis_samp
 
     teacher_node = nodes["DistillTeacherFromModel"]()
     refusals = [
-        (dict(model=FakePatcher(WAN21(CONST()))), "a start latent is for Wan 2.2 5B image-to-video"),
+        (dict(model=FakePatcher(WAN21(CONST()))), "a start latent is for Wan 2.2 5B and LTX-Video image-to-video"),
         (dict(start_latent={"samples": latent["samples"]}), "holds no start image"),
         (dict(width=128), r"start latent is \[4, 3, 8, 8\] .* teacher's clips are \[4, 3, 8, 16\]"),
         (dict(length=1), "a clip of one frame would be the start image itself"),
         (dict(start_latent=start_latent(3)), "holds 3 images for 2 prompts"),
+        (dict(start_latent={**latent, "noise_mask": torch.ones(1, 1, 2, 1, 1)}), "not one per latent frame or pixel"),
     ]
     for change, says in refusals:
         args = dict(model=FakePatcher(base), positive=positive, negative=negative, width=64, height=64,
                     guidance=2.0, length=9, start_latent=latent)
         with pytest.raises(ValueError, match=says):
             teacher_node.run(**{**args, **change})
+    # LTX-Video's LATENT holds one mask value per latent frame, 1 - strength on the image's
+    per_frame = {**latent, "noise_mask": torch.tensor([0.2, 1.0, 1.0]).view(1, 1, 3, 1, 1)}
+    kept, masks = start_rows(base, per_frame, (4, 3, 8, 8), 2)
+    assert masks.shape == (2, 1, 3, 8, 8) and masks[:, :, 0].eq(0.2).all() and masks[:, :, 1:].eq(1).all()
+    torch.testing.assert_close(kept, latent["samples"] / 2)
     (teacher,) = teacher_node.run(FakePatcher(base), positive, negative, 64, 64, 2.0, length=9,
                                   start_latent=start_latent(1))
     args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-2, batch=2, seed=0, guidance_mode="auto",

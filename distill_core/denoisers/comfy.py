@@ -101,9 +101,10 @@ class ComfyDenoiser(nn.Module):
     ``prediction``: "flow" for flow models (the engine then offers the flow time grid, with the model's own
     ``shift``), else ComfyUI's prediction class in lower case.
 
-    A condition with a start latent (``KEPT_LATENT``, Wan 2.2 5B image-to-video) has the model's input and its
-    x0 hold that latent on the start frames (``keep_start``), as ComfyUI's sampler does: ``D(x, sigma)`` is then the
-    model's denoiser of the other frames given the clean start frames, whatever ``x`` holds there."""
+    A condition with a start latent (``KEPT_LATENT``, Wan 2.2 5B and LTX-Video image-to-video) has the model's
+    input and its x0 hold that latent on the start frames (``keep_start``), as ComfyUI's sampler does: ``D(x,
+    sigma)`` is then the model's denoiser of the other frames given the clean start frames, whatever ``x`` holds
+    there."""
 
     def __init__(self, base_model: nn.Module, sampling=None):
         super().__init__()
@@ -332,9 +333,9 @@ CONSTANTS, LENGTHS = "constants", "lengths"
 #: the model input of an image-conditioned model (an image-to-video model's start frames, an inpainting model's
 #: masked image), laid out as the sample
 IMAGE_INPUT = "c_concat"
-#: a start latent's two parts in a condition (Wan 2.2 5B image-to-video, ``start_rows``): the model input that masks
-#: the start frames off (ComfyUI's ``denoise_mask``: 0 on them, 1 elsewhere) and the latent they hold, in the
-#: model's scale, which the adapter keeps in place of the sample there (``keep_start``)
+#: a start latent's two parts in a condition (Wan 2.2 5B and LTX-Video image-to-video, ``start_rows``): the model
+#: input that masks the start frames off (ComfyUI's ``denoise_mask``: 0 on them, 1 elsewhere) and the latent they
+#: hold, in the model's scale, which the adapter keeps in place of the sample there (``keep_start``)
 KEEP_MASK, KEPT_LATENT = "denoise_mask", "kept_latent"
 #: the model inputs made from an entry's image (beside ``IMAGE_INPUT``, Wan 2.1 image-to-video's CLIP vision
 #: features, and a start latent's), which the unconditional side of CFG takes from each row
@@ -342,8 +343,9 @@ KEEP_MASK, KEPT_LATENT = "denoise_mask", "kept_latent"
 IMAGE_INPUTS = (IMAGE_INPUT, "clip_fea", KEEP_MASK, KEPT_LATENT)
 #: ComfyUI's models (BaseModel classes, subclasses included) whose samplers keep a LATENT's masked part as it is at
 #: every step (``scale_latent_inpaint`` gives the latent back, not re-noised) and that read the mask as a time per
-#: latent frame, 0 on the start frames: Wan 2.2 5B, whose image-to-video mode starts from Wan22ImageToVideoLatent's
-KEEPS_START = ("WAN22",)
+#: latent frame or patch, 0 on the start frames: Wan 2.2 5B and LTX-Video, whose image-to-video modes start from the
+#: LATENT of Wan22ImageToVideoLatent and of LTXVImgToVideo
+KEEPS_START = ("WAN22", "LTXV")
 
 
 def keep_start(x: torch.Tensor, kept: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -355,33 +357,36 @@ def keep_start(x: torch.Tensor, kept: torch.Tensor, mask: torch.Tensor) -> torch
 
 def start_rows(base_model: nn.Module, start: dict, shape: tuple[int, ...], prompts: int) -> tuple:
     """(the start latents in the model's scale [N, C, T, H, W], their masks [N, 1, T, H, W]) of a LATENT with a start
-    image (Wan22ImageToVideoLatent's with its ``start_image``: ``samples`` and ``noise_mask``, 0 on the image's
-    latent frames), one row per start image (one for all ``prompts``, or one each, in order), checked against the
-    model and the teacher's clip ``shape`` (C, T, H, W)."""
+    image (Wan22ImageToVideoLatent's with its ``start_image``, LTXVImgToVideo's: ``samples`` and ``noise_mask``, 0 on
+    the image's latent frames, or 1 - strength; LTX-Video's one value per frame), one row per start image (one for
+    all ``prompts``, or one each, in order), checked against the model and the teacher's clip ``shape``
+    (C, T, H, W)."""
     name = type(base_model).__name__
     if not any(cls.__name__ in KEEPS_START for cls in type(base_model).__mro__):
-        raise ValueError(f"a start latent is for Wan 2.2 5B image-to-video, and the model is {name}: for Wan 2.1 / "
-                         "2.2 14B image-to-video give each prompt its image through WanImageToVideo's positive, and "
-                         "leave start_latent unconnected")
+        raise ValueError(f"a start latent is for Wan 2.2 5B and LTX-Video image-to-video, and the model is {name}: for "
+                         "Wan 2.1 / 2.2 14B image-to-video give each prompt its image through WanImageToVideo's "
+                         "positive, and leave start_latent unconnected")
     if not isinstance(start, dict) or "noise_mask" not in start:
         raise ValueError("the start latent holds no start image: connect an image to start_image of "
-                         "Wan22ImageToVideoLatent (without one, leave start_latent unconnected: text-to-video)")
+                         "Wan22ImageToVideoLatent, or use LTXVImgToVideo's latent (without an image, leave "
+                         "start_latent unconnected: text-to-video)")
     samples, mask = start["samples"], start["noise_mask"]
     if len(shape) != 4:
         raise ValueError("with a start image the teacher distils clips: set length to the clip's frames (a clip of "
                          "one frame would be the start image itself)")
     if tuple(samples.shape[1:]) != tuple(shape):
         raise ValueError(f"the start latent is {list(samples.shape[1:])} (channels, frames, height, width) and the "
-                         f"teacher's clips are {list(shape)}: give Wan22ImageToVideoLatent the teacher's width, "
-                         "height and length")
+                         f"teacher's clips are {list(shape)}: give its node (Wan22ImageToVideoLatent, "
+                         "LTXVImgToVideo) the teacher's width, height and length")
     if len(samples) not in (1, prompts):
         raise ValueError(f"the start latent holds {len(samples)} images for {prompts} prompts: give one image for "
                          "all prompts, or one per prompt in order (Latent Batch joins them)")
-    if mask.ndim != 5 or tuple(mask.shape[2:]) != tuple(shape[1:]):
-        raise ValueError(f"the start latent's noise mask is {list(mask.shape)}, not one per latent pixel of its "
-                         "clip: make the latent with Wan22ImageToVideoLatent")
-    mask = mask[:, :1] if len(mask) == len(samples) else mask[:1, :1].expand(len(samples), -1, -1, -1, -1)
-    return base_model.process_latent_in(samples.float()), mask.float()
+    if mask.ndim != 5 or any(m not in (1, s) for m, s in zip(mask.shape[2:], shape[1:], strict=True)):
+        raise ValueError(f"the start latent's noise mask is {list(mask.shape)}, not one per latent frame or pixel "
+                         "of its clip: make the latent with Wan22ImageToVideoLatent or LTXVImgToVideo")
+    mask = mask[:, :1] if len(mask) == len(samples) else mask[:1, :1]
+    mask = mask.float().expand(len(samples), 1, *shape[1:])
+    return base_model.process_latent_in(samples.float()), mask
 
 
 def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[int, ...],
@@ -398,9 +403,9 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
     take k times their weight. An image-conditioned model (Wan image-to-video, an inpainting model) takes each
     entry's image (``concat_latent_image``, as WanImageToVideo or InpaintModelConditioning write it) as
     ``IMAGE_INPUT``, one row per entry at the sample's size (``check_image_input``). ``start``: start latents and their
-    masks (Wan 2.2 5B image-to-video, ``start_rows``), entry i starting from latent i modulo their count: its mask
-    as the model input ``KEEP_MASK`` (made by ``extra_conds``, as ComfyUI's samplers make it) and its latent under
-    ``KEPT_LATENT``."""
+    masks (Wan 2.2 5B and LTX-Video image-to-video, ``start_rows``), entry i starting from latent i modulo their
+    count: its mask as the model input ``KEEP_MASK`` (made by ``extra_conds``, as ComfyUI's samplers make it) and
+    its latent under ``KEPT_LATENT``."""
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError("CONDITIONING must be a non-empty list of [tensor, dict] entries (from CLIP Text Encode)")
     rows = []
