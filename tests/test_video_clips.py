@@ -235,9 +235,10 @@ def test_wan22_image_to_video_clips_start_from_the_start_latent_as_comfyuis_samp
     sampler does (its input there is replaced, its output there is the latent), so nothing it is handed on that frame
     matters. CFG's other side starts from the row's own image. Trained, Few-step sample's clips begin with the start
     image, and ComfyUI's way (the student's SIGMAS and SAMPLER on a model whose input and output keep the start frame,
-    from the noise scaled onto the latent) gives the same clips. Refused at the node, each in one line: another
-    model, a LATENT without a start image, another size or length, a clip of one frame, and a count of images that
-    is neither 1 nor the prompts'."""
+    from the noise scaled onto the latent) gives the same clips. LTX-Video's mask, one value per latent frame, is
+    laid out over the frame. Refused at the node, each in one line: another model, a LATENT without a start image,
+    another size or length, a clip of one frame, a count of images that is neither 1 nor the prompts', and a mask
+    of other frames."""
     from distill_core.workflow import node_pack
     from distill_nodes import host
 
