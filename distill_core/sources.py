@@ -197,6 +197,7 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
         embeds_guidance,
         encode_conditioning,
         latent_shape,
+        negative_with_references,
         start_rows,
         with_guidance,
     )
@@ -212,7 +213,8 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
         positive, negative = with_guidance(positive, guidance), with_guidance(negative, guidance)
         card["embedded_guidance"], guidance = float(guidance), 1.0
     kept = start_rows(base_model, start, shape, len(positive)) if start is not None else None
-    both = encode_conditioning(base_model, list(positive) + list(negative[:1]), shape, kept)
+    negative = negative_with_references(positive, negative[:1], guidance)
+    both = encode_conditioning(base_model, list(positive) + negative, shape, kept)
     n = len(positive)
     prompts = index_cond(both, torch.arange(n))
     # the negative's image (or start latent) leaves: CFG's unconditional side takes each row's own

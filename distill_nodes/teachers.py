@@ -84,6 +84,7 @@ class TeacherFromModel:
             encode_conditioning,
             latent_shape,
             model_sampling,
+            negative_with_references,
             refuse_unsupported,
             start_rows,
             with_guidance,
@@ -101,7 +102,9 @@ class TeacherFromModel:
             if not isinstance(conditioning, list) or not conditioning:
                 raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode or Distill "
                                  f"prompt list)")
-        prompts, guided = list(positive) + list(negative[:1]), embeds_guidance(model.model)
+        guided = embeds_guidance(model.model)
+        cfg = 1.0 if guided else guidance
+        prompts = list(positive) + negative_with_references(positive, negative[:1], cfg)
         # prompts whose model inputs cannot be batched are refused here too
         start = start_rows(model.model, start_latent, shape, len(positive)) if start_latent is not None else None
         inputs = encode_conditioning(model.model, with_guidance(prompts, guidance) if guided else prompts, shape,
@@ -110,7 +113,6 @@ class TeacherFromModel:
             print(f"[comfyui-distill] these two models take an image (image-to-video), whose release hands over at "
                   f"t = {IMAGE_TO_VIDEO_BOUNDARY}, and boundary is text-to-video's {TEXT_TO_VIDEO_BOUNDARY}: set it "
                   f"to {IMAGE_TO_VIDEO_BOUNDARY} unless you mean {TEXT_TO_VIDEO_BOUNDARY}")
-        cfg = 1.0 if guided else guidance
 
         def build():
             return comfy_source(model.model, positive, negative, width, height, guidance, sampling=sampling,

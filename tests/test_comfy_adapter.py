@@ -949,3 +949,92 @@ def test_an_image_conditioned_model_distils_on_each_prompts_image(tmp_path, monk
     other = {**cond, "c_concat": cond["c_concat"].flip(0), "clip_fea": cond["clip_fea"].flip(0)}
     swapped = sampler(lambda x_t, t: merged.apply_model(x_t, t, **other), float(sigmas[0]) * z, sigmas)
     assert cfg == 1.0 and (swapped - out).abs().max() > 1e-2
+
+
+class FakeEditModel(FakeBaseModel):
+    """An editing model (Flux Kontext's, Qwen-Image-Edit's shape): ``extra_conds`` turns an entry's
+    ``reference_latents`` into the list input ``ref_latents`` (ComfyUI's CONDList, in the model's scale), and the
+    network adds a projection of each reference to its input."""
+
+    def __init__(self):
+        super().__init__(CONST())
+        self.reference_in = nn.Conv2d(4, 4, 1)
+
+    def extra_conds(self, cross_attn, device, noise, **options):
+        out = super().extra_conds(cross_attn, device, noise, **options)
+        if "reference_latents" in options:
+            out["ref_latents"] = Cond([latent * 2 for latent in options["reference_latents"]])
+        return out
+
+    def apply_model(self, x, sigma, c_crossattn=None, y=None, ref_latents=None):
+        for latent in ref_latents or []:
+            x = x + self.reference_in(latent).mean((2, 3), keepdim=True)
+        return super().apply_model(x, sigma, c_crossattn, y)
+
+
+def _with_references(entry: list, seed: int, sides=((8, 8),)) -> list:
+    """A CONDITIONING entry with reference images' latents, as ReferenceLatent or TextEncodeQwenImageEdit add them."""
+    gen = torch.Generator().manual_seed(seed)
+    return [entry[0], {**entry[1], "reference_latents": [torch.randn(1, 4, *side, generator=gen) for side in sides]}]
+
+
+def test_an_editing_model_distils_on_each_prompts_reference_images(tmp_path, monkeypatch):
+    """Flux Kontext and Qwen-Image-Edit take reference images as a list input: each row keeps its own prompt's list,
+    item by item, and the model gets them back as a list; CFG's unconditional side takes the row's references (the
+    Qwen-Image-Edit negative carries the same image). A negative without references (Flux Kontext's zeroed-out
+    prompt) takes the first prompt's at CFG 1, where it does not count, and is refused above it; references of
+    other sizes are refused. Trained, the student's SIGMAS and SAMPLER on the LoRA-merged model, given each row's
+    references, give Few-step sample's latents."""
+    from distill_core.workflow import node_pack
+    from distill_nodes import host
+
+    nodes = node_pack().NODE_CLASS_MAPPINGS
+    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
+    monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
+    monkeypatch.setattr(host, "with_lora", lambda model, tensors: (model, tensors))
+    base = FakeEditModel()
+    base.latent_format, base.process_latent_out = LatentFormat(), lambda x: x
+    two = ((8, 8), (4, 6))  # two references of other sizes, as TextEncodeQwenImageEditPlus gives them
+    positive = [_with_references(_entry(3, 1), 10, two), _with_references(_entry(3, 2), 11, two)]
+    negative = [_with_references(_entry(3, 3), 10, two)]
+    source = comfy_source(base, positive, negative, 64, 64, 3.0)
+    rows = source.draw_cond(3, torch.Generator().manual_seed(0))
+    assert "ref_latents" not in source.uncond and list(rows["ref_latents"]) == ["0", "1"]
+    assert rows["ref_latents"]["1"].shape == (3, 4, 4, 6)
+    for row in range(3):  # each row its own entry's references, in the model's scale
+        own = [e for e in positive if torch.equal(rows["ref_latents"]["0"][row], 2 * e[1]["reference_latents"][0][0])]
+        assert len(own) == 1 and torch.equal(rows["ref_latents"]["1"][row], 2 * own[0][1]["reference_latents"][1][0])
+    x, sigma = torch.randn(3, 4, 8, 8), torch.full((3,), 2.0)
+    with torch.no_grad():
+        ours = source.denoiser(x, sigma, rows)
+        inputs = {k: v for k, v in rows.items() if k not in ("ref_latents", "lengths")}
+        listed = [rows["ref_latents"]["0"], rows["ref_latents"]["1"]]
+        torch.testing.assert_close(ours, base.apply_model(x / 3, sigma / 3, **inputs, ref_latents=listed))
+        assert (ours - base.apply_model(x / 3, sigma / 3, **inputs)).abs().max() > 1e-3
+        x0_u = source.denoiser(x, sigma, {**index_cond(source.uncond, torch.zeros(3, dtype=torch.long)),
+                                          "ref_latents": rows["ref_latents"]})
+        guided = CFGTeacher(source.denoiser, 3.0, source.uncond)(x, sigma, rows)
+    torch.testing.assert_close(guided, x0_u + 3.0 * (ours - x0_u))
+
+    teacher_node = nodes["DistillTeacherFromModel"]()
+    bare_negative = [_entry(3, 3)]
+    with pytest.raises(ValueError, match="the positive prompts carry reference images and the negative does not"):
+        teacher_node.run(FakePatcher(base), positive, bare_negative, 64, 64, 3.0)
+    with pytest.raises(ValueError, match=r"differ in count or size \(\[\(4, 8, 8\), \(4, 4, 6\)\], \[\(4, 8, 8\)\]"):
+        teacher_node.run(FakePatcher(base), [positive[0], _with_references(_entry(3, 2), 11)], negative, 64, 64, 3.0)
+    (handle,) = teacher_node.run(FakePatcher(base), positive, bare_negative, 64, 64, 1.0)  # CFG 1: filled in
+    args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-2, batch=2, seed=0, guidance_mode="auto",
+                student="lora", lora_rank=2, save_name="edit", resume=False, preview_every=0, checkpoint_every=1)
+    _, student, _ = nodes["DistillToSteps"]().run(handle, **args)["result"]
+    merged = copy.deepcopy(base)
+    assert merge(merged, load(tmp_path / "models" / "loras" / "edit.safetensors")[0]) > 0
+    sigmas, sampler, cfg = nodes["DistillStudentSchedule"]().run("(connected student)", 0, student)
+    _, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
+    gen = torch.Generator().manual_seed(1)  # Few-step sample's noise and prompts, as a seeded workflow's
+    z = torch.randn((2, 4, 8, 8), generator=gen)
+    cond = {k: v for k, v in student.teacher.source().draw_cond(2, gen).items() if k != "lengths"}
+    cond["ref_latents"] = list(cond["ref_latents"].values())
+    out = sampler(lambda x_t, t: merged.apply_model(x_t, t, **cond), float(sigmas[0]) * z, sigmas)
+    assert cfg == 1.0
+    torch.testing.assert_close(out / (1 - float(sigmas[-1])), latent["samples"], atol=1e-5, rtol=1e-5)

@@ -145,9 +145,10 @@ class ComfyDenoiser(nn.Module):
         if self.flow:
             x = x / (1 + per_sample(sigma, x))
             sigma = sigma_to_t(sigma)
-        inputs, kept = dict(cond or {}), (cond or {}).get(KEPT_LATENT)
+        # a list input (reference latents) is held as a dict of its items
+        inputs = {k: list(v.values()) if isinstance(v, dict) else v for k, v in (cond or {}).items()}
+        kept = inputs.pop(KEPT_LATENT, None)
         if kept is not None:  # the start frames, as ComfyUI's sampler keeps a LATENT's masked part
-            del inputs[KEPT_LATENT]
             x = keep_start(x, kept, inputs[KEEP_MASK])
         if not torch.is_grad_enabled():
             out = self.base.apply_model(x, sigma, **inputs)
@@ -337,10 +338,13 @@ IMAGE_INPUT = "c_concat"
 #: input that masks the start frames off (ComfyUI's ``denoise_mask``: 0 on them, 1 elsewhere) and the latent they
 #: hold, in the model's scale, which the adapter keeps in place of the sample there (``keep_start``)
 KEEP_MASK, KEPT_LATENT = "denoise_mask", "kept_latent"
+#: the model input of an editing model's reference images (Flux Kontext's, Qwen-Image-Edit's: ComfyUI's CONDList of
+#: latents, from ReferenceLatent or TextEncodeQwenImageEdit), held as a dict of its items, each batch-first
+REFERENCES = "ref_latents"
 #: the model inputs made from an entry's image (beside ``IMAGE_INPUT``, Wan 2.1 image-to-video's CLIP vision
-#: features, and a start latent's), which the unconditional side of CFG takes from each row
+#: features, a start latent's and reference latents), which the unconditional side of CFG takes from each row
 #: (``CFGTeacher.uncond_like``)
-IMAGE_INPUTS = (IMAGE_INPUT, "clip_fea", KEEP_MASK, KEPT_LATENT)
+IMAGE_INPUTS = (IMAGE_INPUT, "clip_fea", KEEP_MASK, KEPT_LATENT, REFERENCES)
 #: ComfyUI's models (BaseModel classes, subclasses included) whose samplers keep a LATENT's masked part as it is at
 #: every step (``scale_latent_inpaint`` gives the latent back, not re-noised) and that read the mask as a time per
 #: latent frame or patch, 0 on the start frames: Wan 2.2 5B and LTX-Video, whose image-to-video modes start from the
@@ -437,6 +441,9 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
     cond, constants, lengths = {}, {}, {}
     for k in keys:
         parts = [r[k] for r in rows]
+        if isinstance(parts[0], dict):  # a list input: each item batched across the entries
+            cond[k] = _batched_items(k, parts)
+            continue
         if k in (IMAGE_INPUT, KEEP_MASK, KEPT_LATENT):  # laid out as the sample, one row per entry
             cond[k] = torch.cat(parts)
             continue
@@ -471,15 +478,43 @@ def check_image_input(image: torch.Tensor | None, noise: torch.Tensor, options: 
                          "give the image's node the teacher's width, height and length")
 
 
-def _row_input(name: str, value) -> torch.Tensor:
-    """One entry's model input: a tensor, or a number (``CONDConstant``: Lumina 2's ``num_tokens``) as a
-    0-d tensor."""
+def _row_input(name: str, value) -> torch.Tensor | dict[str, torch.Tensor]:
+    """One entry's model input: a tensor, a number (``CONDConstant``: Lumina 2's ``num_tokens``) as a 0-d tensor,
+    or a list of tensors (``CONDList``: reference latents) as a dict of its items."""
     if isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, bool | int | float):
         return torch.tensor(value)
+    if isinstance(value, list | tuple) and all(isinstance(v, torch.Tensor) for v in value):
+        return {str(i): v.clone() for i, v in enumerate(value)}
     raise ValueError(f"the model input {name!r} of this conditioning is a {type(value).__name__}, which "
-                     "distillation cannot batch; it supports tensor and number inputs")
+                     "distillation cannot batch; it supports tensor, number and tensor-list inputs")
+
+
+def _batched_items(name: str, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The items of one list input of every entry, each concatenated along the batch; refused where the entries'
+    lists differ in length or shapes (reference images of other sizes)."""
+    shapes = [[tuple(v.shape[1:]) for v in p.values()] for p in parts]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(f"the CONDITIONING entries' {name} (reference images) differ in count or size "
+                         f"({', '.join(map(str, shapes))} latent sizes): give every prompt as many reference images, "
+                         "each at one size (scale the images to one size before the node that encodes them)")
+    return {i: torch.cat([p[i] for p in parts]) for i in parts[0]}
+
+
+def negative_with_references(positive: list, negative: list, cfg: float) -> list:
+    """The negative entries given the first positive's reference images where they have none (ComfyUI's Flux
+    Kontext workflows zero out the prompt for the negative before the image is added): CFG's unconditional side
+    takes each row's own (``IMAGE_INPUTS``). At CFG 1 the negative does not count; above it, the sampler would
+    run the negative without the image, which one batch cannot: refused, naming the fix."""
+    images = positive[0][1].get("reference_latents")
+    if images is None or all("reference_latents" in entry[1] for entry in negative):
+        return negative
+    if cfg != 1.0:
+        raise ValueError("the positive prompts carry reference images and the negative does not, which the sampler "
+                         "runs without one at CFG above 1: encode the negative with the same image (as "
+                         "TextEncodeQwenImageEdit or ReferenceLatent on it), or set the guidance to 1")
+    return [[entry[0], {**entry[1], "reference_latents": images}] for entry in negative]
 
 
 def embeds_guidance(base_model: nn.Module) -> bool:
