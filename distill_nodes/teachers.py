@@ -40,13 +40,15 @@ class BuiltinTeacher:
       "high- and low-noise models together, as one teacher. Image-to-video (Wan) and inpainting models distil "
       "on each prompt's image: give the prompts through the model's own node (WanImageToVideo, "
       "InpaintModelConditioning) at this width, height and length; Wan 2.2 5B and LTX-Video take theirs through "
-      "start_latent.",
+      "start_latent. Editing models (Flux Kontext, Qwen-Image-Edit) distil on each prompt's reference images "
+      "(ReferenceLatent, TextEncodeQwenImageEdit).",
       inputs=[
           In("model", "MODEL", "the teacher model, e.g. from Load Checkpoint (a ModelSampling node before it is "
              "respected: its shift sets the student's flow grid)"),
           In("positive", "CONDITIONING", "training prompts: each entry is one prompt (Distill prompt list, "
              "or CLIP Text Encode outputs combined with Conditioning (Combine)); for an image-to-video or "
-             "inpainting model each with its image (WanImageToVideo's positive, several combined)"),
+             "inpainting model each with its image (WanImageToVideo's positive, several combined), for an editing "
+             "model each with its reference images"),
           In("negative", "CONDITIONING", "the negative prompt (its first entry) for classifier-free guidance"),
           In("width", "INT", "training image width in pixels (latents are width / 8; Wan 2.2 5B: / 16, "
              "HunyuanImage 2.1: / 32, Chroma Radiance: pixels; a size the latent does not divide is refused)", 512,
