@@ -17,6 +17,8 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py wan-files DIFFUSION_MODEL VAE [OTHER_DIFFUSION_MODEL]
         writes a tiny Wan 2.1 text-to-video model and a Wan 2.1 VAE (random weights) for the stock loaders,
         and a second model of other weights (a Wan 2.2 14B release's low-noise model).
+    python tests/comfyui_harness.py flux-files DIFFUSION_MODEL VAE
+        writes a tiny Flux dev model and a Flux VAE (random weights) for the stock loaders.
     python tests/comfyui_harness.py wan22-5b-files DIFFUSION_MODEL VAE
         writes a tiny Wan 2.2 TI2V 5B model and a Wan 2.2 VAE (random weights) for the stock loaders.
     python tests/comfyui_harness.py checkpointing-probe CHECKPOINT WORKDIR
@@ -192,6 +194,32 @@ def build_wan_files(diffusion_model: Path, vae: Path, other: Path | None = None)
     decoder = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                        temperal_downsample=[False, True, True], dropout=0.0)
     _save_parts({"": decoder}, vae)
+
+
+def build_flux_files(diffusion_model: Path, vae: Path) -> None:
+    """A small Flux dev diffusion model file that the stock Load Diffusion Model detects (its guidance input; one
+    double and one single block at Flux's fixed width, 3072, which ComfyUI reads from no weight: 549M parameters;
+    on SD3's 4096-wide token table and 2048-wide pooled vector, so that a CLIP-L loaded as an SD3 text encoder
+    feeds it) and a Flux VAE file that the stock VAELoader detects (a 16-channel autoencoder without quantisation
+    convolutions, its fixed size, 84M parameters). Random weights, fp16."""
+    _comfyui()
+    import comfy.ldm.models.autoencoder
+    import comfy.supported_models
+
+    config = comfy.supported_models.Flux({**FLUX_CONFIG, "context_in_dim": 4096, "vec_in_dim": 2048,
+                                          "hidden_size": 3072, "num_heads": 24, "axes_dim": [16, 56, 56]})
+    network = config.get_model({}).diffusion_model
+    _init(network, 5)
+    _save_parts({"": network}, diffusion_model)
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    module = "comfy.ldm.modules.diffusionmodules.model."
+    autoencoder = comfy.ldm.models.autoencoder.AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": module + "Encoder", "params": ddconfig},
+        decoder_config={"target": module + "Decoder", "params": ddconfig})
+    _init(autoencoder, 7)
+    _save_parts({"": autoencoder}, vae)
 
 
 def build_wan22_5b_files(diffusion_model: Path, vae: Path) -> None:
@@ -930,6 +958,8 @@ if __name__ == "__main__":
         build_sd3_checkpoint(Path(sys.argv[2]), Path(sys.argv[3]))
     elif command == "wan-files":
         build_wan_files(*map(Path, sys.argv[2:5]))
+    elif command == "flux-files":
+        build_flux_files(*map(Path, sys.argv[2:4]))
     elif command == "wan22-5b-files":
         build_wan22_5b_files(*map(Path, sys.argv[2:4]))
     elif command == "lora-probe":

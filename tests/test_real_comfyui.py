@@ -522,6 +522,47 @@ def test_the_sd35_workflow_trains_a_4_step_lora_that_samplercustom_samples(serve
 
 
 @pytest.fixture(scope="module")
+def flux_files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("flux")
+    _harness("flux-files", str(folder / "tiny_flux_dev.safetensors"), str(folder / "tiny_flux_vae.safetensors"))
+    return folder
+
+
+def test_the_flux_dev_workflow_trains_a_4_step_lora_that_samplercustom_samples_at_its_guidance(server, sd3_files,
+                                                                                             flux_files):
+    """Load Diffusion Model (Flux dev, in fp8) and its text encoders and VAE -> Teacher from MODEL at guidance 3.5
+    (its input) -> Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas, FluxGuidance 3.5 and cfg
+    1 -> Save Image, on a small Flux dev model (two iterations of one image: its blocks have Flux's full width). Its
+    text encoder is one CLIP-L through the stock CLIPLoader (type sd3), in place of DualCLIPLoader's CLIP-L and
+    T5-XXL (4.7B parameters)."""
+    models = server.base / "models"
+    for folder, name in (("diffusion_models", "tiny_flux_dev.safetensors"), ("vae", "tiny_flux_vae.safetensors"),
+                         ("text_encoders", "tiny_clip_l.safetensors")):
+        (models / folder).mkdir(exist_ok=True)
+        if not (models / folder / name).exists():
+            (models / folder / name).symlink_to((sd3_files if "clip" in name else flux_files) / name)
+    graph = _short_workflow("flux_dev_lora_4_steps", "", iterations=2, batch=1, preview_every=1, checkpoint_every=1)
+    for nid, node in list(graph.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            inputs["unet_name"] = "tiny_flux_dev.safetensors"
+        elif kind == "VAELoader":
+            inputs["vae_name"] = "tiny_flux_vae.safetensors"
+        elif kind == "DualCLIPLoader":
+            graph[nid] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "tiny_clip_l.safetensors", "type": "sd3"}}
+    entry = server.wait(server.queue(graph))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    images = _images(entry, server.base)
+    assert len(images) == 1 and images[0].stat().st_size > 0
+    lora = models / "loras" / "flux_dev_sfd_4step_lora.safetensors"
+    card = read_card(lora)
+    assert (card["method"], card["nfe"], card["comfy_noise"], card["embedded_guidance"]) == ("sfd", 4, "flow", 3.5)
+    assert card["student"]["kind"] == "lora" and card["guidance"]["w"] == 1.0
+    with safe_open(str(lora), "pt") as f:
+        assert any(k.startswith("diffusion_model.double_blocks.") for k in f.keys())
+
+
+@pytest.fixture(scope="module")
 def wan_files(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("wan")
     _harness("wan-files", str(folder / "tiny_wan21.safetensors"), str(folder / "tiny_wan_vae.safetensors"),
