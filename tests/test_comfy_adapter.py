@@ -584,6 +584,19 @@ class LatentFormat:
     latent_rgb_factors = [[0.3, 0.2, 0.2], [0.2, 0.3, 0.2], [-0.1, 0.1, 0.3], [-0.2, -0.2, -0.3]]
 
 
+def stand_in_nodes(tmp_path, monkeypatch) -> dict:
+    """The pack's node classes with ComfyUI's host functions stood in: models and outputs under ``tmp_path``, a
+    SAMPLER its sampling function, and a MODEL with a LoRA the pair (model, LoRA tensors)."""
+    from distill_core.workflow import node_pack
+    from distill_nodes import host
+
+    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
+    monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
+    monkeypatch.setattr(host, "with_lora", lambda model, tensors: (model, tensors))
+    return node_pack().NODE_CLASS_MAPPINGS
+
+
 def test_the_nodes_distil_a_comfy_model_into_a_lora_for_the_stock_loader(tmp_path, monkeypatch):
     from distill_core.workflow import node_pack
 
@@ -700,14 +713,7 @@ def _two_model_nodes(tmp_path, monkeypatch) -> tuple:
     """The node pack saving under ``tmp_path``, its SAMPLERs as their functions and its LoRA-applied MODELs as
     (model, tensors); two flow models as Wan 2.2 14B's high- and low-noise models (``_experts``); two prompts and
     a negative."""
-    from distill_core.workflow import node_pack
-    from distill_nodes import host
-
-    nodes = node_pack().NODE_CLASS_MAPPINGS
-    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
-    monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
-    monkeypatch.setattr(host, "with_lora", lambda model, tensors: (model, tensors))
+    nodes = stand_in_nodes(tmp_path, monkeypatch)
     high, low, _ = _experts()
     for base in (high, low):
         base.latent_format, base.process_latent_out = LatentFormat(), lambda x: x
@@ -881,14 +887,7 @@ def test_an_image_conditioned_model_distils_on_each_prompts_image(tmp_path, monk
     whose ComfyUI inputs would fail, before they are made), or with one of
     another size, is refused at the teacher node; trained, the student's SIGMAS and SAMPLER on the LoRA-merged
     model give Few-step sample's latents, and another image gives another sample."""
-    from distill_core.workflow import node_pack
-    from distill_nodes import host
-
-    nodes = node_pack().NODE_CLASS_MAPPINGS
-    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
-    monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
-    monkeypatch.setattr(host, "with_lora", lambda model, tensors: (model, tensors))
+    nodes = stand_in_nodes(tmp_path, monkeypatch)
     base = FakeImageModel()
     base.latent_format, base.process_latent_out = LatentFormat(), lambda x: x
     positive = [_with_image(_entry(3, 1), 10), _with_image(_entry(3, 2), 11)]
@@ -985,14 +984,7 @@ def test_an_editing_model_distils_on_each_prompts_reference_images(tmp_path, mon
     prompt) takes the first prompt's at CFG 1, where it does not count, and is refused above it; references of
     other sizes are refused. Trained, the student's SIGMAS and SAMPLER on the LoRA-merged model, given each row's
     references, give Few-step sample's latents."""
-    from distill_core.workflow import node_pack
-    from distill_nodes import host
-
-    nodes = node_pack().NODE_CLASS_MAPPINGS
-    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
-    monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
-    monkeypatch.setattr(host, "with_lora", lambda model, tensors: (model, tensors))
+    nodes = stand_in_nodes(tmp_path, monkeypatch)
     base = FakeEditModel()
     base.latent_format, base.process_latent_out = LatentFormat(), lambda x: x
     two = ((8, 8), (4, 6))  # two references of other sizes, as TextEncodeQwenImageEditPlus gives them

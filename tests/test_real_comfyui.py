@@ -607,34 +607,23 @@ def _wan_workflow(server, sd3_files: Path, wan_files: Path, name: str) -> dict:
     return graph
 
 
-def test_the_wan21_workflow_trains_a_4_step_lora_on_clips_and_samples_a_clip(server, sd3_files, wan_files):
-    """Load Diffusion Model (Wan 2.1 text-to-video) -> ModelSamplingSD3 -> Teacher from MODEL on clips of 5
-    frames (2 latent frames) -> Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas on the stock
-    EmptyHunyuanLatentVideo of the same length -> VAE Decode (the stock Wan 2.1 VAE) -> an animated WEBP, on a
-    tiny Wan 2.1 model (``_wan_workflow``)."""
+@pytest.mark.parametrize(("name", "files", "w"), [("wan21_lora_4_steps", "wan_files", 6.0),
+                                                ("wan22_5b_lora_4_steps", "wan22_5b_files", 5.0)])
+def test_the_wan_workflows_train_a_4_step_lora_on_clips_and_sample_a_clip(server, sd3_files, request, name, files,
+                                                                          w):
+    """Load Diffusion Model (Wan 2.1 text-to-video; Wan 2.2 TI2V 5B) -> ModelSamplingSD3 -> Teacher from MODEL on
+    clips of 5 frames (2 latent frames; 5B's of 48 channels, 16 pixels a side) -> Distill to 4 steps (LoRA) ->
+    SamplerCustom with the student's sigmas on the stock EmptyHunyuanLatentVideo (5B: Wan22ImageToVideoLatent) of
+    the same length -> VAE Decode (the stock Wan 2.1 VAE; the Wan 2.2 VAE) -> an animated WEBP, on a tiny model
+    (``_wan_workflow``)."""
     models = server.base / "models"
-    entry = server.wait(server.queue(_wan_workflow(server, sd3_files, wan_files, "wan21_lora_4_steps")))
+    entry = server.wait(server.queue(_wan_workflow(server, sd3_files, request.getfixturevalue(files), name)))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     clips = [image for image in _images(entry, server.base) if image.suffix == ".webp"]  # Save Animated WEBP's
     assert len(clips) == 1 and clips[0].stat().st_size > 0
-    card = read_card(models / "loras" / "wan21_sfd_4step_lora.safetensors")
+    card = read_card(models / "loras" / f"{name.replace('lora_4_steps', 'sfd_4step_lora')}.safetensors")
     assert (card["method"], card["nfe"], card["comfy_noise"]) == ("sfd", 4, "flow")
-    assert card["schedule"]["shift"] == pytest.approx(8.0) and card["guidance"] == {"mode": "cfg", "w": 6.0}
-
-
-def test_the_wan22_5b_workflow_trains_a_4_step_lora_on_clips_and_samples_a_clip(server, sd3_files, wan22_5b_files):
-    """Load Diffusion Model (Wan 2.2 TI2V 5B) -> ModelSamplingSD3 -> Teacher from MODEL on clips of 5 frames (2
-    latent frames of 48 channels, 16 pixels a side) -> Distill to 4 steps (LoRA) -> SamplerCustom with the
-    student's sigmas on the stock Wan22ImageToVideoLatent of the same length -> VAE Decode (the stock Wan 2.2 VAE)
-    -> an animated WEBP, on a tiny Wan 2.2 5B model (``_wan_workflow``)."""
-    models = server.base / "models"
-    entry = server.wait(server.queue(_wan_workflow(server, sd3_files, wan22_5b_files, "wan22_5b_lora_4_steps")))
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    clips = [image for image in _images(entry, server.base) if image.suffix == ".webp"]  # Save Animated WEBP's
-    assert len(clips) == 1 and clips[0].stat().st_size > 0
-    card = read_card(models / "loras" / "wan22_5b_sfd_4step_lora.safetensors")
-    assert (card["method"], card["nfe"], card["comfy_noise"]) == ("sfd", 4, "flow")
-    assert card["schedule"]["shift"] == 8.0
+    assert card["schedule"]["shift"] == pytest.approx(8.0) and card["guidance"] == {"mode": "cfg", "w": w}
 
 
 def test_the_wan22_14b_workflow_trains_a_lora_per_model_and_samples_a_clip_with_two_samplers(server, sd3_files,

@@ -654,23 +654,32 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
                          tmp_path, capsys)
 
 
-def test_a_wan_pipeline_distils_on_clips_that_its_own_sampler_draws_and_its_student_files_name(tmp_path, capsys):
+@pytest.mark.parametrize("kind, channels, side", [("wan", 16, 8), ("wan22-5b", 48, 4)])
+def test_a_wan_pipeline_distils_on_clips_that_its_own_sampler_draws_and_its_student_files_name(tmp_path, kind,
+                                                                                              channels, side):
     """--frames: a Wan pipeline's teacher on clips [C, T, H, W] of (frames - 1) // 4 + 1 latent frames, as its
     pipeline counts them: Euler with CFG through its denoiser reproduces its pipeline's sampler on a clip; the
     main job distils it with a grid of frame strips decoded by its video VAE; the student's file names the
-    frames, so sample rebuilds the clip teacher; an image network refuses --frames in one line."""
+    frames, so sample rebuilds the clip teacher. Wan 2.2 TI2V 5B's text-to-video pipeline too: its VAE spans 16
+    pixels a latent pixel, here 4 (one halving, then 2 x 2 patches folded into its 48 channels), and its pipeline
+    gives the network a time per latent patch, all equal without a start image, which the denoiser's one time per
+    sample reproduces."""
     from distill_core.solvers import euler
     from distill_core.teacher import CFGTeacher
 
-    teacher = multi_encoder_pipeline_dir(tmp_path / "wan", "wan")
+    teacher = multi_encoder_pipeline_dir(tmp_path / kind, kind)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\nan owl\n")
     source = diffusers_source(teacher, prompts=prompts, resolution=16, frames=5)
-    assert source.shape == (16, 2, 8, 8) and source.card["frames"] == 5
-    assert diffusers_source(teacher, prompts=prompts, resolution=16, frames=4).shape == (16, 8, 8)  # one latent frame
+    assert source.shape == (channels, 2, side, side) and source.card["frames"] == 5
+    one_frame = diffusers_source(teacher, prompts=prompts, resolution=16, frames=4)
+    assert one_frame.shape == (channels, side, side)  # one latent frame: an image
+    with pytest.raises(ValueError, match=f"multiples of {16 // side * 2} pixels"):  # the VAE's span times the patch
+        diffusers_source(teacher, prompts=prompts, resolution=side * 2 + 2, frames=5)
 
     x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    assert pipe.config.expand_timesteps == (kind == "wan22-5b")
     set_timesteps = pipe.scheduler.set_timesteps
     pipe.scheduler.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=[0.9, 0.6, 0.3], device=device)
     expected = pipe(prompt="a red fox", latents=x, num_inference_steps=3, height=16, width=16, num_frames=5,
@@ -693,52 +702,12 @@ def test_a_wan_pipeline_distils_on_clips_that_its_own_sampler_draws_and_its_stud
     assert main(["sample", str(out / "student.safetensors"), "--prompt", "an owl", "--count", "2",
                  "--out", str(tmp_path / "owl.png")]) == 0
 
+
+def test_an_image_pipeline_refuses_frames(tmp_path, capsys):
     image_model = multi_encoder_pipeline_dir(tmp_path / "sd3", "sd3")
     assert main(["distill", "--teacher", str(image_model), "--frames", "5", "--out", str(tmp_path / "no")]) != 0
     assert "--frames is for video pipelines (Wan); its SD3Transformer2DModel draws still images" in \
         capsys.readouterr().err
-
-
-def test_a_wan_22_ti2v_5b_pipeline_distils_on_clips_as_its_pipeline_samples_them(tmp_path):
-    """Wan 2.2 TI2V 5B's text-to-video pipeline: its VAE spans 16 pixels a latent pixel here 4 (one halving, then 2 x
-    2 patches folded into its 48 channels), and the pipeline gives its network a time per latent patch, all equal
-    without a start image: Euler with CFG through the denoiser's one time per sample reproduces its sampler on a
-    clip, the main job distils it with a grid decoded by its VAE, and sample draws the student's clips."""
-    from distill_core.solvers import euler
-    from distill_core.teacher import CFGTeacher
-
-    teacher = multi_encoder_pipeline_dir(tmp_path / "wan22", "wan22-5b")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red fox\nan owl\n")
-    source = diffusers_source(teacher, prompts=prompts, resolution=16, frames=5)
-    assert source.shape == (48, 2, 4, 4)
-    with pytest.raises(ValueError, match="multiples of 8 pixels; give 8 or 16"):
-        diffusers_source(teacher, prompts=prompts, resolution=12, frames=5)
-
-    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
-    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
-    assert pipe.config.expand_timesteps
-    set_timesteps = pipe.scheduler.set_timesteps
-    pipe.scheduler.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=[0.9, 0.6, 0.3], device=device)
-    expected = pipe(prompt="a red fox", latents=x, num_inference_steps=3, height=16, width=16, num_frames=5,
-                    guidance_scale=2.0, output_type="latent").frames
-    times = pipe.scheduler.sigmas.double()
-    with torch.no_grad():
-        ours = euler(CFGTeacher(source.denoiser, 2.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
-                     torch.tensor([0]))
-    assert expected.shape == x.shape and expected.abs().max() > 1
-    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
-    strip = source.decode(ours)  # the clip's two frames side by side, 16 pixels high
-    assert strip.shape[:3] == (1, 3, 16) and strip.shape[3] >= 32
-
-    out = tmp_path / "run"
-    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", "16", "--frames",
-                 "5", "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--reference-steps",
-                 "8", "--out", str(out), "--no-progress"]) == 0
-    assert read_card(out / "student.safetensors")["frames"] == 5
-    assert (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by its VAE
-    assert main(["sample", str(out / "student.safetensors"), "--prompt", "an owl", "--count", "2",
-                 "--out", str(tmp_path / "owl.png")]) == 0
 
 
 def test_a_wan_teacher_cast_for_a_bf16_run_keeps_what_diffusers_keeps_in_float32(tmp_path):

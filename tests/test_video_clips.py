@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from test_comfy_adapter import CONST, EPS, Cond, FakeBaseModel, FakePatcher, VideoBaseModel, _entry
+from test_comfy_adapter import CONST, EPS, Cond, FakeBaseModel, FakePatcher, VideoBaseModel, _entry, stand_in_nodes
 
 from distill_core.config import DistillConfig
 from distill_core.denoisers.base import per_sample
@@ -239,14 +239,7 @@ def test_wan22_image_to_video_clips_start_from_the_start_latent_as_comfyuis_samp
     laid out over the frame. Refused at the node, each in one line: another model, a LATENT without a start image,
     another size or length, a clip of one frame, a count of images that is neither 1 nor the prompts', and a mask
     of other frames."""
-    from distill_core.workflow import node_pack
-    from distill_nodes import host
-
-    nodes = node_pack().NODE_CLASS_MAPPINGS
-    monkeypatch.setenv("DISTILL_MODELS_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("DISTILL_OUTPUT_DIR", str(tmp_path / "output"))
-    monkeypatch.setattr(host, "with_lora", lambda model, tensors: "M")
-    monkeypatch.setattr(host, "ksampler", lambda function, **options: function)
+    nodes = stand_in_nodes(tmp_path, monkeypatch)
     base = StartFrameWAN22(CONST())
     positive, negative, latent = [_entry(3, 1), _entry(3, 2)], [_entry(3, 3)], start_latent(2)
     source = comfy_source(base, positive, negative, 64, 64, 2.0, length=9, start=latent)
