@@ -869,6 +869,28 @@ class FakeImageModel(FakeBaseModel):
         return super().apply_model(x + self.image_in(c_concat) + vision, sigma, c_crossattn, y)
 
 
+def lora_student(nodes: dict, teacher, base, loras, preview_every: int = 0) -> tuple:
+    """Distill to 2 steps (SFD, a LoRA of rank 2, two iterations) on ``teacher``, a stand-in model ``base``'s:
+    (the student, a copy of ``base`` with its LoRA merged as the stock loader merges it, the student's (SIGMAS,
+    SAMPLER, cfg), Few-step sample's LATENT of two samples from seed 1)."""
+    args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-2, batch=2, seed=0, guidance_mode="auto",
+                student="lora", lora_rank=2, save_name="student", resume=False, preview_every=preview_every,
+                checkpoint_every=1)
+    _, student, _ = nodes["DistillToSteps"]().run(teacher, **args)["result"]
+    merged = copy.deepcopy(base)
+    assert merge(merged, load(loras / "student.safetensors")[0]) > 0
+    schedule = nodes["DistillStudentSchedule"]().run("(connected student)", 0, student)
+    _, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
+    return student, merged, schedule, latent
+
+
+def few_step_draws(student) -> tuple[torch.Tensor, dict]:
+    """Few-step sample's noise and conditions of two samples from seed 1, as a seeded workflow draws them."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn((2, *student.teacher.source().shape), generator=gen)
+    return z, student.teacher.source().draw_cond(2, gen)
+
+
 def _with_image(entry: list, seed: int, side: int = 8) -> list:
     """A CONDITIONING entry with a start image's latent, mask and CLIP vision tokens, as WanImageToVideo writes
     them."""
@@ -933,16 +955,9 @@ def test_an_image_conditioned_model_distils_on_each_prompts_image(tmp_path, monk
                          boundary=boundary)
         assert ("hands over at t = 0.9, and boundary is text-to-video's 0.875" in capsys.readouterr().out) == says
     (handle,) = teacher_node.run(FakePatcher(base), positive, negative, 64, 64, 1.0)
-    args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-2, batch=2, seed=0, guidance_mode="auto",
-                student="lora", lora_rank=2, save_name="fox", resume=False, preview_every=0, checkpoint_every=1)
-    _, student, _ = nodes["DistillToSteps"]().run(handle, **args)["result"]
-    merged = copy.deepcopy(base)
-    assert merge(merged, load(tmp_path / "models" / "loras" / "fox.safetensors")[0]) > 0
-    sigmas, sampler, cfg = nodes["DistillStudentSchedule"]().run("(connected student)", 0, student)
-    _, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
-    gen = torch.Generator().manual_seed(1)  # Few-step sample's noise and prompts, as a seeded workflow's
-    z = torch.randn((2, 4, 8, 8), generator=gen)
-    cond = {k: v for k, v in student.teacher.source().draw_cond(2, gen).items() if k != "lengths"}
+    student, merged, (sigmas, sampler, cfg), latent = lora_student(nodes, handle, base, tmp_path / "models" / "loras")
+    z, cond = few_step_draws(student)
+    cond.pop("lengths")  # every prompt of one token count: the model inputs as they are
     out = sampler(lambda x_t, t: merged.apply_model(x_t, t, **cond), float(sigmas[0]) * z, sigmas)
     torch.testing.assert_close(out / (1 - float(sigmas[-1])), latent["samples"], atol=1e-5, rtol=1e-5)
     other = {**cond, "c_concat": cond["c_concat"].flip(0), "clip_fea": cond["clip_fea"].flip(0)}
@@ -1016,16 +1031,9 @@ def test_an_editing_model_distils_on_each_prompts_reference_images(tmp_path, mon
     with pytest.raises(ValueError, match=r"differ in count or size \(\[\(4, 8, 8\), \(4, 4, 6\)\], \[\(4, 8, 8\)\]"):
         teacher_node.run(FakePatcher(base), [positive[0], _with_references(_entry(3, 2), 11)], negative, 64, 64, 3.0)
     (handle,) = teacher_node.run(FakePatcher(base), positive, bare_negative, 64, 64, 1.0)  # CFG 1: filled in
-    args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-2, batch=2, seed=0, guidance_mode="auto",
-                student="lora", lora_rank=2, save_name="edit", resume=False, preview_every=0, checkpoint_every=1)
-    _, student, _ = nodes["DistillToSteps"]().run(handle, **args)["result"]
-    merged = copy.deepcopy(base)
-    assert merge(merged, load(tmp_path / "models" / "loras" / "edit.safetensors")[0]) > 0
-    sigmas, sampler, cfg = nodes["DistillStudentSchedule"]().run("(connected student)", 0, student)
-    _, latent = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
-    gen = torch.Generator().manual_seed(1)  # Few-step sample's noise and prompts, as a seeded workflow's
-    z = torch.randn((2, 4, 8, 8), generator=gen)
-    cond = {k: v for k, v in student.teacher.source().draw_cond(2, gen).items() if k != "lengths"}
+    student, merged, (sigmas, sampler, cfg), latent = lora_student(nodes, handle, base, tmp_path / "models" / "loras")
+    z, cond = few_step_draws(student)
+    cond.pop("lengths")  # every prompt of one token count: the model inputs as they are
     cond["ref_latents"] = list(cond["ref_latents"].values())
     out = sampler(lambda x_t, t: merged.apply_model(x_t, t, **cond), float(sigmas[0]) * z, sigmas)
     assert cfg == 1.0

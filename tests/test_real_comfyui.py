@@ -381,6 +381,11 @@ def _workflow(name: str) -> dict:
     return json.loads((ROOT / "workflows" / name).read_text())
 
 
+#: the text encoder of the workflow tests: the tiny CLIP-L through the stock CLIPLoader as an SD3 text encoder
+#: (4096-wide tokens, its pooled vector 2048 wide)
+TINY_CLIP = {"class_type": "CLIPLoader", "inputs": {"clip_name": "tiny_clip_l.safetensors", "type": "sd3"}}
+
+
 def _short_workflow(name: str, checkpoint: str, **distill) -> dict:
     """A shipped checkpoint workflow on a tiny checkpoint: 64x64 images, a short run."""
     graph = _workflow(f"api/{name}.json")
@@ -405,6 +410,14 @@ def _images(entry: dict, base: Path) -> list[Path]:
             for out in entry["outputs"].values() for i in out.get("images", [])]
 
 
+def _saves_one_image(server, graph: dict) -> None:
+    """``graph`` runs on the server and saves one image."""
+    entry = server.wait(server.queue(graph))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    images = _images(entry, server.base)
+    assert len(images) == 1 and images[0].stat().st_size > 0
+
+
 def test_the_server_lists_the_nodes_and_serves_the_web_extension(server):
     info = server.get("/object_info")
     ours = {k for k in info if k.startswith("Distill")}
@@ -420,10 +433,7 @@ def test_the_server_lists_the_nodes_and_serves_the_web_extension(server):
 
 def test_workflow_b_sd15_lora_with_stock_nodes(server):
     """Load Checkpoint -> Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas -> Save Image."""
-    entry = server.wait(server.queue(_sd15_workflow()))
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    images = _images(entry, server.base)
-    assert len(images) == 1 and images[0].stat().st_size > 0
+    _saves_one_image(server, _sd15_workflow())
     lora = server.base / "models" / "loras" / "sd15_sfd_4step_lora.safetensors"
     card = read_card(lora)
     assert card["student"]["kind"] == "lora" and card["nfe"] == 4 and card["guidance"]["mode"] == "cfg"
@@ -434,10 +444,7 @@ def test_workflow_b_sd15_lora_with_stock_nodes(server):
 def test_the_sd15_dmd2_workflow_trains_a_2_step_lora_that_samplercustom_samples(server):
     """Load Checkpoint -> Distill to 1-4 steps (DMD2, two LoRAs on the one model) -> SamplerCustom with the
     student's sigmas, its re-noising sampler and cfg 1 -> Save Image."""
-    entry = server.wait(server.queue(_sd15_workflow("sd15_dmd2_lora_2_steps")))
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    images = _images(entry, server.base)
-    assert len(images) == 1 and images[0].stat().st_size > 0
+    _saves_one_image(server, _sd15_workflow("sd15_dmd2_lora_2_steps"))
     card = read_card(server.base / "models" / "loras" / "sd15_dmd2_2step_lora.safetensors")
     assert (card["method"], card["sampler"], card["nfe"]) == ("dmd2", "renoise", 2)
     assert card["student"]["kind"] == "lora" and card["guidance"] == {"mode": "distilled", "w": 5.0}
@@ -464,10 +471,7 @@ def _sdxl_workflow(name: str, checkpoint: str) -> dict:
 def test_the_sdxl_workflow_trains_a_4_step_lora_that_samplercustom_samples(server, sdxl_checkpoint):
     """Load Checkpoint (SDXL) -> Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas -> Save
     Image."""
-    entry = server.wait(server.queue(_sdxl_workflow("sdxl_lora_4_steps", sdxl_checkpoint)))
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    images = _images(entry, server.base)
-    assert len(images) == 1 and images[0].stat().st_size > 0
+    _saves_one_image(server, _sdxl_workflow("sdxl_lora_4_steps", sdxl_checkpoint))
     lora = server.base / "models" / "loras" / "sdxl_sfd_4step_lora.safetensors"
     card = read_card(lora)
     assert (card["method"], card["nfe"], card["student"]["kind"]) == ("sfd", 4, "lora")
@@ -479,10 +483,7 @@ def test_the_sdxl_workflow_trains_a_4_step_lora_that_samplercustom_samples(serve
 def test_the_sdxl_dmd2_workflow_trains_a_4_step_lora_that_samplercustom_samples(server, sdxl_checkpoint):
     """Load Checkpoint (SDXL) -> Distill to 1-4 steps (DMD2, two LoRAs on the one model) -> SamplerCustom with
     the student's sigmas, its re-noising sampler and cfg 1 -> Save Image."""
-    entry = server.wait(server.queue(_sdxl_workflow("sdxl_dmd2_lora_4_steps", sdxl_checkpoint)))
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    images = _images(entry, server.base)
-    assert len(images) == 1 and images[0].stat().st_size > 0
+    _saves_one_image(server, _sdxl_workflow("sdxl_dmd2_lora_4_steps", sdxl_checkpoint))
     card = read_card(server.base / "models" / "loras" / "sdxl_dmd2_4step_lora.safetensors")
     assert (card["method"], card["sampler"], card["nfe"]) == ("dmd2", "renoise", 4)
     assert card["student"]["kind"] == "lora" and card["student"]["rank"] == 64
@@ -508,11 +509,8 @@ def test_the_sd35_workflow_trains_a_4_step_lora_that_samplercustom_samples(serve
     graph = _short_workflow("sd35_lora_4_steps", "tiny_sd35.safetensors")
     loaders = [nid for nid, node in graph.items() if node["class_type"] == "TripleCLIPLoader"]
     assert len(loaders) == 1
-    graph[loaders[0]] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "tiny_clip_l.safetensors", "type": "sd3"}}
-    entry = server.wait(server.queue(graph))
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    images = _images(entry, server.base)
-    assert len(images) == 1 and images[0].stat().st_size > 0
+    graph[loaders[0]] = TINY_CLIP
+    _saves_one_image(server, graph)
     lora = models / "loras" / "sd35_sfd_4step_lora.safetensors"
     card = read_card(lora)
     assert (card["method"], card["nfe"], card["comfy_noise"]) == ("sfd", 4, "flow")
@@ -549,11 +547,8 @@ def test_the_flux_dev_workflow_trains_a_4_step_lora_that_samplercustom_samples_a
         elif kind == "VAELoader":
             inputs["vae_name"] = "tiny_flux_vae.safetensors"
         elif kind == "DualCLIPLoader":
-            graph[nid] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "tiny_clip_l.safetensors", "type": "sd3"}}
-    entry = server.wait(server.queue(graph))
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    images = _images(entry, server.base)
-    assert len(images) == 1 and images[0].stat().st_size > 0
+            graph[nid] = TINY_CLIP
+    _saves_one_image(server, graph)
     lora = models / "loras" / "flux_dev_sfd_4step_lora.safetensors"
     card = read_card(lora)
     assert (card["method"], card["nfe"], card["comfy_noise"], card["embedded_guidance"]) == ("sfd", 4, "flow", 3.5)
@@ -599,7 +594,7 @@ def _wan_workflow(server, sd3_files: Path, wan_files: Path, name: str) -> dict:
         elif kind == "VAELoader":
             inputs["vae_name"] = next(file for file in files if "vae" in file)
         elif kind == "CLIPLoader":
-            inputs.update(clip_name="tiny_clip_l.safetensors", type="sd3")
+            inputs.update(TINY_CLIP["inputs"])
         elif kind in ("DistillTeacherFromModel", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent"):
             inputs.update(width=64, height=64, length=5)
         elif kind == "DistillToSteps":

@@ -3,11 +3,20 @@ nodes' previews, samples and comparison of clips, on a stand-in ComfyUI video mo
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from test_comfy_adapter import CONST, EPS, Cond, FakeBaseModel, FakePatcher, VideoBaseModel, _entry, stand_in_nodes
+from test_comfy_adapter import (
+    CONST,
+    EPS,
+    Cond,
+    FakeBaseModel,
+    FakePatcher,
+    VideoBaseModel,
+    _entry,
+    few_step_draws,
+    lora_student,
+    stand_in_nodes,
+)
 
 from distill_core.config import DistillConfig
 from distill_core.denoisers.base import per_sample
@@ -18,7 +27,6 @@ from distill_core.denoisers.comfy import (
     latent_shape,
     start_rows,
 )
-from distill_core.lora import merge
 from distill_core.memory_plan import activation_bytes, sample_activation_bytes
 from distill_core.methods.registry import method_class, methods
 from distill_core.options import settings
@@ -279,16 +287,10 @@ def test_wan22_image_to_video_clips_start_from_the_start_latent_as_comfyuis_samp
     torch.testing.assert_close(kept, latent["samples"] / 2)
     (teacher,) = teacher_node.run(FakePatcher(base), positive, negative, 64, 64, 2.0, length=9,
                                   start_latent=start_latent(1))
-    args = dict(steps=2, method="sfd", iterations=2, learning_rate=1e-2, batch=2, seed=0, guidance_mode="auto",
-                student="lora", lora_rank=2, save_name="ti2v", resume=False, preview_every=1, checkpoint_every=1)
-    _, student, _ = nodes["DistillToSteps"]().run(teacher, **args)["result"]
-    sigmas, sampler, cfg = nodes["DistillStudentSchedule"]().run("(connected student)", 0, student)
-    gen = torch.Generator().manual_seed(1)  # Few-step sample's noise and prompts, as a seeded workflow's
-    z = torch.randn((2, 4, 3, 8, 8), generator=gen)
-    cond = student.teacher.source().draw_cond(2, gen)
+    student, network, (sigmas, sampler, cfg), sampled = lora_student(nodes, teacher, base,
+                                                                      tmp_path / "models" / "loras", preview_every=1)
+    z, cond = few_step_draws(student)
     kept, mask = cond["kept_latent"], cond["denoise_mask"]
-    network = copy.deepcopy(base)  # the student's weights, as the stock loader applies them
-    assert merge(network, load(tmp_path / "models" / "loras" / "ti2v.safetensors")[0]) > 0
     model_inputs = {k: v for k, v in cond.items() if k not in ("kept_latent", "lengths")}  # one token count
     uncond = {k: v.expand(2, *v.shape[1:]) for k, v in student.teacher.source().uncond.items() if k != "lengths"}
 
@@ -308,7 +310,6 @@ def test_wan22_image_to_video_clips_start_from_the_start_latent_as_comfyuis_samp
     assert (theirs[:, :, 1:] - theirs.flip(0)[:, :, 1:]).abs().max() > 1e-2  # two noises, two clips
     # Few-step sample starts the start frame from the noise alone (its latent is not added in), which leaves it
     # sigma_last / sigma_max of the latent apart at the end, and the clips' other frames as they are
-    _, sampled = nodes["DistillSample"]().run(student, seed=1, count=2, steps=0)["result"]
     torch.testing.assert_close(sampled["samples"][:, :, 1:], base.process_latent_out(theirs[:, :, 1:]),
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sampled["samples"][:, :, :1], base.process_latent_out(theirs[:, :, :1]),
