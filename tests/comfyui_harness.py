@@ -27,7 +27,7 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         in-process: an LCM-LoRA trained by Distill to N steps, loaded by the stock LoraLoader and sampled by
         the stock KSampler with sampler lcm (one step against the engine, four steps finite).
     python tests/comfyui_harness.py flow-probe FAMILY WORKDIR
-        FAMILY: sd3, sd3-fp8, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma,
+        FAMILY: sd3, sd3-fp8, sd3-fp8-scaled, flux, wan, wan22-5b, qwen-image, lumina2, auraflow, hidream, chroma,
         chroma-radiance, hunyuan-image, omnigen2, cosmos-predict2, pixart-sigma (eps), hunyuan-dit (v), the
         editing models flux-kontext and qwen-image-edit (a reference image's latent in every prompt), flux-fill
         (an inpainting DiT: a masked image's latent and mask in every prompt), or on
@@ -511,11 +511,30 @@ def flow_model(family: str, work: Path):
         return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                                 offload_device=mm.unet_offload_device()), 64, 32
     name = "tiny_sd3.safetensors"
-    save_file({k: v.contiguous() for k, v in base.diffusion_model.state_dict().items()},
-              str(work / "diffusion_models" / name))
+    tensors = {k: v.contiguous() for k, v in base.diffusion_model.state_dict().items()}
+    if family == "sd3-fp8-scaled":
+        tensors = scaled_fp8(tensors, base.diffusion_model)
+    save_file(tensors, str(work / "diffusion_models" / name))
     weight_dtype = "fp8_e4m3fn" if family.endswith("fp8") else "default"
     (model,) = importlib.import_module("nodes").UNETLoader().load_unet(name, weight_dtype)
     return model, 64, 32
+
+
+def scaled_fp8(tensors: dict, network) -> dict:
+    """``tensors`` of ``network`` as ComfyUI's scaled fp8 checkpoints hold them (the Comfy-Org releases of Wan 2.2,
+    Flux Kontext, ...): every Linear weight in fp8_e4m3fn divided by its own scale, the scale beside it as
+    ``<layer>.scale_weight``, and the marker ``scaled_fp8`` that makes the stock loader build scaled fp8 layers."""
+    import torch
+
+    out = dict(tensors)
+    for name, module in network.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            weight = tensors[f"{name}.weight"].float()
+            scale = weight.abs().max() / 448  # fp8_e4m3fn's largest value
+            out[f"{name}.weight"] = (weight / scale).to(torch.float8_e4m3fn)
+            out[f"{name}.scale_weight"] = scale.reshape(())
+    out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out
 
 
 def flow_probe(family: str, work: Path) -> dict:

@@ -137,38 +137,39 @@ def test_a_plain_model_keeps_its_own_sampling_after_a_flow_patched_clone_of_it_r
     assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
 
 
-@pytest.mark.parametrize("family", ["sd3", "sd3-fp8", "flux", "wan", "wan22-5b", "qwen-image", "lumina2", "auraflow",
-                                    "hidream", "chroma", "chroma-radiance", "hunyuan-image", "omnigen2",
-                                    "cosmos-predict2"])
+@pytest.mark.parametrize("family", ["sd3", "sd3-fp8", "sd3-fp8-scaled", "flux", "wan", "wan22-5b", "qwen-image",
+                                    "lumina2", "auraflow", "hidream", "chroma", "chroma-radiance", "hunyuan-image",
+                                    "omnigen2", "cosmos-predict2"])
 def test_flow_models_distil_into_loras_the_stock_loader_applies_and_samplercustom_reproduces(family, tmp_path):
-    """SD3 (a single file through the stock Load Diffusion Model; sd3-fp8: loaded with weight_dtype fp8_e4m3fn),
-    Flux dev (its guidance as an input, sampled with the stock FluxGuidance and CFG 1), Wan 2.1, Wan 2.2 5B
-    (a 48-channel latent of 16 pixels a side: the teacher's 64 x 64 pixels train on 4 x 4 latents) and
-    Qwen-Image (video latents, distilled and sampled as one frame), HunyuanImage 2.1 (a 64-channel latent of 32
-    pixels a side), Chroma Radiance (pixels, in patches of 16), Lumina 2 (its token count a scalar
-    input, prompts of three lengths; OmniGen2 the same), AuraFlow (a 4-channel latent), HiDream (Llama hidden
-    states as a second text input, mixture-of-experts blocks), Chroma (Flux blocks, real CFG) and Cosmos
-    Predict2 text-to-image (its rectified flow, which ComfyUI feeds the variance-exploding sigma, so its
-    student samples on Karras's grid of sigmas; its fps input, None for an image, is left out): the LoRA
-    loads with no key left unloaded, and SamplerCustom with the student's sigmas (flow times t, on the flow
-    grid of the model's shift) and SAMPLER reproduces the engine's student from the same noise. Over the fp8 base the
-    adapters train and save in float32; the stock loader then merges W + delta W back into fp8 (stochastic
-    rounding, 3 mantissa bits), so ComfyUI's sample is the student's up to that rounding: nearer to it than
-    the teacher's is, not within float tolerance."""
+    """SD3 (a single file through the stock Load Diffusion Model; sd3-fp8: loaded with weight_dtype fp8_e4m3fn;
+    sd3-fp8-scaled: a scaled fp8 file, as the Comfy-Org releases of Wan 2.2 and Flux Kontext ship, each weight in
+    fp8 beside its scale), Flux dev (its guidance as an input, sampled with the stock FluxGuidance and CFG 1), Wan
+    2.1, Wan 2.2 5B (a 48-channel latent of 16 pixels a side: the teacher's 64 x 64 pixels train on 4 x 4 latents)
+    and Qwen-Image (video latents, distilled and sampled as one frame), HunyuanImage 2.1 (a 64-channel latent of 32
+    pixels a side), Chroma Radiance (pixels, in patches of 16), Lumina 2 (its token count a scalar input, prompts of
+    three lengths; OmniGen2 the same), AuraFlow (a 4-channel latent), HiDream (Llama hidden states as a second text
+    input, mixture-of-experts blocks), Chroma (Flux blocks, real CFG) and Cosmos Predict2 text-to-image (its
+    rectified flow, which ComfyUI feeds the variance-exploding sigma, so its student samples on Karras's grid of
+    sigmas; its fps input, None for an image, is left out): the LoRA loads with no key left unloaded, and
+    SamplerCustom with the student's sigmas (flow times t, on the flow grid of the model's shift) and SAMPLER
+    reproduces the engine's student from the same noise. Over the fp8 base the adapters train and save in float32;
+    the stock loader then merges W + delta W back into fp8 (stochastic rounding, 3 mantissa bits), so ComfyUI's
+    sample is the student's up to that rounding: nearer to it than the teacher's is, not within float tolerance."""
     result = _probe("flow-probe", family, str(tmp_path))
     card = result["card"]
-    assert result["model_class"] == {"sd3": "SD3", "sd3-fp8": "SD3", "flux": "Flux", "wan": "WAN21",
-                                     "wan22-5b": "WAN22", "qwen-image": "QwenImage", "lumina2": "Lumina2",
-                                     "auraflow": "AuraFlow", "hidream": "HiDream", "chroma": "Chroma",
-                                     "chroma-radiance": "ChromaRadiance", "hunyuan-image": "HunyuanImage21",
-                                     "omnigen2": "Omnigen2", "cosmos-predict2": "CosmosPredict2"}[family]
-    assert result["base_weight_dtypes"] == ["torch.float8_e4m3fn" if family == "sd3-fp8" else "torch.float32"]
+    assert result["model_class"] == {
+        "sd3": "SD3", "sd3-fp8": "SD3", "sd3-fp8-scaled": "SD3", "flux": "Flux", "wan": "WAN21", "wan22-5b": "WAN22",
+        "qwen-image": "QwenImage", "lumina2": "Lumina2", "auraflow": "AuraFlow", "hidream": "HiDream",
+        "chroma": "Chroma", "chroma-radiance": "ChromaRadiance", "hunyuan-image": "HunyuanImage21",
+        "omnigen2": "Omnigen2", "cosmos-predict2": "CosmosPredict2"}[family]
+    fp8 = family.startswith("sd3-fp8")
+    assert result["base_weight_dtypes"] == ["torch.float8_e4m3fn" if fp8 else "torch.float32"]
     assert result["lora_dtypes"] == ["torch.float32"]
     sides = {"wan22-5b": [4, 4], "hunyuan-image": [2, 2], "chroma-radiance": [64, 64]}
     assert result["train_latent"][-2:] == sides.get(family, [8, 8])  # of the teacher's 64 x 64 pixels
     # Flux, Qwen-Image and both Chromas: e^1.15
-    shifts = {"sd3": 3.0, "sd3-fp8": 3.0, "flux": 3.1582, "wan": 8.0, "wan22-5b": 8.0, "qwen-image": 3.1582,
-              "lumina2": 6.0, "auraflow": 1.73, "hidream": 1.0, "chroma": 3.1582,
+    shifts = {"sd3": 3.0, "sd3-fp8": 3.0, "sd3-fp8-scaled": 3.0, "flux": 3.1582, "wan": 8.0, "wan22-5b": 8.0,
+              "qwen-image": 3.1582, "lumina2": 6.0, "auraflow": 1.73, "hidream": 1.0, "chroma": 3.1582,
               "chroma-radiance": 3.1582, "hunyuan-image": 5.0, "omnigen2": 2.6}
     if family == "cosmos-predict2":
         assert card["comfy_noise"] is None and card["schedule"]["name"] == "karras" and result["sigmas"][0] == 80
@@ -181,7 +182,7 @@ def test_flow_models_distil_into_loras_the_stock_loader_applies_and_samplercusto
     else:
         assert card["embedded_guidance"] is None and result["cfg"] == 4.0
     assert result["unloaded_lora_keys"] == 0 and result["lora_key_example"].startswith("diffusion_model.")
-    tolerance = 0.75 * result["lora_effect"] if family == "sd3-fp8" else 1e-3
+    tolerance = 0.75 * result["lora_effect"] if fp8 else 1e-3
     # the tiny AuraFlow's LoRA moves its 4-channel sample by 8e-3, under the others' 1e-2 floor
     floor = 5e-3 if family == "auraflow" else 1e-2
     assert result["lora_effect"] > floor and result["max_abs_diff"] <= tolerance
