@@ -1,5 +1,6 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Qwen-Image,
-AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA, Wan 2.1 and Wan 2.2 A14B) as files diffusers loads:
+AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA, HiDream, Wan 2.1, Wan 2.2 A14B and TI2V 5B) as files
+diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
@@ -12,6 +13,8 @@ scheduler's ``set_timesteps`` is given them (``functools.partial``), and the cal
 two experts are two networks, ``transformer`` (high noise) and ``transformer_2`` (low noise), switched at the
 pipeline's ``boundary_ratio`` as the engine's teacher switched them: a LoRA student exports one file for each
 (``LORA_FILES``; the second loaded with ``load_into_transformer_2=True``), a full student both folders.
+HiDream's pipeline scales every image to the area of its default size (``drawn_size``): a student distilled at
+another area is refused.
 
 Why the pipeline then samples as the engine does. Both take Euler steps with the network's x0 (DDIM, Song
 et al. 2021), a step x_{s'} = x0 + (s' / s)(x_s - x0) that is the same map whether the noisy sample is
@@ -63,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +81,9 @@ class Target:
     whether it takes its latents packed in 2 x 2 patches (Flux, Qwen-Image, Chroma), the keyword of its guidance
     scale and how far that scale lies below the engine's w (Z-Image: 1), whether its CFG is the engine's
     (Qwen-Image's rescales the guided velocity), the call's keywords that make it so (``call``), whether
-    the call takes a negative prompt (Flux.2 klein's does not) and sigmas (Wan's does not), and whether it
-    draws videos (Wan: latents [B, C, T, H, W], ``num_frames``, ``.frames``)."""
+    the call takes a negative prompt (Flux.2 klein's does not) and sigmas (Wan's does not), whether it
+    draws videos (Wan: latents [B, C, T, H, W], ``num_frames``, ``.frames``), and the side, in latent pixels, of
+    the square whose area it scales every image to (``area``: HiDream's, 128; None: it draws the size asked)."""
 
     network: str
     network_class: str
@@ -91,6 +96,7 @@ class Target:
     takes_negative: bool = True
     takes_sigmas: bool = True
     video: bool = False
+    area: int | None = None
 
     @property
     def scheduler_class(self) -> str:
@@ -113,6 +119,7 @@ PIPELINES = {
     "SanaPipeline": Target("transformer", "SanaTransformer2DModel", flow=True,
                            call=(("use_resolution_binning", False),)),
     "WanPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False, video=True),
+    "HiDreamImagePipeline": Target("transformer", "HiDreamImageTransformer2DModel", flow=True, area=128),
 }
 #: the file name ``load_lora_weights`` reads from a directory
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -175,6 +182,14 @@ def pipeline_start(card: dict, steps: int, flow: bool = False) -> tuple[list[flo
     if flow:
         return [s / (1 + s) for s in sigmas[:-1]], k / (1 + sigmas[0])
     return sigmas, k / sigmas[0]
+
+
+def drawn_size(height: int, width: int, pixels: int, area: int) -> tuple[int, int]:
+    """The height and width a pipeline that scales every image to the area of a square of ``area`` latent pixels a
+    side (HiDream's) draws when asked for ``height`` x ``width`` pixels, ``pixels`` image pixels a latent pixel:
+    both sides scaled by sqrt(area^2 pixels^2 / (height width)), rounded down to multiples of 2 latent pixels."""
+    step, scale = 2 * pixels, math.sqrt((area * pixels) ** 2 / (height * width))
+    return int(height * scale // step * step), int(width * scale // step * step)
 
 
 def network_paths(denoiser: nn.Module, network: str) -> dict[str, str]:
@@ -262,6 +277,14 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     # refuses a student of another teacher; no copy of the teacher's network: a LoRA's adapters hook into it, a
     # full student's weights load into it
     student = load_student(student_path, source.denoiser, source.uncond, consume=True)
+    pixels = latent_pixels(root, target.network_class)
+    height, width = source.shape[-2] * pixels, source.shape[-1] * pixels
+    if target.area and drawn_size(height, width, pixels, target.area) != (height, width):
+        side = target.area * pixels
+        drawn = "x".join(map(str, drawn_size(height, width, pixels, target.area)))
+        raise ValueError(f"{pipeline} scales every image to the area of its default {side}x{side}: it would draw this "
+                         f"student's {height}x{width} images at {drawn}; distil at --resolution {side} to export it, "
+                         "or sample it with python -m distill_core sample")
     paths = network_paths(source.denoiser, target.network)
     if card.get("experts") and len(paths) > 1:
         raise ValueError("this student holds an expert per step on each of Wan 2.2's two networks, which the pipeline "
@@ -291,12 +314,10 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     steps = student.nfe_choices[-1]
     guidance = card["guidance"]
     sigmas, noise_scale = pipeline_start(card, steps, target.flow)
-    pixels = latent_pixels(root, target.network_class)
     w = 1.0 if guidance["mode"] == "distilled" else guidance["w"]
     call = {**dict(target.call), **({"num_frames": as_trained(card)["frames"]} if target.video else {})}
     settings = {"pipeline": pipeline, "teacher": str(root), "steps": steps, "sigmas": sigmas,
-                "noise_scale": noise_scale, "latent_shape": list(source.shape), "height": source.shape[-2] * pixels,
-                "width": source.shape[-1] * pixels,
+                "noise_scale": noise_scale, "latent_shape": list(source.shape), "height": height, "width": width,
                 "guidance_scale": float(card.get("embedded_guidance", w - target.w_offset)),
                 "call": call, "student": "lora" if lora else target.network, "networks": list(paths),
                 **({"experts": files} if card.get("experts") else {}),

@@ -10,7 +10,7 @@ import math
 import diffusers
 import pytest
 import torch
-from conftest import hooks
+from conftest import hooks, randomise
 
 from distill_core.cli import main
 from distill_core.config import DistillConfig
@@ -404,3 +404,47 @@ def test_wan_pipelines_given_the_students_sigmas_draw_its_clips(tmp_path, capsys
         assert main(["export-diffusers", str(phased), "--out", str(tmp_path / "x")]) == 1
         err = capsys.readouterr().err
         assert "an expert per step on each of Wan 2.2's two networks" in err and "Traceback" not in err
+
+
+def test_a_hidream_student_exports_at_its_pipelines_default_area_and_is_refused_at_another(tmp_path, capsys):
+    """HiDream's pipeline scales every image to the area of its default size, 128 latent pixels a side (256 pixels
+    with the tiny VAE of 2): a student distilled there exports, and the pipeline with its LoRA draws the engine's
+    latents from the same noise, as do the printed lines; a student of 16 x 16 pixels, which the pipeline would
+    draw at 256 x 256, is refused in one line, before any file is written."""
+    from distill_core.text_pipeline import vae_scale
+
+    teacher = dit_pipeline_dir(tmp_path / "hidream", "hidream")
+    config = diffusers.HiDreamImageTransformer2DModel.load_config(teacher / "transformer")
+    wide = diffusers.HiDreamImageTransformer2DModel.from_config({**config, "max_resolution": (64, 64)})
+    randomise(wide, seed=0).save_pretrained(teacher / "transformer", safe_serialization=True)  # 64 x 64 patches
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\nan owl\n")
+    side = 128 * vae_scale(teacher)
+
+    def student(resolution: int, name: str):
+        source = diffusers_source(teacher, prompts=prompts, resolution=resolution)
+        cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / name), checkpoint_every=0,
+                            student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
+        return source, train_student(cfg, source, progress=False).path
+
+    source, path = student(side, "default")
+    settings = export(path, tmp_path / "export")
+    assert (settings["pipeline"], settings["height"], settings["width"]) == ("HiDreamImagePipeline", side, side)
+    loaded = load_student(path, source.denoiser, source.uncond)
+    z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.cat([loaded.sigmas()[:-1], torch.zeros(1)])  # the pipeline's times end at 0
+    with torch.no_grad():
+        ours = few_step(loaded.denoiser(), sigmas[0] * z, sigmas, torch.tensor([1]), afs=True)  # prompt 1: an owl
+    theirs = pipeline_latents(teacher, tmp_path / "export", settings, z)
+    scale = float(ours.abs().max())
+    torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
+    scope = {}  # the printed lines run as written
+    exec(usage(settings, tmp_path / "export").replace("'a prompt'", "'an owl', output_type='latent'"), scope)
+    assert scope["image"].shape == source.shape
+
+    _, small = student(16, "small")
+    assert main(["export-diffusers", str(small), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert (f"HiDreamImagePipeline scales every image to the area of its default {side}x{side}: it would draw this "
+            f"student's 16x16 images at {side}x{side}; distil at --resolution {side}") in err
+    assert "Traceback" not in err and not (tmp_path / "x").exists()
