@@ -195,11 +195,8 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
         ComfyDenoiser,
         ComfyExperts,
         embeds_guidance,
-        encode_conditioning,
         latent_shape,
-        negative_with_references,
-        start_rows,
-        with_guidance,
+        teacher_inputs,
     )
 
     denoiser = ComfyDenoiser(base_model, sampling)
@@ -209,12 +206,9 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
         low_model, low_sampling, boundary = experts
         denoiser = ComfyExperts(denoiser, ComfyDenoiser(low_model, low_sampling), boundary)
         card["comfy_experts"] = {"boundary": denoiser.boundary}
+    both, cfg = teacher_inputs(base_model, positive, negative, shape, guidance, start)
     if embeds_guidance(base_model):
-        positive, negative = with_guidance(positive, guidance), with_guidance(negative, guidance)
-        card["embedded_guidance"], guidance = float(guidance), 1.0
-    kept = start_rows(base_model, start, shape, len(positive)) if start is not None else None
-    negative = negative_with_references(positive, negative[:1], guidance)
-    both = encode_conditioning(base_model, list(positive) + negative, shape, kept)
+        card["embedded_guidance"] = float(guidance)
     n = len(positive)
     prompts = index_cond(both, torch.arange(n))
     # the negative's image (or start latent) leaves: CFG's unconditional side takes each row's own
@@ -224,4 +218,4 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     def draw_cond(batch: int, generator: torch.Generator) -> dict:
         return index_cond(prompts, torch.randint(n, (batch,), generator=generator))
 
-    return TeacherSource(name, denoiser, shape, draw_cond, uncond, guidance, stock_sampling=True, card=card)
+    return TeacherSource(name, denoiser, shape, draw_cond, uncond, cfg, stock_sampling=True, card=card)

@@ -82,14 +82,10 @@ class TeacherFromModel:
             IMAGE_INPUT,
             ComfyDenoiser,
             ComfyExperts,
-            embeds_guidance,
-            encode_conditioning,
             latent_shape,
             model_sampling,
-            negative_with_references,
             refuse_unsupported,
-            start_rows,
-            with_guidance,
+            teacher_inputs,
         )
 
         refuse_unsupported(model)  # this MODEL's own sampling, not the one its checkpoint's clones share
@@ -104,13 +100,8 @@ class TeacherFromModel:
             if not isinstance(conditioning, list) or not conditioning:
                 raise ValueError(f"{name} must be a non-empty CONDITIONING (from CLIP Text Encode or Distill "
                                  f"prompt list)")
-        guided = embeds_guidance(model.model)
-        cfg = 1.0 if guided else guidance
-        prompts = list(positive) + negative_with_references(positive, negative[:1], cfg)
-        # prompts whose model inputs cannot be batched are refused here too
-        start = start_rows(model.model, start_latent, shape, len(positive)) if start_latent is not None else None
-        inputs = encode_conditioning(model.model, with_guidance(prompts, guidance) if guided else prompts, shape,
-                                     start)
+        # prompts, images and start latents whose model inputs cannot be batched are refused here too
+        inputs, cfg = teacher_inputs(model.model, positive, negative, shape, guidance, start_latent)
         if experts and IMAGE_INPUT in inputs and boundary == TEXT_TO_VIDEO_BOUNDARY:
             print(f"[comfyui-distill] these two models take an image (image-to-video), whose release hands over at "
                   f"t = {IMAGE_TO_VIDEO_BOUNDARY}, and boundary is text-to-video's {TEXT_TO_VIDEO_BOUNDARY}: set it "

@@ -517,6 +517,20 @@ def negative_with_references(positive: list, negative: list, cfg: float) -> list
     return [[entry[0], {**entry[1], "reference_latents": images}] for entry in negative]
 
 
+def teacher_inputs(base_model: nn.Module, positive: list, negative: list, shape: tuple[int, ...], guidance: float,
+                   start: dict | None = None) -> tuple[dict, float]:
+    """(the model inputs of every ``positive`` entry and, as the last row, of the first ``negative`` one, the CFG
+    scale w): ``encode_conditioning`` of them, each prompt starting from its image of the LATENT ``start`` where one
+    is given (``start_rows``), the negative given the prompts' reference images where it has none
+    (``negative_with_references``). A guidance-distilled model (Flux dev) takes ``guidance`` as its input, and
+    samples with w = 1; any other model with w = ``guidance``. What cannot be batched is refused here."""
+    guided = embeds_guidance(base_model)
+    cfg = 1.0 if guided else guidance
+    prompts = list(positive) + negative_with_references(positive, negative[:1], cfg)
+    kept = start_rows(base_model, start, shape, len(positive)) if start is not None else None
+    return encode_conditioning(base_model, with_guidance(prompts, guidance) if guided else prompts, shape, kept), cfg
+
+
 def embeds_guidance(base_model: nn.Module) -> bool:
     """Whether the model is guidance-distilled (Flux dev): it takes the guidance scale as an input (the
     ``guidance`` of its conditioning, which ComfyUI's FluxGuidance node writes) instead of sampling with CFG."""
