@@ -546,7 +546,7 @@ def flow_probe(family: str, work: Path) -> dict:
     _comfyui()
     _folders(work)
     import torch
-    from comfy_extras.nodes_flux import FluxGuidance
+    from comfy_extras.nodes_flux import FluxGuidance, FluxKontextMultiReferenceLatentMethod
 
     unloaded = unloaded_lora_keys()
     model, context, pooled = flow_model(family, work)
@@ -588,6 +588,8 @@ def flow_probe(family: str, work: Path) -> dict:
     stock = importlib.import_module("nodes")
     pack = load_pack().NODE_CLASS_MAPPINGS
     positive, negative = [entry(1), entry(2)], [entry(3)]
+    if family == "flux-kontext":  # the references placed as UNO / UXO place them, a text input of the model
+        positive = FluxKontextMultiReferenceLatentMethod.execute(positive, "uxo/uno")[0]
     embedded = family in EMBEDDED_GUIDANCE
     guidance = 3.5 if embedded else 4.0
     sampled = FluxGuidance.execute(positive[:1], guidance)[0] if embedded else None

@@ -24,6 +24,7 @@ from distill_core.denoisers.comfy import (
     latent_downscale,
     latent_shape,
     refuse_unsupported,
+    row_text,
 )
 from distill_core.lora import merge
 from distill_core.safetensors_io import load
@@ -978,11 +979,14 @@ class FakeEditModel(FakeBaseModel):
         out = super().extra_conds(cross_attn, device, noise, **options)
         if "reference_latents" in options:
             out["ref_latents"] = Cond([latent * 2 for latent in options["reference_latents"]])
+            if "reference_latents_method" in options:  # FluxKontextMultiReferenceLatentMethod's, a CONDConstant
+                out["ref_latents_method"] = Cond(options["reference_latents_method"])
         return out
 
-    def apply_model(self, x, sigma, c_crossattn=None, y=None, ref_latents=None):
-        for latent in ref_latents or []:
-            x = x + self.reference_in(latent).mean((2, 3), keepdim=True)
+    def apply_model(self, x, sigma, c_crossattn=None, y=None, ref_latents=None, ref_latents_method="offset"):
+        assert isinstance(ref_latents_method, str)
+        for k, latent in enumerate(ref_latents or []):  # "uxo" places the references elsewhere: other weights
+            x = x + (k + 2 if ref_latents_method == "uxo" else 1) * self.reference_in(latent).mean((2, 3), keepdim=True)
         return super().apply_model(x, sigma, c_crossattn, y)
 
 
@@ -1036,5 +1040,56 @@ def test_an_editing_model_distils_on_each_prompts_reference_images(tmp_path, mon
     cond.pop("lengths")  # every prompt of one token count: the model inputs as they are
     cond["ref_latents"] = list(cond["ref_latents"].values())
     out = sampler(lambda x_t, t: merged.apply_model(x_t, t, **cond), float(sigmas[0]) * z, sigmas)
+    assert cfg == 1.0
+    torch.testing.assert_close(out / (1 - float(sigmas[-1])), latent["samples"], atol=1e-5, rtol=1e-5)
+
+
+def _with_method(entry: list, method: str) -> list:
+    """A CONDITIONING entry with a reference method, as FluxKontextMultiReferenceLatentMethod sets it."""
+    return [entry[0], {**entry[1], "reference_latents_method": method}]
+
+
+def test_an_editing_models_reference_method_is_each_rows_own_text(tmp_path, monkeypatch):
+    """FluxKontextMultiReferenceLatentMethod sets a string model input (a CONDConstant): each row holds its own as
+    UTF-8 bytes, and the model gets each row's string back, the rows of one method in one call. A negative without
+    the method takes the first prompt's at CFG 1 (with its references) and is refused above it, naming the node;
+    a text too long to hold is refused. Trained at CFG 1, the student's SIGMAS and SAMPLER on the LoRA-merged model,
+    given the method, give Few-step sample's latents."""
+    nodes = stand_in_nodes(tmp_path, monkeypatch)
+    base = FakeEditModel()
+    base.latent_format, base.process_latent_out = LatentFormat(), lambda x: x
+    positive = [_with_method(_with_references(_entry(3, 1), 10), "uxo"),
+                _with_method(_with_references(_entry(3, 2), 11), "index")]
+    negative = [_with_method(_with_references(_entry(3, 3), 10), "offset")]
+    source = comfy_source(base, positive, negative, 64, 64, 3.0)
+    assert [row_text(row) for row in source.uncond["texts"]["ref_latents_method"]] == ["offset"]
+    rows = source.draw_cond(4, torch.Generator().manual_seed(0))
+    methods = [row_text(row) for row in rows["texts"]["ref_latents_method"]]
+    assert rows["texts"]["ref_latents_method"].dtype == torch.uint8 and set(methods) == {"uxo", "index"}
+    x, sigma = torch.randn(4, 4, 8, 8), torch.full((4,), 2.0)
+    with torch.no_grad():
+        ours = source.denoiser(x, sigma, rows)
+        for row, method in enumerate(methods):
+            inputs = {k: v[row:row + 1] for k, v in rows.items() if k not in ("ref_latents", "lengths", "texts")}
+            alone = base.apply_model(x[row:row + 1] / 3, sigma[row:row + 1] / 3, **inputs,
+                                     ref_latents=[rows["ref_latents"]["0"][row:row + 1]], ref_latents_method=method)
+            torch.testing.assert_close(ours[row:row + 1], alone)
+        assert (ours - source.denoiser(x, sigma, {k: v for k, v in rows.items() if k != "texts"})).abs().max() > 1e-3
+
+    teacher_node = nodes["DistillTeacherFromModel"]()
+    with pytest.raises(ValueError, match="carry a reference method and the negative does not.*"
+                                         "FluxKontextMultiReferenceLatentMethod with the same method on it"):
+        teacher_node.run(FakePatcher(base), positive, [_with_references(_entry(3, 3), 10)], 64, 64, 3.0)
+    with pytest.raises(ValueError, match="carry reference images and a reference method and the negative does not"):
+        teacher_node.run(FakePatcher(base), positive, [_entry(3, 3)], 64, 64, 3.0)
+    with pytest.raises(ValueError, match="'ref_latents_method' is a text of more than 32 bytes"):
+        teacher_node.run(FakePatcher(base), [_with_method(positive[0], "x" * 33)], [_entry(3, 3)], 64, 64, 1.0)
+    (handle,) = teacher_node.run(FakePatcher(base), positive[:1], [_entry(3, 3)], 64, 64, 1.0)  # CFG 1: filled in
+    student, merged, (sigmas, sampler, cfg), latent = lora_student(nodes, handle, base, tmp_path / "models" / "loras")
+    z, cond = few_step_draws(student)
+    assert [row_text(row) for row in student.teacher.source().uncond["texts"]["ref_latents_method"]] == ["uxo"]
+    inputs = {k: v for k, v in cond.items() if k not in ("ref_latents", "lengths", "texts")}
+    out = sampler(lambda x_t, t: merged.apply_model(x_t, t, **inputs, ref_latents=list(cond["ref_latents"].values()),
+                                                     ref_latents_method="uxo"), float(sigmas[0]) * z, sigmas)
     assert cfg == 1.0
     torch.testing.assert_close(out / (1 - float(sigmas[-1])), latent["samples"], atol=1e-5, rtol=1e-5)

@@ -137,7 +137,7 @@ class ComfyDenoiser(nn.Module):
         if cond is not None and not isinstance(cond, dict):
             raise TypeError("a ComfyUI model's condition is a dict of model inputs (c_crossattn, y, ...)")
         sigma = expand_sigma(sigma, x)
-        if cond and LENGTHS in cond:
+        if cond and any(k in cond for k in ROW_KEYS):
             return self._by_rows(x, sigma, cond)
         framed = self.frames and x.ndim == 4  # an image to a video model: one frame
         if framed:
@@ -160,13 +160,15 @@ class ComfyDenoiser(nn.Module):
         return out.squeeze(2) if framed else out
 
     def _by_rows(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        """The rows of a batch grouped by their own token counts (``LENGTHS``) and scalar model inputs
-        (``CONSTANTS``), one ``apply_model`` per group with its token inputs cut back to their own length
-        and the scalars as numbers: each row is what the model computes for it alone. (A model that joins
-        text and image tokens in one attention, or reads its token count, would see tiled copies.)"""
-        lengths, constants = cond[LENGTHS], cond.get(CONSTANTS, {})
-        rest = {k: v for k, v in cond.items() if k not in (LENGTHS, CONSTANTS)}
-        values = torch.stack([v.to(x.device, torch.float64) for v in (*lengths.values(), *constants.values())], 1)
+        """The rows of a batch grouped by their own token counts (``LENGTHS``), scalar model inputs
+        (``CONSTANTS``) and text ones (``TEXTS``), one ``apply_model`` per group with its token inputs cut back
+        to their own length, the scalars as numbers and the texts as strings: each row is what the model computes
+        for it alone. (A model that joins text and image tokens in one attention, or reads its token count, would
+        see tiled copies.)"""
+        lengths, constants, texts = (cond.get(k, {}) for k in ROW_KEYS)
+        rest = {k: v for k, v in cond.items() if k not in ROW_KEYS}
+        scalars = [v.to(x.device, torch.float64)[:, None] for v in (*lengths.values(), *constants.values())]
+        values = torch.cat([*scalars, *(v.to(x.device, torch.float64) for v in texts.values())], 1)
         out = torch.empty_like(x)
         for group in values.unique(dim=0):
             idx = (values == group).all(1).nonzero().squeeze(1)
@@ -174,6 +176,7 @@ class ComfyDenoiser(nn.Module):
             for k, n in zip(lengths, group.tolist()[:len(lengths)], strict=True):
                 inputs[k] = inputs[k][..., :int(n), :] if inputs[k].ndim >= 3 else inputs[k][..., :int(n)]
             inputs.update({k: v[int(idx[0])].item() for k, v in constants.items()})
+            inputs.update({k: row_text(v[int(idx[0])]) for k, v in texts.items()})
             out[idx] = self(x[idx], sigma[idx], inputs).to(out.dtype)
         return out
 
@@ -328,9 +331,14 @@ def has_frame_axis(base_model: nn.Module) -> bool:
     return getattr(getattr(base_model, "latent_format", None), "latent_dimensions", 2) == 3
 
 
-#: the keys of a condition's scalar model inputs (``CONDConstant``, one value per row) and of each row's own
-#: token count (before tiling) in every token input
-CONSTANTS, LENGTHS = "constants", "lengths"
+#: the keys of a condition's scalar model inputs (``CONDConstant``, one value per row), of its text ones (a
+#: ``CONDConstant`` string: FluxKontextMultiReferenceLatentMethod's ``ref_latents_method``, one row of UTF-8 bytes
+#: each, ``text_rows``) and of each row's own token count (before tiling) in every token input
+CONSTANTS, TEXTS, LENGTHS = "constants", "texts", "lengths"
+#: the keys under which a condition holds what the adapter hands the model row group by row group (``_by_rows``)
+ROW_KEYS = (LENGTHS, CONSTANTS, TEXTS)
+#: the bytes of a text input's row (its UTF-8 bytes, zero-padded)
+TEXT_BYTES = 32
 #: the model input of an image-conditioned model (an image-to-video model's start frames, an inpainting model's
 #: masked image), laid out as the sample
 IMAGE_INPUT = "c_concat"
@@ -438,9 +446,12 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         raise ValueError(f"the CONDITIONING entries give different model inputs ({', '.join(some)} in some entries, "
                          "not in others): encode them all with one CLIP, and for HunyuanImage 2.1 either quote "
                          "text in every prompt or in none (quoted text adds its glyph tokens)")
-    cond, constants, lengths = {}, {}, {}
+    cond, constants, texts, lengths = {}, {}, {}, {}
     for k in keys:
         parts = [r[k] for r in rows]
+        if isinstance(parts[0], str):  # a text input, one per row
+            texts[k] = text_rows(k, parts)
+            continue
         if isinstance(parts[0], dict):  # a list input: each item batched across the entries
             cond[k] = _batched_items(k, parts)
             continue
@@ -459,6 +470,8 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         cond[k] = torch.cat(parts)
     if constants:
         cond[CONSTANTS] = constants
+    if texts:
+        cond[TEXTS] = texts
     if lengths:
         cond[LENGTHS] = lengths
     return cond
@@ -478,17 +491,36 @@ def check_image_input(image: torch.Tensor | None, noise: torch.Tensor, options: 
                          "give the image's node the teacher's width, height and length")
 
 
-def _row_input(name: str, value) -> torch.Tensor | dict[str, torch.Tensor]:
+def _row_input(name: str, value) -> torch.Tensor | dict[str, torch.Tensor] | str:
     """One entry's model input: a tensor, a number (``CONDConstant``: Lumina 2's ``num_tokens``) as a 0-d tensor,
-    or a list of tensors (``CONDList``: reference latents) as a dict of its items."""
+    a string (``CONDConstant``: the reference method of Flux Kontext and Qwen-Image-Edit) as it is, or a list of
+    tensors (``CONDList``: reference latents) as a dict of its items."""
     if isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, bool | int | float):
         return torch.tensor(value)
+    if isinstance(value, str):
+        return value
     if isinstance(value, list | tuple) and all(isinstance(v, torch.Tensor) for v in value):
         return {str(i): v.clone() for i, v in enumerate(value)}
     raise ValueError(f"the model input {name!r} of this conditioning is a {type(value).__name__}, which "
-                     "distillation cannot batch; it supports tensor, number and tensor-list inputs")
+                     "distillation cannot batch; it supports tensor, number, text and tensor-list inputs")
+
+
+def text_rows(name: str, texts: list[str]) -> torch.Tensor:
+    """The strings of one text input, one per entry, as rows of their UTF-8 bytes [N, ``TEXT_BYTES``], zero-padded:
+    a batch-first condition holds them as it holds every input (indexed, moved and joined as a tensor), and
+    ``row_text`` reads a row back."""
+    encoded = [text.encode() for text in texts]
+    if any(len(e) > TEXT_BYTES or b"\0" in e for e in encoded):
+        raise ValueError(f"the model input {name!r} is a text of more than {TEXT_BYTES} bytes or with a zero byte "
+                         f"({', '.join(map(repr, texts))}), which distillation does not batch")
+    return torch.tensor([list(e.ljust(TEXT_BYTES, b"\0")) for e in encoded], dtype=torch.uint8)
+
+
+def row_text(row: torch.Tensor) -> str:
+    """The string of one row of ``text_rows``."""
+    return bytes(row.tolist()).rstrip(b"\0").decode()
 
 
 def _batched_items(name: str, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -502,19 +534,29 @@ def _batched_items(name: str, parts: list[dict[str, torch.Tensor]]) -> dict[str,
     return {i: torch.cat([p[i] for p in parts]) for i in parts[0]}
 
 
+#: the options of an editing model's CONDITIONING entry that come with its reference images, each with what it is
+#: and the node that sets it
+REFERENCE_OPTIONS = {"reference_latents": ("reference images", "TextEncodeQwenImageEdit or ReferenceLatent with "
+                                                               "the same image"),
+                     "reference_latents_method": ("a reference method", "FluxKontextMultiReferenceLatentMethod with "
+                                                                        "the same method")}
+
+
 def negative_with_references(positive: list, negative: list, cfg: float) -> list:
-    """The negative entries given the first positive's reference images where they have none (ComfyUI's Flux
-    Kontext workflows zero out the prompt for the negative before the image is added): CFG's unconditional side
-    takes each row's own (``IMAGE_INPUTS``). At CFG 1 the negative does not count; above it, the sampler would
-    run the negative without the image, which one batch cannot: refused, naming the fix."""
-    images = positive[0][1].get("reference_latents")
-    if images is None or all("reference_latents" in entry[1] for entry in negative):
+    """The negative entries given the first positive's reference images and reference method where they have none
+    (ComfyUI's Flux Kontext workflows zero out the prompt for the negative before the image is added): CFG's
+    unconditional side takes each row's own (``IMAGE_INPUTS``). At CFG 1 the negative does not count; above it, the
+    sampler would run the negative without them, which one batch cannot: refused, naming the fix."""
+    given = {k: v for k, v in positive[0][1].items() if k in REFERENCE_OPTIONS}
+    missing = [k for k in given if any(k not in entry[1] for entry in negative)]
+    if not missing:
         return negative
     if cfg != 1.0:
-        raise ValueError("the positive prompts carry reference images and the negative does not, which the sampler "
-                         "runs without one at CFG above 1: encode the negative with the same image (as "
-                         "TextEncodeQwenImageEdit or ReferenceLatent on it), or set the guidance to 1")
-    return [[entry[0], {**entry[1], "reference_latents": images}] for entry in negative]
+        what, fix = (" and ".join(REFERENCE_OPTIONS[k][i] for k in missing) for i in (0, 1))
+        raise ValueError(f"the positive prompts carry {what} and the negative does not, which the sampler runs "
+                         f"without them at CFG above 1: give the negative the same ({fix} on it), or set the "
+                         "guidance to 1")
+    return [[entry[0], {**given, **entry[1]}] for entry in negative]
 
 
 def teacher_inputs(base_model: nn.Module, positive: list, negative: list, shape: tuple[int, ...], guidance: float,
