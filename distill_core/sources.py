@@ -190,14 +190,9 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     (``comfy_experts``). ``start``: a LATENT with start images (Wan 2.2 5B and LTX-Video image-to-video:
     Wan22ImageToVideoLatent's, LTXVImgToVideo's), one for all prompts or one per positive entry, from which each of
     its clips starts (``start_rows``)."""
-    from distill_core.denoisers.comfy import (
-        IMAGE_INPUTS,
-        ComfyDenoiser,
-        ComfyExperts,
-        embeds_guidance,
-        latent_shape,
-        teacher_inputs,
-    )
+    from distill_core.denoisers.comfy import ComfyDenoiser, ComfyExperts
+    from distill_core.denoisers.comfy_conditioning import IMAGE_INPUTS, teacher_inputs
+    from distill_core.denoisers.comfy_family import embeds_guidance, latent_shape
 
     denoiser = ComfyDenoiser(base_model, sampling)
     shape = latent_shape(base_model, width, height, length)

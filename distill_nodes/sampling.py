@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from distill_core import safetensors_io
-from distill_core.denoisers.comfy import has_frame_axis, high_noise_steps
+from distill_core.denoisers.comfy import high_noise_steps
+from distill_core.denoisers.comfy_family import has_frame_axis
 from distill_core.report import preview_pixels
 from distill_core.sampling import comfy_sigmas, k_sampler, sample, sampler_key
 from distill_core.student_files import check_card

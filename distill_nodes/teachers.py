@@ -78,15 +78,9 @@ class BuiltinTeacher:
 class TeacherFromModel:
     def run(self, model, positive, negative, width: int, height: int, guidance: float, length: int = 1,
             low_noise_model=None, boundary: float = TEXT_TO_VIDEO_BOUNDARY, start_latent=None, unique_id=None):
-        from distill_core.denoisers.comfy import (
-            IMAGE_INPUT,
-            ComfyDenoiser,
-            ComfyExperts,
-            latent_shape,
-            model_sampling,
-            refuse_unsupported,
-            teacher_inputs,
-        )
+        from distill_core.denoisers.comfy import ComfyDenoiser, ComfyExperts, model_sampling, refuse_unsupported
+        from distill_core.denoisers.comfy_conditioning import IMAGE_INPUT, teacher_inputs
+        from distill_core.denoisers.comfy_family import latent_shape
 
         refuse_unsupported(model)  # this MODEL's own sampling, not the one its checkpoint's clones share
         sampling = model_sampling(model)

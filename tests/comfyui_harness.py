@@ -656,7 +656,7 @@ def two_model_probe(method: str, work: Path) -> dict:
     stock = importlib.import_module("nodes")
     pack = load_pack().NODE_CLASS_MAPPINGS
     from distill_core import sampling
-    from distill_core.denoisers.comfy import encode_conditioning
+    from distill_core.denoisers.comfy_conditioning import encode_conditioning
     from distill_core.sampling import sample
 
     positive, negative = [entry(1), entry(2)], [entry(3)]
@@ -828,7 +828,7 @@ def lcm_lora_probe(checkpoint: Path, work: Path) -> dict:
     import comfy.sample
     import torch
 
-    from distill_core.denoisers.comfy import encode_conditioning
+    from distill_core.denoisers.comfy_conditioning import encode_conditioning
     from distill_core.sampling import sample
 
     trained = {}
@@ -889,7 +889,7 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
     import comfy.sample
     import torch
 
-    from distill_core.denoisers.comfy import encode_conditioning, start_rows
+    from distill_core.denoisers.comfy_conditioning import encode_conditioning, start_rows
     from distill_core.sampling import sample
 
     torch.manual_seed(0)

@@ -15,17 +15,10 @@ from torch import nn
 from distill_core.builtin import fingerprint
 from distill_core.config import DistillConfig
 from distill_core.denoisers.base import index_cond
-from distill_core.denoisers.comfy import (
-    FLOW_SIGMA_MAX,
-    ComfyDenoiser,
-    ComfyExperts,
-    encode_conditioning,
-    expert_loras,
-    latent_downscale,
-    latent_shape,
-    refuse_unsupported,
-    row_text,
-)
+from distill_core.denoisers.comfy import ComfyDenoiser, ComfyExperts, expert_loras, refuse_unsupported
+from distill_core.denoisers.comfy_conditioning import encode_conditioning, row_text
+from distill_core.denoisers.comfy_family import latent_downscale, latent_shape
+from distill_core.denoisers.flow import FLOW_SIGMA_MAX
 from distill_core.lora import merge
 from distill_core.safetensors_io import load
 from distill_core.sampling import comfy_sigmas, k_sampler, sampler_for

@@ -20,13 +20,9 @@ from test_comfy_adapter import (
 
 from distill_core.config import DistillConfig
 from distill_core.denoisers.base import per_sample
-from distill_core.denoisers.comfy import (
-    ComfyDenoiser,
-    encode_conditioning,
-    frames_per_latent,
-    latent_shape,
-    start_rows,
-)
+from distill_core.denoisers.comfy import ComfyDenoiser
+from distill_core.denoisers.comfy_conditioning import encode_conditioning, start_rows
+from distill_core.denoisers.comfy_family import frames_per_latent, latent_shape
 from distill_core.memory_plan import activation_bytes, sample_activation_bytes
 from distill_core.methods.registry import method_class, methods
 from distill_core.options import settings
