@@ -194,6 +194,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", help="a text-to-image teacher's prompt file, as given to distill")
     p.add_argument("--prompt", action="append", help="a prompt to draw the rows' images from, instead of a file "
                    "(repeat for more)")
+    p.add_argument("--images", help="an editing teacher's images (Flux Kontext), as given to distill")
     p.add_argument("--steps", type=int, nargs="+", help="the step count of each student (default: its most)")
     p.add_argument("--count", type=int, default=8, help="images per row")
     p.add_argument("--seed", type=int, default=0, help="noise and class seed")
@@ -236,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give prompts with --prompt or with --prompts FILE, not both")
     cards = [read_student_card(p) for p in args.students]
     source = trained_teacher(args.teacher or named_teacher(args.students), cards, args.classes, args.null_class,
-                             args.prompt or args.prompts)
+                             args.prompt or args.prompts, args.images)
     source.denoiser.to("cuda" if torch.cuda.is_available() else "cpu")
     students = [OnTeacher(Path(path), source) for path in args.students]
     stems = [Path(p).stem for p in args.students]

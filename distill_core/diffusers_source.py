@@ -134,7 +134,8 @@ def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...],
 def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None = None,
                      prompts: str | Path | list[str] | None = None, guidance: float | None = None,
                      resolution: int | None = None, negative: str | None = None,
-                     frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1) -> TeacherSource:
+                     frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1,
+                     images: str | Path | None = None) -> TeacherSource:
     """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
     pipeline's file of training prompts (default: the shipped list); ``guidance``: the run's guidance, which a
     guidance-distilled pipeline (Flux dev) takes as its input; ``resolution``: the side of its square images in
@@ -143,7 +144,7 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     (``load_model``); ``encode``: False loads a text-to-image pipeline's network without encoding any prompt
     (its text encoders are not loaded), for a command that reads the network only (export-diffusers);
     ``frames``: a video pipeline's clips of that many video frames (``sample_shape``), which its students' files
-    name."""
+    name; ``images``: an editing pipeline's image of every prompt (``reference_images.image_files``)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"teacher {root} is not a directory: give builtin, builtin-flow, builtin-bold or a "
@@ -152,8 +153,9 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     model_dir, scheduler_dir = model_and_scheduler_dirs(root, index)
     if "text_encoder" in index:
         return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution, negative,
-                           frozen_precision, encode, frames)
-    for flag, given in ((prompts and prompt_flag(prompts), prompts), ("--negative", negative is not None)):
+                           frozen_precision, encode, frames, images)
+    for flag, given in ((prompts and prompt_flag(prompts), prompts), ("--negative", negative is not None),
+                        ("--images", images is not None)):
         if given:
             raise ValueError(f"{root}: {flag} is for text-to-image pipelines (a model_index.json naming a "
                              "text_encoder); this model is conditioned on class labels or nothing")
@@ -252,14 +254,18 @@ IMAGE_CONDITIONED = ("ImageToVideo", "Inpaint")
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
                 prompts: str | Path | None, guidance: float | None = None,
                 resolution: int | None = None, negative: str | None = None,
-                frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1) -> TeacherSource:
+                frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1,
+                images: str | Path | None = None) -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the pipeline's negative
     (condition P; ``negative`` where given) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``
     (Qwen-Image: 4). Flux samples without CFG (w = 1, as its pipeline does); Flux dev takes ``guidance``
     (default ``FLUX_GUIDANCE``) as its input, and its students' files name it (``embedded_guidance``).
+    An editing pipeline (Flux Kontext) takes prompt k as an edit of image k of ``images``, whose latents join the
+    tables (``reference_images``; the negative's row: the first prompt's image, as Flux samples without CFG).
     ``encode`` False: no prompt tables (the network alone; it refuses to run)."""
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
     from distill_core.prompts import read_prompts
+    from distill_core.reference_images import EDITING_PIPELINES, REFERENCE_TABLE, image_files, reference_latents
     from distill_core.text_pipeline import PromptConditioned, encode_prompts, vae_decoder
 
     if classes:
@@ -268,6 +274,13 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
         raise ValueError(f"{root}: a {index['_class_name']}'s network takes an image beside the noise, which this "
                          "command does not feed; distil it in ComfyUI, where each prompt carries its image "
                          "(docs/comfyui.md), or distil the text-to-image or text-to-video pipeline")
+    editing = index.get("_class_name") in EDITING_PIPELINES
+    if images is not None and not editing:
+        raise ValueError(f"{root}: --images is for editing pipelines ({', '.join(EDITING_PIPELINES)}); a "
+                         f"{index.get('_class_name')} draws from its prompts alone")
+    if editing and images is None and encode:
+        raise ValueError(f"{root}: a {index['_class_name']} edits an image with each prompt: give the images with "
+                         "--images (one file for every prompt, or a folder with one image per prompt)")
     prompts = read_prompts(prompts)
     config = model_config(model_dir, pipeline=True)
     shape = sample_shape(config, root, resolution, frames)
@@ -276,6 +289,10 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
                          "drop --negative")
     # the encoders freed before the network loads
     tables = encode_prompts(root, index, prompts, shape, negative) if encode else {}
+    if editing and encode:
+        pixels = latent_pixels(root, config["_class_name"])
+        latents = reference_latents(root, image_files(images, len(prompts)), shape[-2] * pixels, shape[-1] * pixels)
+        tables[REFERENCE_TABLE] = torch.cat([latents, latents[:1]])
     model = pipeline_network(root, index, model_dir, config, scheduler_dir, frozen_precision)
     name = config["_class_name"]
     embedded = None

@@ -1,6 +1,6 @@
-"""A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Qwen-Image,
-AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA, HiDream, Wan 2.1, Wan 2.2 A14B and TI2V 5B) as files
-diffusers loads:
+"""A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Flux Kontext,
+Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA, HiDream, Wan 2.1, Wan 2.2 A14B and TI2V 5B)
+as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
@@ -82,8 +82,10 @@ class Target:
     scale and how far that scale lies below the engine's w (Z-Image: 1), whether its CFG is the engine's
     (Qwen-Image's rescales the guided velocity), the call's keywords that make it so (``call``), whether
     the call takes a negative prompt (Flux.2 klein's does not) and sigmas (Wan's does not), whether it
-    draws videos (Wan: latents [B, C, T, H, W], ``num_frames``, ``.frames``), and the side, in latent pixels, of
-    the square whose area it scales every image to (``area``: HiDream's, 128; None: it draws the size asked)."""
+    draws videos (Wan: latents [B, C, T, H, W], ``num_frames``, ``.frames``), the side, in latent pixels, of
+    the square whose area it scales every image to (``area``: HiDream's, 128; None: it draws the size asked), and
+    whether it edits an image (Flux Kontext: ``image``, kept at its size and drawn at that size's area,
+    ``max_area``)."""
 
     network: str
     network_class: str
@@ -97,6 +99,7 @@ class Target:
     takes_sigmas: bool = True
     video: bool = False
     area: int | None = None
+    edits: bool = False
 
     @property
     def scheduler_class(self) -> str:
@@ -108,6 +111,8 @@ PIPELINES = {
     "StableDiffusionXLPipeline": Target("unet", "UNet2DConditionModel"),
     "StableDiffusion3Pipeline": Target("transformer", "SD3Transformer2DModel", flow=True),
     "FluxPipeline": Target("transformer", "FluxTransformer2DModel", flow=True, packed=True),
+    "FluxKontextPipeline": Target("transformer", "FluxTransformer2DModel", flow=True, packed=True,
+                                  call=(("_auto_resize", False),), edits=True),
     "QwenImagePipeline": Target("transformer", "QwenImageTransformer2DModel", flow=True, packed=True,
                                 guidance_keyword="true_cfg_scale", engine_cfg=False),
     "AuraFlowPipeline": Target("transformer", "AuraFlowTransformer2DModel", flow=True),
@@ -315,7 +320,8 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     guidance = card["guidance"]
     sigmas, noise_scale = pipeline_start(card, steps, target.flow)
     w = 1.0 if guidance["mode"] == "distilled" else guidance["w"]
-    call = {**dict(target.call), **({"num_frames": as_trained(card)["frames"]} if target.video else {})}
+    call = {**dict(target.call), **({"num_frames": as_trained(card)["frames"]} if target.video else {}),
+            **({"max_area": height * width} if target.edits else {})}
     settings = {"pipeline": pipeline, "teacher": str(root), "steps": steps, "sigmas": sigmas,
                 "noise_scale": noise_scale, "latent_shape": list(source.shape), "height": height, "width": width,
                 "guidance_scale": float(card.get("embedded_guidance", w - target.w_offset)),
@@ -359,6 +365,10 @@ def usage(settings: dict, out: str | Path) -> str:
     ]
     if target.packed:
         lines.append(f"latents = pipe._pack_latents(latents, 1, {channels}, {height}, {width})")
+    if target.edits:  # scaled as the engine scaled the training images
+        lines[1:1] = ["from diffusers.utils import load_image", "from PIL import Image"]
+        lines.append(f"edit = load_image('image.png').resize(({settings['width']}, {settings['height']}), "
+                     "Image.Resampling.LANCZOS)  # the image to edit")
     sigmas = "[" + ", ".join(f"{s!r}" for s in settings["sigmas"]) + "]"
     if target.takes_sigmas:
         steps = f"sigmas={sigmas}"
@@ -368,6 +378,7 @@ def usage(settings: dict, out: str | Path) -> str:
         steps = f"num_inference_steps={len(settings['sigmas'])}"
     negative = f", negative_prompt={settings['negative_prompt']!r}" if "negative_prompt" in settings else ""
     call = "".join(f", {key}={value!r}" for key, value in settings["call"].items())
+    call += ", image=edit" if target.edits else ""
     if experts:
         call += ", callback_on_step_end=next_expert"
     output = "video = " if target.video else "image = "

@@ -100,14 +100,16 @@ def trained_file_source(path: str) -> TeacherSource:
 def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
                    prompts: str | list[str] | None = None, guidance: float | None = None,
                    resolution: int | None = None, negative: str | None = None,
-                   frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1) -> TeacherSource:
+                   frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1,
+                   images: str | None = None) -> TeacherSource:
     """The teacher a run names: a built-in one, a digits teacher file (``trained_file_source``), or a local
     diffusers model directory (``diffusers_source``, with ``classes`` and ``null_class``, or for a text-to-image
     pipeline the prompt file ``prompts`` (or the prompts themselves, a list), and the run's ``guidance``, which
     a guidance-distilled pipeline takes as its input; ``resolution``: its image side in pixels, where not its
     own; ``negative``: a pipeline's negative prompt, where not its own; ``frozen_precision``: the run's, bf16
     loading a directory's 16-bit weights without a float32 copy; ``encode`` False: a pipeline's network without
-    its text encoders, for a command that reads the network only; ``frames``: a video pipeline's clip length)."""
+    its text encoders, for a command that reads the network only; ``frames``: a video pipeline's clip length;
+    ``images``: an editing pipeline's image of every prompt)."""
     digits = name in TEACHERS or name.endswith(".safetensors")
     if prompts and digits:
         from distill_core.prompts import prompt_flag
@@ -121,6 +123,9 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
         raise ValueError(f"--resolution is for teachers from directories; the {name} teacher draws 16 x 16 digits")
     if frames > 1 and digits:
         raise ValueError(f"--frames is for video pipeline directories (Wan); the {name} teacher draws still digits")
+    if images is not None and digits:
+        raise ValueError(f"--images is for editing pipeline directories (Flux Kontext); the {name} teacher draws "
+                         "digits from noise")
     if negative is not None and digits:
         raise ValueError(f"--negative is for text-to-image pipeline directories; the {name} teacher's other side "
                          "of CFG is its null class")
@@ -136,7 +141,7 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
         from distill_core.diffusers_source import diffusers_source
 
         return diffusers_source(name, classes, null_class, prompts, guidance, resolution, negative, frozen_precision,
-                                encode, frames)
+                                encode, frames, images)
     raise ValueError(
         f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, a digits teacher file that train-teacher "
         "wrote, or the path of a local diffusers model directory (ComfyUI checkpoints come through the nodes)"
@@ -160,7 +165,7 @@ def as_trained(card: dict) -> dict:
 
 
 def trained_teacher(name: str, cards: list[dict], classes: int = 0, null_class: int | None = None,
-                    prompts: str | list[str] | None = None) -> TeacherSource:
+                    prompts: str | list[str] | None = None, images: str | None = None) -> TeacherSource:
     """The teacher of the students with ``cards`` as their runs had it: ``teacher_source`` with the first card's
     settings (``as_trained``), its weights cast to bf16 where every student's run computed with them in bf16 (a
     student of a float32 run keeps the float32 teacher; a full student copies the teacher, so it takes float32)."""
@@ -168,8 +173,8 @@ def trained_teacher(name: str, cards: list[dict], classes: int = 0, null_class: 
 
     settings = as_trained(cards[0])
     bf16 = all(as_trained(card)["frozen_precision"] == "bf16" for card in cards)
-    source = teacher_source(name, classes, null_class, prompts, **{**settings, "frozen_precision":
-                                                                   "bf16" if bf16 else "as-loaded"})
+    source = teacher_source(name, classes, null_class, prompts, images=images,
+                            **{**settings, "frozen_precision": "bf16" if bf16 else "as-loaded"})
     if bf16:
         cast_weights(source.denoiser, torch.bfloat16)
     return source

@@ -1,10 +1,11 @@
 """Text-to-image teachers from diffusers pipeline directories (``--teacher DIR --prompts FILE``), offline.
 
 A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or
-of SD3, Flux, Qwen-Image, Wan, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream or SANA
+of SD3, Flux, Flux Kontext, Qwen-Image, Wan, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream or SANA
 (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with ``scheduler/``, its text encoders and tokenizers,
 and optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's and Wan's video VAEs, Flux.2's or SANA's
-deep-compression autoencoder, which decode the report's grid).
+deep-compression autoencoder, which decode the report's grid; Flux Kontext's also encodes the images its prompts
+edit: ``reference_images``).
 
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
 arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and
@@ -49,8 +50,8 @@ from distill_core.report import frame_strip
 DENOISER_ATTRIBUTES = ("sigma_min", "sigma_max", "prediction", "shift")
 #: the pipelines this command distils, by ``model_index.json``'s class name
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
-             "QwenImagePipeline", "WanPipeline", "AuraFlowPipeline", "ChromaPipeline", "Lumina2Pipeline",
-             "ZImagePipeline", "Flux2KleinPipeline", "HiDreamImagePipeline", "SanaPipeline")
+             "FluxKontextPipeline", "QwenImagePipeline", "WanPipeline", "AuraFlowPipeline", "ChromaPipeline",
+             "Lumina2Pipeline", "ZImagePipeline", "Flux2KleinPipeline", "HiDreamImagePipeline", "SanaPipeline")
 #: the text tokens Wan's pipeline pads its prompts to (its call's ``max_sequence_length``)
 WAN_TEXT_TOKENS = 512
 #: the unconditional prompt of a pipeline whose negative is not the empty prompt
@@ -152,8 +153,8 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
-                         f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Qwen-Image, Wan 2.1 and 2.2 "
-                         "A14B, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream, SANA)")
+                         f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Flux Kontext, Qwen-Image, Wan 2.1 "
+                         "and 2.2 A14B, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream, SANA)")
     for part in TEXT_ENCODERS:
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
@@ -196,7 +197,7 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
         negatives = None if negative is None else [negative] * len(prompts)  # its negatives match its prompts' type
         context, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=negatives)
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float()}
-    if name == "FluxPipeline":
+    if name in ("FluxPipeline", "FluxKontextPipeline"):
         context, pooled, _ = pipe.encode_prompt([*prompts, ""], None, device="cpu")
         return {"encoder_hidden_states": context.float(), "pooled_projections": pooled.float()}
     if name == "QwenImagePipeline":  # one call: every row padded to the longest prompt, the mask saying where

@@ -34,8 +34,8 @@ from tests.test_teacher_from_dir import multi_encoder_pipeline_dir, text_pipelin
 
 
 def pipeline_latents(teacher, out, settings: dict, z: torch.Tensor, student: bool = True,
-                     switch: bool = True) -> torch.Tensor:
-    """The pipeline's latents [1, C, H, W] for prompt "an owl" from standard normal ``z``, with the exported
+                     switch: bool = True, prompt: str = "an owl") -> torch.Tensor:
+    """The pipeline's latents [1, C, H, W] for ``prompt`` from standard normal ``z``, with the exported
     student loaded (``student``) or the teacher's own network, on the exported scheduler and sigmas. A student of
     experts: each a named adapter, the next step's made active at each step's end (``switch``; else the first
     expert samples every step)."""
@@ -60,7 +60,7 @@ def pipeline_latents(teacher, out, settings: dict, z: torch.Tensor, student: boo
     target = PIPELINES[settings["pipeline"]]
     latents = settings["noise_scale"] * z
     latents = pipe._pack_latents(latents, b, c, h, w) if target.packed else latents
-    call = {"prompt": "an owl", "latents": latents, "sigmas": settings["sigmas"], "height": settings["height"],
+    call = {"prompt": prompt, "latents": latents, "sigmas": settings["sigmas"], "height": settings["height"],
             "width": settings["width"], target.guidance_keyword: settings["guidance_scale"], **settings["call"],
             **step_end}
     if target.takes_negative:

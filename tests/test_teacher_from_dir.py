@@ -343,7 +343,8 @@ def multi_encoder_pipeline_dir(root, kind: str):
     SDXL (4 channels, its two CLIPs, the image's size as an added condition, Euler); SD3 (16 channels, two CLIPs
     and T5, a shifted (3) FlowMatch scheduler); Flux dev (``flux``: 16 channels, guidance embedded, CLIP and T5,
     Flux's resolution-dependent shift); Flux schnell (``flux-schnell``: as Flux dev without the guidance input,
-    unshifted); Qwen-Image (``qwen_image_pipeline_dir``); Wan 2.1 (16-channel video latents, UMT5, a video VAE of
+    unshifted); Flux Kontext (``flux-kontext``: Flux dev's parts in an editing pipeline); Qwen-Image
+    (``qwen_image_pipeline_dir``); Wan 2.1 (16-channel video latents, UMT5, a video VAE of
     one halving, FlowMatch shifted by 3); Wan 2.2 TI2V 5B (``wan22-5b``: as Wan 2.1 with 48-channel latents from a
     VAE that also folds 2 x 2 patches into channels, and a time per latent patch in its pipeline). SD3's and Flux's
     VAEs scale and shift their latents."""
@@ -388,14 +389,14 @@ def multi_encoder_pipeline_dir(root, kind: str):
                                          transformer=network, expand_timesteps=ti2v,
                                          scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
     else:
-        dev = kind == "flux"
+        dev = kind in ("flux", "flux-kontext")
         network = diffusers.FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=dev,
             axes_dims_rope=(2, 2, 4))
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
             **({"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15} if dev else {"shift": 1.0}))
-        pipeline = diffusers.FluxPipeline(
+        pipeline = (diffusers.FluxKontextPipeline if kind == "flux-kontext" else diffusers.FluxPipeline)(
             transformer=network, scheduler=scheduler, vae=vae, tokenizer=clip, tokenizer_2=t5_tokens,
             text_encoder=transformers.CLIPTextModel(clip_config(vocab)), text_encoder_2=t5)
     randomise(network, seed=0)  # weights large enough that the text conditions move the output well above 1e-4
@@ -512,7 +513,7 @@ def test_multi_encoder_pipelines_sample_as_their_own_pipeline_and_distil_end_to_
                      "--reference-steps", "4", "--out", str(tmp_path / "cmp")]) == 0
         assert built[0][0][0] == str(teacher)  # at its guidance input, its own size, negative and precision:
         assert built[0][1] == {"guidance": 2.5, "resolution": None, "frames": 1, "negative": None,
-                               "frozen_precision": "as-loaded"}
+                               "frozen_precision": "as-loaded", "images": None}
     if kind != "sdxl":
         assert main(["distill", "--teacher", str(teacher / "transformer"), "--out", str(tmp_path / "r"),
                      "--no-progress"]) == 1

@@ -10,7 +10,8 @@ they differ in what they take besides x_t:
   ``AuraFlowTransformer2DModel``: t itself and c;
 * Flux's ``FluxTransformer2DModel``: t itself, c and p as SD3, the latent cut into 2 x 2 patches, each patch a
   token of 4 C channels with its position (0, row, column) (``img_ids``; text tokens at 0, ``txt_ids``), and, in
-  a guidance-distilled model (Flux dev), the guidance scale g as an input: v(x_t, t, c, p, g); Chroma's
+  a guidance-distilled model (Flux dev), the guidance scale g as an input: v(x_t, t, c, p, g); Flux Kontext's
+  the same with the image it edits beside the sample, its latent's patches at (1, row, column); Chroma's
   ``ChromaTransformer2DModel``: as Flux without p and g, with its text tokens' mask (``attention_mask``), every
   image token attended;
 * Lumina 2's ``Lumina2Transformer2DModel`` and Z-Image's ``ZImageTransformer2DModel`` run time the other way:
@@ -47,6 +48,7 @@ from torch import nn
 
 from distill_core.denoisers.base import switch_rows
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, FlowDenoiser, t_to_sigma
+from distill_core.reference_images import REFERENCE_TABLE
 from distill_core.schedules import flux2_shift, flux_shift
 
 #: the embedded guidance a guidance-distilled Flux model is distilled at unless the run says another
@@ -94,10 +96,12 @@ def unpack(tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 class FluxVelocity(nn.Module):
     """Flux's transformer as v(x_t, t, {"encoder_hidden_states": c, "pooled_projections": p}) on [B, C, H, W]
-    latents: packed into (H / 2)(W / 2) tokens of 4 C channels on the way in, unpacked on the way out;
-    ``guidance``: the embedded guidance g of a guidance-distilled model (None for one without, as Flux
-    schnell, and Chroma, whose transformer takes no guidance input). Chroma's condition adds its text tokens'
-    mask m ({"attention_mask": m}), which every image token joins."""
+    latents: packed into (H / 2)(W / 2) tokens of 4 C channels at positions (0, row, column) on the way in,
+    unpacked on the way out; ``guidance``: the embedded guidance g of a guidance-distilled model (None for one
+    without, as Flux schnell, and Chroma, whose transformer takes no guidance input). Chroma's condition adds its
+    text tokens' mask m ({"attention_mask": m}), which every image token joins. Flux Kontext's adds the latents of
+    the image being edited (``REFERENCE_TABLE``: [B, C, H', W']), packed as the sample and joined to its tokens at
+    positions (1, row, column); the velocity is the sample's tokens' alone."""
 
     def __init__(self, transformer: nn.Module, guidance: float | None):
         super().__init__()
@@ -105,19 +109,31 @@ class FluxVelocity(nn.Module):
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
         b, c, h, w = x.shape
-        img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
-        img_ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
-        img_ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
+        cond = dict(cond)
+        tokens, img_ids = pack(x), patch_positions(h // 2, w // 2, 0, x)
+        reference = cond.pop(REFERENCE_TABLE, None)
+        if reference is not None:
+            tokens = torch.cat([tokens, pack(reference.to(x.dtype))], dim=1)
+            img_ids = torch.cat([img_ids, patch_positions(reference.shape[-2] // 2, reference.shape[-1] // 2, 1, x)])
         text_tokens = cond["encoder_hidden_states"].shape[1]
         if self.guidance is not None:
-            cond = {**cond, "guidance": torch.full((b,), self.guidance, device=x.device)}
+            cond["guidance"] = torch.full((b,), self.guidance, device=x.device)
         if "attention_mask" in cond:
-            mask = cond["attention_mask"]
-            cond = {**cond, "attention_mask": torch.cat([mask, torch.ones(b, h * w // 4, dtype=torch.bool,
-                                                                          device=x.device)], dim=1)}
-        v = self.transformer(hidden_states=pack(x), timestep=time, **cond, txt_ids=x.new_zeros(text_tokens, 3),
-                             img_ids=img_ids.view(-1, 3), return_dict=False)[0]
-        return unpack(v, x.shape)
+            cond["attention_mask"] = torch.cat([cond["attention_mask"], torch.ones(b, tokens.shape[1], dtype=torch.bool,
+                                                                                  device=x.device)], dim=1)
+        v = self.transformer(hidden_states=tokens, timestep=time, **cond, txt_ids=x.new_zeros(text_tokens, 3),
+                             img_ids=img_ids, return_dict=False)[0]
+        return unpack(v[:, :h * w // 4], x.shape)
+
+
+def patch_positions(rows: int, columns: int, index: int, like: torch.Tensor) -> torch.Tensor:
+    """Flux's positions of a latent's rows x columns patch tokens, row by row: (index, row, column) [rows columns, 3]
+    (index 0: the sample; 1: Flux Kontext's reference image), on ``like``'s device and in its dtype."""
+    ids = torch.zeros(rows, columns, 3, device=like.device, dtype=like.dtype)
+    ids[..., 0] = index
+    ids[..., 1] += torch.arange(rows, device=like.device, dtype=like.dtype)[:, None]
+    ids[..., 2] += torch.arange(columns, device=like.device, dtype=like.dtype)[None, :]
+    return ids.view(-1, 3)
 
 
 class HiDreamVelocity(nn.Module):

@@ -29,7 +29,7 @@ from distill_core.train.status import request_stop
 #: A run name: a single path component, no leading dot.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: run settings that are paths: the panel's options may not set them (its runs stay inside the runs root)
-PATH_SETTINGS = {"out", "teacher", "prompts", "teacher_cache", "init_from"}
+PATH_SETTINGS = {"out", "teacher", "prompts", "images", "teacher_cache", "init_from"}
 #: run settings that the start form's own fields set
 FORM_SETTINGS = {"method", "steps", "iters", "batch"}
 LOG = "log.txt"

@@ -1,0 +1,74 @@
+"""The images an editing pipeline's prompts edit (``--images``: Flux Kontext), as the latents its network reads.
+
+Flux Kontext's transformer reads the image being edited beside the noise: its VAE latent z_ref, packed into
+2 x 2 patches as the sample is, joins the sample's tokens, each at position (1, row, column) where the sample's
+are at (0, row, column), and the network's velocity is read off the sample's tokens alone
+(``FluxVelocity``). Each prompt k is an edit of its own image I_k; the teacher encodes them once,
+
+    z_ref,k = (E(I_k) - shift) * scale,
+
+E the mode of the pipeline's VAE encoder, I_k scaled to the teacher's image size (Lanczos, in [-1, 1]) as the
+pipeline's image processor scales it, into a table the teacher reads by prompt index beside the prompts'.
+The pipeline then draws the student's edits of an image of that size with ``_auto_resize=False`` and
+``max_area`` the image's area, which keep both the image and the drawn size as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+#: the pipelines whose prompts each edit an image, by ``model_index.json``'s class name
+EDITING_PIPELINES = ("FluxKontextPipeline",)
+#: the files a folder of reference images holds
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+#: the table of reference latents in a text teacher's tables (``PromptConditioned``), the keyword ``FluxVelocity``
+#: reads them by
+REFERENCE_TABLE = "image_latents"
+
+
+def image_files(path: str | Path, prompts: int) -> list[Path]:
+    """The image of each of ``prompts`` prompts: one file for all, or a folder's images in file-name order, one per
+    prompt (one image in it: for all)."""
+    path = Path(path)
+    if path.is_file():
+        return [path] * prompts
+    if not path.is_dir():
+        raise FileNotFoundError(f"--images {path}: no such file or folder; give an image for every prompt, or a "
+                                "folder with one image per prompt")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if len(files) == 1:
+        return files * prompts
+    if len(files) != prompts:
+        raise ValueError(f"--images {path} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}) for {prompts} "
+                         "prompts: give one image per prompt, in the prompts' order by file name, or one for all")
+    return files
+
+
+def reference_latents(root: Path, files: list[Path], height: int, width: int) -> torch.Tensor:
+    """The latents z_ref [N, C, height / f, width / f] of ``files`` (see the module docstring), each scaled to
+    ``height`` x ``width`` pixels and encoded by the VAE of the pipeline at ``root``."""
+    import diffusers
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image, UnidentifiedImageError
+
+    folder = root / "vae"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{root}: an editing pipeline encodes its prompts' images with its VAE, and it has "
+                                "no vae/ folder")
+    config = json.loads((folder / "config.json").read_text())
+    vae = diffusers.AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
+    processor = VaeImageProcessor()
+    latents = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                pixels = processor.preprocess(image.convert("RGB"), height=height, width=width)
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"--images: {file} is not an image this reads ({e})") from None
+        with torch.no_grad():
+            z = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
+        latents.append((z - (config.get("shift_factor") or 0.0)) * config.get("scaling_factor", 1.0))
+    return torch.cat(latents)

@@ -1,0 +1,126 @@
+"""Editing pipelines from directories (Flux Kontext): each prompt edits its own image (``--images``), which the
+teacher reads as the pipeline's transformer does; the stock pipeline, given the exported student and the same image,
+draws the student's edit; what does not fit is refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill_core.cli import main
+from distill_core.config import DistillConfig
+from distill_core.diffusers_source import diffusers_source
+from distill_core.export_diffusers import export, usage
+from distill_core.reference_images import REFERENCE_TABLE, image_files
+from distill_core.sampling import few_step
+from distill_core.student_files import load_student
+from distill_core.train.run import train_student
+from tests.test_export_diffusers import pipeline_latents
+from tests.test_teacher_from_dir import multi_encoder_pipeline_dir
+
+
+@pytest.fixture(scope="module")
+def kontext(tmp_path_factory):
+    """A tiny Flux Kontext pipeline (8 x 8 latents of 2 pixels: 16-pixel images), two prompts and an image each."""
+    root = tmp_path_factory.mktemp("kontext")
+    teacher = multi_encoder_pipeline_dir(root, "flux-kontext")
+    prompts = root / "prompts.txt"
+    prompts.write_text("make it snowy\nan owl on it\n")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / name)
+    return teacher, prompts, images
+
+
+def test_the_teacher_reads_each_prompts_image_beside_the_noise(kontext):
+    """The image table holds each prompt's image latent (the negative's row: the first prompt's); the network
+    sees it (another image, another x0), and one image file serves every prompt."""
+    teacher, prompts, images = kontext
+    source = diffusers_source(teacher, prompts=prompts, images=images)
+    table = getattr(source.denoiser, REFERENCE_TABLE)
+    assert source.shape == (16, 8, 8) and table.shape == (3, 16, 8, 8) and source.guidance == 1.0
+    assert not torch.equal(table[0], table[1]) and torch.equal(table[2], table[0])
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        own = source.denoiser(x, 2.0, torch.tensor([0, 1]))
+        swapped = diffusers_source(teacher, prompts=["make it snowy", "an owl on it"], images=images / "b.png")
+        other = swapped.denoiser(x, 2.0, torch.tensor([0, 1]))
+    torch.testing.assert_close(other[1], own[1])  # prompt 1 with its own image, b.png, in both
+    assert (other[0] - own[0]).abs().max() > 1e-3  # prompt 0 with b.png instead of a.png
+    assert image_files(images / "a.png", 3) == [images / "a.png"] * 3
+
+
+def test_the_pipeline_with_the_exported_student_draws_the_students_edit(kontext, tmp_path):
+    """The stock FluxKontextPipeline with the exported LoRA, given the prompt's image at the student's size, takes the
+    engine's Euler steps through the student: the same latents from the same noise; and the printed lines run."""
+    teacher, prompts, images = kontext
+    source = diffusers_source(teacher, prompts=prompts, images=images)
+    cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
+                        student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
+    path = train_student(cfg, source, progress=False).path
+    settings = export(path, tmp_path / "export")
+    assert settings["pipeline"] == "FluxKontextPipeline" and settings["guidance_scale"] == 3.5
+    assert settings["call"] == {"_auto_resize": False, "max_area": 256}
+    student = load_student(path, source.denoiser, source.uncond)
+    z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    sigmas = student.sigmas()
+    sigmas = torch.cat([sigmas[:-1], torch.zeros(1)])  # the pipeline's times end at 0
+    with torch.no_grad():
+        ours = few_step(student.denoiser(), sigmas[0] * z, sigmas, torch.tensor([1]), afs=True)  # an owl on b.png
+    edit = Image.open(images / "b.png")
+    settings_with_image = {**settings, "call": {**settings["call"], "image": edit}}
+    theirs = pipeline_latents(teacher, tmp_path / "export", settings_with_image, z, prompt="an owl on it")
+    scale = float(ours.abs().max())
+    torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
+    other = {**settings, "call": {**settings["call"], "image": Image.open(images / "a.png")}}
+    assert (pipeline_latents(teacher, tmp_path / "export", other, z, prompt="an owl on it") - ours).abs().max() > 1e-3
+    scope = {}
+    exec(usage(settings, tmp_path / "export").replace("'a prompt'", "'an owl on it', output_type='latent'")
+         .replace("'image.png'", repr(str(images / "b.png"))), scope)
+    assert scope["image"].numel() == 16 * 8 * 8
+
+
+def test_the_main_job_distils_an_editing_pipeline_and_samples_new_edits(kontext, tmp_path, capsys):
+    """distill --images writes the full report and records the images in config.yaml; sample and compare take
+    --images for the edits they draw."""
+    teacher, prompts, images = kontext
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--images", str(images),
+                 "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--reference-steps", "4",
+                 "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert any(r["method"] == "sfd" for r in report["rows"]) and (out / "grid.png").is_file()
+    assert f"images: {images}" in (out / "config.yaml").read_text()
+    drawn = tmp_path / "drawn"
+    assert main(["sample", str(out / "student.safetensors"), "--prompt", "make it rain", "--images",
+                 str(images / "a.png"), "--count", "2", "--out", str(drawn)]) == 0
+    assert len(json.loads((drawn / "samples.json").read_text())["images"]) == 2
+    assert main(["sample", str(out / "student.safetensors"), "--prompt", "make it rain", "--out", str(drawn)]) == 1
+    assert "edits an image with each prompt: give the images with --images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--teacher {flux} --prompts {prompts} --images {images}/a.png",
+     "--images is for editing pipelines (FluxKontextPipeline); a FluxPipeline draws from its prompts alone"),
+    ("--teacher {teacher} --prompts {three} --images {images}",
+     "--images {images} holds 2 images (.png, .jpg, .jpeg, .webp) for 3 prompts"),
+    ("--teacher {teacher} --prompts {prompts} --images {images}/none.png", "no such file or folder"),
+    ("--teacher {teacher} --prompts {prompts} --images {prompts}", "is not an image this reads"),
+    ("--teacher builtin --images {images}", "--images is for editing pipeline directories (Flux Kontext)"),
+])
+def test_images_that_do_not_fit_are_refused_in_one_line(kontext, tmp_path, capsys, flags, message):
+    teacher, prompts, images = kontext
+    three = tmp_path / "three.txt"
+    three.write_text("one\ntwo\nthree\n")
+    flux = multi_encoder_pipeline_dir(tmp_path, "flux") if "{flux}" in flags else None
+    values = {"teacher": teacher, "flux": flux, "prompts": prompts, "images": images, "three": three}
+    args = flags.format(**values).split()
+    assert main(["distill", *args, "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert message.format(**values) in err and "Traceback" not in err, err
