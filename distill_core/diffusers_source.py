@@ -247,8 +247,9 @@ def pipeline_network(root: Path, index: dict, model_dir: Path, config: dict, sch
 
 
 #: the words in the class names of pipelines whose network takes an image beside the noise (image-to-video,
-#: inpainting)
-IMAGE_CONDITIONED = ("ImageToVideo", "Inpaint")
+#: inpainting, editing) and which this command does not feed it (it feeds ``EDITING_PIPELINES``'): guided by CFG
+#: against a negative that takes each prompt's own image
+IMAGE_CONDITIONED = ("ImageToVideo", "Inpaint", "Edit")
 
 
 def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, classes: int,
@@ -272,8 +273,9 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
         raise ValueError(f"{root}: a text-to-image pipeline trains on prompts (--prompts FILE), not --classes")
     if any(kind in index.get("_class_name", "") for kind in IMAGE_CONDITIONED):
         raise ValueError(f"{root}: a {index['_class_name']}'s network takes an image beside the noise, which this "
-                         "command does not feed; distil it in ComfyUI, where each prompt carries its image "
-                         "(docs/comfyui.md), or distil the text-to-image or text-to-video pipeline")
+                         "command does not feed (it feeds Flux Kontext's, --images); distil it in ComfyUI, where "
+                         "each prompt carries its image (docs/comfyui.md), or distil the text-to-image or "
+                         "text-to-video pipeline")
     editing = index.get("_class_name") in EDITING_PIPELINES
     if images is not None and not editing:
         raise ValueError(f"{root}: --images is for editing pipelines ({', '.join(EDITING_PIPELINES)}); a "
