@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from distill_core.denoisers.base import index_cond
+from distill_core.denoisers.base import OWN_UNCOND, index_cond
 from distill_core.methods.base import TeacherSource
 
 TEACHERS = ("builtin", "builtin-flow", "builtin-bold")
@@ -186,8 +186,9 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     """A ComfyUI model (``MODEL.model``, its BaseModel) with prompt conditions, on images of width x height
     pixels, or on clips of ``length`` frames for a video model (``latent_shape``): every training
     trajectory draws one of the ``positive`` entries uniformly; the first ``negative`` entry is the
-    unconditional side of CFG at scale ``guidance``. A guidance-distilled model (Flux dev) takes
-    ``guidance`` as its input instead and samples without CFG (w = 1); its students carry the value
+    unconditional side of CFG at scale ``guidance``, or each prompt's own where there is one per prompt
+    (``paired_negatives``: an editing model's, each encoded with its prompt's image). A guidance-distilled model
+    (Flux dev) takes ``guidance`` as its input instead and samples without CFG (w = 1); its students carry the value
     (``embedded_guidance``). Students of flow models say so (``comfy_noise: flow``): ComfyUI's samplers
     give such a model the time t = sigma / (1 + sigma) as its sigma. ``experts``: (low-noise BaseModel, its
     model sampling, boundary t) of a two-expert model (Wan 2.2 14B), ``base_model`` then being the high-noise
@@ -196,7 +197,7 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     Wan22ImageToVideoLatent's, LTXVImgToVideo's), one for all prompts or one per positive entry, from which each of
     its clips starts (``start_rows``)."""
     from distill_core.denoisers.comfy import ComfyDenoiser, ComfyExperts
-    from distill_core.denoisers.comfy_conditioning import IMAGE_INPUTS, teacher_inputs
+    from distill_core.denoisers.comfy_conditioning import IMAGE_INPUTS, paired_negatives, teacher_inputs
     from distill_core.denoisers.comfy_family import embeds_guidance, latent_shape
 
     denoiser = ComfyDenoiser(base_model, sampling)
@@ -211,9 +212,13 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
         card["embedded_guidance"] = float(guidance)
     n = len(positive)
     prompts = index_cond(both, torch.arange(n))
-    # the negative's image (or start latent) leaves: CFG's unconditional side takes each row's own
+    # the negatives' images (or start latents) leave: CFG's unconditional side takes each row's own
     # (``CFGTeacher.uncond_like``)
-    uncond = {k: v for k, v in index_cond(both, torch.tensor([n])).items() if k not in IMAGE_INPUTS}
+    negatives = {k: v for k, v in index_cond(both, torch.arange(n, 2 * n if paired_negatives(positive, negative)
+                                                                   else n + 1)).items() if k not in IMAGE_INPUTS}
+    uncond = index_cond(negatives, torch.tensor([0]))
+    if paired_negatives(positive, negative):  # each prompt's row carries its own negative
+        prompts[OWN_UNCOND] = negatives
 
     def draw_cond(batch: int, generator: torch.Generator) -> dict:
         return index_cond(prompts, torch.randint(n, (batch,), generator=generator))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from distill_core.denoisers.base import Cond, Denoiser, cat_conds, expand_sigma
+from distill_core.denoisers.base import OWN_UNCOND, Cond, Denoiser, cat_conds, conditional, expand_sigma, move_cond
 
 
 def guide(x0_c: torch.Tensor, x0_u: torch.Tensor, w: float) -> torch.Tensor:
@@ -50,9 +50,10 @@ class CFGTeacher:
 
     def uncond_like(self, cond: Cond, batch: int, device: torch.device | None = None) -> Cond:
         """The unconditional condition for a batch: the stored one, broadcast to ``batch`` rows, on
-        ``device`` (the batch's: the stored one may stay on the CPU while the network runs on CUDA). A model
-        input it lacks is each row's own from ``cond``: the image an image-to-video row starts from conditions
-        both sides of the guidance, as the negative of ComfyUI's WanImageToVideo carries the same image."""
+        ``device`` (the batch's: the stored one may stay on the CPU while the network runs on CUDA); where
+        ``cond`` carries each row's own (``OWN_UNCOND``: a negative per prompt), those. A model input it lacks is
+        each row's own from ``cond``: the image an image-to-video row starts from conditions both sides of the
+        guidance, as the negative of ComfyUI's WanImageToVideo carries the same image."""
 
         def fit(u: Cond) -> Cond:
             if isinstance(u, dict):  # nested: SDXL's added_cond_kwargs
@@ -62,9 +63,11 @@ class CFGTeacher:
             u = u if device is None else u.to(device)
             return u.expand(batch, *u.shape[1:]) if u.shape[0] == 1 else u
 
-        uncond = fit(self.uncond)
+        own = isinstance(cond, dict) and OWN_UNCOND in cond
+        uncond = (cond[OWN_UNCOND] if device is None else move_cond(cond[OWN_UNCOND], device)) if own \
+            else fit(self.uncond)
         if isinstance(uncond, dict) and isinstance(cond, dict):
-            uncond = {**{k: v for k, v in cond.items() if k not in uncond}, **uncond}
+            uncond = {**{k: v for k, v in conditional(cond).items() if k not in uncond}, **uncond}
         return uncond
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
@@ -72,6 +75,6 @@ class CFGTeacher:
         if not self.guided(sigma):
             return self.denoiser(x, sigma, cond)
         uncond = self.uncond_like(cond, x.shape[0], x.device)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(cond, uncond))
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(conditional(cond), uncond))
         x0_c, x0_u = both.chunk(2)
         return guide(x0_c, x0_u, self.w)

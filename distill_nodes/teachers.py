@@ -49,7 +49,9 @@ class BuiltinTeacher:
              "or CLIP Text Encode outputs combined with Conditioning (Combine)); for an image-to-video or "
              "inpainting model each with its image (WanImageToVideo's positive, several combined), for an editing "
              "model each with its reference images"),
-          In("negative", "CONDITIONING", "the negative prompt (its first entry) for classifier-free guidance"),
+          In("negative", "CONDITIONING", "the negative prompt (its first entry) for classifier-free guidance; as "
+             "many entries as positive ones pair up in order, each prompt guided against its own (an editing "
+             "model's negatives, each encoded with its prompt's image)"),
           In("width", "INT", "training image width in pixels (latents are width / 8; Wan 2.2 5B: / 16, "
              "HunyuanImage 2.1: / 32, Chroma Radiance: pixels; a size the latent does not divide is refused)", 512,
              options={"min": 64, "max": 2048, "step": 8}),

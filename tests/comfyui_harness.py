@@ -570,8 +570,9 @@ def flow_probe(family: str, work: Path) -> dict:
         if family == "hidream":  # two Llama layers' hidden states beside the T5 tokens, of three lengths
             options["conditioning_llama3"] = torch.randn(1, 2, 8 + 4 * seed, context, generator=gen)
         if family in REFERENCE_LATENTS and (seed != 3 or family == "qwen-image-edit"):  # as ReferenceLatent and
-            # TextEncodeQwenImageEdit add them; Flux Kontext's negative is a zeroed-out prompt without the image
-            image = torch.Generator().manual_seed(1 if seed == 3 else seed)
+            # TextEncodeQwenImageEdit add them; Flux Kontext's negative is a zeroed-out prompt without the image,
+            # Qwen-Image-Edit's negatives (seeds 3 and 4) are encoded with their prompts' images (seeds 1 and 2)
+            image = torch.Generator().manual_seed({3: 1, 4: 2}.get(seed, seed))
             options["reference_latents"] = [torch.randn(1, *REFERENCE_LATENTS[family], generator=image)]
         if family == "flux-fill":  # as InpaintModelConditioning writes them: the masked image's latent and its mask
             image = torch.Generator().manual_seed(1 if seed == 3 else seed)
@@ -587,7 +588,7 @@ def flow_probe(family: str, work: Path) -> dict:
 
     stock = importlib.import_module("nodes")
     pack = load_pack().NODE_CLASS_MAPPINGS
-    positive, negative = [entry(1), entry(2)], [entry(3)]
+    positive, negative = [entry(1), entry(2)], [entry(3), entry(4)] if family == "qwen-image-edit" else [entry(3)]
     if family == "flux-kontext":  # the references placed as UNO / UXO place them, a text input of the model
         positive = FluxKontextMultiReferenceLatentMethod.execute(positive, "uxo/uno")[0]
     embedded = family in EMBEDDED_GUIDANCE
@@ -917,12 +918,12 @@ def distil_and_compare(pack: dict, model, positive: list, negative: list, apply_
         noise = comfy.sample.prepare_noise(latent, 7)
         sampled = sample_positive or positive[:1]
         for name, m in (("teacher", model), ("lora", lora_model)):  # the same noise, without and with the LoRA
-            comfy.sample.sample_custom(m, noise, cfg, sampler, sigmas, sampled, negative, latent, noise_mask=mask,
-                                       disable_pbar=True, seed=7)
+            comfy.sample.sample_custom(m, noise, cfg, sampler, sigmas, sampled, negative[:1], latent,
+                                       noise_mask=mask, disable_pbar=True, seed=7)
             seen[name] = seen["x_out"]
         if start is not None:  # the LoRA from another start image: the clip's other frames follow the image
             other, x_init = torch.cat([-latent[:, :, :1], latent[:, :, 1:]], 2), seen["x_init"]
-            comfy.sample.sample_custom(lora_model, noise, cfg, sampler, sigmas, sampled, negative, other,
+            comfy.sample.sample_custom(lora_model, noise, cfg, sampler, sigmas, sampled, negative[:1], other,
                                        noise_mask=mask, disable_pbar=True, seed=7)
             seen["start_effect"] = float((seen["x_out"] - seen["lora"])[:, :, 1:].abs().max())
             seen["x_init"] = x_init

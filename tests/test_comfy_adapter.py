@@ -1086,3 +1086,38 @@ def test_an_editing_models_reference_method_is_each_rows_own_text(tmp_path, monk
                                                      ref_latents_method="uxo"), float(sigmas[0]) * z, sigmas)
     assert cfg == 1.0
     torch.testing.assert_close(out / (1 - float(sigmas[-1])), latent["samples"], atol=1e-5, rtol=1e-5)
+
+
+def test_editing_prompts_with_a_negative_each_are_guided_against_their_own(tmp_path, monkeypatch):
+    """Qwen-Image-Edit encodes the negative with the image (TextEncodeQwenImageEdit), so training on several images
+    takes one negative per prompt: as many negative entries as positive ones pair up in order, and CFG guides each
+    row against its own prompt's negative (its text, its references), not the first. A trained student samples."""
+    nodes = stand_in_nodes(tmp_path, monkeypatch)
+    base = FakeEditModel()
+    base.latent_format, base.process_latent_out = LatentFormat(), lambda x: x
+    positive = [_with_references(_entry(3, 1), 10), _with_references(_entry(3, 2), 11)]
+    negative = [_with_references(_entry(3, 3), 10), _with_references(_entry(3, 4), 11)]
+    source = comfy_source(base, positive, negative, 64, 64, 3.0)
+    rows = source.draw_cond(6, torch.Generator().manual_seed(0))
+    own = rows["own_uncond"]
+    assert "ref_latents" not in own and "own_uncond" not in source.uncond
+    prompt = [0 if torch.equal(rows["ref_latents"]["0"][r], 2 * positive[0][1]["reference_latents"][0][0]) else 1
+              for r in range(6)]
+    assert set(prompt) == {0, 1}
+    for r, k in enumerate(prompt):  # each row's negative is its prompt's: the text of negative entry k
+        torch.testing.assert_close(own["c_crossattn"][r], negative[k][0][0])
+    x, sigma = torch.randn(6, 4, 8, 8), torch.full((6,), 2.0)
+    with torch.no_grad():
+        guided = CFGTeacher(source.denoiser, 3.0, source.uncond)(x, sigma, rows)
+        x0_c = source.denoiser(x, sigma, rows)
+        x0_u = source.denoiser(x, sigma, {**own, "ref_latents": rows["ref_latents"]})
+        first = source.denoiser(x, sigma, {**index_cond(source.uncond, torch.zeros(6, dtype=torch.long)),
+                                           "ref_latents": rows["ref_latents"]})
+    torch.testing.assert_close(guided, x0_u + 3.0 * (x0_c - x0_u))
+    second = torch.tensor(prompt) == 1
+    assert (x0_u - first)[second].abs().max() > 1e-3 and torch.equal(x0_u[~second], first[~second])
+    assert len(comfy_source(base, positive, negative[:1], 64, 64, 3.0).draw_cond(2, torch.Generator())) == \
+        len(rows) - 1  # one negative: every prompt's, no row of its own
+    (handle,) = nodes["DistillTeacherFromModel"]().run(FakePatcher(base), positive, negative, 64, 64, 3.0)
+    _, _, _, latent = lora_student(nodes, handle, base, tmp_path / "models" / "loras")
+    assert latent["samples"].shape == (2, 4, 8, 8) and latent["samples"].isfinite().all()

@@ -28,6 +28,19 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor: ...
 
 
+#: the key under which a condition may carry each row's own unconditional side (a ComfyUI negative per prompt,
+#: ``comfy_source``), which CFG takes in place of its one stored negative (``CFGTeacher.uncond_like``); denoisers
+#: read the condition without it (``conditional``)
+OWN_UNCOND = "own_uncond"
+
+
+def conditional(cond: Cond) -> Cond:
+    """``cond`` without the rows' own unconditional sides (``OWN_UNCOND``): what a denoiser reads."""
+    if isinstance(cond, dict) and OWN_UNCOND in cond:
+        return {k: v for k, v in cond.items() if k != OWN_UNCOND}
+    return cond
+
+
 def move_cond(cond: Cond, device: torch.device) -> Cond:
     """A condition (tensor, dict of tensors or None) on ``device``."""
     if isinstance(cond, torch.Tensor):

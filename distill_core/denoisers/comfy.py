@@ -33,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-from distill_core.denoisers.base import Cond, expand_sigma, index_cond, per_sample, switch_rows
+from distill_core.denoisers.base import Cond, conditional, expand_sigma, index_cond, per_sample, switch_rows
 from distill_core.denoisers.comfy_conditioning import KEEP_MASK, KEPT_LATENT, ROW_KEYS, keep_start, row_text
 from distill_core.denoisers.comfy_family import has_frame_axis, unet_config
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, sigma_to_t, t_to_sigma
@@ -125,6 +125,7 @@ class ComfyDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
         if cond is not None and not isinstance(cond, dict):
             raise TypeError("a ComfyUI model's condition is a dict of model inputs (c_crossattn, y, ...)")
+        cond = conditional(cond)
         sigma = expand_sigma(sigma, x)
         if cond and any(k in cond for k in ROW_KEYS):
             return self._by_rows(x, sigma, cond)

@@ -224,32 +224,46 @@ REFERENCE_OPTIONS = {"reference_latents": ("reference images", "TextEncodeQwenIm
 
 
 def negative_with_references(positive: list, negative: list, cfg: float) -> list:
-    """The negative entries given the first positive's reference images and reference method where they have none
-    (ComfyUI's Flux Kontext workflows zero out the prompt for the negative before the image is added): CFG's
-    unconditional side takes each row's own (``IMAGE_INPUTS``). At CFG 1 the negative does not count; above it, the
-    sampler would run the negative without them, which one batch cannot: refused, naming the fix."""
-    given = {k: v for k, v in positive[0][1].items() if k in REFERENCE_OPTIONS}
-    missing = [k for k in given if any(k not in entry[1] for entry in negative)]
+    """The negative entries given their prompts' reference images and reference method where they have none
+    (ComfyUI's Flux Kontext workflows zero out the prompt for the negative before the image is added), entry i its
+    own prompt's where the negatives are paired with the prompts (``paired_negatives``), else the first prompt's:
+    CFG's unconditional side takes each row's own (``IMAGE_INPUTS``). At CFG 1 the negative does not count; above
+    it, the sampler would run the negative without them, which one batch cannot: refused, naming the fix."""
+    paired = paired_negatives(positive, negative)
+    out, missing = [], set()
+    for i, entry in enumerate(negative):
+        given = {k: v for k, v in positive[i if paired else 0][1].items() if k in REFERENCE_OPTIONS}
+        missing |= set(given) - set(entry[1])
+        out.append([entry[0], {**given, **entry[1]}])
     if not missing:
         return negative
     if cfg != 1.0:
-        what, fix = (" and ".join(REFERENCE_OPTIONS[k][i] for k in missing) for i in (0, 1))
+        what, fix = (" and ".join(REFERENCE_OPTIONS[k][i] for k in REFERENCE_OPTIONS if k in missing) for i in (0, 1))
         raise ValueError(f"the positive prompts carry {what} and the negative does not, which the sampler runs "
                          f"without them at CFG above 1: give the negative the same ({fix} on it), or set the "
                          "guidance to 1")
-    return [[entry[0], {**given, **entry[1]}] for entry in negative]
+    return out
+
+
+def paired_negatives(positive: list, negative: list) -> bool:
+    """Whether each prompt has its own negative: as many negative entries as positive ones, more than one (an
+    editing model's negatives, each encoded with its prompt's image, as TextEncodeQwenImageEdit encodes them);
+    else the first negative entry is every prompt's."""
+    return len(positive) > 1 and len(negative) == len(positive)
 
 
 def teacher_inputs(base_model: nn.Module, positive: list, negative: list, shape: tuple[int, ...], guidance: float,
                    start: dict | None = None) -> tuple[dict, float]:
-    """(the model inputs of every ``positive`` entry and, as the last row, of the first ``negative`` one, the CFG
-    scale w): ``encode_conditioning`` of them, each prompt starting from its image of the LATENT ``start`` where one
-    is given (``start_rows``), the negative given the prompts' reference images where it has none
-    (``negative_with_references``). A guidance-distilled model (Flux dev) takes ``guidance`` as its input, and
-    samples with w = 1; any other model with w = ``guidance``. What cannot be batched is refused here."""
+    """(the model inputs of every ``positive`` entry and, after them, of the first ``negative`` one, or of every
+    negative where each prompt has its own (``paired_negatives``), the CFG scale w): ``encode_conditioning`` of
+    them, each prompt starting from its image of the LATENT ``start`` where one is given (``start_rows``), the
+    negatives given the prompts' reference images where they have none (``negative_with_references``). A
+    guidance-distilled model (Flux dev) takes ``guidance`` as its input, and samples with w = 1; any other model
+    with w = ``guidance``. What cannot be batched is refused here."""
     guided = embeds_guidance(base_model)
     cfg = 1.0 if guided else guidance
-    prompts = list(positive) + negative_with_references(positive, negative[:1], cfg)
+    negative = list(negative) if paired_negatives(positive, negative) else negative[:1]
+    prompts = list(positive) + negative_with_references(positive, negative, cfg)
     kept = start_rows(base_model, start, shape, len(positive)) if start is not None else None
     return encode_conditioning(base_model, with_guidance(prompts, guidance) if guided else prompts, shape, kept), cfg
 

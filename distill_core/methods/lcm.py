@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from distill_core.denoisers.base import Cond, cat_conds, expand_sigma, per_sample
+from distill_core.denoisers.base import Cond, cat_conds, conditional, expand_sigma, per_sample
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
 from distill_core.methods.registry import register
 from distill_core.methods.sfd import SFD, distance
@@ -131,7 +131,7 @@ def guided(teacher: CFGTeacher, x: torch.Tensor, sigma: torch.Tensor, cond: Cond
     unconditional condition; its own w unused), both passes in one batch."""
     sigma = expand_sigma(sigma, x)
     uncond = teacher.uncond_like(cond, x.shape[0], x.device)
-    both = teacher.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(cond, uncond))
+    both = teacher.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(conditional(cond), uncond))
     x0_c, x0_u = both.chunk(2)
     return guide(x0_c, x0_u, per_sample(w.to(x0_c.dtype), x0_c))
 
