@@ -196,8 +196,9 @@ def test_editing_models_distil_on_their_reference_images_into_loras_that_sampler
     """Flux Kontext (guidance-distilled: every prompt with a reference image's latent, as ReferenceLatent adds it,
     placed as UXO places it, the text input the stock FluxKontextMultiReferenceLatentMethod sets, and a negative
     without either, sampled at CFG 1) and Qwen-Image-Edit (a negative per prompt, each encoded with its prompt's
-    image, as TextEncodeQwenImageEdit encodes both, CFG 4); and Flux Fill, an inpainting DiT (every prompt with its masked
-    image's latent and mask, as InpaintModelConditioning writes them, its network reading them beside the noise):
+    image, as TextEncodeQwenImageEdit encodes both, CFG 4); and Flux Fill, an inpainting DiT (every prompt with its
+    masked image's latent and mask, as InpaintModelConditioning writes them, its network reading them beside the
+    noise):
     the LoRA loads with no key left unloaded, and SamplerCustom on a prompt with its images reproduces the engine's
     student to 1e-4 (5.2e-6, 4.8e-6 and 5.2e-6 measured; an engine that left the references out lands 6.3e-4 and
     8.1e-4 off, one that left Flux Kontext's reference method at its default 2.4e-4)."""
