@@ -529,20 +529,16 @@ def flux_files(tmp_path_factory) -> Path:
     return folder
 
 
-def test_the_flux_dev_workflow_trains_a_4_step_lora_that_samplercustom_samples_at_its_guidance(server, sd3_files,
-                                                                                             flux_files):
-    """Load Diffusion Model (Flux dev, in fp8) and its text encoders and VAE -> Teacher from MODEL at guidance 3.5
-    (its input) -> Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas, FluxGuidance 3.5 and cfg
-    1 -> Save Image, on a small Flux dev model (two iterations of one image: its blocks have Flux's full width). Its
-    text encoder is one CLIP-L through the stock CLIPLoader (type sd3), in place of DualCLIPLoader's CLIP-L and
-    T5-XXL (4.7B parameters)."""
+def _flux_workflow(server, sd3_files: Path, flux_files: Path, name: str) -> dict:
+    """The shipped Flux workflow ``name``, short, on the small Flux model and its VAE, with one CLIP-L through the
+    stock CLIPLoader (type sd3) in place of DualCLIPLoader's CLIP-L and T5-XXL (4.7B parameters)."""
     models = server.base / "models"
-    for folder, name in (("diffusion_models", "tiny_flux_dev.safetensors"), ("vae", "tiny_flux_vae.safetensors"),
+    for folder, file in (("diffusion_models", "tiny_flux_dev.safetensors"), ("vae", "tiny_flux_vae.safetensors"),
                          ("text_encoders", "tiny_clip_l.safetensors")):
         (models / folder).mkdir(exist_ok=True)
-        if not (models / folder / name).exists():
-            (models / folder / name).symlink_to((sd3_files if "clip" in name else flux_files) / name)
-    graph = _short_workflow("flux_dev_lora_4_steps", "", iterations=2, batch=1, preview_every=1, checkpoint_every=1)
+        if not (models / folder / file).exists():
+            (models / folder / file).symlink_to((sd3_files if "clip" in file else flux_files) / file)
+    graph = _short_workflow(name, "", iterations=2, batch=1, preview_every=1, checkpoint_every=1)
     for nid, node in list(graph.items()):
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "UNETLoader":
@@ -551,56 +547,52 @@ def test_the_flux_dev_workflow_trains_a_4_step_lora_that_samplercustom_samples_a
             inputs["vae_name"] = "tiny_flux_vae.safetensors"
         elif kind == "DualCLIPLoader":
             graph[nid] = TINY_CLIP
-    _saves_one_image(server, graph)
-    lora = models / "loras" / "flux_dev_sfd_4step_lora.safetensors"
-    card = read_card(lora)
-    assert (card["method"], card["nfe"], card["comfy_noise"], card["embedded_guidance"]) == ("sfd", 4, "flow", 3.5)
+    return graph
+
+
+def _saved_flux_lora(server, name: str, guidance: float) -> None:
+    """The LoRA ``name`` a Flux workflow saved: a 4-step SFD student of the flow model at its guidance input, sampled
+    without CFG, with keys on Flux's double blocks."""
+    card = read_card(server.base / "models" / "loras" / f"{name}.safetensors")
+    assert (card["method"], card["nfe"], card["comfy_noise"], card["embedded_guidance"]) == ("sfd", 4, "flow",
+                                                                                            guidance)
     assert card["student"]["kind"] == "lora" and card["guidance"]["w"] == 1.0
-    with safe_open(str(lora), "pt") as f:
+    with safe_open(str(server.base / "models" / "loras" / f"{name}.safetensors"), "pt") as f:
         assert any(k.startswith("diffusion_model.double_blocks.") for k in f.keys())
+
+
+def test_the_flux_dev_workflow_trains_a_4_step_lora_that_samplercustom_samples_at_its_guidance(server, sd3_files,
+                                                                                             flux_files):
+    """Load Diffusion Model (Flux dev, in fp8) and its text encoders and VAE -> Teacher from MODEL at guidance 3.5
+    (its input) -> Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas, FluxGuidance 3.5 and cfg
+    1 -> Save Image, on a small Flux dev model (two iterations of one image: its blocks have Flux's full width;
+    ``_flux_workflow``)."""
+    _saves_one_image(server, _flux_workflow(server, sd3_files, flux_files, "flux_dev_lora_4_steps"))
+    _saved_flux_lora(server, "flux_dev_sfd_4step_lora", 3.5)
 
 
 def test_the_flux_kontext_workflow_trains_a_4_step_lora_on_edits_of_an_image(server, sd3_files, flux_files):
     """Load Image -> VAE Encode -> ReferenceLatent on every instruction of the prompt list -> Teacher from MODEL at
     guidance 2.5 (Kontext dev's input; its network is Flux dev's) -> Distill to 4 steps (LoRA) -> SamplerCustom with
     the student's sigmas on a new instruction with the same image, FluxGuidance 2.5 and cfg 1 -> Save Image, on the
-    small Flux model and a 64-pixel image (FluxKontextImageScale, which scales it to a megapixel, left out), with
-    one CLIP-L in place of DualCLIPLoader's two encoders."""
+    small Flux model (``_flux_workflow``) and a 64-pixel image (FluxKontextImageScale, which scales it to a
+    megapixel, left out)."""
     import numpy as np
     from PIL import Image
 
-    models = server.base / "models"
-    for folder, name in (("diffusion_models", "tiny_flux_dev.safetensors"), ("vae", "tiny_flux_vae.safetensors"),
-                         ("text_encoders", "tiny_clip_l.safetensors")):
-        (models / folder).mkdir(exist_ok=True)
-        if not (models / folder / name).exists():
-            (models / folder / name).symlink_to((sd3_files if "clip" in name else flux_files) / name)
     (server.base / "input").mkdir(exist_ok=True)
     pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(server.base / "input" / "kontext_probe.png")
-    graph = _short_workflow("flux_kontext_lora_4_steps", "", iterations=2, batch=1, preview_every=1,
-                            checkpoint_every=1)
-    for nid, node in list(graph.items()):
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "UNETLoader":
-            inputs["unet_name"] = "tiny_flux_dev.safetensors"
-        elif kind == "VAELoader":
-            inputs["vae_name"] = "tiny_flux_vae.safetensors"
-        elif kind == "DualCLIPLoader":
-            graph[nid] = TINY_CLIP
-        elif kind == "LoadImage":
-            inputs["image"] = "kontext_probe.png"
-        elif kind == "VAEEncode":
-            scale = graph.pop(inputs["pixels"][0])
+    graph = _flux_workflow(server, sd3_files, flux_files, "flux_kontext_lora_4_steps")
+    for node in list(graph.values()):
+        if node["class_type"] == "LoadImage":
+            node["inputs"]["image"] = "kontext_probe.png"
+        elif node["class_type"] == "VAEEncode":
+            scale = graph.pop(node["inputs"]["pixels"][0])
             assert scale["class_type"] == "FluxKontextImageScale"
-            inputs["pixels"] = scale["inputs"]["image"]
+            node["inputs"]["pixels"] = scale["inputs"]["image"]
     _saves_one_image(server, graph)
-    lora = models / "loras" / "flux_kontext_sfd_4step_lora.safetensors"
-    card = read_card(lora)
-    assert (card["method"], card["nfe"], card["comfy_noise"], card["embedded_guidance"]) == ("sfd", 4, "flow", 2.5)
-    assert card["student"]["kind"] == "lora" and card["guidance"]["w"] == 1.0
-    with safe_open(str(lora), "pt") as f:
-        assert any(k.startswith("diffusion_model.double_blocks.") for k in f.keys())
+    _saved_flux_lora(server, "flux_kontext_sfd_4step_lora", 2.5)
 
 
 @pytest.fixture(scope="module")
