@@ -210,14 +210,14 @@ def comfy_source(base_model, positive: list, negative: list, width: int, height:
     both, cfg = teacher_inputs(base_model, positive, negative, shape, guidance, start)
     if embeds_guidance(base_model):
         card["embedded_guidance"] = float(guidance)
-    n = len(positive)
+    n, paired = len(positive), paired_negatives(positive, negative)
     prompts = index_cond(both, torch.arange(n))
     # the negatives' images (or start latents) leave: CFG's unconditional side takes each row's own
     # (``CFGTeacher.uncond_like``)
-    negatives = {k: v for k, v in index_cond(both, torch.arange(n, 2 * n if paired_negatives(positive, negative)
-                                                                   else n + 1)).items() if k not in IMAGE_INPUTS}
+    negatives = {k: v for k, v in index_cond(both, torch.arange(n, 2 * n if paired else n + 1)).items()
+                 if k not in IMAGE_INPUTS}
     uncond = index_cond(negatives, torch.tensor([0]))
-    if paired_negatives(positive, negative):  # each prompt's row carries its own negative
+    if paired:  # each prompt's row carries its own negative
         prompts[OWN_UNCOND] = negatives
 
     def draw_cond(batch: int, generator: torch.Generator) -> dict:
