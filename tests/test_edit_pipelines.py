@@ -103,6 +103,10 @@ def test_the_main_job_distils_an_editing_pipeline_and_samples_new_edits(kontext,
     assert len(json.loads((drawn / "samples.json").read_text())["images"]) == 2
     assert main(["sample", str(out / "student.safetensors"), "--prompt", "make it rain", "--out", str(drawn)]) == 1
     assert "edits an image with each prompt: give the images with --images" in capsys.readouterr().err
+    cmp = tmp_path / "cmp"
+    assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--images", str(images),
+                 "--count", "2", "--reference-steps", "4", "--out", str(cmp)]) == 0
+    assert json.loads((cmp / "compare.json").read_text())["rows"]
 
 
 @pytest.mark.parametrize("flags, message", [
