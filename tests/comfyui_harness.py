@@ -32,7 +32,8 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         editing models flux-kontext and qwen-image-edit (a reference image's latent in every prompt), flux-fill
         (an inpainting DiT: a masked image's latent and mask in every prompt), or on
         clips wan-clip, wan-i2v-clip (image-to-video), wan22-5b-clip, wan22-5b-i2v-clip (image-to-video),
-        hunyuan-video-clip, ltxv-clip, ltxv-i2v-clip (image-to-video), mochi-clip, cosmos-clip: a tiny model
+        hunyuan-video-clip, hunyuan-video-i2v-clip (image-to-video), ltxv-clip, ltxv-i2v-clip (image-to-video),
+        mochi-clip, cosmos-clip: a tiny model
         (SD3 from a single file through the stock UNETLoader, sd3-fp8 with its weight_dtype fp8_e4m3fn; the others
         built in memory: Flux with its guidance input, Wan 2.1, Wan 2.2 5B and Qwen-Image with one-frame video
         latents, the clip families on clips of 3 latent frames, the image-to-video ones with their start frame's
@@ -467,11 +468,12 @@ HUNYUAN_DIT_CONFIG = {"image_model": "hydit", "input_size": 8, "patch_size": 2, 
 #: the teacher's image side where 64 pixels do not fit: PixArt's position table needs a latent side over 32
 SIDES = {"pixart-sigma": 512}
 #: guidance-distilled families: distilled at guidance 3.5 as their input, sampled with the stock FluxGuidance
-EMBEDDED_GUIDANCE = {"flux", "flux-kontext", "flux-fill", "hunyuan-video-clip"}
+EMBEDDED_GUIDANCE = {"flux", "flux-kontext", "flux-fill", "hunyuan-video-clip", "hunyuan-video-i2v-clip"}
 #: editing families, whose prompts carry a reference image's latent (Qwen-Image's latents have a frame axis)
 REFERENCE_LATENTS = {"flux-kontext": (16, 8, 8), "qwen-image-edit": (16, 1, 8, 8)}
 #: families distilled on clips, and the clip's length in video frames (Wan: 9 frames, 3 latent frames)
 LENGTHS = {"wan-clip": 9, "wan-i2v-clip": 9, "wan22-5b-clip": 9, "wan22-5b-i2v-clip": 9, "hunyuan-video-clip": 9,
+           "hunyuan-video-i2v-clip": 9,
            "ltxv-clip": 17, "ltxv-i2v-clip": 17, "mochi-clip": 13, "cosmos-clip": 17}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "flux-kontext": ("Flux", FLUX_CONFIG),
              "flux-fill": ("Flux", {**FLUX_CONFIG, "in_channels": 96}),
@@ -488,6 +490,7 @@ IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "flux-kontext": ("Flux", FLUX_CONFIG
              "wan-clip": ("WAN21_T2V", WAN_CONFIG), "wan-i2v-clip": ("WAN21_I2V", WAN_I2V_CONFIG),
              "wan22-5b-clip": ("WAN22_T2V", WAN22_CONFIG), "wan22-5b-i2v-clip": ("WAN22_T2V", WAN22_CONFIG),
              "hunyuan-video-clip": ("HunyuanVideo", HUNYUAN_VIDEO_CONFIG), "ltxv-clip": ("LTXV", LTXV_CONFIG),
+             "hunyuan-video-i2v-clip": ("HunyuanVideoI2V", {**HUNYUAN_VIDEO_CONFIG, "in_channels": 33}),
              "ltxv-i2v-clip": ("LTXV", LTXV_CONFIG),
              "mochi-clip": ("GenmoMochi", MOCHI_CONFIG), "cosmos-clip": ("CosmosT2V", COSMOS_VIDEO_CONFIG)}
 
@@ -578,6 +581,12 @@ def flow_probe(family: str, work: Path) -> dict:
             image = torch.Generator().manual_seed(1 if seed == 3 else seed)
             options["concat_latent_image"] = torch.randn(1, 16, 8, 8, generator=image)
             options["concat_mask"] = (torch.arange(8) < 4).float().expand(1, 1, 8, 8)  # the left half repainted
+        if family == "hunyuan-video-i2v-clip" and seed != 3:  # as HunyuanImageToVideo (v1, concat) writes them:
+            # the start frame's latent and its mask over 3 latent frames, on the positive only
+            image = torch.Generator().manual_seed(seed)
+            options["concat_latent_image"] = torch.randn(1, 16, 1, 8, 8, generator=image)
+            options["concat_mask"] = torch.ones(1, 1, 3, 8, 8)
+            options["concat_mask"][:, :, :1] = 0
         if family == "wan-i2v-clip":  # as WanImageToVideo writes them: the start frame's latent and its mask over
             # 3 latent frames; the negative (seed 3) carries the first prompt's image, as the node gives both
             image = torch.Generator().manual_seed(1 if seed == 3 else seed)

@@ -1121,3 +1121,17 @@ def test_editing_prompts_with_a_negative_each_are_guided_against_their_own(tmp_p
     (handle,) = nodes["DistillTeacherFromModel"]().run(FakePatcher(base), positive, negative, 64, 64, 3.0)
     _, _, _, latent = lora_student(nodes, handle, base, tmp_path / "models" / "loras")
     assert latent["samples"].shape == (2, 4, 8, 8) and latent["samples"].isfinite().all()
+
+
+def test_a_negative_without_its_prompts_image_takes_it_at_cfg_1_and_is_refused_above():
+    """HunyuanImageToVideo gives only the positive its image: an image-conditioned model's negative without one
+    takes its prompt's (image, mask, vision features) at CFG 1, where the negative does not count, as a guidance-
+    distilled model samples; above CFG 1 it is refused in one line that names what the negative lacks."""
+    base = FakeImageModel()
+    base.latent_format, base.concat_keys = LatentFormat(), ("concat_image", "mask_inverted")
+    positive, negative = [_with_image(_entry(3, 1), 10), _with_image(_entry(3, 2), 11)], [_entry(3, 3)]
+    source = comfy_source(base, positive, negative, 64, 64, 1.0)
+    assert source.guidance == 1.0 and "c_concat" not in source.uncond  # each row's own image on both sides
+    with pytest.raises(ValueError, match="the positive prompts carry an image and its mask and CLIP vision features "
+                                         "and the negative does not.*or set the guidance to 1"):
+        comfy_source(base, positive, negative, 64, 64, 3.0)

@@ -215,6 +215,7 @@ def test_editing_models_distil_on_their_reference_images_into_loras_that_sampler
     ("wan22-5b-clip", "WAN22", [48, 3, 4, 4], 8.0),
     ("wan22-5b-i2v-clip", "WAN22", [48, 3, 4, 4], 8.0),
     ("hunyuan-video-clip", "HunyuanVideo", [16, 3, 8, 8], 7.0),
+    ("hunyuan-video-i2v-clip", "HunyuanVideoI2V", [16, 3, 8, 8], 7.0),
     ("ltxv-clip", "LTXV", [128, 3, 2, 2], 10.6974),
     ("ltxv-i2v-clip", "LTXV", [128, 3, 2, 2], 10.6974),
     ("mochi-clip", "GenmoMochi", [12, 3, 8, 8], 6.0),
@@ -225,7 +226,9 @@ def test_video_models_distil_on_clips_into_loras_that_samplercustom_reproduces_o
     latent and mask, as WanImageToVideo writes them), Wan 2.2 5B (its 48-channel latent 16 pixels a side; and
     image-to-video: its start image in the LATENT of the stock Wan22ImageToVideoLatent, the teacher's start_latent
     and SamplerCustom's latent with its noise mask) and HunyuanVideo (guidance-distilled: its guidance an input,
-    sampled with the stock FluxGuidance and CFG 1) train on clips of 9 frames, 3 latent frames of 4 frames each,
+    sampled with the stock FluxGuidance and CFG 1; and image-to-video, every prompt with its start frame's latent and
+    mask, as HunyuanImageToVideo's v1 (concat) writes them on the positive alone) train on clips of 9 frames, 3
+    latent frames of 4 frames each,
     LTX-Video on 17 frames, 3 latent frames of 8 (its 128 channels 32 pixels a side; and image-to-video from the
     LATENT of the stock LTXVImgToVideo at strength 0.9, as Wan 2.2 5B's), Mochi on 13, 3 latent frames of 6 (its
     token count a scalar input), and Cosmos 1 on 17 (an EDM model: Karras's sigmas from 80); T5 prompts padded to
@@ -238,7 +241,7 @@ def test_video_models_distil_on_clips_into_loras_that_samplercustom_reproduces_o
         assert card["comfy_noise"] is None and card["schedule"]["name"] == "karras" and result["sigmas"][0] == 80
     else:
         assert card["comfy_noise"] == "flow" and card["schedule"]["shift"] == pytest.approx(shift, rel=1e-4)
-    guided = family == "hunyuan-video-clip"
+    guided = family.startswith("hunyuan-video")
     assert card["embedded_guidance"] == (3.5 if guided else None) and result["cfg"] == (1.0 if guided else 4.0)
     assert result["unloaded_lora_keys"] == 0 and result["lora_key_example"].startswith("diffusion_model.")
     assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3

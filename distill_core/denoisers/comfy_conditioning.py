@@ -215,30 +215,35 @@ def _batched_items(name: str, parts: list[dict[str, torch.Tensor]]) -> dict[str,
     return {i: torch.cat([p[i] for p in parts]) for i in parts[0]}
 
 
-#: the options of an editing model's CONDITIONING entry that come with its reference images, each with what it is
-#: and the node that sets it
-REFERENCE_OPTIONS = {"reference_latents": ("reference images", "TextEncodeQwenImageEdit or ReferenceLatent with "
-                                                               "the same image"),
-                     "reference_latents_method": ("a reference method", "FluxKontextMultiReferenceLatentMethod with "
-                                                                        "the same method")}
+#: the options of a CONDITIONING entry that come with its images, each with what it is and the node that sets it:
+#: an editing model's reference images and their method; an image-to-video or inpainting model's image, its mask
+#: and CLIP vision features (HunyuanImageToVideo sets them on the positive only)
+IMAGE_OPTIONS = {"reference_latents": ("reference images", "TextEncodeQwenImageEdit or ReferenceLatent with the same "
+                                                           "image"),
+                 "reference_latents_method": ("a reference method", "FluxKontextMultiReferenceLatentMethod with the "
+                                                                    "same method"),
+                 "concat_latent_image": ("an image", "the model's image node with the same image"),
+                 "concat_mask": ("its mask", "the same mask"),
+                 "clip_vision_output": ("CLIP vision features", "the same clip_vision_output")}
 
 
-def negative_with_references(positive: list, negative: list, cfg: float) -> list:
-    """The negative entries given their prompts' reference images and reference method where they have none
-    (ComfyUI's Flux Kontext workflows zero out the prompt for the negative before the image is added), entry i its
-    own prompt's where the negatives are paired with the prompts (``paired_negatives``), else the first prompt's:
-    CFG's unconditional side takes each row's own (``IMAGE_INPUTS``). At CFG 1 the negative does not count; above
-    it, the sampler would run the negative without them, which one batch cannot: refused, naming the fix."""
+def negative_with_images(positive: list, negative: list, cfg: float) -> list:
+    """The negative entries given their prompts' images (``IMAGE_OPTIONS``) where they have none (ComfyUI's Flux
+    Kontext workflows zero out the prompt for the negative before the image is added; HunyuanImageToVideo gives
+    only the positive its image), entry i its own prompt's where the negatives are paired with the prompts
+    (``paired_negatives``), else the first prompt's: CFG's unconditional side takes each row's own
+    (``IMAGE_INPUTS``). At CFG 1 the negative does not count; above it, the sampler would run the negative without
+    them, which one batch cannot: refused, naming the fix."""
     paired = paired_negatives(positive, negative)
     out, missing = [], set()
     for i, entry in enumerate(negative):
-        given = {k: v for k, v in positive[i if paired else 0][1].items() if k in REFERENCE_OPTIONS}
+        given = {k: v for k, v in positive[i if paired else 0][1].items() if k in IMAGE_OPTIONS}
         missing |= set(given) - set(entry[1])
         out.append([entry[0], {**given, **entry[1]}])
     if not missing:
         return negative
     if cfg != 1.0:
-        what, fix = (" and ".join(REFERENCE_OPTIONS[k][i] for k in REFERENCE_OPTIONS if k in missing) for i in (0, 1))
+        what, fix = (" and ".join(IMAGE_OPTIONS[k][i] for k in IMAGE_OPTIONS if k in missing) for i in (0, 1))
         raise ValueError(f"the positive prompts carry {what} and the negative does not, which the sampler runs "
                          f"without them at CFG above 1: give the negative the same ({fix} on it), or set the "
                          "guidance to 1")
@@ -257,13 +262,13 @@ def teacher_inputs(base_model: nn.Module, positive: list, negative: list, shape:
     """(the model inputs of every ``positive`` entry and, after them, of the first ``negative`` one, or of every
     negative where each prompt has its own (``paired_negatives``), the CFG scale w): ``encode_conditioning`` of
     them, each prompt starting from its image of the LATENT ``start`` where one is given (``start_rows``), the
-    negatives given the prompts' reference images where they have none (``negative_with_references``). A
+    negatives given the prompts' images where they have none (``negative_with_images``). A
     guidance-distilled model (Flux dev) takes ``guidance`` as its input, and samples with w = 1; any other model
     with w = ``guidance``. What cannot be batched is refused here."""
     guided = embeds_guidance(base_model)
     cfg = 1.0 if guided else guidance
     negative = list(negative) if paired_negatives(positive, negative) else negative[:1]
-    prompts = list(positive) + negative_with_references(positive, negative, cfg)
+    prompts = list(positive) + negative_with_images(positive, negative, cfg)
     kept = start_rows(base_model, start, shape, len(positive)) if start is not None else None
     return encode_conditioning(base_model, with_guidance(prompts, guidance) if guided else prompts, shape, kept), cfg
 
