@@ -532,15 +532,23 @@ def flux_files(tmp_path_factory) -> Path:
     return folder
 
 
+def _link_models(server, files: dict[str, Path]) -> None:
+    """Each of ``files`` (name: path) in the server's models folder of its kind: a VAE, a text encoder (a CLIP), or
+    else a diffusion model."""
+    for file, source in files.items():
+        folder = server.base / "models" / ("vae" if "vae" in file else "text_encoders" if "clip" in file
+                                           else "diffusion_models")
+        folder.mkdir(exist_ok=True)
+        if not (folder / file).exists():
+            (folder / file).symlink_to(source)
+
+
 def _flux_workflow(server, sd3_files: Path, flux_files: Path, name: str) -> dict:
     """The shipped Flux workflow ``name``, short, on the small Flux model and its VAE, with one CLIP-L through the
     stock CLIPLoader (type sd3) in place of DualCLIPLoader's CLIP-L and T5-XXL (4.7B parameters)."""
-    models = server.base / "models"
-    for folder, file in (("diffusion_models", "tiny_flux_dev.safetensors"), ("vae", "tiny_flux_vae.safetensors"),
-                         ("text_encoders", "tiny_clip_l.safetensors")):
-        (models / folder).mkdir(exist_ok=True)
-        if not (models / folder / file).exists():
-            (models / folder / file).symlink_to((sd3_files if "clip" in file else flux_files) / file)
+    _link_models(server, {"tiny_flux_dev.safetensors": flux_files / "tiny_flux_dev.safetensors",
+                          "tiny_flux_vae.safetensors": flux_files / "tiny_flux_vae.safetensors",
+                          "tiny_clip_l.safetensors": sd3_files / "tiny_clip_l.safetensors"})
     graph = _short_workflow(name, "", iterations=2, batch=1, preview_every=1, checkpoint_every=1)
     for nid, node in list(graph.items()):
         kind, inputs = node["class_type"], node["inputs"]
@@ -618,14 +626,9 @@ def _wan_workflow(server, sd3_files: Path, wan_files: Path, name: str) -> dict:
     VAE and a low-noise model of other weights, as Wan 2.2 14B's; ``wan22_5b_files``: a Wan 2.2 5B model and the
     Wan 2.2 VAE), a CLIP-L through the stock CLIPLoader (type sd3, 4096-wide tokens, as UMT5-XXL's) in place of
     UMT5-XXL (5.7B parameters), clips of 5 frames (2 latent frames) at 64 x 64 pixels, 4 iterations."""
-    models = server.base / "models"
     files = {path.name: path for path in wan_files.glob("*.safetensors")}
     files["tiny_clip_l.safetensors"] = sd3_files / "tiny_clip_l.safetensors"
-    for file, source in files.items():
-        folder = models / ("vae" if "vae" in file else "text_encoders" if "clip" in file else "diffusion_models")
-        folder.mkdir(exist_ok=True)
-        if not (folder / file).exists():
-            (folder / file).symlink_to(source)
+    _link_models(server, files)
     high = next(f for f in files if f.startswith("tiny_wan2") and "vae" not in f)  # Wan 2.1 or Wan 2.2 5B
     graph = _workflow(f"api/{name}.json")
     for node in graph.values():
