@@ -89,8 +89,9 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
     (SDXL's ``y`` from the pooled output and sizes), as ComfyUI's samplers do. Entries whose token
     counts differ are stored tiled to a common length (``tile_tokens``; a token mask [1, T] the same way along
     its tokens), with each row's own token count in every token input under ``LENGTHS``; scalar inputs
-    (``CONDConstant``, as Lumina 2's token count) are kept per row under ``CONSTANTS``. The adapter calls the
-    model once per group of rows that agree on both, each on its own tokens (``ComfyDenoiser._by_rows``):
+    (``CONDConstant``, as Lumina 2's token count) are kept per row under ``CONSTANTS``, text ones (a reference
+    method) under ``TEXTS``. The adapter calls the model once per group of rows that agree on all of them, each on
+    its own tokens (``ComfyDenoiser._by_rows``):
     tiling is exact for cross-attention (SD1.x, SDXL, Wan) but not for the DiTs that join text and image
     tokens in one attention (SD3, Flux, Chroma, Qwen-Image, HiDream, Lumina 2), where repeated text keys would
     take k times their weight. An image-conditioned model (Wan image-to-video, an inpainting model) takes each
