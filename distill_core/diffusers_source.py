@@ -246,9 +246,9 @@ def pipeline_network(root: Path, index: dict, model_dir: Path, config: dict, sch
     return WanExperts(model, low, index["boundary_ratio"] * steps)
 
 
-#: the words in the class names of pipelines whose network takes an image beside the noise (image-to-video,
-#: inpainting, editing) and which this command does not feed it (it feeds ``EDITING_PIPELINES``'): guided by CFG
-#: against a negative that takes each prompt's own image
+#: the words in the class names of pipelines whose network takes an image beside the noise, which this command does
+#: not feed: image-to-video, inpainting, and editing guided by CFG against a negative that reads each prompt's own
+#: image (it feeds Flux Kontext's, ``EDITING_PIPELINES``)
 IMAGE_CONDITIONED = ("ImageToVideo", "Inpaint", "Edit")
 
 
