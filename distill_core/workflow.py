@@ -179,10 +179,18 @@ def run_graph(graph: dict, on_output: Callable[[str, str, dict], None] | None = 
     return results
 
 
+def companion_values(decl: list) -> list:
+    """The values of the widgets ComfyUI's front end adds after an input's own, as it saves them: "fixed" for an
+    INT seed's ``control_after_generate``, "image" for Load Image's upload button (``image_upload``)."""
+    options = decl[1] if len(decl) > 1 and isinstance(decl[1], dict) else {}
+    return ["fixed"] * bool(options.get("control_after_generate")) + ["image"] * bool(options.get("image_upload"))
+
+
 def api_to_ui(graph: dict, info: dict[str, dict], positions: dict[str, list[int]] | None = None,
               note: str | None = None) -> dict:
     """The UI-format (v0.4) twin of an API graph: nodes with socket inputs / outputs and positional
-    widget values (an INT seed with ``control_after_generate`` is followed by "fixed"; a widget fed by
+    widget values (each followed by the values of the widgets the front end adds beside it,
+    ``companion_values``; a widget fed by
     a link or left out of the graph has its default, as ComfyUI's front end saves it), and links.
     ``note``: the text of a stock Note node above the graph (what the workflow does and how long it takes);
     API graphs hold no notes."""
@@ -197,14 +205,10 @@ def api_to_ui(graph: dict, info: dict[str, dict], positions: dict[str, list[int]
                 if value is None:  # an optional widget the graph leaves out: its default, as the front end shows it
                     value = widget_default(decl)
                 if value is not None:
-                    widgets.append(value)
-                    if len(decl) > 1 and decl[1].get("control_after_generate"):
-                        widgets.append("fixed")
+                    widgets += [value, *companion_values(decl)]
                 continue
             if is_widget(decl):  # a widget turned into a linked input keeps its (unused) value in the UI
-                widgets.append(widget_default(decl))
-                if len(decl) > 1 and decl[1].get("control_after_generate"):
-                    widgets.append("fixed")
+                widgets += [widget_default(decl), *companion_values(decl)]
             link = None
             if _is_link(value):
                 link = len(links) + 1
