@@ -15,7 +15,6 @@ The pipeline then draws the student's edits of an image of that size with ``_aut
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -58,7 +57,6 @@ def reference_latents(root: Path, files: list[Path], height: int, width: int) ->
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{root}: an editing pipeline encodes its prompts' images with its VAE, and it has "
                                 "no vae/ folder")
-    config = json.loads((folder / "config.json").read_text())
     vae = diffusers.AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
     processor = VaeImageProcessor()
     latents = []
@@ -70,5 +68,5 @@ def reference_latents(root: Path, files: list[Path], height: int, width: int) ->
             raise ValueError(f"--images: {file} is not an image this reads ({e})") from None
         with torch.no_grad():
             z = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
-        latents.append((z - (config.get("shift_factor") or 0.0)) * config.get("scaling_factor", 1.0))
+        latents.append((z - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor)
     return torch.cat(latents)

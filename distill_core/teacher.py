@@ -70,11 +70,14 @@ class CFGTeacher:
             uncond = {**{k: v for k, v in conditional(cond).items() if k not in uncond}, **uncond}
         return uncond
 
+    def both_sides(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_c, x0_u): the conditional and unconditional predictions at ``sigma`` [B], in one batched forward."""
+        uncond = self.uncond_like(cond, x.shape[0], x.device)
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(conditional(cond), uncond))
+        return both.chunk(2)
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Cond = None) -> torch.Tensor:
         sigma = expand_sigma(sigma, x)
         if not self.guided(sigma):
             return self.denoiser(x, sigma, cond)
-        uncond = self.uncond_like(cond, x.shape[0], x.device)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(conditional(cond), uncond))
-        x0_c, x0_u = both.chunk(2)
-        return guide(x0_c, x0_u, self.w)
+        return guide(*self.both_sides(x, sigma, cond), self.w)

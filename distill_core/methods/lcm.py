@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from distill_core.denoisers.base import Cond, cat_conds, conditional, expand_sigma, per_sample
+from distill_core.denoisers.base import Cond, expand_sigma, per_sample
 from distill_core.methods.base import Method, MicroBatch, OptimSpec, StepLoss, TeacherSource
 from distill_core.methods.registry import register
 from distill_core.methods.sfd import SFD, distance
@@ -129,10 +129,7 @@ def sampling_sigmas(skeleton: torch.Tensor, steps: int) -> torch.Tensor:
 def guided(teacher: CFGTeacher, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, w: torch.Tensor) -> torch.Tensor:
     """D_w = D(x, s, c_u) + w (D(x, s, c) - D(x, s, c_u)) with one w per sample (``teacher``'s network and
     unconditional condition; its own w unused), both passes in one batch."""
-    sigma = expand_sigma(sigma, x)
-    uncond = teacher.uncond_like(cond, x.shape[0], x.device)
-    both = teacher.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(conditional(cond), uncond))
-    x0_c, x0_u = both.chunk(2)
+    x0_c, x0_u = teacher.both_sides(x, expand_sigma(sigma, x), cond)
     return guide(x0_c, x0_u, per_sample(w.to(x0_c.dtype), x0_c))
 
 
