@@ -24,6 +24,21 @@ DEFAULT_PROMPTS = "\n".join([
     "a desert canyon with layered red rock under a starry sky",
 ])
 DEFAULT_NEGATIVE = "blurry, low quality, distorted, watermark, text"
+#: A default list of edit instructions for editing models (Flux Kontext, Qwen-Image-Edit): edits that fit any image.
+DEFAULT_EDITS = "\n".join([
+    "make it a watercolor painting",
+    "turn the scene into night with warm lights in the windows",
+    "add falling snow",
+    "change the season to autumn, with orange and red leaves",
+    "make it a pencil sketch",
+    "give it a neon cyberpunk look",
+    "turn it into a photo of a clay model",
+    "make the sky stormy and dramatic",
+    "make it look like a vintage 1970s photograph",
+    "render it as pixel art",
+    "make it an oil painting in the style of impressionism",
+    "turn it into a paper cut-out collage",
+])
 
 
 def prompt_flag(prompts: str | Path | list[str]) -> str:

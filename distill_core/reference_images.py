@@ -11,6 +11,9 @@ E the mode of the pipeline's VAE encoder, I_k scaled to the teacher's image size
 pipeline's image processor scales it, into a table the teacher reads by prompt index beside the prompts'.
 The pipeline then draws the student's edits of an image of that size with ``_auto_resize=False`` and
 ``max_area`` the image's area, which keep both the image and the drawn size as they are.
+
+In ComfyUI (*Distill edit list*) images are ComfyUI's IMAGE, [N, H, W, C] in [0, 1]; each is fitted to one size
+(``cover``), as one batch of conditions holds reference latents of one size.
 """
 
 from __future__ import annotations
@@ -37,13 +40,43 @@ def image_files(path: str | Path, prompts: int) -> list[Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"--images {path}: no such file or folder; give an image for every prompt, or a "
                                 "folder with one image per prompt")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = folder_images(path)
     if len(files) == 1:
         return files * prompts
     if len(files) != prompts:
         raise ValueError(f"--images {path} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}) for {prompts} "
                          "prompts: give one image per prompt, in the prompts' order by file name, or one for all")
     return files
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The image files of ``folder`` (``IMAGE_SUFFIXES``, not its subfolders) in file-name order."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def read_image(file: Path) -> torch.Tensor:
+    """``file`` as ComfyUI's IMAGE [1, H, W, 3] in [0, 1], upright by its EXIF orientation, as Load Image reads it;
+    a file that is no image is refused in one line."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            upright = ImageOps.exif_transpose(image).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{file} is not an image this reads ({e}): remove it from its folder") from None
+    pixels = torch.frombuffer(bytearray(upright.tobytes()), dtype=torch.uint8).view(upright.height, upright.width, 3)
+    return pixels[None].float() / 255
+
+
+def cover(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """IMAGE ``pixels`` [N, H, W, C] at ``height`` x ``width``: scaled (bicubic, antialiased) until it covers that
+    size, then cropped about its centre, so no image is stretched and every one comes out the same size."""
+    h, w = pixels.shape[1:3]
+    scale = max(height / h, width / w)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    scaled = torch.nn.functional.interpolate(pixels.movedim(-1, 1), size=size, mode="bicubic", antialias=True)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return scaled[:, :, top:top + height, left:left + width].clamp(0, 1).movedim(1, -1)
 
 
 def reference_latents(root: Path, files: list[Path], height: int, width: int) -> torch.Tensor:

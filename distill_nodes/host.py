@@ -1,8 +1,8 @@
 """The one module that talks to ComfyUI (folders, progress bar, interrupts, events, model loading,
 samplers, LoRA patches). Every ComfyUI import is inside a function, so the pack imports and its
 nodes run without ComfyUI (CI, the headless runner): folders then come from the environment
-(``DISTILL_MODELS_DIR``, default ``./models``; ``DISTILL_OUTPUT_DIR``, default ``./output``) and
-progress goes nowhere.
+(``DISTILL_MODELS_DIR``, default ``./models``; ``DISTILL_OUTPUT_DIR``, default ``./output``;
+``DISTILL_INPUT_DIR``, default ``./input``) and progress goes nowhere.
 """
 
 from __future__ import annotations
@@ -48,6 +48,15 @@ def output_folder() -> Path:
     return Path(os.environ.get("DISTILL_OUTPUT_DIR", "output"))
 
 
+def input_folder() -> Path:
+    """Where ComfyUI keeps the images Load Image lists (its ``input`` folder)."""
+    if in_comfyui():
+        import folder_paths
+
+        return Path(folder_paths.get_input_directory())
+    return Path(os.environ.get("DISTILL_INPUT_DIR", "input"))
+
+
 def runs_folder() -> Path:
     """Where training runs (checkpoints, metrics, sample grids) live: ``<output>/distill_runs``."""
     return output_folder() / "distill_runs"
@@ -89,6 +98,17 @@ def find_file(kind: str, name: str) -> Path:
 
         return Path(folder_paths.get_full_path(kind, name))
     return model_folder(kind) / name
+
+
+def run_stock_node(node_id: str, **inputs) -> tuple:
+    """The outputs of the stock node ``node_id`` (a node of ComfyUI's V3 API, as this ComfyUI registered it) on
+    ``inputs``: what that node gives in a graph. A ComfyUI without it is told to update."""
+    import nodes
+
+    stock = nodes.NODE_CLASS_MAPPINGS.get(node_id)
+    if stock is None:
+        raise ValueError(f"this ComfyUI has no {node_id} node, which this needs: update ComfyUI")
+    return tuple(stock.execute(**inputs).result)
 
 
 def check_interrupt() -> None:

@@ -1,0 +1,161 @@
+"""Distill edit list: images and instructions paired and encoded as an editing model's stock nodes encode one edit,
+the stock nodes stood in (the real ones run in ``test_real_comfyui.py``)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill_core.denoisers.base import OWN_UNCOND
+from distill_core.reference_images import cover, read_image
+from distill_nodes import edits, host
+from tests.test_comfy_adapter import FakeClip, FakeEditModel, FakePatcher, LatentFormat, stand_in_nodes
+
+
+class FakeVAE:
+    """A VAE's node-facing ``encode``: IMAGE [1, H, W, 3] -> a 4-channel latent at an eighth of its size."""
+
+    def __init__(self):
+        self.encoded = 0
+
+    def encode(self, pixels):
+        self.encoded += 1
+        x = pixels.movedim(-1, 1)
+        return torch.nn.functional.avg_pool2d(torch.cat([x, x.mean(1, keepdim=True)], 1), 8)
+
+
+class StockNodes:
+    """ReferenceLatent and TextEncodeQwenImageEdit(Plus) as ComfyUI's give them: the reference latent appended to
+    the entry's list; Qwen's text encoder reads the image (here: its mean added to the encoded text)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, node_id: str, **inputs) -> tuple:
+        self.calls.append((node_id, sorted(inputs)))
+        if node_id == "ReferenceLatent":
+            return ([[c, {**o, "reference_latents": [*o.get("reference_latents", []), inputs["latent"]["samples"]]}]
+                     for c, o in inputs["conditioning"]],)
+        image = inputs["image" if node_id == "TextEncodeQwenImageEdit" else "image1"]
+        cond, options = inputs["clip"].encode_from_tokens_scheduled(inputs["prompt"])[0]
+        return ([[cond + image.mean(), {**options, "reference_latents": [inputs["vae"].encode(image)]}]],)
+
+
+def _save(path, height: int, width: int, seed: int) -> np.ndarray:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+@pytest.fixture
+def stock(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_INPUT_DIR", str(tmp_path / "input"))
+    nodes = StockNodes()
+    monkeypatch.setattr(host, "run_stock_node", nodes)
+    return nodes
+
+
+def test_cover_scales_without_stretching_and_crops_about_the_centre():
+    """A 2:1 image fitted to a square keeps its middle half: a green centre between a red and a blue quarter."""
+    image = torch.zeros(1, 8, 16, 3)
+    image[:, :, :4, 0], image[:, :, 4:12, 1], image[:, :, 12:, 2] = 1, 1, 1
+    square = cover(image, 8, 8)
+    assert square.shape == (1, 8, 8, 3)
+    assert square[..., 1].min() > 0.9 and square[..., 0].max() < 0.1 and square[..., 2].max() < 0.1
+    assert cover(image, 4, 16).shape == (1, 4, 16, 3) and cover(image, 16, 4).shape == (1, 16, 4, 3)
+
+
+def test_a_folder_and_connected_images_each_take_every_instruction_as_flux_kontext_encodes_an_edit(tmp_path,
+                                                                                                   stock, monkeypatch):
+    """Every instruction on every image: the connected image first, then the folder's files by name (other files
+    left out), each fitted to the size; an instruction's text and an image's latent are encoded once, joined by
+    ReferenceLatent; each negative carries its pair's image. Teacher from MODEL takes the lists, each prompt guided
+    against the negative with its own image."""
+    folder = tmp_path / "input" / "shots"
+    folder.mkdir(parents=True)
+    second = _save(folder / "b.png", 24, 40, 1)
+    _save(folder / "a.jpg", 48, 24, 2)
+    (folder / "notes.txt").write_text("not an image")
+    (tmp_path / "input" / "empty").mkdir()
+    assert edits.image_folders() == [edits.NO_FOLDER, "shots"]
+    connected = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    clip, vae = FakeClip(), FakeVAE()
+    positive, negative, images = edits.EditList().run(clip, vae, "Flux Kontext", "add snow\n\n make it night \n",
+                                                      "blurry", edits.EVERY_PAIR, 32, 16, images=connected,
+                                                      image_folder="shots")
+    assert images.shape == (3, 16, 32, 3) and len(positive) == len(negative) == 6
+    torch.testing.assert_close(images[0:1], cover(connected, 16, 32))
+    torch.testing.assert_close(images[1:2], cover(read_image(folder / "a.jpg"), 16, 32))  # by name: a before b
+    torch.testing.assert_close(images[2:3], cover(torch.from_numpy(second)[None] / 255, 16, 32))
+    assert vae.encoded == 3 and [c for c, _ in stock.calls] == ["ReferenceLatent"] * 9  # 6 edits, 3 negatives
+    for k, (pos, neg) in enumerate(zip(positive, negative, strict=True)):
+        image, text = divmod(k, 2)
+        torch.testing.assert_close(pos[0], clip.encode_from_tokens_scheduled(["add snow", "make it night"][text])[0][0])
+        torch.testing.assert_close(neg[0], clip.encode_from_tokens_scheduled("blurry")[0][0])
+        (latent,) = pos[1]["reference_latents"]
+        torch.testing.assert_close(latent, vae.encode(images[image:image + 1]))
+        assert neg[1]["reference_latents"][0] is latent
+
+    nodes = stand_in_nodes(tmp_path, monkeypatch)
+    base = FakeEditModel()
+    base.latent_format, base.process_latent_out = LatentFormat(), lambda x: x
+    (handle,) = nodes["DistillTeacherFromModel"]().run(FakePatcher(base), positive, negative, 32, 16, 3.0)
+    rows = handle.source().draw_cond(8, torch.Generator().manual_seed(0))
+    blurry = clip.encode_from_tokens_scheduled("blurry")[0][0]
+    assert "ref_latents" not in rows[OWN_UNCOND]  # each row's own images, on both sides of CFG
+    torch.testing.assert_close(rows[OWN_UNCOND]["c_crossattn"], blurry.expand(8, -1, -1))
+    assert len({tuple(r.flatten().tolist()) for r in rows["ref_latents"]["0"]}) > 1  # rows of several images
+
+
+def test_qwen_image_edit_pairs_image_i_with_instruction_i_through_its_own_node(tmp_path, stock):
+    """In order, image i with instruction i, each pair through TextEncodeQwenImageEdit (2509: the Plus node's first
+    image), the negative encoded once per image with that image."""
+    images = torch.rand(2, 20, 30, 3, generator=torch.Generator().manual_seed(1))
+    for editor, node_id, image_input in (("Qwen-Image-Edit", "TextEncodeQwenImageEdit", "image"),
+                                         ("Qwen-Image-Edit 2509", "TextEncodeQwenImageEditPlus", "image1")):
+        stock.calls.clear()
+        positive, negative, fitted = edits.EditList().run(FakeClip(), FakeVAE(), editor, "one\ntwo", "",
+                                                          edits.IN_ORDER, 16, 16, images=images)
+        assert stock.calls == [(node_id, sorted(["clip", "prompt", "vae", image_input]))] * 4
+        assert len(positive) == len(negative) == 2 and fitted.shape == (2, 16, 16, 3)
+        for k in range(2):
+            reference = positive[k][1]["reference_latents"][0]
+            torch.testing.assert_close(reference, FakeVAE().encode(fitted[k:k + 1]))
+            torch.testing.assert_close(negative[k][1]["reference_latents"][0], reference)
+            text = FakeClip().encode_from_tokens_scheduled(["one", "two"][k])[0][0]
+            torch.testing.assert_close(positive[k][0], text + fitted[k:k + 1].mean())
+        assert not torch.equal(negative[0][0], negative[1][0])  # the negative reads each image
+
+
+def test_edit_lists_that_cannot_pair_or_find_their_images_are_refused_in_one_line(tmp_path, stock):
+    node, image = edits.EditList(), torch.rand(1, 16, 16, 3)
+    run = lambda text="a\nb", pairing=edits.EVERY_PAIR, images=image, folder=edits.NO_FOLDER: node.run(  # noqa: E731
+        FakeClip(), FakeVAE(), "Flux Kontext", text, "", pairing, 16, 16, images=images, image_folder=folder)
+    with pytest.raises(ValueError, match="the instruction list is empty"):
+        run(text=" \n\n")
+    with pytest.raises(ValueError, match="needs as many images as instructions, got 2 images and 3 instructions"):
+        run(text="a\nb\nc", pairing=edits.IN_ORDER, images=torch.rand(2, 16, 16, 3))
+    assert len(run(text="a\nb\nc", pairing=edits.IN_ORDER)[0]) == 3  # one image: every instruction on it
+    with pytest.raises(ValueError, match="no images to edit: connect images"):
+        run(images=None)
+    (tmp_path / "input" / "empty").mkdir(parents=True)
+    with pytest.raises(ValueError, match="the image folder 'empty' holds no images"):
+        run(folder="empty")
+    with pytest.raises(ValueError, match="is not allowed"):
+        run(folder="../outside")
+    (tmp_path / "input" / "broken").mkdir()
+    (tmp_path / "input" / "broken" / "x.png").write_text("not a png")
+    with pytest.raises(ValueError, match=r"x.png is not an image this reads .*remove it from its folder"):
+        run(folder="broken")
+
+
+def test_a_comfyui_without_a_stock_node_is_told_to_update(monkeypatch):
+    monkeypatch.setattr(edits.host, "run_stock_node", host.run_stock_node)
+    monkeypatch.setitem(sys.modules, "nodes", types.SimpleNamespace(NODE_CLASS_MAPPINGS={}))
+    with pytest.raises(ValueError, match="this ComfyUI has no TextEncodeQwenImageEdit node, which this needs: update"):
+        host.run_stock_node("TextEncodeQwenImageEdit", prompt="x")
