@@ -44,6 +44,11 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         two tiny Wan models as Wan 2.2 14B's high- and low-noise models, one teacher distilled (METHOD: sfd or
         dmd2) to a LoRA per model, each loaded by the stock loader on its model and sampled by two chained
         samplers, against the engine.
+    python tests/comfyui_harness.py edit-list-probe WORKDIR
+        Distill edit list for Qwen-Image-Edit and its 2509 release through ComfyUI's own TextEncodeQwenImageEdit
+        and TextEncodeQwenImageEditPlus (a stand-in for the 7B vision-language text encoder and the VAE, which
+        record what they are given), into Teacher from MODEL on a tiny Qwen-Image-Edit model and one guided
+        teacher evaluation.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow,sd15-inpaint} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -617,6 +622,71 @@ def flow_probe(family: str, work: Path) -> dict:
             "model_class": type(model.model).__name__}
 
 
+def edit_list_probe(work: Path) -> dict:
+    """Distill edit list on two images and two instructions, every pair, for each Qwen-Image-Edit release through
+    ComfyUI's own stock node (see the module docstring): what the text encoder and VAE were given, the reference
+    latents of the conditioning, and Teacher from MODEL on it with a guided teacher evaluation."""
+    import asyncio
+
+    _comfyui()
+    _folders(work)
+    import nodes
+    import torch
+
+    asyncio.run(nodes.init_builtin_extra_nodes())
+    pack = load_pack().NODE_CLASS_MAPPINGS
+    model, context, pooled = flow_model("qwen-image-edit", work)
+
+    class StandInClip:
+        """The text encoder's node-facing interface: tokens are the text and images; the encoding a function of
+        both (Qwen2.5-VL reads the image)."""
+
+        def __init__(self):
+            self.given = []
+
+        def tokenize(self, text, images=(), **options):
+            self.given.append({"text": text, "images": [list(i.shape) for i in images], "options": sorted(options)})
+            return text, [float(i.mean()) for i in images]
+
+        def encode_from_tokens_scheduled(self, tokens):
+            text, means = tokens
+            gen = torch.Generator().manual_seed(sum(map(ord, text)))
+            cond = torch.randn(1, 12, context, generator=gen) + sum(means)
+            return [[cond, {"pooled_output": torch.randn(1, pooled, generator=gen)}]]
+
+    class StandInVAE:
+        """The Wan VAE's ``encode``: IMAGE [1, H, W, 3] -> a one-frame latent [1, 16, 1, H / 8, W / 8]."""
+
+        def __init__(self):
+            self.given = []
+
+        def encode(self, pixels):
+            self.given.append(list(pixels.shape))
+            x = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 8)
+            return x.repeat(1, 6, 1, 1)[:, :16, None]
+
+    images = torch.rand(2, 48, 80, 3, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for editor in ("Qwen-Image-Edit", "Qwen-Image-Edit 2509"):
+        clip, vae = StandInClip(), StandInVAE()
+        positive, negative, fitted = pack["DistillEditList"]().run(clip, vae, editor, "add snow\nmake it night", "",
+                                                                   "every instruction on every image", 64, 64,
+                                                                   images=images)
+        (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0)
+        source = handle.source()
+        rows = source.draw_cond(2, torch.Generator().manual_seed(0))
+        x, sigma = torch.randn(2, 16, 1, 8, 8), torch.full((2,), 2.0)
+        from distill_core.teacher import CFGTeacher
+
+        with torch.no_grad():
+            guided = CFGTeacher(source.denoiser, 4.0, source.uncond)(x, sigma, rows)
+        out[editor] = {"entries": [len(positive), len(negative)], "fitted": list(fitted.shape),
+                       "tokenized": clip.given, "vae_encoded": vae.given,
+                       "reference_latents": [list(e[1]["reference_latents"][0].shape) for e in positive],
+                       "guided_finite": bool(torch.isfinite(guided).all()), "guided_shape": list(guided.shape)}
+    return out
+
+
 #: image-to-video families whose start image lies in the LATENT that the sampler is given: its channels and pixel span
 START_LATENTS = {"wan22-5b-i2v-clip": (48, 16), "ltxv-i2v-clip": (128, 32)}
 
@@ -1005,6 +1075,8 @@ if __name__ == "__main__":
         print("RESULT " + json.dumps(flow_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
     elif command == "two-model-probe":
         print("RESULT " + json.dumps(two_model_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
+    elif command == "edit-list-probe":
+        print("RESULT " + json.dumps(edit_list_probe(Path(sys.argv[2]).resolve())))
     elif command == "family-probe":
         print("RESULT " + json.dumps(family_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
     else:

@@ -209,6 +209,26 @@ def test_editing_models_distil_on_their_reference_images_into_loras_that_sampler
     assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-4
 
 
+def test_the_edit_list_encodes_each_pair_through_qwen_image_edits_own_nodes_for_teacher_from_model(tmp_path):
+    """Distill edit list, two images x two instructions, through ComfyUI's TextEncodeQwenImageEdit (the image at a
+    megapixel for the text encoder and the VAE) and TextEncodeQwenImageEditPlus (the 2509 release: "Picture 1" and
+    its template, the image at 384 x 384 for the text encoder): each pair and each image's negative encoded once,
+    the reference latents of one size, and Teacher from MODEL on a tiny Qwen-Image-Edit model takes them and
+    evaluates the guided teacher (``edit_list_probe``: stand-ins for the 7B text encoder and the VAE)."""
+    result = _probe("edit-list-probe", str(tmp_path))
+    pairs = ["add snow", "make it night"] * 2 + ["", ""]  # image 0's instructions, image 1's, each image's negative
+    for editor, prefix, side, options in (("Qwen-Image-Edit", "", 1024, []),
+                                          ("Qwen-Image-Edit 2509", "Picture 1: <|vision_start|><|image_pad|>"
+                                           "<|vision_end|>", 384, ["llama_template"])):
+        out = result[editor]
+        assert out["entries"] == [4, 4] and out["fitted"] == [2, 64, 64, 3]
+        assert [t["text"] for t in out["tokenized"]] == [prefix + text for text in pairs]
+        assert all(t["images"] == [[1, side, side, 3]] and t["options"] == options for t in out["tokenized"])
+        assert out["vae_encoded"] == [[1, 1024, 1024, 3]] * 6
+        assert out["reference_latents"] == [[1, 16, 1, 128, 128]] * 4
+        assert out["guided_finite"] and out["guided_shape"] == [2, 16, 1, 8, 8]
+
+
 @pytest.mark.parametrize(("family", "model_class", "latent", "shift"), [
     ("wan-clip", "WAN21", [16, 3, 8, 8], 8.0),
     ("wan-i2v-clip", "WAN21", [16, 3, 8, 8], 8.0),
