@@ -144,6 +144,6 @@ class EditList:
 
         positive = [encoded_pair(lines[t], i) for i, t in pairs]
         negatives = [encoded_pair(negative, i) for i, _ in pairs]
-        print(f"[comfyui-distill] edit list: {len(fitted)} images x {len(lines)} instructions -> {len(pairs)} "
-              f"training edits ({editor})")
-        return positive, negatives, torch.cat(fitted)
+        summary = f"{len(fitted)} images x {len(lines)} instructions -> {len(pairs)} training edits ({editor})"
+        print(f"[comfyui-distill] edit list: {summary}")
+        return {"ui": {"text": [summary]}, "result": (positive, negatives, torch.cat(fitted))}

@@ -671,7 +671,7 @@ def edit_list_probe(work: Path) -> dict:
         clip, vae = StandInClip(), StandInVAE()
         positive, negative, fitted = pack["DistillEditList"]().run(clip, vae, editor, "add snow\nmake it night", "",
                                                                    "every instruction on every image", 64, 64,
-                                                                   images=images)
+                                                                   images=images)["result"]
         (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0)
         source = handle.source()
         rows = source.draw_cond(2, torch.Generator().manual_seed(0))

@@ -85,9 +85,10 @@ def test_a_folder_and_connected_images_each_take_every_instruction_as_flux_konte
     assert edits.image_folders() == [edits.NO_FOLDER, "shots"]
     connected = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     clip, vae = FakeClip(), FakeVAE()
-    positive, negative, images = edits.EditList().run(clip, vae, "Flux Kontext", "add snow\n\n make it night \n",
-                                                      "blurry", edits.EVERY_PAIR, 32, 16, images=connected,
-                                                      image_folder="shots")
+    out = edits.EditList().run(clip, vae, "Flux Kontext", "add snow\n\n make it night \n", "blurry", edits.EVERY_PAIR,
+                               32, 16, images=connected, image_folder="shots")
+    assert out["ui"]["text"] == ["3 images x 2 instructions -> 6 training edits (Flux Kontext)"]
+    positive, negative, images = out["result"]
     assert images.shape == (3, 16, 32, 3) and len(positive) == len(negative) == 6
     torch.testing.assert_close(images[0:1], cover(connected, 16, 32))
     torch.testing.assert_close(images[1:2], cover(read_image(folder / "a.jpg"), 16, 32))  # by name: a before b
@@ -120,7 +121,7 @@ def test_qwen_image_edit_pairs_image_i_with_instruction_i_through_its_own_node(t
                                          ("Qwen-Image-Edit 2509", "TextEncodeQwenImageEditPlus", "image1")):
         stock.calls.clear()
         positive, negative, fitted = edits.EditList().run(FakeClip(), FakeVAE(), editor, "one\ntwo", "",
-                                                          edits.IN_ORDER, 16, 16, images=images)
+                                                          edits.IN_ORDER, 16, 16, images=images)["result"]
         assert stock.calls == [(node_id, sorted(["clip", "prompt", "vae", image_input]))] * 4
         assert len(positive) == len(negative) == 2 and fitted.shape == (2, 16, 16, 3)
         for k in range(2):
@@ -140,7 +141,7 @@ def test_edit_lists_that_cannot_pair_or_find_their_images_are_refused_in_one_lin
         run(text=" \n\n")
     with pytest.raises(ValueError, match="needs as many images as instructions, got 2 images and 3 instructions"):
         run(text="a\nb\nc", pairing=edits.IN_ORDER, images=torch.rand(2, 16, 16, 3))
-    assert len(run(text="a\nb\nc", pairing=edits.IN_ORDER)[0]) == 3  # one image: every instruction on it
+    assert len(run(text="a\nb\nc", pairing=edits.IN_ORDER)["result"][0]) == 3  # one image: every instruction on it
     with pytest.raises(ValueError, match="no images to edit: connect images"):
         run(images=None)
     (tmp_path / "input" / "empty").mkdir(parents=True)

@@ -419,7 +419,8 @@ def _short_workflow(name: str, checkpoint: str, **distill) -> dict:
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = checkpoint
-        elif kind in ("DistillTeacherFromModel", "EmptyLatentImage", "EmptySD3LatentImage"):
+        elif kind in ("DistillTeacherFromModel", "DistillEditList", "EmptyLatentImage", "EmptySD3LatentImage",
+                      "ImageScale"):
             inputs.update(width=64, height=64)
         elif kind in ("DistillToSteps", "DistillDistributionMatching"):
             inputs.update({"iterations": 4, "batch": 2, "preview_every": 2, "checkpoint_every": 2, **distill})
@@ -603,26 +604,33 @@ def test_the_flux_dev_workflow_trains_a_4_step_lora_that_samplercustom_samples_a
 
 
 def test_the_flux_kontext_workflow_trains_a_4_step_lora_on_edits_of_an_image(server, sd3_files, flux_files):
-    """Load Image -> VAE Encode -> ReferenceLatent on every instruction of the prompt list -> Teacher from MODEL at
-    guidance 2.5 (Kontext dev's input; its network is Flux dev's) -> Distill to 4 steps (LoRA) -> SamplerCustom with
-    the student's sigmas on a new instruction with the same image, FluxGuidance 2.5 and cfg 1 -> Save Image, on the
-    small Flux model (``_flux_workflow``) and a 64-pixel image (FluxKontextImageScale, which scales it to a
-    megapixel, left out)."""
+    """Load Image -> Distill edit list (every instruction on the image: CLIP Text Encode and the stock ReferenceLatent
+    on its VAE latent) -> Teacher from MODEL at guidance 2.5 (Kontext dev's input; its network is Flux dev's) ->
+    Distill to 4 steps (LoRA) -> SamplerCustom with the student's sigmas on a new instruction with the same image
+    (Image Scale, VAE Encode, ReferenceLatent), FluxGuidance 2.5 and cfg 1 -> Save Image, on the small Flux model
+    (``_flux_workflow``), 64-pixel images and a folder of two more images in ComfyUI's input folder."""
     import numpy as np
     from PIL import Image
 
-    (server.base / "input").mkdir(exist_ok=True)
-    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(server.base / "input" / "kontext_probe.png")
+    folder = server.base / "input" / "kontext_edits"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, size in (("kontext_probe.png", (64, 64)), ("kontext_edits/a.png", (48, 80)),
+                       ("kontext_edits/b.jpg", (80, 40))):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(server.base / "input" / name)
+    assert "kontext_edits" in server.get("/object_info/DistillEditList")["DistillEditList"]["input"]["optional"][
+        "image_folder"][0]
     graph = _flux_workflow(server, sd3_files, flux_files, "flux_kontext_lora_4_steps")
-    for node in list(graph.values()):
+    for node in graph.values():
         if node["class_type"] == "LoadImage":
             node["inputs"]["image"] = "kontext_probe.png"
-        elif node["class_type"] == "VAEEncode":
-            scale = graph.pop(node["inputs"]["pixels"][0])
-            assert scale["class_type"] == "FluxKontextImageScale"
-            node["inputs"]["pixels"] = scale["inputs"]["image"]
-    _saves_one_image(server, graph)
+        elif node["class_type"] == "DistillEditList":
+            node["inputs"]["image_folder"] = "kontext_edits"
+    entry = server.wait(server.queue(graph))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert len(_images(entry, server.base)) == 1
+    edit_list = next(k for k, node in graph.items() if node["class_type"] == "DistillEditList")
+    assert entry["outputs"][edit_list]["text"] == ["3 images x 12 instructions -> 36 training edits (Flux Kontext)"]
     _saved_flux_lora(server, "flux_kontext_sfd_4step_lora", 2.5)
 
 
