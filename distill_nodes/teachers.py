@@ -41,14 +41,14 @@ class BuiltinTeacher:
       "models distil on each prompt's image: give the prompts through the model's own node (WanImageToVideo, "
       "HunyuanImageToVideo, InpaintModelConditioning) at this width, height and length; Wan 2.2 5B and "
       "LTX-Video take theirs through start_latent. Editing models (Flux Kontext, Qwen-Image-Edit) distil on "
-      "each prompt's reference images (ReferenceLatent, TextEncodeQwenImageEdit).",
+      "each prompt's reference images (Distill edit list, or ReferenceLatent / TextEncodeQwenImageEdit).",
       inputs=[
           In("model", "MODEL", "the teacher model, e.g. from Load Checkpoint (a ModelSampling node before it is "
              "respected: its shift sets the student's flow grid)"),
           In("positive", "CONDITIONING", "training prompts: each entry is one prompt (Distill prompt list, "
              "or CLIP Text Encode outputs combined with Conditioning (Combine)); for an image-to-video or "
              "inpainting model each with its image (WanImageToVideo's positive, several combined), for an editing "
-             "model each with its reference images"),
+             "model each with its reference images (Distill edit list)"),
           In("negative", "CONDITIONING", "the negative prompt (its first entry) for classifier-free guidance; as "
              "many entries as positive ones pair up in order, each prompt guided against its own (an editing "
              "model's negatives, each encoded with its prompt's image)"),
