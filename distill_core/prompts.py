@@ -1,4 +1,5 @@
-"""Training prompts of text-to-image teachers: the shipped default list and prompt files."""
+"""Training prompts of text-to-image teachers: the shipped default lists (of prompts, edits and motions) and prompt
+files."""
 
 from __future__ import annotations
 
@@ -38,6 +39,21 @@ DEFAULT_EDITS = "\n".join([
     "render it as pixel art",
     "make it an oil painting in the style of impressionism",
     "turn it into a paper cut-out collage",
+])
+#: A default list of motion prompts for image-to-video models (Wan): motions that fit any start image.
+DEFAULT_MOTIONS = "\n".join([
+    "the camera slowly pushes in",
+    "a gentle wind moves through the scene",
+    "the camera pans slowly to the right",
+    "the subject turns and looks at the camera",
+    "the light shifts as clouds pass over",
+    "the camera slowly orbits around the subject",
+    "the scene comes alive with subtle natural motion",
+    "handheld camera with slight movement, cinematic",
+    "the camera pulls back to reveal the surroundings",
+    "soft rain begins to fall",
+    "time-lapse of the light changing from day to dusk",
+    "the subject walks toward the camera",
 ])
 
 

@@ -101,14 +101,17 @@ def find_file(kind: str, name: str) -> Path:
 
 
 def run_stock_node(node_id: str, **inputs) -> tuple:
-    """The outputs of the stock node ``node_id`` (a node of ComfyUI's V3 API, as this ComfyUI registered it) on
-    ``inputs``: what that node gives in a graph. A ComfyUI without it is told to update."""
+    """The outputs of the stock node ``node_id``, as this ComfyUI registered it, on ``inputs``: what that node gives
+    in a graph (a node of ComfyUI's V3 API through its ``execute``, a classic one through its ``FUNCTION``). A
+    ComfyUI without it is told to update."""
     import nodes
 
     stock = nodes.NODE_CLASS_MAPPINGS.get(node_id)
     if stock is None:
         raise ValueError(f"this ComfyUI has no {node_id} node, which this needs: update ComfyUI")
-    return tuple(stock.execute(**inputs).result)
+    if hasattr(stock, "define_schema"):
+        return tuple(stock.execute(**inputs).result)
+    return tuple(getattr(stock(), stock.FUNCTION)(**inputs))
 
 
 def check_interrupt() -> None:

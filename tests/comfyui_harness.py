@@ -49,6 +49,10 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
         and TextEncodeQwenImageEditPlus (a stand-in for the 7B vision-language text encoder and the VAE, which
         record what they are given), into Teacher from MODEL on a tiny Qwen-Image-Edit model and one guided
         teacher evaluation.
+    python tests/comfyui_harness.py start-image-list-probe WORKDIR
+        Distill image-to-video list through ComfyUI's own WanImageToVideo and CLIPVisionEncode (stand-ins for the
+        text encoder, the VAE and the CLIP vision model), into Teacher from MODEL on a tiny Wan 2.1
+        image-to-video model and one guided teacher evaluation on a clip.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow,sd15-inpaint} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -635,6 +639,8 @@ def edit_list_probe(work: Path) -> dict:
 
     asyncio.run(nodes.init_builtin_extra_nodes())
     pack = load_pack().NODE_CLASS_MAPPINGS
+    from distill_core.teacher import CFGTeacher  # importable once the pack is loaded
+
     model, context, pooled = flow_model("qwen-image-edit", work)
 
     class StandInClip:
@@ -670,14 +676,12 @@ def edit_list_probe(work: Path) -> dict:
     for editor in ("Qwen-Image-Edit", "Qwen-Image-Edit 2509"):
         clip, vae = StandInClip(), StandInVAE()
         positive, negative, fitted = pack["DistillEditList"]().run(clip, vae, editor, "add snow\nmake it night", "",
-                                                                   "every instruction on every image", 64, 64,
+                                                                   "every line on every image", 64, 64,
                                                                    images=images)["result"]
         (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0)
         source = handle.source()
         rows = source.draw_cond(2, torch.Generator().manual_seed(0))
         x, sigma = torch.randn(2, 16, 1, 8, 8), torch.full((2,), 2.0)
-        from distill_core.teacher import CFGTeacher
-
         with torch.no_grad():
             guided = CFGTeacher(source.denoiser, 4.0, source.uncond)(x, sigma, rows)
         out[editor] = {"entries": [len(positive), len(negative)], "fitted": list(fitted.shape),
@@ -685,6 +689,75 @@ def edit_list_probe(work: Path) -> dict:
                        "reference_latents": [list(e[1]["reference_latents"][0].shape) for e in positive],
                        "guided_finite": bool(torch.isfinite(guided).all()), "guided_shape": list(guided.shape)}
     return out
+
+
+def start_image_list_probe(work: Path) -> dict:
+    """Distill image-to-video list on two start images and two prompts, every pair, through ComfyUI's own
+    WanImageToVideo and CLIPVisionEncode (see the module docstring): what the VAE and the CLIP vision model were
+    given, the model inputs of the conditioning, and Teacher from MODEL on it with a guided teacher evaluation."""
+    import asyncio
+    from types import SimpleNamespace
+
+    _comfyui()
+    _folders(work)
+    import nodes
+    import torch
+
+    asyncio.run(nodes.init_builtin_extra_nodes())
+    pack = load_pack().NODE_CLASS_MAPPINGS
+    from distill_core.teacher import CFGTeacher  # importable once the pack is loaded
+
+    model, context, pooled = flow_model("wan-i2v-clip", work)
+
+    class StandInClip:
+        def tokenize(self, text):
+            return text
+
+        def encode_from_tokens_scheduled(self, text):
+            gen = torch.Generator().manual_seed(sum(map(ord, text)))
+            return [[torch.randn(1, 12, context, generator=gen), {"pooled_output": torch.randn(1, pooled)}]]
+
+    class StandInVAE:
+        """The Wan 2.1 VAE's ``encode``: frames [T, H, W, 3] -> [1, 16, (T - 1) / 4 + 1, H / 8, W / 8]."""
+
+        def __init__(self):
+            self.given = []
+
+        def encode(self, frames):
+            self.given.append(list(frames.shape))
+            x = torch.nn.functional.avg_pool2d(frames.movedim(-1, 1), 8).movedim(0, 1)[None]  # [1, 3, T, h, w]
+            x = torch.cat([x[:, :, :1], x[:, :, 1:].unflatten(2, (-1, 4)).mean(3)], 2)
+            return x.repeat(1, 6, 1, 1, 1)[:, :16]
+
+    class StandInVision:
+        """CLIP vision's ``encode_image``: the penultimate hidden states [1, 257, 1280] Wan 2.1 reads."""
+
+        def __init__(self):
+            self.given = []
+
+        def encode_image(self, image, crop=True):
+            self.given.append([list(image.shape), crop])
+            return SimpleNamespace(penultimate_hidden_states=torch.full((1, 257, 1280), float(image.mean())))
+
+    images = torch.rand(2, 48, 80, 3, generator=torch.Generator().manual_seed(0))
+    vae, vision = StandInVAE(), StandInVision()
+    positive, negative, fitted = pack["DistillImageToVideoList"]().run(
+        StandInClip(), vae, "the camera pushes in\nit rains", "static", 9, "every line on every image", 64, 64,
+        images=images, clip_vision=vision)["result"]
+    (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0, length=9)
+    source = handle.source()
+    rows = source.draw_cond(2, torch.Generator().manual_seed(0))
+    x, sigma = torch.randn(2, 16, 3, 8, 8), torch.full((2,), 2.0)
+    with torch.no_grad():
+        guided = CFGTeacher(source.denoiser, 4.0, source.uncond)(x, sigma, rows)
+    return {"entries": [len(positive), len(negative)], "fitted": list(fitted.shape), "vae_encoded": vae.given,
+            "vision_encoded": vision.given,
+            "inputs": [{k: list(v.shape) for k, v in e[1].items() if isinstance(v, torch.Tensor)} for e in positive],
+            "vision_features": [float(e[1]["clip_vision_output"].penultimate_hidden_states[0, 0, 0]) for e in positive],
+            "image_means": [float(i.mean()) for i in fitted],
+            "negative_shares_images": all(n[1]["concat_latent_image"] is p[1]["concat_latent_image"]
+                                          for p, n in zip(positive, negative, strict=True)),
+            "guided_finite": bool(torch.isfinite(guided).all()), "guided_shape": list(guided.shape)}
 
 
 #: image-to-video families whose start image lies in the LATENT that the sampler is given: its channels and pixel span
@@ -1077,6 +1150,8 @@ if __name__ == "__main__":
         print("RESULT " + json.dumps(two_model_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
     elif command == "edit-list-probe":
         print("RESULT " + json.dumps(edit_list_probe(Path(sys.argv[2]).resolve())))
+    elif command == "start-image-list-probe":
+        print("RESULT " + json.dumps(start_image_list_probe(Path(sys.argv[2]).resolve())))
     elif command == "family-probe":
         print("RESULT " + json.dumps(family_probe(sys.argv[2], Path(sys.argv[3]).resolve())))
     else:

@@ -216,7 +216,7 @@ def test_the_edit_list_encodes_each_pair_through_qwen_image_edits_own_nodes_for_
     the reference latents of one size, and Teacher from MODEL on a tiny Qwen-Image-Edit model takes them and
     evaluates the guided teacher (``edit_list_probe``: stand-ins for the 7B text encoder and the VAE)."""
     result = _probe("edit-list-probe", str(tmp_path))
-    pairs = ["add snow", "make it night"] * 2 + ["", ""]  # image 0's instructions, image 1's, each image's negative
+    pairs = ["add snow", "make it night", ""] * 2  # each image's instructions, then its negative
     for editor, prefix, side, options in (("Qwen-Image-Edit", "", 1024, []),
                                           ("Qwen-Image-Edit 2509", "Picture 1: <|vision_start|><|image_pad|>"
                                            "<|vision_end|>", 384, ["llama_template"])):
@@ -227,6 +227,22 @@ def test_the_edit_list_encodes_each_pair_through_qwen_image_edits_own_nodes_for_
         assert out["vae_encoded"] == [[1, 1024, 1024, 3]] * 6
         assert out["reference_latents"] == [[1, 16, 1, 128, 128]] * 4
         assert out["guided_finite"] and out["guided_shape"] == [2, 16, 1, 8, 8]
+
+
+def test_the_image_to_video_list_encodes_each_start_image_through_wanimagetovideo_for_teacher_from_model(tmp_path):
+    """Distill image-to-video list, two start images x two prompts, through ComfyUI's WanImageToVideo and
+    CLIPVisionEncode (uncropped): each image's clip (9 frames) and CLIP vision reading encoded once, every prompt
+    and its negative carrying the start frames' latent, mask and the reading of its own image, and Teacher from MODEL
+    on a tiny Wan 2.1 image-to-video model takes them and evaluates the guided teacher on a clip
+    (``start_image_list_probe``: stand-ins for the text encoder, the VAE and the CLIP vision model)."""
+    result = _probe("start-image-list-probe", str(tmp_path))
+    assert result["entries"] == [4, 4] and result["fitted"] == [2, 64, 64, 3]
+    assert result["vae_encoded"] == [[9, 64, 64, 3]] * 2 and result["vision_encoded"] == [[[1, 64, 64, 3], False]] * 2
+    assert all(inputs["concat_latent_image"] == [1, 16, 3, 8, 8] and inputs["concat_mask"] == [1, 1, 3, 8, 8]
+               for inputs in result["inputs"])
+    means = result["image_means"]
+    assert result["vision_features"] == [means[0], means[0], means[1], means[1]] and means[0] != means[1]
+    assert result["negative_shares_images"] and result["guided_finite"] and result["guided_shape"] == [2, 16, 3, 8, 8]
 
 
 @pytest.mark.parametrize(("family", "model_class", "latent", "shift"), [
@@ -630,7 +646,7 @@ def test_the_flux_kontext_workflow_trains_a_4_step_lora_on_edits_of_an_image(ser
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     assert len(_images(entry, server.base)) == 1
     edit_list = next(k for k, node in graph.items() if node["class_type"] == "DistillEditList")
-    assert entry["outputs"][edit_list]["text"] == ["3 images x 12 instructions -> 36 training edits (Flux Kontext)"]
+    assert entry["outputs"][edit_list]["text"] == ["3 images x 12 instructions -> 36 training prompts"]
     _saved_flux_lora(server, "flux_kontext_sfd_4step_lora", 2.5)
 
 

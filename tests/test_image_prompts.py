@@ -1,5 +1,5 @@
-"""Distill edit list: images and instructions paired and encoded as an editing model's stock nodes encode one edit,
-the stock nodes stood in (the real ones run in ``test_real_comfyui.py``)."""
+"""Distill edit list and Distill image-to-video list: images and lines paired and encoded as the model's stock nodes
+encode one prompt, the stock nodes stood in (the real ones run in ``test_real_comfyui.py``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from PIL import Image
 
 from distill_core.denoisers.base import OWN_UNCOND
 from distill_core.reference_images import cover, read_image
-from distill_nodes import edits, host
+from distill_nodes import host
+from distill_nodes import image_prompts as edits
 from tests.test_comfy_adapter import FakeClip, FakeEditModel, FakePatcher, LatentFormat, stand_in_nodes
 
 
@@ -41,6 +42,14 @@ class StockNodes:
         if node_id == "ReferenceLatent":
             return ([[c, {**o, "reference_latents": [*o.get("reference_latents", []), inputs["latent"]["samples"]]}]
                      for c, o in inputs["conditioning"]],)
+        if node_id == "CLIPVisionEncode":
+            return (("seen", float(inputs["image"].mean()), inputs["crop"]),)
+        if node_id == "WanImageToVideo":  # the start frames' latent and the vision output on both sides
+            image = {"concat_latent_image": inputs["vae"].encode(inputs["start_image"]),
+                     "size": (inputs["width"], inputs["height"], inputs["length"], inputs["batch_size"]),
+                     **({"clip_vision_output": inputs["clip_vision_output"]} if "clip_vision_output" in inputs
+                        else {})}
+            return tuple([[c, {**o, **image}] for c, o in inputs[side]] for side in ("positive", "negative")) + ({},)
         image = inputs["image" if node_id == "TextEncodeQwenImageEdit" else "image1"]
         cond, options = inputs["clip"].encode_from_tokens_scheduled(inputs["prompt"])[0]
         return ([[cond + image.mean(), {**options, "reference_latents": [inputs["vae"].encode(image)]}]],)
@@ -87,7 +96,7 @@ def test_a_folder_and_connected_images_each_take_every_instruction_as_flux_konte
     clip, vae = FakeClip(), FakeVAE()
     out = edits.EditList().run(clip, vae, "Flux Kontext", "add snow\n\n make it night \n", "blurry", edits.EVERY_PAIR,
                                32, 16, images=connected, image_folder="shots")
-    assert out["ui"]["text"] == ["3 images x 2 instructions -> 6 training edits (Flux Kontext)"]
+    assert out["ui"]["text"] == ["3 images x 2 instructions -> 6 training prompts"]
     positive, negative, images = out["result"]
     assert images.shape == (3, 16, 32, 3) and len(positive) == len(negative) == 6
     torch.testing.assert_close(images[0:1], cover(connected, 16, 32))
@@ -139,10 +148,12 @@ def test_edit_lists_that_cannot_pair_or_find_their_images_are_refused_in_one_lin
         FakeClip(), FakeVAE(), "Flux Kontext", text, "", pairing, 16, 16, images=images, image_folder=folder)
     with pytest.raises(ValueError, match="the instruction list is empty"):
         run(text=" \n\n")
-    with pytest.raises(ValueError, match="needs as many images as instructions, got 2 images and 3 instructions"):
+    with pytest.raises(ValueError, match="needs as many images as lines, got 2 images and 3 lines"):
         run(text="a\nb\nc", pairing=edits.IN_ORDER, images=torch.rand(2, 16, 16, 3))
     assert len(run(text="a\nb\nc", pairing=edits.IN_ORDER)["result"][0]) == 3  # one image: every instruction on it
-    with pytest.raises(ValueError, match="no images to edit: connect images"):
+    with pytest.raises(ValueError, match="pairing 'in order' is none of 'every line on every image' and 'image i"):
+        run(pairing="in order")
+    with pytest.raises(ValueError, match="no images: connect images"):
         run(images=None)
     (tmp_path / "input" / "empty").mkdir(parents=True)
     with pytest.raises(ValueError, match="the image folder 'empty' holds no images"):
@@ -155,8 +166,54 @@ def test_edit_lists_that_cannot_pair_or_find_their_images_are_refused_in_one_lin
         run(folder="broken")
 
 
-def test_a_comfyui_without_a_stock_node_is_told_to_update(monkeypatch):
-    monkeypatch.setattr(edits.host, "run_stock_node", host.run_stock_node)
-    monkeypatch.setitem(sys.modules, "nodes", types.SimpleNamespace(NODE_CLASS_MAPPINGS={}))
+def test_wan_image_to_video_prompts_take_each_start_image_through_wanimagetovideo_once(tmp_path, stock):
+    """Every prompt on every start image: WanImageToVideo once per image on all its prompts and the negative (its
+    start frames encoded once), at the list's size and length, with CLIPVisionEncode's reading of the image where a
+    CLIP vision model is connected (Wan 2.1) and none without (Wan 2.2)."""
+    images = torch.rand(2, 30, 40, 3, generator=torch.Generator().manual_seed(2))
+    clip = FakeClip()
+    for clip_vision in ("vision model", None):
+        stock.calls.clear()
+        vae = FakeVAE()
+        out = edits.ImageToVideoList().run(clip, vae, "pan left\nzoom in\nrain", "static", 9, edits.EVERY_PAIR, 32,
+                                           16, images=images, clip_vision=clip_vision)
+        positive, negative, fitted = out["result"]
+        assert out["ui"]["text"] == ["2 images x 3 prompts -> 6 training prompts"] and fitted.shape == (2, 16, 32, 3)
+        per_image = ["CLIPVisionEncode", "WanImageToVideo"] if clip_vision else ["WanImageToVideo"]
+        assert [c for c, _ in stock.calls] == per_image * 2
+        assert vae.encoded == 2 and len(positive) == len(negative) == 6
+        for k, (pos, neg) in enumerate(zip(positive, negative, strict=True)):
+            image, text = divmod(k, 3)
+            prompt = ["pan left", "zoom in", "rain"][text]
+            torch.testing.assert_close(pos[0], clip.encode_from_tokens_scheduled(prompt)[0][0])
+            torch.testing.assert_close(neg[0], clip.encode_from_tokens_scheduled("static")[0][0])
+            assert pos[1]["size"] == (32, 16, 9, 1) and neg[1]["concat_latent_image"] is pos[1]["concat_latent_image"]
+            torch.testing.assert_close(pos[1]["concat_latent_image"], FakeVAE().encode(fitted[image:image + 1]))
+            assert pos[1].get("clip_vision_output") == (("seen", float(fitted[image].mean()), "none") if clip_vision
+                                                        else None)
+
+
+class ClassicNode:
+    FUNCTION = "go"
+
+    def go(self, value):
+        return (value + 1,)
+
+
+class V3Node:
+    @classmethod
+    def define_schema(cls):
+        return None
+
+    @classmethod
+    def execute(cls, value):
+        return types.SimpleNamespace(result=(value * 2, "second"))
+
+
+def test_stock_nodes_run_as_comfyui_runs_them_and_a_missing_one_asks_for_an_update(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nodes", types.SimpleNamespace(NODE_CLASS_MAPPINGS={
+        "ClassicNode": ClassicNode, "V3Node": V3Node}))
+    assert host.run_stock_node("ClassicNode", value=1) == (2,)
+    assert host.run_stock_node("V3Node", value=3) == (6, "second")
     with pytest.raises(ValueError, match="this ComfyUI has no TextEncodeQwenImageEdit node, which this needs: update"):
         host.run_stock_node("TextEncodeQwenImageEdit", prompt="x")

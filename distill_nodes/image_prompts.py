@@ -1,0 +1,227 @@
+"""Prompts that carry images, many in one node: an editing model's training edits (Flux Kontext, Qwen-Image-Edit)
+and an image-to-video model's start images (Wan), from images and lines of text, each pair encoded as the model's
+own stock nodes encode one.
+
+An encoder takes one image, the texts paired with it and the negative, and gives a CONDITIONING entry per text and
+the negative's entry, both carrying the image (so each prompt is guided against the negative with its own image).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_NEGATIVE
+from distill_core.reference_images import IMAGE_SUFFIXES, cover, folder_images, read_image
+
+from . import host
+from .spec import In, Out, node
+from .teachers import encode
+
+NO_FOLDER = "(none)"
+EVERY_PAIR, IN_ORDER = "every line on every image", "image i with line i"
+
+
+class TextEntries:
+    """Each text's CONDITIONING entry as CLIP Text Encode encodes it, encoded once."""
+
+    def __init__(self, clip):
+        self.clip, self.entries = clip, {}
+
+    def __call__(self, text: str) -> list:
+        if text not in self.entries:
+            self.entries[text] = encode(self.clip, text)
+        return self.entries[text]
+
+
+class ReferenceLatentEdit:
+    """Flux Kontext's edits: each instruction as CLIP Text Encode encodes it, the image's VAE latent joined to it by
+    the stock ReferenceLatent; the image is encoded once."""
+
+    def __init__(self, clip, vae):
+        self.text, self.vae = TextEntries(clip), vae
+
+    def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list]:
+        latent = {"samples": self.vae.encode(image)}
+
+        def refer(text: str) -> list:
+            return host.run_stock_node("ReferenceLatent", conditioning=[self.text(text)], latent=latent)[0][0]
+
+        return [refer(text) for text in texts], refer(negative)
+
+
+class StockEdit:
+    """Qwen-Image-Edit's edits: its stock text-encoding node, whose vision-language text encoder reads the image with
+    the instruction and which adds the image's VAE latent; once per text, as the encoding depends on both."""
+
+    def __init__(self, node_id: str, image_input: str, clip, vae):
+        self.node_id, self.image_input, self.clip, self.vae = node_id, image_input, clip, vae
+
+    def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list]:
+        def edit(text: str) -> list:
+            return host.run_stock_node(self.node_id, clip=self.clip, prompt=text, vae=self.vae,
+                                       **{self.image_input: image})[0][0]
+
+        return [edit(text) for text in texts], edit(negative)
+
+
+class WanStartImage:
+    """Wan's image-to-video prompts: the stock WanImageToVideo on the image's prompts and the negative at once (the
+    clip's start frames encoded once per image), with its CLIPVisionEncode output where a CLIP vision model is
+    given (Wan 2.1; Wan 2.2 reads none)."""
+
+    def __init__(self, clip, vae, clip_vision, width: int, height: int, length: int):
+        self.text, self.vae, self.clip_vision = TextEntries(clip), vae, clip_vision
+        self.size = {"width": width, "height": height, "length": length, "batch_size": 1}
+
+    def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list]:
+        vision = {} if self.clip_vision is None else {"clip_vision_output": host.run_stock_node(
+            "CLIPVisionEncode", clip_vision=self.clip_vision, image=image, crop="none")[0]}
+        positive, negatives, _ = host.run_stock_node(
+            "WanImageToVideo", positive=[self.text(text) for text in texts], negative=[self.text(negative)],
+            vae=self.vae, start_image=image, **self.size, **vision)
+        return positive, negatives[0]
+
+
+#: each editing model's encoding of its edits (the stock nodes its own workflows encode an edit with)
+EDITORS = {
+    "Flux Kontext": ReferenceLatentEdit,
+    "Qwen-Image-Edit": functools.partial(StockEdit, "TextEncodeQwenImageEdit", "image"),
+    "Qwen-Image-Edit 2509": functools.partial(StockEdit, "TextEncodeQwenImageEditPlus", "image1"),
+}
+
+
+def image_folders() -> list[str]:
+    """The folders inside ComfyUI's input folder that hold images, for the folder menu."""
+    root = host.input_folder()
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and host.SAFE_NAME.match(p.name)
+                     and folder_images(p)) if root.is_dir() else []
+    return [NO_FOLDER, *folders]
+
+
+def image_text_pairs(images: int, lines: int, pairing: str) -> list[tuple[int, int]]:
+    """(image, line) index pairs, image by image: every line on every image, or image i with line i (one image or
+    one line: with every one of the other)."""
+    if pairing not in (EVERY_PAIR, IN_ORDER):
+        raise ValueError(f"pairing {pairing!r} is none of '{EVERY_PAIR}' and '{IN_ORDER}'")
+    if pairing == EVERY_PAIR or images == 1 or lines == 1:
+        return [(i, t) for i in range(images) for t in range(lines)]
+    if images != lines:
+        raise ValueError(f"pairing '{IN_ORDER}' needs as many images as lines, got {images} images and {lines} "
+                         f"lines: give one line per image, or pair '{EVERY_PAIR}'")
+    return [(i, i) for i in range(images)]
+
+
+def gather_images(images: torch.Tensor | None, folder: str, height: int, width: int) -> list[torch.Tensor]:
+    """Each image [1, height, width, 3] (``cover``): the socket's batch, then the folder's files by name."""
+    found = [] if images is None else list(images.split(1))
+    if folder != NO_FOLDER:
+        path = host.confined(host.input_folder(), folder)
+        files = folder_images(path) if path.is_dir() else []
+        if not files:
+            raise ValueError(f"the image folder {folder!r} holds no images ({', '.join(IMAGE_SUFFIXES)}) in "
+                             f"{host.input_folder()}: put the images there")
+        found += [read_image(file) for file in files]
+    if not found:
+        raise ValueError("no images: connect images (Load Image) or pick an image folder (a folder of images inside "
+                         "ComfyUI's input folder)")
+    return [cover(image[:, :, :, :3], height, width) for image in found]
+
+
+def listed_prompts(encoder, lines_text: str, negative: str, pairing: str, images, image_folder: str, width: int,
+                   height: int, kind: str) -> dict:
+    """The node's output: ``encoder`` on each image with its paired lines (``image_text_pairs``), the prompts and a
+    negative per prompt in pair order, the fitted images, and a line saying how many prompts were made."""
+    lines = [line.strip() for line in lines_text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"the {kind} list is empty: write at least one (one per line)")
+    fitted = gather_images(images, image_folder, height, width)
+    pairs = image_text_pairs(len(fitted), len(lines), pairing)
+    positive, negatives = [], []
+    for i, image in enumerate(fitted):
+        texts = [lines[t] for j, t in pairs if j == i]
+        if texts:
+            entries, own = encoder(image, texts, negative)
+            positive += entries
+            negatives += [own] * len(entries)
+        host.check_interrupt()
+    summary = f"{len(fitted)} images x {len(lines)} {kind}s -> {len(pairs)} training prompts"
+    print(f"[comfyui-distill] {summary}")
+    return {"ui": {"text": [summary]}, "result": (positive, negatives, torch.cat(fitted))}
+
+
+def pairing_inputs(default_width: int, default_height: int, size_help: str) -> list[In]:
+    """The inputs both lists share: pairing, the size every image is fitted to, and where the images come from."""
+    return [
+        In("pairing", (EVERY_PAIR, IN_ORDER), "which lines go with which image: every line on every image, or image "
+           "i with line i (in the images' order: the connected batch, then the folder's files by name)"),
+        In("width", "INT", f"the width every image is fitted to (scaled to cover it, centre-cropped): {size_help}",
+           default_width, options={"min": 64, "max": 4096, "step": 16}),
+        In("height", "INT", "the height every image is fitted to", default_height,
+           options={"min": 64, "max": 4096, "step": 16}),
+        In("images", "IMAGE", "images (Load Image; several joined with Image Batch)", optional=True),
+        In("image_folder", image_folders, "a folder of images inside ComfyUI's input folder (png, jpg, webp), "
+           "after the connected images", NO_FOLDER, optional=True),
+    ]
+
+
+PROMPT_OUTPUTS = [Out("CONDITIONING", "positive", "one entry per (image, line) pair, for Teacher from MODEL"),
+                  Out("CONDITIONING", "negative", "the negative with each pair's image, one entry per positive entry "
+                      "(each prompt guided against its own)"),
+                  Out("IMAGE", "images", "the images as fitted and encoded, in order")]
+
+
+@node("DistillEditList", "Distill edit list", "teachers",
+      "Training edits for an editing model (Flux Kontext, Qwen-Image-Edit): images (connected, or a folder in "
+      "ComfyUI's input folder) and edit instructions, one per line, paired and encoded as the model's own nodes "
+      "encode one edit (Flux Kontext: CLIP Text Encode + ReferenceLatent; Qwen-Image-Edit: "
+      "TextEncodeQwenImageEdit). Every image is first fitted to width x height. Connect positive and negative to "
+      "Teacher from MODEL at the same width and height.",
+      inputs=[
+          In("clip", "CLIP", "the editing model's text encoder (Flux Kontext: CLIP-L and T5; Qwen-Image-Edit: "
+             "Qwen2.5-VL)"),
+          In("vae", "VAE", "the editing model's VAE: encodes each image as the model's reference latent"),
+          In("editor", tuple(EDITORS), "which model the edits are for: Flux Kontext (instruction + ReferenceLatent), "
+             "Qwen-Image-Edit (TextEncodeQwenImageEdit) or Qwen-Image-Edit 2509 (TextEncodeQwenImageEditPlus, "
+             "one image per instruction)"),
+          In("instructions", "STRING", "edit instructions, one per line; a list of edits that fit any image ships "
+             "as the default", DEFAULT_EDITS, options={"multiline": True}),
+          In("negative", "STRING", "negative prompt for classifier-free guidance, encoded with each image as the "
+             "instructions are (Flux Kontext samples at CFG 1 and does not use it)", "",
+             options={"multiline": True}),
+          *pairing_inputs(1024, 1024, "the size you distil at (Teacher from MODEL's) and sample at. "
+                          "Qwen-Image-Edit's nodes then scale it to a megapixel, keeping this shape"),
+      ],
+      outputs=PROMPT_OUTPUTS)
+class EditList:
+    def run(self, clip, vae, editor: str, instructions: str, negative: str, pairing: str, width: int, height: int,
+            images=None, image_folder: str = NO_FOLDER, unique_id=None):
+        return listed_prompts(EDITORS[editor](clip, vae), instructions, negative, pairing, images, image_folder,
+                              width, height, "instruction")
+
+
+@node("DistillImageToVideoList", "Distill image-to-video list", "teachers",
+      "Training prompts for a Wan image-to-video model (Wan 2.1 I2V, Wan 2.2 14B I2V): start images (connected, or "
+      "a folder in ComfyUI's input folder) and prompts, one per line, paired and encoded as WanImageToVideo "
+      "encodes them (with CLIPVisionEncode for Wan 2.1). Every image is first fitted to width x height. Connect "
+      "positive and negative to Teacher from MODEL at the same width, height and length.",
+      inputs=[
+          In("clip", "CLIP", "the model's text encoder (UMT5-XXL)"),
+          In("vae", "VAE", "the model's VAE: encodes each clip's start frame"),
+          In("prompts", "STRING", "prompts, one per line; a list of motions that fit any start image ships as the "
+             "default", DEFAULT_MOTIONS, options={"multiline": True}),
+          In("negative", "STRING", "negative prompt for classifier-free guidance, with each start image as the "
+             "prompts", DEFAULT_NEGATIVE, options={"multiline": True}),
+          In("length", "INT", "video frames of each clip: Teacher from MODEL's length, the length you sample with",
+             81, options={"min": 1, "max": 1024, "step": 4}),
+          *pairing_inputs(832, 480, "the size you distil at (Teacher from MODEL's) and sample at"),
+          In("clip_vision", "CLIP_VISION", "Wan 2.1 image-to-video: its CLIP vision model (Load CLIP Vision), whose "
+             "reading of each image joins its prompts; Wan 2.2 takes none", optional=True),
+      ],
+      outputs=PROMPT_OUTPUTS)
+class ImageToVideoList:
+    def run(self, clip, vae, prompts: str, negative: str, length: int, pairing: str, width: int, height: int,
+            images=None, image_folder: str = NO_FOLDER, clip_vision=None, unique_id=None):
+        return listed_prompts(WanStartImage(clip, vae, clip_vision, width, height, length), prompts, negative,
+                              pairing, images, image_folder, width, height, "prompt")
