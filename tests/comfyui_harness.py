@@ -17,6 +17,9 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py wan-files DIFFUSION_MODEL VAE [OTHER_DIFFUSION_MODEL]
         writes a tiny Wan 2.1 text-to-video model and a Wan 2.1 VAE (random weights) for the stock loaders,
         and a second model of other weights (a Wan 2.2 14B release's low-noise model).
+    python tests/comfyui_harness.py wan-i2v-files HIGH_NOISE_MODEL LOW_NOISE_MODEL
+        writes the two tiny models of a Wan 2.2 image-to-video A14B release (Wan 2.1's blocks reading the start
+        frames' latent and mask beside the noise: 36 input channels, no CLIP vision projection), for the stock loader.
     python tests/comfyui_harness.py flux-files DIFFUSION_MODEL VAE
         writes a tiny Flux dev model and a Flux VAE (random weights) for the stock loaders.
     python tests/comfyui_harness.py wan22-5b-files DIFFUSION_MODEL VAE
@@ -203,7 +206,19 @@ def build_wan_files(diffusion_model: Path, vae: Path, other: Path | None = None)
         _save_parts({"": network}, other)
     decoder = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                        temperal_downsample=[False, True, True], dropout=0.0)
+    _init(decoder, 7)  # its encoder too reads images (image-to-video's start frames)
     _save_parts({"": decoder}, vae)
+
+
+def build_wan_i2v_files(high: Path, low: Path) -> None:
+    """See the module docstring; random weights, fp16."""
+    _comfyui()
+    import comfy.supported_models
+
+    network = comfy.supported_models.WAN21_T2V({**TINY_WAN, "in_dim": 36}).get_model({}).diffusion_model
+    for seed, path in ((5, high), (6, low)):
+        _init(network, seed)
+        _save_parts({"": network}, path)
 
 
 def build_flux_files(diffusion_model: Path, vae: Path) -> None:
@@ -1132,6 +1147,8 @@ if __name__ == "__main__":
         build_sd3_checkpoint(Path(sys.argv[2]), Path(sys.argv[3]))
     elif command == "wan-files":
         build_wan_files(*map(Path, sys.argv[2:5]))
+    elif command == "wan-i2v-files":
+        build_wan_i2v_files(*map(Path, sys.argv[2:4]))
     elif command == "flux-files":
         build_flux_files(*map(Path, sys.argv[2:4]))
     elif command == "wan22-5b-files":

@@ -683,7 +683,8 @@ def _wan_workflow(server, sd3_files: Path, wan_files: Path, name: str) -> dict:
             inputs["vae_name"] = next(file for file in files if "vae" in file)
         elif kind == "CLIPLoader":
             inputs.update(TINY_CLIP["inputs"])
-        elif kind in ("DistillTeacherFromModel", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent"):
+        elif kind in ("DistillTeacherFromModel", "DistillImageToVideoList", "EmptyHunyuanLatentVideo",
+                      "Wan22ImageToVideoLatent", "WanImageToVideo"):
             inputs.update(width=64, height=64, length=5)
         elif kind == "DistillToSteps":
             inputs.update(iterations=4, batch=2, preview_every=2, checkpoint_every=2)
@@ -728,6 +729,50 @@ def test_the_wan22_14b_workflow_trains_a_lora_per_model_and_samples_a_clip_with_
         assert read_card(lora)["student"] == student.name
         with safe_open(str(lora), "pt") as f:
             assert all(k.startswith("diffusion_model.") for k in f.keys())
+            assert any(k.startswith("diffusion_model.blocks.0.") for k in f.keys())
+
+
+def test_the_wan22_14b_image_to_video_workflow_trains_on_start_images_and_samples_a_clip_from_one(server, sd3_files,
+                                                                                                  wan_files, tmp_path):
+    """Load Image and a folder of two more start images -> Distill image-to-video list (each through
+    WanImageToVideo) -> Teacher from MODEL on the two models of a Wan 2.2 image-to-video release (boundary 0.9) ->
+    Distill to 4 steps (LoRA) -> Student sigmas for two models -> WanImageToVideo on a new prompt and the image ->
+    two chained SamplerCustom nodes -> an animated WEBP, on tiny image-to-video models (36 input channels) and the
+    tiny Wan VAE; the list encoded every motion on each of the three images."""
+    import numpy as np
+    from PIL import Image
+
+    _harness("wan-i2v-files", str(tmp_path / "tiny_wan22_i2v_high.safetensors"),
+             str(tmp_path / "tiny_wan22_i2v_low.safetensors"))
+    _link_models(server, {name: tmp_path / name for name in ("tiny_wan22_i2v_high.safetensors",
+                                                             "tiny_wan22_i2v_low.safetensors")})
+    folder = server.base / "input" / "start_frames"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for name, size in (("i2v_probe.png", (64, 64)), ("start_frames/a.png", (48, 80)), ("start_frames/b.png", (80, 48))):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(server.base / "input" / name)
+    graph = _wan_workflow(server, sd3_files, wan_files, "wan22_14b_i2v_lora_4_steps")
+    for node in graph.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            inputs["unet_name"] = f"tiny_wan22_i2v_{'low' if 'low_noise' in inputs['unet_name'] else 'high'}" \
+                                  ".safetensors"
+        elif kind == "LoadImage":
+            inputs["image"] = "i2v_probe.png"
+        elif kind == "DistillImageToVideoList":
+            inputs["image_folder"] = "start_frames"
+    entry = server.wait(server.queue(graph))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    clips = [image for image in _images(entry, server.base) if image.suffix == ".webp"]
+    assert len(clips) == 1 and clips[0].stat().st_size > 0
+    listed = next(k for k, node in graph.items() if node["class_type"] == "DistillImageToVideoList")
+    assert entry["outputs"][listed]["text"] == ["3 images x 12 prompts -> 36 training prompts"]
+    student = server.base / "models" / "loras" / "wan22_14b_i2v_sfd_4step_lora.safetensors"
+    card = read_card(student)
+    assert (card["method"], card["nfe"], card["comfy_experts"]) == ("sfd", 4, {"boundary": 0.9})
+    assert card["guidance"] == {"mode": "cfg", "w": 3.5}
+    for name in ("high", "low"):
+        with safe_open(str(student.with_name(f"{student.stem}_{name}_noise.safetensors")), "pt") as f:
             assert any(k.startswith("diffusion_model.blocks.0.") for k in f.keys())
 
 
