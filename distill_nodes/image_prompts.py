@@ -2,8 +2,9 @@
 and an image-to-video model's start images (Wan), from images and lines of text, each pair encoded as the model's
 own stock nodes encode one.
 
-An encoder takes one image, the texts paired with it and the negative, and gives a CONDITIONING entry per text and
-the negative's entry, both carrying the image (so each prompt is guided against the negative with its own image).
+An encoder takes one image, the texts paired with it and the negative, and gives a CONDITIONING entry per text, the
+negative's entry, both carrying the image (so each prompt is guided against the negative with its own image), and
+the LATENT its clips start from where the model holds the image there instead (Wan 2.2 5B), else None.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class ReferenceLatentEdit:
         def refer(text: str) -> list:
             return host.run_stock_node("ReferenceLatent", conditioning=[self.text(text)], latent=latent)[0][0]
 
-        return [refer(text) for text in texts], refer(negative)
+        return [refer(text) for text in texts], refer(negative), None
 
 
 class StockEdit:
@@ -63,7 +64,7 @@ class StockEdit:
             return host.run_stock_node(self.node_id, clip=self.clip, prompt=text, vae=self.vae,
                                        **{self.image_input: image})[0][0]
 
-        return [edit(text) for text in texts], edit(negative)
+        return [edit(text) for text in texts], edit(negative), None
 
 
 class WanStartImage:
@@ -75,13 +76,28 @@ class WanStartImage:
         self.text, self.vae, self.clip_vision = TextEntries(clip), vae, clip_vision
         self.size = {"width": width, "height": height, "length": length, "batch_size": 1}
 
-    def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list]:
+    def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list, None]:
         vision = {} if self.clip_vision is None else {"clip_vision_output": host.run_stock_node(
             "CLIPVisionEncode", clip_vision=self.clip_vision, image=image, crop="none")[0]}
         positive, negatives, _ = host.run_stock_node(
             "WanImageToVideo", positive=[self.text(text) for text in texts], negative=[self.text(negative)],
             vae=self.vae, start_image=image, **self.size, **vision)
-        return positive, negatives[0]
+        return positive, negatives[0], None
+
+
+class WanStartLatent:
+    """Wan 2.2 5B's image-to-video prompts: each text as CLIP Text Encode encodes it, and the image in the LATENT the
+    stock Wan22ImageToVideoLatent makes (its first latent frame, and a noise mask that keeps it), once per image."""
+
+    def __init__(self, clip, vae, clip_vision, width: int, height: int, length: int):
+        if clip_vision is not None:
+            raise ValueError("Wan 2.2 5B reads no CLIP vision features: disconnect clip_vision")
+        self.text, self.vae = TextEntries(clip), vae
+        self.size = {"width": width, "height": height, "length": length, "batch_size": 1}
+
+    def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list, dict]:
+        (latent,) = host.run_stock_node("Wan22ImageToVideoLatent", vae=self.vae, start_image=image, **self.size)
+        return [self.text(text) for text in texts], self.text(negative), latent
 
 
 #: each editing model's encoding of its edits (the stock nodes its own workflows encode an edit with)
@@ -90,6 +106,9 @@ EDITORS = {
     "Qwen-Image-Edit": functools.partial(StockEdit, "TextEncodeQwenImageEdit", "image"),
     "Qwen-Image-Edit 2509": functools.partial(StockEdit, "TextEncodeQwenImageEditPlus", "image1"),
 }
+#: each Wan release's encoding of its start images
+RELEASES = {"Wan 2.1 / Wan 2.2 14B (WanImageToVideo)": WanStartImage,
+            "Wan 2.2 5B (Wan22ImageToVideoLatent)": WanStartLatent}
 
 
 def image_folders() -> list[str]:
@@ -130,25 +149,29 @@ def gather_images(images: torch.Tensor | None, folder: str, height: int, width: 
 
 
 def listed_prompts(encoder, lines_text: str, negative: str, pairing: str, images, image_folder: str, width: int,
-                   height: int, kind: str) -> dict:
-    """The node's output: ``encoder`` on each image with its paired lines (``image_text_pairs``), the prompts and a
-    negative per prompt in pair order, the fitted images, and a line saying how many prompts were made."""
+                   height: int, kind: str) -> tuple:
+    """(the prompts, a negative per prompt, the fitted images, the start LATENT of each prompt or None, a line saying
+    how many prompts were made): ``encoder`` on each image with its paired lines (``image_text_pairs``), in pair
+    order."""
     lines = [line.strip() for line in lines_text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"the {kind} list is empty: write at least one (one per line)")
     fitted = gather_images(images, image_folder, height, width)
     pairs = image_text_pairs(len(fitted), len(lines), pairing)
-    positive, negatives = [], []
+    positive, negatives, starts = [], [], []
     for i, image in enumerate(fitted):
         texts = [lines[t] for j, t in pairs if j == i]
         if texts:
-            entries, own = encoder(image, texts, negative)
+            entries, own, start = encoder(image, texts, negative)
             positive += entries
             negatives += [own] * len(entries)
+            starts += [start] * len(entries)
         host.check_interrupt()
     summary = f"{len(fitted)} images x {len(lines)} {kind}s -> {len(pairs)} training prompts"
     print(f"[comfyui-distill] {summary}")
-    return {"ui": {"text": [summary]}, "result": (positive, negatives, torch.cat(fitted))}
+    start = None if starts[0] is None else {key: torch.cat([latent[key] for latent in starts])
+                                            for key in ("samples", "noise_mask")}
+    return positive, negatives, torch.cat(fitted), start, summary
 
 
 def pairing_inputs(default_width: int, default_height: int, size_help: str) -> list[In]:
@@ -197,18 +220,24 @@ PROMPT_OUTPUTS = [Out("CONDITIONING", "positive", "one entry per (image, line) p
 class EditList:
     def run(self, clip, vae, editor: str, instructions: str, negative: str, pairing: str, width: int, height: int,
             images=None, image_folder: str = NO_FOLDER, unique_id=None):
-        return listed_prompts(EDITORS[editor](clip, vae), instructions, negative, pairing, images, image_folder,
-                              width, height, "instruction")
+        *prompts, _, summary = listed_prompts(EDITORS[editor](clip, vae), instructions, negative, pairing, images,
+                                              image_folder, width, height, "instruction")
+        return {"ui": {"text": [summary]}, "result": tuple(prompts)}
 
 
 @node("DistillImageToVideoList", "Distill image-to-video list", "teachers",
-      "Training prompts for a Wan image-to-video model (Wan 2.1 I2V, Wan 2.2 14B I2V): start images (connected, or "
-      "a folder in ComfyUI's input folder) and prompts, one per line, paired and encoded as WanImageToVideo "
-      "encodes them (with CLIPVisionEncode for Wan 2.1). Every image is first fitted to width x height. Connect "
-      "positive and negative to Teacher from MODEL at the same width, height and length.",
+      "Training prompts for a Wan image-to-video model (Wan 2.1 I2V, Wan 2.2 14B I2V, Wan 2.2 5B): start images "
+      "(connected, or a folder in ComfyUI's input folder) and prompts, one per line, paired and encoded as "
+      "WanImageToVideo encodes them (with CLIPVisionEncode for Wan 2.1), or for Wan 2.2 5B as "
+      "Wan22ImageToVideoLatent holds the image in the clip's latent. Every image is first fitted to width x height. "
+      "Connect positive and negative (and for Wan 2.2 5B start_latent) to Teacher from MODEL at the same width, "
+      "height and length.",
       inputs=[
           In("clip", "CLIP", "the model's text encoder (UMT5-XXL)"),
           In("vae", "VAE", "the model's VAE: encodes each clip's start frame"),
+          In("release", tuple(RELEASES), "which Wan the prompts are for: Wan 2.1 and Wan 2.2 14B image-to-video take "
+             "the image with each prompt (WanImageToVideo); Wan 2.2 5B (TI2V) keeps it in the clip's first latent "
+             "frame (Wan22ImageToVideoLatent: connect start_latent)"),
           In("prompts", "STRING", "prompts, one per line; a list of motions that fit any start image ships as the "
              "default", DEFAULT_MOTIONS, options={"multiline": True}),
           In("negative", "STRING", "negative prompt for classifier-free guidance, with each start image as the "
@@ -219,9 +248,12 @@ class EditList:
           In("clip_vision", "CLIP_VISION", "Wan 2.1 image-to-video: its CLIP vision model (Load CLIP Vision), whose "
              "reading of each image joins its prompts; Wan 2.2 takes none", optional=True),
       ],
-      outputs=PROMPT_OUTPUTS)
+      outputs=[*PROMPT_OUTPUTS, Out("LATENT", "start_latent", "Wan 2.2 5B: each prompt's start latent, in order, "
+                                    "for Teacher from MODEL's start_latent (none for the other releases)")])
 class ImageToVideoList:
-    def run(self, clip, vae, prompts: str, negative: str, length: int, pairing: str, width: int, height: int,
-            images=None, image_folder: str = NO_FOLDER, clip_vision=None, unique_id=None):
-        return listed_prompts(WanStartImage(clip, vae, clip_vision, width, height, length), prompts, negative,
-                              pairing, images, image_folder, width, height, "prompt")
+    def run(self, clip, vae, release: str, prompts: str, negative: str, length: int, pairing: str, width: int,
+            height: int, images=None, image_folder: str = NO_FOLDER, clip_vision=None, unique_id=None):
+        encoder = RELEASES[release](clip, vae, clip_vision, width, height, length)
+        *prompts, summary = listed_prompts(encoder, prompts, negative, pairing, images, image_folder, width, height,
+                                           "prompt")
+        return {"ui": {"text": [summary]}, "result": tuple(prompts)}

@@ -55,7 +55,8 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py start-image-list-probe WORKDIR
         Distill image-to-video list through ComfyUI's own WanImageToVideo and CLIPVisionEncode (stand-ins for the
         text encoder, the VAE and the CLIP vision model), into Teacher from MODEL on a tiny Wan 2.1
-        image-to-video model and one guided teacher evaluation on a clip.
+        image-to-video model and one guided teacher evaluation on a clip; and for Wan 2.2 5B through
+        Wan22ImageToVideoLatent into its start_latent on a tiny Wan 2.2 5B model.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow,sd15-inpaint} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -756,22 +757,54 @@ def start_image_list_probe(work: Path) -> dict:
 
     images = torch.rand(2, 48, 80, 3, generator=torch.Generator().manual_seed(0))
     vae, vision = StandInVAE(), StandInVision()
-    positive, negative, fitted = pack["DistillImageToVideoList"]().run(
-        StandInClip(), vae, "the camera pushes in\nit rains", "static", 9, "every line on every image", 64, 64,
-        images=images, clip_vision=vision)["result"]
+    positive, negative, fitted, _ = pack["DistillImageToVideoList"]().run(
+        StandInClip(), vae, "Wan 2.1 / Wan 2.2 14B (WanImageToVideo)", "the camera pushes in\nit rains", "static", 9,
+        "every line on every image", 64, 64, images=images, clip_vision=vision)["result"]
     (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0, length=9)
     source = handle.source()
     rows = source.draw_cond(2, torch.Generator().manual_seed(0))
     x, sigma = torch.randn(2, 16, 3, 8, 8), torch.full((2,), 2.0)
     with torch.no_grad():
         guided = CFGTeacher(source.denoiser, 4.0, source.uncond)(x, sigma, rows)
-    return {"entries": [len(positive), len(negative)], "fitted": list(fitted.shape), "vae_encoded": vae.given,
-            "vision_encoded": vision.given,
+    wan22_5b = wan22_5b_start_list(pack, images, StandInClip(), work)
+    return {"wan22_5b": wan22_5b, "entries": [len(positive), len(negative)], "fitted": list(fitted.shape),
+            "vae_encoded": vae.given, "vision_encoded": vision.given,
             "inputs": [{k: list(v.shape) for k, v in e[1].items() if isinstance(v, torch.Tensor)} for e in positive],
             "vision_features": [float(e[1]["clip_vision_output"].penultimate_hidden_states[0, 0, 0]) for e in positive],
             "image_means": [float(i.mean()) for i in fitted],
             "negative_shares_images": all(n[1]["concat_latent_image"] is p[1]["concat_latent_image"]
                                           for p, n in zip(positive, negative, strict=True)),
+            "guided_finite": bool(torch.isfinite(guided).all()), "guided_shape": list(guided.shape)}
+
+
+def wan22_5b_start_list(pack: dict, images, clip, work: Path) -> dict:
+    """Distill image-to-video list for Wan 2.2 5B, two start images x two prompts in order, through ComfyUI's own
+    Wan22ImageToVideoLatent (a stand-in VAE), into Teacher from MODEL's start_latent on a tiny Wan 2.2 5B model, and
+    a guided teacher evaluation on a clip."""
+    import torch
+
+    from distill_core.teacher import CFGTeacher
+
+    class StandInVAE:
+        """The Wan 2.2 VAE's ``encode``: an image [1, H, W, 3] -> one latent frame [1, 48, 1, H / 16, W / 16]."""
+
+        def encode(self, image):
+            return torch.nn.functional.avg_pool2d(image.movedim(-1, 1), 16).repeat(1, 16, 1, 1)[:, :, None]
+
+    model, _, _ = flow_model("wan22-5b-clip", work)
+    positive, negative, _, start = pack["DistillImageToVideoList"]().run(
+        clip, StandInVAE(), "Wan 2.2 5B (Wan22ImageToVideoLatent)", "the camera pushes in\nit rains", "static", 9,
+        "image i with line i", 64, 64, images=images)["result"]
+    (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0, length=9,
+                                                      start_latent=start)
+    source = handle.source()
+    rows = source.draw_cond(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        guided = CFGTeacher(source.denoiser, 4.0, source.uncond)(torch.randn(2, 48, 3, 4, 4), torch.full((2,), 2.0),
+                                                                 rows)
+    return {"entries": [len(positive), len(negative)], "start_samples": list(start["samples"].shape),
+            "start_mask": list(start["noise_mask"].shape), "kept_frames": start["noise_mask"][:, 0, :, 0, 0].tolist(),
+            "images_differ": bool((start["samples"][0, :, 0] - start["samples"][1, :, 0]).abs().max() > 0),
             "guided_finite": bool(torch.isfinite(guided).all()), "guided_shape": list(guided.shape)}
 
 

@@ -44,6 +44,8 @@ class StockNodes:
                      for c, o in inputs["conditioning"]],)
         if node_id == "CLIPVisionEncode":
             return (("seen", float(inputs["image"].mean()), inputs["crop"]),)
+        if node_id == "Wan22ImageToVideoLatent":  # the image's latent, and a mask that keeps it
+            return ({"samples": inputs["vae"].encode(inputs["start_image"]), "noise_mask": torch.zeros(1, 1)},)
         if node_id == "WanImageToVideo":  # the start frames' latent and the vision output on both sides
             image = {"concat_latent_image": inputs["vae"].encode(inputs["start_image"]),
                      "size": (inputs["width"], inputs["height"], inputs["length"], inputs["batch_size"]),
@@ -59,6 +61,9 @@ def _save(path, height: int, width: int, seed: int) -> np.ndarray:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return pixels
+
+
+WAN_14B, WAN_5B = edits.RELEASES
 
 
 @pytest.fixture
@@ -175,9 +180,10 @@ def test_wan_image_to_video_prompts_take_each_start_image_through_wanimagetovide
     for clip_vision in ("vision model", None):
         stock.calls.clear()
         vae = FakeVAE()
-        out = edits.ImageToVideoList().run(clip, vae, "pan left\nzoom in\nrain", "static", 9, edits.EVERY_PAIR, 32,
-                                           16, images=images, clip_vision=clip_vision)
-        positive, negative, fitted = out["result"]
+        out = edits.ImageToVideoList().run(clip, vae, WAN_14B, "pan left\nzoom in\nrain", "static", 9,
+                                           edits.EVERY_PAIR, 32, 16, images=images, clip_vision=clip_vision)
+        positive, negative, fitted, start = out["result"]
+        assert start is None
         assert out["ui"]["text"] == ["2 images x 3 prompts -> 6 training prompts"] and fitted.shape == (2, 16, 32, 3)
         per_image = ["CLIPVisionEncode", "WanImageToVideo"] if clip_vision else ["WanImageToVideo"]
         assert [c for c, _ in stock.calls] == per_image * 2
@@ -191,6 +197,25 @@ def test_wan_image_to_video_prompts_take_each_start_image_through_wanimagetovide
             torch.testing.assert_close(pos[1]["concat_latent_image"], FakeVAE().encode(fitted[image:image + 1]))
             assert pos[1].get("clip_vision_output") == (("seen", float(fitted[image].mean()), "none") if clip_vision
                                                         else None)
+
+
+def test_wan_22_5b_prompts_start_from_each_images_latent_one_per_prompt(tmp_path, stock):
+    """Wan 2.2 5B keeps the start image in the clip's latent: Wan22ImageToVideoLatent once per image, its LATENT
+    repeated for each of the image's prompts, in prompt order (Teacher from MODEL's start_latent: one per prompt), and
+    the prompts as CLIP Text Encode encodes them; a CLIP vision model is refused."""
+    images = torch.rand(2, 30, 40, 3, generator=torch.Generator().manual_seed(3))
+    vae = FakeVAE()
+    positive, negative, fitted, start = edits.ImageToVideoList().run(
+        FakeClip(), vae, WAN_5B, "pan left\nzoom in", "static", 9, edits.IN_ORDER, 32, 16, images=images)["result"]
+    assert [c for c, _ in stock.calls] == ["Wan22ImageToVideoLatent"] * 2 and vae.encoded == 2
+    assert len(positive) == len(negative) == 2 and start["samples"].shape == (2, 4, 2, 4)
+    for k in range(2):
+        torch.testing.assert_close(start["samples"][k:k + 1], FakeVAE().encode(fitted[k:k + 1]))
+        assert "concat_latent_image" not in positive[k][1]
+    torch.testing.assert_close(start["noise_mask"], torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="Wan 2.2 5B reads no CLIP vision features: disconnect clip_vision"):
+        edits.ImageToVideoList().run(FakeClip(), vae, WAN_5B, "a", "", 9, edits.IN_ORDER, 32, 16, images=images,
+                                     clip_vision="vision model")
 
 
 class ClassicNode:

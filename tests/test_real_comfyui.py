@@ -233,8 +233,10 @@ def test_the_image_to_video_list_encodes_each_start_image_through_wanimagetovide
     """Distill image-to-video list, two start images x two prompts, through ComfyUI's WanImageToVideo and
     CLIPVisionEncode (uncropped): each image's clip (9 frames) and CLIP vision reading encoded once, every prompt
     and its negative carrying the start frames' latent, mask and the reading of its own image, and Teacher from MODEL
-    on a tiny Wan 2.1 image-to-video model takes them and evaluates the guided teacher on a clip
-    (``start_image_list_probe``: stand-ins for the text encoder, the VAE and the CLIP vision model)."""
+    on a tiny Wan 2.1 image-to-video model takes them and evaluates the guided teacher on a clip; for Wan 2.2 5B,
+    image i with prompt i through Wan22ImageToVideoLatent, its start latents one per prompt into Teacher from MODEL's
+    start_latent on a tiny Wan 2.2 5B model (``start_image_list_probe``: stand-ins for the text encoder, the VAEs and
+    the CLIP vision model)."""
     result = _probe("start-image-list-probe", str(tmp_path))
     assert result["entries"] == [4, 4] and result["fitted"] == [2, 64, 64, 3]
     assert result["vae_encoded"] == [[9, 64, 64, 3]] * 2 and result["vision_encoded"] == [[[1, 64, 64, 3], False]] * 2
@@ -243,6 +245,11 @@ def test_the_image_to_video_list_encodes_each_start_image_through_wanimagetovide
     means = result["image_means"]
     assert result["vision_features"] == [means[0], means[0], means[1], means[1]] and means[0] != means[1]
     assert result["negative_shares_images"] and result["guided_finite"] and result["guided_shape"] == [2, 16, 3, 8, 8]
+    wan22_5b = result["wan22_5b"]  # image i with prompt i, each clip starting from its image's latent frame
+    assert wan22_5b["entries"] == [2, 2] and wan22_5b["images_differ"]
+    assert wan22_5b["start_samples"] == [2, 48, 3, 4, 4] and wan22_5b["start_mask"] == [2, 1, 3, 4, 4]
+    assert wan22_5b["kept_frames"] == [[0.0, 1.0, 1.0]] * 2
+    assert wan22_5b["guided_finite"] and wan22_5b["guided_shape"] == [2, 48, 3, 4, 4]
 
 
 @pytest.mark.parametrize(("family", "model_class", "latent", "shift"), [
