@@ -10,6 +10,7 @@ the LATENT its clips start from where the model holds the image there instead (W
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,7 @@ from .spec import In, Out, node
 from .teachers import encode
 
 NO_FOLDER = "(none)"
-EVERY_PAIR, IN_ORDER = "every line on every image", "image i with line i"
+EVERY_PAIR, IN_ORDER, BESIDE = "every line on every image", "image i with line i", "each image with its .txt file"
 
 
 class TextEntries:
@@ -119,55 +120,73 @@ def image_folders() -> list[str]:
     return [NO_FOLDER, *folders]
 
 
-def image_text_pairs(images: int, lines: int, pairing: str) -> list[tuple[int, int]]:
-    """(image, line) index pairs, image by image: every line on every image, or image i with line i (one image or
-    one line: with every one of the other)."""
+def split_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def texts_per_image(images: list[Path | None], lines: list[str], pairing: str, kind: str) -> list[list[str]]:
+    """The texts of each image (``images``: each one's file, None for a connected one): every line on every image,
+    image i with line i (one image or one line: with every one of the other), or each image with the lines of the
+    text file of its name beside it (``a.png``: ``a.txt``)."""
+    if pairing == BESIDE:
+        if None in images:
+            raise ValueError(f"pairing '{BESIDE}' reads each image's {kind}s from a .txt file beside it, and connected "
+                             "images have none: use an image folder alone, or another pairing")
+        texts = []
+        for file in images:
+            caption = file.with_suffix(".txt")
+            found = split_lines(caption.read_text(encoding="utf-8")) if caption.is_file() else []
+            if not found:
+                raise ValueError(f"{file.name} has no {kind}s beside it: write them in {caption.name}, one per line, "
+                                 "in the same folder")
+            texts.append(found)
+        return texts
     if pairing not in (EVERY_PAIR, IN_ORDER):
-        raise ValueError(f"pairing {pairing!r} is none of '{EVERY_PAIR}' and '{IN_ORDER}'")
-    if pairing == EVERY_PAIR or images == 1 or lines == 1:
-        return [(i, t) for i in range(images) for t in range(lines)]
-    if images != lines:
-        raise ValueError(f"pairing '{IN_ORDER}' needs as many images as lines, got {images} images and {lines} "
-                         f"lines: give one line per image, or pair '{EVERY_PAIR}'")
-    return [(i, i) for i in range(images)]
+        raise ValueError(f"pairing {pairing!r} is none of '{EVERY_PAIR}', '{IN_ORDER}' and '{BESIDE}'")
+    if not lines:
+        raise ValueError(f"the {kind} list is empty: write at least one (one per line)")
+    if pairing == EVERY_PAIR or len(images) == 1 or len(lines) == 1:
+        return [lines] * len(images)
+    if len(images) != len(lines):
+        raise ValueError(f"pairing '{IN_ORDER}' needs as many images as lines, got {len(images)} images and "
+                         f"{len(lines)} lines: give one line per image, or pair '{EVERY_PAIR}'")
+    return [[line] for line in lines]
 
 
-def gather_images(images: torch.Tensor | None, folder: str, height: int, width: int) -> list[torch.Tensor]:
-    """Each image [1, height, width, 3] (``cover``): the socket's batch, then the folder's files by name."""
-    found = [] if images is None else list(images.split(1))
+def gather_images(images: torch.Tensor | None, folder: str) -> list[tuple[torch.Tensor, Path | None]]:
+    """Each image [1, H, W, 3] with its file (None for a connected one): the socket's batch, then the folder's files
+    by name."""
+    found = [] if images is None else [(image, None) for image in images.split(1)]
     if folder != NO_FOLDER:
         path = host.confined(host.input_folder(), folder)
         files = folder_images(path) if path.is_dir() else []
         if not files:
             raise ValueError(f"the image folder {folder!r} holds no images ({', '.join(IMAGE_SUFFIXES)}) in "
                              f"{host.input_folder()}: put the images there")
-        found += [read_image(file) for file in files]
+        found += [(read_image(file), file) for file in files]
     if not found:
         raise ValueError("no images: connect images (Load Image) or pick an image folder (a folder of images inside "
                          "ComfyUI's input folder)")
-    return [cover(image[:, :, :, :3], height, width) for image in found]
+    return found
 
 
 def listed_prompts(encoder, lines_text: str, negative: str, pairing: str, images, image_folder: str, width: int,
                    height: int, kind: str) -> tuple:
-    """(the prompts, a negative per prompt, the fitted images, the start LATENT of each prompt or None, a line saying
-    how many prompts were made): ``encoder`` on each image with its paired lines (``image_text_pairs``), in pair
-    order."""
-    lines = [line.strip() for line in lines_text.splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"the {kind} list is empty: write at least one (one per line)")
-    fitted = gather_images(images, image_folder, height, width)
-    pairs = image_text_pairs(len(fitted), len(lines), pairing)
+    """(the prompts, a negative per prompt, the images fitted to ``width`` x ``height`` (``cover``), the start LATENT
+    of each prompt or None, a line saying how many prompts were made): ``encoder`` on each image with its texts
+    (``texts_per_image``), image by image."""
+    found = gather_images(images, image_folder)
+    texts = texts_per_image([file for _, file in found], split_lines(lines_text), pairing, kind)
+    fitted = [cover(image[:, :, :, :3], height, width) for image, _ in found]
     positive, negatives, starts = [], [], []
-    for i, image in enumerate(fitted):
-        texts = [lines[t] for j, t in pairs if j == i]
-        if texts:
-            entries, own, start = encoder(image, texts, negative)
-            positive += entries
-            negatives += [own] * len(entries)
-            starts += [start] * len(entries)
+    for image, own_texts in zip(fitted, texts, strict=True):
+        entries, own, start = encoder(image, own_texts, negative)
+        positive += entries
+        negatives += [own] * len(entries)
+        starts += [start] * len(entries)
         host.check_interrupt()
-    summary = f"{len(fitted)} images x {len(lines)} {kind}s -> {len(pairs)} training prompts"
+    distinct = len({text for own_texts in texts for text in own_texts})
+    summary = f"{len(fitted)} images x {distinct} {kind}s -> {len(positive)} training prompts"
     print(f"[comfyui-distill] {summary}")
     start = None if starts[0] is None else {key: torch.cat([latent[key] for latent in starts])
                                             for key in ("samples", "noise_mask")}
@@ -177,8 +196,10 @@ def listed_prompts(encoder, lines_text: str, negative: str, pairing: str, images
 def pairing_inputs(default_width: int, default_height: int, size_help: str) -> list[In]:
     """The inputs both lists share: pairing, the size every image is fitted to, and where the images come from."""
     return [
-        In("pairing", (EVERY_PAIR, IN_ORDER), "which lines go with which image: every line on every image, or image "
-           "i with line i (in the images' order: the connected batch, then the folder's files by name)"),
+        In("pairing", (EVERY_PAIR, IN_ORDER, BESIDE), "which lines go with which image: every line on every image, "
+           "image i with line i (in the images' order: the connected batch, then the folder's files by name), or "
+           "each folder image with the lines of the .txt file of its name beside it (a.png: a.txt; the list above "
+           "is then unused)"),
         In("width", "INT", f"the width every image is fitted to (scaled to cover it, centre-cropped): {size_help}",
            default_width, options={"min": 64, "max": 4096, "step": 16}),
         In("height", "INT", "the height every image is fitted to", default_height,

@@ -147,6 +147,31 @@ def test_qwen_image_edit_pairs_image_i_with_instruction_i_through_its_own_node(t
         assert not torch.equal(negative[0][0], negative[1][0])  # the negative reads each image
 
 
+def test_each_folder_image_takes_the_lines_of_its_own_text_file(tmp_path, stock):
+    """Pairing by the .txt file beside each image (a.png: a.txt): each image with its own lines, the list input
+    unused; an image without its file, and connected images (which have none), are refused in one line."""
+    folder = tmp_path / "input" / "pairs"
+    folder.mkdir(parents=True)
+    _save(folder / "a.png", 16, 16, 1)
+    _save(folder / "b.png", 16, 16, 2)
+    (folder / "a.txt").write_text("remove the hat\n\nmake it night\n")
+    (folder / "b.txt").write_text("add a red scarf")
+    clip = FakeClip()
+    out = edits.EditList().run(clip, FakeVAE(), "Flux Kontext", "", "", edits.BESIDE, 16, 16, image_folder="pairs")
+    positive, _, images = out["result"]
+    assert out["ui"]["text"] == ["2 images x 3 instructions -> 3 training prompts"] and len(images) == 2
+    for entry, text, image in zip(positive, ["remove the hat", "make it night", "add a red scarf"], [0, 0, 1],
+                                  strict=True):
+        torch.testing.assert_close(entry[0], clip.encode_from_tokens_scheduled(text)[0][0])
+        torch.testing.assert_close(entry[1]["reference_latents"][0], FakeVAE().encode(images[image:image + 1]))
+    with pytest.raises(ValueError, match="connected images have none: use an image folder alone"):
+        edits.EditList().run(clip, FakeVAE(), "Flux Kontext", "", "", edits.BESIDE, 16, 16,
+                             images=torch.rand(1, 16, 16, 3), image_folder="pairs")
+    (folder / "b.txt").unlink()
+    with pytest.raises(ValueError, match="b.png has no instructions beside it: write them in b.txt, one per line"):
+        edits.EditList().run(clip, FakeVAE(), "Flux Kontext", "", "", edits.BESIDE, 16, 16, image_folder="pairs")
+
+
 def test_edit_lists_that_cannot_pair_or_find_their_images_are_refused_in_one_line(tmp_path, stock):
     node, image = edits.EditList(), torch.rand(1, 16, 16, 3)
     run = lambda text="a\nb", pairing=edits.EVERY_PAIR, images=image, folder=edits.NO_FOLDER: node.run(  # noqa: E731
@@ -156,7 +181,7 @@ def test_edit_lists_that_cannot_pair_or_find_their_images_are_refused_in_one_lin
     with pytest.raises(ValueError, match="needs as many images as lines, got 2 images and 3 lines"):
         run(text="a\nb\nc", pairing=edits.IN_ORDER, images=torch.rand(2, 16, 16, 3))
     assert len(run(text="a\nb\nc", pairing=edits.IN_ORDER)["result"][0]) == 3  # one image: every instruction on it
-    with pytest.raises(ValueError, match="pairing 'in order' is none of 'every line on every image' and 'image i"):
+    with pytest.raises(ValueError, match="pairing 'in order' is none of 'every line on every image', 'image i with"):
         run(pairing="in order")
     with pytest.raises(ValueError, match="no images: connect images"):
         run(images=None)
