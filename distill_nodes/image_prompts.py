@@ -44,7 +44,7 @@ class ReferenceLatentEdit:
     def __init__(self, clip, vae):
         self.text, self.vae = TextEntries(clip), vae
 
-    def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list]:
+    def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list, None]:
         latent = {"samples": self.vae.encode(image)}
 
         def refer(text: str) -> list:
@@ -60,7 +60,7 @@ class StockEdit:
     def __init__(self, node_id: str, image_input: str, clip, vae):
         self.node_id, self.image_input, self.clip, self.vae = node_id, image_input, clip, vae
 
-    def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list]:
+    def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list, None]:
         def edit(text: str) -> list:
             return host.run_stock_node(self.node_id, clip=self.clip, prompt=text, vae=self.vae,
                                        **{self.image_input: image})[0][0]
@@ -135,7 +135,7 @@ def texts_per_image(images: list[Path | None], lines: list[str], pairing: str, k
         texts = []
         for file in images:
             caption = file.with_suffix(".txt")
-            found = split_lines(caption.read_text(encoding="utf-8")) if caption.is_file() else []
+            found = split_lines(caption.read_text(encoding="utf-8", errors="replace")) if caption.is_file() else []
             if not found:
                 raise ValueError(f"{file.name} has no {kind}s beside it: write them in {caption.name}, one per line, "
                                  "in the same folder")
