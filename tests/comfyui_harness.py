@@ -642,20 +642,39 @@ def flow_probe(family: str, work: Path) -> dict:
             "model_class": type(model.model).__name__}
 
 
-def edit_list_probe(work: Path) -> dict:
-    """Distill edit list on two images and two instructions, every pair, for each Qwen-Image-Edit release through
-    ComfyUI's own stock node (see the module docstring): what the text encoder and VAE were given, the reference
-    latents of the conditioning, and Teacher from MODEL on it with a guided teacher evaluation."""
+def pack_with_stock_nodes(work: Path) -> dict:
+    """This pack's node classes in a ComfyUI on the CPU whose own extra nodes (comfy_extras: WanImageToVideo,
+    TextEncodeQwenImageEdit, ...) are registered, as its server registers them, for nodes that run them."""
     import asyncio
 
     _comfyui()
     _folders(work)
     import nodes
-    import torch
 
     asyncio.run(nodes.init_builtin_extra_nodes())
-    pack = load_pack().NODE_CLASS_MAPPINGS
-    from distill_core.teacher import CFGTeacher  # importable once the pack is loaded
+    return load_pack().NODE_CLASS_MAPPINGS
+
+
+def guided_teacher(handle, shape: tuple[int, ...], w: float) -> dict:
+    """Teacher from MODEL's teacher, guided at CFG ``w``, on two drawn prompts at noise level 2: finite, and its
+    shape."""
+    import torch
+
+    from distill_core.teacher import CFGTeacher
+
+    source = handle.source()
+    rows = source.draw_cond(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        guided = CFGTeacher(source.denoiser, w, source.uncond)(torch.randn(2, *shape), torch.full((2,), 2.0), rows)
+    return {"guided_finite": bool(torch.isfinite(guided).all()), "guided_shape": list(guided.shape)}
+
+
+def edit_list_probe(work: Path) -> dict:
+    """Distill edit list on two images and two instructions, every pair, for each Qwen-Image-Edit release through
+    ComfyUI's own stock node (see the module docstring): what the text encoder and VAE were given, the reference
+    latents of the conditioning, and Teacher from MODEL on it with a guided teacher evaluation."""
+    pack = pack_with_stock_nodes(work)
+    import torch
 
     model, context, pooled = flow_model("qwen-image-edit", work)
 
@@ -695,15 +714,10 @@ def edit_list_probe(work: Path) -> dict:
                                                                    "every line on every image", 64, 64,
                                                                    images=images)["result"]
         (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0)
-        source = handle.source()
-        rows = source.draw_cond(2, torch.Generator().manual_seed(0))
-        x, sigma = torch.randn(2, 16, 1, 8, 8), torch.full((2,), 2.0)
-        with torch.no_grad():
-            guided = CFGTeacher(source.denoiser, 4.0, source.uncond)(x, sigma, rows)
         out[editor] = {"entries": [len(positive), len(negative)], "fitted": list(fitted.shape),
                        "tokenized": clip.given, "vae_encoded": vae.given,
                        "reference_latents": [list(e[1]["reference_latents"][0].shape) for e in positive],
-                       "guided_finite": bool(torch.isfinite(guided).all()), "guided_shape": list(guided.shape)}
+                       **guided_teacher(handle, (16, 1, 8, 8), 4.0)}
     return out
 
 
@@ -711,17 +725,10 @@ def start_image_list_probe(work: Path) -> dict:
     """Distill image-to-video list on two start images and two prompts, every pair, through ComfyUI's own
     WanImageToVideo and CLIPVisionEncode (see the module docstring): what the VAE and the CLIP vision model were
     given, the model inputs of the conditioning, and Teacher from MODEL on it with a guided teacher evaluation."""
-    import asyncio
     from types import SimpleNamespace
 
-    _comfyui()
-    _folders(work)
-    import nodes
+    pack = pack_with_stock_nodes(work)
     import torch
-
-    asyncio.run(nodes.init_builtin_extra_nodes())
-    pack = load_pack().NODE_CLASS_MAPPINGS
-    from distill_core.teacher import CFGTeacher  # importable once the pack is loaded
 
     model, context, pooled = flow_model("wan-i2v-clip", work)
 
@@ -761,11 +768,6 @@ def start_image_list_probe(work: Path) -> dict:
         StandInClip(), vae, "Wan 2.1 / Wan 2.2 14B (WanImageToVideo)", "the camera pushes in\nit rains", "static", 9,
         "every line on every image", 64, 64, images=images, clip_vision=vision)["result"]
     (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0, length=9)
-    source = handle.source()
-    rows = source.draw_cond(2, torch.Generator().manual_seed(0))
-    x, sigma = torch.randn(2, 16, 3, 8, 8), torch.full((2,), 2.0)
-    with torch.no_grad():
-        guided = CFGTeacher(source.denoiser, 4.0, source.uncond)(x, sigma, rows)
     wan22_5b = wan22_5b_start_list(pack, images, StandInClip(), work)
     return {"wan22_5b": wan22_5b, "entries": [len(positive), len(negative)], "fitted": list(fitted.shape),
             "vae_encoded": vae.given, "vision_encoded": vision.given,
@@ -774,7 +776,7 @@ def start_image_list_probe(work: Path) -> dict:
             "image_means": [float(i.mean()) for i in fitted],
             "negative_shares_images": all(n[1]["concat_latent_image"] is p[1]["concat_latent_image"]
                                           for p, n in zip(positive, negative, strict=True)),
-            "guided_finite": bool(torch.isfinite(guided).all()), "guided_shape": list(guided.shape)}
+            **guided_teacher(handle, (16, 3, 8, 8), 4.0)}
 
 
 def wan22_5b_start_list(pack: dict, images, clip, work: Path) -> dict:
@@ -782,8 +784,6 @@ def wan22_5b_start_list(pack: dict, images, clip, work: Path) -> dict:
     Wan22ImageToVideoLatent (a stand-in VAE), into Teacher from MODEL's start_latent on a tiny Wan 2.2 5B model, and
     a guided teacher evaluation on a clip."""
     import torch
-
-    from distill_core.teacher import CFGTeacher
 
     class StandInVAE:
         """The Wan 2.2 VAE's ``encode``: an image [1, H, W, 3] -> one latent frame [1, 48, 1, H / 16, W / 16]."""
@@ -797,15 +797,10 @@ def wan22_5b_start_list(pack: dict, images, clip, work: Path) -> dict:
         "image i with line i", 64, 64, images=images)["result"]
     (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0, length=9,
                                                       start_latent=start)
-    source = handle.source()
-    rows = source.draw_cond(2, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        guided = CFGTeacher(source.denoiser, 4.0, source.uncond)(torch.randn(2, 48, 3, 4, 4), torch.full((2,), 2.0),
-                                                                 rows)
     return {"entries": [len(positive), len(negative)], "start_samples": list(start["samples"].shape),
             "start_mask": list(start["noise_mask"].shape), "kept_frames": start["noise_mask"][:, 0, :, 0, 0].tolist(),
             "images_differ": bool((start["samples"][0, :, 0] - start["samples"][1, :, 0]).abs().max() > 0),
-            "guided_finite": bool(torch.isfinite(guided).all()), "guided_shape": list(guided.shape)}
+            **guided_teacher(handle, (48, 3, 4, 4), 4.0)}
 
 
 #: image-to-video families whose start image lies in the LATENT that the sampler is given: its channels and pixel span
