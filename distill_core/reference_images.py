@@ -12,8 +12,8 @@ pipeline's image processor scales it, into a table the teacher reads by prompt i
 The pipeline then draws the student's edits of an image of that size with ``_auto_resize=False`` and
 ``max_area`` the image's area, which keep both the image and the drawn size as they are.
 
-In ComfyUI (*Distill edit list*) images are ComfyUI's IMAGE, [N, H, W, C] in [0, 1]; each is fitted to one size
-(``cover``), as one batch of conditions holds reference latents of one size.
+In ComfyUI (*Distill edit list*, *Distill image-to-video list*) images are ComfyUI's IMAGE, [N, H, W, C] in [0, 1];
+each is fitted to one size (``cover``), as one batch of conditions holds images of one size.
 """
 
 from __future__ import annotations

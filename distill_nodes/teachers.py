@@ -40,9 +40,9 @@ class BuiltinTeacher:
       "high- and low-noise models together, as one teacher. Image-to-video (Wan, HunyuanVideo) and inpainting "
       "models distil on each prompt's image: give the prompts through Distill image-to-video list (Wan) or the "
       "model's own node (WanImageToVideo, HunyuanImageToVideo, InpaintModelConditioning) at this width, height and "
-      "length; Wan 2.2 5B and "
-      "LTX-Video take theirs through start_latent. Editing models (Flux Kontext, Qwen-Image-Edit) distil on "
-      "each prompt's reference images (Distill edit list, or ReferenceLatent / TextEncodeQwenImageEdit).",
+      "length; Wan 2.2 5B and LTX-Video take theirs through start_latent. Editing models (Flux Kontext, "
+      "Qwen-Image-Edit) distil on each prompt's reference images (Distill edit list, or ReferenceLatent / "
+      "TextEncodeQwenImageEdit).",
       inputs=[
           In("model", "MODEL", "the teacher model, e.g. from Load Checkpoint (a ModelSampling node before it is "
              "respected: its shift sets the student's flow grid)"),
