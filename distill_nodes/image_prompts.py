@@ -193,6 +193,23 @@ def listed_prompts(encoder, lines_text: str, negative: str, pairing: str, images
     return positive, negatives, torch.cat(fitted), start, summary
 
 
+class ReadsImageFolder:
+    """A node that reads the images (and their text files) of the folder its ``image_folder`` widget names. ComfyUI
+    reuses a node's outputs while its inputs stay the same; ``IS_CHANGED`` adds the folder's file names, sizes and
+    modification times to them, so the node reads the folder again once images or their texts change."""
+
+    @classmethod
+    def IS_CHANGED(cls, image_folder: str = NO_FOLDER, **_) -> str:  # noqa: N802 - ComfyUI's
+        if image_folder == NO_FOLDER:
+            return image_folder
+        try:
+            path = host.confined(host.input_folder(), image_folder)
+        except ValueError:
+            return image_folder  # a name the node itself refuses
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+        return "|".join([image_folder, *(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)])
+
+
 def pairing_inputs(default_width: int, default_height: int, size_help: str) -> list[In]:
     """The inputs both lists share: pairing, the size every image is fitted to, and where the images come from."""
     return [
@@ -238,7 +255,7 @@ PROMPT_OUTPUTS = [Out("CONDITIONING", "positive", "one entry per (image, line) p
                           "Qwen-Image-Edit's nodes then scale it to a megapixel, keeping this shape"),
       ],
       outputs=PROMPT_OUTPUTS)
-class EditList:
+class EditList(ReadsImageFolder):
     def run(self, clip, vae, editor: str, instructions: str, negative: str, pairing: str, width: int, height: int,
             images=None, image_folder: str = NO_FOLDER, unique_id=None):
         *prompts, _, summary = listed_prompts(EDITORS[editor](clip, vae), instructions, negative, pairing, images,
@@ -271,7 +288,7 @@ class EditList:
       ],
       outputs=[*PROMPT_OUTPUTS, Out("LATENT", "start_latent", "Wan 2.2 5B: each prompt's start latent, in order, "
                                     "for Teacher from MODEL's start_latent (none for the other releases)")])
-class ImageToVideoList:
+class ImageToVideoList(ReadsImageFolder):
     def run(self, clip, vae, release: str, prompts: str, negative: str, length: int, pairing: str, width: int,
             height: int, images=None, image_folder: str = NO_FOLDER, clip_vision=None, unique_id=None):
         encoder = RELEASES[release](clip, vae, clip_vision, width, height, length)

@@ -167,7 +167,11 @@ def test_each_folder_image_takes_the_lines_of_its_own_text_file(tmp_path, stock)
     with pytest.raises(ValueError, match="connected images have none: use an image folder alone"):
         edits.EditList().run(clip, FakeVAE(), "Flux Kontext", "", "", edits.BESIDE, 16, 16,
                              images=torch.rand(1, 16, 16, 3), image_folder="pairs")
+    seen = edits.EditList.IS_CHANGED(image_folder="pairs", instructions="")  # ComfyUI reads the folder again when
+    assert edits.EditList.IS_CHANGED(image_folder="pairs") == seen  # a file of it changes, and only then
     (folder / "b.txt").unlink()
+    assert edits.EditList.IS_CHANGED(image_folder="pairs") != seen
+    assert edits.EditList.IS_CHANGED() == edits.NO_FOLDER == edits.ImageToVideoList.IS_CHANGED(image_folder="(none)")
     with pytest.raises(ValueError, match="b.png has no instructions beside it: write them in b.txt, one per line"):
         edits.EditList().run(clip, FakeVAE(), "Flux Kontext", "", "", edits.BESIDE, 16, 16, image_folder="pairs")
 
