@@ -1,10 +1,10 @@
 """Prompts that carry images, many in one node: an editing model's training edits (Flux Kontext, Qwen-Image-Edit)
-and an image-to-video model's start images (Wan), from images and lines of text, each pair encoded as the model's
-own stock nodes encode one.
+and an image-to-video model's start images (Wan, LTX-Video), from images and lines of text, each pair encoded as the
+model's own stock nodes encode one.
 
 An encoder takes one image, the texts paired with it and the negative, and gives a CONDITIONING entry per text, the
 negative's entry, both carrying the image (so each prompt is guided against the negative with its own image), and
-the LATENT its clips start from where the model holds the image there instead (Wan 2.2 5B), else None.
+the LATENT its clips start from where the model holds the image there instead (Wan 2.2 5B, LTX-Video), else None.
 """
 
 from __future__ import annotations
@@ -86,18 +86,21 @@ class WanStartImage:
         return positive, negatives[0], None
 
 
-class WanStartLatent:
-    """Wan 2.2 5B's image-to-video prompts: each text as CLIP Text Encode encodes it, and the image in the LATENT the
-    stock Wan22ImageToVideoLatent makes (its first latent frame, and a noise mask that keeps it), once per image."""
+class StartLatent:
+    """Image-to-video prompts of a model that keeps the start image in the clip's latent (Wan 2.2 5B, LTX-Video):
+    each text as CLIP Text Encode encodes it, and the image in the LATENT its stock node makes (the image's latent
+    in the first latent frame, a noise mask that keeps it), once per image; ``image_input``: that node's image
+    input, ``options``: its other inputs."""
 
-    def __init__(self, clip, vae, clip_vision, width: int, height: int, length: int):
+    def __init__(self, node_id: str, image_input: str, options: dict, clip, vae, clip_vision, width: int,
+                 height: int, length: int):
         if clip_vision is not None:
-            raise ValueError("Wan 2.2 5B reads no CLIP vision features: disconnect clip_vision")
-        self.text, self.vae = TextEntries(clip), vae
-        self.size = {"width": width, "height": height, "length": length, "batch_size": 1}
+            raise ValueError(f"{node_id} reads no CLIP vision features: disconnect clip_vision")
+        self.node_id, self.image_input, self.text, self.vae = node_id, image_input, TextEntries(clip), vae
+        self.inputs = {"width": width, "height": height, "length": length, "batch_size": 1, **options}
 
     def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list, dict]:
-        (latent,) = host.run_stock_node("Wan22ImageToVideoLatent", vae=self.vae, start_image=image, **self.size)
+        latent = host.run_stock_node(self.node_id, vae=self.vae, **self.inputs, **{self.image_input: image})[-1]
         return [self.text(text) for text in texts], self.text(negative), latent
 
 
@@ -107,9 +110,12 @@ EDITORS = {
     "Qwen-Image-Edit": functools.partial(StockEdit, "TextEncodeQwenImageEdit", "image"),
     "Qwen-Image-Edit 2509": functools.partial(StockEdit, "TextEncodeQwenImageEditPlus", "image1"),
 }
-#: each Wan release's encoding of its start images
+#: each image-to-video model's encoding of its start images
 RELEASES = {"Wan 2.1 / Wan 2.2 14B (WanImageToVideo)": WanStartImage,
-            "Wan 2.2 5B (Wan22ImageToVideoLatent)": WanStartLatent}
+            "Wan 2.2 5B (Wan22ImageToVideoLatent)": functools.partial(StartLatent, "Wan22ImageToVideoLatent",
+                                                                      "start_image", {}),
+            "LTX-Video (LTXVImgToVideo)": functools.partial(StartLatent, "LTXVImgToVideo", "image", {
+                "positive": [], "negative": [], "strength": 1.0})}
 
 
 def image_folders() -> list[str]:
@@ -264,30 +270,32 @@ class EditList(ReadsImageFolder):
 
 
 @node("DistillImageToVideoList", "Distill image-to-video list", "teachers",
-      "Training prompts for a Wan image-to-video model (Wan 2.1 I2V, Wan 2.2 14B I2V, Wan 2.2 5B): start images "
-      "(connected, or a folder in ComfyUI's input folder) and prompts, one per line, paired and encoded as "
-      "WanImageToVideo encodes them (with CLIPVisionEncode for Wan 2.1), or for Wan 2.2 5B as "
-      "Wan22ImageToVideoLatent holds the image in the clip's latent. Every image is first fitted to width x height. "
-      "Connect positive and negative (and for Wan 2.2 5B start_latent) to Teacher from MODEL at the same width, "
-      "height and length.",
+      "Training prompts for an image-to-video model (Wan 2.1 I2V, Wan 2.2 14B I2V, Wan 2.2 5B, LTX-Video): start "
+      "images (connected, or a folder in ComfyUI's input folder) and prompts, one per line, paired and encoded as "
+      "WanImageToVideo encodes them (with CLIPVisionEncode for Wan 2.1), or for Wan 2.2 5B and LTX-Video as "
+      "Wan22ImageToVideoLatent and LTXVImgToVideo hold the image in the clip's latent. Every image is first fitted "
+      "to width x height. Connect positive and negative (and for Wan 2.2 5B and LTX-Video start_latent) to Teacher "
+      "from MODEL at the same width, height and length.",
       inputs=[
-          In("clip", "CLIP", "the model's text encoder (UMT5-XXL)"),
+          In("clip", "CLIP", "the model's text encoder (Wan: UMT5-XXL; LTX-Video: T5-XXL)"),
           In("vae", "VAE", "the model's VAE: encodes each clip's start frame"),
-          In("release", tuple(RELEASES), "which Wan the prompts are for: Wan 2.1 and Wan 2.2 14B image-to-video take "
-             "the image with each prompt (WanImageToVideo); Wan 2.2 5B (TI2V) keeps it in the clip's first latent "
-             "frame (Wan22ImageToVideoLatent: connect start_latent)"),
+          In("release", tuple(RELEASES), "which model the prompts are for: Wan 2.1 and Wan 2.2 14B image-to-video "
+             "take the image with each prompt (WanImageToVideo); Wan 2.2 5B (TI2V) and LTX-Video keep it in the "
+             "clip's first latent frame (Wan22ImageToVideoLatent, LTXVImgToVideo at strength 1: connect "
+             "start_latent)"),
           In("prompts", "STRING", "prompts, one per line; a list of motions that fit any start image ships as the "
              "default", DEFAULT_MOTIONS, options={"multiline": True}),
           In("negative", "STRING", "negative prompt for classifier-free guidance, with each start image as the "
              "prompts", DEFAULT_NEGATIVE, options={"multiline": True}),
-          In("length", "INT", "video frames of each clip: Teacher from MODEL's length, the length you sample with",
+          In("length", "INT", "video frames of each clip: Teacher from MODEL's length, the length you sample with "
+             "(Wan: 4k + 1; LTX-Video: 8k + 1)",
              81, options={"min": 1, "max": 1024, "step": 4}),
           *pairing_inputs(832, 480, "the size you distil at (Teacher from MODEL's) and sample at"),
           In("clip_vision", "CLIP_VISION", "Wan 2.1 image-to-video: its CLIP vision model (Load CLIP Vision), whose "
              "reading of each image joins its prompts; Wan 2.2 takes none", optional=True),
       ],
-      outputs=[*PROMPT_OUTPUTS, Out("LATENT", "start_latent", "Wan 2.2 5B: each prompt's start latent, in order, "
-                                    "for Teacher from MODEL's start_latent (none for the other releases)")])
+      outputs=[*PROMPT_OUTPUTS, Out("LATENT", "start_latent", "Wan 2.2 5B, LTX-Video: each prompt's start latent, "
+                                    "in order, for Teacher from MODEL's start_latent (none for the other releases)")])
 class ImageToVideoList(ReadsImageFolder):
     def run(self, clip, vae, release: str, prompts: str, negative: str, length: int, pairing: str, width: int,
             height: int, images=None, image_folder: str = NO_FOLDER, clip_vision=None, unique_id=None):

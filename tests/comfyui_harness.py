@@ -55,8 +55,8 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py start-image-list-probe WORKDIR
         Distill image-to-video list through ComfyUI's own WanImageToVideo and CLIPVisionEncode (stand-ins for the
         text encoder, the VAE and the CLIP vision model), into Teacher from MODEL on a tiny Wan 2.1
-        image-to-video model and one guided teacher evaluation on a clip; and for Wan 2.2 5B through
-        Wan22ImageToVideoLatent into its start_latent on a tiny Wan 2.2 5B model.
+        image-to-video model and one guided teacher evaluation on a clip; and for Wan 2.2 5B and LTX-Video through
+        Wan22ImageToVideoLatent and LTXVImgToVideo into its start_latent on tiny Wan 2.2 5B and LTX-Video models.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow,sd15-inpaint} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -769,7 +769,8 @@ def start_image_list_probe(work: Path) -> dict:
         "every line on every image", 64, 64, images=images, clip_vision=vision)["result"]
     (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0, length=9)
     wan22_5b = wan22_5b_start_list(pack, images, StandInClip(), work)
-    return {"wan22_5b": wan22_5b, "entries": [len(positive), len(negative)], "fitted": list(fitted.shape),
+    return {"wan22_5b": wan22_5b, "ltxv": ltxv_start_list(pack, images, work),
+            "entries": [len(positive), len(negative)], "fitted": list(fitted.shape),
             "vae_encoded": vae.given, "vision_encoded": vision.given,
             "inputs": [{k: list(v.shape) for k, v in e[1].items() if isinstance(v, torch.Tensor)} for e in positive],
             "vision_features": [float(e[1]["clip_vision_output"].penultimate_hidden_states[0, 0, 0]) for e in positive],
@@ -801,6 +802,41 @@ def wan22_5b_start_list(pack: dict, images, clip, work: Path) -> dict:
             "start_mask": list(start["noise_mask"].shape), "kept_frames": start["noise_mask"][:, 0, :, 0, 0].tolist(),
             "images_differ": bool((start["samples"][0, :, 0] - start["samples"][1, :, 0]).abs().max() > 0),
             **guided_teacher(handle, (48, 3, 4, 4), 4.0)}
+
+
+def ltxv_start_list(pack: dict, images, work: Path) -> dict:
+    """Distill image-to-video list for LTX-Video, two start images x one prompt, through ComfyUI's own
+    LTXVImgToVideo (stand-ins for the T5 text encoder and the VAE), into Teacher from MODEL's start_latent on a tiny
+    LTX-Video model, and a guided teacher evaluation on a clip."""
+    import torch
+
+    model, context, _ = flow_model("ltxv-i2v-clip", work)
+
+    class StandInT5:
+        """T5's node-facing interface: tokens padded to 20, with the attention mask LTX-Video reads."""
+
+        def tokenize(self, text):
+            return text
+
+        def encode_from_tokens_scheduled(self, text):
+            gen = torch.Generator().manual_seed(sum(map(ord, text)))
+            mask = (torch.arange(20) < 4 + len(text) % 12).long()[None]
+            return [[torch.randn(1, 20, context, generator=gen), {"attention_mask": mask}]]
+
+    class StandInVAE:
+        """LTX-Video's VAE ``encode``: an image [1, H, W, 3] -> one latent frame [1, 128, 1, H / 32, W / 32]."""
+
+        def encode(self, image):
+            return torch.nn.functional.avg_pool2d(image.movedim(-1, 1), 32).repeat(1, 43, 1, 1)[:, :128, None]
+
+    positive, negative, _, start = pack["DistillImageToVideoList"]().run(
+        StandInT5(), StandInVAE(), "LTX-Video (LTXVImgToVideo)", "the camera pushes in", "static", 17,
+        "every line on every image", 64, 64, images=images)["result"]
+    (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0, length=17,
+                                                      start_latent=start)
+    return {"entries": [len(positive), len(negative)], "start_samples": list(start["samples"].shape),
+            "kept_frames": start["noise_mask"][:, 0].flatten(2).amax(-1).tolist(),  # per latent frame
+            **guided_teacher(handle, (128, 3, 2, 2), 4.0)}
 
 
 #: image-to-video families whose start image lies in the LATENT that the sampler is given: its channels and pixel span

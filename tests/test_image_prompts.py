@@ -44,8 +44,11 @@ class StockNodes:
                      for c, o in inputs["conditioning"]],)
         if node_id == "CLIPVisionEncode":
             return (("seen", float(inputs["image"].mean()), inputs["crop"]),)
-        if node_id == "Wan22ImageToVideoLatent":  # the image's latent, and a mask that keeps it
-            return ({"samples": inputs["vae"].encode(inputs["start_image"]), "noise_mask": torch.zeros(1, 1)},)
+        if node_id in ("Wan22ImageToVideoLatent", "LTXVImgToVideo"):  # the image's latent, a mask that keeps it
+            image = inputs["start_image" if node_id == "Wan22ImageToVideoLatent" else "image"]
+            mask = torch.zeros(1, 1) + inputs.get("strength", 0)  # here: the strength it was given
+            latent = {"samples": inputs["vae"].encode(image), "noise_mask": mask}
+            return (inputs.get("positive"), inputs.get("negative"), latent)
         if node_id == "WanImageToVideo":  # the start frames' latent and the vision output on both sides
             image = {"concat_latent_image": inputs["vae"].encode(inputs["start_image"]),
                      "size": (inputs["width"], inputs["height"], inputs["length"], inputs["batch_size"]),
@@ -63,7 +66,7 @@ def _save(path, height: int, width: int, seed: int) -> np.ndarray:
     return pixels
 
 
-WAN_14B, WAN_5B = edits.RELEASES
+WAN_14B, WAN_5B, LTXV = edits.RELEASES
 
 
 @pytest.fixture
@@ -242,9 +245,15 @@ def test_wan_22_5b_prompts_start_from_each_images_latent_one_per_prompt(tmp_path
         torch.testing.assert_close(start["samples"][k:k + 1], FakeVAE().encode(fitted[k:k + 1]))
         assert "concat_latent_image" not in positive[k][1]
     torch.testing.assert_close(start["noise_mask"], torch.zeros(2, 1))
-    with pytest.raises(ValueError, match="Wan 2.2 5B reads no CLIP vision features: disconnect clip_vision"):
+    with pytest.raises(ValueError, match="Wan22ImageToVideoLatent reads no CLIP vision features: disconnect"):
         edits.ImageToVideoList().run(FakeClip(), vae, WAN_5B, "a", "", 9, edits.IN_ORDER, 32, 16, images=images,
                                      clip_vision="vision model")
+    stock.calls.clear()  # LTX-Video: LTXVImgToVideo at strength 1, its image input "image"
+    *_, start = edits.ImageToVideoList().run(FakeClip(), vae, LTXV, "a", "", 9, edits.IN_ORDER, 32, 16,
+                                             images=images)["result"]
+    assert stock.calls == [("LTXVImgToVideo", sorted(["vae", "image", "width", "height", "length", "batch_size",
+                                                      "positive", "negative", "strength"]))] * 2
+    assert start["samples"].shape == (2, 4, 2, 4) and float(start["noise_mask"].max()) == 1.0
 
 
 class ClassicNode:

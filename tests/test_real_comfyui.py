@@ -235,8 +235,8 @@ def test_the_image_to_video_list_encodes_each_start_image_through_wanimagetovide
     and its negative carrying the start frames' latent, mask and the reading of its own image, and Teacher from MODEL
     on a tiny Wan 2.1 image-to-video model takes them and evaluates the guided teacher on a clip; for Wan 2.2 5B,
     image i with prompt i through Wan22ImageToVideoLatent, its start latents one per prompt into Teacher from MODEL's
-    start_latent on a tiny Wan 2.2 5B model (``start_image_list_probe``: stand-ins for the text encoder, the VAEs and
-    the CLIP vision model)."""
+    start_latent on a tiny Wan 2.2 5B model, and the same for LTX-Video through LTXVImgToVideo
+    (``start_image_list_probe``: stand-ins for the text encoders, the VAEs and the CLIP vision model)."""
     result = _probe("start-image-list-probe", str(tmp_path))
     assert result["entries"] == [4, 4] and result["fitted"] == [2, 64, 64, 3]
     assert result["vae_encoded"] == [[9, 64, 64, 3]] * 2 and result["vision_encoded"] == [[[1, 64, 64, 3], False]] * 2
@@ -250,6 +250,10 @@ def test_the_image_to_video_list_encodes_each_start_image_through_wanimagetovide
     assert wan22_5b["start_samples"] == [2, 48, 3, 4, 4] and wan22_5b["start_mask"] == [2, 1, 3, 4, 4]
     assert wan22_5b["kept_frames"] == [[0.0, 1.0, 1.0]] * 2
     assert wan22_5b["guided_finite"] and wan22_5b["guided_shape"] == [2, 48, 3, 4, 4]
+    ltxv = result["ltxv"]  # LTXVImgToVideo at strength 1: the first latent frame kept whole
+    assert ltxv["entries"] == [2, 2] and ltxv["start_samples"] == [2, 128, 3, 2, 2]
+    assert ltxv["kept_frames"] == [[0.0, 1.0, 1.0]] * 2
+    assert ltxv["guided_finite"] and ltxv["guided_shape"] == [2, 128, 3, 2, 2]
 
 
 @pytest.mark.parametrize(("family", "model_class", "latent", "shift"), [
