@@ -74,7 +74,7 @@ class BuiltinTeacher:
           In("start_latent", "LATENT", "image-to-video on Wan 2.2 5B and LTX-Video: the LATENT with the start image "
              "(Wan22ImageToVideoLatent's with its start_image, LTXVImgToVideo's), made at this width, height and "
              "length; every training clip starts from it, as the sampler given that latent does. Several images: "
-             "Distill image-to-video list's start_latent (Wan 2.2 5B), or one such node each, their latents joined by "
+             "Distill image-to-video list's start_latent, or one such node each, their latents joined by "
              "Latent Batch, one per prompt in order (or one for all prompts)", optional=True),
       ],
       outputs=[TEACHER])
