@@ -642,6 +642,23 @@ def flow_probe(family: str, work: Path) -> dict:
             "model_class": type(model.model).__name__}
 
 
+class StandInText:
+    """A text encoder's node-facing interface: the tokens are the text, its encoding [1, tokens, width] a function of
+    the text, with ``options(text)`` (a pooled output, the attention mask of T5's padded tokens)."""
+
+    def __init__(self, width: int, tokens: int, options):
+        self.width, self.tokens, self.options = width, tokens, options
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, text):
+        import torch
+
+        gen = torch.Generator().manual_seed(sum(map(ord, text)))
+        return [[torch.randn(1, self.tokens, self.width, generator=gen), self.options(text)]]
+
+
 def pack_with_stock_nodes(work: Path) -> dict:
     """This pack's node classes in a ComfyUI on the CPU whose own extra nodes (comfy_extras: WanImageToVideo,
     TextEncodeQwenImageEdit, ...) are registered, as its server registers them, for nodes that run them."""
@@ -732,13 +749,7 @@ def start_image_list_probe(work: Path) -> dict:
 
     model, context, pooled = flow_model("wan-i2v-clip", work)
 
-    class StandInClip:
-        def tokenize(self, text):
-            return text
-
-        def encode_from_tokens_scheduled(self, text):
-            gen = torch.Generator().manual_seed(sum(map(ord, text)))
-            return [[torch.randn(1, 12, context, generator=gen), {"pooled_output": torch.randn(1, pooled)}]]
+    clip = StandInText(context, 12, lambda text: {"pooled_output": torch.randn(1, pooled)})
 
     class StandInVAE:
         """The Wan 2.1 VAE's ``encode``: frames [T, H, W, 3] -> [1, 16, (T - 1) / 4 + 1, H / 8, W / 8]."""
@@ -765,11 +776,12 @@ def start_image_list_probe(work: Path) -> dict:
     images = torch.rand(2, 48, 80, 3, generator=torch.Generator().manual_seed(0))
     vae, vision = StandInVAE(), StandInVision()
     positive, negative, fitted, _ = pack["DistillImageToVideoList"]().run(
-        StandInClip(), vae, "Wan 2.1 / Wan 2.2 14B (WanImageToVideo)", "the camera pushes in\nit rains", "static", 9,
+        clip, vae, "Wan 2.1 / Wan 2.2 14B (WanImageToVideo)", "the camera pushes in\nit rains", "static", 9,
         "every line on every image", 64, 64, images=images, clip_vision=vision)["result"]
     (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0, length=9)
-    wan22_5b = wan22_5b_start_list(pack, images, StandInClip(), work)
-    return {"wan22_5b": wan22_5b, "ltxv": ltxv_start_list(pack, images, work),
+    starts = {family: start_latent_list(pack, family, release, images, work) for family, release in (
+        ("wan22-5b-i2v-clip", "Wan 2.2 5B (Wan22ImageToVideoLatent)"), ("ltxv-i2v-clip", "LTX-Video (LTXVImgToVideo)"))}
+    return {**starts,
             "entries": [len(positive), len(negative)], "fitted": list(fitted.shape),
             "vae_encoded": vae.given, "vision_encoded": vision.given,
             "inputs": [{k: list(v.shape) for k, v in e[1].items() if isinstance(v, torch.Tensor)} for e in positive],
@@ -780,63 +792,33 @@ def start_image_list_probe(work: Path) -> dict:
             **guided_teacher(handle, (16, 3, 8, 8), 4.0)}
 
 
-def wan22_5b_start_list(pack: dict, images, clip, work: Path) -> dict:
-    """Distill image-to-video list for Wan 2.2 5B, two start images x two prompts in order, through ComfyUI's own
-    Wan22ImageToVideoLatent (a stand-in VAE), into Teacher from MODEL's start_latent on a tiny Wan 2.2 5B model, and
-    a guided teacher evaluation on a clip."""
+def start_latent_list(pack: dict, family: str, release: str, images, work: Path) -> dict:
+    """Distill image-to-video list for a model that keeps the start image in the clip's latent (``family``: Wan 2.2
+    5B's or LTX-Video's, ``release``: the list's name for it), two start images x two prompts in order, through that
+    release's own stock node (Wan22ImageToVideoLatent, LTXVImgToVideo; stand-ins for the T5 text encoder and a VAE
+    that encodes an image as one latent frame of the family's channels), into Teacher from MODEL's start_latent on a
+    tiny model of the family, and a guided teacher evaluation on a clip."""
     import torch
 
-    class StandInVAE:
-        """The Wan 2.2 VAE's ``encode``: an image [1, H, W, 3] -> one latent frame [1, 48, 1, H / 16, W / 16]."""
-
-        def encode(self, image):
-            return torch.nn.functional.avg_pool2d(image.movedim(-1, 1), 16).repeat(1, 16, 1, 1)[:, :, None]
-
-    model, _, _ = flow_model("wan22-5b-clip", work)
-    positive, negative, _, start = pack["DistillImageToVideoList"]().run(
-        clip, StandInVAE(), "Wan 2.2 5B (Wan22ImageToVideoLatent)", "the camera pushes in\nit rains", "static", 9,
-        "image i with line i", 64, 64, images=images)["result"]
-    (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0, length=9,
-                                                      start_latent=start)
-    return {"entries": [len(positive), len(negative)], "start_samples": list(start["samples"].shape),
-            "start_mask": list(start["noise_mask"].shape), "kept_frames": start["noise_mask"][:, 0, :, 0, 0].tolist(),
-            "images_differ": bool((start["samples"][0, :, 0] - start["samples"][1, :, 0]).abs().max() > 0),
-            **guided_teacher(handle, (48, 3, 4, 4), 4.0)}
-
-
-def ltxv_start_list(pack: dict, images, work: Path) -> dict:
-    """Distill image-to-video list for LTX-Video, two start images x one prompt, through ComfyUI's own
-    LTXVImgToVideo (stand-ins for the T5 text encoder and the VAE), into Teacher from MODEL's start_latent on a tiny
-    LTX-Video model, and a guided teacher evaluation on a clip."""
-    import torch
-
-    model, context, _ = flow_model("ltxv-i2v-clip", work)
-
-    class StandInT5:
-        """T5's node-facing interface: tokens padded to 20, with the attention mask LTX-Video reads."""
-
-        def tokenize(self, text):
-            return text
-
-        def encode_from_tokens_scheduled(self, text):
-            gen = torch.Generator().manual_seed(sum(map(ord, text)))
-            mask = (torch.arange(20) < 4 + len(text) % 12).long()[None]
-            return [[torch.randn(1, 20, context, generator=gen), {"attention_mask": mask}]]
+    channels, span = START_LATENTS[family]
 
     class StandInVAE:
-        """LTX-Video's VAE ``encode``: an image [1, H, W, 3] -> one latent frame [1, 128, 1, H / 32, W / 32]."""
-
         def encode(self, image):
-            return torch.nn.functional.avg_pool2d(image.movedim(-1, 1), 32).repeat(1, 43, 1, 1)[:, :128, None]
+            x = torch.nn.functional.avg_pool2d(image.movedim(-1, 1), span)
+            return x.repeat(1, -(-channels // 3), 1, 1)[:, :channels, None]
 
+    model, context, _ = flow_model(family, work)
+    t5 = StandInText(context, 20, lambda text: {"attention_mask": (torch.arange(20) < 4 + len(text) % 12).long()[None]})
     positive, negative, _, start = pack["DistillImageToVideoList"]().run(
-        StandInT5(), StandInVAE(), "LTX-Video (LTXVImgToVideo)", "the camera pushes in", "static", 17,
-        "every line on every image", 64, 64, images=images)["result"]
-    (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0, length=17,
+        t5, StandInVAE(), release, "the camera pushes in\nit rains", "static", LENGTHS[family], "image i with line i",
+        64, 64, images=images)["result"]
+    (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0, length=LENGTHS[family],
                                                       start_latent=start)
+    side = 64 // span
     return {"entries": [len(positive), len(negative)], "start_samples": list(start["samples"].shape),
             "kept_frames": start["noise_mask"][:, 0].flatten(2).amax(-1).tolist(),  # per latent frame
-            **guided_teacher(handle, (128, 3, 2, 2), 4.0)}
+            "images_differ": bool((start["samples"][0, :, 0] - start["samples"][1, :, 0]).abs().max() > 0),
+            **guided_teacher(handle, (channels, 3, side, side), 4.0)}
 
 
 #: image-to-video families whose start image lies in the LATENT that the sampler is given: its channels and pixel span

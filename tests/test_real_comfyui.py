@@ -245,15 +245,11 @@ def test_the_image_to_video_list_encodes_each_start_image_through_wanimagetovide
     means = result["image_means"]
     assert result["vision_features"] == [means[0], means[0], means[1], means[1]] and means[0] != means[1]
     assert result["negative_shares_images"] and result["guided_finite"] and result["guided_shape"] == [2, 16, 3, 8, 8]
-    wan22_5b = result["wan22_5b"]  # image i with prompt i, each clip starting from its image's latent frame
-    assert wan22_5b["entries"] == [2, 2] and wan22_5b["images_differ"]
-    assert wan22_5b["start_samples"] == [2, 48, 3, 4, 4] and wan22_5b["start_mask"] == [2, 1, 3, 4, 4]
-    assert wan22_5b["kept_frames"] == [[0.0, 1.0, 1.0]] * 2
-    assert wan22_5b["guided_finite"] and wan22_5b["guided_shape"] == [2, 48, 3, 4, 4]
-    ltxv = result["ltxv"]  # LTXVImgToVideo at strength 1: the first latent frame kept whole
-    assert ltxv["entries"] == [2, 2] and ltxv["start_samples"] == [2, 128, 3, 2, 2]
-    assert ltxv["kept_frames"] == [[0.0, 1.0, 1.0]] * 2
-    assert ltxv["guided_finite"] and ltxv["guided_shape"] == [2, 128, 3, 2, 2]
+    for family, clip in (("wan22-5b-i2v-clip", [48, 3, 4, 4]), ("ltxv-i2v-clip", [128, 3, 2, 2])):
+        out = result[family]  # image i with prompt i, each clip starting from its image's latent frame
+        assert out["entries"] == [2, 2] and out["images_differ"] and out["start_samples"] == [2, *clip]
+        assert out["kept_frames"] == [[0.0, 1.0, 1.0]] * 2  # LTX-Video at strength 1: its first frame kept whole
+        assert out["guided_finite"] and out["guided_shape"] == [2, *clip]
 
 
 @pytest.mark.parametrize(("family", "model_class", "latent", "shift"), [
