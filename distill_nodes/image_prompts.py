@@ -1,6 +1,6 @@
 """Prompts that carry images, many in one node: an editing model's training edits (Flux Kontext, Qwen-Image-Edit)
-and an image-to-video model's start images (Wan, LTX-Video), from images and lines of text, each pair encoded as the
-model's own stock nodes encode one.
+and an image-to-video model's start images (Wan, HunyuanVideo, LTX-Video), from images and lines of text, each pair
+encoded as the model's own stock nodes encode one.
 
 An encoder takes one image, the texts paired with it and the negative, and gives a CONDITIONING entry per text, the
 negative's entry, both carrying the image (so each prompt is guided against the negative with its own image), and
@@ -86,6 +86,28 @@ class WanStartImage:
         return positive, negatives[0], None
 
 
+class HunyuanStartImage:
+    """HunyuanVideo's image-to-video prompts: its text encoder reads the image (the stock CLIPVisionEncode once per
+    image, then TextEncodeHunyuanVideo_ImageToVideo per text), and the stock HunyuanImageToVideo (v1, concat) adds
+    the start frames' latent to every prompt and to the negative, given to it beside them (the node has no negative
+    input; HunyuanVideo samples at CFG 1, where the negative does not count)."""
+
+    def __init__(self, clip, vae, clip_vision, width: int, height: int, length: int):
+        if clip_vision is None:
+            raise ValueError("HunyuanVideo image-to-video reads the image through its text encoder: connect its CLIP "
+                             "vision model (Load CLIP Vision: llava_llama3_vision) to clip_vision")
+        self.clip, self.vae, self.clip_vision = clip, vae, clip_vision
+        self.size = {"width": width, "height": height, "length": length, "batch_size": 1}
+
+    def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list, None]:
+        (vision,) = host.run_stock_node("CLIPVisionEncode", clip_vision=self.clip_vision, image=image, crop="none")
+        entries = [host.run_stock_node("TextEncodeHunyuanVideo_ImageToVideo", clip=self.clip, clip_vision_output=vision,
+                                       prompt=text, image_interleave=2)[0][0] for text in [*texts, negative]]
+        with_image, _ = host.run_stock_node("HunyuanImageToVideo", positive=entries, vae=self.vae, start_image=image,
+                                            guidance_type="v1 (concat)", **self.size)
+        return with_image[:-1], with_image[-1], None
+
+
 class StartLatent:
     """Image-to-video prompts of a model that keeps the start image in the clip's latent (Wan 2.2 5B, LTX-Video):
     each text as CLIP Text Encode encodes it, and the image in the LATENT its stock node makes (the image's latent
@@ -112,6 +134,7 @@ EDITORS = {
 }
 #: each image-to-video model's encoding of its start images
 RELEASES = {"Wan 2.1 / Wan 2.2 14B (WanImageToVideo)": WanStartImage,
+            "HunyuanVideo (HunyuanImageToVideo, v1 concat)": HunyuanStartImage,
             "Wan 2.2 5B (Wan22ImageToVideoLatent)": functools.partial(StartLatent, "Wan22ImageToVideoLatent",
                                                                       "start_image", {}),
             "LTX-Video (LTXVImgToVideo)": functools.partial(StartLatent, "LTXVImgToVideo", "image", {
@@ -270,17 +293,20 @@ class EditList(ReadsImageFolder):
 
 
 @node("DistillImageToVideoList", "Distill image-to-video list", "teachers",
-      "Training prompts for an image-to-video model (Wan 2.1 I2V, Wan 2.2 14B I2V, Wan 2.2 5B, LTX-Video): start "
-      "images (connected, or a folder in ComfyUI's input folder) and prompts, one per line, paired and encoded as "
-      "WanImageToVideo encodes them (with CLIPVisionEncode for Wan 2.1), or for Wan 2.2 5B and LTX-Video as "
+      "Training prompts for an image-to-video model (Wan 2.1 I2V, Wan 2.2 14B I2V, Wan 2.2 5B, HunyuanVideo I2V, "
+      "LTX-Video): start images (connected, or a folder in ComfyUI's input folder) and prompts, one per line, paired "
+      "and encoded as WanImageToVideo encodes them (with CLIPVisionEncode for Wan 2.1), as HunyuanImageToVideo and "
+      "its image-reading text encoder do, or for Wan 2.2 5B and LTX-Video as "
       "Wan22ImageToVideoLatent and LTXVImgToVideo hold the image in the clip's latent. Every image is first fitted "
       "to width x height. Connect positive and negative (and for Wan 2.2 5B and LTX-Video start_latent) to Teacher "
       "from MODEL at the same width, height and length.",
       inputs=[
-          In("clip", "CLIP", "the model's text encoder (Wan: UMT5-XXL; LTX-Video: T5-XXL)"),
+          In("clip", "CLIP", "the model's text encoder (Wan: UMT5-XXL; HunyuanVideo: its LLaVA text encoder; "
+             "LTX-Video: T5-XXL)"),
           In("vae", "VAE", "the model's VAE: encodes each clip's start frame"),
           In("release", tuple(RELEASES), "which model the prompts are for: Wan 2.1 and Wan 2.2 14B image-to-video "
-             "take the image with each prompt (WanImageToVideo); Wan 2.2 5B (TI2V) and LTX-Video keep it in the "
+             "take the image with each prompt (WanImageToVideo), HunyuanVideo too (HunyuanImageToVideo, v1 concat, "
+             "its text encoder reading the image); Wan 2.2 5B (TI2V) and LTX-Video keep it in the "
              "clip's first latent frame (Wan22ImageToVideoLatent, LTXVImgToVideo at strength 1: connect "
              "start_latent)"),
           In("prompts", "STRING", "prompts, one per line; a list of motions that fit any start image ships as the "
@@ -291,8 +317,9 @@ class EditList(ReadsImageFolder):
              "(Wan: 4k + 1; LTX-Video: 8k + 1)",
              81, options={"min": 1, "max": 1024, "step": 4}),
           *pairing_inputs(832, 480, "the size you distil at (Teacher from MODEL's) and sample at"),
-          In("clip_vision", "CLIP_VISION", "Wan 2.1 image-to-video: its CLIP vision model (Load CLIP Vision), whose "
-             "reading of each image joins its prompts; Wan 2.2 takes none", optional=True),
+          In("clip_vision", "CLIP_VISION", "Wan 2.1 and HunyuanVideo image-to-video: their CLIP vision model (Load "
+             "CLIP Vision; HunyuanVideo: llava_llama3_vision), whose reading of each image joins its prompts; Wan "
+             "2.2 takes none", optional=True),
       ],
       outputs=[*PROMPT_OUTPUTS, Out("LATENT", "start_latent", "Wan 2.2 5B, LTX-Video: each prompt's start latent, "
                                     "in order, for Teacher from MODEL's start_latent (none for the other releases)")])

@@ -38,7 +38,7 @@ class BuiltinTeacher:
       "side. Flux dev takes guidance as an input: the guidance value is its FluxGuidance, and CFG stays 1. "
       "Video models distil on stills (length 1) or on clips of the length you sample with. Wan 2.2 14B: its "
       "high- and low-noise models together, as one teacher. Image-to-video (Wan, HunyuanVideo) and inpainting "
-      "models distil on each prompt's image: give the prompts through Distill image-to-video list (Wan) or the "
+      "models distil on each prompt's image: give the prompts through Distill image-to-video list or the "
       "model's own node (WanImageToVideo, HunyuanImageToVideo, InpaintModelConditioning) at this width, height and "
       "length; Wan 2.2 5B and LTX-Video take theirs through start_latent. Editing models (Flux Kontext, "
       "Qwen-Image-Edit) distil on each prompt's reference images (Distill edit list, or ReferenceLatent / "

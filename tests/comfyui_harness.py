@@ -55,8 +55,10 @@ as ComfyUI imports them, with its command-line arguments set for the CPU):
     python tests/comfyui_harness.py start-image-list-probe WORKDIR
         Distill image-to-video list through ComfyUI's own WanImageToVideo and CLIPVisionEncode (stand-ins for the
         text encoder, the VAE and the CLIP vision model), into Teacher from MODEL on a tiny Wan 2.1
-        image-to-video model and one guided teacher evaluation on a clip; and for Wan 2.2 5B and LTX-Video through
-        Wan22ImageToVideoLatent and LTXVImgToVideo into its start_latent on tiny Wan 2.2 5B and LTX-Video models.
+        image-to-video model and one guided teacher evaluation on a clip; for HunyuanVideo through its
+        image-reading text encoder's node and HunyuanImageToVideo on a tiny HunyuanVideo image-to-video model; and
+        for Wan 2.2 5B and LTX-Video through Wan22ImageToVideoLatent and LTXVImgToVideo into its start_latent on
+        tiny Wan 2.2 5B and LTX-Video models.
     python tests/comfyui_harness.py family-probe {sd15-v,sdxl-eps,sdxl-v,sd15-flow,sd15-inpaint} WORKDIR
         the same on a tiny model of that family built in memory with ComfyUI's model classes (sd15-flow:
         a flow-patched clone is read as a flow teacher, then the plain model of the same checkpoint is
@@ -643,20 +645,25 @@ def flow_probe(family: str, work: Path) -> dict:
 
 
 class StandInText:
-    """A text encoder's node-facing interface: the tokens are the text, its encoding [1, tokens, width] a function of
-    the text, with ``options(text)`` (a pooled output, the attention mask of T5's padded tokens)."""
+    """A text encoder's node-facing interface: the tokens are the text and the mean of the image features it reads
+    (HunyuanVideo's ``image_embeds``), its encoding [1, tokens, width] a function of both, with ``options(text)`` (a
+    pooled output, the attention mask of T5's padded tokens); ``given``: the tokenizer's options and image means."""
 
     def __init__(self, width: int, tokens: int, options):
-        self.width, self.tokens, self.options = width, tokens, options
+        self.width, self.tokens, self.options, self.given = width, tokens, options, []
 
-    def tokenize(self, text):
-        return text
+    def tokenize(self, text, image_embeds=None, **options):
+        seen = 0.0 if image_embeds is None else float(image_embeds.mean())
+        self.given.append({"options": sorted([*options, *(["image_embeds"] if image_embeds is not None else [])]),
+                           "image": seen})
+        return text, seen
 
-    def encode_from_tokens_scheduled(self, text):
+    def encode_from_tokens_scheduled(self, tokens):
         import torch
 
+        text, seen = tokens
         gen = torch.Generator().manual_seed(sum(map(ord, text)))
-        return [[torch.randn(1, self.tokens, self.width, generator=gen), self.options(text)]]
+        return [[torch.randn(1, self.tokens, self.width, generator=gen) + seen, self.options(text)]]
 
 
 def pack_with_stock_nodes(work: Path) -> dict:
@@ -779,9 +786,10 @@ def start_image_list_probe(work: Path) -> dict:
         clip, vae, "Wan 2.1 / Wan 2.2 14B (WanImageToVideo)", "the camera pushes in\nit rains", "static", 9,
         "every line on every image", 64, 64, images=images, clip_vision=vision)["result"]
     (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0, length=9)
+    hunyuan = hunyuan_start_list(pack, images, StandInVAE(), work)
     starts = {family: start_latent_list(pack, family, release, images, work) for family, release in (
         ("wan22-5b-i2v-clip", "Wan 2.2 5B (Wan22ImageToVideoLatent)"), ("ltxv-i2v-clip", "LTX-Video (LTXVImgToVideo)"))}
-    return {**starts,
+    return {**starts, "hunyuan-video-i2v-clip": hunyuan,
             "entries": [len(positive), len(negative)], "fitted": list(fitted.shape),
             "vae_encoded": vae.given, "vision_encoded": vision.given,
             "inputs": [{k: list(v.shape) for k, v in e[1].items() if isinstance(v, torch.Tensor)} for e in positive],
@@ -790,6 +798,32 @@ def start_image_list_probe(work: Path) -> dict:
             "negative_shares_images": all(n[1]["concat_latent_image"] is p[1]["concat_latent_image"]
                                           for p, n in zip(positive, negative, strict=True)),
             **guided_teacher(handle, (16, 3, 8, 8), 4.0)}
+
+
+def hunyuan_start_list(pack: dict, images, vae, work: Path) -> dict:
+    """Distill image-to-video list for HunyuanVideo, two start images x two prompts, through ComfyUI's own
+    CLIPVisionEncode, TextEncodeHunyuanVideo_ImageToVideo and HunyuanImageToVideo (stand-ins for its text encoder,
+    which records the options and the image features it was given, its vision model and ``vae``), into Teacher from
+    MODEL on a tiny HunyuanVideo image-to-video model at its guidance input, and a teacher evaluation on a clip."""
+    from types import SimpleNamespace
+
+    import torch
+
+    model, context, pooled = flow_model("hunyuan-video-i2v-clip", work)
+    llava = StandInText(context, 12, lambda text: {"pooled_output": torch.randn(1, pooled)})
+
+    class StandInVision:
+        def encode_image(self, image, crop=True):
+            return SimpleNamespace(mm_projected=torch.full((1, 4, 8), float(image.mean())))
+
+    positive, negative, fitted, _ = pack["DistillImageToVideoList"]().run(
+        llava, vae, "HunyuanVideo (HunyuanImageToVideo, v1 concat)", "the camera pushes in\nit rains", "static", 9,
+        "every line on every image", 64, 64, images=images, clip_vision=StandInVision())["result"]
+    (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 3.5, length=9)
+    return {"entries": [len(positive), len(negative)], "tokenized": llava.given,
+            "image_means": [float(i.mean()) for i in fitted],
+            "inputs": [sorted(k for k, v in e[1].items() if isinstance(v, torch.Tensor)) for e in positive + negative],
+            **guided_teacher(handle, (16, 3, 8, 8), handle.guidance)}
 
 
 def start_latent_list(pack: dict, family: str, release: str, images, work: Path) -> dict:

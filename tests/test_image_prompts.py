@@ -49,6 +49,12 @@ class StockNodes:
             mask = torch.zeros(1, 1) + inputs.get("strength", 0)  # here: the strength it was given
             latent = {"samples": inputs["vae"].encode(image), "noise_mask": mask}
             return (inputs.get("positive"), inputs.get("negative"), latent)
+        if node_id == "TextEncodeHunyuanVideo_ImageToVideo":  # its text encoder reads the image's vision output
+            cond, options = inputs["clip"].encode_from_tokens_scheduled(inputs["prompt"])[0]
+            return ([[cond + inputs["clip_vision_output"][1], options]],)
+        if node_id == "HunyuanImageToVideo":  # v1 (concat): the start frames' latent on every entry it is given
+            image = {"concat_latent_image": inputs["vae"].encode(inputs["start_image"]), "how": inputs["guidance_type"]}
+            return [[c, {**o, **image}] for c, o in inputs["positive"]], {}
         if node_id == "WanImageToVideo":  # the start frames' latent and the vision output on both sides
             image = {"concat_latent_image": inputs["vae"].encode(inputs["start_image"]),
                      "size": (inputs["width"], inputs["height"], inputs["length"], inputs["batch_size"]),
@@ -66,7 +72,7 @@ def _save(path, height: int, width: int, seed: int) -> np.ndarray:
     return pixels
 
 
-WAN_14B, WAN_5B, LTXV = edits.RELEASES
+WAN_14B, HUNYUAN, WAN_5B, LTXV = edits.RELEASES
 
 
 @pytest.fixture
@@ -254,6 +260,29 @@ def test_wan_22_5b_prompts_start_from_each_images_latent_one_per_prompt(tmp_path
     assert stock.calls == [("LTXVImgToVideo", sorted(["vae", "image", "width", "height", "length", "batch_size",
                                                       "positive", "negative", "strength"]))] * 2
     assert start["samples"].shape == (2, 4, 2, 4) and float(start["noise_mask"].max()) == 1.0
+
+
+def test_hunyuan_video_prompts_read_each_image_through_the_text_encoder_and_carry_its_start_frames(tmp_path, stock):
+    """HunyuanVideo image-to-video: CLIPVisionEncode once per image, each prompt and the negative through
+    TextEncodeHunyuanVideo_ImageToVideo with that reading, then HunyuanImageToVideo (v1, concat) once per image on
+    all of them, the negative given as its last entry; without a CLIP vision model the list is refused."""
+    images = torch.rand(2, 16, 16, 3, generator=torch.Generator().manual_seed(4))
+    clip, vae = FakeClip(), FakeVAE()
+    positive, negative, fitted, start = edits.ImageToVideoList().run(
+        clip, vae, HUNYUAN, "pan left\nzoom in", "static", 9, edits.EVERY_PAIR, 16, 16, images=images,
+        clip_vision="vision model")["result"]
+    per_image = ["CLIPVisionEncode", *["TextEncodeHunyuanVideo_ImageToVideo"] * 3, "HunyuanImageToVideo"]
+    assert [c for c, _ in stock.calls] == per_image * 2 and vae.encoded == 2 and start is None
+    for k, (pos, neg) in enumerate(zip(positive, negative, strict=True)):
+        image, text = divmod(k, 2)
+        seen = float(fitted[image].mean())
+        expected = clip.encode_from_tokens_scheduled(["pan left", "zoom in"][text])[0][0] + seen
+        torch.testing.assert_close(pos[0], expected)
+        torch.testing.assert_close(neg[0], clip.encode_from_tokens_scheduled("static")[0][0] + seen)
+        assert pos[1]["how"] == neg[1]["how"] == "v1 (concat)"
+        torch.testing.assert_close(neg[1]["concat_latent_image"], FakeVAE().encode(fitted[image:image + 1]))
+    with pytest.raises(ValueError, match="HunyuanVideo image-to-video reads the image through its text encoder"):
+        edits.ImageToVideoList().run(clip, vae, HUNYUAN, "a", "", 9, edits.EVERY_PAIR, 16, 16, images=images)
 
 
 class ClassicNode:

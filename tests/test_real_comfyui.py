@@ -235,8 +235,10 @@ def test_the_image_to_video_list_encodes_each_start_image_through_wanimagetovide
     and its negative carrying the start frames' latent, mask and the reading of its own image, and Teacher from MODEL
     on a tiny Wan 2.1 image-to-video model takes them and evaluates the guided teacher on a clip; for Wan 2.2 5B,
     image i with prompt i through Wan22ImageToVideoLatent, its start latents one per prompt into Teacher from MODEL's
-    start_latent on a tiny Wan 2.2 5B model, and the same for LTX-Video through LTXVImgToVideo
-    (``start_image_list_probe``: stand-ins for the text encoders, the VAEs and the CLIP vision model)."""
+    start_latent on a tiny Wan 2.2 5B model, and the same for LTX-Video through LTXVImgToVideo; for HunyuanVideo,
+    each prompt and the negative through TextEncodeHunyuanVideo_ImageToVideo with its image's CLIPVisionEncode
+    reading, then HunyuanImageToVideo (v1, concat), into Teacher from MODEL at its guidance input
+    (``start_image_list_probe``: stand-ins for the text encoders, the VAEs and the vision models)."""
     result = _probe("start-image-list-probe", str(tmp_path))
     assert result["entries"] == [4, 4] and result["fitted"] == [2, 64, 64, 3]
     assert result["vae_encoded"] == [[9, 64, 64, 3]] * 2 and result["vision_encoded"] == [[[1, 64, 64, 3], False]] * 2
@@ -245,6 +247,13 @@ def test_the_image_to_video_list_encodes_each_start_image_through_wanimagetovide
     means = result["image_means"]
     assert result["vision_features"] == [means[0], means[0], means[1], means[1]] and means[0] != means[1]
     assert result["negative_shares_images"] and result["guided_finite"] and result["guided_shape"] == [2, 16, 3, 8, 8]
+    hunyuan = result["hunyuan-video-i2v-clip"]  # the text encoder reads each image; every entry carries its frames
+    assert hunyuan["entries"] == [4, 4] and len(hunyuan["tokenized"]) == 6
+    assert all(t["options"] == ["image_embeds", "image_interleave", "llama_template"] for t in hunyuan["tokenized"])
+    first, second = hunyuan["image_means"]
+    assert [t["image"] for t in hunyuan["tokenized"]] == [first] * 3 + [second] * 3 and first != second
+    assert hunyuan["inputs"] == [["concat_latent_image", "concat_mask", "pooled_output"]] * 8
+    assert hunyuan["guided_finite"] and hunyuan["guided_shape"] == [2, 16, 3, 8, 8]
     for family, clip in (("wan22-5b-i2v-clip", [48, 3, 4, 4]), ("ltxv-i2v-clip", [128, 3, 2, 2])):
         out = result[family]  # image i with prompt i, each clip starting from its image's latent frame
         assert out["entries"] == [2, 2] and out["images_differ"] and out["start_samples"] == [2, *clip]
