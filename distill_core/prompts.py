@@ -62,6 +62,11 @@ def prompt_flag(prompts: str | Path | list[str]) -> str:
     return "--prompt" if isinstance(prompts, list) else "--prompts"
 
 
+def prompt_lines(text: str) -> list[str]:
+    """The non-empty lines of ``text``, stripped: one prompt (or instruction) per line."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def read_prompts(path: str | Path | list[str] | None) -> list[str]:
     """The prompts of a text file, one per non-empty line (or of a list of prompts); the shipped list without
     either."""
@@ -77,7 +82,7 @@ def read_prompts(path: str | Path | list[str] | None) -> list[str]:
     except OSError as e:
         raise FileNotFoundError(f"--prompts {path}: cannot read it ({e.strerror}); give a text file with one "
                                 "prompt per line") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = prompt_lines(text)
     if not prompts:
         raise ValueError(f"--prompts {path} holds no prompt: write one prompt per line")
     return prompts

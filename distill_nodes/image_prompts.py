@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_NEGATIVE
+from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_NEGATIVE, prompt_lines
 from distill_core.reference_images import IMAGE_SUFFIXES, cover, folder_images, read_image
 
 from . import host
@@ -35,6 +35,16 @@ class TextEntries:
         if text not in self.entries:
             self.entries[text] = encode(self.clip, text)
         return self.entries[text]
+
+
+def clip_size(width: int, height: int, length: int) -> dict:
+    """The size inputs of the stock image-to-video nodes, for one clip."""
+    return {"width": width, "height": height, "length": length, "batch_size": 1}
+
+
+def vision_reading(clip_vision, image: torch.Tensor):
+    """The stock CLIPVisionEncode's reading of ``image``, uncropped (it is fitted to the clip already)."""
+    return host.run_stock_node("CLIPVisionEncode", clip_vision=clip_vision, image=image, crop="none")[0]
 
 
 class ReferenceLatentEdit:
@@ -75,11 +85,10 @@ class WanStartImage:
 
     def __init__(self, clip, vae, clip_vision, width: int, height: int, length: int):
         self.text, self.vae, self.clip_vision = TextEntries(clip), vae, clip_vision
-        self.size = {"width": width, "height": height, "length": length, "batch_size": 1}
+        self.size = clip_size(width, height, length)
 
     def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list, None]:
-        vision = {} if self.clip_vision is None else {"clip_vision_output": host.run_stock_node(
-            "CLIPVisionEncode", clip_vision=self.clip_vision, image=image, crop="none")[0]}
+        vision = {} if self.clip_vision is None else {"clip_vision_output": vision_reading(self.clip_vision, image)}
         positive, negatives, _ = host.run_stock_node(
             "WanImageToVideo", positive=[self.text(text) for text in texts], negative=[self.text(negative)],
             vae=self.vae, start_image=image, **self.size, **vision)
@@ -97,10 +106,10 @@ class HunyuanStartImage:
             raise ValueError("HunyuanVideo image-to-video reads the image through its text encoder: connect its CLIP "
                              "vision model (Load CLIP Vision: llava_llama3_vision) to clip_vision")
         self.clip, self.vae, self.clip_vision = clip, vae, clip_vision
-        self.size = {"width": width, "height": height, "length": length, "batch_size": 1}
+        self.size = clip_size(width, height, length)
 
     def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list, None]:
-        (vision,) = host.run_stock_node("CLIPVisionEncode", clip_vision=self.clip_vision, image=image, crop="none")
+        vision = vision_reading(self.clip_vision, image)
         entries = [host.run_stock_node("TextEncodeHunyuanVideo_ImageToVideo", clip=self.clip, clip_vision_output=vision,
                                        prompt=text, image_interleave=2)[0][0] for text in [*texts, negative]]
         with_image, _ = host.run_stock_node("HunyuanImageToVideo", positive=entries, vae=self.vae, start_image=image,
@@ -119,7 +128,7 @@ class StartLatent:
         if clip_vision is not None:
             raise ValueError(f"{node_id} reads no CLIP vision features: disconnect clip_vision")
         self.node_id, self.image_input, self.text, self.vae = node_id, image_input, TextEntries(clip), vae
-        self.inputs = {"width": width, "height": height, "length": length, "batch_size": 1, **options}
+        self.inputs = {**clip_size(width, height, length), **options}
 
     def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list, dict]:
         latent = host.run_stock_node(self.node_id, vae=self.vae, **self.inputs, **{self.image_input: image})[-1]
@@ -149,10 +158,6 @@ def image_folders() -> list[str]:
     return [NO_FOLDER, *folders]
 
 
-def split_lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 def texts_per_image(images: list[Path | None], lines: list[str], pairing: str, kind: str) -> list[list[str]]:
     """The texts of each image (``images``: each one's file, None for a connected one): every line on every image,
     image i with line i (one image or one line: with every one of the other), or each image with the lines of the
@@ -164,7 +169,7 @@ def texts_per_image(images: list[Path | None], lines: list[str], pairing: str, k
         texts = []
         for file in images:
             caption = file.with_suffix(".txt")
-            found = split_lines(caption.read_text(encoding="utf-8", errors="replace")) if caption.is_file() else []
+            found = prompt_lines(caption.read_text(encoding="utf-8", errors="replace")) if caption.is_file() else []
             if not found:
                 raise ValueError(f"{file.name} has no {kind}s beside it: write them in {caption.name}, one per line, "
                                  "in the same folder")
@@ -205,7 +210,7 @@ def listed_prompts(encoder, lines_text: str, negative: str, pairing: str, images
     of each prompt or None, a line saying how many prompts were made): ``encoder`` on each image with its texts
     (``texts_per_image``), image by image."""
     found = gather_images(images, image_folder)
-    texts = texts_per_image([file for _, file in found], split_lines(lines_text), pairing, kind)
+    texts = texts_per_image([file for _, file in found], prompt_lines(lines_text), pairing, kind)
     fitted = [cover(image[:, :, :, :3], height, width) for image, _ in found]
     positive, negatives, starts = [], [], []
     for image, own_texts in zip(fitted, texts, strict=True):

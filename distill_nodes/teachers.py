@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from distill_core.builtin import DEFAULT_GUIDANCE
 from distill_core.config import EDM_SIGMA_MIN, SD_SIGMA_MIN
-from distill_core.prompts import DEFAULT_NEGATIVE, DEFAULT_PROMPTS
+from distill_core.prompts import DEFAULT_NEGATIVE, DEFAULT_PROMPTS, prompt_lines
 from distill_core.sources import builtin_source, comfy_source
 
 from .handles import TeacherHandle
@@ -124,7 +124,7 @@ class TeacherFromModel:
                Out("CONDITIONING", "negative", "the encoded negative prompt")])
 class PromptList:
     def run(self, clip, prompts: str, negative: str, unique_id=None):
-        lines = [p.strip() for p in prompts.splitlines() if p.strip()]
+        lines = prompt_lines(prompts)
         if not lines:
             raise ValueError("the prompt list is empty: write at least one prompt (one per line)")
         return [encode(clip, p) for p in lines], [encode(clip, negative)]
