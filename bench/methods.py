@@ -81,6 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_core.builtin import fingerprint  # noqa: E402
 from distill_core.config import DistillConfig  # noqa: E402
+from distill_core.denoisers.base import move_cond  # noqa: E402
 from distill_core.eval.benchmark import (  # noqa: E402
     METRIC_SPACES,
     benchmark_set,
@@ -252,7 +253,7 @@ def auto_against_methods(rows: list[dict]) -> list[str]:
 def path_straightness(denoiser, ev, sigma_min: float, sigma_max: float) -> float:
     """``reflow.straightness`` of ``denoiser``'s ODE paths from the first evaluation noises."""
     noise = (ev.noise[:STRAIGHTNESS_SAMPLES] / sigma_max).to(ev.device)
-    labels = None if ev.labels is None else ev.labels[:STRAIGHTNESS_SAMPLES].to(ev.device)
+    labels = move_cond(ev.rows(0, STRAIGHTNESS_SAMPLES), ev.device)
     return round(straightness(denoiser, noise, labels, sigma_min, sigma_max), 4)
 
 

@@ -212,7 +212,8 @@ def _still_shape(config: dict, root: Path, resolution: int | None) -> tuple[int,
     """``sample_shape`` of an image: (C, H, W)."""
     name = config["_class_name"]
     packed = name in PACKED
-    channels = config["in_channels"] // 4 if packed else config["in_channels"]
+    # Wan's image-to-video transformer reads its start condition's channels beside the sample's
+    channels = config["in_channels"] // 4 if packed else config.get("out_channels") or config["in_channels"]
     scale = latent_pixels(root, name)
     if resolution is None:
         if name in DEFAULT_IMAGE:
@@ -247,8 +248,8 @@ def pipeline_network(root: Path, index: dict, model_dir: Path, config: dict, sch
 
 
 #: the words in the class names of pipelines whose network takes an image beside the noise, which this command does
-#: not feed: image-to-video, inpainting, and editing guided by CFG against a negative that reads each prompt's own
-#: image (it feeds Flux Kontext's, ``EDITING_PIPELINES``)
+#: not feed: inpainting, and editing guided by CFG against a negative that reads each prompt's own image in its text
+#: encoder (it feeds Flux Kontext's, ``EDITING_PIPELINES``, and Wan's image-to-video, ``IMAGE_TO_VIDEO_PIPELINES``)
 IMAGE_CONDITIONED = ("ImageToVideo", "Inpaint", "Edit")
 
 
@@ -261,28 +262,37 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     (condition P; ``negative`` where given) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``
     (Qwen-Image: 4). Flux samples without CFG (w = 1, as its pipeline does); Flux dev takes ``guidance``
     (default ``FLUX_GUIDANCE``) as its input, and its students' files name it (``embedded_guidance``).
-    An editing pipeline (Flux Kontext) takes prompt k as an edit of image k of ``images``, whose latents join the
-    tables (``reference_images``; the negative's row: the first prompt's image, as Flux samples without CFG).
+    A pipeline that reads an image beside each prompt takes prompt k with image k of ``images`` (``image_tables``,
+    read by the condition's ``IMAGE_ROW``; the negative with each sample's own image): an editing pipeline (Flux
+    Kontext) edits it, an image-to-video pipeline (Wan) starts its clip from it (``start_images``).
     ``encode`` False: no prompt tables (the network alone; it refuses to run)."""
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
     from distill_core.prompts import read_prompts
-    from distill_core.reference_images import EDITING_PIPELINES, REFERENCE_TABLE, image_files, reference_latents
-    from distill_core.text_pipeline import PromptConditioned, encode_prompts, vae_decoder
+    from distill_core.reference_images import EDITING_PIPELINES, image_files, image_tables
+    from distill_core.start_images import IMAGE_TO_VIDEO_PIPELINES
+    from distill_core.text_pipeline import PROMPT_ROW, PromptConditioned, encode_prompts, prompt_condition, vae_decoder
 
     if classes:
         raise ValueError(f"{root}: a text-to-image pipeline trains on prompts (--prompts FILE), not --classes")
-    if any(kind in index.get("_class_name", "") for kind in IMAGE_CONDITIONED):
-        raise ValueError(f"{root}: a {index['_class_name']}'s network takes an image beside the noise, which this "
-                         "command does not feed (it feeds Flux Kontext's, --images); distil it in ComfyUI, where "
-                         "each prompt carries its image (docs/comfyui.md), or distil the text-to-image or "
-                         "text-to-video pipeline")
-    editing = index.get("_class_name") in EDITING_PIPELINES
-    if images is not None and not editing:
-        raise ValueError(f"{root}: --images is for editing pipelines ({', '.join(EDITING_PIPELINES)}); a "
-                         f"{index.get('_class_name')} draws from its prompts alone")
-    if editing and images is None and encode:
-        raise ValueError(f"{root}: a {index['_class_name']} edits an image with each prompt: give the images with "
-                         "--images (one file for every prompt, or a folder with one image per prompt)")
+    name = index.get("_class_name", "")
+    reading = EDITING_PIPELINES + IMAGE_TO_VIDEO_PIPELINES
+    if name not in reading and any(kind in name for kind in IMAGE_CONDITIONED):
+        raise ValueError(f"{root}: a {name}'s network takes an image beside the noise, which this command does not "
+                         f"feed (it feeds {', '.join(reading)}: --images); distil it in ComfyUI, where each prompt "
+                         "carries its image (docs/comfyui.md), or distil the text-to-image or text-to-video pipeline")
+    if images is not None and name not in reading:
+        raise ValueError(f"{root}: --images is for pipelines that read an image beside each prompt "
+                         f"({', '.join(reading)}); a {name} draws from its prompts alone")
+    if name in reading and images is None and encode:
+        raise ValueError(f"{root}: a {name} reads an image with each prompt: give the images with --images (one file "
+                         "for every prompt, or a folder with one image per prompt)")
+    if name in IMAGE_TO_VIDEO_PIPELINES and index.get("expand_timesteps"):
+        raise ValueError(f"{root}: this {name} (Wan 2.2 TI2V 5B's) puts the start image in the clip's first frame "
+                         "with a time of its own, which this command does not feed; distil it in ComfyUI with "
+                         "Distill image-to-video list (docs/comfyui.md), or distil its text-to-video pipeline")
+    if name in IMAGE_TO_VIDEO_PIPELINES and frames < 2:
+        raise ValueError(f"{root}: a {name} draws clips that start from an image: give --frames (its pipeline's "
+                         "default: 81)")
     prompts = read_prompts(prompts)
     config = model_config(model_dir, pipeline=True)
     shape = sample_shape(config, root, resolution, frames)
@@ -291,10 +301,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
                          "drop --negative")
     # the encoders freed before the network loads
     tables = encode_prompts(root, index, prompts, shape, negative) if encode else {}
-    if editing and encode:
-        pixels = latent_pixels(root, config["_class_name"])
-        latents = reference_latents(root, image_files(images, len(prompts)), shape[-2] * pixels, shape[-1] * pixels)
-        tables[REFERENCE_TABLE] = torch.cat([latents, latents[:1]])
+    per_image = image_tables(root, name, image_files(images, len(prompts)), shape,
+                             latent_pixels(root, config["_class_name"])) if name in reading and encode else {}
     model = pipeline_network(root, index, model_dir, config, scheduler_dir, frozen_precision)
     name = config["_class_name"]
     embedded = None
@@ -303,15 +311,16 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     elif config.get("guidance_embeds"):
         raise ValueError(f"{model_dir}: a guidance-distilled {name} (guidance_embeds) is not a teacher this command "
                          "distils; give the pipeline it was distilled from")
-    denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape, embedded), tables)
+    denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape, embedded), tables, per_image)
     n = len(prompts)
 
-    def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(n, (batch,), generator=generator)
+    def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor | dict:
+        return prompt_condition(denoiser, torch.randint(n, (batch,), generator=generator))
 
     card = {**({} if embedded is None else {"embedded_guidance": embedded}),
             **({"resolution": resolution} if resolution else {}), **({"frames": frames} if frames > 1 else {}),
             **({} if negative is None else {"negative": negative})}
     w = 1.0 if index.get("is_distilled") else GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE)
-    return TeacherSource(str(root), denoiser, shape, draw_cond, torch.tensor([n]), w, n, card=card,
+    uncond = {PROMPT_ROW: torch.tensor([n])} if per_image else torch.tensor([n])  # each sample's own image
+    return TeacherSource(str(root), denoiser, shape, draw_cond, uncond, w, n, card=card,
                          decode=vae_decoder(root), prompt_table=True)

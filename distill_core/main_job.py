@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 import yaml
 
 from distill_core.config import QUALITY, DistillConfig
+from distill_core.denoisers.base import move_cond
 from distill_core.methods import auto
 from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import methods
@@ -152,11 +154,14 @@ def reference_steps(source: TeacherSource, steps: int | None = None) -> int:
 
 
 def eval_space(source: TeacherSource) -> dict:
-    """How a teacher's samples are evaluated (``eval_set``'s keywords): their shape and classes, and the metric
-    space, the classifier's features for the digits teachers, else pooled pixels."""
+    """How a teacher's samples are evaluated (``eval_set``'s keywords): their shape and classes (a prompt table's
+    rows: with their images' where the teacher reads them, ``prompt_condition``), and the metric space, the
+    classifier's features for the digits teachers, else pooled pixels."""
     from distill_core.eval.benchmark import DIGITS, PIXELS
+    from distill_core.text_pipeline import prompt_condition
 
-    return {"shape": source.shape, "classes": source.classes, "space": DIGITS if source.digits else PIXELS}
+    return {"shape": source.shape, "classes": source.classes, "space": DIGITS if source.digits else PIXELS,
+            **({"condition": functools.partial(prompt_condition, source.denoiser)} if source.prompt_table else {})}
 
 
 def source_of(cfg: DistillConfig) -> TeacherSource:
@@ -235,7 +240,7 @@ def write_run_report(cfg: DistillConfig, source: TeacherSource, run: StudentRun,
     rows += at_twice
 
     k = min(10, cfg.eval_samples)
-    noise, labels = ev.noise[:k].to(run.device), None if ev.labels is None else ev.labels[:k].to(run.device)
+    noise, labels = ev.noise[:k].to(run.device), move_cond(ev.rows(0, k), run.device)
     sigmas = solver_sigmas(best["method"], nfe, cfg.sigma_min, teacher.sigma_max).to(run.device)
     with torch.no_grad():
         solver_images = SOLVERS[parse_solver_label(best["method"])[0]](teacher, noise, sigmas, labels).cpu()

@@ -1,4 +1,6 @@
-"""The images an editing pipeline's prompts edit (``--images``: Flux Kontext), as the latents its network reads.
+"""The images an editing pipeline's prompts edit (``--images``: Flux Kontext), as the latents its network reads;
+and the dispatch of every pipeline that reads an image beside each prompt (``image_tables``; image-to-video:
+``start_images``).
 
 Flux Kontext's transformer reads the image being edited beside the noise: its VAE latent z_ref, packed into
 2 x 2 patches as the sample is, joins the sample's tokens, each at position (1, row, column) where the sample's
@@ -8,7 +10,8 @@ are at (0, row, column), and the network's velocity is read off the sample's tok
     z_ref,k = (E(I_k) - shift) * scale,
 
 E the mode of the pipeline's VAE encoder, I_k scaled to the teacher's image size (Lanczos, in [-1, 1]) as the
-pipeline's image processor scales it, into a table the teacher reads by prompt index beside the prompts'.
+pipeline's image processor scales it, into a table the teacher reads by the condition's image row beside the
+prompts' (``PromptConditioned``).
 The pipeline then draws the student's edits of an image of that size with ``_auto_resize=False`` and
 ``max_area`` the image's area, which keep both the image and the drawn size as they are.
 
@@ -79,12 +82,35 @@ def cover(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return scaled[:, :, top:top + height, left:left + width].clamp(0, 1).movedim(1, -1)
 
 
+def image_tables(root: Path, pipeline: str, files: list[Path], shape: tuple[int, ...], pixels: int
+                 ) -> dict[str, torch.Tensor]:
+    """The tables of what the network of the ``pipeline`` at ``root`` reads of each prompt's image (``files``,
+    one per prompt), for samples of latent ``shape`` whose pixels span ``pixels`` image pixels: an editing
+    pipeline's reference latents (``REFERENCE_TABLE``), an image-to-video pipeline's start conditions
+    (``start_images.start_tables``)."""
+    from distill_core.start_images import start_tables
+
+    if pipeline in EDITING_PIPELINES:
+        return {REFERENCE_TABLE: reference_latents(root, files, shape[-2] * pixels, shape[-1] * pixels)}
+    return start_tables(root, files, shape, pixels)
+
+
+def pil_image(file: Path):
+    """``file`` as an RGB PIL image, as a pipeline takes it; a file that is no image is refused in one line."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--images: {file} is not an image this reads ({e})") from None
+
+
 def reference_latents(root: Path, files: list[Path], height: int, width: int) -> torch.Tensor:
     """The latents z_ref [N, C, height / f, width / f] of ``files`` (see the module docstring), each scaled to
     ``height`` x ``width`` pixels and encoded by the VAE of the pipeline at ``root``."""
     import diffusers
     from diffusers.image_processor import VaeImageProcessor
-    from PIL import Image, UnidentifiedImageError
 
     folder = root / "vae"
     if not (folder / "config.json").is_file():
@@ -94,11 +120,7 @@ def reference_latents(root: Path, files: list[Path], height: int, width: int) ->
     processor = VaeImageProcessor()
     latents = []
     for file in files:
-        try:
-            with Image.open(file) as image:
-                pixels = processor.preprocess(image.convert("RGB"), height=height, width=width)
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"--images: {file} is not an image this reads ({e})") from None
+        pixels = processor.preprocess(pil_image(file), height=height, width=width)
         with torch.no_grad():
             z = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
         latents.append((z - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor)

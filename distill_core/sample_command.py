@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from distill_core.denoisers.base import Cond, index_cond
 from distill_core.methods.base import TeacherSource
+from distill_core.text_pipeline import prompt_condition
 
 #: rows drawn without --prompt or --label: a teacher's first classes, or the first prompts of its list
 DEFAULT_ROWS = 10
@@ -51,15 +53,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def conditions(source: TeacherSource, prompts: list[str], labels: list[int] | None, given: bool
-               ) -> list[tuple[str, torch.Tensor | None]]:
+               ) -> list[tuple[str, Cond]]:
     """The rows to draw: each a label for the grid and the condition of a single image (``None``: the teacher's
     own draw, for a teacher without classes or prompts). ``prompts``: those a text-to-image source was built on,
-    whose condition k is prompt k; ``given``: whether the user named them (else the first ``DEFAULT_ROWS``)."""
+    whose condition k is prompt k (with image k, where the teacher reads one beside each prompt); ``given``:
+    whether the user named them (else the first ``DEFAULT_ROWS``)."""
     if source.prompt_table:
         if labels:
             raise ValueError(f"--label is for class-conditional teachers; {source.name} takes prompts (--prompt)")
-        return [(_short(prompt), torch.tensor([k])) for k, prompt in enumerate(prompts)][: None if given else
-                                                                                         DEFAULT_ROWS]
+        return [(_short(prompt), prompt_condition(source.denoiser, torch.tensor([k])))
+                for k, prompt in enumerate(prompts)][: None if given else DEFAULT_ROWS]
     if source.classes == 0:
         if labels:
             raise ValueError(f"--label is for class-conditional teachers; {source.name} has no classes")
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     rows, files = [], []
     for r, (label, one) in enumerate(drawn):
         cond = source.draw_cond(args.count, torch.Generator().manual_seed(args.seed)) if one is None else \
-            one.expand(args.count)
+            index_cond(one, torch.zeros(args.count, dtype=torch.long))
         images = pixels(decode(sample(student, sigmas[0] * z, cond, steps, args.guidance).cpu()))
         rows.append((label, images))
         for j, image in enumerate(images):

@@ -124,8 +124,8 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
     if frames > 1 and digits:
         raise ValueError(f"--frames is for video pipeline directories (Wan); the {name} teacher draws still digits")
     if images is not None and digits:
-        raise ValueError(f"--images is for editing pipeline directories (Flux Kontext); the {name} teacher draws "
-                         "digits from noise")
+        raise ValueError(f"--images is for pipeline directories that read an image beside each prompt (Flux "
+                         f"Kontext, Wan image-to-video); the {name} teacher draws digits from noise")
     if negative is not None and digits:
         raise ValueError(f"--negative is for text-to-image pipeline directories; the {name} teacher's other side "
                          "of CFG is its null class")

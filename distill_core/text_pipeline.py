@@ -48,17 +48,20 @@ from distill_core.report import frame_strip
 
 #: attributes of the text denoiser that the engine reads from a teacher's denoiser
 DENOISER_ATTRIBUTES = ("sigma_min", "sigma_max", "prediction", "shift")
+#: the keys of the conditions of a teacher that reads an image beside each prompt (``PromptConditioned``)
+PROMPT_ROW, IMAGE_ROW = "prompt", "image"
 #: the pipelines this command distils, by ``model_index.json``'s class name
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
-             "FluxKontextPipeline", "QwenImagePipeline", "WanPipeline", "AuraFlowPipeline", "ChromaPipeline",
-             "Lumina2Pipeline", "ZImagePipeline", "Flux2KleinPipeline", "HiDreamImagePipeline", "SanaPipeline")
+             "FluxKontextPipeline", "QwenImagePipeline", "WanPipeline", "WanImageToVideoPipeline", "AuraFlowPipeline",
+             "ChromaPipeline", "Lumina2Pipeline", "ZImagePipeline", "Flux2KleinPipeline", "HiDreamImagePipeline",
+             "SanaPipeline")
 #: the text tokens Wan's pipeline pads its prompts to (its call's ``max_sequence_length``)
 WAN_TEXT_TOKENS = 512
 #: the unconditional prompt of a pipeline whose negative is not the empty prompt
 NEGATIVE_PROMPT = {"QwenImagePipeline": " "}
 #: the parts of a pipeline that encoding prompts does not load
 NOT_FOR_PROMPTS = ("unet", "transformer", "transformer_2", "vae", "safety_checker", "feature_extractor",
-                   "image_encoder")
+                   "image_encoder", "image_processor")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
 #: the VAEs of video latents [B, C, F, H, W], normalised per channel by their ``latents_mean`` and ``latents_std``
 VIDEO_VAES = ("AutoencoderKLQwenImage", "AutoencoderKLWan")
@@ -72,12 +75,18 @@ class PromptConditioned(nn.Module):
     """D(x, sigma, k) = D_text(x, sigma, e_k): a denoiser over text conditions read through tables ``e`` of
     encoded prompts by the network's keyword (``[P + 1, ...]`` each, row P the negative; held in 16 bits where
     that holds them exactly, read as float32). The tables are no part of the teacher's identity (its
-    fingerprint): a student distilled on some prompts samples any others."""
+    fingerprint): a student distilled on some prompts samples any others.
 
-    def __init__(self, inner: nn.Module, tables: dict[str, torch.Tensor]):
+    A teacher that reads an image beside each prompt (Flux Kontext's edits, Wan's image-to-video clips) also has
+    ``image_tables`` (``[P, ...]`` each: prompt k's image) and takes conditions {``PROMPT_ROW``: k, ``IMAGE_ROW``:
+    i}: prompt row k with image row i. Its unconditional side names the negative's prompt row alone, so CFG reads
+    the negative with each sample's own image (``CFGTeacher.uncond_like``), as its pipeline guides."""
+
+    def __init__(self, inner: nn.Module, tables: dict[str, torch.Tensor],
+                 image_tables: dict[str, torch.Tensor] | None = None):
         super().__init__()
-        self.inner, self.names = inner, list(tables)
-        for name, table in tables.items():
+        self.inner, self.names, self.image_names = inner, list(tables), list(image_tables or {})
+        for name, table in {**tables, **(image_tables or {})}.items():
             self.register_buffer(name, table, persistent=False)
         for name in DENOISER_ATTRIBUTES:
             if hasattr(inner, name):
@@ -86,14 +95,29 @@ class PromptConditioned(nn.Module):
     def settings(self) -> dict:
         return self.inner.settings()
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: torch.Tensor | dict | None = None
+                ) -> torch.Tensor:
         if cond is None:
             raise ValueError("a text-to-image teacher needs a prompt index per sample")
         if not self.names:
             raise ValueError("this teacher was loaded without its prompts (its network alone): load it with them "
                              "to sample it")
-        rows = cond.to(x.device).long()
-        return self.inner(x, sigma, {name: widened(getattr(self, name)[rows]) for name in self.names})
+        rows = cond if isinstance(cond, dict) else {PROMPT_ROW: cond}
+        if self.image_names and IMAGE_ROW not in rows:
+            raise ValueError("this teacher reads an image beside each prompt: give conditions with the row of "
+                             "each sample's image (prompt_condition)")
+        read = [(name, rows[PROMPT_ROW]) for name in self.names] + \
+            [(name, rows[IMAGE_ROW]) for name in self.image_names]
+        return self.inner(x, sigma, {name: widened(getattr(self, name)[index.to(x.device).long()])
+                                     for name, index in read})
+
+
+def prompt_condition(denoiser: nn.Module, rows: torch.Tensor) -> torch.Tensor | dict:
+    """The condition of prompts ``rows`` for ``denoiser``: the rows, or, where it reads an image beside each prompt
+    (``PromptConditioned.image_names``), each prompt's row with its own image's."""
+    if getattr(denoiser, "image_names", None):
+        return {PROMPT_ROW: rows, IMAGE_ROW: rows}
+    return rows
 
 
 def widened(rows: torch.Tensor) -> torch.Tensor:
@@ -154,7 +178,8 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
     if name not in PIPELINES:
         raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
                          f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Flux Kontext, Qwen-Image, Wan 2.1 "
-                         "and 2.2 A14B, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream, SANA)")
+                         "and 2.2 A14B (text- and image-to-video), AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, "
+                         "HiDream, SANA)")
     for part in TEXT_ENCODERS:
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
@@ -204,7 +229,7 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
         context, mask = pipe.encode_prompt([*prompts, NEGATIVE_PROMPT[name] if negative is None else negative],
                                            device="cpu")
         return {"encoder_hidden_states": context.float(), "encoder_hidden_states_mask": mask}
-    if name == "WanPipeline":
+    if name in ("WanPipeline", "WanImageToVideoPipeline"):
         context, uncond = pipe.encode_prompt(prompts, negative or "", True, max_sequence_length=WAN_TEXT_TOKENS,
                                              device="cpu")
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float()}

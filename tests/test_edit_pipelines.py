@@ -18,6 +18,7 @@ from distill_core.export_diffusers import export, usage
 from distill_core.reference_images import REFERENCE_TABLE, image_files
 from distill_core.sampling import few_step
 from distill_core.student_files import load_student
+from distill_core.text_pipeline import IMAGE_ROW, PROMPT_ROW, prompt_condition
 from distill_core.train.run import train_student
 from tests.test_export_diffusers import pipeline_latents
 from tests.test_teacher_from_dir import multi_encoder_pipeline_dir
@@ -39,20 +40,31 @@ def kontext(tmp_path_factory):
 
 
 def test_the_teacher_reads_each_prompts_image_beside_the_noise(kontext):
-    """The image table holds each prompt's image latent (the negative's row: the first prompt's); the network
-    sees it (another image, another x0), and one image file serves every prompt."""
+    """The image table holds each prompt's image latent, read by the condition's image row; the network sees it
+    (another image, another x0), the negative's side of CFG reads each sample's own image, and one image file
+    serves every prompt."""
+    from distill_core.teacher import CFGTeacher
+
     teacher, prompts, images = kontext
     source = diffusers_source(teacher, prompts=prompts, images=images)
     table = getattr(source.denoiser, REFERENCE_TABLE)
-    assert source.shape == (16, 8, 8) and table.shape == (3, 16, 8, 8) and source.guidance == 1.0
-    assert not torch.equal(table[0], table[1]) and torch.equal(table[2], table[0])
+    assert source.shape == (16, 8, 8) and table.shape == (2, 16, 8, 8) and source.guidance == 1.0
+    assert not torch.equal(table[0], table[1]) and source.uncond == {PROMPT_ROW: torch.tensor([2])}
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([0, 1])
+    drawn = source.draw_cond(4, torch.Generator().manual_seed(0))
+    assert torch.equal(drawn[PROMPT_ROW], drawn[IMAGE_ROW])  # each prompt with its own image
+    guided = CFGTeacher(source.denoiser, 2.0, source.uncond)
     with torch.no_grad():
-        own = source.denoiser(x, 2.0, torch.tensor([0, 1]))
-        swapped = diffusers_source(teacher, prompts=["make it snowy", "an owl on it"], images=images / "b.png")
-        other = swapped.denoiser(x, 2.0, torch.tensor([0, 1]))
-    torch.testing.assert_close(other[1], own[1])  # prompt 1 with its own image, b.png, in both
-    assert (other[0] - own[0]).abs().max() > 1e-3  # prompt 0 with b.png instead of a.png
+        own = source.denoiser(x, 2.0, {PROMPT_ROW: rows, IMAGE_ROW: rows})
+        swapped = source.denoiser(x, 2.0, {PROMPT_ROW: rows, IMAGE_ROW: torch.tensor([1, 1])})
+        negative = source.denoiser(x, 2.0, {PROMPT_ROW: torch.tensor([2, 2]), IMAGE_ROW: rows})
+        _, unconditional = guided.both_sides(x, torch.full((2,), 2.0), {PROMPT_ROW: rows, IMAGE_ROW: rows})
+    torch.testing.assert_close(swapped[1], own[1])  # prompt 1 with its own image, b.png, in both
+    assert (swapped[0] - own[0]).abs().max() > 1e-3  # prompt 0 with b.png instead of a.png
+    torch.testing.assert_close(unconditional, negative)  # the negative with each sample's own image
+    with pytest.raises(ValueError, match="reads an image beside each prompt"):
+        source.denoiser(x, 2.0, rows)
     assert image_files(images / "a.png", 3) == [images / "a.png"] * 3
 
 
@@ -72,7 +84,8 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_edit(kontext,
     sigmas = student.sigmas()
     sigmas = torch.cat([sigmas[:-1], torch.zeros(1)])  # the pipeline's times end at 0
     with torch.no_grad():
-        ours = few_step(student.denoiser(), sigmas[0] * z, sigmas, torch.tensor([1]), afs=True)  # an owl on b.png
+        owl = prompt_condition(source.denoiser, torch.tensor([1]))  # an owl on b.png
+        ours = few_step(student.denoiser(), sigmas[0] * z, sigmas, owl, afs=True)
     edit = Image.open(images / "b.png")
     settings_with_image = {**settings, "call": {**settings["call"], "image": edit}}
     theirs = pipeline_latents(teacher, tmp_path / "export", settings_with_image, z, prompt="an owl on it")
@@ -102,7 +115,7 @@ def test_the_main_job_distils_an_editing_pipeline_and_samples_new_edits(kontext,
                  str(images / "a.png"), "--count", "2", "--out", str(drawn)]) == 0
     assert len(json.loads((drawn / "samples.json").read_text())["images"]) == 2
     assert main(["sample", str(out / "student.safetensors"), "--prompt", "make it rain", "--out", str(drawn)]) == 1
-    assert "edits an image with each prompt: give the images with --images" in capsys.readouterr().err
+    assert "reads an image with each prompt: give the images with --images" in capsys.readouterr().err
     cmp = tmp_path / "cmp"
     assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--images", str(images),
                  "--count", "2", "--reference-steps", "4", "--out", str(cmp)]) == 0
@@ -111,12 +124,14 @@ def test_the_main_job_distils_an_editing_pipeline_and_samples_new_edits(kontext,
 
 @pytest.mark.parametrize("flags, message", [
     ("--teacher {flux} --prompts {prompts} --images {images}/a.png",
-     "--images is for editing pipelines (FluxKontextPipeline); a FluxPipeline draws from its prompts alone"),
+     "--images is for pipelines that read an image beside each prompt (FluxKontextPipeline, "
+     "WanImageToVideoPipeline); a FluxPipeline draws from its prompts alone"),
     ("--teacher {teacher} --prompts {three} --images {images}",
      "--images {images} holds 2 images (.png, .jpg, .jpeg, .webp) for 3 prompts"),
     ("--teacher {teacher} --prompts {prompts} --images {images}/none.png", "no such file or folder"),
     ("--teacher {teacher} --prompts {prompts} --images {prompts}", "is not an image this reads"),
-    ("--teacher builtin --images {images}", "--images is for editing pipeline directories (Flux Kontext)"),
+    ("--teacher builtin --images {images}", "--images is for pipeline directories that read an image beside each "
+     "prompt (Flux Kontext, Wan image-to-video)"),
 ])
 def test_images_that_do_not_fit_are_refused_in_one_line(kontext, tmp_path, capsys, flags, message):
     teacher, prompts, images = kontext

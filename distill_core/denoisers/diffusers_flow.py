@@ -30,7 +30,8 @@ they differ in what they take besides x_t:
   already (Flux.2's VAE normalises them): each latent pixel a token at position (0, row, column, 0), text
   token l at (0, 0, 0, l);
 * Wan's ``WanTransformer3DModel``: t * T and c, on video latents [B, C, F, H, W]: an image is one frame (F = 1);
-  Wan 2.2 A14B's two of them, one expert for high noise and one for low (``WanExperts``).
+  Wan 2.2 A14B's two of them, one expert for high noise and one for low (``WanExperts``); its image-to-video
+  transformer also reads the clip's start condition beside it (``start_images``).
 
 The time shift s that a model's scheduler samples with (t' = s t / (1 + (s - 1) t); Flux and Qwen-Image:
 s = e^mu, mu linear in the image's token count; a scheduler with the linear time shift: s = mu; Flux.2: its
@@ -50,6 +51,7 @@ from distill_core.denoisers.base import switch_rows
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, FlowDenoiser, t_to_sigma
 from distill_core.reference_images import REFERENCE_TABLE
 from distill_core.schedules import flux2_shift, flux_shift
+from distill_core.start_images import START_TABLE
 
 #: the embedded guidance a guidance-distilled Flux model is distilled at unless the run says another
 #: (FluxPipeline's default)
@@ -238,7 +240,9 @@ class ZImageOutput(nn.Module):
 
 class WanVelocity(nn.Module):
     """Wan's video transformer as v(x_t, t T, {"encoder_hidden_states": c}) on clips [B, C, F, H, W], and on
-    images: [B, C, H, W] latents as videos of one frame."""
+    images: [B, C, H, W] latents as videos of one frame. Its image-to-video transformer's condition adds the start
+    condition y (``START_TABLE``: [B, k + C, F, H, W], the mask and the start image's latents), joined to the clip
+    along the channels, and in Wan 2.1, CLIP's embeddings of the start image (``encoder_hidden_states_image``)."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -246,27 +250,32 @@ class WanVelocity(nn.Module):
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
         still = x.ndim == 4
-        v = self.transformer(hidden_states=x[:, :, None] if still else x, timestep=time, **cond, return_dict=False)[0]
+        cond = dict(cond)
+        start = cond.pop(START_TABLE, None)
+        clip = x[:, :, None] if still else x
+        if start is not None:
+            clip = torch.cat([clip, start.to(x.dtype)], dim=1)
+        v = self.transformer(hidden_states=clip, timestep=time, **cond, return_dict=False)[0]
         return v[:, :, 0] if still else v
 
 
 class WanExperts(nn.Module):
     """Wan 2.2's two experts as one network: ``high`` (its pipeline's ``transformer``) at times t T at or above
     the boundary (``boundary_ratio`` T), ``low`` (``transformer_2``) below it, as its pipeline switches them;
-    each sample of a batch by its own time. Guidance is one w for both (its pipeline's ``guidance_scale_2``
-    defaults to its ``guidance_scale``)."""
+    each sample of a batch by its own time, with its own rows of every other input. Guidance is one w for both
+    (its pipeline's ``guidance_scale_2`` defaults to its ``guidance_scale``)."""
 
     def __init__(self, high: nn.Module, low: nn.Module, boundary: float):
         super().__init__()
         self.high, self.low, self.boundary = high, low, boundary
 
-    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                return_dict: bool = False) -> tuple[torch.Tensor]:
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, return_dict: bool = False,
+                **inputs: torch.Tensor) -> tuple[torch.Tensor]:
         timestep = timestep.expand(len(hidden_states))
 
         def run(expert: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             return lambda idx: expert(hidden_states=hidden_states[idx], timestep=timestep[idx],
-                                      encoder_hidden_states=encoder_hidden_states[idx], return_dict=False)[0]
+                                      **{key: value[idx] for key, value in inputs.items()}, return_dict=False)[0]
 
         return (switch_rows(timestep >= self.boundary, run(self.high), run(self.low)),)
 

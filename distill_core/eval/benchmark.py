@@ -25,6 +25,7 @@ from distill_core import safetensors_io
 from distill_core.atomic import write_json
 from distill_core.builtin import ASSETS, SHAPE, solve_fingerprint
 from distill_core.config import EDM_SIGMA_MIN, TRAINING_SEED_BASE
+from distill_core.denoisers.base import Cond, move_cond
 from distill_core.eval.coverage import precision_recall
 from distill_core.eval.fidelity import psnr, reference_solve, rmse
 from distill_core.eval.frechet import (
@@ -74,6 +75,15 @@ class EvalSet:
     target: torch.Tensor | None = None
     space: str = DIGITS
     device: torch.device = torch.device("cpu")
+    condition: Callable[[torch.Tensor], Cond] | None = None
+
+    def rows(self, start: int, stop: int) -> Cond:
+        """The conditions of samples ``start`` .. ``stop`` - 1: their labels, or what ``condition`` makes of
+        them (the prompts' rows with their images' of a teacher that reads an image beside each prompt)."""
+        if self.labels is None:
+            return None
+        labels = self.labels[start:stop]
+        return labels if self.condition is None else self.condition(labels)
 
 
 def metric_features(images: torch.Tensor, space: str) -> torch.Tensor:
@@ -96,7 +106,7 @@ def in_batches(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], 
     out, done, n = [], 0, ev.noise.shape[0]
     while done < n:
         x = ev.noise[done:done + batch].to(ev.device)
-        y = None if ev.labels is None else ev.labels[done:done + batch].to(ev.device)
+        y = move_cond(ev.rows(done, done + batch), ev.device)
         try:
             out.append(fn(x, y).cpu())
         except torch.OutOfMemoryError:
@@ -112,10 +122,11 @@ def in_batches(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], 
 
 def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache_dir: str | Path | None = None,
              batch: int = 250, shape: tuple[int, ...] = SHAPE, classes: int = 10, space: str = DIGITS,
-             device: torch.device | str = "cpu") -> EvalSet:
+             device: torch.device | str = "cpu", condition: Callable[[torch.Tensor], Cond] | None = None) -> EvalSet:
     """Build (or read from the shipped references, a smaller set as a shipped set's first samples, or from
     ``cache_dir``) the evaluation set for ``teacher`` at its guidance scale: noise of ``shape``, labels 0 ..
-    ``classes`` - 1 in turn (none when ``classes`` is 0), sampled on ``device`` (the teacher's).
+    ``classes`` - 1 in turn (none when ``classes`` is 0), sampled on ``device`` (the teacher's); ``condition``:
+    the condition of labels where it is not the labels themselves (``EvalSet.rows``).
     The file name holds the teacher's fingerprint, w, n, the seed and the solve. ``seed`` lies below
     ``TRAINING_SEED_BASE``: no training run draws this noise."""
     if not 0 <= seed < TRAINING_SEED_BASE:
@@ -129,7 +140,7 @@ def eval_set(teacher: CFGTeacher, n: int, seed: int = 0, steps: int = 128, cache
     drawn = n if reference is None else reference.shape[0]  # a larger set's noise, cut to its first n
     noise = torch.randn((drawn, *shape), generator=torch.Generator().manual_seed(seed))[:n] * teacher.sigma_max
     labels = torch.arange(n) % classes if classes else None
-    ev = EvalSet(noise, labels, torch.empty(0), steps, space=space, device=torch.device(device))
+    ev = EvalSet(noise, labels, torch.empty(0), steps, space=space, device=torch.device(device), condition=condition)
     if reference is not None:
         return dataclasses.replace(ev, reference=reference[:n])
     with torch.no_grad():

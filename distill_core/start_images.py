@@ -1,0 +1,77 @@
+"""The images a Wan image-to-video pipeline's clips start from (``--images``), as the inputs its network reads.
+
+``WanImageToVideoPipeline``'s transformer reads, beside the noisy clip x_t [C, T, H, W], a condition of k + C
+channels joined to it along the channels (``WanVelocity``): a mask m [k, T, H, W] (k the VAE's video frames per
+latent frame), 1 on the first latent frame and 0 after it, and the latent of the start image I followed by black
+frames (zeros in [-1, 1]), as long as the clip,
+
+    y = (E([I, 0, ..., 0]) - mu) / s        (per channel: the VAE's ``latents_mean`` and ``latents_std``),
+
+E the mode of its VAE's encoder and I scaled to the clip's frame size as its pipeline scales it. Wan 2.1's I2V
+transformer also reads the start image through its CLIP vision tower (the second-to-last hidden states,
+``encoder_hidden_states_image``); Wan 2.2 A14B's has no image encoder. Both sides of CFG read the same image, the
+negative prompt on the unconditional one, as its pipeline guides. Each prompt's image is encoded once, into
+tables the teacher reads by the condition's image row (``PromptConditioned``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+#: the image-to-video pipelines whose clips start from an image of ``--images``, by ``model_index.json``'s class name
+IMAGE_TO_VIDEO_PIPELINES = ("WanImageToVideoPipeline",)
+#: the table of the mask and start latents y that ``WanVelocity`` joins to the clip's channels
+START_TABLE = "start_condition"
+#: the table of CLIP's image embeddings, under the keyword Wan 2.1's I2V transformer takes them by
+IMAGE_EMBEDDINGS = "encoder_hidden_states_image"
+
+
+@torch.no_grad()
+def start_tables(root: Path, files: list[Path], shape: tuple[int, ...], pixels: int) -> dict[str, torch.Tensor]:
+    """The tables of ``files``' start conditions (see the module docstring) for clips of latent ``shape``
+    (C, T, H, W), a latent pixel spanning ``pixels`` image pixels: ``START_TABLE`` [N, k + C, T, H, W], and where
+    the pipeline has an image encoder, ``IMAGE_EMBEDDINGS`` [N, L, D]."""
+    import diffusers
+    from diffusers.image_processor import VaeImageProcessor
+
+    from distill_core.reference_images import pil_image
+
+    if not (root / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"{root}: an image-to-video pipeline encodes its start images with its VAE, and it "
+                                "has no vae/ folder")
+    vae = diffusers.AutoencoderKLWan.from_pretrained(root / "vae", use_safetensors=True, local_files_only=True).eval()
+    channels, latent_frames, height, width = shape
+    k = vae.config.scale_factor_temporal
+    mask = torch.zeros(1, k, latent_frames, height, width)
+    mask[:, :, 0] = 1
+    mean, std = (torch.tensor(vae.config[key]).view(1, -1, 1, 1, 1) for key in ("latents_mean", "latents_std"))
+    processor, rows = VaeImageProcessor(), []
+    for file in files:
+        image = processor.preprocess(pil_image(file), height=height * pixels, width=width * pixels)
+        clip = torch.cat([image[:, :, None], image.new_zeros(1, 3, (latent_frames - 1) * k, *image.shape[-2:])], 2)
+        z = vae.encode(clip.to(vae.dtype)).latent_dist.mode().float()
+        rows.append(torch.cat([mask, (z - mean) / std], dim=1))
+    tables = {START_TABLE: torch.cat(rows)}
+    if (root / "image_encoder").is_dir():
+        tables[IMAGE_EMBEDDINGS] = clip_image_embeddings(root, files)
+    return tables
+
+
+def clip_image_embeddings(root: Path, files: list[Path]) -> torch.Tensor:
+    """The second-to-last hidden states [N, L, D] of the pipeline's CLIP vision tower (``image_encoder/``) over
+    ``files``, each prepared by its ``image_processor/`` as its pipeline prepares the start image."""
+    import transformers
+
+    from distill_core.reference_images import pil_image
+
+    folder = root / "image_encoder"
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"{folder}: no .safetensors weights (only safetensors are loaded)")
+    encoder = transformers.CLIPVisionModel.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
+    processor = transformers.CLIPImageProcessor.from_pretrained(root / "image_processor", local_files_only=True)
+    inputs = processor(images=[pil_image(file) for file in files], return_tensors="pt")
+    with torch.no_grad():
+        states = encoder(pixel_values=inputs["pixel_values"].to(encoder.dtype), output_hidden_states=True)
+    return states.hidden_states[-2].float()
