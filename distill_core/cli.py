@@ -36,7 +36,7 @@ COMMANDS = {
 #: can be resumed
 INTERRUPTED = 130
 #: what bad input and the system's refusals raise: shown as one line (the traceback with --debug)
-USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ImportError)
 PATH_FIX = "give a path whose folder exists and that this user may read and write"
 SPACE_FIX = "free some space and run it again: with --resume a run goes on from its last checkpoint"
 #: the fix for what the system said, by errno; a path's other errors get PATH_FIX

@@ -1,6 +1,6 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Flux Kontext,
-Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA, HiDream, Wan 2.1, Wan 2.2 A14B and TI2V 5B)
-as files diffusers loads:
+Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA, HiDream, Wan 2.1, Wan 2.2 A14B and TI2V 5B;
+Wan 2.1's and 2.2 A14B's image-to-video) as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
@@ -84,8 +84,9 @@ class Target:
     the call takes a negative prompt (Flux.2 klein's does not) and sigmas (Wan's does not), whether it
     draws videos (Wan: latents [B, C, T, H, W], ``num_frames``, ``.frames``), the side, in latent pixels, of
     the square whose area it scales every image to (``area``: HiDream's, 128; None: it draws the size asked), and
-    whether it edits an image (Flux Kontext: ``image``, kept at its size and drawn at that size's area,
-    ``max_area``)."""
+    the image its call takes (``image``): the one it edits (``edit``, Flux Kontext: kept at its size and drawn at
+    that size's area, ``max_area``), or the one its clip starts from (``start``, Wan image-to-video: as loaded, the
+    pipeline scales it)."""
 
     network: str
     network_class: str
@@ -99,7 +100,7 @@ class Target:
     takes_sigmas: bool = True
     video: bool = False
     area: int | None = None
-    edits: bool = False
+    image: str = ""
 
     @property
     def scheduler_class(self) -> str:
@@ -112,7 +113,7 @@ PIPELINES = {
     "StableDiffusion3Pipeline": Target("transformer", "SD3Transformer2DModel", flow=True),
     "FluxPipeline": Target("transformer", "FluxTransformer2DModel", flow=True, packed=True),
     "FluxKontextPipeline": Target("transformer", "FluxTransformer2DModel", flow=True, packed=True,
-                                  call=(("_auto_resize", False),), edits=True),
+                                  call=(("_auto_resize", False),), image="edit"),
     "QwenImagePipeline": Target("transformer", "QwenImageTransformer2DModel", flow=True, packed=True,
                                 guidance_keyword="true_cfg_scale", engine_cfg=False),
     "AuraFlowPipeline": Target("transformer", "AuraFlowTransformer2DModel", flow=True),
@@ -124,6 +125,8 @@ PIPELINES = {
     "SanaPipeline": Target("transformer", "SanaTransformer2DModel", flow=True,
                            call=(("use_resolution_binning", False),)),
     "WanPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False, video=True),
+    "WanImageToVideoPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False,
+                                      video=True, image="start"),
     "HiDreamImagePipeline": Target("transformer", "HiDreamImageTransformer2DModel", flow=True, area=128),
 }
 #: the file name ``load_lora_weights`` reads from a directory
@@ -321,7 +324,7 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     sigmas, noise_scale = pipeline_start(card, steps, target.flow)
     w = 1.0 if guidance["mode"] == "distilled" else guidance["w"]
     call = {**dict(target.call), **({"num_frames": as_trained(card)["frames"]} if target.video else {}),
-            **({"max_area": height * width} if target.edits else {})}
+            **({"max_area": height * width} if target.image == "edit" else {})}
     settings = {"pipeline": pipeline, "teacher": str(root), "steps": steps, "sigmas": sigmas,
                 "noise_scale": noise_scale, "latent_shape": list(source.shape), "height": height, "width": width,
                 "guidance_scale": float(card.get("embedded_guidance", w - target.w_offset)),
@@ -365,10 +368,13 @@ def usage(settings: dict, out: str | Path) -> str:
     ]
     if target.packed:
         lines.append(f"latents = pipe._pack_latents(latents, 1, {channels}, {height}, {width})")
-    if target.edits:  # scaled as the engine scaled the training images
+    if target.image == "edit":  # scaled as the engine scaled the training images
         lines[1:1] = ["from diffusers.utils import load_image", "from PIL import Image"]
         lines.append(f"edit = load_image('image.png').resize(({settings['width']}, {settings['height']}), "
                      "Image.Resampling.LANCZOS)  # the image to edit")
+    elif target.image == "start":  # the pipeline scales it to the clip's frames
+        lines[1:1] = ["from diffusers.utils import load_image"]
+        lines.append("start = load_image('image.png')  # the image the clip starts from")
     sigmas = "[" + ", ".join(f"{s!r}" for s in settings["sigmas"]) + "]"
     if target.takes_sigmas:
         steps = f"sigmas={sigmas}"
@@ -378,7 +384,7 @@ def usage(settings: dict, out: str | Path) -> str:
         steps = f"num_inference_steps={len(settings['sigmas'])}"
     negative = f", negative_prompt={settings['negative_prompt']!r}" if "negative_prompt" in settings else ""
     call = "".join(f", {key}={value!r}" for key, value in settings["call"].items())
-    call += ", image=edit" if target.edits else ""
+    call += f", image={target.image}" if target.image else ""
     if experts:
         call += ", callback_on_step_end=next_expert"
     output = "video = " if target.video else "image = "

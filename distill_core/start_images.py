@@ -70,7 +70,9 @@ def clip_image_embeddings(root: Path, files: list[Path]) -> torch.Tensor:
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"{folder}: no .safetensors weights (only safetensors are loaded)")
     encoder = transformers.CLIPVisionModel.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
-    processor = transformers.CLIPImageProcessor.from_pretrained(root / "image_processor", local_files_only=True)
+    # the processor without torchvision, as the pipeline loads it where torchvision is missing
+    processor_class = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    processor = processor_class.from_pretrained(root / "image_processor", local_files_only=True)
     inputs = processor(images=[pil_image(file) for file in files], return_tensors="pt")
     with torch.no_grad():
         states = encoder(pixel_values=inputs["pixel_values"].to(encoder.dtype), output_hidden_states=True)

@@ -35,6 +35,7 @@ conditions, reports) takes prompts unchanged; only what would be stored per cond
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import json
 import warnings
@@ -230,6 +231,8 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
                                            device="cpu")
         return {"encoder_hidden_states": context.float(), "encoder_hidden_states_mask": mask}
     if name in ("WanPipeline", "WanImageToVideoPipeline"):
+        if name == "WanImageToVideoPipeline" and importlib.util.find_spec("ftfy") is None:
+            raise ImportError(f"{root}: a {name} cleans its prompts with the ftfy package: pip install ftfy")
         context, uncond = pipe.encode_prompt(prompts, negative or "", True, max_sequence_length=WAN_TEXT_TOKENS,
                                              device="cpu")
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float()}
