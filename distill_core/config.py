@@ -58,9 +58,9 @@ class DistillConfig:
                                     "classifier-free guidance (None: no guidance)", min=0)
     prompts: str | None = option(None, "a text-to-image pipeline directory: a text file of training prompts, one "
                                  "per line (None: the shipped list)")
-    images: str | None = option(None, "an editing pipeline directory (Flux Kontext): the image each prompt edits, "
-                                "one file for every prompt or a folder with one image per prompt in file-name order, "
-                                "scaled to the training size")
+    images: str | None = option(None, "an editing or image-to-video pipeline directory (Flux Kontext, Wan I2V): the "
+                                "image each prompt edits or starts its clip from, one file for every prompt or a "
+                                "folder with one image per prompt in file-name order, scaled to the training size")
     negative: str | None = option(None, "a text-to-image pipeline directory: the negative prompt, CFG's other side "
                                   "(None: the pipeline's own: the empty prompt, SDXL's zeros)")
     resolution: int | None = option(None, "a teacher from a directory: the side of its square images in pixels "
