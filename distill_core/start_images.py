@@ -41,7 +41,9 @@ def start_tables(root: Path, files: list[Path], shape: tuple[int, ...], pixels: 
     if not (root / "vae" / "config.json").is_file():
         raise FileNotFoundError(f"{root}: an image-to-video pipeline encodes its start images with its VAE, and it "
                                 "has no vae/ folder")
-    vae = diffusers.AutoencoderKLWan.from_pretrained(root / "vae", use_safetensors=True, local_files_only=True).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a clip's encoding is a GPU's work
+    vae = diffusers.AutoencoderKLWan.from_pretrained(root / "vae", use_safetensors=True,
+                                                     local_files_only=True).eval().to(device)
     channels, latent_frames, height, width = shape
     k = vae.config.scale_factor_temporal
     mask = torch.zeros(1, k, latent_frames, height, width)
@@ -51,7 +53,7 @@ def start_tables(root: Path, files: list[Path], shape: tuple[int, ...], pixels: 
     for file in files:
         image = processor.preprocess(pil_image(file), height=height * pixels, width=width * pixels)
         clip = torch.cat([image[:, :, None], image.new_zeros(1, 3, (latent_frames - 1) * k, *image.shape[-2:])], 2)
-        z = vae.encode(clip.to(vae.dtype)).latent_dist.mode().float()
+        z = vae.encode(clip.to(device, vae.dtype)).latent_dist.mode().float().cpu()
         rows.append(torch.cat([mask, (z - mean) / std], dim=1))
     tables = {START_TABLE: torch.cat(rows)}
     if (root / "image_encoder").is_dir():
