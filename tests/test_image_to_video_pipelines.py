@@ -114,7 +114,7 @@ def test_the_teacher_starts_each_clip_from_its_prompts_image_as_its_pipeline_doe
 
 def test_the_main_job_distils_an_image_to_video_pipeline_and_samples_new_clips(tmp_path, start_images):
     """distill --images --frames writes the full report with a grid of decoded frame strips; sample draws a new
-    prompt's clips from a given start image."""
+    prompt's clips from a given start image, and compare takes --images too."""
     prompts, images = start_images
     teacher = i2v_pipeline_dir(tmp_path, "wan21")
     out = tmp_path / "run"
@@ -128,6 +128,10 @@ def test_the_main_job_distils_an_image_to_video_pipeline_and_samples_new_clips(t
     assert main(["sample", str(out / "student.safetensors"), "--prompt", "the fox turns", "--images",
                  str(images / "a.png"), "--count", "2", "--out", str(drawn)]) == 0
     assert len(json.loads((drawn / "samples.json").read_text())["images"]) == 2
+    cmp = tmp_path / "cmp"
+    assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--images", str(images),
+                 "--count", "2", "--reference-steps", "4", "--out", str(cmp)]) == 0
+    assert json.loads((cmp / "compare.json").read_text())["rows"]
 
 
 def test_the_pipeline_with_the_exported_student_draws_the_students_clip(tmp_path, start_images):
