@@ -57,7 +57,8 @@ class DistillConfig:
     null_class: int | None = option(None, "a teacher from a directory: its unconditional class label, for "
                                     "classifier-free guidance (None: no guidance)", min=0)
     prompts: str | None = option(None, "a text-to-image pipeline directory: a text file of training prompts, one "
-                                 "per line (None: the shipped list)")
+                                 "per line (None: the shipped list: of prompts, of edits for an editing pipeline, of "
+                                 "motions for an image-to-video one)")
     images: str | None = option(None, "an editing or image-to-video pipeline directory (Flux Kontext, Wan I2V): the "
                                 "image each prompt edits or starts its clip from, one file for every prompt or a "
                                 "folder with one image per prompt in file-name order, scaled to the training size")

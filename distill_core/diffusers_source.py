@@ -267,7 +267,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     Kontext) edits it, an image-to-video pipeline (Wan) starts its clip from it (``start_images``).
     ``encode`` False: no prompt tables (the network alone; it refuses to run)."""
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
-    from distill_core.prompts import read_prompts
+    from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_PROMPTS, read_prompts
     from distill_core.reference_images import EDITING_PIPELINES, image_files, image_tables
     from distill_core.start_images import IMAGE_TO_VIDEO_PIPELINES
     from distill_core.text_pipeline import PROMPT_ROW, PromptConditioned, encode_prompts, prompt_condition, vae_decoder
@@ -293,7 +293,9 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     if name in IMAGE_TO_VIDEO_PIPELINES and frames < 2:
         raise ValueError(f"{root}: a {name} draws clips that start from an image: give --frames (its pipeline's "
                          "default: 81)")
-    prompts = read_prompts(prompts)
+    # without --prompts: the shipped edits of any image, motions from any start image, or prompts
+    prompts = read_prompts(prompts, DEFAULT_EDITS if name in EDITING_PIPELINES else
+                           DEFAULT_MOTIONS if name in IMAGE_TO_VIDEO_PIPELINES else DEFAULT_PROMPTS)
     config = model_config(model_dir, pipeline=True)
     shape = sample_shape(config, root, resolution, frames)
     if negative is not None and config["_class_name"] == "FluxTransformer2DModel":

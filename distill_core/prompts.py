@@ -67,11 +67,11 @@ def prompt_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def read_prompts(path: str | Path | list[str] | None) -> list[str]:
-    """The prompts of a text file, one per non-empty line (or of a list of prompts); the shipped list without
-    either."""
+def read_prompts(path: str | Path | list[str] | None, default: str = DEFAULT_PROMPTS) -> list[str]:
+    """The prompts of a text file, one per non-empty line (or of a list of prompts); the shipped list ``default``
+    (one per line) without either."""
     if not path:
-        return DEFAULT_PROMPTS.splitlines()
+        return default.splitlines()
     if isinstance(path, list):
         prompts = [prompt.strip() for prompt in path]
         if not all(prompts):

@@ -42,7 +42,8 @@ def kontext(tmp_path_factory):
 def test_the_teacher_reads_each_prompts_image_beside_the_noise(kontext):
     """The image table holds each prompt's image latent, read by the condition's image row; the network sees it
     (another image, another x0), the negative's side of CFG reads each sample's own image, and one image file
-    serves every prompt."""
+    serves every prompt, the shipped edits without prompts."""
+    from distill_core.prompts import DEFAULT_EDITS
     from distill_core.teacher import CFGTeacher
 
     teacher, prompts, images = kontext
@@ -66,6 +67,8 @@ def test_the_teacher_reads_each_prompts_image_beside_the_noise(kontext):
     with pytest.raises(ValueError, match="reads an image beside each prompt"):
         source.denoiser(x, 2.0, rows)
     assert image_files(images / "a.png", 3) == [images / "a.png"] * 3
+    edits = diffusers_source(teacher, images=images / "a.png")
+    assert edits.classes == len(DEFAULT_EDITS.splitlines())  # without prompts: the shipped edits of one image
 
 
 def test_the_pipeline_with_the_exported_student_draws_the_students_edit(kontext, tmp_path):

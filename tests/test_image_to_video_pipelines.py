@@ -81,7 +81,8 @@ def test_the_teacher_starts_each_clip_from_its_prompts_image_as_its_pipeline_doe
     """Euler with CFG through the teacher, prompt 1 with its image b.png, reproduces the stock pipeline's sampler
     given that image and prompt (Wan 2.2 A14B: the high-noise expert above 0.9 T, the low-noise one below); the
     start table holds the mask and each image's latents, Wan 2.1's also CLIP's embeddings, and another image gives
-    another clip."""
+    another clip. Without prompts, the shipped motions start from the image."""
+    from distill_core.prompts import DEFAULT_MOTIONS
     from distill_core.solvers import euler
 
     prompts, images = start_images
@@ -110,6 +111,8 @@ def test_the_teacher_starts_each_clip_from_its_prompts_image_as_its_pipeline_doe
     assert expected.shape == x.shape and expected.abs().max() > 1
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
     assert (other - ours).abs().max() > 1e-2  # the same prompt from a.png
+    motions = diffusers_source(teacher, images=images / "a.png", resolution=SIDE, frames=FRAMES)
+    assert motions.classes == len(DEFAULT_MOTIONS.splitlines())  # without --prompts: the shipped motions
 
 
 def test_the_main_job_distils_an_image_to_video_pipeline_and_samples_new_clips(tmp_path, start_images):
