@@ -40,6 +40,8 @@ GUIDANCE_MODES = ("distilled", "cfg")
 PRECISIONS = ("no", "bf16")
 FROZEN_PRECISIONS = ("as-loaded", "bf16")
 STUDENT_KINDS = ("full", "lora")
+#: how --images pairs with the prompts (``reference_images.image_files``)
+IMAGE_PAIRINGS = ("in-order", "every")
 OPTIMIZERS = ("adam", "adamw", "adam8bit")
 LR_SCHEDULES = ("step", "cosine", "constant")
 
@@ -62,6 +64,9 @@ class DistillConfig:
     images: str | None = option(None, "an editing or image-to-video pipeline directory (Flux Kontext, Wan I2V): the "
                                 "image each prompt edits or starts its clip from, one file for every prompt or a "
                                 "folder with one image per prompt in file-name order, scaled to the training size")
+    pairing: str = option("in-order", "with --images: in-order, prompt k with image k (one image: with every "
+                          "prompt); every, each prompt with each image (prompts x images training conditions)",
+                          choices=IMAGE_PAIRINGS)
     negative: str | None = option(None, "a text-to-image pipeline directory: the negative prompt, CFG's other side "
                                   "(None: the pipeline's own: the empty prompt, SDXL's zeros)")
     resolution: int | None = option(None, "a teacher from a directory: the side of its square images in pixels "

@@ -135,7 +135,7 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
                      prompts: str | Path | list[str] | None = None, guidance: float | None = None,
                      resolution: int | None = None, negative: str | None = None,
                      frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1,
-                     images: str | Path | None = None) -> TeacherSource:
+                     images: str | Path | None = None, pairing: str = "in-order") -> TeacherSource:
     """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
     pipeline's file of training prompts (default: the shipped list); ``guidance``: the run's guidance, which a
     guidance-distilled pipeline (Flux dev) takes as its input; ``resolution``: the side of its square images in
@@ -144,7 +144,8 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     (``load_model``); ``encode``: False loads a text-to-image pipeline's network without encoding any prompt
     (its text encoders are not loaded), for a command that reads the network only (export-diffusers);
     ``frames``: a video pipeline's clips of that many video frames (``sample_shape``), which its students' files
-    name; ``images``: an editing pipeline's image of every prompt (``reference_images.image_files``)."""
+    name; ``images``: an editing or image-to-video pipeline's images, paired with the prompts as ``pairing`` says
+    (``reference_images.image_files``)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"teacher {root} is not a directory: give builtin, builtin-flow, builtin-bold or a "
@@ -153,7 +154,7 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     model_dir, scheduler_dir = model_and_scheduler_dirs(root, index)
     if "text_encoder" in index:
         return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution, negative,
-                           frozen_precision, encode, frames, images)
+                           frozen_precision, encode, frames, images, pairing)
     for flag, given in ((prompts and prompt_flag(prompts), prompts), ("--negative", negative is not None),
                         ("--images", images is not None)):
         if given:
@@ -257,14 +258,16 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
                 prompts: str | Path | None, guidance: float | None = None,
                 resolution: int | None = None, negative: str | None = None,
                 frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1,
-                images: str | Path | None = None) -> TeacherSource:
+                images: str | Path | None = None, pairing: str = "in-order") -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the pipeline's negative
     (condition P; ``negative`` where given) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``
     (Qwen-Image: 4). Flux samples without CFG (w = 1, as its pipeline does); Flux dev takes ``guidance``
     (default ``FLUX_GUIDANCE``) as its input, and its students' files name it (``embedded_guidance``).
     A pipeline that reads an image beside each prompt takes prompt k with image k of ``images`` (``image_tables``,
-    read by the condition's ``IMAGE_ROW``; the negative with each sample's own image): an editing pipeline (Flux
-    Kontext) edits it, an image-to-video pipeline (Wan) starts its clip from it (``start_images``).
+    read by the condition's ``IMAGE_ROW``; the negative with each sample's own image), or with ``pairing`` every,
+    each prompt with each image (condition r: prompt r mod P with image r div P, ``PromptConditioned.pairs``): an
+    editing pipeline (Flux Kontext) edits it, an image-to-video pipeline (Wan) starts its clip from it
+    (``start_images``).
     ``encode`` False: no prompt tables (the network alone; it refuses to run)."""
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
     from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_PROMPTS, read_prompts
@@ -303,8 +306,9 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
                          "drop --negative")
     # the encoders freed before the network loads
     tables = encode_prompts(root, index, prompts, shape, negative) if encode else {}
-    per_image = image_tables(root, name, image_files(images, len(prompts)), shape,
-                             latent_pixels(root, config["_class_name"])) if name in reading and encode else {}
+    every = pairing == "every"
+    files = image_files(images, len(prompts), every) if name in reading and encode else []
+    per_image = image_tables(root, name, files, shape, latent_pixels(root, config["_class_name"])) if files else {}
     model = pipeline_network(root, index, model_dir, config, scheduler_dir, frozen_precision)
     name = config["_class_name"]
     embedded = None
@@ -313,16 +317,18 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     elif config.get("guidance_embeds"):
         raise ValueError(f"{model_dir}: a guidance-distilled {name} (guidance_embeds) is not a teacher this command "
                          "distils; give the pipeline it was distilled from")
-    denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape, embedded), tables, per_image)
     n = len(prompts)
+    denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape, embedded), tables, per_image,
+                                 n if every else None)
+    conditions = n * len(files) if every else n  # training conditions: prompts, or (prompt, image) pairs
 
     def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor | dict:
-        return prompt_condition(denoiser, torch.randint(n, (batch,), generator=generator))
+        return prompt_condition(denoiser, torch.randint(conditions, (batch,), generator=generator))
 
     card = {**({} if embedded is None else {"embedded_guidance": embedded}),
             **({"resolution": resolution} if resolution else {}), **({"frames": frames} if frames > 1 else {}),
             **({} if negative is None else {"negative": negative})}
     w = 1.0 if index.get("is_distilled") else GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE)
     uncond = {PROMPT_ROW: torch.tensor([n])} if per_image else torch.tensor([n])  # each sample's own image
-    return TeacherSource(str(root), denoiser, shape, draw_cond, uncond, w, n, card=card,
+    return TeacherSource(str(root), denoiser, shape, draw_cond, uncond, w, conditions, card=card,
                          decode=vae_decoder(root), prompt_table=True)

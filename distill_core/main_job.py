@@ -59,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 #: the run's own config fields (a method's field of the same name would be shadowed)
 RUN_FIELDS = {s.name for s in settings(DistillConfig)}
 #: the fields that name the teacher and its conditions
-TEACHER_FIELDS = ("teacher", "classes", "null_class", "prompts", "images", "negative", "resolution", "frames",
-                  "guidance")
+TEACHER_FIELDS = ("teacher", "classes", "null_class", "prompts", "images", "pairing", "negative", "resolution",
+                  "frames", "guidance")
 
 
 def add_teacher_flags(p: argparse.ArgumentParser) -> None:
@@ -167,7 +167,8 @@ def eval_space(source: TeacherSource) -> dict:
 def source_of(cfg: DistillConfig) -> TeacherSource:
     """The teacher a run's config names, loaded."""
     return teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts, cfg.guidance, cfg.resolution,
-                          cfg.negative, cfg.frozen_precision, frames=cfg.frames, images=cfg.images)
+                          cfg.negative, cfg.frozen_precision, frames=cfg.frames, images=cfg.images,
+                          pairing=cfg.pairing)
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,

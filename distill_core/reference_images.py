@@ -34,21 +34,27 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 REFERENCE_TABLE = "image_latents"
 
 
-def image_files(path: str | Path, prompts: int) -> list[Path]:
+def image_files(path: str | Path, prompts: int, every: bool = False) -> list[Path]:
     """The image of each of ``prompts`` prompts: one file for all, or a folder's images in file-name order, one per
-    prompt (one image in it: for all)."""
+    prompt (one image in it: for all); ``every``: the images each prompt is paired with, the file or the folder's
+    images."""
     path = Path(path)
     if path.is_file():
-        return [path] * prompts
+        return [path] if every else [path] * prompts
     if not path.is_dir():
         raise FileNotFoundError(f"--images {path}: no such file or folder; give an image for every prompt, or a "
                                 "folder with one image per prompt")
     files = folder_images(path)
+    if not files:
+        raise ValueError(f"--images {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if every:
+        return files
     if len(files) == 1:
         return files * prompts
     if len(files) != prompts:
         raise ValueError(f"--images {path} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}) for {prompts} "
-                         "prompts: give one image per prompt, in the prompts' order by file name, or one for all")
+                         "prompts: give one image per prompt, in the prompts' order by file name, or one for all "
+                         "(distill --pairing every trains each prompt on each image)")
     return files
 
 

@@ -81,12 +81,15 @@ class PromptConditioned(nn.Module):
     A teacher that reads an image beside each prompt (Flux Kontext's edits, Wan's image-to-video clips) also has
     ``image_tables`` (``[P, ...]`` each: prompt k's image) and takes conditions {``PROMPT_ROW``: k, ``IMAGE_ROW``:
     i}: prompt row k with image row i. Its unconditional side names the negative's prompt row alone, so CFG reads
-    the negative with each sample's own image (``CFGTeacher.uncond_like``), as its pipeline guides."""
+    the negative with each sample's own image (``CFGTeacher.uncond_like``), as its pipeline guides. ``pairs`` P:
+    its condition r pairs prompt r mod P with image r div P (each prompt on each image), else prompt r with image r
+    (``prompt_condition``)."""
 
     def __init__(self, inner: nn.Module, tables: dict[str, torch.Tensor],
-                 image_tables: dict[str, torch.Tensor] | None = None):
+                 image_tables: dict[str, torch.Tensor] | None = None, pairs: int | None = None):
         super().__init__()
         self.inner, self.names, self.image_names = inner, list(tables), list(image_tables or {})
+        self.pairs = pairs
         for name, table in {**tables, **(image_tables or {})}.items():
             self.register_buffer(name, table, persistent=False)
         for name in DENOISER_ATTRIBUTES:
@@ -115,10 +118,13 @@ class PromptConditioned(nn.Module):
 
 def prompt_condition(denoiser: nn.Module, rows: torch.Tensor) -> torch.Tensor | dict:
     """The condition of prompts ``rows`` for ``denoiser``: the rows, or, where it reads an image beside each prompt
-    (``PromptConditioned.image_names``), each prompt's row with its own image's."""
-    if getattr(denoiser, "image_names", None):
-        return {PROMPT_ROW: rows, IMAGE_ROW: rows}
-    return rows
+    (``PromptConditioned.image_names``), each prompt's row with its own image's, or where it pairs each prompt with
+    each image (``pairs`` P), the prompt and image rows of pairs ``rows``: r mod P and r div P."""
+    if not getattr(denoiser, "image_names", None):
+        return rows
+    if denoiser.pairs:
+        return {PROMPT_ROW: rows % denoiser.pairs, IMAGE_ROW: torch.div(rows, denoiser.pairs, rounding_mode="floor")}
+    return {PROMPT_ROW: rows, IMAGE_ROW: rows}
 
 
 def widened(rows: torch.Tensor) -> torch.Tensor:

@@ -166,9 +166,39 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_clip(tmp_path
     torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
 
 
+def test_every_pairing_trains_each_prompt_on_each_image(tmp_path, start_images):
+    """--pairing every: condition r is prompt r mod P from image r div P, P x N conditions over one row per prompt
+    and per image in the tables, drawn in training and cycled in the evaluation set; the main job distils it."""
+    from distill_core.main_job import eval_space
+
+    prompts, two = start_images
+    teacher = i2v_pipeline_dir(tmp_path, "a14b")
+    images = tmp_path / "three"  # three images for two prompts
+    images.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (images / name).write_bytes((two / ("b.png" if name == "b.png" else "a.png")).read_bytes())
+    source = diffusers_source(teacher, prompts=prompts, images=images, resolution=SIDE, frames=FRAMES,
+                              pairing="every")
+    assert source.classes == 6 and getattr(source.denoiser, START_TABLE).shape[0] == 3
+    rows = prompt_condition(source.denoiser, torch.arange(6))
+    assert rows[PROMPT_ROW].tolist() == [0, 1, 0, 1, 0, 1] and rows[IMAGE_ROW].tolist() == [0, 0, 1, 1, 2, 2]
+    drawn = source.draw_cond(64, torch.Generator().manual_seed(0))
+    assert drawn[IMAGE_ROW].unique().tolist() == [0, 1, 2] and drawn[PROMPT_ROW].unique().tolist() == [0, 1]
+    assert torch.equal(eval_space(source)["condition"](torch.tensor([5]))[IMAGE_ROW], torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"holds 3 images .* for 2 prompts.*--pairing every"):
+        diffusers_source(teacher, prompts=prompts, images=images, resolution=SIDE, frames=FRAMES)
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--images", str(images),
+                 "--pairing", "every", "--resolution", str(SIDE), "--frames", str(FRAMES), "--steps", "2",
+                 "--iters", "2", "--batch", "2", "--eval-samples", "6", "--reference-steps", "4", "--out",
+                 str(out), "--no-progress"]) == 0
+    assert "pairing: every" in (out / "config.yaml").read_text()
+
+
 @pytest.mark.parametrize("flags, message", [
     ("--prompts {prompts}", "reads an image with each prompt: give the images with --images"),
     ("--prompts {prompts} --images {images} --frames 1", "draws clips that start from an image: give --frames"),
+    ("--prompts {prompts} --pairing every", "--pairing every pairs the prompts with images: give them with --images"),
 ])
 def test_what_an_image_to_video_pipeline_cannot_take_is_refused_in_one_line(tmp_path, capsys, start_images, flags,
                                                                             message):
