@@ -213,8 +213,9 @@ def _still_shape(config: dict, root: Path, resolution: int | None) -> tuple[int,
     """``sample_shape`` of an image: (C, H, W)."""
     name = config["_class_name"]
     packed = name in PACKED
-    # Wan's image-to-video transformer reads its start condition's channels beside the sample's
-    channels = config["in_channels"] // 4 if packed else config.get("out_channels") or config["in_channels"]
+    channels = config["in_channels"] // 4 if packed else config["in_channels"]
+    if name in VIDEO_NETWORKS:  # Wan's image-to-video transformer reads its start condition's channels beside them
+        channels = config.get("out_channels") or channels
     scale = latent_pixels(root, name)
     if resolution is None:
         if name in DEFAULT_IMAGE:

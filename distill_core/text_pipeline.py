@@ -79,7 +79,7 @@ class PromptConditioned(nn.Module):
     fingerprint): a student distilled on some prompts samples any others.
 
     A teacher that reads an image beside each prompt (Flux Kontext's edits, Wan's image-to-video clips) also has
-    ``image_tables`` (``[P, ...]`` each: prompt k's image) and takes conditions {``PROMPT_ROW``: k, ``IMAGE_ROW``:
+    ``image_tables`` (``[N, ...]`` each, a row per image) and takes conditions {``PROMPT_ROW``: k, ``IMAGE_ROW``:
     i}: prompt row k with image row i. Its unconditional side names the negative's prompt row alone, so CFG reads
     the negative with each sample's own image (``CFGTeacher.uncond_like``), as its pipeline guides. ``pairs`` P:
     its condition r pairs prompt r mod P with image r div P (each prompt on each image), else prompt r with image r

@@ -97,7 +97,7 @@ def metric_features(images: torch.Tensor, space: str) -> torch.Tensor:
     raise ValueError(f"unknown metric space {space!r}: {DIGITS} or {PIXELS}")
 
 
-def in_batches(fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], ev: EvalSet,
+def in_batches(fn: Callable[[torch.Tensor, Cond], torch.Tensor], ev: EvalSet,
                batch: int) -> torch.Tensor:
     """``fn(noise, labels)`` over the evaluation set in chunks of at most ``batch`` on its device, the results
     concatenated on the CPU. A chunk that runs out of accelerator memory is tried again at half the size (and
