@@ -290,10 +290,6 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     if name in reading and images is None and encode:
         raise ValueError(f"{root}: a {name} reads an image with each prompt: give the images with --images (one file "
                          "for every prompt, or a folder with one image per prompt)")
-    if name in IMAGE_TO_VIDEO_PIPELINES and index.get("expand_timesteps"):
-        raise ValueError(f"{root}: this {name} (Wan 2.2 TI2V 5B's) puts the start image in the clip's first frame "
-                         "with a time of its own, which this command does not feed; distil it in ComfyUI with "
-                         "Distill image-to-video list (docs/comfyui.md), or distil its text-to-video pipeline")
     if name in IMAGE_TO_VIDEO_PIPELINES and frames < 2:
         raise ValueError(f"{root}: a {name} draws clips that start from an image: give --frames (its pipeline's "
                          "default: 81)")
@@ -309,7 +305,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     tables = encode_prompts(root, index, prompts, shape, negative) if encode else {}
     every = pairing == "every"
     files = image_files(images, len(prompts), every) if name in reading and encode else []
-    per_image = image_tables(root, name, files, shape, latent_pixels(root, config["_class_name"])) if files else {}
+    per_image = image_tables(root, name, files, shape, latent_pixels(root, config["_class_name"]),
+                             bool(index.get("expand_timesteps"))) if files else {}
     model = pipeline_network(root, index, model_dir, config, scheduler_dir, frozen_precision)
     name = config["_class_name"]
     embedded = None

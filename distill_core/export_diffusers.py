@@ -1,6 +1,6 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Flux Kontext,
 Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA, HiDream, Wan 2.1, Wan 2.2 A14B and TI2V 5B;
-Wan 2.1's and 2.2 A14B's image-to-video) as files diffusers loads:
+Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video) as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 

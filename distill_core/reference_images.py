@@ -88,17 +88,17 @@ def cover(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return scaled[:, :, top:top + height, left:left + width].clamp(0, 1).movedim(1, -1)
 
 
-def image_tables(root: Path, pipeline: str, files: list[Path], shape: tuple[int, ...], pixels: int
-                 ) -> dict[str, torch.Tensor]:
+def image_tables(root: Path, pipeline: str, files: list[Path], shape: tuple[int, ...], pixels: int,
+                 kept: bool = False) -> dict[str, torch.Tensor]:
     """The tables of what the network of the ``pipeline`` at ``root`` reads of each prompt's image (``files``,
     one per prompt), for samples of latent ``shape`` whose pixels span ``pixels`` image pixels: an editing
-    pipeline's reference latents (``REFERENCE_TABLE``), an image-to-video pipeline's start conditions
-    (``start_images.start_tables``)."""
+    pipeline's reference latents (``REFERENCE_TABLE``), an image-to-video pipeline's start conditions, or with
+    ``kept`` the start latents it keeps as its clips' first frames (``start_images.start_tables``)."""
     from distill_core.start_images import start_tables
 
     if pipeline in EDITING_PIPELINES:
         return {REFERENCE_TABLE: reference_latents(root, files, shape[-2] * pixels, shape[-1] * pixels)}
-    return start_tables(root, files, shape, pixels)
+    return start_tables(root, files, shape, pixels, kept)
 
 
 def pil_image(file: Path):

@@ -10,8 +10,16 @@ frames (zeros in [-1, 1]), as long as the clip,
 E the mode of its VAE's encoder and I scaled to the clip's frame size as its pipeline scales it. Wan 2.1's I2V
 transformer also reads the start image through its CLIP vision tower (the second-to-last hidden states,
 ``encoder_hidden_states_image``); Wan 2.2 A14B's has no image encoder. Both sides of CFG read the same image, the
-negative prompt on the unconditional one, as its pipeline guides. Each prompt's image is encoded once, into
-tables the teacher reads by the condition's image row (``PromptConditioned``).
+negative prompt on the unconditional one, as its pipeline guides.
+
+Wan 2.2 TI2V 5B's pipeline (``expand_timesteps``) puts the start image in the clip instead: its latent alone,
+y = (E(I) - mu) / s [C, 1, H, W], replaces the clip's first latent frame at the network's input, whose tokens there
+take the time 0 (clean; the others the sample's time), and is the first frame of the clip it draws. The teacher
+does both: ``WanVelocity`` at the input, ``PromptConditioned`` on the x0 it gives, whose first frame is y
+(``KEPT_START``).
+
+Each prompt's image is encoded once, into tables the teacher reads by the condition's image row
+(``PromptConditioned``).
 """
 
 from __future__ import annotations
@@ -26,13 +34,17 @@ IMAGE_TO_VIDEO_PIPELINES = ("WanImageToVideoPipeline",)
 START_TABLE = "start_condition"
 #: the table of CLIP's image embeddings, under the keyword Wan 2.1's I2V transformer takes them by
 IMAGE_EMBEDDINGS = "encoder_hidden_states_image"
+#: the table of start latents y that Wan 2.2 TI2V 5B keeps as its clips' first latent frame
+KEPT_START = "kept_start"
 
 
 @torch.no_grad()
-def start_tables(root: Path, files: list[Path], shape: tuple[int, ...], pixels: int) -> dict[str, torch.Tensor]:
+def start_tables(root: Path, files: list[Path], shape: tuple[int, ...], pixels: int, kept: bool = False
+                 ) -> dict[str, torch.Tensor]:
     """The tables of ``files``' start conditions (see the module docstring) for clips of latent ``shape``
     (C, T, H, W), a latent pixel spanning ``pixels`` image pixels: ``START_TABLE`` [N, k + C, T, H, W], and where
-    the pipeline has an image encoder, ``IMAGE_EMBEDDINGS`` [N, L, D]."""
+    the pipeline has an image encoder, ``IMAGE_EMBEDDINGS`` [N, L, D]; ``kept`` (Wan 2.2 TI2V 5B):
+    ``KEPT_START`` [N, C, 1, H, W]."""
     import diffusers
     from diffusers.image_processor import VaeImageProcessor
 
@@ -51,10 +63,13 @@ def start_tables(root: Path, files: list[Path], shape: tuple[int, ...], pixels: 
     mean, std = (torch.tensor(vae.config[key]).view(1, -1, 1, 1, 1) for key in ("latents_mean", "latents_std"))
     processor, rows = VaeImageProcessor(), []
     for file in files:
-        image = processor.preprocess(pil_image(file), height=height * pixels, width=width * pixels)
-        clip = torch.cat([image[:, :, None], image.new_zeros(1, 3, (latent_frames - 1) * k, *image.shape[-2:])], 2)
-        z = vae.encode(clip.to(device, vae.dtype)).latent_dist.mode().float().cpu()
-        rows.append(torch.cat([mask, (z - mean) / std], dim=1))
+        image = processor.preprocess(pil_image(file), height=height * pixels, width=width * pixels)[:, :, None]
+        frames = image if kept else torch.cat([image, image.new_zeros(1, 3, (latent_frames - 1) * k,
+                                                                      *image.shape[-2:])], 2)
+        z = (vae.encode(frames.to(device, vae.dtype)).latent_dist.mode().float().cpu() - mean) / std
+        rows.append(z if kept else torch.cat([mask, z], dim=1))
+    if kept:
+        return {KEPT_START: torch.cat(rows)}
     tables = {START_TABLE: torch.cat(rows)}
     if (root / "image_encoder").is_dir():
         tables[IMAGE_EMBEDDINGS] = clip_image_embeddings(root, files)

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from distill_core.report import frame_strip
+from distill_core.start_images import KEPT_START
 
 #: attributes of the text denoiser that the engine reads from a teacher's denoiser
 DENOISER_ATTRIBUTES = ("sigma_min", "sigma_max", "prediction", "shift")
@@ -81,7 +82,8 @@ class PromptConditioned(nn.Module):
     A teacher that reads an image beside each prompt (Flux Kontext's edits, Wan's image-to-video clips) also has
     ``image_tables`` (``[N, ...]`` each, a row per image) and takes conditions {``PROMPT_ROW``: k, ``IMAGE_ROW``:
     i}: prompt row k with image row i. Its unconditional side names the negative's prompt row alone, so CFG reads
-    the negative with each sample's own image (``CFGTeacher.uncond_like``), as its pipeline guides. ``pairs`` P:
+    the negative with each sample's own image (``CFGTeacher.uncond_like``), as its pipeline guides; where the
+    image is the clip's first frame (``start_images.KEPT_START``), so is the first frame of its x0. ``pairs`` P:
     its condition r pairs prompt r mod P with image r div P (each prompt on each image), else prompt r with image r
     (``prompt_condition``)."""
 
@@ -112,8 +114,11 @@ class PromptConditioned(nn.Module):
                              "each sample's image (prompt_condition)")
         read = [(name, rows[PROMPT_ROW]) for name in self.names] + \
             [(name, rows[IMAGE_ROW]) for name in self.image_names]
-        return self.inner(x, sigma, {name: widened(getattr(self, name)[index.to(x.device).long()])
-                                     for name, index in read})
+        inputs = {name: widened(getattr(self, name)[index.to(x.device).long()]) for name, index in read}
+        x0 = self.inner(x, sigma, inputs)
+        if KEPT_START in inputs:  # the clip's first frame is its start latent
+            x0 = torch.cat([inputs[KEPT_START].to(x0.dtype), x0[:, :, 1:]], dim=2)
+        return x0
 
 
 def prompt_condition(denoiser: nn.Module, rows: torch.Tensor) -> torch.Tensor | dict:

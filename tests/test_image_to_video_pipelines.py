@@ -1,7 +1,7 @@
 """Image-to-video pipelines from directories (Wan 2.1 I2V, which also reads the start image through CLIP; Wan 2.2
-A14B I2V, two experts): each prompt's clip starts from its own image (``--images``), which the teacher reads as the
-pipeline's transformer does, on both sides of CFG; the stock pipeline with the exported student draws the student's
-clip; what does not fit is refused in one line."""
+A14B I2V, two experts; Wan 2.2 TI2V 5B, its start image inside the clip): each prompt's clip starts from its own
+image (``--images``), which the teacher reads as the pipeline's transformer does, on both sides of CFG; the stock
+pipeline with the exported student draws the student's clip; what does not fit is refused in one line."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from distill_core.config import DistillConfig
 from distill_core.diffusers_source import diffusers_source
 from distill_core.export_diffusers import export, usage
 from distill_core.sampling import few_step
-from distill_core.start_images import IMAGE_EMBEDDINGS, START_TABLE
+from distill_core.start_images import IMAGE_EMBEDDINGS, KEPT_START, START_TABLE
 from distill_core.student_files import load_student
 from distill_core.teacher import CFGTeacher
 from distill_core.text_pipeline import IMAGE_ROW, PROMPT_ROW, prompt_condition
@@ -33,8 +33,17 @@ def i2v_pipeline_dir(root, kind: str):
     """A tiny WanImageToVideoPipeline: the tiny Wan pipeline's UMT5 and tokenizer, a video VAE of two halvings in
     space and in time (4 video frames a latent frame, as Wan's), a transformer of 16 + 4 + 16 input channels (the
     clip, the mask, the start latents); Wan 2.1 (``wan21``): with a CLIP vision tower read by the transformer's
-    image embedder; Wan 2.2 A14B (``a14b``): two experts switched at 0.9 T, no image encoder."""
+    image embedder; Wan 2.2 A14B (``a14b``): two experts switched at 0.9 T, no image encoder. Wan 2.2 TI2V 5B
+    (``ti2v-5b``): the tiny 5B text-to-video pipeline's parts, its start latent in the clip (``expand_timesteps``)."""
     import transformers
+
+    if kind == "ti2v-5b":
+        five = diffusers.DiffusionPipeline.from_pretrained(multi_encoder_pipeline_dir(root / "5b", "wan22-5b"),
+                                                           local_files_only=True)
+        diffusers.WanImageToVideoPipeline(tokenizer=five.tokenizer, text_encoder=five.text_encoder, vae=five.vae,
+                                          scheduler=five.scheduler, transformer=five.transformer,
+                                          expand_timesteps=True).save_pretrained(root / kind, safe_serialization=True)
+        return root / kind
 
     wan = diffusers.DiffusionPipeline.from_pretrained(multi_encoder_pipeline_dir(root / "wan", "wan"),
                                                       local_files_only=True)
@@ -76,24 +85,30 @@ def start_images(tmp_path_factory):
     return prompts, images
 
 
-@pytest.mark.parametrize("kind", ["wan21", "a14b"])
+@pytest.mark.parametrize("kind", ["wan21", "a14b", "ti2v-5b"])
 def test_the_teacher_starts_each_clip_from_its_prompts_image_as_its_pipeline_does(tmp_path, start_images, kind):
     """Euler with CFG through the teacher, prompt 1 with its image b.png, reproduces the stock pipeline's sampler
-    given that image and prompt (Wan 2.2 A14B: the high-noise expert above 0.9 T, the low-noise one below); the
-    start table holds the mask and each image's latents, Wan 2.1's also CLIP's embeddings, and another image gives
-    another clip. Without prompts, the shipped motions start from the image."""
+    given that image and prompt (Wan 2.2 A14B: the high-noise expert above 0.9 T, the low-noise one below; Wan 2.2
+    TI2V 5B: the start latent as the first frame, whose tokens take the time 0, and the first frame of its clip);
+    the start table holds the mask and each image's latents, Wan 2.1's also CLIP's embeddings (5B's: the start
+    latents alone), and another image gives another clip. Without prompts, the shipped motions start from the
+    image."""
     from distill_core.prompts import DEFAULT_MOTIONS
     from distill_core.solvers import euler
 
     prompts, images = start_images
     teacher = i2v_pipeline_dir(tmp_path, kind)
     source = diffusers_source(teacher, prompts=prompts, images=images, resolution=SIDE, frames=FRAMES)
-    assert source.shape == (16, 2, 4, 4) and source.uncond == {PROMPT_ROW: torch.tensor([2])}
-    start = getattr(source.denoiser, START_TABLE)
-    assert start.shape == (2, 20, 2, 4, 4) and not torch.equal(start[0], start[1])
-    assert start[:, :4, 0].eq(1).all() and start[:, :4, 1].eq(0).all()  # the mask: the first latent frame is given
-    embeddings = getattr(source.denoiser, IMAGE_EMBEDDINGS, None)  # CLIP's 4 patches and its class token
-    assert (embeddings.shape == (2, 5, 16) if kind == "wan21" else embeddings is None)
+    assert source.uncond == {PROMPT_ROW: torch.tensor([2])}
+    if kind == "ti2v-5b":  # 48 channels, a latent pixel of 4 image pixels
+        kept = getattr(source.denoiser, KEPT_START)
+        assert source.shape == (48, 2, 4, 4) and kept.shape == (2, 48, 1, 4, 4) and not torch.equal(kept[0], kept[1])
+    else:
+        start = getattr(source.denoiser, START_TABLE)
+        assert source.shape == (16, 2, 4, 4) and start.shape == (2, 20, 2, 4, 4) and not torch.equal(start[0], start[1])
+        assert start[:, :4, 0].eq(1).all() and start[:, :4, 1].eq(0).all()  # the mask: the first frame is given
+        embeddings = getattr(source.denoiser, IMAGE_EMBEDDINGS, None)  # CLIP's 4 patches and its class token
+        assert (embeddings.shape == (2, 5, 16) if kind == "wan21" else embeddings is None)
 
     x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
@@ -137,12 +152,13 @@ def test_the_main_job_distils_an_image_to_video_pipeline_and_samples_new_clips(t
     assert json.loads((cmp / "compare.json").read_text())["rows"]
 
 
-def test_the_pipeline_with_the_exported_student_draws_the_students_clip(tmp_path, start_images):
+@pytest.mark.parametrize("kind", ["wan21", "ti2v-5b"])
+def test_the_pipeline_with_the_exported_student_draws_the_students_clip(tmp_path, start_images, kind):
     """The stock WanImageToVideoPipeline with the exported LoRA, given the prompt's start image, takes the engine's
-    Euler steps through the student (the guidance distilled into it): the same clip from the same noise; the
-    printed lines run as written."""
+    Euler steps through the student (the guidance distilled into it): the same clip from the same noise (Wan 2.2
+    TI2V 5B's: its first frame the start image's latent); the printed lines run as written."""
     prompts, images = start_images
-    teacher = i2v_pipeline_dir(tmp_path, "wan21")
+    teacher = i2v_pipeline_dir(tmp_path, kind)
     source = diffusers_source(teacher, prompts=prompts, images=images, resolution=SIDE, frames=FRAMES)
     cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
                         student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
@@ -208,15 +224,3 @@ def test_what_an_image_to_video_pipeline_cannot_take_is_refused_in_one_line(tmp_
     assert main(["distill", "--teacher", str(teacher), *args, "--out", str(tmp_path / "r"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
-
-
-def test_wan_22_ti2v_5bs_image_to_video_is_refused_in_one_line(tmp_path, capsys, start_images):
-    """Wan 2.2 TI2V 5B's image-to-video pipeline puts the start image in the clip itself (expand_timesteps)."""
-    prompts, images = start_images
-    teacher = i2v_pipeline_dir(tmp_path, "a14b")
-    index = json.loads((teacher / "model_index.json").read_text())
-    (teacher / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
-    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--images", str(images),
-                 "--frames", "5", "--out", str(tmp_path / "r"), "--no-progress"]) == 1
-    err = capsys.readouterr().err
-    assert "puts the start image in the clip's first frame" in err and "Traceback" not in err, err

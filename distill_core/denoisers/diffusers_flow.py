@@ -51,7 +51,7 @@ from distill_core.denoisers.base import switch_rows
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, FlowDenoiser, t_to_sigma
 from distill_core.reference_images import REFERENCE_TABLE
 from distill_core.schedules import flux2_shift, flux_shift
-from distill_core.start_images import START_TABLE
+from distill_core.start_images import KEPT_START, START_TABLE
 
 #: the embedded guidance a guidance-distilled Flux model is distilled at unless the run says another
 #: (FluxPipeline's default)
@@ -242,7 +242,9 @@ class WanVelocity(nn.Module):
     """Wan's video transformer as v(x_t, t T, {"encoder_hidden_states": c}) on clips [B, C, F, H, W], and on
     images: [B, C, H, W] latents as videos of one frame. Its image-to-video transformer's condition adds the start
     condition y (``START_TABLE``: [B, k + C, F, H, W], the mask and the start image's latents), joined to the clip
-    along the channels, and in Wan 2.1, CLIP's embeddings of the start image (``encoder_hidden_states_image``)."""
+    along the channels, and in Wan 2.1, CLIP's embeddings of the start image (``encoder_hidden_states_image``);
+    Wan 2.2 TI2V 5B's the start latent (``KEPT_START``: [B, C, 1, H, W]), which replaces the clip's first frame,
+    whose tokens take the time 0 (``start_images``)."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -251,10 +253,17 @@ class WanVelocity(nn.Module):
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
         still = x.ndim == 4
         cond = dict(cond)
-        start = cond.pop(START_TABLE, None)
+        start, kept = cond.pop(START_TABLE, None), cond.pop(KEPT_START, None)
         clip = x[:, :, None] if still else x
         if start is not None:
             clip = torch.cat([clip, start.to(x.dtype)], dim=1)
+        if kept is not None:  # the start latent in the first frame, its tokens at time 0
+            clip = torch.cat([kept.to(x.dtype), clip[:, :, 1:]], dim=2)
+            patches = self.transformer.config.patch_size
+            frames, rows, columns = (side // patch for side, patch in zip(clip.shape[2:], patches))
+            later = torch.ones(frames, rows * columns, device=x.device, dtype=time.dtype)
+            later[0] = 0
+            time = time.expand(len(x))[:, None] * later.flatten()[None]
         v = self.transformer(hidden_states=clip, timestep=time, **cond, return_dict=False)[0]
         return v[:, :, 0] if still else v
 
