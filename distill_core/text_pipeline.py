@@ -5,7 +5,7 @@ of SD3, Flux, Flux Kontext, Qwen-Image, Wan, AuraFlow, Chroma, Lumina 2, Z-Image
 (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with ``scheduler/``, its text encoders and tokenizers,
 and optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's and Wan's video VAEs, Flux.2's or SANA's
 deep-compression autoencoder, which decode the report's grid; Flux Kontext's also encodes the images its prompts
-edit: ``reference_images``).
+edit: ``reference_images``, and Wan's image-to-video pipeline the images its clips start from: ``start_images``).
 
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
 arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and
