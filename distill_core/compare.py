@@ -222,7 +222,7 @@ def named_teacher(paths: list[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from distill_core.plot import labelled_grid, table_image
-    from distill_core.report import write_png
+    from distill_core.report import as_images, write_png
     from distill_core.sources import trained_teacher
 
     if args.count < 1:
@@ -247,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     decode = source.decode or (lambda images: images)
-    write_png(labelled_grid([(r.label, pixels(decode(r.images.cpu()))) for r in result.rows]), out / "compare.png")
+    write_png(labelled_grid([(r.label, pixels(as_images(decode(r.images.cpu())))) for r in result.rows]),
+              out / "compare.png")
     write_png(table_image(result.table()), out / "compare_table.png")
     write_json(out / "compare.json", {"rows": [row.record() for row in result.rows],
                                      "students": [str(Path(p)) for p in args.students], "seed": args.seed})

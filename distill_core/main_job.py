@@ -215,7 +215,7 @@ def write_run_report(cfg: DistillConfig, source: TeacherSource, run: StudentRun,
         student_rows,
         teacher_target,
     )
-    from distill_core.report import save_grid, write_report
+    from distill_core.report import as_images, save_grid, write_report
     from distill_core.sampling import sample
     from distill_core.solvers import SOLVERS, parse_solver_label, solver_names, solver_sigmas
     from distill_core.student_files import borrowing
@@ -247,7 +247,8 @@ def write_run_report(cfg: DistillConfig, source: TeacherSource, run: StudentRun,
         solver_images = SOLVERS[parse_solver_label(best["method"])[0]](teacher, noise, sigmas, labels).cpu()
         with borrowing(run.path, teacher) as student:  # a LoRA's adapters on the teacher's network, no copy
             student_images = sample(student, noise, labels).cpu()
-    save_grid([source.decode(r) if source.decode else r for r in (ev.reference[:k], solver_images, student_images)],
+    save_grid([as_images(source.decode(r) if source.decode else r) for r in (ev.reference[:k], solver_images,
+                                                                             student_images)],
               out / "grid.png")
     grid_rows = [
         f"teacher reference solve (Heun, {steps} steps)",

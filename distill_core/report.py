@@ -137,6 +137,31 @@ def frame_strip(clips: torch.Tensor, most: int = 4) -> torch.Tensor:
     return frames.permute(0, 1, 3, 2, 4).flatten(3)
 
 
+def as_images(samples: torch.Tensor) -> torch.Tensor:
+    """Samples as a grid shows them: images ``[N, C, H, W]`` as they are, clips ``[N, C, F, H, W]`` as strips of
+    their frames (``frame_strip``)."""
+    return frame_strip(samples) if samples.ndim == 5 else samples
+
+
+#: the frame rate of the animations ``write_clip`` writes (Wan's 16 frames a second)
+CLIP_FPS = 16
+
+
+def write_clip(frames: torch.Tensor, path: str | Path, fps: int = CLIP_FPS) -> Path:
+    """Write a clip's frames ``[F, H, W, 3]`` uint8 as an animated WEBP that loops, ``fps`` frames a second."""
+    import io
+
+    from PIL import Image
+
+    images = [Image.fromarray(frame.numpy()) for frame in frames]
+    data = io.BytesIO()
+    images[0].save(data, format="WEBP", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
+                   quality=90)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.getvalue())
+    return Path(path)
+
+
 def preview_pixels(images: torch.Tensor, latent_format=None, columns: int = 8) -> torch.Tensor:
     """``[H, W, 3]`` uint8 of a batch in model space: pixels in [-1, 1] as they are, latents through
     ``latent_format``'s RGB factors (or their first three channels); at most ``columns`` images in a row.

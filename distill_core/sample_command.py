@@ -10,7 +10,8 @@ and column j of every row starts from the same noise z_j (drawn from ``seed``), 
 condition alone. Conditions: a text-to-image student's ``--prompt`` texts (or the lines of ``--prompts
 FILE``; default: the first ten of the shipped list), a class-conditional one's ``--label`` values (default:
 its first ten classes), an unconditional one's single row. Writes ``samples.png`` (a row per condition, labelled), one
-PNG per image (``row_column.png``) and ``samples.json`` (what drew each file).
+PNG per image (``row_column.png``; a video student's: a strip of its clip's frames, and the whole clip as an
+animated WEBP, ``row_column.webp``) and ``samples.json`` (what drew each file).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from distill_core.compare import named_teacher, pixels
     from distill_core.plot import labelled_grid
     from distill_core.prompts import read_prompts
-    from distill_core.report import write_png
+    from distill_core.report import as_images, write_clip, write_png
     from distill_core.sampling import sample
     from distill_core.sources import trained_teacher
     from distill_core.student_files import load_student, read_student_card
@@ -115,16 +116,23 @@ def run(args: argparse.Namespace) -> int:
     for r, (label, one) in enumerate(drawn):
         cond = source.draw_cond(args.count, torch.Generator().manual_seed(args.seed)) if one is None else \
             index_cond(one, torch.zeros(args.count, dtype=torch.long))
-        images = pixels(decode(sample(student, sigmas[0] * z, cond, steps, args.guidance).cpu()))
+        drawn_samples = decode(sample(student, sigmas[0] * z, cond, steps, args.guidance).cpu())
+        images = pixels(as_images(drawn_samples))
         rows.append((label, images))
         for j, image in enumerate(images):
             path = out / f"{r:02d}_{j:02d}.png"
             write_png(image, path)
-            files.append({"file": path.name, "condition": label, "noise": j})
+            clip = {}
+            if drawn_samples.ndim == 5:  # a clip: its strip of frames, and every frame in an animation
+                frames = pixels(drawn_samples[j].transpose(0, 1))
+                clip = {"clip": write_clip(frames, path.with_suffix(".webp")).name}
+            files.append({"file": path.name, **clip, "condition": label, "noise": j})
     write_png(labelled_grid(rows), out / "samples.png")
     write_json(out / "samples.json", {"student": str(Path(args.student)), "teacher": source.name, "steps": steps,
                                       "guidance": student.guidance_w(args.guidance), "seed": args.seed,
                                       "images": files})
-    print(f"{student.card['method']} student, {steps} step{'s' if steps != 1 else ''}: {len(files)} images of "
-          f"{len(rows)} condition{'s' if len(rows) != 1 else ''} in {out} (samples.png, samples.json)")
+    clips = len(source.shape) == 4
+    print(f"{student.card['method']} student, {steps} step{'s' if steps != 1 else ''}: {len(files)} "
+          f"{'clips' if clips else 'images'} of {len(rows)} condition{'s' if len(rows) != 1 else ''} in {out} "
+          f"(samples.png, {'a .webp animation of each clip, ' if clips else ''}samples.json)")
     return 0

@@ -45,7 +45,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill_core.report import frame_strip
 from distill_core.start_images import KEPT_START
 
 #: attributes of the text denoiser that the engine reads from a teacher's denoiser
@@ -299,7 +298,8 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
 def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Latents to images in [-1, 1] with the pipeline's ``vae/`` (None without one): z / scale + shift (SD3's and
     Flux's latents are shifted, SD's not); Qwen-Image's and Wan's video VAEs: z std + mean per channel, an image
-    decoded as one frame, a clip [B, C, T, H, W] whole and shown as a strip of its frames (``frame_strip``);
+    decoded as one frame, a clip [B, C, T, H, W] whole, into its frames [B, 3, F, H', W'] (``report.as_images``
+    shows them as a strip);
     Flux.2's: z std + mean per channel, each channel group of four a 2 x 2 patch; SANA's deep-compression
     autoencoder: z / scale."""
     folder = root / "vae"
@@ -322,7 +322,7 @@ def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
             mean, std = (torch.tensor(vae.config[k]).view(view) for k in ("latents_mean", "latents_std"))
             z = latents * std + mean
             frames = vae.decode(z[:, :, None] if still else z).sample.clamp(-1, 1)
-            return frames[:, :, 0] if still else frame_strip(frames)
+            return frames[:, :, 0] if still else frames
         if patches:  # z std + mean per patch channel, then each 2 x 2 patch back in place
             std = (vae.bn.running_var + vae.config.batch_norm_eps).sqrt().view(channel)
             z = latents * std + vae.bn.running_mean.view(channel)

@@ -132,7 +132,8 @@ def test_the_teacher_starts_each_clip_from_its_prompts_image_as_its_pipeline_doe
 
 def test_the_main_job_distils_an_image_to_video_pipeline_and_samples_new_clips(tmp_path, start_images):
     """distill --images --frames writes the full report with a grid of decoded frame strips; sample draws a new
-    prompt's clips from a given start image, and compare takes --images too."""
+    prompt's clips from a given start image (each an animated WEBP beside its strip), and compare takes --images
+    too."""
     prompts, images = start_images
     teacher = i2v_pipeline_dir(tmp_path, "wan21")
     out = tmp_path / "run"
@@ -145,7 +146,10 @@ def test_the_main_job_distils_an_image_to_video_pipeline_and_samples_new_clips(t
     drawn = tmp_path / "drawn"
     assert main(["sample", str(out / "student.safetensors"), "--prompt", "the fox turns", "--images",
                  str(images / "a.png"), "--count", "2", "--out", str(drawn)]) == 0
-    assert len(json.loads((drawn / "samples.json").read_text())["images"]) == 2
+    files = json.loads((drawn / "samples.json").read_text())["images"]
+    assert len(files) == 2 and all((drawn / f["clip"]).is_file() for f in files)
+    with Image.open(drawn / files[0]["clip"]) as clip:  # the clip's 5 frames, animated
+        assert clip.format == "WEBP" and clip.n_frames == FRAMES and clip.size == (SIDE, SIDE)
     cmp = tmp_path / "cmp"
     assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--images", str(images),
                  "--count", "2", "--reference-steps", "4", "--out", str(cmp)]) == 0

@@ -18,6 +18,7 @@ from distill_core.config import DistillConfig
 from distill_core.denoisers.diffusers import DiffusersDenoiser
 from distill_core.denoisers.flow import FlowDenoiser
 from distill_core.diffusers_source import diffusers_source
+from distill_core.report import as_images
 from distill_core.safetensors_io import read_card
 
 TINY = {"sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_channels": (8, 16), "layers_per_block": 1,
@@ -663,10 +664,12 @@ def test_a_wan_pipeline_distils_on_clips_that_its_own_sampler_draws_and_its_stud
     """--frames: a Wan pipeline's teacher on clips [C, T, H, W] of (frames - 1) // 4 + 1 latent frames, as its
     pipeline counts them: Euler with CFG through its denoiser reproduces its pipeline's sampler on a clip; the
     main job distils it with a grid of frame strips decoded by its video VAE; the student's file names the
-    frames, so sample rebuilds the clip teacher. Wan 2.2 TI2V 5B's text-to-video pipeline too: its VAE spans 16
-    pixels a latent pixel, here 4 (one halving, then 2 x 2 patches folded into its 48 channels), and its pipeline
-    gives the network a time per latent patch, all equal without a start image, which the denoiser's one time per
-    sample reproduces."""
+    frames, so sample rebuilds the clip teacher and writes each clip whole as an animated WEBP. Wan 2.2 TI2V 5B's
+    text-to-video pipeline too: its VAE spans 16 pixels a latent pixel, here 4 (one halving, then 2 x 2 patches
+    folded into its 48 channels), and its pipeline gives the network a time per latent patch, all equal without a
+    start image, which the denoiser's one time per sample reproduces."""
+    from PIL import Image
+
     from distill_core.solvers import euler
     from distill_core.teacher import CFGTeacher
 
@@ -693,7 +696,9 @@ def test_a_wan_pipeline_distils_on_clips_that_its_own_sampler_draws_and_its_stud
                      torch.tensor([0]))
     assert expected.shape == x.shape and expected.abs().max() > 1
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
-    strip = source.decode(ours)  # the clip's frames side by side: 16 pixels high, a multiple of 16 wide
+    frames = source.decode(ours)  # the clip's frames, 16 x 16 pixels each
+    assert frames.shape[:2] == (1, 3) and frames.shape[2] >= 2 and frames.shape[3:] == (16, 16)
+    strip = as_images(frames)  # side by side: 16 pixels high, a multiple of 16 wide
     assert strip.shape[:3] == (1, 3, 16) and strip.shape[3] >= 32 and strip.shape[3] % 16 == 0
 
     out = tmp_path / "run"
@@ -703,7 +708,10 @@ def test_a_wan_pipeline_distils_on_clips_that_its_own_sampler_draws_and_its_stud
     assert read_card(out / "student.safetensors")["frames"] == 5
     assert (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by its VAE
     assert main(["sample", str(out / "student.safetensors"), "--prompt", "an owl", "--count", "2",
-                 "--out", str(tmp_path / "owl.png")]) == 0
+                 "--out", str(tmp_path / "owl")]) == 0
+    drawn = json.loads((tmp_path / "owl" / "samples.json").read_text())["images"]
+    with Image.open(tmp_path / "owl" / drawn[1]["clip"]) as clip:  # every frame of the clip, animated
+        assert clip.format == "WEBP" and clip.n_frames == frames.shape[2] and clip.size == (16, 16)
 
 
 def test_an_image_pipeline_refuses_frames(tmp_path, capsys):
