@@ -31,12 +31,17 @@ def kontext(tmp_path_factory):
     teacher = multi_encoder_pipeline_dir(root, "flux-kontext")
     prompts = root / "prompts.txt"
     prompts.write_text("make it snowy\nan owl on it\n")
+    return teacher, prompts, image_folder(root, 16, 16)
+
+
+def image_folder(root, height: int, width: int):
+    """``root/images`` with two images of random pixels, ``a.png`` and ``b.png``, of height x width."""
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
     for name in ("a.png", "b.png"):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / name)
-    return teacher, prompts, images
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(images / name)
+    return images
 
 
 def test_the_teacher_reads_each_prompts_image_beside_the_noise(kontext):

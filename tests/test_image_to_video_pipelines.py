@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import diffusers
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -23,6 +22,7 @@ from distill_core.student_files import load_student
 from distill_core.teacher import CFGTeacher
 from distill_core.text_pipeline import IMAGE_ROW, PROMPT_ROW, prompt_condition
 from distill_core.train.run import train_student
+from tests.test_edit_pipelines import image_folder
 from tests.test_teacher_from_dir import multi_encoder_pipeline_dir, randomise
 
 #: the clips of these tests: 5 video frames (2 latent frames of the tiny VAE's 4), 16 x 16 pixels (4 x 4 latents)
@@ -77,12 +77,7 @@ def start_images(tmp_path_factory):
     root = tmp_path_factory.mktemp("starts")
     prompts = root / "prompts.txt"
     prompts.write_text("the fox runs\nthe owl flies off\n")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for name in ("a.png", "b.png"):
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(images / name)
-    return prompts, images
+    return prompts, image_folder(root, 20, 24)
 
 
 @pytest.mark.parametrize("kind", ["wan21", "a14b", "ti2v-5b"])
