@@ -97,24 +97,26 @@ class WanStartImage:
 
 class HunyuanStartImage:
     """HunyuanVideo's image-to-video prompts: its text encoder reads the image (the stock CLIPVisionEncode once per
-    image, then TextEncodeHunyuanVideo_ImageToVideo per text), and the stock HunyuanImageToVideo (v1, concat) adds
-    the start frames' latent to every prompt and to the negative, given to it beside them (the node has no negative
-    input; HunyuanVideo samples at CFG 1, where the negative does not count)."""
+    image, then TextEncodeHunyuanVideo_ImageToVideo per text), and the stock HunyuanImageToVideo in its
+    ``guidance_type`` adds the start frames to every prompt and to the negative, given to it beside them (the node
+    has no negative input; HunyuanVideo samples at CFG 1, where the negative does not count): v1 (concat), their
+    latent beside the clip's; v2 (replace), a guiding frame, the latent in the clip's first frame of the LATENT it
+    makes."""
 
-    def __init__(self, clip, vae, clip_vision, width: int, height: int, length: int):
+    def __init__(self, guidance_type: str, clip, vae, clip_vision, width: int, height: int, length: int):
         if clip_vision is None:
             raise ValueError("HunyuanVideo image-to-video reads the image through its text encoder: connect its CLIP "
                              "vision model (Load CLIP Vision: llava_llama3_vision) to clip_vision")
-        self.clip, self.vae, self.clip_vision = clip, vae, clip_vision
+        self.guidance_type, self.clip, self.vae, self.clip_vision = guidance_type, clip, vae, clip_vision
         self.size = clip_size(width, height, length)
 
-    def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list, None]:
+    def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list, dict | None]:
         vision = vision_reading(self.clip_vision, image)
         entries = [host.run_stock_node("TextEncodeHunyuanVideo_ImageToVideo", clip=self.clip, clip_vision_output=vision,
                                        prompt=text, image_interleave=2)[0][0] for text in [*texts, negative]]
-        with_image, _ = host.run_stock_node("HunyuanImageToVideo", positive=entries, vae=self.vae, start_image=image,
-                                            guidance_type="v1 (concat)", **self.size)
-        return with_image[:-1], with_image[-1], None
+        with_image, latent = host.run_stock_node("HunyuanImageToVideo", positive=entries, vae=self.vae,
+                                                 start_image=image, guidance_type=self.guidance_type, **self.size)
+        return with_image[:-1], with_image[-1], latent if self.guidance_type.startswith("v2") else None
 
 
 class StartLatent:
@@ -143,7 +145,9 @@ EDITORS = {
 }
 #: each image-to-video model's encoding of its start images
 RELEASES = {"Wan 2.1 / Wan 2.2 14B (WanImageToVideo)": WanStartImage,
-            "HunyuanVideo (HunyuanImageToVideo, v1 concat)": HunyuanStartImage,
+            "HunyuanVideo (HunyuanImageToVideo, v1 concat)": functools.partial(HunyuanStartImage, "v1 (concat)"),
+            "HunyuanVideo v2 (HunyuanImageToVideo, v2 replace)": functools.partial(HunyuanStartImage,
+                                                                                   "v2 (replace)"),
             "Wan 2.2 5B (Wan22ImageToVideoLatent)": functools.partial(StartLatent, "Wan22ImageToVideoLatent",
                                                                       "start_image", {}),
             "LTX-Video (LTXVImgToVideo)": functools.partial(StartLatent, "LTXVImgToVideo", "image", {
@@ -301,19 +305,19 @@ class EditList(ReadsImageFolder):
       "Training prompts for an image-to-video model (Wan 2.1 I2V, Wan 2.2 14B I2V, Wan 2.2 5B, HunyuanVideo I2V, "
       "LTX-Video): start images (connected, or a folder in ComfyUI's input folder) and prompts, one per line, paired "
       "and encoded as WanImageToVideo encodes them (with CLIPVisionEncode for Wan 2.1), as HunyuanImageToVideo and "
-      "its image-reading text encoder do, or for Wan 2.2 5B and LTX-Video as "
-      "Wan22ImageToVideoLatent and LTXVImgToVideo hold the image in the clip's latent. Every image is first fitted "
-      "to width x height. Connect positive and negative (and for Wan 2.2 5B and LTX-Video start_latent) to Teacher "
-      "from MODEL at the same width, height and length.",
+      "its image-reading text encoder do, or for Wan 2.2 5B, LTX-Video and HunyuanVideo v2 as "
+      "Wan22ImageToVideoLatent, LTXVImgToVideo and HunyuanImageToVideo (v2) hold the image in the clip's latent. "
+      "Every image is first fitted to width x height. Connect positive and negative (and for Wan 2.2 5B, LTX-Video "
+      "and HunyuanVideo v2 start_latent) to Teacher from MODEL at the same width, height and length.",
       inputs=[
           In("clip", "CLIP", "the model's text encoder (Wan: UMT5-XXL; HunyuanVideo: its LLaVA text encoder; "
              "LTX-Video: T5-XXL)"),
           In("vae", "VAE", "the model's VAE: encodes each clip's start frame"),
           In("release", tuple(RELEASES), "which model the prompts are for: Wan 2.1 and Wan 2.2 14B image-to-video "
              "take the image with each prompt (WanImageToVideo), HunyuanVideo too (HunyuanImageToVideo, v1 concat, "
-             "its text encoder reading the image); Wan 2.2 5B (TI2V) and LTX-Video keep it in the "
-             "clip's first latent frame (Wan22ImageToVideoLatent, LTXVImgToVideo at strength 1: connect "
-             "start_latent)"),
+             "its text encoder reading the image); Wan 2.2 5B (TI2V), LTX-Video and HunyuanVideo v2 keep it in the "
+             "clip's first latent frame (Wan22ImageToVideoLatent, LTXVImgToVideo at strength 1, HunyuanImageToVideo "
+             "v2 replace, its text encoder reading the image too: connect start_latent)"),
           In("prompts", "STRING", "prompts, one per line; a list of motions that fit any start image ships as the "
              "default", DEFAULT_MOTIONS, options={"multiline": True}),
           In("negative", "STRING", "negative prompt for classifier-free guidance, with each start image as the "
@@ -326,8 +330,9 @@ class EditList(ReadsImageFolder):
              "CLIP Vision; HunyuanVideo: llava_llama3_vision), whose reading of each image joins its prompts; Wan "
              "2.2 takes none", optional=True),
       ],
-      outputs=[*PROMPT_OUTPUTS, Out("LATENT", "start_latent", "Wan 2.2 5B, LTX-Video: each prompt's start latent, "
-                                    "in order, for Teacher from MODEL's start_latent (none for the other releases)")])
+      outputs=[*PROMPT_OUTPUTS, Out("LATENT", "start_latent", "Wan 2.2 5B, LTX-Video, HunyuanVideo v2: each "
+                                    "prompt's start latent, in order, for Teacher from MODEL's start_latent (none for "
+                                    "the other releases)")])
 class ImageToVideoList(ReadsImageFolder):
     def run(self, clip, vae, release: str, prompts: str, negative: str, length: int, pairing: str, width: int,
             height: int, images=None, image_folder: str = NO_FOLDER, clip_vision=None, unique_id=None):

@@ -495,12 +495,13 @@ HUNYUAN_DIT_CONFIG = {"image_model": "hydit", "input_size": 8, "patch_size": 2, 
 #: the teacher's image side where 64 pixels do not fit: PixArt's position table needs a latent side over 32
 SIDES = {"pixart-sigma": 512}
 #: guidance-distilled families: distilled at guidance 3.5 as their input, sampled with the stock FluxGuidance
-EMBEDDED_GUIDANCE = {"flux", "flux-kontext", "flux-fill", "hunyuan-video-clip", "hunyuan-video-i2v-clip"}
+EMBEDDED_GUIDANCE = {"flux", "flux-kontext", "flux-fill", "hunyuan-video-clip", "hunyuan-video-i2v-clip",
+                     "hunyuan-video-v2-clip"}
 #: editing families, whose prompts carry a reference image's latent (Qwen-Image's latents have a frame axis)
 REFERENCE_LATENTS = {"flux-kontext": (16, 8, 8), "qwen-image-edit": (16, 1, 8, 8)}
 #: families distilled on clips, and the clip's length in video frames (Wan: 9 frames, 3 latent frames)
 LENGTHS = {"wan-clip": 9, "wan-i2v-clip": 9, "wan22-5b-clip": 9, "wan22-5b-i2v-clip": 9, "hunyuan-video-clip": 9,
-           "hunyuan-video-i2v-clip": 9,
+           "hunyuan-video-i2v-clip": 9, "hunyuan-video-v2-clip": 9,
            "ltxv-clip": 17, "ltxv-i2v-clip": 17, "mochi-clip": 13, "cosmos-clip": 17}
 IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "flux-kontext": ("Flux", FLUX_CONFIG),
              "flux-fill": ("Flux", {**FLUX_CONFIG, "in_channels": 96}),
@@ -518,6 +519,7 @@ IN_MEMORY = {"flux": ("Flux", FLUX_CONFIG), "flux-kontext": ("Flux", FLUX_CONFIG
              "wan22-5b-clip": ("WAN22_T2V", WAN22_CONFIG), "wan22-5b-i2v-clip": ("WAN22_T2V", WAN22_CONFIG),
              "hunyuan-video-clip": ("HunyuanVideo", HUNYUAN_VIDEO_CONFIG), "ltxv-clip": ("LTXV", LTXV_CONFIG),
              "hunyuan-video-i2v-clip": ("HunyuanVideoI2V", {**HUNYUAN_VIDEO_CONFIG, "in_channels": 33}),
+             "hunyuan-video-v2-clip": ("HunyuanVideo", HUNYUAN_VIDEO_CONFIG),
              "ltxv-i2v-clip": ("LTXV", LTXV_CONFIG),
              "mochi-clip": ("GenmoMochi", MOCHI_CONFIG), "cosmos-clip": ("CosmosT2V", COSMOS_VIDEO_CONFIG)}
 
@@ -614,6 +616,9 @@ def flow_probe(family: str, work: Path) -> dict:
             options["concat_latent_image"] = torch.randn(1, 16, 1, 8, 8, generator=image)
             options["concat_mask"] = torch.ones(1, 1, 3, 8, 8)
             options["concat_mask"][:, :, :1] = 0
+        if family == "hunyuan-video-v2-clip":  # as HunyuanImageToVideo (v2, replace) writes them, on every entry
+            # the list gives it: the start frame guides (the frame itself is in the LATENT, ``start_latent``)
+            options["guiding_frame_index"] = 0
         if family == "wan-i2v-clip":  # as WanImageToVideo writes them: the start frame's latent and its mask over
             # 3 latent frames; the negative (seed 3) carries the first prompt's image, as the node gives both
             image = torch.Generator().manual_seed(1 if seed == 3 else seed)
@@ -787,9 +792,10 @@ def start_image_list_probe(work: Path) -> dict:
         "every line on every image", 64, 64, images=images, clip_vision=vision)["result"]
     (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 4.0, length=9)
     hunyuan = hunyuan_start_list(pack, images, StandInVAE(), work)
+    hunyuan_v2 = hunyuan_start_list(pack, images, StandInVAE(), work, "hunyuan-video-v2-clip")
     starts = {family: start_latent_list(pack, family, release, images, work) for family, release in (
         ("wan22-5b-i2v-clip", "Wan 2.2 5B (Wan22ImageToVideoLatent)"), ("ltxv-i2v-clip", "LTX-Video (LTXVImgToVideo)"))}
-    return {**starts, "hunyuan-video-i2v-clip": hunyuan,
+    return {**starts, "hunyuan-video-i2v-clip": hunyuan, "hunyuan-video-v2-clip": hunyuan_v2,
             "entries": [len(positive), len(negative)], "fitted": list(fitted.shape),
             "vae_encoded": vae.given, "vision_encoded": vision.given,
             "inputs": [{k: list(v.shape) for k, v in e[1].items() if isinstance(v, torch.Tensor)} for e in positive],
@@ -800,29 +806,38 @@ def start_image_list_probe(work: Path) -> dict:
             **guided_teacher(handle, (16, 3, 8, 8), 4.0)}
 
 
-def hunyuan_start_list(pack: dict, images, vae, work: Path) -> dict:
+def hunyuan_start_list(pack: dict, images, vae, work: Path, family: str = "hunyuan-video-i2v-clip") -> dict:
     """Distill image-to-video list for HunyuanVideo, two start images x two prompts, through ComfyUI's own
     CLIPVisionEncode, TextEncodeHunyuanVideo_ImageToVideo and HunyuanImageToVideo (stand-ins for its text encoder,
     which records the options and the image features it was given, its vision model and ``vae``), into Teacher from
-    MODEL on a tiny HunyuanVideo image-to-video model at its guidance input, and a teacher evaluation on a clip."""
+    MODEL on a tiny HunyuanVideo image-to-video model at its guidance input, and a teacher evaluation on a clip:
+    ``family`` hunyuan-video-i2v-clip, v1 (concat); hunyuan-video-v2-clip, v2 (replace), its start latents the
+    teacher's start_latent."""
     from types import SimpleNamespace
 
     import torch
 
-    model, context, pooled = flow_model("hunyuan-video-i2v-clip", work)
+    model, context, pooled = flow_model(family, work)
     llava = StandInText(context, 12, lambda text: {"pooled_output": torch.randn(1, pooled)})
 
     class StandInVision:
         def encode_image(self, image, crop=True):
             return SimpleNamespace(mm_projected=torch.full((1, 4, 8), float(image.mean())))
 
-    positive, negative, fitted, _ = pack["DistillImageToVideoList"]().run(
-        llava, vae, "HunyuanVideo (HunyuanImageToVideo, v1 concat)", "the camera pushes in\nit rains", "static", 9,
-        "every line on every image", 64, 64, images=images, clip_vision=StandInVision())["result"]
-    (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 3.5, length=9)
+    v2 = family == "hunyuan-video-v2-clip"
+    release = ("HunyuanVideo v2 (HunyuanImageToVideo, v2 replace)" if v2 else
+               "HunyuanVideo (HunyuanImageToVideo, v1 concat)")
+    positive, negative, fitted, start = pack["DistillImageToVideoList"]().run(
+        llava, vae, release, "the camera pushes in\nit rains", "static", 9, "every line on every image", 64, 64,
+        images=images, clip_vision=StandInVision())["result"]
+    (handle,) = pack["DistillTeacherFromModel"]().run(model, positive, negative, 64, 64, 3.5, length=9,
+                                                      **({"start_latent": start} if v2 else {}))
     return {"entries": [len(positive), len(negative)], "tokenized": llava.given,
             "image_means": [float(i.mean()) for i in fitted],
-            "inputs": [sorted(k for k, v in e[1].items() if isinstance(v, torch.Tensor)) for e in positive + negative],
+            "inputs": [sorted(k for k, v in e[1].items() if isinstance(v, torch.Tensor | int))
+                       for e in positive + negative],
+            **({"start_samples": list(start["samples"].shape),
+                "kept_frames": start["noise_mask"][:, 0].flatten(2).amax(-1).tolist()} if v2 else {}),
             **guided_teacher(handle, (16, 3, 8, 8), handle.guidance)}
 
 
@@ -856,14 +871,16 @@ def start_latent_list(pack: dict, family: str, release: str, images, work: Path)
 
 
 #: image-to-video families whose start image lies in the LATENT that the sampler is given: its channels and pixel span
-START_LATENTS = {"wan22-5b-i2v-clip": (48, 16), "ltxv-i2v-clip": (128, 32)}
+START_LATENTS = {"wan22-5b-i2v-clip": (48, 16), "ltxv-i2v-clip": (128, 32), "hunyuan-video-v2-clip": (16, 8)}
 
 
 def start_latent(family: str, side: int, length: int) -> dict:
     """The LATENT of ComfyUI's own image-to-video latent node with a start image, of ``side`` x ``side`` pixels and
-    ``length`` frames (Wan22ImageToVideoLatent; LTXVImgToVideo at strength 0.9, whose mask keeps 0.9 of the image),
-    for a VAE that encodes the image as a random latent frame of the family's channels."""
+    ``length`` frames (Wan22ImageToVideoLatent; LTXVImgToVideo at strength 0.9, whose mask keeps 0.9 of the image;
+    HunyuanImageToVideo in v2, replace), for a VAE that encodes the image as a random latent frame of the family's
+    channels."""
     import torch
+    from comfy_extras.nodes_hunyuan import HunyuanImageToVideo
     from comfy_extras.nodes_lt import LTXVImgToVideo
     from comfy_extras.nodes_wan import Wan22ImageToVideoLatent
 
@@ -876,6 +893,8 @@ def start_latent(family: str, side: int, length: int) -> dict:
     image = torch.rand(1, side, side, 3, generator=torch.Generator().manual_seed(5))
     if family == "ltxv-i2v-clip":
         return LTXVImgToVideo.execute([], [], image, RandomVAE(), side, side, length, 1, 0.9)[2]
+    if family == "hunyuan-video-v2-clip":
+        return HunyuanImageToVideo().encode([], RandomVAE(), side, side, length, 1, "v2 (replace)", image)[1]
     return Wan22ImageToVideoLatent.execute(RandomVAE(), side, side, length, 1, start_image=image)[0]
 
 

@@ -52,9 +52,14 @@ class StockNodes:
         if node_id == "TextEncodeHunyuanVideo_ImageToVideo":  # its text encoder reads the image's vision output
             cond, options = inputs["clip"].encode_from_tokens_scheduled(inputs["prompt"])[0]
             return ([[cond + inputs["clip_vision_output"][1], options]],)
-        if node_id == "HunyuanImageToVideo":  # v1 (concat): the start frames' latent on every entry it is given
-            image = {"concat_latent_image": inputs["vae"].encode(inputs["start_image"]), "how": inputs["guidance_type"]}
-            return [[c, {**o, **image}] for c, o in inputs["positive"]], {}
+        if node_id == "HunyuanImageToVideo":  # v1 (concat): the start frames' latent on every entry it is given;
+            # v2 (replace): a guiding frame on every entry, the latent in the first frame of the LATENT it makes
+            latent = inputs["vae"].encode(inputs["start_image"])
+            if inputs["guidance_type"] == "v2 (replace)":
+                image, made = {"guiding_frame_index": 0}, {"samples": latent, "noise_mask": torch.zeros(1, 1)}
+            else:
+                image, made = {"concat_latent_image": latent}, {"samples": torch.zeros_like(latent)}
+            return [[c, {**o, **image, "how": inputs["guidance_type"]}] for c, o in inputs["positive"]], made
         if node_id == "WanImageToVideo":  # the start frames' latent and the vision output on both sides
             image = {"concat_latent_image": inputs["vae"].encode(inputs["start_image"]),
                      "size": (inputs["width"], inputs["height"], inputs["length"], inputs["batch_size"]),
@@ -72,7 +77,7 @@ def _save(path, height: int, width: int, seed: int) -> np.ndarray:
     return pixels
 
 
-WAN_14B, HUNYUAN, WAN_5B, LTXV = edits.RELEASES
+WAN_14B, HUNYUAN, HUNYUAN_V2, WAN_5B, LTXV = edits.RELEASES
 
 
 @pytest.fixture
@@ -283,6 +288,20 @@ def test_hunyuan_video_prompts_read_each_image_through_the_text_encoder_and_carr
         torch.testing.assert_close(neg[1]["concat_latent_image"], FakeVAE().encode(fitted[image:image + 1]))
     with pytest.raises(ValueError, match="HunyuanVideo image-to-video reads the image through its text encoder"):
         edits.ImageToVideoList().run(clip, vae, HUNYUAN, "a", "", 9, edits.EVERY_PAIR, 16, 16, images=images)
+
+
+def test_hunyuan_video_v2_prompts_guide_from_the_start_latent_of_each_image(tmp_path, stock):
+    """HunyuanVideo v2 (replace): the same encoding with HunyuanImageToVideo in v2, every entry (the negatives too)
+    with its guiding frame, and each prompt's start latent, its image's, in order, for Teacher from MODEL."""
+    images = torch.rand(2, 16, 16, 3, generator=torch.Generator().manual_seed(4))
+    positive, negative, fitted, start = edits.ImageToVideoList().run(
+        FakeClip(), FakeVAE(), HUNYUAN_V2, "pan left\nzoom in", "static", 9, edits.EVERY_PAIR, 16, 16, images=images,
+        clip_vision="vision model")["result"]
+    assert [c for c, _ in stock.calls].count("HunyuanImageToVideo") == 2 and len(positive) == len(negative) == 4
+    assert all(e[1]["how"] == "v2 (replace)" and e[1]["guiding_frame_index"] == 0 for e in positive + negative)
+    assert start["samples"].shape[0] == 4 and start["noise_mask"].shape[0] == 4
+    for k in range(4):  # prompts 0 and 1 from the first image, 2 and 3 from the second
+        torch.testing.assert_close(start["samples"][k:k + 1], FakeVAE().encode(fitted[k // 2:k // 2 + 1]))
 
 
 class ClassicNode:

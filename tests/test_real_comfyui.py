@@ -237,7 +237,8 @@ def test_the_image_to_video_list_encodes_each_start_image_through_wanimagetovide
     image i with prompt i through Wan22ImageToVideoLatent, its start latents one per prompt into Teacher from MODEL's
     start_latent on a tiny Wan 2.2 5B model, and the same for LTX-Video through LTXVImgToVideo; for HunyuanVideo,
     each prompt and the negative through TextEncodeHunyuanVideo_ImageToVideo with its image's CLIPVisionEncode
-    reading, then HunyuanImageToVideo (v1, concat), into Teacher from MODEL at its guidance input
+    reading, then HunyuanImageToVideo (v1, concat; and v2, replace, its start latents into start_latent), into
+    Teacher from MODEL at its guidance input
     (``start_image_list_probe``: stand-ins for the text encoders, the VAEs and the vision models)."""
     result = _probe("start-image-list-probe", str(tmp_path))
     assert result["entries"] == [4, 4] and result["fitted"] == [2, 64, 64, 3]
@@ -254,6 +255,10 @@ def test_the_image_to_video_list_encodes_each_start_image_through_wanimagetovide
     assert [t["image"] for t in hunyuan["tokenized"]] == [first] * 3 + [second] * 3 and first != second
     assert hunyuan["inputs"] == [["concat_latent_image", "concat_mask", "pooled_output"]] * 8
     assert hunyuan["guided_finite"] and hunyuan["guided_shape"] == [2, 16, 3, 8, 8]
+    v2 = result["hunyuan-video-v2-clip"]  # every entry guided by its start frame, which each prompt's LATENT holds
+    assert v2["entries"] == [4, 4] and v2["inputs"] == [["guiding_frame_index", "pooled_output"]] * 8
+    assert v2["start_samples"] == [4, 16, 3, 8, 8] and v2["kept_frames"] == [[0.0, 1.0, 1.0]] * 4
+    assert v2["guided_finite"] and v2["guided_shape"] == [2, 16, 3, 8, 8]
     for family, clip in (("wan22-5b-i2v-clip", [48, 3, 4, 4]), ("ltxv-i2v-clip", [128, 3, 2, 2])):
         out = result[family]  # image i with prompt i, each clip starting from its image's latent frame
         assert out["entries"] == [2, 2] and out["images_differ"] and out["start_samples"] == [2, *clip]
@@ -268,6 +273,7 @@ def test_the_image_to_video_list_encodes_each_start_image_through_wanimagetovide
     ("wan22-5b-i2v-clip", "WAN22", [48, 3, 4, 4], 8.0),
     ("hunyuan-video-clip", "HunyuanVideo", [16, 3, 8, 8], 7.0),
     ("hunyuan-video-i2v-clip", "HunyuanVideoI2V", [16, 3, 8, 8], 7.0),
+    ("hunyuan-video-v2-clip", "HunyuanVideo", [16, 3, 8, 8], 7.0),
     ("ltxv-clip", "LTXV", [128, 3, 2, 2], 10.6974),
     ("ltxv-i2v-clip", "LTXV", [128, 3, 2, 2], 10.6974),
     ("mochi-clip", "GenmoMochi", [12, 3, 8, 8], 6.0),
@@ -279,8 +285,9 @@ def test_video_models_distil_on_clips_into_loras_that_samplercustom_reproduces_o
     image-to-video: its start image in the LATENT of the stock Wan22ImageToVideoLatent, the teacher's start_latent
     and SamplerCustom's latent with its noise mask) and HunyuanVideo (guidance-distilled: its guidance an input,
     sampled with the stock FluxGuidance and CFG 1; and image-to-video, every prompt with its start frame's latent and
-    mask, as HunyuanImageToVideo's v1 (concat) writes them on the positive alone) train on clips of 9 frames, 3
-    latent frames of 4 frames each,
+    mask, as HunyuanImageToVideo's v1 (concat) writes them on the positive alone; and v2 (replace), its guiding
+    frame on every prompt and its start image in the LATENT, as HunyuanImageToVideo writes them) train on clips of
+    9 frames, 3 latent frames of 4 frames each,
     LTX-Video on 17 frames, 3 latent frames of 8 (its 128 channels 32 pixels a side; and image-to-video from the
     LATENT of the stock LTXVImgToVideo at strength 0.9, as Wan 2.2 5B's), Mochi on 13, 3 latent frames of 6 (its
     token count a scalar input), and Cosmos 1 on 17 (an EDM model: Karras's sigmas from 80); T5 prompts padded to
@@ -297,9 +304,10 @@ def test_video_models_distil_on_clips_into_loras_that_samplercustom_reproduces_o
     assert card["embedded_guidance"] == (3.5 if guided else None) and result["cfg"] == (1.0 if guided else 4.0)
     assert result["unloaded_lora_keys"] == 0 and result["lora_key_example"].startswith("diffusion_model.")
     assert result["lora_effect"] > 1e-2 and result["max_abs_diff"] <= 1e-3
-    if family in ("wan22-5b-i2v-clip", "ltxv-i2v-clip"):  # the clip follows its start image (6.7e-4 and 8.9e-4
-        # for the image's negative: the tiny models' frames see each other little), and the engine agrees to 3.3e-6
-        # and 3.1e-6 (handed the start frame noisy, not clean, Wan 2.2 5B's lands 3.9e-4 off, LTX-Video's 0.32)
+    if family in ("wan22-5b-i2v-clip", "ltxv-i2v-clip", "hunyuan-video-v2-clip"):  # the clip follows its start
+        # image (6.7e-4, 8.9e-4 and 2.8e-4 for the image's negative: the tiny models' frames see each other little),
+        # and the engine agrees to 3.3e-6, 3.1e-6 and 3.3e-6 (handed the start frame noisy, not clean, Wan 2.2 5B's
+        # lands 3.9e-4 off, LTX-Video's 0.32)
         assert result["start_effect"] > 1e-4 and result["max_abs_diff"] <= 1e-4
 
 

@@ -248,8 +248,9 @@ def test_wan22_image_to_video_clips_start_from_the_start_latent_as_comfyuis_samp
     positive, negative, latent = [_entry(3, 1), _entry(3, 2)], [_entry(3, 3)], start_latent(2)
     source = comfy_source(base, positive, negative, 64, 64, 2.0, length=9, start=latent)
     rows = source.draw_cond(4, torch.Generator().manual_seed(0))
-    assert not {"denoise_mask", "kept_latent"} & source.uncond.keys()
+    assert not {"denoise_mask", "kept_latent", "kept_mask"} & source.uncond.keys()
     assert rows["kept_latent"].shape == (4, 4, 3, 8, 8) and rows["denoise_mask"].shape == (4, 1, 3, 8, 8)
+    assert torch.equal(rows["kept_mask"], rows["denoise_mask"])  # the mask the adapter keeps the start frame by
     starts = latent["samples"][:, :, :1] / 2  # each row starts from its own prompt's image, in the model's scale
     assert all(any(torch.equal(row[:, :1], s) for s in starts) for row in rows["kept_latent"])
     x, sigma = torch.randn(4, 4, 3, 8, 8), torch.tensor([0.5, 3.0, 9.0, 40.0])
@@ -264,7 +265,8 @@ def test_wan22_image_to_video_clips_start_from_the_start_latent_as_comfyuis_samp
 
     teacher_node = nodes["DistillTeacherFromModel"]()
     refusals = [
-        (dict(model=FakePatcher(WAN21(CONST()))), "a start latent is for Wan 2.2 5B and LTX-Video image-to-video"),
+        (dict(model=FakePatcher(WAN21(CONST()))),
+         "a start latent is for Wan 2.2 5B, LTX-Video and HunyuanVideo v2 image-to-video"),
         (dict(start_latent={"samples": latent["samples"]}), "holds no start image"),
         (dict(width=128), r"start latent is \[4, 3, 8, 8\] .* teacher's clips are \[4, 3, 8, 16\]"),
         (dict(length=1), "a clip of one frame would be the start image itself"),
@@ -287,7 +289,8 @@ def test_wan22_image_to_video_clips_start_from_the_start_latent_as_comfyuis_samp
                                                                       tmp_path / "models" / "loras", preview_every=1)
     z, cond = few_step_draws(student)
     kept, mask = cond["kept_latent"], cond["denoise_mask"]
-    model_inputs = {k: v for k, v in cond.items() if k not in ("kept_latent", "lengths")}  # one token count
+    model_inputs = {k: v for k, v in cond.items() if k not in ("kept_latent", "kept_mask", "lengths")}  # one token
+    # count
     uncond = {k: v.expand(2, *v.shape[1:]) for k, v in student.teacher.source().uncond.items() if k != "lengths"}
 
     def comfy_model(x_t, t):  # ComfyUI's sampler: the start frame replaced in the input and the output

@@ -34,7 +34,14 @@ import torch
 from torch import nn
 
 from distill_core.denoisers.base import Cond, conditional, expand_sigma, index_cond, per_sample, switch_rows
-from distill_core.denoisers.comfy_conditioning import KEEP_MASK, KEPT_LATENT, ROW_KEYS, keep_start, row_text
+from distill_core.denoisers.comfy_conditioning import (
+    KEPT_LATENT,
+    KEPT_MASK,
+    ONE_SAMPLE_INPUT,
+    ROW_KEYS,
+    keep_start,
+    row_text,
+)
 from distill_core.denoisers.comfy_family import has_frame_axis, unet_config
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, sigma_to_t, t_to_sigma
 
@@ -90,10 +97,11 @@ class ComfyDenoiser(nn.Module):
     ``prediction``: "flow" for flow models (the engine then offers the flow time grid, with the model's own
     ``shift``), else ComfyUI's prediction class in lower case.
 
-    A condition with a start latent (``KEPT_LATENT``, Wan 2.2 5B and LTX-Video image-to-video) has the model's
-    input and its x0 hold that latent on the start frames (``keep_start``), as ComfyUI's sampler does: ``D(x,
-    sigma)`` is then the model's denoiser of the other frames given the clean start frames, whatever ``x`` holds
-    there."""
+    A condition with a start latent (``KEPT_LATENT``, Wan 2.2 5B, LTX-Video and HunyuanVideo v2 image-to-video) has
+    the model's input and its x0 hold that latent on the start frames (``keep_start``), as ComfyUI's sampler does:
+    ``D(x, sigma)`` is then the model's denoiser of the other frames given the clean start frames, whatever ``x``
+    holds there. A condition with HunyuanVideo v2's guiding frame (``ONE_SAMPLE_INPUT``) runs one sample at a
+    time: its model modulates the frame's tokens correctly for a batch of one only."""
 
     def __init__(self, base_model: nn.Module, sampling=None):
         super().__init__()
@@ -127,6 +135,9 @@ class ComfyDenoiser(nn.Module):
             raise TypeError("a ComfyUI model's condition is a dict of model inputs (c_crossattn, y, ...)")
         cond = conditional(cond)
         sigma = expand_sigma(sigma, x)
+        if cond and ONE_SAMPLE_INPUT in cond and len(x) > 1:  # each sample alone, as ComfyUI's sampler runs it
+            return torch.cat([self(x[i:i + 1], sigma[i:i + 1], index_cond(cond, torch.tensor([i])))
+                              for i in range(len(x))])
         if cond and any(k in cond for k in ROW_KEYS):
             return self._by_rows(x, sigma, cond)
         framed = self.frames and x.ndim == 4  # an image to a video model: one frame
@@ -137,16 +148,16 @@ class ComfyDenoiser(nn.Module):
             sigma = sigma_to_t(sigma)
         # a list input (reference latents) is held as a dict of its items
         inputs = {k: list(v.values()) if isinstance(v, dict) else v for k, v in (cond or {}).items()}
-        kept = inputs.pop(KEPT_LATENT, None)
+        kept, mask = inputs.pop(KEPT_LATENT, None), inputs.pop(KEPT_MASK, None)
         if kept is not None:  # the start frames, as ComfyUI's sampler keeps a LATENT's masked part
-            x = keep_start(x, kept, inputs[KEEP_MASK])
+            x = keep_start(x, kept, mask)
         if not torch.is_grad_enabled():
             out = self.base.apply_model(x, sigma, **inputs)
         else:
             with torch.autograd.graph.saved_tensors_hooks(_keep_a_copy, _as_kept):
                 out = self.base.apply_model(x, sigma, **inputs)
         if kept is not None:
-            out = keep_start(out, kept, inputs[KEEP_MASK])
+            out = keep_start(out, kept, mask)
         return out.squeeze(2) if framed else out
 
     def _by_rows(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:

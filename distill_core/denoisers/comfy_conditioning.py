@@ -23,22 +23,28 @@ TEXT_BYTES = 32
 #: the model input of an image-conditioned model (an image-to-video model's start frames, an inpainting model's
 #: masked image), laid out as the sample
 IMAGE_INPUT = "c_concat"
-#: a start latent's two parts in a condition (Wan 2.2 5B and LTX-Video image-to-video, ``start_rows``): the model
-#: input that masks the start frames off (ComfyUI's ``denoise_mask``: 0 on them, 1 elsewhere) and the latent they
-#: hold, in the model's scale, which the adapter keeps in place of the sample there (``keep_start``)
-KEEP_MASK, KEPT_LATENT = "denoise_mask", "kept_latent"
+#: a start latent's parts in a condition (Wan 2.2 5B, LTX-Video and HunyuanVideo v2 image-to-video,
+#: ``start_rows``): the model input that masks the start frames off (ComfyUI's ``denoise_mask``, made by the models
+#: that read it), and the mask (0 on the start frames, 1 elsewhere) and the latent they hold, in the model's scale,
+#: which the adapter keeps in place of the sample there (``keep_start``)
+KEEP_MASK, KEPT_MASK, KEPT_LATENT = "denoise_mask", "kept_mask", "kept_latent"
 #: the model input of an editing model's reference images (Flux Kontext's, Qwen-Image-Edit's: ComfyUI's CONDList of
 #: latents, from ReferenceLatent or TextEncodeQwenImageEdit), held as a dict of its items, each batch-first
 REFERENCES = "ref_latents"
 #: the model inputs made from an entry's image (beside ``IMAGE_INPUT``, Wan 2.1 image-to-video's CLIP vision
 #: features, a start latent's and reference latents), which the unconditional side of CFG takes from each row
 #: (``CFGTeacher.uncond_like``)
-IMAGE_INPUTS = (IMAGE_INPUT, "clip_fea", KEEP_MASK, KEPT_LATENT, REFERENCES)
+IMAGE_INPUTS = (IMAGE_INPUT, "clip_fea", KEEP_MASK, KEPT_MASK, KEPT_LATENT, REFERENCES)
 #: ComfyUI's models (BaseModel classes, subclasses included) whose samplers keep a LATENT's masked part as it is at
-#: every step (``scale_latent_inpaint`` gives the latent back, not re-noised) and that read the mask as a time per
-#: latent frame or patch, 0 on the start frames: Wan 2.2 5B and LTX-Video, whose image-to-video modes start from the
-#: LATENT of Wan22ImageToVideoLatent and of LTXVImgToVideo
-KEEPS_START = ("WAN22", "LTXV")
+#: every step (``scale_latent_inpaint`` gives the latent back, not re-noised), their start frames clean to the
+#: model: Wan 2.2 5B and LTX-Video, which read the mask as a time per latent frame or patch (0 on the start frames),
+#: and HunyuanVideo, whose v2 image-to-video model reads its start frame at time 0 (HunyuanImageToVideo's
+#: ``guiding_frame_index``); their image-to-video modes start from the LATENT of Wan22ImageToVideoLatent,
+#: LTXVImgToVideo and HunyuanImageToVideo (v2, replace)
+KEEPS_START = ("WAN22", "LTXV", "HunyuanVideo")
+#: the model input of HunyuanVideo v2's guiding start frame (HunyuanImageToVideo's), whose tokens its model
+#: modulates correctly in a batch of one only: the adapter runs such rows one at a time (``ComfyDenoiser``)
+ONE_SAMPLE_INPUT = "guiding_frame_index"
 
 
 def keep_start(x: torch.Tensor, kept: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -50,19 +56,20 @@ def keep_start(x: torch.Tensor, kept: torch.Tensor, mask: torch.Tensor) -> torch
 
 def start_rows(base_model: nn.Module, start: dict, shape: tuple[int, ...], prompts: int) -> tuple:
     """(the start latents in the model's scale [N, C, T, H, W], their masks [N, 1, T, H, W]) of a LATENT with a start
-    image (Wan22ImageToVideoLatent's with its ``start_image``, LTXVImgToVideo's: ``samples`` and ``noise_mask``, 0 on
-    the image's latent frames, or 1 - strength; LTX-Video's one value per frame), one row per start image (one for
+    image (Wan22ImageToVideoLatent's with its ``start_image``, LTXVImgToVideo's, HunyuanImageToVideo's in v2
+    (replace): ``samples`` and ``noise_mask``, 0 on the image's latent frames, or 1 - strength; LTX-Video's one value
+    per frame), one row per start image (one for
     all ``prompts``, or one each, in order), checked against the model and the teacher's clip ``shape``
     (C, T, H, W)."""
     name = type(base_model).__name__
     if not any(cls.__name__ in KEEPS_START for cls in type(base_model).__mro__):
-        raise ValueError(f"a start latent is for Wan 2.2 5B and LTX-Video image-to-video, and the model is {name}: for "
-                         "Wan 2.1 / 2.2 14B image-to-video give each prompt its image through WanImageToVideo's "
-                         "positive, and leave start_latent unconnected")
+        raise ValueError(f"a start latent is for Wan 2.2 5B, LTX-Video and HunyuanVideo v2 image-to-video, and the "
+                         f"model is {name}: for Wan 2.1 / 2.2 14B image-to-video give each prompt its image through "
+                         "WanImageToVideo's positive, and leave start_latent unconnected")
     if not isinstance(start, dict) or "noise_mask" not in start:
         raise ValueError("the start latent holds no start image: connect an image to start_image of "
-                         "Wan22ImageToVideoLatent, or use LTXVImgToVideo's latent (without an image, leave "
-                         "start_latent unconnected: text-to-video)")
+                         "Wan22ImageToVideoLatent or HunyuanImageToVideo (v2), or use LTXVImgToVideo's latent (without "
+                         "an image, leave start_latent unconnected: text-to-video)")
     samples, mask = start["samples"], start["noise_mask"]
     if len(shape) != 4:
         raise ValueError("with a start image the teacher distils clips: set length to the clip's frames (a clip of "
@@ -122,6 +129,7 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         rows.append({k: _row_input(k, v.cond) for k, v in out.items() if v.cond is not None})
         if start is not None:
             rows[-1][KEPT_LATENT] = start[0][i % len(start[0])][None].clone()
+            rows[-1][KEPT_MASK] = start[1][i % len(start[1])][None].clone()
     keys = rows[0].keys()
     if any(r.keys() != keys for r in rows):
         some = sorted(set().union(*rows) - set.intersection(*(set(r) for r in rows)))
@@ -137,7 +145,7 @@ def encode_conditioning(base_model: nn.Module, conditioning: list, shape: tuple[
         if isinstance(parts[0], dict):  # a list input: each item batched across the entries
             cond[k] = _batched_items(k, parts)
             continue
-        if k in (IMAGE_INPUT, KEEP_MASK, KEPT_LATENT):  # laid out as the sample, one row per entry
+        if k in (IMAGE_INPUT, KEEP_MASK, KEPT_MASK, KEPT_LATENT):  # laid out as the sample, one row per entry
             cond[k] = torch.cat(parts)
             continue
         if parts[0].ndim == 0:  # a scalar input, one per row
@@ -225,7 +233,8 @@ IMAGE_OPTIONS = {"reference_latents": ("reference images", "TextEncodeQwenImageE
                                                                     "same method"),
                  "concat_latent_image": ("an image", "the model's image node with the same image"),
                  "concat_mask": ("its mask", "the same mask"),
-                 "clip_vision_output": ("CLIP vision features", "the same clip_vision_output")}
+                 "clip_vision_output": ("CLIP vision features", "the same clip_vision_output"),
+                 "guiding_frame_index": ("a guiding start frame", "HunyuanImageToVideo (v2) on it too")}
 
 
 def negative_with_images(positive: list, negative: list, cfg: float) -> list:
