@@ -37,7 +37,7 @@ UNETS = ("UNet2DModel", "UNet2DConditionModel")
 TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel",
                 "WanTransformer3DModel", "AuraFlowTransformer2DModel", "ChromaTransformer2DModel",
                 "Lumina2Transformer2DModel", "ZImageTransformer2DModel", "Flux2Transformer2DModel",
-                "HiDreamImageTransformer2DModel", "SanaTransformer2DModel")
+                "HiDreamImageTransformer2DModel", "SanaTransformer2DModel", "LTXVideoTransformer3DModel")
 #: the transformers that take their latent as tokens of 2 x 2 patches of 4 C channels
 PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel", "ChromaTransformer2DModel")
 #: the transformers whose latents are their VAE's 2 x 2 patches already (Flux.2: 4 C channels on a grid of half
@@ -45,20 +45,23 @@ PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel", "ChromaTransf
 PATCHIFIED = ("Flux2Transformer2DModel",)
 #: the CFG scale w (x0 = x0_u + w (x0_c - x0_u)) a text-to-image pipeline is distilled at unless the run says
 #: another, by network: its pipeline's default (Flux: no CFG; Qwen-Image: its ``true_cfg_scale``; Z-Image: its
-#: ``guidance_scale`` g = 5, which its pipeline applies as x0_c + g (x0_c - x0_u), w = g + 1); a pipeline that
-#: names itself step-distilled (``is_distilled``: Flux.2 klein's 4-step models) samples without CFG
+#: ``guidance_scale`` g = 5, which its pipeline applies as x0_c + g (x0_c - x0_u), w = g + 1; LTX-Video: 3); a
+#: pipeline that names itself step-distilled (``is_distilled``: Flux.2 klein's 4-step models) samples without CFG
 TEXT_GUIDANCE = 5.0
 GUIDANCE_BY_NETWORK = {"FluxTransformer2DModel": 1.0, "QwenImageTransformer2DModel": 4.0,
                        "AuraFlowTransformer2DModel": 3.5, "Lumina2Transformer2DModel": 4.0,
-                       "ZImageTransformer2DModel": 6.0, "Flux2Transformer2DModel": 4.0, "SanaTransformer2DModel": 4.5}
+                       "ZImageTransformer2DModel": 6.0, "Flux2Transformer2DModel": 4.0, "SanaTransformer2DModel": 4.5,
+                       "LTXVideoTransformer3DModel": 3.0}
 #: the video networks, whose samples may be clips (``sample_shape``'s frames)
-VIDEO_NETWORKS = ("WanTransformer3DModel",)
+VIDEO_NETWORKS = ("WanTransformer3DModel", "LTXVideoTransformer3DModel")
 #: the image a pipeline draws unless told another size, (height, width) in pixels, for networks whose config
 #: names none or another: Qwen-Image's (``default_sample_size`` latent pixels x 8), Wan's (its pipeline's 480p
-#: frame), AuraFlow's, Z-Image's, Flux.2's and HiDream's (their pipelines' 1024 pixels)
+#: frame), LTX-Video's (its pipeline's 512 x 704 frame), AuraFlow's, Z-Image's, Flux.2's and HiDream's (their
+#: pipelines' 1024 pixels)
 DEFAULT_IMAGE = {"QwenImageTransformer2DModel": (1024, 1024), "WanTransformer3DModel": (480, 832),
                  "AuraFlowTransformer2DModel": (1024, 1024), "ZImageTransformer2DModel": (1024, 1024),
-                 "Flux2Transformer2DModel": (1024, 1024), "HiDreamImageTransformer2DModel": (1024, 1024)}
+                 "Flux2Transformer2DModel": (1024, 1024), "HiDreamImageTransformer2DModel": (1024, 1024),
+                 "LTXVideoTransformer3DModel": (512, 704)}
 
 def read_json(path: Path) -> dict:
     try:
@@ -119,11 +122,13 @@ def denoiser_for(model: nn.Module, scheduler_dir: Path, shape: tuple[int, ...],
 
     from distill_core.denoisers.diffusers import DiffusersDenoiser
     from distill_core.denoisers.diffusers_flow import flow_denoiser
+    from distill_core.text_pipeline import vae_frames, vae_scale
 
     config = read_json(scheduler_dir / "scheduler_config.json")
     name = config.get("_class_name", "")
     if name.startswith("FlowMatch") or config.get("use_flow_sigmas"):
-        return flow_denoiser(model, config, shape, embedded_guidance)
+        root = scheduler_dir.parent  # a pipeline's, whose VAE sets a video network's positions
+        return flow_denoiser(model, config, shape, embedded_guidance, (vae_frames(root), vae_scale(root)))
     if type(model).__name__ in TRANSFORMERS:
         raise ValueError(f"{scheduler_dir}: a {type(model).__name__} samples with a FlowMatch scheduler, not {name}")
     scheduler_class = getattr(diffusers, name, None)
@@ -198,16 +203,16 @@ def sample_shape(config: dict, root: Path, resolution: int | None = None, frames
     or another: their pipelines' default image (``DEFAULT_IMAGE``). A side the network cannot take (its UNet's
     downsamplings, its transformer's patches) is refused with the nearest sizes that fit. A video network's clip
     of ``frames`` video frames is (C, T, H, W), T = (frames - 1) // k + 1 latent frames of k video frames (its
-    VAE's ``scale_factor_temporal``), as its pipeline counts them; a clip of one latent frame is an image."""
+    VAE's, ``text_pipeline.vae_frames``), as its pipeline counts them; a clip of one latent frame is an image."""
     still = _still_shape(config, root, resolution)
     if frames == 1:
         return still
     name = config["_class_name"]
     if name not in VIDEO_NETWORKS:
-        raise ValueError(f"{root}: --frames is for video pipelines (Wan); its {name} draws still images")
-    vae = root / "vae" / "config.json"
-    k = (read_json(vae).get("scale_factor_temporal") if vae.is_file() else None) or 4
-    return clip_shape(still, frames, k)
+        raise ValueError(f"{root}: --frames is for video pipelines (Wan, LTX-Video); its {name} draws still images")
+    from distill_core.text_pipeline import vae_frames
+
+    return clip_shape(still, frames, vae_frames(root))
 
 
 def _still_shape(config: dict, root: Path, resolution: int | None) -> tuple[int, ...]:

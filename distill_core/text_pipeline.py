@@ -55,9 +55,9 @@ PROMPT_ROW, IMAGE_ROW = "prompt", "image"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
              "FluxKontextPipeline", "QwenImagePipeline", "WanPipeline", "WanImageToVideoPipeline", "AuraFlowPipeline",
              "ChromaPipeline", "Lumina2Pipeline", "ZImagePipeline", "Flux2KleinPipeline", "HiDreamImagePipeline",
-             "SanaPipeline")
-#: the text tokens Wan's pipeline pads its prompts to (its call's ``max_sequence_length``)
-WAN_TEXT_TOKENS = 512
+             "SanaPipeline", "LTXPipeline")
+#: the text tokens Wan's and LTX-Video's pipelines pad their prompts to (their calls' ``max_sequence_length``)
+WAN_TEXT_TOKENS, LTX_TEXT_TOKENS = 512, 128
 #: the unconditional prompt of a pipeline whose negative is not the empty prompt
 NEGATIVE_PROMPT = {"QwenImagePipeline": " "}
 #: the parts of a pipeline that encoding prompts does not load
@@ -65,7 +65,7 @@ NOT_FOR_PROMPTS = ("unet", "transformer", "transformer_2", "vae", "safety_checke
                    "image_encoder", "image_processor")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
 #: the VAEs of video latents [B, C, F, H, W], normalised per channel by their ``latents_mean`` and ``latents_std``
-VIDEO_VAES = ("AutoencoderKLQwenImage", "AutoencoderKLWan")
+VIDEO_VAES = ("AutoencoderKLQwenImage", "AutoencoderKLWan", "AutoencoderKLLTXVideo")
 #: the VAEs whose latents are normalised 2 x 2 patches (Flux.2's: by the running statistics of its ``bn``)
 PATCH_VAES = ("AutoencoderKLFlux2",)
 #: autoencoders other than ``AutoencoderKL`` whose latents are scaled as its are (SANA's deep-compression one)
@@ -148,15 +148,31 @@ def _transformers():
 def vae_scale(root: Path) -> int:
     """How many pixels a latent pixel of the pipeline's VAE spans per side (1 without a ``vae/``: its samples
     are images): one halving per block but the last (Qwen-Image's and Wan's video VAEs: per entry of
-    ``temperal_downsample``, times the side of the patches Wan 2.2's VAE folds into channels first; SANA's
-    deep-compression autoencoder: per encoder block but the last)."""
+    ``temperal_downsample``, times the side of the patches Wan 2.2's VAE folds into channels first; LTX-Video's:
+    its patches' side times a halving per scaling block, unless it names its ratio; SANA's deep-compression
+    autoencoder: per encoder block but the last)."""
     path = root / "vae" / "config.json"
     if not path.is_file():
         return 1
     config = json.loads(path.read_text())
     if "temperal_downsample" in config:
         return 2 ** len(config["temperal_downsample"]) * (config.get("patch_size") or 1)
+    if "spatio_temporal_scaling" in config:
+        return config.get("spatial_compression_ratio") or config["patch_size"] * 2 ** sum(
+            config["spatio_temporal_scaling"])
     return 2 ** (len(config.get("block_out_channels", config.get("encoder_block_out_channels", ()))) - 1)
+
+
+def vae_frames(root: Path) -> int:
+    """How many video frames a latent frame of the pipeline's video VAE spans (after the first, which spans one):
+    its ``scale_factor_temporal`` (Wan), LTX-Video's time patches times a halving per scaling block unless it names
+    its ratio; 4 where the VAE says nothing."""
+    path = root / "vae" / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if "spatio_temporal_scaling" in config:
+        return config.get("temporal_compression_ratio") or config["patch_size_t"] * 2 ** sum(
+            config["spatio_temporal_scaling"])
+    return config.get("scale_factor_temporal") or 4
 
 
 @contextlib.contextmanager
@@ -189,8 +205,8 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
     if name not in PIPELINES:
         raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
                          f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Flux Kontext, Qwen-Image, Wan 2.1 "
-                         "and 2.2 A14B (text- and image-to-video), AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, "
-                         "HiDream, SANA)")
+                         "and 2.2 A14B (text- and image-to-video), LTX-Video, AuraFlow, Chroma, Lumina 2, Z-Image, "
+                         "Flux.2 klein, HiDream, SANA)")
     for part in TEXT_ENCODERS:
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
@@ -246,6 +262,11 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
         context, uncond = pipe.encode_prompt(prompts, negative or "", True, max_sequence_length=WAN_TEXT_TOKENS,
                                              device="cpu")
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float()}
+    if name == "LTXPipeline":  # T5's, padded to its call's tokens, with their mask
+        context, mask, uncond, uncond_mask = pipe.encode_prompt(prompts, negative or "", True,
+                                                                max_sequence_length=LTX_TEXT_TOKENS, device="cpu")
+        return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
+                "encoder_attention_mask": torch.cat([mask, uncond_mask[:1]])}
     if name == "AuraFlowPipeline":  # its token embeddings zeroed past each prompt's end
         context, _, uncond, _ = pipe.encode_prompt(prompts, negative_prompt=negative or "", device="cpu")
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float()}
@@ -297,9 +318,10 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
 
 def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Latents to images in [-1, 1] with the pipeline's ``vae/`` (None without one): z / scale + shift (SD3's and
-    Flux's latents are shifted, SD's not); Qwen-Image's and Wan's video VAEs: z std + mean per channel, an image
-    decoded as one frame, a clip [B, C, T, H, W] whole, into its frames [B, 3, F, H', W'] (``report.as_images``
-    shows them as a strip);
+    Flux's latents are shifted, SD's not); Qwen-Image's, Wan's and LTX-Video's video VAEs: z std / scale + mean per
+    channel (LTX-Video's statistics held in its weights, its decoder at the time 0 its pipeline decodes at), an
+    image decoded as one frame, a clip [B, C, T, H, W] whole, into its frames [B, 3, F, H', W']
+    (``report.as_images`` shows them as a strip);
     Flux.2's: z std + mean per channel, each channel group of four a 2 x 2 patch; SANA's deep-compression
     autoencoder: z / scale."""
     folder = root / "vae"
@@ -318,10 +340,12 @@ def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
         channel = (1, -1, 1, 1)
         if video:
             still = latents.ndim == 4
-            view = (1, -1, 1, 1) if still else (1, -1, 1, 1, 1)
-            mean, std = (torch.tensor(vae.config[k]).view(view) for k in ("latents_mean", "latents_std"))
-            z = latents * std + mean
-            frames = vae.decode(z[:, :, None] if still else z).sample.clamp(-1, 1)
+            clip = latents[:, :, None] if still else latents
+            mean, std = (torch.as_tensor(vae.config[k] if k in vae.config else getattr(vae, k)).view(1, -1, 1, 1, 1)
+                         for k in ("latents_mean", "latents_std"))
+            z = clip * std / vae.config.get("scaling_factor", 1.0) + mean
+            time = {"temb": torch.zeros(len(z))} if vae.config.get("timestep_conditioning") else {}
+            frames = vae.decode(z, **time).sample.clamp(-1, 1)
             return frames[:, :, 0] if still else frames
         if patches:  # z std + mean per patch channel, then each 2 x 2 patch back in place
             std = (vae.bn.running_var + vae.config.batch_norm_eps).sqrt().view(channel)

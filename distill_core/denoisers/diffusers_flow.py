@@ -29,6 +29,8 @@ they differ in what they take besides x_t:
 * Flux.2's ``Flux2Transformer2DModel``: t itself and c, on latents whose channels are the VAE's 2 x 2 patches
   already (Flux.2's VAE normalises them): each latent pixel a token at position (0, row, column, 0), text
   token l at (0, 0, 0, l);
+* LTX-Video's ``LTXVideoTransformer3DModel``: t * T, T5's c with its mask, each latent pixel of a clip a token,
+  with the clip's grid and rotary positions in frames and pixels (``LTXVelocity``);
 * Wan's ``WanTransformer3DModel``: t * T and c, on video latents [B, C, F, H, W]: an image is one frame (F = 1);
   Wan 2.2 A14B's two of them, one expert for high noise and one for low (``WanExperts``); its image-to-video
   transformer also reads the clip's start condition beside it (``start_images``).
@@ -289,6 +291,32 @@ class WanExperts(nn.Module):
         return (switch_rows(timestep >= self.boundary, run(self.high), run(self.low)),)
 
 
+#: the frame rate at which LTX-Video's pipeline places a clip's frames in time (its call's ``frame_rate``)
+LTX_FRAME_RATE = 25
+
+
+class LTXVelocity(nn.Module):
+    """LTX-Video's transformer as v(x_t, t T, {"encoder_hidden_states": c, "encoder_attention_mask": m}) on clips
+    [B, C, F, H, W] (images: clips of one frame), each latent pixel a token in (frame, row, column) order, with the
+    clip's latent grid and its rotary positions in video frames at ``LTX_FRAME_RATE`` and in pixels (``span``: the
+    video frames and pixels a latent pixel of its VAE spans), as its pipeline calls it."""
+
+    def __init__(self, transformer: nn.Module, span: tuple[int, int]):
+        super().__init__()
+        self.transformer, self.span = transformer, span
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        still = x.ndim == 4
+        clip = x[:, :, None] if still else x
+        b, c, f, h, w = clip.shape
+        frames, pixels = self.span
+        v = self.transformer(hidden_states=clip.flatten(2).transpose(1, 2), timestep=time, **cond, num_frames=f,
+                             height=h, width=w, rope_interpolation_scale=(frames / LTX_FRAME_RATE, pixels, pixels),
+                             return_dict=False)[0]
+        v = v.transpose(1, 2).reshape(b, c, f, h, w)
+        return v[:, :, 0] if still else v
+
+
 #: each diffusers flow network (but Flux's, whose guidance input ``flow_denoiser`` sets): its velocity wrapper,
 #: and whether it takes the time as t T (T = ``num_train_timesteps``) or as t; others: ``UNetVelocity``, t T
 VELOCITIES: dict[str, tuple[Callable[[nn.Module], nn.Module], bool]] = {
@@ -307,15 +335,18 @@ VELOCITIES: dict[str, tuple[Callable[[nn.Module], nn.Module], bool]] = {
 
 
 def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
-                  embedded_guidance: float | None = None) -> FlowDenoiser:
+                  embedded_guidance: float | None = None, span: tuple[int, int] = (1, 1)) -> FlowDenoiser:
     """The ``FlowDenoiser`` of a diffusers flow model with its scheduler's config, for samples of ``shape``
-    (C, H, W): from its lowest trained time t = 1 / T to sigma_max = 80, shifted as its scheduler samples; a
-    guidance-distilled Flux model at ``embedded_guidance`` (default ``FLUX_GUIDANCE``)."""
+    (C, H, W), or clips (C, F, H, W): from its lowest trained time t = 1 / T to sigma_max = 80, shifted as its
+    scheduler samples; a guidance-distilled Flux model at ``embedded_guidance`` (default ``FLUX_GUIDANCE``);
+    LTX-Video's with its VAE's ``span`` (video frames, pixels) per latent pixel."""
     steps = int(scheduler.get("num_train_timesteps", 1000))
     name = type(model).__name__
     if name == "FluxTransformer2DModel":  # its embedded guidance, where it takes one
         embedded = FLUX_GUIDANCE if embedded_guidance is None else embedded_guidance
         net, per_step = FluxVelocity(model, embedded if model.config.guidance_embeds else None), False
+    elif name == "LTXVideoTransformer3DModel":
+        net, per_step = LTXVelocity(model, span), True
     else:
         wrap, per_step = VELOCITIES.get(name, (UNetVelocity, True))
         net = wrap(model)
@@ -323,8 +354,10 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
     time_scale = (float(steps) if per_step else 1.0) * float(getattr(model, "config", {}).get("timestep_scale", 1.0))
     if name == "Flux2Transformer2DModel":  # its pipelines' own fit, whatever its scheduler's config says
         shift = flux2_shift(shape[1] * shape[2], FLUX2_STEPS)
-    elif scheduler.get("use_dynamic_shifting"):
-        shift = flux_shift(shape[1] * shape[2] // 4, scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15),
+    elif scheduler.get("use_dynamic_shifting"):  # on its token count: LTX-Video's a token per latent pixel, the
+        # others' per 2 x 2 patch
+        tokens = math.prod(shape[1:]) if name == "LTXVideoTransformer3DModel" else shape[1] * shape[2] // 4
+        shift = flux_shift(tokens, scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15),
                            scheduler.get("base_image_seq_len", 256), scheduler.get("max_image_seq_len", 4096))
         if scheduler.get("time_shift_type") == "linear":  # t' = mu t / (1 + (mu - 1) t): the shift is mu itself
             shift = math.log(shift)

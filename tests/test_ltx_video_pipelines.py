@@ -1,0 +1,99 @@
+"""LTX-Video pipelines from directories (``LTXPipeline``): a text-to-video teacher whose transformer takes each
+latent pixel of a clip as a token, with the clip's grid and rotary positions in frames and pixels, and whose
+scheduler shifts its times by the clip's token count. Euler with CFG through the teacher reproduces the stock
+pipeline's sampler; the main job distils it on clips and sample writes them as animations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import diffusers
+import pytest
+import torch
+from PIL import Image
+
+from distill_core.cli import main
+from distill_core.diffusers_source import diffusers_source
+from tests.test_teacher_from_dir import randomise, t5_encoder
+
+#: the clips of these tests: 9 video frames (5 latent frames of the tiny VAE's 2), 32 x 32 pixels (8 x 8 latents)
+FRAMES, SIDE = 9, 32
+
+
+@pytest.fixture(scope="module")
+def ltx(tmp_path_factory):
+    """A tiny LTXPipeline as diffusers saves one: T5, a video VAE of 8 latent channels spanning 4 pixels (2 x 2
+    patches, one halving) and 2 frames a latent pixel, a transformer of one block, and LTX-Video's scheduler (the
+    time shift of the clip's token count)."""
+    root = tmp_path_factory.mktemp("ltx")
+    tokens, t5 = t5_encoder()
+    vae = diffusers.AutoencoderKLLTXVideo(
+        latent_channels=8, block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1), spatio_temporal_scaling=(True, False),
+        decoder_spatio_temporal_scaling=(True, False), decoder_inject_noise=(False, False, False),
+        down_block_types=("LTXVideoDownBlock3D", "LTXVideoDownBlock3D"), downsample_type=("conv", "conv"),
+        upsample_residual=(False, False), upsample_factor=(1, 1), patch_size=2, patch_size_t=1)
+    network = diffusers.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2,
+                                                   attention_head_dim=8, cross_attention_dim=16, num_layers=1,
+                                                   caption_channels=32)
+    randomise(network, seed=0)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                          base_image_seq_len=1024, max_image_seq_len=4096)
+    diffusers.LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=t5, tokenizer=tokens,
+                          transformer=network).save_pretrained(root / "pipeline", safe_serialization=True)
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red fox runs\nan owl takes off\n")
+    return root / "pipeline", prompts
+
+
+def test_the_teacher_samples_clips_as_its_pipeline_does(ltx):
+    """The teacher's clips are (C, F, H, W) latents of the VAE's frames and pixels; Euler with CFG through it
+    reproduces the pipeline's sampler on a clip (its tokens unpacked), and the students' grid is shifted by the
+    pipeline's own shift of the clip's token count."""
+    from distill_core.solvers import euler
+    from distill_core.teacher import CFGTeacher
+
+    teacher, prompts = ltx
+    source = diffusers_source(teacher, prompts=prompts, resolution=SIDE, frames=FRAMES)
+    assert source.shape == (8, 5, 8, 8) and source.guidance == 3.0
+    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    set_timesteps, used = pipe.scheduler.set_timesteps, {}
+
+    def fixed_times(num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):  # the pipeline's
+        # own shift of three given times
+        used["mu"] = mu
+        return set_timesteps(sigmas=[0.9, 0.6, 0.3], device=device, mu=mu)
+
+    pipe.scheduler.set_timesteps = fixed_times
+    packed = x.flatten(2).transpose(1, 2)
+    expected = pipe(prompt="an owl takes off", latents=packed, num_inference_steps=3, height=SIDE, width=SIDE,
+                    num_frames=FRAMES, guidance_scale=2.0, output_type="latent").frames
+    expected = expected.transpose(1, 2).reshape(x.shape)
+    times = pipe.scheduler.sigmas.double()
+    with torch.no_grad():
+        ours = euler(CFGTeacher(source.denoiser, 2.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
+                     torch.tensor([1]))
+    assert expected.abs().max() > 1
+    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
+    assert source.denoiser.shift == pytest.approx(math.exp(used["mu"]))
+
+
+def test_the_main_job_distils_an_ltx_pipeline_on_clips(ltx, tmp_path):
+    """distill --frames writes the full report with a grid of decoded frame strips; sample writes each clip as an
+    animated WEBP of its 9 frames."""
+    teacher, prompts = ltx
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--resolution", str(SIDE),
+                 "--frames", str(FRAMES), "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "4",
+                 "--reference-steps", "4", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert any(r["method"] == "sfd" for r in report["rows"]) and report["guidance"] == 3.0
+    assert (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by its VAE
+    drawn = tmp_path / "drawn"
+    assert main(["sample", str(out / "student.safetensors"), "--prompt", "a cat yawns", "--count", "1",
+                 "--out", str(drawn)]) == 0
+    (clip,) = json.loads((drawn / "samples.json").read_text())["images"]
+    with Image.open(drawn / clip["clip"]) as animation:
+        assert animation.n_frames == FRAMES and animation.size == (SIDE, SIDE)
