@@ -1,23 +1,24 @@
 """Text-to-image teachers from diffusers pipeline directories (``--teacher DIR --prompts FILE``), offline.
 
-A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or
-of SD3, Flux, Flux Kontext, Qwen-Image, Wan, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream or SANA
-(``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with ``scheduler/``, its text encoders and tokenizers,
-and optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's and Wan's video VAEs, Flux.2's or SANA's
-deep-compression autoencoder, which decode the report's grid; Flux Kontext's also encodes the images its prompts
-edit: ``reference_images``, and Wan's image-to-video pipeline the images its clips start from: ``start_images``).
+A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or of
+SD3, Flux, Flux Kontext, Qwen-Image, Wan, LTX-Video, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream or
+SANA (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with ``scheduler/``, its text encoders and
+tokenizers, and optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's, Wan's and LTX-Video's video VAEs, Flux.2's
+or SANA's deep-compression autoencoder, which decode the report's grid; Flux Kontext's also encodes the images its
+prompts edit: ``reference_images``, and Wan's image-to-video pipeline the images its clips start from:
+``start_images``).
 
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
-arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and
-T5's; Qwen-Image: its Qwen2.5-VL's last hidden states, with their padding mask m; Wan: its UMT5's, zero-padded to
-the 512 tokens its pipeline pads to; AuraFlow: UMT5's, zeroed past each prompt's end; Chroma: T5's, with the
-mask of each prompt's tokens and its first padding token; Lumina 2: Gemma 2's second-to-last hidden states of
-its system prompt and the prompt, with their mask; Z-Image: Qwen3's second-to-last hidden states of the prompt
-in its chat template, unpadded, kept as one padded table and its mask; Flux.2 klein: Qwen3's hidden states of
-three layers side by side; HiDream: T5's, and Llama 3.1's hidden states of every layer; SANA: Gemma 2's last
-hidden states of its call's instruction and the prompt, with their mask), and the pooled embedding p where the
-network takes one (SDXL: ``text_embeds``, with the image's size and crop as ``time_ids``; SD3 and Flux:
-``pooled_projections``; HiDream: both CLIPs' side by side, ``pooled_embeds``).
+arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and T5's;
+Qwen-Image: its Qwen2.5-VL's last hidden states, with their padding mask m; Wan: its UMT5's, zero-padded to the 512
+tokens its pipeline pads to; LTX-Video: T5's, padded to 128 tokens, with their mask; AuraFlow: UMT5's, zeroed past
+each prompt's end; Chroma: T5's, with the mask of each prompt's tokens and its first padding token; Lumina 2: Gemma
+2's second-to-last hidden states of its system prompt and the prompt, with their mask; Z-Image: Qwen3's
+second-to-last hidden states of the prompt in its chat template, unpadded, kept as one padded table and its mask;
+Flux.2 klein: Qwen3's hidden states of three layers side by side; HiDream: T5's, and Llama 3.1's hidden states of
+every layer; SANA: Gemma 2's last hidden states of its call's instruction and the prompt, with their mask), and the
+pooled embedding p where the network takes one (SDXL: ``text_embeds``, with the image's size and crop as
+``time_ids``; SD3 and Flux: ``pooled_projections``; HiDream: both CLIPs' side by side, ``pooled_embeds``).
 Classifier-free guidance's unconditional side is the run's negative prompt, encoded as the pipeline encodes
 one, or else the pipeline's own negative: the empty prompt encoded (most), zeros (SDXL, which zeroes an empty
 negative), or the single space Qwen-Image's documentation gives as its empty negative; Flux samples without
