@@ -279,7 +279,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
     from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_PROMPTS, read_prompts
     from distill_core.reference_images import EDITING_PIPELINES, image_files, image_tables
-    from distill_core.start_images import IMAGE_TO_VIDEO_PIPELINES
+    from distill_core.start_images import IMAGE_TO_VIDEO_PIPELINES, keeps_start
     from distill_core.text_pipeline import PROMPT_ROW, PromptConditioned, encode_prompts, prompt_condition, vae_decoder
 
     if classes:
@@ -312,7 +312,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     every = pairing == "every"
     files = image_files(images, len(prompts), every) if name in reading and encode else []
     per_image = image_tables(root, name, files, shape, latent_pixels(root, config["_class_name"]),
-                             bool(index.get("expand_timesteps"))) if files else {}
+                             keeps_start(index)) if files else {}
     model = pipeline_network(root, index, model_dir, config, scheduler_dir, frozen_precision)
     name = config["_class_name"]
     embedded = None

@@ -127,7 +127,7 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
         raise ValueError(f"--frames is for video pipeline directories (Wan); the {name} teacher draws still digits")
     if images is not None and digits:
         raise ValueError(f"--images is for pipeline directories that read an image beside each prompt (Flux "
-                         f"Kontext, Wan image-to-video); the {name} teacher draws digits from noise")
+                         f"Kontext, Wan and LTX-Video image-to-video); the {name} teacher draws digits from noise")
     if negative is not None and digits:
         raise ValueError(f"--negative is for text-to-image pipeline directories; the {name} teacher's other side "
                          "of CFG is its null class")

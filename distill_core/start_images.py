@@ -1,4 +1,5 @@
-"""The images a Wan image-to-video pipeline's clips start from (``--images``), as the inputs its network reads.
+"""The images an image-to-video pipeline's clips start from (``--images``: Wan, LTX-Video), as the inputs its network
+reads.
 
 ``WanImageToVideoPipeline``'s transformer reads, beside the noisy clip x_t [C, T, H, W], a condition of k + C
 channels joined to it along the channels (``WanVelocity``): a mask m [k, T, H, W] (k the VAE's video frames per
@@ -12,11 +13,12 @@ transformer also reads the start image through its CLIP vision tower (the second
 ``encoder_hidden_states_image``); Wan 2.2 A14B's has no image encoder. Both sides of CFG read the same image, the
 negative prompt on the unconditional one, as its pipeline guides.
 
-Wan 2.2 TI2V 5B's pipeline (``expand_timesteps``) puts the start image in the clip instead: its latent alone,
-y = (E(I) - mu) / s [C, 1, H, W], replaces the clip's first latent frame at the network's input, whose tokens there
-take the time 0 (clean; the others the sample's time), and is the first frame of the clip it draws. The teacher
-does both: ``WanVelocity`` at the input, ``PromptConditioned`` on the x0 it gives, whose first frame is y
-(``KEPT_START``).
+Wan 2.2 TI2V 5B's pipeline (``expand_timesteps``) and LTX-Video's image-to-video pipeline put the start image in
+the clip instead: its latent alone, y = (E(I) - mu) / s [C, 1, H, W], replaces the clip's first latent frame at the
+network's input, whose tokens there take the time 0 (clean; the others the sample's time), and is the first frame
+of the clip it draws. The teacher does both: ``WanVelocity`` or ``LTXVelocity`` at the input, ``PromptConditioned``
+on the x0 it gives, whose first frame is y (``KEPT_START``). (LTX-Video's pipeline draws its y from the encoder's
+distribution; the teacher takes its mode, as for every other.)
 
 Each prompt's image is encoded once, into tables the teacher reads by the condition's image row
 (``PromptConditioned``).
@@ -24,18 +26,25 @@ Each prompt's image is encoded once, into tables the teacher reads by the condit
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 #: the image-to-video pipelines whose clips start from an image of ``--images``, by ``model_index.json``'s class name
-IMAGE_TO_VIDEO_PIPELINES = ("WanImageToVideoPipeline",)
+IMAGE_TO_VIDEO_PIPELINES = ("WanImageToVideoPipeline", "LTXImageToVideoPipeline")
 #: the table of the mask and start latents y that ``WanVelocity`` joins to the clip's channels
 START_TABLE = "start_condition"
 #: the table of CLIP's image embeddings, under the keyword Wan 2.1's I2V transformer takes them by
 IMAGE_EMBEDDINGS = "encoder_hidden_states_image"
-#: the table of start latents y that Wan 2.2 TI2V 5B keeps as its clips' first latent frame
+#: the table of start latents y that Wan 2.2 TI2V 5B and LTX-Video keep as their clips' first latent frame
 KEPT_START = "kept_start"
+
+
+def keeps_start(index: dict) -> bool:
+    """Whether the image-to-video pipeline of ``model_index.json`` ``index`` keeps its start image as the clip's
+    first latent frame (``KEPT_START``): LTX-Video's, and Wan's with ``expand_timesteps`` (Wan 2.2 TI2V 5B)."""
+    return index.get("_class_name") == "LTXImageToVideoPipeline" or bool(index.get("expand_timesteps"))
 
 
 @torch.no_grad()
@@ -49,18 +58,20 @@ def start_tables(root: Path, files: list[Path], shape: tuple[int, ...], pixels: 
     from diffusers.image_processor import VaeImageProcessor
 
     from distill_core.reference_images import pil_image
+    from distill_core.text_pipeline import latent_statistics, vae_frames
 
-    if not (root / "vae" / "config.json").is_file():
+    config = root / "vae" / "config.json"
+    if not config.is_file():
         raise FileNotFoundError(f"{root}: an image-to-video pipeline encodes its start images with its VAE, and it "
                                 "has no vae/ folder")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a clip's encoding is a GPU's work
-    vae = diffusers.AutoencoderKLWan.from_pretrained(root / "vae", use_safetensors=True,
-                                                     local_files_only=True).eval().to(device)
+    vae_class = getattr(diffusers, json.loads(config.read_text())["_class_name"])
+    vae = vae_class.from_pretrained(root / "vae", use_safetensors=True, local_files_only=True).eval().to(device)
     channels, latent_frames, height, width = shape
-    k = vae.config.scale_factor_temporal
+    k = vae_frames(root)
     mask = torch.zeros(1, k, latent_frames, height, width)
     mask[:, :, 0] = 1
-    mean, std = (torch.tensor(vae.config[key]).view(1, -1, 1, 1, 1) for key in ("latents_mean", "latents_std"))
+    mean, std = latent_statistics(vae)
     processor, rows = VaeImageProcessor(), []
     for file in files:
         image = processor.preprocess(pil_image(file), height=height * pixels, width=width * pixels)[:, :, None]

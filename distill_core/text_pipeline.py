@@ -56,7 +56,7 @@ PROMPT_ROW, IMAGE_ROW = "prompt", "image"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
              "FluxKontextPipeline", "QwenImagePipeline", "WanPipeline", "WanImageToVideoPipeline", "AuraFlowPipeline",
              "ChromaPipeline", "Lumina2Pipeline", "ZImagePipeline", "Flux2KleinPipeline", "HiDreamImagePipeline",
-             "SanaPipeline", "LTXPipeline")
+             "SanaPipeline", "LTXPipeline", "LTXImageToVideoPipeline")
 #: the text tokens Wan's and LTX-Video's pipelines pad their prompts to (their calls' ``max_sequence_length``)
 WAN_TEXT_TOKENS, LTX_TEXT_TOKENS = 512, 128
 #: the unconditional prompt of a pipeline whose negative is not the empty prompt
@@ -263,7 +263,7 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
         context, uncond = pipe.encode_prompt(prompts, negative or "", True, max_sequence_length=WAN_TEXT_TOKENS,
                                              device="cpu")
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float()}
-    if name == "LTXPipeline":  # T5's, padded to its call's tokens, with their mask
+    if name in ("LTXPipeline", "LTXImageToVideoPipeline"):  # T5's, padded to its call's tokens, with their mask
         context, mask, uncond, uncond_mask = pipe.encode_prompt(prompts, negative or "", True,
                                                                 max_sequence_length=LTX_TEXT_TOKENS, device="cpu")
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
@@ -317,6 +317,13 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
             "pooled_projections": torch.cat([pooled, uncond_pooled[:1]]).float()}
 
 
+def latent_statistics(vae: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A video VAE's per-channel latent mean and standard deviation, each [1, C, 1, 1, 1]: from its config (Wan's,
+    Qwen-Image's) or its weights (LTX-Video's)."""
+    return tuple(torch.as_tensor(vae.config[key] if key in vae.config else getattr(vae, key)).float()
+                 .view(1, -1, 1, 1, 1) for key in ("latents_mean", "latents_std"))
+
+
 def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Latents to images in [-1, 1] with the pipeline's ``vae/`` (None without one): z / scale + shift (SD3's and
     Flux's latents are shifted, SD's not); Qwen-Image's, Wan's and LTX-Video's video VAEs: z std / scale + mean per
@@ -342,8 +349,7 @@ def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if video:
             still = latents.ndim == 4
             clip = latents[:, :, None] if still else latents
-            mean, std = (torch.as_tensor(vae.config[k] if k in vae.config else getattr(vae, k)).view(1, -1, 1, 1, 1)
-                         for k in ("latents_mean", "latents_std"))
+            mean, std = latent_statistics(vae)
             z = clip * std / vae.config.get("scaling_factor", 1.0) + mean
             time = {"temb": torch.zeros(len(z))} if vae.config.get("timestep_conditioning") else {}
             frames = vae.decode(z, **time).sample.clamp(-1, 1)

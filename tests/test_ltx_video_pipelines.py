@@ -97,3 +97,49 @@ def test_the_main_job_distils_an_ltx_pipeline_on_clips(ltx, tmp_path):
     (clip,) = json.loads((drawn / "samples.json").read_text())["images"]
     with Image.open(drawn / clip["clip"]) as animation:
         assert animation.n_frames == FRAMES and animation.size == (SIDE, SIDE)
+
+
+def test_the_image_to_video_teacher_starts_each_clip_from_its_prompts_image_as_its_pipeline_does(ltx, tmp_path):
+    """LTXImageToVideoPipeline: the start image's latent is the clip's first frame, its tokens at time 0. Euler with
+    CFG through the teacher, prompt 1 from its image b.png, reproduces the pipeline's sampler given the clip that
+    starts from that latent; another image gives another clip; the main job distils it."""
+    from distill_core.solvers import euler
+    from distill_core.start_images import KEPT_START
+    from distill_core.teacher import CFGTeacher
+    from distill_core.text_pipeline import IMAGE_ROW, PROMPT_ROW, prompt_condition
+    from tests.test_edit_pipelines import image_folder
+
+    teacher, prompts = ltx
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    diffusers.LTXImageToVideoPipeline(**pipe.components).save_pretrained(tmp_path / "i2v", safe_serialization=True)
+    images = image_folder(tmp_path, 24, 24)
+    source = diffusers_source(tmp_path / "i2v", prompts=prompts, images=images, resolution=SIDE, frames=FRAMES)
+    kept = getattr(source.denoiser, KEPT_START)
+    assert source.shape == (8, 5, 8, 8) and kept.shape == (2, 8, 1, 8, 8) and not torch.equal(kept[0], kept[1])
+
+    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "i2v", local_files_only=True)
+    set_timesteps = pipe.scheduler.set_timesteps
+
+    def fixed_times(num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+        return set_timesteps(sigmas=[0.9, 0.6, 0.3], device=device, mu=mu)
+
+    pipe.scheduler.set_timesteps = fixed_times
+    start = torch.cat([kept[1:], x[:, :, 1:]], dim=2)  # the clip the pipeline starts from: b.png's latent first
+    expected = pipe(image=Image.open(images / "b.png"), prompt="an owl takes off",
+                    latents=start.flatten(2).transpose(1, 2), num_inference_steps=3, height=SIDE, width=SIDE,
+                    num_frames=FRAMES, guidance_scale=2.0, output_type="latent").frames
+    expected = expected.transpose(1, 2).reshape(x.shape)
+    times = pipe.scheduler.sigmas.double()
+    guided = CFGTeacher(source.denoiser, 2.0, source.uncond)
+    with torch.no_grad():
+        ours = euler(guided, x / (1 - float(times[0])), times / (1 - times),
+                     prompt_condition(source.denoiser, torch.tensor([1])))
+        other = euler(guided, x / (1 - float(times[0])), times / (1 - times),
+                      {PROMPT_ROW: torch.tensor([1]), IMAGE_ROW: torch.tensor([0])})
+    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
+    assert (other - ours)[:, :, 1:].abs().max() > 1e-3  # the later frames follow the start image
+
+    assert main(["distill", "--teacher", str(tmp_path / "i2v"), "--prompts", str(prompts), "--images", str(images),
+                 "--resolution", str(SIDE), "--frames", str(FRAMES), "--steps", "2", "--iters", "2", "--batch", "2",
+                 "--eval-samples", "4", "--reference-steps", "4", "--out", str(tmp_path / "run"), "--no-progress"]) == 0

@@ -655,7 +655,8 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
     for pipeline in ("QwenImageEditPlusPipeline", "StableDiffusionInpaintPipeline"):
         assert_index_refused(teacher, {"_class_name": pipeline}, f"a {pipeline}'s network takes an image beside the "
                              "noise, which this command does not feed (it feeds FluxKontextPipeline, "
-                             "WanImageToVideoPipeline: --images); distil it in ComfyUI", tmp_path, capsys)
+                             "WanImageToVideoPipeline, LTXImageToVideoPipeline: --images); distil it in ComfyUI",
+                             tmp_path, capsys)
 
 
 @pytest.mark.parametrize("kind, channels, side", [("wan", 16, 8), ("wan22-5b", 48, 4)])

@@ -299,7 +299,9 @@ class LTXVelocity(nn.Module):
     """LTX-Video's transformer as v(x_t, t T, {"encoder_hidden_states": c, "encoder_attention_mask": m}) on clips
     [B, C, F, H, W] (images: clips of one frame), each latent pixel a token in (frame, row, column) order, with the
     clip's latent grid and its rotary positions in video frames at ``LTX_FRAME_RATE`` and in pixels (``span``: the
-    video frames and pixels a latent pixel of its VAE spans), as its pipeline calls it."""
+    video frames and pixels a latent pixel of its VAE spans), as its pipeline calls it. Its image-to-video pipeline's
+    condition adds the start latent (``KEPT_START``), which replaces the clip's first frame, whose tokens take the
+    time 0."""
 
     def __init__(self, transformer: nn.Module, span: tuple[int, int]):
         super().__init__()
@@ -307,8 +309,13 @@ class LTXVelocity(nn.Module):
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
         still = x.ndim == 4
+        cond = dict(cond)
+        kept = cond.pop(KEPT_START, None)
         clip = x[:, :, None] if still else x
         b, c, f, h, w = clip.shape
+        if kept is not None:  # the start latent in the first frame, its tokens at time 0
+            clip = torch.cat([kept.to(x.dtype), clip[:, :, 1:]], dim=2)
+            time = time.expand(b)[:, None] * (torch.arange(f * h * w, device=x.device) >= h * w).to(time.dtype)
         frames, pixels = self.span
         v = self.transformer(hidden_states=clip.flatten(2).transpose(1, 2), timestep=time, **cond, num_frames=f,
                              height=h, width=w, rope_interpolation_scale=(frames / LTX_FRAME_RATE, pixels, pixels),
