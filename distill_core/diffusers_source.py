@@ -14,10 +14,10 @@ the network was trained:
 
 Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
 ``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
-pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image, Wan 2.1 / 2.2 as image or
-video models, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream and SANA: their transformers; with
+pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image, Wan 2.1 / 2.2 and LTX-Video as
+image or video models, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream and SANA: their transformers; with
 all their text encoders) trains on ``prompts`` instead (``text_pipeline``), and one that reads an image beside
-each prompt (Flux Kontext's edits, Wan's image-to-video) on ``images`` too.
+each prompt (Flux Kontext's edits, Wan's and LTX-Video's image-to-video) on ``images`` too.
 """
 
 from __future__ import annotations
