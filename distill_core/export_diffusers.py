@@ -1,6 +1,6 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Flux Kontext,
 Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA, HiDream, Wan 2.1, Wan 2.2 A14B and TI2V 5B;
-Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video) as files diffusers loads:
+Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's text-to-video) as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
@@ -8,8 +8,9 @@ writes into DIR a LoRA student as ``pytorch_lora_weights.safetensors`` (diffuser
 ``pipe.load_lora_weights(DIR)`` reads) or a full student as ``unet/`` or ``transformer/`` (the network's
 ``from_pretrained``), beside ``scheduler/`` and ``sampling.json``: the sigmas, guidance scale, starting-noise
 scale, image size and any other keywords (``call``) to pass to the pipeline,
-``pipe(prompt, latents=..., sigmas=..., guidance_scale=..., **call)``. Wan's pipeline call takes no sigmas: its
-scheduler's ``set_timesteps`` is given them (``functools.partial``), and the call the step count. Wan 2.2 A14B's
+``pipe(prompt, latents=..., sigmas=..., guidance_scale=..., **call)``. Wan's and LTX-Video's pipeline calls take no
+sigmas: their scheduler's ``set_timesteps`` is made to set them, whatever the pipeline asks, and the call is given
+the step count. Wan 2.2 A14B's
 two experts are two networks, ``transformer`` (high noise) and ``transformer_2`` (low noise), switched at the
 pipeline's ``boundary_ratio`` as the engine's teacher switched them: a LoRA student exports one file for each
 (``LORA_FILES``; the second loaded with ``load_into_transformer_2=True``), a full student both folders.
@@ -128,6 +129,8 @@ PIPELINES = {
     "WanImageToVideoPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False,
                                       video=True, image="start"),
     "HiDreamImagePipeline": Target("transformer", "HiDreamImageTransformer2DModel", flow=True, area=128),
+    "LTXPipeline": Target("transformer", "LTXVideoTransformer3DModel", flow=True, packed=True, takes_sigmas=False,
+                          video=True),
 }
 #: the file name ``load_lora_weights`` reads from a directory
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -366,8 +369,9 @@ def usage(settings: dict, out: str | Path) -> str:
         load,
         f"latents = {settings['noise_scale']!r} * torch.randn(1, {', '.join(map(str, shape))})",
     ]
-    if target.packed:
-        lines.append(f"latents = pipe._pack_latents(latents, 1, {channels}, {height}, {width})")
+    if target.packed:  # in 2 x 2 patches; a video pipeline's (LTX-Video's), a token per latent pixel
+        lines.append("latents = pipe._pack_latents(latents)" if target.video else
+                     f"latents = pipe._pack_latents(latents, 1, {channels}, {height}, {width})")
     if target.image == "edit":  # scaled as the engine scaled the training images
         lines[1:1] = ["from diffusers.utils import load_image", "from PIL import Image"]
         lines.append(f"edit = load_image('image.png').resize(({settings['width']}, {settings['height']}), "
@@ -378,9 +382,11 @@ def usage(settings: dict, out: str | Path) -> str:
     sigmas = "[" + ", ".join(f"{s!r}" for s in settings["sigmas"]) + "]"
     if target.takes_sigmas:
         steps = f"sigmas={sigmas}"
-    else:  # the call takes a step count only: the scheduler is given the sigmas
-        lines[:1] = ["import functools", "import torch"]
-        lines.append(f"pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps, sigmas={sigmas})")
+    else:  # the call takes a step count only: the scheduler is given the sigmas, whatever the call asks of it
+        lines += ["set_timesteps = pipe.scheduler.set_timesteps",
+                  "def student_sigmas(num_inference_steps=None, device=None, sigmas=None, **shift):",
+                  f"    return set_timesteps(sigmas={sigmas}, device=device)",
+                  "pipe.scheduler.set_timesteps = student_sigmas"]
         steps = f"num_inference_steps={len(settings['sigmas'])}"
     negative = f", negative_prompt={settings['negative_prompt']!r}" if "negative_prompt" in settings else ""
     call = "".join(f", {key}={value!r}" for key, value in settings["call"].items())

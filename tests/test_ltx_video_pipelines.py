@@ -143,3 +143,36 @@ def test_the_image_to_video_teacher_starts_each_clip_from_its_prompts_image_as_i
     assert main(["distill", "--teacher", str(tmp_path / "i2v"), "--prompts", str(prompts), "--images", str(images),
                  "--resolution", str(SIDE), "--frames", str(FRAMES), "--steps", "2", "--iters", "2", "--batch", "2",
                  "--eval-samples", "4", "--reference-steps", "4", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+
+
+def test_the_pipeline_with_the_exported_student_draws_the_students_clip(ltx, tmp_path):
+    """export-diffusers writes an LTX-Video student's LoRA; the printed lines, run as written, make the stock
+    pipeline's scheduler step through the student's sigmas (the pipeline's own sigmas and shift set aside) from
+    latents packed as its tokens, and it draws the student's clip from the same noise."""
+    from distill_core.config import DistillConfig
+    from distill_core.export_diffusers import export, usage
+    from distill_core.sampling import few_step
+    from distill_core.student_files import load_student
+    from distill_core.train.run import train_student
+
+    teacher, prompts = ltx
+    source = diffusers_source(teacher, prompts=prompts, resolution=SIDE, frames=FRAMES)
+    cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
+                        student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
+    path = train_student(cfg, source, progress=False).path
+    settings = export(path, tmp_path / "export")
+    assert settings["pipeline"] == "LTXPipeline" and settings["call"] == {"num_frames": FRAMES}
+    lines = usage(settings, tmp_path / "export")
+    assert "num_inference_steps=2" in lines.splitlines()[-1] and "pipe._pack_latents(latents)" in lines
+    scope = {}
+    exec(lines.replace("'a prompt'", "'an owl takes off', output_type='latent'"), scope)
+    z = scope["latents"].transpose(1, 2).reshape(1, *source.shape) / settings["noise_scale"]
+    student = load_student(path, source.denoiser, source.uncond)
+    sigmas = torch.cat([student.sigmas()[:-1], torch.zeros(1)])  # the pipeline's times end at 0
+    with torch.no_grad():
+        ours = few_step(student.denoiser(), sigmas[0] * z, sigmas, torch.tensor([1]), afs=True)
+        without = few_step(source.denoiser, sigmas[0] * z, sigmas, torch.tensor([1]), afs=True)
+    theirs = scope["video"].T.reshape(ours.shape[1:])[None]
+    scale = float(ours.abs().max())
+    torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
+    assert (without - ours).abs().max() / scale > 1e-3  # the LoRA's clip, not the teacher's network's
