@@ -89,7 +89,6 @@ def test_the_teacher_starts_each_clip_from_its_prompts_image_as_its_pipeline_doe
     latents alone), and another image gives another clip. Without prompts, the shipped motions start from the
     image."""
     from distill_core.prompts import DEFAULT_MOTIONS
-    from distill_core.solvers import euler
 
     prompts, images = start_images
     teacher = i2v_pipeline_dir(tmp_path, kind)
@@ -111,18 +110,24 @@ def test_the_teacher_starts_each_clip_from_its_prompts_image_as_its_pipeline_doe
     pipe.scheduler.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=[0.95, 0.6, 0.3], device=device)
     expected = pipe(image=Image.open(images / "b.png"), prompt="the owl flies off", latents=x, num_inference_steps=3,
                     height=SIDE, width=SIDE, num_frames=FRAMES, guidance_scale=2.0, output_type="latent").frames
-    times = pipe.scheduler.sigmas.double()
-    guided = CFGTeacher(source.denoiser, 2.0, source.uncond)
-    with torch.no_grad():
-        ours = euler(guided, x / (1 - float(times[0])), times / (1 - times),
-                     prompt_condition(source.denoiser, torch.tensor([1])))
-        other = euler(guided, x / (1 - float(times[0])), times / (1 - times),
-                      {PROMPT_ROW: torch.tensor([1]), IMAGE_ROW: torch.tensor([0])})
+    ours, other = own_and_other_image(source, x, pipe.scheduler.sigmas.double())
     assert expected.shape == x.shape and expected.abs().max() > 1
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
     assert (other - ours).abs().max() > 1e-2  # the same prompt from a.png
     motions = diffusers_source(teacher, images=images / "a.png", resolution=SIDE, frames=FRAMES)
     assert motions.classes == len(DEFAULT_MOTIONS.splitlines())  # without --prompts: the shipped motions
+
+
+def own_and_other_image(source, x: torch.Tensor, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euler with CFG (w = 2) through the teacher of ``source`` from ``x`` at a pipeline's flow ``times``: prompt 1
+    from its own image, and from image 0."""
+    from distill_core.solvers import euler
+
+    guided, sigmas = CFGTeacher(source.denoiser, 2.0, source.uncond), times / (1 - times)
+    start = x / (1 - float(times[0]))
+    with torch.no_grad():
+        return (euler(guided, start, sigmas, prompt_condition(source.denoiser, torch.tensor([1]))),
+                euler(guided, start, sigmas, {PROMPT_ROW: torch.tensor([1]), IMAGE_ROW: torch.tensor([0])}))
 
 
 def test_the_main_job_distils_an_image_to_video_pipeline_and_samples_new_clips(tmp_path, start_images):

@@ -103,11 +103,9 @@ def test_the_image_to_video_teacher_starts_each_clip_from_its_prompts_image_as_i
     """LTXImageToVideoPipeline: the start image's latent is the clip's first frame, its tokens at time 0. Euler with
     CFG through the teacher, prompt 1 from its image b.png, reproduces the pipeline's sampler given the clip that
     starts from that latent; another image gives another clip; the main job distils it."""
-    from distill_core.solvers import euler
     from distill_core.start_images import KEPT_START
-    from distill_core.teacher import CFGTeacher
-    from distill_core.text_pipeline import IMAGE_ROW, PROMPT_ROW, prompt_condition
     from tests.test_edit_pipelines import image_folder
+    from tests.test_image_to_video_pipelines import own_and_other_image
 
     teacher, prompts = ltx
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
@@ -130,13 +128,7 @@ def test_the_image_to_video_teacher_starts_each_clip_from_its_prompts_image_as_i
                     latents=start.flatten(2).transpose(1, 2), num_inference_steps=3, height=SIDE, width=SIDE,
                     num_frames=FRAMES, guidance_scale=2.0, output_type="latent").frames
     expected = expected.transpose(1, 2).reshape(x.shape)
-    times = pipe.scheduler.sigmas.double()
-    guided = CFGTeacher(source.denoiser, 2.0, source.uncond)
-    with torch.no_grad():
-        ours = euler(guided, x / (1 - float(times[0])), times / (1 - times),
-                     prompt_condition(source.denoiser, torch.tensor([1])))
-        other = euler(guided, x / (1 - float(times[0])), times / (1 - times),
-                      {PROMPT_ROW: torch.tensor([1]), IMAGE_ROW: torch.tensor([0])})
+    ours, other = own_and_other_image(source, x, pipe.scheduler.sigmas.double())
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
     assert (other - ours)[:, :, 1:].abs().max() > 1e-3  # the later frames follow the start image
 
