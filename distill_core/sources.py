@@ -124,7 +124,8 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
     if resolution and digits:
         raise ValueError(f"--resolution is for teachers from directories; the {name} teacher draws 16 x 16 digits")
     if frames > 1 and digits:
-        raise ValueError(f"--frames is for video pipeline directories (Wan); the {name} teacher draws still digits")
+        raise ValueError(f"--frames is for video pipeline directories (Wan, LTX-Video); the {name} teacher draws "
+                         "still digits")
     if images is not None and digits:
         raise ValueError(f"--images is for pipeline directories that read an image beside each prompt (Flux "
                          f"Kontext, Wan and LTX-Video image-to-video); the {name} teacher draws digits from noise")

@@ -718,7 +718,7 @@ def test_a_wan_pipeline_distils_on_clips_that_its_own_sampler_draws_and_its_stud
 def test_an_image_pipeline_refuses_frames(tmp_path, capsys):
     image_model = multi_encoder_pipeline_dir(tmp_path / "sd3", "sd3")
     assert main(["distill", "--teacher", str(image_model), "--frames", "5", "--out", str(tmp_path / "no")]) != 0
-    assert "--frames is for video pipelines (Wan); its SD3Transformer2DModel draws still images" in \
+    assert "--frames is for video pipelines (Wan, LTX-Video); its SD3Transformer2DModel draws still images" in \
         capsys.readouterr().err
 
 
