@@ -259,15 +259,20 @@ class WanVelocity(nn.Module):
         clip = x[:, :, None] if still else x
         if start is not None:
             clip = torch.cat([clip, start.to(x.dtype)], dim=1)
-        if kept is not None:  # the start latent in the first frame, its tokens at time 0
-            clip = torch.cat([kept.to(x.dtype), clip[:, :, 1:]], dim=2)
-            patches = self.transformer.config.patch_size
-            frames, rows, columns = (side // patch for side, patch in zip(clip.shape[2:], patches))
-            later = torch.ones(frames, rows * columns, device=x.device, dtype=time.dtype)
-            later[0] = 0
-            time = time.expand(len(x))[:, None] * later.flatten()[None]
+        if kept is not None:
+            clip, time = with_start_frame(clip, kept, time, self.transformer.config.patch_size)
         v = self.transformer(hidden_states=clip, timestep=time, **cond, return_dict=False)[0]
         return v[:, :, 0] if still else v
+
+
+def with_start_frame(clip: torch.Tensor, kept: torch.Tensor, time: torch.Tensor,
+                     patch: tuple[int, int, int] = (1, 1, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """A clip [B, C, F, H, W] whose first latent frame is the start latent ``kept`` [B, C, 1, H, W], and the time of
+    each of its tokens (patches of ``patch`` frames, rows and columns, one frame deep), 0 on the first frame's: it
+    is clean (Wan 2.2 TI2V 5B's and LTX-Video's image-to-video); the others' the sample's ``time`` [B]."""
+    frames, rows, columns = (side // size for side, size in zip(clip.shape[2:], patch))
+    later = (torch.arange(frames * rows * columns, device=clip.device) >= rows * columns).to(time.dtype)
+    return torch.cat([kept.to(clip.dtype), clip[:, :, 1:]], dim=2), time.expand(len(clip))[:, None] * later
 
 
 class WanExperts(nn.Module):
@@ -313,9 +318,8 @@ class LTXVelocity(nn.Module):
         kept = cond.pop(KEPT_START, None)
         clip = x[:, :, None] if still else x
         b, c, f, h, w = clip.shape
-        if kept is not None:  # the start latent in the first frame, its tokens at time 0
-            clip = torch.cat([kept.to(x.dtype), clip[:, :, 1:]], dim=2)
-            time = time.expand(b)[:, None] * (torch.arange(f * h * w, device=x.device) >= h * w).to(time.dtype)
+        if kept is not None:
+            clip, time = with_start_frame(clip, kept, time)
         frames, pixels = self.span
         v = self.transformer(hidden_states=clip.flatten(2).transpose(1, 2), timestep=time, **cond, num_frames=f,
                              height=h, width=w, rope_interpolation_scale=(frames / LTX_FRAME_RATE, pixels, pixels),
