@@ -1,7 +1,9 @@
 """LTX-Video pipelines from directories (``LTXPipeline``): a text-to-video teacher whose transformer takes each
 latent pixel of a clip as a token, with the clip's grid and rotary positions in frames and pixels, and whose
-scheduler shifts its times by the clip's token count. Euler with CFG through the teacher reproduces the stock
-pipeline's sampler; the main job distils it on clips and sample writes them as animations."""
+scheduler shifts its times by the clip's token count; and its image-to-video pipeline, whose clips keep the start
+image's latent as their first frame. Euler with CFG through the teacher reproduces the stock pipelines' samplers;
+the main job distils them on clips, sample writes them as animations, and the stock pipeline with the exported
+student draws the student's clip."""
 
 from __future__ import annotations
 
