@@ -1,6 +1,7 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Flux Kontext,
 Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA, HiDream, Wan 2.1, Wan 2.2 A14B and TI2V 5B;
-Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's text-to-video) as files diffusers loads:
+Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's text- and image-to-video) as files diffusers
+loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
@@ -86,8 +87,9 @@ class Target:
     draws videos (Wan: latents [B, C, T, H, W], ``num_frames``, ``.frames``), the side, in latent pixels, of
     the square whose area it scales every image to (``area``: HiDream's, 128; None: it draws the size asked), and
     the image its call takes (``image``): the one it edits (``edit``, Flux Kontext: kept at its size and drawn at
-    that size's area, ``max_area``), or the one its clip starts from (``start``, Wan image-to-video: as loaded, the
-    pipeline scales it)."""
+    that size's area, ``max_area``), or the one its clip starts from (``start``, Wan and LTX-Video image-to-video:
+    as loaded, the pipeline scales it), and whether the start image's latent goes in the first frame of the latents
+    it is given (``keeps_start``: LTX-Video's, which takes given latents as they are)."""
 
     network: str
     network_class: str
@@ -102,6 +104,7 @@ class Target:
     video: bool = False
     area: int | None = None
     image: str = ""
+    keeps_start: bool = False
 
     @property
     def scheduler_class(self) -> str:
@@ -131,6 +134,8 @@ PIPELINES = {
     "HiDreamImagePipeline": Target("transformer", "HiDreamImageTransformer2DModel", flow=True, area=128),
     "LTXPipeline": Target("transformer", "LTXVideoTransformer3DModel", flow=True, packed=True, takes_sigmas=False,
                           video=True),
+    "LTXImageToVideoPipeline": Target("transformer", "LTXVideoTransformer3DModel", flow=True, packed=True,
+                                      takes_sigmas=False, video=True, image="start", keeps_start=True),
 }
 #: the file name ``load_lora_weights`` reads from a directory
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -369,9 +374,6 @@ def usage(settings: dict, out: str | Path) -> str:
         load,
         f"latents = {settings['noise_scale']!r} * torch.randn(1, {', '.join(map(str, shape))})",
     ]
-    if target.packed:  # in 2 x 2 patches; a video pipeline's (LTX-Video's), a token per latent pixel
-        lines.append("latents = pipe._pack_latents(latents)" if target.video else
-                     f"latents = pipe._pack_latents(latents, 1, {channels}, {height}, {width})")
     if target.image == "edit":  # scaled as the engine scaled the training images
         lines[1:1] = ["from diffusers.utils import load_image", "from PIL import Image"]
         lines.append(f"edit = load_image('image.png').resize(({settings['width']}, {settings['height']}), "
@@ -379,6 +381,15 @@ def usage(settings: dict, out: str | Path) -> str:
     elif target.image == "start":  # the pipeline scales it to the clip's frames
         lines[1:1] = ["from diffusers.utils import load_image"]
         lines.append("start = load_image('image.png')  # the image the clip starts from")
+    if target.keeps_start:  # given latents, the pipeline takes their first frame as the start image's latent
+        lines += [f"pixels = pipe.video_processor.preprocess(start, height={settings['height']}, "
+                  f"width={settings['width']})[:, :, None]",
+                  "kept = pipe.vae.encode(pixels).latent_dist.mode()",
+                  "kept = pipe._normalize_latents(kept, pipe.vae.latents_mean, pipe.vae.latents_std)",
+                  "latents = torch.cat([kept, latents[:, :, 1:]], dim=2)"]
+    if target.packed:  # in 2 x 2 patches; a video pipeline's (LTX-Video's), a token per latent pixel
+        lines.append("latents = pipe._pack_latents(latents)" if target.video else
+                     f"latents = pipe._pack_latents(latents, 1, {channels}, {height}, {width})")
     sigmas = "[" + ", ".join(f"{s!r}" for s in settings["sigmas"]) + "]"
     if target.takes_sigmas:
         steps = f"sigmas={sigmas}"

@@ -170,3 +170,41 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_clip(ltx, tmp
     scale = float(ours.abs().max())
     torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
     assert (without - ours).abs().max() / scale > 1e-3  # the LoRA's clip, not the teacher's network's
+
+
+def test_the_image_to_video_pipeline_with_the_exported_student_draws_the_students_clip(ltx, tmp_path):
+    """LTX-Video image-to-video: the printed lines put the start image's latent, encoded as the teacher encoded it,
+    in the first frame of the latents they give the pipeline (which takes given latents as they are), and the stock
+    pipeline with the exported LoRA draws the student's clip from that image and the same noise."""
+    from distill_core.config import DistillConfig
+    from distill_core.export_diffusers import export, usage
+    from distill_core.sampling import few_step
+    from distill_core.student_files import load_student
+    from distill_core.text_pipeline import prompt_condition
+    from distill_core.train.run import train_student
+    from tests.test_edit_pipelines import image_folder
+
+    teacher, prompts = ltx
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    diffusers.LTXImageToVideoPipeline(**pipe.components).save_pretrained(tmp_path / "i2v", safe_serialization=True)
+    images = image_folder(tmp_path, SIDE, SIDE)
+    source = diffusers_source(tmp_path / "i2v", prompts=prompts, images=images, resolution=SIDE, frames=FRAMES)
+    cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
+                        student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
+    path = train_student(cfg, source, progress=False).path
+    settings = export(path, tmp_path / "export")
+    assert settings["pipeline"] == "LTXImageToVideoPipeline"
+    lines = usage(settings, tmp_path / "export")
+    assert "image=start" in lines.splitlines()[-1]
+    scope = {}
+    exec(lines.replace("'a prompt'", "'an owl takes off', output_type='latent'")
+         .replace("'image.png'", repr(str(images / "b.png"))), scope)
+    z = scope["latents"].transpose(1, 2).reshape(1, *source.shape) / settings["noise_scale"]
+    student = load_student(path, source.denoiser, source.uncond)
+    sigmas = torch.cat([student.sigmas()[:-1], torch.zeros(1)])  # the pipeline's times end at 0
+    with torch.no_grad():
+        ours = few_step(student.denoiser(), sigmas[0] * z, sigmas, prompt_condition(source.denoiser,
+                                                                                    torch.tensor([1])), afs=True)
+    theirs = scope["video"].T.reshape(ours.shape[1:])[None]
+    scale = float(ours.abs().max())
+    torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
