@@ -30,7 +30,9 @@ pipelines also rescale the guided velocity to the norm of the conditional one (L
 The teacher is then class-conditional over prompts: condition k < P is prompt k, condition P the negative. So
 every part of the engine that takes class labels (training draws, CFG, evaluation sets that cycle through the
 conditions, reports) takes prompts unchanged; only what would be stored per condition is not
-(``TeacherSource.prompt_table``: SFD's first step keeps its zero centre), so a student samples any prompts.
+(``TeacherSource.prompt_table``: SFD's first step keeps its zero centre), so a student samples any prompts. A
+teacher that reads an image beside each prompt takes a prompt row and an image row instead: the evaluation set and
+``sample`` make them of a label with ``prompt_condition`` (``PromptConditioned``).
 """
 
 from __future__ import annotations
