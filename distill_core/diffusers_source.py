@@ -256,8 +256,8 @@ def pipeline_network(root: Path, index: dict, model_dir: Path, config: dict, sch
 
 
 #: the words in the class names of pipelines whose network takes an image beside the noise, which this command does
-#: not feed: inpainting, and editing guided by CFG against a negative that reads each prompt's own image in its text
-#: encoder (it feeds Flux Kontext's, ``EDITING_PIPELINES``, and Wan's image-to-video, ``IMAGE_TO_VIDEO_PIPELINES``)
+#: not feed but for editing pipelines (``EDITING_PIPELINES``: Flux Kontext, Qwen-Image-Edit) and image-to-video ones
+#: (``IMAGE_TO_VIDEO_PIPELINES``): inpainting, and other editing pipelines
 IMAGE_CONDITIONED = ("ImageToVideo", "Inpaint", "Edit")
 
 
@@ -273,7 +273,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     A pipeline that reads an image beside each prompt takes prompt k with image k of ``images`` (``image_tables``,
     read by the condition's ``IMAGE_ROW``; the negative with each sample's own image), or with ``pairing`` every,
     each prompt with each image (condition r: prompt r mod P with image r div P, ``PromptConditioned.pairs``): an
-    editing pipeline (Flux Kontext) edits it, an image-to-video pipeline (Wan) starts its clip from it
+    editing pipeline (Flux Kontext, Qwen-Image-Edit, whose text encoder reads the prompt beside it:
+    ``vision_prompts``) edits it, an image-to-video pipeline (Wan) starts its clip from it
     (``start_images``).
     ``encode`` False: no prompt tables (the network alone; it refuses to run)."""
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
@@ -281,6 +282,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     from distill_core.reference_images import EDITING_PIPELINES, image_files, image_tables
     from distill_core.start_images import IMAGE_TO_VIDEO_PIPELINES, keeps_start
     from distill_core.text_pipeline import PROMPT_ROW, PromptConditioned, encode_prompts, prompt_condition, vae_decoder
+    from distill_core.vision_prompts import VISION_PROMPT_PIPELINES, vision_tables
 
     if classes:
         raise ValueError(f"{root}: a text-to-image pipeline trains on prompts (--prompts FILE), not --classes")
@@ -307,12 +309,16 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     if negative is not None and config["_class_name"] == "FluxTransformer2DModel":
         raise ValueError(f"{root}: Flux samples without CFG, so a negative prompt has nothing to steer away from; "
                          "drop --negative")
-    # the encoders freed before the network loads
-    tables = encode_prompts(root, index, prompts, shape, negative) if encode else {}
     every = pairing == "every"
     files = image_files(images, len(prompts), every) if name in reading and encode else []
-    per_image = image_tables(root, name, files, shape, latent_pixels(root, config["_class_name"]),
-                             keeps_start(index)) if files else {}
+    # the encoders freed before the network loads
+    tables, per_image, pair_rows = {}, {}, None
+    if files and name in VISION_PROMPT_PIPELINES:  # each prompt read beside its image
+        tables, per_image, pair_rows = vision_tables(root, name, prompts, negative, files, every)
+    elif encode:
+        tables = encode_prompts(root, index, prompts, shape, negative)
+        per_image = image_tables(root, name, files, shape, latent_pixels(root, config["_class_name"]),
+                                 keeps_start(index)) if files else {}
     model = pipeline_network(root, index, model_dir, config, scheduler_dir, frozen_precision)
     name = config["_class_name"]
     embedded = None
@@ -323,7 +329,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
                          "distils; give the pipeline it was distilled from")
     n = len(prompts)
     denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape, embedded), tables, per_image,
-                                 n if every else None)
+                                 n if every else None, pair_rows)
     conditions = n * len(files) if every else n  # training conditions: prompts, or (prompt, image) pairs
 
     def draw_cond(batch: int, generator: torch.Generator) -> torch.Tensor | dict:

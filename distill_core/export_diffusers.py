@@ -86,10 +86,11 @@ class Target:
     the call takes a negative prompt (Flux.2 klein's does not) and sigmas (Wan's does not), whether it
     draws videos (Wan: latents [B, C, T, H, W], ``num_frames``, ``.frames``), the side, in latent pixels, of
     the square whose area it scales every image to (``area``: HiDream's, 128; None: it draws the size asked), and
-    the image its call takes (``image``): the one it edits (``edit``, Flux Kontext: kept at its size and drawn at
-    that size's area, ``max_area``), or the one its clip starts from (``start``, Wan and LTX-Video image-to-video:
-    as loaded, the pipeline scales it), and whether the start image's latent goes in the first frame of the latents
-    it is given (``keeps_start``: LTX-Video's, which takes given latents as they are)."""
+    the image its call takes (``image``): the one it edits (``edit``, Flux Kontext and Qwen-Image-Edit) or the one
+    its clip starts from (``start``, Wan and LTX-Video image-to-video), given as loaded (the pipeline scales it) or,
+    where the engine scaled it to the student's size (``sized``: Flux Kontext, drawn at that size's area,
+    ``max_area``), at that size, and whether the start image's latent goes in the first frame of the latents it is
+    given (``keeps_start``: LTX-Video's, which takes given latents as they are)."""
 
     network: str
     network_class: str
@@ -104,6 +105,7 @@ class Target:
     video: bool = False
     area: int | None = None
     image: str = ""
+    sized: bool = False
     keeps_start: bool = False
 
     @property
@@ -117,9 +119,13 @@ PIPELINES = {
     "StableDiffusion3Pipeline": Target("transformer", "SD3Transformer2DModel", flow=True),
     "FluxPipeline": Target("transformer", "FluxTransformer2DModel", flow=True, packed=True),
     "FluxKontextPipeline": Target("transformer", "FluxTransformer2DModel", flow=True, packed=True,
-                                  call=(("_auto_resize", False),), image="edit"),
+                                  call=(("_auto_resize", False),), image="edit", sized=True),
     "QwenImagePipeline": Target("transformer", "QwenImageTransformer2DModel", flow=True, packed=True,
                                 guidance_keyword="true_cfg_scale", engine_cfg=False),
+    "QwenImageEditPipeline": Target("transformer", "QwenImageTransformer2DModel", flow=True, packed=True,
+                                    guidance_keyword="true_cfg_scale", engine_cfg=False, image="edit"),
+    "QwenImageEditPlusPipeline": Target("transformer", "QwenImageTransformer2DModel", flow=True, packed=True,
+                                        guidance_keyword="true_cfg_scale", engine_cfg=False, image="edit"),
     "AuraFlowPipeline": Target("transformer", "AuraFlowTransformer2DModel", flow=True),
     "ChromaPipeline": Target("transformer", "ChromaTransformer2DModel", flow=True, packed=True),
     "Lumina2Pipeline": Target("transformer", "Lumina2Transformer2DModel", flow=True,
@@ -332,7 +338,7 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     sigmas, noise_scale = pipeline_start(card, steps, target.flow)
     w = 1.0 if guidance["mode"] == "distilled" else guidance["w"]
     call = {**dict(target.call), **({"num_frames": as_trained(card)["frames"]} if target.video else {}),
-            **({"max_area": height * width} if target.image == "edit" else {})}
+            **({"max_area": height * width} if target.sized else {})}
     settings = {"pipeline": pipeline, "teacher": str(root), "steps": steps, "sigmas": sigmas,
                 "noise_scale": noise_scale, "latent_shape": list(source.shape), "height": height, "width": width,
                 "guidance_scale": float(card.get("embedded_guidance", w - target.w_offset)),
@@ -374,13 +380,12 @@ def usage(settings: dict, out: str | Path) -> str:
         load,
         f"latents = {settings['noise_scale']!r} * torch.randn(1, {', '.join(map(str, shape))})",
     ]
-    if target.image == "edit":  # scaled as the engine scaled the training images
-        lines[1:1] = ["from diffusers.utils import load_image", "from PIL import Image"]
-        lines.append(f"edit = load_image('image.png').resize(({settings['width']}, {settings['height']}), "
-                     "Image.Resampling.LANCZOS)  # the image to edit")
-    elif target.image == "start":  # the pipeline scales it to the clip's frames
-        lines[1:1] = ["from diffusers.utils import load_image"]
-        lines.append("start = load_image('image.png')  # the image the clip starts from")
+    if target.image:  # as loaded, or scaled as the engine scaled the training images
+        lines[1:1] = ["from diffusers.utils import load_image", *(["from PIL import Image"] if target.sized else [])]
+        size = f".resize(({settings['width']}, {settings['height']}), Image.Resampling.LANCZOS)" if target.sized \
+            else ""
+        what = "the image to edit" if target.image == "edit" else "the image the clip starts from"
+        lines.append(f"{target.image} = load_image('image.png'){size}  # {what}")
     if target.keeps_start:  # given latents, the pipeline takes their first frame as the start image's latent
         lines += [f"pixels = pipe.video_processor.preprocess(start, height={settings['height']}, "
                   f"width={settings['width']})[:, :, None]",

@@ -25,8 +25,11 @@ from pathlib import Path
 
 import torch
 
-#: the pipelines whose prompts each edit an image, by ``model_index.json``'s class name
-EDITING_PIPELINES = ("FluxKontextPipeline",)
+from distill_core.vision_prompts import VISION_PROMPT_PIPELINES
+
+#: the pipelines whose prompts each edit an image, by ``model_index.json``'s class name (Qwen-Image-Edit's read it
+#: in their text encoder too: ``vision_prompts``)
+EDITING_PIPELINES = ("FluxKontextPipeline", *VISION_PROMPT_PIPELINES)
 #: the files a folder of reference images holds
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: the table of reference latents in a text teacher's tables (``PromptConditioned``), the keyword ``FluxVelocity``

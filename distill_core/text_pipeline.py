@@ -62,7 +62,7 @@ PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiff
 #: the text tokens Wan's and LTX-Video's pipelines pad their prompts to (their calls' ``max_sequence_length``)
 WAN_TEXT_TOKENS, LTX_TEXT_TOKENS = 512, 128
 #: the unconditional prompt of a pipeline whose negative is not the empty prompt
-NEGATIVE_PROMPT = {"QwenImagePipeline": " "}
+NEGATIVE_PROMPT = {"QwenImagePipeline": " ", "QwenImageEditPipeline": " ", "QwenImageEditPlusPipeline": " "}
 #: the parts of a pipeline that encoding prompts does not load
 NOT_FOR_PROMPTS = ("unet", "transformer", "transformer_2", "vae", "safety_checker", "feature_extractor",
                    "image_encoder", "image_processor")
@@ -87,13 +87,17 @@ class PromptConditioned(nn.Module):
     the negative with each sample's own image (``CFGTeacher.uncond_like``), as its pipeline guides; where the
     image is the clip's first frame (``start_images.KEPT_START``), so is the first frame of its x0. ``pairs`` P:
     its condition r pairs prompt r mod P with image r div P (each prompt on each image), else prompt r with image r
-    (``prompt_condition``)."""
+    (``prompt_condition``). A teacher whose text encoder reads each prompt beside its image (Qwen-Image-Edit's) has
+    a text table row per (prompt, image) pair, found by ``pair_rows`` R [P + 1, N]: prompt row k with image row i
+    reads text row R[k, i] (``vision_prompts``)."""
 
     def __init__(self, inner: nn.Module, tables: dict[str, torch.Tensor],
-                 image_tables: dict[str, torch.Tensor] | None = None, pairs: int | None = None):
+                 image_tables: dict[str, torch.Tensor] | None = None, pairs: int | None = None,
+                 pair_rows: torch.Tensor | None = None):
         super().__init__()
         self.inner, self.names, self.image_names = inner, list(tables), list(image_tables or {})
         self.pairs = pairs
+        self.register_buffer("pair_rows", pair_rows, persistent=False)
         for name, table in {**tables, **(image_tables or {})}.items():
             self.register_buffer(name, table, persistent=False)
         for name in DENOISER_ATTRIBUTES:
@@ -114,8 +118,11 @@ class PromptConditioned(nn.Module):
         if self.image_names and IMAGE_ROW not in rows:
             raise ValueError("this teacher reads an image beside each prompt: give conditions with the row of "
                              "each sample's image (prompt_condition)")
-        read = [(name, rows[PROMPT_ROW]) for name in self.names] + \
-            [(name, rows[IMAGE_ROW]) for name in self.image_names]
+        prompt = rows[PROMPT_ROW]
+        if self.pair_rows is not None:  # prompts encoded with their image: the row of each (prompt, image) pair
+            prompt = self.pair_rows[prompt.to(self.pair_rows.device).long(),
+                                    rows[IMAGE_ROW].to(self.pair_rows.device).long()]
+        read = [(name, prompt) for name in self.names] + [(name, rows[IMAGE_ROW]) for name in self.image_names]
         inputs = {name: widened(getattr(self, name)[index.to(x.device).long()]) for name, index in read}
         x0 = self.inner(x, sigma, inputs)
         if KEPT_START in inputs:  # the clip's first frame is its start latent

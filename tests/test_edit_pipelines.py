@@ -132,14 +132,15 @@ def test_the_main_job_distils_an_editing_pipeline_and_samples_new_edits(kontext,
 
 @pytest.mark.parametrize("flags, message", [
     ("--teacher {flux} --prompts {prompts} --images {images}/a.png",
-     "--images is for pipelines that read an image beside each prompt (FluxKontextPipeline, "
-     "WanImageToVideoPipeline, LTXImageToVideoPipeline); a FluxPipeline draws from its prompts alone"),
+     "--images is for pipelines that read an image beside each prompt (FluxKontextPipeline, QwenImageEditPipeline, "
+     "QwenImageEditPlusPipeline, WanImageToVideoPipeline, LTXImageToVideoPipeline); a FluxPipeline draws from its "
+     "prompts alone"),
     ("--teacher {teacher} --prompts {three} --images {images}",
      "--images {images} holds 2 images (.png, .jpg, .jpeg, .webp) for 3 prompts"),
     ("--teacher {teacher} --prompts {prompts} --images {images}/none.png", "no such file or folder"),
     ("--teacher {teacher} --prompts {prompts} --images {prompts}", "is not an image this reads"),
     ("--teacher builtin --images {images}", "--images is for pipeline directories that read an image beside each "
-     "prompt (Flux Kontext, Wan and LTX-Video image-to-video)"),
+     "prompt (Flux Kontext, Qwen-Image-Edit, Wan and LTX-Video image-to-video)"),
 ])
 def test_images_that_do_not_fit_are_refused_in_one_line(kontext, tmp_path, capsys, flags, message):
     teacher, prompts, images = kontext

@@ -34,12 +34,12 @@ from tests.test_teacher_from_dir import multi_encoder_pipeline_dir, text_pipelin
 
 
 def pipeline_latents(teacher, out, settings: dict, z: torch.Tensor, student: bool = True,
-                     switch: bool = True, prompt: str = "an owl") -> torch.Tensor:
+                     switch: bool = True, prompt: str = "an owl", components: dict | None = None) -> torch.Tensor:
     """The pipeline's latents [1, C, H, W] for ``prompt`` from standard normal ``z``, with the exported
-    student loaded (``student``) or the teacher's own network, on the exported scheduler and sigmas. A student of
-    experts: each a named adapter, the next step's made active at each step's end (``switch``; else the first
-    expert samples every step)."""
-    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    student loaded (``student``) or the teacher's own network, on the exported scheduler and sigmas, its
+    ``components`` given rather than loaded. A student of experts: each a named adapter, the next step's made active
+    at each step's end (``switch``; else the first expert samples every step)."""
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True, **(components or {}))
     network = "unet" if hasattr(pipe, "unet") else "transformer"
     scheduler = diffusers.EulerDiscreteScheduler if network == "unet" else diffusers.FlowMatchEulerDiscreteScheduler
     pipe.scheduler = scheduler.from_pretrained(out, subfolder="scheduler")

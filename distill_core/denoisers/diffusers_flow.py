@@ -21,6 +21,7 @@ they differ in what they take besides x_t:
 * Qwen-Image's ``QwenImageTransformer2DModel``: t itself, the latent packed as Flux's, the text encoder's token
   embeddings c with their padding mask m (``encoder_hidden_states_mask``: prompts of different lengths share one
   padded table), and the latent's patch grid (1, H / 2, W / 2) for its rotary positions (``img_shapes``);
+  Qwen-Image-Edit's the same with the image it edits after the sample's tokens, its grid the second;
 * SANA's ``SanaTransformer2DModel``: t * T times its ``timestep_scale``, c with its padding mask
   (``encoder_attention_mask``), on the latents of its deep-compression autoencoder;
 * HiDream's ``HiDreamImageTransformer2DModel``: t * T, T5's token embeddings, Llama 3.1's hidden states of every
@@ -190,7 +191,9 @@ class Flux2Velocity(nn.Module):
 
 class QwenImageVelocity(nn.Module):
     """Qwen-Image's transformer as v(x_t, t, {"encoder_hidden_states": c, "encoder_hidden_states_mask": m}) on
-    [B, C, H, W] latents, packed as Flux's, with their patch grid as ``img_shapes``."""
+    [B, C, H, W] latents, packed as Flux's, with their patch grid as ``img_shapes``. Qwen-Image-Edit's condition adds
+    the latents of the image being edited (``REFERENCE_TABLE``: [B, C, H', W']), packed and joined after the
+    sample's tokens, their grid the second of ``img_shapes``; the velocity is the sample's tokens' alone."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -198,9 +201,15 @@ class QwenImageVelocity(nn.Module):
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
         b, _, h, w = x.shape
-        v = self.transformer(hidden_states=pack(x), timestep=time, img_shapes=[[(1, h // 2, w // 2)]] * b, **cond,
+        cond = dict(cond)
+        tokens, grids = pack(x), [(1, h // 2, w // 2)]
+        reference = cond.pop(REFERENCE_TABLE, None)
+        if reference is not None:
+            tokens = torch.cat([tokens, pack(reference.to(x.dtype))], dim=1)
+            grids.append((1, reference.shape[-2] // 2, reference.shape[-1] // 2))
+        v = self.transformer(hidden_states=tokens, timestep=time, img_shapes=[grids] * b, **cond,
                              return_dict=False)[0]
-        return unpack(v, x.shape)
+        return unpack(v[:, :h * w // 4], x.shape)
 
 
 class ReversedTime(nn.Module):
