@@ -6,7 +6,8 @@ SANA (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with ``scheduler/
 tokenizers, and optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's, Wan's and LTX-Video's video VAEs, Flux.2's
 or SANA's deep-compression autoencoder, which decode the report's grid; Flux Kontext's also encodes the images its
 prompts edit: ``reference_images``, and Wan's image-to-video pipeline the images its clips start from:
-``start_images``).
+``start_images``). Qwen-Image-Edit's text encoder reads each prompt beside its image: ``vision_prompts`` encodes
+its pairs.
 
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
 arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and T5's;
@@ -49,6 +50,7 @@ import torch
 from torch import nn
 
 from distill_core.start_images import KEPT_START
+from distill_core.vision_prompts import VISION_PROMPT_PIPELINES
 
 #: attributes of the text denoiser that the engine reads from a teacher's denoiser
 DENOISER_ATTRIBUTES = ("sigma_min", "sigma_max", "prediction", "shift")
@@ -214,9 +216,9 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
-                         f"{', '.join(PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Flux Kontext, Qwen-Image, Wan 2.1 "
-                         "and 2.2 A14B (text- and image-to-video), LTX-Video, AuraFlow, Chroma, Lumina 2, Z-Image, "
-                         "Flux.2 klein, HiDream, SANA)")
+                         f"{', '.join(PIPELINES + VISION_PROMPT_PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Flux "
+                         "Kontext, Qwen-Image and Qwen-Image-Edit, Wan 2.1 and 2.2 A14B (text- and image-to-video), "
+                         "LTX-Video, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream, SANA)")
     for part in TEXT_ENCODERS:
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")

@@ -607,8 +607,8 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
     denoiser reproduces its pipeline's sampler on one frame; its default image is its pipeline's 480 x 832
     frame, its UniPC scheduler's flow variant is a flow teacher with that scheduler's shift. The main job
     distils it at --resolution with a grid decoded by its video VAE; SFD-v conditions its time embedder; an
-    image-conditioned pipeline that this command does not feed (an editing one that reads its image in its text
-    encoder, an inpainting one) is refused in one line."""
+    image-conditioned pipeline that this command does not feed (an inpainting one) is refused in one
+    line."""
     from distill_core.denoisers.flow import FlowDenoiser
     from distill_core.diffusers_source import denoiser_for, read_json, sample_shape
     from distill_core.solvers import euler
@@ -652,11 +652,11 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
         torch.nn.init.normal_(student.step_embed.mlp[-1].weight)
         assert not torch.allclose(student(x, 2.0, torch.tensor([0]), nfe=2), student(x, 2.0, torch.tensor([0]), nfe=5))
 
-    for pipeline in ("QwenImageEditPlusPipeline", "StableDiffusionInpaintPipeline"):
+    for pipeline in ("FluxKontextInpaintPipeline", "StableDiffusionInpaintPipeline"):
         assert_index_refused(teacher, {"_class_name": pipeline}, f"a {pipeline}'s network takes an image beside the "
                              "noise, which this command does not feed (it feeds FluxKontextPipeline, "
-                             "WanImageToVideoPipeline, LTXImageToVideoPipeline: --images); distil it in ComfyUI",
-                             tmp_path, capsys)
+                             "QwenImageEditPipeline, QwenImageEditPlusPipeline, WanImageToVideoPipeline, "
+                             "LTXImageToVideoPipeline: --images); distil it in ComfyUI", tmp_path, capsys)
 
 
 @pytest.mark.parametrize("kind, channels, side", [("wan", 16, 8), ("wan22-5b", 48, 4)])
