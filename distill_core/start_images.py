@@ -58,13 +58,13 @@ def start_tables(root: Path, files: list[Path], shape: tuple[int, ...], pixels: 
     from diffusers.image_processor import VaeImageProcessor
 
     from distill_core.reference_images import pil_image
-    from distill_core.text_pipeline import latent_statistics, vae_frames
+    from distill_core.text_pipeline import encoding_device, latent_statistics, vae_frames
 
     config = root / "vae" / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{root}: an image-to-video pipeline encodes its start images with its VAE, and it "
                                 "has no vae/ folder")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a clip's encoding is a GPU's work
+    device = encoding_device()  # a clip's encoding is a GPU's work
     vae_class = getattr(diffusers, json.loads(config.read_text())["_class_name"])
     vae = vae_class.from_pretrained(root / "vae", use_safetensors=True, local_files_only=True).eval().to(device)
     channels, latent_frames, height, width = shape

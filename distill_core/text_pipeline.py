@@ -224,7 +224,19 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
     with quiet(diffusers, _transformers()):
         tables = _encode(root, name, prompts, shape, negative)
-    return {key: exact_narrowing(table, set(stored_dtypes(root).values())) for key, table in tables.items()}
+    return {key: exact_narrowing(table.cpu(), set(stored_dtypes(root).values())) for key, table in tables.items()}
+
+
+def encoding_device(pipe=None) -> torch.device:
+    """Where a pipeline's encoders run: on the GPU where there is one (a 7B text encoder reads a prompt there in well
+    under a second, on CPU cores in tens of seconds), each of ``pipe``'s models moved there only while it runs
+    (``enable_model_cpu_offload``: the largest alone in GPU memory); else on the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device())
+    if pipe is not None:
+        pipe.enable_model_cpu_offload(device=device)
+    return device
 
 
 def exact_narrowing(table: torch.Tensor, dtypes: set[torch.dtype]) -> torch.Tensor:
@@ -257,43 +269,44 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
     skipped = {part: None for part in NOT_FOR_PROMPTS if part in inspect.signature(cls.__init__).parameters}
     pipe = cls.from_pretrained(root, **skipped, torch_dtype={**stored_dtypes(root), "default": torch.float32},
                                use_safetensors=True, local_files_only=True)
+    device = encoding_device(pipe)
     if name == "StableDiffusionPipeline":
         negatives = None if negative is None else [negative] * len(prompts)  # its negatives match its prompts' type
-        context, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=negatives)
+        context, uncond = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=negatives)
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float()}
     if name in ("FluxPipeline", "FluxKontextPipeline"):
-        context, pooled, _ = pipe.encode_prompt([*prompts, ""], None, device="cpu")
+        context, pooled, _ = pipe.encode_prompt([*prompts, ""], None, device=device)
         return {"encoder_hidden_states": context.float(), "pooled_projections": pooled.float()}
     if name == "QwenImagePipeline":  # one call: every row padded to the longest prompt, the mask saying where
         context, mask = pipe.encode_prompt([*prompts, NEGATIVE_PROMPT[name] if negative is None else negative],
-                                           device="cpu")
+                                           device=device)
         return {"encoder_hidden_states": context.float(), "encoder_hidden_states_mask": mask}
     if name in ("WanPipeline", "WanImageToVideoPipeline"):
         if name == "WanImageToVideoPipeline" and importlib.util.find_spec("ftfy") is None:
             raise ImportError(f"{root}: a {name} cleans its prompts with the ftfy package: pip install ftfy")
         context, uncond = pipe.encode_prompt(prompts, negative or "", True, max_sequence_length=WAN_TEXT_TOKENS,
-                                             device="cpu")
+                                             device=device)
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float()}
     if name in ("LTXPipeline", "LTXImageToVideoPipeline"):  # T5's, padded to its call's tokens, with their mask
         context, mask, uncond, uncond_mask = pipe.encode_prompt(prompts, negative or "", True,
-                                                                max_sequence_length=LTX_TEXT_TOKENS, device="cpu")
+                                                                max_sequence_length=LTX_TEXT_TOKENS, device=device)
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
                 "encoder_attention_mask": torch.cat([mask, uncond_mask[:1]])}
     if name == "AuraFlowPipeline":  # its token embeddings zeroed past each prompt's end
-        context, _, uncond, _ = pipe.encode_prompt(prompts, negative_prompt=negative or "", device="cpu")
+        context, _, uncond, _ = pipe.encode_prompt(prompts, negative_prompt=negative or "", device=device)
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float()}
     if name == "ChromaPipeline":  # T5 over the prompt and its first padding token: the mask says which
         context, _, mask, uncond, _, uncond_mask = pipe.encode_prompt(prompts, negative_prompt=negative or "",
-                                                                      device="cpu")
+                                                                      device=device)
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
                 "attention_mask": torch.cat([mask, uncond_mask[:1]])}
     if name == "Lumina2Pipeline":  # its system prompt before each prompt, not before the negative
         context, mask, uncond, uncond_mask = pipe.encode_prompt(prompts, negative_prompt=negative or "",
-                                                                device="cpu")
+                                                                device=device)
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
                 "encoder_attention_mask": torch.cat([mask, uncond_mask[:1]])}
     if name == "ZImagePipeline":  # each prompt's tokens unpadded: kept as one padded table and its mask
-        rows, _ = pipe.encode_prompt([*prompts, negative or ""], device="cpu", do_classifier_free_guidance=False)
+        rows, _ = pipe.encode_prompt([*prompts, negative or ""], device=device, do_classifier_free_guidance=False)
         mask = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.bool)
         feats = torch.zeros(*mask.shape, rows[0].shape[-1])
         for i, row in enumerate(rows):
@@ -302,26 +315,26 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
     if name == "SanaPipeline":  # its call's instruction before each prompt, not before the negative
         instruction = inspect.signature(cls.__call__).parameters["complex_human_instruction"].default
         context, mask, uncond, uncond_mask = pipe.encode_prompt(prompts, negative_prompt=negative or "",
-                                                                device="cpu", complex_human_instruction=instruction)
+                                                                device=device, complex_human_instruction=instruction)
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
                 "encoder_attention_mask": torch.cat([mask, uncond_mask[:1]])}
     if name == "HiDreamImagePipeline":  # Llama's layers first: the table takes each row's batch first
-        context, _, layers, _, pooled, _ = pipe.encode_prompt([*prompts, negative or ""], device="cpu",
+        context, _, layers, _, pooled, _ = pipe.encode_prompt([*prompts, negative or ""], device=device,
                                                               do_classifier_free_guidance=False)
         return {"encoder_hidden_states_t5": context.float(),
                 "encoder_hidden_states_llama3": layers.transpose(0, 1).float(), "pooled_embeds": pooled.float()}
     if name == "Flux2KleinPipeline":  # Qwen3's hidden states of three layers side by side
-        context, _ = pipe.encode_prompt([*prompts, negative or ""], device="cpu")
+        context, _ = pipe.encode_prompt([*prompts, negative or ""], device=device)
         return {"encoder_hidden_states": context.float()}
     if name == "StableDiffusionXLPipeline":
-        context, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, None, "cpu", 1, True,
+        context, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, None, device, 1, True,
                                                                     negative_prompt=negative)
         height, width = (side * vae_scale(root) for side in shape[1:])
         size = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)  # original, crop, target
         return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
                 "text_embeds": torch.cat([pooled, uncond_pooled[:1]]).float(),
                 "time_ids": size.expand(len(prompts) + 1, 6).clone()}
-    context, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, None, None, device="cpu",
+    context, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, None, None, device=device,
                                                                 do_classifier_free_guidance=True,
                                                                 negative_prompt=negative)
     return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),

@@ -112,10 +112,12 @@ def _read(root: Path, cls: type, prompts: list[str], negative: str, files: list[
           dtypes: dict[str, torch.dtype]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """``vision_tables`` with the pipeline class ``cls`` loaded without its transformer."""
     from distill_core.reference_images import REFERENCE_TABLE, pil_image
+    from distill_core.text_pipeline import encoding_device
 
     pipe = cls.from_pretrained(root, transformer=None, processor=None, use_safetensors=True, local_files_only=True,
                                torch_dtype={**dtypes, "default": torch.float32})
     pipe.processor = VisionTextProcessor(root / "processor")
+    device = encoding_device(pipe)
     condition_area = getattr(inspect.getmodule(cls), "CONDITION_IMAGE_SIZE", REFERENCE_AREA)
     images = {file: pil_image(file) for file in dict.fromkeys(files)}
     sizes = {file: fitted(image.size, REFERENCE_AREA) for file, image in images.items()}
@@ -126,14 +128,14 @@ def _read(root: Path, cls: type, prompts: list[str], negative: str, files: list[
     seen = {file: pipe.image_processor.resize(image, *fitted(image.size, condition_area)[::-1])
             for file, image in images.items()}
     lookup, distinct = pair_rows(prompts, negative, files, every)
-    encoded = [pipe.encode_prompt(text, image=seen[file], device="cpu")[0][0] for text, file in distinct]
+    encoded = [pipe.encode_prompt(text, image=seen[file], device=device)[0][0].cpu() for text, file in distinct]
     mask = torch.zeros(len(encoded), max(len(row) for row in encoded), dtype=torch.long)
     context = torch.zeros(*mask.shape, encoded[0].shape[-1])
     for r, row in enumerate(encoded):
         mask[r, :len(row)], context[r, :len(row)] = 1, row.float()
     width, height = next(iter(sizes.values()))
     latents = {file: pipe._encode_vae_image(pipe.image_processor.preprocess(image, height, width)[:, :, None]
-                                            .to(pipe.vae.dtype), None)[:, :, 0].float()
+                                            .to(device, pipe.vae.dtype), None)[:, :, 0].float().cpu()
                for file, image in images.items()}
     reference = torch.cat([latents[file] for file in files])
     return {"encoder_hidden_states": context, "encoder_hidden_states_mask": mask}, {REFERENCE_TABLE: reference}, lookup

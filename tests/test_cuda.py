@@ -231,3 +231,35 @@ def test_a_full_students_export_adds_no_gpu_memory(tmp_path):
     student = trainer.export_student()
     assert all(t.device.type == "cpu" for t in student.parameters())
     assert torch.cuda.max_memory_allocated() - before < size / 10
+
+
+def test_a_pipelines_encoders_run_on_the_gpu_and_give_the_cpus_tables(tmp_path, monkeypatch, fp32):
+    """A pipeline's prompts (SD1.x's CLIP) and Qwen-Image-Edit's pairs (its Qwen2.5-VL reading each image, its VAE
+    encoding them) are encoded on the GPU, each model there only while it runs, into CPU tables that hold what the
+    CPU encodes."""
+    from distill_core.text_pipeline import encode_prompts
+    from distill_core.vision_prompts import vision_tables
+    from tests.test_edit_pipelines import image_folder
+    from tests.test_qwen_image_edit_pipelines import qwen_edit_pipeline_dir
+    from tests.test_teacher_from_dir import text_pipeline_dir
+
+    sd = text_pipeline_dir(tmp_path / "sd")
+    edit = qwen_edit_pipeline_dir(tmp_path / "edit")
+    files = sorted(image_folder(tmp_path, 40, 40).iterdir())
+    prompts = ["make it snowy", "put an owl on it"]
+
+    def tables() -> dict:
+        index = json.loads((sd / "model_index.json").read_text())
+        text, reference, _ = vision_tables(edit, "QwenImageEditPipeline", prompts, None, files, False)
+        return {**encode_prompts(sd, index, prompts, (4, 8, 8)), **{f"edit_{k}": v for k, v in text.items()},
+                **reference}
+
+    torch.cuda.reset_peak_memory_stats()
+    gpu = tables()
+    assert torch.cuda.max_memory_allocated() > 0  # the encoders ran there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = tables()
+    assert gpu.keys() == cpu.keys()
+    for key, table in gpu.items():
+        assert table.device.type == "cpu", key
+        torch.testing.assert_close(table, cpu[key], atol=1e-4, rtol=1e-4)
