@@ -70,9 +70,12 @@ class DistillConfig:
                           choices=IMAGE_PAIRINGS)
     negative: str | None = option(None, "a text-to-image pipeline directory: the negative prompt, CFG's other side "
                                   "(None: the pipeline's own: the empty prompt, SDXL's zeros)")
-    resolution: int | None = option(None, "a teacher from a directory: the side of its square images in pixels "
-                                    "(None: the model's own, e.g. 512 for SD 1.5, 1024 for SDXL, SD3 and Flux)",
-                                    min=8)
+    resolution: int | None = option(None, "a teacher from a directory: the side of its square images in pixels, "
+                                    "or with width their height (None: the model's own, e.g. 512 for SD 1.5, 1024 "
+                                    "for SDXL, SD3 and Flux)", min=8)
+    width: int | None = option(None, "a teacher from a directory: the width of its images in pixels, where it "
+                               "differs from their height, resolution (None: square; Qwen-Image-Edit without "
+                               "resolution: its images' own size at a megapixel, as its pipeline draws)", min=8)
     frames: int = option(1, "a video pipeline from a directory (Wan): the video frames of each training clip, as "
                          "many as the student will sample (Wan 2.1: 81); 1 distils on still images", min=1)
     method: str = option("sfd", "the distillation method (python -m distill_core distill --help lists them)")

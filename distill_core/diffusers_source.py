@@ -141,17 +141,18 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
                      prompts: str | Path | list[str] | None = None, guidance: float | None = None,
                      resolution: int | None = None, negative: str | None = None,
                      frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1,
-                     images: str | Path | None = None, pairing: str = "in-order") -> TeacherSource:
+                     images: str | Path | None = None, pairing: str = "in-order",
+                     width: int | None = None) -> TeacherSource:
     """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
     pipeline's file of training prompts (default: the shipped list); ``guidance``: the run's guidance, which a
     guidance-distilled pipeline (Flux dev) takes as its input; ``resolution``: the side of its square images in
-    pixels (None: the model's own), which its students' files name; ``negative``: a text-to-image pipeline's
-    negative prompt (None: its own), which its students' files name; ``frozen_precision``: the run's
-    (``load_model``); ``encode``: False loads a text-to-image pipeline's network without encoding any prompt
-    (its text encoders are not loaded), for a command that reads the network only (export-diffusers);
-    ``frames``: a video pipeline's clips of that many video frames (``sample_shape``), which its students' files
-    name; ``images``: an editing or image-to-video pipeline's images, paired with the prompts as ``pairing`` says
-    (``reference_images.image_files``)."""
+    pixels, or with ``width`` their height (None: the model's own), which its students' files name, as ``width``;
+    ``negative``: a text-to-image pipeline's negative prompt (None: its own), which its students' files name;
+    ``frozen_precision``: the run's (``load_model``); ``encode``: False loads a text-to-image pipeline's network
+    without encoding any prompt (its text encoders are not loaded), for a command that reads the network only
+    (export-diffusers); ``frames``: a video pipeline's clips of that many video frames (``sample_shape``), which its
+    students' files name; ``images``: an editing or image-to-video pipeline's images, paired with the prompts as
+    ``pairing`` says (``reference_images.image_files``)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"teacher {root} is not a directory: give builtin, builtin-flow, builtin-bold or a "
@@ -160,7 +161,7 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     model_dir, scheduler_dir = model_and_scheduler_dirs(root, index)
     if "text_encoder" in index:
         return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution, negative,
-                           frozen_precision, encode, frames, images, pairing)
+                           frozen_precision, encode, frames, images, pairing, width)
     for flag, given in ((prompts and prompt_flag(prompts), prompts), ("--negative", negative is not None),
                         ("--images", images is not None)):
         if given:
@@ -182,9 +183,14 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
         return torch.randint(classes, (batch,), generator=generator) if classes else None
 
     uncond = torch.tensor([null_class]) if null_class is not None else None
-    shape = sample_shape(config, root, resolution, frames)
+    shape = sample_shape(config, root, resolution, frames, width)
     return TeacherSource(str(root), denoiser_for(unet, scheduler_dir, shape), shape, draw_cond, uncond, 1.0,
-                         classes, card={"resolution": resolution} if resolution else {})
+                         classes, card=size_card(resolution, width))
+
+
+def size_card(resolution: int | None, width: int | None) -> dict:
+    """What a student's file names of its images' size, where the run gave one: ``resolution`` and ``width``."""
+    return {key: value for key, value in (("resolution", resolution), ("width", width)) if value}
 
 
 def latent_pixels(root: Path, network: str) -> int:
@@ -195,16 +201,18 @@ def latent_pixels(root: Path, network: str) -> int:
     return vae_scale(root) * (2 if network in PATCHIFIED else 1)
 
 
-def sample_shape(config: dict, root: Path, resolution: int | None = None, frames: int = 1) -> tuple[int, ...]:
-    """(C, H, W) of the samples of the model whose ``config.json`` is ``config``: ``resolution`` pixels a side
-    (in a pipeline with a VAE, its latent of ``resolution`` / ``latent_pixels``), else the configured size;
+def sample_shape(config: dict, root: Path, resolution: int | None = None, frames: int = 1,
+                 width: int | None = None) -> tuple[int, ...]:
+    """(C, H, W) of the samples of the model whose ``config.json`` is ``config``: ``resolution`` pixels a side, or
+    ``resolution`` high and ``width`` wide (in a pipeline with a VAE, its latent of those sides / ``latent_pixels``),
+    else the configured size;
     Flux, which has none and takes 2 x 2 patches of its latent as 4 C channels: the size its pipeline's VAE
     makes of the VAE's own image size; Qwen-Image (packed as Flux), Wan and the others whose configs name none
     or another: their pipelines' default image (``DEFAULT_IMAGE``). A side the network cannot take (its UNet's
     downsamplings, its transformer's patches) is refused with the nearest sizes that fit. A video network's clip
     of ``frames`` video frames is (C, T, H, W), T = (frames - 1) // k + 1 latent frames of k video frames (its
     VAE's, ``text_pipeline.vae_frames``), as its pipeline counts them; a clip of one latent frame is an image."""
-    still = _still_shape(config, root, resolution)
+    still = _still_shape(config, root, resolution, width)
     if frames == 1:
         return still
     name = config["_class_name"]
@@ -215,7 +223,7 @@ def sample_shape(config: dict, root: Path, resolution: int | None = None, frames
     return clip_shape(still, frames, vae_frames(root))
 
 
-def _still_shape(config: dict, root: Path, resolution: int | None) -> tuple[int, ...]:
+def _still_shape(config: dict, root: Path, resolution: int | None, width: int | None) -> tuple[int, ...]:
     """``sample_shape`` of an image: (C, H, W)."""
     name = config["_class_name"]
     packed = name in PACKED
@@ -224,6 +232,9 @@ def _still_shape(config: dict, root: Path, resolution: int | None) -> tuple[int,
         channels = config.get("out_channels") or channels
     scale = latent_pixels(root, name)
     if resolution is None:
+        if width is not None:
+            raise ValueError(f"--width {width} sets the images' width beside their height: give the height with "
+                             "--resolution")
         if name in DEFAULT_IMAGE:
             return (channels, *(side // scale for side in DEFAULT_IMAGE[name]))
         size = read_json(root / "vae" / "config.json")["sample_size"] // scale if packed else config["sample_size"]
@@ -231,11 +242,13 @@ def _still_shape(config: dict, root: Path, resolution: int | None) -> tuple[int,
     patch = config.get("patch_size", (config.get("all_patch_size") or [None])[0])  # Z-Image: all_patch_size
     patch = patch[-1] if isinstance(patch, (list, tuple)) else patch  # Wan's: (frames, height, width)
     step = scale * (2 if packed else patch or 2 ** (len(config.get("block_out_channels", ())) - 1))
-    if resolution % step:
-        low, high = resolution // step * step, (resolution // step + 1) * step
-        raise ValueError(f"--resolution {resolution}: this model takes sides in multiples of {step} pixels; give "
-                         f"{low or step} or {high}")
-    return (channels, resolution // scale, resolution // scale)
+    sides = {"--resolution": resolution, "--width": width or resolution}
+    for flag, side in sides.items():
+        if side % step:
+            low, high = side // step * step, (side // step + 1) * step
+            raise ValueError(f"{flag} {side}: this model takes sides in multiples of {step} pixels; give "
+                             f"{low or step} or {high}")
+    return (channels, *(side // scale for side in sides.values()))
 
 
 def pipeline_network(root: Path, index: dict, model_dir: Path, config: dict, scheduler_dir: Path,
@@ -265,7 +278,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
                 prompts: str | Path | None, guidance: float | None = None,
                 resolution: int | None = None, negative: str | None = None,
                 frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1,
-                images: str | Path | None = None, pairing: str = "in-order") -> TeacherSource:
+                images: str | Path | None = None, pairing: str = "in-order",
+                width: int | None = None) -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the pipeline's negative
     (condition P; ``negative`` where given) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``
     (Qwen-Image: 4). Flux samples without CFG (w = 1, as its pipeline does); Flux dev takes ``guidance``
@@ -274,15 +288,15 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     read by the condition's ``IMAGE_ROW``; the negative with each sample's own image), or with ``pairing`` every,
     each prompt with each image (condition r: prompt r mod P with image r div P, ``PromptConditioned.pairs``): an
     editing pipeline (Flux Kontext, Qwen-Image-Edit, whose text encoder reads the prompt beside it:
-    ``vision_prompts``) edits it, an image-to-video pipeline (Wan) starts its clip from it
-    (``start_images``).
+    ``vision_prompts``, and whose samples are by default the size its pipeline draws them at, the images' megapixel)
+    edits it, an image-to-video pipeline (Wan) starts its clip from it (``start_images``).
     ``encode`` False: no prompt tables (the network alone; it refuses to run)."""
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
     from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_PROMPTS, read_prompts
     from distill_core.reference_images import EDITING_PIPELINES, image_files, image_tables
     from distill_core.start_images import IMAGE_TO_VIDEO_PIPELINES, keeps_start
     from distill_core.text_pipeline import PROMPT_ROW, PromptConditioned, encode_prompts, prompt_condition, vae_decoder
-    from distill_core.vision_prompts import VISION_PROMPT_PIPELINES, vision_tables
+    from distill_core.vision_prompts import VISION_PROMPT_PIPELINES, drawn_size, vision_tables
 
     if classes:
         raise ValueError(f"{root}: a text-to-image pipeline trains on prompts (--prompts FILE), not --classes")
@@ -305,12 +319,14 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     prompts = read_prompts(prompts, DEFAULT_EDITS if name in EDITING_PIPELINES else
                            DEFAULT_MOTIONS if name in IMAGE_TO_VIDEO_PIPELINES else DEFAULT_PROMPTS)
     config = model_config(model_dir, pipeline=True)
-    shape = sample_shape(config, root, resolution, frames)
+    every = pairing == "every"
+    files = image_files(images, len(prompts), every) if name in reading and encode else []
+    if files and name in VISION_PROMPT_PIPELINES and resolution is width is None:  # the size its pipeline draws
+        resolution, width = drawn_size(files, name, 2 * latent_pixels(root, config["_class_name"]))
+    shape = sample_shape(config, root, resolution, frames, width)
     if negative is not None and config["_class_name"] == "FluxTransformer2DModel":
         raise ValueError(f"{root}: Flux samples without CFG, so a negative prompt has nothing to steer away from; "
                          "drop --negative")
-    every = pairing == "every"
-    files = image_files(images, len(prompts), every) if name in reading and encode else []
     # the encoders freed before the network loads
     tables, per_image, pair_rows = {}, {}, None
     if files and name in VISION_PROMPT_PIPELINES:  # each prompt read beside its image
@@ -336,7 +352,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
         return prompt_condition(denoiser, torch.randint(conditions, (batch,), generator=generator))
 
     card = {**({} if embedded is None else {"embedded_guidance": embedded}),
-            **({"resolution": resolution} if resolution else {}), **({"frames": frames} if frames > 1 else {}),
+            **size_card(resolution, width), **({"frames": frames} if frames > 1 else {}),
             **({} if negative is None else {"negative": negative})}
     w = 1.0 if index.get("is_distilled") else GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE)
     uncond = {PROMPT_ROW: torch.tensor([n])} if per_image else torch.tensor([n])  # each sample's own image

@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 RUN_FIELDS = {s.name for s in settings(DistillConfig)}
 #: the fields that name the teacher and its conditions
 TEACHER_FIELDS = ("teacher", "classes", "null_class", "prompts", "images", "pairing", "negative", "resolution",
-                  "frames", "guidance")
+                  "width", "frames", "guidance")
 
 
 def add_teacher_flags(p: argparse.ArgumentParser) -> None:
@@ -168,7 +168,7 @@ def source_of(cfg: DistillConfig) -> TeacherSource:
     """The teacher a run's config names, loaded."""
     return teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts, cfg.guidance, cfg.resolution,
                           cfg.negative, cfg.frozen_precision, frames=cfg.frames, images=cfg.images,
-                          pairing=cfg.pairing)
+                          pairing=cfg.pairing, width=cfg.width)
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,

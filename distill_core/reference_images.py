@@ -105,12 +105,13 @@ def image_tables(root: Path, pipeline: str, files: list[Path], shape: tuple[int,
 
 
 def pil_image(file: Path):
-    """``file`` as an RGB PIL image, as a pipeline takes it; a file that is no image is refused in one line."""
-    from PIL import Image, UnidentifiedImageError
+    """``file`` as an RGB PIL image, upright by its EXIF orientation, as diffusers' ``load_image`` gives it to a
+    pipeline; a file that is no image is refused in one line."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(file) as image:
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"--images: {file} is not an image this reads ({e})") from None
 

@@ -76,6 +76,26 @@ def pair_rows(prompts: list[str], negative: str, files: list[Path], every: bool)
     return lookup, list(distinct)
 
 
+def shared_size(files: list[Path], name: str) -> tuple[int, int]:
+    """(width, height) of the megapixel at which a pipeline ``name`` reads every image of ``files``: one for all,
+    else a refusal that names each image's."""
+    from distill_core.reference_images import pil_image
+
+    sizes = {file: fitted(pil_image(file).size, REFERENCE_AREA) for file in dict.fromkeys(files)}
+    if len(set(sizes.values())) > 1:
+        shown = ", ".join(f"{file.name}: {'x'.join(map(str, size))}" for file, size in sizes.items())
+        raise ValueError(f"--images: a {name} reads each image at a megapixel of its own aspect ratio, and one run "
+                         f"holds one size ({shown}); crop the images to one aspect ratio")
+    return next(iter(sizes.values()))
+
+
+def drawn_size(files: list[Path], name: str, multiple: int) -> tuple[int, int]:
+    """(height, width) in pixels that the pipeline ``name`` draws its edits of ``files`` at when not told another:
+    their megapixel size (``shared_size``), each side rounded down to a multiple of ``multiple``."""
+    width, height = shared_size(files, name)
+    return height // multiple * multiple, width // multiple * multiple
+
+
 def fitted(size: tuple[int, int], area: int) -> tuple[int, int]:
     """(width, height) of ``area`` pixels at the aspect ratio of ``size`` (width, height), each side rounded to a
     multiple of 32, as the pipelines size their images."""
@@ -119,12 +139,8 @@ def _read(root: Path, cls: type, prompts: list[str], negative: str, files: list[
     pipe.processor = VisionTextProcessor(root / "processor")
     device = encoding_device(pipe)
     condition_area = getattr(inspect.getmodule(cls), "CONDITION_IMAGE_SIZE", REFERENCE_AREA)
+    width, height = shared_size(files, cls.__name__)
     images = {file: pil_image(file) for file in dict.fromkeys(files)}
-    sizes = {file: fitted(image.size, REFERENCE_AREA) for file, image in images.items()}
-    if len(set(sizes.values())) > 1:
-        shown = ", ".join(f"{file.name}: {'x'.join(map(str, size))}" for file, size in sizes.items())
-        raise ValueError(f"--images: a {cls.__name__} reads each image at a megapixel of its own aspect ratio, and "
-                         f"one run holds one size ({shown}); crop the images to one aspect ratio")
     seen = {file: pipe.image_processor.resize(image, *fitted(image.size, condition_area)[::-1])
             for file, image in images.items()}
     lookup, distinct = pair_rows(prompts, negative, files, every)
@@ -133,7 +149,6 @@ def _read(root: Path, cls: type, prompts: list[str], negative: str, files: list[
     context = torch.zeros(*mask.shape, encoded[0].shape[-1])
     for r, row in enumerate(encoded):
         mask[r, :len(row)], context[r, :len(row)] = 1, row.float()
-    width, height = next(iter(sizes.values()))
     latents = {file: pipe._encode_vae_image(pipe.image_processor.preprocess(image, height, width)[:, :, None]
                                             .to(device, pipe.vae.dtype), None)[:, :, 0].float().cpu()
                for file, image in images.items()}

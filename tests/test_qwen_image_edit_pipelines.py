@@ -153,6 +153,33 @@ def test_the_teacher_reads_each_instruction_beside_its_image_as_its_pipeline_doe
     assert every.denoiser.encoder_hidden_states.shape[0] == 6
 
 
+def test_without_a_size_the_teacher_draws_at_the_images_own_megapixel_as_its_pipeline_does(qwen_edit, tmp_path):
+    """Without --resolution the teacher's samples take the size its pipeline draws an image's edits at when not told
+    another: the image's megapixel at its aspect ratio (80 x 40 pixels: 1440 x 736), each side rounded down to what
+    the network takes (1408 x 704); the pipeline then samples what the teacher samples, and the student's file names
+    the size, so a command that rebuilds the teacher from it (export-diffusers, sample) builds it at that size."""
+    from distill_core.sources import as_trained, teacher_source
+
+    teacher, prompts, _ = qwen_edit
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 80, 3), dtype=np.uint8)).save(wide)
+    source = diffusers_source(teacher, prompts=prompts, images=wide)
+    assert source.shape == (16, 22, 44) and source.card == {"resolution": 704, "width": 1408}
+    assert getattr(source.denoiser, REFERENCE_TABLE).shape == (2, 16, 22, 44)
+    assert teacher_source(str(teacher), encode=False, **as_trained(source.card)).shape == source.shape
+
+    pipe = stock_pipeline(teacher)
+    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    latents = pipe(image=Image.open(wide), prompt="make it snowy", latents=pipe._pack_latents(x, 1, 16, 22, 44),
+                   sigmas=[0.9, 0.5], num_inference_steps=2, true_cfg_scale=1.0, output_type="latent").images
+    expected = pipe._unpack_latents(latents, 704, 1408, pipe.vae_scale_factor)[:, :, 0]
+    times = pipe.scheduler.sigmas.double()
+    with torch.no_grad():
+        ours = euler(CFGTeacher(source.denoiser, 1.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
+                     prompt_condition(source.denoiser, torch.tensor([0])))
+    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
+
+
 def test_the_pipeline_with_the_exported_student_draws_the_students_edit(qwen_edit, tmp_path):
     """The stock QwenImageEditPipeline with the exported LoRA, given the image as loaded, takes the engine's Euler
     steps through the student: the same latents from the same noise; and the printed lines run."""

@@ -513,7 +513,7 @@ def test_multi_encoder_pipelines_sample_as_their_own_pipeline_and_distil_end_to_
         assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--count", "2",
                      "--reference-steps", "4", "--out", str(tmp_path / "cmp")]) == 0
         assert built[0][0][0] == str(teacher)  # at its guidance input, its own size, negative and precision:
-        assert built[0][1] == {"guidance": 2.5, "resolution": None, "frames": 1, "negative": None,
+        assert built[0][1] == {"guidance": 2.5, "resolution": None, "width": None, "frames": 1, "negative": None,
                                "frozen_precision": "as-loaded", "images": None}
     if kind != "sdxl":
         assert main(["distill", "--teacher", str(teacher / "transformer"), "--out", str(tmp_path / "r"),
@@ -824,9 +824,11 @@ def test_the_students_shift_is_the_time_shift_of_the_schedulers_token_count(time
 
 def test_a_pipeline_distils_at_another_resolution_that_its_students_name(tmp_path, capsys):
     """--resolution sets the side of a directory teacher's images (its latent: the side over the VAE's scale;
-    Flux's shift follows the token count); a side its network cannot take is refused with the nearest that fit;
-    the student file names the resolution and compare rebuilds the teacher at it."""
+    Flux's shift follows the token count), --width their width where it differs; a side its network cannot take is
+    refused with the nearest that fit, a width without a height in one line; the student file names the size and
+    compare rebuilds the teacher at it."""
     from distill_core.schedules import flux_shift
+    from distill_core.sources import as_trained, teacher_source
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\nan owl\n")
@@ -834,21 +836,31 @@ def test_a_pipeline_distils_at_another_resolution_that_its_students_name(tmp_pat
     source = diffusers_source(flux, prompts=prompts, resolution=32)
     assert source.shape == (16, 16, 16) and source.denoiser.shift == pytest.approx(flux_shift(64))
     assert source.card == {"embedded_guidance": 3.5, "resolution": 32}
+    wide = diffusers_source(flux, prompts=prompts, resolution=32, width=48)
+    assert wide.shape == (16, 16, 24) and wide.denoiser.shift == pytest.approx(flux_shift(96))
+    assert wide.card == {"embedded_guidance": 3.5, "resolution": 32, "width": 48}
 
     sd3 = multi_encoder_pipeline_dir(tmp_path / "sd3", "sd3")
     out = tmp_path / "run"
-    assert main(["distill", "--teacher", str(sd3), "--prompts", str(prompts), "--resolution", "24", "--steps", "2",
-                 "--iters", "1", "--batch", "2", "--eval-samples", "4", "--reference-steps", "8",
+    assert main(["distill", "--teacher", str(sd3), "--prompts", str(prompts), "--resolution", "24", "--width", "32",
+                 "--steps", "2", "--iters", "1", "--batch", "2", "--eval-samples", "4", "--reference-steps", "8",
                  "--out", str(out), "--no-progress"]) == 0
-    assert read_card(out / "student.safetensors")["resolution"] == 24
+    card = read_card(out / "student.safetensors")
+    assert (card["resolution"], card["width"]) == (24, 32)
     cmp = tmp_path / "cmp"
     assert main(["compare", str(out / "student.safetensors"), "--prompts", str(prompts), "--count", "1",
                  "--reference-steps", "2", "--out", str(cmp)]) == 0
     png = (cmp / "compare.png").read_bytes()
     assert int.from_bytes(png[20:24], "big") > 3 * 24  # three rows of 24-pixel images (and their labels)
+    assert teacher_source(str(sd3), encode=False, **as_trained(card)).shape[-2:] == (12, 16)  # as compare builds it
     for flags, message in [(["--teacher", str(sd3), "--prompts", str(prompts), "--resolution", "26"],
                             "--resolution 26: this model takes sides in multiples of 4 pixels; give 24 or 28"),
-                           (["--resolution", "64"], "--resolution is for teachers from directories")]:
+                           (["--teacher", str(sd3), "--prompts", str(prompts), "--resolution", "24", "--width", "30"],
+                            "--width 30: this model takes sides in multiples of 4 pixels; give 28 or 32"),
+                           (["--teacher", str(sd3), "--prompts", str(prompts), "--width", "32"],
+                            "--width 32 sets the images' width beside their height: give the height with "
+                            "--resolution"),
+                           (["--width", "64"], "--resolution and --width are for teachers from directories")]:
         assert main(["distill", *flags, "--out", str(tmp_path / "r"), "--no-progress"]) == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
