@@ -65,17 +65,26 @@ class ReferenceLatentEdit:
 
 class StockEdit:
     """Qwen-Image-Edit's edits: its stock text-encoding node, whose vision-language text encoder reads the image with
-    the instruction and which adds the image's VAE latent; once per text, as the encoding depends on both."""
+    the instruction, once per text, as the encoding depends on both. The node adds the image's VAE latent to the
+    first text's entry; the others take that latent through the stock ReferenceLatent, as the node would add it,
+    so the VAE encodes each image once."""
 
     def __init__(self, node_id: str, image_input: str, clip, vae):
         self.node_id, self.image_input, self.clip, self.vae = node_id, image_input, clip, vae
 
     def __call__(self, image: torch.Tensor, texts: list[str], negative: str) -> tuple[list, list, None]:
-        def edit(text: str) -> list:
-            return host.run_stock_node(self.node_id, clip=self.clip, prompt=text, vae=self.vae,
+        def encode(text: str, **vae) -> list:
+            return host.run_stock_node(self.node_id, clip=self.clip, prompt=text, **vae,
                                        **{self.image_input: image})[0][0]
 
-        return [edit(text) for text in texts], edit(negative), None
+        first, *others = [*texts, negative]
+        entries = [encode(first, vae=self.vae)]
+        for text in others:
+            entry = encode(text)
+            for latent in entries[0][1].get("reference_latents", []):  # the image's, encoded for the first text
+                entry = host.run_stock_node("ReferenceLatent", conditioning=[entry], latent={"samples": latent})[0][0]
+            entries.append(entry)
+        return entries[:-1], entries[-1], None
 
 
 class WanStartImage:

@@ -746,6 +746,9 @@ def edit_list_probe(work: Path) -> dict:
         out[editor] = {"entries": [len(positive), len(negative)], "fitted": list(fitted.shape),
                        "tokenized": clip.given, "vae_encoded": vae.given,
                        "reference_latents": [list(e[1]["reference_latents"][0].shape) for e in positive],
+                       "references_per_entry": [len(e[1]["reference_latents"]) for e in [*positive, *negative]],
+                       "distinct_references": len({round(float(e[1]["reference_latents"][0].sum()), 3)
+                                                   for e in [*positive, *negative]}),
                        **guided_teacher(handle, (16, 1, 8, 8), 4.0)}
     return out
 

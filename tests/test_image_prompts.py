@@ -68,7 +68,8 @@ class StockNodes:
             return tuple([[c, {**o, **image}] for c, o in inputs[side]] for side in ("positive", "negative")) + ({},)
         image = inputs["image" if node_id == "TextEncodeQwenImageEdit" else "image1"]
         cond, options = inputs["clip"].encode_from_tokens_scheduled(inputs["prompt"])[0]
-        return ([[cond + image.mean(), {**options, "reference_latents": [inputs["vae"].encode(image)]}]],)
+        latents = {"reference_latents": [inputs["vae"].encode(image)]} if "vae" in inputs else {}
+        return ([[cond + image.mean(), {**options, **latents}]],)
 
 
 def _save(path, height: int, width: int, seed: int) -> np.ndarray:
@@ -143,14 +144,19 @@ def test_a_folder_and_connected_images_each_take_every_instruction_as_flux_konte
 
 def test_qwen_image_edit_pairs_image_i_with_instruction_i_through_its_own_node(tmp_path, stock):
     """In order, image i with instruction i, each pair through TextEncodeQwenImageEdit (2509: the Plus node's first
-    image), the negative encoded once per image with that image."""
+    image), the negative encoded once per image with that image; the VAE encodes each image once, for its first
+    text, whose latent the others take through ReferenceLatent."""
     images = torch.rand(2, 20, 30, 3, generator=torch.Generator().manual_seed(1))
     for editor, node_id, image_input in (("Qwen-Image-Edit", "TextEncodeQwenImageEdit", "image"),
                                          ("Qwen-Image-Edit 2509", "TextEncodeQwenImageEditPlus", "image1")):
         stock.calls.clear()
-        positive, negative, fitted = edits.EditList().run(FakeClip(), FakeVAE(), editor, "one\ntwo", "",
+        vae = FakeVAE()
+        positive, negative, fitted = edits.EditList().run(FakeClip(), vae, editor, "one\ntwo", "",
                                                           edits.IN_ORDER, 16, 16, images=images)["result"]
-        assert stock.calls == [(node_id, sorted(["clip", "prompt", "vae", image_input]))] * 4
+        with_vae, without = (node_id, sorted(["clip", "prompt", "vae", image_input])), \
+            (node_id, sorted(["clip", "prompt", image_input]))
+        assert stock.calls == [with_vae, without, ("ReferenceLatent", ["conditioning", "latent"])] * 2
+        assert vae.encoded == 2
         assert len(positive) == len(negative) == 2 and fitted.shape == (2, 16, 16, 3)
         for k in range(2):
             reference = positive[k][1]["reference_latents"][0]

@@ -214,7 +214,8 @@ def test_the_edit_list_encodes_each_pair_through_qwen_image_edits_own_nodes_for_
     megapixel for the text encoder and the VAE) and TextEncodeQwenImageEditPlus (the 2509 release: "Picture 1" and
     its template, the image at 384 x 384 for the text encoder): each pair and each image's negative encoded once,
     the reference latents of one size, and Teacher from MODEL on a tiny Qwen-Image-Edit model takes them and
-    evaluates the guided teacher (``edit_list_probe``: stand-ins for the 7B text encoder and the VAE)."""
+    evaluates the guided teacher (``edit_list_probe``: stand-ins for the 7B text encoder and the VAE); the VAE encodes
+    each image once."""
     result = _probe("edit-list-probe", str(tmp_path))
     pairs = ["add snow", "make it night", ""] * 2  # each image's instructions, then its negative
     for editor, prefix, side, options in (("Qwen-Image-Edit", "", 1024, []),
@@ -224,8 +225,9 @@ def test_the_edit_list_encodes_each_pair_through_qwen_image_edits_own_nodes_for_
         assert out["entries"] == [4, 4] and out["fitted"] == [2, 64, 64, 3]
         assert [t["text"] for t in out["tokenized"]] == [prefix + text for text in pairs]
         assert all(t["images"] == [[1, side, side, 3]] and t["options"] == options for t in out["tokenized"])
-        assert out["vae_encoded"] == [[1, 1024, 1024, 3]] * 6
+        assert out["vae_encoded"] == [[1, 1024, 1024, 3]] * 2  # once per image
         assert out["reference_latents"] == [[1, 16, 1, 128, 128]] * 4
+        assert out["references_per_entry"] == [1] * 8 and out["distinct_references"] == 2  # each entry its image's
         assert out["guided_finite"] and out["guided_shape"] == [2, 16, 1, 8, 8]
 
 
