@@ -293,7 +293,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     ``encode`` False: no prompt tables (the network alone; it refuses to run)."""
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
     from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_PROMPTS, read_prompts
-    from distill_core.reference_images import EDITING_PIPELINES, image_files, image_tables
+    from distill_core.reference_images import EDITING_PIPELINES, OPTIONAL_EDITING, image_files, image_tables
     from distill_core.start_images import IMAGE_TO_VIDEO_PIPELINES, keeps_start
     from distill_core.text_pipeline import PROMPT_ROW, PromptConditioned, encode_prompts, prompt_condition, vae_decoder
     from distill_core.vision_prompts import VISION_PROMPT_PIPELINES, drawn_size, vision_tables
@@ -306,9 +306,9 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
         raise ValueError(f"{root}: a {name}'s network takes an image beside the noise, which this command does not "
                          f"feed (it feeds {', '.join(reading)}: --images); distil it in ComfyUI, where each prompt "
                          "carries its image (docs/comfyui.md), or distil the text-to-image or text-to-video pipeline")
-    if images is not None and name not in reading:
+    if images is not None and name not in reading + OPTIONAL_EDITING:
         raise ValueError(f"{root}: --images is for pipelines that read an image beside each prompt "
-                         f"({', '.join(reading)}); a {name} draws from its prompts alone")
+                         f"({', '.join(reading + OPTIONAL_EDITING)}); a {name} draws from its prompts alone")
     if name in reading and images is None and encode:
         raise ValueError(f"{root}: a {name} reads an image with each prompt: give the images with --images (one file "
                          "for every prompt, or a folder with one image per prompt)")
@@ -316,11 +316,13 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
         raise ValueError(f"{root}: a {name} draws clips that start from an image: give --frames (its pipeline's "
                          "default: 81)")
     # without --prompts: the shipped edits of any image, motions from any start image, or prompts
-    prompts = read_prompts(prompts, DEFAULT_EDITS if name in EDITING_PIPELINES else
+    optional_edits = name in OPTIONAL_EDITING and images is not None  # edits, where it might draw from prompts alone
+    edits = name in EDITING_PIPELINES or optional_edits
+    prompts = read_prompts(prompts, DEFAULT_EDITS if edits else
                            DEFAULT_MOTIONS if name in IMAGE_TO_VIDEO_PIPELINES else DEFAULT_PROMPTS)
     config = model_config(model_dir, pipeline=True)
     every = pairing == "every"
-    files = image_files(images, len(prompts), every) if name in reading and encode else []
+    files = image_files(images, len(prompts), every) if images is not None and encode else []
     if files and name in VISION_PROMPT_PIPELINES and resolution is width is None:  # the size its pipeline draws
         resolution, width = drawn_size(files, name, 2 * latent_pixels(root, config["_class_name"]))
     shape = sample_shape(config, root, resolution, frames, width)
@@ -353,7 +355,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
 
     card = {**({} if embedded is None else {"embedded_guidance": embedded}),
             **size_card(resolution, width), **({"frames": frames} if frames > 1 else {}),
-            **({} if negative is None else {"negative": negative})}
+            **({} if negative is None else {"negative": negative}),
+            **({"edits": True} if optional_edits else {})}
     w = 1.0 if index.get("is_distilled") else GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE)
     uncond = {PROMPT_ROW: torch.tensor([n])} if per_image else torch.tensor([n])  # each sample's own image
     return TeacherSource(str(root), denoiser, shape, draw_cond, uncond, w, conditions, card=card,

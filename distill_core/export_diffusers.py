@@ -67,6 +67,7 @@ these pipelines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -88,9 +89,11 @@ class Target:
     the square whose area it scales every image to (``area``: HiDream's, 128; None: it draws the size asked), and
     the image its call takes (``image``): the one it edits (``edit``, Flux Kontext and Qwen-Image-Edit) or the one
     its clip starts from (``start``, Wan and LTX-Video image-to-video), given as loaded (the pipeline scales it) or,
-    where the engine scaled it to the student's size (``sized``: Flux Kontext, drawn at that size's area,
-    ``max_area``), at that size, and whether the start image's latent goes in the first frame of the latents it is
-    given (``keeps_start``: LTX-Video's, which takes given latents as they are)."""
+    where the engine scaled it to the student's size (``sized``: Flux Kontext, Flux.2 klein's edits), at that size,
+    whether its call takes the area it draws at (``drawn_area``: Flux Kontext's ``max_area``), and whether the start
+    image's latent goes in the first frame of the latents it is given (``keeps_start``: LTX-Video's, which takes
+    given latents as they are). A pipeline that draws from prompts alone or edits (Flux.2 klein) takes its image as
+    ``edited`` says, for a student trained on edits (``target``)."""
 
     network: str
     network_class: str
@@ -106,7 +109,9 @@ class Target:
     area: int | None = None
     image: str = ""
     sized: bool = False
+    drawn_area: bool = False
     keeps_start: bool = False
+    edited: tuple[tuple[str, object], ...] = ()
 
     @property
     def scheduler_class(self) -> str:
@@ -119,7 +124,7 @@ PIPELINES = {
     "StableDiffusion3Pipeline": Target("transformer", "SD3Transformer2DModel", flow=True),
     "FluxPipeline": Target("transformer", "FluxTransformer2DModel", flow=True, packed=True),
     "FluxKontextPipeline": Target("transformer", "FluxTransformer2DModel", flow=True, packed=True,
-                                  call=(("_auto_resize", False),), image="edit", sized=True),
+                                  call=(("_auto_resize", False),), image="edit", sized=True, drawn_area=True),
     "QwenImagePipeline": Target("transformer", "QwenImageTransformer2DModel", flow=True, packed=True,
                                 guidance_keyword="true_cfg_scale", engine_cfg=False),
     "QwenImageEditPipeline": Target("transformer", "QwenImageTransformer2DModel", flow=True, packed=True,
@@ -131,7 +136,8 @@ PIPELINES = {
     "Lumina2Pipeline": Target("transformer", "Lumina2Transformer2DModel", flow=True,
                               call=(("cfg_normalization", False),)),
     "ZImagePipeline": Target("transformer", "ZImageTransformer2DModel", flow=True, w_offset=1.0),
-    "Flux2KleinPipeline": Target("transformer", "Flux2Transformer2DModel", flow=True, takes_negative=False),
+    "Flux2KleinPipeline": Target("transformer", "Flux2Transformer2DModel", flow=True, takes_negative=False,
+                                 edited=(("image", "edit"), ("sized", True))),
     "SanaPipeline": Target("transformer", "SanaTransformer2DModel", flow=True,
                            call=(("use_resolution_binning", False),)),
     "WanPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False, video=True),
@@ -151,6 +157,13 @@ LORA_FILES = {"unet": LORA_FILE, "transformer": LORA_FILE,
               "transformer_2": "pytorch_lora_weights_transformer_2.safetensors"}
 #: the LoRA file and adapter name of expert k of a student of experts
 EXPERT_FILE, EXPERT_ADAPTER = "expert_{}.safetensors", "expert_{}"
+
+
+def pipeline_target(pipeline: str, edits: bool = False) -> Target:
+    """What an export writes for the pipeline class ``pipeline``, for a student trained on edits (``edits``) where
+    its pipeline also draws from prompts alone."""
+    target = PIPELINES[pipeline]
+    return dataclasses.replace(target, **dict(target.edited)) if edits else target
 
 
 def refusal(card: dict, pipeline: str | None = None) -> str | None:
@@ -290,7 +303,7 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     if pipeline not in PIPELINES:
         raise ValueError(f"the student's teacher is a {pipeline}: export-diffusers writes files for "
                          f"{', '.join(PIPELINES)}; sample it with python -m distill_core sample")
-    target = PIPELINES[pipeline]
+    target = pipeline_target(pipeline, bool(card.get("edits")))
     lora = card.get("student", {"kind": "full"})["kind"] == "lora"
     # the network alone: no text encoder loads (students do not depend on the prompt tables); a LoRA's teacher
     # only checks that the student is its own, so 16-bit files load as they are (half the memory)
@@ -338,12 +351,12 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     sigmas, noise_scale = pipeline_start(card, steps, target.flow)
     w = 1.0 if guidance["mode"] == "distilled" else guidance["w"]
     call = {**dict(target.call), **({"num_frames": as_trained(card)["frames"]} if target.video else {}),
-            **({"max_area": height * width} if target.sized else {})}
+            **({"max_area": height * width} if target.drawn_area else {})}
     settings = {"pipeline": pipeline, "teacher": str(root), "steps": steps, "sigmas": sigmas,
                 "noise_scale": noise_scale, "latent_shape": list(source.shape), "height": height, "width": width,
                 "guidance_scale": float(card.get("embedded_guidance", w - target.w_offset)),
                 "call": call, "student": "lora" if lora else target.network, "networks": list(paths),
-                **({"experts": files} if card.get("experts") else {}),
+                **({"experts": files} if card.get("experts") else {}), **({"edits": True} if card.get("edits") else {}),
                 **({"negative_prompt": card["negative"]} if "negative" in card and guidance["mode"] != "distilled"
                    else {})}
     write_json(out / "sampling.json", settings)
@@ -352,7 +365,7 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
 
 def usage(settings: dict, out: str | Path) -> str:
     """The Python lines that sample the exported student with its pipeline."""
-    target = PIPELINES[settings["pipeline"]]
+    target = pipeline_target(settings["pipeline"], settings.get("edits", False))
     experts = settings.get("experts", [])
     if experts:  # one named adapter per expert, the next step's made active at the end of each step
         adapters = [EXPERT_ADAPTER.format(k) for k in range(len(experts))]

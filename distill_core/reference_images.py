@@ -1,6 +1,6 @@
-"""The images an editing pipeline's prompts edit (``--images``: Flux Kontext), as the latents its network reads;
-and the dispatch of every pipeline that reads an image beside each prompt (``image_tables``; image-to-video:
-``start_images``).
+"""The images an editing pipeline's prompts edit (``--images``: Flux Kontext, Flux.2 klein), as the latents its
+network reads; and the dispatch of every pipeline that reads an image beside each prompt (``image_tables``;
+Qwen-Image-Edit: ``vision_prompts``; image-to-video: ``start_images``).
 
 Flux Kontext's transformer reads the image being edited beside the noise: its VAE latent z_ref, packed into
 2 x 2 patches as the sample is, joins the sample's tokens, each at position (1, row, column) where the sample's
@@ -14,6 +14,11 @@ pipeline's image processor scales it, into a table the teacher reads by the cond
 prompts' (``PromptConditioned``).
 The pipeline then draws the student's edits of an image of that size with ``_auto_resize=False`` and
 ``max_area`` the image's area, which keep both the image and the drawn size as they are.
+
+Flux.2 klein draws from its prompts alone, or edits the images given with them (``OPTIONAL_EDITING``): z_ref,k is
+E(I_k) in 2 x 2 patches, normalised per patch channel by the running statistics of its VAE's ``bn``, as its
+samples are, its latent pixels tokens at (10, row, column, 0) beside the sample's at (0, row, column, 0)
+(``Flux2Velocity``); the pipeline draws the edit of an image given at the student's size at that size.
 
 In ComfyUI (*Distill edit list*, *Distill image-to-video list*) images are ComfyUI's IMAGE, [N, H, W, C] in [0, 1];
 each is fitted to one size (``cover``), as one batch of conditions holds images of one size.
@@ -30,6 +35,8 @@ from distill_core.vision_prompts import VISION_PROMPT_PIPELINES
 #: the pipelines whose prompts each edit an image, by ``model_index.json``'s class name (Qwen-Image-Edit's read it
 #: in their text encoder too: ``vision_prompts``)
 EDITING_PIPELINES = ("FluxKontextPipeline", *VISION_PROMPT_PIPELINES)
+#: the pipelines that draw from their prompts alone, or edit the images given with them (``--images``)
+OPTIONAL_EDITING = ("Flux2KleinPipeline",)
 #: the files a folder of reference images holds
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: the table of reference latents in a text teacher's tables (``PromptConditioned``), the keyword ``FluxVelocity``
@@ -99,7 +106,7 @@ def image_tables(root: Path, pipeline: str, files: list[Path], shape: tuple[int,
     ``kept`` the start latents it keeps as its clips' first frames (``start_images.start_tables``)."""
     from distill_core.start_images import start_tables
 
-    if pipeline in EDITING_PIPELINES:
+    if pipeline in EDITING_PIPELINES + OPTIONAL_EDITING:
         return {REFERENCE_TABLE: reference_latents(root, files, shape[-2] * pixels, shape[-1] * pixels)}
     return start_tables(root, files, shape, pixels, kept)
 
@@ -118,20 +125,33 @@ def pil_image(file: Path):
 
 def reference_latents(root: Path, files: list[Path], height: int, width: int) -> torch.Tensor:
     """The latents z_ref [N, C, height / f, width / f] of ``files`` (see the module docstring), each scaled to
-    ``height`` x ``width`` pixels and encoded by the VAE of the pipeline at ``root``."""
+    ``height`` x ``width`` pixels and encoded by the VAE of the pipeline at ``root`` (Flux.2's: in 2 x 2 patches,
+    normalised per patch channel)."""
+    import json
+
     import diffusers
     from diffusers.image_processor import VaeImageProcessor
+
+    from distill_core.text_pipeline import PATCH_VAES, patch_statistics
 
     folder = root / "vae"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{root}: an editing pipeline encodes its prompts' images with its VAE, and it has "
                                 "no vae/ folder")
-    vae = diffusers.AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
+    patches = json.loads((folder / "config.json").read_text()).get("_class_name") in PATCH_VAES
+    vae_class = diffusers.AutoencoderKLFlux2 if patches else diffusers.AutoencoderKL
+    vae = vae_class.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
     processor = VaeImageProcessor()
     latents = []
     for file in files:
         pixels = processor.preprocess(pil_image(file), height=height, width=width)
         with torch.no_grad():
             z = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
-        latents.append((z - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor)
+        if patches:  # each 2 x 2 patch's channels side by side, then normalised as the samples are
+            b, c, h, w = z.shape
+            z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
+            mean, std = patch_statistics(vae)
+            latents.append((z - mean) / std)
+        else:
+            latents.append((z - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor)
     return torch.cat(latents)

@@ -130,8 +130,8 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
                          "still digits")
     if images is not None and digits:
         raise ValueError(f"--images is for pipeline directories that read an image beside each prompt (Flux "
-                         f"Kontext, Qwen-Image-Edit, Wan and LTX-Video image-to-video); the {name} teacher draws "
-                         "digits from noise")
+                         f"Kontext, Qwen-Image-Edit, Flux.2 klein, Wan and LTX-Video image-to-video); the {name} "
+                         "teacher draws digits from noise")
     if negative is not None and digits:
         raise ValueError(f"--negative is for text-to-image pipeline directories; the {name} teacher's other side "
                          "of CFG is its null class")
@@ -177,6 +177,8 @@ def trained_teacher(name: str, cards: list[dict], classes: int = 0, null_class: 
     student of a float32 run keeps the float32 teacher; a full student copies the teacher, so it takes float32)."""
     from distill_core.builtin import cast_weights
 
+    if cards[0].get("edits") and images is None:
+        raise ValueError("this student was distilled on edits of images: give the images to edit with --images")
     settings = as_trained(cards[0])
     bf16 = all(as_trained(card)["frozen_precision"] == "bf16" for card in cards)
     source = teacher_source(name, classes, null_class, prompts, images=images,

@@ -348,6 +348,13 @@ def latent_statistics(vae: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
                  .view(1, -1, 1, 1, 1) for key in ("latents_mean", "latents_std"))
 
 
+def patch_statistics(vae: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux.2's VAE's per-channel mean and standard deviation of its 2 x 2 patch latents, each [1, 4 C, 1, 1]: the
+    running statistics of its ``bn``."""
+    return (vae.bn.running_mean.view(1, -1, 1, 1).float(),
+            (vae.bn.running_var + vae.config.batch_norm_eps).sqrt().view(1, -1, 1, 1).float())
+
+
 def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Latents to images in [-1, 1] with the pipeline's ``vae/`` (None without one): z / scale + shift (SD3's and
     Flux's latents are shifted, SD's not); Qwen-Image's, Wan's and LTX-Video's video VAEs: z std / scale + mean per
@@ -369,7 +376,6 @@ def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
         latents = latents.float()
-        channel = (1, -1, 1, 1)
         if video:
             still = latents.ndim == 4
             clip = latents[:, :, None] if still else latents
@@ -379,8 +385,8 @@ def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
             frames = vae.decode(z, **time).sample.clamp(-1, 1)
             return frames[:, :, 0] if still else frames
         if patches:  # z std + mean per patch channel, then each 2 x 2 patch back in place
-            std = (vae.bn.running_var + vae.config.batch_norm_eps).sqrt().view(channel)
-            z = latents * std + vae.bn.running_mean.view(channel)
+            mean, std = patch_statistics(vae)
+            z = latents * std + mean
             b, c, h, w = z.shape
             z = z.view(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
             return vae.decode(z).sample.clamp(-1, 1)

@@ -1,11 +1,13 @@
-"""Editing pipelines from directories (Flux Kontext): each prompt edits its own image (``--images``), which the
-teacher reads as the pipeline's transformer does; the stock pipeline, given the exported student and the same image,
-draws the student's edit; what does not fit is refused in one line."""
+"""Editing pipelines from directories (Flux Kontext; Flux.2 klein, which also draws from prompts alone): each prompt
+edits its own image (``--images``), which the teacher reads as the pipeline's transformer does; the stock pipeline,
+given the exported student and the same image, draws the student's edit; what does not fit is refused in one
+line."""
 
 from __future__ import annotations
 
 import json
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -133,14 +135,14 @@ def test_the_main_job_distils_an_editing_pipeline_and_samples_new_edits(kontext,
 @pytest.mark.parametrize("flags, message", [
     ("--teacher {flux} --prompts {prompts} --images {images}/a.png",
      "--images is for pipelines that read an image beside each prompt (FluxKontextPipeline, QwenImageEditPipeline, "
-     "QwenImageEditPlusPipeline, WanImageToVideoPipeline, LTXImageToVideoPipeline); a FluxPipeline draws from its "
-     "prompts alone"),
+     "QwenImageEditPlusPipeline, WanImageToVideoPipeline, LTXImageToVideoPipeline, Flux2KleinPipeline); a "
+     "FluxPipeline draws from its prompts alone"),
     ("--teacher {teacher} --prompts {three} --images {images}",
      "--images {images} holds 2 images (.png, .jpg, .jpeg, .webp) for 3 prompts"),
     ("--teacher {teacher} --prompts {prompts} --images {images}/none.png", "no such file or folder"),
     ("--teacher {teacher} --prompts {prompts} --images {prompts}", "is not an image this reads"),
     ("--teacher builtin --images {images}", "--images is for pipeline directories that read an image beside each "
-     "prompt (Flux Kontext, Qwen-Image-Edit, Wan and LTX-Video image-to-video)"),
+     "prompt (Flux Kontext, Qwen-Image-Edit, Flux.2 klein, Wan and LTX-Video image-to-video)"),
 ])
 def test_images_that_do_not_fit_are_refused_in_one_line(kontext, tmp_path, capsys, flags, message):
     teacher, prompts, images = kontext
@@ -152,3 +154,59 @@ def test_images_that_do_not_fit_are_refused_in_one_line(kontext, tmp_path, capsy
     assert main(["distill", *args, "--out", str(tmp_path / "r"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert message.format(**values) in err and "Traceback" not in err, err
+
+
+def test_flux2_klein_edits_the_images_given_with_its_prompts_as_its_pipeline_does(tmp_path, capsys):
+    """Flux.2 klein with --images: its transformer reads each prompt's image (its latent's tokens at time 10) on
+    both sides of CFG, as its pipeline does given the image at the student's size: Euler with CFG through the teacher
+    reproduces the pipeline's steps; without --images it draws from its prompts alone. Its exported LoRA, drawn by
+    the stock pipeline with the image at that size, draws the student's edit, and the printed lines pass it so; a
+    student of edits is refused by sample without --images."""
+    from distill_core.solvers import euler
+    from distill_core.teacher import CFGTeacher
+    from tests.test_dit_pipelines import dit_pipeline_dir, flux2_latents
+
+    teacher = dit_pipeline_dir(tmp_path, "flux2-klein")
+    images = image_folder(tmp_path, 64, 64)
+    prompts = ["make it snowy", "an owl on it"]
+    source = diffusers_source(teacher, prompts=prompts, images=images, resolution=64)
+    assert source.shape == (64, 16, 16) and getattr(source.denoiser, REFERENCE_TABLE).shape == (2, 64, 16, 16)
+    assert source.card == {"resolution": 64, "edits": True} and source.guidance == 4.0
+    assert not hasattr(diffusers_source(teacher, prompts=prompts, resolution=64).denoiser, REFERENCE_TABLE)
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    edit = Image.open(images / "b.png")
+    expected = flux2_latents(pipe, x.shape, prompt="an owl on it", latents=x,
+                             sigmas=[0.9, 0.6, 0.3], num_inference_steps=3, height=64, width=64, guidance_scale=4.0,
+                             image=edit)
+    times = pipe.scheduler.sigmas.double()
+    with torch.no_grad():
+        ours = euler(CFGTeacher(source.denoiser, 4.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
+                     prompt_condition(source.denoiser, torch.tensor([1])))
+        other = source.denoiser(x, 2.0, {PROMPT_ROW: torch.tensor([1]), IMAGE_ROW: torch.tensor([0])})
+        own = source.denoiser(x, 2.0, {PROMPT_ROW: torch.tensor([1]), IMAGE_ROW: torch.tensor([1])})
+    assert (other - own).abs().max() > 1e-4  # the image counts: far above float32 rounding (1e-6 here)
+    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
+
+    cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
+                        student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
+    path = train_student(cfg, source, progress=False).path
+    settings = export(path, tmp_path / "export")
+    assert settings["edits"] and settings["call"] == {} and settings["guidance_scale"] == 1.0
+    student = load_student(path, source.denoiser, source.uncond)
+    z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.cat([student.sigmas()[:-1], torch.zeros(1)])
+    with torch.no_grad():
+        ours = few_step(student.denoiser(), sigmas[0] * z, sigmas, prompt_condition(source.denoiser,
+                                                                                     torch.tensor([1])), afs=True)
+    theirs = pipeline_latents(teacher, tmp_path / "export", {**settings, "call": {"image": edit}}, z,
+                              prompt="an owl on it")
+    scale = float(ours.abs().max())
+    torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
+    lines = usage(settings, tmp_path / "export")
+    assert "edit = load_image('image.png').resize((64, 64), Image.Resampling.LANCZOS)" in lines
+    assert "image=edit" in lines
+    assert main(["sample", str(path), "--prompt", "make it rain", "--out", str(tmp_path / "drawn")]) == 1
+    err = capsys.readouterr().err
+    assert "this student was distilled on edits of images: give the images to edit with --images" in err

@@ -29,7 +29,7 @@ they differ in what they take besides x_t:
   embeddings side by side; it predicts -v;
 * Flux.2's ``Flux2Transformer2DModel``: t itself and c, on latents whose channels are the VAE's 2 x 2 patches
   already (Flux.2's VAE normalises them): each latent pixel a token at position (0, row, column, 0), text
-  token l at (0, 0, 0, l);
+  token l at (0, 0, 0, l), and an edit's image's latent pixels at (10, row, column, 0);
 * LTX-Video's ``LTXVideoTransformer3DModel``: t * T, T5's c with its mask, each latent pixel of a clip a token,
   with the clip's grid and rotary positions in frames and pixels (``LTXVelocity``);
 * Wan's ``WanTransformer3DModel``: t * T and c, on video latents [B, C, F, H, W]: an image is one frame (F = 1);
@@ -61,6 +61,8 @@ from distill_core.start_images import KEPT_START, START_TABLE
 FLUX_GUIDANCE = 3.5
 #: the step count at which Flux.2's shift sets its students' grid (its pipelines' default)
 FLUX2_STEPS = 50
+#: the time coordinate of the tokens of the image a Flux.2 edit reads (its pipelines' first reference image's)
+REFERENCE_TIME = 10
 
 
 class UNetVelocity(nn.Module):
@@ -173,7 +175,9 @@ class HiDreamVelocity(nn.Module):
 
 class Flux2Velocity(nn.Module):
     """Flux.2's transformer as v(x_t, t, {"encoder_hidden_states": c}) on [B, C, H, W] latents of 2 x 2 VAE
-    patches: every latent pixel a token at (0, row, column, 0), text token l at (0, 0, 0, l)."""
+    patches: every latent pixel a token at (0, row, column, 0), text token l at (0, 0, 0, l). An edit's condition
+    adds the latents of the image being edited (``REFERENCE_TABLE``: [B, C, H', W']), their tokens after the
+    sample's at (``REFERENCE_TIME``, row, column, 0); the velocity is the sample's tokens' alone."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -181,12 +185,22 @@ class Flux2Velocity(nn.Module):
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
         b, _, h, w = x.shape
-        text_tokens = cond["encoder_hidden_states"].shape[1]
-        img_ids, txt_ids = (torch.cartesian_prod(*(torch.arange(n, device=x.device) for n in sizes)).expand(b, -1, -1)
-                            for sizes in ((1, h, w, 1), (1, 1, 1, text_tokens)))
-        v = self.transformer(hidden_states=x.flatten(2).transpose(1, 2), timestep=time, **cond, img_ids=img_ids,
-                             txt_ids=txt_ids, return_dict=False)[0]
-        return v.transpose(1, 2).reshape(x.shape)
+        cond = dict(cond)
+
+        def grid(*sizes: int, start: int = 0) -> torch.Tensor:
+            axes = [torch.arange(n, device=x.device) for n in sizes]
+            axes[0] = axes[0] + start
+            return torch.cartesian_prod(*axes).expand(b, -1, -1)
+
+        tokens, img_ids = x.flatten(2).transpose(1, 2), grid(1, h, w, 1)
+        reference = cond.pop(REFERENCE_TABLE, None)
+        if reference is not None:
+            tokens = torch.cat([tokens, reference.to(x.dtype).flatten(2).transpose(1, 2)], dim=1)
+            img_ids = torch.cat([img_ids, grid(1, *reference.shape[-2:], 1, start=REFERENCE_TIME)], dim=1)
+        txt_ids = grid(1, 1, 1, cond["encoder_hidden_states"].shape[1])
+        v = self.transformer(hidden_states=tokens, timestep=time, **cond, img_ids=img_ids, txt_ids=txt_ids,
+                             return_dict=False)[0]
+        return v[:, :h * w].transpose(1, 2).reshape(x.shape)
 
 
 class QwenImageVelocity(nn.Module):
