@@ -333,10 +333,10 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     tables, per_image, pair_rows = {}, {}, None
     if files and name in VISION_PROMPT_PIPELINES:  # each prompt read beside its image
         tables, per_image, pair_rows = vision_tables(root, name, prompts, negative, files, every)
-    elif encode:
-        tables = encode_prompts(root, index, prompts, shape, negative)
+    elif encode:  # the images first: what does not fit is refused before the text encoders load
         per_image = image_tables(root, name, files, shape, latent_pixels(root, config["_class_name"]),
                                  keeps_start(index)) if files else {}
+        tables = encode_prompts(root, index, prompts, shape, negative)
     model = pipeline_network(root, index, model_dir, config, scheduler_dir, frozen_precision)
     name = config["_class_name"]
     embedded = None

@@ -37,6 +37,8 @@ from distill_core.vision_prompts import VISION_PROMPT_PIPELINES
 EDITING_PIPELINES = ("FluxKontextPipeline", *VISION_PROMPT_PIPELINES)
 #: the pipelines that draw from their prompts alone, or edit the images given with them (``--images``)
 OPTIONAL_EDITING = ("Flux2KleinPipeline",)
+#: the most pixels of an image that Flux.2 klein's pipeline reads at its own size (it scales larger ones down)
+FLUX2_REFERENCE_AREA = 1024 * 1024
 #: the files a folder of reference images holds
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: the table of reference latents in a text teacher's tables (``PromptConditioned``), the keyword ``FluxVelocity``
@@ -106,8 +108,12 @@ def image_tables(root: Path, pipeline: str, files: list[Path], shape: tuple[int,
     ``kept`` the start latents it keeps as its clips' first frames (``start_images.start_tables``)."""
     from distill_core.start_images import start_tables
 
+    height, width = shape[-2] * pixels, shape[-1] * pixels
+    if pipeline in OPTIONAL_EDITING and height * width > FLUX2_REFERENCE_AREA:
+        raise ValueError(f"a {pipeline} reads the image it edits at a megapixel at most, and this run's "
+                         f"{height}x{width} is more: distil its edits at a megapixel or less (--resolution 1024)")
     if pipeline in EDITING_PIPELINES + OPTIONAL_EDITING:
-        return {REFERENCE_TABLE: reference_latents(root, files, shape[-2] * pixels, shape[-1] * pixels)}
+        return {REFERENCE_TABLE: reference_latents(root, files, height, width)}
     return start_tables(root, files, shape, pixels, kept)
 
 

@@ -161,7 +161,8 @@ def test_flux2_klein_edits_the_images_given_with_its_prompts_as_its_pipeline_doe
     both sides of CFG, as its pipeline does given the image at the student's size: Euler with CFG through the teacher
     reproduces the pipeline's steps; without --images it draws from its prompts alone. Its exported LoRA, drawn by
     the stock pipeline with the image at that size, draws the student's edit, and the printed lines pass it so; a
-    student of edits is refused by sample without --images."""
+    student of edits is refused by sample without --images, and edits above the megapixel its pipeline reads at are
+    refused in one line."""
     from distill_core.solvers import euler
     from distill_core.teacher import CFGTeacher
     from tests.test_dit_pipelines import dit_pipeline_dir, flux2_latents
@@ -173,6 +174,8 @@ def test_flux2_klein_edits_the_images_given_with_its_prompts_as_its_pipeline_doe
     assert source.shape == (64, 16, 16) and getattr(source.denoiser, REFERENCE_TABLE).shape == (2, 64, 16, 16)
     assert source.card == {"resolution": 64, "edits": True} and source.guidance == 4.0
     assert not hasattr(diffusers_source(teacher, prompts=prompts, resolution=64).denoiser, REFERENCE_TABLE)
+    with pytest.raises(ValueError, match="reads the image it edits at a megapixel at most, and this run's 1088x1088"):
+        diffusers_source(teacher, prompts=prompts, images=images, resolution=1088)
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
     x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
