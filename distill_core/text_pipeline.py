@@ -307,10 +307,7 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
                 "encoder_attention_mask": torch.cat([mask, uncond_mask[:1]])}
     if name == "ZImagePipeline":  # each prompt's tokens unpadded: kept as one padded table and its mask
         rows, _ = pipe.encode_prompt([*prompts, negative or ""], device=device, do_classifier_free_guidance=False)
-        mask = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.bool)
-        feats = torch.zeros(*mask.shape, rows[0].shape[-1])
-        for i, row in enumerate(rows):
-            mask[i, :len(row)], feats[i, :len(row)] = True, row.float()
+        feats, mask = padded(rows, torch.bool)
         return {"cap_feats": feats, "cap_mask": mask}
     if name == "SanaPipeline":  # its call's instruction before each prompt, not before the negative
         instruction = inspect.signature(cls.__call__).parameters["complex_human_instruction"].default
@@ -339,6 +336,16 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
                                                                 negative_prompt=negative)
     return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
             "pooled_projections": torch.cat([pooled, uncond_pooled[:1]]).float()}
+
+
+def padded(rows: list[torch.Tensor], mask_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths [L_i, D] as one float32 table [N, max L_i, D], zero past each row's end, and
+    the mask [N, max L_i] of ``mask_dtype`` that says where each row's tokens are, on the CPU."""
+    mask = torch.zeros(len(rows), max(len(row) for row in rows), dtype=mask_dtype)
+    table = torch.zeros(*mask.shape, rows[0].shape[-1])
+    for i, row in enumerate(rows):
+        mask[i, :len(row)], table[i, :len(row)] = 1, row.float()
+    return table, mask
 
 
 def latent_statistics(vae: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ pipeline's ``processor/``.
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 
 import torch
@@ -99,8 +100,6 @@ def drawn_size(files: list[Path], name: str, multiple: int) -> tuple[int, int]:
 def fitted(size: tuple[int, int], area: int) -> tuple[int, int]:
     """(width, height) of ``area`` pixels at the aspect ratio of ``size`` (width, height), each side rounded to a
     multiple of 32, as the pipelines size their images."""
-    import math
-
     width = math.sqrt(area * size[0] / size[1])
     return round(width / 32) * 32, round(width * size[1] / size[0] / 32) * 32
 
@@ -132,7 +131,7 @@ def _read(root: Path, cls: type, prompts: list[str], negative: str, files: list[
           dtypes: dict[str, torch.dtype]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """``vision_tables`` with the pipeline class ``cls`` loaded without its transformer."""
     from distill_core.reference_images import REFERENCE_TABLE, pil_image
-    from distill_core.text_pipeline import encoding_device
+    from distill_core.text_pipeline import encoding_device, padded
 
     pipe = cls.from_pretrained(root, transformer=None, processor=None, use_safetensors=True, local_files_only=True,
                                torch_dtype={**dtypes, "default": torch.float32})
@@ -144,11 +143,9 @@ def _read(root: Path, cls: type, prompts: list[str], negative: str, files: list[
     seen = {file: pipe.image_processor.resize(image, *fitted(image.size, condition_area)[::-1])
             for file, image in images.items()}
     lookup, distinct = pair_rows(prompts, negative, files, every)
-    encoded = [pipe.encode_prompt(text, image=seen[file], device=device)[0][0].cpu() for text, file in distinct]
-    mask = torch.zeros(len(encoded), max(len(row) for row in encoded), dtype=torch.long)
-    context = torch.zeros(*mask.shape, encoded[0].shape[-1])
-    for r, row in enumerate(encoded):
-        mask[r, :len(row)], context[r, :len(row)] = 1, row.float()
+    # each pair alone, unpadded, as the pipeline encodes one prompt; then one padded table, Qwen-Image's mask long
+    context, mask = padded([pipe.encode_prompt(text, image=seen[file], device=device)[0][0]
+                            for text, file in distinct], torch.long)
     latents = {file: pipe._encode_vae_image(pipe.image_processor.preprocess(image, height, width)[:, :, None]
                                             .to(device, pipe.vae.dtype), None)[:, :, 0].float().cpu()
                for file, image in images.items()}
