@@ -46,6 +46,23 @@ def image_folder(root, height: int, width: int):
     return images
 
 
+def exported_edit(source, tmp_path) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """A LoRA student of an editing ``source``, its guidance distilled, trained a step and exported into
+    ``tmp_path / "export"``: the export's settings, the standard normal noise z [1, C, H, W] of seed 0 and the
+    student's edit from it for condition 1 (the second prompt on its image), by the engine's Euler steps."""
+    cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
+                        student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
+    path = train_student(cfg, source, progress=False).path
+    settings = export(path, tmp_path / "export")
+    student = load_student(path, source.denoiser, source.uncond)
+    z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.cat([student.sigmas()[:-1], torch.zeros(1)])  # the pipeline's times end at 0
+    with torch.no_grad():
+        ours = few_step(student.denoiser(), sigmas[0] * z, sigmas,
+                        prompt_condition(source.denoiser, torch.tensor([1])), afs=True)
+    return settings, z, ours
+
+
 def test_the_teacher_reads_each_prompts_image_beside_the_noise(kontext):
     """The image table holds each prompt's image latent, read by the condition's image row; the network sees it
     (another image, another x0), the negative's side of CFG reads each sample's own image, and one image file
@@ -83,19 +100,9 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_edit(kontext,
     engine's Euler steps through the student: the same latents from the same noise; and the printed lines run."""
     teacher, prompts, images = kontext
     source = diffusers_source(teacher, prompts=prompts, images=images)
-    cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
-                        student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
-    path = train_student(cfg, source, progress=False).path
-    settings = export(path, tmp_path / "export")
+    settings, z, ours = exported_edit(source, tmp_path)  # an owl on b.png
     assert settings["pipeline"] == "FluxKontextPipeline" and settings["guidance_scale"] == 3.5
     assert settings["call"] == {"_auto_resize": False, "max_area": 256}
-    student = load_student(path, source.denoiser, source.uncond)
-    z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
-    sigmas = student.sigmas()
-    sigmas = torch.cat([sigmas[:-1], torch.zeros(1)])  # the pipeline's times end at 0
-    with torch.no_grad():
-        owl = prompt_condition(source.denoiser, torch.tensor([1]))  # an owl on b.png
-        ours = few_step(student.denoiser(), sigmas[0] * z, sigmas, owl, afs=True)
     edit = Image.open(images / "b.png")
     settings_with_image = {**settings, "call": {**settings["call"], "image": edit}}
     theirs = pipeline_latents(teacher, tmp_path / "export", settings_with_image, z, prompt="an owl on it")
@@ -192,17 +199,8 @@ def test_flux2_klein_edits_the_images_given_with_its_prompts_as_its_pipeline_doe
     assert (other - own).abs().max() > 1e-4  # the image counts: far above float32 rounding (1e-6 here)
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
 
-    cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
-                        student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
-    path = train_student(cfg, source, progress=False).path
-    settings = export(path, tmp_path / "export")
+    settings, z, ours = exported_edit(source, tmp_path)
     assert settings["edits"] and settings["call"] == {} and settings["guidance_scale"] == 1.0
-    student = load_student(path, source.denoiser, source.uncond)
-    z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
-    sigmas = torch.cat([student.sigmas()[:-1], torch.zeros(1)])
-    with torch.no_grad():
-        ours = few_step(student.denoiser(), sigmas[0] * z, sigmas, prompt_condition(source.denoiser,
-                                                                                     torch.tensor([1])), afs=True)
     theirs = pipeline_latents(teacher, tmp_path / "export", {**settings, "call": {"image": edit}}, z,
                               prompt="an owl on it")
     scale = float(ours.abs().max())
@@ -210,6 +208,7 @@ def test_flux2_klein_edits_the_images_given_with_its_prompts_as_its_pipeline_doe
     lines = usage(settings, tmp_path / "export")
     assert "edit = load_image('image.png').resize((64, 64), Image.Resampling.LANCZOS)" in lines
     assert "image=edit" in lines
+    path = tmp_path / "run" / "student.safetensors"
     assert main(["sample", str(path), "--prompt", "make it rain", "--out", str(tmp_path / "drawn")]) == 1
     err = capsys.readouterr().err
     assert "this student was distilled on edits of images: give the images to edit with --images" in err

@@ -15,19 +15,15 @@ import transformers
 from PIL import Image
 
 from distill_core.cli import main
-from distill_core.config import DistillConfig
 from distill_core.diffusers_source import diffusers_source
-from distill_core.export_diffusers import export, usage
+from distill_core.export_diffusers import usage
 from distill_core.reference_images import REFERENCE_TABLE
-from distill_core.sampling import few_step
 from distill_core.solvers import euler
-from distill_core.student_files import load_student
 from distill_core.teacher import CFGTeacher
 from distill_core.text_pipeline import IMAGE_ROW, PROMPT_ROW, prompt_condition
-from distill_core.train.run import train_student
-from tests.test_edit_pipelines import image_folder
+from tests.test_edit_pipelines import exported_edit, image_folder
 from tests.test_export_diffusers import pipeline_latents
-from tests.test_teacher_from_dir import byte_vocab, randomise
+from tests.test_teacher_from_dir import qwen_vl_encoder, randomise
 
 #: the tokens of Qwen2.5-VL's chat template and image placeholders
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
@@ -54,17 +50,9 @@ def qwen_edit_pipeline_dir(root, plus: bool = False):
     tokens added), its processor's image processor and tokenizer in ``processor/`` (an image read as at most 16
     merged patches), a transformer of one block on 16 channels, a video VAE of five halvings (the megapixel
     reference image: 32 x 32 latents) and Qwen-Image's scheduler."""
-    vocab = byte_vocab(SPECIAL)
-    tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None)
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
-    text = {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "bos_token_id": vocab[SPECIAL[0]],
-            "eos_token_id": vocab[SPECIAL[2]], "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
-    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 32,
-              "fullatt_block_indexes": [0]}
-    encoder = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=vocab["<|image_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"]))
+    tokenizer, encoder = qwen_vl_encoder(SPECIAL, image_token_id="<|image_pad|>",
+                                         vision_start_token_id="<|vision_start|>",
+                                         vision_end_token_id="<|vision_end|>")
     torch.manual_seed(0)
     for p in encoder.parameters():  # weights large enough that the image moves the text rows
         p.data.normal_(0, 0.5)
@@ -185,19 +173,9 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_edit(qwen_edi
     steps through the student: the same latents from the same noise; and the printed lines run."""
     teacher, prompts, images = qwen_edit
     source = diffusers_source(teacher, prompts=prompts, images=images, resolution=SIDE)
-    cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
-                        student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
-    path = train_student(cfg, source, progress=False).path
-    settings = export(path, tmp_path / "export")
+    settings, z, ours = exported_edit(source, tmp_path)  # an owl on b.png
     assert settings["pipeline"] == "QwenImageEditPipeline" and settings["guidance_scale"] == 1.0
     assert settings["call"] == {} and (settings["height"], settings["width"]) == (SIDE, SIDE)
-    student = load_student(path, source.denoiser, source.uncond)
-    z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
-    sigmas = student.sigmas()
-    sigmas = torch.cat([sigmas[:-1], torch.zeros(1)])  # the pipeline's times end at 0
-    with torch.no_grad():
-        owl = prompt_condition(source.denoiser, torch.tensor([1]))  # an owl on b.png
-        ours = few_step(student.denoiser(), sigmas[0] * z, sigmas, owl, afs=True)
     processor = stock_processor(teacher / "processor")
     with_image = {**settings, "call": {"image": Image.open(images / "b.png")}}
     theirs = pipeline_latents(teacher, tmp_path / "export", with_image, z, prompt="put an owl on the left side of it",

@@ -405,14 +405,12 @@ def multi_encoder_pipeline_dir(root, kind: str):
     return root / "pipeline"
 
 
-def qwen_image_pipeline_dir(root):
-    """A tiny Qwen-Image pipeline as diffusers saves one, 8 x 8 latents of 16 pixels: a Qwen2.5-VL text encoder of
-    one layer with a byte-level tokenizer without merges (its chat template's special tokens added), a transformer
-    of one block on 16 channels, a video VAE of one halving, and Qwen-Image's scheduler (the shift of the
-    image's token count on an exponential time shift, stretched to a terminal time)."""
+def qwen_vl_encoder(special: list[str], **ids):
+    """A tokenizer and Qwen2.5-VL of one text and one vision layer: a byte-level tokenizer without merges, with
+    ``special`` tokens added (the first its end of text, the third its end of turn); ``ids``: the config's ids of
+    image placeholder tokens."""
     import transformers
 
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     vocab = byte_vocab(special)
     tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None)
     tokenizer.add_special_tokens({"additional_special_tokens": special[1:]})
@@ -421,8 +419,17 @@ def qwen_image_pipeline_dir(root):
             "eos_token_id": vocab[special[2]], "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
     vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 32,
               "fullatt_block_indexes": [0]}
-    encoder = transformers.Qwen2_5_VLForConditionalGeneration(
-        transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                           **{key: vocab[token] for key, token in ids.items()})
+    return tokenizer, transformers.Qwen2_5_VLForConditionalGeneration(config)
+
+
+def qwen_image_pipeline_dir(root):
+    """A tiny Qwen-Image pipeline as diffusers saves one, 8 x 8 latents of 16 pixels: a Qwen2.5-VL text encoder of
+    one layer with a byte-level tokenizer without merges (its chat template's special tokens added), a transformer
+    of one block on 16 channels, a video VAE of one halving, and Qwen-Image's scheduler (the shift of the
+    image's token count on an exponential time shift, stretched to a terminal time)."""
+    tokenizer, encoder = qwen_vl_encoder(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     network = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=1,
                                                     attention_head_dim=8, num_attention_heads=2,
                                                     joint_attention_dim=32, axes_dims_rope=(2, 2, 4))
