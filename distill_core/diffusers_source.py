@@ -14,10 +14,11 @@ the network was trained:
 
 Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
 ``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
-pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image, Wan 2.1 / 2.2 and LTX-Video as
-image or video models, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream and SANA: their transformers; with
-all their text encoders) trains on ``prompts`` instead (``text_pipeline``), and one that reads an image beside
-each prompt (Flux Kontext's edits, Wan's and LTX-Video's image-to-video) on ``images`` too.
+pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image, Wan 2.1 / 2.2, LTX-Video and
+HunyuanVideo 1.5 as image or video models, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream and SANA: their
+transformers; with all their text encoders) trains on ``prompts`` instead (``text_pipeline``), and one that reads an
+image beside each prompt (Flux Kontext's, Qwen-Image-Edit's and Flux.2 klein's edits, Wan's and LTX-Video's
+image-to-video) on ``images`` too.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ UNETS = ("UNet2DModel", "UNet2DConditionModel")
 TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel",
                 "WanTransformer3DModel", "AuraFlowTransformer2DModel", "ChromaTransformer2DModel",
                 "Lumina2Transformer2DModel", "ZImageTransformer2DModel", "Flux2Transformer2DModel",
-                "HiDreamImageTransformer2DModel", "SanaTransformer2DModel", "LTXVideoTransformer3DModel")
+                "HiDreamImageTransformer2DModel", "SanaTransformer2DModel", "LTXVideoTransformer3DModel",
+                "HunyuanVideo15Transformer3DModel")
 #: the transformers that take their latent as tokens of 2 x 2 patches of 4 C channels
 PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel", "ChromaTransformer2DModel")
 #: the transformers whose latents are their VAE's 2 x 2 patches already (Flux.2: 4 C channels on a grid of half
@@ -45,15 +47,16 @@ PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel", "ChromaTransf
 PATCHIFIED = ("Flux2Transformer2DModel",)
 #: the CFG scale w (x0 = x0_u + w (x0_c - x0_u)) a text-to-image pipeline is distilled at unless the run says
 #: another, by network: its pipeline's default (Flux: no CFG; Qwen-Image: its ``true_cfg_scale``; Z-Image: its
-#: ``guidance_scale`` g = 5, which its pipeline applies as x0_c + g (x0_c - x0_u), w = g + 1; LTX-Video: 3); a
-#: pipeline that names itself step-distilled (``is_distilled``: Flux.2 klein's 4-step models) samples without CFG
+#: ``guidance_scale`` g = 5, which its pipeline applies as x0_c + g (x0_c - x0_u), w = g + 1; LTX-Video: 3), or the
+#: scale of a pipeline's own CFG guider (``guider/``: HunyuanVideo 1.5's); a pipeline that names itself
+#: step-distilled (``is_distilled``: Flux.2 klein's 4-step models) samples without CFG
 TEXT_GUIDANCE = 5.0
 GUIDANCE_BY_NETWORK = {"FluxTransformer2DModel": 1.0, "QwenImageTransformer2DModel": 4.0,
                        "AuraFlowTransformer2DModel": 3.5, "Lumina2Transformer2DModel": 4.0,
                        "ZImageTransformer2DModel": 6.0, "Flux2Transformer2DModel": 4.0, "SanaTransformer2DModel": 4.5,
                        "LTXVideoTransformer3DModel": 3.0}
 #: the video networks, whose samples may be clips (``sample_shape``'s frames)
-VIDEO_NETWORKS = ("WanTransformer3DModel", "LTXVideoTransformer3DModel")
+VIDEO_NETWORKS = ("WanTransformer3DModel", "LTXVideoTransformer3DModel", "HunyuanVideo15Transformer3DModel")
 #: the image a pipeline draws unless told another size, (height, width) in pixels, for networks whose config
 #: names none or another: Qwen-Image's (``default_sample_size`` latent pixels x 8), Wan's (its pipeline's 480p
 #: frame), LTX-Video's (its pipeline's 512 x 704 frame), AuraFlow's, Z-Image's, Flux.2's and HiDream's (their
@@ -235,6 +238,12 @@ def _still_shape(config: dict, root: Path, resolution: int | None, width: int | 
         if width is not None:
             raise ValueError(f"--width {width} sets the images' width beside their height: give the height with "
                              "--resolution")
+        if name == "HunyuanVideo15Transformer3DModel":  # its pipeline's 16:9 frame of its network's target size
+            from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+            sides = HunyuanVideo15ImageProcessor(vae_scale_factor=scale).calculate_default_height_width(
+                9, 16, config.get("target_size", 640))
+            return (channels, *(side // scale for side in sides))
         if name in DEFAULT_IMAGE:
             return (channels, *(side // scale for side in DEFAULT_IMAGE[name]))
         size = read_json(root / "vae" / "config.json")["sample_size"] // scale if packed else config["sample_size"]
@@ -357,7 +366,9 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
             **size_card(resolution, width), **({"frames": frames} if frames > 1 else {}),
             **({} if negative is None else {"negative": negative}),
             **({"edits": True} if optional_edits else {})}
-    w = 1.0 if index.get("is_distilled") else GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE)
+    guider = root / "guider" / "guider_config.json"
+    w = 1.0 if index.get("is_distilled") else read_json(guider)["guidance_scale"] if guider.is_file() else \
+        GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE)
     uncond = {PROMPT_ROW: torch.tensor([n])} if per_image else torch.tensor([n])  # each sample's own image
     return TeacherSource(str(root), denoiser, shape, draw_cond, uncond, w, conditions, card=card,
                          decode=vae_decoder(root), prompt_table=True)

@@ -12,7 +12,9 @@ its pairs.
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
 arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and T5's;
 Qwen-Image: its Qwen2.5-VL's last hidden states, with their padding mask m; Wan: its UMT5's, zero-padded to the 512
-tokens its pipeline pads to; LTX-Video: T5's, padded to 128 tokens, with their mask; AuraFlow: UMT5's, zeroed past
+tokens its pipeline pads to; LTX-Video: T5's, padded to 128 tokens, with their mask; HunyuanVideo 1.5: Qwen2.5-VL's
+third-from-last hidden states of its system prompt and the prompt, cut past the system prompt and padded to 1,000
+tokens, and ByT5's of the prompt's quoted text (zeros without), each with its mask; AuraFlow: UMT5's, zeroed past
 each prompt's end; Chroma: T5's, with the mask of each prompt's tokens and its first padding token; Lumina 2: Gemma
 2's second-to-last hidden states of its system prompt and the prompt, with their mask; Z-Image: Qwen3's
 second-to-last hidden states of the prompt in its chat template, unpadded, kept as one padded table and its mask;
@@ -60,7 +62,7 @@ PROMPT_ROW, IMAGE_ROW = "prompt", "image"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
              "FluxKontextPipeline", "QwenImagePipeline", "WanPipeline", "WanImageToVideoPipeline", "AuraFlowPipeline",
              "ChromaPipeline", "Lumina2Pipeline", "ZImagePipeline", "Flux2KleinPipeline", "HiDreamImagePipeline",
-             "SanaPipeline", "LTXPipeline", "LTXImageToVideoPipeline")
+             "SanaPipeline", "LTXPipeline", "LTXImageToVideoPipeline", "HunyuanVideo15Pipeline")
 #: the text tokens Wan's and LTX-Video's pipelines pad their prompts to (their calls' ``max_sequence_length``)
 WAN_TEXT_TOKENS, LTX_TEXT_TOKENS = 512, 128
 #: the unconditional prompt of a pipeline whose negative is not the empty prompt
@@ -69,8 +71,10 @@ NEGATIVE_PROMPT = {"QwenImagePipeline": " ", "QwenImageEditPipeline": " ", "Qwen
 NOT_FOR_PROMPTS = ("unet", "transformer", "transformer_2", "vae", "safety_checker", "feature_extractor",
                    "image_encoder", "image_processor")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
+#: the pipelines whose constructor reads their VAE's config, so that they load with it to encode prompts
+BUILT_WITH_VAE = ("HunyuanVideo15Pipeline",)
 #: the VAEs of video latents [B, C, F, H, W], normalised per channel by their ``latents_mean`` and ``latents_std``
-VIDEO_VAES = ("AutoencoderKLQwenImage", "AutoencoderKLWan", "AutoencoderKLLTXVideo")
+VIDEO_VAES = ("AutoencoderKLQwenImage", "AutoencoderKLWan", "AutoencoderKLLTXVideo", "AutoencoderKLHunyuanVideo15")
 #: the VAEs whose latents are normalised 2 x 2 patches (Flux.2's: by the running statistics of its ``bn``)
 PATCH_VAES = ("AutoencoderKLFlux2",)
 #: autoencoders other than ``AutoencoderKL`` whose latents are scaled as its are (SANA's deep-compression one)
@@ -172,6 +176,8 @@ def vae_scale(root: Path) -> int:
     if "spatio_temporal_scaling" in config:
         return config.get("spatial_compression_ratio") or config["patch_size"] * 2 ** sum(
             config["spatio_temporal_scaling"])
+    if "spatial_compression_ratio" in config:  # HunyuanVideo 1.5's
+        return config["spatial_compression_ratio"]
     return 2 ** (len(config.get("block_out_channels", config.get("encoder_block_out_channels", ()))) - 1)
 
 
@@ -184,7 +190,7 @@ def vae_frames(root: Path) -> int:
     if "spatio_temporal_scaling" in config:
         return config.get("temporal_compression_ratio") or config["patch_size_t"] * 2 ** sum(
             config["spatio_temporal_scaling"])
-    return config.get("scale_factor_temporal") or 4
+    return config.get("scale_factor_temporal") or config.get("temporal_compression_ratio") or 4
 
 
 @contextlib.contextmanager
@@ -218,7 +224,8 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
         raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
                          f"{', '.join(PIPELINES + VISION_PROMPT_PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Flux "
                          "Kontext, Qwen-Image and Qwen-Image-Edit, Wan 2.1 and 2.2 A14B (text- and image-to-video), "
-                         "LTX-Video, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream, SANA)")
+                         "LTX-Video, HunyuanVideo 1.5, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream, "
+                         "SANA)")
     for part in TEXT_ENCODERS:
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
@@ -266,7 +273,8 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
     import diffusers
 
     cls = getattr(diffusers, name)
-    skipped = {part: None for part in NOT_FOR_PROMPTS if part in inspect.signature(cls.__init__).parameters}
+    skipped = {part: None for part in NOT_FOR_PROMPTS if part in inspect.signature(cls.__init__).parameters
+               and not (part == "vae" and name in BUILT_WITH_VAE)}
     pipe = cls.from_pretrained(root, **skipped, torch_dtype={**stored_dtypes(root), "default": torch.float32},
                                use_safetensors=True, local_files_only=True)
     device = encoding_device(pipe)
@@ -320,6 +328,11 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
                                                               do_classifier_free_guidance=False)
         return {"encoder_hidden_states_t5": context.float(),
                 "encoder_hidden_states_llama3": layers.transpose(0, 1).float(), "pooled_embeds": pooled.float()}
+    if name == "HunyuanVideo15Pipeline":  # Qwen2.5-VL's padded to its 1,000 tokens, ByT5's of the quoted text
+        context, mask, glyphs, glyph_mask = pipe.encode_prompt([*prompts, negative or ""], device=device,
+                                                               dtype=torch.float32, batch_size=len(prompts) + 1)
+        return {"encoder_hidden_states": context, "encoder_attention_mask": mask, "encoder_hidden_states_2": glyphs,
+                "encoder_attention_mask_2": glyph_mask}
     if name == "Flux2KleinPipeline":  # Qwen3's hidden states of three layers side by side
         context, _ = pipe.encode_prompt([*prompts, negative or ""], device=device)
         return {"encoder_hidden_states": context.float()}
@@ -350,9 +363,10 @@ def padded(rows: list[torch.Tensor], mask_dtype: torch.dtype) -> tuple[torch.Ten
 
 def latent_statistics(vae: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """A video VAE's per-channel latent mean and standard deviation, each [1, C, 1, 1, 1]: from its config (Wan's,
-    Qwen-Image's) or its weights (LTX-Video's)."""
-    return tuple(torch.as_tensor(vae.config[key] if key in vae.config else getattr(vae, key)).float()
-                 .view(1, -1, 1, 1, 1) for key in ("latents_mean", "latents_std"))
+    Qwen-Image's) or its weights (LTX-Video's); 0 and 1 for one that has none (HunyuanVideo 1.5's, whose latents
+    are scaled alone)."""
+    return tuple(torch.as_tensor(vae.config[key] if key in vae.config else getattr(vae, key, fill)).float()
+                 .view(1, -1, 1, 1, 1) for key, fill in (("latents_mean", 0.0), ("latents_std", 1.0)))
 
 
 def patch_statistics(vae: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,8 +402,10 @@ def vae_decoder(root: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
             clip = latents[:, :, None] if still else latents
             mean, std = latent_statistics(vae)
             z = clip * std / vae.config.get("scaling_factor", 1.0) + mean
-            time = {"temb": torch.zeros(len(z))} if vae.config.get("timestep_conditioning") else {}
-            frames = vae.decode(z, **time).sample.clamp(-1, 1)
+            time = {"temb": torch.zeros(1)} if vae.config.get("timestep_conditioning") else {}
+            # one clip at a time: a video VAE's activations grow with the clip (and HunyuanVideo 1.5's attention
+            # takes one clip only)
+            frames = torch.cat([vae.decode(one, **time).sample for one in z.split(1)]).clamp(-1, 1)
             return frames[:, :, 0] if still else frames
         if patches:  # z std + mean per patch channel, then each 2 x 2 patch back in place
             mean, std = patch_statistics(vae)

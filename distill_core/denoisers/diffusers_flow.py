@@ -30,6 +30,9 @@ they differ in what they take besides x_t:
 * Flux.2's ``Flux2Transformer2DModel``: t itself and c, on latents whose channels are the VAE's 2 x 2 patches
   already (Flux.2's VAE normalises them): each latent pixel a token at position (0, row, column, 0), text
   token l at (0, 0, 0, l), and an edit's image's latent pixels at (10, row, column, 0);
+* HunyuanVideo 1.5's ``HunyuanVideo15Transformer3DModel``: t * T, Qwen2.5-VL's and ByT5's token embeddings with
+  their masks, on video latents beside its text-to-video pipeline's empty start-image inputs
+  (``HunyuanVideo15Velocity``);
 * LTX-Video's ``LTXVideoTransformer3DModel``: t * T, T5's c with its mask, each latent pixel of a clip a token,
   with the clip's grid and rotary positions in frames and pixels (``LTXVelocity``);
 * Wan's ``WanTransformer3DModel``: t * T and c, on video latents [B, C, F, H, W]: an image is one frame (F = 1);
@@ -63,6 +66,9 @@ FLUX_GUIDANCE = 3.5
 FLUX2_STEPS = 50
 #: the time coordinate of the tokens of the image a Flux.2 edit reads (its pipelines' first reference image's)
 REFERENCE_TIME = 10
+#: the image embeddings HunyuanVideo 1.5's text-to-video pipeline gives its transformer, all zeros (its
+#: ``vision_num_semantic_tokens``)
+HUNYUAN15_IMAGE_TOKENS = 729
 
 
 class UNetVelocity(nn.Module):
@@ -298,6 +304,25 @@ def with_start_frame(clip: torch.Tensor, kept: torch.Tensor, time: torch.Tensor,
     return torch.cat([kept.to(clip.dtype), clip[:, :, 1:]], dim=2), time.expand(len(clip))[:, None] * later
 
 
+class HunyuanVideo15Velocity(nn.Module):
+    """HunyuanVideo 1.5's transformer as v(x_t, t T, {"encoder_hidden_states": c, "encoder_attention_mask": m,
+    "encoder_hidden_states_2": c_2, "encoder_attention_mask_2": m_2}) (Qwen2.5-VL's tokens and ByT5's, each with
+    its mask) on video latents [B, C, F, H, W] (an image: one frame), given as its text-to-video pipeline gives
+    them: x_t beside zeros in place of a start image's latents and mask ([B, 2 C + 1, F, H, W]) and zero image
+    embeddings (``HUNYUAN15_IMAGE_TOKENS``), which it reads as no image."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        clip = x[:, :, None] if x.ndim == 4 else x
+        inputs = torch.cat([clip, torch.zeros_like(clip), torch.zeros_like(clip[:, :1])], dim=1)
+        image = clip.new_zeros(len(clip), HUNYUAN15_IMAGE_TOKENS, self.transformer.config.image_embed_dim)
+        v = self.transformer(hidden_states=inputs, timestep=time, image_embeds=image, **cond, return_dict=False)[0]
+        return v.view(x.shape)
+
+
 class WanExperts(nn.Module):
     """Wan 2.2's two experts as one network: ``high`` (its pipeline's ``transformer``) at times t T at or above
     the boundary (``boundary_ratio`` T), ``low`` (``transformer_2``) below it, as its pipeline switches them;
@@ -365,6 +390,7 @@ VELOCITIES: dict[str, tuple[Callable[[nn.Module], nn.Module], bool]] = {
     "ZImageTransformer2DModel": (lambda model: ReversedTime(ZImageOutput(model)), False),
     "WanTransformer3DModel": (WanVelocity, True),
     "WanExperts": (WanVelocity, True),
+    "HunyuanVideo15Transformer3DModel": (HunyuanVideo15Velocity, True),
 }
 
 

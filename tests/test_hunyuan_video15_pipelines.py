@@ -1,0 +1,100 @@
+"""HunyuanVideo 1.5 text-to-video pipelines from directories: Qwen2.5-VL's and ByT5's prompts (ByT5 reading the quoted
+text), the transformer given the text-to-video pipeline's empty start-image inputs, its guider's CFG scale, clips and
+single frames; checked against the stock pipeline from the same noise; the main job distils it end to end."""
+
+from __future__ import annotations
+
+import json
+
+import diffusers
+import pytest
+import torch
+import transformers
+
+from distill_core.cli import main
+from distill_core.diffusers_source import diffusers_source
+from distill_core.safetensors_io import read_card
+from distill_core.solvers import euler
+from distill_core.teacher import CFGTeacher
+from tests.test_teacher_from_dir import byte_vocab, randomise
+
+#: a chat template in the form of Qwen2.5-VL's, which the pipeline's prompts go through
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def hunyuan_video15_pipeline_dir(root):
+    """A tiny HunyuanVideo15Pipeline as diffusers saves one: a Qwen2.5-VL text model of three layers (the pipeline
+    reads the third from last) with a byte-level tokenizer and a chat template, a ByT5 tokenizer with a T5 encoder
+    of one layer, a transformer of one block on 16 channels, a video VAE of 4 pixels and 4 frames a latent pixel,
+    a shifted FlowMatch scheduler and a CFG guider at 6."""
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = byte_vocab(special)
+    tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None)
+    tokenizer.add_special_tokens({"additional_special_tokens": special[1:]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    text = transformers.Qwen2_5_VLTextModel(transformers.Qwen2_5_VLTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}))
+    glyphs = transformers.T5EncoderModel(transformers.T5Config(vocab_size=384, d_model=16, d_kv=8, d_ff=32,
+                                                               num_layers=1, num_heads=2))
+    network = diffusers.HunyuanVideo15Transformer3DModel(
+        in_channels=33, out_channels=16, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_refiner_layers=1, text_embed_dim=32, text_embed_2_dim=16, image_embed_dim=16, rope_axes_dim=(2, 2, 4))
+    vae = diffusers.AutoencoderKLHunyuanVideo15(latent_channels=16, block_out_channels=(16, 16, 16), layers_per_block=1,
+                                                spatial_compression_ratio=4, temporal_compression_ratio=4)
+    randomise(network, seed=0)
+    diffusers.HunyuanVideo15Pipeline(
+        text_encoder=text, tokenizer=tokenizer, transformer=network, vae=vae,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=glyphs,
+        tokenizer_2=transformers.ByT5Tokenizer(), guider=diffusers.ClassifierFreeGuidance(guidance_scale=6.0),
+    ).save_pretrained(root / "pipeline", safe_serialization=True)
+    return root / "pipeline"
+
+
+@pytest.fixture(scope="module")
+def hunyuan15(tmp_path_factory):
+    return hunyuan_video15_pipeline_dir(tmp_path_factory.mktemp("hunyuan15"))
+
+
+@pytest.mark.parametrize("frames", [5, 1])
+def test_the_teacher_samples_as_its_pipeline_does(hunyuan15, frames):
+    """Euler with CFG through the teacher reproduces the stock pipeline's sampler at its guider's scale against the
+    empty negative, on a clip of 5 frames (2 latent frames) and on one frame; the prompt's quoted text reaches the
+    glyph encoder; without --resolution the size is its pipeline's 16:9 frame of its network's target size."""
+    prompts = ["a red fox", 'a shop sign that says "OPEN"']
+    source = diffusers_source(hunyuan15, prompts=prompts, resolution=32, frames=frames)
+    assert source.shape == ((16, 2, 8, 8) if frames > 1 else (16, 8, 8)) and source.guidance == 6.0
+    glyph_mask = source.denoiser.encoder_attention_mask_2
+    assert glyph_mask[0].sum() == 0 < glyph_mask[1].sum()  # only the sign's prompt quotes text
+    assert diffusers_source(hunyuan15, prompts=prompts).shape == (16, 120, 213)  # 480 x 852 pixels
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(hunyuan15, local_files_only=True)
+    x = torch.randn(1, 16, 2 if frames > 1 else 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = pipe(prompt=prompts[1], negative_prompt="", latents=x, sigmas=[0.9, 0.6, 0.3], num_inference_steps=3,
+                    height=32, width=32, num_frames=frames, output_type="latent").frames
+    times = pipe.scheduler.sigmas.double()
+    start = x if frames > 1 else x[:, :, 0]
+    with torch.no_grad():
+        ours = euler(CFGTeacher(source.denoiser, 6.0, source.uncond), start / (1 - float(times[0])),
+                     times / (1 - times), torch.tensor([1]))
+    assert expected.abs().max() > 1
+    torch.testing.assert_close(ours.double(), expected.view(ours.shape).double(), atol=1e-4, rtol=1e-4)
+
+
+def test_the_main_job_distils_it_on_clips(hunyuan15, tmp_path, capsys):
+    """distill --frames trains on clips with the full report and a grid of frame strips decoded by its VAE; the
+    student's file names the frames; export-diffusers, whose pipeline guides through its guider, refuses it in one
+    line that says how to sample it."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\nan owl\n")
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(hunyuan15), "--prompts", str(prompts), "--resolution", "32", "--frames",
+                 "5", "--steps", "2", "--iters", "2", "--batch", "2", "--eval-samples", "4", "--reference-steps", "4",
+                 "--report-solvers", "euler", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["guidance"] == 6.0 and any(r["method"] == "sfd" for r in report["rows"])
+    assert read_card(out / "student.safetensors")["frames"] == 5 and (out / "grid.png").is_file()
+    assert main(["export-diffusers", str(out / "student.safetensors"), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "the student's teacher is a HunyuanVideo15Pipeline" in err and "python -m distill_core sample" in err
