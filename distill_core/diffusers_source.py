@@ -196,6 +196,23 @@ def size_card(resolution: int | None, width: int | None) -> dict:
     return {key: value for key, value in (("resolution", resolution), ("width", width)) if value}
 
 
+def guider_scale(root: Path) -> float | None:
+    """The CFG scale w of the pipeline's own guider (``guider/``: HunyuanVideo 1.5's), None without one; a guider
+    that guides otherwise than x0_u + w (x0_c - x0_u) at every step, as the engine's teacher does, is refused."""
+    path = root / "guider" / "guider_config.json"
+    if not path.is_file():
+        return None
+    config = read_json(path)
+    if not config.get("enabled", True):  # a guider that does not guide
+        return 1.0
+    if (config.get("_class_name") != "ClassifierFreeGuidance" or config.get("guidance_rescale")
+            or config.get("use_original_formulation") or (config.get("start", 0.0), config.get("stop", 1.0)) != (0, 1)):
+        raise ValueError(f"{path}: this guider guides otherwise than CFG at every step, x0_u + w (x0_c - x0_u), as "
+                         "the engine's teacher does; give the pipeline a ClassifierFreeGuidance guider with no "
+                         "rescale, start 0 and stop 1")
+    return float(config["guidance_scale"])
+
+
 def latent_pixels(root: Path, network: str) -> int:
     """How many image pixels a pixel of the samples of the pipeline at ``root`` spans per side, its network of
     class ``network``: its VAE's scale (``text_pipeline.vae_scale``), twice that for Flux.2 (``PATCHIFIED``)."""
@@ -366,8 +383,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
             **size_card(resolution, width), **({"frames": frames} if frames > 1 else {}),
             **({} if negative is None else {"negative": negative}),
             **({"edits": True} if optional_edits else {})}
-    guider = root / "guider" / "guider_config.json"
-    w = 1.0 if index.get("is_distilled") else read_json(guider)["guidance_scale"] if guider.is_file() else \
+    guided = guider_scale(root)
+    w = 1.0 if index.get("is_distilled") else guided if guided is not None else \
         GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE)
     uncond = {PROMPT_ROW: torch.tensor([n])} if per_image else torch.tensor([n])  # each sample's own image
     return TeacherSource(str(root), denoiser, shape, draw_cond, uncond, w, conditions, card=card,

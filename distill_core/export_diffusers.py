@@ -1,7 +1,7 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Flux Kontext,
 Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA, HiDream, Wan 2.1, Wan 2.2 A14B and TI2V 5B;
-Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's text- and image-to-video) as files diffusers
-loads:
+Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's text- and image-to-video; HunyuanVideo 1.5's
+text-to-video) as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
@@ -11,7 +11,8 @@ writes into DIR a LoRA student as ``pytorch_lora_weights.safetensors`` (diffuser
 scale, image size and any other keywords (``call``) to pass to the pipeline,
 ``pipe(prompt, latents=..., sigmas=..., guidance_scale=..., **call)``. Wan's and LTX-Video's pipeline calls take no
 sigmas: their scheduler's ``set_timesteps`` is made to set them, whatever the pipeline asks, and the call is given
-the step count. Wan 2.2 A14B's
+the step count. HunyuanVideo 1.5's pipeline takes its guidance scale from its guider, which the printed lines
+replace with one at the student's scale (1: none). Wan 2.2 A14B's
 two experts are two networks, ``transformer`` (high noise) and ``transformer_2`` (low noise), switched at the
 pipeline's ``boundary_ratio`` as the engine's teacher switched them: a LoRA student exports one file for each
 (``LORA_FILES``; the second loaded with ``load_into_transformer_2=True``), a full student both folders.
@@ -93,7 +94,9 @@ class Target:
     whether its call takes the area it draws at (``drawn_area``: Flux Kontext's ``max_area``), and whether the start
     image's latent goes in the first frame of the latents it is given (``keeps_start``: LTX-Video's, which takes
     given latents as they are). A pipeline that draws from prompts alone or edits (Flux.2 klein) takes its image as
-    ``edited`` says, for a student trained on edits (``target``)."""
+    ``edited`` says, for a student trained on edits (``target``). HunyuanVideo 1.5's takes its guidance scale from
+    its guider (``guider``), not a keyword of its call, and has no LoRA loader of its own: a LoRA loads into its
+    network (``network_lora``)."""
 
     network: str
     network_class: str
@@ -112,6 +115,8 @@ class Target:
     drawn_area: bool = False
     keeps_start: bool = False
     edited: tuple[tuple[str, object], ...] = ()
+    guider: bool = False
+    network_lora: bool = False
 
     @property
     def scheduler_class(self) -> str:
@@ -143,6 +148,8 @@ PIPELINES = {
     "WanPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False, video=True),
     "WanImageToVideoPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False,
                                       video=True, image="start"),
+    "HunyuanVideo15Pipeline": Target("transformer", "HunyuanVideo15Transformer3DModel", flow=True, video=True,
+                                     guider=True, network_lora=True),
     "HiDreamImagePipeline": Target("transformer", "HiDreamImageTransformer2DModel", flow=True, area=128),
     "LTXPipeline": Target("transformer", "LTXVideoTransformer3DModel", flow=True, packed=True, takes_sigmas=False,
                           video=True),
@@ -376,6 +383,8 @@ def usage(settings: dict, out: str | Path) -> str:
             "def next_expert(pipe, step, t, tensors):  # expert k samples step k",
             f"    pipe.set_adapters({adapters!r}[min(step + 1, {len(adapters) - 1})])",
             "    return tensors"])
+    elif settings["student"] == "lora" and target.network_lora:
+        load = f"pipe.transformer.load_lora_adapter({str(out)!r}, weight_name={LORA_FILE!r})  # needs peft"
     elif settings["student"] == "lora":
         into = {"transformer_2": f", weight_name={LORA_FILES['transformer_2']!r}, load_into_transformer_2=True"}
         load = "\n".join(f"pipe.load_lora_weights({str(out)!r}{into.get(name, '')})  # needs peft"
@@ -393,6 +402,9 @@ def usage(settings: dict, out: str | Path) -> str:
         load,
         f"latents = {settings['noise_scale']!r} * torch.randn(1, {', '.join(map(str, shape))})",
     ]
+    if target.guider:  # its CFG at the student's scale: none at 1
+        lines[1:1] = ["from diffusers import ClassifierFreeGuidance"]
+        lines.append(f"pipe.guider = ClassifierFreeGuidance(guidance_scale={settings['guidance_scale']:g})")
     if target.image:  # as loaded, or scaled as the engine scaled the training images
         lines[1:1] = ["from diffusers.utils import load_image", *(["from PIL import Image"] if target.sized else [])]
         size = f".resize(({settings['width']}, {settings['height']}), Image.Resampling.LANCZOS)" if target.sized \
@@ -423,9 +435,10 @@ def usage(settings: dict, out: str | Path) -> str:
     if experts:
         call += ", callback_on_step_end=next_expert"
     output = "video = " if target.video else "image = "
-    lines.append(f"{output}pipe(prompt='a prompt'{negative}, latents=latents, {steps}, "
-                 f"{target.guidance_keyword}={settings['guidance_scale']:g}, height={settings['height']}, "
-                 f"width={settings['width']}{call}).{'frames' if target.video else 'images'}[0]")
+    scale = "" if target.guider else f"{target.guidance_keyword}={settings['guidance_scale']:g}, "
+    lines.append(f"{output}pipe(prompt='a prompt'{negative}, latents=latents, {steps}, {scale}"
+                 f"height={settings['height']}, width={settings['width']}{call})"
+                 f".{'frames' if target.video else 'images'}[0]")
     return "\n".join(lines)
 
 
