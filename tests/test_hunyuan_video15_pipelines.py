@@ -125,3 +125,21 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_clip(hunyuan1
     theirs = scope["video"][None]
     scale = float(ours.abs().max())
     torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
+
+
+def test_the_pipelines_guider_sets_the_scale_and_one_that_guides_otherwise_is_refused(tmp_path):
+    """A pipeline's CFG guider gives its scale (a disabled one: 1, no guidance); one that rescales the guided
+    prediction or guides only some steps is refused in one line, as the engine's teacher guides every step plainly."""
+    from distill_core.diffusers_source import guider_scale
+
+    folder = tmp_path / "guider"
+    folder.mkdir()
+    assert guider_scale(tmp_path) is None
+    for options, expected in (({}, 6.0), ({"enabled": False}, 1.0), ({"guidance_rescale": 0.7}, None),
+                              ({"stop": 0.5}, None)):
+        diffusers.ClassifierFreeGuidance(guidance_scale=6.0, **options).save_config(folder)
+        if expected is None:
+            with pytest.raises(ValueError, match="guides otherwise than CFG at every step"):
+                guider_scale(tmp_path)
+        else:
+            assert guider_scale(tmp_path) == expected
