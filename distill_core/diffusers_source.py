@@ -320,7 +320,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
     from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_PROMPTS, read_prompts
     from distill_core.reference_images import EDITING_PIPELINES, OPTIONAL_EDITING, image_files, image_tables
-    from distill_core.start_images import IMAGE_TO_VIDEO_PIPELINES, keeps_start
+    from distill_core.start_images import HUNYUAN15_I2V, IMAGE_TO_VIDEO_PIPELINES, hunyuan15_frame, keeps_start
     from distill_core.text_pipeline import PROMPT_ROW, PromptConditioned, encode_prompts, prompt_condition, vae_decoder
     from distill_core.vision_prompts import VISION_PROMPT_PIPELINES, drawn_size, vision_tables
 
@@ -349,8 +349,11 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     config = model_config(model_dir, pipeline=True)
     every = pairing == "every"
     files = image_files(images, len(prompts), every) if images is not None and encode else []
-    if files and name in VISION_PROMPT_PIPELINES and resolution is width is None:  # the size its pipeline draws
-        resolution, width = drawn_size(files, name, 2 * latent_pixels(root, config["_class_name"]))
+    if files and resolution is width is None:  # the size its pipeline draws, where its images set it
+        if name in VISION_PROMPT_PIPELINES:
+            resolution, width = drawn_size(files, name, 2 * latent_pixels(root, config["_class_name"]))
+        elif name == HUNYUAN15_I2V:
+            resolution, width = hunyuan15_frame(root, files)
     shape = sample_shape(config, root, resolution, frames, width)
     if negative is not None and config["_class_name"] == "FluxTransformer2DModel":
         raise ValueError(f"{root}: Flux samples without CFG, so a negative prompt has nothing to steer away from; "

@@ -20,6 +20,12 @@ of the clip it draws. The teacher does both: ``WanVelocity`` or ``LTXVelocity`` 
 on the x0 it gives, whose first frame is y (``KEPT_START``). (LTX-Video's pipeline draws its y from the encoder's
 distribution; the teacher takes its mode, as for every other.)
 
+HunyuanVideo 1.5's image-to-video pipeline joins to the noisy clip, along the channels, y = [s E(I), 0, ..., 0]
+(s its VAE's ``scaling_factor``: the start latent on the first latent frame, zeros after) and a mask m [1, T, H, W],
+1 on the first latent frame, and its transformer reads SigLIP's last hidden states of I beside the prompt
+(``HunyuanVideo15Velocity``); I is cropped to the clip's frame, which its pipeline takes from the image's aspect
+ratio and its network's target size (``hunyuan15_frame``). Its own methods encode both.
+
 Each prompt's image is encoded once, into tables the teacher reads by the condition's image row
 (``PromptConditioned``).
 """
@@ -32,13 +38,17 @@ from pathlib import Path
 import torch
 
 #: the image-to-video pipelines whose clips start from an image of ``--images``, by ``model_index.json``'s class name
-IMAGE_TO_VIDEO_PIPELINES = ("WanImageToVideoPipeline", "LTXImageToVideoPipeline")
+IMAGE_TO_VIDEO_PIPELINES = ("WanImageToVideoPipeline", "LTXImageToVideoPipeline", "HunyuanVideo15ImageToVideoPipeline")
+#: the image-to-video pipeline whose start conditions ``hunyuan15_start_tables`` encodes
+HUNYUAN15_I2V = "HunyuanVideo15ImageToVideoPipeline"
 #: the table of the mask and start latents y that ``WanVelocity`` joins to the clip's channels
 START_TABLE = "start_condition"
 #: the table of CLIP's image embeddings, under the keyword Wan 2.1's I2V transformer takes them by
 IMAGE_EMBEDDINGS = "encoder_hidden_states_image"
 #: the table of start latents y that Wan 2.2 TI2V 5B and LTX-Video keep as their clips' first latent frame
 KEPT_START = "kept_start"
+#: the table of SigLIP's image embeddings, by the keyword HunyuanVideo 1.5's transformer takes them
+SIGLIP_EMBEDDINGS = "image_embeds"
 
 
 def keeps_start(index: dict) -> bool:
@@ -85,6 +95,58 @@ def start_tables(root: Path, files: list[Path], shape: tuple[int, ...], pixels: 
     if (root / "image_encoder").is_dir():
         tables[IMAGE_EMBEDDINGS] = clip_image_embeddings(root, files)
     return tables
+
+
+def hunyuan15_frame(root: Path, files: list[Path]) -> tuple[int, int]:
+    """(height, width) in pixels of the clips HunyuanVideo 1.5's image-to-video pipeline at ``root`` draws from the
+    images ``files``: the frame of its network's target size nearest each image's aspect ratio, one for all (else a
+    refusal that names each image's)."""
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+    from distill_core.diffusers_source import read_json
+    from distill_core.reference_images import pil_image
+    from distill_core.text_pipeline import vae_scale
+
+    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=vae_scale(root))
+    target = read_json(root / "transformer" / "config.json").get("target_size", 640)
+    frames = {file: tuple(processor.calculate_default_height_width(image.height, image.width, target))
+              for file, image in ((file, pil_image(file)) for file in dict.fromkeys(files))}
+    if len(set(frames.values())) > 1:
+        shown = ", ".join(f"{file.name}: {height}x{width}" for file, (height, width) in frames.items())
+        raise ValueError(f"--images: a {HUNYUAN15_I2V} draws each image's clip at a frame of its aspect ratio, and one "
+                         f"run holds one size ({shown}); crop the images to one aspect ratio, or give --resolution")
+    return next(iter(frames.values()))
+
+
+@torch.no_grad()
+def hunyuan15_start_tables(root: Path, files: list[Path], shape: tuple[int, ...], pixels: int
+                           ) -> dict[str, torch.Tensor]:
+    """HunyuanVideo 1.5's start conditions of ``files`` (see the module docstring) for clips of latent ``shape``
+    (C, T, H, W), a latent pixel spanning ``pixels`` image pixels: ``START_TABLE`` [N, C + 1, T, H, W], y then m,
+    and ``SIGLIP_EMBEDDINGS`` [N, L, D], by its pipeline's own methods."""
+    import diffusers
+
+    from distill_core.reference_images import pil_image
+    from distill_core.text_pipeline import encoding_device
+
+    cls = getattr(diffusers, HUNYUAN15_I2V)
+    pipe = cls.from_pretrained(root, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                               transformer=None, use_safetensors=True, local_files_only=True)
+    device = encoding_device(pipe)
+    channels, frames, height, width = shape
+    mask = torch.zeros(1, 1, frames, height, width)
+    mask[:, :, 0] = 1
+    starts, embeddings = [], []
+    for file in files:
+        image = pipe.video_processor.resize(pil_image(file), height=height * pixels, width=width * pixels,
+                                            resize_mode="crop")
+        z = cls._get_image_latents(pipe.vae, pipe.video_processor, image, height * pixels, width * pixels,
+                                   device).float().cpu()
+        later = z.new_zeros(1, channels, frames - 1, height, width)
+        starts.append(torch.cat([torch.cat([z, later], dim=2), mask], dim=1))
+        embeddings.append(cls._get_image_embeds(pipe.image_encoder, pipe.feature_extractor, image, device)
+                          .float().cpu())
+    return {START_TABLE: torch.cat(starts), SIGLIP_EMBEDDINGS: torch.cat(embeddings)}
 
 
 def clip_image_embeddings(root: Path, files: list[Path]) -> torch.Tensor:

@@ -62,7 +62,8 @@ PROMPT_ROW, IMAGE_ROW = "prompt", "image"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
              "FluxKontextPipeline", "QwenImagePipeline", "WanPipeline", "WanImageToVideoPipeline", "AuraFlowPipeline",
              "ChromaPipeline", "Lumina2Pipeline", "ZImagePipeline", "Flux2KleinPipeline", "HiDreamImagePipeline",
-             "SanaPipeline", "LTXPipeline", "LTXImageToVideoPipeline", "HunyuanVideo15Pipeline")
+             "SanaPipeline", "LTXPipeline", "LTXImageToVideoPipeline", "HunyuanVideo15Pipeline",
+             "HunyuanVideo15ImageToVideoPipeline")
 #: the text tokens Wan's and LTX-Video's pipelines pad their prompts to (their calls' ``max_sequence_length``)
 WAN_TEXT_TOKENS, LTX_TEXT_TOKENS = 512, 128
 #: the unconditional prompt of a pipeline whose negative is not the empty prompt
@@ -72,7 +73,7 @@ NOT_FOR_PROMPTS = ("unet", "transformer", "transformer_2", "vae", "safety_checke
                    "image_encoder", "image_processor")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
 #: the pipelines whose constructor reads their VAE's config, so that they load with it to encode prompts
-BUILT_WITH_VAE = ("HunyuanVideo15Pipeline",)
+BUILT_WITH_VAE = ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline")
 #: the VAEs of video latents [B, C, F, H, W], normalised per channel by their ``latents_mean`` and ``latents_std``
 VIDEO_VAES = ("AutoencoderKLQwenImage", "AutoencoderKLWan", "AutoencoderKLLTXVideo", "AutoencoderKLHunyuanVideo15")
 #: the VAEs whose latents are normalised 2 x 2 patches (Flux.2's: by the running statistics of its ``bn``)
@@ -328,7 +329,7 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
                                                               do_classifier_free_guidance=False)
         return {"encoder_hidden_states_t5": context.float(),
                 "encoder_hidden_states_llama3": layers.transpose(0, 1).float(), "pooled_embeds": pooled.float()}
-    if name == "HunyuanVideo15Pipeline":  # Qwen2.5-VL's padded to its 1,000 tokens, ByT5's of the quoted text
+    if name in BUILT_WITH_VAE:  # HunyuanVideo 1.5: Qwen2.5-VL's padded to its 1,000 tokens, ByT5's of quoted text
         context, mask, glyphs, glyph_mask = pipe.encode_prompt([*prompts, negative or ""], device=device,
                                                                dtype=torch.float32, batch_size=len(prompts) + 1)
         return {"encoder_hidden_states": context, "encoder_attention_mask": mask, "encoder_hidden_states_2": glyphs,

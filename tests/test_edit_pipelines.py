@@ -142,8 +142,8 @@ def test_the_main_job_distils_an_editing_pipeline_and_samples_new_edits(kontext,
 @pytest.mark.parametrize("flags, message", [
     ("--teacher {flux} --prompts {prompts} --images {images}/a.png",
      "--images is for pipelines that read an image beside each prompt (FluxKontextPipeline, QwenImageEditPipeline, "
-     "QwenImageEditPlusPipeline, WanImageToVideoPipeline, LTXImageToVideoPipeline, Flux2KleinPipeline); a "
-     "FluxPipeline draws from its prompts alone"),
+     "QwenImageEditPlusPipeline, WanImageToVideoPipeline, LTXImageToVideoPipeline, "
+     "HunyuanVideo15ImageToVideoPipeline, Flux2KleinPipeline); a FluxPipeline draws from its prompts alone"),
     ("--teacher {teacher} --prompts {three} --images {images}",
      "--images {images} holds 2 images (.png, .jpg, .jpeg, .webp) for 3 prompts"),
     ("--teacher {teacher} --prompts {prompts} --images {images}/none.png", "no such file or folder"),

@@ -23,11 +23,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def hunyuan_video15_pipeline_dir(root):
+def hunyuan_video15_pipeline_dir(root, i2v: bool = False):
     """A tiny HunyuanVideo15Pipeline as diffusers saves one: a Qwen2.5-VL text model of three layers (the pipeline
     reads the third from last) with a byte-level tokenizer and a chat template, a ByT5 tokenizer with a T5 encoder
-    of one layer, a transformer of one block on 16 channels, a video VAE of 4 pixels and 4 frames a latent pixel,
-    a shifted FlowMatch scheduler and a CFG guider at 6."""
+    of one layer, a transformer of one block on 16 channels (its target size 32 pixels: its pipeline's 16:9 frame
+    24 x 40), a video VAE of 4 pixels and 4 frames a latent pixel,
+    a shifted FlowMatch scheduler and a CFG guider at 6; ``i2v``: its HunyuanVideo15ImageToVideoPipeline, with a
+    SigLIP vision tower of one layer reading 28 x 28 images (4 tokens)."""
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     vocab = byte_vocab(special)
     tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None)
@@ -40,15 +42,23 @@ def hunyuan_video15_pipeline_dir(root):
                                                                num_layers=1, num_heads=2))
     network = diffusers.HunyuanVideo15Transformer3DModel(
         in_channels=33, out_channels=16, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-        num_refiner_layers=1, text_embed_dim=32, text_embed_2_dim=16, image_embed_dim=16, rope_axes_dim=(2, 2, 4))
-    vae = diffusers.AutoencoderKLHunyuanVideo15(latent_channels=16, block_out_channels=(16, 16, 16), layers_per_block=1,
+        num_refiner_layers=1, text_embed_dim=32, text_embed_2_dim=16, image_embed_dim=16, rope_axes_dim=(2, 2, 4),
+        target_size=32)
+    vae = diffusers.AutoencoderKLHunyuanVideo15(latent_channels=16, block_out_channels=(32, 32, 32), layers_per_block=1,
                                                 spatial_compression_ratio=4, temporal_compression_ratio=4)
     randomise(network, seed=0)
-    diffusers.HunyuanVideo15Pipeline(
-        text_encoder=text, tokenizer=tokenizer, transformer=network, vae=vae,
+    vision = {}
+    if i2v:
+        torch.manual_seed(0)
+        vision = {"image_encoder": transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+                      hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)),
+                  "feature_extractor": transformers.SiglipImageProcessor(size={"height": 28, "width": 28})}
+    cls = diffusers.HunyuanVideo15ImageToVideoPipeline if i2v else diffusers.HunyuanVideo15Pipeline
+    cls(text_encoder=text, tokenizer=tokenizer, transformer=network, vae=vae,
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=glyphs,
         tokenizer_2=transformers.ByT5Tokenizer(), guider=diffusers.ClassifierFreeGuidance(guidance_scale=6.0),
-    ).save_pretrained(root / "pipeline", safe_serialization=True)
+        **vision).save_pretrained(root / "pipeline", safe_serialization=True)
     return root / "pipeline"
 
 
@@ -67,7 +77,7 @@ def test_the_teacher_samples_as_its_pipeline_does(hunyuan15, frames):
     assert source.shape == ((16, 2, 8, 8) if frames > 1 else (16, 8, 8)) and source.guidance == 6.0
     glyph_mask = source.denoiser.encoder_attention_mask_2
     assert glyph_mask[0].sum() == 0 < glyph_mask[1].sum()  # only the sign's prompt quotes text
-    assert diffusers_source(hunyuan15, prompts=prompts).shape == (16, 120, 213)  # 480 x 852 pixels
+    assert diffusers_source(hunyuan15, prompts=prompts).shape == (16, 6, 10)  # 24 x 40 pixels
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(hunyuan15, local_files_only=True)
     x = torch.randn(1, 16, 2 if frames > 1 else 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -143,3 +153,40 @@ def test_the_pipelines_guider_sets_the_scale_and_one_that_guides_otherwise_is_re
                 guider_scale(tmp_path)
         else:
             assert guider_scale(tmp_path) == expected
+
+
+def test_image_to_video_reads_each_start_image_as_its_pipeline_does(tmp_path):
+    """HunyuanVideo 1.5's image-to-video pipeline: each prompt's clip starts from its image, whose latent on the
+    first latent frame (with its mask) and SigLIP reading the transformer takes, on both sides of CFG; Euler with
+    CFG through the teacher reproduces the stock pipeline's sampler from the same noise. Without --resolution the
+    clip takes the frame its pipeline draws the image at (its target size's nearest to the image's aspect ratio);
+    images whose frames differ are refused in one line."""
+    from PIL import Image
+
+    from distill_core.start_images import SIGLIP_EMBEDDINGS, START_TABLE
+    from distill_core.text_pipeline import prompt_condition
+    from tests.test_edit_pipelines import image_folder
+
+    teacher = hunyuan_video15_pipeline_dir(tmp_path, i2v=True)
+    images = image_folder(tmp_path, 36, 64)
+    source = diffusers_source(teacher, prompts=["the fox runs", "the owl flies"], images=images, frames=5)
+    assert source.shape == (16, 2, 6, 10) and source.guidance == 6.0  # its 24 x 40 frame of a 16:9 image
+    small = diffusers_source(teacher, prompts=["the fox runs", "the owl flies"], images=images, frames=5,
+                             resolution=32)
+    assert getattr(small.denoiser, START_TABLE).shape == (2, 17, 2, 8, 8)
+    assert getattr(small.denoiser, SIGLIP_EMBEDDINGS).shape == (2, 4, 16)
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    expected = pipe(image=Image.open(images / "b.png"), prompt="the owl flies", negative_prompt="", latents=x,
+                    sigmas=[0.9, 0.5], num_inference_steps=2, num_frames=5, output_type="latent").frames
+    times = pipe.scheduler.sigmas.double()
+    with torch.no_grad():
+        ours = euler(CFGTeacher(source.denoiser, 6.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
+                     prompt_condition(source.denoiser, torch.tensor([1])))
+    assert expected.abs().max() > 1
+    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
+
+    Image.new("RGB", (40, 40)).save(images / "c.png")
+    with pytest.raises(ValueError, match="draws each image's clip at a frame of its aspect ratio"):
+        diffusers_source(teacher, images=images, frames=5, pairing="every")

@@ -663,7 +663,8 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
         assert_index_refused(teacher, {"_class_name": pipeline}, f"a {pipeline}'s network takes an image beside the "
                              "noise, which this command does not feed (it feeds FluxKontextPipeline, "
                              "QwenImageEditPipeline, QwenImageEditPlusPipeline, WanImageToVideoPipeline, "
-                             "LTXImageToVideoPipeline: --images); distil it in ComfyUI", tmp_path, capsys)
+                             "LTXImageToVideoPipeline, HunyuanVideo15ImageToVideoPipeline: --images); distil it in "
+                             "ComfyUI", tmp_path, capsys)
 
 
 @pytest.mark.parametrize("kind, channels, side", [("wan", 16, 8), ("wan22-5b", 48, 4)])

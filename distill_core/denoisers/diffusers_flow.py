@@ -57,7 +57,7 @@ from distill_core.denoisers.base import switch_rows
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, FlowDenoiser, t_to_sigma
 from distill_core.reference_images import REFERENCE_TABLE
 from distill_core.schedules import flux2_shift, flux_shift
-from distill_core.start_images import KEPT_START, START_TABLE
+from distill_core.start_images import KEPT_START, SIGLIP_EMBEDDINGS, START_TABLE
 
 #: the embedded guidance a guidance-distilled Flux model is distilled at unless the run says another
 #: (FluxPipeline's default)
@@ -307,19 +307,25 @@ def with_start_frame(clip: torch.Tensor, kept: torch.Tensor, time: torch.Tensor,
 class HunyuanVideo15Velocity(nn.Module):
     """HunyuanVideo 1.5's transformer as v(x_t, t T, {"encoder_hidden_states": c, "encoder_attention_mask": m,
     "encoder_hidden_states_2": c_2, "encoder_attention_mask_2": m_2}) (Qwen2.5-VL's tokens and ByT5's, each with
-    its mask) on video latents [B, C, F, H, W] (an image: one frame), given as its text-to-video pipeline gives
-    them: x_t beside zeros in place of a start image's latents and mask ([B, 2 C + 1, F, H, W]) and zero image
-    embeddings (``HUNYUAN15_IMAGE_TOKENS``), which it reads as no image."""
+    its mask) on video latents [B, C, F, H, W] (an image: one frame), beside a start image's latents and mask
+    ([B, 2 C + 1, F, H, W]) and its SigLIP embeddings: an image-to-video condition's (``START_TABLE``,
+    ``SIGLIP_EMBEDDINGS``), or as its text-to-video pipeline gives them, zeros, and zero embeddings
+    (``HUNYUAN15_IMAGE_TOKENS``), which it reads as no image."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
         self.transformer = transformer
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
-        clip = x[:, :, None] if x.ndim == 4 else x
-        inputs = torch.cat([clip, torch.zeros_like(clip), torch.zeros_like(clip[:, :1])], dim=1)
-        image = clip.new_zeros(len(clip), HUNYUAN15_IMAGE_TOKENS, self.transformer.config.image_embed_dim)
-        v = self.transformer(hidden_states=inputs, timestep=time, image_embeds=image, **cond, return_dict=False)[0]
+        clip, cond = (x[:, :, None] if x.ndim == 4 else x), dict(cond)
+        start = cond.pop(START_TABLE, None)
+        start = torch.cat([torch.zeros_like(clip), torch.zeros_like(clip[:, :1])], dim=1) if start is None else \
+            start.to(clip.dtype)
+        image = cond.pop(SIGLIP_EMBEDDINGS, None)
+        image = clip.new_zeros(len(clip), HUNYUAN15_IMAGE_TOKENS, self.transformer.config.image_embed_dim) \
+            if image is None else image.to(clip.dtype)
+        v = self.transformer(hidden_states=torch.cat([clip, start], dim=1), timestep=time, image_embeds=image,
+                             **cond, return_dict=False)[0]
         return v.view(x.shape)
 
 
