@@ -196,6 +196,20 @@ def size_card(resolution: int | None, width: int | None) -> dict:
     return {key: value for key, value in (("resolution", resolution), ("width", width)) if value}
 
 
+def size_from_images(root: Path, name: str, files: list[Path], network: str) -> tuple[int | None, int | None]:
+    """(height, width) in pixels at which the pipeline ``name`` at ``root``, its network of class ``network``, draws
+    from ``files`` when not told a size, where its images set it (Qwen-Image-Edit: their megapixel; HunyuanVideo
+    1.5's image-to-video: its frame nearest their aspect ratio), else (None, None): its own default."""
+    from distill_core.start_images import HUNYUAN15_I2V, hunyuan15_frame
+    from distill_core.vision_prompts import VISION_PROMPT_PIPELINES, drawn_size
+
+    if name in VISION_PROMPT_PIPELINES:
+        return drawn_size(files, name, 2 * latent_pixels(root, network))
+    if name == HUNYUAN15_I2V:
+        return hunyuan15_frame(root, files)
+    return None, None
+
+
 def guider_scale(root: Path) -> float | None:
     """The CFG scale w of the pipeline's own guider (``guider/``: HunyuanVideo 1.5's), None without one; a guider
     that guides otherwise than x0_u + w (x0_c - x0_u) at every step, as the engine's teacher does, is refused."""
@@ -320,9 +334,9 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
     from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_PROMPTS, read_prompts
     from distill_core.reference_images import EDITING_PIPELINES, OPTIONAL_EDITING, image_files, image_tables
-    from distill_core.start_images import HUNYUAN15_I2V, IMAGE_TO_VIDEO_PIPELINES, hunyuan15_frame, keeps_start
+    from distill_core.start_images import IMAGE_TO_VIDEO_PIPELINES, keeps_start
     from distill_core.text_pipeline import PROMPT_ROW, PromptConditioned, encode_prompts, prompt_condition, vae_decoder
-    from distill_core.vision_prompts import VISION_PROMPT_PIPELINES, drawn_size, vision_tables
+    from distill_core.vision_prompts import VISION_PROMPT_PIPELINES, vision_tables
 
     if classes:
         raise ValueError(f"{root}: a text-to-image pipeline trains on prompts (--prompts FILE), not --classes")
@@ -347,13 +361,17 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     prompts = read_prompts(prompts, DEFAULT_EDITS if edits else
                            DEFAULT_MOTIONS if name in IMAGE_TO_VIDEO_PIPELINES else DEFAULT_PROMPTS)
     config = model_config(model_dir, pipeline=True)
+    network = config["_class_name"]
+    if config.get("guidance_embeds") and network != "FluxTransformer2DModel":
+        raise ValueError(f"{model_dir}: a guidance-distilled {network} (guidance_embeds) is not a teacher this "
+                         "command distils; give the pipeline it was distilled from")
+    if config.get("use_meanflow"):
+        raise ValueError(f"{model_dir}: a MeanFlow few-step {network} (use_meanflow) is distilled already; give the "
+                         "pipeline it was distilled from")
     every = pairing == "every"
     files = image_files(images, len(prompts), every) if images is not None and encode else []
-    if files and resolution is width is None:  # the size its pipeline draws, where its images set it
-        if name in VISION_PROMPT_PIPELINES:
-            resolution, width = drawn_size(files, name, 2 * latent_pixels(root, config["_class_name"]))
-        elif name == HUNYUAN15_I2V:
-            resolution, width = hunyuan15_frame(root, files)
+    if files and resolution is width is None:
+        resolution, width = size_from_images(root, name, files, config["_class_name"])
     shape = sample_shape(config, root, resolution, frames, width)
     if negative is not None and config["_class_name"] == "FluxTransformer2DModel":
         raise ValueError(f"{root}: Flux samples without CFG, so a negative prompt has nothing to steer away from; "
@@ -371,9 +389,6 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     embedded = None
     if name == "FluxTransformer2DModel" and model.config.guidance_embeds:
         embedded = FLUX_GUIDANCE if guidance is None else float(guidance)
-    elif config.get("guidance_embeds"):
-        raise ValueError(f"{model_dir}: a guidance-distilled {name} (guidance_embeds) is not a teacher this command "
-                         "distils; give the pipeline it was distilled from")
     n = len(prompts)
     denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape, embedded), tables, per_image,
                                  n if every else None, pair_rows)

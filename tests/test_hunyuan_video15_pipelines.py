@@ -190,3 +190,18 @@ def test_image_to_video_reads_each_start_image_as_its_pipeline_does(tmp_path):
     Image.new("RGB", (40, 40)).save(images / "c.png")
     with pytest.raises(ValueError, match="draws each image's clip at a frame of its aspect ratio"):
         diffusers_source(teacher, images=images, frames=5, pairing="every")
+
+
+def test_a_meanflow_few_step_model_is_refused_in_one_line(hunyuan15, tmp_path, capsys):
+    """A HunyuanVideo 1.5 transformer trained as a MeanFlow few-step model (``use_meanflow``) is distilled already:
+    refused in one line that asks for the pipeline it came from."""
+    import shutil
+
+    teacher = tmp_path / "meanflow"
+    shutil.copytree(hunyuan15, teacher)
+    config = teacher / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "use_meanflow": True}))
+    assert main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "a MeanFlow few-step HunyuanVideo15Transformer3DModel (use_meanflow) is distilled already" in err
+    assert "Traceback" not in err
