@@ -18,7 +18,7 @@ from distill_core.cli import main
 from distill_core.diffusers_source import diffusers_source
 from distill_core.safetensors_io import read_card
 from distill_core.text_pipeline import vae_scale
-from tests.test_teacher_from_dir import autoencoder, byte_vocab, clip_config, clip_tokenizer, t5_encoder
+from tests.test_teacher_from_dir import autoencoder, byte_vocab, clip_config, clip_tokenizer, t5_encoder, teacher_steps
 
 KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein", "hidream", "sana")
 #: the CFG scale w each is distilled at by default: its pipeline's (Z-Image's g = 5 is w = 6)
@@ -222,9 +222,7 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     with the full report and a grid decoded by its VAE; SFD-v conditions the time embeddings of all but Chroma
     and Lumina 2, which are refused."""
     from distill_core.schedules import flux2_shift, flux_shift
-    from distill_core.solvers import euler
     from distill_core.students import StudentNet
-    from distill_core.teacher import CFGTeacher
 
     teacher = dit_pipeline_dir(tmp_path, kind)
     prompts = tmp_path / "prompts.txt"
@@ -245,9 +243,7 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     expected = pipeline_latents(pipe, "an owl in the snow at night", x, 2.0, [0.9, 0.6, 0.3], side,
                                 **PIPELINE_CALL.get(kind, {}))
     times = pipe.scheduler.sigmas.double()
-    with torch.no_grad():
-        ours = euler(CFGTeacher(source.denoiser, 2.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
-                     torch.tensor([1]))
+    ours = teacher_steps(source, 2.0, x, times, torch.tensor([1]))
     scale = float(expected.abs().max())  # float32 rounding, relative to the latents' size
     assert scale > 1
     torch.testing.assert_close(ours.double() / scale, expected.double() / scale, atol=1e-5, rtol=0)

@@ -23,7 +23,7 @@ from distill_core.student_files import load_student
 from distill_core.text_pipeline import IMAGE_ROW, PROMPT_ROW, prompt_condition
 from distill_core.train.run import train_student
 from tests.test_export_diffusers import pipeline_latents
-from tests.test_teacher_from_dir import multi_encoder_pipeline_dir
+from tests.test_teacher_from_dir import multi_encoder_pipeline_dir, teacher_steps
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +170,6 @@ def test_flux2_klein_edits_the_images_given_with_its_prompts_as_its_pipeline_doe
     the stock pipeline with the image at that size, draws the student's edit, and the printed lines pass it so; a
     student of edits is refused by sample without --images, and edits above the megapixel its pipeline reads at are
     refused in one line."""
-    from distill_core.solvers import euler
-    from distill_core.teacher import CFGTeacher
     from tests.test_dit_pipelines import dit_pipeline_dir, flux2_latents
 
     teacher = dit_pipeline_dir(tmp_path, "flux2-klein")
@@ -191,9 +189,8 @@ def test_flux2_klein_edits_the_images_given_with_its_prompts_as_its_pipeline_doe
                              sigmas=[0.9, 0.6, 0.3], num_inference_steps=3, height=64, width=64, guidance_scale=4.0,
                              image=edit)
     times = pipe.scheduler.sigmas.double()
+    ours = teacher_steps(source, 4.0, x, times, prompt_condition(source.denoiser, torch.tensor([1])))
     with torch.no_grad():
-        ours = euler(CFGTeacher(source.denoiser, 4.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
-                     prompt_condition(source.denoiser, torch.tensor([1])))
         other = source.denoiser(x, 2.0, {PROMPT_ROW: torch.tensor([1]), IMAGE_ROW: torch.tensor([0])})
         own = source.denoiser(x, 2.0, {PROMPT_ROW: torch.tensor([1]), IMAGE_ROW: torch.tensor([1])})
     assert (other - own).abs().max() > 1e-4  # the image counts: far above float32 rounding (1e-6 here)

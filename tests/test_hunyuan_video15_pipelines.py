@@ -14,9 +14,7 @@ import transformers
 from distill_core.cli import main
 from distill_core.diffusers_source import diffusers_source
 from distill_core.safetensors_io import read_card
-from distill_core.solvers import euler
-from distill_core.teacher import CFGTeacher
-from tests.test_teacher_from_dir import byte_vocab, randomise
+from tests.test_teacher_from_dir import byte_vocab, randomise, teacher_steps
 
 #: a chat template in the form of Qwen2.5-VL's, which the pipeline's prompts go through
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -84,10 +82,7 @@ def test_the_teacher_samples_as_its_pipeline_does(hunyuan15, frames):
     expected = pipe(prompt=prompts[1], negative_prompt="", latents=x, sigmas=[0.9, 0.6, 0.3], num_inference_steps=3,
                     height=32, width=32, num_frames=frames, output_type="latent").frames
     times = pipe.scheduler.sigmas.double()
-    start = x if frames > 1 else x[:, :, 0]
-    with torch.no_grad():
-        ours = euler(CFGTeacher(source.denoiser, 6.0, source.uncond), start / (1 - float(times[0])),
-                     times / (1 - times), torch.tensor([1]))
+    ours = teacher_steps(source, 6.0, x if frames > 1 else x[:, :, 0], times, torch.tensor([1]))
     assert expected.abs().max() > 1
     torch.testing.assert_close(ours.double(), expected.view(ours.shape).double(), atol=1e-4, rtol=1e-4)
 
@@ -181,9 +176,7 @@ def test_image_to_video_reads_each_start_image_as_its_pipeline_does(tmp_path):
     expected = pipe(image=Image.open(images / "b.png"), prompt="the owl flies", negative_prompt="", latents=x,
                     sigmas=[0.9, 0.5], num_inference_steps=2, num_frames=5, output_type="latent").frames
     times = pipe.scheduler.sigmas.double()
-    with torch.no_grad():
-        ours = euler(CFGTeacher(source.denoiser, 6.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
-                     prompt_condition(source.denoiser, torch.tensor([1])))
+    ours = teacher_steps(source, 6.0, x, times, prompt_condition(source.denoiser, torch.tensor([1])))
     assert expected.abs().max() > 1
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
 

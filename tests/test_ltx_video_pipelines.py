@@ -17,7 +17,7 @@ from PIL import Image
 
 from distill_core.cli import main
 from distill_core.diffusers_source import diffusers_source
-from tests.test_teacher_from_dir import randomise, t5_encoder
+from tests.test_teacher_from_dir import randomise, t5_encoder, teacher_steps
 
 #: the clips of these tests: 9 video frames (5 latent frames of the tiny VAE's 2), 32 x 32 pixels (8 x 8 latents)
 FRAMES, SIDE = 9, 32
@@ -53,8 +53,6 @@ def test_the_teacher_samples_clips_as_its_pipeline_does(ltx):
     """The teacher's clips are (C, F, H, W) latents of the VAE's frames and pixels; Euler with CFG through it
     reproduces the pipeline's sampler on a clip (its tokens unpacked), and the students' grid is shifted by the
     pipeline's own shift of the clip's token count."""
-    from distill_core.solvers import euler
-    from distill_core.teacher import CFGTeacher
 
     teacher, prompts = ltx
     source = diffusers_source(teacher, prompts=prompts, resolution=SIDE, frames=FRAMES)
@@ -74,9 +72,7 @@ def test_the_teacher_samples_clips_as_its_pipeline_does(ltx):
                     num_frames=FRAMES, guidance_scale=2.0, output_type="latent").frames
     expected = expected.transpose(1, 2).reshape(x.shape)
     times = pipe.scheduler.sigmas.double()
-    with torch.no_grad():
-        ours = euler(CFGTeacher(source.denoiser, 2.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
-                     torch.tensor([1]))
+    ours = teacher_steps(source, 2.0, x, times, torch.tensor([1]))
     assert expected.abs().max() > 1
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
     assert source.denoiser.shift == pytest.approx(math.exp(used["mu"]))

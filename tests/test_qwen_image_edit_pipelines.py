@@ -18,12 +18,11 @@ from distill_core.cli import main
 from distill_core.diffusers_source import diffusers_source
 from distill_core.export_diffusers import usage
 from distill_core.reference_images import REFERENCE_TABLE
-from distill_core.solvers import euler
 from distill_core.teacher import CFGTeacher
 from distill_core.text_pipeline import IMAGE_ROW, PROMPT_ROW, prompt_condition
 from tests.test_edit_pipelines import exported_edit, image_folder
 from tests.test_export_diffusers import pipeline_latents
-from tests.test_teacher_from_dir import qwen_vl_encoder, randomise
+from tests.test_teacher_from_dir import qwen_vl_encoder, randomise, teacher_steps
 
 #: the tokens of Qwen2.5-VL's chat template and image placeholders
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
@@ -114,9 +113,7 @@ def test_the_teacher_reads_each_instruction_beside_its_image_as_its_pipeline_doe
                    output_type="latent").images
     expected = pipe._unpack_latents(latents, SIDE, SIDE, pipe.vae_scale_factor)[:, :, 0]
     times = pipe.scheduler.sigmas.double()
-    with torch.no_grad():
-        ours = euler(CFGTeacher(source.denoiser, 1.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
-                     prompt_condition(source.denoiser, torch.tensor([1])))
+    ours = teacher_steps(source, 1.0, x, times, prompt_condition(source.denoiser, torch.tensor([1])))
     assert expected.abs().max() > 1
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
 
@@ -162,9 +159,7 @@ def test_without_a_size_the_teacher_draws_at_the_images_own_megapixel_as_its_pip
                    sigmas=[0.9, 0.5], num_inference_steps=2, true_cfg_scale=1.0, output_type="latent").images
     expected = pipe._unpack_latents(latents, 704, 1408, pipe.vae_scale_factor)[:, :, 0]
     times = pipe.scheduler.sigmas.double()
-    with torch.no_grad():
-        ours = euler(CFGTeacher(source.denoiser, 1.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
-                     prompt_condition(source.denoiser, torch.tensor([0])))
+    ours = teacher_steps(source, 1.0, x, times, prompt_condition(source.denoiser, torch.tensor([0])))
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
 
 

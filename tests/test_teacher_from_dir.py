@@ -450,6 +450,18 @@ PIPELINE_CASES = {"sdxl": (2.0, [10.0, 3.0, 0.8], None), "sd3": (2.0, [0.9, 0.6,
                   "flux": (3.5, [0.9, 0.6, 0.3], "flux")}
 
 
+def teacher_steps(source, w: float, x: torch.Tensor, times: torch.Tensor, cond) -> torch.Tensor:
+    """Euler with CFG at ``w`` through the teacher of ``source``, from a flow pipeline's latents x at its first time
+    along its ``times`` t (as the engine's sigmas t / (1 - t), x as t's VE state x / (1 - t)), for ``cond``: where
+    the pipeline's own sampler lands when it samples as the teacher does."""
+    from distill_core.solvers import euler
+    from distill_core.teacher import CFGTeacher
+
+    with torch.no_grad():
+        return euler(CFGTeacher(source.denoiser, w, source.uncond), x / (1 - float(times[0])), times / (1 - times),
+                     cond)
+
+
 def pipeline_euler(teacher, prompt: str, x: torch.Tensor, guidance: float, levels: list[float]):
     """The pipeline's own sampler (Euler, at ``guidance``) from latents x at the first of ``levels``: the latents
     it ends at as [B, C, H, W], the VE sigmas it stepped through (ending at 0) and x in the VE convention."""
@@ -570,9 +582,7 @@ def test_a_qwen_image_pipeline_samples_as_its_own_pipeline_and_distils_end_to_en
     SFD-v conditions its time embedding."""
     from distill_core.diffusers_source import read_json, sample_shape
     from distill_core.schedules import flux_shift
-    from distill_core.solvers import euler
     from distill_core.students import StudentNet
-    from distill_core.teacher import CFGTeacher
 
     teacher = qwen_image_pipeline_dir(tmp_path / "qwen")
     prompts = tmp_path / "prompts.txt"
@@ -591,9 +601,7 @@ def test_a_qwen_image_pipeline_samples_as_its_own_pipeline_and_distils_end_to_en
     expected = pipe._unpack_latents(latents, 16, 16, pipe.vae_scale_factor).view(x.shape)
     times = pipe.scheduler.sigmas.double()
     assert float(times[-2]) == pytest.approx(0.02, abs=1e-6)  # stretched to the terminal time (float32)
-    with torch.no_grad():
-        ours = euler(CFGTeacher(source.denoiser, 1.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
-                     torch.tensor([0]))
+    ours = teacher_steps(source, 1.0, x, times, torch.tensor([0]))
     assert expected.abs().max() > 1
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
 
@@ -618,9 +626,7 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
     line."""
     from distill_core.denoisers.flow import FlowDenoiser
     from distill_core.diffusers_source import denoiser_for, read_json, sample_shape
-    from distill_core.solvers import euler
     from distill_core.students import StudentNet
-    from distill_core.teacher import CFGTeacher
 
     teacher = multi_encoder_pipeline_dir(tmp_path / "wan", "wan")
     prompts = tmp_path / "prompts.txt"
@@ -636,9 +642,7 @@ def test_a_wan_pipeline_is_an_image_teacher_of_one_frame(tmp_path, capsys):
     expected = pipe(prompt="a red fox", latents=x[:, :, None], num_inference_steps=3, height=16, width=16,
                     num_frames=1, guidance_scale=2.0, output_type="latent").frames[:, :, 0]
     times = pipe.scheduler.sigmas.double()
-    with torch.no_grad():
-        ours = euler(CFGTeacher(source.denoiser, 2.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
-                     torch.tensor([0]))
+    ours = teacher_steps(source, 2.0, x, times, torch.tensor([0]))
     assert expected.abs().max() > 1
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
     diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
@@ -679,8 +683,6 @@ def test_a_wan_pipeline_distils_on_clips_that_its_own_sampler_draws_and_its_stud
     start image, which the denoiser's one time per sample reproduces."""
     from PIL import Image
 
-    from distill_core.solvers import euler
-    from distill_core.teacher import CFGTeacher
 
     teacher = multi_encoder_pipeline_dir(tmp_path / kind, kind)
     prompts = tmp_path / "prompts.txt"
@@ -700,9 +702,7 @@ def test_a_wan_pipeline_distils_on_clips_that_its_own_sampler_draws_and_its_stud
     expected = pipe(prompt="a red fox", latents=x, num_inference_steps=3, height=16, width=16, num_frames=5,
                     guidance_scale=2.0, output_type="latent").frames
     times = pipe.scheduler.sigmas.double()
-    with torch.no_grad():
-        ours = euler(CFGTeacher(source.denoiser, 2.0, source.uncond), x / (1 - float(times[0])), times / (1 - times),
-                     torch.tensor([0]))
+    ours = teacher_steps(source, 2.0, x, times, torch.tensor([0]))
     assert expected.shape == x.shape and expected.abs().max() > 1
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
     frames = source.decode(ours)  # the clip's frames, 16 x 16 pixels each
