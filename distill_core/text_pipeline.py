@@ -236,9 +236,9 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
 
 
 def encoding_device(pipe=None) -> torch.device:
-    """Where a pipeline's encoders run: on the GPU where there is one (a 7B text encoder reads a prompt there in well
-    under a second, on CPU cores in tens of seconds), each of ``pipe``'s models moved there only while it runs
-    (``enable_model_cpu_offload``: the largest alone in GPU memory); else on the CPU."""
+    """Where a pipeline's encoders run: on the GPU where there is one (a text encoder of billions of parameters is a
+    GPU's work), each of ``pipe``'s models moved there only while it runs (``enable_model_cpu_offload``: the largest
+    alone in GPU memory); else on the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     device = torch.device("cuda", torch.cuda.current_device())
