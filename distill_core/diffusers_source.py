@@ -222,8 +222,8 @@ def guider_scale(root: Path) -> float | None:
     if (config.get("_class_name") != "ClassifierFreeGuidance" or config.get("guidance_rescale")
             or config.get("use_original_formulation") or (config.get("start", 0.0), config.get("stop", 1.0)) != (0, 1)):
         raise ValueError(f"{path}: this guider guides otherwise than CFG at every step, x0_u + w (x0_c - x0_u), as "
-                         "the engine's teacher does; give the pipeline a ClassifierFreeGuidance guider with no "
-                         "rescale, start 0 and stop 1")
+                         "the engine's teacher does; give the pipeline a ClassifierFreeGuidance guider without "
+                         "rescaling, on from the first step to the last")
     return float(config["guidance_scale"])
 
 
