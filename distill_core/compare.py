@@ -195,7 +195,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", help="a prompt to draw the rows' images from, instead of a file "
                    "(repeat for more)")
     p.add_argument("--images", help="an editing or image-to-video teacher's images (Flux Kontext, "
-                   "Qwen-Image-Edit, Flux.2 klein, Wan and LTX-Video I2V), as given to distill")
+                   "Qwen-Image-Edit, Flux.2, Wan and LTX-Video I2V), as given to distill")
     p.add_argument("--steps", type=int, nargs="+", help="the step count of each student (default: its most)")
     p.add_argument("--count", type=int, default=8, help="images per row")
     p.add_argument("--seed", type=int, default=0, help="noise and class seed")

@@ -62,7 +62,7 @@ class DistillConfig:
                                  "per line (None: the shipped list: of prompts, of edits for an editing pipeline, of "
                                  "motions for an image-to-video one)")
     images: str | None = option(None, "an editing or image-to-video pipeline directory (Flux Kontext, "
-                                "Qwen-Image-Edit, Flux.2 klein, Wan, LTX-Video and HunyuanVideo 1.5 I2V): the image "
+                                "Qwen-Image-Edit, Flux.2, Wan, LTX-Video and HunyuanVideo 1.5 I2V): the image "
                                 "each prompt edits or starts its clip from, one file for every prompt or a folder "
                                 "with one image per prompt in file-name order, scaled as its pipeline scales it")
     pairing: str = option("in-order", "with --images: in-order, prompt k with image k (one image: with every "

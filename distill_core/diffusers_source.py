@@ -15,9 +15,9 @@ the network was trained:
 Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embeddings), the null class
 ``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
 pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image, Wan 2.1 / 2.2, LTX-Video and
-HunyuanVideo 1.5 as image or video models, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream and SANA: their
-transformers; with all their text encoders) trains on ``prompts`` instead (``text_pipeline``), and one that reads an
-image beside each prompt (Flux Kontext's, Qwen-Image-Edit's and Flux.2 klein's edits, Wan's and LTX-Video's
+HunyuanVideo 1.5 as image or video models, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein), HiDream and
+SANA: their transformers; with all their text encoders) trains on ``prompts`` instead (``text_pipeline``), and one
+that reads an image beside each prompt (Flux Kontext's, Qwen-Image-Edit's and Flux.2's edits, Wan's and LTX-Video's
 image-to-video) on ``images`` too.
 """
 
@@ -49,7 +49,8 @@ PATCHIFIED = ("Flux2Transformer2DModel",)
 #: another, by network: its pipeline's default (Flux: no CFG; Qwen-Image: its ``true_cfg_scale``; Z-Image: its
 #: ``guidance_scale`` g = 5, which its pipeline applies as x0_c + g (x0_c - x0_u), w = g + 1; LTX-Video: 3), or the
 #: scale of a pipeline's own CFG guider (``guider/``: HunyuanVideo 1.5's); a pipeline that names itself
-#: step-distilled (``is_distilled``: Flux.2 klein's 4-step models) samples without CFG
+#: step-distilled (``is_distilled``: Flux.2 klein's 4-step models) or guidance-distilled (``guidance_embeds``: Flux.2
+#: dev) samples without CFG
 TEXT_GUIDANCE = 5.0
 GUIDANCE_BY_NETWORK = {"FluxTransformer2DModel": 1.0, "QwenImageTransformer2DModel": 4.0,
                        "AuraFlowTransformer2DModel": 3.5, "Lumina2Transformer2DModel": 4.0,
@@ -322,8 +323,9 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
                 width: int | None = None) -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the pipeline's negative
     (condition P; ``negative`` where given) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``
-    (Qwen-Image: 4). Flux samples without CFG (w = 1, as its pipeline does); Flux dev takes ``guidance``
-    (default ``FLUX_GUIDANCE``) as its input, and its students' files name it (``embedded_guidance``).
+    (Qwen-Image: 4). Flux samples without CFG (w = 1, as its pipeline does); a guidance-distilled Flux or Flux.2
+    (dev) samples without CFG too, takes ``guidance`` (default its pipeline's, ``EMBEDDED_GUIDANCE``) as its input,
+    and its students' files name it (``embedded_guidance``).
     A pipeline that reads an image beside each prompt takes prompt k with image k of ``images`` (``image_tables``,
     read by the condition's ``IMAGE_ROW``; the negative with each sample's own image), or with ``pairing`` every,
     each prompt with each image (condition r: prompt r mod P with image r div P, ``PromptConditioned.pairs``): an
@@ -331,7 +333,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     ``vision_prompts``, and whose samples are by default the size its pipeline draws them at, the images' megapixel)
     edits it, an image-to-video pipeline (Wan) starts its clip from it (``start_images``).
     ``encode`` False: no prompt tables (the network alone; it refuses to run)."""
-    from distill_core.denoisers.diffusers_flow import FLUX_GUIDANCE
+    from distill_core.denoisers.diffusers_flow import EMBEDDED_GUIDANCE
     from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_PROMPTS, read_prompts
     from distill_core.reference_images import EDITING_PIPELINES, OPTIONAL_EDITING, image_files, image_tables
     from distill_core.start_images import IMAGE_TO_VIDEO_PIPELINES, keeps_start
@@ -362,7 +364,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
                            DEFAULT_MOTIONS if name in IMAGE_TO_VIDEO_PIPELINES else DEFAULT_PROMPTS)
     config = model_config(model_dir, pipeline=True)
     network = config["_class_name"]
-    if config.get("guidance_embeds") and network != "FluxTransformer2DModel":
+    guidance_input = bool(config.get("guidance_embeds"))  # guidance-distilled: its guidance an input, no CFG
+    if guidance_input and network not in EMBEDDED_GUIDANCE:
         raise ValueError(f"{model_dir}: a guidance-distilled {network} (guidance_embeds) is not a teacher this "
                          "command distils; give the pipeline it was distilled from")
     if config.get("use_meanflow"):
@@ -373,8 +376,9 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     if files and resolution is width is None:
         resolution, width = size_from_images(root, name, files, config["_class_name"])
     shape = sample_shape(config, root, resolution, frames, width)
-    if negative is not None and config["_class_name"] == "FluxTransformer2DModel":
-        raise ValueError(f"{root}: Flux samples without CFG, so a negative prompt has nothing to steer away from; "
+    if negative is not None and (network == "FluxTransformer2DModel" or guidance_input):
+        family = "Flux" if network == "FluxTransformer2DModel" else "Flux.2 dev"  # the guidance-distilled Flux.2
+        raise ValueError(f"{root}: {family} samples without CFG, so a negative prompt has nothing to steer away from; "
                          "drop --negative")
     # the encoders freed before the network loads
     tables, per_image, pair_rows = {}, {}, None
@@ -387,8 +391,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     model = pipeline_network(root, index, model_dir, config, scheduler_dir, frozen_precision)
     name = config["_class_name"]
     embedded = None
-    if name == "FluxTransformer2DModel" and model.config.guidance_embeds:
-        embedded = FLUX_GUIDANCE if guidance is None else float(guidance)
+    if guidance_input:
+        embedded = EMBEDDED_GUIDANCE[name] if guidance is None else float(guidance)
     n = len(prompts)
     denoiser = PromptConditioned(denoiser_for(model, scheduler_dir, shape, embedded), tables, per_image,
                                  n if every else None, pair_rows)
@@ -402,7 +406,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
             **({} if negative is None else {"negative": negative}),
             **({"edits": True} if optional_edits else {})}
     guided = guider_scale(root)
-    w = 1.0 if index.get("is_distilled") else guided if guided is not None else \
+    w = 1.0 if index.get("is_distilled") or guidance_input else guided if guided is not None else \
         GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE)
     uncond = {PROMPT_ROW: torch.tensor([n])} if per_image else torch.tensor([n])  # each sample's own image
     return TeacherSource(str(root), denoiser, shape, draw_cond, uncond, w, conditions, card=card,

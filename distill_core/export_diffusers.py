@@ -1,6 +1,6 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Flux Kontext,
-Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, SANA, HiDream, Wan 2.1, Wan 2.2 A14B and TI2V 5B;
-Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's text- and image-to-video; HunyuanVideo 1.5's
+Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein), SANA, HiDream, Wan 2.1, Wan 2.2 A14B and
+TI2V 5B; Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's text- and image-to-video; HunyuanVideo 1.5's
 text-to-video) as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
@@ -41,14 +41,14 @@ becomes 0 there, so its images end the last step's remaining sigma_min of noise 
 Guidance distilled into the student: ``guidance_scale`` 1 (no CFG); a student of guidance mode "cfg": its w,
 against the negative it was distilled with (the pipeline's own, or the prompt its file names, passed as
 ``negative_prompt``), as in training (CFG in epsilon or velocity is CFG in x0: x0 is affine in either at fixed
-x and sigma); Flux dev: the guidance input its file names. Z-Image's pipeline takes g = w - 1 (it guides as
-x0_c + g (x0_c - x0_u)); Lumina 2's is told not to rescale its guided velocities (``cfg_normalization=False``),
-so that it guides as the engine does; SANA's not to snap the image size to its bins of aspect ratios
-(``use_resolution_binning=False``), so that it samples at the student's size. Qwen-Image's pipeline always
-rescales its guided velocities, which the engine's CFG does not: only its guidance-distilled students export.
-Flux.2 klein's pipeline guides against the empty prompt only: a student guided against another negative does
-not export. A LoRA's update (alpha / r) B A is written with alpha / r folded into B, so PEFT's default scale 1
-applies it.
+x and sigma); Flux dev and Flux.2 dev: the guidance input its file names. Z-Image's pipeline takes g = w - 1 (it
+guides as x0_c + g (x0_c - x0_u)); Lumina 2's is told not to rescale its guided velocities
+(``cfg_normalization=False``), so that it guides as the engine does; SANA's not to snap the image size to its bins
+of aspect ratios (``use_resolution_binning=False``), so that it samples at the student's size. Qwen-Image's
+pipeline always rescales its guided velocities, which the engine's CFG does not: only its guidance-distilled
+students export. Flux.2 klein's pipeline guides against the empty prompt only: a student guided against another
+negative does not export. A LoRA's update (alpha / r) B A is written with alpha / r folded into B, so PEFT's
+default scale 1 applies it.
 
 Students that re-noise between their steps (DMD2, moment matching, LCM-LoRA: x_{i+1} = x0_i + s_{i+1} n_i,
 n_i drawn afresh) export to the flow pipelines: their scheduler, told ``stochastic_sampling``, steps to
@@ -90,10 +90,10 @@ class Target:
     the square whose area it scales every image to (``area``: HiDream's, 128; None: it draws the size asked), and
     the image its call takes (``image``): the one it edits (``edit``, Flux Kontext and Qwen-Image-Edit) or the one
     its clip starts from (``start``, Wan and LTX-Video image-to-video), given as loaded (the pipeline scales it) or,
-    where the engine scaled it to the student's size (``sized``: Flux Kontext, Flux.2 klein's edits), at that size,
+    where the engine scaled it to the student's size (``sized``: Flux Kontext, Flux.2's edits), at that size,
     whether its call takes the area it draws at (``drawn_area``: Flux Kontext's ``max_area``), and whether the start
     image's latent goes in the first frame of the latents it is given (``keeps_start``: LTX-Video's, which takes
-    given latents as they are). A pipeline that draws from prompts alone or edits (Flux.2 klein) takes its image as
+    given latents as they are). A pipeline that draws from prompts alone or edits (Flux.2) takes its image as
     ``edited`` says, for a student trained on edits (``target``). HunyuanVideo 1.5's takes its guidance scale from
     its guider (``guider``), not a keyword of its call, and has no LoRA loader of its own: a LoRA loads into its
     network (``network_lora``)."""
@@ -143,6 +143,8 @@ PIPELINES = {
     "ZImagePipeline": Target("transformer", "ZImageTransformer2DModel", flow=True, w_offset=1.0),
     "Flux2KleinPipeline": Target("transformer", "Flux2Transformer2DModel", flow=True, takes_negative=False,
                                  edited=(("image", "edit"), ("sized", True))),
+    "Flux2Pipeline": Target("transformer", "Flux2Transformer2DModel", flow=True, takes_negative=False,
+                            edited=(("image", "edit"), ("sized", True))),
     "SanaPipeline": Target("transformer", "SanaTransformer2DModel", flow=True,
                            call=(("use_resolution_binning", False),)),
     "WanPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False, video=True),

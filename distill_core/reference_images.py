@@ -1,4 +1,4 @@
-"""The images an editing pipeline's prompts edit (``--images``: Flux Kontext, Flux.2 klein), as the latents its
+"""The images an editing pipeline's prompts edit (``--images``: Flux Kontext, Flux.2), as the latents its
 network reads; and the dispatch of every pipeline that reads an image beside each prompt (``image_tables``;
 Qwen-Image-Edit: ``vision_prompts``; image-to-video: ``start_images``).
 
@@ -15,8 +15,8 @@ prompts' (``PromptConditioned``).
 The pipeline then draws the student's edits of an image of that size with ``_auto_resize=False`` and
 ``max_area`` the image's area, which keep both the image and the drawn size as they are.
 
-Flux.2 klein draws from its prompts alone, or edits the images given with them (``OPTIONAL_EDITING``): z_ref,k is
-E(I_k) in 2 x 2 patches, normalised per patch channel by the running statistics of its VAE's ``bn``, as its
+Flux.2 (dev and klein) draws from its prompts alone, or edits the images given with them (``OPTIONAL_EDITING``):
+z_ref,k is E(I_k) in 2 x 2 patches, normalised per patch channel by the running statistics of its VAE's ``bn``, as its
 samples are, its latent pixels tokens at (10, row, column, 0) beside the sample's at (0, row, column, 0)
 (``Flux2Velocity``); the pipeline draws the edit of an image given at the student's size at that size.
 
@@ -36,8 +36,8 @@ from distill_core.vision_prompts import VISION_PROMPT_PIPELINES
 #: in their text encoder too: ``vision_prompts``)
 EDITING_PIPELINES = ("FluxKontextPipeline", *VISION_PROMPT_PIPELINES)
 #: the pipelines that draw from their prompts alone, or edit the images given with them (``--images``)
-OPTIONAL_EDITING = ("Flux2KleinPipeline",)
-#: the most pixels of an image that Flux.2 klein's pipeline reads at its own size (it scales larger ones down)
+OPTIONAL_EDITING = ("Flux2KleinPipeline", "Flux2Pipeline")
+#: the most pixels of an image that Flux.2's pipelines read at its own size (it scales larger ones down)
 FLUX2_REFERENCE_AREA = 1024 * 1024
 #: the files a folder of reference images holds
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", help="a text-to-image student's prompt file, one prompt per line (default: the "
                    f"first {DEFAULT_ROWS} of the shipped list)")
     p.add_argument("--images", help="an editing or image-to-video student's images (Flux Kontext, "
-                   "Qwen-Image-Edit, Flux.2 klein, Wan and LTX-Video I2V): one file for every prompt, or a folder "
+                   "Qwen-Image-Edit, Flux.2, Wan and LTX-Video I2V): one file for every prompt, or a folder "
                    "with one image per prompt in file-name order")
     p.add_argument("--label", type=int, action="append", help="a class label for a class-conditional student "
                    f"(repeat for more rows); default: its first {DEFAULT_ROWS} classes")

@@ -130,7 +130,7 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
                          "still digits")
     if images is not None and digits:
         raise ValueError(f"--images is for pipeline directories that read an image beside each prompt (Flux "
-                         f"Kontext, Qwen-Image-Edit, Flux.2 klein, Wan and LTX-Video image-to-video); the {name} "
+                         f"Kontext, Qwen-Image-Edit, Flux.2, Wan and LTX-Video image-to-video); the {name} "
                          "teacher draws digits from noise")
     if negative is not None and digits:
         raise ValueError(f"--negative is for text-to-image pipeline directories; the {name} teacher's other side "

@@ -1,8 +1,8 @@
 """Text-to-image teachers from diffusers pipeline directories (``--teacher DIR --prompts FILE``), offline.
 
 A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or of
-SD3, Flux, Flux Kontext, Qwen-Image, Wan, LTX-Video, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream or
-SANA (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with ``scheduler/``, its text encoders and
+SD3, Flux, Flux Kontext, Qwen-Image, Wan, LTX-Video, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein),
+HiDream or SANA (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with ``scheduler/``, its text encoders and
 tokenizers, and optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's, Wan's and LTX-Video's video VAEs, Flux.2's
 or SANA's deep-compression autoencoder, which decode the report's grid; Flux Kontext's also encodes the images its
 prompts edit: ``reference_images``, and Wan's image-to-video pipeline the images its clips start from:
@@ -18,7 +18,8 @@ tokens, and ByT5's of the prompt's quoted text (zeros without), each with its ma
 each prompt's end; Chroma: T5's, with the mask of each prompt's tokens and its first padding token; Lumina 2: Gemma
 2's second-to-last hidden states of its system prompt and the prompt, with their mask; Z-Image: Qwen3's
 second-to-last hidden states of the prompt in its chat template, unpadded, kept as one padded table and its mask;
-Flux.2 klein: Qwen3's hidden states of three layers side by side; HiDream: T5's, and Llama 3.1's hidden states of
+Flux.2 klein: Qwen3's hidden states of three layers side by side, Flux.2 dev: Mistral Small 3's, read through its
+processor's chat template (``chat_text_processor``); HiDream: T5's, and Llama 3.1's hidden states of
 every layer; SANA: Gemma 2's last hidden states of its call's instruction and the prompt, with their mask), and the
 pooled embedding p where the network takes one (SDXL: ``text_embeds``, with the image's size and crop as
 ``time_ids``; SD3 and Flux: ``pooled_projections``; HiDream: both CLIPs' side by side, ``pooled_embeds``).
@@ -61,8 +62,8 @@ PROMPT_ROW, IMAGE_ROW = "prompt", "image"
 #: the pipelines this command distils, by ``model_index.json``'s class name
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
              "FluxKontextPipeline", "QwenImagePipeline", "WanPipeline", "WanImageToVideoPipeline", "AuraFlowPipeline",
-             "ChromaPipeline", "Lumina2Pipeline", "ZImagePipeline", "Flux2KleinPipeline", "HiDreamImagePipeline",
-             "SanaPipeline", "LTXPipeline", "LTXImageToVideoPipeline", "HunyuanVideo15Pipeline",
+             "ChromaPipeline", "Lumina2Pipeline", "ZImagePipeline", "Flux2KleinPipeline", "Flux2Pipeline",
+             "HiDreamImagePipeline", "SanaPipeline", "LTXPipeline", "LTXImageToVideoPipeline", "HunyuanVideo15Pipeline",
              "HunyuanVideo15ImageToVideoPipeline")
 #: the text tokens Wan's and LTX-Video's pipelines pad their prompts to (their calls' ``max_sequence_length``)
 WAN_TEXT_TOKENS, LTX_TEXT_TOKENS = 512, 128
@@ -72,6 +73,9 @@ NEGATIVE_PROMPT = {"QwenImagePipeline": " ", "QwenImageEditPipeline": " ", "Qwen
 NOT_FOR_PROMPTS = ("unet", "transformer", "transformer_2", "vae", "safety_checker", "feature_extractor",
                    "image_encoder", "image_processor")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
+#: the pipelines whose tokenizer is a vision-language processor that reads text prompts through its chat template
+#: (Flux.2 dev's ``PixtralProcessor``), loaded for its text alone (``chat_text_processor``)
+CHAT_PROCESSORS = ("Flux2Pipeline",)
 #: the pipelines whose constructor reads their VAE's config, so that they load with it to encode prompts
 BUILT_WITH_VAE = ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline")
 #: the VAEs of video latents [B, C, F, H, W], normalised per channel by their ``latents_mean`` and ``latents_std``
@@ -225,7 +229,7 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
         raise ValueError(f"{root}: a {name} is not a pipeline this command distils; it takes "
                          f"{', '.join(PIPELINES + VISION_PROMPT_PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Flux "
                          "Kontext, Qwen-Image and Qwen-Image-Edit, Wan 2.1 and 2.2 A14B (text- and image-to-video), "
-                         "LTX-Video, HunyuanVideo 1.5, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream, "
+                         "LTX-Video, HunyuanVideo 1.5, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2, HiDream, "
                          "SANA)")
     for part in TEXT_ENCODERS:
         if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
@@ -274,10 +278,12 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
     import diffusers
 
     cls = getattr(diffusers, name)
-    skipped = {part: None for part in NOT_FOR_PROMPTS if part in inspect.signature(cls.__init__).parameters
-               and not (part == "vae" and name in BUILT_WITH_VAE)}
+    skipped = {part: None for part in NOT_FOR_PROMPTS + (("tokenizer",) if name in CHAT_PROCESSORS else ())
+               if part in inspect.signature(cls.__init__).parameters and not (part == "vae" and name in BUILT_WITH_VAE)}
     pipe = cls.from_pretrained(root, **skipped, torch_dtype={**stored_dtypes(root), "default": torch.float32},
                                use_safetensors=True, local_files_only=True)
+    if name in CHAT_PROCESSORS:  # the text part of its processor in the processor's place
+        pipe.tokenizer = chat_text_processor(root / "tokenizer")
     device = encoding_device(pipe)
     if name == "StableDiffusionPipeline":
         negatives = None if negative is None else [negative] * len(prompts)  # its negatives match its prompts' type
@@ -334,8 +340,8 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
                                                                dtype=torch.float32, batch_size=len(prompts) + 1)
         return {"encoder_hidden_states": context, "encoder_attention_mask": mask, "encoder_hidden_states_2": glyphs,
                 "encoder_attention_mask_2": glyph_mask}
-    if name == "Flux2KleinPipeline":  # Qwen3's hidden states of three layers side by side
-        context, _ = pipe.encode_prompt([*prompts, negative or ""], device=device)
+    if name in ("Flux2KleinPipeline", "Flux2Pipeline"):  # Qwen3's (dev: Mistral's) hidden states of three layers
+        context, _ = pipe.encode_prompt([*prompts, negative or ""], device=device)  # side by side
         return {"encoder_hidden_states": context.float()}
     if name == "StableDiffusionXLPipeline":
         context, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, None, device, 1, True,
@@ -350,6 +356,24 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
                                                                 negative_prompt=negative)
     return {"encoder_hidden_states": torch.cat([context, uncond[:1]]).float(),
             "pooled_projections": torch.cat([pooled, uncond_pooled[:1]]).float()}
+
+
+def chat_text_processor(folder: Path):
+    """The text part of the vision-language processor in ``folder`` (Flux.2 dev's ``PixtralProcessor``, whose image
+    processor needs torchvision): the stock processor's chat-template path with the processor's tokenizer and chat
+    template alone. A conversation without images is rendered by the template and tokenized by the tokenizer (without
+    its special tokens where the rendering starts with its BOS token), as the full processor does."""
+    transformers = _transformers()
+
+    class ChatText(transformers.ProcessorMixin):
+        def __init__(self, tokenizer, chat_template=None, **image_settings):  # its image part's settings: unused
+            super().__init__(tokenizer, chat_template=chat_template)
+
+    processor = ChatText.from_pretrained(folder, local_files_only=True)
+    if not processor.chat_template:
+        raise ValueError(f"{folder}: the processor has no chat template (chat_template.jinja), which its text encoder "
+                         "reads the prompts through; copy the pipeline's tokenizer folder whole")
+    return processor
 
 
 def padded(rows: list[torch.Tensor], mask_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

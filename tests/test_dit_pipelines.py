@@ -1,7 +1,8 @@
 """Text-to-image pipelines of the flow transformers that followed SD3 and Flux, as ``--teacher DIR``: AuraFlow
 (UMT5), Chroma (T5 with its text mask, latents packed as Flux's), Lumina 2 (Gemma 2 behind its system prompt;
-time runs the other way), Z-Image (Qwen3, each prompt's tokens unpadded; time the other way) and Flux.2 klein
-(Qwen3's hidden states of three layers; latents of normalised 2 x 2 VAE patches), HiDream (two CLIPs, T5 and
+time runs the other way), Z-Image (Qwen3, each prompt's tokens unpadded; time the other way), Flux.2 klein
+(Qwen3's hidden states of three layers; latents of normalised 2 x 2 VAE patches) and dev (Mistral 3's, read through
+its processor's chat template; guidance-distilled), HiDream (two CLIPs, T5 and
 every layer of Llama 3.1; a mixture of experts) and SANA (Gemma 2 behind its call's instruction; a
 deep-compression autoencoder), each built tiny here as diffusers saves it."""
 
@@ -15,28 +16,31 @@ import torch
 from conftest import randomise
 
 from distill_core.cli import main
+from distill_core.denoisers.diffusers_flow import EMBEDDED_GUIDANCE
 from distill_core.diffusers_source import diffusers_source
 from distill_core.safetensors_io import read_card
 from distill_core.text_pipeline import vae_scale
 from tests.test_teacher_from_dir import autoencoder, byte_vocab, clip_config, clip_tokenizer, t5_encoder, teacher_steps
 
-KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein", "hidream", "sana")
-#: the CFG scale w each is distilled at by default: its pipeline's (Z-Image's g = 5 is w = 6)
-DEFAULT_W = {"auraflow": 3.5, "chroma": 5.0, "lumina2": 4.0, "zimage": 6.0, "flux2-klein": 4.0, "hidream": 5.0,
-             "sana": 4.5}
+KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein", "flux2-dev", "hidream", "sana")
+#: the CFG scale w each is distilled at by default: its pipeline's (Z-Image's g = 5 is w = 6; Flux.2 dev: none,
+#: its guidance an input)
+DEFAULT_W = {"auraflow": 3.5, "chroma": 5.0, "lumina2": 4.0, "zimage": 6.0, "flux2-klein": 4.0, "flux2-dev": 1.0,
+             "hidream": 5.0, "sana": 4.5}
 #: the channels of each one's latents (Flux.2's: 2 x 2 patches of 16), the pixels a latent pixel spans and the
 #: latent's side (others: 16 channels, 2 pixels, 8)
-LATENT = {"auraflow": (4, 2, 8), "lumina2": (16, 8, 8), "flux2-klein": (64, 4, 4), "sana": (8, 8, 8)}
+LATENT = {"auraflow": (4, 2, 8), "lumina2": (16, 8, 8), "flux2-klein": (64, 4, 4), "flux2-dev": (64, 4, 4),
+          "sana": (8, 8, 8)}
 #: the keywords of a pipeline's call that make it sample as the engine does (Lumina 2: no rescaling of the
 #: guided velocity; SANA: the image size as given)
 PIPELINE_CALL = {"lumina2": {"cfg_normalization": False}, "sana": {"use_resolution_binning": False}}
 #: each scheduler's time shift (Chroma's of the 16 tokens of its 8 x 8 latent's 2 x 2 patches; Flux.2's of its
 #: 16 tokens at its pipeline's default 50 steps)
-SHIFT = {"auraflow": 1.73, "chroma": "tokens", "lumina2": 6.0, "zimage": 3.0, "flux2-klein": "flux2", "hidream": 3.0,
-         "sana": 3.0}
+SHIFT = {"auraflow": 1.73, "chroma": "tokens", "lumina2": 6.0, "zimage": 3.0, "flux2-klein": "flux2",
+         "flux2-dev": "flux2", "hidream": 3.0, "sana": 3.0}
 #: the time embeddings SFD-v conditions (Lumina 2's returns the caption's too; Chroma's has no layer of its own)
 INJECTION = {"auraflow": "time_step_proj", "zimage": "t_embedder", "flux2-klein": "time_guidance_embed",
-             "hidream": "t_embedder", "sana": "time_embed"}
+             "flux2-dev": "time_guidance_embed", "hidream": "t_embedder", "sana": "time_embed"}
 
 
 def gemma(special: list[str]):
@@ -85,6 +89,43 @@ def llama(special: list[str]):
     return transformers.LlamaForCausalLM(config), tokenizer
 
 
+def mistral3(root):
+    """A tiny Mistral 3 (Mistral Small 3.1's layout: a Pixtral vision tower beside a Mistral language model of the
+    31 layers whose hidden states Flux.2 dev's pipeline reads) and the text part of its processor
+    (``chat_text_processor``), whose folder ``root / "processor"`` holds a byte-level tokenizer, a chat template
+    of a system and a user turn, and a ``PixtralProcessor``'s settings."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from distill_core.text_pipeline import chat_text_processor
+
+    special = ["<s>", "</s>", "<pad>", "[IMG]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"]
+    vocab = byte_vocab(special)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                                     pad_token="<pad>", additional_special_tokens=special[3:])
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% for part in m['content'] %}{% if part['type'] == 'text' %}"
+        "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ part['text'] }}[/SYSTEM_PROMPT]"
+        "{% else %}[INST]{{ part['text'] }}[/INST]{% endif %}{% else %}[IMG]{% endif %}{% endfor %}{% endfor %}")
+    folder = root / "processor"
+    tokenizer.save_pretrained(folder)
+    (folder / "processor_config.json").write_text(json.dumps(PIXTRAL_SETTINGS))
+    text = transformers.MistralConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=16,
+                                      num_hidden_layers=31, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    vision = transformers.PixtralVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                              num_attention_heads=2, head_dim=8, image_size=32, patch_size=4)
+    config = transformers.Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                         image_token_index=vocab["[IMG]"], spatial_merge_size=1)
+    return transformers.Mistral3ForConditionalGeneration(config), chat_text_processor(folder)
+
+
+#: what a ``PixtralProcessor``'s folder says of its processor (its image settings)
+PIXTRAL_SETTINGS = {"processor_class": "PixtralProcessor", "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
+                    "image_end_token": "[IMG_END]", "patch_size": 4, "spatial_merge_size": 1}
+
+
 def dit_pipeline_dir(root, kind: str, distilled: bool = False):
     """A tiny AuraFlow, Chroma, Lumina 2 or Z-Image pipeline as diffusers saves one, on 8 x 8 latents: each
     transformer of one block (and one refiner), its own text encoder of one or two layers, an AutoencoderKL (4
@@ -126,20 +167,23 @@ def dit_pipeline_dir(root, kind: str, distilled: bool = False):
         pipeline = diffusers.Lumina2Pipeline(transformer=network, scheduler=flow(shift=6.0),
                                              vae=autoencoder(16, blocks=4, shift_factor=0.1), text_encoder=encoder,
                                              tokenizer=tokenizer)
-    elif kind == "flux2-klein":
-        encoder, tokenizer = qwen3(layers=27, causal=True, width=16)
+    elif kind.startswith("flux2"):
+        dev = kind == "flux2-dev"
+        encoder, tokenizer = mistral3(root) if dev else qwen3(layers=27, causal=True, width=16)
         network = diffusers.Flux2Transformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
-            guidance_embeds=False)
+            guidance_embeds=dev)
         vae = diffusers.AutoencoderKLFlux2(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
                                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
                                            latent_channels=16, norm_num_groups=4, sample_size=32)
         vae.bn.running_mean.normal_(generator=torch.Generator().manual_seed(2))
         vae.bn.running_var.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(3))
-        pipeline = diffusers.Flux2KleinPipeline(
-            scheduler=flow(use_dynamic_shifting=True, time_shift_type="exponential"), vae=vae, text_encoder=encoder,
-            tokenizer=tokenizer, transformer=network, is_distilled=distilled)
+        scheduler = flow(use_dynamic_shifting=True, time_shift_type="exponential")
+        pipeline = diffusers.Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tokenizer,
+                                           transformer=network) if dev else diffusers.Flux2KleinPipeline(
+            scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tokenizer, transformer=network,
+            is_distilled=distilled)
     elif kind == "hidream":
         clip, clip_vocab = clip_tokenizer(root)
         t5_tokens, t5 = t5_encoder()
@@ -179,24 +223,43 @@ def dit_pipeline_dir(root, kind: str, distilled: bool = False):
                                             text_encoder=encoder, tokenizer=tokenizer, transformer=network)
     randomise(network, seed=0)
     pipeline.save_pretrained(root / "pipeline", safe_serialization=True)
+    if kind == "flux2-dev":  # its processor named as Flux.2 dev's pipeline names it
+        index = root / "pipeline" / "model_index.json"
+        named = {**json.loads(index.read_text()), "tokenizer": ["transformers", "PixtralProcessor"]}
+        index.write_text(json.dumps(named))
+        (root / "pipeline" / "tokenizer" / "processor_config.json").write_text(json.dumps(PIXTRAL_SETTINGS))
     return root / "pipeline"
 
 
 def pipeline_latents(pipe, prompt: str, x: torch.Tensor, w: float, sigmas: list[float], side: int,
                      **call) -> torch.Tensor:
-    """The pipeline's own sampler (Euler on ``sigmas``, at the engine's CFG scale ``w``) from latents x
-    [B, C, H, W] of an image of ``side`` pixels, as latents of x's shape."""
+    """The pipeline's own sampler (Euler on ``sigmas``, at the engine's CFG scale ``w``; Flux.2 dev's: without CFG,
+    its guidance input at its default) from latents x [B, C, H, W] of an image of ``side`` pixels, as latents of x's
+    shape."""
     kind = type(pipe).__name__
     packed = kind == "ChromaPipeline"
     b, c, h, width = x.shape
     latents = pipe._pack_latents(x, b, c, h, width) if packed else x
-    scale = w - 1 if kind == "ZImagePipeline" else w
-    if kind == "Flux2KleinPipeline":  # its latent output leaves the latent space: its last step's tokens instead
+    scale = {"ZImagePipeline": w - 1, "Flux2Pipeline": EMBEDDED_GUIDANCE["Flux2Transformer2DModel"]}.get(kind, w)
+    if kind.startswith("Flux2"):  # its latent output leaves the latent space: its last step's tokens instead
         return flux2_latents(pipe, x.shape, prompt=prompt, latents=latents, sigmas=sigmas,
                              num_inference_steps=len(sigmas), height=side, width=side, guidance_scale=scale, **call)
     out = pipe(prompt=prompt, latents=latents, sigmas=sigmas, num_inference_steps=len(sigmas), height=side,
                width=side, guidance_scale=scale, output_type="latent", **call).images
     return pipe._unpack_latents(out, side, side, pipe.vae_scale_factor).view(x.shape) if packed else out
+
+
+def stock_pipeline(root, **components):
+    """The pipeline at ``root`` as diffusers loads it, ``components`` given rather than loaded; Flux.2 dev's with
+    the text part of its processor (``chat_text_processor``: its ``PixtralProcessor`` needs torchvision)."""
+    from distill_core.text_pipeline import CHAT_PROCESSORS, chat_text_processor
+
+    chat = json.loads((root / "model_index.json").read_text())["_class_name"] in CHAT_PROCESSORS
+    pipe = diffusers.DiffusionPipeline.from_pretrained(root, local_files_only=True,
+                                                       **({"tokenizer": None} if chat else {}), **components)
+    if chat:
+        pipe.tokenizer = chat_text_processor(root / "tokenizer")
+    return pipe
 
 
 def flux2_latents(pipe, shape: torch.Size, **call) -> torch.Tensor:
@@ -214,13 +277,14 @@ def flux2_latents(pipe, shape: torch.Size, **call) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_path, kind):
-    """An AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein, HiDream or SANA pipeline directory is a teacher over
-    prompts: Euler with CFG through its denoiser on the pipeline's own sigmas reproduces its sampler (its text
+    """An AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 klein or dev, HiDream or SANA pipeline directory is a teacher
+    over prompts: Euler with CFG through its denoiser on the pipeline's own sigmas reproduces its sampler (its text
     encoders and negative, its time convention and scale, Chroma's text mask and packing, Z-Image's unpadded
-    prompts and its g = w - 1, Lumina 2's system prompt, Flux.2's patch latents, SANA's instruction); CFG
-    defaults to its pipeline's scale, the student's flow grid to its scheduler's shift. The main job distils it
-    with the full report and a grid decoded by its VAE; SFD-v conditions the time embeddings of all but Chroma
-    and Lumina 2, which are refused."""
+    prompts and its g = w - 1, Lumina 2's system prompt, Flux.2's patch latents, dev's chat template and guidance
+    input, SANA's instruction); CFG defaults to its pipeline's scale (Flux.2 dev: none, its guidance input its
+    pipeline's 4, which the student's file names), the student's flow grid to its scheduler's shift. The main job
+    distils it with the full report and a grid decoded by its VAE; SFD-v conditions the time embeddings of all but
+    Chroma and Lumina 2, which are refused."""
     from distill_core.schedules import flux2_shift, flux_shift
     from distill_core.students import StudentNet
 
@@ -229,21 +293,22 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     prompts.write_text("a red fox\nan owl in the snow at night\n")
     channels, pixels, grid = LATENT.get(kind, (16, 2, 8))
     side = grid * pixels
-    assert pixels == vae_scale(teacher) * (2 if kind == "flux2-klein" else 1)
+    assert pixels == vae_scale(teacher) * (2 if kind.startswith("flux2") else 1)
     source = diffusers_source(teacher, prompts=prompts, resolution=side)
     assert (source.shape, source.guidance) == ((channels, grid, grid), DEFAULT_W[kind])
     shift = {"tokens": flux_shift(16), "flux2": flux2_shift(16, 50)}.get(SHIFT[kind], SHIFT[kind])
     assert source.denoiser.shift == pytest.approx(shift)
-    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    pipe = stock_pipeline(teacher)
     if kind == "hidream":  # its pipeline scales every image to its default's area: that default, here
         pipe.default_sample_size = side // vae_scale(teacher)
     if kind == "sana":  # Euler steps in place of its DPM-Solver's, on flow times shifted as its own
         pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.0)
     x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
-    expected = pipeline_latents(pipe, "an owl in the snow at night", x, 2.0, [0.9, 0.6, 0.3], side,
+    w = DEFAULT_W[kind] if kind == "flux2-dev" else 2.0  # dev: no CFG, its guidance input at its pipeline's 4
+    expected = pipeline_latents(pipe, "an owl in the snow at night", x, w, [0.9, 0.6, 0.3], side,
                                 **PIPELINE_CALL.get(kind, {}))
     times = pipe.scheduler.sigmas.double()
-    ours = teacher_steps(source, 2.0, x, times, torch.tensor([1]))
+    ours = teacher_steps(source, w, x, times, torch.tensor([1]))
     scale = float(expected.abs().max())  # float32 rounding, relative to the latents' size
     assert scale > 1
     torch.testing.assert_close(ours.double() / scale, expected.double() / scale, atol=1e-5, rtol=0)
@@ -255,6 +320,7 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     report = json.loads((out / "report.json").read_text())
     assert report["guidance"] == DEFAULT_W[kind] and any(r["method"] == "sfd" and r["nfe"] == 2 for r in report["rows"])
     card = read_card(out / "student.safetensors")
+    assert card.get("embedded_guidance") == (4.0 if kind == "flux2-dev" else None)
     assert card["schedule"]["name"] == "flow" and card["schedule"]["shift"] == pytest.approx(source.denoiser.shift)
     assert (out / "grid.png").read_bytes()[25] == 2  # RGB: decoded by its VAE
     if kind in INJECTION:
@@ -288,6 +354,26 @@ def test_a_step_distilled_flux2_klein_samples_without_cfg_and_a_negative_it_cann
     err = capsys.readouterr().err
     assert "against the negative 'blurry', and Flux2KleinPipeline guides against the empty prompt only" in err
     assert "Traceback" not in err and not (tmp_path / "x").exists()
+
+
+def test_flux2_dev_takes_the_runs_guidance_as_its_input_and_refuses_what_it_cannot_read(tmp_path, capsys):
+    """Flux.2 dev takes the run's --guidance as its guidance input (the student's file names it) and samples
+    without CFG, so a negative prompt is refused in one line; a processor folder without the chat template its
+    text encoder reads prompts through is refused by name."""
+    teacher = dit_pipeline_dir(tmp_path, "flux2-dev")
+    x = torch.randn(1, 64, 4, 4, generator=torch.Generator().manual_seed(0))
+    own, given = (diffusers_source(teacher, prompts=["an owl"], resolution=16, guidance=g) for g in (None, 2.5))
+    assert (own.card["embedded_guidance"], given.card["embedded_guidance"], given.guidance) == (4.0, 2.5, 1.0)
+    with torch.no_grad():
+        assert (own.denoiser(x, 2.0, torch.tensor([0])) - given.denoiser(x, 2.0, torch.tensor([0]))).abs().max() > 1e-4
+    assert main(["distill", "--teacher", str(teacher), "--negative", "blurry", "--resolution", "16",
+                 "--out", str(tmp_path / "run"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "Flux.2 dev samples without CFG, so a negative prompt has nothing to steer away from" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+    (teacher / "tokenizer" / "chat_template.jinja").unlink()
+    with pytest.raises(ValueError, match="the processor has no chat template"):
+        diffusers_source(teacher, prompts=["an owl"], resolution=16)
 
 
 def test_hidreams_experts_pass_gradients_and_train_mode_changes_nothing_it_computes(tmp_path):

@@ -1,13 +1,12 @@
-"""Editing pipelines from directories (Flux Kontext; Flux.2 klein, which also draws from prompts alone): each prompt
-edits its own image (``--images``), which the teacher reads as the pipeline's transformer does; the stock pipeline,
-given the exported student and the same image, draws the student's edit; what does not fit is refused in one
-line."""
+"""Editing pipelines from directories (Flux Kontext; Flux.2 klein and dev, which also draw from prompts alone): each
+prompt edits its own image (``--images``), which the teacher reads as the pipeline's transformer does; the stock
+pipeline, given the exported student and the same image, draws the student's edit; what does not fit is refused in
+one line."""
 
 from __future__ import annotations
 
 import json
 
-import diffusers
 import numpy as np
 import pytest
 import torch
@@ -143,13 +142,14 @@ def test_the_main_job_distils_an_editing_pipeline_and_samples_new_edits(kontext,
     ("--teacher {flux} --prompts {prompts} --images {images}/a.png",
      "--images is for pipelines that read an image beside each prompt (FluxKontextPipeline, QwenImageEditPipeline, "
      "QwenImageEditPlusPipeline, WanImageToVideoPipeline, LTXImageToVideoPipeline, "
-     "HunyuanVideo15ImageToVideoPipeline, Flux2KleinPipeline); a FluxPipeline draws from its prompts alone"),
+     "HunyuanVideo15ImageToVideoPipeline, Flux2KleinPipeline, Flux2Pipeline); a FluxPipeline draws from its prompts "
+     "alone"),
     ("--teacher {teacher} --prompts {three} --images {images}",
      "--images {images} holds 2 images (.png, .jpg, .jpeg, .webp) for 3 prompts"),
     ("--teacher {teacher} --prompts {prompts} --images {images}/none.png", "no such file or folder"),
     ("--teacher {teacher} --prompts {prompts} --images {prompts}", "is not an image this reads"),
     ("--teacher builtin --images {images}", "--images is for pipeline directories that read an image beside each "
-     "prompt (Flux Kontext, Qwen-Image-Edit, Flux.2 klein, Wan and LTX-Video image-to-video)"),
+     "prompt (Flux Kontext, Qwen-Image-Edit, Flux.2, Wan and LTX-Video image-to-video)"),
 ])
 def test_images_that_do_not_fit_are_refused_in_one_line(kontext, tmp_path, capsys, flags, message):
     teacher, prompts, images = kontext
@@ -163,33 +163,38 @@ def test_images_that_do_not_fit_are_refused_in_one_line(kontext, tmp_path, capsy
     assert message.format(**values) in err and "Traceback" not in err, err
 
 
-def test_flux2_klein_edits_the_images_given_with_its_prompts_as_its_pipeline_does(tmp_path, capsys):
-    """Flux.2 klein with --images: its transformer reads each prompt's image (its latent's tokens at time 10) on
-    both sides of CFG, as its pipeline does given the image at the student's size: Euler with CFG through the teacher
-    reproduces the pipeline's steps; without --images it draws from its prompts alone. Its exported LoRA, drawn by
+@pytest.mark.parametrize("kind", ["flux2-klein", "flux2-dev"])
+def test_flux2_edits_the_images_given_with_its_prompts_as_its_pipeline_does(tmp_path, capsys, kind):
+    """Flux.2 klein and dev with --images: the transformer reads each prompt's image (its latent's tokens at time 10)
+    (klein: on both sides of CFG; dev: at its guidance input, without CFG), as its pipeline does given the image at
+    the student's size: Euler through the teacher reproduces the pipeline's steps; without --images it draws from
+    its prompts alone. Its exported LoRA, drawn by
     the stock pipeline with the image at that size, draws the student's edit, and the printed lines pass it so; a
     student of edits is refused by sample without --images, and edits above the megapixel its pipeline reads at are
     refused in one line."""
-    from tests.test_dit_pipelines import dit_pipeline_dir, flux2_latents
+    from tests.test_dit_pipelines import dit_pipeline_dir, flux2_latents, stock_pipeline
 
-    teacher = dit_pipeline_dir(tmp_path, "flux2-klein")
+    teacher = dit_pipeline_dir(tmp_path, kind)
+    dev = kind == "flux2-dev"
+    w = 1.0 if dev else 4.0  # dev: no CFG, its guidance input at its pipeline's 4
     images = image_folder(tmp_path, 64, 64)
     prompts = ["make it snowy", "an owl on it"]
     source = diffusers_source(teacher, prompts=prompts, images=images, resolution=64)
     assert source.shape == (64, 16, 16) and getattr(source.denoiser, REFERENCE_TABLE).shape == (2, 64, 16, 16)
-    assert source.card == {"resolution": 64, "edits": True} and source.guidance == 4.0
+    assert source.card == {"resolution": 64, "edits": True, **({"embedded_guidance": 4.0} if dev else {})}
+    assert source.guidance == w
     assert not hasattr(diffusers_source(teacher, prompts=prompts, resolution=64).denoiser, REFERENCE_TABLE)
     with pytest.raises(ValueError, match="reads the image it edits at a megapixel at most, and this run's 1088x1088"):
         diffusers_source(teacher, prompts=prompts, images=images, resolution=1088)
 
-    pipe = diffusers.DiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    pipe = stock_pipeline(teacher)
     x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
     edit = Image.open(images / "b.png")
     expected = flux2_latents(pipe, x.shape, prompt="an owl on it", latents=x,
                              sigmas=[0.9, 0.6, 0.3], num_inference_steps=3, height=64, width=64, guidance_scale=4.0,
                              image=edit)
     times = pipe.scheduler.sigmas.double()
-    ours = teacher_steps(source, 4.0, x, times, prompt_condition(source.denoiser, torch.tensor([1])))
+    ours = teacher_steps(source, w, x, times, prompt_condition(source.denoiser, torch.tensor([1])))
     with torch.no_grad():
         other = source.denoiser(x, 2.0, {PROMPT_ROW: torch.tensor([1]), IMAGE_ROW: torch.tensor([0])})
         own = source.denoiser(x, 2.0, {PROMPT_ROW: torch.tensor([1]), IMAGE_ROW: torch.tensor([1])})
@@ -197,7 +202,7 @@ def test_flux2_klein_edits_the_images_given_with_its_prompts_as_its_pipeline_doe
     torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
 
     settings, z, ours = exported_edit(source, tmp_path)
-    assert settings["edits"] and settings["call"] == {} and settings["guidance_scale"] == 1.0
+    assert settings["edits"] and settings["call"] == {} and settings["guidance_scale"] == (4.0 if dev else 1.0)
     theirs = pipeline_latents(teacher, tmp_path / "export", {**settings, "call": {"image": edit}}, z,
                               prompt="an owl on it")
     scale = float(ours.abs().max())

@@ -29,7 +29,8 @@ they differ in what they take besides x_t:
   embeddings side by side; it predicts -v;
 * Flux.2's ``Flux2Transformer2DModel``: t itself and c, on latents whose channels are the VAE's 2 x 2 patches
   already (Flux.2's VAE normalises them): each latent pixel a token at position (0, row, column, 0), text
-  token l at (0, 0, 0, l), and an edit's image's latent pixels at (10, row, column, 0);
+  token l at (0, 0, 0, l), and an edit's image's latent pixels at (10, row, column, 0); Flux.2 dev, guidance-distilled
+  as Flux dev, also takes g;
 * HunyuanVideo 1.5's ``HunyuanVideo15Transformer3DModel``: t * T, Qwen2.5-VL's and ByT5's token embeddings with
   their masks, on video latents beside its text-to-video pipeline's empty start-image inputs
   (``HunyuanVideo15Velocity``);
@@ -59,9 +60,9 @@ from distill_core.reference_images import REFERENCE_TABLE
 from distill_core.schedules import flux2_shift, flux_shift
 from distill_core.start_images import KEPT_START, SIGLIP_EMBEDDINGS, START_TABLE
 
-#: the embedded guidance a guidance-distilled Flux model is distilled at unless the run says another
-#: (FluxPipeline's default)
-FLUX_GUIDANCE = 3.5
+#: the embedded guidance a guidance-distilled model is distilled at unless the run says another, by network: its
+#: pipeline's default (FluxPipeline's 3.5, Flux2Pipeline's 4)
+EMBEDDED_GUIDANCE = {"FluxTransformer2DModel": 3.5, "Flux2Transformer2DModel": 4.0}
 #: the step count at which Flux.2's shift sets its students' grid (its pipelines' default)
 FLUX2_STEPS = 50
 #: the time coordinate of the tokens of the image a Flux.2 edit reads (its pipelines' first reference image's)
@@ -181,13 +182,14 @@ class HiDreamVelocity(nn.Module):
 
 class Flux2Velocity(nn.Module):
     """Flux.2's transformer as v(x_t, t, {"encoder_hidden_states": c}) on [B, C, H, W] latents of 2 x 2 VAE
-    patches: every latent pixel a token at (0, row, column, 0), text token l at (0, 0, 0, l). An edit's condition
-    adds the latents of the image being edited (``REFERENCE_TABLE``: [B, C, H', W']), their tokens after the
-    sample's at (``REFERENCE_TIME``, row, column, 0); the velocity is the sample's tokens' alone."""
+    patches: every latent pixel a token at (0, row, column, 0), text token l at (0, 0, 0, l); ``guidance``: the
+    embedded guidance g of a guidance-distilled model (Flux.2 dev; None for klein, which takes none). An edit's
+    condition adds the latents of the image being edited (``REFERENCE_TABLE``: [B, C, H', W']), their tokens after
+    the sample's at (``REFERENCE_TIME``, row, column, 0); the velocity is the sample's tokens' alone."""
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, transformer: nn.Module, guidance: float | None = None):
         super().__init__()
-        self.transformer = transformer
+        self.transformer, self.guidance = transformer, guidance
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -203,6 +205,8 @@ class Flux2Velocity(nn.Module):
         if reference is not None:
             tokens = torch.cat([tokens, reference.to(x.dtype).flatten(2).transpose(1, 2)], dim=1)
             img_ids = torch.cat([img_ids, grid(1, *reference.shape[-2:], 1, start=REFERENCE_TIME)], dim=1)
+        if self.guidance is not None:
+            cond["guidance"] = torch.full((b,), self.guidance, device=x.device)
         txt_ids = grid(1, 1, 1, cond["encoder_hidden_states"].shape[1])
         v = self.transformer(hidden_states=tokens, timestep=time, **cond, img_ids=img_ids, txt_ids=txt_ids,
                              return_dict=False)[0]
@@ -382,7 +386,10 @@ class LTXVelocity(nn.Module):
         return v[:, :, 0] if still else v
 
 
-#: each diffusers flow network (but Flux's, whose guidance input ``flow_denoiser`` sets): its velocity wrapper,
+#: the networks that take a guidance input where they are guidance-distilled (``guidance_embeds``): their velocity
+#: wrappers, which take the embedded guidance g (None: no input), and their time t itself
+GUIDED_VELOCITIES = {"FluxTransformer2DModel": FluxVelocity, "Flux2Transformer2DModel": Flux2Velocity}
+#: each other diffusers flow network: its velocity wrapper,
 #: and whether it takes the time as t T (T = ``num_train_timesteps``) or as t; others: ``UNetVelocity``, t T
 VELOCITIES: dict[str, tuple[Callable[[nn.Module], nn.Module], bool]] = {
     "SD3Transformer2DModel": (KeywordVelocity, True),
@@ -390,7 +397,6 @@ VELOCITIES: dict[str, tuple[Callable[[nn.Module], nn.Module], bool]] = {
     "AuraFlowTransformer2DModel": (KeywordVelocity, False),
     "ChromaTransformer2DModel": (lambda model: FluxVelocity(model, None), False),
     "QwenImageTransformer2DModel": (QwenImageVelocity, False),
-    "Flux2Transformer2DModel": (Flux2Velocity, False),
     "HiDreamImageTransformer2DModel": (HiDreamVelocity, True),
     "Lumina2Transformer2DModel": (lambda model: ReversedTime(Lumina2Output(model)), False),
     "ZImageTransformer2DModel": (lambda model: ReversedTime(ZImageOutput(model)), False),
@@ -404,13 +410,14 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
                   embedded_guidance: float | None = None, span: tuple[int, int] = (1, 1)) -> FlowDenoiser:
     """The ``FlowDenoiser`` of a diffusers flow model with its scheduler's config, for samples of ``shape``
     (C, H, W), or clips (C, F, H, W): from its lowest trained time t = 1 / T to sigma_max = 80, shifted as its
-    scheduler samples; a guidance-distilled Flux model at ``embedded_guidance`` (default ``FLUX_GUIDANCE``);
+    scheduler samples; a guidance-distilled Flux or Flux.2 model at ``embedded_guidance`` (default its pipeline's,
+    ``EMBEDDED_GUIDANCE``);
     LTX-Video's with its VAE's ``span`` (video frames, pixels) per latent pixel."""
     steps = int(scheduler.get("num_train_timesteps", 1000))
     name = type(model).__name__
-    if name == "FluxTransformer2DModel":  # its embedded guidance, where it takes one
-        embedded = FLUX_GUIDANCE if embedded_guidance is None else embedded_guidance
-        net, per_step = FluxVelocity(model, embedded if model.config.guidance_embeds else None), False
+    if name in GUIDED_VELOCITIES:  # its embedded guidance, where it takes one
+        embedded = EMBEDDED_GUIDANCE[name] if embedded_guidance is None else embedded_guidance
+        net, per_step = GUIDED_VELOCITIES[name](model, embedded if model.config.guidance_embeds else None), False
     elif name == "LTXVideoTransformer3DModel":
         net, per_step = LTXVelocity(model, span), True
     else:
