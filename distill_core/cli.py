@@ -10,6 +10,8 @@ import errno
 import importlib
 import sys
 
+from distill_core.stages import show_stages
+
 #: subcommand -> (module with ``add_arguments(parser)`` and ``run(args)``, help text)
 COMMANDS = {
     "distill": ("distill_core.main_job", "distil a teacher into a few-step student (the main job)"),
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         adder(p)
         p.set_defaults(_run=runner)
     args = parser.parse_args(argv)
+    show_stages(not getattr(args, "no_progress", False))
     try:
         return int(args._run(args) or 0)
     except USER_ERRORS as e:

@@ -110,9 +110,11 @@ def load_model(folder: Path, config: dict, frozen_precision: str = "as-loaded") 
     import diffusers
 
     from distill_core.safetensors_io import stored_dtype
+    from distill_core.stages import announce, weights_size
 
     stored = stored_dtype(folder)
     dtype = stored if frozen_precision == "bf16" and stored != torch.float32 else None
+    announce(f"loading the {config['_class_name']} in {folder} ({weights_size(folder)})")
     model = getattr(diffusers, config["_class_name"]).from_pretrained(folder, use_safetensors=True,
                                                                       local_files_only=True, torch_dtype=dtype)
     return model.eval().requires_grad_(False)

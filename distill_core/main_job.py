@@ -28,6 +28,7 @@ from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import methods
 from distill_core.options import add_flags, flag_values, settings
 from distill_core.sources import teacher_source
+from distill_core.stages import announce, counted
 from distill_core.teacher import CFGTeacher
 from distill_core.train.run import StudentRun, refuse_replacing, train_student, within_trained_range
 
@@ -45,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start the run anew in an --out that holds another run (its student and checkpoints are "
                    "replaced); without it such a folder is refused")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar and no line per loading or "
+                   "evaluation step")
     run = p.add_argument_group("the run")
     add_flags(run, DistillConfig, skip={"method"})
     run.add_argument("--method", choices=["auto", *methods()], default=None,
@@ -226,10 +228,14 @@ def write_run_report(cfg: DistillConfig, source: TeacherSource, run: StudentRun,
     steps = reference_steps(source, cfg.reference_steps)
     kw = {**eval_space(source), "device": run.device, "steps": steps, "cache_dir": out / "cache"}
     space = kw["space"]
+    noises = counted(cfg.eval_samples, "evaluation noise")
+    announce(f"report: the teacher's reference solves (Heun, {steps} steps) of {noises}"
+             + (", and its samples from as many other noises" if space == PIXELS else ""))
     ev = eval_set(teacher, cfg.eval_samples, seed=cfg.seed + 1, **kw)
     if space == PIXELS:  # no classifier fits this data: compare with the teacher's own samples from other noise
         target = teacher_target(teacher, cfg.eval_samples, seed=cfg.seed + 2, **kw)
         ev = dataclasses.replace(ev, target=target)
+    announce("report: the student and the training-free solvers on the same noises")
     ours = student_rows(run, teacher, ev)
     solvers_at = {row["nfe"]: solver_rows(teacher, ev, row["nfe"], cfg.sigma_min, cfg.report_solvers) for row in ours}
     rows = [r for row in ours for r in (*solvers_at[row["nfe"]], row)]

@@ -106,12 +106,15 @@ def image_tables(root: Path, pipeline: str, files: list[Path], shape: tuple[int,
     one per prompt), for samples of latent ``shape`` whose pixels span ``pixels`` image pixels: an editing
     pipeline's reference latents (``REFERENCE_TABLE``), an image-to-video pipeline's start conditions, or with
     ``kept`` the start latents it keeps as its clips' first frames (``start_images.start_tables``)."""
+    from distill_core.stages import announce, counted
     from distill_core.start_images import HUNYUAN15_I2V, hunyuan15_start_tables, start_tables
 
     height, width = shape[-2] * pixels, shape[-1] * pixels
     if pipeline in OPTIONAL_EDITING and height * width > FLUX2_REFERENCE_AREA:
         raise ValueError(f"a {pipeline} reads the image it edits at a megapixel at most, and this run's "
                          f"{height}x{width} is more: distil its edits at a megapixel or less (--resolution 1024)")
+    announce(f"encoding {counted(len(set(files)), 'image')} at {height}x{width} with {pipeline}'s VAE (and image "
+             "encoder, where it has one)")
     if pipeline in EDITING_PIPELINES + OPTIONAL_EDITING:
         return {REFERENCE_TABLE: reference_latents(root, files, height, width)}
     if pipeline == HUNYUAN15_I2V:

@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distill_core.stages import announce, counted, weights_size
 from distill_core.start_images import KEPT_START
 from distill_core.vision_prompts import VISION_PROMPT_PIPELINES
 
@@ -231,9 +232,13 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
                          "Kontext, Qwen-Image and Qwen-Image-Edit, Wan 2.1 and 2.2 A14B (text- and image-to-video), "
                          "LTX-Video, HunyuanVideo 1.5, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2, HiDream, "
                          "SANA)")
-    for part in TEXT_ENCODERS:
-        if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
+    encoders = [part for part in TEXT_ENCODERS if (root / part).is_dir()]
+    for part in encoders:
+        if not any((root / part).glob("*.safetensors")):
             raise FileNotFoundError(f"{root / part}: no .safetensors weights (only safetensors are loaded)")
+    shown = ", ".join(f"{(index.get(part) or [None, part])[1]} ({weights_size(root / part)})" for part in encoders)
+    announce(f"encoding {counted(len(prompts), 'prompt')} and the negative with {name}'s text encoders, {shown}, "
+             f"loaded from {root}")
     with quiet(diffusers, _transformers()):
         tables = _encode(root, name, prompts, shape, negative)
     return {key: exact_narrowing(table.cpu(), set(stored_dtypes(root).values())) for key, table in tables.items()}

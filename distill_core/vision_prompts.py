@@ -113,12 +113,15 @@ def vision_tables(root: Path, name: str, prompts: list[str], negative: str | Non
     import diffusers
     import transformers
 
+    from distill_core.stages import announce, counted
     from distill_core.text_pipeline import NEGATIVE_PROMPT, exact_narrowing, quiet, stored_dtypes
 
     if not (root / "processor").is_dir():
         raise FileNotFoundError(f"{root}: a {name} reads each prompt beside its image with the processor in its "
                                 "processor/ folder, and it has none")
     dtypes = stored_dtypes(root)
+    announce(f"encoding {counted(len(prompts), 'instruction')} with their images, and the VAE latents of "
+             f"{counted(len(set(files)), 'image')}, with {name}'s text encoder and VAE, loaded from {root}")
     with quiet(diffusers, transformers):
         tables, reference, lookup = _read(root, getattr(diffusers, name), prompts,
                                           NEGATIVE_PROMPT[name] if negative is None else negative, files, every, dtypes)

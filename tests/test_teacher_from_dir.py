@@ -20,6 +20,7 @@ from distill_core.denoisers.flow import FlowDenoiser
 from distill_core.diffusers_source import diffusers_source
 from distill_core.report import as_images
 from distill_core.safetensors_io import read_card
+from distill_core.stages import weights_size
 
 TINY = {"sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_channels": (8, 16), "layers_per_block": 1,
         "norm_num_groups": 4, "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
@@ -291,6 +292,30 @@ def test_a_text_to_image_pipeline_distils_on_its_prompts_with_guidance_on_the_em
     (teacher / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
     assert main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "r"), "--no-progress"]) == 1
     assert "a KandinskyPipeline is not a pipeline this command distils" in capsys.readouterr().err
+
+
+def test_the_command_line_says_which_long_step_begins_unless_told_no_progress(tmp_path, capsys):
+    """Loading and running a pipeline's text encoders, loading its network and the report's solves have no progress
+    bar: a line on stderr says which begins, with what it loads and how much; --no-progress silences them."""
+    teacher = text_pipeline_dir(tmp_path / "sd")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\nan owl\n")
+    flags = ["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--steps", "2",
+             "--iters", "1", "--batch", "2", "--eval-samples", "4", "--reference-steps", "8", "--out",
+             str(tmp_path / "run")]
+    capsys.readouterr()
+    assert main(flags) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line and "sfd to 2 steps" not in line]
+    size = sum(f.stat().st_size for f in (teacher / "text_encoder").glob("*.safetensors")) / 1e6
+    assert lines == [
+        f"encoding 2 prompts and the negative with StableDiffusionPipeline's text encoders, CLIPTextModel "
+        f"({size:.1f} MB), loaded from {teacher}",
+        f"loading the UNet2DConditionModel in {teacher / 'unet'} ({weights_size(teacher / 'unet')})",
+        "report: the teacher's reference solves (Heun, 8 steps) of 4 evaluation noises, and its samples from as "
+        "many other noises",
+        "report: the student and the training-free solvers on the same noises"]
+    assert main([*flags, "--overwrite", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_a_negative_prompt_is_cfgs_other_side_and_the_students_files_name_it(tmp_path, capsys, monkeypatch):
