@@ -247,13 +247,31 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
 def encoding_device(pipe=None) -> torch.device:
     """Where a pipeline's encoders run: on the GPU where there is one (a text encoder of billions of parameters is a
     GPU's work), each of ``pipe``'s models moved there only while it runs (``enable_model_cpu_offload``: the largest
-    alone in GPU memory); else on the CPU."""
+    alone in GPU memory), or layer by layer where the largest does not fit (``offload``); else on the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     device = torch.device("cuda", torch.cuda.current_device())
     if pipe is not None:
-        pipe.enable_model_cpu_offload(device=device)
+        largest = max((sum(t.numel() * t.element_size() for t in part.state_dict().values())
+                       for part in pipe.components.values() if isinstance(part, nn.Module)), default=0)
+        if offload(largest, torch.cuda.mem_get_info(device)[0]) == "sequential":
+            pipe.enable_sequential_cpu_offload(device=device)
+        else:
+            pipe.enable_model_cpu_offload(device=device)
     return device
+
+
+#: the share of the GPU's free memory a model's weights may take to run whole there, the rest left to its
+#: activations (a batch of prompts of hundreds of tokens)
+WHOLE_MODEL_SHARE = 0.8
+
+
+def offload(largest: int, free: int) -> str:
+    """How a pipeline's models run on the GPU, given the bytes of the largest one's weights and the GPU's free
+    bytes: each whole while it runs ("model"), or, where the largest's weights pass ``WHOLE_MODEL_SHARE`` of the
+    free memory (Flux.2 dev's 24-billion-parameter Mistral in bf16, 48 GB, on a 24 GB card), layer by layer
+    ("sequential": each layer's weights on the GPU only while it runs; slower, bounded by one layer)."""
+    return "sequential" if largest > WHOLE_MODEL_SHARE * free else "model"
 
 
 def exact_narrowing(table: torch.Tensor, dtypes: set[torch.dtype]) -> torch.Tensor:

@@ -928,3 +928,32 @@ def test_text_encoders_load_in_the_precision_their_files_hold(tmp_path):
         torch.testing.assert_close(source.denoiser(x, 2.0, torch.tensor([0, 2])),
                                    source.denoiser.inner(x, 2.0, {"encoder_hidden_states": table[[0, 2]].float()}),
                                    atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("free_mib, expected", [(64, "enable_model_cpu_offload"),
+                                                (4, "enable_sequential_cpu_offload")])
+def test_an_encoder_larger_than_the_gpus_free_memory_runs_layer_by_layer(monkeypatch, free_mib, expected):
+    """On a GPU, a pipeline's models run there one whole model at a time, unless the largest one's weights pass
+    the share of the free memory a whole model may take: then layer by layer (Flux.2 dev's 48 GB Mistral on a
+    24 GB card)."""
+    from distill_core.text_pipeline import WHOLE_MODEL_SHARE, encoding_device, offload
+
+    called = []
+
+    class Pipe:  # a pipeline of one 2-million-parameter encoder in float32, 8 MiB, and a tokenizer
+        components = {"text_encoder": torch.nn.Linear(1024, 2048, bias=False), "tokenizer": object()}
+
+        def enable_model_cpu_offload(self, device):
+            called.append(("enable_model_cpu_offload", device))
+
+        def enable_sequential_cpu_offload(self, device):
+            called.append(("enable_sequential_cpu_offload", device))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_mib * 2**20, 80 * 2**30))
+    assert encoding_device(Pipe()) == torch.device("cuda", 0)
+    assert called == [(expected, torch.device("cuda", 0))]
+    weights = 8 * 2**20
+    assert offload(weights, int(weights / WHOLE_MODEL_SHARE) + 1) == "model"
+    assert offload(weights, int(weights / WHOLE_MODEL_SHARE) - 1) == "sequential"
