@@ -148,7 +148,7 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
                      resolution: int | None = None, negative: str | None = None,
                      frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1,
                      images: str | Path | None = None, pairing: str = "in-order",
-                     width: int | None = None) -> TeacherSource:
+                     width: int | None = None, encodings: str | Path | None = None) -> TeacherSource:
     """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
     pipeline's file of training prompts (default: the shipped list); ``guidance``: the run's guidance, which a
     guidance-distilled pipeline (Flux dev) takes as its input; ``resolution``: the side of its square images in
@@ -158,7 +158,9 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     without encoding any prompt (its text encoders are not loaded), for a command that reads the network only
     (export-diffusers); ``frames``: a video pipeline's clips of that many video frames (``sample_shape``), which its
     students' files name; ``images``: an editing or image-to-video pipeline's images, paired with the prompts as
-    ``pairing`` says (``reference_images.image_files``)."""
+    ``pairing`` says (``reference_images.image_files``); ``encodings``: a folder that keeps a pipeline's encoded
+    prompts and images (a run's ``cache/``), read back where the same inputs were encoded before
+    (``encoding_cache``)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"teacher {root} is not a directory: give builtin, builtin-flow, builtin-bold or a "
@@ -167,7 +169,8 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     model_dir, scheduler_dir = model_and_scheduler_dirs(root, index)
     if "text_encoder" in index:
         return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution, negative,
-                           frozen_precision, encode, frames, images, pairing, width)
+                           frozen_precision, encode, frames, images, pairing, width,
+                           None if encodings is None else Path(encodings))
     for flag, given in ((prompts and prompt_flag(prompts), prompts), ("--negative", negative is not None),
                         ("--images", images is not None)):
         if given:
@@ -322,7 +325,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
                 resolution: int | None = None, negative: str | None = None,
                 frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1,
                 images: str | Path | None = None, pairing: str = "in-order",
-                width: int | None = None) -> TeacherSource:
+                width: int | None = None, encodings: Path | None = None) -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the pipeline's negative
     (condition P; ``negative`` where given) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``
     (Qwen-Image: 4). Flux samples without CFG (w = 1, as its pipeline does); a guidance-distilled Flux or Flux.2
@@ -334,8 +337,10 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     editing pipeline (Flux Kontext, Qwen-Image-Edit, whose text encoder reads the prompt beside it:
     ``vision_prompts``, and whose samples are by default the size its pipeline draws them at, the images' megapixel)
     edits it, an image-to-video pipeline (Wan) starts its clip from it (``start_images``).
-    ``encode`` False: no prompt tables (the network alone; it refuses to run)."""
+    ``encode`` False: no prompt tables (the network alone; it refuses to run). ``encodings``: where the encoded
+    prompts and images are kept and read back (``encoding_cache.kept``)."""
     from distill_core.denoisers.diffusers_flow import EMBEDDED_GUIDANCE
+    from distill_core.encoding_cache import file_stamp, kept, pipeline_stamp
     from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_PROMPTS, read_prompts
     from distill_core.reference_images import EDITING_PIPELINES, OPTIONAL_EDITING, image_files, image_tables
     from distill_core.start_images import IMAGE_TO_VIDEO_PIPELINES, keeps_start
@@ -382,14 +387,17 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
         family = "Flux" if network == "FluxTransformer2DModel" else "Flux.2 dev"  # the guidance-distilled Flux.2
         raise ValueError(f"{root}: {family} samples without CFG, so a negative prompt has nothing to steer away from; "
                          "drop --negative")
-    # the encoders freed before the network loads
+    # the encoders freed before the network loads; what an earlier start of the run encoded read back
+    inputs = {"pipeline": pipeline_stamp(root), "prompts": prompts, "negative": negative, "shape": shape,
+              "images": [file_stamp(file) for file in files], "every": every} if encodings and encode else {}
     tables, per_image, pair_rows = {}, {}, None
     if files and name in VISION_PROMPT_PIPELINES:  # each prompt read beside its image
-        tables, per_image, pair_rows = vision_tables(root, name, prompts, negative, files, every)
+        tables, per_image, pair_rows = kept(encodings, "pairs", inputs, lambda: vision_tables(
+            root, name, prompts, negative, files, every))
     elif encode:  # the images first: what does not fit is refused before the text encoders load
-        per_image = image_tables(root, name, files, shape, latent_pixels(root, config["_class_name"]),
-                                 keeps_start(index)) if files else {}
-        tables = encode_prompts(root, index, prompts, shape, negative)
+        per_image = kept(encodings, "images", inputs, lambda: image_tables(
+            root, name, files, shape, latent_pixels(root, network), keeps_start(index))) if files else {}
+        tables = kept(encodings, "prompts", inputs, lambda: encode_prompts(root, index, prompts, shape, negative))
     model = pipeline_network(root, index, model_dir, config, scheduler_dir, frozen_precision)
     name = config["_class_name"]
     embedded = None

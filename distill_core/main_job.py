@@ -31,6 +31,7 @@ from distill_core.sources import teacher_source
 from distill_core.stages import announce, counted
 from distill_core.teacher import CFGTeacher
 from distill_core.train.run import StudentRun, refuse_replacing, train_student, within_trained_range
+from distill_core.train.runlock import CACHE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -167,10 +168,11 @@ def eval_space(source: TeacherSource) -> dict:
 
 
 def source_of(cfg: DistillConfig) -> TeacherSource:
-    """The teacher a run's config names, loaded."""
+    """The teacher a run's config names, loaded; a pipeline's encoded prompts and images kept in the run's
+    ``cache/`` (``encoding_cache``), so that its resumption reads them back."""
     return teacher_source(cfg.teacher, cfg.classes, cfg.null_class, cfg.prompts, cfg.guidance, cfg.resolution,
                           cfg.negative, cfg.frozen_precision, frames=cfg.frames, images=cfg.images,
-                          pairing=cfg.pairing, width=cfg.width)
+                          pairing=cfg.pairing, width=cfg.width, encodings=Path(cfg.out) / CACHE)
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True,
@@ -226,7 +228,7 @@ def write_run_report(cfg: DistillConfig, source: TeacherSource, run: StudentRun,
     w = source.scale(cfg.guidance)
     teacher = CFGTeacher(source.denoiser.to(run.device), w, source.uncond)  # evaluated where it trained
     steps = reference_steps(source, cfg.reference_steps)
-    kw = {**eval_space(source), "device": run.device, "steps": steps, "cache_dir": out / "cache"}
+    kw = {**eval_space(source), "device": run.device, "steps": steps, "cache_dir": out / CACHE}
     space = kw["space"]
     noises = counted(cfg.eval_samples, "evaluation noise")
     announce(f"report: the teacher's reference solves (Heun, {steps} steps) of {noises}"

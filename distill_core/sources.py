@@ -101,7 +101,8 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
                    prompts: str | list[str] | None = None, guidance: float | None = None,
                    resolution: int | None = None, negative: str | None = None,
                    frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1,
-                   images: str | None = None, pairing: str = "in-order", width: int | None = None) -> TeacherSource:
+                   images: str | None = None, pairing: str = "in-order", width: int | None = None,
+                   encodings: str | Path | None = None) -> TeacherSource:
     """The teacher a run names: a built-in one, a digits teacher file (``trained_file_source``), or a local
     diffusers model directory (``diffusers_source``, with ``classes`` and ``null_class``, or for a text-to-image
     pipeline the prompt file ``prompts`` (or the prompts themselves, a list), and the run's ``guidance``, which
@@ -110,7 +111,7 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
     ``frozen_precision``: the run's, bf16 loading a directory's 16-bit weights without a float32 copy; ``encode``
     False: a pipeline's network without its text encoders, for a command that reads the network only; ``frames``:
     a video pipeline's clip length; ``images``: an editing or image-to-video pipeline's images, paired with the
-    prompts as ``pairing`` says)."""
+    prompts as ``pairing`` says; ``encodings``: a folder that keeps a pipeline's encoded prompts and images)."""
     digits = name in TEACHERS or name.endswith(".safetensors")
     if pairing != "in-order" and images is None:
         raise ValueError(f"--pairing {pairing} pairs the prompts with images: give them with --images")
@@ -147,7 +148,7 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
         from distill_core.diffusers_source import diffusers_source
 
         return diffusers_source(name, classes, null_class, prompts, guidance, resolution, negative, frozen_precision,
-                                encode, frames, images, pairing, width)
+                                encode, frames, images, pairing, width, encodings)
     raise ValueError(
         f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, a digits teacher file that train-teacher "
         "wrote, or the path of a local diffusers model directory (ComfyUI checkpoints come through the nodes)"

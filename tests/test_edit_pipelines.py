@@ -116,8 +116,9 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_edit(kontext,
 
 
 def test_the_main_job_distils_an_editing_pipeline_and_samples_new_edits(kontext, tmp_path, capsys):
-    """distill --images writes the full report and records the images in config.yaml; sample and compare take
-    --images for the edits they draw."""
+    """distill --images writes the full report and records the images in config.yaml, and its resumption reads
+    the encoded images and prompts back from the run's cache/; sample and compare take --images for the edits they
+    draw."""
     teacher, prompts, images = kontext
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--images", str(images),
@@ -126,6 +127,11 @@ def test_the_main_job_distils_an_editing_pipeline_and_samples_new_edits(kontext,
     report = json.loads((out / "report.json").read_text())
     assert any(r["method"] == "sfd" for r in report["rows"]) and (out / "grid.png").is_file()
     assert f"images: {images}" in (out / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["distill", "--resume", "--config", str(out / "config.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert all(f"reading the encoded {step} from {out / 'cache'}" in err for step in ("images", "prompts"))
+    assert "encoding" not in err
     drawn = tmp_path / "drawn"
     assert main(["sample", str(out / "student.safetensors"), "--prompt", "make it rain", "--images",
                  str(images / "a.png"), "--count", "2", "--out", str(drawn)]) == 0

@@ -187,8 +187,9 @@ def test_the_pipeline_with_the_exported_student_draws_the_students_edit(qwen_edi
 
 
 def test_the_main_job_distils_qwen_image_edit_and_refuses_images_of_two_shapes(qwen_edit, tmp_path, capsys):
-    """distill --images writes the full report; sample draws new edits of an image; images whose megapixel sizes
-    differ are refused in one line that names each size."""
+    """distill --images writes the full report, and its resumption reads the encoded (instruction, image) pairs
+    back from the run's cache/; sample draws new edits of an image; images whose megapixel sizes differ are refused
+    in one line that names each size."""
     teacher, prompts, images = qwen_edit
     out = tmp_path / "run"
     assert main(["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--images", str(images),
@@ -197,6 +198,10 @@ def test_the_main_job_distils_qwen_image_edit_and_refuses_images_of_two_shapes(q
     report = json.loads((out / "report.json").read_text())
     assert report["guidance"] == 4.0 and any(r["method"] == "sfd" for r in report["rows"])
     assert (out / "grid.png").is_file()
+    capsys.readouterr()
+    assert main(["distill", "--resume", "--config", str(out / "config.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert f"reading the encoded pairs from {out / 'cache'}" in err and "encoding" not in err
     drawn = tmp_path / "drawn"
     assert main(["sample", str(out / "student.safetensors"), "--prompt", "make it rain", "--images",
                  str(images / "a.png"), "--count", "2", "--out", str(drawn)]) == 0

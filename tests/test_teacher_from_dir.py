@@ -957,3 +957,42 @@ def test_an_encoder_larger_than_the_gpus_free_memory_runs_layer_by_layer(monkeyp
     weights = 8 * 2**20
     assert offload(weights, int(weights / WHOLE_MODEL_SHARE) + 1) == "model"
     assert offload(weights, int(weights / WHOLE_MODEL_SHARE) - 1) == "sequential"
+
+
+def test_a_runs_encoded_prompts_are_read_back_until_its_prompts_or_encoders_change(tmp_path, monkeypatch, capsys):
+    """A pipeline's prompt tables are kept in the run's cache/ and read back by a later start of the run (its
+    resumption) without loading the text encoders, the same tensors; other prompts, another negative or a changed
+    text encoder file are encoded again. The main job keeps them in its cache/ and its resumption says it reads
+    them."""
+    import os
+
+    import distill_core.text_pipeline as text_pipeline
+
+    teacher, cache = text_pipeline_dir(tmp_path / "sd"), tmp_path / "cache"
+    encoded = []
+    encode = text_pipeline.encode_prompts
+    monkeypatch.setattr(text_pipeline, "encode_prompts", lambda *a, **k: encoded.append(a[2]) or encode(*a, **k))
+
+    def tables(prompts, negative=None):
+        source = diffusers_source(teacher, prompts=prompts, negative=negative, encodings=cache)
+        return source.denoiser.encoder_hidden_states
+
+    first = tables(["a red fox", "an owl"])
+    again = tables(["a red fox", "an owl"])
+    assert encoded == [["a red fox", "an owl"]] and torch.equal(first, again)
+    assert [p.name.split("_")[1] for p in cache.iterdir()] == ["prompts"]
+    tables(["a red fox", "a cat"])
+    tables(["a red fox", "an owl"], negative="blurry")
+    weights = next((teacher / "text_encoder").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert torch.equal(tables(["a red fox", "an owl"]), first)  # the same weights, encoded again
+    assert len(encoded) == 4 and len(list(cache.iterdir())) == 4
+
+    out, prompts = tmp_path / "run", tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n")
+    flags = ["distill", "--teacher", str(teacher), "--prompts", str(prompts), "--steps", "2", "--iters", "1",
+             "--batch", "2", "--eval-samples", "4", "--reference-steps", "4", "--out", str(out)]
+    assert main([*flags, "--no-progress"]) == 0 and len(list((out / "cache").glob("encoded_prompts_*"))) == 1
+    capsys.readouterr()
+    assert main([*flags, "--resume"]) == 0
+    assert f"reading the encoded prompts from {out / 'cache'}" in capsys.readouterr().err

@@ -13,8 +13,11 @@ from pathlib import Path
 from distill_core.train.checkpoint import CHECKPOINTS
 
 LOCK = "run.lock"
+#: the run's folder of what it may read back instead of computing again (its report's reference solves, its
+#: encoded prompts and images)
+CACHE = "cache"
 #: folders of a run where interrupted atomic writes may leave ``.<name>.<random>.tmp`` files
-WRITTEN = (".", CHECKPOINTS, "samples", "cache")
+WRITTEN = (".", CHECKPOINTS, "samples", CACHE)
 
 
 class RunBusy(RuntimeError):
