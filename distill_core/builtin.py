@@ -62,6 +62,8 @@ def load_builtin_teacher(path: str | Path = TEACHER_PATH, device: str | torch.de
 #: networks cast to another precision after loading (``cast_weights``), with their fingerprint as loaded (a copy
 #: of one is another network: its own weights are its fingerprint)
 _LOADED: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+#: the precision each of them was cast to
+_CAST: weakref.WeakKeyDictionary[torch.nn.Module, torch.dtype] = weakref.WeakKeyDictionary()
 
 
 def fingerprint(module: torch.nn.Module) -> str:
@@ -80,15 +82,26 @@ def fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+#: the dtype of each frozen precision a run may cast its teacher to (``frozen_precision``)
+CAST_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
 def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
     """``module``'s floating-point weights in ``dtype``, in place, but those its networks keep in float32 at any
-    precision (``kept_float32``); its ``fingerprint`` stays the one of its weights as loaded."""
-    loaded = fingerprint(module)
+    precision (``kept_float32``); for ``fp8.FP8``, its Linear layers' weights in 8 bits with their scales
+    (``fp8.store_linear_fp8``) and the rest in bf16. Its ``fingerprint`` stays the one of its weights as loaded."""
+    from distill_core.fp8 import FP8, SCALE, store_linear_fp8
+
+    loaded, precision = fingerprint(module), dtype
     kept = kept_float32(module)
+    if dtype == FP8:
+        store_linear_fp8(module, kept)
+        dtype = torch.bfloat16
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if t.is_floating_point() and name not in kept:
+        if t.is_floating_point() and t.dtype != FP8 and name not in kept and not name.endswith(SCALE):
             t.data = t.data.to(dtype)
     _LOADED[module] = loaded
+    _CAST[module] = precision
 
 
 def kept_float32(module: torch.nn.Module) -> set[str]:
@@ -104,17 +117,18 @@ def kept_float32(module: torch.nn.Module) -> set[str]:
     return kept
 
 
-def was_cast(module: torch.nn.Module) -> bool:
-    """Whether ``cast_weights`` cast this network after it was loaded."""
-    return module in _LOADED
+def cast_precision(module: torch.nn.Module) -> torch.dtype | None:
+    """The precision ``cast_weights`` cast this network to after it was loaded (None: it did not)."""
+    return _CAST.get(module)
 
 
 def solve_fingerprint(module: torch.nn.Module) -> str:
     """The ``fingerprint`` of what a network computes, which keys its cached solves: a network cast after loading
-    computes in its new precision, so the cast's dtype joins the fingerprint."""
-    if not was_cast(module):
+    computes in its new precision, so the dtypes of its floating-point weights join the fingerprint."""
+    if cast_precision(module) is None:
         return fingerprint(module)
-    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in [*module.parameters(), *module.buffers()]
+                     if t.is_floating_point()})
     return f"{fingerprint(module)}-{'-'.join(dtypes)}"
 
 

@@ -38,7 +38,7 @@ def training_seed(value: int) -> int:
 
 GUIDANCE_MODES = ("distilled", "cfg")
 PRECISIONS = ("no", "bf16")
-FROZEN_PRECISIONS = ("as-loaded", "bf16")
+FROZEN_PRECISIONS = ("as-loaded", "bf16", "fp8")
 STUDENT_KINDS = ("full", "lora")
 #: how --images pairs with the prompts (``reference_images.image_files``)
 IMAGE_PAIRINGS = ("in-order", "every")
@@ -111,8 +111,10 @@ class DistillConfig:
     ema: float | None = option(None, "EMA decay of the student's weights", min=0, max=0.999999)
     mixed_precision: str = option("no", "bf16 autocast on CUDA", choices=PRECISIONS)
     # memory levers (``memory_plan`` estimates what they save before a run starts)
-    frozen_precision: str = option("as-loaded", "the frozen teacher's weights: as loaded, or cast to bf16 (half the "
-                                   "memory of float32; trained weights stay float32)", choices=FROZEN_PRECISIONS)
+    frozen_precision: str = option("as-loaded", "the frozen teacher's weights: as loaded, cast to bf16 (half the "
+                                   "memory of float32), or for a LoRA student fp8 (its Linear layers' weights in 8 "
+                                   "bits with a scale per row, computed in bf16: half of bf16's memory, at some of "
+                                   "the teacher's precision); trained weights stay float32", choices=FROZEN_PRECISIONS)
     grad_checkpointing: bool = option(False, "recompute the trained networks' activations in the backward pass: "
                                       "far less memory, about a third more time per iteration")
     shard_teacher: bool = option(False, "split the frozen teacher's weights over the processes of a multi-process "

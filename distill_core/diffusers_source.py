@@ -103,9 +103,9 @@ def model_config(folder: Path, pipeline: bool) -> dict:
 
 
 def load_model(folder: Path, config: dict, frozen_precision: str = "as-loaded") -> nn.Module:
-    """The network ``model_config`` accepted, frozen. A run whose frozen teacher computes in bf16
+    """The network ``model_config`` accepted, frozen. A run whose frozen teacher computes in bf16 or fp8
     (``frozen_precision``) loads it in the 16-bit precision its files hold, which holds them exactly: the run
-    casts it to bf16 next, and a float32 copy on the way would double the load's memory. Its fingerprint is
+    casts it next, and a float32 copy on the way would double the load's memory. Its fingerprint is
     the one of a float32 load (``builtin.fingerprint`` hashes the values)."""
     import diffusers
 
@@ -113,7 +113,7 @@ def load_model(folder: Path, config: dict, frozen_precision: str = "as-loaded") 
     from distill_core.stages import announce, weights_size
 
     stored = stored_dtype(folder)
-    dtype = stored if frozen_precision == "bf16" and stored != torch.float32 else None
+    dtype = stored if frozen_precision != "as-loaded" and stored != torch.float32 else None
     announce(f"loading the {config['_class_name']} in {folder} ({weights_size(folder)})")
     model = getattr(diffusers, config["_class_name"]).from_pretrained(folder, use_safetensors=True,
                                                                       local_files_only=True, torch_dtype=dtype)

@@ -259,9 +259,11 @@ def check_fits(plan: MemoryPlan, available: int, batch: int, grad_accum: int, ch
         fixes.append("student lora")
         if plan.state_bytes > OPTIMIZER_STATE_BYTES["adam8bit"]:
             fixes.append("optimizer adam8bit")
-    narrow = 1 if host else 2  # bytes per value of fp8_e4m3fn and of bf16: offered where most values are wider
-    if plan.frozen > room and plan.frozen > plan.trained and plan.frozen > 1.5 * narrow * plan.frozen_values:
-        fixes.append("the loader's weight_dtype fp8_e4m3fn" if host else "frozen_precision bf16")
+    # narrower frozen weights and their bytes per value, each offered where most values are wider
+    narrowing = [("the loader's weight_dtype fp8_e4m3fn", 1)] if host else \
+        [("frozen_precision bf16", 2), *([("frozen_precision fp8", 1)] if lora else [])]
+    if plan.frozen > room and plan.frozen > plan.trained:
+        fixes += [fix for fix, size in narrowing if plan.frozen > 1.5 * size * plan.frozen_values]
     if room > 0:
         fixes.append("a lower resolution" + (" or a shorter length (fewer frames per clip)" if clips else ""))
     need = f"this run needs {plan.describe()}, and the device has {available / GIB:.1f} GiB free"

@@ -174,18 +174,19 @@ def as_trained(card: dict) -> dict:
 def trained_teacher(name: str, cards: list[dict], classes: int = 0, null_class: int | None = None,
                     prompts: str | list[str] | None = None, images: str | None = None) -> TeacherSource:
     """The teacher of the students with ``cards`` as their runs had it: ``teacher_source`` with the first card's
-    settings (``as_trained``), its weights cast to bf16 where every student's run computed with them in bf16 (a
+    settings (``as_trained``), its weights cast to bf16 or fp8 where every student's run computed with them so (a
     student of a float32 run keeps the float32 teacher; a full student copies the teacher, so it takes float32)."""
-    from distill_core.builtin import cast_weights
+    from distill_core.builtin import CAST_DTYPES, cast_weights
 
     if cards[0].get("edits") and images is None:
         raise ValueError("this student was distilled on edits of images: give the images to edit with --images")
     settings = as_trained(cards[0])
-    bf16 = all(as_trained(card)["frozen_precision"] == "bf16" for card in cards)
+    precisions = {as_trained(card)["frozen_precision"] for card in cards}
+    precision = precisions.pop() if len(precisions) == 1 else "as-loaded"
     source = teacher_source(name, classes, null_class, prompts, images=images,
-                            **{**settings, "frozen_precision": "bf16" if bf16 else "as-loaded"})
-    if bf16:
-        cast_weights(source.denoiser, torch.bfloat16)
+                            **{**settings, "frozen_precision": precision})
+    if precision in CAST_DTYPES:
+        cast_weights(source.denoiser, CAST_DTYPES[precision])
     return source
 
 

@@ -152,9 +152,17 @@ def test_a_plan_that_does_not_fit_is_refused_with_changes_that_would():
     assert "grad_accum 4 (micro-batches of 2)" in message and "batch 3" in message
     assert "grad_checkpointing on" in message and "student lora" in message
     heavy = dataclasses.replace(plan, frozen=12 * 2**30)  # frozen weights past the room: lower their precision
-    for host, fix in ((False, "frozen_precision bf16"), (True, "the loader's weight_dtype fp8_e4m3fn")):
+    for host, fix in ((False, "frozen_precision bf16, or frozen_precision fp8"),
+                      (True, "the loader's weight_dtype fp8_e4m3fn")):
         with pytest.raises(DoesNotFit, match=fix):  # a ComfyUI model's precision is its loader's choice
             check_fits(heavy, 8 * 2**30, batch=8, grad_accum=1, checkpointing=True, lora=True, host=host)
+    with pytest.raises(DoesNotFit) as refused:  # fp8 frozen weights are a LoRA student's base only
+        check_fits(heavy, 8 * 2**30, batch=8, grad_accum=1, checkpointing=True, lora=False)
+    assert "frozen_precision bf16" in str(refused.value) and "fp8" not in str(refused.value)
+    bf16 = dataclasses.replace(heavy, frozen_values=heavy.frozen // 2)  # two bytes a value: only fp8 narrows them
+    with pytest.raises(DoesNotFit) as refused:
+        check_fits(bf16, 8 * 2**30, batch=8, grad_accum=1, checkpointing=True, lora=True)
+    assert "frozen_precision fp8" in str(refused.value) and "frozen_precision bf16" not in str(refused.value)
     assert "shorter length" not in message
     with pytest.raises(DoesNotFit, match=r"a lower resolution or a shorter length \(fewer frames per clip\)"):
         check_fits(plan, 8 * 2**30, batch=8, grad_accum=1, checkpointing=False, lora=False, clips=True)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from distill_core.builtin import cast_weights, was_cast
+from distill_core.builtin import CAST_DTYPES, cast_precision, cast_weights
 from distill_core.config import DistillConfig
+from distill_core.fp8 import FP8
 from distill_core.memory_plan import MemoryPlan
 from distill_core.methods.base import TeacherSource
 from distill_core.methods.registry import build_method
@@ -115,8 +116,8 @@ def _train(cfg: DistillConfig, source: TeacherSource, out: Path, resume: bool, p
         print(f"stopped at iteration {result.iteration}/{cfg.iters}; the checkpoint is in {trainer.ckpt_dir}")
         return None
     card = {**method.card(), **source.card}
-    if cfg.frozen_precision == "bf16":  # the precision the frozen base computed in, which a LoRA samples on
-        card["frozen_precision"] = "bf16"
+    if cfg.frozen_precision != "as-loaded":  # the precision the frozen base computed in, which a LoRA samples on
+        card["frozen_precision"] = cfg.frozen_precision
     card["training"].update(
         seconds=round(result.seconds, 1),
         iterations=result.iteration,
@@ -157,14 +158,22 @@ def precompute_targets(cfg: DistillConfig, source: TeacherSource) -> tuple[int, 
 
 
 def frozen_precision(cfg: DistillConfig, source: TeacherSource) -> None:
-    """The teacher in the precision the run's ``frozen_precision`` asks for: cast to bf16 in place, or as loaded,
-    which a teacher an earlier run of this process cast can no longer be (a cast is not undone): refused."""
-    if cfg.frozen_precision == "bf16":
-        cast_frozen_teacher(source, torch.bfloat16)
-    elif was_cast(source.denoiser):
-        raise ValueError("this teacher's weights were cast to bf16 by an earlier run in this process "
-                         "(frozen_precision bf16), which cannot be undone: load the teacher again for a run in the "
-                         "precision it was loaded in, or give this run frozen_precision bf16 too")
+    """The teacher in the precision the run's ``frozen_precision`` asks for: cast in place (bf16; fp8, which only a
+    LoRA student's frozen base can be), or as loaded; a teacher an earlier run of this process cast to another
+    precision can no longer be (a cast is not undone): refused."""
+    wanted = CAST_DTYPES.get(cfg.frozen_precision)
+    if wanted == FP8 and (cfg.student != "lora" or cfg.shard_teacher):
+        raise ValueError("frozen_precision fp8 keeps the frozen base's weights in 8 bits, which only a LoRA student "
+                         "trains on, and not in shards: give student lora, without shard_teacher, or frozen_precision "
+                         "bf16")
+    cast = cast_precision(source.denoiser)
+    names = {dtype: name for name, dtype in CAST_DTYPES.items()}
+    if cast is not None and cast != wanted:
+        raise ValueError(f"this teacher's weights were cast to {names[cast]} by an earlier run in this process "
+                         f"(frozen_precision {names[cast]}), which cannot be undone: load the teacher again for a run "
+                         f"in another precision, or give this run frozen_precision {names[cast]} too")
+    if wanted is not None and cast is None:
+        cast_frozen_teacher(source, wanted)
 
 
 def cast_frozen_teacher(source: TeacherSource, dtype: torch.dtype) -> None:
