@@ -57,6 +57,7 @@ from distill_core.methods.registry import build_method  # noqa: E402
 from distill_core.options import positive  # noqa: E402
 from distill_core.student_files import release_teacher  # noqa: E402
 from distill_core.teacher import CFGTeacher  # noqa: E402
+from distill_core.train.run import frozen_precision  # noqa: E402
 from distill_core.train.trainer import Trainer  # noqa: E402
 
 #: SFD's training length in trajectories (the projection's budget)
@@ -108,11 +109,13 @@ class Row:
     resolution: int
     batch: int
     checkpointing: bool
+    frozen: str = "as-loaded"  # the run's frozen_precision: the network is built in bf16, fp8 casts it further
 
     @property
     def name(self) -> str:
         ck = " +ckpt" if self.checkpointing else ""
-        return f"{self.model} {self.method}-{self.student} {self.resolution}px b{self.batch}{ck}"
+        frozen = "" if self.frozen == "as-loaded" else f" {self.frozen}"
+        return f"{self.model} {self.method}-{self.student} {self.resolution}px b{self.batch}{ck}{frozen}"
 
 
 #: in order: the issue's targets first, then the rows that calibrate the plan and show the levers
@@ -120,6 +123,7 @@ ROWS = (
     Row("sd15", "sfd", "lora", 512, 4, False),
     Row("sdxl", "sfd", "lora", 1024, 1, True),
     Row("flux", "sfd", "lora", 1024, 1, True),
+    Row("flux", "sfd", "lora", 1024, 1, True, "fp8"),
     Row("sd15", "dmd2", "lora", 512, 4, False),
     Row("sdxl", "dmd2", "lora", 1024, 1, True),
     Row("flux", "dmd2", "lora", 1024, 1, True),
@@ -135,6 +139,7 @@ TINY_ROWS = (
     Row("sd15", "sfd", "full", 64, 2, True),
     Row("sdxl", "dmd2", "lora", 64, 1, True),
     Row("flux", "sfd", "lora", 64, 1, True),
+    Row("flux", "sfd", "lora", 64, 1, True, "fp8"),
     Row("flux", "dmd2", "lora", 64, 1, False),
 )
 
@@ -216,7 +221,8 @@ def run_config(row: Row, tiny: bool, iters: int) -> DistillConfig:
     cuda = torch.cuda.is_available()
     common = dict(method=row.method, steps=4, batch=row.batch, student=row.student, lora_rank=16 if tiny else 64,
                   iters=iters + 1, mixed_precision="bf16" if cuda else "no", grad_checkpointing=row.checkpointing,
-                  checkpoint_every=0, sigma_min=SD_SIGMA_MIN, out=tempfile.mkdtemp(prefix="gpu_scale_"))
+                  checkpoint_every=0, sigma_min=SD_SIGMA_MIN, frozen_precision=row.frozen,
+                  out=tempfile.mkdtemp(prefix="gpu_scale_"))
     if row.method == "sfd":
         return DistillConfig(**common, guidance=1.0, teacher_solver="dpmpp_3m", teacher_substeps=4,
                              teacher_reuse=1.0)
@@ -246,6 +252,8 @@ def measure(row: Row, network: nn.Module, tiny: bool, iters: int) -> dict:
     """Train ``row``'s configuration for a warm-up and ``iters`` timed iterations; its row."""
     cfg = run_config(row, tiny, iters)
     source = teacher_source(row.model, network, row.resolution, tiny, cfg.guidance)
+    params = sum(p.numel() for p in network.parameters())
+    frozen_precision(cfg, source)  # fp8: the Linear layers' weights in 8 bits
     if hasattr(network, "disable_gradient_checkpointing"):
         network.disable_gradient_checkpointing()  # a previous row's; the Trainer switches it on where asked
     method = build_method(source, cfg)
@@ -269,7 +277,7 @@ def measure(row: Row, network: nn.Module, tiny: bool, iters: int) -> dict:
     out = {
         "model": row.model, "method": row.method, "student": row.student, "resolution": row.resolution,
         "batch": row.batch, "grad_checkpointing": row.checkpointing, "name": row.name,
-        "params": sum(p.numel() for p in network.parameters()),
+        "frozen_precision": row.frozen, "params": params,
         "trained_params": sum(p.numel() for ps in trainer.params.values() for p in ps),
         "peak_memory_mb": None if peak is None else round(peak, 1),
         "seconds_per_iter": round(seconds, 3),

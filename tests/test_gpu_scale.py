@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import gpu_scale  # noqa: E402
 
-ROWS = ["sdxl dmd2-lora 64px b1 +ckpt", "flux sfd-lora 64px b1 +ckpt"]
+ROWS = ["sdxl dmd2-lora 64px b1 +ckpt", "flux sfd-lora 64px b1 +ckpt", "flux sfd-lora 64px b1 +ckpt fp8"]
 
 
 def test_toy_rows_of_sdxl_and_flux_train_and_report_their_memory_plan(tmp_path):
@@ -26,8 +26,11 @@ def test_toy_rows_of_sdxl_and_flux_train_and_report_their_memory_plan(tmp_path):
         assert row["trained_params"] > 0 and row["seconds_per_iter"] > 0 and row["teacher_seconds_per_image"] > 0
         assert row["plan_mb"] > row["resident_mb"] > 0 and row["activation_mb_per_sample"] > 0
         assert row["family"] == row["model"]
-    dmd2, sfd = rows
+    dmd2, sfd, fp8 = rows
     assert dmd2["trained_params"] > sfd["trained_params"]  # two adapter sets: generator and critic
+    # the same network and adapters on a base whose Linear weights take a byte each, not two
+    assert (fp8["params"], fp8["trained_params"]) == (sfd["params"], sfd["trained_params"])
+    assert fp8["frozen_precision"] == "fp8" and fp8["resident_mb"] < sfd["resident_mb"]
 
 
 def test_it_refuses_to_run_without_cuda_unless_asked_for_toy_widths(capsys, monkeypatch):
