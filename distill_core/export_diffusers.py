@@ -1,7 +1,7 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Flux Kontext,
 Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein), SANA, HiDream, Wan 2.1, Wan 2.2 A14B and
-TI2V 5B; Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's text- and image-to-video; HunyuanVideo 1.5's
-text-to-video) as files diffusers loads:
+TI2V 5B; Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's and HunyuanVideo 1.5's text- and
+image-to-video) as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
@@ -96,7 +96,8 @@ class Target:
     given latents as they are). A pipeline that draws from prompts alone or edits (Flux.2) takes its image as
     ``edited`` says, for a student trained on edits (``target``). HunyuanVideo 1.5's takes its guidance scale from
     its guider (``guider``), not a keyword of its call, and has no LoRA loader of its own: a LoRA loads into its
-    network (``network_lora``)."""
+    network (``network_lora``); its image-to-video pipeline takes no size (``takes_size``): it draws at the frame
+    its start image's aspect ratio picks."""
 
     network: str
     network_class: str
@@ -117,6 +118,7 @@ class Target:
     edited: tuple[tuple[str, object], ...] = ()
     guider: bool = False
     network_lora: bool = False
+    takes_size: bool = True
 
     @property
     def scheduler_class(self) -> str:
@@ -152,6 +154,9 @@ PIPELINES = {
                                       video=True, image="start"),
     "HunyuanVideo15Pipeline": Target("transformer", "HunyuanVideo15Transformer3DModel", flow=True, video=True,
                                      guider=True, network_lora=True),
+    "HunyuanVideo15ImageToVideoPipeline": Target("transformer", "HunyuanVideo15Transformer3DModel", flow=True,
+                                                 video=True, guider=True, network_lora=True, image="start",
+                                                 takes_size=False),
     "HiDreamImagePipeline": Target("transformer", "HiDreamImageTransformer2DModel", flow=True, area=128),
     "LTXPipeline": Target("transformer", "LTXVideoTransformer3DModel", flow=True, packed=True, takes_sigmas=False,
                           video=True),
@@ -298,6 +303,7 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     from distill_core.safetensors_io import load, save_atomic
     from distill_core.sampling import sampler_key
     from distill_core.sources import as_trained, teacher_source
+    from distill_core.start_images import hunyuan15_drawn_frame
     from distill_core.student_files import expert_tensors, load_student, read_student_card
 
     card = read_student_card(student_path)
@@ -329,6 +335,11 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
         raise ValueError(f"{pipeline} scales every image to the area of its default {side}x{side}: it would draw this "
                          f"student's {height}x{width} images at {drawn}; distil at --resolution {side} to export it, "
                          "or sample it with python -m distill_core sample")
+    if not target.takes_size and hunyuan15_drawn_frame(root, height, width) != (height, width):
+        drawn = "x".join(map(str, hunyuan15_drawn_frame(root, height, width)))
+        raise ValueError(f"{pipeline} draws its clips at the frame its start image's aspect ratio picks, and from an "
+                         f"image of this student's {height}x{width} it would draw {drawn}; distil without --resolution "
+                         "(at the frame of its images) to export it, or sample it with python -m distill_core sample")
     paths = network_paths(source.denoiser, target.network)
     if card.get("experts") and len(paths) > 1:
         raise ValueError("this student holds an expert per step on each of Wan 2.2's two networks, which the pipeline "
@@ -412,6 +423,8 @@ def usage(settings: dict, out: str | Path) -> str:
         size = f".resize(({settings['width']}, {settings['height']}), Image.Resampling.LANCZOS)" if target.sized \
             else ""
         what = "the image to edit" if target.image == "edit" else "the image the clip starts from"
+        if not target.takes_size:  # the frame it draws is its image's aspect ratio's
+            what += f", of the student's aspect ratio, {settings['height']}:{settings['width']}"
         lines.append(f"{target.image} = load_image('image.png'){size}  # {what}")
     if target.keeps_start:  # given latents, the pipeline takes their first frame as the start image's latent
         lines += [f"pixels = pipe.video_processor.preprocess(start, height={settings['height']}, "
@@ -437,9 +450,9 @@ def usage(settings: dict, out: str | Path) -> str:
     if experts:
         call += ", callback_on_step_end=next_expert"
     output = "video = " if target.video else "image = "
-    scale = "" if target.guider else f"{target.guidance_keyword}={settings['guidance_scale']:g}, "
-    lines.append(f"{output}pipe(prompt='a prompt'{negative}, latents=latents, {steps}, {scale}"
-                 f"height={settings['height']}, width={settings['width']}{call})"
+    scale = "" if target.guider else f", {target.guidance_keyword}={settings['guidance_scale']:g}"
+    size = f", height={settings['height']}, width={settings['width']}" if target.takes_size else ""
+    lines.append(f"{output}pipe(prompt='a prompt'{negative}, latents=latents, {steps}{scale}{size}{call})"
                  f".{'frames' if target.video else 'images'}[0]")
     return "\n".join(lines)
 

@@ -101,21 +101,28 @@ def hunyuan15_frame(root: Path, files: list[Path]) -> tuple[int, int]:
     """(height, width) in pixels of the clips HunyuanVideo 1.5's image-to-video pipeline at ``root`` draws from the
     images ``files``: the frame of its network's target size nearest each image's aspect ratio, one for all (else a
     refusal that names each image's)."""
-    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
-
-    from distill_core.diffusers_source import read_json
     from distill_core.reference_images import pil_image
-    from distill_core.text_pipeline import vae_scale
 
-    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=vae_scale(root))
-    target = read_json(root / "transformer" / "config.json").get("target_size", 640)
-    frames = {file: tuple(processor.calculate_default_height_width(image.height, image.width, target))
+    frames = {file: hunyuan15_drawn_frame(root, image.height, image.width)
               for file, image in ((file, pil_image(file)) for file in dict.fromkeys(files))}
     if len(set(frames.values())) > 1:
         shown = ", ".join(f"{file.name}: {height}x{width}" for file, (height, width) in frames.items())
         raise ValueError(f"--images: a {HUNYUAN15_I2V} draws each image's clip at a frame of its aspect ratio, and one "
                          f"run holds one size ({shown}); crop the images to one aspect ratio, or give --resolution")
     return next(iter(frames.values()))
+
+
+def hunyuan15_drawn_frame(root: Path, height: int, width: int) -> tuple[int, int]:
+    """(height, width) in pixels of the clip HunyuanVideo 1.5's image-to-video pipeline at ``root`` draws from an
+    image of ``height`` x ``width``: the frame of its network's target size nearest the image's aspect ratio."""
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+    from distill_core.diffusers_source import read_json
+    from distill_core.text_pipeline import vae_scale
+
+    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=vae_scale(root))
+    target = read_json(root / "transformer" / "config.json").get("target_size", 640)
+    return tuple(processor.calculate_default_height_width(height, width, target))
 
 
 @torch.no_grad()
