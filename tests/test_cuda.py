@@ -297,5 +297,5 @@ def test_an_fp8_layer_on_cuda_keeps_a_byte_per_weight_through_forward_and_backwa
     eight = stack()
     store_linear_fp8(eight, set())
     ours, eight_peak = peak(eight)
-    assert (ours - expected).norm() / expected.norm() < 0.1
+    assert (ours - expected).norm() / expected.norm() < 0.12  # eight layers' rounding: 0.073 under CPU autocast
     assert half_peak - eight_peak > weights / 8, (half_peak, eight_peak, weights)
