@@ -64,7 +64,9 @@ class DistillConfig:
     images: str | None = option(None, "an editing or image-to-video pipeline directory (Flux Kontext, "
                                 "Qwen-Image-Edit, Flux.2, Wan, LTX-Video and HunyuanVideo 1.5 I2V): the image "
                                 "each prompt edits or starts its clip from, one file for every prompt or a folder "
-                                "with one image per prompt in file-name order, scaled as its pipeline scales it")
+                                "with one image per prompt in file-name order, scaled as its pipeline scales it; "
+                                "for Flux.2 and Qwen-Image-Edit Plus also a folder of folders, each a set of images "
+                                "one prompt's edit reads together")
     pairing: str = option("in-order", "with --images: in-order, prompt k with image k (one image: with every "
                           "prompt); every, each prompt with each image (prompts x images training conditions)",
                           choices=IMAGE_PAIRINGS)

@@ -342,7 +342,13 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     from distill_core.denoisers.diffusers_flow import EMBEDDED_GUIDANCE
     from distill_core.encoding_cache import file_stamp, kept, pipeline_stamp
     from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_PROMPTS, read_prompts
-    from distill_core.reference_images import EDITING_PIPELINES, OPTIONAL_EDITING, image_files, image_tables
+    from distill_core.reference_images import (
+        EDITING_PIPELINES,
+        OPTIONAL_EDITING,
+        image_files,
+        image_tables,
+        set_size,
+    )
     from distill_core.start_images import IMAGE_TO_VIDEO_PIPELINES, keeps_start
     from distill_core.text_pipeline import PROMPT_ROW, PromptConditioned, encode_prompts, prompt_condition, vae_decoder
     from distill_core.vision_prompts import VISION_PROMPT_PIPELINES, vision_tables
@@ -414,7 +420,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     card = {**({} if embedded is None else {"embedded_guidance": embedded}),
             **size_card(resolution, width), **({"frames": frames} if frames > 1 else {}),
             **({} if negative is None else {"negative": negative}),
-            **({"edits": True} if optional_edits else {})}
+            **({"edits": True} if optional_edits else {}),
+            **({"references": set_size(files)} if files and files[0].is_dir() else {})}
     guided = guider_scale(root)
     w = 1.0 if index.get("is_distilled") or guidance_input else guided if guided is not None else \
         GUIDANCE_BY_NETWORK.get(name, TEXT_GUIDANCE)

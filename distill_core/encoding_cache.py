@@ -30,7 +30,12 @@ NETWORK_FOLDERS = ("unet", "transformer", "transformer_2")
 
 
 def file_stamp(path: Path) -> list:
-    """What identifies a file's contents without reading them: its path, size and modification time."""
+    """What identifies a file's contents without reading them: its path, size and modification time; of a set of
+    images (a folder, ``reference_images.image_sets``), its path and its images' stamps."""
+    from distill_core.reference_images import images_of
+
+    if path.is_dir():
+        return [str(path), [file_stamp(image) for image in images_of(path)]]
     stat = path.stat()
     return [str(path), stat.st_size, stat.st_mtime_ns]
 

@@ -377,6 +377,7 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
                 "guidance_scale": float(card.get("embedded_guidance", w - target.w_offset)),
                 "call": call, "student": "lora" if lora else target.network, "networks": list(paths),
                 **({"experts": files} if card.get("experts") else {}), **({"edits": True} if card.get("edits") else {}),
+                **({"references": card["references"]} if card.get("references") else {}),
                 **({"negative_prompt": card["negative"]} if "negative" in card and guidance["mode"] != "distilled"
                    else {})}
     write_json(out / "sampling.json", settings)
@@ -425,7 +426,12 @@ def usage(settings: dict, out: str | Path) -> str:
         what = "the image to edit" if target.image == "edit" else "the image the clip starts from"
         if not target.takes_size:  # the frame it draws is its image's aspect ratio's
             what += f", of the student's aspect ratio, {settings['height']}:{settings['width']}"
-        lines.append(f"{target.image} = load_image('image.png'){size}  # {what}")
+        if settings.get("references"):  # a set of images, read together, in order
+            count = settings["references"]
+            lines.append(f"{target.image} = [load_image(f'image_{{k}}.png'){size} for k in range(1, {count + 1})]  "
+                         f"# the {count} images each edit reads, in order")
+        else:
+            lines.append(f"{target.image} = load_image('image.png'){size}  # {what}")
     if target.keeps_start:  # given latents, the pipeline takes their first frame as the start image's latent
         lines += [f"pixels = pipe.video_processor.preprocess(start, height={settings['height']}, "
                   f"width={settings['width']})[:, :, None]",

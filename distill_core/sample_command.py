@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"first {DEFAULT_ROWS} of the shipped list)")
     p.add_argument("--images", help="an editing or image-to-video student's images (Flux Kontext, "
                    "Qwen-Image-Edit, Flux.2, Wan and LTX-Video I2V): one file for every prompt, or a folder "
-                   "with one image per prompt in file-name order")
+                   "with one image per prompt in file-name order, or a folder of folders, each a set of images one "
+                   "prompt's edit reads together (Flux.2, Qwen-Image-Edit Plus)")
     p.add_argument("--label", type=int, action="append", help="a class label for a class-conditional student "
                    f"(repeat for more rows); default: its first {DEFAULT_ROWS} classes")
     p.add_argument("--count", type=int, default=4, help="images per condition, from as many noise draws")

@@ -78,11 +78,11 @@ def pair_rows(prompts: list[str], negative: str, files: list[Path], every: bool)
 
 
 def shared_size(files: list[Path], name: str) -> tuple[int, int]:
-    """(width, height) of the megapixel at which a pipeline ``name`` reads every image of ``files``: one for all,
-    else a refusal that names each image's."""
-    from distill_core.reference_images import pil_image
+    """(width, height) of the megapixel at which a pipeline ``name`` reads every image of ``files`` (of each set's,
+    for sets): one for all, else a refusal that names each image's."""
+    from distill_core.reference_images import distinct_images, pil_image
 
-    sizes = {file: fitted(pil_image(file).size, REFERENCE_AREA) for file in dict.fromkeys(files)}
+    sizes = {file: fitted(pil_image(file).size, REFERENCE_AREA) for file in distinct_images(files)}
     if len(set(sizes.values())) > 1:
         shown = ", ".join(f"{file.name}: {'x'.join(map(str, size))}" for file, size in sizes.items())
         raise ValueError(f"--images: a {name} reads each image at a megapixel of its own aspect ratio, and one run "
@@ -113,15 +113,17 @@ def vision_tables(root: Path, name: str, prompts: list[str], negative: str | Non
     import diffusers
     import transformers
 
+    from distill_core.reference_images import distinct_images, refuse_sets
     from distill_core.stages import announce, counted
     from distill_core.text_pipeline import NEGATIVE_PROMPT, exact_narrowing, quiet, stored_dtypes
 
+    refuse_sets(name, files)
     if not (root / "processor").is_dir():
         raise FileNotFoundError(f"{root}: a {name} reads each prompt beside its image with the processor in its "
                                 "processor/ folder, and it has none")
     dtypes = stored_dtypes(root)
     announce(f"encoding {counted(len(prompts), 'instruction')} with their images, and the VAE latents of "
-             f"{counted(len(set(files)), 'image')}, with {name}'s text encoder and VAE, loaded from {root}")
+             f"{counted(len(distinct_images(files)), 'image')}, with {name}'s text encoder and VAE, loaded from {root}")
     with quiet(diffusers, transformers):
         tables, reference, lookup = _read(root, getattr(diffusers, name), prompts,
                                           NEGATIVE_PROMPT[name] if negative is None else negative, files, every, dtypes)
@@ -133,7 +135,7 @@ def vision_tables(root: Path, name: str, prompts: list[str], negative: str | Non
 def _read(root: Path, cls: type, prompts: list[str], negative: str, files: list[Path], every: bool,
           dtypes: dict[str, torch.dtype]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """``vision_tables`` with the pipeline class ``cls`` loaded without its transformer."""
-    from distill_core.reference_images import REFERENCE_TABLE, pil_image
+    from distill_core.reference_images import REFERENCE_TABLE, distinct_images, images_of, pil_image
     from distill_core.text_pipeline import encoding_device, padded
 
     pipe = cls.from_pretrained(root, transformer=None, processor=None, use_safetensors=True, local_files_only=True,
@@ -142,15 +144,18 @@ def _read(root: Path, cls: type, prompts: list[str], negative: str, files: list[
     device = encoding_device(pipe)
     condition_area = getattr(inspect.getmodule(cls), "CONDITION_IMAGE_SIZE", REFERENCE_AREA)
     width, height = shared_size(files, cls.__name__)
-    images = {file: pil_image(file) for file in dict.fromkeys(files)}
+    images = {file: pil_image(file) for file in distinct_images(files)}
     seen = {file: pipe.image_processor.resize(image, *fitted(image.size, condition_area)[::-1])
             for file, image in images.items()}
     lookup, distinct = pair_rows(prompts, negative, files, every)
-    # each pair alone, unpadded, as the pipeline encodes one prompt; then one padded table, Qwen-Image's mask long
-    context, mask = padded([pipe.encode_prompt(text, image=seen[file], device=device)[0][0]
-                            for text, file in distinct], torch.long)
+    # each pair alone, unpadded, as the pipeline encodes one prompt (a set's images as a list: Picture 1, 2, ...);
+    # then one padded table, Qwen-Image's mask long
+    context, mask = padded([pipe.encode_prompt(text, image=[seen[image] for image in images_of(entry)]
+                                               if entry.is_dir() else seen[entry], device=device)[0][0]
+                            for text, entry in distinct], torch.long)
     latents = {file: pipe._encode_vae_image(pipe.image_processor.preprocess(image, height, width)[:, :, None]
                                             .to(device, pipe.vae.dtype), None)[:, :, 0].float().cpu()
                for file, image in images.items()}
-    reference = torch.cat([latents[file] for file in files])
+    reference = torch.stack([torch.cat([latents[image] for image in images_of(entry)]) for entry in files]) if \
+        files[0].is_dir() else torch.cat([latents[file] for file in files])
     return {"encoder_hidden_states": context, "encoder_hidden_states_mask": mask}, {REFERENCE_TABLE: reference}, lookup

@@ -220,3 +220,69 @@ def test_flux2_edits_the_images_given_with_its_prompts_as_its_pipeline_does(tmp_
     assert main(["sample", str(path), "--prompt", "make it rain", "--out", str(tmp_path / "drawn")]) == 1
     err = capsys.readouterr().err
     assert "this student was distilled on edits of images: give the images to edit with --images" in err
+
+
+def image_sets(root, height: int, width: int, count: int = 2):
+    """``root/sets`` with two sets of ``count`` images of random pixels, ``a/`` and ``b/``, of height x width."""
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        folder = root / "sets" / name
+        folder.mkdir(parents=True)
+        for k in range(count):
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    return root / "sets"
+
+
+def test_flux2_edits_read_each_prompts_set_of_images_as_its_pipeline_does(tmp_path, capsys):
+    """--images a folder of folders: each prompt edits its folder's set of images, which Flux.2's transformer reads
+    together (image r's tokens at time 10 (r + 1)), as its pipeline does given the images as a list at the
+    student's size: Euler with CFG through the teacher reproduces its steps, and each image of a set counts. The
+    exported LoRA, drawn by the stock pipeline with the set, draws the student's edit, and the printed lines load
+    the set. Sets of unequal counts, and sets for a pipeline that reads one image per prompt, are refused in one
+    line."""
+    from tests.test_dit_pipelines import dit_pipeline_dir, flux2_latents, stock_pipeline
+
+    teacher = dit_pipeline_dir(tmp_path, "flux2-klein")
+    sets = image_sets(tmp_path, 64, 64)
+    prompts = ["put them side by side", "an owl between them"]
+    source = diffusers_source(teacher, prompts=prompts, images=sets, resolution=64)
+    assert getattr(source.denoiser, REFERENCE_TABLE).shape == (2, 2, 64, 16, 16)
+    assert source.card == {"resolution": 64, "edits": True, "references": 2}
+    pipe = stock_pipeline(teacher)
+    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    edits = [Image.open(sets / "b" / f"{k}.png") for k in range(2)]
+    expected = flux2_latents(pipe, x.shape, prompt="an owl between them", latents=x, sigmas=[0.9, 0.6, 0.3],
+                             num_inference_steps=3, height=64, width=64, guidance_scale=4.0, image=edits)
+    ours = teacher_steps(source, 4.0, x, pipe.scheduler.sigmas.double(),
+                         prompt_condition(source.denoiser, torch.tensor([1])))
+    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
+    table = getattr(source.denoiser, REFERENCE_TABLE)
+    with torch.no_grad():
+        own = source.denoiser(x, 2.0, {PROMPT_ROW: torch.tensor([1]), IMAGE_ROW: torch.tensor([1])})
+        table[1, 1] = table[0, 1]  # the set's second image swapped for another
+        swapped = source.denoiser(x, 2.0, {PROMPT_ROW: torch.tensor([1]), IMAGE_ROW: torch.tensor([1])})
+    assert (own - swapped).abs().max() > 1e-4
+
+    source = diffusers_source(teacher, prompts=prompts, images=sets, resolution=64)
+    settings, z, ours = exported_edit(source, tmp_path)
+    assert settings["references"] == 2
+    theirs = pipeline_latents(teacher, tmp_path / "export", {**settings, "call": {"image": edits}}, z,
+                              prompt="an owl between them")
+    scale = float(ours.abs().max())
+    torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
+    lines = usage(settings, tmp_path / "export")
+    assert ("edit = [load_image(f'image_{k}.png').resize((64, 64), Image.Resampling.LANCZOS) for k in range(1, 3)]"
+            in lines and "image=edit" in lines)
+
+    (sets / "b" / "2.png").write_bytes((sets / "b" / "0.png").read_bytes())  # a set of three beside one of two
+    listed = tmp_path / "prompts.txt"
+    listed.write_text("\n".join(prompts))
+    assert main(["distill", "--teacher", str(teacher), "--prompts", str(listed), "--images", str(sets),
+                 "--resolution", "64", "--out", str(tmp_path / "r"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "one run's sets hold as many images each (a: 2, b: 3)" in err and "Traceback" not in err
+    (sets / "b" / "2.png").unlink()
+    kontext = multi_encoder_pipeline_dir(tmp_path / "kontext", "flux-kontext")
+    with pytest.raises(ValueError, match="a FluxKontextPipeline reads one image with each prompt, and the folder's "
+                                         "entries are folders"):
+        diffusers_source(kontext, prompts=prompts, images=sets)

@@ -216,3 +216,31 @@ def test_the_main_job_distils_qwen_image_edit_and_refuses_images_of_two_shapes(q
     err = capsys.readouterr().err
     assert "reads each image at a megapixel of its own aspect ratio" in err and "a.png: 1024x1024" in err
     assert "b.png: 1440x736" in err and "Traceback" not in err
+
+
+def test_edit_plus_reads_each_instructions_set_of_images_as_its_pipeline_does(tmp_path, qwen_edit):
+    """--images a folder of folders: Qwen-Image-Edit Plus reads each instruction beside its set's images (Picture 1,
+    Picture 2 in its text encoder; each image's megapixel latent after the sample's, in order), and Euler through
+    the teacher reproduces the stock pipeline given the images as a list; Qwen-Image-Edit, which reads one image,
+    refuses sets in one line."""
+    from tests.test_edit_pipelines import image_sets
+
+    teacher, prompts, _ = qwen_edit
+    plus = qwen_edit_pipeline_dir(tmp_path, plus=True)
+    sets = image_sets(tmp_path, 40, 40)
+    source = diffusers_source(plus, prompts=prompts, images=sets, resolution=SIDE)
+    assert getattr(source.denoiser, REFERENCE_TABLE).shape == (2, 2, 16, 32, 32)
+    assert source.card["references"] == 2
+    pipe = stock_pipeline(plus)
+    edits = [Image.open(sets / "b" / f"{k}.png") for k in range(2)]
+    x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
+    latents = pipe(image=edits, prompt="put an owl on the left side of it", latents=pipe._pack_latents(x, 1, 16, 4, 4),
+                   sigmas=[0.9, 0.6, 0.3], num_inference_steps=3, height=SIDE, width=SIDE, true_cfg_scale=1.0,
+                   output_type="latent").images
+    expected = pipe._unpack_latents(latents, SIDE, SIDE, pipe.vae_scale_factor)[:, :, 0]
+    ours = teacher_steps(source, 1.0, x, pipe.scheduler.sigmas.double(),
+                         prompt_condition(source.denoiser, torch.tensor([1])))
+    assert expected.abs().max() > 1
+    torch.testing.assert_close(ours.double(), expected.double(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="a QwenImageEditPipeline reads one image with each prompt"):
+        diffusers_source(teacher, prompts=prompts, images=sets, resolution=SIDE)

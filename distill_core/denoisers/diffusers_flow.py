@@ -108,6 +108,14 @@ def unpack(tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+def each_reference(reference: torch.Tensor | None) -> list[torch.Tensor]:
+    """The latents [B, C, H', W'] of each image a condition's reference table holds: none, its one image's
+    ([B, C, H', W']), or each of its set's ([B, R, C, H', W'])."""
+    if reference is None:
+        return []
+    return list(reference.unbind(1)) if reference.ndim == 5 else [reference]
+
+
 class FluxVelocity(nn.Module):
     """Flux's transformer as v(x_t, t, {"encoder_hidden_states": c, "pooled_projections": p}) on [B, C, H, W]
     latents: packed into (H / 2)(W / 2) tokens of 4 C channels at positions (0, row, column) on the way in,
@@ -185,7 +193,9 @@ class Flux2Velocity(nn.Module):
     patches: every latent pixel a token at (0, row, column, 0), text token l at (0, 0, 0, l); ``guidance``: the
     embedded guidance g of a guidance-distilled model (Flux.2 dev; None for klein, which takes none). An edit's
     condition adds the latents of the image being edited (``REFERENCE_TABLE``: [B, C, H', W']), their tokens after
-    the sample's at (``REFERENCE_TIME``, row, column, 0); the velocity is the sample's tokens' alone."""
+    the sample's at (``REFERENCE_TIME``, row, column, 0), or of a set of R images ([B, R, C, H', W']), image r's at
+    ((r + 1) ``REFERENCE_TIME``, row, column, 0), as its pipelines place them; the velocity is the sample's tokens'
+    alone."""
 
     def __init__(self, transformer: nn.Module, guidance: float | None = None):
         super().__init__()
@@ -202,9 +212,9 @@ class Flux2Velocity(nn.Module):
 
         tokens, img_ids = x.flatten(2).transpose(1, 2), grid(1, h, w, 1)
         reference = cond.pop(REFERENCE_TABLE, None)
-        if reference is not None:
-            tokens = torch.cat([tokens, reference.to(x.dtype).flatten(2).transpose(1, 2)], dim=1)
-            img_ids = torch.cat([img_ids, grid(1, *reference.shape[-2:], 1, start=REFERENCE_TIME)], dim=1)
+        for r, latent in enumerate(each_reference(reference)):  # reference r's tokens at time (r + 1) REFERENCE_TIME
+            tokens = torch.cat([tokens, latent.to(x.dtype).flatten(2).transpose(1, 2)], dim=1)
+            img_ids = torch.cat([img_ids, grid(1, *latent.shape[-2:], 1, start=(r + 1) * REFERENCE_TIME)], dim=1)
         if self.guidance is not None:
             cond["guidance"] = torch.full((b,), self.guidance, device=x.device)
         txt_ids = grid(1, 1, 1, cond["encoder_hidden_states"].shape[1])
@@ -217,7 +227,8 @@ class QwenImageVelocity(nn.Module):
     """Qwen-Image's transformer as v(x_t, t, {"encoder_hidden_states": c, "encoder_hidden_states_mask": m}) on
     [B, C, H, W] latents, packed as Flux's, with their patch grid as ``img_shapes``. Qwen-Image-Edit's condition adds
     the latents of the image being edited (``REFERENCE_TABLE``: [B, C, H', W']), packed and joined after the
-    sample's tokens, their grid the second of ``img_shapes``; the velocity is the sample's tokens' alone."""
+    sample's tokens, their grid the second of ``img_shapes``, or of a set of R images ([B, R, C, H', W']), each
+    after the one before, with its grid; the velocity is the sample's tokens' alone."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -228,9 +239,9 @@ class QwenImageVelocity(nn.Module):
         cond = dict(cond)
         tokens, grids = pack(x), [(1, h // 2, w // 2)]
         reference = cond.pop(REFERENCE_TABLE, None)
-        if reference is not None:
-            tokens = torch.cat([tokens, pack(reference.to(x.dtype))], dim=1)
-            grids.append((1, reference.shape[-2] // 2, reference.shape[-1] // 2))
+        for latent in each_reference(reference):
+            tokens = torch.cat([tokens, pack(latent.to(x.dtype))], dim=1)
+            grids.append((1, latent.shape[-2] // 2, latent.shape[-1] // 2))
         v = self.transformer(hidden_states=tokens, timestep=time, img_shapes=[grids] * b, **cond,
                              return_dict=False)[0]
         return unpack(v[:, :h * w // 4], x.shape)
