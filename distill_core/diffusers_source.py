@@ -148,7 +148,8 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
                      resolution: int | None = None, negative: str | None = None,
                      frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1,
                      images: str | Path | None = None, pairing: str = "in-order",
-                     width: int | None = None, encodings: str | Path | None = None) -> TeacherSource:
+                     width: int | None = None, encodings: str | Path | None = None,
+                     references: int | None = None) -> TeacherSource:
     """A diffusers model directory as a teacher (see the module docstring); ``prompts``: a text-to-image
     pipeline's file of training prompts (default: the shipped list); ``guidance``: the run's guidance, which a
     guidance-distilled pipeline (Flux dev) takes as its input; ``resolution``: the side of its square images in
@@ -158,9 +159,9 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     without encoding any prompt (its text encoders are not loaded), for a command that reads the network only
     (export-diffusers); ``frames``: a video pipeline's clips of that many video frames (``sample_shape``), which its
     students' files name; ``images``: an editing or image-to-video pipeline's images, paired with the prompts as
-    ``pairing`` says (``reference_images.image_files``); ``encodings``: a folder that keeps a pipeline's encoded
-    prompts and images (a run's ``cache/``), read back where the same inputs were encoded before
-    (``encoding_cache``)."""
+    ``pairing`` says (``reference_images.image_files``), for a student of edits of sets of ``references`` images a
+    folder of images one set; ``encodings``: a folder that keeps a pipeline's encoded prompts and images (a run's
+    ``cache/``), read back where the same inputs were encoded before (``encoding_cache``)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"teacher {root} is not a directory: give builtin, builtin-flow, builtin-bold or a "
@@ -170,7 +171,7 @@ def diffusers_source(path: str | Path, classes: int = 0, null_class: int | None 
     if "text_encoder" in index:
         return text_source(root, index, model_dir, scheduler_dir, classes, prompts, guidance, resolution, negative,
                            frozen_precision, encode, frames, images, pairing, width,
-                           None if encodings is None else Path(encodings))
+                           None if encodings is None else Path(encodings), references)
     for flag, given in ((prompts and prompt_flag(prompts), prompts), ("--negative", negative is not None),
                         ("--images", images is not None)):
         if given:
@@ -325,7 +326,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
                 resolution: int | None = None, negative: str | None = None,
                 frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1,
                 images: str | Path | None = None, pairing: str = "in-order",
-                width: int | None = None, encodings: Path | None = None) -> TeacherSource:
+                width: int | None = None, encodings: Path | None = None,
+                references: int | None = None) -> TeacherSource:
     """A text-to-image pipeline as a teacher over its prompts: condition k is prompt k, the pipeline's negative
     (condition P; ``negative`` where given) is CFG's unconditional side at the default scale ``TEXT_GUIDANCE``
     (Qwen-Image: 4). Flux samples without CFG (w = 1, as its pipeline does); a guidance-distilled Flux or Flux.2
@@ -338,7 +340,8 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
     ``vision_prompts``, and whose samples are by default the size its pipeline draws them at, the images' megapixel)
     edits it, an image-to-video pipeline (Wan) starts its clip from it (``start_images``).
     ``encode`` False: no prompt tables (the network alone; it refuses to run). ``encodings``: where the encoded
-    prompts and images are kept and read back (``encoding_cache.kept``)."""
+    prompts and images are kept and read back (``encoding_cache.kept``); ``references``: a student's sets' size, for
+    which a folder of images is one set (``reference_images.image_files``)."""
     from distill_core.denoisers.diffusers_flow import EMBEDDED_GUIDANCE
     from distill_core.encoding_cache import file_stamp, kept, pipeline_stamp
     from distill_core.prompts import DEFAULT_EDITS, DEFAULT_MOTIONS, DEFAULT_PROMPTS, read_prompts
@@ -385,7 +388,7 @@ def text_source(root: Path, index: dict, model_dir: Path, scheduler_dir: Path, c
         raise ValueError(f"{model_dir}: a MeanFlow few-step {network} (use_meanflow) is distilled already; give the "
                          "pipeline it was distilled from")
     every = pairing == "every"
-    files = image_files(images, len(prompts), every) if images is not None and encode else []
+    files = image_files(images, len(prompts), every, references) if images is not None and encode else []
     if files and resolution is width is None:
         resolution, width = size_from_images(root, name, files, config["_class_name"])
     shape = sample_shape(config, root, resolution, frames, width)

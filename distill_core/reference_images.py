@@ -50,17 +50,20 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 REFERENCE_TABLE = "image_latents"
 
 
-def image_files(path: str | Path, prompts: int, every: bool = False) -> list[Path]:
+def image_files(path: str | Path, prompts: int, every: bool = False, references: int | None = None) -> list[Path]:
     """The image of each of ``prompts`` prompts: one file for all, or a folder's images in file-name order, one per
     prompt (one image in it: for all); ``every``: the images each prompt is paired with, the file or the folder's
     images. A folder of folders and no images gives each prompt a set of images (``SET_EDITING``): its folders in
-    name order stand for the images above, each holding its set's images (``images_of``), as many in every set."""
+    name order stand for the images above, each holding its set's images (``images_of``), as many in every set.
+    For a student whose edits read sets (``references``: their size), a folder of images is one set for all."""
     path = Path(path)
     if path.is_file():
         return [path] if every else [path] * prompts
     if not path.is_dir():
         raise FileNotFoundError(f"--images {path}: no such file or folder; give an image for every prompt, or a "
                                 "folder with one image per prompt")
+    if references and folder_images(path) and not image_sets(path):
+        return [path] if every else [path] * prompts
     files = folder_images(path) or image_sets(path)
     if not files:
         raise ValueError(f"--images {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")

@@ -102,7 +102,7 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
                    resolution: int | None = None, negative: str | None = None,
                    frozen_precision: str = "as-loaded", encode: bool = True, frames: int = 1,
                    images: str | None = None, pairing: str = "in-order", width: int | None = None,
-                   encodings: str | Path | None = None) -> TeacherSource:
+                   encodings: str | Path | None = None, references: int | None = None) -> TeacherSource:
     """The teacher a run names: a built-in one, a digits teacher file (``trained_file_source``), or a local
     diffusers model directory (``diffusers_source``, with ``classes`` and ``null_class``, or for a text-to-image
     pipeline the prompt file ``prompts`` (or the prompts themselves, a list), and the run's ``guidance``, which
@@ -111,7 +111,9 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
     ``frozen_precision``: the run's, bf16 loading a directory's 16-bit weights without a float32 copy; ``encode``
     False: a pipeline's network without its text encoders, for a command that reads the network only; ``frames``:
     a video pipeline's clip length; ``images``: an editing or image-to-video pipeline's images, paired with the
-    prompts as ``pairing`` says; ``encodings``: a folder that keeps a pipeline's encoded prompts and images)."""
+    prompts as ``pairing`` says; ``encodings``: a folder that keeps a pipeline's encoded prompts and images;
+    ``references``: the size of the sets of images a student's edits read, for which a folder of images is one
+    set)."""
     digits = name in TEACHERS or name.endswith(".safetensors")
     if pairing != "in-order" and images is None:
         raise ValueError(f"--pairing {pairing} pairs the prompts with images: give them with --images")
@@ -148,7 +150,7 @@ def teacher_source(name: str, classes: int = 0, null_class: int | None = None,
         from distill_core.diffusers_source import diffusers_source
 
         return diffusers_source(name, classes, null_class, prompts, guidance, resolution, negative, frozen_precision,
-                                encode, frames, images, pairing, width, encodings)
+                                encode, frames, images, pairing, width, encodings, references)
     raise ValueError(
         f"unknown teacher {name!r}: give one of {', '.join(TEACHERS)}, a digits teacher file that train-teacher "
         "wrote, or the path of a local diffusers model directory (ComfyUI checkpoints come through the nodes)"
@@ -162,12 +164,13 @@ def names_a_path(name: str) -> bool:
 
 def as_trained(card: dict) -> dict:
     """The keyword arguments of ``teacher_source`` that rebuild a student's teacher as it was trained, from the
-    student's card: a guidance-distilled teacher's guidance input, the image size, the negative prompt, and for
+    student's card: a guidance-distilled teacher's guidance input, the image size, the negative prompt, the size of
+    the sets of images its edits read, and for
     a LoRA student of a run whose frozen base computed in bf16, that precision (the base its adapters sample on;
     a full student's weights are all its own)."""
     lora = card.get("student", {}).get("kind") == "lora"
     return {"guidance": card.get("embedded_guidance"), "resolution": card.get("resolution"), "width": card.get("width"),
-            "frames": card.get("frames", 1), "negative": card.get("negative"),
+            "frames": card.get("frames", 1), "negative": card.get("negative"), "references": card.get("references"),
             "frozen_precision": card.get("frozen_precision", "as-loaded") if lora else "as-loaded"}
 
 

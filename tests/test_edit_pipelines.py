@@ -17,7 +17,9 @@ from distill_core.config import DistillConfig
 from distill_core.diffusers_source import diffusers_source
 from distill_core.export_diffusers import export, usage
 from distill_core.reference_images import REFERENCE_TABLE, image_files
+from distill_core.safetensors_io import read_card
 from distill_core.sampling import few_step
+from distill_core.sources import trained_teacher
 from distill_core.student_files import load_student
 from distill_core.text_pipeline import IMAGE_ROW, PROMPT_ROW, prompt_condition
 from distill_core.train.run import train_student
@@ -273,6 +275,11 @@ def test_flux2_edits_read_each_prompts_set_of_images_as_its_pipeline_does(tmp_pa
     lines = usage(settings, tmp_path / "export")
     assert ("edit = [load_image(f'image_{k}.png').resize((64, 64), Image.Resampling.LANCZOS) for k in range(1, 3)]"
             in lines and "image=edit" in lines)
+    # sample and compare rebuild the student's teacher with a folder of images as one set
+    student = read_card(tmp_path / "run" / "student.safetensors")
+    rebuilt = trained_teacher(str(teacher), [student], prompts=["an owl"], images=str(sets / "b"))
+    torch.testing.assert_close(getattr(rebuilt.denoiser, REFERENCE_TABLE)[0],
+                               getattr(source.denoiser, REFERENCE_TABLE)[1])
 
     (sets / "b" / "2.png").write_bytes((sets / "b" / "0.png").read_bytes())  # a set of three beside one of two
     listed = tmp_path / "prompts.txt"

@@ -558,7 +558,7 @@ def test_multi_encoder_pipelines_sample_as_their_own_pipeline_and_distil_end_to_
                      "--reference-steps", "4", "--out", str(tmp_path / "cmp")]) == 0
         assert built[0][0][0] == str(teacher)  # at its guidance input, its own size, negative and precision:
         assert built[0][1] == {"guidance": 2.5, "resolution": None, "width": None, "frames": 1, "negative": None,
-                               "frozen_precision": "as-loaded", "images": None}
+                               "references": None, "frozen_precision": "as-loaded", "images": None}
     if kind != "sdxl":
         assert main(["distill", "--teacher", str(teacher / "transformer"), "--out", str(tmp_path / "r"),
                      "--no-progress"]) == 1
