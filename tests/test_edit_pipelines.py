@@ -48,9 +48,10 @@ def image_folder(root, height: int, width: int):
 
 
 def exported_edit(source, tmp_path) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """A LoRA student of an editing ``source``, its guidance distilled, trained a step and exported into
-    ``tmp_path / "export"``: the export's settings, the standard normal noise z [1, C, H, W] of seed 0 and the
-    student's edit from it for condition 1 (the second prompt on its image), by the engine's Euler steps."""
+    """A LoRA student of a ``source`` whose prompts read an image (edits, image-to-video clips), its guidance
+    distilled, trained a step into ``tmp_path / "run"`` and exported into ``tmp_path / "export"``: the export's
+    settings, the standard normal noise z [1, C, ...] of seed 0 and the student's sample from it for condition 1
+    (the second prompt on its image), by the engine's Euler steps."""
     cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
                         student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
     path = train_student(cfg, source, progress=False).path

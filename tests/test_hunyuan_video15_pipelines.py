@@ -206,30 +206,18 @@ def test_the_image_to_video_pipeline_with_the_exported_student_draws_the_student
     the frame the image's aspect ratio picks), take the engine's Euler steps through the student from the same
     noise. A student distilled at a frame the pipeline would not draw is refused in one line."""
     from distill_core.config import DistillConfig
-    from distill_core.export_diffusers import export, usage
-    from distill_core.sampling import few_step
-    from distill_core.student_files import load_student
-    from distill_core.text_pipeline import prompt_condition
+    from distill_core.export_diffusers import usage
     from distill_core.train.run import train_student
-    from tests.test_edit_pipelines import image_folder
+    from tests.test_edit_pipelines import exported_edit, image_folder
 
     teacher = hunyuan_video15_pipeline_dir(tmp_path, i2v=True)
     images = image_folder(tmp_path, 36, 64)
     source = diffusers_source(teacher, prompts=["the fox runs", "the owl flies"], images=images, frames=5)
-    cfg = DistillConfig(steps=2, iters=1, batch=2, lr=1e-2, seed=1, out=str(tmp_path / "run"), checkpoint_every=0,
-                        student="lora", lora_rank=4, lora_alpha=2, guidance_mode="distilled")
-    path = train_student(cfg, source, progress=False).path
-    settings = export(path, tmp_path / "export")
+    settings, z, ours = exported_edit(source, tmp_path)
     assert (settings["height"], settings["width"]) == (24, 40) and settings["call"] == {"num_frames": 5}
     lines = usage(settings, tmp_path / "export")
     assert "# the image the clip starts from, of the student's aspect ratio, 24:40" in lines
     assert "height=" not in lines.splitlines()[-1] and "image=start" in lines
-    student = load_student(path, source.denoiser, source.uncond)
-    z = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
-    sigmas = torch.cat([student.sigmas()[:-1], torch.zeros(1)])  # the pipeline's times end at 0
-    with torch.no_grad():
-        ours = few_step(student.denoiser(), sigmas[0] * z, sigmas,
-                        prompt_condition(source.denoiser, torch.tensor([1])), afs=True)
     scope = {"z": z}  # the printed lines on the same noise and the second prompt's image, drawing latents
     exec(lines.replace("'a prompt'", "'the owl flies', output_type='latent'").replace("torch.randn(", "z.view(")
          .replace("'image.png'", repr(str(images / "b.png"))), scope)
@@ -238,7 +226,7 @@ def test_the_image_to_video_pipeline_with_the_exported_student_draws_the_student
     torch.testing.assert_close(theirs / scale, ours / scale, atol=2e-5, rtol=0)
 
     square = diffusers_source(teacher, prompts=["the fox runs"], images=images / "a.png", frames=5, resolution=16)
-    cfg = cfg.replace(out=str(tmp_path / "square"))
+    cfg = DistillConfig(steps=2, iters=1, batch=2, checkpoint_every=0, student="lora", out=str(tmp_path / "square"))
     path = train_student(cfg, square, progress=False).path
     assert main(["export-diffusers", str(path), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
