@@ -39,7 +39,7 @@ TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTra
                 "WanTransformer3DModel", "AuraFlowTransformer2DModel", "ChromaTransformer2DModel",
                 "Lumina2Transformer2DModel", "ZImageTransformer2DModel", "Flux2Transformer2DModel",
                 "HiDreamImageTransformer2DModel", "SanaTransformer2DModel", "LTXVideoTransformer3DModel",
-                "HunyuanVideo15Transformer3DModel")
+                "HunyuanVideo15Transformer3DModel", "CogView4Transformer2DModel")
 #: the transformers that take their latent as tokens of 2 x 2 patches of 4 C channels
 PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel", "ChromaTransformer2DModel")
 #: the transformers whose latents are their VAE's 2 x 2 patches already (Flux.2: 4 C channels on a grid of half

@@ -1,6 +1,6 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Flux Kontext,
-Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein), SANA, HiDream, Wan 2.1, Wan 2.2 A14B and
-TI2V 5B; Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's and HunyuanVideo 1.5's text- and
+Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein), SANA, CogView4, HiDream, Wan 2.1, Wan 2.2
+A14B and TI2V 5B; Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's and HunyuanVideo 1.5's text- and
 image-to-video) as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
@@ -97,7 +97,8 @@ class Target:
     ``edited`` says, for a student trained on edits (``target``). HunyuanVideo 1.5's takes its guidance scale from
     its guider (``guider``), not a keyword of its call, and has no LoRA loader of its own: a LoRA loads into its
     network (``network_lora``); its image-to-video pipeline takes no size (``takes_size``): it draws at the frame
-    its start image's aspect ratio picks."""
+    its start image's aspect ratio picks. CogView4's network takes the time before its scheduler's shift, which its
+    call takes as ``timesteps`` beside the sigmas (``time_before_shift``)."""
 
     network: str
     network_class: str
@@ -119,6 +120,7 @@ class Target:
     guider: bool = False
     network_lora: bool = False
     takes_size: bool = True
+    time_before_shift: bool = False
 
     @property
     def scheduler_class(self) -> str:
@@ -149,6 +151,7 @@ PIPELINES = {
                             edited=(("image", "edit"), ("sized", True))),
     "SanaPipeline": Target("transformer", "SanaTransformer2DModel", flow=True,
                            call=(("use_resolution_binning", False),)),
+    "CogView4Pipeline": Target("transformer", "CogView4Transformer2DModel", flow=True, time_before_shift=True),
     "WanPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False, video=True),
     "WanImageToVideoPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False,
                                       video=True, image="start"),
@@ -299,6 +302,7 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     import diffusers
 
     from distill_core.atomic import atomic_dir, write_json
+    from distill_core.denoisers.diffusers_flow import CogView4Velocity
     from distill_core.diffusers_source import latent_pixels
     from distill_core.safetensors_io import load, save_atomic
     from distill_core.sampling import sampler_key
@@ -372,6 +376,9 @@ def export(student_path: str | Path, out: str | Path, teacher: str | Path | None
     w = 1.0 if guidance["mode"] == "distilled" else guidance["w"]
     call = {**dict(target.call), **({"num_frames": as_trained(card)["frames"]} if target.video else {}),
             **({"max_area": height * width} if target.drawn_area else {})}
+    if target.time_before_shift:  # the network's time input at each of the sigmas, which the call would not feed
+        timing = next(m for m in source.denoiser.modules() if isinstance(m, CogView4Velocity))
+        call["timesteps"] = timing.time_input(torch.tensor(sigmas, dtype=torch.float64)).tolist()
     settings = {"pipeline": pipeline, "teacher": str(root), "steps": steps, "sigmas": sigmas,
                 "noise_scale": noise_scale, "latent_shape": list(source.shape), "height": height, "width": width,
                 "guidance_scale": float(card.get("embedded_guidance", w - target.w_offset)),

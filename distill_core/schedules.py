@@ -77,6 +77,13 @@ def flux2_shift(image_tokens: int, steps: int = 50) -> float:
     return math.exp(mu_200 + (mu_200 - mu_10) / 190.0 * (steps - 200))
 
 
+def cogview4_shift(image_tokens: int, base_shift: float = 0.25, max_shift: float = 0.75,
+                   base_tokens: int = 256) -> float:
+    """CogView4's shift s = mu, applied linearly (t' = s t / (1 + (s - 1) t)), mu growing with the square root of
+    the image's token count L: mu = sqrt(L / ``base_tokens``) ``max_shift`` + ``base_shift``."""
+    return math.sqrt(image_tokens / base_tokens) * max_shift + base_shift
+
+
 def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The VE sigma of every step of a discrete DDPM schedule: sigma_t = sqrt((1 - abar_t) / abar_t)."""
     abar = alphas_cumprod.double()

@@ -71,7 +71,8 @@ NOT_NETWORK = (*(f"{i.attr}." for i in SCALAR_INPUTS.values()), "afs.")
 AFS_MEANS_KEY = "afs.class_means"
 EXPERT_PREFIX = "expert.{}."  # an Experts student's tensors of expert k, in its file
 TIME_EMBEDDING_NAMES = ("time_embedding", "time_embed", "time_text_embed", "time_embedder",  # UNets; DiTs; Wan
-                        "time_step_proj", "t_embedder", "time_guidance_embed")  # AuraFlow; Z-Image; Flux.2
+                        "time_step_proj", "t_embedder", "time_guidance_embed",  # AuraFlow; Z-Image; Flux.2
+                        "time_condition_embed")  # CogView4
 #: the attributes through which adapters hold the network they wrap
 WRAPPED = ("inner", "net", "unet", "transformer")
 

@@ -2,11 +2,11 @@
 
 A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or of
 SD3, Flux, Flux Kontext, Qwen-Image, Wan, LTX-Video, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein),
-HiDream or SANA (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with ``scheduler/``, its text encoders and
-tokenizers, and optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's, Wan's and LTX-Video's video VAEs, Flux.2's
-or SANA's deep-compression autoencoder, which decode the report's grid; Flux Kontext's also encodes the images its
-prompts edit: ``reference_images``, and Wan's image-to-video pipeline the images its clips start from:
-``start_images``). Qwen-Image-Edit's text encoder reads each prompt beside its image: ``vision_prompts`` encodes
+HiDream, SANA or CogView4 (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with ``scheduler/``, its text
+encoders and tokenizers, and optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's, Wan's and LTX-Video's video
+VAEs, Flux.2's or SANA's deep-compression autoencoder, which decode the report's grid; Flux Kontext's also encodes
+the images its prompts edit: ``reference_images``, and Wan's image-to-video pipeline the images its clips start
+from: ``start_images``). Qwen-Image-Edit's text encoder reads each prompt beside its image: ``vision_prompts`` encodes
 its pairs.
 
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
@@ -20,7 +20,9 @@ each prompt's end; Chroma: T5's, with the mask of each prompt's tokens and its f
 second-to-last hidden states of the prompt in its chat template, unpadded, kept as one padded table and its mask;
 Flux.2 klein: Qwen3's hidden states of three layers side by side, Flux.2 dev: Mistral Small 3's, read through its
 processor's chat template (``chat_text_processor``); HiDream: T5's, and Llama 3.1's hidden states of
-every layer; SANA: Gemma 2's last hidden states of its call's instruction and the prompt, with their mask), and the
+every layer; SANA: Gemma 2's last hidden states of its call's instruction and the prompt, with their mask;
+CogView4: GLM-4's second-to-last hidden states of each prompt alone, left-padded to a multiple of 16 tokens, kept as
+one padded table and its mask, with the image's size and crop as SDXL's), and the
 pooled embedding p where the network takes one (SDXL: ``text_embeds``, with the image's size and crop as
 ``time_ids``; SD3 and Flux: ``pooled_projections``; HiDream: both CLIPs' side by side, ``pooled_embeds``).
 Classifier-free guidance's unconditional side is the run's negative prompt, encoded as the pipeline encodes
@@ -64,8 +66,8 @@ PROMPT_ROW, IMAGE_ROW = "prompt", "image"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
              "FluxKontextPipeline", "QwenImagePipeline", "WanPipeline", "WanImageToVideoPipeline", "AuraFlowPipeline",
              "ChromaPipeline", "Lumina2Pipeline", "ZImagePipeline", "Flux2KleinPipeline", "Flux2Pipeline",
-             "HiDreamImagePipeline", "SanaPipeline", "LTXPipeline", "LTXImageToVideoPipeline", "HunyuanVideo15Pipeline",
-             "HunyuanVideo15ImageToVideoPipeline")
+             "HiDreamImagePipeline", "SanaPipeline", "CogView4Pipeline", "LTXPipeline", "LTXImageToVideoPipeline",
+             "HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline")
 #: the text tokens Wan's and LTX-Video's pipelines pad their prompts to (their calls' ``max_sequence_length``)
 WAN_TEXT_TOKENS, LTX_TEXT_TOKENS = 512, 128
 #: the unconditional prompt of a pipeline whose negative is not the empty prompt
@@ -231,7 +233,7 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
                          f"{', '.join(PIPELINES + VISION_PROMPT_PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Flux "
                          "Kontext, Qwen-Image and Qwen-Image-Edit, Wan 2.1 and 2.2 A14B (text- and image-to-video), "
                          "LTX-Video, HunyuanVideo 1.5, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2, HiDream, "
-                         "SANA)")
+                         "SANA, CogView4)")
     encoders = [part for part in TEXT_ENCODERS if (root / part).is_dir()]
     for part in encoders:
         if not any((root / part).glob("*.safetensors")):
@@ -347,6 +349,14 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
         rows, _ = pipe.encode_prompt([*prompts, negative or ""], device=device, do_classifier_free_guidance=False)
         feats, mask = padded(rows, torch.bool)
         return {"cap_feats": feats, "cap_mask": mask}
+    if name == "CogView4Pipeline":  # each prompt alone, as its pipeline encodes one (left-padded to a multiple of 16
+        # tokens, all of them attended): one table and the mask of each row's tokens; the image's size and crop
+        rows = [pipe.encode_prompt(text, do_classifier_free_guidance=False, device=device)[0][0]
+                for text in [*prompts, negative or ""]]
+        feats, mask = padded(rows, torch.bool)
+        size = torch.tensor([side * vae_scale(root) for side in shape[1:]], dtype=torch.float32).expand(len(rows), 2)
+        return {"encoder_hidden_states": feats, "encoder_attention_mask": mask, "original_size": size.clone(),
+                "target_size": size.clone(), "crop_coords": torch.zeros_like(size)}
     if name == "SanaPipeline":  # its call's instruction before each prompt, not before the negative
         instruction = inspect.signature(cls.__call__).parameters["complex_human_instruction"].default
         context, mask, uncond, uncond_mask = pipe.encode_prompt(prompts, negative_prompt=negative or "",

@@ -22,11 +22,11 @@ from distill_core.safetensors_io import read_card
 from distill_core.text_pipeline import vae_scale
 from tests.test_teacher_from_dir import autoencoder, byte_vocab, clip_config, clip_tokenizer, t5_encoder, teacher_steps
 
-KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein", "flux2-dev", "hidream", "sana")
+KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein", "flux2-dev", "hidream", "sana", "cogview4")
 #: the CFG scale w each is distilled at by default: its pipeline's (Z-Image's g = 5 is w = 6; Flux.2 dev: none,
 #: its guidance an input)
 DEFAULT_W = {"auraflow": 3.5, "chroma": 5.0, "lumina2": 4.0, "zimage": 6.0, "flux2-klein": 4.0, "flux2-dev": 1.0,
-             "hidream": 5.0, "sana": 4.5}
+             "hidream": 5.0, "sana": 4.5, "cogview4": 5.0}
 #: the channels of each one's latents (Flux.2's: 2 x 2 patches of 16), the pixels a latent pixel spans and the
 #: latent's side (others: 16 channels, 2 pixels, 8)
 LATENT = {"auraflow": (4, 2, 8), "lumina2": (16, 8, 8), "flux2-klein": (64, 4, 4), "flux2-dev": (64, 4, 4),
@@ -34,13 +34,17 @@ LATENT = {"auraflow": (4, 2, 8), "lumina2": (16, 8, 8), "flux2-klein": (64, 4, 4
 #: the keywords of a pipeline's call that make it sample as the engine does (Lumina 2: no rescaling of the
 #: guided velocity; SANA: the image size as given)
 PIPELINE_CALL = {"lumina2": {"cfg_normalization": False}, "sana": {"use_resolution_binning": False}}
+#: the keywords of a pipeline's call that the test's sigmas need (CogView4: its network's time before the shift, the
+#: sigmas given; its call feeds 1000 .. 1 whatever sigmas it is given)
+SIGMAS_CALL = {"cogview4": {"timesteps": [900.0, 600.0, 300.0]}}
 #: each scheduler's time shift (Chroma's of the 16 tokens of its 8 x 8 latent's 2 x 2 patches; Flux.2's of its
 #: 16 tokens at its pipeline's default 50 steps)
 SHIFT = {"auraflow": 1.73, "chroma": "tokens", "lumina2": 6.0, "zimage": 3.0, "flux2-klein": "flux2",
-         "flux2-dev": "flux2", "hidream": 3.0, "sana": 3.0}
+         "flux2-dev": "flux2", "hidream": 3.0, "sana": 3.0, "cogview4": "cogview4"}
 #: the time embeddings SFD-v conditions (Lumina 2's returns the caption's too; Chroma's has no layer of its own)
 INJECTION = {"auraflow": "time_step_proj", "zimage": "t_embedder", "flux2-klein": "time_guidance_embed",
-             "flux2-dev": "time_guidance_embed", "hidream": "t_embedder", "sana": "time_embed"}
+             "flux2-dev": "time_guidance_embed", "hidream": "t_embedder", "sana": "time_embed",
+             "cogview4": "time_condition_embed"}
 
 
 def gemma(special: list[str]):
@@ -126,6 +130,25 @@ PIXTRAL_SETTINGS = {"processor_class": "PixtralProcessor", "image_token": "[IMG]
                     "image_end_token": "[IMG_END]", "patch_size": 4, "spatial_merge_size": 1}
 
 
+def glm(special: list[str]):
+    """A tiny GLM-4 encoder of two layers and a byte-level tokenizer of its own whose first special token pads and
+    whose others begin every text, as GLM-4's [gMASK] <sop> do."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = byte_vocab(special)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.post_processor = processors.TemplateProcessing(single=" ".join([*special[1:], "$A"]),
+                                                       special_tokens=[(t, vocab[t]) for t in special[1:]])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=special[0],
+                                                     eos_token=special[0], model_max_length=64)
+    config = transformers.GlmConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    pad_token_id=vocab[special[0]])
+    return transformers.GlmModel(config), tokenizer
+
+
 def dit_pipeline_dir(root, kind: str, distilled: bool = False):
     """A tiny AuraFlow, Chroma, Lumina 2 or Z-Image pipeline as diffusers saves one, on 8 x 8 latents: each
     transformer of one block (and one refiner), its own text encoder of one or two layers, an AutoencoderKL (4
@@ -199,6 +222,16 @@ def dit_pipeline_dir(root, kind: str, distilled: bool = False):
             scheduler=flow(shift=3.0), vae=autoencoder(16, shift_factor=0.1), text_encoder=clips[0], tokenizer=clip,
             text_encoder_2=clips[1], tokenizer_2=clip, text_encoder_3=t5, tokenizer_3=t5_tokens,
             text_encoder_4=encoder, tokenizer_4=tokenizer, transformer=network)
+    elif kind == "cogview4":
+        encoder, tokenizer = glm(["<|endoftext|>", "[gMASK]", "<sop>"])
+        network = diffusers.CogView4Transformer2DModel(
+            patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+            text_embed_dim=32, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=8,
+            rope_axes_dim=(4, 4))
+        pipeline = diffusers.CogView4Pipeline(
+            tokenizer=tokenizer, text_encoder=encoder, vae=autoencoder(16, shift_factor=0.1), transformer=network,
+            scheduler=flow(base_shift=0.25, max_shift=0.75, base_image_seq_len=256, use_dynamic_shifting=True,
+                           time_shift_type="linear"))
     elif kind == "sana":
         encoder, tokenizer = gemma(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])
         network = diffusers.SanaTransformer2DModel(
@@ -285,7 +318,7 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     pipeline's 4, which the student's file names), the student's flow grid to its scheduler's shift. The main job
     distils it with the full report and a grid decoded by its VAE; SFD-v conditions the time embeddings of all but
     Chroma and Lumina 2, which are refused."""
-    from distill_core.schedules import flux2_shift, flux_shift
+    from distill_core.schedules import cogview4_shift, flux2_shift, flux_shift
     from distill_core.students import StudentNet
 
     teacher = dit_pipeline_dir(tmp_path, kind)
@@ -296,7 +329,8 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     assert pixels == vae_scale(teacher) * (2 if kind.startswith("flux2") else 1)
     source = diffusers_source(teacher, prompts=prompts, resolution=side)
     assert (source.shape, source.guidance) == ((channels, grid, grid), DEFAULT_W[kind])
-    shift = {"tokens": flux_shift(16), "flux2": flux2_shift(16, 50)}.get(SHIFT[kind], SHIFT[kind])
+    shift = {"tokens": flux_shift(16), "flux2": flux2_shift(16, 50), "cogview4": cogview4_shift(16)}.get(
+        SHIFT[kind], SHIFT[kind])
     assert source.denoiser.shift == pytest.approx(shift)
     pipe = stock_pipeline(teacher)
     if kind == "hidream":  # its pipeline scales every image to its default's area: that default, here
@@ -306,7 +340,7 @@ def test_a_dit_pipeline_samples_as_its_own_pipeline_and_distils_end_to_end(tmp_p
     x = torch.randn(1, *source.shape, generator=torch.Generator().manual_seed(0))
     w = DEFAULT_W[kind] if kind == "flux2-dev" else 2.0  # dev: no CFG, its guidance input at its pipeline's 4
     expected = pipeline_latents(pipe, "an owl in the snow at night", x, w, [0.9, 0.6, 0.3], side,
-                                **PIPELINE_CALL.get(kind, {}))
+                                **PIPELINE_CALL.get(kind, {}), **SIGMAS_CALL.get(kind, {}))
     times = pipe.scheduler.sigmas.double()
     ours = teacher_steps(source, w, x, times, torch.tensor([1]))
     scale = float(expected.abs().max())  # float32 rounding, relative to the latents' size

@@ -36,14 +36,17 @@ they differ in what they take besides x_t:
   (``HunyuanVideo15Velocity``);
 * LTX-Video's ``LTXVideoTransformer3DModel``: t * T, T5's c with its mask, each latent pixel of a clip a token,
   with the clip's grid and rotary positions in frames and pixels (``LTXVelocity``);
+* CogView4's ``CogView4Transformer2DModel``: GLM-4's token embeddings of each prompt alone and the image's size
+  and crop, at the time before its scheduler's shift (``CogView4Velocity``);
 * Wan's ``WanTransformer3DModel``: t * T and c, on video latents [B, C, F, H, W]: an image is one frame (F = 1);
   Wan 2.2 A14B's two of them, one expert for high noise and one for low (``WanExperts``); its image-to-video
   transformer also reads the clip's start condition beside it (``start_images``).
 
 The time shift s that a model's scheduler samples with (t' = s t / (1 + (s - 1) t); Flux and Qwen-Image:
 s = e^mu, mu linear in the image's token count; a scheduler with the linear time shift: s = mu; Flux.2: its
-pipelines' fit in the token count and the step count, taken at their default ``FLUX2_STEPS``) does not change
-the denoiser; it sets the students' flow grid (``FlowDenoiser.shift``).
+pipelines' fit in the token count and the step count, taken at their default ``FLUX2_STEPS``; CogView4: mu in the
+square root of the token count) does not change the denoiser (but CogView4's, whose network takes the time before
+the shift); it sets the students' flow grid (``FlowDenoiser.shift``).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from torch import nn
 from distill_core.denoisers.base import switch_rows
 from distill_core.denoisers.flow import FLOW_SIGMA_MAX, FlowDenoiser, t_to_sigma
 from distill_core.reference_images import REFERENCE_TABLE
-from distill_core.schedules import flux2_shift, flux_shift
+from distill_core.schedules import cogview4_shift, flux2_shift, flux_shift
 from distill_core.start_images import KEPT_START, SIGLIP_EMBEDDINGS, START_TABLE
 
 #: the embedded guidance a guidance-distilled model is distilled at unless the run says another, by network: its
@@ -94,6 +97,43 @@ class KeywordVelocity(nn.Module):
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
         return self.transformer(hidden_states=x, timestep=time, **cond, return_dict=False)[0]
+
+
+#: how far below a whole number CogView4's time input may land, from float32's rounding of t, and still count as it
+WHOLE_TOLERANCE = 1e-3
+
+
+class CogView4Velocity(nn.Module):
+    """CogView4's transformer as v(x_t, t, {"encoder_hidden_states": c, "encoder_attention_mask": m, "original_size",
+    "target_size", "crop_coords"}). Its pipeline feeds the network the time before its shift, T t_u cast to a whole
+    number, while the noise is at the shifted t = mu t_u / (1 + (mu - 1) t_u): so t_u = t / (mu - (mu - 1) t). It
+    encodes each prompt alone, its tokens left-padded to a multiple of 16 and all attended (no mask reaches the
+    network): prompts of different lengths (the rows of m) run in separate calls, each with its own tokens, as the
+    pipeline runs each."""
+
+    def __init__(self, transformer: nn.Module, mu: float, steps: int):
+        super().__init__()
+        self.transformer, self.mu, self.steps = transformer, mu, steps
+
+    def time_input(self, time: torch.Tensor) -> torch.Tensor:
+        """The network's time input at the shifted time t: T t_u, down to a whole number as its pipeline casts it
+        (a whole number that t, rounded to float32, lands just below counts as reached), in float32 as its
+        pipeline gives it, whatever the network computes in."""
+        t = time.double()
+        return torch.floor(self.steps * t / (self.mu - (self.mu - 1) * t) + WHOLE_TOLERANCE).float()
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
+        cond = dict(cond)
+        lengths = cond.pop("encoder_attention_mask").sum(dim=1)
+        time = self.time_input(time.expand(x.shape[0]))
+        parts, order = [], []
+        for length in lengths.unique().tolist():
+            rows = (lengths == length).nonzero().squeeze(1)
+            inputs = {key: value[rows] for key, value in cond.items()}
+            inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :length]
+            parts.append(self.transformer(hidden_states=x[rows], timestep=time[rows], **inputs, return_dict=False)[0])
+            order.append(rows)
+        return torch.cat(parts)[torch.cat(order).argsort()]
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -431,6 +471,10 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
         net, per_step = GUIDED_VELOCITIES[name](model, embedded if model.config.guidance_embeds else None), False
     elif name == "LTXVideoTransformer3DModel":
         net, per_step = LTXVelocity(model, span), True
+    elif name == "CogView4Transformer2DModel":  # its shift, on its patch tokens, also maps its time input
+        mu = cogview4_shift(shape[1] * shape[2] // 4, scheduler.get("base_shift", 0.25),
+                            scheduler.get("max_shift", 0.75), scheduler.get("base_image_seq_len", 256))
+        net, per_step = CogView4Velocity(model, mu, steps), False
     else:
         wrap, per_step = VELOCITIES.get(name, (UNetVelocity, True))
         net = wrap(model)
@@ -438,6 +482,8 @@ def flow_denoiser(model: nn.Module, scheduler: dict, shape: tuple[int, ...],
     time_scale = (float(steps) if per_step else 1.0) * float(getattr(model, "config", {}).get("timestep_scale", 1.0))
     if name == "Flux2Transformer2DModel":  # its pipelines' own fit, whatever its scheduler's config says
         shift = flux2_shift(shape[1] * shape[2], FLUX2_STEPS)
+    elif name == "CogView4Transformer2DModel":
+        shift = net.mu
     elif scheduler.get("use_dynamic_shifting"):  # on its token count: LTX-Video's a token per latent pixel, the
         # others' per 2 x 2 patch
         tokens = math.prod(shape[1:]) if name == "LTXVideoTransformer3DModel" else shape[1] * shape[2] // 4
