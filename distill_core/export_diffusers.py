@@ -1,7 +1,7 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Flux Kontext,
-Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein), SANA, CogView4, HiDream, Wan 2.1, Wan 2.2
-A14B and TI2V 5B; Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's and HunyuanVideo 1.5's text- and
-image-to-video) as files diffusers loads:
+Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein), SANA, CogView4, Ovis-Image, HiDream, Wan
+2.1, Wan 2.2 A14B and TI2V 5B; Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's and HunyuanVideo
+1.5's text- and image-to-video) as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
@@ -95,10 +95,10 @@ class Target:
     image's latent goes in the first frame of the latents it is given (``keeps_start``: LTX-Video's, which takes
     given latents as they are). A pipeline that draws from prompts alone or edits (Flux.2) takes its image as
     ``edited`` says, for a student trained on edits (``target``). HunyuanVideo 1.5's takes its guidance scale from
-    its guider (``guider``), not a keyword of its call, and has no LoRA loader of its own: a LoRA loads into its
-    network (``network_lora``); its image-to-video pipeline takes no size (``takes_size``): it draws at the frame
-    its start image's aspect ratio picks. CogView4's network takes the time before its scheduler's shift, which its
-    call takes as ``timesteps`` beside the sigmas (``time_before_shift``)."""
+    its guider (``guider``), not a keyword of its call; it and Ovis-Image's have no LoRA loader of their own: a LoRA
+    loads into the network (``network_lora``); HunyuanVideo 1.5's image-to-video pipeline takes no size
+    (``takes_size``): it draws at the frame its start image's aspect ratio picks. CogView4's network takes the time
+    before its scheduler's shift, which its call takes as ``timesteps`` beside the sigmas (``time_before_shift``)."""
 
     network: str
     network_class: str
@@ -152,6 +152,8 @@ PIPELINES = {
     "SanaPipeline": Target("transformer", "SanaTransformer2DModel", flow=True,
                            call=(("use_resolution_binning", False),)),
     "CogView4Pipeline": Target("transformer", "CogView4Transformer2DModel", flow=True, time_before_shift=True),
+    "OvisImagePipeline": Target("transformer", "OvisImageTransformer2DModel", flow=True, packed=True,
+                                network_lora=True),
     "WanPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False, video=True),
     "WanImageToVideoPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False,
                                       video=True, image="start"),

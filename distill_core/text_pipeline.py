@@ -2,12 +2,12 @@
 
 A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or of
 SD3, Flux, Flux Kontext, Qwen-Image, Wan, LTX-Video, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein),
-HiDream, SANA or CogView4 (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with ``scheduler/``, its text
-encoders and tokenizers, and optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's, Wan's and LTX-Video's video
-VAEs, Flux.2's or SANA's deep-compression autoencoder, which decode the report's grid; Flux Kontext's also encodes
-the images its prompts edit: ``reference_images``, and Wan's image-to-video pipeline the images its clips start
-from: ``start_images``). Qwen-Image-Edit's text encoder reads each prompt beside its image: ``vision_prompts`` encodes
-its pairs.
+HiDream, SANA, CogView4 or Ovis-Image (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with
+``scheduler/``, its text encoders and tokenizers, and optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's, Wan's
+and LTX-Video's video VAEs, Flux.2's or SANA's deep-compression autoencoder, which decode the report's grid; Flux
+Kontext's also encodes the images its prompts edit: ``reference_images``, and Wan's image-to-video pipeline the
+images its clips start from: ``start_images``). Qwen-Image-Edit's text encoder reads each prompt beside its image:
+``vision_prompts`` encodes its pairs.
 
 The pipeline's own ``encode_prompt`` encodes the prompts once, with all its text encoders, into the keyword
 arguments its network takes: the token embeddings c (``encoder_hidden_states``; SD3 and Flux join CLIP's and T5's;
@@ -22,7 +22,8 @@ Flux.2 klein: Qwen3's hidden states of three layers side by side, Flux.2 dev: Mi
 processor's chat template (``chat_text_processor``); HiDream: T5's, and Llama 3.1's hidden states of
 every layer; SANA: Gemma 2's last hidden states of its call's instruction and the prompt, with their mask;
 CogView4: GLM-4's second-to-last hidden states of each prompt alone, left-padded to a multiple of 16 tokens, kept as
-one padded table and its mask, with the image's size and crop as SDXL's), and the
+one padded table and its mask, with the image's size and crop as SDXL's; Ovis-Image: Qwen3's last hidden states of
+its system prompt and the prompt, cut past the system prompt, zeroed past the prompt's end), and the
 pooled embedding p where the network takes one (SDXL: ``text_embeds``, with the image's size and crop as
 ``time_ids``; SD3 and Flux: ``pooled_projections``; HiDream: both CLIPs' side by side, ``pooled_embeds``).
 Classifier-free guidance's unconditional side is the run's negative prompt, encoded as the pipeline encodes
@@ -66,7 +67,8 @@ PROMPT_ROW, IMAGE_ROW = "prompt", "image"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
              "FluxKontextPipeline", "QwenImagePipeline", "WanPipeline", "WanImageToVideoPipeline", "AuraFlowPipeline",
              "ChromaPipeline", "Lumina2Pipeline", "ZImagePipeline", "Flux2KleinPipeline", "Flux2Pipeline",
-             "HiDreamImagePipeline", "SanaPipeline", "CogView4Pipeline", "LTXPipeline", "LTXImageToVideoPipeline",
+             "HiDreamImagePipeline", "SanaPipeline", "CogView4Pipeline", "OvisImagePipeline", "LTXPipeline",
+             "LTXImageToVideoPipeline",
              "HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline")
 #: the text tokens Wan's and LTX-Video's pipelines pad their prompts to (their calls' ``max_sequence_length``)
 WAN_TEXT_TOKENS, LTX_TEXT_TOKENS = 512, 128
@@ -233,7 +235,7 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
                          f"{', '.join(PIPELINES + VISION_PROMPT_PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Flux "
                          "Kontext, Qwen-Image and Qwen-Image-Edit, Wan 2.1 and 2.2 A14B (text- and image-to-video), "
                          "LTX-Video, HunyuanVideo 1.5, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2, HiDream, "
-                         "SANA, CogView4)")
+                         "SANA, CogView4, Ovis-Image)")
     encoders = [part for part in TEXT_ENCODERS if (root / part).is_dir()]
     for part in encoders:
         if not any((root / part).glob("*.safetensors")):
@@ -357,6 +359,11 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
         size = torch.tensor([side * vae_scale(root) for side in shape[1:]], dtype=torch.float32).expand(len(rows), 2)
         return {"encoder_hidden_states": feats, "encoder_attention_mask": mask, "original_size": size.clone(),
                 "target_size": size.clone(), "crop_coords": torch.zeros_like(size)}
+    if name == "OvisImagePipeline":  # Qwen3's of its system prompt and the prompt, cut past the system prompt and
+        # padded to its call's 256 tokens, zeroed past the prompt's end: each row as the pipeline encodes it alone
+        context, _, _, _ = pipe.encode_prompt([*prompts, negative or ""], do_classifier_free_guidance=False,
+                                              device=device)
+        return {"encoder_hidden_states": context.float()}
     if name == "SanaPipeline":  # its call's instruction before each prompt, not before the negative
         instruction = inspect.signature(cls.__call__).parameters["complex_human_instruction"].default
         context, mask, uncond, uncond_mask = pipe.encode_prompt(prompts, negative_prompt=negative or "",

@@ -22,11 +22,12 @@ from distill_core.safetensors_io import read_card
 from distill_core.text_pipeline import vae_scale
 from tests.test_teacher_from_dir import autoencoder, byte_vocab, clip_config, clip_tokenizer, t5_encoder, teacher_steps
 
-KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein", "flux2-dev", "hidream", "sana", "cogview4")
+KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein", "flux2-dev", "hidream", "sana", "cogview4",
+         "ovis")
 #: the CFG scale w each is distilled at by default: its pipeline's (Z-Image's g = 5 is w = 6; Flux.2 dev: none,
 #: its guidance an input)
 DEFAULT_W = {"auraflow": 3.5, "chroma": 5.0, "lumina2": 4.0, "zimage": 6.0, "flux2-klein": 4.0, "flux2-dev": 1.0,
-             "hidream": 5.0, "sana": 4.5, "cogview4": 5.0}
+             "hidream": 5.0, "sana": 4.5, "cogview4": 5.0, "ovis": 5.0}
 #: the channels of each one's latents (Flux.2's: 2 x 2 patches of 16), the pixels a latent pixel spans and the
 #: latent's side (others: 16 channels, 2 pixels, 8)
 LATENT = {"auraflow": (4, 2, 8), "lumina2": (16, 8, 8), "flux2-klein": (64, 4, 4), "flux2-dev": (64, 4, 4),
@@ -40,7 +41,7 @@ SIGMAS_CALL = {"cogview4": {"timesteps": [900.0, 600.0, 300.0]}}
 #: each scheduler's time shift (Chroma's of the 16 tokens of its 8 x 8 latent's 2 x 2 patches; Flux.2's of its
 #: 16 tokens at its pipeline's default 50 steps)
 SHIFT = {"auraflow": 1.73, "chroma": "tokens", "lumina2": 6.0, "zimage": 3.0, "flux2-klein": "flux2",
-         "flux2-dev": "flux2", "hidream": 3.0, "sana": 3.0, "cogview4": "cogview4"}
+         "flux2-dev": "flux2", "hidream": 3.0, "sana": 3.0, "cogview4": "cogview4", "ovis": "tokens"}
 #: the time embeddings SFD-v conditions (Lumina 2's returns the caption's too; Chroma's has no layer of its own)
 INJECTION = {"auraflow": "time_step_proj", "zimage": "t_embedder", "flux2-klein": "time_guidance_embed",
              "flux2-dev": "time_guidance_embed", "hidream": "t_embedder", "sana": "time_embed",
@@ -232,6 +233,14 @@ def dit_pipeline_dir(root, kind: str, distilled: bool = False):
             tokenizer=tokenizer, text_encoder=encoder, vae=autoencoder(16, shift_factor=0.1), transformer=network,
             scheduler=flow(base_shift=0.25, max_shift=0.75, base_image_seq_len=256, use_dynamic_shifting=True,
                            time_shift_type="linear"))
+    elif kind == "ovis":
+        encoder, tokenizer = qwen3()
+        network = diffusers.OvisImageTransformer2DModel(
+            patch_size=1, in_channels=64, out_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(2, 2, 4))
+        pipeline = diffusers.OvisImagePipeline(
+            scheduler=flow(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
+            vae=autoencoder(16, shift_factor=0.1), text_encoder=encoder, tokenizer=tokenizer, transformer=network)
     elif kind == "sana":
         encoder, tokenizer = gemma(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])
         network = diffusers.SanaTransformer2DModel(
@@ -270,7 +279,7 @@ def pipeline_latents(pipe, prompt: str, x: torch.Tensor, w: float, sigmas: list[
     its guidance input at its default) from latents x [B, C, H, W] of an image of ``side`` pixels, as latents of x's
     shape."""
     kind = type(pipe).__name__
-    packed = kind == "ChromaPipeline"
+    packed = kind in ("ChromaPipeline", "OvisImagePipeline")
     b, c, h, width = x.shape
     latents = pipe._pack_latents(x, b, c, h, width) if packed else x
     scale = {"ZImagePipeline": w - 1, "Flux2Pipeline": EMBEDDED_GUIDANCE["Flux2Transformer2DModel"]}.get(kind, w)

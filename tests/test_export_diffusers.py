@@ -53,6 +53,8 @@ def pipeline_latents(teacher, out, settings: dict, z: torch.Tensor, student: boo
         if switch:
             step_end["callback_on_step_end"] = lambda pipe, step, t, tensors: (
                 pipe.set_adapters(adapters[min(step + 1, len(adapters) - 1)]), tensors)[1]
+    elif student and settings["student"] == "lora" and PIPELINES[settings["pipeline"]].network_lora:
+        pipe.transformer.load_lora_adapter(str(out), weight_name=LORA_FILE)
     elif student and settings["student"] == "lora":
         pipe.load_lora_weights(out)
     elif student:
@@ -91,7 +93,8 @@ EXPORTED_SCALE = {"flux": (3.5, 3.5), "flux2-dev": (4.0, 4.0), "lumina2": (1.0, 
                                             ("flux", "lora"), ("flux", "full"), ("qwen", "lora"), ("sd3", "lora-cfg"),
                                             ("auraflow", "lora"), ("chroma", "lora"), ("lumina2", "lora-cfg"),
                                             ("zimage", "lora"), ("zimage", "lora-cfg"), ("flux2-klein", "lora"),
-                                            ("flux2-dev", "lora"), ("sana", "lora-cfg"), ("cogview4", "lora-cfg")])
+                                            ("flux2-dev", "lora"), ("sana", "lora-cfg"), ("cogview4", "lora-cfg"),
+                                            ("ovis", "lora-cfg")])
 def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_path, monkeypatch, pipeline, kind):
     """The stock pipeline with the exported files takes the engine's Euler steps through the student: the same
     latents from the same noise (a flow pipeline's last step ends at 0, the student's at sigma_min); a student

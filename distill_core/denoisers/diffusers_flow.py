@@ -14,6 +14,8 @@ they differ in what they take besides x_t:
   the same with the image it edits beside the sample, its latent's patches at (1, row, column); Chroma's
   ``ChromaTransformer2DModel``: as Flux without p and g, with its text tokens' mask (``attention_mask``), every
   image token attended;
+* Ovis-Image's ``OvisImageTransformer2DModel``: as Flux's without guidance or pooled embedding, its text tokens at
+  (0, l, l) (``OvisImageVelocity``);
 * Lumina 2's ``Lumina2Transformer2DModel`` and Z-Image's ``ZImageTransformer2DModel`` run time the other way:
   they take t' = 1 - t (0: pure noise) and predict the velocity of that time, dx/dt' = x0 - n = -v
   (``ReversedTime``); Lumina 2 takes c with its padding mask (``encoder_attention_mask``), Z-Image each
@@ -183,9 +185,26 @@ class FluxVelocity(nn.Module):
         if "attention_mask" in cond:
             cond["attention_mask"] = torch.cat([cond["attention_mask"], torch.ones(b, tokens.shape[1], dtype=torch.bool,
                                                                                   device=x.device)], dim=1)
-        v = self.transformer(hidden_states=tokens, timestep=time, **cond, txt_ids=x.new_zeros(text_tokens, 3),
+        v = self.transformer(hidden_states=tokens, timestep=time, **cond, txt_ids=self.text_positions(text_tokens, x),
                              img_ids=img_ids, return_dict=False)[0]
         return unpack(v[:, :h * w // 4], x.shape)
+
+    def text_positions(self, tokens: int, like: torch.Tensor) -> torch.Tensor:
+        """The positions of the text tokens [L, 3]: all at 0."""
+        return like.new_zeros(tokens, 3)
+
+
+class OvisImageVelocity(FluxVelocity):
+    """Ovis-Image's transformer, Flux's layout without guidance or pooled embedding, as v(x_t, t,
+    {"encoder_hidden_states": c}): its text token l at position (0, l, l)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__(transformer, None)
+
+    def text_positions(self, tokens: int, like: torch.Tensor) -> torch.Tensor:
+        ids = like.new_zeros(tokens, 3)
+        ids[:, 1] = ids[:, 2] = torch.arange(tokens, device=like.device, dtype=like.dtype)
+        return ids
 
 
 def patch_positions(rows: int, columns: int, index: int, like: torch.Tensor) -> torch.Tensor:
@@ -448,6 +467,7 @@ VELOCITIES: dict[str, tuple[Callable[[nn.Module], nn.Module], bool]] = {
     "AuraFlowTransformer2DModel": (KeywordVelocity, False),
     "ChromaTransformer2DModel": (lambda model: FluxVelocity(model, None), False),
     "QwenImageTransformer2DModel": (QwenImageVelocity, False),
+    "OvisImageTransformer2DModel": (OvisImageVelocity, False),
     "HiDreamImageTransformer2DModel": (HiDreamVelocity, True),
     "Lumina2Transformer2DModel": (lambda model: ReversedTime(Lumina2Output(model)), False),
     "ZImageTransformer2DModel": (lambda model: ReversedTime(ZImageOutput(model)), False),
