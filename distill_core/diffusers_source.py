@@ -16,9 +16,9 @@ Conditions: class labels 0 .. ``classes`` - 1 (a ``UNet2DModel`` with class embe
 ``null_class`` as the unconditional side of guidance; ``classes`` 0: an unconditional model. A text-to-image
 pipeline (SD1.x, SD2.x and SDXL: a ``UNet2DConditionModel``; SD3, Flux, Qwen-Image, Wan 2.1 / 2.2, LTX-Video and
 HunyuanVideo 1.5 as image or video models, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein), HiDream,
-SANA, CogView4 and Ovis-Image: their transformers; with all their text encoders) trains on ``prompts`` instead
-(``text_pipeline``), and one that reads an image beside each prompt (Flux Kontext's, Qwen-Image-Edit's and Flux.2's
-edits, Wan's and LTX-Video's image-to-video) on ``images`` too.
+SANA, CogView4, Ovis-Image and LongCat-Image: their transformers; with all their text encoders) trains on
+``prompts`` instead (``text_pipeline``), and one that reads an image beside each prompt (Flux Kontext's,
+Qwen-Image-Edit's and Flux.2's edits, Wan's and LTX-Video's image-to-video) on ``images`` too.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTra
                 "WanTransformer3DModel", "AuraFlowTransformer2DModel", "ChromaTransformer2DModel",
                 "Lumina2Transformer2DModel", "ZImageTransformer2DModel", "Flux2Transformer2DModel",
                 "HiDreamImageTransformer2DModel", "SanaTransformer2DModel", "LTXVideoTransformer3DModel",
-                "HunyuanVideo15Transformer3DModel", "CogView4Transformer2DModel", "OvisImageTransformer2DModel")
+                "HunyuanVideo15Transformer3DModel", "CogView4Transformer2DModel", "OvisImageTransformer2DModel",
+                "LongCatImageTransformer2DModel")
 #: the transformers that take their latent as tokens of 2 x 2 patches of 4 C channels
 PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel", "ChromaTransformer2DModel",
-          "OvisImageTransformer2DModel")
+          "OvisImageTransformer2DModel", "LongCatImageTransformer2DModel")
 #: the transformers whose latents are their VAE's 2 x 2 patches already (Flux.2: 4 C channels on a grid of half
 #: the VAE's latent side)
 PATCHIFIED = ("Flux2Transformer2DModel",)
@@ -56,7 +57,7 @@ TEXT_GUIDANCE = 5.0
 GUIDANCE_BY_NETWORK = {"FluxTransformer2DModel": 1.0, "QwenImageTransformer2DModel": 4.0,
                        "AuraFlowTransformer2DModel": 3.5, "Lumina2Transformer2DModel": 4.0,
                        "ZImageTransformer2DModel": 6.0, "Flux2Transformer2DModel": 4.0, "SanaTransformer2DModel": 4.5,
-                       "LTXVideoTransformer3DModel": 3.0}
+                       "LTXVideoTransformer3DModel": 3.0, "LongCatImageTransformer2DModel": 4.5}
 #: the video networks, whose samples may be clips (``sample_shape``'s frames)
 VIDEO_NETWORKS = ("WanTransformer3DModel", "LTXVideoTransformer3DModel", "HunyuanVideo15Transformer3DModel")
 #: the image a pipeline draws unless told another size, (height, width) in pixels, for networks whose config
@@ -66,7 +67,8 @@ VIDEO_NETWORKS = ("WanTransformer3DModel", "LTXVideoTransformer3DModel", "Hunyua
 DEFAULT_IMAGE = {"QwenImageTransformer2DModel": (1024, 1024), "WanTransformer3DModel": (480, 832),
                  "AuraFlowTransformer2DModel": (1024, 1024), "ZImageTransformer2DModel": (1024, 1024),
                  "Flux2Transformer2DModel": (1024, 1024), "HiDreamImageTransformer2DModel": (1024, 1024),
-                 "LTXVideoTransformer3DModel": (512, 704), "OvisImageTransformer2DModel": (1024, 1024)}
+                 "LTXVideoTransformer3DModel": (512, 704), "OvisImageTransformer2DModel": (1024, 1024),
+                 "LongCatImageTransformer2DModel": (1024, 1024)}
 
 def read_json(path: Path) -> dict:
     try:

@@ -1,7 +1,7 @@
 """A student of a diffusers text-to-image pipeline directory (SD1.x, SD2.x, SDXL, SD3 / 3.5, Flux, Flux Kontext,
-Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein), SANA, CogView4, Ovis-Image, HiDream, Wan
-2.1, Wan 2.2 A14B and TI2V 5B; Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's and HunyuanVideo
-1.5's text- and image-to-video) as files diffusers loads:
+Qwen-Image, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein), SANA, CogView4, Ovis-Image, LongCat-Image,
+HiDream, Wan 2.1, Wan 2.2 A14B and TI2V 5B; Wan 2.1's, 2.2 A14B's and TI2V 5B's image-to-video; LTX-Video's and
+HunyuanVideo 1.5's text- and image-to-video) as files diffusers loads:
 
     python -m distill_core export-diffusers STUDENT.safetensors --out DIR [--teacher PIPELINE_DIR]
 
@@ -38,17 +38,18 @@ x_t = x_1 / (1 + s_1), so noise_scale = k / (1 + s_1). A student without the ana
 k = s_0. A flow pipeline's last step goes to t = 0: the student's last point, sigma_min (0.006 by default),
 becomes 0 there, so its images end the last step's remaining sigma_min of noise early.
 
-Guidance distilled into the student: ``guidance_scale`` 1 (no CFG); a student of guidance mode "cfg": its w,
-against the negative it was distilled with (the pipeline's own, or the prompt its file names, passed as
-``negative_prompt``), as in training (CFG in epsilon or velocity is CFG in x0: x0 is affine in either at fixed
-x and sigma); Flux dev and Flux.2 dev: the guidance input its file names. Z-Image's pipeline takes g = w - 1 (it
-guides as x0_c + g (x0_c - x0_u)); Lumina 2's is told not to rescale its guided velocities
-(``cfg_normalization=False``), so that it guides as the engine does; SANA's not to snap the image size to its bins
-of aspect ratios (``use_resolution_binning=False``), so that it samples at the student's size. Qwen-Image's
+Guidance distilled into the student: ``guidance_scale`` 1 (no CFG); a student of guidance mode "cfg": its w, against
+the negative it was distilled with (the pipeline's own, or the prompt its file names, passed as
+``negative_prompt``), as in training (CFG in epsilon or velocity is CFG in x0: x0 is affine in either at fixed x and
+sigma); Flux dev and Flux.2 dev: the guidance input its file names. Z-Image's pipeline takes g = w - 1 (it guides as
+x0_c + g (x0_c - x0_u)); Lumina 2's is told not to rescale its guided velocities (``cfg_normalization=False``), and
+LongCat-Image's not to rescale them or rewrite the prompt (``enable_cfg_renorm=False``,
+``enable_prompt_rewrite=False``), so that they guide as the engine does; SANA's not to snap the image size to its
+bins of aspect ratios (``use_resolution_binning=False``), so that it samples at the student's size. Qwen-Image's
 pipeline always rescales its guided velocities, which the engine's CFG does not: only its guidance-distilled
 students export. Flux.2 klein's pipeline guides against the empty prompt only: a student guided against another
-negative does not export. A LoRA's update (alpha / r) B A is written with alpha / r folded into B, so PEFT's
-default scale 1 applies it.
+negative does not export. A LoRA's update (alpha / r) B A is written with alpha / r folded into B, so PEFT's default
+scale 1 applies it.
 
 Students that re-noise between their steps (DMD2, moment matching, LCM-LoRA: x_{i+1} = x0_i + s_{i+1} n_i,
 n_i drawn afresh) export to the flow pipelines: their scheduler, told ``stochastic_sampling``, steps to
@@ -81,23 +82,23 @@ from torch import nn
 @dataclass(frozen=True)
 class Target:
     """What an export writes for one pipeline class: its network's attribute and class, whether it samples a
-    flow (``FlowMatchEulerDiscreteScheduler`` over times t, else ``EulerDiscreteScheduler`` over sigmas),
-    whether it takes its latents packed in 2 x 2 patches (Flux, Qwen-Image, Chroma), the keyword of its guidance
-    scale and how far that scale lies below the engine's w (Z-Image: 1), whether its CFG is the engine's
-    (Qwen-Image's rescales the guided velocity), the call's keywords that make it so (``call``), whether
-    the call takes a negative prompt (Flux.2 klein's does not) and sigmas (Wan's does not), whether it
-    draws videos (Wan: latents [B, C, T, H, W], ``num_frames``, ``.frames``), the side, in latent pixels, of
-    the square whose area it scales every image to (``area``: HiDream's, 128; None: it draws the size asked), and
-    the image its call takes (``image``): the one it edits (``edit``, Flux Kontext and Qwen-Image-Edit) or the one
-    its clip starts from (``start``, Wan and LTX-Video image-to-video), given as loaded (the pipeline scales it) or,
-    where the engine scaled it to the student's size (``sized``: Flux Kontext, Flux.2's edits), at that size,
-    whether its call takes the area it draws at (``drawn_area``: Flux Kontext's ``max_area``), and whether the start
-    image's latent goes in the first frame of the latents it is given (``keeps_start``: LTX-Video's, which takes
-    given latents as they are). A pipeline that draws from prompts alone or edits (Flux.2) takes its image as
-    ``edited`` says, for a student trained on edits (``target``). HunyuanVideo 1.5's takes its guidance scale from
-    its guider (``guider``), not a keyword of its call; it and Ovis-Image's have no LoRA loader of their own: a LoRA
-    loads into the network (``network_lora``); HunyuanVideo 1.5's image-to-video pipeline takes no size
-    (``takes_size``): it draws at the frame its start image's aspect ratio picks. CogView4's network takes the time
+    flow (``FlowMatchEulerDiscreteScheduler`` over times t, else ``EulerDiscreteScheduler`` over sigmas), whether it
+    takes its latents packed in 2 x 2 patches (Flux, Qwen-Image, Chroma), the keyword of its guidance scale and how
+    far that scale lies below the engine's w (Z-Image: 1), whether its CFG is the engine's (Qwen-Image's rescales
+    the guided velocity), the call's keywords that make it so (``call``), whether the call takes a negative prompt
+    (Flux.2 klein's does not) and sigmas (Wan's does not), whether it draws videos (Wan: latents [B, C, T, H, W],
+    ``num_frames``, ``.frames``), the side, in latent pixels, of the square whose area it scales every image to
+    (``area``: HiDream's, 128; None: it draws the size asked), and the image its call takes (``image``): the one it
+    edits (``edit``, Flux Kontext and Qwen-Image-Edit) or the one its clip starts from (``start``, Wan and LTX-Video
+    image-to-video), given as loaded (the pipeline scales it) or, where the engine scaled it to the student's size
+    (``sized``: Flux Kontext, Flux.2's edits), at that size, whether its call takes the area it draws at
+    (``drawn_area``: Flux Kontext's ``max_area``), and whether the start image's latent goes in the first frame of
+    the latents it is given (``keeps_start``: LTX-Video's, which takes given latents as they are). A pipeline that
+    draws from prompts alone or edits (Flux.2) takes its image as ``edited`` says, for a student trained on edits
+    (``target``). HunyuanVideo 1.5's takes its guidance scale from its guider (``guider``), not a keyword of its
+    call; it, Ovis-Image's and LongCat-Image's have no LoRA loader of their own: a LoRA loads into the network
+    (``network_lora``); HunyuanVideo 1.5's image-to-video pipeline takes no size (``takes_size``): it draws at the
+    frame its start image's aspect ratio picks. CogView4's network takes the time
     before its scheduler's shift, which its call takes as ``timesteps`` beside the sigmas (``time_before_shift``)."""
 
     network: str
@@ -154,6 +155,9 @@ PIPELINES = {
     "CogView4Pipeline": Target("transformer", "CogView4Transformer2DModel", flow=True, time_before_shift=True),
     "OvisImagePipeline": Target("transformer", "OvisImageTransformer2DModel", flow=True, packed=True,
                                 network_lora=True),
+    "LongCatImagePipeline": Target("transformer", "LongCatImageTransformer2DModel", flow=True, packed=True,
+                                   network_lora=True,
+                                   call=(("enable_cfg_renorm", False), ("enable_prompt_rewrite", False))),
     "WanPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False, video=True),
     "WanImageToVideoPipeline": Target("transformer", "WanTransformer3DModel", flow=True, takes_sigmas=False,
                                       video=True, image="start"),

@@ -2,7 +2,7 @@
 
 A pipeline directory (``model_index.json``) of SD1.x / SD2.x or SDXL (``unet/``: a ``UNet2DConditionModel``), or of
 SD3, Flux, Flux Kontext, Qwen-Image, Wan, LTX-Video, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2 (dev and klein),
-HiDream, SANA, CogView4 or Ovis-Image (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with
+HiDream, SANA, CogView4, Ovis-Image or LongCat-Image (``transformer/``; Wan 2.2 A14B: and ``transformer_2/``), with
 ``scheduler/``, its text encoders and tokenizers, and optionally ``vae/`` (an ``AutoencoderKL``, Qwen-Image's, Wan's
 and LTX-Video's video VAEs, Flux.2's or SANA's deep-compression autoencoder, which decode the report's grid; Flux
 Kontext's also encodes the images its prompts edit: ``reference_images``, and Wan's image-to-video pipeline the
@@ -23,7 +23,8 @@ processor's chat template (``chat_text_processor``); HiDream: T5's, and Llama 3.
 every layer; SANA: Gemma 2's last hidden states of its call's instruction and the prompt, with their mask;
 CogView4: GLM-4's second-to-last hidden states of each prompt alone, left-padded to a multiple of 16 tokens, kept as
 one padded table and its mask, with the image's size and crop as SDXL's; Ovis-Image: Qwen3's last hidden states of
-its system prompt and the prompt, cut past the system prompt, zeroed past the prompt's end), and the
+its system prompt and the prompt, cut past the system prompt, zeroed past the prompt's end; LongCat-Image: Qwen2.5-VL's
+last hidden states of the prompt in its template, padded to 512 tokens), and the
 pooled embedding p where the network takes one (SDXL: ``text_embeds``, with the image's size and crop as
 ``time_ids``; SD3 and Flux: ``pooled_projections``; HiDream: both CLIPs' side by side, ``pooled_embeds``).
 Classifier-free guidance's unconditional side is the run's negative prompt, encoded as the pipeline encodes
@@ -67,8 +68,8 @@ PROMPT_ROW, IMAGE_ROW = "prompt", "image"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
              "FluxKontextPipeline", "QwenImagePipeline", "WanPipeline", "WanImageToVideoPipeline", "AuraFlowPipeline",
              "ChromaPipeline", "Lumina2Pipeline", "ZImagePipeline", "Flux2KleinPipeline", "Flux2Pipeline",
-             "HiDreamImagePipeline", "SanaPipeline", "CogView4Pipeline", "OvisImagePipeline", "LTXPipeline",
-             "LTXImageToVideoPipeline",
+             "HiDreamImagePipeline", "SanaPipeline", "CogView4Pipeline", "OvisImagePipeline",
+             "LongCatImagePipeline", "LTXPipeline", "LTXImageToVideoPipeline",
              "HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline")
 #: the text tokens Wan's and LTX-Video's pipelines pad their prompts to (their calls' ``max_sequence_length``)
 WAN_TEXT_TOKENS, LTX_TEXT_TOKENS = 512, 128
@@ -76,7 +77,7 @@ WAN_TEXT_TOKENS, LTX_TEXT_TOKENS = 512, 128
 NEGATIVE_PROMPT = {"QwenImagePipeline": " ", "QwenImageEditPipeline": " ", "QwenImageEditPlusPipeline": " "}
 #: the parts of a pipeline that encoding prompts does not load
 NOT_FOR_PROMPTS = ("unet", "transformer", "transformer_2", "vae", "safety_checker", "feature_extractor",
-                   "image_encoder", "image_processor")
+                   "image_encoder", "image_processor", "text_processor")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
 #: the pipelines whose tokenizer is a vision-language processor that reads text prompts through its chat template
 #: (Flux.2 dev's ``PixtralProcessor``), loaded for its text alone (``chat_text_processor``)
@@ -235,7 +236,7 @@ def encode_prompts(root: Path, index: dict, prompts: list[str], shape: tuple[int
                          f"{', '.join(PIPELINES + VISION_PROMPT_PIPELINES)} (SD1.x, SD2.x, SDXL, SD3, Flux, Flux "
                          "Kontext, Qwen-Image and Qwen-Image-Edit, Wan 2.1 and 2.2 A14B (text- and image-to-video), "
                          "LTX-Video, HunyuanVideo 1.5, AuraFlow, Chroma, Lumina 2, Z-Image, Flux.2, HiDream, "
-                         "SANA, CogView4, Ovis-Image)")
+                         "SANA, CogView4, Ovis-Image, LongCat-Image)")
     encoders = [part for part in TEXT_ENCODERS if (root / part).is_dir()]
     for part in encoders:
         if not any((root / part).glob("*.safetensors")):
@@ -363,6 +364,9 @@ def _encode(root: Path, name: str, prompts: list[str], shape: tuple[int, ...],
         # padded to its call's 256 tokens, zeroed past the prompt's end: each row as the pipeline encodes it alone
         context, _, _, _ = pipe.encode_prompt([*prompts, negative or ""], do_classifier_free_guidance=False,
                                               device=device)
+        return {"encoder_hidden_states": context.float()}
+    if name == "LongCatImagePipeline":  # Qwen2.5-VL's of the prompt in its template, padded to 512 tokens
+        context, _ = pipe.encode_prompt([*prompts, negative or ""])
         return {"encoder_hidden_states": context.float()}
     if name == "SanaPipeline":  # its call's instruction before each prompt, not before the negative
         instruction = inspect.signature(cls.__call__).parameters["complex_human_instruction"].default

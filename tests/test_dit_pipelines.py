@@ -20,32 +20,42 @@ from distill_core.denoisers.diffusers_flow import EMBEDDED_GUIDANCE
 from distill_core.diffusers_source import diffusers_source
 from distill_core.safetensors_io import read_card
 from distill_core.text_pipeline import vae_scale
-from tests.test_teacher_from_dir import autoencoder, byte_vocab, clip_config, clip_tokenizer, t5_encoder, teacher_steps
+from tests.test_teacher_from_dir import (
+    autoencoder,
+    byte_vocab,
+    clip_config,
+    clip_tokenizer,
+    qwen_vl_encoder,
+    t5_encoder,
+    teacher_steps,
+)
 
 KINDS = ("auraflow", "chroma", "lumina2", "zimage", "flux2-klein", "flux2-dev", "hidream", "sana", "cogview4",
-         "ovis")
+         "ovis", "longcat")
 #: the CFG scale w each is distilled at by default: its pipeline's (Z-Image's g = 5 is w = 6; Flux.2 dev: none,
 #: its guidance an input)
 DEFAULT_W = {"auraflow": 3.5, "chroma": 5.0, "lumina2": 4.0, "zimage": 6.0, "flux2-klein": 4.0, "flux2-dev": 1.0,
-             "hidream": 5.0, "sana": 4.5, "cogview4": 5.0, "ovis": 5.0}
+             "hidream": 5.0, "sana": 4.5, "cogview4": 5.0, "ovis": 5.0, "longcat": 4.5}
 #: the channels of each one's latents (Flux.2's: 2 x 2 patches of 16), the pixels a latent pixel spans and the
 #: latent's side (others: 16 channels, 2 pixels, 8)
 LATENT = {"auraflow": (4, 2, 8), "lumina2": (16, 8, 8), "flux2-klein": (64, 4, 4), "flux2-dev": (64, 4, 4),
           "sana": (8, 8, 8)}
 #: the keywords of a pipeline's call that make it sample as the engine does (Lumina 2: no rescaling of the
-#: guided velocity; SANA: the image size as given)
-PIPELINE_CALL = {"lumina2": {"cfg_normalization": False}, "sana": {"use_resolution_binning": False}}
+#: guided velocity; SANA: the image size as given; LongCat-Image: neither rescaling nor rewriting the prompt)
+PIPELINE_CALL = {"lumina2": {"cfg_normalization": False}, "sana": {"use_resolution_binning": False},
+                 "longcat": {"enable_cfg_renorm": False, "enable_prompt_rewrite": False}}
 #: the keywords of a pipeline's call that the test's sigmas need (CogView4: its network's time before the shift, the
 #: sigmas given; its call feeds 1000 .. 1 whatever sigmas it is given)
 SIGMAS_CALL = {"cogview4": {"timesteps": [900.0, 600.0, 300.0]}}
 #: each scheduler's time shift (Chroma's of the 16 tokens of its 8 x 8 latent's 2 x 2 patches; Flux.2's of its
 #: 16 tokens at its pipeline's default 50 steps)
 SHIFT = {"auraflow": 1.73, "chroma": "tokens", "lumina2": 6.0, "zimage": 3.0, "flux2-klein": "flux2",
-         "flux2-dev": "flux2", "hidream": 3.0, "sana": 3.0, "cogview4": "cogview4", "ovis": "tokens"}
+         "flux2-dev": "flux2", "hidream": 3.0, "sana": 3.0, "cogview4": "cogview4", "ovis": "tokens",
+         "longcat": "tokens"}
 #: the time embeddings SFD-v conditions (Lumina 2's returns the caption's too; Chroma's has no layer of its own)
 INJECTION = {"auraflow": "time_step_proj", "zimage": "t_embedder", "flux2-klein": "time_guidance_embed",
              "flux2-dev": "time_guidance_embed", "hidream": "t_embedder", "sana": "time_embed",
-             "cogview4": "time_condition_embed"}
+             "cogview4": "time_condition_embed", "longcat": "time_embed"}
 
 
 def gemma(special: list[str]):
@@ -241,6 +251,15 @@ def dit_pipeline_dir(root, kind: str, distilled: bool = False):
         pipeline = diffusers.OvisImagePipeline(
             scheduler=flow(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
             vae=autoencoder(16, shift_factor=0.1), text_encoder=encoder, tokenizer=tokenizer, transformer=network)
+    elif kind == "longcat":
+        tokenizer, encoder = qwen_vl_encoder(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+        network = diffusers.LongCatImageTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(2, 2, 4))
+        pipeline = diffusers.LongCatImagePipeline(
+            scheduler=flow(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
+            vae=autoencoder(16, shift_factor=0.1), text_encoder=encoder, tokenizer=tokenizer, text_processor=None,
+            transformer=network)
     elif kind == "sana":
         encoder, tokenizer = gemma(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])
         network = diffusers.SanaTransformer2DModel(
@@ -279,7 +298,7 @@ def pipeline_latents(pipe, prompt: str, x: torch.Tensor, w: float, sigmas: list[
     its guidance input at its default) from latents x [B, C, H, W] of an image of ``side`` pixels, as latents of x's
     shape."""
     kind = type(pipe).__name__
-    packed = kind in ("ChromaPipeline", "OvisImagePipeline")
+    packed = kind in ("ChromaPipeline", "OvisImagePipeline", "LongCatImagePipeline")
     b, c, h, width = x.shape
     latents = pipe._pack_latents(x, b, c, h, width) if packed else x
     scale = {"ZImagePipeline": w - 1, "Flux2Pipeline": EMBEDDED_GUIDANCE["Flux2Transformer2DModel"]}.get(kind, w)
@@ -293,10 +312,14 @@ def pipeline_latents(pipe, prompt: str, x: torch.Tensor, w: float, sigmas: list[
 
 def stock_pipeline(root, **components):
     """The pipeline at ``root`` as diffusers loads it, ``components`` given rather than loaded; Flux.2 dev's with
-    the text part of its processor (``chat_text_processor``: its ``PixtralProcessor`` needs torchvision)."""
+    the text part of its processor (``chat_text_processor``: its ``PixtralProcessor`` needs torchvision),
+    LongCat-Image's without its prompt-rewriting processor."""
     from distill_core.text_pipeline import CHAT_PROCESSORS, chat_text_processor
 
-    chat = json.loads((root / "model_index.json").read_text())["_class_name"] in CHAT_PROCESSORS
+    index = json.loads((root / "model_index.json").read_text())
+    chat = index["_class_name"] in CHAT_PROCESSORS
+    if "text_processor" in index:  # LongCat-Image's, which rewrites prompts only (the tests turn that off)
+        components.setdefault("text_processor", None)
     pipe = diffusers.DiffusionPipeline.from_pretrained(root, local_files_only=True,
                                                        **({"tokenizer": None} if chat else {}), **components)
     if chat:

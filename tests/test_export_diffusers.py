@@ -83,10 +83,10 @@ def pipeline_dir(root, pipeline: str):
 
 
 #: the guidance scale each pipeline is exported with for a student without CFG and for one with CFG at the
-#: pipeline's default w: Flux dev and Flux.2 dev their guidance input; Lumina 2 w = 4; SANA 4.5; Z-Image g = w - 1
-#: (0: no CFG, w = 6: 5)
+#: pipeline's default w: Flux dev and Flux.2 dev their guidance input; Lumina 2 w = 4; SANA and LongCat-Image 4.5;
+#: Z-Image g = w - 1 (0: no CFG, w = 6: 5)
 EXPORTED_SCALE = {"flux": (3.5, 3.5), "flux2-dev": (4.0, 4.0), "lumina2": (1.0, 4.0), "sana": (1.0, 4.5),
-                  "zimage": (0.0, 5.0)}
+                  "zimage": (0.0, 5.0), "longcat": (1.0, 4.5)}
 
 
 @pytest.mark.parametrize("pipeline, kind", [("sd", "lora"), ("sd", "full"), ("sdxl", "lora"), ("sd3", "lora"),
@@ -94,7 +94,7 @@ EXPORTED_SCALE = {"flux": (3.5, 3.5), "flux2-dev": (4.0, 4.0), "lumina2": (1.0, 
                                             ("auraflow", "lora"), ("chroma", "lora"), ("lumina2", "lora-cfg"),
                                             ("zimage", "lora"), ("zimage", "lora-cfg"), ("flux2-klein", "lora"),
                                             ("flux2-dev", "lora"), ("sana", "lora-cfg"), ("cogview4", "lora-cfg"),
-                                            ("ovis", "lora-cfg")])
+                                            ("ovis", "lora-cfg"), ("longcat", "lora-cfg")])
 def test_the_pipeline_with_the_exported_student_draws_the_students_images(tmp_path, monkeypatch, pipeline, kind):
     """The stock pipeline with the exported files takes the engine's Euler steps through the student: the same
     latents from the same noise (a flow pipeline's last step ends at 0, the student's at sigma_min); a student

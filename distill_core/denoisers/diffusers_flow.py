@@ -15,7 +15,8 @@ they differ in what they take besides x_t:
   ``ChromaTransformer2DModel``: as Flux without p and g, with its text tokens' mask (``attention_mask``), every
   image token attended;
 * Ovis-Image's ``OvisImageTransformer2DModel``: as Flux's without guidance or pooled embedding, its text tokens at
-  (0, l, l) (``OvisImageVelocity``);
+  (0, l, l) (``OvisImageVelocity``); LongCat-Image's the same, its image tokens after its padded text
+  (``LongCatImageVelocity``);
 * Lumina 2's ``Lumina2Transformer2DModel`` and Z-Image's ``ZImageTransformer2DModel`` run time the other way:
   they take t' = 1 - t (0: pure noise) and predict the velocity of that time, dx/dt' = x0 - n = -v
   (``ReversedTime``); Lumina 2 takes c with its padding mask (``encoder_attention_mask``), Z-Image each
@@ -101,6 +102,8 @@ class KeywordVelocity(nn.Module):
         return self.transformer(hidden_states=x, timestep=time, **cond, return_dict=False)[0]
 
 
+#: the text tokens LongCat-Image's pipeline pads every prompt to, past which its image tokens' positions start
+LONGCAT_TEXT_TOKENS = 512
 #: how far below a whole number CogView4's time input may land, from float32's rounding of t, and still count as it
 WHOLE_TOLERANCE = 1e-3
 
@@ -174,7 +177,7 @@ class FluxVelocity(nn.Module):
     def forward(self, x: torch.Tensor, time: torch.Tensor, cond: dict) -> torch.Tensor:
         b, c, h, w = x.shape
         cond = dict(cond)
-        tokens, img_ids = pack(x), patch_positions(h // 2, w // 2, 0, x)
+        tokens, img_ids = pack(x), self.image_positions(h // 2, w // 2, x)
         reference = cond.pop(REFERENCE_TABLE, None)
         if reference is not None:
             tokens = torch.cat([tokens, pack(reference.to(x.dtype))], dim=1)
@@ -193,6 +196,34 @@ class FluxVelocity(nn.Module):
         """The positions of the text tokens [L, 3]: all at 0."""
         return like.new_zeros(tokens, 3)
 
+    def image_positions(self, rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+        """The positions of the sample's rows x columns patch tokens [rows columns, 3]: (0, row, column)."""
+        return patch_positions(rows, columns, 0, like)
+
+
+class LongCatImageVelocity(FluxVelocity):
+    """LongCat-Image's transformer, Flux's layout without guidance or pooled embedding, as v(x_t, t,
+    {"encoder_hidden_states": c}): its text token l at position (0, l, l), the sample's patch tokens at
+    (1, ``LONGCAT_TEXT_TOKENS`` + row, ``LONGCAT_TEXT_TOKENS`` + column), past its pipeline's padded text."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__(transformer, None)
+
+    def text_positions(self, tokens: int, like: torch.Tensor) -> torch.Tensor:
+        return diagonal_positions(tokens, like)
+
+    def image_positions(self, rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+        ids = patch_positions(rows, columns, 1, like)
+        ids[:, 1:] += LONGCAT_TEXT_TOKENS
+        return ids
+
+
+def diagonal_positions(tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """Text token l at position (0, l, l) [L, 3] (Ovis-Image's, LongCat-Image's), on ``like``'s device and dtype."""
+    ids = like.new_zeros(tokens, 3)
+    ids[:, 1] = ids[:, 2] = torch.arange(tokens, device=like.device, dtype=like.dtype)
+    return ids
+
 
 class OvisImageVelocity(FluxVelocity):
     """Ovis-Image's transformer, Flux's layout without guidance or pooled embedding, as v(x_t, t,
@@ -202,9 +233,7 @@ class OvisImageVelocity(FluxVelocity):
         super().__init__(transformer, None)
 
     def text_positions(self, tokens: int, like: torch.Tensor) -> torch.Tensor:
-        ids = like.new_zeros(tokens, 3)
-        ids[:, 1] = ids[:, 2] = torch.arange(tokens, device=like.device, dtype=like.dtype)
-        return ids
+        return diagonal_positions(tokens, like)
 
 
 def patch_positions(rows: int, columns: int, index: int, like: torch.Tensor) -> torch.Tensor:
@@ -468,6 +497,7 @@ VELOCITIES: dict[str, tuple[Callable[[nn.Module], nn.Module], bool]] = {
     "ChromaTransformer2DModel": (lambda model: FluxVelocity(model, None), False),
     "QwenImageTransformer2DModel": (QwenImageVelocity, False),
     "OvisImageTransformer2DModel": (OvisImageVelocity, False),
+    "LongCatImageTransformer2DModel": (LongCatImageVelocity, False),
     "HiDreamImageTransformer2DModel": (HiDreamVelocity, True),
     "Lumina2Transformer2DModel": (lambda model: ReversedTime(Lumina2Output(model)), False),
     "ZImageTransformer2DModel": (lambda model: ReversedTime(ZImageOutput(model)), False),
