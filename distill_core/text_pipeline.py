@@ -19,21 +19,21 @@ each prompt's end; Chroma: T5's, with the mask of each prompt's tokens and its f
 2's second-to-last hidden states of its system prompt and the prompt, with their mask; Z-Image: Qwen3's
 second-to-last hidden states of the prompt in its chat template, unpadded, kept as one padded table and its mask;
 Flux.2 klein: Qwen3's hidden states of three layers side by side, Flux.2 dev: Mistral Small 3's, read through its
-processor's chat template (``chat_text_processor``); HiDream: T5's, and Llama 3.1's hidden states of
-every layer; SANA: Gemma 2's last hidden states of its call's instruction and the prompt, with their mask;
-CogView4: GLM-4's second-to-last hidden states of each prompt alone, left-padded to a multiple of 16 tokens, kept as
-one padded table and its mask, with the image's size and crop as SDXL's; Ovis-Image: Qwen3's last hidden states of
-its system prompt and the prompt, cut past the system prompt, zeroed past the prompt's end; LongCat-Image: Qwen2.5-VL's
-last hidden states of the prompt in its template, padded to 512 tokens), and the
-pooled embedding p where the network takes one (SDXL: ``text_embeds``, with the image's size and crop as
-``time_ids``; SD3 and Flux: ``pooled_projections``; HiDream: both CLIPs' side by side, ``pooled_embeds``).
-Classifier-free guidance's unconditional side is the run's negative prompt, encoded as the pipeline encodes
-one, or else the pipeline's own negative: the empty prompt encoded (most), zeros (SDXL, which zeroes an empty
-negative), or the single space Qwen-Image's documentation gives as its empty negative; Flux samples without
-CFG. Guidance is the engine's, x0 = x0_u + w (x0_c - x0_u), the pipeline's CFG for all but
-Z-Image, whose pipeline writes it x0_c + g (x0_c - x0_u) (g = w - 1), and Qwen-Image and Lumina 2, whose
-pipelines also rescale the guided velocity to the norm of the conditional one (Lumina 2's unless told
-``cfg_normalization=False``): their students learn the unrescaled guidance, which ComfyUI's samplers apply.
+processor's chat template (``chat_text_processor``); HiDream: T5's, and Llama 3.1's hidden states of every layer;
+SANA: Gemma 2's last hidden states of its call's instruction and the prompt, with their mask; CogView4: GLM-4's
+second-to-last hidden states of each prompt alone, left-padded to a multiple of 16 tokens, kept as one padded table
+and its mask, with the image's size and crop as SDXL's; Ovis-Image: Qwen3's last hidden states of its system prompt
+and the prompt, cut past the system prompt, zeroed past the prompt's end; LongCat-Image: Qwen2.5-VL's last hidden
+states of the prompt in its template, padded to 512 tokens), and the pooled embedding p where the network takes one
+(SDXL: ``text_embeds``, with the image's size and crop as ``time_ids``; SD3 and Flux: ``pooled_projections``;
+HiDream: both CLIPs' side by side, ``pooled_embeds``). Classifier-free guidance's unconditional side is the run's
+negative prompt, encoded as the pipeline encodes one, or else the pipeline's own negative: the empty prompt encoded
+(most), zeros (SDXL, which zeroes an empty negative), or the single space Qwen-Image's documentation gives as its
+empty negative; Flux samples without CFG. Guidance is the engine's, x0 = x0_u + w (x0_c - x0_u), the pipeline's CFG
+for all but Z-Image, whose pipeline writes it x0_c + g (x0_c - x0_u) (g = w - 1), and Qwen-Image, Lumina 2 and
+LongCat-Image, whose pipelines also rescale the guided velocity to the norm of the conditional one (Lumina 2's and
+LongCat-Image's unless told ``cfg_normalization=False``, ``enable_cfg_renorm=False``): their students learn the
+unrescaled guidance, which ComfyUI's samplers apply.
 
 The teacher is then class-conditional over prompts: condition k < P is prompt k, condition P the negative. So
 every part of the engine that takes class labels (training draws, CFG, evaluation sets that cycle through the
