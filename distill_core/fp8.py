@@ -83,11 +83,10 @@ def sensitive(module: nn.Module) -> set[int]:
     return kept
 
 
-def store_linear_fp8(module: nn.Module, kept_float32: set[str]) -> int:
+def store_linear_fp8(module: nn.Module, kept_float32: set[str]) -> None:
     """Every Linear layer of ``module`` but the sensitive ones and those holding a weight named in ``kept_float32``
-    as an ``Fp8Linear``, in place; returns how many."""
+    as an ``Fp8Linear``, in place."""
     skipped = sensitive(module)
-    count = 0
     for name, layer in module.named_modules():
         if type(layer) is not nn.Linear or id(layer) in skipped or f"{name}.weight" in kept_float32:
             continue
@@ -97,5 +96,3 @@ def store_linear_fp8(module: nn.Module, kept_float32: set[str]) -> int:
         layer.register_buffer("weight", (w / scale).to(FP8))
         layer.register_buffer(SCALE, scale)
         layer.__class__ = Fp8Linear
-        count += 1
-    return count

@@ -212,5 +212,12 @@ def reference_latents(root: Path, files: list[Path], height: int, width: int) ->
             latents[file] = (z - mean) / std
         else:
             latents[file] = (z - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
-    return torch.stack([torch.cat([latents[image] for image in images_of(entry)]) for entry in files]) if \
-        any(entry.is_dir() for entry in files) else torch.cat([latents[file] for file in files])
+    return reference_table(latents, files)
+
+
+def reference_table(latents: dict[Path, torch.Tensor], files: list[Path]) -> torch.Tensor:
+    """The reference table of the entries ``files`` from each image's latent [1, C, h, w]: [N, C, h, w], or for sets
+    of R images (``image_sets``) [N, R, C, h, w]."""
+    if any(entry.is_dir() for entry in files):
+        return torch.stack([torch.cat([latents[image] for image in images_of(entry)]) for entry in files])
+    return torch.cat([latents[file] for file in files])

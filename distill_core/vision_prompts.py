@@ -135,7 +135,7 @@ def vision_tables(root: Path, name: str, prompts: list[str], negative: str | Non
 def _read(root: Path, cls: type, prompts: list[str], negative: str, files: list[Path], every: bool,
           dtypes: dict[str, torch.dtype]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """``vision_tables`` with the pipeline class ``cls`` loaded without its transformer."""
-    from distill_core.reference_images import REFERENCE_TABLE, distinct_images, images_of, pil_image
+    from distill_core.reference_images import REFERENCE_TABLE, distinct_images, images_of, pil_image, reference_table
     from distill_core.text_pipeline import encoding_device, padded
 
     pipe = cls.from_pretrained(root, transformer=None, processor=None, use_safetensors=True, local_files_only=True,
@@ -156,6 +156,5 @@ def _read(root: Path, cls: type, prompts: list[str], negative: str, files: list[
     latents = {file: pipe._encode_vae_image(pipe.image_processor.preprocess(image, height, width)[:, :, None]
                                             .to(device, pipe.vae.dtype), None)[:, :, 0].float().cpu()
                for file, image in images.items()}
-    reference = torch.stack([torch.cat([latents[image] for image in images_of(entry)]) for entry in files]) if \
-        files[0].is_dir() else torch.cat([latents[file] for file in files])
-    return {"encoder_hidden_states": context, "encoder_hidden_states_mask": mask}, {REFERENCE_TABLE: reference}, lookup
+    return ({"encoder_hidden_states": context, "encoder_hidden_states_mask": mask},
+            {REFERENCE_TABLE: reference_table(latents, files)}, lookup)
